@@ -1,0 +1,24 @@
+"""lpucore: a functional, cycle-level simulator of Groq's Tensor Streaming Processor.
+
+The public API::
+
+    ChipConfig            geometry and timing (groqchip1() default, tiny() for tests)
+    Program               instruction queues + tensor table; save()/load() binary files
+    assemble, disassemble text <-> Program
+    Chip                  the driver: load, write_tensor, run, read_tensor, stats
+    LpuError and subclasses ConfigError, ProgramError, TensorError, ScheduleError,
+    EngineUnavailableError
+"""
+
+from .asm import assemble, disassemble
+from .chip import ENGINES, Chip, RunStats
+from .config import ChipConfig
+from .errors import (ConfigError, EngineUnavailableError, LpuError, ProgramError, ScheduleError,
+                     TensorError)
+from .program import Instruction, Program
+
+__version__ = "0.1.0"
+
+__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats",
+           "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError", "ScheduleError",
+           "EngineUnavailableError", "__version__"]

@@ -1,0 +1,221 @@
+"""The driver: one simulated chip, its loaded program, tensors in and out.
+
+::
+
+    chip = lpucore.Chip()                    # GroqChip geometry, fast engine
+    chip.load(program)
+    chip.write_tensor("x", x)
+    stats = chip.run()
+    y = chip.read_tensor("y")
+    print(stats.cycles, stats.seconds)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .config import ChipConfig
+from .errors import EngineUnavailableError, LpuError, TensorError
+from .layout import check_array
+from .program import Program
+
+ENGINES = ("fast", "reference")
+
+
+def make_engine(name: str, cfg: ChipConfig):
+    """Instantiate an engine by name.  The fast engine never falls back silently."""
+    if name == "reference":
+        from .reference.engine import ReferenceEngine
+        return ReferenceEngine(cfg)
+    if name == "fast":
+        try:
+            from . import _engine
+        except ImportError as e:
+            raise EngineUnavailableError(
+                f"the fast engine (lpucore._engine) cannot be imported: {e}. Build it with "
+                "`pip install -e .` (or `python setup.py build_ext --inplace`), or ask for engine='reference'."
+            ) from None
+        return _engine.FastEngine(cfg)
+    raise LpuError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
+
+
+@dataclass
+class RunStats:
+    """What a run did.  Cycles are chip cycles; ``seconds`` uses ``config.clock_hz``."""
+
+    cycles: int
+    seconds: float
+    finished: bool
+    issued: Dict[str, int]            # functional instructions issued, per queue (unit)
+    busy_cycles: Dict[str, int]       # cycles in which the queue issued a functional instruction
+    icu_instructions: Dict[str, int]  # NOP / Repeat / Sync / Notify, per queue
+    mem_bytes_read: Dict[str, int]    # per MEM slice ("W0" ... "E43")
+    mem_bytes_written: Dict[str, int]
+    by_unit: Dict[str, Dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def instructions(self) -> int:
+        """Functional (vector) instructions issued, all queues."""
+        return sum(self.issued.values())
+
+    def to_dict(self) -> dict:
+        return {"cycles": self.cycles, "seconds": self.seconds, "finished": self.finished,
+                "instructions": self.instructions, "issued": dict(self.issued),
+                "busy_cycles": dict(self.busy_cycles), "icu_instructions": dict(self.icu_instructions),
+                "mem_bytes_read": dict(self.mem_bytes_read), "mem_bytes_written": dict(self.mem_bytes_written),
+                "by_unit": {k: dict(v) for k, v in self.by_unit.items()}}
+
+
+class Chip:
+    """One simulated TSP.
+
+    ``config`` defaults to :meth:`ChipConfig.groqchip1`; ``engine`` is ``"fast"``
+    (the Cython core, default) or ``"reference"`` (plain NumPy).  Both give
+    identical memory, cycles and statistics.
+    """
+
+    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast"):
+        self.config = config if config is not None else ChipConfig.groqchip1()
+        if not isinstance(self.config, ChipConfig):
+            raise LpuError("config must be a ChipConfig")
+        self.engine_name = engine
+        self._eng = make_engine(engine, self.config)
+        self.program: Optional[Program] = None
+
+    # ---- program -----------------------------------------------------------------------
+    def load(self, program: Program) -> None:
+        """Validate and load a program; the chip restarts at cycle 0 with its SRAM kept."""
+        if not isinstance(program, Program):
+            raise LpuError("Chip.load expects an lpucore.Program")
+        if program.config != self.config:
+            raise LpuError(f"program is for chip configuration {program.config.name!r}, "
+                           f"this chip is {self.config.name!r} (or differs in a parameter)")
+        program.validate()
+        self._eng.load(program)
+        self.program = program
+
+    def reset(self, clear_memory: bool = True) -> None:
+        """Restart the loaded program at cycle 0; clears SRAM unless ``clear_memory=False``."""
+        self._eng.reset(clear_memory)
+
+    # ---- time ----------------------------------------------------------------------------
+    @property
+    def cycle(self) -> int:
+        """Cycles simulated so far."""
+        return int(self._eng.cycle)
+
+    def run(self, max_cycles: Optional[int] = None) -> RunStats:
+        """Run until the program ends, or stop after ``max_cycles`` more cycles
+        (``stats.finished`` tells which).  Raises ScheduleError on a schedule violation."""
+        if max_cycles is None:
+            self._eng.run(None)
+        else:
+            if int(max_cycles) < 0:
+                raise LpuError("max_cycles must be >= 0")
+            self._eng.run(self.cycle + int(max_cycles))
+        return self.stats()
+
+    def step(self, n: int = 1) -> RunStats:
+        """Advance exactly n cycles (past the end of the program, the chip just idles)."""
+        if int(n) < 0:
+            raise LpuError("step(n) needs n >= 0")
+        self._eng.run(self.cycle + int(n))
+        return self.stats()
+
+    def stats(self) -> RunStats:
+        cfg = self.config
+        ctr = self._eng.counters()
+        fin = bool(self._eng.finished)
+        cycles = int(self._eng.finish_cycle) if fin else self.cycle
+        names = [q.name for q in cfg.queues]
+        issued = {n: int(v) for n, v in zip(names, ctr["issued"]) if v}
+        icu = {n: int(v) for n, v in zip(names, ctr["icu"]) if v}
+        sl = [cfg.slice_name(g) for g in range(cfg.mem_slices)]
+        rd = {n: int(v) for n, v in zip(sl, ctr["bytes_read"]) if v}
+        wr = {n: int(v) for n, v in zip(sl, ctr["bytes_written"]) if v}
+        by_unit: Dict[str, Dict[str, int]] = {}
+        for q in cfg.queues:
+            u = by_unit.setdefault(q.unit, {"issued": 0, "busy_cycles": 0, "icu_instructions": 0})
+            u["issued"] += issued.get(q.name, 0)
+            u["busy_cycles"] += issued.get(q.name, 0)
+            u["icu_instructions"] += icu.get(q.name, 0)
+        by_unit["MEM"]["bytes_read"] = sum(rd.values())
+        by_unit["MEM"]["bytes_written"] = sum(wr.values())
+        return RunStats(cycles=cycles, seconds=cycles / cfg.clock_hz, finished=fin, issued=issued,
+                        busy_cycles=dict(issued), icu_instructions=icu, mem_bytes_read=rd,
+                        mem_bytes_written=wr, by_unit=by_unit)
+
+    # ---- memory --------------------------------------------------------------------------
+    def _slice(self, hemisphere, slice_) -> int:
+        cfg = self.config
+        if isinstance(hemisphere, str):
+            h = hemisphere.strip().upper()[:1]
+            if h not in ("W", "E"):
+                raise LpuError(f"hemisphere must be 'W' or 'E' (or 0/1), got {hemisphere!r}")
+            hemisphere = "WE".index(h)
+        if hemisphere not in (0, 1):
+            raise LpuError(f"hemisphere must be 'W' or 'E' (or 0/1), got {hemisphere!r}")
+        if not isinstance(slice_, (int, np.integer)) or not 0 <= slice_ < cfg.mem_slices_per_hemisphere:
+            raise LpuError(f"slice must be 0..{cfg.mem_slices_per_hemisphere - 1}, got {slice_!r}")
+        return cfg.slice_id(int(hemisphere), int(slice_))
+
+    def _span(self, address, count):
+        A = self.config.addresses_per_slice
+        if not isinstance(address, (int, np.integer)) or not isinstance(count, (int, np.integer)) \
+                or count < 1 or not 0 <= address <= A - count:
+            raise LpuError(f"addresses {address}..{address}+{count} do not fit a slice of {A} addresses")
+
+    def write_mem(self, hemisphere, slice_, address: int, vectors) -> None:
+        """Write whole vectors (uint8 [n, lanes] or [lanes]) from ``address`` on."""
+        g = self._slice(hemisphere, slice_)
+        v = np.asarray(vectors)
+        if v.dtype != np.uint8:
+            raise LpuError(f"write_mem takes uint8 vectors, got {v.dtype}")
+        if v.ndim == 1:
+            v = v[None]
+        if v.ndim != 2 or v.shape[1] != self.config.lanes:
+            raise LpuError(f"write_mem takes vectors of {self.config.lanes} bytes, got shape {np.asarray(vectors).shape}")
+        self._span(address, v.shape[0])
+        self._eng.write_mem(g, int(address), np.ascontiguousarray(v))
+
+    def read_mem(self, hemisphere, slice_, address: int, count: int = 1) -> np.ndarray:
+        """Read ``count`` vectors from ``address`` on, as uint8 [count, lanes]."""
+        g = self._slice(hemisphere, slice_)
+        self._span(address, count)
+        return self._eng.read_mem(g, int(address), int(count))
+
+    # ---- tensors ---------------------------------------------------------------------------
+    def _tensor(self, name):
+        if self.program is None:
+            raise TensorError("no program is loaded, so there is no tensor table")
+        t = self.program.tensors.get(name)
+        if t is None:
+            raise TensorError(f"no tensor {name!r} in the program's table "
+                              f"(it has {', '.join(self.program.tensors) or 'none'})")
+        return t
+
+    def write_tensor(self, name: str, array) -> None:
+        """Place a host array into MEM through the tensor table (dtype and shape must match exactly)."""
+        t = self._tensor(name)
+        a = check_array(t, array)
+        planes = t.to_planes(a, self.config.lanes)
+        for p in range(t.dtype.nbytes):
+            v = 0
+            for e in t.planes[p]:
+                self._eng.write_mem(e.slice, e.address, planes[p, v:v + e.count])
+                v += e.count
+
+    def read_tensor(self, name: str) -> np.ndarray:
+        """Read a tensor from MEM through the tensor table."""
+        t = self._tensor(name)
+        nvec = t.nvectors(self.config.lanes)
+        planes = np.empty((t.dtype.nbytes, nvec, self.config.lanes), dtype=np.uint8)
+        for p in range(t.dtype.nbytes):
+            v = 0
+            for e in t.planes[p]:
+                planes[p, v:v + e.count] = self._eng.read_mem(e.slice, e.address, e.count)
+                v += e.count
+        return t.from_planes(planes, self.config.lanes)

@@ -1,0 +1,293 @@
+"""The chip configuration: geometry, timing parameters and the stream-hop map.
+
+Every number the engines use comes from a :class:`ChipConfig`.  Each field
+declares its unit, what it means and where its value comes from (the tags are
+those of ``shared/TSP.md``: [A] primary source, [B] detailed secondary reading,
+[C] third-party code or trade press, [U] uncertain).  Values marked *estimate*
+are lpucore's own choice where nothing is public; change them freely.
+
+Geometry of the stream fabric
+-----------------------------
+Functional slices sit on one east-west line (TSP.md section 1)::
+
+    MXM(W) SXM(W) MEM W43 .. W0  VXM  MEM E0 .. E43 SXM(E) MXM(E)
+
+Stream registers exist at *positions* along that line and a value moves one
+position per cycle.  Whether each MEM slice has a position of its own or a few
+slices share one is not public [U]; ``mem_hop_map`` gives, for MEM slice ``i``
+of a hemisphere (``i = 0`` next to the VXM), its distance in hops from the VXM.
+By default ``mem_slices_per_hop`` consecutive slices share a position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Dict, NamedTuple, Optional, Tuple
+
+from .errors import ConfigError
+
+
+def _param(default, unit, doc, source):
+    return field(default=default, metadata={"unit": unit, "doc": doc, "source": source})
+
+
+class QueueInfo(NamedTuple):
+    """One instruction queue of the ICU: the functional slice it feeds."""
+
+    index: int        # position in ChipConfig.queues (the ISA's queue number)
+    name: str         # "MEM.W3", "VXM.0"
+    unit: str         # "MEM", "VXM", ...
+    hemisphere: int   # 0 = West, 1 = East, -1 = centre (VXM)
+    slot: int         # slice number inside its hemisphere, or ALU number
+    position: int     # stream-register position, 0 = west edge
+
+
+HEMISPHERES = ("W", "E")
+
+
+@dataclass(frozen=True)
+class ChipConfig:
+    """Geometry and timing of one simulated TSP.
+
+    Use :meth:`groqchip1` (the default everywhere) or :meth:`tiny`, or
+    ``dataclasses.replace(cfg, field=value)`` for variants; every instance is
+    validated on construction and raises :class:`~lpucore.ConfigError` if
+    inconsistent.
+    """
+
+    name: str = _param("groqchip1", "-", "Name of the configuration (presets: groqchip1, tiny).", "-")
+    # ---- geometry -------------------------------------------------------------
+    superlanes: int = _param(20, "superlanes", "Superlanes (tiles) across the chip.", "TSP.md s1 [B]")
+    lanes_per_superlane: int = _param(16, "lanes", "Lanes in one superlane.", "TSP.md s1 [B]")
+    hemispheres: int = _param(2, "hemispheres", "West and East, mirror images about the VXM; must be 2.", "TSP.md s1 [C]")
+    mem_slices_per_hemisphere: int = _param(44, "slices", "MEM slices in each hemisphere.", "TSP.md s2 [B]")
+    addresses_per_slice: int = _param(8192, "vectors", "Addresses in one MEM slice; each holds one vector (one byte per lane).", "TSP.md s2 [B]")
+    banks_per_slice: int = _param(2, "banks", "SRAM banks per MEM slice (one read and one write per cycle, to different banks).", "TSP.md s2 [B]")
+    bank_select: str = _param("msb", "-", "How an address picks its bank: 'msb' (contiguous halves, TSP.md s9's 2 x 4,096) or 'lsb' (interleaved).", "TSP.md s9 [U]")
+    streams_per_direction: int = _param(32, "streams", "Stream registers per lane flowing east, and as many flowing west.", "TSP.md s1 [B]")
+    mxm_planes: int = _param(4, "planes", "MXM planes (independent MACC arrays), half per hemisphere.", "TSP.md s3 [B]")
+    mxm_size: int = _param(320, "rows/cols", "Rows and columns of one square MXM plane.", "TSP.md s3 [B]")
+    vxm_alus_per_lane: int = _param(16, "ALUs", "VXM ALUs per lane (a 4 x 4 mesh); one ICU queue each.", "TSP.md s4 [B, A]")
+    clock_hz: float = _param(900e6, "Hz", "Core clock, used to turn cycles into seconds.", "TSP.md s1 [A] (GroqFlow uses 900 MHz)")
+    # ---- timing -----------------------------------------------------------------
+    stagger: int = _param(20, "cycles", "Superlane stagger N: an instruction reaches superlane k at issue + k. lpucore models it as the uniform latency term N of P20 Eq. 4, added once at the end of a run for the last superlane's wavefront.", "TSP.md s1 [B]")
+    mem_slices_per_hop: int = _param(4, "slices", "Consecutive MEM slices sharing one stream-register position (used when mem_hop_map is None). FTLPU models 4; GM's hardware timings count ~10 crossings per hemisphere.", "TSP.md s1 [U] estimate")
+    mem_hop_map: Optional[Tuple[int, ...]] = _param(None, "hops", "Explicit hop distance from the VXM of each MEM slice of a hemisphere (slice 0 first); non-decreasing, >= 1. None derives it from mem_slices_per_hop.", "TSP.md s1 [U]")
+    sxm_hops: int = _param(1, "hops", "Hops from the outermost MEM position to the SXM position.", "estimate")
+    mxm_hops: int = _param(1, "hops", "Hops from the SXM position to the MXM position.", "estimate")
+    mem_read_delay: int = _param(2, "cycles", "d_func of MEM Read/Gather: from issue (bank access) to the vector on the stream at the slice's position.", "estimate (P20 exposes d_func, value not public)")
+    mem_write_delay: int = _param(2, "cycles", "From MEM Write/Scatter issue (stream sampled) to the bank write; a Read issued in that cycle must use the other bank.", "estimate")
+    vxm_alu_delay: int = _param(2, "cycles", "d_func of a VXM arithmetic, logic or compare op: issue to result on the stream and in the ALU latch.", "estimate")
+    vxm_convert_delay: int = _param(2, "cycles", "d_func of VXM conversions (cvt, requant).", "estimate")
+    vxm_transcendental_delay: int = _param(4, "cycles", "d_func of VXM exp/tanh/sigmoid/rsqrt/recip/sqrt/div.", "estimate")
+    notify_delay: int = _param(4, "cycles", "From a Notify's issue to the first cycle a queue parked on the matching Sync may issue again.", "estimate")
+
+    # ---- presets ----------------------------------------------------------------
+    @classmethod
+    def groqchip1(cls) -> "ChipConfig":
+        """The first-generation GroqChip: 320 lanes, 88 x 8,192 x 320 B = 220 MiB, 32+32 streams, 900 MHz."""
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> "ChipConfig":
+        """A small chip for fast tests: 2 superlanes x 8 lanes, 4 MEM slices per hemisphere of
+        64 addresses, 8+8 streams, 4 VXM ALUs per lane, 16 x 16 MXM planes.  Same code paths."""
+        return cls(name="tiny", superlanes=2, lanes_per_superlane=8, mem_slices_per_hemisphere=4,
+                   addresses_per_slice=64, streams_per_direction=8, mxm_size=16,
+                   vxm_alus_per_lane=4, stagger=2, mem_slices_per_hop=2)
+
+    @classmethod
+    def named(cls, name: str) -> "ChipConfig":
+        presets = {"groqchip1": cls.groqchip1, "tiny": cls.tiny}
+        if name not in presets:
+            raise ConfigError(f"unknown chip configuration {name!r}; presets are {', '.join(presets)}")
+        return presets[name]()
+
+    # ---- validation -------------------------------------------------------------
+    def __post_init__(self):
+        ints = [f.name for f in dataclasses.fields(self) if f.type in ("int", int)]
+        for n in ints:
+            v = getattr(self, n)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"ChipConfig.{n} must be an int, got {v!r}")
+            if v < 1:
+                raise ConfigError(f"ChipConfig.{n} must be >= 1, got {v}")
+        if not isinstance(self.clock_hz, (int, float)) or not self.clock_hz > 0:
+            raise ConfigError(f"ChipConfig.clock_hz must be a positive number, got {self.clock_hz!r}")
+        if self.hemispheres != 2:
+            raise ConfigError("ChipConfig.hemispheres must be 2: the TSP is two mirrored hemispheres about the VXM")
+        if self.bank_select not in ("msb", "lsb"):
+            raise ConfigError(f"ChipConfig.bank_select must be 'msb' or 'lsb', got {self.bank_select!r}")
+        if self.addresses_per_slice % self.banks_per_slice:
+            raise ConfigError(f"addresses_per_slice ({self.addresses_per_slice}) must be a multiple of banks_per_slice ({self.banks_per_slice})")
+        if self.addresses_per_slice > 65536:
+            raise ConfigError("addresses_per_slice must be <= 65536: Gather/Scatter carry 16-bit addresses")
+        if self.streams_per_direction % 4 or self.streams_per_direction > 64:
+            raise ConfigError(f"streams_per_direction must be a multiple of 4 (fp32 stream groups) and <= 64, got {self.streams_per_direction}")
+        if self.mxm_planes % 2:
+            raise ConfigError(f"mxm_planes must be even (half per hemisphere), got {self.mxm_planes}")
+        if self.vxm_alus_per_lane > 64:
+            raise ConfigError("vxm_alus_per_lane must be <= 64")
+        if self.lanes > 4096:
+            raise ConfigError("at most 4096 lanes")
+        if self.mem_hop_map is not None:
+            m = tuple(self.mem_hop_map)
+            if len(m) != self.mem_slices_per_hemisphere:
+                raise ConfigError(f"mem_hop_map has {len(m)} entries, expected one per MEM slice ({self.mem_slices_per_hemisphere})")
+            if any((not isinstance(h, int)) or h < 1 for h in m) or any(b < a for a, b in zip(m, m[1:])):
+                raise ConfigError("mem_hop_map must be non-decreasing integers >= 1")
+            object.__setattr__(self, "mem_hop_map", m)
+
+    # ---- derived geometry -------------------------------------------------------
+    @property
+    def lanes(self) -> int:
+        """Lanes across the chip = bytes in one vector."""
+        return self.superlanes * self.lanes_per_superlane
+
+    @property
+    def vector_bytes(self) -> int:
+        return self.lanes
+
+    @property
+    def mem_slices(self) -> int:
+        """MEM slices on the chip (both hemispheres)."""
+        return self.hemispheres * self.mem_slices_per_hemisphere
+
+    @property
+    def sram_bytes(self) -> int:
+        return self.mem_slices * self.addresses_per_slice * self.lanes
+
+    @property
+    def streams(self) -> int:
+        """Stream registers per lane in both directions."""
+        return 2 * self.streams_per_direction
+
+    @property
+    def hops(self) -> Tuple[int, ...]:
+        """Hop distance from the VXM of MEM slice i of either hemisphere."""
+        if self.mem_hop_map is not None:
+            return self.mem_hop_map
+        return tuple(1 + i // self.mem_slices_per_hop for i in range(self.mem_slices_per_hemisphere))
+
+    @property
+    def vxm_position(self) -> int:
+        return self.hops[-1] + self.sxm_hops + self.mxm_hops
+
+    @property
+    def positions(self) -> int:
+        """Number of stream-register positions from the west edge to the east edge."""
+        return 2 * self.vxm_position + 1
+
+    def mem_position(self, hemisphere: int, slot: int) -> int:
+        h = self.hops[slot]
+        return self.vxm_position - h if hemisphere == 0 else self.vxm_position + h
+
+    def bank_of(self, address: int) -> int:
+        if self.bank_select == "msb":
+            return address // (self.addresses_per_slice // self.banks_per_slice)
+        return address % self.banks_per_slice
+
+    # ---- MEM slice names ------------------------------------------------------------
+    def slice_id(self, hemisphere: int, slot: int) -> int:
+        """Global MEM slice number: West slices 0..S-1, then East."""
+        return hemisphere * self.mem_slices_per_hemisphere + slot
+
+    def slice_name(self, gid: int) -> str:
+        s = self.mem_slices_per_hemisphere
+        return f"{HEMISPHERES[gid // s]}{gid % s}"
+
+    def parse_slice(self, text: str) -> int:
+        t = text.strip().upper()
+        if len(t) >= 2 and t[0] in "WE" and t[1:].isdigit():
+            slot = int(t[1:])
+            if slot < self.mem_slices_per_hemisphere:
+                return self.slice_id(HEMISPHERES.index(t[0]), slot)
+        raise ConfigError(f"no MEM slice {text!r} (W0..W{self.mem_slices_per_hemisphere - 1}, E0..E{self.mem_slices_per_hemisphere - 1})")
+
+    # ---- queues -------------------------------------------------------------------
+    @property
+    def queues(self) -> Tuple[QueueInfo, ...]:
+        """Every ICU queue, in ISA queue-number order (also the order in which queues
+        issue within one cycle).  MEM: one per slice; VXM: one per ALU."""
+        cached = self.__dict__.get("_queues")
+        if cached is not None:
+            return cached
+        q = []
+        for hem in range(2):
+            for slot in range(self.mem_slices_per_hemisphere):
+                q.append(QueueInfo(len(q), f"MEM.{HEMISPHERES[hem]}{slot}", "MEM", hem, slot,
+                                   self.mem_position(hem, slot)))
+        for alu in range(self.vxm_alus_per_lane):
+            q.append(QueueInfo(len(q), f"VXM.{alu}", "VXM", -1, alu, self.vxm_position))
+        out = tuple(q)
+        object.__setattr__(self, "_queues", out)
+        return out
+
+    @property
+    def queue_index(self) -> Dict[str, int]:
+        cached = self.__dict__.get("_qindex")
+        if cached is None:
+            cached = {q.name: q.index for q in self.queues}
+            object.__setattr__(self, "_qindex", cached)
+        return cached
+
+    def queue(self, name: str) -> QueueInfo:
+        i = self.queue_index.get(name.strip().upper())
+        if i is None:
+            raise ConfigError(f"no queue {name!r} on this chip (MEM.W0..MEM.E{self.mem_slices_per_hemisphere - 1}, VXM.0..VXM.{self.vxm_alus_per_lane - 1})")
+        return self.queues[i]
+
+    # ---- derived peaks and serialisation ------------------------------------------------
+    def peaks(self) -> Dict[str, float]:
+        """Derived peak figures (per cycle and per second at ``clock_hz``)."""
+        macs = self.mxm_planes * self.mxm_size * self.mxm_size
+        mem_bw = self.mem_slices * self.banks_per_slice * self.lanes
+        return {
+            "lanes": self.lanes,
+            "sram_bytes": self.sram_bytes,
+            "int8_macs_per_cycle": macs,
+            "int8_tops": 2 * macs * self.clock_hz / 1e12,
+            "fp16_tflops": 2 * macs * self.clock_hz / 4 / 1e12,
+            "sram_bytes_per_cycle": mem_bw,
+            "sram_tb_per_s": mem_bw * self.clock_hz / 1e12,
+            "vxm_alus": self.lanes * self.vxm_alus_per_lane,
+        }
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if d["mem_hop_map"] is not None:
+            d["mem_hop_map"] = list(d["mem_hop_map"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ChipConfig":
+        if not isinstance(d, dict):
+            raise ConfigError("a chip configuration must be a mapping")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown ChipConfig fields: {', '.join(sorted(map(str, unknown)))}")
+        d = dict(d)
+        if d.get("mem_hop_map") is not None:
+            if not isinstance(d["mem_hop_map"], (list, tuple)):
+                raise ConfigError("mem_hop_map must be a list of integers")
+            d["mem_hop_map"] = tuple(d["mem_hop_map"])
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def describe(cls) -> str:
+        """A Markdown table of every parameter: name, unit, default, meaning, source."""
+        rows = ["| parameter | unit | groqchip1 | tiny | meaning | source |", "| --- | --- | --- | --- | --- | --- |"]
+        g, t = cls.groqchip1(), cls.tiny()
+        for f in dataclasses.fields(cls):
+            m = f.metadata
+            rows.append(f"| `{f.name}` | {m['unit']} | {getattr(g, f.name)} | {getattr(t, f.name)} | {m['doc']} | {m['source']} |")
+        return "\n".join(rows)

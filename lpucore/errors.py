@@ -1,0 +1,112 @@
+"""Exceptions raised by lpucore.  Every one derives from :class:`LpuError`."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+
+class LpuError(Exception):
+    """Base class of every error lpucore raises on purpose."""
+
+
+class ConfigError(LpuError, ValueError):
+    """A :class:`~lpucore.ChipConfig` is inconsistent or out of range."""
+
+
+class ProgramError(LpuError, ValueError):
+    """A program (text, binary file or in-memory object) is malformed or does not
+    fit the chip configuration.
+
+    Attributes name what is at fault where that is known: ``queue`` (queue name),
+    ``index`` (position of the instruction in its queue), ``field`` (operand name),
+    ``line`` (assembly source line).
+    """
+
+    def __init__(self, message: str, *, queue: Optional[str] = None, index: Optional[int] = None,
+                 field: Optional[str] = None, line: Optional[int] = None):
+        where = []
+        if line is not None:
+            where.append(f"line {line}")
+        if queue is not None:
+            where.append(f"queue {queue}")
+        if index is not None:
+            where.append(f"instruction {index}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        super().__init__(f"{', '.join(where)}: {message}" if where else message)
+        self.queue, self.index, self.field, self.line = queue, index, field, line
+
+
+class TensorError(LpuError, ValueError):
+    """A tensor handed to the driver has the wrong name, dtype or shape."""
+
+
+class ScheduleError(LpuError):
+    """The running program broke a rule of the statically scheduled machine.
+
+    ``cycle`` is the cycle in which it happened, ``unit`` the queue (functional
+    slice) at fault, ``stream`` the stream register (``"E5"``, ``"W12"``) or ALU
+    latch (``"A3"``) involved, ``bank`` the MEM bank for a bank conflict, and
+    ``kind`` one of ``"stream-conflict"``, ``"empty-read"``, ``"bank-conflict"``,
+    ``"latch-conflict"``, ``"address"``, ``"deadlock"``.
+    """
+
+    def __init__(self, kind: str, cycle: int, unit: str, message: str, *,
+                 stream: Optional[str] = None, bank: Optional[int] = None):
+        super().__init__(f"cycle {cycle}, {unit}: {message}")
+        self.kind, self.cycle, self.unit, self.stream, self.bank = kind, cycle, unit, stream, bank
+
+    def key(self):
+        """What two engines must agree on for the same program."""
+        return (self.kind, self.cycle, self.unit, self.stream, self.bank)
+
+
+class EngineUnavailableError(LpuError, ImportError):
+    """The compiled (fast) engine was asked for but cannot be imported."""
+
+
+# ---------------------------------------------------------------------------
+# Schedule-error constructors shared by both engines, so that the same program
+# produces the same exception text whichever engine ran it.
+# ---------------------------------------------------------------------------
+def stream_name(cfg, v: int) -> str:
+    """Text form of an encoded stream (``E5``/``W12``) or ALU latch (``A3``)."""
+    s = cfg.streams_per_direction
+    if v >= 128:
+        return f"A{v - 128}"
+    return f"E{v}" if v < s else f"W{v - s}"
+
+
+def stream_conflict(cfg, cycle, qa, qb, v, pos) -> ScheduleError:
+    qs = cfg.queues
+    name = stream_name(cfg, v)
+    return ScheduleError("stream-conflict", cycle, qs[qb].name,
+                         f"{qs[qa].name} and {qs[qb].name} both write stream {name} at position {pos}", stream=name)
+
+
+def empty_read(cfg, cycle, q, v, pos) -> ScheduleError:
+    name = stream_name(cfg, v)
+    what = f"latch {name}" if v >= 128 else f"stream {name} at position {pos}"
+    return ScheduleError("empty-read", cycle, cfg.queues[q].name, f"reads {what}, which holds no value", stream=name)
+
+
+def bank_conflict(cfg, cycle, q, gslice, addr) -> ScheduleError:
+    b = cfg.bank_of(addr)
+    return ScheduleError("bank-conflict", cycle, cfg.queues[q].name,
+                         f"reads bank {b} (address {addr:#x}) of slice {cfg.slice_name(gslice)} "
+                         f"in the cycle a write lands in it", bank=b)
+
+
+def latch_conflict(cfg, cycle, alu) -> ScheduleError:
+    return ScheduleError("latch-conflict", cycle, f"VXM.{alu}",
+                         f"two results of ALU {alu} land in its latch in the same cycle", stream=f"A{alu}")
+
+
+def address_error(cfg, cycle, q, superlane, addr) -> ScheduleError:
+    return ScheduleError("address", cycle, cfg.queues[q].name,
+                         f"map gives superlane {superlane} address {addr}, outside 0..{cfg.addresses_per_slice - 1}")
+
+
+def deadlock(cfg, cycle, q, wait, notifies) -> ScheduleError:
+    return ScheduleError("deadlock", cycle, cfg.queues[q].name,
+                         f"waits forever on its Sync number {wait}: the chip issued only {notifies} Notify")

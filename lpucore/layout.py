@@ -1,0 +1,178 @@
+"""Where a tensor's bytes live in MEM.
+
+A tensor is viewed as a matrix of ``rows = prod(shape[:-1])`` rows and
+``cols = shape[-1]`` columns.  Each row is cut into ``chunks = ceil(cols /
+lanes)`` vectors of ``lanes`` elements (the last one zero-padded), and vectors
+are numbered row-major: vector ``v = row * chunks + chunk``.  A multi-byte
+element is split into byte planes, least significant first (TSP.md section 1,
+stream groups), and each plane is stored separately, so that an fp16 tensor's
+two planes can sit in two slices and be read onto two streams in one cycle.
+
+Each byte plane is a list of *extents* ``(slice, address, count)``: the plane's
+vectors, in order, fill the extents one after another.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+
+from . import dtypes as dt
+from .config import ChipConfig
+from .errors import ProgramError, TensorError
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``count`` consecutive addresses of one MEM slice, from ``address``."""
+
+    slice: int        # global slice number (W0..W43 = 0..43, E0..E43 = 44..87)
+    address: int
+    count: int
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One entry of a program's tensor table."""
+
+    name: str
+    dtype: dt.DType
+    shape: Tuple[int, ...]
+    planes: Tuple[Tuple[Extent, ...], ...]
+
+    @property
+    def rows(self) -> int:
+        return math.prod(self.shape[:-1]) if len(self.shape) > 1 else 1
+
+    @property
+    def cols(self) -> int:
+        return self.shape[-1] if self.shape else 1
+
+    def chunks(self, lanes: int) -> int:
+        return -(-self.cols // lanes)
+
+    def nvectors(self, lanes: int) -> int:
+        """Vectors in each byte plane."""
+        return self.rows * self.chunks(lanes)
+
+    def locations(self, plane: int) -> List[Tuple[int, int]]:
+        """(slice, address) of each vector of one byte plane, in order."""
+        out = []
+        for e in self.planes[plane]:
+            out.extend((e.slice, e.address + i) for i in range(e.count))
+        return out
+
+    # ---- array <-> byte-plane vectors ------------------------------------------------
+    def to_planes(self, array: np.ndarray, lanes: int) -> np.ndarray:
+        """A NumPy array of this tensor's dtype and shape -> uint8 [nbytes, nvectors, lanes]."""
+        a = np.ascontiguousarray(array, dtype=self.dtype.numpy).reshape(self.rows, self.cols)
+        ch = self.chunks(lanes)
+        padded = np.zeros((self.rows, ch * lanes), dtype=self.dtype.numpy)
+        padded[:, : self.cols] = a
+        raw = padded.view(np.uint8).reshape(self.rows, ch * lanes, self.dtype.nbytes)
+        # little-endian element bytes -> byte planes
+        if raw.dtype.byteorder == ">":  # pragma: no cover - big-endian hosts
+            raw = raw[..., ::-1]
+        return np.ascontiguousarray(raw.transpose(2, 0, 1)).reshape(self.dtype.nbytes, self.rows * ch, lanes)
+
+    def from_planes(self, planes: np.ndarray, lanes: int) -> np.ndarray:
+        """uint8 [nbytes, nvectors, lanes] -> a NumPy array of this tensor's dtype and shape."""
+        ch = self.chunks(lanes)
+        raw = np.ascontiguousarray(planes.reshape(self.dtype.nbytes, self.rows, ch * lanes).transpose(1, 2, 0))
+        vals = raw.view(self.dtype.numpy.newbyteorder("<")).reshape(self.rows, ch * lanes)
+        return np.ascontiguousarray(vals[:, : self.cols]).astype(self.dtype.numpy).reshape(self.shape)
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape),
+                "planes": [[[e.slice, e.address, e.count] for e in p] for p in self.planes]}
+
+    @classmethod
+    def from_json(cls, d) -> "TensorInfo":
+        try:
+            return cls(str(d["name"]), dt.get(d["dtype"]), tuple(int(x) for x in d["shape"]),
+                       tuple(tuple(Extent(int(s), int(a), int(c)) for s, a, c in p) for p in d["planes"]))
+        except ProgramError:
+            raise
+        except Exception as e:
+            raise ProgramError(f"malformed tensor table entry: {e}") from None
+
+
+def make_tensor(name: str, dtype, shape: Sequence[int], planes, cfg: ChipConfig) -> TensorInfo:
+    """Build and validate a tensor-table entry.
+
+    ``planes`` has one item per byte plane; each is a list of extents given as
+    ``Extent``, ``(slice, address, count)`` or ``(slice, address)`` (the last
+    extent's count may be omitted: it takes the rest of the plane).  ``slice``
+    may be a global number or a name such as ``"W3"``.
+    """
+    try:
+        d = dt.get(dtype)
+    except Exception as e:
+        raise ProgramError(f"tensor {name!r}: {e}") from None
+    shape = tuple(shape)
+    if not all(isinstance(s, (int, np.integer)) and int(s) >= 1 for s in shape):
+        raise ProgramError(f"tensor {name!r}: shape {shape} must be positive integers")
+    shape = tuple(int(s) for s in shape)
+    probe = TensorInfo(name, d, shape, ())
+    nvec = probe.nvectors(cfg.lanes)
+    if len(planes) != d.nbytes:
+        raise ProgramError(f"tensor {name!r}: {d.name} needs {d.nbytes} byte plane(s), got {len(planes)}")
+    out = []
+    for pi, plane in enumerate(planes):
+        exts, total = [], 0
+        plane = list(plane)
+        if not plane:
+            raise ProgramError(f"tensor {name!r}: byte plane {pi} has no extent")
+        for ei, e in enumerate(plane):
+            if isinstance(e, Extent):
+                s, a, c = e.slice, e.address, e.count
+            else:
+                e = tuple(e)
+                if len(e) == 2:
+                    s, a, c = e[0], e[1], None
+                elif len(e) == 3:
+                    s, a, c = e
+                else:
+                    raise ProgramError(f"tensor {name!r}: extent {e!r} must be (slice, address[, count])")
+            if isinstance(s, str):
+                try:
+                    s = cfg.parse_slice(s)
+                except Exception as ex:
+                    raise ProgramError(f"tensor {name!r}: {ex}") from None
+            if c is None:
+                if ei != len(plane) - 1:
+                    raise ProgramError(f"tensor {name!r}: only the last extent of a plane may omit its count")
+                c = nvec - total
+            s, a, c = int(s), int(a), int(c)
+            if not 0 <= s < cfg.mem_slices:
+                raise ProgramError(f"tensor {name!r}: slice {s} out of range 0..{cfg.mem_slices - 1}")
+            if c < 1 or a < 0 or a + c > cfg.addresses_per_slice:
+                raise ProgramError(f"tensor {name!r}: extent {cfg.slice_name(s)}:{a}+{c} does not fit a slice of "
+                                   f"{cfg.addresses_per_slice} addresses")
+            exts.append(Extent(s, a, c))
+            total += c
+        if total != nvec:
+            raise ProgramError(f"tensor {name!r}: byte plane {pi} holds {total} vectors, the shape needs {nvec}")
+        out.append(tuple(exts))
+    info = TensorInfo(name, d, shape, tuple(out))
+    seen = set()
+    for pi in range(d.nbytes):
+        for loc in info.locations(pi):
+            if loc in seen:
+                raise ProgramError(f"tensor {name!r}: two vectors share {cfg.slice_name(loc[0])}:{loc[1]:#x}")
+            seen.add(loc)
+    return info
+
+
+def check_array(info: TensorInfo, array) -> np.ndarray:
+    """Check a host array against a tensor's dtype and shape (no silent casts)."""
+    a = np.asarray(array)
+    if a.dtype != info.dtype.numpy:
+        raise TensorError(f"tensor {info.name!r} is {info.dtype.name}, got an array of {a.dtype}")
+    if tuple(a.shape) != info.shape:
+        raise TensorError(f"tensor {info.name!r} has shape {info.shape}, got {tuple(a.shape)}")
+    return a

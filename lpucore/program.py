@@ -1,0 +1,353 @@
+"""Programs: one instruction list per ICU queue, plus a tensor table.
+
+Binary file format (little-endian), version 1::
+
+    offset  size  what
+    0       4     magic b"LPUP"
+    4       2     format version (1)
+    6       2     fields per instruction (isa.NFIELDS)
+    8       4     length M of the metadata JSON
+    12      M     metadata: {"config": ChipConfig.to_dict(), "tensors": [...],
+                              "queues": [[queue name, instruction count], ...]}
+    12+M    4     total instruction count N
+    16+M    N*4*(1+NFIELDS)   instructions: int32 opcode, then NFIELDS int32 fields
+    end-4   4     CRC-32 of every byte before it
+
+Every field is validated against the ISA table and the configuration before
+any engine sees the program (:meth:`Program.validate`).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+import numpy as np
+
+from . import dtypes as dt
+from . import isa
+from .config import ChipConfig
+from .errors import ConfigError, LpuError, ProgramError
+from .layout import TensorInfo, make_tensor
+
+MAGIC = b"LPUP"
+VERSION = 1
+_HDR = struct.Struct("<4sHHI")
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One encoded instruction: an ISA table entry and its operand values."""
+
+    op: isa.Op
+    args: Tuple[int, ...]
+
+    def __getitem__(self, name: str) -> int:
+        return self.args[self.op.field_index(name)]
+
+    @property
+    def mnemonic(self) -> str:
+        return self.op.mnemonic
+
+    def text(self, cfg: ChipConfig) -> str:
+        ops = ", ".join(isa.format_value(f.kind, v, cfg) for f, v in zip(self.op.fields, self.args))
+        return f"{self.op.mnemonic} {ops}".rstrip()
+
+
+def make_instruction(cfg: ChipConfig, mnemonic: str, *args, **kwargs) -> Instruction:
+    """Build an instruction from Python values: ints, or text such as ``"E5"``, ``"A2"``,
+    ``"float16"`` and ``"-"`` for the operand kinds that have a text form."""
+    op = isa.lookup(mnemonic)
+    if op is None:
+        raise ProgramError(f"unknown instruction {mnemonic!r}")
+    if len(args) > len(op.fields):
+        raise ProgramError(f"{op.mnemonic} takes at most {len(op.fields)} operands, got {len(args)}")
+    vals: List[Optional[int]] = list(args) + [None] * (len(op.fields) - len(args))
+    names = [f.name for f in op.fields]
+    for k, v in kwargs.items():
+        if k not in names:
+            raise ProgramError(f"{op.mnemonic} has no operand {k!r} (operands: {', '.join(names) or 'none'})")
+        if vals[names.index(k)] is not None:
+            raise ProgramError(f"{op.mnemonic}: operand {k!r} given twice")
+        vals[names.index(k)] = v
+    out = []
+    dtype_code = None
+    for f, v in zip(op.fields, vals):
+        if v is None:
+            if f.default is None:
+                raise ProgramError(f"{op.mnemonic}: missing operand {f.name!r}")
+            v = f.default
+        if isinstance(v, dt.DType):
+            v = v.code
+        if isinstance(v, str):
+            try:
+                v = isa.parse_value(f.kind, v, cfg, dtype_code)
+            except ValueError as e:
+                raise ProgramError(f"{op.mnemonic}: {e}", field=f.name) from None
+        if isinstance(v, (bool, float)) or not isinstance(v, (int, np.integer)):
+            raise ProgramError(f"{op.mnemonic}: operand {f.name!r} must be an integer, got {v!r}")
+        v = int(v)
+        if f.kind == "dtype":
+            dtype_code = v
+        out.append(v)
+    return Instruction(op, tuple(out))
+
+
+def _group(d: dt.DType) -> int:
+    return d.nbytes
+
+
+def check_instruction(ins: Instruction, cfg: ChipConfig) -> Optional[Tuple[Optional[str], str]]:
+    """None if legal, else (field name or None, reason)."""
+    op = ins.op
+    if len(ins.args) != len(op.fields):
+        return None, f"{op.mnemonic} takes {len(op.fields)} operands, got {len(ins.args)}"
+    for f, v in zip(op.fields, ins.args):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            return f.name, f"{v!r} is not an integer"
+        err = f.k.check(int(v), cfg)
+        if err:
+            return f.name, err
+    if op.unit == "VXM":
+        a = dict(zip((f.name for f in op.fields), ins.args))
+        src_d = dt.get(a.get("dtype", dt.INT32.code))
+        if src_d.name not in op.dtypes:
+            return "dtype", f"{op.mnemonic} does not take {src_d.name} (takes {', '.join(op.dtypes)})"
+        out_d = dt.get(a["to"]) if op.cls == "cvt" else (dt.INT8 if op.cls == "requant" else src_d)
+        for f in op.fields:
+            if f.kind not in ("src", "dst"):
+                continue
+            v = a[f.name]
+            if v == isa.NONE or v >= isa.LATCH_BASE:
+                continue
+            w = _group(out_d if f.kind == "dst" else src_d)
+            if f.name == "b" and op.cls == "shift":
+                w = _group(src_d)
+            local = v % cfg.streams_per_direction
+            if local % w:
+                return f.name, (f"a {w}-byte element needs a stream group starting at a multiple of {w}; "
+                                f"{isa.format_value('stream', v, cfg)} is not")
+    if op.mnemonic in ("Gather", "Scatter"):
+        if ins["map"] % cfg.streams_per_direction % 2:
+            return "map", "the address map is an int16 stream group and must start at an even stream"
+    return None
+
+
+class Program:
+    """A complete program for one chip: per-queue instruction lists and a tensor table.
+
+    Build one with :func:`lpucore.assemble`, :meth:`load`, or programmatically::
+
+        p = Program(ChipConfig.tiny())
+        p.add("MEM.W0", "Read", 0, "E0")
+        p.add("MEM.E0", "NOP", 3)
+        p.add("MEM.E0", "Write", 5, "E0")
+    """
+
+    def __init__(self, config: Optional[ChipConfig] = None):
+        self.config = config if config is not None else ChipConfig.groqchip1()
+        self.queues: Dict[str, List[Instruction]] = {}
+        self.tensors: Dict[str, TensorInfo] = {}
+
+    # ---- building ---------------------------------------------------------------------
+    def add(self, queue: str, mnemonic: str, *args, **kwargs) -> Instruction:
+        """Append one instruction to a queue and return it (validated on the spot)."""
+        try:
+            q = self.config.queue(queue)
+        except ConfigError as e:
+            raise ProgramError(str(e)) from None
+        ins = make_instruction(self.config, mnemonic, *args, **kwargs)
+        lst = self.queues.setdefault(q.name, [])
+        self._check_one(q.name, lst, len(lst), ins)
+        lst.append(ins)
+        return ins
+
+    def add_tensor(self, name: str, dtype, shape, planes) -> TensorInfo:
+        """Add a tensor-table entry (see :func:`lpucore.layout.make_tensor`)."""
+        if not isinstance(name, str) or not name or any(c.isspace() for c in name):
+            raise ProgramError(f"tensor name {name!r} must be a non-empty word")
+        if name in self.tensors:
+            raise ProgramError(f"tensor {name!r} defined twice")
+        info = make_tensor(name, dtype, shape, planes, self.config)
+        self.tensors[name] = info
+        return info
+
+    # ---- validation -----------------------------------------------------------------------
+    def _check_one(self, qname: str, lst: List[Instruction], i: int, ins: Instruction) -> None:
+        q = self.config.queue(qname)
+        if not isinstance(ins, Instruction) or ins.op not in isa.TABLE:
+            raise ProgramError("not an Instruction", queue=qname, index=i)
+        if ins.op.unit not in ("ICU", q.unit):
+            raise ProgramError(f"{ins.op.mnemonic} is a {ins.op.unit} instruction; queue {qname} feeds the {q.unit}",
+                               queue=qname, index=i)
+        bad = check_instruction(ins, self.config)
+        if bad:
+            raise ProgramError(f"{ins.op.mnemonic}: {bad[1]}", queue=qname, index=i, field=bad[0])
+        if ins.op.mnemonic == "Repeat":
+            prev = lst[i - 1] if i > 0 else None
+            if prev is None or prev.op.unit == "ICU":
+                raise ProgramError("Repeat must follow a functional-unit instruction", queue=qname, index=i)
+            n, stride = ins["n"], ins["stride"]
+            strided = [j for j, f in enumerate(prev.op.fields) if f.strided]
+            if stride and not strided:
+                raise ProgramError(f"{prev.op.mnemonic} has no address to stride", queue=qname, index=i, field="stride")
+            for j in strided:
+                last = prev.args[j] + n * stride
+                if not 0 <= last < self.config.addresses_per_slice:
+                    raise ProgramError(f"repetition {n} reaches address {last}, outside 0..{self.config.addresses_per_slice - 1}",
+                                       queue=qname, index=i, field="stride")
+
+    def validate(self) -> "Program":
+        """Check every queue, instruction and field against the table and the configuration."""
+        if not isinstance(self.config, ChipConfig):
+            raise ProgramError("program has no ChipConfig")
+        for qname, lst in self.queues.items():
+            try:
+                self.config.queue(qname)
+            except ConfigError as e:
+                raise ProgramError(str(e), queue=qname) from None
+            for i, ins in enumerate(lst):
+                self._check_one(qname, lst, i, ins)
+        for name, t in self.tensors.items():
+            if not isinstance(t, TensorInfo) or t.name != name:
+                raise ProgramError(f"tensor table entry {name!r} is malformed")
+            make_tensor(t.name, t.dtype, t.shape, t.planes, self.config)
+        return self
+
+    # ---- views -------------------------------------------------------------------------------
+    def queue_lists(self) -> List[List[Instruction]]:
+        """Instruction lists indexed by ISA queue number (empty where unused)."""
+        out: List[List[Instruction]] = [[] for _ in self.config.queues]
+        for name, lst in self.queues.items():
+            out[self.config.queue_index[name]] = lst
+        return out
+
+    def lower(self) -> Tuple[np.ndarray, np.ndarray]:
+        """Packed form for the fast engine: int32 code[n, 1 + NFIELDS] (opcode, fields)
+        and int64 qstart[nqueues + 1] (queue q holds rows qstart[q]:qstart[q+1])."""
+        lists = self.queue_lists()
+        n = sum(len(l) for l in lists)
+        code = np.zeros((n, 1 + isa.NFIELDS), dtype=np.int32)
+        qstart = np.zeros(len(lists) + 1, dtype=np.int64)
+        r = 0
+        for qi, lst in enumerate(lists):
+            qstart[qi] = r
+            for ins in lst:
+                code[r, 0] = ins.op.opcode
+                code[r, 1: 1 + len(ins.args)] = ins.args
+                r += 1
+        qstart[-1] = r
+        return code, qstart
+
+    def __len__(self) -> int:
+        return sum(len(l) for l in self.queues.values())
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Program):
+            return NotImplemented
+        mine = {k: v for k, v in self.queues.items() if v}
+        theirs = {k: v for k, v in other.queues.items() if v}
+        return self.config == other.config and mine == theirs and self.tensors == other.tensors
+
+    def __repr__(self) -> str:
+        return (f"<Program for {self.config.name}: {len(self)} instructions in "
+                f"{sum(1 for l in self.queues.values() if l)} queues, {len(self.tensors)} tensors>")
+
+    # ---- binary files --------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        self.validate()
+        lists = [(name, self.queues[name]) for name in (q.name for q in self.config.queues)
+                 if self.queues.get(name)]
+        meta = {"config": self.config.to_dict(),
+                "tensors": [t.to_json() for t in self.tensors.values()],
+                "queues": [[name, len(lst)] for name, lst in lists]}
+        mj = json.dumps(meta, sort_keys=True).encode()
+        code = np.zeros((sum(len(l) for _, l in lists), 1 + isa.NFIELDS), dtype="<i4")
+        r = 0
+        for _, lst in lists:
+            for ins in lst:
+                code[r, 0] = ins.op.opcode
+                code[r, 1: 1 + len(ins.args)] = ins.args
+                r += 1
+        body = _HDR.pack(MAGIC, VERSION, isa.NFIELDS, len(mj)) + mj + struct.pack("<I", len(code)) + code.tobytes()
+        return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Program":
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ProgramError("program data must be bytes")
+        data = bytes(data)
+        if len(data) < _HDR.size + 8:
+            raise ProgramError(f"file too short to be an lpucore program ({len(data)} bytes)")
+        magic, version, nf, mlen = _HDR.unpack_from(data, 0)
+        if magic != MAGIC:
+            raise ProgramError(f"not an lpucore program (magic {magic!r}, expected {MAGIC!r})")
+        if version != VERSION:
+            raise ProgramError(f"program format version {version} is not supported (this lpucore reads {VERSION})")
+        if nf != isa.NFIELDS:
+            raise ProgramError(f"program has {nf} fields per instruction, expected {isa.NFIELDS}")
+        (crc,) = struct.unpack_from("<I", data, len(data) - 4)
+        if zlib.crc32(data[:-4]) & 0xFFFFFFFF != crc:
+            raise ProgramError("program file is corrupted or truncated (checksum mismatch)")
+        end_meta = _HDR.size + mlen
+        if end_meta + 4 > len(data) - 4:
+            raise ProgramError("program file is truncated (metadata runs past the end)")
+        try:
+            meta = json.loads(data[_HDR.size:end_meta].decode("utf-8"))
+            if not isinstance(meta, dict):
+                raise ValueError("metadata is not an object")
+            cfg = ChipConfig.from_dict(meta["config"])
+            queues = [(str(n), int(c)) for n, c in meta["queues"]]
+            tensors = list(meta["tensors"])
+        except LpuError as e:
+            raise ProgramError(f"bad metadata: {e}") from None
+        except Exception as e:
+            raise ProgramError(f"bad metadata: {type(e).__name__}: {e}") from None
+        (n,) = struct.unpack_from("<I", data, end_meta)
+        rec = 4 * (1 + isa.NFIELDS)
+        if end_meta + 4 + n * rec != len(data) - 4:
+            raise ProgramError(f"program file length does not match its {n} instructions")
+        if sum(c for _, c in queues) != n or any(c < 0 for _, c in queues):
+            raise ProgramError("queue instruction counts do not add up to the instruction count")
+        code = np.frombuffer(data, dtype="<i4", count=n * (1 + isa.NFIELDS), offset=end_meta + 4).reshape(n, 1 + isa.NFIELDS)
+        prog = cls(cfg)
+        r = 0
+        for qname, count in queues:
+            try:
+                cfg.queue(qname)
+            except ConfigError as e:
+                raise ProgramError(str(e), queue=qname) from None
+            if qname in prog.queues:
+                raise ProgramError("queue listed twice", queue=qname)
+            lst = prog.queues.setdefault(qname, [])
+            for i in range(count):
+                row = code[r]
+                r += 1
+                op = isa.BY_OPCODE.get(int(row[0]))
+                if op is None:
+                    raise ProgramError(f"unknown opcode {int(row[0]):#x}", queue=qname, index=i)
+                if any(int(x) != 0 for x in row[1 + len(op.fields):]):
+                    raise ProgramError(f"{op.mnemonic}: unused operand fields must be zero", queue=qname, index=i)
+                lst.append(Instruction(op, tuple(int(x) for x in row[1: 1 + len(op.fields)])))
+        for t in tensors:
+            info = TensorInfo.from_json(t)
+            prog.add_tensor(info.name, info.dtype, info.shape, info.planes)
+        return prog.validate()
+
+    def save(self, path) -> None:
+        """Write the binary program file."""
+        with open(path, "wb") as f:
+            f.write(self.to_bytes())
+
+    @classmethod
+    def load(cls, path) -> "Program":
+        """Read and validate a binary program file (raises ProgramError if anything is off)."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise ProgramError(f"cannot read program file {path}: {e.strerror}") from None
+        return cls.from_bytes(data)

@@ -1,0 +1,153 @@
+"""The reference engine: plain NumPy, one simulated cycle at a time.
+
+This is the executable specification of lpucore's timing model; the Cython
+engine must match it bit for bit and cycle for cycle.  One cycle ``c``:
+
+1. values produced for ``c`` land in their stream registers (a register written
+   by two producers is a ``stream-conflict``), results land in ALU latches, and
+   delayed MEM writes reach their banks;
+2. every queue whose next issue is ``c`` issues, in queue-number order; operands
+   are read from the registers at the unit's position in this cycle;
+3. stream values move one position in their direction.
+
+Cycles in which nothing is scheduled are skipped (the registers move by the
+number of skipped hops).  A run ends when no queue has work left and every
+scheduled effect has happened; its length is the last busy cycle + 1 plus the
+``stagger - 1`` cycles the last superlane's wavefront trails superlane 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import errors
+from ..errors import LpuError, ScheduleError
+from . import _icu, _mem, _vxm
+from ._icu import INF, QueueState
+from ._streams import StreamFile
+
+
+class ReferenceEngine:
+    name = "reference"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.streams = StreamFile(cfg)
+        self.mem = _mem.Mem(cfg)
+        self.latches = _vxm.Latches(cfg)
+        self.program = None
+        self._lists = [[] for _ in cfg.queues]
+        self._restart()
+
+    # ---- state -----------------------------------------------------------------------
+    def _restart(self):
+        cfg = self.cfg
+        self.streams.reset()
+        self.latches.reset()
+        self.mem.reset(clear_memory=False)
+        self.queues = [QueueState(q, self._lists[q.index]) for q in cfg.queues]
+        self.notifies = []
+        self.t = -1                 # last processed cycle
+        self.cycle = 0              # cycles simulated
+        self.last_effect = -1
+        self.done = False
+        self.error = None
+        nq, ns = len(cfg.queues), cfg.mem_slices
+        self.stats_issued = np.zeros(nq, dtype=np.int64)
+        self.stats_icu = np.zeros(nq, dtype=np.int64)
+        self.stats_bytes_read = np.zeros(ns, dtype=np.int64)
+        self.stats_bytes_written = np.zeros(ns, dtype=np.int64)
+
+    def load(self, program):
+        if program.config != self.cfg:
+            raise LpuError("program was built for a different chip configuration")
+        self.program = program
+        self._lists = program.queue_lists()
+        self._restart()
+
+    def reset(self, clear_memory=True):
+        self._restart()
+        if clear_memory:
+            self.mem.sram[:] = 0
+
+    # ---- bookkeeping used by the unit modules ---------------------------------------------
+    def effect(self, cycle):
+        if cycle > self.last_effect:
+            self.last_effect = cycle
+
+    def set_next(self, qs, t):
+        self.effect(t - 1)
+        qs.next = t if (qs.rep_left or qs.pc < len(qs.prog)) else INF
+
+    def execute(self, q, ins, args, c):
+        self.stats_issued[q.index] += 1
+        if ins.op.unit == "MEM":
+            _mem.execute(self, q, ins, args, c)
+        elif ins.op.unit == "VXM":
+            _vxm.execute(self, q, ins, args, c)
+        else:  # pragma: no cover - the validator rejects this
+            raise LpuError(f"no unit executes {ins.op.mnemonic}")
+
+    @property
+    def finish_cycle(self):
+        return self.last_effect + self.cfg.stagger if self.last_effect >= 0 else 0
+
+    @property
+    def finished(self):
+        return self.done and self.cycle >= self.finish_cycle
+
+    # ---- running ------------------------------------------------------------------------
+    def _next_event(self):
+        cands = [q.next for q in self.queues if q.next != INF]
+        for e in (self.streams.next_event(), self.latches.next_event(), self.mem.next_event()):
+            if e is not None:
+                cands.append(e)
+        return min(cands) if cands else None
+
+    def run(self, until=None):
+        """Simulate up to (not including) cycle ``until``, or to the end of the program."""
+        if self.error is not None:
+            raise self.error
+        try:
+            self._run(until)
+        except ScheduleError as e:
+            self.error = e
+            raise
+
+    def _run(self, until):
+        while True:
+            c = self._next_event()
+            if c is None:
+                parked = [q for q in self.queues if q.wait_for is not None]
+                if parked:
+                    q = parked[0]
+                    raise errors.deadlock(self.cfg, q.sync_cycle, q.info.index, q.wait_for, len(self.notifies))
+                self.done = True
+                target = self.finish_cycle if until is None else until
+                self.cycle = max(self.cycle, target)
+                return
+            if until is not None and c >= until:
+                self.cycle = max(self.cycle, until)
+                return
+            c = int(c)
+            self.streams.advance(c - self.t)
+            self.t = c
+            self.cycle = c + 1
+            self.streams.land(c)
+            self.latches.land(c)
+            self.mem.commit(c)
+            for qs in self.queues:
+                if qs.next == c:
+                    _icu.issue(self, qs, c)
+
+    # ---- host access -------------------------------------------------------------------------
+    def read_mem(self, gslice, addr, count=1):
+        return self.mem.sram[gslice, addr:addr + count].copy()
+
+    def write_mem(self, gslice, addr, data):
+        data = np.asarray(data, dtype=np.uint8)
+        self.mem.sram[gslice, addr:addr + data.shape[0]] = data
+
+    def counters(self):
+        return {"issued": self.stats_issued.copy(), "icu": self.stats_icu.copy(),
+                "bytes_read": self.stats_bytes_read.copy(), "bytes_written": self.stats_bytes_written.copy()}

@@ -1,0 +1,51 @@
+"""Build lpucore's compiled engine (lpucore._engine) from src_pyx/.
+
+Environment:
+  LPUCORE_DEBUG=1   compile with bounds checking and without optimisation (slow; for debugging)
+"""
+
+import hashlib
+import os
+import pathlib
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+HERE = pathlib.Path(__file__).resolve().parent
+SRC = HERE / "src_pyx"
+HASH_FILE = "_build_hash.pxi"
+
+
+def source_hash() -> str:
+    """Hash of every engine source, compiled into the module so tests catch a stale build."""
+    h = hashlib.sha256()
+    for p in sorted(SRC.iterdir()):
+        if p.suffix in (".pyx", ".pxi", ".pxd", ".h") and p.name != HASH_FILE:
+            h.update(p.name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+(SRC / HASH_FILE).write_text(f'SOURCE_HASH = "{source_hash()}"\n')
+
+debug = os.environ.get("LPUCORE_DEBUG", "") not in ("", "0")
+directives = {
+    "language_level": 3,
+    "boundscheck": debug,
+    "wraparound": False,
+    "initializedcheck": debug,
+    "cdivision": True,
+    "embedsignature": True,
+}
+# Bit-exact floating point: no fused multiply-add contraction, no fast-math.
+cflags = ["-ffp-contract=off", "-fno-fast-math"] + (["-O0", "-g"] if debug else ["-O2"])
+
+ext = Extension(
+    "lpucore._engine",
+    sources=[str((SRC / "_engine.pyx").relative_to(HERE))],
+    include_dirs=[str(SRC.relative_to(HERE))],
+    extra_compile_args=cflags,
+    depends=[str(p.relative_to(HERE)) for p in SRC.iterdir() if p.suffix in (".pxi", ".h")],
+)
+
+setup(ext_modules=cythonize([ext], compiler_directives=directives, include_path=[str(SRC)]))

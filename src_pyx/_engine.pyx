@@ -1,0 +1,306 @@
+# cython: language_level=3
+"""lpucore's fast engine: the same machine as lpucore.reference, in C.
+
+One extension module assembled from one include file per functional unit
+(_streams, _mem, _vxm, _icu), as the reference engine is split into one Python
+module per unit.  All machine state lives in NumPy arrays owned by the
+FastEngine object; the per-cycle loop (run_until) reaches them through the
+State struct's pointers and runs without the GIL.
+"""
+
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+from libc.stdlib cimport realloc, free
+
+import numpy as np
+
+from lpucore import errors as _errors
+from lpucore import isa as _isa
+
+include "_build_hash.pxi"
+include "_isa_gen.pxi"
+include "_state.pxi"
+include "_numerics.pxi"
+include "_streams.pxi"
+include "_mem.pxi"
+include "_vxm.pxi"
+include "_icu.pxi"
+
+_VC = {"arith": VC_ARITH, "bits": VC_BITS, "shift": VC_SHIFT, "cmp": VC_CMP, "unary": VC_UNARY,
+       "trans": VC_TRANS, "select": VC_SELECT, "cvt": VC_CVT, "requant": VC_REQUANT, "const": VC_CONST}
+_UNIT = {u: i for i, u in enumerate(_isa.UNITS)}
+
+
+cdef uint8_t* _p_u8(a) except NULL:
+    cdef uint8_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef int32_t* _p_i32(a) except NULL:
+    cdef int32_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef int64_t* _p_i64(a) except NULL:
+    cdef int64_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef uint32_t* _p_u32(a) except NULL:
+    cdef uint32_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef float* _p_f32(a) except NULL:
+    cdef float[::1] v = a.reshape(-1)
+    return &v[0]
+
+
+def _pow2_at_least(n):
+    d = 1
+    while d < n:
+        d *= 2
+    return d
+
+
+cdef class FastEngine:
+    """The Cython engine (``engine="fast"``).  Same interface as ReferenceEngine."""
+
+    cdef State s
+    cdef public object cfg
+    cdef public object program
+    cdef dict a          # name -> NumPy array holding part of the state
+    cdef public object _lowered
+    name = "fast"
+
+    def __cinit__(self):
+        memset(&self.s, 0, sizeof(State))
+
+    def __dealloc__(self):
+        free(self.s.notifies)
+        self.s.notifies = NULL
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.program = None
+        cdef State* s = &self.s
+        s.L = cfg.lanes
+        s.SL = cfg.superlanes
+        s.LPS = cfg.lanes_per_superlane
+        s.S = cfg.streams_per_direction
+        s.P = cfg.positions
+        s.NQ = len(cfg.queues)
+        s.NSL = cfg.mem_slices
+        s.A = cfg.addresses_per_slice
+        s.NALU = cfg.vxm_alus_per_lane
+        s.bank_msb = 1 if cfg.bank_select == "msb" else 0
+        s.bank_div = cfg.addresses_per_slice // cfg.banks_per_slice
+        s.nbanks = cfg.banks_per_slice
+        s.d_read = cfg.mem_read_delay
+        s.d_write = cfg.mem_write_delay
+        s.notify_delay = cfg.notify_delay
+        s.stagger = cfg.stagger
+        vx_delays = [op.delay(cfg) for op in _isa.TABLE if op.unit == "VXM"]
+        dmax = max([cfg.mem_read_delay] + vx_delays)
+        s.D = _pow2_at_least(s.P + dmax + 1)
+        s.Dmask = s.D - 1
+        s.RW = cfg.mem_write_delay + 1
+        s.RL = max(vx_delays) + 1
+        L, NQ, S, D, P = s.L, s.NQ, s.S, s.D, s.P
+        a = {}
+        a["sram"] = np.zeros(s.NSL * s.A * L, dtype=np.uint8)
+        a["wr_tag"] = np.empty(s.NSL * s.RW, dtype=np.int64)
+        a["wr_addr"] = np.zeros(s.NSL * s.RW * s.SL, dtype=np.int32)
+        a["wr_data"] = np.zeros(s.NSL * s.RW * L, dtype=np.uint8)
+        a["dg_tag"] = np.empty(2 * S * D, dtype=np.int64)
+        a["dg_n"] = np.zeros(2 * S * D, dtype=np.int32)
+        for k in ("sg_start", "sg_pool", "sg_writer"):
+            a[k] = np.zeros(2 * S * D * P, dtype=np.int32)
+        a["pool"] = np.zeros(D * NQ * 4 * L, dtype=np.uint8)
+        a["latch"] = np.zeros(s.NALU * L, dtype=np.uint32)
+        a["latch_valid"] = np.zeros(s.NALU, dtype=np.uint8)
+        a["lt_tag"] = np.empty(s.NALU * s.RL, dtype=np.int64)
+        a["lt_bits"] = np.zeros(s.NALU * s.RL * L, dtype=np.uint32)
+        for k in ("ta", "tb", "tm", "tr"):
+            a[k] = np.zeros(L, dtype=np.uint32)
+        for k in ("fa", "fb", "fr"):
+            a[k] = np.zeros(L, dtype=np.float32)
+        for k in ("ia", "ib", "ir"):
+            a[k] = np.zeros(L, dtype=np.int64)
+        a["gaddr"] = np.zeros(s.SL, dtype=np.int32)
+        a["qs"] = np.zeros(NQ * QW, dtype=np.int64)
+        a["q_unit"] = np.array([_UNIT[q.unit] for q in cfg.queues], dtype=np.int32)
+        a["q_pos"] = np.array([q.position for q in cfg.queues], dtype=np.int32)
+        a["q_slice"] = np.array([cfg.slice_id(q.hemisphere, q.slot) if q.unit == "MEM" else -1
+                                 for q in cfg.queues], dtype=np.int32)
+        a["q_slot"] = np.array([q.slot for q in cfg.queues], dtype=np.int32)
+        for k in ("st_issued", "st_icu"):
+            a[k] = np.zeros(NQ, dtype=np.int64)
+        for k in ("st_bread", "st_bwrite"):
+            a[k] = np.zeros(s.NSL, dtype=np.int64)
+        lat = np.zeros(256, dtype=np.int32)
+        strided = np.zeros(256, dtype=np.int32)
+        vx_cls = np.zeros(256, dtype=np.int32)
+        vx_nsrc = np.zeros(256, dtype=np.int32)
+        for op in _isa.TABLE:
+            lat[op.opcode] = op.delay(cfg)
+            strided[op.opcode] = sum(1 << i for i, f in enumerate(op.fields) if f.strided)
+            if op.unit == "VXM":
+                vx_cls[op.opcode] = _VC[op.cls]
+                vx_nsrc[op.opcode] = sum(1 for f in op.fields if f.kind == "src")
+        a["lat"], a["strided"], a["vx_cls"], a["vx_nsrc"] = lat, strided, vx_cls, vx_nsrc
+        a["code"] = np.zeros((1, 1 + NFIELDS), dtype=np.int32)
+        self.a = a
+        self._bind()
+        self._restart()
+
+    cdef _bind(self):
+        cdef State* s = &self.s
+        a = self.a
+        s.code = _p_i32(a["code"])
+        s.lat = _p_i32(a["lat"])
+        s.strided = _p_i32(a["strided"])
+        s.vx_cls = _p_i32(a["vx_cls"])
+        s.vx_nsrc = _p_i32(a["vx_nsrc"])
+        s.qs = _p_i64(a["qs"])
+        s.q_unit = _p_i32(a["q_unit"])
+        s.q_pos = _p_i32(a["q_pos"])
+        s.q_slice = _p_i32(a["q_slice"])
+        s.q_slot = _p_i32(a["q_slot"])
+        s.sram = _p_u8(a["sram"])
+        s.wr_tag = _p_i64(a["wr_tag"])
+        s.wr_addr = _p_i32(a["wr_addr"])
+        s.wr_data = _p_u8(a["wr_data"])
+        s.dg_tag = _p_i64(a["dg_tag"])
+        s.dg_n = _p_i32(a["dg_n"])
+        s.sg_start = _p_i32(a["sg_start"])
+        s.sg_pool = _p_i32(a["sg_pool"])
+        s.sg_writer = _p_i32(a["sg_writer"])
+        s.pool = _p_u8(a["pool"])
+        s.latch = _p_u32(a["latch"])
+        s.latch_valid = _p_u8(a["latch_valid"])
+        s.lt_tag = _p_i64(a["lt_tag"])
+        s.lt_bits = _p_u32(a["lt_bits"])
+        s.ta = _p_u32(a["ta"])
+        s.tb = _p_u32(a["tb"])
+        s.tm = _p_u32(a["tm"])
+        s.tr = _p_u32(a["tr"])
+        s.fa = _p_f32(a["fa"])
+        s.fb = _p_f32(a["fb"])
+        s.fr = _p_f32(a["fr"])
+        s.ia = _p_i64(a["ia"])
+        s.ib = _p_i64(a["ib"])
+        s.ir = _p_i64(a["ir"])
+        s.gaddr = _p_i32(a["gaddr"])
+        s.st_issued = _p_i64(a["st_issued"])
+        s.st_icu = _p_i64(a["st_icu"])
+        s.st_bread = _p_i64(a["st_bread"])
+        s.st_bwrite = _p_i64(a["st_bwrite"])
+
+    def _restart(self):
+        """Back to cycle 0 of the loaded program; SRAM untouched."""
+        cdef State* s = &self.s
+        a = self.a
+        a["wr_tag"][:] = -1
+        a["dg_tag"][:] = np.iinfo(np.int64).min
+        a["dg_n"][:] = 0
+        a["latch_valid"][:] = 0
+        a["lt_tag"][:] = -1
+        for k in ("st_issued", "st_icu", "st_bread", "st_bwrite"):
+            a[k][:] = 0
+        qs = a["qs"].reshape(s.NQ, QW)
+        qs[:] = 0
+        if self.program is not None:
+            _, qstart = self._lowered
+            for q in range(s.NQ):
+                qs[q, Q_PC] = qstart[q]
+                qs[q, Q_END] = qstart[q + 1]
+                qs[q, Q_NEXT] = 0 if qstart[q + 1] > qstart[q] else INF
+        else:
+            qs[:, Q_NEXT] = INF
+        s.n_notify = 0
+        s.t = -1
+        s.cycle = 0
+        s.last_effect = -1
+        s.done = 0
+        for i in range(8):
+            s.err[i] = 0
+            s.perr[i] = 0
+
+    def load(self, program):
+        if program.config != self.cfg:
+            raise _errors.LpuError("program was built for a different chip configuration")
+        code, qstart = program.lower()
+        if code.shape[0] == 0:
+            code = np.zeros((1, 1 + NFIELDS), dtype=np.int32)
+        self.a["code"] = np.ascontiguousarray(code, dtype=np.int32)
+        self._lowered = (code, qstart)
+        self.program = program
+        self._bind()
+        self._restart()
+
+    def reset(self, clear_memory=True):
+        self._restart()
+        if clear_memory:
+            self.a["sram"][:] = 0
+
+    # ---- running --------------------------------------------------------------------------
+    def run(self, until=None):
+        """Simulate up to (not including) cycle ``until``, or to the end of the program."""
+        cdef int64_t u = -1 if until is None else int(until)
+        cdef int rc
+        if self.s.err[E_KIND] != ERR_NONE:
+            raise self._error()
+        with nogil:
+            rc = run_until(&self.s, u)
+        if rc == 2:
+            raise MemoryError("out of memory recording Notify history")
+        if rc:
+            raise self._error()
+
+    def _error(self):
+        cdef State* s = &self.s
+        cfg = self.cfg
+        k, c, q, x, y, q2 = (int(s.err[E_KIND]), int(s.err[E_CYCLE]), int(s.err[E_Q]), int(s.err[E_A]),
+                             int(s.err[E_B]), int(s.err[E_Q2]))
+        if k == ERR_STREAM_CONFLICT:
+            return _errors.stream_conflict(cfg, c, q, q2, x, y)
+        if k == ERR_EMPTY:
+            return _errors.empty_read(cfg, c, q, x, y)
+        if k == ERR_BANK:
+            return _errors.bank_conflict(cfg, c, q, x, y)
+        if k == ERR_LATCH_CONFLICT:
+            return _errors.latch_conflict(cfg, c, x)
+        if k == ERR_ADDRESS:
+            return _errors.address_error(cfg, c, q, x, y)
+        if k == ERR_DEADLOCK:
+            return _errors.deadlock(cfg, c, q, x, y)
+        return _errors.LpuError(f"fast engine: unknown error code {k}")
+
+    @property
+    def cycle(self):
+        return self.s.cycle
+
+    @property
+    def last_effect(self):
+        return self.s.last_effect
+
+    @property
+    def finish_cycle(self):
+        return self.s.last_effect + self.s.stagger if self.s.last_effect >= 0 else 0
+
+    @property
+    def finished(self):
+        return bool(self.s.done) and self.s.cycle >= self.finish_cycle
+
+    # ---- host access ---------------------------------------------------------------------------
+    def _sram(self):
+        return self.a["sram"].reshape(self.s.NSL, self.s.A, self.s.L)
+
+    def read_mem(self, gslice, addr, count=1):
+        return self._sram()[gslice, addr:addr + count].copy()
+
+    def write_mem(self, gslice, addr, data):
+        data = np.asarray(data, dtype=np.uint8)
+        self._sram()[gslice, addr:addr + data.shape[0]] = data
+
+    def counters(self):
+        a = self.a
+        return {"issued": a["st_issued"].copy(), "icu": a["st_icu"].copy(),
+                "bytes_read": a["st_bread"].copy(), "bytes_written": a["st_bwrite"].copy()}

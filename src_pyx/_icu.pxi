@@ -1,0 +1,138 @@
+# The ICU: in-order queues, NOP / Repeat / Sync / Notify, and the cycle loop.
+# The loop jumps from one cycle with an issue to the next, so idle cycles cost
+# nothing; within a cycle queues issue in queue-number order, as in the
+# reference engine.
+
+cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:
+    cdef int64_t* qp = s.qs + q * QW
+    effect(s, T - 1)
+    if qp[Q_REPLEFT] > 0 or qp[Q_PC] < qp[Q_END]:
+        qp[Q_NEXT] = T
+    else:
+        qp[Q_NEXT] = INF
+
+
+cdef inline int execute(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
+    s.st_issued[q] += 1
+    if s.q_unit[q] == UNIT_MEM:
+        return mem_exec(s, q, op, f, c)
+    return vxm_exec(s, q, op, s.vx_cls[op], s.vx_nsrc[op], f, c)
+
+
+cdef int push_notify(State* s, int64_t c) noexcept nogil:
+    cdef int64_t* p
+    if s.n_notify == s.cap_notify:
+        p = <int64_t*>realloc(s.notifies, (2 * s.cap_notify + 16) * sizeof(int64_t))
+        if p == NULL:
+            return 1
+        s.notifies = p
+        s.cap_notify = 2 * s.cap_notify + 16
+    s.notifies[s.n_notify] = c
+    s.n_notify += 1
+    return 0
+
+
+cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
+    cdef int64_t* qp = s.qs + q * QW
+    cdef int32_t f[NFIELDS]
+    cdef int32_t* row
+    cdef int op, i, r
+    cdef int64_t k
+    if qp[Q_REPLEFT] > 0:
+        qp[Q_REPK] += 1
+        qp[Q_REPLEFT] -= 1
+        row = s.code + qp[Q_REPROW] * (1 + NFIELDS)
+        op = row[0]
+        k = qp[Q_REPK] * qp[Q_REPSTRIDE]
+        for i in range(NFIELDS):
+            f[i] = row[1 + i] + <int32_t>k if (s.strided[op] >> i) & 1 else row[1 + i]
+        if execute(s, q, op, f, c):
+            return 1
+        set_next(s, q, c + qp[Q_REPD] if qp[Q_REPLEFT] > 0 else c + 1)
+        return 0
+    row = s.code + qp[Q_PC] * (1 + NFIELDS)
+    qp[Q_PC] += 1
+    op = row[0]
+    if op == OP_NOP:
+        s.st_icu[q] += 1
+        set_next(s, q, c + row[1])
+        return 0
+    if op == OP_SYNC:
+        s.st_icu[q] += 1
+        qp[Q_SYNCS] += 1
+        qp[Q_SYNCC] = c
+        if s.n_notify >= qp[Q_SYNCS]:
+            k = s.notifies[qp[Q_SYNCS] - 1] + s.notify_delay
+            set_next(s, q, k if k > c + 1 else c + 1)
+        else:
+            qp[Q_WAIT] = qp[Q_SYNCS]
+            qp[Q_NEXT] = INF
+        return 0
+    if op == OP_NOTIFY:
+        s.st_icu[q] += 1
+        if push_notify(s, c):
+            return 2
+        for r in range(s.NQ):
+            if s.qs[r * QW + Q_WAIT] == s.n_notify:
+                s.qs[r * QW + Q_WAIT] = 0
+                set_next(s, r, c + s.notify_delay)
+        set_next(s, q, c + 1)
+        return 0
+    for i in range(NFIELDS):
+        f[i] = row[1 + i]
+    if execute(s, q, op, f, c):
+        return 1
+    if qp[Q_PC] < qp[Q_END] and s.code[qp[Q_PC] * (1 + NFIELDS)] == OP_REPEAT:
+        row = s.code + qp[Q_PC] * (1 + NFIELDS)
+        qp[Q_PC] += 1
+        s.st_icu[q] += 1
+        qp[Q_REPROW] = qp[Q_PC] - 2
+        qp[Q_REPLEFT] = row[1 + F_REPEAT_N]
+        qp[Q_REPK] = 0
+        qp[Q_REPD] = row[1 + F_REPEAT_D]
+        qp[Q_REPSTRIDE] = row[1 + F_REPEAT_STRIDE]
+        set_next(s, q, c + qp[Q_REPD])
+    else:
+        set_next(s, q, c + 1)
+    return 0
+
+
+cdef int run_until(State* s, int64_t until) noexcept nogil:
+    """Simulate cycles up to (not including) until (-1: to the end).  0 = stopped
+    normally, 1 = schedule error in s.err, 2 = out of memory."""
+    cdef int q, rc
+    cdef int64_t c, nx, target, finish
+    while True:
+        c = s.perr[E_CYCLE] if s.perr[E_KIND] != ERR_NONE else INF
+        for q in range(s.NQ):
+            nx = s.qs[q * QW + Q_NEXT]
+            if nx < c:
+                c = nx
+        if c == INF:
+            for q in range(s.NQ):
+                if s.qs[q * QW + Q_WAIT] > 0:
+                    set_error(s, ERR_DEADLOCK, s.qs[q * QW + Q_SYNCC], q, s.qs[q * QW + Q_WAIT], s.n_notify)
+                    return 1
+            s.done = 1
+            finish = s.last_effect + s.stagger if s.last_effect >= 0 else 0
+            target = finish if until < 0 else until
+            if target > s.cycle:
+                s.cycle = target
+            mem_flush(s, s.cycle - 1)
+            return 0
+        if until >= 0 and c >= until:
+            if until > s.cycle:
+                s.cycle = until
+            mem_flush(s, s.cycle - 1)
+            return 0
+        s.t = c
+        s.cycle = c + 1
+        if s.perr[E_KIND] != ERR_NONE and s.perr[E_CYCLE] == c:
+            for q in range(8):
+                s.err[q] = s.perr[q]
+            return 1
+        for q in range(s.NQ):
+            if s.qs[q * QW + Q_NEXT] == c:
+                rc = issue(s, q, c)
+                if rc:
+                    return rc

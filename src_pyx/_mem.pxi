@@ -1,0 +1,132 @@
+# MEM slices.  Reads access their bank in the issue cycle; writes sample their
+# stream in the issue cycle and reach the bank d_write cycles later.  Pending
+# writes wait in a small ring per slice and are applied lazily, just before the
+# slice is next accessed (or when the run stops), in landing order.
+
+cdef inline int bank_of(State* s, int64_t a) noexcept nogil:
+    if s.bank_msb:
+        return <int>(a // s.bank_div)
+    return <int>(a % s.nbanks)
+
+
+cdef inline void mem_sync(State* s, int g, int64_t c) noexcept nogil:
+    """Apply slice g's pending writes that land in or before cycle c, oldest first."""
+    cdef int r, best, k, uniform
+    cdef int64_t bt, tag, e
+    cdef int32_t* ad
+    cdef uint8_t* row
+    while True:
+        best = -1
+        bt = INF
+        for r in range(s.RW):
+            tag = s.wr_tag[g * s.RW + r]
+            if tag >= 0 and tag <= c and tag < bt:
+                best = r
+                bt = tag
+        if best < 0:
+            return
+        e = g * s.RW + best
+        ad = s.wr_addr + e * s.SL
+        row = s.wr_data + e * s.L
+        uniform = 1
+        for k in range(1, s.SL):
+            if ad[k] != ad[0]:
+                uniform = 0
+                break
+        if uniform:
+            memcpy(s.sram + (<int64_t>g * s.A + ad[0]) * s.L, row, s.L)
+        else:
+            for k in range(s.SL):
+                memcpy(s.sram + (<int64_t>g * s.A + ad[k]) * s.L + k * s.LPS, row + k * s.LPS, s.LPS)
+        s.wr_tag[e] = -1
+
+
+cdef inline void mem_flush(State* s, int64_t c) noexcept nogil:
+    cdef int g
+    for g in range(s.NSL):
+        mem_sync(s, g, c)
+
+
+cdef inline int map_addresses(State* s, int q, int mp, int pos, int64_t c) noexcept nogil:
+    """Read a Gather/Scatter map (int16 in lane 0 of each superlane) into s.gaddr."""
+    cdef uint8_t* lo = stream_read(s, mp, pos, c)
+    if lo == NULL:
+        set_error(s, ERR_EMPTY, c, q, mp, pos)
+        return 1
+    cdef uint8_t* hi = stream_read(s, mp + 1, pos, c)
+    if hi == NULL:
+        set_error(s, ERR_EMPTY, c, q, mp + 1, pos)
+        return 1
+    cdef int k
+    cdef int a
+    for k in range(s.SL):
+        a = lo[k * s.LPS] | (hi[k * s.LPS] << 8)
+        if a >= 32768:
+            a -= 65536
+        if a < 0 or a >= s.A:
+            set_error(s, ERR_ADDRESS, c, q, k, a)
+            return 1
+        s.gaddr[k] = a
+    return 0
+
+
+cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
+    cdef int g = s.q_slice[q]
+    cdef int pos = s.q_pos[q]
+    cdef int k, j, b, dst, src
+    cdef int64_t e, slot, T
+    cdef int32_t* wa
+    cdef uint8_t* out
+    cdef uint8_t* vec
+    if op == OP_READ or op == OP_GATHER:
+        if op == OP_READ:
+            dst = f[F_READ_DST]
+            for k in range(s.SL):
+                s.gaddr[k] = f[F_READ_ADDR]
+        else:
+            dst = f[F_GATHER_DST]
+            if map_addresses(s, q, f[F_GATHER_MAP], pos, c):
+                return 1
+        # a write landing in this cycle must be in the other bank
+        e = g * s.RW + (c % s.RW)
+        if s.wr_tag[e] == c:
+            wa = s.wr_addr + e * s.SL
+            for k in range(s.SL):
+                b = bank_of(s, s.gaddr[k])
+                for j in range(s.SL):
+                    if bank_of(s, wa[j]) == b:
+                        set_error(s, ERR_BANK, c, q, g, s.gaddr[k])
+                        return 1
+        mem_sync(s, g, c)
+        slot = pool_index(s, q, 0, c)
+        out = s.pool + slot * s.L
+        if op == OP_READ:
+            memcpy(out, s.sram + (<int64_t>g * s.A + s.gaddr[0]) * s.L, s.L)
+        else:
+            for k in range(s.SL):
+                memcpy(out + k * s.LPS, s.sram + (<int64_t>g * s.A + s.gaddr[k]) * s.L + k * s.LPS, s.LPS)
+        T = c + s.d_read
+        stream_write(s, dst, pos, T, q, slot)
+        effect(s, T)
+        s.st_bread[g] += s.L
+        return 0
+    # Write / Scatter
+    src = f[F_WRITE_SRC] if op == OP_WRITE else f[F_SCATTER_SRC]
+    vec = stream_read(s, src, pos, c)
+    if vec == NULL:
+        set_error(s, ERR_EMPTY, c, q, src, pos)
+        return 1
+    if op == OP_WRITE:
+        for k in range(s.SL):
+            s.gaddr[k] = f[F_WRITE_ADDR]
+    elif map_addresses(s, q, f[F_SCATTER_MAP], pos, c):
+        return 1
+    mem_sync(s, g, c)
+    T = c + s.d_write
+    e = g * s.RW + (T % s.RW)
+    s.wr_tag[e] = T
+    memcpy(s.wr_addr + e * s.SL, s.gaddr, s.SL * sizeof(int32_t))
+    memcpy(s.wr_data + e * s.L, vec, s.L)
+    effect(s, T)
+    s.st_bwrite[g] += s.L
+    return 0

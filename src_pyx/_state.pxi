@@ -1,0 +1,171 @@
+# The whole machine state of the fast engine, as one C struct of scalars and
+# pointers into NumPy arrays owned by the FastEngine object.  Everything the
+# per-cycle loop touches is reachable from here without the GIL.
+
+cdef enum:
+    # per-queue state, int64 qs[NQ * QW]
+    Q_PC = 0          # next row of code to fetch
+    Q_END = 1         # one past the queue's last row
+    Q_NEXT = 2        # cycle of the next issue (INF: parked or done)
+    Q_REPLEFT = 3     # repetitions still to issue
+    Q_REPK = 4        # repetitions issued so far
+    Q_REPD = 5        # cycles between repetitions
+    Q_REPSTRIDE = 6   # address stride per repetition
+    Q_REPROW = 7      # row of the repeated instruction
+    Q_SYNCS = 8       # Syncs issued by this queue
+    Q_WAIT = 9        # Notify number this queue is parked on (0: not parked)
+    Q_SYNCC = 10      # cycle of the parked Sync
+    QW = 11
+
+cdef enum:
+    ERR_NONE = 0
+    ERR_STREAM_CONFLICT = 1
+    ERR_EMPTY = 2
+    ERR_BANK = 3
+    ERR_LATCH_CONFLICT = 4
+    ERR_ADDRESS = 5
+    ERR_DEADLOCK = 6
+
+cdef enum:
+    # error record, int64 err[8] (and the pending landing error perr[8])
+    E_KIND = 0
+    E_CYCLE = 1
+    E_Q = 2
+    E_A = 3
+    E_B = 4
+    E_Q2 = 5
+    # perr only: ordering class (0 stream conflict, 1 latch conflict)
+    E_CLASS = 6
+
+cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
+
+
+cdef struct State:
+    # geometry and timing
+    int L            # lanes (bytes per vector)
+    int SL           # superlanes
+    int LPS          # lanes per superlane
+    int S            # streams per direction
+    int P            # stream-register positions
+    int NQ           # queues
+    int NSL          # MEM slices
+    int A            # addresses per slice
+    int NALU         # VXM ALUs
+    int bank_msb
+    int bank_div
+    int nbanks
+    int d_read
+    int d_write
+    int notify_delay
+    int stagger
+    int D            # diagonal ring size (power of two)
+    int Dmask
+    int RW           # pending-write ring entries per slice
+    int RL           # pending-result ring entries per ALU
+    # program
+    int32_t* code    # [rows * (1 + NFIELDS)]
+    int32_t* lat     # [256] delay per opcode
+    int32_t* strided # [256] bit mask of fields Repeat strides
+    int32_t* vx_cls  # [256] VXM semantic class (VC_* in _vxm.pxi)
+    int32_t* vx_nsrc # [256] source operands of the (dtype, dst, a[, b]) layouts
+    # queues
+    int64_t* qs      # [NQ * QW]
+    int32_t* q_unit
+    int32_t* q_pos
+    int32_t* q_slice
+    int32_t* q_slot
+    # MEM
+    uint8_t* sram    # [NSL * A * L]
+    int64_t* wr_tag  # [NSL * RW] landing cycle of a pending write, -1 if free
+    int32_t* wr_addr # [NSL * RW * SL]
+    uint8_t* wr_data # [NSL * RW * L]
+    # streams: one ring of diagonals per (direction, stream); see _streams.pxi
+    int64_t* dg_tag  # [2 * S * D]
+    int32_t* dg_n    # [2 * S * D]
+    int32_t* sg_start   # [2 * S * D * P]
+    int32_t* sg_pool
+    int32_t* sg_writer
+    uint8_t* pool    # [D * NQ * 4 * L]
+    # VXM latches
+    uint32_t* latch  # [NALU * L]
+    uint8_t* latch_valid
+    int64_t* lt_tag  # [NALU * RL]
+    uint32_t* lt_bits   # [NALU * RL * L]
+    # scratch, [L] each
+    uint32_t* ta
+    uint32_t* tb
+    uint32_t* tm
+    uint32_t* tr
+    float* fa
+    float* fb
+    float* fr
+    int64_t* ia
+    int64_t* ib
+    int64_t* ir
+    int32_t* gaddr   # [SL]
+    # Notify history (malloc'ed, grows)
+    int64_t* notifies
+    int64_t n_notify
+    int64_t cap_notify
+    # time
+    int64_t t        # last processed cycle
+    int64_t cycle    # cycles simulated
+    int64_t last_effect
+    int done
+    # errors
+    int64_t err[8]
+    int64_t perr[8]
+    # statistics
+    int64_t* st_issued
+    int64_t* st_icu
+    int64_t* st_bread
+    int64_t* st_bwrite
+
+
+cdef inline void effect(State* s, int64_t c) noexcept nogil:
+    if c > s.last_effect:
+        s.last_effect = c
+
+
+cdef inline void set_error(State* s, int kind, int64_t cycle, int64_t q, int64_t a, int64_t b) noexcept nogil:
+    s.err[E_KIND] = kind
+    s.err[E_CYCLE] = cycle
+    s.err[E_Q] = q
+    s.err[E_A] = a
+    s.err[E_B] = b
+
+
+cdef inline void pend_error(State* s, int64_t cycle, int64_t cls, int64_t a, int64_t b,
+                            int64_t q1, int64_t q2, int kind) noexcept nogil:
+    # Keep the landing error the reference engine would raise first:
+    # the smallest (cycle, class, stream or ALU, position, writers).
+    cdef int64_t key[6]
+    key[0] = cycle
+    key[1] = cls
+    key[2] = a
+    key[3] = b
+    key[4] = q1
+    key[5] = q2
+    cdef int64_t cur[6]
+    cur[0] = s.perr[E_CYCLE]
+    cur[1] = s.perr[E_CLASS]
+    cur[2] = s.perr[E_A]
+    cur[3] = s.perr[E_B]
+    cur[4] = s.perr[E_Q]
+    cur[5] = s.perr[E_Q2]
+    cdef int i
+    if s.perr[E_KIND] != ERR_NONE:
+        for i in range(6):
+            if key[i] < cur[i]:
+                break
+            if key[i] > cur[i]:
+                return
+        else:
+            return
+    s.perr[E_KIND] = kind
+    s.perr[E_CYCLE] = cycle
+    s.perr[E_CLASS] = cls
+    s.perr[E_A] = a
+    s.perr[E_B] = b
+    s.perr[E_Q] = q1
+    s.perr[E_Q2] = q2

@@ -1,0 +1,334 @@
+# The VXM: one ALU per queue.  Operands are read in the issue cycle (streams at
+# the VXM's position, or ALU latches); the result lands in the ALU's latch and
+# on its destination stream group after the op's delay.  Latch results wait in a
+# small ring per ALU and are applied lazily, in landing order.
+
+cdef enum:
+    # semantic classes of VXM opcodes (vx_cls table, filled from the ISA table)
+    VC_NONE = 0
+    VC_ARITH = 1
+    VC_BITS = 2
+    VC_SHIFT = 3
+    VC_CMP = 4
+    VC_UNARY = 5
+    VC_TRANS = 6
+    VC_SELECT = 7
+    VC_CVT = 8
+    VC_REQUANT = 9
+    VC_CONST = 10
+
+
+cdef inline void latch_sync(State* s, int k, int64_t c) noexcept nogil:
+    cdef int r, best
+    cdef int64_t bt, tag
+    while True:
+        best = -1
+        bt = INF
+        for r in range(s.RL):
+            tag = s.lt_tag[k * s.RL + r]
+            if tag >= 0 and tag <= c and tag < bt:
+                best = r
+                bt = tag
+        if best < 0:
+            return
+        memcpy(s.latch + <int64_t>k * s.L, s.lt_bits + (<int64_t>k * s.RL + best) * s.L, s.L * sizeof(uint32_t))
+        s.latch_valid[k] = 1
+        s.lt_tag[k * s.RL + best] = -1
+
+
+cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t* out) noexcept nogil:
+    """Raw bits of one source operand into out[L]; 1 (error set) if it holds no value."""
+    cdef int pos = s.q_pos[q]
+    cdef int k, i, l
+    cdef uint32_t m
+    cdef uint8_t* p
+    if v >= LATCH_BASE:
+        k = v - LATCH_BASE
+        latch_sync(s, k, c)
+        if not s.latch_valid[k]:
+            set_error(s, ERR_EMPTY, c, q, v, pos)
+            return 1
+        m = dt_mask(dtc)
+        for l in range(s.L):
+            out[l] = s.latch[<int64_t>k * s.L + l] & m
+        return 0
+    for i in range(dt_bytes(dtc)):
+        p = stream_read(s, v + i, pos, c)
+        if p == NULL:
+            set_error(s, ERR_EMPTY, c, q, v + i, pos)
+            return 1
+        if i == 0:
+            for l in range(s.L):
+                out[l] = p[l]
+        else:
+            for l in range(s.L):
+                out[l] |= (<uint32_t>p[l]) << (8 * i)
+    return 0
+
+
+cdef inline void vxm_float_binary(State* s, int op, int n) noexcept nogil:
+    cdef int l
+    cdef float* a = s.fa
+    cdef float* b = s.fb
+    cdef float* r = s.fr
+    if op == OP_ADD:
+        for l in range(n):
+            r[l] = a[l] + b[l]
+    elif op == OP_SUB:
+        for l in range(n):
+            r[l] = a[l] - b[l]
+    elif op == OP_MUL:
+        for l in range(n):
+            r[l] = a[l] * b[l]
+    elif op == OP_DIV:
+        for l in range(n):
+            r[l] = lpu_div(a[l], b[l])
+    elif op == OP_MIN:
+        for l in range(n):
+            r[l] = lpu_fmin(a[l], b[l])
+    elif op == OP_MAX:
+        for l in range(n):
+            r[l] = lpu_fmax(a[l], b[l])
+
+
+cdef inline void vxm_int_binary(State* s, int op, int n, int bits) noexcept nogil:
+    cdef int l
+    cdef int64_t* a = s.ia
+    cdef int64_t* b = s.ib
+    cdef int64_t* r = s.ir
+    if op == OP_ADD:
+        for l in range(n):
+            r[l] = a[l] + b[l]
+    elif op == OP_SUB:
+        for l in range(n):
+            r[l] = a[l] - b[l]
+    elif op == OP_MUL:
+        for l in range(n):
+            r[l] = a[l] * b[l]
+    elif op == OP_MIN:
+        for l in range(n):
+            r[l] = a[l] if a[l] < b[l] else b[l]
+    elif op == OP_MAX:
+        for l in range(n):
+            r[l] = a[l] if a[l] > b[l] else b[l]
+    elif op == OP_SHL:
+        for l in range(n):
+            r[l] = <int64_t>((<uint64_t>a[l]) << (s.tb[l] & (bits - 1)))
+    elif op == OP_SHR:
+        for l in range(n):
+            r[l] = a[l] >> (s.tb[l] & (bits - 1))
+
+
+cdef inline void vxm_compare(State* s, int op, int dtc) noexcept nogil:
+    cdef int l, t
+    cdef int n = s.L
+    cdef uint32_t m = dt_mask(dtc)
+    if dt_float(dtc):
+        load_f(n, s.ta, s.fa, dtc)
+        load_f(n, s.tb, s.fb, dtc)
+        for l in range(n):
+            if op == OP_EQ:
+                t = s.fa[l] == s.fb[l]
+            elif op == OP_NE:
+                t = s.fa[l] != s.fb[l]
+            elif op == OP_LT:
+                t = s.fa[l] < s.fb[l]
+            elif op == OP_LE:
+                t = s.fa[l] <= s.fb[l]
+            elif op == OP_GT:
+                t = s.fa[l] > s.fb[l]
+            else:
+                t = s.fa[l] >= s.fb[l]
+            s.tr[l] = m if t else 0
+    else:
+        load_i(n, s.ta, s.ia, dtc)
+        load_i(n, s.tb, s.ib, dtc)
+        for l in range(n):
+            if op == OP_EQ:
+                t = s.ia[l] == s.ib[l]
+            elif op == OP_NE:
+                t = s.ia[l] != s.ib[l]
+            elif op == OP_LT:
+                t = s.ia[l] < s.ib[l]
+            elif op == OP_LE:
+                t = s.ia[l] <= s.ib[l]
+            elif op == OP_GT:
+                t = s.ia[l] > s.ib[l]
+            else:
+                t = s.ia[l] >= s.ib[l]
+            s.tr[l] = m if t else 0
+
+
+cdef inline void vxm_unary(State* s, int op, int dtc) noexcept nogil:
+    cdef int l
+    cdef int n = s.L
+    cdef float x
+    if dt_float(dtc):
+        load_f(n, s.ta, s.fa, dtc)
+        for l in range(n):
+            x = s.fa[l]
+            if op == OP_NEG:
+                s.fr[l] = -x
+            elif op == OP_ABS:
+                s.fr[l] = fabsf(x)
+            elif op == OP_RELU:
+                s.fr[l] = lpu_relu(x)
+            elif op == OP_EXP:
+                s.fr[l] = lpu_exp(x)
+            elif op == OP_TANH:
+                s.fr[l] = lpu_tanh(x)
+            elif op == OP_SIGMOID:
+                s.fr[l] = lpu_sigmoid(x)
+            elif op == OP_RSQRT:
+                s.fr[l] = lpu_rsqrt(x)
+            elif op == OP_RECIP:
+                s.fr[l] = lpu_recip(x)
+            else:
+                s.fr[l] = sqrtf(x)
+        store_f(n, s.fr, s.tr, dtc)
+    else:
+        load_i(n, s.ta, s.ia, dtc)
+        for l in range(n):
+            if op == OP_NEG:
+                s.ir[l] = -s.ia[l]
+            elif op == OP_ABS:
+                s.ir[l] = -s.ia[l] if s.ia[l] < 0 else s.ia[l]
+            else:
+                s.ir[l] = s.ia[l] if s.ia[l] > 0 else 0
+        store_i(n, s.ir, s.tr, dtc)
+
+
+cdef inline void vxm_convert(State* s, int src, int to) noexcept nogil:
+    cdef int l
+    cdef int n = s.L
+    cdef int64_t lo, hi, v
+    cdef int bits
+    if src == to:
+        for l in range(n):
+            s.tr[l] = s.ta[l] & dt_mask(to)
+    elif not dt_float(src) and not dt_float(to):
+        load_i(n, s.ta, s.ia, src)
+        bits = 8 * dt_bytes(to)
+        hi = (<int64_t>1 << (bits - 1)) - 1
+        lo = -hi - 1
+        for l in range(n):
+            v = s.ia[l]
+            s.ir[l] = lo if v < lo else (hi if v > hi else v)
+        store_i(n, s.ir, s.tr, to)
+    elif dt_float(src) and dt_float(to):
+        load_f(n, s.ta, s.fa, src)
+        store_f(n, s.fa, s.tr, to)
+    elif not dt_float(src):
+        load_i(n, s.ta, s.ia, src)
+        for l in range(n):
+            s.fr[l] = <float>s.ia[l]
+        store_f(n, s.fr, s.tr, to)
+    else:
+        load_f(n, s.ta, s.fa, src)
+        bits = 8 * dt_bytes(to)
+        for l in range(n):
+            s.ir[l] = lpu_f2i(s.fa[l], bits)
+        store_i(n, s.ir, s.tr, to)
+
+
+cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f, int64_t c) noexcept nogil:
+    cdef int alu = s.q_slot[q]
+    cdef int pos = s.q_pos[q]
+    cdef int n = s.L
+    cdef int dtc, out_dt, dst, i, l
+    cdef int64_t T, e, slot
+    cdef uint32_t m
+    cdef uint8_t* out
+    # ---- operands, in table field order ----
+    if cls == VC_SELECT:
+        dtc = f[F_SELECT_DTYPE]
+        out_dt = dtc
+        dst = f[F_SELECT_DST]
+        if vxm_operand(s, q, f[F_SELECT_M], dtc, c, s.tm) or vxm_operand(s, q, f[F_SELECT_A], dtc, c, s.ta) \
+                or vxm_operand(s, q, f[F_SELECT_B], dtc, c, s.tb):
+            return 1
+        m = dt_mask(dtc)
+        for l in range(n):
+            s.tr[l] = (s.ta[l] if (s.tm[l] & m) != 0 else s.tb[l]) & m
+    elif cls == VC_CVT:
+        dtc = f[F_CVT_DTYPE]
+        out_dt = f[F_CVT_TO]
+        dst = f[F_CVT_DST]
+        if vxm_operand(s, q, f[F_CVT_A], dtc, c, s.ta):
+            return 1
+        vxm_convert(s, dtc, out_dt)
+    elif cls == VC_REQUANT:
+        dtc = DT_INT32
+        out_dt = DT_INT8
+        dst = f[F_REQUANT_DST]
+        if vxm_operand(s, q, f[F_REQUANT_A], dtc, c, s.ta):
+            return 1
+        load_i(n, s.ta, s.ia, DT_INT32)
+        for l in range(n):
+            s.ir[l] = lpu_requant(s.ia[l], f[F_REQUANT_MULT], f[F_REQUANT_SHIFT], f[F_REQUANT_ZP])
+        store_i(n, s.ir, s.tr, DT_INT8)
+    elif cls == VC_CONST:
+        dtc = f[F_CONST_DTYPE]
+        out_dt = dtc
+        dst = f[F_CONST_DST]
+        m = dt_mask(dtc) & <uint32_t>f[F_CONST_VALUE]
+        for l in range(n):
+            s.tr[l] = m
+    else:
+        # (dtype, dst, a[, b]) layouts
+        dtc = f[F_ADD_DTYPE]
+        out_dt = dtc
+        dst = f[F_ADD_DST]
+        if vxm_operand(s, q, f[F_ADD_A], dtc, c, s.ta):
+            return 1
+        if nsrc == 2 and vxm_operand(s, q, f[F_ADD_B], dtc, c, s.tb):
+            return 1
+        m = dt_mask(dtc)
+        if cls == VC_BITS:
+            if op == OP_AND:
+                for l in range(n):
+                    s.tr[l] = (s.ta[l] & s.tb[l]) & m
+            elif op == OP_OR:
+                for l in range(n):
+                    s.tr[l] = (s.ta[l] | s.tb[l]) & m
+            elif op == OP_XOR:
+                for l in range(n):
+                    s.tr[l] = (s.ta[l] ^ s.tb[l]) & m
+            elif op == OP_NOT:
+                for l in range(n):
+                    s.tr[l] = (~s.ta[l]) & m
+            else:
+                for l in range(n):
+                    s.tr[l] = s.ta[l] & m
+        elif cls == VC_CMP:
+            vxm_compare(s, op, dtc)
+        elif cls == VC_UNARY or cls == VC_TRANS:
+            vxm_unary(s, op, dtc)
+        elif dt_float(dtc):
+            load_f(n, s.ta, s.fa, dtc)
+            load_f(n, s.tb, s.fb, dtc)
+            vxm_float_binary(s, op, n)
+            store_f(n, s.fr, s.tr, dtc)
+        else:
+            load_i(n, s.ta, s.ia, dtc)
+            load_i(n, s.tb, s.ib, dtc)
+            vxm_int_binary(s, op, n, 8 * dt_bytes(dtc))
+            store_i(n, s.ir, s.tr, dtc)
+    # ---- results ----
+    T = c + s.lat[op]
+    latch_sync(s, alu, c)
+    e = alu * s.RL + (T % s.RL)
+    if s.lt_tag[e] == T:
+        pend_error(s, T, 1, alu, 0, 0, 0, ERR_LATCH_CONFLICT)
+    else:
+        s.lt_tag[e] = T
+        memcpy(s.lt_bits + e * s.L, s.tr, s.L * sizeof(uint32_t))
+    if dst != SRC_NONE:
+        for i in range(dt_bytes(out_dt)):
+            slot = pool_index(s, q, i, c)
+            out = s.pool + slot * s.L
+            for l in range(n):
+                out[l] = <uint8_t>(s.tr[l] >> (8 * i))
+            stream_write(s, dst + i, pos, T, q, slot)
+    effect(s, T)
+    return 0
