@@ -112,6 +112,9 @@ cdef int run_until(State* s, int64_t until) noexcept nogil:
             for q in range(s.NQ):
                 if s.qs[q * QW + Q_WAIT] > 0:
                     set_error(s, ERR_DEADLOCK, s.qs[q * QW + Q_SYNCC], q, s.qs[q * QW + Q_WAIT], s.n_notify)
+                    mem_flush(s, INF - 1)
+                    if s.last_effect + 1 > s.cycle:
+                        s.cycle = s.last_effect + 1
                     return 1
             s.done = 1
             finish = s.last_effect + s.stagger if s.last_effect >= 0 else 0
@@ -130,9 +133,12 @@ cdef int run_until(State* s, int64_t until) noexcept nogil:
         if s.perr[E_KIND] != ERR_NONE and s.perr[E_CYCLE] == c:
             for q in range(8):
                 s.err[q] = s.perr[q]
+            mem_flush(s, c)
             return 1
         for q in range(s.NQ):
             if s.qs[q * QW + Q_NEXT] == c:
                 rc = issue(s, q, c)
                 if rc:
+                    # leave SRAM as the reference engine does: writes landing by c applied
+                    mem_flush(s, c)
                     return rc

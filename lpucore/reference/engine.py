@@ -3,9 +3,9 @@
 This is the executable specification of lpucore's timing model; the Cython
 engine must match it bit for bit and cycle for cycle.  One cycle ``c``:
 
-1. values produced for ``c`` land in their stream registers (a register written
-   by two producers is a ``stream-conflict``), results land in ALU latches, and
-   delayed MEM writes reach their banks;
+1. delayed MEM writes reach their banks, values produced for ``c`` land in
+   their stream registers (a register written by two producers is a
+   ``stream-conflict``) and results land in ALU latches;
 2. every queue whose next issue is ``c`` issues, in queue-number order; operands
    are read from the registers at the unit's position in this cycle;
 3. stream values move one position in their direction.
@@ -121,6 +121,7 @@ class ReferenceEngine:
                 parked = [q for q in self.queues if q.wait_for is not None]
                 if parked:
                     q = parked[0]
+                    self.cycle = max(self.cycle, self.last_effect + 1)
                     raise errors.deadlock(self.cfg, q.sync_cycle, q.info.index, q.wait_for, len(self.notifies))
                 self.done = True
                 target = self.finish_cycle if until is None else until
@@ -133,9 +134,9 @@ class ReferenceEngine:
             self.streams.advance(c - self.t)
             self.t = c
             self.cycle = c + 1
+            self.mem.commit(c)
             self.streams.land(c)
             self.latches.land(c)
-            self.mem.commit(c)
             for qs in self.queues:
                 if qs.next == c:
                     _icu.issue(self, qs, c)
