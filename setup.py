@@ -38,7 +38,7 @@ directives = {
     "embedsignature": True,
 }
 # Bit-exact floating point: no fused multiply-add contraction, no fast-math.
-cflags = ["-ffp-contract=off", "-fno-fast-math"] + (["-O0", "-g"] if debug else ["-O2"])
+cflags = ["-ffp-contract=off", "-fno-fast-math"] + (["-O0", "-g"] if debug else ["-O3"])
 
 ext = Extension(
     "lpucore._engine",

@@ -108,6 +108,7 @@ cdef class FastEngine:
         a["wr_tag"] = np.empty(s.NSL * s.RW, dtype=np.int64)
         a["wr_addr"] = np.zeros(s.NSL * s.RW * s.SL, dtype=np.int32)
         a["wr_data"] = np.zeros(s.NSL * s.RW * L, dtype=np.uint8)
+        a["wr_uniform"] = np.zeros(s.NSL * s.RW, dtype=np.uint8)
         a["dg_tag"] = np.empty(2 * S * D, dtype=np.int64)
         a["dg_n"] = np.zeros(2 * S * D, dtype=np.int32)
         for k in ("sg_start", "sg_pool", "sg_writer"):
@@ -167,6 +168,7 @@ cdef class FastEngine:
         s.wr_tag = _p_i64(a["wr_tag"])
         s.wr_addr = _p_i32(a["wr_addr"])
         s.wr_data = _p_u8(a["wr_data"])
+        s.wr_uniform = _p_u8(a["wr_uniform"])
         s.dg_tag = _p_i64(a["dg_tag"])
         s.dg_n = _p_i32(a["dg_n"])
         s.sg_start = _p_i32(a["sg_start"])
@@ -180,7 +182,8 @@ cdef class FastEngine:
         s.ta = _p_u32(a["ta"])
         s.tb = _p_u32(a["tb"])
         s.tm = _p_u32(a["tm"])
-        s.tr = _p_u32(a["tr"])
+        s.tr0 = _p_u32(a["tr"])
+        s.tr = s.tr0
         s.fa = _p_f32(a["fa"])
         s.fb = _p_f32(a["fb"])
         s.fr = _p_f32(a["fr"])

@@ -11,7 +11,7 @@ cdef inline int bank_of(State* s, int64_t a) noexcept nogil:
 
 cdef inline void mem_sync(State* s, int g, int64_t c) noexcept nogil:
     """Apply slice g's pending writes that land in or before cycle c, oldest first."""
-    cdef int r, best, k, uniform
+    cdef int r, best, k
     cdef int64_t bt, tag, e
     cdef int32_t* ad
     cdef uint8_t* row
@@ -28,12 +28,7 @@ cdef inline void mem_sync(State* s, int g, int64_t c) noexcept nogil:
         e = g * s.RW + best
         ad = s.wr_addr + e * s.SL
         row = s.wr_data + e * s.L
-        uniform = 1
-        for k in range(1, s.SL):
-            if ad[k] != ad[0]:
-                uniform = 0
-                break
-        if uniform:
+        if s.wr_uniform[e]:
             memcpy(s.sram + (<int64_t>g * s.A + ad[0]) * s.L, row, s.L)
         else:
             for k in range(s.SL):
@@ -116,16 +111,19 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     if vec == NULL:
         set_error(s, ERR_EMPTY, c, q, src, pos)
         return 1
-    if op == OP_WRITE:
-        for k in range(s.SL):
-            s.gaddr[k] = f[F_WRITE_ADDR]
-    elif map_addresses(s, q, f[F_SCATTER_MAP], pos, c):
+    if op == OP_SCATTER and map_addresses(s, q, f[F_SCATTER_MAP], pos, c):
         return 1
     mem_sync(s, g, c)
     T = c + s.d_write
     e = g * s.RW + (T % s.RW)
     s.wr_tag[e] = T
-    memcpy(s.wr_addr + e * s.SL, s.gaddr, s.SL * sizeof(int32_t))
+    if op == OP_WRITE:
+        for k in range(s.SL):
+            s.wr_addr[e * s.SL + k] = f[F_WRITE_ADDR]
+        s.wr_uniform[e] = 1
+    else:
+        memcpy(s.wr_addr + e * s.SL, s.gaddr, s.SL * sizeof(int32_t))
+        s.wr_uniform[e] = 0
     memcpy(s.wr_data + e * s.L, vec, s.L)
     effect(s, T)
     s.st_bwrite[g] += s.L

@@ -79,6 +79,7 @@ cdef struct State:
     int64_t* wr_tag  # [NSL * RW] landing cycle of a pending write, -1 if free
     int32_t* wr_addr # [NSL * RW * SL]
     uint8_t* wr_data # [NSL * RW * L]
+    uint8_t* wr_uniform # [NSL * RW] 1 if every superlane writes the same address
     # streams: one ring of diagonals per (direction, stream); see _streams.pxi
     int64_t* dg_tag  # [2 * S * D]
     int32_t* dg_n    # [2 * S * D]
@@ -95,7 +96,8 @@ cdef struct State:
     uint32_t* ta
     uint32_t* tb
     uint32_t* tm
-    uint32_t* tr
+    uint32_t* tr     # where the current VXM result goes (tr0 or a latch ring slot)
+    uint32_t* tr0
     float* fa
     float* fb
     float* fr

@@ -36,6 +36,22 @@ cdef inline void latch_sync(State* s, int k, int64_t c) noexcept nogil:
         s.lt_tag[k * s.RL + best] = -1
 
 
+cdef inline void to_plane(int n, uint32_t* bits, uint8_t* out, int shift) noexcept nogil:
+    cdef int l
+    for l in range(n):
+        out[l] = <uint8_t>(bits[l] >> shift)
+
+
+cdef inline void from_plane(int n, uint8_t* p, uint32_t* out, int shift, int first) noexcept nogil:
+    cdef int l
+    if first:
+        for l in range(n):
+            out[l] = p[l]
+    else:
+        for l in range(n):
+            out[l] |= (<uint32_t>p[l]) << shift
+
+
 cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t* out) noexcept nogil:
     """Raw bits of one source operand into out[L]; 1 (error set) if it holds no value."""
     cdef int pos = s.q_pos[q]
@@ -57,12 +73,7 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
         if p == NULL:
             set_error(s, ERR_EMPTY, c, q, v + i, pos)
             return 1
-        if i == 0:
-            for l in range(s.L):
-                out[l] = p[l]
-        else:
-            for l in range(s.L):
-                out[l] |= (<uint32_t>p[l]) << (8 * i)
+        from_plane(s.L, p, out, 8 * i, i == 0)
     return 0
 
 
@@ -89,6 +100,38 @@ cdef inline void vxm_float_binary(State* s, int op, int n) noexcept nogil:
     elif op == OP_MAX:
         for l in range(n):
             r[l] = lpu_fmax(a[l], b[l])
+
+
+cdef inline void vxm_bits(int op, int n, uint32_t* a, uint32_t* b, uint32_t* r, uint32_t m) noexcept nogil:
+    cdef int l
+    if op == OP_AND:
+        for l in range(n):
+            r[l] = (a[l] & b[l]) & m
+    elif op == OP_OR:
+        for l in range(n):
+            r[l] = (a[l] | b[l]) & m
+    elif op == OP_XOR:
+        for l in range(n):
+            r[l] = (a[l] ^ b[l]) & m
+    elif op == OP_NOT:
+        for l in range(n):
+            r[l] = (~a[l]) & m
+    else:
+        for l in range(n):
+            r[l] = a[l] & m
+
+
+cdef inline void vxm_wrap_binary(int op, int n, uint32_t* a, uint32_t* b, uint32_t* r, uint32_t m) noexcept nogil:
+    cdef int l
+    if op == OP_ADD:
+        for l in range(n):
+            r[l] = (a[l] + b[l]) & m
+    elif op == OP_SUB:
+        for l in range(n):
+            r[l] = (a[l] - b[l]) & m
+    else:
+        for l in range(n):
+            r[l] = (a[l] * b[l]) & m
 
 
 cdef inline void vxm_int_binary(State* s, int op, int n, int bits) noexcept nogil:
@@ -231,14 +274,12 @@ cdef inline void vxm_convert(State* s, int src, int to) noexcept nogil:
         store_i(n, s.ir, s.tr, to)
 
 
-cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f, int64_t c) noexcept nogil:
-    cdef int alu = s.q_slot[q]
-    cdef int pos = s.q_pos[q]
+cdef inline int vxm_compute(State* s, int q, int op, int cls, int nsrc, int32_t* f, int64_t c,
+                            int* dst_out, int* dt_out) noexcept nogil:
+    """Read the operands and compute the result bits into s.tr; 1 on error."""
     cdef int n = s.L
-    cdef int dtc, out_dt, dst, i, l
-    cdef int64_t T, e, slot
+    cdef int dtc, out_dt, dst, l
     cdef uint32_t m
-    cdef uint8_t* out
     # ---- operands, in table field order ----
     if cls == VC_SELECT:
         dtc = f[F_SELECT_DTYPE]
@@ -285,21 +326,7 @@ cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f,
             return 1
         m = dt_mask(dtc)
         if cls == VC_BITS:
-            if op == OP_AND:
-                for l in range(n):
-                    s.tr[l] = (s.ta[l] & s.tb[l]) & m
-            elif op == OP_OR:
-                for l in range(n):
-                    s.tr[l] = (s.ta[l] | s.tb[l]) & m
-            elif op == OP_XOR:
-                for l in range(n):
-                    s.tr[l] = (s.ta[l] ^ s.tb[l]) & m
-            elif op == OP_NOT:
-                for l in range(n):
-                    s.tr[l] = (~s.ta[l]) & m
-            else:
-                for l in range(n):
-                    s.tr[l] = s.ta[l] & m
+            vxm_bits(op, n, s.ta, s.tb, s.tr, m)
         elif cls == VC_CMP:
             vxm_compare(s, op, dtc)
         elif cls == VC_UNARY or cls == VC_TRANS:
@@ -309,26 +336,45 @@ cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f,
             load_f(n, s.tb, s.fb, dtc)
             vxm_float_binary(s, op, n)
             store_f(n, s.fr, s.tr, dtc)
+        elif op == OP_ADD or op == OP_SUB or op == OP_MUL:
+            # two's-complement wrap-around needs no sign extension
+            vxm_wrap_binary(op, n, s.ta, s.tb, s.tr, m)
         else:
             load_i(n, s.ta, s.ia, dtc)
             load_i(n, s.tb, s.ib, dtc)
             vxm_int_binary(s, op, n, 8 * dt_bytes(dtc))
             store_i(n, s.ir, s.tr, dtc)
-    # ---- results ----
-    T = c + s.lat[op]
+    dst_out[0] = dst
+    dt_out[0] = out_dt
+    return 0
+
+
+cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f, int64_t c) noexcept nogil:
+    cdef int alu = s.q_slot[q]
+    cdef int pos = s.q_pos[q]
+    cdef int n = s.L
+    cdef int out_dt, dst, i, rc, conflict
+    cdef int64_t T = c + s.lat[op]
+    cdef int64_t e, slot
+    # The result is computed straight into its slot of the ALU's pending-result
+    # ring (or into scratch if that slot already holds a result for cycle T).
     latch_sync(s, alu, c)
     e = alu * s.RL + (T % s.RL)
-    if s.lt_tag[e] == T:
+    conflict = s.lt_tag[e] == T
+    if not conflict:
+        s.tr = s.lt_bits + e * s.L
+    rc = vxm_compute(s, q, op, cls, nsrc, f, c, &dst, &out_dt)
+    s.tr = s.tr0
+    if rc:
+        return 1
+    if conflict:
         pend_error(s, T, 1, alu, 0, 0, 0, ERR_LATCH_CONFLICT)
     else:
         s.lt_tag[e] = T
-        memcpy(s.lt_bits + e * s.L, s.tr, s.L * sizeof(uint32_t))
     if dst != SRC_NONE:
         for i in range(dt_bytes(out_dt)):
             slot = pool_index(s, q, i, c)
-            out = s.pool + slot * s.L
-            for l in range(n):
-                out[l] = <uint8_t>(s.tr[l] >> (8 * i))
+            to_plane(n, s.tr0 if conflict else s.lt_bits + e * s.L, s.pool + slot * s.L, 8 * i)
             stream_write(s, dst + i, pos, T, q, slot)
     effect(s, T)
     return 0
