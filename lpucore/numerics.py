@@ -131,9 +131,13 @@ def tanh_f32(x: np.ndarray) -> np.ndarray:
 
 
 def sigmoid_f32(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + e**-x) for x >= 0, e**x / (1 + e**x) below, so that the tail towards
+    -inf keeps its (subnormal) precision instead of flushing to zero."""
     x = np.asarray(x, dtype=F32)
     with np.errstate(all="ignore"):
-        return (ONE / (ONE + exp_f32(-x))).astype(F32)
+        e = exp_f32(-np.abs(x))
+        d = ONE + e
+        return np.where(x >= ZERO, ONE / d, e / d).astype(F32)
 
 
 def _float_unary(name: str, x: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ FastEngine object; the per-cycle loop (run_until) reaches them through the
 State struct's pointers and runs without the GIL.
 """
 
-from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint32_t, uint64_t
+from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport realloc, free
 
@@ -307,3 +307,51 @@ cdef class FastEngine:
         a = self.a
         return {"issued": a["st_issued"].copy(), "icu": a["st_icu"].copy(),
                 "bytes_read": a["st_bread"].copy(), "bytes_written": a["st_bwrite"].copy()}
+
+
+# ---- test hooks: the C numerics on whole arrays, for tests/test_numerics.py --------------------
+def _c_f32_to_f16(x):
+    """float32 array -> uint16 binary16 bits, as the fast engine rounds them."""
+    cdef float[::1] src = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    out = np.empty(src.shape[0], dtype=np.uint16)
+    cdef uint16_t[::1] dst = out
+    cdef Py_ssize_t i
+    for i in range(src.shape[0]):
+        dst[i] = <uint16_t>lpu_f2h(src[i])
+    return out
+
+
+def _c_f16_to_f32(h):
+    """uint16 binary16 bits -> float32 array."""
+    cdef uint16_t[::1] src = np.ascontiguousarray(h, dtype=np.uint16).reshape(-1)
+    out = np.empty(src.shape[0], dtype=np.float32)
+    cdef float[::1] dst = out
+    cdef Py_ssize_t i
+    for i in range(src.shape[0]):
+        dst[i] = lpu_h2f(src[i])
+    return out
+
+
+def _c_unary(name, x):
+    """float32 array -> float32 array through one of the C float32 sequences."""
+    cdef float[::1] src = np.ascontiguousarray(x, dtype=np.float32).reshape(-1)
+    out = np.empty(src.shape[0], dtype=np.float32)
+    cdef float[::1] dst = out
+    cdef Py_ssize_t i
+    cdef int which = ["exp", "tanh", "sigmoid", "rsqrt", "recip", "sqrt", "relu"].index(name)
+    for i in range(src.shape[0]):
+        if which == 0:
+            dst[i] = lpu_exp(src[i])
+        elif which == 1:
+            dst[i] = lpu_tanh(src[i])
+        elif which == 2:
+            dst[i] = lpu_sigmoid(src[i])
+        elif which == 3:
+            dst[i] = lpu_rsqrt(src[i])
+        elif which == 4:
+            dst[i] = lpu_recip(src[i])
+        elif which == 5:
+            dst[i] = sqrtf(src[i])
+        else:
+            dst[i] = lpu_relu(src[i])
+    return out

@@ -92,7 +92,11 @@ static inline float lpu_tanh(float x) {
     return x < 0.0f ? -big : big;
 }
 
-static inline float lpu_sigmoid(float x) { return 1.0f / (1.0f + lpu_exp(-x)); }
+static inline float lpu_sigmoid(float x) {
+    float e = lpu_exp(-fabsf(x));
+    float d = 1.0f + e;
+    return x >= 0.0f ? 1.0f / d : e / d;
+}
 
 static inline float lpu_recip(float x) { return 1.0f / x; }
 static inline float lpu_rsqrt(float x) { return 1.0f / sqrtf(x); }

@@ -1,0 +1,34 @@
+"""Generated parts of README.md (the ISA reference and the parameter table).
+
+``python -m lpucore._docs`` rewrites them in place; tests/test_isa.py fails when
+README.md is out of date with the tables they come from.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+from . import isa
+from .config import ChipConfig
+
+SECTIONS = {"isa": isa.reference_markdown, "config": ChipConfig.describe}
+
+
+def render(text: str) -> str:
+    for name, fn in SECTIONS.items():
+        pat = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+        text, n = pat.subn(lambda m: m.group(1) + fn() + "\n" + m.group(2), text)
+        if n != 1:
+            raise ValueError(f"README needs exactly one '<!-- {name}:begin -->' ... '<!-- {name}:end -->' block")
+    return text
+
+
+def readme_path() -> pathlib.Path:
+    return pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    p = readme_path()
+    p.write_text(render(p.read_text()))
+    print(f"updated {p}")

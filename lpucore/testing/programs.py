@@ -1,0 +1,438 @@
+"""Random programs that are legal by construction, with their expected results.
+
+:class:`ProgramBuilder` places *transactions* (a MEM-to-MEM copy, a VXM
+operation fed from MEM and written back to MEM, a chain of two VXM operations
+through an ALU latch, a constant written to MEM) on a reservation table: a
+queue issues at most once per cycle, a value keeps its stream register from its
+producer to its last consumer, a read never meets a write landing in its bank,
+and an ALU latch is not overwritten while a chained op still needs it.  So the
+generator avoids every hazard instead of filtering illegal programs away.
+
+Every transaction reads its inputs from addresses no transaction writes, and
+writes its results to addresses written exactly once, so the expected final
+memory is a pure function of the inputs, computed here independently of both
+engines with NumPy's own arithmetic (:mod:`lpucore.testing.model`).
+
+The builder draws its choices from a ``Chooser`` (``integers(lo, hi)``
+inclusive, ``choice(seq)``, ``boolean()``): :class:`RandomChooser` wraps
+``random.Random``; ``lpucore.testing.strategies`` drives it from hypothesis.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import dtypes as dt
+from .. import isa
+from ..config import ChipConfig
+from ..program import Program
+from . import model
+
+
+class RandomChooser:
+    def __init__(self, seed=0):
+        self.r = random.Random(seed)
+
+    def integers(self, lo, hi):
+        return self.r.randint(lo, hi)
+
+    def choice(self, seq):
+        return seq[self.r.randrange(len(seq))]
+
+    def boolean(self):
+        return self.r.random() < 0.5
+
+
+@dataclass
+class GeneratedProgram:
+    """A legal program, the memory it starts from and the memory it must end with."""
+
+    program: Program
+    inputs: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)     # (slice, addr) -> vector
+    expected: Dict[Tuple[int, int], np.ndarray] = field(default_factory=dict)   # (slice, addr) -> vector
+    # float results: ([(slice, addr) per byte plane], dtype name, op mnemonic)
+    float_groups: List[Tuple[List[Tuple[int, int]], str, str]] = field(default_factory=list)
+    description: List[str] = field(default_factory=list)
+
+    def load_inputs(self, chip) -> None:
+        for (g, a), vec in self.inputs.items():
+            chip._eng.write_mem(g, a, vec[None])
+
+    def check(self, chip) -> List[str]:
+        """Differences between the chip's memory and the expected results (empty if none)."""
+        return model.compare_outputs(self, chip)
+
+
+class ProgramBuilder:
+    """Places transactions on a reservation table and emits the program."""
+
+    def __init__(self, cfg: ChipConfig, chooser, horizon: int = 60):
+        self.cfg, self.ch, self.horizon = cfg, chooser, horizon
+        self.busy: Dict[int, set] = {}                 # queue -> issue cycles
+        self.events: Dict[int, List[Tuple[int, str, tuple]]] = {}
+        self.diag: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}  # (stream, diagonal) -> x intervals
+        self.bank_rd: Dict[Tuple[int, int], set] = {}  # (slice, cycle) -> banks read
+        self.bank_wr: Dict[Tuple[int, int], set] = {}  # (slice, cycle) -> banks written
+        self.latch_land: Dict[int, set] = {}           # alu -> cycles a result lands
+        self.latch_hold: Dict[int, List[Tuple[int, int]]] = {}  # alu -> (from, to] latch must not change
+        self.used: set = set()                         # (slice, addr) read or written
+        self.out = GeneratedProgram(Program(cfg))
+        self.S = cfg.streams_per_direction
+        self.P = cfg.positions
+        self.mem_q = [q for q in cfg.queues if q.unit == "MEM"]
+        self.vxm_q = [q for q in cfg.queues if q.unit == "VXM"]
+        self.vx_x = cfg.vxm_position
+
+    # ---- geometry helpers ---------------------------------------------------------------
+    def x(self, d, pos):
+        """Direction-local coordinate: values move towards larger x."""
+        return pos if d == 0 else self.P - 1 - pos
+
+    def stream(self, d, s):
+        return d * self.S + s
+
+    # ---- reservations ------------------------------------------------------------------------
+    def q_free(self, q, c, resv=()):
+        return c >= 0 and c not in self.busy.get(q, ()) and not any(
+            r[0] == "q" and r[1] == q and r[2] == c for r in resv)
+
+    def stream_free(self, v, k, a, b, resv=()):
+        """Nothing else is written onto diagonal k of stream v between x = a and x = b."""
+        ivs = list(self.diag.get((v, k), ())) + [(r[3], r[4]) for r in resv if r[0] == "s" and r[1] == v and r[2] == k]
+        return all(e < a or s > b for s, e in ivs)
+
+    def bank_ok(self, g, c, bank, write, resv=()):
+        """A read and a write landing in one slice in one cycle use different banks."""
+        other = self.bank_rd if write else self.bank_wr
+        kind = "br" if write else "bw"
+        return bank not in other.get((g, c), ()) and not any(
+            r[0] == kind and r[1] == g and r[2] == c and r[3] == bank for r in resv)
+
+    def latch_ok(self, alu, T):
+        if T in self.latch_land.get(alu, ()):
+            return False
+        return all(not (lo < T <= hi) for lo, hi in self.latch_hold.get(alu, ()))
+
+    def fresh_addr(self, g):
+        A = self.cfg.addresses_per_slice
+        for _ in range(20):
+            a = self.ch.integers(0, A - 1)
+            if (g, a) not in self.used:
+                return a
+        for a in range(A):
+            if (g, a) not in self.used:
+                return a
+        return None
+
+    def emit(self, q, c, mnemonic, args):
+        self.busy.setdefault(q, set()).add(c)
+        self.events.setdefault(q, []).append((c, mnemonic, tuple(args)))
+
+    # ---- transactions --------------------------------------------------------------------------
+    def try_copy(self, t0):
+        cfg = self.cfg
+        d = self.ch.integers(0, 1)
+        src = self.ch.choice(self.mem_q)
+        xs = self.x(d, src.position)
+        dests = [q for q in self.mem_q if self.x(d, q.position) >= xs]
+        dst = self.ch.choice(dests)
+        xd = self.x(d, dst.position)
+        gs, gd = cfg.slice_id(src.hemisphere, src.slot), cfg.slice_id(dst.hemisphere, dst.slot)
+        a, b = self.fresh_addr(gs), None
+        if a is None:
+            return False
+        self.used.add((gs, a))
+        b = self.fresh_addr(gd)
+        self.used.discard((gs, a))
+        if b is None or (gd, b) == (gs, a):
+            return False
+        s = self.ch.integers(0, self.S - 1)
+        v = self.stream(d, s)
+        for t in range(t0, t0 + 8):
+            land = t + cfg.mem_read_delay
+            tw = land + (xd - xs)
+            k = land - xs
+            if not (self.q_free(src.index, t) and self.q_free(dst.index, tw) and (src.index != dst.index or t != tw)):
+                continue
+            if not self.stream_free(v, k, xs, xd):
+                continue
+            if not (self.bank_ok(gs, t, cfg.bank_of(a), False) and self.bank_ok(gd, tw + cfg.mem_write_delay, cfg.bank_of(b), True)):
+                continue
+            if gs == gd and t == tw + cfg.mem_write_delay and cfg.bank_of(a) == cfg.bank_of(b):
+                continue
+            self.emit(src.index, t, "Read", (a, v))
+            self.emit(dst.index, tw, "Write", (b, v))
+            self.diag.setdefault((v, k), []).append((xs, xd))
+            self.bank_rd.setdefault((gs, t), set()).add(cfg.bank_of(a))
+            self.bank_wr.setdefault((gd, tw + cfg.mem_write_delay), set()).add(cfg.bank_of(b))
+            self.used.update({(gs, a), (gd, b)})
+            vec = np.array([self.ch.integers(0, 255) for _ in range(cfg.lanes)], dtype=np.uint8)
+            self.out.inputs[(gs, a)] = vec
+            self.out.expected[(gd, b)] = vec
+            self.out.description.append(f"copy {cfg.slice_name(gs)}:{a} -> {cfg.slice_name(gd)}:{b} via {isa.format_value('stream', v, cfg)} at {t}")
+            return True
+        return False
+
+    def _operand_from_mem(self, d_type: dt.DType, tv, resv):
+        """Plan reads delivering one operand of d_type to the VXM at cycle tv.  On success
+        appends their reservations to resv and returns (stream base, [(slice, addr)])."""
+        cfg = self.cfg
+        w = d_type.nbytes
+        d = self.ch.integers(0, 1)
+        hem = 0 if d == 0 else 1                 # east-flowing values come from the West
+        pool = [q for q in self.mem_q if q.hemisphere == hem]
+        if len(pool) < w:
+            return None
+        picked = []
+        for _ in range(w):
+            q = self.ch.choice(pool)
+            pool.remove(q)
+            picked.append(q)
+        base = self.ch.integers(0, self.S // w - 1) * w
+        xv = self.x(d, self.vx_x)
+        mine: List[tuple] = []
+        locs = []
+        for i, q in enumerate(picked):
+            g = cfg.slice_id(q.hemisphere, q.slot)
+            xq = self.x(d, q.position)
+            t = tv - cfg.mem_read_delay - (xv - xq)
+            k = t + cfg.mem_read_delay - xq
+            v = self.stream(d, base + i)
+            a = self.fresh_addr(g)
+            both = list(resv) + mine
+            if a is None or not self.q_free(q.index, t, both) or not self.stream_free(v, k, xq, xv, both) \
+                    or not self.bank_ok(g, t, cfg.bank_of(a), False, both):
+                self._rollback(mine)
+                return None
+            mine += [("q", q.index, t, "Read", (a, v)), ("s", v, k, xq, xv), ("br", g, t, cfg.bank_of(a)), ("u", g, a)]
+            self.used.add((g, a))
+            locs.append((g, a))
+        resv.extend(mine)
+        return self.stream(d, base), locs
+
+    def _result_to_mem(self, d_type: dt.DType, T, resv):
+        """Plan writes taking a result of d_type that lands at the VXM in cycle T to MEM."""
+        cfg = self.cfg
+        w = d_type.nbytes
+        d = self.ch.integers(0, 1)
+        hem = 1 if d == 0 else 0                 # east-flowing results go to the East
+        pool = [q for q in self.mem_q if q.hemisphere == hem]
+        if len(pool) < w:
+            return None
+        picked = []
+        for _ in range(w):
+            q = self.ch.choice(pool)
+            pool.remove(q)
+            picked.append(q)
+        base = self.ch.integers(0, self.S // w - 1) * w
+        xv = self.x(d, self.vx_x)
+        mine: List[tuple] = []
+        locs = []
+        for i, q in enumerate(picked):
+            g = cfg.slice_id(q.hemisphere, q.slot)
+            xq = self.x(d, q.position)
+            tw = T + (xq - xv)
+            v = self.stream(d, base + i)
+            a = self.fresh_addr(g)
+            c = tw + cfg.mem_write_delay
+            both = list(resv) + mine
+            if a is None or not self.q_free(q.index, tw, both) or not self.stream_free(v, T - xv, xv, xq, both) \
+                    or not self.bank_ok(g, c, cfg.bank_of(a), True, both):
+                self._rollback(mine)
+                return None
+            mine += [("q", q.index, tw, "Write", (a, v)), ("s", v, T - xv, xv, xq), ("bw", g, c, cfg.bank_of(a)), ("u", g, a)]
+            self.used.add((g, a))
+            locs.append((g, a))
+        resv.extend(mine)
+        return self.stream(d, base), locs
+
+    def _commit(self, resv):
+        for r in resv:
+            if r[0] == "q":
+                self.emit(r[1], r[2], r[3], r[4])
+            elif r[0] == "s":
+                self.diag.setdefault((r[1], r[2]), []).append((r[3], r[4]))
+            elif r[0] == "br":
+                self.bank_rd.setdefault((r[1], r[2]), set()).add(r[3])
+            elif r[0] == "bw":
+                self.bank_wr.setdefault((r[1], r[2]), set()).add(r[3])
+
+    def _rollback(self, resv):
+        for r in resv:
+            if r[0] == "u":
+                self.used.discard((r[1], r[2]))
+
+    def _random_operand_data(self, d_type: dt.DType, locs):
+        planes = [np.array([self.ch.integers(0, 255) for _ in range(self.cfg.lanes)], dtype=np.uint8)
+                  for _ in locs]
+        for (g, a), p in zip(locs, planes):
+            self.out.inputs[(g, a)] = p
+        return model.from_planes(planes, d_type)
+
+    def _pick_op(self, classes):
+        ops = [op for op in isa.TABLE if op.unit == "VXM" and op.cls in classes]
+        return self.ch.choice(ops)
+
+    def _vxm_fields(self, op, d_type, to_type, dst, srcs, imm):
+        args = []
+        for f in op.fields:
+            if f.name == "dtype":
+                args.append(d_type.code)
+            elif f.name == "to":
+                args.append(to_type.code)
+            elif f.kind == "dst":
+                args.append(dst)
+            elif f.kind == "src":
+                args.append(srcs[f.name])
+            else:
+                args.append(imm[f.name])
+        return tuple(args)
+
+    def _draw_op(self, classes):
+        op = self._pick_op(classes)
+        d_type = dt.get(self.ch.choice(op.dtypes))
+        to_type = dt.get(self.ch.choice([x.name for x in dt.ALL])) if op.cls == "cvt" else None
+        imm = {}
+        if op.cls == "requant":
+            imm = {"mult": self.ch.integers(-(2 ** 31), 2 ** 31 - 1), "shift": self.ch.integers(0, 62),
+                   "zp": self.ch.integers(-128, 127)}
+        if op.cls == "const":
+            imm = {"value": self.ch.integers(-(2 ** 31), 2 ** 31 - 1)}
+        out_type = to_type if op.cls == "cvt" else (dt.INT8 if op.cls == "requant" else d_type)
+        return op, d_type, to_type, out_type, imm
+
+    def try_vxm(self, t0, chain=False):
+        cfg = self.cfg
+        classes = ("arith", "bits", "shift", "cmp", "unary", "trans", "select", "cvt", "requant", "const")
+        op, d_type, to_type, out_type, imm = self._draw_op(classes)
+        alu = self.ch.choice(self.vxm_q)
+        srcs_names = [f.name for f in op.fields if f.kind == "src"]
+        in_type = dt.INT32 if op.cls == "requant" else d_type
+        for tv in range(t0, t0 + 6):
+            resv: List[tuple] = []
+            if not self.q_free(alu.index, tv):
+                continue
+            T = tv + op.delay(cfg)
+            if not self.latch_ok(alu.slot, T):
+                continue
+            srcs, vals, ok = {}, {}, True
+            for name in srcs_names:
+                r = self._operand_from_mem(in_type, tv, resv)
+                if r is None:
+                    ok = False
+                    break
+                srcs[name], locs = r
+                vals[name] = locs
+            if not ok:
+                self._rollback(resv)
+                continue
+            # second stage of a chain: a unary op on another ALU reads this ALU's latch
+            stage2 = None
+            if chain:
+                op2 = self.ch.choice([o for o in isa.TABLE if o.unit == "VXM" and o.cls in ("unary", "bits", "trans")
+                                      and sum(f.kind == "src" for f in o.fields) == 1])
+                if out_type.name in op2.dtypes:
+                    alu2 = self.ch.choice([q for q in self.vxm_q if q.index != alu.index] or self.vxm_q)
+                    t2 = T + self.ch.integers(0, 2)
+                    T2 = t2 + op2.delay(cfg)
+                    if self.q_free(alu2.index, t2, resv) and self.latch_ok(alu2.slot, T2) and alu2.index != alu.index \
+                            and all(not (T < x <= t2) for x in self.latch_land.get(alu.slot, ())):
+                        r = self._result_to_mem(out_type, T2, resv)
+                        if r is not None:
+                            stage2 = (op2, alu2, t2, T2, r)
+            if stage2 is None:
+                r = self._result_to_mem(out_type, T, resv)
+                if r is None:
+                    self._rollback(resv)
+                    continue
+                dst, out_locs = r
+            else:
+                dst = isa.NONE
+            # all reservations hold: commit
+            self._commit(resv)
+            operands = {n: self._random_operand_data(in_type, vals[n]) for n in srcs_names}
+            self.emit(alu.index, tv, op.mnemonic, self._vxm_fields(op, d_type, to_type, dst, srcs, imm))
+            self.latch_land.setdefault(alu.slot, set()).add(T)
+            res = model.vxm(op, d_type, to_type, operands, imm, cfg.lanes)
+            desc = f"{op.mnemonic} {d_type.name} on VXM.{alu.slot} at {tv}"
+            final_op, final_type = op, out_type
+            if stage2 is not None:
+                op2, alu2, t2, T2, (dst2, out_locs) = stage2
+                self.latch_hold.setdefault(alu.slot, []).append((T, t2))
+                self.emit(alu2.index, t2, op2.mnemonic,
+                          self._vxm_fields(op2, out_type, None, dst2, {"a": isa.LATCH_BASE + alu.slot}, {}))
+                self.latch_land.setdefault(alu2.slot, set()).add(T2)
+                res = model.vxm(op2, out_type, None, {"a": res}, {}, cfg.lanes)
+                desc += f" -> {op2.mnemonic} on VXM.{alu2.slot} at {t2} (latch A{alu.slot})"
+                final_op = op2
+            for (g, a), plane in zip(out_locs, model.to_planes(res, final_type)):
+                self.out.expected[(g, a)] = plane
+            if final_type.is_float and final_op.cls not in ("bits", "select", "const"):
+                self.out.float_groups.append((list(out_locs), final_type.name, final_op.mnemonic))
+            self.out.description.append(desc)
+            return True
+        return False
+
+    # ---- emission ----------------------------------------------------------------------------------
+    def build(self, n_transactions: int, sync: bool = False) -> GeneratedProgram:
+        for _ in range(n_transactions):
+            kind = self.ch.integers(0, 3)
+            t0 = self.ch.integers(0, self.horizon)
+            if kind == 0:
+                self.try_copy(t0)
+            else:
+                self.try_vxm(t0, chain=(kind == 3))
+        self._emit_program(sync)
+        return self.out
+
+    def _emit_program(self, sync):
+        cfg, prog = self.cfg, self.out.program
+        base = 0
+        used = sorted(self.events)
+        if sync and used:
+            base = cfg.notify_delay
+            notifier = used[0]
+            for q in used:
+                prog.add(cfg.queues[q].name, "Notify" if q == notifier else "Sync")
+        for q in used:
+            name = cfg.queues[q].name
+            evs = sorted(self.events[q])
+            # next free issue cycle: after Notify, or when the Sync releases the queue
+            t = (1 if q == used[0] else base) if (sync and used) else 0
+            i = 0
+            while i < len(evs):
+                c, mn, args = evs[i]
+                c += base
+                # fold a run of equally spaced copies differing only in address into Repeat
+                j = i + 1
+                run_d = run_s = None
+                op = isa.lookup(mn)
+                if op.unit == "MEM" and mn in ("Read", "Write"):
+                    while j < len(evs) and evs[j][1] == mn and evs[j][2][1] == args[1]:
+                        dd = evs[j][0] - evs[j - 1][0]
+                        ds = evs[j][2][0] - evs[j - 1][2][0]
+                        if run_d is None:
+                            run_d, run_s = dd, ds
+                        if dd != run_d or ds != run_s or abs(ds) >= cfg.addresses_per_slice:
+                            break
+                        j += 1
+                if c > t:
+                    prog.add(name, "NOP", c - t)
+                prog.add(name, mn, *args)
+                if j - i > 1:
+                    prog.add(name, "Repeat", j - i - 1, run_d, run_s)
+                    t = evs[j - 1][0] + base + 1
+                else:
+                    t = c + 1
+                i = j
+
+
+def generate(cfg: Optional[ChipConfig] = None, seed: int = 0, n_transactions: int = 12,
+             sync: bool = False, horizon: int = 60) -> GeneratedProgram:
+    """One legal program from a seed (no hypothesis needed)."""
+    cfg = cfg or ChipConfig.tiny()
+    return ProgramBuilder(cfg, RandomChooser(seed), horizon).build(n_transactions, sync)
