@@ -127,6 +127,8 @@ def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
             if qname is None:
                 raise ProgramError("instruction outside any queue (use .queue NAME or NAME: prefix)")
             parts = line.split(None, 1)
+            if not parts:
+                raise ProgramError(f"no instruction after {qname}:")
             mnemonic = parts[0]
             op = isa.lookup(mnemonic)
             if op is None:
@@ -144,12 +146,8 @@ def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
                     if kw:
                         raise ProgramError("positional operand after a named one")
                     pos.append(tok)
-            # Every operand goes through the table's text parser (so "5" and "E5" are
-            # both read by their field's kind).
-            vals = []
-            for f, v in zip(op.fields, pos):
-                vals.append(v)
-            prog.add(qname, op.mnemonic, *vals, **kw)
+            # every operand is text, read by its field's kind in make_instruction
+            prog.add(qname, op.mnemonic, *pos, **kw)
         except ProgramError as e:
             if e.line is None:
                 raise ProgramError(str(e), line=ln) from None

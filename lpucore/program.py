@@ -159,7 +159,12 @@ class Program:
             q = self.config.queue(queue)
         except ConfigError as e:
             raise ProgramError(str(e)) from None
-        ins = make_instruction(self.config, mnemonic, *args, **kwargs)
+        lst = self.queues.get(q.name, [])
+        try:
+            ins = make_instruction(self.config, mnemonic, *args, **kwargs)
+        except ProgramError as e:
+            msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
+            raise ProgramError(msg, queue=q.name, index=len(lst), field=e.field) from None
         lst = self.queues.setdefault(q.name, [])
         self._check_one(q.name, lst, len(lst), ins)
         lst.append(ins)
