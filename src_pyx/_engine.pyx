@@ -98,6 +98,8 @@ cdef class FastEngine:
         s.stagger = cfg.stagger
         vx_delays = [op.delay(cfg) for op in _isa.TABLE if op.unit == "VXM"]
         dmax = max([cfg.mem_read_delay] + vx_delays)
+        # A ring slot (diagonal or pool vector) must outlive every use: a value is
+        # read at most dmax + P - 1 cycles after its producer issued.
         s.D = _pow2_at_least(s.P + dmax + 1)
         s.Dmask = s.D - 1
         s.RW = cfg.mem_write_delay + 1
@@ -126,6 +128,7 @@ cdef class FastEngine:
             a[k] = np.zeros(L, dtype=np.int64)
         a["gaddr"] = np.zeros(s.SL, dtype=np.int32)
         a["qs"] = np.zeros(NQ * QW, dtype=np.int64)
+        a["qf"] = np.zeros(NQ * NFIELDS, dtype=np.int32)
         a["q_unit"] = np.array([_UNIT[q.unit] for q in cfg.queues], dtype=np.int32)
         a["q_pos"] = np.array([q.position for q in cfg.queues], dtype=np.int32)
         a["q_slice"] = np.array([cfg.slice_id(q.hemisphere, q.slot) if q.unit == "MEM" else -1
@@ -160,6 +163,7 @@ cdef class FastEngine:
         s.vx_cls = _p_i32(a["vx_cls"])
         s.vx_nsrc = _p_i32(a["vx_nsrc"])
         s.qs = _p_i64(a["qs"])
+        s.qf = _p_i32(a["qf"])
         s.q_unit = _p_i32(a["q_unit"])
         s.q_pos = _p_i32(a["q_pos"])
         s.q_slice = _p_i32(a["q_slice"])

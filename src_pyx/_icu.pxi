@@ -34,18 +34,21 @@ cdef int push_notify(State* s, int64_t c) noexcept nogil:
 
 cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
     cdef int64_t* qp = s.qs + q * QW
-    cdef int32_t f[NFIELDS]
+    # the operand fields of the queue's current instruction; a repetition only
+    # adds the stride to the strided ones
+    cdef int32_t* f = s.qf + q * NFIELDS
     cdef int32_t* row
     cdef int op, i, r
-    cdef int64_t k
+    cdef int32_t m
     if qp[Q_REPLEFT] > 0:
         qp[Q_REPK] += 1
         qp[Q_REPLEFT] -= 1
-        row = s.code + qp[Q_REPROW] * (1 + NFIELDS)
-        op = row[0]
-        k = qp[Q_REPK] * qp[Q_REPSTRIDE]
-        for i in range(NFIELDS):
-            f[i] = row[1 + i] + <int32_t>k if (s.strided[op] >> i) & 1 else row[1 + i]
+        op = s.code[qp[Q_REPROW] * (1 + NFIELDS)]
+        m = s.strided[op]
+        if m and qp[Q_REPSTRIDE]:
+            for i in range(NFIELDS):
+                if (m >> i) & 1:
+                    f[i] += <int32_t>qp[Q_REPSTRIDE]
         if execute(s, q, op, f, c):
             return 1
         set_next(s, q, c + qp[Q_REPD] if qp[Q_REPLEFT] > 0 else c + 1)
@@ -76,10 +79,10 @@ cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
             if s.qs[r * QW + Q_WAIT] == s.n_notify:
                 s.qs[r * QW + Q_WAIT] = 0
                 set_next(s, r, c + s.notify_delay)
+                s.woke = 1
         set_next(s, q, c + 1)
         return 0
-    for i in range(NFIELDS):
-        f[i] = row[1 + i]
+    memcpy(f, row + 1, NFIELDS * sizeof(int32_t))
     if execute(s, q, op, f, c):
         return 1
     if qp[Q_PC] < qp[Q_END] and s.code[qp[Q_PC] * (1 + NFIELDS)] == OP_REPEAT:
@@ -97,17 +100,24 @@ cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
     return 0
 
 
+cdef inline int64_t next_event(State* s) noexcept nogil:
+    cdef int64_t c = s.perr[E_CYCLE] if s.perr[E_KIND] != ERR_NONE else INF
+    cdef int64_t nx
+    cdef int q
+    for q in range(s.NQ):
+        nx = s.qs[q * QW + Q_NEXT]
+        if nx < c:
+            c = nx
+    return c
+
+
 cdef int run_until(State* s, int64_t until) noexcept nogil:
     """Simulate cycles up to (not including) until (-1: to the end).  0 = stopped
     normally, 1 = schedule error in s.err, 2 = out of memory."""
     cdef int q, rc
-    cdef int64_t c, nx, target, finish
+    cdef int64_t c, nx, nmin, target, finish
+    c = next_event(s)
     while True:
-        c = s.perr[E_CYCLE] if s.perr[E_KIND] != ERR_NONE else INF
-        for q in range(s.NQ):
-            nx = s.qs[q * QW + Q_NEXT]
-            if nx < c:
-                c = nx
         if c == INF:
             for q in range(s.NQ):
                 if s.qs[q * QW + Q_WAIT] > 0:
@@ -135,10 +145,23 @@ cdef int run_until(State* s, int64_t until) noexcept nogil:
                 s.err[q] = s.perr[q]
             mem_flush(s, c)
             return 1
+        # issue, and find the next cycle with work in the same pass
+        nmin = INF
+        s.woke = 0
         for q in range(s.NQ):
-            if s.qs[q * QW + Q_NEXT] == c:
+            nx = s.qs[q * QW + Q_NEXT]
+            if nx == c:
                 rc = issue(s, q, c)
                 if rc:
                     # leave SRAM as the reference engine does: writes landing by c applied
                     mem_flush(s, c)
                     return rc
+                nx = s.qs[q * QW + Q_NEXT]
+            if nx < nmin:
+                nmin = nx
+        if s.woke:
+            # a Notify released queues that this pass may already have looked at
+            nmin = next_event(s)
+        elif s.perr[E_KIND] != ERR_NONE and s.perr[E_CYCLE] < nmin:
+            nmin = s.perr[E_CYCLE]
+        c = nmin

@@ -124,6 +124,7 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     else:
         memcpy(s.wr_addr + e * s.SL, s.gaddr, s.SL * sizeof(int32_t))
         s.wr_uniform[e] = 0
+    # copied: the pool slot may be reused before this write is applied (lazily)
     memcpy(s.wr_data + e * s.L, vec, s.L)
     effect(s, T)
     s.st_bwrite[g] += s.L

@@ -70,6 +70,7 @@ cdef struct State:
     int32_t* vx_nsrc # [256] source operands of the (dtype, dst, a[, b]) layouts
     # queues
     int64_t* qs      # [NQ * QW]
+    int32_t* qf      # [NQ * NFIELDS] operand fields of each queue's current instruction
     int32_t* q_unit
     int32_t* q_pos
     int32_t* q_slice
@@ -78,7 +79,7 @@ cdef struct State:
     uint8_t* sram    # [NSL * A * L]
     int64_t* wr_tag  # [NSL * RW] landing cycle of a pending write, -1 if free
     int32_t* wr_addr # [NSL * RW * SL]
-    uint8_t* wr_data # [NSL * RW * L]
+    uint8_t* wr_data # [NSL * RW * L] the vectors to write
     uint8_t* wr_uniform # [NSL * RW] 1 if every superlane writes the same address
     # streams: one ring of diagonals per (direction, stream); see _streams.pxi
     int64_t* dg_tag  # [2 * S * D]
@@ -114,6 +115,7 @@ cdef struct State:
     int64_t cycle    # cycles simulated
     int64_t last_effect
     int done
+    int woke         # a Notify released parked queues in this cycle
     # errors
     int64_t err[8]
     int64_t perr[8]

@@ -436,3 +436,101 @@ def generate(cfg: Optional[ChipConfig] = None, seed: int = 0, n_transactions: in
     """One legal program from a seed (no hypothesis needed)."""
     cfg = cfg or ChipConfig.tiny()
     return ProgramBuilder(cfg, RandomChooser(seed), horizon).build(n_transactions, sync)
+
+
+def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Optional[int] = None) -> Program:
+    """A random program that keeps streams full for a while, so that most reads find
+    values and runs last long enough to reuse every ring in the fast engine, but whose
+    random extra instructions may still break any rule (conflicts, empty reads, bank
+    conflicts, bad gather addresses, deadlocks).  For comparing engines, errors included.
+
+    Background producers: the outermost West slices stream onto E0/E1 and the outermost
+    East slices onto W0/W1 every cycle; ALU 0 and 1 put constants on E4..E7 and W4..W7.
+    Needs >= 3 MEM slices per hemisphere, >= 8 streams per direction and >= 3 ALUs.
+    """
+    cfg = cfg or ChipConfig.tiny()
+    if cfg.mem_slices_per_hemisphere < 3 or cfg.streams_per_direction < 8 or cfg.vxm_alus_per_lane < 3:
+        raise ValueError("busy_program needs >= 3 MEM slices per hemisphere, >= 8 streams and >= 3 ALUs")
+    r = random.Random(seed)
+    S, n = cfg.streams_per_direction, cfg.mem_slices_per_hemisphere
+    A = cfg.addresses_per_slice
+    T = length or r.randrange(20, 60)
+    p = Program(cfg)
+    out_w, out_e = [n - 1, n - 2], [n - 1, n - 2]
+    for i, slot in enumerate(out_w):
+        p.add(f"MEM.W{slot}", "Read", 0, f"E{i}")
+        p.add(f"MEM.W{slot}", "Repeat", min(T, A - 1), 1, i % 2)
+    for i, slot in enumerate(out_e):
+        p.add(f"MEM.E{slot}", "Read", 5 % A, f"W{i}")
+        p.add(f"MEM.E{slot}", "Repeat", T, 1, 0)
+    p.add("VXM.0", "const", "int32", "E4", r.randrange(-2 ** 31, 2 ** 31))
+    p.add("VXM.0", "Repeat", T, 1, 0)
+    p.add("VXM.1", "const", "int32", "W4", r.randrange(-2 ** 31, 2 ** 31))
+    p.add("VXM.1", "Repeat", T, 1, 0)
+    good = {"W": {1: [0, 1, S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [0, S, S + 4, S + 6], 4: [S + 4]},
+            "E": {1: [0, 1, 4, 5, 6, 7, S, S + 1], 2: [0, 4, 6, S], 4: [4]},
+            "V": {1: [0, 1, 4, 5, 6, 7, S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [0, 4, 6, S, S + 4, S + 6],
+                  4: [4, S + 4]}}
+    free = {1: [2, 3, S + 2, S + 3], 2: [2, S + 2], 4: [0, S]}
+
+    def stream(side, w=1, dst=False):
+        if r.random() < 0.97:
+            return r.choice(free[w] if dst else good[side][w])
+        return r.randrange(2) * S + r.randrange(S // w) * w
+
+    def src(side, w):
+        if r.random() < 0.15:
+            return isa.LATCH_BASE + r.randrange(cfg.vxm_alus_per_lane)
+        return stream(side, w)
+
+    vx_ops = [op for op in isa.TABLE if op.unit == "VXM"]
+    warm = cfg.mem_read_delay + max(cfg.hops) + 3
+    for q in cfg.queues:
+        if q.name in p.queues or r.random() < 0.1:
+            continue
+        p.add(q.name, "NOP", r.randrange(warm, warm + 5))
+        side = "V" if q.unit == "VXM" else "WE"[q.hemisphere]
+        for _ in range(r.randrange(1, 5)):
+            if r.random() < 0.25:
+                p.add(q.name, "NOP", r.randrange(1, 5))
+                continue
+            if r.random() < 0.03:
+                p.add(q.name, r.choice(["Sync", "Notify"]))
+                continue
+            if q.unit == "MEM":
+                k = r.random()
+                if k < 0.45:
+                    ins = p.add(q.name, "Read", r.randrange(A), stream(side, dst=True))
+                elif k < 0.85:
+                    ins = p.add(q.name, "Write", r.randrange(A), stream(side))
+                elif k < 0.93:
+                    ins = p.add(q.name, "Gather", stream(side, dst=True), stream(side, 2))
+                else:
+                    ins = p.add(q.name, "Scatter", stream(side), stream(side, 2))
+                if r.random() < 0.4 and ins.op.mnemonic in ("Read", "Write"):
+                    reps, st = r.randrange(1, 6), r.choice([0, 1, -1])
+                    if 0 <= ins.args[0] + reps * st < A:
+                        p.add(q.name, "Repeat", reps, r.randrange(1, 3), st)
+                continue
+            op = r.choice(vx_ops)
+            d = dt.get(r.choice(op.dtypes))
+            to = dt.get(r.choice([x.name for x in dt.ALL]))
+            args = []
+            for f in op.fields:
+                if f.kind == "dtype":
+                    args.append(d.code if f.name == "dtype" else to.code)
+                elif f.kind == "src":
+                    args.append(src(side, 4 if op.cls == "requant" else d.nbytes))
+                elif f.kind == "dst":
+                    w = to.nbytes if op.cls == "cvt" else (1 if op.cls == "requant" else d.nbytes)
+                    args.append(isa.NONE if r.random() < 0.2 else stream(side, w, dst=True))
+                elif f.kind == "imm":
+                    args.append(r.randrange(-2 ** 31, 2 ** 31))
+                elif f.kind == "shift":
+                    args.append(r.randrange(0, 40))
+                else:
+                    args.append(r.randrange(-128, 128))
+            p.add(q.name, op.mnemonic, *args)
+            if r.random() < 0.2:
+                p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 3), 0)
+    return p
