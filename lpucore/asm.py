@@ -119,7 +119,7 @@ def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
             if line.startswith("."):
                 raise ProgramError(f"unknown directive {line.split()[0]!r}")
             qname = queue
-            m = re.match(r"^([A-Za-z]+\.[A-Za-z0-9]+)\s*:\s*(.*)$", line)
+            m = re.match(r"^([A-Za-z]+(?:\.[A-Za-z0-9]+)+)\s*:\s*(.*)$", line)
             if m:
                 qname = m.group(1).upper()
                 cfg.queue(qname)
@@ -130,9 +130,9 @@ def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
             if not parts:
                 raise ProgramError(f"no instruction after {qname}:")
             mnemonic = parts[0]
-            op = isa.lookup(mnemonic)
+            op = isa.lookup(mnemonic, cfg.queue(qname).unit)
             if op is None:
-                raise ProgramError(f"unknown instruction {mnemonic!r}")
+                raise ProgramError(f"unknown instruction {mnemonic!r} for queue {qname}")
             pos, kw = [], {}
             for tok in _split_operands(parts[1] if len(parts) > 1 else ""):
                 if not tok:

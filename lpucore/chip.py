@@ -55,6 +55,27 @@ class RunStats:
     mem_bytes_read: Dict[str, int]    # per MEM slice ("W0" ... "E43")
     mem_bytes_written: Dict[str, int]
     by_unit: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    mxm_macs: Dict[str, int] = field(default_factory=dict)          # per plane ("W0".."E1"): MACs started
+    mxm_busy_cycles: Dict[str, int] = field(default_factory=dict)   # plane-cycles taken by ABCs
+    mxm_peak_macs_per_cycle: int = 0                                 # most MACs started in one cycle
+    mxm_peak_per_cycle: int = 0                                      # the chip's int8 peak (409,600)
+
+    @property
+    def macs(self) -> int:
+        """MACs performed by the MXM (a plane does a full sub-op per ABC)."""
+        return sum(self.mxm_macs.values())
+
+    @property
+    def mxm_utilisation(self) -> float:
+        """Fraction of plane-cycles the MXM planes were busy (an fp16 ABC keeps its
+        plane busy mxm_fp16_interval cycles)."""
+        n = len(self.mxm_busy_cycles) or 1
+        return sum(self.mxm_busy_cycles.values()) / (n * self.cycles) if self.cycles else 0.0
+
+    @property
+    def mxm_mac_utilisation(self) -> float:
+        """MACs performed / (cycles x int8 peak MACs per cycle)."""
+        return self.macs / (self.cycles * self.mxm_peak_per_cycle) if self.cycles and self.mxm_peak_per_cycle else 0.0
 
     @property
     def instructions(self) -> int:
@@ -63,6 +84,10 @@ class RunStats:
 
     def to_dict(self) -> dict:
         return {"cycles": self.cycles, "seconds": self.seconds, "finished": self.finished,
+                "macs": self.macs, "mxm_utilisation": self.mxm_utilisation,
+                "mxm_mac_utilisation": self.mxm_mac_utilisation, "mxm_macs": dict(self.mxm_macs),
+                "mxm_busy_cycles": dict(self.mxm_busy_cycles),
+                "mxm_peak_macs_per_cycle": self.mxm_peak_macs_per_cycle,
                 "instructions": self.instructions, "issued": dict(self.issued),
                 "busy_cycles": dict(self.busy_cycles), "icu_instructions": dict(self.icu_instructions),
                 "mem_bytes_read": dict(self.mem_bytes_read), "mem_bytes_written": dict(self.mem_bytes_written),
@@ -144,9 +169,22 @@ class Chip:
             u["icu_instructions"] += icu.get(q.name, 0)
         by_unit["MEM"]["bytes_read"] = sum(rd.values())
         by_unit["MEM"]["bytes_written"] = sum(wr.values())
+        planes = [cfg.plane_name(p) for p in range(cfg.mxm_planes)]
+        macs = {n: int(v) for n, v in zip(planes, ctr["mxm_macs"])}
+        busy_planes = {n: int(v) for n, v in zip(planes, ctr["mxm_busy"])}
+        by_unit["MXM"]["macs"] = sum(macs.values())
+        # a queue's busy cycles: one per issue, except fp16 ABCs that hold their plane longer
+        busy = dict(issued)
+        for p, n in enumerate(planes):
+            qn = f"MXM.{n}.ABC"
+            if qn in busy:
+                busy[qn] = busy_planes[n]
+        by_unit["MXM"]["busy_cycles"] = sum(v for k, v in busy.items() if k.startswith("MXM."))
+        peak = cfg.mxm_planes * cfg.mxm_size * cfg.mxm_size
         return RunStats(cycles=cycles, seconds=cycles / cfg.clock_hz, finished=fin, issued=issued,
-                        busy_cycles=dict(issued), icu_instructions=icu, mem_bytes_read=rd,
-                        mem_bytes_written=wr, by_unit=by_unit)
+                        busy_cycles=busy, icu_instructions=icu, mem_bytes_read=rd,
+                        mem_bytes_written=wr, by_unit=by_unit, mxm_macs=macs, mxm_busy_cycles=busy_planes,
+                        mxm_peak_macs_per_cycle=int(ctr["mxm_peak_macs"][0]), mxm_peak_per_cycle=peak)
 
     # ---- memory --------------------------------------------------------------------------
     def _slice(self, hemisphere, slice_) -> int:

@@ -40,8 +40,14 @@ class QueueInfo(NamedTuple):
     name: str         # "MEM.W3", "VXM.0"
     unit: str         # "MEM", "VXM", ...
     hemisphere: int   # 0 = West, 1 = East, -1 = centre (VXM)
-    slot: int         # slice number inside its hemisphere, or ALU number
+    slot: int         # slice number inside its hemisphere, ALU number, MXM plane or SXM queue number
     position: int     # stream-register position, 0 = west edge
+    role: str = ""    # MXM queues: "LW" (LW, IW), "ABC" or "ACC"
+
+    @property
+    def kind(self) -> str:
+        """What the queue runs: its unit, or MXM.LW / MXM.ABC / MXM.ACC."""
+        return f"{self.unit}.{self.role}" if self.role else self.unit
 
 
 HEMISPHERES = ("W", "E")
@@ -83,6 +89,20 @@ class ChipConfig:
     vxm_convert_delay: int = _param(2, "cycles", "d_func of VXM conversions (cvt, requant).", "estimate")
     vxm_transcendental_delay: int = _param(4, "cycles", "d_func of VXM exp/tanh/sigmoid/rsqrt/recip/sqrt/div.", "estimate")
     notify_delay: int = _param(4, "cycles", "From a Notify's issue to the first cycle a queue parked on the matching Sync may issue again.", "estimate")
+    # ---- MXM ----------------------------------------------------------------------
+    mxm_accumulators: int = _param(512, "vectors", "Accumulator registers per MXM plane, each one 320 x 32-bit vector.", "estimate (not public; FTLPU models 256)")
+    mxm_lw_streams: int = _param(16, "streams", "Most streams one LW can load into a plane's weight buffer in a cycle (a full 320-row load then takes 20 cycles).", "TSP.md s3 [B, C]")
+    mxm_install_delay: int = _param(3, "cycles", "From IW's issue to the first cycle an ABC uses the installed weights.", "TSP.md s3 [C] (GM: 3 weight install)")
+    mxm_delay: int = _param(47, "cycles", "From ABC's issue (activation read) to its product landing in the accumulator.", "TSP.md s3 [C] (GM: 13 multiply + 34 accumulation)")
+    mxm_acc_delay: int = _param(3, "cycles", "From ACC's issue to the accumulator vector on its 4 result streams.", "estimate")
+    mxm_fp16_interval: int = _param(2, "cycles", "Cycles between fp16 ABCs on one plane: a plane does one [1 x 160] x [160 x 320] fp16 sub-op every 2 cycles, so the chip does 2 per cycle against 4 int8 [1 x 320] x [320 x 320].", "TSP.md s3 [A] (P22)")
+    # ---- SXM ----------------------------------------------------------------------
+    sxm_queues_per_hemisphere: int = _param(14, "queues", "SXM instruction queues per hemisphere.", "TSP.md s6 [B, C]")
+    sxm_shifters: int = _param(4, "units", "Shift/Select units per hemisphere usable in one cycle.", "estimate")
+    sxm_distributors: int = _param(4, "units", "Distribute/Rotate units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: about 4)")
+    sxm_transposers: int = _param(2, "units", "Transpose units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: 2)")
+    sxm_permuters: int = _param(1, "units", "Permute units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: 1)")
+    sxm_delay: int = _param(4, "cycles", "d_func of every SXM instruction: issue to result on its streams.", "estimate (GM counts 9 cycles for an SXM crossing)")
 
     # ---- presets ----------------------------------------------------------------
     @classmethod
@@ -93,10 +113,12 @@ class ChipConfig:
     @classmethod
     def tiny(cls) -> "ChipConfig":
         """A small chip for fast tests: 2 superlanes x 8 lanes, 4 MEM slices per hemisphere of
-        64 addresses, 8+8 streams, 4 VXM ALUs per lane, 16 x 16 MXM planes.  Same code paths."""
+        64 addresses, 8+8 streams, 4 VXM ALUs per lane, 16 x 16 MXM planes with 16 accumulators,
+        3 SXM queues per hemisphere.  Same code paths."""
         return cls(name="tiny", superlanes=2, lanes_per_superlane=8, mem_slices_per_hemisphere=4,
                    addresses_per_slice=64, streams_per_direction=8, mxm_size=16,
-                   vxm_alus_per_lane=4, stagger=2, mem_slices_per_hop=2)
+                   vxm_alus_per_lane=4, stagger=2, mem_slices_per_hop=2, mxm_accumulators=16,
+                   mxm_lw_streams=4, mxm_delay=5, sxm_queues_per_hemisphere=3)
 
     @classmethod
     def named(cls, name: str) -> "ChipConfig":
@@ -132,6 +154,15 @@ class ChipConfig:
             raise ConfigError("vxm_alus_per_lane must be <= 64")
         if self.lanes > 4096:
             raise ConfigError("at most 4096 lanes")
+        if self.mxm_size != self.lanes:
+            raise ConfigError(f"mxm_size ({self.mxm_size}) must equal the lanes ({self.lanes}): a plane takes one "
+                              "lane-wide activation vector and gives one lane-wide result")
+        if self.mxm_size % 2:
+            raise ConfigError("mxm_size must be even (fp16 weights take two byte-rows each)")
+        if self.mxm_lw_streams > self.streams_per_direction:
+            raise ConfigError("mxm_lw_streams must be <= streams_per_direction")
+        if self.streams_per_direction < self.lanes_per_superlane:
+            raise ConfigError("Transpose needs streams_per_direction >= lanes_per_superlane")
         if self.mem_hop_map is not None:
             m = tuple(self.mem_hop_map)
             if len(m) != self.mem_slices_per_hemisphere:
@@ -180,6 +211,22 @@ class ChipConfig:
         """Number of stream-register positions from the west edge to the east edge."""
         return 2 * self.vxm_position + 1
 
+    @property
+    def mxm_planes_per_hemisphere(self) -> int:
+        return self.mxm_planes // 2
+
+    def mxm_position(self, hemisphere: int) -> int:
+        """Both planes of a hemisphere sit at the die's edge."""
+        return 0 if hemisphere == 0 else self.positions - 1
+
+    def sxm_position(self, hemisphere: int) -> int:
+        return self.mxm_hops if hemisphere == 0 else self.positions - 1 - self.mxm_hops
+
+    def plane_name(self, plane: int) -> str:
+        """MXM plane p: W0, W1 (West), E0, E1 (East)."""
+        k = self.mxm_planes_per_hemisphere
+        return f"{HEMISPHERES[plane // k]}{plane % k}"
+
     def mem_position(self, hemisphere: int, slot: int) -> int:
         h = self.hops[slot]
         return self.vxm_position - h if hemisphere == 0 else self.vxm_position + h
@@ -210,7 +257,8 @@ class ChipConfig:
     @property
     def queues(self) -> Tuple[QueueInfo, ...]:
         """Every ICU queue, in ISA queue-number order (also the order in which queues
-        issue within one cycle).  MEM: one per slice; VXM: one per ALU."""
+        issue within one cycle).  MEM: one per slice; VXM: one per ALU; MXM: three per
+        plane; SXM: ``sxm_queues_per_hemisphere`` per hemisphere."""
         cached = self.__dict__.get("_queues")
         if cached is not None:
             return cached
@@ -221,6 +269,15 @@ class ChipConfig:
                                    self.mem_position(hem, slot)))
         for alu in range(self.vxm_alus_per_lane):
             q.append(QueueInfo(len(q), f"VXM.{alu}", "VXM", -1, alu, self.vxm_position))
+        # MXM: three queues per plane (weights: LW/IW; activations: ABC; results: ACC)
+        for plane in range(self.mxm_planes):
+            hem = plane // self.mxm_planes_per_hemisphere
+            for role in ("LW", "ABC", "ACC"):
+                q.append(QueueInfo(len(q), f"MXM.{self.plane_name(plane)}.{role}", "MXM", hem, plane,
+                                   self.mxm_position(hem), role))
+        for hem in range(2):
+            for k in range(self.sxm_queues_per_hemisphere):
+                q.append(QueueInfo(len(q), f"SXM.{HEMISPHERES[hem]}{k}", "SXM", hem, k, self.sxm_position(hem)))
         out = tuple(q)
         object.__setattr__(self, "_queues", out)
         return out
@@ -236,7 +293,9 @@ class ChipConfig:
     def queue(self, name: str) -> QueueInfo:
         i = self.queue_index.get(name.strip().upper())
         if i is None:
-            raise ConfigError(f"no queue {name!r} on this chip (MEM.W0..MEM.E{self.mem_slices_per_hemisphere - 1}, VXM.0..VXM.{self.vxm_alus_per_lane - 1})")
+            raise ConfigError(f"no queue {name!r} on this chip (MEM.W0..MEM.E{self.mem_slices_per_hemisphere - 1}, "
+                              f"VXM.0..VXM.{self.vxm_alus_per_lane - 1}, MXM.W0.LW/ABC/ACC .. MXM.E"
+                              f"{self.mxm_planes_per_hemisphere - 1}.ACC, SXM.W0..SXM.E{self.sxm_queues_per_hemisphere - 1})")
         return self.queues[i]
 
     # ---- derived peaks and serialisation ------------------------------------------------

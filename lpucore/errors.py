@@ -110,3 +110,21 @@ def address_error(cfg, cycle, q, superlane, addr) -> ScheduleError:
 def deadlock(cfg, cycle, q, wait, notifies) -> ScheduleError:
     return ScheduleError("deadlock", cycle, cfg.queues[q].name,
                          f"waits forever on its Sync number {wait}: the chip issued only {notifies} Notify")
+
+
+def mxm_error(cfg, cycle, q, what) -> ScheduleError:
+    """An MXM rule broken: kind mxm-busy, mxm-no-weights or mxm-dtype."""
+    kinds = {"busy": "mxm-busy", "empty": "mxm-no-weights", "dtype": "mxm-dtype"}
+    plane = cfg.queues[q].slot
+    texts = {"busy": f"float16 ABC on plane {cfg.plane_name(plane)} sooner than mxm_fp16_interval "
+                     f"({cfg.mxm_fp16_interval}) cycles after the previous one",
+             "empty": f"ABC on plane {cfg.plane_name(plane)}, which has no weights installed",
+             "dtype": f"ABC's dtype differs from the weights installed on plane {cfg.plane_name(plane)}"}
+    return ScheduleError(kinds[what], cycle, cfg.queues[q].name, texts[what])
+
+
+def resource_error(cfg, cycle, q, resource) -> ScheduleError:
+    hem = "WE"[cfg.queues[q].hemisphere]
+    n = getattr(cfg, "sxm_" + resource)
+    return ScheduleError("resource", cycle, cfg.queues[q].name,
+                         f"needs one more of the {n} SXM {resource} of hemisphere {hem} in this cycle")

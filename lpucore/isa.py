@@ -89,6 +89,12 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("imm", "32-bit immediate (raw bits; float literals are converted by the dtype)", _c(I32_MIN), _c(I32_MAX)),
     Kind("shift", "right-shift amount", _c(0), _c(62)),
     Kind("int8", "signed 8-bit value", _c(-128), _c(127)),
+    Kind("nlw", "streams one LW loads, 1..mxm_lw_streams", _c(1), lambda c: c.mxm_lw_streams),
+    Kind("mrow", "MXM weight-buffer byte-row", _c(0), lambda c: c.mxm_size - 1),
+    Kind("acc", "MXM accumulator number", _c(0), lambda c: c.mxm_accumulators - 1),
+    Kind("flag", "0 or 1", _c(0), _c(1)),
+    Kind("lanes", "lanes to shift by: > 0 towards higher lanes, < 0 towards lower", lambda c: -(c.lanes - 1), lambda c: c.lanes - 1),
+    Kind("rotn", "rotation size n (n streams in, n*n out)", _c(3), _c(4)),
 )}
 
 
@@ -117,7 +123,13 @@ class Op:
     writes: Tuple[str, ...]
     doc: str
     cls: str = ""                      # semantic class (VXM)
-    dtypes: Tuple[str, ...] = ()       # dtypes the op accepts (VXM)
+    dtypes: Tuple[str, ...] = ()       # dtypes the op accepts
+    queue: str = ""                    # queue kind that runs it (default: its unit)
+    resource: str = ""                 # SXM: the per-hemisphere unit it occupies for a cycle
+
+    @property
+    def queue_kind(self) -> str:
+        return self.queue or self.unit
 
     def field_index(self, name: str) -> int:
         for i, f in enumerate(self.fields):
@@ -213,21 +225,84 @@ TABLE: Tuple[Op, ...] = (
         "int32 to int8: saturate(round_half_even(a * mult / 2**shift) + zp), computed exactly in 64 bits."),
     _vx("const", 0x52, "const", (_F("dtype", "dtype"), _F("dst", "dst"), _F("value", "imm")),
         ALLD, "vxm_alu_delay", "Broadcast the immediate (its low dtype-width bits) to every lane."),
+    # ---- MXM: per plane, queue .LW runs LW/IW, .ABC runs ABC, .ACC runs ACC -----------------
+    Op("LW", 0x60, "MXM", (_F("src", "stream"), _F("n", "nlw"), _F("row", "mrow", strided=True)), None,
+       ("stream:src..src+n-1",), ("mxm:buffer",),
+       "Load the n vectors passing the plane on streams src..src+n-1 into weight-buffer byte-rows "
+       "row..row+n-1.  int8 weight row k is byte-row k; float16 weight row k is byte-rows 2k (low "
+       "bytes) and 2k+1 (high bytes).", queue="MXM.LW"),
+    Op("IW", 0x61, "MXM", (_F("dtype", "dtype"),), "mxm_install_delay", ("mxm:buffer",), ("mxm:array",),
+       "Install a copy of the weight buffer into the array as int8 (320 x 320) or float16 (160 x 320) "
+       "weights; ABCs use them from mxm_install_delay cycles on, and the buffer may be reloaded at once.",
+       dtypes=("int8", "float16"), queue="MXM.LW"),
+    Op("ABC", 0x62, "MXM", (_F("dtype", "dtype"), _F("src", "stream"), _F("acc", "acc", strided=True),
+                            _F("add", "flag", 0)), "mxm_delay",
+       ("stream:src", "mxm:array"), ("mxm:acc",),
+       "The activation vector on src (int8: 320 lanes; float16: the stream group src, src+1, lanes "
+       "0..159) times the installed weights lands in accumulator acc mxm_delay cycles later: it "
+       "replaces it (add=0) or is added to it (add=1).  dtype must be the installed weights' type; "
+       "a plane takes a float16 ABC at most every mxm_fp16_interval cycles.",
+       dtypes=("int8", "float16"), queue="MXM.ABC"),
+    Op("ACC", 0x63, "MXM", (_F("acc", "acc", strided=True), _F("dst", "stream")), "mxm_acc_delay",
+       ("mxm:acc",), ("stream:dst..dst+3",),
+       "Stream accumulator acc (int32 or float32 elements) out on the stream group dst..dst+3, "
+       "mxm_acc_delay cycles later.", queue="MXM.ACC"),
+    # ---- SXM: any SXM queue of a hemisphere; each op occupies one unit of its resource --------
+    Op("Shift", 0x70, "SXM", (_F("dst", "stream"), _F("src", "stream"), _F("n", "lanes")), "sxm_delay",
+       ("stream:src",), ("stream:dst",),
+       "Move every byte n lanes up (n > 0) or down (n < 0) across the whole vector, zero fill.",
+       resource="shifters"),
+    Op("Permute", 0x71, "SXM", (_F("dst", "stream"), _F("src", "stream"), _F("map", "stream")), "sxm_delay",
+       ("stream:src", "stream:map,map+1"), ("stream:dst",),
+       "Lane l gets src lane map[l] (an int16 in the stream group map, map+1), or 0 if map[l] is "
+       "outside 0..lanes-1: any permutation, gather or replication across all lanes.",
+       resource="permuters"),
+    Op("Distribute", 0x72, "SXM", (_F("dst", "stream"), _F("src", "stream"), _F("map", "stream")), "sxm_delay",
+       ("stream:src", "stream:map"), ("stream:dst",),
+       "Inside each superlane, lane i gets the superlane's lane map[i] (a byte of stream map), or 0 "
+       "if map[i] >= lanes_per_superlane: rearrange or replicate with zero fill.",
+       resource="distributors"),
+    Op("Rotate", 0x73, "SXM", (_F("dst", "stream"), _F("src", "stream"), _F("n", "rotn")), "sxm_delay",
+       ("stream:src..src+n-1",), ("stream:dst..dst+n*n-1",),
+       "n streams in, n*n out: stream dst + i*n + j is stream src + i rotated by j lanes (circularly, "
+       "towards higher lanes), for n = 3 or 4.", resource="distributors"),
+    Op("Transpose", 0x74, "SXM", (_F("dst", "stream"), _F("src", "stream")), "sxm_delay",
+       ("stream:src..src+15",), ("stream:dst..dst+15",),
+       "Inside each superlane, transpose the 16 streams x 16 lanes block (lanes_per_superlane in "
+       "general): lane i of output stream j is lane j of input stream i.", resource="transposers"),
+    Op("Select", 0x75, "SXM", (_F("dst", "stream"), _F("a", "stream"), _F("b", "stream"), _F("m", "stream")),
+       "sxm_delay", ("stream:a", "stream:b", "stream:m"), ("stream:dst",),
+       "Byte-wise: lane l is a[l] where m[l] is non-zero, else b[l].", resource="shifters"),
 )
 
-BY_MNEMONIC: Dict[str, Op] = {op.mnemonic.lower(): op for op in TABLE}
+BY_UNIT_MNEMONIC: Dict[Tuple[str, str], Op] = {(op.unit, op.mnemonic.lower()): op for op in TABLE}
 BY_OPCODE: Dict[int, Op] = {op.opcode: op for op in TABLE}
-UNITS = ("ICU", "MEM", "VXM")
+UNITS = ("ICU", "MEM", "VXM", "MXM", "SXM")
+SXM_RESOURCES = ("shifters", "distributors", "transposers", "permuters")
 
 
-def lookup(mnemonic: str) -> Optional[Op]:
-    return BY_MNEMONIC.get(mnemonic.lower())
+def lookup(mnemonic: str, unit: Optional[str] = None) -> Optional[Op]:
+    """The instruction called ``mnemonic`` (case-insensitive).  Mnemonics are unique per
+    unit (VXM ``select`` and SXM ``Select`` differ), so pass the queue's unit when known;
+    without it an ambiguous name gives None."""
+    m = mnemonic.lower()
+    if unit is not None:
+        return BY_UNIT_MNEMONIC.get((unit, m)) or BY_UNIT_MNEMONIC.get(("ICU", m))
+    found = [op for (u, n), op in BY_UNIT_MNEMONIC.items() if n == m]
+    return found[0] if len(found) == 1 else None
+
+
+def const_name(op: Op) -> str:
+    """C name of an opcode: OP_ADD, or OP_SXM_SELECT where a mnemonic is shared by units."""
+    shared = sum(1 for o in TABLE if o.mnemonic.lower() == op.mnemonic.lower()) > 1
+    return f"{op.unit}_{op.mnemonic.upper()}" if shared else op.mnemonic.upper()
 
 
 def check_table() -> None:
     """The table's self-test: distinct opcodes and mnemonics, encodable fields."""
     assert len(BY_OPCODE) == len(TABLE), "duplicate opcode"
-    assert len(BY_MNEMONIC) == len(TABLE), "duplicate mnemonic"
+    assert len(BY_UNIT_MNEMONIC) == len(TABLE), "duplicate mnemonic within a unit"
+    assert len({const_name(op) for op in TABLE}) == len(TABLE)
     for op in TABLE:
         assert 0 <= op.opcode < 0x100, "opcodes index 256-entry tables in the fast engine"
         assert len(op.fields) <= NFIELDS, op.mnemonic
@@ -239,6 +314,8 @@ def check_table() -> None:
         if op.unit == "VXM":
             assert op.dtypes and all(d in dt.BY_NAME for d in op.dtypes)
             assert op.latency is not None
+        if op.unit == "SXM":
+            assert op.resource in SXM_RESOURCES and hasattr(ChipConfig, "sxm_" + op.resource)
         if op.latency:
             assert hasattr(ChipConfig, op.latency) or op.latency in ChipConfig.__dataclass_fields__
 
@@ -337,13 +414,18 @@ def generate_pxi() -> str:
     out.append("")
     out.append("cdef enum:")
     for op in TABLE:
-        out.append(f"    OP_{_cname(op.mnemonic)} = {op.opcode:#06x}")
+        out.append(f"    OP_{const_name(op)} = {op.opcode:#06x}")
+    out.append("")
+    out.append("cdef enum:")
+    for i, r in enumerate(SXM_RESOURCES):
+        out.append(f"    RES_{r.upper()} = {i}")
+    out.append(f"    N_RESOURCES = {len(SXM_RESOURCES)}")
     out.append("")
     out.append("# operand field positions")
     out.append("cdef enum:")
     for op in TABLE:
         for i, f in enumerate(op.fields):
-            out.append(f"    F_{_cname(op.mnemonic)}_{_cname(f.name)} = {i}")
+            out.append(f"    F_{const_name(op)}_{_cname(f.name)} = {i}")
     out.append("")
     return "\n".join(out)
 
@@ -352,11 +434,14 @@ def reference_markdown() -> str:
     """The ISA reference, as Markdown (embedded in README.md, checked by a test)."""
     lines = ["| unit | mnemonic | opcode | operands | latency | reads | writes | dtypes | meaning |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    # queue kinds other than the unit's name, and SXM resources, go into the meaning column
     for op in TABLE:
         ops = ", ".join(f"{f.name}:{f.kind}" + (f"={f.default}" if f.default is not None else "") for f in op.fields)
         lines.append(f"| {op.unit} | `{op.mnemonic}` | {op.opcode:#04x} | {ops or '-'} | "
                      f"{('`' + op.latency + '`') if op.latency else '-'} | {', '.join(op.reads) or '-'} | "
-                     f"{', '.join(op.writes) or '-'} | {', '.join(op.dtypes) or '-'} | {op.doc} |")
+                     f"{', '.join(op.writes) or '-'} | {', '.join(op.dtypes) or '-'} | {op.doc}"
+                     + (f" (queue {op.queue})" if op.queue else "") + (f" (uses one of sxm_{op.resource})" if op.resource else "")
+                     + " |")
     lines.append("")
     lines.append("Operand kinds: " + "; ".join(f"`{k.name}`: {k.doc}" for k in KINDS.values()) + ".")
     return "\n".join(lines)

@@ -57,12 +57,15 @@ class Instruction:
         return f"{self.op.mnemonic} {ops}".rstrip()
 
 
-def make_instruction(cfg: ChipConfig, mnemonic: str, *args, **kwargs) -> Instruction:
+def make_instruction(cfg: ChipConfig, mnemonic: str, *args, unit: Optional[str] = None, **kwargs) -> Instruction:
     """Build an instruction from Python values: ints, or text such as ``"E5"``, ``"A2"``,
-    ``"float16"`` and ``"-"`` for the operand kinds that have a text form."""
-    op = isa.lookup(mnemonic)
+    ``"float16"`` and ``"-"`` for the operand kinds that have a text form.  ``unit``
+    resolves mnemonics that two units share (VXM ``select``, SXM ``Select``)."""
+    op = isa.lookup(mnemonic, unit)
     if op is None:
-        raise ProgramError(f"unknown instruction {mnemonic!r}")
+        if isa.lookup(mnemonic) is None and any(o.mnemonic.lower() == mnemonic.lower() for o in isa.TABLE):
+            raise ProgramError(f"{mnemonic!r} exists in several units; say which (unit=...)")
+        raise ProgramError(f"unknown instruction {mnemonic!r}" + (f" for the {unit}" if unit else ""))
     if len(args) > len(op.fields):
         raise ProgramError(f"{op.mnemonic} takes at most {len(op.fields)} operands, got {len(args)}")
     vals: List[Optional[int]] = list(args) + [None] * (len(op.fields) - len(args))
@@ -111,11 +114,43 @@ def check_instruction(ins: Instruction, cfg: ChipConfig) -> Optional[Tuple[Optio
         err = f.k.check(int(v), cfg)
         if err:
             return f.name, err
+    a = dict(zip((f.name for f in op.fields), ins.args))
+    if op.dtypes and "dtype" in a and dt.get(a["dtype"]).name not in op.dtypes:
+        return "dtype", f"{op.mnemonic} does not take {dt.get(a['dtype']).name} (takes {', '.join(op.dtypes)})"
+    S = cfg.streams_per_direction
+
+    def group(field, width, aligned=True):
+        """The stream group field..field+width-1 stays in one direction (and is aligned)."""
+        v = a[field] % S
+        if aligned and v % width:
+            return field, (f"a {width}-stream group must start at a multiple of {width}; "
+                           f"{isa.format_value('stream', a[field], cfg)} does not")
+        if v + width > S:
+            return field, (f"streams {isa.format_value('stream', a[field], cfg)}.. +{width} run past the "
+                           f"{S} streams of one direction")
+        return None
+
+    if op.unit == "MXM":
+        if op.mnemonic == "LW":
+            if a["row"] + a["n"] > cfg.mxm_size:
+                return "row", f"byte-rows {a['row']}..{a['row'] + a['n'] - 1} run past the {cfg.mxm_size} of the buffer"
+            return group("src", a["n"], aligned=False)
+        if op.mnemonic == "ABC":
+            return group("src", dt.get(a["dtype"]).nbytes)
+        if op.mnemonic == "ACC":
+            return group("dst", 4)
+        return None
+    if op.unit == "SXM":
+        if op.mnemonic == "Permute":
+            return group("map", 2)
+        if op.mnemonic == "Rotate":
+            return group("src", a["n"], aligned=False) or group("dst", a["n"] * a["n"], aligned=False)
+        if op.mnemonic == "Transpose":
+            n = cfg.lanes_per_superlane
+            return group("src", n, aligned=False) or group("dst", n, aligned=False)
+        return None
     if op.unit == "VXM":
-        a = dict(zip((f.name for f in op.fields), ins.args))
         src_d = dt.get(a.get("dtype", dt.INT32.code))
-        if src_d.name not in op.dtypes:
-            return "dtype", f"{op.mnemonic} does not take {src_d.name} (takes {', '.join(op.dtypes)})"
         out_d = dt.get(a["to"]) if op.cls == "cvt" else (dt.INT8 if op.cls == "requant" else src_d)
         for f in op.fields:
             if f.kind not in ("src", "dst"):
@@ -161,7 +196,7 @@ class Program:
             raise ProgramError(str(e)) from None
         lst = self.queues.get(q.name, [])
         try:
-            ins = make_instruction(self.config, mnemonic, *args, **kwargs)
+            ins = make_instruction(self.config, mnemonic, *args, unit=q.unit, **kwargs)
         except ProgramError as e:
             msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
             raise ProgramError(msg, queue=q.name, index=len(lst), field=e.field) from None
@@ -185,9 +220,9 @@ class Program:
         q = self.config.queue(qname)
         if not isinstance(ins, Instruction) or ins.op not in isa.TABLE:
             raise ProgramError("not an Instruction", queue=qname, index=i)
-        if ins.op.unit not in ("ICU", q.unit):
-            raise ProgramError(f"{ins.op.mnemonic} is a {ins.op.unit} instruction; queue {qname} feeds the {q.unit}",
-                               queue=qname, index=i)
+        if ins.op.unit != "ICU" and ins.op.queue_kind != q.kind:
+            raise ProgramError(f"{ins.op.mnemonic} is a {ins.op.queue_kind} instruction; queue {qname} runs "
+                               f"{q.kind} instructions", queue=qname, index=i)
         bad = check_instruction(ins, self.config)
         if bad:
             raise ProgramError(f"{ins.op.mnemonic}: {bad[1]}", queue=qname, index=i, field=bad[0])
@@ -199,10 +234,13 @@ class Program:
             strided = [j for j, f in enumerate(prev.op.fields) if f.strided]
             if stride and not strided:
                 raise ProgramError(f"{prev.op.mnemonic} has no address to stride", queue=qname, index=i, field="stride")
-            for j in strided:
-                last = prev.args[j] + n * stride
-                if not 0 <= last < self.config.addresses_per_slice:
-                    raise ProgramError(f"repetition {n} reaches address {last}, outside 0..{self.config.addresses_per_slice - 1}",
+            if stride:
+                # fields move linearly, so the last repetition being valid makes all valid
+                last = Instruction(prev.op, tuple(v + n * stride if j in strided else v
+                                                  for j, v in enumerate(prev.args)))
+                bad = check_instruction(last, self.config)
+                if bad:
+                    raise ProgramError(f"repetition {n} of {prev.op.mnemonic}: {bad[0]} {bad[1]}",
                                        queue=qname, index=i, field="stride")
 
     def validate(self) -> "Program":

@@ -14,8 +14,11 @@ from libc.stdlib cimport realloc, free
 
 import numpy as np
 
+from lpucore import dtypes as _dt
 from lpucore import errors as _errors
 from lpucore import isa as _isa
+from lpucore import matmul as _matmul
+from lpucore import numerics as _numerics
 
 include "_build_hash.pxi"
 include "_isa_gen.pxi"
@@ -24,6 +27,8 @@ include "_numerics.pxi"
 include "_streams.pxi"
 include "_mem.pxi"
 include "_vxm.pxi"
+include "_mxm.pxi"
+include "_sxm.pxi"
 include "_icu.pxi"
 
 _VC = {"arith": VC_ARITH, "bits": VC_BITS, "shift": VC_SHIFT, "cmp": VC_CMP, "unary": VC_UNARY,
@@ -97,7 +102,8 @@ cdef class FastEngine:
         s.notify_delay = cfg.notify_delay
         s.stagger = cfg.stagger
         vx_delays = [op.delay(cfg) for op in _isa.TABLE if op.unit == "VXM"]
-        dmax = max([cfg.mem_read_delay] + vx_delays)
+        # the longest delay of any instruction that writes a stream
+        dmax = max(op.delay(cfg) for op in _isa.TABLE if any(w.startswith(("stream", "dst")) for w in op.writes))
         # A ring slot (diagonal or pool vector) must outlive every use: a value is
         # read at most dmax + P - 1 cycles after its producer issued.
         s.D = _pow2_at_least(s.P + dmax + 1)
@@ -115,7 +121,16 @@ cdef class FastEngine:
         a["dg_n"] = np.zeros(2 * S * D, dtype=np.int32)
         for k in ("sg_start", "sg_pool", "sg_writer"):
             a[k] = np.zeros(2 * S * D * P, dtype=np.int32)
-        a["pool"] = np.zeros(D * NQ * 4 * L, dtype=np.uint8)
+        # pool vectors per queue and cycle: the most streams one instruction of it writes
+        width = {"MEM": 1, "VXM": 4, "MXM": 4, "SXM": max(16, cfg.lanes_per_superlane)}
+        q_pool = np.zeros(NQ, dtype=np.int32)
+        w = 0
+        for q in cfg.queues:
+            q_pool[q.index] = w
+            w += width[q.unit]
+        s.pool_w = w
+        a["q_pool"] = q_pool
+        a["pool"] = np.zeros(D * w * L, dtype=np.uint8)
         a["latch"] = np.zeros(s.NALU * L, dtype=np.uint32)
         a["latch_valid"] = np.zeros(s.NALU, dtype=np.uint8)
         a["lt_tag"] = np.empty(s.NALU * s.RL, dtype=np.int64)
@@ -134,6 +149,50 @@ cdef class FastEngine:
         a["q_slice"] = np.array([cfg.slice_id(q.hemisphere, q.slot) if q.unit == "MEM" else -1
                                  for q in cfg.queues], dtype=np.int32)
         a["q_slot"] = np.array([q.slot for q in cfg.queues], dtype=np.int32)
+        a["q_hem"] = np.array([max(q.hemisphere, 0) for q in cfg.queues], dtype=np.int32)
+        # MXM
+        NP = cfg.mxm_planes
+        s.NP = NP
+        s.NACC = cfg.mxm_accumulators
+        s.RI = cfg.mxm_install_delay + 1
+        s.BMAX = 512
+        s.BB = 2 * s.BMAX + cfg.mxm_delay + 2
+        s.mx_install_delay = cfg.mxm_install_delay
+        s.mx_delay = cfg.mxm_delay
+        s.mx_acc_delay = cfg.mxm_acc_delay
+        s.mx_fp16_interval = cfg.mxm_fp16_interval
+        LL = L * L
+        a["mx_buf"] = np.zeros(NP * LL, dtype=np.uint8)
+        a["mx_arr"] = np.zeros(NP * LL, dtype=np.uint8)
+        a["mx_arr_dt"] = np.zeros(NP, dtype=np.int32)
+        a["mx_inst"] = np.zeros(NP * s.RI * LL, dtype=np.uint8)
+        a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
+        a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
+        a["mx_acc"] = np.zeros(NP * s.NACC * L, dtype=np.uint32)
+        a["mx_ax"] = np.zeros(NP * s.BMAX * 2 * L, dtype=np.uint8)
+        a["mx_aacc"] = np.zeros(NP * s.BMAX, dtype=np.int32)
+        a["mx_aadd"] = np.zeros(NP * s.BMAX, dtype=np.uint8)
+        a["mx_aland"] = np.zeros(NP * s.BMAX, dtype=np.int64)
+        a["mx_an"] = np.zeros(NP, dtype=np.int32)
+        a["mx_bres"] = np.zeros(NP * s.BB * L, dtype=np.uint32)
+        a["mx_bacc"] = np.zeros(NP * s.BB, dtype=np.int32)
+        a["mx_badd"] = np.zeros(NP * s.BB, dtype=np.uint8)
+        a["mx_bland"] = np.zeros(NP * s.BB, dtype=np.int64)
+        a["mx_bdt"] = np.zeros(NP * s.BB, dtype=np.int32)
+        a["mx_bhead"] = np.zeros(NP, dtype=np.int32)
+        a["mx_bn"] = np.zeros(NP, dtype=np.int32)
+        for k in ("mx_busy_until", "mx_macs", "mx_busy"):
+            a[k] = np.zeros(NP, dtype=np.int64)
+        a["mx_peak"] = np.zeros(1, dtype=np.int64)
+        # SXM
+        s.sx_delay = cfg.sxm_delay
+        sx_res = np.zeros(256, dtype=np.int32)
+        for op in _isa.TABLE:
+            if op.unit == "SXM":
+                sx_res[op.opcode] = _isa.SXM_RESOURCES.index(op.resource)
+        a["sx_res"] = sx_res
+        a["sx_limit"] = np.array([getattr(cfg, "sxm_" + r) for r in _isa.SXM_RESOURCES], dtype=np.int32)
+        a["sx_use"] = np.zeros(2 * N_RESOURCES, dtype=np.int32)
         for k in ("st_issued", "st_icu"):
             a[k] = np.zeros(NQ, dtype=np.int64)
         for k in ("st_bread", "st_bwrite"):
@@ -168,6 +227,34 @@ cdef class FastEngine:
         s.q_pos = _p_i32(a["q_pos"])
         s.q_slice = _p_i32(a["q_slice"])
         s.q_slot = _p_i32(a["q_slot"])
+        s.q_hem = _p_i32(a["q_hem"])
+        s.q_pool = _p_i32(a["q_pool"])
+        s.mx_buf = _p_u8(a["mx_buf"])
+        s.mx_arr = _p_u8(a["mx_arr"])
+        s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
+        s.mx_inst = _p_u8(a["mx_inst"])
+        s.mx_inst_T = _p_i64(a["mx_inst_T"])
+        s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
+        s.mx_acc = _p_u32(a["mx_acc"])
+        s.mx_ax = _p_u8(a["mx_ax"])
+        s.mx_aacc = _p_i32(a["mx_aacc"])
+        s.mx_aadd = _p_u8(a["mx_aadd"])
+        s.mx_aland = _p_i64(a["mx_aland"])
+        s.mx_an = _p_i32(a["mx_an"])
+        s.mx_bres = _p_u32(a["mx_bres"])
+        s.mx_bacc = _p_i32(a["mx_bacc"])
+        s.mx_badd = _p_u8(a["mx_badd"])
+        s.mx_bland = _p_i64(a["mx_bland"])
+        s.mx_bdt = _p_i32(a["mx_bdt"])
+        s.mx_bhead = _p_i32(a["mx_bhead"])
+        s.mx_bn = _p_i32(a["mx_bn"])
+        s.mx_busy_until = _p_i64(a["mx_busy_until"])
+        s.mx_macs = _p_i64(a["mx_macs"])
+        s.mx_busy = _p_i64(a["mx_busy"])
+        s.mx_peak = _p_i64(a["mx_peak"])
+        s.sx_res = _p_i32(a["sx_res"])
+        s.sx_limit = _p_i32(a["sx_limit"])
+        s.sx_use = _p_i32(a["sx_use"])
         s.sram = _p_u8(a["sram"])
         s.wr_tag = _p_i64(a["wr_tag"])
         s.wr_addr = _p_i32(a["wr_addr"])
@@ -209,8 +296,14 @@ cdef class FastEngine:
         a["dg_n"][:] = 0
         a["latch_valid"][:] = 0
         a["lt_tag"][:] = -1
-        for k in ("st_issued", "st_icu", "st_bread", "st_bwrite"):
+        for k in ("st_issued", "st_icu", "st_bread", "st_bwrite", "mx_macs", "mx_busy", "mx_peak",
+                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_buf", "mx_arr", "sx_use"):
             a[k][:] = 0
+        a["mx_arr_dt"][:] = -1
+        a["mx_inst_T"][:] = -1
+        s.mx_cycle = -1
+        s.mx_cycle_macs = 0
+        s.sx_cycle = -1
         qs = a["qs"].reshape(s.NQ, QW)
         qs[:] = 0
         if self.program is not None:
@@ -254,12 +347,50 @@ cdef class FastEngine:
         cdef int rc
         if self.s.err[E_KIND] != ERR_NONE:
             raise self._error()
-        with nogil:
-            rc = run_until(&self.s, u)
+        while True:
+            with nogil:
+                rc = run_until(&self.s, u)
+            if rc != 3:
+                break
+            self._mxm_flush(self.s.flush_plane)
         if rc == 2:
             raise MemoryError("out of memory recording Notify history")
         if rc:
             raise self._error()
+
+    def _mxm_flush(self, int p):
+        """Multiply plane p's batch of activations by its installed weights (one BLAS
+        call) and queue the products to land in their accumulators."""
+        cdef State* s = &self.s
+        a = self.a
+        L = s.L
+        n = int(a["mx_an"][p])
+        if n == 0:
+            return
+        # make room: products that have landed by now go into the accumulators first
+        mxm_apply(s, p, s.t)
+        rows = a["mx_ax"].reshape(s.NP, s.BMAX, 2, L)[p, :n]
+        arr = a["mx_arr"].reshape(s.NP, L, L)[p]
+        dtc = int(a["mx_arr_dt"][p])
+        if dtc == DT_INT8:
+            res = _matmul.int8_dot_fast(rows[:, 0].view(np.int8), arr.view(np.int8)).view(np.uint32)
+        else:
+            K = L // 2
+            x = (rows[:, 0, :K].astype(np.uint16) | (rows[:, 1, :K].astype(np.uint16) << 8)).view(np.float16)
+            w = (arr[0::2].astype(np.uint16) | (arr[1::2].astype(np.uint16) << 8)).view(np.float16)
+            res = _numerics.from_float(_matmul.fp16_dot_fast(x, w), _dt.FLOAT32)
+        head, cnt, BB = int(a["mx_bhead"][p]), int(a["mx_bn"][p]), s.BB
+        assert cnt + n <= BB
+        idx = (head + cnt + np.arange(n)) % BB
+        bres = a["mx_bres"].reshape(s.NP, BB, L)[p]
+        bres[idx] = res
+        base = p * BB
+        a["mx_bacc"][base + idx] = a["mx_aacc"][p * s.BMAX: p * s.BMAX + n]
+        a["mx_badd"][base + idx] = a["mx_aadd"][p * s.BMAX: p * s.BMAX + n]
+        a["mx_bland"][base + idx] = a["mx_aland"][p * s.BMAX: p * s.BMAX + n]
+        a["mx_bdt"][base + idx] = dtc
+        a["mx_bn"][p] = cnt + n
+        a["mx_an"][p] = 0
 
     def _error(self):
         cdef State* s = &self.s
@@ -278,6 +409,10 @@ cdef class FastEngine:
             return _errors.address_error(cfg, c, q, x, y)
         if k == ERR_DEADLOCK:
             return _errors.deadlock(cfg, c, q, x, y)
+        if k == ERR_MXM:
+            return _errors.mxm_error(cfg, c, q, ["busy", "empty", "dtype"][x])
+        if k == ERR_RESOURCE:
+            return _errors.resource_error(cfg, c, q, _isa.SXM_RESOURCES[x])
         return _errors.LpuError(f"fast engine: unknown error code {k}")
 
     @property
@@ -310,7 +445,9 @@ cdef class FastEngine:
     def counters(self):
         a = self.a
         return {"issued": a["st_issued"].copy(), "icu": a["st_icu"].copy(),
-                "bytes_read": a["st_bread"].copy(), "bytes_written": a["st_bwrite"].copy()}
+                "bytes_read": a["st_bread"].copy(), "bytes_written": a["st_bwrite"].copy(),
+                "mxm_macs": a["mx_macs"].copy(), "mxm_busy": a["mx_busy"].copy(),
+                "mxm_peak_macs": a["mx_peak"].copy()}
 
 
 # ---- test hooks: the C numerics on whole arrays, for tests/test_numerics.py --------------------

@@ -14,9 +14,22 @@ cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:
 
 cdef inline int execute(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
     s.st_issued[q] += 1
-    if s.q_unit[q] == UNIT_MEM:
+    cdef int u = s.q_unit[q]
+    if u == UNIT_MEM:
         return mem_exec(s, q, op, f, c)
-    return vxm_exec(s, q, op, s.vx_cls[op], s.vx_nsrc[op], f, c)
+    if u == UNIT_VXM:
+        return vxm_exec(s, q, op, s.vx_cls[op], s.vx_nsrc[op], f, c)
+    if u == UNIT_MXM:
+        return mxm_exec(s, q, op, f, c)
+    return sxm_exec(s, q, op, f, c)
+
+
+cdef inline int next_op(State* s, int q) noexcept nogil:
+    """Opcode of the instruction queue q issues next."""
+    cdef int64_t* qp = s.qs + q * QW
+    if qp[Q_REPLEFT] > 0:
+        return s.code[qp[Q_REPROW] * (1 + NFIELDS)]
+    return s.code[qp[Q_PC] * (1 + NFIELDS)]
 
 
 cdef int push_notify(State* s, int64_t c) noexcept nogil:
@@ -113,12 +126,20 @@ cdef inline int64_t next_event(State* s) noexcept nogil:
 
 cdef int run_until(State* s, int64_t until) noexcept nogil:
     """Simulate cycles up to (not including) until (-1: to the end).  0 = stopped
-    normally, 1 = schedule error in s.err, 2 = out of memory."""
+    normally, 1 = schedule error in s.err, 2 = out of memory, 3 = the MXM batch of
+    plane s.flush_plane must be multiplied first (the caller does it and calls again:
+    the loop resumes at the same cycle, with the queues that already issued in it done)."""
     cdef int q, rc
     cdef int64_t c, nx, nmin, target, finish
     c = next_event(s)
     while True:
         if c == INF:
+            for q in range(s.NP):
+                if s.mx_an[q] > 0:
+                    s.flush_plane = q
+                    return 3
+            for q in range(s.NP):
+                mxm_apply(s, q, INF)
             for q in range(s.NQ):
                 if s.qs[q * QW + Q_WAIT] > 0:
                     set_error(s, ERR_DEADLOCK, s.qs[q * QW + Q_SYNCC], q, s.qs[q * QW + Q_WAIT], s.n_notify)
@@ -151,6 +172,9 @@ cdef int run_until(State* s, int64_t until) noexcept nogil:
         for q in range(s.NQ):
             nx = s.qs[q * QW + Q_NEXT]
             if nx == c:
+                if s.q_unit[q] == UNIT_MXM and mxm_needs_flush(s, q, next_op(s, q), c):
+                    s.flush_plane = s.q_slot[q]
+                    return 3
                 rc = issue(s, q, c)
                 if rc:
                     # leave SRAM as the reference engine does: writes landing by c applied

@@ -14,6 +14,8 @@ cdef enum:
     UNIT_ICU = 0
     UNIT_MEM = 1
     UNIT_VXM = 2
+    UNIT_MXM = 3
+    UNIT_SXM = 4
 
 cdef enum:
     OP_NOP = 0x0000
@@ -52,10 +54,27 @@ cdef enum:
     OP_RSQRT = 0x0043
     OP_RECIP = 0x0044
     OP_SQRT = 0x0045
-    OP_SELECT = 0x0048
+    OP_VXM_SELECT = 0x0048
     OP_CVT = 0x0050
     OP_REQUANT = 0x0051
     OP_CONST = 0x0052
+    OP_LW = 0x0060
+    OP_IW = 0x0061
+    OP_ABC = 0x0062
+    OP_ACC = 0x0063
+    OP_SHIFT = 0x0070
+    OP_PERMUTE = 0x0071
+    OP_DISTRIBUTE = 0x0072
+    OP_ROTATE = 0x0073
+    OP_TRANSPOSE = 0x0074
+    OP_SXM_SELECT = 0x0075
+
+cdef enum:
+    RES_SHIFTERS = 0
+    RES_DISTRIBUTORS = 1
+    RES_TRANSPOSERS = 2
+    RES_PERMUTERS = 3
+    N_RESOURCES = 4
 
 # operand field positions
 cdef enum:
@@ -172,11 +191,11 @@ cdef enum:
     F_SQRT_DTYPE = 0
     F_SQRT_DST = 1
     F_SQRT_A = 2
-    F_SELECT_DTYPE = 0
-    F_SELECT_DST = 1
-    F_SELECT_M = 2
-    F_SELECT_A = 3
-    F_SELECT_B = 4
+    F_VXM_SELECT_DTYPE = 0
+    F_VXM_SELECT_DST = 1
+    F_VXM_SELECT_M = 2
+    F_VXM_SELECT_A = 3
+    F_VXM_SELECT_B = 4
     F_CVT_DTYPE = 0
     F_CVT_TO = 1
     F_CVT_DST = 2
@@ -189,3 +208,31 @@ cdef enum:
     F_CONST_DTYPE = 0
     F_CONST_DST = 1
     F_CONST_VALUE = 2
+    F_LW_SRC = 0
+    F_LW_N = 1
+    F_LW_ROW = 2
+    F_IW_DTYPE = 0
+    F_ABC_DTYPE = 0
+    F_ABC_SRC = 1
+    F_ABC_ACC = 2
+    F_ABC_ADD = 3
+    F_ACC_ACC = 0
+    F_ACC_DST = 1
+    F_SHIFT_DST = 0
+    F_SHIFT_SRC = 1
+    F_SHIFT_N = 2
+    F_PERMUTE_DST = 0
+    F_PERMUTE_SRC = 1
+    F_PERMUTE_MAP = 2
+    F_DISTRIBUTE_DST = 0
+    F_DISTRIBUTE_SRC = 1
+    F_DISTRIBUTE_MAP = 2
+    F_ROTATE_DST = 0
+    F_ROTATE_SRC = 1
+    F_ROTATE_N = 2
+    F_TRANSPOSE_DST = 0
+    F_TRANSPOSE_SRC = 1
+    F_SXM_SELECT_DST = 0
+    F_SXM_SELECT_A = 1
+    F_SXM_SELECT_B = 2
+    F_SXM_SELECT_M = 3

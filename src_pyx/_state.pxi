@@ -25,6 +25,13 @@ cdef enum:
     ERR_LATCH_CONFLICT = 4
     ERR_ADDRESS = 5
     ERR_DEADLOCK = 6
+    ERR_MXM = 7
+    ERR_RESOURCE = 8
+
+cdef enum:
+    MXE_BUSY = 0
+    MXE_EMPTY = 1
+    MXE_DTYPE = 2
 
 cdef enum:
     # error record, int64 err[8] (and the pending landing error perr[8])
@@ -75,6 +82,9 @@ cdef struct State:
     int32_t* q_pos
     int32_t* q_slice
     int32_t* q_slot
+    int32_t* q_hem
+    int32_t* q_pool  # first pool vector of each queue within a cycle's pool row
+    int pool_w       # pool vectors per cycle (sum over queues of their widest write)
     # MEM
     uint8_t* sram    # [NSL * A * L]
     int64_t* wr_tag  # [NSL * RW] landing cycle of a pending write, -1 if free
@@ -93,6 +103,49 @@ cdef struct State:
     uint8_t* latch_valid
     int64_t* lt_tag  # [NALU * RL]
     uint32_t* lt_bits   # [NALU * RL * L]
+    # MXM (see _mxm.pxi): planes, weight buffers and arrays, accumulators, batches
+    int NP           # planes
+    int NACC         # accumulators per plane
+    int RI           # pending-install ring entries per plane
+    int BMAX         # batch (stage A) rows per plane
+    int BB           # product FIFO (stage B) rows per plane
+    int mx_install_delay
+    int mx_delay
+    int mx_acc_delay
+    int mx_fp16_interval
+    uint8_t* mx_buf      # [NP * L * L] weight buffers
+    uint8_t* mx_arr      # [NP * L * L] installed weights
+    int32_t* mx_arr_dt   # [NP] their dtype, -1 if none
+    uint8_t* mx_inst     # [NP * RI * L * L] pending installs
+    int64_t* mx_inst_T   # [NP * RI] their effective cycle, -1 if free
+    int32_t* mx_inst_dt
+    uint32_t* mx_acc     # [NP * NACC * L]
+    uint8_t* mx_ax       # [NP * BMAX * 2 * L] batched activation byte planes
+    int32_t* mx_aacc
+    uint8_t* mx_aadd
+    int64_t* mx_aland
+    int32_t* mx_an       # [NP] rows in the batch
+    uint32_t* mx_bres    # [NP * BB * L] products waiting to land
+    int32_t* mx_bacc
+    uint8_t* mx_badd
+    int64_t* mx_bland
+    int32_t* mx_bdt
+    int32_t* mx_bhead    # [NP]
+    int32_t* mx_bn       # [NP]
+    int64_t* mx_busy_until
+    int64_t* mx_macs
+    int64_t* mx_busy
+    int64_t* mx_peak     # [1] most MACs started in one cycle
+    int64_t mx_cycle
+    int64_t mx_cycle_macs
+    int flush_plane      # plane whose batch the Python side must multiply (run_until returned 3)
+    # SXM
+    int32_t* sx_res      # [256] resource of each SXM opcode
+    int32_t* sx_limit    # [N_RESOURCES] units per hemisphere
+    int32_t* sx_use      # [2 * N_RESOURCES] units in use in cycle sx_cycle
+    int64_t sx_cycle
+    int sx_delay
+    uint8_t* sx_in[64]
     # scratch, [L] each
     uint32_t* ta
     uint32_t* tb

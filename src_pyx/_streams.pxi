@@ -9,11 +9,11 @@
 # diagonal c - x and takes the last segment starting at or before x.  A value
 # leaves the die when its diagonal passes x = P - 1; D > P + max delay keeps a
 # ring slot from being reused while any of its values can still be read.
-# Vectors live in a pool addressed by (issue cycle mod D, queue, plane), which
-# is never reused within D cycles either.
+# Vectors live in a pool addressed by (issue cycle mod D, queue, output stream),
+# which is never reused within D cycles either.
 
 cdef inline int64_t pool_index(State* s, int q, int plane, int64_t c) noexcept nogil:
-    return (((c & s.Dmask) * s.NQ + q) * 4 + plane)
+    return (c & s.Dmask) * s.pool_w + s.q_pool[q] + plane
 
 
 cdef inline uint8_t* stream_read(State* s, int v, int pos, int64_t c) noexcept nogil:

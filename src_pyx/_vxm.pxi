@@ -282,11 +282,11 @@ cdef inline int vxm_compute(State* s, int q, int op, int cls, int nsrc, int32_t*
     cdef uint32_t m
     # ---- operands, in table field order ----
     if cls == VC_SELECT:
-        dtc = f[F_SELECT_DTYPE]
+        dtc = f[F_VXM_SELECT_DTYPE]
         out_dt = dtc
-        dst = f[F_SELECT_DST]
-        if vxm_operand(s, q, f[F_SELECT_M], dtc, c, s.tm) or vxm_operand(s, q, f[F_SELECT_A], dtc, c, s.ta) \
-                or vxm_operand(s, q, f[F_SELECT_B], dtc, c, s.tb):
+        dst = f[F_VXM_SELECT_DST]
+        if vxm_operand(s, q, f[F_VXM_SELECT_M], dtc, c, s.tm) or vxm_operand(s, q, f[F_VXM_SELECT_A], dtc, c, s.ta) \
+                or vxm_operand(s, q, f[F_VXM_SELECT_B], dtc, c, s.tb):
             return 1
         m = dt_mask(dtc)
         for l in range(n):

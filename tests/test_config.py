@@ -25,8 +25,12 @@ def test_groqchip1_matches_tsp_md():
 def test_queues_and_positions():
     c = ChipConfig.groqchip1()
     names = [q.name for q in c.queues]
-    assert names[:2] == ["MEM.W0", "MEM.W1"] and names[44] == "MEM.E0" and names[-1] == "VXM.15"
-    assert len(names) == 88 + 16
+    assert names[:2] == ["MEM.W0", "MEM.W1"] and names[44] == "MEM.E0" and names[103] == "VXM.15"
+    assert names[104:107] == ["MXM.W0.LW", "MXM.W0.ABC", "MXM.W0.ACC"] and names[-1] == "SXM.E13"
+    # TSP.md s6: 144 queues = 88 MEM + 16 VXM + 4 planes x 3 MXM + 2 x 14 SXM
+    assert len(names) == 88 + 16 + 12 + 28 == 144
+    assert c.mxm_position(0) == 0 and c.mxm_position(1) == c.positions - 1
+    assert c.sxm_position(0) == 1 and c.mem_position(0, 43) == 2
     # West slices lie west of the VXM, East slices east, further out = further away
     assert c.mem_position(0, 43) < c.mem_position(0, 0) < c.vxm_position < c.mem_position(1, 0) < c.mem_position(1, 43)
     assert c.positions == 2 * c.vxm_position + 1

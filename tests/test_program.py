@@ -68,12 +68,16 @@ def test_field_validation_names_the_field(queue, mn, args, field):
 
 def test_unit_and_repeat_rules():
     p = Program(ChipConfig.tiny())
-    with pytest.raises(ProgramError, match="VXM instruction"):
+    with pytest.raises(ProgramError, match="unknown instruction 'add' for the MEM"):
         p.add("MEM.W0", "add", "int8", "E0", "E0", "E0")
+    with pytest.raises(ProgramError, match="MXM.ABC instruction"):
+        p.queues["MXM.W0.LW"] = [Instruction(isa.lookup("ABC"), (0, 0, 0, 0))]
+        p.validate()
+    del p.queues["MXM.W0.LW"]
     with pytest.raises(ProgramError, match="must follow"):
         p.add("MEM.W0", "Repeat", 3, 1, 0)
     p.add("MEM.W0", "Read", 60, "E0")
-    with pytest.raises(ProgramError, match="reaches address"):
+    with pytest.raises(ProgramError, match="repetition 5 of Read: addr 65 is out of range"):
         p.add("MEM.W0", "Repeat", 5, 1, 1)
     p.add("VXM.0", "neg", "int8", "E0", "E1")
     with pytest.raises(ProgramError, match="no address"):

@@ -306,7 +306,7 @@ def test_vxm_op_against_numpy(engine, mn, dname, to):
     """Operand a streams in from the West slices (eastward streams), b from the East
     slices (westward), the mask of select through a const in ALU latch A3; the result
     goes out on eastward streams E4.. to the East slices."""
-    op = isa.lookup(mn)
+    op = isa.lookup(mn, "VXM")
     d = dt.get(dname)
     to_d = dt.get(to) if to else None
     in_d = dt.INT32 if op.cls == "requant" else d

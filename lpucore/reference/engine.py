@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import errors
 from ..errors import LpuError, ScheduleError
-from . import _icu, _mem, _vxm
+from . import _icu, _mem, _mxm, _sxm, _vxm
 from ._icu import INF, QueueState
 from ._streams import StreamFile
 
@@ -35,6 +35,8 @@ class ReferenceEngine:
         self.streams = StreamFile(cfg)
         self.mem = _mem.Mem(cfg)
         self.latches = _vxm.Latches(cfg)
+        self.mxm = _mxm.Mxm(cfg)
+        self.sxm = _sxm.Sxm(cfg)
         self.program = None
         self._lists = [[] for _ in cfg.queues]
         self._restart()
@@ -44,6 +46,8 @@ class ReferenceEngine:
         cfg = self.cfg
         self.streams.reset()
         self.latches.reset()
+        self.mxm.reset()
+        self.sxm.reset()
         self.mem.reset(clear_memory=False)
         self.queues = [QueueState(q, self._lists[q.index]) for q in cfg.queues]
         self.notifies = []
@@ -85,6 +89,10 @@ class ReferenceEngine:
             _mem.execute(self, q, ins, args, c)
         elif ins.op.unit == "VXM":
             _vxm.execute(self, q, ins, args, c)
+        elif ins.op.unit == "MXM":
+            _mxm.execute(self, q, ins, args, c)
+        elif ins.op.unit == "SXM":
+            _sxm.execute(self, q, ins, args, c)
         else:  # pragma: no cover - the validator rejects this
             raise LpuError(f"no unit executes {ins.op.mnemonic}")
 
@@ -99,7 +107,8 @@ class ReferenceEngine:
     # ---- running ------------------------------------------------------------------------
     def _next_event(self):
         cands = [q.next for q in self.queues if q.next != INF]
-        for e in (self.streams.next_event(), self.latches.next_event(), self.mem.next_event()):
+        for e in (self.streams.next_event(), self.latches.next_event(), self.mem.next_event(),
+                  self.mxm.next_event()):
             if e is not None:
                 cands.append(e)
         return min(cands) if cands else None
@@ -137,6 +146,7 @@ class ReferenceEngine:
             self.mem.commit(c)
             self.streams.land(c)
             self.latches.land(c)
+            self.mxm.land(c)
             for qs in self.queues:
                 if qs.next == c:
                     _icu.issue(self, qs, c)
@@ -151,4 +161,6 @@ class ReferenceEngine:
 
     def counters(self):
         return {"issued": self.stats_issued.copy(), "icu": self.stats_icu.copy(),
-                "bytes_read": self.stats_bytes_read.copy(), "bytes_written": self.stats_bytes_written.copy()}
+                "bytes_read": self.stats_bytes_read.copy(), "bytes_written": self.stats_bytes_written.copy(),
+                "mxm_macs": self.mxm.macs.copy(), "mxm_busy": self.mxm.busy.copy(),
+                "mxm_peak_macs": np.array([self.mxm.peak], dtype=np.int64)}

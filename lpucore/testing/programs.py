@@ -410,7 +410,7 @@ class ProgramBuilder:
                 # fold a run of equally spaced copies differing only in address into Repeat
                 j = i + 1
                 run_d = run_s = None
-                op = isa.lookup(mn)
+                op = isa.lookup(mn, cfg.queues[q].unit)
                 if op.unit == "MEM" and mn in ("Read", "Write"):
                     while j < len(evs) and evs[j][1] == mn and evs[j][2][1] == args[1]:
                         dd = evs[j][0] - evs[j - 1][0]
@@ -484,12 +484,30 @@ def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Option
         return stream(side, w)
 
     vx_ops = [op for op in isa.TABLE if op.unit == "VXM"]
-    warm = cfg.mem_read_delay + max(cfg.hops) + 3
+    sx_ops = [op for op in isa.TABLE if op.unit == "SXM"]
+    warm = cfg.mem_read_delay + max(cfg.hops) + cfg.sxm_hops + cfg.mxm_hops + 3
+    # MXM and SXM consumers sit beyond the MEM slices: East units read eastward streams
+    # from the East side and vice versa
+    good["MXW"] = {1: [S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [S, S + 4, S + 6], 4: [S + 4]}
+    good["MXE"] = {1: [0, 1, 4, 5, 6, 7], 2: [0, 4, 6], 4: [4]}
+    plane_dt = {}
+    for q in cfg.queues:
+        if q.unit != "MXM" or q.role != "LW" or r.random() < 0.2:
+            continue
+        # give most planes weights early, so that ABCs often find them
+        side = "MXW" if q.hemisphere == 0 else "MXE"
+        plane_dt[q.slot] = r.choice(["int8", "float16"])
+        p.add(q.name, "NOP", warm)
+        p.add(q.name, "LW", r.choice(good[side][1]), 1, r.randrange(cfg.mxm_size))
+        p.add(q.name, "IW", plane_dt[q.slot])
     for q in cfg.queues:
         if q.name in p.queues or r.random() < 0.1:
             continue
-        p.add(q.name, "NOP", r.randrange(warm, warm + 5))
+        late = cfg.mxm_install_delay + 4 if q.unit == "MXM" else 0
+        p.add(q.name, "NOP", r.randrange(warm + late, warm + late + 5))
         side = "V" if q.unit == "VXM" else "WE"[q.hemisphere]
+        if q.unit in ("MXM", "SXM"):
+            side = "MXW" if q.hemisphere == 0 else "MXE"
         for _ in range(r.randrange(1, 5)):
             if r.random() < 0.25:
                 p.add(q.name, "NOP", r.randrange(1, 5))
@@ -511,6 +529,42 @@ def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Option
                     reps, st = r.randrange(1, 6), r.choice([0, 1, -1])
                     if 0 <= ins.args[0] + reps * st < A:
                         p.add(q.name, "Repeat", reps, r.randrange(1, 3), st)
+                continue
+            if q.unit == "MXM":
+                mdt = plane_dt.get(q.slot) if r.random() < 0.9 else None
+                mdt = mdt or r.choice(["int8", "float16"])
+                if q.role == "LW":
+                    if r.random() < 0.3:
+                        p.add(q.name, "IW", mdt)
+                    else:
+                        n_lw = r.randrange(1, min(cfg.mxm_lw_streams, 4) + 1)
+                        base = r.choice(good[side][1]) if n_lw == 1 else r.choice(good[side][2] + good[side][4])
+                        base = min(base, (base // S) * S + S - n_lw)
+                        p.add(q.name, "LW", base, n_lw, r.randrange(cfg.mxm_size - n_lw + 1))
+                elif q.role == "ABC":
+                    acc = r.randrange(cfg.mxm_accumulators)
+                    p.add(q.name, "ABC", mdt, stream(side, 2 if mdt == "float16" else 1), acc, r.randrange(2))
+                    if r.random() < 0.3:
+                        p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 3),
+                              r.choice([0, 1]) if acc + 4 < cfg.mxm_accumulators else 0)
+                else:
+                    p.add(q.name, "ACC", r.randrange(cfg.mxm_accumulators), stream(side, 4, dst=True))
+                continue
+            if q.unit == "SXM":
+                op = r.choice(sx_ops)
+                a = {"dst": stream(side, dst=True), "src": stream(side), "a": stream(side), "b": stream(side),
+                     "m": stream(side), "map": stream(side, 2 if op.mnemonic == "Permute" else 1),
+                     "n": r.randrange(-cfg.lanes + 1, cfg.lanes) if op.mnemonic == "Shift" else r.choice([3, 4])}
+                if op.mnemonic in ("Rotate", "Transpose"):
+                    width = a["n"] if op.mnemonic == "Rotate" else cfg.lanes_per_superlane
+                    wout = a["n"] ** 2 if op.mnemonic == "Rotate" else width
+                    if wout > S or width > S:
+                        continue
+                    a["src"] = r.randrange(2) * S + r.randrange(S - width + 1)
+                    if op.mnemonic == "Rotate" and r.random() < 0.8:
+                        a["src"] = good[side][4][0]
+                    a["dst"] = r.randrange(2) * S + r.randrange(S - wout + 1)
+                p.add(q.name, op.mnemonic, *[a[f.name] for f in op.fields])
                 continue
             op = r.choice(vx_ops)
             d = dt.get(r.choice(op.dtypes))

@@ -44,14 +44,25 @@ def configs(draw, max_slices: int = 6) -> ChipConfig:
     """Small valid geometries and timings, for properties that must hold on any chip."""
     base = ChipConfig.tiny()
     import dataclasses
+    streams = draw(st.sampled_from([4, 8, 16]))
+    lps = draw(st.sampled_from([n for n in (4, 8, 16) if n <= streams]))
+    superlanes = draw(st.integers(1, 3))
     return dataclasses.replace(
         base,
         name="hypothesis",
-        superlanes=draw(st.integers(1, 3)),
-        lanes_per_superlane=draw(st.sampled_from([4, 8, 16])),
+        superlanes=superlanes,
+        lanes_per_superlane=lps,
+        mxm_size=superlanes * lps,
+        mxm_lw_streams=draw(st.integers(1, streams)),
+        mxm_accumulators=draw(st.integers(2, 16)),
+        mxm_delay=draw(st.integers(1, 8)),
+        mxm_install_delay=draw(st.integers(1, 4)),
+        mxm_acc_delay=draw(st.integers(1, 4)),
+        sxm_delay=draw(st.integers(1, 4)),
+        sxm_queues_per_hemisphere=draw(st.integers(1, 3)),
         mem_slices_per_hemisphere=draw(st.integers(2, max_slices)),
         addresses_per_slice=draw(st.sampled_from([16, 32, 64])),
-        streams_per_direction=draw(st.sampled_from([4, 8])),
+        streams_per_direction=streams,
         vxm_alus_per_lane=draw(st.integers(2, 4)),
         mem_slices_per_hop=draw(st.integers(1, 3)),
         stagger=draw(st.integers(1, 4)),
@@ -93,15 +104,53 @@ def _value(draw, kind, cfg, op, so_far):
     return draw(st.integers(lo, hi))
 
 
+def _possible(op, cfg) -> bool:
+    """Whether op has any valid encoding on this configuration."""
+    if op.mnemonic == "Rotate":
+        return cfg.streams_per_direction >= 9
+    return True
+
+
+def _group_start(draw, cfg, width):
+    S = cfg.streams_per_direction
+    return draw(st.integers(0, 1)) * S + draw(st.integers(0, S - width))
+
+
 @st.composite
-def instructions(draw, cfg: ChipConfig = None, unit: str = None) -> Instruction:
-    """One valid instruction (never Repeat: it only exists after another instruction)."""
+def instructions(draw, cfg: ChipConfig = None, unit: str = None, kind: str = None) -> Instruction:
+    """One valid instruction of a unit (``"MEM"``), a queue kind (``"MXM.ABC"``) or
+    any; never Repeat (it only exists after another instruction)."""
     cfg = cfg or ChipConfig.tiny()
-    ops = [op for op in isa.TABLE if op.mnemonic != "Repeat" and (unit is None or op.unit == unit)]
+    ops = [op for op in isa.TABLE if op.mnemonic != "Repeat" and _possible(op, cfg)
+           and (unit is None or op.unit == unit)
+           and (kind is None or op.unit == "ICU" or op.queue_kind == kind)]
     op = draw(st.sampled_from(ops))
     vals = {}
+    if op.mnemonic == "LW":
+        vals["n"] = draw(st.integers(1, cfg.mxm_lw_streams))
+        vals["row"] = draw(st.integers(0, cfg.mxm_size - vals["n"]))
+        vals["src"] = _group_start(draw, cfg, vals["n"])
+    elif op.mnemonic == "Rotate":
+        vals["n"] = draw(st.sampled_from([n for n in (3, 4) if n * n <= cfg.streams_per_direction]))
+        vals["src"] = _group_start(draw, cfg, vals["n"])
+        vals["dst"] = _group_start(draw, cfg, vals["n"] ** 2)
+    elif op.mnemonic == "Transpose":
+        vals["src"] = _group_start(draw, cfg, cfg.lanes_per_superlane)
+        vals["dst"] = _group_start(draw, cfg, cfg.lanes_per_superlane)
+    elif op.mnemonic == "ACC":
+        vals["dst"] = draw(st.integers(0, 1)) * cfg.streams_per_direction + 4 * draw(
+            st.integers(0, cfg.streams_per_direction // 4 - 1))
+    elif op.mnemonic == "ABC":
+        vals["dtype"] = dt.get(draw(st.sampled_from(op.dtypes))).code
+        w = dt.get(vals["dtype"]).nbytes
+        vals["src"] = draw(st.integers(0, 1)) * cfg.streams_per_direction + w * draw(
+            st.integers(0, cfg.streams_per_direction // w - 1))
+    elif op.mnemonic == "Permute":
+        vals["map"] = draw(st.integers(0, 1)) * cfg.streams_per_direction + 2 * draw(
+            st.integers(0, cfg.streams_per_direction // 2 - 1))
     for f in op.fields:
-        vals[f.name] = _value(draw, f.kind, cfg, op, vals)
+        if f.name not in vals:
+            vals[f.name] = _value(draw, f.kind, cfg, op, vals)
     ins = Instruction(op, tuple(vals[f.name] for f in op.fields))
     assert check_instruction(ins, cfg) is None, (ins, check_instruction(ins, cfg))
     return ins
@@ -117,17 +166,18 @@ def raw_programs(draw, cfg: ChipConfig = None, max_len: int = 6) -> Program:
             continue
         n = draw(st.integers(1, max_len))
         for _ in range(n):
-            ins = draw(instructions(cfg, unit=draw(st.sampled_from(["ICU", q.unit]))))
+            ins = draw(instructions(cfg, kind=q.kind) if draw(st.booleans()) else instructions(cfg, unit="ICU"))
             lst = p.queues.setdefault(q.name, [])
             lst.append(ins)
             if ins.op.unit != "ICU" and draw(st.integers(0, 3)) == 0:
                 stride = 0
-                if ins.op.mnemonic in ("Read", "Write"):
-                    stride = draw(st.integers(-1, 1))
                 n_rep = draw(st.integers(1, 4))
-                addr = ins.args[0]
-                if ins.op.mnemonic in ("Read", "Write") and not 0 <= addr + n_rep * stride < cfg.addresses_per_slice:
-                    stride = 0
+                if any(f.strided for f in ins.op.fields):
+                    stride = draw(st.integers(-1, 1))
+                    last = Instruction(ins.op, tuple(v + n_rep * stride if f.strided else v
+                                                     for f, v in zip(ins.op.fields, ins.args)))
+                    if check_instruction(last, cfg) is not None:
+                        stride = 0
                 lst.append(Instruction(isa.lookup("Repeat"), (n_rep, draw(st.integers(1, 3)), stride)))
     return p.validate()
 
