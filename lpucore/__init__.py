@@ -7,18 +7,20 @@ The public API::
     assemble, disassemble text <-> Program
     Chip                  the driver: load, write_tensor, run, read_tensor, stats
     LpuError and subclasses ConfigError, ProgramError, TensorError, ScheduleError,
-    EngineUnavailableError
+    EngineUnavailableError, CompileError
+    lpucore.compiler      scheduled programs (gemm_program, matmul)
+    lpucore.matmul        the MXM's numerics contract
 """
 
 from .asm import assemble, disassemble
 from .chip import ENGINES, Chip, RunStats
 from .config import ChipConfig
-from .errors import (ConfigError, EngineUnavailableError, LpuError, ProgramError, ScheduleError,
-                     TensorError)
+from .errors import (CompileError, ConfigError, EngineUnavailableError, LpuError, ProgramError,
+                     ScheduleError, TensorError)
 from .program import Instruction, Program
 
 __version__ = "0.1.0"
 
 __all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats",
            "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError", "ScheduleError",
-           "EngineUnavailableError", "__version__"]
+           "EngineUnavailableError", "CompileError", "__version__"]

@@ -162,7 +162,7 @@ def disassemble(program: Program) -> str:
     cfg = program.config
     out = []
     preset = None
-    for name in ("groqchip1", "tiny"):
+    for name in ChipConfig.PRESETS:
         if ChipConfig.named(name) == cfg:
             preset = name
     out.append(f".config {preset}" if preset else f".config json:{cfg.to_json()}")

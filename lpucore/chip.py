@@ -25,9 +25,11 @@ from .program import Program
 ENGINES = ("fast", "reference")
 
 
-def make_engine(name: str, cfg: ChipConfig):
+def make_engine(name: str, cfg: ChipConfig, fp16_mxm: str = "exact"):
     """Instantiate an engine by name.  The fast engine never falls back silently."""
     if name == "reference":
+        if fp16_mxm != "exact":
+            raise LpuError("the reference engine computes float16 MXM products exactly only (fp16_mxm='exact')")
         from .reference.engine import ReferenceEngine
         return ReferenceEngine(cfg)
     if name == "fast":
@@ -38,7 +40,7 @@ def make_engine(name: str, cfg: ChipConfig):
                 f"the fast engine (lpucore._engine) cannot be imported: {e}. Build it with "
                 "`pip install -e .` (or `python setup.py build_ext --inplace`), or ask for engine='reference'."
             ) from None
-        return _engine.FastEngine(cfg)
+        return _engine.FastEngine(cfg, fp16_mxm)
     raise LpuError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 
@@ -100,14 +102,19 @@ class Chip:
     ``config`` defaults to :meth:`ChipConfig.groqchip1`; ``engine`` is ``"fast"``
     (the Cython core, default) or ``"reference"`` (plain NumPy).  Both give
     identical memory, cycles and statistics.
+
+    ``fp16_mxm`` (fast engine): ``"exact"`` (default) computes float16 MXM dot
+    products exactly rounded, bit-identical to the reference engine; ``"fp32"`` sums
+    them with float32 BLAS, several times faster, within the bound documented in
+    :func:`lpucore.matmul.fp16_dot_fp32`.  Cycle counts and statistics are the same.
     """
 
-    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast"):
+    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact"):
         self.config = config if config is not None else ChipConfig.groqchip1()
         if not isinstance(self.config, ChipConfig):
             raise LpuError("config must be a ChipConfig")
         self.engine_name = engine
-        self._eng = make_engine(engine, self.config)
+        self._eng = make_engine(engine, self.config, fp16_mxm)
         self.program: Optional[Program] = None
 
     # ---- program -----------------------------------------------------------------------

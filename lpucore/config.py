@@ -121,8 +121,20 @@ class ChipConfig:
                    mxm_lw_streams=4, mxm_delay=5, sxm_queues_per_hemisphere=3)
 
     @classmethod
+    def small(cls) -> "ChipConfig":
+        """A fifth-scale chip (4 superlanes x 16 lanes = 64 lanes, 16 MEM slices per
+        hemisphere of 1,024 addresses, 16 + 16 streams, 64 x 64 MXM planes) on which the
+        GEMM generator and the compiler have room to work, for quick experiments."""
+        return cls(name="small", superlanes=4, lanes_per_superlane=16, mem_slices_per_hemisphere=16,
+                   addresses_per_slice=1024, streams_per_direction=16, mxm_size=64, vxm_alus_per_lane=8,
+                   stagger=4, mem_slices_per_hop=2, mxm_accumulators=64, mxm_lw_streams=8, mxm_delay=12,
+                   sxm_queues_per_hemisphere=4)
+
+    PRESETS = ("groqchip1", "tiny", "small")
+
+    @classmethod
     def named(cls, name: str) -> "ChipConfig":
-        presets = {"groqchip1": cls.groqchip1, "tiny": cls.tiny}
+        presets = {"groqchip1": cls.groqchip1, "tiny": cls.tiny, "small": cls.small}
         if name not in presets:
             raise ConfigError(f"unknown chip configuration {name!r}; presets are {', '.join(presets)}")
         return presets[name]()

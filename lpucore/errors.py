@@ -128,3 +128,7 @@ def resource_error(cfg, cycle, q, resource) -> ScheduleError:
     n = getattr(cfg, "sxm_" + resource)
     return ScheduleError("resource", cycle, cfg.queues[q].name,
                          f"needs one more of the {n} SXM {resource} of hemisphere {hem} in this cycle")
+
+
+class CompileError(LpuError, ValueError):
+    """A computation cannot be compiled for the chip (it does not fit, or is not supported)."""

@@ -12,6 +12,8 @@ from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, u
 from libc.string cimport memcpy, memset
 from libc.stdlib cimport realloc, free
 
+from time import perf_counter as _perf_counter
+
 import numpy as np
 
 from lpucore import dtypes as _dt
@@ -72,6 +74,10 @@ cdef class FastEngine:
     cdef public object program
     cdef dict a          # name -> NumPy array holding part of the state
     cdef public object _lowered
+    cdef dict _views     # shaped views of state arrays used by _mxm_flush
+    cdef dict _wcache    # plane -> ((install version, dtype), weights as floats)
+    cdef public str fp16_mxm
+    cdef public dict host_time   # wall seconds in the cycle loop and in MXM products, batches
     name = "fast"
 
     def __cinit__(self):
@@ -81,8 +87,13 @@ cdef class FastEngine:
         free(self.s.notifies)
         self.s.notifies = NULL
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, fp16_mxm="exact"):
+        if fp16_mxm not in ("exact", "fp32"):
+            raise _errors.LpuError(f"fp16_mxm must be 'exact' or 'fp32', got {fp16_mxm!r}")
         self.cfg = cfg
+        self.fp16_mxm = fp16_mxm
+        self._wcache = {}
+        self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0}
         self.program = None
         cdef State* s = &self.s
         s.L = cfg.lanes
@@ -165,6 +176,7 @@ cdef class FastEngine:
         a["mx_buf"] = np.zeros(NP * LL, dtype=np.uint8)
         a["mx_arr"] = np.zeros(NP * LL, dtype=np.uint8)
         a["mx_arr_dt"] = np.zeros(NP, dtype=np.int32)
+        a["mx_ver"] = np.zeros(NP, dtype=np.int64)
         a["mx_inst"] = np.zeros(NP * s.RI * LL, dtype=np.uint8)
         a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
         a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
@@ -232,6 +244,9 @@ cdef class FastEngine:
         s.mx_buf = _p_u8(a["mx_buf"])
         s.mx_arr = _p_u8(a["mx_arr"])
         s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
+        s.mx_ver = _p_i64(a["mx_ver"])
+        self._views = {"ax": a["mx_ax"].reshape(s.NP, s.BMAX, 2, s.L), "arr": a["mx_arr"].reshape(s.NP, s.L, s.L),
+                       "bres": a["mx_bres"].reshape(s.NP, s.BB, s.L)}
         s.mx_inst = _p_u8(a["mx_inst"])
         s.mx_inst_T = _p_i64(a["mx_inst_T"])
         s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
@@ -300,6 +315,7 @@ cdef class FastEngine:
                   "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_buf", "mx_arr", "sx_use"):
             a[k][:] = 0
         a["mx_arr_dt"][:] = -1
+        self._wcache = {}
         a["mx_inst_T"][:] = -1
         s.mx_cycle = -1
         s.mx_cycle_macs = 0
@@ -347,12 +363,18 @@ cdef class FastEngine:
         cdef int rc
         if self.s.err[E_KIND] != ERR_NONE:
             raise self._error()
+        h = self.host_time
         while True:
+            t0 = _perf_counter()
             with nogil:
                 rc = run_until(&self.s, u)
+            t1 = _perf_counter()
+            h["loop_s"] += t1 - t0
             if rc != 3:
                 break
             self._mxm_flush(self.s.flush_plane)
+            h["mxm_products_s"] += _perf_counter() - t1
+            h["mxm_batches"] += 1
         if rc == 2:
             raise MemoryError("out of memory recording Notify history")
         if rc:
@@ -362,35 +384,62 @@ cdef class FastEngine:
         """Multiply plane p's batch of activations by its installed weights (one BLAS
         call) and queue the products to land in their accumulators."""
         cdef State* s = &self.s
-        a = self.a
-        L = s.L
-        n = int(a["mx_an"][p])
+        cdef int n = s.mx_an[p]
         if n == 0:
             return
         # make room: products that have landed by now go into the accumulators first
         mxm_apply(s, p, s.t)
-        rows = a["mx_ax"].reshape(s.NP, s.BMAX, 2, L)[p, :n]
-        arr = a["mx_arr"].reshape(s.NP, L, L)[p]
-        dtc = int(a["mx_arr_dt"][p])
+        v = self._views
+        rows = v["ax"][p, :n]
+        dtc = s.mx_arr_dt[p]
+        w = self._weights(p, dtc)
         if dtc == DT_INT8:
-            res = _matmul.int8_dot_fast(rows[:, 0].view(np.int8), arr.view(np.int8)).view(np.uint32)
+            # exact: every partial sum is an integer below 2**24
+            res = (rows[:, 0].view(np.int8).astype(np.float32) @ w).astype(np.int32).view(np.uint32)
         else:
-            K = L // 2
+            K = s.L // 2
             x = (rows[:, 0, :K].astype(np.uint16) | (rows[:, 1, :K].astype(np.uint16) << 8)).view(np.float16)
+            if self.fp16_mxm == "exact":
+                prod = _matmul.fp16_dot_fast(x, w)
+            else:
+                prod = _matmul.fp16_dot_fp32(x, w)
+            res = _numerics.from_float(prod, _dt.FLOAT32)
+        self._push_products(p, np.ascontiguousarray(res))
+
+    cdef _push_products(self, int p, res):
+        """Move plane p's batch (now multiplied: res [n, L] uint32) into its FIFO of
+        products waiting to land."""
+        cdef State* s = &self.s
+        cdef const uint32_t[:, ::1] R = res
+        cdef int n = s.mx_an[p]
+        cdef int i, e, a
+        for i in range(n):
+            e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
+            a = p * s.BMAX + i
+            memcpy(s.mx_bres + <int64_t>e * s.L, &R[i, 0], s.L * sizeof(uint32_t))
+            s.mx_bacc[e] = s.mx_aacc[a]
+            s.mx_badd[e] = s.mx_aadd[a]
+            s.mx_bland[e] = s.mx_aland[a]
+            s.mx_bdt[e] = s.mx_arr_dt[p]
+        s.mx_bn[p] += n
+        s.mx_an[p] = 0
+
+    def _weights(self, int p, int dtc):
+        """Plane p's installed weights as a float matrix, cached until the next install."""
+        cdef State* s = &self.s
+        key = (s.mx_ver[p], dtc)
+        hit = self._wcache.get(p)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        arr = self._views["arr"][p]
+        if dtc == DT_INT8:
+            w = arr.view(np.int8).astype(np.float32)
+        else:
             w = (arr[0::2].astype(np.uint16) | (arr[1::2].astype(np.uint16) << 8)).view(np.float16)
-            res = _numerics.from_float(_matmul.fp16_dot_fast(x, w), _dt.FLOAT32)
-        head, cnt, BB = int(a["mx_bhead"][p]), int(a["mx_bn"][p]), s.BB
-        assert cnt + n <= BB
-        idx = (head + cnt + np.arange(n)) % BB
-        bres = a["mx_bres"].reshape(s.NP, BB, L)[p]
-        bres[idx] = res
-        base = p * BB
-        a["mx_bacc"][base + idx] = a["mx_aacc"][p * s.BMAX: p * s.BMAX + n]
-        a["mx_badd"][base + idx] = a["mx_aadd"][p * s.BMAX: p * s.BMAX + n]
-        a["mx_bland"][base + idx] = a["mx_aland"][p * s.BMAX: p * s.BMAX + n]
-        a["mx_bdt"][base + idx] = dtc
-        a["mx_bn"][p] = cnt + n
-        a["mx_an"][p] = 0
+            if self.fp16_mxm != "exact":
+                w = w.astype(np.float32)
+        self._wcache[p] = (key, w)
+        return w
 
     def _error(self):
         cdef State* s = &self.s
@@ -496,3 +545,90 @@ def _c_unary(name, x):
         else:
             dst[i] = lpu_relu(src[i])
     return out
+
+
+# ---- the fp16 MXM filter (see lpucore.matmul.fp16_dot_fast) ------------------------------------
+from libc.math cimport sqrt, rint, fabs
+
+cdef inline double _ulp16(uint16_t h) noexcept nogil:
+    cdef int ex = (h >> 10) & 0x1F
+    if (h & 0x7FFF) == 0:
+        return 0.0
+    return ldexp(1.0, (1 if ex == 0 else ex) - 25)
+
+cdef extern from "math.h" nogil:
+    double ldexp(double x, int e)
+
+
+def _fp16_filter(x16, w16, s, out):
+    """One pass over a float64 product s = x @ w of float16 operands: where the exact,
+    once-rounded float32 result is certain, write it to out; return a uint8 mask of the
+    elements left to the exact path.  Same rules as lpucore.matmul.fp16_dot_fast."""
+    cdef const uint16_t[:, ::1] X = x16
+    cdef const uint16_t[:, ::1] W = w16
+    cdef const double[:, ::1] Sm = s
+    cdef float[:, ::1] O = out
+    cdef Py_ssize_t n = X.shape[0], K = X.shape[1], N = W.shape[1]
+    unsure_arr = np.zeros((n, N), dtype=np.uint8)
+    cdef uint8_t[:, ::1] U = unsure_arr
+    nx_a = np.zeros(n); gx_a = np.zeros(n); bx_a = np.zeros(n, dtype=np.uint8)
+    nw_a = np.zeros(N); gw_a = np.zeros(N); bw_a = np.zeros(N, dtype=np.uint8)
+    cdef double[::1] nx = nx_a
+    cdef double[::1] gx = gx_a
+    cdef uint8_t[::1] bx = bx_a
+    cdef double[::1] nw = nw_a
+    cdef double[::1] gw = gw_a
+    cdef uint8_t[::1] bw = bw_a
+    cdef Py_ssize_t r, c, k
+    cdef double v, u, acc, g, b, sv, e
+    cdef float lo, hi
+    cdef double coef = (K + 2) * ldexp(1.0, -53) * 1.01
+    with nogil:
+        for r in range(n):
+            acc = 0.0
+            g = 1e300
+            for k in range(K):
+                if (X[r, k] & 0x7C00) == 0x7C00:
+                    bx[r] = 1
+                v = lpu_h2f(X[r, k])
+                acc = acc + v * v
+                u = _ulp16(X[r, k])
+                if u > 0.0 and u < g:
+                    g = u
+            nx[r] = sqrt(acc)
+            gx[r] = 1.0 if g == 1e300 else g
+        for c in range(N):
+            acc = 0.0
+            g = 1e300
+            for k in range(K):
+                if (W[k, c] & 0x7C00) == 0x7C00:
+                    bw[c] = 1
+                v = lpu_h2f(W[k, c])
+                acc = acc + v * v
+                u = _ulp16(W[k, c])
+                if u > 0.0 and u < g:
+                    g = u
+            nw[c] = sqrt(acc)
+            gw[c] = 1.0 if g == 1e300 else g
+        for r in range(n):
+            for c in range(N):
+                if bx[r] or bw[c]:
+                    U[r, c] = 1
+                    continue
+                sv = Sm[r, c]
+                b = coef * nx[r] * nw[c]
+                g = gx[r] * gw[c]
+                if b < 0.5 * g and fabs(sv) < g * 4503599627370496.0:
+                    e = rint(sv / g) * g
+                    O[r, c] = <float>e
+                else:
+                    lo = <float>(sv - b)
+                    hi = <float>(sv + b)
+                    if lo == hi:
+                        O[r, c] = lo
+                    else:
+                        U[r, c] = 1
+                        continue
+                if O[r, c] == 0.0:
+                    O[r, c] = 0.0
+    return unsure_arr

@@ -43,6 +43,7 @@ cdef inline void mxm_install(State* s, int p, int64_t c) noexcept nogil:
             return
         memcpy(s.mx_arr + p * RL2, s.mx_inst + (p * s.RI + best) * RL2, RL2)
         s.mx_arr_dt[p] = s.mx_inst_dt[p * s.RI + best]
+        s.mx_ver[p] += 1
         s.mx_inst_T[p * s.RI + best] = -1
 
 

@@ -116,6 +116,7 @@ cdef struct State:
     uint8_t* mx_buf      # [NP * L * L] weight buffers
     uint8_t* mx_arr      # [NP * L * L] installed weights
     int32_t* mx_arr_dt   # [NP] their dtype, -1 if none
+    int64_t* mx_ver      # [NP] installs so far (keys the host's cache of the weights as floats)
     uint8_t* mx_inst     # [NP * RI * L * L] pending installs
     int64_t* mx_inst_T   # [NP * RI] their effective cycle, -1 if free
     int32_t* mx_inst_dt

@@ -1,0 +1,138 @@
+"""The GEMM program generator: results against NumPy, predicted cycles, utilisation."""
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lpucore import ChipConfig, CompileError, matmul as mm, numerics
+from lpucore import dtypes as dt
+from lpucore.compiler import expected_cycles, gemm_program
+from lpucore.testing import run_both
+
+GROQ = ChipConfig.groqchip1()
+SMALL = ChipConfig.small()
+
+
+def operands(M, K, N, dtype, seed):
+    r = np.random.default_rng(seed)
+    if dtype == "int8":
+        return r.integers(-128, 128, (M, K)).astype(np.int8), r.integers(-128, 128, (K, N)).astype(np.int8)
+    A = (r.standard_normal((M, K)) * 2).astype(np.float16)
+    B = (r.standard_normal((K, N)) * 2).astype(np.float16)
+    return A, B
+
+
+def reference(A, B, out, cfg, requant=(1, 0, 0)):
+    """The MXM contract, independently of the engines: exact int8; float16 products
+    exactly rounded per K-chunk of lanes/2 and accumulated in float32 in chunk order."""
+    if A.dtype == np.int8:
+        C = A.astype(np.int64) @ B.astype(np.int64)
+        if out == "int32":
+            return C.astype(np.int32)
+        mult, shift, zp = requant
+        q = [[min(127, max(-128, round(Fraction(int(v) * mult, 2 ** shift)) + zp)) for v in row] for row in C]
+        return np.array(q, dtype=np.int8)
+    Kc = cfg.lanes // 2
+    acc = None
+    for k0 in range(0, A.shape[1], Kc):
+        part = mm.fp16_dot_exact(A[:, k0:k0 + Kc], B[k0:k0 + Kc])
+        acc = part if acc is None else (acc + part).astype(np.float32)
+    return acc if out == "float32" else acc.astype(np.float16)
+
+
+def same(C, R):
+    if C.dtype.kind == "f":
+        return np.array_equal(C.view(np.uint8), R.view(np.uint8)) or (
+            np.array_equal(np.isnan(C), np.isnan(R)) and np.array_equal(C[~np.isnan(C)], R[~np.isnan(R)]))
+    return np.array_equal(C, R)
+
+
+@settings(max_examples=8)
+@given(st.integers(1, 40), st.integers(1, 700), st.integers(1, 700), st.sampled_from(
+    [("int8", "int32"), ("int8", "int8"), ("float16", "float32"), ("float16", "float16")]), st.integers(0, 99))
+def test_groqchip_gemms_of_random_shapes(M, K, N, kinds, seed):
+    dtype, out = kinds
+    requant = (1 << 20, 27, -5)
+    g = gemm_program(M, K, N, dtype, out, requant=requant)
+    A, B = operands(M, K, N, dtype, seed)
+    C, st_ = g.run(A, B, engine="fast")
+    assert C.shape == (M, N) and C.dtype == dt.get(out).numpy
+    assert same(C, reference(A, B, out, GROQ, requant))
+    assert st_.cycles == g.expected_cycles == expected_cycles(g.program)
+    assert st_.finished
+
+
+@pytest.mark.parametrize("kinds", [("int8", "int32"), ("int8", "int8"), ("float16", "float32"), ("float16", "float16")])
+def test_both_engines_agree_on_gemms(kinds):
+    dtype, out = kinds
+    g = gemm_program(37, 150, 130, dtype, out, requant=(3 << 14, 22, 7), config=SMALL)
+    A, B = operands(37, 150, 130, dtype, 3)
+
+    def setup(chip):
+        for name, arr in g.pack(A, B).items():
+            chip.write_tensor(name, arr)
+    assert run_both(g.program, setup) == []
+    C, _ = g.run(A, B, engine="reference")
+    assert same(C, reference(A, B, out, SMALL, (3 << 14, 22, 7)))
+
+
+def test_int8_exact_at_the_extremes_and_multiple_tiles():
+    M, K, N = 3, 700, 650          # three K chunks, three column tiles (one partial)
+    A = np.full((M, K), -128, np.int8)
+    B = np.full((K, N), -128, np.int8)
+    B[:, 5] = 127
+    C, _ = gemm_program(M, K, N).run(A, B)
+    assert C[0, 0] == 700 * 128 * 128 and C[0, 5] == -700 * 128 * 127
+    assert np.array_equal(C, (A.astype(np.int64) @ B.astype(np.int64)).astype(np.int32))
+
+
+def test_fp16_fast_mode_within_its_bound():
+    A, B = operands(20, 600, 330, "float16", 4)
+    g = gemm_program(20, 600, 330, "float16", "float32")
+    exact, st1 = g.run(A, B)
+    fast, st2 = g.run(A, B, fp16_mxm="fp32")
+    assert st1.to_dict() == st2.to_dict()
+    # per 160-element chunk: (K-1) * 2**-24 * sum|a b| + half an ulp, four chunks accumulated
+    absprod = np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64))
+    bound = 4 * (159 * 2.0 ** -24 * absprod + np.spacing(np.abs(exact)))
+    assert (np.abs(fast.astype(np.float64) - exact) <= bound).all()
+
+
+def test_decode_shape_uses_both_hemispheres_and_is_weight_bound():
+    g = gemm_program(1, 4096, 4096)
+    hem = g.plan["hemispheres"]
+    assert hem[0]["rows"] == hem[1]["rows"] == 1 and hem[0]["tiles"] + hem[1]["tiles"] == 13
+    A, B = operands(1, 4096, 4096, "int8", 5)
+    C, st_ = g.run(A, B)
+    assert np.array_equal(C, (A.astype(np.int64) @ B.astype(np.int64)).astype(np.int32))
+    # 16 MiB of weights through 4 planes x 15 streams x 320 B a cycle
+    assert st_.cycles >= 4096 * 4096 / (4 * 15 * 320)
+
+
+def test_large_gemm_keeps_the_mxm_busy():
+    M, K, N = 1152, 1280, 1280
+    g = gemm_program(M, K, N)
+    A, B = operands(M, K, N, "int8", 6)
+    C, st_ = g.run(A, B)
+    assert np.array_equal(C, (A.astype(np.float32) @ B.astype(np.float32)).astype(np.int32))
+    assert st_.mxm_peak_macs_per_cycle == 409_600
+    assert st_.mxm_utilisation > 0.8 and g.useful_macs / (st_.cycles * 409_600) > 0.8
+
+
+def test_gemm_errors():
+    with pytest.raises(CompileError, match="does not fit"):
+        gemm_program(4, 20, 20, config=ChipConfig.tiny())
+    with pytest.raises(CompileError, match="int8 or float16"):
+        gemm_program(4, 20, 20, dtype="int16")
+    with pytest.raises(CompileError, match="gives"):
+        gemm_program(4, 20, 20, dtype="int8", out="float32")
+    with pytest.raises(CompileError, match="positive"):
+        gemm_program(0, 20, 20)
+    g = gemm_program(4, 20, 20)
+    with pytest.raises(CompileError, match="built for"):
+        g.pack(np.zeros((4, 21), np.int8), np.zeros((21, 20), np.int8))
+    with pytest.raises(CompileError, match="does not fit"):
+        gemm_program(60000, 8000, 8000)
