@@ -180,3 +180,20 @@ def compare_outputs(gen, chip) -> List[str]:
             problems.append(f"{op} {dname} -> {[(cfg.slice_name(g), a) for g, a in locs]}: lanes {bad[:8].tolist()} "
                             f"got {got[bad[:8]].tolist()} expected {exp[bad[:8]].tolist()}")
     return problems
+
+
+def sxm(mnemonic: str, data: Dict[str, np.ndarray], imm: Dict[str, int], cfg) -> np.ndarray:
+    """Expected output vector (uint8 lanes) of a one-output SXM instruction."""
+    L, n = cfg.lanes, cfg.lanes_per_superlane
+    if mnemonic == "Shift":
+        x, k = data["src"], imm["n"]
+        return np.array([x[l - k] if 0 <= l - k < L else 0 for l in range(L)], dtype=np.uint8)
+    if mnemonic == "Permute":
+        x, m = data["src"], data["map"].astype(np.int64)
+        return np.array([x[m[l]] if 0 <= m[l] < L else 0 for l in range(L)], dtype=np.uint8)
+    if mnemonic == "Distribute":
+        x, m = data["src"], data["map"].astype(np.int64)
+        return np.array([x[(l // n) * n + m[l]] if m[l] < n else 0 for l in range(L)], dtype=np.uint8)
+    if mnemonic == "Select":
+        return np.where(data["m"] != 0, data["a"], data["b"]).astype(np.uint8)
+    raise KeyError(mnemonic)

@@ -80,6 +80,7 @@ class ProgramBuilder:
         self.latch_land: Dict[int, set] = {}           # alu -> cycles a result lands
         self.latch_hold: Dict[int, List[Tuple[int, int]]] = {}  # alu -> (from, to] latch must not change
         self.used: set = set()                         # (slice, addr) read or written
+        self.sxm_use: Dict[Tuple[int, int, str], int] = {}   # (cycle, hemisphere, resource) -> units
         self.out = GeneratedProgram(Program(cfg))
         self.S = cfg.streams_per_direction
         self.P = cfg.positions
@@ -177,14 +178,15 @@ class ProgramBuilder:
             return True
         return False
 
-    def _operand_from_mem(self, d_type: dt.DType, tv, resv):
-        """Plan reads delivering one operand of d_type to the VXM at cycle tv.  On success
-        appends their reservations to resv and returns (stream base, [(slice, addr)])."""
+    def _operand_from_mem(self, d_type: dt.DType, tv, resv, xpos=None, dirs=(0, 1)):
+        """Plan reads delivering one operand of d_type to position xpos (default: the VXM)
+        at cycle tv.  On success appends their reservations to resv and returns
+        (stream base, [(slice, addr)])."""
         cfg = self.cfg
         w = d_type.nbytes
-        d = self.ch.integers(0, 1)
-        hem = 0 if d == 0 else 1                 # east-flowing values come from the West
-        pool = [q for q in self.mem_q if q.hemisphere == hem]
+        d = self.ch.choice(list(dirs))
+        xpos = self.vx_x if xpos is None else xpos
+        pool = [q for q in self.mem_q if self.x(d, q.position) <= self.x(d, xpos)]   # upstream slices
         if len(pool) < w:
             return None
         picked = []
@@ -193,7 +195,7 @@ class ProgramBuilder:
             pool.remove(q)
             picked.append(q)
         base = self.ch.integers(0, self.S // w - 1) * w
-        xv = self.x(d, self.vx_x)
+        xv = self.x(d, xpos)
         mine: List[tuple] = []
         locs = []
         for i, q in enumerate(picked):
@@ -214,13 +216,14 @@ class ProgramBuilder:
         resv.extend(mine)
         return self.stream(d, base), locs
 
-    def _result_to_mem(self, d_type: dt.DType, T, resv):
-        """Plan writes taking a result of d_type that lands at the VXM in cycle T to MEM."""
+    def _result_to_mem(self, d_type: dt.DType, T, resv, xpos=None, dirs=(0, 1)):
+        """Plan writes taking a result of d_type that lands at position xpos (default: the
+        VXM) in cycle T to MEM."""
         cfg = self.cfg
         w = d_type.nbytes
-        d = self.ch.integers(0, 1)
-        hem = 1 if d == 0 else 0                 # east-flowing results go to the East
-        pool = [q for q in self.mem_q if q.hemisphere == hem]
+        d = self.ch.choice(list(dirs))
+        xpos = self.vx_x if xpos is None else xpos
+        pool = [q for q in self.mem_q if self.x(d, q.position) > self.x(d, xpos)]    # downstream slices
         if len(pool) < w:
             return None
         picked = []
@@ -229,7 +232,7 @@ class ProgramBuilder:
             pool.remove(q)
             picked.append(q)
         base = self.ch.integers(0, self.S // w - 1) * w
-        xv = self.x(d, self.vx_x)
+        xv = self.x(d, xpos)
         mine: List[tuple] = []
         locs = []
         for i, q in enumerate(picked):
@@ -377,13 +380,83 @@ class ProgramBuilder:
             return True
         return False
 
+    def try_sxm(self, t0):
+        """A Shift, Permute, Distribute or Select on an SXM, fed from MEM and written back."""
+        cfg = self.cfg
+        op = self.ch.choice([o for o in isa.TABLE if o.unit == "SXM" and o.mnemonic in
+                             ("Shift", "Permute", "Distribute", "Select")])
+        hem = self.ch.integers(0, 1)
+        sq = self.ch.choice([q for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem])
+        xs = sq.position
+        inward = 1 if hem == 0 else 0         # MEM values reach the West SXM flowing west
+        n_res = getattr(cfg, "sxm_" + op.resource)
+        for tv in range(t0, t0 + 6):
+            resv: List[tuple] = []
+            if not self.q_free(sq.index, tv) or self.sxm_use.get((tv, hem, op.resource), 0) >= n_res:
+                continue
+            T = tv + cfg.sxm_delay
+            names = {"Shift": ["src"], "Permute": ["src", "map"], "Distribute": ["src", "map"],
+                     "Select": ["a", "b", "m"]}[op.mnemonic]
+            srcs, vals, ok = {}, {}, True
+            for name in names:
+                d_in = dt.INT16 if (op.mnemonic == "Permute" and name == "map") else dt.INT8
+                r = self._operand_from_mem(d_in, tv, resv, xpos=xs, dirs=(inward,))
+                if r is None:
+                    ok = False
+                    break
+                srcs[name], vals[name] = r
+            if not ok:
+                self._rollback(resv)
+                continue
+            r = self._result_to_mem(dt.INT8, T, resv, xpos=xs, dirs=(1 - inward,))
+            if r is None:
+                self._rollback(resv)
+                continue
+            dst, out_locs = r
+            self._commit(resv)
+            L = cfg.lanes
+            data = {}
+            for name in names:
+                if op.mnemonic == "Permute" and name == "map":
+                    # mostly valid lane numbers, a few out of range
+                    m = np.array([self.ch.integers(-2, L + 1) for _ in range(L)], dtype=np.int16)
+                    planes = model.to_planes(m, dt.INT16)
+                    for (g, a), p_ in zip(vals[name], planes):
+                        self.out.inputs[(g, a)] = p_
+                    data[name] = m
+                elif op.mnemonic == "Distribute" and name == "map":
+                    m = np.array([self.ch.integers(0, cfg.lanes_per_superlane + 1) for _ in range(L)], dtype=np.uint8)
+                    self.out.inputs[vals[name][0]] = m
+                    data[name] = m
+                else:
+                    data[name] = self._random_operand_data(dt.INT8, vals[name]).view(np.uint8)
+            imm = {}
+            if op.mnemonic == "Shift":
+                imm["n"] = self.ch.integers(-(L - 1), L - 1)
+            args = []
+            for f in op.fields:
+                if f.name == "dst":
+                    args.append(dst)
+                elif f.name in srcs:
+                    args.append(srcs[f.name])
+                else:
+                    args.append(imm[f.name])
+            self.emit(sq.index, tv, op.mnemonic, tuple(args))
+            self.sxm_use[(tv, hem, op.resource)] = self.sxm_use.get((tv, hem, op.resource), 0) + 1
+            self.out.expected[out_locs[0]] = model.sxm(op.mnemonic, data, imm, cfg)
+            self.out.description.append(f"{op.mnemonic} on {sq.name} at {tv}")
+            return True
+        return False
+
     # ---- emission ----------------------------------------------------------------------------------
     def build(self, n_transactions: int, sync: bool = False) -> GeneratedProgram:
         for _ in range(n_transactions):
-            kind = self.ch.integers(0, 3)
+            kind = self.ch.integers(0, 4)
             t0 = self.ch.integers(0, self.horizon)
             if kind == 0:
                 self.try_copy(t0)
+            elif kind == 4:
+                self.try_sxm(t0)
             else:
                 self.try_vxm(t0, chain=(kind == 3))
         self._emit_program(sync)

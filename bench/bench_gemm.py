@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""GEMM on the simulated GroqChip against NumPy's float32 matmul, in one process.
+
+Shapes (C[M, N] = A[M, K] x B[K, N]):
+  (a) int8    [2304 x 4096] x [4096 x 4096]   (P22 reports >= 80% MXM utilisation)
+  (b) float16 [1024 x 1024] x [1024 x 1024]   (fast engine, fp16_mxm "exact" and "fp32")
+  (c) int8    [1 x 4096] x [4096 x 4096]      (a decode step)
+
+For each: simulated cycles and time, MXM utilisation (busy plane-cycles, and useful
+MACs / (cycles x 409,600)), host MACs per second of ``chip.run()`` (the simulation,
+measured on a second, warm run) and end to end (program build, packing, tensor
+writes, run, read back), NumPy's float32 matmul of the same operands (already
+converted) and the ratio lpucore / NumPy.  Last line: one JSON object.
+
+    python bench/bench_gemm.py [--only a,b,c]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+
+import lpucore
+from lpucore import Chip, ChipConfig
+from lpucore.compiler import gemm_program
+
+SHAPES = {"a": (2304, 4096, 4096, "int8"), "b": (1024, 1024, 1024, "float16"), "c": (1, 4096, 4096, "int8")}
+
+
+def numpy_time(A, B, reps):
+    a, b = A.astype(np.float32), B.astype(np.float32)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench(key, fp16_mxm="exact"):
+    M, K, N, dtype = SHAPES[key]
+    cfg = ChipConfig.groqchip1()
+    rng = np.random.default_rng(0)
+    if dtype == "int8":
+        A = rng.integers(-128, 128, (M, K)).astype(np.int8)
+        B = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    else:
+        A = rng.standard_normal((M, K)).astype(np.float16)
+        B = rng.standard_normal((K, N)).astype(np.float16)
+    t0 = time.perf_counter()
+    g = gemm_program(M, K, N, dtype)
+    t_build = time.perf_counter() - t0
+    chip = Chip(cfg, fp16_mxm=fp16_mxm)
+    t0 = time.perf_counter()
+    chip.load(g.program)
+    packed = g.pack(A, B)
+    for name, arr in packed.items():
+        chip.write_tensor(name, arr)
+    t_in = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    chip.run()                                 # first run: maps the SRAM pages it writes
+    t_cold = time.perf_counter() - t0
+    chip.reset(clear_memory=False)
+    for name, arr in packed.items():
+        chip.write_tensor(name, arr)
+    host0 = dict(chip._eng.host_time) if hasattr(chip._eng, "host_time") else {}
+    t0 = time.perf_counter()
+    st = chip.run()
+    t_run = time.perf_counter() - t0
+    host1 = dict(chip._eng.host_time) if hasattr(chip._eng, "host_time") else {}
+    t0 = time.perf_counter()
+    C = g.unpack(chip)
+    t_out = time.perf_counter() - t0
+    if dtype == "int8":
+        ok = bool(np.array_equal(C.astype(np.int64), A.astype(np.int64) @ B.astype(np.int64)))
+    else:
+        ref = A.astype(np.float64) @ B.astype(np.float64)
+        ok = bool(np.allclose(C, ref, rtol=1e-4, atol=1e-3))
+    t_np = numpy_time(A, B, 3 if key != "c" else 20)
+    macs = M * K * N
+    r = {
+        "shape": [M, K, N], "dtype": dtype, "fp16_mxm": fp16_mxm if dtype == "float16" else None,
+        "correct": ok, "cycles": st.cycles, "predicted_cycles": g.expected_cycles,
+        "simulated_seconds": st.seconds,
+        "simulated_tops": 2 * macs / st.seconds / 1e12,
+        "mxm_utilisation": st.mxm_utilisation,
+        "mxm_useful_utilisation": macs / (st.cycles * cfg.mxm_planes * cfg.mxm_size ** 2),
+        "build_s": t_build, "inputs_s": t_in, "run_cold_s": t_cold, "run_s": t_run, "outputs_s": t_out,
+        "run_loop_s": host1.get("loop_s", 0) - host0.get("loop_s", 0),
+        "run_products_s": host1.get("mxm_products_s", 0) - host0.get("mxm_products_s", 0),
+        "host_macs_per_s": macs / t_run,
+        "end_to_end_macs_per_s": macs / (t_build + t_in + t_run + t_out),
+        "numpy_s": t_np, "numpy_macs_per_s": macs / t_np,
+        "ratio_vs_numpy": t_np / t_run,
+        "ratio_vs_numpy_end_to_end": t_np / (t_build + t_in + t_run + t_out),
+        "simulated_cycles_per_s": st.cycles / t_run,
+    }
+    label = f"({key}) {dtype} [{M} x {K}] x [{K} x {N}]" + (f" fp16_mxm={fp16_mxm}" if dtype == "float16" else "")
+    print(f"{label}\n    {st.cycles:,} cycles = {st.seconds * 1e6:,.1f} us simulated ({r['simulated_tops']:.0f} TOPS); "
+          f"MXM busy {r['mxm_utilisation']:.1%}, useful {r['mxm_useful_utilisation']:.1%}; correct: {ok}\n"
+          f"    host: run {t_run:.3f} s ({r['host_macs_per_s'] / 1e9:.1f} GMAC/s; cycle loop {r['run_loop_s']:.3f} s, "
+          f"MXM products {r['run_products_s']:.3f} s), end to end {t_build + t_in + t_run + t_out:.3f} s; "
+          f"NumPy {t_np:.4f} s ({r['numpy_macs_per_s'] / 1e9:.1f} GMAC/s)\n"
+          f"    lpucore / NumPy MAC rate: {r['ratio_vs_numpy']:.2f} (run), {r['ratio_vs_numpy_end_to_end']:.2f} (end to end)")
+    return r
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", default="a,b,c")
+    args = ap.parse_args(argv)
+    out = {"lpucore": lpucore.__version__, "results": {}}
+    for key in args.only.split(","):
+        if SHAPES[key][3] == "float16":
+            for mode in ("exact", "fp32"):
+                out["results"][f"{key}_{mode}"] = bench(key, mode)
+        else:
+            out["results"][key] = bench(key)
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
