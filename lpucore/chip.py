@@ -248,10 +248,8 @@ class Chip:
         a = check_array(t, array)
         planes = t.to_planes(a, self.config.lanes)
         for p in range(t.dtype.nbytes):
-            v = 0
-            for e in t.planes[p]:
-                self._eng.write_mem(e.slice, e.address, planes[p, v:v + e.count])
-                v += e.count
+            for start, g, addr, n in _runs(t, p, self.config.lanes):
+                self._eng.write_mem(g, addr, planes[p, start:start + n])
 
     def read_tensor(self, name: str) -> np.ndarray:
         """Read a tensor from MEM through the tensor table."""
@@ -259,8 +257,26 @@ class Chip:
         nvec = t.nvectors(self.config.lanes)
         planes = np.empty((t.dtype.nbytes, nvec, self.config.lanes), dtype=np.uint8)
         for p in range(t.dtype.nbytes):
-            v = 0
-            for e in t.planes[p]:
-                planes[p, v:v + e.count] = self._eng.read_mem(e.slice, e.address, e.count)
-                v += e.count
+            for start, g, addr, n in _runs(t, p, self.config.lanes):
+                planes[p, start:start + n] = self._eng.read_mem(g, addr, n)
         return t.from_planes(planes, self.config.lanes)
+
+
+def _runs(t, plane, lanes):
+    """(first vector, slice, address, count) runs of consecutive vectors at consecutive addresses."""
+    from .layout import Stripes
+    p = t.planes[plane]
+    if not isinstance(p, Stripes):
+        v = 0
+        for e in p:
+            yield v, e.slice, e.address, e.count
+            v += e.count
+        return
+    locs = t.locations(plane, lanes)
+    i = 0
+    while i < len(locs):
+        j = i + 1
+        while j < len(locs) and locs[j][0] == locs[i][0] and locs[j][1] == locs[j - 1][1] + 1:
+            j += 1
+        yield i, locs[i][0], locs[i][1], j - i
+        i = j

@@ -98,7 +98,7 @@ class ChipConfig:
     mxm_fp16_interval: int = _param(2, "cycles", "Cycles between fp16 ABCs on one plane: a plane does one [1 x 160] x [160 x 320] fp16 sub-op every 2 cycles, so the chip does 2 per cycle against 4 int8 [1 x 320] x [320 x 320].", "TSP.md s3 [A] (P22)")
     # ---- SXM ----------------------------------------------------------------------
     sxm_queues_per_hemisphere: int = _param(14, "queues", "SXM instruction queues per hemisphere.", "TSP.md s6 [B, C]")
-    sxm_shifters: int = _param(4, "units", "Shift/Select units per hemisphere usable in one cycle.", "estimate")
+    sxm_shifters: int = _param(8, "units", "Shift/Select units per hemisphere usable in one cycle (8: a float32 lane rotation, two shifts of four byte planes, in one cycle).", "estimate (TSP.md names no limit for shifts)")
     sxm_distributors: int = _param(4, "units", "Distribute/Rotate units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: about 4)")
     sxm_transposers: int = _param(2, "units", "Transpose units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: 2)")
     sxm_permuters: int = _param(1, "units", "Permute units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: 1)")
@@ -128,7 +128,7 @@ class ChipConfig:
         return cls(name="small", superlanes=4, lanes_per_superlane=16, mem_slices_per_hemisphere=16,
                    addresses_per_slice=1024, streams_per_direction=16, mxm_size=64, vxm_alus_per_lane=8,
                    stagger=4, mem_slices_per_hop=2, mxm_accumulators=64, mxm_lw_streams=8, mxm_delay=12,
-                   sxm_queues_per_hemisphere=4)
+                   sxm_queues_per_hemisphere=8)
 
     PRESETS = ("groqchip1", "tiny", "small")
 

@@ -8,8 +8,11 @@ element is split into byte planes, least significant first (TSP.md section 1,
 stream groups), and each plane is stored separately, so that an fp16 tensor's
 two planes can sit in two slices and be read onto two streams in one cycle.
 
-Each byte plane is a list of *extents* ``(slice, address, count)``: the plane's
-vectors, in order, fill the extents one after another.
+Each byte plane is either a list of *extents* ``(slice, address, count)``, whose
+vectors fill the extents one after another, or *stripes* (:class:`Stripes`):
+vector ``(row r, chunk c)`` lives in stripe ``(r + c) % n`` at the stripe's base
+address plus ``(r // n) * chunks + c``, so that consecutive rows and the chunks of
+one row are all in different slices and can be read in the same cycle.
 """
 
 from __future__ import annotations
@@ -32,6 +35,23 @@ class Extent:
     slice: int        # global slice number (W0..W43 = 0..43, E0..E43 = 44..87)
     address: int
     count: int
+
+
+@dataclass(frozen=True)
+class Stripes:
+    """A byte plane striped over slices: ``((slice, base address), ...)``."""
+
+    parts: Tuple[Tuple[int, int], ...]
+
+    def loc(self, v: int, chunks: int) -> Tuple[int, int]:
+        r, c = divmod(v, chunks)
+        n = len(self.parts)
+        g, base = self.parts[(r + c) % n]
+        return g, base + (r // n) * chunks + c
+
+    def span(self, rows: int, chunks: int) -> int:
+        """Addresses used in each stripe's slice."""
+        return -(-rows // len(self.parts)) * chunks
 
 
 @dataclass(frozen=True)
@@ -58,10 +78,15 @@ class TensorInfo:
         """Vectors in each byte plane."""
         return self.rows * self.chunks(lanes)
 
-    def locations(self, plane: int) -> List[Tuple[int, int]]:
-        """(slice, address) of each vector of one byte plane, in order."""
+    def locations(self, plane: int, lanes: int = 0) -> List[Tuple[int, int]]:
+        """(slice, address) of each vector of one byte plane, in order (``lanes`` is
+        needed for striped planes)."""
+        p = self.planes[plane]
+        if isinstance(p, Stripes):
+            ch = self.chunks(lanes)
+            return [p.loc(v, ch) for v in range(self.rows * ch)]
         out = []
-        for e in self.planes[plane]:
+        for e in p:
             out.extend((e.slice, e.address + i) for i in range(e.count))
         return out
 
@@ -88,13 +113,19 @@ class TensorInfo:
     # ---- serialisation -----------------------------------------------------------------
     def to_json(self) -> dict:
         return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape),
-                "planes": [[[e.slice, e.address, e.count] for e in p] for p in self.planes]}
+                "planes": [{"stripes": [[g, b] for g, b in p.parts]} if isinstance(p, Stripes)
+                           else [[e.slice, e.address, e.count] for e in p] for p in self.planes]}
 
     @classmethod
     def from_json(cls, d) -> "TensorInfo":
         try:
-            return cls(str(d["name"]), dt.get(d["dtype"]), tuple(int(x) for x in d["shape"]),
-                       tuple(tuple(Extent(int(s), int(a), int(c)) for s, a, c in p) for p in d["planes"]))
+            planes = []
+            for p in d["planes"]:
+                if isinstance(p, dict):
+                    planes.append(Stripes(tuple((int(g), int(b)) for g, b in p["stripes"])))
+                else:
+                    planes.append(tuple(Extent(int(s), int(a), int(c)) for s, a, c in p))
+            return cls(str(d["name"]), dt.get(d["dtype"]), tuple(int(x) for x in d["shape"]), tuple(planes))
         except ProgramError:
             raise
         except Exception as e:
@@ -123,6 +154,27 @@ def make_tensor(name: str, dtype, shape: Sequence[int], planes, cfg: ChipConfig)
         raise ProgramError(f"tensor {name!r}: {d.name} needs {d.nbytes} byte plane(s), got {len(planes)}")
     out = []
     for pi, plane in enumerate(planes):
+        if isinstance(plane, Stripes) or (isinstance(plane, dict) and "stripes" in plane):
+            st = plane if isinstance(plane, Stripes) else Stripes(tuple(tuple(x) for x in plane["stripes"]))
+            if not st.parts:
+                raise ProgramError(f"tensor {name!r}: byte plane {pi} has no stripe")
+            parts = []
+            for g, b in st.parts:
+                if isinstance(g, str):
+                    try:
+                        g = cfg.parse_slice(g)
+                    except Exception as ex:
+                        raise ProgramError(f"tensor {name!r}: {ex}") from None
+                g, b = int(g), int(b)
+                if not 0 <= g < cfg.mem_slices:
+                    raise ProgramError(f"tensor {name!r}: slice {g} out of range 0..{cfg.mem_slices - 1}")
+                n_addr = st.span(probe.rows, probe.chunks(cfg.lanes))
+                if b < 0 or b + n_addr > cfg.addresses_per_slice:
+                    raise ProgramError(f"tensor {name!r}: stripe {cfg.slice_name(g)}:{b}+{n_addr} does not fit "
+                                       f"a slice of {cfg.addresses_per_slice} addresses")
+                parts.append((g, b))
+            out.append(Stripes(tuple(parts)))
+            continue
         exts, total = [], 0
         plane = list(plane)
         if not plane:
@@ -161,7 +213,7 @@ def make_tensor(name: str, dtype, shape: Sequence[int], planes, cfg: ChipConfig)
     info = TensorInfo(name, d, shape, tuple(out))
     seen = set()
     for pi in range(d.nbytes):
-        for loc in info.locations(pi):
+        for loc in info.locations(pi, cfg.lanes):
             if loc in seen:
                 raise ProgramError(f"tensor {name!r}: two vectors share {cfg.slice_name(loc[0])}:{loc[1]:#x}")
             seen.add(loc)

@@ -1,0 +1,730 @@
+"""Kernels: the compiler's ways of turning tensor operations into placed instructions.
+
+Every kernel works vector by vector and hands the scheduler a plan for each
+vector (MEM reads timed to reach a unit exactly when it issues, the unit's
+instructions, MEM writes timed to catch the results); the scheduler finds the
+earliest cycle at which the plan fits.  Because nothing waits on anything at
+run time, the program's cycle count follows from the plans.
+
+* :class:`Expr` and :func:`map_kernel` - elementwise expressions (a chain of VXM
+  ops per vector, operands from MEM streams, constants and intermediates in ALU
+  latches).
+* :func:`allreduce_kernel` - sum or max over the lanes of each row, leaving the
+  result in every lane (SXM lane rotations and VXM ops in a loop).
+* :func:`matmul_kernel` - the MXM: weight tiles loaded by LW while the previous
+  tile computes, activations streamed row by row, results out through ACC.
+* :func:`lanemove_kernel` - moving lanes between vectors (SXM shifts and
+  distributes, VXM merges): slicing, concatenation, reshapes and transposes that
+  do not fall on vector boundaries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .. import dtypes as dt
+from .. import isa
+from ..config import ChipConfig
+from ..errors import CompileError
+from .memory import VT
+from .schedule import Plan, Scheduler
+
+SEARCH = 200_000          # cycles a kernel may look ahead for room before giving up
+
+
+class Ctx:
+    """Scheduler plus geometry helpers shared by the kernels."""
+
+    def __init__(self, cfg: ChipConfig, sched: Scheduler):
+        self.cfg = cfg
+        self.sched = sched
+        self.S = cfg.streams_per_direction
+        self.vx = cfg.vxm_position
+        self.rot = [0, 0]
+        self.mem_q = {cfg.slice_id(q.hemisphere, q.slot): q.name for q in cfg.queues if q.unit == "MEM"}
+        self.slice_pos = {g: cfg.mem_position(*divmod(g, cfg.mem_slices_per_hemisphere)) for g in self.mem_q}
+
+    def xloc(self, d: int, pos: int) -> int:
+        return pos if d == 0 else self.cfg.positions - 1 - pos
+
+    def dir_to(self, src_pos: int, dst_pos: int) -> int:
+        """Direction a value takes from src_pos to dst_pos (0 east, 1 west)."""
+        return 0 if dst_pos >= src_pos else 1
+
+    def bank(self, addr: int) -> int:
+        return self.cfg.bank_of(addr)
+
+    def streams(self, d: int, w: int, avoid: Sequence[int] = ()):
+        """Candidate stream-group bases (encoded) in direction d, aligned to w, rotating."""
+        S = self.S
+        n = S // w
+        start = self.rot[d] % n
+        self.rot[d] += 1
+        for i in range(n):
+            b = d * S + ((start + i) % n) * w
+            if b not in avoid:
+                yield b
+
+    # ---- MEM reads and writes as parts of a plan ---------------------------------------------------
+    def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Dict) -> Optional[int]:
+        """Plan reads of every byte plane of vector v of vt so that they pass position pos
+        at cycle T on one stream group.  Returns the group's base stream, or None."""
+        cfg = self.cfg
+        w = vt.planes
+        locs = [vt.loc(v, p) for p in range(w)]
+        sp = [self.slice_pos[g] for g, _ in locs]
+        d = self.dir_to(sp[0], pos)
+        if any(self.dir_to(s, pos) != d for s in sp):
+            return None
+        t_iss = [T - cfg.mem_read_delay - abs(pos - s) for s in sp]
+        if any(t < int(vt.ready[v]) or t < 0 for t in t_iss):
+            return None
+        for b in self.streams(d, w):
+            ok = True
+            spans = []
+            for p in range(w):
+                st = b + p
+                k = T - self.xloc(d, pos)
+                x0, x1 = self.xloc(d, sp[p]), self.xloc(d, pos)
+                if not self.sched.span_free(st, k, x0, x1) or (st, k) in used:
+                    ok = False
+                    break
+                spans.append((st, k, x0, x1))
+            if ok:
+                for p in range(w):
+                    g, a = locs[p]
+                    plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
+                    plan.reads.append((g, t_iss[p], self.bank(a)))
+                    used[(spans[p][0], spans[p][1])] = 1
+                plan.spans.extend(spans)
+                return b
+        return None
+
+    def write_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Dict,
+                    planes: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int]]:
+        """Plan writes of vector v of vt from a stream group leaving position pos at cycle T.
+        Returns (base stream, landing cycle of the last plane) or None."""
+        cfg = self.cfg
+        planes = list(range(vt.planes)) if planes is None else list(planes)
+        w = len(planes)
+        locs = [vt.loc(v, p) for p in planes]
+        sp = [self.slice_pos[g] for g, _ in locs]
+        if any(s == pos for s in sp):
+            return None
+        d = self.dir_to(pos, sp[0])
+        if any(self.dir_to(pos, s) != d for s in sp):
+            return None
+        t_iss = [T + abs(s - pos) for s in sp]
+        lands = [t + cfg.mem_write_delay for t in t_iss]
+        if any(l < vt.write_after(v, p) for l, p in zip(lands, planes)):
+            return None
+        for b in self.streams(d, 4 if w == 4 else w):
+            ok = True
+            spans = []
+            for i in range(w):
+                st = b + i
+                k = T - self.xloc(d, pos)
+                x0, x1 = self.xloc(d, pos), self.xloc(d, sp[i])
+                if not self.sched.span_free(st, k, x0, x1) or (st, k) in used:
+                    ok = False
+                    break
+                spans.append((st, k, x0, x1))
+            if ok:
+                for i in range(w):
+                    g, a = locs[i]
+                    plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
+                    plan.writes.append((g, lands[i], self.bank(a)))
+                    used[(spans[i][0], spans[i][1])] = 1
+                plan.spans.extend(spans)
+                return b, max(lands)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# elementwise expressions
+# ---------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Expr:
+    """A node of a per-element expression evaluated on the VXM."""
+
+    op: str                                   # "in", "const" or a VXM mnemonic
+    dtype: dt.DType                           # result type
+    args: Tuple["Expr", ...] = ()
+    imm: Dict[str, int] = field(default_factory=dict)
+    src: Optional[Tuple[VT, Callable[[int], int]]] = None   # "in": tensor and output-vector -> its vector
+    min_t: int = 0                            # earliest relative issue time (staggers reads)
+
+    # construction helpers
+    @staticmethod
+    def input(vt: VT, index: Callable[[int], int]) -> "Expr":
+        return Expr("in", vt.dtype, src=(vt, index))
+
+    @staticmethod
+    def const(d: dt.DType, value) -> "Expr":
+        if d.is_float:
+            bits = int(np.array(value, dtype=d.numpy).view({2: np.uint16, 4: np.uint32}[d.nbytes]))
+        else:
+            bits = int(np.array(value).astype(np.int64)) & ((1 << d.bits) - 1)
+        if bits >= 2 ** 31:
+            bits -= 2 ** 32
+        return Expr("const", d, imm={"value": bits})
+
+    def __call__(self, *a):       # not used
+        raise TypeError
+
+
+def E(op: str, d: dt.DType, *args: Expr, **imm) -> Expr:
+    return Expr(op, d, tuple(args), imm)
+
+
+def cvt(x: Expr, to: dt.DType) -> Expr:
+    if x.dtype == to:
+        return x
+    if x.op == "const":
+        # fold: convert the constant on the host with the chip's rules
+        from .. import numerics
+        bits = numerics.convert(np.array([x.imm["value"] & 0xFFFFFFFF], dtype=np.uint32), x.dtype, to)
+        return Expr.const(to, np.array(bits, dtype=np.uint32).astype({1: np.uint8, 2: np.uint16, 4: np.uint32}[to.nbytes])
+                          .view(to.numpy)[0])
+    return Expr("cvt", to, (x,), {"from": x.dtype.code})
+
+
+def _topo(root: Expr) -> List[Expr]:
+    order, seen = [], set()
+
+    def visit(n):
+        if id(n) in seen:
+            return
+        seen.add(id(n))
+        for a in n.args:
+            visit(a)
+        order.append(n)
+    visit(root)
+    return order
+
+
+@dataclass
+class _Chain:
+    """An expression laid out on ALUs with times relative to the first issue."""
+
+    root = None
+
+    nodes: List[Expr]
+    alu: Dict[int, int]                      # id(node) -> ALU
+    t: Dict[int, int]                        # id(node) -> issue time
+    land: Dict[int, int]                     # id(node) -> result landing time
+    last_use: Dict[int, int]                 # id(node) -> last time a consumer issues
+    reads: List[Tuple[int, Expr]]            # (consumer issue time, input node)
+
+
+def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
+    nodes = [n for n in _topo(root) if n.op != "in"]
+    if len(nodes) > len(alus):
+        raise CompileError(f"an elementwise expression of {len(nodes)} VXM operations needs more than the "
+                           f"{len(alus)} ALUs available")
+    alu = {id(n): alus[i] for i, n in enumerate(nodes)}
+    t, land = {}, {}
+    for n in nodes:
+        start = n.min_t
+        for a in n.args:
+            if a.op != "in":
+                start = max(start, land[id(a)])
+        t[id(n)] = start
+        land[id(n)] = start + isa.lookup(_mn(n), "VXM").delay(cfg)
+    # constants: issue as late as their first consumer allows
+    for n in nodes:
+        if n.op == "const":
+            users = [t[id(m)] for m in nodes if any(a is n for a in m.args)]
+            if users:
+                d = land[id(n)] - t[id(n)]
+                t[id(n)] = max(0, min(users) - d)
+                land[id(n)] = t[id(n)] + d
+    # recompute consumers after moving constants (they may start earlier)
+    for n in nodes:
+        if n.op != "const":
+            start = n.min_t
+            for a in n.args:
+                if a.op != "in":
+                    start = max(start, land[id(a)])
+            t[id(n)] = start
+            land[id(n)] = start + isa.lookup(_mn(n), "VXM").delay(cfg)
+    last_use = {id(n): land[id(n)] for n in nodes}
+    reads = []
+    for m in nodes:
+        for a in m.args:
+            if a.op == "in":
+                reads.append((t[id(m)], a))
+            else:
+                last_use[id(a)] = max(last_use[id(a)], t[id(m)])
+    return _Chain(nodes, alu, t, land, last_use, reads)
+
+
+def _mn(n: Expr) -> str:
+    return n.op
+
+
+def _vxm_args(n: Expr, srcs: Dict[int, int], dst: int, alu_of: Dict[int, int]) -> tuple:
+    """Encode a node as VXM instruction operands; srcs maps id(input node) -> stream base."""
+    op = isa.lookup(n.op, "VXM")
+
+    def src(a: Expr) -> int:
+        if a.op == "in":
+            return srcs[id(a)]
+        return isa.LATCH_BASE + alu_of[id(a)]
+
+    out = []
+    srcnames = [f.name for f in op.fields if f.kind == "src"]
+    for f in op.fields:
+        if f.name == "dtype":
+            out.append(n.args[0].dtype.code if op.cls == "cvt" else n.dtype.code)
+        elif f.name == "to":
+            out.append(n.dtype.code)
+        elif f.kind == "dst":
+            out.append(dst)
+        elif f.kind == "src":
+            out.append(src(n.args[srcnames.index(f.name)]))
+        else:
+            out.append(n.imm.get(f.name, f.default if f.default is not None else 0))
+    return tuple(out)
+
+
+def _collides(ch: _Chain, v: int) -> bool:
+    """Two operand reads of vector v from one slice in one cycle (same relative time)."""
+    by_t: Dict[int, set] = {}
+    for tc, node in ch.reads:
+        vt, idx = node.src
+        vin = idx(v)
+        seen = by_t.setdefault(tc, set())
+        for p in range(vt.planes):
+            g = vt.loc(vin, p)[0]
+            if g in seen:
+                return True
+            seen.add(g)
+    return False
+
+
+def _staged(root: Expr) -> Expr:
+    """A copy of the expression in which every operand read goes through its own mov,
+    the movs one cycle apart, so that no two reads share a cycle."""
+    memo: Dict[int, Expr] = {}
+    count = [0]
+
+    def rec(n: Expr) -> Expr:
+        if id(n) in memo:
+            return memo[id(n)]
+        if n.op == "in":
+            m = Expr("mov", n.dtype, (n,), {}, min_t=count[0])
+            count[0] += 1
+            memo[id(n)] = m
+            return m
+        c = Expr(n.op, n.dtype, tuple(rec(a) for a in n.args), dict(n.imm), n.src, n.min_t)
+        memo[id(n)] = c
+        return c
+    return rec(root)
+
+
+def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] = None,
+               alus: Optional[Sequence[int]] = None, start: int = 0) -> int:
+    """Evaluate `root` for every vector of `out` (or the given ones).  Returns the last
+    landing cycle."""
+    cfg, sched = ctx.cfg, ctx.sched
+    if root.op == "in":
+        root = E("mov", root.dtype, root)
+    alus = list(alus if alus is not None else range(cfg.vxm_alus_per_lane))
+    ch_plain = _layout(root, cfg, alus)
+    ch_staged = None
+    vectors = range(out.nvec) if vectors is None else vectors
+    pos = ctx.vx
+    a = start
+    last = 0
+    for v in vectors:
+        ch = ch_plain
+        if _collides(ch_plain, v):
+            if ch_staged is None:
+                sroot = _staged(root)
+                ch_staged = _layout(sroot, cfg, alus)
+                ch_staged.root = sroot
+            ch = ch_staged
+        root_v = ch.root if ch.root is not None else root
+        # earliest anchor from data readiness
+        lo = start
+        for tc, node in ch.reads:
+            vt, idx = node.src
+            vin = idx(v)
+            for p in range(vt.planes):
+                g, _ = vt.loc(vin, p)
+                lo = max(lo, int(vt.ready[vin]) + cfg.mem_read_delay + abs(pos - ctx.slice_pos[g]) - tc)
+        a = max(a, lo)
+        for tries in range(SEARCH):
+            plan = Plan()
+            used = {}
+            srcs = {}
+            ok = True
+            for tc, node in ch.reads:
+                vt, idx = node.src
+                b = ctx.read_group(plan, vt, idx(v), pos, a + tc, used)
+                if b is None:
+                    ok = False
+                    break
+                srcs[id(node)] = b
+            if ok:
+                wr = ctx.write_group(plan, out, v, pos, a + ch.land[id(root_v)], used)
+                if wr is None:
+                    ok = False
+            if ok:
+                dst, landing = wr
+                for n in ch.nodes:
+                    q = f"VXM.{ch.alu[id(n)]}"
+                    plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, dst if n is root_v else isa.NONE, ch.alu)))
+                    plan.lands.append((ch.alu[id(n)], a + ch.land[id(n)]))
+                    if ch.last_use[id(n)] > ch.land[id(n)]:
+                        plan.holds.append((ch.alu[id(n)], a + ch.land[id(n)], a + ch.last_use[id(n)]))
+                if sched.fits(plan):
+                    sched.commit(plan)
+                    out.ready[v] = max(out.ready[v], landing)
+                    for tc, node in ch.reads:
+                        vt, idx = node.src
+                        vin = idx(v)
+                        rd = a + tc - cfg.mem_read_delay - min(abs(pos - ctx.slice_pos[vt.loc(vin, p)[0]]) for p in range(vt.planes))
+                        vt.last_read[vin] = max(vt.last_read[vin], a + tc)
+                    last = max(last, landing)
+                    break
+            a += 1
+        else:
+            raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# all-reduce over the lanes of a row (result in every lane)
+# ---------------------------------------------------------------------------------------------
+def _sum_plan(L: int):
+    """Steps of a circular-window lane sum: ('double', n) makes S_2n = S_n + rot(S_n, n);
+    ('add', n, offset) adds rot(S_n, offset) into the total.  Every lane ends with the sum
+    of all L lanes (the windows tile the circle exactly once)."""
+    bits = [b for b in range(L.bit_length()) if L >> b & 1][::-1]
+    steps = [("double", 1 << b) for b in range(bits[0])]
+    offset = 1 << bits[0]
+    for b in bits[1:]:
+        steps.append(("add", 1 << b, offset))
+        offset += 1 << b
+    return steps
+
+
+def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str, alus: Sequence[int],
+                     start: int = 0, hem_of_row: Callable[[int], int] = lambda r: r % 2) -> int:
+    """For each row r: y = row_expr(r) (an expression combining the row's chunks into one
+    vector, dtype = out.dtype), then the lane reduction `op` ("add" or "max") of y, left
+    in every lane of out's vector r (out.bcast).  Lane rotations are two SXM shifts per
+    byte plane (alternating hemispheres by row) merged by a VXM or.  Returns the last landing."""
+    cfg, sched = ctx.cfg, ctx.sched
+    L = cfg.lanes
+    d = out.dtype
+    w = d.nbytes
+    if op == "max":
+        steps, n = [], 1
+        while n < L:
+            steps.append(("double", n))
+            n *= 2
+    else:
+        steps = _sum_plan(L)
+    kept_sizes = [st[1] for st in steps if st[0] == "add"]
+    if min(cfg.sxm_queues_per_hemisphere, cfg.sxm_shifters) < 2 * w:
+        raise CompileError(f"a lane reduction of {d.name} rotates {w} byte planes with two shifts each in one "
+                           f"cycle: it needs {2 * w} SXM queues and shifters per hemisphere, this chip has "
+                           f"{cfg.sxm_queues_per_hemisphere} queues and {cfg.sxm_shifters} shifters")
+    alus = list(alus)
+    OR, R0, R1 = alus[-1], alus[-2], alus[-3]
+    KEEP = alus[-4 - len(kept_sizes) + 1: len(alus) - 3] if kept_sizes else []
+    keep_alu = {n: KEEP[i] for i, n in enumerate(kept_sizes)}
+    stage_alus = alus[: len(alus) - 3 - len(kept_sizes)]
+    OUT = stage_alus[-1]                     # the final mov to MEM reuses a stage-A ALU
+    stage_alus = stage_alus[:-1]
+    d_alu, d_sxm = cfg.vxm_alu_delay, cfg.sxm_delay
+    mn = "add" if op == "add" else "max"
+    last = 0
+    a = start
+
+    def free_group(direction, k, x0, x1, avoid=()):
+        for b in ctx.streams(direction, w, avoid):
+            if all(sched.span_free(b + p, k, x0, x1) for p in range(w)):
+                return b
+        return None
+
+    for r in range(out.rows):
+        root = row_expr(r)
+        if root.op == "in":
+            root = E("mov", root.dtype, root)
+        hem = hem_of_row(r)
+        sx = cfg.sxm_position(hem)
+        sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
+        to_sx = 1 if hem == 0 else 0
+        back = 1 - to_sx
+        xv_o, xs_o = ctx.xloc(to_sx, ctx.vx), ctx.xloc(to_sx, sx)       # outbound coordinates
+        xs_b, xv_b = ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)         # return coordinates
+        hop = abs(ctx.vx - sx)
+        chA = _layout(root, cfg, stage_alus)
+        lo = start
+        for tc, node in chA.reads:
+            vt, idx = node.src
+            vin = idx(r)
+            for p in range(vt.planes):
+                g, _ = vt.loc(vin, p)
+                lo = max(lo, int(vt.ready[vin]) + cfg.mem_read_delay + abs(ctx.vx - ctx.slice_pos[g]) - tc)
+        a = max(a, lo)
+        for tries in range(SEARCH):
+            plan, used, srcs = Plan(), {}, {}
+            ok = True
+            for tc, node in chA.reads:
+                vt, idx = node.src
+                b = ctx.read_group(plan, vt, idx(r), ctx.vx, a + tc, used)
+                if b is None:
+                    ok = False
+                    break
+                srcs[id(node)] = b
+            y_land = a + chA.land[id(root)]
+            b_send = free_group(to_sx, y_land - xv_o, xv_o, xs_o) if ok else None
+            if b_send is None:
+                a += 1
+                continue
+            for n_ in chA.nodes:
+                plan.issues.append((f"VXM.{chA.alu[id(n_)]}", a + chA.t[id(n_)], n_.op,
+                                    _vxm_args(n_, srcs, b_send if n_ is root else isa.NONE, chA.alu)))
+                plan.lands.append((chA.alu[id(n_)], a + chA.land[id(n_)]))
+                if chA.last_use[id(n_)] > chA.land[id(n_)]:
+                    plan.holds.append((chA.alu[id(n_)], a + chA.land[id(n_)], a + chA.last_use[id(n_)]))
+            y = (chA.alu[id(root)], y_land, b_send)          # (alu, landing, stream group in flight or None)
+            kept = {}
+            total = None
+            for si, st in enumerate(steps):
+                if st[0] == "double":
+                    src, n_rot, lhs = y, st[1], y
+                else:
+                    src, n_rot, lhs = kept[st[1]], st[2], total
+                src_alu, src_land, src_send = src
+                if src_send is None:
+                    # send a latch out again: a mov with a destination
+                    t_mov = max(src_land, lhs[1])
+                    src_send = free_group(to_sx, t_mov + d_alu - xv_o, xv_o, xs_o)
+                    if src_send is None:
+                        ok = False
+                        break
+                    plan.issues.append((f"VXM.{keep_alu.get(st[1], OUT)}", t_mov, "mov",
+                                        (d.code, src_send, isa.LATCH_BASE + src_alu)))
+                    plan.lands.append((keep_alu.get(st[1], OUT), t_mov + d_alu))
+                    if t_mov > src_land:
+                        plan.holds.append((src_alu, src_land, t_mov))
+                    send_t = t_mov + d_alu
+                else:
+                    send_t = src_land
+                plan.spans += [(src_send + p, send_t - xv_o, xv_o, xs_o) for p in range(w)]
+                ts = send_t + hop
+                k_back = ts + d_sxm - xs_b
+                bA = free_group(back, k_back, xs_b, xv_b)
+                bB = free_group(back, k_back, xs_b, xv_b, avoid=(bA,)) if bA is not None else None
+                if bB is None:
+                    ok = False
+                    break
+                for p in range(w):
+                    plan.issues.append((sxq[(2 * p) % len(sxq)], ts, "Shift", (bA + p, src_send + p, n_rot % L)))
+                    plan.issues.append((sxq[(2 * p + 1) % len(sxq)], ts, "Shift", (bB + p, src_send + p, n_rot % L - L)))
+                    plan.sxm += [(ts, hem, "shifters"), (ts, hem, "shifters")]
+                plan.spans += [(bb + p, k_back, xs_b, xv_b) for bb in (bA, bB) for p in range(w)]
+                t_or = ts + d_sxm + hop
+                plan.issues.append((f"VXM.{OR}", t_or, "or", (d.code, isa.NONE, bA, bB)))
+                plan.lands.append((OR, t_or + d_alu))
+                t_op = t_or + d_alu
+                lhs_alu, lhs_land = lhs[0], lhs[1]
+                if t_op > lhs_land:
+                    plan.holds.append((lhs_alu, lhs_land, t_op))
+                res = R0 if lhs_alu != R0 else R1
+                nxt = steps[si + 1] if si + 1 < len(steps) else None
+                out_send = None
+                if nxt is not None and nxt[0] == "double":
+                    out_send = free_group(to_sx, t_op + d_alu - xv_o, xv_o, xs_o)
+                    if out_send is None:
+                        ok = False
+                        break
+                plan.issues.append((f"VXM.{res}", t_op, mn,
+                                    (d.code, isa.NONE if out_send is None else out_send,
+                                     isa.LATCH_BASE + lhs_alu, isa.LATCH_BASE + OR)))
+                plan.lands.append((res, t_op + d_alu))
+                new = (res, t_op + d_alu, out_send)
+                if st[0] == "double":
+                    y = new
+                    if 2 * st[1] in keep_alu:
+                        # copy S_n aside: later steps overwrite R0/R1
+                        k_alu = keep_alu[2 * st[1]]
+                        plan.issues.append((f"VXM.{k_alu}", new[1], "mov", (d.code, isa.NONE, isa.LATCH_BASE + res)))
+                        plan.lands.append((k_alu, new[1] + d_alu))
+                        kept[2 * st[1]] = (k_alu, new[1] + d_alu, None)
+                    if nxt is None or nxt[0] == "add":
+                        total = new
+                else:
+                    total = new
+                    y = new
+                # a kept value must survive until its add step reads it
+            if not ok:
+                a += 1
+                continue
+            fin = total if total is not None else y
+            wr = ctx.write_group(plan, out, r, ctx.vx, fin[1] + d_alu, used)
+            if wr is None:
+                a += 1
+                continue
+            dst, landing = wr
+            plan.issues.append((f"VXM.{OUT}", fin[1], "mov", (d.code, dst, isa.LATCH_BASE + fin[0])))
+            plan.lands.append((OUT, fin[1] + d_alu))
+            for n_rot, (k_alu, k_land, _) in kept.items():
+                use = max(t for q, t, m, args in plan.issues if m == "mov" and args[2] == isa.LATCH_BASE + k_alu
+                          and q == f"VXM.{k_alu}" and t >= k_land) if any(
+                    m == "mov" and args[2] == isa.LATCH_BASE + k_alu for q, t, m, args in plan.issues) else k_land
+                plan.holds.append((k_alu, k_land, use))
+            if sched.fits(plan):
+                sched.commit(plan)
+                out.ready[r] = max(out.ready[r], landing)
+                for tc, node in chA.reads:
+                    vt, idx = node.src
+                    vt.last_read[idx(r)] = max(vt.last_read[idx(r)], a + tc)
+                last = max(last, landing)
+                break
+            a += 1
+        else:
+            raise CompileError(f"no room found to schedule a lane reduction writing {out.name}")
+    out.bcast = True
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# moving lanes between vectors
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Piece:
+    """Lanes [src_lane, src_lane + n) of vector src_v of src go to lanes
+    [dst_lane, dst_lane + n) of an output vector."""
+
+    src: VT
+    src_v: int
+    src_lane: int
+    n: int
+    dst_lane: int
+
+
+def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], mask_of: Callable[[int, int], VT],
+                    start: int = 0) -> int:
+    """Build every vector of `out` from pieces: each piece is read from MEM, shifted to
+    its lanes on an SXM when needed (two shifts never needed: one Shift moves lanes up
+    or down), masked to its lanes on the VXM and or-ed into the vector being built in an
+    ALU latch; the finished vector is written to MEM.  mask_of(a, b) is a constant vector
+    whose lanes [a, b) are all-ones (out.planes bytes wide)."""
+    cfg, sched = ctx.cfg, ctx.sched
+    d = out.dtype
+    w = d.nbytes
+    d_alu, d_sxm, d_read = cfg.vxm_alu_delay, cfg.sxm_delay, cfg.mem_read_delay
+    nalu = cfg.vxm_alus_per_lane
+    last = 0
+    a0 = start
+    for v in range(out.nvec):
+        pieces = pieces_of(v)
+        if not pieces:
+            raise CompileError(f"internal: no data for vector {v} of {out.name}")
+        # ALU pair for this vector (rotating), acc alternates between two ALUs
+        base = (2 * v) % max(2, nalu - (nalu % 2))
+        acc_alus = (base, base + 1)
+        m_alu = (base + 2) % nalu
+        a = a0
+        for tries in range(SEARCH):
+            plan, used = Plan(), {}
+            ok = True
+            t = a
+            acc = None                      # (alu, landing)
+            k = 0
+            for pc in pieces:
+                shift = pc.dst_lane - pc.src_lane
+                src_g = [pc.src.loc(pc.src_v, p)[0] for p in range(w)]
+                hem = 0 if ctx.slice_pos[src_g[0]] < ctx.vx else 1
+                if shift == 0:
+                    # straight from MEM to the VXM at cycle t
+                    b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
+                    if b is None:
+                        ok = False
+                        break
+                    piece_src = b
+                else:
+                    sx = cfg.sxm_position(hem)
+                    sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
+                    ts = t - d_sxm - abs(ctx.vx - sx)
+                    b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
+                    if b is None:
+                        ok = False
+                        break
+                    back = ctx.dir_to(sx, ctx.vx)
+                    kb = ts + d_sxm - ctx.xloc(back, sx)
+                    bo = None
+                    for cand in ctx.streams(back, w):
+                        if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
+                               and (cand + p, kb) not in used for p in range(w)):
+                            bo = cand
+                            break
+                    if bo is None:
+                        ok = False
+                        break
+                    for p in range(w):
+                        plan.issues.append((sxq[p % len(sxq)], ts, "Shift", (bo + p, b + p, shift)))
+                        plan.sxm.append((ts, hem, "shifters"))
+                        plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
+                        used[(bo + p, kb)] = 1
+                    piece_src = bo
+                # mask the piece to its lanes (the mask arrives on a stream too)
+                mvt = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
+                bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
+                if bm is None:
+                    ok = False
+                    break
+                plan.issues.append((f"VXM.{m_alu}", t, "and", (d.code, isa.NONE, piece_src, bm)))
+                plan.lands.append((m_alu, t + d_alu))
+                tm = t + d_alu
+                t_or = tm
+                if acc is None:
+                    # the next masked piece would overwrite m_alu: copy into an accumulator
+                    dst_alu = acc_alus[k % 2]
+                    plan.issues.append((f"VXM.{dst_alu}", tm, "mov", (d.code, isa.NONE, isa.LATCH_BASE + m_alu)))
+                    plan.lands.append((dst_alu, tm + d_alu))
+                    acc = (dst_alu, tm + d_alu)
+                else:
+                    dst_alu = acc_alus[k % 2]
+                    t_or = max(tm, acc[1])
+                    plan.issues.append((f"VXM.{dst_alu}", t_or, "or", (d.code, isa.NONE, isa.LATCH_BASE + acc[0],
+                                                                    isa.LATCH_BASE + m_alu)))
+                    plan.lands.append((dst_alu, t_or + d_alu))
+                    if t_or > acc[1]:
+                        plan.holds.append((acc[0], acc[1], t_or))
+                    if t_or > tm:
+                        plan.holds.append((m_alu, tm, t_or))
+                    acc = (dst_alu, t_or + d_alu)
+                k += 1
+                # the next masked piece may land in m_alu only after this one was taken
+                t = max(t + 1, (t_or if k > 1 else tm) + 1 - d_alu)
+            if ok:
+                wr = ctx.write_group(plan, out, v, ctx.vx, acc[1] + d_alu, used)
+                if wr is None:
+                    ok = False
+            if ok:
+                dst, landing = wr
+                fin = acc_alus[k % 2]
+                plan.issues.append((f"VXM.{fin}", acc[1], "mov", (d.code, dst, isa.LATCH_BASE + acc[0])))
+                plan.lands.append((fin, acc[1] + d_alu))
+                if sched.fits(plan):
+                    sched.commit(plan)
+                    out.ready[v] = max(out.ready[v], landing)
+                    for pc in pieces:
+                        pc.src.last_read[pc.src_v] = max(pc.src.last_read[pc.src_v], acc[1])
+                    last = max(last, landing)
+                    break
+            a += 1
+        else:
+            raise CompileError(f"no room found to schedule a lane move writing {out.name}")
+    return last

@@ -1,0 +1,537 @@
+"""Graph -> kernels -> scheduled program.
+
+The compiler walks the graph in order, places every tensor in MEM (inputs and
+constants first, each later tensor when its producer is scheduled, reusing the
+space of tensors nobody will read again), and schedules each operation's
+kernels on the shared reservation table, each vector as early as its operands
+and free resources allow: independent operations overlap on their own.
+
+Conventions the kernels keep: a tensor of shape [..., C] is ``rows x chunks``
+vectors of 320 lanes; lanes past C in a row's last chunk are zero; a reduction's
+result is *broadcast* (its value in every lane of its vector) until something
+needs it plain.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import dtypes as dt
+from .. import isa
+from ..config import ChipConfig
+from ..errors import CompileError
+from ..graph import Graph, GraphError, Tensor
+from ..program import Program
+from .emit import expected_cycles
+from .kernels import E, Ctx, Expr, Piece, allreduce_kernel, cvt, lanemove_kernel, map_kernel
+from .memory import VT, Memory, place, release
+from .schedule import Scheduler
+
+F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
+SQRT_2_OVER_PI = 0.7978845608028654
+
+
+@dataclass
+class Compiled:
+    """A compiled graph: the program, and how its inputs and outputs map to MEM."""
+
+    program: Program
+    graph_name: str
+    inputs: Dict[str, Tuple[Tuple[int, ...], dt.DType]]
+    outputs: Dict[str, Tuple[Tuple[int, ...], dt.DType]]
+    constants: Dict[str, np.ndarray]                 # tensor-table name -> 2-d array written at load
+    expected_cycles: int
+    memory_bytes: int
+    kernels: List[Tuple[str, str, int]] = field(default_factory=list)   # (op, output, last landing cycle)
+
+    @property
+    def config(self) -> ChipConfig:
+        return self.program.config
+
+    def load(self, chip) -> None:
+        """Load the program and its constants into a chip."""
+        chip.load(self.program)
+        for name, arr in self.constants.items():
+            chip.write_tensor(name, arr)
+
+    def write_inputs(self, chip, inputs: Dict[str, np.ndarray]) -> None:
+        missing = set(self.inputs) - set(inputs)
+        if missing:
+            raise GraphError(f"execute: missing input(s) {', '.join(sorted(missing))}")
+        extra = set(inputs) - set(self.inputs)
+        if extra:
+            raise GraphError(f"execute: unknown input(s) {', '.join(sorted(extra))}")
+        for name, (shape, d) in self.inputs.items():
+            a = np.asarray(inputs[name])
+            if a.shape != shape or a.dtype != d.numpy:
+                raise GraphError(f"execute: input {name!r} must be {d.name}{list(shape)}, got {a.dtype}{list(a.shape)}")
+            chip.write_tensor(name, a.reshape(_rows(shape), _cols(shape)))
+
+    def read_outputs(self, chip) -> Dict[str, np.ndarray]:
+        out = {}
+        for name, (shape, d) in self.outputs.items():
+            out[name] = chip.read_tensor(name).reshape(shape)
+        return out
+
+
+def _rows(shape):
+    return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+
+
+def _cols(shape):
+    return shape[-1] if shape else 1
+
+
+def execute(compiled: Compiled, inputs: Dict[str, np.ndarray], engine: str = "fast", chip=None,
+            fp16_mxm: str = "exact"):
+    """Run a compiled graph: returns ({output name: array}, RunStats)."""
+    from ..chip import Chip
+    if chip is None:
+        chip = Chip(compiled.config, engine=engine, fp16_mxm=fp16_mxm)
+        compiled.load(chip)
+    else:
+        chip.reset(clear_memory=False)
+    compiled.write_inputs(chip, inputs)
+    stats = chip.run()
+    return compiled.read_outputs(chip), stats
+
+
+class Compiler:
+    def __init__(self, graph: Graph, cfg: ChipConfig):
+        self.g = graph
+        self.cfg = cfg
+        self.sched = Scheduler(cfg)
+        self.ctx = Ctx(cfg, self.sched)
+        self.mem = Memory(cfg)
+        self.vts: Dict[int, VT] = {}
+        self.scalars: Dict[int, float] = {}
+        self.tables: List[Tuple[str, VT]] = []
+        self.constants: Dict[str, np.ndarray] = {}
+        self.masks: Dict[Tuple[int, int], VT] = {}
+        self.uses: Dict[int, int] = {}
+        self.kernels: List[Tuple[str, str, int]] = []
+        self.hem = 0
+        self.L = cfg.lanes
+        self.n_alu = cfg.vxm_alus_per_lane
+
+    # ---- tensors -------------------------------------------------------------------------------
+    def next_hem(self) -> int:
+        self.hem ^= 1
+        return self.hem
+
+    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=()) -> VT:
+        rows = _rows(shape)
+        c = _cols(shape) if cols is None else cols
+        try:
+            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem(), kind=kind, avoid=tuple(avoid))
+        except CompileError:
+            if not avoid:
+                raise
+            vt = place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind)
+        if kind in ("input", "const", "output"):
+            self.tables.append((name, vt))
+        return vt
+
+    def const_vt(self, name, arr2d: np.ndarray) -> VT:
+        vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const")
+        self.constants[name] = np.ascontiguousarray(arr2d)
+        return vt
+
+    def mask(self, n: int, w: int) -> VT:
+        """A constant vector whose first n lanes are all-ones bytes in each of w planes."""
+        key = (n, w)
+        if key not in self.masks:
+            d = {1: I8, 2: I16, 4: I32}[w]
+            m = np.zeros((1, self.L), dtype=d.numpy)
+            m[0, :n] = -1
+            self.masks[key] = self.const_vt(f"_mask{n}x{w}", m)
+        return self.masks[key]
+
+    def vt(self, t: Tensor) -> VT:
+        if t.id not in self.vts:
+            raise CompileError(f"internal: tensor {t} has no placement")
+        return self.vts[t.id]
+
+    def is_scalar(self, t: Tensor) -> bool:
+        return t.id in self.scalars
+
+    # ---- operands with NumPy broadcasting ----------------------------------------------------------
+    def operand(self, t: Tensor, out_shape, as_dtype: Optional[dt.DType] = None) -> Expr:
+        """An expression reading t for every vector of a tensor of out_shape."""
+        d = as_dtype or t.dtype
+        if self.is_scalar(t):
+            return cvt(Expr.const(t.dtype, self.scalars[t.id]), d)
+        vt = self.vt(t)
+        if vt.bcast and _cols(out_shape) == 1 and False:
+            pass
+        in_shape = t.shape
+        nd = len(out_shape)
+        ish = (1,) * (nd - len(in_shape)) + tuple(in_shape)
+        rows_in = _rows(ish) if nd else 1
+        lead_in = ish[:-1] if nd else ()
+        lead_out = tuple(out_shape[:-1]) if nd else ()
+        rowmap = np.broadcast_to(np.arange(rows_in).reshape(lead_in or (1,)), lead_out or (1,)).ravel() \
+            if lead_out else np.zeros(1, dtype=np.int64)
+        C_out = -(-_cols(out_shape) // self.L)
+        c_in, c_out = _cols(ish), _cols(out_shape)
+        if c_in == c_out:
+            idx = (lambda v, rm=rowmap, C=C_out, Ci=vt.chunks: int(rm[v // C]) * Ci + v % C)
+        elif c_in == 1:
+            if not vt.bcast:
+                vt = self.broadcast_lanes(t)
+            idx = (lambda v, rm=rowmap, C=C_out: int(rm[v // C]))
+        else:
+            raise CompileError(f"internal: cannot broadcast {list(t.shape)} to {list(out_shape)}")
+        return cvt(Expr.input(vt, idx), d)
+
+    def broadcast_lanes(self, t: Tensor) -> VT:
+        """A copy of a [..., 1] tensor with its value in every lane (sum of a one-lane row)."""
+        key = ("bcast", t.id)
+        if key in self.vts:
+            return self.vts[key]
+        src = self.vts[t.id]
+        out = self.new_vt(f"_bc{t.id}", src.dtype if src.dtype.is_float or src.dtype == I32 else I32, t.shape)
+        acc_d = out.dtype
+        self.uses[t.id] = self.uses.get(t.id, 0) + 1
+        allreduce_kernel(self.ctx, lambda r: cvt(Expr.input(src, lambda v, r=r: r), acc_d), out, "add",
+                         list(range(self.n_alu)))
+        self.vts[key] = out
+        if out.dtype != src.dtype:
+            back = self.new_vt(f"_bc{t.id}b", src.dtype, t.shape)
+            map_kernel(self.ctx, cvt(Expr.input(out, lambda v: v), src.dtype), back)
+            back.bcast = True
+            self.vts[key] = back
+            return back
+        return out
+
+    # ---- compile -------------------------------------------------------------------------------------
+    def run(self) -> Compiled:
+        g = self.g
+        for n in g.nodes:
+            for i in n.inputs:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        for name, t in g.outputs.items():
+            self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
+        for name, t in g.inputs.items():
+            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
+        for tid, arr in g.constants.items():
+            t = g.tensors[tid]
+            if arr.size == 1 and self.uses.get(tid, 0) < 10 ** 9:
+                self.scalars[tid] = arr.reshape(()).item()
+                continue
+            name = g.constant_names.get(tid) or f"_c{tid}"
+            self.vts[tid] = self.const_vt(name, arr.reshape(_rows(arr.shape), _cols(arr.shape)))
+        out_names = {t.id: name for name, t in g.outputs.items()}
+        for n in g.nodes:
+            t = g.tensors[n.output]
+            kind = "output" if n.output in out_names else "temp"
+            name = out_names.get(n.output, f"_t{n.output}")
+            last = self.lower(n, t, name, kind)
+            self.kernels.append((n.op, name, last))
+            for i in set(n.inputs):
+                self.uses[i] -= n.inputs.count(i)
+                if self.uses[i] <= 0 and i in self.vts and self.vts[i].kind == "temp":
+                    release(self.mem, self.vts[i])
+        # graph outputs that are inputs or constants: copy them
+        for name, t in g.outputs.items():
+            if t.id in self.vts and self.vts[t.id].kind == "output":
+                continue
+            out = self.new_vt(name, t.dtype, t.shape, kind="output")
+            if self.is_scalar(t):
+                map_kernel(self.ctx, Expr.const(t.dtype, self.scalars[t.id]), out)
+            else:
+                src = self.vt(t)
+                map_kernel(self.ctx, E("mov", t.dtype, Expr.input(src, lambda v: v)), out)
+            self.vts[t.id] = out
+        prog = Program(self.cfg)
+        self.sched.emit(prog)
+        for name, vt in self.tables:
+            prog.add_tensor(name, vt.dtype, (vt.rows, vt.cols), vt.extents())
+        prog.validate()
+        return Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
+                        {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
+                        expected_cycles(prog), self.mem.peak_bytes(), self.kernels)
+
+    # ---- lowering -----------------------------------------------------------------------------------
+    def lower(self, n, t: Tensor, name: str, kind: str) -> int:
+        g = self.g
+        ins = [g.tensors[i] for i in n.inputs]
+        op = n.op
+        if op in ("add", "sub", "mul", "div", "maximum", "minimum"):
+            mn = {"maximum": "max", "minimum": "min"}.get(op, op)
+            return self.map_op(t, name, kind, lambda: E(mn, t.dtype, self.operand(ins[0], t.shape),
+                                                        self.operand(ins[1], t.shape)))
+        if op in ("neg", "abs", "relu", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"):
+            return self.map_op(t, name, kind, lambda: E(op, t.dtype, self.operand(ins[0], t.shape)))
+        if op == "silu":
+            def f():
+                x = self.operand(ins[0], t.shape, F32)
+                return cvt(E("mul", F32, x, E("sigmoid", F32, x)), t.dtype)
+            return self.map_op(t, name, kind, f)
+        if op == "gelu":
+            return self.gelu(ins[0], t, name, kind, n.attrs["approximate"])
+        if op == "cast":
+            return self.map_op(t, name, kind, lambda: cvt(self.operand(ins[0], t.shape), t.dtype))
+        if op in ("sum", "max", "mean"):
+            return self.reduce(op, ins[0], t, name, kind)
+        if op == "softmax":
+            return self.softmax(ins[0], t, name, kind)
+        if op == "layernorm":
+            return self.norm(ins[0], ins[1], ins[2], t, name, kind, n.attrs["eps"], rms=False)
+        if op == "rmsnorm":
+            return self.norm(ins[0], ins[1], None, t, name, kind, n.attrs["eps"], rms=True)
+        if op == "quantize":
+            return self.quantize(ins[0], ins[1], n.attrs["zero_point"], t, name, kind)
+        if op == "dequantize":
+            return self.dequantize(ins[0], ins[1], n.attrs["zero_point"], t, name, kind)
+        from . import lower_more
+        return lower_more.lower(self, n, ins, t, name, kind)
+
+    def inputs_of(self, e: Expr) -> set:
+        """Slices holding the operands of an expression."""
+        out, stack, seen = set(), [e], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op == "in":
+                vt = n.src[0]
+                for p in range(vt.planes):
+                    out.update(vt.slices[p])
+            stack.extend(n.args)
+        return out
+
+    def map_op(self, t: Tensor, name: str, kind: str, build, out: Optional[VT] = None) -> int:
+        """A map kernel writing t; the last chunk of each row is masked to keep padding zero."""
+        if out is None:
+            out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.inputs_of(build()))
+        self.vts[t.id] = out
+        return self.map_into(out, build)
+
+    def map_into(self, out: VT, build, alus=None) -> int:
+        C = out.chunks
+        rem = out.cols % self.L
+        if rem == 0 or out.bcast:
+            return map_kernel(self.ctx, build(), out, alus=alus)
+        full = [v for v in range(out.nvec) if v % C != C - 1]
+        tail = [v for v in range(out.nvec) if v % C == C - 1]
+        last = 0
+        if full:
+            last = map_kernel(self.ctx, build(), out, vectors=full, alus=alus)
+        m = self.mask(rem, out.planes)
+        masked = E("and", out.dtype, build(), Expr.input(m, lambda v: 0))
+        return max(last, map_kernel(self.ctx, masked, out, vectors=tail, alus=alus))
+
+    # ---- composite operations ------------------------------------------------------------------------------
+    def gelu(self, x: Tensor, t: Tensor, name, kind, approximate):
+        if approximate == "tanh":
+            def f():
+                a = self.operand(x, t.shape, F32)
+                c = lambda v: Expr.const(F32, v)                                  # noqa: E731
+                inner = E("mul", F32, c(SQRT_2_OVER_PI),
+                          E("add", F32, a, E("mul", F32, c(0.044715), E("mul", F32, E("mul", F32, a, a), a))))
+                y = E("mul", F32, E("mul", F32, c(0.5), a), E("add", F32, c(1.0), E("tanh", F32, inner)))
+                return cvt(y, t.dtype)
+            return self.map_op(t, name, kind, f)
+        # erf form: 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 in two kernels
+        ev = self.new_vt(f"_erf{t.id}", F32, t.shape)
+
+        def erf_part():
+            c = lambda v: Expr.const(F32, v)                                      # noqa: E731
+            z = E("mul", F32, self.operand(x, t.shape, F32), c(0.7071067811865476))
+            az = E("abs", F32, z)
+            tt = E("recip", F32, E("add", F32, c(1.0), E("mul", F32, c(0.3275911), az)))
+            poly = c(1.061405429)
+            for coef in (-1.453152027, 1.421413741, -0.284496736, 0.254829592):
+                poly = E("add", F32, E("mul", F32, poly, tt), c(coef))
+            poly = E("mul", F32, poly, tt)
+            return E("mul", F32, poly, E("exp", F32, E("neg", F32, E("mul", F32, az, az))))   # 1 - |erf(z)|
+        self.map_into(ev, erf_part)
+
+        def combine():
+            c = lambda v: Expr.const(F32, v)                                      # noqa: E731
+            a = self.operand(x, t.shape, F32)
+            r = Expr.input(ev, lambda v: v)
+            erf_abs = E("sub", F32, c(1.0), r)
+            erf = E("select", F32, E("lt", F32, a, c(0.0)), E("neg", F32, erf_abs), erf_abs)
+            return cvt(E("mul", F32, E("mul", F32, c(0.5), a), E("add", F32, c(1.0), erf)), t.dtype)
+        last = self.map_op(t, name, kind, combine)
+        release(self.mem, ev)
+        return last
+
+    def acc_dtype(self, d: dt.DType) -> dt.DType:
+        return F32 if d.is_float else I32
+
+    def row_expr(self, src: VT, shape, d: dt.DType, op: str, pre=None):
+        """Combine a row's chunks: op over chunks of pre(element); returns r -> Expr."""
+        C = src.chunks
+
+        def f(r):
+            parts = []
+            for c in range(C):
+                e = cvt(Expr.input(src, lambda v, k=r * C + c: k), d)
+                if pre is not None:
+                    e = pre(e, r, c)
+                if op == "max" and c == C - 1 and src.cols % self.L:
+                    lo = Expr.const(d, -np.inf if d.is_float else -(2 ** (d.bits - 1)))
+                    m = self.mask(src.cols % self.L, d.nbytes)
+                    e = E("select", d, Expr.input(m, lambda v: 0), e, lo)
+                parts.append(e)
+            acc = parts[0]
+            for p in parts[1:]:
+                acc = E("add" if op == "add" else "max", d, acc, p)
+            return acc
+        return f
+
+    def slices_of(self, *vts) -> set:
+        return {g for vt in vts for p in range(vt.planes) for g in vt.slices[p]}
+
+    def plain(self, t: Tensor) -> VT:
+        """t's placement, with a broadcast [..., 1] value reduced to lane 0 first."""
+        vt = self.vt(t)
+        if not vt.bcast:
+            return vt
+        out = self.new_vt(f"_pl{t.id}", vt.dtype, t.shape)
+        m = self.mask(1, vt.planes)
+        map_kernel(self.ctx, E("and", vt.dtype, Expr.input(vt, lambda v: v), Expr.input(m, lambda v: 0)), out)
+        return out
+
+    def span_mask(self, a: int, b: int, w: int) -> VT:
+        """Constant vector with lanes [a, b) all-ones, w bytes wide."""
+        key = ("span", a, b, w)
+        if key not in self.masks:
+            d = {1: I8, 2: I16, 4: I32}[w]
+            m = np.zeros((1, self.L), dtype=d.numpy)
+            m[0, a:b] = -1
+            self.masks[key] = self.const_vt(f"_span{a}_{b}x{w}", m)
+        return self.masks[key]
+
+    def pack(self, src: VT, t: Tensor, name: str, kind: str) -> VT:
+        """Rows of a broadcast [..., 1] tensor packed into the lanes of t's layout."""
+        out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.slices_of(src))
+        L, cols, C = self.L, out.cols, out.chunks
+
+        def pieces(v):
+            r2, c2 = divmod(v, C)
+            n = min(L, cols - c2 * L)
+            return [Piece(src, r2 * cols + c2 * L + j, j, 1, j) for j in range(n)]
+        lanemove_kernel(self.ctx, out, pieces, lambda a, b: self.span_mask(a, b, out.planes))
+        return out
+
+    def reduce(self, op, x: Tensor, t: Tensor, name, kind) -> int:
+        src = self.plain(x)
+        d = self.acc_dtype(x.dtype) if op != "max" else x.dtype
+        red = self.new_vt(f"_r{t.id}", d, x.shape[:-1] + (1,), avoid=self.slices_of(src))
+        last = allreduce_kernel(self.ctx, self.row_expr(src, x.shape, d, "add" if op != "max" else "max"), red,
+                                "add" if op != "max" else "max", list(range(self.n_alu)))
+        keep_shape = x.shape[:-1] + (1,)
+        if op == "mean" or red.dtype != t.dtype:
+            k = 1.0 / x.shape[-1]
+            fin = self.new_vt(f"_rf{t.id}", t.dtype, keep_shape, avoid=self.slices_of(red))
+            e = Expr.input(red, lambda v: v)
+            if op == "mean":
+                e = E("mul", F32, e, Expr.const(F32, k))
+            last = map_kernel(self.ctx, cvt(e, t.dtype), fin)
+            fin.bcast = True
+            release(self.mem, red)
+            red = fin
+        if tuple(t.shape) == keep_shape and kind != "output":
+            self.vts[t.id] = red
+            return last
+        if tuple(t.shape) == keep_shape:
+            out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.slices_of(red))
+            last = map_kernel(self.ctx, E("mov", t.dtype, Expr.input(red, lambda v: v)), out)
+            out.bcast = True
+        else:
+            out = self.pack(red, t, name, kind)
+        self.vts[t.id] = out
+        release(self.mem, red)
+        return last
+
+    def softmax(self, x: Tensor, t: Tensor, name, kind) -> int:
+        src = self.plain(x)
+        rows_shape = x.shape[:-1] + (1,)
+        mx = self.new_vt(f"_smax{t.id}", x.dtype, rows_shape, avoid=self.slices_of(src))
+        allreduce_kernel(self.ctx, self.row_expr(src, x.shape, x.dtype, "max"), mx, "max", list(range(self.n_alu)))
+        e = self.new_vt(f"_sexp{t.id}", F32, x.shape, avoid=self.slices_of(src, mx))
+        C = src.chunks
+
+        def ex():
+            xe = cvt(Expr.input(src, lambda v: v), F32)
+            m = cvt(Expr.input(mx, lambda v, C=C: v // C), F32)
+            return E("exp", F32, E("sub", F32, xe, m))
+        self.map_into(e, ex)
+        release(self.mem, mx)
+        s = self.new_vt(f"_ssum{t.id}", F32, rows_shape, avoid=self.slices_of(e))
+        allreduce_kernel(self.ctx, self.row_expr(e, x.shape, F32, "add"), s, "add", list(range(self.n_alu)))
+        last = self.map_op(t, name, kind, lambda: cvt(E("div", F32, Expr.input(e, lambda v: v),
+                                                         Expr.input(s, lambda v, C=C: v // C)), t.dtype))
+        release(self.mem, e)
+        release(self.mem, s)
+        return last
+
+    def norm(self, x, gamma, beta, t, name, kind, eps, rms) -> int:
+        src = self.plain(x)
+        C = src.chunks
+        N = x.shape[-1]
+        rows_shape = x.shape[:-1] + (1,)
+        if not rms:
+            s1 = self.new_vt(f"_ln1{t.id}", F32, rows_shape, avoid=self.slices_of(src))
+            allreduce_kernel(self.ctx, self.row_expr(src, x.shape, F32, "add"), s1, "add", list(range(self.n_alu)))
+            dv = self.new_vt(f"_lnd{t.id}", F32, x.shape, avoid=self.slices_of(src, s1))
+            self.map_into(dv, lambda: E("sub", F32, cvt(Expr.input(src, lambda v: v), F32),
+                                        E("mul", F32, Expr.input(s1, lambda v: v // C), Expr.const(F32, 1.0 / N))))
+            release(self.mem, s1)
+            base = dv
+        else:
+            base = src
+        s2 = self.new_vt(f"_ln2{t.id}", F32, rows_shape, avoid=self.slices_of(base))
+        allreduce_kernel(self.ctx, self.row_expr(base, x.shape, F32, "add",
+                                                 pre=lambda e, r, c: E("mul", F32, e, e)), s2, "add",
+                         list(range(self.n_alu)))
+
+        def fin():
+            xe = cvt(Expr.input(base, lambda v: v), F32)
+            inv = E("rsqrt", F32, E("add", F32, E("mul", F32, Expr.input(s2, lambda v: v // C), Expr.const(F32, 1.0 / N)),
+                                    Expr.const(F32, eps)))
+            y = E("mul", F32, E("mul", F32, xe, inv), self.operand(gamma, t.shape, F32))
+            if beta is not None:
+                y = E("add", F32, y, self.operand(beta, t.shape, F32))
+            return cvt(y, t.dtype)
+        last = self.map_op(t, name, kind, fin)
+        if base is not src:
+            release(self.mem, base)
+        release(self.mem, s2)
+        return last
+
+    def quantize(self, x, scale, zp, t, name, kind) -> int:
+        def f():
+            q = E("div", F32, self.operand(x, t.shape, F32), self.operand(scale, t.shape, F32))
+            qi = cvt(q, I32)
+            if zp:
+                qi = E("add", I32, qi, Expr.const(I32, zp))
+            return cvt(qi, I8)
+        return self.map_op(t, name, kind, f)
+
+    def dequantize(self, q, scale, zp, t, name, kind) -> int:
+        def f():
+            qi = self.operand(q, t.shape, I32)
+            if zp:
+                qi = E("sub", I32, qi, Expr.const(I32, zp))
+            return cvt(E("mul", F32, cvt(qi, F32), self.operand(scale, t.shape, F32)), t.dtype)
+        return self.map_op(t, name, kind, f)
+
+
+def compile(graph: Graph, config: Optional[ChipConfig] = None) -> Compiled:
+    """Compile a graph into a scheduled program (GroqChip geometry by default)."""
+    if not isinstance(graph, Graph):
+        raise GraphError("compile expects an lpucore.Graph")
+    if not graph.outputs:
+        raise GraphError("compile: the graph has no outputs (use graph.output(name, tensor))")
+    cfg = config if config is not None else ChipConfig.groqchip1()
+    return Compiler(graph, cfg).run()

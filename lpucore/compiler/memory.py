@@ -1,0 +1,193 @@
+"""MEM for the compiler: where each tensor's vectors live, and reuse of dead tensors' space.
+
+A tensor is ``rows x chunks`` vectors (a row of ``cols`` elements is cut into
+320-lane chunks), each made of ``dtype.nbytes`` byte planes.  Vectors are striped
+over a few slices per byte plane (vector (r, c) in stripe ``(r + c) % n``, see
+:class:`lpucore.layout.Stripes`), so that consecutive rows, and the chunks of a
+row, can be read in the same cycle; all planes of a tensor sit in
+one hemisphere, because a multi-byte value travels as one stream group, in one
+direction.  Address 0 of every slice holds a zero vector (padding for MXM
+weight loads).
+
+Space freed by a dead tensor is handed out again with the cycle after its last
+read: a new tensor's writes there must land no earlier (the scheduler enforces it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import dtypes as dt
+from ..config import ChipConfig
+from ..errors import CompileError
+
+
+class Memory:
+    def __init__(self, cfg: ChipConfig):
+        self.cfg = cfg
+        A = cfg.addresses_per_slice
+        # per slice: free ranges [start, end) with the cycle from which they may be written
+        self.free: List[List[Tuple[int, int, int]]] = [[(1, A, 0)] for _ in range(cfg.mem_slices)]
+        self.used = np.zeros(cfg.mem_slices, dtype=np.int64)
+        self.peak = 0
+        self.rr = [0, 0]          # round-robin start per hemisphere
+
+    def available(self, g: int) -> int:
+        return sum(e - s for s, e, _ in self.free[g])
+
+    def take(self, g: int, n: int) -> Optional[Tuple[int, int]]:
+        """n consecutive addresses of slice g: (address, write-after cycle), or None."""
+        best = None
+        for i, (s, e, t) in enumerate(self.free[g]):
+            if e - s >= n and (best is None or t < best[2]):
+                best = (i, s, t)
+                if t == 0:
+                    break
+        if best is None:
+            return None
+        i, s, t = best
+        _, e, _ = self.free[g][i]
+        if s + n == e:
+            del self.free[g][i]
+        else:
+            self.free[g][i] = (s + n, e, t)
+        self.used[g] += n
+        self.peak = max(self.peak, int(self.used.sum()))
+        return s, t
+
+    def give(self, g: int, addr: int, n: int, after: int) -> None:
+        """Return addresses, writable again from cycle `after` on."""
+        self.free[g].append((addr, addr + n, after))
+        self.free[g].sort()
+        merged = []
+        for s, e, t in self.free[g]:
+            if merged and merged[-1][1] == s and merged[-1][2] == t:
+                merged[-1] = (merged[-1][0], e, t)
+            else:
+                merged.append((s, e, t))
+        self.free[g] = merged
+        self.used[g] -= n
+
+    def peak_bytes(self) -> int:
+        return self.peak * self.cfg.lanes
+
+
+@dataclass
+class VT:
+    """A tensor's vectors in MEM."""
+
+    name: str
+    dtype: dt.DType
+    rows: int
+    cols: int
+    chunks: int
+    hem: int
+    slices: List[List[int]]          # [plane][stripe] -> global slice
+    bases: List[List[int]]           # [plane][stripe] -> first address
+    after: List[List[int]]           # [plane][stripe] -> writes must land at or after this cycle
+    kind: str = "temp"               # input, const, temp, output
+    bcast: bool = False              # cols == 1 and the value is in every lane
+    ready: np.ndarray = None         # per vector: cycle from which reads see it
+    last_read: np.ndarray = None     # per vector: last cycle it is read
+    consumers: int = 0               # kernels still to read it
+
+    def __post_init__(self):
+        n = self.rows * self.chunks
+        if self.ready is None:
+            self.ready = np.zeros(n, dtype=np.int64)
+        if self.last_read is None:
+            self.last_read = np.full(n, -1, dtype=np.int64)
+
+    @property
+    def planes(self) -> int:
+        return self.dtype.nbytes
+
+    @property
+    def nvec(self) -> int:
+        return self.rows * self.chunks
+
+    @property
+    def stripes(self) -> int:
+        return len(self.slices[0])
+
+    def loc(self, v: int, p: int) -> Tuple[int, int]:
+        """(global slice, address) of vector v's byte plane p."""
+        r, c = divmod(v, self.chunks)
+        i = (r + c) % self.stripes
+        return self.slices[p][i], self.bases[p][i] + (r // self.stripes) * self.chunks + c
+
+    def write_after(self, v: int, p: int) -> int:
+        r, c = divmod(v, self.chunks)
+        return self.after[p][(r + c) % self.stripes]
+
+    def extents(self):
+        """The tensor-table form: one Stripes per plane."""
+        from ..layout import Stripes
+        return [Stripes(tuple(zip(self.slices[p], self.bases[p]))) for p in range(self.planes)]
+
+
+def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
+          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = ()) -> VT:
+    """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
+    in hemisphere `hem` (the other one if this one is full)."""
+    cfg = mem.cfg
+    chunks = -(-cols // lanes)
+    planes = dtype.nbytes
+    for h in (hem, 1 - hem):
+        n_sl = cfg.mem_slices_per_hemisphere
+        want = max(1, min(stripes, rows * chunks, n_sl // planes))
+        for n in range(want, 0, -1):
+            per = -(-rows // n) * chunks
+            # slices of this hemisphere with room, least used first, round robin
+            cands = [cfg.slice_id(h, s) for s in range(n_sl)]
+            cands = [g for g in cands if g not in avoid and mem.available(g) >= per]
+            if len(cands) < planes * n:
+                continue
+            start = mem.rr[h] % len(cands)
+            cands = cands[start:] + cands[:start]
+            cands.sort(key=lambda g: mem.used[g])
+            chosen = cands[: planes * n]
+            slices, bases, after = [], [], []
+            ok = True
+            taken = []
+            for p in range(planes):
+                sl, bs, af = [], [], []
+                for i in range(n):
+                    g = chosen[p * n + i]
+                    got = mem.take(g, per)
+                    if got is None:
+                        ok = False
+                        break
+                    taken.append((g, got[0], per))
+                    sl.append(g)
+                    bs.append(got[0])
+                    af.append(got[1])
+                if not ok:
+                    break
+                slices.append(sl)
+                bases.append(bs)
+                after.append(af)
+            if not ok:
+                for g, a, k in taken:
+                    mem.give(g, a, k, 0)
+                continue
+            mem.rr[h] += planes * n
+            return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind)
+    need = rows * chunks * planes * lanes
+    free = sum(mem.available(g) for g in range(cfg.mem_slices)) * lanes
+    raise CompileError(f"tensor {name!r} ({dtype.name}, {rows} x {cols}) needs {need:,} bytes of MEM in "
+                       f"{planes} x stripes of consecutive addresses; {free:,} bytes are free "
+                       f"(of {cfg.sram_bytes:,}): the graph does not fit on this chip")
+
+
+def release(mem: Memory, vt: VT) -> None:
+    """Hand a dead tensor's space back, writable after its last read."""
+    n = vt.stripes
+    per = -(-vt.rows // n) * vt.chunks
+    last = max(int(vt.last_read.max()) if len(vt.last_read) else -1, int(vt.ready.max()) if len(vt.ready) else 0)
+    for p in range(vt.planes):
+        for i in range(n):
+            mem.give(vt.slices[p][i], vt.bases[p][i], per, last + 1)

@@ -1,0 +1,196 @@
+"""The compiler's reservation table: every instruction at an exact cycle, no hazards.
+
+A kernel proposes a *plan* (instructions at cycles, stream-register spans,
+bank accesses, ALU-latch lifetimes, SXM units, MEM addresses) relative to a
+start cycle; :meth:`Scheduler.fits` checks it against everything already
+placed, and :meth:`Scheduler.commit` records it.  The rules are the engines'
+own: a queue issues at most once a cycle; a value on a stream register must
+not be overwritten between its producer and its last consumer, and two
+producers never write one register in one cycle; a read never meets a write
+landing in its bank; a latch is not overwritten while a chained op still needs
+it; a hemisphere uses at most its SXM units in a cycle.  So a program built
+this way passes the engines' schedule checks by construction.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .. import isa
+from ..config import ChipConfig
+from ..errors import CompileError
+
+
+class _Busy:
+    """Cycles in which one queue issues (a growing bitmap)."""
+
+    __slots__ = ("bits",)
+
+    def __init__(self):
+        self.bits = bytearray(1024)
+
+    def get(self, c: int) -> bool:
+        return c < len(self.bits) and self.bits[c] == 1
+
+    def set(self, c: int):
+        if c >= len(self.bits):
+            self.bits.extend(bytearray(max(c + 1 - len(self.bits), len(self.bits))))
+        self.bits[c] = 1
+
+
+@dataclass
+class Plan:
+    """Reservations proposed by a kernel (absolute cycles)."""
+
+    issues: List[Tuple[str, int, str, tuple]] = field(default_factory=list)    # (queue, cycle, mnemonic, args)
+    spans: List[Tuple[int, int, int, int]] = field(default_factory=list)      # (stream, diagonal, x0, x1)
+    reads: List[Tuple[int, int, int]] = field(default_factory=list)           # (slice, cycle, bank)
+    writes: List[Tuple[int, int, int]] = field(default_factory=list)          # (slice, landing cycle, bank)
+    lands: List[Tuple[int, int]] = field(default_factory=list)                # (alu, cycle a result lands)
+    holds: List[Tuple[int, int, int]] = field(default_factory=list)           # (alu, from, to]: latch kept
+    sxm: List[Tuple[int, int, str]] = field(default_factory=list)             # (cycle, hemisphere, resource)
+
+
+class Scheduler:
+    def __init__(self, cfg: ChipConfig):
+        self.cfg = cfg
+        self.S = cfg.streams_per_direction
+        self.P = cfg.positions
+        self.busy: Dict[str, _Busy] = {}
+        self.diag: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+        self.bank_rd: Dict[Tuple[int, int], int] = {}      # (slice, cycle) -> bank bit mask
+        self.bank_wr: Dict[Tuple[int, int], int] = {}
+        self.landed: Dict[int, set] = {}
+        self.held: Dict[int, List[Tuple[int, int]]] = {}
+        self.sxm_use: Dict[Tuple[int, int, str], int] = {}
+        self.events: Dict[str, List[Tuple[int, str, tuple]]] = {}
+        self.last = -1                                        # last cycle with any effect
+
+    # ---- geometry -------------------------------------------------------------------------------
+    def x(self, v: int, pos: int) -> int:
+        """Direction-local coordinate of a position for stream v (values move to larger x)."""
+        return pos if v < self.S else self.P - 1 - pos
+
+    def stream_dir(self, v: int) -> int:
+        return 0 if v < self.S else 1
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def queue_free(self, q: str, c: int) -> bool:
+        b = self.busy.get(q)
+        return c >= 0 and (b is None or not b.get(c))
+
+    def span_free(self, v: int, k: int, x0: int, x1: int) -> bool:
+        for a, b in self.diag.get((v, k), ()):
+            if not (b < x0 or a > x1):
+                return False
+        return True
+
+    def fits(self, plan: Plan) -> bool:
+        seen_q = set()
+        for q, c, _, _ in plan.issues:
+            if c < 0 or (q, c) in seen_q or not self.queue_free(q, c):
+                return False
+            seen_q.add((q, c))
+        mine: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
+        for v, k, x0, x1 in plan.spans:
+            if not self.span_free(v, k, x0, x1):
+                return False
+            for a, b in mine.get((v, k), ()):
+                if not (b < x0 or a > x1):
+                    return False
+            mine.setdefault((v, k), []).append((x0, x1))
+        rd: Dict[Tuple[int, int], int] = {}
+        wr: Dict[Tuple[int, int], int] = {}
+        for g, c, bank in plan.reads:
+            rd[(g, c)] = rd.get((g, c), 0) | (1 << bank)
+        for g, c, bank in plan.writes:
+            wr[(g, c)] = wr.get((g, c), 0) | (1 << bank)
+        for key, m in rd.items():
+            if (self.bank_wr.get(key, 0) | wr.get(key, 0)) & m:
+                return False
+        for key, m in wr.items():
+            if self.bank_rd.get(key, 0) & m:
+                return False
+        lands: Dict[int, set] = {}
+        for alu, T in plan.lands:
+            if T in self.landed.get(alu, ()) or T in lands.get(alu, ()):
+                return False
+            for lo, hi in self.held.get(alu, ()):
+                if lo < T <= hi:
+                    return False
+            lands.setdefault(alu, set()).add(T)
+        for alu, lo, hi in plan.holds:
+            for T in list(self.landed.get(alu, ())) + list(lands.get(alu, ())):
+                if lo < T <= hi:
+                    return False
+        use: Dict[Tuple[int, int, str], int] = {}
+        for c, hem, res in plan.sxm:
+            key = (c, hem, res)
+            use[key] = use.get(key, 0) + 1
+            if self.sxm_use.get(key, 0) + use[key] > getattr(self.cfg, "sxm_" + res):
+                return False
+        return True
+
+    def commit(self, plan: Plan) -> None:
+        cfg = self.cfg
+        for q, c, mn, args in plan.issues:
+            self.busy.setdefault(q, _Busy()).set(c)
+            self.events.setdefault(q, []).append((c, mn, args))
+            op = isa.lookup(mn, cfg.queue(q).unit)
+            self.last = max(self.last, c + op.delay(cfg))
+        for v, k, x0, x1 in plan.spans:
+            self.diag.setdefault((v, k), []).append((x0, x1))
+        for g, c, bank in plan.reads:
+            self.bank_rd[(g, c)] = self.bank_rd.get((g, c), 0) | (1 << bank)
+        for g, c, bank in plan.writes:
+            self.bank_wr[(g, c)] = self.bank_wr.get((g, c), 0) | (1 << bank)
+        for alu, T in plan.lands:
+            self.landed.setdefault(alu, set()).add(T)
+        for alu, lo, hi in plan.holds:
+            self.held.setdefault(alu, []).append((lo, hi))
+        for c, hem, res in plan.sxm:
+            self.sxm_use[(c, hem, res)] = self.sxm_use.get((c, hem, res), 0) + 1
+
+    # ---- emission ------------------------------------------------------------------------------------
+    def emit(self, program) -> None:
+        """Append every queue's instructions, in cycle order, with NOPs in the gaps and
+        runs of equally spaced instructions differing only in strided fields folded into
+        Repeat."""
+        cfg = self.cfg
+        for q, evs in self.events.items():
+            evs.sort(key=lambda e: e[0])
+            unit = cfg.queue(q).unit
+            t = 0
+            i = 0
+            while i < len(evs):
+                c, mn, args = evs[i]
+                op = isa.lookup(mn, unit)
+                strided = [j for j, f in enumerate(op.fields) if f.strided]
+                j = i + 1
+                d = stride = None
+                while j < len(evs) and evs[j][1] == mn and strided:
+                    a0, a1 = evs[j - 1][2], evs[j][2]
+                    if any(a0[k] != a1[k] for k in range(len(a0)) if k not in strided):
+                        break
+                    diffs = {a1[k] - a0[k] for k in strided}
+                    if len(diffs) != 1:
+                        break
+                    dd, ds = evs[j][0] - evs[j - 1][0], diffs.pop()
+                    if d is None:
+                        d, stride = dd, ds
+                    if dd != d or ds != stride or abs(ds) >= cfg.addresses_per_slice:
+                        break
+                    j += 1
+                if c < t:
+                    raise CompileError(f"internal: {q} issues twice at cycle {c}")
+                if c > t:
+                    program.add(q, "NOP", c - t)
+                program.add(q, mn, *args)
+                if j - i > 1:
+                    program.add(q, "Repeat", j - i - 1, d, stride)
+                    t = evs[j - 1][0] + 1
+                else:
+                    t = c + 1
+                i = j

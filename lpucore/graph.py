@@ -1,0 +1,443 @@
+"""Tensor graphs: what the compiler turns into scheduled programs.
+
+::
+
+    g = lpucore.Graph()
+    x = g.input("x", shape=(128, 384), dtype="float16")
+    w = g.constant("w", W)
+    y = g.gelu(g.add(g.matmul(x, w), b))
+    g.output("y", y)
+
+Shapes broadcast as in NumPy.  Every operation checks its operands when it is
+called and raises :class:`GraphError` naming the operation.  dtypes never
+promote implicitly (use :meth:`Graph.cast`), except that Python numbers take the
+other operand's dtype.  Differences from NumPy, all deliberate: ``matmul`` of
+int8 gives int32 (the MXM's accumulators), ``sum`` of integers gives int32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import dtypes as dt
+from .errors import LpuError
+
+
+class GraphError(LpuError, ValueError):
+    """An operation was given operands of the wrong shape, dtype or axis."""
+
+
+@dataclass(eq=False)
+class Tensor:
+    """A value in a graph (symbolic: no data)."""
+
+    graph: "Graph"
+    id: int
+    shape: Tuple[int, ...]
+    dtype: dt.DType
+    name: Optional[str] = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    def __repr__(self):
+        return f"<Tensor {self.name or '%' + str(self.id)} {self.dtype.name}{list(self.shape)}>"
+
+    # NumPy-like sugar
+    def __add__(self, o): return self.graph.add(self, o)
+    def __radd__(self, o): return self.graph.add(o, self)
+    def __sub__(self, o): return self.graph.sub(self, o)
+    def __rsub__(self, o): return self.graph.sub(o, self)
+    def __mul__(self, o): return self.graph.mul(self, o)
+    def __rmul__(self, o): return self.graph.mul(o, self)
+    def __truediv__(self, o): return self.graph.div(self, o)
+    def __neg__(self): return self.graph.neg(self)
+    def __matmul__(self, o): return self.graph.matmul(self, o)
+
+    def __getitem__(self, key):
+        return self.graph.slice(self, key)
+
+
+@dataclass
+class Node:
+    op: str
+    inputs: List[int]
+    attrs: Dict[str, Any]
+    output: int
+
+
+UNARY_FLOAT = ("exp", "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu")
+UNARY_ANY = ("neg", "relu", "abs")
+BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
+
+
+def _broadcast(op, a, b):
+    try:
+        return tuple(np.broadcast_shapes(a, b))
+    except ValueError:
+        raise GraphError(f"{op}: shapes {list(a)} and {list(b)} do not broadcast") from None
+
+
+class Graph:
+    """A dataflow graph of tensor operations (see the module docstring)."""
+
+    def __init__(self, name: str = "graph"):
+        self.name = name
+        self.tensors: List[Tensor] = []
+        self.nodes: List[Node] = []
+        self.producer: Dict[int, Node] = {}
+        self.inputs: Dict[str, Tensor] = {}
+        self.constants: Dict[int, np.ndarray] = {}
+        self.constant_names: Dict[int, str] = {}
+        self.outputs: Dict[str, Tensor] = {}
+
+    # ---- building blocks -------------------------------------------------------------------
+    def _new(self, shape, dtype, name=None) -> Tensor:
+        t = Tensor(self, len(self.tensors), tuple(int(s) for s in shape), dt.get(dtype), name)
+        self.tensors.append(t)
+        return t
+
+    def _node(self, op, inputs, shape, dtype, **attrs) -> Tensor:
+        out = self._new(shape, dtype)
+        n = Node(op, [t.id for t in inputs], attrs, out.id)
+        self.nodes.append(n)
+        self.producer[out.id] = n
+        return out
+
+    def _t(self, op, x, like: Optional[Tensor] = None) -> Tensor:
+        """A Tensor of this graph from x (a Tensor, or a number / array made a constant)."""
+        if isinstance(x, Tensor):
+            if x.graph is not self:
+                raise GraphError(f"{op}: operand {x} belongs to another graph")
+            return x
+        if isinstance(x, (bool, np.bool_)):
+            raise GraphError(f"{op}: booleans are not tensors")
+        if isinstance(x, (int, float, np.integer, np.floating)):
+            d = like.dtype if like is not None else (dt.FLOAT32 if isinstance(x, float) else dt.INT32)
+            if not d.is_float and (isinstance(x, float) and not float(x).is_integer()):
+                raise GraphError(f"{op}: the number {x} is not an integer but the other operand is {d.name}")
+            return self.constant(None, np.array(x, dtype=d.numpy).reshape(()))
+        if isinstance(x, np.ndarray):
+            return self.constant(None, x)
+        raise GraphError(f"{op}: cannot use {type(x).__name__} as a tensor")
+
+    def input(self, name: str, shape: Sequence[int], dtype="float16") -> Tensor:
+        """A tensor the host supplies at run time."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise GraphError(f"input: name {name!r} must be an identifier")
+        if name in self.inputs or name in self.outputs:
+            raise GraphError(f"input: name {name!r} is taken")
+        shape = tuple(shape)
+        if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+            raise GraphError(f"input: shape {shape} must be positive integers")
+        try:
+            d = dt.get(dtype)
+        except LpuError as e:
+            raise GraphError(f"input: {e}") from None
+        t = self._new(shape, d, name)
+        self.inputs[name] = t
+        return t
+
+    def constant(self, name: Optional[str], array) -> Tensor:
+        """A tensor whose value is known when compiling (placed in MEM when the program loads)."""
+        a = np.asarray(array)
+        try:
+            d = dt.get(a.dtype)
+        except LpuError:
+            raise GraphError(f"constant: dtype {a.dtype} is not one the chip handles "
+                             f"(int8, int16, int32, float16, float32)") from None
+        if a.size == 0:
+            raise GraphError("constant: empty arrays are not supported")
+        t = self._new(a.shape, d, name)
+        self.constants[t.id] = np.ascontiguousarray(a)
+        if name:
+            self.constant_names[t.id] = name
+        return t
+
+    def output(self, name: str, t: Tensor) -> None:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise GraphError(f"output: name {name!r} must be an identifier")
+        if name in self.outputs or name in self.inputs:
+            raise GraphError(f"output: name {name!r} is taken")
+        self.outputs[name] = self._t("output", t)
+
+    # ---- elementwise ------------------------------------------------------------------------
+    def _binary(self, op, a, b) -> Tensor:
+        ta = a if isinstance(a, Tensor) else None
+        tb = b if isinstance(b, Tensor) else None
+        if ta is None and tb is None:
+            raise GraphError(f"{op}: at least one operand must be a tensor")
+        a = self._t(op, a, like=tb)
+        b = self._t(op, b, like=ta)
+        if a.dtype != b.dtype:
+            raise GraphError(f"{op}: dtypes {a.dtype.name} and {b.dtype.name} differ (use cast)")
+        if op == "div" and not a.dtype.is_float:
+            raise GraphError(f"div: integer division is not supported ({a.dtype.name})")
+        return self._node(op, [a, b], _broadcast(op, a.shape, b.shape), a.dtype)
+
+    def add(self, a, b): return self._binary("add", a, b)
+    def sub(self, a, b): return self._binary("sub", a, b)
+    def mul(self, a, b): return self._binary("mul", a, b)
+    def div(self, a, b): return self._binary("div", a, b)
+    def maximum(self, a, b): return self._binary("maximum", a, b)
+    def minimum(self, a, b): return self._binary("minimum", a, b)
+
+    def _unary(self, op, x, **attrs) -> Tensor:
+        x = self._t(op, x)
+        if op in UNARY_FLOAT and not x.dtype.is_float:
+            raise GraphError(f"{op}: needs a float tensor, got {x.dtype.name}")
+        return self._node(op, [x], x.shape, x.dtype, **attrs)
+
+    def neg(self, x): return self._unary("neg", x)
+    def abs(self, x): return self._unary("abs", x)
+    def relu(self, x): return self._unary("relu", x)
+    def exp(self, x): return self._unary("exp", x)
+    def tanh(self, x): return self._unary("tanh", x)
+    def sigmoid(self, x): return self._unary("sigmoid", x)
+    def sqrt(self, x): return self._unary("sqrt", x)
+    def rsqrt(self, x): return self._unary("rsqrt", x)
+    def silu(self, x): return self._unary("silu", x)
+
+    def gelu(self, x, approximate: str = "tanh"):
+        """GELU, ``approximate="tanh"`` (GPT-2) or ``"erf"`` (exact form)."""
+        if approximate not in ("tanh", "erf", "none"):
+            raise GraphError(f"gelu: approximate must be 'tanh' or 'erf', got {approximate!r}")
+        return self._unary("gelu", x, approximate="erf" if approximate == "none" else approximate)
+
+    def cast(self, x, dtype) -> Tensor:
+        x = self._t("cast", x)
+        try:
+            d = dt.get(dtype)
+        except LpuError as e:
+            raise GraphError(f"cast: {e}") from None
+        return self._node("cast", [x], x.shape, d)
+
+    # ---- reductions and normalisations ------------------------------------------------------------
+    def _axis(self, op, x, axis):
+        if axis not in (-1, x.ndim - 1) or x.ndim == 0:
+            raise GraphError(f"{op}: only the last axis (-1) is supported, got axis={axis} for {x.ndim}-d {x}")
+
+    def _reduce(self, op, x, axis, keepdims):
+        x = self._t(op, x)
+        self._axis(op, x, axis)
+        if op == "mean" and not x.dtype.is_float:
+            raise GraphError(f"mean: needs a float tensor, got {x.dtype.name}")
+        shape = x.shape[:-1] + ((1,) if keepdims else ())
+        d = dt.INT32 if (op == "sum" and not x.dtype.is_float) else x.dtype
+        return self._node(op, [x], shape, d, keepdims=keepdims)
+
+    def sum(self, x, axis=-1, keepdims=False): return self._reduce("sum", x, axis, keepdims)
+    def max(self, x, axis=-1, keepdims=False): return self._reduce("max", x, axis, keepdims)
+    def mean(self, x, axis=-1, keepdims=False): return self._reduce("mean", x, axis, keepdims)
+
+    def softmax(self, x, axis=-1):
+        x = self._t("softmax", x)
+        self._axis("softmax", x, axis)
+        if not x.dtype.is_float:
+            raise GraphError(f"softmax: needs a float tensor, got {x.dtype.name}")
+        return self._node("softmax", [x], x.shape, x.dtype)
+
+    def _vec(self, op, name, v, x):
+        v = self._t(op, v, like=x)
+        if v.dtype != x.dtype:
+            raise GraphError(f"{op}: {name} is {v.dtype.name}, x is {x.dtype.name}")
+        if v.shape not in ((x.shape[-1],), (1,), ()):
+            raise GraphError(f"{op}: {name} must have shape ({x.shape[-1]},), got {list(v.shape)}")
+        return v
+
+    def layernorm(self, x, gamma, beta, eps: float = 1e-5):
+        x = self._t("layernorm", x)
+        if not x.dtype.is_float:
+            raise GraphError(f"layernorm: needs a float tensor, got {x.dtype.name}")
+        g = self._vec("layernorm", "gamma", gamma, x)
+        b = self._vec("layernorm", "beta", beta, x)
+        return self._node("layernorm", [x, g, b], x.shape, x.dtype, eps=float(eps))
+
+    def rmsnorm(self, x, gamma, eps: float = 1e-6):
+        x = self._t("rmsnorm", x)
+        if not x.dtype.is_float:
+            raise GraphError(f"rmsnorm: needs a float tensor, got {x.dtype.name}")
+        g = self._vec("rmsnorm", "gamma", gamma, x)
+        return self._node("rmsnorm", [x, g], x.shape, x.dtype, eps=float(eps))
+
+    # ---- matmul ----------------------------------------------------------------------------------
+    def matmul(self, a, b, out_dtype=None) -> Tensor:
+        """a [..., M, K] x b [..., K, N] with NumPy's batch broadcasting.  int8 -> int32
+        (or ``out_dtype="int8"`` is not offered: requantise with :meth:`quantize`);
+        float16 -> float16 (``out_dtype="float32"`` keeps the accumulators' precision)."""
+        a = self._t("matmul", a)
+        b = self._t("matmul", b)
+        if a.dtype != b.dtype:
+            raise GraphError(f"matmul: dtypes {a.dtype.name} and {b.dtype.name} differ")
+        if a.dtype.name not in ("int8", "float16"):
+            raise GraphError(f"matmul: the MXM multiplies int8 or float16, not {a.dtype.name}")
+        if a.ndim < 1 or b.ndim < 1:
+            raise GraphError("matmul: operands must have at least one dimension")
+        sa = a.shape if a.ndim > 1 else (1,) + a.shape
+        sb = b.shape if b.ndim > 1 else b.shape + (1,)
+        if sa[-1] != sb[-2]:
+            raise GraphError(f"matmul: inner dimensions differ: {list(a.shape)} @ {list(b.shape)}")
+        batch = _broadcast("matmul", sa[:-2], sb[:-2])
+        shape = batch + (sa[-2], sb[-1])
+        if a.ndim == 1:
+            shape = shape[:-2] + shape[-1:]
+        if b.ndim == 1:
+            shape = shape[:-1]
+        default = "int32" if a.dtype.name == "int8" else "float16"
+        od = dt.get(out_dtype or default)
+        if od.name not in ({"int32"} if a.dtype.name == "int8" else {"float16", "float32"}):
+            raise GraphError(f"matmul: a {a.dtype.name} product gives {default}, not {od.name}")
+        return self._node("matmul", [a, b], shape, od)
+
+    # ---- layout ------------------------------------------------------------------------------------
+    def reshape(self, x, shape) -> Tensor:
+        x = self._t("reshape", x)
+        shape = list(shape)
+        if shape.count(-1) > 1:
+            raise GraphError("reshape: at most one -1")
+        if -1 in shape:
+            known = int(np.prod([s for s in shape if s != -1])) or 1
+            if x.size % known:
+                raise GraphError(f"reshape: cannot reshape {list(x.shape)} to {shape}")
+            shape[shape.index(-1)] = x.size // known
+        if int(np.prod(shape)) != x.size or any(s < 1 for s in shape):
+            raise GraphError(f"reshape: cannot reshape {list(x.shape)} ({x.size} elements) to {shape}")
+        return self._node("reshape", [x], tuple(shape), x.dtype)
+
+    def transpose(self, x, axes=None) -> Tensor:
+        x = self._t("transpose", x)
+        axes = tuple(reversed(range(x.ndim))) if axes is None else tuple(int(a) % max(x.ndim, 1) for a in axes)
+        if sorted(axes) != list(range(x.ndim)):
+            raise GraphError(f"transpose: axes {axes} are not a permutation of {x.ndim} axes")
+        return self._node("transpose", [x], tuple(x.shape[a] for a in axes), x.dtype, axes=axes)
+
+    def concat(self, xs, axis: int = 0) -> Tensor:
+        xs = [self._t("concat", x) for x in xs]
+        if not xs:
+            raise GraphError("concat: nothing to concatenate")
+        nd = xs[0].ndim
+        if nd == 0:
+            raise GraphError("concat: cannot concatenate scalars")
+        ax = axis % nd if -nd <= axis < nd else None
+        if ax is None:
+            raise GraphError(f"concat: axis {axis} out of range for {nd}-d tensors")
+        for x in xs:
+            if x.dtype != xs[0].dtype:
+                raise GraphError(f"concat: dtypes {x.dtype.name} and {xs[0].dtype.name} differ")
+            if x.ndim != nd or any(x.shape[i] != xs[0].shape[i] for i in range(nd) if i != ax):
+                raise GraphError(f"concat: shapes {[list(t.shape) for t in xs]} differ outside axis {ax}")
+        shape = list(xs[0].shape)
+        shape[ax] = sum(x.shape[ax] for x in xs)
+        return self._node("concat", xs, tuple(shape), xs[0].dtype, axis=ax)
+
+    def slice(self, x, key) -> Tensor:
+        """x[key] for integers and slices with step 1 (NumPy basic indexing)."""
+        x = self._t("slice", x)
+        if not isinstance(key, tuple):
+            key = (key,)
+        if len(key) > x.ndim:
+            raise GraphError(f"slice: {len(key)} indices for a {x.ndim}-d tensor")
+        starts, stops, keep = [], [], []
+        for i, n in enumerate(x.shape):
+            k = key[i] if i < len(key) else slice(None)
+            if isinstance(k, (int, np.integer)):
+                j = int(k) + (n if k < 0 else 0)
+                if not 0 <= j < n:
+                    raise GraphError(f"slice: index {k} out of range for axis {i} of size {n}")
+                starts.append(j), stops.append(j + 1), keep.append(False)
+            elif isinstance(k, slice):
+                a, b, s = k.indices(n)
+                if s != 1:
+                    raise GraphError("slice: only step 1 is supported")
+                if b <= a:
+                    raise GraphError(f"slice: empty range on axis {i}")
+                starts.append(a), stops.append(b), keep.append(True)
+            else:
+                raise GraphError(f"slice: unsupported index {k!r}")
+        shape = tuple(b - a for a, b, k in zip(starts, stops, keep) if k)
+        return self._node("slice", [x], shape, x.dtype, starts=tuple(starts), stops=tuple(stops), keep=tuple(keep))
+
+    def gather(self, table, indices) -> Tensor:
+        """table[indices] along axis 0 (an embedding lookup); indices are int32."""
+        table = self._t("gather", table)
+        indices = self._t("gather", indices)
+        if indices.dtype.name != "int32":
+            raise GraphError(f"gather: indices must be int32, got {indices.dtype.name}")
+        if table.ndim != 2:
+            raise GraphError(f"gather: table must be 2-d [rows, dim], got {list(table.shape)}")
+        return self._node("gather", [table, indices], indices.shape + table.shape[1:], table.dtype)
+
+    def rope(self, x, positions, base: float = 10000.0) -> Tensor:
+        """Rotary position embedding, Llama form, over the last axis (the head dimension,
+        even): pairs (i, i + d/2) rotate by angle positions[t] * base**(-2i/d).  x is
+        [..., T, d]; positions is int32 [T]."""
+        x = self._t("rope", x)
+        positions = self._t("rope", positions)
+        if not x.dtype.is_float:
+            raise GraphError(f"rope: needs a float tensor, got {x.dtype.name}")
+        if x.ndim < 2 or x.shape[-1] % 2:
+            raise GraphError(f"rope: x must be [..., T, d] with d even, got {list(x.shape)}")
+        if positions.dtype.name != "int32" or positions.shape != (x.shape[-2],):
+            raise GraphError(f"rope: positions must be int32 [{x.shape[-2]}], got "
+                             f"{positions.dtype.name}{list(positions.shape)}")
+        return self._node("rope", [x, positions], x.shape, x.dtype, base=float(base))
+
+    # ---- quantisation ------------------------------------------------------------------------------------
+    def quantize(self, x, scale, zero_point=0, axis: Optional[int] = None) -> Tensor:
+        """int8 q = clip(round_half_even(x / scale) + zero_point, -128, 127); per tensor
+        (scalar scale) or per channel along the last axis (``axis=-1``, scale [C])."""
+        x = self._t("quantize", x)
+        if not x.dtype.is_float:
+            raise GraphError(f"quantize: needs a float tensor, got {x.dtype.name}")
+        scale = self._qparam("quantize", scale, x, axis, x.dtype)
+        return self._node("quantize", [x, scale], x.shape, dt.INT8, zero_point=int(zero_point), axis=axis)
+
+    def dequantize(self, q, scale, zero_point=0, axis: Optional[int] = None, dtype="float16") -> Tensor:
+        """x = (q - zero_point) * scale, as float16 (default) or float32."""
+        q = self._t("dequantize", q)
+        if q.dtype.name != "int8":
+            raise GraphError(f"dequantize: needs an int8 tensor, got {q.dtype.name}")
+        d = dt.get(dtype)
+        if not d.is_float:
+            raise GraphError(f"dequantize: gives a float dtype, not {d.name}")
+        scale = self._qparam("dequantize", scale, q, axis, d)
+        return self._node("dequantize", [q, scale], q.shape, d, zero_point=int(zero_point), axis=axis)
+
+    def _qparam(self, op, scale, x, axis, d):
+        if not (-128 <= 0 <= 127):
+            pass
+        if axis is None:
+            s = np.asarray(scale, dtype=np.float64)
+            if s.size != 1 or not np.isfinite(s).all() or (s <= 0).any():
+                raise GraphError(f"{op}: a per-tensor scale is one positive number")
+            return self.constant(None, np.array(float(s), dtype=np.float32).reshape(()))
+        if axis not in (-1, x.ndim - 1):
+            raise GraphError(f"{op}: per-channel scales run along the last axis only")
+        s = np.asarray(scale, dtype=np.float64).reshape(-1)
+        if s.shape != (x.shape[-1],) or not np.isfinite(s).all() or (s <= 0).any():
+            raise GraphError(f"{op}: per-channel scale must be {x.shape[-1]} positive numbers")
+        return self.constant(None, s.astype(np.float32))
+
+    # ---- introspection ------------------------------------------------------------------------------------
+    def tensor(self, tid: int) -> Tensor:
+        return self.tensors[tid]
+
+    def signature(self) -> tuple:
+        """A hashable description (ops, shapes, dtypes, attributes, constant values' hash)."""
+        import hashlib
+        parts = [("in", n, t.shape, t.dtype.name) for n, t in self.inputs.items()]
+        for tid, a in sorted(self.constants.items()):
+            parts.append(("const", tid, a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest()))
+        for n in self.nodes:
+            parts.append((n.op, tuple(n.inputs), n.output, tuple(sorted((k, repr(v)) for k, v in n.attrs.items()))))
+        parts += [("out", n, t.id) for n, t in self.outputs.items()]
+        return tuple(parts)
