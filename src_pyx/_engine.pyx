@@ -181,12 +181,12 @@ cdef class FastEngine:
         a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
         a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
         a["mx_acc"] = np.zeros(NP * s.NACC * L, dtype=np.uint32)
-        a["mx_ax"] = np.zeros(NP * s.BMAX * 2 * L, dtype=np.uint8)
+        a["mx_ax"] = np.zeros(NP * s.BMAX * L, dtype=np.float32)
         a["mx_aacc"] = np.zeros(NP * s.BMAX, dtype=np.int32)
         a["mx_aadd"] = np.zeros(NP * s.BMAX, dtype=np.uint8)
         a["mx_aland"] = np.zeros(NP * s.BMAX, dtype=np.int64)
         a["mx_an"] = np.zeros(NP, dtype=np.int32)
-        a["mx_bres"] = np.zeros(NP * s.BB * L, dtype=np.uint32)
+        a["mx_bres"] = np.zeros(NP * s.BB * L, dtype=np.float32)
         a["mx_bacc"] = np.zeros(NP * s.BB, dtype=np.int32)
         a["mx_badd"] = np.zeros(NP * s.BB, dtype=np.uint8)
         a["mx_bland"] = np.zeros(NP * s.BB, dtype=np.int64)
@@ -245,18 +245,18 @@ cdef class FastEngine:
         s.mx_arr = _p_u8(a["mx_arr"])
         s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
         s.mx_ver = _p_i64(a["mx_ver"])
-        self._views = {"ax": a["mx_ax"].reshape(s.NP, s.BMAX, 2, s.L), "arr": a["mx_arr"].reshape(s.NP, s.L, s.L),
+        self._views = {"ax": a["mx_ax"].reshape(s.NP, s.BMAX, s.L), "arr": a["mx_arr"].reshape(s.NP, s.L, s.L),
                        "bres": a["mx_bres"].reshape(s.NP, s.BB, s.L)}
         s.mx_inst = _p_u8(a["mx_inst"])
         s.mx_inst_T = _p_i64(a["mx_inst_T"])
         s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
         s.mx_acc = _p_u32(a["mx_acc"])
-        s.mx_ax = _p_u8(a["mx_ax"])
+        s.mx_ax = _p_f32(a["mx_ax"])
         s.mx_aacc = _p_i32(a["mx_aacc"])
         s.mx_aadd = _p_u8(a["mx_aadd"])
         s.mx_aland = _p_i64(a["mx_aland"])
         s.mx_an = _p_i32(a["mx_an"])
-        s.mx_bres = _p_u32(a["mx_bres"])
+        s.mx_bres = _p_f32(a["mx_bres"])
         s.mx_bacc = _p_i32(a["mx_bacc"])
         s.mx_badd = _p_u8(a["mx_badd"])
         s.mx_bland = _p_i64(a["mx_bland"])
@@ -395,28 +395,26 @@ cdef class FastEngine:
         w = self._weights(p, dtc)
         if dtc == DT_INT8:
             # exact: every partial sum is an integer below 2**24
-            res = (rows[:, 0].view(np.int8).astype(np.float32) @ w).astype(np.int32).view(np.uint32)
+            res = rows @ w
         else:
             K = s.L // 2
-            x = (rows[:, 0, :K].astype(np.uint16) | (rows[:, 1, :K].astype(np.uint16) << 8)).view(np.float16)
             if self.fp16_mxm == "exact":
-                prod = _matmul.fp16_dot_fast(x, w)
+                res = _matmul.fp16_dot_fast(rows[:, :K].astype(np.float16), w)
             else:
-                prod = _matmul.fp16_dot_fp32(x, w)
-            res = _numerics.from_float(prod, _dt.FLOAT32)
-        self._push_products(p, np.ascontiguousarray(res))
+                res = rows[:, :K] @ w
+        self._push_products(p, np.ascontiguousarray(res, dtype=np.float32))
 
     cdef _push_products(self, int p, res):
         """Move plane p's batch (now multiplied: res [n, L] uint32) into its FIFO of
         products waiting to land."""
         cdef State* s = &self.s
-        cdef const uint32_t[:, ::1] R = res
+        cdef const float[:, ::1] R = res
         cdef int n = s.mx_an[p]
         cdef int i, e, a
         for i in range(n):
             e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
             a = p * s.BMAX + i
-            memcpy(s.mx_bres + <int64_t>e * s.L, &R[i, 0], s.L * sizeof(uint32_t))
+            memcpy(s.mx_bres + <int64_t>e * s.L, &R[i, 0], s.L * sizeof(float))
             s.mx_bacc[e] = s.mx_aacc[a]
             s.mx_badd[e] = s.mx_aadd[a]
             s.mx_bland[e] = s.mx_aland[a]

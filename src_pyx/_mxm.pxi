@@ -52,21 +52,30 @@ cdef inline void mxm_apply(State* s, int p, int64_t c) noexcept nogil:
     cdef int64_t e, i
     cdef int l
     cdef uint32_t* acc
-    cdef uint32_t* res
+    cdef float* res
+    cdef float r
     while s.mx_bn[p] > 0:
         e = p * s.BB + s.mx_bhead[p]
         if s.mx_bland[e] > c:
             return
         acc = s.mx_acc + (<int64_t>p * s.NACC + s.mx_bacc[e]) * s.L
         res = s.mx_bres + e * s.L
-        if not s.mx_badd[e]:
-            memcpy(acc, res, s.L * sizeof(uint32_t))
-        elif s.mx_bdt[e] == DT_INT8:
+        if s.mx_bdt[e] == DT_INT8:
+            # products are exact integers held in floats (below 2**24)
+            if not s.mx_badd[e]:
+                for l in range(s.L):
+                    acc[l] = <uint32_t>(<int32_t>res[l])
+            else:
+                for l in range(s.L):
+                    acc[l] = acc[l] + <uint32_t>(<int32_t>res[l])      # int32 wrap-around
+        elif not s.mx_badd[e]:
             for l in range(s.L):
-                acc[l] = acc[l] + res[l]               # int32 wrap-around
+                r = res[l]
+                acc[l] = 0 if r == 0.0 else lpu_f32_out(r)           # an exact zero is +0
         else:
             for l in range(s.L):
-                acc[l] = lpu_f32_out(lpu_f32(acc[l]) + lpu_f32(res[l]))
+                r = res[l]
+                acc[l] = lpu_f32_out(lpu_f32(acc[l]) + (0.0 if r == 0.0 else r))
         s.mx_bhead[p] = (s.mx_bhead[p] + 1) % s.BB
         s.mx_bn[p] -= 1
 
@@ -81,6 +90,7 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     cdef uint8_t* lo
     cdef uint8_t* hi
     cdef uint32_t* acc
+    cdef float* xa
     mxm_install(s, p, c)
     if op == OP_LW:
         n = f[F_LW_N]
@@ -122,9 +132,16 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                 set_error(s, ERR_EMPTY, c, q, f[F_ABC_SRC] + 1, pos)
                 return 1
         e = p * s.BMAX + s.mx_an[p]
-        memcpy(s.mx_ax + e * 2 * s.L, lo, s.L)
-        if hi != NULL:
-            memcpy(s.mx_ax + (e * 2 + 1) * s.L, hi, s.L)
+        # stage the activation as floats: the batch goes to BLAS without conversion
+        xa = s.mx_ax + e * s.L
+        if hi == NULL:
+            for i in range(s.L):
+                xa[i] = <float>(<int8_t>lo[i])
+        else:
+            for i in range(s.L // 2):
+                xa[i] = lpu_h2f(<uint32_t>lo[i] | (<uint32_t>hi[i] << 8))
+            for i in range(s.L // 2, s.L):
+                xa[i] = 0.0
         T = c + s.mx_delay
         s.mx_aacc[e] = f[F_ABC_ACC]
         s.mx_aadd[e] = <uint8_t>f[F_ABC_ADD]

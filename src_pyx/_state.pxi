@@ -121,12 +121,12 @@ cdef struct State:
     int64_t* mx_inst_T   # [NP * RI] their effective cycle, -1 if free
     int32_t* mx_inst_dt
     uint32_t* mx_acc     # [NP * NACC * L]
-    uint8_t* mx_ax       # [NP * BMAX * 2 * L] batched activation byte planes
+    float* mx_ax         # [NP * BMAX * L] batched activations, as floats
     int32_t* mx_aacc
     uint8_t* mx_aadd
     int64_t* mx_aland
     int32_t* mx_an       # [NP] rows in the batch
-    uint32_t* mx_bres    # [NP * BB * L] products waiting to land
+    float* mx_bres       # [NP * BB * L] products waiting to land
     int32_t* mx_bacc
     uint8_t* mx_badd
     int64_t* mx_bland
