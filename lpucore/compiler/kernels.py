@@ -252,11 +252,14 @@ def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
             t[id(n)] = start
             land[id(n)] = start + isa.lookup(_mn(n), "VXM").delay(cfg)
     last_use = {id(n): land[id(n)] for n in nodes}
-    reads = []
+    reads, seen_reads = [], set()
     for m in nodes:
         for a in m.args:
             if a.op == "in":
-                reads.append((t[id(m)], a))
+                # one read serves every consumer of the same operand in the same cycle
+                if (t[id(m)], id(a)) not in seen_reads:
+                    seen_reads.add((t[id(m)], id(a)))
+                    reads.append((t[id(m)], a))
             else:
                 last_use[id(a)] = max(last_use[id(a)], t[id(m)])
     return _Chain(nodes, alu, t, land, last_use, reads)
@@ -266,13 +269,13 @@ def _mn(n: Expr) -> str:
     return n.op
 
 
-def _vxm_args(n: Expr, srcs: Dict[int, int], dst: int, alu_of: Dict[int, int]) -> tuple:
-    """Encode a node as VXM instruction operands; srcs maps id(input node) -> stream base."""
+def _vxm_args(n: Expr, srcs: Dict, dst: int, alu_of: Dict[int, int], t_of: Dict[int, int] = None) -> tuple:
+    """Encode a node as VXM instruction operands; srcs maps (time, id(input node)) -> stream base."""
     op = isa.lookup(n.op, "VXM")
 
     def src(a: Expr) -> int:
         if a.op == "in":
-            return srcs[id(a)]
+            return srcs[(t_of[id(n)], id(a))]
         return isa.LATCH_BASE + alu_of[id(a)]
 
     out = []
@@ -369,7 +372,7 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
                 if b is None:
                     ok = False
                     break
-                srcs[id(node)] = b
+                srcs[(tc, id(node))] = b
             if ok:
                 wr = ctx.write_group(plan, out, v, pos, a + ch.land[id(root_v)], used)
                 if wr is None:
@@ -378,7 +381,7 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
                 dst, landing = wr
                 for n in ch.nodes:
                     q = f"VXM.{ch.alu[id(n)]}"
-                    plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, dst if n is root_v else isa.NONE, ch.alu)))
+                    plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, dst if n is root_v else isa.NONE, ch.alu, ch.t)))
                     plan.lands.append((ch.alu[id(n)], a + ch.land[id(n)]))
                     if ch.last_use[id(n)] > ch.land[id(n)]:
                         plan.holds.append((ch.alu[id(n)], a + ch.land[id(n)], a + ch.last_use[id(n)]))
@@ -467,6 +470,9 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         xs_b, xv_b = ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)         # return coordinates
         hop = abs(ctx.vx - sx)
         chA = _layout(root, cfg, stage_alus)
+        if _collides(chA, r):
+            root = _staged(root)
+            chA = _layout(root, cfg, stage_alus)
         lo = start
         for tc, node in chA.reads:
             vt, idx = node.src
@@ -484,7 +490,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                 if b is None:
                     ok = False
                     break
-                srcs[id(node)] = b
+                srcs[(tc, id(node))] = b
             y_land = a + chA.land[id(root)]
             b_send = free_group(to_sx, y_land - xv_o, xv_o, xs_o) if ok else None
             if b_send is None:
@@ -492,7 +498,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                 continue
             for n_ in chA.nodes:
                 plan.issues.append((f"VXM.{chA.alu[id(n_)]}", a + chA.t[id(n_)], n_.op,
-                                    _vxm_args(n_, srcs, b_send if n_ is root else isa.NONE, chA.alu)))
+                                    _vxm_args(n_, srcs, b_send if n_ is root else isa.NONE, chA.alu, chA.t)))
                 plan.lands.append((chA.alu[id(n_)], a + chA.land[id(n_)]))
                 if chA.last_use[id(n_)] > chA.land[id(n_)]:
                     plan.holds.append((chA.alu[id(n_)], a + chA.land[id(n_)], a + chA.last_use[id(n_)]))
@@ -727,4 +733,273 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
             a += 1
         else:
             raise CompileError(f"no room found to schedule a lane move writing {out.name}")
+    return last
+
+
+# ---------------------------------------------------------------------------------------------
+# the MXM
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class MatMul:
+    """One 2-d product C[M, N] = A[M, K] x B[K, N] on tensors in MEM: row m of A is
+    A's row a_row(m), row k of B is B's row b_row(k), row m of C is out's row o_row(m)."""
+
+    A: VT
+    B: VT
+    out: VT
+    M: int
+    K: int
+    N: int
+    a_row: Callable[[int], int]
+    b_row: Callable[[int], int]
+    o_row: Callable[[int], int]
+
+
+class _PlaneState:
+    def __init__(self):
+        self.lw_free = 0          # first cycle the LW queue may load the next weights
+        self.abc_last = -1        # last ABC issued with the installed weights
+        self.abc_next = 0         # first cycle for the next ABC
+        self.acc_next = 0         # first cycle for the next ACC
+        self.half_free = [0, 0]   # first cycle an ABC product may land in each accumulator half
+        self.blocks = 0
+
+
+def _find(ctx: Ctx, lo: int, build, what: str) -> int:
+    """Earliest cycle >= lo at which build(t) gives a plan that fits; commits it."""
+    t = lo
+    for _ in range(SEARCH):
+        plan = build(t)
+        if plan is not None and ctx.sched.fits(plan):
+            ctx.sched.commit(plan)
+            return t
+        t += 1
+    raise CompileError(f"no room found to schedule {what}")
+
+
+def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state: Dict[int, _PlaneState],
+                  planes: Sequence[int], start: int = 0) -> int:
+    """Schedule one product on the given MXM planes (column tiles round-robin)."""
+    cfg, sched = ctx.cfg, ctx.sched
+    L = cfg.lanes
+    fp16 = mm.A.dtype == dt.FLOAT16
+    Kc = L // 2 if fp16 else L
+    r = cfg.mxm_fp16_interval if fp16 else 1
+    nK = -(-mm.K // Kc)
+    nT = -(-mm.N // L)
+    # rows loaded in one cycle must come from different slices: at most one per stripe
+    ws = max(1, min(cfg.mxm_lw_streams, ctx.S // 2, mm.B.stripes * (2 if fp16 else 1)))
+    R = cfg.mxm_size
+    Lw = -(-R // ws)
+    Mb = max(1, min(cfg.mxm_accumulators // 2, 256))
+    half = cfg.mxm_accumulators // 2
+    d_read, d_iw, d_mxm, d_acc = cfg.mem_read_delay, cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
+    dname = "float16" if fp16 else "int8"
+    out = mm.out
+    last = 0
+    tiles = {p: [] for p in planes}
+    for nt in range(nT):
+        tiles[planes[nt % len(planes)]].append(nt)
+
+    def wrow(kc, nt, j):
+        """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; None = zero."""
+        if fp16:
+            k, pl = kc * Kc + j // 2, j % 2
+        else:
+            k, pl = kc * Kc + j, 0
+        if k >= mm.K:
+            return None
+        return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl
+
+    for p in planes:
+        st = planes_state.setdefault(p, _PlaneState())
+        name = cfg.plane_name(p)
+        hem = p // cfg.mxm_planes_per_hemisphere
+        xm = cfg.mxm_position(hem)
+        din = 1 if hem == 0 else 0                   # direction of values towards this plane
+        dout = 1 - din
+        q_lw, q_abc, q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
+        sx = cfg.sxm_position(hem)
+        sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
+        for nt in tiles[p]:
+            for b0 in range(0, mm.M, Mb):
+                nb = min(Mb, mm.M - b0)
+                bank = st.blocks % 2
+                st.blocks += 1
+                for kc in range(nK):
+                    # ---- weights: Lw LW cycles, then IW timed to take effect at the next ABC run
+                    lo_w = max(st.lw_free, st.abc_last + 1 - d_iw - Lw, start)
+
+                    def build_w(W, kc=kc, nt=nt):
+                        plan = Plan()
+                        used = {}
+                        for i in range(Lw):
+                            n = min(ws, R - i * ws)
+                            rows = [wrow(kc, nt, i * ws + j) for j in range(n)]
+                            base = None
+                            T = W + i
+                            for cand in ctx.streams(din, 1):
+                                if cand - din * ctx.S + n > ctx.S:
+                                    continue
+                                okc = True
+                                for j in range(n):
+                                    if (cand + j, T) in used:
+                                        okc = False
+                                        break
+                                if okc:
+                                    base = cand
+                                    break
+                            if base is None:
+                                return None
+                            busy_slices = set()
+                            for j, src in enumerate(rows):
+                                stream = base + j
+                                if src is None:
+                                    # a zero vector (address 0 of any free slice on the way)
+                                    cands = [g for g in zero_slices if g not in busy_slices
+                                             and ctx.dir_to(ctx.slice_pos[g], xm) == din]
+                                    placed = False
+                                    for g in cands:
+                                        tr = T - d_read - abs(ctx.slice_pos[g] - xm)
+                                        if tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
+                                            continue
+                                        k_ = T - ctx.xloc(din, xm)
+                                        x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
+                                        if not sched.span_free(stream, k_, x0, x1):
+                                            continue
+                                        plan.issues.append((ctx.mem_q[g], tr, "Read", (0, stream)))
+                                        plan.reads.append((g, tr, ctx.bank(0)))
+                                        plan.spans.append((stream, k_, x0, x1))
+                                        busy_slices.add(g)
+                                        placed = True
+                                        break
+                                    if not placed:
+                                        return None
+                                    continue
+                                vt, v, pl = src
+                                g, addr = vt.loc(v, pl)
+                                if ctx.dir_to(ctx.slice_pos[g], xm) != din:
+                                    return None
+                                tr = T - d_read - abs(ctx.slice_pos[g] - xm)
+                                if tr < int(vt.ready[v]) or tr < 0:
+                                    return None
+                                k_ = T - ctx.xloc(din, xm)
+                                x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
+                                if not sched.span_free(stream, k_, x0, x1):
+                                    return None
+                                plan.issues.append((ctx.mem_q[g], tr, "Read", (addr, stream)))
+                                plan.reads.append((g, tr, ctx.bank(addr)))
+                                plan.spans.append((stream, k_, x0, x1))
+                                busy_slices.add(g)
+                            for j in range(n):
+                                used[(base + j, T)] = 1
+                            plan.issues.append((q_lw, T, "LW", (base, n, i * ws)))
+                        plan.issues.append((q_lw, W + Lw, "IW", (dt.get(dname).code,)))
+                        return plan
+                    W = _find(ctx, lo_w, build_w, f"an MXM weight load for {out.name}")
+                    for i in range(Lw):
+                        for j in range(min(ws, R - i * ws)):
+                            src = wrow(kc, nt, i * ws + j)
+                            if src is not None:
+                                src[0].last_read[src[1]] = max(src[0].last_read[src[1]], W + i)
+                    st.lw_free = W + Lw + 1
+                    E_ = W + Lw + d_iw
+                    # ---- activations: one ABC per row
+                    first = True
+                    for i in range(nb):
+                        m = b0 + i
+                        av = mm.a_row(m) * mm.A.chunks + (kc // 2 if fp16 else kc)
+                        shift = fp16 and kc % 2 == 1
+                        lo_t = max(E_, st.abc_next)
+                        if first and kc == 0:
+                            lo_t = max(lo_t, st.half_free[bank] - d_mxm)
+
+                        def build_a(T, av=av, shift=shift, i=i, kc=kc):
+                            plan, used = Plan(), {}
+                            if not shift:
+                                b = ctx.read_group(plan, mm.A, av, xm, T, used)
+                                if b is None:
+                                    return None
+                                src = b
+                            else:
+                                ts = T - cfg.sxm_delay - abs(sx - xm)
+                                b = ctx.read_group(plan, mm.A, av, sx, ts, used)
+                                if b is None:
+                                    return None
+                                kb = ts + cfg.sxm_delay - ctx.xloc(din, sx)
+                                src = None
+                                for cand in ctx.streams(din, 2):
+                                    if all(sched.span_free(cand + q, kb, ctx.xloc(din, sx), ctx.xloc(din, xm))
+                                           and (cand + q, kb) not in used for q in range(2)):
+                                        src = cand
+                                        break
+                                if src is None:
+                                    return None
+                                for q in range(2):
+                                    plan.issues.append((sxq[q % len(sxq)], ts, "Shift", (src + q, b + q, -(L // 2))))
+                                    plan.sxm.append((ts, hem, "shifters"))
+                                    plan.spans.append((src + q, kb, ctx.xloc(din, sx), ctx.xloc(din, xm)))
+                            plan.issues.append((q_abc, T, "ABC", (dt.get(dname).code, src, bank * half + i,
+                                                                 1 if kc else 0)))
+                            return plan
+                        T = _find(ctx, lo_t, build_a, f"an MXM activation for {out.name}")
+                        mm.A.last_read[av] = max(mm.A.last_read[av], T)
+                        st.abc_next = T + r
+                        st.abc_last = T
+                        first = False
+                # ---- results: ACC each row of the block once its last product has landed
+                ready = st.abc_last + d_mxm
+                for i in range(nb):
+                    m = b0 + i
+                    ov = mm.o_row(m) * out.chunks + nt
+                    lo_c = max(ready, st.acc_next)
+
+                    def build_c(C, i=i, ov=ov):
+                        plan, used = Plan(), {}
+                        T = C + d_acc
+                        if out.planes == 4:
+                            # int32 / float32 results straight to MEM
+                            kk = T - ctx.xloc(dout, xm)
+                            wr = ctx.write_group(plan, out, ov, xm, T, used)
+                            if wr is None:
+                                return None
+                            dst = wr[0]
+                            plan.issues.append((q_acc, C, "ACC", (bank * half + i, dst)))
+                            plan.landing = wr[1]
+                            return plan
+                        # float16 results: through the VXM (cvt), then to MEM
+                        dst = None
+                        kk = T - ctx.xloc(dout, xm)
+                        for cand in ctx.streams(dout, 4):
+                            if all(sched.span_free(cand + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))
+                                   for q in range(4)):
+                                dst = cand
+                                break
+                        if dst is None:
+                            return None
+                        plan.spans += [(dst + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx)) for q in range(4)]
+                        for q in range(4):
+                            used[(dst + q, kk)] = 1
+                        V = T + abs(ctx.vx - xm)
+                        alu = (p * 2 + i) % cfg.vxm_alus_per_lane
+                        wr = ctx.write_group(plan, out, ov, ctx.vx, V + cfg.vxm_convert_delay, used)
+                        if wr is None:
+                            return None
+                        plan.issues.append((q_acc, C, "ACC", (bank * half + i, dst)))
+                        plan.issues.append((f"VXM.{alu}", V, "cvt", (dt.FLOAT32.code, out.dtype.code, wr[0], dst)))
+                        plan.lands.append((alu, V + cfg.vxm_convert_delay))
+                        plan.landing = wr[1]
+                        return plan
+
+                    holder = {}
+
+                    def build_c2(C, holder=holder, build_c=build_c):
+                        pl = build_c(C)
+                        holder["plan"] = pl
+                        return pl
+                    C = _find(ctx, lo_c, build_c2, f"an MXM result for {out.name}")
+                    out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
+                    last = max(last, holder["plan"].landing)
+                    st.acc_next = C + 1
+                    st.half_free[bank] = C + 1
     return last

@@ -115,6 +115,10 @@ class Compiler:
         self.uses: Dict[int, int] = {}
         self.kernels: List[Tuple[str, str, int]] = []
         self.hem = 0
+        self.temps: List[VT] = []
+        self.temps_r: List[VT] = []
+        self.planes: Dict[int, object] = {}       # MXM plane -> its scheduling state
+        self.rope_positions = 2048                 # rows of the rotary tables (positions 0..2047)
         self.L = cfg.lanes
         self.n_alu = cfg.vxm_alus_per_lane
 
@@ -123,21 +127,22 @@ class Compiler:
         self.hem ^= 1
         return self.hem
 
-    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=()) -> VT:
+    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8) -> VT:
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         try:
-            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem(), kind=kind, avoid=tuple(avoid))
+            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem(), kind=kind, avoid=tuple(avoid),
+                       stripes=stripes)
         except CompileError:
             if not avoid:
                 raise
-            vt = place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind)
+            vt = place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
         if kind in ("input", "const", "output"):
             self.tables.append((name, vt))
         return vt
 
-    def const_vt(self, name, arr2d: np.ndarray) -> VT:
-        vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const")
+    def const_vt(self, name, arr2d: np.ndarray, stripes=8) -> VT:
+        vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const", stripes=stripes)
         self.constants[name] = np.ascontiguousarray(arr2d)
         return vt
 
@@ -224,7 +229,10 @@ class Compiler:
                 self.scalars[tid] = arr.reshape(()).item()
                 continue
             name = g.constant_names.get(tid) or f"_c{tid}"
-            self.vts[tid] = self.const_vt(name, arr.reshape(_rows(arr.shape), _cols(arr.shape)))
+            # weights of a matmul get more stripes: an LW cycle loads one row per stripe
+            weights = any(n.op == "matmul" and len(n.inputs) > 1 and n.inputs[1] == tid for n in g.nodes)
+            self.vts[tid] = self.const_vt(name, arr.reshape(_rows(arr.shape), _cols(arr.shape)),
+                                          stripes=self.cfg.mxm_lw_streams if weights else 8)
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
             t = g.tensors[n.output]
@@ -313,7 +321,52 @@ class Compiler:
         self.vts[t.id] = out
         return self.map_into(out, build)
 
+    def fit(self, root: Expr, out: VT, budget: int) -> Expr:
+        """Split an expression too big for the ALUs: materialise its largest subexpression
+        that fits into a temporary tensor (same shape as out), until the rest fits."""
+        from .kernels import _topo
+        while True:
+            nodes = [n for n in _topo(root) if n.op != "in"]
+            if len(nodes) <= budget:
+                return root
+            sizes = {}
+            for n in _topo(root):
+                sizes[id(n)] = (0 if n.op == "in" else 1) + sum(sizes[id(a)] for a in n.args)
+            cand = [n for n in _topo(root) if n.op not in ("in", "const") and n is not root
+                    and sizes[id(n)] <= budget]
+            if not cand:
+                raise CompileError(f"an elementwise expression needs more than {budget} ALUs at one step")
+            sub = max(cand, key=lambda n: sizes[id(n)])
+            tmp = self.new_vt(f"_x{len(self.tables)}_{id(sub) % 997}", sub.dtype, (out.rows, out.cols))
+            map_kernel(self.ctx, sub, tmp)
+            self.temps.append(tmp)
+            rep = Expr.input(tmp, lambda v: v)
+            memo = {}
+
+            def swap(n):
+                if n is sub:
+                    return rep
+                if id(n) in memo:
+                    return memo[id(n)]
+                c = Expr(n.op, n.dtype, tuple(swap(a) for a in n.args), dict(n.imm), n.src, n.min_t)
+                memo[id(n)] = c
+                return c
+            root = swap(root)
+
     def map_into(self, out: VT, build, alus=None) -> int:
+        self.temps = []
+        budget = (len(alus) if alus is not None else self.n_alu) - 1
+        orig = build
+        fitted = self.fit(orig(), out, budget)
+        build = lambda: fitted                                                     # noqa: E731
+        try:
+            return self._map_into(out, build, alus)
+        finally:
+            for tmp in self.temps:
+                release(self.mem, tmp)
+            self.temps = []
+
+    def _map_into(self, out: VT, build, alus=None) -> int:
         C = out.chunks
         rem = out.cols % self.L
         if rem == 0 or out.bcast:
@@ -367,8 +420,42 @@ class Compiler:
     def acc_dtype(self, d: dt.DType) -> dt.DType:
         return F32 if d.is_float else I32
 
+    def fold(self, src: VT, d: dt.DType, op: str, pre=None, budget: int = 8):
+        """Halve a tensor's chunks per row (op over pairs of chunks, pre applied first, the
+        padding of max rows masked) until few enough are left; returns (VT, pre left to apply)."""
+        made = []
+        while src.chunks > 1 and src.chunks * (3 if pre else 2) > budget:
+            C, n2 = src.chunks, -(-src.chunks // 2)
+            out = self.new_vt(f"_fold{len(self.tables)}_{C}", d, (src.rows, n2 * self.L), avoid=self.slices_of(src))
+
+            def part(v, r, c, src=src, pre=pre):
+                e = cvt(Expr.input(src, lambda vv, k=r * src.chunks + c: k), d)
+                if pre is not None:
+                    e = pre(e, r, c)
+                if op == "max" and c == src.chunks - 1 and src.cols % self.L:
+                    lo = Expr.const(d, -np.inf if d.is_float else -(2 ** (d.bits - 1)))
+                    m = self.mask(src.cols % self.L, d.nbytes)
+                    e = E("select", d, Expr.input(m, lambda vv: 0), e, lo)
+                return e
+            for v in range(out.nvec):
+                r, j = divmod(v, n2)
+                a = part(v, r, 2 * j)
+                if 2 * j + 1 < C:
+                    a = E("add" if op == "add" else "max", d, a, part(v, r, 2 * j + 1))
+                elif a.op == "in":
+                    a = E("mov", d, a)
+                map_kernel(self.ctx, a, out, vectors=[v])
+            out.cols = n2 * self.L
+            made.append(out)
+            src = out
+            pre = None
+        return src, pre, made
+
     def row_expr(self, src: VT, shape, d: dt.DType, op: str, pre=None):
         """Combine a row's chunks: op over chunks of pre(element); returns r -> Expr."""
+        budget = self.n_alu - 6
+        src, pre, made = self.fold(src, d, op, pre, budget)
+        self.temps_r = made
         C = src.chunks
 
         def f(r):

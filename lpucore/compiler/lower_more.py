@@ -1,9 +1,259 @@
-"""Lowering of matmul, layout operations, gather and rope (see lower.py)."""
+"""Lowering of matmul, layout operations, gather and rope (the rest is in lower.py)."""
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
+
+from .. import dtypes as dt
 from ..errors import CompileError
+from .kernels import E, Expr, MatMul, Piece, cvt, lanemove_kernel, map_kernel, matmul_kernel
+from .memory import release
+
+F32, F16, I8, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT32
+
+
+def _batch_index(shape_b, shape_out_batch):
+    """Flat batch index of an operand for each flat output batch index (broadcasting)."""
+    nd = len(shape_out_batch)
+    sb = (1,) * (nd - len(shape_b)) + tuple(shape_b)
+    if not shape_out_batch:
+        return np.zeros(1, dtype=np.int64)
+    grid = np.arange(int(np.prod(sb)) if sb else 1).reshape(sb or (1,))
+    return np.broadcast_to(grid, shape_out_batch).ravel()
 
 
 def lower(c, n, ins, t, name, kind):
-    raise CompileError(f"{n.op}: not supported by the compiler yet")
+    op = n.op
+    if op == "matmul":
+        return matmul(c, ins[0], ins[1], t, name, kind)
+    if op in ("reshape", "transpose", "concat", "slice"):
+        return layout(c, n, ins, t, name, kind)
+    if op == "gather":
+        return gather(c, ins[0], ins[1], t, name, kind)
+    if op == "rope":
+        return rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"])
+    raise CompileError(f"{op}: not supported by the compiler")
+
+
+def matmul(c, a, b, t, name, kind):
+    A, B = c.plain(a), c.plain(b)
+    sa = a.shape if a.ndim > 1 else (1,) + a.shape
+    sb = b.shape if b.ndim > 1 else b.shape + (1,)
+    M, K, N = sa[-2], sa[-1], sb[-1]
+    batch = tuple(np.broadcast_shapes(sa[:-2], sb[:-2]))
+    ia = _batch_index(sa[:-2], batch)
+    ib = _batch_index(sb[:-2], batch)
+    if b.ndim == 1:
+        # a matrix-vector product: multiply lane-wise with b broadcast over the rows, sum each row
+        from ..graph import Tensor
+        acc = F32 if a.dtype.is_float else I32
+        prod = c.new_vt(f"_mv{t.id}", acc, a.shape, avoid=c.slices_of(A, B))
+        c.map_into(prod, lambda: E("mul", acc, c.operand(a, a.shape, acc), c.operand(b, a.shape, acc)))
+        ptensor = Tensor(c.g, -1 - t.id, a.shape, acc)
+        c.vts[ptensor.id] = prod
+        last = c.reduce("sum", ptensor, t, name, kind)
+        release(c.mem, prod)
+        return last
+    out_shape = batch + (M, N)
+    out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
+    c.vts[t.id] = out
+    zero_slices = list(range(c.cfg.mem_slices))
+    planes = list(range(c.cfg.mxm_planes))
+    last = 0
+    for i in range(len(ia)):
+        mm = MatMul(A, B, out, M, K, N,
+                    a_row=lambda m, o=int(ia[i]) * M: o + m,
+                    b_row=lambda k, o=int(ib[i]) * K: o + k,
+                    o_row=lambda m, o=i * M: o + m)
+        last = max(last, matmul_kernel(c.ctx, mm, zero_slices, c.planes, planes))
+    return last
+
+
+def relayout(c, out, srcs, src_of):
+    """Fill `out` so that its flat element e is element src_of[1][e] of tensor srcs[src_of[0][e]]
+    (flat, row-major).  Whole vectors that only move are copied by the VXM; lanes that
+    change place go through lane moves (SXM shifts)."""
+    L = c.L
+    which, elem = src_of
+    C = out.chunks
+    rows, cols = out.rows, out.cols
+    simple = True
+    plan = []                      # per output vector: list of Piece
+    for v in range(out.nvec):
+        r, ch = divmod(v, C)
+        j0 = ch * L
+        n = min(L, cols - j0)
+        e = r * cols + j0 + np.arange(n)
+        src_id = which[e]
+        fe = elem[e]
+        pieces = []
+        i = 0
+        while i < n:
+            sv = srcs[int(src_id[i])]
+            sr, sc = divmod(int(fe[i]), sv.cols)
+            k = i + 1
+            while k < n and src_id[k] == src_id[i] and fe[k] == fe[k - 1] + 1:
+                sr2, sc2 = divmod(int(fe[k]), sv.cols)
+                if sr2 != sr or sc2 // L != sc // L:
+                    break
+                k += 1
+            pieces.append(Piece(sv, sr * sv.chunks + sc // L, sc % L, k - i, i))
+            i = k
+        if not (len(pieces) == 1 and pieces[0].src_lane == 0 and pieces[0].n == n):
+            simple = False
+        plan.append(pieces)
+    if simple:
+        # every output vector is one source vector (its valid lanes, unshifted): copies
+        groups = {}
+        for v, pcs in enumerate(plan):
+            pc = pcs[0]
+            groups.setdefault(id(pc.src), (pc.src, []))[1].append((v, pc.src_v))
+        last = 0
+        for src, pairs in groups.values():
+            mp = dict(pairs)
+            vs = [v for v, _ in pairs]
+            root = E("mov", out.dtype, Expr.input(src, lambda v, mp=mp: mp[v]))
+            rem = out.cols % L
+            full = [v for v in vs if not rem or v % C != C - 1]
+            tail = [v for v in vs if rem and v % C == C - 1]
+            if full:
+                last = max(last, map_kernel(c.ctx, root, out, vectors=full))
+            if tail:
+                m = c.mask(rem, out.planes)
+                last = max(last, map_kernel(c.ctx, E("and", out.dtype, Expr.input(src, lambda v, mp=mp: mp[v]),
+                                                      Expr.input(m, lambda v: 0)), out, vectors=tail))
+        return last
+    return lanemove_kernel(c.ctx, out, lambda v: plan[v], lambda a, b: c.span_mask(a, b, out.planes))
+
+
+def layout(c, n, ins, t, name, kind):
+    op = n.op
+    srcs = [c.plain(x) for x in ins]
+    out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(*srcs))
+    c.vts[t.id] = out
+    size = t.size
+    if op == "reshape":
+        which = np.zeros(size, dtype=np.int64)
+        elem = np.arange(size)
+    elif op == "transpose":
+        grid = np.arange(ins[0].size).reshape(ins[0].shape)
+        elem = np.ascontiguousarray(np.transpose(grid, n.attrs["axes"])).ravel()
+        which = np.zeros(size, dtype=np.int64)
+    elif op == "slice":
+        grid = np.arange(ins[0].size).reshape(ins[0].shape)
+        idx = tuple(slice(a, b) for a, b in zip(n.attrs["starts"], n.attrs["stops"]))
+        elem = np.ascontiguousarray(grid[idx]).ravel()
+        which = np.zeros(size, dtype=np.int64)
+    elif op == "concat":
+        ax = n.attrs["axis"]
+        parts_w, parts_e = [], []
+        for i, x in enumerate(ins):
+            g = np.arange(x.size).reshape(x.shape)
+            parts_e.append(g)
+            parts_w.append(np.full(x.shape, i, dtype=np.int64))
+        elem = np.concatenate(parts_e, axis=ax).ravel()
+        which = np.concatenate(parts_w, axis=ax).ravel()
+    else:
+        raise CompileError(f"{op}: not a layout operation")
+    return relayout(c, out, srcs, (which, elem))
+
+
+def gather(c, table, idx, t, name, kind):
+    """table[idx]: a one-hot matrix (built on the VXM by comparing lane numbers with each
+    index) times the table on the MXM; exact for int8 and float16 tables."""
+    from ..graph import Tensor
+    V, D = table.shape
+    n = idx.size
+    if table.dtype.name not in ("int8", "float16"):
+        raise CompileError(f"gather: tables of {table.dtype.name} are not supported (int8, float16)")
+    iv = c.plain(idx)
+    # each index in every lane of its own vector: sum of the index masked to its lane
+    bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
+    from .kernels import allreduce_kernel
+
+    def row(r):
+        m = c.span_mask(r % c.L, r % c.L + 1, 4)
+        return E("and", I32, Expr.input(iv, lambda v, k=r // c.L: k), Expr.input(m, lambda v: 0))
+    allreduce_kernel(c.ctx, row, bc, "add", list(range(c.n_alu)))
+    d = table.dtype
+    oh = c.new_vt(f"_oh{t.id}", d, (n, V), avoid=c.slices_of(bc))
+    chunks = oh.chunks
+    iota = c.const_vt(f"_iota{t.id}", np.arange(V, dtype=np.int32).reshape(1, V))
+    one_bits = 0x3C00 if d == F16 else 1              # 1.0 in float16, or 1
+
+    def onehot():
+        eq = E("eq", I32, Expr.input(iota, lambda v, C=chunks: v % C), Expr.input(bc, lambda v, C=chunks: v // C))
+        bits = E("and", I32, eq, Expr.const(I32, one_bits))
+        return E("cvt", {1: I8, 2: dt.INT16}[d.nbytes], bits, **{})
+    c.map_into(oh, lambda: _as(onehot(), d))
+    release(c.mem, bc)
+    oh_t = Tensor(c.g, -10 - t.id, (n, V), d)
+    c.vts[oh_t.id] = oh
+    prod_t = Tensor(c.g, -20 - t.id, (n, D), I32 if d == I8 else F16)
+    last = matmul(c, oh_t, table, prod_t, f"_gp{t.id}" if (d == I8 or t.shape != (n, D)) else name,
+                  "temp" if (d == I8 or t.shape != (n, D)) else kind)
+    release(c.mem, oh)
+    pv = c.vts[prod_t.id]
+    if d == I8:
+        # int32 products of a one-hot row are the int8 entries: narrow back
+        out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(pv))
+        last = map_kernel(c.ctx, cvt(Expr.input(pv, lambda v: v), I8), out)
+        release(c.mem, pv)
+        c.vts[t.id] = out
+        return last
+    if t.shape != (n, D):
+        out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(pv))
+        last = map_kernel(c.ctx, E("mov", t.dtype, Expr.input(pv, lambda v: v)), out)
+        release(c.mem, pv)
+        c.vts[t.id] = out
+        return last
+    c.vts[t.id] = pv
+    return last
+
+
+def _as(e, d):
+    """Reinterpret an integer expression's bits as dtype d (same width)."""
+    e.dtype = dt.INT16 if d.nbytes == 2 else e.dtype
+    return e
+
+
+def rope(c, x, pos, t, name, kind, base):
+    """Llama rotary embedding: y = x * cos + rotate_half(x) * sin_signed, the cos / sin rows
+    gathered by position from tables built at compile time (max position: the table size)."""
+    from ..graph import Tensor
+    d = x.shape[-1]
+    T = x.shape[-2]
+    P = c.rope_positions
+    half = d // 2
+    inv = base ** (-np.arange(half, dtype=np.float64) * 2 / d)
+    ang = np.arange(P, dtype=np.float64)[:, None] * inv[None, :]
+    cos = np.concatenate([np.cos(ang), np.cos(ang)], axis=1).astype(np.float16)
+    sin = np.concatenate([-np.sin(ang), np.sin(ang)], axis=1).astype(np.float16)
+    g = c.g
+    cos_t = Tensor(g, -30 - t.id, (P, d), F16)
+    sin_t = Tensor(g, -40 - t.id, (P, d), F16)
+    c.vts[cos_t.id] = c.const_vt(f"_rcos{t.id}", cos, stripes=c.cfg.mxm_lw_streams)
+    c.vts[sin_t.id] = c.const_vt(f"_rsin{t.id}", sin, stripes=c.cfg.mxm_lw_streams)
+    cr = Tensor(g, -50 - t.id, (T, d), F16)
+    sr = Tensor(g, -60 - t.id, (T, d), F16)
+    gather(c, cos_t, pos, cr, f"_rc{t.id}", "temp")
+    gather(c, sin_t, pos, sr, f"_rs{t.id}", "temp")
+    # rotate_half: lane i takes lane (i + d/2) mod d of its head
+    X = c.plain(x)
+    rot = c.new_vt(f"_rr{t.id}", x.dtype, x.shape, avoid=c.slices_of(X))
+    grid = np.arange(x.size).reshape(-1, d)
+    src = np.concatenate([grid[:, half:], grid[:, :half]], axis=1).ravel()
+    relayout(c, rot, [X], (np.zeros(x.size, dtype=np.int64), src))
+    rt = Tensor(g, -70 - t.id, x.shape, x.dtype)
+    c.vts[rt.id] = rot
+
+    def f():
+        xe = c.operand(x, t.shape, F32)
+        return cvt(E("add", F32, E("mul", F32, xe, c.operand(cr, t.shape, F32)),
+                     E("mul", F32, c.operand(rt, t.shape, F32), c.operand(sr, t.shape, F32))), t.dtype)
+    last = c.map_op(t, name, kind, f)
+    for tt in (cr, sr, rt):
+        release(c.mem, c.vts[tt.id])
+    return last

@@ -51,6 +51,7 @@ class Plan:
     lands: List[Tuple[int, int]] = field(default_factory=list)                # (alu, cycle a result lands)
     holds: List[Tuple[int, int, int]] = field(default_factory=list)           # (alu, from, to]: latch kept
     sxm: List[Tuple[int, int, str]] = field(default_factory=list)             # (cycle, hemisphere, resource)
+    landing: int = 0                                                          # kernels' bookkeeping
 
 
 class Scheduler:
