@@ -33,6 +33,7 @@ from .memory import VT
 from .schedule import Plan, Scheduler
 
 SEARCH = 200_000          # cycles a kernel may look ahead for room before giving up
+PIECE_SLIP = 4            # cycles one lane-move piece may slip when it collides inside its plan
 
 
 class Ctx:
@@ -69,6 +70,16 @@ class Ctx:
                 yield b
 
     # ---- MEM reads and writes as parts of a plan ---------------------------------------------------
+    def _queues_free(self, locs, t_iss, used: Dict) -> bool:
+        """Every slice's queue can take one more MEM instruction at its cycle, counting
+        both committed work and what this plan already holds."""
+        seen = set()
+        for (g, _), t in zip(locs, t_iss):
+            if (g, t) in seen or ("q", g, t) in used or not self.sched.queue_free(self.mem_q[g], t):
+                return False
+            seen.add((g, t))
+        return True
+
     def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Dict) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
@@ -81,6 +92,8 @@ class Ctx:
             return None
         t_iss = [T - cfg.mem_read_delay - abs(pos - s) for s in sp]
         if any(t < int(vt.ready[v]) or t < 0 for t in t_iss):
+            return None
+        if not self._queues_free(locs, t_iss, used):
             return None
         for b in self.streams(d, w):
             ok = True
@@ -99,6 +112,7 @@ class Ctx:
                     plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
                     plan.reads.append((g, t_iss[p], self.bank(a)))
                     used[(spans[p][0], spans[p][1])] = 1
+                    used[("q", g, t_iss[p])] = 1
                 plan.spans.extend(spans)
                 return b
         return None
@@ -121,6 +135,8 @@ class Ctx:
         lands = [t + cfg.mem_write_delay for t in t_iss]
         if any(l < vt.write_after(v, p) for l, p in zip(lands, planes)):
             return None
+        if not self._queues_free(locs, t_iss, used):
+            return None
         for b in self.streams(d, 4 if w == 4 else w):
             ok = True
             spans = []
@@ -138,6 +154,7 @@ class Ctx:
                     plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
                     plan.writes.append((g, lands[i], self.bank(a)))
                     used[(spans[i][0], spans[i][1])] = 1
+                    used[("q", g, t_iss[i])] = 1
                 plan.spans.extend(spans)
                 return b, max(lands)
         return None
@@ -329,6 +346,72 @@ def _staged(root: Expr) -> Expr:
     return rec(root)
 
 
+def _staggered(root: Expr) -> Expr:
+    """A copy of the expression in which each operation that reads operands from streams
+    issues at its own relative cycle (a second operand read by one operation goes through
+    a mov): as collision-free as _staged, usually with no extra ALU."""
+    memo: Dict[int, Expr] = {}
+    count = [0]
+
+    def rec(n: Expr) -> Expr:
+        if id(n) in memo:
+            return memo[id(n)]
+        if n.op == "in":
+            return n
+        args, reads = [], 0
+        for a in n.args:
+            if a.op == "in":
+                if reads:
+                    a = Expr("mov", a.dtype, (a,), {}, min_t=count[0])
+                    count[0] += 1
+                reads += 1
+            else:
+                a = rec(a)
+            args.append(a)
+        min_t = n.min_t
+        if reads:
+            min_t = max(min_t, count[0])
+            count[0] += 1
+        c = Expr(n.op, n.dtype, tuple(args), dict(n.imm), n.src, min_t)
+        memo[id(n)] = c
+        return c
+    return rec(root)
+
+
+class NeedsSplit(CompileError):
+    """An expression whose operand reads collide in one slice cannot be staged within
+    the ALUs it was given: the caller should split it into smaller kernels."""
+
+
+def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -> Dict[int, "_Chain"]:
+    """The layout each vector uses: the plain one, or, when two of its operand reads come
+    from one slice in one cycle, a staggered or fully staged one.  Decided for every
+    vector before anything is committed, so that NeedsSplit leaves no trace."""
+    cfg = ctx.cfg
+    plain = _layout(root, cfg, alus)
+    alts = None
+    out = {}
+    for v in vectors:
+        if not _collides(plain, v):
+            out[v] = plain
+            continue
+        if alts is None:
+            alts = []
+            for make in (_staggered, _staged):
+                r = make(root)
+                n = len([x for x in _topo(r) if x.op != "in"])
+                if n <= len(alus):
+                    ch = _layout(r, cfg, alus)
+                    ch.root = r
+                    alts.append(ch)
+        ch = next((c for c in alts if not _collides(c, v)), None)
+        if ch is None:
+            raise NeedsSplit(f"operand reads of an elementwise kernel collide and cannot be staged on "
+                             f"{len(alus)} ALUs")
+        out[v] = ch
+    return out
+
+
 def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] = None,
                alus: Optional[Sequence[int]] = None, start: int = 0) -> int:
     """Evaluate `root` for every vector of `out` (or the given ones).  Returns the last
@@ -337,20 +420,13 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
     if root.op == "in":
         root = E("mov", root.dtype, root)
     alus = list(alus if alus is not None else range(cfg.vxm_alus_per_lane))
-    ch_plain = _layout(root, cfg, alus)
-    ch_staged = None
     vectors = range(out.nvec) if vectors is None else vectors
+    chains = _chains(ctx, root, vectors, alus)
     pos = ctx.vx
     a = start
     last = 0
     for v in vectors:
-        ch = ch_plain
-        if _collides(ch_plain, v):
-            if ch_staged is None:
-                sroot = _staged(root)
-                ch_staged = _layout(sroot, cfg, alus)
-                ch_staged.root = sroot
-            ch = ch_staged
+        ch = chains[v]
         root_v = ch.root if ch.root is not None else root
         # earliest anchor from data readiness
         lo = start
@@ -625,7 +701,8 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
     its lanes on an SXM when needed (two shifts never needed: one Shift moves lanes up
     or down), masked to its lanes on the VXM and or-ed into the vector being built in an
     ALU latch; the finished vector is written to MEM.  mask_of(a, b) is a constant vector
-    whose lanes [a, b) are all-ones (out.planes bytes wide)."""
+    whose lanes [a, b) are all-ones (out.planes bytes wide), or a list of copies of it
+    in different slices, tried in turn."""
     cfg, sched = ctx.cfg, ctx.sched
     d = out.dtype
     w = d.nbytes
@@ -641,6 +718,51 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
         base = (2 * v) % max(2, nalu - (nalu % 2))
         acc_alus = (base, base + 1)
         m_alu = (base + 2) % nalu
+        def place(plan, used, pc, t):
+            """Plan one piece's read (and shift) and its mask so that both reach the VXM
+            at cycle t.  Returns (piece stream, mask stream) or None."""
+            shift = pc.dst_lane - pc.src_lane
+            src_g = [pc.src.loc(pc.src_v, p)[0] for p in range(w)]
+            hem = 0 if ctx.slice_pos[src_g[0]] < ctx.vx else 1
+            if shift == 0:
+                # straight from MEM to the VXM at cycle t
+                b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
+                if b is None:
+                    return None
+                piece_src = b
+            else:
+                sx = cfg.sxm_position(hem)
+                sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
+                ts = t - d_sxm - abs(ctx.vx - sx)
+                b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
+                if b is None:
+                    return None
+                back = ctx.dir_to(sx, ctx.vx)
+                kb = ts + d_sxm - ctx.xloc(back, sx)
+                bo = None
+                for cand in ctx.streams(back, w):
+                    if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
+                           and (cand + p, kb) not in used for p in range(w)):
+                        bo = cand
+                        break
+                if bo is None:
+                    return None
+                for p in range(w):
+                    plan.issues.append((sxq[p % len(sxq)], ts, "Shift", (bo + p, b + p, shift)))
+                    plan.sxm.append((ts, hem, "shifters"))
+                    plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
+                    used[(bo + p, kb)] = 1
+                piece_src = bo
+            # mask the piece to its lanes (the mask arrives on a stream too)
+            masks = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
+            for mvt in (masks if isinstance(masks, (list, tuple)) else [masks]):
+                bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
+                if bm is not None:
+                    break
+            else:
+                return None
+            return piece_src, bm
+
         a = a0
         for tries in range(SEARCH):
             plan, used = Plan(), {}
@@ -649,47 +771,21 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
             acc = None                      # (alu, landing)
             k = 0
             for pc in pieces:
-                shift = pc.dst_lane - pc.src_lane
-                src_g = [pc.src.loc(pc.src_v, p)[0] for p in range(w)]
-                hem = 0 if ctx.slice_pos[src_g[0]] < ctx.vx else 1
-                if shift == 0:
-                    # straight from MEM to the VXM at cycle t
-                    b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
-                    if b is None:
-                        ok = False
+                # a piece whose read collides with this plan's own reads slips a cycle or two
+                got = None
+                for _slip in range(PIECE_SLIP):
+                    mark, saved = plan.mark(), dict(used)
+                    got = place(plan, used, pc, t)
+                    if got is not None:
                         break
-                    piece_src = b
-                else:
-                    sx = cfg.sxm_position(hem)
-                    sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
-                    ts = t - d_sxm - abs(ctx.vx - sx)
-                    b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
-                    if b is None:
-                        ok = False
-                        break
-                    back = ctx.dir_to(sx, ctx.vx)
-                    kb = ts + d_sxm - ctx.xloc(back, sx)
-                    bo = None
-                    for cand in ctx.streams(back, w):
-                        if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
-                               and (cand + p, kb) not in used for p in range(w)):
-                            bo = cand
-                            break
-                    if bo is None:
-                        ok = False
-                        break
-                    for p in range(w):
-                        plan.issues.append((sxq[p % len(sxq)], ts, "Shift", (bo + p, b + p, shift)))
-                        plan.sxm.append((ts, hem, "shifters"))
-                        plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
-                        used[(bo + p, kb)] = 1
-                    piece_src = bo
-                # mask the piece to its lanes (the mask arrives on a stream too)
-                mvt = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
-                bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
-                if bm is None:
+                    plan.rollback(mark)
+                    used.clear()
+                    used.update(saved)
+                    t += 1
+                if got is None:
                     ok = False
                     break
+                piece_src, bm = got
                 plan.issues.append((f"VXM.{m_alu}", t, "and", (d.code, isa.NONE, piece_src, bm)))
                 plan.lands.append((m_alu, t + d_alu))
                 tm = t + d_alu

@@ -27,7 +27,7 @@ from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
 from .emit import expected_cycles
-from .kernels import E, Ctx, Expr, Piece, allreduce_kernel, cvt, lanemove_kernel, map_kernel
+from .kernels import E, Ctx, Expr, NeedsSplit, Piece, _chains, allreduce_kernel, cvt, lanemove_kernel, map_kernel
 from .memory import VT, Memory, place, release
 from .schedule import Scheduler
 
@@ -100,6 +100,11 @@ def execute(compiled: Compiled, inputs: Dict[str, np.ndarray], engine: str = "fa
     return compiled.read_outputs(chip), stats
 
 
+# operations that read their operands through Compiler.operand (so a constant may be an immediate)
+SCALAR_CONSUMERS = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu", "exp",
+                              "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu", "cast"))
+
+
 class Compiler:
     def __init__(self, graph: Graph, cfg: ChipConfig):
         self.g = graph
@@ -127,12 +132,12 @@ class Compiler:
         self.hem ^= 1
         return self.hem
 
-    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8) -> VT:
+    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None) -> VT:
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         try:
-            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem(), kind=kind, avoid=tuple(avoid),
-                       stripes=stripes)
+            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
+                       avoid=tuple(avoid), stripes=stripes)
         except CompileError:
             if not avoid:
                 raise
@@ -141,8 +146,8 @@ class Compiler:
             self.tables.append((name, vt))
         return vt
 
-    def const_vt(self, name, arr2d: np.ndarray, stripes=8) -> VT:
-        vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const", stripes=stripes)
+    def const_vt(self, name, arr2d: np.ndarray, stripes=8, hem=None) -> VT:
+        vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const", stripes=stripes, hem=hem)
         self.constants[name] = np.ascontiguousarray(arr2d)
         return vt
 
@@ -225,7 +230,10 @@ class Compiler:
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
         for tid, arr in g.constants.items():
             t = g.tensors[tid]
-            if arr.size == 1 and self.uses.get(tid, 0) < 10 ** 9:
+            # a one-element constant read only by elementwise operations becomes an
+            # immediate of the VXM instead of a vector in MEM
+            if (arr.size == 1 and self.uses.get(tid, 0) < 10 ** 9
+                    and all(n.op in SCALAR_CONSUMERS for n in g.nodes if tid in n.inputs)):
                 self.scalars[tid] = arr.reshape(()).item()
                 continue
             name = g.constant_names.get(tid) or f"_c{tid}"
@@ -356,11 +364,18 @@ class Compiler:
     def map_into(self, out: VT, build, alus=None) -> int:
         self.temps = []
         budget = (len(alus) if alus is not None else self.n_alu) - 1
-        orig = build
-        fitted = self.fit(orig(), out, budget)
-        build = lambda: fitted                                                     # noqa: E731
+        root = build()
         try:
-            return self._map_into(out, build, alus)
+            while True:
+                fitted = self.fit(root, out, budget)
+                try:
+                    return self._map_into(out, lambda: fitted, alus)
+                except NeedsSplit:
+                    # colliding operand reads need ALUs for staging: split further
+                    if budget <= 2:
+                        raise
+                    budget -= 1
+                    root = fitted
         finally:
             for tmp in self.temps:
                 release(self.mem, tmp)
@@ -374,10 +389,12 @@ class Compiler:
         full = [v for v in range(out.nvec) if v % C != C - 1]
         tail = [v for v in range(out.nvec) if v % C == C - 1]
         last = 0
-        if full:
-            last = map_kernel(self.ctx, build(), out, vectors=full, alus=alus)
         m = self.mask(rem, out.planes)
         masked = E("and", out.dtype, build(), Expr.input(m, lambda v: 0))
+        al = list(alus if alus is not None else range(self.n_alu))
+        _chains(self.ctx, masked, tail, al)                     # may raise NeedsSplit: before any commit
+        if full:
+            last = map_kernel(self.ctx, build(), out, vectors=full, alus=alus)
         return max(last, map_kernel(self.ctx, masked, out, vectors=tail, alus=alus))
 
     # ---- composite operations ------------------------------------------------------------------------------
@@ -386,9 +403,11 @@ class Compiler:
             def f():
                 a = self.operand(x, t.shape, F32)
                 c = lambda v: Expr.const(F32, v)                                  # noqa: E731
-                inner = E("mul", F32, c(SQRT_2_OVER_PI),
+                # 0.5 (1 + tanh z) = sigmoid(2z): the same function without the cancellation
+                # of 1 + tanh z for large negative x, so the result keeps its relative accuracy
+                inner = E("mul", F32, c(2 * SQRT_2_OVER_PI),
                           E("add", F32, a, E("mul", F32, c(0.044715), E("mul", F32, E("mul", F32, a, a), a))))
-                y = E("mul", F32, E("mul", F32, c(0.5), a), E("add", F32, c(1.0), E("tanh", F32, inner)))
+                y = E("mul", F32, a, E("sigmoid", F32, inner))
                 return cvt(y, t.dtype)
             return self.map_op(t, name, kind, f)
         # erf form: 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 in two kernels
@@ -410,9 +429,9 @@ class Compiler:
             c = lambda v: Expr.const(F32, v)                                      # noqa: E731
             a = self.operand(x, t.shape, F32)
             r = Expr.input(ev, lambda v: v)
-            erf_abs = E("sub", F32, c(1.0), r)
-            erf = E("select", F32, E("lt", F32, a, c(0.0)), E("neg", F32, erf_abs), erf_abs)
-            return cvt(E("mul", F32, E("mul", F32, c(0.5), a), E("add", F32, c(1.0), erf)), t.dtype)
+            # 1 + erf(z) is erfc(|z|) = r for z < 0 and 2 - r otherwise: no cancellation
+            onep = E("select", F32, E("lt", F32, a, c(0.0)), r, E("sub", F32, c(2.0), r))
+            return cvt(E("mul", F32, E("mul", F32, c(0.5), a), onep), t.dtype)
         last = self.map_op(t, name, kind, combine)
         release(self.mem, ev)
         return last
@@ -488,14 +507,16 @@ class Compiler:
         map_kernel(self.ctx, E("and", vt.dtype, Expr.input(vt, lambda v: v), Expr.input(m, lambda v: 0)), out)
         return out
 
-    def span_mask(self, a: int, b: int, w: int) -> VT:
-        """Constant vector with lanes [a, b) all-ones, w bytes wide."""
+    def span_mask(self, a: int, b: int, w: int) -> List[VT]:
+        """Constant vector with lanes [a, b) all-ones, w bytes wide: one copy per
+        hemisphere, so that a lane move can always read the mask from a slice other than
+        its source's (a slice reads one vector per cycle)."""
         key = ("span", a, b, w)
         if key not in self.masks:
             d = {1: I8, 2: I16, 4: I32}[w]
             m = np.zeros((1, self.L), dtype=d.numpy)
             m[0, a:b] = -1
-            self.masks[key] = self.const_vt(f"_span{a}_{b}x{w}", m)
+            self.masks[key] = [self.const_vt(f"_span{a}_{b}x{w}h{h}", m, hem=h) for h in (0, 1)]
         return self.masks[key]
 
     def pack(self, src: VT, t: Tensor, name: str, kind: str) -> VT:

@@ -174,7 +174,9 @@ def gather(c, table, idx, t, name, kind):
     from .kernels import allreduce_kernel
 
     def row(r):
-        m = c.span_mask(r % c.L, r % c.L + 1, 4)
+        busy = c.slices_of(iv)
+        copies = c.span_mask(r % c.L, r % c.L + 1, 4)
+        m = next((m for m in copies if not busy & c.slices_of(m)), copies[0])
         return E("and", I32, Expr.input(iv, lambda v, k=r // c.L: k), Expr.input(m, lambda v: 0))
     allreduce_kernel(c.ctx, row, bc, "add", list(range(c.n_alu)))
     d = table.dtype

@@ -53,6 +53,16 @@ class Plan:
     sxm: List[Tuple[int, int, str]] = field(default_factory=list)             # (cycle, hemisphere, resource)
     landing: int = 0                                                          # kernels' bookkeeping
 
+    _LISTS = ("issues", "spans", "reads", "writes", "lands", "holds", "sxm")
+
+    def mark(self) -> Tuple[int, ...]:
+        """A point to roll back to when a kernel's tentative step does not fit."""
+        return tuple(len(getattr(self, n)) for n in self._LISTS)
+
+    def rollback(self, mark: Tuple[int, ...]) -> None:
+        for n, k in zip(self._LISTS, mark):
+            del getattr(self, n)[k:]
+
 
 class Scheduler:
     def __init__(self, cfg: ChipConfig):

@@ -1,0 +1,311 @@
+"""The compiler: every graph operation against NumPy, on both engines, with the
+predicted cycle count equal to the measured one.  Accuracy bounds are those in
+README.md ("Compiler: operations and their accuracy")."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lpucore
+from lpucore import ChipConfig, CompileError, Graph, GraphError
+
+SMALL = ChipConfig.small()
+GROQ = ChipConfig.groqchip1()
+F16_ULP = 2.0 ** -10
+
+
+def run_graph(g, inputs, cfg=SMALL, engines=("fast", "reference")):
+    c = lpucore.compile(g, cfg)
+    results = []
+    for eng in engines:
+        out, st_ = lpucore.execute(c, inputs, engine=eng)
+        assert st_.cycles == c.expected_cycles, (eng, st_.cycles, c.expected_cycles)
+        results.append(out)
+    for other in results[1:]:
+        for k in results[0]:
+            assert np.array_equal(results[0][k].view(np.uint8), other[k].view(np.uint8)), k
+    return results[0], c
+
+
+def values(shape, dtype, seed, scale=1.0):
+    r = np.random.default_rng(seed)
+    if np.dtype(dtype).kind == "f":
+        return (r.standard_normal(shape) * scale).astype(dtype)
+    info = np.iinfo(dtype)
+    return r.integers(info.min, info.max + 1, shape).astype(dtype)
+
+
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 150)) | st.tuples(st.integers(1, 2), st.integers(1, 3),
+                                                                     st.integers(1, 70))
+
+
+def ulps16(y, ref):
+    y, ref = y.astype(np.float64), ref.astype(np.float64)
+    return np.abs(y - ref) / np.maximum(np.spacing(np.abs(ref).astype(np.float16)).astype(np.float64), 2.0 ** -24)
+
+
+# ---- elementwise: exactly NumPy's arithmetic in the same dtype -----------------------------------
+@settings(max_examples=6)
+@given(shapes, st.sampled_from(["add", "sub", "mul", "maximum", "minimum"]),
+       st.sampled_from(["float16", "float32", "int8", "int32"]), st.integers(0, 99))
+def test_binary_ops_match_numpy_exactly(shape, op, dtype, seed):
+    g = Graph()
+    a = g.input("a", shape, dtype)
+    b = g.input("b", shape[-1:], dtype)                    # broadcast over the rows
+    g.output("y", getattr(g, op)(a, b))
+    A, B = values(shape, dtype, seed), values(shape[-1:], dtype, seed + 1)
+    out, _ = run_graph(g, {"a": A, "b": B})
+    with np.errstate(all="ignore"):
+        ref = getattr(np, {"sub": "subtract", "mul": "multiply"}.get(op, op))(A, B).astype(dtype)
+    assert np.array_equal(out["y"], ref)
+
+
+@settings(max_examples=5)
+@given(shapes, st.sampled_from(["neg", "abs", "relu", "div"]), st.integers(0, 99))
+def test_unary_and_div(shape, op, seed):
+    g = Graph()
+    a = g.input("a", shape, "float16")
+    y = g.div(a, 3.0) if op == "div" else getattr(g, op)(a)
+    g.output("y", y)
+    A = values(shape, np.float16, seed)
+    out, _ = run_graph(g, {"a": A})
+    ref = {"neg": -A, "abs": np.abs(A), "relu": np.maximum(A, np.float16(0)), "div": A / np.float16(3)}[op]
+    assert np.array_equal(out["y"], ref.astype(np.float16))
+
+
+@settings(max_examples=5)
+@given(shapes, st.sampled_from(["exp", "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu", "gelu_erf"]),
+       st.integers(0, 99))
+def test_transcendental_ops_within_one_float16_ulp(shape, op, seed):
+    g = Graph()
+    a = g.input("a", shape, "float16")
+    if op == "gelu_erf":
+        y = g.gelu(a, approximate="erf")
+    else:
+        y = getattr(g, op)(a)
+    g.output("y", y)
+    A = values(shape, np.float16, seed, 2.0)
+    if op in ("sqrt", "rsqrt"):
+        A = np.abs(A) + np.float16(0.01)
+    out, _ = run_graph(g, {"a": A})
+    x = A.astype(np.float64)
+    from math import erf
+    ref = {"exp": np.exp(x), "tanh": np.tanh(x), "sigmoid": 1 / (1 + np.exp(-x)), "sqrt": np.sqrt(x),
+           "rsqrt": 1 / np.sqrt(x), "silu": x / (1 + np.exp(-x)),
+           "gelu": 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3))),
+           "gelu_erf": 0.5 * x * (1 + np.vectorize(erf)(x / np.sqrt(2)))}[op]
+    if op == "gelu_erf":
+        # Abramowitz & Stegun 7.1.26 approximates erf within 1.5e-7 (absolute)
+        assert (np.abs(out["y"] - ref) <= np.maximum(np.spacing(np.abs(ref).astype(np.float16)),
+                                                     0.5 * np.spacing(np.abs(ref).astype(np.float16))
+                                                     + 1e-7 * np.abs(x))).all()
+    else:
+        assert ulps16(out["y"], ref).max() <= 1.0
+
+
+@settings(max_examples=5)
+@given(shapes, st.sampled_from(["sum", "max", "mean"]), st.booleans(), st.integers(0, 99))
+def test_reductions(shape, op, keepdims, seed):
+    g = Graph()
+    a = g.input("a", shape, "float32")
+    g.output("y", getattr(g, op)(a, keepdims=keepdims))
+    A = values(shape, np.float32, seed)
+    out, _ = run_graph(g, {"a": A})
+    ref = getattr(A.astype(np.float64), op)(-1, keepdims=keepdims)
+    if op == "max":
+        assert np.array_equal(out["y"], ref.astype(np.float32))
+    else:
+        # a tree of float32 additions: at most (chunks + log2 lanes) roundings of partial sums
+        bound = (shape[-1] / SMALL.lanes + 1 + np.log2(SMALL.lanes)) * 2.0 ** -24 * np.abs(A).sum(-1, keepdims=keepdims)
+        if op == "mean":
+            bound = bound / shape[-1] + np.abs(ref) * 2.0 ** -23
+        assert (np.abs(out["y"] - ref) <= bound + 1e-30).all()
+
+
+def test_integer_sum_is_int32():
+    g = Graph()
+    a = g.input("a", (3, 70), "int8")
+    g.output("y", g.sum(a))
+    A = values((3, 70), np.int8, 1)
+    out, _ = run_graph(g, {"a": A})
+    assert out["y"].dtype == np.int32 and np.array_equal(out["y"], A.astype(np.int64).sum(-1))
+
+
+@settings(max_examples=4)
+@given(shapes, st.integers(0, 99))
+def test_softmax_layernorm_rmsnorm_within_two_ulps(shape, seed):
+    g = Graph()
+    a = g.input("a", shape, "float16")
+    n = shape[-1]
+    gam = values((n,), np.float16, seed + 1)
+    bet = values((n,), np.float16, seed + 2)
+    g.output("sm", g.softmax(a))
+    g.output("ln", g.layernorm(a, g.constant("g", gam), g.constant("b", bet), eps=1e-5))
+    g.output("rms", g.rmsnorm(a, g.constant("g2", gam), eps=1e-6))
+    A = values(shape, np.float16, seed, 3.0)
+    out, _ = run_graph(g, {"a": A})
+    x = A.astype(np.float64)
+    e = np.exp(x - x.max(-1, keepdims=True))
+    sm = e / e.sum(-1, keepdims=True)
+    ln = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-5) * gam + bet
+    rms = x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-6) * gam
+    assert ulps16(out["sm"], sm).max() <= 2
+    # layer norm amplifies the rounding of its input by 1/std: bound it in absolute terms too
+    for k, ref in (("ln", ln), ("rms", rms)):
+        err = np.abs(out[k].astype(np.float64) - ref)
+        assert (err <= 2 * np.spacing(np.abs(ref).astype(np.float16)) + 1e-3 * np.abs(gam)).all(), k
+
+
+@settings(max_examples=4)
+@given(st.integers(1, 40), st.integers(1, 200), st.integers(1, 150), st.sampled_from(["int8", "float16"]),
+       st.integers(0, 99))
+def test_matmul(M, K, N, dtype, seed):
+    g = Graph()
+    a = g.input("a", (M, K), dtype)
+    B = values((K, N), dtype, seed + 1, 0.5)
+    g.output("y", g.matmul(a, g.constant("w", B)))
+    g.output("z", g.matmul(a, g.input("b", (K, N), dtype)))       # runtime weights
+    A = values((M, K), dtype, seed, 0.5)
+    out, _ = run_graph(g, {"a": A, "b": B})
+    ref = A.astype(np.float64) @ B.astype(np.float64)
+    if dtype == "int8":
+        assert np.array_equal(out["y"], ref.astype(np.int32)) and np.array_equal(out["z"], ref.astype(np.int32))
+    else:
+        absref = np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64))
+        bound = (K / 32 + 1) * 2.0 ** -24 * absref + np.spacing(np.abs(ref).astype(np.float16))
+        assert (np.abs(out["y"] - ref) <= bound).all() and np.array_equal(out["y"], out["z"])
+
+
+def test_batched_matmul_and_vector_operands():
+    g = Graph()
+    a = g.input("a", (2, 3, 40), "float16")
+    b = g.input("b", (2, 40, 20), "float16")
+    v = g.input("v", (40,), "float16")
+    g.output("y", g.matmul(a, b))
+    g.output("mv", g.matmul(a, v, out_dtype="float32"))
+    A, B, V = values((2, 3, 40), np.float16, 1), values((2, 40, 20), np.float16, 2), values((40,), np.float16, 3)
+    out, _ = run_graph(g, {"a": A, "b": B, "v": V})
+    assert np.abs(out["y"] - A.astype(np.float64) @ B).max() < 0.02
+    assert np.abs(out["mv"] - A.astype(np.float64) @ V).max() < 1e-3
+
+
+@settings(max_examples=4)
+@given(st.integers(1, 5), st.integers(1, 90), st.integers(0, 99))
+def test_layout_ops_are_exact(R, C, seed):
+    g = Graph()
+    x = g.input("x", (R, C), "float16")
+    g.output("t", g.transpose(x))
+    g.output("r", g.reshape(x, (C, R)))
+    g.output("s", x[:, C // 3:])
+    g.output("c", g.concat([x, x[:, : max(1, C // 2)]], axis=1))
+    g.output("c0", g.concat([x, x], axis=0))
+    X = values((R, C), np.float16, seed)
+    out, _ = run_graph(g, {"x": X})
+    assert np.array_equal(out["t"], X.T) and np.array_equal(out["r"], X.reshape(C, R))
+    assert np.array_equal(out["s"], X[:, C // 3:])
+    assert np.array_equal(out["c"], np.concatenate([X, X[:, : max(1, C // 2)]], 1))
+    assert np.array_equal(out["c0"], np.concatenate([X, X], 0))
+
+
+def test_gather_rope_cast_quantize():
+    r = np.random.default_rng(0)
+    g = Graph()
+    table = values((200, 30), np.float16, 1)
+    i = g.input("i", (4,), "int32")
+    x = g.input("x", (2, 4, 16), "float16")
+    p = g.input("p", (4,), "int32")
+    f = g.input("f", (3, 50), "float32")
+    g.output("emb", g.gather(g.constant("tab", table), i))
+    g.output("rope", g.rope(x, p))
+    g.output("cast", g.cast(f, "int16"))
+    scale = np.abs(r.standard_normal(50)).astype(np.float32) + 0.1
+    q = g.quantize(f, scale, zero_point=3, axis=-1)
+    g.output("q", q)
+    g.output("dq", g.dequantize(q, scale, zero_point=3, axis=-1, dtype="float32"))
+    I = np.array([5, 199, 0, 5], np.int32)
+    X = values((2, 4, 16), np.float16, 2)
+    P = np.array([0, 3, 64, 1000], np.int32)
+    F = (values((3, 50), np.float32, 3) * 100).astype(np.float32)
+    out, _ = run_graph(g, {"i": I, "x": X, "p": P, "f": F})
+    assert np.array_equal(out["emb"], table[I])
+    inv = 10000.0 ** (-np.arange(8) * 2 / 16)
+    ang = P[:, None] * inv[None]
+    x1, x2 = X[..., :8].astype(np.float64), X[..., 8:].astype(np.float64)
+    ref = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+    assert np.abs(out["rope"] - ref).max() <= 4e-3 * np.abs(X).max()
+    assert np.array_equal(out["cast"], np.clip(np.rint(F), -32768, 32767).astype(np.int16))
+    qref = np.clip(np.rint(F / scale) + 3, -128, 127).astype(np.int8)
+    assert np.array_equal(out["q"], qref)
+    assert np.array_equal(out["dq"], ((qref.astype(np.int32) - 3).astype(np.float32) * scale).astype(np.float32))
+
+
+def test_groqchip_geometry_non_multiples_and_single_rows():
+    g = Graph()
+    x = g.input("x", (1, 700), "float16")
+    w = values((700, 330), np.float16, 1, 0.05)
+    y = g.gelu(g.matmul(x, g.constant("w", w)))
+    g.output("y", g.softmax(y))
+    X = values((1, 700), np.float16, 2)
+    out, c = run_graph(g, {"x": X}, cfg=GROQ)
+    h = X.astype(np.float64) @ w
+    h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
+    e = np.exp(h - h.max(-1, keepdims=True))
+    assert np.abs(out["y"] - e / e.sum(-1, keepdims=True)).max() < 2e-3
+
+
+def test_graph_errors_name_the_operation():
+    g = Graph()
+    a = g.input("a", (3, 4), "float16")
+    b = g.input("b", (5, 4), "float16")
+    i8 = g.input("c", (3, 4), "int8")
+    with pytest.raises(GraphError, match="add: shapes"):
+        g.add(a, b)
+    with pytest.raises(GraphError, match="add: dtypes"):
+        g.add(a, i8)
+    with pytest.raises(GraphError, match="matmul: inner"):
+        g.matmul(a, a)
+    with pytest.raises(GraphError, match="softmax: only the last axis"):
+        g.softmax(a, axis=0)
+    with pytest.raises(GraphError, match="exp: needs a float"):
+        g.exp(i8)
+    with pytest.raises(GraphError, match="reshape"):
+        g.reshape(a, (5, 3))
+    with pytest.raises(GraphError, match="input: name"):
+        g.input("a", (1,), "int8")
+    with pytest.raises(GraphError, match="no outputs"):
+        lpucore.compile(Graph())
+
+
+def test_a_graph_that_does_not_fit_says_how_much():
+    g = Graph()
+    x = g.input("x", (1, 320), "float16")
+    big = np.zeros((320, 400_000), np.float16)          # 256 MB of weights > 220 MiB
+    g.output("y", g.matmul(x, g.constant("w", big)))
+    with pytest.raises(CompileError, match="bytes"):
+        lpucore.compile(g, GROQ)
+
+
+def test_execute_checks_inputs():
+    g = Graph()
+    x = g.input("x", (2, 8), "float16")
+    g.output("y", g.relu(x))
+    c = lpucore.compile(g, SMALL)
+    with pytest.raises(GraphError, match="missing"):
+        lpucore.execute(c, {})
+    with pytest.raises(GraphError, match="must be float16"):
+        lpucore.execute(c, {"x": np.zeros((2, 8), np.float32)})
+
+
+def test_ops_front_end_and_cache():
+    lpucore.ops.clear_cache()
+    x = values((3, 90), np.float16, 5)
+    y, st_ = lpucore.ops.softmax(x, config=SMALL, stats=True)
+    e = np.exp(x.astype(np.float64) - x.max(-1, keepdims=True))
+    assert np.abs(y - e / e.sum(-1, keepdims=True)).max() < 1e-3 and st_.cycles > 0
+    lpucore.ops.softmax(x * np.float16(2), config=SMALL)
+    assert lpucore.ops.cache_info() == (1,)
+    a = values((4, 50), np.int8, 6)
+    b = values((50, 7), np.int8, 7)
+    assert np.array_equal(lpucore.ops.matmul(a, b, config=SMALL), a.astype(np.int32) @ b)
+    assert np.array_equal(lpucore.ops.transpose(a, config=SMALL), a.T)
