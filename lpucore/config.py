@@ -22,6 +22,7 @@ By default ``mem_slices_per_hop`` consecutive slices share a position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Dict, NamedTuple, Optional, Tuple
@@ -207,18 +208,18 @@ class ChipConfig:
         """Stream registers per lane in both directions."""
         return 2 * self.streams_per_direction
 
-    @property
+    @functools.cached_property
     def hops(self) -> Tuple[int, ...]:
         """Hop distance from the VXM of MEM slice i of either hemisphere."""
         if self.mem_hop_map is not None:
             return self.mem_hop_map
         return tuple(1 + i // self.mem_slices_per_hop for i in range(self.mem_slices_per_hemisphere))
 
-    @property
+    @functools.cached_property
     def vxm_position(self) -> int:
         return self.hops[-1] + self.sxm_hops + self.mxm_hops
 
-    @property
+    @functools.cached_property
     def positions(self) -> int:
         """Number of stream-register positions from the west edge to the east edge."""
         return 2 * self.vxm_position + 1

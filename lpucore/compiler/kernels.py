@@ -44,12 +44,13 @@ class Ctx:
         self.sched = sched
         self.S = cfg.streams_per_direction
         self.vx = cfg.vxm_position
+        self._last = cfg.positions - 1
         self.rot = [0, 0]
         self.mem_q = {cfg.slice_id(q.hemisphere, q.slot): q.name for q in cfg.queues if q.unit == "MEM"}
         self.slice_pos = {g: cfg.mem_position(*divmod(g, cfg.mem_slices_per_hemisphere)) for g in self.mem_q}
 
     def xloc(self, d: int, pos: int) -> int:
-        return pos if d == 0 else self.cfg.positions - 1 - pos
+        return pos if d == 0 else self._last - pos
 
     def dir_to(self, src_pos: int, dst_pos: int) -> int:
         """Direction a value takes from src_pos to dst_pos (0 east, 1 west)."""
@@ -516,12 +517,21 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                            f"cycle: it needs {2 * w} SXM queues and shifters per hemisphere, this chip has "
                            f"{cfg.sxm_queues_per_hemisphere} queues and {cfg.sxm_shifters} shifters")
     alus = list(alus)
-    OR, R0, R1 = alus[-1], alus[-2], alus[-3]
-    KEEP = alus[-4 - len(kept_sizes) + 1: len(alus) - 3] if kept_sizes else []
-    keep_alu = {n: KEEP[i] for i, n in enumerate(kept_sizes)}
-    stage_alus = alus[: len(alus) - 3 - len(kept_sizes)]
-    OUT = stage_alus[-1]                     # the final mov to MEM reuses a stage-A ALU
-    stage_alus = stage_alus[:-1]
+    # A row's reduction is a chain of SXM round trips during which its latches are held:
+    # when the ALUs allow, consecutive rows take disjoint ALU sets so that they overlap.
+    def stage_size(r):
+        root = row_expr(r)
+        return len([n for n in _topo(_staged(root)) if n.op != "in"]) if root.op != "in" else 1
+    per = 3 + len(kept_sizes) + 1 + max(stage_size(0), stage_size(out.rows - 1))
+    nsets = max(1, len(alus) // per)
+    alu_sets = [alus] if nsets == 1 else [alus[i * per:(i + 1) * per] for i in range(nsets)]
+
+    def roles(al):
+        OR, R0, R1 = al[-1], al[-2], al[-3]
+        KEEP = al[-4 - len(kept_sizes) + 1: len(al) - 3] if kept_sizes else []
+        stage = al[: len(al) - 3 - len(kept_sizes)]
+        # the final mov to MEM reuses a stage-A ALU
+        return OR, R0, R1, {n: KEEP[i] for i, n in enumerate(kept_sizes)}, stage[:-1], stage[-1]
     d_alu, d_sxm = cfg.vxm_alu_delay, cfg.sxm_delay
     mn = "add" if op == "add" else "max"
     last = 0
@@ -534,6 +544,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         return None
 
     for r in range(out.rows):
+        OR, R0, R1, keep_alu, stage_alus, OUT = roles(alu_sets[r % nsets])
         root = row_expr(r)
         if root.op == "in":
             root = E("mov", root.dtype, root)
@@ -710,12 +721,14 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
     nalu = cfg.vxm_alus_per_lane
     last = 0
     a0 = start
+    busy_from: Dict[int, int] = {}
     for v in range(out.nvec):
         pieces = pieces_of(v)
         if not pieces:
             raise CompileError(f"internal: no data for vector {v} of {out.name}")
-        # ALU pair for this vector (rotating), acc alternates between two ALUs
-        base = (2 * v) % max(2, nalu - (nalu % 2))
+        # three ALUs per vector (two accumulate alternately, one masks pieces), rotating over
+        # disjoint triples so that consecutive vectors can be built at the same time
+        base = 3 * (v % max(1, nalu // 3))
         acc_alus = (base, base + 1)
         m_alu = (base + 2) % nalu
         def place(plan, used, pc, t):
@@ -747,8 +760,14 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
                         break
                 if bo is None:
                     return None
+                # any SXM queue of the hemisphere free at ts (committed work and this plan)
+                free_q = [q for q in sxq if sched.queue_free(q, ts) and ("q", q, ts) not in used][:w]
+                if len(free_q) < w or sched.sxm_use.get((ts, hem, "shifters"), 0) + w + sum(
+                        1 for c_, h_, r_ in plan.sxm if (c_, h_, r_) == (ts, hem, "shifters")) > cfg.sxm_shifters:
+                    return None
                 for p in range(w):
-                    plan.issues.append((sxq[p % len(sxq)], ts, "Shift", (bo + p, b + p, shift)))
+                    used[("q", free_q[p], ts)] = 1
+                    plan.issues.append((free_q[p], ts, "Shift", (bo + p, b + p, shift)))
                     plan.sxm.append((ts, hem, "shifters"))
                     plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
                     used[(bo + p, kb)] = 1
@@ -763,7 +782,16 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
                 return None
             return piece_src, bm
 
-        a = a0
+        # no piece can reach the VXM before its source vector is ready and has travelled
+        # there (the k-th piece arrives k cycles after the first at the earliest)
+        lo = a0
+        for k, pc in enumerate(pieces):
+            dist = min(abs(ctx.vx - ctx.slice_pos[pc.src.loc(pc.src_v, p)[0]]) for p in range(w))
+            extra = 0 if pc.dst_lane == pc.src_lane else d_sxm
+            lo = max(lo, int(pc.src.ready[pc.src_v]) + d_read + dist + extra - k)
+        # the triple's ALUs stay busy about one cycle per piece of its previous vector:
+        # starting the search there saves compile time (not a correctness bound)
+        a = max(lo, busy_from.get(base, 0))
         for tries in range(SEARCH):
             plan, used = Plan(), {}
             ok = True
@@ -825,6 +853,7 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
                     for pc in pieces:
                         pc.src.last_read[pc.src_v] = max(pc.src.last_read[pc.src_v], acc[1])
                     last = max(last, landing)
+                    busy_from[base] = a + len(pieces)
                     break
             a += 1
         else:
