@@ -53,7 +53,8 @@ def run(config: lpucore.ChipConfig = None, engine: str = "fast", batch: int = 16
     ref = reference(x, p)
     err = float(np.abs(out["y"].astype(np.float64) - ref).max())
     scale = float(np.abs(ref).max())
-    res = dict(max_abs_error=err, max_abs_ref=scale, cycles=stats.cycles, expected_cycles=prog.expected_cycles,
+    res = dict(y=out["y"], max_abs_error=err, max_abs_ref=scale, cycles=stats.cycles,
+               expected_cycles=prog.expected_cycles,
                compile_s=t1 - t0, run_s=t2 - t1, sram_bytes=prog.memory_bytes)
     if verbose:
         print(f"2-layer MLP {batch}x{d_in} -> {d_hidden} -> {d_out}, float16, on {cfg.name} ({engine} engine)")

@@ -103,7 +103,8 @@ def run(config: lpucore.ChipConfig = None, engine: str = "fast", seq: int = 32, 
     ref = reference(x, p, mask, heads)
     err = float(np.abs(out["y"].astype(np.float64) - ref).max())
     scale = float(np.abs(ref).max())
-    res = dict(max_abs_error=err, max_abs_ref=scale, cycles=stats.cycles, expected_cycles=prog.expected_cycles,
+    res = dict(y=out["y"], max_abs_error=err, max_abs_ref=scale, cycles=stats.cycles,
+               expected_cycles=prog.expected_cycles,
                compile_s=t1 - t0, run_s=t2 - t1, sram_bytes=prog.memory_bytes)
     if verbose:
         print(f"transformer block: seq {seq}, d_model {d_model}, {heads} heads, d_ff {d_ff}, float16, "
