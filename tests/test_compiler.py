@@ -48,7 +48,7 @@ def ulps16(y, ref):
 # ---- elementwise: exactly NumPy's arithmetic in the same dtype -----------------------------------
 @settings(max_examples=6)
 @given(shapes, st.sampled_from(["add", "sub", "mul", "maximum", "minimum"]),
-       st.sampled_from(["float16", "float32", "int8", "int32"]), st.integers(0, 99))
+       st.sampled_from(["float16", "float32", "int8", "int16", "int32"]), st.integers(0, 99))
 def test_binary_ops_match_numpy_exactly(shape, op, dtype, seed):
     g = Graph()
     a = g.input("a", shape, dtype)
@@ -208,36 +208,44 @@ def test_layout_ops_are_exact(R, C, seed):
     assert np.array_equal(out["c0"], np.concatenate([X, X], 0))
 
 
-def test_gather_rope_cast_quantize():
-    r = np.random.default_rng(0)
+@settings(max_examples=3)
+@given(st.integers(1, 6), st.integers(2, 130), st.sampled_from([8, 16, 34]), st.integers(1, 3), st.integers(1, 70),
+       st.sampled_from(["int8", "float16"]), st.integers(0, 99))
+def test_gather_rope_cast_quantize(n_idx, vocab, head, heads, cols, table_dtype, seed):
+    r = np.random.default_rng(seed)
     g = Graph()
-    table = values((200, 30), np.float16, 1)
-    i = g.input("i", (4,), "int32")
-    x = g.input("x", (2, 4, 16), "float16")
-    p = g.input("p", (4,), "int32")
-    f = g.input("f", (3, 50), "float32")
+    table = values((vocab, 30), table_dtype, seed + 1)
+    i = g.input("i", (n_idx,), "int32")
+    T = max(1, n_idx)
+    x = g.input("x", (heads, T, head), "float16")
+    p = g.input("p", (T,), "int32")
+    f = g.input("f", (3, cols), "float32")
     g.output("emb", g.gather(g.constant("tab", table), i))
     g.output("rope", g.rope(x, p))
     g.output("cast", g.cast(f, "int16"))
-    scale = np.abs(r.standard_normal(50)).astype(np.float32) + 0.1
+    scale = np.abs(r.standard_normal(cols)).astype(np.float32) + 0.1
     q = g.quantize(f, scale, zero_point=3, axis=-1)
     g.output("q", q)
     g.output("dq", g.dequantize(q, scale, zero_point=3, axis=-1, dtype="float32"))
-    I = np.array([5, 199, 0, 5], np.int32)
-    X = values((2, 4, 16), np.float16, 2)
-    P = np.array([0, 3, 64, 1000], np.int32)
-    F = (values((3, 50), np.float32, 3) * 100).astype(np.float32)
+    s1 = np.float32(r.uniform(0.05, 2))
+    g.output("q1", g.quantize(f, s1))                                    # per-tensor scale
+    I = r.integers(0, vocab, n_idx).astype(np.int32)
+    X = values((heads, T, head), np.float16, seed + 2)
+    P = r.integers(0, 2048, T).astype(np.int32)
+    F = (values((3, cols), np.float32, seed + 3) * 100).astype(np.float32)
     out, _ = run_graph(g, {"i": I, "x": X, "p": P, "f": F})
     assert np.array_equal(out["emb"], table[I])
-    inv = 10000.0 ** (-np.arange(8) * 2 / 16)
+    half = head // 2
+    inv = 10000.0 ** (-np.arange(half) * 2 / head)
     ang = P[:, None] * inv[None]
-    x1, x2 = X[..., :8].astype(np.float64), X[..., 8:].astype(np.float64)
+    x1, x2 = X[..., :half].astype(np.float64), X[..., half:].astype(np.float64)
     ref = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
     assert np.abs(out["rope"] - ref).max() <= 4e-3 * np.abs(X).max()
     assert np.array_equal(out["cast"], np.clip(np.rint(F), -32768, 32767).astype(np.int16))
     qref = np.clip(np.rint(F / scale) + 3, -128, 127).astype(np.int8)
     assert np.array_equal(out["q"], qref)
     assert np.array_equal(out["dq"], ((qref.astype(np.int32) - 3).astype(np.float32) * scale).astype(np.float32))
+    assert np.array_equal(out["q1"], np.clip(np.rint(F / s1), -128, 127).astype(np.int8))
 
 
 def test_groqchip_geometry_non_multiples_and_single_rows():
