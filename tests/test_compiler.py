@@ -2,6 +2,8 @@
 predicted cycle count equal to the measured one.  Accuracy bounds are those in
 README.md ("Compiler: operations and their accuracy")."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -13,6 +15,12 @@ from lpucore import ChipConfig, CompileError, Graph, GraphError
 SMALL = ChipConfig.small()
 GROQ = ChipConfig.groqchip1()
 F16_ULP = 2.0 ** -10
+
+
+def few(n: int) -> int:
+    """Examples per property: compiling is slow, so the default profile runs a few and the
+    thorough `ci` profile four times as many."""
+    return 4 * n if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else n
 
 
 def run_graph(g, inputs, cfg=SMALL, engines=("fast", "reference")):
@@ -46,7 +54,7 @@ def ulps16(y, ref):
 
 
 # ---- elementwise: exactly NumPy's arithmetic in the same dtype -----------------------------------
-@settings(max_examples=6)
+@settings(max_examples=few(6))
 @given(shapes, st.sampled_from(["add", "sub", "mul", "maximum", "minimum"]),
        st.sampled_from(["float16", "float32", "int8", "int16", "int32"]), st.integers(0, 99))
 def test_binary_ops_match_numpy_exactly(shape, op, dtype, seed):
@@ -61,7 +69,7 @@ def test_binary_ops_match_numpy_exactly(shape, op, dtype, seed):
     assert np.array_equal(out["y"], ref)
 
 
-@settings(max_examples=5)
+@settings(max_examples=few(5))
 @given(shapes, st.sampled_from(["neg", "abs", "relu", "div"]), st.integers(0, 99))
 def test_unary_and_div(shape, op, seed):
     g = Graph()
@@ -74,7 +82,7 @@ def test_unary_and_div(shape, op, seed):
     assert np.array_equal(out["y"], ref.astype(np.float16))
 
 
-@settings(max_examples=5)
+@settings(max_examples=few(5))
 @given(shapes, st.sampled_from(["exp", "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu", "gelu_erf"]),
        st.integers(0, 99))
 def test_transcendental_ops_within_one_float16_ulp(shape, op, seed):
@@ -104,7 +112,7 @@ def test_transcendental_ops_within_one_float16_ulp(shape, op, seed):
         assert ulps16(out["y"], ref).max() <= 1.0
 
 
-@settings(max_examples=5)
+@settings(max_examples=few(5))
 @given(shapes, st.sampled_from(["sum", "max", "mean"]), st.booleans(), st.integers(0, 99))
 def test_reductions(shape, op, keepdims, seed):
     g = Graph()
@@ -132,7 +140,7 @@ def test_integer_sum_is_int32():
     assert out["y"].dtype == np.int32 and np.array_equal(out["y"], A.astype(np.int64).sum(-1))
 
 
-@settings(max_examples=4)
+@settings(max_examples=few(4))
 @given(shapes, st.integers(0, 99))
 def test_softmax_layernorm_rmsnorm_within_two_ulps(shape, seed):
     g = Graph()
@@ -157,7 +165,7 @@ def test_softmax_layernorm_rmsnorm_within_two_ulps(shape, seed):
         assert (err <= 2 * np.spacing(np.abs(ref).astype(np.float16)) + 1e-3 * np.abs(gam)).all(), k
 
 
-@settings(max_examples=4)
+@settings(max_examples=few(4))
 @given(st.integers(1, 40), st.integers(1, 200), st.integers(1, 150), st.sampled_from(["int8", "float16"]),
        st.integers(0, 99))
 def test_matmul(M, K, N, dtype, seed):
@@ -190,7 +198,7 @@ def test_batched_matmul_and_vector_operands():
     assert np.abs(out["mv"] - A.astype(np.float64) @ V).max() < 1e-3
 
 
-@settings(max_examples=4)
+@settings(max_examples=few(4))
 @given(st.integers(1, 5), st.integers(1, 90), st.integers(0, 99))
 def test_layout_ops_are_exact(R, C, seed):
     g = Graph()
@@ -208,7 +216,7 @@ def test_layout_ops_are_exact(R, C, seed):
     assert np.array_equal(out["c0"], np.concatenate([X, X], 0))
 
 
-@settings(max_examples=3)
+@settings(max_examples=few(3))
 @given(st.integers(1, 6), st.integers(2, 130), st.sampled_from([8, 16, 34]), st.integers(1, 3), st.integers(1, 70),
        st.sampled_from(["int8", "float16"]), st.integers(0, 99))
 def test_gather_rope_cast_quantize(n_idx, vocab, head, heads, cols, table_dtype, seed):

@@ -517,21 +517,35 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                            f"cycle: it needs {2 * w} SXM queues and shifters per hemisphere, this chip has "
                            f"{cfg.sxm_queues_per_hemisphere} queues and {cfg.sxm_shifters} shifters")
     alus = list(alus)
-    # A row's reduction is a chain of SXM round trips during which its latches are held:
-    # when the ALUs allow, consecutive rows take disjoint ALU sets so that they overlap.
+    # A row's reduction is a chain of SXM round trips during which a latch (the running
+    # value) and the kept partial sums are held; the or of the
+    # two shifted halves, the row's own expression and the final mov hold nothing for
+    # long.  So the ALUs that hold get one set per row in flight (rows take the sets in
+    # turn and overlap), the others are shared by every row (the reservation table keeps
+    # their landings apart).
     def stage_size(r):
         root = row_expr(r)
         return len([n for n in _topo(_staged(root)) if n.op != "in"]) if root.op != "in" else 1
-    per = 3 + len(kept_sizes) + 1 + max(stage_size(0), stage_size(out.rows - 1))
-    nsets = max(1, len(alus) // per)
-    alu_sets = [alus] if nsets == 1 else [alus[i * per:(i + 1) * per] for i in range(nsets)]
+    n_stage = max(stage_size(0), stage_size(out.rows - 1))
+    shared_n = 1 + n_stage + 1                              # OR, stage ALUs, OUT
+    per_set = 1 + len(kept_sizes)                           # the running value, KEEP...
+    nsets = max(1, (len(alus) - shared_n) // per_set)
+    if nsets > 1:
+        shared = alus[len(alus) - shared_n:]
+        alu_sets = [alus[i * per_set:(i + 1) * per_set] for i in range(nsets)]
 
-    def roles(al):
-        OR, R0, R1 = al[-1], al[-2], al[-3]
-        KEEP = al[-4 - len(kept_sizes) + 1: len(al) - 3] if kept_sizes else []
-        stage = al[: len(al) - 3 - len(kept_sizes)]
-        # the final mov to MEM reuses a stage-A ALU
-        return OR, R0, R1, {n: KEEP[i] for i, n in enumerate(kept_sizes)}, stage[:-1], stage[-1]
+        def roles(k):
+            held = alu_sets[k]
+            OR, stage, OUT = shared[0], shared[1:-1], shared[-1]
+            return OR, held[0], held[0], {n: held[1 + i] for i, n in enumerate(kept_sizes)}, stage, OUT
+    else:
+        def roles(k):
+            al = alus
+            OR, R0, R1 = al[-1], al[-2], al[-3]
+            KEEP = al[-4 - len(kept_sizes) + 1: len(al) - 3] if kept_sizes else []
+            stage = al[: len(al) - 3 - len(kept_sizes)]
+            # the final mov to MEM reuses a stage-A ALU
+            return OR, R0, R1, {n: KEEP[i] for i, n in enumerate(kept_sizes)}, stage[:-1], stage[-1]
     d_alu, d_sxm = cfg.vxm_alu_delay, cfg.sxm_delay
     mn = "add" if op == "add" else "max"
     last = 0
@@ -544,7 +558,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         return None
 
     for r in range(out.rows):
-        OR, R0, R1, keep_alu, stage_alus, OUT = roles(alu_sets[r % nsets])
+        OR, R0, R1, keep_alu, stage_alus, OUT = roles(r % nsets)
         root = row_expr(r)
         if root.op == "in":
             root = E("mov", root.dtype, root)
@@ -556,10 +570,16 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         xv_o, xs_o = ctx.xloc(to_sx, ctx.vx), ctx.xloc(to_sx, sx)       # outbound coordinates
         xs_b, xv_b = ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)         # return coordinates
         hop = abs(ctx.vx - sx)
-        chA = _layout(root, cfg, stage_alus)
+        def layout_row(root):
+            if nsets == 1:
+                return _layout(root, cfg, stage_alus)
+            # the row's value lands in its own set's R1: the first round trip holds it there
+            n = len([x for x in _topo(root) if x.op != "in"])
+            return _layout(root, cfg, list(stage_alus[:n - 1]) + [R1])
+        chA = layout_row(root)
         if _collides(chA, r):
             root = _staged(root)
-            chA = _layout(root, cfg, stage_alus)
+            chA = layout_row(root)
         lo = start
         for tc, node in chA.reads:
             vt, idx = node.src
@@ -633,7 +653,9 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                 lhs_alu, lhs_land = lhs[0], lhs[1]
                 if t_op > lhs_land:
                     plan.holds.append((lhs_alu, lhs_land, t_op))
-                res = R0 if lhs_alu != R0 else R1
+                # the result may land in the latch it reads: the latch is read at issue and
+                # the result lands d_alu later
+                res = R0 if (lhs_alu != R0 or R0 == R1) else R1
                 nxt = steps[si + 1] if si + 1 < len(steps) else None
                 out_send = None
                 if nxt is not None and nxt[0] == "double":
