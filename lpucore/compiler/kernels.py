@@ -976,6 +976,14 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                 for kc in range(nK):
                     # ---- weights: Lw LW cycles, then IW timed to take effect at the next ABC run
                     lo_w = max(st.lw_free, st.abc_last + 1 - d_iw - Lw, start)
+                    # no row can be read before it is ready (or before cycle 0)
+                    for i in range(Lw):
+                        for j in range(min(ws, R - i * ws)):
+                            src = wrow(kc, nt, i * ws + j)
+                            if src is not None:
+                                g_ = src[0].loc(src[1], src[2])[0]
+                                lo_w = max(lo_w, max(int(src[0].ready[src[1]]), 0) + d_read
+                                           + abs(ctx.slice_pos[g_] - xm) - i)
 
                     def build_w(W, kc=kc, nt=nt):
                         plan = Plan()
@@ -1028,7 +1036,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                                 if ctx.dir_to(ctx.slice_pos[g], xm) != din:
                                     return None
                                 tr = T - d_read - abs(ctx.slice_pos[g] - xm)
-                                if tr < int(vt.ready[v]) or tr < 0:
+                                if tr < int(vt.ready[v]) or tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
                                     return None
                                 k_ = T - ctx.xloc(din, xm)
                                 x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
