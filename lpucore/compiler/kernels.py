@@ -743,6 +743,59 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
     nalu = cfg.vxm_alus_per_lane
     last = 0
     a0 = start
+    sxqs = {h: [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == h] for h in (0, 1)}
+
+    def place(plan, used, pc, t):
+        """Plan one piece's read (and shift) and its mask so that both reach the VXM
+        at cycle t.  Returns (piece stream, mask stream) or None."""
+        shift = pc.dst_lane - pc.src_lane
+        src_g = [pc.src.loc(pc.src_v, p)[0] for p in range(w)]
+        hem = 0 if ctx.slice_pos[src_g[0]] < ctx.vx else 1
+        if shift == 0:
+            # straight from MEM to the VXM at cycle t
+            b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
+            if b is None:
+                return None
+            piece_src = b
+        else:
+            sx = cfg.sxm_position(hem)
+            sxq = sxqs[hem]
+            ts = t - d_sxm - abs(ctx.vx - sx)
+            b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
+            if b is None:
+                return None
+            back = ctx.dir_to(sx, ctx.vx)
+            kb = ts + d_sxm - ctx.xloc(back, sx)
+            bo = None
+            for cand in ctx.streams(back, w):
+                if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
+                       and (cand + p, kb) not in used for p in range(w)):
+                    bo = cand
+                    break
+            if bo is None:
+                return None
+            # any SXM queue of the hemisphere free at ts (committed work and this plan)
+            free_q = [q for q in sxq if sched.queue_free(q, ts) and ("q", q, ts) not in used][:w]
+            if len(free_q) < w or sched.sxm_use.get((ts, hem, "shifters"), 0) + w + sum(
+                    1 for c_, h_, r_ in plan.sxm if (c_, h_, r_) == (ts, hem, "shifters")) > cfg.sxm_shifters:
+                return None
+            for p in range(w):
+                used[("q", free_q[p], ts)] = 1
+                plan.issues.append((free_q[p], ts, "Shift", (bo + p, b + p, shift)))
+                plan.sxm.append((ts, hem, "shifters"))
+                plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
+                used[(bo + p, kb)] = 1
+            piece_src = bo
+        # mask the piece to its lanes (the mask arrives on a stream too)
+        masks = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
+        for mvt in (masks if isinstance(masks, (list, tuple)) else [masks]):
+            bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
+            if bm is not None:
+                break
+        else:
+            return None
+        return piece_src, bm
+
     busy_from: Dict[int, int] = {}
     for v in range(out.nvec):
         pieces = pieces_of(v)
@@ -753,57 +806,6 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
         base = 3 * (v % max(1, nalu // 3))
         acc_alus = (base, base + 1)
         m_alu = (base + 2) % nalu
-        def place(plan, used, pc, t):
-            """Plan one piece's read (and shift) and its mask so that both reach the VXM
-            at cycle t.  Returns (piece stream, mask stream) or None."""
-            shift = pc.dst_lane - pc.src_lane
-            src_g = [pc.src.loc(pc.src_v, p)[0] for p in range(w)]
-            hem = 0 if ctx.slice_pos[src_g[0]] < ctx.vx else 1
-            if shift == 0:
-                # straight from MEM to the VXM at cycle t
-                b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
-                if b is None:
-                    return None
-                piece_src = b
-            else:
-                sx = cfg.sxm_position(hem)
-                sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
-                ts = t - d_sxm - abs(ctx.vx - sx)
-                b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
-                if b is None:
-                    return None
-                back = ctx.dir_to(sx, ctx.vx)
-                kb = ts + d_sxm - ctx.xloc(back, sx)
-                bo = None
-                for cand in ctx.streams(back, w):
-                    if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
-                           and (cand + p, kb) not in used for p in range(w)):
-                        bo = cand
-                        break
-                if bo is None:
-                    return None
-                # any SXM queue of the hemisphere free at ts (committed work and this plan)
-                free_q = [q for q in sxq if sched.queue_free(q, ts) and ("q", q, ts) not in used][:w]
-                if len(free_q) < w or sched.sxm_use.get((ts, hem, "shifters"), 0) + w + sum(
-                        1 for c_, h_, r_ in plan.sxm if (c_, h_, r_) == (ts, hem, "shifters")) > cfg.sxm_shifters:
-                    return None
-                for p in range(w):
-                    used[("q", free_q[p], ts)] = 1
-                    plan.issues.append((free_q[p], ts, "Shift", (bo + p, b + p, shift)))
-                    plan.sxm.append((ts, hem, "shifters"))
-                    plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
-                    used[(bo + p, kb)] = 1
-                piece_src = bo
-            # mask the piece to its lanes (the mask arrives on a stream too)
-            masks = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
-            for mvt in (masks if isinstance(masks, (list, tuple)) else [masks]):
-                bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
-                if bm is not None:
-                    break
-            else:
-                return None
-            return piece_src, bm
-
         # no piece can reach the VXM before its source vector is ready and has travelled
         # there (the k-th piece arrives k cycles after the first at the earliest)
         lo = a0
