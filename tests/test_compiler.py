@@ -113,16 +113,23 @@ def test_transcendental_ops_within_one_float16_ulp(shape, op, seed):
 
 
 @settings(max_examples=few(5))
-@given(shapes, st.sampled_from(["sum", "max", "mean"]), st.booleans(), st.integers(0, 99))
-def test_reductions(shape, op, keepdims, seed):
+@given(shapes, st.sampled_from(["sum", "max", "mean"]), st.booleans(), st.sampled_from(["float32", "float16"]),
+       st.integers(0, 99))
+def test_reductions(shape, op, keepdims, dtype, seed):
+    # float32 sums take the SXM lane tree, float16 ones the MXM (a product with ones)
     g = Graph()
-    a = g.input("a", shape, "float32")
+    a = g.input("a", shape, dtype)
     g.output("y", getattr(g, op)(a, keepdims=keepdims))
-    A = values(shape, np.float32, seed)
+    A = values(shape, dtype, seed)
     out, _ = run_graph(g, {"a": A})
     ref = getattr(A.astype(np.float64), op)(-1, keepdims=keepdims)
     if op == "max":
-        assert np.array_equal(out["y"], ref.astype(np.float32))
+        assert np.array_equal(out["y"], ref.astype(dtype))
+    elif dtype == "float16":
+        # the sum is within float32 rounding of exact; the result is rounded once to float16
+        y = out["y"].astype(np.float64)
+        assert (np.abs(y - ref) <= np.spacing(np.abs(ref).astype(np.float16)) / 2 * 1.001
+                + 2.0 ** -22 * np.abs(A.astype(np.float64)).sum(-1, keepdims=keepdims)).all()
     else:
         # a tree of float32 additions: at most (chunks + log2 lanes) roundings of partial sums
         bound = (shape[-1] / SMALL.lanes + 1 + np.log2(SMALL.lanes)) * 2.0 ** -24 * np.abs(A).sum(-1, keepdims=keepdims)

@@ -494,6 +494,83 @@ class Compiler:
             return acc
         return f
 
+    # ---- row sums on the MXM -------------------------------------------------------------------------
+    def _ones(self, K: int, d: dt.DType) -> VT:
+        """A constant [K, L] matrix of ones (float16 1.0 or int8 1): x @ ones puts each row's
+        sum in every lane."""
+        key = ("ones", K, d.name)
+        if key not in self.masks:
+            arr = np.ones((K, self.L), dtype=d.numpy)
+            self.masks[key] = self.const_vt(f"_ones{K}{d.name}", arr, stripes=self.cfg.mxm_lw_streams)
+        return self.masks[key]
+
+    def _mxm_sum(self, src: VT, rows_shape, name: str) -> Tuple[VT, int]:
+        """Row sums of a float16 or int8 tensor as one MXM product with a ones matrix:
+        every row's sum lands in every lane of its vector (a broadcast [..., 1] tensor),
+        float32 or int32.  The dot products are exact and rounded once per 160 (float16)
+        elements, and the rows stream through at one vector a cycle."""
+        from .lower_more import matmul as lower_matmul
+        d_out = F32 if src.dtype == F16 else I32
+        self._mxm_ids = getattr(self, "_mxm_ids", 0) + 1
+        base = -1_000_000 - 10 * self._mxm_ids
+        a_t = Tensor(self.g, base, (src.rows, src.cols), src.dtype)
+        b_t = Tensor(self.g, base - 1, (src.cols, self.L), src.dtype)
+        o_t = Tensor(self.g, base - 2, (src.rows, self.L), d_out)
+        self.vts[a_t.id] = src
+        self.vts[b_t.id] = self._ones(src.cols, src.dtype)
+        last = lower_matmul(self, a_t, b_t, o_t, name, "temp")
+        out = self.vts.pop(o_t.id)
+        del self.vts[a_t.id], self.vts[b_t.id]
+        out.cols, out.bcast = 1, True
+        return out, last
+
+    def _split_sum(self, src: VT, rows_shape, name: str) -> Tuple[VT, int]:
+        """Row sums of a float32 tensor whose values fit float16's range (softmax's
+        exponentials, in [0, 1]) on the MXM: each value is split exactly into float16
+        hi = f16(x) and lo = f16(x - hi) (x - hi is exact in float32), both multiplied by
+        ones.  The error is below 2^-22 |x| + 2^-25 per element (lo's rounding and float16's
+        smallest step) plus the product's float32 roundings."""
+        C = src.chunks
+        rem = src.cols % self.L
+        parts = self.new_vt(f"{name}_hl", F16, (src.rows, 2 * C * self.L), avoid=self.slices_of(src))
+        m = self.mask(rem, 2) if rem else None
+        for lo_part in (False, True):
+            def build(lo_part=lo_part):
+                x = Expr.input(src, lambda v, C=C, o=C if lo_part else 0: (v // (2 * C)) * C + v % (2 * C) - o)
+                hi = cvt(x, F16)
+                e = cvt(E("sub", F32, x, cvt(hi, F32)), F16) if lo_part else hi
+                return e
+            off = C if lo_part else 0
+            full = [r * 2 * C + off + c for r in range(src.rows) for c in range(C) if not (rem and c == C - 1)]
+            tail = [r * 2 * C + off + C - 1 for r in range(src.rows)] if rem else []
+            if full:
+                map_kernel(self.ctx, build(), parts, vectors=full)
+            if tail:
+                # padding lanes must be zero: an infinity there would meet a zero weight
+                map_kernel(self.ctx, E("and", F16, build(), Expr.input(m, lambda v: 0)), parts, vectors=tail)
+        # the lo chunks' valid lanes sit at columns C*L + j: the ones matrix is zero elsewhere
+        K2 = 2 * C * self.L
+        key = ("ones2", src.cols, C)
+        if key not in self.masks:
+            arr = np.zeros((K2, self.L), dtype=np.float16)
+            for o in (0, C * self.L):
+                arr[o:o + src.cols] = 1
+            self.masks[key] = self.const_vt(f"_ones2_{src.cols}", arr, stripes=self.cfg.mxm_lw_streams)
+        from .lower_more import matmul as lower_matmul
+        self._mxm_ids = getattr(self, "_mxm_ids", 0) + 1
+        base = -1_000_000 - 10 * self._mxm_ids
+        a_t = Tensor(self.g, base, (src.rows, K2), F16)
+        b_t = Tensor(self.g, base - 1, (K2, self.L), F16)
+        o_t = Tensor(self.g, base - 2, (src.rows, self.L), F32)
+        self.vts[a_t.id] = parts
+        self.vts[b_t.id] = self.masks[key]
+        last = lower_matmul(self, a_t, b_t, o_t, name, "temp")
+        out = self.vts.pop(o_t.id)
+        del self.vts[a_t.id], self.vts[b_t.id]
+        release(self.mem, parts)
+        out.cols, out.bcast = 1, True
+        return out, last
+
     def slices_of(self, *vts) -> set:
         return {g for vt in vts for p in range(vt.planes) for g in vt.slices[p]}
 
@@ -534,9 +611,12 @@ class Compiler:
     def reduce(self, op, x: Tensor, t: Tensor, name, kind) -> int:
         src = self.plain(x)
         d = self.acc_dtype(x.dtype) if op != "max" else x.dtype
-        red = self.new_vt(f"_r{t.id}", d, x.shape[:-1] + (1,), avoid=self.slices_of(src))
-        last = allreduce_kernel(self.ctx, self.row_expr(src, x.shape, d, "add" if op != "max" else "max"), red,
-                                "add" if op != "max" else "max", list(range(self.n_alu)))
+        if op != "max" and src.dtype in (F16, I8):
+            red, last = self._mxm_sum(src, x.shape[:-1] + (1,), f"_r{t.id}")
+        else:
+            red = self.new_vt(f"_r{t.id}", d, x.shape[:-1] + (1,), avoid=self.slices_of(src))
+            last = allreduce_kernel(self.ctx, self.row_expr(src, x.shape, d, "add" if op != "max" else "max"), red,
+                                    "add" if op != "max" else "max", list(range(self.n_alu)))
         keep_shape = x.shape[:-1] + (1,)
         if op == "mean" or red.dtype != t.dtype:
             k = 1.0 / x.shape[-1]
@@ -575,8 +655,9 @@ class Compiler:
             return E("exp", F32, E("sub", F32, xe, m))
         self.map_into(e, ex)
         release(self.mem, mx)
-        s = self.new_vt(f"_ssum{t.id}", F32, rows_shape, avoid=self.slices_of(e))
-        allreduce_kernel(self.ctx, self.row_expr(e, x.shape, F32, "add"), s, "add", list(range(self.n_alu)))
+        # exp(x - max) is in [0, 1]: its float16 hi/lo split is exact enough, so the sum
+        # goes to the MXM
+        s, _ = self._split_sum(e, rows_shape, f"_ssum{t.id}")
         last = self.map_op(t, name, kind, lambda: cvt(E("div", F32, Expr.input(e, lambda v: v),
                                                          Expr.input(s, lambda v, C=C: v // C)), t.dtype))
         release(self.mem, e)
@@ -589,8 +670,12 @@ class Compiler:
         N = x.shape[-1]
         rows_shape = x.shape[:-1] + (1,)
         if not rms:
-            s1 = self.new_vt(f"_ln1{t.id}", F32, rows_shape, avoid=self.slices_of(src))
-            allreduce_kernel(self.ctx, self.row_expr(src, x.shape, F32, "add"), s1, "add", list(range(self.n_alu)))
+            if src.dtype == F16:
+                s1, _ = self._mxm_sum(src, rows_shape, f"_ln1{t.id}")
+            else:
+                s1 = self.new_vt(f"_ln1{t.id}", F32, rows_shape, avoid=self.slices_of(src))
+                allreduce_kernel(self.ctx, self.row_expr(src, x.shape, F32, "add"), s1, "add",
+                                 list(range(self.n_alu)))
             dv = self.new_vt(f"_lnd{t.id}", F32, x.shape, avoid=self.slices_of(src, s1))
             self.map_into(dv, lambda: E("sub", F32, cvt(Expr.input(src, lambda v: v), F32),
                                         E("mul", F32, Expr.input(s1, lambda v: v // C), Expr.const(F32, 1.0 / N))))
