@@ -1,0 +1,19 @@
+"""Reference decoder-only LLMs in plain NumPy: the ground truth for models compiled onto the simulated chip.
+
+    ModelConfig, SHAPES, model_config   shapes of the llama, mixtral and gpt2 families (named: gpt2, llama2-7b,
+                                        llama3-8b, mixtral-8x7b, ..., and tiny test models)
+    random_weights                      a deterministic weight set with O(1) activations
+    save_pretrained, load_pretrained    Hugging Face directories (config.json + safetensors; needs
+                                        ``pip install lpucore[llm]``, imported only when called)
+    quantize_int8, dequantize_int8      per-output-channel symmetric int8
+    Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
+
+This package does not use lpucore's compiler: it is what the compiled models are checked against.
+"""
+
+from .reference import Reference
+from .shapes import SHAPES, ModelConfig, model_config
+from .weights import dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
+
+__all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "load_pretrained", "save_pretrained",
+           "quantize_int8", "dequantize_int8", "Reference"]

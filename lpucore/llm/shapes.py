@@ -1,0 +1,378 @@
+"""Model shapes: :class:`ModelConfig`, the tensors each family has, and a registry of named shapes.
+
+Three decoder-only families are described, with Hugging Face's tensor names and layouts:
+
+* ``llama``   -- RMSNorm, rotary position embeddings (rotate-half form), grouped-query attention, SwiGLU MLP.
+* ``mixtral`` -- a llama whose MLP is a sparse mixture of SwiGLU experts with a top-k softmax router.
+* ``gpt2``    -- LayerNorm with bias, learned absolute positions, multi-head attention, GELU (tanh form) MLP,
+  Conv1D linear layers stored ``[in, out]``, output head tied to the token embedding.
+
+Units used throughout: sizes are element counts (a "feature" is one element of a vector), lengths are tokens,
+memory sizes are bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+FAMILIES = ("llama", "mixtral", "gpt2")
+
+# Tensors of a checkpoint that are not parameters of the model (non-persistent buffers some exporters keep).
+# Loading drops them; they carry nothing the reference needs.
+_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of one decoder-only model.
+
+    Fields (units in brackets):
+
+    ``name``            registry or checkpoint name (free text).
+    ``family``          ``"llama"``, ``"mixtral"`` or ``"gpt2"``.
+    ``vocab_size``      number of token ids [tokens]; valid ids are ``0 .. vocab_size - 1``.
+    ``d_model``         width of the residual stream [features].
+    ``n_layers``        number of decoder blocks.
+    ``n_heads``         number of query heads.
+    ``d_ff``            hidden width of one MLP (of one expert for mixtral) [features].
+    ``max_positions``   longest sequence the model accepts [tokens]; positions are ``0 .. max_positions - 1``.
+    ``n_kv_heads``      number of key/value heads (grouped-query attention); ``None`` means ``n_heads`` (MHA).
+                        Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``.
+    ``head_dim``        width of one head [features]; ``None`` means ``d_model // n_heads``.
+    ``norm_eps``        epsilon added to the mean square (RMSNorm) or variance (LayerNorm) [dimensionless].
+    ``rope_theta``      rotary base: pair ``i`` turns by ``position * rope_theta ** (-2 i / head_dim)`` radians.
+                        Llama/mixtral only; ``None`` means 10000. Must be ``None`` for gpt2.
+    ``n_experts``       experts per MoE layer (mixtral); 0 for the other families.
+    ``top_k``           experts each token is routed to (mixtral); 0 for the other families.
+    ``tie_embeddings``  the output head reuses the token embedding ``[vocab, d_model]``; ``None`` means
+                        True for gpt2 and False otherwise.
+    """
+
+    name: str
+    family: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    d_ff: int
+    max_positions: int
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    norm_eps: float = 1e-5
+    rope_theta: Optional[float] = None
+    n_experts: int = 0
+    top_k: int = 0
+    tie_embeddings: Optional[bool] = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, not {self.family!r}")
+        # Resolve the defaults that depend on other fields (frozen dataclass: set through object).
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None and _is_int(self.n_heads) and self.n_heads > 0 and _is_int(self.d_model):
+            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
+        if self.tie_embeddings is None:
+            object.__setattr__(self, "tie_embeddings", self.family == "gpt2")
+        if self.rope_theta is None and self.family != "gpt2":
+            object.__setattr__(self, "rope_theta", 10000.0)
+        self._validate()
+
+    def _validate(self):
+        where = f"ModelConfig {self.name!r}"
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions", "n_kv_heads", "head_dim"):
+            v = getattr(self, f)
+            if not _is_int(v) or v <= 0:
+                raise ValueError(f"{where}: {f} must be a positive integer, not {v!r}")
+        for f in ("n_experts", "top_k"):
+            if not _is_int(getattr(self, f)) or getattr(self, f) < 0:
+                raise ValueError(f"{where}: {f} must be a non-negative integer, not {getattr(self, f)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"{where}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads}) so that each kv head serves the same number of query heads")
+        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
+            raise ValueError(f"{where}: norm_eps must be a positive number, not {self.norm_eps!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise ValueError(f"{where}: tie_embeddings must be a bool, not {self.tie_embeddings!r}")
+        if self.family == "gpt2":
+            if self.n_kv_heads != self.n_heads:
+                raise ValueError(f"{where}: gpt2 has no grouped-query attention (n_kv_heads {self.n_kv_heads} "
+                                 f"!= n_heads {self.n_heads})")
+            if self.head_dim * self.n_heads != self.d_model:
+                raise ValueError(f"{where}: gpt2 needs head_dim * n_heads == d_model "
+                                 f"({self.head_dim} * {self.n_heads} != {self.d_model})")
+            if self.rope_theta is not None:
+                raise ValueError(f"{where}: gpt2 has learned positions, not rotary ones (rope_theta must be None)")
+        else:
+            if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
+                raise ValueError(f"{where}: rope_theta must be a positive number, not {self.rope_theta!r}")
+            if self.head_dim % 2:
+                raise ValueError(f"{where}: rotary embeddings rotate feature pairs, so head_dim ({self.head_dim}) "
+                                 f"must be even")
+        if self.family == "mixtral":
+            if self.n_experts < 1 or not 1 <= self.top_k <= self.n_experts:
+                raise ValueError(f"{where}: mixtral needs n_experts >= 1 and 1 <= top_k <= n_experts "
+                                 f"(got n_experts={self.n_experts}, top_k={self.top_k})")
+        elif self.n_experts or self.top_k:
+            raise ValueError(f"{where}: n_experts and top_k must be 0 for the dense family {self.family!r}")
+
+    # ------------------------------------------------------------------ tensors
+
+    @property
+    def kv_group(self) -> int:
+        """Query heads per kv head (1 for MHA)."""
+        return self.n_heads // self.n_kv_heads
+
+    def tensor_shapes(self) -> Dict[str, Tuple[int, ...]]:
+        """Every weight tensor of the model, by its Hugging Face name, with its shape (in model order).
+
+        Llama/mixtral linear weights are ``[out, in]`` (``y = x @ W.T``); gpt2 Conv1D weights are ``[in, out]``
+        (``y = x @ W + b``). With ``tie_embeddings`` there is no ``lm_head.weight``: the head is the embedding.
+        """
+        d, hd, ff, V = self.d_model, self.head_dim, self.d_ff, self.vocab_size
+        shapes: Dict[str, Tuple[int, ...]] = {}
+        if self.family == "gpt2":
+            shapes["wte.weight"] = (V, d)
+            shapes["wpe.weight"] = (self.max_positions, d)
+            for i in range(self.n_layers):
+                p = f"h.{i}."
+                shapes[p + "ln_1.weight"] = (d,)
+                shapes[p + "ln_1.bias"] = (d,)
+                shapes[p + "attn.c_attn.weight"] = (d, 3 * d)
+                shapes[p + "attn.c_attn.bias"] = (3 * d,)
+                shapes[p + "attn.c_proj.weight"] = (d, d)
+                shapes[p + "attn.c_proj.bias"] = (d,)
+                shapes[p + "ln_2.weight"] = (d,)
+                shapes[p + "ln_2.bias"] = (d,)
+                shapes[p + "mlp.c_fc.weight"] = (d, ff)
+                shapes[p + "mlp.c_fc.bias"] = (ff,)
+                shapes[p + "mlp.c_proj.weight"] = (ff, d)
+                shapes[p + "mlp.c_proj.bias"] = (d,)
+            shapes["ln_f.weight"] = (d,)
+            shapes["ln_f.bias"] = (d,)
+        else:
+            shapes["model.embed_tokens.weight"] = (V, d)
+            for i in range(self.n_layers):
+                p = f"model.layers.{i}."
+                shapes[p + "input_layernorm.weight"] = (d,)
+                shapes[p + "self_attn.q_proj.weight"] = (self.n_heads * hd, d)
+                shapes[p + "self_attn.k_proj.weight"] = (self.n_kv_heads * hd, d)
+                shapes[p + "self_attn.v_proj.weight"] = (self.n_kv_heads * hd, d)
+                shapes[p + "self_attn.o_proj.weight"] = (d, self.n_heads * hd)
+                shapes[p + "post_attention_layernorm.weight"] = (d,)
+                if self.family == "mixtral":
+                    shapes[p + "block_sparse_moe.gate.weight"] = (self.n_experts, d)
+                    for e in range(self.n_experts):
+                        q = f"{p}block_sparse_moe.experts.{e}."
+                        shapes[q + "w1.weight"] = (ff, d)   # gate
+                        shapes[q + "w2.weight"] = (d, ff)   # down
+                        shapes[q + "w3.weight"] = (ff, d)   # up
+                else:
+                    shapes[p + "mlp.gate_proj.weight"] = (ff, d)
+                    shapes[p + "mlp.up_proj.weight"] = (ff, d)
+                    shapes[p + "mlp.down_proj.weight"] = (d, ff)
+            shapes["model.norm.weight"] = (d,)
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (V, d)
+        return shapes
+
+    @property
+    def embedding_name(self) -> str:
+        """Name of the token embedding ``[vocab, d_model]``."""
+        return "wte.weight" if self.family == "gpt2" else "model.embed_tokens.weight"
+
+    @property
+    def head_name(self) -> str:
+        """Name of the tensor the output head multiplies by (``logits = x @ head.T``)."""
+        return self.embedding_name if self.tie_embeddings else "lm_head.weight"
+
+    def int8_tensors(self) -> Dict[str, int]:
+        """The tensors stored as int8 in the ``"int8"`` scheme, each with its output-channel axis.
+
+        Every matmul weight is quantised per output channel: the attention and MLP/expert projections and the
+        output head (the embedding table itself when tied, so one int8 copy serves both uses). Kept at fp16:
+        norms, biases, learned positions, an untied embedding table (a row lookup, not a matmul) and the
+        mixtral router -- it is tiny (``n_experts x d_model``) and its output is a discrete top-k choice that
+        int8 rounding would flip on near ties.
+        """
+        out_axis = 1 if self.family == "gpt2" else 0    # Conv1D [in, out] vs Linear [out, in]
+        names = {}
+        for name, shape in self.tensor_shapes().items():
+            if name == self.head_name:
+                names[name] = 0                          # [vocab, d_model]: one channel per vocabulary row
+            elif len(shape) == 2 and name not in (self.embedding_name, "wpe.weight") \
+                    and not name.endswith("block_sparse_moe.gate.weight"):
+                names[name] = out_axis
+        return names
+
+    # ------------------------------------------------------------------ sizes
+
+    def parameter_count(self) -> int:
+        """Exact number of weights the reference uses (a tied embedding counted once)."""
+        return sum(math.prod(s) for s in self.tensor_shapes().values())
+
+    def weight_bytes(self, precision: str = "fp16") -> int:
+        """Bytes needed to store the weights.
+
+        ``"fp32"``: 4 bytes a parameter; ``"fp16"`` / ``"bf16"``: 2 bytes; ``"int8"``: 1 byte for each element of
+        a matmul weight (see :meth:`int8_tensors`) plus one fp16 scale (2 bytes) per output channel, 2 bytes for
+        every other parameter.
+        """
+        per = {"fp32": 4, "fp16": 2, "bf16": 2}
+        if precision in per:
+            return per[precision] * self.parameter_count()
+        if precision != "int8":
+            raise ValueError(f"precision must be one of {sorted(per) + ['int8']}, not {precision!r}")
+        quantised = self.int8_tensors()
+        total = 0
+        for name, shape in self.tensor_shapes().items():
+            n = math.prod(shape)
+            total += n + 2 * shape[quantised[name]] if name in quantised else 2 * n
+        return total
+
+    def kv_cache_bytes(self, tokens: int, bytes_per_elem: int = 2) -> int:
+        """Bytes of the key/value cache for ``tokens`` positions: K and V, every layer, every kv head."""
+        return 2 * self.n_layers * self.n_kv_heads * self.head_dim * int(tokens) * int(bytes_per_elem)
+
+    # ------------------------------------------------------------------ Hugging Face config.json
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], name: Optional[str] = None) -> "ModelConfig":
+        """Read a Hugging Face ``config.json`` dict (LlamaConfig, MixtralConfig or GPT2Config).
+
+        The family comes from ``model_type`` or else ``architectures``. Keys absent from the dict take the
+        Hugging Face class default, except the sizes, which are required. Features the reference does not
+        implement (rope scaling, attention/MLP biases in llama, sliding windows, other activations) raise
+        ``ValueError`` rather than being silently ignored.
+        """
+        family = _detect_family(hf)
+        name = name or hf.get("_name_or_path") or family
+
+        def need(key):
+            if hf.get(key) is None:
+                raise ValueError(f"{family} config.json lacks {key!r}")
+            return hf[key]
+
+        if family == "gpt2":
+            act = hf.get("activation_function", "gelu_new")
+            if act not in ("gelu_new", "gelu_pytorch_tanh"):
+                raise ValueError(f"gpt2 activation_function {act!r} is not supported (only the tanh GELU)")
+            if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
+                raise ValueError("gpt2 attention scaling other than 1/sqrt(head_dim) is not supported")
+            d = need("n_embd")
+            return cls(name=name, family=family, vocab_size=need("vocab_size"), d_model=d,
+                       n_layers=need("n_layer"), n_heads=need("n_head"),
+                       d_ff=hf.get("n_inner") or 4 * d, max_positions=hf.get("n_positions", 1024),
+                       norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
+
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"{family} hidden_act {act!r} is not supported (only silu / SwiGLU)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise ValueError(f"{family} with attention_bias / mlp_bias is not supported")
+        # transformers < 5 keeps rope_theta / rope_scaling at the top level, >= 5 in rope_parameters.
+        rope = dict(hf.get("rope_parameters") or {})
+        scaling = hf.get("rope_scaling") or {}
+        rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else rope.get("rope_type", "default")
+        if rope_type not in (None, "default"):
+            raise ValueError(f"{family} rope scaling {rope_type!r} is not supported (only plain RoPE)")
+        default_theta = 1e6 if family == "mixtral" else 10000.0
+        theta = hf.get("rope_theta", rope.get("rope_theta", default_theta))
+        n_pos = need("max_position_embeddings")
+        window = hf.get("sliding_window")
+        if window is not None and window < n_pos:
+            raise ValueError(f"{family} sliding_window {window} < max_position_embeddings {n_pos} "
+                             f"is not supported (the reference attends over the whole cache)")
+        heads = need("num_attention_heads")
+        kw = dict(name=name, family=family, vocab_size=need("vocab_size"), d_model=need("hidden_size"),
+                  n_layers=need("num_hidden_layers"), n_heads=heads,
+                  n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
+                  d_ff=need("intermediate_size"), max_positions=n_pos,
+                  norm_eps=float(hf.get("rms_norm_eps", 1e-5 if family == "mixtral" else 1e-6)),
+                  rope_theta=float(theta), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        if family == "mixtral":
+            kw.update(n_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2))
+        return cls(**kw)
+
+    def to_hf(self) -> Dict[str, Any]:
+        """A Hugging Face ``config.json`` dict for this shape; :meth:`from_hf` reads it back unchanged."""
+        if self.family == "gpt2":
+            return {"_name_or_path": self.name, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
+                    "vocab_size": self.vocab_size, "n_embd": self.d_model, "n_layer": self.n_layers,
+                    "n_head": self.n_heads, "n_inner": self.d_ff, "n_positions": self.max_positions,
+                    "n_ctx": self.max_positions, "layer_norm_epsilon": self.norm_eps,
+                    "activation_function": "gelu_new", "tie_word_embeddings": self.tie_embeddings,
+                    "torch_dtype": "float16"}
+        arch = "MixtralForCausalLM" if self.family == "mixtral" else "LlamaForCausalLM"
+        hf = {"_name_or_path": self.name, "model_type": self.family, "architectures": [arch],
+              "vocab_size": self.vocab_size, "hidden_size": self.d_model, "num_hidden_layers": self.n_layers,
+              "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads,
+              "head_dim": self.head_dim, "intermediate_size": self.d_ff,
+              "max_position_embeddings": self.max_positions, "rms_norm_eps": self.norm_eps,
+              "rope_theta": self.rope_theta, "hidden_act": "silu", "tie_word_embeddings": self.tie_embeddings,
+              "attention_bias": False, "torch_dtype": "float16"}
+        if self.family == "mixtral":
+            hf.update(num_local_experts=self.n_experts, num_experts_per_tok=self.top_k, sliding_window=None)
+        else:
+            hf["mlp_bias"] = False
+        return hf
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _detect_family(hf: Mapping[str, Any]) -> str:
+    mt = str(hf.get("model_type", "")).lower()
+    if mt in FAMILIES:
+        return mt
+    arches = {"LlamaForCausalLM": "llama", "LlamaModel": "llama", "MixtralForCausalLM": "mixtral",
+              "MixtralModel": "mixtral", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
+    for a in hf.get("architectures") or ():
+        if a in arches:
+            return arches[a]
+    raise ValueError(f"unsupported model (model_type {hf.get('model_type')!r}, architectures "
+                     f"{hf.get('architectures')!r}); supported families: {FAMILIES}")
+
+
+def is_buffer_name(name: str) -> bool:
+    """True for checkpoint entries that are buffers, not parameters (dropped when loading)."""
+    return name.endswith(_BUFFER_SUFFIXES)
+
+
+def _named(name, family, **kw) -> ModelConfig:
+    return ModelConfig(name=name, family=family, **kw)
+
+
+_LLAMA2 = dict(vocab_size=32000, max_positions=4096, norm_eps=1e-5, rope_theta=10000.0)
+
+SHAPES: Dict[str, ModelConfig] = {c.name: c for c in (
+    _named("gpt2", "gpt2", vocab_size=50257, d_model=768, n_layers=12, n_heads=12, d_ff=3072,
+           max_positions=1024),
+    _named("llama2-7b", "llama", d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, **_LLAMA2),
+    _named("llama2-13b", "llama", d_model=5120, n_layers=40, n_heads=40, n_kv_heads=40, d_ff=13824, **_LLAMA2),
+    _named("llama2-70b", "llama", d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672, **_LLAMA2),
+    _named("llama3-8b", "llama", vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+           d_ff=14336, max_positions=8192, norm_eps=1e-5, rope_theta=500000.0),
+    _named("tinyllama-1.1b", "llama", vocab_size=32000, d_model=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+           d_ff=5632, max_positions=2048, norm_eps=1e-5, rope_theta=10000.0),
+    _named("mixtral-8x7b", "mixtral", vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8,
+           d_ff=14336, max_positions=32768, norm_eps=1e-5, rope_theta=1e6, n_experts=8, top_k=2),
+    # Tiny models for tests: every code path (GQA, MoE routing, tied head) at a size NumPy runs in milliseconds.
+    _named("tiny", "llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+           max_positions=128),
+    _named("tiny-moe", "mixtral", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=128,
+           max_positions=128, n_experts=4, top_k=2),
+    _named("tiny-gpt2", "gpt2", vocab_size=256, d_model=64, n_layers=2, n_heads=4, d_ff=256, max_positions=128),
+)}
+
+
+def model_config(name: str) -> ModelConfig:
+    """The registered shape called ``name`` (see :data:`SHAPES`)."""
+    try:
+        return SHAPES[name]
+    except KeyError:
+        raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}") from None
