@@ -99,6 +99,9 @@ class Graph:
         self.constants: Dict[int, np.ndarray] = {}
         self.constant_names: Dict[int, str] = {}
         self.outputs: Dict[str, Tensor] = {}
+        self.states: Dict[str, Tensor] = {}
+        self.state_init: Dict[int, np.ndarray] = {}
+        self.assigns: Dict[int, Tensor] = {}
 
     # ---- building blocks -------------------------------------------------------------------
     def _new(self, shape, dtype, name=None) -> Tensor:
@@ -134,7 +137,7 @@ class Graph:
         """A tensor the host supplies at run time."""
         if not isinstance(name, str) or not name.isidentifier():
             raise GraphError(f"input: name {name!r} must be an identifier")
-        if name in self.inputs or name in self.outputs:
+        if name in self.inputs or name in self.outputs or name in self.states:
             raise GraphError(f"input: name {name!r} is taken")
         shape = tuple(shape)
         if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
@@ -163,10 +166,48 @@ class Graph:
             self.constant_names[t.id] = name
         return t
 
+    def state(self, name: str, shape: Sequence[int], dtype="float16", init=None) -> Tensor:
+        """A tensor that stays in MEM from one run of the program to the next (a KV cache, a
+        counter): it starts as `init` (zeros by default) when the program is loaded, every
+        run reads its current value, and `assign(state, value)` replaces it at the end of
+        the run.  The host can read it by name (`Chip.read_tensor`)."""
+        if not isinstance(name, str) or not name.isidentifier():
+            raise GraphError(f"state: name {name!r} must be an identifier")
+        if name in self.inputs or name in self.outputs or name in self.states:
+            raise GraphError(f"state: name {name!r} is taken")
+        shape = tuple(shape)
+        if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
+            raise GraphError(f"state: shape {shape} must be positive integers")
+        try:
+            d = dt.get(dtype)
+        except LpuError as e:
+            raise GraphError(f"state: {e}") from None
+        if init is None:
+            init = np.zeros(shape, dtype=d.numpy)
+        init = np.asarray(init)
+        if init.shape != shape or init.dtype != d.numpy:
+            raise GraphError(f"state: init must be {d.name}{list(shape)}, got {init.dtype}{list(init.shape)}")
+        t = self._new(shape, d, name)
+        self.states[name] = t
+        self.state_init[t.id] = np.ascontiguousarray(init)
+        return t
+
+    def assign(self, state: Tensor, value) -> None:
+        """At the end of each run, state := value (same shape and dtype; once per state)."""
+        if not isinstance(state, Tensor) or state.graph is not self or state.id not in self.state_init:
+            raise GraphError("assign: the first operand must be a state of this graph (Graph.state)")
+        value = self._t("assign", value, like=state)
+        if value.shape != state.shape or value.dtype != state.dtype:
+            raise GraphError(f"assign: value {value.dtype.name}{list(value.shape)} does not match state "
+                             f"{state.name} {state.dtype.name}{list(state.shape)}")
+        if state.id in self.assigns:
+            raise GraphError(f"assign: state {state.name} is already assigned")
+        self.assigns[state.id] = value
+
     def output(self, name: str, t: Tensor) -> None:
         if not isinstance(name, str) or not name.isidentifier():
             raise GraphError(f"output: name {name!r} must be an identifier")
-        if name in self.outputs or name in self.inputs:
+        if name in self.outputs or name in self.inputs or name in self.states:
             raise GraphError(f"output: name {name!r} is taken")
         self.outputs[name] = self._t("output", t)
 
@@ -440,4 +481,6 @@ class Graph:
         for n in self.nodes:
             parts.append((n.op, tuple(n.inputs), n.output, tuple(sorted((k, repr(v)) for k, v in n.attrs.items()))))
         parts += [("out", n, t.id) for n, t in self.outputs.items()]
+        parts += [("state", n, t.shape, t.dtype.name) for n, t in self.states.items()]
+        parts += [("assign", s, v.id) for s, v in self.assigns.items()]
         return tuple(parts)

@@ -332,3 +332,44 @@ def test_ops_front_end_and_cache():
     b = values((50, 7), np.int8, 7)
     assert np.array_equal(lpucore.ops.matmul(a, b, config=SMALL), a.astype(np.int32) @ b)
     assert np.array_equal(lpucore.ops.transpose(a, config=SMALL), a.T)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_state_persists_across_runs_and_updates_after_its_reads(engine):
+    from lpucore import Chip
+    g = Graph()
+    x = g.input("x", (3, 70), "float32")
+    acc = g.state("acc", (3, 70), "float32")
+    cnt = g.state("cnt", (1,), "int32", init=np.array([5], np.int32))
+    g.output("before", g.mul(acc, 2.0))                   # reads the value the run started with
+    g.assign(acc, g.add(acc, x))
+    g.assign(cnt, g.add(cnt, 1))
+    c = lpucore.compile(g, SMALL)
+    assert set(c.states) == {"acc", "cnt"}
+    chip = Chip(SMALL, engine=engine)
+    c.load(chip)
+    total = np.zeros((3, 70), np.float32)
+    for step in range(3):
+        X = values((3, 70), np.float32, step)
+        out, st_ = lpucore.execute(c, {"x": X}, chip=chip)
+        assert st_.cycles == c.expected_cycles
+        assert np.array_equal(out["before"], total * np.float32(2))
+        total = total + X
+        assert np.array_equal(c.read_state(chip, "acc"), total)
+        assert c.read_state(chip, "cnt")[0] == 5 + step + 1
+
+
+def test_state_errors():
+    g = Graph()
+    s = g.state("s", (2, 3), "float16")
+    with pytest.raises(GraphError, match="assign: value"):
+        g.assign(s, g.input("a", (2, 4), "float16"))
+    with pytest.raises(GraphError, match="must be a state"):
+        g.assign(g.input("b", (2, 3), "float16"), s)
+    g.assign(s, s + 1.0)
+    with pytest.raises(GraphError, match="already assigned"):
+        g.assign(s, s)
+    with pytest.raises(GraphError, match="taken"):
+        g.input("s", (1,), "int8")
+    with pytest.raises(GraphError, match="init must be"):
+        g.state("t", (2,), "int8", init=np.zeros(3, np.int8))

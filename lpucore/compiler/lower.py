@@ -47,6 +47,7 @@ class Compiled:
     expected_cycles: int
     memory_bytes: int
     kernels: List[Tuple[str, str, int]] = field(default_factory=list)   # (op, output, last landing cycle)
+    states: Dict[str, Tuple[Tuple[int, ...], dt.DType]] = field(default_factory=dict)
 
     @property
     def config(self) -> ChipConfig:
@@ -70,6 +71,13 @@ class Compiled:
             if a.shape != shape or a.dtype != d.numpy:
                 raise GraphError(f"execute: input {name!r} must be {d.name}{list(shape)}, got {a.dtype}{list(a.shape)}")
             chip.write_tensor(name, a.reshape(_rows(shape), _cols(shape)))
+
+    def read_state(self, chip, name: str) -> np.ndarray:
+        """The current value of a state tensor (Graph.state) in a chip running this program."""
+        if name not in self.states:
+            raise GraphError(f"read_state: no state named {name!r}")
+        shape, _ = self.states[name]
+        return chip.read_tensor(name).reshape(shape)
 
     def read_outputs(self, chip) -> Dict[str, np.ndarray]:
         out = {}
@@ -142,7 +150,7 @@ class Compiler:
             if not avoid:
                 raise
             vt = place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
-        if kind in ("input", "const", "output"):
+        if kind in ("input", "const", "output", "state"):
             self.tables.append((name, vt))
         return vt
 
@@ -226,8 +234,15 @@ class Compiler:
                 self.uses[i] = self.uses.get(i, 0) + 1
         for name, t in g.outputs.items():
             self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
+        for sid, v in g.assigns.items():
+            self.uses[v.id] = self.uses.get(v.id, 0) + 10 ** 9
         for name, t in g.inputs.items():
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
+        for name, t in g.states.items():
+            # placed like an input; its initial value is written with the constants
+            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state")
+            arr = g.state_init[t.id]
+            self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
         for tid, arr in g.constants.items():
             t = g.tensors[tid]
             # a one-element constant read only by elementwise operations becomes an
@@ -263,6 +278,20 @@ class Compiler:
                 src = self.vt(t)
                 map_kernel(self.ctx, E("mov", t.dtype, Expr.input(src, lambda v: v)), out)
             self.vts[t.id] = out
+        # state := value, after every read of the state in this run
+        for sid, v in g.assigns.items():
+            st = self.vts[sid]
+            if v.id == sid:
+                continue
+            done = int(st.last_read.max()) + 1 if len(st.last_read) else 0
+            st.after = [[max(a, done) for a in plane] for plane in st.after]
+            if self.is_scalar(v):
+                map_kernel(self.ctx, Expr.const(st.dtype, self.scalars[v.id]), st)
+            else:
+                src = self.vt(v)
+                if src.bcast:
+                    src = self.plain(v)
+                map_kernel(self.ctx, E("mov", st.dtype, Expr.input(src, lambda i: i)), st)
         prog = Program(self.cfg)
         self.sched.emit(prog)
         for name, vt in self.tables:
@@ -270,7 +299,8 @@ class Compiler:
         prog.validate()
         return Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
                         {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
-                        expected_cycles(prog), self.mem.peak_bytes(), self.kernels)
+                        expected_cycles(prog), self.mem.peak_bytes(), self.kernels,
+                        {n: (t.shape, t.dtype) for n, t in g.states.items()})
 
     # ---- lowering -----------------------------------------------------------------------------------
     def lower(self, n, t: Tensor, name: str, kind: str) -> int:
