@@ -1,0 +1,589 @@
+"""The command line: ``python -m lpucore <command> ...``.
+
+Commands::
+
+    asm SOURCE.s [-o PROGRAM.lpup] [--config NAME]      assemble text to the binary format
+    disasm PROGRAM.lpup [-o OUT.s]                       binary to text (stdout by default)
+    run PROGRAM [--input NAME=FILE.npy ...] [--output NAME=FILE.npy ...]
+        [--engine fast|reference] [--max-cycles N] [--json STATS.json] [--config NAME]
+                                                         run a program (binary, or .s text)
+    info [--config NAME] [--json]                        chip parameters and derived peaks
+    bench [engine|gemm] [ARGS ...]                       the repository's benchmarks
+
+Every user mistake (a missing file, a bad option, a tensor of the wrong dtype,
+any :class:`~lpucore.LpuError`) prints one line ``lpucore: error: ...`` on
+stderr and gives exit status 2 for command-line usage errors, 1 for the rest.
+:func:`main` takes the argument list and returns the exit status, so it can be
+called in-process.
+
+Adding a command (``decode`` is next) takes its handler ``_cmd_decode(args) -> int``,
+one function declaring its parser with :func:`add_command` and its options, and one
+line appending that function to :data:`COMMANDS`; nothing else changes::
+
+    def _decode_command(sub):
+        p = add_command(sub, "decode", _cmd_decode, "generate tokens with lpucore.llm.Decoder")
+        p.add_argument("model", help="...")
+        add_config_option(p)
+        add_engine_option(p)
+
+    COMMANDS = (..., _decode_command)
+
+A handler reports a user mistake by raising :class:`UsageError` (exit 2),
+:class:`CliError` or any :class:`~lpucore.LpuError` (exit 1); the helpers
+:func:`load_npy`, :func:`save_npy` and :func:`load_program` already do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import runpy
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .asm import assemble, disassemble
+from .chip import ENGINES, Chip, RunStats
+from .config import ChipConfig
+from .errors import ConfigError, LpuError, ProgramError, TensorError
+from .program import MAGIC, Program
+
+PROG = "lpucore"
+BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py"}
+BINARY_SUFFIXES = (".lpup", ".lpu")
+
+
+# ---------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------
+class UsageError(Exception):
+    """A command-line usage mistake (exit status 2)."""
+
+
+class CliError(Exception):
+    """Any other user mistake the command line reports itself (exit status 1)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and is returned by :func:`main`, not exited."""
+
+    def error(self, message):  # noqa: D102 - argparse hook
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _report(message: str) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------
+# option types (a ValueError / ArgumentTypeError here is a usage error)
+# ---------------------------------------------------------------------------------------
+def _config_arg(name: str) -> ChipConfig:
+    try:
+        return ChipConfig.named(name)
+    except ConfigError:
+        raise argparse.ArgumentTypeError(
+            f"unknown chip configuration {name!r}; presets are {', '.join(ChipConfig.PRESETS)}") from None
+
+
+def _tensor_file_arg(spec: str) -> Tuple[str, str]:
+    name, sep, path = spec.partition("=")
+    name, path = name.strip(), path.strip()
+    if not sep or not name or not path or any(c.isspace() for c in name):
+        raise argparse.ArgumentTypeError(f"expected NAME=FILE.npy, got {spec!r}")
+    return name, path
+
+
+def _cycles_arg(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of cycles, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+def _write_text(path: str, text: str) -> None:
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror}") from None
+
+
+def _assemble_text(path: str, data: bytes, config: Optional[ChipConfig]) -> Program:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CliError(f"{path} is neither an lpucore program file nor UTF-8 assembly text") from None
+    try:
+        return assemble(text, config)
+    except ProgramError as e:
+        raise ProgramError(f"{path}: {e}") from None
+
+
+def _binary(path: str, data: bytes) -> Program:
+    try:
+        return Program.from_bytes(data)
+    except ProgramError as e:
+        raise ProgramError(f"{path}: {e}") from None
+
+
+def load_program(path: str, config: Optional[ChipConfig] = None) -> Program:
+    """A program from a binary file (magic ``LPUP`` or suffix .lpup/.lpu) or from assembly
+    text (anything else).  ``config`` assembles text for that chip; for a binary file it
+    must equal the program's own configuration."""
+    data = _read_bytes(path)
+    if data[:len(MAGIC)] == MAGIC or Path(path).suffix.lower() in BINARY_SUFFIXES:
+        program = _binary(path, data)
+        if config is not None and program.config != config:
+            raise CliError(f"{path} is a program for chip configuration {program.config.name!r}, "
+                           f"not {config.name!r} (--config applies to assembly sources)")
+        return program
+    return _assemble_text(path, data, config)
+
+
+NPY_MAGIC = b"\x93NUMPY"
+
+
+def load_npy(path: str) -> np.ndarray:
+    """One array from a .npy file (no pickles), in native byte order; a user mistake is a
+    :class:`CliError` naming the file."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(NPY_MAGIC))
+            if head != NPY_MAGIC:
+                what = "an .npz archive; give one .npy file per tensor" if head[:4] == b"PK\x03\x04" \
+                    else "not a .npy file (np.save writes one)"
+                raise CliError(f"{path} is {what}")
+            f.seek(0)
+            a = np.load(f, allow_pickle=False)
+    except OSError as e:
+        raise CliError(f"cannot read {path}: {e.strerror or e}") from None
+    except CliError:
+        raise
+    except Exception as e:  # a truncated or object-dtype file: NumPy says ValueError, EOFError, ...
+        raise CliError(f"{path} is not a valid .npy file: {e}") from None
+    if a.dtype.byteorder not in ("=", "|") and a.dtype.kind in "iuf":
+        a = a.astype(a.dtype.newbyteorder("="))     # same values, this machine's byte order
+    return a
+
+
+def save_npy(path: str, a: np.ndarray) -> None:
+    """Write one array to exactly ``path`` (np.save would add a .npy suffix to a bare name)."""
+    try:
+        with open(path, "wb") as f:
+            np.save(f, a, allow_pickle=False)
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {e.strerror}") from None
+
+
+def _check_writable(path: str) -> None:
+    """Fail before a long run, not after it, when an output file cannot be created."""
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CliError(f"cannot write {path}: Is a directory")
+    if not os.path.isdir(d):
+        raise CliError(f"cannot write {path}: No such directory {d}")
+
+
+def _duration(seconds: float) -> str:
+    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= scale:
+            return f"{seconds / scale:,.4g} {unit}"
+    return f"{seconds / 1e-9:,.4g} ns"
+
+
+def _hz(hz: float) -> str:
+    for unit, scale in (("GHz", 1e9), ("MHz", 1e6), ("kHz", 1e3)):
+        if hz >= scale:
+            return f"{hz / scale:g} {unit}"
+    return f"{hz:g} Hz"
+
+
+def _number(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:,.6g}" if v != int(v) or abs(v) >= 1e15 else f"{int(v):,}"
+    return str(v)
+
+
+# ---------------------------------------------------------------------------------------
+# info: parameters and derived peaks
+# ---------------------------------------------------------------------------------------
+def _fixed(v: float) -> str:
+    """Two decimals, or four significant digits below 1 (the tiny chip's 0.4608 TFLOPS)."""
+    return f"{v:,.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4g}"
+
+
+def config_fields(cfg: ChipConfig) -> Dict[str, dict]:
+    """Every ChipConfig field: value, unit, meaning and source (from the field metadata)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if isinstance(v, tuple):
+            v = list(v)
+        out[f.name] = {"value": v, "unit": f.metadata.get("unit", "-"), "doc": f.metadata.get("doc", ""),
+                       "source": f.metadata.get("source", "")}
+    return out
+
+
+def derived_peaks(cfg: ChipConfig) -> Dict[str, dict]:
+    """Peak figures derived from the configuration fields, each with its unit and formula.
+
+    MXM: a plane takes one int8 [1 x size] x [size x size] product per cycle, or one
+    float16 [1 x size/2] x [size/2 x size] product every ``mxm_fp16_interval`` cycles (a
+    float16 weight takes two byte-rows); one MAC counts as two operations.  MEM: a slice's
+    queue issues one Read or Write a cycle (the rate a program reaches); its banks take one
+    read or write each a cycle (the port figure, ``ChipConfig.peaks()``'s ``sram_bytes_per_cycle``).  Streams: every
+    stream register of both directions carries one vector past each position a cycle.
+    """
+    clock = cfg.clock_hz
+    lanes = cfg.superlanes * cfg.lanes_per_superlane
+    mem_slices = cfg.hemispheres * cfg.mem_slices_per_hemisphere
+    sram = mem_slices * cfg.addresses_per_slice * lanes
+    int8_macs = cfg.mxm_planes * cfg.mxm_size * cfg.mxm_size
+    fp16_num = cfg.mxm_planes * (cfg.mxm_size // 2) * cfg.mxm_size
+    fp16_macs = fp16_num // cfg.mxm_fp16_interval if fp16_num % cfg.mxm_fp16_interval == 0 \
+        else fp16_num / cfg.mxm_fp16_interval
+    mem_issue = mem_slices * lanes
+    mem_ports = mem_slices * cfg.banks_per_slice * lanes
+    streams = cfg.hemispheres * cfg.streams_per_direction
+    stream_bytes = streams * lanes
+    vxm = lanes * cfg.vxm_alus_per_lane
+    rows = [
+        ("lanes", lanes, "lanes", "superlanes x lanes_per_superlane"),
+        ("mem_slices", mem_slices, "slices", "hemispheres x mem_slices_per_hemisphere"),
+        ("sram_bytes", sram, "B", "mem_slices x addresses_per_slice x lanes"),
+        ("sram_mib", sram / 2 ** 20, "MiB", "sram_bytes / 2^20"),
+        ("queues", len(cfg.queues), "queues", "MEM slices + VXM ALUs + 3 x MXM planes + SXM queues"),
+        ("mxm_int8_macs_per_cycle", int8_macs, "MAC/cycle", "mxm_planes x mxm_size x mxm_size"),
+        ("int8_tops", 2 * int8_macs * clock / 1e12, "TOPS", "2 x mxm_int8_macs_per_cycle x clock_hz"),
+        ("mxm_fp16_macs_per_cycle", fp16_macs, "MAC/cycle",
+         "mxm_planes x (mxm_size / 2) x mxm_size / mxm_fp16_interval"),
+        ("fp16_tflops", 2 * fp16_macs * clock / 1e12, "TFLOPS", "2 x mxm_fp16_macs_per_cycle x clock_hz"),
+        ("mem_bytes_per_cycle", mem_issue, "B/cycle",
+         "mem_slices x lanes (one Read or Write issued per slice per cycle)"),
+        ("mem_tb_per_s", mem_issue * clock / 1e12, "TB/s", "mem_bytes_per_cycle x clock_hz"),
+        ("mem_port_bytes_per_cycle", mem_ports, "B/cycle",
+         "mem_slices x banks_per_slice x lanes (every bank busy each cycle)"),
+        ("mem_port_tb_per_s", mem_ports * clock / 1e12, "TB/s", "mem_port_bytes_per_cycle x clock_hz"),
+        ("stream_bytes_per_cycle", stream_bytes, "B/cycle",
+         "2 x streams_per_direction x lanes (past any one position)"),
+        ("stream_tb_per_s", stream_bytes * clock / 1e12, "TB/s", "stream_bytes_per_cycle x clock_hz"),
+        ("vxm_alus", vxm, "ALUs", "lanes x vxm_alus_per_lane"),
+        ("vxm_tops", vxm * clock / 1e12, "TOPS", "vxm_alus x clock_hz (one op per ALU per cycle)"),
+    ]
+    return {k: {"value": v, "unit": u, "formula": f} for k, v, u, f in rows}
+
+
+def _cmd_info(args) -> int:
+    cfg: ChipConfig = args.config or ChipConfig.groqchip1()
+    fields, peaks = config_fields(cfg), derived_peaks(cfg)
+    if args.json:
+        print(json.dumps({"config": cfg.name, "clock_hz": cfg.clock_hz, "fields": fields, "derived": peaks},
+                         indent=2))
+        return 0
+    print(f"chip configuration {cfg.name} (presets: {', '.join(ChipConfig.PRESETS)})")
+    print()
+    w = max(len(k) for k in list(fields) + list(peaks))
+    vals = {k: _number(f["value"]) for k, f in fields.items()}
+    vw = max(len(v) for v in vals.values())
+    print(f"  {'parameter':<{w}}  {'value':>{vw}}  unit")
+    for k, f in fields.items():
+        print(f"  {k:<{w}}  {vals[k]:>{vw}}  {f['unit']}")
+    print()
+    print(f"derived peaks at {_hz(cfg.clock_hz)}")
+    pvals = {}
+    for k, p in peaks.items():
+        v = p["value"]
+        pvals[k] = _fixed(v) if isinstance(v, float) else _number(v)
+    pw = max(len(v) for v in pvals.values())
+    uw = max(len(p["unit"]) for p in peaks.values())
+    for k, p in peaks.items():
+        print(f"  {k:<{w}}  {pvals[k]:>{pw}}  {p['unit']:<{uw}}  = {p['formula']}")
+    print()
+    print("meaning and source of every parameter: --json, or ChipConfig.describe()")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# asm / disasm
+# ---------------------------------------------------------------------------------------
+def _cmd_asm(args) -> int:
+    data = _read_bytes(args.source)
+    if data[:len(MAGIC)] == MAGIC:
+        raise CliError(f"{args.source} is already a binary program ('{PROG} disasm' turns it into text)")
+    program = _assemble_text(args.source, data, args.config)
+    out = args.output or str(Path(args.source).with_suffix(".lpup"))
+    if os.path.abspath(out) == os.path.abspath(args.source):
+        raise UsageError(f"the output {out} would overwrite the source; give -o")
+    data = program.to_bytes()
+    try:
+        with open(out, "wb") as f:
+            f.write(data)
+    except OSError as e:
+        raise CliError(f"cannot write {out}: {e.strerror}") from None
+    nq = sum(1 for lst in program.queues.values() if lst)
+    print(f"{out}: {len(program):,} instructions in {nq} queues, {len(program.tensors)} tensors, "
+          f"chip {program.config.name}, {len(data):,} bytes")
+    return 0
+
+
+def _cmd_disasm(args) -> int:
+    program = _binary(args.program, _read_bytes(args.program))
+    text = disassemble(program)
+    if args.output and args.output != "-":
+        _write_text(args.output, text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------
+def _pairs(specs: Optional[List[Tuple[str, str]]], option: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for name, path in specs or []:
+        if name in out:
+            raise UsageError(f"argument {option}: tensor {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def _check_names(program: Program, names, option: str) -> None:
+    for name in names:
+        if name not in program.tensors:
+            have = ", ".join(program.tensors) or "none"
+            raise TensorError(f"{option} {name}: no tensor {name!r} in the program's table (it has {have})")
+
+
+def summary(stats: RunStats, chip: Chip) -> List[str]:
+    """The few lines ``run`` prints."""
+    cfg = chip.config
+    state = "finished" if stats.finished else "stopped by --max-cycles, program not finished"
+    lines = [f"{stats.cycles:,} cycles = {_duration(stats.seconds)} at {_hz(cfg.clock_hz)} ({state}); "
+             f"{stats.instructions:,} vector instructions, {chip.engine_name} engine, chip {cfg.name}"]
+    if stats.macs:
+        lines.append(f"MXM: {stats.macs:,} MACs, planes busy {stats.mxm_utilisation:.1%} of plane-cycles, "
+                     f"{stats.mxm_mac_utilisation:.1%} of the int8 MAC peak")
+    return lines
+
+
+def _cmd_run(args) -> int:
+    inputs = _pairs(args.input, "--input")
+    outputs = _pairs(args.output, "--output")
+    program = load_program(args.program, args.config)
+    _check_names(program, inputs, "--input")
+    _check_names(program, outputs, "--output")
+    for path in outputs.values():
+        _check_writable(path)
+    if args.json and args.json != "-":
+        _check_writable(args.json)
+    arrays = {name: load_npy(path) for name, path in inputs.items()}
+    chip = Chip(program.config, engine=args.engine)
+    chip.load(program)
+    for name, a in arrays.items():
+        try:
+            chip.write_tensor(name, a)
+        except TensorError as e:
+            raise TensorError(f"--input {name}={inputs[name]}: {e}") from None
+    stats = chip.run(args.max_cycles)
+    for name, path in outputs.items():
+        save_npy(path, chip.read_tensor(name))
+    if args.json:
+        d = {"program": args.program, "config": chip.config.name, "engine": chip.engine_name,
+             "clock_hz": chip.config.clock_hz, **stats.to_dict()}
+        text = json.dumps(d, indent=2, sort_keys=False) + "\n"
+        if args.json == "-":
+            sys.stdout.write(text)
+        else:
+            _write_text(args.json, text)
+    if args.json != "-":
+        for line in summary(stats, chip):
+            print(line)
+        for name, path in outputs.items():
+            t = program.tensors[name]
+            print(f"wrote {name} ({t.dtype.name} {tuple(t.shape)}) to {path}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------
+def bench_dir() -> Optional[Path]:
+    """The repository's bench/ directory next to the package, or None (an installed wheel)."""
+    d = Path(__file__).resolve().parent.parent / "bench"
+    return d if d.is_dir() else None
+
+
+def _cmd_bench(args) -> int:
+    rest = list(args.args)
+    if rest and rest[0] in BENCHMARKS:
+        names, extra = [rest[0]], rest[1:]
+    elif rest:
+        raise UsageError(f"argument NAME: unknown benchmark {rest[0]!r} (choose from "
+                         f"{', '.join(BENCHMARKS)}; its options go after the name)")
+    else:
+        names, extra = list(BENCHMARKS), []
+    d = bench_dir()
+    if d is None:
+        raise CliError("bench/ not found: the benchmarks are in bench/ of the lpucore source repository, "
+                       "not in an installed package; run from a source checkout (pip install -e .)")
+    scripts = [d / BENCHMARKS[name] for name in names]
+    for script in scripts:
+        if not script.is_file():
+            raise CliError(f"no benchmark script {script}")
+    for script in scripts:
+        saved = sys.argv
+        sys.argv = [str(script), *extra]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as e:         # the script's own argparse (--help, a bad option)
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+            if code:
+                return code
+        finally:
+            sys.argv = saved
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# the parser: one registration function per command, listed in COMMANDS
+# ---------------------------------------------------------------------------------------
+def add_command(sub, name: str, handler: Callable[[argparse.Namespace], int], help: str,
+                description: Optional[str] = None) -> argparse.ArgumentParser:
+    """Add subcommand ``name`` run by ``handler(args) -> exit status``; returns its parser."""
+    p = sub.add_parser(name, help=help, description=description or help)
+    p.set_defaults(func=handler)
+    return p
+
+
+def add_config_option(p: argparse.ArgumentParser, help: Optional[str] = None) -> None:
+    """``--config NAME``: a preset ChipConfig (``args.config``, None when not given)."""
+    p.add_argument("--config", type=_config_arg, metavar="NAME",
+                   help=help or f"chip configuration ({', '.join(ChipConfig.PRESETS)}; default groqchip1)")
+
+
+def add_engine_option(p: argparse.ArgumentParser) -> None:
+    """``--engine fast|reference`` (``args.engine``, default fast)."""
+    p.add_argument("--engine", choices=ENGINES, default="fast", help="simulation engine (default: fast)")
+
+
+def _asm_command(sub) -> None:
+    a = add_command(sub, "asm", _cmd_asm, "assemble a text program into the binary format",
+                    "Assemble SOURCE.s into a binary program file (lpucore.assemble, Program.save).")
+    a.add_argument("source", metavar="SOURCE.s", help="assembly text")
+    a.add_argument("-o", "--output", metavar="PROGRAM.lpup",
+                   help="binary program to write (default: SOURCE with suffix .lpup)")
+    add_config_option(a, f"chip configuration ({', '.join(ChipConfig.PRESETS)}); default: the source's "
+                         ".config line, else groqchip1")
+
+
+def _disasm_command(sub) -> None:
+    d = add_command(sub, "disasm", _cmd_disasm, "turn a binary program back into assembly text",
+                    "Disassemble a binary program file (lpucore.disassemble); assembling the text gives "
+                    "the same program.")
+    d.add_argument("program", metavar="PROGRAM.lpup", help="binary program file")
+    d.add_argument("-o", "--output", metavar="OUT.s", help="text file to write (default: stdout)")
+
+
+def _run_command(sub) -> None:
+    r = add_command(sub, "run", _cmd_run, "run a program with tensors from and to .npy files",
+                    "Load a program (binary, or assembly text assembled on the fly), write the --input "
+                    "tensors through its tensor table (dtype and shape must match exactly), run it, write "
+                    "the --output tensors and print the cycles, the simulated time at the configured clock "
+                    "and the MXM utilisation.")
+    r.add_argument("program", metavar="PROGRAM", help="binary program (.lpup) or assembly text (.s)")
+    r.add_argument("-i", "--input", action="append", type=_tensor_file_arg, metavar="NAME=FILE.npy",
+                   help="write this array into tensor NAME before the run (repeatable)")
+    r.add_argument("-o", "--output", action="append", type=_tensor_file_arg, metavar="NAME=FILE.npy",
+                   help="save tensor NAME after the run (repeatable)")
+    add_engine_option(r)
+    r.add_argument("--max-cycles", type=_cycles_arg, metavar="N",
+                   help="stop after N cycles even if the program has not finished")
+    r.add_argument("--json", metavar="STATS.json", help="write the run statistics as JSON ('-': stdout only)")
+    add_config_option(r, f"chip configuration for an assembly source ({', '.join(ChipConfig.PRESETS)})")
+
+
+def _info_command(sub) -> None:
+    i = add_command(sub, "info", _cmd_info, "chip parameters and derived peak figures",
+                    "Print every ChipConfig field with its unit, and the peaks derived from them (lanes, "
+                    "SRAM, MXM MACs per cycle, int8 TOPS, fp16 TFLOPS, MEM and stream bandwidth) at the "
+                    "configured clock.")
+    add_config_option(i)
+    i.add_argument("--json", action="store_true", help="print JSON (with each field's meaning and source)")
+
+
+def _bench_command(sub) -> None:
+    b = add_command(sub, "bench", _cmd_bench, "run the repository's benchmarks (bench/)",
+                    "Run bench/bench_engine.py or bench/bench_gemm.py (both when no name is given) from "
+                    "the source repository; arguments after the name go to the script ('bench engine "
+                    "--help' shows them). An installed wheel has no bench/ directory.")
+    b.add_argument("args", nargs=argparse.REMAINDER, metavar="[NAME [ARGS ...]]",
+                   help=f"benchmark ({', '.join(BENCHMARKS)}; default: all) and its options")
+
+
+# Each entry adds one subcommand to the parser, in this order.
+COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = _Parser(prog=PROG, description="lpucore: a functional, cycle-level simulator of Groq's TSP (LPU).",
+                epilog=f"'{PROG} COMMAND --help' describes each command.")
+    p.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMANDS:
+        register(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        parser = build_parser()
+        args = parser.parse_args(None if argv is None else list(argv))
+        return int(args.func(args) or 0)
+    except SystemExit as e:            # --help, --version
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except UsageError as e:
+        _report(str(e))
+        return 2
+    except (CliError, LpuError) as e:
+        _report(str(e))
+        return 1
+    except KeyboardInterrupt:
+        _report("interrupted")
+        return 130
+    except BrokenPipeError:            # `... | head`
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return 1
