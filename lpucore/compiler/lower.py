@@ -131,11 +131,17 @@ class Compiler:
         self.temps: List[VT] = []
         self.temps_r: List[VT] = []
         self.planes: Dict[int, object] = {}       # MXM plane -> its scheduling state
+        self._scratch = 0                          # ids of compiler-made tensors: -1, -2, ...
         self.rope_positions = 2048                 # rows of the rotary tables (positions 0..2047)
         self.L = cfg.lanes
         self.n_alu = cfg.vxm_alus_per_lane
 
     # ---- tensors -------------------------------------------------------------------------------
+    def scratch_id(self) -> int:
+        """A fresh (negative) id for a tensor the compiler makes itself; never a graph tensor's."""
+        self._scratch -= 1
+        return self._scratch
+
     def next_hem(self) -> int:
         self.hem ^= 1
         return self.hem

@@ -51,7 +51,7 @@ def matmul(c, a, b, t, name, kind):
         acc = F32 if a.dtype.is_float else I32
         prod = c.new_vt(f"_mv{t.id}", acc, a.shape, avoid=c.slices_of(A, B))
         c.map_into(prod, lambda: E("mul", acc, c.operand(a, a.shape, acc), c.operand(b, a.shape, acc)))
-        ptensor = Tensor(c.g, -1 - t.id, a.shape, acc)
+        ptensor = Tensor(c.g, c.scratch_id(), a.shape, acc)
         c.vts[ptensor.id] = prod
         last = c.reduce("sum", ptensor, t, name, kind)
         release(c.mem, prod)
@@ -168,35 +168,19 @@ def gather(c, table, idx, t, name, kind):
     n = idx.size
     if table.dtype.name not in ("int8", "float16"):
         raise CompileError(f"gather: tables of {table.dtype.name} are not supported (int8, float16)")
-    iv = c.plain(idx)
-    # each index in every lane of its own vector: sum of the index masked to its lane
-    bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
-    from .kernels import allreduce_kernel
-
-    def row(r):
-        busy = c.slices_of(iv)
-        copies = c.span_mask(r % c.L, r % c.L + 1, 4)
-        m = next((m for m in copies if not busy & c.slices_of(m)), copies[0])
-        return E("and", I32, Expr.input(iv, lambda v, k=r // c.L: k), Expr.input(m, lambda v: 0))
-    allreduce_kernel(c.ctx, row, bc, "add", list(range(c.n_alu)))
     d = table.dtype
-    oh = c.new_vt(f"_oh{t.id}", d, (n, V), avoid=c.slices_of(bc))
-    chunks = oh.chunks
-    iota = c.const_vt(f"_iota{t.id}", np.arange(V, dtype=np.int32).reshape(1, V))
-    one_bits = 0x3C00 if d == F16 else 1              # 1.0 in float16, or 1
-
-    def onehot():
-        eq = E("eq", I32, Expr.input(iota, lambda v, C=chunks: v % C), Expr.input(bc, lambda v, C=chunks: v // C))
-        bits = E("and", I32, eq, Expr.const(I32, one_bits))
-        return E("cvt", {1: I8, 2: dt.INT16}[d.nbytes], bits, **{})
-    c.map_into(oh, lambda: _as(onehot(), d))
-    release(c.mem, bc)
-    oh_t = Tensor(c.g, -10 - t.id, (n, V), d)
+    # the one-hot rows of an index tensor are built once and kept for every table it
+    # indexes (a decode step's position selects several rotary tables)
+    key = ("onehot", idx.id, V, d.name)
+    oh = c.vts.get(key)
+    if oh is None:
+        oh = _onehot(c, idx, V, d, t)
+        c.vts[key] = oh
+    oh_t = Tensor(c.g, c.scratch_id(), (n, V), d)
     c.vts[oh_t.id] = oh
-    prod_t = Tensor(c.g, -20 - t.id, (n, D), I32 if d == I8 else F16)
+    prod_t = Tensor(c.g, c.scratch_id(), (n, D), I32 if d == I8 else F16)
     last = matmul(c, oh_t, table, prod_t, f"_gp{t.id}" if (d == I8 or t.shape != (n, D)) else name,
                   "temp" if (d == I8 or t.shape != (n, D)) else kind)
-    release(c.mem, oh)
     pv = c.vts[prod_t.id]
     if d == I8:
         # int32 products of a one-hot row are the int8 entries: narrow back
@@ -214,6 +198,34 @@ def gather(c, table, idx, t, name, kind):
     c.vts[t.id] = pv
     return last
 
+
+
+def _onehot(c, idx, V, d, t):
+    """[n, V] rows of dtype d, 1 at column idx[r] (never released: see gather)."""
+    n = idx.size
+    iv = c.plain(idx)
+    # each index in every lane of its own vector: sum of the index masked to its lane
+    bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
+    from .kernels import allreduce_kernel
+
+    def row(r):
+        busy = c.slices_of(iv)
+        copies = c.span_mask(r % c.L, r % c.L + 1, 4)
+        m = next((m for m in copies if not busy & c.slices_of(m)), copies[0])
+        return E("and", I32, Expr.input(iv, lambda v, k=r // c.L: k), Expr.input(m, lambda v: 0))
+    allreduce_kernel(c.ctx, row, bc, "add", list(range(c.n_alu)))
+    oh = c.new_vt(f"_oh{t.id}", d, (n, V), avoid=c.slices_of(bc))
+    chunks = oh.chunks
+    iota = c.const_vt(f"_iota{t.id}", np.arange(V, dtype=np.int32).reshape(1, V))
+    one_bits = 0x3C00 if d == F16 else 1              # 1.0 in float16, or 1
+
+    def onehot():
+        eq = E("eq", I32, Expr.input(iota, lambda v, C=chunks: v % C), Expr.input(bc, lambda v, C=chunks: v // C))
+        bits = E("and", I32, eq, Expr.const(I32, one_bits))
+        return E("cvt", {1: I8, 2: dt.INT16}[d.nbytes], bits, **{})
+    c.map_into(oh, lambda: _as(onehot(), d))
+    release(c.mem, bc)
+    return oh
 
 def _as(e, d):
     """Reinterpret an integer expression's bits as dtype d (same width)."""
@@ -234,12 +246,17 @@ def rope(c, x, pos, t, name, kind, base):
     cos = np.concatenate([np.cos(ang), np.cos(ang)], axis=1).astype(np.float16)
     sin = np.concatenate([-np.sin(ang), np.sin(ang)], axis=1).astype(np.float16)
     g = c.g
-    cos_t = Tensor(g, -30 - t.id, (P, d), F16)
-    sin_t = Tensor(g, -40 - t.id, (P, d), F16)
-    c.vts[cos_t.id] = c.const_vt(f"_rcos{t.id}", cos, stripes=c.cfg.mxm_lw_streams)
-    c.vts[sin_t.id] = c.const_vt(f"_rsin{t.id}", sin, stripes=c.cfg.mxm_lw_streams)
-    cr = Tensor(g, -50 - t.id, (T, d), F16)
-    sr = Tensor(g, -60 - t.id, (T, d), F16)
+    # one pair of tables per (positions, width, base), shared by every rope of the graph
+    key = ("rope", P, d, float(base))
+    if key not in c.vts:
+        cos_t = Tensor(g, c.scratch_id(), (P, d), F16)
+        sin_t = Tensor(g, c.scratch_id(), (P, d), F16)
+        c.vts[cos_t.id] = c.const_vt(f"_rcos{t.id}", cos, stripes=c.cfg.mxm_lw_streams)
+        c.vts[sin_t.id] = c.const_vt(f"_rsin{t.id}", sin, stripes=c.cfg.mxm_lw_streams)
+        c.vts[key] = (cos_t, sin_t)
+    cos_t, sin_t = c.vts[key]
+    cr = Tensor(g, c.scratch_id(), (T, d), F16)
+    sr = Tensor(g, c.scratch_id(), (T, d), F16)
     gather(c, cos_t, pos, cr, f"_rc{t.id}", "temp")
     gather(c, sin_t, pos, sr, f"_rs{t.id}", "temp")
     # rotate_half: lane i takes lane (i + d/2) mod d of its head
@@ -248,7 +265,7 @@ def rope(c, x, pos, t, name, kind, base):
     grid = np.arange(x.size).reshape(-1, d)
     src = np.concatenate([grid[:, half:], grid[:, :half]], axis=1).ravel()
     relayout(c, rot, [X], (np.zeros(x.size, dtype=np.int64), src))
-    rt = Tensor(g, -70 - t.id, x.shape, x.dtype)
+    rt = Tensor(g, c.scratch_id(), x.shape, x.dtype)
     c.vts[rt.id] = rot
 
     def f():

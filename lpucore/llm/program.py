@@ -1,0 +1,251 @@
+"""One decode step of a decoder-only model as an lpucore :class:`~lpucore.Graph`.
+
+The step program takes one token and its position and returns the logits of the next token; weights are
+constants (written into SRAM once, when the program loads) and the KV cache is a set of graph *states*, so they
+stay resident from step to step and a step moves 8 bytes in (token id and position, int32) and the logits out.
+The same compiled program serves every step of every sequence (prefill is one step per prompt token).
+
+Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`` = query heads per kv head):
+
+* Residual stream, norms, softmax and the final logits in float32; every matmul multiplies float16 operands on
+  the MXM with float32 accumulators (``out_dtype="float32"``).
+* Keys are cached transposed, ``K_l [Hkv, hd, S]``, values ``V_l [Hkv, S, hd]``, both float16 (the precision of
+  an fp16 cache). Writing position ``p`` is arithmetic, not addressing (the program is static):
+  ``K := K * (1 - onehot_p) + k * onehot_p`` with ``onehot_p = 1 - min(|iota - p|, 1)`` built on the VXM.
+* Attention runs over all ``S`` cache columns with an additive mask of ``-1e9`` on the columns after ``p``
+  (``exp`` of it is exactly 0), so every step costs the same cycles whatever ``p`` is.
+* ``precision="int8"``: each matmul weight is stored as int8 with one float32 scale per output channel (the
+  exact data of :attr:`Reference.quantized`); a step converts the int8 weights to float16 on the VXM (exact:
+  every int8 is a float16), multiplies on the MXM, and rescales the float32 products per output channel. The
+  conversion is a VXM pass over every weight each step (it shows as ``cast`` cycles in the per-operation
+  breakdown); weights are converted in column blocks of at most ``block`` columns so the float16 copies need
+  little SRAM.
+* Token embeddings are looked up on the chip by :meth:`Graph.gather` (a one-hot row times the table on the
+  MXM). GPT-2's tied head in int8 keeps a second, transposed int8 copy of the table for the logits matmul.
+
+:func:`build_step` returns the graph and a list of ``(label, first node, end node)`` spans naming the model part
+each graph node belongs to (``embed``, ``attn``, ``kv``, ``mlp``, ``head``...) for the per-operation breakdown.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ..graph import Graph, Tensor
+from .shapes import ModelConfig
+
+F16, F32 = np.float16, np.float32
+MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
+DEFAULT_BLOCK = 2560  # int8 weights: columns converted to float16 at a time (8 MXM tiles of 320)
+
+
+class StepBuilder:
+    """Builds the step graph; ``w`` are the reference's float32 weights, ``quantized`` its int8 tensors."""
+
+    def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
+                 quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
+                 capacity: int, block: int = DEFAULT_BLOCK):
+        self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
+        self.S, self.block = capacity, block
+        self.g = Graph(f"{cfg.name}-step")
+        self.spans: List[Tuple[str, int, int]] = []
+        self._label, self._start = None, 0
+
+    # ---- bookkeeping ---------------------------------------------------------------------------
+    def part(self, label: str) -> None:
+        """Nodes added from now on belong to model part ``label``."""
+        n = len(self.g.nodes)
+        if self._label is not None and n > self._start:
+            self.spans.append((self._label, self._start, n))
+        self._label, self._start = label, n
+
+    def finish(self) -> None:
+        self.part(None)
+
+    # ---- building blocks -------------------------------------------------------------------------
+    def vec(self, name: str, dtype=F32) -> Tensor:
+        return self.g.constant(name.replace(".", "_"), np.asarray(self.w[name], dtype=dtype))
+
+    def linear(self, x16: Tensor, name: str, transpose: bool, bias: Optional[str] = None) -> Tensor:
+        """``x16 [1, K] float16 @ W`` as float32 ``[1, N]``. ``transpose``: ``W`` is stored ``[N, K]``
+        (Hugging Face Linear), else ``[K, N]`` (GPT-2 Conv1D)."""
+        g = self.g
+        key = name.replace(".", "_") + ("_T" if transpose else "")
+        if name in self.q:
+            qw, scale, _ = self.q[name]
+            qk = np.ascontiguousarray(qw.T if transpose else qw)               # [K, N] int8
+            outs = []
+            for c0 in range(0, qk.shape[1], self.block):
+                c1 = min(c0 + self.block, qk.shape[1])
+                wq = g.constant(f"{key}_q{c0}", qk[:, c0:c1])
+                y = g.matmul(x16, g.cast(wq, "float16"), out_dtype="float32")
+                outs.append(g.mul(y, g.constant(f"{key}_s{c0}", scale[c0:c1].astype(F32))))
+            y = outs[0] if len(outs) == 1 else g.concat(outs, axis=-1)
+        else:
+            wk = self.w[name].T if transpose else self.w[name]
+            y = g.matmul(x16, g.constant(key, np.ascontiguousarray(wk.astype(F16))), out_dtype="float32")
+        if bias is not None:
+            y = g.add(y, self.vec(bias))
+        return y
+
+    def f16(self, x: Tensor) -> Tensor:
+        return self.g.cast(x, "float16")
+
+    def embed(self, tok: Tensor, table: str) -> Tensor:
+        """Row ``tok`` of the embedding table, float32 ``[1, d]``."""
+        g = self.g
+        key = table.replace(".", "_")
+        if table in self.q:       # gpt2's tied table in int8: gather the int8 row, scale it
+            qw, scale, _ = self.q[table]
+            row = g.cast(g.cast(g.gather(g.constant(key + "_rows", qw), tok), "float16"), "float32")
+            s = g.cast(g.gather(g.constant(key + "_rscale", scale.astype(F16).reshape(-1, 1)), tok), "float32")
+            return g.mul(row, s)
+        return g.cast(g.gather(g.constant(key, self.w[table].astype(F16)), tok), "float32")
+
+    def attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, posf: Tensor, oh_row: Tensor,
+                  oh_col: Tensor, mask: Tensor) -> Tensor:
+        """``q [H, 1, hd]``, ``k, v [Hkv, 1, hd]`` float32 -> attention output float16 ``[1, H * hd]``."""
+        g, cfg, S = self.g, self.cfg, self.S
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.part("kv")
+        K = g.state(f"k{i}", (Hkv, hd, S), "float16")
+        V = g.state(f"v{i}", (Hkv, S, hd), "float16")
+        # new column / row written by MXM products with the one-hot (exact: one nonzero term per sum); the
+        # old rows of V are kept by (I - onehot onehot^T) @ V, which avoids broadcasting a column over lanes
+        kt = self.f16(g.transpose(k, (0, 2, 1)))                        # [Hkv, hd, 1]
+        K_new = g.add(g.mul(K, self._keep_row), g.matmul(kt, self._put_row))          # [Hkv, hd, S]
+        V_new = g.add(g.matmul(self._keep_diag, V), g.matmul(self._put_col, self.f16(v)))  # [Hkv, S, hd]
+        g.assign(K, K_new)
+        g.assign(V, V_new)
+        self.part("attn")
+        qg = self.f16(g.reshape(q, (Hkv, H // Hkv, hd)))
+        s = g.matmul(qg, K_new, out_dtype="float32")                    # [Hkv, G, S]
+        s = g.add(g.mul(s, float(1.0 / math.sqrt(hd))), mask)
+        p = self.f16(g.softmax(s))
+        o = g.matmul(p, V_new, out_dtype="float32")                     # [Hkv, G, hd]
+        return self.f16(g.reshape(o, (1, H * hd)))
+
+    # ---- the model -------------------------------------------------------------------------------
+    def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
+        g, cfg, S = self.g, self.cfg, self.S
+        self.part("inputs")
+        tok = g.input("tok", (1,), "int32")
+        pos = g.input("pos", (1,), "int32")
+        self.part("kv")
+        posf = g.cast(pos, "float32")
+        iota_row = g.constant("iota_row", np.arange(S, dtype=F32).reshape(1, S))
+        iota_col = g.constant("iota_col", np.arange(S, dtype=F32).reshape(S, 1))
+        oh_row = g.sub(1.0, g.minimum(g.abs(g.sub(iota_row, posf)), 1.0))     # [1, S]: 1 at pos
+        oh_col = g.sub(1.0, g.minimum(g.abs(g.sub(iota_col, posf)), 1.0))     # [S, 1]
+        self._put_row, self._keep_row = self.f16(oh_row), self.f16(g.sub(1.0, oh_row))
+        self._put_col = self.f16(oh_col)
+        eye = g.constant("eye", np.eye(S, dtype=F16))
+        self._keep_diag = g.sub(eye, g.matmul(self._put_col, self._put_row))            # [S, S]
+        mask = g.mul(g.minimum(g.maximum(g.sub(iota_row, posf), 0.0), 1.0), MASK)  # [1, S]
+        if cfg.family == "gpt2":
+            x = self._gpt2(tok, pos, posf, oh_row, oh_col, mask)
+        else:
+            x = self._llama(tok, pos, posf, oh_row, oh_col, mask)
+        g.output("logits", x)
+        self.finish()
+        return g, self.spans
+
+    def _heads(self, x: Tensor, n: int) -> Tensor:
+        return self.g.reshape(x, (n, 1, self.cfg.head_dim))
+
+    def _llama(self, tok, pos, posf, oh_row, oh_col, mask) -> Tensor:
+        g, cfg = self.g, self.cfg
+        self.part("embed")
+        x = self.embed(tok, "model.embed_tokens.weight")
+        for i in range(cfg.n_layers):
+            p = f"model.layers.{i}."
+            self.part("norm")
+            h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
+            self.part("attn")
+            q = g.rope(self._heads(self.linear(h, p + "self_attn.q_proj.weight", True), cfg.n_heads), pos,
+                       base=cfg.rope_theta)
+            k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True), cfg.n_kv_heads), pos,
+                       base=cfg.rope_theta)
+            v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
+            a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
+            x = g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
+            self.part("norm")
+            h = self.f16(g.rmsnorm(x, self.vec(p + "post_attention_layernorm.weight"), eps=cfg.norm_eps))
+            if cfg.family == "mixtral":
+                self.part("moe")
+                x = g.add(x, self._moe(h, p + "block_sparse_moe."))
+            else:
+                self.part("mlp")
+                x = g.add(x, self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
+                                          p + "mlp.down_proj.weight"))
+        self.part("norm")
+        h = self.f16(g.rmsnorm(x, self.vec("model.norm.weight"), eps=cfg.norm_eps))
+        self.part("head")
+        return self.linear(h, cfg.head_name, True)
+
+    def _swiglu(self, h, gate, up, down) -> Tensor:
+        g = self.g
+        a = g.mul(g.silu(self.linear(h, gate, True)), self.linear(h, up, True))
+        return self.linear(self.f16(a), down, True)
+
+    def _moe(self, h: Tensor, p: str) -> Tensor:
+        """Router softmax, top-k by repeated arg-max (ties to the lower expert), renormalised gates; every
+        expert is computed (a static program) and weighted by its gate, 0 for the unchosen ones."""
+        g, cfg = self.g, self.cfg
+        E = cfg.n_experts
+        probs = g.softmax(self.linear(h, p + "gate.weight", True))             # [1, E] float32
+        # prefer the lower index on ties: a tiny decreasing bias that never reorders distinct probabilities
+        # is not exact, so ties are broken by a first-maximum mask instead
+        lower = g.constant(p.replace(".", "_") + "lower", np.triu(np.ones((E, E), F16), 1))  # [j, e]: j < e
+        left = probs
+        chosen = None
+        for _ in range(cfg.top_k):
+            m = g.max(left, keepdims=True)                                       # [1, 1]
+            is_max = g.sub(1.0, g.minimum(g.mul(g.sub(m, left), 2.0 ** 100), 1.0))  # 1 where left == max
+            # keep only the first maximum: subtract any earlier maximum (count of earlier maxima >= 1 -> 0)
+            earlier = g.matmul(self.f16(is_max), lower, out_dtype="float32")      # [1, E]: maxima before e
+            first = g.mul(is_max, g.sub(1.0, g.minimum(earlier, 1.0)))
+            chosen = first if chosen is None else g.add(chosen, first)
+            left = g.sub(left, g.mul(first, 4.0))                                # out of the running
+        gates = g.mul(probs, chosen)
+        gates = g.div(gates, g.sum(gates, keepdims=True))                        # [1, E]
+        out = None
+        for e in range(E):
+            q = f"{p}experts.{e}."
+            y = g.mul(self._swiglu(h, q + "w1.weight", q + "w3.weight", q + "w2.weight"),
+                      g.slice(gates, (slice(None), slice(e, e + 1))))
+            out = y if out is None else g.add(out, y)
+        return out
+
+    def _gpt2(self, tok, pos, posf, oh_row, oh_col, mask) -> Tensor:
+        g, cfg = self.g, self.cfg
+        d, H = cfg.d_model, cfg.n_heads
+        self.part("embed")
+        wpe = g.constant("wpe", self.w["wpe.weight"][:self.S].astype(F16))
+        x = g.add(self.embed(tok, "wte.weight"), g.cast(g.gather(wpe, pos), "float32"))
+        for i in range(cfg.n_layers):
+            p = f"h.{i}."
+            self.part("norm")
+            h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
+            self.part("attn")
+            qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
+            q, k, v = (self._heads(g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))), H) for j in range(3))
+            a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
+            x = g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
+            self.part("norm")
+            h = self.f16(g.layernorm(x, self.vec(p + "ln_2.weight"), self.vec(p + "ln_2.bias"), eps=cfg.norm_eps))
+            self.part("mlp")
+            h = g.gelu(self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias"))
+            x = g.add(x, self.linear(self.f16(h), p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
+        self.part("norm")
+        h = self.f16(g.layernorm(x, self.vec("ln_f.weight"), self.vec("ln_f.bias"), eps=cfg.norm_eps))
+        self.part("head")
+        return self.linear(h, cfg.head_name, True)
+
+
+def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK):
+    """The step graph of ``cfg`` and its part spans (module docstring)."""
+    return StepBuilder(cfg, w, quantized, precision, capacity, block).build()
