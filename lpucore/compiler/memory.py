@@ -139,7 +139,10 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
     for h in (hem, 1 - hem):
         n_sl = cfg.mem_slices_per_hemisphere
         want = max(1, min(stripes, rows * chunks, n_sl // planes))
-        for n in range(want, 0, -1):
+        # fewer stripes first (as asked, or fewer if the slices are crowded); a tensor too
+        # big for that many slices' addresses is spread over more
+        most = max(want, min(rows * chunks, n_sl // planes))
+        for n in list(range(want, 0, -1)) + list(range(want + 1, most + 1)):
             per = -(-rows // n) * chunks
             # slices of this hemisphere with room, least used first, round robin
             cands = [cfg.slice_id(h, s) for s in range(n_sl)]

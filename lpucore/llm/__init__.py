@@ -7,13 +7,18 @@
                                         ``pip install lpucore[llm]``, imported only when called)
     quantize_int8, dequantize_int8      per-output-channel symmetric int8
     Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
+    Decoder                             the same models compiled onto the simulated chip, token by token, with
+                                        weights and KV cache resident in SRAM (decoder.py, program.py)
 
-This package does not use lpucore's compiler: it is what the compiled models are checked against.
+The reference modules (reference, shapes, weights) do not use lpucore's compiler: they are what the compiled
+models are checked against.
 """
 
+from .decoder import Decoder, DecodeStats, GenerateResult, ModelDoesNotFit, StepStats
 from .reference import Reference
 from .shapes import SHAPES, ModelConfig, model_config
 from .weights import dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
 
 __all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "load_pretrained", "save_pretrained",
-           "quantize_int8", "dequantize_int8", "Reference"]
+           "quantize_int8", "dequantize_int8", "Reference",
+           "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit"]
