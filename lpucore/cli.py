@@ -473,6 +473,91 @@ def _cmd_bench(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# decode
+# ---------------------------------------------------------------------------------------
+def _ids_arg(text: str) -> List[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"token ids must be integers separated by commas, not {text!r}") from None
+    if not ids:
+        raise argparse.ArgumentTypeError("give at least one prompt token id")
+    return ids
+
+
+def _cmd_decode(args) -> int:
+    from .llm import Decoder, SHAPES
+
+    kw = dict(precision=args.precision, engine=args.engine, capacity=args.capacity)
+    if args.config is not None:
+        kw["config"] = args.config
+    path = Path(args.model)
+    try:
+        if path.is_dir():
+            model = Decoder.from_pretrained(path, **kw)
+        elif args.model in SHAPES:
+            model = Decoder.random(args.model, seed=args.seed, **kw)
+        else:
+            raise CliError(f"--model {args.model!r} is neither a directory nor a known shape "
+                           f"({', '.join(SHAPES)})")
+        out = sys.stdout
+        print(f"{model}: compiling the step program ...", file=out, flush=True)
+        model.compile()
+        print(f"compiled in {model.compile_seconds:.1f} s: {model.compiled.expected_cycles:,} cycles per step; "
+              f"prefill {len(args.prompt_ids)} tokens, then decode", file=out, flush=True)
+        bar = None
+        if args.tokens >= 64 and not args.quiet:
+            try:
+                from tqdm import tqdm
+                bar = tqdm(total=args.tokens, unit="tok", file=sys.stderr, leave=False)
+            except ImportError:
+                bar = None
+
+        def on_token(tok, step):
+            if bar is not None:
+                bar.update(1)
+            if not args.quiet:
+                print(tok, end=" ", file=out, flush=True)
+        res = model.generate(args.prompt_ids, max_new_tokens=args.tokens, on_token=on_token)
+        if bar is not None:
+            bar.close()
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    if not args.quiet:
+        print(file=out)
+    print(f"tokens: {','.join(str(t) for t in res.tokens.tolist())}", file=out)
+    print(res.stats.table(), file=out)
+    if args.json:
+        if args.json == "-":
+            print(res.stats.to_json(), file=out)
+        else:
+            _check_writable(args.json)
+            res.stats.to_json(args.json)
+    return 0
+
+
+def _decode_command(sub) -> None:
+    d = add_command(sub, "decode", _cmd_decode, "generate tokens with a language model on the simulated chip",
+                    "Compile one decode step of MODEL (a named shape with random weights, or a Hugging Face "
+                    "directory of config.json + *.safetensors) for the chip, prefill --prompt-ids, decode "
+                    "--tokens greedy tokens (printed as they come), and print the timing table: cycles and "
+                    "latency per step, time to first token, tokens/s per user, MXM utilisation, SRAM, and "
+                    "where the cycles went.")
+    d.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="shape name (tiny, tiny-moe, tiny-gpt2, gpt2, ...) or model directory")
+    d.add_argument("--prompt-ids", type=_ids_arg, default=[1], metavar="1,2,3", help="prompt token ids")
+    d.add_argument("--tokens", type=int, default=32, metavar="N", help="new tokens to generate (default 32)")
+    d.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help="weights (default fp16)")
+    d.add_argument("--capacity", type=int, default=None, metavar="N",
+                   help="KV cache positions (default: min(max_positions, 128))")
+    d.add_argument("--seed", type=int, default=0, help="random weights' seed (named shapes)")
+    d.add_argument("--json", metavar="STATS.json", help="write the per-step statistics as JSON ('-': stdout)")
+    d.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    add_config_option(d)
+    add_engine_option(d)
+
+
+# ---------------------------------------------------------------------------------------
 # the parser: one registration function per command, listed in COMMANDS
 # ---------------------------------------------------------------------------------------
 def add_command(sub, name: str, handler: Callable[[argparse.Namespace], int], help: str,
@@ -549,7 +634,8 @@ def _bench_command(sub) -> None:
 
 
 # Each entry adds one subcommand to the parser, in this order.
-COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command)
+COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command,
+                                  _decode_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

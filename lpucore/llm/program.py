@@ -101,7 +101,13 @@ class StepBuilder:
         if table in self.q:       # gpt2's tied table in int8: gather the int8 row, scale it
             qw, scale, _ = self.q[table]
             row = g.cast(g.cast(g.gather(g.constant(key + "_rows", qw), tok), "float16"), "float32")
-            s = g.cast(g.gather(g.constant(key + "_rscale", scale.astype(F16).reshape(-1, 1)), tok), "float32")
+            # the row's scale: a [vocab, 1] table would take a whole MEM vector per entry, so the scales
+            # are one float32 row and scale[tok] is the sum of that row times a one-hot (exact: one term)
+            V = qw.shape[0]
+            tokf = g.cast(tok, "float32")
+            iota = g.constant(key + "_iota", np.arange(V, dtype=F32).reshape(1, V))
+            onehot = g.sub(1.0, g.minimum(g.abs(g.sub(iota, tokf)), 1.0))
+            s = g.sum(g.mul(onehot, g.constant(key + "_rscale", scale.astype(F32).reshape(1, V))), keepdims=True)
             return g.mul(row, s)
         return g.cast(g.gather(g.constant(key, self.w[table].astype(F16)), tok), "float32")
 
