@@ -39,21 +39,28 @@ class Memory:
         return sum(e - s for s, e, _ in self.free[g])
 
     def take(self, g: int, n: int) -> Optional[Tuple[int, int]]:
-        """n consecutive addresses of slice g: (address, write-after cycle), or None."""
+        """n consecutive addresses of slice g: (address, write-after cycle), or None.
+
+        The addresses may span adjacent free ranges freed at different cycles (they are
+        kept apart by their write-after cycles); the span is writable from the latest."""
+        fr = self.free[g]
         best = None
-        for i, (s, e, t) in enumerate(self.free[g]):
-            if e - s >= n and (best is None or t < best[2]):
-                best = (i, s, t)
+        for i in range(len(fr)):
+            s, end, t = fr[i]
+            j = i
+            while end - s < n and j + 1 < len(fr) and fr[j + 1][0] == end:
+                j += 1
+                end, t = fr[j][1], max(t, fr[j][2])
+            if end - s >= n and (best is None or t < best[0]):
+                best = (t, i, j)
                 if t == 0:
                     break
         if best is None:
             return None
-        i, s, t = best
-        _, e, _ = self.free[g][i]
-        if s + n == e:
-            del self.free[g][i]
-        else:
-            self.free[g][i] = (s + n, e, t)
+        t, i, j = best
+        s = fr[i][0]
+        rest = [(s + n, fr[j][1], fr[j][2])] if s + n < fr[j][1] else []
+        self.free[g] = fr[:i] + rest + fr[j + 1:]
         self.used[g] += n
         self.peak = max(self.peak, int(self.used.sum()))
         return s, t

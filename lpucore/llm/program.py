@@ -18,8 +18,8 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   exact data of :attr:`Reference.quantized`); a step converts the int8 weights to float16 on the VXM (exact:
   every int8 is a float16), multiplies on the MXM, and rescales the float32 products per output channel. The
   conversion is a VXM pass over every weight each step (it shows as ``cast`` cycles in the per-operation
-  breakdown); weights are converted in column blocks of at most ``block`` columns so the float16 copies need
-  little SRAM.
+  breakdown); weights are converted in blocks of at most ``block_rows`` x ``block`` so the float16 copies need
+  little SRAM (row blocks multiply column slices of x, and their float32 products are added).
 * Token embeddings are looked up on the chip by :meth:`Graph.gather` (a one-hot row times the table on the
   MXM). GPT-2's tied head in int8 keeps a second, transposed int8 copy of the table for the logits matmul.
 
@@ -39,7 +39,8 @@ from .shapes import ModelConfig
 
 F16, F32 = np.float16, np.float32
 MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
-DEFAULT_BLOCK = 2560  # int8 weights: columns converted to float16 at a time (8 MXM tiles of 320)
+DEFAULT_BLOCK = 1280       # int8 weights: columns converted to float16 at a time (4 MXM tiles of 320) ...
+DEFAULT_BLOCK_ROWS = 1536  # ... and rows (a multiple of 320 lanes, so x's slices are whole vectors)
 
 
 class StepBuilder:
@@ -47,9 +48,9 @@ class StepBuilder:
 
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
-                 capacity: int, block: int = DEFAULT_BLOCK):
+                 capacity: int, block: int = DEFAULT_BLOCK, block_rows: int = DEFAULT_BLOCK_ROWS):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
-        self.S, self.block = capacity, block
+        self.S, self.block, self.block_rows = capacity, block, block_rows
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
         self._label, self._start = None, 0
@@ -77,11 +78,19 @@ class StepBuilder:
         if name in self.q:
             qw, scale, _ = self.q[name]
             qk = np.ascontiguousarray(qw.T if transpose else qw)               # [K, N] int8
+            K, N = qk.shape
+            # row blocks: x's columns k0:k1 (whole vectors when the block is a multiple of the lanes)
+            kb = K if K <= self.block_rows else self.block_rows
+            xs = [(k0, x16 if kb == K else g.slice(x16, (slice(None), slice(k0, min(k0 + kb, K)))))
+                  for k0 in range(0, K, kb)]
             outs = []
-            for c0 in range(0, qk.shape[1], self.block):
-                c1 = min(c0 + self.block, qk.shape[1])
-                wq = g.constant(f"{key}_q{c0}", qk[:, c0:c1])
-                y = g.matmul(x16, g.cast(wq, "float16"), out_dtype="float32")
+            for c0 in range(0, N, self.block):
+                c1 = min(c0 + self.block, N)
+                y = None
+                for k0, xk in xs:
+                    wq = g.constant(f"{key}_q{k0}_{c0}", qk[k0:k0 + kb, c0:c1])
+                    part = g.matmul(xk, g.cast(wq, "float16"), out_dtype="float32")
+                    y = part if y is None else g.add(y, part)
                 outs.append(g.mul(y, g.constant(f"{key}_s{c0}", scale[c0:c1].astype(F32))))
             y = outs[0] if len(outs) == 1 else g.concat(outs, axis=-1)
         else:
@@ -252,6 +261,7 @@ class StepBuilder:
         return self.linear(h, cfg.head_name, True)
 
 
-def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK):
+def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
+               block_rows: int = DEFAULT_BLOCK_ROWS):
     """The step graph of ``cfg`` and its part spans (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block).build()
+    return StepBuilder(cfg, w, quantized, precision, capacity, block, block_rows).build()
