@@ -327,3 +327,42 @@ def test_python_dash_m(tmp_path):
     assert r.returncode == 0, r.stderr
     assert value_of(r.stdout, "mxm_int8_macs_per_cycle") == "409,600"
     assert r.stderr == ""
+
+
+# ---------------------------------------------------------------------- decode
+
+def test_decode_prints_the_reference_tokens_and_the_table(tmp_path, capsys):
+    from lpucore.llm import Reference, model_config, random_weights
+    stats = tmp_path / "steps.json"
+    assert main(["decode", "--model", "tiny", "--prompt-ids", "200,3,7", "--tokens", "5", "--precision", "int8",
+                 "--capacity", "8", "--json", str(stats)]) == 0
+    out = capsys.readouterr().out
+    cfg = model_config("tiny")
+    tokens, _ = Reference(cfg, random_weights(cfg, 0), "int8").generate([200, 3, 7], 5)
+    assert f"tokens: {','.join(map(str, tokens.tolist()))}" in out
+    assert "tokens/s per user" in out and "cycles by part" in out
+    d = json.loads(stats.read_text())
+    assert d["new_tokens"] == 5 and len(d["steps"]) == 3 + 4 and d["step_cycles"] == d["predicted_cycles"]
+    assert f"{d['step_cycles']:,}" in out
+
+
+def test_decode_from_a_directory(tmp_path, capsys):
+    pytest.importorskip("safetensors")
+    from lpucore.llm import model_config, random_weights, save_pretrained
+    cfg = model_config("tiny-gpt2")
+    save_pretrained(tmp_path, cfg, random_weights(cfg, 4))
+    assert main(["decode", "--model", str(tmp_path), "--prompt-ids", "1", "--tokens", "2", "--capacity", "4",
+                 "-q"]) == 0
+    assert "tokens: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,fragments", [
+    (["--model", "llama2-7b"], ("needs at least", "chips")),
+    (["--model", "nonesuch"], ("neither a directory nor a known shape",)),
+    (["--model", "tiny", "--prompt-ids", "1,x"], ("integers separated by commas",)),
+    (["--model", "tiny", "--prompt-ids", "999"], ("out of range",)),
+    (["--model", "tiny", "--capacity", "100000"], ("capacity",)),
+])
+def test_decode_errors_are_one_line(capsys, argv, fragments):
+    assert main(["decode"] + argv) != 0
+    one_error_line(capsys, *fragments)

@@ -185,9 +185,9 @@ def test_bad_generate_arguments(prompt, n, match):
         decoder("tiny", "fp16").generate(prompt, max_new_tokens=n)
 
 
-def test_int8_weights_converted_in_blocks():
-    """Weights converted to float16 in row and column blocks (as large models need) give the same tokens."""
-    dec = Decoder.random("tiny-gpt2", seed=0, precision="int8", capacity=8, block=64, block_rows=128)
+def test_int8_weights_in_column_blocks():
+    """int8 weights kept as several column-block constants (as large models' are) give the same tokens."""
+    dec = Decoder.random("tiny-gpt2", seed=0, precision="int8", capacity=8, block=64)
     res = dec.generate(PROMPT, max_new_tokens=5)
     tokens, logits = dec.reference().generate(PROMPT, 5)
     np.testing.assert_array_equal(res.tokens, tokens)

@@ -437,6 +437,11 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
             for p in range(vt.planes):
                 g, _ = vt.loc(vin, p)
                 lo = max(lo, int(vt.ready[vin]) + cfg.mem_read_delay + abs(pos - ctx.slice_pos[g]) - tc)
+        # ... and from the output's space: reused space is writable only after its last reader
+        for p in range(out.planes):
+            g, _ = out.loc(v, p)
+            lo = max(lo, out.write_after(v, p) - ch.land[id(root_v)] - abs(pos - ctx.slice_pos[g])
+                     - cfg.mem_write_delay)
         a = max(a, lo)
         for tries in range(SEARCH):
             plan = Plan()

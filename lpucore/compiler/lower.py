@@ -362,8 +362,22 @@ class Compiler:
         """A map kernel writing t; the last chunk of each row is masked to keep padding zero."""
         if out is None:
             out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.inputs_of(build()))
+            # an elementwise function of values held in every lane is held in every lane
+            ins = self.input_vts(build())
+            if _cols(t.shape) == 1 and ins and all(v.bcast for v in ins):
+                out.bcast = True
         self.vts[t.id] = out
         return self.map_into(out, build)
+
+    def input_vts(self, e: Expr) -> list:
+        """The tensors an expression reads."""
+        out, stack = [], [e]
+        while stack:
+            n = stack.pop()
+            if n.op == "in":
+                out.append(n.src[0])
+            stack.extend(n.args)
+        return out
 
     def fit(self, root: Expr, out: VT, budget: int) -> Expr:
         """Split an expression too big for the ALUs: materialise its largest subexpression

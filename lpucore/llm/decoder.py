@@ -30,7 +30,7 @@ import numpy as np
 
 from ..config import ChipConfig
 from ..errors import LpuError
-from .program import DEFAULT_BLOCK, DEFAULT_BLOCK_ROWS, build_step
+from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference, softmax
 from .shapes import ModelConfig, model_config
 from .weights import load_pretrained, random_weights
@@ -169,14 +169,14 @@ class Decoder:
     ``cfg`` and ``weights`` (Hugging Face names, see :func:`random_weights`); ``precision`` ``"fp16"`` or
     ``"int8"`` (per-output-channel int8 weights, float16 activations); ``config`` the chip (GroqChip by
     default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most 2048);
-    ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` and
-    ``block_rows`` the int8 weight blocks converted to float16 at a time (:mod:`lpucore.llm.program`).
+    ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
+    of an int8 weight kept as one constant (:mod:`lpucore.llm.program`).
     Compilation happens on first use (:meth:`compile`).
     """
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str = "fp16",
                  config: Optional[ChipConfig] = None, capacity: Optional[int] = None, engine: str = "fast",
-                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, block_rows: int = DEFAULT_BLOCK_ROWS):
+                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
@@ -187,7 +187,7 @@ class Decoder:
             raise ValueError(f"capacity must be 1..{min(cfg.max_positions, MAX_CAPACITY)} tokens "
                              f"({cfg.name}'s max_positions, and the rotary tables' 2048), not {capacity}")
         self.capacity = cap
-        self.engine, self.fp16_mxm, self.block, self.block_rows = engine, fp16_mxm, block, block_rows
+        self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
         self.check_fit()
         self._weights = weights
         self.ref = Reference(cfg, weights, precision)      # the rounded / quantised weights both use
@@ -254,7 +254,7 @@ class Decoder:
             import lpucore
             t0 = time.perf_counter()
             graph, self.spans = build_step(self.cfg, self.ref.w, self.ref.quantized, self.precision,
-                                           self.capacity, self.block, self.block_rows)
+                                           self.capacity, self.block)
             self.compiled = lpucore.compile(graph, self.chip_config)
             self.compile_seconds = time.perf_counter() - t0
             self.by_part, self.by_op = _breakdown(self.compiled, self.spans)

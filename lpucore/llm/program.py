@@ -15,11 +15,13 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
 * Attention runs over all ``S`` cache columns with an additive mask of ``-1e9`` on the columns after ``p``
   (``exp`` of it is exactly 0), so every step costs the same cycles whatever ``p`` is.
 * ``precision="int8"``: each matmul weight is stored as int8 with one float32 scale per output channel (the
-  exact data of :attr:`Reference.quantized`); a step converts the int8 weights to float16 on the VXM (exact:
-  every int8 is a float16), multiplies on the MXM, and rescales the float32 products per output channel. The
-  conversion is a VXM pass over every weight each step (it shows as ``cast`` cycles in the per-operation
-  breakdown); weights are converted in blocks of at most ``block_rows`` x ``block`` so the float16 copies need
-  little SRAM (row blocks multiply column slices of x, and their float32 products are added).
+  exact data of :attr:`Reference.quantized`) and multiplied on the MXM as int8, at the int8 rate, with no
+  float16 copy. The float16 activation row ``x`` is rescaled on the VXM into two int8 digit rows: with
+  ``m = max|x|`` and ``u = x * 16256 / m``, ``h = round(u / 128)`` and ``l = round(u - 128 h)`` (``|h| <= 127``,
+  ``|l| <= 64``), so ``x = m / 16256 * (128 h + l)`` to within ``m / 32512``, a 15-bit fixed-point code
+  (finer than float16's 11 bits for every element above ``m / 16``). One int8 matmul of the ``[2, K]`` digit
+  rows gives exact int32 products; the VXM combines them, ``(128 p_h + p_l) * scale * m / 16256``, in
+  float32. The digits of an activation are computed once for every weight it meets (q, k and v share them).
 * Token embeddings are looked up on the chip by :meth:`Graph.gather` (a one-hot row times the table on the
   MXM). GPT-2's tied head in int8 keeps a second, transposed int8 copy of the table for the logits matmul.
 
@@ -39,8 +41,8 @@ from .shapes import ModelConfig
 
 F16, F32 = np.float16, np.float32
 MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
-DEFAULT_BLOCK = 1280       # int8 weights: columns converted to float16 at a time (4 MXM tiles of 320) ...
-DEFAULT_BLOCK_ROWS = 1536  # ... and rows (a multiple of 320 lanes, so x's slices are whole vectors)
+DEFAULT_BLOCK = 2560       # int8 weights: columns per constant (8 MXM tiles of 320), for MEM placement
+DIGIT, DIGIT_MAX = 128, 127  # int8 activation digits: x ~ max|x| / 16256 * (128 h + l)
 
 
 class StepBuilder:
@@ -48,9 +50,10 @@ class StepBuilder:
 
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
-                 capacity: int, block: int = DEFAULT_BLOCK, block_rows: int = DEFAULT_BLOCK_ROWS):
+                 capacity: int, block: int = DEFAULT_BLOCK):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
-        self.S, self.block, self.block_rows = capacity, block, block_rows
+        self.S, self.block = capacity, block
+        self._digits = {}
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
         self._label, self._start = None, 0
@@ -78,27 +81,41 @@ class StepBuilder:
         if name in self.q:
             qw, scale, _ = self.q[name]
             qk = np.ascontiguousarray(qw.T if transpose else qw)               # [K, N] int8
-            K, N = qk.shape
-            # row blocks: x's columns k0:k1 (whole vectors when the block is a multiple of the lanes)
-            kb = K if K <= self.block_rows else self.block_rows
-            xs = [(k0, x16 if kb == K else g.slice(x16, (slice(None), slice(k0, min(k0 + kb, K)))))
-                  for k0 in range(0, K, kb)]
+            digits, m = self.digits(x16)
             outs = []
-            for c0 in range(0, N, self.block):
-                c1 = min(c0 + self.block, N)
-                y = None
-                for k0, xk in xs:
-                    wq = g.constant(f"{key}_q{k0}_{c0}", qk[k0:k0 + kb, c0:c1])
-                    part = g.matmul(xk, g.cast(wq, "float16"), out_dtype="float32")
-                    y = part if y is None else g.add(y, part)
-                outs.append(g.mul(y, g.constant(f"{key}_s{c0}", scale[c0:c1].astype(F32))))
+            for c0 in range(0, qk.shape[1], self.block):
+                c1 = min(c0 + self.block, qk.shape[1])
+                p = g.cast(g.matmul(digits, g.constant(f"{key}_q{c0}", qk[:, c0:c1])), "float32")  # [2, n]
+                hi = g.slice(p, (slice(0, 1), slice(None)))
+                lo = g.slice(p, (slice(1, 2), slice(None)))
+                y = g.add(g.mul(hi, float(DIGIT)), lo)
+                outs.append(g.mul(y, g.constant(f"{key}_s{c0}", (scale[c0:c1] / np.float32(DIGIT * DIGIT_MAX))
+                                                .astype(F32).reshape(1, -1))))
             y = outs[0] if len(outs) == 1 else g.concat(outs, axis=-1)
+            y = g.mul(y, m)                    # undo the activation's scale
         else:
             wk = self.w[name].T if transpose else self.w[name]
             y = g.matmul(x16, g.constant(key, np.ascontiguousarray(wk.astype(F16))), out_dtype="float32")
         if bias is not None:
             y = g.add(y, self.vec(bias))
         return y
+
+    def digits(self, x16: Tensor):
+        """float16 ``[1, K]`` -> (int8 ``[2, K]`` rows ``h, l``, float32 ``[1, 1]`` max|x|) with
+        ``x = max|x| / (DIGIT * DIGIT_MAX) * (DIGIT * h + l)`` up to half a unit of ``l`` (module docstring).
+        One pair per activation tensor (q, k and v share theirs)."""
+        if x16.id in self._digits:
+            return self._digits[x16.id]
+        g = self.g
+        x = g.cast(x16, "float32")
+        m = g.maximum(g.max(g.abs(x), keepdims=True), 1e-30)                      # [1, 1]
+        u = g.div(g.mul(x, float(DIGIT * DIGIT_MAX)), m)                           # |u| <= 16256
+        h = g.cast(g.mul(u, 1.0 / DIGIT), "int32")                                 # round half to even
+        hf = g.cast(h, "float32")
+        lo = g.cast(g.sub(u, g.mul(hf, float(DIGIT))), "int8")                    # |l| <= 64
+        d = g.concat([g.cast(h, "int8"), lo], axis=0)
+        self._digits[x16.id] = (d, m)
+        return d, m
 
     def f16(self, x: Tensor) -> Tensor:
         return self.g.cast(x, "float16")
@@ -261,7 +278,6 @@ class StepBuilder:
         return self.linear(h, cfg.head_name, True)
 
 
-def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
-               block_rows: int = DEFAULT_BLOCK_ROWS):
+def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK):
     """The step graph of ``cfg`` and its part spans (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block, block_rows).build()
+    return StepBuilder(cfg, w, quantized, precision, capacity, block).build()
