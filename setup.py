@@ -28,6 +28,12 @@ def source_hash() -> str:
 
 (SRC / HASH_FILE).write_text(f'SOURCE_HASH = "{source_hash()}"\n')
 
+# The engine's C-level API ships inside the package, so that Cython code can
+# `from lpucore._engine cimport ...`; src_pyx/_engine.pxd is the source.
+PXD = HERE / "lpucore" / "_engine.pxd"
+if not PXD.exists() or PXD.read_bytes() != (SRC / "_engine.pxd").read_bytes():
+    PXD.write_bytes((SRC / "_engine.pxd").read_bytes())
+
 debug = os.environ.get("LPUCORE_DEBUG", "") not in ("", "0")
 directives = {
     "language_level": 3,
@@ -45,7 +51,8 @@ ext = Extension(
     sources=[str((SRC / "_engine.pyx").relative_to(HERE))],
     include_dirs=[str(SRC.relative_to(HERE))],
     extra_compile_args=cflags,
-    depends=[str(p.relative_to(HERE)) for p in SRC.iterdir() if p.suffix in (".pxi", ".h")],
+    depends=[str(p.relative_to(HERE)) for p in SRC.iterdir() if p.suffix in (".pxi", ".pxd", ".h")],
 )
 
-setup(ext_modules=cythonize([ext], compiler_directives=directives, include_path=[str(SRC)]))
+# HERE: the module lpucore._engine finds its declarations, lpucore/_engine.pxd, by qualified name
+setup(ext_modules=cythonize([ext], compiler_directives=directives, include_path=[str(SRC), str(HERE)]))

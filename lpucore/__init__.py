@@ -5,9 +5,10 @@ The public API::
     ChipConfig            geometry and timing (groqchip1() default, tiny() for tests)
     Program               instruction queues + tensor table; save()/load() binary files
     assemble, disassemble text <-> Program
-    Chip                  the driver: load, write_tensor, run, read_tensor, stats
+    Chip                  the driver: load, write_tensor, run, step, read_tensor, stats
+    Snapshot              a chip's whole state (Chip.snapshot / Chip.restore, save / load)
     LpuError and subclasses ConfigError, ProgramError, TensorError, ScheduleError,
-    EngineUnavailableError, CompileError
+    EngineUnavailableError, CompileError, SnapshotError
     Graph, compile, execute   tensor graphs compiled to scheduled programs
     lpucore.ops           NumPy-like operations run on the chip
     lpucore.compiler      scheduled programs (gemm_program, matmul)
@@ -16,9 +17,10 @@ The public API::
 
 from .asm import assemble, disassemble
 from .chip import ENGINES, Chip, RunStats
+from .snapshot import Snapshot
 from .config import ChipConfig
 from .errors import (CompileError, ConfigError, EngineUnavailableError, LpuError, ProgramError,
-                     ScheduleError, TensorError)
+                     ScheduleError, SnapshotError, TensorError)
 from .program import Instruction, Program
 from .graph import Graph, GraphError, Tensor
 from .compiler.lower import Compiled, compile, execute
@@ -26,7 +28,15 @@ from . import ops
 
 __version__ = "0.1.0"
 
-__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats",
+
+def get_include() -> str:
+    """The directory holding the ``lpucore`` package, for Cython's ``include_path`` so that
+    ``from lpucore._engine cimport ...`` finds ``lpucore/_engine.pxd`` (needed when lpucore
+    is installed in editable mode; a regular install is found on ``sys.path`` anyway)."""
+    import os
+    return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot",
            "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError", "ScheduleError",
-           "EngineUnavailableError", "CompileError", "Graph", "GraphError", "Tensor", "Compiled", "compile",
-           "execute", "ops", "__version__"]
+           "EngineUnavailableError", "CompileError", "SnapshotError", "Graph", "GraphError", "Tensor", "Compiled", "compile",
+           "execute", "ops", "get_include", "__version__"]

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from .config import ChipConfig
 from .errors import EngineUnavailableError, LpuError, TensorError
 from .layout import check_array
 from .program import Program
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .snapshot import Snapshot
 
 ENGINES = ("fast", "reference")
 
@@ -139,15 +142,24 @@ class Chip:
         """Cycles simulated so far."""
         return int(self._eng.cycle)
 
-    def run(self, max_cycles: Optional[int] = None) -> RunStats:
-        """Run until the program ends, or stop after ``max_cycles`` more cycles
-        (``stats.finished`` tells which).  Raises ScheduleError on a schedule violation."""
-        if max_cycles is None:
-            self._eng.run(None)
-        else:
+    def run(self, max_cycles: Optional[int] = None, until: Optional[int] = None) -> RunStats:
+        """Run until the program ends, or stop earlier: after ``max_cycles`` more cycles,
+        or when the cycle counter reaches the absolute cycle ``until`` (whichever comes
+        first; ``stats.finished`` tells whether the program ended).  A run never idles
+        past the program's end (use :meth:`step` for that), so a host simulator can
+        interleave ``run(until=c)`` and ``step(n)``: running in pieces gives the same
+        memory, cycles and statistics as one run.  Raises ScheduleError on a schedule
+        violation."""
+        target = None
+        if max_cycles is not None:
             if int(max_cycles) < 0:
                 raise LpuError("max_cycles must be >= 0")
-            self._eng.run(self.cycle + int(max_cycles))
+            target = self.cycle + int(max_cycles)
+        if until is not None:
+            if int(until) < 0:
+                raise LpuError("until must be a cycle >= 0")
+            target = int(until) if target is None else min(target, int(until))
+        self._eng.run(target, idle=False)
         return self.stats()
 
     def step(self, n: int = 1) -> RunStats:
@@ -156,6 +168,57 @@ class Chip:
             raise LpuError("step(n) needs n >= 0")
         self._eng.run(self.cycle + int(n))
         return self.stats()
+
+    # ---- snapshots -----------------------------------------------------------------------
+    def snapshot(self) -> "Snapshot":
+        """The whole state of the chip, bit for bit (SRAM, stream registers, VXM latches,
+        MXM buffers, weights, accumulators and products in flight, ICU queues, pending
+        effects, statistics, cycle) and the loaded program, as a :class:`Snapshot`.
+        Nothing is shared with the chip: running on does not change the snapshot."""
+        from .snapshot import Snapshot
+        if self.engine_name == "reference":
+            from .errors import SnapshotError
+            if self._eng.error is not None:
+                raise SnapshotError("cannot snapshot a chip stopped by a schedule error")
+            from .reference._snapshot import get_state
+            scalars, arrays = get_state(self._eng)
+        else:
+            scalars, arrays = self._eng._get_state()
+        prog = self.program.to_bytes() if self.program is not None else None
+        return Snapshot(self.engine_name, self.config, getattr(self._eng, "fp16_mxm", "exact"), prog,
+                        {k: int(v) for k, v in scalars.items()}, arrays)
+
+    def restore(self, snap: "Snapshot") -> None:
+        """Put the chip back in the state ``snap`` recorded.  The snapshot must come from
+        a chip of the same configuration and engine (and ``fp16_mxm`` mode).  If this chip
+        has a program loaded it must be the snapshot's; if it has none, the snapshot's is
+        loaded.  Raises :class:`~lpucore.SnapshotError` otherwise."""
+        from .errors import SnapshotError
+        from .snapshot import Snapshot, check_config
+        if not isinstance(snap, Snapshot):
+            raise SnapshotError("Chip.restore expects an lpucore.Snapshot (from Chip.snapshot or Snapshot.load)")
+        check_config(snap, self.config)
+        if snap.engine != self.engine_name:
+            raise SnapshotError(f"snapshot was taken on the {snap.engine} engine and cannot be restored into a "
+                                f"chip running the {self.engine_name} engine (the engines keep the state in "
+                                f"different forms); use Chip(config, engine={snap.engine!r})")
+        mode = getattr(self._eng, "fp16_mxm", "exact")
+        if snap.fp16_mxm != mode:
+            raise SnapshotError(f"snapshot was taken with fp16_mxm={snap.fp16_mxm!r}, this chip uses {mode!r}")
+        if snap.program_bytes is None:
+            if self.program is not None:
+                raise SnapshotError("snapshot was taken with no program loaded, this chip has one")
+        elif self.program is None:
+            self.load(snap.program)
+        elif self.program.to_bytes() != snap.program_bytes:
+            raise SnapshotError("snapshot was taken with a different program loaded; load the snapshot's "
+                                "program (snap.program) or use a fresh chip")
+        arrays = {k: np.asarray(v) for k, v in snap.arrays.items()}
+        if self.engine_name == "reference":
+            from .reference._snapshot import set_state
+            set_state(self._eng, snap.scalars, arrays)
+        else:
+            self._eng._set_state(snap.scalars, arrays)
 
     def stats(self) -> RunStats:
         cfg = self.config

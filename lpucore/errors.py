@@ -61,6 +61,11 @@ class ScheduleError(LpuError):
         return (self.kind, self.cycle, self.unit, self.stream, self.bank)
 
 
+class SnapshotError(LpuError, ValueError):
+    """A chip snapshot cannot be taken, read or restored: a corrupt or foreign file, an
+    unsupported format version, or a snapshot of another configuration, engine or program."""
+
+
 class EngineUnavailableError(LpuError, ImportError):
     """The compiled (fast) engine was asked for but cannot be imported."""
 

@@ -357,9 +357,12 @@ cdef class FastEngine:
             self.a["sram"][:] = 0
 
     # ---- running --------------------------------------------------------------------------
-    def run(self, until=None):
-        """Simulate up to (not including) cycle ``until``, or to the end of the program."""
+    def run(self, until=None, idle=True):
+        """Simulate up to (not including) cycle ``until``, or to the end of the program.
+        With ``idle=False`` a run that reaches the end of the program stops at its
+        finish cycle even when ``until`` lies beyond it."""
         cdef int64_t u = -1 if until is None else int(until)
+        cdef int idl = 1 if idle else 0
         cdef int rc
         if self.s.err[E_KIND] != ERR_NONE:
             raise self._error()
@@ -367,7 +370,7 @@ cdef class FastEngine:
         while True:
             t0 = _perf_counter()
             with nogil:
-                rc = run_until(&self.s, u)
+                rc = run_until(&self.s, u, idl)
             t1 = _perf_counter()
             h["loop_s"] += t1 - t0
             if rc != 3:
@@ -489,12 +492,150 @@ cdef class FastEngine:
         data = np.asarray(data, dtype=np.uint8)
         self._sram()[gslice, addr:addr + data.shape[0]] = data
 
+    # ---- snapshots --------------------------------------------------------------------------
+    def _get_state(self):
+        """(scalars, arrays): every part of the state that changes while a program runs."""
+        cdef State* s = &self.s
+        if s.err[E_KIND] != ERR_NONE:
+            raise _errors.SnapshotError("cannot snapshot a chip stopped by a schedule error")
+        arrays = {k: v.copy() for k, v in self.a.items() if k not in _CONST_ARRAYS}
+        arrays["notifies"] = np.array([s.notifies[i] for i in range(s.n_notify)], dtype=np.int64)
+        arrays["perr"] = np.array([s.perr[i] for i in range(8)], dtype=np.int64)
+        scalars = {"t": s.t, "cycle": s.cycle, "last_effect": s.last_effect, "done": s.done,
+                   "mx_cycle": s.mx_cycle, "mx_cycle_macs": s.mx_cycle_macs, "sx_cycle": s.sx_cycle}
+        return scalars, arrays
+
+    def _set_state(self, scalars, arrays):
+        """Replace the state with one from _get_state (same configuration and program)."""
+        cdef State* s = &self.s
+        cdef int64_t n, i
+        cdef int64_t* p
+        a = self.a
+        try:
+            for k, v in a.items():
+                if k in _CONST_ARRAYS:
+                    continue
+                x = arrays[k]
+                if x.dtype != v.dtype or x.shape != v.shape:
+                    raise _errors.SnapshotError(f"snapshot array {k!r} is {x.dtype}{list(x.shape)}, "
+                                                f"this chip needs {v.dtype}{list(v.shape)}")
+            notifies = np.ascontiguousarray(arrays["notifies"], dtype=np.int64).reshape(-1)
+            perr = np.ascontiguousarray(arrays["perr"], dtype=np.int64).reshape(-1)
+            if perr.shape[0] != 8:
+                raise _errors.SnapshotError("snapshot array 'perr' must have 8 entries")
+            sc = {k: int(scalars[k]) for k in ("t", "cycle", "last_effect", "done", "mx_cycle",
+                                                 "mx_cycle_macs", "sx_cycle")}
+        except KeyError as e:
+            raise _errors.SnapshotError(f"snapshot state is incomplete: no {e}") from None
+        n = notifies.shape[0]
+        if n > s.cap_notify:
+            p = <int64_t*>realloc(s.notifies, n * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError("out of memory restoring Notify history")
+            s.notifies = p
+            s.cap_notify = n
+        for i in range(n):
+            s.notifies[i] = notifies[i]
+        s.n_notify = n
+        for k, v in a.items():
+            if k not in _CONST_ARRAYS:
+                v[...] = arrays[k]      # in place: the State's pointers stay valid
+        for i in range(8):
+            s.perr[i] = perr[i]
+            s.err[i] = 0
+        s.t, s.cycle, s.last_effect, s.done = sc["t"], sc["cycle"], sc["last_effect"], sc["done"]
+        s.mx_cycle, s.mx_cycle_macs, s.sx_cycle = sc["mx_cycle"], sc["mx_cycle_macs"], sc["sx_cycle"]
+        s.woke = 0
+        s.tr = s.tr0
+        self._wcache = {}
+
     def counters(self):
         a = self.a
         return {"issued": a["st_issued"].copy(), "icu": a["st_icu"].copy(),
                 "bytes_read": a["st_bread"].copy(), "bytes_written": a["st_bwrite"].copy(),
                 "mxm_macs": a["mx_macs"].copy(), "mxm_busy": a["mx_busy"].copy(),
                 "mxm_peak_macs": a["mx_peak"].copy()}
+
+
+# Arrays fixed by the configuration and the program (or scratch space), not saved in snapshots.
+_CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",
+                           "q_hem", "q_pool", "sx_res", "sx_limit", "ta", "tb", "tm", "tr", "fa", "fb", "fr",
+                           "ia", "ib", "ir", "gaddr"))
+
+
+# ---- C-level API (declared in _engine.pxd, for Cython code that embeds the engine) -------------
+cdef lpu_handle lpu_state(object engine) except NULL:
+    if not isinstance(engine, FastEngine):
+        raise TypeError(f"expected lpucore._engine.FastEngine (Chip._eng of a fast chip), got {type(engine).__name__}")
+    return <lpu_handle>&(<FastEngine>engine).s
+
+
+cdef int lpu_run_until(lpu_handle h, int64_t until, int idle) noexcept nogil:
+    return run_until(<State*>h, until, idle)
+
+
+cdef int lpu_flush_mxm(object engine) except -1:
+    cdef FastEngine e = <FastEngine?>engine
+    e._mxm_flush(e.s.flush_plane)
+    return 0
+
+
+cdef int lpu_run(object engine, int64_t until, int idle) except -1:
+    (<FastEngine?>engine).run(None if until < 0 else until, idle != 0)
+    return 0
+
+
+cdef int64_t lpu_cycle(lpu_handle h) noexcept nogil:
+    return (<State*>h).cycle
+
+
+cdef int64_t lpu_finish_cycle(lpu_handle h) noexcept nogil:
+    cdef State* s = <State*>h
+    return s.last_effect + s.stagger if s.last_effect >= 0 else 0
+
+
+cdef int lpu_finished(lpu_handle h) noexcept nogil:
+    cdef State* s = <State*>h
+    return 1 if s.done and s.cycle >= lpu_finish_cycle(h) else 0
+
+
+cdef int lpu_error(lpu_handle h) noexcept nogil:
+    return <int>(<State*>h).err[E_KIND]
+
+
+cdef int lpu_lanes(lpu_handle h) noexcept nogil:
+    return (<State*>h).L
+
+
+cdef int lpu_mem_slices(lpu_handle h) noexcept nogil:
+    return (<State*>h).NSL
+
+
+cdef int64_t lpu_addresses(lpu_handle h) noexcept nogil:
+    return (<State*>h).A
+
+
+cdef int lpu_read_mem(lpu_handle h, int slice_id, int64_t addr, int64_t count, uint8_t* out) noexcept nogil:
+    cdef State* s = <State*>h
+    if slice_id < 0 or slice_id >= s.NSL or addr < 0 or count < 0 or addr + count > s.A:
+        return -1
+    memcpy(out, s.sram + (<int64_t>slice_id * s.A + addr) * s.L, count * s.L)
+    return 0
+
+
+cdef int lpu_write_mem(lpu_handle h, int slice_id, int64_t addr, int64_t count, const uint8_t* data) noexcept nogil:
+    cdef State* s = <State*>h
+    if slice_id < 0 or slice_id >= s.NSL or addr < 0 or count < 0 or addr + count > s.A:
+        return -1
+    memcpy(s.sram + (<int64_t>slice_id * s.A + addr) * s.L, data, count * s.L)
+    return 0
+
+
+cdef int64_t lpu_issued(lpu_handle h, int queue) noexcept nogil:
+    cdef State* s = <State*>h
+    if queue < 0 or queue >= s.NQ:
+        return -1
+    return s.st_issued[queue]
 
 
 # ---- test hooks: the C numerics on whole arrays, for tests/test_numerics.py --------------------

@@ -124,8 +124,9 @@ cdef inline int64_t next_event(State* s) noexcept nogil:
     return c
 
 
-cdef int run_until(State* s, int64_t until) noexcept nogil:
-    """Simulate cycles up to (not including) until (-1: to the end).  0 = stopped
+cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
+    """Simulate cycles up to (not including) until (-1: to the end; idle = 0: stop at
+    the program's finish cycle if that comes first, 1: idle on up to until).  0 = stopped
     normally, 1 = schedule error in s.err, 2 = out of memory, 3 = the MXM batch of
     plane s.flush_plane must be multiplied first (the caller does it and calls again:
     the loop resumes at the same cycle, with the queues that already issued in it done)."""
@@ -149,7 +150,7 @@ cdef int run_until(State* s, int64_t until) noexcept nogil:
                     return 1
             s.done = 1
             finish = s.last_effect + s.stagger if s.last_effect >= 0 else 0
-            target = finish if until < 0 else until
+            target = finish if until < 0 else (until if idle or until < finish else finish)
             if target > s.cycle:
                 s.cycle = target
             mem_flush(s, s.cycle - 1)

@@ -113,17 +113,19 @@ class ReferenceEngine:
                 cands.append(e)
         return min(cands) if cands else None
 
-    def run(self, until=None):
-        """Simulate up to (not including) cycle ``until``, or to the end of the program."""
+    def run(self, until=None, idle=True):
+        """Simulate up to (not including) cycle ``until``, or to the end of the program.
+        With ``idle=False`` a run that reaches the end of the program stops at its
+        finish cycle even when ``until`` lies beyond it."""
         if self.error is not None:
             raise self.error
         try:
-            self._run(until)
+            self._run(until, idle)
         except ScheduleError as e:
             self.error = e
             raise
 
-    def _run(self, until):
+    def _run(self, until, idle=True):
         while True:
             c = self._next_event()
             if c is None:
@@ -133,7 +135,7 @@ class ReferenceEngine:
                     self.cycle = max(self.cycle, self.last_effect + 1)
                     raise errors.deadlock(self.cfg, q.sync_cycle, q.info.index, q.wait_for, len(self.notifies))
                 self.done = True
-                target = self.finish_cycle if until is None else until
+                target = self.finish_cycle if until is None else (until if idle else min(until, self.finish_cycle))
                 self.cycle = max(self.cycle, target)
                 return
             if until is not None and c >= until:

@@ -1,0 +1,219 @@
+"""The reference engine's whole state as flat NumPy arrays and JSON scalars, and back.
+
+Used by :meth:`lpucore.Chip.snapshot` / :meth:`lpucore.Chip.restore`.  Every
+pending effect (stream values, bank writes, latch results, installs, MXM
+products) is kept in issue order, so a restored engine continues exactly as the
+one that was saved.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+
+from .. import dtypes as dt
+from .. import isa
+from ..errors import SnapshotError
+from ._icu import INF, QueueState
+
+# QueueState fields saved per queue, in this order (None / INF saved as -1)
+_Q = ("pc", "next", "rep", "rep_left", "rep_k", "rep_d", "rep_stride", "syncs", "wait_for", "sync_cycle")
+
+
+def _rows(lst, width, dtype=np.int64):
+    return np.array(lst, dtype=dtype).reshape(len(lst), width)
+
+
+def _stack(lst, shape, dtype):
+    if not lst:
+        return np.zeros((0,) + tuple(shape), dtype=dtype)
+    return np.stack([np.asarray(v, dtype=dtype) for v in lst])
+
+
+def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
+    cfg = eng.cfg
+    L, SL = cfg.lanes, cfg.superlanes
+    R = cfg.mxm_size
+    a: Dict[str, np.ndarray] = {}
+    # queues
+    q = np.zeros((len(eng.queues), len(_Q)), dtype=np.int64)
+    for i, qs in enumerate(eng.queues):
+        rep = -1
+        if qs.rep_ins is not None:
+            rep = next((k for k, x in enumerate(qs.prog) if x is qs.rep_ins), None)
+            if rep is None:
+                rep = qs.prog.index(qs.rep_ins)
+        q[i] = (qs.pc, -1 if qs.next == INF else int(qs.next), rep, qs.rep_left, qs.rep_k, qs.rep_d,
+                qs.rep_stride, qs.syncs, -1 if qs.wait_for is None else qs.wait_for, qs.sync_cycle)
+    a["queues"] = q
+    a["notifies"] = np.array(eng.notifies, dtype=np.int64)
+    for k in ("issued", "icu", "bytes_read", "bytes_written"):
+        a["stats_" + k] = getattr(eng, "stats_" + k).copy()
+    # streams
+    st = eng.streams
+    a["st_data"], a["st_valid"] = st.data.copy(), st.valid.copy()
+    meta, vecs = [], []
+    for c, lst in st.pending.items():
+        for d, pos, s, w, vec in lst:
+            meta.append((int(c), int(d), int(pos), int(s), int(w)))
+            vecs.append(vec)
+    a["st_pmeta"], a["st_pvec"] = _rows(meta, 5), _stack(vecs, (L,), np.uint8)
+    # MEM
+    m = eng.mem
+    a["sram"] = m.sram.copy()
+    meta, addrs, data = [], [], []
+    for c, lst in m.pending.items():
+        for g, ad, vec in lst:
+            meta.append((int(c), int(g)))
+            addrs.append(ad)
+            data.append(vec)
+    a["mem_pmeta"], a["mem_paddr"], a["mem_pdata"] = _rows(meta, 2), _stack(addrs, (SL,), np.int64), \
+        _stack(data, (L,), np.uint8)
+    a["mem_banks"] = _rows([(int(g), int(b)) for g, bs in m.banks_written.items() for b in sorted(bs)], 2)
+    # VXM latches
+    lt = eng.latches
+    a["lt_bits"], a["lt_valid"] = lt.bits.copy(), lt.valid.copy()
+    meta, bits = [], []
+    for c, lst in lt.pending.items():
+        for alu, b in lst:
+            meta.append((int(c), int(alu)))
+            bits.append(b)
+    a["lt_pmeta"], a["lt_pbits"] = _rows(meta, 2), _stack(bits, (L,), np.uint32)
+    # MXM
+    mx = eng.mxm
+    a["mx_buffer"] = np.stack([p.buffer for p in mx.planes])
+    a["mx_array"] = np.stack([p.array if p.array is not None else np.zeros((R, L), np.uint8) for p in mx.planes])
+    a["mx_array_dt"] = np.array([-1 if p.dtype is None else p.dtype.code for p in mx.planes], dtype=np.int64)
+    a["mx_acc"] = np.stack([p.acc for p in mx.planes])
+    a["mx_busy_until"] = np.array([p.busy_until for p in mx.planes], dtype=np.int64)
+    meta, ibytes = [], []
+    for i, p in enumerate(mx.planes):
+        for c, b, d in p.installs:
+            meta.append((i, int(c), d.code))
+            ibytes.append(b)
+    a["mx_imeta"], a["mx_ibytes"] = _rows(meta, 3), _stack(ibytes, (R, L), np.uint8)
+    meta, res = [], []
+    for c, lst in mx.pending.items():
+        for p, acc, add, d, r in lst:
+            meta.append((int(c), int(p), int(acc), int(add), d.code))
+            res.append(r)
+    a["mx_pmeta"], a["mx_pres"] = _rows(meta, 5), _stack(res, (L,), np.uint32)
+    a["mx_macs"], a["mx_busy"] = mx.macs.copy(), mx.busy.copy()
+    a["mx_macs_in_cycle"] = _rows([(int(c), int(n)) for c, n in mx.macs_in_cycle.items()], 2)
+    # SXM
+    a["sx_use"] = _rows([(int(c), int(h), isa.SXM_RESOURCES.index(r), int(n))
+                         for (c, h, r), n in eng.sxm.use.items()], 4)
+    scalars = {"t": int(eng.t), "cycle": int(eng.cycle), "last_effect": int(eng.last_effect),
+               "done": bool(eng.done), "mx_peak": int(mx.peak)}
+    return scalars, a
+
+
+def _check(arrays, name, shape, dtype):
+    v = arrays.get(name)
+    if v is None:
+        raise SnapshotError(f"snapshot has no array {name!r}")
+    if v.dtype != np.dtype(dtype) or (shape is not None and v.shape != tuple(shape)):
+        raise SnapshotError(f"snapshot array {name!r} is {v.dtype}{list(v.shape)}, "
+                            f"this chip needs {np.dtype(dtype)}{list(shape) if shape is not None else ''}")
+    return v
+
+
+def _rows_of(arrays, name, width, dtype=np.int64):
+    v = _check(arrays, name, None, dtype)
+    if v.ndim != 2 or v.shape[1] != width:
+        raise SnapshotError(f"snapshot array {name!r} has shape {list(v.shape)}, expected [n, {width}]")
+    return v
+
+
+def set_state(eng, scalars: Dict, arrays: Dict[str, np.ndarray]) -> None:
+    """Replace the engine's state (the program must already be loaded)."""
+    cfg = eng.cfg
+    L, SL, R, NP = cfg.lanes, cfg.superlanes, cfg.mxm_size, cfg.mxm_planes
+    nq, ns = len(cfg.queues), cfg.mem_slices
+    try:
+        q = _check(arrays, "queues", (nq, len(_Q)), np.int64)
+        sram = _check(arrays, "sram", eng.mem.sram.shape, np.uint8)
+        st_data = _check(arrays, "st_data", eng.streams.data.shape, np.uint8)
+        st_valid = _check(arrays, "st_valid", eng.streams.valid.shape, bool)
+        lt_bits = _check(arrays, "lt_bits", eng.latches.bits.shape, np.uint32)
+        lt_valid = _check(arrays, "lt_valid", eng.latches.valid.shape, bool)
+        stats = {k: _check(arrays, "stats_" + k, (nq if k in ("issued", "icu") else ns,), np.int64)
+                 for k in ("issued", "icu", "bytes_read", "bytes_written")}
+        mx_buffer = _check(arrays, "mx_buffer", (NP, R, L), np.uint8)
+        mx_array = _check(arrays, "mx_array", (NP, R, L), np.uint8)
+        mx_array_dt = _check(arrays, "mx_array_dt", (NP,), np.int64)
+        mx_acc = _check(arrays, "mx_acc", (NP, cfg.mxm_accumulators, L), np.uint32)
+        mx_busy_until = _check(arrays, "mx_busy_until", (NP,), np.int64)
+        mx_macs = _check(arrays, "mx_macs", (NP,), np.int64)
+        mx_busy = _check(arrays, "mx_busy", (NP,), np.int64)
+        notifies = _check(arrays, "notifies", None, np.int64)
+        st_pmeta, mem_pmeta = _rows_of(arrays, "st_pmeta", 5), _rows_of(arrays, "mem_pmeta", 2)
+        lt_pmeta, mx_imeta = _rows_of(arrays, "lt_pmeta", 2), _rows_of(arrays, "mx_imeta", 3)
+        mx_pmeta, mic = _rows_of(arrays, "mx_pmeta", 5), _rows_of(arrays, "mx_macs_in_cycle", 2)
+        sx_use, mem_banks = _rows_of(arrays, "sx_use", 4), _rows_of(arrays, "mem_banks", 2)
+        st_pvec = _check(arrays, "st_pvec", (len(st_pmeta), L), np.uint8)
+        mem_paddr = _check(arrays, "mem_paddr", (len(mem_pmeta), SL), np.int64)
+        mem_pdata = _check(arrays, "mem_pdata", (len(mem_pmeta), L), np.uint8)
+        lt_pbits = _check(arrays, "lt_pbits", (len(lt_pmeta), L), np.uint32)
+        mx_ibytes = _check(arrays, "mx_ibytes", (len(mx_imeta), R, L), np.uint8)
+        mx_pres = _check(arrays, "mx_pres", (len(mx_pmeta), L), np.uint32)
+        t, cycle, last_effect = int(scalars["t"]), int(scalars["cycle"]), int(scalars["last_effect"])
+        done, peak = bool(scalars["done"]), int(scalars["mx_peak"])
+        for qs_row, lst in zip(q, eng._lists):
+            if not 0 <= qs_row[0] <= len(lst) or qs_row[2] >= len(lst):
+                raise SnapshotError("snapshot queue positions do not fit the loaded program")
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"snapshot state is incomplete or malformed: {type(e).__name__}: {e}") from None
+
+    eng._restart()
+    eng.queues = []
+    for info, row in zip(cfg.queues, q):
+        qs = QueueState(info, eng._lists[info.index])
+        pc, nx, rep, rl, rk, rd, rs, syncs, wait, sc = (int(x) for x in row)
+        qs.pc, qs.next = pc, (INF if nx < 0 else nx)
+        qs.rep_ins = None if rep < 0 else qs.prog[rep]
+        qs.rep_left, qs.rep_k, qs.rep_d, qs.rep_stride = rl, rk, rd, rs
+        qs.syncs, qs.wait_for, qs.sync_cycle = syncs, (None if wait < 0 else wait), sc
+        eng.queues.append(qs)
+    eng.notifies = [int(x) for x in notifies]
+    eng.t, eng.cycle, eng.last_effect, eng.done, eng.error = t, cycle, last_effect, done, None
+    for k, v in stats.items():
+        setattr(eng, "stats_" + k, v.copy())
+    st = eng.streams
+    st.data[...] = st_data
+    st.valid[...] = st_valid
+    st.pending = {}
+    for (c, d, pos, s, w), vec in zip(st_pmeta.tolist(), st_pvec):
+        st.pending.setdefault(c, []).append((d, pos, s, w, vec.copy()))
+    m = eng.mem
+    m.sram[...] = sram
+    m.pending = {}
+    for (c, g), ad, vec in zip(mem_pmeta.tolist(), mem_paddr, mem_pdata):
+        m.pending.setdefault(c, []).append((g, [int(x) for x in ad], vec.copy()))
+    m.banks_written = {}
+    for g, b in mem_banks.tolist():
+        m.banks_written.setdefault(g, set()).add(b)
+    lt = eng.latches
+    lt.bits[...] = lt_bits
+    lt.valid[...] = lt_valid
+    lt.pending = {}
+    for (c, alu), b in zip(lt_pmeta.tolist(), lt_pbits):
+        lt.pending.setdefault(c, []).append((alu, b.copy()))
+    mx = eng.mxm
+    for i, p in enumerate(mx.planes):
+        p.buffer[...] = mx_buffer[i]
+        code = int(mx_array_dt[i])
+        p.array, p.dtype = (None, None) if code < 0 else (mx_array[i].copy(), dt.get(code))
+        p.acc[...] = mx_acc[i]
+        p.busy_until = int(mx_busy_until[i])
+        p.installs = []
+    for (i, c, code), b in zip(mx_imeta.tolist(), mx_ibytes):
+        mx.planes[i].installs.append((c, b.copy(), dt.get(code)))
+    mx.pending = {}
+    for (c, p, acc, add, code), r in zip(mx_pmeta.tolist(), mx_pres):
+        mx.pending.setdefault(c, []).append((p, acc, add, dt.get(code), r.copy()))
+    mx.macs, mx.busy = mx_macs.copy(), mx_busy.copy()
+    mx.macs_in_cycle = {c: n for c, n in mic.tolist()}
+    mx.peak = peak
+    eng.sxm.use = {(c, h, isa.SXM_RESOURCES[r]): n for c, h, r, n in sx_use.tolist()}

@@ -1,0 +1,150 @@
+"""Chip snapshots: the whole simulated state, bit for bit, in memory or in a file.
+
+::
+
+    snap = chip.snapshot()          # at any cycle between runs / steps
+    ...
+    chip.restore(snap)              # back to exactly that state
+    snap.save("s.lpusnap")          # NumPy .npz: arrays + a JSON header
+    snap = Snapshot.load("s.lpusnap", config=cfg)
+
+A snapshot holds SRAM, stream registers, VXM latches, MXM buffers, weights,
+accumulators and in-flight products, ICU queue positions (Repeat and Sync state
+included), every pending effect, counters and statistics, the cycle, and the
+program itself.  It belongs to one engine: the engines keep the same machine in
+different data structures, so a snapshot taken on the fast engine restores only
+into a fast-engine chip (and likewise for the reference engine).
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from typing import Dict, Optional
+
+import numpy as np
+
+from .config import ChipConfig
+from .errors import LpuError, ProgramError, SnapshotError
+from .program import Program
+
+FORMAT = "lpucore-snapshot"
+VERSION = 1
+_META = "__meta__"
+_PROGRAM = "__program__"
+_PREFIX = "a__"
+
+
+class Snapshot:
+    """The state of one :class:`~lpucore.Chip` at one cycle (see :meth:`Chip.snapshot`)."""
+
+    def __init__(self, engine: str, config: ChipConfig, fp16_mxm: str, program: Optional[bytes],
+                 scalars: Dict[str, int], arrays: Dict[str, np.ndarray]):
+        self.engine = engine
+        self.config = config
+        self.fp16_mxm = fp16_mxm
+        self.program_bytes = program
+        self.scalars = dict(scalars)
+        self.arrays = arrays
+
+    @property
+    def cycle(self) -> int:
+        """The chip's cycle counter when the snapshot was taken."""
+        return int(self.scalars["cycle"])
+
+    @property
+    def program(self) -> Optional[Program]:
+        """The program that was loaded (None if none was)."""
+        return None if self.program_bytes is None else Program.from_bytes(self.program_bytes)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    def __repr__(self) -> str:
+        return (f"<Snapshot {self.engine} engine, config {self.config.name!r}, cycle {self.cycle}, "
+                f"{self.nbytes / 2 ** 20:.1f} MiB>")
+
+    # ---- files ------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        from . import __version__
+        return {"format": FORMAT, "version": VERSION, "lpucore": __version__, "engine": self.engine,
+                "config": self.config.to_dict(), "fp16_mxm": self.fp16_mxm,
+                "has_program": self.program_bytes is not None, "scalars": self.scalars,
+                "arrays": sorted(self.arrays)}
+
+    def save(self, path) -> None:
+        """Write the snapshot to ``path`` (an uncompressed NumPy .npz file; the name is used as given)."""
+        meta = np.frombuffer(json.dumps(self._meta(), sort_keys=True).encode(), dtype=np.uint8)
+        prog = np.frombuffer(self.program_bytes or b"", dtype=np.uint8)
+        payload = {_PREFIX + k: v for k, v in self.arrays.items()}
+        try:
+            with open(path, "wb") as f:
+                np.savez(f, **{_META: meta, _PROGRAM: prog}, **payload)
+        except OSError as e:
+            raise SnapshotError(f"cannot write snapshot file {path}: {e.strerror}") from None
+
+    @classmethod
+    def load(cls, path, config: Optional[ChipConfig] = None) -> "Snapshot":
+        """Read a snapshot file.  Raises :class:`~lpucore.SnapshotError` if the file is not
+        a snapshot, is corrupted or truncated, has an unsupported format version, or (when
+        ``config`` is given) was taken on a chip of another configuration."""
+        try:
+            with open(path, "rb") as f:
+                data = np.load(f, allow_pickle=False)
+                if not isinstance(data, np.lib.npyio.NpzFile):
+                    raise SnapshotError(f"{path} is not an lpucore snapshot (not an .npz archive)")
+                with data:
+                    names = set(data.files)
+                    if _META not in names:
+                        raise SnapshotError(f"{path} is not an lpucore snapshot (no header)")
+                    meta = json.loads(data[_META].tobytes().decode("utf-8"))
+                    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                        raise SnapshotError(f"{path} is not an lpucore snapshot")
+                    if meta.get("version") != VERSION:
+                        raise SnapshotError(f"snapshot format version {meta.get('version')} is not supported "
+                                            f"(this lpucore reads version {VERSION})")
+                    want = {_PREFIX + k for k in meta["arrays"]}
+                    missing = want - names
+                    if missing:
+                        raise SnapshotError(f"snapshot file {path} is truncated: arrays "
+                                            f"{', '.join(sorted(m[len(_PREFIX):] for m in missing))} are missing")
+                    arrays = {k: data[_PREFIX + k] for k in meta["arrays"]}
+                    prog = data[_PROGRAM].tobytes() if meta["has_program"] else None
+        except SnapshotError:
+            raise
+        except OSError as e:
+            if isinstance(e, FileNotFoundError) or getattr(e, "strerror", None):
+                raise SnapshotError(f"cannot read snapshot file {path}: {e.strerror}") from None
+            raise SnapshotError(f"snapshot file {path} is corrupted or truncated: {e}") from None
+        except (zipfile.BadZipFile, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError) as e:
+            raise SnapshotError(f"snapshot file {path} is corrupted or truncated: {type(e).__name__}: {e}") from None
+        try:
+            cfg = ChipConfig.from_dict(meta["config"])
+            engine = str(meta["engine"])
+            scalars = {str(k): int(v) for k, v in meta["scalars"].items()}
+            fp16 = str(meta["fp16_mxm"])
+        except LpuError as e:
+            raise SnapshotError(f"snapshot file {path} has a bad configuration: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SnapshotError(f"snapshot file {path} has a bad header: {type(e).__name__}: {e}") from None
+        if engine not in ("fast", "reference"):
+            raise SnapshotError(f"snapshot file {path} names an unknown engine {engine!r}")
+        if prog is not None:
+            try:
+                p = Program.from_bytes(prog)
+            except ProgramError as e:
+                raise SnapshotError(f"snapshot file {path} holds a bad program: {e}") from None
+            if p.config != cfg:
+                raise SnapshotError(f"snapshot file {path}: its program is for another configuration")
+        snap = cls(engine, cfg, fp16, prog, scalars, arrays)
+        if config is not None:
+            check_config(snap, config)
+        return snap
+
+
+def check_config(snap: Snapshot, config: ChipConfig) -> None:
+    if snap.config != config:
+        diff = [k for k, v in config.to_dict().items() if snap.config.to_dict().get(k) != v]
+        raise SnapshotError(f"snapshot was taken on chip configuration {snap.config.name!r}, this chip is "
+                            f"{config.name!r} (differs in {', '.join(diff) or 'its parameters'})")
