@@ -373,3 +373,31 @@ def test_state_errors():
         g.input("s", (1,), "int8")
     with pytest.raises(GraphError, match="init must be"):
         g.state("t", (2,), "int8", init=np.zeros(3, np.int8))
+
+
+def test_host_written_tensors_never_reuse_a_temporary_space():
+    """A constant placed while lowering (a mask, a ones matrix) is written by the host before the run: it must
+    not share addresses with a temporary that died earlier in the schedule, or that temporary overwrites it."""
+    from lpucore import ChipConfig
+    from lpucore.compiler.memory import Memory, place, release
+    from lpucore.dtypes import INT8 as I8
+    cfg = ChipConfig.tiny()
+    mem = Memory(cfg)
+    # fill every slice of both hemispheres, then free one temporary read until cycle 100
+    temps = []
+    while True:
+        try:
+            temps.append(place(mem, f"t{len(temps)}", I8, 8, cfg.lanes, cfg.lanes, len(temps) % 2))
+        except Exception:
+            break
+    victim = temps[0]
+    victim.last_read[:] = 100
+    release(mem, victim)
+    spots = {(g, a) for p in range(victim.planes) for g, b in zip(victim.slices[p], victim.bases[p])
+             for a in range(b, b + 1)}
+    t = place(mem, "again", I8, 8, cfg.lanes, cfg.lanes, victim.hem)       # a temporary may reuse it
+    assert {(g, b) for g, b in zip(t.slices[0], t.bases[0])} & spots
+    assert min(min(a) for a in t.after) >= 101
+    release(mem, t)
+    with pytest.raises(Exception, match="does not fit"):
+        place(mem, "c", I8, 8, cfg.lanes, cfg.lanes, victim.hem, kind="const")

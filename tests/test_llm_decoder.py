@@ -194,3 +194,18 @@ def test_int8_weights_in_column_blocks():
     check_close(res.logits, logits)
     full = decoder("tiny-gpt2", "int8")
     assert dec.compiled.expected_cycles != full.compile().expected_cycles      # a different program
+
+
+def test_gpt2_small_int8_on_one_chip_matches_the_reference():
+    """GPT-2-small-shaped random weights (124M parameters, int8: 219 MB of the GroqChip's 231 MB with the program's
+    temporaries) for 32 greedy tokens. About two minutes, most of it compiling."""
+    dec = Decoder.random("gpt2", seed=0, precision="int8", capacity=33)
+    res = dec.generate([1], max_new_tokens=NEW)
+    tokens, ref_logits = dec.reference().generate([1], NEW)
+    top2 = np.sort(ref_logits, axis=1)[:, -2:]
+    assert np.all(top2[:, 1] - top2[:, 0] > 2 * np.max(np.abs(res.logits - ref_logits), axis=1))
+    np.testing.assert_array_equal(res.tokens, tokens)
+    check_close(res.logits, ref_logits)
+    st = res.stats
+    assert st.step_cycles == st.predicted_cycles and st.sram_bytes <= ChipConfig.groqchip1().sram_bytes
+    assert st.weight_bytes > 160e6 and st.by_part["head"] > 0

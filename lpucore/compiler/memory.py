@@ -38,17 +38,24 @@ class Memory:
     def available(self, g: int) -> int:
         return sum(e - s for s, e, _ in self.free[g])
 
-    def take(self, g: int, n: int) -> Optional[Tuple[int, int]]:
+    def available_fresh(self, g: int) -> int:
+        return sum(e - s for s, e, t in self.free[g] if t == 0)
+
+    def take(self, g: int, n: int, fresh: bool = False) -> Optional[Tuple[int, int]]:
         """n consecutive addresses of slice g: (address, write-after cycle), or None.
 
         The addresses may span adjacent free ranges freed at different cycles (they are
-        kept apart by their write-after cycles); the span is writable from the latest."""
+        kept apart by their write-after cycles); the span is writable from the latest.
+        ``fresh``: only space no tensor uses during the run (write-after 0), for tensors
+        the host writes before the run starts (constants, inputs, states)."""
         fr = self.free[g]
         best = None
         for i in range(len(fr)):
             s, end, t = fr[i]
+            if fresh and t:
+                continue
             j = i
-            while end - s < n and j + 1 < len(fr) and fr[j + 1][0] == end:
+            while end - s < n and j + 1 < len(fr) and fr[j + 1][0] == end and not (fresh and fr[j + 1][2]):
                 j += 1
                 end, t = fr[j][1], max(t, fr[j][2])
             if end - s >= n and (best is None or t < best[0]):
@@ -139,8 +146,14 @@ class VT:
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
           stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = ()) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
-    in hemisphere `hem` (the other one if this one is full)."""
+    in hemisphere `hem` (the other one if this one is full).
+
+    Tensors the host writes before the run (constants, inputs, states) only get space no
+    temporary ever uses: a constant placed during lowering (a mask, a ones matrix) in the
+    space of a temporary that died earlier in the schedule would be overwritten by it."""
     cfg = mem.cfg
+    fresh = kind in ("const", "input", "state")
+    avail = mem.available_fresh if fresh else mem.available
     chunks = -(-cols // lanes)
     planes = dtype.nbytes
     for h in (hem, 1 - hem):
@@ -153,7 +166,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
             per = -(-rows // n) * chunks
             # slices of this hemisphere with room, least used first, round robin
             cands = [cfg.slice_id(h, s) for s in range(n_sl)]
-            cands = [g for g in cands if g not in avoid and mem.available(g) >= per]
+            cands = [g for g in cands if g not in avoid and avail(g) >= per]
             if len(cands) < planes * n:
                 continue
             start = mem.rr[h] % len(cands)
@@ -167,11 +180,11 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
                 sl, bs, af = [], [], []
                 for i in range(n):
                     g = chosen[p * n + i]
-                    got = mem.take(g, per)
+                    got = mem.take(g, per, fresh)
                     if got is None:
                         ok = False
                         break
-                    taken.append((g, got[0], per))
+                    taken.append((g, got[0], per, got[1]))
                     sl.append(g)
                     bs.append(got[0])
                     af.append(got[1])
@@ -181,8 +194,10 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
                 bases.append(bs)
                 after.append(af)
             if not ok:
-                for g, a, k in taken:
-                    mem.give(g, a, k, 0)
+                # hand back what was taken with its write-after cycle: space freed by a dead
+                # tensor must not become writable before that tensor's last read
+                for g, a, k, t in taken:
+                    mem.give(g, a, k, t)
                 continue
             mem.rr[h] += planes * n
             return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind)

@@ -36,7 +36,7 @@ from .shapes import ModelConfig, model_config
 from .weights import load_pretrained, random_weights
 
 PRECISIONS = ("fp16", "int8")
-LOGIT_TOLERANCE = 0.02     # documented bound (module docstring), relative to 1 + max |logit|
+LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
 MAX_CAPACITY = 2048        # rotary tables of the compiler cover positions 0..2047
 
 

@@ -27,6 +27,8 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
 
 :func:`build_step` returns the graph and a list of ``(label, first node, end node)`` spans naming the model part
 each graph node belongs to (``embed``, ``attn``, ``kv``, ``mlp``, ``head``...) for the per-operation breakdown.
+:attr:`StepBuilder.probes` names the residual stream after each layer (``x0``, ``x1``, ...): adding them as graph
+outputs lets a debugging session compare every layer with the reference.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class StepBuilder:
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
         self.S, self.block = capacity, block
         self._digits = {}
+        self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
         self._label, self._start = None, 0
@@ -147,7 +150,7 @@ class StepBuilder:
         V = g.state(f"v{i}", (Hkv, S, hd), "float16")
         # new column / row written by MXM products with the one-hot (exact: one nonzero term per sum); the
         # old rows of V are kept by (I - onehot onehot^T) @ V, which avoids broadcasting a column over lanes
-        kt = self.f16(g.transpose(k, (0, 2, 1)))                        # [Hkv, hd, 1]
+        kt = g.transpose(self.f16(k), (0, 2, 1))                        # [Hkv, hd, 1]
         K_new = g.add(g.mul(K, self._keep_row), g.matmul(kt, self._put_row))          # [Hkv, hd, S]
         V_new = g.add(g.matmul(self._keep_diag, V), g.matmul(self._put_col, self.f16(v)))  # [Hkv, S, hd]
         g.assign(K, K_new)
@@ -213,6 +216,7 @@ class StepBuilder:
                 self.part("mlp")
                 x = g.add(x, self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
                                           p + "mlp.down_proj.weight"))
+            self.probes[f"x{i}"] = x
         self.part("norm")
         h = self.f16(g.rmsnorm(x, self.vec("model.norm.weight"), eps=cfg.norm_eps))
         self.part("head")
@@ -272,6 +276,7 @@ class StepBuilder:
             self.part("mlp")
             h = g.gelu(self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias"))
             x = g.add(x, self.linear(self.f16(h), p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
+            self.probes[f"x{i}"] = x
         self.part("norm")
         h = self.f16(g.layernorm(x, self.vec("ln_f.weight"), self.vec("ln_f.bias"), eps=cfg.norm_eps))
         self.part("head")
