@@ -366,3 +366,11 @@ def test_decode_from_a_directory(tmp_path, capsys):
 def test_decode_errors_are_one_line(capsys, argv, fragments):
     assert main(["decode"] + argv) != 0
     one_error_line(capsys, *fragments)
+
+
+def test_console_script_is_installed():
+    """`pip install` puts an `lpucore` command on the PATH that runs cli.main."""
+    from importlib.metadata import entry_points
+    eps = entry_points()
+    scripts = eps.select(group="console_scripts") if hasattr(eps, "select") else eps.get("console_scripts", [])
+    assert any(ep.name == "lpucore" and ep.value == "lpucore.cli:main" for ep in scripts)
