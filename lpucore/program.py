@@ -188,8 +188,10 @@ class Program:
         self.tensors: Dict[str, TensorInfo] = {}
 
     # ---- building ---------------------------------------------------------------------
-    def add(self, queue: str, mnemonic: str, *args, **kwargs) -> Instruction:
-        """Append one instruction to a queue and return it (validated on the spot)."""
+    def add(self, queue: str, mnemonic: str, *args, check: bool = True, **kwargs) -> Instruction:
+        """Append one instruction to a queue and return it (validated on the spot, unless
+        ``check=False``: then the caller must call :meth:`validate` before the program is
+        used, as the compiler does once for the whole program)."""
         try:
             q = self.config.queue(queue)
         except ConfigError as e:
@@ -201,7 +203,8 @@ class Program:
             msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
             raise ProgramError(msg, queue=q.name, index=len(lst), field=e.field) from None
         lst = self.queues.setdefault(q.name, [])
-        self._check_one(q.name, lst, len(lst), ins)
+        if check:
+            self._check_one(q.name, lst, len(lst), ins)
         lst.append(ins)
         return ins
 

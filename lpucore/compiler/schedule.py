@@ -197,10 +197,10 @@ class Scheduler:
                 if c < t:
                     raise CompileError(f"internal: {q} issues twice at cycle {c}")
                 if c > t:
-                    program.add(q, "NOP", c - t)
-                program.add(q, mn, *args)
+                    program.add(q, "NOP", c - t, check=False)
+                program.add(q, mn, *args, check=False)
                 if j - i > 1:
-                    program.add(q, "Repeat", j - i - 1, d, stride)
+                    program.add(q, "Repeat", j - i - 1, d, stride, check=False)
                     t = evs[j - 1][0] + 1
                 else:
                     t = c + 1
