@@ -31,7 +31,7 @@ import numpy as np
 from ..config import ChipConfig
 from ..errors import LpuError
 from .program import DEFAULT_BLOCK, build_step
-from .reference import Reference, softmax
+from .reference import Reference, choose_token
 from .shapes import ModelConfig, model_config
 from .weights import load_pretrained, random_weights
 
@@ -335,11 +335,7 @@ class Decoder:
         for tok in prompt:
             row = run(tok, "prefill")
         for i in range(max_new_tokens):
-            if greedy:
-                tok = int(np.argmax(row))
-            else:
-                p = softmax(row.astype(np.float64) / temperature)
-                tok = int(rng.choice(len(p), p=p))
+            tok = choose_token(row, greedy, temperature, rng)
             tokens.append(tok)
             logits.append(row)
             if on_token is not None:

@@ -238,11 +238,7 @@ class Reference:
         tokens, steps = [], []
         row = self.prefill(prompt)[-1] if max_new_tokens else None
         for i in range(max_new_tokens):
-            if greedy:
-                tok = int(np.argmax(row))
-            else:
-                p = softmax(row.astype(np.float64) / temperature)
-                tok = int(rng.choice(len(p), p=p))
+            tok = choose_token(row, greedy, temperature, rng)
             tokens.append(tok)
             steps.append(row)
             if (eos_id is not None and tok == eos_id) or i == max_new_tokens - 1:
@@ -327,6 +323,15 @@ class Reference:
             h = gelu_tanh(h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
             x = x + h @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
         return self._logits(layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.norm_eps))
+
+
+def choose_token(row: np.ndarray, greedy: bool, temperature: float, rng) -> int:
+    """The next token from logits ``row``: the argmax (lowest id on ties), or a sample of
+    ``softmax(row / temperature)`` drawn with ``rng`` (a ``np.random.Generator``)."""
+    if greedy:
+        return int(np.argmax(row))
+    p = softmax(row.astype(np.float64) / temperature)
+    return int(rng.choice(len(p), p=p))
 
 
 def swiglu(x: np.ndarray, gate: np.ndarray, up: np.ndarray, down: np.ndarray) -> np.ndarray:
