@@ -142,14 +142,28 @@ class Chip:
         """Cycles simulated so far."""
         return int(self._eng.cycle)
 
-    def run(self, max_cycles: Optional[int] = None, until: Optional[int] = None) -> RunStats:
+    def run(self, max_cycles: Optional[int] = None, until: Optional[int] = None, trace=None,
+            trace_window=(0, None)) -> RunStats:
         """Run until the program ends, or stop earlier: after ``max_cycles`` more cycles,
         or when the cycle counter reaches the absolute cycle ``until`` (whichever comes
         first; ``stats.finished`` tells whether the program ended).  A run never idles
         past the program's end (use :meth:`step` for that), so a host simulator can
         interleave ``run(until=c)`` and ``step(n)``: running in pieces gives the same
         memory, cycles and statistics as one run.  Raises ScheduleError on a schedule
-        violation."""
+        violation.
+
+        ``trace``: a file path (or a :class:`lpucore.trace.Recorder`) that receives one
+        record per instruction issued in ``trace_window = (start, end)`` (absolute cycles;
+        ``end`` None: to the end) and the units' counters, streamed (see
+        :mod:`lpucore.trace`); the results are the same as without it."""
+        if trace is not None:
+            from .trace import Recorder
+            rec = trace if isinstance(trace, Recorder) else Recorder(trace, trace_window)
+            if max_cycles is not None and int(max_cycles) < 0:
+                raise LpuError("max_cycles must be >= 0")
+            if until is not None and int(until) < 0:
+                raise LpuError("until must be a cycle >= 0")
+            return rec.record(self, max_cycles, until)
         target = None
         if max_cycles is not None:
             if int(max_cycles) < 0:

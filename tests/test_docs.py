@@ -10,7 +10,8 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
 
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
-def test_readme_example_runs(i):
+def test_readme_example_runs(i, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)            # examples may write files (traces, snapshots)
     exec(compile(BLOCKS[i], f"README.md python block {i}", "exec"), {"__name__": "readme"})
 
 
