@@ -143,7 +143,7 @@ class Chip:
         return int(self._eng.cycle)
 
     def run(self, max_cycles: Optional[int] = None, until: Optional[int] = None, trace=None,
-            trace_window=(0, None)) -> RunStats:
+            trace_window=(0, None), events=None) -> RunStats:
         """Run until the program ends, or stop earlier: after ``max_cycles`` more cycles,
         or when the cycle counter reaches the absolute cycle ``until`` (whichever comes
         first; ``stats.finished`` tells whether the program ended).  A run never idles
@@ -155,7 +155,16 @@ class Chip:
         ``trace``: a file path (or a :class:`lpucore.trace.Recorder`) that receives one
         record per instruction issued in ``trace_window = (start, end)`` (absolute cycles;
         ``end`` None: to the end) and the units' counters, streamed (see
-        :mod:`lpucore.trace`); the results are the same as without it."""
+        :mod:`lpucore.trace`); the results are the same as without it.  ``events``: a
+        :class:`lpucore.trace.Watcher` whose callbacks see issued instructions and MEM writes."""
+        if trace is not None and events is not None:
+            raise LpuError("run: trace and events cannot be combined in one run")
+        if events is not None:
+            if max_cycles is not None and int(max_cycles) < 0:
+                raise LpuError("max_cycles must be >= 0")
+            if until is not None and int(until) < 0:
+                raise LpuError("until must be a cycle >= 0")
+            return events.run(self, max_cycles, until)
         if trace is not None:
             from .trace import Recorder
             rec = trace if isinstance(trace, Recorder) else Recorder(trace, trace_window)

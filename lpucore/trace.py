@@ -71,14 +71,8 @@ class Recorder:
 
     def record(self, chip, max_cycles: Optional[int] = None, until: Optional[int] = None):
         """Run ``chip`` like :meth:`Chip.run`, tracing the window; returns the run's stats."""
-        eng, cfg, prog = chip._eng, chip.config, chip.program
-        if prog is None:
-            raise TraceError("no program loaded")
-        stop = None
-        if max_cycles is not None:
-            stop = chip.cycle + int(max_cycles)
-        if until is not None:
-            stop = int(until) if stop is None else min(stop, int(until))
+        cfg, prog = chip.config, chip.program
+        stop = _stop(chip, max_cycles, until)
         names = [q.name for q in cfg.queues]
         units = [q.unit for q in cfg.queues]
         expanded: Dict[int, List] = {}
@@ -87,45 +81,125 @@ class Recorder:
             f.write(f"# lpucore trace: config {cfg.name}, clock_hz {cfg.clock_hz}, lanes {cfg.lanes}, "
                     f"mxm_planes {cfg.mxm_planes}, window {self.start}..{self.end}, bucket {self.bucket}\n")
             w.writerow(HEADER)
-            first = max(self.start, chip.cycle)
-            if chip.cycle < first:
-                eng.run(first if stop is None else min(first, stop), idle=False)
-            ctr = eng.counters()
-            issued = ctr["issued"].copy()
-            base = {k: ctr[k].copy() for k in ("mxm_busy", "bytes_read", "bytes_written")}
-            b0 = chip.cycle
-            while not eng.finished:
-                c = chip.cycle
-                if (stop is not None and c >= stop) or (self.end is not None and c >= self.end):
-                    break
-                eng.run(c + 1, idle=False)
-                ctr = eng.counters()
-                now = ctr["issued"]
-                for q in np.nonzero(now != issued)[0]:
+            base, b0, ctr = None, None, None
+            for c, ctr, new in _cycles(chip, self.start, self.end, stop):
+                if c is None:
+                    base = {k: ctr[k].copy() for k in ("mxm_busy", "bytes_read", "bytes_written")}
+                    b0 = chip.cycle
+                    continue
+                for q, k in new:
                     if q not in expanded:
                         expanded[q] = _expanded(prog, names[q])
-                    lst = expanded[q]
-                    for k in range(int(issued[q]), int(now[q])):
-                        ins = lst[k] if k < len(lst) else None
-                        w.writerow([c, "issue", names[q], units[q], ins.text(cfg) if ins is not None else "?"])
-                        self.records += 1
-                issued = now.copy()
-                if chip.cycle - b0 >= self.bucket or eng.finished:
+                    ins = expanded[q][k] if k < len(expanded[q]) else None
+                    w.writerow([c, "issue", names[q], units[q], ins.text(cfg) if ins is not None else "?"])
+                    self.records += 1
+                if chip.cycle - b0 >= self.bucket or chip._eng.finished:
                     self._counters(w, chip.cycle, ctr, base)
                     base = {k: ctr[k].copy() for k in base}
                     b0 = chip.cycle
             if chip.cycle > b0:
-                self._counters(w, chip.cycle, eng.counters(), base)
-        # the rest of the run, untraced, at full speed
-        if not eng.finished and (stop is None or chip.cycle < stop):
-            eng.run(stop, idle=False)
-        return chip.stats()
+                self._counters(w, chip.cycle, chip._eng.counters(), base)
+        return _finish(chip, stop)
 
     def _counters(self, w, cycle, ctr, base):
         w.writerow([cycle, "counter", "mxm_busy", "MXM", int((ctr["mxm_busy"] - base["mxm_busy"]).sum())])
         w.writerow([cycle, "counter", "sram_read", "MEM", int((ctr["bytes_read"] - base["bytes_read"]).sum())])
         w.writerow([cycle, "counter", "sram_write", "MEM",
                     int((ctr["bytes_written"] - base["bytes_written"]).sum())])
+
+
+
+def _stop(chip, max_cycles, until) -> Optional[int]:
+    if chip.program is None:
+        raise TraceError("no program loaded")
+    stop = None
+    if max_cycles is not None:
+        stop = chip.cycle + int(max_cycles)
+    if until is not None:
+        stop = int(until) if stop is None else min(stop, int(until))
+    return stop
+
+
+def _cycles(chip, start: int, end: Optional[int], stop: Optional[int]):
+    """Run to ``start`` at full speed, then one cycle at a time up to ``end`` / ``stop`` / the program's end,
+    yielding ``(cycle, counters, [(queue index, k), ...])`` for each cycle: the k-th functional instruction
+    of each queue that issued in it. The first item is ``(None, counters, [])``, before the window."""
+    eng = chip._eng
+    first = max(start, chip.cycle)
+    if chip.cycle < first:
+        eng.run(first if stop is None else min(first, stop), idle=False)
+    ctr = eng.counters()
+    issued = ctr["issued"].copy()
+    yield None, ctr, []
+    while not eng.finished:
+        c = chip.cycle
+        if (stop is not None and c >= stop) or (end is not None and c >= end):
+            break
+        eng.run(c + 1, idle=False)
+        ctr = eng.counters()
+        now = ctr["issued"]
+        new = [(int(q), k) for q in np.nonzero(now != issued)[0] for k in range(int(issued[q]), int(now[q]))]
+        issued = now.copy()
+        yield c, ctr, new
+
+
+def _finish(chip, stop):
+    """The rest of the run, outside the window, at full speed."""
+    if not chip._eng.finished and (stop is None or chip.cycle < stop):
+        chip._eng.run(stop, idle=False)
+    return chip.stats()
+
+
+class Watcher:
+    """Callbacks for a host simulator, run with ``chip.run(events=Watcher(...))``.
+
+    ``on_issue(cycle, queue, instruction)`` for every functional instruction issued by a queue of ``units``
+    (unit names such as ``"MXM"`` or queue names such as ``"MEM.W3"``; None: all). ``watch``: MEM ranges
+    ``(slice, first_address, end_address)`` (slice as ``"W3"``); ``on_write(cycle, slice, address, old, new)``
+    is called for every vector of a range whose content changed by the end of ``cycle`` (``old``, ``new``:
+    uint8 [lanes]). Both only inside ``window`` (absolute cycles), where the chip advances one cycle at a
+    time; the run's results are those of an unwatched run. (C2C sends come with the links.)"""
+
+    def __init__(self, on_issue=None, units=None, watch=(), on_write=None, window=(0, None)):
+        if watch and on_write is None:
+            raise TraceError("Watcher: watched MEM ranges need an on_write callback")
+        self.on_issue, self.units, self.on_write = on_issue, None if units is None else set(units), on_write
+        self.watch = [(str(s), int(a), int(b)) for s, a, b in watch]
+        self.start, self.end = window
+
+    def run(self, chip, max_cycles: Optional[int] = None, until: Optional[int] = None):
+        cfg, prog, eng = chip.config, chip.program, chip._eng
+        stop = _stop(chip, max_cycles, until)
+        gids = {}
+        for s, a, b in self.watch:
+            try:
+                g = next(i for i in range(cfg.mem_slices) if cfg.slice_name(i) == s)
+            except StopIteration:
+                raise TraceError(f"Watcher: no MEM slice {s!r}") from None
+            if not 0 <= a < b <= cfg.addresses_per_slice:
+                raise TraceError(f"Watcher: range {a}..{b} of {s} is outside 0..{cfg.addresses_per_slice}")
+            gids[(s, a, b)] = g
+        names = [q.name for q in cfg.queues]
+        units = [q.unit for q in cfg.queues]
+        expanded: Dict[int, List] = {}
+        prev = {}
+        for c, ctr, new in _cycles(chip, self.start, self.end, stop):
+            if c is None:
+                prev = {key: eng.read_mem(g, key[1], key[2] - key[1]).copy() for key, g in gids.items()}
+                continue
+            if self.on_issue is not None:
+                for q, k in new:
+                    if self.units is None or units[q] in self.units or names[q] in self.units:
+                        if q not in expanded:
+                            expanded[q] = _expanded(prog, names[q])
+                        self.on_issue(c, names[q], expanded[q][k])
+            for key, g in gids.items():
+                cur = eng.read_mem(g, key[1], key[2] - key[1])
+                changed = np.nonzero((cur != prev[key]).any(axis=1))[0]
+                for i in changed:
+                    self.on_write(c, key[0], key[1] + int(i), prev[key][i].copy(), cur[i].copy())
+                prev[key] = cur.copy()
+        return _finish(chip, stop)
 
 
 def read(path: PathLike) -> Tuple[Dict[str, str], Iterator[List[str]]]:

@@ -113,3 +113,36 @@ def test_errors(tmp_path):
         tr.to_perfetto(tmp_path / "x.csv", tmp_path / "y.json")
     with pytest.raises(LpuError, match="no trace file"):
         tr.to_csv(tmp_path / "missing.csv", tmp_path / "y.csv")
+
+
+def test_watcher_sees_issues_and_mem_writes(engine, tmp_path):
+    g, chip, C = gemm_chip(engine)
+    ext = g.program.tensors["C_W0"].planes[0][0]              # where the first plane's results land
+    sl, first = SMALL.slice_name(ext.slice), ext.address
+    issued, writes = [], []
+    w = tr.Watcher(on_issue=lambda c, q, ins: issued.append((c, q, ins.mnemonic)), units=["MXM"],
+                   watch=[(sl, first, first + 4)], on_write=lambda c, s, a, old, new: writes.append((c, s, a)))
+    st = chip.run(events=w)
+    np.testing.assert_array_equal(g.unpack(chip), C)
+    assert len(issued) == sum(v for q, v in st.issued.items() if q.startswith("MXM."))
+    assert {m for _, _, m in issued} >= {"LW", "IW", "ABC", "ACC"}
+    assert writes and all(s == sl and first <= a < first + 4 for _, s, a in writes)
+    cycles = [c for c, _, _ in writes]
+    assert cycles == sorted(cycles) and cycles[-1] < st.cycles
+    # the same record on the trace: every ABC the watcher saw is a trace record at the same cycle
+    _, plain, _ = gemm_chip(engine)
+    plain.run(trace=tmp_path / "t.csv")
+    abc = sorted((int(r[0]), r[2]) for r in issues(tmp_path / "t.csv") if r[4].startswith("ABC"))
+    assert abc == sorted((c, q) for c, q, m in issued if m == "ABC")
+
+
+def test_watcher_errors():
+    gen = generate(ChipConfig.tiny(), seed=1)
+    chip = Chip(gen.program.config)
+    chip.load(gen.program)
+    with pytest.raises(LpuError, match="on_write"):
+        tr.Watcher(watch=[("W0", 0, 4)])
+    with pytest.raises(LpuError, match="no MEM slice"):
+        chip.run(events=tr.Watcher(watch=[("Q9", 0, 4)], on_write=print))
+    with pytest.raises(LpuError, match="outside"):
+        chip.run(events=tr.Watcher(watch=[("W0", 0, 10 ** 6)], on_write=print))
