@@ -4,7 +4,7 @@ Commands::
 
     asm SOURCE.s [-o PROGRAM.lpup] [--config NAME]      assemble text to the binary format
     disasm PROGRAM.lpup [-o OUT.s]                       binary to text (stdout by default)
-    run PROGRAM [--input NAME=FILE.npy ...] [--output NAME=FILE.npy ...]
+    run PROGRAM [--input NAME=FILE.npy ...] [--output NAME=FILE.npy ...] [--trace OUT.json]
         [--engine fast|reference] [--max-cycles N] [--json STATS.json] [--config NAME]
                                                          run a program (binary, or .s text)
     info [--config NAME] [--json]                        chip parameters and derived peaks
@@ -404,6 +404,8 @@ def _cmd_run(args) -> int:
         _check_writable(path)
     if args.json and args.json != "-":
         _check_writable(args.json)
+    if args.trace:
+        _check_writable(args.trace)
     arrays = {name: load_npy(path) for name, path in inputs.items()}
     chip = Chip(program.config, engine=args.engine)
     chip.load(program)
@@ -412,7 +414,14 @@ def _cmd_run(args) -> int:
             chip.write_tensor(name, a)
         except TensorError as e:
             raise TensorError(f"--input {name}={inputs[name]}: {e}") from None
-    stats = chip.run(args.max_cycles)
+    if args.trace:
+        # records stream to FILE.csv beside the JSON, which is written from them
+        from . import trace as tr
+        rec_path = str(Path(args.trace).with_suffix(".csv"))
+        stats = chip.run(args.max_cycles, trace=rec_path, trace_window=tuple(args.trace_window or (0, None)))
+        tr.to_perfetto(rec_path, args.trace)
+    else:
+        stats = chip.run(args.max_cycles)
     for name, path in outputs.items():
         save_npy(path, chip.read_tensor(name))
     if args.json:
@@ -612,6 +621,10 @@ def _run_command(sub) -> None:
     r.add_argument("--max-cycles", type=_cycles_arg, metavar="N",
                    help="stop after N cycles even if the program has not finished")
     r.add_argument("--json", metavar="STATS.json", help="write the run statistics as JSON ('-': stdout only)")
+    r.add_argument("--trace", metavar="OUT.json",
+                   help="write a Perfetto / Chrome trace of the run (records stream to OUT.csv; see lpucore.trace)")
+    r.add_argument("--trace-window", type=_cycles_arg, nargs=2, metavar=("START", "END"),
+                   help="trace only cycles START <= cycle < END")
     add_config_option(r, f"chip configuration for an assembly source ({', '.join(ChipConfig.PRESETS)})")
 
 

@@ -374,3 +374,17 @@ def test_console_script_is_installed():
     eps = entry_points()
     scripts = eps.select(group="console_scripts") if hasattr(eps, "select") else eps.get("console_scripts", [])
     assert any(ep.name == "lpucore" and ep.value == "lpucore.cli:main" for ep in scripts)
+
+
+def test_run_with_a_perfetto_trace(work, capsys, engine):
+    assert main(["run", "prog.s", "--input", "x=x.npy", "--output", "y=y.npy", "--engine", engine,
+                 "--trace", "out.json"]) == 0
+    assert np.array_equal(np.load("y.npy"), expected_y(np.load("x.npy")))
+    ev = json.loads(Path("out.json").read_text())["traceEvents"]
+    assert sum(e["ph"] == "X" for e in ev) == 5                 # the program's 5 vector instructions
+    assert main(["run", "prog.s", "--input", "x=x.npy", "--trace", "w.json", "--trace-window", "3", "6"]) == 0
+    ev = json.loads(Path("w.json").read_text())["traceEvents"]
+    assert all(3 <= e["args"]["cycle"] < 6 for e in ev if e["ph"] == "X")
+    capsys.readouterr()
+    assert main(["run", "prog.s", "--input", "x=x.npy", "--trace", "nodir/t.json"]) != 0
+    one_error_line(capsys, "nodir")
