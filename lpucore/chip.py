@@ -157,30 +157,22 @@ class Chip:
         ``end`` None: to the end) and the units' counters, streamed (see
         :mod:`lpucore.trace`); the results are the same as without it.  ``events``: a
         :class:`lpucore.trace.Watcher` whose callbacks see issued instructions and MEM writes."""
+        if max_cycles is not None and int(max_cycles) < 0:
+            raise LpuError("max_cycles must be >= 0")
+        if until is not None and int(until) < 0:
+            raise LpuError("until must be a cycle >= 0")
         if trace is not None and events is not None:
             raise LpuError("run: trace and events cannot be combined in one run")
         if events is not None:
-            if max_cycles is not None and int(max_cycles) < 0:
-                raise LpuError("max_cycles must be >= 0")
-            if until is not None and int(until) < 0:
-                raise LpuError("until must be a cycle >= 0")
             return events.run(self, max_cycles, until)
         if trace is not None:
             from .trace import Recorder
             rec = trace if isinstance(trace, Recorder) else Recorder(trace, trace_window)
-            if max_cycles is not None and int(max_cycles) < 0:
-                raise LpuError("max_cycles must be >= 0")
-            if until is not None and int(until) < 0:
-                raise LpuError("until must be a cycle >= 0")
             return rec.record(self, max_cycles, until)
         target = None
         if max_cycles is not None:
-            if int(max_cycles) < 0:
-                raise LpuError("max_cycles must be >= 0")
             target = self.cycle + int(max_cycles)
         if until is not None:
-            if int(until) < 0:
-                raise LpuError("until must be a cycle >= 0")
             target = int(until) if target is None else min(target, int(until))
         self._eng.run(target, idle=False)
         return self.stats()
