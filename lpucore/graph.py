@@ -133,19 +133,23 @@ class Graph:
             return self.constant(None, x)
         raise GraphError(f"{op}: cannot use {type(x).__name__} as a tensor")
 
-    def input(self, name: str, shape: Sequence[int], dtype="float16") -> Tensor:
-        """A tensor the host supplies at run time."""
+    def _named(self, op: str, name: str, shape: Sequence[int], dtype):
+        """Check a new input's or state's name, shape and dtype; returns (shape tuple, DType)."""
         if not isinstance(name, str) or not name.isidentifier():
-            raise GraphError(f"input: name {name!r} must be an identifier")
+            raise GraphError(f"{op}: name {name!r} must be an identifier")
         if name in self.inputs or name in self.outputs or name in self.states:
-            raise GraphError(f"input: name {name!r} is taken")
+            raise GraphError(f"{op}: name {name!r} is taken")
         shape = tuple(shape)
         if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
-            raise GraphError(f"input: shape {shape} must be positive integers")
+            raise GraphError(f"{op}: shape {shape} must be positive integers")
         try:
-            d = dt.get(dtype)
+            return shape, dt.get(dtype)
         except LpuError as e:
-            raise GraphError(f"input: {e}") from None
+            raise GraphError(f"{op}: {e}") from None
+
+    def input(self, name: str, shape: Sequence[int], dtype="float16") -> Tensor:
+        """A tensor the host supplies at run time."""
+        shape, d = self._named("input", name, shape, dtype)
         t = self._new(shape, d, name)
         self.inputs[name] = t
         return t
@@ -171,17 +175,7 @@ class Graph:
         counter): it starts as `init` (zeros by default) when the program is loaded, every
         run reads its current value, and `assign(state, value)` replaces it at the end of
         the run.  The host can read it by name (`Chip.read_tensor`)."""
-        if not isinstance(name, str) or not name.isidentifier():
-            raise GraphError(f"state: name {name!r} must be an identifier")
-        if name in self.inputs or name in self.outputs or name in self.states:
-            raise GraphError(f"state: name {name!r} is taken")
-        shape = tuple(shape)
-        if not all(isinstance(s, (int, np.integer)) and s >= 1 for s in shape):
-            raise GraphError(f"state: shape {shape} must be positive integers")
-        try:
-            d = dt.get(dtype)
-        except LpuError as e:
-            raise GraphError(f"state: {e}") from None
+        shape, d = self._named("state", name, shape, dtype)
         if init is None:
             init = np.zeros(shape, dtype=d.numpy)
         init = np.asarray(init)
