@@ -14,6 +14,8 @@ from libc.stdlib cimport realloc, free
 
 from time import perf_counter as _perf_counter
 
+import gc as _gc
+
 import numpy as np
 
 from lpucore import dtypes as _dt
@@ -32,6 +34,10 @@ include "_vxm.pxi"
 include "_mxm.pxi"
 include "_sxm.pxi"
 include "_icu.pxi"
+
+fill_h2f()
+
+SMALL_ROWS = 32
 
 _VC = {"arith": VC_ARITH, "bits": VC_BITS, "shift": VC_SHIFT, "cmp": VC_CMP, "unary": VC_UNARY,
        "trans": VC_TRANS, "select": VC_SELECT, "cvt": VC_CVT, "requant": VC_REQUANT, "const": VC_CONST}
@@ -52,6 +58,10 @@ cdef int64_t* _p_i64(a) except NULL:
 
 cdef uint32_t* _p_u32(a) except NULL:
     cdef uint32_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef double* _p_f64(a) except NULL:
+    cdef double[::1] v = a.reshape(-1)
     return &v[0]
 
 cdef float* _p_f32(a) except NULL:
@@ -93,7 +103,7 @@ cdef class FastEngine:
         self.cfg = cfg
         self.fp16_mxm = fp16_mxm
         self._wcache = {}
-        self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0}
+        self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0, "mxm_small_batches": 0}
         self.program = None
         cdef State* s = &self.s
         s.L = cfg.lanes
@@ -173,11 +183,14 @@ cdef class FastEngine:
         s.mx_acc_delay = cfg.mxm_acc_delay
         s.mx_fp16_interval = cfg.mxm_fp16_interval
         LL = L * L
-        a["mx_buf"] = np.zeros(NP * LL, dtype=np.uint8)
-        a["mx_arr"] = np.zeros(NP * LL, dtype=np.uint8)
+        s.NS = s.RI + 2
+        a["mx_slots"] = np.zeros(NP * s.NS * LL, dtype=np.uint8)
+        a["mx_buf_slot"] = np.zeros(NP, dtype=np.int32)
+        a["mx_row_src"] = np.zeros(NP * L, dtype=np.int32)
+        a["mx_arr_slot"] = np.full(NP, -1, dtype=np.int32)
+        a["mx_inst_slot"] = np.zeros(NP * s.RI, dtype=np.int32)
         a["mx_arr_dt"] = np.zeros(NP, dtype=np.int32)
         a["mx_ver"] = np.zeros(NP, dtype=np.int64)
-        a["mx_inst"] = np.zeros(NP * s.RI * LL, dtype=np.uint8)
         a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
         a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
         a["mx_acc"] = np.zeros(NP * s.NACC * L, dtype=np.uint32)
@@ -196,6 +209,17 @@ cdef class FastEngine:
         for k in ("mx_busy_until", "mx_macs", "mx_busy"):
             a[k] = np.zeros(NP, dtype=np.int64)
         a["mx_peak"] = np.zeros(1, dtype=np.int64)
+        a["mx_wchk"] = np.full(NP, -1, dtype=np.int64)
+        a["mx_wbad"] = np.zeros(NP, dtype=np.uint8)
+        a["mx_wconv"] = np.zeros(NP, dtype=np.uint8)
+        a["mx_wd"] = np.zeros(NP * (L // 2) * L, dtype=np.float64)
+        a["mx_si"] = np.zeros(L, dtype=np.int32)
+        a["mx_sd"] = np.zeros(2 * L, dtype=np.float64)
+        # Batches of up to SMALL_ROWS activation rows are multiplied inside the loop
+        # (C, no GIL), larger ones by the host's BLAS: below this, a BLAS call's
+        # overhead outweighs its arithmetic (bench/bench_decode.py, bench/bench_gemm.py).
+        s.small_rows = SMALL_ROWS
+        s.fp16_exact = 1 if fp16_mxm == "exact" else 0
         # SXM
         s.sx_delay = cfg.sxm_delay
         sx_res = np.zeros(256, dtype=np.int32)
@@ -241,13 +265,15 @@ cdef class FastEngine:
         s.q_slot = _p_i32(a["q_slot"])
         s.q_hem = _p_i32(a["q_hem"])
         s.q_pool = _p_i32(a["q_pool"])
-        s.mx_buf = _p_u8(a["mx_buf"])
-        s.mx_arr = _p_u8(a["mx_arr"])
+        s.mx_slots = _p_u8(a["mx_slots"])
+        s.mx_buf_slot = _p_i32(a["mx_buf_slot"])
+        s.mx_row_src = _p_i32(a["mx_row_src"])
+        s.mx_arr_slot = _p_i32(a["mx_arr_slot"])
+        s.mx_inst_slot = _p_i32(a["mx_inst_slot"])
         s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
         s.mx_ver = _p_i64(a["mx_ver"])
-        self._views = {"ax": a["mx_ax"].reshape(s.NP, s.BMAX, s.L), "arr": a["mx_arr"].reshape(s.NP, s.L, s.L),
+        self._views = {"ax": a["mx_ax"].reshape(s.NP, s.BMAX, s.L), "slots": a["mx_slots"].reshape(s.NP, s.NS, s.L, s.L),
                        "bres": a["mx_bres"].reshape(s.NP, s.BB, s.L)}
-        s.mx_inst = _p_u8(a["mx_inst"])
         s.mx_inst_T = _p_i64(a["mx_inst_T"])
         s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
         s.mx_acc = _p_u32(a["mx_acc"])
@@ -267,6 +293,12 @@ cdef class FastEngine:
         s.mx_macs = _p_i64(a["mx_macs"])
         s.mx_busy = _p_i64(a["mx_busy"])
         s.mx_peak = _p_i64(a["mx_peak"])
+        s.mx_wchk = _p_i64(a["mx_wchk"])
+        s.mx_wbad = _p_u8(a["mx_wbad"])
+        s.mx_wconv = _p_u8(a["mx_wconv"])
+        s.mx_wd = _p_f64(a["mx_wd"])
+        s.mx_si = _p_i32(a["mx_si"])
+        s.mx_sd = _p_f64(a["mx_sd"])
         s.sx_res = _p_i32(a["sx_res"])
         s.sx_limit = _p_i32(a["sx_limit"])
         s.sx_use = _p_i32(a["sx_use"])
@@ -312,9 +344,11 @@ cdef class FastEngine:
         a["latch_valid"][:] = 0
         a["lt_tag"][:] = -1
         for k in ("st_issued", "st_icu", "st_bread", "st_bwrite", "mx_macs", "mx_busy", "mx_peak",
-                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_buf", "mx_arr", "sx_use"):
+                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot", "sx_use"):
             a[k][:] = 0
         a["mx_arr_dt"][:] = -1
+        a["mx_arr_slot"][:] = -1
+        a["mx_wchk"][:] = -1
         self._wcache = {}
         a["mx_inst_T"][:] = -1
         s.mx_cycle = -1
@@ -367,6 +401,24 @@ cdef class FastEngine:
         if self.s.err[E_KIND] != ERR_NONE:
             raise self._error()
         h = self.host_time
+        c0 = self.s.mx_cbatches
+        # The loop's Python-side allocations are short-lived and acyclic; a collection
+        # pass over a large loaded program's objects would cost more than the run.
+        gc_on = _gc.isenabled()
+        _gc.disable()
+        try:
+            rc = self._run_loop(u, idl, h)
+        finally:
+            if gc_on:
+                _gc.enable()
+            h["mxm_small_batches"] += self.s.mx_cbatches - c0
+        if rc == 2:
+            raise MemoryError("out of memory recording Notify history")
+        if rc:
+            raise self._error()
+
+    cdef int _run_loop(self, int64_t u, int idl, dict h) except -1:
+        cdef int rc
         while True:
             t0 = _perf_counter()
             with nogil:
@@ -378,10 +430,7 @@ cdef class FastEngine:
             self._mxm_flush(self.s.flush_plane)
             h["mxm_products_s"] += _perf_counter() - t1
             h["mxm_batches"] += 1
-        if rc == 2:
-            raise MemoryError("out of memory recording Notify history")
-        if rc:
-            raise self._error()
+        return rc
 
     def _mxm_flush(self, int p):
         """Multiply plane p's batch of activations by its installed weights (one BLAS
@@ -432,7 +481,7 @@ cdef class FastEngine:
         hit = self._wcache.get(p)
         if hit is not None and hit[0] == key:
             return hit[1]
-        arr = self._views["arr"][p]
+        arr = self._views["slots"][p, s.mx_arr_slot[p]]
         if dtc == DT_INT8:
             w = arr.view(np.int8).astype(np.float32)
         else:
@@ -464,6 +513,20 @@ cdef class FastEngine:
         if k == ERR_RESOURCE:
             return _errors.resource_error(cfg, c, q, _isa.SXM_RESOURCES[x])
         return _errors.LpuError(f"fast engine: unknown error code {k}")
+
+    @property
+    def small_rows(self):
+        """MXM batches of at most this many activation rows are multiplied inside the
+        cycle loop (C kernels); larger ones by NumPy's BLAS.  0: always BLAS.  Both give
+        the same bits; the setting only moves host time."""
+        return self.s.small_rows
+
+    @small_rows.setter
+    def small_rows(self, n):
+        n = int(n)
+        if not 0 <= n <= self.s.BMAX:
+            raise _errors.LpuError(f"small_rows must be in 0..{self.s.BMAX}, got {n}")
+        self.s.small_rows = n
 
     @property
     def cycle(self):
@@ -547,6 +610,7 @@ cdef class FastEngine:
         s.mx_cycle, s.mx_cycle_macs, s.sx_cycle = sc["mx_cycle"], sc["mx_cycle_macs"], sc["sx_cycle"]
         s.woke = 0
         s.tr = s.tr0
+        self.a["mx_wchk"][:] = -1
         self._wcache = {}
 
     def counters(self):
@@ -560,7 +624,8 @@ cdef class FastEngine:
 # Arrays fixed by the configuration and the program (or scratch space), not saved in snapshots.
 _CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",
                            "q_hem", "q_pool", "sx_res", "sx_limit", "ta", "tb", "tm", "tr", "fa", "fb", "fr",
-                           "ia", "ib", "ir", "gaddr"))
+                           "ia", "ib", "ir", "gaddr", "mx_wchk", "mx_wbad", "mx_wconv", "mx_wd", "mx_si",
+                           "mx_sd"))
 
 
 # ---- C-level API (declared in _engine.pxd, for Cython code that embeds the engine) -------------

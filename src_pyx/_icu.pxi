@@ -129,14 +129,15 @@ cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
     the program's finish cycle if that comes first, 1: idle on up to until).  0 = stopped
     normally, 1 = schedule error in s.err, 2 = out of memory, 3 = the MXM batch of
     plane s.flush_plane must be multiplied first (the caller does it and calls again:
-    the loop resumes at the same cycle, with the queues that already issued in it done)."""
+    the loop resumes at the same cycle, with the queues that already issued in it done).
+    Small batches are multiplied here (mxm_multiply_small) without returning."""
     cdef int q, rc
     cdef int64_t c, nx, nmin, target, finish
     c = next_event(s)
     while True:
         if c == INF:
             for q in range(s.NP):
-                if s.mx_an[q] > 0:
+                if s.mx_an[q] > 0 and mxm_multiply_small(s, q):
                     s.flush_plane = q
                     return 3
             for q in range(s.NP):
@@ -173,7 +174,8 @@ cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
         for q in range(s.NQ):
             nx = s.qs[q * QW + Q_NEXT]
             if nx == c:
-                if s.q_unit[q] == UNIT_MXM and mxm_needs_flush(s, q, next_op(s, q), c):
+                if (s.q_unit[q] == UNIT_MXM and mxm_needs_flush(s, q, next_op(s, q), c)
+                        and mxm_multiply_small(s, s.q_slot[q])):
                     s.flush_plane = s.q_slot[q]
                     return 3
                 rc = issue(s, q, c)

@@ -3,6 +3,35 @@
 # writes wait in a small ring per slice and are applied lazily, just before the
 # slice is next accessed (or when the run stops), in landing order.
 
+cdef extern from *:
+    void __builtin_prefetch(const void* p) noexcept nogil
+
+
+cdef inline void prefetch_next_read(State* s, int q, int g, int32_t addr) noexcept nogil:
+    """Start fetching the SRAM row queue q's next Read will copy: weight streaming
+    reads each row once per run, so without this every Read waits on host DRAM."""
+    cdef int64_t* qp = s.qs + q * QW
+    cdef int32_t* row
+    cdef int64_t na = -1
+    cdef int i
+    cdef uint8_t* ptr
+    if qp[Q_REPLEFT] > 0:
+        na = addr + qp[Q_REPSTRIDE]
+    elif qp[Q_PC] < qp[Q_END]:
+        row = s.code + qp[Q_PC] * (1 + NFIELDS)
+        if row[0] == OP_READ:
+            na = row[1 + F_READ_ADDR]
+        elif row[0] == OP_REPEAT:
+            na = addr + row[1 + F_REPEAT_STRIDE]
+    if na < 0 or na >= s.A:
+        return
+    ptr = s.sram + (<int64_t>g * s.A + na) * s.L
+    i = 0
+    while i < s.L:
+        __builtin_prefetch(ptr + i)
+        i += 64
+
+
 cdef inline int bank_of(State* s, int64_t a) noexcept nogil:
     if s.bank_msb:
         return <int>(a // s.bank_div)
@@ -97,6 +126,7 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         out = s.pool + slot * s.L
         if op == OP_READ:
             memcpy(out, s.sram + (<int64_t>g * s.A + s.gaddr[0]) * s.L, s.L)
+            prefetch_next_read(s, q, g, s.gaddr[0])
         else:
             for k in range(s.SL):
                 memcpy(out + k * s.LPS, s.sram + (<int64_t>g * s.A + s.gaddr[k]) * s.L + k * s.LPS, s.LPS)

@@ -26,11 +26,31 @@ cdef inline int mxm_needs_flush(State* s, int q, int op, int64_t c) noexcept nog
     return 0
 
 
+cdef inline uint8_t* mx_slot(State* s, int p, int k) noexcept nogil:
+    return s.mx_slots + (<int64_t>p * s.NS + k) * s.L * s.L
+
+
+cdef inline int mx_free_slot(State* s, int p, int busy) noexcept nogil:
+    """A slot of plane p that holds neither the installed weights, nor a pending
+    install, nor busy (the one just handed to an IW, which the buffer's rows refer to):
+    there are RI + 2 slots and at most RI pending installs."""
+    cdef int k, r, used
+    for k in range(s.NS):
+        if k == busy or k == s.mx_arr_slot[p]:
+            continue
+        used = 0
+        for r in range(s.RI):
+            if s.mx_inst_T[p * s.RI + r] >= 0 and s.mx_inst_slot[p * s.RI + r] == k:
+                used = 1
+        if not used:
+            return k
+    return -1       # unreachable: NS = RI + 2
+
+
 cdef inline void mxm_install(State* s, int p, int64_t c) noexcept nogil:
     """Make the installs effective by cycle c the plane's weights (oldest first)."""
     cdef int r, best
     cdef int64_t bt, T
-    cdef int64_t RL2 = <int64_t>s.L * s.L
     while True:
         best = -1
         bt = INF
@@ -41,7 +61,7 @@ cdef inline void mxm_install(State* s, int p, int64_t c) noexcept nogil:
                 bt = T
         if best < 0:
             return
-        memcpy(s.mx_arr + p * RL2, s.mx_inst + (p * s.RI + best) * RL2, RL2)
+        s.mx_arr_slot[p] = s.mx_inst_slot[p * s.RI + best]
         s.mx_arr_dt[p] = s.mx_inst_dt[p * s.RI + best]
         s.mx_ver[p] += 1
         s.mx_inst_T[p * s.RI + best] = -1
@@ -80,11 +100,114 @@ cdef inline void mxm_apply(State* s, int p, int64_t c) noexcept nogil:
         s.mx_bn[p] -= 1
 
 
+cdef extern from "lpu_kernels.h" nogil:
+    void lpu_mxm_i8_row(const float* x, const int8_t* w, int K, int L, int32_t* acc)
+    int lpu_mxm_f16_weights(const uint8_t* arr, int L, const float* h2f, double* wd)
+    void lpu_mxm_f64_row(const float* x, const double* wd, int K, int L, double* s, double* ab)
+    void lpu_mxm_f16_row(const float* x, const uint8_t* arr, int L, const float* h2f, double* s, double* ab)
+    int lpu_mxm_f16_special(const uint8_t* arr, int L)
+    int lpu_mxm_f16_snap(const float* x, const uint8_t* arr, int L, int c, double s, double b, float* out)
+
+
+cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
+    """Multiply plane p's batch here, without the host's BLAS, when it has at most
+    s.small_rows rows (decode-shaped work: a few activation vectors per weight set,
+    where a BLAS call costs more than its arithmetic).  int8: exact int32 sums.
+    fp16 (exact mode): each dot product summed in float64 (the products are exact
+    there), with the bound b = (K + 2) 2**-53 1.01 sum|x_k w_k| on the summation
+    error; when s - b and s + b round to the same float32, that is the exactly
+    rounded dot product, and when b is below half the products' granularity, s
+    rounded to it is the exact sum (the rules of lpucore.matmul.fp16_dot_fast).  Returns 0 when
+    done (products queued as _push_products does), 1 to leave the batch to the host
+    (too many rows, fp32 mode, an infinity or NaN in the operands, or a result this
+    bound cannot settle), with nothing changed but caches."""
+    cdef int n = s.mx_an[p]
+    cdef int L = s.L
+    cdef int K = L // 2
+    cdef int dtc = s.mx_arr_dt[p]
+    cdef int i, k, c, nnz
+    cdef int64_t RL2 = <int64_t>L * L
+    cdef int64_t e, a
+    cdef int32_t* si = s.mx_si
+    cdef double* sd = s.mx_sd
+    cdef double* ab = s.mx_sd + L
+    cdef double* wd = s.mx_wd + <int64_t>p * K * L
+    cdef double b, sv
+    cdef double coef = (K + 2) * 1.1102230246251565e-16 * 1.01
+    cdef float flo, fhi
+    cdef float* xa
+    cdef float* res
+    cdef uint8_t* arr = mx_slot(s, p, s.mx_arr_slot[p])
+    if n == 0:
+        return 0
+    if n > s.small_rows or n + s.mx_bn[p] > s.BB:
+        return 1
+    if dtc != DT_INT8:
+        if not s.fp16_exact:
+            return 1
+        nnz = 0
+        for i in range(n):
+            xa = s.mx_ax + (<int64_t>p * s.BMAX + i) * L
+            for k in range(K):
+                if not fabsf(xa[k]) <= 3.4028234663852886e38:
+                    return 1
+                if xa[k] != 0.0:
+                    nnz += 1
+        # dense batches convert the weights to float64 once per install (cached);
+        # sparse ones (one-hot rows) read the few weight rows they touch directly
+        if s.mx_wchk[p] != s.mx_ver[p] or (nnz > K and not s.mx_wconv[p]):
+            if nnz > K:
+                s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_weights(arr, L, _H2F, wd)
+                s.mx_wconv[p] = 1
+            else:
+                s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_special(arr, L)
+                s.mx_wconv[p] = 0
+            s.mx_wchk[p] = s.mx_ver[p]
+        if s.mx_wbad[p]:
+            return 1
+    # make room: products that have landed by now go into the accumulators first
+    mxm_apply(s, p, s.t)
+    for i in range(n):
+        a = <int64_t>p * s.BMAX + i
+        xa = s.mx_ax + a * L
+        e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
+        res = s.mx_bres + e * L
+        if dtc == DT_INT8:
+            memset(si, 0, L * sizeof(int32_t))
+            lpu_mxm_i8_row(xa, <int8_t*>arr, L, L, si)
+            for c in range(L):
+                res[c] = <float>si[c]
+        else:
+            memset(sd, 0, 2 * L * sizeof(double))
+            if s.mx_wconv[p]:
+                lpu_mxm_f64_row(xa, wd, K, L, sd, ab)
+            else:
+                lpu_mxm_f16_row(xa, arr, L, _H2F, sd, ab)
+            for c in range(L):
+                sv = sd[c]
+                b = coef * ab[c]
+                flo = <float>(sv - b)
+                fhi = <float>(sv + b)
+                if flo != fhi and lpu_mxm_f16_snap(xa, arr, L, c, sv, b, &flo):
+                    return 1          # nothing committed yet: the host redoes the batch
+                res[c] = 0.0 if flo == 0.0 else flo
+    for i in range(n):
+        a = <int64_t>p * s.BMAX + i
+        e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
+        s.mx_bacc[e] = s.mx_aacc[a]
+        s.mx_badd[e] = s.mx_aadd[a]
+        s.mx_bland[e] = s.mx_aland[a]
+        s.mx_bdt[e] = dtc
+    s.mx_bn[p] += n
+    s.mx_an[p] = 0
+    s.mx_cbatches += 1
+    return 0
+
+
 cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
     cdef int p = s.q_slot[q]
     cdef int pos = s.q_pos[q]
-    cdef int i, dtc, n
-    cdef int64_t RL2 = <int64_t>s.L * s.L
+    cdef int i, dtc, n, b
     cdef int64_t e, T, slot, macs
     cdef uint8_t* v
     cdef uint8_t* lo
@@ -98,16 +221,27 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
             if stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
                 set_error(s, ERR_EMPTY, c, q, f[F_LW_SRC] + i, pos)
                 return 1
+        b = s.mx_buf_slot[p]
         for i in range(n):
             v = stream_read(s, f[F_LW_SRC] + i, pos, c)
-            memcpy(s.mx_buf + p * RL2 + <int64_t>(f[F_LW_ROW] + i) * s.L, v, s.L)
+            memcpy(mx_slot(s, p, b) + <int64_t>(f[F_LW_ROW] + i) * s.L, v, s.L)
+            s.mx_row_src[p * s.L + f[F_LW_ROW] + i] = b
         return 0
     if op == OP_IW:
         T = c + s.mx_install_delay
         e = p * s.RI + (T % s.RI)
         s.mx_inst_T[e] = T
         s.mx_inst_dt[e] = f[F_IW_DTYPE]
-        memcpy(s.mx_inst + e * RL2, s.mx_buf + p * RL2, RL2)
+        # the buffer's slot, completed with the rows LW has not rewritten since the
+        # last IW, becomes the install; later LWs go to a fresh slot
+        b = s.mx_buf_slot[p]
+        for i in range(s.L):
+            if s.mx_row_src[p * s.L + i] != b:
+                memcpy(mx_slot(s, p, b) + <int64_t>i * s.L,
+                       mx_slot(s, p, s.mx_row_src[p * s.L + i]) + <int64_t>i * s.L, s.L)
+                s.mx_row_src[p * s.L + i] = b
+        s.mx_inst_slot[e] = b
+        s.mx_buf_slot[p] = mx_free_slot(s, p, b)
         effect(s, T)
         return 0
     if op == OP_ABC:
@@ -139,7 +273,7 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                 xa[i] = <float>(<int8_t>lo[i])
         else:
             for i in range(s.L // 2):
-                xa[i] = lpu_h2f(<uint32_t>lo[i] | (<uint32_t>hi[i] << 8))
+                xa[i] = _H2F[<uint32_t>lo[i] | (<uint32_t>hi[i] << 8)]
             for i in range(s.L // 2, s.L):
                 xa[i] = 0.0
         T = c + s.mx_delay

@@ -113,11 +113,19 @@ cdef struct State:
     int mx_delay
     int mx_acc_delay
     int mx_fp16_interval
-    uint8_t* mx_buf      # [NP * L * L] weight buffers
-    uint8_t* mx_arr      # [NP * L * L] installed weights
+    # Weight matrices live in NS = RI + 2 slots per plane, and the weight buffer, the
+    # pending installs and the installed weights are slot numbers, so that IW and an
+    # install move no bytes: a slot is immutable from its IW until no one refers to it.
+    # The buffer is copy-on-write per row: row r's current bytes are in slot
+    # mx_row_src[r], which is the buffer's slot or the slot last handed to an IW.
+    int NS
+    uint8_t* mx_slots    # [NP * NS * L * L]
+    int32_t* mx_buf_slot # [NP] slot LW writes into
+    int32_t* mx_row_src  # [NP * L]
+    int32_t* mx_arr_slot # [NP] installed weights, -1 if none
     int32_t* mx_arr_dt   # [NP] their dtype, -1 if none
     int64_t* mx_ver      # [NP] installs so far (keys the host's cache of the weights as floats)
-    uint8_t* mx_inst     # [NP * RI * L * L] pending installs
+    int32_t* mx_inst_slot # [NP * RI] pending installs
     int64_t* mx_inst_T   # [NP * RI] their effective cycle, -1 if free
     int32_t* mx_inst_dt
     uint32_t* mx_acc     # [NP * NACC * L]
@@ -140,6 +148,15 @@ cdef struct State:
     int64_t mx_cycle
     int64_t mx_cycle_macs
     int flush_plane      # plane whose batch the Python side must multiply (run_until returned 3)
+    int small_rows       # batches of at most this many rows are multiplied in the loop (0: never)
+    int fp16_exact       # 1: fp16 products exact and rounded once (fp16_mxm="exact"); 0: "fp32" mode
+    int64_t mx_cbatches  # batches multiplied in the loop
+    int64_t* mx_wchk     # [NP] install version whose fp16 weights were checked for inf/NaN, -1: none
+    uint8_t* mx_wbad     # [NP] 1 if those weights hold an inf or a NaN
+    uint8_t* mx_wconv    # [NP] 1 if mx_wd holds them as float64
+    double* mx_wd        # [NP * L/2 * L] fp16 weights as float64 (cache)
+    int32_t* mx_si       # [L] scratch: int8 dot products
+    double* mx_sd        # [2 * L] scratch: fp16 dot products and their sums of |products|
     # SXM
     int32_t* sx_res      # [256] resource of each SXM opcode
     int32_t* sx_limit    # [N_RESOURCES] units per hemisphere

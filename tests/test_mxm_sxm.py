@@ -10,7 +10,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lpucore import Chip, ChipConfig, assemble, matmul
+from lpucore import Chip, ChipConfig, LpuError, assemble, matmul
 from helpers import TINY, make_chip, run, schedule_error, timed
 
 L = TINY.lanes
@@ -161,12 +161,10 @@ def test_fp16_rate_and_dtype_rules(engine):
     assert (e.kind, e.cycle) == ("mxm-dtype", 10)
 
 
-def test_fp16_matmul_is_exactly_rounded(engine):
-    r = rng(5)
+def fp16_two_rows(W, X):
+    """Program and memory: W (float16 [L/2, L]) installed on plane W0, the two rows of X
+    (float16 [2, L/2]) multiplied in one batch, results at address 40 (read_int32)."""
     K = L // 2
-    W = (r.standard_normal((K, L)) * 4).astype(np.float16)
-    X = (r.standard_normal((2, K)) * 4).astype(np.float16)
-    X[1, :3] = [np.float16(6e-8), np.float16(-65504), np.float16(1e-3)]
     wb = W.view(np.uint16)
     rows = np.empty((L, L), np.uint8)
     rows[0::2] = (wb & 0xFF).astype(np.uint8)
@@ -193,11 +191,82 @@ def test_fp16_matmul_is_exactly_rounded(engine):
     for b, s in enumerate(["W2", "W3", "W0", "W1"]):
         ev.setdefault(f"MEM.{s}", []).extend([(C0 + 3 + POS[s], f"Write 40, E{4 + b}"),
                                              (C0 + 4 + POS[s], f"Write 41, E{4 + b}")])
-    chip, st = run(engine, fold(ev), mem=mem)
+    return fold(ev), mem
+
+
+def test_fp16_matmul_is_exactly_rounded(engine):
+    r = rng(5)
+    K = L // 2
+    W = (r.standard_normal((K, L)) * 4).astype(np.float16)
+    X = (r.standard_normal((2, K)) * 4).astype(np.float16)
+    X[1, :3] = [np.float16(6e-8), np.float16(-65504), np.float16(1e-3)]
+    text, mem = fp16_two_rows(W, X)
+    chip, st = run(engine, text, mem=mem)
     got = read_int32(chip, 2).view(np.float32)
     want = matmul.fp16_dot_exact(X, W)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert st.mxm_macs["W0"] == 2 * K * L and st.mxm_busy_cycles["W0"] == 4
+
+
+def _fp16_case(name):
+    r = rng(11)
+    K = L // 2
+    W = (r.standard_normal((K, L)) * 8).astype(np.float16)
+    X = (r.standard_normal((2, K)) * 8).astype(np.float16)
+    if name == "one-hot":                        # sparse rows: weights read in place
+        X[:] = 0
+        X[0, 3], X[1, K - 1] = 1, -2
+    elif name == "subnormal":
+        X[0] = np.float16(6e-8) * r.integers(-3, 4, K)
+        W[:, 1] = np.float16(-6e-8)
+    elif name == "cancel":                       # exact zero sums: the bound cannot settle them
+        W[1::2] = W[0::2]
+        X[:, 1::2] = -X[:, 0::2]
+    elif name == "inf-weight":
+        W[5, 2] = np.inf
+        X[0, 5] = 0                              # 0 x inf is NaN even where x is zero
+    elif name == "nan-activation":
+        X[1, 0] = np.nan
+    elif name == "huge":
+        X[:] = np.float16(65504)
+        W[:] = np.float16(-65504)
+    return W, X
+
+
+@pytest.mark.parametrize("case", ["dense", "one-hot", "subnormal", "cancel", "inf-weight", "nan-activation",
+                                  "huge"])
+def test_fp16_in_loop_kernels_match_the_host_path_and_the_reference(case):
+    """The fast engine multiplies small batches in C (lpu_kernels.h) and hands the rest
+    (and whatever its bound cannot settle) to the host: same bits either way, and the
+    reference's."""
+    W, X = _fp16_case(case)
+    text, mem = fp16_two_rows(W, X)
+    want = matmul.fp16_dot_exact(X, W)
+    results = {}
+    for engine, small in [("reference", None), ("fast", 32), ("fast", 0)]:
+        chip = make_chip(engine, text, mem=mem)
+        if small is not None:
+            chip._eng.small_rows = small
+        chip.run()
+        results[(engine, small)] = read_int32(chip, 2).view(np.uint32)
+        if small is not None:
+            batches = chip._eng.host_time
+            assert (batches["mxm_small_batches"] > 0) == (small > 0 and case in ("dense", "one-hot", "subnormal", "huge", "cancel"))
+    for got in results.values():
+        assert np.array_equal(got, want.view(np.uint32)), case
+
+
+def test_int8_in_loop_kernel_matches_the_host_path():
+    text, mem, W, X, _ = int8_setup(rows=3)
+    want = X.astype(np.int64) @ W.astype(np.int64)
+    for small in (32, 0):
+        chip = make_chip("fast", text, mem=mem)
+        chip._eng.small_rows = small
+        chip.run()
+        assert np.array_equal(read_int32(chip, 3), want)
+        assert (chip._eng.host_time["mxm_small_batches"] > 0) == (small > 0)
+    with pytest.raises(LpuError, match="small_rows"):
+        chip._eng.small_rows = -1
 
 
 def test_all_four_planes_reach_409600_macs_in_one_cycle(engine):
