@@ -7,6 +7,7 @@ The public API::
     assemble, disassemble text <-> Program
     Chip                  the driver: load, write_tensor, run, step, read_tensor, stats
     Snapshot              a chip's whole state (Chip.snapshot / Chip.restore, save / load)
+    System                chips joined by C2C links (node, rack, dragonfly, any wiring), run in lockstep
     LpuError and subclasses ConfigError, ProgramError, TensorError, ScheduleError,
     EngineUnavailableError, CompileError, SnapshotError
     Graph, compile, execute   tensor graphs compiled to scheduled programs
@@ -18,6 +19,7 @@ The public API::
 from .asm import assemble, disassemble
 from .chip import ENGINES, Chip, RunStats
 from .snapshot import Snapshot
+from .system import System, SystemStats
 from .config import ChipConfig
 from .errors import (CompileError, ConfigError, EngineUnavailableError, LpuError, ProgramError,
                      ScheduleError, SnapshotError, TensorError)
@@ -36,7 +38,7 @@ def get_include() -> str:
     import os
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot",
+__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot", "System", "SystemStats",
            "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError", "ScheduleError",
            "EngineUnavailableError", "CompileError", "SnapshotError", "Graph", "GraphError", "Tensor", "Compiled", "compile",
            "execute", "ops", "get_include", "__version__"]

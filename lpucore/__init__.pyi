@@ -11,6 +11,7 @@ from .errors import (CompileError as CompileError, ConfigError as ConfigError,
 from .graph import Graph as Graph, GraphError as GraphError, Tensor as Tensor
 from .program import Instruction as Instruction, Program as Program
 from .snapshot import Snapshot as Snapshot
+from .system import System as System, SystemStats as SystemStats
 
 __version__: str
 

@@ -119,7 +119,7 @@ def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
             if line.startswith("."):
                 raise ProgramError(f"unknown directive {line.split()[0]!r}")
             qname = queue
-            m = re.match(r"^([A-Za-z]+(?:\.[A-Za-z0-9]+)+)\s*:\s*(.*)$", line)
+            m = re.match(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z0-9]+)+)\s*:\s*(.*)$", line)
             if m:
                 qname = m.group(1).upper()
                 cfg.queue(qname)

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -64,6 +64,8 @@ class RunStats:
     mxm_busy_cycles: Dict[str, int] = field(default_factory=dict)   # plane-cycles taken by ABCs
     mxm_peak_macs_per_cycle: int = 0                                 # most MACs started in one cycle
     mxm_peak_per_cycle: int = 0                                      # the chip's int8 peak (409,600)
+    c2c_vectors_sent: Dict[int, int] = field(default_factory=dict)      # per link, links with traffic only
+    c2c_vectors_received: Dict[int, int] = field(default_factory=dict)
 
     @property
     def macs(self) -> int:
@@ -266,10 +268,30 @@ class Chip:
                 busy[qn] = busy_planes[n]
         by_unit["MXM"]["busy_cycles"] = sum(v for k, v in busy.items() if k.startswith("MXM."))
         peak = cfg.mxm_planes * cfg.mxm_size * cfg.mxm_size
-        return RunStats(cycles=cycles, seconds=cycles / cfg.clock_hz, finished=fin, issued=issued,
+        sent = {k: int(v) for k, v in enumerate(ctr["c2c_sent"]) if v}
+        recv = {k: int(v) for k, v in enumerate(ctr["c2c_received"]) if v}
+        # C2C instructions issue from SXM queues (counted there); the links' traffic:
+        by_unit["C2C"] = {"vectors_sent": sum(sent.values()), "vectors_received": sum(recv.values()),
+                          "bytes_sent": sum(sent.values()) * cfg.lanes,
+                          "bytes_received": sum(recv.values()) * cfg.lanes}
+        return RunStats(c2c_vectors_sent=sent, c2c_vectors_received=recv,cycles=cycles, seconds=cycles / cfg.clock_hz, finished=fin, issued=issued,
                         busy_cycles=busy, icu_instructions=icu, mem_bytes_read=rd,
                         mem_bytes_written=wr, by_unit=by_unit, mxm_macs=macs, mxm_busy_cycles=busy_planes,
                         mxm_peak_macs_per_cycle=int(ctr["mxm_peak_macs"][0]), mxm_peak_per_cycle=peak)
+
+    # ---- chip-to-chip links ------------------------------------------------------------------
+    def c2c_take_outbox(self) -> List[Tuple[int, int, int, np.ndarray]]:
+        """Take the vectors this chip has sent since the last call: a list of ``(link,
+        send_cycle, arrival_cycle, vector)`` in send order (``vector``: ``lanes`` uint8).
+        :class:`lpucore.System` does this between lockstep windows; a host simulator that
+        holds the other end of a link does the same."""
+        return self._eng.c2c_take_outbox()
+
+    def c2c_deliver(self, link: int, arrival_cycle: int, vector) -> None:
+        """Put ``vector`` (``lanes`` bytes) in ``link``'s inbox, receivable from
+        ``arrival_cycle`` on.  Arrivals on one link must come in order and not before the
+        chip's current cycle; the chip keeps any number of them."""
+        self._eng.c2c_deliver(link, arrival_cycle, vector)
 
     # ---- memory --------------------------------------------------------------------------
     def _slice(self, hemisphere, slice_) -> int:

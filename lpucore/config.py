@@ -104,6 +104,12 @@ class ChipConfig:
     sxm_transposers: int = _param(2, "units", "Transpose units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: 2)")
     sxm_permuters: int = _param(1, "units", "Permute units per hemisphere usable in one cycle.", "TSP.md s5 [B, C] (GroqAPI: 1)")
     sxm_delay: int = _param(4, "cycles", "d_func of every SXM instruction: issue to result on its streams.", "estimate (GM counts 9 cycles for an SXM crossing)")
+    # ---- C2C (chip-to-chip links) ---------------------------------------------------
+    c2c_links: int = _param(16, "links", "Chip-to-chip links per chip. Send, Receive and Deskew are switch-unit instructions: any SXM queue may use any link, at the SXM position.", "TSP.md s7 [B, C]")
+    c2c_link_bytes_per_s: float = _param(14e9, "bytes/s", "Bandwidth of one link in one direction (4 lanes x 30 Gb/s after coding): a link takes one vector every c2c_send_interval = ceil(lanes x clock_hz / c2c_link_bytes_per_s) cycles (21 on the GroqChip).", "TSP.md s7 [B, C]")
+    c2c_latency: int = _param(500, "cycles", "From a Send's issue to the first cycle the chip at the link's other end can Receive the vector (SerDes, wire and deskew FIFO; about 0.56 us).", "estimate (TSP.md s7 [A, C]: < 3 us end to end across a Dragonfly of a few hops)")
+    c2c_receive_delay: int = _param(2, "cycles", "d_func of Receive: from issue to the vector on its stream at the C2C position.", "estimate")
+    c2c_deskew_delay: int = _param(64, "cycles", "From a Deskew's issue to the first cycle Send and Receive may use the link (the link's lane skew is measured and compensated).", "estimate")
 
     # ---- presets ----------------------------------------------------------------
     @classmethod
@@ -115,11 +121,12 @@ class ChipConfig:
     def tiny(cls) -> "ChipConfig":
         """A small chip for fast tests: 2 superlanes x 8 lanes, 4 MEM slices per hemisphere of
         64 addresses, 8+8 streams, 4 VXM ALUs per lane, 16 x 16 MXM planes with 16 accumulators,
-        3 SXM queues per hemisphere.  Same code paths."""
+        3 SXM queues per hemisphere, 4 C2C links of 12 cycles' latency.  Same code paths."""
         return cls(name="tiny", superlanes=2, lanes_per_superlane=8, mem_slices_per_hemisphere=4,
                    addresses_per_slice=64, streams_per_direction=8, mxm_size=16,
                    vxm_alus_per_lane=4, stagger=2, mem_slices_per_hop=2, mxm_accumulators=16,
-                   mxm_lw_streams=4, mxm_delay=5, sxm_queues_per_hemisphere=3)
+                   mxm_lw_streams=4, mxm_delay=5, sxm_queues_per_hemisphere=3, c2c_links=4,
+                   c2c_latency=12, c2c_deskew_delay=4)
 
     @classmethod
     def small(cls) -> "ChipConfig":
@@ -176,6 +183,10 @@ class ChipConfig:
             raise ConfigError("mxm_lw_streams must be <= streams_per_direction")
         if self.streams_per_direction < self.lanes_per_superlane:
             raise ConfigError("Transpose needs streams_per_direction >= lanes_per_superlane")
+        if not isinstance(self.c2c_link_bytes_per_s, (int, float)) or not self.c2c_link_bytes_per_s > 0:
+            raise ConfigError(f"ChipConfig.c2c_link_bytes_per_s must be a positive number, got {self.c2c_link_bytes_per_s!r}")
+        if self.c2c_links % 2:
+            raise ConfigError(f"c2c_links must be even (half per hemisphere), got {self.c2c_links}")
         if self.mem_hop_map is not None:
             m = tuple(self.mem_hop_map)
             if len(m) != self.mem_slices_per_hemisphere:
@@ -225,6 +236,11 @@ class ChipConfig:
         return 2 * self.vxm_position + 1
 
     @property
+    def c2c_send_interval(self) -> int:
+        """Cycles one link needs per vector: ceil(lanes x clock_hz / c2c_link_bytes_per_s)."""
+        return max(1, -(-int(round(self.lanes * self.clock_hz)) // int(round(self.c2c_link_bytes_per_s))))
+
+    @property
     def mxm_planes_per_hemisphere(self) -> int:
         return self.mxm_planes // 2
 
@@ -271,7 +287,8 @@ class ChipConfig:
     def queues(self) -> Tuple[QueueInfo, ...]:
         """Every ICU queue, in ISA queue-number order (also the order in which queues
         issue within one cycle).  MEM: one per slice; VXM: one per ALU; MXM: three per
-        plane; SXM: ``sxm_queues_per_hemisphere`` per hemisphere."""
+        plane; SXM: ``sxm_queues_per_hemisphere`` per hemisphere (they also run the C2C
+        instructions)."""
         cached = self.__dict__.get("_queues")
         if cached is not None:
             return cached

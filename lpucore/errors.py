@@ -48,17 +48,20 @@ class ScheduleError(LpuError):
     slice) at fault, ``stream`` the stream register (``"E5"``, ``"W12"``) or ALU
     latch (``"A3"``) involved, ``bank`` the MEM bank for a bank conflict, and
     ``kind`` one of ``"stream-conflict"``, ``"empty-read"``, ``"bank-conflict"``,
-    ``"latch-conflict"``, ``"address"``, ``"deadlock"``.
+    ``"latch-conflict"``, ``"address"``, ``"deadlock"``, ``"mxm-*"``, ``"resource"``,
+    ``"link-skew"``, ``"link-busy"``, ``"link-empty"`` (``link``: the C2C link number).
     """
 
     def __init__(self, kind: str, cycle: int, unit: str, message: str, *,
-                 stream: Optional[str] = None, bank: Optional[int] = None):
+                 stream: Optional[str] = None, bank: Optional[int] = None, link: Optional[int] = None):
         super().__init__(f"cycle {cycle}, {unit}: {message}")
         self.kind, self.cycle, self.unit, self.stream, self.bank = kind, cycle, unit, stream, bank
+        self.link = link
+        self.chip: Optional[int] = None     # set by lpucore.System: the chip that raised it
 
     def key(self):
         """What two engines must agree on for the same program."""
-        return (self.kind, self.cycle, self.unit, self.stream, self.bank)
+        return (self.kind, self.cycle, self.unit, self.stream, self.bank, self.link)
 
 
 class SnapshotError(LpuError, ValueError):
@@ -133,6 +136,26 @@ def resource_error(cfg, cycle, q, resource) -> ScheduleError:
     n = getattr(cfg, "sxm_" + resource)
     return ScheduleError("resource", cycle, cfg.queues[q].name,
                          f"needs one more of the {n} SXM {resource} of hemisphere {hem} in this cycle")
+
+
+LINK_WHY = ("skew", "busy", "empty")
+
+
+def link_error(cfg, cycle, q, link, why, extra=-1) -> ScheduleError:
+    """A C2C rule broken on ``link``: kind link-skew (not deskewed, or too soon after the
+    Deskew: extra = first usable cycle or -1), link-busy (a Send before the link is free:
+    extra = its first free cycle), link-empty (a Receive with nothing arrived: extra = the
+    next arrival's cycle or -1)."""
+    if why == "skew":
+        text = (f"uses link {link}, which has not been deskewed" if extra < 0 else
+                f"uses link {link} before its Deskew completes (cycle {extra})")
+    elif why == "busy":
+        text = (f"Send on link {link}, which is busy until cycle {extra}: one vector per "
+                f"c2c_send_interval ({cfg.c2c_send_interval}) cycles")
+    else:
+        text = f"Receive on link {link}, where nothing has arrived" + (
+            f" (the next vector arrives in cycle {extra})" if extra >= 0 else "")
+    return ScheduleError("link-" + why, cycle, cfg.queues[q].name, text, link=link)
 
 
 class CompileError(LpuError, ValueError):

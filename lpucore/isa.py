@@ -95,6 +95,7 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("flag", "0 or 1", _c(0), _c(1)),
     Kind("lanes", "lanes to shift by: > 0 towards higher lanes, < 0 towards lower", lambda c: -(c.lanes - 1), lambda c: c.lanes - 1),
     Kind("rotn", "rotation size n (n streams in, n*n out)", _c(3), _c(4)),
+    Kind("link", "chip-to-chip link number", _c(0), lambda c: c.c2c_links - 1),
 )}
 
 
@@ -273,21 +274,36 @@ TABLE: Tuple[Op, ...] = (
     Op("Select", 0x75, "SXM", (_F("dst", "stream"), _F("a", "stream"), _F("b", "stream"), _F("m", "stream")),
        "sxm_delay", ("stream:a", "stream:b", "stream:m"), ("stream:dst",),
        "Byte-wise: lane l is a[l] where m[l] is non-zero, else b[l].", resource="shifters"),
+    # ---- C2C: switch-unit instructions (any SXM queue, at the SXM position) ------------------
+    Op("Send", 0x80, "C2C", (_F("link", "link"), _F("src", "stream")), None, ("stream:src",), ("link:link",),
+       "Send the vector passing the SXM position on stream src over link: the chip at the other end "
+       "can Receive it from c2c_latency cycles on.  A link takes one vector every c2c_send_interval "
+       "cycles (a sooner Send is a link-busy error), and only after a Deskew.", queue="SXM"),
+    Op("Receive", 0x81, "C2C", (_F("link", "link"), _F("dst", "stream")), "c2c_receive_delay",
+       ("link:link",), ("stream:dst",),
+       "Take the oldest vector that has arrived on link (in arrival order) and put it on stream dst "
+       "at the SXM position c2c_receive_delay cycles later; nothing arrived yet is a link-empty error.",
+       queue="SXM"),
+    Op("Deskew", 0x82, "C2C", (_F("link", "link"),), "c2c_deskew_delay", (), ("link:link",),
+       "Align link's lanes: Send and Receive may use it from c2c_deskew_delay cycles after the issue "
+       "(before that, or without a Deskew since the last reset, is a link-skew error).", queue="SXM"),
 )
 
 BY_UNIT_MNEMONIC: Dict[Tuple[str, str], Op] = {(op.unit, op.mnemonic.lower()): op for op in TABLE}
 BY_OPCODE: Dict[int, Op] = {op.opcode: op for op in TABLE}
-UNITS = ("ICU", "MEM", "VXM", "MXM", "SXM")
+UNITS = ("ICU", "MEM", "VXM", "MXM", "SXM", "C2C")
 SXM_RESOURCES = ("shifters", "distributors", "transposers", "permuters")
 
 
 def lookup(mnemonic: str, unit: Optional[str] = None) -> Optional[Op]:
     """The instruction called ``mnemonic`` (case-insensitive).  Mnemonics are unique per
-    unit (VXM ``select`` and SXM ``Select`` differ), so pass the queue's unit when known;
+    unit (VXM ``select`` and SXM ``Select`` differ), so pass the queue's unit when known
+    (an SXM queue also runs the C2C unit's instructions);
     without it an ambiguous name gives None."""
     m = mnemonic.lower()
     if unit is not None:
-        return BY_UNIT_MNEMONIC.get((unit, m)) or BY_UNIT_MNEMONIC.get(("ICU", m))
+        return (BY_UNIT_MNEMONIC.get((unit, m)) or BY_UNIT_MNEMONIC.get(("ICU", m))
+                or next((op for op in TABLE if op.mnemonic.lower() == m and op.queue_kind == unit), None))
     found = [op for (u, n), op in BY_UNIT_MNEMONIC.items() if n == m]
     return found[0] if len(found) == 1 else None
 

@@ -33,6 +33,7 @@ include "_mem.pxi"
 include "_vxm.pxi"
 include "_mxm.pxi"
 include "_sxm.pxi"
+include "_c2c.pxi"
 include "_icu.pxi"
 
 fill_h2f()
@@ -229,6 +230,16 @@ cdef class FastEngine:
         a["sx_res"] = sx_res
         a["sx_limit"] = np.array([getattr(cfg, "sxm_" + r) for r in _isa.SXM_RESOURCES], dtype=np.int32)
         a["sx_use"] = np.zeros(2 * N_RESOURCES, dtype=np.int32)
+        # C2C
+        s.NL = cfg.c2c_links
+        s.c2c_interval = cfg.c2c_send_interval
+        s.c2c_latency = cfg.c2c_latency
+        s.c2c_receive_delay = cfg.c2c_receive_delay
+        s.c2c_deskew_delay = cfg.c2c_deskew_delay
+        for k in ("lk_busy", "lk_ready", "lk_sent", "lk_recv", "ib_head", "ib_n"):
+            a[k] = np.zeros(s.NL, dtype=np.int64)
+        a["ob_n"] = np.zeros(1, dtype=np.int64)
+        self._c2c_alloc(a, 16, 64)
         for k in ("st_issued", "st_icu"):
             a[k] = np.zeros(NQ, dtype=np.int64)
         for k in ("st_bread", "st_bwrite"):
@@ -249,9 +260,85 @@ cdef class FastEngine:
         self._bind()
         self._restart()
 
+    def _c2c_alloc(self, a, ibc, obc):
+        """(Re)size the inbox rings to ibc vectors per link and the outbox to obc vectors,
+        keeping their contents (inbox entries move to the front of their rings)."""
+        cdef State* s = &self.s
+        NL, L = s.NL, s.L
+        ib_data = np.zeros((NL, ibc, L), dtype=np.uint8)
+        ib_arr = np.zeros((NL, ibc), dtype=np.int64)
+        if "ib_data" in a:
+            old_d = a["ib_data"].reshape(NL, -1, L)
+            old_a = a["ib_arr"].reshape(NL, -1)
+            cap = old_a.shape[1]
+            for k in range(NL):
+                idx = (a["ib_head"][k] + np.arange(a["ib_n"][k])) % cap
+                ib_data[k, :idx.shape[0]] = old_d[k, idx]
+                ib_arr[k, :idx.shape[0]] = old_a[k, idx]
+            a["ib_head"][:] = 0
+        ob_data = np.zeros((obc, L), dtype=np.uint8)
+        ob_meta = np.zeros((obc, 3), dtype=np.int64)
+        if "ob_data" in a:
+            n = int(a["ob_n"][0])
+            ob_data[:n] = a["ob_data"].reshape(-1, L)[:n]
+            ob_meta[:n] = a["ob_meta"].reshape(-1, 3)[:n]
+        a["ib_data"], a["ib_arr"] = ib_data.reshape(-1), ib_arr.reshape(-1)
+        a["ob_data"], a["ob_meta"] = ob_data.reshape(-1), ob_meta.reshape(-1)
+        s.IBC = ibc
+        s.OBC = obc
+
+    def c2c_take_outbox(self):
+        """The vectors sent since the last call: a list of (link, send cycle, arrival cycle, bytes)."""
+        a = self.a
+        n = int(a["ob_n"][0])
+        meta = a["ob_meta"].reshape(-1, 3)[:n]
+        data = a["ob_data"].reshape(-1, self.s.L)[:n].copy()
+        out = [(int(m[0]), int(m[1]), int(m[2]), data[i]) for i, m in enumerate(meta)]
+        a["ob_n"][0] = 0
+        return out
+
+    def c2c_deliver(self, link, arrival, vec):
+        """``vec`` reaches ``link``'s inbox in cycle ``arrival`` (the same checks as the reference)."""
+        cdef State* s = &self.s
+        link, arrival = int(link), int(arrival)
+        if not 0 <= link < s.NL:
+            raise _errors.LpuError(f"no link {link}: the chip has links 0..{s.NL - 1}")
+        vec = np.asarray(vec, dtype=np.uint8).reshape(-1)
+        if vec.shape[0] != s.L:
+            raise _errors.LpuError(f"a link carries {s.L}-byte vectors, got {vec.shape[0]} bytes")
+        if arrival < s.cycle:
+            raise _errors.LpuError(f"a vector arriving in cycle {arrival} on link {link} comes too late: the chip is "
+                                   f"already at cycle {s.cycle}")
+        a = self.a
+        n = int(a["ib_n"][link])
+        if n:
+            last = int(a["ib_arr"][link * s.IBC + (a["ib_head"][link] + n - 1) % s.IBC])
+            if arrival < last:
+                raise _errors.LpuError(f"link {link} delivers in order: arrival {arrival} is before the previous {last}")
+        if n == s.IBC:
+            self._c2c_alloc(a, 2 * s.IBC, s.OBC)
+            self._bind()
+        e = link * s.IBC + (a["ib_head"][link] + n) % s.IBC
+        a["ib_data"].reshape(-1, s.L)[e] = vec
+        a["ib_arr"][e] = arrival
+        a["ib_n"][link] = n + 1
+
     cdef _bind(self):
         cdef State* s = &self.s
         a = self.a
+        s.lk_busy = _p_i64(a["lk_busy"])
+        s.lk_ready = _p_i64(a["lk_ready"])
+        s.lk_sent = _p_i64(a["lk_sent"])
+        s.lk_recv = _p_i64(a["lk_recv"])
+        s.ib_head = _p_i64(a["ib_head"])
+        s.ib_n = _p_i64(a["ib_n"])
+        s.ib_data = _p_u8(a["ib_data"])
+        s.ib_arr = _p_i64(a["ib_arr"])
+        s.ob_data = _p_u8(a["ob_data"])
+        s.ob_meta = _p_i64(a["ob_meta"])
+        s.ob_n = _p_i64(a["ob_n"])
+        s.IBC = a["ib_arr"].size // s.NL
+        s.OBC = a["ob_meta"].size // 3
         s.code = _p_i32(a["code"])
         s.lat = _p_i32(a["lat"])
         s.strided = _p_i32(a["strided"])
@@ -343,6 +430,9 @@ cdef class FastEngine:
         a["dg_n"][:] = 0
         a["latch_valid"][:] = 0
         a["lt_tag"][:] = -1
+        a["lk_ready"][:] = -1
+        for k in ("lk_busy", "lk_sent", "lk_recv", "ib_head", "ib_n", "ob_n"):
+            a[k][:] = 0
         for k in ("st_issued", "st_icu", "st_bread", "st_bwrite", "mx_macs", "mx_busy", "mx_peak",
                   "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot", "sx_use"):
             a[k][:] = 0
@@ -425,6 +515,10 @@ cdef class FastEngine:
                 rc = run_until(&self.s, u, idl)
             t1 = _perf_counter()
             h["loop_s"] += t1 - t0
+            if rc == 4:
+                self._c2c_alloc(self.a, self.s.IBC, 2 * self.s.OBC)
+                self._bind()
+                continue
             if rc != 3:
                 break
             self._mxm_flush(self.s.flush_plane)
@@ -510,6 +604,8 @@ cdef class FastEngine:
             return _errors.deadlock(cfg, c, q, x, y)
         if k == ERR_MXM:
             return _errors.mxm_error(cfg, c, q, ["busy", "empty", "dtype"][x])
+        if k == ERR_LINK:
+            return _errors.link_error(cfg, c, q, x, _errors.LINK_WHY[y], q2)
         if k == ERR_RESOURCE:
             return _errors.resource_error(cfg, c, q, _isa.SXM_RESOURCES[x])
         return _errors.LpuError(f"fast engine: unknown error code {k}")
@@ -579,9 +675,14 @@ cdef class FastEngine:
                 if k in _CONST_ARRAYS:
                     continue
                 x = arrays[k]
+                if k in _GROWABLE and x.dtype == v.dtype and x.ndim == 1:
+                    continue
                 if x.dtype != v.dtype or x.shape != v.shape:
                     raise _errors.SnapshotError(f"snapshot array {k!r} is {x.dtype}{list(x.shape)}, "
                                                 f"this chip needs {v.dtype}{list(v.shape)}")
+            if (arrays["ib_data"].size != arrays["ib_arr"].size * s.L or arrays["ib_arr"].size % s.NL
+                    or arrays["ob_data"].size * 3 != arrays["ob_meta"].size * s.L or arrays["ob_meta"].size < 3):
+                raise _errors.SnapshotError("snapshot C2C buffers have inconsistent sizes")
             notifies = np.ascontiguousarray(arrays["notifies"], dtype=np.int64).reshape(-1)
             perr = np.ascontiguousarray(arrays["perr"], dtype=np.int64).reshape(-1)
             if perr.shape[0] != 8:
@@ -601,8 +702,11 @@ cdef class FastEngine:
             s.notifies[i] = notifies[i]
         s.n_notify = n
         for k, v in a.items():
-            if k not in _CONST_ARRAYS:
+            if k in _GROWABLE:
+                a[k] = np.array(arrays[k], dtype=v.dtype)
+            elif k not in _CONST_ARRAYS:
                 v[...] = arrays[k]      # in place: the State's pointers stay valid
+        self._bind()
         for i in range(8):
             s.perr[i] = perr[i]
             s.err[i] = 0
@@ -618,8 +722,12 @@ cdef class FastEngine:
         return {"issued": a["st_issued"].copy(), "icu": a["st_icu"].copy(),
                 "bytes_read": a["st_bread"].copy(), "bytes_written": a["st_bwrite"].copy(),
                 "mxm_macs": a["mx_macs"].copy(), "mxm_busy": a["mx_busy"].copy(),
-                "mxm_peak_macs": a["mx_peak"].copy()}
+                "mxm_peak_macs": a["mx_peak"].copy(), "c2c_sent": a["lk_sent"].copy(),
+                "c2c_received": a["lk_recv"].copy()}
 
+
+# C2C buffers, resized as traffic needs (a snapshot may hold other sizes)
+_GROWABLE = frozenset(("ib_data", "ib_arr", "ob_data", "ob_meta"))
 
 # Arrays fixed by the configuration and the program (or scratch space), not saved in snapshots.
 _CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",

@@ -21,6 +21,8 @@ cdef inline int execute(State* s, int q, int op, int32_t* f, int64_t c) noexcept
         return vxm_exec(s, q, op, s.vx_cls[op], s.vx_nsrc[op], f, c)
     if u == UNIT_MXM:
         return mxm_exec(s, q, op, f, c)
+    if op == OP_SEND or op == OP_RECEIVE or op == OP_DESKEW:
+        return c2c_exec(s, q, op, f, c)
     return sxm_exec(s, q, op, f, c)
 
 
@@ -133,7 +135,8 @@ cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
     normally, 1 = schedule error in s.err, 2 = out of memory, 3 = the MXM batch of
     plane s.flush_plane must be multiplied first (the caller does it and calls again:
     the loop resumes at the same cycle, with the queues that already issued in it done).
-    Small batches are multiplied here (mxm_multiply_small) without returning."""
+    Small batches are multiplied here (mxm_multiply_small) without returning.
+    4 = the C2C outbox is full: the caller grows it and calls again (same resumption)."""
     cdef int q, rc
     cdef int64_t c, nx, nmin, target, finish
     c = next_event(s)
@@ -181,6 +184,8 @@ cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
                         and mxm_multiply_small(s, s.q_slot[q])):
                     s.flush_plane = s.q_slot[q]
                     return 3
+                if s.q_unit[q] == UNIT_SXM and s.ob_n[0] >= s.OBC:
+                    return 4
                 rc = issue(s, q, c)
                 if rc:
                     # leave SRAM as the reference engine does: writes landing by c applied

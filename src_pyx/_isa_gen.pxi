@@ -16,6 +16,7 @@ cdef enum:
     UNIT_VXM = 2
     UNIT_MXM = 3
     UNIT_SXM = 4
+    UNIT_C2C = 5
 
 cdef enum:
     OP_NOP = 0x0000
@@ -68,6 +69,9 @@ cdef enum:
     OP_ROTATE = 0x0073
     OP_TRANSPOSE = 0x0074
     OP_SXM_SELECT = 0x0075
+    OP_SEND = 0x0080
+    OP_RECEIVE = 0x0081
+    OP_DESKEW = 0x0082
 
 cdef enum:
     RES_SHIFTERS = 0
@@ -236,3 +240,8 @@ cdef enum:
     F_SXM_SELECT_A = 1
     F_SXM_SELECT_B = 2
     F_SXM_SELECT_M = 3
+    F_SEND_LINK = 0
+    F_SEND_SRC = 1
+    F_RECEIVE_LINK = 0
+    F_RECEIVE_DST = 1
+    F_DESKEW_LINK = 0

@@ -27,6 +27,7 @@ cdef enum:
     ERR_DEADLOCK = 6
     ERR_MXM = 7
     ERR_RESOURCE = 8
+    ERR_LINK = 9
 
 cdef enum:
     MXE_BUSY = 0
@@ -164,6 +165,25 @@ cdef struct State:
     int64_t sx_cycle
     int sx_delay
     uint8_t* sx_in[64]
+    # C2C (see _c2c.pxi)
+    int NL               # links
+    int c2c_interval     # cycles per vector on one link
+    int c2c_latency
+    int c2c_receive_delay
+    int c2c_deskew_delay
+    int64_t* lk_busy     # [NL] first cycle the link takes a new Send
+    int64_t* lk_ready    # [NL] first cycle after the last Deskew, -1: never deskewed
+    int64_t* lk_sent     # [NL] vectors sent
+    int64_t* lk_recv     # [NL] vectors received
+    int64_t IBC          # inbox ring entries per link
+    uint8_t* ib_data     # [NL * IBC * L]
+    int64_t* ib_arr      # [NL * IBC] arrival cycles
+    int64_t* ib_head     # [NL]
+    int64_t* ib_n        # [NL]
+    int64_t OBC          # outbox capacity (vectors)
+    uint8_t* ob_data     # [OBC * L]
+    int64_t* ob_meta     # [OBC * 3] link, send cycle, arrival cycle
+    int64_t* ob_n        # [1] vectors in the outbox
     # scratch, [L] each
     uint32_t* ta
     uint32_t* tb

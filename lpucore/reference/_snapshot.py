@@ -104,6 +104,13 @@ def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
     # SXM
     a["sx_use"] = _rows([(int(c), int(h), isa.SXM_RESOURCES.index(r), int(n))
                          for (c, h, r), n in eng.sxm.use.items()], 4)
+    # C2C links
+    lk = eng.links
+    a["lk_state"] = np.array([lk.busy_until, lk.ready, lk.sent.tolist(), lk.received.tolist()], dtype=np.int64)
+    a["lk_imeta"] = _rows([(k, int(arr)) for k, ib in enumerate(lk.inbox) for arr, _ in ib], 2)
+    a["lk_ivec"] = _stack([v for ib in lk.inbox for _, v in ib], (L,), np.uint8)
+    a["lk_ometa"] = _rows([(int(k), int(c), int(arr)) for k, c, arr, _ in lk.outbox], 3)
+    a["lk_ovec"] = _stack([v for _, _, _, v in lk.outbox], (L,), np.uint8)
     scalars = {"t": int(eng.t), "cycle": int(eng.cycle), "last_effect": int(eng.last_effect),
                "done": bool(eng.done), "mx_peak": int(mx.peak)}
     return scalars, a
@@ -158,6 +165,10 @@ def set_state(eng, scalars: Dict, arrays: Dict[str, np.ndarray]) -> None:
         lt_pbits = _check(arrays, "lt_pbits", (len(lt_pmeta), L), np.uint32)
         mx_ibytes = _check(arrays, "mx_ibytes", (len(mx_imeta), R, L), np.uint8)
         mx_pres = _check(arrays, "mx_pres", (len(mx_pmeta), L), np.uint32)
+        lk_state = _check(arrays, "lk_state", (4, cfg.c2c_links), np.int64)
+        lk_imeta, lk_ometa = _rows_of(arrays, "lk_imeta", 2), _rows_of(arrays, "lk_ometa", 3)
+        lk_ivec = _check(arrays, "lk_ivec", (len(lk_imeta), L), np.uint8)
+        lk_ovec = _check(arrays, "lk_ovec", (len(lk_ometa), L), np.uint8)
         t, cycle, last_effect = int(scalars["t"]), int(scalars["cycle"]), int(scalars["last_effect"])
         done, peak = bool(scalars["done"]), int(scalars["mx_peak"])
         for qs_row, lst in zip(q, eng._lists):
@@ -217,3 +228,12 @@ def set_state(eng, scalars: Dict, arrays: Dict[str, np.ndarray]) -> None:
     mx.macs_in_cycle = {c: n for c, n in mic.tolist()}
     mx.peak = peak
     eng.sxm.use = {(c, h, isa.SXM_RESOURCES[r]): n for c, h, r, n in sx_use.tolist()}
+    lk = eng.links
+    lk.reset()
+    lk.busy_until, lk.ready = lk_state[0].tolist(), lk_state[1].tolist()
+    lk.sent, lk.received = lk_state[2].copy(), lk_state[3].copy()
+    for (k, arr), v in zip(lk_imeta.tolist(), lk_ivec):
+        if not 0 <= k < cfg.c2c_links:
+            raise SnapshotError(f"snapshot inbox entry names link {k}")
+        lk.inbox[k].append((arr, v.copy()))
+    lk.outbox = [(k, c, arr, v.copy()) for (k, c, arr), v in zip(lk_ometa.tolist(), lk_ovec)]

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import errors
 from ..errors import LpuError, ScheduleError
-from . import _icu, _mem, _mxm, _sxm, _vxm
+from . import _c2c, _icu, _mem, _mxm, _sxm, _vxm
 from ._icu import INF, QueueState
 from ._streams import StreamFile
 
@@ -37,6 +37,7 @@ class ReferenceEngine:
         self.latches = _vxm.Latches(cfg)
         self.mxm = _mxm.Mxm(cfg)
         self.sxm = _sxm.Sxm(cfg)
+        self.links = _c2c.Links(cfg)
         self.program = None
         self._lists = [[] for _ in cfg.queues]
         self._restart()
@@ -48,6 +49,7 @@ class ReferenceEngine:
         self.latches.reset()
         self.mxm.reset()
         self.sxm.reset()
+        self.links.reset()
         self.mem.reset(clear_memory=False)
         self.queues = [QueueState(q, self._lists[q.index]) for q in cfg.queues]
         self.notifies = []
@@ -93,6 +95,8 @@ class ReferenceEngine:
             _mxm.execute(self, q, ins, args, c)
         elif ins.op.unit == "SXM":
             _sxm.execute(self, q, ins, args, c)
+        elif ins.op.unit == "C2C":
+            _c2c.execute(self, q, ins, args, c)
         else:  # pragma: no cover - the validator rejects this
             raise LpuError(f"no unit executes {ins.op.mnemonic}")
 
@@ -161,8 +165,17 @@ class ReferenceEngine:
         data = np.asarray(data, dtype=np.uint8)
         self.mem.sram[gslice, addr:addr + data.shape[0]] = data
 
+    # ---- links (the host or lpucore.System holds the other ends) ------------------------------
+    def c2c_take_outbox(self):
+        """The vectors sent since the last call: a list of (link, send cycle, arrival cycle, bytes)."""
+        return self.links.take_outbox()
+
+    def c2c_deliver(self, link, arrival, vec):
+        self.links.deliver(int(link), int(arrival), vec, self.cycle)
+
     def counters(self):
         return {"issued": self.stats_issued.copy(), "icu": self.stats_icu.copy(),
                 "bytes_read": self.stats_bytes_read.copy(), "bytes_written": self.stats_bytes_written.copy(),
                 "mxm_macs": self.mxm.macs.copy(), "mxm_busy": self.mxm.busy.copy(),
-                "mxm_peak_macs": np.array([self.mxm.peak], dtype=np.int64)}
+                "mxm_peak_macs": np.array([self.mxm.peak], dtype=np.int64),
+                "c2c_sent": self.links.sent.copy(), "c2c_received": self.links.received.copy()}

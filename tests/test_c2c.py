@@ -1,0 +1,271 @@
+"""Chip-to-chip links (Send / Receive / Deskew) and lpucore.System, on both engines.
+
+Tiny geometry: SXM W at position 1, MEM W0/W1 at 3 (see test_mxm_sxm.py); C2C: 4 links,
+latency 12 cycles, one vector per 2 cycles per link, Deskew ready 4 cycles after issue.
+A MEM.W0 Read issued in cycle 10 puts its vector on W1 at position 3 in cycle 12; it
+passes the SXM (position 1) in cycle 14.  A Receive's vector on E2 in cycle c + 2 at
+position 1 reaches MEM.W1 (position 3) two cycles later.
+"""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+import lpucore
+from lpucore import LpuError, ProgramError, ScheduleError, System, assemble
+from lpucore.system import topology_wires
+from helpers import TINY, make_chip, schedule_error, timed
+
+VEC = np.arange(TINY.lanes, dtype=np.uint8)
+SEND = {"SXM.W0": [(0, "Deskew 0"), (14, "Send 0, W1")], "MEM.W0": [(10, "Read 5, W1")]}
+
+
+def prog(events, cfg=TINY):
+    header = ".config tiny\n" if cfg == TINY else ".config json:" + cfg.to_json() + "\n"
+    return assemble(header + timed(events))
+
+
+def test_config_and_isa():
+    g = lpucore.ChipConfig()
+    assert g.c2c_links == 16 and g.c2c_send_interval == 21      # 320 B at 14 GB/s and 900 MHz
+    assert TINY.c2c_send_interval == 2
+    assert len(g.queues) == 144                                   # C2C runs on the SXM queues
+    for m in ("Send", "Receive", "Deskew"):
+        op = lpucore.isa.lookup(m, "SXM")
+        assert op.unit == "C2C" and op.queue_kind == "SXM"
+    with pytest.raises(ProgramError, match="link"):
+        assemble(".config tiny\nSXM.W0: Send 4, W1")
+    with pytest.raises(lpucore.ConfigError, match="even"):
+        dataclasses.replace(TINY, c2c_links=3)
+
+
+def test_send_to_the_host_and_receive_from_it(engine):
+    text = timed({**SEND, "SXM.W0": SEND["SXM.W0"] + [(40, "Receive 0, E2")], "MEM.W1": [(44, "Write 7, E2")]})
+    chip = make_chip(engine, text, mem={("W0", 5): VEC})
+    st = chip.run(until=20)
+    sent = chip.c2c_take_outbox()
+    assert [(l, c, a) for l, c, a, _ in sent] == [(0, 14, 14 + TINY.c2c_latency)]
+    assert np.array_equal(sent[0][3], VEC) and chip.c2c_take_outbox() == []
+    chip.c2c_deliver(0, 30, VEC[::-1])
+    st = chip.run()
+    assert np.array_equal(chip.read_mem("W", 1, 7)[0], VEC[::-1])
+    assert st.finished and st.cycles == 44 + TINY.mem_write_delay + TINY.stagger
+    assert st.c2c_vectors_sent == {0: 1} and st.c2c_vectors_received == {0: 1}
+    assert st.by_unit["C2C"]["bytes_sent"] == TINY.lanes
+
+
+def test_deliveries_are_checked(engine):
+    chip = make_chip(engine, timed(SEND), mem={("W0", 5): VEC})
+    chip.run(until=20)
+    with pytest.raises(LpuError, match="too late"):
+        chip.c2c_deliver(1, chip.cycle - 1, VEC)
+    with pytest.raises(LpuError, match="no link 4"):
+        chip.c2c_deliver(4, 30, VEC)
+    with pytest.raises(LpuError, match="16-byte"):
+        chip.c2c_deliver(1, 30, VEC[:8])
+    chip.c2c_deliver(1, 30, VEC)
+    with pytest.raises(LpuError, match="in order"):
+        chip.c2c_deliver(1, 29, VEC)
+    for k in range(100):                       # the inbox grows as needed
+        chip.c2c_deliver(2, 30 + k, VEC)
+
+
+@pytest.mark.parametrize("case", ["no-deskew", "too-soon", "busy", "empty", "early", "empty-stream"])
+def test_link_rules_are_schedule_errors(engine, case):
+    ev = {k: list(v) for k, v in SEND.items()}
+    want = {"no-deskew": ("link-skew", 14, "not been deskewed"),
+            "too-soon": ("link-skew", 2, "before its Deskew completes (cycle 4)"),
+            "busy": ("link-busy", 15, "busy until cycle 16"),
+            "empty": ("link-empty", 20, "nothing has arrived"),
+            "early": ("link-empty", 20, "arrives in cycle 26"),
+            "empty-stream": ("empty-read", 16, "holds no value")}[case]
+    if case == "no-deskew":
+        ev["SXM.W0"] = [(14, "Send 0, W1")]
+    elif case == "too-soon":
+        ev["SXM.W0"] = [(0, "Deskew 0"), (2, "Receive 0, E2")]
+    elif case == "busy":
+        ev["MEM.W0"] = [(10, "Read 5, W1"), (11, "Read 5, W1")]
+        ev["SXM.W0"] = [(0, "Deskew 0"), (14, "Send 0, W1"), (15, "Send 0, W1")]
+    elif case in ("empty", "early"):
+        ev["SXM.W0"] = [(0, "Deskew 0"), (20, "Receive 0, E2")]
+    else:
+        ev["SXM.W0"] = [(0, "Deskew 0"), (16, "Send 0, W1")]
+    chip = make_chip(engine, timed(ev), mem={("W0", 5): VEC})
+    if case == "early":
+        chip.run(until=6)
+        chip.c2c_deliver(0, 26, VEC)
+    with pytest.raises(ScheduleError) as e:
+        chip.run()
+    e = e.value
+    assert (e.kind, e.cycle, e.unit) == want[:2] + ("SXM.W0",)
+    assert want[2] in str(e)
+    if e.kind.startswith("link"):
+        assert e.link == 0
+
+
+def test_a_link_at_full_rate(engine):
+    """Eight vectors, one per c2c_send_interval cycles, over a two-chip system."""
+    n, iv = 8, TINY.c2c_send_interval
+    a = prog({"SXM.W0": [(0, "Deskew 2"), (14, "Send 2, W1"), (15, f"Repeat {n - 1}, {iv}")],
+              "MEM.W0": [(10, "Read 0, W1"), (11, f"Repeat {n - 1}, {iv}, 1")]})
+    r0 = 14 + TINY.c2c_latency
+    b = prog({"SXM.W0": [(0, "Deskew 3"), (r0, "Receive 3, E2"), (r0 + 1, f"Repeat {n - 1}, {iv}")],
+              "MEM.W1": [(r0 + 4, "Write 0, E2"), (r0 + 5, f"Repeat {n - 1}, {iv}, 1")]})
+    s = System(2, [(0, 2, 1, 3)], config=TINY, engine=engine)
+    data = np.random.default_rng(0).integers(0, 256, (n, TINY.lanes)).astype(np.uint8)
+    s.chips[0].write_mem("W", 0, 0, data)
+    s.load([a, b])
+    st = s.run()
+    assert np.array_equal(s.chips[1].read_mem("W", 1, 0, n), data)
+    assert st.link_vectors == {(0, 2, 1, 3): n} and st.c2c_bytes == n * TINY.lanes
+    assert st.cycles == r0 + 4 + (n - 1) * iv + TINY.mem_write_delay + TINY.stagger
+
+
+def ping_pong(engine, window=None, rounds=3):
+    """Chip 0 sends a vector to chip 1, which stores it and sends it back, three times
+    round; each chip stores what it receives (MEM.W1 writes and re-reads it)."""
+    L = TINY.lanes
+    lat = TINY.c2c_latency
+    ev0 = {"SXM.W0": [(0, "Deskew 0")], "MEM.W0": [(10, "Read 5, W1")], "MEM.W1": []}
+    ev1 = {"SXM.W0": [(0, "Deskew 1")], "MEM.W1": []}
+    t = 14
+    for r in range(rounds):
+        ev0["SXM.W0"].append((t, "Send 0, W1"))
+        t1 = t + lat                                       # chip 1 receives, stores, reads back, sends
+        ev1["SXM.W0"].append((t1, "Receive 1, E2"))
+        ev1["MEM.W1"].append((t1 + 4, f"Write {10 + r}, E2"))
+        ev1["MEM.W1"].append((t1 + 7, f"Read {10 + r}, W1"))
+        ev1["SXM.W0"].append((t1 + 11, "Send 1, W1"))
+        t0 = t1 + 11 + lat
+        ev0["SXM.W0"].append((t0, "Receive 0, E2"))
+        ev0["MEM.W1"].append((t0 + 4, f"Write {20 + r}, E2"))
+        if r + 1 < rounds:
+            ev0["MEM.W1"].append((t0 + 7, f"Read {20 + r}, W1"))
+        t = t0 + 11
+    s = System(2, [(0, 0, 1, 1)], config=TINY, engine=engine)
+    if window is not None:
+        s.__class__ = type("Windowed", (System,), {"window": property(lambda self: window)})
+    s.chips[0].write_mem("W", 0, 5, VEC[None])
+    s.load([prog(ev0), prog(ev1)])
+    st = s.run()
+    got = [s.chips[0].read_mem("W", 1, 20, rounds), s.chips[1].read_mem("W", 1, 10, rounds)]
+    return st, got
+
+
+def test_system_results_do_not_depend_on_engine_or_window():
+    base_st, base = ping_pong("reference")
+    assert all(np.array_equal(v, np.tile(VEC, (3, 1))) for v in base)
+    for engine, window in [("fast", None), ("fast", 1), ("fast", 5), ("reference", 7)]:
+        st, got = ping_pong(engine, window)
+        assert st.cycles == base_st.cycles and all(np.array_equal(a, b) for a, b in zip(got, base))
+        assert [c.cycles for c in st.chips] == [c.cycles for c in base_st.chips]
+
+
+def test_schedule_errors_name_the_chip(engine):
+    s = System(2, [(0, 0, 1, 1)], config=TINY, engine=engine)
+    s.load([prog(SEND), prog({"SXM.W0": [(0, "Deskew 1"), (20, "Receive 1, E2")]})])
+    with pytest.raises(ScheduleError, match="chip 1: cycle 20, SXM.W0") as e:
+        s.run()
+    assert e.value.chip == 1 and e.value.kind == "link-empty"
+
+
+def test_system_refuses_unconnected_links():
+    s = System(2, [(0, 1, 1, 1)], config=TINY, engine="reference")
+    with pytest.raises(ProgramError, match="chip 0: Send on link 0"):
+        s.load([prog(SEND), None])
+
+
+def test_snapshot_keeps_link_state(engine):
+    text = timed({**SEND, "SXM.W0": SEND["SXM.W0"] + [(40, "Receive 0, E2")], "MEM.W1": [(44, "Write 7, E2")]})
+    chip = make_chip(engine, text, mem={("W0", 5): VEC})
+    chip.run(until=20)
+    chip.c2c_deliver(0, 30, VEC[::-1])
+    snap = chip.snapshot()
+    sent = chip.c2c_take_outbox()
+    chip.run()
+    other = make_chip(engine, text)
+    other.restore(snap)
+    assert [(l, c, a) for l, c, a, _ in other.c2c_take_outbox()] == [(l, c, a) for l, c, a, _ in sent]
+    st = other.run()
+    assert np.array_equal(other.read_mem("W", 1, 7)[0], VEC[::-1]) and st.cycles == chip.stats().cycles
+
+
+CFG16 = dataclasses.replace(TINY, c2c_links=16)
+
+
+@pytest.mark.parametrize("topology, n, wires", [("node", 8, 28), ("rack", 72, 9 * 28 + 36 * 4),
+                                                ("dragonfly", 576, 8 * 396 + 28 * (5 * 72 // 7))])
+def test_topologies(topology, n, wires):
+    w = topology_wires(topology, n, lpucore.ChipConfig())
+    assert len(w) == wires
+    ends = [e for a, la, b, lb in w for e in ((a, la), (b, lb))]
+    assert len(ends) == len(set(ends)) and all(0 <= l < 16 and 0 <= c < n for c, l in ends)
+    # nodes are fully connected by links 0..6; racks join every pair of nodes, dragonflies every pair of racks
+    pairs = {frozenset((a // 8, b // 8)) for a, _, b, _ in w if a // 8 != b // 8}
+    racks = {frozenset((a // 72, b // 72)) for a, _, b, _ in w if a // 72 != b // 72}
+    local = {frozenset((a, b)) for a, la, b, lb in w if a // 8 == b // 8}
+    assert len(local) == 28 * (n // 8)
+    if topology != "node":
+        assert len(pairs) >= 36 * (n // 72)
+    if topology == "dragonfly":
+        assert len(racks) == 28
+
+
+def test_topology_errors():
+    with pytest.raises(lpucore.ConfigError, match="a node has 8 chips"):
+        System(7, "node", config=CFG16)
+    with pytest.raises(lpucore.ConfigError, match="needs 7 C2C links"):
+        System(topology="node", config=TINY)
+    with pytest.raises(lpucore.ConfigError, match="wired twice"):
+        System(3, [(0, 0, 1, 0), (0, 0, 2, 0)], config=TINY)
+    with pytest.raises(lpucore.ConfigError, match="chips 0..1"):
+        System(2, [(0, 0, 2, 0)], config=TINY)
+    with pytest.raises(lpucore.ConfigError, match="dragonfly"):
+        System(100, "dragonfly", config=CFG16)
+    s = System(topology="node", config=CFG16)
+    assert len(s) == 8 and s.window == CFG16.c2c_latency and "8 x tiny" in repr(s)
+
+
+def test_a_vector_crosses_every_node_of_a_rack():
+    """A vector hops from node to node of a 72-chip rack over the wires that join them (and
+    over a node's local links to reach the chip holding the next wire); every chip on the
+    way stores and forwards it.  Tiny chips with 16 links, fast engine."""
+    s = System(topology="rack", config=CFG16)
+    lat = CFG16.c2c_latency
+    hop = {}
+    for a, la, b, lb in s.wires:
+        hop.setdefault((a, b), (la, lb))
+        hop.setdefault((b, a), (lb, la))
+    path, cur = [], 0
+    for node in range(1, 9):
+        nxt = [y for (x, y) in hop if x == cur and y // 8 == node]
+        if not nxt:             # hand over inside the node to a chip wired to the next node
+            via = next(x for (x, y) in hop if x // 8 == cur // 8 and x != cur and y // 8 == node)
+            path.append((cur, via))
+            cur = via
+            nxt = [y for (x, y) in hop if x == cur and y // 8 == node]
+        path.append((cur, nxt[0]))
+        cur = nxt[0]
+    progs = {}
+
+    def ev(c):
+        return progs.setdefault(c, {"SXM.W0": [(k, f"Deskew {k}") for k in range(16)], "MEM.W0": [], "MEM.W1": []})
+
+    t = 30
+    ev(path[0][0])["MEM.W0"].append((t - 4, "Read 5, W1"))
+    for a, b in path:
+        la, lb = hop[(a, b)]
+        ev(a)["SXM.W0"].append((t, f"Send {la}, W1"))
+        r = t + lat
+        ev(b)["SXM.W0"].append((r, f"Receive {lb}, E2"))
+        ev(b)["MEM.W1"].append((r + 4, "Write 7, E2"))
+        ev(b)["MEM.W1"].append((r + 7, "Read 7, W1"))
+        t = r + 11
+    s.chips[path[0][0]].write_mem("W", 0, 5, VEC[None])
+    s.load({c: prog({k: v for k, v in e.items() if v}, CFG16) for c, e in progs.items()})
+    st = s.run()
+    assert len({b // 8 for _, b in path}) == 8
+    for _, b in path:
+        assert np.array_equal(s.chips[b].read_mem("W", 1, 7)[0], VEC)
+    assert sum(st.link_vectors.values()) == len(path) and st.finished
