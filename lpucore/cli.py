@@ -9,6 +9,8 @@ Commands::
                                                          run a program (binary, or .s text)
     info [--config NAME] [--json]                        chip parameters and derived peaks
     bench [engine|gemm] [ARGS ...]                       the repository's benchmarks
+    decode MODEL ...                                     generate tokens with lpucore.llm.Decoder
+    relay [--topology node|rack|dragonfly] [--mpi] ...   pass vectors through every chip of a System
 
 Every user mistake (a missing file, a bad option, a tensor of the wrong dtype,
 any :class:`~lpucore.LpuError`) prints one line ``lpucore: error: ...`` on
@@ -646,9 +648,75 @@ def _bench_command(sub) -> None:
                    help=f"benchmark ({', '.join(BENCHMARKS)}; default: all) and its options")
 
 
+def _cmd_relay(args) -> int:
+    import dataclasses
+    import hashlib
+    import json
+    import time
+
+    import numpy as np
+
+    from .compiler.c2c import relay_programs
+    from .system import System
+
+    cfg = args.config or ChipConfig.groqchip1()
+    if args.links is not None:
+        cfg = dataclasses.replace(cfg, c2c_links=args.links)
+    comm = None
+    if args.mpi:
+        from .mpi import comm_world
+        comm = comm_world()
+    t0 = time.perf_counter()
+    s = System(args.chips, args.topology, config=cfg, engine=args.engine, comm=comm)
+    programs, path, _ = relay_programs(cfg, len(s), s.wires, args.vectors)
+    slot = cfg.mem_slices_per_hemisphere - 1
+    block = np.random.default_rng(args.seed).integers(0, 256, (args.vectors, cfg.lanes)).astype(np.uint8)
+    if s.chips[path[0][0]] is not None:
+        s.chips[path[0][0]].write_mem("W", slot, 0, block)
+    s.load(lambda i: programs.get(i))
+    t1 = time.perf_counter()
+    st = s.run()
+    wall = time.perf_counter() - t1
+    ok = all(np.array_equal(s.chips[b].read_mem("W", slot, 0, args.vectors), block)
+             for _, _, b, _ in path if s.chips[b] is not None)
+    if comm is not None:
+        ok = all(comm.allgather(ok))
+        wall = max(comm.allgather(wall))
+    digest = hashlib.sha256(json.dumps([[c.cycles for c in st.chips], sorted(map(list, st.link_vectors.items()))])
+                            .encode()).hexdigest()[:16]
+    out = dict(chips=len(s), topology=args.topology, config=cfg.name, engine=args.engine,
+               processes=s.size, vectors=args.vectors, hops=len(path), cycles=st.cycles,
+               simulated_seconds=st.seconds, link_bytes=st.c2c_bytes, windows=st.windows, correct=ok,
+               digest=digest, setup_seconds=t1 - t0, wall_seconds=wall)
+    if s.rank == 0:
+        print(f"{s}: relay of {args.vectors} vectors over {len(path)} hops: {st.cycles:,} cycles "
+              f"({st.seconds * 1e6:.2f} us), {st.c2c_bytes:,} bytes over links, {st.windows} windows; "
+              f"{'correct' if ok else 'WRONG DATA'}; wall {wall:.2f} s")
+        print(json.dumps(out))
+    return 0 if ok else 1
+
+
+def _relay_command(sub) -> None:
+    r = add_command(sub, "relay", _cmd_relay, "pass a block of vectors through every chip of a system",
+                    "Build a System (lpucore.System), pass a block of vectors along a path through every chip "
+                    "over the C2C links (lpucore.compiler.c2c.relay_programs), check every chip stored it, and "
+                    "print the cycles and a digest of every chip's cycle count and link traffic; the last line "
+                    "is JSON. With --mpi (under mpiexec -n N) the chips are spread over the processes; the "
+                    "results and the digest are the same.")
+    r.add_argument("--topology", default="node", choices=("node", "rack", "dragonfly"))
+    r.add_argument("--chips", type=int, default=None, help="chips (dragonfly: a multiple of 72; default: the "
+                                                           "topology's size)")
+    r.add_argument("--vectors", type=int, default=4, help="vectors in the block (default 4)")
+    r.add_argument("--links", type=int, default=None, help="override ChipConfig.c2c_links (tiny has 4)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--mpi", action="store_true", help="spread the chips over the MPI processes (needs mpi4py)")
+    add_config_option(r)
+    add_engine_option(r)
+
+
 # Each entry adds one subcommand to the parser, in this order.
 COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command,
-                                  _decode_command)
+                                  _decode_command, _relay_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

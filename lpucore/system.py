@@ -134,7 +134,8 @@ class System:
     through :attr:`chips`."""
 
     def __init__(self, n_chips: Optional[int] = None, topology: Union[str, Sequence[Wire]] = "node",
-                 config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact"):
+                 config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact",
+                 comm=None):
         cfg = config if config is not None else ChipConfig.groqchip1()
         if n_chips is None:
             n_chips = {"node": NODE_CHIPS, "rack": RACK_CHIPS}.get(topology) if isinstance(topology, str) else None
@@ -160,7 +161,14 @@ class System:
                 raise ConfigError(f"link {la} of chip {a} is wired to itself")
             self.peer[(a, la)] = (b, lb)
             self.peer[(b, lb)] = (a, la)
-        self.chips: List[Chip] = [Chip(cfg, engine=engine, fp16_mxm=fp16_mxm) for _ in range(n_chips)]
+        self.n_chips = n_chips
+        # With an MPI communicator (lpucore.mpi), this process simulates a contiguous block of
+        # chips; the others are None here.
+        self.comm = comm
+        self.rank, self.size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
+        self.owner = [i * self.size // n_chips for i in range(n_chips)]
+        self.chips: List[Optional[Chip]] = [Chip(cfg, engine=engine, fp16_mxm=fp16_mxm)
+                                            if self.owner[i] == self.rank else None for i in range(n_chips)]
         self._wire_of = {}
         for w in self.wires:
             self._wire_of[(w[0], w[1])] = w
@@ -169,10 +177,16 @@ class System:
         self.windows = 0
 
     def __len__(self):
-        return len(self.chips)
+        return self.n_chips
+
+    @property
+    def local(self) -> List[int]:
+        """The chips this process simulates (all of them without MPI)."""
+        return [i for i in range(self.n_chips) if self.owner[i] == self.rank]
 
     def __repr__(self):
-        return f"System({len(self.chips)} x {self.config.name}, {len(self.wires)} links, engine={self.engine!r})"
+        mpi = f", rank {self.rank} of {self.size}" if self.comm is not None else ""
+        return f"System({self.n_chips} x {self.config.name}, {len(self.wires)} links, engine={self.engine!r}{mpi})"
 
     @property
     def window(self) -> int:
@@ -180,19 +194,22 @@ class System:
         return self.config.c2c_latency
 
     def load(self, programs) -> None:
-        """One :class:`~lpucore.Program` per chip: a list (None: leave that chip idle) or a
-        dict chip -> program.  Every chip restarts at cycle 0 with its SRAM kept."""
-        if isinstance(programs, dict):
+        """One :class:`~lpucore.Program` per chip: a list (None: leave that chip idle), a
+        dict chip -> program, or a callable chip -> program (called for this process's
+        chips only).  Every chip restarts at cycle 0 with its SRAM kept."""
+        if callable(programs):
+            items = [(i, programs(i)) for i in self.local]
+        elif isinstance(programs, dict):
             items = programs.items()
         else:
             programs = list(programs)
-            if len(programs) != len(self.chips):
-                raise LpuError(f"System.load: {len(programs)} programs for {len(self.chips)} chips")
+            if len(programs) != self.n_chips:
+                raise LpuError(f"System.load: {len(programs)} programs for {self.n_chips} chips")
             items = enumerate(programs)
         for i, p in items:
-            if not 0 <= int(i) < len(self.chips):
+            if not 0 <= int(i) < self.n_chips:
                 raise LpuError(f"System.load: no chip {i}")
-            if p is not None:
+            if p is not None and self.chips[int(i)] is not None:
                 self._check_links(int(i), p)
                 self.chips[int(i)].load(p)
         self.reset(clear_memory=False)
@@ -206,19 +223,23 @@ class System:
 
     def reset(self, clear_memory: bool = False) -> None:
         """Every chip back to cycle 0 (SRAM kept unless ``clear_memory``); links emptied."""
-        for ch in self.chips:
-            ch.reset(clear_memory)
+        for i in self.local:
+            self.chips[i].reset(clear_memory)
         self.link_vectors = {}
         self.windows = 0
 
-    def _deliver(self, i: int, sent) -> None:
+    def _route(self, i: int, sent, remote: List[list]) -> None:
+        """Deliver chip i's sent vectors to local chips now; queue the others per rank."""
         for link, cycle, arrival, vec in sent:
             peer = self.peer.get((i, link))
             if peer is None:     # a program loaded behind the system's back
                 raise LpuError(f"chip {i} sent on link {link} in cycle {cycle}, which this system leaves unconnected")
             w = self._wire_of[(i, link)]
             self.link_vectors[w] = self.link_vectors.get(w, 0) + 1
-            self.chips[peer[0]].c2c_deliver(peer[1], arrival, vec)
+            if self.owner[peer[0]] == self.rank:
+                self.chips[peer[0]].c2c_deliver(peer[1], arrival, vec)
+            else:
+                remote[self.owner[peer[0]]].append((peer[0], peer[1], arrival, vec))
 
     @staticmethod
     def _tag(e: ScheduleError, chip: int) -> ScheduleError:
@@ -235,15 +256,30 @@ class System:
         t = self.cycle
         while True:
             target = t + W if stop is None else min(t + W, stop)
-            all_done = True
-            for i, ch in enumerate(self.chips):
+            all_done, error = True, None
+            for i in self.local:
                 try:
-                    st = ch.run(until=target)
+                    st = self.chips[i].run(until=target)
                 except ScheduleError as e:
-                    raise self._tag(e, i) from None
+                    error = (i, e)
+                    break
                 all_done &= st.finished
-            for i, ch in enumerate(self.chips):
-                self._deliver(i, ch.c2c_take_outbox())
+            remote: List[list] = [[] for _ in range(self.size)]
+            if error is None:
+                for i in self.local:
+                    self._route(i, self.chips[i].c2c_take_outbox(), remote)
+            if self.comm is not None:
+                # one exchange per window: vectors for other processes, errors, and whether all are done
+                got = self.comm.alltoall([(None if error is None else _pack(*error), all_done, r) for r in remote])
+                errors = [g[0] for g in got if g[0] is not None]
+                if errors:
+                    error = _unpack(min(errors, key=lambda x: x[0]))
+                all_done = all(g[1] for g in got)
+                if error is None:
+                    for chip, link, arrival, vec in sorted((e for g in got for e in g[2]), key=lambda e: e[:2]):
+                        self.chips[chip].c2c_deliver(link, arrival, vec)
+            if error is not None:
+                raise self._tag(error[1], error[0])
             self.windows += 1
             t = target
             if all_done or (stop is not None and t >= stop):
@@ -252,11 +288,36 @@ class System:
 
     @property
     def cycle(self) -> int:
-        return max(ch.cycle for ch in self.chips)
+        c = max((self.chips[i].cycle for i in self.local), default=0)
+        return c if self.comm is None else self.comm.allreduce(c, op=_max_op())
 
     def stats(self) -> SystemStats:
-        per = [ch.stats() for ch in self.chips]
-        cycles = max(s.cycles for s in per)
+        """Every chip's statistics (gathered from all processes under MPI)."""
+        per = {i: self.chips[i].stats() for i in self.local}
+        links = dict(self.link_vectors)
+        if self.comm is not None:
+            per, links = {}, {}
+            for p, lv in self.comm.allgather(({i: self.chips[i].stats() for i in self.local}, self.link_vectors)):
+                per.update(p)
+                for w, n in lv.items():
+                    links[w] = links.get(w, 0) + n
+        chips = [per[i] for i in range(self.n_chips)]
+        cycles = max(s.cycles for s in chips)
         return SystemStats(cycles=cycles, seconds=cycles / self.config.clock_hz,
-                           finished=all(s.finished for s in per), chips=per, windows=self.windows,
-                           link_vectors=dict(self.link_vectors))
+                           finished=all(s.finished for s in chips), chips=chips, windows=self.windows,
+                           link_vectors=dict(sorted(links.items())))
+
+
+def _pack(chip: int, e: ScheduleError):
+    return (chip, e.kind, e.cycle, e.unit, str(e).split(": ", 1)[1] if ": " in str(e) else str(e),
+            e.stream, e.bank, e.link)
+
+
+def _unpack(x):
+    chip, kind, cycle, unit, message, stream, bank, link = x
+    return chip, ScheduleError(kind, cycle, unit, message, stream=stream, bank=bank, link=link)
+
+
+def _max_op():
+    from mpi4py import MPI
+    return MPI.MAX

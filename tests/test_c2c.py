@@ -269,3 +269,37 @@ def test_a_vector_crosses_every_node_of_a_rack():
     for _, b in path:
         assert np.array_equal(s.chips[b].read_mem("W", 1, 7)[0], VEC)
     assert sum(st.link_vectors.values()) == len(path) and st.finished
+
+
+@pytest.mark.parametrize("topology, n", [("node", 8), ("rack", 72)])
+def test_relay_programs_reach_every_chip(engine, topology, n):
+    from lpucore.compiler.c2c import chip_path, relay_programs
+    s = System(n, topology, config=CFG16, engine=engine)
+    progs, path, land = relay_programs(CFG16, n, s.wires, 5)
+    assert sorted({path[0][0]} | {b for _, _, b, _ in path}) == list(range(n))
+    assert path == chip_path(n, s.wires)
+    slot = CFG16.mem_slices_per_hemisphere - 1
+    block = np.random.default_rng(3).integers(0, 256, (5, CFG16.lanes)).astype(np.uint8)
+    s.chips[path[0][0]].write_mem("W", slot, 0, block)
+    s.load(progs)
+    st = s.run()
+    for _, _, b, _ in path:
+        assert np.array_equal(s.chips[b].read_mem("W", slot, 0, 5), block)
+    assert st.cycles == land + CFG16.stagger and sum(st.link_vectors.values()) == 5 * (n - 1)
+
+
+def test_relay_errors():
+    from lpucore.compiler.c2c import chip_path, relay_programs
+    with pytest.raises(lpucore.CompileError, match="does not fit"):
+        relay_programs(CFG16, 2, [(0, 0, 1, 0)], TINY.addresses_per_slice + 1)
+    with pytest.raises(lpucore.CompileError, match="no path"):
+        chip_path(3, [(0, 0, 1, 0)])
+
+
+def test_relay_command(capsys):
+    from lpucore.cli import main
+    assert main(["relay", "--config", "tiny", "--links", "16", "--engine", "reference"]) == 0
+    out = capsys.readouterr().out
+    assert "relay of 4 vectors over 7 hops" in out and '"correct": true' in out
+    assert main(["relay", "--config", "tiny"]) == 1
+    assert "needs 7 C2C links" in capsys.readouterr().err

@@ -1,0 +1,151 @@
+"""Scheduled programs that move data between chips over C2C links.
+
+:func:`relay_programs` builds the *relay*: a block of vectors starts in one chip's
+SRAM and is passed along a path through every chip of a :class:`~lpucore.System`;
+each chip stores the block as it arrives and forwards it at the links' full rate.
+It exercises every hop type of a topology (node-local, rack and dragonfly links)
+and is the workload of ``python -m lpucore relay`` (also under ``mpiexec``).
+
+Timing (all from the configuration): a block vector read from the outermost West
+MEM slice reaches the SXM ``mem_read_delay + hops`` cycles after the Read; a
+received vector reaches that slice ``c2c_receive_delay + hops`` cycles after the
+Receive.  Vector j of the block leaves chip k ``c2c_send_interval`` cycles after
+vector j - 1, so each link runs at its bandwidth.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence, Tuple
+
+from ..config import ChipConfig
+from ..errors import CompileError
+from ..program import Program
+
+Wire = Tuple[int, int, int, int]
+
+
+def chip_path(n_chips: int, wires: Sequence[Wire], start: int = 0) -> List[Tuple[int, int, int, int]]:
+    """A path visiting every chip once over the wires: ``[(chip, link, next_chip, next_link), ...]``.
+    Depth-first with Warnsdorff's rule (go to the neighbour with the fewest unvisited
+    neighbours; ties to the lowest chip), which finds one at once on these topologies."""
+    nbr: Dict[int, List[Tuple[int, int, int]]] = {i: [] for i in range(n_chips)}
+    for a, la, b, lb in wires:
+        nbr[a].append((b, la, lb))
+        nbr[b].append((a, lb, la))
+    for v in nbr.values():
+        v.sort()
+    seen = {start}
+    path: List[Tuple[int, int, int, int]] = []
+    stack = [(start, None)]
+    budget = 200 * n_chips
+
+    def options(c):
+        opts = []
+        for b, la, lb in nbr[c]:
+            if b not in seen and all(x[0] != b for x in opts):
+                opts.append((b, la, lb))
+        return sorted(opts, key=lambda o: (sum(1 for y in nbr[o[0]] if y[0] not in seen), o[0]))
+
+    it = [iter(options(start))]
+    cur = [start]
+    while len(seen) < n_chips:
+        budget -= 1
+        if budget < 0 or not it:
+            raise CompileError(f"no path through all {n_chips} chips over these links")
+        nxt = next(it[-1], None)
+        if nxt is None:                     # dead end: back up
+            it.pop()
+            c = cur.pop()
+            seen.discard(c)
+            if path:
+                path.pop()
+            continue
+        b, la, lb = nxt
+        if b in seen:
+            continue
+        path.append((cur[-1], la, b, lb))
+        seen.add(b)
+        cur.append(b)
+        it.append(iter(options(b)))
+    del stack
+    return path
+
+
+def relay_programs(cfg: ChipConfig, n_chips: int, wires: Sequence[Wire], n_vectors: int,
+                   address: int = 0) -> Tuple[Dict[int, Program], List[Tuple[int, int, int, int]], int]:
+    """Programs for the relay of ``n_vectors`` vectors stored at ``address`` of the outermost
+    West MEM slice of chip 0, along :func:`chip_path`; every chip on the path stores the
+    block at the same place.  Returns (programs by chip, the path, the cycle the last
+    chip's last write lands)."""
+    if n_vectors < 1 or address < 0 or address + n_vectors > cfg.addresses_per_slice:
+        raise CompileError(f"a relay block of {n_vectors} vectors at address {address} does not fit a slice "
+                           f"of {cfg.addresses_per_slice}")
+    path = chip_path(n_chips, wires)
+    slot = cfg.mem_slices_per_hemisphere - 1
+    mem_q = f"MEM.W{slot}"
+    rx_q, tx_q = "SXM.W0", "SXM.W1"               # receives and sends may fall in one cycle
+    hops = cfg.mem_position(0, slot) - cfg.sxm_position(0)
+    to_sxm = cfg.mem_read_delay + hops            # Read issue -> vector at the SXM
+    to_mem = cfg.c2c_receive_delay + hops         # Receive issue -> vector at the slice
+    iv, lat = cfg.c2c_send_interval, cfg.c2c_latency
+    if iv < 2:
+        raise CompileError("the relay stores and re-reads each vector on one MEM slice: it needs "
+                           "c2c_send_interval >= 2")
+    events: Dict[int, Dict[str, list]] = {}
+
+    def ev(c):
+        return events.setdefault(c, {rx_q: [], tx_q: [], mem_q: []})
+
+    # a stored vector is read back o cycles after its Write: after the write lands (no
+    # bank conflict), and never in a cycle the slice's queue writes or a write lands
+    o = cfg.mem_write_delay + 1
+    while o % iv == 0 or (o - cfg.mem_write_delay) % iv == 0:
+        o += 1
+
+    links_used: Dict[int, set] = {}
+    for a, la, b, lb in path:
+        links_used.setdefault(a, set()).add(la)
+        links_used.setdefault(b, set()).add(lb)
+    for c, ls in links_used.items():
+        ev(c)[rx_q] += [(k, f"Deskew {l}") for k, l in enumerate(sorted(ls))]
+    t0 = max(len(ls) for ls in links_used.values()) + cfg.c2c_deskew_delay + to_sxm
+    send = t0                                     # first Send of the current hop
+    first = path[0][0]
+    for j in range(n_vectors):
+        ev(first)[mem_q].append((send - to_sxm + j * iv, f"Read {address + j}, W1"))
+    last_land = 0
+    for k, (a, la, b, lb) in enumerate(path):
+        for j in range(n_vectors):
+            ev(a)[tx_q].append((send + j * iv, f"Send {la}, W1"))
+        recv = send + lat
+        nxt = recv + to_mem + o + to_sxm          # b's first Send: after the first vector is stored and read
+        for j in range(n_vectors):
+            r = recv + j * iv
+            ev(b)[rx_q].append((r, f"Receive {lb}, E2"))
+            ev(b)[mem_q].append((r + to_mem, f"Write {address + j}, E2"))
+            last_land = max(last_land, r + to_mem + cfg.mem_write_delay)
+            if k + 1 < len(path):
+                ev(b)[mem_q].append((nxt - to_sxm + j * iv, f"Read {address + j}, W1"))
+        send = nxt
+    programs = {}
+    for c, qs in events.items():
+        p = Program(cfg)
+        for q, lst in qs.items():
+            if not lst:
+                continue
+            t = 0
+            for cyc, text in sorted(lst):
+                if cyc < t:
+                    raise CompileError(f"relay schedule collides on chip {c}, {q}, cycle {cyc}")
+                if cyc > t:
+                    p.add(q, "NOP", cyc - t)
+                mn, _, rest = text.partition(" ")
+                p.add(q, mn, *[_arg(x) for x in rest.split(",")])
+                t = cyc + 1
+        programs[c] = p
+    return programs, path, last_land
+
+
+def _arg(x: str):
+    x = x.strip()
+    return int(x) if x.lstrip("-").isdigit() else x
