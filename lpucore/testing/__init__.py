@@ -31,6 +31,7 @@ class Outcome:
         cfg = chip.config
         self.memory = np.stack([chip._eng.read_mem(g, 0, cfg.addresses_per_slice) for g in range(cfg.mem_slices)])
         self.counters = chip._eng.counters()
+        self.outbox = [(l, c, a, v.tobytes()) for l, c, a, v in chip.c2c_take_outbox()]
 
     def error_text(self):
         return None if self.error is None else (self.error.key(), str(self.error))
@@ -87,6 +88,9 @@ def _compare(a: Outcome, b: Outcome, cfg, names=("reference", "fast")):
                 if unit not in units:
                     units.append(unit)
                 details.append(f"{key}[{q}]: {na} {da.get(q)} vs {nb} {db.get(q)}")
+    if a.outbox != b.outbox:
+        units.append("C2C")
+        details.append(f"C2C outbox: {na} {[x[:3] for x in a.outbox]} vs {nb} {[x[:3] for x in b.outbox]}")
     diff = np.argwhere(a.memory != b.memory)
     seen = set()
     for g, addr, lane in diff:
@@ -150,6 +154,8 @@ def run_both(program, setup: Optional[Callable[[Chip], None]] = None) -> List[st
     for k in a.counters:
         if not np.array_equal(a.counters[k], b.counters[k]):
             diffs.append(f"counter {k}: reference {a.counters[k]} vs fast {b.counters[k]}")
+    if a.outbox != b.outbox:
+        diffs.append(f"C2C outbox: reference {[x[:3] for x in a.outbox]} vs fast {[x[:3] for x in b.outbox]}")
     if not np.array_equal(a.memory, b.memory):
         g, addr, lane = np.argwhere(a.memory != b.memory)[0]
         diffs.append(f"memory: first difference at {program.config.slice_name(int(g))}:{int(addr)} lane {int(lane)}: "

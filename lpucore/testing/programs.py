@@ -558,6 +558,7 @@ def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Option
 
     vx_ops = [op for op in isa.TABLE if op.unit == "VXM"]
     sx_ops = [op for op in isa.TABLE if op.unit == "SXM"]
+    c2c_ops = [op for op in isa.TABLE if op.unit == "C2C"]
     warm = cfg.mem_read_delay + max(cfg.hops) + cfg.sxm_hops + cfg.mxm_hops + 3
     # MXM and SXM consumers sit beyond the MEM slices: East units read eastward streams
     # from the East side and vice versa
@@ -622,6 +623,20 @@ def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Option
                               r.choice([0, 1]) if acc + 4 < cfg.mxm_accumulators else 0)
                 else:
                     p.add(q.name, "ACC", r.randrange(cfg.mxm_accumulators), stream(side, 4, dst=True))
+                continue
+            if q.unit == "SXM" and r.random() < 0.2:
+                # C2C: sends land in the outbox (compared); receives find nothing unless the
+                # test delivers, so they mostly end the run with the same link-empty error
+                op = r.choice(c2c_ops)
+                link = r.randrange(cfg.c2c_links)
+                if op.mnemonic == "Deskew" or r.random() < 0.7:
+                    p.add(q.name, "Deskew", link)
+                    if r.random() < 0.8:
+                        p.add(q.name, "NOP", cfg.c2c_deskew_delay + r.randrange(-1, 2))
+                if op.mnemonic != "Deskew":
+                    p.add(q.name, op.mnemonic, link, stream(side, dst=op.mnemonic == "Receive"))
+                    if r.random() < 0.3:
+                        p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 4), 0)
                 continue
             if q.unit == "SXM":
                 op = r.choice(sx_ops)
