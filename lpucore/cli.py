@@ -55,7 +55,8 @@ from .errors import ConfigError, LpuError, ProgramError, TensorError
 from .program import MAGIC, Program
 
 PROG = "lpucore"
-BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py", "decode": "bench_decode.py"}
+BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py", "decode": "bench_decode.py",
+              "system": "bench_system.py"}
 BINARY_SUFFIXES = (".lpup", ".lpu")
 
 
@@ -641,7 +642,8 @@ def _info_command(sub) -> None:
 
 def _bench_command(sub) -> None:
     b = add_command(sub, "bench", _cmd_bench, "run the repository's benchmarks (bench/)",
-                    "Run bench/bench_engine.py, bench_gemm.py or bench_decode.py (all when no name is given) from "
+                    "Run bench/bench_engine.py, bench_gemm.py, bench_decode.py or bench_system.py (all when no "
+                    "name is given) from "
                     "the source repository; arguments after the name go to the script ('bench engine "
                     "--help' shows them). An installed wheel has no bench/ directory.")
     b.add_argument("args", nargs=argparse.REMAINDER, metavar="[NAME [ARGS ...]]",

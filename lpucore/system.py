@@ -258,12 +258,15 @@ class System:
             target = t + W if stop is None else min(t + W, stop)
             all_done, error = True, None
             for i in self.local:
+                eng = self.chips[i]._eng      # Chip.run without building RunStats every window
+                if eng.finished:              # its program has ended: nothing more can happen on it
+                    continue
                 try:
-                    st = self.chips[i].run(until=target)
+                    eng.run(target, idle=False)
                 except ScheduleError as e:
                     error = (i, e)
                     break
-                all_done &= st.finished
+                all_done &= bool(eng.finished)
             remote: List[list] = [[] for _ in range(self.size)]
             if error is None:
                 for i in self.local:

@@ -303,3 +303,28 @@ def test_relay_command(capsys):
     assert "relay of 4 vectors over 7 hops" in out and '"correct": true' in out
     assert main(["relay", "--config", "tiny"]) == 1
     assert "needs 7 C2C links" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cfg", [CFG16, lpucore.ChipConfig()], ids=["tiny16", "groqchip1"])
+def test_allgather_over_a_node(engine, cfg):
+    from lpucore.compiler.c2c import allgather_programs
+    s = System(topology="node", config=cfg, engine=engine)
+    nv, sl = 3, cfg.mem_slices_per_hemisphere
+    progs, end = allgather_programs(cfg, 8, s.wires, nv, address=2)
+    blocks = np.random.default_rng(5).integers(0, 256, (8, nv, cfg.lanes)).astype(np.uint8)
+    for i in range(8):
+        s.chips[i].write_mem("W", sl - 1, 2, blocks[i])
+    s.load(progs)
+    st = s.run()
+    for i in range(8):
+        assert np.array_equal(s.chips[i].read_mem("W", sl - 2, 2, 8 * nv), blocks.reshape(-1, cfg.lanes))
+    assert st.cycles == end + cfg.stagger                      # the schedule's own prediction
+    assert st.c2c_bytes == 8 * 7 * nv * cfg.lanes and len(st.link_vectors) == 28
+
+
+def test_allgather_errors():
+    from lpucore.compiler.c2c import allgather_programs
+    with pytest.raises(lpucore.CompileError, match="no direct link"):
+        allgather_programs(CFG16, 3, [(0, 0, 1, 0), (1, 1, 2, 1)], 1)
+    with pytest.raises(lpucore.CompileError, match="do not fit"):
+        allgather_programs(CFG16, 2, [(0, 0, 1, 0)], TINY.addresses_per_slice)

@@ -6,6 +6,11 @@ each chip stores the block as it arrives and forwards it at the links' full rate
 It exercises every hop type of a topology (node-local, rack and dragonfly links)
 and is the workload of ``python -m lpucore relay`` (also under ``mpiexec``).
 
+:func:`allgather_programs` builds an all-gather over directly wired chips (a
+GroqNode): every chip sends its block to every other chip over their own link, all
+links at once, and ends with all the blocks, in chip order, in one MEM slice: the
+exchange a tensor-parallel layer needs between chips.
+
 Timing (all from the configuration): a block vector read from the outermost West
 MEM slice reaches the SXM ``mem_read_delay + hops`` cycles after the Read; a
 received vector reaches that slice ``c2c_receive_delay + hops`` cycles after the
@@ -127,23 +132,93 @@ def relay_programs(cfg: ChipConfig, n_chips: int, wires: Sequence[Wire], n_vecto
             if k + 1 < len(path):
                 ev(b)[mem_q].append((nxt - to_sxm + j * iv, f"Read {address + j}, W1"))
         send = nxt
+    programs = _emit(cfg, {c: {q: v for q, v in qs.items() if v} for c, qs in events.items()})
+    return programs, path, last_land
+
+
+def _emit(cfg: ChipConfig, events: Dict[int, Dict[str, list]]) -> Dict[int, Program]:
     programs = {}
     for c, qs in events.items():
         p = Program(cfg)
         for q, lst in qs.items():
-            if not lst:
-                continue
             t = 0
             for cyc, text in sorted(lst):
                 if cyc < t:
-                    raise CompileError(f"relay schedule collides on chip {c}, {q}, cycle {cyc}")
+                    raise CompileError(f"schedule collides on chip {c}, {q}, cycle {cyc}")
                 if cyc > t:
                     p.add(q, "NOP", cyc - t)
                 mn, _, rest = text.partition(" ")
-                p.add(q, mn, *[_arg(x) for x in rest.split(",")])
+                p.add(q, mn, *[_arg(x) for x in rest.split(",")] if rest else [])
                 t = cyc + 1
         programs[c] = p
-    return programs, path, last_land
+    return programs
+
+
+def allgather_programs(cfg: ChipConfig, n_chips: int, wires: Sequence[Wire], n_vectors: int,
+                       address: int = 0) -> Tuple[Dict[int, Program], int]:
+    """All-gather among ``n_chips`` chips wired pairwise (every pair needs a direct link).
+
+    Chip i starts with its block of ``n_vectors`` vectors at ``address`` of its outermost
+    West MEM slice (W{n-1}); every chip ends with block k at ``address + k * n_vectors`` of
+    the next slice in (W{n-2}), for every k.  Schedule: vector j goes from chip p to chip i
+    in cycle ``T0 + j * period + (i - p - 1) mod n_chips`` with ``period = max(c2c_send_interval,
+    n_chips - 1)``, so each chip sends and receives at most one vector per cycle and each
+    link carries one vector per period; the own block is copied last.  Returns (programs
+    by chip, the cycle the last write lands), which :class:`~lpucore.System` reproduces."""
+    P = n_chips
+    if P < 2:
+        raise CompileError("an all-gather needs at least 2 chips")
+    if n_vectors < 1 or address < 0 or address + P * n_vectors > cfg.addresses_per_slice:
+        raise CompileError(f"{P} blocks of {n_vectors} vectors at address {address} do not fit a slice of "
+                           f"{cfg.addresses_per_slice}")
+    if cfg.mem_slices_per_hemisphere < 2:
+        raise CompileError("the all-gather needs two West MEM slices")
+    link = {}
+    for a, la, b, lb in wires:
+        link.setdefault((a, b), (la, lb))
+        link.setdefault((b, a), (lb, la))
+    for i in range(P):
+        for k in range(P):
+            if i != k and (i, k) not in link:
+                raise CompileError(f"chips {i} and {k} have no direct link: the all-gather needs every pair wired")
+    n_sl = cfg.mem_slices_per_hemisphere
+    src_q, dst_q = f"MEM.W{n_sl - 1}", f"MEM.W{n_sl - 2}"
+    ps, p_src, p_dst = cfg.sxm_position(0), cfg.mem_position(0, n_sl - 1), cfg.mem_position(0, n_sl - 2)
+    to_sxm = cfg.mem_read_delay + (p_src - ps)
+    to_mem = cfg.c2c_receive_delay + (p_dst - ps)
+    period = max(cfg.c2c_send_interval, P - 1)
+    events: Dict[int, Dict[str, list]] = {i: {"SXM.W0": [], "SXM.W1": [], src_q: [], dst_q: []} for i in range(P)}
+    for i in range(P):
+        used = sorted({link[(i, k)][0] for k in range(P) if k != i})
+        events[i]["SXM.W0"] += [(k, f"Deskew {l}") for k, l in enumerate(used)]
+    T0 = (P - 1) + cfg.c2c_deskew_delay + to_sxm
+    last = 0
+    for p in range(P):
+        for i in range(P):
+            if i == p:
+                continue
+            o = (i - p - 1) % P
+            lp, li = link[(p, i)]
+            for j in range(n_vectors):
+                s = T0 + j * period + o
+                events[p][src_q].append((s - to_sxm, f"Read {address + j}, W1"))
+                events[p]["SXM.W1"].append((s, f"Send {lp}, W1"))
+                r = s + cfg.c2c_latency
+                events[i]["SXM.W0"].append((r, f"Receive {li}, E2"))
+                events[i][dst_q].append((r + to_mem, f"Write {address + p * n_vectors + j}, E2"))
+                last = max(last, r + to_mem)
+    # the own block: read it again after the sends and write it in its place
+    hops, stream = abs(p_dst - p_src), ("E3" if p_dst >= p_src else "W3")
+    end = 0
+    for i in range(P):
+        start = max(c for c, _ in events[i][src_q]) + 1
+        first_w = max(start + cfg.mem_read_delay + hops, last + 1)
+        start = first_w - cfg.mem_read_delay - hops
+        for j in range(n_vectors):
+            events[i][src_q].append((start + j, f"Read {address + j}, {stream}"))
+            events[i][dst_q].append((first_w + j, f"Write {address + i * n_vectors + j}, {stream}"))
+        end = max(end, first_w + n_vectors - 1 + cfg.mem_write_delay)
+    return _emit(cfg, events), end
 
 
 def _arg(x: str):
