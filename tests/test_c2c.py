@@ -328,3 +328,36 @@ def test_allgather_errors():
         allgather_programs(CFG16, 3, [(0, 0, 1, 0), (1, 1, 2, 1)], 1)
     with pytest.raises(lpucore.CompileError, match="do not fit"):
         allgather_programs(CFG16, 2, [(0, 0, 1, 0)], TINY.addresses_per_slice)
+
+
+def test_pipeline_stages_on_two_chips_match_one_chip(engine):
+    """A compiled graph's output handed over a link to the next stage's input (hand_over):
+    the second chip's result is bit-identical to running the stages one after the other on
+    one chip, and the system's cycles are what hand_over predicts."""
+    from lpucore.compiler.pipeline import hand_over
+    cfg = lpucore.ChipConfig.small()
+    r = np.random.default_rng(0)
+    w1 = (r.standard_normal((64, 96)) * 0.1).astype(np.float16)
+    w2 = (r.standard_normal((96, 64)) * 0.1).astype(np.float16)
+    x = r.standard_normal((1, 64)).astype(np.float16)
+    g1 = lpucore.Graph("stage0")
+    g1.output("h", g1.relu(g1.input("x", (1, 64), "float16") @ g1.constant("w1", w1)))
+    g2 = lpucore.Graph("stage1")
+    g2.output("y", g2.input("h", (1, 96), "float16") @ g2.constant("w2", w2))
+    c1, c2 = lpucore.compile(g1, cfg), lpucore.compile(g2, cfg)
+    o1, _ = lpucore.execute(c1, {"x": x}, engine=engine)
+    o2, _ = lpucore.execute(c2, {"h": o1["h"]}, engine=engine)
+    s = System(2, [(0, 3, 1, 5)], config=cfg, engine=engine)
+    pa, pb, end = hand_over(c1, "h", c2, "h", 3, 5)
+    for chip, prog, comp in ((s.chips[0], pa, c1), (s.chips[1], pb, c2)):
+        chip.load(prog)
+        for name, a in comp.constants.items():
+            chip.write_tensor(name, a)
+    c1.write_inputs(s.chips[0], {"x": x})
+    st = s.run()
+    y = s.chips[1].read_tensor("y").reshape(1, 64)
+    assert np.array_equal(y.view(np.uint16), o2["y"].view(np.uint16))
+    assert st.cycles == end and st.link_vectors == {(0, 3, 1, 5): len(pa.tensors["h"].locations(0, cfg.lanes))
+                                                    * len(pa.tensors["h"].planes)}
+    with pytest.raises(lpucore.CompileError, match="is float16"):
+        hand_over(c1, "h", c1, "x", 0, 0)
