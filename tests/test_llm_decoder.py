@@ -209,3 +209,23 @@ def test_gpt2_small_int8_on_one_chip_matches_the_reference():
     st = res.stats
     assert st.step_cycles == st.predicted_cycles and st.sram_bytes <= ChipConfig.groqchip1().sram_bytes
     assert st.weight_bytes > 160e6 and st.by_part["head"] > 0
+
+
+@pytest.mark.parametrize("name, precision, chips", [("tiny", "fp16", 2), ("tiny-gpt2", "int8", 2),
+                                                    ("tiny-moe", "int8", 2)])
+def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
+    """The model split by layers over a System (one stage per chip, the residual stream handed
+    over a C2C link) chooses the same tokens from bit-identical logits, in the predicted cycles."""
+    from lpucore.llm import PipelineDecoder
+    dec = Decoder.random(name, seed=0, precision=precision, capacity=8)
+    res = dec.generate([5, 7], max_new_tokens=3)
+    pd = PipelineDecoder(dec, chips)
+    tokens, logits, stats = pd.generate([5, 7], 3)
+    assert np.array_equal(tokens, res.tokens)
+    assert np.array_equal(logits.view(np.uint32), res.logits.view(np.uint32))
+    assert all(s.cycles == pd.step_cycles for s in stats) and len(stats) == 4
+    # the hand-over costs the deskew, the link latency and the residual stream's vectors
+    assert pd.step_cycles > res.stats.step_cycles + dec.chip_config.c2c_latency
+    assert all(sum(s.link_vectors.values()) > 0 for s in stats)
+    with pytest.raises(ValueError, match="2..2 chips"):
+        PipelineDecoder(dec, 3)

@@ -9,16 +9,19 @@
     Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
     Decoder                             the same models compiled onto the simulated chip, token by token, with
                                         weights and KV cache resident in SRAM (decoder.py, program.py)
+    PipelineDecoder                     a Decoder's model split by layers over chips of an lpucore.System
+                                        (pipeline.py)
 
 The reference modules (reference, shapes, weights) do not use lpucore's compiler: they are what the compiled
 models are checked against.
 """
 
 from .decoder import Decoder, DecodeStats, GenerateResult, ModelDoesNotFit, StepStats
+from .pipeline import PipelineDecoder
 from .reference import Reference
 from .shapes import SHAPES, ModelConfig, model_config
 from .weights import dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
 
 __all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "load_pretrained", "save_pretrained",
            "quantize_int8", "dequantize_int8", "Reference",
-           "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit"]
+           "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder"]

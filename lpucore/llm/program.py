@@ -52,8 +52,13 @@ class StepBuilder:
 
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
-                 capacity: int, block: int = DEFAULT_BLOCK):
+                 capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
+        # a pipeline stage: layers [a, b); the first stage embeds "tok", the others take the
+        # residual stream "x_in" (float32 [1, d]); the last ends with "logits", the others "x_out"
+        self.layers = (0, cfg.n_layers) if layers is None else (int(layers[0]), int(layers[1]))
+        if not 0 <= self.layers[0] < self.layers[1] <= cfg.n_layers:
+            raise ValueError(f"layers must be a range inside 0..{cfg.n_layers}, got {layers}")
         self.S, self.block = capacity, block
         self._digits = {}
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
@@ -167,8 +172,10 @@ class StepBuilder:
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
         g, cfg, S = self.g, self.cfg, self.S
         self.part("inputs")
-        tok = g.input("tok", (1,), "int32")
+        a, b = self.layers
+        tok = g.input("tok", (1,), "int32") if a == 0 else None
         pos = g.input("pos", (1,), "int32")
+        self._x_in = None if a == 0 else g.input("x_in", (1, cfg.d_model), "float32")
         self.part("kv")
         posf = g.cast(pos, "float32")
         iota_row = g.constant("iota_row", np.arange(S, dtype=F32).reshape(1, S))
@@ -184,7 +191,7 @@ class StepBuilder:
             x = self._gpt2(tok, pos, posf, oh_row, oh_col, mask)
         else:
             x = self._llama(tok, pos, posf, oh_row, oh_col, mask)
-        g.output("logits", x)
+        g.output("logits" if b == cfg.n_layers else "x_out", x)
         self.finish()
         return g, self.spans
 
@@ -193,9 +200,12 @@ class StepBuilder:
 
     def _llama(self, tok, pos, posf, oh_row, oh_col, mask) -> Tensor:
         g, cfg = self.g, self.cfg
-        self.part("embed")
-        x = self.embed(tok, "model.embed_tokens.weight")
-        for i in range(cfg.n_layers):
+        if self._x_in is None:
+            self.part("embed")
+            x = self.embed(tok, "model.embed_tokens.weight")
+        else:
+            x = self._x_in
+        for i in range(*self.layers):
             p = f"model.layers.{i}."
             self.part("norm")
             h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
@@ -217,6 +227,8 @@ class StepBuilder:
                 x = g.add(x, self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
                                           p + "mlp.down_proj.weight"))
             self.probes[f"x{i}"] = x
+        if self.layers[1] < cfg.n_layers:
+            return x
         self.part("norm")
         h = self.f16(g.rmsnorm(x, self.vec("model.norm.weight"), eps=cfg.norm_eps))
         self.part("head")
@@ -259,10 +271,13 @@ class StepBuilder:
     def _gpt2(self, tok, pos, posf, oh_row, oh_col, mask) -> Tensor:
         g, cfg = self.g, self.cfg
         d, H = cfg.d_model, cfg.n_heads
-        self.part("embed")
-        wpe = g.constant("wpe", self.w["wpe.weight"][:self.S].astype(F16))
-        x = g.add(self.embed(tok, "wte.weight"), g.cast(g.gather(wpe, pos), "float32"))
-        for i in range(cfg.n_layers):
+        if self._x_in is None:
+            self.part("embed")
+            wpe = g.constant("wpe", self.w["wpe.weight"][:self.S].astype(F16))
+            x = g.add(self.embed(tok, "wte.weight"), g.cast(g.gather(wpe, pos), "float32"))
+        else:
+            x = self._x_in
+        for i in range(*self.layers):
             p = f"h.{i}."
             self.part("norm")
             h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
@@ -277,12 +292,16 @@ class StepBuilder:
             h = g.gelu(self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias"))
             x = g.add(x, self.linear(self.f16(h), p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
             self.probes[f"x{i}"] = x
+        if self.layers[1] < cfg.n_layers:
+            return x
         self.part("norm")
         h = self.f16(g.layernorm(x, self.vec("ln_f.weight"), self.vec("ln_f.bias"), eps=cfg.norm_eps))
         self.part("head")
         return self.linear(h, cfg.head_name, True)
 
 
-def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK):
-    """The step graph of ``cfg`` and its part spans (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block).build()
+def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
+               layers: Optional[Tuple[int, int]] = None):
+    """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``) and its part spans
+    (module docstring)."""
+    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers).build()
