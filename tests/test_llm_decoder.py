@@ -229,3 +229,23 @@ def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
     assert all(sum(s.link_vectors.values()) > 0 for s in stats)
     with pytest.raises(ValueError, match="2..2 chips"):
         PipelineDecoder(dec, 3)
+
+
+def test_decoders_over_several_chips_check_the_total_fit():
+    from lpucore import LpuError
+    from lpucore.llm import PipelineDecoder
+    cfg = model_config("llama2-7b")
+    sram = ChipConfig.groqchip1().sram_bytes
+    need = math.ceil((Decoder._bytes(cfg, "int8", 128)[0] + cfg.kv_cache_bytes(128)) / sram)
+    Decoder._fit_or_raise(cfg, "int8", None, 128, chips=need)          # no error
+    with pytest.raises(ModelDoesNotFit, match=f"{need - 1} x groqchip1 have .* at least {need} chips"):
+        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=need - 1)
+    with pytest.raises(ValueError, match="chips must be 1..32"):
+        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=33)
+    dec = Decoder.random("tiny", seed=0, precision="fp16", capacity=8, chips=2)
+    assert isinstance(dec.pipeline, PipelineDecoder) and dec.pipeline is dec.pipeline
+    assert dec.pipeline.stages == [(0, 1), (1, 2)]
+    with pytest.raises(LpuError, match="spans 2 chips"):
+        dec.generate([1], 1)
+    with pytest.raises(LpuError, match="runs on one chip"):
+        Decoder.random("tiny", seed=0, capacity=8).pipeline

@@ -170,13 +170,14 @@ class Decoder:
     ``"int8"`` (per-output-channel int8 weights, float16 activations); ``config`` the chip (GroqChip by
     default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most 2048);
     ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
-    of an int8 weight kept as one constant (:mod:`lpucore.llm.program`).
+    of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
+    layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`).
     Compilation happens on first use (:meth:`compile`).
     """
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str = "fp16",
                  config: Optional[ChipConfig] = None, capacity: Optional[int] = None, engine: str = "fast",
-                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK):
+                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, chips: int = 1):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
@@ -188,6 +189,8 @@ class Decoder:
                              f"({cfg.name}'s max_positions, and the rotary tables' 2048), not {capacity}")
         self.capacity = cap
         self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
+        self.chips = int(chips)
+        self._pipeline = None
         self.check_fit()
         self._weights = weights
         self.ref = Reference(cfg, weights, precision)      # the rounded / quantised weights both use
@@ -202,14 +205,14 @@ class Decoder:
                **kw) -> "Decoder":
         """A model of a named shape (:data:`~lpucore.llm.SHAPES`) or a :class:`ModelConfig`, random weights."""
         cfg = model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-        cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"))
+        cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
         return cls(cfg, random_weights(cfg, seed), precision, **kw)
 
     @classmethod
     def from_pretrained(cls, path, precision: str = "fp16", **kw) -> "Decoder":
         """A Hugging Face directory (``config.json`` + ``*.safetensors``; needs ``lpucore[llm]``)."""
         cfg, weights = load_pretrained(path)
-        cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"))
+        cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
         return cls(cfg, weights, precision, **kw)
 
     # ---- sizes -----------------------------------------------------------------------------------------
@@ -224,24 +227,41 @@ class Decoder:
         return w, cfg.kv_cache_bytes(capacity)
 
     @classmethod
-    def _fit_or_raise(cls, cfg, precision, config, capacity):
+    def _fit_or_raise(cls, cfg, precision, config, capacity, chips=1):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         chip = config if config is not None else ChipConfig.groqchip1()
         cap = min(cfg.max_positions, 128) if capacity is None else int(capacity)
         w, kv = cls._bytes(cfg, precision, cap)
         need = w + kv
-        if need > chip.sram_bytes:
-            chips = math.ceil(need / chip.sram_bytes)
+        chips = int(chips)
+        if chips < 1 or chips > cfg.n_layers:
+            raise ValueError(f"chips must be 1..{cfg.n_layers} (a pipeline stage holds at least one layer), "
+                             f"not {chips}")
+        if need > chips * chip.sram_bytes:
+            least = math.ceil(need / chip.sram_bytes)
+            have = f"one {chip.name} has" if chips == 1 else f"{chips} x {chip.name} have"
             raise ModelDoesNotFit(
                 f"{cfg.name} ({precision}) needs {need / 1e6:,.1f} MB of SRAM for its weights "
-                f"({w / 1e6:,.1f} MB) and a {cap}-token KV cache ({kv / 1e6:,.1f} MB); one {chip.name} has "
-                f"{chip.sram_bytes / 1e6:,.1f} MB, so it needs at least {chips} chips (this release runs one "
-                f"chip; try precision='int8' or a smaller model)")
+                f"({w / 1e6:,.1f} MB) and a {cap}-token KV cache ({kv / 1e6:,.1f} MB); {have} "
+                f"{chips * chip.sram_bytes / 1e6:,.1f} MB, so it needs at least {least} chips "
+                f"(Decoder(..., chips={least}) splits it by layers over a System; or try precision='int8')")
 
     def check_fit(self) -> None:
-        """Raise :class:`ModelDoesNotFit` unless weights + KV cache fit in the chip's SRAM."""
-        self._fit_or_raise(self.cfg, self.precision, self.chip_config, self.capacity)
+        """Raise :class:`ModelDoesNotFit` unless weights + KV cache fit in the chips' SRAM (a total:
+        the compiler says if one pipeline stage does not fit its chip)."""
+        self._fit_or_raise(self.cfg, self.precision, self.chip_config, self.capacity, self.chips)
+
+    @property
+    def pipeline(self):
+        """The model split by layers over ``chips`` chips (:class:`~lpucore.llm.PipelineDecoder`,
+        created on first use); for ``chips=1`` the :class:`Decoder` itself runs the model."""
+        if self.chips == 1:
+            raise LpuError("this Decoder runs on one chip: Decoder(..., chips=N) makes a pipeline")
+        if self._pipeline is None:
+            from .pipeline import PipelineDecoder
+            self._pipeline = PipelineDecoder(self, self.chips)
+        return self._pipeline
 
     @property
     def weight_bytes(self) -> int:
@@ -250,6 +270,8 @@ class Decoder:
     # ---- compile and run -------------------------------------------------------------------------------
     def compile(self):
         """Build and compile the step program (once); returns the :class:`~lpucore.compiler.Compiled`."""
+        if self.chips > 1:
+            raise LpuError(f"this Decoder spans {self.chips} chips: run it through decoder.pipeline")
         if self.compiled is None:
             import lpucore
             t0 = time.perf_counter()
