@@ -25,8 +25,7 @@ from typing import Dict, List, Sequence, Tuple
 from ..config import ChipConfig
 from ..errors import CompileError
 from ..program import Program
-
-Wire = Tuple[int, int, int, int]
+from ..system import Wire
 
 
 def chip_path(n_chips: int, wires: Sequence[Wire], start: int = 0) -> List[Tuple[int, int, int, int]]:
@@ -41,7 +40,6 @@ def chip_path(n_chips: int, wires: Sequence[Wire], start: int = 0) -> List[Tuple
         v.sort()
     seen = {start}
     path: List[Tuple[int, int, int, int]] = []
-    stack = [(start, None)]
     budget = 200 * n_chips
 
     def options(c):
@@ -72,7 +70,6 @@ def chip_path(n_chips: int, wires: Sequence[Wire], start: int = 0) -> List[Tuple
         seen.add(b)
         cur.append(b)
         it.append(iter(options(b)))
-    del stack
     return path
 
 
