@@ -52,13 +52,26 @@ class StepBuilder:
 
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
-                 capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None):
+                 capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
+                 units: Optional[Tuple[int, int]] = None):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
-        # a pipeline stage: layers [a, b); the first stage embeds "tok", the others take the
-        # residual stream "x_in" (float32 [1, d]); the last ends with "logits", the others "x_out"
-        self.layers = (0, cfg.n_layers) if layers is None else (int(layers[0]), int(layers[1]))
-        if not 0 <= self.layers[0] < self.layers[1] <= cfg.n_layers:
-            raise ValueError(f"layers must be a range inside 0..{cfg.n_layers}, got {layers}")
+        # a pipeline stage: the model units [u0, u1) of model_units(cfg) (or the layers [a, b) with the
+        # embedding before layer 0 and the head after the last); a stage that starts with the embedding
+        # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
+        # emits "logits", the others "x_out"
+        all_units = model_units(cfg)
+        if units is not None and layers is not None:
+            raise ValueError("give layers or units, not both")
+        if units is None:
+            units = layer_units(cfg, layers) if layers is not None else (0, len(all_units))
+        u0, u1 = int(units[0]), int(units[1])
+        if not 0 <= u0 < u1 <= len(all_units):
+            raise ValueError(f"units must be a range inside 0..{len(all_units)}, got {units}")
+        self.units = all_units[u0:u1]
+        idx = [i for _, i in self.units if i is not None]
+        # constants and states of layer i are named by i - first: stages with the same units relative to
+        # their first layer build the same graph, so one compiled program serves all of them
+        self.first = idx[0] if idx else 0
         self.S, self.block = capacity, block
         self._digits = {}
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
@@ -78,14 +91,23 @@ class StepBuilder:
         self.part(None)
 
     # ---- building blocks -------------------------------------------------------------------------
+    def key(self, name: str) -> str:
+        """The graph name of weight ``name``: dots to underscores, layer index relative to the stage."""
+        parts = name.split(".")
+        for j in range(len(parts) - 1):
+            if parts[j] in ("layers", "h") and parts[j + 1].isdigit():
+                parts[j + 1] = str(int(parts[j + 1]) - self.first)
+                break
+        return "_".join(parts)
+
     def vec(self, name: str, dtype=F32) -> Tensor:
-        return self.g.constant(name.replace(".", "_"), np.asarray(self.w[name], dtype=dtype))
+        return self.g.constant(self.key(name), np.asarray(self.w[name], dtype=dtype))
 
     def linear(self, x16: Tensor, name: str, transpose: bool, bias: Optional[str] = None) -> Tensor:
         """``x16 [1, K] float16 @ W`` as float32 ``[1, N]``. ``transpose``: ``W`` is stored ``[N, K]``
         (Hugging Face Linear), else ``[K, N]`` (GPT-2 Conv1D)."""
         g = self.g
-        key = name.replace(".", "_") + ("_T" if transpose else "")
+        key = self.key(name) + ("_T" if transpose else "")
         if name in self.q:
             qw, scale, _ = self.q[name]
             qk = np.ascontiguousarray(qw.T if transpose else qw)               # [K, N] int8
@@ -151,8 +173,8 @@ class StepBuilder:
         g, cfg, S = self.g, self.cfg, self.S
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.part("kv")
-        K = g.state(f"k{i}", (Hkv, hd, S), "float16")
-        V = g.state(f"v{i}", (Hkv, S, hd), "float16")
+        K = g.state(f"k{i - self.first}", (Hkv, hd, S), "float16")
+        V = g.state(f"v{i - self.first}", (Hkv, S, hd), "float16")
         # new column / row written by MXM products with the one-hot (exact: one nonzero term per sum); the
         # old rows of V are kept by (I - onehot onehot^T) @ V, which avoids broadcasting a column over lanes
         kt = g.transpose(self.f16(k), (0, 2, 1))                        # [Hkv, hd, 1]
@@ -171,68 +193,77 @@ class StepBuilder:
     # ---- the model -------------------------------------------------------------------------------
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
         g, cfg, S = self.g, self.cfg, self.S
+        kinds = [k for k, _ in self.units]
         self.part("inputs")
-        a, b = self.layers
-        tok = g.input("tok", (1,), "int32") if a == 0 else None
-        pos = g.input("pos", (1,), "int32")
-        self._x_in = None if a == 0 else g.input("x_in", (1, cfg.d_model), "float32")
-        self.part("kv")
-        posf = g.cast(pos, "float32")
-        iota_row = g.constant("iota_row", np.arange(S, dtype=F32).reshape(1, S))
-        iota_col = g.constant("iota_col", np.arange(S, dtype=F32).reshape(S, 1))
-        oh_row = g.sub(1.0, g.minimum(g.abs(g.sub(iota_row, posf)), 1.0))     # [1, S]: 1 at pos
-        oh_col = g.sub(1.0, g.minimum(g.abs(g.sub(iota_col, posf)), 1.0))     # [S, 1]
-        self._put_row, self._keep_row = self.f16(oh_row), self.f16(g.sub(1.0, oh_row))
-        self._put_col = self.f16(oh_col)
-        eye = g.constant("eye", np.eye(S, dtype=F16))
-        self._keep_diag = g.sub(eye, g.matmul(self._put_col, self._put_row))            # [S, S]
-        mask = g.mul(g.minimum(g.maximum(g.sub(iota_row, posf), 0.0), 1.0), MASK)  # [1, S]
-        if cfg.family == "gpt2":
-            x = self._gpt2(tok, pos, posf, oh_row, oh_col, mask)
-        else:
-            x = self._llama(tok, pos, posf, oh_row, oh_col, mask)
-        g.output("logits" if b == cfg.n_layers else "x_out", x)
+        gpt2 = cfg.family == "gpt2"
+        tok = g.input("tok", (1,), "int32") if kinds[0] == "embed" else None
+        pos = g.input("pos", (1,), "int32") if "attn" in kinds or (gpt2 and tok is not None) else None
+        x = None if tok is not None else g.input("x_in", (1, cfg.d_model), "float32")
+        att = None
+        if "attn" in kinds:
+            self.part("kv")
+            posf = g.cast(pos, "float32")
+            iota_row = g.constant("iota_row", np.arange(S, dtype=F32).reshape(1, S))
+            iota_col = g.constant("iota_col", np.arange(S, dtype=F32).reshape(S, 1))
+            oh_row = g.sub(1.0, g.minimum(g.abs(g.sub(iota_row, posf)), 1.0))     # [1, S]: 1 at pos
+            oh_col = g.sub(1.0, g.minimum(g.abs(g.sub(iota_col, posf)), 1.0))     # [S, 1]
+            self._put_row, self._keep_row = self.f16(oh_row), self.f16(g.sub(1.0, oh_row))
+            self._put_col = self.f16(oh_col)
+            eye = g.constant("eye", np.eye(S, dtype=F16))
+            self._keep_diag = g.sub(eye, g.matmul(self._put_col, self._put_row))            # [S, S]
+            mask = g.mul(g.minimum(g.maximum(g.sub(iota_row, posf), 0.0), 1.0), MASK)  # [1, S]
+            att = (pos, posf, oh_row, oh_col, mask)
+        for kind, i in self.units:
+            if kind == "embed":
+                self.part("embed")
+                x = self._gpt2_embed(tok, pos) if gpt2 else self.embed(tok, "model.embed_tokens.weight")
+            elif kind == "attn":
+                x = (self._gpt2_attn if gpt2 else self._llama_attn)(i, x, att)
+            elif kind == "mlp":
+                x = (self._gpt2_mlp if gpt2 else self._llama_mlp)(i, x)
+                self.probes[f"x{i}"] = x
+            else:
+                x = (self._gpt2_head if gpt2 else self._llama_head)(x)
+        g.output("logits" if kinds[-1] == "head" else "x_out", x)
         self.finish()
         return g, self.spans
 
     def _heads(self, x: Tensor, n: int) -> Tensor:
         return self.g.reshape(x, (n, 1, self.cfg.head_dim))
 
-    def _llama(self, tok, pos, posf, oh_row, oh_col, mask) -> Tensor:
+    # ---- llama / mixtral units ---------------------------------------------------------------------
+    def _llama_attn(self, i: int, x: Tensor, att) -> Tensor:
         g, cfg = self.g, self.cfg
-        if self._x_in is None:
-            self.part("embed")
-            x = self.embed(tok, "model.embed_tokens.weight")
-        else:
-            x = self._x_in
-        for i in range(*self.layers):
-            p = f"model.layers.{i}."
-            self.part("norm")
-            h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
-            self.part("attn")
-            q = g.rope(self._heads(self.linear(h, p + "self_attn.q_proj.weight", True), cfg.n_heads), pos,
-                       base=cfg.rope_theta)
-            k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True), cfg.n_kv_heads), pos,
-                       base=cfg.rope_theta)
-            v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
-            a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
-            x = g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
-            self.part("norm")
-            h = self.f16(g.rmsnorm(x, self.vec(p + "post_attention_layernorm.weight"), eps=cfg.norm_eps))
-            if cfg.family == "mixtral":
-                self.part("moe")
-                x = g.add(x, self._moe(h, p + "block_sparse_moe."))
-            else:
-                self.part("mlp")
-                x = g.add(x, self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
-                                          p + "mlp.down_proj.weight"))
-            self.probes[f"x{i}"] = x
-        if self.layers[1] < cfg.n_layers:
-            return x
+        pos, posf, oh_row, oh_col, mask = att
+        p = f"model.layers.{i}."
         self.part("norm")
-        h = self.f16(g.rmsnorm(x, self.vec("model.norm.weight"), eps=cfg.norm_eps))
+        h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
+        self.part("attn")
+        q = g.rope(self._heads(self.linear(h, p + "self_attn.q_proj.weight", True), cfg.n_heads), pos,
+                   base=cfg.rope_theta)
+        k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True), cfg.n_kv_heads), pos,
+                   base=cfg.rope_theta)
+        v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
+        a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
+        return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
+
+    def _llama_mlp(self, i: int, x: Tensor) -> Tensor:
+        g, cfg = self.g, self.cfg
+        p = f"model.layers.{i}."
+        self.part("norm")
+        h = self.f16(g.rmsnorm(x, self.vec(p + "post_attention_layernorm.weight"), eps=cfg.norm_eps))
+        if cfg.family == "mixtral":
+            self.part("moe")
+            return g.add(x, self._moe(h, p + "block_sparse_moe."))
+        self.part("mlp")
+        return g.add(x, self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
+                                     p + "mlp.down_proj.weight"))
+
+    def _llama_head(self, x: Tensor) -> Tensor:
+        self.part("norm")
+        h = self.f16(self.g.rmsnorm(x, self.vec("model.norm.weight"), eps=self.cfg.norm_eps))
         self.part("head")
-        return self.linear(h, cfg.head_name, True)
+        return self.linear(h, self.cfg.head_name, True)
 
     def _swiglu(self, h, gate, up, down) -> Tensor:
         g = self.g
@@ -247,7 +278,7 @@ class StepBuilder:
         probs = g.softmax(self.linear(h, p + "gate.weight", True))             # [1, E] float32
         # prefer the lower index on ties: a tiny decreasing bias that never reorders distinct probabilities
         # is not exact, so ties are broken by a first-maximum mask instead
-        lower = g.constant(p.replace(".", "_") + "lower", np.triu(np.ones((E, E), F16), 1))  # [j, e]: j < e
+        lower = g.constant(self.key(p) + "lower", np.triu(np.ones((E, E), F16), 1))  # [j, e]: j < e
         left = probs
         chosen = None
         for _ in range(cfg.top_k):
@@ -268,40 +299,63 @@ class StepBuilder:
             out = y if out is None else g.add(out, y)
         return out
 
-    def _gpt2(self, tok, pos, posf, oh_row, oh_col, mask) -> Tensor:
+    # ---- gpt2 units ----------------------------------------------------------------------------------
+    def _gpt2_embed(self, tok: Tensor, pos: Tensor) -> Tensor:
+        g = self.g
+        wpe = g.constant("wpe", self.w["wpe.weight"][:self.S].astype(F16))
+        return g.add(self.embed(tok, "wte.weight"), g.cast(g.gather(wpe, pos), "float32"))
+
+    def _gpt2_attn(self, i: int, x: Tensor, att) -> Tensor:
         g, cfg = self.g, self.cfg
         d, H = cfg.d_model, cfg.n_heads
-        if self._x_in is None:
-            self.part("embed")
-            wpe = g.constant("wpe", self.w["wpe.weight"][:self.S].astype(F16))
-            x = g.add(self.embed(tok, "wte.weight"), g.cast(g.gather(wpe, pos), "float32"))
-        else:
-            x = self._x_in
-        for i in range(*self.layers):
-            p = f"h.{i}."
-            self.part("norm")
-            h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
-            self.part("attn")
-            qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
-            q, k, v = (self._heads(g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))), H) for j in range(3))
-            a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
-            x = g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
-            self.part("norm")
-            h = self.f16(g.layernorm(x, self.vec(p + "ln_2.weight"), self.vec(p + "ln_2.bias"), eps=cfg.norm_eps))
-            self.part("mlp")
-            h = g.gelu(self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias"))
-            x = g.add(x, self.linear(self.f16(h), p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
-            self.probes[f"x{i}"] = x
-        if self.layers[1] < cfg.n_layers:
-            return x
+        pos, posf, oh_row, oh_col, mask = att
+        p = f"h.{i}."
+        self.part("norm")
+        h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
+        self.part("attn")
+        qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
+        q, k, v = (self._heads(g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))), H) for j in range(3))
+        a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
+        return g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
+
+    def _gpt2_mlp(self, i: int, x: Tensor) -> Tensor:
+        g, cfg = self.g, self.cfg
+        p = f"h.{i}."
+        self.part("norm")
+        h = self.f16(g.layernorm(x, self.vec(p + "ln_2.weight"), self.vec(p + "ln_2.bias"), eps=cfg.norm_eps))
+        self.part("mlp")
+        h = g.gelu(self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias"))
+        return g.add(x, self.linear(self.f16(h), p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
+
+    def _gpt2_head(self, x: Tensor) -> Tensor:
+        g, cfg = self.g, self.cfg
         self.part("norm")
         h = self.f16(g.layernorm(x, self.vec("ln_f.weight"), self.vec("ln_f.bias"), eps=cfg.norm_eps))
         self.part("head")
         return self.linear(h, cfg.head_name, True)
 
 
+def model_units(cfg: ModelConfig) -> List[Tuple[str, Optional[int]]]:
+    """The model as a sequence of units a pipeline may cut between: the embedding, then per layer its
+    attention block and its MLP (or mixture-of-experts) block, each with its norm and residual add, then
+    the final norm and head: ``[("embed", None), ("attn", 0), ("mlp", 0), ..., ("head", None)]``."""
+    out: List[Tuple[str, Optional[int]]] = [("embed", None)]
+    for i in range(cfg.n_layers):
+        out += [("attn", i), ("mlp", i)]
+    return out + [("head", None)]
+
+
+def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
+    """The unit range of layers ``[a, b)``: with the embedding when ``a == 0`` and the head when ``b`` is
+    the last layer."""
+    a, b = int(layers[0]), int(layers[1])
+    if not 0 <= a < b <= cfg.n_layers:
+        raise ValueError(f"layers must be a range inside 0..{cfg.n_layers}, got {layers}")
+    return (0 if a == 0 else 1 + 2 * a), 1 + 2 * b + (1 if b == cfg.n_layers else 0)
+
+
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
-               layers: Optional[Tuple[int, int]] = None):
-    """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``) and its part spans
-    (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers).build()
+               layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None):
+    """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
+    of :func:`model_units`) and its part spans (module docstring)."""
+    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units).build()

@@ -28,12 +28,13 @@ Conventions (those of Hugging Face ``transformers``):
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from collections.abc import Mapping
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .shapes import ModelConfig
-from .weights import dequantize_int8, normalize_weights, quantize_int8
+from .weights import check_names, dequantize_int8, normalize_weights, quantize_int8
 
 PRECISIONS = ("fp16", "fp32", "int8")
 F32 = np.float32
@@ -147,6 +148,111 @@ class KVCache:
         self.length += tokens
 
 
+EAGER_BYTES = 2 << 30    # models whose float32 weights fit in this many bytes are prepared up front
+
+
+class WeightStore(Mapping):
+    """The reference's weights: ``store[name]`` is the float32 array the reference multiplies by.
+
+    Each tensor is rounded to the storage precision (fp16 unless ``"fp32"``) and, for ``"int8"``, quantised
+    per output channel and dequantised (:attr:`quantized` keeps the int8 data). A model whose float32 weights
+    fit in :data:`EAGER_BYTES` is prepared at once and kept as float32. A bigger one (a 7B model) is prepared
+    tensor by tensor on first use and kept compactly, the int8 data (or the fp16 array) only, and expanded to
+    float32 on each access: the values are the same either way, the big model just costs its storage size in
+    host memory rather than four bytes a weight. ``weights`` may itself be lazy
+    (:class:`~lpucore.llm.weights.RandomWeights`).
+    """
+
+    def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str):
+        self.cfg, self.precision = cfg, precision
+        if isinstance(weights, dict):
+            weights = normalize_weights(cfg, weights)
+        else:
+            check_names(cfg, weights)
+        self.source = weights
+        self.int8 = cfg.int8_tensors() if precision == "int8" else {}
+        self.names = list(cfg.tensor_shapes())
+        self.eager = 4 * cfg.parameter_count() <= EAGER_BYTES
+        self._q: Dict[str, Tuple[np.ndarray, np.ndarray, int]] = {}
+        self._kept: Dict[str, np.ndarray] = {}
+        self.quantized = _Quantized(self)
+        if self.eager:
+            for name in self.names:
+                self._kept[name] = self._prepare(name)
+            self.source = None
+
+    def _prepare(self, name: str) -> np.ndarray:
+        """The float32 weight (eager) or its compact form (lazy: fp16, or int8 via :attr:`_q`)."""
+        a = np.asarray(self.source[name])
+        if tuple(a.shape) != self.cfg.tensor_shapes()[name]:
+            raise ValueError(f"{self.cfg.name}: tensor {name!r} has shape {tuple(a.shape)}, expected "
+                             f"{self.cfg.tensor_shapes()[name]}")
+        if self.precision != "fp32":
+            with np.errstate(over="ignore"):  # overflow is reported here, with the tensor's name
+                h = a.astype(np.float16)      # the stored checkpoint precision
+            if np.isinf(h).any() and not np.isinf(a).any():
+                raise ValueError(f"tensor {name!r} overflows fp16 (a bf16 checkpoint?): use precision='fp32'")
+            a = h
+        if name in self.int8:
+            q, scale = quantize_int8(a.astype(F32), self.int8[name])
+            self._q[name] = (q, scale, self.int8[name])
+            return dequantize_int8(q, scale, self.int8[name]) if self.eager else None
+        return a.astype(F32) if self.eager or self.precision == "fp32" else a
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name in self._kept:
+            kept = self._kept[name]
+        elif name in self.cfg.tensor_shapes():
+            kept = self._kept[name] = self._prepare(name)
+        else:
+            raise KeyError(name)
+        if self.eager:
+            return kept
+        if name in self.int8:
+            return dequantize_int8(*self._q[name])
+        return kept.astype(F32)
+
+    def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
+        """``self[name][ids]`` (an embedding lookup) without expanding the whole table."""
+        if self.eager:
+            return self[name][ids]
+        self[name] if name not in self._kept else None
+        if name in self.int8:
+            q, scale, axis = self._q[name]
+            return dequantize_int8(q[ids], scale[ids], 0) if axis == 0 else dequantize_int8(q[ids], scale, 1)
+        return self._kept[name][ids].astype(F32)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+class _Quantized(Mapping):
+    """``name -> (q int8, scale float32, out_axis)`` of :class:`WeightStore`'s int8 tensors."""
+
+    def __init__(self, store: WeightStore):
+        self.store = store
+
+    def __getitem__(self, name):
+        st = self.store
+        if name not in st.int8:
+            raise KeyError(name)
+        if name not in st._q:
+            st[name]
+        return st._q[name]
+
+    def __contains__(self, name):
+        return name in self.store.int8
+
+    def __iter__(self):
+        return iter(self.store.int8)
+
+    def __len__(self):
+        return len(self.store.int8)
+
+
 class Reference:
     """The reference model: ``prefill`` a prompt, then ``decode`` one token at a time over the KV cache.
 
@@ -161,25 +267,11 @@ class Reference:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
         self.precision = precision
-        weights = normalize_weights(cfg, weights)
-        self.quantized: Dict[str, Tuple[np.ndarray, np.ndarray, int]] = {}
-        int8 = cfg.int8_tensors() if precision == "int8" else {}
-        w: Dict[str, np.ndarray] = {}
-        for name, arr in weights.items():
-            a = np.asarray(arr)
-            if precision != "fp32":
-                with np.errstate(over="ignore"):  # overflow is reported below, with the tensor's name
-                    h = a.astype(np.float16)      # the stored checkpoint precision
-                if np.isinf(h).any() and not np.isinf(a).any():
-                    raise ValueError(f"tensor {name!r} overflows fp16 (a bf16 checkpoint?): use precision='fp32'")
-                a = h
-            a = a.astype(F32)
-            if name in int8:
-                q, scale = quantize_int8(a, int8[name])
-                self.quantized[name] = (q, scale, int8[name])
-                a = dequantize_int8(q, scale, int8[name])
-            w[name] = a
-        self.w = w
+        store = WeightStore(cfg, weights, precision)
+        #: name -> float32 weight as the reference multiplies by it (rounded / dequantised)
+        self.w: Mapping[str, np.ndarray] = store
+        #: name -> (q int8, scale float32, out_axis) of every int8 tensor (``precision="int8"``)
+        self.quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]] = store.quantized
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.max_positions)
 
     # ------------------------------------------------------------------ public API
@@ -275,7 +367,7 @@ class Reference:
 
     def _forward_llama(self, ids: np.ndarray, start: int) -> np.ndarray:
         cfg, w = self.cfg, self.w
-        x = w["model.embed_tokens.weight"][ids]
+        x = w.rows("model.embed_tokens.weight", ids)
         cos, sin = rope_cos_sin(np.arange(start, start + len(ids)), cfg.head_dim, cfg.rope_theta)
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
@@ -311,7 +403,7 @@ class Reference:
     def _forward_gpt2(self, ids: np.ndarray, start: int) -> np.ndarray:
         cfg, w = self.cfg, self.w
         d, H = cfg.d_model, cfg.n_heads
-        x = w["wte.weight"][ids] + w["wpe.weight"][start:start + len(ids)]
+        x = w.rows("wte.weight", ids) + w["wpe.weight"][start:start + len(ids)]
         for i in range(cfg.n_layers):
             p = f"h.{i}."
             h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.norm_eps)

@@ -192,15 +192,16 @@ class ModelConfig:
         """The tensors stored as int8 in the ``"int8"`` scheme, each with its output-channel axis.
 
         Every matmul weight is quantised per output channel: the attention and MLP/expert projections and the
-        output head (the embedding table itself when tied, so one int8 copy serves both uses). Kept at fp16:
-        norms, biases, learned positions, an untied embedding table (a row lookup, not a matmul) and the
-        mixtral router -- it is tiny (``n_experts x d_model``) and its output is a discrete top-k choice that
+        output head (the embedding table itself when tied, so one int8 copy serves both uses). The token
+        embedding table is quantised per row (per token) too, tied or not: it is the largest table of a llama
+        (262 MB at fp16 for a 32k vocabulary, more than one GroqChip holds). Kept at fp16: norms, biases,
+        learned positions and the mixtral router -- it is tiny (``n_experts x d_model``) and its output is a discrete top-k choice that
         int8 rounding would flip on near ties.
         """
         out_axis = 1 if self.family == "gpt2" else 0    # Conv1D [in, out] vs Linear [out, in]
         names = {}
         for name, shape in self.tensor_shapes().items():
-            if name == self.head_name:
+            if name in (self.head_name, self.embedding_name):
                 names[name] = 0                          # [vocab, d_model]: one channel per vocabulary row
             elif len(shape) == 2 and name not in (self.embedding_name, "wpe.weight") \
                     and not name.endswith("block_sparse_moe.gate.weight"):

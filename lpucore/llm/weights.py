@@ -13,7 +13,9 @@ import json
 import math
 import os
 import pathlib
-from typing import Dict, Mapping, Tuple, Union
+import zlib
+from collections.abc import Mapping
+from typing import Dict, Tuple, Union
 
 import numpy as np
 
@@ -53,6 +55,17 @@ def normalize_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> We
     return out
 
 
+def check_names(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
+    """Raise ``ValueError`` unless ``weights`` has exactly ``cfg``'s tensor names (a lazy mapping's tensors are
+    checked as they are read)."""
+    expected = cfg.tensor_shapes()
+    missing = [n for n in expected if n not in weights]
+    unexpected = sorted(n for n in weights if n not in expected)
+    if missing or unexpected:
+        what = f"missing tensor {missing[0]!r}" if missing else f"unexpected tensor {unexpected[0]!r}"
+        raise ValueError(f"{cfg.name}: {what}")
+
+
 def check_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
     """Raise ``ValueError`` naming the first missing, unexpected or wrongly shaped tensor."""
     expected = cfg.tensor_shapes()
@@ -74,6 +87,55 @@ def check_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
 
 # ---------------------------------------------------------------------- random weights
 
+def random_tensor(cfg: ModelConfig, name: str, seed: int = 0, dtype=np.float16) -> np.ndarray:
+    """Tensor ``name`` of the deterministic random weight set of ``cfg`` (see :func:`random_weights`).
+
+    Each tensor has its own generator, seeded by ``(seed, crc32(name))``, so any one tensor (a layer of a
+    70B model) can be made without the others, in any order, with the values :func:`random_weights` gives.
+    """
+    shape = cfg.tensor_shapes()[name]
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    d = cfg.d_model
+    if len(shape) == 1:
+        is_gain = name.endswith("weight")
+        w = (1.0 if is_gain else 0.0) + 0.1 * rng.standard_normal(shape, dtype=np.float32)
+    elif name == cfg.embedding_name:
+        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(d) if cfg.tie_embeddings
+                                                                      else 1.0)
+    elif name == "wpe.weight":
+        # Unit positions: with a tied head and small token embeddings a random gpt2 otherwise echoes its
+        # last token forever; position-dependent hidden states keep greedy decoding varied.
+        w = rng.standard_normal(shape, dtype=np.float32)
+    else:
+        fan_in = shape[0] if cfg.family == "gpt2" else shape[1]
+        w = rng.standard_normal(shape, dtype=np.float32)
+        w *= np.float32(1 / math.sqrt(fan_in))
+    return w.astype(dtype)
+
+
+class RandomWeights(Mapping):
+    """The weight set of :func:`random_weights` as a read-only mapping that makes each tensor when it is
+    asked for (and keeps nothing): a model bigger than host memory can be read layer by layer."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0, dtype=np.float16):
+        self.cfg, self.seed, self.dtype = cfg, int(seed), dtype
+        self._names = list(cfg.tensor_shapes())
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.cfg.tensor_shapes():
+            raise KeyError(name)
+        return random_tensor(self.cfg, name, self.seed, self.dtype)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __repr__(self):
+        return f"RandomWeights({self.cfg.name!r}, seed={self.seed})"
+
+
 def random_weights(cfg: ModelConfig, seed: int = 0, dtype=np.float16) -> Weights:
     """A deterministic random weight set for ``cfg`` whose activations stay O(1).
 
@@ -82,28 +144,9 @@ def random_weights(cfg: ModelConfig, seed: int = 0, dtype=np.float16) -> Weights
     the tied head also gives O(1) logits. gpt2's learned positions are ``normal``. Norm gains are
     ``1 + 0.1 normal`` and biases ``0.1 normal`` (not exactly 1 and 0, so a reference that ignored them would be
     caught). Arrays are allocated per tensor: fine for the tiny shapes, ``parameter_count() * itemsize`` bytes
-    for a real one.
+    for a real one (:class:`RandomWeights` makes the same tensors on demand instead).
     """
-    rng = np.random.default_rng(seed)
-    d = cfg.d_model
-    conv1d = cfg.family == "gpt2"
-    out: Weights = {}
-    for name, shape in cfg.tensor_shapes().items():
-        if len(shape) == 1:
-            is_gain = name.endswith("weight")
-            w = (1.0 if is_gain else 0.0) + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-        elif name == cfg.embedding_name:
-            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(d) if cfg.tie_embeddings
-                                                                          else 1.0)
-        elif name == "wpe.weight":
-            # Unit positions: with a tied head and small token embeddings a random gpt2 otherwise echoes its
-            # last token forever; position-dependent hidden states keep greedy decoding varied.
-            w = rng.standard_normal(shape, dtype=np.float32)
-        else:
-            fan_in = shape[0] if conv1d else shape[1]
-            w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(fan_in))
-        out[name] = w.astype(dtype)
-    return out
+    return {name: random_tensor(cfg, name, seed, dtype) for name in cfg.tensor_shapes()}
 
 
 # ---------------------------------------------------------------------- int8 quantisation
