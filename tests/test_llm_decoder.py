@@ -212,11 +212,13 @@ def test_gpt2_small_int8_on_one_chip_matches_the_reference():
     assert st.weight_bytes > 160e6 and st.by_part["head"] > 0
 
 
-@pytest.mark.parametrize("name, precision, chips", [("tiny", "fp16", 2), ("tiny-gpt2", "int8", 2),
-                                                    ("tiny-moe", "int8", 2)])
+@pytest.mark.parametrize("name, precision, chips", [("tiny", "fp16", 2), ("tiny-gpt2", "int8", 3),
+                                                    ("tiny-moe", "int8", 2), ("tiny", "int8", 6)])
 def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
-    """The model split by layers over a System (one stage per chip, the residual stream handed
-    over a C2C link) chooses the same tokens from bit-identical logits, in the predicted cycles."""
+    """The model split into stages over a System (one stage per chip, the residual stream handed
+    over a C2C link) chooses the same tokens from bit-identical logits, in the predicted cycles.
+    Six chips put every unit on its own chip: the two attention stages share one compiled program
+    (with each chip's own weights), as do the two MLP stages."""
     from lpucore.llm import PipelineDecoder
     dec = Decoder.random(name, seed=0, precision=precision, capacity=8)
     res = dec.generate([5, 7], max_new_tokens=3)
@@ -228,25 +230,77 @@ def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
     # the hand-over costs the deskew, the link latency and the residual stream's vectors
     assert pd.step_cycles > res.stats.step_cycles + dec.chip_config.c2c_latency
     assert all(sum(s.link_vectors.values()) > 0 for s in stats)
-    with pytest.raises(ValueError, match="2..2 chips"):
-        PipelineDecoder(dec, 3)
+    assert [a for a, _ in pd.stages] == [0] + [b for _, b in pd.stages[:-1]] and pd.stages[-1][1] == 6
+    assert len(pd.compiled) == len(set(pd.signatures)) == (4 if chips == 6 else chips)
+    with pytest.raises(ValueError, match="1..6 chips"):
+        PipelineDecoder(dec, 7)
 
 
-def test_decoders_over_several_chips_check_the_total_fit():
+def test_shared_stage_programs_keep_each_chips_weights():
+    """Two chips running one compiled attention stage hold different weights: swapping them changes
+    the logits (so the sharing really writes each chip's own)."""
+    from lpucore.llm import PipelineDecoder
+    dec = Decoder.random("tiny", seed=0, precision="fp16", capacity=8)
+    pd = PipelineDecoder(dec, 6)
+    pd.compile()
+    a, _ = pd.step(5)
+    chip1, chip3 = pd.system.chips[1], pd.system.chips[3]        # attention of layer 0 and of layer 1
+    name = "model_layers_0_self_attn_o_proj_weight_T"    # (at position 0, q and k do not matter)
+    w1, w3 = chip1.read_tensor(name), chip3.read_tensor(name)
+    assert not np.array_equal(w1, w3)
+    chip1.write_tensor(name, w3)
+    pd.reset()
+    b, _ = pd.step(5)
+    assert not np.array_equal(a, b)
+
+
+def test_decoders_over_several_chips_check_the_fit():
     from lpucore import LpuError
     from lpucore.llm import PipelineDecoder
+    from lpucore.llm.pipeline import STAGE_FILL, plan_stages, unit_bytes
+    chip = ChipConfig.groqchip1()
     cfg = model_config("llama2-7b")
-    sram = ChipConfig.groqchip1().sram_bytes
-    need = math.ceil((Decoder._bytes(cfg, "int8", 128)[0] + cfg.kv_cache_bytes(128)) / sram)
-    Decoder._fit_or_raise(cfg, "int8", None, 128, chips=need)          # no error
-    with pytest.raises(ModelDoesNotFit, match=f"{need - 1} x groqchip1 have .* at least {need} chips"):
-        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=need - 1)
-    with pytest.raises(ValueError, match="chips must be 1..32"):
-        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=33)
+    sizes = unit_bytes(cfg, "int8", 128)
+    # a 7B layer's attention (67 MB of int8 weights and its cache) and MLP (135 MB) together exceed
+    # 80 % of a GroqChip, so each block takes a chip; the embedding and the head one each
+    assert 66e6 < sizes[1] < 75e6 and 135e6 < sizes[2] < 140e6 and sizes[1] + sizes[2] > STAGE_FILL * chip.sram_bytes
+    plan = plan_stages(cfg, "int8", 128, chip)
+    assert len(plan) == 66 and all(b - a == 1 for a, b in plan)
+    assert Decoder._fit_or_raise(cfg, "int8", None, 128, chips="auto") == 66
+    with pytest.raises(ModelDoesNotFit, match="needs 66 x groqchip1 as pipeline stages.*not 65"):
+        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=65)
+    with pytest.raises(ModelDoesNotFit, match="at least 30 chips, and 66 as pipeline stages"):
+        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=1)
+    with pytest.raises(ValueError, match="1..66 chips"):
+        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=67)
+    with pytest.raises(ValueError, match="positive number of chips or 'auto'"):
+        Decoder._fit_or_raise(cfg, "int8", None, 128, chips="many")
+    # a 70B layer's MLP (705 MB in int8) is bigger than a chip: it would need tensor parallelism
+    with pytest.raises(ModelDoesNotFit, match="tensor parallelism"):
+        Decoder.random("llama2-70b", precision="int8", chips="auto")
     dec = Decoder.random("tiny", seed=0, precision="fp16", capacity=8, chips=2)
     assert isinstance(dec.pipeline, PipelineDecoder) and dec.pipeline is dec.pipeline
-    assert dec.pipeline.stages == [(0, 1), (1, 2)]
+    assert dec.pipeline.stages[0][0] == 0 and dec.pipeline.stages[-1][1] == 6 and len(dec.pipeline.stages) == 2
+    assert Decoder.random("tiny", seed=0, capacity=8, chips="auto").chips == 1
     with pytest.raises(LpuError, match="spans 2 chips"):
         dec.generate([1], 1)
     with pytest.raises(LpuError, match="runs on one chip"):
         Decoder.random("tiny", seed=0, capacity=8).pipeline
+
+
+@pytest.mark.parametrize("name, precision, shards, chips, distinct", [("tiny", "fp16", 2, 8, 5),
+                                                                      ("tiny-moe", "int8", 4, 5, 5)])
+def test_sharded_mlps_over_chips(name, precision, shards, chips, distinct):
+    """MLPs cut into shards (ranges of hidden features, or of experts) that pass (x, partial sum) from
+    chip to chip, as a layer too big for one chip runs: the reference's tokens, logits within the
+    bound, the predicted cycles; shards in the same place of different layers share a program."""
+    from lpucore.llm import PipelineDecoder
+    dec = Decoder.random(name, seed=0, precision=precision, capacity=8)
+    pd = PipelineDecoder(dec, chips, shards=shards)
+    assert sum(len(u) == 4 for u in pd.units) == shards * dec.cfg.n_layers
+    tokens, logits, stats = pd.generate([5, 7], 3)
+    ref_tokens, ref_logits = dec.reference().generate([5, 7], 3)
+    assert np.array_equal(tokens, ref_tokens)
+    check_close(logits, ref_logits)
+    assert all(s.cycles == pd.step_cycles for s in stats)
+    assert len(pd.compiled) == distinct

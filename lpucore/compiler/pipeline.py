@@ -14,7 +14,6 @@ finishes: the first program's cycles + the transfer + the second program's cycle
 
 from __future__ import annotations
 
-import copy
 from typing import Dict, List, Tuple
 
 from ..errors import CompileError
@@ -42,7 +41,11 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
     """program with, on each queue, ``head`` events (absolute cycles) before cycle ``shift``,
     the original instructions from ``shift`` on, then ``tail`` events (absolute cycles)."""
     cfg = program.config
-    out = copy.deepcopy(program)
+    # the original instructions are shared, not copied (they are immutable), and the added ones are
+    # checked as they are added: a compiled stage of a 7B model has millions of instructions
+    out = Program(cfg)
+    out.tensors = dict(program.tensors)
+    out.queues = dict(program.queues)
     scratch = Program(cfg)
     for q in cfg.queues:
         name = q.name
@@ -60,8 +63,8 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
         if orig and shift > t:
             scratch.add(name, "NOP", shift - t)
             t = shift
-        for ins in orig:
-            scratch.queues.setdefault(name, []).append(ins)
+        if orig:
+            scratch.queues.setdefault(name, []).extend(orig)
         t = (shift + queue_end(orig)) if orig else t
         for c, mn, args in sorted(tail.get(name, [])):
             if c < t:
@@ -71,7 +74,6 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
             scratch.add(name, mn, *args)
             t = c + 1
         out.queues[name] = scratch.queues.get(name, [])
-    out.validate()
     return out
 
 

@@ -33,7 +33,7 @@ from ..errors import LpuError
 from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference, choose_token
 from .shapes import ModelConfig, model_config
-from .weights import load_pretrained, random_weights
+from .weights import RandomWeights, load_pretrained
 
 PRECISIONS = ("fp16", "int8")
 LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
@@ -177,7 +177,7 @@ class Decoder:
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str = "fp16",
                  config: Optional[ChipConfig] = None, capacity: Optional[int] = None, engine: str = "fast",
-                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, chips: int = 1):
+                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, chips: Union[int, str] = 1, comm=None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
@@ -189,9 +189,9 @@ class Decoder:
                              f"({cfg.name}'s max_positions, and the rotary tables' 2048), not {capacity}")
         self.capacity = cap
         self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
-        self.chips = int(chips)
+        self.comm = comm
+        self.chips = self._fit_or_raise(cfg, precision, self.chip_config, cap, chips)
         self._pipeline = None
-        self.check_fit()
         self._weights = weights
         self.ref = Reference(cfg, weights, precision)      # the rounded / quantised weights both use
         self.compiled = None
@@ -206,7 +206,8 @@ class Decoder:
         """A model of a named shape (:data:`~lpucore.llm.SHAPES`) or a :class:`ModelConfig`, random weights."""
         cfg = model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
         cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
-        return cls(cfg, random_weights(cfg, seed), precision, **kw)
+        # tensors are made as the model reads them: a 7B model's never all exist at float precision
+        return cls(cfg, RandomWeights(cfg, seed), precision, **kw)
 
     @classmethod
     def from_pretrained(cls, path, precision: str = "fp16", **kw) -> "Decoder":
@@ -227,29 +228,40 @@ class Decoder:
         return w, cfg.kv_cache_bytes(capacity)
 
     @classmethod
-    def _fit_or_raise(cls, cfg, precision, config, capacity, chips=1):
+    def _fit_or_raise(cls, cfg, precision, config, capacity, chips=1) -> int:
+        """The number of chips (``chips``, or the fewest for ``"auto"``); raises
+        :class:`ModelDoesNotFit` saying how many it takes."""
+        from .pipeline import plan_stages
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         chip = config if config is not None else ChipConfig.groqchip1()
         cap = min(cfg.max_positions, 128) if capacity is None else int(capacity)
         w, kv = cls._bytes(cfg, precision, cap)
         need = w + kv
+        if chips == "auto":
+            return 1 if need <= chip.sram_bytes else len(plan_stages(cfg, precision, cap, chip))
+        if isinstance(chips, bool) or not isinstance(chips, (int, np.integer)) or chips < 1:
+            raise ValueError(f"chips must be a positive number of chips or 'auto', not {chips!r}")
         chips = int(chips)
-        if chips < 1 or chips > cfg.n_layers:
-            raise ValueError(f"chips must be 1..{cfg.n_layers} (a pipeline stage holds at least one layer), "
-                             f"not {chips}")
-        if need > chips * chip.sram_bytes:
-            least = math.ceil(need / chip.sram_bytes)
-            have = f"one {chip.name} has" if chips == 1 else f"{chips} x {chip.name} have"
+        if chips > 1:
+            plan_stages(cfg, precision, cap, chip, chips)        # raises ModelDoesNotFit / ValueError
+            return chips
+        if need > chip.sram_bytes:
+            head = (f"{cfg.name} ({precision}) needs {need / 1e6:,.1f} MB of SRAM for its weights "
+                    f"({w / 1e6:,.1f} MB) and a {cap}-token KV cache ({kv / 1e6:,.1f} MB); one {chip.name} has "
+                    f"{chip.sram_bytes / 1e6:,.1f} MB, so it needs at least {math.ceil(need / chip.sram_bytes)} chips")
+            try:
+                least = len(plan_stages(cfg, precision, cap, chip))
+            except ModelDoesNotFit as e:
+                raise ModelDoesNotFit(f"{head}; but {e}") from None
             raise ModelDoesNotFit(
-                f"{cfg.name} ({precision}) needs {need / 1e6:,.1f} MB of SRAM for its weights "
-                f"({w / 1e6:,.1f} MB) and a {cap}-token KV cache ({kv / 1e6:,.1f} MB); {have} "
-                f"{chips * chip.sram_bytes / 1e6:,.1f} MB, so it needs at least {least} chips "
-                f"(Decoder(..., chips={least}) splits it by layers over a System; or try precision='int8')")
+                f"{head}, and {least} as pipeline stages (Decoder(..., chips={least}) or chips='auto' splits it "
+                f"over a System" + ("; or try precision='int8')" if precision != "int8" else ")"))
+        return 1
 
     def check_fit(self) -> None:
-        """Raise :class:`ModelDoesNotFit` unless weights + KV cache fit in the chips' SRAM (a total:
-        the compiler says if one pipeline stage does not fit its chip)."""
+        """Raise :class:`ModelDoesNotFit` unless weights + KV cache fit in the chips' SRAM (one chip's,
+        or every pipeline stage's, :func:`~lpucore.llm.pipeline.plan_stages`)."""
         self._fit_or_raise(self.cfg, self.precision, self.chip_config, self.capacity, self.chips)
 
     @property
@@ -260,7 +272,7 @@ class Decoder:
             raise LpuError("this Decoder runs on one chip: Decoder(..., chips=N) makes a pipeline")
         if self._pipeline is None:
             from .pipeline import PipelineDecoder
-            self._pipeline = PipelineDecoder(self, self.chips)
+            self._pipeline = PipelineDecoder(self, self.chips, comm=self.comm)
         return self._pipeline
 
     @property
@@ -384,8 +396,9 @@ class Decoder:
         return GenerateResult(np.asarray(tokens, dtype=np.int64), out_logits, stats)
 
     def reference(self) -> Reference:
-        """A fresh NumPy :class:`Reference` of the same model, weights and precision."""
-        return Reference(self.cfg, self._weights, self.precision)
+        """A fresh NumPy :class:`Reference` of the same model, weights and precision (sharing this
+        decoder's prepared weights, so a big model's are not made twice)."""
+        return Reference(self.cfg, self.ref.w, self.precision)
 
     def __repr__(self):
         return (f"Decoder({self.cfg.name!r}, precision={self.precision!r}, chip={self.chip_config.name!r}, "

@@ -1,55 +1,262 @@
-"""A decoder's model split into pipeline stages by layers, one chip per stage, on a
-:class:`lpucore.System`.
+"""A decoder's model split into pipeline stages, one chip per stage, on a :class:`lpucore.System`.
 
-Stage k holds layers ``[a_k, a_{k+1})`` (contiguous, as even as the layer count allows): the
-first stage also embeds the token, the last also applies the final norm and the head. Each
-stage is compiled on its own (:func:`lpucore.llm.program.build_step` with ``layers=``); the
-residual stream (float32 ``[1, d_model]``) goes from stage to stage over one C2C link (chip
-k's link 0 to chip k+1's link 1), scheduled by :func:`lpucore.compiler.pipeline.hand_over`,
-so a step's cycles are the stages' cycles plus the transfers, known before the run. Every
-stage keeps the KV cache of its own layers. The values are those of the single-chip
-:class:`~lpucore.llm.Decoder` (the same operations on the same numbers), which the tests check
-bit for bit.
+The model is a sequence of *units* (:func:`lpucore.llm.program.model_units`): the embedding, each
+layer's attention block and MLP (or mixture-of-experts) block, and the head. A stage is a run of
+consecutive units; :func:`plan_stages` cuts the sequence by SRAM bytes (:func:`unit_bytes`), so a
+7B-parameter layer whose attention and MLP together overflow a GroqChip's 230 MB take a chip each.
+
+Stages that hold the same units relative to their first layer (every "attention of one layer"
+stage of Llama-2-7B, say) build the same graph, up to the weights' values: constants and KV-cache
+states are named by layer index relative to the stage (:class:`~lpucore.llm.program.StepBuilder`).
+So each distinct stage is compiled once and its program serves every chip that holds such a stage,
+each chip with its own weights written into the same addresses. :meth:`PipelineDecoder.compile`
+checks that every shared stage's graph has exactly the compiled one's constants (names, shapes and
+dtypes; the values of any constant the compiler folded into an instruction), so sharing cannot
+change a value; the tests check that tiny models give the single-chip logits bit for bit.
+
+The residual stream (float32 ``[1, d_model]``) goes from stage to stage over one C2C link (chip
+k's link 0 to chip k+1's link 1), scheduled by :func:`lpucore.compiler.pipeline.hand_over`, so a
+step's cycles are the stages' cycles plus the transfers, known before the run. Every stage keeps
+the KV cache of its own attention blocks.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import LpuError
-from .program import build_step
+from ..errors import CompileError, LpuError
+from .program import build_step, model_units, shard_range
 from .reference import choose_token
+
+#: fraction of a chip's SRAM a stage's weights and KV cache may fill (the rest holds the step's
+#: temporaries: a Llama-2-7B layer, 205 MB of weights and cache, does not compile on a 230.7 MB GroqChip)
+STAGE_FILL = 0.8
+
+
+def _padded(rows: int, cols: int, itemsize: int, lanes: int) -> int:
+    """Bytes of a [rows, cols] tensor in MEM: each row is whole 320-lane vectors."""
+    return rows * -(-cols // lanes) * lanes * itemsize
+
+
+def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int = 2560, shards: int = 1) -> List[int]:
+    """SRAM bytes each unit of :func:`model_units` keeps resident: its weights as the step program
+    stores them (int8 blocks of ``block`` columns with float32 scales, or float16; float32 norm
+    vectors; rows padded to whole vectors) and, for an attention block, its KV cache."""
+    shapes = cfg.tensor_shapes()
+    int8 = cfg.int8_tensors() if precision == "int8" else {}
+    conv1d = cfg.family == "gpt2"
+
+    def matrix(name, transpose, rows=None, cols=None):
+        shape = shapes[name]
+        K, N = (shape[1], shape[0]) if transpose else shape
+        K = K if rows is None else rows[1] - rows[0]
+        N = N if cols is None else cols[1] - cols[0]
+        if name not in int8:
+            return _padded(K, N, 2, lanes)
+        return sum(_padded(K, min(block, N - c), 1, lanes) + _padded(1, min(block, N - c), 4, lanes)
+                   for c in range(0, N, block))
+
+    def vec(name):
+        return _padded(1, shapes[name][0], 4, lanes)
+
+    def table(name):
+        V, d = shapes[name]
+        if name in int8:      # int8 rows, and the per-row scales and an iota as float32 rows
+            return _padded(V, d, 1, lanes) + 2 * _padded(1, V, 4, lanes)
+        return _padded(V, d, 2, lanes)
+
+    def layer_tensors(i, kind):
+        p = f"h.{i}." if conv1d else f"model.layers.{i}."
+        names = [n for n in shapes if n.startswith(p)]
+        if conv1d:
+            own = ("ln_1", "attn.") if kind == "attn" else ("ln_2", "mlp.")
+        else:
+            own = ("input_layernorm", "self_attn.") if kind == "attn" else \
+                ("post_attention_layernorm", "mlp.", "block_sparse_moe.")
+        return [n for n in names if n[len(p):].startswith(own)]
+
+    H, S = cfg.n_kv_heads, capacity
+    out = []
+    for u in model_units(cfg, shards):
+        kind, i = u[0], u[1]
+        if len(u) == 4:
+            lo, hi = shard_range(cfg, u[2], u[3])
+            p = f"model.layers.{i}."
+            b = vec(p + "post_attention_layernorm.weight")
+            if cfg.family == "mixtral":
+                b += matrix(p + "block_sparse_moe.gate.weight", True)
+                b += sum(matrix(f"{p}block_sparse_moe.experts.{e}.{n}.weight", True)
+                         for e in range(lo, hi) for n in ("w1", "w2", "w3"))
+            else:
+                b += sum(matrix(p + f"mlp.{n}_proj.weight", True, cols=(lo, hi)) for n in ("gate", "up"))
+                b += matrix(p + "mlp.down_proj.weight", True, rows=(lo, hi))
+        elif kind == "embed":
+            b = table(cfg.embedding_name)
+            if conv1d:
+                b += _padded(S, cfg.d_model, 2, lanes)          # learned positions
+        elif kind == "head":
+            norm = [n for n in ("ln_f.weight", "ln_f.bias", "model.norm.weight") if n in shapes]
+            b = sum(vec(n) for n in norm) + matrix(cfg.head_name, True)
+        else:
+            b = sum(vec(n) if len(shapes[n]) == 1 else matrix(n, not conv1d) for n in layer_tensors(i, kind))
+            if kind == "attn":
+                b += _padded(H * cfg.head_dim, S, 2, lanes) + _padded(H * S, cfg.head_dim, 2, lanes)
+        out.append(int(b))
+    return out
+
+
+def _greedy(sizes: Sequence[int], cap: float) -> List[Tuple[int, int]]:
+    groups, start, total = [], 0, 0
+    for u, b in enumerate(sizes):
+        if u > start and total + b > cap:
+            groups.append((start, u))
+            start, total = u, 0
+        total += b
+    groups.append((start, len(sizes)))
+    return groups
+
+
+def mlp_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
+    """How many shards each MLP (or mixture of experts) is cut into so that one fits a stage: 1 when
+    it fits whole, else the fewest that fit (llama and mixtral; gpt2 MLPs are never cut)."""
+    cap = fill * chip.sram_bytes
+    limit = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+    if cfg.family == "gpt2":
+        return 1
+    for t in range(1, limit + 1):
+        sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, t)
+        if max(b for u, b in zip(model_units(cfg, t), sizes) if u[0] == "mlp") <= cap:
+            return t
+    return limit
+
+
+def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] = None, block: int = 2560,
+                fill: float = STAGE_FILL, shards: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Unit ranges ``[(u0, u1), ...]`` of :func:`model_units` with ``shards`` (default
+    :func:`mlp_shards`), one per chip.
+
+    ``chips=None``: as few stages as hold at most ``fill`` x the chip's SRAM each (cut greedily in
+    unit order). ``chips=N``: exactly N stages, as even in bytes as contiguous cuts allow. Raises
+    :class:`~lpucore.llm.ModelDoesNotFit` (saying how many chips it takes) when a stage overflows."""
+    from .decoder import ModelDoesNotFit
+    if shards is None:
+        shards = mlp_shards(cfg, precision, capacity, chip, block, fill)
+    sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards)
+    cap = fill * chip.sram_bytes
+    least = len(_greedy(sizes, cap))
+    if max(sizes) > cap:
+        u = int(np.argmax(sizes))
+        raise ModelDoesNotFit(
+            f"{cfg.name} ({precision}): unit {model_units(cfg, shards)[u][:2]} alone needs {sizes[u] / 1e6:,.1f} MB "
+            f"of SRAM, more than a stage may fill on one {chip.name} ({fill:.0%} of {chip.sram_bytes / 1e6:,.1f} MB); "
+            f"it needs tensor parallelism, which lpucore.llm does not do yet")
+    if chips is None:
+        return _greedy(sizes, cap)
+    n = int(chips)
+    if not 1 <= n <= len(sizes):
+        raise ValueError(f"{cfg.name} has {len(sizes)} units (embedding, attention and MLP blocks, head): "
+                         f"1..{len(sizes)} chips, not {chips}")
+    if n < least:
+        raise ModelDoesNotFit(
+            f"{cfg.name} ({precision}) with a {capacity}-token KV cache needs {least} x {chip.name} as pipeline "
+            f"stages of at most {fill:.0%} of a chip's SRAM ({sum(sizes) / 1e6:,.1f} MB in all), not {n} "
+            f"(Decoder(..., chips={least}) or chips='auto')")
+    lo, hi = max(sizes), sum(sizes)          # the smallest largest-stage size that n cuts achieve
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(_greedy(sizes, mid)) <= n:
+            hi = mid
+        else:
+            lo = mid + 1
+    groups = _greedy(sizes, lo)
+    while len(groups) < n:                   # fewer stages than chips: split the biggest splittable one
+        k = max((k for k, (a, b) in enumerate(groups) if b - a > 1), key=lambda k: sum(sizes[slice(*groups[k])]))
+        a, b = groups[k]
+        m = (a + b) // 2
+        groups[k:k + 1] = [(a, m), (m, b)]
+    return groups
+
+
+def stage_signature(cfg, units: Tuple[int, int], shards: int = 1) -> tuple:
+    """What a stage's graph depends on besides the weights: its units, layers counted from its first
+    (and for an MLP shard: whether it is its layer's first or last, and its size)."""
+    us = model_units(cfg, shards)[units[0]:units[1]]
+    first = next((u[1] for u in us if u[1] is not None), 0)
+    out = []
+    for u in us:
+        sig = (u[0], None if u[1] is None else u[1] - first)
+        if len(u) == 4:
+            lo, hi = shard_range(cfg, u[2], u[3])
+            sig += (u[2] == 0, u[2] == u[3] - 1, hi - lo)
+        out.append(sig)
+    return tuple(out)
+
+
+def _named_constants(graph) -> Dict[str, np.ndarray]:
+    out = {}
+    for tid, arr in graph.constants.items():
+        name = graph.constant_names.get(tid)
+        if name:
+            out[name] = arr
+    return out
 
 
 class PipelineDecoder:
     """``decoder``'s model (a :class:`~lpucore.llm.Decoder`, used for its weights, precision,
-    chip configuration, capacity and engine) over ``chips`` chips."""
+    chip configuration, capacity and engine) over ``chips`` chips (``None``: as few as it fits on,
+    :func:`plan_stages`). ``comm``: an MPI communicator, to spread the chips over processes
+    (:class:`lpucore.System`); every process then calls the same methods and gets the same results."""
 
-    def __init__(self, decoder, chips: int):
-        n = decoder.cfg.n_layers
-        if not 2 <= int(chips) <= n:
-            raise ValueError(f"a pipeline of {decoder.cfg.name} needs 2..{n} chips (one or more layers each), "
-                             f"not {chips}")
+    def __init__(self, decoder, chips: Optional[int] = None, comm=None, fill: float = STAGE_FILL,
+                 shards: Optional[int] = None):
         self.decoder = decoder
-        self.n_chips = int(chips)
-        bounds = [round(k * n / self.n_chips) for k in range(self.n_chips + 1)]
-        self.stages: List[Tuple[int, int]] = list(zip(bounds, bounds[1:]))
-        self.compiled = None
+        d = decoder
+        self.shards = mlp_shards(d.cfg, d.precision, d.capacity, d.chip_config, d.block, fill) if shards is None \
+            else int(shards)
+        self.stages: List[Tuple[int, int]] = plan_stages(d.cfg, d.precision, d.capacity, d.chip_config, chips,
+                                                         d.block, fill, self.shards)
+        if len(self.stages) < 2:
+            raise ValueError(f"{decoder.cfg.name} fits one chip: use the Decoder itself (chips=1)")
+        self.n_chips = len(self.stages)
+        self.comm = comm
+        self.units = model_units(decoder.cfg, self.shards)
+        self.signatures = [stage_signature(decoder.cfg, s, self.shards) for s in self.stages]
+        self.compiled: Dict[tuple, object] = {}      # signature -> Compiled (one per distinct stage)
         self.system = None
         self.step_cycles: Optional[int] = None
+        self.stage_cycles: List[int] = []            # when each chip's stage program ends, in a step
         self.compile_seconds = 0.0
+        self.load_seconds = 0.0
         self.position = 0
 
     def __repr__(self):
         return (f"PipelineDecoder({self.decoder.cfg.name!r}, {self.n_chips} chips x {self.decoder.chip_config.name}, "
-                f"layers {self.stages})")
+                f"{len(set(self.signatures))} distinct stages)")
 
-    def compile(self):
-        """Compile every stage and chain them; builds and loads the system (once)."""
+    def describe(self) -> List[str]:
+        """One line per chip: its units."""
+        out = []
+        for k, (a, b) in enumerate(self.stages):
+            us = self.units[a:b]
+            names = [u[0] if u[1] is None else f"{u[0]} {u[1]}" + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
+                     for u in us]
+            out.append(f"chip {k}: " + ", ".join(names))
+        return out
+
+    def _graph(self, k: int):
+        d = self.decoder
+        g, _ = build_step(d.cfg, d.ref.w, d.ref.quantized, d.precision, d.capacity, d.block, units=self.stages[k],
+                          shards=self.shards)
+        return g
+
+    def compile(self, progress=None):
+        """Compile each distinct stage once, chain the chips' programs and load them into a new
+        :class:`~lpucore.System` with every chip's weights (once). ``progress(message)`` is called
+        as chips are loaded."""
         if self.system is not None:
             return self.compiled
         import lpucore
@@ -57,27 +264,66 @@ class PipelineDecoder:
         from ..system import System
         d = self.decoder
         t0 = time.perf_counter()
-        comps = []
-        for layers in self.stages:
-            graph, _ = build_step(d.cfg, d.ref.w, d.ref.quantized, d.precision, d.capacity, d.block, layers=layers)
-            comps.append(lpucore.compile(graph, d.chip_config))
-        programs, cur = [], comps[0]
-        for k in range(self.n_chips - 1):
-            pa, pb, end = hand_over(cur, "x_out", comps[k + 1], "x_in", 0, 1)
-            programs.append(pa)
-            cur = dataclasses.replace(comps[k + 1], program=pb, expected_cycles=end)
-        programs.append(cur.program)
-        self.step_cycles = cur.expected_cycles
+        names: Dict[tuple, Dict[str, np.ndarray]] = {}
+        for k, sig in enumerate(self.signatures):
+            if sig not in self.compiled:
+                g = self._graph(k)
+                self.compiled[sig] = lpucore.compile(g, d.chip_config)
+                names[sig] = {n: a for n, a in _named_constants(g).items()}
+                del g
+                if progress:
+                    progress(f"compiled stage {sig[0][0]}.. ({len(self.compiled)} distinct) "
+                             f"in {time.perf_counter() - t0:.0f} s")
         self.compile_seconds = time.perf_counter() - t0
-        self.compiled = comps
+        t1 = time.perf_counter()
         s = System(self.n_chips, [(k, 0, k + 1, 1) for k in range(self.n_chips - 1)], config=d.chip_config,
-                   engine=d.engine, fp16_mxm=d.fp16_mxm)
-        for chip, prog, comp in zip(s.chips, programs, comps):
-            chip.load(prog)
-            for name, arr in comp.constants.items():
-                chip.write_tensor(name, arr)
+                   engine=d.engine, fp16_mxm=d.fp16_mxm, comm=self.comm)
+        cur = self.compiled[self.signatures[0]]
+        self.stage_cycles = []
+        for k in range(self.n_chips):
+            if k + 1 < self.n_chips:
+                nxt = self.compiled[self.signatures[k + 1]]
+                prog, pb, end = hand_over(cur, "x_out", nxt, "x_in", 0, 1)
+                self.stage_cycles.append(cur.expected_cycles)
+            else:
+                prog = cur.program
+                self.stage_cycles.append(cur.expected_cycles)
+            chip = s.chips[k]
+            if chip is not None:
+                self._load_chip(k, chip, prog, names)
+                if progress:
+                    progress(f"loaded chip {k + 1} of {self.n_chips}")
+            if k + 1 < self.n_chips:
+                cur = dataclasses.replace(nxt, program=pb, expected_cycles=end)
+        self.step_cycles = cur.expected_cycles
+        self.load_seconds = time.perf_counter() - t1
         self.system = s
-        return comps
+        return self.compiled
+
+    def _load_chip(self, k, chip, prog, names) -> None:
+        """Chip k: its program (built from validated parts: the compiled stage and the hand-over's
+        instructions, each checked as it was added) and its constants: the compiled stage's, with
+        this stage's own weights in place of those it was compiled with."""
+        sig = self.signatures[k]
+        comp = self.compiled[sig]
+        chip.load(prog, validate=False)
+        compiled_with = names.get(sig)
+        if compiled_with is None:        # compiled by the first stage of this kind on another process
+            compiled_with = names[sig] = _named_constants(self._graph(self.signatures.index(sig)))
+        own = _named_constants(self._graph(k))
+        if {n: (a.shape, a.dtype) for n, a in own.items()} != \
+                {n: (a.shape, a.dtype) for n, a in compiled_with.items()}:
+            raise CompileError(f"pipeline: chip {k}'s stage does not have the constants of the stage compiled "
+                               f"for it ({sig[:3]}...)")
+        for name, arr in comp.constants.items():
+            if name not in own:
+                chip.write_tensor(name, arr)
+        for name, arr in own.items():
+            if name in comp.constants:
+                chip.write_tensor(name, arr.reshape(comp.constants[name].shape))
+            elif not np.array_equal(arr, compiled_with[name]):
+                raise CompileError(f"pipeline: constant {name!r} of chip {k} was folded into the shared "
+                                   f"program with another value; this stage cannot share it")
 
     def reset(self) -> None:
         """Start a new sequence (as :meth:`Decoder.reset`)."""
@@ -94,34 +340,58 @@ class PipelineDecoder:
         s = self.system
         s.reset(clear_memory=False)
         pos = np.array([[self.position]], np.int32)
-        s.chips[0].write_tensor("tok", np.array([[int(token)]], np.int32))
-        for chip in s.chips:
-            chip.write_tensor("pos", pos)
+        for k in s.local:
+            chip = s.chips[k]
+            if k == 0:
+                chip.write_tensor("tok", np.array([[int(token)]], np.int32))
+            if "pos" in self.compiled[self.signatures[k]].inputs:
+                chip.write_tensor("pos", pos)
         st = s.run()
         if not st.finished:
             raise LpuError(f"pipeline step at position {self.position} did not finish")
         self.position += 1
-        return s.chips[-1].read_tensor("logits").reshape(-1).astype(np.float32), st
+        last = self.n_chips - 1
+        row = s.chips[last].read_tensor("logits").reshape(-1).astype(np.float32) if s.chips[last] is not None \
+            else None
+        if self.comm is not None:
+            row = self.comm.bcast(row, root=s.owner[last])
+        return row, st
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 8, greedy: bool = True,
-                 temperature: float = 1.0, seed: Optional[int] = 0):
+                 temperature: float = 1.0, seed: Optional[int] = 0, on_step=None):
         """(new tokens, the logits each was chosen from [tokens, vocab], per-step SystemStats), as
-        :meth:`Decoder.generate` chooses them."""
+        :meth:`Decoder.generate` chooses them. ``on_step(index, token, stats, wall_seconds)`` after each step."""
         if not len(prompt_ids):
             raise ValueError("generate needs at least one prompt token")
         self.reset()
         rng = np.random.default_rng(seed)
         tokens, logits, stats = [], [], []
         row = None
-        for t in prompt_ids:
-            row, st = self.step(int(t))
+
+        def run(tok):
+            t0 = time.perf_counter()
+            r, st = self.step(int(tok))
             stats.append(st)
+            if on_step:
+                on_step(len(stats) - 1, int(tok), st, time.perf_counter() - t0)
+            return r
+
+        for t in prompt_ids:
+            row = run(t)
         for i in range(max_new_tokens):
             tok = choose_token(row, greedy, temperature, rng)
             tokens.append(tok)
             logits.append(row)
             if i == max_new_tokens - 1:
                 break
-            row, st = self.step(tok)
-            stats.append(st)
+            row = run(tok)
         return np.array(tokens, dtype=np.int64), np.stack(logits), stats
+
+
+def chips_needed(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
+    """How many chips :func:`plan_stages` puts the model on (as few as fit)."""
+    return len(plan_stages(cfg, precision, capacity, chip, None, block, fill))
+
+
+__all__ = ["PipelineDecoder", "plan_stages", "mlp_shards", "unit_bytes", "stage_signature", "chips_needed",
+           "STAGE_FILL"]

@@ -53,13 +53,13 @@ class StepBuilder:
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
                  capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
-                 units: Optional[Tuple[int, int]] = None):
+                 units: Optional[Tuple[int, int]] = None, shards: int = 1):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
         # a pipeline stage: the model units [u0, u1) of model_units(cfg) (or the layers [a, b) with the
         # embedding before layer 0 and the head after the last); a stage that starts with the embedding
         # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
         # emits "logits", the others "x_out"
-        all_units = model_units(cfg)
+        all_units = model_units(cfg, shards)
         if units is not None and layers is not None:
             raise ValueError("give layers or units, not both")
         if units is None:
@@ -68,10 +68,15 @@ class StepBuilder:
         if not 0 <= u0 < u1 <= len(all_units):
             raise ValueError(f"units must be a range inside 0..{len(all_units)}, got {units}")
         self.units = all_units[u0:u1]
-        idx = [i for _, i in self.units if i is not None]
+        idx = [u[1] for u in self.units if u[1] is not None]
         # constants and states of layer i are named by i - first: stages with the same units relative to
         # their first layer build the same graph, so one compiled program serves all of them
         self.first = idx[0] if idx else 0
+        self._expert_base = 0      # experts of a shard are named from its first, for the same reason
+        self._shard0 = {}          # layer -> its first shard in this stage (shard constants are named from it)
+        for u in self.units:
+            if len(u) == 4:
+                self._shard0.setdefault(u[1], u[2])
         self.S, self.block = capacity, block
         self._digits = {}
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
@@ -97,20 +102,28 @@ class StepBuilder:
         for j in range(len(parts) - 1):
             if parts[j] in ("layers", "h") and parts[j + 1].isdigit():
                 parts[j + 1] = str(int(parts[j + 1]) - self.first)
-                break
-        return "_".join(parts)
+            elif parts[j] == "experts" and parts[j + 1].isdigit():
+                parts[j + 1] = str(int(parts[j + 1]) - self._expert_base)
+        return "_".join(parts) + self._suffix
+
+    _suffix = ""         # "_s<k>" while building the k-th shard of a layer held by this stage
 
     def vec(self, name: str, dtype=F32) -> Tensor:
         return self.g.constant(self.key(name), np.asarray(self.w[name], dtype=dtype))
 
-    def linear(self, x16: Tensor, name: str, transpose: bool, bias: Optional[str] = None) -> Tensor:
+    def linear(self, x16: Tensor, name: str, transpose: bool, bias: Optional[str] = None,
+               rows: Optional[Tuple[int, int]] = None, cols: Optional[Tuple[int, int]] = None) -> Tensor:
         """``x16 [1, K] float16 @ W`` as float32 ``[1, N]``. ``transpose``: ``W`` is stored ``[N, K]``
-        (Hugging Face Linear), else ``[K, N]`` (GPT-2 Conv1D)."""
+        (Hugging Face Linear), else ``[K, N]`` (GPT-2 Conv1D). ``rows`` / ``cols``: only that range of
+        ``W``'s ``K`` / ``N`` (a shard of an MLP)."""
         g = self.g
+        rs = slice(*rows) if rows is not None else slice(None)
+        cs = slice(*cols) if cols is not None else slice(None)
         key = self.key(name) + ("_T" if transpose else "")
         if name in self.q:
             qw, scale, _ = self.q[name]
-            qk = np.ascontiguousarray(qw.T if transpose else qw)               # [K, N] int8
+            qk = np.ascontiguousarray((qw.T if transpose else qw)[rs, cs])      # [K, N] int8
+            scale = scale[cs]
             digits, m = self.digits(x16)
             outs = []
             for c0 in range(0, qk.shape[1], self.block):
@@ -124,7 +137,7 @@ class StepBuilder:
             y = outs[0] if len(outs) == 1 else g.concat(outs, axis=-1)
             y = g.mul(y, m)                    # undo the activation's scale
         else:
-            wk = self.w[name].T if transpose else self.w[name]
+            wk = (self.w[name].T if transpose else self.w[name])[rs, cs]
             y = g.matmul(x16, g.constant(key, np.ascontiguousarray(wk.astype(F16))), out_dtype="float32")
         if bias is not None:
             y = g.add(y, self.vec(bias))
@@ -154,9 +167,9 @@ class StepBuilder:
         """Row ``tok`` of the embedding table, float32 ``[1, d]``."""
         g = self.g
         key = table.replace(".", "_")
-        if table in self.q:       # gpt2's tied table in int8: gather the int8 row, scale it
+        if table in self.q:       # an int8 table: gather the int8 row, scale it
             qw, scale, _ = self.q[table]
-            row = g.cast(g.cast(g.gather(g.constant(key + "_rows", qw), tok), "float16"), "float32")
+            row = g.cast(g.cast(self._gather_cols(key + "_rows", qw, tok), "float16"), "float32")
             # the row's scale: a [vocab, 1] table would take a whole MEM vector per entry, so the scales
             # are one float32 row and scale[tok] is the sum of that row times a one-hot (exact: one term)
             V = qw.shape[0]
@@ -165,7 +178,17 @@ class StepBuilder:
             onehot = g.sub(1.0, g.minimum(g.abs(g.sub(iota, tokf)), 1.0))
             s = g.sum(g.mul(onehot, g.constant(key + "_rscale", scale.astype(F32).reshape(1, V))), keepdims=True)
             return g.mul(row, s)
-        return g.cast(g.gather(g.constant(key, self.w[table].astype(F16)), tok), "float32")
+        return g.cast(self._gather_cols(key, self.w[table].astype(F16), tok), "float32")
+
+    def _gather_cols(self, key: str, table: np.ndarray, tok: Tensor) -> Tensor:
+        """Row ``tok`` of ``table``; a table wider than ``block`` columns is kept as column blocks
+        (a tensor lives in one hemisphere: Llama-2's 32000 x 4096 int8 table, 131 MB, does not)."""
+        g = self.g
+        d = table.shape[1]
+        if d <= self.block:
+            return g.gather(g.constant(key, table), tok)
+        return g.concat([g.gather(g.constant(f"{key}{c0}", np.ascontiguousarray(table[:, c0:c0 + self.block])), tok)
+                         for c0 in range(0, d, self.block)], axis=-1)
 
     def attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, posf: Tensor, oh_row: Tensor,
                   oh_col: Tensor, mask: Tensor) -> Tensor:
@@ -193,12 +216,21 @@ class StepBuilder:
     # ---- the model -------------------------------------------------------------------------------
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
         g, cfg, S = self.g, self.cfg, self.S
-        kinds = [k for k, _ in self.units]
+        kinds = [u[0] for u in self.units]
         self.part("inputs")
         gpt2 = cfg.family == "gpt2"
         tok = g.input("tok", (1,), "int32") if kinds[0] == "embed" else None
         pos = g.input("pos", (1,), "int32") if "attn" in kinds or (gpt2 and tok is not None) else None
-        x = None if tok is not None else g.input("x_in", (1, cfg.d_model), "float32")
+        # a stage that starts inside a sharded MLP takes (x, the partial sum) as rows of one tensor
+        u0, u_last = self.units[0], self.units[-1]
+        acc = None
+        if tok is not None:
+            x = None
+        elif len(u0) == 4 and u0[2] > 0:
+            xa = g.input("x_in", (2, cfg.d_model), "float32")
+            x, acc = g.slice(xa, (slice(0, 1), slice(None))), g.slice(xa, (slice(1, 2), slice(None)))
+        else:
+            x = g.input("x_in", (1, cfg.d_model), "float32")
         att = None
         if "attn" in kinds:
             self.part("kv")
@@ -213,8 +245,13 @@ class StepBuilder:
             self._keep_diag = g.sub(eye, g.matmul(self._put_col, self._put_row))            # [S, S]
             mask = g.mul(g.minimum(g.maximum(g.sub(iota_row, posf), 0.0), 1.0), MASK)  # [1, S]
             att = (pos, posf, oh_row, oh_col, mask)
-        for kind, i in self.units:
-            if kind == "embed":
+        for u in self.units:
+            kind, i = u[0], u[1]
+            if len(u) == 4:
+                x, acc = self._mlp_shard(i, u[2], u[3], x, acc)
+                if u[2] == u[3] - 1:
+                    self.probes[f"x{i}"] = x
+            elif kind == "embed":
                 self.part("embed")
                 x = self._gpt2_embed(tok, pos) if gpt2 else self.embed(tok, "model.embed_tokens.weight")
             elif kind == "attn":
@@ -224,6 +261,8 @@ class StepBuilder:
                 self.probes[f"x{i}"] = x
             else:
                 x = (self._gpt2_head if gpt2 else self._llama_head)(x)
+        if acc is not None:         # the stage ends inside a sharded MLP
+            x = g.concat([x, acc], axis=0)
         g.output("logits" if kinds[-1] == "head" else "x_out", x)
         self.finish()
         return g, self.spans
@@ -265,14 +304,39 @@ class StepBuilder:
         self.part("head")
         return self.linear(h, self.cfg.head_name, True)
 
-    def _swiglu(self, h, gate, up, down) -> Tensor:
+    def _swiglu(self, h, gate, up, down, ff: Optional[Tuple[int, int]] = None) -> Tensor:
+        """``down(silu(gate(h)) * up(h))``; ``ff``: only that range of the hidden features (a shard)."""
         g = self.g
-        a = g.mul(g.silu(self.linear(h, gate, True)), self.linear(h, up, True))
-        return self.linear(self.f16(a), down, True)
+        a = g.mul(g.silu(self.linear(h, gate, True, cols=ff)), self.linear(h, up, True, cols=ff))
+        return self.linear(self.f16(a), down, True, rows=ff)
 
-    def _moe(self, h: Tensor, p: str) -> Tensor:
+    def _mlp_shard(self, i: int, j: int, t: int, x: Tensor, acc: Optional[Tensor]):
+        """Shard ``j`` of ``t`` of layer ``i``'s MLP (a range of its hidden features) or mixture of
+        experts (a range of its experts, :func:`shard_range`): adds its part to the partial sum ``acc``;
+        the last shard adds the sum to the residual. Returns (x, acc or None)."""
+        g, cfg = self.g, self.cfg
+        p = f"model.layers.{i}."
+        lo, hi = shard_range(cfg, j, t)
+        self._suffix = f"_s{j - self._shard0[i]}"
+        self.part("norm")
+        h = self.f16(g.rmsnorm(x, self.vec(p + "post_attention_layernorm.weight"), eps=cfg.norm_eps))
+        if cfg.family == "mixtral":
+            self.part("moe")
+            y = self._moe(h, p + "block_sparse_moe.", experts=(lo, hi))
+        else:
+            self.part("mlp")
+            y = self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight",
+                             ff=(lo, hi))
+        self._suffix = ""
+        acc = y if acc is None else g.add(acc, y)
+        if j == t - 1:
+            return g.add(x, acc), None
+        return x, acc
+
+    def _moe(self, h: Tensor, p: str, experts: Optional[Tuple[int, int]] = None) -> Tensor:
         """Router softmax, top-k by repeated arg-max (ties to the lower expert), renormalised gates; every
-        expert is computed (a static program) and weighted by its gate, 0 for the unchosen ones."""
+        expert is computed (a static program) and weighted by its gate, 0 for the unchosen ones.
+        ``experts``: only that range of experts (a shard; the router is computed whole)."""
         g, cfg = self.g, self.cfg
         E = cfg.n_experts
         probs = g.softmax(self.linear(h, p + "gate.weight", True))             # [1, E] float32
@@ -292,11 +356,14 @@ class StepBuilder:
         gates = g.mul(probs, chosen)
         gates = g.div(gates, g.sum(gates, keepdims=True))                        # [1, E]
         out = None
-        for e in range(E):
+        e0, e1 = experts if experts is not None else (0, E)
+        self._expert_base = e0
+        for e in range(e0, e1):
             q = f"{p}experts.{e}."
             y = g.mul(self._swiglu(h, q + "w1.weight", q + "w3.weight", q + "w2.weight"),
                       g.slice(gates, (slice(None), slice(e, e + 1))))
             out = y if out is None else g.add(out, y)
+        self._expert_base = 0
         return out
 
     # ---- gpt2 units ----------------------------------------------------------------------------------
@@ -335,14 +402,28 @@ class StepBuilder:
         return self.linear(h, cfg.head_name, True)
 
 
-def model_units(cfg: ModelConfig) -> List[Tuple[str, Optional[int]]]:
+def model_units(cfg: ModelConfig, shards: int = 1) -> List[tuple]:
     """The model as a sequence of units a pipeline may cut between: the embedding, then per layer its
     attention block and its MLP (or mixture-of-experts) block, each with its norm and residual add, then
-    the final norm and head: ``[("embed", None), ("attn", 0), ("mlp", 0), ..., ("head", None)]``."""
-    out: List[Tuple[str, Optional[int]]] = [("embed", None)]
+    the final norm and head: ``[("embed", None), ("attn", 0), ("mlp", 0), ..., ("head", None)]``.
+    ``shards > 1`` (llama and mixtral) cuts every MLP into that many units ``("mlp", i, j, shards)``, each
+    a range of the hidden features or of the experts (:func:`shard_range`), for an MLP bigger than a chip."""
+    if shards > 1 and cfg.family == "gpt2":
+        raise ValueError("sharded MLPs are built for the llama and mixtral families")
+    limit = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+    if not 1 <= shards <= limit:
+        raise ValueError(f"shards must be 1..{limit}, not {shards}")
+    out: List[tuple] = [("embed", None)]
     for i in range(cfg.n_layers):
-        out += [("attn", i), ("mlp", i)]
+        out.append(("attn", i))
+        out += [("mlp", i)] if shards == 1 else [("mlp", i, j, shards) for j in range(shards)]
     return out + [("head", None)]
+
+
+def shard_range(cfg: ModelConfig, j: int, t: int) -> Tuple[int, int]:
+    """The hidden features (llama) or experts (mixtral) ``[lo, hi)`` of MLP shard ``j`` of ``t``."""
+    n = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+    return (j * n) // t, ((j + 1) * n) // t
 
 
 def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
@@ -355,7 +436,8 @@ def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
 
 
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
-               layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None):
+               layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None,
+               shards: int = 1):
     """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
-    of :func:`model_units`) and its part spans (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units).build()
+    of :func:`model_units` with ``shards``) and its part spans (module docstring)."""
+    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards).build()

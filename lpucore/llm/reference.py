@@ -171,7 +171,8 @@ class WeightStore(Mapping):
             check_names(cfg, weights)
         self.source = weights
         self.int8 = cfg.int8_tensors() if precision == "int8" else {}
-        self.names = list(cfg.tensor_shapes())
+        self.shapes = cfg.tensor_shapes()
+        self.names = list(self.shapes)
         self.eager = 4 * cfg.parameter_count() <= EAGER_BYTES
         self._q: Dict[str, Tuple[np.ndarray, np.ndarray, int]] = {}
         self._kept: Dict[str, np.ndarray] = {}
@@ -184,9 +185,9 @@ class WeightStore(Mapping):
     def _prepare(self, name: str) -> np.ndarray:
         """The float32 weight (eager) or its compact form (lazy: fp16, or int8 via :attr:`_q`)."""
         a = np.asarray(self.source[name])
-        if tuple(a.shape) != self.cfg.tensor_shapes()[name]:
+        if tuple(a.shape) != self.shapes[name]:
             raise ValueError(f"{self.cfg.name}: tensor {name!r} has shape {tuple(a.shape)}, expected "
-                             f"{self.cfg.tensor_shapes()[name]}")
+                             f"{self.shapes[name]}")
         if self.precision != "fp32":
             with np.errstate(over="ignore"):  # overflow is reported here, with the tensor's name
                 h = a.astype(np.float16)      # the stored checkpoint precision
@@ -202,7 +203,7 @@ class WeightStore(Mapping):
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._kept:
             kept = self._kept[name]
-        elif name in self.cfg.tensor_shapes():
+        elif name in self.shapes:
             kept = self._kept[name] = self._prepare(name)
         else:
             raise KeyError(name)
@@ -267,7 +268,10 @@ class Reference:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
         self.precision = precision
-        store = WeightStore(cfg, weights, precision)
+        if isinstance(weights, WeightStore) and weights.cfg == cfg and weights.precision == precision:
+            store = weights          # another Reference's prepared weights (a fresh cache)
+        else:
+            store = WeightStore(cfg, weights, precision)
         #: name -> float32 weight as the reference multiplies by it (rounded / dequantised)
         self.w: Mapping[str, np.ndarray] = store
         #: name -> (q int8, scale float32, out_axis) of every int8 tensor (``precision="int8"``)

@@ -119,12 +119,16 @@ class RandomWeights(Mapping):
 
     def __init__(self, cfg: ModelConfig, seed: int = 0, dtype=np.float16):
         self.cfg, self.seed, self.dtype = cfg, int(seed), dtype
-        self._names = list(cfg.tensor_shapes())
+        self._shapes = cfg.tensor_shapes()
+        self._names = list(self._shapes)
 
     def __getitem__(self, name: str) -> np.ndarray:
-        if name not in self.cfg.tensor_shapes():
+        if name not in self._shapes:
             raise KeyError(name)
         return random_tensor(self.cfg, name, self.seed, self.dtype)
+
+    def __contains__(self, name) -> bool:      # without making the tensor
+        return name in self._shapes
 
     def __iter__(self):
         return iter(self._names)
