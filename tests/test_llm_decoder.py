@@ -288,16 +288,20 @@ def test_decoders_over_several_chips_check_the_fit():
         Decoder.random("tiny", seed=0, capacity=8).pipeline
 
 
-@pytest.mark.parametrize("name, precision, shards, chips, distinct", [("tiny", "fp16", 2, 8, 5),
-                                                                      ("tiny-moe", "int8", 4, 5, 5)])
-def test_sharded_mlps_over_chips(name, precision, shards, chips, distinct):
+@pytest.mark.parametrize("name, precision, shards, tables, chips, distinct", [
+    ("tiny", "fp16", 2, 1, 8, 5), ("tiny-moe", "int8", 4, 1, 5, 5), ("tiny", "int8", 2, 2, 10, 7),
+    ("tiny-moe", "fp16", 2, 3, 4, 4)])
+def test_sharded_mlps_and_tables_over_chips(name, precision, shards, tables, chips, distinct):
     """MLPs cut into shards (ranges of hidden features, or of experts) that pass (x, partial sum) from
-    chip to chip, as a layer too big for one chip runs: the reference's tokens, logits within the
-    bound, the predicted cycles; shards in the same place of different layers share a program."""
+    chip to chip, and embedding tables and heads cut into ranges of tokens, as blocks too big for one
+    chip run: the reference's tokens (the prompt's and the chosen ones fall in both halves of the
+    vocabulary), logits within the bound, the predicted cycles; shards in the same place of different
+    layers share a program."""
     from lpucore.llm import PipelineDecoder
     dec = Decoder.random(name, seed=0, precision=precision, capacity=8)
-    pd = PipelineDecoder(dec, chips, shards=shards)
-    assert sum(len(u) == 4 for u in pd.units) == shards * dec.cfg.n_layers
+    pd = PipelineDecoder(dec, chips, shards=shards, tables=tables)
+    assert sum(len(u) == 4 and u[0] == "mlp" for u in pd.units) == shards * dec.cfg.n_layers
+    assert sum(len(u) == 4 and u[0] != "mlp" for u in pd.units) == (2 * tables if tables > 1 else 0)
     tokens, logits, stats = pd.generate([5, 7], 3)
     ref_tokens, ref_logits = dec.reference().generate([5, 7], 3)
     assert np.array_equal(tokens, ref_tokens)

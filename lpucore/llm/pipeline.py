@@ -42,7 +42,8 @@ def _padded(rows: int, cols: int, itemsize: int, lanes: int) -> int:
     return rows * -(-cols // lanes) * lanes * itemsize
 
 
-def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int = 2560, shards: int = 1) -> List[int]:
+def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int = 2560, shards: int = 1,
+               table_shards: int = 1) -> List[int]:
     """SRAM bytes each unit of :func:`model_units` keeps resident: its weights as the step program
     stores them (int8 blocks of ``block`` columns with float32 scales, or float16; float32 norm
     vectors; rows padded to whole vectors) and, for an attention block, its KV cache."""
@@ -63,8 +64,9 @@ def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int 
     def vec(name):
         return _padded(1, shapes[name][0], 4, lanes)
 
-    def table(name):
+    def table(name, rows=None):
         V, d = shapes[name]
+        V = V if rows is None else rows[1] - rows[0]
         if name in int8:      # int8 rows, and the per-row scales and an iota as float32 rows
             return _padded(V, d, 1, lanes) + 2 * _padded(1, V, 4, lanes)
         return _padded(V, d, 2, lanes)
@@ -81,9 +83,13 @@ def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int 
 
     H, S = cfg.n_kv_heads, capacity
     out = []
-    for u in model_units(cfg, shards):
+    for u in model_units(cfg, shards, table_shards):
         kind, i = u[0], u[1]
-        if len(u) == 4:
+        if len(u) == 4 and kind == "embed":
+            b = table(cfg.embedding_name, shard_range(cfg, u[2], u[3], kind))
+        elif len(u) == 4 and kind == "head":
+            b = vec("model.norm.weight") + matrix(cfg.head_name, True, cols=shard_range(cfg, u[2], u[3], kind))
+        elif len(u) == 4:
             lo, hi = shard_range(cfg, u[2], u[3])
             p = f"model.layers.{i}."
             b = vec(p + "post_attention_layernorm.weight")
@@ -120,22 +126,35 @@ def _greedy(sizes: Sequence[int], cap: float) -> List[Tuple[int, int]]:
     return groups
 
 
-def mlp_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
+def mlp_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL,
+               kinds=("mlp",)) -> int:
     """How many shards each MLP (or mixture of experts) is cut into so that one fits a stage: 1 when
-    it fits whole, else the fewest that fit (llama and mixtral; gpt2 MLPs are never cut)."""
+    it fits whole, else the fewest that fit (llama and mixtral; gpt2 is never cut). ``kinds=("embed",
+    "head")``: the same for the embedding table and the head (:func:`table_shards`)."""
     cap = fill * chip.sram_bytes
-    limit = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+    tables = kinds != ("mlp",)
+    limit = cfg.vocab_size if tables else cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
     if cfg.family == "gpt2":
         return 1
-    for t in range(1, limit + 1):
-        sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, t)
-        if max(b for u, b in zip(model_units(cfg, t), sizes) if u[0] == "mlp") <= cap:
+    t = 1
+    while t <= limit:
+        sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, 1 if tables else t, t if tables else 1)
+        if max(b for u, b in zip(model_units(cfg, 1 if tables else t, t if tables else 1), sizes)
+               if u[0] in kinds) <= cap:
             return t
+        t += 1
     return limit
 
 
+def table_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
+    """How many ranges of tokens the embedding table and the head are cut into (1 when both fit a stage;
+    Llama-2-70B's 32000 x 8192 int8 table is 262 MB)."""
+    return mlp_shards(cfg, precision, capacity, chip, block, fill, kinds=("embed", "head"))
+
+
 def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] = None, block: int = 2560,
-                fill: float = STAGE_FILL, shards: Optional[int] = None) -> List[Tuple[int, int]]:
+                fill: float = STAGE_FILL, shards: Optional[int] = None,
+                tables: Optional[int] = None) -> List[Tuple[int, int]]:
     """Unit ranges ``[(u0, u1), ...]`` of :func:`model_units` with ``shards`` (default
     :func:`mlp_shards`), one per chip.
 
@@ -145,13 +164,15 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
     from .decoder import ModelDoesNotFit
     if shards is None:
         shards = mlp_shards(cfg, precision, capacity, chip, block, fill)
-    sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards)
+    if tables is None:
+        tables = table_shards(cfg, precision, capacity, chip, block, fill)
+    sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards, tables)
     cap = fill * chip.sram_bytes
     least = len(_greedy(sizes, cap))
     if max(sizes) > cap:
         u = int(np.argmax(sizes))
         raise ModelDoesNotFit(
-            f"{cfg.name} ({precision}): unit {model_units(cfg, shards)[u][:2]} alone needs {sizes[u] / 1e6:,.1f} MB "
+            f"{cfg.name} ({precision}): unit {model_units(cfg, shards, tables)[u][:2]} alone needs {sizes[u] / 1e6:,.1f} MB "
             f"of SRAM, more than a stage may fill on one {chip.name} ({fill:.0%} of {chip.sram_bytes / 1e6:,.1f} MB); "
             f"it needs tensor parallelism, which lpucore.llm does not do yet")
     if chips is None:
@@ -181,16 +202,16 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
     return groups
 
 
-def stage_signature(cfg, units: Tuple[int, int], shards: int = 1) -> tuple:
+def stage_signature(cfg, units: Tuple[int, int], shards: int = 1, tables: int = 1) -> tuple:
     """What a stage's graph depends on besides the weights: its units, layers counted from its first
     (and for an MLP shard: whether it is its layer's first or last, and its size)."""
-    us = model_units(cfg, shards)[units[0]:units[1]]
+    us = model_units(cfg, shards, tables)[units[0]:units[1]]
     first = next((u[1] for u in us if u[1] is not None), 0)
     out = []
     for u in us:
         sig = (u[0], None if u[1] is None else u[1] - first)
         if len(u) == 4:
-            lo, hi = shard_range(cfg, u[2], u[3])
+            lo, hi = shard_range(cfg, u[2], u[3], u[0])
             sig += (u[2] == 0, u[2] == u[3] - 1, hi - lo)
         out.append(sig)
     return tuple(out)
@@ -212,19 +233,21 @@ class PipelineDecoder:
     (:class:`lpucore.System`); every process then calls the same methods and gets the same results."""
 
     def __init__(self, decoder, chips: Optional[int] = None, comm=None, fill: float = STAGE_FILL,
-                 shards: Optional[int] = None):
+                 shards: Optional[int] = None, tables: Optional[int] = None):
         self.decoder = decoder
         d = decoder
         self.shards = mlp_shards(d.cfg, d.precision, d.capacity, d.chip_config, d.block, fill) if shards is None \
             else int(shards)
+        self.tables = table_shards(d.cfg, d.precision, d.capacity, d.chip_config, d.block, fill) if tables is None \
+            else int(tables)
         self.stages: List[Tuple[int, int]] = plan_stages(d.cfg, d.precision, d.capacity, d.chip_config, chips,
-                                                         d.block, fill, self.shards)
+                                                         d.block, fill, self.shards, self.tables)
         if len(self.stages) < 2:
             raise ValueError(f"{decoder.cfg.name} fits one chip: use the Decoder itself (chips=1)")
         self.n_chips = len(self.stages)
         self.comm = comm
-        self.units = model_units(decoder.cfg, self.shards)
-        self.signatures = [stage_signature(decoder.cfg, s, self.shards) for s in self.stages]
+        self.units = model_units(decoder.cfg, self.shards, self.tables)
+        self.signatures = [stage_signature(decoder.cfg, s, self.shards, self.tables) for s in self.stages]
         self.compiled: Dict[tuple, object] = {}      # signature -> Compiled (one per distinct stage)
         self.system = None
         self.step_cycles: Optional[int] = None
@@ -242,7 +265,7 @@ class PipelineDecoder:
         out = []
         for k, (a, b) in enumerate(self.stages):
             us = self.units[a:b]
-            names = [u[0] if u[1] is None else f"{u[0]} {u[1]}" + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
+            names = [(u[0] if u[1] is None else f"{u[0]} {u[1]}") + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
                      for u in us]
             out.append(f"chip {k}: " + ", ".join(names))
         return out
@@ -250,7 +273,7 @@ class PipelineDecoder:
     def _graph(self, k: int):
         d = self.decoder
         g, _ = build_step(d.cfg, d.ref.w, d.ref.quantized, d.precision, d.capacity, d.block, units=self.stages[k],
-                          shards=self.shards)
+                          shards=self.shards, table_shards=self.tables)
         return g
 
     def compile(self, progress=None):
@@ -342,20 +365,22 @@ class PipelineDecoder:
         pos = np.array([[self.position]], np.int32)
         for k in s.local:
             chip = s.chips[k]
-            if k == 0:
+            inputs = self.compiled[self.signatures[k]].inputs
+            if "tok" in inputs:
                 chip.write_tensor("tok", np.array([[int(token)]], np.int32))
-            if "pos" in self.compiled[self.signatures[k]].inputs:
+            if "pos" in inputs:
                 chip.write_tensor("pos", pos)
         st = s.run()
         if not st.finished:
             raise LpuError(f"pipeline step at position {self.position} did not finish")
         self.position += 1
-        last = self.n_chips - 1
-        row = s.chips[last].read_tensor("logits").reshape(-1).astype(np.float32) if s.chips[last] is not None \
-            else None
+        # the logits: the head's chip, or every head shard's chip (in token order)
+        parts = {k: s.chips[k].read_tensor("logits").reshape(-1).astype(np.float32) for k in s.local
+                 if "logits" in self.compiled[self.signatures[k]].outputs}
         if self.comm is not None:
-            row = self.comm.bcast(row, root=s.owner[last])
-        return row, st
+            for other in self.comm.allgather(parts):
+                parts.update(other)
+        return np.concatenate([parts[k] for k in sorted(parts)]), st
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 8, greedy: bool = True,
                  temperature: float = 1.0, seed: Optional[int] = 0, on_step=None):
@@ -393,5 +418,5 @@ def chips_needed(cfg, precision: str, capacity: int, chip, block: int = 2560, fi
     return len(plan_stages(cfg, precision, capacity, chip, None, block, fill))
 
 
-__all__ = ["PipelineDecoder", "plan_stages", "mlp_shards", "unit_bytes", "stage_signature", "chips_needed",
+__all__ = ["PipelineDecoder", "plan_stages", "mlp_shards", "table_shards", "unit_bytes", "stage_signature", "chips_needed",
            "STAGE_FILL"]

@@ -53,13 +53,13 @@ class StepBuilder:
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
                  capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
-                 units: Optional[Tuple[int, int]] = None, shards: int = 1):
+                 units: Optional[Tuple[int, int]] = None, shards: int = 1, table_shards: int = 1):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
         # a pipeline stage: the model units [u0, u1) of model_units(cfg) (or the layers [a, b) with the
         # embedding before layer 0 and the head after the last); a stage that starts with the embedding
         # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
         # emits "logits", the others "x_out"
-        all_units = model_units(cfg, shards)
+        all_units = model_units(cfg, shards, table_shards)
         if units is not None and layers is not None:
             raise ValueError("give layers or units, not both")
         if units is None:
@@ -76,7 +76,7 @@ class StepBuilder:
         self._shard0 = {}          # layer -> its first shard in this stage (shard constants are named from it)
         for u in self.units:
             if len(u) == 4:
-                self._shard0.setdefault(u[1], u[2])
+                self._shard0.setdefault(u[1] if u[0] == "mlp" else u[0], u[2])
         self.S, self.block = capacity, block
         self._digits = {}
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
@@ -163,22 +163,35 @@ class StepBuilder:
     def f16(self, x: Tensor) -> Tensor:
         return self.g.cast(x, "float16")
 
-    def embed(self, tok: Tensor, table: str) -> Tensor:
-        """Row ``tok`` of the embedding table, float32 ``[1, d]``."""
+    def embed(self, tok: Tensor, table: str, rows: Optional[Tuple[int, int]] = None) -> Tensor:
+        """Row ``tok`` of the embedding table, float32 ``[1, d]``. ``rows``: only that range of the
+        table is held (a shard): the row is 0 unless ``tok`` falls in it."""
         g = self.g
-        key = table.replace(".", "_")
+        key = table.replace(".", "_") + self._suffix
+        lo, hi = rows if rows is not None else (0, None)
+        idx = tok
+        tokf = None
+        if rows is not None:       # the row index inside the shard, clamped (the gather needs a valid one)
+            tokf = g.sub(g.cast(tok, "float32"), float(lo))
+            idx = g.cast(g.minimum(g.maximum(tokf, 0.0), float(hi - lo - 1)), "int32")
         if table in self.q:       # an int8 table: gather the int8 row, scale it
             qw, scale, _ = self.q[table]
-            row = g.cast(g.cast(self._gather_cols(key + "_rows", qw, tok), "float16"), "float32")
+            qw, scale = qw[lo:hi], scale[lo:hi]
+            row = g.cast(g.cast(self._gather_cols(key + "_rows", qw, idx), "float16"), "float32")
             # the row's scale: a [vocab, 1] table would take a whole MEM vector per entry, so the scales
-            # are one float32 row and scale[tok] is the sum of that row times a one-hot (exact: one term)
+            # are one float32 row and scale[tok] is the sum of that row times a one-hot (exact: one term;
+            # none, so a 0 scale, when tok is outside a shard's rows)
             V = qw.shape[0]
-            tokf = g.cast(tok, "float32")
+            tokf = g.cast(tok, "float32") if tokf is None else tokf
             iota = g.constant(key + "_iota", np.arange(V, dtype=F32).reshape(1, V))
             onehot = g.sub(1.0, g.minimum(g.abs(g.sub(iota, tokf)), 1.0))
             s = g.sum(g.mul(onehot, g.constant(key + "_rscale", scale.astype(F32).reshape(1, V))), keepdims=True)
             return g.mul(row, s)
-        return g.cast(self._gather_cols(key, self.w[table].astype(F16), tok), "float32")
+        row = g.cast(self._gather_cols(key, self.w[table][lo:hi].astype(F16), idx), "float32")
+        if rows is None:
+            return row
+        inside = g.sub(1.0, g.minimum(g.abs(g.sub(g.cast(idx, "float32"), tokf)), 1.0))   # 1 iff tok in rows
+        return g.mul(row, inside)
 
     def _gather_cols(self, key: str, table: np.ndarray, tok: Tensor) -> Tensor:
         """Row ``tok`` of ``table``; a table wider than ``block`` columns is kept as column blocks
@@ -219,14 +232,15 @@ class StepBuilder:
         kinds = [u[0] for u in self.units]
         self.part("inputs")
         gpt2 = cfg.family == "gpt2"
-        tok = g.input("tok", (1,), "int32") if kinds[0] == "embed" else None
+        tok = g.input("tok", (1,), "int32") if "embed" in kinds else None
         pos = g.input("pos", (1,), "int32") if "attn" in kinds or (gpt2 and tok is not None) else None
-        # a stage that starts inside a sharded MLP takes (x, the partial sum) as rows of one tensor
-        u0, u_last = self.units[0], self.units[-1]
+        # a stage that starts inside a sharded MLP takes (x, the partial sum) as rows of one tensor;
+        # one that starts inside a sharded embedding, the partial row
+        u0 = self.units[0]
         acc = None
-        if tok is not None:
+        if u0[0] == "embed" and (len(u0) == 2 or u0[2] == 0):
             x = None
-        elif len(u0) == 4 and u0[2] > 0:
+        elif u0[0] == "mlp" and len(u0) == 4 and u0[2] > 0:
             xa = g.input("x_in", (2, cfg.d_model), "float32")
             x, acc = g.slice(xa, (slice(0, 1), slice(None))), g.slice(xa, (slice(1, 2), slice(None)))
         else:
@@ -245,9 +259,20 @@ class StepBuilder:
             self._keep_diag = g.sub(eye, g.matmul(self._put_col, self._put_row))            # [S, S]
             mask = g.mul(g.minimum(g.maximum(g.sub(iota_row, posf), 0.0), 1.0), MASK)  # [1, S]
             att = (pos, posf, oh_row, oh_col, mask)
+        logits = []
         for u in self.units:
             kind, i = u[0], u[1]
-            if len(u) == 4:
+            if len(u) == 4 and kind == "embed":
+                self.part("embed")
+                self._suffix = f"_s{u[2] - self._shard0['embed']}"
+                row = self.embed(tok, cfg.embedding_name, shard_range(cfg, u[2], u[3], "embed"))
+                self._suffix = ""
+                x = row if x is None else g.add(x, row)
+            elif len(u) == 4 and kind == "head":
+                self._suffix = f"_s{u[2] - self._shard0['head']}"
+                logits.append(self._llama_head(x, shard_range(cfg, u[2], u[3], "head")))
+                self._suffix = ""
+            elif len(u) == 4:
                 x, acc = self._mlp_shard(i, u[2], u[3], x, acc)
                 if u[2] == u[3] - 1:
                     self.probes[f"x{i}"] = x
@@ -263,7 +288,13 @@ class StepBuilder:
                 x = (self._gpt2_head if gpt2 else self._llama_head)(x)
         if acc is not None:         # the stage ends inside a sharded MLP
             x = g.concat([x, acc], axis=0)
-        g.output("logits" if kinds[-1] == "head" else "x_out", x)
+        last = self.units[-1]
+        if logits:                  # its head shards' logits; the residual goes on to the next head shard
+            g.output("logits", logits[0] if len(logits) == 1 else g.concat(logits, axis=-1))
+            if last[2] < last[3] - 1:
+                g.output("x_out", g.add(x, 0.0))
+        else:
+            g.output("logits" if kinds[-1] == "head" else "x_out", x)
         self.finish()
         return g, self.spans
 
@@ -298,11 +329,12 @@ class StepBuilder:
         return g.add(x, self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight",
                                      p + "mlp.down_proj.weight"))
 
-    def _llama_head(self, x: Tensor) -> Tensor:
+    def _llama_head(self, x: Tensor, vocab: Optional[Tuple[int, int]] = None) -> Tensor:
+        """Final norm and head; ``vocab``: only the logits of that range of tokens (a shard)."""
         self.part("norm")
         h = self.f16(self.g.rmsnorm(x, self.vec("model.norm.weight"), eps=self.cfg.norm_eps))
         self.part("head")
-        return self.linear(h, self.cfg.head_name, True)
+        return self.linear(h, self.cfg.head_name, True, cols=vocab)
 
     def _swiglu(self, h, gate, up, down, ff: Optional[Tuple[int, int]] = None) -> Tensor:
         """``down(silu(gate(h)) * up(h))``; ``ff``: only that range of the hidden features (a shard)."""
@@ -402,27 +434,33 @@ class StepBuilder:
         return self.linear(h, cfg.head_name, True)
 
 
-def model_units(cfg: ModelConfig, shards: int = 1) -> List[tuple]:
+def model_units(cfg: ModelConfig, shards: int = 1, table_shards: int = 1) -> List[tuple]:
     """The model as a sequence of units a pipeline may cut between: the embedding, then per layer its
     attention block and its MLP (or mixture-of-experts) block, each with its norm and residual add, then
     the final norm and head: ``[("embed", None), ("attn", 0), ("mlp", 0), ..., ("head", None)]``.
     ``shards > 1`` (llama and mixtral) cuts every MLP into that many units ``("mlp", i, j, shards)``, each
-    a range of the hidden features or of the experts (:func:`shard_range`), for an MLP bigger than a chip."""
-    if shards > 1 and cfg.family == "gpt2":
-        raise ValueError("sharded MLPs are built for the llama and mixtral families")
+    a range of the hidden features or of the experts (:func:`shard_range`), for an MLP bigger than a chip;
+    ``table_shards > 1`` cuts the embedding table into that many ranges of rows (tokens) and the head into
+    ranges of its logits, ``("embed", None, j, table_shards)`` and ``("head", None, j, table_shards)``."""
+    if (shards > 1 or table_shards > 1) and cfg.family == "gpt2":
+        raise ValueError("sharded MLPs and tables are built for the llama and mixtral families")
+    if not 1 <= table_shards <= cfg.vocab_size:
+        raise ValueError(f"table_shards must be 1..{cfg.vocab_size}, not {table_shards}")
     limit = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
     if not 1 <= shards <= limit:
         raise ValueError(f"shards must be 1..{limit}, not {shards}")
-    out: List[tuple] = [("embed", None)]
+    T = table_shards
+    out: List[tuple] = [("embed", None)] if T == 1 else [("embed", None, j, T) for j in range(T)]
     for i in range(cfg.n_layers):
         out.append(("attn", i))
         out += [("mlp", i)] if shards == 1 else [("mlp", i, j, shards) for j in range(shards)]
-    return out + [("head", None)]
+    return out + ([("head", None)] if T == 1 else [("head", None, j, T) for j in range(T)])
 
 
-def shard_range(cfg: ModelConfig, j: int, t: int) -> Tuple[int, int]:
-    """The hidden features (llama) or experts (mixtral) ``[lo, hi)`` of MLP shard ``j`` of ``t``."""
-    n = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+def shard_range(cfg: ModelConfig, j: int, t: int, kind: str = "mlp") -> Tuple[int, int]:
+    """The hidden features (llama) or experts (mixtral) ``[lo, hi)`` of MLP shard ``j`` of ``t``; for
+    ``kind`` "embed" or "head", the tokens."""
+    n = cfg.vocab_size if kind in ("embed", "head") else cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
     return (j * n) // t, ((j + 1) * n) // t
 
 
@@ -437,7 +475,7 @@ def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
 
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
                layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None,
-               shards: int = 1):
+               shards: int = 1, table_shards: int = 1):
     """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
     of :func:`model_units` with ``shards``) and its part spans (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards).build()
+    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards, table_shards).build()

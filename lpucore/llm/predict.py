@@ -1,0 +1,175 @@
+"""Decode speed of a model too big to simulate whole, from the part of it that is simulated.
+
+:func:`predict` runs the model's first ``layers`` layers with its real embedding and head (the
+weights of a :class:`~lpucore.llm.weights.RandomWeights` model are made per tensor name, so this
+*truncated* model has exactly the full model's first layers) as a pipeline over as many chips as
+they take (:class:`~lpucore.llm.PipelineDecoder`), checks its tokens and logits against the NumPy
+reference of the same truncated model, and takes the cycles of one layer from the simulation: the
+chips of layer 1 run the same compiled programs as those of layer 0 (one compile per distinct
+stage) and as those every later layer would run, and each layer receives the residual stream from
+the previous layer's last chip over the same hand-over, so every layer after the first takes
+exactly the cycles layer 1 took. The full model's step is then
+
+    simulated step of the truncated model + (n_layers - layers) x cycles of layer 1,
+
+a *derived* figure (labelled so), made only of simulated parts that are identical by construction.
+Nothing is fitted to a published number: the chip parameters are those of
+:meth:`lpucore.ChipConfig.groqchip1`, documented with their sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..config import ChipConfig
+from .decoder import LOGIT_TOLERANCE, Decoder
+from .pipeline import PipelineDecoder, plan_stages
+from .shapes import ModelConfig, model_config
+from .weights import RandomWeights
+
+#: published decode speeds per user (tokens/s), ../shared/TSP.md section 8
+PUBLISHED = {
+    "llama2-70b": {"Groq (late 2023 / early 2024), about 576 chips": "240-300",
+                   "independent LLMPerf run, Jan 2024": "185"},
+    "mixtral-8x7b": {"Groq claim": "480"},
+    "llama2-7b": {"Groq claim": "750"},
+}
+
+
+@dataclass
+class Prediction:
+    """Simulated and derived figures of one model (cycles at the chip's clock)."""
+
+    model: str
+    precision: str
+    chip: str
+    clock_hz: float
+    capacity: int
+    n_layers: int
+    chips: int                          # derived: chips the whole model takes as pipeline stages
+    mlp_shards: int
+    table_shards: int
+    simulated_layers: int
+    simulated_chips: int
+    simulated_step_cycles: int          # simulated: a step of the truncated model
+    layer_cycles: int                   # simulated: layer 1 (every later layer is identical)
+    first_layer_cycles: int             # simulated: layer 0 (receives from the embedding instead)
+    embed_cycles: int                   # simulated: from the start to the end of the embedding chips
+    head_cycles: int                    # simulated: hand-over to and compute of the head chips
+    layer_parts: Dict[str, int]         # simulated: layer 1 by chip kind ("attn", "mlp shard 1/4", ...)
+    handover_cycles: int                # simulated: of layer_cycles, spent on hand-overs between chips
+    step_cycles: int                    # derived: the whole model's step
+    tokens_per_second: float            # derived, per user
+    tokens_match_reference: bool
+    max_logit_error: float
+    logit_bound: float
+    compile_seconds: float
+    wall_seconds_per_step: float
+    published: Dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def table(self) -> str:
+        c = self.clock_hz
+        us = lambda n: f"{n:,} cycles ({n / c * 1e6:,.1f} us)"          # noqa: E731
+        rows = [
+            ("model", f"{self.model} ({self.precision}), KV cache {self.capacity} positions, on {self.chip} "
+                      f"at {c / 1e6:.0f} MHz"),
+            ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs in {self.mlp_shards} shards, "
+                                 f"embedding and head in {self.table_shards})"),
+            ("simulated", f"embedding + {self.simulated_layers} layers + head on {self.simulated_chips} chips: "
+                          f"{us(self.simulated_step_cycles)} per step; tokens "
+                          f"{'identical to' if self.tokens_match_reference else 'DIFFERENT from'} the reference, "
+                          f"max logit error {self.max_logit_error:.2g} (bound {self.logit_bound:.2g})"),
+            ("  embedding", us(self.embed_cycles)),
+            ("  layer 0", us(self.first_layer_cycles)),
+            ("  layer 1 (= every later layer)", us(self.layer_cycles) + ": " +
+             ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items()) + f"; hand-overs {self.handover_cycles:,}"),
+            ("  head", us(self.head_cycles)),
+            ("step (derived)", f"{us(self.step_cycles)} = simulated step + {self.n_layers - self.simulated_layers} "
+                               f"x layer 1"),
+            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
+        ]
+        rows += [(f"published: {k}", f"{v} tokens/s") for k, v in self.published.items()]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def truncated(cfg: ModelConfig, layers: int) -> ModelConfig:
+    """``cfg`` with only its first ``layers`` layers (same name stem, so the same random tensors)."""
+    if not 1 <= layers <= cfg.n_layers:
+        raise ValueError(f"layers must be 1..{cfg.n_layers}, not {layers}")
+    return dataclasses.replace(cfg, n_layers=int(layers), name=f"{cfg.name}[:{layers}]")
+
+
+def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
+            config: Optional[ChipConfig] = None, seed: int = 0, prompt=(1, 2), new_tokens: int = 2,
+            engine: str = "fast", unit_per_chip: bool = False, progress=None) -> Prediction:
+    """Simulate ``name``'s first ``layers`` (at least 2) layers with its embedding and head, check them
+    against the reference, and derive the whole model's decode step (module docstring).
+    ``unit_per_chip``: every unit on a chip of its own, even if several would fit one (small models,
+    tests); by default the stages are :func:`~lpucore.llm.pipeline.plan_stages`'s."""
+    cfg = model_config(name) if isinstance(name, str) else name
+    if layers < 2:
+        raise ValueError("predict needs at least 2 simulated layers (layer 1 is the one every later layer repeats)")
+    chip = config if config is not None else ChipConfig.groqchip1()
+    part = truncated(cfg, min(layers, cfg.n_layers))
+    # RandomWeights makes each tensor from its name: the truncated model's are the full model's
+    dec = Decoder(part, RandomWeights(part, seed), precision=precision, config=chip, capacity=capacity,
+                  engine=engine, chips="auto")
+    if unit_per_chip:
+        pd = PipelineDecoder(dec, len(PipelineDecoder(dec, 2).units))
+    elif dec.chips == 1:
+        raise ValueError(f"{part.name} fits one chip: run the Decoder itself (or unit_per_chip=True)")
+    else:
+        pd = dec.pipeline
+    pd.compile(progress=progress)
+    walls: List[float] = []
+    tokens, logits, stats = pd.generate(list(prompt), new_tokens, on_step=lambda i, t, st, w: walls.append(w))
+    ref_tokens, ref_logits = dec.reference().generate(list(prompt), new_tokens)
+    err = float(np.max(np.abs(logits - ref_logits)))
+    bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(ref_logits))))
+    # per chip: its stage program's own cycles, and the hand-over before it
+    ends = pd.stage_cycles
+    own = [pd.compiled[s].expected_cycles for s in pd.signatures]
+    handover = [0] + [ends[k] - own[k] - ends[k - 1] for k in range(1, pd.n_chips)]
+
+    def chips_of(pred):
+        return [k for k, (a, b) in enumerate(pd.stages) if all(pred(u) for u in pd.units[a:b])]
+
+    layer_chips = [chips_of(lambda u, i=i: u[1] == i) for i in range(part.n_layers)]
+    embed_chips = chips_of(lambda u: u[0] == "embed")
+    head_chips = chips_of(lambda u: u[0] == "head")
+    if any(not c for c in layer_chips) or sum(map(len, layer_chips)) + len(embed_chips) + len(head_chips) != pd.n_chips:
+        raise ValueError(f"{cfg.name}: a chip holds units of two layers; predict needs layers on chips of their own")
+    cost = [own[k] + handover[k] for k in range(pd.n_chips)]
+    layer = [sum(cost[k] for k in c) for c in layer_chips]
+    if len(set(layer[1:])) != 1:
+        raise AssertionError(f"layers after the first differ in cycles: {layer}")   # identical by construction
+    parts: Dict[str, int] = {}
+    for k in layer_chips[1]:
+        (a, b), u = pd.stages[k], pd.units[pd.stages[k][0]]
+        label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
+        parts[label] = parts.get(label, 0) + own[k]
+    full = int(pd.step_cycles + (cfg.n_layers - part.n_layers) * layer[1])
+    full_chips = pd.n_chips + (cfg.n_layers - part.n_layers) * len(layer_chips[1]) if unit_per_chip else \
+        len(plan_stages(cfg, precision, capacity, chip, None, dec.block))
+    return Prediction(
+        model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=capacity,
+        n_layers=cfg.n_layers, chips=full_chips,
+        mlp_shards=pd.shards, table_shards=pd.tables, simulated_layers=part.n_layers, simulated_chips=pd.n_chips,
+        simulated_step_cycles=int(pd.step_cycles), layer_cycles=int(layer[1]), first_layer_cycles=int(layer[0]),
+        embed_cycles=int(sum(cost[k] for k in embed_chips)), head_cycles=int(sum(cost[k] for k in head_chips)),
+        layer_parts=parts, handover_cycles=int(sum(handover[k] for k in layer_chips[1])), step_cycles=full,
+        tokens_per_second=chip.clock_hz / full,
+        tokens_match_reference=bool(np.array_equal(tokens, ref_tokens)), max_logit_error=err, logit_bound=bound,
+        compile_seconds=pd.compile_seconds, wall_seconds_per_step=float(np.mean(walls)),
+        published=dict(PUBLISHED.get(cfg.name, {})))
+
+
+__all__ = ["Prediction", "predict", "truncated", "PUBLISHED"]
