@@ -275,9 +275,11 @@ def test_decoders_over_several_chips_check_the_fit():
         Decoder._fit_or_raise(cfg, "int8", None, 128, chips=67)
     with pytest.raises(ValueError, match="positive number of chips or 'auto'"):
         Decoder._fit_or_raise(cfg, "int8", None, 128, chips="many")
-    # a 70B layer's MLP (705 MB in int8) is bigger than a chip: it would need tensor parallelism
-    with pytest.raises(ModelDoesNotFit, match="tensor parallelism"):
-        Decoder.random("llama2-70b", precision="int8", chips="auto")
+    # a 70B layer's MLP (705 MB in int8) is cut into 4 shards, its 262 MB embedding table and head
+    # into 2 each; its attention block in fp16 (302 MB) cannot be cut: that would need tensor parallelism
+    assert Decoder._fit_or_raise(model_config("llama2-70b"), "int8", None, 32, chips="auto") == 404
+    with pytest.raises(ModelDoesNotFit, match=r"unit \('attn', 0\) alone.*tensor parallelism"):
+        Decoder.random("llama2-70b", precision="fp16", chips="auto")
     dec = Decoder.random("tiny", seed=0, precision="fp16", capacity=8, chips=2)
     assert isinstance(dec.pipeline, PipelineDecoder) and dec.pipeline is dec.pipeline
     assert dec.pipeline.stages[0][0] == 0 and dec.pipeline.stages[-1][1] == 6 and len(dec.pipeline.stages) == 2

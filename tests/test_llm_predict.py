@@ -16,6 +16,7 @@ def test_derived_step_equals_the_whole_model_simulated():
     assert p.tokens_match_reference and p.max_logit_error <= p.logit_bound
     assert p.simulated_layers == 2 and p.simulated_chips == 6 and p.chips == 10
     assert p.step_cycles == p.simulated_step_cycles + 2 * p.layer_cycles
+    assert p.before_cycles + p.layer_cycles + p.after_cycles == p.simulated_step_cycles
     # every layer after the first repeats layer 1: simulate all four layers and compare
     whole = PipelineDecoder(Decoder(cfg, RandomWeights(cfg, 0), "fp16", capacity=8), 10)
     whole.compile()

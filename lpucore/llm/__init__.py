@@ -2,15 +2,19 @@
 
     ModelConfig, SHAPES, model_config   shapes of the llama, mixtral and gpt2 families (named: gpt2, llama2-7b,
                                         llama3-8b, mixtral-8x7b, ..., and tiny test models)
-    random_weights                      a deterministic weight set with O(1) activations
+    random_weights, RandomWeights       a deterministic weight set with O(1) activations (RandomWeights makes
+                                        each tensor from its name when it is read)
     save_pretrained, load_pretrained    Hugging Face directories (config.json + safetensors; needs
                                         ``pip install lpucore[llm]``, imported only when called)
     quantize_int8, dequantize_int8      per-output-channel symmetric int8
     Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
     Decoder                             the same models compiled onto the simulated chip, token by token, with
                                         weights and KV cache resident in SRAM (decoder.py, program.py)
-    PipelineDecoder                     a Decoder's model split by layers over chips of an lpucore.System
-                                        (pipeline.py)
+    PipelineDecoder                     a Decoder's model as pipeline stages over chips of an lpucore.System,
+                                        cut by SRAM bytes, big blocks in shards, one compile per distinct
+                                        stage (pipeline.py)
+    predict, Prediction                 a model too big to simulate whole: its first layers simulated and
+                                        checked, the whole model's step derived from them (predict.py)
 
 The reference modules (reference, shapes, weights) do not use lpucore's compiler: they are what the compiled
 models are checked against.
@@ -18,10 +22,12 @@ models are checked against.
 
 from .decoder import Decoder, DecodeStats, GenerateResult, ModelDoesNotFit, StepStats
 from .pipeline import PipelineDecoder
+from .predict import Prediction, predict
 from .reference import Reference
 from .shapes import SHAPES, ModelConfig, model_config
-from .weights import dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
+from .weights import RandomWeights, dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
 
-__all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "load_pretrained", "save_pretrained",
+__all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "RandomWeights", "load_pretrained", "save_pretrained",
            "quantize_int8", "dequantize_int8", "Reference",
-           "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder"]
+           "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder",
+           "predict", "Prediction"]

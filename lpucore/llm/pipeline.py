@@ -276,10 +276,11 @@ class PipelineDecoder:
                           shards=self.shards, table_shards=self.tables)
         return g
 
-    def compile(self, progress=None):
+    def compile(self, progress=None, release_weights: Optional[bool] = None):
         """Compile each distinct stage once, chain the chips' programs and load them into a new
         :class:`~lpucore.System` with every chip's weights (once). ``progress(message)`` is called
-        as chips are loaded."""
+        as chips are loaded. ``release_weights`` (default: with MPI) drops each chip's weights from
+        the host's prepared copy once they are in the chip (a reference run would make them again)."""
         if self.system is not None:
             return self.compiled
         import lpucore
@@ -314,6 +315,8 @@ class PipelineDecoder:
             chip = s.chips[k]
             if chip is not None:
                 self._load_chip(k, chip, prog, names)
+                if release_weights or (release_weights is None and self.comm is not None):
+                    self._release(k)
                 if progress:
                     progress(f"loaded chip {k + 1} of {self.n_chips}")
             if k + 1 < self.n_chips:
@@ -347,6 +350,19 @@ class PipelineDecoder:
             elif not np.array_equal(arr, compiled_with[name]):
                 raise CompileError(f"pipeline: constant {name!r} of chip {k} was folded into the shared "
                                    f"program with another value; this stage cannot share it")
+
+    def _release(self, k: int) -> None:
+        store, cfg = self.decoder.ref.w, self.decoder.cfg
+        if not hasattr(store, "forget"):
+            return
+        a, b = self.stages[k]
+        for u in self.units[a:b]:
+            if u[1] is not None:
+                store.forget(f"model.layers.{u[1]}.")
+            elif u[0] == "embed":
+                store.forget(cfg.embedding_name)
+            else:
+                store.forget(cfg.head_name)
 
     def reset(self) -> None:
         """Start a new sequence (as :meth:`Decoder.reset`)."""

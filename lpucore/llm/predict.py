@@ -57,9 +57,8 @@ class Prediction:
     simulated_chips: int
     simulated_step_cycles: int          # simulated: a step of the truncated model
     layer_cycles: int                   # simulated: layer 1 (every later layer is identical)
-    first_layer_cycles: int             # simulated: layer 0 (receives from the embedding instead)
-    embed_cycles: int                   # simulated: from the start to the end of the embedding chips
-    head_cycles: int                    # simulated: hand-over to and compute of the head chips
+    before_cycles: int                  # simulated: the chips before layer 1's (embedding, layer 0)
+    after_cycles: int                   # simulated: the chips after layer 1's (later simulated layers, head)
     layer_parts: Dict[str, int]         # simulated: layer 1 by chip kind ("attn", "mlp shard 1/4", ...)
     handover_cycles: int                # simulated: of layer_cycles, spent on hand-overs between chips
     step_cycles: int                    # derived: the whole model's step
@@ -86,11 +85,11 @@ class Prediction:
                           f"{us(self.simulated_step_cycles)} per step; tokens "
                           f"{'identical to' if self.tokens_match_reference else 'DIFFERENT from'} the reference, "
                           f"max logit error {self.max_logit_error:.2g} (bound {self.logit_bound:.2g})"),
-            ("  embedding", us(self.embed_cycles)),
-            ("  layer 0", us(self.first_layer_cycles)),
+            ("  embedding and layer 0", us(self.before_cycles)),
             ("  layer 1 (= every later layer)", us(self.layer_cycles) + ": " +
              ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items()) + f"; hand-overs {self.handover_cycles:,}"),
-            ("  head", us(self.head_cycles)),
+            ("  " + ("head" if self.simulated_layers == 2 else f"layers 2..{self.simulated_layers - 1} and head"),
+             us(self.after_cycles)),
             ("step (derived)", f"{us(self.step_cycles)} = simulated step + {self.n_layers - self.simulated_layers} "
                                f"x layer 1"),
             ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
@@ -139,33 +138,30 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     own = [pd.compiled[s].expected_cycles for s in pd.signatures]
     handover = [0] + [ends[k] - own[k] - ends[k - 1] for k in range(1, pd.n_chips)]
 
-    def chips_of(pred):
-        return [k for k, (a, b) in enumerate(pd.stages) if all(pred(u) for u in pd.units[a:b])]
-
-    layer_chips = [chips_of(lambda u, i=i: u[1] == i) for i in range(part.n_layers)]
-    embed_chips = chips_of(lambda u: u[0] == "embed")
-    head_chips = chips_of(lambda u: u[0] == "head")
-    if any(not c for c in layer_chips) or sum(map(len, layer_chips)) + len(embed_chips) + len(head_chips) != pd.n_chips:
-        raise ValueError(f"{cfg.name}: a chip holds units of two layers; predict needs layers on chips of their own")
+    # layer 1's chips: they hold units of layer 1 only, and every later layer's would be the same
+    l1 = [k for k, (a, b) in enumerate(pd.stages) if all(u[1] == 1 for u in pd.units[a:b])]
+    if not l1 or l1 != list(range(l1[0], l1[-1] + 1)) or any(
+            any(u[1] == 1 for u in pd.units[slice(*pd.stages[k])]) for k in range(pd.n_chips) if k not in l1):
+        raise ValueError(f"{cfg.name}: layer 1 does not have chips of its own; predict needs them")
+    full_chips = len(plan_stages(cfg, precision, capacity, chip, None, dec.block)) if not unit_per_chip else \
+        pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1)
+    if full_chips != pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1):
+        raise AssertionError(f"{cfg.name}: the whole model's stages are not the simulated ones with layer 1's repeated")
     cost = [own[k] + handover[k] for k in range(pd.n_chips)]
-    layer = [sum(cost[k] for k in c) for c in layer_chips]
-    if len(set(layer[1:])) != 1:
-        raise AssertionError(f"layers after the first differ in cycles: {layer}")   # identical by construction
+    layer = sum(cost[k] for k in l1)
     parts: Dict[str, int] = {}
-    for k in layer_chips[1]:
+    for k in l1:
         (a, b), u = pd.stages[k], pd.units[pd.stages[k][0]]
         label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
         parts[label] = parts.get(label, 0) + own[k]
-    full = int(pd.step_cycles + (cfg.n_layers - part.n_layers) * layer[1])
-    full_chips = pd.n_chips + (cfg.n_layers - part.n_layers) * len(layer_chips[1]) if unit_per_chip else \
-        len(plan_stages(cfg, precision, capacity, chip, None, dec.block))
+    full = int(pd.step_cycles + (cfg.n_layers - part.n_layers) * layer)
     return Prediction(
         model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=capacity,
         n_layers=cfg.n_layers, chips=full_chips,
         mlp_shards=pd.shards, table_shards=pd.tables, simulated_layers=part.n_layers, simulated_chips=pd.n_chips,
-        simulated_step_cycles=int(pd.step_cycles), layer_cycles=int(layer[1]), first_layer_cycles=int(layer[0]),
-        embed_cycles=int(sum(cost[k] for k in embed_chips)), head_cycles=int(sum(cost[k] for k in head_chips)),
-        layer_parts=parts, handover_cycles=int(sum(handover[k] for k in layer_chips[1])), step_cycles=full,
+        simulated_step_cycles=int(pd.step_cycles), layer_cycles=int(layer),
+        before_cycles=int(sum(cost[:l1[0]])), after_cycles=int(sum(cost[l1[-1] + 1:])),
+        layer_parts=parts, handover_cycles=int(sum(handover[k] for k in l1)), step_cycles=full,
         tokens_per_second=chip.clock_hz / full,
         tokens_match_reference=bool(np.array_equal(tokens, ref_tokens)), max_logit_error=err, logit_bound=bound,
         compile_seconds=pd.compile_seconds, wall_seconds_per_step=float(np.mean(walls)),

@@ -213,6 +213,15 @@ class WeightStore(Mapping):
             return dequantize_int8(*self._q[name])
         return kept.astype(F32)
 
+    def forget(self, prefix: str) -> None:
+        """Drop the prepared tensors whose names start with ``prefix`` (a lazy store makes them again
+        from its source if they are read later; an eager one keeps everything)."""
+        if self.eager:
+            return
+        for name in [n for n in self._kept if n.startswith(prefix)]:
+            del self._kept[name]
+            self._q.pop(name, None)
+
     def rows(self, name: str, ids: np.ndarray) -> np.ndarray:
         """``self[name][ids]`` (an embedding lookup) without expanding the whole table."""
         if self.eager:
