@@ -310,3 +310,20 @@ def test_sharded_mlps_and_tables_over_chips(name, precision, shards, tables, chi
     check_close(logits, ref_logits)
     assert all(s.cycles == pd.step_cycles for s in stats)
     assert len(pd.compiled) == distinct
+
+
+def test_stages_share_a_program_only_with_the_same_graph():
+    """The structure check behind shared stage programs sees what the constants do not: here a
+    slice position (a mixture-of-experts shard once picked its gate that way)."""
+    from lpucore import Graph
+    from lpucore.llm.pipeline import graph_structure
+
+    def stage(at, w):
+        g = Graph("s")
+        x = g.input("x_in", (1, 8), "float32")
+        g.output("x_out", g.mul(g.slice(x, (slice(None), slice(at, at + 1))), g.constant("w", w)))
+        return g
+    w1, w2 = np.ones((1, 1), np.float32), np.full((1, 1), 2, np.float32)
+    assert graph_structure(stage(1, w1)) == graph_structure(stage(1, w1))
+    assert graph_structure(stage(1, w1)) != graph_structure(stage(2, w1))
+    assert graph_structure(stage(1, w1)) == graph_structure(stage(1, w2))     # named constants: values may differ

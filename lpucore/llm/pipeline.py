@@ -217,6 +217,21 @@ def stage_signature(cfg, units: Tuple[int, int], shards: int = 1, tables: int = 
     return tuple(out)
 
 
+def graph_structure(graph) -> str:
+    """Everything of a graph but its constants' values: two stages may share one compiled program
+    only if this is equal (a slice position or a folded scalar would otherwise differ unseen)."""
+    rows = [graph.name]
+    for n in graph.nodes:
+        rows.append(f"{n.op}{tuple(n.inputs)}->{n.output} {sorted((k, repr(v)) for k, v in n.attrs.items())}")
+    for tid, arr in sorted(graph.constants.items()):
+        rows.append(f"c{tid} {graph.constant_names.get(tid)} {arr.shape} {arr.dtype}"
+                    + ("" if graph.constant_names.get(tid) else f" {arr.tobytes().hex()}"))
+    for kind in ("inputs", "outputs", "states"):
+        rows.append(f"{kind} {sorted((k, t.id, tuple(t.shape), str(t.dtype)) for k, t in getattr(graph, kind).items())}")
+    rows.append(f"assigns {sorted((k, v.id) for k, v in graph.assigns.items())}")
+    return "\n".join(rows)
+
+
 def _named_constants(graph) -> Dict[str, np.ndarray]:
     out = {}
     for tid, arr in graph.constants.items():
@@ -289,11 +304,13 @@ class PipelineDecoder:
         d = self.decoder
         t0 = time.perf_counter()
         names: Dict[tuple, Dict[str, np.ndarray]] = {}
+        self._structure: Dict[tuple, str] = {}
         for k, sig in enumerate(self.signatures):
             if sig not in self.compiled:
                 g = self._graph(k)
                 self.compiled[sig] = lpucore.compile(g, d.chip_config)
                 names[sig] = {n: a for n, a in _named_constants(g).items()}
+                self._structure[sig] = graph_structure(g)
                 del g
                 if progress:
                     progress(f"compiled stage {sig[0][0]}.. ({len(self.compiled)} distinct) "
@@ -335,12 +352,14 @@ class PipelineDecoder:
         chip.load(prog, validate=False)
         compiled_with = names.get(sig)
         if compiled_with is None:        # compiled by the first stage of this kind on another process
-            compiled_with = names[sig] = _named_constants(self._graph(self.signatures.index(sig)))
-        own = _named_constants(self._graph(k))
-        if {n: (a.shape, a.dtype) for n, a in own.items()} != \
-                {n: (a.shape, a.dtype) for n, a in compiled_with.items()}:
-            raise CompileError(f"pipeline: chip {k}'s stage does not have the constants of the stage compiled "
-                               f"for it ({sig[:3]}...)")
+            g0 = self._graph(self.signatures.index(sig))
+            compiled_with = names[sig] = _named_constants(g0)
+            self._structure[sig] = graph_structure(g0)
+        g = self._graph(k)
+        own = _named_constants(g)
+        if graph_structure(g) != self._structure[sig]:
+            raise CompileError(f"pipeline: chip {k}'s stage is not the graph of the stage compiled for it "
+                               f"({sig[:3]}...): it cannot share that program")
         for name, arr in comp.constants.items():
             if name not in own:
                 chip.write_tensor(name, arr)

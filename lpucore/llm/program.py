@@ -392,8 +392,11 @@ class StepBuilder:
         self._expert_base = e0
         for e in range(e0, e1):
             q = f"{p}experts.{e}."
+            # expert e's gate, picked by a one-hot constant rather than a slice at e, so that a shard's
+            # graph does not depend on which experts it holds (exact: one nonzero term)
+            sel = g.constant(self.key(q + "select"), np.eye(E, dtype=F32)[e:e + 1])
             y = g.mul(self._swiglu(h, q + "w1.weight", q + "w3.weight", q + "w2.weight"),
-                      g.slice(gates, (slice(None), slice(e, e + 1))))
+                      g.sum(g.mul(gates, sel), keepdims=True))
             out = y if out is None else g.add(out, y)
         self._expert_base = 0
         return out
