@@ -213,6 +213,12 @@ class WeightStore(Mapping):
             return dequantize_int8(*self._q[name])
         return kept.astype(F32)
 
+    def prepare(self) -> None:
+        """Prepare every tensor now (a lazy store otherwise prepares each on first use)."""
+        for name in self.names:
+            if name not in self._kept:
+                self._kept[name] = self._prepare(name)
+
     def forget(self, prefix: str) -> None:
         """Drop the prepared tensors whose names start with ``prefix`` (a lazy store makes them again
         from its source if they are read later; an eager one keeps everything)."""
