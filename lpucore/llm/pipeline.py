@@ -10,9 +10,14 @@ stage of Llama-2-7B, say) build the same graph, up to the weights' values: const
 states are named by layer index relative to the stage (:class:`~lpucore.llm.program.StepBuilder`).
 So each distinct stage is compiled once and its program serves every chip that holds such a stage,
 each chip with its own weights written into the same addresses. :meth:`PipelineDecoder.compile`
-checks that every shared stage's graph has exactly the compiled one's constants (names, shapes and
-dtypes; the values of any constant the compiler folded into an instruction), so sharing cannot
+checks that every shared stage's graph has exactly the compiled one's structure
+(:func:`graph_structure`: operations, their attributes, constant names, shapes and dtypes) and
+the same values for any constant the compiler folded into an instruction, so sharing cannot
 change a value; the tests check that tiny models give the single-chip logits bit for bit.
+
+Blocks bigger than a stage are cut into shards (:func:`mlp_shards`, :func:`table_shards`): an
+MLP into ranges of hidden features, a mixture of experts into ranges of experts (the partial sum
+travels with the residual as ``[2, d]``), the embedding table and the head into ranges of tokens.
 
 The residual stream (float32 ``[1, d_model]``) goes from stage to stage over one C2C link (chip
 k's link 0 to chip k+1's link 1), scheduled by :func:`lpucore.compiler.pipeline.hand_over`, so a
@@ -448,10 +453,5 @@ class PipelineDecoder:
         return np.array(tokens, dtype=np.int64), np.stack(logits), stats
 
 
-def chips_needed(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
-    """How many chips :func:`plan_stages` puts the model on (as few as fit)."""
-    return len(plan_stages(cfg, precision, capacity, chip, None, block, fill))
-
-
-__all__ = ["PipelineDecoder", "plan_stages", "mlp_shards", "table_shards", "unit_bytes", "stage_signature", "chips_needed",
+__all__ = ["PipelineDecoder", "plan_stages", "mlp_shards", "table_shards", "unit_bytes", "stage_signature",
            "STAGE_FILL"]

@@ -151,7 +151,7 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     layer = sum(cost[k] for k in l1)
     parts: Dict[str, int] = {}
     for k in l1:
-        (a, b), u = pd.stages[k], pd.units[pd.stages[k][0]]
+        u = pd.units[pd.stages[k][0]]
         label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
         parts[label] = parts.get(label, 0) + own[k]
     full = int(pd.step_cycles + (cfg.n_layers - part.n_layers) * layer)
