@@ -354,6 +354,10 @@ class Chip:
         a = check_array(t, array)
         planes = t.to_planes(a, self.config.lanes)
         for p in range(t.dtype.nbytes):
+            where = _stripe_locations(t, p, self.config.lanes)
+            if where is not None and self._sram_view() is not None:
+                self._sram_view()[where] = planes[p]        # every vector at once (striped planes)
+                continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 self._eng.write_mem(g, addr, planes[p, start:start + n])
 
@@ -363,9 +367,38 @@ class Chip:
         nvec = t.nvectors(self.config.lanes)
         planes = np.empty((t.dtype.nbytes, nvec, self.config.lanes), dtype=np.uint8)
         for p in range(t.dtype.nbytes):
+            where = _stripe_locations(t, p, self.config.lanes)
+            if where is not None and self._sram_view() is not None:
+                planes[p] = self._sram_view()[where]
+                continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 planes[p, start:start + n] = self._eng.read_mem(g, addr, n)
         return t.from_planes(planes, self.config.lanes)
+
+    def _sram_view(self):
+        """The engine's SRAM as a uint8 [slices, addresses, lanes] array, or None."""
+        eng = self._eng
+        if hasattr(eng, "_sram"):
+            return eng._sram()
+        mem = getattr(eng, "mem", None)
+        return getattr(mem, "sram", None)
+
+
+def _stripe_locations(t, plane, lanes):
+    """(slice array, address array) of every vector of a striped byte plane, or None for a plane
+    of extents (few, long runs: written run by run). The tensor table was checked against the
+    configuration when the program was, so every (slice, address) is inside SRAM."""
+    from .layout import Stripes
+    p = t.planes[plane]
+    if not isinstance(p, Stripes):
+        return None
+    ch = t.chunks(lanes)
+    v = np.arange(t.rows * ch, dtype=np.int64)
+    r, c = np.divmod(v, ch)
+    n = len(p.parts)
+    parts = np.asarray(p.parts, dtype=np.int64).reshape(n, 2)
+    k = (r + c) % n
+    return parts[k, 0], parts[k, 1] + (r // n) * ch + c
 
 
 def _runs(t, plane, lanes):

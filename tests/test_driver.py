@@ -186,3 +186,23 @@ def test_default_chip_is_groqchip1_fast():
     chip = Chip()
     assert chip.config == ChipConfig.groqchip1() and chip.engine_name == "fast"
     assert type(chip._eng).__module__ == "lpucore._engine"
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_striped_tensors_are_written_where_their_vectors_live(engine):
+    """write_tensor / read_tensor move a striped plane's vectors all at once; each vector lands at
+    the (slice, address) the tensor table gives it, as the vector-by-vector path puts it."""
+    g = lpucore.Graph("striped")
+    w = np.arange(37 * 700, dtype=np.int32).reshape(37, 700).astype(np.int8)
+    x = g.input("x", (1, 37), "int8")
+    g.output("y", g.matmul(x, g.constant("w", w)))
+    cfg = ChipConfig.small()
+    compiled = lpucore.compile(g, cfg)
+    t = compiled.program.tensors["w"]
+    assert type(t.planes[0]).__name__ == "Stripes" and len(t.planes[0].parts) > 1
+    chip = Chip(cfg, engine=engine)
+    compiled.load(chip)
+    np.testing.assert_array_equal(chip.read_tensor("w"), w)
+    planes = t.to_planes(w, cfg.lanes)
+    for v, (s, a) in enumerate(t.locations(0, cfg.lanes)):
+        np.testing.assert_array_equal(chip._eng.read_mem(s, a, 1)[0], planes[0, v])
