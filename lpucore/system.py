@@ -323,8 +323,7 @@ def _small_pages(chip: Chip) -> None:
     import ctypes
     import mmap
     advice = getattr(mmap, "MADV_NOHUGEPAGE", None)
-    eng = chip._eng
-    arr = eng._sram() if hasattr(eng, "_sram") else getattr(getattr(eng, "mem", None), "sram", None)
+    arr = chip._sram_view()
     if advice is None or arr is None:
         return
     try:
