@@ -462,6 +462,26 @@ class Graph:
             raise GraphError(f"{op}: per-channel scale must be {x.shape[-1]} positive numbers")
         return self.constant(None, s.astype(np.float32))
 
+    # ---- between chips ----------------------------------------------------------------------------------
+    def allgather(self, x, group: int) -> Tensor:
+        """[group, *x.shape]: block r is x as chip r of the group computed it.  For graphs
+        that one program per chip of a group runs (as the tensor-parallel partitioner
+        makes them); such a graph compiles only for a system."""
+        x = self._t("allgather", x)
+        if int(group) < 2:
+            raise GraphError(f"allgather: a group has at least 2 chips, got {group}")
+        return self._node("allgather", [x], (int(group),) + x.shape, x.dtype, group=int(group))
+
+    def allreduce(self, x, group: int) -> Tensor:
+        """The sum of x over the chips of the group, added in chip order (so every chip gets
+        the same bits).  See :meth:`allgather`."""
+        x = self._t("allreduce", x)
+        if int(group) < 2:
+            raise GraphError(f"allreduce: a group has at least 2 chips, got {group}")
+        if x.dtype.name not in ("float16", "float32", "int32"):
+            raise GraphError(f"allreduce: sums float16, float32 or int32, not {x.dtype.name}")
+        return self._node("allreduce", [x], x.shape, x.dtype, group=int(group))
+
     # ---- introspection ------------------------------------------------------------------------------------
     def tensor(self, tid: int) -> Tensor:
         return self.tensors[tid]

@@ -109,6 +109,9 @@ def execute(compiled: Compiled, inputs: Dict[str, np.ndarray], engine: str = "fa
 
 
 # operations that read their operands through Compiler.operand (so a constant may be an immediate)
+# operations between the chips of a group, lowered by lpucore.compiler.collective
+COLLECTIVES = frozenset(("allgather", "allreduce"))
+
 SCALAR_CONSUMERS = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu", "exp",
                               "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu", "cast"))
 
@@ -234,6 +237,19 @@ class Compiler:
 
     # ---- compile -------------------------------------------------------------------------------------
     def run(self) -> Compiled:
+        """Compile the whole graph (one chip: a collective operation is an error)."""
+        steps = self.steps()
+        for n, _t, _name, _kind in steps:
+            raise CompileError(f"{n.op}: a collective operation needs a system of chips "
+                               "(lpucore.compile(graph, system=...))")
+        return self.result
+
+    def steps(self):
+        """The compilation as a generator: it yields ``(node, tensor, name, kind)`` at each
+        collective operation (all-gather / all-reduce across chips) and expects the
+        node's last landing cycle back through ``send`` once the caller has lowered it
+        on every chip of the group (:mod:`lpucore.compiler.collective`).  The
+        :class:`Compiled` result is left in :attr:`result`."""
         g = self.g
         for n in g.nodes:
             for i in n.inputs:
@@ -267,7 +283,10 @@ class Compiler:
             t = g.tensors[n.output]
             kind = "output" if n.output in out_names else "temp"
             name = out_names.get(n.output, f"_t{n.output}")
-            last = self.lower(n, t, name, kind)
+            if n.op in COLLECTIVES:
+                last = yield n, t, name, kind
+            else:
+                last = self.lower(n, t, name, kind)
             self.kernels.append((n.op, name, last))
             for i in set(n.inputs):
                 self.uses[i] -= n.inputs.count(i)
@@ -303,10 +322,10 @@ class Compiler:
         for name, vt in self.tables:
             prog.add_tensor(name, vt.dtype, (vt.rows, vt.cols), vt.extents())
         prog.validate()
-        return Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
-                        {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
-                        expected_cycles(prog), self.mem.peak_bytes(), self.kernels,
-                        {n: (t.shape, t.dtype) for n, t in g.states.items()})
+        self.result = Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
+                               {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
+                               expected_cycles(prog), self.mem.peak_bytes(), self.kernels,
+                               {n: (t.shape, t.dtype) for n, t in g.states.items()})
 
     # ---- lowering -----------------------------------------------------------------------------------
     def lower(self, n, t: Tensor, name: str, kind: str) -> int:
@@ -770,11 +789,21 @@ class Compiler:
         return self.map_op(t, name, kind, f)
 
 
-def compile(graph: Graph, config: Optional[ChipConfig] = None) -> Compiled:
-    """Compile a graph into a scheduled program (GroqChip geometry by default)."""
+def compile(graph: Graph, config: Optional[ChipConfig] = None, system=None, chips=None, state_axes=None):
+    """Compile a graph into a scheduled program (GroqChip geometry by default).
+
+    With ``system`` (an :class:`~lpucore.System`), the graph is split over its chips
+    (or the given ``chips``, wired pairwise) by tensor parallelism, with scheduled
+    all-gathers and all-reduces over the links, and the result is a
+    :class:`~lpucore.compiler.tensor_parallel.SystemCompiled` (see that module)."""
     if not isinstance(graph, Graph):
         raise GraphError("compile expects an lpucore.Graph")
     if not graph.outputs:
         raise GraphError("compile: the graph has no outputs (use graph.output(name, tensor))")
+    if system is not None:
+        if config is not None and config != system.config:
+            raise CompileError("compile: config differs from the system's chip configuration")
+        from .tensor_parallel import compile_system
+        return compile_system(graph, system, chips=chips, state_axes=state_axes)
     cfg = config if config is not None else ChipConfig.groqchip1()
     return Compiler(graph, cfg).run()

@@ -1,0 +1,128 @@
+"""``lpucore.compile(graph, system=...)``: one graph over the chips of a system.
+
+The graph is split over a group of chips wired pairwise (:mod:`.shard`), every chip's
+graph is compiled side by side with the others so that the all-gathers and all-reduces
+between them are scheduled to the cycle (:mod:`.collective`), and the result,
+:class:`SystemCompiled`, loads into a :class:`~lpucore.System` and runs there.  Its
+``expected_cycles`` (the longest chip's program) is exactly what the run takes.
+
+Pipeline stages (layers on consecutive chips, a tensor handed over one link) are the
+other way to spread a model; :mod:`lpucore.llm.pipeline` builds them for language
+models with :func:`lpucore.compiler.pipeline.hand_over`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..errors import CompileError
+from ..graph import Graph, GraphError
+from .collective import compile_group, group_links
+from .lower import Compiled
+from .shard import Partition, Spec, partition
+
+
+@dataclass
+class SystemCompiled:
+    """A graph compiled for a group of chips of a system: ``parts[r]`` runs on chip
+    ``chips[r]``.  Inputs go to every chip of the group; outputs are read from the first."""
+
+    parts: List[Compiled]
+    chips: List[int]
+    wires: List[Tuple[int, int, int, int]]
+    state_axes: Dict[str, Spec]
+    link_bytes: int                       # bytes each chip sends over its links per run
+    partition: Partition
+
+    @property
+    def config(self):
+        return self.parts[0].config
+
+    @property
+    def expected_cycles(self) -> int:
+        """Cycles until the last chip of the group finishes (predicted statically, exact)."""
+        return max(c.expected_cycles for c in self.parts)
+
+    @property
+    def memory_bytes(self) -> List[int]:
+        """SRAM each chip's program uses (bytes)."""
+        return [c.memory_bytes for c in self.parts]
+
+    @property
+    def inputs(self):
+        return self.parts[0].inputs
+
+    @property
+    def outputs(self):
+        return self.parts[0].outputs
+
+    def system(self, engine: str = "fast", comm=None):
+        """A new :class:`~lpucore.System` wired as this was compiled for, with the programs loaded."""
+        from ..system import System
+        n = max(max(self.chips) + 1, max((max(w[0], w[2]) + 1 for w in self.wires), default=1))
+        s = System(n, topology=self.wires, config=self.config, engine=engine, comm=comm)
+        self.load(s)
+        return s
+
+    def load(self, system) -> None:
+        """Load every chip's program and constants (the chips this process simulates)."""
+        if system.config != self.config:
+            raise CompileError("SystemCompiled.load: the system's chip configuration differs from the compiled one")
+        progs = {chip: part.program for chip, part in zip(self.chips, self.parts)}
+        system.load(progs)
+        for chip, part in zip(self.chips, self.parts):
+            if system.chips[chip] is not None:
+                for name, arr in part.constants.items():
+                    system.chips[chip].write_tensor(name, arr)
+
+    def write_inputs(self, system, inputs: Dict[str, np.ndarray]) -> None:
+        for chip, part in zip(self.chips, self.parts):
+            if system.chips[chip] is not None:
+                part.write_inputs(system.chips[chip], inputs)
+
+    def read_outputs(self, system) -> Dict[str, np.ndarray]:
+        """The outputs, from the first chip of the group (under MPI: on the process that has it)."""
+        chip = system.chips[self.chips[0]]
+        if chip is None:
+            raise GraphError("read_outputs: this process does not simulate the group's first chip")
+        return self.parts[0].read_outputs(chip)
+
+    def read_state(self, system, name: str) -> np.ndarray:
+        """A state's whole value, assembled from the chips' parts."""
+        if name not in self.state_axes:
+            raise GraphError(f"read_state: no state named {name!r}")
+        k = self.state_axes[name]
+        parts = [part.read_state(system.chips[chip], name) for chip, part in zip(self.chips, self.parts)]
+        return parts[0] if k is None else np.concatenate(parts, axis=k)
+
+    def run(self, inputs: Dict[str, np.ndarray], system=None, engine: str = "fast"):
+        """Run once: ({output: array}, SystemStats).  Without a system, a new one is made."""
+        if system is None:
+            system = self.system(engine=engine)
+        else:
+            system.reset(clear_memory=False)
+        self.write_inputs(system, inputs)
+        stats = system.run()
+        return self.read_outputs(system), stats
+
+
+def compile_system(graph: Graph, system, chips: Optional[Sequence[int]] = None,
+                   state_axes: Optional[Dict[str, Spec]] = None, min_cols: Optional[int] = None) -> SystemCompiled:
+    """Split ``graph`` over ``chips`` of ``system`` (default: all; they must be wired
+    pairwise, as a GroqNode's 8 are) and compile it (see the module doc).
+    ``min_cols``: the narrowest column part a weight is split into (default: one vector,
+    ``lanes``); ``state_axes``: split axis of named states (default: chosen)."""
+    cfg = system.config
+    chips = list(range(system.n_chips)) if chips is None else [int(c) for c in chips]
+    if len(set(chips)) != len(chips) or any(not 0 <= c < system.n_chips for c in chips):
+        raise CompileError(f"chips {chips} are not distinct chips of a {system.n_chips}-chip system")
+    P = len(chips)
+    if P < 2:
+        raise CompileError("a system compile needs at least 2 chips (use lpucore.compile(graph) for one)")
+    links = group_links(P, system.wires, chips)
+    part = partition(graph, P, state_axes, min_cols=cfg.lanes if min_cols is None else min_cols)
+    compiled = compile_group(part.graphs, cfg, links)
+    return SystemCompiled(compiled, chips, list(system.wires), part.state_axes, part.link_bytes, part)
