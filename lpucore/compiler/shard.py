@@ -28,7 +28,7 @@ An all-gather leaves [P, *part]; a transpose and a reshape put the parts in plac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -36,6 +36,7 @@ from ..errors import CompileError
 from ..graph import BINARY, UNARY_ANY, UNARY_FLOAT, Graph, Tensor
 
 Spec = Optional[int]           # None: replicated; k: split along axis k
+Idx = Optional[Tuple[np.ndarray, ...]]   # per rank, the indices along the split axis it holds (None: equal contiguous parts)
 
 
 @dataclass
@@ -57,15 +58,33 @@ def _prod(xs) -> int:
     return int(np.prod(xs)) if len(xs) else 1
 
 
-class _Builder:
-    """Builds rank ``rank``'s graph."""
+def _runs(ix: np.ndarray) -> List[Tuple[int, int]]:
+    """[(a, b), ...] with ix = concat(range(a, b), ...): its increasing contiguous runs."""
+    cut = np.flatnonzero(np.diff(ix) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(ix, cut)]
 
-    def __init__(self, g: Graph, P: int, rank: int, state_axes: Dict[str, Spec], min_cols: int):
-        self.g, self.P, self.rank, self.min_cols = g, P, rank, min_cols
+
+def _same(i: Idx, j: Idx) -> bool:
+    if i is None or j is None:
+        return i is j
+    return all(np.array_equal(a, b) for a, b in zip(i, j))
+
+
+def _key(i: Idx):
+    return None if i is None else tuple(a.tobytes() for a in i)
+
+
+class _Builder:
+    """Builds rank ``rank``'s graph.  ``dry``: shapes only (constants are not copied), to
+    count link traffic while choosing state splits."""
+
+    def __init__(self, g: Graph, P: int, rank: int, state_axes: Dict[str, Spec], min_cols: int,
+                 dry: bool = False):
+        self.g, self.P, self.rank, self.min_cols, self.dry = g, P, rank, min_cols, dry
         self.state_axes = state_axes
         self.out = Graph(g.name)
-        self.val: Dict[int, Tuple[Tensor, Spec]] = {}
-        self.cache: Dict[Tuple[int, Spec], Tensor] = {}
+        self.val: Dict[int, Tuple[Tensor, Spec, Idx]] = {}
+        self.cache: Dict[tuple, Tensor] = {}
         self.names: set = set()
         self.collectives: List[Tuple[str, str, int]] = []
 
@@ -73,35 +92,59 @@ class _Builder:
     def is_const(self, tid: int) -> bool:
         return tid in self.g.constants
 
-    def part(self, n: int) -> Tuple[int, int]:
+    def mine(self, n: int, idx: Idx) -> np.ndarray:
+        """The indices (of n along the split axis) this rank holds."""
+        if idx is not None:
+            return idx[self.rank]
         k = n // self.P
-        return self.rank * k, (self.rank + 1) * k
+        return np.arange(self.rank * k, (self.rank + 1) * k)
 
-    def const(self, tid: int, spec: Spec) -> Tensor:
-        key = (tid, spec)
+    def const(self, tid: int, spec: Spec, idx: Idx = None) -> Tensor:
+        key = (tid, spec, _key(idx))
         if key not in self.cache:
             arr = self.g.constants[tid]
             if spec is not None:
-                a, b = self.part(arr.shape[spec])
-                arr = np.ascontiguousarray(np.take(arr, np.arange(a, b), axis=spec))
+                ix = self.mine(arr.shape[spec], idx)
+                if self.dry:
+                    shape = list(arr.shape)
+                    shape[spec] = len(ix)
+                    arr = np.broadcast_to(np.zeros((), arr.dtype), shape)
+                else:
+                    arr = np.ascontiguousarray(np.take(arr, ix, axis=spec))
             name = self.g.constant_names.get(tid)
             if name is not None and name in self.names:
                 name = f"{name}@{'full' if spec is None else 'part%d' % spec}"
+                while name in self.names:
+                    name += "'"
             if name is not None:
                 self.names.add(name)
-            self.cache[key] = self.out.constant(name, arr)
+            if self.dry:
+                t = self.out._new(arr.shape, arr.dtype, name)
+                self.out.constants[t.id] = arr
+            else:
+                t = self.out.constant(name, arr)
+            self.cache[key] = t
         return self.cache[key]
 
     def spec(self, tid: int) -> Spec:
         return None if self.is_const(tid) else self.val[tid][1]
 
+    def idx(self, tid: int) -> Idx:
+        return None if self.is_const(tid) else self.val[tid][2]
+
+    def take(self, f: Tensor, k: int, ix: np.ndarray) -> Tensor:
+        """f's indices ix along axis k (slices of its contiguous runs, concatenated)."""
+        pre = tuple(slice(None) for _ in range(k))
+        parts = [self.out.slice(f, pre + (slice(a, b),)) for a, b in _runs(ix)]
+        return parts[0] if len(parts) == 1 else self.out.concat(parts, axis=k)
+
     def full(self, tid: int) -> Tensor:
         if self.is_const(tid):
             return self.const(tid, None)
-        t, s = self.val[tid]
+        t, s, idx = self.val[tid]
         if s is None:
             return t
-        key = (tid, None)
+        key = (tid, None, None)
         if key not in self.cache:
             P, src = self.P, self.g.tensors[tid]
             self.collectives.append(("allgather", src.name or f"%{tid}", _bytes(t)))
@@ -109,49 +152,52 @@ class _Builder:
             if s > 0:
                 axes = list(range(1, s + 1)) + [0] + list(range(s + 1, t.ndim + 1))
                 st = self.out.transpose(st, axes)               # [..., P, part_s, ...]
-            self.cache[key] = self.out.reshape(st, src.shape)
+            full = self.out.reshape(st, src.shape)             # parts in rank order
+            if idx is not None:                                 # ... put in place
+                full = self.take(full, s, np.argsort(np.concatenate(idx), kind="stable"))
+            self.cache[key] = full
         return self.cache[key]
 
-    def split(self, tid: int, k: int) -> Tensor:
+    def split(self, tid: int, k: int, idx: Idx = None) -> Tensor:
         if self.is_const(tid):
-            return self.const(tid, k)
-        t, s = self.val[tid]
-        if s == k:
+            return self.const(tid, k, idx)
+        t, s, have = self.val[tid]
+        if s == k and _same(have, idx):
             return t
-        key = (tid, k)
+        key = (tid, k, _key(idx))
         if key not in self.cache:
             f = self.full(tid)
-            a, b = self.part(f.shape[k])
-            self.cache[key] = self.out.slice(f, tuple(slice(None) for _ in range(k)) + (slice(a, b),))
+            self.cache[key] = self.take(f, k, self.mine(f.shape[k], idx))
         return self.cache[key]
 
-    def splittable(self, shape, k: int) -> bool:
-        return 0 <= k < len(shape) and shape[k] % self.P == 0 and shape[k] >= self.P
+    def local(self, tid: int) -> Tensor:
+        """The value as this rank holds it now (split or whole)."""
+        return self.full(tid) if self.spec(tid) is None else self.val[tid][0]
 
     # ---- the graph ------------------------------------------------------------------------------------------
     def build(self) -> Graph:
         g, out = self.g, self.out
         for name, t in g.inputs.items():
-            self.val[t.id] = (out.input(name, t.shape, t.dtype.name), None)
+            self.val[t.id] = (out.input(name, t.shape, t.dtype.name), None, None)
             self.names.add(name)
         for name, t in g.states.items():
             k = self.state_axes.get(name)
             init = g.state_init[t.id]
             shape = list(t.shape)
             if k is not None:
-                a, b = self.part(shape[k])
-                init = np.take(init, np.arange(a, b), axis=k)
+                init = np.take(init, self.mine(shape[k], None), axis=k)
                 shape[k] //= self.P
-            self.val[t.id] = (out.state(name, shape, t.dtype.name, init=init), k)
+            self.val[t.id] = (out.state(name, shape, t.dtype.name, init=init), k, None)
             self.names.add(name)
         for n in g.nodes:
             t = g.tensors[n.output]
             try:
-                self.val[t.id] = self.node(n, t)
+                r = self.node(n, t)
             except CompileError:
                 raise
             except Exception as e:          # a rule produced a local graph the Graph API refuses
                 raise CompileError(f"tensor parallelism: cannot split {n.op} -> {t}: {e}") from e
+            self.val[t.id] = r if len(r) == 3 else (r[0], r[1], None)
         for sid, v in g.assigns.items():
             st = g.tensors[sid]
             k = self.state_axes.get(st.name)
@@ -161,94 +207,106 @@ class _Builder:
             out.output(name, self.full(t.id))
         return out
 
-    def node(self, n, t: Tensor) -> Tuple[Tensor, Spec]:
+    def node(self, n, t: Tensor):
         g, out, op = self.g, self.out, n.op
         ins = [g.tensors[i] for i in n.inputs]
         if op in ("allgather", "allreduce"):
             raise CompileError(f"{op}: the graph given to a system compile must not have collectives already")
+        x0 = ins[0]
+        s, ix = self.spec(x0.id), self.idx(x0.id)
         if op in UNARY_FLOAT + UNARY_ANY or op == "cast":
-            s = self.spec(ins[0].id)
-            x = self.split(ins[0].id, s) if s is not None else self.full(ins[0].id)
+            x = self.local(x0.id)
             if op == "cast":
-                return out.cast(x, t.dtype.name), s
+                return out.cast(x, t.dtype.name), s, ix
             if op == "gelu":
-                return out.gelu(x, approximate=n.attrs["approximate"]), s
-            return getattr(out, op)(x), s
+                return out.gelu(x, approximate=n.attrs["approximate"]), s, ix
+            return getattr(out, op)(x), s, ix
         if op in BINARY:
             return self.elementwise(op, ins, t)
         if op == "matmul":
             return self.matmul(ins[0], ins[1], t)
         if op in ("sum", "max", "mean", "softmax", "layernorm", "rmsnorm"):
-            s = self.spec(ins[0].id)
-            x = self.full(ins[0].id) if s in (None, ins[0].ndim - 1) else self.split(ins[0].id, s)
-            s = None if s == ins[0].ndim - 1 else s
+            if s == x0.ndim - 1:
+                x, s, ix = self.full(x0.id), None, None
+            else:
+                x = self.local(x0.id)
             if op == "softmax":
-                return out.softmax(x), s
+                return out.softmax(x), s, ix
             if op == "layernorm":
-                return out.layernorm(x, self.full(ins[1].id), self.full(ins[2].id), eps=n.attrs["eps"]), s
+                return out.layernorm(x, self.full(ins[1].id), self.full(ins[2].id), eps=n.attrs["eps"]), s, ix
             if op == "rmsnorm":
-                return out.rmsnorm(x, self.full(ins[1].id), eps=n.attrs["eps"]), s
-            return getattr(out, op)(x, keepdims=n.attrs["keepdims"]), s
+                return out.rmsnorm(x, self.full(ins[1].id), eps=n.attrs["eps"]), s, ix
+            return getattr(out, op)(x, keepdims=n.attrs["keepdims"]), s, ix
         if op in ("quantize", "dequantize"):
-            s = self.spec(ins[0].id)
-            x = self.split(ins[0].id, s) if s is not None else self.full(ins[0].id)
+            x = self.local(x0.id)
             axis = n.attrs["axis"]
             scale = g.constants[ins[1].id]
-            if axis is not None and s == ins[0].ndim - 1:
-                a, b = self.part(scale.shape[-1])
-                scale = scale[a:b]
+            if axis is not None and s == x0.ndim - 1:
+                scale = scale[self.mine(scale.shape[-1], ix)]
             if axis is None:
                 scale = float(scale.reshape(()))
             if op == "quantize":
-                return out.quantize(x, scale, n.attrs["zero_point"], axis=axis), s
-            return out.dequantize(x, scale, n.attrs["zero_point"], axis=axis, dtype=t.dtype.name), s
+                return out.quantize(x, scale, n.attrs["zero_point"], axis=axis), s, ix
+            return out.dequantize(x, scale, n.attrs["zero_point"], axis=axis, dtype=t.dtype.name), s, ix
         if op == "reshape":
-            return self.reshape(ins[0], t)
+            return self.reshape(x0, t)
         if op == "transpose":
-            s = self.spec(ins[0].id)
             axes = n.attrs["axes"]
-            x = self.split(ins[0].id, s) if s is not None else self.full(ins[0].id)
-            return out.transpose(x, axes), (None if s is None else list(axes).index(s))
+            return out.transpose(self.local(x0.id), axes), (None if s is None else list(axes).index(s)), ix
         if op == "concat":
-            ax = n.attrs["axis"]
-            specs = {self.spec(x.id) for x in ins}
-            if len(specs) == 1 and None not in specs and ax not in specs:
-                s = specs.pop()
-                return out.concat([self.split(x.id, s) for x in ins], axis=ax), s
-            return out.concat([self.full(x.id) for x in ins], axis=ax), None
+            return self.concat(ins, n.attrs["axis"])
         if op == "slice":
-            return self.slice(ins[0], n, t)
+            return self.slice(x0, n, t)
         if op == "gather":
-            s = self.spec(ins[1].id)
-            idx = self.split(ins[1].id, s) if s is not None else self.full(ins[1].id)
-            return out.gather(self.full(ins[0].id), idx), s
+            s1, ix1 = self.spec(ins[1].id), self.idx(ins[1].id)
+            return out.gather(self.full(x0.id), self.local(ins[1].id)), s1, ix1
         if op == "rope":
-            s = self.spec(ins[0].id)
-            if s is not None and s < ins[0].ndim - 2:
-                return out.rope(self.split(ins[0].id, s), self.full(ins[1].id), base=n.attrs["base"]), s
-            return out.rope(self.full(ins[0].id), self.full(ins[1].id), base=n.attrs["base"]), None
+            if s is not None and s < x0.ndim - 2:
+                return out.rope(self.local(x0.id), self.full(ins[1].id), base=n.attrs["base"]), s, ix
+            return out.rope(self.full(x0.id), self.full(ins[1].id), base=n.attrs["base"]), None
         raise CompileError(f"tensor parallelism: no rule for {op}")
+
+    def aligned(self, xs, K: int, no: int, idx: Idx) -> list:
+        """Operands of an op whose output (``no`` axes) is split along K with ``idx``: split
+        operands as they are, whole ones sliced unless broadcast along K."""
+        args = []
+        for x in xs:
+            a = K - (no - x.ndim)
+            if self.spec(x.id) is None and (a < 0 or x.shape[a] == 1):
+                args.append(self.full(x.id))
+            else:
+                args.append(self.split(x.id, a, idx))
+        return args
 
     def elementwise(self, op, ins, t):
         no = t.ndim
-        axes = set()
-        for x in ins:
-            s = self.spec(x.id)
-            if s is not None:
-                axes.add(s + no - x.ndim)
-        if len(axes) != 1:
+        splits = [(self.spec(x.id) + no - x.ndim, self.idx(x.id)) for x in ins if self.spec(x.id) is not None]
+        if not splits or any(k != splits[0][0] or not _same(i, splits[0][1]) for k, i in splits):
             return getattr(self.out, op)(*[self.full(x.id) for x in ins]), None
-        K = axes.pop()
-        args = []
-        for x in ins:
-            a = K - (no - x.ndim)
-            if self.spec(x.id) is not None:
-                args.append(self.split(x.id, a))
-            elif a < 0 or x.shape[a] == 1:
-                args.append(self.full(x.id))           # broadcast along the split axis: whole
-            else:
-                args.append(self.split(x.id, a))
-        return getattr(self.out, op)(*args), K
+        K, idx = splits[0]
+        return getattr(self.out, op)(*self.aligned(ins, K, no, idx)), K, idx
+
+    def concat(self, ins, ax: int):
+        out, P = self.out, self.P
+        specs = [self.spec(x.id) for x in ins]
+        if any(s == ax for s in specs) and all(s in (ax, None) for s in specs) \
+                and all(s == ax or x.shape[ax] % P == 0 for s, x in zip(specs, ins)):
+            # parts along the concatenation axis: each chip concatenates its parts
+            parts, idx, off = [], [[] for _ in range(P)], 0
+            for x, s in zip(ins, specs):
+                xi = self.idx(x.id)
+                parts.append(self.split(x.id, ax, xi))
+                for r in range(P):
+                    idx[r].append(off + (xi[r] if xi is not None else
+                                         np.arange(r * x.shape[ax] // P, (r + 1) * x.shape[ax] // P)))
+                off += x.shape[ax]
+            idx = tuple(np.concatenate(i) for i in idx)
+            contiguous = all(np.array_equal(idx[r], np.arange(r * off // P, (r + 1) * off // P)) for r in range(P))
+            return out.concat(parts, axis=ax), ax, (None if contiguous else idx)
+        if all(s is not None and s != ax for s in specs) and len(set(specs)) == 1 \
+                and all(_same(self.idx(x.id), self.idx(ins[0].id)) for x in ins):
+            return out.concat([self.local(x.id) for x in ins], axis=ax), specs[0], self.idx(ins[0].id)
+        return out.concat([self.full(x.id) for x in ins], axis=ax), None
 
     def matmul(self, a: Tensor, b: Tensor, t: Tensor):
         out, P = self.out, self.P
@@ -269,43 +327,38 @@ class _Builder:
         od = t.dtype.name
         if ra is None and rb is None:
             N = b.shape[-1]
-            if (self.is_const(b.id) and b.ndim == 2 and N % P == 0 and N // P >= self.min_cols):
+            if self.is_const(b.id) and b.ndim == 2 and N % P == 0 and N // P >= self.min_cols:
                 return out.matmul(self.full(a.id), self.const(b.id, 1), out_dtype=od), no - 1
             return out.matmul(self.full(a.id), self.full(b.id), out_dtype=od), None
-        if "K" in (ra, rb) and (ra in ("K", None) and rb in ("K", None)) and a.shape[-1] % P == 0:
-            part = out.matmul(self.split(a.id, a.ndim - 1), self.split(b.id, b.ndim - 2), out_dtype=od)
+        if "K" in (ra, rb) and ra in ("K", None) and rb in ("K", None) and a.shape[-1] % P == 0 \
+                and (ra is None or rb is None or _same(self.idx(a.id), self.idx(b.id))):
+            idx = self.idx(a.id) if ra == "K" else self.idx(b.id)
+            part = out.matmul(self.split(a.id, a.ndim - 1, idx), self.split(b.id, b.ndim - 2, idx), out_dtype=od)
             self.collectives.append(("allreduce", t.name or f"%{t.id}", _bytes(part)))
             return out.allreduce(part, P), None
         if isinstance(ra, int) or isinstance(rb, int):
             K = ra if isinstance(ra, int) else rb
-            if (ra is None or ra == K) and (rb is None or rb == K):
-                args = []
-                for x, r in ((a, ra), (b, rb)):
-                    ax = K - (no - x.ndim)
-                    if r is not None:
-                        args.append(self.split(x.id, ax))
-                    elif ax < 0 or x.shape[ax] == 1:
-                        args.append(self.full(x.id))
-                    else:
-                        args.append(self.split(x.id, ax))
-                return out.matmul(*args, out_dtype=od), K
+            idx = self.idx(a.id) if isinstance(ra, int) else self.idx(b.id)
+            if (ra is None or ra == K) and (rb is None or rb == K) and \
+                    (ra is None or rb is None or _same(self.idx(a.id), self.idx(b.id))):
+                return out.matmul(*self.aligned((a, b), K, no, idx), out_dtype=od), K, idx
         if ra == "M" and rb is None:
-            return out.matmul(self.split(a.id, a.ndim - 2), self.full(b.id), out_dtype=od), no - 2
+            return out.matmul(self.local(a.id), self.full(b.id), out_dtype=od), no - 2, self.idx(a.id)
         if rb == "N" and ra is None:
-            return out.matmul(self.full(a.id), self.split(b.id, b.ndim - 1), out_dtype=od), no - 1
+            return out.matmul(self.full(a.id), self.local(b.id), out_dtype=od), no - 1, self.idx(b.id)
         return out.matmul(self.full(a.id), self.full(b.id), out_dtype=od), None
 
     def reshape(self, x: Tensor, t: Tensor):
         s = self.spec(x.id)
         si, so = x.shape, t.shape
-        if s is not None:
+        if s is not None and self.idx(x.id) is None:
             pre = _prod(si[:s])
             for j in range(len(so)):
                 if _prod(so[:j]) == pre and so[j] > 1 and so[j] % self.P == 0 \
                         and so[j] * _prod(so[j + 1:]) == si[s] * _prod(si[s + 1:]):
                     shape = list(so)
                     shape[j] //= self.P
-                    return self.out.reshape(self.split(x.id, s), shape), j
+                    return self.out.reshape(self.local(x.id), shape), j
         return self.out.reshape(self.full(x.id), so), None
 
     def slice(self, x: Tensor, n, t: Tensor):
@@ -314,7 +367,7 @@ class _Builder:
         if s is not None and keep[s] and starts[s] == 0 and stops[s] == x.shape[s]:
             key = tuple(slice(None) if i == s else (slice(a, b) if k else a)
                         for i, (a, b, k) in enumerate(zip(starts, stops, keep)))
-            return self.out.slice(self.split(x.id, s), key), s - sum(1 for k in keep[:s] if not k)
+            return self.out.slice(self.local(x.id), key), s - sum(1 for k in keep[:s] if not k), self.idx(x.id)
         key = tuple(slice(a, b) if k else a for a, b, k in zip(starts, stops, keep))
         return self.out.slice(self.full(x.id), key), None
 
@@ -346,7 +399,7 @@ def partition(graph: Graph, P: int, state_axes: Optional[Dict[str, Spec]] = None
     axes = {name: fixed.get(name) for name in graph.states}
 
     def cost(ax):
-        b = _Builder(graph, P, 0, ax, min_cols)
+        b = _Builder(graph, P, 0, ax, min_cols, dry=True)
         b.build()
         return sum(x for _, _, x in b.collectives)
     # each free state in turn: the axis with the least link traffic (ties: split, to save SRAM)
