@@ -5,6 +5,7 @@ Syntax (one statement per line; ``;`` or ``#`` starts a comment)::
     .config tiny                         ; a preset name, or json:{...}; default groqchip1
     .tensor x int8 (4, 16) W0:0x0        ; one extent per byte plane ...
     .tensor y float16 (2, 16) [W1:0+1, W2:0] [E1:0]   ; ... or a bracketed list per plane
+    .tensor z int8 (8, 16) {W4:0x0, W5:0x0}           ; ... or stripes: row r in slice (r + chunk) % n
     .queue MEM.W0                        ; following instructions go to this queue
         Read 0x0, E0                     ; operands in table order ...
         Repeat n=3, d=1, stride=1        ; ... or by name
@@ -22,6 +23,7 @@ from typing import List, Optional
 from . import isa
 from .config import ChipConfig
 from .errors import LpuError, ProgramError
+from .layout import Stripes
 from .program import Program, make_instruction
 
 _TENSOR = re.compile(r"^\.tensor\s+(\S+)\s+(\S+)\s*\(([^)]*)\)\s*(.*)$", re.I)
@@ -42,6 +44,27 @@ def _parse_planes(text: str, cfg: ChipConfig):
     text = text.strip()
     planes = []
     while text:
+        if text.startswith("{"):
+            end = text.find("}")
+            if end < 0:
+                raise ProgramError("unclosed { in .tensor")
+            items = [x.strip() for x in text[1:end].split(",") if x.strip()]
+            text = text[end + 1:].strip()
+            parts = []
+            for it in items:
+                m = _EXTENT.match(it)
+                if not m or m.group(3):
+                    raise ProgramError(f"bad stripe {it!r} (expected SLICE:BASE, e.g. W3:0x10)")
+                try:
+                    parts.append((cfg.parse_slice(m.group(1)), int(m.group(2), 0)))
+                except LpuError as e:
+                    raise ProgramError(str(e)) from None
+                except ValueError:
+                    raise ProgramError(f"bad number in stripe {it!r}") from None
+            if not parts:
+                raise ProgramError("empty { } in .tensor")
+            planes.append(Stripes(tuple(parts)))
+            continue
         if text.startswith("["):
             end = text.find("]")
             if end < 0:
@@ -169,7 +192,10 @@ def disassemble(program: Program) -> str:
     for t in program.tensors.values():
         planes = []
         for p in t.planes:
-            planes.append("[" + ", ".join(f"{cfg.slice_name(e.slice)}:{e.address:#x}+{e.count}" for e in p) + "]")
+            if isinstance(p, Stripes):
+                planes.append("{" + ", ".join(f"{cfg.slice_name(g)}:{a:#x}" for g, a in p.parts) + "}")
+            else:
+                planes.append("[" + ", ".join(f"{cfg.slice_name(e.slice)}:{e.address:#x}+{e.count}" for e in p) + "]")
         out.append(f".tensor {t.name} {t.dtype.name} ({', '.join(map(str, t.shape))}) {' '.join(planes)}")
     for q in cfg.queues:
         lst = program.queues.get(q.name)

@@ -29,6 +29,21 @@ def test_round_trip():
     assert p.queues["VXM.3"][0]["zp"] == 0            # defaulted operand
 
 
+def test_striped_tensors_round_trip_and_compiled_programs_disassemble():
+    p = assemble(".config tiny\n.tensor z int16 (4, 16) {W1:0x0, W2:0x2} {E2:0x1, E3:0x1}\n")
+    z = p.tensors["z"]
+    assert [pl.parts for pl in z.planes] == [((1, 0), (2, 2)), ((ChipConfig.tiny().slice_id(1, 2), 1),
+                                                                 (ChipConfig.tiny().slice_id(1, 3), 1))]
+    assert assemble(disassemble(p)) == p
+    g = lpucore.Graph()
+    g.output("y", g.add(g.input("x", (3, 100), "float16"), 1.0))
+    prog = lpucore.compile(g, ChipConfig.small()).program          # the compiler stripes its tensors
+    assert "{" in disassemble(prog) and assemble(disassemble(prog)) == prog
+    for bad in ("{W1:0x0+2}", "{W1:0x0", "{}"):
+        with pytest.raises(ProgramError):
+            assemble(f".config tiny\n.tensor z int8 (4, 16) {bad}\n")
+
+
 def test_groqchip_default_and_json_config():
     p = assemble("MEM.E43: Write 8191, W31")
     assert p.config == ChipConfig.groqchip1()

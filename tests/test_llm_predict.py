@@ -38,3 +38,29 @@ def test_truncated_models_keep_the_full_models_tensors():
     with pytest.raises(ValueError, match="at least 2 simulated layers"):
         predict("tiny", layers=1)
     assert "185" in PUBLISHED["llama2-70b"].values()
+
+
+def test_tensor_parallel_prediction_repeats_a_layer_that_is_identical_by_construction():
+    from lpucore import ChipConfig, System
+    from lpucore.compiler.tensor_parallel import compile_system
+    from lpucore.llm.predict import predict_tensor_parallel
+    from lpucore.llm.program import build_step, model_units
+    from lpucore.llm.reference import Reference
+    chip = ChipConfig.small()
+    cfg = dataclasses.replace(model_config("tiny"), n_layers=4, name="tiny4")
+    pipe = predict(cfg, "fp16", capacity=8, config=chip, unit_per_chip=True)
+    tp = predict_tensor_parallel(cfg, "fp16", group=2, pipeline=pipe, capacity=8, config=chip, positions=3,
+                                 min_cols=1)
+    assert tp.max_error <= tp.error_bound and tp.collectives >= 2 and tp.link_bytes > 0
+    assert tp.step_cycles == 4 * tp.layer_cycles + (tp.groups - 1) * tp.handover_cycles + tp.outside_cycles
+    assert tp.outside_cycles == pipe.simulated_step_cycles - 2 * pipe.layer_cycles > 0
+    assert tp.tokens_per_second == pytest.approx(chip.clock_hz / tp.step_cycles)
+    assert tp.chips == tp.groups * 2 and tp.groups == -(-4 // tp.layers_per_group)
+    assert "derived" in tp.table() and "simulated" in tp.table()
+    # layer 3 of the whole model compiles to a program with exactly layer 1's cycles
+    ref = Reference(cfg, RandomWeights(cfg, 0), "fp16")
+    units = model_units(cfg)
+    graph, _ = build_step(cfg, ref.w, ref.quantized, "fp16", 8,
+                          units=(units.index(("attn", 3)), units.index(("mlp", 3)) + 1))
+    sc = compile_system(graph, System(2, topology=[(0, 0, 1, 0)], config=chip), min_cols=1)
+    assert sc.expected_cycles == tp.layer_cycles

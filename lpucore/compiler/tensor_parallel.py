@@ -98,10 +98,19 @@ class SystemCompiled:
         parts = [part.read_state(system.chips[chip], name) for chip, part in zip(self.chips, self.parts)]
         return parts[0] if k is None else np.concatenate(parts, axis=k)
 
+    def loaded_in(self, system) -> bool:
+        """Whether every chip of the group this process simulates holds this compile's program."""
+        return all(system.chips[c] is None or getattr(system.chips[c], "program", None) is part.program
+                   for c, part in zip(self.chips, self.parts))
+
     def run(self, inputs: Dict[str, np.ndarray], system=None, engine: str = "fast"):
-        """Run once: ({output: array}, SystemStats).  Without a system, a new one is made."""
+        """Run once: ({output: array}, SystemStats).  Without a system, a new one is made; a
+        system that does not hold these programs yet is loaded first (weights, state initial
+        values); one that does keeps its SRAM (states carry over from run to run)."""
         if system is None:
             system = self.system(engine=engine)
+        elif not self.loaded_in(system):
+            self.load(system)
         else:
             system.reset(clear_memory=False)
         self.write_inputs(system, inputs)

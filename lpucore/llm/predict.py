@@ -168,4 +168,141 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
         published=dict(PUBLISHED.get(cfg.name, {})))
 
 
-__all__ = ["Prediction", "predict", "truncated", "PUBLISHED"]
+@dataclass
+class TensorParallelPrediction:
+    """Decode speed with every layer split over a group of chips wired pairwise (a GroqNode),
+    from layer 1 simulated on such a group (cycles at the chip's clock)."""
+
+    model: str
+    precision: str
+    chip: str
+    clock_hz: float
+    capacity: int
+    n_layers: int
+    group: int                          # chips per tensor-parallel group
+    layer_cycles: int                   # simulated: layer 1 over the group (= every layer)
+    collectives: int                    # simulated: all-gathers and all-reduces in a layer
+    link_bytes: int                     # simulated: bytes each chip sends per layer
+    chip_bytes: int                     # simulated: SRAM of the fullest chip, one layer
+    layers_per_group: int               # derived: layers a group holds at STAGE_FILL
+    groups: int                         # derived: groups for all layers
+    handover_cycles: int                # simulated: the residual [1, d_model] float32 from group to group
+    outside_cycles: int                 # from the pipeline prediction: embedding, head and their hand-overs
+    step_cycles: int                    # derived
+    tokens_per_second: float            # derived, per user
+    positions: int                      # layer 1 checked at positions 0..positions-1
+    max_error: float                    # layer 1's output against the reference's residual stream
+    error_bound: float
+    compile_seconds: float
+    wall_seconds_per_layer: float
+    published: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def chips(self) -> int:
+        """Chips of the layers' groups (the embedding and head take a few more)."""
+        return self.groups * self.group
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["chips"] = self.chips
+        return d
+
+    def table(self) -> str:
+        c = self.clock_hz
+        us = lambda n: f"{n:,} cycles ({n / c * 1e6:,.1f} us)"          # noqa: E731
+        rows = [
+            ("model", f"{self.model} ({self.precision}), KV cache {self.capacity} positions, on {self.chip} "
+                      f"at {c / 1e6:.0f} MHz, tensor parallel over groups of {self.group}"),
+            ("simulated", f"layer 1 on {self.group} chips: {us(self.layer_cycles)}; {self.collectives} "
+                          f"all-gathers/all-reduces, {self.link_bytes:,} bytes sent per chip; fullest chip "
+                          f"{self.chip_bytes / 1e6:,.1f} MB; output vs reference at {self.positions} positions: "
+                          f"max error {self.max_error:.2g} (bound {self.error_bound:.2g})"),
+            ("  hand-over between groups", us(self.handover_cycles)),
+            ("  embedding and head (pipeline prediction)", us(self.outside_cycles)),
+            ("system (derived)", f"{self.layers_per_group} layer(s) per group, {self.groups} groups = "
+                                 f"{self.chips} chips for the layers"),
+            ("step (derived)", f"{us(self.step_cycles)} = {self.n_layers} x layer + {self.groups - 1} x hand-over "
+                               "+ embedding and head"),
+            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
+        ]
+        rows += [(f"published: {k}", f"{v} tokens/s") for k, v in self.published.items()]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
+def _handover_cycles(chip: ChipConfig, d: int) -> int:
+    """Cycles :func:`~lpucore.compiler.pipeline.hand_over` adds to move a [1, d] float32 over one link."""
+    import lpucore
+    from ..compiler.pipeline import hand_over
+    from ..graph import Graph
+    g = Graph("residual")
+    g.output("x_out", g.add(g.input("x_in", (1, d), "float32"), 0.0))
+    c = lpucore.compile(g, chip)
+    return hand_over(c, "x_out", c, "x_in", 0, 0)[2] - 2 * c.expected_cycles
+
+
+def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipeline: Optional[Prediction] = None,
+                            capacity: int = 32, config: Optional[ChipConfig] = None, seed: int = 0,
+                            positions: int = 2, engine: str = "fast", progress=None,
+                            min_cols: Optional[int] = None) -> TensorParallelPrediction:
+    """Simulate layer 1 of ``name`` split over ``group`` chips wired pairwise
+    (``lpucore.compile(graph, system=...)``: Megatron-style splits, scheduled all-reduces),
+    check its output against the reference's residual stream at ``positions`` positions, and
+    derive the whole model's decode step as n_layers x that layer + hand-overs between groups
+    + the embedding and head of ``pipeline`` (a :func:`predict` result; made if not given).
+    ``min_cols``: see :func:`~lpucore.compiler.tensor_parallel.compile_system` (small models)."""
+    import time
+
+    from ..compiler.tensor_parallel import compile_system
+    from ..system import System
+    from .pipeline import STAGE_FILL
+    from .program import build_step, model_units
+    from .reference import Reference
+    cfg = model_config(name) if isinstance(name, str) else name
+    chip = config if config is not None else ChipConfig.groqchip1()
+    if pipeline is None:
+        pipeline = predict(cfg, precision, capacity=capacity, config=chip, seed=seed, engine=engine, progress=progress)
+    part = truncated(cfg, 2)
+    ref = Reference(part, RandomWeights(part, seed), precision)
+    units = model_units(part)
+    u0, u1 = units.index(("attn", 1)), units.index(("mlp", 1)) + 1
+    t0 = time.perf_counter()
+    graph, _ = build_step(part, ref.w, ref.quantized, precision, capacity, units=(u0, u1))
+    wires = [(a, (b - a) % group - 1, b, (a - b) % group - 1) for a in range(group) for b in range(a + 1, group)]
+    system = System(group, topology=wires, config=chip, engine=engine)
+    sc = compile_system(graph, system, min_cols=min_cols)
+    compile_seconds = time.perf_counter() - t0
+    del graph
+    sc.load(system)
+    # the reference's residual stream before and after layer 1, token by token
+    ref.hidden = []
+    ref.prefill(list(range(1, positions + 1)))
+    x_in, x_ref = ref.hidden[1], ref.hidden[2]
+    err, cycles, walls = 0.0, set(), []
+    for p in range(positions):
+        t = time.perf_counter()
+        out, st = sc.run({"x_in": x_in[p:p + 1].astype(np.float32), "pos": np.array([p], np.int32)}, system=system)
+        walls.append(time.perf_counter() - t)
+        if st.cycles != sc.expected_cycles:
+            raise AssertionError(f"layer 1 took {st.cycles} cycles; the compiler predicted {sc.expected_cycles}")
+        cycles.add(st.cycles)
+        err = max(err, float(np.max(np.abs(out["x_out"][0] - x_ref[p]))))
+    bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(x_ref))))
+    layer = int(sc.expected_cycles)
+    per_chip = max(sc.memory_bytes)
+    per_group = max(1, int(STAGE_FILL * chip.sram_bytes // per_chip))
+    groups = -(-cfg.n_layers // per_group)
+    handover = _handover_cycles(chip, cfg.d_model)
+    outside = max(0, pipeline.simulated_step_cycles - pipeline.simulated_layers * pipeline.layer_cycles)
+    step = cfg.n_layers * layer + (groups - 1) * handover + outside
+    return TensorParallelPrediction(
+        model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=capacity,
+        n_layers=cfg.n_layers, group=group, layer_cycles=layer, collectives=len(sc.partition.collectives),
+        link_bytes=int(sc.link_bytes), chip_bytes=int(per_chip), layers_per_group=per_group, groups=groups,
+        handover_cycles=int(handover), outside_cycles=int(outside), step_cycles=int(step),
+        tokens_per_second=chip.clock_hz / step, positions=positions, max_error=err, error_bound=bound,
+        compile_seconds=compile_seconds, wall_seconds_per_layer=float(np.mean(walls)),
+        published=dict(PUBLISHED.get(cfg.name, {})))
+
+
+__all__ = ["Prediction", "predict", "truncated", "PUBLISHED", "TensorParallelPrediction", "predict_tensor_parallel"]

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -292,6 +292,9 @@ class Reference:
         #: name -> (q int8, scale float32, out_axis) of every int8 tensor (``precision="int8"``)
         self.quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]] = store.quantized
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.max_positions)
+        #: if a list, each forward pass appends the residual stream ``[T, d_model]`` after the
+        #: embedding and after every layer (n_layers + 1 arrays)
+        self.hidden: Optional[List[np.ndarray]] = None
 
     # ------------------------------------------------------------------ public API
 
@@ -376,6 +379,10 @@ class Reference:
                              f"{self.cfg.max_positions} (cache holds {self.position} tokens, chunk has {arr.size})")
         return arr.astype(np.int64)
 
+    def _keep(self, x: np.ndarray) -> None:
+        if self.hidden is not None:
+            self.hidden.append(x.copy())
+
     def _heads(self, x: np.ndarray, n: int) -> np.ndarray:
         """``[T, n * hd]`` -> ``[n, T, hd]``."""
         T = x.shape[0]
@@ -387,6 +394,7 @@ class Reference:
     def _forward_llama(self, ids: np.ndarray, start: int) -> np.ndarray:
         cfg, w = self.cfg, self.w
         x = w.rows("model.embed_tokens.weight", ids)
+        self._keep(x)
         cos, sin = rope_cos_sin(np.arange(start, start + len(ids)), cfg.head_dim, cfg.rope_theta)
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."
@@ -402,6 +410,7 @@ class Reference:
             else:
                 x = x + swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"],
                                w[p + "mlp.down_proj.weight"])
+            self._keep(x)
         return self._logits(rms_norm(x, w["model.norm.weight"], cfg.norm_eps))
 
     def _moe(self, h: np.ndarray, p: str) -> np.ndarray:
@@ -423,6 +432,7 @@ class Reference:
         cfg, w = self.cfg, self.w
         d, H = cfg.d_model, cfg.n_heads
         x = w.rows("wte.weight", ids) + w["wpe.weight"][start:start + len(ids)]
+        self._keep(x)
         for i in range(cfg.n_layers):
             p = f"h.{i}."
             h = layer_norm(x, w[p + "ln_1.weight"], w[p + "ln_1.bias"], cfg.norm_eps)
@@ -433,6 +443,7 @@ class Reference:
             h = layer_norm(x, w[p + "ln_2.weight"], w[p + "ln_2.bias"], cfg.norm_eps)
             h = gelu_tanh(h @ w[p + "mlp.c_fc.weight"] + w[p + "mlp.c_fc.bias"])
             x = x + h @ w[p + "mlp.c_proj.weight"] + w[p + "mlp.c_proj.bias"]
+            self._keep(x)
         return self._logits(layer_norm(x, w["ln_f.weight"], w["ln_f.bias"], cfg.norm_eps))
 
 
