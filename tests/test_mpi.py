@@ -55,3 +55,19 @@ def test_without_mpi4py_the_error_is_clear(monkeypatch):
     from lpucore import mpi
     with pytest.raises(Exception, match=r"MPI runs need mpi4py"):
         mpi.comm_world()
+
+
+def test_tensor_parallel_compile_over_two_processes_matches_one():
+    script = str(Path(__file__).parent / "mpi_tensor_parallel_run.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    r1 = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=300, env=env)
+    assert r1.returncode == 0, r1.stderr
+    one = last_json(r1.stdout)
+    assert one["exact"] and one["cycles"] == one["expected"] and one["processes"] == 1
+    r2 = subprocess.run([mpiexec(), "-n", "2", sys.executable, script, "--mpi"], capture_output=True, text=True,
+                        timeout=300, env=env)
+    assert r2.returncode == 0, r2.stderr
+    two = last_json(r2.stdout)
+    assert two["processes"] == 2
+    for k in ("cycles", "exact", "c2c_bytes", "digest"):
+        assert two[k] == one[k], k
