@@ -64,3 +64,11 @@ def test_tensor_parallel_prediction_repeats_a_layer_that_is_identical_by_constru
                           units=(units.index(("attn", 3)), units.index(("mlp", 3)) + 1))
     sc = compile_system(graph, System(2, topology=[(0, 0, 1, 0)], config=chip), min_cols=1)
     assert sc.expected_cycles == tp.layer_cycles
+    # attention and MLP on a group each (as Mixtral's layer needs): the same layer output, and the
+    # layer's cycles are its two groups' plus the hand-over between them
+    split = predict_tensor_parallel(cfg, "fp16", group=2, pipeline=pipe, capacity=8, config=chip, positions=2,
+                                    min_cols=1, split_layer=True)
+    assert list(split.layer_parts) == ["attention", "MLP"] and split.groups == 8 and split.layers_per_group == 0
+    assert split.max_error <= split.error_bound
+    assert split.layer_cycles == sum(split.layer_parts.values()) + split.handover_cycles
+    assert split.step_cycles == 4 * split.layer_cycles + 3 * split.handover_cycles + split.outside_cycles

@@ -180,11 +180,12 @@ class TensorParallelPrediction:
     capacity: int
     n_layers: int
     group: int                          # chips per tensor-parallel group
-    layer_cycles: int                   # simulated: layer 1 over the group (= every layer)
+    layer_cycles: int                   # simulated: layer 1 over its group(s) (= every layer)
+    layer_parts: Dict[str, int]         # simulated: per group of the layer ("attention + MLP", or each)
     collectives: int                    # simulated: all-gathers and all-reduces in a layer
     link_bytes: int                     # simulated: bytes each chip sends per layer
     chip_bytes: int                     # simulated: SRAM of the fullest chip, one layer
-    layers_per_group: int               # derived: layers a group holds at STAGE_FILL
+    layers_per_group: int               # derived: layers a group holds at STAGE_FILL (0: a layer takes 2 groups)
     groups: int                         # derived: groups for all layers
     handover_cycles: int                # simulated: the residual [1, d_model] float32 from group to group
     outside_cycles: int                 # from the pipeline prediction: embedding, head and their hand-overs
@@ -213,15 +214,18 @@ class TensorParallelPrediction:
         rows = [
             ("model", f"{self.model} ({self.precision}), KV cache {self.capacity} positions, on {self.chip} "
                       f"at {c / 1e6:.0f} MHz, tensor parallel over groups of {self.group}"),
-            ("simulated", f"layer 1 on {self.group} chips: {us(self.layer_cycles)}; {self.collectives} "
+            ("simulated", f"layer 1 on {len(self.layer_parts)} group(s) of {self.group} chips: {us(self.layer_cycles)} ("
+                          + ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items())
+                          + ("" if len(self.layer_parts) == 1 else ", hand-over") + f"); {self.collectives} "
                           f"all-gathers/all-reduces, {self.link_bytes:,} bytes sent per chip; fullest chip "
                           f"{self.chip_bytes / 1e6:,.1f} MB; output vs reference at {self.positions} positions: "
                           f"max error {self.max_error:.2g} (bound {self.error_bound:.2g})"),
             ("  hand-over between groups", us(self.handover_cycles)),
             ("  embedding and head (pipeline prediction)", us(self.outside_cycles)),
-            ("system (derived)", f"{self.layers_per_group} layer(s) per group, {self.groups} groups = "
-                                 f"{self.chips} chips for the layers"),
-            ("step (derived)", f"{us(self.step_cycles)} = {self.n_layers} x layer + {self.groups - 1} x hand-over "
+            ("system (derived)", (f"{self.layers_per_group} layer(s) per group" if self.layers_per_group else
+                                  f"{len(self.layer_parts)} groups per layer") +
+             f", {self.groups} groups = {self.chips} chips for the layers"),
+            ("step (derived)", f"{us(self.step_cycles)} = {self.n_layers} x layer + hand-overs between groups "
                                "+ embedding and head"),
             ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
         ]
@@ -244,16 +248,20 @@ def _handover_cycles(chip: ChipConfig, d: int) -> int:
 def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipeline: Optional[Prediction] = None,
                             capacity: int = 32, config: Optional[ChipConfig] = None, seed: int = 0,
                             positions: int = 2, engine: str = "fast", progress=None,
-                            min_cols: Optional[int] = None) -> TensorParallelPrediction:
+                            min_cols: Optional[int] = None, split_layer: Optional[bool] = None
+                            ) -> TensorParallelPrediction:
     """Simulate layer 1 of ``name`` split over ``group`` chips wired pairwise
     (``lpucore.compile(graph, system=...)``: Megatron-style splits, scheduled all-reduces),
     check its output against the reference's residual stream at ``positions`` positions, and
     derive the whole model's decode step as n_layers x that layer + hand-overs between groups
     + the embedding and head of ``pipeline`` (a :func:`predict` result; made if not given).
-    ``min_cols``: see :func:`~lpucore.compiler.tensor_parallel.compile_system` (small models)."""
+    ``min_cols``: see :func:`~lpucore.compiler.tensor_parallel.compile_system` (small models).
+    ``split_layer``: the attention and the MLP on a group each (None: only if the layer's part
+    does not fit a chip)."""
     import time
 
     from ..compiler.tensor_parallel import compile_system
+    from ..errors import CompileError
     from ..system import System
     from .pipeline import STAGE_FILL
     from .program import build_step, model_units
@@ -266,39 +274,64 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
     ref = Reference(part, RandomWeights(part, seed), precision)
     units = model_units(part)
     u0, u1 = units.index(("attn", 1)), units.index(("mlp", 1)) + 1
-    t0 = time.perf_counter()
-    graph, _ = build_step(part, ref.w, ref.quantized, precision, capacity, units=(u0, u1))
     wires = [(a, (b - a) % group - 1, b, (a - b) % group - 1) for a in range(group) for b in range(a + 1, group)]
-    system = System(group, topology=wires, config=chip, engine=engine)
-    sc = compile_system(graph, system, min_cols=min_cols)
+
+    def compile_pieces(pieces):
+        out = []
+        for lo, hi in pieces:
+            graph, _ = build_step(part, ref.w, ref.quantized, precision, capacity, units=(lo, hi))
+            system = System(group, topology=wires, config=chip, engine=engine)
+            out.append((compile_system(graph, system, min_cols=min_cols), system, "pos" in graph.inputs))
+        return out
+    t0 = time.perf_counter()
+    # the whole layer on one group if its part fits a chip, else its attention and its MLP on a group each
+    try:
+        if split_layer:
+            raise CompileError("split_layer: does not fit (asked)")
+        pieces = compile_pieces([(u0, u1)])
+        labels = ["attention + MLP"]
+    except CompileError as e:
+        if "does not fit" not in str(e) or split_layer is False:
+            raise
+        pieces = compile_pieces([(u0, u0 + 1), (u0 + 1, u1)])
+        labels = ["attention", "MLP"]
     compile_seconds = time.perf_counter() - t0
-    del graph
-    sc.load(system)
     # the reference's residual stream before and after layer 1, token by token
     ref.hidden = []
     ref.prefill(list(range(1, positions + 1)))
     x_in, x_ref = ref.hidden[1], ref.hidden[2]
-    err, cycles, walls = 0.0, set(), []
+    err, walls = 0.0, []
     for p in range(positions):
         t = time.perf_counter()
-        out, st = sc.run({"x_in": x_in[p:p + 1].astype(np.float32), "pos": np.array([p], np.int32)}, system=system)
+        x = x_in[p:p + 1].astype(np.float32)
+        for sc, system, has_pos in pieces:
+            inputs = {"x_in": x, "pos": np.array([p], np.int32)} if has_pos else {"x_in": x}
+            out, st = sc.run(inputs, system=system)
+            if st.cycles != sc.expected_cycles:
+                raise AssertionError(f"layer 1 took {st.cycles} cycles; the compiler predicted {sc.expected_cycles}")
+            x = out["x_out"]
         walls.append(time.perf_counter() - t)
-        if st.cycles != sc.expected_cycles:
-            raise AssertionError(f"layer 1 took {st.cycles} cycles; the compiler predicted {sc.expected_cycles}")
-        cycles.add(st.cycles)
-        err = max(err, float(np.max(np.abs(out["x_out"][0] - x_ref[p]))))
+        err = max(err, float(np.max(np.abs(x[0] - x_ref[p]))))
     bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(x_ref))))
-    layer = int(sc.expected_cycles)
-    per_chip = max(sc.memory_bytes)
-    per_group = max(1, int(STAGE_FILL * chip.sram_bytes // per_chip))
-    groups = -(-cfg.n_layers // per_group)
     handover = _handover_cycles(chip, cfg.d_model)
+    parts = {label: int(sc.expected_cycles) for label, (sc, _, _) in zip(labels, pieces)}
+    layer = sum(parts.values()) + (len(pieces) - 1) * handover
+    per_chip = max(max(sc.memory_bytes) for sc, _, _ in pieces)
+    if len(pieces) == 1:
+        per_group = max(1, int(STAGE_FILL * chip.sram_bytes // per_chip))
+        groups = -(-cfg.n_layers // per_group)
+        between = groups - 1
+    else:
+        per_group, groups = 0, cfg.n_layers * len(pieces)
+        between = cfg.n_layers - 1                  # the in-layer hand-overs are in ``layer``
     outside = max(0, pipeline.simulated_step_cycles - pipeline.simulated_layers * pipeline.layer_cycles)
-    step = cfg.n_layers * layer + (groups - 1) * handover + outside
+    step = cfg.n_layers * layer + between * handover + outside
     return TensorParallelPrediction(
         model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=capacity,
-        n_layers=cfg.n_layers, group=group, layer_cycles=layer, collectives=len(sc.partition.collectives),
-        link_bytes=int(sc.link_bytes), chip_bytes=int(per_chip), layers_per_group=per_group, groups=groups,
+        n_layers=cfg.n_layers, group=group, layer_cycles=int(layer), layer_parts=parts,
+        collectives=sum(len(sc.partition.collectives) for sc, _, _ in pieces),
+        link_bytes=sum(int(sc.link_bytes) for sc, _, _ in pieces), chip_bytes=int(per_chip),
+        layers_per_group=per_group, groups=groups,
         handover_cycles=int(handover), outside_cycles=int(outside), step_cycles=int(step),
         tokens_per_second=chip.clock_hz / step, positions=positions, max_error=err, error_bound=bound,
         compile_seconds=compile_seconds, wall_seconds_per_layer=float(np.mean(walls)),
