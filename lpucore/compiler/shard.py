@@ -9,7 +9,8 @@ Megatron-LM's, derived from the shapes alone (so all P graphs have the same stru
 
 * ``matmul`` of a replicated activation by a constant weight [K, N] splits the weight
   by columns (each chip computes N / P outputs) when N divides by P and each part is
-  at least ``min_cols`` wide.  An activation split along K meets the weight split by
+  at least ``min_cols`` wide or the weight has at least ``min_bytes`` (a small weight is
+  cheaper to repeat on every chip than to gather its product).  An activation split along K meets the weight split by
   rows; the partial products are summed by an all-reduce (in chip order).  A split
   batch or row axis stays split (attention over split heads).
 * Elementwise operations keep a common split; a replicated operand that is not
@@ -79,8 +80,9 @@ class _Builder:
     count link traffic while choosing state splits."""
 
     def __init__(self, g: Graph, P: int, rank: int, state_axes: Dict[str, Spec], min_cols: int,
-                 dry: bool = False):
+                 dry: bool = False, min_bytes: float = float("inf")):
         self.g, self.P, self.rank, self.min_cols, self.dry = g, P, rank, min_cols, dry
+        self.min_bytes = min_bytes
         self.state_axes = state_axes
         self.out = Graph(g.name)
         self.val: Dict[int, Tuple[Tensor, Spec, Idx]] = {}
@@ -327,7 +329,8 @@ class _Builder:
         od = t.dtype.name
         if ra is None and rb is None:
             N = b.shape[-1]
-            if self.is_const(b.id) and b.ndim == 2 and N % P == 0 and N // P >= self.min_cols:
+            if self.is_const(b.id) and b.ndim == 2 and N % P == 0 and (
+                    N // P >= self.min_cols or b.size * b.dtype.nbytes >= self.min_bytes):
                 return out.matmul(self.full(a.id), self.const(b.id, 1), out_dtype=od), no - 1
             return out.matmul(self.full(a.id), self.full(b.id), out_dtype=od), None
         if "K" in (ra, rb) and ra in ("K", None) and rb in ("K", None) and a.shape[-1] % P == 0 \
@@ -382,7 +385,7 @@ def _state_candidates(g: Graph, P: int) -> Dict[str, List[Spec]]:
 
 
 def partition(graph: Graph, P: int, state_axes: Optional[Dict[str, Spec]] = None,
-              min_cols: int = 1) -> Partition:
+              min_cols: int = 1, min_bytes: float = float("inf")) -> Partition:
     """Split ``graph`` over a group of P chips (see the module doc).  ``state_axes``
     fixes the split axis of some states (None: replicated); the others are chosen."""
     if P < 2:
@@ -399,7 +402,7 @@ def partition(graph: Graph, P: int, state_axes: Optional[Dict[str, Spec]] = None
     axes = {name: fixed.get(name) for name in graph.states}
 
     def cost(ax):
-        b = _Builder(graph, P, 0, ax, min_cols, dry=True)
+        b = _Builder(graph, P, 0, ax, min_cols, dry=True, min_bytes=min_bytes)
         b.build()
         return sum(x for _, _, x in b.collectives)
     # each free state in turn: the axis with the least link traffic (ties: split, to save SRAM)
@@ -413,6 +416,6 @@ def partition(graph: Graph, P: int, state_axes: Optional[Dict[str, Spec]] = None
             if best is None or c < best[0] or (c == best[0] and best[1] is None):
                 best = (c, k)
         axes[name] = best[1]
-    builders = [_Builder(graph, P, r, axes, min_cols) for r in range(P)]
+    builders = [_Builder(graph, P, r, axes, min_cols, min_bytes=min_bytes) for r in range(P)]
     graphs = [b.build() for b in builders]
     return Partition(graphs, axes, builders[0].collectives)

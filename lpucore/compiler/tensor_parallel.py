@@ -122,8 +122,10 @@ def compile_system(graph: Graph, system, chips: Optional[Sequence[int]] = None,
                    state_axes: Optional[Dict[str, Spec]] = None, min_cols: Optional[int] = None) -> SystemCompiled:
     """Split ``graph`` over ``chips`` of ``system`` (default: all; they must be wired
     pairwise, as a GroqNode's 8 are) and compile it (see the module doc).
-    ``min_cols``: the narrowest column part a weight is split into (default: one vector,
-    ``lanes``); ``state_axes``: split axis of named states (default: chosen)."""
+    ``min_cols``: a weight is split by columns if each part is at least this wide; by default
+    ``lanes`` (one vector), or narrower when the weight has at least one 320 x 320 tile's
+    bytes per chip (P x lanes^2: repeating it would cost each chip more MXM time than the
+    gather of its product).  ``state_axes``: split axis of named states (default: chosen)."""
     cfg = system.config
     chips = list(range(system.n_chips)) if chips is None else [int(c) for c in chips]
     if len(set(chips)) != len(chips) or any(not 0 <= c < system.n_chips for c in chips):
@@ -132,6 +134,9 @@ def compile_system(graph: Graph, system, chips: Optional[Sequence[int]] = None,
     if P < 2:
         raise CompileError("a system compile needs at least 2 chips (use lpucore.compile(graph) for one)")
     links = group_links(P, system.wires, chips)
-    part = partition(graph, P, state_axes, min_cols=cfg.lanes if min_cols is None else min_cols)
+    if min_cols is None:
+        part = partition(graph, P, state_axes, min_cols=cfg.lanes, min_bytes=P * cfg.lanes * cfg.lanes)
+    else:
+        part = partition(graph, P, state_axes, min_cols=min_cols)
     compiled = compile_group(part.graphs, cfg, links)
     return SystemCompiled(compiled, chips, list(system.wires), part.state_axes, part.link_bytes, part)
