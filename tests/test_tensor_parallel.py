@@ -210,7 +210,11 @@ def test_compile_errors():
     two = System(2, topology=[(0, 0, 1, 0)], config=SMALL)
     line = System(3, topology=[(0, 0, 1, 0), (1, 1, 2, 0)], config=SMALL)
     with pytest.raises(CompileError, match="direct link"):
-        lpucore.compile(g, system=line)
+        lpucore.compile(g, system=line, strategy="tensor")
+    # chips not wired pairwise: "auto" falls back to pipeline stages
+    assert type(lpucore.compile(g, system=line)).__name__ == "PipelineCompiled"
+    with pytest.raises(CompileError, match="strategy"):
+        lpucore.compile(g, system=line, strategy="data")
     with pytest.raises(CompileError, match="nope"):
         lpucore.compile(g, system=two, state_axes={"nope": 0})
     with pytest.raises(CompileError, match="axis 2"):

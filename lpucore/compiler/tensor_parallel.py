@@ -118,6 +118,21 @@ class SystemCompiled:
         return self.read_outputs(system), stats
 
 
+def tensor_parallel_fits(graph: Graph, system, chips: Optional[Sequence[int]] = None, fill: float = 0.8) -> bool:
+    """Whether ``chips`` (default: all) are wired pairwise, and the graph's constants and states
+    split over them would fill at most ``fill`` of each chip (an estimate: the split is
+    assumed even; the compile itself says if it does not fit)."""
+    chips = list(range(system.n_chips)) if chips is None else list(chips)
+    if len(chips) < 2:
+        return False
+    try:
+        group_links(len(chips), system.wires, chips)
+    except CompileError:
+        return False
+    held = sum(a.nbytes for a in graph.constants.values()) + sum(a.nbytes for a in graph.state_init.values())
+    return held / len(chips) <= fill * system.config.sram_bytes
+
+
 def compile_system(graph: Graph, system, chips: Optional[Sequence[int]] = None,
                    state_axes: Optional[Dict[str, Spec]] = None, min_cols: Optional[int] = None) -> SystemCompiled:
     """Split ``graph`` over ``chips`` of ``system`` (default: all; they must be wired
