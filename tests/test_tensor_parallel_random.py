@@ -31,7 +31,6 @@ import math
 import os
 
 import numpy as np
-import pytest
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
