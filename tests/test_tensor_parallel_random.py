@@ -31,6 +31,7 @@ import math
 import os
 
 import numpy as np
+import pytest
 from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
@@ -41,7 +42,7 @@ from lpucore.compiler.tensor_parallel import compile_system
 SMALL = ChipConfig.small()                # 64 lanes
 U = 2.0 ** -11                            # float16 unit roundoff: rounding to nearest errs <= U |x| (normal x)
 TINY = 2.0 ** -24                         # float16's smallest subnormal: absolute error floor of one rounding
-CAP = 4096                                # elements per value at most
+CAP = 2048                                # elements per value at most
 DIMS = (4, 8, 12, 16, 64)
 PERMS3 = ((0, 2, 1), (1, 0, 2), (2, 1, 0), (1, 2, 0), (2, 0, 1))
 
@@ -70,7 +71,8 @@ def recipes(draw, mode):
     if draw(st.booleans()):
         shape = (draw(st.sampled_from((4, 8, 12, 16))), draw(st.sampled_from(DIMS)))
     else:
-        shape = (draw(st.sampled_from((2, 4))), draw(st.sampled_from((4, 8, 12))), draw(st.sampled_from(DIMS)))
+        B, M = draw(st.sampled_from((2, 4))), draw(st.sampled_from((4, 8, 12)))
+        shape = (B, M, draw(st.sampled_from([n for n in DIMS if B * M * n <= CAP // 2])))
     dtype0 = "float16" if mode == "f16" else "int8"
     vals = [(shape, dtype0)]
     steps = []
@@ -82,7 +84,9 @@ def recipes(draw, mode):
         same = [j for j, v in enumerate(vals) if v == (s, d)]
         ops = ["ewise", "unary", "binary", "slice", "reduce"]
         if d in ("float16", "int8"):
-            ops = ["matmul"] * 3 + ops + ["bmm"] * 2           # weighted: splits start at matmuls
+            ops = ops + ["bmm"] * 2
+            if size // s[-1] * 4 <= CAP:
+                ops = ["matmul"] * 3 + ops                    # weighted: splits start at matmuls
         if nd >= 2:
             ops.append("transpose")
         if 2 * size <= CAP:
@@ -421,7 +425,7 @@ def check_int(recipe, P):
 
 
 # ---- the properties ------------------------------------------------------------------------------------------------
-@settings(max_examples=few(12), deadline=None, derandomize=True)
+@settings(max_examples=few(10), deadline=None, derandomize=True)
 @given(recipes("f16"), st.sampled_from([2, 4]))
 def test_random_fp16_graphs_split_within_bound(recipe, P):
     check_fp16(recipe, P)
@@ -431,3 +435,24 @@ def test_random_fp16_graphs_split_within_bound(recipe, P):
 @given(recipes("int"), st.sampled_from([2, 4]))
 def test_random_int8_graphs_split_exactly(recipe, P):
     check_int(recipe, P)
+
+
+# ---- found while writing the properties above ----------------------------------------------------------------------------
+@pytest.mark.xfail(strict=True, raises=lpucore.TensorError,
+                   reason="one tensor given as two outputs compiles (one chip and system) but only the "
+                          "last name gets a table entry: reading the outputs raises TensorError "
+                          "\"no tensor 'y' in the program's table (it has x, w, z)\"")
+@pytest.mark.parametrize("P", [None, 2])
+def test_one_tensor_as_two_outputs(P):
+    g = Graph("twice")
+    x = g.input("x", (4, 8), "float16")
+    h = g.matmul(x, g.constant("w", np.eye(8, dtype=np.float16)))
+    g.output("y", h)
+    g.output("z", h)
+    X = np.arange(32, dtype=np.float16).reshape(4, 8)
+    if P is None:
+        out, _ = lpucore.execute(lpucore.compile(g, SMALL), {"x": X})
+    else:
+        system = System(P, topology=pairwise(P), config=SMALL)
+        out, _ = compile_system(g, system, min_cols=1).run({"x": X}, system=system)
+    assert np.array_equal(out["y"], X) and np.array_equal(out["z"], X)

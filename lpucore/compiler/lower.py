@@ -59,14 +59,13 @@ class Compiled:
         for name, arr in self.constants.items():
             chip.write_tensor(name, arr)
 
-    def write_inputs(self, chip, inputs: Dict[str, np.ndarray]) -> None:
-        missing = set(self.inputs) - set(inputs)
-        if missing:
-            raise GraphError(f"execute: missing input(s) {', '.join(sorted(missing))}")
-        extra = set(inputs) - set(self.inputs)
-        if extra:
-            raise GraphError(f"execute: unknown input(s) {', '.join(sorted(extra))}")
+    def write_inputs(self, chip, inputs: Dict[str, np.ndarray], provided=()) -> None:
+        """Write the inputs into the chip; ``provided``: inputs something else writes (a
+        pipeline stage's input, handed over from the chip before)."""
+        check_input_names({k: v for k, v in self.inputs.items() if k not in provided}, inputs)
         for name, (shape, d) in self.inputs.items():
+            if name in provided:
+                continue
             a = np.asarray(inputs[name])
             if a.shape != shape or a.dtype != d.numpy:
                 raise GraphError(f"execute: input {name!r} must be {d.name}{list(shape)}, got {a.dtype}{list(a.shape)}")
@@ -84,6 +83,16 @@ class Compiled:
         for name, (shape, d) in self.outputs.items():
             out[name] = chip.read_tensor(name).reshape(shape)
         return out
+
+
+def check_input_names(expected, inputs) -> None:
+    """GraphError unless ``inputs`` names exactly the ``expected`` inputs."""
+    missing = set(expected) - set(inputs)
+    if missing:
+        raise GraphError(f"execute: missing input(s) {', '.join(sorted(missing))}")
+    extra = set(inputs) - set(expected)
+    if extra:
+        raise GraphError(f"execute: unknown input(s) {', '.join(sorted(extra))}")
 
 
 def _rows(shape):

@@ -32,7 +32,8 @@ import numpy as np
 
 from ..errors import CompileError
 from ..graph import Graph, GraphError
-from .lower import Compiled, _cols, _rows
+from .lower import Compiled, check_input_names
+from .tensor_parallel import MultiChipCompiled
 
 STAGE_IN, STAGE_OUT = "_stage_in", "_stage_out"
 
@@ -159,7 +160,7 @@ def plan_cuts(g: Graph, cap: float) -> List[int]:
 
 
 @dataclass
-class PipelineCompiled:
+class PipelineCompiled(MultiChipCompiled):
     """A graph compiled as pipeline stages: ``parts[k]`` (its program extended with the hand-overs)
     runs on chip ``chips[k]``.  Inputs go to the stages that read them; each output is read from
     the chip that computes it."""
@@ -171,16 +172,8 @@ class PipelineCompiled:
     cuts: List[int]
 
     @property
-    def config(self):
-        return self.parts[0].config
-
-    @property
     def expected_cycles(self) -> int:
         return max(self.stage_cycles)
-
-    @property
-    def memory_bytes(self) -> List[int]:
-        return [c.memory_bytes for c in self.parts]
 
     @property
     def inputs(self):
@@ -196,42 +189,12 @@ class PipelineCompiled:
             out.update({k: v for k, v in c.outputs.items() if k != STAGE_OUT})
         return out
 
-    def system(self, engine: str = "fast", comm=None):
-        from ..system import System
-        n = max(max(self.chips) + 1, max((max(w[0], w[2]) + 1 for w in self.wires), default=1))
-        s = System(n, topology=self.wires, config=self.config, engine=engine, comm=comm)
-        self.load(s)
-        return s
-
-    def load(self, system) -> None:
-        system.load({chip: part.program for chip, part in zip(self.chips, self.parts)})
-        for chip, part in zip(self.chips, self.parts):
-            if system.chips[chip] is not None:
-                for name, arr in part.constants.items():
-                    system.chips[chip].write_tensor(name, arr)
-
-    def loaded_in(self, system) -> bool:
-        return all(system.chips[c] is None or getattr(system.chips[c], "program", None) is part.program
-                   for c, part in zip(self.chips, self.parts))
-
     def write_inputs(self, system, inputs: Dict[str, np.ndarray]) -> None:
-        missing = set(self.inputs) - set(inputs)
-        if missing:
-            raise GraphError(f"execute: missing input(s) {', '.join(sorted(missing))}")
-        extra = set(inputs) - set(self.inputs)
-        if extra:
-            raise GraphError(f"execute: unknown input(s) {', '.join(sorted(extra))}")
+        check_input_names(self.inputs, inputs)
         for chip, part in zip(self.chips, self.parts):
             if system.chips[chip] is not None:
-                mine = {k: v for k, v in inputs.items() if k in part.inputs}
-                for name, (shape, d) in part.inputs.items():
-                    if name == STAGE_IN:
-                        continue
-                    a = np.asarray(mine[name])
-                    if a.shape != shape or a.dtype != d.numpy:
-                        raise GraphError(f"execute: input {name!r} must be {d.name}{list(shape)}, "
-                                         f"got {a.dtype}{list(a.shape)}")
-                    system.chips[chip].write_tensor(name, a.reshape(_rows(shape), _cols(shape)))
+                part.write_inputs(system.chips[chip], {k: v for k, v in inputs.items() if k in part.inputs},
+                                  provided=(STAGE_IN,))
 
     def read_outputs(self, system) -> Dict[str, np.ndarray]:
         out = {}
@@ -246,18 +209,6 @@ class PipelineCompiled:
             if name in part.states:
                 return part.read_state(system.chips[chip], name)
         raise GraphError(f"read_state: no state named {name!r}")
-
-    def run(self, inputs: Dict[str, np.ndarray], system=None, engine: str = "fast"):
-        """Run once: ({output: array}, SystemStats) (see SystemCompiled.run)."""
-        if system is None:
-            system = self.system(engine=engine)
-        elif not self.loaded_in(system):
-            self.load(system)
-        else:
-            system.reset(clear_memory=False)
-        self.write_inputs(system, inputs)
-        stats = system.run()
-        return self.read_outputs(system), stats
 
 
 def compile_pipeline(graph: Graph, system, chips: Optional[Sequence[int]] = None,

@@ -25,39 +25,23 @@ from .lower import Compiled
 from .shard import Partition, Spec, partition
 
 
-@dataclass
-class SystemCompiled:
-    """A graph compiled for a group of chips of a system: ``parts[r]`` runs on chip
-    ``chips[r]``.  Inputs go to every chip of the group; outputs are read from the first."""
+class MultiChipCompiled:
+    """What :class:`SystemCompiled` and :class:`~lpucore.compiler.stages.PipelineCompiled` share:
+    ``parts[k]`` (a :class:`~lpucore.compiler.lower.Compiled`) runs on chip ``chips[k]`` of a
+    system wired by ``wires``; subclasses say how inputs and outputs map to the chips."""
 
     parts: List[Compiled]
     chips: List[int]
     wires: List[Tuple[int, int, int, int]]
-    state_axes: Dict[str, Spec]
-    link_bytes: int                       # bytes each chip sends over its links per run
-    partition: Partition
 
     @property
     def config(self):
         return self.parts[0].config
 
     @property
-    def expected_cycles(self) -> int:
-        """Cycles until the last chip of the group finishes (predicted statically, exact)."""
-        return max(c.expected_cycles for c in self.parts)
-
-    @property
     def memory_bytes(self) -> List[int]:
         """SRAM each chip's program uses (bytes)."""
         return [c.memory_bytes for c in self.parts]
-
-    @property
-    def inputs(self):
-        return self.parts[0].inputs
-
-    @property
-    def outputs(self):
-        return self.parts[0].outputs
 
     def system(self, engine: str = "fast", comm=None):
         """A new :class:`~lpucore.System` wired as this was compiled for, with the programs loaded."""
@@ -70,13 +54,57 @@ class SystemCompiled:
     def load(self, system) -> None:
         """Load every chip's program and constants (the chips this process simulates)."""
         if system.config != self.config:
-            raise CompileError("SystemCompiled.load: the system's chip configuration differs from the compiled one")
-        progs = {chip: part.program for chip, part in zip(self.chips, self.parts)}
-        system.load(progs)
+            raise CompileError("load: the system's chip configuration differs from the compiled one")
+        system.load({chip: part.program for chip, part in zip(self.chips, self.parts)})
         for chip, part in zip(self.chips, self.parts):
             if system.chips[chip] is not None:
                 for name, arr in part.constants.items():
                     system.chips[chip].write_tensor(name, arr)
+
+    def loaded_in(self, system) -> bool:
+        """Whether every chip this process simulates holds this compile's program."""
+        return all(system.chips[c] is None or getattr(system.chips[c], "program", None) is part.program
+                   for c, part in zip(self.chips, self.parts))
+
+    def run(self, inputs: Dict[str, np.ndarray], system=None, engine: str = "fast"):
+        """Run once: ({output: array}, SystemStats).  Without a system, a new one is made; a
+        system that does not hold these programs yet is loaded first (weights, state initial
+        values); one that does keeps its SRAM (states carry over from run to run)."""
+        if system is None:
+            system = self.system(engine=engine)
+        elif not self.loaded_in(system):
+            self.load(system)
+        else:
+            system.reset(clear_memory=False)
+        self.write_inputs(system, inputs)
+        stats = system.run()
+        return self.read_outputs(system), stats
+
+
+@dataclass
+class SystemCompiled(MultiChipCompiled):
+    """A graph compiled for a group of chips of a system: ``parts[r]`` runs on chip
+    ``chips[r]``.  Inputs go to every chip of the group; outputs are read from the first."""
+
+    parts: List[Compiled]
+    chips: List[int]
+    wires: List[Tuple[int, int, int, int]]
+    state_axes: Dict[str, Spec]
+    link_bytes: int                       # bytes each chip sends over its links per run
+    partition: Partition
+
+    @property
+    def expected_cycles(self) -> int:
+        """Cycles until the last chip of the group finishes (predicted statically, exact)."""
+        return max(c.expected_cycles for c in self.parts)
+
+    @property
+    def inputs(self):
+        return self.parts[0].inputs
+
+    @property
+    def outputs(self):
+        return self.parts[0].outputs
 
     def write_inputs(self, system, inputs: Dict[str, np.ndarray]) -> None:
         for chip, part in zip(self.chips, self.parts):
@@ -97,25 +125,6 @@ class SystemCompiled:
         k = self.state_axes[name]
         parts = [part.read_state(system.chips[chip], name) for chip, part in zip(self.chips, self.parts)]
         return parts[0] if k is None else np.concatenate(parts, axis=k)
-
-    def loaded_in(self, system) -> bool:
-        """Whether every chip of the group this process simulates holds this compile's program."""
-        return all(system.chips[c] is None or getattr(system.chips[c], "program", None) is part.program
-                   for c, part in zip(self.chips, self.parts))
-
-    def run(self, inputs: Dict[str, np.ndarray], system=None, engine: str = "fast"):
-        """Run once: ({output: array}, SystemStats).  Without a system, a new one is made; a
-        system that does not hold these programs yet is loaded first (weights, state initial
-        values); one that does keeps its SRAM (states carry over from run to run)."""
-        if system is None:
-            system = self.system(engine=engine)
-        elif not self.loaded_in(system):
-            self.load(system)
-        else:
-            system.reset(clear_memory=False)
-        self.write_inputs(system, inputs)
-        stats = system.run()
-        return self.read_outputs(system), stats
 
 
 def tensor_parallel_fits(graph: Graph, system, chips: Optional[Sequence[int]] = None, fill: float = 0.8) -> bool:

@@ -40,9 +40,24 @@ PUBLISHED = {
 }
 
 
+def _cycles(clock_hz: float):
+    return lambda n: f"{n:,} cycles ({n / clock_hz * 1e6:,.1f} us)"
+
+
+def _model_line(p) -> str:
+    return (f"{p.model} ({p.precision}), KV cache {p.capacity} positions, on {p.chip} "
+            f"at {p.clock_hz / 1e6:.0f} MHz")
+
+
+def _table(rows, published) -> str:
+    rows = rows + [(f"published: {k}", f"{v} tokens/s") for k, v in published.items()]
+    w = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+
+
 @dataclass
-class Prediction:
-    """Simulated and derived figures of one model (cycles at the chip's clock)."""
+class _Model:
+    """Which model, precision and chip a prediction is for."""
 
     model: str
     precision: str
@@ -50,6 +65,12 @@ class Prediction:
     clock_hz: float
     capacity: int
     n_layers: int
+
+
+@dataclass
+class Prediction(_Model):
+    """Simulated and derived figures of one model (cycles at the chip's clock)."""
+
     chips: int                          # derived: chips the whole model takes as pipeline stages
     mlp_shards: int
     table_shards: int
@@ -74,11 +95,9 @@ class Prediction:
         return dataclasses.asdict(self)
 
     def table(self) -> str:
-        c = self.clock_hz
-        us = lambda n: f"{n:,} cycles ({n / c * 1e6:,.1f} us)"          # noqa: E731
+        us = _cycles(self.clock_hz)
         rows = [
-            ("model", f"{self.model} ({self.precision}), KV cache {self.capacity} positions, on {self.chip} "
-                      f"at {c / 1e6:.0f} MHz"),
+            ("model", _model_line(self)),
             ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs in {self.mlp_shards} shards, "
                                  f"embedding and head in {self.table_shards})"),
             ("simulated", f"embedding + {self.simulated_layers} layers + head on {self.simulated_chips} chips: "
@@ -94,9 +113,7 @@ class Prediction:
                                f"x layer 1"),
             ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
         ]
-        rows += [(f"published: {k}", f"{v} tokens/s") for k, v in self.published.items()]
-        w = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+        return _table(rows, self.published)
 
 
 def truncated(cfg: ModelConfig, layers: int) -> ModelConfig:
@@ -169,16 +186,10 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
 
 
 @dataclass
-class TensorParallelPrediction:
+class TensorParallelPrediction(_Model):
     """Decode speed with every layer split over a group of chips wired pairwise (a GroqNode),
     from layer 1 simulated on such a group (cycles at the chip's clock)."""
 
-    model: str
-    precision: str
-    chip: str
-    clock_hz: float
-    capacity: int
-    n_layers: int
     group: int                          # chips per tensor-parallel group
     layer_cycles: int                   # simulated: layer 1 over its group(s) (= every layer)
     layer_parts: Dict[str, int]         # simulated: per group of the layer ("attention + MLP", or each)
@@ -209,11 +220,9 @@ class TensorParallelPrediction:
         return d
 
     def table(self) -> str:
-        c = self.clock_hz
-        us = lambda n: f"{n:,} cycles ({n / c * 1e6:,.1f} us)"          # noqa: E731
+        us = _cycles(self.clock_hz)
         rows = [
-            ("model", f"{self.model} ({self.precision}), KV cache {self.capacity} positions, on {self.chip} "
-                      f"at {c / 1e6:.0f} MHz, tensor parallel over groups of {self.group}"),
+            ("model", _model_line(self) + f", tensor parallel over groups of {self.group}"),
             ("simulated", f"layer 1 on {len(self.layer_parts)} group(s) of {self.group} chips: {us(self.layer_cycles)} ("
                           + ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items())
                           + ("" if len(self.layer_parts) == 1 else ", hand-over") + f"); {self.collectives} "
@@ -229,9 +238,7 @@ class TensorParallelPrediction:
                                "+ embedding and head"),
             ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
         ]
-        rows += [(f"published: {k}", f"{v} tokens/s") for k, v in self.published.items()]
-        w = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)
+        return _table(rows, self.published)
 
 
 def _handover_cycles(chip: ChipConfig, d: int) -> int:
