@@ -86,7 +86,7 @@ def recipes(draw, mode):
         if d in ("float16", "int8"):
             ops = ops + ["bmm"] * 2
             if size // s[-1] * 4 <= CAP:
-                ops = ["matmul"] * 3 + ops                    # weighted: splits start at matmuls
+                ops = ["matmul"] * (6 if mode == "int" else 3) + ops     # weighted: splits start at matmuls
         if nd >= 2:
             ops.append("transpose")
         if 2 * size <= CAP:
@@ -431,19 +431,16 @@ def test_random_fp16_graphs_split_within_bound(recipe, P):
     check_fp16(recipe, P)
 
 
-@settings(max_examples=few(8), deadline=None, derandomize=True)
+@settings(max_examples=few(6), deadline=None, derandomize=True)
 @given(recipes("int"), st.sampled_from([2, 4]))
 def test_random_int8_graphs_split_exactly(recipe, P):
     check_int(recipe, P)
 
 
 # ---- found while writing the properties above ----------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, raises=lpucore.TensorError,
-                   reason="one tensor given as two outputs compiles (one chip and system) but only the "
-                          "last name gets a table entry: reading the outputs raises TensorError "
-                          "\"no tensor 'y' in the program's table (it has x, w, z)\"")
 @pytest.mark.parametrize("P", [None, 2])
 def test_one_tensor_as_two_outputs(P):
+    """Each output name gets its own table entry (the second one a copy)."""
     g = Graph("twice")
     x = g.input("x", (4, 8), "float16")
     h = g.matmul(x, g.constant("w", np.eye(8, dtype=np.float16)))

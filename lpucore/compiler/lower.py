@@ -301,9 +301,9 @@ class Compiler:
                 self.uses[i] -= n.inputs.count(i)
                 if self.uses[i] <= 0 and i in self.vts and self.vts[i].kind == "temp":
                     release(self.mem, self.vts[i])
-        # graph outputs that are inputs or constants: copy them
+        # graph outputs that are inputs or constants, and a tensor's second output name: copy them
         for name, t in g.outputs.items():
-            if t.id in self.vts and self.vts[t.id].kind == "output":
+            if t.id in self.vts and self.vts[t.id].kind == "output" and self.vts[t.id].name == name:
                 continue
             out = self.new_vt(name, t.dtype, t.shape, kind="output")
             if self.is_scalar(t):
@@ -311,7 +311,8 @@ class Compiler:
             else:
                 src = self.vt(t)
                 map_kernel(self.ctx, E("mov", t.dtype, Expr.input(src, lambda v: v)), out)
-            self.vts[t.id] = out
+            if t.id not in self.vts or self.vts[t.id].kind != "output":
+                self.vts[t.id] = out
         # state := value, after every read of the state in this run
         for sid, v in g.assigns.items():
             st = self.vts[sid]

@@ -127,10 +127,7 @@ def stage_graph(g: Graph, a: int, b: int, t_in: Optional[int], t_out: Optional[i
         if sid in m or v.id in produced:
             out.assign(get(sid), get(v.id) if v.id not in produced else m[v.id])
     if t_out is not None:
-        x = m[t_out]
-        if any(t.id == t_out for t in g.outputs.values()):
-            x = out.add(x, 0)                # one tensor cannot be two outputs: a copy
-        out.output(STAGE_OUT, x)
+        out.output(STAGE_OUT, m[t_out])
     return out
 
 
