@@ -29,7 +29,7 @@ from .errors import LpuError, ProgramError, SnapshotError
 from .program import Program
 
 FORMAT = "lpucore-snapshot"
-VERSION = 2          # 2: the fast engine keeps MXM weights in slots (mx_slots), not mx_buf/mx_arr/mx_inst
+VERSION = 3          # 3: the fast engine stages int8 activations as offset bytes (mx_xb); 2: MXM weights in slots
 _META = "__meta__"
 _PROGRAM = "__program__"
 _PREFIX = "a__"

@@ -195,7 +195,18 @@ cdef class FastEngine:
         a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
         a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
         a["mx_acc"] = np.zeros(NP * s.NACC * L, dtype=np.uint32)
-        a["mx_ax"] = np.zeros(NP * s.BMAX * L, dtype=np.float32)
+        a["mx_ax"] = np.zeros(NP * s.BMAX * L + 4 * L, dtype=np.float32)   # + 4 rows the kernels may read
+        # int8 activations as offset bytes; 8 spare rows (and 4 bytes) so the VNNI kernel may
+        # read whole groups of rows and of 4 bytes past a batch's end
+        a["mx_xb"] = np.zeros(NP * (s.BMAX + 8) * L + 4, dtype=np.uint8)
+        s.mx_wpstride = lpu_vnni_packed_bytes(L, L)
+        a["mx_wp"] = np.zeros(NP * s.mx_wpstride, dtype=np.int8)
+        a["mx_wcorr"] = np.zeros(NP * 64 * lpu_vnni_blocks(L), dtype=np.int32)
+        a["mx_wpver"] = np.full(NP, -1, dtype=np.int64)
+        a["mx_wf"] = np.zeros(NP * (L // 2) * 64 * lpu_vnni_blocks(L), dtype=np.float32)
+        a["mx_wfver"] = np.full(NP, -1, dtype=np.int64)
+        a["mx_wfext"] = np.zeros(2 * NP, dtype=np.int32)
+        s.simd = lpu_vnni_available()
         a["mx_aacc"] = np.zeros(NP * s.BMAX, dtype=np.int32)
         a["mx_aadd"] = np.zeros(NP * s.BMAX, dtype=np.uint8)
         a["mx_aland"] = np.zeros(NP * s.BMAX, dtype=np.int64)
@@ -359,7 +370,7 @@ cdef class FastEngine:
         s.mx_inst_slot = _p_i32(a["mx_inst_slot"])
         s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
         s.mx_ver = _p_i64(a["mx_ver"])
-        self._views = {"ax": a["mx_ax"].reshape(s.NP, s.BMAX, s.L), "slots": a["mx_slots"].reshape(s.NP, s.NS, s.L, s.L),
+        self._views = {"ax": a["mx_ax"][:s.NP * s.BMAX * s.L].reshape(s.NP, s.BMAX, s.L), "slots": a["mx_slots"].reshape(s.NP, s.NS, s.L, s.L),
                        "bres": a["mx_bres"].reshape(s.NP, s.BB, s.L)}
         s.mx_inst_T = _p_i64(a["mx_inst_T"])
         s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
@@ -386,6 +397,13 @@ cdef class FastEngine:
         s.mx_wd = _p_f64(a["mx_wd"])
         s.mx_si = _p_i32(a["mx_si"])
         s.mx_sd = _p_f64(a["mx_sd"])
+        s.mx_xb = _p_u8(a["mx_xb"])
+        s.mx_wp = <int8_t*>_p_u8(a["mx_wp"].view(np.uint8))
+        s.mx_wcorr = _p_i32(a["mx_wcorr"])
+        s.mx_wpver = _p_i64(a["mx_wpver"])
+        s.mx_wf = _p_f32(a["mx_wf"])
+        s.mx_wfver = _p_i64(a["mx_wfver"])
+        s.mx_wfext = _p_i32(a["mx_wfext"])
         s.sx_res = _p_i32(a["sx_res"])
         s.sx_limit = _p_i32(a["sx_limit"])
         s.sx_use = _p_i32(a["sx_use"])
@@ -439,6 +457,8 @@ cdef class FastEngine:
         a["mx_arr_dt"][:] = -1
         a["mx_arr_slot"][:] = -1
         a["mx_wchk"][:] = -1
+        a["mx_wpver"][:] = -1
+        a["mx_wfver"][:] = -1
         self._wcache = {}
         a["mx_inst_T"][:] = -1
         s.mx_cycle = -1
@@ -536,13 +556,14 @@ cdef class FastEngine:
         # make room: products that have landed by now go into the accumulators first
         mxm_apply(s, p, s.t)
         v = self._views
-        rows = v["ax"][p, :n]
         dtc = s.mx_arr_dt[p]
         w = self._weights(p, dtc)
         if dtc == DT_INT8:
             # exact: every partial sum is an integer below 2**24
-            res = rows @ w
+            xb = self.a["mx_xb"][:s.NP * (s.BMAX + 8) * s.L].reshape(s.NP, s.BMAX + 8, s.L)[p, :n]
+            res = (xb ^ 0x80).view(np.int8).astype(np.float32) @ w
         else:
+            rows = v["ax"][p, :n]
             K = s.L // 2
             if self.fp16_mxm == "exact":
                 res = _matmul.fp16_dot_fast(rows[:, :K].astype(np.float16), w)
@@ -623,6 +644,29 @@ cdef class FastEngine:
         if not 0 <= n <= self.s.BMAX:
             raise _errors.LpuError(f"small_rows must be in 0..{self.s.BMAX}, got {n}")
         self.s.small_rows = n
+
+    @property
+    def mxm_kernel(self):
+        """How MXM batches are multiplied: ``"avx512"`` (the default where the host has
+        AVX-512 with VNNI and VBMI: int8 batches and, with ``fp16_mxm="fp32"``, float16
+        batches of any size inside the cycle loop, by the kernels of lpu_kernels.h) or
+        ``"portable"`` (batches of at most ``small_rows`` rows by plain C kernels, the rest
+        by NumPy's BLAS).  int8 and exact float16 give the same bits either way;
+        ``fp16_mxm="fp32"`` sums are within the same bound but may differ in their last bits."""
+        return "avx512" if self.s.simd else "portable"
+
+    @mxm_kernel.setter
+    def mxm_kernel(self, kind):
+        if kind not in ("avx512", "portable"):
+            raise _errors.LpuError(f"mxm_kernel must be 'avx512' or 'portable', got {kind!r}")
+        if kind == "avx512" and not lpu_vnni_available():
+            raise _errors.LpuError("mxm_kernel='avx512' needs a host with AVX-512 VNNI and VBMI; this one lacks them")
+        self.s.simd = 1 if kind == "avx512" else 0
+
+    @staticmethod
+    def avx512_available():
+        """True if this host can run the AVX-512 MXM kernels."""
+        return bool(lpu_vnni_available())
 
     @property
     def cycle(self):
@@ -715,6 +759,8 @@ cdef class FastEngine:
         s.woke = 0
         s.tr = s.tr0
         self.a["mx_wchk"][:] = -1
+        self.a["mx_wpver"][:] = -1
+        self.a["mx_wfver"][:] = -1
         self._wcache = {}
 
     def counters(self):
@@ -733,7 +779,7 @@ _GROWABLE = frozenset(("ib_data", "ib_arr", "ob_data", "ob_meta"))
 _CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",
                            "q_hem", "q_pool", "sx_res", "sx_limit", "ta", "tb", "tm", "tr", "fa", "fb", "fr",
                            "ia", "ib", "ir", "gaddr", "mx_wchk", "mx_wbad", "mx_wconv", "mx_wd", "mx_si",
-                           "mx_sd"))
+                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext"))
 
 
 # ---- C-level API (declared in _engine.pxd, for Cython code that embeds the engine) -------------

@@ -9,11 +9,48 @@
 # weight set meeting a run of activations costs one BLAS call, while issue times,
 # cycle counts and statistics stay those of the cycle-level model.
 
+cdef extern from "lpu_kernels.h" nogil:
+    void lpu_acc_i32(uint32_t* acc, const float* res, int L, int add)
+    void lpu_acc_f32(uint32_t* acc, const float* res, int L, int add)
+    void lpu_stage_f16(const uint8_t* lo, const uint8_t* hi, int L, float* x)
+    void lpu_mxm_i8_row(const uint8_t* xb, const int8_t* w, int K, int L, int32_t* acc)
+    int lpu_vnni_available()
+    int64_t lpu_vnni_packed_bytes(int K, int L)
+    int lpu_vnni_blocks(int L)
+    void lpu_vnni_pack(const int8_t* w, int K, int L, int8_t* wp, int32_t* corr)
+    void lpu_vnni_rows(const uint8_t* xb, int64_t xs, int nrows, const int8_t* wp, const int32_t* corr,
+                       int K, int L, float* const* orow)
+    int lpu_f16w_to_f32(const uint8_t* arr, int L, float* wf, int* kmax, int* cmax)
+    int lpu_f32_special(const float* x, int64_t xs, int n, int K)
+    void lpu_f32_rows(const float* x, int64_t xs, int nrows, const float* wf, int K, int L, int ncols,
+                      float* const* orow)
+    int lpu_mxm_f16_weights(const uint8_t* arr, int L, const float* h2f, double* wd)
+    void lpu_mxm_f64_row(const float* x, const double* wd, int K, int L, double* s, double* ab)
+    void lpu_mxm_f16_row(const float* x, const uint8_t* arr, int L, const float* h2f, double* s, double* ab)
+    int lpu_mxm_f16_special(const uint8_t* arr, int L)
+    int lpu_mxm_f16_snap(const float* x, const uint8_t* arr, int L, int c, double s, double b, float* out)
+
+
+cdef inline int32_t next_field(State* s, int q, int fi) noexcept nogil:
+    """Field fi of the instruction queue q issues next (a repetition adds its stride)."""
+    cdef int64_t* qp = s.qs + q * QW
+    cdef int op
+    cdef int32_t v
+    if qp[Q_REPLEFT] > 0:
+        op = s.code[qp[Q_REPROW] * (1 + NFIELDS)]
+        v = s.qf[q * NFIELDS + fi]
+        if (s.strided[op] >> fi) & 1:
+            v += <int32_t>qp[Q_REPSTRIDE]
+        return v
+    return s.code[qp[Q_PC] * (1 + NFIELDS) + 1 + fi]
+
+
 cdef inline int mxm_needs_flush(State* s, int q, int op, int64_t c) noexcept nogil:
     """1 if plane q's batch must be multiplied before this instruction can issue."""
     cdef int p = s.q_slot[q]
     cdef int n = s.mx_an[p]
     cdef int r
+    cdef int32_t acc
     if n == 0:
         return 0
     for r in range(s.RI):
@@ -22,7 +59,14 @@ cdef inline int mxm_needs_flush(State* s, int q, int op, int64_t c) noexcept nog
     if op == OP_ABC and n == s.BMAX:
         return 1
     if op == OP_ACC and s.mx_aland[p * s.BMAX] <= c:
-        return 1
+        # only a batched product for the accumulator this ACC reads matters: a GEMM drains
+        # one half of the accumulators while the batch fills the other
+        acc = next_field(s, q, F_ACC_ACC)
+        for r in range(n):
+            if s.mx_aland[p * s.BMAX + r] > c:
+                return 0          # later rows land later
+            if s.mx_aacc[p * s.BMAX + r] == acc:
+                return 1
     return 0
 
 
@@ -81,32 +125,94 @@ cdef inline void mxm_apply(State* s, int p, int64_t c) noexcept nogil:
         acc = s.mx_acc + (<int64_t>p * s.NACC + s.mx_bacc[e]) * s.L
         res = s.mx_bres + e * s.L
         if s.mx_bdt[e] == DT_INT8:
-            # products are exact integers held in floats (below 2**24)
-            if not s.mx_badd[e]:
-                for l in range(s.L):
-                    acc[l] = <uint32_t>(<int32_t>res[l])
-            else:
-                for l in range(s.L):
-                    acc[l] = acc[l] + <uint32_t>(<int32_t>res[l])      # int32 wrap-around
-        elif not s.mx_badd[e]:
-            for l in range(s.L):
-                r = res[l]
-                acc[l] = 0 if r == 0.0 else lpu_f32_out(r)           # an exact zero is +0
+            lpu_acc_i32(acc, res, s.L, s.mx_badd[e])
         else:
-            for l in range(s.L):
-                r = res[l]
-                acc[l] = lpu_f32_out(lpu_f32(acc[l]) + (0.0 if r == 0.0 else r))
+            lpu_acc_f32(acc, res, s.L, s.mx_badd[e])
         s.mx_bhead[p] = (s.mx_bhead[p] + 1) % s.BB
         s.mx_bn[p] -= 1
 
 
-cdef extern from "lpu_kernels.h" nogil:
-    void lpu_mxm_i8_row(const float* x, const int8_t* w, int K, int L, int32_t* acc)
-    int lpu_mxm_f16_weights(const uint8_t* arr, int L, const float* h2f, double* wd)
-    void lpu_mxm_f64_row(const float* x, const double* wd, int K, int L, double* s, double* ab)
-    void lpu_mxm_f16_row(const float* x, const uint8_t* arr, int L, const float* h2f, double* s, double* ab)
-    int lpu_mxm_f16_special(const uint8_t* arr, int L)
-    int lpu_mxm_f16_snap(const float* x, const uint8_t* arr, int L, int c, double s, double b, float* out)
+
+cdef inline uint8_t* mx_xrow(State* s, int p, int i) noexcept nogil:
+    """Row i of plane p's batch of int8 activations (offset bytes)."""
+    return s.mx_xb + (<int64_t>p * (s.BMAX + 8) + i) * s.L
+
+
+cdef inline void mxm_commit(State* s, int p, int n, int dtc) noexcept nogil:
+    """The batch's n products are in the FIFO's next n rows: file their accumulators,
+    modes and landing cycles there, and empty the batch."""
+    cdef int i
+    cdef int64_t a, e
+    for i in range(n):
+        a = <int64_t>p * s.BMAX + i
+        e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
+        s.mx_bacc[e] = s.mx_aacc[a]
+        s.mx_badd[e] = s.mx_aadd[a]
+        s.mx_bland[e] = s.mx_aland[a]
+        s.mx_bdt[e] = dtc
+    s.mx_bn[p] += n
+    s.mx_an[p] = 0
+    s.mx_cbatches += 1
+
+
+cdef int mxm_multiply_vnni(State* s, int p) noexcept nogil:
+    """Plane p's int8 batch, any size, by the AVX-512 VNNI kernel (lpu_kernels.h): the
+    exact int32 sums the other paths give.  Returns 0 (done) or 1 (no room in the FIFO:
+    the host path takes it; cannot happen, as products land mxm_delay cycles after
+    their ABC, so after mxm_apply at most mxm_delay + 1 of them wait)."""
+    cdef int n = s.mx_an[p]
+    cdef int L = s.L
+    cdef int i, k, m
+    cdef int8_t* wp = s.mx_wp + p * s.mx_wpstride
+    cdef int32_t* corr = s.mx_wcorr + <int64_t>p * 64 * lpu_vnni_blocks(L)
+    cdef float* orow[4]
+    mxm_apply(s, p, s.t)
+    if n + s.mx_bn[p] > s.BB:
+        return 1
+    if s.mx_wpver[p] != s.mx_ver[p]:
+        lpu_vnni_pack(<int8_t*>mx_slot(s, p, s.mx_arr_slot[p]), L, L, wp, corr)
+        s.mx_wpver[p] = s.mx_ver[p]
+    i = 0
+    while i < n:
+        m = n - i if n - i < 4 else 4       # LPU_VNNI_ROWS
+        for k in range(m):
+            orow[k] = s.mx_bres + (p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i + k) % s.BB) * <int64_t>L
+        lpu_vnni_rows(mx_xrow(s, p, i), L, m, wp, corr, L, L, orow)
+        i += m
+    mxm_commit(s, p, n, DT_INT8)
+    return 0
+
+
+cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
+    """Plane p's float16 batch, any size, in fp16_mxm="fp32" mode by the AVX-512 kernel
+    (lpu_kernels.h): products summed in float32, k ascending.  Rows and columns of the
+    weights that are all zero (a GEMM's padding) are skipped unless an activation is an
+    infinity or a NaN (which times zero is NaN).  Returns 0, or 1 as mxm_multiply_vnni."""
+    cdef int n = s.mx_an[p]
+    cdef int L = s.L
+    cdef int K = L // 2
+    cdef int i, k, m, kk, cc
+    cdef float* wf = s.mx_wf + <int64_t>p * K * 64 * lpu_vnni_blocks(L)
+    cdef float* xa = s.mx_ax + <int64_t>p * s.BMAX * L
+    cdef float* orow[4]
+    mxm_apply(s, p, s.t)
+    if n + s.mx_bn[p] > s.BB:
+        return 1
+    if s.mx_wfver[p] != s.mx_ver[p]:
+        lpu_f16w_to_f32(mx_slot(s, p, s.mx_arr_slot[p]), L, wf, <int*>&s.mx_wfext[2 * p], <int*>&s.mx_wfext[2 * p + 1])
+        s.mx_wfver[p] = s.mx_ver[p]
+    kk, cc = s.mx_wfext[2 * p], s.mx_wfext[2 * p + 1]
+    if (kk < K or cc < L) and lpu_f32_special(xa, L, n, K):
+        kk, cc = K, L
+    i = 0
+    while i < n:
+        m = n - i if n - i < 4 else 4
+        for k in range(m):
+            orow[k] = s.mx_bres + (p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i + k) % s.BB) * <int64_t>L
+        lpu_f32_rows(xa + <int64_t>i * L, L, m, wf, kk, L, cc, orow)
+        i += m
+    mxm_commit(s, p, n, s.mx_arr_dt[p])
+    return 0
 
 
 cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
@@ -140,6 +246,10 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
     cdef uint8_t* arr = mx_slot(s, p, s.mx_arr_slot[p])
     if n == 0:
         return 0
+    if dtc == DT_INT8 and s.simd:
+        return mxm_multiply_vnni(s, p)
+    if dtc != DT_INT8 and not s.fp16_exact and s.simd:
+        return mxm_multiply_f32(s, p)
     if n > s.small_rows or n + s.mx_bn[p] > s.BB:
         return 1
     if dtc != DT_INT8:
@@ -174,7 +284,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
         res = s.mx_bres + e * L
         if dtc == DT_INT8:
             memset(si, 0, L * sizeof(int32_t))
-            lpu_mxm_i8_row(xa, <int8_t*>arr, L, L, si)
+            lpu_mxm_i8_row(mx_xrow(s, p, i), <int8_t*>arr, L, L, si)
             for c in range(L):
                 res[c] = <float>si[c]
         else:
@@ -191,16 +301,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
                 if flo != fhi and lpu_mxm_f16_snap(xa, arr, L, c, sv, b, &flo):
                     return 1          # nothing committed yet: the host redoes the batch
                 res[c] = 0.0 if flo == 0.0 else flo
-    for i in range(n):
-        a = <int64_t>p * s.BMAX + i
-        e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
-        s.mx_bacc[e] = s.mx_aacc[a]
-        s.mx_badd[e] = s.mx_aadd[a]
-        s.mx_bland[e] = s.mx_aland[a]
-        s.mx_bdt[e] = dtc
-    s.mx_bn[p] += n
-    s.mx_an[p] = 0
-    s.mx_cbatches += 1
+    mxm_commit(s, p, n, dtc)
     return 0
 
 
@@ -266,16 +367,21 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                 set_error(s, ERR_EMPTY, c, q, f[F_ABC_SRC] + 1, pos)
                 return 1
         e = p * s.BMAX + s.mx_an[p]
-        # stage the activation as floats: the batch goes to BLAS without conversion
-        xa = s.mx_ax + e * s.L
+        # stage the activation: int8 as offset bytes (what the VNNI kernel multiplies),
+        # float16 as floats (what the host's BLAS multiplies)
         if hi == NULL:
+            v = mx_xrow(s, p, s.mx_an[p])
             for i in range(s.L):
-                xa[i] = <float>(<int8_t>lo[i])
+                v[i] = lo[i] ^ 0x80
         else:
-            for i in range(s.L // 2):
-                xa[i] = _H2F[<uint32_t>lo[i] | (<uint32_t>hi[i] << 8)]
-            for i in range(s.L // 2, s.L):
-                xa[i] = 0.0
+            xa = s.mx_ax + e * s.L
+            if s.simd:
+                lpu_stage_f16(lo, hi, s.L, xa)
+            else:
+                for i in range(s.L // 2):
+                    xa[i] = _H2F[<uint32_t>lo[i] | (<uint32_t>hi[i] << 8)]
+                for i in range(s.L // 2, s.L):
+                    xa[i] = 0.0
         T = c + s.mx_delay
         s.mx_aacc[e] = f[F_ABC_ACC]
         s.mx_aadd[e] = <uint8_t>f[F_ABC_ADD]

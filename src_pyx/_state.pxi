@@ -158,6 +158,15 @@ cdef struct State:
     double* mx_wd        # [NP * L/2 * L] fp16 weights as float64 (cache)
     int32_t* mx_si       # [L] scratch: int8 dot products
     double* mx_sd        # [2 * L] scratch: fp16 dot products and their sums of |products|
+    uint8_t* mx_xb       # [NP * (BMAX + 8) * L + 4] batched int8 activations as offset bytes (x ^ 0x80)
+    int simd             # 1: int8 and fp32-mode fp16 batches of any size are multiplied here (AVX-512)
+    int8_t* mx_wp        # [NP * packed bytes] installed int8 weights in the VNNI kernel's layout (cache)
+    int32_t* mx_wcorr    # [NP * 64 * blocks] 128 x their column sums
+    int64_t* mx_wpver    # [NP] install version mx_wp holds, -1: none
+    int64_t mx_wpstride  # bytes of mx_wp per plane
+    float* mx_wf         # [NP * L/2 * 64 * blocks] installed fp16 weights as float32 (fp32 mode, cache)
+    int64_t* mx_wfver    # [NP] install version mx_wf holds, -1: none
+    int32_t* mx_wfext    # [NP * 2] 1 + last nonzero weight row, 1 + last nonzero column
     # SXM
     int32_t* sx_res      # [256] resource of each SXM opcode
     int32_t* sx_limit    # [N_RESOURCES] units per hemisphere

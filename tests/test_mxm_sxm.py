@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from lpucore import Chip, ChipConfig, LpuError, assemble, matmul
+from lpucore._engine import FastEngine
 from helpers import TINY, make_chip, run, schedule_error, timed
 
 L = TINY.lanes
@@ -256,17 +257,41 @@ def test_fp16_in_loop_kernels_match_the_host_path_and_the_reference(case):
         assert np.array_equal(got, want.view(np.uint32)), case
 
 
-def test_int8_in_loop_kernel_matches_the_host_path():
-    text, mem, W, X, _ = int8_setup(rows=3)
+INT8_KERNELS = [("avx512", 32), ("portable", 32), ("portable", 0)]
+
+
+@pytest.mark.parametrize("rows", [3, 13])
+def test_int8_in_loop_kernels_match_the_host_path(rows):
+    """int8 batches go to the VNNI kernel (any size, where the host has it), to the
+    portable C kernel (small batches) or to the host's BLAS: the same exact sums.
+    13 rows: three full groups of the VNNI kernel's 4 rows and a remainder."""
+    text, mem, W, X, _ = int8_setup(rows=rows)
     want = X.astype(np.int64) @ W.astype(np.int64)
-    for small in (32, 0):
+    for kernel, small in INT8_KERNELS:
+        if kernel == "avx512" and not FastEngine.avx512_available():
+            continue
         chip = make_chip("fast", text, mem=mem)
+        chip._eng.mxm_kernel = kernel
         chip._eng.small_rows = small
         chip.run()
-        assert np.array_equal(read_int32(chip, 3), want)
-        assert (chip._eng.host_time["mxm_small_batches"] > 0) == (small > 0)
+        assert np.array_equal(read_int32(chip, rows), want), (kernel, small)
+        assert (chip._eng.host_time["mxm_small_batches"] > 0) == (kernel == "avx512" or small > 0)
+        assert (chip._eng.host_time["mxm_batches"] > 0) == (kernel == "portable" and small == 0)
     with pytest.raises(LpuError, match="small_rows"):
         chip._eng.small_rows = -1
+    with pytest.raises(LpuError, match="mxm_kernel"):
+        chip._eng.mxm_kernel = "avx"
+
+
+def test_mxm_kernel_avx512_is_refused_where_the_host_lacks_it():
+    chip = make_chip("fast", "", mem={})
+    if FastEngine.avx512_available():
+        chip._eng.mxm_kernel = "avx512"
+        assert chip._eng.mxm_kernel == "avx512"
+    else:
+        assert chip._eng.mxm_kernel == "portable"
+        with pytest.raises(LpuError, match="AVX-512"):
+            chip._eng.mxm_kernel = "avx512"
 
 
 def test_all_four_planes_reach_409600_macs_in_one_cycle(engine):
