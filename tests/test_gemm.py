@@ -136,3 +136,72 @@ def test_gemm_errors():
         g.pack(np.zeros((4, 21), np.int8), np.zeros((21, 20), np.int8))
     with pytest.raises(CompileError, match="does not fit"):
         gemm_program(60000, 8000, 8000)
+
+
+# float16 values of every kind: normal, subnormal, zero of both signs, the largest, infinities, NaN
+F16_SPECIALS = np.array([0.0, -0.0, 6e-8, -6e-8, 3e-5, 65504.0, -65504.0, np.inf, -np.inf, np.nan], np.float16)
+
+
+@st.composite
+def fp16_gemm_case(draw):
+    M, K, N = draw(st.integers(1, 12)), draw(st.integers(1, 80)), draw(st.integers(1, 80))
+    seed = draw(st.integers(0, 2 ** 32 - 1))
+    r = np.random.default_rng(seed)
+
+    def matrix(shape):
+        x = (r.standard_normal(shape) * 4).astype(np.float16)
+        kind = draw(st.sampled_from(["normal", "specials", "huge", "tiny"]))
+        if kind == "specials":
+            mask = r.random(shape) < draw(st.sampled_from([0.01, 0.1]))
+            x[mask] = r.choice(F16_SPECIALS, size=int(mask.sum()))
+        elif kind == "huge":
+            x = (r.choice([-1, 1], shape) * r.uniform(1e4, 65504, shape)).astype(np.float16)
+        elif kind == "tiny":
+            x = (r.integers(-1023, 1024, shape) * 2.0 ** -24).astype(np.float16)     # subnormals
+        return x
+
+    A, B = matrix((M, K)), matrix((K, N))
+    # all-zero last rows / columns of B: weights the AVX-512 kernel may skip, unless an
+    # activation meeting them is an infinity or a NaN
+    zr, zc = draw(st.integers(0, K)), draw(st.integers(0, N))
+    B[K - zr:] = 0
+    B[:, N - zc:] = 0
+    if draw(st.booleans()):
+        A[r.integers(M), r.integers(K)] = draw(st.sampled_from([np.inf, -np.inf, np.nan]))
+    return A, B
+
+
+@pytest.mark.parametrize("kernel", ["avx512", "portable"])
+@given(case=fp16_gemm_case())
+@settings(max_examples=20)
+def test_fp16_fast_mode_bound_over_special_values(kernel, case):
+    """fp16_mxm="fp32" against the exact mode (bit-identical to the reference engine):
+    the same infinities and NaNs, and finite results within
+    nK ((Kc + 3) 2**-24 sum|a b| + ulp): per chunk the float32 sum's (Kc - 1) 2**-24 sum|a b|
+    and the partial sum's rounding, nK chunks accumulated.  K and N that are not multiples
+    of the chunk exercise the AVX-512 kernel's skipping of all-zero weight padding, which
+    must not skip an infinity or NaN activation (times zero: NaN)."""
+    from lpucore import Chip
+    from lpucore._engine import FastEngine
+    if kernel == "avx512" and not FastEngine.avx512_available():
+        pytest.skip("host has no AVX-512 VNNI")
+    A, B = case
+    M, K = A.shape
+    N = B.shape[1]
+    g = gemm_program(M, K, N, "float16", "float32", config=SMALL)
+    exact, st1 = g.run(A, B)
+    chip = Chip(SMALL, fp16_mxm="fp32")
+    chip._eng.mxm_kernel = kernel
+    chip._eng.small_rows = 0            # the portable path's BLAS, as a GEMM's batches take
+    fast, st2 = g.run(A, B, chip=chip)
+    assert st1.to_dict() == st2.to_dict()
+    finite = np.isfinite(exact)
+    assert np.array_equal(np.isnan(fast), np.isnan(exact))
+    assert np.array_equal(fast[np.isinf(exact)], exact[np.isinf(exact)])
+    Kc = SMALL.lanes // 2
+    nK = -(-K // Kc)
+    with np.errstate(invalid="ignore", over="ignore"):
+        absprod = np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64))
+    bound = nK * ((Kc + 3) * 2.0 ** -24 * absprod + np.spacing(np.abs(exact).astype(np.float32)))
+    err = np.abs(fast[finite].astype(np.float64) - exact[finite].astype(np.float64))
+    assert (err <= bound[finite]).all()
