@@ -10,11 +10,12 @@ State struct's pointers and runs without the GIL.
 
 from libc.stdint cimport int8_t, int16_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
-from libc.stdlib cimport realloc, free
+from libc.stdlib cimport malloc, realloc, free
 
 from time import perf_counter as _perf_counter
 
 import gc as _gc
+import os as _os
 
 import numpy as np
 
@@ -97,6 +98,10 @@ cdef class FastEngine:
     def __dealloc__(self):
         free(self.s.notifies)
         self.s.notifies = NULL
+        if self.s.jobs != NULL:
+            lpu_pool_destroy(<lpu_pool*>self.s.jobs)
+            free(self.s.jobs)
+            self.s.jobs = NULL
 
     def __init__(self, cfg, fp16_mxm="exact"):
         if fp16_mxm not in ("exact", "fp32"):
@@ -104,7 +109,8 @@ cdef class FastEngine:
         self.cfg = cfg
         self.fp16_mxm = fp16_mxm
         self._wcache = {}
-        self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0, "mxm_small_batches": 0}
+        self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0, "mxm_small_batches": 0,
+                          "mxm_helper_batches": 0}
         self.program = None
         cdef State* s = &self.s
         s.L = cfg.lanes
@@ -207,6 +213,12 @@ cdef class FastEngine:
         a["mx_wfver"] = np.full(NP, -1, dtype=np.int64)
         a["mx_wfext"] = np.zeros(2 * NP, dtype=np.int32)
         s.simd = lpu_vnni_available()
+        a["mx_bjob"] = np.full(NP * s.BB, -1, dtype=np.int32)
+        a["mx_bseq"] = np.zeros(NP * s.BB, dtype=np.int64)
+        s.jobs = malloc(sizeof(lpu_pool))
+        if s.jobs == NULL or lpu_pool_init(<lpu_pool*>s.jobs, 8, s.BMAX):
+            raise MemoryError("cannot set up the MXM helper thread's jobs")
+        s.helper = 1 if (_os.cpu_count() or 1) > 1 else 0
         a["mx_aacc"] = np.zeros(NP * s.BMAX, dtype=np.int32)
         a["mx_aadd"] = np.zeros(NP * s.BMAX, dtype=np.uint8)
         a["mx_aland"] = np.zeros(NP * s.BMAX, dtype=np.int64)
@@ -404,6 +416,8 @@ cdef class FastEngine:
         s.mx_wf = _p_f32(a["mx_wf"])
         s.mx_wfver = _p_i64(a["mx_wfver"])
         s.mx_wfext = _p_i32(a["mx_wfext"])
+        s.mx_bjob = _p_i32(a["mx_bjob"])
+        s.mx_bseq = _p_i64(a["mx_bseq"])
         s.sx_res = _p_i32(a["sx_res"])
         s.sx_limit = _p_i32(a["sx_limit"])
         s.sx_use = _p_i32(a["sx_use"])
@@ -455,6 +469,7 @@ cdef class FastEngine:
                   "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot", "sx_use"):
             a[k][:] = 0
         a["mx_arr_dt"][:] = -1
+        a["mx_bjob"][:] = -1
         a["mx_arr_slot"][:] = -1
         a["mx_wchk"][:] = -1
         a["mx_wpver"][:] = -1
@@ -512,6 +527,7 @@ cdef class FastEngine:
             raise self._error()
         h = self.host_time
         c0 = self.s.mx_cbatches
+        hb0 = self.s.mx_hbatches
         # The loop's Python-side allocations are short-lived and acyclic; a collection
         # pass over a large loaded program's objects would cost more than the run.
         gc_on = _gc.isenabled()
@@ -522,6 +538,7 @@ cdef class FastEngine:
             if gc_on:
                 _gc.enable()
             h["mxm_small_batches"] += self.s.mx_cbatches - c0
+            h["mxm_helper_batches"] += self.s.mx_hbatches - hb0
         if rc == 2:
             raise MemoryError("out of memory recording Notify history")
         if rc:
@@ -582,6 +599,7 @@ cdef class FastEngine:
             e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
             a = p * s.BMAX + i
             memcpy(s.mx_bres + <int64_t>e * s.L, &R[i, 0], s.L * sizeof(float))
+            s.mx_bjob[e] = -1
             s.mx_bacc[e] = s.mx_aacc[a]
             s.mx_badd[e] = s.mx_aadd[a]
             s.mx_bland[e] = s.mx_aland[a]
@@ -662,6 +680,19 @@ cdef class FastEngine:
         if kind == "avx512" and not lpu_vnni_available():
             raise _errors.LpuError("mxm_kernel='avx512' needs a host with AVX-512 VNNI and VBMI; this one lacks them")
         self.s.simd = 1 if kind == "avx512" else 0
+
+    @property
+    def helper_threads(self):
+        """Threads beside the cycle loop that multiply big MXM batches (``mxm_kernel="avx512"``
+        batches of at least 16 rows) while the loop goes on: 1 (the default on a host with
+        more than one core) or 0.  Results, cycles and statistics do not depend on it."""
+        return self.s.helper
+
+    @helper_threads.setter
+    def helper_threads(self, n):
+        if n not in (0, 1):
+            raise _errors.LpuError(f"helper_threads must be 0 or 1, got {n!r}")
+        self.s.helper = int(n)
 
     @staticmethod
     def avx512_available():
@@ -779,7 +810,7 @@ _GROWABLE = frozenset(("ib_data", "ib_arr", "ob_data", "ob_meta"))
 _CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",
                            "q_hem", "q_pool", "sx_res", "sx_limit", "ta", "tb", "tm", "tr", "fa", "fb", "fr",
                            "ia", "ib", "ir", "gaddr", "mx_wchk", "mx_wbad", "mx_wconv", "mx_wd", "mx_si",
-                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext"))
+                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext", "mx_bjob", "mx_bseq"))
 
 
 # ---- C-level API (declared in _engine.pxd, for Cython code that embeds the engine) -------------

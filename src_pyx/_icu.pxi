@@ -130,6 +130,17 @@ cdef inline int64_t next_event(State* s) noexcept nogil:
 
 
 cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
+    """run_loop, then every helper job done: outside the loop no FIFO row is pending."""
+    cdef int rc = run_loop(s, until, idle)
+    cdef int64_t e
+    if s.jobs != NULL:
+        lpu_pool_drain(<lpu_pool*>s.jobs)
+        for e in range(s.NP * s.BB):
+            s.mx_bjob[e] = -1
+    return rc
+
+
+cdef int run_loop(State* s, int64_t until, int idle) noexcept nogil:
     """Simulate cycles up to (not including) until (-1: to the end; idle = 0: stop at
     the program's finish cycle if that comes first, 1: idle on up to until).  0 = stopped
     normally, 1 = schedule error in s.err, 2 = out of memory, 3 = the MXM batch of

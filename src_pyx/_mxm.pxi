@@ -31,6 +31,44 @@ cdef extern from "lpu_kernels.h" nogil:
     int lpu_mxm_f16_snap(const float* x, const uint8_t* arr, int L, int c, double s, double b, float* out)
 
 
+cdef extern from "lpu_jobs.h" nogil:
+    int LPU_JOB_I8
+    int LPU_JOB_F32
+    ctypedef struct lpu_job:
+        int kind, n, L, kk, cc
+        float** orow
+        uint8_t* x
+        void* w
+        int32_t* corr
+    ctypedef struct lpu_pool:
+        lpu_job* jobs
+    int lpu_pool_init(lpu_pool* P, int nj, int rows)
+    int lpu_pool_start(lpu_pool* P, int64_t x_bytes, int64_t w_bytes, int64_t corr_ints)
+    lpu_job* lpu_pool_acquire(lpu_pool* P)
+    int64_t lpu_pool_submit(lpu_pool* P, lpu_job* j)
+    void lpu_pool_wait(lpu_pool* P, int k, int64_t seq)
+    void lpu_pool_drain(lpu_pool* P)
+    void lpu_pool_destroy(lpu_pool* P)
+
+# Batches of at least this many rows go to the helper thread (smaller ones cost less
+# to multiply than to hand over).
+DEF HELPER_ROWS = 16
+
+
+cdef inline int pool_start(State* s) noexcept nogil:
+    """0 if the helper thread runs (started now if need be), 1 to compute here."""
+    cdef int L = s.L
+    cdef int64_t wb = lpu_vnni_packed_bytes(L, L)
+    cdef int64_t fb = <int64_t>(L // 2) * 64 * lpu_vnni_blocks(L) * 4
+    return lpu_pool_start(<lpu_pool*>s.jobs, <int64_t>(s.BMAX + 8) * L * 4, wb if wb > fb else fb,
+                          64 * lpu_vnni_blocks(L))
+
+
+cdef inline float* fifo_row(State* s, int p, int i) noexcept nogil:
+    """Where the i-th product of plane p's batch goes: the FIFO's i-th free row."""
+    return s.mx_bres + (p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB) * <int64_t>s.L
+
+
 cdef inline int32_t next_field(State* s, int q, int fi) noexcept nogil:
     """Field fi of the instruction queue q issues next (a repetition adds its stride)."""
     cdef int64_t* qp = s.qs + q * QW
@@ -122,6 +160,9 @@ cdef inline void mxm_apply(State* s, int p, int64_t c) noexcept nogil:
         e = p * s.BB + s.mx_bhead[p]
         if s.mx_bland[e] > c:
             return
+        if s.mx_bjob[e] >= 0:
+            lpu_pool_wait(<lpu_pool*>s.jobs, s.mx_bjob[e], s.mx_bseq[e])
+            s.mx_bjob[e] = -1
         acc = s.mx_acc + (<int64_t>p * s.NACC + s.mx_bacc[e]) * s.L
         res = s.mx_bres + e * s.L
         if s.mx_bdt[e] == DT_INT8:
@@ -138,14 +179,17 @@ cdef inline uint8_t* mx_xrow(State* s, int p, int i) noexcept nogil:
     return s.mx_xb + (<int64_t>p * (s.BMAX + 8) + i) * s.L
 
 
-cdef inline void mxm_commit(State* s, int p, int n, int dtc) noexcept nogil:
-    """The batch's n products are in the FIFO's next n rows: file their accumulators,
-    modes and landing cycles there, and empty the batch."""
+cdef inline void mxm_commit(State* s, int p, int n, int dtc, int job=-1, int64_t seq=0) noexcept nogil:
+    """The batch's n products are in the FIFO's next n rows (or will be, once helper job
+    `job`, submission `seq`, is done): file their accumulators, modes and landing cycles
+    there, and empty the batch."""
     cdef int i
     cdef int64_t a, e
     for i in range(n):
         a = <int64_t>p * s.BMAX + i
         e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
+        s.mx_bjob[e] = job
+        s.mx_bseq[e] = seq
         s.mx_bacc[e] = s.mx_aacc[a]
         s.mx_badd[e] = s.mx_aadd[a]
         s.mx_bland[e] = s.mx_aland[a]
@@ -169,6 +213,21 @@ cdef int mxm_multiply_vnni(State* s, int p) noexcept nogil:
     mxm_apply(s, p, s.t)
     if n + s.mx_bn[p] > s.BB:
         return 1
+    cdef lpu_job* j
+    cdef lpu_pool* P = <lpu_pool*>s.jobs
+    cdef int64_t seq
+    if s.helper and n >= HELPER_ROWS and pool_start(s) == 0:
+        # the job gets its own copies: the batch and the weight slot may change at once
+        j = lpu_pool_acquire(P)
+        j.kind, j.n, j.L = LPU_JOB_I8, n, L
+        memcpy(j.x, mx_xrow(s, p, 0), <int64_t>n * L)
+        lpu_vnni_pack(<int8_t*>mx_slot(s, p, s.mx_arr_slot[p]), L, L, <int8_t*>j.w, j.corr)
+        for i in range(n):
+            j.orow[i] = fifo_row(s, p, i)
+        seq = lpu_pool_submit(P, j)
+        s.mx_hbatches += 1
+        mxm_commit(s, p, n, DT_INT8, <int>(j - P.jobs), seq)
+        return 0
     if s.mx_wpver[p] != s.mx_ver[p]:
         lpu_vnni_pack(<int8_t*>mx_slot(s, p, s.mx_arr_slot[p]), L, L, wp, corr)
         s.mx_wpver[p] = s.mx_ver[p]
@@ -176,7 +235,7 @@ cdef int mxm_multiply_vnni(State* s, int p) noexcept nogil:
     while i < n:
         m = n - i if n - i < 4 else 4       # LPU_VNNI_ROWS
         for k in range(m):
-            orow[k] = s.mx_bres + (p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i + k) % s.BB) * <int64_t>L
+            orow[k] = fifo_row(s, p, i + k)
         lpu_vnni_rows(mx_xrow(s, p, i), L, m, wp, corr, L, L, orow)
         i += m
     mxm_commit(s, p, n, DT_INT8)
@@ -195,9 +254,25 @@ cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
     cdef float* wf = s.mx_wf + <int64_t>p * K * 64 * lpu_vnni_blocks(L)
     cdef float* xa = s.mx_ax + <int64_t>p * s.BMAX * L
     cdef float* orow[4]
+    cdef lpu_job* j
+    cdef lpu_pool* P = <lpu_pool*>s.jobs
+    cdef int64_t seq
     mxm_apply(s, p, s.t)
     if n + s.mx_bn[p] > s.BB:
         return 1
+    if s.helper and n >= HELPER_ROWS and pool_start(s) == 0:
+        j = lpu_pool_acquire(P)
+        j.kind, j.n, j.L = LPU_JOB_F32, n, L
+        memcpy(j.x, xa, <int64_t>n * L * sizeof(float))
+        lpu_f16w_to_f32(mx_slot(s, p, s.mx_arr_slot[p]), L, <float*>j.w, &j.kk, &j.cc)
+        if (j.kk < K or j.cc < L) and lpu_f32_special(xa, L, n, K):
+            j.kk, j.cc = K, L
+        for i in range(n):
+            j.orow[i] = fifo_row(s, p, i)
+        seq = lpu_pool_submit(P, j)
+        s.mx_hbatches += 1
+        mxm_commit(s, p, n, s.mx_arr_dt[p], <int>(j - P.jobs), seq)
+        return 0
     if s.mx_wfver[p] != s.mx_ver[p]:
         lpu_f16w_to_f32(mx_slot(s, p, s.mx_arr_slot[p]), L, wf, <int*>&s.mx_wfext[2 * p], <int*>&s.mx_wfext[2 * p + 1])
         s.mx_wfver[p] = s.mx_ver[p]
@@ -208,7 +283,7 @@ cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
     while i < n:
         m = n - i if n - i < 4 else 4
         for k in range(m):
-            orow[k] = s.mx_bres + (p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i + k) % s.BB) * <int64_t>L
+            orow[k] = fifo_row(s, p, i + k)
         lpu_f32_rows(xa + <int64_t>i * L, L, m, wf, kk, L, cc, orow)
         i += m
     mxm_commit(s, p, n, s.mx_arr_dt[p])

@@ -152,6 +152,7 @@ cdef struct State:
     int small_rows       # batches of at most this many rows are multiplied in the loop (0: never)
     int fp16_exact       # 1: fp16 products exact and rounded once (fp16_mxm="exact"); 0: "fp32" mode
     int64_t mx_cbatches  # batches multiplied in the loop
+    int64_t mx_hbatches  # of which handed to the helper thread
     int64_t* mx_wchk     # [NP] install version whose fp16 weights were checked for inf/NaN, -1: none
     uint8_t* mx_wbad     # [NP] 1 if those weights hold an inf or a NaN
     uint8_t* mx_wconv    # [NP] 1 if mx_wd holds them as float64
@@ -167,6 +168,10 @@ cdef struct State:
     float* mx_wf         # [NP * L/2 * 64 * blocks] installed fp16 weights as float32 (fp32 mode, cache)
     int64_t* mx_wfver    # [NP] install version mx_wf holds, -1: none
     int32_t* mx_wfext    # [NP * 2] 1 + last nonzero weight row, 1 + last nonzero column
+    void* jobs           # lpu_pool* (lpu_jobs.h): the helper thread's jobs
+    int helper           # 1: big batches go to the helper thread
+    int32_t* mx_bjob     # [NP * BB] job filling a FIFO row, -1: filled
+    int64_t* mx_bseq     # [NP * BB] that job's submission number
     # SXM
     int32_t* sx_res      # [256] resource of each SXM opcode
     int32_t* sx_limit    # [N_RESOURCES] units per hemisphere

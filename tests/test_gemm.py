@@ -205,3 +205,66 @@ def test_fp16_fast_mode_bound_over_special_values(kernel, case):
     bound = nK * ((Kc + 3) * 2.0 ** -24 * absprod + np.spacing(np.abs(exact).astype(np.float32)))
     err = np.abs(fast[finite].astype(np.float64) - exact[finite].astype(np.float64))
     assert (err <= bound[finite]).all()
+
+
+def _helper_runs(dtype, helper, M=48, K=150, N=70):
+    from lpucore import Chip
+    A, B = operands(M, K, N, dtype, seed=7)
+    out = "int32" if dtype == "int8" else "float32"
+    g = gemm_program(M, K, N, dtype, out, config=SMALL)
+    chip = Chip(SMALL, fp16_mxm="fp32")
+    chip._eng.small_rows = 0
+    chip._eng.helper_threads = helper
+    C, st_ = g.run(A, B, chip=chip)
+    return C, st_.to_dict(), chip._eng.host_time["mxm_helper_batches"], A, B
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_helper_thread_changes_nothing_but_who_multiplies(dtype):
+    """Big MXM batches go to the helper thread (AVX-512 kernels only): results, cycles
+    and statistics are those of the same run with helper_threads=0."""
+    from lpucore._engine import FastEngine
+    if not FastEngine.avx512_available():
+        pytest.skip("the helper thread takes AVX-512 batches only; host has no AVX-512 VNNI")
+    C0, s0, h0, A, B = _helper_runs(dtype, 0)
+    C1, s1, h1, _, _ = _helper_runs(dtype, 1)
+    assert h0 == 0 and h1 > 0
+    assert s0 == s1
+    assert np.array_equal(C0.view(np.uint32), C1.view(np.uint32))
+    if dtype == "int8":
+        assert np.array_equal(C1, A.astype(np.int64) @ B.astype(np.int64))
+    from lpucore import LpuError
+    from lpucore import Chip
+    with pytest.raises(LpuError, match="helper_threads"):
+        Chip(SMALL)._eng.helper_threads = 2
+
+
+def test_helper_thread_survives_a_fork():
+    """A process forked after the parent's helper thread started gets a thread of its own
+    (the parent's did not come along), not a hang."""
+    import multiprocessing as mp
+    import sys
+    from lpucore._engine import FastEngine
+    if not FastEngine.avx512_available() or sys.platform != "linux":
+        pytest.skip("needs AVX-512 VNNI and fork")
+    from lpucore import Chip
+    A, B = operands(48, 150, 70, "int8", seed=7)
+    g = gemm_program(48, 150, 70, "int8", "int32", config=SMALL)
+    chip = Chip(SMALL)
+    chip._eng.small_rows = 0
+    g.run(A, B, chip=chip)
+    assert chip._eng.host_time["mxm_helper_batches"] > 0
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_reuse, args=(q, chip, g, A, B))
+    p.start()
+    ok, h = q.get(timeout=120)
+    p.join(60)
+    assert ok and h > 0 and p.exitcode == 0
+
+
+def _child_reuse(q, chip, g, A, B):
+    """In the child: the parent's chip (its pool copied, thread absent) runs again."""
+    h0 = chip._eng.host_time["mxm_helper_batches"]
+    C, _ = g.run(A, B, chip=chip)
+    q.put((np.array_equal(C, A.astype(np.int64) @ B.astype(np.int64)), chip._eng.host_time["mxm_helper_batches"] - h0))
