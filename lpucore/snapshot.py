@@ -29,7 +29,8 @@ from .errors import LpuError, ProgramError, SnapshotError
 from .program import Program
 
 FORMAT = "lpucore-snapshot"
-VERSION = 3          # 3: the fast engine stages int8 activations as offset bytes (mx_xb); 2: MXM weights in slots
+VERSION = 4          # 4: fast-engine queues keep their next-issue cycles apart (qn), MXM batches are staged
+                     # in a ring of buffers (mx_xbuf); 3: the fast engine stages int8 activations as offset bytes (mx_xb); 2: MXM weights in slots
 _META = "__meta__"
 _PROGRAM = "__program__"
 _PREFIX = "a__"

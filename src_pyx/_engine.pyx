@@ -171,6 +171,7 @@ cdef class FastEngine:
             a[k] = np.zeros(L, dtype=np.int64)
         a["gaddr"] = np.zeros(s.SL, dtype=np.int32)
         a["qs"] = np.zeros(NQ * QW, dtype=np.int64)
+        a["qn"] = np.full(NQ, INF, dtype=np.int64)
         a["qf"] = np.zeros(NQ * NFIELDS, dtype=np.int32)
         a["q_unit"] = np.array([_UNIT[q.unit] for q in cfg.queues], dtype=np.int32)
         a["q_pos"] = np.array([q.position for q in cfg.queues], dtype=np.int32)
@@ -201,10 +202,13 @@ cdef class FastEngine:
         a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
         a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
         a["mx_acc"] = np.zeros(NP * s.NACC * L, dtype=np.uint32)
-        a["mx_ax"] = np.zeros(NP * s.BMAX * L + 4 * L, dtype=np.float32)   # + 4 rows the kernels may read
+        a["mx_ax"] = np.zeros(NP * NR * s.BMAX * L + 4 * L, dtype=np.float32)   # + 4 rows the kernels may read
         # int8 activations as offset bytes; 8 spare rows (and 4 bytes) so the VNNI kernel may
         # read whole groups of rows and of 4 bytes past a batch's end
-        a["mx_xb"] = np.zeros(NP * (s.BMAX + 8) * L + 4, dtype=np.uint8)
+        a["mx_xb"] = np.zeros(NP * NR * (s.BMAX + 8) * L + 4, dtype=np.uint8)
+        a["mx_xbuf"] = np.zeros(NP, dtype=np.int32)
+        a["mx_rseq"] = np.full(NP * NR, -1, dtype=np.int64)
+        a["mx_sseq"] = np.full(NP * s.NS, -1, dtype=np.int64)
         s.mx_wpstride = lpu_vnni_packed_bytes(L, L)
         a["mx_wp"] = np.zeros(NP * s.mx_wpstride, dtype=np.int8)
         a["mx_wcorr"] = np.zeros(NP * 64 * lpu_vnni_blocks(L), dtype=np.int32)
@@ -216,7 +220,7 @@ cdef class FastEngine:
         a["mx_bjob"] = np.full(NP * s.BB, -1, dtype=np.int32)
         a["mx_bseq"] = np.zeros(NP * s.BB, dtype=np.int64)
         s.jobs = malloc(sizeof(lpu_pool))
-        if s.jobs == NULL or lpu_pool_init(<lpu_pool*>s.jobs, 8, s.BMAX):
+        if s.jobs == NULL or lpu_pool_init(<lpu_pool*>s.jobs, HELPER_JOBS, s.BMAX):
             raise MemoryError("cannot set up the MXM helper thread's jobs")
         s.helper = 1 if (_os.cpu_count() or 1) > 1 else 0
         a["mx_aacc"] = np.zeros(NP * s.BMAX, dtype=np.int32)
@@ -368,6 +372,7 @@ cdef class FastEngine:
         s.vx_cls = _p_i32(a["vx_cls"])
         s.vx_nsrc = _p_i32(a["vx_nsrc"])
         s.qs = _p_i64(a["qs"])
+        s.qn = _p_i64(a["qn"])
         s.qf = _p_i32(a["qf"])
         s.q_unit = _p_i32(a["q_unit"])
         s.q_pos = _p_i32(a["q_pos"])
@@ -382,12 +387,17 @@ cdef class FastEngine:
         s.mx_inst_slot = _p_i32(a["mx_inst_slot"])
         s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
         s.mx_ver = _p_i64(a["mx_ver"])
-        self._views = {"ax": a["mx_ax"][:s.NP * s.BMAX * s.L].reshape(s.NP, s.BMAX, s.L), "slots": a["mx_slots"].reshape(s.NP, s.NS, s.L, s.L),
+        self._views = {"ax": a["mx_ax"][:s.NP * NR * s.BMAX * s.L].reshape(s.NP, NR, s.BMAX, s.L),
+                       "xb": a["mx_xb"][:s.NP * NR * (s.BMAX + 8) * s.L].reshape(s.NP, NR, s.BMAX + 8, s.L),
+                       "slots": a["mx_slots"].reshape(s.NP, s.NS, s.L, s.L),
                        "bres": a["mx_bres"].reshape(s.NP, s.BB, s.L)}
         s.mx_inst_T = _p_i64(a["mx_inst_T"])
         s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
         s.mx_acc = _p_u32(a["mx_acc"])
         s.mx_ax = _p_f32(a["mx_ax"])
+        s.mx_xbuf = _p_i32(a["mx_xbuf"])
+        s.mx_rseq = _p_i64(a["mx_rseq"])
+        s.mx_sseq = _p_i64(a["mx_sseq"])
         s.mx_aacc = _p_i32(a["mx_aacc"])
         s.mx_aadd = _p_u8(a["mx_aadd"])
         s.mx_aland = _p_i64(a["mx_aland"])
@@ -466,10 +476,12 @@ cdef class FastEngine:
         for k in ("lk_busy", "lk_sent", "lk_recv", "ib_head", "ib_n", "ob_n"):
             a[k][:] = 0
         for k in ("st_issued", "st_icu", "st_bread", "st_bwrite", "mx_macs", "mx_busy", "mx_peak",
-                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot", "sx_use"):
+                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_xbuf", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot", "sx_use"):
             a[k][:] = 0
         a["mx_arr_dt"][:] = -1
         a["mx_bjob"][:] = -1
+        a["mx_rseq"][:] = -1
+        a["mx_sseq"][:] = -1
         a["mx_arr_slot"][:] = -1
         a["mx_wchk"][:] = -1
         a["mx_wpver"][:] = -1
@@ -481,14 +493,15 @@ cdef class FastEngine:
         s.sx_cycle = -1
         qs = a["qs"].reshape(s.NQ, QW)
         qs[:] = 0
+        qn = a["qn"]
         if self.program is not None:
             _, qstart = self._lowered
             for q in range(s.NQ):
                 qs[q, Q_PC] = qstart[q]
                 qs[q, Q_END] = qstart[q + 1]
-                qs[q, Q_NEXT] = 0 if qstart[q + 1] > qstart[q] else INF
+                qn[q] = 0 if qstart[q + 1] > qstart[q] else INF
         else:
-            qs[:, Q_NEXT] = INF
+            qn[:] = INF
         s.n_notify = 0
         s.t = -1
         s.cycle = 0
@@ -577,10 +590,10 @@ cdef class FastEngine:
         w = self._weights(p, dtc)
         if dtc == DT_INT8:
             # exact: every partial sum is an integer below 2**24
-            xb = self.a["mx_xb"][:s.NP * (s.BMAX + 8) * s.L].reshape(s.NP, s.BMAX + 8, s.L)[p, :n]
+            xb = v["xb"][p, s.mx_xbuf[p], :n]
             res = (xb ^ 0x80).view(np.int8).astype(np.float32) @ w
         else:
-            rows = v["ax"][p, :n]
+            rows = v["ax"][p, s.mx_xbuf[p], :n]
             K = s.L // 2
             if self.fp16_mxm == "exact":
                 res = _matmul.fp16_dot_fast(rows[:, :K].astype(np.float16), w)
@@ -693,6 +706,16 @@ cdef class FastEngine:
         if n not in (0, 1):
             raise _errors.LpuError(f"helper_threads must be 0 or 1, got {n!r}")
         self.s.helper = int(n)
+
+    @property
+    def _helper_delay_us(self):
+        """Tests only: microseconds the helper thread sleeps before each job it takes, so
+        that a loop that reads or rewrites a job's data too early gets caught."""
+        return (<lpu_pool*>self.s.jobs).delay_us
+
+    @_helper_delay_us.setter
+    def _helper_delay_us(self, us):
+        (<lpu_pool*>self.s.jobs).delay_us = int(us)
 
     @staticmethod
     def avx512_available():
@@ -810,7 +833,8 @@ _GROWABLE = frozenset(("ib_data", "ib_arr", "ob_data", "ob_meta"))
 _CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",
                            "q_hem", "q_pool", "sx_res", "sx_limit", "ta", "tb", "tm", "tr", "fa", "fb", "fr",
                            "ia", "ib", "ir", "gaddr", "mx_wchk", "mx_wbad", "mx_wconv", "mx_wd", "mx_si",
-                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext", "mx_bjob", "mx_bseq"))
+                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext", "mx_bjob", "mx_bseq",
+                           "mx_rseq", "mx_sseq"))
 
 
 # ---- C-level API (declared in _engine.pxd, for Cython code that embeds the engine) -------------

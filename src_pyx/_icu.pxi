@@ -3,13 +3,16 @@
 # nothing; within a cycle queues issue in queue-number order, as in the
 # reference engine.
 
+cdef extern from "lpu_icu.h" nogil:
+    int lpu_next_due(const int64_t* qn, int q0, int nq, int64_t c, int64_t* nmin)
+
 cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:
     cdef int64_t* qp = s.qs + q * QW
     effect(s, T - 1)
     if qp[Q_REPLEFT] > 0 or qp[Q_PC] < qp[Q_END]:
-        qp[Q_NEXT] = T
+        s.qn[q] = T
     else:
-        qp[Q_NEXT] = INF
+        s.qn[q] = INF
 
 
 cdef inline int execute(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
@@ -87,7 +90,7 @@ cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
             set_next(s, q, k if k > c + 1 else c + 1)
         else:
             qp[Q_WAIT] = qp[Q_SYNCS]
-            qp[Q_NEXT] = INF
+            s.qn[q] = INF
         return 0
     if op == OP_NOTIFY:
         s.st_icu[q] += 1
@@ -123,7 +126,7 @@ cdef inline int64_t next_event(State* s) noexcept nogil:
     cdef int64_t nx
     cdef int q
     for q in range(s.NQ):
-        nx = s.qs[q * QW + Q_NEXT]
+        nx = s.qn[q]
         if nx < c:
             c = nx
     return c
@@ -137,6 +140,10 @@ cdef int run_until(State* s, int64_t until, int idle) noexcept nogil:
         lpu_pool_drain(<lpu_pool*>s.jobs)
         for e in range(s.NP * s.BB):
             s.mx_bjob[e] = -1
+        for e in range(s.NP * NR):
+            s.mx_rseq[e] = -1
+        for e in range(s.NP * s.NS):
+            s.mx_sseq[e] = -1
     return rc
 
 
@@ -188,23 +195,22 @@ cdef int run_loop(State* s, int64_t until, int idle) noexcept nogil:
         # issue, and find the next cycle with work in the same pass
         nmin = INF
         s.woke = 0
-        for q in range(s.NQ):
-            nx = s.qs[q * QW + Q_NEXT]
-            if nx == c:
-                if (s.q_unit[q] == UNIT_MXM and mxm_needs_flush(s, q, next_op(s, q), c)
-                        and mxm_multiply_small(s, s.q_slot[q])):
-                    s.flush_plane = s.q_slot[q]
-                    return 3
-                if s.q_unit[q] == UNIT_SXM and s.ob_n[0] >= s.OBC:
-                    return 4
-                rc = issue(s, q, c)
-                if rc:
-                    # leave SRAM as the reference engine does: writes landing by c applied
-                    mem_flush(s, c)
-                    return rc
-                nx = s.qs[q * QW + Q_NEXT]
-            if nx < nmin:
-                nmin = nx
+        q = lpu_next_due(s.qn, 0, s.NQ, c, &nmin)
+        while q < s.NQ:
+            if (s.q_unit[q] == UNIT_MXM and mxm_needs_flush(s, q, next_op(s, q), c)
+                    and mxm_multiply_small(s, s.q_slot[q])):
+                s.flush_plane = s.q_slot[q]
+                return 3
+            if s.q_unit[q] == UNIT_SXM and s.ob_n[0] >= s.OBC:
+                return 4
+            rc = issue(s, q, c)
+            if rc:
+                # leave SRAM as the reference engine does: writes landing by c applied
+                mem_flush(s, c)
+                return rc
+            if s.qn[q] < nmin:
+                nmin = s.qn[q]
+            q = lpu_next_due(s.qn, q + 1, s.NQ, c, &nmin)
         if s.woke:
             # a Notify released queues that this pass may already have looked at
             nmin = next_event(s)

@@ -37,16 +37,19 @@ cdef extern from "lpu_jobs.h" nogil:
     ctypedef struct lpu_job:
         int kind, n, L, kk, cc
         float** orow
-        uint8_t* x
+        const uint8_t* x
+        const uint8_t* wsrc
         void* w
         int32_t* corr
     ctypedef struct lpu_pool:
         lpu_job* jobs
+        int delay_us
     int lpu_pool_init(lpu_pool* P, int nj, int rows)
-    int lpu_pool_start(lpu_pool* P, int64_t x_bytes, int64_t w_bytes, int64_t corr_ints)
+    int lpu_pool_start(lpu_pool* P, int64_t w_bytes, int64_t corr_ints)
     lpu_job* lpu_pool_acquire(lpu_pool* P)
     int64_t lpu_pool_submit(lpu_pool* P, lpu_job* j)
     void lpu_pool_wait(lpu_pool* P, int k, int64_t seq)
+    void lpu_pool_wait_upto(lpu_pool* P, int64_t seq)
     void lpu_pool_drain(lpu_pool* P)
     void lpu_pool_destroy(lpu_pool* P)
 
@@ -60,8 +63,45 @@ cdef inline int pool_start(State* s) noexcept nogil:
     cdef int L = s.L
     cdef int64_t wb = lpu_vnni_packed_bytes(L, L)
     cdef int64_t fb = <int64_t>(L // 2) * 64 * lpu_vnni_blocks(L) * 4
-    return lpu_pool_start(<lpu_pool*>s.jobs, <int64_t>(s.BMAX + 8) * L * 4, wb if wb > fb else fb,
-                          64 * lpu_vnni_blocks(L))
+    return lpu_pool_start(<lpu_pool*>s.jobs, wb if wb > fb else fb, 64 * lpu_vnni_blocks(L))
+
+
+cdef inline void pool_hand_over(State* s, int p, int kind, const uint8_t* x, int64_t row_bytes,
+                                int n, int dtc) noexcept nogil:
+    """Hand plane p's batch of n rows (staged at x, row_bytes apart) to helper jobs that
+    multiply it where it is, with the installed slot's weights: two jobs of half the rows
+    each when it is big enough, so that a loop waiting for one can run the other.  File
+    the products' rows, and stage the plane's next batch in the ring's next buffer (once
+    the job that read that buffer last is done)."""
+    cdef lpu_pool* P = <lpu_pool*>s.jobs
+    cdef lpu_job* j
+    cdef int i, b, part, r0, r1, nparts
+    cdef int64_t seq = -1
+    cdef int64_t e, base = s.mx_bhead[p] + s.mx_bn[p]
+    mxm_commit(s, p, n, dtc)
+    nparts = 2 if n >= 2 * HELPER_ROWS else 1
+    for part in range(nparts):
+        r0 = part * n // nparts
+        r1 = (part + 1) * n // nparts
+        j = lpu_pool_acquire(P)
+        j.kind, j.n, j.L = kind, r1 - r0, s.L
+        j.x = x + r0 * row_bytes
+        j.wsrc = mx_slot(s, p, s.mx_arr_slot[p])
+        for i in range(r0, r1):
+            e = p * s.BB + (base + i) % s.BB
+            j.orow[i - r0] = s.mx_bres + e * s.L
+            s.mx_bjob[e] = <int>(j - P.jobs)
+        seq = lpu_pool_submit(P, j)
+        for i in range(r0, r1):
+            s.mx_bseq[p * s.BB + (base + i) % s.BB] = seq
+    s.mx_hbatches += 1
+    s.mx_sseq[p * s.NS + s.mx_arr_slot[p]] = seq
+    b = p * NR + s.mx_xbuf[p]
+    s.mx_rseq[b] = seq
+    s.mx_xbuf[p] = (s.mx_xbuf[p] + 1) % NR
+    b = p * NR + s.mx_xbuf[p]
+    lpu_pool_wait_upto(P, s.mx_rseq[b])
+    s.mx_rseq[b] = -1
 
 
 cdef inline float* fifo_row(State* s, int p, int i) noexcept nogil:
@@ -175,8 +215,13 @@ cdef inline void mxm_apply(State* s, int p, int64_t c) noexcept nogil:
 
 
 cdef inline uint8_t* mx_xrow(State* s, int p, int i) noexcept nogil:
-    """Row i of plane p's batch of int8 activations (offset bytes)."""
-    return s.mx_xb + (<int64_t>p * (s.BMAX + 8) + i) * s.L
+    """Row i of plane p's int8 batch (offset bytes) in its current ring buffer."""
+    return s.mx_xb + ((<int64_t>p * NR + s.mx_xbuf[p]) * (s.BMAX + 8) + i) * s.L
+
+
+cdef inline float* mx_axrow(State* s, int p, int i) noexcept nogil:
+    """Row i of plane p's float batch in its current ring buffer."""
+    return s.mx_ax + ((<int64_t>p * NR + s.mx_xbuf[p]) * s.BMAX + i) * s.L
 
 
 cdef inline void mxm_commit(State* s, int p, int n, int dtc, int job=-1, int64_t seq=0) noexcept nogil:
@@ -217,16 +262,7 @@ cdef int mxm_multiply_vnni(State* s, int p) noexcept nogil:
     cdef lpu_pool* P = <lpu_pool*>s.jobs
     cdef int64_t seq
     if s.helper and n >= HELPER_ROWS and pool_start(s) == 0:
-        # the job gets its own copies: the batch and the weight slot may change at once
-        j = lpu_pool_acquire(P)
-        j.kind, j.n, j.L = LPU_JOB_I8, n, L
-        memcpy(j.x, mx_xrow(s, p, 0), <int64_t>n * L)
-        lpu_vnni_pack(<int8_t*>mx_slot(s, p, s.mx_arr_slot[p]), L, L, <int8_t*>j.w, j.corr)
-        for i in range(n):
-            j.orow[i] = fifo_row(s, p, i)
-        seq = lpu_pool_submit(P, j)
-        s.mx_hbatches += 1
-        mxm_commit(s, p, n, DT_INT8, <int>(j - P.jobs), seq)
+        pool_hand_over(s, p, LPU_JOB_I8, mx_xrow(s, p, 0), L, n, DT_INT8)
         return 0
     if s.mx_wpver[p] != s.mx_ver[p]:
         lpu_vnni_pack(<int8_t*>mx_slot(s, p, s.mx_arr_slot[p]), L, L, wp, corr)
@@ -252,7 +288,7 @@ cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
     cdef int K = L // 2
     cdef int i, k, m, kk, cc
     cdef float* wf = s.mx_wf + <int64_t>p * K * 64 * lpu_vnni_blocks(L)
-    cdef float* xa = s.mx_ax + <int64_t>p * s.BMAX * L
+    cdef float* xa = mx_axrow(s, p, 0)
     cdef float* orow[4]
     cdef lpu_job* j
     cdef lpu_pool* P = <lpu_pool*>s.jobs
@@ -261,17 +297,7 @@ cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
     if n + s.mx_bn[p] > s.BB:
         return 1
     if s.helper and n >= HELPER_ROWS and pool_start(s) == 0:
-        j = lpu_pool_acquire(P)
-        j.kind, j.n, j.L = LPU_JOB_F32, n, L
-        memcpy(j.x, xa, <int64_t>n * L * sizeof(float))
-        lpu_f16w_to_f32(mx_slot(s, p, s.mx_arr_slot[p]), L, <float*>j.w, &j.kk, &j.cc)
-        if (j.kk < K or j.cc < L) and lpu_f32_special(xa, L, n, K):
-            j.kk, j.cc = K, L
-        for i in range(n):
-            j.orow[i] = fifo_row(s, p, i)
-        seq = lpu_pool_submit(P, j)
-        s.mx_hbatches += 1
-        mxm_commit(s, p, n, s.mx_arr_dt[p], <int>(j - P.jobs), seq)
+        pool_hand_over(s, p, LPU_JOB_F32, <const uint8_t*>xa, L * sizeof(float), n, s.mx_arr_dt[p])
         return 0
     if s.mx_wfver[p] != s.mx_ver[p]:
         lpu_f16w_to_f32(mx_slot(s, p, s.mx_arr_slot[p]), L, wf, <int*>&s.mx_wfext[2 * p], <int*>&s.mx_wfext[2 * p + 1])
@@ -332,7 +358,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
             return 1
         nnz = 0
         for i in range(n):
-            xa = s.mx_ax + (<int64_t>p * s.BMAX + i) * L
+            xa = mx_axrow(s, p, i)
             for k in range(K):
                 if not fabsf(xa[k]) <= 3.4028234663852886e38:
                     return 1
@@ -354,7 +380,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
     mxm_apply(s, p, s.t)
     for i in range(n):
         a = <int64_t>p * s.BMAX + i
-        xa = s.mx_ax + a * L
+        xa = mx_axrow(s, p, i)
         e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
         res = s.mx_bres + e * L
         if dtc == DT_INT8:
@@ -418,6 +444,10 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                 s.mx_row_src[p * s.L + i] = b
         s.mx_inst_slot[e] = b
         s.mx_buf_slot[p] = mx_free_slot(s, p, b)
+        # LW is about to rewrite that slot: a helper job may still read its weights
+        if s.mx_sseq[p * s.NS + s.mx_buf_slot[p]] >= 0:
+            lpu_pool_wait_upto(<lpu_pool*>s.jobs, s.mx_sseq[p * s.NS + s.mx_buf_slot[p]])
+            s.mx_sseq[p * s.NS + s.mx_buf_slot[p]] = -1
         effect(s, T)
         return 0
     if op == OP_ABC:
@@ -449,7 +479,7 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
             for i in range(s.L):
                 v[i] = lo[i] ^ 0x80
         else:
-            xa = s.mx_ax + e * s.L
+            xa = mx_axrow(s, p, s.mx_an[p])
             if s.simd:
                 lpu_stage_f16(lo, hi, s.L, xa)
             else:

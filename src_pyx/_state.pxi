@@ -6,16 +6,20 @@ cdef enum:
     # per-queue state, int64 qs[NQ * QW]
     Q_PC = 0          # next row of code to fetch
     Q_END = 1         # one past the queue's last row
-    Q_NEXT = 2        # cycle of the next issue (INF: parked or done)
-    Q_REPLEFT = 3     # repetitions still to issue
-    Q_REPK = 4        # repetitions issued so far
-    Q_REPD = 5        # cycles between repetitions
-    Q_REPSTRIDE = 6   # address stride per repetition
-    Q_REPROW = 7      # row of the repeated instruction
-    Q_SYNCS = 8       # Syncs issued by this queue
-    Q_WAIT = 9        # Notify number this queue is parked on (0: not parked)
-    Q_SYNCC = 10      # cycle of the parked Sync
-    QW = 11
+    Q_REPLEFT = 2     # repetitions still to issue
+    Q_REPK = 3        # repetitions issued so far
+    Q_REPD = 4        # cycles between repetitions
+    Q_REPSTRIDE = 5   # address stride per repetition
+    Q_REPROW = 6      # row of the repeated instruction
+    Q_SYNCS = 7       # Syncs issued by this queue
+    Q_WAIT = 8        # Notify number this queue is parked on (0: not parked)
+    Q_SYNCC = 9       # cycle of the parked Sync
+    QW = 10
+
+cdef enum:
+    NR = 3            # activation staging buffers per MXM plane: a helper job reads one
+                      # while the plane's next batches fill the others
+    HELPER_JOBS = 8   # helper-thread jobs in flight at most
 
 cdef enum:
     ERR_NONE = 0
@@ -78,6 +82,8 @@ cdef struct State:
     int32_t* vx_nsrc # [256] source operands of the (dtype, dst, a[, b]) layouts
     # queues
     int64_t* qs      # [NQ * QW]
+    int64_t* qn      # [NQ] cycle of each queue's next issue (INF: parked or done); apart from
+                     # qs so that the loop's per-cycle scan of all queues reads one short array
     int32_t* qf      # [NQ * NFIELDS] operand fields of each queue's current instruction
     int32_t* q_unit
     int32_t* q_pos
@@ -130,7 +136,7 @@ cdef struct State:
     int64_t* mx_inst_T   # [NP * RI] their effective cycle, -1 if free
     int32_t* mx_inst_dt
     uint32_t* mx_acc     # [NP * NACC * L]
-    float* mx_ax         # [NP * BMAX * L] batched activations, as floats
+    float* mx_ax         # [NP * NR * BMAX * L] batched activations, as floats (a ring of NR per plane)
     int32_t* mx_aacc
     uint8_t* mx_aadd
     int64_t* mx_aland
@@ -159,7 +165,10 @@ cdef struct State:
     double* mx_wd        # [NP * L/2 * L] fp16 weights as float64 (cache)
     int32_t* mx_si       # [L] scratch: int8 dot products
     double* mx_sd        # [2 * L] scratch: fp16 dot products and their sums of |products|
-    uint8_t* mx_xb       # [NP * (BMAX + 8) * L + 4] batched int8 activations as offset bytes (x ^ 0x80)
+    uint8_t* mx_xb       # [NP * NR * (BMAX + 8) * L + 4] batched int8 activations as offset bytes (x ^ 0x80)
+    int32_t* mx_xbuf     # [NP] the ring buffer (of mx_ax and mx_xb) the plane's batch is staged in
+    int64_t* mx_rseq     # [NP * NR] last helper job reading each ring buffer (submission number, -1: none)
+    int64_t* mx_sseq     # [NP * NS] last helper job reading each weight slot
     int simd             # 1: int8 and fp32-mode fp16 batches of any size are multiplied here (AVX-512)
     int8_t* mx_wp        # [NP * packed bytes] installed int8 weights in the VNNI kernel's layout (cache)
     int32_t* mx_wcorr    # [NP * 64 * blocks] 128 x their column sums

@@ -2,13 +2,16 @@
  *
  * A batch's product is not needed until its rows land (mxm_delay cycles after their ABC)
  * and an accumulator is read, often hundreds of simulated cycles later.  So the loop
- * hands a big batch to a job (its activations copied and its weights converted into the
- * job's own buffers, so that later LWs may rewrite the plane's weight slots at once), a
- * helper thread multiplies it straight into the plane's product FIFO, and the loop goes
- * on.  The loop waits for a job only when it applies a FIFO row the job fills; a waiting
- * loop runs still-queued jobs itself.  Every return from the loop drains all jobs, so no
- * job outlives a run() call.  Who computes a row changes nothing in it: the kernels are
- * the same, so results are identical with or without the helper.
+ * hands a big batch to a job and goes on; a helper thread packs the weights into the
+ * job's own buffer and multiplies straight into the plane's product FIFO.  The job
+ * reads the batch's activations and the installed weight slot where they are: the loop
+ * stages the next batches into other buffers of a per-plane ring, and before it reuses
+ * a ring buffer or lets LW rewrite a weight slot, it waits for the jobs that read it
+ * (lpu_pool_wait_upto).  The loop waits for a job's products only when it applies a
+ * FIFO row the job fills; a waiting loop runs still-queued jobs itself.  Every return
+ * from the loop drains all jobs, so no job outlives a run() call.  Who computes a row
+ * changes nothing in it: the kernels are the same, so results are identical with or
+ * without the helper.
  */
 #ifndef LPU_JOBS_H
 #define LPU_JOBS_H
@@ -33,8 +36,9 @@ typedef struct {
     int kind, n, L, kk, cc;
     int64_t seq;           /* submission number, to tell a recycled job from the one waited for */
     float **orow;          /* [rows]: where row i's L products go (FIFO rows) */
-    uint8_t *x;            /* activations: n rows of L offset bytes or L floats, 4 spare rows */
-    void *w;               /* weights in the kernel's layout */
+    const uint8_t *x;      /* activations (a ring buffer): n rows of L offset bytes or L floats */
+    const uint8_t *wsrc;   /* the installed weight slot: L rows of L bytes */
+    void *w;               /* the weights in the kernel's layout (the job's own) */
     int32_t *corr;         /* int8: 128 x column sums */
     int state;             /* LPU_JOB_*, read and written with atomics */
 } lpu_job;
@@ -46,13 +50,25 @@ typedef struct {
     int started, stop, failed;
     pid_t pid;             /* the process that started the thread: a fork's child has none */
     int nj, rows;
+    int delay_us;          /* tests: the helper thread sleeps this long before each job, so that
+                            * a loop that does not wait for it reads or rewrites too early */
     int64_t next_seq;
     lpu_job *jobs;
 } lpu_pool;
 
 static void lpu_job_run(lpu_job *j)
 {
-    int L = j->L;
+    int L = j->L, K = L / 2;
+    if (j->kind == LPU_JOB_I8) {
+        lpu_vnni_pack((const int8_t *)j->wsrc, L, L, (int8_t *)j->w, j->corr);
+    } else {
+        lpu_f16w_to_f32(j->wsrc, L, (float *)j->w, &j->kk, &j->cc);
+        /* all-zero weight padding is skipped unless an activation is inf or NaN */
+        if ((j->kk < K || j->cc < L) && lpu_f32_special((const float *)j->x, L, j->n, K)) {
+            j->kk = K;
+            j->cc = L;
+        }
+    }
     for (int i = 0; i < j->n; i += 4) {
         int m = j->n - i < 4 ? j->n - i : 4;
         if (j->kind == LPU_JOB_I8)
@@ -96,6 +112,16 @@ static void *lpu_pool_main(void *arg)
             pthread_cond_wait(&P->cv_work, &P->mu);
             continue;
         }
+        if (P->delay_us > 0) {
+            __atomic_store_n(&j->state, LPU_JOB_RUNNING, __ATOMIC_RELAXED);
+            pthread_mutex_unlock(&P->mu);
+            usleep((useconds_t)P->delay_us);
+            lpu_job_run(j);
+            pthread_mutex_lock(&P->mu);
+            __atomic_store_n(&j->state, LPU_JOB_DONE, __ATOMIC_RELEASE);
+            pthread_cond_broadcast(&P->cv_done);
+            continue;
+        }
         lpu_pool_run_here(P, j);
     }
     pthread_mutex_unlock(&P->mu);
@@ -116,7 +142,7 @@ static int lpu_pool_init(lpu_pool *P, int nj, int rows)
 
 /* Allocate the jobs' buffers and start the thread; 0 on success (else the caller
  * computes synchronously). */
-static int lpu_pool_start(lpu_pool *P, int64_t x_bytes, int64_t w_bytes, int64_t corr_ints)
+static int lpu_pool_start(lpu_pool *P, int64_t w_bytes, int64_t corr_ints)
 {
     if (P->started && P->pid == getpid())
         return 0;
@@ -142,10 +168,9 @@ static int lpu_pool_start(lpu_pool *P, int64_t x_bytes, int64_t w_bytes, int64_t
     for (int k = 0; k < P->nj; k++) {
         lpu_job *j = &P->jobs[k];
         j->orow = (float **)malloc((size_t)P->rows * sizeof(float *));
-        j->x = (uint8_t *)aligned_alloc(64, (size_t)((x_bytes + 63) / 64 * 64));
         j->w = aligned_alloc(64, (size_t)((w_bytes + 63) / 64 * 64));
         j->corr = (int32_t *)aligned_alloc(64, (size_t)((corr_ints * 4 + 63) / 64 * 64));
-        if (j->orow == NULL || j->x == NULL || j->w == NULL || j->corr == NULL)
+        if (j->orow == NULL || j->w == NULL || j->corr == NULL)
             return 1;
     }
     if (pthread_create(&P->th, NULL, lpu_pool_main, P))
@@ -207,6 +232,31 @@ static void lpu_pool_wait(lpu_pool *P, int k, int64_t seq)
     pthread_mutex_unlock(&P->mu);
 }
 
+/* Return once every job submitted as number seq or earlier is done (this thread runs
+ * the queued ones): jobs finish out of order when the loop runs one it waits for. */
+static void lpu_pool_wait_upto(lpu_pool *P, int64_t seq)
+{
+    if (seq < 0)
+        return;
+    pthread_mutex_lock(&P->mu);
+    for (;;) {
+        lpu_job *busy = NULL;
+        for (int k = 0; k < P->nj; k++) {
+            lpu_job *j = &P->jobs[k];
+            if ((j->state == LPU_JOB_QUEUED || j->state == LPU_JOB_RUNNING) && j->seq <= seq &&
+                (busy == NULL || j->state == LPU_JOB_QUEUED))
+                busy = j;
+        }
+        if (busy == NULL)
+            break;
+        if (busy->state == LPU_JOB_QUEUED)
+            lpu_pool_run_here(P, busy);
+        else
+            pthread_cond_wait(&P->cv_done, &P->mu);
+    }
+    pthread_mutex_unlock(&P->mu);
+}
+
 /* Return once every submitted job is done (this thread runs the queued ones). */
 static void lpu_pool_drain(lpu_pool *P)
 {
@@ -242,7 +292,6 @@ static void lpu_pool_destroy(lpu_pool *P)
     if (P->jobs != NULL) {
         for (int k = 0; k < P->nj; k++) {
             free(P->jobs[k].orow);
-            free(P->jobs[k].x);
             free(P->jobs[k].w);
             free(P->jobs[k].corr);
         }

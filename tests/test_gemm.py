@@ -207,7 +207,7 @@ def test_fp16_fast_mode_bound_over_special_values(kernel, case):
     assert (err <= bound[finite]).all()
 
 
-def _helper_runs(dtype, helper, M=48, K=150, N=70):
+def _helper_runs(dtype, helper, M=48, K=150, N=70, delay_us=0):
     from lpucore import Chip
     A, B = operands(M, K, N, dtype, seed=7)
     out = "int32" if dtype == "int8" else "float32"
@@ -215,19 +215,24 @@ def _helper_runs(dtype, helper, M=48, K=150, N=70):
     chip = Chip(SMALL, fp16_mxm="fp32")
     chip._eng.small_rows = 0
     chip._eng.helper_threads = helper
+    chip._eng._helper_delay_us = delay_us
     C, st_ = g.run(A, B, chip=chip)
     return C, st_.to_dict(), chip._eng.host_time["mxm_helper_batches"], A, B
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
-def test_helper_thread_changes_nothing_but_who_multiplies(dtype):
+@pytest.mark.parametrize("shape,delay_us", [((48, 150, 70), 0), ((40, 320, 256), 0), ((40, 320, 256), 2000)])
+def test_helper_thread_changes_nothing_but_who_multiplies(dtype, shape, delay_us):
     """Big MXM batches go to the helper thread (AVX-512 kernels only): results, cycles
-    and statistics are those of the same run with helper_threads=0."""
+    and statistics are those of the same run with helper_threads=0.  The second shape
+    installs many weight sets back to back, so LW rewrites slots and batches reuse
+    staging buffers that jobs read moments before; with a slow helper (delay_us), a
+    loop that did not wait for them would corrupt the jobs' inputs."""
     from lpucore._engine import FastEngine
     if not FastEngine.avx512_available():
         pytest.skip("the helper thread takes AVX-512 batches only; host has no AVX-512 VNNI")
-    C0, s0, h0, A, B = _helper_runs(dtype, 0)
-    C1, s1, h1, _, _ = _helper_runs(dtype, 1)
+    C0, s0, h0, A, B = _helper_runs(dtype, 0, *shape)
+    C1, s1, h1, _, _ = _helper_runs(dtype, 1, *shape, delay_us=delay_us)
     assert h0 == 0 and h1 > 0
     assert s0 == s1
     assert np.array_equal(C0.view(np.uint32), C1.view(np.uint32))
