@@ -224,17 +224,16 @@ cdef inline float* mx_axrow(State* s, int p, int i) noexcept nogil:
     return s.mx_ax + ((<int64_t>p * NR + s.mx_xbuf[p]) * s.BMAX + i) * s.L
 
 
-cdef inline void mxm_commit(State* s, int p, int n, int dtc, int job=-1, int64_t seq=0) noexcept nogil:
-    """The batch's n products are in the FIFO's next n rows (or will be, once helper job
-    `job`, submission `seq`, is done): file their accumulators, modes and landing cycles
-    there, and empty the batch."""
+cdef inline void mxm_commit(State* s, int p, int n, int dtc) noexcept nogil:
+    """The batch's n products are in the FIFO's next n rows (or will be, once the helper
+    jobs pool_hand_over then files there are done): file their accumulators, modes and
+    landing cycles there, and empty the batch."""
     cdef int i
     cdef int64_t a, e
     for i in range(n):
         a = <int64_t>p * s.BMAX + i
         e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
-        s.mx_bjob[e] = job
-        s.mx_bseq[e] = seq
+        s.mx_bjob[e] = -1
         s.mx_bacc[e] = s.mx_aacc[a]
         s.mx_badd[e] = s.mx_aadd[a]
         s.mx_bland[e] = s.mx_aland[a]
@@ -258,9 +257,6 @@ cdef int mxm_multiply_vnni(State* s, int p) noexcept nogil:
     mxm_apply(s, p, s.t)
     if n + s.mx_bn[p] > s.BB:
         return 1
-    cdef lpu_job* j
-    cdef lpu_pool* P = <lpu_pool*>s.jobs
-    cdef int64_t seq
     if s.helper and n >= HELPER_ROWS and pool_start(s) == 0:
         pool_hand_over(s, p, LPU_JOB_I8, mx_xrow(s, p, 0), L, n, DT_INT8)
         return 0
@@ -290,9 +286,6 @@ cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
     cdef float* wf = s.mx_wf + <int64_t>p * K * 64 * lpu_vnni_blocks(L)
     cdef float* xa = mx_axrow(s, p, 0)
     cdef float* orow[4]
-    cdef lpu_job* j
-    cdef lpu_pool* P = <lpu_pool*>s.jobs
-    cdef int64_t seq
     mxm_apply(s, p, s.t)
     if n + s.mx_bn[p] > s.BB:
         return 1

@@ -113,14 +113,11 @@ static void *lpu_pool_main(void *arg)
             continue;
         }
         if (P->delay_us > 0) {
+            /* RUNNING while asleep, so that the loop cannot take it over */
             __atomic_store_n(&j->state, LPU_JOB_RUNNING, __ATOMIC_RELAXED);
             pthread_mutex_unlock(&P->mu);
             usleep((useconds_t)P->delay_us);
-            lpu_job_run(j);
             pthread_mutex_lock(&P->mu);
-            __atomic_store_n(&j->state, LPU_JOB_DONE, __ATOMIC_RELEASE);
-            pthread_cond_broadcast(&P->cv_done);
-            continue;
         }
         lpu_pool_run_here(P, j);
     }
