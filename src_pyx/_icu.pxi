@@ -4,6 +4,7 @@
 # reference engine.
 
 cdef extern from "lpu_icu.h" nogil:
+    int __builtin_ctz(unsigned int x)
     int lpu_next_due(const int64_t* qn, int q0, int nq, int64_t c, int64_t* nmin)
 
 cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:
@@ -64,9 +65,12 @@ cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
         op = s.code[qp[Q_REPROW] * (1 + NFIELDS)]
         m = s.strided[op]
         if m and qp[Q_REPSTRIDE]:
-            for i in range(NFIELDS):
-                if (m >> i) & 1:
-                    f[i] += <int32_t>qp[Q_REPSTRIDE]
+            if m & (m - 1) == 0:        # one strided field, as in every op but a few
+                f[__builtin_ctz(<unsigned int>m)] += <int32_t>qp[Q_REPSTRIDE]
+            else:
+                for i in range(NFIELDS):
+                    if (m >> i) & 1:
+                        f[i] += <int32_t>qp[Q_REPSTRIDE]
         if execute(s, q, op, f, c):
             return 1
         set_next(s, q, c + qp[Q_REPD] if qp[Q_REPLEFT] > 0 else c + 1)

@@ -97,27 +97,31 @@ cdef inline int map_addresses(State* s, int q, int mp, int pos, int64_t c) noexc
 cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
     cdef int g = s.q_slice[q]
     cdef int pos = s.q_pos[q]
-    cdef int k, j, b, dst, src
+    cdef int k, j, b, dst, src, nr, nw
     cdef int64_t e, slot, T
     cdef int32_t* wa
     cdef uint8_t* out
     cdef uint8_t* vec
     if op == OP_READ or op == OP_GATHER:
+        # a Read's superlanes share one address: gaddr[0] (and the pending write's
+        # wr_addr[0] when wr_uniform) stands for all of them
         if op == OP_READ:
             dst = f[F_READ_DST]
-            for k in range(s.SL):
-                s.gaddr[k] = f[F_READ_ADDR]
+            s.gaddr[0] = f[F_READ_ADDR]
+            nr = 1
         else:
             dst = f[F_GATHER_DST]
             if map_addresses(s, q, f[F_GATHER_MAP], pos, c):
                 return 1
+            nr = s.SL
         # a write landing in this cycle must be in the other bank
         e = g * s.RW + (c % s.RW)
         if s.wr_tag[e] == c:
             wa = s.wr_addr + e * s.SL
-            for k in range(s.SL):
+            nw = 1 if s.wr_uniform[e] else s.SL
+            for k in range(nr):
                 b = bank_of(s, s.gaddr[k])
-                for j in range(s.SL):
+                for j in range(nw):
                     if bank_of(s, wa[j]) == b:
                         set_error(s, ERR_BANK, c, q, g, s.gaddr[k])
                         return 1
@@ -148,8 +152,7 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     e = g * s.RW + (T % s.RW)
     s.wr_tag[e] = T
     if op == OP_WRITE:
-        for k in range(s.SL):
-            s.wr_addr[e * s.SL + k] = f[F_WRITE_ADDR]
+        s.wr_addr[e * s.SL] = f[F_WRITE_ADDR]
         s.wr_uniform[e] = 1
     else:
         memcpy(s.wr_addr + e * s.SL, s.gaddr, s.SL * sizeof(int32_t))

@@ -36,20 +36,19 @@ cdef inline void latch_sync(State* s, int k, int64_t c) noexcept nogil:
         s.lt_tag[k * s.RL + best] = -1
 
 
+cdef extern from "lpu_kernels.h" nogil:
+    void lpu_to_plane(int n, const uint32_t* bits, uint8_t* out, int shift)
+    void lpu_from_plane(int n, const uint8_t* p, uint32_t* out, int shift, int first)
+
+
 cdef inline void to_plane(int n, uint32_t* bits, uint8_t* out, int shift) noexcept nogil:
-    cdef int l
-    for l in range(n):
-        out[l] = <uint8_t>(bits[l] >> shift)
+    """Byte plane shift / 8 of n 32-bit lanes."""
+    lpu_to_plane(n, bits, out, shift)
 
 
 cdef inline void from_plane(int n, uint8_t* p, uint32_t* out, int shift, int first) noexcept nogil:
-    cdef int l
-    if first:
-        for l in range(n):
-            out[l] = p[l]
-    else:
-        for l in range(n):
-            out[l] |= (<uint32_t>p[l]) << shift
+    """Or byte plane shift / 8 into n 32-bit lanes (first: set them to it)."""
+    lpu_from_plane(n, p, out, shift, first)
 
 
 cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t* out) noexcept nogil:
