@@ -426,3 +426,37 @@ def test_determinism(engine):
         st = chip.run()
         outs.append((st.to_dict(), chip._eng.read_mem(0, 0, 64).tobytes(), chip.cycle))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("write,read,addresses,conflict", [
+    ("Write 0, E6", "Gather E2, E0", [40, 1], True),    # the Gather's superlane 1 meets bank 0
+    ("Write 40, E6", "Gather E2, E0", [40, 1], True),   # its superlane 0 meets bank 1
+    ("Write 40, E6", "Gather E2, E0", [1, 2], False),   # bank 0 only
+    ("Scatter E6, E0", "Read 3, E5", [40, 1], True),        # the Scatter's superlane 1 writes bank 0
+    ("Scatter E6, E0", "Read 45, E5", [40, 1], True),       # its superlane 0 writes bank 1
+    ("Scatter E6, E0", "Read 3, E5", [50, 60], False),      # bank 1 only
+])
+def test_bank_conflict_of_gather_and_scatter(engine, write, read, addresses, conflict):
+    """A landing write and a read in one cycle conflict when any superlane of one meets any
+    superlane of the other in a bank (msb bank select: addresses 0..31 bank 0, 32.. bank 1)."""
+    cfg = dataclasses.replace(CFG, bank_select="msb")
+    lo, hi = _map_planes(addresses)
+    # the map passes MEM.W0 in the cycle that uses it: 3 for a Scatter, 5 for a Gather
+    wait = "" if write.startswith("Scatter") else "MEM.W2: NOP 2\nMEM.W3: NOP 2"
+    text = f"""
+{wait}
+MEM.W2: Read 0, E0
+MEM.W3: Read 0, E1
+MEM.W1: NOP 1
+MEM.W1: Read 2, E6            ; lands at MEM.W0's position in cycle 3
+MEM.W0: NOP 3
+MEM.W0: {write}
+MEM.W0: NOP 1
+MEM.W0: {read}
+"""
+    mem = {("W2", 0): lo, ("W3", 0): hi, ("W1", 2): vec(3)}
+    if conflict:
+        e = schedule_error(engine, text, cfg, mem=mem)
+        assert (e.kind, e.cycle, e.unit) == ("bank-conflict", 5, "MEM.W0")
+    else:
+        run(engine, text, cfg, mem=mem)
