@@ -3,8 +3,10 @@
 # nothing; within a cycle queues issue in queue-number order, as in the
 # reference engine.
 
+cdef extern from *:
+    int __builtin_ctz(unsigned int x) noexcept nogil
+
 cdef extern from "lpu_icu.h" nogil:
-    int __builtin_ctz(unsigned int x)
     int lpu_next_due(const int64_t* qn, int q0, int nq, int64_t c, int64_t* nmin)
 
 cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:

@@ -508,7 +508,7 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     T = c + s.mx_acc_delay
     for i in range(4):
         slot = pool_index(s, q, i, c)
-        to_plane(s.L, acc, s.pool + slot * s.L, 8 * i)
+        lpu_to_plane(s.L, acc, s.pool + slot * s.L, 8 * i)
         stream_write(s, f[F_ACC_DST] + i, pos, T, q, slot)
     effect(s, T)
     return 0

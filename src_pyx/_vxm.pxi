@@ -36,19 +36,10 @@ cdef inline void latch_sync(State* s, int k, int64_t c) noexcept nogil:
         s.lt_tag[k * s.RL + best] = -1
 
 
+# byte plane shift / 8 of n 32-bit lanes, and back (first: set the lanes, else or into them)
 cdef extern from "lpu_kernels.h" nogil:
     void lpu_to_plane(int n, const uint32_t* bits, uint8_t* out, int shift)
     void lpu_from_plane(int n, const uint8_t* p, uint32_t* out, int shift, int first)
-
-
-cdef inline void to_plane(int n, uint32_t* bits, uint8_t* out, int shift) noexcept nogil:
-    """Byte plane shift / 8 of n 32-bit lanes."""
-    lpu_to_plane(n, bits, out, shift)
-
-
-cdef inline void from_plane(int n, uint8_t* p, uint32_t* out, int shift, int first) noexcept nogil:
-    """Or byte plane shift / 8 into n 32-bit lanes (first: set them to it)."""
-    lpu_from_plane(n, p, out, shift, first)
 
 
 cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t* out) noexcept nogil:
@@ -72,7 +63,7 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
         if p == NULL:
             set_error(s, ERR_EMPTY, c, q, v + i, pos)
             return 1
-        from_plane(s.L, p, out, 8 * i, i == 0)
+        lpu_from_plane(s.L, p, out, 8 * i, i == 0)
     return 0
 
 
@@ -373,7 +364,7 @@ cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f,
     if dst != SRC_NONE:
         for i in range(dt_bytes(out_dt)):
             slot = pool_index(s, q, i, c)
-            to_plane(n, s.tr0 if conflict else s.lt_bits + e * s.L, s.pool + slot * s.L, 8 * i)
+            lpu_to_plane(n, s.tr0 if conflict else s.lt_bits + e * s.L, s.pool + slot * s.L, 8 * i)
             stream_write(s, dst + i, pos, T, q, slot)
     effect(s, T)
     return 0
