@@ -321,6 +321,9 @@ class ChipConfig:
         return cached
 
     def queue(self, name: str) -> QueueInfo:
+        i = self.queue_index.get(name)
+        if i is not None:
+            return self.queues[i]
         i = self.queue_index.get(name.strip().upper())
         if i is None:
             raise ConfigError(f"no queue {name!r} on this chip (MEM.W0..MEM.E{self.mem_slices_per_hemisphere - 1}, "

@@ -291,6 +291,7 @@ TABLE: Tuple[Op, ...] = (
 
 BY_UNIT_MNEMONIC: Dict[Tuple[str, str], Op] = {(op.unit, op.mnemonic.lower()): op for op in TABLE}
 BY_OPCODE: Dict[int, Op] = {op.opcode: op for op in TABLE}
+TABLE_IDS = frozenset(id(op) for op in TABLE)     # membership by identity: Op equality compares every field
 UNITS = ("ICU", "MEM", "VXM", "MXM", "SXM", "C2C")
 SXM_RESOURCES = ("shifters", "distributors", "transposers", "permuters")
 

@@ -57,10 +57,24 @@ class Instruction:
         return f"{self.op.mnemonic} {ops}".rstrip()
 
 
+# (mnemonic, unit) -> (op, operand defaults) for ops whose defaults are all plain ints or absent:
+# the compiler builds millions of instructions from plain ints, and this skips the general path.
+_PLAIN: Dict[Tuple[str, Optional[str]], Tuple[isa.Op, Tuple[Optional[int], ...]]] = {}
+
+
 def make_instruction(cfg: ChipConfig, mnemonic: str, *args, unit: Optional[str] = None, **kwargs) -> Instruction:
     """Build an instruction from Python values: ints, or text such as ``"E5"``, ``"A2"``,
     ``"float16"`` and ``"-"`` for the operand kinds that have a text form.  ``unit``
     resolves mnemonics that two units share (VXM ``select``, SXM ``Select``)."""
+    if not kwargs:
+        hit = _PLAIN.get((mnemonic, unit))
+        if hit is not None:
+            op, defaults = hit
+            n = len(args)
+            if n <= len(defaults) and all(type(v) is int for v in args):
+                tail = defaults[n:]
+                if None not in tail:
+                    return Instruction(op, args + tail)
     op = isa.lookup(mnemonic, unit)
     if op is None:
         if isa.lookup(mnemonic) is None and any(o.mnemonic.lower() == mnemonic.lower() for o in isa.TABLE):
@@ -96,6 +110,9 @@ def make_instruction(cfg: ChipConfig, mnemonic: str, *args, unit: Optional[str] 
         if f.kind == "dtype":
             dtype_code = v
         out.append(v)
+    defaults = tuple(f.default for f in op.fields)
+    if all(d is None or type(d) is int for d in defaults):
+        _PLAIN[(mnemonic, unit)] = (op, defaults)
     return Instruction(op, tuple(out))
 
 
@@ -219,16 +236,26 @@ class Program:
         return info
 
     # ---- validation -----------------------------------------------------------------------
-    def _check_one(self, qname: str, lst: List[Instruction], i: int, ins: Instruction) -> None:
+    def _check_one(self, qname: str, lst: List[Instruction], i: int, ins: Instruction,
+                   legal: Optional[set] = None) -> None:
+        """Check instruction i of queue qname.  ``legal``: (opcode, operands) already found legal
+        on this configuration (a Repeat is always checked, as it depends on its predecessor)."""
         q = self.config.queue(qname)
-        if not isinstance(ins, Instruction) or ins.op not in isa.TABLE:
+        if not isinstance(ins, Instruction) or (id(ins.op) not in isa.TABLE_IDS and ins.op not in isa.TABLE):
             raise ProgramError("not an Instruction", queue=qname, index=i)
         if ins.op.unit != "ICU" and ins.op.queue_kind != q.kind:
             raise ProgramError(f"{ins.op.mnemonic} is a {ins.op.queue_kind} instruction; queue {qname} runs "
                                f"{q.kind} instructions", queue=qname, index=i)
+        key = None
+        if legal is not None and ins.op.mnemonic != "Repeat":
+            key = (ins.op.opcode, ins.args)
+            if key in legal:
+                return
         bad = check_instruction(ins, self.config)
         if bad:
             raise ProgramError(f"{ins.op.mnemonic}: {bad[1]}", queue=qname, index=i, field=bad[0])
+        if key is not None:
+            legal.add(key)
         if ins.op.mnemonic == "Repeat":
             prev = lst[i - 1] if i > 0 else None
             if prev is None or prev.op.unit == "ICU":
@@ -250,13 +277,14 @@ class Program:
         """Check every queue, instruction and field against the table and the configuration."""
         if not isinstance(self.config, ChipConfig):
             raise ProgramError("program has no ChipConfig")
+        legal: set = set()
         for qname, lst in self.queues.items():
             try:
                 self.config.queue(qname)
             except ConfigError as e:
                 raise ProgramError(str(e), queue=qname) from None
             for i, ins in enumerate(lst):
-                self._check_one(qname, lst, i, ins)
+                self._check_one(qname, lst, i, ins, legal)
         for name, t in self.tensors.items():
             if not isinstance(t, TensorInfo) or t.name != name:
                 raise ProgramError(f"tensor table entry {name!r} is malformed")
@@ -276,16 +304,14 @@ class Program:
         and int64 qstart[nqueues + 1] (queue q holds rows qstart[q]:qstart[q+1])."""
         lists = self.queue_lists()
         n = sum(len(l) for l in lists)
-        code = np.zeros((n, 1 + isa.NFIELDS), dtype=np.int32)
         qstart = np.zeros(len(lists) + 1, dtype=np.int64)
-        r = 0
+        pad = (0,) * isa.NFIELDS
+        rows = []
         for qi, lst in enumerate(lists):
-            qstart[qi] = r
-            for ins in lst:
-                code[r, 0] = ins.op.opcode
-                code[r, 1: 1 + len(ins.args)] = ins.args
-                r += 1
-        qstart[-1] = r
+            qstart[qi] = len(rows)
+            rows.extend((ins.op.opcode,) + ins.args + pad[len(ins.args):] for ins in lst)
+        qstart[-1] = len(rows)
+        code = np.array(rows, dtype=np.int32).reshape(n, 1 + isa.NFIELDS)
         return code, qstart
 
     def __len__(self) -> int:

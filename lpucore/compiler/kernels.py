@@ -975,6 +975,8 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
         q_lw, q_abc, q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
         sx = cfg.sxm_position(hem)
         sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
+        # slices whose address 0 can feed a zero weight row: their values travel towards this plane
+        zero_toward = [g for g in zero_slices if ctx.dir_to(ctx.slice_pos[g], xm) == din]
         for nt in tiles[p]:
             for b0 in range(0, mm.M, Mb):
                 nb = min(Mb, mm.M - b0)
@@ -1018,10 +1020,10 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                                 stream = base + j
                                 if src is None:
                                     # a zero vector (address 0 of any free slice on the way)
-                                    cands = [g for g in zero_slices if g not in busy_slices
-                                             and ctx.dir_to(ctx.slice_pos[g], xm) == din]
                                     placed = False
-                                    for g in cands:
+                                    for g in zero_toward:
+                                        if g in busy_slices:
+                                            continue
                                         tr = T - d_read - abs(ctx.slice_pos[g] - xm)
                                         if tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
                                             continue

@@ -114,6 +114,7 @@ class VT:
             self.ready = np.zeros(n, dtype=np.int64)
         if self.last_read is None:
             self.last_read = np.full(n, -1, dtype=np.int64)
+        self._ns = len(self.slices[0])   # stripes, read millions of times by loc()
 
     @property
     def planes(self) -> int:
@@ -125,17 +126,18 @@ class VT:
 
     @property
     def stripes(self) -> int:
-        return len(self.slices[0])
+        return self._ns
 
     def loc(self, v: int, p: int) -> Tuple[int, int]:
         """(global slice, address) of vector v's byte plane p."""
-        r, c = divmod(v, self.chunks)
-        i = (r + c) % self.stripes
-        return self.slices[p][i], self.bases[p][i] + (r // self.stripes) * self.chunks + c
+        ch, ns = self.chunks, self._ns
+        r, c = divmod(v, ch)
+        i = (r + c) % ns
+        return self.slices[p][i], self.bases[p][i] + (r // ns) * ch + c
 
     def write_after(self, v: int, p: int) -> int:
         r, c = divmod(v, self.chunks)
-        return self.after[p][(r + c) % self.stripes]
+        return self.after[p][(r + c) % self._ns]
 
     def extents(self):
         """The tensor-table form: one Stripes per plane."""

@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Tuple
 from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError
+from ..program import make_instruction
 
 
 class _Busy:
@@ -78,6 +79,7 @@ class Scheduler:
         self.sxm_use: Dict[Tuple[int, int, str], int] = {}
         self.events: Dict[str, List[Tuple[int, str, tuple]]] = {}
         self.last = -1                                        # last cycle with any effect
+        self._delays: Dict[Tuple[str, str], int] = {}         # (queue, mnemonic) -> result delay, cycles
 
     # ---- geometry -------------------------------------------------------------------------------
     def x(self, v: int, pos: int) -> int:
@@ -99,19 +101,34 @@ class Scheduler:
         return True
 
     def fits(self, plan: Plan) -> bool:
+        # queue_free and span_free inlined: the compiler calls this hundreds of thousands of times
+        busy = self.busy
         seen_q = set()
         for q, c, _, _ in plan.issues:
-            if c < 0 or (q, c) in seen_q or not self.queue_free(q, c):
+            if c < 0:
                 return False
-            seen_q.add((q, c))
+            key = (q, c)
+            if key in seen_q:
+                return False
+            b = busy.get(q)
+            if b is not None and c < len(b.bits) and b.bits[c] == 1:
+                return False
+            seen_q.add(key)
+        diag = self.diag
         mine: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
         for v, k, x0, x1 in plan.spans:
-            if not self.span_free(v, k, x0, x1):
-                return False
-            for a, b in mine.get((v, k), ()):
+            key = (v, k)
+            for a, b in diag.get(key, ()):
                 if not (b < x0 or a > x1):
                     return False
-            mine.setdefault((v, k), []).append((x0, x1))
+            lst = mine.get(key)
+            if lst is None:
+                mine[key] = [(x0, x1)]
+                continue
+            for a, b in lst:
+                if not (b < x0 or a > x1):
+                    return False
+            lst.append((x0, x1))
         rd: Dict[Tuple[int, int], int] = {}
         wr: Dict[Tuple[int, int], int] = {}
         for g, c, bank in plan.reads:
@@ -146,11 +163,14 @@ class Scheduler:
 
     def commit(self, plan: Plan) -> None:
         cfg = self.cfg
+        delays = self._delays
         for q, c, mn, args in plan.issues:
             self.busy.setdefault(q, _Busy()).set(c)
             self.events.setdefault(q, []).append((c, mn, args))
-            op = isa.lookup(mn, cfg.queue(q).unit)
-            self.last = max(self.last, c + op.delay(cfg))
+            dly = delays.get((q, mn))
+            if dly is None:
+                dly = delays[(q, mn)] = isa.lookup(mn, cfg.queue(q).unit).delay(cfg)
+            self.last = max(self.last, c + dly)
         for v, k, x0, x1 in plan.spans:
             self.diag.setdefault((v, k), []).append((x0, x1))
         for g, c, bank in plan.reads:
@@ -170,37 +190,62 @@ class Scheduler:
         runs of equally spaced instructions differing only in strided fields folded into
         Repeat."""
         cfg = self.cfg
+        A = cfg.addresses_per_slice
         for q, evs in self.events.items():
             evs.sort(key=lambda e: e[0])
+            qname = cfg.queue(q).name
             unit = cfg.queue(q).unit
+            lst = program.queues.setdefault(qname, [])
+
+            def put(mn, *args, q=q, unit=unit, lst=lst):
+                # Program.add(check=False) without its per-call queue lookup; the program is
+                # validated as a whole afterwards
+                try:
+                    lst.append(make_instruction(cfg, mn, *args, unit=unit))
+                except Exception:
+                    program.add(q, mn, *args, check=False)        # raises with the queue and index
+                    raise
+
             t = 0
             i = 0
-            while i < len(evs):
+            n_ev = len(evs)
+            strided_of: Dict[str, List[int]] = {}
+            fixed_of: Dict[Tuple[str, int], List[int]] = {}
+            while i < n_ev:
                 c, mn, args = evs[i]
-                op = isa.lookup(mn, unit)
-                strided = [j for j, f in enumerate(op.fields) if f.strided]
+                strided = strided_of.get(mn)
+                if strided is None:
+                    op = isa.lookup(mn, unit)
+                    strided = strided_of[mn] = [j for j, f in enumerate(op.fields) if f.strided]
                 j = i + 1
                 d = stride = None
-                while j < len(evs) and evs[j][1] == mn and strided:
+                while j < n_ev and evs[j][1] == mn and strided:
                     a0, a1 = evs[j - 1][2], evs[j][2]
-                    if any(a0[k] != a1[k] for k in range(len(a0)) if k not in strided):
+                    fixed = fixed_of.get((mn, len(a0)))
+                    if fixed is None:
+                        fixed = fixed_of[(mn, len(a0))] = [k for k in range(len(a0)) if k not in strided]
+                    if any(a0[k] != a1[k] for k in fixed):
                         break
-                    diffs = {a1[k] - a0[k] for k in strided}
-                    if len(diffs) != 1:
-                        break
-                    dd, ds = evs[j][0] - evs[j - 1][0], diffs.pop()
+                    if len(strided) == 1:
+                        ds = a1[strided[0]] - a0[strided[0]]
+                    else:
+                        diffs = {a1[k] - a0[k] for k in strided}
+                        if len(diffs) != 1:
+                            break
+                        ds = diffs.pop()
+                    dd = evs[j][0] - evs[j - 1][0]
                     if d is None:
                         d, stride = dd, ds
-                    if dd != d or ds != stride or abs(ds) >= cfg.addresses_per_slice:
+                    if dd != d or ds != stride or abs(ds) >= A:
                         break
                     j += 1
                 if c < t:
                     raise CompileError(f"internal: {q} issues twice at cycle {c}")
                 if c > t:
-                    program.add(q, "NOP", c - t, check=False)
-                program.add(q, mn, *args, check=False)
+                    put("NOP", c - t)
+                put(mn, *args)
                 if j - i > 1:
-                    program.add(q, "Repeat", j - i - 1, d, stride, check=False)
+                    put("Repeat", j - i - 1, d, stride)
                     t = evs[j - 1][0] + 1
                 else:
                     t = c + 1
