@@ -51,24 +51,26 @@ cdef void fill_h2f() noexcept nogil:
         _H2F[i] = lpu_h2f(<uint32_t>i)
 
 
+cdef extern from "lpu_kernels.h" nogil:
+    # branch-free, vectorised lpu_h2f / lpu_f2h / lpu_f32_out over n lanes (same bits)
+    void lpu_h2f_n(int n, const uint32_t* src, float* dst)
+    void lpu_f2h_n(int n, const float* src, uint32_t* dst)
+    void lpu_f32_out_n(int n, const float* src, uint32_t* dst)
+
+
 cdef inline void load_f(int L, uint32_t* src, float* dst, int dtc) noexcept nogil:
-    cdef int l
+    """Lanes' raw bits (binary16 in the low half, or binary32) as floats."""
     if dtc == DT_FLOAT16:
-        for l in range(L):
-            dst[l] = _H2F[src[l] & 0xFFFFu]
+        lpu_h2f_n(L, src, dst)          # the low 16 bits of each lane
     else:
-        for l in range(L):
-            dst[l] = lpu_f32(src[l])
+        memcpy(dst, src, L * sizeof(float))
 
 
 cdef inline void store_f(int L, float* src, uint32_t* dst, int dtc) noexcept nogil:
-    cdef int l
     if dtc == DT_FLOAT16:
-        for l in range(L):
-            dst[l] = lpu_f2h(src[l])
+        lpu_f2h_n(L, src, dst)
     else:
-        for l in range(L):
-            dst[l] = lpu_f32_out(src[l])
+        lpu_f32_out_n(L, src, dst)
 
 
 cdef inline void load_i(int L, uint32_t* src, int64_t* dst, int dtc) noexcept nogil:

@@ -48,6 +48,8 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
     cdef int k, i, l
     cdef uint32_t m
     cdef uint8_t* p
+    cdef const uint32_t* lat
+    cdef int n = s.L
     if v >= LATCH_BASE:
         k = v - LATCH_BASE
         latch_sync(s, k, c)
@@ -55,8 +57,9 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
             set_error(s, ERR_EMPTY, c, q, v, pos)
             return 1
         m = dt_mask(dtc)
-        for l in range(s.L):
-            out[l] = s.latch[<int64_t>k * s.L + l] & m
+        lat = s.latch + <int64_t>k * n      # a local pointer and count, so the loop vectorises
+        for l in range(n):
+            out[l] = lat[l] & m
         return 0
     for i in range(dt_bytes(dtc)):
         p = stream_read(s, v + i, pos, c)

@@ -12,6 +12,7 @@
 
 #include <stdint.h>
 #include <math.h>
+#include <string.h>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #  define LPU_CLONES __attribute__((target_clones("avx2", "default")))
@@ -56,6 +57,55 @@ LPU_CLONES_512 static void lpu_from_plane(int n, const uint8_t *p, uint32_t *out
     else
         for (int l = 0; l < n; l++)
             out[l] |= (uint32_t)p[l] << shift;
+}
+
+/* ---- VXM float conversions, n lanes at a time ------------------------------------------------
+ * Branch-free forms of lpu_h2f, lpu_f2h and lpu_f32_out (lpu_numerics.h), bit for bit the same
+ * (checked over every binary16 and every float32 input), so that the compiler vectorises them:
+ * the VXM converts every float16 operand and result, 320 lanes at a time. */
+LPU_CLONES_512 static void lpu_h2f_n(int n, const uint32_t *src, float *dst)
+{
+    for (int l = 0; l < n; l++) {
+        uint32_t h = src[l] & 0xFFFFu, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+        uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);
+        uint32_t special = sign | 0x7F800000u | (m << 13);
+        float sub = (float)(int32_t)m * 5.9604644775390625e-08f;   /* m * 2^-24, exact; m = 0 gives +0 */
+        uint32_t subb;
+        memcpy(&subb, &sub, 4);
+        uint32_t b = e == 0x1Fu ? special : (e == 0 ? (subb | sign) : normal);
+        memcpy(&dst[l], &b, 4);
+    }
+}
+
+LPU_CLONES_512 static void lpu_f2h_n(int n, const float *src, uint32_t *dst)
+{
+    for (int l = 0; l < n; l++) {
+        uint32_t x;
+        memcpy(&x, &src[l], 4);
+        uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+        /* normal half: drop 13 mantissa bits, round to nearest even (a carry moves the exponent) */
+        uint32_t hn = (((ax >> 23) - 112u) << 10) | ((ax & 0x7FFFFFu) >> 13);
+        uint32_t rn = ax & 0x1FFFu;
+        hn += (uint32_t)(rn > 0x1000u) | ((uint32_t)(rn == 0x1000u) & (hn & 1u));
+        /* subnormal half: the shift is 14..24 where it is used; clamped elsewhere (no UB) */
+        uint32_t e = ax >> 23, mant = (ax & 0x7FFFFFu) | 0x800000u;
+        uint32_t sh = e >= 126u ? 1u : 126u - e;
+        sh = sh > 31u ? 31u : sh;
+        uint32_t hs = mant >> sh, rem = mant & ((1u << sh) - 1u), half = 1u << (sh - 1u);
+        hs += (uint32_t)(rem > half) | ((uint32_t)(rem == half) & (hs & 1u));
+        uint32_t h = ax < 0x38800000u ? (ax <= 0x33000000u ? 0u : hs) : hn;
+        h = ax >= 0x477FF000u ? 0x7C00u : h;
+        dst[l] = ax > 0x7F800000u ? 0x7E00u : (sign | h);
+    }
+}
+
+LPU_CLONES_512 static void lpu_f32_out_n(int n, const float *src, uint32_t *dst)
+{
+    for (int l = 0; l < n; l++) {
+        uint32_t x;
+        memcpy(&x, &src[l], 4);
+        dst[l] = (x & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : x;
+    }
 }
 
 /* ---- products into accumulators (mxm_apply) ------------------------------------------------
