@@ -53,24 +53,24 @@ cdef void fill_h2f() noexcept nogil:
 
 cdef extern from "lpu_kernels.h" nogil:
     # branch-free, vectorised lpu_h2f / lpu_f2h / lpu_f32_out over n lanes (same bits)
-    void lpu_h2f_n(int n, const uint32_t* src, float* dst)
-    void lpu_f2h_n(int n, const float* src, uint32_t* dst)
-    void lpu_f32_out_n(int n, const float* src, uint32_t* dst)
+    void lpu_h2f_n(int n, const uint32_t* src, uint32_t* dst)
+    void lpu_f2h_n(int n, const uint32_t* src, uint32_t* dst)
+    void lpu_f32_out_n(int n, const uint32_t* src, uint32_t* dst)
 
 
 cdef inline void load_f(int L, uint32_t* src, float* dst, int dtc) noexcept nogil:
     """Lanes' raw bits (binary16 in the low half, or binary32) as floats."""
     if dtc == DT_FLOAT16:
-        lpu_h2f_n(L, src, dst)          # the low 16 bits of each lane
+        lpu_h2f_n(L, src, <uint32_t*>dst)      # the low 16 bits of each lane
     else:
         memcpy(dst, src, L * sizeof(float))
 
 
 cdef inline void store_f(int L, float* src, uint32_t* dst, int dtc) noexcept nogil:
     if dtc == DT_FLOAT16:
-        lpu_f2h_n(L, src, dst)
+        lpu_f2h_n(L, <uint32_t*>src, dst)
     else:
-        lpu_f32_out_n(L, src, dst)
+        lpu_f32_out_n(L, <uint32_t*>src, dst)
 
 
 cdef inline void load_i(int L, uint32_t* src, int64_t* dst, int dtc) noexcept nogil:

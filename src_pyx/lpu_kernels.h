@@ -13,6 +13,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
+#include "lpu_numerics.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #  define LPU_CLONES __attribute__((target_clones("avx2", "default")))
@@ -63,49 +64,28 @@ LPU_CLONES_512 static void lpu_from_plane(int n, const uint8_t *p, uint32_t *out
  * Branch-free forms of lpu_h2f, lpu_f2h and lpu_f32_out (lpu_numerics.h), bit for bit the same
  * (checked over every binary16 and every float32 input), so that the compiler vectorises them:
  * the VXM converts every float16 operand and result, 320 lanes at a time. */
-LPU_CLONES_512 static void lpu_h2f_n(int n, const uint32_t *src, float *dst)
+static inline uint32_t lpu_sel(uint32_t c, uint32_t a, uint32_t b)   /* c ? a : b, as a mask */
+{
+    uint32_t m = 0u - c;
+    return (a & m) | (b & ~m);
+}
+
+LPU_CLONES_512 static void lpu_h2f_n(int n, const uint32_t *src, uint32_t *dst)
 {
     for (int l = 0; l < n; l++) {
         uint32_t h = src[l] & 0xFFFFu, sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
         uint32_t normal = sign | ((e + 112u) << 23) | (m << 13);
         uint32_t special = sign | 0x7F800000u | (m << 13);
-        float sub = (float)(int32_t)m * 5.9604644775390625e-08f;   /* m * 2^-24, exact; m = 0 gives +0 */
-        uint32_t subb;
-        memcpy(&subb, &sub, 4);
-        uint32_t b = e == 0x1Fu ? special : (e == 0 ? (subb | sign) : normal);
-        memcpy(&dst[l], &b, 4);
+        union { float f; uint32_t u; } sub;
+        sub.f = (float)(int32_t)m * 5.9604644775390625e-08f;      /* m * 2^-24, exact; m = 0 gives +0 */
+        dst[l] = lpu_sel(e == 0x1Fu, special, lpu_sel(e == 0u, sub.u | sign, normal));
     }
 }
 
-LPU_CLONES_512 static void lpu_f2h_n(int n, const float *src, uint32_t *dst)
+LPU_CLONES_512 static void lpu_f32_out_n(int n, const uint32_t *src, uint32_t *dst)
 {
-    for (int l = 0; l < n; l++) {
-        uint32_t x;
-        memcpy(&x, &src[l], 4);
-        uint32_t sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
-        /* normal half: drop 13 mantissa bits, round to nearest even (a carry moves the exponent) */
-        uint32_t hn = (((ax >> 23) - 112u) << 10) | ((ax & 0x7FFFFFu) >> 13);
-        uint32_t rn = ax & 0x1FFFu;
-        hn += (uint32_t)(rn > 0x1000u) | ((uint32_t)(rn == 0x1000u) & (hn & 1u));
-        /* subnormal half: the shift is 14..24 where it is used; clamped elsewhere (no UB) */
-        uint32_t e = ax >> 23, mant = (ax & 0x7FFFFFu) | 0x800000u;
-        uint32_t sh = e >= 126u ? 1u : 126u - e;
-        sh = sh > 31u ? 31u : sh;
-        uint32_t hs = mant >> sh, rem = mant & ((1u << sh) - 1u), half = 1u << (sh - 1u);
-        hs += (uint32_t)(rem > half) | ((uint32_t)(rem == half) & (hs & 1u));
-        uint32_t h = ax < 0x38800000u ? (ax <= 0x33000000u ? 0u : hs) : hn;
-        h = ax >= 0x477FF000u ? 0x7C00u : h;
-        dst[l] = ax > 0x7F800000u ? 0x7E00u : (sign | h);
-    }
-}
-
-LPU_CLONES_512 static void lpu_f32_out_n(int n, const float *src, uint32_t *dst)
-{
-    for (int l = 0; l < n; l++) {
-        uint32_t x;
-        memcpy(&x, &src[l], 4);
-        dst[l] = (x & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC00000u : x;
-    }
+    for (int l = 0; l < n; l++)
+        dst[l] = lpu_sel((src[l] & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC00000u, src[l]);
 }
 
 /* ---- products into accumulators (mxm_apply) ------------------------------------------------
@@ -153,6 +133,44 @@ LPU_CLONES static void lpu_acc_f32(uint32_t *acc, const float *res, int L, int a
 #else
 #  define LPU_HAVE_VNNI 0
 #endif
+
+/* float32 bits -> binary16 bits (lpu_f2h: round to nearest even, NaN canonical), n lanes.
+ * With F16C, vcvtps2ph rounds to nearest even exactly as lpu_f2h does (subnormal halves
+ * included, checked over every float32 input) and only NaNs need the canonical pattern;
+ * GCC 12 does not vectorise the integer form, so other hosts run lpu_f2h lane by lane. */
+#if LPU_HAVE_VNNI
+__attribute__((target("avx2,f16c"))) static void lpu_f2h_n_f16c(int n, const uint32_t *src, uint32_t *dst)
+{
+    int l = 0;
+    const __m256i qnan = _mm256_set1_epi32(0x7E00);
+    for (; l + 8 <= n; l += 8) {
+        __m256 x = _mm256_loadu_ps((const float *)(src + l));
+        __m256i h = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        _mm256_storeu_si256((__m256i *)(dst + l), _mm256_blendv_epi8(h, qnan, nan));
+    }
+    for (; l < n; l++)
+        dst[l] = lpu_f2h(lpu_f32(src[l]));
+}
+#endif
+
+static int lpu_f16c = -1;          /* host has AVX2 and F16C: 1, not: 0, not asked yet: -1 */
+
+static void lpu_f2h_n(int n, const uint32_t *src, uint32_t *dst)
+{
+#if LPU_HAVE_VNNI
+    if (lpu_f16c < 0) {
+        __builtin_cpu_init();
+        lpu_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    }
+    if (lpu_f16c) {
+        lpu_f2h_n_f16c(n, src, dst);
+        return;
+    }
+#endif
+    for (int l = 0; l < n; l++)
+        dst[l] = lpu_f2h(lpu_f32(src[l]));
+}
 
 static inline int lpu_vnni_groups(int K) { return (K + 3) / 4; }
 static inline int lpu_vnni_blocks(int L) { return (L + 63) / 64; }
