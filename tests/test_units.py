@@ -370,6 +370,74 @@ def test_vxm_op_against_numpy(engine, mn, dname, to):
     assert st.issued["VXM.0"] == 1
 
 
+def cvt_vectors(engine, vals, src_d, to_d):
+    """``cvt src_d -> to_d`` of up to 64 vectors (the tiny chip's addresses per slice), one per
+    cycle: vector k from address k of W0.. (one slice per byte plane) to address k of E0.."""
+    n = len(vals) // L
+    assert n * L == len(vals) and 0 < n <= CFG.addresses_per_slice
+    vals = vals.reshape(n, L)
+    op = isa.lookup("cvt", "VXM")
+    tv = 12
+    ev, mem = {}, {}
+    for k in range(n):
+        for i, plane in enumerate(model.to_planes(vals[k], src_d)):
+            mem[(f"W{i}", k)] = plane
+    for i in range(src_d.nbytes):
+        q = CFG.queues[i]
+        ev[q.name] = [(tv - 2 - (CFG.vxm_position - q.position), f"Read 0, E{i}"),
+                      (tv - 1 - (CFG.vxm_position - q.position), f"Repeat {n - 1}, 1, 1")] if n > 1 else \
+                     [(tv - 2 - (CFG.vxm_position - q.position), f"Read 0, E{i}")]
+    ev["VXM.0"] = [(tv, f"cvt {src_d.name}, {to_d.name}, E4, E0")] + ([(tv + 1, f"Repeat {n - 1}, 1, 0")] if n > 1 else [])
+    T = tv + op.delay(CFG)
+    for i in range(to_d.nbytes):
+        q = CFG.queues[4 + i]
+        c = T + q.position - CFG.vxm_position
+        ev[q.name] = [(c, f"Write 0, E{4 + i}")] + ([(c + 1, f"Repeat {n - 1}, 1, 1")] if n > 1 else [])
+    chip, _ = run(engine, timed(ev), mem=mem)
+    return np.concatenate([model.from_planes([chip.read_mem("E", i, k)[0] for i in range(to_d.nbytes)], to_d)
+                           for k in range(n)])
+
+
+def _f32(bits):
+    return np.asarray(bits, dtype=np.uint32).view(np.float32)
+
+
+def test_cvt_float16_float32_every_half_and_every_rounding_edge(engine):
+    """float16 -> float32 for all 65,536 halves; float32 -> float16 at every tie and next to it
+    (normal and subnormal halves), at the overflow threshold and for NaN payloads. Against
+    NumPy's IEEE conversions (round to nearest even), with NaNs canonical (0x7E00, 0x7FC00000).
+    The fast engine converts these 320 lanes at a time (lpu_h2f_n, lpu_f2h_n)."""
+    halves = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    if engine == "reference":
+        halves = halves[::16]                 # the reference engine's rules are the same code for all
+    step = CFG.addresses_per_slice * L
+    got = np.concatenate([cvt_vectors(engine, halves[i:i + step], dt.FLOAT16, dt.FLOAT32)
+                          for i in range(0, len(halves), step)])
+    want = halves.astype(np.float32)
+    nan = np.isnan(want)
+    assert np.array_equal(got.view(np.uint32)[~nan], want.view(np.uint32)[~nan])
+    assert np.all(got.view(np.uint32)[nan] == 0x7FC00000)
+
+    # float32 -> float16: each finite positive half h and its successor: the midpoint (a tie),
+    # one float32 ulp either side of it, and h itself; both signs; the overflow edge; NaNs
+    hb = np.arange(0, 0x7C00, 7 if engine == "reference" else 1, dtype=np.uint32)
+    lo = hb.astype(np.uint16).view(np.float16).astype(np.float32)
+    hi = (hb + 1).astype(np.uint16).view(np.float16).astype(np.float32)   # 0x7C00 is +inf
+    mid = np.where(np.isinf(hi), np.float32(65520.0), (lo.astype(np.float64) + hi) / 2).astype(np.float32)
+    mb = mid.view(np.uint32)
+    xs = np.concatenate([lo, mid, _f32(mb - 1), _f32(mb + 1)])
+    xs = np.concatenate([xs, -xs, _f32([0x7F800001, 0xFFC12345, 0x7FFFFFFF, 0x7F800000, 0xFF800000,
+                                        0x33000000, 0x33000001, 0x32FFFFFF, 0x477FEFFF, 0x477FF000, 1])])
+    xs = np.concatenate([xs, np.zeros((-len(xs)) % L, np.float32)])
+    got = np.concatenate([cvt_vectors(engine, xs[i:i + step], dt.FLOAT32, dt.FLOAT16)
+                          for i in range(0, len(xs), step)])
+    with np.errstate(over="ignore"):
+        want = xs.astype(np.float16)
+    nan = np.isnan(xs)
+    assert np.array_equal(got.view(np.uint16)[~nan], want.view(np.uint16)[~nan])
+    assert np.all(got.view(np.uint16)[nan] == 0x7E00)
+
+
 def test_chaining_through_latches_at_one_vector_per_cycle(engine):
     """multiply-add-relu over a stream of 4 vectors, one per cycle, three ALUs chained."""
     xs = [np.random.default_rng(50 + i).integers(-100, 100, L).astype(np.int8) for i in range(4)]
