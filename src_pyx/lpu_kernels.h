@@ -61,9 +61,9 @@ LPU_CLONES_512 static void lpu_from_plane(int n, const uint8_t *p, uint32_t *out
 }
 
 /* ---- VXM float conversions, n lanes at a time ------------------------------------------------
- * Branch-free forms of lpu_h2f, lpu_f2h and lpu_f32_out (lpu_numerics.h), bit for bit the same
- * (checked over every binary16 and every float32 input), so that the compiler vectorises them:
- * the VXM converts every float16 operand and result, 320 lanes at a time. */
+ * Branch-free forms of lpu_h2f and lpu_f32_out (lpu_numerics.h), bit for bit the same (checked
+ * over every binary16 and every float32 input), so that the compiler vectorises them: the VXM
+ * converts every float operand and result, 320 lanes at a time.  lpu_f2h_n is further down. */
 static inline uint32_t lpu_sel(uint32_t c, uint32_t a, uint32_t b)   /* c ? a : b, as a mask */
 {
     uint32_t m = 0u - c;
@@ -138,7 +138,7 @@ LPU_CLONES static void lpu_acc_f32(uint32_t *acc, const float *res, int L, int a
  * With F16C, vcvtps2ph rounds to nearest even exactly as lpu_f2h does (subnormal halves
  * included, checked over every float32 input) and only NaNs need the canonical pattern;
  * GCC 12 does not vectorise the integer form, so other hosts run lpu_f2h lane by lane. */
-#if LPU_HAVE_VNNI
+#if LPU_HAVE_VNNI                  /* x86-64 GCC on Linux: target attributes and cpu checks */
 __attribute__((target("avx2,f16c"))) static void lpu_f2h_n_f16c(int n, const uint32_t *src, uint32_t *dst)
 {
     int l = 0;

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import isa
 from ..config import ChipConfig
-from ..errors import CompileError
+from ..errors import CompileError, ProgramError
 from ..program import make_instruction
 
 
@@ -193,18 +193,17 @@ class Scheduler:
         A = cfg.addresses_per_slice
         for q, evs in self.events.items():
             evs.sort(key=lambda e: e[0])
-            qname = cfg.queue(q).name
-            unit = cfg.queue(q).unit
-            lst = program.queues.setdefault(qname, [])
+            qi = cfg.queue(q)
+            lst = program.queues.setdefault(qi.name, [])
 
-            def put(mn, *args, q=q, unit=unit, lst=lst):
+            def put(mn, *args, qi=qi, lst=lst):
                 # Program.add(check=False) without its per-call queue lookup; the program is
                 # validated as a whole afterwards
                 try:
-                    lst.append(make_instruction(cfg, mn, *args, unit=unit))
-                except Exception:
-                    program.add(q, mn, *args, check=False)        # raises with the queue and index
-                    raise
+                    lst.append(make_instruction(cfg, mn, *args, unit=qi.unit))
+                except ProgramError as e:          # as Program.add words it
+                    msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
+                    raise ProgramError(msg, queue=qi.name, index=len(lst), field=e.field) from None
 
             t = 0
             i = 0
@@ -215,7 +214,7 @@ class Scheduler:
                 c, mn, args = evs[i]
                 strided = strided_of.get(mn)
                 if strided is None:
-                    op = isa.lookup(mn, unit)
+                    op = isa.lookup(mn, qi.unit)
                     strided = strided_of[mn] = [j for j, f in enumerate(op.fields) if f.strided]
                 j = i + 1
                 d = stride = None
