@@ -1,7 +1,9 @@
 """Build lpucore's compiled engine (lpucore._engine) from src_pyx/.
 
 Environment:
-  LPUCORE_DEBUG=1   compile with bounds checking and without optimisation (slow; for debugging)
+  LPUCORE_DEBUG=1        compile with bounds checking and without optimisation (slow; for debugging)
+  LPUCORE_BOUNDSCHECK=1  compile with Cython's bounds and initialisation checks, still optimised
+                         (.ci/run builds the engine so once and runs the engine tests against it)
 """
 
 import hashlib
@@ -29,17 +31,24 @@ def source_hash() -> str:
 (SRC / HASH_FILE).write_text(f'SOURCE_HASH = "{source_hash()}"\n')
 
 # The engine's C-level API ships inside the package, so that Cython code can
-# `from lpucore._engine cimport ...`; src_pyx/_engine.pxd is the source.
+# `from lpucore._engine cimport ...`; src_pyx/_engine.pxd is the source, copied here by every build (the
+# copy is not tracked: .gitignore).
 PXD = HERE / "lpucore" / "_engine.pxd"
 if not PXD.exists() or PXD.read_bytes() != (SRC / "_engine.pxd").read_bytes():
     PXD.write_bytes((SRC / "_engine.pxd").read_bytes())
 
-debug = os.environ.get("LPUCORE_DEBUG", "") not in ("", "0")
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "") not in ("", "0")
+
+
+debug = _flag("LPUCORE_DEBUG")
+checked = debug or _flag("LPUCORE_BOUNDSCHECK")
 directives = {
     "language_level": 3,
-    "boundscheck": debug,
+    "boundscheck": checked,
     "wraparound": False,
-    "initializedcheck": debug,
+    "initializedcheck": checked,
     "cdivision": True,
     "embedsignature": True,
 }

@@ -111,10 +111,12 @@ def bench(key, fp16_mxm="exact", reps=3):
              + f"  [MXM kernel {r['mxm_kernel']}, helper threads {r['helper_threads']}]")
     print(f"{label}\n    {st.cycles:,} cycles = {st.seconds * 1e6:,.1f} us simulated ({r['simulated_tops']:.0f} TOPS); "
           f"MXM busy {r['mxm_utilisation']:.1%}, useful {r['mxm_useful_utilisation']:.1%}; correct: {ok}\n"
-          f"    host: run {t_run:.3f} s, best of {reps} warm runs ({r['host_macs_per_s'] / 1e9:.1f} GMAC/s; cycle loop {r['run_loop_s']:.3f} s, "
+          f"    host: run {t_run:.3f} s, best of {reps} warm runs ({r['host_macs_per_s'] / 1e9:.1f} GMAC/s; "
+          f"cycle loop {r['run_loop_s']:.3f} s, "
           f"MXM products {r['run_products_s']:.3f} s), end to end {t_build + t_in + t_run + t_out:.3f} s; "
           f"NumPy {t_np:.4f} s ({r['numpy_macs_per_s'] / 1e9:.1f} GMAC/s)\n"
-          f"    lpucore / NumPy MAC rate: {r['ratio_vs_numpy']:.2f} (run), {r['ratio_vs_numpy_end_to_end']:.2f} (end to end)")
+          f"    lpucore / NumPy MAC rate: {r['ratio_vs_numpy']:.2f} (run), "
+          f"{r['ratio_vs_numpy_end_to_end']:.2f} (end to end)")
     return r
 
 

@@ -38,7 +38,7 @@ def main(argv=None):
     for name in a.models.split(","):
         t0 = time.perf_counter()
         p = predict(name, a.precision, layers=a.layers, capacity=a.capacity,
-                    progress=lambda m: print(f"  [{time.perf_counter() - t0:5.0f} s] {m}", flush=True)
+                    progress=lambda m, t0=t0: print(f"  [{time.perf_counter() - t0:5.0f} s] {m}", flush=True)
                     if "compiled" in m else None)
         print(p.table(), flush=True)
         print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {p.compile_seconds:.0f} s, "

@@ -7,17 +7,16 @@ reference doing the same decode.
 Steps: ``Decoder.random(model, precision, chips="auto")`` plans the stages
 (:func:`lpucore.llm.pipeline.plan_stages`), compiles each distinct stage once and loads every chip
 (timed, not in the ratios); then a prompt of two tokens and ``--tokens`` greedy tokens are decoded
-(one simulated step per token fed in) and the host's wall seconds per step are measured (the mean
-of the steps after the first, which also pays for first touches of the chips' memory; the first
-is reported too). The
-NumPy reference (:class:`lpucore.llm.Reference`, float32 arithmetic) decodes the same tokens in
-the same process first (timed once its weights are made). Its weights are kept as int8 and expanded to float32 per use, because 28 GB of
-float32 weights do not fit a 24 GB machine, so the script also times the floor of any float32
-NumPy decode: the matrix-vector products alone, with one layer's float32 weights resident, times
-the layer count. The same run under ``mpiexec -n --procs`` (each process simulates a contiguous
-share of the chips and drops its host copy of each chip's weights once loaded) goes first, while
-this process holds nothing (both at once do not fit 24 GB); its tokens and cycles must equal the
-single-process ones.
+(one simulated step per token fed in) and the host's wall seconds per step are measured (the mean of
+the steps after the first, which also pays for first touches of the chips' memory; the first is
+reported too). The NumPy reference (:class:`lpucore.llm.Reference`, float32 arithmetic) decodes the
+same tokens in the same process first (timed once its weights are made). Its weights are kept as
+int8 and expanded to float32 per use, because 28 GB of float32 weights do not fit a 24 GB machine,
+so the script also times the floor of any float32 NumPy decode: the matrix-vector products alone,
+with one layer's float32 weights resident, times the layer count. The same run under ``mpiexec -n
+--procs`` (each process simulates a contiguous share of the chips and drops its host copy of each
+chip's weights once loaded) goes first, while this process holds nothing (both at once do not fit 24
+GB); its tokens and cycles must equal the single-process ones.
 
 Prints the plan, the simulated cycles and tokens/s per user, the wall seconds per simulated token
 (one process, MPI), the ratios to the reference and to the matmul floor (goal: at most 3x the
@@ -180,7 +179,8 @@ def main(argv=None):
                load_seconds=one["load_seconds"])
     one.pop("ref_logits")
     if two is not None:
-        out.update(procs=a.procs, wall_s_per_token_mpi=two["wall_per_step"], wall_s_first_step_mpi=two["wall_first_step"],
+        out.update(procs=a.procs, wall_s_per_token_mpi=two["wall_per_step"],
+                   wall_s_first_step_mpi=two["wall_first_step"],
                    ratio_to_reference_mpi=two["wall_per_step"] / ref_per_step,
                    mpi_matches_1proc=two["tokens"] == one["tokens"] and two["cycles"] == one["cycles"],
                    setup_seconds_mpi=two["setup_seconds"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -61,9 +62,7 @@ def main(argv=None):
                wall_seconds_per_simulated_us=one["wall_seconds"] / (one["simulated_seconds"] * 1e6))
     exe = Path(sys.executable).parent / "mpiexec"
     exe = str(exe) if exe.exists() else shutil.which("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("mpi4py") is None:
         exe = None
     if exe is None or a.processes < 2:
         print("MPI run skipped: needs mpi4py and mpiexec (pip install -e '.[mpi]') and --processes >= 2")

@@ -26,9 +26,11 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-import lpucore                                   # noqa: E402
-from lpucore import Chip, ChipConfig             # noqa: E402
-from bench_engine import streaming_program       # noqa: E402
+# below the path insert above, which makes bench/ importable
+from bench_engine import streaming_program  # noqa: E402
+
+import lpucore  # noqa: E402  (import order: after bench_engine)
+from lpucore import Chip, ChipConfig  # noqa: E402  (import order: after bench_engine)
 
 
 def make_jobs(workload: str, cycles: int):
@@ -87,7 +89,7 @@ def main(argv=None):
 
         res = [None] * len(jobs)
 
-        def work(i):
+        def work(i, res=res):
             res[i] = jobs[i]()
         threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
         t0 = time.perf_counter()

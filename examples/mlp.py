@@ -33,7 +33,10 @@ def build(batch: int, d_in: int, d_hidden: int, d_out: int, seed: int = 0):
 
 def reference(x: np.ndarray, p: dict) -> np.ndarray:
     """The same MLP in float64."""
-    f = lambda a: a.astype(np.float64)                                          # noqa: E731
+
+    def f(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float64)
+
     h = f(x) @ f(p["w1"]) + f(p["b1"])
     h = 0.5 * h * (1 + np.tanh(np.sqrt(2 / np.pi) * (h + 0.044715 * h ** 3)))
     return h @ f(p["w2"]) + f(p["b2"])

@@ -16,17 +16,25 @@ The public API::
     lpucore.matmul        the MXM's numerics contract
 """
 
+from . import ops
 from .asm import assemble, disassemble
 from .chip import ENGINES, Chip, RunStats
+from .compiler.lower import Compiled, compile, execute
+from .config import ChipConfig
+from .errors import (
+    CompileError,
+    ConfigError,
+    EngineUnavailableError,
+    LpuError,
+    ProgramError,
+    ScheduleError,
+    SnapshotError,
+    TensorError,
+)
+from .graph import Graph, GraphError, Tensor
+from .program import Instruction, Program
 from .snapshot import Snapshot
 from .system import System, SystemStats
-from .config import ChipConfig
-from .errors import (CompileError, ConfigError, EngineUnavailableError, LpuError, ProgramError,
-                     ScheduleError, SnapshotError, TensorError)
-from .program import Instruction, Program
-from .graph import Graph, GraphError, Tensor
-from .compiler.lower import Compiled, compile, execute
-from . import ops
 
 __version__ = "0.1.0"
 
@@ -38,7 +46,7 @@ def get_include() -> str:
     import os
     return os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot", "System", "SystemStats",
-           "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError", "ScheduleError",
-           "EngineUnavailableError", "CompileError", "SnapshotError", "Graph", "GraphError", "Tensor", "Compiled", "compile",
-           "execute", "ops", "get_include", "__version__"]
+__all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot",
+           "System", "SystemStats", "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError",
+           "ScheduleError", "EngineUnavailableError", "CompileError", "SnapshotError", "Graph", "GraphError",
+           "Tensor", "Compiled", "compile", "execute", "ops", "get_include", "__version__"]

@@ -1,17 +1,30 @@
 # Type stub for the lpucore package: the public API re-exported from its modules.
 from . import ops as ops
-from .asm import assemble as assemble, disassemble as disassemble
-from .chip import ENGINES as ENGINES, Chip as Chip, RunStats as RunStats
-from .compiler.lower import Compiled as Compiled, compile as compile, execute as execute
+from .asm import assemble as assemble
+from .asm import disassemble as disassemble
+from .chip import ENGINES as ENGINES
+from .chip import Chip as Chip
+from .chip import RunStats as RunStats
+from .compiler.lower import Compiled as Compiled
+from .compiler.lower import compile as compile
+from .compiler.lower import execute as execute
 from .config import ChipConfig as ChipConfig
-from .errors import (CompileError as CompileError, ConfigError as ConfigError,
-                     EngineUnavailableError as EngineUnavailableError, LpuError as LpuError,
-                     ProgramError as ProgramError, ScheduleError as ScheduleError, SnapshotError as SnapshotError,
-                     TensorError as TensorError)
-from .graph import Graph as Graph, GraphError as GraphError, Tensor as Tensor
-from .program import Instruction as Instruction, Program as Program
+from .errors import CompileError as CompileError
+from .errors import ConfigError as ConfigError
+from .errors import EngineUnavailableError as EngineUnavailableError
+from .errors import LpuError as LpuError
+from .errors import ProgramError as ProgramError
+from .errors import ScheduleError as ScheduleError
+from .errors import SnapshotError as SnapshotError
+from .errors import TensorError as TensorError
+from .graph import Graph as Graph
+from .graph import GraphError as GraphError
+from .graph import Tensor as Tensor
+from .program import Instruction as Instruction
+from .program import Program as Program
 from .snapshot import Snapshot as Snapshot
-from .system import System as System, SystemStats as SystemStats
+from .system import System as System
+from .system import SystemStats as SystemStats
 
 __version__: str
 

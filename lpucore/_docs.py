@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pathlib
 import re
+from typing import Callable
 
 from . import isa
 from .config import ChipConfig
@@ -15,10 +16,15 @@ from .config import ChipConfig
 SECTIONS = {"isa": isa.reference_markdown, "config": ChipConfig.describe}
 
 
+def _between(body: str) -> Callable[[re.Match[str]], str]:
+    """A substitution that puts ``body`` between a section's begin and end markers."""
+    return lambda m: m.group(1) + body + "\n" + m.group(2)
+
+
 def render(text: str) -> str:
     for name, fn in SECTIONS.items():
         pat = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
-        text, n = pat.subn(lambda m: m.group(1) + fn() + "\n" + m.group(2), text)
+        text, n = pat.subn(_between(fn()), text)
         if n != 1:
             raise ValueError(f"README needs exactly one '<!-- {name}:begin -->' ... '<!-- {name}:end -->' block")
     return text

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import re
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 from . import isa
 from .config import ChipConfig
 from .errors import LpuError, ProgramError
 from .layout import Stripes
-from .program import Program, make_instruction
+from .program import Program
 
 _TENSOR = re.compile(r"^\.tensor\s+(\S+)\s+(\S+)\s*\(([^)]*)\)\s*(.*)$", re.I)
 _EXTENT = re.compile(r"^([WEwe]\d+):(\w+)(?:\+(\w+))?$")
@@ -40,9 +40,10 @@ def _config_from(arg: str) -> ChipConfig:
     return ChipConfig.named(arg)
 
 
-def _parse_planes(text: str, cfg: ChipConfig):
+def _parse_planes(text: str, cfg: ChipConfig) -> List[Union[Stripes, List[Tuple[int, ...]]]]:
+    """The byte planes of a ``.tensor`` line: Stripes, or lists of (slice, address[, count])."""
     text = text.strip()
-    planes = []
+    planes: List[Union[Stripes, List[Tuple[int, ...]]]] = []
     while text:
         if text.startswith("{"):
             end = text.find("}")
@@ -72,10 +73,10 @@ def _parse_planes(text: str, cfg: ChipConfig):
             items = [s.strip() for s in text[1:end].split(",") if s.strip()]
             text = text[end + 1:].strip()
         else:
-            parts = text.split(None, 1)
-            items = [parts[0]]
-            text = parts[1].strip() if len(parts) > 1 else ""
-        plane = []
+            words = text.split(None, 1)
+            items = [words[0]]
+            text = words[1].strip() if len(words) > 1 else ""
+        plane: List[Tuple[int, ...]] = []
         for it in items:
             m = _EXTENT.match(it)
             if not m:
@@ -98,6 +99,94 @@ def _split_operands(text: str) -> List[str]:
     return [t.strip() for t in text.split(",")] if text else []
 
 
+def _config_line(line: str, prog: Optional[Program], config: Optional[ChipConfig]) -> Program:
+    """Handle a ``.config`` line: the empty program it starts."""
+    if prog is not None:
+        raise ProgramError(".config must come before everything else")
+    cfg = _config_from(line[len(".config"):])
+    if config is not None and cfg != config:
+        raise ProgramError(f".config {cfg.name} differs from the configuration passed to assemble()")
+    return Program(cfg)
+
+
+def _tensor_line(line: str, prog: Program) -> None:
+    """Handle a ``.tensor`` line: add its tensor-table entry to ``prog``."""
+    m = _TENSOR.match(line)
+    if not m:
+        raise ProgramError("expected .tensor NAME DTYPE (SHAPE) PLANES...")
+    try:
+        shape = tuple(int(s, 0) for s in m.group(3).replace(" ", "").split(",") if s)
+    except ValueError:
+        raise ProgramError(f"bad shape ({m.group(3)})") from None
+    prog.add_tensor(m.group(1), m.group(2), shape, _parse_planes(m.group(4), prog.config))
+
+
+def _queue_line(line: str, cfg: ChipConfig) -> str:
+    """Handle a ``.queue`` line: the (checked, upper-case) queue name it selects."""
+    queue = line[len(".queue"):].strip()
+    cfg.queue(queue)
+    return queue.upper()
+
+
+def _operands(text: str):
+    """Split an instruction's operand text into positional and named (``k=v``) operands."""
+    pos, kw = [], {}
+    for tok in _split_operands(text):
+        if not tok:
+            raise ProgramError("empty operand")
+        if "=" in tok:
+            k, v = tok.split("=", 1)
+            if k.strip() in kw:
+                raise ProgramError(f"operand {k.strip()!r} given twice")
+            kw[k.strip()] = v.strip()
+        else:
+            if kw:
+                raise ProgramError("positional operand after a named one")
+            pos.append(tok)
+    return pos, kw
+
+
+def _instruction_line(line: str, prog: Program, queue: Optional[str]) -> None:
+    """Handle an instruction line (with an optional ``QUEUE:`` prefix): add it to ``prog``."""
+    cfg = prog.config
+    qname = queue
+    m = re.match(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z0-9]+)+)\s*:\s*(.*)$", line)
+    if m:
+        qname = m.group(1).upper()
+        cfg.queue(qname)
+        line = m.group(2).strip()
+    if qname is None:
+        raise ProgramError("instruction outside any queue (use .queue NAME or NAME: prefix)")
+    parts = line.split(None, 1)
+    if not parts:
+        raise ProgramError(f"no instruction after {qname}:")
+    mnemonic = parts[0]
+    op = isa.lookup(mnemonic, cfg.queue(qname).unit)
+    if op is None:
+        raise ProgramError(f"unknown instruction {mnemonic!r} for queue {qname}")
+    pos, kw = _operands(parts[1] if len(parts) > 1 else "")
+    # every operand is text, read by its field's kind in make_instruction
+    prog.add(qname, op.mnemonic, *pos, **kw)
+
+
+def _assemble_line(line: str, prog: Optional[Program], queue: Optional[str],
+                   config: Optional[ChipConfig]) -> Tuple[Program, Optional[str]]:
+    """Handle one non-empty statement: the program and current queue after it."""
+    if line.lower().startswith(".config"):
+        return _config_line(line, prog, config), queue
+    if prog is None:
+        prog = Program(config)
+    if line.lower().startswith(".tensor"):
+        _tensor_line(line, prog)
+    elif line.lower().startswith(".queue"):
+        queue = _queue_line(line, prog.config)
+    elif line.startswith("."):
+        raise ProgramError(f"unknown directive {line.split()[0]!r}")
+    else:
+        _instruction_line(line, prog, queue)
+    return prog, queue
+
+
 def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
     """Assemble program text into a validated :class:`Program`.
 
@@ -109,68 +198,11 @@ def assemble(text: str, config: Optional[ChipConfig] = None) -> Program:
     prog: Optional[Program] = None
     queue: Optional[str] = None
     for ln, raw in enumerate(text.splitlines(), 1):
-        line = re.split(r"[;#]", raw, 1)[0].strip()
+        line = re.split(r"[;#]", raw, maxsplit=1)[0].strip()
         if not line:
             continue
         try:
-            if line.lower().startswith(".config"):
-                if prog is not None:
-                    raise ProgramError(".config must come before everything else")
-                cfg = _config_from(line[len(".config"):])
-                if config is not None and cfg != config:
-                    raise ProgramError(f".config {cfg.name} differs from the configuration passed to assemble()")
-                prog = Program(cfg)
-                continue
-            if prog is None:
-                prog = Program(config)
-            cfg = prog.config
-            if line.lower().startswith(".tensor"):
-                m = _TENSOR.match(line)
-                if not m:
-                    raise ProgramError("expected .tensor NAME DTYPE (SHAPE) PLANES...")
-                try:
-                    shape = tuple(int(s, 0) for s in m.group(3).replace(" ", "").split(",") if s)
-                except ValueError:
-                    raise ProgramError(f"bad shape ({m.group(3)})") from None
-                prog.add_tensor(m.group(1), m.group(2), shape, _parse_planes(m.group(4), cfg))
-                continue
-            if line.lower().startswith(".queue"):
-                queue = line[len(".queue"):].strip()
-                cfg.queue(queue)
-                queue = queue.upper()
-                continue
-            if line.startswith("."):
-                raise ProgramError(f"unknown directive {line.split()[0]!r}")
-            qname = queue
-            m = re.match(r"^([A-Za-z][A-Za-z0-9]*(?:\.[A-Za-z0-9]+)+)\s*:\s*(.*)$", line)
-            if m:
-                qname = m.group(1).upper()
-                cfg.queue(qname)
-                line = m.group(2).strip()
-            if qname is None:
-                raise ProgramError("instruction outside any queue (use .queue NAME or NAME: prefix)")
-            parts = line.split(None, 1)
-            if not parts:
-                raise ProgramError(f"no instruction after {qname}:")
-            mnemonic = parts[0]
-            op = isa.lookup(mnemonic, cfg.queue(qname).unit)
-            if op is None:
-                raise ProgramError(f"unknown instruction {mnemonic!r} for queue {qname}")
-            pos, kw = [], {}
-            for tok in _split_operands(parts[1] if len(parts) > 1 else ""):
-                if not tok:
-                    raise ProgramError("empty operand")
-                if "=" in tok:
-                    k, v = tok.split("=", 1)
-                    if k.strip() in kw:
-                        raise ProgramError(f"operand {k.strip()!r} given twice")
-                    kw[k.strip()] = v.strip()
-                else:
-                    if kw:
-                        raise ProgramError("positional operand after a named one")
-                    pos.append(tok)
-            # every operand is text, read by its field's kind in make_instruction
-            prog.add(qname, op.mnemonic, *pos, **kw)
+            prog, queue = _assemble_line(line, prog, queue, config)
         except ProgramError as e:
             if e.line is None:
                 raise ProgramError(str(e), line=ln) from None

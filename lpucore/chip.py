@@ -12,23 +12,50 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ChipConfig
 from .errors import EngineUnavailableError, LpuError, TensorError
-from .layout import check_array
+from .layout import TensorInfo, check_array
 from .program import Program
 
 if TYPE_CHECKING:  # pragma: no cover
     from .snapshot import Snapshot
+    from .trace import Recorder, Watcher
 
-ENGINES = ("fast", "reference")
+
+class _Engine(Protocol):
+    """What a Chip drives in either engine: lpucore.reference.engine.ReferenceEngine, or
+    lpucore._engine.FastEngine (compiled, no stub).  Their snapshot and SRAM-view hooks differ and
+    are reached through ``Any`` (Chip.snapshot, Chip.restore, Chip._sram_view)."""
+
+    @property
+    def cycle(self) -> int: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def finish_cycle(self) -> int: ...
+    def load(self, program: Program, /) -> None: ...
+    def reset(self, clear_memory: bool = ..., /) -> None: ...
+    def run(self, until: Optional[int] = ..., /, idle: bool = ...) -> None: ...
+    def counters(self) -> Mapping[str, npt.NDArray[np.int64]]: ...
+    def read_mem(self, gslice: int, addr: int, count: int = ..., /) -> npt.NDArray[np.uint8]: ...
+    def write_mem(self, gslice: int, addr: int, data: npt.NDArray[np.uint8], /) -> None: ...
+    def c2c_take_outbox(self) -> List[Tuple[int, int, int, npt.NDArray[np.uint8]]]: ...
+    def c2c_deliver(self, link: int, arrival: int, vec: npt.NDArray[np.uint8], /) -> None: ...
 
 
-def make_engine(name: str, cfg: ChipConfig, fp16_mxm: str = "exact"):
+ENGINES: Tuple[str, ...] = ("fast", "reference")
+
+Hemisphere = Union[str, int]    # "W" / "E" (only the first letter counts, in any case) or 0 / 1
+
+
+def make_engine(name: str, cfg: ChipConfig, fp16_mxm: str = "exact") -> _Engine:
     """Instantiate an engine by name.  The fast engine never falls back silently."""
     if name == "reference":
         if fp16_mxm != "exact":
@@ -43,7 +70,8 @@ def make_engine(name: str, cfg: ChipConfig, fp16_mxm: str = "exact"):
                 f"the fast engine (lpucore._engine) cannot be imported: {e}. Build it with "
                 "`pip install -e .` (or `python setup.py build_ext --inplace`), or ask for engine='reference'."
             ) from None
-        return _engine.FastEngine(cfg, fp16_mxm)
+        fast: _Engine = _engine.FastEngine(cfg, fp16_mxm)     # the compiled module has no stub: Any
+        return fast
     raise LpuError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 
@@ -89,7 +117,7 @@ class RunStats:
         """Functional (vector) instructions issued, all queues."""
         return sum(self.issued.values())
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> Dict[str, Any]:
         return {"cycles": self.cycles, "seconds": self.seconds, "finished": self.finished,
                 "macs": self.macs, "mxm_utilisation": self.mxm_utilisation,
                 "mxm_mac_utilisation": self.mxm_mac_utilisation, "mxm_macs": dict(self.mxm_macs),
@@ -114,12 +142,12 @@ class Chip:
     :func:`lpucore.matmul.fp16_dot_fp32`.  Cycle counts and statistics are the same.
     """
 
-    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact"):
-        self.config = config if config is not None else ChipConfig.groqchip1()
+    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact") -> None:
+        self.config: ChipConfig = config if config is not None else ChipConfig.groqchip1()
         if not isinstance(self.config, ChipConfig):
             raise LpuError("config must be a ChipConfig")
-        self.engine_name = engine
-        self._eng = make_engine(engine, self.config, fp16_mxm)
+        self.engine_name: str = engine
+        self._eng: _Engine = make_engine(engine, self.config, fp16_mxm)
         self.program: Optional[Program] = None
 
     # ---- program -----------------------------------------------------------------------
@@ -150,8 +178,9 @@ class Chip:
         """Cycles simulated so far."""
         return int(self._eng.cycle)
 
-    def run(self, max_cycles: Optional[int] = None, until: Optional[int] = None, trace=None,
-            trace_window=(0, None), events=None) -> RunStats:
+    def run(self, max_cycles: Optional[int] = None, until: Optional[int] = None,
+            trace: Union[str, os.PathLike[str], Recorder, None] = None,
+            trace_window: Tuple[int, Optional[int]] = (0, None), events: Optional[Watcher] = None) -> RunStats:
         """Run until the program ends, or stop earlier: after ``max_cycles`` more cycles,
         or when the cycle counter reaches the absolute cycle ``until`` (whichever comes
         first; ``stats.finished`` tells whether the program ended).  A run never idles
@@ -171,13 +200,16 @@ class Chip:
             raise LpuError("until must be a cycle >= 0")
         if trace is not None and events is not None:
             raise LpuError("run: trace and events cannot be combined in one run")
+        stats: RunStats
         if events is not None:
-            return events.run(self, max_cycles, until)
+            stats = events.run(self, max_cycles, until)
+            return stats
         if trace is not None:
             from .trace import Recorder
             rec = trace if isinstance(trace, Recorder) else Recorder(trace, trace_window)
-            return rec.record(self, max_cycles, until)
-        target = None
+            stats = rec.record(self, max_cycles, until)
+            return stats
+        target: Optional[int] = None
         if max_cycles is not None:
             target = self.cycle + int(max_cycles)
         if until is not None:
@@ -199,16 +231,17 @@ class Chip:
         effects, statistics, cycle) and the loaded program, as a :class:`Snapshot`.
         Nothing is shared with the chip: running on does not change the snapshot."""
         from .snapshot import Snapshot
+        eng: Any = self._eng        # the engines' own state hooks, outside _Engine (FastEngine has no stub)
         if self.engine_name == "reference":
             from .errors import SnapshotError
-            if self._eng.error is not None:
+            if eng.error is not None:
                 raise SnapshotError("cannot snapshot a chip stopped by a schedule error")
             from .reference._snapshot import get_state
-            scalars, arrays = get_state(self._eng)
+            scalars, arrays = get_state(eng)
         else:
-            scalars, arrays = self._eng._get_state()
+            scalars, arrays = eng._get_state()
         prog = self.program.to_bytes() if self.program is not None else None
-        return Snapshot(self.engine_name, self.config, getattr(self._eng, "fp16_mxm", "exact"), prog,
+        return Snapshot(self.engine_name, self.config, getattr(eng, "fp16_mxm", "exact"), prog,
                         {k: int(v) for k, v in scalars.items()}, arrays)
 
     def restore(self, snap: "Snapshot") -> None:
@@ -232,16 +265,17 @@ class Chip:
             if self.program is not None:
                 raise SnapshotError("snapshot was taken with no program loaded, this chip has one")
         elif self.program is None:
-            self.load(snap.program)
+            self.load(Program.from_bytes(snap.program_bytes))      # = snap.program
         elif self.program.to_bytes() != snap.program_bytes:
             raise SnapshotError("snapshot was taken with a different program loaded; load the snapshot's "
                                 "program (snap.program) or use a fresh chip")
         arrays = {k: np.asarray(v) for k, v in snap.arrays.items()}
+        eng: Any = self._eng        # the engines' own state hooks, outside _Engine (FastEngine has no stub)
         if self.engine_name == "reference":
             from .reference._snapshot import set_state
-            set_state(self._eng, snap.scalars, arrays)
+            set_state(eng, snap.scalars, arrays)
         else:
-            self._eng._set_state(snap.scalars, arrays)
+            eng._set_state(snap.scalars, arrays)
 
     def stats(self) -> RunStats:
         cfg = self.config
@@ -268,7 +302,7 @@ class Chip:
         by_unit["MXM"]["macs"] = sum(macs.values())
         # a queue's busy cycles: one per issue, except fp16 ABCs that hold their plane longer
         busy = dict(issued)
-        for p, n in enumerate(planes):
+        for n in planes:
             qn = f"MXM.{n}.ABC"
             if qn in busy:
                 busy[qn] = busy_planes[n]
@@ -280,27 +314,28 @@ class Chip:
         by_unit["C2C"] = {"vectors_sent": sum(sent.values()), "vectors_received": sum(recv.values()),
                           "bytes_sent": sum(sent.values()) * cfg.lanes,
                           "bytes_received": sum(recv.values()) * cfg.lanes}
-        return RunStats(c2c_vectors_sent=sent, c2c_vectors_received=recv,cycles=cycles, seconds=cycles / cfg.clock_hz, finished=fin, issued=issued,
+        return RunStats(c2c_vectors_sent=sent, c2c_vectors_received=recv, cycles=cycles,
+                        seconds=cycles / cfg.clock_hz, finished=fin, issued=issued,
                         busy_cycles=busy, icu_instructions=icu, mem_bytes_read=rd,
                         mem_bytes_written=wr, by_unit=by_unit, mxm_macs=macs, mxm_busy_cycles=busy_planes,
                         mxm_peak_macs_per_cycle=int(ctr["mxm_peak_macs"][0]), mxm_peak_per_cycle=peak)
 
     # ---- chip-to-chip links ------------------------------------------------------------------
-    def c2c_take_outbox(self) -> List[Tuple[int, int, int, np.ndarray]]:
+    def c2c_take_outbox(self) -> List[Tuple[int, int, int, npt.NDArray[np.uint8]]]:
         """Take the vectors this chip has sent since the last call: a list of ``(link,
         send_cycle, arrival_cycle, vector)`` in send order (``vector``: ``lanes`` uint8).
         :class:`lpucore.System` does this between lockstep windows; a host simulator that
         holds the other end of a link does the same."""
         return self._eng.c2c_take_outbox()
 
-    def c2c_deliver(self, link: int, arrival_cycle: int, vector) -> None:
+    def c2c_deliver(self, link: int, arrival_cycle: int, vector: npt.NDArray[np.uint8]) -> None:
         """Put ``vector`` (``lanes`` bytes) in ``link``'s inbox, receivable from
         ``arrival_cycle`` on.  Arrivals on one link must come in order and not before the
         chip's current cycle; the chip keeps any number of them."""
         self._eng.c2c_deliver(link, arrival_cycle, vector)
 
     # ---- memory --------------------------------------------------------------------------
-    def _slice(self, hemisphere, slice_) -> int:
+    def _slice(self, hemisphere: Hemisphere, slice_: int) -> int:
         cfg = self.config
         if isinstance(hemisphere, str):
             h = hemisphere.strip().upper()[:1]
@@ -313,13 +348,13 @@ class Chip:
             raise LpuError(f"slice must be 0..{cfg.mem_slices_per_hemisphere - 1}, got {slice_!r}")
         return cfg.slice_id(int(hemisphere), int(slice_))
 
-    def _span(self, address, count):
+    def _span(self, address: int, count: int) -> None:
         A = self.config.addresses_per_slice
         if not isinstance(address, (int, np.integer)) or not isinstance(count, (int, np.integer)) \
                 or count < 1 or not 0 <= address <= A - count:
             raise LpuError(f"addresses {address}..{address}+{count} do not fit a slice of {A} addresses")
 
-    def write_mem(self, hemisphere, slice_, address: int, vectors) -> None:
+    def write_mem(self, hemisphere: Hemisphere, slice_: int, address: int, vectors: npt.NDArray[np.uint8]) -> None:
         """Write whole vectors (uint8 [n, lanes] or [lanes]) from ``address`` on."""
         g = self._slice(hemisphere, slice_)
         v = np.asarray(vectors)
@@ -328,18 +363,19 @@ class Chip:
         if v.ndim == 1:
             v = v[None]
         if v.ndim != 2 or v.shape[1] != self.config.lanes:
-            raise LpuError(f"write_mem takes vectors of {self.config.lanes} bytes, got shape {np.asarray(vectors).shape}")
+            raise LpuError(f"write_mem takes vectors of {self.config.lanes} bytes, "
+                           f"got shape {np.asarray(vectors).shape}")
         self._span(address, v.shape[0])
         self._eng.write_mem(g, int(address), np.ascontiguousarray(v))
 
-    def read_mem(self, hemisphere, slice_, address: int, count: int = 1) -> np.ndarray:
+    def read_mem(self, hemisphere: Hemisphere, slice_: int, address: int, count: int = 1) -> npt.NDArray[np.uint8]:
         """Read ``count`` vectors from ``address`` on, as uint8 [count, lanes]."""
         g = self._slice(hemisphere, slice_)
         self._span(address, count)
         return self._eng.read_mem(g, int(address), int(count))
 
     # ---- tensors ---------------------------------------------------------------------------
-    def _tensor(self, name):
+    def _tensor(self, name: str) -> TensorInfo:
         if self.program is None:
             raise TensorError("no program is loaded, so there is no tensor table")
         t = self.program.tensors.get(name)
@@ -348,43 +384,51 @@ class Chip:
                               f"(it has {', '.join(self.program.tensors) or 'none'})")
         return t
 
-    def write_tensor(self, name: str, array) -> None:
+    def write_tensor(self, name: str, array: npt.NDArray[Any]) -> None:
         """Place a host array into MEM through the tensor table (dtype and shape must match exactly)."""
         t = self._tensor(name)
         a = check_array(t, array)
         planes = t.to_planes(a, self.config.lanes)
         for p in range(t.dtype.nbytes):
             where = _stripe_locations(t, p, self.config.lanes)
-            if where is not None and self._sram_view() is not None:
-                self._sram_view()[where] = planes[p]        # every vector at once (striped planes)
-                continue
+            if where is not None:
+                sram = self._sram_view()
+                if sram is not None:
+                    sram[where] = planes[p]        # every vector at once (striped planes)
+                    continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 self._eng.write_mem(g, addr, planes[p, start:start + n])
 
-    def read_tensor(self, name: str) -> np.ndarray:
+    def read_tensor(self, name: str) -> npt.NDArray[Any]:
         """Read a tensor from MEM through the tensor table."""
         t = self._tensor(name)
         nvec = t.nvectors(self.config.lanes)
         planes = np.empty((t.dtype.nbytes, nvec, self.config.lanes), dtype=np.uint8)
         for p in range(t.dtype.nbytes):
             where = _stripe_locations(t, p, self.config.lanes)
-            if where is not None and self._sram_view() is not None:
-                planes[p] = self._sram_view()[where]
-                continue
+            if where is not None:
+                sram = self._sram_view()
+                if sram is not None:
+                    planes[p] = sram[where]
+                    continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 planes[p, start:start + n] = self._eng.read_mem(g, addr, n)
         return t.from_planes(planes, self.config.lanes)
 
-    def _sram_view(self):
+    def _sram_view(self) -> Optional[npt.NDArray[np.uint8]]:
         """The engine's SRAM as a uint8 [slices, addresses, lanes] array, or None."""
-        eng = self._eng
+        eng: Any = self._eng        # FastEngine._sram() / ReferenceEngine.mem.sram, outside _Engine
+        sram: Optional[npt.NDArray[np.uint8]]
         if hasattr(eng, "_sram"):
-            return eng._sram()
-        mem = getattr(eng, "mem", None)
-        return getattr(mem, "sram", None)
+            sram = eng._sram()
+        else:
+            mem = getattr(eng, "mem", None)
+            sram = getattr(mem, "sram", None)
+        return sram
 
 
-def _stripe_locations(t, plane, lanes):
+def _stripe_locations(t: TensorInfo, plane: int,
+                      lanes: int) -> Optional[Tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]]:
     """(slice array, address array) of every vector of a striped byte plane, or None for a plane
     of extents (few, long runs: written run by run). The tensor table was checked against the
     configuration when the program was, so every (slice, address) is inside SRAM."""
@@ -401,7 +445,7 @@ def _stripe_locations(t, plane, lanes):
     return parts[k, 0], parts[k, 1] + (r // n) * ch + c
 
 
-def _runs(t, plane, lanes):
+def _runs(t: TensorInfo, plane: int, lanes: int) -> Iterator[Tuple[int, int, int, int]]:
     """(first vector, slice, address, count) runs of consecutive vectors at consecutive addresses."""
     from .layout import Stripes
     p = t.planes[plane]

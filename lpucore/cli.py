@@ -74,7 +74,7 @@ class CliError(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line and is returned by :func:`main`, not exited."""
 
-    def error(self, message):  # noqa: D102 - argparse hook
+    def error(self, message):  # argparse's hook for usage errors
         raise UsageError(f"{message} (see '{self.prog} --help')")
 
 
@@ -498,7 +498,7 @@ def _ids_arg(text: str) -> List[int]:
 
 
 def _cmd_decode(args) -> int:
-    from .llm import Decoder, SHAPES
+    from .llm import SHAPES, Decoder
 
     kw = dict(precision=args.precision, engine=args.engine, capacity=args.capacity)
     if args.config is not None:
@@ -514,8 +514,8 @@ def _cmd_decode(args) -> int:
                            f"({', '.join(SHAPES)})")
         out = sys.stdout
         print(f"{model}: compiling the step program ...", file=out, flush=True)
-        model.compile()
-        print(f"compiled in {model.compile_seconds:.1f} s: {model.compiled.expected_cycles:,} cycles per step; "
+        compiled = model.compile()
+        print(f"compiled in {model.compile_seconds:.1f} s: {compiled.expected_cycles:,} cycles per step; "
               f"prefill {len(args.prompt_ids)} tokens, then decode", file=out, flush=True)
         bar = None
         if args.tokens >= 64 and not args.quiet:
@@ -673,13 +673,14 @@ def _cmd_relay(args) -> int:
     programs, path, _ = relay_programs(cfg, len(s), s.wires, args.vectors)
     slot = cfg.mem_slices_per_hemisphere - 1
     block = np.random.default_rng(args.seed).integers(0, 256, (args.vectors, cfg.lanes)).astype(np.uint8)
-    if s.chips[path[0][0]] is not None:
-        s.chips[path[0][0]].write_mem("W", slot, 0, block)
+    first = s.chips[path[0][0]]
+    if first is not None:
+        first.write_mem("W", slot, 0, block)
     s.load(lambda i: programs.get(i))
     t1 = time.perf_counter()
     st = s.run()
     wall = time.perf_counter() - t1
-    ok = all(np.array_equal(s.chips[b].read_mem("W", slot, 0, args.vectors), block)
+    ok = all(np.array_equal(s.local_chip(b).read_mem("W", slot, 0, args.vectors), block)
              for _, _, b, _ in path if s.chips[b] is not None)
     if comm is not None:
         ok = all(comm.allgather(ok))

@@ -9,8 +9,10 @@ same bytes as byte planes (one 320-byte vector per plane).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .errors import LpuError
 
@@ -48,11 +50,13 @@ _ALIASES = {"fp16": FLOAT16, "fp32": FLOAT32, "half": FLOAT16, "float": FLOAT32,
 BY_NAME = {**{d.name: d for d in ALL}, **_ALIASES}
 
 
-def get(spec) -> DType:
+def get(spec: Union[DType, int, np.integer[Any], npt.DTypeLike]) -> DType:
     """Resolve a name (``"float16"``, ``"fp16"``), a code, a NumPy dtype or a DType."""
     if isinstance(spec, DType):
         return spec
-    if isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+    if isinstance(spec, bool):                  # not a code (np.dtype(True) is a TypeError too)
+        raise LpuError(f"unknown dtype {spec!r}")
+    if isinstance(spec, (int, np.integer)):
         if int(spec) in BY_CODE:
             return BY_CODE[int(spec)]
         raise LpuError(f"unknown dtype code {spec}")

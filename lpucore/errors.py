@@ -2,7 +2,35 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Protocol, Sequence, Tuple
+
+
+class _QueueNames(Protocol):
+    """What the error texts read of a queue (a :class:`~lpucore.config.QueueInfo`)."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def slot(self) -> int: ...
+    @property
+    def hemisphere(self) -> int: ...
+
+
+class ConfigView(Protocol):
+    """What the error texts read of a :class:`~lpucore.ChipConfig`: a protocol, so that this
+    module, which config.py imports, does not import config.py back."""
+    @property
+    def queues(self) -> Sequence[_QueueNames]: ...
+    @property
+    def streams_per_direction(self) -> int: ...
+    @property
+    def addresses_per_slice(self) -> int: ...
+    @property
+    def mxm_fp16_interval(self) -> int: ...
+    @property
+    def c2c_send_interval(self) -> int: ...
+    def bank_of(self, addr: int) -> int: ...
+    def slice_name(self, gslice: int) -> str: ...
+    def plane_name(self, plane: int) -> str: ...
 
 
 class LpuError(Exception):
@@ -59,7 +87,7 @@ class ScheduleError(LpuError):
         self.link = link
         self.chip: Optional[int] = None     # set by lpucore.System: the chip that raised it
 
-    def key(self):
+    def key(self) -> Tuple[str, int, str, Optional[str], Optional[int], Optional[int]]:
         """What two engines must agree on for the same program."""
         return (self.kind, self.cycle, self.unit, self.stream, self.bank, self.link)
 
@@ -77,7 +105,7 @@ class EngineUnavailableError(LpuError, ImportError):
 # Schedule-error constructors shared by both engines, so that the same program
 # produces the same exception text whichever engine ran it.
 # ---------------------------------------------------------------------------
-def stream_name(cfg, v: int) -> str:
+def stream_name(cfg: ConfigView, v: int) -> str:
     """Text form of an encoded stream (``E5``/``W12``) or ALU latch (``A3``)."""
     s = cfg.streams_per_direction
     if v >= 128:
@@ -85,42 +113,42 @@ def stream_name(cfg, v: int) -> str:
     return f"E{v}" if v < s else f"W{v - s}"
 
 
-def stream_conflict(cfg, cycle, qa, qb, v, pos) -> ScheduleError:
+def stream_conflict(cfg: ConfigView, cycle: int, qa: int, qb: int, v: int, pos: int) -> ScheduleError:
     qs = cfg.queues
     name = stream_name(cfg, v)
     return ScheduleError("stream-conflict", cycle, qs[qb].name,
                          f"{qs[qa].name} and {qs[qb].name} both write stream {name} at position {pos}", stream=name)
 
 
-def empty_read(cfg, cycle, q, v, pos) -> ScheduleError:
+def empty_read(cfg: ConfigView, cycle: int, q: int, v: int, pos: int) -> ScheduleError:
     name = stream_name(cfg, v)
     what = f"latch {name}" if v >= 128 else f"stream {name} at position {pos}"
     return ScheduleError("empty-read", cycle, cfg.queues[q].name, f"reads {what}, which holds no value", stream=name)
 
 
-def bank_conflict(cfg, cycle, q, gslice, addr) -> ScheduleError:
+def bank_conflict(cfg: ConfigView, cycle: int, q: int, gslice: int, addr: int) -> ScheduleError:
     b = cfg.bank_of(addr)
     return ScheduleError("bank-conflict", cycle, cfg.queues[q].name,
                          f"reads bank {b} (address {addr:#x}) of slice {cfg.slice_name(gslice)} "
                          f"in the cycle a write lands in it", bank=b)
 
 
-def latch_conflict(cfg, cycle, alu) -> ScheduleError:
+def latch_conflict(cfg: ConfigView, cycle: int, alu: int) -> ScheduleError:
     return ScheduleError("latch-conflict", cycle, f"VXM.{alu}",
                          f"two results of ALU {alu} land in its latch in the same cycle", stream=f"A{alu}")
 
 
-def address_error(cfg, cycle, q, superlane, addr) -> ScheduleError:
+def address_error(cfg: ConfigView, cycle: int, q: int, superlane: int, addr: int) -> ScheduleError:
     return ScheduleError("address", cycle, cfg.queues[q].name,
                          f"map gives superlane {superlane} address {addr}, outside 0..{cfg.addresses_per_slice - 1}")
 
 
-def deadlock(cfg, cycle, q, wait, notifies) -> ScheduleError:
+def deadlock(cfg: ConfigView, cycle: int, q: int, wait: int, notifies: int) -> ScheduleError:
     return ScheduleError("deadlock", cycle, cfg.queues[q].name,
                          f"waits forever on its Sync number {wait}: the chip issued only {notifies} Notify")
 
 
-def mxm_error(cfg, cycle, q, what) -> ScheduleError:
+def mxm_error(cfg: ConfigView, cycle: int, q: int, what: str) -> ScheduleError:
     """An MXM rule broken: kind mxm-busy, mxm-no-weights or mxm-dtype."""
     kinds = {"busy": "mxm-busy", "empty": "mxm-no-weights", "dtype": "mxm-dtype"}
     plane = cfg.queues[q].slot
@@ -131,7 +159,7 @@ def mxm_error(cfg, cycle, q, what) -> ScheduleError:
     return ScheduleError(kinds[what], cycle, cfg.queues[q].name, texts[what])
 
 
-def resource_error(cfg, cycle, q, resource) -> ScheduleError:
+def resource_error(cfg: ConfigView, cycle: int, q: int, resource: str) -> ScheduleError:
     hem = "WE"[cfg.queues[q].hemisphere]
     n = getattr(cfg, "sxm_" + resource)
     return ScheduleError("resource", cycle, cfg.queues[q].name,
@@ -141,7 +169,7 @@ def resource_error(cfg, cycle, q, resource) -> ScheduleError:
 LINK_WHY = ("skew", "busy", "empty")
 
 
-def link_error(cfg, cycle, q, link, why, extra=-1) -> ScheduleError:
+def link_error(cfg: ConfigView, cycle: int, q: int, link: int, why: str, extra: int = -1) -> ScheduleError:
     """A C2C rule broken on ``link``: kind link-skew (not deskewed, or too soon after the
     Deskew: extra = first usable cycle or -1), link-busy (a Send before the link is free:
     extra = its first free cycle), link-empty (a Receive with nothing arrived: extra = the

@@ -17,9 +17,8 @@ int8 gives int32 (the MXM's accumulators), ``sum`` of integers gives int32.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -388,14 +387,18 @@ class Graph:
                 j = int(k) + (n if k < 0 else 0)
                 if not 0 <= j < n:
                     raise GraphError(f"slice: index {k} out of range for axis {i} of size {n}")
-                starts.append(j), stops.append(j + 1), keep.append(False)
+                starts.append(j)
+                stops.append(j + 1)
+                keep.append(False)
             elif isinstance(k, slice):
                 a, b, s = k.indices(n)
                 if s != 1:
                     raise GraphError("slice: only step 1 is supported")
                 if b <= a:
                     raise GraphError(f"slice: empty range on axis {i}")
-                starts.append(a), stops.append(b), keep.append(True)
+                starts.append(a)
+                stops.append(b)
+                keep.append(True)
             else:
                 raise GraphError(f"slice: unsupported index {k!r}")
         shape = tuple(b - a for a, b, k in zip(starts, stops, keep) if k)
@@ -489,7 +492,7 @@ class Graph:
     def signature(self) -> tuple:
         """A hashable description (ops, shapes, dtypes, attributes, constant values' hash)."""
         import hashlib
-        parts = [("in", n, t.shape, t.dtype.name) for n, t in self.inputs.items()]
+        parts: List[tuple] = [("in", n, t.shape, t.dtype.name) for n, t in self.inputs.items()]
         for tid, a in sorted(self.constants.items()):
             parts.append(("const", tid, a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest()))
         for n in self.nodes:

@@ -27,8 +27,8 @@ Operand kinds
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from . import dtypes as dt
 from .config import ChipConfig
@@ -73,14 +73,15 @@ class Kind:
         return f"{value} is out of range {lo}..{hi}"
 
 
-def _c(v):
+def _c(v: int) -> Callable[[ChipConfig], int]:
     return lambda cfg: v
 
 
 KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("count", "a repeat or delay count, >= 1", _c(1), _c(I32_MAX)),
     Kind("delay", "cycles between repetitions, >= 1", _c(1), _c(I32_MAX)),
-    Kind("stride", "address increment per repetition", lambda c: -(c.addresses_per_slice - 1), lambda c: c.addresses_per_slice - 1),
+    Kind("stride", "address increment per repetition", lambda c: -(c.addresses_per_slice - 1),
+         lambda c: c.addresses_per_slice - 1),
     Kind("addr", "MEM address (vector index in the slice)", _c(0), lambda c: c.addresses_per_slice - 1),
     Kind("stream", "stream register E<i> or W<i>", _c(0), lambda c: c.streams - 1),
     Kind("src", "stream E<i>/W<i> or ALU latch A<k>", _c(0), _c(0)),
@@ -93,7 +94,8 @@ KINDS: Dict[str, Kind] = {k.name: k for k in (
     Kind("mrow", "MXM weight-buffer byte-row", _c(0), lambda c: c.mxm_size - 1),
     Kind("acc", "MXM accumulator number", _c(0), lambda c: c.mxm_accumulators - 1),
     Kind("flag", "0 or 1", _c(0), _c(1)),
-    Kind("lanes", "lanes to shift by: > 0 towards higher lanes, < 0 towards lower", lambda c: -(c.lanes - 1), lambda c: c.lanes - 1),
+    Kind("lanes", "lanes to shift by: > 0 towards higher lanes, < 0 towards lower", lambda c: -(c.lanes - 1),
+         lambda c: c.lanes - 1),
     Kind("rotn", "rotation size n (n streams in, n*n out)", _c(3), _c(4)),
     Kind("link", "chip-to-chip link number", _c(0), lambda c: c.c2c_links - 1),
 )}
@@ -152,7 +154,8 @@ _VX_UN = (_F("dtype", "dtype"), _F("dst", "dst"), _F("a", "src"))
 _VX_W = ("dst", "latch")
 
 
-def _vx(mn, code, cls, fields, dtypes_, latency, doc):
+def _vx(mn: str, code: int, cls: str, fields: Tuple[Field, ...], dtypes_: Tuple[str, ...], latency: str,
+        doc: str) -> Op:
     reads = tuple(f"src:{f.name}" for f in fields if f.kind == "src")
     return Op(mn, code, "VXM", fields, latency, reads, _VX_W, doc, cls, dtypes_)
 
@@ -208,20 +211,26 @@ TABLE: Tuple[Op, ...] = (
     _vx("relu", 0x3A, "unary", _VX_UN, ALLD, "vxm_alu_delay", "a if a > 0 else +0 (NaN stays NaN)."),
     _vx("not", 0x3B, "bits", _VX_UN, ALLD, "vxm_alu_delay", "Bitwise not of the raw bits."),
     _vx("mov", 0x3C, "bits", _VX_UN, ALLD, "vxm_alu_delay", "Copy a unchanged (raw bits)."),
-    _vx("exp", 0x40, "trans", _VX_UN, FLTD, "vxm_transcendental_delay", "e**a, by the fp32 sequence in lpucore.numerics."),
-    _vx("tanh", 0x41, "trans", _VX_UN, FLTD, "vxm_transcendental_delay", "tanh(a), by the fp32 sequence in lpucore.numerics."),
-    _vx("sigmoid", 0x42, "trans", _VX_UN, FLTD, "vxm_transcendental_delay", "1 / (1 + e**-a), by the fp32 sequence in lpucore.numerics."),
-    _vx("rsqrt", 0x43, "trans", _VX_UN, FLTD, "vxm_transcendental_delay", "1 / sqrt(a): a correctly rounded square root, then a correctly rounded division."),
+    _vx("exp", 0x40, "trans", _VX_UN, FLTD, "vxm_transcendental_delay",
+        "e**a, by the fp32 sequence in lpucore.numerics."),
+    _vx("tanh", 0x41, "trans", _VX_UN, FLTD, "vxm_transcendental_delay",
+        "tanh(a), by the fp32 sequence in lpucore.numerics."),
+    _vx("sigmoid", 0x42, "trans", _VX_UN, FLTD, "vxm_transcendental_delay",
+        "1 / (1 + e**-a), by the fp32 sequence in lpucore.numerics."),
+    _vx("rsqrt", 0x43, "trans", _VX_UN, FLTD, "vxm_transcendental_delay",
+        "1 / sqrt(a): a correctly rounded square root, then a correctly rounded division."),
     _vx("recip", 0x44, "trans", _VX_UN, FLTD, "vxm_transcendental_delay", "1 / a, correctly rounded."),
     _vx("sqrt", 0x45, "trans", _VX_UN, FLTD, "vxm_transcendental_delay", "sqrt(a), correctly rounded."),
-    _vx("select", 0x48, "select", (_F("dtype", "dtype"), _F("dst", "dst"), _F("m", "src"), _F("a", "src"), _F("b", "src")),
+    _vx("select", 0x48, "select",
+        (_F("dtype", "dtype"), _F("dst", "dst"), _F("m", "src"), _F("a", "src"), _F("b", "src")),
         ALLD, "vxm_alu_delay", "a where the mask m is non-zero, else b (raw bits)."),
     _vx("cvt", 0x50, "cvt", (_F("dtype", "dtype"), _F("to", "dtype"), _F("dst", "dst"), _F("a", "src")),
         ALLD, "vxm_convert_delay",
         "Convert a from dtype to `to`: integers widen by sign extension and narrow with saturation; "
         "float to float and int to float round to nearest even (int32 to float16 goes through float32); "
         "float to int rounds to nearest even and saturates, NaN becomes 0."),
-    _vx("requant", 0x51, "requant", (_F("dst", "dst"), _F("a", "src"), _F("mult", "imm"), _F("shift", "shift"), _F("zp", "int8", 0)),
+    _vx("requant", 0x51, "requant",
+        (_F("dst", "dst"), _F("a", "src"), _F("mult", "imm"), _F("shift", "shift"), _F("zp", "int8", 0)),
         ("int32",), "vxm_convert_delay",
         "int32 to int8: saturate(round_half_even(a * mult / 2**shift) + zp), computed exactly in 64 bits."),
     _vx("const", 0x52, "const", (_F("dtype", "dtype"), _F("dst", "dst"), _F("value", "imm")),
@@ -343,7 +352,8 @@ check_table()
 # ---------------------------------------------------------------------------
 # Text forms of operand values (shared by the assembler and the disassembler)
 # ---------------------------------------------------------------------------
-def format_value(kind: str, value: int, cfg: ChipConfig, op: Optional[Op] = None, fields=None) -> str:
+def format_value(kind: str, value: int, cfg: ChipConfig, op: Optional[Op] = None,
+                 fields: Optional[Sequence[int]] = None) -> str:
     S = cfg.streams_per_direction
     if kind in ("stream", "src", "dst"):
         if value == NONE:
@@ -457,7 +467,8 @@ def reference_markdown() -> str:
         lines.append(f"| {op.unit} | `{op.mnemonic}` | {op.opcode:#04x} | {ops or '-'} | "
                      f"{('`' + op.latency + '`') if op.latency else '-'} | {', '.join(op.reads) or '-'} | "
                      f"{', '.join(op.writes) or '-'} | {', '.join(op.dtypes) or '-'} | {op.doc}"
-                     + (f" (queue {op.queue})" if op.queue else "") + (f" (uses one of sxm_{op.resource})" if op.resource else "")
+                     + (f" (queue {op.queue})" if op.queue else "")
+                     + (f" (uses one of sxm_{op.resource})" if op.resource else "")
                      + " |")
     lines.append("")
     lines.append("Operand kinds: " + "; ".join(f"`{k.name}`: {k.doc}" for k in KINDS.values()) + ".")

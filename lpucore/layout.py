@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -54,6 +54,10 @@ class Stripes:
         return -(-rows // len(self.parts)) * chunks
 
 
+# one byte plane of a tensor: runs of vectors (extents) or stripes over slices
+Plane = Union[Stripes, Tuple[Extent, ...]]
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One entry of a program's tensor table."""
@@ -61,7 +65,7 @@ class TensorInfo:
     name: str
     dtype: dt.DType
     shape: Tuple[int, ...]
-    planes: Tuple[Tuple[Extent, ...], ...]
+    planes: Tuple[Plane, ...]
 
     @property
     def rows(self) -> int:
@@ -85,7 +89,7 @@ class TensorInfo:
         if isinstance(p, Stripes):
             ch = self.chunks(lanes)
             return [p.loc(v, ch) for v in range(self.rows * ch)]
-        out = []
+        out: List[Tuple[int, int]] = []
         for e in p:
             out.extend((e.slice, e.address + i) for i in range(e.count))
         return out
@@ -119,7 +123,7 @@ class TensorInfo:
     @classmethod
     def from_json(cls, d) -> "TensorInfo":
         try:
-            planes = []
+            planes: List[Plane] = []
             for p in d["planes"]:
                 if isinstance(p, dict):
                     planes.append(Stripes(tuple((int(g), int(b)) for g, b in p["stripes"])))
@@ -130,6 +134,91 @@ class TensorInfo:
             raise
         except Exception as e:
             raise ProgramError(f"malformed tensor table entry: {e}") from None
+
+
+def _checked_shape(name: str, shape: Sequence[int]) -> Tuple[int, ...]:
+    """The shape as a tuple of ints, checked to be positive integers."""
+    shape = tuple(shape)
+    if not all(isinstance(s, (int, np.integer)) and int(s) >= 1 for s in shape):
+        raise ProgramError(f"tensor {name!r}: shape {shape} must be positive integers")
+    return tuple(int(s) for s in shape)
+
+
+def _slice_number(name: str, s, cfg: ChipConfig):
+    """A slice given by name (e.g. ``"W3"``) as its global number; other values unchanged."""
+    if isinstance(s, str):
+        try:
+            return cfg.parse_slice(s)
+        except Exception as ex:
+            raise ProgramError(f"tensor {name!r}: {ex}") from None
+    return s
+
+
+def _striped_plane(name: str, pi: int, plane, probe: TensorInfo, cfg: ChipConfig) -> Stripes:
+    """Check a striped byte plane (``Stripes`` or ``{"stripes": ...}``): its normalised ``Stripes``."""
+    st = plane if isinstance(plane, Stripes) else Stripes(tuple(tuple(x) for x in plane["stripes"]))
+    if not st.parts:
+        raise ProgramError(f"tensor {name!r}: byte plane {pi} has no stripe")
+    parts = []
+    for g, b in st.parts:
+        g = _slice_number(name, g, cfg)
+        g, b = int(g), int(b)
+        if not 0 <= g < cfg.mem_slices:
+            raise ProgramError(f"tensor {name!r}: slice {g} out of range 0..{cfg.mem_slices - 1}")
+        n_addr = st.span(probe.rows, probe.chunks(cfg.lanes))
+        if b < 0 or b + n_addr > cfg.addresses_per_slice:
+            raise ProgramError(f"tensor {name!r}: stripe {cfg.slice_name(g)}:{b}+{n_addr} does not fit "
+                               f"a slice of {cfg.addresses_per_slice} addresses")
+        parts.append((g, b))
+    return Stripes(tuple(parts))
+
+
+def _extent_fields(name: str, e):
+    """(slice, address, count) of one extent given as ``Extent`` or a 2- or 3-tuple (count None if omitted)."""
+    if isinstance(e, Extent):
+        return e.slice, e.address, e.count
+    e = tuple(e)
+    if len(e) == 2:
+        return e[0], e[1], None
+    if len(e) == 3:
+        return e
+    raise ProgramError(f"tensor {name!r}: extent {e!r} must be (slice, address[, count])")
+
+
+def _extent_plane(name: str, pi: int, plane, nvec: int, cfg: ChipConfig) -> Tuple[Extent, ...]:
+    """Check a byte plane given as a list of extents: its ``Extent`` tuple, holding exactly ``nvec`` vectors."""
+    exts, total = [], 0
+    plane = list(plane)
+    if not plane:
+        raise ProgramError(f"tensor {name!r}: byte plane {pi} has no extent")
+    for ei, e in enumerate(plane):
+        s, a, c = _extent_fields(name, e)
+        s = _slice_number(name, s, cfg)
+        if c is None:
+            if ei != len(plane) - 1:
+                raise ProgramError(f"tensor {name!r}: only the last extent of a plane may omit its count")
+            c = nvec - total
+        s, a, c = int(s), int(a), int(c)
+        if not 0 <= s < cfg.mem_slices:
+            raise ProgramError(f"tensor {name!r}: slice {s} out of range 0..{cfg.mem_slices - 1}")
+        if c < 1 or a < 0 or a + c > cfg.addresses_per_slice:
+            raise ProgramError(f"tensor {name!r}: extent {cfg.slice_name(s)}:{a}+{c} does not fit a slice of "
+                               f"{cfg.addresses_per_slice} addresses")
+        exts.append(Extent(s, a, c))
+        total += c
+    if total != nvec:
+        raise ProgramError(f"tensor {name!r}: byte plane {pi} holds {total} vectors, the shape needs {nvec}")
+    return tuple(exts)
+
+
+def _check_disjoint(info: TensorInfo, cfg: ChipConfig) -> None:
+    """Check that no two vectors of a tensor share a MEM address."""
+    seen = set()
+    for pi in range(info.dtype.nbytes):
+        for loc in info.locations(pi, cfg.lanes):
+            if loc in seen:
+                raise ProgramError(f"tensor {info.name!r}: two vectors share {cfg.slice_name(loc[0])}:{loc[1]:#x}")
+            seen.add(loc)
 
 
 def make_tensor(name: str, dtype, shape: Sequence[int], planes, cfg: ChipConfig) -> TensorInfo:
@@ -144,79 +233,19 @@ def make_tensor(name: str, dtype, shape: Sequence[int], planes, cfg: ChipConfig)
         d = dt.get(dtype)
     except Exception as e:
         raise ProgramError(f"tensor {name!r}: {e}") from None
-    shape = tuple(shape)
-    if not all(isinstance(s, (int, np.integer)) and int(s) >= 1 for s in shape):
-        raise ProgramError(f"tensor {name!r}: shape {shape} must be positive integers")
-    shape = tuple(int(s) for s in shape)
+    shape = _checked_shape(name, shape)
     probe = TensorInfo(name, d, shape, ())
     nvec = probe.nvectors(cfg.lanes)
     if len(planes) != d.nbytes:
         raise ProgramError(f"tensor {name!r}: {d.name} needs {d.nbytes} byte plane(s), got {len(planes)}")
-    out = []
+    out: List[Plane] = []
     for pi, plane in enumerate(planes):
         if isinstance(plane, Stripes) or (isinstance(plane, dict) and "stripes" in plane):
-            st = plane if isinstance(plane, Stripes) else Stripes(tuple(tuple(x) for x in plane["stripes"]))
-            if not st.parts:
-                raise ProgramError(f"tensor {name!r}: byte plane {pi} has no stripe")
-            parts = []
-            for g, b in st.parts:
-                if isinstance(g, str):
-                    try:
-                        g = cfg.parse_slice(g)
-                    except Exception as ex:
-                        raise ProgramError(f"tensor {name!r}: {ex}") from None
-                g, b = int(g), int(b)
-                if not 0 <= g < cfg.mem_slices:
-                    raise ProgramError(f"tensor {name!r}: slice {g} out of range 0..{cfg.mem_slices - 1}")
-                n_addr = st.span(probe.rows, probe.chunks(cfg.lanes))
-                if b < 0 or b + n_addr > cfg.addresses_per_slice:
-                    raise ProgramError(f"tensor {name!r}: stripe {cfg.slice_name(g)}:{b}+{n_addr} does not fit "
-                                       f"a slice of {cfg.addresses_per_slice} addresses")
-                parts.append((g, b))
-            out.append(Stripes(tuple(parts)))
-            continue
-        exts, total = [], 0
-        plane = list(plane)
-        if not plane:
-            raise ProgramError(f"tensor {name!r}: byte plane {pi} has no extent")
-        for ei, e in enumerate(plane):
-            if isinstance(e, Extent):
-                s, a, c = e.slice, e.address, e.count
-            else:
-                e = tuple(e)
-                if len(e) == 2:
-                    s, a, c = e[0], e[1], None
-                elif len(e) == 3:
-                    s, a, c = e
-                else:
-                    raise ProgramError(f"tensor {name!r}: extent {e!r} must be (slice, address[, count])")
-            if isinstance(s, str):
-                try:
-                    s = cfg.parse_slice(s)
-                except Exception as ex:
-                    raise ProgramError(f"tensor {name!r}: {ex}") from None
-            if c is None:
-                if ei != len(plane) - 1:
-                    raise ProgramError(f"tensor {name!r}: only the last extent of a plane may omit its count")
-                c = nvec - total
-            s, a, c = int(s), int(a), int(c)
-            if not 0 <= s < cfg.mem_slices:
-                raise ProgramError(f"tensor {name!r}: slice {s} out of range 0..{cfg.mem_slices - 1}")
-            if c < 1 or a < 0 or a + c > cfg.addresses_per_slice:
-                raise ProgramError(f"tensor {name!r}: extent {cfg.slice_name(s)}:{a}+{c} does not fit a slice of "
-                                   f"{cfg.addresses_per_slice} addresses")
-            exts.append(Extent(s, a, c))
-            total += c
-        if total != nvec:
-            raise ProgramError(f"tensor {name!r}: byte plane {pi} holds {total} vectors, the shape needs {nvec}")
-        out.append(tuple(exts))
+            out.append(_striped_plane(name, pi, plane, probe, cfg))
+        else:
+            out.append(_extent_plane(name, pi, plane, nvec, cfg))
     info = TensorInfo(name, d, shape, tuple(out))
-    seen = set()
-    for pi in range(d.nbytes):
-        for loc in info.locations(pi, cfg.lanes):
-            if loc in seen:
-                raise ProgramError(f"tensor {name!r}: two vectors share {cfg.slice_name(loc[0])}:{loc[1]:#x}")
-            seen.add(loc)
+    _check_disjoint(info, cfg)
     return info
 
 

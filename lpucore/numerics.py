@@ -23,56 +23,66 @@ step for step, so the two are bit-identical.  Rules:
 
 from __future__ import annotations
 
+from typing import Any, List, Optional, Sequence, Tuple
+
 import numpy as np
+import numpy.typing as npt
 
 from . import dtypes as dt
 
+# (The scalars are annotated: NumPy's stubs type scalar constructors as Any before Python 3.11.)
 F32 = np.float32
-QNAN32 = np.uint32(0x7FC00000)
-QNAN16 = np.uint32(0x7E00)
+QNAN32: np.uint32 = np.uint32(0x7FC00000)
+QNAN16: np.uint32 = np.uint32(0x7E00)
+NAN32: np.float32 = F32(np.nan)
 
 # exp: Cody-Waite range reduction and the Cephes expf polynomial.
-EXP_LO, EXP_HI = F32(-104.0), F32(89.0)        # beyond these exp is 0 / inf in float32
-LOG2E = F32(1.44269504088896341)
-EXP_C1 = F32(0.693359375)                       # ln 2 = C1 + C2, C1 exact in 9 bits
-EXP_C2 = F32(-2.12194440e-4)
-EXP_P = tuple(F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
-                               4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
+EXP_LO: np.float32 = F32(-104.0)                # beyond these exp is 0 / inf in float32
+EXP_HI: np.float32 = F32(89.0)
+LOG2E: np.float32 = F32(1.44269504088896341)
+EXP_C1: np.float32 = F32(0.693359375)           # ln 2 = C1 + C2, C1 exact in 9 bits
+EXP_C2: np.float32 = F32(-2.12194440e-4)
+EXP_P: Tuple[np.float32, ...] = tuple(F32(c) for c in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3,
+                                                       4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1))
 # tanh: the Cephes tanhf odd polynomial below 0.625, 1 - 2/(e^2x + 1) above.
-TANH_SMALL = F32(0.625)
-TANH_P = tuple(F32(c) for c in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
-                                1.33314422036e-1, -3.33332819422e-1))
-ONE, TWO, ZERO = F32(1.0), F32(2.0), F32(0.0)
+TANH_SMALL: np.float32 = F32(0.625)
+TANH_P: Tuple[np.float32, ...] = tuple(F32(c) for c in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2,
+                                                        1.33314422036e-1, -3.33332819422e-1))
+ONE: np.float32 = F32(1.0)
+TWO: np.float32 = F32(2.0)
+ZERO: np.float32 = F32(0.0)
 
 
 def mask_of(d: dt.DType) -> np.uint32:
-    return np.uint32((1 << d.bits) - 1)
+    m: np.uint32 = np.uint32((1 << d.bits) - 1)
+    return m
 
 
 # ---------------------------------------------------------------------------
 # bits <-> values
 # ---------------------------------------------------------------------------
-def to_int(bits: np.ndarray, d: dt.DType) -> np.ndarray:
+def to_int(bits: npt.NDArray[np.uint32], d: dt.DType) -> npt.NDArray[np.int64]:
     """Sign-extend raw bits of an integer dtype to int64."""
     b = bits.astype(np.uint32) & mask_of(d)
     return b.astype(np.uint32).view(np.int32).astype(np.int64) if d.bits == 32 else \
         b.astype(np.int64) - ((b.astype(np.int64) >> (d.bits - 1)) << d.bits)
 
 
-def from_int(values: np.ndarray, d: dt.DType) -> np.ndarray:
+def from_int(values: npt.NDArray[np.integer[Any]], d: dt.DType) -> npt.NDArray[np.uint32]:
     """Keep the low bits of integer values (wrap-around)."""
     return (np.asarray(values, dtype=np.int64) & int(mask_of(d))).astype(np.uint32)
 
 
-def to_float(bits: np.ndarray, d: dt.DType) -> np.ndarray:
+def to_float(bits: npt.NDArray[np.uint32], d: dt.DType) -> npt.NDArray[np.float32]:
     """Raw bits of a float dtype to float32 values (exact for float16)."""
     b = bits.astype(np.uint32)
     if d.nbytes == 2:
         return (b & 0xFFFF).astype(np.uint16).view(np.float16).astype(F32)
-    return b.view(F32).copy()
+    out: npt.NDArray[np.float32] = b.view(F32).copy()
+    return out
 
 
-def from_float(values: np.ndarray, d: dt.DType) -> np.ndarray:
+def from_float(values: npt.NDArray[np.floating[Any]], d: dt.DType) -> npt.NDArray[np.uint32]:
     """float32 values to raw bits of ``d``: float16 rounds to nearest even; NaN is canonical."""
     v = np.asarray(values, dtype=F32)
     nan = np.isnan(v)
@@ -89,12 +99,12 @@ def from_float(values: np.ndarray, d: dt.DType) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # transcendental sequences (float32 in, float32 out)
 # ---------------------------------------------------------------------------
-def _pow2(k: np.ndarray) -> np.ndarray:
+def _pow2(k: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
     """2**k as float32 for integer k in [-126, 127], built from the exponent bits."""
     return ((k.astype(np.int64) + 127) << 23).astype(np.uint32).view(F32)
 
 
-def exp_f32(x: np.ndarray) -> np.ndarray:
+def exp_f32(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     x = np.asarray(x, dtype=F32)
     with np.errstate(all="ignore"):
         nan = np.isnan(x)
@@ -112,10 +122,10 @@ def exp_f32(x: np.ndarray) -> np.ndarray:
         n1 = ni >> 1                      # floor(n / 2): both halves stay normal powers of two
         n2 = ni - n1
         y = (p * _pow2(n1)) * _pow2(n2)
-        return np.where(nan, np.float32(np.nan), y).astype(F32)
+        return np.where(nan, NAN32, y).astype(F32)
 
 
-def tanh_f32(x: np.ndarray) -> np.ndarray:
+def tanh_f32(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     x = np.asarray(x, dtype=F32)
     with np.errstate(all="ignore"):
         ax = np.abs(x)
@@ -125,22 +135,23 @@ def tanh_f32(x: np.ndarray) -> np.ndarray:
             p = p * z + c
         small = p * z * x + x
         e = exp_f32(ax + ax)
-        big = ONE - TWO / (e + ONE)
+        big: npt.NDArray[np.float32] = ONE - TWO / (e + ONE)
         big = np.where(x < ZERO, -big, big)
         return np.where(ax < TANH_SMALL, small, big).astype(F32)
 
 
-def sigmoid_f32(x: np.ndarray) -> np.ndarray:
+def sigmoid_f32(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     """1 / (1 + e**-x) for x >= 0, e**x / (1 + e**x) below, so that the tail towards
     -inf keeps its (subnormal) precision instead of flushing to zero."""
     x = np.asarray(x, dtype=F32)
     with np.errstate(all="ignore"):
         e = exp_f32(-np.abs(x))
-        d = ONE + e
+        d: npt.NDArray[np.float32] = ONE + e
         return np.where(x >= ZERO, ONE / d, e / d).astype(F32)
 
 
-def _float_unary(name: str, x: np.ndarray) -> np.ndarray:
+def _float_unary(name: str, x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    r: npt.NDArray[np.float32]              # (NumPy's stubs type scalar / array as Any)
     with np.errstate(all="ignore"):
         if name == "exp":
             return exp_f32(x)
@@ -149,9 +160,11 @@ def _float_unary(name: str, x: np.ndarray) -> np.ndarray:
         if name == "sigmoid":
             return sigmoid_f32(x)
         if name == "rsqrt":
-            return ONE / np.sqrt(x)
+            r = ONE / np.sqrt(x)
+            return r
         if name == "recip":
-            return ONE / x
+            r = ONE / x
+            return r
         if name == "sqrt":
             return np.sqrt(x)
         if name == "neg":
@@ -166,11 +179,11 @@ def _float_unary(name: str, x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # conversions
 # ---------------------------------------------------------------------------
-def _int_range(d: dt.DType):
+def _int_range(d: dt.DType) -> Tuple[int, int]:
     return -(1 << (d.bits - 1)), (1 << (d.bits - 1)) - 1
 
 
-def convert(bits: np.ndarray, src: dt.DType, to: dt.DType) -> np.ndarray:
+def convert(bits: npt.NDArray[np.uint32], src: dt.DType, to: dt.DType) -> npt.NDArray[np.uint32]:
     """The ``cvt`` instruction."""
     if src == to:
         return bits.astype(np.uint32) & mask_of(to)
@@ -189,7 +202,7 @@ def convert(bits: np.ndarray, src: dt.DType, to: dt.DType) -> np.ndarray:
     return from_int(r.astype(np.int64), to)
 
 
-def requant(bits: np.ndarray, mult: int, shift: int, zp: int) -> np.ndarray:
+def requant(bits: npt.NDArray[np.uint32], mult: int, shift: int, zp: int) -> npt.NDArray[np.uint32]:
     """int32 -> int8: saturate(round_half_even(a * mult / 2**shift) + zp)."""
     p = to_int(bits, dt.INT32) * np.int64(mult)
     if shift:
@@ -205,60 +218,99 @@ def requant(bits: np.ndarray, mult: int, shift: int, zp: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 # one VXM instruction
 # ---------------------------------------------------------------------------
-def vxm(mnemonic: str, d: dt.DType, a=None, b=None, m=None, *, to: dt.DType = None,
-        imm: int = 0, shift: int = 0, zp: int = 0, lanes: int = 0) -> np.ndarray:
+def vxm(mnemonic: str, d: dt.DType, a: Optional[npt.NDArray[np.uint32]] = None,
+        b: Optional[npt.NDArray[np.uint32]] = None, m: Optional[npt.NDArray[np.uint32]] = None, *,
+        to: Optional[dt.DType] = None, imm: int = 0, shift: int = 0, zp: int = 0,
+        lanes: int = 0) -> npt.NDArray[np.uint32]:
     """Result bits of one VXM instruction given its operands' raw bits."""
     mk = mask_of(d)
     if mnemonic == "const":
         return np.full(lanes, np.uint32(imm & 0xFFFFFFFF) & mk, dtype=np.uint32)
+    a = _need(a, mnemonic, "a")
     if mnemonic == "cvt":
+        if to is None:
+            raise TypeError("VXM cvt needs the dtype to convert to")
         return convert(a, d, to)
     if mnemonic == "requant":
         return requant(a, imm, shift, zp)
     if mnemonic in ("and", "or", "xor", "not", "mov", "select"):
-        a32 = a.astype(np.uint32)
-        if mnemonic == "and":
-            return (a32 & b) & mk
-        if mnemonic == "or":
-            return (a32 | b) & mk
-        if mnemonic == "xor":
-            return (a32 ^ b) & mk
-        if mnemonic == "not":
-            return (~a32) & mk
-        if mnemonic == "mov":
-            return a32 & mk
-        return np.where((m & mk) != 0, a32, b) & mk
+        return _vxm_bits(mnemonic, mk, a, b, m)
     if mnemonic in ("eq", "ne", "lt", "le", "gt", "ge"):
-        x, y = (to_float(a, d), to_float(b, d)) if d.is_float else (to_int(a, d), to_int(b, d))
-        with np.errstate(invalid="ignore"):
-            t = {"eq": x == y, "ne": x != y, "lt": x < y, "le": x <= y, "gt": x > y, "ge": x >= y}[mnemonic]
-        return np.where(t, mk, np.uint32(0)).astype(np.uint32)
+        return _vxm_compare(mnemonic, d, mk, a, _need(b, mnemonic, "b"))
     if d.is_float:
-        x = to_float(a, d)
-        if b is None:
-            return from_float(_float_unary(mnemonic, x), d)
-        y = to_float(b, d)
-        with np.errstate(all="ignore"):
-            if mnemonic == "add":
-                r = x + y
-            elif mnemonic == "sub":
-                r = x - y
-            elif mnemonic == "mul":
-                r = x * y
-            elif mnemonic == "div":
-                r = x / y
-            elif mnemonic in ("min", "max"):
-                # Equal operands (including +0 and -0) combine their bits, so that
-                # min(-0, +0) = -0 and max(-0, +0) = +0 whatever the order.
-                xb, yb = x.view(np.uint32), y.view(np.uint32)
-                tie = (xb | yb) if mnemonic == "min" else (xb & yb)
-                first = (x < y) if mnemonic == "min" else (x > y)
-                second = (y < x) if mnemonic == "min" else (y > x)
-                r = np.where(first, x, np.where(second, y, tie.view(F32)))
-                r = np.where(np.isnan(x) | np.isnan(y), np.float32(np.nan), r)
-            else:
-                raise KeyError(mnemonic)
-        return from_float(np.asarray(r, dtype=F32), d)
+        return _vxm_float(mnemonic, d, a, b)
+    return _vxm_int(mnemonic, d, a, b)
+
+
+def _need(x: Optional[npt.NDArray[np.uint32]], mnemonic: str, name: str) -> npt.NDArray[np.uint32]:
+    """An operand the instruction cannot do without."""
+    if x is None:
+        raise TypeError(f"VXM {mnemonic} needs operand {name}")
+    return x
+
+
+def _vxm_bits(mnemonic: str, mk: np.uint32, a: npt.NDArray[np.uint32], b: Optional[npt.NDArray[np.uint32]],
+              m: Optional[npt.NDArray[np.uint32]]) -> npt.NDArray[np.uint32]:
+    """and/or/xor/not/mov/select: raw bits, untouched but for the width."""
+    a32 = a.astype(np.uint32)
+    if mnemonic == "not":
+        return (~a32) & mk
+    if mnemonic == "mov":
+        return a32 & mk
+    b = _need(b, mnemonic, "b")
+    if mnemonic == "and":
+        return (a32 & b) & mk
+    if mnemonic == "or":
+        return (a32 | b) & mk
+    if mnemonic == "xor":
+        return (a32 ^ b) & mk
+    sel: npt.NDArray[np.uint32] = np.where((_need(m, mnemonic, "m") & mk) != 0, a32, b)
+    return sel & mk
+
+
+def _vxm_compare(mnemonic: str, d: dt.DType, mk: np.uint32, a: npt.NDArray[np.uint32],
+                 b: npt.NDArray[np.uint32]) -> npt.NDArray[np.uint32]:
+    """eq/ne/lt/le/gt/ge: a mask of all ones where true."""
+    x, y = (to_float(a, d), to_float(b, d)) if d.is_float else (to_int(a, d), to_int(b, d))
+    with np.errstate(invalid="ignore"):
+        t = {"eq": x == y, "ne": x != y, "lt": x < y, "le": x <= y, "gt": x > y, "ge": x >= y}[mnemonic]
+    out: npt.NDArray[np.uint32] = np.where(t, mk, np.uint32(0)).astype(np.uint32)
+    return out
+
+
+def _vxm_float(mnemonic: str, d: dt.DType, a: npt.NDArray[np.uint32],
+               b: Optional[npt.NDArray[np.uint32]]) -> npt.NDArray[np.uint32]:
+    """Float arithmetic: unary (b is None) or binary."""
+    x = to_float(a, d)
+    if b is None:
+        return from_float(_float_unary(mnemonic, x), d)
+    y = to_float(b, d)
+    with np.errstate(all="ignore"):
+        if mnemonic == "add":
+            r = x + y
+        elif mnemonic == "sub":
+            r = x - y
+        elif mnemonic == "mul":
+            r = x * y
+        elif mnemonic == "div":
+            r = x / y
+        elif mnemonic in ("min", "max"):
+            # Equal operands (including +0 and -0) combine their bits, so that
+            # min(-0, +0) = -0 and max(-0, +0) = +0 whatever the order.
+            xb, yb = x.view(np.uint32), y.view(np.uint32)
+            tie = (xb | yb) if mnemonic == "min" else (xb & yb)
+            first = (x < y) if mnemonic == "min" else (x > y)
+            second = (y < x) if mnemonic == "min" else (y > x)
+            r = np.where(first, x, np.where(second, y, tie.view(F32)))
+            r = np.where(np.isnan(x) | np.isnan(y), NAN32, r)
+        else:
+            raise KeyError(mnemonic)
+    return from_float(np.asarray(r, dtype=F32), d)
+
+
+def _vxm_int(mnemonic: str, d: dt.DType, a: npt.NDArray[np.uint32],
+             b: Optional[npt.NDArray[np.uint32]]) -> npt.NDArray[np.uint32]:
+    """Integer arithmetic: unary (b is None) or binary; wraps to the width."""
     x = to_int(a, d)
     if b is None:
         if mnemonic == "neg":
@@ -289,7 +341,7 @@ def vxm(mnemonic: str, d: dt.DType, a=None, b=None, m=None, *, to: dt.DType = No
 # ---------------------------------------------------------------------------
 # byte planes
 # ---------------------------------------------------------------------------
-def planes_to_bits(planes, d: dt.DType) -> np.ndarray:
+def planes_to_bits(planes: Sequence[npt.NDArray[np.uint8]], d: dt.DType) -> npt.NDArray[np.uint32]:
     """Byte planes (least significant first) of one stream group -> uint32 bits per lane."""
     out = np.zeros(len(planes[0]), dtype=np.uint32)
     for i, p in enumerate(planes[: d.nbytes]):
@@ -297,6 +349,6 @@ def planes_to_bits(planes, d: dt.DType) -> np.ndarray:
     return out
 
 
-def bits_to_planes(bits: np.ndarray, d: dt.DType):
+def bits_to_planes(bits: npt.NDArray[np.uint32], d: dt.DType) -> List[npt.NDArray[np.uint8]]:
     """uint32 bits per lane -> list of ``d.nbytes`` uint8 byte planes."""
     return [((bits >> (8 * i)) & 0xFF).astype(np.uint8) for i in range(d.nbytes)]

@@ -13,14 +13,17 @@ and returns a NumPy array, or ``(array, RunStats)`` with ``stats=True``::
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
 
 import numpy as np
 
 from .config import ChipConfig
 from .graph import Graph, GraphError
 
-_CACHE: Dict[tuple, object] = {}
+if TYPE_CHECKING:
+    from .compiler.lower import Compiled
+
+_CACHE: Dict[tuple, "Compiled"] = {}
 _CHIPS: Dict[tuple, object] = {}
 
 
@@ -78,8 +81,8 @@ for _op in ("neg", "abs", "relu", "exp", "tanh", "sigmoid", "sqrt", "rsqrt", "si
 
 gelu = _make("gelu", 1, "GELU (approximate='tanh' or 'erf') on the chip.")
 cast = _make("cast", 1, "Convert to dtype= on the chip.")
-sum = _make("sum", 1, "Sum over the last axis (keepdims=) on the chip.")       # noqa: A001
-max = _make("max", 1, "Max over the last axis (keepdims=) on the chip.")       # noqa: A001
+sum = _make("sum", 1, "Sum over the last axis (keepdims=) on the chip.")       # NumPy's name, as np.sum
+max = _make("max", 1, "Max over the last axis (keepdims=) on the chip.")       # NumPy's name, as np.max
 mean = _make("mean", 1, "Mean over the last axis (keepdims=) on the chip.")
 softmax = _make("softmax", 1, "Softmax over the last axis on the chip.")
 layernorm = _make("layernorm", 3, "layernorm(x, gamma, beta, eps=) on the chip.")
@@ -111,6 +114,6 @@ def concat(arrays, axis=0, **kw):
     return (out["y"], st) if stats else out["y"]
 
 
-def slice(x, key, **kw):                  # noqa: A001
+def slice(x, key, **kw):                  # the Graph method's name
     """x[key] (basic indexing, step 1) on the chip."""
     return _run("slice", [x], {"key": key}, kw.get("config"), kw.get("engine", "fast"), kw.get("stats", False))

@@ -20,22 +20,36 @@ any engine sees the program (:meth:`Program.validate`).
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from . import dtypes as dt
 from . import isa
 from .config import ChipConfig
 from .errors import ConfigError, LpuError, ProgramError
-from .layout import TensorInfo, make_tensor
+from .layout import Extent, Stripes, TensorInfo, make_tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import TypeGuard  # Python >= 3.10; only named in annotations, which are never evaluated
 
 MAGIC = b"LPUP"
 VERSION = 1
 _HDR = struct.Struct("<4sHHI")
+
+# An operand as make_instruction takes it: an int, a DType, or text such as "E5", "A2", "float16", "-"
+Operand = Union[int, "np.integer[Any]", str, dt.DType]
+# A byte plane as make_tensor takes it: Stripes, {"stripes": [(slice, base address), ...]}, or extents given
+# as Extent, (slice, address, count) or (slice, address); a slice is a number or a name such as "W3"
+PlaneSpec = Union[Stripes, Mapping[str, Sequence[Sequence[Union[int, str]]]],
+                  Iterable[Union[Extent, Sequence[Union[int, str]]]]]
+# (opcode, operands) of instructions already found legal on a configuration
+_Legal = Set[Tuple[int, Tuple[int, ...]]]
 
 
 @dataclass(frozen=True)
@@ -62,19 +76,25 @@ class Instruction:
 _PLAIN: Dict[Tuple[str, Optional[str]], Tuple[isa.Op, Tuple[Optional[int], ...]]] = {}
 
 
-def make_instruction(cfg: ChipConfig, mnemonic: str, *args, unit: Optional[str] = None, **kwargs) -> Instruction:
+def _plain_ints(vals: Tuple[object, ...]) -> TypeGuard[Tuple[int, ...]]:
+    """Every value is a plain int (not a bool, a NumPy integer, a string or None)."""
+    return all(type(v) is int for v in vals)
+
+
+def make_instruction(cfg: ChipConfig, mnemonic: str, *args: Operand, unit: Optional[str] = None,
+                     **kwargs: Operand) -> Instruction:
     """Build an instruction from Python values: ints, or text such as ``"E5"``, ``"A2"``,
     ``"float16"`` and ``"-"`` for the operand kinds that have a text form.  ``unit``
     resolves mnemonics that two units share (VXM ``select``, SXM ``Select``)."""
     if not kwargs:
         hit = _PLAIN.get((mnemonic, unit))
         if hit is not None:
-            op, defaults = hit
+            plain_op, defaults = hit
             n = len(args)
-            if n <= len(defaults) and all(type(v) is int for v in args):
-                tail = defaults[n:]
-                if None not in tail:
-                    return Instruction(op, args + tail)
+            if n <= len(defaults):
+                full = args + defaults[n:]
+                if _plain_ints(full):        # plain int operands, and no default left absent (None)
+                    return Instruction(plain_op, full)
     op = isa.lookup(mnemonic, unit)
     if op is None:
         if isa.lookup(mnemonic) is None and any(o.mnemonic.lower() == mnemonic.lower() for o in isa.TABLE):
@@ -82,16 +102,16 @@ def make_instruction(cfg: ChipConfig, mnemonic: str, *args, unit: Optional[str] 
         raise ProgramError(f"unknown instruction {mnemonic!r}" + (f" for the {unit}" if unit else ""))
     if len(args) > len(op.fields):
         raise ProgramError(f"{op.mnemonic} takes at most {len(op.fields)} operands, got {len(args)}")
-    vals: List[Optional[int]] = list(args) + [None] * (len(op.fields) - len(args))
+    vals: List[Optional[Operand]] = list(args) + [None] * (len(op.fields) - len(args))
     names = [f.name for f in op.fields]
-    for k, v in kwargs.items():
+    for k, given in kwargs.items():
         if k not in names:
             raise ProgramError(f"{op.mnemonic} has no operand {k!r} (operands: {', '.join(names) or 'none'})")
         if vals[names.index(k)] is not None:
             raise ProgramError(f"{op.mnemonic}: operand {k!r} given twice")
-        vals[names.index(k)] = v
-    out = []
-    dtype_code = None
+        vals[names.index(k)] = given
+    out: List[int] = []
+    dtype_code: Optional[int] = None
     for f, v in zip(op.fields, vals):
         if v is None:
             if f.default is None:
@@ -120,23 +140,11 @@ def _group(d: dt.DType) -> int:
     return d.nbytes
 
 
-def check_instruction(ins: Instruction, cfg: ChipConfig) -> Optional[Tuple[Optional[str], str]]:
-    """None if legal, else (field name or None, reason)."""
-    op = ins.op
-    if len(ins.args) != len(op.fields):
-        return None, f"{op.mnemonic} takes {len(op.fields)} operands, got {len(ins.args)}"
-    for f, v in zip(op.fields, ins.args):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            return f.name, f"{v!r} is not an integer"
-        err = f.k.check(int(v), cfg)
-        if err:
-            return f.name, err
-    a = dict(zip((f.name for f in op.fields), ins.args))
-    if op.dtypes and "dtype" in a and dt.get(a["dtype"]).name not in op.dtypes:
-        return "dtype", f"{op.mnemonic} does not take {dt.get(a['dtype']).name} (takes {', '.join(op.dtypes)})"
+def _check_stream_groups(op: isa.Op, a: Dict[str, int], cfg: ChipConfig) -> Optional[Tuple[str, str]]:
+    """check_instruction's rules for MXM and SXM instructions (``a``: the operands by field name)."""
     S = cfg.streams_per_direction
 
-    def group(field, width, aligned=True):
+    def group(field: str, width: int, aligned: bool = True) -> Optional[Tuple[str, str]]:
         """The stream group field..field+width-1 stays in one direction (and is aligned)."""
         v = a[field] % S
         if aligned and v % width:
@@ -166,6 +174,25 @@ def check_instruction(ins: Instruction, cfg: ChipConfig) -> Optional[Tuple[Optio
             n = cfg.lanes_per_superlane
             return group("src", n, aligned=False) or group("dst", n, aligned=False)
         return None
+    return None
+
+
+def check_instruction(ins: Instruction, cfg: ChipConfig) -> Optional[Tuple[Optional[str], str]]:
+    """None if legal, else (field name or None, reason)."""
+    op = ins.op
+    if len(ins.args) != len(op.fields):
+        return None, f"{op.mnemonic} takes {len(op.fields)} operands, got {len(ins.args)}"
+    for f, v in zip(op.fields, ins.args):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            return f.name, f"{v!r} is not an integer"
+        err = f.k.check(int(v), cfg)
+        if err:
+            return f.name, err
+    a = dict(zip((f.name for f in op.fields), ins.args))
+    if op.dtypes and "dtype" in a and dt.get(a["dtype"]).name not in op.dtypes:
+        return "dtype", f"{op.mnemonic} does not take {dt.get(a['dtype']).name} (takes {', '.join(op.dtypes)})"
+    if op.unit in ("MXM", "SXM"):
+        return _check_stream_groups(op, a, cfg)
     if op.unit == "VXM":
         src_d = dt.get(a.get("dtype", dt.INT32.code))
         out_d = dt.get(a["to"]) if op.cls == "cvt" else (dt.INT8 if op.cls == "requant" else src_d)
@@ -199,13 +226,13 @@ class Program:
         p.add("MEM.E0", "Write", 5, "E0")
     """
 
-    def __init__(self, config: Optional[ChipConfig] = None):
+    def __init__(self, config: Optional[ChipConfig] = None) -> None:
         self.config = config if config is not None else ChipConfig.groqchip1()
         self.queues: Dict[str, List[Instruction]] = {}
         self.tensors: Dict[str, TensorInfo] = {}
 
     # ---- building ---------------------------------------------------------------------
-    def add(self, queue: str, mnemonic: str, *args, check: bool = True, **kwargs) -> Instruction:
+    def add(self, queue: str, mnemonic: str, *args: Operand, check: bool = True, **kwargs: Operand) -> Instruction:
         """Append one instruction to a queue and return it (validated on the spot, unless
         ``check=False``: then the caller must call :meth:`validate` before the program is
         used, as the compiler does once for the whole program)."""
@@ -225,7 +252,8 @@ class Program:
         lst.append(ins)
         return ins
 
-    def add_tensor(self, name: str, dtype, shape, planes) -> TensorInfo:
+    def add_tensor(self, name: str, dtype: Union[dt.DType, int, np.integer[Any], npt.DTypeLike], shape: Sequence[int],
+                   planes: Sequence[PlaneSpec]) -> TensorInfo:
         """Add a tensor-table entry (see :func:`lpucore.layout.make_tensor`)."""
         if not isinstance(name, str) or not name or any(c.isspace() for c in name):
             raise ProgramError(f"tensor name {name!r} must be a non-empty word")
@@ -237,7 +265,7 @@ class Program:
 
     # ---- validation -----------------------------------------------------------------------
     def _check_one(self, qname: str, lst: List[Instruction], i: int, ins: Instruction,
-                   legal: Optional[set] = None) -> None:
+                   legal: Optional[_Legal] = None) -> None:
         """Check instruction i of queue qname.  ``legal``: (opcode, operands) already found legal
         on this configuration (a Repeat is always checked, as it depends on its predecessor)."""
         q = self.config.queue(qname)
@@ -254,7 +282,7 @@ class Program:
         bad = check_instruction(ins, self.config)
         if bad:
             raise ProgramError(f"{ins.op.mnemonic}: {bad[1]}", queue=qname, index=i, field=bad[0])
-        if key is not None:
+        if key is not None and legal is not None:
             legal.add(key)
         if ins.op.mnemonic == "Repeat":
             prev = lst[i - 1] if i > 0 else None
@@ -277,7 +305,7 @@ class Program:
         """Check every queue, instruction and field against the table and the configuration."""
         if not isinstance(self.config, ChipConfig):
             raise ProgramError("program has no ChipConfig")
-        legal: set = set()
+        legal: _Legal = set()
         for qname, lst in self.queues.items():
             try:
                 self.config.queue(qname)
@@ -299,14 +327,14 @@ class Program:
             out[self.config.queue_index[name]] = lst
         return out
 
-    def lower(self) -> Tuple[np.ndarray, np.ndarray]:
+    def lower(self) -> Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
         """Packed form for the fast engine: int32 code[n, 1 + NFIELDS] (opcode, fields)
         and int64 qstart[nqueues + 1] (queue q holds rows qstart[q]:qstart[q+1])."""
         lists = self.queue_lists()
-        n = sum(len(l) for l in lists)
+        n = sum(len(lst) for lst in lists)
         qstart = np.zeros(len(lists) + 1, dtype=np.int64)
         pad = (0,) * isa.NFIELDS
-        rows = []
+        rows: List[Tuple[int, ...]] = []
         for qi, lst in enumerate(lists):
             qstart[qi] = len(rows)
             rows.extend((ins.op.opcode,) + ins.args + pad[len(ins.args):] for ins in lst)
@@ -315,9 +343,9 @@ class Program:
         return code, qstart
 
     def __len__(self) -> int:
-        return sum(len(l) for l in self.queues.values())
+        return sum(len(lst) for lst in self.queues.values())
 
-    def __eq__(self, other) -> bool:
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, Program):
             return NotImplemented
         mine = {k: v for k, v in self.queues.items() if v}
@@ -326,7 +354,7 @@ class Program:
 
     def __repr__(self) -> str:
         return (f"<Program for {self.config.name}: {len(self)} instructions in "
-                f"{sum(1 for l in self.queues.values() if l)} queues, {len(self.tensors)} tensors>")
+                f"{sum(1 for lst in self.queues.values() if lst)} queues, {len(self.tensors)} tensors>")
 
     # ---- binary files --------------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -337,7 +365,7 @@ class Program:
                 "tensors": [t.to_json() for t in self.tensors.values()],
                 "queues": [[name, len(lst)] for name, lst in lists]}
         mj = json.dumps(meta, sort_keys=True).encode()
-        code = np.zeros((sum(len(l) for _, l in lists), 1 + isa.NFIELDS), dtype="<i4")
+        code = np.zeros((sum(len(lst) for _, lst in lists), 1 + isa.NFIELDS), dtype="<i4")
         r = 0
         for _, lst in lists:
             for ins in lst:
@@ -348,7 +376,7 @@ class Program:
         return body + struct.pack("<I", zlib.crc32(body) & 0xFFFFFFFF)
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Program":
+    def from_bytes(cls, data: Union[bytes, bytearray, memoryview]) -> "Program":
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ProgramError("program data must be bytes")
         data = bytes(data)
@@ -384,7 +412,8 @@ class Program:
             raise ProgramError(f"program file length does not match its {n} instructions")
         if sum(c for _, c in queues) != n or any(c < 0 for _, c in queues):
             raise ProgramError("queue instruction counts do not add up to the instruction count")
-        code = np.frombuffer(data, dtype="<i4", count=n * (1 + isa.NFIELDS), offset=end_meta + 4).reshape(n, 1 + isa.NFIELDS)
+        code = np.frombuffer(data, dtype="<i4", count=n * (1 + isa.NFIELDS),
+                             offset=end_meta + 4).reshape(n, 1 + isa.NFIELDS)
         prog = cls(cfg)
         r = 0
         for qname, count in queues:
@@ -409,13 +438,13 @@ class Program:
             prog.add_tensor(info.name, info.dtype, info.shape, info.planes)
         return prog.validate()
 
-    def save(self, path) -> None:
+    def save(self, path: Union[str, os.PathLike[str]]) -> None:
         """Write the binary program file."""
         with open(path, "wb") as f:
             f.write(self.to_bytes())
 
     @classmethod
-    def load(cls, path) -> "Program":
+    def load(cls, path: Union[str, os.PathLike[str]]) -> "Program":
         """Read and validate a binary program file (raises ProgramError if anything is off)."""
         try:
             with open(path, "rb") as f:

@@ -19,10 +19,12 @@ into a fast-engine chip (and likewise for the reference engine).
 from __future__ import annotations
 
 import json
+import os
 import zipfile
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import numpy as np
+import numpy.typing as npt
 
 from .config import ChipConfig
 from .errors import LpuError, ProgramError, SnapshotError
@@ -30,7 +32,8 @@ from .program import Program
 
 FORMAT = "lpucore-snapshot"
 VERSION = 4          # 4: fast-engine queues keep their next-issue cycles apart (qn), MXM batches are staged
-                     # in a ring of buffers (mx_xbuf); 3: the fast engine stages int8 activations as offset bytes (mx_xb); 2: MXM weights in slots
+                     # in a ring of buffers (mx_xbuf); 3: the fast engine stages int8 activations as offset
+                     # bytes (mx_xb); 2: MXM weights in slots
 _META = "__meta__"
 _PROGRAM = "__program__"
 _PREFIX = "a__"
@@ -40,13 +43,13 @@ class Snapshot:
     """The state of one :class:`~lpucore.Chip` at one cycle (see :meth:`Chip.snapshot`)."""
 
     def __init__(self, engine: str, config: ChipConfig, fp16_mxm: str, program: Optional[bytes],
-                 scalars: Dict[str, int], arrays: Dict[str, np.ndarray]):
-        self.engine = engine
-        self.config = config
-        self.fp16_mxm = fp16_mxm
-        self.program_bytes = program
-        self.scalars = dict(scalars)
-        self.arrays = arrays
+                 scalars: Dict[str, int], arrays: Dict[str, npt.NDArray[Any]]) -> None:
+        self.engine: str = engine
+        self.config: ChipConfig = config
+        self.fp16_mxm: str = fp16_mxm
+        self.program_bytes: Optional[bytes] = program
+        self.scalars: Dict[str, int] = dict(scalars)
+        self.arrays: Dict[str, npt.NDArray[Any]] = arrays
 
     @property
     def cycle(self) -> int:
@@ -67,26 +70,26 @@ class Snapshot:
                 f"{self.nbytes / 2 ** 20:.1f} MiB>")
 
     # ---- files ------------------------------------------------------------------------------
-    def _meta(self) -> dict:
+    def _meta(self) -> Dict[str, Any]:
         from . import __version__
         return {"format": FORMAT, "version": VERSION, "lpucore": __version__, "engine": self.engine,
                 "config": self.config.to_dict(), "fp16_mxm": self.fp16_mxm,
                 "has_program": self.program_bytes is not None, "scalars": self.scalars,
                 "arrays": sorted(self.arrays)}
 
-    def save(self, path) -> None:
+    def save(self, path: Union[str, os.PathLike[str]]) -> None:
         """Write the snapshot to ``path`` (an uncompressed NumPy .npz file; the name is used as given)."""
         meta = np.frombuffer(json.dumps(self._meta(), sort_keys=True).encode(), dtype=np.uint8)
         prog = np.frombuffer(self.program_bytes or b"", dtype=np.uint8)
         payload = {_PREFIX + k: v for k, v in self.arrays.items()}
         try:
             with open(path, "wb") as f:
-                np.savez(f, **{_META: meta, _PROGRAM: prog}, **payload)
+                np.savez(f, **{_META: meta, _PROGRAM: prog}, **payload)  # type: ignore[arg-type]  # no allow_pickle key
         except OSError as e:
             raise SnapshotError(f"cannot write snapshot file {path}: {e.strerror}") from None
 
     @classmethod
-    def load(cls, path, config: Optional[ChipConfig] = None) -> "Snapshot":
+    def load(cls, path: Union[str, os.PathLike[str]], config: Optional[ChipConfig] = None) -> "Snapshot":
         """Read a snapshot file.  Raises :class:`~lpucore.SnapshotError` if the file is not
         a snapshot, is corrupted or truncated, has an unsupported format version, or (when
         ``config`` is given) was taken on a chip of another configuration."""

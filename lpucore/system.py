@@ -30,7 +30,7 @@ costs host memory only for what its programs touch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from .chip import Chip, RunStats
 from .config import ChipConfig
@@ -149,14 +149,15 @@ class System:
         self.wires = topology_wires(topology, n_chips, cfg)
         self.peer: Dict[Tuple[int, int], Tuple[int, int]] = {}
         for a, la, b, lb in self.wires:
-            for c, l in ((a, la), (b, lb)):
+            for c, link in ((a, la), (b, lb)):
                 if not 0 <= c < n_chips:
-                    raise ConfigError(f"link ({a}, {la}, {b}, {lb}) names chip {c}; the system has chips 0..{n_chips - 1}")
-                if not 0 <= l < cfg.c2c_links:
-                    raise ConfigError(f"link ({a}, {la}, {b}, {lb}) names link {l}; chips have links "
+                    raise ConfigError(f"link ({a}, {la}, {b}, {lb}) names chip {c}; "
+                                      f"the system has chips 0..{n_chips - 1}")
+                if not 0 <= link < cfg.c2c_links:
+                    raise ConfigError(f"link ({a}, {la}, {b}, {lb}) names link {link}; chips have links "
                                       f"0..{cfg.c2c_links - 1}")
-                if (c, l) in self.peer:
-                    raise ConfigError(f"link {l} of chip {c} is wired twice")
+                if (c, link) in self.peer:
+                    raise ConfigError(f"link {link} of chip {c} is wired twice")
             if (a, la) == (b, lb):
                 raise ConfigError(f"link {la} of chip {a} is wired to itself")
             self.peer[(a, la)] = (b, lb)
@@ -165,6 +166,8 @@ class System:
         # With an MPI communicator (lpucore.mpi), this process simulates a contiguous block of
         # chips; the others are None here.
         self.comm = comm
+        self.rank: int
+        self.size: int
         self.rank, self.size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
         self.owner = [i * self.size // n_chips for i in range(n_chips)]
         self.chips: List[Optional[Chip]] = [Chip(cfg, engine=engine, fp16_mxm=fp16_mxm)
@@ -181,6 +184,13 @@ class System:
 
     def __len__(self):
         return self.n_chips
+
+    def local_chip(self, i: int) -> Chip:
+        """Chip ``i``, which this process simulates (under MPI another rank may own it)."""
+        chip = self.chips[i]
+        if chip is None:
+            raise LpuError(f"chip {i} is simulated by MPI rank {self.owner[i]}, not by this rank ({self.rank})")
+        return chip
 
     @property
     def local(self) -> List[int]:
@@ -200,6 +210,7 @@ class System:
         """One :class:`~lpucore.Program` per chip: a list (None: leave that chip idle), a
         dict chip -> program, or a callable chip -> program (called for this process's
         chips only).  Every chip restarts at cycle 0 with its SRAM kept."""
+        items: Iterable[Tuple[int, Any]]
         if callable(programs):
             items = [(i, programs(i)) for i in self.local]
         elif isinstance(programs, dict):
@@ -212,9 +223,10 @@ class System:
         for i, p in items:
             if not 0 <= int(i) < self.n_chips:
                 raise LpuError(f"System.load: no chip {i}")
-            if p is not None and self.chips[int(i)] is not None:
+            chip = self.chips[int(i)]
+            if p is not None and chip is not None:
                 self._check_links(int(i), p)
-                self.chips[int(i)].load(p)
+                chip.load(p)
         self.reset(clear_memory=False)
 
     def _check_links(self, chip: int, program) -> None:
@@ -227,7 +239,7 @@ class System:
     def reset(self, clear_memory: bool = False) -> None:
         """Every chip back to cycle 0 (SRAM kept unless ``clear_memory``); links emptied."""
         for i in self.local:
-            self.chips[i].reset(clear_memory)
+            self.local_chip(i).reset(clear_memory)
         self.link_vectors = {}
         self.windows = 0
 
@@ -240,7 +252,7 @@ class System:
             w = self._wire_of[(i, link)]
             self.link_vectors[w] = self.link_vectors.get(w, 0) + 1
             if self.owner[peer[0]] == self.rank:
-                self.chips[peer[0]].c2c_deliver(peer[1], arrival, vec)
+                self.local_chip(peer[0]).c2c_deliver(peer[1], arrival, vec)
             else:
                 remote[self.owner[peer[0]]].append((peer[0], peer[1], arrival, vec))
 
@@ -261,7 +273,7 @@ class System:
             target = t + W if stop is None else min(t + W, stop)
             all_done, error = True, None
             for i in self.local:
-                eng = self.chips[i]._eng      # Chip.run without building RunStats every window
+                eng = self.local_chip(i)._eng      # Chip.run without building RunStats every window
                 if eng.finished:              # its program has ended: nothing more can happen on it
                     continue
                 try:
@@ -273,7 +285,7 @@ class System:
             remote: List[list] = [[] for _ in range(self.size)]
             if error is None:
                 for i in self.local:
-                    self._route(i, self.chips[i].c2c_take_outbox(), remote)
+                    self._route(i, self.local_chip(i).c2c_take_outbox(), remote)
             if self.comm is not None:
                 # one exchange per window: vectors for other processes, errors, and whether all are done
                 got = self.comm.alltoall([(None if error is None else _pack(*error), all_done, r) for r in remote])
@@ -283,7 +295,7 @@ class System:
                 all_done = all(g[1] for g in got)
                 if error is None:
                     for chip, link, arrival, vec in sorted((e for g in got for e in g[2]), key=lambda e: e[:2]):
-                        self.chips[chip].c2c_deliver(link, arrival, vec)
+                        self.local_chip(chip).c2c_deliver(link, arrival, vec)
             if error is not None:
                 raise self._tag(error[1], error[0])
             self.windows += 1
@@ -294,16 +306,16 @@ class System:
 
     @property
     def cycle(self) -> int:
-        c = max((self.chips[i].cycle for i in self.local), default=0)
+        c = max((self.local_chip(i).cycle for i in self.local), default=0)
         return c if self.comm is None else self.comm.allreduce(c, op=_max_op())
 
     def stats(self) -> SystemStats:
         """Every chip's statistics (gathered from all processes under MPI)."""
-        per = {i: self.chips[i].stats() for i in self.local}
+        per = {i: self.local_chip(i).stats() for i in self.local}
         links = dict(self.link_vectors)
         if self.comm is not None:
             per, links = {}, {}
-            for p, lv in self.comm.allgather(({i: self.chips[i].stats() for i in self.local}, self.link_vectors)):
+            for p, lv in self.comm.allgather(({i: self.local_chip(i).stats() for i in self.local}, self.link_vectors)):
                 per.update(p)
                 for w, n in lv.items():
                     links[w] = links.get(w, 0) + n

@@ -46,6 +46,7 @@ def _expanded(program, qname: str) -> List:
     for ins in program.queues.get(qname, []):
         m = ins.op.mnemonic
         if m == "Repeat":
+            assert prev is not None, "Program.validate rejects a Repeat with no instruction before it"
             strided = [j for j, f in enumerate(prev.op.fields) if f.strided]
             for k in range(1, ins["n"] + 1):
                 args = tuple(v + k * ins["stride"] if j in strided else v for j, v in enumerate(prev.args))
@@ -81,7 +82,8 @@ class Recorder:
             f.write(f"# lpucore trace: config {cfg.name}, clock_hz {cfg.clock_hz}, lanes {cfg.lanes}, "
                     f"mxm_planes {cfg.mxm_planes}, window {self.start}..{self.end}, bucket {self.bucket}\n")
             w.writerow(HEADER)
-            base, b0, ctr = None, None, None
+            base: Dict[str, np.ndarray] = {}
+            b0, ctr = None, None
             for c, ctr, new in _cycles(chip, self.start, self.end, stop):
                 if c is None:
                     base = {k: ctr[k].copy() for k in ("mxm_busy", "bytes_read", "bytes_written")}
@@ -183,7 +185,7 @@ class Watcher:
         units = [q.unit for q in cfg.queues]
         expanded: Dict[int, List] = {}
         prev = {}
-        for c, ctr, new in _cycles(chip, self.start, self.end, stop):
+        for c, _ctr, new in _cycles(chip, self.start, self.end, stop):
             if c is None:
                 prev = {key: eng.read_mem(g, key[1], key[2] - key[1]).copy() for key, g in gids.items()}
                 continue
@@ -250,8 +252,8 @@ def to_perfetto(path: PathLike, out: PathLike) -> int:
             f.write(sep + json.dumps(ev))
             sep = ",\n"
             n += 1
-        prev_cycle = {"MXM": None, "MEM": None}
-        read_bytes = None
+        prev_cycle: Dict[str, Optional[int]] = {"MXM": None, "MEM": None}
+        read_bytes: Optional[int] = None
         for cycle, kind, name, unit, what in rows:
             c = int(cycle)
             if kind == "issue":

@@ -19,11 +19,9 @@ import os as _os
 
 import numpy as np
 
-from lpucore import dtypes as _dt
 from lpucore import errors as _errors
 from lpucore import isa as _isa
 from lpucore import matmul as _matmul
-from lpucore import numerics as _numerics
 
 include "_build_hash.pxi"
 include "_isa_gen.pxi"
@@ -344,7 +342,8 @@ cdef class FastEngine:
         if n:
             last = int(a["ib_arr"][link * s.IBC + (a["ib_head"][link] + n - 1) % s.IBC])
             if arrival < last:
-                raise _errors.LpuError(f"link {link} delivers in order: arrival {arrival} is before the previous {last}")
+                raise _errors.LpuError(f"link {link} delivers in order: arrival {arrival} is before the "
+                                       f"previous {last}")
         if n == s.IBC:
             self._c2c_alloc(a, 2 * s.IBC, s.OBC)
             self._bind()
@@ -479,7 +478,8 @@ cdef class FastEngine:
         for k in ("lk_busy", "lk_sent", "lk_recv", "ib_head", "ib_n", "ob_n"):
             a[k][:] = 0
         for k in ("st_issued", "st_icu", "st_bread", "st_bwrite", "mx_macs", "mx_busy", "mx_peak",
-                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_xbuf", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot", "sx_use"):
+                  "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc", "mx_xbuf", "mx_slots", "mx_buf_slot",
+                  "mx_row_src", "mx_inst_slot", "sx_use"):
             a[k][:] = 0
         a["mx_arr_dt"][:] = -1
         a["mx_bjob"][:] = -1
@@ -789,7 +789,7 @@ cdef class FastEngine:
             if perr.shape[0] != 8:
                 raise _errors.SnapshotError("snapshot array 'perr' must have 8 entries")
             sc = {k: int(scalars[k]) for k in ("t", "cycle", "last_effect", "done", "mx_cycle",
-                                                 "mx_cycle_macs", "sx_cycle")}
+                                               "mx_cycle_macs", "sx_cycle")}
         except KeyError as e:
             raise _errors.SnapshotError(f"snapshot state is incomplete: no {e}") from None
         n = notifies.shape[0]
@@ -836,8 +836,8 @@ _GROWABLE = frozenset(("ib_data", "ib_arr", "ob_data", "ob_meta"))
 _CONST_ARRAYS = frozenset(("code", "lat", "strided", "vx_cls", "vx_nsrc", "q_unit", "q_pos", "q_slice", "q_slot",
                            "q_hem", "q_pool", "sx_res", "sx_limit", "ta", "tb", "tm", "tr", "fa", "fb", "fr",
                            "ia", "ib", "ir", "gaddr", "mx_wchk", "mx_wbad", "mx_wconv", "mx_wd", "mx_si",
-                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext", "mx_bjob", "mx_bseq",
-                           "mx_rseq", "mx_sseq"))
+                           "mx_sd", "mx_wp", "mx_wcorr", "mx_wpver", "mx_wf", "mx_wfver", "mx_wfext", "mx_bjob",
+                           "mx_bseq", "mx_rseq", "mx_sseq"))
 
 
 # ---- C-level API (declared in _engine.pxd, for Cython code that embeds the engine) -------------
@@ -983,12 +983,16 @@ def _fp16_filter(x16, w16, s, out):
     cdef const uint16_t[:, ::1] X = x16
     cdef const uint16_t[:, ::1] W = w16
     cdef const double[:, ::1] Sm = s
-    cdef float[:, ::1] O = out
+    cdef float[:, ::1] Out = out
     cdef Py_ssize_t n = X.shape[0], K = X.shape[1], N = W.shape[1]
     unsure_arr = np.zeros((n, N), dtype=np.uint8)
     cdef uint8_t[:, ::1] U = unsure_arr
-    nx_a = np.zeros(n); gx_a = np.zeros(n); bx_a = np.zeros(n, dtype=np.uint8)
-    nw_a = np.zeros(N); gw_a = np.zeros(N); bw_a = np.zeros(N, dtype=np.uint8)
+    nx_a = np.zeros(n)
+    gx_a = np.zeros(n)
+    bx_a = np.zeros(n, dtype=np.uint8)
+    nw_a = np.zeros(N)
+    gw_a = np.zeros(N)
+    bw_a = np.zeros(N, dtype=np.uint8)
     cdef double[::1] nx = nx_a
     cdef double[::1] gx = gx_a
     cdef uint8_t[::1] bx = bx_a
@@ -1036,15 +1040,15 @@ def _fp16_filter(x16, w16, s, out):
                 g = gx[r] * gw[c]
                 if b < 0.5 * g and fabs(sv) < g * 4503599627370496.0:
                     e = rint(sv / g) * g
-                    O[r, c] = <float>e
+                    Out[r, c] = <float>e
                 else:
                     lo = <float>(sv - b)
                     hi = <float>(sv + b)
                     if lo == hi:
-                        O[r, c] = lo
+                        Out[r, c] = lo
                     else:
                         U[r, c] = 1
                         continue
-                if O[r, c] == 0.0:
-                    O[r, c] = 0.0
+                if Out[r, c] == 0.0:
+                    Out[r, c] = 0.0
     return unsure_arr

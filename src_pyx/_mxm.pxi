@@ -213,7 +213,6 @@ cdef inline void mxm_apply(State* s, int p, int64_t c) noexcept nogil:
         s.mx_bn[p] -= 1
 
 
-
 cdef inline uint8_t* mx_xrow(State* s, int p, int i) noexcept nogil:
     """Row i of plane p's int8 batch (offset bytes) in its current ring buffer."""
     return s.mx_xb + ((<int64_t>p * NR + s.mx_xbuf[p]) * (s.BMAX + 8) + i) * s.L

@@ -74,21 +74,21 @@ cdef inline void store_f(int L, float* src, uint32_t* dst, int dtc) noexcept nog
 
 
 cdef inline void load_i(int L, uint32_t* src, int64_t* dst, int dtc) noexcept nogil:
-    cdef int l
+    cdef int ln
     cdef int n = dt_bytes(dtc)
     if n == 4:
-        for l in range(L):
-            dst[l] = <int32_t>src[l]
+        for ln in range(L):
+            dst[ln] = <int32_t>src[ln]
     elif n == 2:
-        for l in range(L):
-            dst[l] = <int16_t>src[l]
+        for ln in range(L):
+            dst[ln] = <int16_t>src[ln]
     else:
-        for l in range(L):
-            dst[l] = <int8_t>src[l]
+        for ln in range(L):
+            dst[ln] = <int8_t>src[ln]
 
 
 cdef inline void store_i(int L, int64_t* src, uint32_t* dst, int dtc) noexcept nogil:
-    cdef int l
+    cdef int ln
     cdef uint32_t m = dt_mask(dtc)
-    for l in range(L):
-        dst[l] = (<uint32_t>(<uint64_t>src[l])) & m
+    for ln in range(L):
+        dst[ln] = (<uint32_t>(<uint64_t>src[ln])) & m

@@ -17,8 +17,9 @@ cdef enum:
     QW = 10
 
 cdef enum:
-    NR = 3            # activation staging buffers per MXM plane: a helper job reads one
-                      # while the plane's next batches fill the others
+    # NR: activation staging buffers per MXM plane: a helper job reads one while the plane's
+    # next batches fill the others
+    NR = 3
     HELPER_JOBS = 8   # helper-thread jobs in flight at most
 
 cdef enum:
@@ -77,13 +78,14 @@ cdef struct State:
     # program
     int32_t* code    # [rows * (1 + NFIELDS)]
     int32_t* lat     # [256] delay per opcode
-    int32_t* strided # [256] bit mask of fields Repeat strides
+    int32_t* strided  # [256] bit mask of fields Repeat strides
     int32_t* vx_cls  # [256] VXM semantic class (VC_* in _vxm.pxi)
-    int32_t* vx_nsrc # [256] source operands of the (dtype, dst, a[, b]) layouts
+    int32_t* vx_nsrc  # [256] source operands of the (dtype, dst, a[, b]) layouts
     # queues
     int64_t* qs      # [NQ * QW]
-    int64_t* qn      # [NQ] cycle of each queue's next issue (INF: parked or done); apart from
-                     # qs so that the loop's per-cycle scan of all queues reads one short array
+    # qn: [NQ] cycle of each queue's next issue (INF: parked or done); apart from qs so that the
+    # loop's per-cycle scan of all queues reads one short array
+    int64_t* qn
     int32_t* qf      # [NQ * NFIELDS] operand fields of each queue's current instruction
     int32_t* q_unit
     int32_t* q_pos
@@ -95,9 +97,9 @@ cdef struct State:
     # MEM
     uint8_t* sram    # [NSL * A * L]
     int64_t* wr_tag  # [NSL * RW] landing cycle of a pending write, -1 if free
-    int32_t* wr_addr # [NSL * RW * SL]
-    uint8_t* wr_data # [NSL * RW * L] the vectors to write
-    uint8_t* wr_uniform # [NSL * RW] 1 if every superlane writes the same address
+    int32_t* wr_addr  # [NSL * RW * SL]
+    uint8_t* wr_data  # [NSL * RW * L] the vectors to write
+    uint8_t* wr_uniform  # [NSL * RW] 1 if every superlane writes the same address
     # streams: one ring of diagonals per (direction, stream); see _streams.pxi
     int64_t* dg_tag  # [2 * S * D]
     int32_t* dg_n    # [2 * S * D]
@@ -127,12 +129,12 @@ cdef struct State:
     # mx_row_src[r], which is the buffer's slot or the slot last handed to an IW.
     int NS
     uint8_t* mx_slots    # [NP * NS * L * L]
-    int32_t* mx_buf_slot # [NP] slot LW writes into
+    int32_t* mx_buf_slot  # [NP] slot LW writes into
     int32_t* mx_row_src  # [NP * L]
-    int32_t* mx_arr_slot # [NP] installed weights, -1 if none
+    int32_t* mx_arr_slot  # [NP] installed weights, -1 if none
     int32_t* mx_arr_dt   # [NP] their dtype, -1 if none
     int64_t* mx_ver      # [NP] installs so far (keys the host's cache of the weights as floats)
-    int32_t* mx_inst_slot # [NP * RI] pending installs
+    int32_t* mx_inst_slot  # [NP * RI] pending installs
     int64_t* mx_inst_T   # [NP * RI] their effective cycle, -1 if free
     int32_t* mx_inst_dt
     uint32_t* mx_acc     # [NP * NACC * L]

@@ -7,7 +7,7 @@ cdef inline int sxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     cdef int res = s.sx_res[op]
     cdef int L = s.L
     cdef int LPS = s.LPS
-    cdef int i, j, l, k, n, m, nin, nout
+    cdef int i, j, ln, k, n, m, nin, nout
     cdef int64_t T = c + s.sx_delay
     cdef int64_t slot
     cdef uint8_t* out
@@ -94,22 +94,22 @@ cdef inline int sxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         elif op == OP_PERMUTE:
             mp = s.sx_in[1]
             mp2 = s.sx_in[2]
-            for l in range(L):
-                m = mp[l] | (mp2[l] << 8)
+            for ln in range(L):
+                m = mp[ln] | (mp2[ln] << 8)
                 if m >= 32768:
                     m -= 65536
-                out[l] = x[m] if 0 <= m < L else 0
+                out[ln] = x[m] if 0 <= m < L else 0
         elif op == OP_DISTRIBUTE:
             mp = s.sx_in[1]
-            for l in range(L):
-                m = mp[l]
-                out[l] = x[(l // LPS) * LPS + m] if m < LPS else 0
+            for ln in range(L):
+                m = mp[ln]
+                out[ln] = x[(ln // LPS) * LPS + m] if m < LPS else 0
         else:
             # Select (dst, a, b, m)
             y = s.sx_in[1]
             mp = s.sx_in[2]
-            for l in range(L):
-                out[l] = x[l] if mp[l] != 0 else y[l]
+            for ln in range(L):
+                out[ln] = x[ln] if mp[ln] != 0 else y[ln]
         stream_write(s, f[0], pos, T, q, slot)
     effect(s, T)
     return 0

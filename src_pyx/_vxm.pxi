@@ -45,7 +45,7 @@ cdef extern from "lpu_kernels.h" nogil:
 cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t* out) noexcept nogil:
     """Raw bits of one source operand into out[L]; 1 (error set) if it holds no value."""
     cdef int pos = s.q_pos[q]
-    cdef int k, i, l
+    cdef int k, i, ln
     cdef uint32_t m
     cdef uint8_t* p
     cdef const uint32_t* lat
@@ -58,8 +58,8 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
             return 1
         m = dt_mask(dtc)
         lat = s.latch + <int64_t>k * n      # a local pointer and count, so the loop vectorises
-        for l in range(n):
-            out[l] = lat[l] & m
+        for ln in range(n):
+            out[ln] = lat[ln] & m
         return 0
     for i in range(dt_bytes(dtc)):
         p = stream_read(s, v + i, pos, c)
@@ -71,199 +71,199 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
 
 
 cdef inline void vxm_float_binary(State* s, int op, int n) noexcept nogil:
-    cdef int l
+    cdef int ln
     cdef float* a = s.fa
     cdef float* b = s.fb
     cdef float* r = s.fr
     if op == OP_ADD:
-        for l in range(n):
-            r[l] = a[l] + b[l]
+        for ln in range(n):
+            r[ln] = a[ln] + b[ln]
     elif op == OP_SUB:
-        for l in range(n):
-            r[l] = a[l] - b[l]
+        for ln in range(n):
+            r[ln] = a[ln] - b[ln]
     elif op == OP_MUL:
-        for l in range(n):
-            r[l] = a[l] * b[l]
+        for ln in range(n):
+            r[ln] = a[ln] * b[ln]
     elif op == OP_DIV:
-        for l in range(n):
-            r[l] = lpu_div(a[l], b[l])
+        for ln in range(n):
+            r[ln] = lpu_div(a[ln], b[ln])
     elif op == OP_MIN:
-        for l in range(n):
-            r[l] = lpu_fmin(a[l], b[l])
+        for ln in range(n):
+            r[ln] = lpu_fmin(a[ln], b[ln])
     elif op == OP_MAX:
-        for l in range(n):
-            r[l] = lpu_fmax(a[l], b[l])
+        for ln in range(n):
+            r[ln] = lpu_fmax(a[ln], b[ln])
 
 
 cdef inline void vxm_bits(int op, int n, uint32_t* a, uint32_t* b, uint32_t* r, uint32_t m) noexcept nogil:
-    cdef int l
+    cdef int ln
     if op == OP_AND:
-        for l in range(n):
-            r[l] = (a[l] & b[l]) & m
+        for ln in range(n):
+            r[ln] = (a[ln] & b[ln]) & m
     elif op == OP_OR:
-        for l in range(n):
-            r[l] = (a[l] | b[l]) & m
+        for ln in range(n):
+            r[ln] = (a[ln] | b[ln]) & m
     elif op == OP_XOR:
-        for l in range(n):
-            r[l] = (a[l] ^ b[l]) & m
+        for ln in range(n):
+            r[ln] = (a[ln] ^ b[ln]) & m
     elif op == OP_NOT:
-        for l in range(n):
-            r[l] = (~a[l]) & m
+        for ln in range(n):
+            r[ln] = (~a[ln]) & m
     else:
-        for l in range(n):
-            r[l] = a[l] & m
+        for ln in range(n):
+            r[ln] = a[ln] & m
 
 
 cdef inline void vxm_wrap_binary(int op, int n, uint32_t* a, uint32_t* b, uint32_t* r, uint32_t m) noexcept nogil:
-    cdef int l
+    cdef int ln
     if op == OP_ADD:
-        for l in range(n):
-            r[l] = (a[l] + b[l]) & m
+        for ln in range(n):
+            r[ln] = (a[ln] + b[ln]) & m
     elif op == OP_SUB:
-        for l in range(n):
-            r[l] = (a[l] - b[l]) & m
+        for ln in range(n):
+            r[ln] = (a[ln] - b[ln]) & m
     else:
-        for l in range(n):
-            r[l] = (a[l] * b[l]) & m
+        for ln in range(n):
+            r[ln] = (a[ln] * b[ln]) & m
 
 
 cdef inline void vxm_int_binary(State* s, int op, int n, int bits) noexcept nogil:
-    cdef int l
+    cdef int ln
     cdef int64_t* a = s.ia
     cdef int64_t* b = s.ib
     cdef int64_t* r = s.ir
     if op == OP_ADD:
-        for l in range(n):
-            r[l] = a[l] + b[l]
+        for ln in range(n):
+            r[ln] = a[ln] + b[ln]
     elif op == OP_SUB:
-        for l in range(n):
-            r[l] = a[l] - b[l]
+        for ln in range(n):
+            r[ln] = a[ln] - b[ln]
     elif op == OP_MUL:
-        for l in range(n):
-            r[l] = a[l] * b[l]
+        for ln in range(n):
+            r[ln] = a[ln] * b[ln]
     elif op == OP_MIN:
-        for l in range(n):
-            r[l] = a[l] if a[l] < b[l] else b[l]
+        for ln in range(n):
+            r[ln] = a[ln] if a[ln] < b[ln] else b[ln]
     elif op == OP_MAX:
-        for l in range(n):
-            r[l] = a[l] if a[l] > b[l] else b[l]
+        for ln in range(n):
+            r[ln] = a[ln] if a[ln] > b[ln] else b[ln]
     elif op == OP_SHL:
-        for l in range(n):
-            r[l] = <int64_t>((<uint64_t>a[l]) << (s.tb[l] & (bits - 1)))
+        for ln in range(n):
+            r[ln] = <int64_t>((<uint64_t>a[ln]) << (s.tb[ln] & (bits - 1)))
     elif op == OP_SHR:
-        for l in range(n):
-            r[l] = a[l] >> (s.tb[l] & (bits - 1))
+        for ln in range(n):
+            r[ln] = a[ln] >> (s.tb[ln] & (bits - 1))
 
 
 cdef inline void vxm_compare(State* s, int op, int dtc) noexcept nogil:
-    cdef int l, t
+    cdef int ln, t
     cdef int n = s.L
     cdef uint32_t m = dt_mask(dtc)
     if dt_float(dtc):
         load_f(n, s.ta, s.fa, dtc)
         load_f(n, s.tb, s.fb, dtc)
-        for l in range(n):
+        for ln in range(n):
             if op == OP_EQ:
-                t = s.fa[l] == s.fb[l]
+                t = s.fa[ln] == s.fb[ln]
             elif op == OP_NE:
-                t = s.fa[l] != s.fb[l]
+                t = s.fa[ln] != s.fb[ln]
             elif op == OP_LT:
-                t = s.fa[l] < s.fb[l]
+                t = s.fa[ln] < s.fb[ln]
             elif op == OP_LE:
-                t = s.fa[l] <= s.fb[l]
+                t = s.fa[ln] <= s.fb[ln]
             elif op == OP_GT:
-                t = s.fa[l] > s.fb[l]
+                t = s.fa[ln] > s.fb[ln]
             else:
-                t = s.fa[l] >= s.fb[l]
-            s.tr[l] = m if t else 0
+                t = s.fa[ln] >= s.fb[ln]
+            s.tr[ln] = m if t else 0
     else:
         load_i(n, s.ta, s.ia, dtc)
         load_i(n, s.tb, s.ib, dtc)
-        for l in range(n):
+        for ln in range(n):
             if op == OP_EQ:
-                t = s.ia[l] == s.ib[l]
+                t = s.ia[ln] == s.ib[ln]
             elif op == OP_NE:
-                t = s.ia[l] != s.ib[l]
+                t = s.ia[ln] != s.ib[ln]
             elif op == OP_LT:
-                t = s.ia[l] < s.ib[l]
+                t = s.ia[ln] < s.ib[ln]
             elif op == OP_LE:
-                t = s.ia[l] <= s.ib[l]
+                t = s.ia[ln] <= s.ib[ln]
             elif op == OP_GT:
-                t = s.ia[l] > s.ib[l]
+                t = s.ia[ln] > s.ib[ln]
             else:
-                t = s.ia[l] >= s.ib[l]
-            s.tr[l] = m if t else 0
+                t = s.ia[ln] >= s.ib[ln]
+            s.tr[ln] = m if t else 0
 
 
 cdef inline void vxm_unary(State* s, int op, int dtc) noexcept nogil:
-    cdef int l
+    cdef int ln
     cdef int n = s.L
     cdef float x
     if dt_float(dtc):
         load_f(n, s.ta, s.fa, dtc)
-        for l in range(n):
-            x = s.fa[l]
+        for ln in range(n):
+            x = s.fa[ln]
             if op == OP_NEG:
-                s.fr[l] = -x
+                s.fr[ln] = -x
             elif op == OP_ABS:
-                s.fr[l] = fabsf(x)
+                s.fr[ln] = fabsf(x)
             elif op == OP_RELU:
-                s.fr[l] = lpu_relu(x)
+                s.fr[ln] = lpu_relu(x)
             elif op == OP_EXP:
-                s.fr[l] = lpu_exp(x)
+                s.fr[ln] = lpu_exp(x)
             elif op == OP_TANH:
-                s.fr[l] = lpu_tanh(x)
+                s.fr[ln] = lpu_tanh(x)
             elif op == OP_SIGMOID:
-                s.fr[l] = lpu_sigmoid(x)
+                s.fr[ln] = lpu_sigmoid(x)
             elif op == OP_RSQRT:
-                s.fr[l] = lpu_rsqrt(x)
+                s.fr[ln] = lpu_rsqrt(x)
             elif op == OP_RECIP:
-                s.fr[l] = lpu_recip(x)
+                s.fr[ln] = lpu_recip(x)
             else:
-                s.fr[l] = sqrtf(x)
+                s.fr[ln] = sqrtf(x)
         store_f(n, s.fr, s.tr, dtc)
     else:
         load_i(n, s.ta, s.ia, dtc)
-        for l in range(n):
+        for ln in range(n):
             if op == OP_NEG:
-                s.ir[l] = -s.ia[l]
+                s.ir[ln] = -s.ia[ln]
             elif op == OP_ABS:
-                s.ir[l] = -s.ia[l] if s.ia[l] < 0 else s.ia[l]
+                s.ir[ln] = -s.ia[ln] if s.ia[ln] < 0 else s.ia[ln]
             else:
-                s.ir[l] = s.ia[l] if s.ia[l] > 0 else 0
+                s.ir[ln] = s.ia[ln] if s.ia[ln] > 0 else 0
         store_i(n, s.ir, s.tr, dtc)
 
 
 cdef inline void vxm_convert(State* s, int src, int to) noexcept nogil:
-    cdef int l
+    cdef int ln
     cdef int n = s.L
     cdef int64_t lo, hi, v
     cdef int bits
     if src == to:
-        for l in range(n):
-            s.tr[l] = s.ta[l] & dt_mask(to)
+        for ln in range(n):
+            s.tr[ln] = s.ta[ln] & dt_mask(to)
     elif not dt_float(src) and not dt_float(to):
         load_i(n, s.ta, s.ia, src)
         bits = 8 * dt_bytes(to)
         hi = (<int64_t>1 << (bits - 1)) - 1
         lo = -hi - 1
-        for l in range(n):
-            v = s.ia[l]
-            s.ir[l] = lo if v < lo else (hi if v > hi else v)
+        for ln in range(n):
+            v = s.ia[ln]
+            s.ir[ln] = lo if v < lo else (hi if v > hi else v)
         store_i(n, s.ir, s.tr, to)
     elif dt_float(src) and dt_float(to):
         load_f(n, s.ta, s.fa, src)
         store_f(n, s.fa, s.tr, to)
     elif not dt_float(src):
         load_i(n, s.ta, s.ia, src)
-        for l in range(n):
-            s.fr[l] = <float>s.ia[l]
+        for ln in range(n):
+            s.fr[ln] = <float>s.ia[ln]
         store_f(n, s.fr, s.tr, to)
     else:
         load_f(n, s.ta, s.fa, src)
         bits = 8 * dt_bytes(to)
-        for l in range(n):
-            s.ir[l] = lpu_f2i(s.fa[l], bits)
+        for ln in range(n):
+            s.ir[ln] = lpu_f2i(s.fa[ln], bits)
         store_i(n, s.ir, s.tr, to)
 
 
@@ -271,7 +271,7 @@ cdef inline int vxm_compute(State* s, int q, int op, int cls, int nsrc, int32_t*
                             int* dst_out, int* dt_out) noexcept nogil:
     """Read the operands and compute the result bits into s.tr; 1 on error."""
     cdef int n = s.L
-    cdef int dtc, out_dt, dst, l
+    cdef int dtc, out_dt, dst, ln
     cdef uint32_t m
     # ---- operands, in table field order ----
     if cls == VC_SELECT:
@@ -282,8 +282,8 @@ cdef inline int vxm_compute(State* s, int q, int op, int cls, int nsrc, int32_t*
                 or vxm_operand(s, q, f[F_VXM_SELECT_B], dtc, c, s.tb):
             return 1
         m = dt_mask(dtc)
-        for l in range(n):
-            s.tr[l] = (s.ta[l] if (s.tm[l] & m) != 0 else s.tb[l]) & m
+        for ln in range(n):
+            s.tr[ln] = (s.ta[ln] if (s.tm[ln] & m) != 0 else s.tb[ln]) & m
     elif cls == VC_CVT:
         dtc = f[F_CVT_DTYPE]
         out_dt = f[F_CVT_TO]
@@ -298,16 +298,16 @@ cdef inline int vxm_compute(State* s, int q, int op, int cls, int nsrc, int32_t*
         if vxm_operand(s, q, f[F_REQUANT_A], dtc, c, s.ta):
             return 1
         load_i(n, s.ta, s.ia, DT_INT32)
-        for l in range(n):
-            s.ir[l] = lpu_requant(s.ia[l], f[F_REQUANT_MULT], f[F_REQUANT_SHIFT], f[F_REQUANT_ZP])
+        for ln in range(n):
+            s.ir[ln] = lpu_requant(s.ia[ln], f[F_REQUANT_MULT], f[F_REQUANT_SHIFT], f[F_REQUANT_ZP])
         store_i(n, s.ir, s.tr, DT_INT8)
     elif cls == VC_CONST:
         dtc = f[F_CONST_DTYPE]
         out_dt = dtc
         dst = f[F_CONST_DST]
         m = dt_mask(dtc) & <uint32_t>f[F_CONST_VALUE]
-        for l in range(n):
-            s.tr[l] = m
+        for ln in range(n):
+            s.tr[ln] = m
     else:
         # (dtype, dst, a[, b]) layouts
         dtc = f[F_ADD_DTYPE]

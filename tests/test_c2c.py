@@ -11,11 +11,11 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import TINY, make_chip, timed
 
 import lpucore
 from lpucore import LpuError, ProgramError, ScheduleError, System, assemble
 from lpucore.system import topology_wires
-from helpers import TINY, make_chip, schedule_error, timed
 
 VEC = np.arange(TINY.lanes, dtype=np.uint8)
 SEND = {"SXM.W0": [(0, "Deskew 0"), (14, "Send 0, W1")], "MEM.W0": [(10, "Read 5, W1")]}
@@ -45,7 +45,7 @@ def test_send_to_the_host_and_receive_from_it(engine):
     chip = make_chip(engine, text, mem={("W0", 5): VEC})
     st = chip.run(until=20)
     sent = chip.c2c_take_outbox()
-    assert [(l, c, a) for l, c, a, _ in sent] == [(0, 14, 14 + TINY.c2c_latency)]
+    assert [(lk, c, a) for lk, c, a, _ in sent] == [(0, 14, 14 + TINY.c2c_latency)]
     assert np.array_equal(sent[0][3], VEC) and chip.c2c_take_outbox() == []
     chip.c2c_deliver(0, 30, VEC[::-1])
     st = chip.run()
@@ -125,7 +125,6 @@ def test_a_link_at_full_rate(engine):
 def ping_pong(engine, window=None, rounds=3):
     """Chip 0 sends a vector to chip 1, which stores it and sends it back, three times
     round; each chip stores what it receives (MEM.W1 writes and re-reads it)."""
-    L = TINY.lanes
     lat = TINY.c2c_latency
     ev0 = {"SXM.W0": [(0, "Deskew 0")], "MEM.W0": [(10, "Read 5, W1")], "MEM.W1": []}
     ev1 = {"SXM.W0": [(0, "Deskew 1")], "MEM.W1": []}
@@ -186,7 +185,7 @@ def test_snapshot_keeps_link_state(engine):
     chip.run()
     other = make_chip(engine, text)
     other.restore(snap)
-    assert [(l, c, a) for l, c, a, _ in other.c2c_take_outbox()] == [(l, c, a) for l, c, a, _ in sent]
+    assert [(lk, c, a) for lk, c, a, _ in other.c2c_take_outbox()] == [(lk, c, a) for lk, c, a, _ in sent]
     st = other.run()
     assert np.array_equal(other.read_mem("W", 1, 7)[0], VEC[::-1]) and st.cycles == chip.stats().cycles
 
@@ -200,7 +199,7 @@ def test_topologies(topology, n, wires):
     w = topology_wires(topology, n, lpucore.ChipConfig())
     assert len(w) == wires
     ends = [e for a, la, b, lb in w for e in ((a, la), (b, lb))]
-    assert len(ends) == len(set(ends)) and all(0 <= l < 16 and 0 <= c < n for c, l in ends)
+    assert len(ends) == len(set(ends)) and all(0 <= lk < 16 and 0 <= c < n for c, lk in ends)
     # nodes are fully connected by links 0..6; racks join every pair of nodes, dragonflies every pair of racks
     pairs = {frozenset((a // 8, b // 8)) for a, _, b, _ in w if a // 8 != b // 8}
     racks = {frozenset((a // 72, b // 72)) for a, _, b, _ in w if a // 72 != b // 72}

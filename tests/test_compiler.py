@@ -244,12 +244,12 @@ def test_gather_rope_cast_quantize(n_idx, vocab, head, heads, cols, table_dtype,
     g.output("dq", g.dequantize(q, scale, zero_point=3, axis=-1, dtype="float32"))
     s1 = np.float32(r.uniform(0.05, 2))
     g.output("q1", g.quantize(f, s1))                                    # per-tensor scale
-    I = r.integers(0, vocab, n_idx).astype(np.int32)
+    idx = r.integers(0, vocab, n_idx).astype(np.int32)
     X = values((heads, T, head), np.float16, seed + 2)
     P = r.integers(0, 2048, T).astype(np.int32)
     F = (values((3, cols), np.float32, seed + 3) * 100).astype(np.float32)
-    out, _ = run_graph(g, {"i": I, "x": X, "p": P, "f": F})
-    assert np.array_equal(out["emb"], table[I])
+    out, _ = run_graph(g, {"i": idx, "x": X, "p": P, "f": F})
+    assert np.array_equal(out["emb"], table[idx])
     half = head // 2
     inv = 10000.0 ** (-np.arange(half) * 2 / head)
     ang = P[:, None] * inv[None]

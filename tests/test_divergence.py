@@ -1,6 +1,5 @@
 """lpucore.testing.first_divergence: the first cycle and unit at which two engines disagree."""
 
-import numpy as np
 import pytest
 
 from lpucore import Chip, ChipConfig

@@ -1,12 +1,10 @@
 """The driver (lpucore.Chip): tensors, raw memory, running, statistics, engines."""
 
 import builtins
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import lpucore
 from lpucore import Chip, ChipConfig, EngineUnavailableError, LpuError, Program, TensorError, assemble
@@ -110,7 +108,7 @@ def test_run_in_pieces_equals_one_run(engine):
     g.load_inputs(parts)
     s1 = parts.step(7)
     assert parts.cycle == 7 and not s1.finished
-    s2 = parts.run(max_cycles=5)
+    parts.run(max_cycles=5)
     assert parts.cycle == 12
     while not parts.stats().finished:
         parts.step(3)
@@ -123,7 +121,8 @@ def test_run_in_pieces_equals_one_run(engine):
 
 
 def test_reset_and_reload(engine):
-    text = ".tensor x int8 (1, 16) W2:5\n.tensor y int8 (1, 16) E0:9\nMEM.W2: Read 5, E0\nMEM.E0: NOP 5\nMEM.E0: Write 9, E0"
+    text = (".tensor x int8 (1, 16) W2:5\n.tensor y int8 (1, 16) E0:9\n"
+            "MEM.W2: Read 5, E0\nMEM.E0: NOP 5\nMEM.E0: Write 9, E0")
     chip = Chip(CFG, engine=engine)
     chip.load(assemble(".config tiny\n" + text))
     x = np.arange(16, dtype=np.int8).reshape(1, 16)

@@ -7,8 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lpucore import ChipConfig, CompileError, matmul as mm, numerics
+from lpucore import ChipConfig, CompileError
 from lpucore import dtypes as dt
+from lpucore import matmul as mm
 from lpucore.compiler import expected_cycles, gemm_program
 from lpucore.testing import run_both
 
@@ -238,8 +239,7 @@ def test_helper_thread_changes_nothing_but_who_multiplies(dtype, shape, delay_us
     assert np.array_equal(C0.view(np.uint32), C1.view(np.uint32))
     if dtype == "int8":
         assert np.array_equal(C1, A.astype(np.int64) @ B.astype(np.int64))
-    from lpucore import LpuError
-    from lpucore import Chip
+    from lpucore import Chip, LpuError
     with pytest.raises(LpuError, match="helper_threads"):
         Chip(SMALL)._eng.helper_threads = 2
 
@@ -249,6 +249,7 @@ def test_helper_thread_survives_a_fork():
     (the parent's did not come along), not a hang."""
     import multiprocessing as mp
     import sys
+
     from lpucore._engine import FastEngine
     if not FastEngine.avx512_available() or sys.platform != "linux":
         pytest.skip("needs AVX-512 VNNI and fork")

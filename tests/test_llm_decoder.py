@@ -287,7 +287,7 @@ def test_decoders_over_several_chips_check_the_fit():
     with pytest.raises(LpuError, match="spans 2 chips"):
         dec.generate([1], 1)
     with pytest.raises(LpuError, match="runs on one chip"):
-        Decoder.random("tiny", seed=0, capacity=8).pipeline
+        _ = Decoder.random("tiny", seed=0, capacity=8).pipeline
 
 
 @pytest.mark.parametrize("name, precision, shards, tables, chips, distinct", [

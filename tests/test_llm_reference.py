@@ -10,8 +10,17 @@ import sys
 import numpy as np
 import pytest
 
-from lpucore.llm import (SHAPES, ModelConfig, Reference, dequantize_int8, load_pretrained, model_config,
-                         quantize_int8, random_weights, save_pretrained)
+from lpucore.llm import (
+    SHAPES,
+    ModelConfig,
+    Reference,
+    dequantize_int8,
+    load_pretrained,
+    model_config,
+    quantize_int8,
+    random_weights,
+    save_pretrained,
+)
 from lpucore.llm.reference import apply_rope, rms_norm, rope_cos_sin
 
 TINY = ["tiny", "tiny-moe", "tiny-gpt2"]
@@ -360,6 +369,7 @@ def test_reference_does_not_use_the_compiler():
     """The reference's modules import only each other (and NumPy / the standard library / safetensors), so
     the models the compiled decoder is checked against share no code with the compiler."""
     import ast
+
     import lpucore.llm
     here = pathlib.Path(lpucore.llm.__file__).parent
     for f in (here / n for n in ("reference.py", "shapes.py", "weights.py")):

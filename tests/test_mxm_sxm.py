@@ -9,10 +9,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+from helpers import TINY, make_chip, run, schedule_error, timed
 
 from lpucore import Chip, ChipConfig, LpuError, assemble, matmul
 from lpucore._engine import FastEngine
-from helpers import TINY, make_chip, run, schedule_error, timed
 
 L = TINY.lanes
 POS = {f"W{i}": TINY.mem_position(0, i) for i in range(4)} | {f"E{i}": TINY.mem_position(1, i) for i in range(4)}
@@ -157,7 +157,8 @@ def test_fp16_rate_and_dtype_rules(engine):
                                      ).replace("MEM.E0: Read 0, W4", "MEM.E0: Read 0, W4\nMEM.E0: Repeat 1, 1, 0")
                        .replace("MEM.E1: Read 0, W5", "MEM.E1: Read 0, W5\nMEM.E1: Repeat 1, 1, 0"))
     assert (e.kind, e.cycle, e.unit) == ("mxm-busy", 11, "MXM.W0.ABC")
-    text = "MXM.W0.LW: IW float16\nMEM.E0: NOP 3\nMEM.E0: Read 0, W4\nMXM.W0.ABC: NOP 10\nMXM.W0.ABC: ABC int8, W4, 0, 0"
+    text = ("MXM.W0.LW: IW float16\nMEM.E0: NOP 3\nMEM.E0: Read 0, W4\n"
+            "MXM.W0.ABC: NOP 10\nMXM.W0.ABC: ABC int8, W4, 0, 0")
     e = schedule_error(engine, text)
     assert (e.kind, e.cycle) == ("mxm-dtype", 10)
 
@@ -252,7 +253,8 @@ def test_fp16_in_loop_kernels_match_the_host_path_and_the_reference(case):
         results[(engine, small)] = read_int32(chip, 2).view(np.uint32)
         if small is not None:
             batches = chip._eng.host_time
-            assert (batches["mxm_small_batches"] > 0) == (small > 0 and case in ("dense", "one-hot", "subnormal", "huge", "cancel"))
+            small_case = case in ("dense", "one-hot", "subnormal", "huge", "cancel")
+            assert (batches["mxm_small_batches"] > 0) == (small > 0 and small_case)
     for got in results.values():
         assert np.array_equal(got, want.view(np.uint32)), case
 
@@ -369,7 +371,7 @@ def test_distribute_within_superlanes(engine):
     n = TINY.lanes_per_superlane
     m = np.tile(np.array([0, 0, 7, 3, 200, 1, 1, 8], np.uint8), L // n)
     (y,), _ = sxm_run(engine, "Distribute E0, W0, W1", {0: x, 1: m}, [0])
-    want = np.array([x[(l // n) * n + m[l]] if m[l] < n else 0 for l in range(L)], np.uint8)
+    want = np.array([x[(ln // n) * n + m[ln]] if m[ln] < n else 0 for ln in range(L)], np.uint8)
     assert np.array_equal(y, want)
 
 
@@ -400,7 +402,6 @@ def test_rotate_on_a_16_stream_chip(engine):
 
 
 def test_resource_limit_per_hemisphere(engine):
-    x = rng(7).integers(0, 256, L).astype(np.uint8)
     text = """
 MEM.W2: NOP 1
 MEM.W2: Read 1, W0         ; all three reach the SXM (position 1) at cycle 4
@@ -415,5 +416,6 @@ SXM.W1: Permute E1, W0, W2
     e = schedule_error(engine, text)
     assert (e.kind, e.cycle, e.unit) == ("resource", 4, "SXM.W1") and "permuters" in str(e)
     # two distributors in one cycle are within the budget of 4
-    ok = text.replace("Permute E0, W0, W2", "Distribute E0, W0, W2").replace("Permute E1, W0, W2", "Distribute E1, W0, W2")
+    ok = text.replace("Permute E0, W0, W2", "Distribute E0, W0, W2")
+    ok = ok.replace("Permute E1, W0, W2", "Distribute E1, W0, W2")
     run(engine, ok)

@@ -99,7 +99,7 @@ def test_special_values():
         assert f("tanh", x)[:2].tolist() == [-1.0, 1.0] and f("tanh", x)[3] == 0
         assert f("sigmoid", x)[:2].tolist() == [0.0, 1.0] and f("sigmoid", x)[3] == 0.5
         assert f("relu", x)[:2].tolist() == [0.0, np.inf] and np.isnan(f("relu", x)[2])
-        assert np.signbit(f("relu", x)[4]) == False  # noqa: E712  relu(-0) = +0
+        assert not np.signbit(f("relu", x)[4])  # relu(-0) = +0
     # exp reaches the subnormal range instead of flushing
     assert 0 < nm.exp_f32(np.array([-100.0], np.float32))[0] < 1.2e-38
 

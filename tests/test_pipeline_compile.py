@@ -108,7 +108,7 @@ def test_cut_points_keep_a_state_with_its_new_value():
     pc = compile_pipeline(g, line(2), fill=270 / SMALL.sram_bytes)   # the state (256 B) and 3 scalars fit
     assert pc.cuts == [4] and pc.chips == [0, 1] and "acc" in pc.parts[0].states
     system = pc.system()
-    for k in range(2):                            # the state carries over from run to run
+    for _k in range(2):                            # the state carries over from run to run
         out, st = pc.run({"x": x0}, system=system)
         assert st.cycles == pc.expected_cycles
     acc = (x0 * 2 + (x0 + 1)) * 0.5 + 1           # run 1 left acc = x + 1

@@ -3,7 +3,6 @@
 import struct
 import zlib
 
-import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st

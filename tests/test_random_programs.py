@@ -5,8 +5,7 @@ import numpy as np
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from lpucore import Chip, ChipConfig, Program
-from lpucore import isa
+from lpucore import Chip, ChipConfig, Program, isa
 from lpucore.program import Instruction
 from lpucore.testing import generate, run_both
 from lpucore.testing.strategies import configs, legal_programs, raw_programs

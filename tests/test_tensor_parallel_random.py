@@ -63,121 +63,152 @@ def _matmul_shape(sa, sb):
     return tuple(batch) + (sa[-2], sb[-1])
 
 
+def _draw_input_shape(draw):
+    """Draw the input's shape: 2-d, or 3-d of at most CAP // 2 elements."""
+    if draw(st.booleans()):
+        return (draw(st.sampled_from((4, 8, 12, 16))), draw(st.sampled_from(DIMS)))
+    B, M = draw(st.sampled_from((2, 4))), draw(st.sampled_from((4, 8, 12)))
+    return (B, M, draw(st.sampled_from([n for n in DIMS if B * M * n <= CAP // 2])))
+
+
+def _reshapes(s):
+    """The shapes a value of shape s may be reshaped to (splitting or merging axes)."""
+    nd = len(s)
+    if nd == 2:
+        return [(s[0], a, s[1] // a) for a in (8, 4, 2) if s[1] % a == 0 and s[1] // a > 1] + \
+               [(a, s[0] // a, s[1]) for a in (2, 4) if s[0] % a == 0]
+    if nd == 3:
+        return [(s[0], s[1] * s[2]), (s[0] * s[1], s[2])]
+    return []
+
+
+def _bmm_partners(vals, s, d):
+    """bmm partners of a value (s, d): (value, transpose it?) with the inner dimension K = s[-1]."""
+    nd = len(s)
+    partners = []
+    for j, (sj, dj) in enumerate(vals):
+        if dj != d or len(sj) not in (2, 3) or (len(sj) == 3 and nd == 3 and sj[0] != s[0]):
+            continue
+        for tr in (False, True):
+            inner = sj[-1] if tr else sj[-2]
+            n_out = sj[-2] if tr else sj[-1]
+            out = _matmul_shape(s, sj[:-2] + (inner, n_out))
+            if inner == s[-1] and math.prod(out) <= CAP:
+                partners.append((j, tr))
+    return partners
+
+
+def _candidate_ops(mode, vals, src):
+    """(operations that may apply to value src, weighted by repetition; its reshapes; its bmm partners)."""
+    s, d = vals[src]
+    size, nd = math.prod(s), len(s)
+    ops = ["ewise", "unary", "binary", "slice", "reduce"]
+    if d in ("float16", "int8"):
+        ops = ops + ["bmm"] * 2
+        if size // s[-1] * 4 <= CAP:
+            ops = ["matmul"] * (6 if mode == "int" else 3) + ops     # weighted: splits start at matmuls
+    if nd >= 2:
+        ops.append("transpose")
+    if 2 * size <= CAP:
+        ops.append("concat")
+    reshapes = _reshapes(s)
+    if reshapes:
+        ops.append("reshape")
+    if d == "int32":
+        ops = ["requant"] * 4 + ops                       # weighted: int8 again, for the next matmul
+    partners = []
+    if "bmm" in ops:
+        partners = _bmm_partners(vals, s, d)
+        if not partners:
+            ops = [o for o in ops if o != "bmm"]
+    return ops, reshapes, partners
+
+
+def _draw_slice(draw, s):
+    """Draw a slice of shape s (whole axes, a range or an index): (key, new shape)."""
+    nd = len(s)
+    ax = draw(st.integers(0, nd - 1))
+    kind = draw(st.sampled_from(("full", "range", "index") if nd == 3 else ("full", "range")))
+    if kind == "full":
+        return (("all",),) * nd, s
+    if kind == "range":
+        a = draw(st.integers(0, s[ax] - 1))
+        b = draw(st.integers(a + 1, s[ax]))
+        key = tuple((a, b) if i == ax else ("all",) for i in range(nd))
+        return key, tuple(b - a if i == ax else n for i, n in enumerate(s))
+    i0 = draw(st.integers(0, s[ax] - 1))
+    key = tuple((i0,) if i == ax else ("all",) for i in range(nd))
+    return key, tuple(n for i, n in enumerate(s) if i != ax)
+
+
+def _draw_step(draw, seed, mode, vals, op, src, reshapes, partners):
+    """Draw the parameters of one step op on value src: (the step, the (shape, dtype) it makes)."""
+    s, d = vals[src]
+    size, nd = math.prod(s), len(s)
+    same = [j for j, v in enumerate(vals) if v == (s, d)]
+    if op == "matmul":
+        N = draw(st.sampled_from([n for n in DIMS if size // s[-1] * n <= CAP]))
+        f32 = mode == "f16" and draw(st.booleans())         # float32 accumulators, then cast
+        return (op, src, N, f32, seed()), (s[:-1] + (N,), "float16" if d == "float16" else "int32")
+    if op == "ewise":
+        fn = draw(st.sampled_from(("add", "mul", "sub", "maximum", "minimum")))
+        return (op, src, fn, draw(st.sampled_from(("row", "full", "scalar"))), seed()), (s, d)
+    if op == "unary":
+        return (op, src, draw(st.sampled_from(("relu", "tanh", "neg") if mode == "f16"
+                                              else ("relu", "neg", "abs")))), (s, d)
+    if op == "binary":
+        fns = ("add", "sub", "maximum") + (("minimum", "mul") if mode == "int" else ())
+        return (op, src, draw(st.sampled_from(fns)), draw(st.sampled_from(same[::-1]))), (s, d)
+    if op == "transpose":
+        perm = (1, 0) if nd == 2 else draw(st.sampled_from(PERMS3))
+        return (op, src, perm), (tuple(s[a] for a in perm), d)
+    if op == "reshape":
+        new = draw(st.sampled_from(reshapes))
+        return (op, src, new), (new, d)
+    if op == "concat":
+        axis = draw(st.sampled_from(tuple(dict.fromkeys((nd - 1, 0) + tuple(range(1, nd - 1))))))
+        step = (op, src, draw(st.sampled_from(same[::-1])), axis)
+        s2 = list(s)
+        s2[axis] *= 2
+        return step, (tuple(s2), d)
+    if op == "slice":
+        key, new = _draw_slice(draw, s)
+        return (op, src, key), (new, d)
+    if op == "reduce":
+        fn = draw(st.sampled_from(("softmax", "sum", "max") if mode == "f16" else ("sum", "max")))
+        keep = True if fn == "softmax" or nd < 3 else draw(st.booleans())
+        new = s if fn == "softmax" else (s[:-1] + (1,) if keep else s[:-1])
+        return (op, src, fn, keep), (new, "int32" if fn == "sum" and mode == "int" else d)
+    if op == "bmm":
+        j, tr = draw(st.sampled_from(partners[::-1]))
+        sj = vals[j][0]
+        sj = sj[:-2] + (sj[-1], sj[-2]) if tr else sj
+        step = (op, src, j, tr, mode == "f16" and draw(st.booleans()))
+        return step, (_matmul_shape(s, sj), "float16" if d == "float16" else "int32")
+    assert op == "requant", op
+    return (op, src, draw(st.sampled_from(("cast", "tensor", "channel"))), draw(st.integers(-3, 3))), (s, "int8")
+
+
 @st.composite
 def recipes(draw, mode):
     """(mode, input shape, input seed, steps, extra output).  mode "f16": float16 values;
     "int": an int8 input, int8 / int32 values.  A step is (op, source value, *parameters)
     and makes value len(values); value 0 is the input."""
-    if draw(st.booleans()):
-        shape = (draw(st.sampled_from((4, 8, 12, 16))), draw(st.sampled_from(DIMS)))
-    else:
-        B, M = draw(st.sampled_from((2, 4))), draw(st.sampled_from((4, 8, 12)))
-        shape = (B, M, draw(st.sampled_from([n for n in DIMS if B * M * n <= CAP // 2])))
+    shape = _draw_input_shape(draw)
     dtype0 = "float16" if mode == "f16" else "int8"
     vals = [(shape, dtype0)]
     steps = []
-    seed = lambda: draw(st.integers(0, 2 ** 16))             # noqa: E731
+
+    def seed():
+        return draw(st.integers(0, 2 ** 16))
+
     for _ in range(draw(st.integers(3, 8))):
         src = max(0, len(vals) - 1 - draw(st.sampled_from((0,) * 8 + (1, 2))))   # mostly the last value
-        s, d = vals[src]
-        size, nd = math.prod(s), len(s)
-        same = [j for j, v in enumerate(vals) if v == (s, d)]
-        ops = ["ewise", "unary", "binary", "slice", "reduce"]
-        if d in ("float16", "int8"):
-            ops = ops + ["bmm"] * 2
-            if size // s[-1] * 4 <= CAP:
-                ops = ["matmul"] * (6 if mode == "int" else 3) + ops     # weighted: splits start at matmuls
-        if nd >= 2:
-            ops.append("transpose")
-        if 2 * size <= CAP:
-            ops.append("concat")
-        reshapes = []
-        if nd == 2:
-            reshapes = [(s[0], a, s[1] // a) for a in (8, 4, 2) if s[1] % a == 0 and s[1] // a > 1] + \
-                       [(a, s[0] // a, s[1]) for a in (2, 4) if s[0] % a == 0]
-        elif nd == 3:
-            reshapes = [(s[0], s[1] * s[2]), (s[0] * s[1], s[2])]
-        if reshapes:
-            ops.append("reshape")
-        if d == "int32":
-            ops = ["requant"] * 4 + ops                       # weighted: int8 again, for the next matmul
-        # bmm partners: (value, transpose it?) with the inner dimension K = s[-1]
-        partners = []
-        if "bmm" in ops:
-            for j, (sj, dj) in enumerate(vals):
-                if dj != d or len(sj) not in (2, 3) or (len(sj) == 3 and nd == 3 and sj[0] != s[0]):
-                    continue
-                for tr in (False, True):
-                    inner = sj[-1] if tr else sj[-2]
-                    n_out = sj[-2] if tr else sj[-1]
-                    out = _matmul_shape(s, sj[:-2] + (inner, n_out))
-                    if inner == s[-1] and math.prod(out) <= CAP:
-                        partners.append((j, tr))
-            if not partners:
-                ops = [o for o in ops if o != "bmm"]
+        ops, reshapes, partners = _candidate_ops(mode, vals, src)
         op = draw(st.sampled_from(ops))
-        if op == "matmul":
-            N = draw(st.sampled_from([n for n in DIMS if size // s[-1] * n <= CAP]))
-            f32 = mode == "f16" and draw(st.booleans())         # float32 accumulators, then cast
-            steps.append((op, src, N, f32, seed()))
-            vals.append((s[:-1] + (N,), "float16" if d == "float16" else "int32"))
-        elif op == "ewise":
-            fn = draw(st.sampled_from(("add", "mul", "sub", "maximum", "minimum")))
-            steps.append((op, src, fn, draw(st.sampled_from(("row", "full", "scalar"))), seed()))
-            vals.append((s, d))
-        elif op == "unary":
-            steps.append((op, src, draw(st.sampled_from(("relu", "tanh", "neg") if mode == "f16"
-                                                         else ("relu", "neg", "abs")))))
-            vals.append((s, d))
-        elif op == "binary":
-            fns = ("add", "sub", "maximum") + (("minimum", "mul") if mode == "int" else ())
-            steps.append((op, src, draw(st.sampled_from(fns)), draw(st.sampled_from(same[::-1]))))
-            vals.append((s, d))
-        elif op == "transpose":
-            perm = (1, 0) if nd == 2 else draw(st.sampled_from(PERMS3))
-            steps.append((op, src, perm))
-            vals.append((tuple(s[a] for a in perm), d))
-        elif op == "reshape":
-            new = draw(st.sampled_from(reshapes))
-            steps.append((op, src, new))
-            vals.append((new, d))
-        elif op == "concat":
-            axis = draw(st.sampled_from(tuple(dict.fromkeys((nd - 1, 0) + tuple(range(1, nd - 1))))))
-            steps.append((op, src, draw(st.sampled_from(same[::-1])), axis))
-            s2 = list(s)
-            s2[axis] *= 2
-            vals.append((tuple(s2), d))
-        elif op == "slice":
-            ax = draw(st.integers(0, nd - 1))
-            kind = draw(st.sampled_from(("full", "range", "index") if nd == 3 else ("full", "range")))
-            if kind == "full":
-                key, new = (("all",),) * nd, s
-            elif kind == "range":
-                a = draw(st.integers(0, s[ax] - 1))
-                b = draw(st.integers(a + 1, s[ax]))
-                key = tuple((a, b) if i == ax else ("all",) for i in range(nd))
-                new = tuple(b - a if i == ax else n for i, n in enumerate(s))
-            else:
-                i0 = draw(st.integers(0, s[ax] - 1))
-                key = tuple((i0,) if i == ax else ("all",) for i in range(nd))
-                new = tuple(n for i, n in enumerate(s) if i != ax)
-            steps.append((op, src, key))
-            vals.append((new, d))
-        elif op == "reduce":
-            fn = draw(st.sampled_from(("softmax", "sum", "max") if mode == "f16" else ("sum", "max")))
-            keep = True if fn == "softmax" or nd < 3 else draw(st.booleans())
-            steps.append((op, src, fn, keep))
-            new = s if fn == "softmax" else (s[:-1] + (1,) if keep else s[:-1])
-            vals.append((new, "int32" if fn == "sum" and mode == "int" else d))
-        elif op == "bmm":
-            j, tr = draw(st.sampled_from(partners[::-1]))
-            sj = vals[j][0]
-            sj = sj[:-2] + (sj[-1], sj[-2]) if tr else sj
-            steps.append((op, src, j, tr, mode == "f16" and draw(st.booleans())))
-            vals.append((_matmul_shape(s, sj), "float16" if d == "float16" else "int32"))
-        elif op == "requant":
-            steps.append((op, src, draw(st.sampled_from(("cast", "tensor", "channel"))), draw(st.integers(-3, 3))))
-            vals.append((s, "int8"))
+        step, val = _draw_step(draw, seed, mode, vals, op, src, reshapes, partners)
+        steps.append(step)
+        vals.append(val)
     extra = draw(st.one_of(st.none(), st.integers(1, len(steps) - 1)))
     return mode, vals[0][0], seed(), tuple(steps), extra
 
@@ -212,6 +243,168 @@ def _softmax(R):
     return e / e.sum(-1, keepdims=True)
 
 
+def _realise_input(g, mode, shape0, seed0):
+    """The graph input x: (its host array, the value list [(x, R, E)] it starts)."""
+    rng = np.random.default_rng(seed0)
+    if mode == "f16":
+        X = rng.standard_normal(shape0).astype(np.float16)
+        x = g.input("x", shape0, "float16")
+        return X, [(x, X.astype(np.float64), np.zeros(shape0))]
+    X = rng.integers(-128, 128, shape0).astype(np.int8)
+    x = g.input("x", shape0, "int8")
+    return X, [(x, X, None)]
+
+
+def _realise_matmul(g, i, t, R, E, p, f16):
+    """A matmul by a constant weight: (node, reference, bound)."""
+    r = np.random.default_rng(p[-1])
+    K, N, f32 = t.shape[-1], p[0], p[1]
+    if f16:
+        W = (r.standard_normal((K, N)) / np.sqrt(K)).astype(np.float16)
+        W64 = W.astype(np.float64)
+        y = g.matmul(t, g.constant(f"w{i}", W), out_dtype="float32" if f32 else None)
+        return (g.cast(y, "float16") if f32 else y, R @ W64, _mm_bound(R, E, W64, np.zeros_like(W64), K))
+    W = r.integers(-128, 128, (K, N)).astype(np.int8)
+    return (g.matmul(t, g.constant(f"w{i}", W)), R.astype(np.int32) @ W.astype(np.int32), None)
+
+
+def _realise_ewise(g, i, t, R, E, p, f16):
+    """An elementwise operation with a constant (scalar, row or full): (node, reference, bound)."""
+    r = np.random.default_rng(p[-1])
+    npd = R.dtype if not f16 else np.float16
+    fn, kind = p[0], p[1]
+    cshape = {"row": t.shape[-1:], "full": t.shape, "scalar": ()}[kind]
+    if f16:
+        C = (r.uniform(0.5, 1.5, cshape) * r.choice([-1, 1], cshape) if fn == "mul"
+             else r.standard_normal(cshape)).astype(np.float16)
+    else:
+        lim = 3 if fn == "mul" else 100
+        C = r.integers(-lim, lim + 1, cshape).astype(npd)
+    c = C.item() if kind == "scalar" else g.constant(f"c{i}", C)
+    y = getattr(g, fn)(t, c)
+    if not f16:
+        return (y, getattr(np, {"sub": "subtract", "mul": "multiply"}.get(fn, fn))(R, C), None)
+    C64 = C.astype(np.float64)
+    ref = getattr(np, {"sub": "subtract", "mul": "multiply"}.get(fn, fn))(R, C64)
+    if fn in ("add", "sub"):
+        Eo = _rnd(ref, E, 0.5)
+    elif fn == "mul":
+        Eo = _rnd(ref, E * np.abs(C64), 0.5)
+    else:
+        Eo = E
+    return (y, ref, np.broadcast_to(Eo, ref.shape))
+
+
+def _realise_unary(g, t, R, E, fn):
+    """A unary operation (relu, neg, abs, tanh): (node, reference, bound)."""
+    y = getattr(g, fn)(t)
+    if fn == "relu":
+        return (y, np.maximum(R, np.zeros((), R.dtype)), E)
+    if fn == "neg":
+        return (y, np.negative(R), E)
+    if fn == "abs":
+        return (y, np.abs(R), E)
+    ref = np.tanh(R)
+    return (y, ref, _rnd(ref, E, 1))
+
+
+def _realise_binary(g, vals, t, R, E, p, f16):
+    """A binary operation of two earlier values of equal shape: (node, reference, bound)."""
+    fn, j = p
+    t2, R2, E2 = vals[j]
+    y = getattr(g, fn)(t, t2)
+    ref = getattr(np, {"sub": "subtract", "mul": "multiply"}.get(fn, fn))(R, R2)
+    if not f16:
+        return (y, ref, None)
+    if fn in ("add", "sub"):
+        return (y, ref, _rnd(ref, E + E2, 0.5))
+    return (y, ref, np.maximum(E, E2))
+
+
+def _realise_reduce(g, t, R, E, p, f16):
+    """softmax / sum / max over the last axis: (node, reference, bound)."""
+    fn, keep = p
+    if fn == "softmax":
+        S = _softmax(R)
+        return (g.softmax(t), S, _rnd(S, S * np.expm1(2 * E.max(-1, keepdims=True)), 2))
+    if fn == "max":
+        return (g.max(t, keepdims=keep), R.max(-1, keepdims=keep), E.max(-1, keepdims=keep) if f16 else None)
+    if f16:
+        ref = R.sum(-1, keepdims=keep)
+        Eo = _rnd(ref, E.sum(-1, keepdims=keep), 0.5) + 2.0 ** -22 * (np.abs(R) + E).sum(-1, keepdims=keep)
+        return (g.sum(t, keepdims=keep), ref, Eo)
+    return (g.sum(t, keepdims=keep), R.sum(-1, keepdims=keep, dtype=np.int32), None)
+
+
+def _realise_bmm(g, vals, t, R, E, p, f16):
+    """A (batched) matmul of two computed values, the second maybe transposed: (node, reference, bound)."""
+    j, tr, f32 = p
+    t2, R2, E2 = vals[j]
+    if tr:
+        perm = tuple(range(t2.ndim - 2)) + (t2.ndim - 1, t2.ndim - 2)
+        t2, R2, E2 = g.transpose(t2, perm), R2.transpose(perm), (E2.transpose(perm) if f16 else None)
+    y = g.matmul(t, t2, out_dtype="float32" if f32 else None)
+    y = g.cast(y, "float16") if f32 else y
+    if f16:
+        return (y, np.matmul(R, R2), _mm_bound(R, E, R2, E2, t.shape[-1]))
+    return (y, np.matmul(R.astype(np.int32), R2.astype(np.int32)), None)
+
+
+def _realise_requant(g, t, R, p):
+    """int32 -> int8 by a saturating cast or by quantize with power-of-two scales: (node, reference, None)."""
+    kind, zp = p
+    if kind == "cast":
+        return (g.cast(t, "int8"), np.clip(R, -128, 127).astype(np.int8), None)
+    F = R.astype(np.float32).astype(np.float64)       # int32 -> float32 as the chip casts
+    m = np.abs(F).max(axis=None if kind == "tensor" else tuple(range(F.ndim - 1)))
+    scale = 2.0 ** np.maximum(0, np.ceil(np.log2(np.maximum(m, 1) / 100)))
+    q = g.quantize(g.cast(t, "float32"), float(scale) if kind == "tensor" else scale, zp,
+                   axis=None if kind == "tensor" else -1)
+    return (q, np.clip(np.round(F / scale) + zp, -128, 127).astype(np.int8), None)
+
+
+def _realise_step(g, vals, i, op, src, p, f16):
+    """Add step i (op on value src, parameters p) to the graph: (node, reference, bound)."""
+    t, R, E = vals[src]
+    if op == "matmul":
+        return _realise_matmul(g, i, t, R, E, p, f16)
+    if op == "ewise":
+        return _realise_ewise(g, i, t, R, E, p, f16)
+    if op == "unary":
+        return _realise_unary(g, t, R, E, p[0])
+    if op == "binary":
+        return _realise_binary(g, vals, t, R, E, p, f16)
+    if op == "transpose":
+        return (g.transpose(t, p[0]), R.transpose(p[0]), E.transpose(p[0]) if f16 else None)
+    if op == "reshape":
+        return (g.reshape(t, p[0]), R.reshape(p[0]), E.reshape(p[0]) if f16 else None)
+    if op == "concat":
+        j, axis = p
+        t2, R2, E2 = vals[j]
+        return (g.concat([t, t2], axis=axis), np.concatenate([R, R2], axis=axis),
+                np.concatenate([E, E2], axis=axis) if f16 else None)
+    if op == "slice":
+        k = _key(p[0])
+        return (t[k], R[k], E[k] if f16 else None)
+    if op == "reduce":
+        return _realise_reduce(g, t, R, E, p, f16)
+    if op == "bmm":
+        return _realise_bmm(g, vals, t, R, E, p, f16)
+    if op == "requant":
+        return _realise_requant(g, t, R, p)
+    raise AssertionError(op)
+
+
+def _rescale(g, y, ref, Eo):
+    """Broadcast a float16 value's bound to its shape; scale the value by a power of two if |R| + E exceeds 8."""
+    Eo = np.ascontiguousarray(np.broadcast_to(Eo, ref.shape), dtype=np.float64)
+    m = float((np.abs(ref) + Eo).max())
+    if m > 8:                                  # keep magnitudes near 1
+        s = 2.0 ** -math.ceil(math.log2(m / 4))
+        y, ref, Eo = g.mul(y, s), ref * s, Eo * s + TINY
+    return y, ref, Eo
+
+
 def realise(recipe):
     """The recipe's Graph, its inputs and, per output, (float64 value, error bound E)
     (float16 graphs) or the exact NumPy value (int graphs).
@@ -227,133 +420,12 @@ def realise(recipe):
     subnormals, TINY) so that magnitudes stay near 1."""
     mode, shape0, seed0, steps, extra = recipe
     g = Graph("random")
-    rng = np.random.default_rng(seed0)
-    if mode == "f16":
-        X = rng.standard_normal(shape0).astype(np.float16)
-        x = g.input("x", shape0, "float16")
-        vals = [(x, X.astype(np.float64), np.zeros(shape0))]
-    else:
-        X = rng.integers(-128, 128, shape0).astype(np.int8)
-        x = g.input("x", shape0, "int8")
-        vals = [(x, X, None)]
+    X, vals = _realise_input(g, mode, shape0, seed0)
     f16 = mode == "f16"
     for i, (op, src, *p) in enumerate(steps):
-        t, R, E = vals[src]
-        r = np.random.default_rng(p[-1]) if op in ("matmul", "ewise") else None
-        npd = R.dtype if not f16 else np.float16
-        if op == "matmul":
-            K, N, f32 = t.shape[-1], p[0], p[1]
-            if f16:
-                W = (r.standard_normal((K, N)) / np.sqrt(K)).astype(np.float16)
-                W64 = W.astype(np.float64)
-                y = g.matmul(t, g.constant(f"w{i}", W), out_dtype="float32" if f32 else None)
-                out = (g.cast(y, "float16") if f32 else y, R @ W64, _mm_bound(R, E, W64, np.zeros_like(W64), K))
-            else:
-                W = r.integers(-128, 128, (K, N)).astype(np.int8)
-                out = (g.matmul(t, g.constant(f"w{i}", W)), R.astype(np.int32) @ W.astype(np.int32), None)
-        elif op == "ewise":
-            fn, kind = p[0], p[1]
-            cshape = {"row": t.shape[-1:], "full": t.shape, "scalar": ()}[kind]
-            if f16:
-                C = (r.uniform(0.5, 1.5, cshape) * r.choice([-1, 1], cshape) if fn == "mul"
-                     else r.standard_normal(cshape)).astype(np.float16)
-            else:
-                lim = 3 if fn == "mul" else 100
-                C = r.integers(-lim, lim + 1, cshape).astype(npd)
-            c = C.item() if kind == "scalar" else g.constant(f"c{i}", C)
-            y = getattr(g, fn)(t, c)
-            if f16:
-                C64 = C.astype(np.float64)
-                ref = getattr(np, {"sub": "subtract", "mul": "multiply"}.get(fn, fn))(R, C64)
-                if fn in ("add", "sub"):
-                    Eo = _rnd(ref, E, 0.5)
-                elif fn == "mul":
-                    Eo = _rnd(ref, E * np.abs(C64), 0.5)
-                else:
-                    Eo = E
-                out = (y, ref, np.broadcast_to(Eo, ref.shape))
-            else:
-                out = (y, getattr(np, {"sub": "subtract", "mul": "multiply"}.get(fn, fn))(R, C), None)
-        elif op == "unary":
-            fn = p[0]
-            y = getattr(g, fn)(t)
-            if fn == "relu":
-                out = (y, np.maximum(R, np.zeros((), R.dtype)), E)
-            elif fn == "neg":
-                out = (y, np.negative(R), E)
-            elif fn == "abs":
-                out = (y, np.abs(R), E)
-            else:
-                ref = np.tanh(R)
-                out = (y, ref, _rnd(ref, E, 1))
-        elif op == "binary":
-            fn, j = p
-            t2, R2, E2 = vals[j]
-            y = getattr(g, fn)(t, t2)
-            ref = getattr(np, {"sub": "subtract", "mul": "multiply"}.get(fn, fn))(R, R2)
-            if not f16:
-                out = (y, ref, None)
-            elif fn in ("add", "sub"):
-                out = (y, ref, _rnd(ref, E + E2, 0.5))
-            else:
-                out = (y, ref, np.maximum(E, E2))
-        elif op == "transpose":
-            out = (g.transpose(t, p[0]), R.transpose(p[0]), E.transpose(p[0]) if f16 else None)
-        elif op == "reshape":
-            out = (g.reshape(t, p[0]), R.reshape(p[0]), E.reshape(p[0]) if f16 else None)
-        elif op == "concat":
-            j, axis = p
-            t2, R2, E2 = vals[j]
-            out = (g.concat([t, t2], axis=axis), np.concatenate([R, R2], axis=axis),
-                   np.concatenate([E, E2], axis=axis) if f16 else None)
-        elif op == "slice":
-            k = _key(p[0])
-            out = (t[k], R[k], E[k] if f16 else None)
-        elif op == "reduce":
-            fn, keep = p
-            if fn == "softmax":
-                S = _softmax(R)
-                out = (g.softmax(t), S, _rnd(S, S * np.expm1(2 * E.max(-1, keepdims=True)), 2))
-            elif fn == "max":
-                out = (g.max(t, keepdims=keep), R.max(-1, keepdims=keep), E.max(-1, keepdims=keep) if f16 else None)
-            elif f16:
-                ref = R.sum(-1, keepdims=keep)
-                Eo = _rnd(ref, E.sum(-1, keepdims=keep), 0.5) + 2.0 ** -22 * (np.abs(R) + E).sum(-1, keepdims=keep)
-                out = (g.sum(t, keepdims=keep), ref, Eo)
-            else:
-                out = (g.sum(t, keepdims=keep), R.sum(-1, keepdims=keep, dtype=np.int32), None)
-        elif op == "bmm":
-            j, tr, f32 = p
-            t2, R2, E2 = vals[j]
-            if tr:
-                perm = tuple(range(t2.ndim - 2)) + (t2.ndim - 1, t2.ndim - 2)
-                t2, R2, E2 = g.transpose(t2, perm), R2.transpose(perm), (E2.transpose(perm) if f16 else None)
-            y = g.matmul(t, t2, out_dtype="float32" if f32 else None)
-            y = g.cast(y, "float16") if f32 else y
-            if f16:
-                out = (y, np.matmul(R, R2), _mm_bound(R, E, R2, E2, t.shape[-1]))
-            else:
-                out = (y, np.matmul(R.astype(np.int32), R2.astype(np.int32)), None)
-        elif op == "requant":
-            kind, zp = p
-            if kind == "cast":
-                out = (g.cast(t, "int8"), np.clip(R, -128, 127).astype(np.int8), None)
-            else:
-                F = R.astype(np.float32).astype(np.float64)       # int32 -> float32 as the chip casts
-                m = np.abs(F).max(axis=None if kind == "tensor" else tuple(range(F.ndim - 1)))
-                scale = 2.0 ** np.maximum(0, np.ceil(np.log2(np.maximum(m, 1) / 100)))
-                q = g.quantize(g.cast(t, "float32"), float(scale) if kind == "tensor" else scale, zp,
-                               axis=None if kind == "tensor" else -1)
-                out = (q, np.clip(np.round(F / scale) + zp, -128, 127).astype(np.int8), None)
-        else:
-            raise AssertionError(op)
-        y, ref, Eo = out
+        y, ref, Eo = _realise_step(g, vals, i, op, src, p, f16)
         if f16:
-            Eo = np.ascontiguousarray(np.broadcast_to(Eo, ref.shape), dtype=np.float64)
-            m = float((np.abs(ref) + Eo).max())
-            if m > 8:                                  # keep magnitudes near 1
-                s = 2.0 ** -math.ceil(math.log2(m / 4))
-                y, ref, Eo = g.mul(y, s), ref * s, Eo * s + TINY
+            y, ref, Eo = _rescale(g, y, ref, Eo)
         assert y.shape == ref.shape, (op, y.shape, ref.shape)
         vals.append((y, ref, Eo))
     outs = {"y": len(vals) - 1}
@@ -437,7 +509,7 @@ def test_random_int8_graphs_split_exactly(recipe, P):
     check_int(recipe, P)
 
 
-# ---- found while writing the properties above ----------------------------------------------------------------------------
+# ---- found while writing the properties above -----------------------------------------------------------------------
 @pytest.mark.parametrize("P", [None, 2])
 def test_one_tensor_as_two_outputs(P):
     """Each output name gets its own table entry (the second one a copy)."""

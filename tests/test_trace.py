@@ -40,7 +40,7 @@ def test_one_record_per_issued_instruction_on_both_engines(engine, tmp_path):
     assert st.to_dict() == ref.to_dict()
     recs = issues(tmp_path / "t.csv")
     per_queue = {}
-    for c, _, q, unit, what in recs:
+    for _c, _, q, unit, _what in recs:
         per_queue[q] = per_queue.get(q, 0) + 1
         assert q.split(".")[0] == unit
     assert per_queue == st.issued

@@ -10,9 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from lpucore import Chip, ChipConfig, Program, ScheduleError, assemble
+from lpucore import Chip, ChipConfig, ScheduleError, assemble, isa
 from lpucore import dtypes as dt
-from lpucore import isa
 from lpucore.testing import model
 
 CFG = ChipConfig.tiny()
@@ -311,7 +310,6 @@ def test_vxm_op_against_numpy(engine, mn, dname, to):
     to_d = dt.get(to) if to else None
     in_d = dt.INT32 if op.cls == "requant" else d
     out_d = to_d if op.cls == "cvt" else (dt.INT8 if op.cls == "requant" else d)
-    w = in_d.nbytes
     tv = 12
     ev, mem = {}, {}
     srcs = {f.name for f in op.fields if f.kind == "src"}
@@ -387,7 +385,9 @@ def cvt_vectors(engine, vals, src_d, to_d):
         ev[q.name] = [(tv - 2 - (CFG.vxm_position - q.position), f"Read 0, E{i}"),
                       (tv - 1 - (CFG.vxm_position - q.position), f"Repeat {n - 1}, 1, 1")] if n > 1 else \
                      [(tv - 2 - (CFG.vxm_position - q.position), f"Read 0, E{i}")]
-    ev["VXM.0"] = [(tv, f"cvt {src_d.name}, {to_d.name}, E4, E0")] + ([(tv + 1, f"Repeat {n - 1}, 1, 0")] if n > 1 else [])
+    ev["VXM.0"] = [(tv, f"cvt {src_d.name}, {to_d.name}, E4, E0")]
+    if n > 1:
+        ev["VXM.0"].append((tv + 1, f"Repeat {n - 1}, 1, 0"))
     T = tv + op.delay(CFG)
     for i in range(to_d.nbytes):
         q = CFG.queues[4 + i]

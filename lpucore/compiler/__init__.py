@@ -6,7 +6,7 @@
 """
 
 from .emit import Emitter, expected_cycles
-from .gemm import GemmProgram, gemm_program, matmul  # noqa: E402
-from .lower import Compiled, compile, execute  # noqa: E402
+from .gemm import GemmProgram, gemm_program, matmul
+from .lower import Compiled, compile, execute
 
 __all__ = ["Emitter", "expected_cycles", "GemmProgram", "gemm_program", "matmul", "Compiled", "compile", "execute"]

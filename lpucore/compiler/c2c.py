@@ -109,7 +109,7 @@ def relay_programs(cfg: ChipConfig, n_chips: int, wires: Sequence[Wire], n_vecto
         links_used.setdefault(a, set()).add(la)
         links_used.setdefault(b, set()).add(lb)
     for c, ls in links_used.items():
-        ev(c)[rx_q] += [(k, f"Deskew {l}") for k, l in enumerate(sorted(ls))]
+        ev(c)[rx_q] += [(k, f"Deskew {link}") for k, link in enumerate(sorted(ls))]
     t0 = max(len(ls) for ls in links_used.values()) + cfg.c2c_deskew_delay + to_sxm
     send = t0                                     # first Send of the current hop
     first = path[0][0]
@@ -170,7 +170,7 @@ def allgather_programs(cfg: ChipConfig, n_chips: int, wires: Sequence[Wire], n_v
                            f"{cfg.addresses_per_slice}")
     if cfg.mem_slices_per_hemisphere < 2:
         raise CompileError("the all-gather needs two West MEM slices")
-    link = {}
+    link: Dict[Tuple[int, int], Tuple[int, int]] = {}
     for a, la, b, lb in wires:
         link.setdefault((a, b), (la, lb))
         link.setdefault((b, a), (lb, la))
@@ -187,7 +187,7 @@ def allgather_programs(cfg: ChipConfig, n_chips: int, wires: Sequence[Wire], n_v
     events: Dict[int, Dict[str, list]] = {i: {"SXM.W0": [], "SXM.W1": [], src_q: [], dst_q: []} for i in range(P)}
     for i in range(P):
         used = sorted({link[(i, k)][0] for k in range(P) if k != i})
-        events[i]["SXM.W0"] += [(k, f"Deskew {l}") for k, l in enumerate(used)]
+        events[i]["SXM.W0"] += [(k, f"Deskew {link}") for k, link in enumerate(used)]
     T0 = (P - 1) + cfg.c2c_deskew_delay + to_sxm
     last = 0
     for p in range(P):

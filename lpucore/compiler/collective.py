@@ -33,13 +33,18 @@ The predicted cycle count of every chip's program is exact, as for one chip.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..config import ChipConfig
 from ..errors import CompileError
-from .kernels import SEARCH, E, Expr, map_kernel
+from .kernels import SEARCH, E, Expr, Used, map_kernel
 from .memory import release
 from .schedule import Plan
+
+
+def _plus(o: int) -> Callable[[int], int]:
+    """u -> o + u."""
+    return lambda u: o + u
 
 
 def group_links(P: int, wires: Sequence[Tuple[int, int, int, int]], chips: Sequence[int]) -> List[Tuple[list, list]]:
@@ -93,7 +98,7 @@ def _deskew(c) -> int:
     return last + cfg.c2c_deskew_delay
 
 
-def _read_plane(c, plan: Plan, vt, v: int, p: int, pos: int, T: int, used: Dict) -> Optional[int]:
+def _read_plane(c, plan: Plan, vt, v: int, p: int, pos: int, T: int, used: Used) -> Optional[int]:
     """Plan a MEM read of plane p of vector v so that it passes position pos in cycle T
     on one stream; returns the stream or None."""
     ctx, cfg = c.ctx, c.cfg
@@ -214,17 +219,17 @@ def lower_collective(comps, reqs) -> List[int]:
             s += iv
     for c in comps:
         c.link_free = s
-    for i, (c, (n, t, name, kind), src, stack) in enumerate(zip(comps, reqs, srcs, stacks)):
+    for i, (c, (_n, t, name, kind), src, stack) in enumerate(zip(comps, reqs, srcs, stacks)):
         d = src.dtype
         if op == "allgather":
             # the chip's own block: a VXM copy
-            own = map_kernel(c.ctx, E("mov", d, Expr.input(src, lambda u, o=i * nvec: u - o)), stack,
+            own = map_kernel(c.ctx, E("mov", d, Expr.input(src, _plus(-i * nvec))), stack,
                              vectors=range(i * nvec, (i + 1) * nvec))
             last[i] = max(last[i], own)
         else:
             def build(i=i, src=src, stack=stack, d=d):
                 terms = [Expr.input(src, lambda u: u) if r == i else
-                         Expr.input(stack, lambda u, o=r * nvec: o + u) for r in range(P)]
+                         Expr.input(stack, _plus(r * nvec)) for r in range(P)]
                 acc = terms[0]
                 for term in terms[1:]:
                     acc = E("add", d, acc, term)
@@ -249,9 +254,10 @@ def compile_group(graphs, cfg: ChipConfig, links: List[Tuple[list, list]]):
     gens = [c.steps() for c in comps]
     reqs = [next(gen, None) for gen in gens]
     while any(r is not None for r in reqs):
-        if any(r is None for r in reqs) or len({(r[0].op, r[1].shape) for r in reqs}) != 1:
+        got = [r for r in reqs if r is not None]
+        if len(got) != len(reqs) or len({(r[0].op, r[1].shape) for r in got}) != 1:
             raise CompileError("internal: the graphs of a group reach different collective operations")
-        lasts = lower_collective(comps, reqs)
+        lasts = lower_collective(comps, got)
         reqs = []
         for gen, last in zip(gens, lasts):
             try:

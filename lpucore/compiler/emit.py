@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
-from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError
-from ..program import Program, make_instruction
+from ..program import Program
 
 
 class Emitter:
@@ -37,7 +36,6 @@ class Emitter:
     def program(self, program: Optional[Program] = None) -> Program:
         p = program if program is not None else Program(self.cfg)
         for queue, runs in self.runs.items():
-            unit = self.cfg.queue(queue).unit
             t = 0                                         # next free issue cycle
             for c, mn, args, rep in sorted(runs, key=lambda r: r[0]):
                 if c < t:
@@ -52,7 +50,6 @@ class Emitter:
                     t = c + n * d + 1
                 else:
                     t = c + 1
-            del unit
         return p
 
 
@@ -61,7 +58,7 @@ def expected_cycles(program: Program) -> int:
     the last issue, landing value or bank write, plus the stagger."""
     cfg = program.config
     last = -1
-    for queue, lst in program.queues.items():
+    for lst in program.queues.values():
         t = 0
         prev = None
         for ins in lst:
@@ -74,6 +71,8 @@ def expected_cycles(program: Program) -> int:
                 prev = None
                 continue
             if name == "Repeat":
+                if prev is None:            # Program.validate refuses it too
+                    raise CompileError("expected_cycles: a Repeat must follow a functional-unit instruction")
                 n, d = ins["n"], ins["d"]
                 issue = t - 1 + n * d                    # the last repetition
                 last = max(last, issue + prev.op.delay(cfg))

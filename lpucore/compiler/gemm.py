@@ -32,16 +32,16 @@ Tensors are stored in packed layouts (``GemmProgram.pack`` / ``unpack`` convert)
 
 from __future__ import annotations
 
-import math
+import functools
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import dtypes as dt
 from ..config import HEMISPHERES, ChipConfig
 from ..errors import CompileError
-from ..layout import Extent, TensorInfo
+from ..layout import Extent
 from ..program import Program
 from .emit import Emitter, expected_cycles
 
@@ -76,15 +76,6 @@ class _OutOfSlices(Exception):
 
 
 @dataclass
-class _Run:
-    """vectors [start, start + count) of a packed tensor plane live at (slices, address)."""
-
-    slices: Tuple[int, ...]
-    address: int
-    count: int
-
-
-@dataclass
 class GemmProgram:
     """A scheduled GEMM: the program, how to pack its inputs and unpack its output."""
 
@@ -95,8 +86,8 @@ class GemmProgram:
     dtype: str
     out: str
     expected_cycles: int
-    plan: dict
-    _tensors: dict = field(repr=False, default_factory=dict)
+    plan: Dict[str, Any]
+    _tensors: Dict[str, Callable[..., Any]] = field(repr=False, default_factory=dict)
 
     @property
     def useful_macs(self) -> int:
@@ -244,14 +235,14 @@ class _Builder:
         tensors: List[Tuple[str, str, tuple, list]] = []           # (name, dtype, shape, planes of runs)
         packers = []
         unpackers = []
-        d_read, d_write = cfg.mem_read_delay, cfg.mem_write_delay
+        d_read = cfg.mem_read_delay
         d_iw, d_mxm, d_acc = cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
         d_conv = cfg.vxm_convert_delay
         xv = cfg.vxm_position
         ws, P, a = self.ws, self.P_used, self.a
         plan = {"planes_per_hemisphere": P, "weight_streams_per_plane": ws, "row_block": self.Mb,
                 "k_chunks": self.nK, "column_tiles": self.nT, "hemispheres": []}
-        post_alloc = [None, None]           # results of hemisphere h land in hemisphere 1 - h
+        post_alloc: List[Optional[List[_Alloc]]] = [None, None]    # results of hemisphere h land in 1 - h
         for h in range(2):
             rows, tiles = work[h]
             if not rows or not tiles:
@@ -263,7 +254,7 @@ class _Builder:
             xm = cfg.mxm_position(h)
             din = self.inward(h)
             dout = 1 - din
-            pos = lambda slot, hh=h: cfg.mem_position(hh, slot)                         # noqa: E731
+            pos = functools.partial(cfg.mem_position, h)                       # slot -> position
             # ---- slices: weights first (P * ws distinct slices, read in the same cycles) --------
             if len(free[h]) < P * ws:
                 raise _OutOfSlices("not enough MEM slices for the weight streams")
@@ -283,9 +274,10 @@ class _Builder:
                     act_runs[(kc, b)] = act.take(nb)
             # result runs: one per (plane, tile, block)
             if self.post:
-                if post_alloc[1 - h] is None:
-                    post_alloc[1 - h] = [_Alloc(free[1 - h], self.pw, cfg.addresses_per_slice) for _ in range(P)]
                 outs = post_alloc[1 - h]
+                if outs is None:
+                    outs = post_alloc[1 - h] = [_Alloc(free[1 - h], self.pw, cfg.addresses_per_slice)
+                                                for _ in range(P)]
             else:
                 outs = [_Alloc(free[h], self.out_planes, cfg.addresses_per_slice) for _ in range(P)]
             out_runs = {}
@@ -301,7 +293,6 @@ class _Builder:
             alus = [h * P + p for p in range(P)]
             # ---- schedule -------------------------------------------------------------------------
             hop_w = [[self.hop(pos(s), xm) for s in wsl[p]] for p in range(P)]
-            hop_a = lambda grp: [self.hop(pos(s), xm) for s in grp]                    # noqa: E731
             t_min = d_read + max(self.hop(pos(s), xm) for s in range(cfg.mem_slices_per_hemisphere))
             steps = [(j, b, nb, kc) for j in range(len(pairs)) for (b, nb) in blocks for kc in range(self.nK)]
             prev = None
@@ -310,14 +301,14 @@ class _Builder:
             gblock = 0
             half = cfg.mxm_accumulators // 2
             dname = "float16" if self.fp16 else "int8"
-            for si, (j, b, nb, kc) in enumerate(steps):
+            for _si, (j, b, nb, kc) in enumerate(steps):
                 if prev is None:
                     W = t_min
                 else:
                     pT, pnb, pI = prev
                     W = max(pI + 1, pT + (pnb - 1) * self.r + 1 - d_iw - self.Lw)
-                I = W + self.Lw
-                E = I + d_iw
+                t_iw = W + self.Lw
+                E = t_iw + d_iw
                 T = max(E, t_min)
                 if prev is not None:
                     T = max(T, prev[0] + prev[1] * self.r)
@@ -331,7 +322,7 @@ class _Builder:
                     em.at(q + ".LW", W, "LW", s_w[p], ws, 0, repeat=(full - 1, 1, ws) if full > 1 else None)
                     if rem:
                         em.at(q + ".LW", W + full, "LW", s_w[p], rem, full * ws)
-                    em.at(q + ".LW", I, "IW", dname)
+                    em.at(q + ".LW", t_iw, "IW", dname)
                     ti = per_plane_tiles[p].index(tile) * self.nK + kc
                     for jj, sl in enumerate(wsl[p]):
                         em.at(f"MEM.{HEMISPHERES[h]}{sl}", W - d_read - hop_w[p][jj], "Read", ti * cnt[0],
@@ -343,7 +334,7 @@ class _Builder:
                 for i, sl in enumerate(grp):
                     em.at(f"MEM.{HEMISPHERES[h]}{sl}", T - d_read - self.hop(pos(sl), xm), "Read", addr, s_act + i,
                           repeat=(nb - 1, self.r, 1) if nb > 1 else None)
-                prev = (T, nb, I)
+                prev = (T, nb, t_iw)
                 if kc == self.nK - 1:
                     # the block is complete: stream its accumulators out
                     C = max(T + (nb - 1) * self.r + d_mxm, acc_q_free)
@@ -377,7 +368,7 @@ class _Builder:
             a_name = f"A_{hem}"
             a_dtype = "float16" if self.fp16 else "int8"
             # A_h: [nK, Rh, Kc]; chunk kc of rows in block b at act_runs[(kc, b)]
-            a_planes = [[] for _ in range(a)]
+            a_planes: List[List[Extent]] = [[] for _ in range(a)]
             for kc in range(self.nK):
                 for b, nb in blocks:
                     grp, addr = act_runs[(kc, b)]
@@ -397,7 +388,7 @@ class _Builder:
                 c_name = f"C_{hem}{p}"
                 out_d = dt.get(self.out)
                 ohem = 1 - h if self.post else h
-                c_planes = [[] for _ in range(out_d.nbytes)]
+                c_planes: List[List[Extent]] = [[] for _ in range(out_d.nbytes)]
                 for t in per_plane_tiles[p]:
                     for b, nb in blocks:
                         grp, addr = out_runs[(p, t, b)]

@@ -21,7 +21,7 @@ run time, the program's cycle count follows from the plans.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -30,10 +30,13 @@ from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError
 from .memory import VT
-from .schedule import Plan, Scheduler
+from .schedule import Plan, Scheduler, op_of
 
 SEARCH = 200_000          # cycles a kernel may look ahead for room before giving up
 PIECE_SLIP = 4            # cycles one lane-move piece may slip when it collides inside its plan
+
+# what a plan being built already takes: (stream, diagonal) and ("q", slice, cycle) -> 1
+Used = Dict[tuple, int]
 
 
 class Ctx:
@@ -71,7 +74,7 @@ class Ctx:
                 yield b
 
     # ---- MEM reads and writes as parts of a plan ---------------------------------------------------
-    def _queues_free(self, locs, t_iss, used: Dict) -> bool:
+    def _queues_free(self, locs, t_iss, used: Used) -> bool:
         """Every slice's queue can take one more MEM instruction at its cycle, counting
         both committed work and what this plan already holds."""
         seen = set()
@@ -81,7 +84,7 @@ class Ctx:
             seen.add((g, t))
         return True
 
-    def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Dict) -> Optional[int]:
+    def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
         cfg = self.cfg
@@ -118,7 +121,7 @@ class Ctx:
                 return b
         return None
 
-    def write_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Dict,
+    def write_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used,
                     planes: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int]]:
         """Plan writes of vector v of vt from a stream group leaving position pos at cycle T.
         Returns (base stream, landing cycle of the last plane) or None."""
@@ -134,7 +137,7 @@ class Ctx:
             return None
         t_iss = [T + abs(s - pos) for s in sp]
         lands = [t + cfg.mem_write_delay for t in t_iss]
-        if any(l < vt.write_after(v, p) for l, p in zip(lands, planes)):
+        if any(land < vt.write_after(v, p) for land, p in zip(lands, planes)):
             return None
         if not self._queues_free(locs, t_iss, used):
             return None
@@ -180,6 +183,12 @@ class Expr:
     def input(vt: VT, index: Callable[[int], int]) -> "Expr":
         return Expr("in", vt.dtype, src=(vt, index))
 
+    def source(self) -> Tuple[VT, Callable[[int], int]]:
+        """An "in" node's tensor and output-vector -> its vector."""
+        if self.src is None:
+            raise CompileError(f"internal: a {self.op!r} node reads no tensor")
+        return self.src
+
     @staticmethod
     def const(d: dt.DType, value) -> "Expr":
         if d.is_float:
@@ -205,8 +214,8 @@ def cvt(x: Expr, to: dt.DType) -> Expr:
         # fold: convert the constant on the host with the chip's rules
         from .. import numerics
         bits = numerics.convert(np.array([x.imm["value"] & 0xFFFFFFFF], dtype=np.uint32), x.dtype, to)
-        return Expr.const(to, np.array(bits, dtype=np.uint32).astype({1: np.uint8, 2: np.uint16, 4: np.uint32}[to.nbytes])
-                          .view(to.numpy)[0])
+        narrow = {1: np.uint8, 2: np.uint16, 4: np.uint32}[to.nbytes]
+        return Expr.const(to, np.array(bits, dtype=np.uint32).astype(narrow).view(to.numpy)[0])
     return Expr("cvt", to, (x,), {"from": x.dtype.code})
 
 
@@ -228,14 +237,13 @@ def _topo(root: Expr) -> List[Expr]:
 class _Chain:
     """An expression laid out on ALUs with times relative to the first issue."""
 
-    root = None
-
     nodes: List[Expr]
     alu: Dict[int, int]                      # id(node) -> ALU
     t: Dict[int, int]                        # id(node) -> issue time
     land: Dict[int, int]                     # id(node) -> result landing time
     last_use: Dict[int, int]                 # id(node) -> last time a consumer issues
     reads: List[Tuple[int, Expr]]            # (consumer issue time, input node)
+    root: Optional[Expr] = None              # the staged copy laid out (None: the expression itself)
 
 
 def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
@@ -244,14 +252,15 @@ def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
         raise CompileError(f"an elementwise expression of {len(nodes)} VXM operations needs more than the "
                            f"{len(alus)} ALUs available")
     alu = {id(n): alus[i] for i, n in enumerate(nodes)}
-    t, land = {}, {}
+    t: Dict[int, int] = {}
+    land: Dict[int, int] = {}
     for n in nodes:
         start = n.min_t
         for a in n.args:
             if a.op != "in":
                 start = max(start, land[id(a)])
         t[id(n)] = start
-        land[id(n)] = start + isa.lookup(_mn(n), "VXM").delay(cfg)
+        land[id(n)] = start + op_of(_mn(n), "VXM").delay(cfg)
     # constants: issue as late as their first consumer allows
     for n in nodes:
         if n.op == "const":
@@ -268,7 +277,7 @@ def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
                 if a.op != "in":
                     start = max(start, land[id(a)])
             t[id(n)] = start
-            land[id(n)] = start + isa.lookup(_mn(n), "VXM").delay(cfg)
+            land[id(n)] = start + op_of(_mn(n), "VXM").delay(cfg)
     last_use = {id(n): land[id(n)] for n in nodes}
     reads, seen_reads = [], set()
     for m in nodes:
@@ -287,9 +296,10 @@ def _mn(n: Expr) -> str:
     return n.op
 
 
-def _vxm_args(n: Expr, srcs: Dict, dst: int, alu_of: Dict[int, int], t_of: Dict[int, int] = None) -> tuple:
+def _vxm_args(n: Expr, srcs: Dict[Tuple[int, int], int], dst: int, alu_of: Dict[int, int],
+              t_of: Dict[int, int]) -> tuple:
     """Encode a node as VXM instruction operands; srcs maps (time, id(input node)) -> stream base."""
-    op = isa.lookup(n.op, "VXM")
+    op = op_of(n.op, "VXM")
 
     def src(a: Expr) -> int:
         if a.op == "in":
@@ -316,7 +326,7 @@ def _collides(ch: _Chain, v: int) -> bool:
     """Two operand reads of vector v from one slice in one cycle (same relative time)."""
     by_t: Dict[int, set] = {}
     for tc, node in ch.reads:
-        vt, idx = node.src
+        vt, idx = node.source()
         vin = idx(v)
         seen = by_t.setdefault(tc, set())
         for p in range(vt.planes):
@@ -390,8 +400,8 @@ def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -
     vector before anything is committed, so that NeedsSplit leaves no trace."""
     cfg = ctx.cfg
     plain = _layout(root, cfg, alus)
-    alts = None
-    out = {}
+    alts: Optional[List[_Chain]] = None
+    out: Dict[int, _Chain] = {}
     for v in vectors:
         if not _collides(plain, v):
             out[v] = plain
@@ -402,9 +412,9 @@ def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -
                 r = make(root)
                 n = len([x for x in _topo(r) if x.op != "in"])
                 if n <= len(alus):
-                    ch = _layout(r, cfg, alus)
-                    ch.root = r
-                    alts.append(ch)
+                    alt = _layout(r, cfg, alus)
+                    alt.root = r
+                    alts.append(alt)
         ch = next((c for c in alts if not _collides(c, v)), None)
         if ch is None:
             raise NeedsSplit(f"operand reads of an elementwise kernel collide and cannot be staged on "
@@ -432,7 +442,7 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
         # earliest anchor from data readiness
         lo = start
         for tc, node in ch.reads:
-            vt, idx = node.src
+            vt, idx = node.source()
             vin = idx(v)
             for p in range(vt.planes):
                 g, _ = vt.loc(vin, p)
@@ -443,27 +453,25 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
             lo = max(lo, out.write_after(v, p) - ch.land[id(root_v)] - abs(pos - ctx.slice_pos[g])
                      - cfg.mem_write_delay)
         a = max(a, lo)
-        for tries in range(SEARCH):
+        for _tries in range(SEARCH):
             plan = Plan()
-            used = {}
-            srcs = {}
+            used: Used = {}
+            srcs: Dict[Tuple[int, int], int] = {}
             ok = True
             for tc, node in ch.reads:
-                vt, idx = node.src
+                vt, idx = node.source()
                 b = ctx.read_group(plan, vt, idx(v), pos, a + tc, used)
                 if b is None:
                     ok = False
                     break
                 srcs[(tc, id(node))] = b
-            if ok:
-                wr = ctx.write_group(plan, out, v, pos, a + ch.land[id(root_v)], used)
-                if wr is None:
-                    ok = False
-            if ok:
+            wr = ctx.write_group(plan, out, v, pos, a + ch.land[id(root_v)], used) if ok else None
+            if wr is not None:
                 dst, landing = wr
                 for n in ch.nodes:
                     q = f"VXM.{ch.alu[id(n)]}"
-                    plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, dst if n is root_v else isa.NONE, ch.alu, ch.t)))
+                    n_dst = dst if n is root_v else isa.NONE
+                    plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, n_dst, ch.alu, ch.t)))
                     plan.lands.append((ch.alu[id(n)], a + ch.land[id(n)]))
                     if ch.last_use[id(n)] > ch.land[id(n)]:
                         plan.holds.append((ch.alu[id(n)], a + ch.land[id(n)], a + ch.last_use[id(n)]))
@@ -471,9 +479,8 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
                     sched.commit(plan)
                     out.ready[v] = max(out.ready[v], landing)
                     for tc, node in ch.reads:
-                        vt, idx = node.src
+                        vt, idx = node.source()
                         vin = idx(v)
-                        rd = a + tc - cfg.mem_read_delay - min(abs(pos - ctx.slice_pos[vt.loc(vin, p)[0]]) for p in range(vt.planes))
                         vt.last_read[vin] = max(vt.last_read[vin], a + tc)
                     last = max(last, landing)
                     break
@@ -486,12 +493,18 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
 # ---------------------------------------------------------------------------------------------
 # all-reduce over the lanes of a row (result in every lane)
 # ---------------------------------------------------------------------------------------------
-def _sum_plan(L: int):
+# a step of a lane reduction: ("double", n) or ("add", n, offset), see _sum_plan
+_Step = Tuple[Any, ...]
+# a value in an ALU latch: (alu, landing cycle, stream group it is sent out on, or None)
+_Latch = Tuple[int, int, Optional[int]]
+
+
+def _sum_plan(L: int) -> List[_Step]:
     """Steps of a circular-window lane sum: ('double', n) makes S_2n = S_n + rot(S_n, n);
     ('add', n, offset) adds rot(S_n, offset) into the total.  Every lane ends with the sum
     of all L lanes (the windows tile the circle exactly once)."""
     bits = [b for b in range(L.bit_length()) if L >> b & 1][::-1]
-    steps = [("double", 1 << b) for b in range(bits[0])]
+    steps: List[_Step] = [("double", 1 << b) for b in range(bits[0])]
     offset = 1 << bits[0]
     for b in bits[1:]:
         steps.append(("add", 1 << b, offset))
@@ -509,6 +522,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
     L = cfg.lanes
     d = out.dtype
     w = d.nbytes
+    steps: List[_Step]
     if op == "max":
         steps, n = [], 1
         while n < L:
@@ -575,7 +589,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         xv_o, xs_o = ctx.xloc(to_sx, ctx.vx), ctx.xloc(to_sx, sx)       # outbound coordinates
         xs_b, xv_b = ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)         # return coordinates
         hop = abs(ctx.vx - sx)
-        def layout_row(root):
+        def layout_row(root: Expr) -> _Chain:
             if nsets == 1:
                 return _layout(root, cfg, stage_alus)
             # the row's value lands in its own set's R1: the first round trip holds it there
@@ -587,17 +601,19 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
             chA = layout_row(root)
         lo = start
         for tc, node in chA.reads:
-            vt, idx = node.src
+            vt, idx = node.source()
             vin = idx(r)
             for p in range(vt.planes):
                 g, _ = vt.loc(vin, p)
                 lo = max(lo, int(vt.ready[vin]) + cfg.mem_read_delay + abs(ctx.vx - ctx.slice_pos[g]) - tc)
         a = max(a, lo)
-        for tries in range(SEARCH):
-            plan, used, srcs = Plan(), {}, {}
+        for _tries in range(SEARCH):
+            plan = Plan()
+            used: Used = {}
+            srcs: Dict[Tuple[int, int], int] = {}
             ok = True
             for tc, node in chA.reads:
-                vt, idx = node.src
+                vt, idx = node.source()
                 b = ctx.read_group(plan, vt, idx(r), ctx.vx, a + tc, used)
                 if b is None:
                     ok = False
@@ -614,13 +630,14 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                 plan.lands.append((chA.alu[id(n_)], a + chA.land[id(n_)]))
                 if chA.last_use[id(n_)] > chA.land[id(n_)]:
                     plan.holds.append((chA.alu[id(n_)], a + chA.land[id(n_)], a + chA.last_use[id(n_)]))
-            y = (chA.alu[id(root)], y_land, b_send)          # (alu, landing, stream group in flight or None)
-            kept = {}
-            total = None
+            y: _Latch = (chA.alu[id(root)], y_land, b_send)   # (alu, landing, stream group in flight or None)
+            kept: Dict[int, _Latch] = {}
+            total: Optional[_Latch] = None
             for si, st in enumerate(steps):
                 if st[0] == "double":
                     src, n_rot, lhs = y, st[1], y
                 else:
+                    assert total is not None          # set by the doubling steps before the first add
                     src, n_rot, lhs = kept[st[1]], st[2], total
                 src_alu, src_land, src_send = src
                 if src_send is None:
@@ -648,7 +665,8 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                     break
                 for p in range(w):
                     plan.issues.append((sxq[(2 * p) % len(sxq)], ts, "Shift", (bA + p, src_send + p, n_rot % L)))
-                    plan.issues.append((sxq[(2 * p + 1) % len(sxq)], ts, "Shift", (bB + p, src_send + p, n_rot % L - L)))
+                    plan.issues.append((sxq[(2 * p + 1) % len(sxq)], ts, "Shift",
+                                        (bB + p, src_send + p, n_rot % L - L)))
                     plan.sxm += [(ts, hem, "shifters"), (ts, hem, "shifters")]
                 plan.spans += [(bb + p, k_back, xs_b, xv_b) for bb in (bA, bB) for p in range(w)]
                 t_or = ts + d_sxm + hop
@@ -698,7 +716,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
             dst, landing = wr
             plan.issues.append((f"VXM.{OUT}", fin[1], "mov", (d.code, dst, isa.LATCH_BASE + fin[0])))
             plan.lands.append((OUT, fin[1] + d_alu))
-            for n_rot, (k_alu, k_land, _) in kept.items():
+            for k_alu, k_land, _ in kept.values():
                 use = max(t for q, t, m, args in plan.issues if m == "mov" and args[2] == isa.LATCH_BASE + k_alu
                           and q == f"VXM.{k_alu}" and t >= k_land) if any(
                     m == "mov" and args[2] == isa.LATCH_BASE + k_alu for q, t, m, args in plan.issues) else k_land
@@ -707,7 +725,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                 sched.commit(plan)
                 out.ready[r] = max(out.ready[r], landing)
                 for tc, node in chA.reads:
-                    vt, idx = node.src
+                    vt, idx = node.source()
                     vt.last_read[idx(r)] = max(vt.last_read[idx(r)], a + tc)
                 last = max(last, landing)
                 break
@@ -733,8 +751,8 @@ class Piece:
     dst_lane: int
 
 
-def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], mask_of: Callable[[int, int], VT],
-                    start: int = 0) -> int:
+def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]],
+                    mask_of: Callable[[int, int], Union[VT, List[VT]]], start: int = 0) -> int:
     """Build every vector of `out` from pieces: each piece is read from MEM, shifted to
     its lanes on an SXM when needed (two shifts never needed: one Shift moves lanes up
     or down), masked to its lanes on the VXM and or-ed into the vector being built in an
@@ -821,11 +839,12 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
         # the triple's ALUs stay busy about one cycle per piece of its previous vector:
         # starting the search there saves compile time (not a correctness bound)
         a = max(lo, busy_from.get(base, 0))
-        for tries in range(SEARCH):
-            plan, used = Plan(), {}
+        for _tries in range(SEARCH):
+            plan = Plan()
+            used: Used = {}
             ok = True
             t = a
-            acc = None                      # (alu, landing)
+            acc: Optional[Tuple[int, int]] = None       # (alu, landing)
             k = 0
             for pc in pieces:
                 # a piece whose read collides with this plan's own reads slips a cycle or two
@@ -868,22 +887,21 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]], 
                 # the next masked piece may land in m_alu only after this one was taken
                 t = max(t + 1, (t_or if k > 1 else tm) + 1 - d_alu)
             if ok:
+                assert acc is not None              # pieces is not empty
                 wr = ctx.write_group(plan, out, v, ctx.vx, acc[1] + d_alu, used)
-                if wr is None:
-                    ok = False
-            if ok:
-                dst, landing = wr
-                fin = acc_alus[k % 2]
-                plan.issues.append((f"VXM.{fin}", acc[1], "mov", (d.code, dst, isa.LATCH_BASE + acc[0])))
-                plan.lands.append((fin, acc[1] + d_alu))
-                if sched.fits(plan):
-                    sched.commit(plan)
-                    out.ready[v] = max(out.ready[v], landing)
-                    for pc in pieces:
-                        pc.src.last_read[pc.src_v] = max(pc.src.last_read[pc.src_v], acc[1])
-                    last = max(last, landing)
-                    busy_from[base] = a + len(pieces)
-                    break
+                if wr is not None:
+                    dst, landing = wr
+                    fin = acc_alus[k % 2]
+                    plan.issues.append((f"VXM.{fin}", acc[1], "mov", (d.code, dst, isa.LATCH_BASE + acc[0])))
+                    plan.lands.append((fin, acc[1] + d_alu))
+                    if sched.fits(plan):
+                        sched.commit(plan)
+                        out.ready[v] = max(out.ready[v], landing)
+                        for pc in pieces:
+                            pc.src.last_read[pc.src_v] = max(pc.src.last_read[pc.src_v], acc[1])
+                        last = max(last, landing)
+                        busy_from[base] = a + len(pieces)
+                        break
             a += 1
         else:
             raise CompileError(f"no room found to schedule a lane move writing {out.name}")
@@ -951,7 +969,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
     dname = "float16" if fp16 else "int8"
     out = mm.out
     last = 0
-    tiles = {p: [] for p in planes}
+    tiles: Dict[int, List[int]] = {p: [] for p in planes}
     for nt in range(nT):
         tiles[planes[nt % len(planes)]].append(nt)
 
@@ -1155,7 +1173,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                         plan.landing = wr[1]
                         return plan
 
-                    holder = {}
+                    holder: Dict[str, Plan] = {}
 
                     def build_c2(C, holder=holder, build_c=build_c):
                         pl = build_c(C)

@@ -14,25 +14,40 @@ needs it plain.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
 from .. import dtypes as dt
-from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
 from .emit import expected_cycles
-from .kernels import E, Ctx, Expr, NeedsSplit, Piece, _chains, allreduce_kernel, cvt, lanemove_kernel, map_kernel
+from .kernels import (
+    Ctx,
+    E,
+    Expr,
+    NeedsSplit,
+    Piece,
+    _chains,
+    _PlaneState,
+    allreduce_kernel,
+    cvt,
+    lanemove_kernel,
+    map_kernel,
+)
 from .memory import VT, Memory, place, release
 from .schedule import Scheduler
 
 F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
 SQRT_2_OVER_PI = 0.7978845608028654
+
+# Compiler.vts keys: a tensor's id, or a tuple naming a derived placement ("bcast", id), ("onehot", ...)
+VTKey = Union[int, Tuple[Union[int, str], ...]]
+# what a reduction applies to each chunk of a row first: (chunk's expression, row, chunk) -> expression
+PreFn = Callable[[Expr, int, int], Expr]
 
 
 @dataclass
@@ -80,7 +95,7 @@ class Compiled:
 
     def read_outputs(self, chip) -> Dict[str, np.ndarray]:
         out = {}
-        for name, (shape, d) in self.outputs.items():
+        for name, (shape, _d) in self.outputs.items():
             out[name] = chip.read_tensor(name).reshape(shape)
         return out
 
@@ -125,24 +140,39 @@ SCALAR_CONSUMERS = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", 
                               "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu", "cast"))
 
 
+def _f32(value: float) -> Expr:
+    """A float32 constant operand."""
+    return Expr.const(F32, value)
+
+
 class Compiler:
+    # a chip of a tensor-parallel group (set by lpucore.compiler.collective.compile_group)
+    rank: int
+    group: int
+    send_links: List[int]                   # the link of each send slot
+    recv_links: List[int]                   # the link of each receive slot
+    link_ready: Optional[int]               # first cycle the links are deskewed (None: not yet)
+    link_free: int                          # first cycle the next collective may send
+    recv_after: List[int]                   # last receive cycle of each slot
+
     def __init__(self, graph: Graph, cfg: ChipConfig):
         self.g = graph
         self.cfg = cfg
         self.sched = Scheduler(cfg)
         self.ctx = Ctx(cfg, self.sched)
         self.mem = Memory(cfg)
-        self.vts: Dict[int, VT] = {}
+        self.vts: Dict[VTKey, VT] = {}
         self.scalars: Dict[int, float] = {}
         self.tables: List[Tuple[str, VT]] = []
         self.constants: Dict[str, np.ndarray] = {}
-        self.masks: Dict[Tuple[int, int], VT] = {}
+        self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
+        self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
+        self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
         self.uses: Dict[int, int] = {}
         self.kernels: List[Tuple[str, str, int]] = []
         self.hem = 0
         self.temps: List[VT] = []
-        self.temps_r: List[VT] = []
-        self.planes: Dict[int, object] = {}       # MXM plane -> its scheduling state
+        self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
         self._scratch = 0                          # ids of compiler-made tensors: -1, -2, ...
         self.rope_positions = 2048                 # rows of the rotary tables (positions 0..2047)
         self.L = cfg.lanes
@@ -202,8 +232,6 @@ class Compiler:
         if self.is_scalar(t):
             return cvt(Expr.const(t.dtype, self.scalars[t.id]), d)
         vt = self.vt(t)
-        if vt.bcast and _cols(out_shape) == 1 and False:
-            pass
         in_shape = t.shape
         nd = len(out_shape)
         ish = (1,) * (nd - len(in_shape)) + tuple(in_shape)
@@ -214,12 +242,18 @@ class Compiler:
             if lead_out else np.zeros(1, dtype=np.int64)
         C_out = -(-_cols(out_shape) // self.L)
         c_in, c_out = _cols(ish), _cols(out_shape)
+        idx: Callable[[int], int]
         if c_in == c_out:
-            idx = (lambda v, rm=rowmap, C=C_out, Ci=vt.chunks: int(rm[v // C]) * Ci + v % C)
+            def same_cols(v: int, rm=rowmap, C=C_out, Ci=vt.chunks) -> int:
+                return int(rm[v // C]) * Ci + v % C
+            idx = same_cols
         elif c_in == 1:
             if not vt.bcast:
                 vt = self.broadcast_lanes(t)
-            idx = (lambda v, rm=rowmap, C=C_out: int(rm[v // C]))
+
+            def one_col(v: int, rm=rowmap, C=C_out) -> int:
+                return int(rm[v // C])
+            idx = one_col
         else:
             raise CompileError(f"internal: cannot broadcast {list(t.shape)} to {list(out_shape)}")
         return cvt(Expr.input(vt, idx), d)
@@ -233,8 +267,10 @@ class Compiler:
         out = self.new_vt(f"_bc{t.id}", src.dtype if src.dtype.is_float or src.dtype == I32 else I32, t.shape)
         acc_d = out.dtype
         self.uses[t.id] = self.uses.get(t.id, 0) + 1
-        allreduce_kernel(self.ctx, lambda r: cvt(Expr.input(src, lambda v, r=r: r), acc_d), out, "add",
-                         list(range(self.n_alu)))
+
+        def row(r: int) -> Expr:
+            return cvt(Expr.input(src, lambda v: r), acc_d)
+        allreduce_kernel(self.ctx, row, out, "add", list(range(self.n_alu)))
         self.vts[key] = out
         if out.dtype != src.dtype:
             back = self.new_vt(f"_bc{t.id}b", src.dtype, t.shape)
@@ -263,9 +299,9 @@ class Compiler:
         for n in g.nodes:
             for i in n.inputs:
                 self.uses[i] = self.uses.get(i, 0) + 1
-        for name, t in g.outputs.items():
+        for t in g.outputs.values():
             self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
-        for sid, v in g.assigns.items():
+        for v in g.assigns.values():
             self.uses[v.id] = self.uses.get(v.id, 0) + 10 ** 9
         for name, t in g.inputs.items():
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
@@ -372,22 +408,23 @@ class Compiler:
         from . import lower_more
         return lower_more.lower(self, n, ins, t, name, kind)
 
-    def inputs_of(self, e: Expr) -> set:
+    def inputs_of(self, e: Expr) -> Set[int]:
         """Slices holding the operands of an expression."""
-        out, stack, seen = set(), [e], set()
+        out: Set[int] = set()
+        stack, seen = [e], set()
         while stack:
             n = stack.pop()
             if id(n) in seen:
                 continue
             seen.add(id(n))
             if n.op == "in":
-                vt = n.src[0]
+                vt = n.source()[0]
                 for p in range(vt.planes):
                     out.update(vt.slices[p])
             stack.extend(n.args)
         return out
 
-    def map_op(self, t: Tensor, name: str, kind: str, build, out: Optional[VT] = None) -> int:
+    def map_op(self, t: Tensor, name: str, kind: str, build: Callable[[], Expr], out: Optional[VT] = None) -> int:
         """A map kernel writing t; the last chunk of each row is masked to keep padding zero."""
         if out is None:
             out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.inputs_of(build()))
@@ -398,13 +435,14 @@ class Compiler:
         self.vts[t.id] = out
         return self.map_into(out, build)
 
-    def input_vts(self, e: Expr) -> list:
+    def input_vts(self, e: Expr) -> List[VT]:
         """The tensors an expression reads."""
-        out, stack = [], [e]
+        out: List[VT] = []
+        stack = [e]
         while stack:
             n = stack.pop()
             if n.op == "in":
-                out.append(n.src[0])
+                out.append(n.source()[0])
             stack.extend(n.args)
         return out
 
@@ -416,7 +454,7 @@ class Compiler:
             nodes = [n for n in _topo(root) if n.op != "in"]
             if len(nodes) <= budget:
                 return root
-            sizes = {}
+            sizes: Dict[int, int] = {}
             for n in _topo(root):
                 sizes[id(n)] = (0 if n.op == "in" else 1) + sum(sizes[id(a)] for a in n.args)
             cand = [n for n in _topo(root) if n.op not in ("in", "const") and n is not root
@@ -428,7 +466,7 @@ class Compiler:
             map_kernel(self.ctx, sub, tmp)
             self.temps.append(tmp)
             rep = Expr.input(tmp, lambda v: v)
-            memo = {}
+            memo: Dict[int, Expr] = {}
 
             def swap(n):
                 if n is sub:
@@ -440,7 +478,7 @@ class Compiler:
                 return c
             root = swap(root)
 
-    def map_into(self, out: VT, build, alus=None) -> int:
+    def map_into(self, out: VT, build: Callable[[], Expr], alus: Optional[Sequence[int]] = None) -> int:
         self.temps = []
         budget = (len(alus) if alus is not None else self.n_alu) - 1
         root = build()
@@ -460,7 +498,7 @@ class Compiler:
                 release(self.mem, tmp)
             self.temps = []
 
-    def _map_into(self, out: VT, build, alus=None) -> int:
+    def _map_into(self, out: VT, build: Callable[[], Expr], alus: Optional[Sequence[int]] = None) -> int:
         C = out.chunks
         rem = out.cols % self.L
         if rem == 0 or out.bcast:
@@ -481,7 +519,7 @@ class Compiler:
         if approximate == "tanh":
             def f():
                 a = self.operand(x, t.shape, F32)
-                c = lambda v: Expr.const(F32, v)                                  # noqa: E731
+                c = _f32
                 # 0.5 (1 + tanh z) = sigmoid(2z): the same function without the cancellation
                 # of 1 + tanh z for large negative x, so the result keeps its relative accuracy
                 inner = E("mul", F32, c(2 * SQRT_2_OVER_PI),
@@ -493,7 +531,7 @@ class Compiler:
         ev = self.new_vt(f"_erf{t.id}", F32, t.shape)
 
         def erf_part():
-            c = lambda v: Expr.const(F32, v)                                      # noqa: E731
+            c = _f32
             z = E("mul", F32, self.operand(x, t.shape, F32), c(0.7071067811865476))
             az = E("abs", F32, z)
             tt = E("recip", F32, E("add", F32, c(1.0), E("mul", F32, c(0.3275911), az)))
@@ -505,7 +543,7 @@ class Compiler:
         self.map_into(ev, erf_part)
 
         def combine():
-            c = lambda v: Expr.const(F32, v)                                      # noqa: E731
+            c = _f32
             a = self.operand(x, t.shape, F32)
             r = Expr.input(ev, lambda v: v)
             # 1 + erf(z) is erfc(|z|) = r for z < 0 and 2 - r otherwise: no cancellation
@@ -518,7 +556,8 @@ class Compiler:
     def acc_dtype(self, d: dt.DType) -> dt.DType:
         return F32 if d.is_float else I32
 
-    def fold(self, src: VT, d: dt.DType, op: str, pre=None, budget: int = 8):
+    def fold(self, src: VT, d: dt.DType, op: str, pre: Optional[PreFn] = None,
+             budget: int = 8) -> Tuple[VT, Optional[PreFn], List[VT]]:
         """Halve a tensor's chunks per row (op over pairs of chunks, pre applied first, the
         padding of max rows masked) until few enough are left; returns (VT, pre left to apply)."""
         made = []
@@ -527,13 +566,13 @@ class Compiler:
             out = self.new_vt(f"_fold{len(self.tables)}_{C}", d, (src.rows, n2 * self.L), avoid=self.slices_of(src))
 
             def part(v, r, c, src=src, pre=pre):
-                e = cvt(Expr.input(src, lambda vv, k=r * src.chunks + c: k), d)
+                e = cvt(Expr.input(src, lambda _v, k=r * src.chunks + c: k), d)
                 if pre is not None:
                     e = pre(e, r, c)
                 if op == "max" and c == src.chunks - 1 and src.cols % self.L:
                     lo = Expr.const(d, -np.inf if d.is_float else -(2 ** (d.bits - 1)))
                     m = self.mask(src.cols % self.L, d.nbytes)
-                    e = E("select", d, Expr.input(m, lambda vv: 0), e, lo)
+                    e = E("select", d, Expr.input(m, lambda _v: 0), e, lo)
                 return e
             for v in range(out.nvec):
                 r, j = divmod(v, n2)
@@ -549,11 +588,10 @@ class Compiler:
             pre = None
         return src, pre, made
 
-    def row_expr(self, src: VT, shape, d: dt.DType, op: str, pre=None):
+    def row_expr(self, src: VT, shape, d: dt.DType, op: str, pre: Optional[PreFn] = None) -> Callable[[int], Expr]:
         """Combine a row's chunks: op over chunks of pre(element); returns r -> Expr."""
         budget = self.n_alu - 6
-        src, pre, made = self.fold(src, d, op, pre, budget)
-        self.temps_r = made
+        src, pre, _ = self.fold(src, d, op, pre, budget)
         C = src.chunks
 
         def f(r):
@@ -625,6 +663,7 @@ class Compiler:
             if full:
                 map_kernel(self.ctx, build(), parts, vectors=full)
             if tail:
+                assert m is not None                  # there is a tail only with a partial last chunk
                 # padding lanes must be zero: an infinity there would meet a zero weight
                 map_kernel(self.ctx, E("and", F16, build(), Expr.input(m, lambda v: 0)), parts, vectors=tail)
         # the lo chunks' valid lanes sit at columns C*L + j: the ones matrix is zero elsewhere
@@ -650,7 +689,7 @@ class Compiler:
         out.cols, out.bcast = 1, True
         return out, last
 
-    def slices_of(self, *vts) -> set:
+    def slices_of(self, *vts: VT) -> Set[int]:
         return {g for vt in vts for p in range(vt.planes) for g in vt.slices[p]}
 
     def plain(self, t: Tensor) -> VT:
@@ -667,13 +706,13 @@ class Compiler:
         """Constant vector with lanes [a, b) all-ones, w bytes wide: one copy per
         hemisphere, so that a lane move can always read the mask from a slice other than
         its source's (a slice reads one vector per cycle)."""
-        key = ("span", a, b, w)
-        if key not in self.masks:
+        key = (a, b, w)
+        if key not in self.span_masks:
             d = {1: I8, 2: I16, 4: I32}[w]
             m = np.zeros((1, self.L), dtype=d.numpy)
             m[0, a:b] = -1
-            self.masks[key] = [self.const_vt(f"_span{a}_{b}x{w}h{h}", m, hem=h) for h in (0, 1)]
-        return self.masks[key]
+            self.span_masks[key] = [self.const_vt(f"_span{a}_{b}x{w}h{h}", m, hem=h) for h in (0, 1)]
+        return self.span_masks[key]
 
     def pack(self, src: VT, t: Tensor, name: str, kind: str) -> VT:
         """Rows of a broadcast [..., 1] tensor packed into the lanes of t's layout."""
@@ -737,8 +776,10 @@ class Compiler:
         # exp(x - max) is in [0, 1]: its float16 hi/lo split is exact enough, so the sum
         # goes to the MXM
         s, _ = self._split_sum(e, rows_shape, f"_ssum{t.id}")
-        last = self.map_op(t, name, kind, lambda: cvt(E("div", F32, Expr.input(e, lambda v: v),
-                                                         Expr.input(s, lambda v, C=C: v // C)), t.dtype))
+
+        def quotient() -> Expr:
+            return cvt(E("div", F32, Expr.input(e, lambda v: v), Expr.input(s, lambda v: v // C)), t.dtype)
+        last = self.map_op(t, name, kind, quotient)
         release(self.mem, e)
         release(self.mem, s)
         return last
@@ -769,8 +810,8 @@ class Compiler:
 
         def fin():
             xe = cvt(Expr.input(base, lambda v: v), F32)
-            inv = E("rsqrt", F32, E("add", F32, E("mul", F32, Expr.input(s2, lambda v: v // C), Expr.const(F32, 1.0 / N)),
-                                    Expr.const(F32, eps)))
+            mean_sq = E("mul", F32, Expr.input(s2, lambda v: v // C), Expr.const(F32, 1.0 / N))
+            inv = E("rsqrt", F32, E("add", F32, mean_sq, Expr.const(F32, eps)))
             y = E("mul", F32, E("mul", F32, xe, inv), self.operand(gamma, t.shape, F32))
             if beta is not None:
                 y = E("add", F32, y, self.operand(beta, t.shape, F32))

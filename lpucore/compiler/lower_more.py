@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 
 from .. import dtypes as dt
@@ -78,7 +76,7 @@ def relayout(c, out, srcs, src_of):
     L = c.L
     which, elem = src_of
     C = out.chunks
-    rows, cols = out.rows, out.cols
+    cols = out.cols
     simple = True
     plan = []                      # per output vector: list of Piece
     for v in range(out.nvec):
@@ -247,14 +245,14 @@ def rope(c, x, pos, t, name, kind, base):
     sin = np.concatenate([-np.sin(ang), np.sin(ang)], axis=1).astype(np.float16)
     g = c.g
     # one pair of tables per (positions, width, base), shared by every rope of the graph
-    key = ("rope", P, d, float(base))
-    if key not in c.vts:
+    key = (P, d, float(base))
+    if key not in c.rope_tables:
         cos_t = Tensor(g, c.scratch_id(), (P, d), F16)
         sin_t = Tensor(g, c.scratch_id(), (P, d), F16)
         c.vts[cos_t.id] = c.const_vt(f"_rcos{t.id}", cos, stripes=c.cfg.mxm_lw_streams)
         c.vts[sin_t.id] = c.const_vt(f"_rsin{t.id}", sin, stripes=c.cfg.mxm_lw_streams)
-        c.vts[key] = (cos_t, sin_t)
-    cos_t, sin_t = c.vts[key]
+        c.rope_tables[key] = (cos_t, sin_t)
+    cos_t, sin_t = c.rope_tables[key]
     cr = Tensor(g, c.scratch_id(), (T, d), F16)
     sr = Tensor(g, c.scratch_id(), (T, d), F16)
     gather(c, cos_t, pos, cr, f"_rc{t.id}", "temp")

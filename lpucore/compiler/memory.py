@@ -16,7 +16,7 @@ read: a new tensor's writes there must land no earlier (the scheduler enforces i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -76,7 +76,7 @@ class Memory:
         """Return addresses, writable again from cycle `after` on."""
         self.free[g].append((addr, addr + n, after))
         self.free[g].sort()
-        merged = []
+        merged: List[Tuple[int, int, int]] = []
         for s, e, t in self.free[g]:
             if merged and merged[-1][1] == s and merged[-1][2] == t:
                 merged[-1] = (merged[-1][0], e, t)
@@ -104,16 +104,14 @@ class VT:
     after: List[List[int]]           # [plane][stripe] -> writes must land at or after this cycle
     kind: str = "temp"               # input, const, temp, output
     bcast: bool = False              # cols == 1 and the value is in every lane
-    ready: np.ndarray = None         # per vector: cycle from which reads see it
-    last_read: np.ndarray = None     # per vector: last cycle it is read
+    ready: np.ndarray = field(init=False)        # per vector: cycle from which reads see it
+    last_read: np.ndarray = field(init=False)    # per vector: last cycle it is read
     consumers: int = 0               # kernels still to read it
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         n = self.rows * self.chunks
-        if self.ready is None:
-            self.ready = np.zeros(n, dtype=np.int64)
-        if self.last_read is None:
-            self.last_read = np.full(n, -1, dtype=np.int64)
+        self.ready = np.zeros(n, dtype=np.int64)
+        self.last_read = np.full(n, -1, dtype=np.int64)
         self._ns = len(self.slices[0])   # stripes, read millions of times by loc()
 
     @property

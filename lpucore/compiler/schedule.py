@@ -14,14 +14,21 @@ this way passes the engines' schedule checks by construction.
 
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Set, Tuple
 
 from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError, ProgramError
 from ..program import make_instruction
+
+
+def op_of(mnemonic: str, unit: str) -> isa.Op:
+    """The instruction ``mnemonic`` of ``unit``: the compiler only names instructions that exist."""
+    op = isa.lookup(mnemonic, unit)
+    if op is None:
+        raise CompileError(f"internal: no {unit} instruction {mnemonic!r}")
+    return op
 
 
 class _Busy:
@@ -74,7 +81,7 @@ class Scheduler:
         self.diag: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
         self.bank_rd: Dict[Tuple[int, int], int] = {}      # (slice, cycle) -> bank bit mask
         self.bank_wr: Dict[Tuple[int, int], int] = {}
-        self.landed: Dict[int, set] = {}
+        self.landed: Dict[int, Set[int]] = {}
         self.held: Dict[int, List[Tuple[int, int]]] = {}
         self.sxm_use: Dict[Tuple[int, int, str], int] = {}
         self.events: Dict[str, List[Tuple[int, str, tuple]]] = {}
@@ -103,17 +110,17 @@ class Scheduler:
     def fits(self, plan: Plan) -> bool:
         # queue_free and span_free inlined: the compiler calls this hundreds of thousands of times
         busy = self.busy
-        seen_q = set()
+        seen_q: Set[Tuple[str, int]] = set()
         for q, c, _, _ in plan.issues:
             if c < 0:
                 return False
-            key = (q, c)
-            if key in seen_q:
+            qkey = (q, c)
+            if qkey in seen_q:
                 return False
-            b = busy.get(q)
-            if b is not None and c < len(b.bits) and b.bits[c] == 1:
+            qb = busy.get(q)
+            if qb is not None and c < len(qb.bits) and qb.bits[c] == 1:
                 return False
-            seen_q.add(key)
+            seen_q.add(qkey)
         diag = self.diag
         mine: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
         for v, k, x0, x1 in plan.spans:
@@ -141,7 +148,7 @@ class Scheduler:
         for key, m in wr.items():
             if self.bank_rd.get(key, 0) & m:
                 return False
-        lands: Dict[int, set] = {}
+        lands: Dict[int, Set[int]] = {}
         for alu, T in plan.lands:
             if T in self.landed.get(alu, ()) or T in lands.get(alu, ()):
                 return False
@@ -155,9 +162,9 @@ class Scheduler:
                     return False
         use: Dict[Tuple[int, int, str], int] = {}
         for c, hem, res in plan.sxm:
-            key = (c, hem, res)
-            use[key] = use.get(key, 0) + 1
-            if self.sxm_use.get(key, 0) + use[key] > getattr(self.cfg, "sxm_" + res):
+            skey = (c, hem, res)
+            use[skey] = use.get(skey, 0) + 1
+            if self.sxm_use.get(skey, 0) + use[skey] > getattr(self.cfg, "sxm_" + res):
                 return False
         return True
 
@@ -169,7 +176,7 @@ class Scheduler:
             self.events.setdefault(q, []).append((c, mn, args))
             dly = delays.get((q, mn))
             if dly is None:
-                dly = delays[(q, mn)] = isa.lookup(mn, cfg.queue(q).unit).delay(cfg)
+                dly = delays[(q, mn)] = op_of(mn, cfg.queue(q).unit).delay(cfg)
             self.last = max(self.last, c + dly)
         for v, k, x0, x1 in plan.spans:
             self.diag.setdefault((v, k), []).append((x0, x1))
@@ -214,7 +221,7 @@ class Scheduler:
                 c, mn, args = evs[i]
                 strided = strided_of.get(mn)
                 if strided is None:
-                    op = isa.lookup(mn, qi.unit)
+                    op = op_of(mn, qi.unit)
                     strided = strided_of[mn] = [j for j, f in enumerate(op.fields) if f.strided]
                 j = i + 1
                 d = stride = None

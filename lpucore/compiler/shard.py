@@ -29,7 +29,7 @@ An all-gather leaves [P, *part]; a transpose and a reshape put the parts in plac
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
 
@@ -37,7 +37,8 @@ from ..errors import CompileError
 from ..graph import BINARY, UNARY_ANY, UNARY_FLOAT, Graph, Tensor
 
 Spec = Optional[int]           # None: replicated; k: split along axis k
-Idx = Optional[Tuple[np.ndarray, ...]]   # per rank, the indices along the split axis it holds (None: equal contiguous parts)
+# per rank, the indices along the split axis it holds (None: equal contiguous parts)
+Idx = Optional[Tuple[np.ndarray, ...]]
 
 
 @dataclass
@@ -87,7 +88,7 @@ class _Builder:
         self.out = Graph(g.name)
         self.val: Dict[int, Tuple[Tensor, Spec, Idx]] = {}
         self.cache: Dict[tuple, Tensor] = {}
-        self.names: set = set()
+        self.names: Set[str] = set()
         self.collectives: List[Tuple[str, str, int]] = []
 
     # ---- values in the wanted sharding --------------------------------------------------------------
@@ -200,9 +201,9 @@ class _Builder:
             except Exception as e:          # a rule produced a local graph the Graph API refuses
                 raise CompileError(f"tensor parallelism: cannot split {n.op} -> {t}: {e}") from e
             self.val[t.id] = r if len(r) == 3 else (r[0], r[1], None)
+        state_names = {t.id: name for name, t in g.states.items()}
         for sid, v in g.assigns.items():
-            st = g.tensors[sid]
-            k = self.state_axes.get(st.name)
+            k = self.state_axes.get(state_names[sid])
             local = self.val[sid][0]
             out.assign(local, self.full(v.id) if k is None else self.split(v.id, k))
         for name, t in g.outputs.items():
@@ -242,11 +243,10 @@ class _Builder:
         if op in ("quantize", "dequantize"):
             x = self.local(x0.id)
             axis = n.attrs["axis"]
-            scale = g.constants[ins[1].id]
+            arr = g.constants[ins[1].id]
             if axis is not None and s == x0.ndim - 1:
-                scale = scale[self.mine(scale.shape[-1], ix)]
-            if axis is None:
-                scale = float(scale.reshape(()))
+                arr = arr[self.mine(arr.shape[-1], ix)]
+            scale: Union[np.ndarray, float] = float(arr.reshape(())) if axis is None else arr
             if op == "quantize":
                 return out.quantize(x, scale, n.attrs["zero_point"], axis=axis), s, ix
             return out.dequantize(x, scale, n.attrs["zero_point"], axis=axis, dtype=t.dtype.name), s, ix
@@ -268,7 +268,7 @@ class _Builder:
             return out.rope(self.full(x0.id), self.full(ins[1].id), base=n.attrs["base"]), None
         raise CompileError(f"tensor parallelism: no rule for {op}")
 
-    def aligned(self, xs, K: int, no: int, idx: Idx) -> list:
+    def aligned(self, xs, K: int, no: int, idx: Idx) -> List[Tensor]:
         """Operands of an op whose output (``no`` axes) is split along K with ``idx``: split
         operands as they are, whole ones sliced unless broadcast along K."""
         args = []
@@ -294,15 +294,16 @@ class _Builder:
         if any(s == ax for s in specs) and all(s in (ax, None) for s in specs) \
                 and all(s == ax or x.shape[ax] % P == 0 for s, x in zip(specs, ins)):
             # parts along the concatenation axis: each chip concatenates its parts
-            parts, idx, off = [], [[] for _ in range(P)], 0
-            for x, s in zip(ins, specs):
+            parts, off = [], 0
+            runs: List[List[np.ndarray]] = [[] for _ in range(P)]
+            for x, _s in zip(ins, specs):
                 xi = self.idx(x.id)
                 parts.append(self.split(x.id, ax, xi))
                 for r in range(P):
-                    idx[r].append(off + (xi[r] if xi is not None else
-                                         np.arange(r * x.shape[ax] // P, (r + 1) * x.shape[ax] // P)))
+                    runs[r].append(off + (xi[r] if xi is not None else
+                                          np.arange(r * x.shape[ax] // P, (r + 1) * x.shape[ax] // P)))
                 off += x.shape[ax]
-            idx = tuple(np.concatenate(i) for i in idx)
+            idx = tuple(np.concatenate(i) for i in runs)
             contiguous = all(np.array_equal(idx[r], np.arange(r * off // P, (r + 1) * off // P)) for r in range(P))
             return out.concat(parts, axis=ax), ax, (None if contiguous else idx)
         if all(s is not None and s != ax for s in specs) and len(set(specs)) == 1 \
@@ -344,7 +345,8 @@ class _Builder:
             idx = self.idx(a.id) if isinstance(ra, int) else self.idx(b.id)
             if (ra is None or ra == K) and (rb is None or rb == K) and \
                     (ra is None or rb is None or _same(self.idx(a.id), self.idx(b.id))):
-                return out.matmul(*self.aligned((a, b), K, no, idx), out_dtype=od), K, idx
+                a_part, b_part = self.aligned((a, b), K, no, idx)
+                return out.matmul(a_part, b_part, out_dtype=od), K, idx
         if ra == "M" and rb is None:
             return out.matmul(self.local(a.id), self.full(b.id), out_dtype=od), no - 2, self.idx(a.id)
         if rb == "N" and ra is None:
@@ -409,12 +411,13 @@ def partition(graph: Graph, P: int, state_axes: Optional[Dict[str, Spec]] = None
     for name in graph.states:
         if name in fixed:
             continue
-        best = None
+        best: Optional[Tuple[int, Spec]] = None
         for k in cands[name]:
             trial = dict(axes, **{name: k})
             c = cost(trial)
             if best is None or c < best[0] or (c == best[0] and best[1] is None):
                 best = (c, k)
+        assert best is not None                     # the candidates start with None (replicated)
         axes[name] = best[1]
     builders = [_Builder(graph, P, r, axes, min_cols, min_bytes=min_bytes) for r in range(P)]
     graphs = [b.build() for b in builders]

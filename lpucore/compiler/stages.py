@@ -26,22 +26,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
 from ..errors import CompileError
-from ..graph import Graph, GraphError
+from ..graph import Graph, GraphError, Tensor
 from .lower import Compiled, check_input_names
 from .tensor_parallel import MultiChipCompiled
 
 STAGE_IN, STAGE_OUT = "_stage_in", "_stage_out"
 
 
-def _pure(g: Graph) -> set:
+def _pure(g: Graph) -> Set[int]:
     """Computed tensors that depend on inputs and constants only (no state): a later stage
     recomputes them instead of receiving them (position masks, say)."""
-    pure: set = set(g.inputs[n].id for n in g.inputs) | set(g.constants)
+    pure: Set[int] = set(g.inputs[n].id for n in g.inputs) | set(g.constants)
     for node in g.nodes:
         if all(i in pure for i in node.inputs):
             pure.add(node.output)
@@ -56,22 +56,22 @@ def cut_points(g: Graph) -> Dict[int, int]:
     pos = {node.output: i for i, node in enumerate(nodes)}
     last_use: Dict[int, int] = {}
     for i, node in enumerate(nodes):
-        for t in node.inputs:
-            last_use[t] = i
-    for t in g.outputs.values():
-        if t.id in pos:
-            last_use[t.id] = max(last_use.get(t.id, -1), pos[t.id])     # read from its own chip
+        for tid in node.inputs:
+            last_use[tid] = i
+    for out in g.outputs.values():
+        if out.id in pos:
+            last_use[out.id] = max(last_use.get(out.id, -1), pos[out.id])     # read from its own chip
     # a state's reads and the making of its new value stay on one chip
     blocked = np.zeros(n + 1, dtype=bool)
-    for t in g.states.values():
-        idx = [i for i, node in enumerate(nodes) if t.id in node.inputs]
-        v = g.assigns.get(t.id)
+    for st in g.states.values():
+        idx = [i for i, node in enumerate(nodes) if st.id in node.inputs]
+        v = g.assigns.get(st.id)
         if v is not None and v.id in pos:
             idx.append(pos[v.id])
         if idx:
             blocked[min(idx) + 1:max(idx) + 1] = True
     cuts = {}
-    live: set = set()
+    live: Set[int] = set()
     for i in range(1, n):
         o = nodes[i - 1].output
         if last_use.get(o, -1) >= i:
@@ -91,7 +91,7 @@ def cut_points(g: Graph) -> Dict[int, int]:
 def stage_graph(g: Graph, a: int, b: int, t_in: Optional[int], t_out: Optional[int], k: int) -> Graph:
     """Operations [a, b) of g as a graph of their own (see the module doc)."""
     out = Graph(f"{g.name}[stage {k}]")
-    m: Dict[int, object] = {}
+    m: Dict[int, Tensor] = {}
     inputs = {t.id: name for name, t in g.inputs.items()}
     states = {t.id: name for name, t in g.states.items()}
     if t_in is not None:
@@ -100,7 +100,7 @@ def stage_graph(g: Graph, a: int, b: int, t_in: Optional[int], t_out: Optional[i
 
     pure = _pure(g)
 
-    def get(tid):
+    def get(tid: int) -> Tensor:
         if tid not in m:
             t = g.tensors[tid]
             if tid in pure and tid in g.producer:        # made from inputs and constants: again
@@ -141,7 +141,7 @@ def plan_cuts(g: Graph, cap: float) -> List[int]:
         for t in node.inputs:
             if (t in g.constants or t in g.state_init) and t not in seen_at:
                 seen_at[t] = i
-                arr = g.constants.get(t) if t in g.constants else g.state_init[t]
+                arr = g.constants[t] if t in g.constants else g.state_init[t]
                 weight[i] += arr.nbytes
     points = [0] + sorted(cuts) + [len(nodes)]
     out, start = [], 0
@@ -196,7 +196,7 @@ class PipelineCompiled(MultiChipCompiled):
     def read_outputs(self, system) -> Dict[str, np.ndarray]:
         out = {}
         for chip, part in zip(self.chips, self.parts):
-            for name, (shape, d) in part.outputs.items():
+            for name, (shape, _d) in part.outputs.items():
                 if name != STAGE_OUT and system.chips[chip] is not None:
                     out[name] = system.chips[chip].read_tensor(name).reshape(shape)
         return out
@@ -212,6 +212,7 @@ def compile_pipeline(graph: Graph, system, chips: Optional[Sequence[int]] = None
                      fill: float = 0.8) -> PipelineCompiled:
     """Cut ``graph`` into pipeline stages over ``chips`` of ``system`` (see the module doc)."""
     import lpucore
+
     from .c2c import chip_path
     from .pipeline import hand_over
     cfg = system.config

@@ -61,6 +61,14 @@ class MultiChipCompiled:
                 for name, arr in part.constants.items():
                     system.chips[chip].write_tensor(name, arr)
 
+    def write_inputs(self, system, inputs: Dict[str, np.ndarray]) -> None:
+        """Write the inputs into the chips that read them (as the subclass says)."""
+        raise NotImplementedError
+
+    def read_outputs(self, system) -> Dict[str, np.ndarray]:
+        """The outputs, from the chips that hold them (as the subclass says)."""
+        raise NotImplementedError
+
     def loaded_in(self, system) -> bool:
         """Whether every chip this process simulates holds this compile's program."""
         return all(system.chips[c] is None or getattr(system.chips[c], "program", None) is part.program

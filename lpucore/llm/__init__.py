@@ -27,7 +27,7 @@ from .reference import Reference
 from .shapes import SHAPES, ModelConfig, model_config
 from .weights import RandomWeights, dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
 
-__all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "RandomWeights", "load_pretrained", "save_pretrained",
-           "quantize_int8", "dequantize_int8", "Reference",
+__all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "RandomWeights", "load_pretrained",
+           "save_pretrained", "quantize_int8", "dequantize_int8", "Reference",
            "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder",
            "predict", "Prediction"]

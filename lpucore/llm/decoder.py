@@ -24,7 +24,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -34,6 +34,9 @@ from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference, choose_token
 from .shapes import ModelConfig, model_config
 from .weights import RandomWeights, load_pretrained
+
+if TYPE_CHECKING:
+    from ..compiler.lower import Compiled
 
 PRECISIONS = ("fp16", "int8")
 LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
@@ -135,13 +138,13 @@ class GenerateResult:
     stats: DecodeStats
 
 
-def _breakdown(compiled, spans):
+def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[Dict[str, int], Dict[str, int]]:
     """Cycles of one step attributed to model parts and graph operations.
 
     A kernel's share is how far it pushes the latest result-landing cycle beyond every earlier kernel's
     (kernels overlap, so a kernel hidden under an earlier one costs nothing); what follows the last kernel
     (the cache write-back and the pipeline drain) goes to ``kv`` / ``writeback``."""
-    label_of = {}
+    label_of: Dict[int, str] = {}
     for label, a, b in spans:
         for i in range(a, b):
             label_of[i] = label
@@ -194,7 +197,7 @@ class Decoder:
         self._pipeline = None
         self._weights = weights
         self.ref = Reference(cfg, weights, precision)      # the rounded / quantised weights both use
-        self.compiled = None
+        self.compiled: Optional[Compiled] = None
         self.compile_seconds = 0.0
         self._chip = None
         self.position = 0
@@ -280,7 +283,7 @@ class Decoder:
         return self._bytes(self.cfg, self.precision, self.capacity)[0]
 
     # ---- compile and run -------------------------------------------------------------------------------
-    def compile(self):
+    def compile(self) -> Compiled:
         """Build and compile the step program (once); returns the :class:`~lpucore.compiler.Compiled`."""
         if self.chips > 1:
             raise LpuError(f"this Decoder spans {self.chips} chips: run it through decoder.pipeline")
@@ -315,7 +318,7 @@ class Decoder:
             raise ValueError(f"token id {token} out of range: {self.cfg.name} has vocab_size {self.cfg.vocab_size}")
         if self.position >= self.capacity:
             raise ValueError(f"the KV cache is full: {self.capacity} positions (Decoder(capacity=...))")
-        chip, compiled = self.chip, self.compiled
+        chip, compiled = self.chip, self.compile()        # compiled and loaded on first use
         chip.reset(clear_memory=False)
         compiled.write_inputs(chip, {"tok": np.array([token], np.int32), "pos": np.array([self.position], np.int32)})
         stats = chip.run()
@@ -347,7 +350,7 @@ class Decoder:
         if need > self.capacity:
             raise ValueError(f"{prompt.size} prompt tokens + {max_new_tokens} new tokens need {need} cache "
                              f"positions; this decoder has {self.capacity} (Decoder(capacity=...))")
-        self.compile()
+        compiled = self.compile()
         self.reset()
         rng = np.random.default_rng(seed)
         steps: List[StepStats] = []
@@ -368,6 +371,7 @@ class Decoder:
         row = None
         for tok in prompt:
             row = run(tok, "prefill")
+        assert row is not None and last_stats is not None      # the prompt is not empty
         for i in range(max_new_tokens):
             tok = choose_token(row, greedy, temperature, rng)
             tokens.append(tok)
@@ -386,9 +390,9 @@ class Decoder:
         stats = DecodeStats(
             model=self.cfg.name, precision=self.precision, chip=cfg.name, clock_hz=cfg.clock_hz,
             capacity=self.capacity, prompt_tokens=int(prompt.size), new_tokens=len(tokens),
-            step_cycles=step_cycles, predicted_cycles=self.compiled.expected_cycles,
+            step_cycles=step_cycles, predicted_cycles=compiled.expected_cycles,
             ttft_seconds=sum(s.seconds for s in prefill), tokens_per_second=cfg.clock_hz / step_cycles,
-            mxm_utilisation=steps[-1].mxm_utilisation, sram_bytes=self.compiled.memory_bytes,
+            mxm_utilisation=steps[-1].mxm_utilisation, sram_bytes=compiled.memory_bytes,
             sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv, by_unit=by_unit,
             by_part=dict(self.by_part), by_op=dict(self.by_op), compile_seconds=self.compile_seconds,
             wall_seconds=wall, steps=steps)

@@ -29,13 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import CompileError, LpuError
 from .program import build_step, model_units, shard_range
 from .reference import choose_token
+
+if TYPE_CHECKING:
+    from ..compiler.lower import Compiled
+    from ..system import System
 
 #: fraction of a chip's SRAM a stage's weights and KV cache may fill (the rest holds the step's
 #: temporaries: a Llama-2-7B layer, 205 MB of weights and cache, does not compile on a 230.7 MB GroqChip)
@@ -177,7 +181,8 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
     if max(sizes) > cap:
         u = int(np.argmax(sizes))
         raise ModelDoesNotFit(
-            f"{cfg.name} ({precision}): unit {model_units(cfg, shards, tables)[u][:2]} alone needs {sizes[u] / 1e6:,.1f} MB "
+            f"{cfg.name} ({precision}): unit {model_units(cfg, shards, tables)[u][:2]} alone needs "
+            f"{sizes[u] / 1e6:,.1f} MB "
             f"of SRAM, more than a stage may fill on one {chip.name} ({fill:.0%} of {chip.sram_bytes / 1e6:,.1f} MB); "
             f"it needs tensor parallelism, which lpucore.llm does not do yet")
     if chips is None:
@@ -214,7 +219,7 @@ def stage_signature(cfg, units: Tuple[int, int], shards: int = 1, tables: int = 
     first = next((u[1] for u in us if u[1] is not None), 0)
     out = []
     for u in us:
-        sig = (u[0], None if u[1] is None else u[1] - first)
+        sig: tuple = (u[0], None if u[1] is None else u[1] - first)
         if len(u) == 4:
             lo, hi = shard_range(cfg, u[2], u[3], u[0])
             sig += (u[2] == 0, u[2] == u[3] - 1, hi - lo)
@@ -232,7 +237,8 @@ def graph_structure(graph) -> str:
         rows.append(f"c{tid} {graph.constant_names.get(tid)} {arr.shape} {arr.dtype}"
                     + ("" if graph.constant_names.get(tid) else f" {arr.tobytes().hex()}"))
     for kind in ("inputs", "outputs", "states"):
-        rows.append(f"{kind} {sorted((k, t.id, tuple(t.shape), str(t.dtype)) for k, t in getattr(graph, kind).items())}")
+        entries = sorted((k, t.id, tuple(t.shape), str(t.dtype)) for k, t in getattr(graph, kind).items())
+        rows.append(f"{kind} {entries}")
     rows.append(f"assigns {sorted((k, v.id) for k, v in graph.assigns.items())}")
     return "\n".join(rows)
 
@@ -268,8 +274,8 @@ class PipelineDecoder:
         self.comm = comm
         self.units = model_units(decoder.cfg, self.shards, self.tables)
         self.signatures = [stage_signature(decoder.cfg, s, self.shards, self.tables) for s in self.stages]
-        self.compiled: Dict[tuple, object] = {}      # signature -> Compiled (one per distinct stage)
-        self.system = None
+        self.compiled: Dict[tuple, Compiled] = {}    # signature -> Compiled (one per distinct stage)
+        self.system: Optional[System] = None
         self.step_cycles: Optional[int] = None
         self.stage_cycles: List[int] = []            # when each chip's stage program ends, in a step
         self.compile_seconds = 0.0
@@ -304,6 +310,7 @@ class PipelineDecoder:
         if self.system is not None:
             return self.compiled
         import lpucore
+
         from ..compiler.pipeline import hand_over
         from ..system import System
         d = self.decoder
@@ -401,10 +408,11 @@ class PipelineDecoder:
             raise ValueError(f"the KV cache is full: {self.decoder.capacity} positions")
         self.compile()
         s = self.system
+        assert s is not None                 # made by compile()
         s.reset(clear_memory=False)
         pos = np.array([[self.position]], np.int32)
         for k in s.local:
-            chip = s.chips[k]
+            chip = s.local_chip(k)
             inputs = self.compiled[self.signatures[k]].inputs
             if "tok" in inputs:
                 chip.write_tensor("tok", np.array([[int(token)]], np.int32))
@@ -415,7 +423,7 @@ class PipelineDecoder:
             raise LpuError(f"pipeline step at position {self.position} did not finish")
         self.position += 1
         # the logits: the head's chip, or every head shard's chip (in token order)
-        parts = {k: s.chips[k].read_tensor("logits").reshape(-1).astype(np.float32) for k in s.local
+        parts = {k: s.local_chip(k).read_tensor("logits").reshape(-1).astype(np.float32) for k in s.local
                  if "logits" in self.compiled[self.signatures[k]].outputs}
         if self.comm is not None:
             for other in self.comm.allgather(parts):
@@ -443,6 +451,7 @@ class PipelineDecoder:
 
         for t in prompt_ids:
             row = run(t)
+        assert row is not None               # the prompt is not empty
         for i in range(max_new_tokens):
             tok = choose_token(row, greedy, temperature, rng)
             tokens.append(tok)

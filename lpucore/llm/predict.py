@@ -145,6 +145,7 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     else:
         pd = dec.pipeline
     pd.compile(progress=progress)
+    assert pd.step_cycles is not None        # set by compile()
     walls: List[float] = []
     tokens, logits, stats = pd.generate(list(prompt), new_tokens, on_step=lambda i, t, st, w: walls.append(w))
     ref_tokens, ref_logits = dec.reference().generate(list(prompt), new_tokens)
@@ -223,7 +224,8 @@ class TensorParallelPrediction(_Model):
         us = _cycles(self.clock_hz)
         rows = [
             ("model", _model_line(self) + f", tensor parallel over groups of {self.group}"),
-            ("simulated", f"layer 1 on {len(self.layer_parts)} group(s) of {self.group} chips: {us(self.layer_cycles)} ("
+            ("simulated", f"layer 1 on {len(self.layer_parts)} group(s) of {self.group} chips: "
+                          f"{us(self.layer_cycles)} ("
                           + ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items())
                           + ("" if len(self.layer_parts) == 1 else ", hand-over") + f"); {self.collectives} "
                           f"all-gathers/all-reduces, {self.link_bytes:,} bytes sent per chip; fullest chip "
@@ -244,6 +246,7 @@ class TensorParallelPrediction(_Model):
 def _handover_cycles(chip: ChipConfig, d: int) -> int:
     """Cycles :func:`~lpucore.compiler.pipeline.hand_over` adds to move a [1, d] float32 over one link."""
     import lpucore
+
     from ..compiler.pipeline import hand_over
     from ..graph import Graph
     g = Graph("residual")

@@ -34,7 +34,7 @@ outputs lets a debugging session compare every layer with the reference.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
@@ -73,20 +73,22 @@ class StepBuilder:
         # their first layer build the same graph, so one compiled program serves all of them
         self.first = idx[0] if idx else 0
         self._expert_base = 0      # experts of a shard are named from its first, for the same reason
-        self._shard0 = {}          # layer -> its first shard in this stage (shard constants are named from it)
+        # layer (or "embed" / "head") -> its first shard in this stage (shard constants are named from it)
+        self._shard0: Dict[Union[int, str], int] = {}
         for u in self.units:
             if len(u) == 4:
                 self._shard0.setdefault(u[1] if u[0] == "mlp" else u[0], u[2])
         self.S, self.block = capacity, block
-        self._digits = {}
+        self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
-        self._label, self._start = None, 0
+        self._label: Optional[str] = None
+        self._start = 0
 
     # ---- bookkeeping ---------------------------------------------------------------------------
-    def part(self, label: str) -> None:
-        """Nodes added from now on belong to model part ``label``."""
+    def part(self, label: Optional[str]) -> None:
+        """Nodes added from now on belong to model part ``label`` (``None``: the graph is complete)."""
         n = len(self.g.nodes)
         if self._label is not None and n > self._start:
             self.spans.append((self._label, self._start, n))
@@ -173,7 +175,7 @@ class StepBuilder:
         tokf = None
         if rows is not None:       # the row index inside the shard, clamped (the gather needs a valid one)
             tokf = g.sub(g.cast(tok, "float32"), float(lo))
-            idx = g.cast(g.minimum(g.maximum(tokf, 0.0), float(hi - lo - 1)), "int32")
+            idx = g.cast(g.minimum(g.maximum(tokf, 0.0), float(rows[1] - lo - 1)), "int32")
         if table in self.q:       # an int8 table: gather the int8 row, scale it
             qw, scale, _ = self.q[table]
             qw, scale = qw[lo:hi], scale[lo:hi]
@@ -262,13 +264,22 @@ class StepBuilder:
         logits = []
         for u in self.units:
             kind, i = u[0], u[1]
-            if len(u) == 4 and kind == "embed":
+            if kind == "embed":
+                assert tok is not None              # a stage with the embedding takes "tok" (and gpt2's "pos")
                 self.part("embed")
-                self._suffix = f"_s{u[2] - self._shard0['embed']}"
-                row = self.embed(tok, cfg.embedding_name, shard_range(cfg, u[2], u[3], "embed"))
-                self._suffix = ""
-                x = row if x is None else g.add(x, row)
-            elif len(u) == 4 and kind == "head":
+                if len(u) == 4:
+                    self._suffix = f"_s{u[2] - self._shard0['embed']}"
+                    row = self.embed(tok, cfg.embedding_name, shard_range(cfg, u[2], u[3], "embed"))
+                    self._suffix = ""
+                    x = row if x is None else g.add(x, row)
+                elif gpt2:
+                    assert pos is not None
+                    x = self._gpt2_embed(tok, pos)
+                else:
+                    x = self.embed(tok, "model.embed_tokens.weight")
+                continue
+            assert x is not None                    # the stage's input "x_in", or its embedding
+            if len(u) == 4 and kind == "head":
                 self._suffix = f"_s{u[2] - self._shard0['head']}"
                 logits.append(self._llama_head(x, shard_range(cfg, u[2], u[3], "head")))
                 self._suffix = ""
@@ -276,9 +287,6 @@ class StepBuilder:
                 x, acc = self._mlp_shard(i, u[2], u[3], x, acc)
                 if u[2] == u[3] - 1:
                     self.probes[f"x{i}"] = x
-            elif kind == "embed":
-                self.part("embed")
-                x = self._gpt2_embed(tok, pos) if gpt2 else self.embed(tok, "model.embed_tokens.weight")
             elif kind == "attn":
                 x = (self._gpt2_attn if gpt2 else self._llama_attn)(i, x, att)
             elif kind == "mlp":
@@ -286,6 +294,7 @@ class StepBuilder:
                 self.probes[f"x{i}"] = x
             else:
                 x = (self._gpt2_head if gpt2 else self._llama_head)(x)
+        assert x is not None        # a stage has at least one unit
         if acc is not None:         # the stage ends inside a sharded MLP
             x = g.concat([x, acc], axis=0)
         last = self.units[-1]
@@ -306,6 +315,7 @@ class StepBuilder:
         g, cfg = self.g, self.cfg
         pos, posf, oh_row, oh_col, mask = att
         p = f"model.layers.{i}."
+        assert cfg.rope_theta is not None       # llama and mixtral always have a rotary base
         self.part("norm")
         h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
         self.part("attn")
@@ -399,6 +409,7 @@ class StepBuilder:
                       g.sum(g.mul(gates, sel), keepdims=True))
             out = y if out is None else g.add(out, y)
         self._expert_base = 0
+        assert out is not None                  # a shard holds at least one expert
         return out
 
     # ---- gpt2 units ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -38,6 +38,7 @@ from .weights import check_names, dequantize_int8, normalize_weights, quantize_i
 
 PRECISIONS = ("fp16", "fp32", "int8")
 F32 = np.float32
+TokenIds = Union[Sequence[int], np.ndarray]      # token ids: a list, or a 1-D integer array
 
 
 # ---------------------------------------------------------------------- building blocks (float32 in and out)
@@ -169,21 +170,23 @@ class WeightStore(Mapping):
             weights = normalize_weights(cfg, weights)
         else:
             check_names(cfg, weights)
-        self.source = weights
+        #: the tensors before rounding; None once an eager store has prepared them all
+        self.source: Optional[Mapping[str, np.ndarray]] = weights
         self.int8 = cfg.int8_tensors() if precision == "int8" else {}
         self.shapes = cfg.tensor_shapes()
         self.names = list(self.shapes)
         self.eager = 4 * cfg.parameter_count() <= EAGER_BYTES
         self._q: Dict[str, Tuple[np.ndarray, np.ndarray, int]] = {}
-        self._kept: Dict[str, np.ndarray] = {}
+        self._kept: Dict[str, Optional[np.ndarray]] = {}      # None: a lazy store's int8 tensor (in _q)
         self.quantized = _Quantized(self)
         if self.eager:
             for name in self.names:
                 self._kept[name] = self._prepare(name)
             self.source = None
 
-    def _prepare(self, name: str) -> np.ndarray:
-        """The float32 weight (eager) or its compact form (lazy: fp16, or int8 via :attr:`_q`)."""
+    def _prepare(self, name: str) -> Optional[np.ndarray]:
+        """The float32 weight (eager) or its compact form (lazy: fp16, or int8 via :attr:`_q`, then None)."""
+        assert self.source is not None       # only an eager store drops it, having prepared every tensor
         a = np.asarray(self.source[name])
         if tuple(a.shape) != self.shapes[name]:
             raise ValueError(f"{self.cfg.name}: tensor {name!r} has shape {tuple(a.shape)}, expected "
@@ -207,11 +210,10 @@ class WeightStore(Mapping):
             kept = self._kept[name] = self._prepare(name)
         else:
             raise KeyError(name)
-        if self.eager:
-            return kept
-        if name in self.int8:
+        if name in self.int8 and not self.eager:
             return dequantize_int8(*self._q[name])
-        return kept.astype(F32)
+        assert kept is not None              # only a lazy store's int8 tensors are kept as None
+        return kept if self.eager else kept.astype(F32)
 
     def prepare(self) -> None:
         """Prepare every tensor now (a lazy store otherwise prepares each on first use)."""
@@ -236,7 +238,9 @@ class WeightStore(Mapping):
         if name in self.int8:
             q, scale, axis = self._q[name]
             return dequantize_int8(q[ids], scale[ids], 0) if axis == 0 else dequantize_int8(q[ids], scale, 1)
-        return self._kept[name][ids].astype(F32)
+        kept = self._kept[name]
+        assert kept is not None              # not an int8 tensor
+        return kept[ids].astype(F32)
 
     def __iter__(self):
         return iter(self.names)
@@ -288,7 +292,7 @@ class Reference:
         else:
             store = WeightStore(cfg, weights, precision)
         #: name -> float32 weight as the reference multiplies by it (rounded / dequantised)
-        self.w: Mapping[str, np.ndarray] = store
+        self.w: WeightStore = store
         #: name -> (q int8, scale float32, out_axis) of every int8 tensor (``precision="int8"``)
         self.quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]] = store.quantized
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, cfg.max_positions)
@@ -307,7 +311,7 @@ class Reference:
         """Forget the cached sequence."""
         self.cache.reset()
 
-    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+    def prefill(self, ids: TokenIds) -> np.ndarray:
         """Start a new sequence with ``ids``: returns logits ``[T, vocab]`` (row t predicts token t + 1)."""
         self.reset()
         return self.forward(ids)
@@ -316,15 +320,15 @@ class Reference:
         """Append one token to the cached sequence and return its logits ``[vocab]``."""
         return self.forward([token])[0]
 
-    def forward(self, ids: Sequence[int]) -> np.ndarray:
+    def forward(self, ids: TokenIds) -> np.ndarray:
         """Append a chunk of tokens at positions ``position ..`` and return their logits ``[T, vocab]``."""
-        ids = self._check_ids(ids)
+        arr = self._check_ids(ids)
         start = self.position
         if self.cfg.family == "gpt2":
-            logits = self._forward_gpt2(ids, start)
+            logits = self._forward_gpt2(arr, start)
         else:
-            logits = self._forward_llama(ids, start)
-        self.cache.advance(len(ids))
+            logits = self._forward_llama(arr, start)
+        self.cache.advance(len(arr))
         return logits
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, greedy: bool = True,
@@ -352,6 +356,7 @@ class Reference:
         tokens, steps = [], []
         row = self.prefill(prompt)[-1] if max_new_tokens else None
         for i in range(max_new_tokens):
+            assert row is not None           # max_new_tokens > 0: the prompt was prefilled
             tok = choose_token(row, greedy, temperature, rng)
             tokens.append(tok)
             steps.append(row)
@@ -395,6 +400,7 @@ class Reference:
         cfg, w = self.cfg, self.w
         x = w.rows("model.embed_tokens.weight", ids)
         self._keep(x)
+        assert cfg.rope_theta is not None    # llama and mixtral always have a rotary base
         cos, sin = rope_cos_sin(np.arange(start, start + len(ids)), cfg.head_dim, cfg.rope_theta)
         for i in range(cfg.n_layers):
             p = f"model.layers.{i}."

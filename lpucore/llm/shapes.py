@@ -24,7 +24,7 @@ FAMILIES = ("llama", "mixtral", "gpt2")
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class ModelConfig:
     """The shape of one decoder-only model.
 
@@ -50,6 +50,10 @@ class ModelConfig:
                         True for gpt2 and False otherwise.
     """
 
+    # The attributes hold the resolved values: the constructor's ``None`` for n_kv_heads, head_dim and
+    # tie_embeddings (and rope_theta outside gpt2) is replaced by the default it stands for, so they are
+    # typed without Optional. The constructor is written out (init=False) because its parameters, unlike
+    # the attributes, accept None.
     name: str
     family: str
     vocab_size: int
@@ -58,26 +62,36 @@ class ModelConfig:
     n_heads: int
     d_ff: int
     max_positions: int
-    n_kv_heads: Optional[int] = None
-    head_dim: Optional[int] = None
-    norm_eps: float = 1e-5
-    rope_theta: Optional[float] = None
-    n_experts: int = 0
-    top_k: int = 0
-    tie_embeddings: Optional[bool] = None
+    n_kv_heads: int
+    head_dim: int
+    norm_eps: float
+    rope_theta: Optional[float]        # None exactly for gpt2
+    n_experts: int
+    top_k: int
+    tie_embeddings: bool
 
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, not {self.family!r}")
-        # Resolve the defaults that depend on other fields (frozen dataclass: set through object).
-        if self.n_kv_heads is None:
-            object.__setattr__(self, "n_kv_heads", self.n_heads)
-        if self.head_dim is None and _is_int(self.n_heads) and self.n_heads > 0 and _is_int(self.d_model):
-            object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
-        if self.tie_embeddings is None:
-            object.__setattr__(self, "tie_embeddings", self.family == "gpt2")
-        if self.rope_theta is None and self.family != "gpt2":
-            object.__setattr__(self, "rope_theta", 10000.0)
+    def __init__(self, name: str, family: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int,
+                 d_ff: int, max_positions: int, n_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+                 norm_eps: float = 1e-5, rope_theta: Optional[float] = None, n_experts: int = 0, top_k: int = 0,
+                 tie_embeddings: Optional[bool] = None):
+        if family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+        # Resolve the defaults that depend on other fields. A head_dim left None here (n_heads or d_model
+        # not a usable integer) is reported by _validate.
+        if n_kv_heads is None:
+            n_kv_heads = n_heads
+        if head_dim is None and _is_int(n_heads) and n_heads > 0 and _is_int(d_model):
+            head_dim = d_model // n_heads
+        if tie_embeddings is None:
+            tie_embeddings = family == "gpt2"
+        if rope_theta is None and family != "gpt2":
+            rope_theta = 10000.0
+        values = dict(name=name, family=family, vocab_size=vocab_size, d_model=d_model, n_layers=n_layers,
+                      n_heads=n_heads, d_ff=d_ff, max_positions=max_positions, n_kv_heads=n_kv_heads,
+                      head_dim=head_dim, norm_eps=norm_eps, rope_theta=rope_theta, n_experts=n_experts,
+                      top_k=top_k, tie_embeddings=tie_embeddings)
+        for f, v in values.items():
+            object.__setattr__(self, f, v)      # a frozen dataclass: set through object
         self._validate()
 
     def _validate(self):
@@ -195,8 +209,8 @@ class ModelConfig:
         output head (the embedding table itself when tied, so one int8 copy serves both uses). The token
         embedding table is quantised per row (per token) too, tied or not: it is the largest table of a llama
         (262 MB at fp16 for a 32k vocabulary, more than one GroqChip holds). Kept at fp16: norms, biases,
-        learned positions and the mixtral router -- it is tiny (``n_experts x d_model``) and its output is a discrete top-k choice that
-        int8 rounding would flip on near ties.
+        learned positions and the mixtral router -- it is tiny (``n_experts x d_model``) and its output is
+        a discrete top-k choice that int8 rounding would flip on near ties.
         """
         out_axis = 1 if self.family == "gpt2" else 0    # Conv1D [in, out] vs Linear [out, in]
         names = {}

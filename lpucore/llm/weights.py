@@ -15,7 +15,7 @@ import os
 import pathlib
 import zlib
 from collections.abc import Mapping
-from typing import Dict, Tuple, Union
+from typing import Dict, List, Tuple, Union
 
 import numpy as np
 
@@ -184,7 +184,6 @@ def dequantize_int8(q: np.ndarray, scale: np.ndarray, axis: int = 0) -> np.ndarr
 
 def _safetensors():
     try:
-        import safetensors  # noqa: F401
         import safetensors.numpy
     except ImportError as e:
         raise ImportError("reading or writing checkpoints needs safetensors: pip install safetensors "
@@ -235,7 +234,7 @@ def save_pretrained(path: PathLike, cfg: ModelConfig, weights: Mapping[str, np.n
     root = pathlib.Path(path)
     root.mkdir(parents=True, exist_ok=True)
     (root / CONFIG_FILE).write_text(json.dumps(cfg.to_hf(), indent=2) + "\n")
-    shards = [[]]
+    shards: List[List[str]] = [[]]      # tensor names per file
     size = 0
     for name in cfg.tensor_shapes():
         nbytes = weights[name].nbytes

@@ -24,28 +24,39 @@ Checks run in the order skew, busy, stream read (Send) and skew, arrival
 from __future__ import annotations
 
 from collections import deque
+from typing import TYPE_CHECKING, Deque, List, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import errors
 from ..errors import LpuError
 
+if TYPE_CHECKING:
+    from ..config import ChipConfig, QueueInfo
+    from ..program import Instruction
+    from .engine import ReferenceEngine
+
+# a vector sent: (link, send cycle, arrival cycle, bytes)
+Sent = Tuple[int, int, int, npt.NDArray[np.uint8]]
+
 
 class Links:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         n = self.cfg.c2c_links
         self.busy_until = [0] * n          # first cycle each link takes a new Send
         self.ready = [-1] * n              # first cycle after the last Deskew, -1: never deskewed
-        self.inbox = [deque() for _ in range(n)]     # (arrival cycle, vector), in arrival order
-        self.outbox = []                   # (link, send cycle, arrival cycle, vector)
+        # (arrival cycle, vector), in arrival order
+        self.inbox: List[Deque[Tuple[int, npt.NDArray[np.uint8]]]] = [deque() for _ in range(n)]
+        self.outbox: List[Sent] = []       # (link, send cycle, arrival cycle, vector)
         self.sent = np.zeros(n, dtype=np.int64)
         self.received = np.zeros(n, dtype=np.int64)
 
-    def deliver(self, link, arrival, vec, now):
+    def deliver(self, link: int, arrival: int, vec: npt.ArrayLike, now: int) -> None:
         """Host side: ``vec`` reaches ``link``'s inbox in cycle ``arrival``."""
         cfg = self.cfg
         if not 0 <= link < cfg.c2c_links:
@@ -61,18 +72,18 @@ class Links:
             raise LpuError(f"link {link} delivers in order: arrival {arrival} is before the previous {ib[-1][0]}")
         ib.append((int(arrival), vec.copy()))
 
-    def take_outbox(self):
+    def take_outbox(self) -> List[Sent]:
         out, self.outbox = self.outbox, []
         return out
 
 
-def _check_ready(eng, q, link, c):
+def _check_ready(eng: ReferenceEngine, q: QueueInfo, link: int, c: int) -> None:
     r = eng.links.ready[link]
     if r < 0 or c < r:
         raise errors.link_error(eng.cfg, c, q.index, link, "skew", r)
 
 
-def execute(eng, q, ins, args, c):
+def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg, lk = eng.cfg, eng.links
     name = ins.op.mnemonic
     link = args[0]

@@ -9,7 +9,12 @@ after the last copy.  The k-th ``Sync`` of a queue parks it until
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+if TYPE_CHECKING:
+    from ..config import QueueInfo
+    from ..program import Instruction
+    from .engine import ReferenceEngine
 
 INF = float("inf")
 
@@ -18,12 +23,12 @@ class QueueState:
     __slots__ = ("info", "prog", "pc", "next", "rep_ins", "rep_left", "rep_k", "rep_d", "rep_stride",
                  "syncs", "wait_for", "sync_cycle")
 
-    def __init__(self, info, prog):
+    def __init__(self, info: QueueInfo, prog: List[Instruction]) -> None:
         self.info = info
         self.prog = prog              # list of Instruction
         self.pc = 0
-        self.next = 0 if prog else INF
-        self.rep_ins = None
+        self.next: float = 0 if prog else INF     # next issue cycle (an int), INF: none scheduled
+        self.rep_ins: Optional[Instruction] = None
         self.rep_left = 0
         self.rep_k = 0
         self.rep_d = 0
@@ -37,15 +42,16 @@ class QueueState:
         return self.rep_left == 0 and self.pc >= len(self.prog) and self.wait_for is None
 
 
-def strided_args(ins, k, stride):
+def strided_args(ins: Instruction, k: int, stride: int) -> Tuple[int, ...]:
     if not k or not stride:
         return tuple(ins.args)
     return tuple(v + k * stride if f.strided else v for f, v in zip(ins.op.fields, ins.args))
 
 
-def issue(eng, qs: QueueState, c: int):
+def issue(eng: ReferenceEngine, qs: QueueState, c: int) -> None:
     """Issue the queue's next instruction (or repetition) in cycle c."""
     if qs.rep_left:
+        assert qs.rep_ins is not None     # a Repeat sets rep_ins with rep_left
         qs.rep_k += 1
         qs.rep_left -= 1
         eng.execute(qs.info, qs.rep_ins, strided_args(qs.rep_ins, qs.rep_k, qs.rep_stride), c)

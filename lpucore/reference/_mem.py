@@ -8,25 +8,34 @@ access and a write access of one slice in one cycle must use different banks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import errors
 
+if TYPE_CHECKING:
+    from ..config import ChipConfig, QueueInfo
+    from ..program import Instruction
+    from .engine import ReferenceEngine
+
 
 class Mem:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
         self.sram = np.zeros((cfg.mem_slices, cfg.addresses_per_slice, cfg.lanes), dtype=np.uint8)
-        self.pending = {}          # cycle -> list of (slice, addresses per superlane, data)
-        self.banks_written = {}    # slice -> banks written in the current cycle
+        # cycle -> list of (slice, addresses per superlane, data)
+        self.pending: Dict[int, List[Tuple[int, List[int], npt.NDArray[np.uint8]]]] = {}
+        self.banks_written: Dict[int, Set[int]] = {}    # slice -> banks written in the current cycle
 
-    def reset(self, clear_memory=True):
+    def reset(self, clear_memory: bool = True) -> None:
         if clear_memory:
             self.sram[:] = 0
         self.pending.clear()
         self.banks_written = {}
 
-    def commit(self, cycle):
+    def commit(self, cycle: int) -> None:
         """Apply the bank writes that happen in this cycle."""
         self.banks_written = {}
         for gslice, addrs, data in self.pending.pop(cycle, ()):
@@ -35,13 +44,13 @@ class Mem:
                 self.sram[gslice, a, k * L:(k + 1) * L] = data[k * L:(k + 1) * L]
                 self.banks_written.setdefault(gslice, set()).add(self.cfg.bank_of(a))
 
-    def check_bank(self, cycle, q, gslice, addrs):
+    def check_bank(self, cycle: int, q: int, gslice: int, addrs: Iterable[int]) -> None:
         written = self.banks_written.get(gslice, ())
         for a in addrs:
             if self.cfg.bank_of(a) in written:
                 raise errors.bank_conflict(self.cfg, cycle, q, gslice, a)
 
-    def map_addresses(self, cycle, q, planes):
+    def map_addresses(self, cycle: int, q: int, planes: Sequence[npt.NDArray[np.uint8]]) -> List[int]:
         """Addresses of a Gather/Scatter map: the int16 in lane 0 of each superlane."""
         L = self.cfg.lanes_per_superlane
         lo, hi = planes[0][::L].astype(np.int64), planes[1][::L].astype(np.int64)
@@ -52,21 +61,21 @@ class Mem:
                 raise errors.address_error(self.cfg, cycle, q, k, int(a))
         return [int(a) for a in addrs]
 
-    def read(self, gslice, addrs):
+    def read(self, gslice: int, addrs: Iterable[int]) -> npt.NDArray[np.uint8]:
         L = self.cfg.lanes_per_superlane
         out = np.empty(self.cfg.lanes, dtype=np.uint8)
         for k, a in enumerate(addrs):
             out[k * L:(k + 1) * L] = self.sram[gslice, a, k * L:(k + 1) * L]
         return out
 
-    def schedule_write(self, cycle, gslice, addrs, data):
+    def schedule_write(self, cycle: int, gslice: int, addrs: Iterable[int], data: npt.ArrayLike) -> None:
         self.pending.setdefault(cycle, []).append((gslice, list(addrs), np.array(data, dtype=np.uint8)))
 
-    def next_event(self):
+    def next_event(self) -> Optional[int]:
         return min(self.pending) if self.pending else None
 
 
-def execute(eng, q, ins, args, c):
+def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     """Issue one MEM instruction of queue q at cycle c (args: fields after Repeat strides)."""
     cfg, mem, st = eng.cfg, eng.mem, eng.streams
     g = cfg.slice_id(q.hemisphere, q.slot)

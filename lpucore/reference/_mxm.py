@@ -9,37 +9,47 @@ accumulator on four streams.  Arithmetic: :mod:`lpucore.matmul`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import dtypes as dt
 from .. import errors, matmul, numerics
 
+if TYPE_CHECKING:
+    from ..config import ChipConfig, QueueInfo
+    from ..program import Instruction
+    from .engine import ReferenceEngine
+
 
 class Plane:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         R, L = cfg.mxm_size, cfg.lanes
         self.buffer = np.zeros((R, L), dtype=np.uint8)
-        self.array = None            # installed weight bytes [R, L]
-        self.dtype = None            # their dtype (INT8 or FLOAT16)
-        self.installs = []           # pending (cycle, bytes, dtype), in issue order
+        self.array: Optional[npt.NDArray[np.uint8]] = None      # installed weight bytes [R, L]
+        self.dtype: Optional[dt.DType] = None                  # their dtype (INT8 or FLOAT16)
+        # pending (cycle, bytes, dtype), in issue order
+        self.installs: List[Tuple[int, npt.NDArray[np.uint8], dt.DType]] = []
         self.acc = np.zeros((cfg.mxm_accumulators, L), dtype=np.uint32)
         self.busy_until = 0
 
 
 class Mxm:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
         self.reset()
 
-    def reset(self):
+    def reset(self) -> None:
         self.planes = [Plane(self.cfg) for _ in range(self.cfg.mxm_planes)]
-        self.pending = {}            # cycle -> [(plane, acc, add, dtype, result bits)]
+        # cycle -> [(plane, acc, add, dtype, result bits)]
+        self.pending: Dict[int, List[Tuple[int, int, int, dt.DType, npt.NDArray[np.uint32]]]] = {}
         self.macs = np.zeros(self.cfg.mxm_planes, dtype=np.int64)
         self.busy = np.zeros(self.cfg.mxm_planes, dtype=np.int64)
-        self.macs_in_cycle = {}      # issue cycle -> MACs started in it
+        self.macs_in_cycle: Dict[int, int] = {}      # issue cycle -> MACs started in it
         self.peak = 0
 
-    def land(self, cycle):
+    def land(self, cycle: int) -> None:
         for p, acc, add, d, res in self.pending.pop(cycle, ()):
             pl = self.planes[p]
             if not add:
@@ -50,16 +60,16 @@ class Mxm:
                 s = pl.acc[acc].view(np.float32) + res.view(np.float32)
                 pl.acc[acc] = numerics.from_float(s, dt.FLOAT32)
 
-    def next_event(self):
+    def next_event(self) -> Optional[int]:
         return min(self.pending) if self.pending else None
 
-    def weights_at(self, pl, c):
+    def weights_at(self, pl: Plane, c: int) -> None:
         """Make the last install effective by cycle c the plane's array."""
         while pl.installs and pl.installs[0][0] <= c:
             _, pl.array, pl.dtype = pl.installs.pop(0)
 
 
-def execute(eng, q, ins, args, c):
+def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg, st, mx = eng.cfg, eng.streams, eng.mxm
     pl = mx.planes[q.slot]
     name = ins.op.mnemonic
@@ -84,6 +94,7 @@ def execute(eng, q, ins, args, c):
             raise errors.mxm_error(cfg, c, q.index, "dtype")
         planes = [st.read(c, src + i, q.position, q.index) for i in range(d.nbytes)]
         L = cfg.lanes
+        x: npt.NDArray[Union[np.int8, np.float16]]        # the activation row in d's NumPy type
         if d == dt.INT8:
             x = planes[0].view(np.int8)[None, :]
             w = pl.array.view(np.int8)

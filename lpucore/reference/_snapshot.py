@@ -8,42 +8,45 @@ one that was saved.
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import numpy.typing as npt
 
 from .. import dtypes as dt
 from .. import isa
 from ..errors import SnapshotError
 from ._icu import INF, QueueState
 
+if TYPE_CHECKING:
+    from .engine import ReferenceEngine
+
 # QueueState fields saved per queue, in this order (None / INF saved as -1)
 _Q = ("pc", "next", "rep", "rep_left", "rep_k", "rep_d", "rep_stride", "syncs", "wait_for", "sync_cycle")
 
 
-def _rows(lst, width, dtype=np.int64):
+def _rows(lst: Sequence[Tuple[int, ...]], width: int, dtype: npt.DTypeLike = np.int64) -> npt.NDArray[Any]:
     return np.array(lst, dtype=dtype).reshape(len(lst), width)
 
 
-def _stack(lst, shape, dtype):
+def _stack(lst: Sequence[npt.ArrayLike], shape: Sequence[int], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     if not lst:
         return np.zeros((0,) + tuple(shape), dtype=dtype)
     return np.stack([np.asarray(v, dtype=dtype) for v in lst])
 
 
-def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
+def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArray[Any]]]:
     cfg = eng.cfg
     L, SL = cfg.lanes, cfg.superlanes
     R = cfg.mxm_size
-    a: Dict[str, np.ndarray] = {}
+    a: Dict[str, npt.NDArray[Any]] = {}
     # queues
     q = np.zeros((len(eng.queues), len(_Q)), dtype=np.int64)
     for i, qs in enumerate(eng.queues):
         rep = -1
         if qs.rep_ins is not None:
-            rep = next((k for k, x in enumerate(qs.prog) if x is qs.rep_ins), None)
-            if rep is None:
-                rep = qs.prog.index(qs.rep_ins)
+            found = next((k for k, x in enumerate(qs.prog) if x is qs.rep_ins), None)
+            rep = qs.prog.index(qs.rep_ins) if found is None else found
         q[i] = (qs.pc, -1 if qs.next == INF else int(qs.next), rep, qs.rep_left, qs.rep_k, qs.rep_d,
                 qs.rep_stride, qs.syncs, -1 if qs.wait_for is None else qs.wait_for, qs.sync_cycle)
     a["queues"] = q
@@ -53,18 +56,19 @@ def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
     # streams
     st = eng.streams
     a["st_data"], a["st_valid"] = st.data.copy(), st.valid.copy()
+    meta: List[Tuple[int, ...]]
     meta, vecs = [], []
-    for c, lst in st.pending.items():
-        for d, pos, s, w, vec in lst:
-            meta.append((int(c), int(d), int(pos), int(s), int(w)))
+    for c, values in st.pending.items():
+        for dr, pos, s, w, vec in values:
+            meta.append((int(c), int(dr), int(pos), int(s), int(w)))
             vecs.append(vec)
     a["st_pmeta"], a["st_pvec"] = _rows(meta, 5), _stack(vecs, (L,), np.uint8)
     # MEM
     m = eng.mem
     a["sram"] = m.sram.copy()
     meta, addrs, data = [], [], []
-    for c, lst in m.pending.items():
-        for g, ad, vec in lst:
+    for c, writes in m.pending.items():
+        for g, ad, vec in writes:
             meta.append((int(c), int(g)))
             addrs.append(ad)
             data.append(vec)
@@ -75,8 +79,8 @@ def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
     lt = eng.latches
     a["lt_bits"], a["lt_valid"] = lt.bits.copy(), lt.valid.copy()
     meta, bits = [], []
-    for c, lst in lt.pending.items():
-        for alu, b in lst:
+    for c, results in lt.pending.items():
+        for alu, b in results:
             meta.append((int(c), int(alu)))
             bits.append(b)
     a["lt_pmeta"], a["lt_pbits"] = _rows(meta, 2), _stack(bits, (L,), np.uint32)
@@ -88,14 +92,14 @@ def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
     a["mx_acc"] = np.stack([p.acc for p in mx.planes])
     a["mx_busy_until"] = np.array([p.busy_until for p in mx.planes], dtype=np.int64)
     meta, ibytes = [], []
-    for i, p in enumerate(mx.planes):
-        for c, b, d in p.installs:
+    for i, pl in enumerate(mx.planes):
+        for c, wbytes, d in pl.installs:
             meta.append((i, int(c), d.code))
-            ibytes.append(b)
+            ibytes.append(wbytes)
     a["mx_imeta"], a["mx_ibytes"] = _rows(meta, 3), _stack(ibytes, (R, L), np.uint8)
     meta, res = [], []
-    for c, lst in mx.pending.items():
-        for p, acc, add, d, r in lst:
+    for c, products in mx.pending.items():
+        for p, acc, add, d, r in products:
             meta.append((int(c), int(p), int(acc), int(add), d.code))
             res.append(r)
     a["mx_pmeta"], a["mx_pres"] = _rows(meta, 5), _stack(res, (L,), np.uint32)
@@ -116,7 +120,8 @@ def get_state(eng) -> Tuple[Dict, Dict[str, np.ndarray]]:
     return scalars, a
 
 
-def _check(arrays, name, shape, dtype):
+def _check(arrays: Mapping[str, npt.NDArray[Any]], name: str, shape: Optional[Sequence[int]],
+           dtype: npt.DTypeLike) -> npt.NDArray[Any]:
     v = arrays.get(name)
     if v is None:
         raise SnapshotError(f"snapshot has no array {name!r}")
@@ -126,14 +131,15 @@ def _check(arrays, name, shape, dtype):
     return v
 
 
-def _rows_of(arrays, name, width, dtype=np.int64):
+def _rows_of(arrays: Mapping[str, npt.NDArray[Any]], name: str, width: int,
+             dtype: npt.DTypeLike = np.int64) -> npt.NDArray[Any]:
     v = _check(arrays, name, None, dtype)
     if v.ndim != 2 or v.shape[1] != width:
         raise SnapshotError(f"snapshot array {name!r} has shape {list(v.shape)}, expected [n, {width}]")
     return v
 
 
-def set_state(eng, scalars: Dict, arrays: Dict[str, np.ndarray]) -> None:
+def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
     """Replace the engine's state (the program must already be loaded)."""
     cfg = eng.cfg
     L, SL, R, NP = cfg.lanes, cfg.superlanes, cfg.mxm_size, cfg.mxm_planes

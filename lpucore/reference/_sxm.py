@@ -4,21 +4,29 @@ can use at most ``sxm_<resource>`` units of each kind."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Dict, List, Tuple
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import errors
 
+if TYPE_CHECKING:
+    from ..config import ChipConfig, QueueInfo
+    from ..program import Instruction
+    from .engine import ReferenceEngine
+
 
 class Sxm:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
-        self.use = {}                # (cycle, hemisphere, resource) -> units in use
+        self.use: Dict[Tuple[int, int, str], int] = {}     # (cycle, hemisphere, resource) -> units in use
 
-    def reset(self):
+    def reset(self) -> None:
         self.use = {}
 
 
-def execute(eng, q, ins, args, c):
+def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg, st = eng.cfg, eng.streams
     op = ins.op
     key = (c, q.hemisphere, op.resource)
@@ -28,12 +36,12 @@ def execute(eng, q, ins, args, c):
     eng.sxm.use[key] = eng.sxm.use.get(key, 0) + 1
     L, n_sl = cfg.lanes, cfg.lanes_per_superlane
 
-    def rd(v):
+    def rd(v: int) -> npt.NDArray[np.uint8]:
         return st.read(c, v, q.position, q.index)
 
     name = op.mnemonic
     a = dict(zip((f.name for f in op.fields), args))
-    outs = []                                   # (stream, vector)
+    outs: List[Tuple[int, npt.NDArray[np.uint8]]] = []     # (stream, vector)
     if name == "Shift":
         x, n = rd(a["src"]), a["n"]
         y = np.zeros(L, dtype=np.uint8)
@@ -60,13 +68,13 @@ def execute(eng, q, ins, args, c):
             for j in range(n):
                 outs.append((a["dst"] + i * n + j, np.roll(xs[i], j)))
     elif name == "Transpose":
-        xs = np.stack([rd(a["src"] + i) for i in range(n_sl)])          # [stream, lane]
-        blocks = xs.reshape(n_sl, L // n_sl, n_sl)                       # [stream i, superlane, lane j]
+        xm = np.stack([rd(a["src"] + i) for i in range(n_sl)])          # [stream, lane]
+        blocks = xm.reshape(n_sl, L // n_sl, n_sl)                       # [stream i, superlane, lane j]
         ys = blocks.transpose(2, 1, 0).reshape(n_sl, L)                  # [stream j, superlane, lane i]
         outs += [(a["dst"] + j, ys[j].copy()) for j in range(n_sl)]
     else:  # Select
-        x, y, m = rd(a["a"]), rd(a["b"]), rd(a["m"])
-        outs.append((a["dst"], np.where(m != 0, x, y).astype(np.uint8)))
+        x, y, sel = rd(a["a"]), rd(a["b"]), rd(a["m"])
+        outs.append((a["dst"], np.where(sel != 0, x, y).astype(np.uint8)))
     T = c + cfg.sxm_delay
     for v, vec in outs:
         st.schedule(T, v, q.position, q.index, vec)

@@ -8,29 +8,36 @@ stream group at the VXM's position.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import dtypes as dt
-from .. import isa, numerics
-from .. import errors
+from .. import errors, isa, numerics
+
+if TYPE_CHECKING:
+    from ..config import ChipConfig, QueueInfo
+    from ..program import Instruction
+    from .engine import ReferenceEngine
 
 
 class Latches:
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
         n = cfg.vxm_alus_per_lane
         self.bits = np.zeros((n, cfg.lanes), dtype=np.uint32)
         self.valid = np.zeros(n, dtype=bool)
-        self.pending = {}     # cycle -> list of (alu, bits)
+        self.pending: Dict[int, List[Tuple[int, npt.NDArray[np.uint32]]]] = {}     # cycle -> list of (alu, bits)
 
-    def reset(self):
+    def reset(self) -> None:
         self.bits[:] = 0
         self.valid[:] = False
         self.pending.clear()
 
-    def land(self, cycle):
+    def land(self, cycle: int) -> None:
         writes = self.pending.pop(cycle, ())
-        seen = set()
+        seen: Set[int] = set()
         for alu, bits in sorted(writes, key=lambda w: w[0]):
             if alu in seen:
                 raise errors.latch_conflict(self.cfg, cycle, alu)
@@ -38,33 +45,31 @@ class Latches:
             self.bits[alu] = bits
             self.valid[alu] = True
 
-    def next_event(self):
+    def next_event(self) -> Optional[int]:
         return min(self.pending) if self.pending else None
 
 
-def _operand(eng, q, c, v, d):
+def _operand(eng: ReferenceEngine, q: QueueInfo, c: int, v: int, d: dt.DType) -> npt.NDArray[np.uint32]:
     """Raw bits of one src operand (a stream group of d's width, or a latch)."""
     if v >= isa.LATCH_BASE:
         k = v - isa.LATCH_BASE
         if not eng.latches.valid[k]:
             raise errors.empty_read(eng.cfg, c, q.index, v, q.position)
-        return eng.latches.bits[k] & numerics.mask_of(d)
+        bits: npt.NDArray[np.uint32] = eng.latches.bits[k] & numerics.mask_of(d)
+        return bits
     planes = [eng.streams.read(c, v + i, q.position, q.index) for i in range(d.nbytes)]
     return numerics.planes_to_bits(planes, d)
 
 
-def execute(eng, q, ins, args, c):
+def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg = eng.cfg
     op = ins.op
     a = dict(zip((f.name for f in op.fields), args))
     d = dt.get(a.get("dtype", dt.INT32.code))
-    srcs = {}
+    srcs: Dict[str, npt.NDArray[np.uint32]] = {}
     for f in op.fields:
         if f.kind == "src":
-            w = d
-            if op.cls == "shift" and f.name == "b":
-                w = d
-            srcs[f.name] = _operand(eng, q, c, a[f.name], w)
+            srcs[f.name] = _operand(eng, q, c, a[f.name], d)
     out_d = d
     if op.cls == "const":
         res = numerics.vxm("const", d, imm=a["value"], lanes=cfg.lanes)

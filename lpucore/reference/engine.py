@@ -18,7 +18,10 @@ scheduled effect has happened; its length is the last busy cycle + 1 plus the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Dict, List, Optional, SupportsInt, Tuple
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import errors
 from ..errors import LpuError, ScheduleError
@@ -26,11 +29,15 @@ from . import _c2c, _icu, _mem, _mxm, _sxm, _vxm
 from ._icu import INF, QueueState
 from ._streams import StreamFile
 
+if TYPE_CHECKING:
+    from ..config import ChipConfig, QueueInfo
+    from ..program import Instruction, Program
+
 
 class ReferenceEngine:
     name = "reference"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
         self.streams = StreamFile(cfg)
         self.mem = _mem.Mem(cfg)
@@ -38,12 +45,12 @@ class ReferenceEngine:
         self.mxm = _mxm.Mxm(cfg)
         self.sxm = _sxm.Sxm(cfg)
         self.links = _c2c.Links(cfg)
-        self.program = None
-        self._lists = [[] for _ in cfg.queues]
+        self.program: Optional[Program] = None
+        self._lists: List[List[Instruction]] = [[] for _ in cfg.queues]
         self._restart()
 
     # ---- state -----------------------------------------------------------------------
-    def _restart(self):
+    def _restart(self) -> None:
         cfg = self.cfg
         self.streams.reset()
         self.latches.reset()
@@ -52,40 +59,40 @@ class ReferenceEngine:
         self.links.reset()
         self.mem.reset(clear_memory=False)
         self.queues = [QueueState(q, self._lists[q.index]) for q in cfg.queues]
-        self.notifies = []
+        self.notifies: List[int] = []       # issue cycle of each Notify, in order
         self.t = -1                 # last processed cycle
         self.cycle = 0              # cycles simulated
         self.last_effect = -1
         self.done = False
-        self.error = None
+        self.error: Optional[ScheduleError] = None
         nq, ns = len(cfg.queues), cfg.mem_slices
         self.stats_issued = np.zeros(nq, dtype=np.int64)
         self.stats_icu = np.zeros(nq, dtype=np.int64)
         self.stats_bytes_read = np.zeros(ns, dtype=np.int64)
         self.stats_bytes_written = np.zeros(ns, dtype=np.int64)
 
-    def load(self, program):
+    def load(self, program: Program) -> None:
         if program.config != self.cfg:
             raise LpuError("program was built for a different chip configuration")
         self.program = program
         self._lists = program.queue_lists()
         self._restart()
 
-    def reset(self, clear_memory=True):
+    def reset(self, clear_memory: bool = True) -> None:
         self._restart()
         if clear_memory:
             self.mem.sram[:] = 0
 
     # ---- bookkeeping used by the unit modules ---------------------------------------------
-    def effect(self, cycle):
+    def effect(self, cycle: int) -> None:
         if cycle > self.last_effect:
             self.last_effect = cycle
 
-    def set_next(self, qs, t):
+    def set_next(self, qs: QueueState, t: int) -> None:
         self.effect(t - 1)
         qs.next = t if (qs.rep_left or qs.pc < len(qs.prog)) else INF
 
-    def execute(self, q, ins, args, c):
+    def execute(self, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
         self.stats_issued[q.index] += 1
         if ins.op.unit == "MEM":
             _mem.execute(self, q, ins, args, c)
@@ -101,15 +108,15 @@ class ReferenceEngine:
             raise LpuError(f"no unit executes {ins.op.mnemonic}")
 
     @property
-    def finish_cycle(self):
+    def finish_cycle(self) -> int:
         return self.last_effect + self.cfg.stagger if self.last_effect >= 0 else 0
 
     @property
-    def finished(self):
+    def finished(self) -> bool:
         return self.done and self.cycle >= self.finish_cycle
 
     # ---- running ------------------------------------------------------------------------
-    def _next_event(self):
+    def _next_event(self) -> Optional[float]:
         cands = [q.next for q in self.queues if q.next != INF]
         for e in (self.streams.next_event(), self.latches.next_event(), self.mem.next_event(),
                   self.mxm.next_event()):
@@ -117,7 +124,7 @@ class ReferenceEngine:
                 cands.append(e)
         return min(cands) if cands else None
 
-    def run(self, until=None, idle=True):
+    def run(self, until: Optional[int] = None, idle: bool = True) -> None:
         """Simulate up to (not including) cycle ``until``, or to the end of the program.
         With ``idle=False`` a run that reaches the end of the program stops at its
         finish cycle even when ``until`` lies beyond it."""
@@ -129,13 +136,14 @@ class ReferenceEngine:
             self.error = e
             raise
 
-    def _run(self, until, idle=True):
+    def _run(self, until: Optional[int], idle: bool = True) -> None:
         while True:
             c = self._next_event()
             if c is None:
                 parked = [q for q in self.queues if q.wait_for is not None]
                 if parked:
                     q = parked[0]
+                    assert q.wait_for is not None     # parked: kept by the filter above
                     self.cycle = max(self.cycle, self.last_effect + 1)
                     raise errors.deadlock(self.cfg, q.sync_cycle, q.info.index, q.wait_for, len(self.notifies))
                 self.done = True
@@ -158,22 +166,23 @@ class ReferenceEngine:
                     _icu.issue(self, qs, c)
 
     # ---- host access -------------------------------------------------------------------------
-    def read_mem(self, gslice, addr, count=1):
-        return self.mem.sram[gslice, addr:addr + count].copy()
+    def read_mem(self, gslice: int, addr: int, count: int = 1) -> npt.NDArray[np.uint8]:
+        out: npt.NDArray[np.uint8] = self.mem.sram[gslice, addr:addr + count].copy()
+        return out
 
-    def write_mem(self, gslice, addr, data):
+    def write_mem(self, gslice: int, addr: int, data: npt.ArrayLike) -> None:
         data = np.asarray(data, dtype=np.uint8)
         self.mem.sram[gslice, addr:addr + data.shape[0]] = data
 
     # ---- links (the host or lpucore.System holds the other ends) ------------------------------
-    def c2c_take_outbox(self):
+    def c2c_take_outbox(self) -> List[_c2c.Sent]:
         """The vectors sent since the last call: a list of (link, send cycle, arrival cycle, bytes)."""
         return self.links.take_outbox()
 
-    def c2c_deliver(self, link, arrival, vec):
+    def c2c_deliver(self, link: SupportsInt, arrival: SupportsInt, vec: npt.ArrayLike) -> None:
         self.links.deliver(int(link), int(arrival), vec, self.cycle)
 
-    def counters(self):
+    def counters(self) -> Dict[str, npt.NDArray[np.int64]]:
         return {"issued": self.stats_issued.copy(), "icu": self.stats_icu.copy(),
                 "bytes_read": self.stats_bytes_read.copy(), "bytes_written": self.stats_bytes_written.copy(),
                 "mxm_macs": self.mxm.macs.copy(), "mxm_busy": self.mxm.busy.copy(),

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -31,7 +31,7 @@ class Outcome:
         cfg = chip.config
         self.memory = np.stack([chip._eng.read_mem(g, 0, cfg.addresses_per_slice) for g in range(cfg.mem_slices)])
         self.counters = chip._eng.counters()
-        self.outbox = [(l, c, a, v.tobytes()) for l, c, a, v in chip.c2c_take_outbox()]
+        self.outbox = [(link, c, a, v.tobytes()) for link, c, a, v in chip.c2c_take_outbox()]
 
     def error_text(self):
         return None if self.error is None else (self.error.key(), str(self.error))
@@ -120,7 +120,10 @@ def first_divergence(program, setup: Optional[Callable[[Chip], None]] = None,
     makes the chips (default ``Chip(config, engine=engine)``), for example to test a modified engine.
     """
     cfg = program.config
-    at = lambda eng, c: run_on(eng, program, setup, c, factory)     # noqa: E731
+
+    def at(eng: str, c: Optional[int]) -> Outcome:
+        return run_on(eng, program, setup, c, factory)
+
     a, b = at(engines[0], None), at(engines[1], None)
     units, _ = _compare(a, b, cfg, engines)
     if not units:
@@ -163,4 +166,5 @@ def run_both(program, setup: Optional[Callable[[Chip], None]] = None) -> List[st
     return diffs
 
 
-__all__ = ["run_both", "run_on", "first_divergence", "Divergence", "Outcome", "GeneratedProgram", "ProgramBuilder", "RandomChooser", "generate"]
+__all__ = ["run_both", "run_on", "first_divergence", "Divergence", "Outcome", "GeneratedProgram", "ProgramBuilder",
+           "RandomChooser", "generate"]

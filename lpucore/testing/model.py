@@ -80,7 +80,54 @@ def vxm(op, d: dt.DType, to: dt.DType, operands: Dict[str, np.ndarray], imm: Dic
     return canonical_nan(r)
 
 
+def _vxm_bits(mn, a, b, m, d):
+    """Bitwise and/or/xor/not/mov/select on the raw bits of a (and b, m)."""
+    ua = _u(a)
+    if mn == "and":
+        r = ua & _u(b)
+    elif mn == "or":
+        r = ua | _u(b)
+    elif mn == "xor":
+        r = ua ^ _u(b)
+    elif mn == "not":
+        r = ~ua
+    elif mn == "mov":
+        r = ua.copy()
+    else:
+        r = np.where(_u(m) != 0, ua, _u(b))
+    return r.astype(ua.dtype).view(d.numpy)
+
+
+def _vxm_cmp(mn, a, b, d):
+    """A comparison: all-ones bits where it holds, zero elsewhere."""
+    t = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
+         "gt": np.greater, "ge": np.greater_equal}[mn](a, b)
+    ones = _UINT[d.nbytes](np.iinfo(_UINT[d.nbytes]).max)
+    return np.where(t, ones, _UINT[d.nbytes](0)).astype(_UINT[d.nbytes]).view(d.numpy)
+
+
+def _vxm_float_fn(mn, a, d):
+    """sqrt/recip/rsqrt/exp/tanh/sigmoid, computed in float32 and rounded to d."""
+    x = a.astype(np.float32)
+    if mn == "sqrt":
+        r = np.sqrt(x)
+    elif mn == "recip":
+        r = np.float32(1) / x
+    elif mn == "rsqrt":
+        r = np.float32(1) / np.sqrt(x)
+    elif mn == "exp":
+        r = numerics.exp_f32(x)
+    elif mn == "tanh":
+        r = numerics.tanh_f32(x)
+    elif mn == "sigmoid":
+        r = numerics.sigmoid_f32(x)
+    else:
+        raise KeyError(mn)
+    return r.astype(d.numpy)
+
+
 def _vxm(op, d, to, operands, imm, lanes):
+    """Expected typed result of one VXM instruction, before NaN canonicalisation."""
     mn = op.mnemonic
     a, b, m = operands.get("a"), operands.get("b"), operands.get("m")
     with np.errstate(all="ignore"):
@@ -92,25 +139,9 @@ def _vxm(op, d, to, operands, imm, lanes):
         if mn == "requant":
             return _requant(a, imm["mult"], imm["shift"], imm["zp"])
         if mn in ("and", "or", "xor", "not", "mov", "select"):
-            ua = _u(a)
-            if mn == "and":
-                r = ua & _u(b)
-            elif mn == "or":
-                r = ua | _u(b)
-            elif mn == "xor":
-                r = ua ^ _u(b)
-            elif mn == "not":
-                r = ~ua
-            elif mn == "mov":
-                r = ua.copy()
-            else:
-                r = np.where(_u(m) != 0, ua, _u(b))
-            return r.astype(ua.dtype).view(d.numpy)
+            return _vxm_bits(mn, a, b, m, d)
         if mn in ("eq", "ne", "lt", "le", "gt", "ge"):
-            t = {"eq": np.equal, "ne": np.not_equal, "lt": np.less, "le": np.less_equal,
-                 "gt": np.greater, "ge": np.greater_equal}[mn](a, b)
-            ones = _UINT[d.nbytes](np.iinfo(_UINT[d.nbytes]).max)
-            return np.where(t, ones, _UINT[d.nbytes](0)).astype(_UINT[d.nbytes]).view(d.numpy)
+            return _vxm_cmp(mn, a, b, d)
         if mn in ("shl", "shr"):
             s = (_u(b).astype(np.int64) & (d.bits - 1)).astype(d.numpy)
             return (np.left_shift(a, s) if mn == "shl" else np.right_shift(a, s)).astype(d.numpy)
@@ -126,22 +157,7 @@ def _vxm(op, d, to, operands, imm, lanes):
             if d.is_float:
                 return np.where(np.isnan(a) | (a > 0), a, d.numpy.type(0)).astype(d.numpy)
             return np.maximum(a, 0).astype(d.numpy)
-        x = a.astype(np.float32)
-        if mn == "sqrt":
-            r = np.sqrt(x)
-        elif mn == "recip":
-            r = np.float32(1) / x
-        elif mn == "rsqrt":
-            r = np.float32(1) / np.sqrt(x)
-        elif mn == "exp":
-            r = numerics.exp_f32(x)
-        elif mn == "tanh":
-            r = numerics.tanh_f32(x)
-        elif mn == "sigmoid":
-            r = numerics.sigmoid_f32(x)
-        else:
-            raise KeyError(mn)
-        return r.astype(d.numpy)
+        return _vxm_float_fn(mn, a, d)
 
 
 def same_float(actual: np.ndarray, expected: np.ndarray, signed_zero: bool = True) -> np.ndarray:
@@ -187,13 +203,13 @@ def sxm(mnemonic: str, data: Dict[str, np.ndarray], imm: Dict[str, int], cfg) ->
     L, n = cfg.lanes, cfg.lanes_per_superlane
     if mnemonic == "Shift":
         x, k = data["src"], imm["n"]
-        return np.array([x[l - k] if 0 <= l - k < L else 0 for l in range(L)], dtype=np.uint8)
+        return np.array([x[ln - k] if 0 <= ln - k < L else 0 for ln in range(L)], dtype=np.uint8)
     if mnemonic == "Permute":
         x, m = data["src"], data["map"].astype(np.int64)
-        return np.array([x[m[l]] if 0 <= m[l] < L else 0 for l in range(L)], dtype=np.uint8)
+        return np.array([x[m[ln]] if 0 <= m[ln] < L else 0 for ln in range(L)], dtype=np.uint8)
     if mnemonic == "Distribute":
         x, m = data["src"], data["map"].astype(np.int64)
-        return np.array([x[(l // n) * n + m[l]] if m[l] < n else 0 for l in range(L)], dtype=np.uint8)
+        return np.array([x[(ln // n) * n + m[ln]] if m[ln] < n else 0 for ln in range(L)], dtype=np.uint8)
     if mnemonic == "Select":
         return np.where(data["m"] != 0, data["a"], data["b"]).astype(np.uint8)
     raise KeyError(mnemonic)

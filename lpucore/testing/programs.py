@@ -161,7 +161,8 @@ class ProgramBuilder:
                 continue
             if not self.stream_free(v, k, xs, xd):
                 continue
-            if not (self.bank_ok(gs, t, cfg.bank_of(a), False) and self.bank_ok(gd, tw + cfg.mem_write_delay, cfg.bank_of(b), True)):
+            if not (self.bank_ok(gs, t, cfg.bank_of(a), False)
+                    and self.bank_ok(gd, tw + cfg.mem_write_delay, cfg.bank_of(b), True)):
                 continue
             if gs == gd and t == tw + cfg.mem_write_delay and cfg.bank_of(a) == cfg.bank_of(b):
                 continue
@@ -174,7 +175,8 @@ class ProgramBuilder:
             vec = np.array([self.ch.integers(0, 255) for _ in range(cfg.lanes)], dtype=np.uint8)
             self.out.inputs[(gs, a)] = vec
             self.out.expected[(gd, b)] = vec
-            self.out.description.append(f"copy {cfg.slice_name(gs)}:{a} -> {cfg.slice_name(gd)}:{b} via {isa.format_value('stream', v, cfg)} at {t}")
+            self.out.description.append(f"copy {cfg.slice_name(gs)}:{a} -> {cfg.slice_name(gd)}:{b} "
+                                        f"via {isa.format_value('stream', v, cfg)} at {t}")
             return True
         return False
 
@@ -247,7 +249,8 @@ class ProgramBuilder:
                     or not self.bank_ok(g, c, cfg.bank_of(a), True, both):
                 self._rollback(mine)
                 return None
-            mine += [("q", q.index, tw, "Write", (a, v)), ("s", v, T - xv, xv, xq), ("bw", g, c, cfg.bank_of(a)), ("u", g, a)]
+            mine += [("q", q.index, tw, "Write", (a, v)), ("s", v, T - xv, xv, xq), ("bw", g, c, cfg.bank_of(a)),
+                     ("u", g, a)]
             self.used.add((g, a))
             locs.append((g, a))
         resv.extend(mine)
@@ -511,6 +514,203 @@ def generate(cfg: Optional[ChipConfig] = None, seed: int = 0, n_transactions: in
     return ProgramBuilder(cfg, RandomChooser(seed), horizon).build(n_transactions, sync)
 
 
+class _BusyBuilder:
+    """The state busy_program's steps share: the chip, the random source, the program and stream menus."""
+
+    def __init__(self, cfg: ChipConfig, r: random.Random, p: Program):
+        self.cfg, self.r, self.p = cfg, r, p
+        S = self.S = cfg.streams_per_direction
+        self.A = cfg.addresses_per_slice
+        self.good = {"W": {1: [0, 1, S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [0, S, S + 4, S + 6], 4: [S + 4]},
+                     "E": {1: [0, 1, 4, 5, 6, 7, S, S + 1], 2: [0, 4, 6, S], 4: [4]},
+                     "V": {1: [0, 1, 4, 5, 6, 7, S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [0, 4, 6, S, S + 4, S + 6],
+                           4: [4, S + 4]}}
+        self.free = {1: [2, 3, S + 2, S + 3], 2: [2, S + 2], 4: [0, S]}
+        self.vx_ops = [op for op in isa.TABLE if op.unit == "VXM"]
+        self.sx_ops = [op for op in isa.TABLE if op.unit == "SXM"]
+        self.c2c_ops = [op for op in isa.TABLE if op.unit == "C2C"]
+        self.warm = cfg.mem_read_delay + max(cfg.hops) + cfg.sxm_hops + cfg.mxm_hops + 3
+        # MXM and SXM consumers sit beyond the MEM slices: East units read eastward streams
+        # from the East side and vice versa
+        self.good["MXW"] = {1: [S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [S, S + 4, S + 6], 4: [S + 4]}
+        self.good["MXE"] = {1: [0, 1, 4, 5, 6, 7], 2: [0, 4, 6], 4: [4]}
+        self.plane_dt: Dict[int, str] = {}
+
+    def stream(self, side, w=1, dst=False):
+        """A stream for a width-w operand: mostly a busy one (sources) or a free one (destinations)."""
+        r, S = self.r, self.S
+        if r.random() < 0.97:
+            return r.choice(self.free[w] if dst else self.good[side][w])
+        return r.randrange(2) * S + r.randrange(S // w) * w
+
+    def src(self, side, w):
+        """A VXM source operand: sometimes an ALU latch, otherwise a stream."""
+        r = self.r
+        if r.random() < 0.15:
+            return isa.LATCH_BASE + r.randrange(self.cfg.vxm_alus_per_lane)
+        return self.stream(side, w)
+
+    def background(self, T):
+        """The background producers: outer MEM slices and ALUs 0 and 1 streaming for T cycles."""
+        r, p, A = self.r, self.p, self.A
+        n = self.cfg.mem_slices_per_hemisphere
+        out_w, out_e = [n - 1, n - 2], [n - 1, n - 2]
+        for i, slot in enumerate(out_w):
+            p.add(f"MEM.W{slot}", "Read", 0, f"E{i}")
+            p.add(f"MEM.W{slot}", "Repeat", min(T, A - 1), 1, i % 2)
+        for i, slot in enumerate(out_e):
+            p.add(f"MEM.E{slot}", "Read", 5 % A, f"W{i}")
+            p.add(f"MEM.E{slot}", "Repeat", T, 1, 0)
+        p.add("VXM.0", "const", "int32", "E4", r.randrange(-2 ** 31, 2 ** 31))
+        p.add("VXM.0", "Repeat", T, 1, 0)
+        p.add("VXM.1", "const", "int32", "W4", r.randrange(-2 ** 31, 2 ** 31))
+        p.add("VXM.1", "Repeat", T, 1, 0)
+
+    def early_weights(self):
+        """Give most MXM weight planes weights early (LW, IW), so that ABCs often find them."""
+        r, p, cfg = self.r, self.p, self.cfg
+        for q in cfg.queues:
+            if q.unit != "MXM" or q.role != "LW" or r.random() < 0.2:
+                continue
+            side = "MXW" if q.hemisphere == 0 else "MXE"
+            self.plane_dt[q.slot] = r.choice(["int8", "float16"])
+            p.add(q.name, "NOP", self.warm)
+            p.add(q.name, "LW", r.choice(self.good[side][1]), 1, r.randrange(cfg.mxm_size))
+            p.add(q.name, "IW", self.plane_dt[q.slot])
+
+    def fill_queue(self, q):
+        """Fill queue q: a warm-up NOP, then one to four random instructions."""
+        r = self.r
+        late = self.cfg.mxm_install_delay + 4 if q.unit == "MXM" else 0
+        self.p.add(q.name, "NOP", r.randrange(self.warm + late, self.warm + late + 5))
+        side = "V" if q.unit == "VXM" else "WE"[q.hemisphere]
+        if q.unit in ("MXM", "SXM"):
+            side = "MXW" if q.hemisphere == 0 else "MXE"
+        for _ in range(r.randrange(1, 5)):
+            self.instruction(q, side)
+
+    def instruction(self, q, side):
+        """One random instruction (or NOP, Sync, Notify) for queue q."""
+        r = self.r
+        if r.random() < 0.25:
+            self.p.add(q.name, "NOP", r.randrange(1, 5))
+        elif r.random() < 0.03:
+            self.p.add(q.name, r.choice(["Sync", "Notify"]))
+        elif q.unit == "MEM":
+            self.mem(q, side)
+        elif q.unit == "MXM":
+            self.mxm(q, side)
+        elif q.unit == "SXM" and r.random() < 0.2:
+            self.c2c(q, side)
+        elif q.unit == "SXM":
+            self.sxm(q, side)
+        else:
+            self.vxm(q, side)
+
+    def mem(self, q, side):
+        """A MEM Read, Write, Gather or Scatter, Reads and Writes sometimes repeated."""
+        r, p, A, stream = self.r, self.p, self.A, self.stream
+        k = r.random()
+        if k < 0.45:
+            ins = p.add(q.name, "Read", r.randrange(A), stream(side, dst=True))
+        elif k < 0.85:
+            ins = p.add(q.name, "Write", r.randrange(A), stream(side))
+        elif k < 0.93:
+            ins = p.add(q.name, "Gather", stream(side, dst=True), stream(side, 2))
+        else:
+            ins = p.add(q.name, "Scatter", stream(side), stream(side, 2))
+        if r.random() < 0.4 and ins.op.mnemonic in ("Read", "Write"):
+            reps, st = r.randrange(1, 6), r.choice([0, 1, -1])
+            if 0 <= ins.args[0] + reps * st < A:
+                p.add(q.name, "Repeat", reps, r.randrange(1, 3), st)
+
+    def mxm(self, q, side):
+        """An MXM instruction for q's role: LW or IW, ABC (sometimes repeated) or ACC."""
+        r, p, cfg, good, S = self.r, self.p, self.cfg, self.good, self.S
+        mdt = self.plane_dt.get(q.slot) if r.random() < 0.9 else None
+        mdt = mdt or r.choice(["int8", "float16"])
+        if q.role == "LW":
+            if r.random() < 0.3:
+                p.add(q.name, "IW", mdt)
+            else:
+                n_lw = r.randrange(1, min(cfg.mxm_lw_streams, 4) + 1)
+                base = r.choice(good[side][1]) if n_lw == 1 else r.choice(good[side][2] + good[side][4])
+                base = min(base, (base // S) * S + S - n_lw)
+                p.add(q.name, "LW", base, n_lw, r.randrange(cfg.mxm_size - n_lw + 1))
+        elif q.role == "ABC":
+            acc = r.randrange(cfg.mxm_accumulators)
+            p.add(q.name, "ABC", mdt, self.stream(side, 2 if mdt == "float16" else 1), acc, r.randrange(2))
+            if r.random() < 0.3:
+                p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 3),
+                      r.choice([0, 1]) if acc + 4 < cfg.mxm_accumulators else 0)
+        else:
+            p.add(q.name, "ACC", r.randrange(cfg.mxm_accumulators), self.stream(side, 4, dst=True))
+
+    def c2c(self, q, side):
+        """A C2C instruction on an SXM queue: Deskew, and maybe a Send or Receive."""
+        # sends land in the outbox (compared); receives find nothing unless the
+        # test delivers, so they mostly end the run with the same link-empty error
+        r, p, cfg = self.r, self.p, self.cfg
+        op = r.choice(self.c2c_ops)
+        link = r.randrange(cfg.c2c_links)
+        if op.mnemonic == "Deskew" or r.random() < 0.7:
+            p.add(q.name, "Deskew", link)
+            if r.random() < 0.8:
+                p.add(q.name, "NOP", cfg.c2c_deskew_delay + r.randrange(-1, 2))
+        if op.mnemonic != "Deskew":
+            p.add(q.name, op.mnemonic, link, self.stream(side, dst=op.mnemonic == "Receive"))
+            if r.random() < 0.3:
+                p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 4), 0)
+
+    def sxm(self, q, side):
+        """An SXM instruction (a Rotate or Transpose too wide for the streams is dropped)."""
+        r, cfg, S, stream = self.r, self.cfg, self.S, self.stream
+        op = r.choice(self.sx_ops)
+        a = {"dst": stream(side, dst=True), "src": stream(side), "a": stream(side), "b": stream(side),
+             "m": stream(side), "map": stream(side, 2 if op.mnemonic == "Permute" else 1),
+             "n": r.randrange(-cfg.lanes + 1, cfg.lanes) if op.mnemonic == "Shift" else r.choice([3, 4])}
+        if op.mnemonic in ("Rotate", "Transpose"):
+            width = a["n"] if op.mnemonic == "Rotate" else cfg.lanes_per_superlane
+            wout = a["n"] ** 2 if op.mnemonic == "Rotate" else width
+            if wout > S or width > S:
+                return
+            a["src"] = r.randrange(2) * S + r.randrange(S - width + 1)
+            if op.mnemonic == "Rotate" and r.random() < 0.8:
+                a["src"] = self.good[side][4][0]
+            a["dst"] = r.randrange(2) * S + r.randrange(S - wout + 1)
+        self.p.add(q.name, op.mnemonic, *[a[f.name] for f in op.fields])
+
+    def vxm(self, q, side):
+        """A random VXM instruction, sometimes repeated."""
+        r = self.r
+        op = r.choice(self.vx_ops)
+        d = dt.get(r.choice(op.dtypes))
+        to = dt.get(r.choice([x.name for x in dt.ALL]))
+        self.p.add(q.name, op.mnemonic, *self.vxm_args(op, d, to, side))
+        if r.random() < 0.2:
+            self.p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 3), 0)
+
+    def vxm_args(self, op, d, to, side):
+        """Random operands for VXM op with dtypes d (and to), in field order."""
+        r = self.r
+        args = []
+        for f in op.fields:
+            if f.kind == "dtype":
+                args.append(d.code if f.name == "dtype" else to.code)
+            elif f.kind == "src":
+                args.append(self.src(side, 4 if op.cls == "requant" else d.nbytes))
+            elif f.kind == "dst":
+                w = to.nbytes if op.cls == "cvt" else (1 if op.cls == "requant" else d.nbytes)
+                args.append(isa.NONE if r.random() < 0.2 else self.stream(side, w, dst=True))
+            elif f.kind == "imm":
+                args.append(r.randrange(-2 ** 31, 2 ** 31))
+            elif f.kind == "shift":
+                args.append(r.randrange(0, 40))
+            else:
+                args.append(r.randrange(-128, 128))
+        return args
+
+
 def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Optional[int] = None) -> Program:
     """A random program that keeps streams full for a while, so that most reads find
     values and runs last long enough to reuse every ring in the fast engine, but whose
@@ -525,154 +725,12 @@ def busy_program(cfg: Optional[ChipConfig] = None, seed: int = 0, length: Option
     if cfg.mem_slices_per_hemisphere < 3 or cfg.streams_per_direction < 8 or cfg.vxm_alus_per_lane < 3:
         raise ValueError("busy_program needs >= 3 MEM slices per hemisphere, >= 8 streams and >= 3 ALUs")
     r = random.Random(seed)
-    S, n = cfg.streams_per_direction, cfg.mem_slices_per_hemisphere
-    A = cfg.addresses_per_slice
     T = length or r.randrange(20, 60)
-    p = Program(cfg)
-    out_w, out_e = [n - 1, n - 2], [n - 1, n - 2]
-    for i, slot in enumerate(out_w):
-        p.add(f"MEM.W{slot}", "Read", 0, f"E{i}")
-        p.add(f"MEM.W{slot}", "Repeat", min(T, A - 1), 1, i % 2)
-    for i, slot in enumerate(out_e):
-        p.add(f"MEM.E{slot}", "Read", 5 % A, f"W{i}")
-        p.add(f"MEM.E{slot}", "Repeat", T, 1, 0)
-    p.add("VXM.0", "const", "int32", "E4", r.randrange(-2 ** 31, 2 ** 31))
-    p.add("VXM.0", "Repeat", T, 1, 0)
-    p.add("VXM.1", "const", "int32", "W4", r.randrange(-2 ** 31, 2 ** 31))
-    p.add("VXM.1", "Repeat", T, 1, 0)
-    good = {"W": {1: [0, 1, S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [0, S, S + 4, S + 6], 4: [S + 4]},
-            "E": {1: [0, 1, 4, 5, 6, 7, S, S + 1], 2: [0, 4, 6, S], 4: [4]},
-            "V": {1: [0, 1, 4, 5, 6, 7, S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [0, 4, 6, S, S + 4, S + 6],
-                  4: [4, S + 4]}}
-    free = {1: [2, 3, S + 2, S + 3], 2: [2, S + 2], 4: [0, S]}
-
-    def stream(side, w=1, dst=False):
-        if r.random() < 0.97:
-            return r.choice(free[w] if dst else good[side][w])
-        return r.randrange(2) * S + r.randrange(S // w) * w
-
-    def src(side, w):
-        if r.random() < 0.15:
-            return isa.LATCH_BASE + r.randrange(cfg.vxm_alus_per_lane)
-        return stream(side, w)
-
-    vx_ops = [op for op in isa.TABLE if op.unit == "VXM"]
-    sx_ops = [op for op in isa.TABLE if op.unit == "SXM"]
-    c2c_ops = [op for op in isa.TABLE if op.unit == "C2C"]
-    warm = cfg.mem_read_delay + max(cfg.hops) + cfg.sxm_hops + cfg.mxm_hops + 3
-    # MXM and SXM consumers sit beyond the MEM slices: East units read eastward streams
-    # from the East side and vice versa
-    good["MXW"] = {1: [S, S + 1, S + 4, S + 5, S + 6, S + 7], 2: [S, S + 4, S + 6], 4: [S + 4]}
-    good["MXE"] = {1: [0, 1, 4, 5, 6, 7], 2: [0, 4, 6], 4: [4]}
-    plane_dt = {}
+    b = _BusyBuilder(cfg, r, Program(cfg))
+    b.background(T)
+    b.early_weights()
     for q in cfg.queues:
-        if q.unit != "MXM" or q.role != "LW" or r.random() < 0.2:
+        if q.name in b.p.queues or r.random() < 0.1:
             continue
-        # give most planes weights early, so that ABCs often find them
-        side = "MXW" if q.hemisphere == 0 else "MXE"
-        plane_dt[q.slot] = r.choice(["int8", "float16"])
-        p.add(q.name, "NOP", warm)
-        p.add(q.name, "LW", r.choice(good[side][1]), 1, r.randrange(cfg.mxm_size))
-        p.add(q.name, "IW", plane_dt[q.slot])
-    for q in cfg.queues:
-        if q.name in p.queues or r.random() < 0.1:
-            continue
-        late = cfg.mxm_install_delay + 4 if q.unit == "MXM" else 0
-        p.add(q.name, "NOP", r.randrange(warm + late, warm + late + 5))
-        side = "V" if q.unit == "VXM" else "WE"[q.hemisphere]
-        if q.unit in ("MXM", "SXM"):
-            side = "MXW" if q.hemisphere == 0 else "MXE"
-        for _ in range(r.randrange(1, 5)):
-            if r.random() < 0.25:
-                p.add(q.name, "NOP", r.randrange(1, 5))
-                continue
-            if r.random() < 0.03:
-                p.add(q.name, r.choice(["Sync", "Notify"]))
-                continue
-            if q.unit == "MEM":
-                k = r.random()
-                if k < 0.45:
-                    ins = p.add(q.name, "Read", r.randrange(A), stream(side, dst=True))
-                elif k < 0.85:
-                    ins = p.add(q.name, "Write", r.randrange(A), stream(side))
-                elif k < 0.93:
-                    ins = p.add(q.name, "Gather", stream(side, dst=True), stream(side, 2))
-                else:
-                    ins = p.add(q.name, "Scatter", stream(side), stream(side, 2))
-                if r.random() < 0.4 and ins.op.mnemonic in ("Read", "Write"):
-                    reps, st = r.randrange(1, 6), r.choice([0, 1, -1])
-                    if 0 <= ins.args[0] + reps * st < A:
-                        p.add(q.name, "Repeat", reps, r.randrange(1, 3), st)
-                continue
-            if q.unit == "MXM":
-                mdt = plane_dt.get(q.slot) if r.random() < 0.9 else None
-                mdt = mdt or r.choice(["int8", "float16"])
-                if q.role == "LW":
-                    if r.random() < 0.3:
-                        p.add(q.name, "IW", mdt)
-                    else:
-                        n_lw = r.randrange(1, min(cfg.mxm_lw_streams, 4) + 1)
-                        base = r.choice(good[side][1]) if n_lw == 1 else r.choice(good[side][2] + good[side][4])
-                        base = min(base, (base // S) * S + S - n_lw)
-                        p.add(q.name, "LW", base, n_lw, r.randrange(cfg.mxm_size - n_lw + 1))
-                elif q.role == "ABC":
-                    acc = r.randrange(cfg.mxm_accumulators)
-                    p.add(q.name, "ABC", mdt, stream(side, 2 if mdt == "float16" else 1), acc, r.randrange(2))
-                    if r.random() < 0.3:
-                        p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 3),
-                              r.choice([0, 1]) if acc + 4 < cfg.mxm_accumulators else 0)
-                else:
-                    p.add(q.name, "ACC", r.randrange(cfg.mxm_accumulators), stream(side, 4, dst=True))
-                continue
-            if q.unit == "SXM" and r.random() < 0.2:
-                # C2C: sends land in the outbox (compared); receives find nothing unless the
-                # test delivers, so they mostly end the run with the same link-empty error
-                op = r.choice(c2c_ops)
-                link = r.randrange(cfg.c2c_links)
-                if op.mnemonic == "Deskew" or r.random() < 0.7:
-                    p.add(q.name, "Deskew", link)
-                    if r.random() < 0.8:
-                        p.add(q.name, "NOP", cfg.c2c_deskew_delay + r.randrange(-1, 2))
-                if op.mnemonic != "Deskew":
-                    p.add(q.name, op.mnemonic, link, stream(side, dst=op.mnemonic == "Receive"))
-                    if r.random() < 0.3:
-                        p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 4), 0)
-                continue
-            if q.unit == "SXM":
-                op = r.choice(sx_ops)
-                a = {"dst": stream(side, dst=True), "src": stream(side), "a": stream(side), "b": stream(side),
-                     "m": stream(side), "map": stream(side, 2 if op.mnemonic == "Permute" else 1),
-                     "n": r.randrange(-cfg.lanes + 1, cfg.lanes) if op.mnemonic == "Shift" else r.choice([3, 4])}
-                if op.mnemonic in ("Rotate", "Transpose"):
-                    width = a["n"] if op.mnemonic == "Rotate" else cfg.lanes_per_superlane
-                    wout = a["n"] ** 2 if op.mnemonic == "Rotate" else width
-                    if wout > S or width > S:
-                        continue
-                    a["src"] = r.randrange(2) * S + r.randrange(S - width + 1)
-                    if op.mnemonic == "Rotate" and r.random() < 0.8:
-                        a["src"] = good[side][4][0]
-                    a["dst"] = r.randrange(2) * S + r.randrange(S - wout + 1)
-                p.add(q.name, op.mnemonic, *[a[f.name] for f in op.fields])
-                continue
-            op = r.choice(vx_ops)
-            d = dt.get(r.choice(op.dtypes))
-            to = dt.get(r.choice([x.name for x in dt.ALL]))
-            args = []
-            for f in op.fields:
-                if f.kind == "dtype":
-                    args.append(d.code if f.name == "dtype" else to.code)
-                elif f.kind == "src":
-                    args.append(src(side, 4 if op.cls == "requant" else d.nbytes))
-                elif f.kind == "dst":
-                    w = to.nbytes if op.cls == "cvt" else (1 if op.cls == "requant" else d.nbytes)
-                    args.append(isa.NONE if r.random() < 0.2 else stream(side, w, dst=True))
-                elif f.kind == "imm":
-                    args.append(r.randrange(-2 ** 31, 2 ** 31))
-                elif f.kind == "shift":
-                    args.append(r.randrange(0, 40))
-                else:
-                    args.append(r.randrange(-128, 128))
-            p.add(q.name, op.mnemonic, *args)
-            if r.random() < 0.2:
-                p.add(q.name, "Repeat", r.randrange(1, 4), r.randrange(1, 3), 0)
-    return p
+        b.fill_queue(q)
+    return b.p

@@ -13,6 +13,8 @@ hand-kept list:
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -21,6 +23,15 @@ from .. import isa
 from ..config import ChipConfig
 from ..program import Instruction, Program, check_instruction
 from .programs import GeneratedProgram, ProgramBuilder
+
+
+def _icu_op(mnemonic: str) -> isa.Op:
+    op = isa.lookup(mnemonic, "ICU")
+    assert op is not None, mnemonic
+    return op
+
+
+_REPEAT = _icu_op("Repeat")
 
 
 class DrawChooser:
@@ -87,7 +98,8 @@ def _value(draw, kind, cfg, op, so_far):
         w = 1
         if op.unit == "VXM":
             if kind == "dst":
-                w = dt.get(so_far["to"]).nbytes if op.cls == "cvt" else (1 if op.cls == "requant" else dt.get(d_code).nbytes)
+                w = (dt.get(so_far["to"]).nbytes if op.cls == "cvt"
+                     else 1 if op.cls == "requant" else dt.get(d_code).nbytes)
             else:
                 w = 4 if op.cls == "requant" else dt.get(d_code).nbytes
         elif op.mnemonic in ("Gather", "Scatter") and kind == "stream" and len(so_far) == 1:
@@ -117,7 +129,8 @@ def _group_start(draw, cfg, width):
 
 
 @st.composite
-def instructions(draw, cfg: ChipConfig = None, unit: str = None, kind: str = None) -> Instruction:
+def instructions(draw, cfg: Optional[ChipConfig] = None, unit: Optional[str] = None,
+                 kind: Optional[str] = None) -> Instruction:
     """One valid instruction of a unit (``"MEM"``), a queue kind (``"MXM.ABC"``) or
     any; never Repeat (it only exists after another instruction)."""
     cfg = cfg or ChipConfig.tiny()
@@ -157,7 +170,7 @@ def instructions(draw, cfg: ChipConfig = None, unit: str = None, kind: str = Non
 
 
 @st.composite
-def raw_programs(draw, cfg: ChipConfig = None, max_len: int = 6) -> Program:
+def raw_programs(draw, cfg: Optional[ChipConfig] = None, max_len: int = 6) -> Program:
     """Valid instructions in random queues: schedule errors likely (engines must agree on them)."""
     cfg = cfg or ChipConfig.tiny()
     p = Program(cfg)
@@ -178,12 +191,13 @@ def raw_programs(draw, cfg: ChipConfig = None, max_len: int = 6) -> Program:
                                                      for f, v in zip(ins.op.fields, ins.args)))
                     if check_instruction(last, cfg) is not None:
                         stride = 0
-                lst.append(Instruction(isa.lookup("Repeat"), (n_rep, draw(st.integers(1, 3)), stride)))
+                lst.append(Instruction(_REPEAT, (n_rep, draw(st.integers(1, 3)), stride)))
     return p.validate()
 
 
 @st.composite
-def legal_programs(draw, cfg: ChipConfig = None, max_transactions: int = 10, horizon: int = 40) -> GeneratedProgram:
+def legal_programs(draw, cfg: Optional[ChipConfig] = None, max_transactions: int = 10,
+                   horizon: int = 40) -> GeneratedProgram:
     """A program legal by construction, its input memory and its expected output memory."""
     cfg = cfg or ChipConfig.tiny()
     n = draw(st.integers(1, max_transactions))
