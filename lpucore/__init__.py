@@ -19,7 +19,8 @@ The public API::
 from . import ops
 from .asm import assemble, disassemble
 from .chip import ENGINES, Chip, RunStats
-from .compiler.lower import Compiled, compile, execute
+from .compiler.api import compile
+from .compiler.lower import Compiled, execute
 from .config import ChipConfig
 from .errors import (
     CompileError,

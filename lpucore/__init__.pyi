@@ -5,8 +5,8 @@ from .asm import disassemble as disassemble
 from .chip import ENGINES as ENGINES
 from .chip import Chip as Chip
 from .chip import RunStats as RunStats
+from .compiler.api import compile as compile
 from .compiler.lower import Compiled as Compiled
-from .compiler.lower import compile as compile
 from .compiler.lower import execute as execute
 from .config import ChipConfig as ChipConfig
 from .errors import CompileError as CompileError

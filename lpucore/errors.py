@@ -188,3 +188,8 @@ def link_error(cfg: ConfigView, cycle: int, q: int, link: int, why: str, extra: 
 
 class CompileError(LpuError, ValueError):
     """A computation cannot be compiled for the chip (it does not fit, or is not supported)."""
+
+
+class ModelDoesNotFit(LpuError, ValueError):
+    """A language model's weights and KV cache need more SRAM than the configured chips have
+    (raised by :mod:`lpucore.llm`; also ``lpucore.llm.ModelDoesNotFit``)."""

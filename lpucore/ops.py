@@ -33,7 +33,8 @@ def _key(op, arrays, attrs, cfg):
 
 
 def _run(op: str, arrays, attrs, config: Optional[ChipConfig], engine: str, stats: bool):
-    from .compiler.lower import compile, execute
+    from .compiler.api import compile
+    from .compiler.lower import execute
     cfg = config if config is not None else ChipConfig.groqchip1()
     arrays = [np.asarray(a) if not isinstance(a, (int, float)) else a for a in arrays]
     key = _key(op, arrays, attrs, cfg)
@@ -100,7 +101,8 @@ def concat(arrays, axis=0, **kw):
     """Concatenate a list of arrays on the chip."""
     arrays = list(arrays)
     cfg, engine, stats = kw.pop("config", None), kw.pop("engine", "fast"), kw.pop("stats", False)
-    from .compiler.lower import compile, execute
+    from .compiler.api import compile
+    from .compiler.lower import execute
     cfg = cfg if cfg is not None else ChipConfig.groqchip1()
     key = ("concat", tuple((a.shape, a.dtype.str) for a in arrays), axis, cfg)
     compiled = _CACHE.get(key)

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Seque
 import numpy as np
 
 from ..config import ChipConfig
-from ..errors import LpuError
+from ..errors import LpuError, ModelDoesNotFit
 from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference, choose_token
 from .shapes import ModelConfig, model_config
@@ -41,10 +41,6 @@ if TYPE_CHECKING:
 PRECISIONS = ("fp16", "int8")
 LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
 MAX_CAPACITY = 2048        # rotary tables of the compiler cover positions 0..2047
-
-
-class ModelDoesNotFit(LpuError, ValueError):
-    """The model's weights and KV cache need more SRAM than the configured chips have."""
 
 
 @dataclass

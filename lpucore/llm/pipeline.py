@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import CompileError, LpuError
+from ..errors import CompileError, LpuError, ModelDoesNotFit
 from .program import build_step, model_units, shard_range
 from .reference import choose_token
 
@@ -170,7 +170,6 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
     ``chips=None``: as few stages as hold at most ``fill`` x the chip's SRAM each (cut greedily in
     unit order). ``chips=N``: exactly N stages, as even in bytes as contiguous cuts allow. Raises
     :class:`~lpucore.llm.ModelDoesNotFit` (saying how many chips it takes) when a stage overflows."""
-    from .decoder import ModelDoesNotFit
     if shards is None:
         shards = mlp_shards(cfg, precision, capacity, chip, block, fill)
     if tables is None:

@@ -1,0 +1,51 @@
+"""The compiler's front door: :func:`compile` picks one chip (:mod:`lpucore.compiler.lower`), a
+pipeline over chips (:mod:`lpucore.compiler.stages`) or tensor parallelism
+(:mod:`lpucore.compiler.tensor_parallel`). It sits above all three, so that none of them imports
+another's caller.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from ..config import ChipConfig
+from ..errors import CompileError
+from ..graph import Graph, GraphError
+from .lower import Compiler
+from .stages import compile_pipeline
+from .tensor_parallel import compile_system, tensor_parallel_fits
+
+
+def compile(graph: Graph, config: Optional[ChipConfig] = None, system=None, chips=None, state_axes=None,
+            strategy: str = "auto"):
+    """Compile a graph into a scheduled program (GroqChip geometry by default).
+
+    With ``system`` (an :class:`~lpucore.System`), the graph is spread over its chips (or
+    the given ``chips``):
+
+    * ``strategy="tensor"``: tensor parallelism over chips wired pairwise, with scheduled
+      all-gathers and all-reduces (:mod:`lpucore.compiler.tensor_parallel`, returns a
+      ``SystemCompiled``);
+    * ``"pipeline"``: consecutive parts of the graph on consecutive chips, the part's result
+      handed over a link (:mod:`lpucore.compiler.stages`, returns a ``PipelineCompiled``);
+    * ``"auto"`` (default): tensor parallelism if the chips are wired pairwise and the
+      graph's constants and states, split over them, fit (at batch 1 every chip then streams
+      its share of the weights at once, which a pipeline cannot), else pipeline stages."""
+    if not isinstance(graph, Graph):
+        raise GraphError("compile expects an lpucore.Graph")
+    if not graph.outputs:
+        raise GraphError("compile: the graph has no outputs (use graph.output(name, tensor))")
+    if system is not None:
+        if config is not None and config != system.config:
+            raise CompileError("compile: config differs from the system's chip configuration")
+        if strategy not in ("auto", "tensor", "pipeline"):
+            raise CompileError(f"strategy must be 'auto', 'tensor' or 'pipeline', not {strategy!r}")
+        if strategy == "auto":
+            strategy = "tensor" if tensor_parallel_fits(graph, system, chips) else "pipeline"
+        if strategy == "pipeline":
+            if state_axes:
+                raise CompileError("state_axes are for strategy='tensor'")
+            return compile_pipeline(graph, system, chips=chips)
+        return compile_system(graph, system, chips=chips, state_axes=state_axes)
+    cfg = config if config is not None else ChipConfig.groqchip1()
+    return Compiler(graph, cfg).run()
