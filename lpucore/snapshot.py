@@ -171,10 +171,17 @@ def check_range(name: str, values: "npt.ArrayLike", lo: int, hi: int, where: Opt
         ok |= ~np.asarray(where, dtype=bool)
     if not np.all(ok):
         bad = np.argwhere(~ok)[0] if v.ndim else np.zeros(0, dtype=np.int64)
-        idx = "" if v.ndim == 0 else "[" + ", ".join(str(int(i)) for i in bad) + "]"
+        idx = ", ".join(str(int(i)) for i in bad)
+        if "%s" in name:
+            name = name % idx
+        elif v.ndim:
+            head, sep, tail = name.partition(" (")
+            name = f"{head}[{idx}]{sep}{tail}"
         val = int(v[tuple(bad)]) if v.ndim else int(v)
-        extra = "".join(f" or {x}" for x in also)
-        raise SnapshotError(f"snapshot {name}{idx} is {val}, allowed {lo}..{hi}{extra}")
+        allowed = [str(x) for x in also]
+        if not (lo == hi and lo in also):
+            allowed.insert(0, f"{lo}..{hi}" if lo != hi else str(lo))
+        raise SnapshotError(f"snapshot {name} is {val}, allowed {' or '.join(allowed)}")
 
 
 def check_equal(name: str, value: int, want: int, why: str) -> None:

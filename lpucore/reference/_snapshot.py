@@ -152,7 +152,7 @@ def _check_scalars(t: int, cycle: int, last_effect: int, done: int, peak: int) -
 def _check_cols(name: str, rows: npt.NDArray[Any], *cols: Tuple[Any, ...]) -> None:
     """Column i of rows must be in cols[i] = (what, lo, hi[, also])."""
     for i, (what, lo, hi, *also) in enumerate(cols):
-        check_range(f"array {name!r}[:, {i}] ({what})", rows[:, i], lo, hi, also=tuple(also[0]) if also else ())
+        check_range(f"array {name!r}[%s, {i}] ({what})", rows[:, i], lo, hi, also=tuple(also[0]) if also else ())
 
 
 def _check_queues(eng: ReferenceEngine, q: npt.NDArray[Any], n_notify: int) -> None:
@@ -253,6 +253,8 @@ def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[
         _check_cols("lk_imeta", lk_imeta, ("link", 0, cfg.c2c_links - 1), ("arrival cycle", 0, LIM))
         _check_cols("lk_ometa", lk_ometa, ("link", 0, cfg.c2c_links - 1), ("send cycle", 0, LIM),
                     ("arrival cycle", 0, LIM))
+    except SnapshotError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"snapshot state is incomplete or malformed: {type(e).__name__}: {e}") from None
 
