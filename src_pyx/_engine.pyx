@@ -827,7 +827,7 @@ cdef class FastEngine:
         state is one the C loop can run from (called by _set_state before anything is copied)."""
         from lpucore.snapshot import CYCLE_LIMIT as LIM, check_equal, check_range
         cdef State* s = &self.s
-        NQ, NP, L = s.NQ, s.NP, s.L
+        NQ, NP = s.NQ, s.NP
         # scalars: -1 <= t < cycle; the others are cycles (-1: none) or counts
         check_range("scalar cycle", sc["cycle"], 0, LIM)
         check_range("scalar t", sc["t"], -1, sc["cycle"] - 1)
@@ -849,11 +849,11 @@ cdef class FastEngine:
         qf = arrays["qf"].reshape(NQ, NFIELDS)
         for q in range(NQ):
             lo, hi = int(qstart[q]), int(qstart[q + 1])
-            nm = f"array 'qs'[{q}, %s] (queue {q}"
-            check_range(nm % "PC" + f" holds rows {lo}..{hi - 1}) 'pc'", qs[q, Q_PC], lo, hi)
-            check_equal(nm % "END" + ") 'end'", qs[q, Q_END], hi, "one past the queue's last row")
+            nm = f"array 'qs'[{q}, %d] (queue {q}'s %s)"
+            check_range(nm % (Q_PC, f"pc; its code is rows {lo}..{hi - 1}"), qs[q, Q_PC], lo, hi)
+            check_equal(nm % (Q_END, "end"), qs[q, Q_END], hi, "one past the queue's last row")
             pc = int(qs[q, Q_PC])
-            check_range(nm % "REPLEFT" + ") 'rep_left'", qs[q, Q_REPLEFT], 0, 2 ** 31 - 1)
+            check_range(nm % (Q_REPLEFT, "repetitions left"), qs[q, Q_REPLEFT], 0, 2 ** 31 - 1)
             rl = int(qs[q, Q_REPLEFT])
             if rl > 0:
                 # repeating: the row before pc is the Repeat, the one before it the repeated op
@@ -861,13 +861,13 @@ cdef class FastEngine:
                 if not (pc - 2 >= lo and code[pc - 1, 0] == OP_REPEAT):
                     raise _errors.SnapshotError(f"snapshot array 'qs'[{q}] is repeating (rep_left {rl}) but "
                                                 f"row {pc - 1} of queue {q} is no Repeat")
-                check_equal(nm % "REPROW" + ") 'rep_row'", rr, pc - 2, "the row before the Repeat")
+                check_equal(nm % (Q_REPROW, "repeated row"), rr, pc - 2, "the row before the Repeat")
                 rep = code[pc - 1]
-                check_range(nm % "REPK" + ") 'rep_k'", qs[q, Q_REPK], 0, rep[1 + F_REPEAT_N] - rl)
-                check_equal(nm % "REPK" + ") 'rep_k' + rep_left", int(qs[q, Q_REPK]) + rl,
+                check_range(nm % (Q_REPK, "repetitions issued"), qs[q, Q_REPK], 0, rep[1 + F_REPEAT_N] - rl)
+                check_equal(nm % (Q_REPK, "repetitions issued + left"), int(qs[q, Q_REPK]) + rl,
                             rep[1 + F_REPEAT_N], "the Repeat's count")
-                check_equal(nm % "REPD" + ") 'rep_d'", qs[q, Q_REPD], rep[1 + F_REPEAT_D], "the Repeat's delay")
-                check_equal(nm % "REPSTRIDE" + ") 'rep_stride'", qs[q, Q_REPSTRIDE], rep[1 + F_REPEAT_STRIDE],
+                check_equal(nm % (Q_REPD, "repetition delay"), qs[q, Q_REPD], rep[1 + F_REPEAT_D], "the Repeat's delay")
+                check_equal(nm % (Q_REPSTRIDE, "repetition stride"), qs[q, Q_REPSTRIDE], rep[1 + F_REPEAT_STRIDE],
                             "the Repeat's stride")
                 op = int(code[rr, 0])
                 m = int(self.a["strided"][op])
@@ -879,18 +879,18 @@ cdef class FastEngine:
                     check_equal(f"array 'qf'[{q}, {i}] (field {i} of queue {q}'s repeated instruction)",
                                 qf[q, i], want, "its row's field plus rep_k strides")
             nsync = int(np.count_nonzero(code[lo:pc, 0] == OP_SYNC))
-            check_equal(nm % "SYNCS" + ") 'syncs'", qs[q, Q_SYNCS], nsync, "Sync rows before pc")
-            check_range(nm % "SYNCC" + ") 'sync_cycle'", qs[q, Q_SYNCC], 0, LIM)
+            check_equal(nm % (Q_SYNCS, "Syncs issued"), qs[q, Q_SYNCS], nsync, "Sync rows before pc")
+            check_range(nm % (Q_SYNCC, "last Sync cycle"), qs[q, Q_SYNCC], 0, LIM)
             w = int(qs[q, Q_WAIT])
             if w:
-                check_equal(nm % "WAIT" + ") 'wait_for' (0: not parked)", w, nsync, "the queue's last Sync")
-                check_range(nm % "WAIT" + ") 'wait_for' (a Notify not yet issued)", w, n_notify + 1, LIM)
+                check_equal(nm % (Q_WAIT, "Notify waited for, 0: none"), w, nsync, "the queue's last Sync")
+                check_range(nm % (Q_WAIT, "Notify waited for, not yet issued"), w, n_notify + 1, LIM)
                 check_equal(f"array 'qn'[{q}] (parked queue {q})", qn[q], INF, "INF: parked")
             if rl == 0 and pc == hi:
                 check_equal(f"array 'qn'[{q}] (queue {q} has nothing left to issue)", qn[q], INF, "INF")
             check_range(f"array 'qn'[{q}] (next issue cycle of queue {q})", qn[q], 0, LIM, also=(INF,))
         # MEM: pending writes land at valid addresses
-        RW, SL = s.RW, s.SL
+        SL = s.SL
         tag = arrays["wr_tag"]
         check_range("array 'wr_tag' (landing cycle, -1: free)", tag, -1, LIM)
         uni = arrays["wr_uniform"]

@@ -3,7 +3,10 @@ against the configuration and the program before it reaches an engine's state, s
 corrupted snapshot gives a SnapshotError, never a crash or a silent heap overflow."""
 
 import functools
+import io
+import json
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -296,8 +299,6 @@ def test_has_program_must_match_the_state(engine, point, tmp_path):
 
 
 def test_has_program_flag_in_the_file_header(engine, tmp_path):
-    import json
-    import zipfile
     s = snapshot("vxm21", engine)
     s.save(tmp_path / "s.lpusnap")
     for flag, want in ((False, "holds a program"), ("yes", "has_program"), (2, "has_program")):
@@ -311,7 +312,6 @@ def test_has_program_flag_in_the_file_header(engine, tmp_path):
                     meta = json.loads(arr.tobytes().decode())
                     meta["has_program"] = flag
                     buf = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-                    import io
                     f = io.BytesIO()
                     np.save(f, buf)
                     data = f.getvalue()
