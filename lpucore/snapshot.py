@@ -14,6 +14,12 @@ included), every pending effect, counters and statistics, the cycle, and the
 program itself.  It belongs to one engine: the engines keep the same machine in
 different data structures, so a snapshot taken on the fast engine restores only
 into a fast-engine chip (and likewise for the reference engine).
+
+Snapshot files are untrusted input: :meth:`Chip.restore` checks every index, counter,
+pointer and flag (queue positions and Repeat/Sync state against the program, ring heads
+and counts against their rings, slot numbers, dtype codes, batch counts, cycles) before
+any of it reaches an engine, and raises :class:`~lpucore.SnapshotError` naming the field,
+its index and the allowed range.
 """
 
 from __future__ import annotations
