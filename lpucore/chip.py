@@ -248,7 +248,10 @@ class Chip:
         """Put the chip back in the state ``snap`` recorded.  The snapshot must come from
         a chip of the same configuration and engine (and ``fp16_mxm`` mode).  If this chip
         has a program loaded it must be the snapshot's; if it has none, the snapshot's is
-        loaded.  Raises :class:`~lpucore.SnapshotError` otherwise."""
+        loaded.  Raises :class:`~lpucore.SnapshotError` otherwise, and also when any index,
+        counter, pointer or flag in the snapshot is out of range for this configuration and
+        program (a corrupted or hand-made snapshot); a chip that had the program loaded is
+        then left as it was."""
         from .errors import SnapshotError
         from .snapshot import Snapshot, check_config
         if not isinstance(snap, Snapshot):

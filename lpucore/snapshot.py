@@ -14,6 +14,12 @@ included), every pending effect, counters and statistics, the cycle, and the
 program itself.  It belongs to one engine: the engines keep the same machine in
 different data structures, so a snapshot taken on the fast engine restores only
 into a fast-engine chip (and likewise for the reference engine).
+
+Snapshot files are untrusted input: :meth:`Chip.restore` checks every index, counter,
+pointer and flag (queue positions and Repeat/Sync state against the program, ring heads
+and counts against their rings, slot numbers, dtype codes, batch counts, cycles) before
+any of it reaches an engine, and raises :class:`~lpucore.SnapshotError` naming the field,
+its index and the allowed range.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -114,7 +120,13 @@ class Snapshot:
                         raise SnapshotError(f"snapshot file {path} is truncated: arrays "
                                             f"{', '.join(sorted(m[len(_PREFIX):] for m in missing))} are missing")
                     arrays = {k: data[_PREFIX + k] for k in meta["arrays"]}
+                    if not isinstance(meta.get("has_program"), bool):
+                        raise SnapshotError(f"snapshot file {path} has a bad header: has_program is "
+                                            f"{meta.get('has_program')!r}, must be true or false")
                     prog = data[_PROGRAM].tobytes() if meta["has_program"] else None
+                    if prog is None and data[_PROGRAM].size:
+                        raise SnapshotError(f"snapshot file {path} has a bad header: has_program is false "
+                                            f"but the file holds a program")
         except SnapshotError:
             raise
         except OSError as e:
@@ -145,6 +157,43 @@ class Snapshot:
         if config is not None:
             check_config(snap, config)
         return snap
+
+
+# Cycle-like values a snapshot may hold: far beyond any run, far below int64 overflow when the
+# engines add delays to them.
+CYCLE_LIMIT = 2 ** 62
+
+
+def check_range(name: str, values: "npt.ArrayLike", lo: int, hi: int, where: Optional["npt.ArrayLike"] = None,
+                also: Tuple[int, ...] = ()) -> None:
+    """Raise SnapshotError unless every value of ``values`` (where ``where`` is true) is in
+    lo..hi or one of ``also``.  The message names the array, the first bad index and value
+    and the allowed range."""
+    v = np.asarray(values).astype(np.int64)
+    ok = (v >= lo) & (v <= hi)
+    for x in also:
+        ok |= v == x
+    if where is not None:
+        ok |= ~np.asarray(where, dtype=bool)
+    if not np.all(ok):
+        bad = np.argwhere(~ok)[0] if v.ndim else np.zeros(0, dtype=np.int64)
+        idx = ", ".join(str(int(i)) for i in bad)
+        if "%s" in name:
+            name = name % idx
+        elif v.ndim:
+            head, sep, tail = name.partition(" (")
+            name = f"{head}[{idx}]{sep}{tail}"
+        val = int(v[tuple(bad)]) if v.ndim else int(v)
+        allowed = [str(x) for x in also]
+        if not (lo == hi and lo in also):
+            allowed.insert(0, f"{lo}..{hi}" if lo != hi else str(lo))
+        raise SnapshotError(f"snapshot {name} is {val}, allowed {' or '.join(allowed)}")
+
+
+def check_equal(name: str, value: int, want: int, why: str) -> None:
+    """Raise SnapshotError unless ``value == want`` (``why`` says what it must agree with)."""
+    if int(value) != int(want):
+        raise SnapshotError(f"snapshot {name} is {int(value)}, must be {int(want)} ({why})")
 
 
 def check_config(snap: Snapshot, config: ChipConfig) -> None:

@@ -782,6 +782,7 @@ cdef class FastEngine:
                     raise _errors.SnapshotError(f"snapshot array {k!r} is {x.dtype}{list(x.shape)}, "
                                                 f"this chip needs {v.dtype}{list(v.shape)}")
             if (arrays["ib_data"].size != arrays["ib_arr"].size * s.L or arrays["ib_arr"].size % s.NL
+                    or arrays["ib_arr"].size == 0
                     or arrays["ob_data"].size * 3 != arrays["ob_meta"].size * s.L or arrays["ob_meta"].size < 3):
                 raise _errors.SnapshotError("snapshot C2C buffers have inconsistent sizes")
             notifies = np.ascontiguousarray(arrays["notifies"], dtype=np.int64).reshape(-1)
@@ -790,6 +791,7 @@ cdef class FastEngine:
                 raise _errors.SnapshotError("snapshot array 'perr' must have 8 entries")
             sc = {k: int(scalars[k]) for k in ("t", "cycle", "last_effect", "done", "mx_cycle",
                                                "mx_cycle_macs", "sx_cycle")}
+            self._check_state(sc, arrays, notifies, perr)
         except KeyError as e:
             raise _errors.SnapshotError(f"snapshot state is incomplete: no {e}") from None
         n = notifies.shape[0]
@@ -819,6 +821,166 @@ cdef class FastEngine:
         self.a["mx_wpver"][:] = -1
         self.a["mx_wfver"][:] = -1
         self._wcache = {}
+
+    def _check_state(self, sc, arrays, notifies, perr):
+        """Raise SnapshotError unless every index, counter, pointer and flag of a snapshot's
+        state is one the C loop can run from (called by _set_state before anything is copied)."""
+        from lpucore.snapshot import CYCLE_LIMIT as LIM, check_equal, check_range
+        cdef State* s = &self.s
+        NQ, NP = s.NQ, s.NP
+        # scalars: -1 <= t < cycle; the others are cycles (-1: none) or counts
+        check_range("scalar cycle", sc["cycle"], 0, LIM)
+        check_range("scalar t", sc["t"], -1, sc["cycle"] - 1)
+        check_range("scalar last_effect", sc["last_effect"], -1, LIM)
+        check_range("scalar done", sc["done"], 0, 1)
+        check_range("scalar mx_cycle", sc["mx_cycle"], -1, LIM)
+        check_range("scalar mx_cycle_macs", sc["mx_cycle_macs"], 0, LIM)
+        check_range("scalar sx_cycle", sc["sx_cycle"], -1, LIM)
+        n_notify = notifies.shape[0]
+        check_range("array 'notifies'", notifies, 0, LIM)
+        # queues against the loaded program (none loaded: every queue is empty)
+        if self.program is not None:
+            code, qstart = self._lowered
+            code = np.asarray(code)
+        else:
+            code, qstart = np.zeros((0, 1 + NFIELDS), dtype=np.int32), [0] * (NQ + 1)
+        qs = arrays["qs"].reshape(NQ, QW)
+        qn = arrays["qn"]
+        qf = arrays["qf"].reshape(NQ, NFIELDS)
+        for q in range(NQ):
+            lo, hi = int(qstart[q]), int(qstart[q + 1])
+            nm = f"array 'qs'[{q}, %d] (queue {q}'s %s)"
+            check_range(nm % (Q_PC, f"pc; its code is rows {lo}..{hi - 1}"), qs[q, Q_PC], lo, hi)
+            check_equal(nm % (Q_END, "end"), qs[q, Q_END], hi, "one past the queue's last row")
+            pc = int(qs[q, Q_PC])
+            check_range(nm % (Q_REPLEFT, "repetitions left"), qs[q, Q_REPLEFT], 0, 2 ** 31 - 1)
+            rl = int(qs[q, Q_REPLEFT])
+            if rl > 0:
+                # repeating: the row before pc is the Repeat, the one before it the repeated op
+                rr = int(qs[q, Q_REPROW])
+                if not (pc - 2 >= lo and code[pc - 1, 0] == OP_REPEAT):
+                    raise _errors.SnapshotError(f"snapshot array 'qs'[{q}] is repeating (rep_left {rl}) but "
+                                                f"row {pc - 1} of queue {q} is no Repeat")
+                check_equal(nm % (Q_REPROW, "repeated row"), rr, pc - 2, "the row before the Repeat")
+                rep = code[pc - 1]
+                check_range(nm % (Q_REPK, "repetitions issued"), qs[q, Q_REPK], 0, rep[1 + F_REPEAT_N] - rl)
+                check_equal(nm % (Q_REPK, "repetitions issued + left"), int(qs[q, Q_REPK]) + rl,
+                            rep[1 + F_REPEAT_N], "the Repeat's count")
+                check_equal(nm % (Q_REPD, "repetition delay"), qs[q, Q_REPD], rep[1 + F_REPEAT_D], "the Repeat's delay")
+                check_equal(nm % (Q_REPSTRIDE, "repetition stride"), qs[q, Q_REPSTRIDE], rep[1 + F_REPEAT_STRIDE],
+                            "the Repeat's stride")
+                op = int(code[rr, 0])
+                m = int(self.a["strided"][op])
+                k, st = int(qs[q, Q_REPK]), int(rep[1 + F_REPEAT_STRIDE])
+                for i in range(NFIELDS):
+                    want = int(code[rr, 1 + i])
+                    if (m >> i) & 1:
+                        want = (want + k * st + 2 ** 31) % 2 ** 32 - 2 ** 31
+                    check_equal(f"array 'qf'[{q}, {i}] (field {i} of queue {q}'s repeated instruction)",
+                                qf[q, i], want, "its row's field plus rep_k strides")
+            nsync = int(np.count_nonzero(code[lo:pc, 0] == OP_SYNC))
+            check_equal(nm % (Q_SYNCS, "Syncs issued"), qs[q, Q_SYNCS], nsync, "Sync rows before pc")
+            check_range(nm % (Q_SYNCC, "last Sync cycle"), qs[q, Q_SYNCC], 0, LIM)
+            w = int(qs[q, Q_WAIT])
+            if w:
+                check_equal(nm % (Q_WAIT, "Notify waited for, 0: none"), w, nsync, "the queue's last Sync")
+                check_range(nm % (Q_WAIT, "Notify waited for, not yet issued"), w, n_notify + 1, LIM)
+                check_equal(f"array 'qn'[{q}] (parked queue {q})", qn[q], INF, "INF: parked")
+            if rl == 0 and pc == hi:
+                check_equal(f"array 'qn'[{q}] (queue {q} has nothing left to issue)", qn[q], INF, "INF")
+            check_range(f"array 'qn'[{q}] (next issue cycle of queue {q})", qn[q], 0, LIM, also=(INF,))
+        # MEM: pending writes land at valid addresses
+        SL = s.SL
+        tag = arrays["wr_tag"]
+        check_range("array 'wr_tag' (landing cycle, -1: free)", tag, -1, LIM)
+        uni = arrays["wr_uniform"]
+        check_range("array 'wr_uniform'", uni, 0, 1)
+        live = (tag >= 0)[:, None] & ((uni == 0)[:, None] | (np.arange(SL) == 0)[None, :])
+        check_range("array 'wr_addr' (pending write address)", arrays["wr_addr"].reshape(-1, SL), 0, s.A - 1,
+                    where=live)
+        # streams: segments of each diagonal sorted by start, pool slots and writers in range
+        P = s.P
+        dn = arrays["dg_n"]
+        check_range("array 'dg_n' (segments on a diagonal)", dn, 0, P)
+        segs = np.arange(P)[None, :] < dn[:, None]
+        start = arrays["sg_start"].reshape(-1, P)
+        check_range("array 'sg_start' (segment start)", start, 0, P - 1, where=segs)
+        if P > 1 and not np.all((np.diff(start, axis=1) > 0) | ~segs[:, 1:]):
+            raise _errors.SnapshotError("snapshot array 'sg_start' is not increasing along a diagonal")
+        check_range("array 'sg_pool' (pool vector)", arrays["sg_pool"].reshape(-1, P), 0, s.D * s.pool_w - 1,
+                    where=segs)
+        check_range("array 'sg_writer' (queue)", arrays["sg_writer"].reshape(-1, P), 0, NQ - 1, where=segs)
+        check_range("array 'dg_tag' (diagonal)", arrays["dg_tag"], -LIM, LIM, also=(np.iinfo(np.int64).min,))
+        # VXM latches
+        check_range("array 'latch_valid'", arrays["latch_valid"], 0, 1)
+        check_range("array 'lt_tag' (landing cycle, -1: free)", arrays["lt_tag"], -1, LIM)
+        # MXM: slot numbers, dtypes, batch and FIFO counters
+        NS, BMAX, BB = s.NS, s.BMAX, s.BB
+        dts = (DT_INT8, DT_FLOAT16)
+        check_range("array 'mx_buf_slot' (weight slot)", arrays["mx_buf_slot"], 0, NS - 1)
+        check_range("array 'mx_row_src' (weight slot)", arrays["mx_row_src"], 0, NS - 1)
+        aslot, adt = arrays["mx_arr_slot"], arrays["mx_arr_dt"]
+        check_range("array 'mx_arr_slot' (installed weight slot, -1: none)", aslot, -1, NS - 1)
+        check_range("array 'mx_arr_dt' (installed dtype code, -1: none)", adt, -1, -1, also=dts)
+        for p in range(NP):
+            if (aslot[p] < 0) != (adt[p] < 0):
+                raise _errors.SnapshotError(f"snapshot array 'mx_arr_slot'[{p}] is {aslot[p]} but 'mx_arr_dt'[{p}] "
+                                            f"is {adt[p]}: both or neither must be -1")
+        it = arrays["mx_inst_T"]
+        check_range("array 'mx_inst_T' (install cycle, -1: free)", it, -1, LIM)
+        check_range("array 'mx_inst_slot' (weight slot)", arrays["mx_inst_slot"], 0, NS - 1, where=it >= 0)
+        check_range("array 'mx_inst_dt' (dtype code)", arrays["mx_inst_dt"], DT_INT8, DT_INT8, where=it >= 0,
+                    also=dts)
+        an, bn, bh = arrays["mx_an"], arrays["mx_bn"], arrays["mx_bhead"]
+        check_range(f"array 'mx_an' (batch rows, the batch holds {BMAX})", an, 0, BMAX)
+        check_range(f"array 'mx_bn' (products waiting, the FIFO holds {BB})", bn, 0, BB)
+        check_range("array 'mx_bhead' (FIFO head)", bh, 0, BB - 1)
+        check_range("array 'mx_xbuf' (staging buffer)", arrays["mx_xbuf"], 0, NR - 1)
+        arows = np.arange(BMAX)[None, :] < an[:, None]
+        check_range("array 'mx_aacc' (accumulator)", arrays["mx_aacc"].reshape(NP, BMAX), 0, s.NACC - 1,
+                    where=arows)
+        check_range("array 'mx_aadd'", arrays["mx_aadd"].reshape(NP, BMAX), 0, 1, where=arows)
+        check_range("array 'mx_aland' (landing cycle)", arrays["mx_aland"].reshape(NP, BMAX), 0, LIM, where=arows)
+        for p in range(NP):
+            if an[p] and adt[p] < 0:
+                raise _errors.SnapshotError(f"snapshot array 'mx_an'[{p}] is {an[p]} but plane {p} has no "
+                                            f"weights installed")
+        brows = ((np.arange(BB)[None, :] - bh[:, None]) % BB) < bn[:, None]
+        check_range("array 'mx_bacc' (accumulator)", arrays["mx_bacc"].reshape(NP, BB), 0, s.NACC - 1, where=brows)
+        check_range("array 'mx_badd'", arrays["mx_badd"].reshape(NP, BB), 0, 1, where=brows)
+        check_range("array 'mx_bland' (landing cycle)", arrays["mx_bland"].reshape(NP, BB), 0, LIM, where=brows)
+        check_range("array 'mx_bdt' (dtype code)", arrays["mx_bdt"].reshape(NP, BB), DT_INT8, DT_INT8, where=brows,
+                    also=dts)
+        for k in ("mx_busy_until", "mx_ver", "mx_macs", "mx_busy", "mx_peak"):
+            check_range(f"array {k!r}", arrays[k], 0, LIM)
+        # SXM, C2C, statistics
+        check_range("array 'sx_use' (units in use)", arrays["sx_use"], 0, 2 ** 31 - 1)
+        for k in ("lk_busy", "lk_sent", "lk_recv", "st_issued", "st_icu", "st_bread", "st_bwrite"):
+            check_range(f"array {k!r}", arrays[k], 0, LIM)
+        check_range("array 'lk_ready' (-1: never deskewed)", arrays["lk_ready"], -1, LIM)
+        ibc = arrays["ib_arr"].size // s.NL
+        obc = arrays["ob_meta"].size // 3
+        check_range(f"array 'ib_head' (inbox ring of {ibc})", arrays["ib_head"], 0, ibc - 1)
+        check_range(f"array 'ib_n' (inbox ring of {ibc})", arrays["ib_n"], 0, ibc)
+        check_range("array 'ib_arr' (arrival cycle)", arrays["ib_arr"], 0, LIM)
+        check_range(f"array 'ob_n' (outbox of {obc})", arrays["ob_n"], 0, obc)
+        om = arrays["ob_meta"].reshape(-1, 3)[:int(arrays["ob_n"][0])]
+        check_range("array 'ob_meta' link", om[:, 0], 0, s.NL - 1)
+        check_range("array 'ob_meta' cycles", om[:, 1:], 0, LIM)
+        # the pending landing error: a stream or latch conflict
+        if perr[E_KIND] != ERR_NONE:
+            check_range("array 'perr'[0] (error kind)", perr[E_KIND], ERR_STREAM_CONFLICT, ERR_STREAM_CONFLICT,
+                        also=(ERR_LATCH_CONFLICT,))
+            check_range("array 'perr'[1] (cycle)", perr[E_CYCLE], 0, LIM)
+            if perr[E_KIND] == ERR_STREAM_CONFLICT:
+                check_range("array 'perr'[6] (class)", perr[E_CLASS], 0, 0)
+                check_range("array 'perr'[3] (stream)", perr[E_A], 0, 2 * s.S - 1)
+                check_range("array 'perr'[4] (position)", perr[E_B], 0, P - 1)
+                check_range("array 'perr'[2] (queue)", perr[E_Q], 0, NQ - 1)
+                check_range("array 'perr'[5] (queue)", perr[E_Q2], 0, NQ - 1)
+            else:
+                check_range("array 'perr'[6] (class)", perr[E_CLASS], 1, 1)
+                check_range("array 'perr'[3] (ALU)", perr[E_A], 0, s.NALU - 1)
 
     def counters(self):
         a = self.a

@@ -16,6 +16,8 @@ import numpy.typing as npt
 from .. import dtypes as dt
 from .. import isa
 from ..errors import SnapshotError
+from ..snapshot import CYCLE_LIMIT as LIM
+from ..snapshot import check_equal, check_range
 from ._icu import INF, QueueState
 
 if TYPE_CHECKING:
@@ -139,6 +141,52 @@ def _rows_of(arrays: Mapping[str, npt.NDArray[Any]], name: str, width: int,
     return v
 
 
+def _check_scalars(t: int, cycle: int, last_effect: int, done: int, peak: int) -> None:
+    check_range("scalar cycle", cycle, 0, LIM)
+    check_range("scalar t", t, -1, cycle - 1)
+    check_range("scalar last_effect", last_effect, -1, LIM)
+    check_range("scalar done", done, 0, 1)
+    check_range("scalar mx_peak", peak, 0, LIM)
+
+
+def _check_cols(name: str, rows: npt.NDArray[Any], *cols: Tuple[Any, ...]) -> None:
+    """Column i of rows must be in cols[i] = (what, lo, hi[, also])."""
+    for i, (what, lo, hi, *also) in enumerate(cols):
+        check_range(f"array {name!r}[%s, {i}] ({what})", rows[:, i], lo, hi, also=tuple(also[0]) if also else ())
+
+
+def _check_queues(eng: ReferenceEngine, q: npt.NDArray[Any], n_notify: int) -> None:
+    """Each queue's position, Repeat and Sync state against its instructions."""
+    for i, (row, lst) in enumerate(zip(q, eng._lists)):
+        pc, nx, rep, rl, rk, rd, rs, syncs, wait, sc = (int(x) for x in row)
+        nm = f"array 'queues'[{i}, %d] (queue {i}'s %s)"
+        check_range(nm % (0, f"pc; it holds {len(lst)} instructions"), pc, 0, len(lst))
+        check_range(nm % (1, "next issue cycle, -1: none"), nx, -1, LIM)
+        check_range(nm % (3, "rep_left"), rl, 0, 2 ** 31 - 1)
+        check_range(nm % (2, "repeated instruction, -1: none"), rep, -1, len(lst) - 1)
+        if rl > 0:
+            if not (pc >= 2 and lst[pc - 1].op.mnemonic == "Repeat"):
+                raise SnapshotError(f"snapshot array 'queues'[{i}] is repeating (rep_left {rl}) but instruction "
+                                    f"{pc - 1} of queue {i} is no Repeat")
+            r = lst[pc - 1]
+            check_equal(nm % (2, "repeated instruction"), rep, pc - 2, "the instruction before the Repeat")
+            check_range(nm % (4, "rep_k"), rk, 0, r["n"] - rl)
+            check_equal(nm % (4, "rep_k + rep_left"), rk + rl, r["n"], "the Repeat's count")
+            check_equal(nm % (5, "rep_d"), rd, r["d"], "the Repeat's delay")
+            check_equal(nm % (6, "rep_stride"), rs, r["stride"], "the Repeat's stride")
+        nsync = sum(1 for x in lst[:pc] if x.op.mnemonic == "Sync")
+        check_equal(nm % (7, "syncs"), syncs, nsync, "Syncs before pc")
+        check_range(nm % (9, "sync_cycle"), sc, 0, LIM)
+        if wait >= 0:
+            check_equal(nm % (8, "wait_for, -1: not parked"), wait, nsync, "the queue's last Sync")
+            check_range(nm % (8, "wait_for (a Notify not yet issued)"), wait, n_notify + 1, LIM)
+            check_equal(nm % (1, "next issue cycle (parked)"), nx, -1, "-1: parked")
+        else:
+            check_range(nm % (8, "wait_for, -1: not parked"), wait, -1, -1)
+        if rl == 0 and pc == len(lst):
+            check_equal(nm % (1, "next issue cycle (nothing left to issue)"), nx, -1, "-1: none")
+
+
 def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
     """Replace the engine's state (the program must already be loaded)."""
     cfg = eng.cfg
@@ -177,9 +225,36 @@ def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[
         lk_ovec = _check(arrays, "lk_ovec", (len(lk_ometa), L), np.uint8)
         t, cycle, last_effect = int(scalars["t"]), int(scalars["cycle"]), int(scalars["last_effect"])
         done, peak = bool(scalars["done"]), int(scalars["mx_peak"])
-        for qs_row, lst in zip(q, eng._lists):
-            if not 0 <= qs_row[0] <= len(lst) or qs_row[2] >= len(lst):
-                raise SnapshotError("snapshot queue positions do not fit the loaded program")
+        _check_scalars(t, cycle, last_effect, int(scalars["done"]), peak)
+        check_range("array 'notifies'", notifies, 0, LIM)
+        _check_queues(eng, q, len(notifies))
+        for k, v in stats.items():
+            check_range(f"array 'stats_{k}'", v, 0, LIM)
+        P, S, NQ, NACC = cfg.positions, cfg.streams_per_direction, nq, cfg.mxm_accumulators
+        _check_cols("st_pmeta", st_pmeta, ("cycle", 0, LIM), ("direction", 0, 1), ("position", 0, P - 1),
+                    ("stream", 0, S - 1), ("writer queue", 0, NQ - 1))
+        _check_cols("mem_pmeta", mem_pmeta, ("cycle", 0, LIM), ("slice", 0, ns - 1))
+        check_range("array 'mem_paddr' (pending write address)", mem_paddr, 0, cfg.addresses_per_slice - 1)
+        _check_cols("mem_banks", mem_banks, ("slice", 0, ns - 1), ("bank", 0, cfg.banks_per_slice - 1))
+        _check_cols("lt_pmeta", lt_pmeta, ("cycle", 0, LIM), ("ALU", 0, cfg.vxm_alus_per_lane - 1))
+        dts = (dt.get("int8").code, dt.get("float16").code)
+        check_range("array 'mx_array_dt' (installed dtype code, -1: none)", mx_array_dt, -1, -1, also=dts)
+        _check_cols("mx_imeta", mx_imeta, ("plane", 0, NP - 1), ("cycle", 0, LIM), ("dtype code", dts[0], dts[0], dts))
+        _check_cols("mx_pmeta", mx_pmeta, ("cycle", 0, LIM), ("plane", 0, NP - 1), ("accumulator", 0, NACC - 1),
+                    ("add flag", 0, 1), ("dtype code", dts[0], dts[0], dts))
+        _check_cols("mx_macs_in_cycle", mic, ("cycle", 0, LIM), ("MACs", 0, LIM))
+        for k, v in (("mx_busy_until", mx_busy_until), ("mx_macs", mx_macs), ("mx_busy", mx_busy)):
+            check_range(f"array {k!r}", v, 0, LIM)
+        _check_cols("sx_use", sx_use, ("cycle", 0, LIM), ("hemisphere", 0, 1),
+                    ("resource", 0, len(isa.SXM_RESOURCES) - 1), ("units in use", 0, 2 ** 31 - 1))
+        check_range("array 'lk_state'[0] (link busy until)", lk_state[0], 0, LIM)
+        check_range("array 'lk_state'[1] (link ready, -1: never deskewed)", lk_state[1], -1, LIM)
+        check_range("array 'lk_state'[2:] (vectors sent, received)", lk_state[2:], 0, LIM)
+        _check_cols("lk_imeta", lk_imeta, ("link", 0, cfg.c2c_links - 1), ("arrival cycle", 0, LIM))
+        _check_cols("lk_ometa", lk_ometa, ("link", 0, cfg.c2c_links - 1), ("send cycle", 0, LIM),
+                    ("arrival cycle", 0, LIM))
+    except SnapshotError:
+        raise
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"snapshot state is incomplete or malformed: {type(e).__name__}: {e}") from None
 
