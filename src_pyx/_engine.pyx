@@ -22,6 +22,8 @@ import numpy as np
 from lpucore import errors as _errors
 from lpucore import isa as _isa
 from lpucore import matmul as _matmul
+from lpucore.snapshot import CYCLE_LIMIT as LIM
+from lpucore.snapshot import check_equal, check_range
 
 include "_build_hash.pxi"
 include "_isa_gen.pxi"
@@ -824,11 +826,18 @@ cdef class FastEngine:
 
     def _check_state(self, sc, arrays, notifies, perr):
         """Raise SnapshotError unless every index, counter, pointer and flag of a snapshot's
-        state is one the C loop can run from (called by _set_state before anything is copied)."""
-        from lpucore.snapshot import CYCLE_LIMIT as LIM, check_equal, check_range
-        cdef State* s = &self.s
-        NQ, NP = s.NQ, s.NP
-        # scalars: -1 <= t < cycle; the others are cycles (-1: none) or counts
+        state is one the C loop can run from (called by _set_state before anything is copied).
+        One step per unit; raw data (SRAM, stream and latch values, weights, products) may hold
+        any bits and is not checked."""
+        self._check_scalars(sc, notifies)
+        self._check_queues(arrays, notifies.shape[0])
+        self._check_mem_streams_latches(arrays)
+        self._check_mxm(arrays)
+        self._check_sxm_c2c_stats(arrays)
+        self._check_pending_error(perr)
+
+    def _check_scalars(self, sc, notifies):
+        """Scalars: -1 <= t < cycle; the others are cycles (-1: none) or counts."""
         check_range("scalar cycle", sc["cycle"], 0, LIM)
         check_range("scalar t", sc["t"], -1, sc["cycle"] - 1)
         check_range("scalar last_effect", sc["last_effect"], -1, LIM)
@@ -836,8 +845,12 @@ cdef class FastEngine:
         check_range("scalar mx_cycle", sc["mx_cycle"], -1, LIM)
         check_range("scalar mx_cycle_macs", sc["mx_cycle_macs"], 0, LIM)
         check_range("scalar sx_cycle", sc["sx_cycle"], -1, LIM)
-        n_notify = notifies.shape[0]
         check_range("array 'notifies'", notifies, 0, LIM)
+
+    def _check_queues(self, arrays, n_notify):
+        """Each queue's pc, Repeat, Sync and wait state against the loaded program."""
+        cdef State* s = &self.s
+        NQ = s.NQ
         # queues against the loaded program (none loaded: every queue is empty)
         if self.program is not None:
             code, qstart = self._lowered
@@ -889,6 +902,11 @@ cdef class FastEngine:
             if rl == 0 and pc == hi:
                 check_equal(f"array 'qn'[{q}] (queue {q} has nothing left to issue)", qn[q], INF, "INF")
             check_range(f"array 'qn'[{q}] (next issue cycle of queue {q})", qn[q], 0, LIM, also=(INF,))
+
+    def _check_mem_streams_latches(self, arrays):
+        """Pending MEM writes, stream segments and VXM latches."""
+        cdef State* s = &self.s
+        NQ = s.NQ
         # MEM: pending writes land at valid addresses
         SL = s.SL
         tag = arrays["wr_tag"]
@@ -914,6 +932,11 @@ cdef class FastEngine:
         # VXM latches
         check_range("array 'latch_valid'", arrays["latch_valid"], 0, 1)
         check_range("array 'lt_tag' (landing cycle, -1: free)", arrays["lt_tag"], -1, LIM)
+
+    def _check_mxm(self, arrays):
+        """MXM weight slots, dtypes, batch and product-FIFO counters."""
+        cdef State* s = &self.s
+        NP = s.NP
         # MXM: slot numbers, dtypes, batch and FIFO counters
         NS, BMAX, BB = s.NS, s.BMAX, s.BB
         dts = (DT_INT8, DT_FLOAT16)
@@ -953,6 +976,10 @@ cdef class FastEngine:
                     also=dts)
         for k in ("mx_busy_until", "mx_ver", "mx_macs", "mx_busy", "mx_peak"):
             check_range(f"array {k!r}", arrays[k], 0, LIM)
+
+    def _check_sxm_c2c_stats(self, arrays):
+        """SXM use, C2C link counters and rings, statistics."""
+        cdef State* s = &self.s
         # SXM, C2C, statistics
         check_range("array 'sx_use' (units in use)", arrays["sx_use"], 0, 2 ** 31 - 1)
         for k in ("lk_busy", "lk_sent", "lk_recv", "st_issued", "st_icu", "st_bread", "st_bwrite"):
@@ -967,6 +994,11 @@ cdef class FastEngine:
         om = arrays["ob_meta"].reshape(-1, 3)[:int(arrays["ob_n"][0])]
         check_range("array 'ob_meta' link", om[:, 0], 0, s.NL - 1)
         check_range("array 'ob_meta' cycles", om[:, 1:], 0, LIM)
+
+    def _check_pending_error(self, perr):
+        """The pending landing error: a stream or latch conflict."""
+        cdef State* s = &self.s
+        NQ, P = s.NQ, s.P
         # the pending landing error: a stream or latch conflict
         if perr[E_KIND] != ERR_NONE:
             check_range("array 'perr'[0] (error kind)", perr[E_KIND], ERR_STREAM_CONFLICT, ERR_STREAM_CONFLICT,
