@@ -59,7 +59,9 @@ def main(argv=None):
     print(st.table())
     per_tok, ref_per_tok = sim_wall / steps, ref_wall / steps
     print(f"simulated: {st.step_cycles:,} cycles per token = {st.step_seconds * 1e6:.1f} us -> "
-          f"{st.tokens_per_second:,.0f} tokens/s per user; MXM utilisation {100 * st.mxm_utilisation:.1f} %")
+          f"{st.tokens_per_second:,.0f} tokens/s per user; MXM utilisation {100 * st.mxm_utilisation:.1f} %; "
+          f"schedule efficiency {100 * st.schedule_efficiency:.1f} % of the bound "
+          f"{max(st.bounds.values()):,.0f} cycles")
     print(f"host: lpucore {per_tok:.3f} s per simulated token, NumPy reference {ref_per_tok:.3f} s per token: "
           f"ratio {per_tok / ref_per_tok:.2f} (goal <= 3)")
     print(f"check: tokens {'identical' if same else 'DIFFER'}; max logit error {err:.2e} (bound {bound:.2e})")
@@ -68,7 +70,8 @@ def main(argv=None):
                tokens_per_second_per_user=st.tokens_per_second, mxm_utilisation=st.mxm_utilisation,
                sram_bytes=st.sram_bytes, compile_seconds=t2 - t1, wall_seconds_per_token=per_tok,
                reference_seconds_per_token=ref_per_tok, ratio_to_reference=per_tok / ref_per_tok,
-               tokens_identical=same, max_logit_error=err, logit_bound=bound, by_part=st.by_part, by_op=st.by_op)
+               tokens_identical=same, max_logit_error=err, logit_bound=bound, by_part=st.by_part, by_op=st.by_op,
+               bounds=st.bounds, schedule_efficiency=st.schedule_efficiency)
     print(json.dumps(out))
     return 0 if same and err <= bound else 1
 

@@ -25,8 +25,9 @@ import time
 import numpy as np
 
 import lpucore
-from lpucore import Chip, ChipConfig
+from lpucore import Chip, ChipConfig, Graph
 from lpucore.compiler import gemm_program
+from lpucore.compiler.bounds import graph_bounds
 
 SHAPES = {"a": (2304, 4096, 4096, "int8"), "b": (1024, 1024, 1024, "float16"), "c": (1, 4096, 4096, "int8")}
 
@@ -40,6 +41,15 @@ def numpy_time(A, B, reps):
         a @ b
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def gemm_bounds(M, K, N, dtype, out, cfg, cycles):
+    """The bounds (lpucore.compiler.bounds) of C = A x B with A an input and B a constant."""
+    g = Graph("gemm")
+    a = g.input("a", (M, K), dtype)
+    b = g.constant("b", np.zeros((K, N), dtype))
+    g.output("c", g.matmul(a, b, out_dtype=out))
+    return graph_bounds(g, cfg, cycles)
 
 
 def bench(key, fp16_mxm="exact", reps=3):
@@ -88,6 +98,7 @@ def bench(key, fp16_mxm="exact", reps=3):
         ok = bool(np.allclose(C, ref, rtol=1e-4, atol=1e-3))
     t_np = numpy_time(A, B, reps if key != "c" else 20)
     macs = M * K * N
+    bounds = gemm_bounds(M, K, N, dtype, g.out, cfg, st.cycles)
     r = {
         "shape": [M, K, N], "dtype": dtype, "fp16_mxm": fp16_mxm if dtype == "float16" else None,
         "mxm_kernel": getattr(chip._eng, "mxm_kernel", None), "helper_threads": getattr(chip._eng, "helper_threads", 0),
@@ -106,11 +117,13 @@ def bench(key, fp16_mxm="exact", reps=3):
         "ratio_vs_numpy": t_np / t_run,
         "ratio_vs_numpy_end_to_end": t_np / (t_build + t_in + t_run + t_out),
         "simulated_cycles_per_s": st.cycles / t_run,
+        "bounds": bounds.as_dict(), "schedule_efficiency": bounds.efficiency,
     }
     label = (f"({key}) {dtype} [{M} x {K}] x [{K} x {N}]" + (f" fp16_mxm={fp16_mxm}" if dtype == "float16" else "")
              + f"  [MXM kernel {r['mxm_kernel']}, helper threads {r['helper_threads']}]")
     print(f"{label}\n    {st.cycles:,} cycles = {st.seconds * 1e6:,.1f} us simulated ({r['simulated_tops']:.0f} TOPS); "
           f"MXM busy {r['mxm_utilisation']:.1%}, useful {r['mxm_useful_utilisation']:.1%}; correct: {ok}\n"
+          f"    bound {bounds.bound:,.0f} cycles ({bounds.binding}); schedule efficiency {bounds.efficiency:.1%}\n"
           f"    host: run {t_run:.3f} s, best of {reps} warm runs ({r['host_macs_per_s'] / 1e9:.1f} GMAC/s; "
           f"cycle loop {r['run_loop_s']:.3f} s, "
           f"MXM products {r['run_products_s']:.3f} s), end to end {t_build + t_in + t_run + t_out:.3f} s; "

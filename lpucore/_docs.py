@@ -1,4 +1,4 @@
-"""Generated parts of README.md (the ISA reference and the parameter table).
+"""Generated parts of README.md (the ISA reference, the parameter table and the bounds latency table).
 
 ``python -m lpucore._docs`` rewrites them in place; tests/test_isa.py fails when
 README.md is out of date with the tables they come from.
@@ -11,9 +11,10 @@ import re
 from typing import Callable
 
 from . import isa
+from .compiler.bounds import latency_markdown
 from .config import ChipConfig
 
-SECTIONS = {"isa": isa.reference_markdown, "config": ChipConfig.describe}
+SECTIONS = {"isa": isa.reference_markdown, "config": ChipConfig.describe, "bounds": latency_markdown}
 
 
 def _between(body: str) -> Callable[[re.Match[str]], str]:

@@ -24,6 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
+from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
 from .kernels import (
     Ctx,
@@ -63,10 +64,18 @@ class Compiled:
     memory_bytes: int
     kernels: List[Tuple[str, str, int]] = field(default_factory=list)   # (op, output, last landing cycle)
     states: Dict[str, Tuple[Tuple[int, ...], dt.DType]] = field(default_factory=dict)
+    graph_bounds: Optional[Bounds] = None            # from the graph, at compile time
 
     @property
     def config(self) -> ChipConfig:
         return self.program.config
+
+    def bounds(self) -> Bounds:
+        """Lower bounds on this graph's cycles (weight streams, SRAM, compute, critical path;
+        :mod:`lpucore.compiler.bounds`) and the schedule efficiency of this program against them."""
+        if self.graph_bounds is None:
+            raise CompileError("this Compiled was made without its graph: no bounds")
+        return self.graph_bounds
 
     def load(self, chip) -> None:
         """Load the program and its constants into a chip."""
@@ -368,10 +377,12 @@ class Compiler:
         for name, vt in self.tables:
             prog.add_tensor(name, vt.dtype, (vt.rows, vt.cols), vt.extents())
         prog.validate()
+        cycles = expected_cycles(prog)
         self.result = Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
                                {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
-                               expected_cycles(prog), self.mem.peak_bytes(), self.kernels,
-                               {n: (t.shape, t.dtype) for n, t in g.states.items()})
+                               cycles, self.mem.peak_bytes(), self.kernels,
+                               {n: (t.shape, t.dtype) for n, t in g.states.items()},
+                               graph_bounds(g, self.cfg, cycles))
 
     # ---- lowering -----------------------------------------------------------------------------------
     def lower(self, n, t: Tensor, name: str, kind: str) -> int:

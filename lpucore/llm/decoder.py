@@ -84,6 +84,12 @@ class DecodeStats:
     compile_seconds: float
     wall_seconds: float
     steps: List[StepStats] = field(default_factory=list)
+    bounds: Dict[str, float] = field(default_factory=dict)   # lower bounds of one step (cycles, by name)
+
+    @property
+    def schedule_efficiency(self) -> float:
+        """The largest bound over the step's cycles (lpucore.compiler.bounds); 0 without bounds."""
+        return max(self.bounds.values()) / self.step_cycles if self.bounds and self.step_cycles else 0.0
 
     @property
     def step_seconds(self) -> float:
@@ -101,6 +107,15 @@ class DecodeStats:
                 f.write(text + "\n")
         return text
 
+    def _bound_line(self) -> str:
+        """The largest lower bound of a step, which it is, and the schedule efficiency."""
+        if not self.bounds:
+            return ""
+        name = max(self.bounds, key=lambda k: self.bounds[k])
+        others = ", ".join(f"{k} {v:,.0f}" for k, v in self.bounds.items() if k != name)
+        return (f"{self.bounds[name]:,.0f} cycles ({name}); schedule efficiency "
+                f"{100 * self.schedule_efficiency:.1f} % (other bounds: {others})")
+
     def table(self) -> str:
         """A readable summary."""
         us = 1e6
@@ -108,6 +123,7 @@ class DecodeStats:
             ("model", f"{self.model} ({self.precision}) on one {self.chip} at {self.clock_hz / 1e6:.0f} MHz"),
             ("tokens", f"{self.prompt_tokens} prompt + {self.new_tokens} new; KV cache {self.capacity} positions"),
             ("cycles per step", f"{self.step_cycles:,} (compiler predicted {self.predicted_cycles:,})"),
+            ("schedule bound", self._bound_line()),
             ("latency per step", f"{self.step_seconds * us:.2f} us"),
             ("time to first token", f"{self.ttft_seconds * us:.2f} us ({self.prompt_tokens} prefill steps)"),
             ("tokens/s per user", f"{self.tokens_per_second:,.0f}"),
@@ -118,7 +134,7 @@ class DecodeStats:
                      f"({self.wall_seconds / max(1, len(self.steps)) * 1e3:.1f} ms per step)"),
         ]
         w = max(len(k) for k, _ in rows)
-        out = [f"{k:<{w}}  {v}" for k, v in rows]
+        out = [f"{k:<{w}}  {v}" for k, v in rows if v]
         for title, d in (("cycles by part", self.by_part), ("cycles by operation", self.by_op),
                          ("busy cycles by unit", self.by_unit)):
             total = sum(d.values()) or 1
@@ -391,7 +407,7 @@ class Decoder:
             mxm_utilisation=steps[-1].mxm_utilisation, sram_bytes=compiled.memory_bytes,
             sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv, by_unit=by_unit,
             by_part=dict(self.by_part), by_op=dict(self.by_op), compile_seconds=self.compile_seconds,
-            wall_seconds=wall, steps=steps)
+            wall_seconds=wall, steps=steps, bounds=compiled.bounds().as_dict())
         out_logits = np.stack(logits) if logits else np.zeros((0, self.cfg.vocab_size), np.float32)
         return GenerateResult(np.asarray(tokens, dtype=np.int64), out_logits, stats)
 
