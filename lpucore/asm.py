@@ -26,17 +26,20 @@ from .errors import LpuError, ProgramError
 from .layout import Stripes
 from .program import Program
 
-_TENSOR = re.compile(r"^\.tensor\s+(\S+)\s+(\S+)\s*\(([^)]*)\)\s*(.*)$", re.I)
-_EXTENT = re.compile(r"^([WEwe]\d+):(\w+)(?:\+(\w+))?$")
+_TENSOR = re.compile(r"^\.tensor\s+(\S+)\s+(\S+)\s*\(([^)]*)\)\s*(.*)$", re.I | re.ASCII)
+_EXTENT = re.compile(r"^([WEwe]\d+):(\w+)(?:\+(\w+))?$", re.ASCII)
 
 
 def _config_from(arg: str) -> ChipConfig:
     arg = arg.strip()
     if arg.startswith("json:"):
         try:
-            return ChipConfig.from_dict(json.loads(arg[5:]))
-        except json.JSONDecodeError as e:
+            d = json.loads(arg[5:])
+        except RecursionError:
+            raise ProgramError("bad .config json: nested too deeply") from None
+        except ValueError as e:       # JSONDecodeError, or an integer of too many digits
             raise ProgramError(f"bad .config json: {e}") from None
+        return ChipConfig.from_dict(d)
     return ChipConfig.named(arg)
 
 
@@ -57,7 +60,7 @@ def _parse_planes(text: str, cfg: ChipConfig) -> List[Union[Stripes, List[Tuple[
                 if not m or m.group(3):
                     raise ProgramError(f"bad stripe {it!r} (expected SLICE:BASE, e.g. W3:0x10)")
                 try:
-                    parts.append((cfg.parse_slice(m.group(1)), int(m.group(2), 0)))
+                    parts.append((cfg.parse_slice(m.group(1)), isa.parse_int(m.group(2))))
                 except LpuError as e:
                     raise ProgramError(str(e)) from None
                 except ValueError:
@@ -83,8 +86,8 @@ def _parse_planes(text: str, cfg: ChipConfig) -> List[Union[Stripes, List[Tuple[
                 raise ProgramError(f"bad extent {it!r} (expected SLICE:ADDR or SLICE:ADDR+COUNT, e.g. W3:0x10+4)")
             try:
                 s = cfg.parse_slice(m.group(1))
-                a = int(m.group(2), 0)
-                c = int(m.group(3), 0) if m.group(3) else None
+                a = isa.parse_int(m.group(2))
+                c = isa.parse_int(m.group(3)) if m.group(3) else None
             except LpuError as e:
                 raise ProgramError(str(e)) from None
             except ValueError:
@@ -115,7 +118,7 @@ def _tensor_line(line: str, prog: Program) -> None:
     if not m:
         raise ProgramError("expected .tensor NAME DTYPE (SHAPE) PLANES...")
     try:
-        shape = tuple(int(s, 0) for s in m.group(3).replace(" ", "").split(",") if s)
+        shape = tuple(isa.parse_int(s) for s in m.group(3).replace(" ", "").split(",") if s)
     except ValueError:
         raise ProgramError(f"bad shape ({m.group(3)})") from None
     prog.add_tensor(m.group(1), m.group(2), shape, _parse_planes(m.group(4), prog.config))

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .config import ChipConfig
-from .errors import EngineUnavailableError, LpuError, TensorError
+from .errors import ConfigError, EngineUnavailableError, LpuError, TensorError
 from .layout import TensorInfo, check_array
 from .program import Program
 
@@ -51,6 +51,22 @@ class _Engine(Protocol):
 
 
 ENGINES: Tuple[str, ...] = ("fast", "reference")
+
+MAX_CYCLE = 1 << 62
+"""The last cycle a chip simulates (about 162 years at 900 MHz): run/step arguments are ints in
+0..MAX_CYCLE, and the engines add delays to cycles in 64-bit integers with room to spare."""
+
+
+def _cycles(what: str, value: Optional[int]) -> Optional[int]:
+    """A run/step argument: None, or an int (a NumPy integer too, not a bool) in 0..MAX_CYCLE."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise LpuError(f"{what} takes an int number of cycles, got {type(value).__name__} {value!r:.80}")
+    v = int(value)
+    if not 0 <= v <= MAX_CYCLE:
+        raise LpuError(f"{what} must be in 0..{MAX_CYCLE} (2**62) cycles, got {v}")
+    return v
 
 Hemisphere = Union[str, int]    # "W" / "E" (only the first letter counts, in any case) or 0 / 1
 
@@ -142,12 +158,23 @@ class Chip:
     :func:`lpucore.matmul.fp16_dot_fp32`.  Cycle counts and statistics are the same.
     """
 
-    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact") -> None:
+    def __init__(self, config: Optional[ChipConfig] = None, engine: str = "fast", fp16_mxm: str = "exact",
+                 max_memory: Optional[int] = None) -> None:
         self.config: ChipConfig = config if config is not None else ChipConfig.groqchip1()
         if not isinstance(self.config, ChipConfig):
             raise LpuError("config must be a ChipConfig")
+        if max_memory is not None and (isinstance(max_memory, bool) or not isinstance(max_memory, (int, np.integer))
+                                       or max_memory < 0):
+            raise ConfigError(f"max_memory must be a number of bytes >= 0 (0: no limit), got {max_memory!r:.80}")
+        # the host memory the engine commits, checked before anything is allocated
+        self.config.check_host_memory(None if max_memory is None else int(max_memory))
         self.engine_name: str = engine
-        self._eng: _Engine = make_engine(engine, self.config, fp16_mxm)
+        try:
+            self._eng: _Engine = make_engine(engine, self.config, fp16_mxm)
+        except MemoryError:
+            raise ConfigError(f"the host cannot allocate a chip of configuration {self.config.name!r} "
+                              f"({self.config.sram_bytes / 2**20:,.0f} MiB of SRAM address space and "
+                              f"{sum(self.config.host_memory().values()) / 2**20:,.0f} MiB of engine state)") from None
         self.program: Optional[Program] = None
 
     # ---- program -----------------------------------------------------------------------
@@ -187,17 +214,17 @@ class Chip:
         past the program's end (use :meth:`step` for that), so a host simulator can
         interleave ``run(until=c)`` and ``step(n)``: running in pieces gives the same
         memory, cycles and statistics as one run.  Raises ScheduleError on a schedule
-        violation.
+        violation.  ``max_cycles`` and ``until`` are ints (NumPy integers too, not bools)
+        in 0..MAX_CYCLE (2**62), else LpuError; so is a run with no program loaded.
 
         ``trace``: a file path (or a :class:`lpucore.trace.Recorder`) that receives one
         record per instruction issued in ``trace_window = (start, end)`` (absolute cycles;
         ``end`` None: to the end) and the units' counters, streamed (see
         :mod:`lpucore.trace`); the results are the same as without it.  ``events``: a
         :class:`lpucore.trace.Watcher` whose callbacks see issued instructions and MEM writes."""
-        if max_cycles is not None and int(max_cycles) < 0:
-            raise LpuError("max_cycles must be >= 0")
-        if until is not None and int(until) < 0:
-            raise LpuError("until must be a cycle >= 0")
+        max_cycles = _cycles("run(max_cycles=...)", max_cycles)
+        until = _cycles("run(until=...)", until)
+        self._need_program("run")
         if trace is not None and events is not None:
             raise LpuError("run: trace and events cannot be combined in one run")
         stats: RunStats
@@ -211,18 +238,27 @@ class Chip:
             return stats
         target: Optional[int] = None
         if max_cycles is not None:
-            target = self.cycle + int(max_cycles)
+            target = min(self.cycle + max_cycles, MAX_CYCLE)
         if until is not None:
-            target = int(until) if target is None else min(target, int(until))
+            target = until if target is None else min(target, until)
         self._eng.run(target, idle=False)
         return self.stats()
 
     def step(self, n: int = 1) -> RunStats:
-        """Advance exactly n cycles (past the end of the program, the chip just idles)."""
-        if int(n) < 0:
-            raise LpuError("step(n) needs n >= 0")
-        self._eng.run(self.cycle + int(n))
+        """Advance exactly n cycles (past the end of the program, the chip just idles).  ``n`` is
+        an int in 0..MAX_CYCLE (2**62) and the chip's cycle after the step may not pass MAX_CYCLE."""
+        k = _cycles("step(n)", n)
+        if k is None:
+            raise LpuError("step(n) takes an int number of cycles, got None")
+        self._need_program("step")
+        if self.cycle + k > MAX_CYCLE:
+            raise LpuError(f"step({k}) would take the chip past cycle {MAX_CYCLE} (2**62), the last one simulated")
+        self._eng.run(self.cycle + k)
         return self.stats()
+
+    def _need_program(self, what: str) -> None:
+        if self.program is None:
+            raise LpuError(f"Chip.{what}: no program is loaded (Chip.load(program) first)")
 
     # ---- snapshots -----------------------------------------------------------------------
     def snapshot(self) -> "Snapshot":

@@ -370,9 +370,20 @@ def format_value(kind: str, value: int, cfg: ChipConfig, op: Optional[Op] = None
     return str(value)
 
 
+def parse_int(text: str) -> int:
+    """An integer literal of assembly text: ASCII only (``int`` alone would read other scripts'
+    digits, such as '\u0663', as numbers), in any base ``int(text, 0)`` takes; else ValueError."""
+    t = text.strip()
+    if not t.isascii():
+        raise ValueError(f"{text!r} is not an integer (ASCII digits only)")
+    return int(t, 0)
+
+
 def parse_value(kind: str, text: str, cfg: ChipConfig, dtype_code: Optional[int] = None) -> int:
     """Parse one operand; raises ValueError with a short reason."""
     t = text.strip()
+    if not t.isascii():
+        raise ValueError(f"{text!r} is not an operand (assembly text is ASCII)")
     S = cfg.streams_per_direction
     if kind in ("stream", "src", "dst"):
         u = t.upper()

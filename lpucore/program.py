@@ -215,6 +215,26 @@ def check_instruction(ins: Instruction, cfg: ChipConfig) -> Optional[Tuple[Optio
     return None
 
 
+def _read_meta(raw: bytes) -> Tuple[ChipConfig, List[Tuple[str, int]], List[Any]]:
+    """A program file's metadata: its configuration, (queue name, instruction count) pairs and
+    tensor entries; ProgramError for anything malformed (the JSON nested too deeply, too long an
+    integer, a bad configuration, ...)."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError("metadata is not an object")
+        cfg = ChipConfig.from_dict(meta["config"])
+        queues = [(n, c) for n, c in meta["queues"]]
+        if not all(isinstance(n, str) and type(c) is int for n, c in queues):
+            raise ValueError("queues must be [name, instruction count] pairs")
+        tensors = list(meta["tensors"])
+    except LpuError as e:
+        raise ProgramError(f"bad metadata: {e}") from None
+    except Exception as e:           # ValueError, KeyError, TypeError, RecursionError, ...
+        raise ProgramError(f"bad metadata: {type(e).__name__}: {str(e)[:200]}") from None
+    return cfg, queues, tensors
+
+
 class Program:
     """A complete program for one chip: per-queue instruction lists and a tensor table.
 
@@ -308,9 +328,12 @@ class Program:
         legal: _Legal = set()
         for qname, lst in self.queues.items():
             try:
-                self.config.queue(qname)
+                canonical = self.config.queue(qname).name
             except ConfigError as e:
                 raise ProgramError(str(e), queue=qname) from None
+            if canonical != qname:
+                raise ProgramError(f"queue names are spelt as the configuration does: {canonical!r}, not {qname!r}",
+                                   queue=qname)
             for i, ins in enumerate(lst):
                 self._check_one(qname, lst, i, ins, legal)
         for name, t in self.tensors.items():
@@ -395,17 +418,7 @@ class Program:
         end_meta = _HDR.size + mlen
         if end_meta + 4 > len(data) - 4:
             raise ProgramError("program file is truncated (metadata runs past the end)")
-        try:
-            meta = json.loads(data[_HDR.size:end_meta].decode("utf-8"))
-            if not isinstance(meta, dict):
-                raise ValueError("metadata is not an object")
-            cfg = ChipConfig.from_dict(meta["config"])
-            queues = [(str(n), int(c)) for n, c in meta["queues"]]
-            tensors = list(meta["tensors"])
-        except LpuError as e:
-            raise ProgramError(f"bad metadata: {e}") from None
-        except Exception as e:
-            raise ProgramError(f"bad metadata: {type(e).__name__}: {e}") from None
+        cfg, queues, tensors = _read_meta(data[_HDR.size:end_meta])
         (n,) = struct.unpack_from("<I", data, end_meta)
         rec = 4 * (1 + isa.NFIELDS)
         if end_meta + 4 + n * rec != len(data) - 4:
@@ -418,7 +431,7 @@ class Program:
         r = 0
         for qname, count in queues:
             try:
-                cfg.queue(qname)
+                qname = cfg.queue(qname).name       # the canonical spelling ("mem.w0" -> "MEM.W0")
             except ConfigError as e:
                 raise ProgramError(str(e), queue=qname) from None
             if qname in prog.queues:

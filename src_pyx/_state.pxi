@@ -192,7 +192,7 @@ cdef struct State:
     uint8_t* sx_in[64]
     # C2C (see _c2c.pxi)
     int NL               # links
-    int c2c_interval     # cycles per vector on one link
+    int64_t c2c_interval     # cycles per vector on one link (up to lanes x clock_hz: > 2**31)
     int c2c_latency
     int c2c_receive_delay
     int c2c_deskew_delay
