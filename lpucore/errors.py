@@ -102,6 +102,32 @@ class EngineUnavailableError(LpuError, ImportError):
 
 
 # ---------------------------------------------------------------------------
+# The fast engine's error record.  The C loop cannot raise; it fills an int64 record
+# (kind, cycle, queue, two details, ...) and FastEngine turns it into a ScheduleError
+# with the constructors below.  These tuples are the one definition of its codes:
+# lpucore.isa.generate_pxi() writes them into src_pyx/_isa_gen.pxi as Cython enums.
+# ---------------------------------------------------------------------------
+ENGINE_ERRORS: Tuple[str, ...] = ("stream-conflict", "empty-read", "bank-conflict", "latch-conflict", "address",
+                                  "deadlock", "mxm", "resource", "link")
+"""Error kinds of the fast engine's record: kind code ``i + 1`` is ``ENGINE_ERRORS[i]``
+(``ERR_<KIND>`` in Cython, e.g. ``ERR_EMPTY_READ``); 0 (``ERR_NONE``) is no error.  Each is the
+:attr:`ScheduleError.kind` it becomes, but ``mxm`` (``mxm-*``, reason in :data:`MXM_WHY`) and
+``link`` (``link-*``, reason in :data:`LINK_WHY`)."""
+
+MXM_WHY: Tuple[str, ...] = ("busy", "empty", "dtype")
+"""Reasons of an ``mxm`` engine error (``MXE_<WHY>``), the ``what`` of :func:`mxm_error`."""
+
+LINK_WHY: Tuple[str, ...] = ("skew", "busy", "empty")
+"""Reasons of a ``link`` engine error (``LINK_<WHY>``), the ``why`` of :func:`link_error`."""
+
+ERROR_RECORD: Tuple[str, ...] = ("kind", "cycle", "q", "a", "b", "q2", "class")
+"""Fields of the engine's error record, by index (``E_<FIELD>``): the kind code, the cycle, the
+queue at fault, two details (stream and position, slice and address, ...), a second queue or
+extra value, and (pending landing errors only) the ordering class: 0 stream conflict,
+1 latch conflict."""
+
+
+# ---------------------------------------------------------------------------
 # Schedule-error constructors shared by both engines, so that the same program
 # produces the same exception text whichever engine ran it.
 # ---------------------------------------------------------------------------
@@ -164,9 +190,6 @@ def resource_error(cfg: ConfigView, cycle: int, q: int, resource: str) -> Schedu
     n = getattr(cfg, "sxm_" + resource)
     return ScheduleError("resource", cycle, cfg.queues[q].name,
                          f"needs one more of the {n} SXM {resource} of hemisphere {hem} in this cycle")
-
-
-LINK_WHY = ("skew", "busy", "empty")
 
 
 def link_error(cfg: ConfigView, cycle: int, q: int, link: int, why: str, extra: int = -1) -> ScheduleError:

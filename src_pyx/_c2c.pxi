@@ -2,12 +2,8 @@
 # Sent vectors go to an outbox and arrive in per-link inbox rings; both live in
 # NumPy arrays that the Python side grows (run_until returns 4 when the outbox is
 # full before a C2C queue issues) and that lpucore.System (or a host simulator)
-# empties and fills between runs.
-
-cdef enum:
-    LINK_SKEW = 0
-    LINK_BUSY = 1
-    LINK_EMPTY = 2
+# empties and fills between runs.  The reasons LINK_SKEW, LINK_BUSY, LINK_EMPTY
+# are generated (_isa_gen.pxi) from lpucore.errors.LINK_WHY.
 
 
 cdef inline int link_error(State* s, int64_t c, int q, int link, int why, int64_t extra) noexcept nogil:
@@ -33,7 +29,7 @@ cdef inline int c2c_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
             return link_error(s, c, q, link, LINK_BUSY, s.lk_busy[link])
         v = stream_read(s, f[1], pos, c)
         if v == NULL:
-            set_error(s, ERR_EMPTY, c, q, f[1], pos)
+            set_error(s, ERR_EMPTY_READ, c, q, f[1], pos)
             return 1
         s.lk_busy[link] = c + s.c2c_interval
         n = s.ob_n[0]               # room checked by run_until before the issue

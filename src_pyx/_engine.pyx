@@ -41,8 +41,6 @@ fill_h2f()
 
 SMALL_ROWS = 64
 
-_VC = {"arith": VC_ARITH, "bits": VC_BITS, "shift": VC_SHIFT, "cmp": VC_CMP, "unary": VC_UNARY,
-       "trans": VC_TRANS, "select": VC_SELECT, "cvt": VC_CVT, "requant": VC_REQUANT, "const": VC_CONST}
 _UNIT = {u: i for i, u in enumerate(_isa.UNITS)}
 
 
@@ -282,7 +280,7 @@ cdef class FastEngine:
             lat[op.opcode] = op.delay(cfg)
             strided[op.opcode] = sum(1 << i for i, f in enumerate(op.fields) if f.strided)
             if op.unit == "VXM":
-                vx_cls[op.opcode] = _VC[op.cls]
+                vx_cls[op.opcode] = _isa.VXM_CLASS_CODE[op.cls]     # VC_* (generated from the same table)
                 vx_nsrc[op.opcode] = sum(1 for f in op.fields if f.kind == "src")
         a["lat"], a["strided"], a["vx_cls"], a["vx_nsrc"] = lat, strided, vx_cls, vx_nsrc
         a["code"] = np.zeros((1, 1 + NFIELDS), dtype=np.int32)
@@ -649,9 +647,9 @@ cdef class FastEngine:
                              int(s.err[E_B]), int(s.err[E_Q2]))
         if k == ERR_STREAM_CONFLICT:
             return _errors.stream_conflict(cfg, c, q, q2, x, y)
-        if k == ERR_EMPTY:
+        if k == ERR_EMPTY_READ:
             return _errors.empty_read(cfg, c, q, x, y)
-        if k == ERR_BANK:
+        if k == ERR_BANK_CONFLICT:
             return _errors.bank_conflict(cfg, c, q, x, y)
         if k == ERR_LATCH_CONFLICT:
             return _errors.latch_conflict(cfg, c, x)
@@ -660,7 +658,7 @@ cdef class FastEngine:
         if k == ERR_DEADLOCK:
             return _errors.deadlock(cfg, c, q, x, y)
         if k == ERR_MXM:
-            return _errors.mxm_error(cfg, c, q, ["busy", "empty", "dtype"][x])
+            return _errors.mxm_error(cfg, c, q, _errors.MXM_WHY[x])
         if k == ERR_LINK:
             return _errors.link_error(cfg, c, q, x, _errors.LINK_WHY[y], q2)
         if k == ERR_RESOURCE:
@@ -1001,18 +999,18 @@ cdef class FastEngine:
         NQ, P = s.NQ, s.P
         # the pending landing error: a stream or latch conflict
         if perr[E_KIND] != ERR_NONE:
-            check_range("array 'perr'[0] (error kind)", perr[E_KIND], ERR_STREAM_CONFLICT, ERR_STREAM_CONFLICT,
+            check_range(f"array 'perr'[{E_KIND}] (error kind)", perr[E_KIND], ERR_STREAM_CONFLICT, ERR_STREAM_CONFLICT,
                         also=(ERR_LATCH_CONFLICT,))
-            check_range("array 'perr'[1] (cycle)", perr[E_CYCLE], 0, LIM)
+            check_range(f"array 'perr'[{E_CYCLE}] (cycle)", perr[E_CYCLE], 0, LIM)
             if perr[E_KIND] == ERR_STREAM_CONFLICT:
-                check_range("array 'perr'[6] (class)", perr[E_CLASS], 0, 0)
-                check_range("array 'perr'[3] (stream)", perr[E_A], 0, 2 * s.S - 1)
-                check_range("array 'perr'[4] (position)", perr[E_B], 0, P - 1)
-                check_range("array 'perr'[2] (queue)", perr[E_Q], 0, NQ - 1)
-                check_range("array 'perr'[5] (queue)", perr[E_Q2], 0, NQ - 1)
+                check_range(f"array 'perr'[{E_CLASS}] (class)", perr[E_CLASS], 0, 0)
+                check_range(f"array 'perr'[{E_A}] (stream)", perr[E_A], 0, 2 * s.S - 1)
+                check_range(f"array 'perr'[{E_B}] (position)", perr[E_B], 0, P - 1)
+                check_range(f"array 'perr'[{E_Q}] (queue)", perr[E_Q], 0, NQ - 1)
+                check_range(f"array 'perr'[{E_Q2}] (queue)", perr[E_Q2], 0, NQ - 1)
             else:
-                check_range("array 'perr'[6] (class)", perr[E_CLASS], 1, 1)
-                check_range("array 'perr'[3] (ALU)", perr[E_A], 0, s.NALU - 1)
+                check_range(f"array 'perr'[{E_CLASS}] (class)", perr[E_CLASS], 1, 1)
+                check_range(f"array 'perr'[{E_A}] (ALU)", perr[E_A], 0, s.NALU - 1)
 
     def counters(self):
         a = self.a

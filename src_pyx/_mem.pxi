@@ -75,11 +75,11 @@ cdef inline int map_addresses(State* s, int q, int mp, int pos, int64_t c) noexc
     """Read a Gather/Scatter map (int16 in lane 0 of each superlane) into s.gaddr."""
     cdef uint8_t* lo = stream_read(s, mp, pos, c)
     if lo == NULL:
-        set_error(s, ERR_EMPTY, c, q, mp, pos)
+        set_error(s, ERR_EMPTY_READ, c, q, mp, pos)
         return 1
     cdef uint8_t* hi = stream_read(s, mp + 1, pos, c)
     if hi == NULL:
-        set_error(s, ERR_EMPTY, c, q, mp + 1, pos)
+        set_error(s, ERR_EMPTY_READ, c, q, mp + 1, pos)
         return 1
     cdef int k
     cdef int a
@@ -123,7 +123,7 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                 b = bank_of(s, s.gaddr[k])
                 for j in range(nw):
                     if bank_of(s, wa[j]) == b:
-                        set_error(s, ERR_BANK, c, q, g, s.gaddr[k])
+                        set_error(s, ERR_BANK_CONFLICT, c, q, g, s.gaddr[k])
                         return 1
         mem_sync(s, g, c)
         slot = pool_index(s, q, 0, c)
@@ -143,7 +143,7 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     src = f[F_WRITE_SRC] if op == OP_WRITE else f[F_SCATTER_SRC]
     vec = stream_read(s, src, pos, c)
     if vec == NULL:
-        set_error(s, ERR_EMPTY, c, q, src, pos)
+        set_error(s, ERR_EMPTY_READ, c, q, src, pos)
         return 1
     if op == OP_SCATTER and map_addresses(s, q, f[F_SCATTER_MAP], pos, c):
         return 1

@@ -413,7 +413,7 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         n = f[F_LW_N]
         for i in range(n):
             if stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
-                set_error(s, ERR_EMPTY, c, q, f[F_LW_SRC] + i, pos)
+                set_error(s, ERR_EMPTY_READ, c, q, f[F_LW_SRC] + i, pos)
                 return 1
         b = s.mx_buf_slot[p]
         for i in range(n):
@@ -455,13 +455,13 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
             return 1
         lo = stream_read(s, f[F_ABC_SRC], pos, c)
         if lo == NULL:
-            set_error(s, ERR_EMPTY, c, q, f[F_ABC_SRC], pos)
+            set_error(s, ERR_EMPTY_READ, c, q, f[F_ABC_SRC], pos)
             return 1
         hi = NULL
         if dtc == DT_FLOAT16:
             hi = stream_read(s, f[F_ABC_SRC] + 1, pos, c)
             if hi == NULL:
-                set_error(s, ERR_EMPTY, c, q, f[F_ABC_SRC] + 1, pos)
+                set_error(s, ERR_EMPTY_READ, c, q, f[F_ABC_SRC] + 1, pos)
                 return 1
         e = p * s.BMAX + s.mx_an[p]
         # stage the activation: int8 as offset bytes (what the VNNI kernel multiplies),

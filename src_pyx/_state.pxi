@@ -22,33 +22,9 @@ cdef enum:
     NR = 3
     HELPER_JOBS = 8   # helper-thread jobs in flight at most
 
-cdef enum:
-    ERR_NONE = 0
-    ERR_STREAM_CONFLICT = 1
-    ERR_EMPTY = 2
-    ERR_BANK = 3
-    ERR_LATCH_CONFLICT = 4
-    ERR_ADDRESS = 5
-    ERR_DEADLOCK = 6
-    ERR_MXM = 7
-    ERR_RESOURCE = 8
-    ERR_LINK = 9
-
-cdef enum:
-    MXE_BUSY = 0
-    MXE_EMPTY = 1
-    MXE_DTYPE = 2
-
-cdef enum:
-    # error record, int64 err[8] (and the pending landing error perr[8])
-    E_KIND = 0
-    E_CYCLE = 1
-    E_Q = 2
-    E_A = 3
-    E_B = 4
-    E_Q2 = 5
-    # perr only: ordering class (0 stream conflict, 1 latch conflict)
-    E_CLASS = 6
+# The error record, int64 err[8] (and the pending landing error perr[8]): its field
+# indices E_*, kind codes ERR_* and reasons MXE_* are generated (_isa_gen.pxi) from
+# lpucore.errors (ERROR_RECORD, ENGINE_ERRORS, MXM_WHY).
 
 cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
 

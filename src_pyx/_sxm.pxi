@@ -29,36 +29,36 @@ cdef inline int sxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         for i in range(nin):
             s.sx_in[i] = stream_read(s, f[F_ROTATE_SRC] + i, pos, c)
             if s.sx_in[i] == NULL:
-                set_error(s, ERR_EMPTY, c, q, f[F_ROTATE_SRC] + i, pos)
+                set_error(s, ERR_EMPTY_READ, c, q, f[F_ROTATE_SRC] + i, pos)
                 return 1
     elif op == OP_TRANSPOSE:
         for i in range(LPS):
             s.sx_in[i] = stream_read(s, f[F_TRANSPOSE_SRC] + i, pos, c)
             if s.sx_in[i] == NULL:
-                set_error(s, ERR_EMPTY, c, q, f[F_TRANSPOSE_SRC] + i, pos)
+                set_error(s, ERR_EMPTY_READ, c, q, f[F_TRANSPOSE_SRC] + i, pos)
                 return 1
     elif op == OP_SXM_SELECT:
         for i in range(3):
             k = f[1 + i]
             s.sx_in[i] = stream_read(s, k, pos, c)
             if s.sx_in[i] == NULL:
-                set_error(s, ERR_EMPTY, c, q, k, pos)
+                set_error(s, ERR_EMPTY_READ, c, q, k, pos)
                 return 1
     else:
         # Shift (dst, src, n), Permute (dst, src, map), Distribute (dst, src, map)
         s.sx_in[0] = stream_read(s, f[1], pos, c)
         if s.sx_in[0] == NULL:
-            set_error(s, ERR_EMPTY, c, q, f[1], pos)
+            set_error(s, ERR_EMPTY_READ, c, q, f[1], pos)
             return 1
         if op == OP_PERMUTE or op == OP_DISTRIBUTE:
             s.sx_in[1] = stream_read(s, f[2], pos, c)
             if s.sx_in[1] == NULL:
-                set_error(s, ERR_EMPTY, c, q, f[2], pos)
+                set_error(s, ERR_EMPTY_READ, c, q, f[2], pos)
                 return 1
             if op == OP_PERMUTE:
                 s.sx_in[2] = stream_read(s, f[2] + 1, pos, c)
                 if s.sx_in[2] == NULL:
-                    set_error(s, ERR_EMPTY, c, q, f[2] + 1, pos)
+                    set_error(s, ERR_EMPTY_READ, c, q, f[2] + 1, pos)
                     return 1
     # results
     if op == OP_ROTATE:

@@ -1,21 +1,9 @@
 # The VXM: one ALU per queue.  Operands are read in the issue cycle (streams at
 # the VXM's position, or ALU latches); the result lands in the ALU's latch and
 # on its destination stream group after the op's delay.  Latch results wait in a
-# small ring per ALU and are applied lazily, in landing order.
-
-cdef enum:
-    # semantic classes of VXM opcodes (vx_cls table, filled from the ISA table)
-    VC_NONE = 0
-    VC_ARITH = 1
-    VC_BITS = 2
-    VC_SHIFT = 3
-    VC_CMP = 4
-    VC_UNARY = 5
-    VC_TRANS = 6
-    VC_SELECT = 7
-    VC_CVT = 8
-    VC_REQUANT = 9
-    VC_CONST = 10
+# small ring per ALU and are applied lazily, in landing order.  The semantic
+# classes of VXM opcodes (VC_ARITH, ..., the vx_cls table) are generated
+# (_isa_gen.pxi) from lpucore.isa.VXM_CLASSES.
 
 
 cdef inline void latch_sync(State* s, int k, int64_t c) noexcept nogil:
@@ -54,7 +42,7 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
         k = v - LATCH_BASE
         latch_sync(s, k, c)
         if not s.latch_valid[k]:
-            set_error(s, ERR_EMPTY, c, q, v, pos)
+            set_error(s, ERR_EMPTY_READ, c, q, v, pos)
             return 1
         m = dt_mask(dtc)
         lat = s.latch + <int64_t>k * n      # a local pointer and count, so the loop vectorises
@@ -64,7 +52,7 @@ cdef inline int vxm_operand(State* s, int q, int v, int dtc, int64_t c, uint32_t
     for i in range(dt_bytes(dtc)):
         p = stream_read(s, v + i, pos, c)
         if p == NULL:
-            set_error(s, ERR_EMPTY, c, q, v + i, pos)
+            set_error(s, ERR_EMPTY_READ, c, q, v + i, pos)
             return 1
         lpu_from_plane(s.L, p, out, 8 * i, i == 0)
     return 0

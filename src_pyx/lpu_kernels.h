@@ -85,7 +85,7 @@ LPU_CLONES_512 static void lpu_h2f_n(int n, const uint32_t *src, uint32_t *dst)
 LPU_CLONES_512 static void lpu_f32_out_n(int n, const uint32_t *src, uint32_t *dst)
 {
     for (int l = 0; l < n; l++)
-        dst[l] = lpu_sel((src[l] & 0x7FFFFFFFu) > 0x7F800000u, 0x7FC00000u, src[l]);
+        dst[l] = lpu_sel((src[l] & 0x7FFFFFFFu) > 0x7F800000u, LPU_QNAN32, src[l]);
 }
 
 /* ---- products into accumulators (mxm_apply) ------------------------------------------------
@@ -112,7 +112,7 @@ LPU_CLONES static void lpu_acc_f32(uint32_t *acc, const float *res, int L, int a
         memcpy(&a, &ab, 4);
         v = add ? a + r : r;
         memcpy(&vb, &v, 4);
-        acc[l] = v != v ? 0x7FC00000u : vb;
+        acc[l] = v != v ? LPU_QNAN32 : vb;
     }
 }
 
@@ -142,7 +142,7 @@ LPU_CLONES static void lpu_acc_f32(uint32_t *acc, const float *res, int L, int a
 __attribute__((target("avx2,f16c"))) static void lpu_f2h_n_f16c(int n, const uint32_t *src, uint32_t *dst)
 {
     int l = 0;
-    const __m256i qnan = _mm256_set1_epi32(0x7E00);
+    const __m256i qnan = _mm256_set1_epi32((int)LPU_QNAN16);
     for (; l + 8 <= n; l += 8) {
         __m256 x = _mm256_loadu_ps((const float *)(src + l));
         __m256i h = _mm256_cvtepu16_epi32(_mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));

@@ -13,8 +13,9 @@
 #include <string.h>
 #include <math.h>
 
-#define LPU_QNAN32 0x7FC00000u
-#define LPU_QNAN16 0x7E00u
+/* The constants (canonical NaNs, exp and tanh coefficients) are lpucore/numerics.py's,
+ * generated: LPU_QNAN32, LPU_QNAN16, LPU_EXP_*, LPU_LOG2E, LPU_TANH_*. */
+#include "lpu_numerics_gen.h"
 
 static inline float lpu_f32(uint32_t b) { float f; memcpy(&f, &b, 4); return f; }
 static inline uint32_t lpu_bits(float f) { uint32_t b; memcpy(&b, &f, 4); return b; }
@@ -59,18 +60,14 @@ static inline float lpu_pow2(int k) { return lpu_f32((uint32_t)(k + 127) << 23);
 static inline float lpu_exp(float x) {
     if (x != x) return x;
     float xc = x;
-    if (!(xc > -104.0f)) xc = -104.0f;
-    if (!(xc < 89.0f)) xc = 89.0f;
-    float n = rintf(xc * 1.44269504088896341f);
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
+    if (!(xc > LPU_EXP_LO)) xc = LPU_EXP_LO;
+    if (!(xc < LPU_EXP_HI)) xc = LPU_EXP_HI;
+    float n = rintf(xc * LPU_LOG2E);
+    float r = xc - n * LPU_EXP_C1;
+    r = r - n * LPU_EXP_C2;
     float z = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    float p = LPU_EXP_P[0];
+    for (int i = 1; i < LPU_EXP_P_LEN; i++) p = p * r + LPU_EXP_P[i];
     p = p * z + r;
     p = p + 1.0f;
     int ni = (int)n, n1 = ni >> 1, n2 = ni - n1;
@@ -79,12 +76,9 @@ static inline float lpu_exp(float x) {
 
 static inline float lpu_tanh(float x) {
     float ax = fabsf(x), z = x * x;
-    if (ax < 0.625f) {
-        float p = -5.70498872745e-3f;
-        p = p * z + 2.06390887954e-2f;
-        p = p * z + -5.37397155531e-2f;
-        p = p * z + 1.33314422036e-1f;
-        p = p * z + -3.33332819422e-1f;
+    if (ax < LPU_TANH_SMALL) {
+        float p = LPU_TANH_P[0];
+        for (int i = 1; i < LPU_TANH_P_LEN; i++) p = p * z + LPU_TANH_P[i];
         return p * z * x + x;
     }
     float e = lpu_exp(ax + ax);
