@@ -81,13 +81,13 @@ def bench(key, fp16_mxm="exact", reps=3):
         chip.reset(clear_memory=False)
         for name, arr in packed.items():
             chip.write_tensor(name, arr)
-        h0 = dict(chip._eng.host_time) if hasattr(chip._eng, "host_time") else {}
+        h0 = chip.host_time
         t0 = time.perf_counter()
         st = chip.run()
         t = time.perf_counter() - t0
         if t < t_run:
             t_run, host0 = t, h0
-            host1 = dict(chip._eng.host_time) if hasattr(chip._eng, "host_time") else {}
+            host1 = chip.host_time
     t0 = time.perf_counter()
     C = g.unpack(chip)
     t_out = time.perf_counter() - t0
@@ -101,7 +101,8 @@ def bench(key, fp16_mxm="exact", reps=3):
     bounds = gemm_bounds(M, K, N, dtype, g.out, cfg, st.cycles)
     r = {
         "shape": [M, K, N], "dtype": dtype, "fp16_mxm": fp16_mxm if dtype == "float16" else None,
-        "mxm_kernel": getattr(chip._eng, "mxm_kernel", None), "helper_threads": getattr(chip._eng, "helper_threads", 0),
+        "mxm_kernel": chip.engine_options().get("mxm_kernel"),
+        "helper_threads": chip.engine_options().get("helper_threads", 0),
         "helper_batches": host1.get("mxm_helper_batches", 0) - host0.get("mxm_helper_batches", 0),
         "correct": ok, "cycles": st.cycles, "predicted_cycles": g.expected_cycles,
         "simulated_seconds": st.seconds,

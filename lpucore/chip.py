@@ -51,6 +51,8 @@ class _Engine(Protocol):
 
 
 ENGINES: Tuple[str, ...] = ("fast", "reference")
+# the fast engine's host tuning options (Chip.set_engine_options)
+ENGINE_OPTIONS: Tuple[str, ...] = ("mxm_kernel", "helper_threads", "small_rows", "helper_delay_us")
 
 MAX_CYCLE = 1 << 62
 """The last cycle a chip simulates (about 162 years at 900 MHz): run/step arguments are ints in
@@ -194,6 +196,35 @@ class Chip:
             program.validate()
         self._eng.load(program)
         self.program = program
+
+    def engine_options(self) -> Dict[str, Any]:
+        """The fast engine's host tuning options (:data:`ENGINE_OPTIONS`; ``{}`` on the reference
+        engine, which has none). They change how fast the host simulates, never a result or a cycle."""
+        eng: Any = self._eng
+        return {k: getattr(eng, k) for k in ENGINE_OPTIONS} if self.engine_name == "fast" else {}
+
+    def set_engine_options(self, **options: Any) -> None:
+        """Set fast-engine host options: ``mxm_kernel`` (``"avx512"`` or ``"portable"``),
+        ``helper_threads`` (0 or 1: a thread beside the cycle loop multiplies big MXM batches),
+        ``small_rows`` (MXM batches of at most this many rows are multiplied inside the loop, the
+        rest by NumPy), ``helper_delay_us`` (for tests: each helper job waits this long first, to
+        exercise interleavings). LpuError for an unknown option, a bad value, or the reference engine."""
+        unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+        if unknown:
+            raise LpuError(f"unknown engine option(s) {', '.join(unknown)}; options: {', '.join(ENGINE_OPTIONS)}")
+        if options and self.engine_name != "fast":
+            raise LpuError(f"the {self.engine_name} engine has no host options")
+        eng: Any = self._eng
+        for k, v in options.items():
+            setattr(eng, k, v)
+
+    @property
+    def host_time(self) -> Dict[str, float]:
+        """The fast engine's host counters: wall seconds in the cycle loop (``loop_s``) and in MXM
+        products (``mxm_products_s``), MXM batches by path (``mxm_batches``, ``mxm_small_batches``,
+        ``mxm_helper_batches``); ``{}`` on the reference engine."""
+        eng: Any = self._eng
+        return dict(eng.host_time) if self.engine_name == "fast" else {}
 
     def reset(self, clear_memory: bool = True) -> None:
         """Restart the loaded program at cycle 0; clears SRAM unless ``clear_memory=False``."""

@@ -711,13 +711,13 @@ cdef class FastEngine:
         self.s.helper = int(n)
 
     @property
-    def _helper_delay_us(self):
+    def helper_delay_us(self):
         """Tests only: microseconds the helper thread sleeps before each job it takes, so
         that a loop that reads or rewrites a job's data too early gets caught."""
         return (<lpu_pool*>self.s.jobs).delay_us
 
-    @_helper_delay_us.setter
-    def _helper_delay_us(self, us):
+    @helper_delay_us.setter
+    def helper_delay_us(self, us):
         (<lpu_pool*>self.s.jobs).delay_us = int(us)
 
     @staticmethod

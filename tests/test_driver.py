@@ -205,3 +205,20 @@ def test_striped_tensors_are_written_where_their_vectors_live(engine):
     planes = t.to_planes(w, cfg.lanes)
     for v, (s, a) in enumerate(t.locations(0, cfg.lanes)):
         np.testing.assert_array_equal(chip._eng.read_mem(s, a, 1)[0], planes[0, v])
+
+
+def test_engine_options_are_public_and_checked(engine):
+    chip = Chip(CFG, engine=engine)
+    if engine == "reference":
+        assert chip.engine_options() == {} and chip.host_time == {}
+        chip.set_engine_options()                                  # nothing to set: fine
+        with pytest.raises(LpuError, match="reference engine has no host options"):
+            chip.set_engine_options(small_rows=4)
+        return
+    opts = chip.engine_options()
+    assert set(opts) == {"mxm_kernel", "helper_threads", "small_rows", "helper_delay_us"}
+    chip.set_engine_options(small_rows=7, helper_threads=0)
+    assert chip.engine_options()["small_rows"] == 7 and chip.engine_options()["helper_threads"] == 0
+    assert {"loop_s", "mxm_batches"} <= set(chip.host_time)
+    with pytest.raises(LpuError, match="unknown engine option"):
+        chip.set_engine_options(turbo=True)

@@ -192,8 +192,8 @@ def test_fp16_fast_mode_bound_over_special_values(kernel, case):
     g = gemm_program(M, K, N, "float16", "float32", config=SMALL)
     exact, st1 = g.run(A, B)
     chip = Chip(SMALL, fp16_mxm="fp32")
-    chip._eng.mxm_kernel = kernel
-    chip._eng.small_rows = 0            # the portable path's BLAS, as a GEMM's batches take
+    chip.set_engine_options(mxm_kernel=kernel)
+    chip.set_engine_options(small_rows=0)           # the portable path's BLAS, as a GEMM's batches take
     fast, st2 = g.run(A, B, chip=chip)
     assert st1.to_dict() == st2.to_dict()
     finite = np.isfinite(exact)
@@ -214,11 +214,11 @@ def _helper_runs(dtype, helper, M=48, K=150, N=70, delay_us=0):
     out = "int32" if dtype == "int8" else "float32"
     g = gemm_program(M, K, N, dtype, out, config=SMALL)
     chip = Chip(SMALL, fp16_mxm="fp32")
-    chip._eng.small_rows = 0
-    chip._eng.helper_threads = helper
-    chip._eng._helper_delay_us = delay_us
+    chip.set_engine_options(small_rows=0)
+    chip.set_engine_options(helper_threads=helper)
+    chip.set_engine_options(helper_delay_us=delay_us)
     C, st_ = g.run(A, B, chip=chip)
-    return C, st_.to_dict(), chip._eng.host_time["mxm_helper_batches"], A, B
+    return C, st_.to_dict(), chip.host_time["mxm_helper_batches"], A, B
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
@@ -241,7 +241,7 @@ def test_helper_thread_changes_nothing_but_who_multiplies(dtype, shape, delay_us
         assert np.array_equal(C1, A.astype(np.int64) @ B.astype(np.int64))
     from lpucore import Chip, LpuError
     with pytest.raises(LpuError, match="helper_threads"):
-        Chip(SMALL)._eng.helper_threads = 2
+        Chip(SMALL).set_engine_options(helper_threads=2)
 
 
 def test_helper_thread_survives_a_fork():
@@ -257,9 +257,9 @@ def test_helper_thread_survives_a_fork():
     A, B = operands(48, 150, 70, "int8", seed=7)
     g = gemm_program(48, 150, 70, "int8", "int32", config=SMALL)
     chip = Chip(SMALL)
-    chip._eng.small_rows = 0
+    chip.set_engine_options(small_rows=0)
     g.run(A, B, chip=chip)
-    assert chip._eng.host_time["mxm_helper_batches"] > 0
+    assert chip.host_time["mxm_helper_batches"] > 0
     ctx = mp.get_context("fork")
     q = ctx.Queue()
     p = ctx.Process(target=_child_reuse, args=(q, chip, g, A, B))
@@ -271,6 +271,6 @@ def test_helper_thread_survives_a_fork():
 
 def _child_reuse(q, chip, g, A, B):
     """In the child: the parent's chip (its pool copied, thread absent) runs again."""
-    h0 = chip._eng.host_time["mxm_helper_batches"]
+    h0 = chip.host_time["mxm_helper_batches"]
     C, _ = g.run(A, B, chip=chip)
-    q.put((np.array_equal(C, A.astype(np.int64) @ B.astype(np.int64)), chip._eng.host_time["mxm_helper_batches"] - h0))
+    q.put((np.array_equal(C, A.astype(np.int64) @ B.astype(np.int64)), chip.host_time["mxm_helper_batches"] - h0))

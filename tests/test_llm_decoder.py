@@ -160,7 +160,7 @@ def test_models_that_do_not_fit_say_how_many_chips(name, precision):
 
 def test_gpt2_small_in_int8_fits_one_chip():
     cfg = model_config("gpt2")
-    Decoder._fit_or_raise(cfg, "int8", None, 128)   # no error
+    Decoder.chips_needed(cfg, "int8", None, 128)   # no error
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -266,18 +266,18 @@ def test_decoders_over_several_chips_check_the_fit():
     assert 66e6 < sizes[1] < 75e6 and 135e6 < sizes[2] < 140e6 and sizes[1] + sizes[2] > STAGE_FILL * chip.sram_bytes
     plan = plan_stages(cfg, "int8", 128, chip)
     assert len(plan) == 66 and all(b - a == 1 for a, b in plan)
-    assert Decoder._fit_or_raise(cfg, "int8", None, 128, chips="auto") == 66
+    assert Decoder.chips_needed(cfg, "int8", None, 128, chips="auto") == 66
     with pytest.raises(ModelDoesNotFit, match="needs 66 x groqchip1 as pipeline stages.*not 65"):
-        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=65)
+        Decoder.chips_needed(cfg, "int8", None, 128, chips=65)
     with pytest.raises(ModelDoesNotFit, match="at least 30 chips, and 66 as pipeline stages"):
-        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=1)
+        Decoder.chips_needed(cfg, "int8", None, 128, chips=1)
     with pytest.raises(ValueError, match="1..66 chips"):
-        Decoder._fit_or_raise(cfg, "int8", None, 128, chips=67)
+        Decoder.chips_needed(cfg, "int8", None, 128, chips=67)
     with pytest.raises(ValueError, match="positive number of chips or 'auto'"):
-        Decoder._fit_or_raise(cfg, "int8", None, 128, chips="many")
+        Decoder.chips_needed(cfg, "int8", None, 128, chips="many")
     # a 70B layer's MLP (705 MB in int8) is cut into 4 shards, its 262 MB embedding table and head
     # into 2 each; its attention block in fp16 (302 MB) cannot be cut: that would need tensor parallelism
-    assert Decoder._fit_or_raise(model_config("llama2-70b"), "int8", None, 32, chips="auto") == 404
+    assert Decoder.chips_needed(model_config("llama2-70b"), "int8", None, 32, chips="auto") == 404
     with pytest.raises(ModelDoesNotFit, match=r"unit \('attn', 0\) alone.*tensor parallelism"):
         Decoder.random("llama2-70b", precision="fp16", chips="auto")
     dec = Decoder.random("tiny", seed=0, precision="fp16", capacity=8, chips=2)

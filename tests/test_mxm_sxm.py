@@ -248,11 +248,11 @@ def test_fp16_in_loop_kernels_match_the_host_path_and_the_reference(case):
     for engine, small in [("reference", None), ("fast", 32), ("fast", 0)]:
         chip = make_chip(engine, text, mem=mem)
         if small is not None:
-            chip._eng.small_rows = small
+            chip.set_engine_options(small_rows=small)
         chip.run()
         results[(engine, small)] = read_int32(chip, 2).view(np.uint32)
         if small is not None:
-            batches = chip._eng.host_time
+            batches = chip.host_time
             small_case = case in ("dense", "one-hot", "subnormal", "huge", "cancel")
             assert (batches["mxm_small_batches"] > 0) == (small > 0 and small_case)
     for got in results.values():
@@ -273,27 +273,27 @@ def test_int8_in_loop_kernels_match_the_host_path(rows):
         if kernel == "avx512" and not FastEngine.avx512_available():
             continue
         chip = make_chip("fast", text, mem=mem)
-        chip._eng.mxm_kernel = kernel
-        chip._eng.small_rows = small
+        chip.set_engine_options(mxm_kernel=kernel)
+        chip.set_engine_options(small_rows=small)
         chip.run()
         assert np.array_equal(read_int32(chip, rows), want), (kernel, small)
-        assert (chip._eng.host_time["mxm_small_batches"] > 0) == (kernel == "avx512" or small > 0)
-        assert (chip._eng.host_time["mxm_batches"] > 0) == (kernel == "portable" and small == 0)
+        assert (chip.host_time["mxm_small_batches"] > 0) == (kernel == "avx512" or small > 0)
+        assert (chip.host_time["mxm_batches"] > 0) == (kernel == "portable" and small == 0)
     with pytest.raises(LpuError, match="small_rows"):
-        chip._eng.small_rows = -1
+        chip.set_engine_options(small_rows=-1)
     with pytest.raises(LpuError, match="mxm_kernel"):
-        chip._eng.mxm_kernel = "avx"
+        chip.set_engine_options(mxm_kernel="avx")
 
 
 def test_mxm_kernel_avx512_is_refused_where_the_host_lacks_it():
     chip = make_chip("fast", "", mem={})
     if FastEngine.avx512_available():
-        chip._eng.mxm_kernel = "avx512"
-        assert chip._eng.mxm_kernel == "avx512"
+        chip.set_engine_options(mxm_kernel="avx512")
+        assert chip.engine_options()["mxm_kernel"] == "avx512"
     else:
-        assert chip._eng.mxm_kernel == "portable"
+        assert chip.engine_options()["mxm_kernel"] == "portable"
         with pytest.raises(LpuError, match="AVX-512"):
-            chip._eng.mxm_kernel = "avx512"
+            chip.set_engine_options(mxm_kernel="avx512")
 
 
 def test_all_four_planes_reach_409600_macs_in_one_cycle(engine):

@@ -205,7 +205,7 @@ class Decoder:
         self.capacity = cap
         self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
         self.comm = comm
-        self.chips = self._fit_or_raise(cfg, precision, self.chip_config, cap, chips)
+        self.chips = self.chips_needed(cfg, precision, self.chip_config, cap, chips)
         self._pipeline = None
         self._weights = weights
         self.ref = Reference(cfg, weights, precision)      # the rounded / quantised weights both use
@@ -220,7 +220,7 @@ class Decoder:
                **kw) -> "Decoder":
         """A model of a named shape (:data:`~lpucore.llm.SHAPES`) or a :class:`ModelConfig`, random weights."""
         cfg = model_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
-        cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
+        cls.chips_needed(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
         # tensors are made as the model reads them: a 7B model's never all exist at float precision
         return cls(cfg, RandomWeights(cfg, seed), precision, **kw)
 
@@ -228,7 +228,7 @@ class Decoder:
     def from_pretrained(cls, path, precision: str = "fp16", **kw) -> "Decoder":
         """A Hugging Face directory (``config.json`` + ``*.safetensors``; needs ``lpucore[llm]``)."""
         cfg, weights = load_pretrained(path)
-        cls._fit_or_raise(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
+        cls.chips_needed(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
         return cls(cfg, weights, precision, **kw)
 
     # ---- sizes -----------------------------------------------------------------------------------------
@@ -243,9 +243,11 @@ class Decoder:
         return w, cfg.kv_cache_bytes(capacity)
 
     @classmethod
-    def _fit_or_raise(cls, cfg, precision, config, capacity, chips=1) -> int:
-        """The number of chips (``chips``, or the fewest for ``"auto"``); raises
-        :class:`ModelDoesNotFit` saying how many it takes."""
+    def chips_needed(cls, cfg, precision, config, capacity, chips=1) -> int:
+        """How many chips of configuration ``config`` (None: a GroqChip) the model ``cfg`` (a
+        :class:`ModelConfig`) needs at ``precision`` with a KV cache of ``capacity`` positions:
+        ``chips`` itself if they suffice, or the fewest for ``chips="auto"``. Raises
+        :class:`ModelDoesNotFit` saying how many it takes (ValueError for a bad precision)."""
         from .pipeline import plan_stages
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
@@ -277,7 +279,7 @@ class Decoder:
     def check_fit(self) -> None:
         """Raise :class:`ModelDoesNotFit` unless weights + KV cache fit in the chips' SRAM (one chip's,
         or every pipeline stage's, :func:`~lpucore.llm.pipeline.plan_stages`)."""
-        self._fit_or_raise(self.cfg, self.precision, self.chip_config, self.capacity, self.chips)
+        self.chips_needed(self.cfg, self.precision, self.chip_config, self.capacity, self.chips)
 
     @property
     def pipeline(self):
