@@ -24,6 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
+from . import loaded
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
 from .kernels import (
@@ -129,16 +130,23 @@ def _cols(shape):
 
 def execute(compiled: Compiled, inputs: Dict[str, np.ndarray], engine: str = "fast", chip=None,
             fp16_mxm: str = "exact"):
-    """Run a compiled graph: returns ({output name: array}, RunStats)."""
-    from ..chip import Chip
-    if chip is None:
-        chip = Chip(compiled.config, engine=engine, fp16_mxm=fp16_mxm)
-        compiled.load(chip)
-    else:
+    """Run a compiled graph: returns ({output name: array}, RunStats).
+
+    Without ``chip``, the chip comes loaded from :mod:`lpucore.compiler.loaded`'s cache (the same
+    program ran before: only the inputs are written) or is made and loaded, and goes back to the
+    cache after the run; every call starts with the graph's states at their initial values. With
+    ``chip`` (one this program is loaded on), that chip restarts at cycle 0, states as they are."""
+    if chip is not None:
         chip.reset(clear_memory=False)
+        compiled.write_inputs(chip, inputs)
+        stats = chip.run()
+        return compiled.read_outputs(chip), stats
+    chip = loaded.take(compiled, engine, fp16_mxm)
     compiled.write_inputs(chip, inputs)
     stats = chip.run()
-    return compiled.read_outputs(chip), stats
+    outputs = compiled.read_outputs(chip)
+    loaded.give_back(compiled, engine, fp16_mxm, chip)
+    return outputs, stats
 
 
 # operations that read their operands through Compiler.operand (so a constant may be an immediate)
