@@ -9,7 +9,7 @@ The public API::
     Snapshot              a chip's whole state (Chip.snapshot / Chip.restore, save / load)
     System                chips joined by C2C links (node, rack, dragonfly, any wiring), run in lockstep
     LpuError and subclasses ConfigError, ProgramError, TensorError, ScheduleError,
-    EngineUnavailableError, CompileError, SnapshotError
+    EngineUnavailableError, CompileError, SnapshotError, ModelError
     Graph, compile, execute   tensor graphs compiled to scheduled programs
     lpucore.ops           NumPy-like operations run on the chip
     lpucore.compiler      scheduled programs (gemm_program, matmul)
@@ -27,6 +27,7 @@ from .errors import (
     ConfigError,
     EngineUnavailableError,
     LpuError,
+    ModelError,
     ProgramError,
     ScheduleError,
     SnapshotError,
@@ -49,5 +50,5 @@ def get_include() -> str:
 
 __all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot",
            "System", "SystemStats", "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError",
-           "ScheduleError", "EngineUnavailableError", "CompileError", "SnapshotError", "Graph", "GraphError",
-           "Tensor", "Compiled", "compile", "execute", "ops", "get_include", "__version__"]
+           "ScheduleError", "EngineUnavailableError", "CompileError", "SnapshotError", "ModelError", "Graph",
+           "GraphError", "Tensor", "Compiled", "compile", "execute", "ops", "get_include", "__version__"]

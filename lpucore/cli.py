@@ -13,8 +13,10 @@ Commands::
     relay [--topology node|rack|dragonfly] [--mpi] ...   pass vectors through every chip of a System
 
 Every user mistake (a missing file, a bad option, a tensor of the wrong dtype,
-any :class:`~lpucore.LpuError`) prints one line ``lpucore: error: ...`` on
-stderr and gives exit status 2 for command-line usage errors, 1 for the rest.
+a malformed model directory, any :class:`~lpucore.LpuError`, an ``OSError``
+on a user's path) prints one line ``lpucore: error: ...`` on stderr and gives
+exit status 2 for command-line usage errors (a bench script's bad option
+too), 1 for the rest. Any other exception is a bug and shows its traceback.
 :func:`main` takes the argument list and returns the exit status, so it can be
 called in-process.
 
@@ -471,16 +473,22 @@ def _cmd_bench(args) -> int:
         if not script.is_file():
             raise CliError(f"no benchmark script {script}")
     for script in scripts:
-        saved = sys.argv
+        saved, saved_error = sys.argv, argparse.ArgumentParser.error
         sys.argv = [str(script), *extra]
+
+        def usage_error(parser, message, _name=script.name):     # the script's bad option: one line too
+            raise UsageError(f"bench {_name}: {message} (see '{PROG} bench "
+                             f"{names[0] if len(names) == 1 else 'NAME'} --help')")
+        argparse.ArgumentParser.error = usage_error         # type: ignore[method-assign]
         try:
             runpy.run_path(str(script), run_name="__main__")
-        except SystemExit as e:         # the script's own argparse (--help, a bad option)
+        except SystemExit as e:         # the script's own argparse (--help) or its exit status
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if code:
                 return code
         finally:
             sys.argv = saved
+            argparse.ArgumentParser.error = saved_error     # type: ignore[method-assign]
     return 0
 
 
@@ -506,7 +514,10 @@ def _cmd_decode(args) -> int:
     path = Path(args.model)
     try:
         if path.is_dir():
-            model = Decoder.from_pretrained(path, **kw)
+            try:
+                model = Decoder.from_pretrained(path, allow_nonfinite=args.allow_nonfinite, **kw)
+            except ImportError as e:        # safetensors is not installed
+                raise CliError(str(e)) from None
         elif args.model in SHAPES:
             model = Decoder.random(args.model, seed=args.seed, **kw)
         else:
@@ -565,6 +576,8 @@ def _decode_command(sub) -> None:
     d.add_argument("--seed", type=int, default=0, help="random weights' seed (named shapes)")
     d.add_argument("--json", metavar="STATS.json", help="write the per-step statistics as JSON ('-': stdout)")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
+    d.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a model directory whose weights hold NaN or infinity (refused by default)")
     add_config_option(d)
     add_engine_option(d)
 
@@ -756,4 +769,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sys.stdout = open(os.devnull, "w")
         except OSError:
             pass
+        return 1
+    except OSError as e:               # a user's file or directory the helpers did not report themselves
+        _report(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
         return 1

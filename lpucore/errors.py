@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Sequence, Tuple
+import os
+from typing import Optional, Protocol, Sequence, Tuple, Union
 
 
 class _QueueNames(Protocol):
@@ -216,3 +217,29 @@ class CompileError(LpuError, ValueError):
 class ModelDoesNotFit(LpuError, ValueError):
     """A language model's weights and KV cache need more SRAM than the configured chips have
     (raised by :mod:`lpucore.llm`; also ``lpucore.llm.ModelDoesNotFit``)."""
+
+
+class ModelError(LpuError, ValueError):
+    """A language model's configuration or weight files are malformed, unsupported or too big
+    (raised by :mod:`lpucore.llm`: :meth:`~lpucore.llm.ModelConfig.from_hf`,
+    :func:`~lpucore.llm.load_pretrained`, ``Decoder.from_pretrained``).
+
+    ``path`` is the file at fault and ``field`` the key or tensor name in it, where known; the
+    message starts with both.
+    """
+
+    def __init__(self, message: str, *, path: Union[str, "os.PathLike[str]", None] = None,
+                 field: Optional[str] = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if field is not None:
+            where.append(f"{field!r}")
+        super().__init__(f"{': '.join(where)}: {message}" if where else message)
+        self.path, self.field, self.message = (None if path is None else str(path)), field, message
+
+    def at(self, path: Union[str, "os.PathLike[str]"]) -> "ModelError":
+        """The same error, said of file ``path`` (when it does not name a file yet)."""
+        if self.path is not None:
+            return self
+        return ModelError(self.message, path=path, field=self.field)

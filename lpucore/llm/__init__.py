@@ -5,7 +5,9 @@
     random_weights, RandomWeights       a deterministic weight set with O(1) activations (RandomWeights makes
                                         each tensor from its name when it is read)
     save_pretrained, load_pretrained    Hugging Face directories (config.json + safetensors; needs
-                                        ``pip install lpucore[llm]``, imported only when called)
+                                        ``pip install lpucore[llm]``, imported only when called); a bad
+                                        directory raises ModelError naming the file and key (load_config
+                                        reads config.json alone)
     quantize_int8, dequantize_int8      per-output-channel symmetric int8
     Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
     Decoder                             the same models compiled onto the simulated chip, token by token, with
@@ -20,14 +22,23 @@ The reference modules (reference, shapes, weights) do not use lpucore's compiler
 models are checked against.
 """
 
+from ..errors import ModelError
 from .decoder import Decoder, DecodeStats, GenerateResult, ModelDoesNotFit, StepStats
 from .pipeline import PipelineDecoder
 from .predict import Prediction, predict
 from .reference import Reference
 from .shapes import SHAPES, ModelConfig, model_config
-from .weights import RandomWeights, dequantize_int8, load_pretrained, quantize_int8, random_weights, save_pretrained
+from .weights import (
+    RandomWeights,
+    dequantize_int8,
+    load_config,
+    load_pretrained,
+    quantize_int8,
+    random_weights,
+    save_pretrained,
+)
 
 __all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "RandomWeights", "load_pretrained",
-           "save_pretrained", "quantize_int8", "dequantize_int8", "Reference",
+           "load_config", "save_pretrained", "ModelError", "quantize_int8", "dequantize_int8", "Reference",
            "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder",
            "predict", "Prediction"]

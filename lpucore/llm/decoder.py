@@ -33,7 +33,7 @@ from ..errors import LpuError, ModelDoesNotFit
 from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference, choose_token
 from .shapes import ModelConfig, model_config
-from .weights import RandomWeights, load_pretrained
+from .weights import RandomWeights, load_config, load_pretrained
 
 if TYPE_CHECKING:
     from ..compiler.lower import Compiled
@@ -225,10 +225,17 @@ class Decoder:
         return cls(cfg, RandomWeights(cfg, seed), precision, **kw)
 
     @classmethod
-    def from_pretrained(cls, path, precision: str = "fp16", **kw) -> "Decoder":
-        """A Hugging Face directory (``config.json`` + ``*.safetensors``; needs ``lpucore[llm]``)."""
-        cfg, weights = load_pretrained(path)
+    def from_pretrained(cls, path, precision: str = "fp16", *, allow_nonfinite: bool = False,
+                        max_bytes: Optional[int] = None, **kw) -> "Decoder":
+        """A Hugging Face directory (``config.json`` + ``*.safetensors``; needs ``lpucore[llm]``).
+
+        The directory is untrusted: a malformed, oversized or escaping file raises
+        :class:`~lpucore.errors.ModelError` naming it (see :func:`~lpucore.llm.load_pretrained`, which takes
+        ``allow_nonfinite`` and ``max_bytes``). The fit in SRAM is checked from ``config.json`` before any
+        weight is read."""
+        cfg = load_config(path)
         cls.chips_needed(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
+        cfg, weights = load_pretrained(path, allow_nonfinite=allow_nonfinite, max_bytes=max_bytes)
         return cls(cfg, weights, precision, **kw)
 
     # ---- sizes -----------------------------------------------------------------------------------------

@@ -17,7 +17,26 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from ..errors import ModelError
+
 FAMILIES = ("llama", "mixtral", "gpt2")
+
+LIMITS: Dict[str, int] = {
+    "vocab_size": 1 << 22,       # 4,194,304 tokens (the largest published vocabularies are ~256k)
+    "d_model": 1 << 18,          # 262,144 features
+    "d_ff": 1 << 20,             # 1,048,576 features
+    "head_dim": 1 << 14,
+    "n_heads": 1 << 14,
+    "n_kv_heads": 1 << 14,
+    "n_layers": 1 << 12,         # 4096 blocks (published models have at most a few hundred)
+    "max_positions": 1 << 24,    # 16,777,216 tokens
+    "n_experts": 1 << 12,
+    "top_k": 1 << 12,
+}
+"""Largest value :class:`ModelConfig` accepts for each size field, far above any published model: a
+``config.json`` asking for more (``num_hidden_layers: 1000000000``) raises :class:`~lpucore.errors.ModelError`
+at once instead of making the loader enumerate a billion layers' tensors. Host memory is checked
+separately, from the weight files' headers (:func:`lpucore.llm.load_pretrained`)."""
 
 # Tensors of a checkpoint that are not parameters of the model (non-persistent buffers some exporters keep).
 # Loading drops them; they carry nothing the reference needs.
@@ -75,7 +94,7 @@ class ModelConfig:
                  norm_eps: float = 1e-5, rope_theta: Optional[float] = None, n_experts: int = 0, top_k: int = 0,
                  tie_embeddings: Optional[bool] = None):
         if family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, not {family!r}")
+            raise ModelError(f"family must be one of {FAMILIES}, not {family!r}")
         # Resolve the defaults that depend on other fields. A head_dim left None here (n_heads or d_model
         # not a usable integer) is reported by _validate.
         if n_kv_heads is None:
@@ -99,38 +118,44 @@ class ModelConfig:
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_positions", "n_kv_heads", "head_dim"):
             v = getattr(self, f)
             if not _is_int(v) or v <= 0:
-                raise ValueError(f"{where}: {f} must be a positive integer, not {v!r}")
+                raise ModelError(f"{where}: {f} must be a positive integer, not {v!r}")
+            if v > LIMITS[f]:
+                raise ModelError(f"{where}: {f} {v:,} exceeds lpucore's limit of {LIMITS[f]:,} "
+                                 f"(lpucore.llm.shapes.LIMITS)")
         for f in ("n_experts", "top_k"):
             if not _is_int(getattr(self, f)) or getattr(self, f) < 0:
-                raise ValueError(f"{where}: {f} must be a non-negative integer, not {getattr(self, f)!r}")
+                raise ModelError(f"{where}: {f} must be a non-negative integer, not {getattr(self, f)!r}")
+            if getattr(self, f) > LIMITS[f]:
+                raise ModelError(f"{where}: {f} {getattr(self, f):,} exceeds lpucore's limit of {LIMITS[f]:,} "
+                                 f"(lpucore.llm.shapes.LIMITS)")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"{where}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+            raise ModelError(f"{where}: n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
                              f"({self.n_kv_heads}) so that each kv head serves the same number of query heads")
-        if not (isinstance(self.norm_eps, (int, float)) and self.norm_eps > 0):
-            raise ValueError(f"{where}: norm_eps must be a positive number, not {self.norm_eps!r}")
+        if not (_is_number(self.norm_eps) and 0 < self.norm_eps < math.inf):
+            raise ModelError(f"{where}: norm_eps must be a positive number, not {self.norm_eps!r}")
         if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"{where}: tie_embeddings must be a bool, not {self.tie_embeddings!r}")
+            raise ModelError(f"{where}: tie_embeddings must be a bool, not {self.tie_embeddings!r}")
         if self.family == "gpt2":
             if self.n_kv_heads != self.n_heads:
-                raise ValueError(f"{where}: gpt2 has no grouped-query attention (n_kv_heads {self.n_kv_heads} "
+                raise ModelError(f"{where}: gpt2 has no grouped-query attention (n_kv_heads {self.n_kv_heads} "
                                  f"!= n_heads {self.n_heads})")
             if self.head_dim * self.n_heads != self.d_model:
-                raise ValueError(f"{where}: gpt2 needs head_dim * n_heads == d_model "
+                raise ModelError(f"{where}: gpt2 needs head_dim * n_heads == d_model "
                                  f"({self.head_dim} * {self.n_heads} != {self.d_model})")
             if self.rope_theta is not None:
-                raise ValueError(f"{where}: gpt2 has learned positions, not rotary ones (rope_theta must be None)")
+                raise ModelError(f"{where}: gpt2 has learned positions, not rotary ones (rope_theta must be None)")
         else:
-            if not (isinstance(self.rope_theta, (int, float)) and self.rope_theta > 0):
-                raise ValueError(f"{where}: rope_theta must be a positive number, not {self.rope_theta!r}")
+            if not (_is_number(self.rope_theta) and 0 < self.rope_theta < math.inf):
+                raise ModelError(f"{where}: rope_theta must be a positive number, not {self.rope_theta!r}")
             if self.head_dim % 2:
-                raise ValueError(f"{where}: rotary embeddings rotate feature pairs, so head_dim ({self.head_dim}) "
+                raise ModelError(f"{where}: rotary embeddings rotate feature pairs, so head_dim ({self.head_dim}) "
                                  f"must be even")
         if self.family == "mixtral":
             if self.n_experts < 1 or not 1 <= self.top_k <= self.n_experts:
-                raise ValueError(f"{where}: mixtral needs n_experts >= 1 and 1 <= top_k <= n_experts "
+                raise ModelError(f"{where}: mixtral needs n_experts >= 1 and 1 <= top_k <= n_experts "
                                  f"(got n_experts={self.n_experts}, top_k={self.top_k})")
         elif self.n_experts or self.top_k:
-            raise ValueError(f"{where}: n_experts and top_k must be 0 for the dense family {self.family!r}")
+            raise ModelError(f"{where}: n_experts and top_k must be 0 for the dense family {self.family!r}")
 
     # ------------------------------------------------------------------ tensors
 
@@ -259,58 +284,31 @@ class ModelConfig:
 
         The family comes from ``model_type`` or else ``architectures``. Keys absent from the dict take the
         Hugging Face class default, except the sizes, which are required. Features the reference does not
-        implement (rope scaling, attention/MLP biases in llama, sliding windows, other activations) raise
-        ``ValueError`` rather than being silently ignored.
+        implement (rope scaling, attention/MLP biases in llama, sliding windows, other activations) are
+        refused rather than silently ignored. Anything wrong -- not an object, a missing or mistyped key, a
+        size above :data:`LIMITS` -- raises :class:`~lpucore.errors.ModelError` (a ``ValueError``) naming
+        the key (``field``).
         """
+        if not isinstance(hf, Mapping):
+            raise ModelError(f"a model configuration must be a JSON object, not a {type(hf).__name__}")
         family = _detect_family(hf)
-        name = name or hf.get("_name_or_path") or family
+        given = hf.get("_name_or_path")
+        name = name or (given if isinstance(given, str) and given else family)
+        r = _HFKeys(hf, family)
+        return cls._checked(r.gpt2(name) if family == "gpt2" else r.llama(name))
 
-        def need(key):
-            if hf.get(key) is None:
-                raise ValueError(f"{family} config.json lacks {key!r}")
-            return hf[key]
-
-        if family == "gpt2":
-            act = hf.get("activation_function", "gelu_new")
-            if act not in ("gelu_new", "gelu_pytorch_tanh"):
-                raise ValueError(f"gpt2 activation_function {act!r} is not supported (only the tanh GELU)")
-            if hf.get("scale_attn_by_inverse_layer_idx", False) or not hf.get("scale_attn_weights", True):
-                raise ValueError("gpt2 attention scaling other than 1/sqrt(head_dim) is not supported")
-            d = need("n_embd")
-            return cls(name=name, family=family, vocab_size=need("vocab_size"), d_model=d,
-                       n_layers=need("n_layer"), n_heads=need("n_head"),
-                       d_ff=hf.get("n_inner") or 4 * d, max_positions=hf.get("n_positions", 1024),
-                       norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-                       tie_embeddings=bool(hf.get("tie_word_embeddings", True)))
-
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"{family} hidden_act {act!r} is not supported (only silu / SwiGLU)")
-        if hf.get("attention_bias") or hf.get("mlp_bias"):
-            raise ValueError(f"{family} with attention_bias / mlp_bias is not supported")
-        # transformers < 5 keeps rope_theta / rope_scaling at the top level, >= 5 in rope_parameters.
-        rope = dict(hf.get("rope_parameters") or {})
-        scaling = hf.get("rope_scaling") or {}
-        rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else rope.get("rope_type", "default")
-        if rope_type not in (None, "default"):
-            raise ValueError(f"{family} rope scaling {rope_type!r} is not supported (only plain RoPE)")
-        default_theta = 1e6 if family == "mixtral" else 10000.0
-        theta = hf.get("rope_theta", rope.get("rope_theta", default_theta))
-        n_pos = need("max_position_embeddings")
-        window = hf.get("sliding_window")
-        if window is not None and window < n_pos:
-            raise ValueError(f"{family} sliding_window {window} < max_position_embeddings {n_pos} "
-                             f"is not supported (the reference attends over the whole cache)")
-        heads = need("num_attention_heads")
-        kw = dict(name=name, family=family, vocab_size=need("vocab_size"), d_model=need("hidden_size"),
-                  n_layers=need("num_hidden_layers"), n_heads=heads,
-                  n_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
-                  d_ff=need("intermediate_size"), max_positions=n_pos,
-                  norm_eps=float(hf.get("rms_norm_eps", 1e-5 if family == "mixtral" else 1e-6)),
-                  rope_theta=float(theta), tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-        if family == "mixtral":
-            kw.update(n_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2))
-        return cls(**kw)
+    @classmethod
+    def _checked(cls, kw: Dict[str, Any]) -> "ModelConfig":
+        """``cls(**kw)``, where a ModelError names the config.json key of the field at fault."""
+        try:
+            return cls(**kw)
+        except ModelError as e:
+            text = str(e)
+            fam = kw["family"]
+            for f, key in _HF_KEYS[fam].items():
+                if f": {f} " in text:
+                    raise ModelError(text, field=key) from None
+            raise
 
     def to_hf(self) -> Dict[str, Any]:
         """A Hugging Face ``config.json`` dict for this shape; :meth:`from_hf` reads it back unchanged."""
@@ -340,17 +338,148 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _short(v, limit: int = 60) -> str:
+    """``repr(v)`` cut to ``limit`` characters (a hostile config.json may hold megabytes in one key)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + "..."
+
+
+class _HFKeys:
+    """Typed reads of a config.json dict: each raises ModelError naming the key (``field``)."""
+
+    def __init__(self, hf: Mapping[str, Any], family: str):
+        self.hf, self.family = hf, family
+
+    def bad(self, key: str, message: str) -> ModelError:
+        return ModelError(message, field=key)
+
+    def need(self, key: str) -> int:
+        if self.hf.get(key) is None:
+            raise self.bad(key, f"{self.family} config.json lacks {key!r}")
+        return self.size(key, 0)
+
+    def size(self, key: str, default: Optional[int] = None):
+        v = self.hf.get(key)
+        if v is None:
+            return default
+        if not _is_int(v) or v <= 0:
+            raise self.bad(key, f"must be a positive integer, not {_short(v)}")
+        return v
+
+    def number(self, key: str, default: float) -> float:
+        v = self.hf.get(key)
+        if v is None:
+            return float(default)
+        if not _is_number(v) or not math.isfinite(v):
+            raise self.bad(key, f"must be a finite number, not {_short(v)}")
+        return float(v)
+
+    def flag(self, key: str, default: bool) -> bool:
+        v = self.hf.get(key)
+        if v is None:
+            return default
+        if not isinstance(v, bool):
+            raise self.bad(key, f"must be true or false, not {_short(v)}")
+        return v
+
+    def mapping(self, key: str) -> Mapping[str, Any]:
+        v = self.hf.get(key)
+        if v is None:
+            return {}
+        if not isinstance(v, Mapping):
+            raise self.bad(key, f"must be a JSON object or null, not {_short(v)}")
+        return v
+
+    def gpt2(self, name: str) -> Dict[str, Any]:
+        act = self.hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise self.bad("activation_function", f"gpt2 activation_function {_short(act)} is not supported "
+                                                   f"(only the tanh GELU)")
+        if self.flag("scale_attn_by_inverse_layer_idx", False) or not self.flag("scale_attn_weights", True):
+            raise self.bad("scale_attn_weights", "gpt2 attention scaling other than 1/sqrt(head_dim) is not "
+                                                 "supported")
+        d = self.need("n_embd")
+        return dict(name=name, family="gpt2", vocab_size=self.need("vocab_size"), d_model=d,
+                    n_layers=self.need("n_layer"), n_heads=self.need("n_head"),
+                    d_ff=self.size("n_inner") or 4 * d, max_positions=self.size("n_positions", 1024),
+                    norm_eps=self.number("layer_norm_epsilon", 1e-5),
+                    tie_embeddings=self.flag("tie_word_embeddings", True))
+
+    def _rope_theta(self) -> float:
+        family = self.family
+        # transformers < 5 keeps rope_theta / rope_scaling at the top level, >= 5 in rope_parameters.
+        rope = self.mapping("rope_parameters")
+        scaling = self.mapping("rope_scaling")
+        rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else rope.get("rope_type", "default")
+        if rope_type not in (None, "default"):
+            raise self.bad("rope_scaling" if scaling else "rope_parameters",
+                           f"{family} rope scaling {_short(rope_type)} is not supported (only plain RoPE)")
+        if self.hf.get("rope_theta") is not None:
+            return self.number("rope_theta", 0.0)
+        t = rope.get("rope_theta", 1e6 if family == "mixtral" else 10000.0)
+        if not _is_number(t) or not math.isfinite(t):
+            raise self.bad("rope_parameters", f"rope_theta must be a finite number, not {_short(t)}")
+        return float(t)
+
+    def llama(self, name: str) -> Dict[str, Any]:
+        family = self.family
+        act = self.hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise self.bad("hidden_act", f"{family} hidden_act {_short(act)} is not supported (only silu / SwiGLU)")
+        for key in ("attention_bias", "mlp_bias"):
+            if self.flag(key, False):
+                raise self.bad(key, f"{family} with {key} is not supported")
+        theta = self._rope_theta()
+        n_pos = self.need("max_position_embeddings")
+        window = self.hf.get("sliding_window")
+        if window is not None:
+            if not _is_int(window) or window <= 0:
+                raise self.bad("sliding_window", f"must be a positive integer or null, not {_short(window)}")
+            if window < n_pos:
+                raise self.bad("sliding_window", f"{family} sliding_window {window} < max_position_embeddings "
+                                                 f"{n_pos} is not supported (the reference attends over the "
+                                                 f"whole cache)")
+        heads = self.need("num_attention_heads")
+        kw = dict(name=name, family=family, vocab_size=self.need("vocab_size"), d_model=self.need("hidden_size"),
+                  n_layers=self.need("num_hidden_layers"), n_heads=heads,
+                  n_kv_heads=self.size("num_key_value_heads") or heads, head_dim=self.size("head_dim"),
+                  d_ff=self.need("intermediate_size"), max_positions=n_pos,
+                  norm_eps=self.number("rms_norm_eps", 1e-5 if family == "mixtral" else 1e-6),
+                  rope_theta=theta, tie_embeddings=self.flag("tie_word_embeddings", False))
+        if family == "mixtral":
+            kw.update(n_experts=self.size("num_local_experts", 8), top_k=self.size("num_experts_per_tok", 2))
+        return kw
+
+
+# ModelConfig field -> the config.json key it is read from, per family (for error messages).
+_LLAMA_KEYS = {"vocab_size": "vocab_size", "d_model": "hidden_size", "n_layers": "num_hidden_layers",
+               "n_heads": "num_attention_heads", "n_kv_heads": "num_key_value_heads", "head_dim": "head_dim",
+               "d_ff": "intermediate_size", "max_positions": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+               "rope_theta": "rope_theta", "n_experts": "num_local_experts", "top_k": "num_experts_per_tok"}
+_HF_KEYS: Dict[str, Dict[str, str]] = {
+    "gpt2": {"vocab_size": "vocab_size", "d_model": "n_embd", "n_layers": "n_layer", "n_heads": "n_head",
+             "d_ff": "n_inner", "max_positions": "n_positions", "norm_eps": "layer_norm_epsilon"},
+    "llama": _LLAMA_KEYS, "mixtral": _LLAMA_KEYS}
+
+
 def _detect_family(hf: Mapping[str, Any]) -> str:
-    mt = str(hf.get("model_type", "")).lower()
-    if mt in FAMILIES:
-        return mt
+    mt = hf.get("model_type")
+    if isinstance(mt, str) and mt.lower() in FAMILIES:
+        return mt.lower()
     arches = {"LlamaForCausalLM": "llama", "LlamaModel": "llama", "MixtralForCausalLM": "mixtral",
               "MixtralModel": "mixtral", "GPT2LMHeadModel": "gpt2", "GPT2Model": "gpt2"}
-    for a in hf.get("architectures") or ():
+    given = hf.get("architectures")
+    if given is not None and not (isinstance(given, list) and all(isinstance(a, str) for a in given)):
+        raise ModelError(f"must be a list of class names, not {_short(given)}", field="architectures")
+    for a in given or ():
         if a in arches:
             return arches[a]
-    raise ValueError(f"unsupported model (model_type {hf.get('model_type')!r}, architectures "
-                     f"{hf.get('architectures')!r}); supported families: {FAMILIES}")
+    raise ModelError(f"unsupported model (model_type {_short(mt)}, architectures "
+                     f"{_short(given)}); supported families: {FAMILIES}", field="model_type")
 
 
 def is_buffer_name(name: str) -> bool:
@@ -390,4 +519,4 @@ def model_config(name: str) -> ModelConfig:
     try:
         return SHAPES[name]
     except KeyError:
-        raise ValueError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}") from None
+        raise ModelError(f"unknown model shape {name!r}; known shapes: {', '.join(SHAPES)}") from None
