@@ -13,6 +13,7 @@ from .errors import CompileError as CompileError
 from .errors import ConfigError as ConfigError
 from .errors import EngineUnavailableError as EngineUnavailableError
 from .errors import LpuError as LpuError
+from .errors import ModelError as ModelError
 from .errors import ProgramError as ProgramError
 from .errors import ScheduleError as ScheduleError
 from .errors import SnapshotError as SnapshotError
