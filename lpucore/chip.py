@@ -180,20 +180,18 @@ class Chip:
         self.program: Optional[Program] = None
 
     # ---- program -----------------------------------------------------------------------
-    def load(self, program: Program, validate: bool = True) -> None:
+    def load(self, program: Program) -> None:
         """Validate and load a program; the chip restarts at cycle 0 with its SRAM kept.
 
-        ``validate=False`` skips the check of every instruction (about 10 us each in Python): only
-        for programs lpucore built from parts it has already checked (a compiled program extended
-        by :func:`lpucore.compiler.pipeline.hand_over`, whose added instructions are checked as they
-        are added). A program from a user or a file must be validated."""
+        Every program is validated (:meth:`Program.validate`), so no engine ever sees an
+        operand out of range; a program validated before and unchanged since is not checked
+        again (validate remembers it), so loading a compiled program costs little."""
         if not isinstance(program, Program):
             raise LpuError("Chip.load expects an lpucore.Program")
         if program.config != self.config:
             raise LpuError(f"program is for chip configuration {program.config.name!r}, "
                            f"this chip is {self.config.name!r} (or differs in a parameter)")
-        if validate:
-            program.validate()
+        program.validate()
         self._eng.load(program)
         self.program = program
 

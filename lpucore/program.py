@@ -250,6 +250,8 @@ class Program:
         self.config = config if config is not None else ChipConfig.groqchip1()
         self.queues: Dict[str, List[Instruction]] = {}
         self.tensors: Dict[str, TensorInfo] = {}
+        # the state validate last passed (see validate): a program is checked once until it changes
+        self._checked: Optional[Tuple[ChipConfig, Dict[str, Tuple[Instruction, ...]], Dict[str, TensorInfo]]] = None
 
     # ---- building ---------------------------------------------------------------------
     def add(self, queue: str, mnemonic: str, *args: Operand, check: bool = True, **kwargs: Operand) -> Instruction:
@@ -322,9 +324,17 @@ class Program:
                                        queue=qname, index=i, field="stride")
 
     def validate(self) -> "Program":
-        """Check every queue, instruction and field against the table and the configuration."""
+        """Check every queue, instruction and field against the table and the configuration.
+
+        A program that passed is remembered as it was (its configuration, each queue's
+        instructions and its tensor table): validating it again while it is unchanged costs a
+        comparison of those (about 10 ns an instruction), and any change is checked in full."""
         if not isinstance(self.config, ChipConfig):
             raise ProgramError("program has no ChipConfig")
+        checked = getattr(self, "_checked", None)         # None too for a Program unpickled from an old lpucore
+        if checked is not None and checked == self._state():
+            return self
+        self._checked = None
         legal: _Legal = set()
         for qname, lst in self.queues.items():
             try:
@@ -340,7 +350,19 @@ class Program:
             if not isinstance(t, TensorInfo) or t.name != name:
                 raise ProgramError(f"tensor table entry {name!r} is malformed")
             make_tensor(t.name, t.dtype, t.shape, t.planes, self.config)
+        self._checked = self._state()
         return self
+
+    def _state(self) -> Tuple[ChipConfig, Dict[str, Tuple[Instruction, ...]], Dict[str, TensorInfo]]:
+        """What validate checks, as immutable values (Instructions and TensorInfos are frozen;
+        tuples of them compare by identity first, so comparing an unchanged program is cheap)."""
+        return (self.config, {q: tuple(lst) for q, lst in self.queues.items()}, dict(self.tensors))
+
+    def _mark_checked(self) -> None:
+        """Record the program as validated without checking it: only for a program put together
+        from the instructions of validated programs and instructions checked as they were added
+        (:func:`lpucore.compiler.pipeline.hand_over`)."""
+        self._checked = self._state()
 
     # ---- views -------------------------------------------------------------------------------
     def queue_lists(self) -> List[List[Instruction]]:

@@ -181,3 +181,62 @@ def test_instruction_objects_must_be_valid():
         p.validate()
     with pytest.raises(LpuError):
         lpucore.Chip(ChipConfig.tiny(), engine="reference").load(p)
+
+
+@pytest.mark.parametrize("queue, ins", [
+    ("MEM.W0", ("Read", (1000000, 0))),                 # the address that used to crash the fast engine
+    ("MEM.W0", ("Write", (0, 10 ** 6))),                # a stream
+    ("MXM.W0.ACC", ("ACC", (99, 0))),                   # an accumulator
+    ("SXM.W0", ("Send", (77, 0))),                      # a chip-to-chip link
+    ("VXM.0", ("add", (2, 0, 0, 1000))),                # a stream or latch
+])
+def test_every_load_validates_on_both_engines(engine, queue, ins):
+    """No program reaches an engine unvalidated (Chip.load has no validate=False): a bad operand
+    is the same ProgramError on both engines, before anything runs."""
+    cfg = ChipConfig.tiny()
+    mn, args = ins
+    op = isa.lookup(mn, cfg.queue(queue).unit)
+    assert op is not None and len(op.fields) == len(args)
+    p = Program(cfg)
+    p.queues[queue] = [Instruction(op, args)]
+    chip = lpucore.Chip(cfg, engine=engine)
+    with pytest.raises(ProgramError) as e:
+        chip.load(p)
+    assert e.value.queue == queue and e.value.index == 0
+    with pytest.raises(TypeError):
+        chip.load(p, validate=False)      # type: ignore[call-arg]
+
+
+def test_validation_is_remembered_until_the_program_changes(engine):
+    cfg = ChipConfig.tiny()
+    p = Program(cfg)
+    p.add("MEM.W0", "Read", 3, "E0")
+    p.add("MEM.E0", "NOP", 3)
+    p.add("MEM.E0", "Write", 5, "E0")
+    checked = []
+    real = Program._check_one
+
+    def counting(self, *a, **k):
+        checked.append(a[1])
+        return real(self, *a, **k)
+
+    chip = lpucore.Chip(cfg, engine=engine)
+    try:
+        Program._check_one = counting
+        chip.load(p)
+        n = len(checked)
+        assert n == 3
+        chip.load(p)                       # unchanged: not checked again
+        assert len(checked) == n
+        # changed after validation, in place: checked in full again, and refused
+        p.queues["MEM.W0"][0] = Instruction(isa.lookup("Read"), (1000000, 0))
+        with pytest.raises(ProgramError, match="addr"):
+            chip.load(p)
+        p.queues["MEM.W0"][0] = Instruction(isa.lookup("Read"), (3, 0))
+        p.tensors["t"] = "not a tensor"    # type: ignore[assignment]
+        with pytest.raises(ProgramError, match="malformed"):
+            chip.load(p)
+    finally:
+        Program._check_one = real
+    del p.tensors["t"]
+    chip.load(p)

@@ -42,7 +42,9 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
     the original instructions from ``shift`` on, then ``tail`` events (absolute cycles)."""
     cfg = program.config
     # the original instructions are shared, not copied (they are immutable), and the added ones are
-    # checked as they are added: a compiled stage of a 7B model has millions of instructions
+    # checked as they are added: a compiled stage of a 7B model has millions of instructions, so the
+    # result is marked validated (Chip.load then does not check it again) once the original is
+    program.validate()                # remembered: free for an unchanged compiled program
     out = Program(cfg)
     out.tensors = dict(program.tensors)
     out.queues = dict(program.queues)
@@ -74,6 +76,7 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
             scratch.add(name, mn, *args)
             t = c + 1
         out.queues[name] = scratch.queues.get(name, [])
+    out._mark_checked()
     return out
 
 

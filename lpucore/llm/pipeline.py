@@ -360,7 +360,7 @@ class PipelineDecoder:
         this stage's own weights in place of those it was compiled with."""
         sig = self.signatures[k]
         comp = self.compiled[sig]
-        chip.load(prog, validate=False)
+        chip.load(prog)
         compiled_with = names.get(sig)
         if compiled_with is None:        # compiled by the first stage of this kind on another process
             g0 = self._graph(self.signatures.index(sig))
