@@ -204,7 +204,7 @@ def test_every_load_validates_on_both_engines(engine, queue, ins):
         chip.load(p)
     assert e.value.queue == queue and e.value.index == 0
     with pytest.raises(TypeError):
-        chip.load(p, validate=False)      # type: ignore[call-arg]
+        chip.load(p, validate=False)      # type: ignore[call-arg]  # the option is gone: TypeError
 
 
 def test_validation_is_remembered_until_the_program_changes(engine):
