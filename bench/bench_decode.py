@@ -40,8 +40,9 @@ def main(argv=None):
     t1 = time.perf_counter()
     dec.compile()
     t2 = time.perf_counter()
-    print(f"{dec}: weights {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, SRAM {dec.compiled.memory_bytes / 1e6:.1f} MB",
-          flush=True)
+    chip_cfg = ChipConfig.named(a.config)
+    print(f"{dec}: weights {t1 - t0:.1f} s, compile {t2 - t1:.1f} s, SRAM {dec.compiled.memory_bytes / 1e6:.1f} MB; "
+          f"chip {chip_cfg.name} (config digest {chip_cfg.digest()})", flush=True)
     _ = dec.chip                                # create the chip and write the weights once, outside the timing
     res = dec.generate([a.prompt], max_new_tokens=a.tokens)
     st = res.stats
@@ -65,7 +66,8 @@ def main(argv=None):
     print(f"host: lpucore {per_tok:.3f} s per simulated token, NumPy reference {ref_per_tok:.3f} s per token: "
           f"ratio {per_tok / ref_per_tok:.2f} (goal <= 3)")
     print(f"check: tokens {'identical' if same else 'DIFFER'}; max logit error {err:.2e} (bound {bound:.2e})")
-    out = dict(model=dec.cfg.name, precision=a.precision, chip=a.config, tokens=a.tokens, steps=steps,
+    out = dict(model=dec.cfg.name, precision=a.precision, chip=a.config, config_digest=chip_cfg.digest(),
+               tokens=a.tokens, steps=steps,
                capacity=a.capacity, step_cycles=st.step_cycles, step_seconds=st.step_seconds,
                tokens_per_second_per_user=st.tokens_per_second, mxm_utilisation=st.mxm_utilisation,
                sram_bytes=st.sram_bytes, compile_seconds=t2 - t1, wall_seconds_per_token=per_tok,

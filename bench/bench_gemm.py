@@ -139,7 +139,9 @@ def main(argv=None):
     ap.add_argument("--only", default="a,b,c")
     ap.add_argument("--reps", type=int, default=3, help="warm runs of lpucore and of NumPy; each reports its best")
     args = ap.parse_args(argv)
-    out = {"lpucore": lpucore.__version__, "results": {}}
+    cfg = ChipConfig.groqchip1()
+    print(f"chip {cfg.name} (config digest {cfg.digest()})")
+    out = {"lpucore": lpucore.__version__, "config": cfg.name, "config_digest": cfg.digest(), "results": {}}
     for key in args.only.split(","):
         if SHAPES[key][3] == "float16":
             for mode in ("exact", "fp32"):

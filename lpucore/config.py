@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -548,6 +549,11 @@ class ChipConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
+
+    def digest(self) -> str:
+        """12 hex digits of the SHA-256 of every field (:meth:`to_json`): two configurations with the
+        same name but any parameter changed have different digests. Benchmarks print it."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:12]
 
     @classmethod
     def describe(cls) -> str:

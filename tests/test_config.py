@@ -76,3 +76,12 @@ def test_every_parameter_is_documented_with_a_source():
             assert "TSP.md" in f.metadata["source"] or "estimate" in f.metadata["source"], f.name
     table = ChipConfig.describe()
     assert all(f"`{f.name}`" in table for f in dataclasses.fields(ChipConfig))
+
+
+def test_digest_names_every_field():
+    import dataclasses
+    a = ChipConfig.groqchip1()
+    assert a.digest() == ChipConfig.groqchip1().digest() and len(a.digest()) == 12
+    assert all(c in "0123456789abcdef" for c in a.digest())
+    assert dataclasses.replace(a, mxm_delay=a.mxm_delay + 1).digest() != a.digest()
+    assert ChipConfig.tiny().digest() != a.digest()
