@@ -214,8 +214,9 @@ def mutate_bytes(draw, blob: bytearray, lo: int = 0, hi: int = -1) -> bytearray:
     for _ in range(draw(st.integers(1, 6))):
         if not blob:
             break
-        if lo < hi and draw(st.integers(0, 3)):
-            i = draw(st.integers(lo, hi - 1))
+        top = min(hi, len(blob))                      # a cut may have shortened the blob
+        if lo < top and draw(st.integers(0, 3)):
+            i = draw(st.integers(lo, top - 1))
         else:
             i = draw(st.integers(0, len(blob) - 1))
         how = draw(st.sampled_from(["flip", "set", "cut", "dup"]))
