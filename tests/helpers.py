@@ -42,3 +42,15 @@ def schedule_error(engine, text, cfg=TINY, mem=()):
     with pytest.raises(ScheduleError) as e:
         chip.run()
     return e.value
+
+
+def one_error_line(capsys, *fragments):
+    """stderr is exactly one 'lpucore: error: ...' line containing every fragment."""
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lpucore: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]

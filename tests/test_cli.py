@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_error_line
 
 from lpucore import ChipConfig, LpuError, Program, assemble, cli
 from lpucore.cli import main
@@ -67,18 +68,6 @@ def work(tmp_path, monkeypatch):
 
 def expected_y(x):
     return np.maximum(x * np.int8(3), 0)          # int8 wraps, as on the chip
-
-
-def one_error_line(capsys, *fragments):
-    """stderr is exactly one 'lpucore: error: ...' line containing every fragment."""
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lpucore: error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 def value_of(out, key):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import one_error_line
 
 from lpucore import LpuError, ModelError
 from lpucore.cli import main
@@ -313,17 +314,6 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, tiny, bad):
 
 
 # ---------------------------------------------------------------------- the command line
-
-def one_error_line(capsys, *fragments):
-    err = capsys.readouterr().err
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith("lpucore: error: "), err
-    assert "Traceback" not in err
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
-
 
 def corrupt(d, how):
     if how == "config-list":
