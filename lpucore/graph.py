@@ -261,17 +261,30 @@ class Graph:
             raise GraphError(f"{op}: only the last axis (-1) is supported, got axis={axis} for {x.ndim}-d {x}")
 
     def _reduce(self, op, x, axis, keepdims):
+        """A reduction over the last axis (across lanes) or, for sum / max / mean of a tensor with at
+        least two axes, over the second-to-last (across rows: elementwise over vectors, no lane moves)."""
         x = self._t(op, x)
-        self._axis(op, x, axis)
+        rows = x.ndim >= 2 and axis in (-2, x.ndim - 2)
+        if not rows:
+            self._axis(op, x, axis)
         if op == "mean" and not x.dtype.is_float:
             raise GraphError(f"mean: needs a float tensor, got {x.dtype.name}")
-        shape = x.shape[:-1] + ((1,) if keepdims else ())
+        kept = (1,) if keepdims else ()
+        shape = x.shape[:-2] + kept + x.shape[-1:] if rows else x.shape[:-1] + kept
         d = dt.INT32 if (op == "sum" and not x.dtype.is_float) else x.dtype
-        return self._node(op, [x], shape, d, keepdims=keepdims)
+        return self._node(op, [x], shape, d, keepdims=keepdims, axis=-2 if rows else -1)
 
-    def sum(self, x, axis=-1, keepdims=False): return self._reduce("sum", x, axis, keepdims)
-    def max(self, x, axis=-1, keepdims=False): return self._reduce("max", x, axis, keepdims)
-    def mean(self, x, axis=-1, keepdims=False): return self._reduce("mean", x, axis, keepdims)
+    def sum(self, x, axis=-1, keepdims=False):
+        """Sum over ``axis`` (-1, or -2 across rows); integers sum in int32, floats in float32."""
+        return self._reduce("sum", x, axis, keepdims)
+
+    def max(self, x, axis=-1, keepdims=False):
+        """Max over ``axis`` (-1, or -2 across rows)."""
+        return self._reduce("max", x, axis, keepdims)
+
+    def mean(self, x, axis=-1, keepdims=False):
+        """Mean over ``axis`` (-1, or -2 across rows); float tensors only."""
+        return self._reduce("mean", x, axis, keepdims)
 
     def softmax(self, x, axis=-1):
         x = self._t("softmax", x)

@@ -138,6 +138,43 @@ def test_reductions(shape, op, keepdims, dtype, seed):
         assert (np.abs(out["y"] - ref) <= bound + 1e-30).all()
 
 
+@settings(max_examples=few(5))
+@given(st.tuples(st.integers(1, 2), st.integers(1, 40), st.integers(1, 150)), st.sampled_from(["sum", "max", "mean"]),
+       st.booleans(), st.sampled_from(["float32", "float16", "int8", "int32"]), st.integers(0, 99))
+def test_reductions_across_rows(shape, op, keepdims, dtype, seed):
+    # axis -2: a tree of VXM operations over the rows' vectors, float32 (int32 for integer sums)
+    if op == "mean" and dtype in ("int8", "int32"):
+        return
+    g = Graph()
+    a = g.input("a", shape, dtype)
+    y = getattr(g, op)(a, axis=-2, keepdims=keepdims)
+    g.output("y", y)
+    A = values(shape, dtype, seed)
+    out, c = run_graph(g, {"a": A})
+    assert out["y"].shape == y.shape and c.bounds().critical_path > 0
+    if op == "max":
+        assert np.array_equal(out["y"], A.max(-2, keepdims=keepdims))
+        return
+    if dtype in ("int8", "int32"):
+        # int32 additions wrap like NumPy's
+        assert np.array_equal(out["y"], A.astype(np.int32).sum(-2, keepdims=keepdims, dtype=np.int32))
+        return
+    ref = getattr(A.astype(np.float64), op)(-2, keepdims=keepdims)
+    # a balanced tree: each element passes ceil(log2 rows) float32 roundings (one more for a mean)
+    bound = (np.ceil(np.log2(shape[-2])) + 1) * 2.0 ** -24 * np.abs(A.astype(np.float64)).sum(-2, keepdims=keepdims)
+    if op == "mean":
+        bound = bound / shape[-2] + np.abs(ref) * 2.0 ** -23
+    if dtype == "float16":
+        bound = bound + np.spacing(np.abs(ref).astype(np.float16)) / 2 * 1.001
+    assert (np.abs(out["y"] - ref) <= bound + 1e-30).all()
+
+
+def test_a_row_reduction_needs_two_axes():
+    g = Graph()
+    with pytest.raises(GraphError, match="only the last axis"):
+        g.sum(g.input("a", (5,), "float32"), axis=-2)
+
+
 def test_integer_sum_is_int32():
     g = Graph()
     a = g.input("a", (3, 70), "int8")

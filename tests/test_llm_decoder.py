@@ -104,11 +104,12 @@ def test_kv_cache_holds_keys_at_their_positions():
     ref.prefill([3, 1, 4, 1])
     cfg = dec.cfg
     for layer in range(cfg.n_layers):
-        k = dec.compiled.read_state(dec.chip, f"k{layer}")          # [Hkv, hd, S]
-        v = dec.compiled.read_state(dec.chip, f"v{layer}")          # [Hkv, S, hd]
-        rk, rv = ref.cache._k[layer][:, :4], ref.cache._v[layer][:, :4]
-        np.testing.assert_allclose(k[:, :, :4].transpose(0, 2, 1).astype(np.float32), rk, rtol=0.01, atol=0.01)
-        np.testing.assert_allclose(v[:, :4].astype(np.float32), rv, rtol=0.01, atol=0.01)
+        k = dec.compiled.read_state(dec.chip, f"k{layer}")          # [S, Hkv * hd]
+        v = dec.compiled.read_state(dec.chip, f"v{layer}")
+        rk, rv = ref.cache._k[layer][:, :4], ref.cache._v[layer][:, :4]     # [Hkv, 4, hd]
+        for got, want in ((k, rk), (v, rv)):
+            rows = got[:4].reshape(4, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)
+            np.testing.assert_allclose(rows.astype(np.float32), want, rtol=0.01, atol=0.01)
 
 
 def test_reference_engine_gives_identical_steps():

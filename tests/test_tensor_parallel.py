@@ -151,10 +151,13 @@ def test_llm_step_heads_split_matches_one_chip(precision):
     graph, sc, one = llm(precision)
     system = llm_system()
     states = ("k0", "v0", "k1", "v1")
-    assert sc.state_axes == {n: 0 for n in states}             # 2 KV heads: one per chip
+    # caches [S, Hkv * hd]: split by cache rows or by heads, whichever crosses the links least
+    axis = sc.state_axes["k0"]
+    assert axis in (0, 1) and sc.state_axes == {n: axis for n in states}
     for n in states:
-        full = graph.states[n].shape
-        assert all(p.states[n][0] == (full[0] // 2,) + full[1:] for p in sc.parts)
+        full = list(graph.states[n].shape)
+        full[axis] //= 2
+        assert all(p.states[n][0] == tuple(full) for p in sc.parts)
     # same graph structure on both chips, the same tables, different weight slices
     g0, g1 = sc.partition.graphs
     assert [(n.op, g0.tensors[n.output].shape) for n in g0.nodes] == \
@@ -182,7 +185,7 @@ def test_llm_step_heads_split_matches_one_chip(precision):
         assert np.abs(want).max() > 0.01                       # not trivially equal
         for n in states:
             assert np.array_equal(sc.read_state(system, n), one.read_state(chip, n)), (pos, n)
-        assert np.abs(sc.read_state(system, "k1")[:, :, pos]).max() > 0    # the step wrote the cache
+        assert np.abs(sc.read_state(system, "k1")[pos]).max() > 0          # the step wrote cache row pos
     assert len(cycles) == 1                                    # every step takes the same cycles
 
 

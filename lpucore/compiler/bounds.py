@@ -42,6 +42,8 @@ LATENCY: Dict[str, Tuple[str, ...]] = {
     "silu": (_T, _A), "gelu": (_A, _T, _A),
     "cast": (_C,), "quantize": (_A, _C), "dequantize": (_C, _A),
     "sum": _REDUCE, "max": _REDUCE, "mean": _REDUCE + (_A,),
+    # across rows (axis -2): elementwise over vectors, no lane move
+    "sum@rows": (_A,), "max@rows": (_A,), "mean@rows": (_A, _A),
     "softmax": _REDUCE + (_A, _T) + _REDUCE + (_T,),
     "layernorm": _REDUCE + (_A, _A) + _REDUCE + (_T, _A, _A),
     "rmsnorm": (_A,) + _REDUCE + (_T, _A),
@@ -58,11 +60,16 @@ VXM_OPS: Dict[str, int] = {
     "add": 1, "sub": 1, "mul": 1, "div": 1, "maximum": 1, "minimum": 1, "neg": 1, "abs": 1, "relu": 1,
     "exp": 1, "tanh": 1, "sigmoid": 1, "sqrt": 1, "rsqrt": 1, "silu": 2, "gelu": 3,
     "cast": 1, "quantize": 2, "dequantize": 2, "sum": 1, "max": 1, "mean": 1,
-    "softmax": 4, "layernorm": 5, "rmsnorm": 3, "rope": 2,
+    "sum@rows": 1, "max@rows": 1, "mean@rows": 1, "softmax": 4, "layernorm": 5, "rmsnorm": 3, "rope": 2,
     "matmul": 0, "gather": 0, "reshape": 0, "transpose": 0, "concat": 0, "slice": 0,
     "allgather": 0, "allreduce": 1,
 }
-_PER_INPUT = ("sum", "max", "mean")          # counted per input element
+_PER_INPUT = ("sum", "max", "mean", "sum@rows", "max@rows", "mean@rows")          # counted per input element
+
+
+def op_key(n) -> str:
+    """A node's entry in ``LATENCY`` / ``VXM_OPS``: its op, with ``@rows`` for a reduction across rows."""
+    return n.op + "@rows" if n.op in ("sum", "max", "mean") and n.attrs.get("axis") == -2 else n.op
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ def _critical_path(g: Graph, cfg: ChipConfig) -> int:
     ready: Dict[int, int] = {}
     for n in g.nodes:
         start = max((ready.get(i, 0) for i in n.inputs), default=0)
-        ready[n.output] = start + latency(n.op, cfg)
+        ready[n.output] = start + latency(op_key(n), cfg)
     ends = [ready.get(t.id, 0) for t in g.outputs.values()] + [ready.get(v.id, 0) for v in g.assigns.values()]
     return cfg.mem_read_delay + max(ends, default=0) + cfg.mem_write_delay + cfg.stagger
 
@@ -148,8 +155,9 @@ def graph_bounds(g: Graph, cfg: ChipConfig, cycles: int) -> Bounds:
                 macs8 += macs
             else:
                 macs16 += macs
-        per = ins[0] if n.op in _PER_INPUT else out
-        alu_ops += VXM_OPS[n.op] * int(math.prod(per.shape))
+        key = op_key(n)
+        per = ins[0] if key in _PER_INPUT else out
+        alu_ops += VXM_OPS[key] * int(math.prod(per.shape))
     read: List[Tensor] = list(g.inputs.values()) + list(g.states.values())
     read += [g.tensors[tid] for tid in g.constants]
     written: List[Tensor] = list(g.outputs.values()) + list(g.assigns.values())

@@ -389,6 +389,10 @@ def _staggered(root: Expr) -> Expr:
     return rec(root)
 
 
+# vectors of one elementwise kernel in flight in one cycle, at most (each needs its own streams)
+MAX_ALU_SETS = 4
+
+
 class NeedsSplit(CompileError):
     """An expression whose operand reads collide in one slice cannot be staged within
     the ALUs it was given: the caller should split it into smaller kernels."""
@@ -432,12 +436,13 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
         root = E("mov", root.dtype, root)
     alus = list(alus if alus is not None else range(cfg.vxm_alus_per_lane))
     vectors = range(out.nvec) if vectors is None else vectors
-    chains = _chains(ctx, root, vectors, alus)
+    chains, set_of = _alu_sets(ctx, root, vectors, alus)
     pos = ctx.vx
-    a = start
+    anchor = [start] * (max(set_of.values(), default=0) + 1)     # per ALU set: its next anchor cycle
     last = 0
     for v in vectors:
         ch = chains[v]
+        a = anchor[set_of[v]]
         root_v = ch.root if ch.root is not None else root
         # earliest anchor from data readiness
         lo = start
@@ -487,7 +492,30 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
             a += 1
         else:
             raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
+        anchor[set_of[v]] = a
     return last
+
+
+def _alu_sets(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]):
+    """Chains for every vector, and the ALU set each uses: an expression of n operations leaves room
+    for len(alus) // n disjoint sets, and vectors take them in turn so that several vectors issue in one
+    cycle (the reservation table keeps their streams and MEM ports apart). Falls back to one set
+    when the vectors' operand reads collide and a smaller set cannot stage them."""
+    n = max(1, len([x for x in _topo(root) if x.op != "in"]))
+    k = min(len(alus) // n, len(vectors), MAX_ALU_SETS) if len(vectors) > 1 else 1
+    if k > 1:
+        per = len(alus) // k
+        try:
+            chains: Dict[int, _Chain] = {}
+            set_of: Dict[int, int] = {}
+            for j in range(k):
+                mine = [v for i, v in enumerate(vectors) if i % k == j]
+                chains.update(_chains(ctx, root, mine, alus[j * per:(j + 1) * per]))
+                set_of.update((v, j) for v in mine)
+            return chains, set_of
+        except NeedsSplit:
+            pass
+    return _chains(ctx, root, vectors, alus), {v: 0 for v in vectors}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -413,6 +413,8 @@ class Compiler:
         if op == "cast":
             return self.map_op(t, name, kind, lambda: cvt(self.operand(ins[0], t.shape), t.dtype))
         if op in ("sum", "max", "mean"):
+            if n.attrs.get("axis") == -2:
+                return self.reduce_rows(op, ins[0], t, name, kind)
             return self.reduce(op, ins[0], t, name, kind)
         if op == "softmax":
             return self.softmax(ins[0], t, name, kind)
@@ -480,10 +482,7 @@ class Compiler:
                     and sizes[id(n)] <= budget]
             if not cand:
                 raise CompileError(f"an elementwise expression needs more than {budget} ALUs at one step")
-            sub = max(cand, key=lambda n: sizes[id(n)])
-            tmp = self.new_vt(f"_x{len(self.tables)}_{id(sub) % 997}", sub.dtype, (out.rows, out.cols))
-            map_kernel(self.ctx, sub, tmp)
-            self.temps.append(tmp)
+            sub, tmp = self._materialise(sorted(cand, key=lambda n: -sizes[id(n)]), out)
             rep = Expr.input(tmp, lambda v: v)
             memo: Dict[int, Expr] = {}
 
@@ -496,6 +495,20 @@ class Compiler:
                 memo[id(n)] = c
                 return c
             root = swap(root)
+
+    def _materialise(self, cands: List[Expr], out: VT) -> Tuple[Expr, VT]:
+        """Evaluate the first of ``cands`` (largest first) whose operand reads can be staged into a
+        temporary of out's shape; NeedsSplit when none can."""
+        for sub in cands:
+            tmp = self.new_vt(f"_x{len(self.tables)}_{id(sub) % 997}", sub.dtype, (out.rows, out.cols))
+            try:
+                map_kernel(self.ctx, sub, tmp)
+            except NeedsSplit:
+                release(self.mem, tmp)
+                continue
+            self.temps.append(tmp)
+            return sub, tmp
+        raise NeedsSplit("no part of an elementwise expression can be staged on the ALUs")
 
     def map_into(self, out: VT, build: Callable[[], Expr], alus: Optional[Sequence[int]] = None) -> int:
         self.temps = []
@@ -777,6 +790,29 @@ class Compiler:
         self.vts[t.id] = out
         release(self.mem, red)
         return last
+
+    def reduce_rows(self, op: str, x: Tensor, t: Tensor, name, kind) -> int:
+        """sum / max / mean across rows (axis -2): each output vector is a balanced tree of VXM
+        operations over the vectors of its rows (floats in float32, integer sums in int32), rounded
+        once to t's dtype; no lane moves. An expression too big for the ALUs is split by ``fit``."""
+        R = x.shape[-2]
+        C = -(-_cols(x.shape) // self.L)
+        acc = F32 if x.dtype.is_float else (I32 if op != "max" else x.dtype)
+        mn = "max" if op == "max" else "add"
+
+        def build() -> Expr:
+            src = self.vt(x)
+            def row_vec(r: int) -> Callable[[int], int]:
+                return lambda v: ((v // C) * R + r) * C + v % C
+            level = [cvt(Expr.input(src, row_vec(r)), acc) for r in range(R)]
+            while len(level) > 1:
+                pairs = [E(mn, acc, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+                level = pairs + level[len(level) - len(level) % 2:]
+            e = level[0]
+            if op == "mean":
+                e = E("mul", F32, e, Expr.const(F32, 1.0 / R))
+            return cvt(e if e.op != "in" else E("mov", acc, e), t.dtype)
+        return self.map_op(t, name, kind, build)
 
     def softmax(self, x: Tensor, t: Tensor, name, kind) -> int:
         src = self.plain(x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import List
+
 import numpy as np
 
 from .. import dtypes as dt
@@ -58,15 +60,21 @@ def matmul(c, a, b, t, name, kind):
     out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
     zero_slices = list(range(c.cfg.mem_slices))
-    planes = list(range(c.cfg.mxm_planes))
     last = 0
     for i in range(len(ia)):
         mm = MatMul(A, B, out, M, K, N,
                     a_row=lambda m, o=int(ia[i]) * M: o + m,
                     b_row=lambda k, o=int(ib[i]) * K: o + k,
                     o_row=lambda m, o=i * M: o + m)
-        last = max(last, matmul_kernel(c.ctx, mm, zero_slices, c.planes, planes))
+        last = max(last, matmul_kernel(c.ctx, mm, zero_slices, c.planes, _planes_by_free(c)))
     return last
+
+
+def _planes_by_free(c) -> List[int]:
+    """The MXM planes, the one whose activations finish first leading (a product's column tiles go to
+    them in turn, so independent products start on idle planes)."""
+    P = c.cfg.mxm_planes
+    return sorted(range(P), key=lambda p: (c.planes[p].abc_next if p in c.planes else 0, p))
 
 
 def relayout(c, out, srcs, src_of):

@@ -229,17 +229,21 @@ class _Builder:
         if op == "matmul":
             return self.matmul(ins[0], ins[1], t)
         if op in ("sum", "max", "mean", "softmax", "layernorm", "rmsnorm"):
-            if s == x0.ndim - 1:
+            rows = n.attrs.get("axis", -1) == -2            # a reduction across rows (sum / max / mean)
+            red = x0.ndim - (2 if rows else 1)              # the axis worked along
+            if s == red:
                 x, s, ix = self.full(x0.id), None, None
             else:
                 x = self.local(x0.id)
+                if rows and s is not None and s > red and not n.attrs["keepdims"]:
+                    s -= 1                                  # the lanes axis moves up one
             if op == "softmax":
                 return out.softmax(x), s, ix
             if op == "layernorm":
                 return out.layernorm(x, self.full(ins[1].id), self.full(ins[2].id), eps=n.attrs["eps"]), s, ix
             if op == "rmsnorm":
                 return out.rmsnorm(x, self.full(ins[1].id), eps=n.attrs["eps"]), s, ix
-            return getattr(out, op)(x, keepdims=n.attrs["keepdims"]), s, ix
+            return getattr(out, op)(x, axis=-2 if rows else -1, keepdims=n.attrs["keepdims"]), s, ix
         if op in ("quantize", "dequantize"):
             x = self.local(x0.id)
             axis = n.attrs["axis"]

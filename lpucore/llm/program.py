@@ -9,9 +9,18 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
 
 * Residual stream, norms, softmax and the final logits in float32; every matmul multiplies float16 operands on
   the MXM with float32 accumulators (``out_dtype="float32"``).
-* Keys are cached transposed, ``K_l [Hkv, hd, S]``, values ``V_l [Hkv, S, hd]``, both float16 (the precision of
+* Keys and values are cached as ``K_l, V_l [S, Hkv * hd]`` float16, one row per position (the precision of
   an fp16 cache). Writing position ``p`` is arithmetic, not addressing (the program is static):
-  ``K := K * (1 - onehot_p) + k * onehot_p`` with ``onehot_p = 1 - min(|iota - p|, 1)`` built on the VXM.
+  ``K := K * (1 - onehot_p) + k * onehot_p`` with ``onehot_p = 1 - min(|iota - p|, 1)`` built on the VXM, one
+  0/1 value per row (exact: every product is by 0 or 1).
+* Attention has no lane moves and no reduction across lanes. The scores ``q . K[s]`` of every head are
+  the exact float32 products ``q * K`` (float16 times float16), split exactly into float16 ``hi + lo`` and
+  summed over each head's ``hd`` lanes by one MXM product with a constant 0/1 matrix; the softmax runs across
+  the cache rows (``axis=-2``: elementwise over vectors); the probabilities, rounded to float16, are spread
+  over their head's lanes by another constant product (exact) and the output is ``sum_s p[s] * V[s]``
+  across rows in float32. With ``G > 1`` query heads per kv head the query heads are computed in
+  :meth:`StepBuilder.head_order` (the q and o projections' weights permuted to match), so that query row
+  ``j`` lines up with the cache's heads lane for lane.
 * Attention runs over all ``S`` cache columns with an additive mask of ``-1e9`` on the columns after ``p``
   (``exp`` of it is exactly 0), so every step costs the same cycles whatever ``p`` is.
 * ``precision="int8"``: each matmul weight is stored as int8 with one float32 scale per output channel (the
@@ -45,6 +54,7 @@ F16, F32 = np.float16, np.float32
 MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
 DEFAULT_BLOCK = 2560       # int8 weights: columns per constant (8 MXM tiles of 320), for MEM placement
 DIGIT, DIGIT_MAX = 128, 127  # int8 activation digits: x ~ max|x| / 16256 * (128 h + l)
+_Q_PROJ, _O_PROJ = "self_attn.q_proj.weight", "self_attn.o_proj.weight"     # weights with permuted heads
 
 
 class StepBuilder:
@@ -124,8 +134,8 @@ class StepBuilder:
         key = self.key(name) + ("_T" if transpose else "")
         if name in self.q:
             qw, scale, _ = self.q[name]
-            qk = np.ascontiguousarray((qw.T if transpose else qw)[rs, cs])      # [K, N] int8
-            scale = scale[cs]
+            qk = self._head_permuted(name, (qw.T if transpose else qw)[rs, cs])      # [K, N] int8
+            scale = scale[cs][self._head_lanes()] if name.endswith(_Q_PROJ) else scale[cs]    # per output column
             digits, m = self.digits(x16)
             outs = []
             for c0 in range(0, qk.shape[1], self.block):
@@ -139,11 +149,25 @@ class StepBuilder:
             y = outs[0] if len(outs) == 1 else g.concat(outs, axis=-1)
             y = g.mul(y, m)                    # undo the activation's scale
         else:
-            wk = (self.w[name].T if transpose else self.w[name])[rs, cs]
+            wk = self._head_permuted(name, (self.w[name].T if transpose else self.w[name])[rs, cs])
             y = g.matmul(x16, g.constant(key, np.ascontiguousarray(wk.astype(F16))), out_dtype="float32")
         if bias is not None:
             y = g.add(y, self.vec(bias))
         return y
+
+    def _head_lanes(self) -> np.ndarray:
+        """The q projection's output columns (and the o projection's input rows) in :meth:`head_order`."""
+        hd = self.cfg.head_dim
+        return (self.head_order().reshape(-1, 1) * hd + np.arange(hd)).ravel()
+
+    def _head_permuted(self, name: str, w: np.ndarray) -> np.ndarray:
+        """Weight ``w [K, N]`` of ``name`` with the query heads in :meth:`head_order` (a copy)."""
+        if self.cfg.n_heads != self.cfg.n_kv_heads:
+            if name.endswith(_Q_PROJ):
+                w = w[:, self._head_lanes()]
+            elif name.endswith(_O_PROJ):
+                w = w[self._head_lanes(), :]
+        return np.ascontiguousarray(w)
 
     def digits(self, x16: Tensor):
         """float16 ``[1, K]`` -> (int8 ``[2, K]`` rows ``h, l``, float32 ``[1, 1]`` max|x|) with
@@ -205,32 +229,71 @@ class StepBuilder:
         return g.concat([g.gather(g.constant(f"{key}{c0}", np.ascontiguousarray(table[:, c0:c0 + self.block])), tok)
                          for c0 in range(0, d, self.block)], axis=-1)
 
-    def attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, posf: Tensor, oh_row: Tensor,
-                  oh_col: Tensor, mask: Tensor) -> Tensor:
-        """``q [H, 1, hd]``, ``k, v [Hkv, 1, hd]`` float32 -> attention output float16 ``[1, H * hd]``."""
+    def attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, att) -> Tensor:
+        """``q`` (``H * hd`` values: ``[1, H * hd]`` or ``[H, 1, hd]``; heads in :meth:`head_order`), ``k, v``
+        (``Hkv * hd`` values) float32 -> attention output float16 ``[1, H * hd]`` (heads in the same order).
+
+        Everything is elementwise over whole vectors or a product with a constant on the MXM (module
+        docstring): no lane moves and no reductions across lanes."""
         g, cfg, S = self.g, self.cfg, self.S
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        G, D = H // Hkv, Hkv * hd
+        keep, put, mask, seg2, seg_t = att[2:]
         self.part("kv")
-        K = g.state(f"k{i - self.first}", (Hkv, hd, S), "float16")
-        V = g.state(f"v{i - self.first}", (Hkv, S, hd), "float16")
-        # new column / row written by MXM products with the one-hot (exact: one nonzero term per sum); the
-        # old rows of V are kept by (I - onehot onehot^T) @ V, which avoids broadcasting a column over lanes
-        kt = g.transpose(self.f16(k), (0, 2, 1))                        # [Hkv, hd, 1]
-        K_new = g.add(g.mul(K, self._keep_row), g.matmul(kt, self._put_row))          # [Hkv, hd, S]
-        V_new = g.add(g.matmul(self._keep_diag, V), g.matmul(self._put_col, self.f16(v)))  # [Hkv, S, hd]
+        K = g.state(f"k{i - self.first}", (S, D), "float16")
+        V = g.state(f"v{i - self.first}", (S, D), "float16")
+        # row p of the cache := the new row (exact: each product is by 0 or 1, each sum has one nonzero term)
+        K_new = g.add(g.mul(K, keep), g.mul(self.f16(g.reshape(k, (1, D))), put))      # [S, D]
+        V_new = g.add(g.mul(V, keep), g.mul(self.f16(g.reshape(v, (1, D))), put))
         g.assign(K, K_new)
         g.assign(V, V_new)
         self.part("attn")
-        qg = self.f16(g.reshape(q, (Hkv, H // Hkv, hd)))
-        s = g.matmul(qg, K_new, out_dtype="float32")                    # [Hkv, G, S]
+        # scores[j, s, h] = q_jh . K[s, h]: exact float32 products, split exactly into float16 hi + lo, and
+        # summed over each head's lanes by the MXM (a constant 0/1 matrix)
+        q16 = self.f16(g.reshape(q, (G, 1, D)))
+        prod = g.mul(g.cast(q16, "float32"), g.cast(K_new, "float32"))                     # [G, S, D]
+        hi = self.f16(prod)
+        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
+        s = g.matmul(g.concat([hi, lo], axis=-1), seg2, out_dtype="float32")               # [G, S, Hkv]
         s = g.add(g.mul(s, float(1.0 / math.sqrt(hd))), mask)
-        p = self.f16(g.softmax(s))
-        o = g.matmul(p, V_new, out_dtype="float32")                     # [Hkv, G, hd]
+        # softmax over the cache rows: row reductions are elementwise over vectors
+        e = g.exp(g.sub(s, g.max(s, axis=-2, keepdims=True)))
+        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
+        # each head's probabilities spread over its lanes (exact), times V, summed over the rows
+        pe = g.matmul(p, seg_t, out_dtype="float32")                                       # [G, S, D]
+        o = g.sum(g.mul(pe, g.cast(V_new, "float32")), axis=-2)                           # [G, D]
         return self.f16(g.reshape(o, (1, H * hd)))
+
+    def head_order(self) -> np.ndarray:
+        """The query heads in the order the step computes them: for ``G`` query heads per kv head, the
+        ``j``-th of every group first, then the ``j + 1``-th..., so that query row ``j`` lines up with the
+        cache's ``Hkv`` heads lane for lane. The q projection's output columns and the o projection's input
+        rows are permuted to match (free: they are constants); the identity when ``G == 1``."""
+        H, Hkv = self.cfg.n_heads, self.cfg.n_kv_heads
+        G = H // Hkv
+        return np.array([(i % Hkv) * G + i // Hkv for i in range(H)], dtype=np.int64)
+
+    def _attention_constants(self, posf: Tensor):
+        """(keep, put, mask, seg2, seg_t) shared by every layer's attention: ``keep`` / ``put`` float16
+        ``[S, D]`` (0 / 1 on cache row ``pos``), ``mask`` float32 ``[S, Hkv]`` (``MASK`` on rows after
+        ``pos``), ``seg2`` float16 ``[2 D, Hkv]`` (lane ``c`` of either half to its head), ``seg_t`` float16
+        ``[Hkv, D]`` (head to its lanes)."""
+        g, cfg, S = self.g, self.cfg, self.S
+        Hkv, hd = cfg.n_kv_heads, cfg.head_dim
+        D = Hkv * hd
+        iota = g.constant("iota_rows", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), D, axis=1))
+        oh = g.sub(1.0, g.minimum(g.abs(g.sub(iota, posf)), 1.0))                        # [S, D]: 1 on row pos
+        keep, put = self.f16(g.sub(1.0, oh)), self.f16(oh)
+        iota_h = g.constant("iota_rows_h", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), Hkv, axis=1))
+        mask = g.mul(g.minimum(g.maximum(g.sub(iota_h, posf), 0.0), 1.0), MASK)           # [S, Hkv]
+        seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
+        seg2 = g.constant("head_sum", np.concatenate([seg, seg], axis=0))
+        seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
+        return keep, put, mask, seg2, seg_t
 
     # ---- the model -------------------------------------------------------------------------------
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
-        g, cfg, S = self.g, self.cfg, self.S
+        g, cfg = self.g, self.cfg
         kinds = [u[0] for u in self.units]
         self.part("inputs")
         gpt2 = cfg.family == "gpt2"
@@ -251,16 +314,7 @@ class StepBuilder:
         if "attn" in kinds:
             self.part("kv")
             posf = g.cast(pos, "float32")
-            iota_row = g.constant("iota_row", np.arange(S, dtype=F32).reshape(1, S))
-            iota_col = g.constant("iota_col", np.arange(S, dtype=F32).reshape(S, 1))
-            oh_row = g.sub(1.0, g.minimum(g.abs(g.sub(iota_row, posf)), 1.0))     # [1, S]: 1 at pos
-            oh_col = g.sub(1.0, g.minimum(g.abs(g.sub(iota_col, posf)), 1.0))     # [S, 1]
-            self._put_row, self._keep_row = self.f16(oh_row), self.f16(g.sub(1.0, oh_row))
-            self._put_col = self.f16(oh_col)
-            eye = g.constant("eye", np.eye(S, dtype=F16))
-            self._keep_diag = g.sub(eye, g.matmul(self._put_col, self._put_row))            # [S, S]
-            mask = g.mul(g.minimum(g.maximum(g.sub(iota_row, posf), 0.0), 1.0), MASK)  # [1, S]
-            att = (pos, posf, oh_row, oh_col, mask)
+            att = (pos, posf) + self._attention_constants(posf)
         logits = []
         for u in self.units:
             kind, i = u[0], u[1]
@@ -313,7 +367,7 @@ class StepBuilder:
     # ---- llama / mixtral units ---------------------------------------------------------------------
     def _llama_attn(self, i: int, x: Tensor, att) -> Tensor:
         g, cfg = self.g, self.cfg
-        pos, posf, oh_row, oh_col, mask = att
+        pos = att[0]
         p = f"model.layers.{i}."
         assert cfg.rope_theta is not None       # llama and mixtral always have a rotary base
         self.part("norm")
@@ -324,7 +378,7 @@ class StepBuilder:
         k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True), cfg.n_kv_heads), pos,
                    base=cfg.rope_theta)
         v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
-        a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
+        a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
 
     def _llama_mlp(self, i: int, x: Tensor) -> Tensor:
@@ -420,15 +474,14 @@ class StepBuilder:
 
     def _gpt2_attn(self, i: int, x: Tensor, att) -> Tensor:
         g, cfg = self.g, self.cfg
-        d, H = cfg.d_model, cfg.n_heads
-        pos, posf, oh_row, oh_col, mask = att
+        d = cfg.d_model
         p = f"h.{i}."
         self.part("norm")
         h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
         self.part("attn")
         qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
-        q, k, v = (self._heads(g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))), H) for j in range(3))
-        a = self.attention(i, q, k, v, posf, oh_row, oh_col, mask)
+        q, k, v = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
+        a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
 
     def _gpt2_mlp(self, i: int, x: Tensor) -> Tensor:
