@@ -351,7 +351,7 @@ def test_pipeline_stages_on_two_chips_match_one_chip(engine):
     for chip, prog, comp in ((s.chips[0], pa, c1), (s.chips[1], pb, c2)):
         chip.load(prog)
         for name, a in comp.constants.items():
-            chip.write_tensor(name, a)
+            comp.write_constant(chip, name, a)
     c1.write_inputs(s.chips[0], {"x": x})
     st = s.run()
     y = s.chips[1].read_tensor("y").reshape(1, 64)

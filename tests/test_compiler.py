@@ -438,3 +438,21 @@ def test_host_written_tensors_never_reuse_a_temporary_space():
     release(mem, t)
     with pytest.raises(Exception, match="does not fit"):
         place(mem, "c", I8, 8, cfg.lanes, cfg.lanes, victim.hem, kind="const")
+
+
+def test_weights_are_tiled_one_member_per_plane():
+    """A weight with several column tiles is kept as one member tensor per MXM plane (the planes load
+    weights in the same cycles); Compiled.constants keeps the whole array, and the product is unchanged."""
+    K, N = 96, 5 * SMALL.lanes + 7
+    g = Graph()
+    W = values((K, N), np.int8, 3)
+    g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
+    X = values((2, K), np.int8, 4)
+    out, c = run_graph(g, {"x": X})
+    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
+    assert np.array_equal(c.constants["w"], W) and "w" not in c.program.tensors
+    parts = c.tiles["w"]
+    assert [m for m, _ in parts] == [f"w@{j}" for j in range(SMALL.mxm_planes)]
+    assert sorted(np.concatenate([cols for _, cols in parts]).tolist()) == list(range(N))
+    slices = [{s for s, _ in c.program.tensors[m].locations(0, SMALL.lanes)} for m, _ in parts]
+    assert all(not (a & b) for i, a in enumerate(slices) for b in slices[i + 1:])     # each on its own slices

@@ -40,7 +40,7 @@ from .kernels import (
     lanemove_kernel,
     map_kernel,
 )
-from .memory import VT, Memory, place, release
+from .memory import VT, Memory, TiledVT, place, release
 from .schedule import Scheduler
 
 F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
@@ -66,6 +66,9 @@ class Compiled:
     kernels: List[Tuple[str, str, int]] = field(default_factory=list)   # (op, output, last landing cycle)
     states: Dict[str, Tuple[Tuple[int, ...], dt.DType]] = field(default_factory=dict)
     graph_bounds: Optional[Bounds] = None            # from the graph, at compile time
+    # a weight constant kept as member tensors, one per MXM plane (TiledVT): its members' names and the
+    # columns each holds; the tensor table has the members, ``constants`` the whole array
+    tiles: Dict[str, List[Tuple[str, np.ndarray]]] = field(default_factory=dict)
 
     @property
     def config(self) -> ChipConfig:
@@ -82,7 +85,17 @@ class Compiled:
         """Load the program and its constants into a chip."""
         chip.load(self.program)
         for name, arr in self.constants.items():
+            self.write_constant(chip, name, arr)
+
+    def write_constant(self, chip, name: str, arr: np.ndarray) -> None:
+        """Write constant ``name`` (2-d, as in :attr:`constants`) into a chip running this program: a
+        tiled weight goes to its member tensors."""
+        if name not in self.tiles:
             chip.write_tensor(name, arr)
+            return
+        arr = np.asarray(arr).reshape(self.constants[name].shape)
+        for member, cols in self.tiles[name]:
+            chip.write_tensor(member, np.ascontiguousarray(arr[:, cols]))
 
     def write_inputs(self, chip, inputs: Dict[str, np.ndarray], provided=()) -> None:
         """Write the inputs into the chip; ``provided``: inputs something else writes (a
@@ -182,6 +195,7 @@ class Compiler:
         self.scalars: Dict[int, float] = {}
         self.tables: List[Tuple[str, VT]] = []
         self.constants: Dict[str, np.ndarray] = {}
+        self.tiles: Dict[str, List[Tuple[str, np.ndarray]]] = {}    # tiled weight -> its members' columns
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
         self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
@@ -223,6 +237,28 @@ class Compiler:
         vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const", stripes=stripes, hem=hem)
         self.constants[name] = np.ascontiguousarray(arr2d)
         return vt
+
+    def weight_vt(self, name: str, arr2d: np.ndarray) -> VT:
+        """A constant the MXM loads as weights: one row per slice in each LW cycle (int8: 16 slices;
+        float16: 8 slices of two byte planes), and with several column tiles, one member tensor per
+        MXM plane (:class:`~lpucore.compiler.memory.TiledVT`: the planes load in parallel)."""
+        d = dt.get(arr2d.dtype)
+        lw = self.cfg.mxm_lw_streams
+        stripes = max(1, lw // d.nbytes) if d.nbytes <= 2 else lw
+        tiles = -(-arr2d.shape[1] // self.L)
+        G = min(self.cfg.mxm_planes, tiles)
+        if G == 1:
+            return self.const_vt(name, arr2d, stripes=stripes)
+        members, parts = [], []
+        for j in range(G):
+            cols = np.concatenate([np.arange(c * self.L, min((c + 1) * self.L, arr2d.shape[1]))
+                                   for c in range(j, tiles, G)])
+            members.append(self.new_vt(f"{name}@{j}", d, (arr2d.shape[0], len(cols)), kind="const",
+                                       stripes=stripes))
+            parts.append((f"{name}@{j}", cols))
+        self.constants[name] = np.ascontiguousarray(arr2d)
+        self.tiles[name] = parts
+        return TiledVT(name, members, arr2d.shape[1], self.L)
 
     def mask(self, n: int, w: int) -> VT:
         """A constant vector whose first n lanes are all-ones bytes in each of w planes."""
@@ -336,10 +372,12 @@ class Compiler:
                 self.scalars[tid] = arr.reshape(()).item()
                 continue
             name = g.constant_names.get(tid) or f"_c{tid}"
-            # weights of a matmul get more stripes: an LW cycle loads one row per stripe
-            weights = any(n.op == "matmul" and len(n.inputs) > 1 and n.inputs[1] == tid for n in g.nodes)
-            self.vts[tid] = self.const_vt(name, arr.reshape(_rows(arr.shape), _cols(arr.shape)),
-                                          stripes=self.cfg.mxm_lw_streams if weights else 8)
+            # weights of a matmul (or a gathered table: weights of a one-hot product) get more stripes: an
+            # LW cycle loads one row per stripe
+            weights = any(n.op in ("matmul", "gather") and len(n.inputs) > 1 and n.inputs[n.op == "matmul"] == tid
+                          for n in g.nodes)
+            arr2 = arr.reshape(_rows(arr.shape), _cols(arr.shape))
+            self.vts[tid] = self.weight_vt(name, arr2) if weights else self.const_vt(name, arr2)
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
             t = g.tensors[n.output]
@@ -390,7 +428,7 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
                                cycles, self.mem.peak_bytes(), self.kernels,
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                               graph_bounds(g, self.cfg, cycles))
+                               graph_bounds(g, self.cfg, cycles), self.tiles)
 
     # ---- lowering -----------------------------------------------------------------------------------
     def lower(self, n, t: Tensor, name: str, kind: str) -> int:

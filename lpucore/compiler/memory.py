@@ -143,6 +143,40 @@ class VT:
         return [Stripes(tuple(zip(self.slices[p], self.bases[p]))) for p in range(self.planes)]
 
 
+class TiledVT(VT):
+    """A matmul weight constant kept as ``groups`` member tensors, member ``g`` holding the 320-lane
+    column tiles ``c`` with ``c % groups == g`` on its own slices. The MXM planes take a product's tiles
+    in turn, so each plane loads weights from its own slices and all planes load in the same cycles
+    (one tensor's slices give one weight row each a cycle, shared by every plane reading them).
+    Reads go through :meth:`loc` as for any tensor; the program's tensor table has the members."""
+
+    def __init__(self, name: str, members: List[VT], cols: int, lanes: int):
+        m0 = members[0]
+        planes = range(m0.dtype.nbytes)
+        super().__init__(name, m0.dtype, m0.rows, cols, -(-cols // lanes), m0.hem,
+                         [[g for m in members for g in m.slices[p]] for p in planes],
+                         [[b for m in members for b in m.bases[p]] for p in planes],
+                         [[a for m in members for a in m.after[p]] for p in planes], kind="const")
+        self.members = members
+        self._ns = m0.stripes                  # rows a plane can load in one cycle come from one member
+
+    def _member(self, v: int) -> Tuple[VT, int]:
+        r, c = divmod(v, self.chunks)
+        m = self.members[c % len(self.members)]
+        return m, r * m.chunks + c // len(self.members)
+
+    def loc(self, v: int, p: int) -> Tuple[int, int]:
+        m, w = self._member(v)
+        return m.loc(w, p)
+
+    def write_after(self, v: int, p: int) -> int:
+        m, w = self._member(v)
+        return m.write_after(w, p)
+
+    def extents(self):
+        raise CompileError(f"internal: tiled weight {self.name!r} is in the tensor table as its members")
+
+
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
           stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = ()) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes

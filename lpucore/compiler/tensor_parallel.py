@@ -59,7 +59,7 @@ class MultiChipCompiled:
         for chip, part in zip(self.chips, self.parts):
             if system.chips[chip] is not None:
                 for name, arr in part.constants.items():
-                    system.chips[chip].write_tensor(name, arr)
+                    part.write_constant(system.chips[chip], name, arr)
 
     def write_inputs(self, system, inputs: Dict[str, np.ndarray]) -> None:
         """Write the inputs into the chips that read them (as the subclass says)."""

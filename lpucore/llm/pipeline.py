@@ -373,10 +373,10 @@ class PipelineDecoder:
                                f"({sig[:3]}...): it cannot share that program")
         for name, arr in comp.constants.items():
             if name not in own:
-                chip.write_tensor(name, arr)
+                comp.write_constant(chip, name, arr)
         for name, arr in own.items():
             if name in comp.constants:
-                chip.write_tensor(name, arr.reshape(comp.constants[name].shape))
+                comp.write_constant(chip, name, arr.reshape(comp.constants[name].shape))
             elif not np.array_equal(arr, compiled_with[name]):
                 raise CompileError(f"pipeline: constant {name!r} of chip {k} was folded into the shared "
                                    f"program with another value; this stage cannot share it")
