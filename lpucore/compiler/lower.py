@@ -182,6 +182,7 @@ class Compiler:
         self.vts: Dict[VTKey, VT] = {}
         self.scalars: Dict[int, float] = {}
         self.tables: List[Tuple[str, VT]] = []
+        self.out_vts: Dict[str, VT] = {}          # graph outputs placed, their producers still to come
         self.constants: Dict[str, np.ndarray] = {}
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
@@ -214,6 +215,13 @@ class Compiler:
     def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None) -> VT:
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
+        if kind == "output" and name in self.out_vts:
+            vt = self.out_vts.pop(name)
+            if (vt.dtype, vt.rows, vt.cols) == (d, rows, c):
+                return vt
+            # reserved for another layout (a scalar all-gathered): give it back, place anew
+            self.tables = [(n, v) for n, v in self.tables if v is not vt]
+            release(self.mem, vt)
         try:
             vt = place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
                        avoid=tuple(avoid), stripes=stripes)
@@ -224,6 +232,14 @@ class Compiler:
         if kind in ("input", "const", "output", "state"):
             self.tables.append((name, vt))
         return vt
+
+    def place_outputs(self) -> None:
+        """Reserve every graph output's space before any temporary is placed, as for the
+        inputs: a large output (a model's logits) then never depends on how fragmented the
+        space of dead temporaries has become by the time its producer is lowered.
+        :meth:`new_vt` hands the reserved space to the producer."""
+        for name, t in self.g.outputs.items():
+            self.out_vts[name] = self.new_vt(name, t.dtype, t.shape, kind="output")
 
     def const_vt(self, name, arr2d: np.ndarray, stripes=8, hem=None) -> VT:
         vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const", stripes=stripes, hem=hem)
@@ -350,6 +366,7 @@ class Compiler:
             weights = any(n.op == "matmul" and len(n.inputs) > 1 and n.inputs[1] == tid for n in g.nodes)
             self.vts[tid] = self.const_vt(name, arr.reshape(_rows(arr.shape), _cols(arr.shape)),
                                           stripes=self.cfg.mxm_lw_streams if weights else 8)
+        self.place_outputs()
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
             t = g.tensors[n.output]
