@@ -215,29 +215,37 @@ class Compiler:
     def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None) -> VT:
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
-        if kind == "output" and name in self.out_vts:
-            vt = self.out_vts.pop(name)
-            if (vt.dtype, vt.rows, vt.cols) == (d, rows, c):
-                return vt
-            # reserved for another layout (a scalar all-gathered): give it back, place anew
-            self.tables = [(n, v) for n, v in self.tables if v is not vt]
-            release(self.mem, vt)
+        reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
-            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
-                       avoid=tuple(avoid), stripes=stripes)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem)
         except CompileError:
-            if not avoid:
+            # no room where the producer would like it: the space reserved for the output
+            if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
                 raise
-            vt = place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
+            return reserved
+        if reserved is not None:
+            self.tables = [(n, v) for n, v in self.tables if v is not reserved]
+            release(self.mem, reserved)
         if kind in ("input", "const", "output", "state"):
             self.tables.append((name, vt))
         return vt
 
+    def _place(self, name, d, rows, c, kind, avoid, stripes, hem) -> VT:
+        """Place a tensor away from the slices in avoid if there is room, else anywhere."""
+        try:
+            return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
+                         avoid=tuple(avoid), stripes=stripes)
+        except CompileError:
+            if not avoid:
+                raise
+            return place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
+
     def place_outputs(self) -> None:
-        """Reserve every graph output's space before any temporary is placed, as for the
+        """Reserve space for every graph output before any temporary is placed, as for the
         inputs: a large output (a model's logits) then never depends on how fragmented the
-        space of dead temporaries has become by the time its producer is lowered.
-        :meth:`new_vt` hands the reserved space to the producer."""
+        space of dead temporaries has become by the time its producer is lowered.  The
+        producer still places its output as it would (away from its operands' slices) and
+        takes the reserved space only if that finds no room (:meth:`new_vt`)."""
         for name, t in self.g.outputs.items():
             self.out_vts[name] = self.new_vt(name, t.dtype, t.shape, kind="output")
 
