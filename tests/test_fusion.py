@@ -124,3 +124,42 @@ def test_outputs_states_and_shared_values_are_not_deferred():
     ids = fuse.deferrable(g)
     assert a.id not in ids and b.id not in ids and c.id not in ids and d.id not in ids
     assert len(ids) == 1
+
+
+def random_chains(seed):
+    """Random chains of elementwise operations over a few shapes (rows of 1 and [..., 1]
+    columns among them) and dtypes, with values read once, twice, or by a reduction."""
+    rng = np.random.default_rng(seed)
+    R, C = int(rng.integers(1, 4)), int(rng.choice([1, 5, 64, 100]))
+    g = Graph()
+    x = g.input("x", (R, C), "float32")
+    pool = [x, g.input("b", (C,), "float32")]
+    for _ in range(int(rng.integers(8, 16))):
+        a = pool[-1] if rng.random() < 0.6 else pool[int(rng.integers(len(pool)))]
+        if a.shape != (R, C):
+            a = g.add(x, a)
+        kind = rng.choice(["bin", "un", "cast", "red"])
+        if kind == "bin":
+            o = pool[int(rng.integers(len(pool)))]
+            y = getattr(g, rng.choice(["add", "sub", "mul", "maximum", "minimum"]))(a, o)
+        elif kind == "un":
+            y = getattr(g, rng.choice(["neg", "abs", "relu", "tanh", "sigmoid", "silu"]))(a)
+        elif kind == "cast":
+            d = rng.choice(["float16", "int32", "int8", "int16"])
+            y = g.cast(g.cast(g.mul(a, 10.0), d), "float32")
+        else:
+            y = g.mul(a, g.max(a, keepdims=True))
+        pool.append(y)
+    g.output("y", pool[-1])
+    g.output("z", g.sum(pool[len(pool) // 2], keepdims=True))
+    return g, (R, C)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_chains_fused_and_unfused_agree(seed, monkeypatch):
+    fused, plain = compile_both(lambda: random_chains(seed)[0], SMALL, monkeypatch)
+    R, C = random_chains(seed)[1]
+    rng = np.random.default_rng(100 + seed)
+    inputs = {"x": rng.standard_normal((R, C)).astype(np.float32), "b": rng.standard_normal(C).astype(np.float32)}
+    same_bits(run_all(fused, inputs), run_all(plain, inputs))
+    assert fused.expected_cycles <= plain.expected_cycles or fused_count(fused) > 0
