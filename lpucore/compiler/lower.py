@@ -24,7 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import loaded
+from . import fuse, loaded
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
 from .kernels import (
@@ -63,7 +63,8 @@ class Compiled:
     constants: Dict[str, np.ndarray]                 # tensor-table name -> 2-d array written at load
     expected_cycles: int
     memory_bytes: int
-    kernels: List[Tuple[str, str, int]] = field(default_factory=list)   # (op, output, last landing cycle)
+    # (op, output, last landing cycle; None: fused into its consumer, never written to MEM)
+    kernels: List[Tuple[str, str, Optional[int]]] = field(default_factory=list)
     states: Dict[str, Tuple[Tuple[int, ...], dt.DType]] = field(default_factory=dict)
     graph_bounds: Optional[Bounds] = None            # from the graph, at compile time
     # a weight constant kept as member tensors, one per MXM plane (TiledVT): its members' names and the
@@ -194,13 +195,19 @@ class Compiler:
         self.vts: Dict[VTKey, VT] = {}
         self.scalars: Dict[int, float] = {}
         self.tables: List[Tuple[str, VT]] = []
+        self.out_vts: Dict[str, VT] = {}          # graph outputs placed, their producers still to come
         self.constants: Dict[str, np.ndarray] = {}
         self.tiles: Dict[str, List[Tuple[str, np.ndarray]]] = {}    # tiled weight -> its members' columns
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
         self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
         self.uses: Dict[int, int] = {}
-        self.kernels: List[Tuple[str, str, int]] = []
+        # fusion (lpucore.compiler.fuse): tensors not written to MEM, and the builders of
+        # those whose consumer is still to be lowered
+        self.fuse = fuse.ENABLED
+        self.defer: Set[int] = set()
+        self.deferred: Dict[int, Callable[[], Expr]] = {}
+        self.kernels: List[Tuple[str, str, Optional[int]]] = []
         self.hem = 0
         self.temps: List[VT] = []
         self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
@@ -222,16 +229,39 @@ class Compiler:
     def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None) -> VT:
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
+        reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
-            vt = place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
-                       avoid=tuple(avoid), stripes=stripes)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem)
         except CompileError:
-            if not avoid:
+            # no room where the producer would like it: the space reserved for the output
+            if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
                 raise
-            vt = place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
+            return reserved
+        if reserved is not None:
+            self.tables = [(n, v) for n, v in self.tables if v is not reserved]
+            release(self.mem, reserved)
         if kind in ("input", "const", "output", "state"):
             self.tables.append((name, vt))
         return vt
+
+    def _place(self, name, d, rows, c, kind, avoid, stripes, hem) -> VT:
+        """Place a tensor away from the slices in avoid if there is room, else anywhere."""
+        try:
+            return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
+                         avoid=tuple(avoid), stripes=stripes)
+        except CompileError:
+            if not avoid:
+                raise
+            return place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
+
+    def place_outputs(self) -> None:
+        """Reserve space for every graph output before any temporary is placed, as for the
+        inputs: a large output (a model's logits) then never depends on how fragmented the
+        space of dead temporaries has become by the time its producer is lowered.  The
+        producer still places its output as it would (away from its operands' slices) and
+        takes the reserved space only if that finds no room (:meth:`new_vt`)."""
+        for name, t in self.g.outputs.items():
+            self.out_vts[name] = self.new_vt(name, t.dtype, t.shape, kind="output")
 
     def const_vt(self, name, arr2d: np.ndarray, stripes=8, hem=None) -> VT:
         vt = self.new_vt(name, dt.get(arr2d.dtype), arr2d.shape, kind="const", stripes=stripes, hem=hem)
@@ -284,6 +314,9 @@ class Compiler:
         d = as_dtype or t.dtype
         if self.is_scalar(t):
             return cvt(Expr.const(t.dtype, self.scalars[t.id]), d)
+        if t.id in self.deferred:
+            # a fused producer: its expression, read vector for vector (fuse.deferrable)
+            return cvt(self.deferred[t.id](), d)
         vt = self.vt(t)
         in_shape = t.shape
         nd = len(out_shape)
@@ -349,6 +382,7 @@ class Compiler:
         on every chip of the group (:mod:`lpucore.compiler.collective`).  The
         :class:`Compiled` result is left in :attr:`result`."""
         g = self.g
+        self.defer = fuse.deferrable(g) if self.fuse else set()
         for n in g.nodes:
             for i in n.inputs:
                 self.uses[i] = self.uses.get(i, 0) + 1
@@ -378,20 +412,23 @@ class Compiler:
                           for n in g.nodes)
             arr2 = arr.reshape(_rows(arr.shape), _cols(arr.shape))
             self.vts[tid] = self.weight_vt(name, arr2) if weights else self.const_vt(name, arr2)
+        self.place_outputs()
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
             t = g.tensors[n.output]
             kind = "output" if n.output in out_names else "temp"
             name = out_names.get(n.output, f"_t{n.output}")
+            if n.output in self.defer:
+                # inlined where its one consumer reads it; its inputs stay placed until then
+                self.deferred[n.output] = self.builder(n, t)
+                self.kernels.append((n.op, name, None))
+                continue
             if n.op in COLLECTIVES:
                 last = yield n, t, name, kind
             else:
                 last = self.lower(n, t, name, kind)
             self.kernels.append((n.op, name, last))
-            for i in set(n.inputs):
-                self.uses[i] -= n.inputs.count(i)
-                if self.uses[i] <= 0 and i in self.vts and self.vts[i].kind == "temp":
-                    release(self.mem, self.vts[i])
+            self.consume(n)
         # graph outputs that are inputs or constants, and a tensor's second output name: copy them
         for name, t in g.outputs.items():
             if t.id in self.vts and self.vts[t.id].kind == "output" and self.vts[t.id].name == name:
@@ -430,26 +467,30 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
                                graph_bounds(g, self.cfg, cycles), self.tiles)
 
+    def consume(self, n) -> None:
+        """Count n's reads of its inputs done: a temporary nobody will read again gives its
+        space back.  A deferred input was read by inlining its expression, so its own inputs
+        are read now, by n's kernels: their counts drop here, not when it was deferred."""
+        for i in set(n.inputs):
+            self.uses[i] -= n.inputs.count(i)
+            if self.uses[i] > 0:
+                continue
+            if i in self.deferred:
+                del self.deferred[i]
+                self.consume(self.g.producer[i])
+            elif i in self.vts and self.vts[i].kind == "temp":
+                release(self.mem, self.vts[i])
+
     # ---- lowering -----------------------------------------------------------------------------------
     def lower(self, n, t: Tensor, name: str, kind: str) -> int:
         g = self.g
         ins = [g.tensors[i] for i in n.inputs]
         op = n.op
-        if op in ("add", "sub", "mul", "div", "maximum", "minimum"):
-            mn = {"maximum": "max", "minimum": "min"}.get(op, op)
-            return self.map_op(t, name, kind, lambda: E(mn, t.dtype, self.operand(ins[0], t.shape),
-                                                        self.operand(ins[1], t.shape)))
-        if op in ("neg", "abs", "relu", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"):
-            return self.map_op(t, name, kind, lambda: E(op, t.dtype, self.operand(ins[0], t.shape)))
-        if op == "silu":
-            def f():
-                x = self.operand(ins[0], t.shape, F32)
-                return cvt(E("mul", F32, x, E("sigmoid", F32, x)), t.dtype)
-            return self.map_op(t, name, kind, f)
+        build = self.builder(n, t)
+        if build is not None:
+            return self.map_op(t, name, kind, build)
         if op == "gelu":
             return self.gelu(ins[0], t, name, kind, n.attrs["approximate"])
-        if op == "cast":
-            return self.map_op(t, name, kind, lambda: cvt(self.operand(ins[0], t.shape), t.dtype))
         if op in ("sum", "max", "mean"):
             if n.attrs.get("axis") == -2:
                 return self.reduce_rows(op, ins[0], t, name, kind)
@@ -460,12 +501,34 @@ class Compiler:
             return self.norm(ins[0], ins[1], ins[2], t, name, kind, n.attrs["eps"], rms=False)
         if op == "rmsnorm":
             return self.norm(ins[0], ins[1], None, t, name, kind, n.attrs["eps"], rms=True)
-        if op == "quantize":
-            return self.quantize(ins[0], ins[1], n.attrs["zero_point"], t, name, kind)
-        if op == "dequantize":
-            return self.dequantize(ins[0], ins[1], n.attrs["zero_point"], t, name, kind)
         from . import lower_more
         return lower_more.lower(self, n, ins, t, name, kind)
+
+    def builder(self, n, t: Tensor) -> Optional[Callable[[], Expr]]:
+        """The expression builder of an elementwise node (one map kernel reading each input
+        once through :meth:`operand`), or None for an operation lowered otherwise.  A
+        deferred node's builder is called where its consumer reads it (:mod:`.fuse`)."""
+        ins = [self.g.tensors[i] for i in n.inputs]
+        op = n.op
+        if op in ("add", "sub", "mul", "div", "maximum", "minimum"):
+            mn = {"maximum": "max", "minimum": "min"}.get(op, op)
+            return lambda: E(mn, t.dtype, self.operand(ins[0], t.shape), self.operand(ins[1], t.shape))
+        if op in ("neg", "abs", "relu", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"):
+            return lambda: E(op, t.dtype, self.operand(ins[0], t.shape))
+        if op == "silu":
+            def f():
+                x = self.operand(ins[0], t.shape, F32)
+                return cvt(E("mul", F32, x, E("sigmoid", F32, x)), t.dtype)
+            return f
+        if op == "cast":
+            return lambda: cvt(self.operand(ins[0], t.shape), t.dtype)
+        if op == "gelu" and n.attrs["approximate"] == "tanh":
+            return lambda: self.gelu_tanh(ins[0], t)
+        if op == "quantize":
+            return lambda: self.quantize(ins[0], ins[1], n.attrs["zero_point"], t)
+        if op == "dequantize":
+            return lambda: self.dequantize(ins[0], ins[1], n.attrs["zero_point"], t)
+        return None
 
     def inputs_of(self, e: Expr) -> Set[int]:
         """Slices holding the operands of an expression."""
@@ -585,18 +648,20 @@ class Compiler:
         return max(last, map_kernel(self.ctx, masked, out, vectors=tail, alus=alus))
 
     # ---- composite operations ------------------------------------------------------------------------------
+    def gelu_tanh(self, x: Tensor, t: Tensor) -> Expr:
+        """gelu's tanh form of x, as t's dtype."""
+        a = self.operand(x, t.shape, F32)
+        c = _f32
+        # 0.5 (1 + tanh z) = sigmoid(2z): the same function without the cancellation
+        # of 1 + tanh z for large negative x, so the result keeps its relative accuracy
+        inner = E("mul", F32, c(2 * SQRT_2_OVER_PI),
+                  E("add", F32, a, E("mul", F32, c(0.044715), E("mul", F32, E("mul", F32, a, a), a))))
+        y = E("mul", F32, a, E("sigmoid", F32, inner))
+        return cvt(y, t.dtype)
+
     def gelu(self, x: Tensor, t: Tensor, name, kind, approximate):
         if approximate == "tanh":
-            def f():
-                a = self.operand(x, t.shape, F32)
-                c = _f32
-                # 0.5 (1 + tanh z) = sigmoid(2z): the same function without the cancellation
-                # of 1 + tanh z for large negative x, so the result keeps its relative accuracy
-                inner = E("mul", F32, c(2 * SQRT_2_OVER_PI),
-                          E("add", F32, a, E("mul", F32, c(0.044715), E("mul", F32, E("mul", F32, a, a), a))))
-                y = E("mul", F32, a, E("sigmoid", F32, inner))
-                return cvt(y, t.dtype)
-            return self.map_op(t, name, kind, f)
+            return self.map_op(t, name, kind, lambda: self.gelu_tanh(x, t))
         # erf form: 0.5 x (1 + erf(x / sqrt 2)); erf by Abramowitz & Stegun 7.1.26 in two kernels
         ev = self.new_vt(f"_erf{t.id}", F32, t.shape)
 
@@ -915,20 +980,17 @@ class Compiler:
         release(self.mem, s2)
         return last
 
-    def quantize(self, x, scale, zp, t, name, kind) -> int:
-        def f():
-            q = E("div", F32, self.operand(x, t.shape, F32), self.operand(scale, t.shape, F32))
-            qi = cvt(q, I32)
-            if zp:
-                qi = E("add", I32, qi, Expr.const(I32, zp))
-            return cvt(qi, I8)
-        return self.map_op(t, name, kind, f)
+    def quantize(self, x, scale, zp, t) -> Expr:
+        """int8 round(x / scale) + zp."""
+        q = E("div", F32, self.operand(x, t.shape, F32), self.operand(scale, t.shape, F32))
+        qi = cvt(q, I32)
+        if zp:
+            qi = E("add", I32, qi, Expr.const(I32, zp))
+        return cvt(qi, I8)
 
-    def dequantize(self, q, scale, zp, t, name, kind) -> int:
-        def f():
-            qi = self.operand(q, t.shape, I32)
-            if zp:
-                qi = E("sub", I32, qi, Expr.const(I32, zp))
-            return cvt(E("mul", F32, cvt(qi, F32), self.operand(scale, t.shape, F32)), t.dtype)
-        return self.map_op(t, name, kind, f)
-
+    def dequantize(self, q, scale, zp, t) -> Expr:
+        """(q - zp) * scale, as t's dtype."""
+        qi = self.operand(q, t.shape, I32)
+        if zp:
+            qi = E("sub", I32, qi, Expr.const(I32, zp))
+        return cvt(E("mul", F32, cvt(qi, F32), self.operand(scale, t.shape, F32)), t.dtype)

@@ -155,7 +155,9 @@ def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[D
 
     A kernel's share is how far it pushes the latest result-landing cycle beyond every earlier kernel's
     (kernels overlap, so a kernel hidden under an earlier one costs nothing); what follows the last kernel
-    (the cache write-back and the pipeline drain) goes to ``kv`` / ``writeback``."""
+    (the cache write-back and the pipeline drain) goes to ``kv`` / ``writeback``. An operation fused into
+    its consumer (landing cycle None, :mod:`lpucore.compiler.fuse`) has no kernel: the consumer's op
+    and part get its cycles."""
     label_of: Dict[int, str] = {}
     for label, a, b in spans:
         for i in range(a, b):

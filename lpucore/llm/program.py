@@ -144,10 +144,12 @@ class StepBuilder:
                 hi = g.slice(p, (slice(0, 1), slice(None)))
                 lo = g.slice(p, (slice(1, 2), slice(None)))
                 y = g.add(g.mul(hi, float(DIGIT)), lo)
-                outs.append(g.mul(y, g.constant(f"{key}_s{c0}", (scale[c0:c1] / np.float32(DIGIT * DIGIT_MAX))
-                                                .astype(F32).reshape(1, -1))))
+                y = g.mul(y, g.constant(f"{key}_s{c0}", (scale[c0:c1] / np.float32(DIGIT * DIGIT_MAX))
+                                        .astype(F32).reshape(1, -1)))
+                # undo the activation's scale block by block: the products' elementwise chain
+                # ends here (one fused kernel), and the concatenation only moves values
+                outs.append(g.mul(y, m))
             y = outs[0] if len(outs) == 1 else g.concat(outs, axis=-1)
-            y = g.mul(y, m)                    # undo the activation's scale
         else:
             wk = self._head_permuted(name, (self.w[name].T if transpose else self.w[name])[rs, cs])
             y = g.matmul(x16, g.constant(key, np.ascontiguousarray(wk.astype(F16))), out_dtype="float32")
