@@ -21,7 +21,7 @@ run time, the program's cycle count follows from the plans.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -987,8 +987,11 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
     r = cfg.mxm_fp16_interval if fp16 else 1
     nK = -(-mm.K // Kc)
     nT = -(-mm.N // L)
-    # rows loaded in one cycle must come from different slices: at most one per stripe
-    ws = max(1, min(cfg.mxm_lw_streams, ctx.S // 2, mm.B.stripes * (2 if fp16 else 1)))
+    # rows loaded in one cycle must come from different slices: at most one per stripe; when two
+    # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
+    # streams less one, which activations and zero rows use
+    share = ctx.S // cfg.mxm_planes_per_hemisphere - 1 if min(nT, len(planes)) > cfg.hemispheres else ctx.S // 2
+    ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if fp16 else 1)))
     R = cfg.mxm_size
     Lw = -(-R // ws)
     Mb = max(1, min(cfg.mxm_accumulators // 2, 256))
@@ -1023,6 +1026,11 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
         sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
         # slices whose address 0 can feed a zero weight row: their values travel towards this plane
         zero_toward = [g for g in zero_slices if ctx.dir_to(ctx.slice_pos[g], xm) == din]
+        # LW stream groups: the planes of a hemisphere start from their own part of the direction's
+        # streams (ws < S / planes there leaves streams for activations), so they load in the same cycles
+        k_in_hem = p % cfg.mxm_planes_per_hemisphere
+        home = din * ctx.S + k_in_hem * (ctx.S // cfg.mxm_planes_per_hemisphere)
+        lw_bases = [home] + [b for b in range(din * ctx.S, (din + 1) * ctx.S) if b != home]
         for nt in tiles[p]:
             for b0 in range(0, mm.M, Mb):
                 nb = min(Mb, mm.M - b0)
@@ -1046,61 +1054,62 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                         for i in range(Lw):
                             n = min(ws, R - i * ws)
                             rows = [wrow(kc, nt, i * ws + j) for j in range(n)]
-                            base = None
                             T = W + i
-                            for cand in ctx.streams(din, 1):
-                                if cand - din * ctx.S + n > ctx.S:
+
+                            def rows_on(base, rows=rows, T=T, plan=plan):
+                                """The rows' reads onto streams base.. (False: one does not fit)."""
+                                busy_slices: Set[int] = set()
+                                for j, src in enumerate(rows):
+                                    stream = base + j
+                                    if src is None:
+                                        # a zero vector (address 0 of any free slice on the way)
+                                        for g in zero_toward:
+                                            if g in busy_slices:
+                                                continue
+                                            tr = T - d_read - abs(ctx.slice_pos[g] - xm)
+                                            if tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
+                                                continue
+                                            k_ = T - ctx.xloc(din, xm)
+                                            x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
+                                            if not sched.span_free(stream, k_, x0, x1):
+                                                continue
+                                            plan.issues.append((ctx.mem_q[g], tr, "Read", (0, stream)))
+                                            plan.reads.append((g, tr, ctx.bank(0)))
+                                            plan.spans.append((stream, k_, x0, x1))
+                                            busy_slices.add(g)
+                                            break
+                                        else:
+                                            return False
+                                        continue
+                                    vt, v, pl = src
+                                    g, addr = vt.loc(v, pl)
+                                    if ctx.dir_to(ctx.slice_pos[g], xm) != din:
+                                        return False
+                                    tr = T - d_read - abs(ctx.slice_pos[g] - xm)
+                                    if tr < int(vt.ready[v]) or tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
+                                        return False
+                                    k_ = T - ctx.xloc(din, xm)
+                                    x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
+                                    if not sched.span_free(stream, k_, x0, x1):
+                                        return False
+                                    plan.issues.append((ctx.mem_q[g], tr, "Read", (addr, stream)))
+                                    plan.reads.append((g, tr, ctx.bank(addr)))
+                                    plan.spans.append((stream, k_, x0, x1))
+                                    busy_slices.add(g)
+                                return True
+                            # the first group of n streams the rows fit on (another plane's loads may
+                            # hold some streams in these cycles)
+                            base = None
+                            for cand in lw_bases:
+                                if cand - din * ctx.S + n > ctx.S or any((cand + j, T) in used for j in range(n)):
                                     continue
-                                okc = True
-                                for j in range(n):
-                                    if (cand + j, T) in used:
-                                        okc = False
-                                        break
-                                if okc:
+                                mark = plan.mark()
+                                if rows_on(cand):
                                     base = cand
                                     break
+                                plan.rollback(mark)
                             if base is None:
                                 return None
-                            busy_slices = set()
-                            for j, src in enumerate(rows):
-                                stream = base + j
-                                if src is None:
-                                    # a zero vector (address 0 of any free slice on the way)
-                                    placed = False
-                                    for g in zero_toward:
-                                        if g in busy_slices:
-                                            continue
-                                        tr = T - d_read - abs(ctx.slice_pos[g] - xm)
-                                        if tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
-                                            continue
-                                        k_ = T - ctx.xloc(din, xm)
-                                        x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
-                                        if not sched.span_free(stream, k_, x0, x1):
-                                            continue
-                                        plan.issues.append((ctx.mem_q[g], tr, "Read", (0, stream)))
-                                        plan.reads.append((g, tr, ctx.bank(0)))
-                                        plan.spans.append((stream, k_, x0, x1))
-                                        busy_slices.add(g)
-                                        placed = True
-                                        break
-                                    if not placed:
-                                        return None
-                                    continue
-                                vt, v, pl = src
-                                g, addr = vt.loc(v, pl)
-                                if ctx.dir_to(ctx.slice_pos[g], xm) != din:
-                                    return None
-                                tr = T - d_read - abs(ctx.slice_pos[g] - xm)
-                                if tr < int(vt.ready[v]) or tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
-                                    return None
-                                k_ = T - ctx.xloc(din, xm)
-                                x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
-                                if not sched.span_free(stream, k_, x0, x1):
-                                    return None
-                                plan.issues.append((ctx.mem_q[g], tr, "Read", (addr, stream)))
-                                plan.reads.append((g, tr, ctx.bank(addr)))
-                                plan.spans.append((stream, k_, x0, x1))
-                                busy_slices.add(g)
                             for j in range(n):
                                 used[(base + j, T)] = 1
                             plan.issues.append((q_lw, T, "LW", (base, n, i * ws)))
