@@ -502,8 +502,8 @@ def _alu_sets(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int])
     cycle (the reservation table keeps their streams and MEM ports apart). Falls back to one set
     when the vectors' operand reads collide and a smaller set cannot stage them."""
     n = max(1, len([x for x in _topo(root) if x.op != "in"]))
-    k = min(len(alus) // n, len(vectors), MAX_ALU_SETS) if len(vectors) > 1 else 1
-    if k > 1:
+    most = min(len(alus) // n, len(vectors), MAX_ALU_SETS) if len(vectors) > 1 else 1
+    for k in range(most, 1, -1):
         per = len(alus) // k
         try:
             chains: Dict[int, _Chain] = {}
@@ -514,7 +514,7 @@ def _alu_sets(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int])
                 set_of.update((v, j) for v in mine)
             return chains, set_of
         except NeedsSplit:
-            pass
+            continue          # staging colliding reads needs more ALUs a set: fewer sets
     return _chains(ctx, root, vectors, alus), {v: 0 for v in vectors}
 
 

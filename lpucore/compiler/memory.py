@@ -32,6 +32,9 @@ class Memory:
         # per slice: free ranges [start, end) with the cycle from which they may be written
         self.free: List[List[Tuple[int, int, int]]] = [[(1, A, 0)] for _ in range(cfg.mem_slices)]
         self.used = np.zeros(cfg.mem_slices, dtype=np.int64)
+        # tensors alive in each slice (placed, not yet released): a new tensor goes to the slices
+        # holding the fewest, so that tensors read together seldom share a slice's one read a cycle
+        self.live = np.zeros(cfg.mem_slices, dtype=np.int64)
         self.peak = 0
         self.rr = [0, 0]          # round-robin start per hemisphere
 
@@ -190,9 +193,16 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
     avail = mem.available_fresh if fresh else mem.available
     chunks = -(-cols // lanes)
     planes = dtype.nbytes
-    for h in (hem, 1 - hem):
-        n_sl = cfg.mem_slices_per_hemisphere
-        want = max(1, min(stripes, rows * chunks, n_sl // planes))
+    n_sl = cfg.mem_slices_per_hemisphere
+    want = max(1, min(stripes, rows * chunks, n_sl // planes))
+
+    def room(h: int) -> int:
+        """Stripes this hemisphere can give (slices with room that are not to be avoided)."""
+        per = -(-rows // want) * chunks
+        ok = [g for g in (cfg.slice_id(h, s) for s in range(n_sl)) if g not in avoid and avail(g) >= per]
+        return min(want, len(ok) // planes)
+    # the asked hemisphere, unless the other gives more stripes (slices the tensor's operands do not hold)
+    for h in sorted((hem, 1 - hem), key=lambda h: -room(h)):
         # fewer stripes first (as asked, or fewer if the slices are crowded); a tensor too
         # big for that many slices' addresses is spread over more
         most = max(want, min(rows * chunks, n_sl // planes))
@@ -205,7 +215,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
                 continue
             start = mem.rr[h] % len(cands)
             cands = cands[start:] + cands[:start]
-            cands.sort(key=lambda g: mem.used[g])
+            cands.sort(key=lambda g: (mem.live[g], mem.used[g]))
             chosen = cands[: planes * n]
             slices, bases, after = [], [], []
             ok = True
@@ -234,6 +244,8 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
                     mem.give(g, a, k, t)
                 continue
             mem.rr[h] += planes * n
+            for g in chosen:
+                mem.live[g] += 1
             return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind)
     need = rows * chunks * planes * lanes
     free = sum(mem.available(g) for g in range(cfg.mem_slices)) * lanes
@@ -250,3 +262,4 @@ def release(mem: Memory, vt: VT) -> None:
     for p in range(vt.planes):
         for i in range(n):
             mem.give(vt.slices[p][i], vt.bases[p][i], per, last + 1)
+            mem.live[vt.slices[p][i]] -= 1
