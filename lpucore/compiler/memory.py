@@ -44,6 +44,19 @@ class Memory:
     def available_fresh(self, g: int) -> int:
         return sum(e - s for s, e, t in self.free[g] if t == 0)
 
+    def longest(self, g: int, fresh: bool = False) -> int:
+        """The longest run of consecutive free addresses of slice g (``fresh``: never used in the run)."""
+        best = run = 0
+        end = -1
+        for s, e, t in self.free[g]:
+            if fresh and t:
+                end = -1
+                continue
+            run = run + (e - s) if s == end else e - s
+            end = e
+            best = max(best, run)
+        return best
+
     def take(self, g: int, n: int, fresh: bool = False) -> Optional[Tuple[int, int]]:
         """n consecutive addresses of slice g: (address, write-after cycle), or None.
 
@@ -190,7 +203,9 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
     space of a temporary that died earlier in the schedule would be overwritten by it."""
     cfg = mem.cfg
     fresh = kind in ("const", "input", "state")
-    avail = mem.available_fresh if fresh else mem.available
+
+    def avail(g: int) -> int:
+        return mem.longest(g, fresh)
     chunks = -(-cols // lanes)
     planes = dtype.nbytes
     n_sl = cfg.mem_slices_per_hemisphere
@@ -248,7 +263,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
                 mem.live[g] += 1
             return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind)
     need = rows * chunks * planes * lanes
-    free = sum(mem.available(g) for g in range(cfg.mem_slices)) * lanes
+    free = sum((mem.available_fresh if fresh else mem.available)(g) for g in range(cfg.mem_slices)) * lanes
     raise CompileError(f"tensor {name!r} ({dtype.name}, {rows} x {cols}) needs {need:,} bytes of MEM in "
                        f"{planes} x stripes of consecutive addresses; {free:,} bytes are free "
                        f"(of {cfg.sram_bytes:,}): the graph does not fit on this chip")

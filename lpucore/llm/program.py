@@ -256,7 +256,7 @@ class StepBuilder:
         prod = g.mul(g.cast(q16, "float32"), g.cast(K_new, "float32"))                     # [G, S, D]
         hi = self.f16(prod)
         lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
-        s = g.matmul(g.concat([hi, lo], axis=-1), seg2, out_dtype="float32")               # [G, S, Hkv]
+        s = self._head_sums([hi, lo], seg2)                                                # [G, S, Hkv]
         s = g.add(g.mul(s, float(1.0 / math.sqrt(hd))), mask)
         # softmax over the cache rows: row reductions are elementwise over vectors
         e = g.exp(g.sub(s, g.max(s, axis=-2, keepdims=True)))
@@ -265,6 +265,21 @@ class StepBuilder:
         pe = g.matmul(p, seg_t, out_dtype="float32")                                       # [G, S, D]
         o = g.sum(g.mul(pe, g.cast(V_new, "float32")), axis=-2)                           # [G, D]
         return self.f16(g.reshape(o, (1, H * hd)))
+
+    def _head_sums(self, parts: List[Tensor], segs) -> Tensor:
+        """``sum_p parts[p] @ seg`` float32 (``parts [G, S, D]`` float16; ``segs``: ``(a, b, seg[a:b])`` for
+        whole-vector ranges of ``D``), as one product per part and range, which the MXM planes run side
+        by side, added on the VXM: one product over all of ``D`` would stream its rows through one plane."""
+        g = self.g
+        D = parts[0].shape[-1]
+        total = None
+        for x in parts:
+            for a, b, seg in segs:
+                xs = x if (a, b) == (0, D) else g.slice(x, tuple([slice(None)] * (x.ndim - 1) + [slice(a, b)]))
+                y = g.matmul(xs, seg, out_dtype="float32")
+                total = y if total is None else g.add(total, y)
+        assert total is not None
+        return total
 
     def head_order(self) -> np.ndarray:
         """The query heads in the order the step computes them: for ``G`` query heads per kv head, the
@@ -278,7 +293,8 @@ class StepBuilder:
     def _attention_constants(self, posf: Tensor):
         """(keep, put, mask, seg2, seg_t) shared by every layer's attention: ``keep`` / ``put`` float16
         ``[S, D]`` (0 / 1 on cache row ``pos``), ``mask`` float32 ``[S, Hkv]`` (``MASK`` on rows after
-        ``pos``), ``seg2`` float16 ``[2 D, Hkv]`` (lane ``c`` of either half to its head), ``seg_t`` float16
+        ``pos``), ``seg2`` ranges ``(a, b, seg[a:b])`` of the float16 ``[D, Hkv]`` lane-to-head matrix (for
+        :meth:`_head_sums`), ``seg_t`` float16
         ``[Hkv, D]`` (head to its lanes)."""
         g, cfg, S = self.g, self.cfg, self.S
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
@@ -289,7 +305,10 @@ class StepBuilder:
         iota_h = g.constant("iota_rows_h", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), Hkv, axis=1))
         mask = g.mul(g.minimum(g.maximum(g.sub(iota_h, posf), 0.0), 1.0), MASK)           # [S, Hkv]
         seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-        seg2 = g.constant("head_sum", np.concatenate([seg, seg], axis=0))
+        # at most two ranges of whole 320-lane vectors: with hi and lo, four products for four planes
+        cuts = [0, min(D, 320), D] if D > 320 else [0, D]
+        seg2 = [(a, b, g.constant(f"head_sum{a}", np.ascontiguousarray(seg[a:b])))
+                for a, b in zip(cuts, cuts[1:])]
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
         return keep, put, mask, seg2, seg_t
 
