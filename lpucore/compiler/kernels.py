@@ -499,8 +499,8 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
 def _alu_sets(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]):
     """Chains for every vector, and the ALU set each uses: an expression of n operations leaves room
     for len(alus) // n disjoint sets, and vectors take them in turn so that several vectors issue in one
-    cycle (the reservation table keeps their streams and MEM ports apart). Falls back to one set
-    when the vectors' operand reads collide and a smaller set cannot stage them."""
+    cycle (the reservation table keeps their streams and MEM ports apart). Falls back to fewer, larger
+    sets (down to one) when the vectors' operand reads collide and a smaller set cannot stage them."""
     n = max(1, len([x for x in _topo(root) if x.op != "in"]))
     most = min(len(alus) // n, len(vectors), MAX_ALU_SETS) if len(vectors) > 1 else 1
     for k in range(most, 1, -1):
