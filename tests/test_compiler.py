@@ -456,3 +456,35 @@ def test_weights_are_tiled_one_member_per_plane():
     assert sorted(np.concatenate([cols for _, cols in parts]).tolist()) == list(range(N))
     slices = [{s for s, _ in c.program.tensors[m].locations(0, SMALL.lanes)} for m, _ in parts]
     assert all(not (a & b) for i, a in enumerate(slices) for b in slices[i + 1:])     # each on its own slices
+
+
+@pytest.mark.parametrize("superlanes", [3, 5, 7])
+def test_lane_reductions_over_any_lane_count_are_exact(superlanes):
+    """The all-reduce's radices multiply to exactly the lane count (48, 80 and 112 lanes: radices
+    3, 5 and 7 with powers of two), so integer sums and maxima are exact in every lane."""
+    import dataclasses
+    cfg = dataclasses.replace(SMALL, superlanes=superlanes, mxm_size=16 * superlanes)
+    g = Graph()
+    shape = (2, 2 * cfg.lanes - 5)
+    # int32 and float32 take the SXM tree (int8 and float16 sums go to the MXM)
+    a, b = g.input("a", shape, "int32"), g.input("b", shape, "float32")
+    g.output("s", g.sum(a, keepdims=True))
+    g.output("m", g.max(a, keepdims=True))
+    g.output("mf", g.max(b, keepdims=True))
+    A = values(shape, np.int8, superlanes).astype(np.int32) * 1000
+    B = values(shape, np.float32, superlanes)
+    out, _ = run_graph(g, {"a": A, "b": B}, cfg=cfg)
+    assert np.array_equal(out["s"], A.astype(np.int64).sum(-1, keepdims=True))
+    assert np.array_equal(out["m"], A.max(-1, keepdims=True))
+    assert np.array_equal(out["mf"], B.max(-1, keepdims=True))
+
+
+def test_radix_plan_tiles_the_lanes_in_fewer_trips():
+    from lpucore.compiler.allreduce import _Geometry, radix_plan
+    from lpucore.compiler.kernels import Ctx
+    from lpucore.compiler.schedule import Scheduler
+    geo = _Geometry(Ctx(GROQ, Scheduler(GROQ)), 4)
+    plan = radix_plan(GROQ.lanes, geo, GROQ.vxm_alus_per_lane)
+    assert int(np.prod(plan)) == GROQ.lanes and len(plan) <= 3
+    # each trip costs one SXM round trip plus its combine tree: below nine binary trips
+    assert sum(geo.latency(k) for k in plan) < 9 * geo.latency(2)

@@ -25,6 +25,7 @@ from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
 from . import fuse, loaded
+from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
 from .kernels import (
@@ -35,7 +36,6 @@ from .kernels import (
     Piece,
     _chains,
     _PlaneState,
-    allreduce_kernel,
     cvt,
     lanemove_kernel,
     map_kernel,

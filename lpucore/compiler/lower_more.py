@@ -212,7 +212,7 @@ def _onehot(c, idx, V, d, t):
     iv = c.plain(idx)
     # each index in every lane of its own vector: sum of the index masked to its lane
     bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
-    from .kernels import allreduce_kernel
+    from .allreduce import allreduce_kernel
 
     def row(r):
         busy = c.slices_of(iv)
