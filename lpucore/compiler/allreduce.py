@@ -196,7 +196,9 @@ class _RowPlan:
         x_s, x_v = ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)
         k_back = ts + geo.d_sxm - x_s
         bA = self._group(back, k_back, x_s, x_v)
-        bB = self._group(back, k_back, x_s, x_v) if bA is not None else None
+        if bA is None:
+            return None
+        bB = self._group(back, k_back, x_s, x_v)
         if bB is None:
             return None
         rot = (j * n) % self.L
