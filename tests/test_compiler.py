@@ -488,3 +488,17 @@ def test_radix_plan_tiles_the_lanes_in_fewer_trips():
     assert int(np.prod(plan)) == GROQ.lanes and len(plan) <= 3
     # each trip costs one SXM round trip plus its combine tree: below nine binary trips
     assert sum(geo.latency(k) for k in plan) < 9 * geo.latency(2)
+
+
+def test_column_constants_are_written_in_every_lane():
+    """A [R, 1] constant read only elementwise is placed with its value in every lane (no lane
+    reduction to broadcast it): the product is exact and the program has no SXM work."""
+    g = Graph()
+    x = g.input("x", (3, 100), "float32")
+    col = np.array([[2.0], [-0.5], [3.0]], dtype=np.float32)
+    g.output("y", g.mul(x, g.constant("col", col)))
+    X = values((3, 100), np.float32, 4)
+    out, c = run_graph(g, {"x": X})
+    assert np.array_equal(out["y"], X * col)
+    assert not any(q.startswith("SXM") and any(i.op.name != "NOP" for i in ins)
+                   for q, ins in c.program.queues.items())

@@ -118,12 +118,28 @@ def test_outputs_states_and_shared_values_are_not_deferred():
     g.output("a", a)
     b = g.mul(a, 2.0)                     # assigned to the state
     g.assign(st, b)
-    c = g.exp(x)                          # read twice
+    c = g.exp(g.exp(g.exp(g.exp(x))))     # read twice, four operations: too long to recompute
     d = g.sub(g.mul(c, c), st)            # the mul is read once: deferred
     g.output("d", d)
     ids = fuse.deferrable(g)
     assert a.id not in ids and b.id not in ids and c.id not in ids and d.id not in ids
-    assert len(ids) == 1
+    # the three inner exps are read once (deferred into c), and the mul
+    assert len(ids) == 4
+
+
+def test_cheap_shared_values_are_recomputed_on_small_tensors_only():
+    g = Graph()
+    x = g.input("x", (1, 300), "float32")
+    big = g.input("big", (40, 300), "float32")
+    c = g.cast(x, "float16")              # read by two elementwise ops: recomputed by each
+    g.output("y", g.add(g.abs(c), g.neg(c)))
+    e = g.exp(big)                        # read twice, but 12,000 elements: stays in MEM
+    g.output("z", g.mul(e, e))
+    k = g.neg(x)                          # one row read by a [40, 300] consumer: too big to inline
+    g.output("w", g.add(big, k))
+    ids = fuse.deferrable(g)
+    assert c.id in ids and e.id not in ids and k.id not in ids
+    assert fuse.RECOMPUTE_ELEMENTS < 40 * 300
 
 
 def random_chains(seed):

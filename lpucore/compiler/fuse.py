@@ -11,8 +11,18 @@ operand (:meth:`Compiler.operand <lpucore.compiler.lower.Compiler.operand>`).  T
 result is bit-identical: each expression node keeps its dtype (a VXM latch holds the
 same bits a MEM vector would), and ``cvt`` nodes round as the separate kernels did.
 
+A result read by *several* elementwise operations of its shape is deferred too when its whole
+expression (with its own deferred inputs) is at most :data:`RECOMPUTE_MAX` operations: each
+consumer recomputes it on its own ALUs, which costs no latency, where a MEM round trip costs
+about 25 cycles (a cast read by both an ``abs`` and a ``mul``, a ``maximum`` with a constant
+read by every block of a matmul's epilogue), and when it has at most
+:data:`RECOMPUTE_ELEMENTS` elements.
+
+A reduction across rows (``axis=-2``) is one map kernel too: it is deferred like an elementwise
+operation, and inlines a deferred input row by row.
+
 What is never deferred: graph outputs, values assigned to states (they must land in
-MEM), and results read by anything but a plain elementwise operation (reductions,
+MEM), and results read by anything but a plain elementwise operation (lane reductions,
 softmax, norms, matmul, layout operations, gather, rope, collectives read placed
 tensors).
 
@@ -24,10 +34,18 @@ from __future__ import annotations
 
 from typing import Dict, List, Set
 
+import numpy as np
+
 from ..graph import Graph, Node
 
 # fusion of elementwise chains on (True) or off (False): read by every new Compiler
 ENABLED = True
+
+# operations a result read by several elementwise consumers may take to be recomputed by each,
+# and the elements it may have: recomputing re-reads the operands for every vector, a loss where
+# the streams, not the latency, bound a kernel (a KV cache update), a gain on one activation row
+RECOMPUTE_MAX = 3
+RECOMPUTE_ELEMENTS = 8192
 
 # operations lowered as one map kernel whose builder reads each input once through operand()
 ELEMENTWISE = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu", "exp",
@@ -35,17 +53,39 @@ ELEMENTWISE = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg"
 
 
 def is_elementwise(n: Node) -> bool:
-    """n is lowered as one map kernel over its output's vectors (gelu's erf form takes two)."""
-    return n.op in ELEMENTWISE or (n.op == "gelu" and n.attrs.get("approximate") == "tanh")
+    """n is lowered as one map kernel over its output's vectors (gelu's erf form takes two; a
+    reduction across rows is a tree of VXM operations over its input's vectors)."""
+    return (n.op in ELEMENTWISE or (n.op == "gelu" and n.attrs.get("approximate") == "tanh")
+            or _across_rows(n))
 
 
-def _same_vectors(g: Graph, tid: int, consumer: Node) -> bool:
-    """Vector v of tensor tid is vector v of the consumer's output: the shapes are equal
-    but for leading ones (then an inlined expression reads its inputs as it would have)."""
+def _across_rows(n: Node) -> bool:
+    return n.op in ("sum", "max", "mean") and n.attrs.get("axis") == -2
+
+
+def _inlining(g: Graph, tid: int, consumer: Node) -> str:
+    """How the consumer can inline tensor tid's expression: "same" (vector v of tid is vector v of
+    the consumer's output: shapes equal but for leading ones; or the consumer reduces tid across
+    its rows, reading each vector once), "rows" (tid is one row the consumer broadcasts over its
+    rows: the expression is recomputed for every row, :meth:`Compiler.operand
+    <lpucore.compiler.lower.Compiler.operand>`), or "" (it cannot)."""
+    if _across_rows(consumer):
+        return "same"
     a, b = g.tensors[tid].shape, g.tensors[consumer.output].shape
     if len(a) > len(b):
-        return False
-    return (1,) * (len(b) - len(a)) + tuple(a) == tuple(b)
+        return ""
+    if (1,) * (len(b) - len(a)) + tuple(a) == tuple(b):
+        return "same"
+    if len(a) >= 1 and int(np.prod(a[:-1])) == 1 and a[-1] == b[-1] and int(np.prod(b)) <= RECOMPUTE_ELEMENTS:
+        return "rows"
+    return ""
+
+
+def _cost(g: Graph, n: Node, size: Dict[int, int]) -> int:
+    """VXM operations of n's expression with its deferred inputs inlined (a reduction across R
+    rows reads its input R times)."""
+    reads = g.tensors[n.inputs[0]].shape[-2] if _across_rows(n) else 1
+    return reads + sum(size.get(i, 0) for i in set(n.inputs)) * reads
 
 
 def deferrable(g: Graph) -> Set[int]:
@@ -56,14 +96,19 @@ def deferrable(g: Graph) -> Set[int]:
             consumers.setdefault(i, []).append(n)
     kept = {t.id for t in g.outputs.values()} | {v.id for v in g.assigns.values()}
     out: Set[int] = set()
+    size: Dict[int, int] = {}          # operations of a deferred result's inlined expression
     for n in g.nodes:
         tid = n.output
         users = consumers.get(tid, [])
-        if tid in kept or len(users) != 1 or not is_elementwise(n) or not is_elementwise(users[0]):
+        if tid in kept or not users or not is_elementwise(n):
             continue
+        how = [_inlining(g, tid, u) if is_elementwise(u) else "" for u in users]
         # an expression of constants only would read no tensor: nothing to say it is broadcast
-        if all(i in g.constants for i in n.inputs):
+        if "" in how or all(i in g.constants for i in n.inputs):
             continue
-        if _same_vectors(g, tid, users[0]):
+        cost = _cost(g, n, size)
+        if (len(users) == 1 and how[0] == "same") or (
+                cost <= RECOMPUTE_MAX and int(np.prod(g.tensors[tid].shape)) <= RECOMPUTE_ELEMENTS):
             out.add(tid)
+            size[tid] = cost
     return out

@@ -90,11 +90,16 @@ class Compiled:
 
     def write_constant(self, chip, name: str, arr: np.ndarray) -> None:
         """Write constant ``name`` (2-d, as in :attr:`constants`) into a chip running this program: a
-        tiled weight goes to its member tensors."""
+        tiled weight goes to its member tensors; a column the program holds in every lane (one value
+        per row) may be given as the graph's column."""
+        shape = self.constants[name].shape
+        arr = np.asarray(arr)
+        if arr.size != int(np.prod(shape)) and arr.size == shape[0]:
+            arr = np.repeat(arr.reshape(-1, 1), shape[1], axis=1)
+        arr = arr.reshape(shape)
         if name not in self.tiles:
             chip.write_tensor(name, arr)
             return
-        arr = np.asarray(arr).reshape(self.constants[name].shape)
         for member, cols in self.tiles[name]:
             chip.write_tensor(member, np.ascontiguousarray(arr[:, cols]))
 
@@ -132,6 +137,23 @@ def check_input_names(expected, inputs) -> None:
     extra = set(inputs) - set(expected)
     if extra:
         raise GraphError(f"execute: unknown input(s) {', '.join(sorted(extra))}")
+
+
+def _remap(root: Expr, f: Callable[[int], int]) -> Expr:
+    """A copy of root whose reads, for output vector v, take what they took for vector f(v)."""
+    memo: Dict[int, Expr] = {}
+
+    def rec(n: Expr) -> Expr:
+        if id(n) not in memo:
+            if n.op == "in":
+                vt, idx = n.source()
+                def composed(v: int, idx: Callable[[int], int] = idx) -> int:
+                    return idx(f(v))
+                memo[id(n)] = Expr.input(vt, composed)
+            else:
+                memo[id(n)] = Expr(n.op, n.dtype, tuple(rec(a) for a in n.args), dict(n.imm), n.src, n.min_t)
+        return memo[id(n)]
+    return rec(root)
 
 
 def _rows(shape):
@@ -315,8 +337,13 @@ class Compiler:
         if self.is_scalar(t):
             return cvt(Expr.const(t.dtype, self.scalars[t.id]), d)
         if t.id in self.deferred:
-            # a fused producer: its expression, read vector for vector (fuse.deferrable)
-            return cvt(self.deferred[t.id](), d)
+            # a fused producer: its expression, read vector for vector (fuse.deferrable); one
+            # row broadcast over the output's rows reads that row's vectors for every row
+            e = self.deferred[t.id]()
+            if _rows(t.shape) == 1 and len(out_shape) and _rows(out_shape) > 1:
+                C = -(-_cols(out_shape) // self.L)
+                e = _remap(e, lambda v: v % C)
+            return cvt(e, d)
         vt = self.vt(t)
         in_shape = t.shape
         nd = len(out_shape)
@@ -406,6 +433,14 @@ class Compiler:
                 self.scalars[tid] = arr.reshape(()).item()
                 continue
             name = g.constant_names.get(tid) or f"_c{tid}"
+            if (arr.ndim >= 2 and arr.shape[-1] == 1 and arr.size <= self.cfg.addresses_per_slice
+                    and all(n.op in SCALAR_CONSUMERS for n in g.nodes if tid in n.inputs)):
+                # one value per row, read only elementwise: written with the value in every lane
+                # (what broadcast_lanes would compute on the chip with a lane reduction per row)
+                vt = self.const_vt(name, np.repeat(arr.reshape(-1, 1), self.L, axis=1))
+                vt.bcast = True
+                self.vts[tid] = vt
+                continue
             # weights of a matmul (or a gathered table: weights of a one-hot product) get more stripes: an
             # LW cycle loads one row per stripe
             weights = any(n.op in ("matmul", "gather") and len(n.inputs) > 1 and n.inputs[n.op == "matmul"] == tid
@@ -491,9 +526,7 @@ class Compiler:
             return self.map_op(t, name, kind, build)
         if op == "gelu":
             return self.gelu(ins[0], t, name, kind, n.attrs["approximate"])
-        if op in ("sum", "max", "mean"):
-            if n.attrs.get("axis") == -2:
-                return self.reduce_rows(op, ins[0], t, name, kind)
+        if op in ("sum", "max", "mean"):      # over lanes (across rows: a builder, above)
             return self.reduce(op, ins[0], t, name, kind)
         if op == "softmax":
             return self.softmax(ins[0], t, name, kind)
@@ -522,6 +555,8 @@ class Compiler:
             return f
         if op == "cast":
             return lambda: cvt(self.operand(ins[0], t.shape), t.dtype)
+        if op in ("sum", "max", "mean") and n.attrs.get("axis") == -2:
+            return self.rows_builder(op, ins[0], t)
         if op == "gelu" and n.attrs["approximate"] == "tanh":
             return lambda: self.gelu_tanh(ins[0], t)
         if op == "quantize":
@@ -894,20 +929,25 @@ class Compiler:
         release(self.mem, red)
         return last
 
-    def reduce_rows(self, op: str, x: Tensor, t: Tensor, name, kind) -> int:
+    def rows_builder(self, op: str, x: Tensor, t: Tensor) -> Callable[[], Expr]:
         """sum / max / mean across rows (axis -2): each output vector is a balanced tree of VXM
         operations over the vectors of its rows (floats in float32, integer sums in int32), rounded
-        once to t's dtype; no lane moves. An expression too big for the ALUs is split by ``fit``."""
+        once to t's dtype; no lane moves, so it is one map kernel (and fuses as one, :mod:`.fuse`:
+        a deferred input is inlined row by row). An expression too big for the ALUs is split by ``fit``."""
         R = x.shape[-2]
         C = -(-_cols(x.shape) // self.L)
         acc = F32 if x.dtype.is_float else (I32 if op != "max" else x.dtype)
         mn = "max" if op == "max" else "add"
 
+        def read(r: int) -> Expr:
+            def row_vec(v: int) -> int:
+                return ((v // C) * R + r) * C + v % C
+            if x.id in self.deferred:
+                return _remap(self.deferred[x.id](), row_vec)
+            return Expr.input(self.vt(x), row_vec)
+
         def build() -> Expr:
-            src = self.vt(x)
-            def row_vec(r: int) -> Callable[[int], int]:
-                return lambda v: ((v // C) * R + r) * C + v % C
-            level = [cvt(Expr.input(src, row_vec(r)), acc) for r in range(R)]
+            level = [cvt(read(r), acc) for r in range(R)]
             while len(level) > 1:
                 pairs = [E(mn, acc, level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
                 level = pairs + level[len(level) - len(level) % 2:]
@@ -915,7 +955,7 @@ class Compiler:
             if op == "mean":
                 e = E("mul", F32, e, Expr.const(F32, 1.0 / R))
             return cvt(e if e.op != "in" else E("mov", acc, e), t.dtype)
-        return self.map_op(t, name, kind, build)
+        return build
 
     def softmax(self, x: Tensor, t: Tensor, name, kind) -> int:
         src = self.plain(x)

@@ -376,7 +376,7 @@ class PipelineDecoder:
                 comp.write_constant(chip, name, arr)
         for name, arr in own.items():
             if name in comp.constants:
-                comp.write_constant(chip, name, arr.reshape(comp.constants[name].shape))
+                comp.write_constant(chip, name, arr)
             elif not np.array_equal(arr, compiled_with[name]):
                 raise CompileError(f"pipeline: constant {name!r} of chip {k} was folded into the shared "
                                    f"program with another value; this stage cannot share it")

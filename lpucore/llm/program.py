@@ -90,6 +90,7 @@ class StepBuilder:
                 self._shard0.setdefault(u[1] if u[0] == "mlp" else u[0], u[2])
         self.S, self.block = capacity, block
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
+        self._digit_col: Optional[Tensor] = None                # _digit_weights()
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
@@ -141,9 +142,9 @@ class StepBuilder:
             for c0 in range(0, qk.shape[1], self.block):
                 c1 = min(c0 + self.block, qk.shape[1])
                 p = g.cast(g.matmul(digits, g.constant(f"{key}_q{c0}", qk[:, c0:c1])), "float32")  # [2, n]
-                hi = g.slice(p, (slice(0, 1), slice(None)))
-                lo = g.slice(p, (slice(1, 2), slice(None)))
-                y = g.add(g.mul(hi, float(DIGIT)), lo)
+                # 128 p_h + p_l as a weighted sum across the two rows: one fused kernel with
+                # the scales below, no row slices (exact: products by 128 and 1, one addition)
+                y = g.sum(g.mul(p, self._digit_weights()), axis=-2, keepdims=True)
                 y = g.mul(y, g.constant(f"{key}_s{c0}", (scale[c0:c1] / np.float32(DIGIT * DIGIT_MAX))
                                         .astype(F32).reshape(1, -1)))
                 # undo the activation's scale block by block: the products' elementwise chain
@@ -156,6 +157,12 @@ class StepBuilder:
         if bias is not None:
             y = g.add(y, self.vec(bias))
         return y
+
+    def _digit_weights(self) -> Tensor:
+        """The float32 ``[2, 1]`` column ``(DIGIT, 1)`` weighting the two digit rows' products."""
+        if self._digit_col is None:
+            self._digit_col = self.g.constant("_digit_weights", np.array([[DIGIT], [1.0]], dtype=F32))
+        return self._digit_col
 
     def _head_lanes(self) -> np.ndarray:
         """The q projection's output columns (and the o projection's input rows) in :meth:`head_order`."""
