@@ -179,3 +179,30 @@ def test_random_chains_fused_and_unfused_agree(seed, monkeypatch):
     inputs = {"x": rng.standard_normal((R, C)).astype(np.float32), "b": rng.standard_normal(C).astype(np.float32)}
     same_bits(run_all(fused, inputs), run_all(plain, inputs))
     assert fused.expected_cycles <= plain.expected_cycles or fused_count(fused) > 0
+
+
+def lane_reduction_graph():
+    """Lane reductions of deferred expressions: inlined into the all-reduce's row expression (max of
+    abs; a float32 sum of products), placed first where they cannot be (a float16 sum goes to the
+    MXM; a chain too long for the ALUs the all-reduce leaves)."""
+    g = Graph()
+    x = g.input("x", (3, 700), "float16")
+    xf = g.cast(x, "float32")
+    g.output("m", g.max(g.abs(xf), keepdims=True))
+    g.output("s", g.sum(g.mul(xf, xf)))
+    g.output("h", g.sum(g.mul(x, x)))
+    long = xf
+    for _ in range(6):
+        long = g.sub(g.mul(long, 0.5), 0.25)
+    g.output("l", g.max(long))
+    return g
+
+
+@pytest.mark.parametrize("cfg", [SMALL, GROQ], ids=["small", "groq"])
+def test_lane_reductions_inline_or_place_their_deferred_inputs(cfg, monkeypatch):
+    fused, plain = compile_both(lane_reduction_graph, cfg, monkeypatch)
+    x = (np.random.default_rng(3).standard_normal((3, 700)) * 4).astype(np.float16)
+    out = run_all(fused, {"x": x})
+    same_bits(out, run_all(plain, {"x": x}))
+    assert fused.expected_cycles < plain.expected_cycles
+    assert np.array_equal(out["m"], np.abs(x.astype(np.float32)).max(-1, keepdims=True))

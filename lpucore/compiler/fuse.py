@@ -19,7 +19,8 @@ read by every block of a matmul's epilogue), and when it has at most
 :data:`RECOMPUTE_ELEMENTS` elements.
 
 A reduction across rows (``axis=-2``) is one map kernel too: it is deferred like an elementwise
-operation, and inlines a deferred input row by row.
+operation, and inlines a deferred input row by row.  A reduction over the lanes inlines a deferred
+input into the row expression its lane all-reduce starts from (an ``abs`` before a ``max``).
 
 What is never deferred: graph outputs, values assigned to states (they must land in
 MEM), and results read by anything but a plain elementwise operation (lane reductions,
@@ -63,13 +64,19 @@ def _across_rows(n: Node) -> bool:
     return n.op in ("sum", "max", "mean") and n.attrs.get("axis") == -2
 
 
+def _across_lanes(n: Node) -> bool:
+    """A reduction over the lanes: its row expression reads each vector of its input once, so
+    it inlines a deferred input (or, when the expression does not fit, places it first)."""
+    return n.op in ("sum", "max", "mean") and n.attrs.get("axis") == -1
+
+
 def _inlining(g: Graph, tid: int, consumer: Node) -> str:
     """How the consumer can inline tensor tid's expression: "same" (vector v of tid is vector v of
     the consumer's output: shapes equal but for leading ones; or the consumer reduces tid across
     its rows, reading each vector once), "rows" (tid is one row the consumer broadcasts over its
     rows: the expression is recomputed for every row, :meth:`Compiler.operand
     <lpucore.compiler.lower.Compiler.operand>`), or "" (it cannot)."""
-    if _across_rows(consumer):
+    if _across_rows(consumer) or _across_lanes(consumer):
         return "same"
     a, b = g.tensors[tid].shape, g.tensors[consumer.output].shape
     if len(a) > len(b):
@@ -102,7 +109,7 @@ def deferrable(g: Graph) -> Set[int]:
         users = consumers.get(tid, [])
         if tid in kept or not users or not is_elementwise(n):
             continue
-        how = [_inlining(g, tid, u) if is_elementwise(u) else "" for u in users]
+        how = [_inlining(g, tid, u) if is_elementwise(u) or _across_lanes(u) else "" for u in users]
         # an expression of constants only would read no tensor: nothing to say it is broadcast
         if "" in how or all(i in g.constants for i in n.inputs):
             continue

@@ -156,6 +156,11 @@ def _remap(root: Expr, f: Callable[[int], int]) -> Expr:
     return rec(root)
 
 
+def _const_index(k: int) -> Callable[[int], int]:
+    """An index function reading vector k for every output vector."""
+    return lambda v: k
+
+
 def _rows(shape):
     return int(np.prod(shape[:-1])) if len(shape) > 1 else 1
 
@@ -758,6 +763,39 @@ class Compiler:
             pre = None
         return src, pre, made
 
+    def inlined_rows(self, x: Tensor, d: dt.DType, op: str) -> Optional[Tuple[Callable[[int], Expr], Set[int]]]:
+        """For a deferred x (:mod:`.fuse`): the row expression of a lane reduction ``op`` reading
+        x's own expression chunk by chunk, and the slices it reads; None when x is placed or the
+        expression would not fit the ALUs the all-reduce leaves (:meth:`row_expr`'s budget)."""
+        if x.id not in self.deferred:
+            return None
+        C = -(-_cols(x.shape) // self.L)
+        rem = _cols(x.shape) % self.L
+
+        def f(r: int) -> Expr:
+            acc = None
+            for c in range(C):
+                e = cvt(_remap(self.deferred[x.id](), _const_index(r * C + c)), d)
+                if op == "max" and c == C - 1 and rem:
+                    lo = Expr.const(d, -np.inf if d.is_float else -(2 ** (d.bits - 1)))
+                    e = E("select", d, Expr.input(self.mask(rem, d.nbytes), lambda v: 0), e, lo)
+                acc = e if acc is None else E(op, d, acc, e)
+            assert acc is not None
+            return acc
+        from .kernels import _staged, _topo
+        if len([n for n in _topo(_staged(f(0))) if n.op != "in"]) > self.n_alu - 6:
+            return None
+        return f, self.inputs_of(f(0))
+
+    def place_deferred(self, x: Tensor) -> None:
+        """Write a deferred x to MEM after all (a consumer that cannot inline it); its inputs are
+        read now."""
+        if x.id not in self.deferred:
+            return
+        build = self.deferred.pop(x.id)
+        self.map_op(x, f"_t{x.id}", "temp", build)
+        self.consume(self.g.producer[x.id])
+
     def row_expr(self, src: VT, shape, d: dt.DType, op: str, pre: Optional[PreFn] = None) -> Callable[[int], Expr]:
         """Combine a row's chunks: op over chunks of pre(element); returns r -> Expr."""
         budget = self.n_alu - 6
@@ -897,14 +935,22 @@ class Compiler:
         return out
 
     def reduce(self, op, x: Tensor, t: Tensor, name, kind) -> int:
-        src = self.plain(x)
         d = self.acc_dtype(x.dtype) if op != "max" else x.dtype
-        if op != "max" and src.dtype in (F16, I8):
-            red, last = self._mxm_sum(src, x.shape[:-1] + (1,), f"_r{t.id}")
+        mn = "add" if op != "max" else "max"
+        inlined = self.inlined_rows(x, d, mn) if (op == "max" or x.dtype not in (F16, I8)) else None
+        if inlined is not None:
+            row, reads = inlined
+            red = self.new_vt(f"_r{t.id}", d, x.shape[:-1] + (1,), avoid=reads)
+            last = allreduce_kernel(self.ctx, row, red, mn, list(range(self.n_alu)))
         else:
-            red = self.new_vt(f"_r{t.id}", d, x.shape[:-1] + (1,), avoid=self.slices_of(src))
-            last = allreduce_kernel(self.ctx, self.row_expr(src, x.shape, d, "add" if op != "max" else "max"), red,
-                                    "add" if op != "max" else "max", list(range(self.n_alu)))
+            self.place_deferred(x)
+            src = self.plain(x)
+            if op != "max" and src.dtype in (F16, I8):
+                red, last = self._mxm_sum(src, x.shape[:-1] + (1,), f"_r{t.id}")
+            else:
+                red = self.new_vt(f"_r{t.id}", d, x.shape[:-1] + (1,), avoid=self.slices_of(src))
+                last = allreduce_kernel(self.ctx, self.row_expr(src, x.shape, d, mn), red, mn,
+                                        list(range(self.n_alu)))
         keep_shape = x.shape[:-1] + (1,)
         if op == "mean" or red.dtype != t.dtype:
             k = 1.0 / x.shape[-1]
