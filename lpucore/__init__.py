@@ -18,10 +18,11 @@ The public API::
 
 from . import ops
 from .asm import assemble, disassemble
-from .chip import ENGINES, Chip, RunStats
+from .chip import Chip, RunStats
 from .compiler.api import compile
 from .compiler.lower import Compiled, execute
 from .config import ChipConfig
+from .engine import ENGINES
 from .errors import (
     CompileError,
     ConfigError,
