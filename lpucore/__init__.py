@@ -14,6 +14,7 @@ The public API::
     lpucore.ops           NumPy-like operations run on the chip
     lpucore.compiler      scheduled programs (gemm_program, matmul)
     lpucore.matmul        the MXM's numerics contract
+    lpucore.engine        the Engine protocol both engines satisfy (Chip.engine), make_engine
 """
 
 from . import ops
