@@ -14,14 +14,16 @@ The public API::
     lpucore.ops           NumPy-like operations run on the chip
     lpucore.compiler      scheduled programs (gemm_program, matmul)
     lpucore.matmul        the MXM's numerics contract
+    lpucore.engine        the Engine protocol both engines satisfy (Chip.engine), make_engine
 """
 
 from . import ops
 from .asm import assemble, disassemble
-from .chip import ENGINES, Chip, RunStats
+from .chip import Chip, RunStats
 from .compiler.api import compile
 from .compiler.lower import Compiled, execute
 from .config import ChipConfig
+from .engine import ENGINES
 from .errors import (
     CompileError,
     ConfigError,

@@ -2,13 +2,13 @@
 from . import ops as ops
 from .asm import assemble as assemble
 from .asm import disassemble as disassemble
-from .chip import ENGINES as ENGINES
 from .chip import Chip as Chip
 from .chip import RunStats as RunStats
 from .compiler.api import compile as compile
 from .compiler.lower import Compiled as Compiled
 from .compiler.lower import execute as execute
 from .config import ChipConfig as ChipConfig
+from .engine import ENGINES as ENGINES
 from .errors import CompileError as CompileError
 from .errors import ConfigError as ConfigError
 from .errors import EngineUnavailableError as EngineUnavailableError

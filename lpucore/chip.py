@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Protocol, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from .config import ChipConfig
-from .errors import ConfigError, EngineUnavailableError, LpuError, TensorError
+from .engine import ENGINE_OPTIONS, Engine, make_engine
+from .engine import ENGINES as ENGINES  # re-exported: lpucore.chip.ENGINES predates lpucore.engine
+from .errors import ConfigError, LpuError, TensorError
 from .layout import TensorInfo, check_array
 from .program import Program
 
@@ -28,31 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .snapshot import Snapshot
     from .trace import Recorder, Watcher
 
-
-class _Engine(Protocol):
-    """What a Chip drives in either engine: lpucore.reference.engine.ReferenceEngine, or
-    lpucore._engine.FastEngine (compiled, no stub).  Their snapshot and SRAM-view hooks differ and
-    are reached through ``Any`` (Chip.snapshot, Chip.restore, Chip._sram_view)."""
-
-    @property
-    def cycle(self) -> int: ...
-    @property
-    def finished(self) -> bool: ...
-    @property
-    def finish_cycle(self) -> int: ...
-    def load(self, program: Program, /) -> None: ...
-    def reset(self, clear_memory: bool = ..., /) -> None: ...
-    def run(self, until: Optional[int] = ..., /, idle: bool = ...) -> None: ...
-    def counters(self) -> Mapping[str, npt.NDArray[np.int64]]: ...
-    def read_mem(self, gslice: int, addr: int, count: int = ..., /) -> npt.NDArray[np.uint8]: ...
-    def write_mem(self, gslice: int, addr: int, data: npt.NDArray[np.uint8], /) -> None: ...
-    def c2c_take_outbox(self) -> List[Tuple[int, int, int, npt.NDArray[np.uint8]]]: ...
-    def c2c_deliver(self, link: int, arrival: int, vec: npt.NDArray[np.uint8], /) -> None: ...
-
-
-ENGINES: Tuple[str, ...] = ("fast", "reference")
-# the fast engine's host tuning options (Chip.set_engine_options)
-ENGINE_OPTIONS: Tuple[str, ...] = ("mxm_kernel", "helper_threads", "small_rows", "helper_delay_us")
 
 MAX_CYCLE = 1 << 62
 """The last cycle a chip simulates (about 162 years at 900 MHz): run/step arguments are ints in
@@ -71,26 +48,6 @@ def _cycles(what: str, value: Optional[int]) -> Optional[int]:
     return v
 
 Hemisphere = Union[str, int]    # "W" / "E" (only the first letter counts, in any case) or 0 / 1
-
-
-def make_engine(name: str, cfg: ChipConfig, fp16_mxm: str = "exact") -> _Engine:
-    """Instantiate an engine by name.  The fast engine never falls back silently."""
-    if name == "reference":
-        if fp16_mxm != "exact":
-            raise LpuError("the reference engine computes float16 MXM products exactly only (fp16_mxm='exact')")
-        from .reference.engine import ReferenceEngine
-        return ReferenceEngine(cfg)
-    if name == "fast":
-        try:
-            from . import _engine
-        except ImportError as e:
-            raise EngineUnavailableError(
-                f"the fast engine (lpucore._engine) cannot be imported: {e}. Build it with "
-                "`pip install -e .` (or `python setup.py build_ext --inplace`), or ask for engine='reference'."
-            ) from None
-        fast: _Engine = _engine.FastEngine(cfg, fp16_mxm)     # the compiled module has no stub: Any
-        return fast
-    raise LpuError(f"unknown engine {name!r}; choose one of {', '.join(ENGINES)}")
 
 
 @dataclass
@@ -170,14 +127,25 @@ class Chip:
             raise ConfigError(f"max_memory must be a number of bytes >= 0 (0: no limit), got {max_memory!r:.80}")
         # the host memory the engine commits, checked before anything is allocated
         self.config.check_host_memory(None if max_memory is None else int(max_memory))
-        self.engine_name: str = engine
         try:
-            self._eng: _Engine = make_engine(engine, self.config, fp16_mxm)
+            self._eng: Engine = make_engine(engine, self.config, fp16_mxm)
         except MemoryError:
             raise ConfigError(f"the host cannot allocate a chip of configuration {self.config.name!r} "
                               f"({self.config.sram_bytes / 2**20:,.0f} MiB of SRAM address space and "
                               f"{sum(self.config.host_memory().values()) / 2**20:,.0f} MiB of engine state)") from None
         self.program: Optional[Program] = None
+
+    @property
+    def engine(self) -> Engine:
+        """The engine simulating this chip (:class:`lpucore.engine.Engine`): for host simulators
+        and tools that drive it directly (``lpu_state(chip.engine)`` in Cython, see
+        lpucore/_engine.pxd).  Run it only through the chip unless you know why not."""
+        return self._eng
+
+    @property
+    def engine_name(self) -> str:
+        """``"fast"`` or ``"reference"``."""
+        return self._eng.name
 
     # ---- program -----------------------------------------------------------------------
     def load(self, program: Program) -> None:
@@ -198,8 +166,7 @@ class Chip:
     def engine_options(self) -> Dict[str, Any]:
         """The fast engine's host tuning options (:data:`ENGINE_OPTIONS`; ``{}`` on the reference
         engine, which has none). They change how fast the host simulates, never a result or a cycle."""
-        eng: Any = self._eng
-        return {k: getattr(eng, k) for k in ENGINE_OPTIONS} if self.engine_name == "fast" else {}
+        return self._eng.options()
 
     def set_engine_options(self, **options: Any) -> None:
         """Set fast-engine host options: ``mxm_kernel`` (``"avx512"`` or ``"portable"``),
@@ -210,19 +177,14 @@ class Chip:
         unknown = sorted(set(options) - set(ENGINE_OPTIONS))
         if unknown:
             raise LpuError(f"unknown engine option(s) {', '.join(unknown)}; options: {', '.join(ENGINE_OPTIONS)}")
-        if options and self.engine_name != "fast":
-            raise LpuError(f"the {self.engine_name} engine has no host options")
-        eng: Any = self._eng
-        for k, v in options.items():
-            setattr(eng, k, v)
+        self._eng.set_options(**options)
 
     @property
     def host_time(self) -> Dict[str, float]:
         """The fast engine's host counters: wall seconds in the cycle loop (``loop_s``) and in MXM
         products (``mxm_products_s``), MXM batches by path (``mxm_batches``, ``mxm_small_batches``,
         ``mxm_helper_batches``); ``{}`` on the reference engine."""
-        eng: Any = self._eng
-        return dict(eng.host_time) if self.engine_name == "fast" else {}
+        return dict(self._eng.host_time)
 
     def reset(self, clear_memory: bool = True) -> None:
         """Restart the loaded program at cycle 0; clears SRAM unless ``clear_memory=False``."""
@@ -296,17 +258,9 @@ class Chip:
         effects, statistics, cycle) and the loaded program, as a :class:`Snapshot`.
         Nothing is shared with the chip: running on does not change the snapshot."""
         from .snapshot import Snapshot
-        eng: Any = self._eng        # the engines' own state hooks, outside _Engine (FastEngine has no stub)
-        if self.engine_name == "reference":
-            from .errors import SnapshotError
-            if eng.error is not None:
-                raise SnapshotError("cannot snapshot a chip stopped by a schedule error")
-            from .reference._snapshot import get_state
-            scalars, arrays = get_state(eng)
-        else:
-            scalars, arrays = eng._get_state()
+        scalars, arrays = self._eng.get_state()
         prog = self.program.to_bytes() if self.program is not None else None
-        return Snapshot(self.engine_name, self.config, getattr(eng, "fp16_mxm", "exact"), prog,
+        return Snapshot(self._eng.name, self.config, self._eng.fp16_mxm, prog,
                         {k: int(v) for k, v in scalars.items()}, arrays)
 
     def restore(self, snap: "Snapshot") -> None:
@@ -326,7 +280,7 @@ class Chip:
             raise SnapshotError(f"snapshot was taken on the {snap.engine} engine and cannot be restored into a "
                                 f"chip running the {self.engine_name} engine (the engines keep the state in "
                                 f"different forms); use Chip(config, engine={snap.engine!r})")
-        mode = getattr(self._eng, "fp16_mxm", "exact")
+        mode = self._eng.fp16_mxm
         if snap.fp16_mxm != mode:
             raise SnapshotError(f"snapshot was taken with fp16_mxm={snap.fp16_mxm!r}, this chip uses {mode!r}")
         if snap.program_bytes is None:
@@ -338,16 +292,18 @@ class Chip:
             raise SnapshotError("snapshot was taken with a different program loaded; load the snapshot's "
                                 "program (snap.program) or use a fresh chip")
         arrays = {k: np.asarray(v) for k, v in snap.arrays.items()}
-        eng: Any = self._eng        # the engines' own state hooks, outside _Engine (FastEngine has no stub)
-        if self.engine_name == "reference":
-            from .reference._snapshot import set_state
-            set_state(eng, snap.scalars, arrays)
-        else:
-            eng._set_state(snap.scalars, arrays)
+        self._eng.set_state(snap.scalars, arrays)
+
+    def counters(self) -> Dict[str, npt.NDArray[np.int64]]:
+        """The engine's raw statistics, name -> int64 array (copies; :meth:`stats` summarises them):
+        ``issued`` and ``icu`` per queue, ``bytes_read`` and ``bytes_written`` per MEM slice,
+        ``mxm_macs`` and ``mxm_busy`` (cycles) per MXM plane, ``mxm_peak_macs`` ([1]: the most MACs
+        started in one cycle), ``c2c_sent`` and ``c2c_received`` (vectors) per link."""
+        return dict(self._eng.counters())
 
     def stats(self) -> RunStats:
         cfg = self.config
-        ctr = self._eng.counters()
+        ctr = self.counters()
         fin = bool(self._eng.finished)
         cycles = int(self._eng.finish_cycle) if fin else self.cycle
         names = [q.name for q in cfg.queues]
@@ -460,10 +416,8 @@ class Chip:
         for p in range(t.dtype.nbytes):
             where = _stripe_locations(t, p, self.config.lanes)
             if where is not None:
-                sram = self._sram_view()
-                if sram is not None:
-                    sram[where] = planes[p]        # every vector at once (striped planes)
-                    continue
+                self._eng.sram()[where] = planes[p]        # every vector at once (striped planes)
+                continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 self._eng.write_mem(g, addr, planes[p, start:start + n])
 
@@ -475,24 +429,17 @@ class Chip:
         for p in range(t.dtype.nbytes):
             where = _stripe_locations(t, p, self.config.lanes)
             if where is not None:
-                sram = self._sram_view()
-                if sram is not None:
-                    planes[p] = sram[where]
-                    continue
+                planes[p] = self._eng.sram()[where]
+                continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 planes[p, start:start + n] = self._eng.read_mem(g, addr, n)
         return t.from_planes(planes, self.config.lanes)
 
-    def _sram_view(self) -> Optional[npt.NDArray[np.uint8]]:
-        """The engine's SRAM as a uint8 [slices, addresses, lanes] array, or None."""
-        eng: Any = self._eng        # FastEngine._sram() / ReferenceEngine.mem.sram, outside _Engine
-        sram: Optional[npt.NDArray[np.uint8]]
-        if hasattr(eng, "_sram"):
-            sram = eng._sram()
-        else:
-            mem = getattr(eng, "mem", None)
-            sram = getattr(mem, "sram", None)
-        return sram
+    def memory(self) -> npt.NDArray[np.uint8]:
+        """A copy of the whole SRAM, uint8 [slices, addresses, lanes] (slices are global ids,
+        :meth:`ChipConfig.slice_id`): for comparing chips and engines."""
+        out: npt.NDArray[np.uint8] = self._eng.sram().copy()
+        return out
 
 
 def _stripe_locations(t: TensorInfo, plane: int,

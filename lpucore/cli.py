@@ -51,8 +51,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .asm import assemble, disassemble
-from .chip import ENGINES, Chip, RunStats
+from .chip import Chip, RunStats
 from .config import ChipConfig
+from .engine import ENGINES
 from .errors import ConfigError, LpuError, ProgramError, TensorError
 from .program import MAGIC, Program
 

@@ -273,7 +273,7 @@ class System:
             target = t + W if stop is None else min(t + W, stop)
             all_done, error = True, None
             for i in self.local:
-                eng = self.local_chip(i)._eng      # Chip.run without building RunStats every window
+                eng = self.local_chip(i).engine      # Chip.run without building RunStats every window
                 if eng.finished:              # its program has ended: nothing more can happen on it
                     continue
                 try:
@@ -335,8 +335,8 @@ def _small_pages(chip: Chip) -> None:
     import ctypes
     import mmap
     advice = getattr(mmap, "MADV_NOHUGEPAGE", None)
-    arr = chip._sram_view()
-    if advice is None or arr is None:
+    arr = chip.engine.sram()
+    if advice is None:
         return
     try:
         libc = ctypes.CDLL(None, use_errno=True)

@@ -95,12 +95,12 @@ class Recorder:
                     ins = expanded[q][k] if k < len(expanded[q]) else None
                     w.writerow([c, "issue", names[q], units[q], ins.text(cfg) if ins is not None else "?"])
                     self.records += 1
-                if chip.cycle - b0 >= self.bucket or chip._eng.finished:
+                if chip.cycle - b0 >= self.bucket or chip.engine.finished:
                     self._counters(w, chip.cycle, ctr, base)
                     base = {k: ctr[k].copy() for k in base}
                     b0 = chip.cycle
             if chip.cycle > b0:
-                self._counters(w, chip.cycle, chip._eng.counters(), base)
+                self._counters(w, chip.cycle, chip.counters(), base)
         return _finish(chip, stop)
 
     def _counters(self, w, cycle, ctr, base):
@@ -126,7 +126,7 @@ def _cycles(chip, start: int, end: Optional[int], stop: Optional[int]):
     """Run to ``start`` at full speed, then one cycle at a time up to ``end`` / ``stop`` / the program's end,
     yielding ``(cycle, counters, [(queue index, k), ...])`` for each cycle: the k-th functional instruction
     of each queue that issued in it. The first item is ``(None, counters, [])``, before the window."""
-    eng = chip._eng
+    eng = chip.engine
     first = max(start, chip.cycle)
     if chip.cycle < first:
         eng.run(first if stop is None else min(first, stop), idle=False)
@@ -147,8 +147,8 @@ def _cycles(chip, start: int, end: Optional[int], stop: Optional[int]):
 
 def _finish(chip, stop):
     """The rest of the run, outside the window, at full speed."""
-    if not chip._eng.finished and (stop is None or chip.cycle < stop):
-        chip._eng.run(stop, idle=False)
+    if not chip.engine.finished and (stop is None or chip.cycle < stop):
+        chip.engine.run(stop, idle=False)
     return chip.stats()
 
 
@@ -170,7 +170,7 @@ class Watcher:
         self.start, self.end = window
 
     def run(self, chip, max_cycles: Optional[int] = None, until: Optional[int] = None):
-        cfg, prog, eng = chip.config, chip.program, chip._eng
+        cfg, prog, eng = chip.config, chip.program, chip.engine
         stop = _stop(chip, max_cycles, until)
         gids = {}
         for s, a, b in self.watch:

@@ -5,7 +5,7 @@
 #
 #     from lpucore._engine cimport lpu_handle, lpu_state, lpu_run_until, lpu_flush_mxm
 #
-#     h = lpu_state(chip._eng)                 # chip = lpucore.Chip(cfg, engine="fast")
+#     h = lpu_state(chip.engine)               # chip = lpucore.Chip(cfg, engine="fast")
 #     with nogil:
 #         rc = lpu_run_until(h, target, 1)
 #
@@ -18,7 +18,7 @@ from libc.stdint cimport int64_t, uint8_t
 
 ctypedef void* lpu_handle
 
-# The engine's state behind a FastEngine (Chip._eng); TypeError for anything else.
+# The engine's state behind a FastEngine (Chip.engine); TypeError for anything else.
 cdef lpu_handle lpu_state(object engine) except NULL
 
 # Run the cycle loop up to (not including) cycle `until` (-1: to the end of the program;

@@ -223,3 +223,220 @@ cdef int run_loop(State* s, int64_t until, int idle) noexcept nogil:
         elif s.perr[E_KIND] != ERR_NONE and s.perr[E_CYCLE] < nmin:
             nmin = s.perr[E_CYCLE]
         c = nmin
+
+
+def _flat_i64(x):
+    return np.ascontiguousarray(x, dtype=np.int64).reshape(-1)
+
+
+cdef class IcuUnit(Unit):
+    """The ICU: the loaded code, each queue's position, Repeat, Sync and next-issue state, the
+    Notify history, time, the pending landing error, and instructions issued per queue."""
+
+    def __init__(self):
+        Unit.__init__(self, "ICU", saved=("qs", "qn", "qf", "st_issued", "st_icu"),
+                      scalars=("t", "cycle", "last_effect", "done"))
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        Unit.alloc(self, s, cfg, a)
+        NQ = s.NQ
+        a["qs"] = np.zeros(NQ * QW, dtype=np.int64)
+        a["qn"] = np.full(NQ, INF, dtype=np.int64)
+        a["qf"] = np.zeros(NQ * NFIELDS, dtype=np.int32)
+        a["q_unit"] = np.array([_UNIT[q.unit] for q in cfg.queues], dtype=np.int32)
+        a["q_pos"] = np.array([q.position for q in cfg.queues], dtype=np.int32)
+        a["q_slice"] = np.array([cfg.slice_id(q.hemisphere, q.slot) if q.unit == "MEM" else -1
+                                 for q in cfg.queues], dtype=np.int32)
+        a["q_slot"] = np.array([q.slot for q in cfg.queues], dtype=np.int32)
+        a["q_hem"] = np.array([max(q.hemisphere, 0) for q in cfg.queues], dtype=np.int32)
+        for k in ("st_issued", "st_icu"):
+            a[k] = np.zeros(NQ, dtype=np.int64)
+        lat = np.zeros(256, dtype=np.int32)
+        strided = np.zeros(256, dtype=np.int32)
+        for op in _isa.TABLE:
+            lat[op.opcode] = op.delay(cfg)
+            strided[op.opcode] = sum(1 << i for i, f in enumerate(op.fields) if f.strided)
+        a["lat"], a["strided"] = lat, strided
+        a["code"] = np.zeros((1, 1 + NFIELDS), dtype=np.int32)     # no program: one row, never fetched
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        a = self.a
+        s.code = _p_i32(a["code"])
+        s.lat = _p_i32(a["lat"])
+        s.strided = _p_i32(a["strided"])
+        s.qs = _p_i64(a["qs"])
+        s.qn = _p_i64(a["qn"])
+        s.qf = _p_i32(a["qf"])
+        s.q_unit = _p_i32(a["q_unit"])
+        s.q_pos = _p_i32(a["q_pos"])
+        s.q_slice = _p_i32(a["q_slice"])
+        s.q_slot = _p_i32(a["q_slot"])
+        s.q_hem = _p_i32(a["q_hem"])
+        s.st_issued = _p_i64(a["st_issued"])
+        s.st_icu = _p_i64(a["st_icu"])
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        a = self.a
+        a["st_issued"][:] = 0
+        a["st_icu"][:] = 0
+        qs = a["qs"].reshape(s.NQ, QW)
+        qs[:] = 0
+        qn = a["qn"]
+        if lowered is not None:
+            _, qstart = lowered
+            for q in range(s.NQ):
+                qs[q, Q_PC] = qstart[q]
+                qs[q, Q_END] = qstart[q + 1]
+                qn[q] = 0 if qstart[q + 1] > qstart[q] else INF
+        else:
+            qn[:] = INF
+        s.n_notify = 0
+        s.t = -1
+        s.cycle = 0
+        s.last_effect = -1
+        s.done = 0
+        for i in range(8):
+            s.err[i] = 0
+            s.perr[i] = 0
+        return 0
+
+    cdef dict get_scalars(self, State* s):
+        return {"t": s.t, "cycle": s.cycle, "last_effect": s.last_effect, "done": s.done}
+
+    cdef int set_scalars(self, State* s, dict sc) except -1:
+        s.t, s.cycle, s.last_effect, s.done = sc["t"], sc["cycle"], sc["last_effect"], sc["done"]
+        return 0
+
+    cdef dict snapshot(self, State* s):
+        arrays = Unit.snapshot(self, s)
+        arrays["notifies"] = np.array([s.notifies[i] for i in range(s.n_notify)], dtype=np.int64)
+        arrays["perr"] = np.array([s.perr[i] for i in range(8)], dtype=np.int64)
+        return arrays
+
+    cdef int check_shapes(self, State* s, dict arrays) except -1:
+        Unit.check_shapes(self, s, arrays)
+        if _flat_i64(arrays["perr"]).shape[0] != 8:
+            raise _errors.SnapshotError("snapshot array 'perr' must have 8 entries")
+        return 0
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        notifies = _flat_i64(arrays["notifies"])
+        check_range("scalar cycle", sc["cycle"], 0, LIM)
+        check_range("scalar t", sc["t"], -1, sc["cycle"] - 1)
+        check_range("scalar last_effect", sc["last_effect"], -1, LIM)
+        check_range("scalar done", sc["done"], 0, 1)
+        check_range("array 'notifies'", notifies, 0, LIM)
+        self.validate_queues(s, arrays, lowered, notifies.shape[0])
+        for k in ("st_issued", "st_icu"):
+            check_range(f"array {k!r}", arrays[k], 0, LIM)
+        self.validate_pending_error(s, _flat_i64(arrays["perr"]))
+        return 0
+
+    cdef int validate_queues(self, State* s, dict arrays, object lowered, int64_t n_notify) except -1:
+        """Each queue's pc, Repeat, Sync and wait state against the loaded program (none loaded:
+        every queue is empty)."""
+        NQ = s.NQ
+        if lowered is not None:
+            code, qstart = lowered
+            code = np.asarray(code)
+        else:
+            code, qstart = np.zeros((0, 1 + NFIELDS), dtype=np.int32), [0] * (NQ + 1)
+        qs = arrays["qs"].reshape(NQ, QW)
+        qn = arrays["qn"]
+        for q in range(NQ):
+            lo, hi = int(qstart[q]), int(qstart[q + 1])
+            nm = f"array 'qs'[{q}, %d] (queue {q}'s %s)"
+            check_range(nm % (Q_PC, f"pc; its code is rows {lo}..{hi - 1}"), qs[q, Q_PC], lo, hi)
+            check_equal(nm % (Q_END, "end"), qs[q, Q_END], hi, "one past the queue's last row")
+            pc = int(qs[q, Q_PC])
+            check_range(nm % (Q_REPLEFT, "repetitions left"), qs[q, Q_REPLEFT], 0, 2 ** 31 - 1)
+            rl = int(qs[q, Q_REPLEFT])
+            if rl > 0:
+                self.validate_repeat(s, arrays, code, q, lo)
+            nsync = int(np.count_nonzero(code[lo:pc, 0] == OP_SYNC))
+            check_equal(nm % (Q_SYNCS, "Syncs issued"), qs[q, Q_SYNCS], nsync, "Sync rows before pc")
+            check_range(nm % (Q_SYNCC, "last Sync cycle"), qs[q, Q_SYNCC], 0, LIM)
+            w = int(qs[q, Q_WAIT])
+            if w:
+                check_equal(nm % (Q_WAIT, "Notify waited for, 0: none"), w, nsync, "the queue's last Sync")
+                check_range(nm % (Q_WAIT, "Notify waited for, not yet issued"), w, n_notify + 1, LIM)
+                check_equal(f"array 'qn'[{q}] (parked queue {q})", qn[q], INF, "INF: parked")
+            if rl == 0 and pc == hi:
+                check_equal(f"array 'qn'[{q}] (queue {q} has nothing left to issue)", qn[q], INF, "INF")
+            check_range(f"array 'qn'[{q}] (next issue cycle of queue {q})", qn[q], 0, LIM, also=(INF,))
+        return 0
+
+    cdef int validate_repeat(self, State* s, dict arrays, object code, int q, int64_t lo) except -1:
+        """Queue q is repeating: the row before pc is the Repeat, the one before it the repeated
+        op, and the counters and current fields agree with them."""
+        qs = arrays["qs"].reshape(s.NQ, QW)
+        qf = arrays["qf"].reshape(s.NQ, NFIELDS)
+        nm = f"array 'qs'[{q}, %d] (queue {q}'s %s)"
+        pc, rl, rr = int(qs[q, Q_PC]), int(qs[q, Q_REPLEFT]), int(qs[q, Q_REPROW])
+        if not (pc - 2 >= lo and code[pc - 1, 0] == OP_REPEAT):
+            raise _errors.SnapshotError(f"snapshot array 'qs'[{q}] is repeating (rep_left {rl}) but "
+                                        f"row {pc - 1} of queue {q} is no Repeat")
+        check_equal(nm % (Q_REPROW, "repeated row"), rr, pc - 2, "the row before the Repeat")
+        rep = code[pc - 1]
+        check_range(nm % (Q_REPK, "repetitions issued"), qs[q, Q_REPK], 0, rep[1 + F_REPEAT_N] - rl)
+        check_equal(nm % (Q_REPK, "repetitions issued + left"), int(qs[q, Q_REPK]) + rl,
+                    rep[1 + F_REPEAT_N], "the Repeat's count")
+        check_equal(nm % (Q_REPD, "repetition delay"), qs[q, Q_REPD], rep[1 + F_REPEAT_D], "the Repeat's delay")
+        check_equal(nm % (Q_REPSTRIDE, "repetition stride"), qs[q, Q_REPSTRIDE], rep[1 + F_REPEAT_STRIDE],
+                    "the Repeat's stride")
+        op = int(code[rr, 0])
+        m = int(self.a["strided"][op])
+        k, st = int(qs[q, Q_REPK]), int(rep[1 + F_REPEAT_STRIDE])
+        for i in range(NFIELDS):
+            want = int(code[rr, 1 + i])
+            if (m >> i) & 1:
+                want = (want + k * st + 2 ** 31) % 2 ** 32 - 2 ** 31
+            check_equal(f"array 'qf'[{q}, {i}] (field {i} of queue {q}'s repeated instruction)",
+                        qf[q, i], want, "its row's field plus rep_k strides")
+        return 0
+
+    cdef int validate_pending_error(self, State* s, object perr) except -1:
+        """The pending landing error: none, a stream conflict or a latch conflict."""
+        if perr[E_KIND] == ERR_NONE:
+            return 0
+        check_range(f"array 'perr'[{E_KIND}] (error kind)", perr[E_KIND], ERR_STREAM_CONFLICT, ERR_STREAM_CONFLICT,
+                    also=(ERR_LATCH_CONFLICT,))
+        check_range(f"array 'perr'[{E_CYCLE}] (cycle)", perr[E_CYCLE], 0, LIM)
+        if perr[E_KIND] == ERR_STREAM_CONFLICT:
+            check_range(f"array 'perr'[{E_CLASS}] (class)", perr[E_CLASS], 0, 0)
+            check_range(f"array 'perr'[{E_A}] (stream)", perr[E_A], 0, 2 * s.S - 1)
+            check_range(f"array 'perr'[{E_B}] (position)", perr[E_B], 0, s.P - 1)
+            check_range(f"array 'perr'[{E_Q}] (queue)", perr[E_Q], 0, s.NQ - 1)
+            check_range(f"array 'perr'[{E_Q2}] (queue)", perr[E_Q2], 0, s.NQ - 1)
+        else:
+            check_range(f"array 'perr'[{E_CLASS}] (class)", perr[E_CLASS], 1, 1)
+            check_range(f"array 'perr'[{E_A}] (ALU)", perr[E_A], 0, s.NALU - 1)
+        return 0
+
+    cdef int restore(self, State* s, dict sc, dict arrays) except -1:
+        cdef int64_t n, i
+        cdef int64_t* p
+        notifies = _flat_i64(arrays["notifies"])
+        perr = _flat_i64(arrays["perr"])
+        # the Notify history first: out of memory here leaves the engine as it was
+        n = notifies.shape[0]
+        if n > s.cap_notify:
+            p = <int64_t*>realloc(s.notifies, n * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError("out of memory restoring Notify history")
+            s.notifies = p
+            s.cap_notify = n
+        for i in range(n):
+            s.notifies[i] = notifies[i]
+        s.n_notify = n
+        Unit.restore(self, s, sc, arrays)
+        for i in range(8):
+            s.perr[i] = perr[i]
+            s.err[i] = 0
+        s.woke = 0
+        return 0
+
+    def counters(self):
+        return {"issued": self.a["st_issued"].copy(), "icu": self.a["st_icu"].copy()}

@@ -162,3 +162,66 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     effect(s, T)
     s.st_bwrite[g] += s.L
     return 0
+
+
+cdef class MemUnit(Unit):
+    """MEM slices: SRAM (bytes), the pending-write ring of each slice, bytes read and written."""
+
+    def __init__(self):
+        Unit.__init__(self, "MEM", saved=("sram", "wr_tag", "wr_addr", "wr_data", "wr_uniform",
+                                          "st_bread", "st_bwrite"))
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        Unit.alloc(self, s, cfg, a)
+        s.bank_msb = 1 if cfg.bank_select == "msb" else 0
+        s.bank_div = cfg.addresses_per_slice // cfg.banks_per_slice
+        s.nbanks = cfg.banks_per_slice
+        s.d_read = cfg.mem_read_delay
+        s.d_write = cfg.mem_write_delay
+        # a write lands d_write cycles after its issue: one ring entry per cycle in flight
+        s.RW = cfg.mem_write_delay + 1
+        a["sram"] = np.zeros(s.NSL * s.A * s.L, dtype=np.uint8)
+        a["wr_tag"] = np.empty(s.NSL * s.RW, dtype=np.int64)
+        a["wr_addr"] = np.zeros(s.NSL * s.RW * s.SL, dtype=np.int32)
+        a["wr_data"] = np.zeros(s.NSL * s.RW * s.L, dtype=np.uint8)
+        a["wr_uniform"] = np.zeros(s.NSL * s.RW, dtype=np.uint8)
+        a["gaddr"] = np.zeros(s.SL, dtype=np.int32)
+        for k in ("st_bread", "st_bwrite"):
+            a[k] = np.zeros(s.NSL, dtype=np.int64)
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        a = self.a
+        s.sram = _p_u8(a["sram"])
+        s.wr_tag = _p_i64(a["wr_tag"])
+        s.wr_addr = _p_i32(a["wr_addr"])
+        s.wr_data = _p_u8(a["wr_data"])
+        s.wr_uniform = _p_u8(a["wr_uniform"])
+        s.gaddr = _p_i32(a["gaddr"])
+        s.st_bread = _p_i64(a["st_bread"])
+        s.st_bwrite = _p_i64(a["st_bwrite"])
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        a = self.a
+        a["wr_tag"][:] = -1
+        a["st_bread"][:] = 0
+        a["st_bwrite"][:] = 0
+        return 0
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        # pending writes land at valid addresses (a uniform write keeps one, in superlane 0)
+        SL = s.SL
+        tag = arrays["wr_tag"]
+        check_range("array 'wr_tag' (landing cycle, -1: free)", tag, -1, LIM)
+        uni = arrays["wr_uniform"]
+        check_range("array 'wr_uniform'", uni, 0, 1)
+        live = (tag >= 0)[:, None] & ((uni == 0)[:, None] | (np.arange(SL) == 0)[None, :])
+        check_range("array 'wr_addr' (pending write address)", arrays["wr_addr"].reshape(-1, SL), 0, s.A - 1,
+                    where=live)
+        for k in ("st_bread", "st_bwrite"):
+            check_range(f"array {k!r}", arrays[k], 0, LIM)
+        return 0
+
+    def counters(self):
+        return {"bytes_read": self.a["st_bread"].copy(), "bytes_written": self.a["st_bwrite"].copy()}

@@ -511,3 +511,242 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         stream_write(s, f[F_ACC_DST] + i, pos, T, q, slot)
     effect(s, T)
     return 0
+
+
+# Batches of up to SMALL_ROWS activation rows are multiplied inside the loop
+# (C, no GIL), larger ones by the host's BLAS: below this, a BLAS call's
+# overhead outweighs its arithmetic (bench/bench_decode.py, bench/bench_gemm.py).
+# 64 covers decode attention over caches of up to 63 positions: on GPT-2-small int8
+# with 33 positions, 32 sent 720 batches a step to the host at 0.64 ms each (+25%
+# wall per step); fp16 (b)'s 256-row batches are faster on the host.
+SMALL_ROWS = 64
+
+# the MXM's saved arrays: weight slots and buffers, installs, accumulators, batches, product FIFOs
+_MXM_SAVED = ("mx_slots", "mx_buf_slot", "mx_row_src", "mx_arr_slot", "mx_inst_slot", "mx_arr_dt", "mx_ver",
+              "mx_inst_T", "mx_inst_dt", "mx_acc", "mx_ax", "mx_xb", "mx_xbuf", "mx_aacc", "mx_aadd", "mx_aland",
+              "mx_an", "mx_bres", "mx_bacc", "mx_badd", "mx_bland", "mx_bdt", "mx_bhead", "mx_bn",
+              "mx_busy_until", "mx_macs", "mx_busy", "mx_peak")
+
+
+cdef class MxmUnit(Unit):
+    """The MXM: per plane, weight slots, buffer and installs, accumulators, the batch of
+    activations waiting to be multiplied (stage A), the FIFO of products waiting to land
+    (stage B), MAC counters; and host-side caches of the installed weights (not saved)."""
+
+    cdef readonly dict views     # shaped views of the batch, slot and FIFO arrays, for FastEngine._mxm_flush
+
+    def __init__(self):
+        Unit.__init__(self, "MXM", saved=_MXM_SAVED, scalars=("mx_cycle", "mx_cycle_macs"))
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        Unit.alloc(self, s, cfg, a)
+        NP, L = cfg.mxm_planes, s.L
+        s.NP = NP
+        s.NACC = cfg.mxm_accumulators
+        s.RI = cfg.mxm_install_delay + 1
+        s.BMAX = 512
+        # the FIFO holds two batches plus the products issued while they are in flight
+        s.BB = 2 * s.BMAX + cfg.mxm_delay + 2
+        s.mx_install_delay = cfg.mxm_install_delay
+        s.mx_delay = cfg.mxm_delay
+        s.mx_acc_delay = cfg.mxm_acc_delay
+        s.mx_fp16_interval = cfg.mxm_fp16_interval
+        s.NS = s.RI + 2
+        a["mx_slots"] = np.zeros(NP * s.NS * L * L, dtype=np.uint8)
+        for k in ("mx_buf_slot", "mx_arr_dt", "mx_xbuf", "mx_an", "mx_bhead", "mx_bn"):
+            a[k] = np.zeros(NP, dtype=np.int32)
+        a["mx_row_src"] = np.zeros(NP * L, dtype=np.int32)
+        a["mx_arr_slot"] = np.full(NP, -1, dtype=np.int32)
+        a["mx_inst_slot"] = np.zeros(NP * s.RI, dtype=np.int32)
+        a["mx_inst_T"] = np.zeros(NP * s.RI, dtype=np.int64)
+        a["mx_inst_dt"] = np.zeros(NP * s.RI, dtype=np.int32)
+        a["mx_acc"] = np.zeros(NP * s.NACC * L, dtype=np.uint32)
+        a["mx_ax"] = np.zeros(NP * NR * s.BMAX * L + 4 * L, dtype=np.float32)   # + 4 rows the kernels may read
+        # int8 activations as offset bytes; 8 spare rows (and 4 bytes) so the VNNI kernel may
+        # read whole groups of rows and of 4 bytes past a batch's end
+        a["mx_xb"] = np.zeros(NP * NR * (s.BMAX + 8) * L + 4, dtype=np.uint8)
+        a["mx_aacc"] = np.zeros(NP * s.BMAX, dtype=np.int32)
+        a["mx_aadd"] = np.zeros(NP * s.BMAX, dtype=np.uint8)
+        a["mx_aland"] = np.zeros(NP * s.BMAX, dtype=np.int64)
+        a["mx_bres"] = np.zeros(NP * s.BB * L, dtype=np.float32)
+        a["mx_bacc"] = np.zeros(NP * s.BB, dtype=np.int32)
+        a["mx_badd"] = np.zeros(NP * s.BB, dtype=np.uint8)
+        a["mx_bland"] = np.zeros(NP * s.BB, dtype=np.int64)
+        a["mx_bdt"] = np.zeros(NP * s.BB, dtype=np.int32)
+        for k in ("mx_ver", "mx_busy_until", "mx_macs", "mx_busy"):
+            a[k] = np.zeros(NP, dtype=np.int64)
+        a["mx_peak"] = np.zeros(1, dtype=np.int64)
+        self.alloc_host(s, NP)
+        return 0
+
+    cdef int alloc_host(self, State* s, int NP) except -1:
+        """The host side: weight caches in the kernels' layouts, scratch, the helper thread's
+        jobs and their bookkeeping (none of it saved: a restore invalidates the caches)."""
+        a, L = self.a, s.L
+        for k in ("mx_wchk", "mx_wpver", "mx_wfver"):
+            a[k] = np.full(NP, -1, dtype=np.int64)
+        a["mx_wbad"] = np.zeros(NP, dtype=np.uint8)
+        a["mx_wconv"] = np.zeros(NP, dtype=np.uint8)
+        a["mx_wd"] = np.zeros(NP * (L // 2) * L, dtype=np.float64)
+        a["mx_si"] = np.zeros(L, dtype=np.int32)
+        a["mx_sd"] = np.zeros(2 * L, dtype=np.float64)
+        s.mx_wpstride = lpu_vnni_packed_bytes(L, L)
+        a["mx_wp"] = np.zeros(NP * s.mx_wpstride, dtype=np.int8)
+        a["mx_wcorr"] = np.zeros(NP * 64 * lpu_vnni_blocks(L), dtype=np.int32)
+        a["mx_wf"] = np.zeros(NP * (L // 2) * 64 * lpu_vnni_blocks(L), dtype=np.float32)
+        a["mx_wfext"] = np.zeros(2 * NP, dtype=np.int32)
+        a["mx_rseq"] = np.full(NP * NR, -1, dtype=np.int64)
+        a["mx_sseq"] = np.full(NP * s.NS, -1, dtype=np.int64)
+        a["mx_bjob"] = np.full(NP * s.BB, -1, dtype=np.int32)
+        a["mx_bseq"] = np.zeros(NP * s.BB, dtype=np.int64)
+        s.simd = lpu_vnni_available()
+        s.small_rows = SMALL_ROWS
+        s.jobs = malloc(sizeof(lpu_pool))
+        if s.jobs == NULL or lpu_pool_init(<lpu_pool*>s.jobs, HELPER_JOBS, s.BMAX):
+            raise MemoryError("cannot set up the MXM helper thread's jobs")
+        s.helper = 1 if (_os.cpu_count() or 1) > 1 else 0
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        a = self.a
+        s.mx_slots = _p_u8(a["mx_slots"])
+        s.mx_buf_slot = _p_i32(a["mx_buf_slot"])
+        s.mx_row_src = _p_i32(a["mx_row_src"])
+        s.mx_arr_slot = _p_i32(a["mx_arr_slot"])
+        s.mx_inst_slot = _p_i32(a["mx_inst_slot"])
+        s.mx_arr_dt = _p_i32(a["mx_arr_dt"])
+        s.mx_ver = _p_i64(a["mx_ver"])
+        s.mx_inst_T = _p_i64(a["mx_inst_T"])
+        s.mx_inst_dt = _p_i32(a["mx_inst_dt"])
+        s.mx_acc = _p_u32(a["mx_acc"])
+        s.mx_ax = _p_f32(a["mx_ax"])
+        s.mx_xb = _p_u8(a["mx_xb"])
+        s.mx_xbuf = _p_i32(a["mx_xbuf"])
+        s.mx_aacc = _p_i32(a["mx_aacc"])
+        s.mx_aadd = _p_u8(a["mx_aadd"])
+        s.mx_aland = _p_i64(a["mx_aland"])
+        s.mx_an = _p_i32(a["mx_an"])
+        s.mx_bres = _p_f32(a["mx_bres"])
+        s.mx_bacc = _p_i32(a["mx_bacc"])
+        s.mx_badd = _p_u8(a["mx_badd"])
+        s.mx_bland = _p_i64(a["mx_bland"])
+        s.mx_bdt = _p_i32(a["mx_bdt"])
+        s.mx_bhead = _p_i32(a["mx_bhead"])
+        s.mx_bn = _p_i32(a["mx_bn"])
+        s.mx_busy_until = _p_i64(a["mx_busy_until"])
+        s.mx_macs = _p_i64(a["mx_macs"])
+        s.mx_busy = _p_i64(a["mx_busy"])
+        s.mx_peak = _p_i64(a["mx_peak"])
+        self.bind_host(s)
+        self.views = {"ax": a["mx_ax"][:s.NP * NR * s.BMAX * s.L].reshape(s.NP, NR, s.BMAX, s.L),
+                      "xb": a["mx_xb"][:s.NP * NR * (s.BMAX + 8) * s.L].reshape(s.NP, NR, s.BMAX + 8, s.L),
+                      "slots": a["mx_slots"].reshape(s.NP, s.NS, s.L, s.L),
+                      "bres": a["mx_bres"].reshape(s.NP, s.BB, s.L)}
+        return 0
+
+    cdef int bind_host(self, State* s) except -1:
+        a = self.a
+        s.mx_rseq = _p_i64(a["mx_rseq"])
+        s.mx_sseq = _p_i64(a["mx_sseq"])
+        s.mx_wchk = _p_i64(a["mx_wchk"])
+        s.mx_wbad = _p_u8(a["mx_wbad"])
+        s.mx_wconv = _p_u8(a["mx_wconv"])
+        s.mx_wd = _p_f64(a["mx_wd"])
+        s.mx_si = _p_i32(a["mx_si"])
+        s.mx_sd = _p_f64(a["mx_sd"])
+        s.mx_wp = <int8_t*>_p_u8(a["mx_wp"].view(np.uint8))
+        s.mx_wcorr = _p_i32(a["mx_wcorr"])
+        s.mx_wpver = _p_i64(a["mx_wpver"])
+        s.mx_wf = _p_f32(a["mx_wf"])
+        s.mx_wfver = _p_i64(a["mx_wfver"])
+        s.mx_wfext = _p_i32(a["mx_wfext"])
+        s.mx_bjob = _p_i32(a["mx_bjob"])
+        s.mx_bseq = _p_i64(a["mx_bseq"])
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        a = self.a
+        for k in ("mx_macs", "mx_busy", "mx_peak", "mx_busy_until", "mx_an", "mx_bn", "mx_bhead", "mx_acc",
+                  "mx_xbuf", "mx_slots", "mx_buf_slot", "mx_row_src", "mx_inst_slot"):
+            a[k][:] = 0
+        for k in ("mx_arr_dt", "mx_bjob", "mx_rseq", "mx_sseq", "mx_arr_slot", "mx_inst_T"):
+            a[k][:] = -1
+        self.drop_caches()
+        s.mx_cycle = -1
+        s.mx_cycle_macs = 0
+        return 0
+
+    cdef int drop_caches(self) except -1:
+        """Forget the weights cached in the kernels' layouts (their install versions restart)."""
+        for k in ("mx_wchk", "mx_wpver", "mx_wfver"):
+            self.a[k][:] = -1
+        return 0
+
+    cdef dict get_scalars(self, State* s):
+        return {"mx_cycle": s.mx_cycle, "mx_cycle_macs": s.mx_cycle_macs}
+
+    cdef int set_scalars(self, State* s, dict sc) except -1:
+        s.mx_cycle, s.mx_cycle_macs = sc["mx_cycle"], sc["mx_cycle_macs"]
+        return 0
+
+    cdef int restore(self, State* s, dict sc, dict arrays) except -1:
+        Unit.restore(self, s, sc, arrays)
+        self.drop_caches()
+        return 0
+
+    def counters(self):
+        a = self.a
+        return {"mxm_macs": a["mx_macs"].copy(), "mxm_busy": a["mx_busy"].copy(),
+                "mxm_peak_macs": a["mx_peak"].copy()}
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        # weight slots and dtypes, then batch and product-FIFO counters
+        NP, NS = s.NP, s.NS
+        dts = (DT_INT8, DT_FLOAT16)
+        check_range("scalar mx_cycle", sc["mx_cycle"], -1, LIM)
+        check_range("scalar mx_cycle_macs", sc["mx_cycle_macs"], 0, LIM)
+        check_range("array 'mx_buf_slot' (weight slot)", arrays["mx_buf_slot"], 0, NS - 1)
+        check_range("array 'mx_row_src' (weight slot)", arrays["mx_row_src"], 0, NS - 1)
+        aslot, adt = arrays["mx_arr_slot"], arrays["mx_arr_dt"]
+        check_range("array 'mx_arr_slot' (installed weight slot, -1: none)", aslot, -1, NS - 1)
+        check_range("array 'mx_arr_dt' (installed dtype code, -1: none)", adt, -1, -1, also=dts)
+        for p in range(NP):
+            if (aslot[p] < 0) != (adt[p] < 0):
+                raise _errors.SnapshotError(f"snapshot array 'mx_arr_slot'[{p}] is {aslot[p]} but 'mx_arr_dt'[{p}] "
+                                            f"is {adt[p]}: both or neither must be -1")
+        it = arrays["mx_inst_T"]
+        check_range("array 'mx_inst_T' (install cycle, -1: free)", it, -1, LIM)
+        check_range("array 'mx_inst_slot' (weight slot)", arrays["mx_inst_slot"], 0, NS - 1, where=it >= 0)
+        check_range("array 'mx_inst_dt' (dtype code)", arrays["mx_inst_dt"], DT_INT8, DT_INT8, where=it >= 0,
+                    also=dts)
+        self.validate_batches(s, arrays)
+        for k in ("mx_busy_until", "mx_ver", "mx_macs", "mx_busy", "mx_peak"):
+            check_range(f"array {k!r}", arrays[k], 0, LIM)
+        return 0
+
+    cdef int validate_batches(self, State* s, dict arrays) except -1:
+        """Stage A (the batch) and stage B (the product FIFO) of each plane."""
+        NP, BMAX, BB = s.NP, s.BMAX, s.BB
+        dts = (DT_INT8, DT_FLOAT16)
+        adt = arrays["mx_arr_dt"]
+        an, bn, bh = arrays["mx_an"], arrays["mx_bn"], arrays["mx_bhead"]
+        check_range(f"array 'mx_an' (batch rows, the batch holds {BMAX})", an, 0, BMAX)
+        check_range(f"array 'mx_bn' (products waiting, the FIFO holds {BB})", bn, 0, BB)
+        check_range("array 'mx_bhead' (FIFO head)", bh, 0, BB - 1)
+        check_range("array 'mx_xbuf' (staging buffer)", arrays["mx_xbuf"], 0, NR - 1)
+        arows = np.arange(BMAX)[None, :] < an[:, None]
+        check_range("array 'mx_aacc' (accumulator)", arrays["mx_aacc"].reshape(NP, BMAX), 0, s.NACC - 1,
+                    where=arows)
+        check_range("array 'mx_aadd'", arrays["mx_aadd"].reshape(NP, BMAX), 0, 1, where=arows)
+        check_range("array 'mx_aland' (landing cycle)", arrays["mx_aland"].reshape(NP, BMAX), 0, LIM, where=arows)
+        for p in range(NP):
+            if an[p] and adt[p] < 0:
+                raise _errors.SnapshotError(f"snapshot array 'mx_an'[{p}] is {an[p]} but plane {p} has no "
+                                            f"weights installed")
+        brows = ((np.arange(BB)[None, :] - bh[:, None]) % BB) < bn[:, None]
+        check_range("array 'mx_bacc' (accumulator)", arrays["mx_bacc"].reshape(NP, BB), 0, s.NACC - 1, where=brows)
+        check_range("array 'mx_badd'", arrays["mx_badd"].reshape(NP, BB), 0, 1, where=brows)
+        check_range("array 'mx_bland' (landing cycle)", arrays["mx_bland"].reshape(NP, BB), 0, LIM, where=brows)
+        check_range("array 'mx_bdt' (dtype code)", arrays["mx_bdt"].reshape(NP, BB), DT_INT8, DT_INT8, where=brows,
+                    also=dts)
+        return 0

@@ -265,3 +265,140 @@ cdef inline void pend_error(State* s, int64_t cycle, int64_t cls, int64_t a, int
     s.perr[E_B] = b
     s.perr[E_Q] = q1
     s.perr[E_Q2] = q2
+
+
+# ---- pointers into the NumPy arrays that hold the state ----------------------------------------
+cdef uint8_t* _p_u8(a) except NULL:
+    cdef uint8_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef int32_t* _p_i32(a) except NULL:
+    cdef int32_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef int64_t* _p_i64(a) except NULL:
+    cdef int64_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef uint32_t* _p_u32(a) except NULL:
+    cdef uint32_t[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef double* _p_f64(a) except NULL:
+    cdef double[::1] v = a.reshape(-1)
+    return &v[0]
+
+cdef float* _p_f32(a) except NULL:
+    cdef float[::1] v = a.reshape(-1)
+    return &v[0]
+
+
+def _pow2_at_least(n):
+    d = 1
+    while d < n:
+        d *= 2
+    return d
+
+
+cdef int set_geometry(State* s, cfg) except -1:
+    """The scalars every unit reads: lanes, streams, positions, queues, slices, ring sizes."""
+    s.L = cfg.lanes
+    s.SL = cfg.superlanes
+    s.LPS = cfg.lanes_per_superlane
+    s.S = cfg.streams_per_direction
+    s.P = cfg.positions
+    s.NQ = len(cfg.queues)
+    s.NSL = cfg.mem_slices
+    s.A = cfg.addresses_per_slice
+    s.NALU = cfg.vxm_alus_per_lane
+    s.notify_delay = cfg.notify_delay
+    s.stagger = cfg.stagger
+    # the longest delay (cycles) of any instruction that writes a stream
+    dmax = max(op.delay(cfg) for op in _isa.TABLE if any(w.startswith(("stream", "dst")) for w in op.writes))
+    # A ring slot (diagonal or pool vector) must outlive every use: a value is
+    # read at most dmax + P - 1 cycles after its producer issued.
+    s.D = _pow2_at_least(s.P + dmax + 1)
+    s.Dmask = s.D - 1
+    return 0
+
+
+# ---- units -----------------------------------------------------------------------------------
+cdef class Unit:
+    """One functional unit's part of the fast engine's state, as the reference engine keeps
+    one object per unit: the NumPy arrays the unit allocates in the engine's shared dict
+    ``a`` (name -> array), the State pointers into them, and the State scalars it saves.
+
+    The engine keeps a list of units and loops over it to allocate, bind, restart, snapshot,
+    validate and restore; the cycle loop never sees these objects (it reads the State), so
+    they cost nothing per cycle.  ``saved``: the arrays a snapshot holds (the rest are fixed
+    by the configuration and the program, or scratch); ``scalars``: the State scalars it
+    holds; ``growable``: saved arrays a snapshot may hold in another size (C2C buffers)."""
+
+    cdef readonly str name
+    cdef readonly tuple saved
+    cdef readonly tuple scalars
+    cdef readonly tuple growable
+    cdef dict a          # the engine's arrays (one dict for the engine's life; entries may be replaced)
+
+    def __init__(self, name, saved=(), scalars=(), growable=()):
+        self.name = name
+        self.saved = tuple(saved)
+        self.scalars = tuple(scalars)
+        self.growable = tuple(growable)
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        """Set the unit's geometry in s and put its arrays in a (zeroed, as before a restart)."""
+        self.a = a
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        """Point s at the unit's arrays (after alloc, load, restore or a resize)."""
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        """Back to cycle 0 of the loaded program (lowered: Program.lower(), None if none); SRAM kept."""
+        return 0
+
+    cdef dict get_scalars(self, State* s):
+        """The unit's saved State scalars."""
+        return {}
+
+    cdef int set_scalars(self, State* s, dict sc) except -1:
+        return 0
+
+    cdef dict snapshot(self, State* s):
+        """The unit's saved arrays, copied (nothing shared with the engine)."""
+        return {k: self.a[k].copy() for k in self.saved}
+
+    cdef int check_shapes(self, State* s, dict arrays) except -1:
+        """SnapshotError unless the snapshot's arrays have this chip's dtypes and shapes
+        (a growable one any 1-D size: check_shapes of its unit relates the sizes)."""
+        for k in self.saved:
+            v, x = self.a[k], arrays[k]
+            if k in self.growable and x.dtype == v.dtype and x.ndim == 1:
+                continue
+            if x.dtype != v.dtype or x.shape != v.shape:
+                raise _errors.SnapshotError(f"snapshot array {k!r} is {x.dtype}{list(x.shape)}, "
+                                            f"this chip needs {v.dtype}{list(v.shape)}")
+        return 0
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        """SnapshotError unless every index, counter, pointer and flag the unit would take from
+        the snapshot (arrays, scalars sc) is one the C loop can run from.  Raw data (SRAM,
+        stream and latch values, weights, products) may hold any bits and is not checked."""
+        return 0
+
+    cdef int restore(self, State* s, dict sc, dict arrays) except -1:
+        """Copy a validated snapshot's arrays and scalars in (bind comes after)."""
+        a = self.a
+        for k in self.saved:
+            if k in self.growable:
+                a[k] = np.array(arrays[k], dtype=a[k].dtype)
+            else:
+                a[k][...] = arrays[k]      # in place: the State's pointers stay valid
+        self.set_scalars(s, sc)
+        return 0
+
+    def counters(self):
+        """The unit's statistics: name -> int64 array (copies)."""
+        return {}

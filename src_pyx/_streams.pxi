@@ -69,3 +69,62 @@ cdef inline void stream_write(State* s, int v, int pos, int64_t T, int q, int64_
     s.sg_pool[base + i] = <int32_t>slot
     s.sg_writer[base + i] = q
     s.dg_n[idx] = n + 1
+
+
+cdef class StreamsUnit(Unit):
+    """Stream registers: the rings of diagonals of each (direction, stream) and the pool of
+    vectors they point into."""
+
+    def __init__(self):
+        Unit.__init__(self, "streams", saved=("dg_tag", "dg_n", "sg_start", "sg_pool", "sg_writer", "pool"))
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        Unit.alloc(self, s, cfg, a)
+        S, D, P = s.S, s.D, s.P
+        a["dg_tag"] = np.empty(2 * S * D, dtype=np.int64)
+        a["dg_n"] = np.zeros(2 * S * D, dtype=np.int32)
+        for k in ("sg_start", "sg_pool", "sg_writer"):
+            a[k] = np.zeros(2 * S * D * P, dtype=np.int32)
+        # pool vectors per queue and cycle: the most streams one instruction of it writes
+        width = {"MEM": 1, "VXM": 4, "MXM": 4, "SXM": max(16, cfg.lanes_per_superlane)}
+        q_pool = np.zeros(s.NQ, dtype=np.int32)
+        w = 0
+        for q in cfg.queues:
+            q_pool[q.index] = w
+            w += width[q.unit]
+        s.pool_w = w
+        a["q_pool"] = q_pool
+        a["pool"] = np.zeros(D * w * s.L, dtype=np.uint8)
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        a = self.a
+        s.dg_tag = _p_i64(a["dg_tag"])
+        s.dg_n = _p_i32(a["dg_n"])
+        s.sg_start = _p_i32(a["sg_start"])
+        s.sg_pool = _p_i32(a["sg_pool"])
+        s.sg_writer = _p_i32(a["sg_writer"])
+        s.q_pool = _p_i32(a["q_pool"])
+        s.pool = _p_u8(a["pool"])
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        self.a["dg_tag"][:] = np.iinfo(np.int64).min     # no diagonal: a tag no cycle matches
+        self.a["dg_n"][:] = 0
+        return 0
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        # segments of each diagonal sorted by start, pool slots and writers in range
+        P = s.P
+        dn = arrays["dg_n"]
+        check_range("array 'dg_n' (segments on a diagonal)", dn, 0, P)
+        segs = np.arange(P)[None, :] < dn[:, None]
+        start = arrays["sg_start"].reshape(-1, P)
+        check_range("array 'sg_start' (segment start)", start, 0, P - 1, where=segs)
+        if P > 1 and not np.all((np.diff(start, axis=1) > 0) | ~segs[:, 1:]):
+            raise _errors.SnapshotError("snapshot array 'sg_start' is not increasing along a diagonal")
+        check_range("array 'sg_pool' (pool vector)", arrays["sg_pool"].reshape(-1, P), 0, s.D * s.pool_w - 1,
+                    where=segs)
+        check_range("array 'sg_writer' (queue)", arrays["sg_writer"].reshape(-1, P), 0, s.NQ - 1, where=segs)
+        check_range("array 'dg_tag' (diagonal)", arrays["dg_tag"], -LIM, LIM, also=(np.iinfo(np.int64).min,))
+        return 0

@@ -113,3 +113,46 @@ cdef inline int sxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         stream_write(s, f[0], pos, T, q, slot)
     effect(s, T)
     return 0
+
+
+cdef class SxmUnit(Unit):
+    """The SXM: the resource each opcode takes, the units of each resource per hemisphere, and
+    how many are in use in the current cycle."""
+
+    def __init__(self):
+        Unit.__init__(self, "SXM", saved=("sx_use",), scalars=("sx_cycle",))
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        Unit.alloc(self, s, cfg, a)
+        s.sx_delay = cfg.sxm_delay
+        sx_res = np.zeros(256, dtype=np.int32)
+        for op in _isa.TABLE:
+            if op.unit == "SXM":
+                sx_res[op.opcode] = _isa.SXM_RESOURCES.index(op.resource)
+        a["sx_res"] = sx_res
+        a["sx_limit"] = np.array([getattr(cfg, "sxm_" + r) for r in _isa.SXM_RESOURCES], dtype=np.int32)
+        a["sx_use"] = np.zeros(2 * N_RESOURCES, dtype=np.int32)
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        s.sx_res = _p_i32(self.a["sx_res"])
+        s.sx_limit = _p_i32(self.a["sx_limit"])
+        s.sx_use = _p_i32(self.a["sx_use"])
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        self.a["sx_use"][:] = 0
+        s.sx_cycle = -1
+        return 0
+
+    cdef dict get_scalars(self, State* s):
+        return {"sx_cycle": s.sx_cycle}
+
+    cdef int set_scalars(self, State* s, dict sc) except -1:
+        s.sx_cycle = sc["sx_cycle"]
+        return 0
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        check_range("scalar sx_cycle", sc["sx_cycle"], -1, LIM)
+        check_range("array 'sx_use' (units in use)", arrays["sx_use"], 0, 2 ** 31 - 1)
+        return 0

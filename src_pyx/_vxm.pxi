@@ -359,3 +359,65 @@ cdef inline int vxm_exec(State* s, int q, int op, int cls, int nsrc, int32_t* f,
             stream_write(s, dst + i, pos, T, q, slot)
     effect(s, T)
     return 0
+
+
+cdef class VxmUnit(Unit):
+    """The VXM: ALU latches and their pending results, the opcode class tables, scratch vectors."""
+
+    def __init__(self):
+        Unit.__init__(self, "VXM", saved=("latch", "latch_valid", "lt_tag", "lt_bits"))
+
+    cdef int alloc(self, State* s, object cfg, dict a) except -1:
+        Unit.alloc(self, s, cfg, a)
+        L = s.L
+        # a result lands at most the longest VXM delay after its issue: one ring entry per cycle
+        s.RL = max(op.delay(cfg) for op in _isa.TABLE if op.unit == "VXM") + 1
+        a["latch"] = np.zeros(s.NALU * L, dtype=np.uint32)
+        a["latch_valid"] = np.zeros(s.NALU, dtype=np.uint8)
+        a["lt_tag"] = np.empty(s.NALU * s.RL, dtype=np.int64)
+        a["lt_bits"] = np.zeros(s.NALU * s.RL * L, dtype=np.uint32)
+        for k in ("ta", "tb", "tm", "tr"):
+            a[k] = np.zeros(L, dtype=np.uint32)
+        for k in ("fa", "fb", "fr"):
+            a[k] = np.zeros(L, dtype=np.float32)
+        for k in ("ia", "ib", "ir"):
+            a[k] = np.zeros(L, dtype=np.int64)
+        vx_cls = np.zeros(256, dtype=np.int32)
+        vx_nsrc = np.zeros(256, dtype=np.int32)
+        for op in _isa.TABLE:
+            if op.unit == "VXM":
+                vx_cls[op.opcode] = _isa.VXM_CLASS_CODE[op.cls]     # VC_* (generated from the same table)
+                vx_nsrc[op.opcode] = sum(1 for f in op.fields if f.kind == "src")
+        a["vx_cls"], a["vx_nsrc"] = vx_cls, vx_nsrc
+        return 0
+
+    cdef int bind(self, State* s) except -1:
+        a = self.a
+        s.latch = _p_u32(a["latch"])
+        s.latch_valid = _p_u8(a["latch_valid"])
+        s.lt_tag = _p_i64(a["lt_tag"])
+        s.lt_bits = _p_u32(a["lt_bits"])
+        s.vx_cls = _p_i32(a["vx_cls"])
+        s.vx_nsrc = _p_i32(a["vx_nsrc"])
+        s.ta = _p_u32(a["ta"])
+        s.tb = _p_u32(a["tb"])
+        s.tm = _p_u32(a["tm"])
+        s.tr0 = _p_u32(a["tr"])
+        s.tr = s.tr0
+        s.fa = _p_f32(a["fa"])
+        s.fb = _p_f32(a["fb"])
+        s.fr = _p_f32(a["fr"])
+        s.ia = _p_i64(a["ia"])
+        s.ib = _p_i64(a["ib"])
+        s.ir = _p_i64(a["ir"])
+        return 0
+
+    cdef int restart(self, State* s, object lowered) except -1:
+        self.a["latch_valid"][:] = 0
+        self.a["lt_tag"][:] = -1
+        return 0
+
+    cdef int validate(self, State* s, dict sc, dict arrays, object lowered) except -1:
+        check_range("array 'latch_valid'", arrays["latch_valid"], 0, 1)
+        check_range("array 'lt_tag' (landing cycle, -1: free)", arrays["lt_tag"], -1, LIM)
+        return 0

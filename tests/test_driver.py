@@ -184,7 +184,7 @@ def test_missing_fast_engine_fails_loudly(monkeypatch):
 def test_default_chip_is_groqchip1_fast():
     chip = Chip()
     assert chip.config == ChipConfig.groqchip1() and chip.engine_name == "fast"
-    assert type(chip._eng).__module__ == "lpucore._engine"
+    assert type(chip.engine).__module__ == "lpucore._engine"
 
 
 @pytest.mark.parametrize("engine", ["reference", "fast"])
@@ -204,7 +204,7 @@ def test_striped_tensors_are_written_where_their_vectors_live(engine):
     np.testing.assert_array_equal(chip.read_tensor("w"), w)
     planes = t.to_planes(w, cfg.lanes)
     for v, (s, a) in enumerate(t.locations(0, cfg.lanes)):
-        np.testing.assert_array_equal(chip._eng.read_mem(s, a, 1)[0], planes[0, v])
+        np.testing.assert_array_equal(chip.engine.read_mem(s, a, 1)[0], planes[0, v])
 
 
 def test_engine_options_are_public_and_checked(engine):

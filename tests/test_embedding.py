@@ -24,14 +24,9 @@ ENGINES = ["reference", "fast"]
 EXAMPLES = int(os.environ.get("LPUCORE_EMBED_EXAMPLES", "12"))
 
 
-def memory(chip):
-    cfg = chip.config
-    return np.stack([chip._eng.read_mem(g, 0, cfg.addresses_per_slice) for g in range(cfg.mem_slices)])
-
-
 def fingerprint(chip):
     """Everything a run leaves behind: statistics (cycles included), counters and memory."""
-    return chip.stats().to_dict(), {k: v.tolist() for k, v in chip._eng.counters().items()}, memory(chip)
+    return chip.stats().to_dict(), {k: v.tolist() for k, v in chip.counters().items()}, chip.memory()
 
 
 def assert_same(a, b):
@@ -346,7 +341,7 @@ from lpucore._engine cimport (lpu_handle, lpu_state, lpu_run_until, lpu_flush_mx
                               lpu_finished, lpu_lanes, lpu_read_mem)
 
 def run_in_quanta(chip, int64_t quantum):
-    cdef object eng = chip._eng
+    cdef object eng = chip.engine
     cdef lpu_handle h = lpu_state(eng)
     cdef int rc
     cdef int n = 0
@@ -365,7 +360,7 @@ def run_in_quanta(chip, int64_t quantum):
     return n
 
 def peek(chip, int sl, int64_t addr):
-    cdef lpu_handle h = lpu_state(chip._eng)
+    cdef lpu_handle h = lpu_state(chip.engine)
     out = bytearray(lpu_lanes(h))
     cdef uint8_t* p = <uint8_t*><char*>out
     if lpu_read_mem(h, sl, addr, 1, p) != 0:

@@ -72,14 +72,14 @@ def _outcome(engine: str, program: Program):
     cfg = program.config
     rng = np.random.default_rng(1)
     for g in range(cfg.mem_slices):
-        chip._eng.write_mem(g, 0, rng.integers(0, 256, (cfg.addresses_per_slice, cfg.lanes), dtype=np.uint8))
+        chip.engine.write_mem(g, 0, rng.integers(0, 256, (cfg.addresses_per_slice, cfg.lanes), dtype=np.uint8))
     try:
         chip.run(max_cycles=MAX_CYCLES)
         err = None
     except LpuError as e:
         err = (type(e).__name__, str(e))
-    mem = np.stack([chip._eng.read_mem(g, 0, cfg.addresses_per_slice) for g in range(cfg.mem_slices)])
-    ctr = {k: np.asarray(v).tolist() for k, v in chip._eng.counters().items()}
+    mem = chip.memory()
+    ctr = {k: np.asarray(v).tolist() for k, v in chip.counters().items()}
     out = [(link, c, a, v.tobytes()) for link, c, a, v in chip.c2c_take_outbox()]
     return {"error": err, "cycle": chip.cycle, "stats": chip.stats().to_dict(), "counters": ctr,
             "memory": mem, "outbox": out}

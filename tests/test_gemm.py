@@ -183,8 +183,8 @@ def test_fp16_fast_mode_bound_over_special_values(kernel, case):
     of the chunk exercise the AVX-512 kernel's skipping of all-zero weight padding, which
     must not skip an infinity or NaN activation (times zero: NaN)."""
     from lpucore import Chip
-    from lpucore._engine import FastEngine
-    if kernel == "avx512" and not FastEngine.avx512_available():
+    from lpucore.engine import avx512_available
+    if kernel == "avx512" and not avx512_available():
         pytest.skip("host has no AVX-512 VNNI")
     A, B = case
     M, K = A.shape
@@ -229,8 +229,8 @@ def test_helper_thread_changes_nothing_but_who_multiplies(dtype, shape, delay_us
     installs many weight sets back to back, so LW rewrites slots and batches reuse
     staging buffers that jobs read moments before; with a slow helper (delay_us), a
     loop that did not wait for them would corrupt the jobs' inputs."""
-    from lpucore._engine import FastEngine
-    if not FastEngine.avx512_available():
+    from lpucore.engine import avx512_available
+    if not avx512_available():
         pytest.skip("the helper thread takes AVX-512 batches only; host has no AVX-512 VNNI")
     C0, s0, h0, A, B = _helper_runs(dtype, 0, *shape)
     C1, s1, h1, _, _ = _helper_runs(dtype, 1, *shape, delay_us=delay_us)
@@ -250,8 +250,8 @@ def test_helper_thread_survives_a_fork():
     import multiprocessing as mp
     import sys
 
-    from lpucore._engine import FastEngine
-    if not FastEngine.avx512_available() or sys.platform != "linux":
+    from lpucore.engine import avx512_available
+    if not avx512_available() or sys.platform != "linux":
         pytest.skip("needs AVX-512 VNNI and fork")
     from lpucore import Chip
     A, B = operands(48, 150, 70, "int8", seed=7)

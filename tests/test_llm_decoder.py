@@ -106,7 +106,7 @@ def test_kv_cache_holds_keys_at_their_positions():
     for layer in range(cfg.n_layers):
         k = dec.compiled.read_state(dec.chip, f"k{layer}")          # [S, Hkv * hd]
         v = dec.compiled.read_state(dec.chip, f"v{layer}")
-        rk, rv = ref.cache._k[layer][:, :4], ref.cache._v[layer][:, :4]     # [Hkv, 4, hd]
+        rk, rv = ref.cache.keys(layer), ref.cache.values(layer)     # [Hkv, 4, hd]
         for got, want in ((k, rk), (v, rv)):
             rows = got[:4].reshape(4, cfg.n_kv_heads, cfg.head_dim).transpose(1, 0, 2)
             np.testing.assert_allclose(rows.astype(np.float32), want, rtol=0.01, atol=0.01)
@@ -155,7 +155,7 @@ def test_models_that_do_not_fit_say_how_many_chips(name, precision):
     with pytest.raises(ModelDoesNotFit, match="needs at least") as e:
         Decoder.random(name, precision=precision)
     need = int(str(e.value).split("needs at least ")[1].split()[0].replace(",", ""))
-    assert need == math.ceil((Decoder._bytes(cfg, precision, 128)[0] + cfg.kv_cache_bytes(128)) / sram)
+    assert need == math.ceil((Decoder.memory_bytes(cfg, precision, 128)[0] + cfg.kv_cache_bytes(128)) / sram)
     assert need > 1 and name in str(e.value)
 
 

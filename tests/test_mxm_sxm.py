@@ -12,7 +12,7 @@ import pytest
 from helpers import TINY, make_chip, run, schedule_error, timed
 
 from lpucore import Chip, ChipConfig, LpuError, assemble, matmul
-from lpucore._engine import FastEngine
+from lpucore.engine import avx512_available
 
 L = TINY.lanes
 POS = {f"W{i}": TINY.mem_position(0, i) for i in range(4)} | {f"E{i}": TINY.mem_position(1, i) for i in range(4)}
@@ -270,7 +270,7 @@ def test_int8_in_loop_kernels_match_the_host_path(rows):
     text, mem, W, X, _ = int8_setup(rows=rows)
     want = X.astype(np.int64) @ W.astype(np.int64)
     for kernel, small in INT8_KERNELS:
-        if kernel == "avx512" and not FastEngine.avx512_available():
+        if kernel == "avx512" and not avx512_available():
             continue
         chip = make_chip("fast", text, mem=mem)
         chip.set_engine_options(mxm_kernel=kernel)
@@ -287,7 +287,7 @@ def test_int8_in_loop_kernels_match_the_host_path(rows):
 
 def test_mxm_kernel_avx512_is_refused_where_the_host_lacks_it():
     chip = make_chip("fast", "", mem={})
-    if FastEngine.avx512_available():
+    if avx512_available():
         chip.set_engine_options(mxm_kernel="avx512")
         assert chip.engine_options()["mxm_kernel"] == "avx512"
     else:

@@ -51,7 +51,7 @@ def random_memory(seed):
                 # small bytes, so that gathered int16 addresses are mostly in range
                 A = cfg.addresses_per_slice
                 data %= np.uint8(A if A <= 256 else A >> 8)
-            chip._eng.write_mem(g, 0, data)
+            chip.engine.write_mem(g, 0, data)
     return setup
 
 

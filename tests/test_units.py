@@ -492,7 +492,7 @@ def test_determinism(engine):
         chip.load(g.program)
         g.load_inputs(chip)
         st = chip.run()
-        outs.append((st.to_dict(), chip._eng.read_mem(0, 0, 64).tobytes(), chip.cycle))
+        outs.append((st.to_dict(), chip.engine.read_mem(0, 0, 64).tobytes(), chip.cycle))
     assert outs[0] == outs[1]
 
 

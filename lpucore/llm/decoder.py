@@ -242,7 +242,9 @@ class Decoder:
 
     # ---- sizes -----------------------------------------------------------------------------------------
     @staticmethod
-    def _bytes(cfg: ModelConfig, precision: str, capacity: int):
+    def memory_bytes(cfg: ModelConfig, precision: str, capacity: int) -> Tuple[int, int]:
+        """(weight bytes, KV-cache bytes) the model ``cfg`` takes in SRAM at ``precision`` with a
+        cache of ``capacity`` positions (what :meth:`chips_needed` divides among chips)."""
         w = cfg.weight_bytes(precision)
         if precision == "int8" and cfg.tie_embeddings:
             # the tied table is kept twice: [vocab, d] rows to gather, [d, vocab] for the head
@@ -262,7 +264,7 @@ class Decoder:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         chip = config if config is not None else ChipConfig.groqchip1()
         cap = min(cfg.max_positions, 128) if capacity is None else int(capacity)
-        w, kv = cls._bytes(cfg, precision, cap)
+        w, kv = cls.memory_bytes(cfg, precision, cap)
         need = w + kv
         if chips == "auto":
             return 1 if need <= chip.sram_bytes else len(plan_stages(cfg, precision, cap, chip))
@@ -303,7 +305,7 @@ class Decoder:
 
     @property
     def weight_bytes(self) -> int:
-        return self._bytes(self.cfg, self.precision, self.capacity)[0]
+        return self.memory_bytes(self.cfg, self.precision, self.capacity)[0]
 
     # ---- compile and run -------------------------------------------------------------------------------
     def compile(self) -> Compiled:
@@ -409,7 +411,7 @@ class Decoder:
         step_cycles = steps[-1].cycles
         prefill = [s for s in steps if s.phase == "prefill"]
         by_unit = {u: int(v.get("busy_cycles", 0)) for u, v in last_stats.by_unit.items()}
-        w, kv = self._bytes(self.cfg, self.precision, self.capacity)
+        w, kv = self.memory_bytes(self.cfg, self.precision, self.capacity)
         stats = DecodeStats(
             model=self.cfg.name, precision=self.precision, chip=cfg.name, clock_hz=cfg.clock_hz,
             capacity=self.capacity, prompt_tokens=int(prompt.size), new_tokens=len(tokens),

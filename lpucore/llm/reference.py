@@ -148,6 +148,14 @@ class KVCache:
     def advance(self, tokens: int) -> None:
         self.length += tokens
 
+    def keys(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s cached keys, float32 ``[n_kv_heads, length, head_dim]`` (a copy)."""
+        return self._k[layer][:, :self.length].copy()
+
+    def values(self, layer: int) -> np.ndarray:
+        """Layer ``layer``'s cached values, float32 ``[n_kv_heads, length, head_dim]`` (a copy)."""
+        return self._v[layer][:, :self.length].copy()
+
 
 EAGER_BYTES = 2 << 30    # models whose float32 weights fit in this many bytes are prepared up front
 

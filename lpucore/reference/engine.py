@@ -18,13 +18,13 @@ scheduled effect has happened; its length is the last busy cycle + 1 plus the
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, SupportsInt, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, SupportsInt, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import errors
-from ..errors import LpuError, ScheduleError
+from ..errors import LpuError, ScheduleError, SnapshotError
 from . import _c2c, _icu, _mem, _mxm, _sxm, _vxm
 from ._icu import INF, QueueState
 from ._streams import StreamFile
@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
 
 class ReferenceEngine:
+    """The reference engine (``engine="reference"``); satisfies lpucore.engine.Engine.  Each unit
+    (streams, mem, latches, mxm, sxm, links) is an object that owns its state."""
+
     name = "reference"
+    fp16_mxm = "exact"          # float16 MXM products are always exact here
 
     def __init__(self, cfg: ChipConfig) -> None:
         self.cfg = cfg
@@ -166,6 +170,35 @@ class ReferenceEngine:
                     _icu.issue(self, qs, c)
 
     # ---- host access -------------------------------------------------------------------------
+    def sram(self) -> npt.NDArray[np.uint8]:
+        """SRAM as a uint8 [slices, addresses, lanes] array (the engine's own: writes land)."""
+        return self.mem.sram
+
+    @property
+    def host_time(self) -> Dict[str, float]:
+        """No host counters: the reference engine has no fast paths to account for."""
+        return {}
+
+    def options(self) -> Dict[str, Any]:
+        """No host tuning options."""
+        return {}
+
+    def set_options(self, **options: Any) -> None:
+        if options:
+            raise LpuError(f"the {self.name} engine has no host options")
+
+    def get_state(self) -> Tuple[Dict[str, int], Dict[str, npt.NDArray[Any]]]:
+        """(scalars, arrays): the whole state, copied (lpucore.reference._snapshot)."""
+        if self.error is not None:
+            raise SnapshotError("cannot snapshot a chip stopped by a schedule error")
+        from ._snapshot import get_state
+        return get_state(self)
+
+    def set_state(self, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+        """Replace the state with one from get_state, every value checked first."""
+        from ._snapshot import set_state
+        set_state(self, scalars, arrays)
+
     def read_mem(self, gslice: int, addr: int, count: int = 1) -> npt.NDArray[np.uint8]:
         out: npt.NDArray[np.uint8] = self.mem.sram[gslice, addr:addr + count].copy()
         return out

@@ -28,9 +28,8 @@ class Outcome:
         self.error = error
         self.cycle = chip.cycle
         self.stats = chip.stats().to_dict()
-        cfg = chip.config
-        self.memory = np.stack([chip._eng.read_mem(g, 0, cfg.addresses_per_slice) for g in range(cfg.mem_slices)])
-        self.counters = chip._eng.counters()
+        self.memory = chip.memory()
+        self.counters = chip.counters()
         self.outbox = [(link, c, a, v.tobytes()) for link, c, a, v in chip.c2c_take_outbox()]
 
     def error_text(self):

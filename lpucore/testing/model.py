@@ -181,14 +181,14 @@ def compare_outputs(gen, chip) -> List[str]:
     for (g, a), vec in sorted(gen.expected.items()):
         if (g, a) in in_float:
             continue
-        got = chip._eng.read_mem(g, a, 1)[0]
+        got = chip.engine.read_mem(g, a, 1)[0]
         if not np.array_equal(got, vec):
             bad = np.nonzero(got != vec)[0]
             problems.append(f"{cfg.slice_name(g)}:{a}: lanes {bad[:8].tolist()} got {got[bad[:8]].tolist()} "
                             f"expected {vec[bad[:8]].tolist()}")
     for locs, dname, op in gen.float_groups:
         d = dt.get(dname)
-        got = from_planes([chip._eng.read_mem(g, a, 1)[0] for g, a in locs], d)
+        got = from_planes([chip.engine.read_mem(g, a, 1)[0] for g, a in locs], d)
         exp = from_planes([gen.expected[x] for x in locs], d)
         ok = same_float(got, exp, signed_zero=op not in ("min", "max"))
         if not ok.all():

@@ -60,7 +60,7 @@ class GeneratedProgram:
 
     def load_inputs(self, chip) -> None:
         for (g, a), vec in self.inputs.items():
-            chip._eng.write_mem(g, a, vec[None])
+            chip.engine.write_mem(g, a, vec[None])
 
     def check(self, chip) -> List[str]:
         """Differences between the chip's memory and the expected results (empty if none)."""
