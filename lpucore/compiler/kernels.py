@@ -73,6 +73,31 @@ class Ctx:
             if b not in avoid:
                 yield b
 
+    def free_group(self, d: int, w: int, k: int, xs: Sequence[Tuple[int, int]], used: Optional[Used] = None,
+                   avoid: Sequence[int] = ()) -> Optional[int]:
+        """The first of :meth:`streams` ``(d, w, avoid)`` (advancing the rotation as it does) whose
+        streams base + p, p < len(xs), are free on diagonal k over ``xs[p] = (x0, x1)`` and not taken
+        by the plan being built (``used``); None if there is none."""
+        S = self.S
+        n = S // w
+        start = self.rot[d] % n
+        self.rot[d] += 1
+        diag = self.sched.diag
+        for i in range(n):
+            b = d * S + ((start + i) % n) * w
+            if b in avoid:
+                continue
+            for p, (x0, x1) in enumerate(xs):
+                key = (b + p, k)
+                if used is not None and key in used:
+                    break
+                ivs = diag.get(key)
+                if ivs is not None and any(not (e < x0 or a > x1) for a, e in ivs):
+                    break
+            else:
+                return b
+        return None
+
     # ---- MEM reads and writes as parts of a plan ---------------------------------------------------
     def _queues_free(self, locs, t_iss, used: Used) -> bool:
         """Every slice's queue can take one more MEM instruction at its cycle, counting
@@ -99,27 +124,19 @@ class Ctx:
             return None
         if not self._queues_free(locs, t_iss, used):
             return None
-        for b in self.streams(d, w):
-            ok = True
-            spans = []
-            for p in range(w):
-                st = b + p
-                k = T - self.xloc(d, pos)
-                x0, x1 = self.xloc(d, sp[p]), self.xloc(d, pos)
-                if not self.sched.span_free(st, k, x0, x1) or (st, k) in used:
-                    ok = False
-                    break
-                spans.append((st, k, x0, x1))
-            if ok:
-                for p in range(w):
-                    g, a = locs[p]
-                    plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
-                    plan.reads.append((g, t_iss[p], self.bank(a)))
-                    used[(spans[p][0], spans[p][1])] = 1
-                    used[("q", g, t_iss[p])] = 1
-                plan.spans.extend(spans)
-                return b
-        return None
+        k, x1 = T - self.xloc(d, pos), self.xloc(d, pos)
+        xs = [(self.xloc(d, s), x1) for s in sp]
+        b = self.free_group(d, w, k, xs, used)
+        if b is None:
+            return None
+        for p in range(w):
+            g, a = locs[p]
+            plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
+            plan.reads.append((g, t_iss[p], self.bank(a)))
+            used[(b + p, k)] = 1
+            used[("q", g, t_iss[p])] = 1
+        plan.spans.extend((b + p, k, x0, x1) for p, (x0, x1) in enumerate(xs))
+        return b
 
     def write_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used,
                     planes: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int]]:
@@ -141,27 +158,19 @@ class Ctx:
             return None
         if not self._queues_free(locs, t_iss, used):
             return None
-        for b in self.streams(d, 4 if w == 4 else w):
-            ok = True
-            spans = []
-            for i in range(w):
-                st = b + i
-                k = T - self.xloc(d, pos)
-                x0, x1 = self.xloc(d, pos), self.xloc(d, sp[i])
-                if not self.sched.span_free(st, k, x0, x1) or (st, k) in used:
-                    ok = False
-                    break
-                spans.append((st, k, x0, x1))
-            if ok:
-                for i in range(w):
-                    g, a = locs[i]
-                    plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
-                    plan.writes.append((g, lands[i], self.bank(a)))
-                    used[(spans[i][0], spans[i][1])] = 1
-                    used[("q", g, t_iss[i])] = 1
-                plan.spans.extend(spans)
-                return b, max(lands)
-        return None
+        k, x0 = T - self.xloc(d, pos), self.xloc(d, pos)
+        xs = [(x0, self.xloc(d, s)) for s in sp]
+        b = self.free_group(d, 4 if w == 4 else w, k, xs, used)
+        if b is None:
+            return None
+        for i in range(w):
+            g, a = locs[i]
+            plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
+            plan.writes.append((g, lands[i], self.bank(a)))
+            used[(b + i, k)] = 1
+            used[("q", g, t_iss[i])] = 1
+        plan.spans.extend((b + i, k, xa, xb) for i, (xa, xb) in enumerate(xs))
+        return b, max(lands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,10 +608,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
     a = start
 
     def free_group(direction, k, x0, x1, avoid=()):
-        for b in ctx.streams(direction, w, avoid):
-            if all(sched.span_free(b + p, k, x0, x1) for p in range(w)):
-                return b
-        return None
+        return ctx.free_group(direction, w, k, [(x0, x1)] * w, avoid=avoid)
 
     for r in range(out.rows):
         OR, R0, R1, keep_alu, stage_alus, OUT = roles(r % nsets)
@@ -817,12 +823,7 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]],
                 return None
             back = ctx.dir_to(sx, ctx.vx)
             kb = ts + d_sxm - ctx.xloc(back, sx)
-            bo = None
-            for cand in ctx.streams(back, w):
-                if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
-                       and (cand + p, kb) not in used for p in range(w)):
-                    bo = cand
-                    break
+            bo = ctx.free_group(back, w, kb, [(ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))] * w, used)
             if bo is None:
                 return None
             # any SXM queue of the hemisphere free at ts (committed work and this plan)
@@ -1002,18 +1003,24 @@ class _LoadRows:
         if self.never:
             return None
         queue_free = self.ctx.sched.queue_free
+        busy = self.ctx.sched.busy
         # a row that cannot be read at its cycle fails on every stream group: no need to try them
         for i, rows in enumerate(self.rows):
             for r in rows:
-                if r is not None and (W + i - r.lead < r.ready or W + i - r.lead < 0
-                                      or not queue_free(r.q, W + i - r.lead)):
-                    return None
+                if r is not None:
+                    tr = W + i - r.lead
+                    if tr < r.ready or tr < 0:
+                        return None
+                    qb = busy.get(r.q)
+                    if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
+                        return None
         S, din = self.ctx.S, self.din
         plan = Plan()
         for i, rows in enumerate(self.rows):
             T = W + i
             n = len(rows)
-            zeros = [(g, T - lead, x0, q) for g, lead, x0, q in self.zeros if T - lead >= 0 and queue_free(q, T - lead)]
+            zeros = [(g, T - lead, x0, q) for g, lead, x0, q in self.zeros
+                     if T - lead >= 0 and queue_free(q, T - lead)] if None in rows else []
             for cand in lw_bases:
                 if cand - din * S + n > S:
                     continue
@@ -1082,7 +1089,7 @@ def _find(ctx: Ctx, lo: int, build, what: str) -> int:
 def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state: Dict[int, _PlaneState],
                   planes: Sequence[int], start: int = 0) -> int:
     """Schedule one product on the given MXM planes (column tiles round-robin)."""
-    cfg, sched = ctx.cfg, ctx.sched
+    cfg = ctx.cfg
     L = cfg.lanes
     fp16 = mm.A.dtype == dt.FLOAT16
     Kc = L // 2 if fp16 else L
@@ -1179,12 +1186,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                                 if b is None:
                                     return None
                                 kb = ts + cfg.sxm_delay - ctx.xloc(din, sx)
-                                src = None
-                                for cand in ctx.streams(din, 2):
-                                    if all(sched.span_free(cand + q, kb, ctx.xloc(din, sx), ctx.xloc(din, xm))
-                                           and (cand + q, kb) not in used for q in range(2)):
-                                        src = cand
-                                        break
+                                src = ctx.free_group(din, 2, kb, [(ctx.xloc(din, sx), ctx.xloc(din, xm))] * 2, used)
                                 if src is None:
                                     return None
                                 for q in range(2):
@@ -1220,13 +1222,8 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                             plan.landing = wr[1]
                             return plan
                         # float16 results: through the VXM (cvt), then to MEM
-                        dst = None
                         kk = T - ctx.xloc(dout, xm)
-                        for cand in ctx.streams(dout, 4):
-                            if all(sched.span_free(cand + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))
-                                   for q in range(4)):
-                                dst = cand
-                                break
+                        dst = ctx.free_group(dout, 4, kk, [(ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))] * 4)
                         if dst is None:
                             return None
                         plan.spans += [(dst + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx)) for q in range(4)]
