@@ -153,14 +153,13 @@ class _RowPlan:
 
     def _group(self, direction: int, k: int, x0: int, x1: int) -> Optional[int]:
         """A free stream group (w streams) in direction on diagonal k over [x0, x1], reserved."""
-        w, sched = self.d.nbytes, self.ctx.sched
-        for b in self.ctx.streams(direction, w):
-            if all(sched.span_free(b + p, k, x0, x1) and (b + p, k) not in self.used for p in range(w)):
-                for p in range(w):
-                    self.used[(b + p, k)] = 1
-                    self.plan.spans.append((b + p, k, x0, x1))
-                return b
-        return None
+        w = self.d.nbytes
+        b = self.ctx.free_group(direction, w, k, [(x0, x1)] * w, self.used)
+        if b is not None:
+            for p in range(w):
+                self.used[(b + p, k)] = 1
+                self.plan.spans.append((b + p, k, x0, x1))
+        return b
 
     # ---- a trip ----------------------------------------------------------------------------------
     def _send(self, prod: _Producer, k: int) -> Optional[Tuple[List[Tuple[int, int, int, List[int]]], int]]:

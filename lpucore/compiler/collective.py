@@ -110,15 +110,14 @@ def _read_plane(c, plan: Plan, vt, v: int, p: int, pos: int, T: int, used: Used)
         return None
     k = T - ctx.xloc(d, pos)
     x0, x1 = ctx.xloc(d, sp), ctx.xloc(d, pos)
-    for b in ctx.streams(d, 1):
-        if (b, k) not in used and c.sched.span_free(b, k, x0, x1):
-            plan.issues.append((ctx.mem_q[g], t, "Read", (a, b)))
-            plan.reads.append((g, t, ctx.bank(a)))
-            plan.spans.append((b, k, x0, x1))
-            used[(b, k)] = 1
-            used[("q", g, t)] = 1
-            return b
-    return None
+    b = ctx.free_group(d, 1, k, [(x0, x1)], used)
+    if b is not None:
+        plan.issues.append((ctx.mem_q[g], t, "Read", (a, b)))
+        plan.reads.append((g, t, ctx.bank(a)))
+        plan.spans.append((b, k, x0, x1))
+        used[(b, k)] = 1
+        used[("q", g, t)] = 1
+    return b
 
 
 def _send_plan(c, src, v: int, p: int, s: int) -> Optional[Plan]:

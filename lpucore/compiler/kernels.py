@@ -73,6 +73,31 @@ class Ctx:
             if b not in avoid:
                 yield b
 
+    def free_group(self, d: int, w: int, k: int, xs: Sequence[Tuple[int, int]], used: Optional[Used] = None,
+                   avoid: Sequence[int] = ()) -> Optional[int]:
+        """The first of :meth:`streams` ``(d, w, avoid)`` (advancing the rotation as it does) whose
+        streams base + p, p < len(xs), are free on diagonal k over ``xs[p] = (x0, x1)`` and not taken
+        by the plan being built (``used``); None if there is none."""
+        S = self.S
+        n = S // w
+        start = self.rot[d] % n
+        self.rot[d] += 1
+        diag = self.sched.diag
+        for i in range(n):
+            b = d * S + ((start + i) % n) * w
+            if b in avoid:
+                continue
+            for p, (x0, x1) in enumerate(xs):
+                key = (b + p, k)
+                if used is not None and key in used:
+                    break
+                ivs = diag.get(key)
+                if ivs is not None and any(not (e < x0 or a > x1) for a, e in ivs):
+                    break
+            else:
+                return b
+        return None
+
     # ---- MEM reads and writes as parts of a plan ---------------------------------------------------
     def _queues_free(self, locs, t_iss, used: Used) -> bool:
         """Every slice's queue can take one more MEM instruction at its cycle, counting
@@ -99,27 +124,19 @@ class Ctx:
             return None
         if not self._queues_free(locs, t_iss, used):
             return None
-        for b in self.streams(d, w):
-            ok = True
-            spans = []
-            for p in range(w):
-                st = b + p
-                k = T - self.xloc(d, pos)
-                x0, x1 = self.xloc(d, sp[p]), self.xloc(d, pos)
-                if not self.sched.span_free(st, k, x0, x1) or (st, k) in used:
-                    ok = False
-                    break
-                spans.append((st, k, x0, x1))
-            if ok:
-                for p in range(w):
-                    g, a = locs[p]
-                    plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
-                    plan.reads.append((g, t_iss[p], self.bank(a)))
-                    used[(spans[p][0], spans[p][1])] = 1
-                    used[("q", g, t_iss[p])] = 1
-                plan.spans.extend(spans)
-                return b
-        return None
+        k, x1 = T - self.xloc(d, pos), self.xloc(d, pos)
+        xs = [(self.xloc(d, s), x1) for s in sp]
+        b = self.free_group(d, w, k, xs, used)
+        if b is None:
+            return None
+        for p in range(w):
+            g, a = locs[p]
+            plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
+            plan.reads.append((g, t_iss[p], self.bank(a)))
+            used[(b + p, k)] = 1
+            used[("q", g, t_iss[p])] = 1
+        plan.spans.extend((b + p, k, x0, x1) for p, (x0, x1) in enumerate(xs))
+        return b
 
     def write_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used,
                     planes: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int]]:
@@ -141,27 +158,19 @@ class Ctx:
             return None
         if not self._queues_free(locs, t_iss, used):
             return None
-        for b in self.streams(d, 4 if w == 4 else w):
-            ok = True
-            spans = []
-            for i in range(w):
-                st = b + i
-                k = T - self.xloc(d, pos)
-                x0, x1 = self.xloc(d, pos), self.xloc(d, sp[i])
-                if not self.sched.span_free(st, k, x0, x1) or (st, k) in used:
-                    ok = False
-                    break
-                spans.append((st, k, x0, x1))
-            if ok:
-                for i in range(w):
-                    g, a = locs[i]
-                    plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
-                    plan.writes.append((g, lands[i], self.bank(a)))
-                    used[(spans[i][0], spans[i][1])] = 1
-                    used[("q", g, t_iss[i])] = 1
-                plan.spans.extend(spans)
-                return b, max(lands)
-        return None
+        k, x0 = T - self.xloc(d, pos), self.xloc(d, pos)
+        xs = [(x0, self.xloc(d, s)) for s in sp]
+        b = self.free_group(d, 4 if w == 4 else w, k, xs, used)
+        if b is None:
+            return None
+        for i in range(w):
+            g, a = locs[i]
+            plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
+            plan.writes.append((g, lands[i], self.bank(a)))
+            used[(b + i, k)] = 1
+            used[("q", g, t_iss[i])] = 1
+        plan.spans.extend((b + i, k, xa, xb) for i, (xa, xb) in enumerate(xs))
+        return b, max(lands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -571,12 +580,7 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]],
                 return None
             back = ctx.dir_to(sx, ctx.vx)
             kb = ts + d_sxm - ctx.xloc(back, sx)
-            bo = None
-            for cand in ctx.streams(back, w):
-                if all(sched.span_free(cand + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))
-                       and (cand + p, kb) not in used for p in range(w)):
-                    bo = cand
-                    break
+            bo = ctx.free_group(back, w, kb, [(ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))] * w, used)
             if bo is None:
                 return None
             # any SXM queue of the hemisphere free at ts (committed work and this plan)
@@ -719,6 +723,114 @@ class _PlaneState:
         self.blocks = 0
 
 
+class _LoadRow:
+    """One weight row an LW cycle reads: where it is and what does not change while a load is searched."""
+
+    __slots__ = ("vt", "v", "g", "addr", "ready", "lead", "x0", "bank", "q")
+
+    def __init__(self, ctx: Ctx, vt: VT, v: int, plane: int, xm: int, din: int):
+        self.vt, self.v = vt, v
+        self.g, self.addr = vt.loc(v, plane)
+        self.ready = int(vt.ready[v])
+        self.lead = ctx.cfg.mem_read_delay + abs(ctx.slice_pos[self.g] - xm)    # read issue -> at the plane
+        self.x0 = ctx.xloc(din, ctx.slice_pos[self.g])
+        self.bank = ctx.bank(self.addr)
+        self.q = ctx.mem_q[self.g]
+
+
+class _LoadRows:
+    """The rows of one MXM weight load (per LW cycle; None: a zero row, read from address 0 of a
+    slice in ``zero_toward``), and :meth:`plan`, which places them at a start cycle. The rows' slices,
+    addresses and readiness do not depend on the cycle tried, so they are found once per load."""
+
+    def __init__(self, ctx: Ctx, srcs, zero_toward: Sequence[int], xm: int, din: int):
+        self.ctx, self.din = ctx, din
+        self.rows = [[None if s is None else _LoadRow(ctx, s[0], s[1], s[2], xm, din) for s in rs] for rs in srcs]
+        # a row travelling away from the plane never fits
+        self.never = any(r is not None and ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
+        self.x1 = ctx.xloc(din, xm)
+        lead = ctx.cfg.mem_read_delay
+        self.zeros = [(g, lead + abs(ctx.slice_pos[g] - xm), ctx.xloc(din, ctx.slice_pos[g]), ctx.mem_q[g])
+                      for g in zero_toward]
+        self.bank0 = ctx.bank(0)
+
+    def plan(self, W: int, lw_bases: Sequence[int], q_lw: str, ws: int, code: int) -> Optional[Plan]:
+        """The load's plan with its first LW at cycle W (the rows of LW cycle i on the first group of
+        streams in ``lw_bases`` they fit on), or None."""
+        if self.never:
+            return None
+        queue_free = self.ctx.sched.queue_free
+        busy = self.ctx.sched.busy
+        # a row that cannot be read at its cycle fails on every stream group: no need to try them
+        for i, rows in enumerate(self.rows):
+            for r in rows:
+                if r is not None:
+                    tr = W + i - r.lead
+                    if tr < r.ready or tr < 0:
+                        return None
+                    qb = busy.get(r.q)
+                    if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
+                        return None
+        S, din = self.ctx.S, self.din
+        plan = Plan()
+        for i, rows in enumerate(self.rows):
+            T = W + i
+            n = len(rows)
+            zeros = [(g, T - lead, x0, q) for g, lead, x0, q in self.zeros
+                     if T - lead >= 0 and queue_free(q, T - lead)] if None in rows else []
+            for cand in lw_bases:
+                if cand - din * S + n > S:
+                    continue
+                got = self._on(rows, zeros, cand, T)
+                if got is not None:
+                    break
+            else:
+                return None
+            plan.issues += got[0]
+            plan.reads += got[1]
+            plan.spans += got[2]
+            plan.issues.append((q_lw, T, "LW", (cand, n, i * ws)))
+        plan.issues.append((q_lw, W + len(self.rows), "IW", (code,)))
+        return plan
+
+    def _on(self, rows, zeros, base: int, T: int):
+        """The reads putting ``rows`` on streams base.. at the plane at cycle T: (issues, reads, spans),
+        or None if one does not fit."""
+        diag = self.ctx.sched.diag
+        x1 = self.x1
+        k = T - x1
+        issues: List[Tuple[str, int, str, tuple]] = []
+        reads: List[Tuple[int, int, int]] = []
+        spans: List[Tuple[int, int, int, int]] = []
+        busy: Set[int] = set()
+        for j, r in enumerate(rows):
+            stream = base + j
+            ivs = diag.get((stream, k), ())
+            if r is None:
+                # a zero vector (address 0 of any free slice on the way)
+                for g, tr, x0, q in zeros:
+                    if g in busy or any(not (b < x0 or a > x1) for a, b in ivs):
+                        continue
+                    issues.append((q, tr, "Read", (0, stream)))
+                    reads.append((g, tr, self.bank0))
+                    spans.append((stream, k, x0, x1))
+                    busy.add(g)
+                    break
+                else:
+                    return None
+                continue
+            x0 = r.x0
+            for a, b in ivs:
+                if not (b < x0 or a > x1):
+                    return None
+            tr = T - r.lead
+            issues.append((r.q, tr, "Read", (r.addr, stream)))
+            reads.append((r.g, tr, r.bank))
+            spans.append((stream, k, x0, x1))
+            busy.add(r.g)
+        return issues, reads, spans
+
+
 def _find(ctx: Ctx, lo: int, build, what: str) -> int:
     """Earliest cycle >= lo at which build(t) gives a plan that fits; commits it."""
     t = lo
@@ -734,7 +846,7 @@ def _find(ctx: Ctx, lo: int, build, what: str) -> int:
 def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state: Dict[int, _PlaneState],
                   planes: Sequence[int], start: int = 0) -> int:
     """Schedule one product on the given MXM planes (column tiles round-robin)."""
-    cfg, sched = ctx.cfg, ctx.sched
+    cfg = ctx.cfg
     L = cfg.lanes
     fp16 = mm.A.dtype == dt.FLOAT16
     Kc = L // 2 if fp16 else L
@@ -750,7 +862,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
     Lw = -(-R // ws)
     Mb = max(1, min(cfg.mxm_accumulators // 2, 256))
     half = cfg.mxm_accumulators // 2
-    d_read, d_iw, d_mxm, d_acc = cfg.mem_read_delay, cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
+    d_iw, d_mxm, d_acc = cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
     dname = "float16" if fp16 else "int8"
     out = mm.out
     last = 0
@@ -793,88 +905,19 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                 for kc in range(nK):
                     # ---- weights: Lw LW cycles, then IW timed to take effect at the next ABC run
                     lo_w = max(st.lw_free, st.abc_last + 1 - d_iw - Lw, start)
+                    lw = _LoadRows(ctx, [[wrow(kc, nt, i * ws + j) for j in range(min(ws, R - i * ws))]
+                                         for i in range(Lw)], zero_toward, xm, din)
                     # no row can be read before it is ready (or before cycle 0)
-                    for i in range(Lw):
-                        for j in range(min(ws, R - i * ws)):
-                            src = wrow(kc, nt, i * ws + j)
-                            if src is not None:
-                                g_ = src[0].loc(src[1], src[2])[0]
-                                lo_w = max(lo_w, max(int(src[0].ready[src[1]]), 0) + d_read
-                                           + abs(ctx.slice_pos[g_] - xm) - i)
-
-                    def build_w(W, kc=kc, nt=nt):
-                        plan = Plan()
-                        used = {}
-                        for i in range(Lw):
-                            n = min(ws, R - i * ws)
-                            rows = [wrow(kc, nt, i * ws + j) for j in range(n)]
-                            T = W + i
-
-                            def rows_on(base, rows=rows, T=T, plan=plan):
-                                """The rows' reads onto streams base.. (False: one does not fit)."""
-                                busy_slices: Set[int] = set()
-                                for j, src in enumerate(rows):
-                                    stream = base + j
-                                    if src is None:
-                                        # a zero vector (address 0 of any free slice on the way)
-                                        for g in zero_toward:
-                                            if g in busy_slices:
-                                                continue
-                                            tr = T - d_read - abs(ctx.slice_pos[g] - xm)
-                                            if tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
-                                                continue
-                                            k_ = T - ctx.xloc(din, xm)
-                                            x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
-                                            if not sched.span_free(stream, k_, x0, x1):
-                                                continue
-                                            plan.issues.append((ctx.mem_q[g], tr, "Read", (0, stream)))
-                                            plan.reads.append((g, tr, ctx.bank(0)))
-                                            plan.spans.append((stream, k_, x0, x1))
-                                            busy_slices.add(g)
-                                            break
-                                        else:
-                                            return False
-                                        continue
-                                    vt, v, pl = src
-                                    g, addr = vt.loc(v, pl)
-                                    if ctx.dir_to(ctx.slice_pos[g], xm) != din:
-                                        return False
-                                    tr = T - d_read - abs(ctx.slice_pos[g] - xm)
-                                    if tr < int(vt.ready[v]) or tr < 0 or not sched.queue_free(ctx.mem_q[g], tr):
-                                        return False
-                                    k_ = T - ctx.xloc(din, xm)
-                                    x0, x1 = ctx.xloc(din, ctx.slice_pos[g]), ctx.xloc(din, xm)
-                                    if not sched.span_free(stream, k_, x0, x1):
-                                        return False
-                                    plan.issues.append((ctx.mem_q[g], tr, "Read", (addr, stream)))
-                                    plan.reads.append((g, tr, ctx.bank(addr)))
-                                    plan.spans.append((stream, k_, x0, x1))
-                                    busy_slices.add(g)
-                                return True
-                            # the first group of n streams the rows fit on (another plane's loads may
-                            # hold some streams in these cycles)
-                            base = None
-                            for cand in lw_bases:
-                                if cand - din * ctx.S + n > ctx.S or any((cand + j, T) in used for j in range(n)):
-                                    continue
-                                mark = plan.mark()
-                                if rows_on(cand):
-                                    base = cand
-                                    break
-                                plan.rollback(mark)
-                            if base is None:
-                                return None
-                            for j in range(n):
-                                used[(base + j, T)] = 1
-                            plan.issues.append((q_lw, T, "LW", (base, n, i * ws)))
-                        plan.issues.append((q_lw, W + Lw, "IW", (dt.get(dname).code,)))
-                        return plan
-                    W = _find(ctx, lo_w, build_w, f"an MXM weight load for {out.name}")
-                    for i in range(Lw):
-                        for j in range(min(ws, R - i * ws)):
-                            src = wrow(kc, nt, i * ws + j)
-                            if src is not None:
-                                src[0].last_read[src[1]] = max(src[0].last_read[src[1]], W + i)
+                    for i, rows in enumerate(lw.rows):
+                        for row in rows:
+                            if row is not None:
+                                lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
+                    W = _find(ctx, lo_w, lambda W, lw=lw: lw.plan(W, lw_bases, q_lw, ws, dt.get(dname).code),
+                              f"an MXM weight load for {out.name}")
+                    for i, rows in enumerate(lw.rows):
+                        for row in rows:
+                            if row is not None:
+                                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], W + i)
                     st.lw_free = W + Lw + 1
                     E_ = W + Lw + d_iw
                     # ---- activations: one ABC per row
@@ -900,12 +943,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                                 if b is None:
                                     return None
                                 kb = ts + cfg.sxm_delay - ctx.xloc(din, sx)
-                                src = None
-                                for cand in ctx.streams(din, 2):
-                                    if all(sched.span_free(cand + q, kb, ctx.xloc(din, sx), ctx.xloc(din, xm))
-                                           and (cand + q, kb) not in used for q in range(2)):
-                                        src = cand
-                                        break
+                                src = ctx.free_group(din, 2, kb, [(ctx.xloc(din, sx), ctx.xloc(din, xm))] * 2, used)
                                 if src is None:
                                     return None
                                 for q in range(2):
@@ -941,13 +979,8 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                             plan.landing = wr[1]
                             return plan
                         # float16 results: through the VXM (cvt), then to MEM
-                        dst = None
                         kk = T - ctx.xloc(dout, xm)
-                        for cand in ctx.streams(dout, 4):
-                            if all(sched.span_free(cand + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))
-                                   for q in range(4)):
-                                dst = cand
-                                break
+                        dst = ctx.free_group(dout, 4, kk, [(ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))] * 4)
                         if dst is None:
                             return None
                         plan.spans += [(dst + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx)) for q in range(4)]

@@ -32,7 +32,8 @@ def op_of(mnemonic: str, unit: str) -> isa.Op:
 
 
 class _Busy:
-    """Cycles in which one queue issues (a growing bitmap)."""
+    """A set of cycles (a growing bitmap): those in which one queue issues, an ALU's
+    results land, or an ALU's latch is held."""
 
     __slots__ = ("bits",)
 
@@ -40,12 +41,28 @@ class _Busy:
         self.bits = bytearray(1024)
 
     def get(self, c: int) -> bool:
-        return c < len(self.bits) and self.bits[c] == 1
+        return 0 <= c < len(self.bits) and self.bits[c] == 1
+
+    def _grow(self, n: int) -> None:
+        if n > len(self.bits):
+            self.bits.extend(bytearray(max(n - len(self.bits), len(self.bits))))
 
     def set(self, c: int):
-        if c >= len(self.bits):
-            self.bits.extend(bytearray(max(c + 1 - len(self.bits), len(self.bits))))
+        if c < 0:
+            raise CompileError(f"internal: a reservation at negative cycle {c}")
+        self._grow(c + 1)
         self.bits[c] = 1
+
+    def fill(self, lo: int, hi: int) -> None:
+        """Add the cycles lo..hi-1."""
+        lo = max(lo, 0)
+        if hi > lo:
+            self._grow(hi)
+            self.bits[lo:hi] = b"\x01" * (hi - lo)
+
+    def any_in(self, lo: int, hi: int) -> bool:
+        """Whether any of the cycles lo..hi-1 is in the set."""
+        return self.bits.find(1, max(lo, 0), max(hi, 0)) >= 0
 
 
 @dataclass
@@ -81,8 +98,8 @@ class Scheduler:
         self.diag: Dict[Tuple[int, int], List[Tuple[int, int]]] = {}
         self.bank_rd: Dict[Tuple[int, int], int] = {}      # (slice, cycle) -> bank bit mask
         self.bank_wr: Dict[Tuple[int, int], int] = {}
-        self.landed: Dict[int, Set[int]] = {}
-        self.held: Dict[int, List[Tuple[int, int]]] = {}
+        self.landed: Dict[int, _Busy] = {}                 # alu -> cycles a result lands in its latch
+        self.held: Dict[int, _Busy] = {}                   # alu -> cycles T with lo < T <= hi of a hold
         self.sxm_use: Dict[Tuple[int, int, str], int] = {}
         self.events: Dict[str, List[Tuple[int, str, tuple]]] = {}
         self.last = -1                                        # last cycle with any effect
@@ -149,15 +166,17 @@ class Scheduler:
             if self.bank_rd.get(key, 0) & m:
                 return False
         lands: Dict[int, Set[int]] = {}
+        landed, held = self.landed, self.held
         for alu, T in plan.lands:
-            if T in self.landed.get(alu, ()) or T in lands.get(alu, ()):
+            lb, hb = landed.get(alu), held.get(alu)
+            if (lb is not None and lb.get(T)) or T in lands.get(alu, ()) or (hb is not None and hb.get(T)):
                 return False
-            for lo, hi in self.held.get(alu, ()):
-                if lo < T <= hi:
-                    return False
             lands.setdefault(alu, set()).add(T)
         for alu, lo, hi in plan.holds:
-            for T in list(self.landed.get(alu, ())) + list(lands.get(alu, ())):
+            lb = landed.get(alu)
+            if lb is not None and lb.any_in(lo + 1, hi + 1):
+                return False
+            for T in lands.get(alu, ()):
                 if lo < T <= hi:
                     return False
         use: Dict[Tuple[int, int, str], int] = {}
@@ -185,9 +204,9 @@ class Scheduler:
         for g, c, bank in plan.writes:
             self.bank_wr[(g, c)] = self.bank_wr.get((g, c), 0) | (1 << bank)
         for alu, T in plan.lands:
-            self.landed.setdefault(alu, set()).add(T)
+            self.landed.setdefault(alu, _Busy()).set(T)
         for alu, lo, hi in plan.holds:
-            self.held.setdefault(alu, []).append((lo, hi))
+            self.held.setdefault(alu, _Busy()).fill(lo + 1, hi + 1)
         for c, hem, res in plan.sxm:
             self.sxm_use[(c, hem, res)] = self.sxm_use.get((c, hem, res), 0) + 1
 
