@@ -21,7 +21,7 @@ run time, the program's cycle count follows from the plans.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -728,10 +728,16 @@ class _LoadRow:
 
     __slots__ = ("vt", "v", "g", "addr", "ready", "lead", "x0", "bank", "q")
 
-    def __init__(self, ctx: Ctx, vt: VT, v: int, plane: int, xm: int, din: int):
-        self.vt, self.v = vt, v
+    def __init__(self, ctx: Ctx, vt: VT, v: int, plane: int, xm: int, din: int, zero: bool = False):
+        self.vt: Optional[VT] = vt
+        self.v = v
         self.g, self.addr = vt.loc(v, plane)
-        self.ready = int(vt.ready[v])
+        self.ready = int(vt.ready[v]) if not zero else 0
+        if zero:
+            # a padding row past the weights' last row: the zero vector at address 0 of the slice the
+            # row would be in, which no other row of its LW cycle reads (consecutive rows are on
+            # distinct stripes), so padding takes no other tensor's MEM queue cycles
+            self.vt, self.addr = None, 0
         self.lead = ctx.cfg.mem_read_delay + abs(ctx.slice_pos[self.g] - xm)    # read issue -> at the plane
         self.x0 = ctx.xloc(din, ctx.slice_pos[self.g])
         self.bank = ctx.bank(self.addr)
@@ -739,49 +745,41 @@ class _LoadRow:
 
 
 class _LoadRows:
-    """The rows of one MXM weight load (per LW cycle; None: a zero row, read from address 0 of a
-    slice in ``zero_toward``), and :meth:`plan`, which places them at a start cycle. The rows' slices,
+    """The rows of one MXM weight load (per LW cycle), and :meth:`plan`, which places them at a start
+    cycle (padding rows past the weights' last row read address 0 of their slice). The rows' slices,
     addresses and readiness do not depend on the cycle tried, so they are found once per load."""
 
-    def __init__(self, ctx: Ctx, srcs, zero_toward: Sequence[int], xm: int, din: int):
+    def __init__(self, ctx: Ctx, srcs, xm: int, din: int):
         self.ctx, self.din = ctx, din
-        self.rows = [[None if s is None else _LoadRow(ctx, s[0], s[1], s[2], xm, din) for s in rs] for rs in srcs]
+        self.rows = [[_LoadRow(ctx, s[0], s[1], s[2], xm, din, zero=len(s) > 3) for s in rs] for rs in srcs]
         # a row travelling away from the plane never fits
-        self.never = any(r is not None and ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
+        self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
         self.x1 = ctx.xloc(din, xm)
-        lead = ctx.cfg.mem_read_delay
-        self.zeros = [(g, lead + abs(ctx.slice_pos[g] - xm), ctx.xloc(din, ctx.slice_pos[g]), ctx.mem_q[g])
-                      for g in zero_toward]
-        self.bank0 = ctx.bank(0)
 
     def plan(self, W: int, lw_bases: Sequence[int], q_lw: str, ws: int, code: int) -> Optional[Plan]:
         """The load's plan with its first LW at cycle W (the rows of LW cycle i on the first group of
         streams in ``lw_bases`` they fit on), or None."""
         if self.never:
             return None
-        queue_free = self.ctx.sched.queue_free
         busy = self.ctx.sched.busy
         # a row that cannot be read at its cycle fails on every stream group: no need to try them
         for i, rows in enumerate(self.rows):
             for r in rows:
-                if r is not None:
-                    tr = W + i - r.lead
-                    if tr < r.ready or tr < 0:
-                        return None
-                    qb = busy.get(r.q)
-                    if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
-                        return None
+                tr = W + i - r.lead
+                if tr < r.ready or tr < 0:
+                    return None
+                qb = busy.get(r.q)
+                if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
+                    return None
         S, din = self.ctx.S, self.din
         plan = Plan()
         for i, rows in enumerate(self.rows):
             T = W + i
             n = len(rows)
-            zeros = [(g, T - lead, x0, q) for g, lead, x0, q in self.zeros
-                     if T - lead >= 0 and queue_free(q, T - lead)] if None in rows else []
             for cand in lw_bases:
                 if cand - din * S + n > S:
                     continue
-                got = self._on(rows, zeros, cand, T)
+                got = self._on(rows, cand, T)
                 if got is not None:
                     break
             else:
@@ -793,7 +791,7 @@ class _LoadRows:
         plan.issues.append((q_lw, W + len(self.rows), "IW", (code,)))
         return plan
 
-    def _on(self, rows, zeros, base: int, T: int):
+    def _on(self, rows, base: int, T: int):
         """The reads putting ``rows`` on streams base.. at the plane at cycle T: (issues, reads, spans),
         or None if one does not fit."""
         diag = self.ctx.sched.diag
@@ -802,23 +800,9 @@ class _LoadRows:
         issues: List[Tuple[str, int, str, tuple]] = []
         reads: List[Tuple[int, int, int]] = []
         spans: List[Tuple[int, int, int, int]] = []
-        busy: Set[int] = set()
         for j, r in enumerate(rows):
             stream = base + j
             ivs = diag.get((stream, k), ())
-            if r is None:
-                # a zero vector (address 0 of any free slice on the way)
-                for g, tr, x0, q in zeros:
-                    if g in busy or any(not (b < x0 or a > x1) for a, b in ivs):
-                        continue
-                    issues.append((q, tr, "Read", (0, stream)))
-                    reads.append((g, tr, self.bank0))
-                    spans.append((stream, k, x0, x1))
-                    busy.add(g)
-                    break
-                else:
-                    return None
-                continue
             x0 = r.x0
             for a, b in ivs:
                 if not (b < x0 or a > x1):
@@ -827,7 +811,6 @@ class _LoadRows:
             issues.append((r.q, tr, "Read", (r.addr, stream)))
             reads.append((r.g, tr, r.bank))
             spans.append((stream, k, x0, x1))
-            busy.add(r.g)
         return issues, reads, spans
 
 
@@ -843,7 +826,7 @@ def _find(ctx: Ctx, lo: int, build, what: str) -> int:
     raise CompileError(f"no room found to schedule {what}")
 
 
-def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state: Dict[int, _PlaneState],
+def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
                   planes: Sequence[int], start: int = 0) -> int:
     """Schedule one product on the given MXM planes (column tiles round-robin)."""
     cfg = ctx.cfg
@@ -871,13 +854,14 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
         tiles[planes[nt % len(planes)]].append(nt)
 
     def wrow(kc, nt, j):
-        """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; None = zero."""
+        """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; past the
+        last row, (tensor, vector, plane, "zero"): the zero row at address 0 of that vector's slice."""
         if fp16:
             k, pl = kc * Kc + j // 2, j % 2
         else:
             k, pl = kc * Kc + j, 0
         if k >= mm.K:
-            return None
+            return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl, "zero"
         return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl
 
     for p in planes:
@@ -890,8 +874,6 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
         q_lw, q_abc, q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
         sx = cfg.sxm_position(hem)
         sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
-        # slices whose address 0 can feed a zero weight row: their values travel towards this plane
-        zero_toward = [g for g in zero_slices if ctx.dir_to(ctx.slice_pos[g], xm) == din]
         # LW stream groups: the planes of a hemisphere start from their own part of the direction's
         # streams (ws < S / planes there leaves streams for activations), so they load in the same cycles
         k_in_hem = p % cfg.mxm_planes_per_hemisphere
@@ -906,17 +888,16 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state
                     # ---- weights: Lw LW cycles, then IW timed to take effect at the next ABC run
                     lo_w = max(st.lw_free, st.abc_last + 1 - d_iw - Lw, start)
                     lw = _LoadRows(ctx, [[wrow(kc, nt, i * ws + j) for j in range(min(ws, R - i * ws))]
-                                         for i in range(Lw)], zero_toward, xm, din)
+                                         for i in range(Lw)], xm, din)
                     # no row can be read before it is ready (or before cycle 0)
                     for i, rows in enumerate(lw.rows):
                         for row in rows:
-                            if row is not None:
-                                lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
+                            lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
                     W = _find(ctx, lo_w, lambda W, lw=lw: lw.plan(W, lw_bases, q_lw, ws, dt.get(dname).code),
                               f"an MXM weight load for {out.name}")
                     for i, rows in enumerate(lw.rows):
                         for row in rows:
-                            if row is not None:
+                            if row.vt is not None:
                                 row.vt.last_read[row.v] = max(row.vt.last_read[row.v], W + i)
                     st.lw_free = W + Lw + 1
                     E_ = W + Lw + d_iw

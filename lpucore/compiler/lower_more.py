@@ -59,14 +59,13 @@ def matmul(c, a, b, t, name, kind):
     out_shape = batch + (M, N)
     out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
-    zero_slices = list(range(c.cfg.mem_slices))
     last = 0
     for i in range(len(ia)):
         mm = MatMul(A, B, out, M, K, N,
                     a_row=lambda m, o=int(ia[i]) * M: o + m,
                     b_row=lambda k, o=int(ib[i]) * K: o + k,
                     o_row=lambda m, o=i * M: o + m)
-        last = max(last, matmul_kernel(c.ctx, mm, zero_slices, c.planes, _planes_by_free(c)))
+        last = max(last, matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B)))
     return last
 
 
@@ -75,6 +74,23 @@ def _planes_by_free(c) -> List[int]:
     them in turn, so independent products start on idle planes)."""
     P = c.cfg.mxm_planes
     return sorted(range(P), key=lambda p: (c.planes[p].abc_next if p in c.planes else 0, p))
+
+
+def _planes_for(c, B) -> List[int]:
+    """The planes in the order a product's column tiles take them: a weight kept as member tensors
+    (TiledVT, member j holding tiles j, j + G, ...) gives member j the first free plane of member j's
+    hemisphere, so its weight rows reach the plane without crossing the chip (shorter, and clear of
+    the streams the VXM's kernels use in the middle)."""
+    order = _planes_by_free(c)
+    members = getattr(B, "members", None)
+    if not members:
+        return order
+    per = c.cfg.mxm_planes_per_hemisphere
+    chosen: List[int] = []
+    for m in members:
+        mine = [p for p in order if p not in chosen and p // per == m.hem]
+        chosen.append(mine[0] if mine else next(p for p in order if p not in chosen))
+    return chosen + [p for p in order if p not in chosen]
 
 
 def relayout(c, out, srcs, src_of):
