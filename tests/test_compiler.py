@@ -502,3 +502,36 @@ def test_column_constants_are_written_in_every_lane():
     assert np.array_equal(out["y"], X * col)
     assert not any(q.startswith("SXM") and any(i.op.name != "NOP" for i in ins)
                    for q, ins in c.program.queues.items())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_product_of_one_tile_shares_its_weight_loads_between_two_planes(dtype, tmp_path):
+    """One column tile and many rows: both planes of a hemisphere load its weights from the same
+    reads in the same cycles and take half of the rows each; K past a whole chunk pads with zero
+    rows read at address 0.  Exact (int8) or within the float16 bound on both engines."""
+    from lpucore import trace as tr
+    M, K, N = 24, 3 * SMALL.lanes // 2 + 5, 9
+    g = Graph()
+    W = values((K, N), dtype, 5, 0.5)
+    g.output("y", g.matmul(g.input("x", (M, K), dtype), g.constant("w", W)))
+    X = values((M, K), dtype, 6, 0.5)
+    out, c = run_graph(g, {"x": X})
+    ref = X.astype(np.float64) @ W.astype(np.float64)
+    if dtype == "int8":
+        assert np.array_equal(out["y"], ref.astype(np.int32))
+    else:
+        absref = np.abs(X.astype(np.float64)) @ np.abs(W.astype(np.float64))
+        bound = (K / 32 + 1) * 2.0 ** -24 * absref + np.spacing(np.abs(ref).astype(np.float16))
+        assert (np.abs(out["y"] - ref) <= bound).all()
+    chip = lpucore.Chip(SMALL)
+    c.load(chip)
+    chip.run(trace=tmp_path / "t.csv")          # the loads do not depend on the input's values
+    _, rows = tr.read(tmp_path / "t.csv")
+    lw = {}
+    for cyc, kind, q, _unit, what in rows:
+        if kind == "issue" and q.endswith(".LW"):
+            lw.setdefault(q, []).append((int(cyc), what))
+    hems = {}
+    for q, recs in lw.items():
+        hems.setdefault(q.split(".")[1][0], []).append(recs)
+    assert any(len(v) == 2 and v[0] == v[1] for v in hems.values()), lw.keys()

@@ -756,9 +756,10 @@ class _LoadRows:
         self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
         self.x1 = ctx.xloc(din, xm)
 
-    def plan(self, W: int, lw_bases: Sequence[int], q_lw: str, ws: int, code: int) -> Optional[Plan]:
+    def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int) -> Optional[Plan]:
         """The load's plan with its first LW at cycle W (the rows of LW cycle i on the first group of
-        streams in ``lw_bases`` they fit on), or None."""
+        streams in ``lw_bases`` they fit on), or None. Every queue of ``q_lws`` (planes at one
+        position) takes the same rows from the same streams: one read feeds them all."""
         if self.never:
             return None
         busy = self.ctx.sched.busy
@@ -787,8 +788,8 @@ class _LoadRows:
             plan.issues += got[0]
             plan.reads += got[1]
             plan.spans += got[2]
-            plan.issues.append((q_lw, T, "LW", (cand, n, i * ws)))
-        plan.issues.append((q_lw, W + len(self.rows), "IW", (code,)))
+            plan.issues += [(q, T, "LW", (cand, n, i * ws)) for q in q_lws]
+        plan.issues += [(q, W + len(self.rows), "IW", (code,)) for q in q_lws]
         return plan
 
     def _on(self, rows, base: int, T: int):
@@ -826,167 +827,225 @@ def _find(ctx: Ctx, lo: int, build, what: str) -> int:
     raise CompileError(f"no room found to schedule {what}")
 
 
-def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
-                  planes: Sequence[int], start: int = 0) -> int:
-    """Schedule one product on the given MXM planes (column tiles round-robin)."""
-    cfg = ctx.cfg
-    L = cfg.lanes
-    fp16 = mm.A.dtype == dt.FLOAT16
-    Kc = L // 2 if fp16 else L
-    r = cfg.mxm_fp16_interval if fp16 else 1
-    nK = -(-mm.K // Kc)
-    nT = -(-mm.N // L)
-    # rows loaded in one cycle must come from different slices: at most one per stripe; when two
-    # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
-    # streams less one, which activations and zero rows use
-    share = ctx.S // cfg.mxm_planes_per_hemisphere - 1 if min(nT, len(planes)) > cfg.hemispheres else ctx.S // 2
-    ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if fp16 else 1)))
-    R = cfg.mxm_size
-    Lw = -(-R // ws)
-    Mb = max(1, min(cfg.mxm_accumulators // 2, 256))
-    half = cfg.mxm_accumulators // 2
-    d_iw, d_mxm, d_acc = cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
-    dname = "float16" if fp16 else "int8"
-    out = mm.out
-    last = 0
-    tiles: Dict[int, List[int]] = {p: [] for p in planes}
-    for nt in range(nT):
-        tiles[planes[nt % len(planes)]].append(nt)
+class _Geo:
+    """What one product's scheduling needs of the chip and the operands (cycles, rows, streams)."""
 
-    def wrow(kc, nt, j):
+    def __init__(self, ctx: Ctx, mm: MatMul, planes: Sequence[int]):
+        cfg = ctx.cfg
+        self.ctx, self.mm, self.cfg = ctx, mm, cfg
+        self.fp16 = mm.A.dtype == dt.FLOAT16
+        self.Kc = cfg.lanes // 2 if self.fp16 else cfg.lanes
+        self.r = cfg.mxm_fp16_interval if self.fp16 else 1          # cycles between a plane's ABCs
+        self.nK = -(-mm.K // self.Kc)
+        self.nT = -(-mm.N // cfg.lanes)
+        # rows loaded in one cycle must come from different slices: at most one per stripe; when two
+        # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
+        # streams less one, which activations use
+        P = len(planes)
+        share = ctx.S // cfg.mxm_planes_per_hemisphere - 1 if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
+        self.ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if self.fp16 else 1)))
+        self.Lw = -(-cfg.mxm_size // self.ws)                       # LW cycles of one weight load
+        self.Mb = max(1, min(cfg.mxm_accumulators // 2, 256))       # rows of a block (accumulator half)
+        self.half = cfg.mxm_accumulators // 2
+        self.code = dt.get("float16" if self.fp16 else "int8").code
+
+    def wrow(self, kc: int, nt: int, j: int):
         """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; past the
         last row, (tensor, vector, plane, "zero"): the zero row at address 0 of that vector's slice."""
-        if fp16:
-            k, pl = kc * Kc + j // 2, j % 2
+        mm = self.mm
+        if self.fp16:
+            k, pl = kc * self.Kc + j // 2, j % 2
         else:
-            k, pl = kc * Kc + j, 0
+            k, pl = kc * self.Kc + j, 0
         if k >= mm.K:
             return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl, "zero"
         return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl
 
-    for p in planes:
-        st = planes_state.setdefault(p, _PlaneState())
+
+class _Run:
+    """One plane's part of a product: its state, queues and positions, and rows [r0, r1) of tiles."""
+
+    def __init__(self, ctx: Ctx, p: int, planes_state: Dict[int, _PlaneState], r0: int, r1: int):
+        cfg = ctx.cfg
+        self.p, self.r0, self.r1 = p, r0, r1
+        self.st = planes_state.setdefault(p, _PlaneState())
         name = cfg.plane_name(p)
-        hem = p // cfg.mxm_planes_per_hemisphere
-        xm = cfg.mxm_position(hem)
-        din = 1 if hem == 0 else 0                   # direction of values towards this plane
-        dout = 1 - din
-        q_lw, q_abc, q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
-        sx = cfg.sxm_position(hem)
-        sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
+        self.hem = p // cfg.mxm_planes_per_hemisphere
+        self.xm = cfg.mxm_position(self.hem)
+        self.din = 1 if self.hem == 0 else 0                   # direction of values towards this plane
+        self.dout = 1 - self.din
+        self.q_lw, self.q_abc, self.q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
+        self.sx = cfg.sxm_position(self.hem)
+        self.sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == self.hem]
         # LW stream groups: the planes of a hemisphere start from their own part of the direction's
         # streams (ws < S / planes there leaves streams for activations), so they load in the same cycles
         k_in_hem = p % cfg.mxm_planes_per_hemisphere
-        home = din * ctx.S + k_in_hem * (ctx.S // cfg.mxm_planes_per_hemisphere)
-        lw_bases = [home] + [b for b in range(din * ctx.S, (din + 1) * ctx.S) if b != home]
-        for nt in tiles[p]:
-            for b0 in range(0, mm.M, Mb):
-                nb = min(Mb, mm.M - b0)
-                bank = st.blocks % 2
-                st.blocks += 1
-                for kc in range(nK):
-                    # ---- weights: Lw LW cycles, then IW timed to take effect at the next ABC run
-                    lo_w = max(st.lw_free, st.abc_last + 1 - d_iw - Lw, start)
-                    lw = _LoadRows(ctx, [[wrow(kc, nt, i * ws + j) for j in range(min(ws, R - i * ws))]
-                                         for i in range(Lw)], xm, din)
-                    # no row can be read before it is ready (or before cycle 0)
-                    for i, rows in enumerate(lw.rows):
-                        for row in rows:
-                            lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
-                    W = _find(ctx, lo_w, lambda W, lw=lw: lw.plan(W, lw_bases, q_lw, ws, dt.get(dname).code),
-                              f"an MXM weight load for {out.name}")
-                    for i, rows in enumerate(lw.rows):
-                        for row in rows:
-                            if row.vt is not None:
-                                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], W + i)
-                    st.lw_free = W + Lw + 1
-                    E_ = W + Lw + d_iw
-                    # ---- activations: one ABC per row
-                    first = True
-                    for i in range(nb):
-                        m = b0 + i
-                        av = mm.a_row(m) * mm.A.chunks + (kc // 2 if fp16 else kc)
-                        shift = fp16 and kc % 2 == 1
-                        lo_t = max(E_, st.abc_next)
-                        if first and kc == 0:
-                            lo_t = max(lo_t, st.half_free[bank] - d_mxm)
+        home = self.din * ctx.S + k_in_hem * (ctx.S // cfg.mxm_planes_per_hemisphere)
+        self.lw_bases = [home] + [b for b in range(self.din * ctx.S, (self.din + 1) * ctx.S) if b != home]
 
-                        def build_a(T, av=av, shift=shift, i=i, kc=kc):
-                            plan, used = Plan(), {}
-                            if not shift:
-                                b = ctx.read_group(plan, mm.A, av, xm, T, used)
-                                if b is None:
-                                    return None
-                                src = b
-                            else:
-                                ts = T - cfg.sxm_delay - abs(sx - xm)
-                                b = ctx.read_group(plan, mm.A, av, sx, ts, used)
-                                if b is None:
-                                    return None
-                                kb = ts + cfg.sxm_delay - ctx.xloc(din, sx)
-                                src = ctx.free_group(din, 2, kb, [(ctx.xloc(din, sx), ctx.xloc(din, xm))] * 2, used)
-                                if src is None:
-                                    return None
-                                for q in range(2):
-                                    plan.issues.append((sxq[q % len(sxq)], ts, "Shift", (src + q, b + q, -(L // 2))))
-                                    plan.sxm.append((ts, hem, "shifters"))
-                                    plan.spans.append((src + q, kb, ctx.xloc(din, sx), ctx.xloc(din, xm)))
-                            plan.issues.append((q_abc, T, "ABC", (dt.get(dname).code, src, bank * half + i,
-                                                                 1 if kc else 0)))
-                            return plan
-                        T = _find(ctx, lo_t, build_a, f"an MXM activation for {out.name}")
-                        mm.A.last_read[av] = max(mm.A.last_read[av], T)
-                        st.abc_next = T + r
-                        st.abc_last = T
-                        first = False
-                # ---- results: ACC each row of the block once its last product has landed
-                ready = st.abc_last + d_mxm
-                for i in range(nb):
-                    m = b0 + i
-                    ov = mm.o_row(m) * out.chunks + nt
-                    lo_c = max(ready, st.acc_next)
 
-                    def build_c(C, i=i, ov=ov):
-                        plan, used = Plan(), {}
-                        T = C + d_acc
-                        if out.planes == 4:
-                            # int32 / float32 results straight to MEM
-                            kk = T - ctx.xloc(dout, xm)
-                            wr = ctx.write_group(plan, out, ov, xm, T, used)
-                            if wr is None:
-                                return None
-                            dst = wr[0]
-                            plan.issues.append((q_acc, C, "ACC", (bank * half + i, dst)))
-                            plan.landing = wr[1]
-                            return plan
-                        # float16 results: through the VXM (cvt), then to MEM
-                        kk = T - ctx.xloc(dout, xm)
-                        dst = ctx.free_group(dout, 4, kk, [(ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))] * 4)
-                        if dst is None:
-                            return None
-                        plan.spans += [(dst + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx)) for q in range(4)]
-                        for q in range(4):
-                            used[(dst + q, kk)] = 1
-                        V = T + abs(ctx.vx - xm)
-                        alu = (p * 2 + i) % cfg.vxm_alus_per_lane
-                        wr = ctx.write_group(plan, out, ov, ctx.vx, V + cfg.vxm_convert_delay, used)
-                        if wr is None:
-                            return None
-                        plan.issues.append((q_acc, C, "ACC", (bank * half + i, dst)))
-                        plan.issues.append((f"VXM.{alu}", V, "cvt", (dt.FLOAT32.code, out.dtype.code, wr[0], dst)))
-                        plan.lands.append((alu, V + cfg.vxm_convert_delay))
-                        plan.landing = wr[1]
-                        return plan
+def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state) -> List[Tuple[int, List[_Run]]]:
+    """The product's work as (column tile, runs): tiles go to the planes in turn, each plane all of a
+    tile's rows; with at most one tile per hemisphere and rows enough, a tile goes to both planes of a
+    hemisphere, which load its weights together (the same streams in the same cycles: one read feeds
+    both) and take half of its rows each (attention's head sums: 32 rows, one tile)."""
+    cfg, M = ctx.cfg, geo.mm.M
+    per = cfg.mxm_planes_per_hemisphere
+    if geo.nT <= cfg.hemispheres and 2 <= M <= geo.Mb and per > 1 and len(planes) >= geo.nT * per:
+        hems: List[int] = []
+        for p in planes:                     # hemispheres in the order their planes come free
+            if p // per not in hems and sum(1 for q in planes if q // per == p // per) >= per:
+                hems.append(p // per)
+        if len(hems) >= geo.nT:
+            units = []
+            for nt in range(geo.nT):
+                mine = [p for p in planes if p // per == hems[nt]][:per]
+                units.append((nt, [_Run(ctx, p, planes_state, M * j // per, M * (j + 1) // per)
+                                   for j, p in enumerate(mine)]))
+            return units
+    work = []
+    for p in planes:
+        for nt in range(planes.index(p), geo.nT, len(planes)):
+            work.append((nt, [_Run(ctx, p, planes_state, 0, M)]))
+    return work
 
-                    holder: Dict[str, Plan] = {}
 
-                    def build_c2(C, holder=holder, build_c=build_c):
-                        pl = build_c(C)
-                        holder["plan"] = pl
-                        return pl
-                    C = _find(ctx, lo_c, build_c2, f"an MXM result for {out.name}")
-                    out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
-                    last = max(last, holder["plan"].landing)
-                    st.acc_next = C + 1
-                    st.half_free[bank] = C + 1
+def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: int) -> int:
+    """Load chunk kc of tile nt into the weight buffers of the runs' planes (one hemisphere: the same
+    reads feed them all) and install it (IW timed to take effect after each plane's last product with
+    the weights it has); returns the cycle the new weights take effect."""
+    cfg = ctx.cfg
+    d_iw, Lw, ws = cfg.mxm_install_delay, geo.Lw, geo.ws
+    lead = runs[0]
+    lo_w = max([start] + [max(r.st.lw_free, r.st.abc_last + 1 - d_iw - Lw) for r in runs])
+    lw = _LoadRows(ctx, [[geo.wrow(kc, nt, i * ws + j) for j in range(min(ws, cfg.mxm_size - i * ws))]
+                         for i in range(Lw)], lead.xm, lead.din)
+    # no row can be read before it is ready (or before cycle 0)
+    for i, rows in enumerate(lw.rows):
+        for row in rows:
+            lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
+    qs = [r.q_lw for r in runs]
+    W = _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
+              f"an MXM weight load for {geo.mm.out.name}")
+    for i, rows in enumerate(lw.rows):
+        for row in rows:
+            if row.vt is not None:
+                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], W + i)
+    for r in runs:
+        r.st.lw_free = W + Lw + 1
+    return W + Lw + d_iw
+
+
+def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank: int, E_: int) -> None:
+    """One ABC per row b0..b1-1 of chunk kc on run's plane, from cycle E_ (the weights in effect); a
+    float16 odd chunk is the upper half of a vector, shifted down by the SXM on its way."""
+    cfg, mm, st = ctx.cfg, geo.mm, run.st
+    L, fp16, xm, din = cfg.lanes, geo.fp16, run.xm, run.din
+    for i in range(b1 - b0):
+        av = mm.a_row(b0 + i) * mm.A.chunks + (kc // 2 if fp16 else kc)
+        shift = fp16 and kc % 2 == 1
+        lo_t = max(E_, st.abc_next)
+        if i == 0 and kc == 0:
+            lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
+
+        def build_a(T, av=av, shift=shift, i=i):
+            plan, used = Plan(), {}
+            if not shift:
+                src = ctx.read_group(plan, mm.A, av, xm, T, used)
+                if src is None:
+                    return None
+            else:
+                ts = T - cfg.sxm_delay - abs(run.sx - xm)
+                b = ctx.read_group(plan, mm.A, av, run.sx, ts, used)
+                if b is None:
+                    return None
+                kb = ts + cfg.sxm_delay - ctx.xloc(din, run.sx)
+                span = (ctx.xloc(din, run.sx), ctx.xloc(din, xm))
+                src = ctx.free_group(din, 2, kb, [span] * 2, used)
+                if src is None:
+                    return None
+                for q in range(2):
+                    plan.issues.append((run.sxq[q % len(run.sxq)], ts, "Shift", (src + q, b + q, -(L // 2))))
+                    plan.sxm.append((ts, run.hem, "shifters"))
+                    plan.spans.append((src + q, kb) + span)
+            plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 1 if kc else 0)))
+            return plan
+        T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}")
+        mm.A.last_read[av] = max(mm.A.last_read[av], T)
+        st.abc_next = T + geo.r
+        st.abc_last = T
+
+
+def _results(ctx: Ctx, geo: _Geo, run: _Run, nt: int, b0: int, b1: int, bank: int) -> int:
+    """ACC each row b0..b1-1 of tile nt from run's plane once its last product has landed: int32 /
+    float32 results straight to MEM, float16 ones through a VXM cvt. Returns the last landing."""
+    cfg, out, st = ctx.cfg, geo.mm.out, run.st
+    xm, dout = run.xm, run.dout
+    ready = st.abc_last + cfg.mxm_delay
+    last = 0
+    for i in range(b1 - b0):
+        ov = geo.mm.o_row(b0 + i) * out.chunks + nt
+        acc = bank * geo.half + i
+
+        def build_c(C, ov=ov, acc=acc, i=i):
+            plan, used = Plan(), {}
+            T = C + cfg.mxm_acc_delay
+            if out.planes == 4:
+                wr = ctx.write_group(plan, out, ov, xm, T, used)
+                if wr is None:
+                    return None
+                plan.issues.append((run.q_acc, C, "ACC", (acc, wr[0])))
+                plan.landing = wr[1]
+                return plan
+            kk = T - ctx.xloc(dout, xm)
+            span = (ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))
+            dst = ctx.free_group(dout, 4, kk, [span] * 4)
+            if dst is None:
+                return None
+            plan.spans += [(dst + q, kk) + span for q in range(4)]
+            for q in range(4):
+                used[(dst + q, kk)] = 1
+            V = T + abs(ctx.vx - xm)
+            alu = (run.p * 2 + i) % cfg.vxm_alus_per_lane
+            wr = ctx.write_group(plan, out, ov, ctx.vx, V + cfg.vxm_convert_delay, used)
+            if wr is None:
+                return None
+            plan.issues.append((run.q_acc, C, "ACC", (acc, dst)))
+            plan.issues.append((f"VXM.{alu}", V, "cvt", (dt.FLOAT32.code, out.dtype.code, wr[0], dst)))
+            plan.lands.append((alu, V + cfg.vxm_convert_delay))
+            plan.landing = wr[1]
+            return plan
+
+        holder: Dict[str, Plan] = {}
+
+        def build_kept(C, holder=holder, build_c=build_c):
+            holder["plan"] = build_c(C)
+            return holder["plan"]
+        C = _find(ctx, max(ready, st.acc_next), build_kept, f"an MXM result for {out.name}")
+        out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
+        last = max(last, holder["plan"].landing)
+        st.acc_next = C + 1
+        st.half_free[bank] = C + 1
+    return last
+
+
+def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
+                  planes: Sequence[int], start: int = 0) -> int:
+    """Schedule one product on the given MXM planes (see :func:`_units`): per row block (an
+    accumulator half), per chunk of K, a weight load then the rows' products; then the results."""
+    geo = _Geo(ctx, mm, planes)
+    last = 0
+    for nt, runs in _units(ctx, geo, planes, planes_state):
+        for off in range(0, max(r.r1 - r.r0 for r in runs), geo.Mb):
+            blocks = [(r, r.r0 + off, min(r.r1, r.r0 + off + geo.Mb)) for r in runs if r.r0 + off < r.r1]
+            banks = []
+            for r, _, _ in blocks:
+                banks.append(r.st.blocks % 2)
+                r.st.blocks += 1
+            for kc in range(geo.nK):
+                E_ = _load(ctx, geo, [b[0] for b in blocks], nt, kc, start)
+                for (r, b0, b1), bank in zip(blocks, banks):
+                    _activations(ctx, geo, r, kc, b0, b1, bank, E_)
+            for (r, b0, b1), bank in zip(blocks, banks):
+                last = max(last, _results(ctx, geo, r, nt, b0, b1, bank))
     return last
