@@ -535,3 +535,29 @@ def test_a_product_of_one_tile_shares_its_weight_loads_between_two_planes(dtype,
     for q, recs in lw.items():
         hems.setdefault(q.split(".")[1][0], []).append(recs)
     assert any(len(v) == 2 and v[0] == v[1] for v in hems.values()), lw.keys()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_gathered_tables_are_read_by_address(dtype, monkeypatch):
+    """A constant table read only by gathers of few indices is kept for MEM Gather (one slice per
+    block of rows and column chunk): the rows come back bit for bit on both engines, out-of-range
+    indices give zero rows as the one-hot product does, and the lookup costs a fraction of the
+    one-hot product's cycles (which streams the whole table through the MXM)."""
+    from lpucore.compiler import gather
+    V, D = 20000, 700
+    table = values((V, D), dtype, 7, 4.0)
+    idx = np.array([0, V - 1, 12345, V, -3], dtype=np.int32)
+
+    def graph():
+        g = Graph()
+        g.output("emb", g.gather(g.constant("tab", table), g.input("i", (len(idx),), "int32")))
+        return g
+    out, c = run_graph(graph(), {"i": idx}, cfg=GROQ)
+    ref = np.where(((idx >= 0) & (idx < V))[:, None], table[np.clip(idx, 0, V - 1)], 0).astype(table.dtype)
+    assert np.array_equal(out["emb"].view(np.uint8), ref.view(np.uint8))
+    assert "tab" in c.row_parts and "tab" not in c.program.tensors
+    assert any(i.op.mnemonic == "Gather" for lst in c.program.queues.values() for i in lst)
+    monkeypatch.setattr(gather, "MAX_INDICES", 0)
+    out1, c1 = run_graph(graph(), {"i": idx}, cfg=GROQ, engines=("fast",))
+    assert np.array_equal(out1["emb"].view(np.uint8), ref.view(np.uint8))
+    assert 3 * c.expected_cycles < c1.expected_cycles, (c.expected_cycles, c1.expected_cycles)

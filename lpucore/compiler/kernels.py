@@ -755,42 +755,61 @@ class _LoadRows:
         # a row travelling away from the plane never fits
         self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
         self.x1 = ctx.xloc(din, xm)
+        self.slack = len(self.rows)       # cycles a load may wait in all between its LWs
+        self.end = 0
 
     def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int) -> Optional[Plan]:
-        """The load's plan with its first LW at cycle W (the rows of LW cycle i on the first group of
-        streams in ``lw_bases`` they fit on), or None. Every queue of ``q_lws`` (planes at one
-        position) takes the same rows from the same streams: one read feeds them all."""
-        if self.never:
+        """The load's plan with its first LW at cycle W and each next one at the first later cycle its
+        rows can be read (the LWs of a load need not be back to back: a row whose slice is busy waits a
+        cycle, at most ``SLACK`` cycles in all), each on the first group of streams in ``lw_bases`` it fits
+        on, then the IW; or None. Every queue of ``q_lws`` (planes at one position) takes the same rows
+        from the same streams: one read feeds them all. :attr:`end` is the IW's cycle."""
+        if self.never or not self._readable(self.rows[0], W):
             return None
-        busy = self.ctx.sched.busy
-        # a row that cannot be read at its cycle fails on every stream group: no need to try them
-        for i, rows in enumerate(self.rows):
-            for r in rows:
-                tr = W + i - r.lead
-                if tr < r.ready or tr < 0:
-                    return None
-                qb = busy.get(r.q)
-                if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
-                    return None
         S, din = self.ctx.S, self.din
         plan = Plan()
+        T = W
         for i, rows in enumerate(self.rows):
-            T = W + i
             n = len(rows)
-            for cand in lw_bases:
-                if cand - din * S + n > S:
-                    continue
-                got = self._on(rows, cand, T)
+            while True:
+                if T - W - i > self.slack:
+                    return None
+                got = None
+                if self._readable(rows, T):
+                    for cand in lw_bases:
+                        if cand - din * S + n <= S:
+                            got = self._on(rows, cand, T)
+                            if got is not None:
+                                break
                 if got is not None:
                     break
-            else:
-                return None
+                if i == 0:
+                    return None
+                T += 1
             plan.issues += got[0]
             plan.reads += got[1]
             plan.spans += got[2]
             plan.issues += [(q, T, "LW", (cand, n, i * ws)) for q in q_lws]
-        plan.issues += [(q, W + len(self.rows), "IW", (code,)) for q in q_lws]
+            T += 1
+        plan.issues += [(q, T, "IW", (code,)) for q in q_lws]
+        self.end = T
         return plan
+
+    def _readable(self, rows, T: int) -> bool:
+        """Every row of an LW at cycle T can be read then: ready, its slice's queue free and no write
+        landing in its bank in that cycle."""
+        sched = self.ctx.sched
+        busy, bank_wr = sched.busy, sched.bank_wr
+        for r in rows:
+            tr = T - r.lead
+            if tr < r.ready or tr < 0:
+                return False
+            qb = busy.get(r.q)
+            if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
+                return False
+            if bank_wr.get((r.g, tr), 0) >> r.bank & 1:
+                return False
+        return True
 
     def _on(self, rows, base: int, T: int):
         """The reads putting ``rows`` on streams base.. at the plane at cycle T: (issues, reads, spans),
@@ -884,6 +903,25 @@ class _Run:
         self.lw_bases = [home] + [b for b in range(self.din * ctx.S, (self.din + 1) * ctx.S) if b != home]
 
 
+def _pairs_finish_first(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per: int) -> bool:
+    """Whether the tiles end sooner on plane pairs (half the rows each) than one plane each, by an
+    estimate: a plane is free from its last product or load; then per chunk of K, the longer of a
+    weight load and its rows' products (the next load overlaps them)."""
+    def run(p_free: int, rows: int) -> int:
+        return p_free + geo.nK * max(geo.Lw + 1, rows * geo.r)
+    M = geo.mm.M
+    single = max(run(_free(planes_state, p), M) for p in list(planes)[:geo.nT])
+    paired = max(run(max(_free(planes_state, p) for p in planes if p // per == h), -(-M // per))
+                 for h in hems[:geo.nT])
+    return paired < single
+
+
+def _free(planes_state, p: int) -> int:
+    """The first cycle plane p is free of products and weight loads (0 if unused yet)."""
+    st = planes_state.get(p)
+    return max(st.abc_next, st.lw_free) if st is not None else 0
+
+
 def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state) -> List[Tuple[int, List[_Run]]]:
     """The product's work as (column tile, runs): tiles go to the planes in turn, each plane all of a
     tile's rows; with at most one tile per hemisphere and rows enough, a tile goes to both planes of a
@@ -896,7 +934,9 @@ def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state) -> List[Tup
         for p in planes:                     # hemispheres in the order their planes come free
             if p // per not in hems and sum(1 for q in planes if q // per == p // per) >= per:
                 hems.append(p // per)
-        if len(hems) >= geo.nT:
+        # the pairs free first, the weights' own hemisphere on a tie (its rows need not cross the chip)
+        hems.sort(key=lambda h: (max(_free(planes_state, p) for p in planes if p // per == h), h != geo.mm.B.hem))
+        if len(hems) >= geo.nT and _pairs_finish_first(geo, planes, planes_state, hems, per):
             units = []
             for nt in range(geo.nT):
                 mine = [p for p in planes if p // per == hems[nt]][:per]
@@ -925,15 +965,15 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
         for row in rows:
             lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
     qs = [r.q_lw for r in runs]
-    W = _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
+    _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
               f"an MXM weight load for {geo.mm.out.name}")
-    for i, rows in enumerate(lw.rows):
+    for rows in lw.rows:
         for row in rows:
             if row.vt is not None:
-                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], W + i)
+                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], lw.end)
     for r in runs:
-        r.st.lw_free = W + Lw + 1
-    return W + Lw + d_iw
+        r.st.lw_free = lw.end + 1
+    return lw.end + d_iw
 
 
 def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank: int, E_: int) -> None:

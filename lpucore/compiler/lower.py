@@ -70,6 +70,9 @@ class Compiled:
     # a weight constant kept as member tensors, one per MXM plane (TiledVT): its members' names and the
     # columns each holds; the tensor table has the members, ``constants`` the whole array
     tiles: Dict[str, List[Tuple[str, np.ndarray]]] = field(default_factory=dict)
+    # a table kept for MEM Gather (compiler.gather): its members' names and the rows [r0, r1) and
+    # columns [c0, c1) each holds; the tensor table has the members, ``constants`` the whole array
+    row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = field(default_factory=dict)
 
     @property
     def config(self) -> ChipConfig:
@@ -97,6 +100,10 @@ class Compiled:
         if arr.size != int(np.prod(shape)) and arr.size == shape[0]:
             arr = np.repeat(arr.reshape(-1, 1), shape[1], axis=1)
         arr = arr.reshape(shape)
+        if name in self.row_parts:
+            for member, r0, r1, c0, c1 in self.row_parts[name]:
+                chip.write_tensor(member, np.ascontiguousarray(arr[r0:r1, c0:c1]))
+            return
         if name not in self.tiles:
             chip.write_tensor(name, arr)
             return
@@ -225,6 +232,7 @@ class Compiler:
         self.out_vts: Dict[str, VT] = {}          # graph outputs placed, their producers still to come
         self.constants: Dict[str, np.ndarray] = {}
         self.tiles: Dict[str, List[Tuple[str, np.ndarray]]] = {}    # tiled weight -> its members' columns
+        self.row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = {}     # gathered table -> members
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
         self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
@@ -253,12 +261,13 @@ class Compiler:
         self.hem ^= 1
         return self.hem
 
-    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None) -> VT:
+    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None, strict=False) -> VT:
+        """Place a tensor (see memory.place); ``strict``: in hemisphere ``hem`` or nowhere."""
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
-            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict)
         except CompileError:
             # no room where the producer would like it: the space reserved for the output
             if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
@@ -271,15 +280,31 @@ class Compiler:
             self.tables.append((name, vt))
         return vt
 
-    def _place(self, name, d, rows, c, kind, avoid, stripes, hem) -> VT:
+    def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False) -> VT:
         """Place a tensor away from the slices in avoid if there is room, else anywhere."""
         try:
             return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
-                         avoid=tuple(avoid), stripes=stripes)
+                         avoid=tuple(avoid), stripes=stripes, strict=strict)
         except CompileError:
             if not avoid:
                 raise
-            return place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
+            return place(self.mem, name, d, rows, c, self.L, hem if strict else self.hem, kind=kind,
+                         stripes=stripes, strict=strict)
+
+    def place_gather_tables(self) -> None:
+        """Constants read only as gathered tables, by few indices, kept for MEM Gather
+        (:mod:`.gather`), placed first: each block of rows wants a slice's addresses to itself."""
+        from .gather import MAX_INDICES, place_table
+        g = self.g
+        for tid, arr in g.constants.items():
+            users = [n for n in g.nodes if tid in n.inputs]
+            if (arr.ndim != 2 or not users or any(n.op != "gather" or n.inputs[0] != tid or tid in n.inputs[1:]
+                                                  or g.tensors[n.inputs[1]].size > MAX_INDICES for n in users)):
+                continue
+            name = g.constant_names.get(tid) or f"_c{tid}"
+            table = place_table(self, name, np.asarray(arr))
+            if table is not None:
+                self.vts[tid] = table          # type: ignore[assignment]  # read only by gather()
 
     def place_outputs(self) -> None:
         """Reserve space for every graph output before any temporary is placed, as for the
@@ -429,7 +454,10 @@ class Compiler:
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state")
             arr = g.state_init[t.id]
             self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
+        self.place_gather_tables()
         for tid, arr in g.constants.items():
+            if tid in self.vts:
+                continue
             t = g.tensors[tid]
             # a one-element constant read only by elementwise operations becomes an
             # immediate of the VXM instead of a vector in MEM
@@ -505,7 +533,7 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
                                cycles, self.mem.peak_bytes(), self.kernels,
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                               graph_bounds(g, self.cfg, cycles), self.tiles)
+                               graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts)
 
     def consume(self, n) -> None:
         """Count n's reads of its inputs done: a temporary nobody will read again gives its

@@ -186,8 +186,17 @@ def gather(c, table, idx, t, name, kind):
     """table[idx]: a one-hot matrix (built on the VXM by comparing lane numbers with each
     index) times the table on the MXM; exact for int8 and float16 tables."""
     from ..graph import Tensor
+    from .gather import GatherTable, gather_rows
     V, D = table.shape
     n = idx.size
+    placed = c.vts.get(table.id)
+    if isinstance(placed, GatherTable):
+        out = c.new_vt(name, t.dtype, t.shape, kind=kind)
+        c.vts[t.id] = out
+        bc = _index_in_every_lane(c, idx, t)
+        last = gather_rows(c, placed, bc, n, out, t.id)
+        release(c.mem, bc)
+        return last
     if table.dtype.name not in ("int8", "float16"):
         raise CompileError(f"gather: tables of {table.dtype.name} are not supported (int8, float16)")
     d = table.dtype
@@ -222,13 +231,12 @@ def gather(c, table, idx, t, name, kind):
 
 
 
-def _onehot(c, idx, V, d, t):
-    """[n, V] rows of dtype d, 1 at column idx[r] (never released: see gather)."""
+def _index_in_every_lane(c, idx, t):
+    """int32 [n, 1]: index i in every lane of vector i (a lane sum of the index masked to its lane)."""
+    from .allreduce import allreduce_kernel
     n = idx.size
     iv = c.plain(idx)
-    # each index in every lane of its own vector: sum of the index masked to its lane
     bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
-    from .allreduce import allreduce_kernel
 
     def row(r):
         busy = c.slices_of(iv)
@@ -236,6 +244,13 @@ def _onehot(c, idx, V, d, t):
         m = next((m for m in copies if not busy & c.slices_of(m)), copies[0])
         return E("and", I32, Expr.input(iv, lambda v, k=r // c.L: k), Expr.input(m, lambda v: 0))
     allreduce_kernel(c.ctx, row, bc, "add", list(range(c.n_alu)))
+    return bc
+
+
+def _onehot(c, idx, V, d, t):
+    """[n, V] rows of dtype d, 1 at column idx[r] (never released: see gather)."""
+    n = idx.size
+    bc = _index_in_every_lane(c, idx, t)
     oh = c.new_vt(f"_oh{t.id}", d, (n, V), avoid=c.slices_of(bc))
     chunks = oh.chunks
     iota = c.const_vt(f"_iota{t.id}", np.arange(V, dtype=np.int32).reshape(1, V))

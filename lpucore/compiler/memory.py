@@ -194,9 +194,9 @@ class TiledVT(VT):
 
 
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
-          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = ()) -> VT:
+          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
-    in hemisphere `hem` (the other one if this one is full).
+    in hemisphere `hem` (the other one if this one is full, unless ``strict``).
 
     Tensors the host writes before the run (constants, inputs, states) only get space no
     temporary ever uses: a constant placed during lowering (a mask, a ones matrix) in the
@@ -217,7 +217,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
         ok = [g for g in (cfg.slice_id(h, s) for s in range(n_sl)) if g not in avoid and avail(g) >= per]
         return min(want, len(ok) // planes)
     # the asked hemisphere, unless the other gives more stripes (slices the tensor's operands do not hold)
-    for h in sorted((hem, 1 - hem), key=lambda h: -room(h)):
+    for h in (hem,) if strict else sorted((hem, 1 - hem), key=lambda h: -room(h)):
         # fewer stripes first (as asked, or fewer if the slices are crowded); a tensor too
         # big for that many slices' addresses is spread over more
         most = max(want, min(rows * chunks, n_sl // planes))
