@@ -846,6 +846,9 @@ def _find(ctx: Ctx, lo: int, build, what: str) -> int:
     raise CompileError(f"no room found to schedule {what}")
 
 
+SPARE = 1    # streams a plane leaves to activations while both planes of its hemisphere load
+
+
 class _Geo:
     """What one product's scheduling needs of the chip and the operands (cycles, rows, streams)."""
 
@@ -861,7 +864,7 @@ class _Geo:
         # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
         # streams less one, which activations use
         P = len(planes)
-        share = ctx.S // cfg.mxm_planes_per_hemisphere - 1 if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
+        share = ctx.S // cfg.mxm_planes_per_hemisphere - SPARE if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
         self.ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if self.fp16 else 1)))
         self.Lw = -(-cfg.mxm_size // self.ws)                       # LW cycles of one weight load
         self.Mb = max(1, min(cfg.mxm_accumulators // 2, 256))       # rows of a block (accumulator half)

@@ -40,7 +40,7 @@ from .kernels import (
     lanemove_kernel,
     map_kernel,
 )
-from .memory import VT, Memory, TiledVT, place, release
+from .memory import VT, Memory, RowView, TiledVT, place, release
 from .schedule import Scheduler
 
 F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
@@ -447,6 +447,7 @@ class Compiler:
             self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
         for v in g.assigns.values():
             self.uses[v.id] = self.uses.get(v.id, 0) + 10 ** 9
+        self.row_views = self.concat_parts()
         for name, t in g.inputs.items():
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
         for name, t in g.states.items():
@@ -535,6 +536,31 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
                                graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts)
 
+    def concat_parts(self) -> Dict[int, Tuple[Tensor, int]]:
+        """Parts of concatenations of whole rows (2-d, axis 0) that their elementwise producers write in
+        place, in the concatenation's tensor: part id -> (concatenation, its first row). Only when every
+        part qualifies: made by an elementwise kernel, read by nothing else, not deferred, not an output."""
+        g = self.g
+        views: Dict[int, Tuple[Tensor, int]] = {}
+        for n in g.nodes:
+            t = g.tensors[n.output]
+            if n.op != "concat" or t.ndim != 2 or n.attrs["axis"] not in (0, -2) or len(set(n.inputs)) != len(n.inputs):
+                continue
+            if self.uses.get(t.id, 0) >= 10 ** 9 or t.id in self.defer:
+                continue
+            parts, first = {}, 0
+            for i in n.inputs:
+                x = g.tensors[i]
+                p = g.producer.get(i)
+                if (p is None or self.uses.get(i) != 1 or i in self.defer or x.dtype != t.dtype
+                        or self.builder(p, x) is None):
+                    break
+                parts[i] = (t, first)
+                first += x.shape[0]
+            else:
+                views.update(parts)
+        return views
+
     def consume(self, n) -> None:
         """Count n's reads of its inputs done: a temporary nobody will read again gives its
         space back.  A deferred input was read by inlining its expression, so its own inputs
@@ -554,6 +580,9 @@ class Compiler:
         g = self.g
         ins = [g.tensors[i] for i in n.inputs]
         op = n.op
+        if op == "concat" and t.id in self.vts:
+            # every part was written in place (concat_parts)
+            return int(self.vts[t.id].ready.max())
         build = self.builder(n, t)
         if build is not None:
             return self.map_op(t, name, kind, build)
@@ -616,6 +645,13 @@ class Compiler:
 
     def map_op(self, t: Tensor, name: str, kind: str, build: Callable[[], Expr], out: Optional[VT] = None) -> int:
         """A map kernel writing t; the last chunk of each row is masked to keep padding zero."""
+        if out is None and t.id in self.row_views:
+            # a part of a concatenation of rows: written in place, in the concatenation's tensor
+            whole, first = self.row_views[t.id]
+            if whole.id not in self.vts:
+                self.vts[whole.id] = self.new_vt(f"_t{whole.id}", whole.dtype, whole.shape,
+                                                 avoid=self.inputs_of(build()))
+            out = RowView(self.vts[whole.id], first, _rows(t.shape))
         if out is None:
             out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.inputs_of(build()))
             # an elementwise function of values held in every lane is held in every lane

@@ -193,6 +193,29 @@ class TiledVT(VT):
         raise CompileError(f"internal: tiled weight {self.name!r} is in the tensor table as its members")
 
 
+class RowView(VT):
+    """Rows [first, first + rows) of ``parent`` as a tensor of their own (a concatenation's part its
+    producer writes in place): same slices, vector v is the parent's vector v + first * chunks, and
+    readiness is the parent's (NumPy views of its arrays). Never released: the parent is."""
+
+    def __init__(self, parent: VT, first: int, rows: int):
+        super().__init__(f"{parent.name}[{first}:{first + rows}]", parent.dtype, rows, parent.cols, parent.chunks,
+                         parent.hem, parent.slices, parent.bases, parent.after, kind="view")
+        self.parent, self.off = parent, first * parent.chunks
+        self.ready = parent.ready[self.off:self.off + rows * parent.chunks]
+        self.last_read = parent.last_read[self.off:self.off + rows * parent.chunks]
+        self._ns = parent.stripes
+
+    def loc(self, v: int, p: int) -> Tuple[int, int]:
+        return self.parent.loc(v + self.off, p)
+
+    def write_after(self, v: int, p: int) -> int:
+        return self.parent.write_after(v + self.off, p)
+
+    def extents(self):
+        raise CompileError(f"internal: {self.name!r} is part of another tensor")
+
+
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
           stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
