@@ -332,11 +332,14 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         return len([n for n in _topo(_staged(root)) if n.op != "in"]) if root.op != "in" else 1
     sets, radices = _sets(ctx, geo, alus, out.rows, max(stage_size(0), stage_size(out.rows - 1)))
     last = 0
+    # the cycle the last row on each ALU set started: a row taking the set after it starts later (its
+    # trips would meet the earlier row's at every cycle before; searching them again costs O(rows^2))
+    began = [start - 1] * len(sets)
     for r in range(out.rows):
         s = sets[r % len(sets)]
         fin, rest = s[:FIN], s[FIN:]
         root, ch = _row_chain(ctx, row_expr(r), r, rest)
-        lo = _earliest(ctx, ch, r, start)
+        lo = max(_earliest(ctx, ch, r, start), began[r % len(sets)] + 1)
         for a in range(lo, lo + SEARCH):
             rp = _RowPlan(ctx, geo, radices, op, d, fin, rest)
             prod = _chain_plan(ctx, rp, root, ch, r, a)
@@ -354,6 +357,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
                     vt, idx = node.source()
                     vt.last_read[idx(r)] = max(vt.last_read[idx(r)], a + tc)
                 last = max(last, landing)
+                began[r % len(sets)] = a
                 break
         else:
             raise CompileError(f"no room found to schedule a lane reduction writing {out.name}")
