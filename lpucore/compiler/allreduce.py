@@ -138,18 +138,29 @@ class _RowPlan:
         self.fin, self.ors = list(fin), list(ors)
         self.plan = Plan()
         self.used: Used = {}
+        self.taken = False          # an issue met the committed schedule: the plan cannot fit
         cfg = ctx.cfg
         self.L = cfg.lanes
         self.sxq = [[q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == h] for h in (0, 1)]
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def _issue(self, alu: int, t: int, mn: str, args: tuple) -> None:
-        self.plan.issues.append((f"VXM.{alu}", t, mn, args))
-        self.plan.lands.append((alu, t + self.geo.d_alu))
+        q, land = f"VXM.{alu}", t + self.geo.d_alu
+        self.plan.issues.append((q, t, mn, args))
+        self.plan.lands.append((alu, land))
+        # what the scheduler's fits() would refuse, known now: the caller stops building (a row's
+        # full plan is built thousands of times while earlier rows hold the ALUs)
+        sched = self.ctx.sched
+        lb, hb = sched.landed.get(alu), sched.held.get(alu)
+        if (not sched.queue_free(q, t) or (lb is not None and lb.get(land)) or (hb is not None and hb.get(land))):
+            self.taken = True
 
     def _hold(self, latch: _Latch, until: int) -> None:
         if until > latch[1]:
             self.plan.holds.append((latch[0], latch[1], until))
+            lb = self.ctx.sched.landed.get(latch[0])
+            if lb is not None and lb.any_in(latch[1] + 1, until + 1):
+                self.taken = True
 
     def _group(self, direction: int, k: int, x0: int, x1: int) -> Optional[int]:
         """A free stream group (w streams) in direction on diagonal k over [x0, x1], reserved."""
@@ -237,6 +248,8 @@ class _RowPlan:
                                                isa.LATCH_BASE + vals[b][0]))
             vals.append((alu, t + self.geo.d_alu))
         a, b, t = steps[-1]
+        if self.taken:
+            return None
         return _Producer(self.combine, (isa.LATCH_BASE + vals[a][0], isa.LATCH_BASE + vals[b][0]), t,
                          [vals[a], vals[b]])
 
