@@ -238,6 +238,9 @@ REFERENCE = [
     ("lk_state_ready", "vxm21", lambda a, s: set_at(a["lk_state"][1], 0, -2)),
     ("stats_issued", "vxm21", lambda a, s: set_at(a["stats_issued"], 0, -1)),
     ("notifies", "vxm21", lambda a, s: set_at(a["notifies"], 0, -1)),
+    # found by the fuzz campaign: a 2-D 'notifies' raised TypeError in the reference engine's restore
+    # (the fast engine reads it flat)
+    ("notifies_2d", "vxm21", lambda a, s: a.__setitem__("notifies", a["notifies"][None])),
     ("cycle", "vxm21", lambda a, s: s.__setitem__("cycle", -1)),
     ("t_not_before_cycle", "vxm21", lambda a, s: s.__setitem__("t", s["cycle"])),
     ("last_effect", "vxm21", lambda a, s: s.__setitem__("last_effect", -2)),
