@@ -108,6 +108,17 @@ def _tensor_file_arg(spec: str) -> Tuple[str, str]:
     return name, path
 
 
+def _seed_arg(text: str) -> int:
+    """A random seed: an int >= 0 (NumPy's generators take no negative seed)."""
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def _cycles_arg(text: str) -> int:
     try:
         n = int(text, 0)
@@ -574,7 +585,7 @@ def _decode_command(sub) -> None:
     d.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help="weights (default fp16)")
     d.add_argument("--capacity", type=int, default=None, metavar="N",
                    help="KV cache positions (default: min(max_positions, 128))")
-    d.add_argument("--seed", type=int, default=0, help="random weights' seed (named shapes)")
+    d.add_argument("--seed", type=_seed_arg, default=0, help="random weights' seed (named shapes; >= 0)")
     d.add_argument("--json", metavar="STATS.json", help="write the per-step statistics as JSON ('-': stdout)")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     d.add_argument("--allow-nonfinite", action="store_true",
@@ -725,7 +736,7 @@ def _relay_command(sub) -> None:
                                                            "topology's size)")
     r.add_argument("--vectors", type=int, default=4, help="vectors in the block (default 4)")
     r.add_argument("--links", type=int, default=None, help="override ChipConfig.c2c_links (tiny has 4)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_seed_arg, default=0, help="the block's random seed (>= 0)")
     r.add_argument("--mpi", action="store_true", help="spread the chips over the MPI processes (needs mpi4py)")
     add_config_option(r)
     add_engine_option(r)

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import json
 import os
+import tokenize
 import zipfile
-from typing import Any, Dict, Optional, Tuple, Union
+import zlib
+from typing import Any, Dict, Optional, Tuple, Type, Union
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +37,19 @@ import numpy.typing as npt
 from .config import ChipConfig
 from .errors import LpuError, ProgramError, SnapshotError
 from .program import Program
+
+# What reading a damaged .npz raises besides OSError: zipfile's errors; NotImplementedError for a zip
+# version, compression method or flag zipfile cannot read; RuntimeError for an "encrypted" member; zlib
+# and lzma errors for a "compressed" member's bytes; ValueError and the rest (tokenize's TokenError for
+# a garbled header) from NumPy's .npy reader.
+_FILE_ERRORS: Tuple[Type[BaseException], ...] = (
+    zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, KeyError, TypeError, EOFError, NotImplementedError,
+    RuntimeError, OverflowError, zlib.error, SyntaxError, tokenize.TokenError)
+try:
+    import lzma
+    _FILE_ERRORS += (lzma.LZMAError,)
+except ImportError:          # pragma: no cover - Python built without lzma (zipfile then refuses LZMA members)
+    pass
 
 FORMAT = "lpucore-snapshot"
 VERSION = 4          # 4: fast-engine queues keep their next-issue cycles apart (qn), MXM batches are staged
@@ -133,8 +148,11 @@ class Snapshot:
             if isinstance(e, FileNotFoundError) or getattr(e, "strerror", None):
                 raise SnapshotError(f"cannot read snapshot file {path}: {e.strerror}") from None
             raise SnapshotError(f"snapshot file {path} is corrupted or truncated: {e}") from None
-        except (zipfile.BadZipFile, ValueError, KeyError, TypeError, EOFError, UnicodeDecodeError) as e:
+        except _FILE_ERRORS as e:
             raise SnapshotError(f"snapshot file {path} is corrupted or truncated: {type(e).__name__}: {e}") from None
+        except MemoryError:
+            raise SnapshotError(f"snapshot file {path} is corrupted: an array's header asks for more memory "
+                                f"than this host has") from None
         try:
             cfg = ChipConfig.from_dict(meta["config"])
             engine = str(meta["engine"])
@@ -142,7 +160,7 @@ class Snapshot:
             fp16 = str(meta["fp16_mxm"])
         except LpuError as e:
             raise SnapshotError(f"snapshot file {path} has a bad configuration: {e}") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise SnapshotError(f"snapshot file {path} has a bad header: {type(e).__name__}: {e}") from None
         if engine not in ("fast", "reference"):
             raise SnapshotError(f"snapshot file {path} names an unknown engine {engine!r}")
@@ -169,6 +187,16 @@ def check_range(name: str, values: "npt.ArrayLike", lo: int, hi: int, where: Opt
     """Raise SnapshotError unless every value of ``values`` (where ``where`` is true) is in
     lo..hi or one of ``also``.  The message names the array, the first bad index and value
     and the allowed range."""
+    if np.ndim(values) == 0 and where is None:       # a scalar: a Python int of any size
+        if "%s" in name:
+            name = name % ""
+        try:
+            x = int(values)  # type: ignore[arg-type]  # a 0-d array or a number
+        except (TypeError, ValueError, OverflowError):
+            raise SnapshotError(f"snapshot {name} is {values!r}, not an integer") from None
+        if not (lo <= x <= hi or x in also):
+            _out_of_range(name, x, lo, hi, also)
+        return
     v = np.asarray(values).astype(np.int64)
     ok = (v >= lo) & (v <= hi)
     for x in also:
@@ -183,11 +211,14 @@ def check_range(name: str, values: "npt.ArrayLike", lo: int, hi: int, where: Opt
         elif v.ndim:
             head, sep, tail = name.partition(" (")
             name = f"{head}[{idx}]{sep}{tail}"
-        val = int(v[tuple(bad)]) if v.ndim else int(v)
-        allowed = [str(x) for x in also]
-        if not (lo == hi and lo in also):
-            allowed.insert(0, f"{lo}..{hi}" if lo != hi else str(lo))
-        raise SnapshotError(f"snapshot {name} is {val}, allowed {' or '.join(allowed)}")
+        _out_of_range(name, int(v[tuple(bad)]) if v.ndim else int(v), lo, hi, also)
+
+
+def _out_of_range(name: str, val: int, lo: int, hi: int, also: Tuple[int, ...]) -> None:
+    allowed = [str(x) for x in also]
+    if not (lo == hi and lo in also):
+        allowed.insert(0, f"{lo}..{hi}" if lo != hi else str(lo))
+    raise SnapshotError(f"snapshot {name} is {val}, allowed {' or '.join(allowed)}")
 
 
 def check_equal(name: str, value: int, want: int, why: str) -> None:

@@ -396,10 +396,13 @@ GARBAGE = b"\x00\xffgarbage\x93" * 10
     (["decode", "--model", "garbage.bin"], 1, ("neither a directory",)),
     (["decode", "--model", "tiny", "--tokens", "x"], 2, ("--tokens",)),
     (["decode", "--model", "tiny", "--precision", "fp8"], 2, ("--precision",)),
+    (["decode", "--model", "tiny", "--seed", "-1"], 2, ("--seed", ">= 0")),
     # relay
     (["relay", "--topology", "torus"], 2, ("--topology",)),
     (["relay", "--config", "tiny", "--chips", "0"], 1, ("at least one chip",)),
     (["relay", "--config", "tiny", "--links", "8", "--vectors", "0"], 1, ("0 vectors",)),
+    (["relay", "--config", "tiny", "--links", "8", "--seed", "-1"], 2, ("--seed", ">= 0")),  # was a traceback
+    (["relay", "--config", "tiny", "--links", "8", "--seed", "x"], 2, ("--seed", "integer seed")),
     # no command / unknown command
     ([], 2, ("required",)),
     (["frobnicate"], 2, ("frobnicate",)),

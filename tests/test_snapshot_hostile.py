@@ -238,6 +238,9 @@ REFERENCE = [
     ("lk_state_ready", "vxm21", lambda a, s: set_at(a["lk_state"][1], 0, -2)),
     ("stats_issued", "vxm21", lambda a, s: set_at(a["stats_issued"], 0, -1)),
     ("notifies", "vxm21", lambda a, s: set_at(a["notifies"], 0, -1)),
+    # found by the fuzz campaign: a 2-D 'notifies' raised TypeError in the reference engine's restore
+    # (the fast engine reads it flat)
+    ("notifies_2d", "vxm21", lambda a, s: a.__setitem__("notifies", a["notifies"][None])),
     ("cycle", "vxm21", lambda a, s: s.__setitem__("cycle", -1)),
     ("t_not_before_cycle", "vxm21", lambda a, s: s.__setitem__("t", s["cycle"])),
     ("last_effect", "vxm21", lambda a, s: s.__setitem__("last_effect", -2)),
@@ -417,3 +420,92 @@ def test_common_field_mutations_give_the_same_outcome_on_both_engines(data):
         return
     assert f[0] == r[0] and f[1] == r[1]
     assert np.array_equal(f[2], r[2])
+
+
+# ---- damaged zip containers (found by the fuzz campaign: zipfile's NotImplementedError and RuntimeError) ----
+def _central_record(data):
+    return data.index(b"PK\x01\x02")
+
+
+@pytest.mark.parametrize("what,offset,value,local", [
+    ("zip version 15.9", 6, 0x9F, False),
+    ("an encrypted member", 8, 1, True),
+    ("an unknown compression method", 10, 99, True),
+    ("deflate", 10, 8, True),
+    ("bzip2", 10, 12, True),
+    ("lzma", 10, 14, True),
+])
+def test_damaged_zip_container_is_a_snapshot_error(tmp_path, what, offset, value, local):
+    path = tmp_path / "s.lpusnap"
+    snapshot("vxm21", "fast").save(path)
+    data = bytearray(path.read_bytes())
+    at = _central_record(data)
+    data[at + offset:at + offset + 2] = value.to_bytes(2, "little")
+    if local:                                        # the member's local header says the same
+        data[offset - 2:offset] = value.to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="corrupted or truncated"):
+        Snapshot.load(path)
+
+
+def test_an_array_header_asking_for_too_much_memory_is_a_snapshot_error(tmp_path):
+    src = tmp_path / "s.lpusnap"
+    snapshot("vxm21", "reference").save(src)
+    out = tmp_path / "huge.lpusnap"
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w") as w:
+        for n in z.namelist():
+            data = z.read(n)
+            if n == "a__sram.npy":
+                f = io.BytesIO()
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False,
+                                                         "shape": (2 ** 62,)})
+                data = f.getvalue() + b"\0" * 64
+            w.writestr(n, data)
+    with pytest.raises(SnapshotError, match="corrupted"):
+        Snapshot.load(out)
+
+
+def _rewrite(src, out, member, data_fn):
+    """Copy snapshot file ``src`` to ``out`` with member ``member``'s bytes replaced by data_fn(bytes)."""
+    with zipfile.ZipFile(src) as z, zipfile.ZipFile(out, "w") as w:
+        for n in z.namelist():
+            data = z.read(n)
+            w.writestr(n, data_fn(data) if n == member else data)
+
+
+def test_a_garbled_array_header_is_a_snapshot_error(tmp_path):
+    """A NUL and an unclosed bracket in an .npy header made NumPy's reader raise tokenize.TokenError."""
+    src = tmp_path / "s.lpusnap"
+    snapshot("vxm21", "fast").save(src)
+    head = b"{'descr': '<i8', 'shape': (\x00"
+    head += b" " * (118 - len(head)) + b"\n"
+    _rewrite(src, tmp_path / "bad.lpusnap", "a__sram.npy",
+             lambda d: b"\x93NUMPY\x01\x00" + len(head).to_bytes(2, "little") + head + b"\0" * 64)
+    with pytest.raises(SnapshotError, match="corrupted or truncated"):
+        Snapshot.load(tmp_path / "bad.lpusnap")
+
+
+@pytest.mark.parametrize("value", [2 ** 63 + 2, -2 ** 64, 10 ** 30])
+def test_scalars_beyond_int64_are_a_snapshot_error(engine, value):
+    """Scalars come from the file's JSON header as Python ints of any size (OverflowError before)."""
+    for key in sorted(snapshot("vxm21", engine).scalars):
+        snap = snapshot("vxm21", engine)
+        snap.scalars[key] = value
+        with pytest.raises(SnapshotError, match=f"scalar {key}"):
+            fresh("vxm21", engine).restore(snap)
+
+
+def test_a_non_finite_scalar_in_the_header_is_a_snapshot_error(tmp_path):
+    src = tmp_path / "s.lpusnap"
+    snapshot("vxm21", "reference").save(src)
+
+    def infinite_cycle(data):
+        meta = json.loads(np.load(io.BytesIO(data)).tobytes().decode())
+        meta["scalars"]["cycle"] = float("inf")
+        f = io.BytesIO()
+        np.save(f, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        return f.getvalue()
+
+    _rewrite(src, tmp_path / "inf.lpusnap", "__meta__.npy", infinite_cycle)
+    with pytest.raises(SnapshotError, match="bad header"):
+        Snapshot.load(tmp_path / "inf.lpusnap")

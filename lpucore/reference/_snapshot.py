@@ -209,6 +209,8 @@ def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[
         mx_macs = _check(arrays, "mx_macs", (NP,), np.int64)
         mx_busy = _check(arrays, "mx_busy", (NP,), np.int64)
         notifies = _check(arrays, "notifies", None, np.int64)
+        if notifies.ndim != 1:
+            raise SnapshotError(f"snapshot array 'notifies' has shape {list(notifies.shape)}, expected [n]")
         st_pmeta, mem_pmeta = _rows_of(arrays, "st_pmeta", 5), _rows_of(arrays, "mem_pmeta", 2)
         lt_pmeta, mx_imeta = _rows_of(arrays, "lt_pmeta", 2), _rows_of(arrays, "mx_imeta", 3)
         mx_pmeta, mic = _rows_of(arrays, "mx_pmeta", 5), _rows_of(arrays, "mx_macs_in_cycle", 2)
