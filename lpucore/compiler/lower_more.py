@@ -1,4 +1,5 @@
-"""Lowering of matmul, layout operations, gather and rope (the rest is in lower.py)."""
+"""Lowering of matmul, layout operations, gather and rope (the rest is in lower.py; which function
+lowers which operation: :mod:`lpucore.compiler.registry`)."""
 
 from __future__ import annotations
 
@@ -22,19 +23,6 @@ def _batch_index(shape_b, shape_out_batch):
         return np.zeros(1, dtype=np.int64)
     grid = np.arange(int(np.prod(sb)) if sb else 1).reshape(sb or (1,))
     return np.broadcast_to(grid, shape_out_batch).ravel()
-
-
-def lower(c, n, ins, t, name, kind):
-    op = n.op
-    if op == "matmul":
-        return matmul(c, ins[0], ins[1], t, name, kind)
-    if op in ("reshape", "transpose", "concat", "slice"):
-        return layout(c, n, ins, t, name, kind)
-    if op == "gather":
-        return gather(c, ins[0], ins[1], t, name, kind)
-    if op == "rope":
-        return rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"])
-    raise CompileError(f"{op}: not supported by the compiler")
 
 
 def matmul(c, a, b, t, name, kind):
