@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import itemgetter
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -83,7 +83,11 @@ class KernelRow:
     output: str
     first: Optional[int]                    # first issue cycle (None: no instruction)
     last: Optional[int]                     # the cycle its last result lands (None: fused away)
-    queues: Dict[str, int]                  # queue -> instructions issued on it
+    units: Dict[str, Tuple[int, int]]       # unit -> (instructions issued, queues used)
+
+    @property
+    def instructions(self) -> int:
+        return sum(n for n, _ in self.units.values())
 
 
 @dataclass
@@ -112,11 +116,15 @@ def place_row(vt: Any, holds: Sequence[int], lanes: int) -> Tuple[Any, ...]:
 
 class KernelLog:
     """Counts each kernel's instructions in a scheduler's per-queue event lists (only appended to
-    until emission): :meth:`start` before the kernel, :meth:`stop` after it."""
+    until emission): :meth:`start` before the kernel, :meth:`stop` after it; ``unit_of``: a queue's
+    functional unit."""
 
-    def __init__(self, events: Dict[str, List[Tuple[int, str, tuple]]], rows: List[KernelRow]):
+    def __init__(self, events: Dict[str, List[Tuple[int, str, tuple]]], rows: List[KernelRow],
+                 unit_of: Callable[[str], str]):
         self.events = events
         self.rows = rows
+        self.unit_of = unit_of
+        self.units: Dict[str, str] = {}
         self.mark: Dict[str, int] = {}
 
     def start(self) -> None:
@@ -124,13 +132,15 @@ class KernelLog:
 
     def stop(self, op: str, output: str, last: Optional[int]) -> None:
         """Record the kernel just lowered: its instructions per queue, its first issue cycle."""
-        mark = self.mark
-        counts: Dict[str, int] = {}
+        mark, units = self.mark, self.units
+        counts: Dict[str, Tuple[int, int]] = {}
         first: Optional[int] = None
         for q, evs in self.events.items():
             n, k = len(evs), mark.get(q, 0)
             if n > k:
-                counts[q] = n - k
+                u = units.get(q) or units.setdefault(q, self.unit_of(q))
+                i, nq = counts.get(u, (0, 0))
+                counts[u] = (i + n - k, nq + 1)
                 f = min(map(itemgetter(0), evs[k:n]))
                 first = f if first is None or f < first else first
         self.rows.append(KernelRow(op, output, first, None if last is None else int(last), counts))
@@ -235,21 +245,15 @@ def _placed(compiled: Any, rec: Record) -> str:
 
 def _scheduled(compiled: Any, rec: Record) -> str:
     """Stage "scheduled": one line per kernel with its cycles, instructions and units."""
-    cfg = compiled.config
     out = [f"== scheduled: {len(rec.kernels)} kernels, {compiled.expected_cycles:,} cycles; "
            "per unit: instructions (queues)",
            f"{'#':>4s}  {'op':10s} {'output':14s} {'first':>8s} {'last':>8s} {'instr':>7s}  units"]
     for k, row in enumerate(rec.kernels):
-        per: Dict[str, List[int]] = {}
-        for q, n in row.queues.items():
-            u = per.setdefault(cfg.queue(q).unit, [0, 0])
-            u[0] += n
-            u[1] += 1
-        units = ", ".join(f"{u} {n} ({nq})" for u, (n, nq) in sorted(per.items()))
+        units = ", ".join(f"{u} {n} ({nq})" for u, (n, nq) in sorted(row.units.items()))
         first = "-" if row.first is None else str(row.first)
         last = "fused" if row.last is None else str(row.last)
         out.append(f"{k:4d}  {row.op:10s} {row.output:14s} {first:>8s} {last:>8s} "
-                   f"{sum(row.queues.values()):7d}  {units}")
+                   f"{row.instructions:7d}  {units}".rstrip())
     return "\n".join(out) + "\n"
 
 

@@ -429,7 +429,7 @@ class Compiler:
         g = self.g
         registry.check_graph(g)
         self.defer = fuse.deferrable(g) if self.fuse else set()
-        log = dump.KernelLog(self.sched.events, self.record.kernels)
+        log = dump.KernelLog(self.sched.events, self.record.kernels, lambda q: self.cfg.queue(q).unit)
         for n in g.nodes:
             for i in n.inputs:
                 self.uses[i] = self.uses.get(i, 0) + 1
