@@ -122,38 +122,6 @@ def relayout(c, out, srcs, src_of):
     return lanemove_kernel(c.ctx, out, lambda v: plan[v], lambda a, b: c.span_mask(a, b, out.planes))
 
 
-def layout(c, n, ins, t, name, kind):
-    op = n.op
-    srcs = [c.plain(x) for x in ins]
-    out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(*srcs))
-    c.vts[t.id] = out
-    size = t.size
-    if op == "reshape":
-        which = np.zeros(size, dtype=np.int64)
-        elem = np.arange(size)
-    elif op == "transpose":
-        grid = np.arange(ins[0].size).reshape(ins[0].shape)
-        elem = np.ascontiguousarray(np.transpose(grid, n.attrs["axes"])).ravel()
-        which = np.zeros(size, dtype=np.int64)
-    elif op == "slice":
-        grid = np.arange(ins[0].size).reshape(ins[0].shape)
-        idx = tuple(slice(a, b) for a, b in zip(n.attrs["starts"], n.attrs["stops"]))
-        elem = np.ascontiguousarray(grid[idx]).ravel()
-        which = np.zeros(size, dtype=np.int64)
-    elif op == "concat":
-        ax = n.attrs["axis"]
-        parts_w, parts_e = [], []
-        for i, x in enumerate(ins):
-            g = np.arange(x.size).reshape(x.shape)
-            parts_e.append(g)
-            parts_w.append(np.full(x.shape, i, dtype=np.int64))
-        elem = np.concatenate(parts_e, axis=ax).ravel()
-        which = np.concatenate(parts_w, axis=ax).ravel()
-    else:
-        raise CompileError(f"{op}: not a layout operation")
-    return relayout(c, out, srcs, (which, elem))
-
-
 def gather(c, table, idx, t, name, kind):
     """table[idx]: a one-hot matrix (built on the VXM by comparing lane numbers with each
     index) times the table on the MXM; exact for int8 and float16 tables."""

@@ -20,14 +20,17 @@ Every operation a :class:`~lpucore.Graph` can record has an :class:`OpSpec` in :
 :func:`spec` looks an operation up; an operation with no entry raises
 :class:`~lpucore.CompileError` naming it.  The lowering functions themselves live in
 :mod:`lpucore.compiler.lower` (the :class:`~lpucore.compiler.lower.Compiler`'s methods, reached
-through the compiler object handed in) and :mod:`lpucore.compiler.lower_more`; this module imports
-neither :mod:`.lower` nor :mod:`.fuse`, which both import it.
+through the compiler object handed in) and :mod:`lpucore.compiler.lower_more`; only the layout
+operations' element maps (which element of which input each output element is) are here.  This
+module imports neither :mod:`.lower` nor :mod:`.fuse`, which both import it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from .. import dtypes as dt
 from ..errors import CompileError
@@ -171,8 +174,44 @@ def _matmul(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str)
     return lower_more.matmul(c, ins[0], ins[1], t, name, kind)
 
 
-def _layout(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
-    return lower_more.layout(c, n, ins, t, name, kind)
+# a layout operation's element map: (node, inputs, output) -> (which input, flat element of it) for
+# every flat element of the output (row-major)
+ElementMap = Callable[[Node, List[Tensor], Tensor], Tuple[np.ndarray, np.ndarray]]
+
+
+def _reshape_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    return np.zeros(t.size, dtype=np.int64), np.arange(t.size)
+
+
+def _transpose_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    grid = np.arange(ins[0].size).reshape(ins[0].shape)
+    return (np.zeros(t.size, dtype=np.int64),
+            np.ascontiguousarray(np.transpose(grid, n.attrs["axes"])).ravel())
+
+
+def _slice_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    grid = np.arange(ins[0].size).reshape(ins[0].shape)
+    idx = tuple(slice(a, b) for a, b in zip(n.attrs["starts"], n.attrs["stops"]))
+    return np.zeros(t.size, dtype=np.int64), np.ascontiguousarray(grid[idx]).ravel()
+
+
+def _concat_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    ax = n.attrs["axis"]
+    parts_e = [np.arange(x.size).reshape(x.shape) for x in ins]
+    parts_w = [np.full(x.shape, i, dtype=np.int64) for i, x in enumerate(ins)]
+    return np.concatenate(parts_w, axis=ax).ravel(), np.concatenate(parts_e, axis=ax).ravel()
+
+
+def _layout(elements: ElementMap) -> LowerFn:
+    """The lowering of a layout operation whose element map is ``elements``: its output is filled
+    by moving whole vectors on the VXM or pieces of vectors through the SXM
+    (:func:`lpucore.compiler.lower_more.relayout`)."""
+    def lower(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+        srcs = [c.plain(x) for x in ins]
+        out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(*srcs))
+        c.vts[t.id] = out
+        return lower_more.relayout(c, out, srcs, elements(n, ins, t))
+    return lower
 
 
 def _gather(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
@@ -206,7 +245,10 @@ register(OpSpec("softmax", "softmax", lower=_softmax))
 register(OpSpec("layernorm", "norm", lower=_layernorm))
 register(OpSpec("rmsnorm", "norm", lower=_rmsnorm))
 register(OpSpec("matmul", "matmul", lower=_matmul, weight_input=1))
-_register_all(("reshape", "transpose", "concat", "slice"), "layout", lower=_layout)
+register(OpSpec("reshape", "layout", lower=_layout(_reshape_map)))
+register(OpSpec("transpose", "layout", lower=_layout(_transpose_map)))
+register(OpSpec("slice", "layout", lower=_layout(_slice_map)))
+register(OpSpec("concat", "layout", lower=_layout(_concat_map)))
 # table[indices]: one-hot rows times the table on the MXM, whose weights the table is
 register(OpSpec("gather", "gather", lower=_gather, weight_input=0))
 register(OpSpec("rope", "rope", lower=_rope))
