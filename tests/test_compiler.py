@@ -502,3 +502,86 @@ def test_column_constants_are_written_in_every_lane():
     assert np.array_equal(out["y"], X * col)
     assert not any(q.startswith("SXM") and any(i.op.name != "NOP" for i in ins)
                    for q, ins in c.program.queues.items())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "int8"])
+def test_a_product_of_one_tile_shares_its_weight_loads_between_two_planes(dtype, tmp_path):
+    """One column tile and many rows: both planes of a hemisphere load its weights from the same
+    reads in the same cycles and take half of the rows each; K past a whole chunk pads with zero
+    rows read at address 0.  Exact (int8) or within the float16 bound on both engines."""
+    from lpucore import trace as tr
+    M, K, N = 24, 3 * SMALL.lanes // 2 + 5, 9
+    g = Graph()
+    W = values((K, N), dtype, 5, 0.5)
+    g.output("y", g.matmul(g.input("x", (M, K), dtype), g.constant("w", W)))
+    X = values((M, K), dtype, 6, 0.5)
+    out, c = run_graph(g, {"x": X})
+    ref = X.astype(np.float64) @ W.astype(np.float64)
+    if dtype == "int8":
+        assert np.array_equal(out["y"], ref.astype(np.int32))
+    else:
+        absref = np.abs(X.astype(np.float64)) @ np.abs(W.astype(np.float64))
+        bound = (K / 32 + 1) * 2.0 ** -24 * absref + np.spacing(np.abs(ref).astype(np.float16))
+        assert (np.abs(out["y"] - ref) <= bound).all()
+    chip = lpucore.Chip(SMALL)
+    c.load(chip)
+    chip.run(trace=tmp_path / "t.csv")          # the loads do not depend on the input's values
+    _, rows = tr.read(tmp_path / "t.csv")
+    lw = {}
+    for cyc, kind, q, _unit, what in rows:
+        if kind == "issue" and q.endswith(".LW"):
+            lw.setdefault(q, []).append((int(cyc), what))
+    hems = {}
+    for q, recs in lw.items():
+        hems.setdefault(q.split(".")[1][0], []).append(recs)
+    assert any(len(v) == 2 and v[0] == v[1] for v in hems.values()), lw.keys()
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_gathered_tables_are_read_by_address(dtype, monkeypatch):
+    """A constant table read only by gathers of few indices is kept for MEM Gather (one slice per
+    block of rows and column chunk): the rows come back bit for bit on both engines, out-of-range
+    indices give zero rows as the one-hot product does, and the lookup costs a fraction of the
+    one-hot product's cycles (which streams the whole table through the MXM)."""
+    from lpucore.compiler import gather
+    V, D = 20000, 700
+    table = values((V, D), dtype, 7, 4.0)
+    idx = np.array([0, V - 1, 12345, V, -3], dtype=np.int32)
+
+    def graph():
+        g = Graph()
+        g.output("emb", g.gather(g.constant("tab", table), g.input("i", (len(idx),), "int32")))
+        return g
+    out, c = run_graph(graph(), {"i": idx}, cfg=GROQ)
+    ref = np.where(((idx >= 0) & (idx < V))[:, None], table[np.clip(idx, 0, V - 1)], 0).astype(table.dtype)
+    assert np.array_equal(out["emb"].view(np.uint8), ref.view(np.uint8))
+    assert "tab" in c.row_parts and "tab" not in c.program.tensors
+    assert any(i.op.mnemonic == "Gather" for lst in c.program.queues.values() for i in lst)
+    monkeypatch.setattr(gather, "MAX_INDICES", 0)
+    out1, c1 = run_graph(graph(), {"i": idx}, cfg=GROQ, engines=("fast",))
+    assert np.array_equal(out1["emb"].view(np.uint8), ref.view(np.uint8))
+    assert 3 * c.expected_cycles < c1.expected_cycles, (c.expected_cycles, c1.expected_cycles)
+
+
+def test_concatenated_rows_are_written_in_place(monkeypatch):
+    """A concatenation of whole rows made by elementwise kernels costs no kernel of its own: each
+    part's producer writes its rows of the concatenation in place (bit for bit the same result, in
+    fewer cycles than copying the parts)."""
+    from lpucore.compiler.lower import Compiler
+    W = values((150, 40), np.int8, 11)
+
+    def graph():
+        g = Graph()
+        x = g.input("x", (3, 150), "float32")
+        parts = [g.cast(g.mul(x, 0.5), "int8"), g.cast(g.sub(x, 3.0), "int8")]
+        g.output("y", g.matmul(g.concat(parts, axis=0), g.constant("w", W)))
+        return g
+    X = values((3, 150), np.float32, 12, 40.0)
+    out, c = run_graph(graph(), {"x": X})
+    A = np.concatenate([np.rint(X * 0.5), np.rint(X - 3.0)]).clip(-128, 127).astype(np.int8)
+    assert np.array_equal(out["y"], A.astype(np.int32) @ W.astype(np.int32))
+    lands = {op: last for op, _, last in c.kernels}
+    assert lands["concat"] == max(last for op, _, last in c.kernels if op == "cast")
+    monkeypatch.setattr(Compiler, "concat_parts", lambda self: {})
+    out1, c1 = run_graph(graph(), {"x": X}, engines=("fast",))
+    assert np.array_equal(out1["y"], out["y"]) and c.expected_cycles < c1.expected_cycles

@@ -21,7 +21,7 @@ run time, the program's cycle count follows from the plans.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -728,10 +728,16 @@ class _LoadRow:
 
     __slots__ = ("vt", "v", "g", "addr", "ready", "lead", "x0", "bank", "q")
 
-    def __init__(self, ctx: Ctx, vt: VT, v: int, plane: int, xm: int, din: int):
-        self.vt, self.v = vt, v
+    def __init__(self, ctx: Ctx, vt: VT, v: int, plane: int, xm: int, din: int, zero: bool = False):
+        self.vt: Optional[VT] = vt
+        self.v = v
         self.g, self.addr = vt.loc(v, plane)
-        self.ready = int(vt.ready[v])
+        self.ready = int(vt.ready[v]) if not zero else 0
+        if zero:
+            # a padding row past the weights' last row: the zero vector at address 0 of the slice the
+            # row would be in, which no other row of its LW cycle reads (consecutive rows are on
+            # distinct stripes), so padding takes no other tensor's MEM queue cycles
+            self.vt, self.addr = None, 0
         self.lead = ctx.cfg.mem_read_delay + abs(ctx.slice_pos[self.g] - xm)    # read issue -> at the plane
         self.x0 = ctx.xloc(din, ctx.slice_pos[self.g])
         self.bank = ctx.bank(self.addr)
@@ -739,61 +745,73 @@ class _LoadRow:
 
 
 class _LoadRows:
-    """The rows of one MXM weight load (per LW cycle; None: a zero row, read from address 0 of a
-    slice in ``zero_toward``), and :meth:`plan`, which places them at a start cycle. The rows' slices,
+    """The rows of one MXM weight load (per LW cycle), and :meth:`plan`, which places them at a start
+    cycle (padding rows past the weights' last row read address 0 of their slice). The rows' slices,
     addresses and readiness do not depend on the cycle tried, so they are found once per load."""
 
-    def __init__(self, ctx: Ctx, srcs, zero_toward: Sequence[int], xm: int, din: int):
+    def __init__(self, ctx: Ctx, srcs, xm: int, din: int):
         self.ctx, self.din = ctx, din
-        self.rows = [[None if s is None else _LoadRow(ctx, s[0], s[1], s[2], xm, din) for s in rs] for rs in srcs]
+        self.rows = [[_LoadRow(ctx, s[0], s[1], s[2], xm, din, zero=len(s) > 3) for s in rs] for rs in srcs]
         # a row travelling away from the plane never fits
-        self.never = any(r is not None and ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
+        self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
         self.x1 = ctx.xloc(din, xm)
-        lead = ctx.cfg.mem_read_delay
-        self.zeros = [(g, lead + abs(ctx.slice_pos[g] - xm), ctx.xloc(din, ctx.slice_pos[g]), ctx.mem_q[g])
-                      for g in zero_toward]
-        self.bank0 = ctx.bank(0)
+        self.slack = len(self.rows)       # cycles a load may wait in all between its LWs
+        self.end = 0
 
-    def plan(self, W: int, lw_bases: Sequence[int], q_lw: str, ws: int, code: int) -> Optional[Plan]:
-        """The load's plan with its first LW at cycle W (the rows of LW cycle i on the first group of
-        streams in ``lw_bases`` they fit on), or None."""
-        if self.never:
+    def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int) -> Optional[Plan]:
+        """The load's plan with its first LW at cycle W and each next one at the first later cycle its
+        rows can be read (the LWs of a load need not be back to back: a row whose slice is busy waits a
+        cycle, at most ``SLACK`` cycles in all), each on the first group of streams in ``lw_bases`` it fits
+        on, then the IW; or None. Every queue of ``q_lws`` (planes at one position) takes the same rows
+        from the same streams: one read feeds them all. :attr:`end` is the IW's cycle."""
+        if self.never or not self._readable(self.rows[0], W):
             return None
-        queue_free = self.ctx.sched.queue_free
-        busy = self.ctx.sched.busy
-        # a row that cannot be read at its cycle fails on every stream group: no need to try them
-        for i, rows in enumerate(self.rows):
-            for r in rows:
-                if r is not None:
-                    tr = W + i - r.lead
-                    if tr < r.ready or tr < 0:
-                        return None
-                    qb = busy.get(r.q)
-                    if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
-                        return None
         S, din = self.ctx.S, self.din
         plan = Plan()
+        T = W
         for i, rows in enumerate(self.rows):
-            T = W + i
             n = len(rows)
-            zeros = [(g, T - lead, x0, q) for g, lead, x0, q in self.zeros
-                     if T - lead >= 0 and queue_free(q, T - lead)] if None in rows else []
-            for cand in lw_bases:
-                if cand - din * S + n > S:
-                    continue
-                got = self._on(rows, zeros, cand, T)
+            while True:
+                if T - W - i > self.slack:
+                    return None
+                got = None
+                if self._readable(rows, T):
+                    for cand in lw_bases:
+                        if cand - din * S + n <= S:
+                            got = self._on(rows, cand, T)
+                            if got is not None:
+                                break
                 if got is not None:
                     break
-            else:
-                return None
+                if i == 0:
+                    return None
+                T += 1
             plan.issues += got[0]
             plan.reads += got[1]
             plan.spans += got[2]
-            plan.issues.append((q_lw, T, "LW", (cand, n, i * ws)))
-        plan.issues.append((q_lw, W + len(self.rows), "IW", (code,)))
+            plan.issues += [(q, T, "LW", (cand, n, i * ws)) for q in q_lws]
+            T += 1
+        plan.issues += [(q, T, "IW", (code,)) for q in q_lws]
+        self.end = T
         return plan
 
-    def _on(self, rows, zeros, base: int, T: int):
+    def _readable(self, rows, T: int) -> bool:
+        """Every row of an LW at cycle T can be read then: ready, its slice's queue free and no write
+        landing in its bank in that cycle."""
+        sched = self.ctx.sched
+        busy, bank_wr = sched.busy, sched.bank_wr
+        for r in rows:
+            tr = T - r.lead
+            if tr < r.ready or tr < 0:
+                return False
+            qb = busy.get(r.q)
+            if qb is not None and tr < len(qb.bits) and qb.bits[tr]:
+                return False
+            if bank_wr.get((r.g, tr), 0) >> r.bank & 1:
+                return False
+        return True
+
+    def _on(self, rows, base: int, T: int):
         """The reads putting ``rows`` on streams base.. at the plane at cycle T: (issues, reads, spans),
         or None if one does not fit."""
         diag = self.ctx.sched.diag
@@ -802,23 +820,9 @@ class _LoadRows:
         issues: List[Tuple[str, int, str, tuple]] = []
         reads: List[Tuple[int, int, int]] = []
         spans: List[Tuple[int, int, int, int]] = []
-        busy: Set[int] = set()
         for j, r in enumerate(rows):
             stream = base + j
             ivs = diag.get((stream, k), ())
-            if r is None:
-                # a zero vector (address 0 of any free slice on the way)
-                for g, tr, x0, q in zeros:
-                    if g in busy or any(not (b < x0 or a > x1) for a, b in ivs):
-                        continue
-                    issues.append((q, tr, "Read", (0, stream)))
-                    reads.append((g, tr, self.bank0))
-                    spans.append((stream, k, x0, x1))
-                    busy.add(g)
-                    break
-                else:
-                    return None
-                continue
             x0 = r.x0
             for a, b in ivs:
                 if not (b < x0 or a > x1):
@@ -827,7 +831,6 @@ class _LoadRows:
             issues.append((r.q, tr, "Read", (r.addr, stream)))
             reads.append((r.g, tr, r.bank))
             spans.append((stream, k, x0, x1))
-            busy.add(r.g)
         return issues, reads, spans
 
 
@@ -843,169 +846,249 @@ def _find(ctx: Ctx, lo: int, build, what: str) -> int:
     raise CompileError(f"no room found to schedule {what}")
 
 
-def matmul_kernel(ctx: Ctx, mm: MatMul, zero_slices: Sequence[int], planes_state: Dict[int, _PlaneState],
-                  planes: Sequence[int], start: int = 0) -> int:
-    """Schedule one product on the given MXM planes (column tiles round-robin)."""
-    cfg = ctx.cfg
-    L = cfg.lanes
-    fp16 = mm.A.dtype == dt.FLOAT16
-    Kc = L // 2 if fp16 else L
-    r = cfg.mxm_fp16_interval if fp16 else 1
-    nK = -(-mm.K // Kc)
-    nT = -(-mm.N // L)
-    # rows loaded in one cycle must come from different slices: at most one per stripe; when two
-    # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
-    # streams less one, which activations and zero rows use
-    share = ctx.S // cfg.mxm_planes_per_hemisphere - 1 if min(nT, len(planes)) > cfg.hemispheres else ctx.S // 2
-    ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if fp16 else 1)))
-    R = cfg.mxm_size
-    Lw = -(-R // ws)
-    Mb = max(1, min(cfg.mxm_accumulators // 2, 256))
-    half = cfg.mxm_accumulators // 2
-    d_iw, d_mxm, d_acc = cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
-    dname = "float16" if fp16 else "int8"
-    out = mm.out
-    last = 0
-    tiles: Dict[int, List[int]] = {p: [] for p in planes}
-    for nt in range(nT):
-        tiles[planes[nt % len(planes)]].append(nt)
+SPARE = 1    # streams a plane leaves to activations while both planes of its hemisphere load
 
-    def wrow(kc, nt, j):
-        """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; None = zero."""
-        if fp16:
-            k, pl = kc * Kc + j // 2, j % 2
+
+class _Geo:
+    """What one product's scheduling needs of the chip and the operands (cycles, rows, streams)."""
+
+    def __init__(self, ctx: Ctx, mm: MatMul, planes: Sequence[int]):
+        cfg = ctx.cfg
+        self.ctx, self.mm, self.cfg = ctx, mm, cfg
+        self.fp16 = mm.A.dtype == dt.FLOAT16
+        self.Kc = cfg.lanes // 2 if self.fp16 else cfg.lanes
+        self.r = cfg.mxm_fp16_interval if self.fp16 else 1          # cycles between a plane's ABCs
+        self.nK = -(-mm.K // self.Kc)
+        self.nT = -(-mm.N // cfg.lanes)
+        # rows loaded in one cycle must come from different slices: at most one per stripe; when two
+        # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
+        # streams less one, which activations use
+        P = len(planes)
+        share = ctx.S // cfg.mxm_planes_per_hemisphere - SPARE if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
+        self.ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if self.fp16 else 1)))
+        self.Lw = -(-cfg.mxm_size // self.ws)                       # LW cycles of one weight load
+        self.Mb = max(1, min(cfg.mxm_accumulators // 2, 256))       # rows of a block (accumulator half)
+        self.half = cfg.mxm_accumulators // 2
+        self.code = dt.get("float16" if self.fp16 else "int8").code
+
+    def wrow(self, kc: int, nt: int, j: int):
+        """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; past the
+        last row, (tensor, vector, plane, "zero"): the zero row at address 0 of that vector's slice."""
+        mm = self.mm
+        if self.fp16:
+            k, pl = kc * self.Kc + j // 2, j % 2
         else:
-            k, pl = kc * Kc + j, 0
+            k, pl = kc * self.Kc + j, 0
         if k >= mm.K:
-            return None
+            return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl, "zero"
         return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl
 
-    for p in planes:
-        st = planes_state.setdefault(p, _PlaneState())
+
+class _Run:
+    """One plane's part of a product: its state, queues and positions, and rows [r0, r1) of tiles."""
+
+    def __init__(self, ctx: Ctx, p: int, planes_state: Dict[int, _PlaneState], r0: int, r1: int):
+        cfg = ctx.cfg
+        self.p, self.r0, self.r1 = p, r0, r1
+        self.st = planes_state.setdefault(p, _PlaneState())
         name = cfg.plane_name(p)
-        hem = p // cfg.mxm_planes_per_hemisphere
-        xm = cfg.mxm_position(hem)
-        din = 1 if hem == 0 else 0                   # direction of values towards this plane
-        dout = 1 - din
-        q_lw, q_abc, q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
-        sx = cfg.sxm_position(hem)
-        sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == hem]
-        # slices whose address 0 can feed a zero weight row: their values travel towards this plane
-        zero_toward = [g for g in zero_slices if ctx.dir_to(ctx.slice_pos[g], xm) == din]
+        self.hem = p // cfg.mxm_planes_per_hemisphere
+        self.xm = cfg.mxm_position(self.hem)
+        self.din = 1 if self.hem == 0 else 0                   # direction of values towards this plane
+        self.dout = 1 - self.din
+        self.q_lw, self.q_abc, self.q_acc = f"MXM.{name}.LW", f"MXM.{name}.ABC", f"MXM.{name}.ACC"
+        self.sx = cfg.sxm_position(self.hem)
+        self.sxq = [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == self.hem]
         # LW stream groups: the planes of a hemisphere start from their own part of the direction's
         # streams (ws < S / planes there leaves streams for activations), so they load in the same cycles
         k_in_hem = p % cfg.mxm_planes_per_hemisphere
-        home = din * ctx.S + k_in_hem * (ctx.S // cfg.mxm_planes_per_hemisphere)
-        lw_bases = [home] + [b for b in range(din * ctx.S, (din + 1) * ctx.S) if b != home]
-        for nt in tiles[p]:
-            for b0 in range(0, mm.M, Mb):
-                nb = min(Mb, mm.M - b0)
-                bank = st.blocks % 2
-                st.blocks += 1
-                for kc in range(nK):
-                    # ---- weights: Lw LW cycles, then IW timed to take effect at the next ABC run
-                    lo_w = max(st.lw_free, st.abc_last + 1 - d_iw - Lw, start)
-                    lw = _LoadRows(ctx, [[wrow(kc, nt, i * ws + j) for j in range(min(ws, R - i * ws))]
-                                         for i in range(Lw)], zero_toward, xm, din)
-                    # no row can be read before it is ready (or before cycle 0)
-                    for i, rows in enumerate(lw.rows):
-                        for row in rows:
-                            if row is not None:
-                                lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
-                    W = _find(ctx, lo_w, lambda W, lw=lw: lw.plan(W, lw_bases, q_lw, ws, dt.get(dname).code),
-                              f"an MXM weight load for {out.name}")
-                    for i, rows in enumerate(lw.rows):
-                        for row in rows:
-                            if row is not None:
-                                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], W + i)
-                    st.lw_free = W + Lw + 1
-                    E_ = W + Lw + d_iw
-                    # ---- activations: one ABC per row
-                    first = True
-                    for i in range(nb):
-                        m = b0 + i
-                        av = mm.a_row(m) * mm.A.chunks + (kc // 2 if fp16 else kc)
-                        shift = fp16 and kc % 2 == 1
-                        lo_t = max(E_, st.abc_next)
-                        if first and kc == 0:
-                            lo_t = max(lo_t, st.half_free[bank] - d_mxm)
+        home = self.din * ctx.S + k_in_hem * (ctx.S // cfg.mxm_planes_per_hemisphere)
+        self.lw_bases = [home] + [b for b in range(self.din * ctx.S, (self.din + 1) * ctx.S) if b != home]
 
-                        def build_a(T, av=av, shift=shift, i=i, kc=kc):
-                            plan, used = Plan(), {}
-                            if not shift:
-                                b = ctx.read_group(plan, mm.A, av, xm, T, used)
-                                if b is None:
-                                    return None
-                                src = b
-                            else:
-                                ts = T - cfg.sxm_delay - abs(sx - xm)
-                                b = ctx.read_group(plan, mm.A, av, sx, ts, used)
-                                if b is None:
-                                    return None
-                                kb = ts + cfg.sxm_delay - ctx.xloc(din, sx)
-                                src = ctx.free_group(din, 2, kb, [(ctx.xloc(din, sx), ctx.xloc(din, xm))] * 2, used)
-                                if src is None:
-                                    return None
-                                for q in range(2):
-                                    plan.issues.append((sxq[q % len(sxq)], ts, "Shift", (src + q, b + q, -(L // 2))))
-                                    plan.sxm.append((ts, hem, "shifters"))
-                                    plan.spans.append((src + q, kb, ctx.xloc(din, sx), ctx.xloc(din, xm)))
-                            plan.issues.append((q_abc, T, "ABC", (dt.get(dname).code, src, bank * half + i,
-                                                                 1 if kc else 0)))
-                            return plan
-                        T = _find(ctx, lo_t, build_a, f"an MXM activation for {out.name}")
-                        mm.A.last_read[av] = max(mm.A.last_read[av], T)
-                        st.abc_next = T + r
-                        st.abc_last = T
-                        first = False
-                # ---- results: ACC each row of the block once its last product has landed
-                ready = st.abc_last + d_mxm
-                for i in range(nb):
-                    m = b0 + i
-                    ov = mm.o_row(m) * out.chunks + nt
-                    lo_c = max(ready, st.acc_next)
 
-                    def build_c(C, i=i, ov=ov):
-                        plan, used = Plan(), {}
-                        T = C + d_acc
-                        if out.planes == 4:
-                            # int32 / float32 results straight to MEM
-                            kk = T - ctx.xloc(dout, xm)
-                            wr = ctx.write_group(plan, out, ov, xm, T, used)
-                            if wr is None:
-                                return None
-                            dst = wr[0]
-                            plan.issues.append((q_acc, C, "ACC", (bank * half + i, dst)))
-                            plan.landing = wr[1]
-                            return plan
-                        # float16 results: through the VXM (cvt), then to MEM
-                        kk = T - ctx.xloc(dout, xm)
-                        dst = ctx.free_group(dout, 4, kk, [(ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))] * 4)
-                        if dst is None:
-                            return None
-                        plan.spans += [(dst + q, kk, ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx)) for q in range(4)]
-                        for q in range(4):
-                            used[(dst + q, kk)] = 1
-                        V = T + abs(ctx.vx - xm)
-                        alu = (p * 2 + i) % cfg.vxm_alus_per_lane
-                        wr = ctx.write_group(plan, out, ov, ctx.vx, V + cfg.vxm_convert_delay, used)
-                        if wr is None:
-                            return None
-                        plan.issues.append((q_acc, C, "ACC", (bank * half + i, dst)))
-                        plan.issues.append((f"VXM.{alu}", V, "cvt", (dt.FLOAT32.code, out.dtype.code, wr[0], dst)))
-                        plan.lands.append((alu, V + cfg.vxm_convert_delay))
-                        plan.landing = wr[1]
-                        return plan
+def _pairs_finish_first(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per: int) -> bool:
+    """Whether the tiles end sooner on plane pairs (half the rows each) than one plane each, by an
+    estimate: a plane is free from its last product or load; then per chunk of K, the longer of a
+    weight load and its rows' products (the next load overlaps them)."""
+    def run(p_free: int, rows: int) -> int:
+        return p_free + geo.nK * max(geo.Lw + 1, rows * geo.r)
+    M = geo.mm.M
+    single = max(run(_free(planes_state, p), M) for p in list(planes)[:geo.nT])
+    paired = max(run(max(_free(planes_state, p) for p in planes if p // per == h), -(-M // per))
+                 for h in hems[:geo.nT])
+    return paired < single
 
-                    holder: Dict[str, Plan] = {}
 
-                    def build_c2(C, holder=holder, build_c=build_c):
-                        pl = build_c(C)
-                        holder["plan"] = pl
-                        return pl
-                    C = _find(ctx, lo_c, build_c2, f"an MXM result for {out.name}")
-                    out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
-                    last = max(last, holder["plan"].landing)
-                    st.acc_next = C + 1
-                    st.half_free[bank] = C + 1
+def _free(planes_state, p: int) -> int:
+    """The first cycle plane p is free of products and weight loads (0 if unused yet)."""
+    st = planes_state.get(p)
+    return max(st.abc_next, st.lw_free) if st is not None else 0
+
+
+def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state) -> List[Tuple[int, List[_Run]]]:
+    """The product's work as (column tile, runs): tiles go to the planes in turn, each plane all of a
+    tile's rows; with at most one tile per hemisphere and rows enough, a tile goes to both planes of a
+    hemisphere, which load its weights together (the same streams in the same cycles: one read feeds
+    both) and take half of its rows each (attention's head sums: 32 rows, one tile)."""
+    cfg, M = ctx.cfg, geo.mm.M
+    per = cfg.mxm_planes_per_hemisphere
+    if geo.nT <= cfg.hemispheres and 2 <= M <= geo.Mb and per > 1 and len(planes) >= geo.nT * per:
+        hems: List[int] = []
+        for p in planes:                     # hemispheres in the order their planes come free
+            if p // per not in hems and sum(1 for q in planes if q // per == p // per) >= per:
+                hems.append(p // per)
+        # the pairs free first, the weights' own hemisphere on a tie (its rows need not cross the chip)
+        hems.sort(key=lambda h: (max(_free(planes_state, p) for p in planes if p // per == h), h != geo.mm.B.hem))
+        if len(hems) >= geo.nT and _pairs_finish_first(geo, planes, planes_state, hems, per):
+            units = []
+            for nt in range(geo.nT):
+                mine = [p for p in planes if p // per == hems[nt]][:per]
+                units.append((nt, [_Run(ctx, p, planes_state, M * j // per, M * (j + 1) // per)
+                                   for j, p in enumerate(mine)]))
+            return units
+    work = []
+    for p in planes:
+        for nt in range(planes.index(p), geo.nT, len(planes)):
+            work.append((nt, [_Run(ctx, p, planes_state, 0, M)]))
+    return work
+
+
+def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: int) -> int:
+    """Load chunk kc of tile nt into the weight buffers of the runs' planes (one hemisphere: the same
+    reads feed them all) and install it (IW timed to take effect after each plane's last product with
+    the weights it has); returns the cycle the new weights take effect."""
+    cfg = ctx.cfg
+    d_iw, Lw, ws = cfg.mxm_install_delay, geo.Lw, geo.ws
+    lead = runs[0]
+    lo_w = max([start] + [max(r.st.lw_free, r.st.abc_last + 1 - d_iw - Lw) for r in runs])
+    lw = _LoadRows(ctx, [[geo.wrow(kc, nt, i * ws + j) for j in range(min(ws, cfg.mxm_size - i * ws))]
+                         for i in range(Lw)], lead.xm, lead.din)
+    # no row can be read before it is ready (or before cycle 0)
+    for i, rows in enumerate(lw.rows):
+        for row in rows:
+            lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
+    qs = [r.q_lw for r in runs]
+    _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
+              f"an MXM weight load for {geo.mm.out.name}")
+    for rows in lw.rows:
+        for row in rows:
+            if row.vt is not None:
+                row.vt.last_read[row.v] = max(row.vt.last_read[row.v], lw.end)
+    for r in runs:
+        r.st.lw_free = lw.end + 1
+    return lw.end + d_iw
+
+
+def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank: int, E_: int) -> None:
+    """One ABC per row b0..b1-1 of chunk kc on run's plane, from cycle E_ (the weights in effect); a
+    float16 odd chunk is the upper half of a vector, shifted down by the SXM on its way."""
+    cfg, mm, st = ctx.cfg, geo.mm, run.st
+    L, fp16, xm, din = cfg.lanes, geo.fp16, run.xm, run.din
+    for i in range(b1 - b0):
+        av = mm.a_row(b0 + i) * mm.A.chunks + (kc // 2 if fp16 else kc)
+        shift = fp16 and kc % 2 == 1
+        lo_t = max(E_, st.abc_next)
+        if i == 0 and kc == 0:
+            lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
+
+        def build_a(T, av=av, shift=shift, i=i):
+            plan, used = Plan(), {}
+            if not shift:
+                src = ctx.read_group(plan, mm.A, av, xm, T, used)
+                if src is None:
+                    return None
+            else:
+                ts = T - cfg.sxm_delay - abs(run.sx - xm)
+                b = ctx.read_group(plan, mm.A, av, run.sx, ts, used)
+                if b is None:
+                    return None
+                kb = ts + cfg.sxm_delay - ctx.xloc(din, run.sx)
+                span = (ctx.xloc(din, run.sx), ctx.xloc(din, xm))
+                src = ctx.free_group(din, 2, kb, [span] * 2, used)
+                if src is None:
+                    return None
+                for q in range(2):
+                    plan.issues.append((run.sxq[q % len(run.sxq)], ts, "Shift", (src + q, b + q, -(L // 2))))
+                    plan.sxm.append((ts, run.hem, "shifters"))
+                    plan.spans.append((src + q, kb) + span)
+            plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 1 if kc else 0)))
+            return plan
+        T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}")
+        mm.A.last_read[av] = max(mm.A.last_read[av], T)
+        st.abc_next = T + geo.r
+        st.abc_last = T
+
+
+def _results(ctx: Ctx, geo: _Geo, run: _Run, nt: int, b0: int, b1: int, bank: int) -> int:
+    """ACC each row b0..b1-1 of tile nt from run's plane once its last product has landed: int32 /
+    float32 results straight to MEM, float16 ones through a VXM cvt. Returns the last landing."""
+    cfg, out, st = ctx.cfg, geo.mm.out, run.st
+    xm, dout = run.xm, run.dout
+    ready = st.abc_last + cfg.mxm_delay
+    last = 0
+    for i in range(b1 - b0):
+        ov = geo.mm.o_row(b0 + i) * out.chunks + nt
+        acc = bank * geo.half + i
+
+        def build_c(C, ov=ov, acc=acc, i=i):
+            plan, used = Plan(), {}
+            T = C + cfg.mxm_acc_delay
+            if out.planes == 4:
+                wr = ctx.write_group(plan, out, ov, xm, T, used)
+                if wr is None:
+                    return None
+                plan.issues.append((run.q_acc, C, "ACC", (acc, wr[0])))
+                plan.landing = wr[1]
+                return plan
+            kk = T - ctx.xloc(dout, xm)
+            span = (ctx.xloc(dout, xm), ctx.xloc(dout, ctx.vx))
+            dst = ctx.free_group(dout, 4, kk, [span] * 4)
+            if dst is None:
+                return None
+            plan.spans += [(dst + q, kk) + span for q in range(4)]
+            for q in range(4):
+                used[(dst + q, kk)] = 1
+            V = T + abs(ctx.vx - xm)
+            alu = (run.p * 2 + i) % cfg.vxm_alus_per_lane
+            wr = ctx.write_group(plan, out, ov, ctx.vx, V + cfg.vxm_convert_delay, used)
+            if wr is None:
+                return None
+            plan.issues.append((run.q_acc, C, "ACC", (acc, dst)))
+            plan.issues.append((f"VXM.{alu}", V, "cvt", (dt.FLOAT32.code, out.dtype.code, wr[0], dst)))
+            plan.lands.append((alu, V + cfg.vxm_convert_delay))
+            plan.landing = wr[1]
+            return plan
+
+        holder: Dict[str, Plan] = {}
+
+        def build_kept(C, holder=holder, build_c=build_c):
+            holder["plan"] = build_c(C)
+            return holder["plan"]
+        C = _find(ctx, max(ready, st.acc_next), build_kept, f"an MXM result for {out.name}")
+        out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
+        last = max(last, holder["plan"].landing)
+        st.acc_next = C + 1
+        st.half_free[bank] = C + 1
+    return last
+
+
+def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
+                  planes: Sequence[int], start: int = 0) -> int:
+    """Schedule one product on the given MXM planes (see :func:`_units`): per row block (an
+    accumulator half), per chunk of K, a weight load then the rows' products; then the results."""
+    geo = _Geo(ctx, mm, planes)
+    last = 0
+    for nt, runs in _units(ctx, geo, planes, planes_state):
+        for off in range(0, max(r.r1 - r.r0 for r in runs), geo.Mb):
+            blocks = [(r, r.r0 + off, min(r.r1, r.r0 + off + geo.Mb)) for r in runs if r.r0 + off < r.r1]
+            banks = []
+            for r, _, _ in blocks:
+                banks.append(r.st.blocks % 2)
+                r.st.blocks += 1
+            for kc in range(geo.nK):
+                E_ = _load(ctx, geo, [b[0] for b in blocks], nt, kc, start)
+                for (r, b0, b1), bank in zip(blocks, banks):
+                    _activations(ctx, geo, r, kc, b0, b1, bank, E_)
+            for (r, b0, b1), bank in zip(blocks, banks):
+                last = max(last, _results(ctx, geo, r, nt, b0, b1, bank))
     return last

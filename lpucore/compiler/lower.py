@@ -40,7 +40,7 @@ from .kernels import (
     lanemove_kernel,
     map_kernel,
 )
-from .memory import VT, Memory, TiledVT, place, release
+from .memory import VT, Memory, RowView, TiledVT, place, release
 from .schedule import Scheduler
 
 F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
@@ -70,6 +70,9 @@ class Compiled:
     # a weight constant kept as member tensors, one per MXM plane (TiledVT): its members' names and the
     # columns each holds; the tensor table has the members, ``constants`` the whole array
     tiles: Dict[str, List[Tuple[str, np.ndarray]]] = field(default_factory=dict)
+    # a table kept for MEM Gather (compiler.gather): its members' names and the rows [r0, r1) and
+    # columns [c0, c1) each holds; the tensor table has the members, ``constants`` the whole array
+    row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = field(default_factory=dict)
     # what each compiler stage decided, for dump() (None: not made by the compiler)
     record: Optional[dump.Record] = field(default=None, repr=False, compare=False)
 
@@ -108,6 +111,10 @@ class Compiled:
         if arr.size != int(np.prod(shape)) and arr.size == shape[0]:
             arr = np.repeat(arr.reshape(-1, 1), shape[1], axis=1)
         arr = arr.reshape(shape)
+        if name in self.row_parts:
+            for member, r0, r1, c0, c1 in self.row_parts[name]:
+                chip.write_tensor(member, np.ascontiguousarray(arr[r0:r1, c0:c1]))
+            return
         if name not in self.tiles:
             chip.write_tensor(name, arr)
             return
@@ -207,6 +214,15 @@ def _weight_of(n) -> Optional[int]:
     return n.inputs[w] if w is not None and len(n.inputs) > 1 else None
 
 
+def _placed_as(vt) -> List[VT]:
+    """The tensors placed in MEM (by :meth:`Compiler.new_vt`) that hold vt: a RowView's parent, a
+    tiled weight's or gathered table's members, else vt itself."""
+    if getattr(vt, "parent", None) is not None:
+        return [vt.parent]
+    members = getattr(vt, "members", None)
+    return [getattr(m, "vt", m) for m in members] if members else [vt]
+
+
 def _f32(value: float) -> Expr:
     """A float32 constant operand."""
     return Expr.const(F32, value)
@@ -234,6 +250,7 @@ class Compiler:
         self.out_vts: Dict[str, VT] = {}          # graph outputs placed, their producers still to come
         self.constants: Dict[str, np.ndarray] = {}
         self.tiles: Dict[str, List[Tuple[str, np.ndarray]]] = {}    # tiled weight -> its members' columns
+        self.row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = {}     # gathered table -> members
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
         self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
@@ -264,12 +281,13 @@ class Compiler:
         self.hem ^= 1
         return self.hem
 
-    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None) -> VT:
+    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None, strict=False) -> VT:
+        """Place a tensor (see memory.place); ``strict``: in hemisphere ``hem`` or nowhere."""
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
-            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict)
         except CompileError:
             # no room where the producer would like it: the space reserved for the output
             if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
@@ -284,15 +302,31 @@ class Compiler:
             self.tables.append((name, vt))
         return vt
 
-    def _place(self, name, d, rows, c, kind, avoid, stripes, hem) -> VT:
+    def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False) -> VT:
         """Place a tensor away from the slices in avoid if there is room, else anywhere."""
         try:
             return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
-                         avoid=tuple(avoid), stripes=stripes)
+                         avoid=tuple(avoid), stripes=stripes, strict=strict)
         except CompileError:
             if not avoid:
                 raise
-            return place(self.mem, name, d, rows, c, self.L, self.hem, kind=kind, stripes=stripes)
+            return place(self.mem, name, d, rows, c, self.L, hem if strict else self.hem, kind=kind,
+                         stripes=stripes, strict=strict)
+
+    def place_gather_tables(self) -> None:
+        """Constants read only as gathered tables, by few indices, kept for MEM Gather
+        (:mod:`.gather`), placed first: each block of rows wants a slice's addresses to itself."""
+        from .gather import MAX_INDICES, place_table
+        g = self.g
+        for tid, arr in g.constants.items():
+            users = [n for n in g.nodes if tid in n.inputs]
+            if (arr.ndim != 2 or not users or any(n.op != "gather" or n.inputs[0] != tid or tid in n.inputs[1:]
+                                                  or g.tensors[n.inputs[1]].size > MAX_INDICES for n in users)):
+                continue
+            name = g.constant_names.get(tid) or f"_c{tid}"
+            table = place_table(self, name, np.asarray(arr))
+            if table is not None:
+                self.vts[tid] = table          # type: ignore[assignment]  # read only by gather()
 
     def place_outputs(self) -> None:
         """Reserve space for every graph output before any temporary is placed, as for the
@@ -437,6 +471,7 @@ class Compiler:
             self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
         for v in g.assigns.values():
             self.uses[v.id] = self.uses.get(v.id, 0) + 10 ** 9
+        self.row_views = self.concat_parts()
         for name, t in g.inputs.items():
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
         for name, t in g.states.items():
@@ -444,8 +479,11 @@ class Compiler:
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state")
             arr = g.state_init[t.id]
             self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
+        self.place_gather_tables()
         weight_ids = {_weight_of(n) for n in g.nodes}
         for tid, arr in g.constants.items():
+            if tid in self.vts:
+                continue
             t = g.tensors[tid]
             # a one-element constant read only by elementwise operations becomes an
             # immediate of the VXM instead of a vector in MEM
@@ -528,7 +566,7 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
                                cycles, self.mem.peak_bytes(), self.kernels,
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                               graph_bounds(g, self.cfg, cycles), self.tiles, self.record)
+                               graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts, self.record)
 
     def finish_record(self) -> None:
         """Note the fusion and placement decisions in :attr:`record` (for :meth:`Compiled.dump`)."""
@@ -538,10 +576,35 @@ class Compiler:
         holds: Dict[int, List[int]] = {}
         for tid, vt in self.vts.items():
             if isinstance(tid, int) and 0 <= tid < n_t:
-                for v in getattr(vt, "members", (vt,)):
+                for v in _placed_as(vt):
                     holds.setdefault(id(v), []).append(tid)
         rec.placements = [dump.place_row(vt, holds.get(id(vt), ()), self.L) for vt in self.placed]
         self.placed = []
+
+    def concat_parts(self) -> Dict[int, Tuple[Tensor, int]]:
+        """Parts of concatenations of whole rows (2-d, axis 0) that their elementwise producers write in
+        place, in the concatenation's tensor: part id -> (concatenation, its first row). Only when every
+        part qualifies: made by an elementwise kernel, read by nothing else, not deferred, not an output."""
+        g = self.g
+        views: Dict[int, Tuple[Tensor, int]] = {}
+        for n in g.nodes:
+            t = g.tensors[n.output]
+            if n.op != "concat" or t.ndim != 2 or n.attrs["axis"] not in (0, -2) or len(set(n.inputs)) != len(n.inputs):
+                continue
+            if self.uses.get(t.id, 0) >= 10 ** 9 or t.id in self.defer:
+                continue
+            parts, first = {}, 0
+            for i in n.inputs:
+                x = g.tensors[i]
+                p = g.producer.get(i)
+                if (p is None or self.uses.get(i) != 1 or i in self.defer or x.dtype != t.dtype
+                        or self.builder(p, x) is None):
+                    break
+                parts[i] = (t, first)
+                first += x.shape[0]
+            else:
+                views.update(parts)
+        return views
 
     def consume(self, n) -> None:
         """Count n's reads of its inputs done: a temporary nobody will read again gives its
@@ -596,6 +659,13 @@ class Compiler:
 
     def map_op(self, t: Tensor, name: str, kind: str, build: Callable[[], Expr], out: Optional[VT] = None) -> int:
         """A map kernel writing t; the last chunk of each row is masked to keep padding zero."""
+        if out is None and t.id in self.row_views:
+            # a part of a concatenation of rows: written in place, in the concatenation's tensor
+            whole, first = self.row_views[t.id]
+            if whole.id not in self.vts:
+                self.vts[whole.id] = self.new_vt(f"_t{whole.id}", whole.dtype, whole.shape,
+                                                 avoid=self.inputs_of(build()))
+            out = RowView(self.vts[whole.id], first, _rows(t.shape))
         if out is None:
             out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.inputs_of(build()))
             # an elementwise function of values held in every lane is held in every lane

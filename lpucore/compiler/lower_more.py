@@ -47,14 +47,13 @@ def matmul(c, a, b, t, name, kind):
     out_shape = batch + (M, N)
     out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
-    zero_slices = list(range(c.cfg.mem_slices))
     last = 0
     for i in range(len(ia)):
         mm = MatMul(A, B, out, M, K, N,
                     a_row=lambda m, o=int(ia[i]) * M: o + m,
                     b_row=lambda k, o=int(ib[i]) * K: o + k,
                     o_row=lambda m, o=i * M: o + m)
-        last = max(last, matmul_kernel(c.ctx, mm, zero_slices, c.planes, _planes_by_free(c)))
+        last = max(last, matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B)))
     return last
 
 
@@ -63,6 +62,23 @@ def _planes_by_free(c) -> List[int]:
     them in turn, so independent products start on idle planes)."""
     P = c.cfg.mxm_planes
     return sorted(range(P), key=lambda p: (c.planes[p].abc_next if p in c.planes else 0, p))
+
+
+def _planes_for(c, B) -> List[int]:
+    """The planes in the order a product's column tiles take them: a weight kept as member tensors
+    (TiledVT, member j holding tiles j, j + G, ...) gives member j the first free plane of member j's
+    hemisphere, so its weight rows reach the plane without crossing the chip (shorter, and clear of
+    the streams the VXM's kernels use in the middle)."""
+    order = _planes_by_free(c)
+    members = getattr(B, "members", None)
+    if not members:
+        return order
+    per = c.cfg.mxm_planes_per_hemisphere
+    chosen: List[int] = []
+    for m in members:
+        mine = [p for p in order if p not in chosen and p // per == m.hem]
+        chosen.append(mine[0] if mine else next(p for p in order if p not in chosen))
+    return chosen + [p for p in order if p not in chosen]
 
 
 def relayout(c, out, srcs, src_of):
@@ -126,8 +142,17 @@ def gather(c, table, idx, t, name, kind):
     """table[idx]: a one-hot matrix (built on the VXM by comparing lane numbers with each
     index) times the table on the MXM; exact for int8 and float16 tables."""
     from ..graph import Tensor
+    from .gather import GatherTable, gather_rows
     V, D = table.shape
     n = idx.size
+    placed = c.vts.get(table.id)
+    if isinstance(placed, GatherTable):
+        out = c.new_vt(name, t.dtype, t.shape, kind=kind)
+        c.vts[t.id] = out
+        bc = _index_in_every_lane(c, idx, t)
+        last = gather_rows(c, placed, bc, n, out, t.id)
+        release(c.mem, bc)
+        return last
     if table.dtype.name not in ("int8", "float16"):
         raise CompileError(f"gather: tables of {table.dtype.name} are not supported (int8, float16)")
     d = table.dtype
@@ -162,13 +187,12 @@ def gather(c, table, idx, t, name, kind):
 
 
 
-def _onehot(c, idx, V, d, t):
-    """[n, V] rows of dtype d, 1 at column idx[r] (never released: see gather)."""
+def _index_in_every_lane(c, idx, t):
+    """int32 [n, 1]: index i in every lane of vector i (a lane sum of the index masked to its lane)."""
+    from .allreduce import allreduce_kernel
     n = idx.size
     iv = c.plain(idx)
-    # each index in every lane of its own vector: sum of the index masked to its lane
     bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
-    from .allreduce import allreduce_kernel
 
     def row(r):
         busy = c.slices_of(iv)
@@ -176,6 +200,13 @@ def _onehot(c, idx, V, d, t):
         m = next((m for m in copies if not busy & c.slices_of(m)), copies[0])
         return E("and", I32, Expr.input(iv, lambda v, k=r // c.L: k), Expr.input(m, lambda v: 0))
     allreduce_kernel(c.ctx, row, bc, "add", list(range(c.n_alu)))
+    return bc
+
+
+def _onehot(c, idx, V, d, t):
+    """[n, V] rows of dtype d, 1 at column idx[r] (never released: see gather)."""
+    n = idx.size
+    bc = _index_in_every_lane(c, idx, t)
     oh = c.new_vt(f"_oh{t.id}", d, (n, V), avoid=c.slices_of(bc))
     chunks = oh.chunks
     iota = c.const_vt(f"_iota{t.id}", np.arange(V, dtype=np.int32).reshape(1, V))

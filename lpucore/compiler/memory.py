@@ -193,10 +193,33 @@ class TiledVT(VT):
         raise CompileError(f"internal: tiled weight {self.name!r} is in the tensor table as its members")
 
 
+class RowView(VT):
+    """Rows [first, first + rows) of ``parent`` as a tensor of their own (a concatenation's part its
+    producer writes in place): same slices, vector v is the parent's vector v + first * chunks, and
+    readiness is the parent's (NumPy views of its arrays). Never released: the parent is."""
+
+    def __init__(self, parent: VT, first: int, rows: int):
+        super().__init__(f"{parent.name}[{first}:{first + rows}]", parent.dtype, rows, parent.cols, parent.chunks,
+                         parent.hem, parent.slices, parent.bases, parent.after, kind="view")
+        self.parent, self.off = parent, first * parent.chunks
+        self.ready = parent.ready[self.off:self.off + rows * parent.chunks]
+        self.last_read = parent.last_read[self.off:self.off + rows * parent.chunks]
+        self._ns = parent.stripes
+
+    def loc(self, v: int, p: int) -> Tuple[int, int]:
+        return self.parent.loc(v + self.off, p)
+
+    def write_after(self, v: int, p: int) -> int:
+        return self.parent.write_after(v + self.off, p)
+
+    def extents(self):
+        raise CompileError(f"internal: {self.name!r} is part of another tensor")
+
+
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
-          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = ()) -> VT:
+          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
-    in hemisphere `hem` (the other one if this one is full).
+    in hemisphere `hem` (the other one if this one is full, unless ``strict``).
 
     Tensors the host writes before the run (constants, inputs, states) only get space no
     temporary ever uses: a constant placed during lowering (a mask, a ones matrix) in the
@@ -217,7 +240,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
         ok = [g for g in (cfg.slice_id(h, s) for s in range(n_sl)) if g not in avoid and avail(g) >= per]
         return min(want, len(ok) // planes)
     # the asked hemisphere, unless the other gives more stripes (slices the tensor's operands do not hold)
-    for h in sorted((hem, 1 - hem), key=lambda h: -room(h)):
+    for h in (hem,) if strict else sorted((hem, 1 - hem), key=lambda h: -room(h)):
         # fewer stripes first (as asked, or fewer if the slices are crowded); a tensor too
         # big for that many slices' addresses is spread over more
         most = max(want, min(rows * chunks, n_sl // planes))

@@ -214,6 +214,14 @@ def _layout(elements: ElementMap) -> LowerFn:
     return lower
 
 
+def _concat(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    """A concatenation: nothing to do when its parts' producers wrote it in place
+    (:meth:`Compiler.concat_parts <lpucore.compiler.lower.Compiler.concat_parts>`), else a layout move."""
+    if t.id in c.vts:
+        return int(c.vts[t.id].ready.max())
+    return _layout(_concat_map)(c, n, ins, t, name, kind)
+
+
 def _gather(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
     return lower_more.gather(c, ins[0], ins[1], t, name, kind)
 
@@ -248,7 +256,7 @@ register(OpSpec("matmul", "matmul", lower=_matmul, weight_input=1))
 register(OpSpec("reshape", "layout", lower=_layout(_reshape_map)))
 register(OpSpec("transpose", "layout", lower=_layout(_transpose_map)))
 register(OpSpec("slice", "layout", lower=_layout(_slice_map)))
-register(OpSpec("concat", "layout", lower=_layout(_concat_map)))
+register(OpSpec("concat", "layout", lower=_concat))
 # table[indices]: one-hot rows times the table on the MXM, whose weights the table is
 register(OpSpec("gather", "gather", lower=_gather, weight_input=0))
 register(OpSpec("rope", "rope", lower=_rope))

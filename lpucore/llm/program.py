@@ -52,7 +52,7 @@ from .shapes import ModelConfig
 
 F16, F32 = np.float16, np.float32
 MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
-DEFAULT_BLOCK = 2560       # int8 weights: columns per constant (8 MXM tiles of 320), for MEM placement
+DEFAULT_BLOCK = 65536      # int8 weights: columns per constant (a model's head is one product, its tiles on all planes)
 DIGIT, DIGIT_MAX = 128, 127  # int8 activation digits: x ~ max|x| / 16256 * (128 h + l)
 _Q_PROJ, _O_PROJ = "self_attn.q_proj.weight", "self_attn.o_proj.weight"     # weights with permuted heads
 
