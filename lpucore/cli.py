@@ -10,6 +10,7 @@ Commands::
     info [--config NAME] [--json]                        chip parameters and derived peaks
     bench [engine|gemm] [ARGS ...]                       the repository's benchmarks
     decode MODEL ...                                     generate tokens with lpucore.llm.Decoder
+    dump --model MODEL [--stage STAGE] ...               a model's step program after a compiler stage
     relay [--topology node|rack|dragonfly] [--mpi] ...   pass vectors through every chip of a System
 
 Every user mistake (a missing file, a bad option, a tensor of the wrong dtype,
@@ -594,6 +595,49 @@ def _decode_command(sub) -> None:
     add_engine_option(d)
 
 
+def _cmd_dump(args) -> int:
+    from .llm import SHAPES, Decoder
+
+    kw = dict(precision=args.precision, capacity=args.capacity)
+    if args.config is not None:
+        kw["config"] = args.config
+    path = Path(args.model)
+    try:
+        if path.is_dir():
+            try:
+                model = Decoder.from_pretrained(path, **kw)
+            except ImportError as e:        # safetensors is not installed
+                raise CliError(str(e)) from None
+        elif args.model in SHAPES:
+            model = Decoder.random(args.model, seed=args.seed, **kw)
+        else:
+            raise CliError(f"--model {args.model!r} is neither a directory nor a known shape "
+                           f"({', '.join(SHAPES)})")
+        text = model.compile().dump(args.stage)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    print(text, end="")
+    return 0
+
+
+def _dump_command(sub) -> None:
+    from .compiler.dump import STAGES
+
+    d = add_command(sub, "dump", _cmd_dump, "print a model's step program after a compiler stage",
+                    "Compile one decode step of MODEL (as 'decode' does) and print the program after STAGE: "
+                    "graph (operations, shapes, dtypes), fused (which operations run as one kernel), placed "
+                    "(each tensor's MEM slices, addresses and hemisphere), scheduled (each kernel's cycles, "
+                    "instructions and units), emitted (instructions per queue), or all (Compiled.dump).")
+    d.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="shape name (tiny, tiny-moe, tiny-gpt2, gpt2, ...) or model directory")
+    d.add_argument("--stage", choices=STAGES + ("all",), default="scheduled", help="stage (default scheduled)")
+    d.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help="weights (default fp16)")
+    d.add_argument("--capacity", type=int, default=None, metavar="N",
+                   help="KV cache positions (default: min(max_positions, 128))")
+    d.add_argument("--seed", type=int, default=0, help="random weights' seed (named shapes)")
+    add_config_option(d)
+
+
 # ---------------------------------------------------------------------------------------
 # the parser: one registration function per command, listed in COMMANDS
 # ---------------------------------------------------------------------------------------
@@ -744,7 +788,7 @@ def _relay_command(sub) -> None:
 
 # Each entry adds one subcommand to the parser, in this order.
 COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command,
-                                  _decode_command, _relay_command)
+                                  _decode_command, _dump_command, _relay_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,7 @@ from typing import Dict, List, Set
 import numpy as np
 
 from ..graph import Graph, Node
+from . import registry
 
 # fusion of elementwise chains on (True) or off (False): read by every new Compiler
 ENABLED = True
@@ -48,26 +49,18 @@ ENABLED = True
 RECOMPUTE_MAX = 3
 RECOMPUTE_ELEMENTS = 8192
 
-# operations lowered as one map kernel whose builder reads each input once through operand()
-ELEMENTWISE = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu", "exp",
-                         "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "cast", "quantize", "dequantize"))
-
 
 def is_elementwise(n: Node) -> bool:
-    """n is lowered as one map kernel over its output's vectors (gelu's erf form takes two; a
-    reduction across rows is a tree of VXM operations over its input's vectors)."""
-    return (n.op in ELEMENTWISE or (n.op == "gelu" and n.attrs.get("approximate") == "tanh")
-            or _across_rows(n))
+    """n is lowered as one map kernel over its output's vectors (its registry entry says so:
+    :meth:`OpSpec.is_map <lpucore.compiler.registry.OpSpec.is_map>`; gelu's erf form takes two
+    kernels; a reduction across rows is a tree of VXM operations over its input's vectors)."""
+    return registry.spec(n.op).is_map(n)
 
 
-def _across_rows(n: Node) -> bool:
-    return n.op in ("sum", "max", "mean") and n.attrs.get("axis") == -2
-
-
-def _across_lanes(n: Node) -> bool:
-    """A reduction over the lanes: its row expression reads each vector of its input once, so
-    it inlines a deferred input (or, when the expression does not fit, places it first)."""
-    return n.op in ("sum", "max", "mean") and n.attrs.get("axis") == -1
+_across_rows = registry.across_rows
+# a reduction over the lanes: its row expression reads each vector of its input once, so it
+# inlines a deferred input (or, when the expression does not fit, places it first)
+_across_lanes = registry.across_lanes
 
 
 def _inlining(g: Graph, tid: int, consumer: Node) -> str:

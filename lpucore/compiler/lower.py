@@ -24,7 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import fuse, loaded
+from . import dump, fuse, loaded, registry
 from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
@@ -73,10 +73,21 @@ class Compiled:
     # a table kept for MEM Gather (compiler.gather): its members' names and the rows [r0, r1) and
     # columns [c0, c1) each holds; the tensor table has the members, ``constants`` the whole array
     row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = field(default_factory=dict)
+    # what each compiler stage decided, for dump() (None: not made by the compiler)
+    record: Optional[dump.Record] = field(default=None, repr=False, compare=False)
 
     @property
     def config(self) -> ChipConfig:
         return self.program.config
+
+    def dump(self, stage: str) -> str:
+        """The program after compiler stage ``stage``, as text: ``"graph"`` (operations, shapes,
+        dtypes), ``"fused"`` (which operations run as one kernel), ``"placed"`` (each tensor's MEM
+        slices, addresses, hemisphere, bytes and live cycles), ``"scheduled"`` (each kernel's first
+        and last cycle, instructions and units), ``"emitted"`` (instructions per queue, the first of
+        each in assembler syntax), or ``"all"``; CompileError for another stage
+        (:mod:`lpucore.compiler.dump`)."""
+        return dump.dump(self, stage)
 
     def bounds(self) -> Bounds:
         """Lower bounds on this graph's cycles (weight streams, SRAM, compute, critical path;
@@ -197,12 +208,19 @@ def execute(compiled: Compiled, inputs: Dict[str, np.ndarray], engine: str = "fa
     return outputs, stats
 
 
-# operations that read their operands through Compiler.operand (so a constant may be an immediate)
-# operations between the chips of a group, lowered by lpucore.compiler.collective
-COLLECTIVES = frozenset(("allgather", "allreduce"))
+def _weight_of(n) -> Optional[int]:
+    """The tensor node n has the MXM load as weights (its registry entry's ``weight_input``), or None."""
+    w = registry.spec(n.op).weight_input
+    return n.inputs[w] if w is not None and len(n.inputs) > 1 else None
 
-SCALAR_CONSUMERS = frozenset(("add", "sub", "mul", "div", "maximum", "minimum", "neg", "abs", "relu", "exp",
-                              "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu", "cast"))
+
+def _placed_as(vt) -> List[VT]:
+    """The tensors placed in MEM (by :meth:`Compiler.new_vt`) that hold vt: a RowView's parent, a
+    tiled weight's or gathered table's members, else vt itself."""
+    if getattr(vt, "parent", None) is not None:
+        return [vt.parent]
+    members = getattr(vt, "members", None)
+    return [getattr(m, "vt", m) for m in members] if members else [vt]
 
 
 def _f32(value: float) -> Expr:
@@ -243,6 +261,8 @@ class Compiler:
         self.defer: Set[int] = set()
         self.deferred: Dict[int, Callable[[], Expr]] = {}
         self.kernels: List[Tuple[str, str, Optional[int]]] = []
+        self.placed: List[VT] = []                # every tensor placed, in order (for dump)
+        self.record = dump.Record(dump.GraphRecord.of(graph))
         self.hem = 0
         self.temps: List[VT] = []
         self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
@@ -273,7 +293,9 @@ class Compiler:
             if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
                 raise
             return reserved
+        self.placed.append(vt)
         if reserved is not None:
+            self.placed.remove(reserved)
             self.tables = [(n, v) for n, v in self.tables if v is not reserved]
             release(self.mem, reserved)
         if kind in ("input", "const", "output", "state"):
@@ -439,7 +461,9 @@ class Compiler:
         on every chip of the group (:mod:`lpucore.compiler.collective`).  The
         :class:`Compiled` result is left in :attr:`result`."""
         g = self.g
+        registry.check_graph(g)
         self.defer = fuse.deferrable(g) if self.fuse else set()
+        log = dump.KernelLog(self.sched.events, self.record.kernels, lambda q: self.cfg.queue(q).unit)
         for n in g.nodes:
             for i in n.inputs:
                 self.uses[i] = self.uses.get(i, 0) + 1
@@ -456,6 +480,7 @@ class Compiler:
             arr = g.state_init[t.id]
             self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
         self.place_gather_tables()
+        weight_ids = {_weight_of(n) for n in g.nodes}
         for tid, arr in g.constants.items():
             if tid in self.vts:
                 continue
@@ -463,12 +488,12 @@ class Compiler:
             # a one-element constant read only by elementwise operations becomes an
             # immediate of the VXM instead of a vector in MEM
             if (arr.size == 1 and self.uses.get(tid, 0) < 10 ** 9
-                    and all(n.op in SCALAR_CONSUMERS for n in g.nodes if tid in n.inputs)):
+                    and all(registry.spec(n.op).scalar_operands for n in g.nodes if tid in n.inputs)):
                 self.scalars[tid] = arr.reshape(()).item()
                 continue
             name = g.constant_names.get(tid) or f"_c{tid}"
             if (arr.ndim >= 2 and arr.shape[-1] == 1 and arr.size <= self.cfg.addresses_per_slice
-                    and all(n.op in SCALAR_CONSUMERS for n in g.nodes if tid in n.inputs)):
+                    and all(registry.spec(n.op).scalar_operands for n in g.nodes if tid in n.inputs)):
                 # one value per row, read only elementwise: written with the value in every lane
                 # (what broadcast_lanes would compute on the chip with a lane reduction per row)
                 vt = self.const_vt(name, np.repeat(arr.reshape(-1, 1), self.L, axis=1))
@@ -477,8 +502,7 @@ class Compiler:
                 continue
             # weights of a matmul (or a gathered table: weights of a one-hot product) get more stripes: an
             # LW cycle loads one row per stripe
-            weights = any(n.op in ("matmul", "gather") and len(n.inputs) > 1 and n.inputs[n.op == "matmul"] == tid
-                          for n in g.nodes)
+            weights = tid in weight_ids
             arr2 = arr.reshape(_rows(arr.shape), _cols(arr.shape))
             self.vts[tid] = self.weight_vt(name, arr2) if weights else self.const_vt(name, arr2)
         self.place_outputs()
@@ -491,11 +515,14 @@ class Compiler:
                 # inlined where its one consumer reads it; its inputs stay placed until then
                 self.deferred[n.output] = self.builder(n, t)
                 self.kernels.append((n.op, name, None))
+                self.record.kernels.append(dump.KernelRow(n.op, name, None, None, {}))
                 continue
-            if n.op in COLLECTIVES:
+            log.start()
+            if registry.spec(n.op).collective:
                 last = yield n, t, name, kind
             else:
                 last = self.lower(n, t, name, kind)
+            log.stop(n.op, name, last)
             self.kernels.append((n.op, name, last))
             self.consume(n)
         # graph outputs that are inputs or constants, and a tensor's second output name: copy them
@@ -503,11 +530,13 @@ class Compiler:
             if t.id in self.vts and self.vts[t.id].kind == "output" and self.vts[t.id].name == name:
                 continue
             out = self.new_vt(name, t.dtype, t.shape, kind="output")
+            log.start()
             if self.is_scalar(t):
-                map_kernel(self.ctx, Expr.const(t.dtype, self.scalars[t.id]), out)
+                last = map_kernel(self.ctx, Expr.const(t.dtype, self.scalars[t.id]), out)
             else:
                 src = self.vt(t)
-                map_kernel(self.ctx, E("mov", t.dtype, Expr.input(src, lambda v: v)), out)
+                last = map_kernel(self.ctx, E("mov", t.dtype, Expr.input(src, lambda v: v)), out)
+            log.stop("copy", name, last)
             if t.id not in self.vts or self.vts[t.id].kind != "output":
                 self.vts[t.id] = out
         # state := value, after every read of the state in this run
@@ -517,13 +546,16 @@ class Compiler:
                 continue
             done = int(st.last_read.max()) + 1 if len(st.last_read) else 0
             st.after = [[max(a, done) for a in plane] for plane in st.after]
+            log.start()
             if self.is_scalar(v):
-                map_kernel(self.ctx, Expr.const(st.dtype, self.scalars[v.id]), st)
+                last = map_kernel(self.ctx, Expr.const(st.dtype, self.scalars[v.id]), st)
             else:
                 src = self.vt(v)
                 if src.bcast:
                     src = self.plain(v)
-                map_kernel(self.ctx, E("mov", st.dtype, Expr.input(src, lambda i: i)), st)
+                last = map_kernel(self.ctx, E("mov", st.dtype, Expr.input(src, lambda i: i)), st)
+            log.stop("assign", st.name, last)
+        self.finish_record()
         prog = Program(self.cfg)
         self.sched.emit(prog)
         for name, vt in self.tables:
@@ -534,7 +566,20 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
                                cycles, self.mem.peak_bytes(), self.kernels,
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                               graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts)
+                               graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts, self.record)
+
+    def finish_record(self) -> None:
+        """Note the fusion and placement decisions in :attr:`record` (for :meth:`Compiled.dump`)."""
+        rec, n_t = self.record, len(self.g.tensors)
+        rec.fused = set(self.defer)
+        rec.immediates = dict(self.scalars)
+        holds: Dict[int, List[int]] = {}
+        for tid, vt in self.vts.items():
+            if isinstance(tid, int) and 0 <= tid < n_t:
+                for v in _placed_as(vt):
+                    holds.setdefault(id(v), []).append(tid)
+        rec.placements = [dump.place_row(vt, holds.get(id(vt), ()), self.L) for vt in self.placed]
+        self.placed = []
 
     def concat_parts(self) -> Dict[int, Tuple[Tensor, int]]:
         """Parts of concatenations of whole rows (2-d, axis 0) that their elementwise producers write in
@@ -577,55 +622,24 @@ class Compiler:
 
     # ---- lowering -----------------------------------------------------------------------------------
     def lower(self, n, t: Tensor, name: str, kind: str) -> int:
-        g = self.g
-        ins = [g.tensors[i] for i in n.inputs]
-        op = n.op
-        if op == "concat" and t.id in self.vts:
-            # every part was written in place (concat_parts)
-            return int(self.vts[t.id].ready.max())
-        build = self.builder(n, t)
+        """Lower node n (writing t, named ``name``, of ``kind``) as its registry entry says
+        (:mod:`lpucore.compiler.registry`): one map kernel when it has a builder for n, else its
+        lowering function; returns the cycle its last result lands."""
+        s = registry.spec(n.op)
+        ins = [self.g.tensors[i] for i in n.inputs]
+        build = s.builder(self, n, ins, t)
         if build is not None:
             return self.map_op(t, name, kind, build)
-        if op == "gelu":
-            return self.gelu(ins[0], t, name, kind, n.attrs["approximate"])
-        if op in ("sum", "max", "mean"):      # over lanes (across rows: a builder, above)
-            return self.reduce(op, ins[0], t, name, kind)
-        if op == "softmax":
-            return self.softmax(ins[0], t, name, kind)
-        if op == "layernorm":
-            return self.norm(ins[0], ins[1], ins[2], t, name, kind, n.attrs["eps"], rms=False)
-        if op == "rmsnorm":
-            return self.norm(ins[0], ins[1], None, t, name, kind, n.attrs["eps"], rms=True)
-        from . import lower_more
-        return lower_more.lower(self, n, ins, t, name, kind)
+        if s.lower is None:
+            raise CompileError(f"{n.op}: no lowering on one chip (lpucore.compiler.registry)")
+        return s.lower(self, n, ins, t, name, kind)
 
     def builder(self, n, t: Tensor) -> Optional[Callable[[], Expr]]:
         """The expression builder of an elementwise node (one map kernel reading each input
-        once through :meth:`operand`), or None for an operation lowered otherwise.  A
-        deferred node's builder is called where its consumer reads it (:mod:`.fuse`)."""
-        ins = [self.g.tensors[i] for i in n.inputs]
-        op = n.op
-        if op in ("add", "sub", "mul", "div", "maximum", "minimum"):
-            mn = {"maximum": "max", "minimum": "min"}.get(op, op)
-            return lambda: E(mn, t.dtype, self.operand(ins[0], t.shape), self.operand(ins[1], t.shape))
-        if op in ("neg", "abs", "relu", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"):
-            return lambda: E(op, t.dtype, self.operand(ins[0], t.shape))
-        if op == "silu":
-            def f():
-                x = self.operand(ins[0], t.shape, F32)
-                return cvt(E("mul", F32, x, E("sigmoid", F32, x)), t.dtype)
-            return f
-        if op == "cast":
-            return lambda: cvt(self.operand(ins[0], t.shape), t.dtype)
-        if op in ("sum", "max", "mean") and n.attrs.get("axis") == -2:
-            return self.rows_builder(op, ins[0], t)
-        if op == "gelu" and n.attrs["approximate"] == "tanh":
-            return lambda: self.gelu_tanh(ins[0], t)
-        if op == "quantize":
-            return lambda: self.quantize(ins[0], ins[1], n.attrs["zero_point"], t)
-        if op == "dequantize":
-            return lambda: self.dequantize(ins[0], ins[1], n.attrs["zero_point"], t)
-        return None
+        once through :meth:`operand`), or None for an operation lowered otherwise (its registry
+        entry's ``build``).  A deferred node's builder is called where its consumer reads it
+        (:mod:`.fuse`)."""
+        return registry.spec(n.op).builder(self, n, [self.g.tensors[i] for i in n.inputs], t)
 
     def inputs_of(self, e: Expr) -> Set[int]:
         """Slices holding the operands of an expression."""
@@ -857,6 +871,7 @@ class Compiler:
         if x.id not in self.deferred:
             return
         build = self.deferred.pop(x.id)
+        self.record.materialised.append(x.id)
         self.map_op(x, f"_t{x.id}", "temp", build)
         self.consume(self.g.producer[x.id])
 

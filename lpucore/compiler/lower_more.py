@@ -1,4 +1,5 @@
-"""Lowering of matmul, layout operations, gather and rope (the rest is in lower.py)."""
+"""Lowering of matmul, layout operations, gather and rope (the rest is in lower.py; which function
+lowers which operation: :mod:`lpucore.compiler.registry`)."""
 
 from __future__ import annotations
 
@@ -22,19 +23,6 @@ def _batch_index(shape_b, shape_out_batch):
         return np.zeros(1, dtype=np.int64)
     grid = np.arange(int(np.prod(sb)) if sb else 1).reshape(sb or (1,))
     return np.broadcast_to(grid, shape_out_batch).ravel()
-
-
-def lower(c, n, ins, t, name, kind):
-    op = n.op
-    if op == "matmul":
-        return matmul(c, ins[0], ins[1], t, name, kind)
-    if op in ("reshape", "transpose", "concat", "slice"):
-        return layout(c, n, ins, t, name, kind)
-    if op == "gather":
-        return gather(c, ins[0], ins[1], t, name, kind)
-    if op == "rope":
-        return rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"])
-    raise CompileError(f"{op}: not supported by the compiler")
 
 
 def matmul(c, a, b, t, name, kind):
@@ -148,38 +136,6 @@ def relayout(c, out, srcs, src_of):
                                                       Expr.input(m, lambda v: 0)), out, vectors=tail))
         return last
     return lanemove_kernel(c.ctx, out, lambda v: plan[v], lambda a, b: c.span_mask(a, b, out.planes))
-
-
-def layout(c, n, ins, t, name, kind):
-    op = n.op
-    srcs = [c.plain(x) for x in ins]
-    out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(*srcs))
-    c.vts[t.id] = out
-    size = t.size
-    if op == "reshape":
-        which = np.zeros(size, dtype=np.int64)
-        elem = np.arange(size)
-    elif op == "transpose":
-        grid = np.arange(ins[0].size).reshape(ins[0].shape)
-        elem = np.ascontiguousarray(np.transpose(grid, n.attrs["axes"])).ravel()
-        which = np.zeros(size, dtype=np.int64)
-    elif op == "slice":
-        grid = np.arange(ins[0].size).reshape(ins[0].shape)
-        idx = tuple(slice(a, b) for a, b in zip(n.attrs["starts"], n.attrs["stops"]))
-        elem = np.ascontiguousarray(grid[idx]).ravel()
-        which = np.zeros(size, dtype=np.int64)
-    elif op == "concat":
-        ax = n.attrs["axis"]
-        parts_w, parts_e = [], []
-        for i, x in enumerate(ins):
-            g = np.arange(x.size).reshape(x.shape)
-            parts_e.append(g)
-            parts_w.append(np.full(x.shape, i, dtype=np.int64))
-        elem = np.concatenate(parts_e, axis=ax).ravel()
-        which = np.concatenate(parts_w, axis=ax).ravel()
-    else:
-        raise CompileError(f"{op}: not a layout operation")
-    return relayout(c, out, srcs, (which, elem))
 
 
 def gather(c, table, idx, t, name, kind):

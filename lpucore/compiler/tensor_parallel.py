@@ -38,6 +38,13 @@ class MultiChipCompiled:
     def config(self):
         return self.parts[0].config
 
+    def dump(self, stage: str) -> str:
+        """Every chip's program after compiler stage ``stage`` (:meth:`Compiled.dump
+        <lpucore.compiler.lower.Compiled.dump>`), one section a chip; a pipeline stage's cycles are
+        those of its own schedule, before it is shifted to start when its input has landed."""
+        return "".join(f"=== chip {c} (part {k} of {len(self.parts)})\n{p.dump(stage)}"
+                       for k, (c, p) in enumerate(zip(self.chips, self.parts)))
+
     @property
     def memory_bytes(self) -> List[int]:
         """SRAM each chip's program uses (bytes)."""
