@@ -255,7 +255,9 @@ class _Chain:
     root: Optional[Expr] = None              # the staged copy laid out (None: the expression itself)
 
 
-def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
+def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int], alap: bool = False) -> _Chain:
+    """The expression's operations on the ALUs, each as soon as its operands land (``alap``: then each
+    but the root as late as its first consumer allows, see below)."""
     nodes = [n for n in _topo(root) if n.op != "in"]
     if len(nodes) > len(alus):
         raise CompileError(f"an elementwise expression of {len(nodes)} VXM operations needs more than the "
@@ -287,6 +289,17 @@ def _layout(root: Expr, cfg: ChipConfig, alus: Sequence[int]) -> _Chain:
                     start = max(start, land[id(a)])
             t[id(n)] = start
             land[id(n)] = start + op_of(_mn(n), "VXM").delay(cfg)
+    if alap:
+        # every operation but the root as late as its first consumer allows: a value that lands
+        # early is held in its ALU's latch until used, and a held latch keeps the next vector's
+        # value out of that ALU (the kernel's vectors then start cycles apart instead of one)
+        for n in reversed(nodes[:-1]):
+            users = [t[id(m)] for m in nodes if any(a is n for a in m.args)]
+            if users:
+                d = land[id(n)] - t[id(n)]
+                late = min(users) - d
+                if late > t[id(n)]:
+                    t[id(n)], land[id(n)] = late, late + d
     last_use = {id(n): land[id(n)] for n in nodes}
     reads, seen_reads = [], set()
     for m in nodes:
@@ -412,7 +425,7 @@ def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -
     from one slice in one cycle, a staggered or fully staged one.  Decided for every
     vector before anything is committed, so that NeedsSplit leaves no trace."""
     cfg = ctx.cfg
-    plain = _layout(root, cfg, alus)
+    plain = _layout(root, cfg, alus, alap=True)
     alts: Optional[List[_Chain]] = None
     out: Dict[int, _Chain] = {}
     for v in vectors:
@@ -425,7 +438,7 @@ def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -
                 r = make(root)
                 n = len([x for x in _topo(r) if x.op != "in"])
                 if n <= len(alus):
-                    alt = _layout(r, cfg, alus)
+                    alt = _layout(r, cfg, alus, alap=True)
                     alt.root = r
                     alts.append(alt)
         ch = next((c for c in alts if not _collides(c, v)), None)
