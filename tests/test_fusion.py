@@ -206,3 +206,25 @@ def test_lane_reductions_inline_or_place_their_deferred_inputs(cfg, monkeypatch)
     same_bits(out, run_all(plain, {"x": x}))
     assert fused.expected_cycles < plain.expected_cycles
     assert np.array_equal(out["m"], np.abs(x.astype(np.float32)).max(-1, keepdims=True))
+
+
+def per_row_scale_graph():
+    """One value per row (a lane max, then a maximum with a constant) read by two elementwise
+    operations that broadcast it over the row's lanes."""
+    g = Graph()
+    x = g.input("x", (3, 150), "float32")
+    m = g.maximum(g.max(g.abs(x), keepdims=True), 1e-3)
+    g.output("y1", g.div(x, m))
+    g.output("y2", g.mul(g.add(x, 1.0), m))
+    return g
+
+
+def test_one_value_per_row_held_in_every_lane_is_recomputed_by_its_consumers(monkeypatch):
+    fused, plain = compile_both(per_row_scale_graph, SMALL, monkeypatch)
+    x = np.random.default_rng(4).standard_normal((3, 150)).astype(np.float32)
+    out = run_all(fused, {"x": x})
+    same_bits(out, run_all(plain, {"x": x}))
+    assert [last for op, _, last in fused.kernels if op == "maximum"] == [None]
+    assert fused.expected_cycles < plain.expected_cycles
+    m = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-3))
+    assert np.array_equal(out["y1"], x / m) and np.array_equal(out["y2"], (x + np.float32(1)) * m)

@@ -18,6 +18,9 @@ about 25 cycles (a cast read by both an ``abs`` and a ``mul``, a ``maximum`` wit
 read by every block of a matmul's epilogue), and when it has at most
 :data:`RECOMPUTE_ELEMENTS` elements.
 
+A value per row held in every lane (a lane reduction's result, or an elementwise function of
+such values and constants: the int8 activations' ``max(max|x|, eps)``) is recomputed by each
+consumer that broadcasts it over the row's lanes, under the same limits.
 A reduction across rows (``axis=-2``) is one map kernel too: it is deferred like an elementwise
 operation, and inlines a deferred input row by row.  A reduction over the lanes inlines a deferred
 input into the row expression its lane all-reduce starts from (an ``abs`` before a ``max``).
@@ -63,12 +66,14 @@ _across_rows = registry.across_rows
 _across_lanes = registry.across_lanes
 
 
-def _inlining(g: Graph, tid: int, consumer: Node) -> str:
+def _inlining(g: Graph, tid: int, consumer: Node, in_lanes: bool = False) -> str:
     """How the consumer can inline tensor tid's expression: "same" (vector v of tid is vector v of
     the consumer's output: shapes equal but for leading ones; or the consumer reduces tid across
     its rows, reading each vector once), "rows" (tid is one row the consumer broadcasts over its
     rows: the expression is recomputed for every row, :meth:`Compiler.operand
-    <lpucore.compiler.lower.Compiler.operand>`), or "" (it cannot)."""
+    <lpucore.compiler.lower.Compiler.operand>`), "lanes" (tid is one value per row, computed from
+    values held in every lane, ``in_lanes``, that the consumer broadcasts over its lanes: recomputed
+    for every vector of the row), or "" (it cannot)."""
     if _across_rows(consumer) or _across_lanes(consumer):
         return "same"
     a, b = g.tensors[tid].shape, g.tensors[consumer.output].shape
@@ -78,7 +83,28 @@ def _inlining(g: Graph, tid: int, consumer: Node) -> str:
         return "same"
     if len(a) >= 1 and int(np.prod(a[:-1])) == 1 and a[-1] == b[-1] and int(np.prod(b)) <= RECOMPUTE_ELEMENTS:
         return "rows"
+    a = (1,) * (len(b) - len(a)) + tuple(a)
+    if in_lanes and len(b) >= 1 and a[-1] == 1 and a[:-1] == tuple(b[:-1]) and int(np.prod(b)) <= RECOMPUTE_ELEMENTS:
+        return "lanes"
     return ""
+
+
+def _in_every_lane(g: Graph, n: Node, lanes: Set[int], consumers: Dict[int, List[Node]]) -> bool:
+    """n's inputs are all held in every lane once placed: one-element constants (VXM immediates),
+    one-value-per-row constants read only elementwise (written in every lane), lane reductions'
+    results, and deferred values computed from such inputs (``lanes``)."""
+    for i in n.inputs:
+        t = g.tensors[i]
+        if i in g.constants:
+            if t.size == 1 or (t.shape[-1] == 1 and all(registry.spec(u.op).scalar_operands
+                                                          for u in consumers.get(i, []))):
+                continue
+            return False
+        p = g.producer.get(i)
+        if i in lanes or (p is not None and _across_lanes(p) and t.shape[-1] == 1):
+            continue
+        return False
+    return True
 
 
 def _cost(g: Graph, n: Node, size: Dict[int, int]) -> int:
@@ -96,13 +122,15 @@ def deferrable(g: Graph) -> Set[int]:
             consumers.setdefault(i, []).append(n)
     kept = {t.id for t in g.outputs.values()} | {v.id for v in g.assigns.values()}
     out: Set[int] = set()
+    lanes: Set[int] = set()            # deferred values held in every lane (see _inlining)
     size: Dict[int, int] = {}          # operations of a deferred result's inlined expression
     for n in g.nodes:
         tid = n.output
         users = consumers.get(tid, [])
         if tid in kept or not users or not is_elementwise(n):
             continue
-        how = [_inlining(g, tid, u) if is_elementwise(u) or _across_lanes(u) else "" for u in users]
+        in_lanes = g.tensors[tid].shape[-1:] == (1,) and _in_every_lane(g, n, lanes, consumers)
+        how = [_inlining(g, tid, u, in_lanes) if is_elementwise(u) or _across_lanes(u) else "" for u in users]
         # an expression of constants only would read no tensor: nothing to say it is broadcast
         if "" in how or all(i in g.constants for i in n.inputs):
             continue
@@ -111,4 +139,6 @@ def deferrable(g: Graph) -> Set[int]:
                 cost <= RECOMPUTE_MAX and int(np.prod(g.tensors[tid].shape)) <= RECOMPUTE_ELEMENTS):
             out.add(tid)
             size[tid] = cost
+            if in_lanes:
+                lanes.add(tid)
     return out

@@ -392,9 +392,12 @@ class Compiler:
             # a fused producer: its expression, read vector for vector (fuse.deferrable); one
             # row broadcast over the output's rows reads that row's vectors for every row
             e = self.deferred[t.id]()
+            C = -(-_cols(out_shape) // self.L) if len(out_shape) else 1
             if _rows(t.shape) == 1 and len(out_shape) and _rows(out_shape) > 1:
-                C = -(-_cols(out_shape) // self.L)
                 e = _remap(e, lambda v: v % C)
+            elif _cols(t.shape) == 1 and C > 1:
+                # one value per row, held in every lane (fuse: "lanes"), read by each vector of its row
+                e = _remap(e, lambda v: v // C)
             return cvt(e, d)
         vt = self.vt(t)
         in_shape = t.shape
