@@ -959,11 +959,9 @@ def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state) -> List[Tup
                 units.append((nt, [_Run(ctx, p, planes_state, M * j // per, M * (j + 1) // per)
                                    for j, p in enumerate(mine)]))
             return units
-    work = []
-    for p in planes:
-        for nt in range(planes.index(p), geo.nT, len(planes)):
-            work.append((nt, [_Run(ctx, p, planes_state, 0, M)]))
-    return work
+    # tile by tile (tile nt on plane nt mod P): the planes take turns at the weights' slices and
+    # streams, instead of the first plane taking every early slot and the last one the leftovers
+    return [(nt, [_Run(ctx, planes[nt % len(planes)], planes_state, 0, M)]) for nt in range(geo.nT)]
 
 
 def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: int) -> int:
