@@ -518,24 +518,42 @@ def _ids_arg(text: str) -> List[int]:
     return ids
 
 
-def _cmd_decode(args) -> int:
+def _load_model(args, **kw):
+    """The Decoder the command's model options name (a model directory or a named shape with random
+    weights); ``kw`` goes to its constructor too. CliError if --model is neither."""
     from .llm import SHAPES, Decoder
 
-    kw = dict(precision=args.precision, engine=args.engine, capacity=args.capacity)
+    kw.update(precision=args.precision, capacity=args.capacity)
     if args.config is not None:
         kw["config"] = args.config
     path = Path(args.model)
+    if path.is_dir():
+        try:
+            return Decoder.from_pretrained(path, allow_nonfinite=args.allow_nonfinite, **kw)
+        except ImportError as e:        # safetensors is not installed
+            raise CliError(str(e)) from None
+    if args.model in SHAPES:
+        return Decoder.random(args.model, seed=args.seed, **kw)
+    raise CliError(f"--model {args.model!r} is neither a directory nor a known shape ({', '.join(SHAPES)})")
+
+
+def _model_options(d) -> None:
+    """--model, --precision, --capacity, --seed, --allow-nonfinite and --config: the model a decode
+    step is compiled for (decode, dump)."""
+    d.add_argument("--model", required=True, metavar="NAME_OR_PATH",
+                   help="shape name (tiny, tiny-moe, tiny-gpt2, gpt2, ...) or model directory")
+    d.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help="weights (default fp16)")
+    d.add_argument("--capacity", type=int, default=None, metavar="N",
+                   help="KV cache positions (default: min(max_positions, 128))")
+    d.add_argument("--seed", type=_seed_arg, default=0, help="random weights' seed (named shapes; >= 0)")
+    d.add_argument("--allow-nonfinite", action="store_true",
+                   help="load a model directory whose weights hold NaN or infinity (refused by default)")
+    add_config_option(d)
+
+
+def _cmd_decode(args) -> int:
     try:
-        if path.is_dir():
-            try:
-                model = Decoder.from_pretrained(path, allow_nonfinite=args.allow_nonfinite, **kw)
-            except ImportError as e:        # safetensors is not installed
-                raise CliError(str(e)) from None
-        elif args.model in SHAPES:
-            model = Decoder.random(args.model, seed=args.seed, **kw)
-        else:
-            raise CliError(f"--model {args.model!r} is neither a directory nor a known shape "
-                           f"({', '.join(SHAPES)})")
+        model = _load_model(args, engine=args.engine)
         out = sys.stdout
         print(f"{model}: compiling the step program ...", file=out, flush=True)
         compiled = model.compile()
@@ -579,41 +597,17 @@ def _decode_command(sub) -> None:
                     "--tokens greedy tokens (printed as they come), and print the timing table: cycles and "
                     "latency per step, time to first token, tokens/s per user, MXM utilisation, SRAM, and "
                     "where the cycles went.")
-    d.add_argument("--model", required=True, metavar="NAME_OR_PATH",
-                   help="shape name (tiny, tiny-moe, tiny-gpt2, gpt2, ...) or model directory")
+    _model_options(d)
     d.add_argument("--prompt-ids", type=_ids_arg, default=[1], metavar="1,2,3", help="prompt token ids")
     d.add_argument("--tokens", type=int, default=32, metavar="N", help="new tokens to generate (default 32)")
-    d.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help="weights (default fp16)")
-    d.add_argument("--capacity", type=int, default=None, metavar="N",
-                   help="KV cache positions (default: min(max_positions, 128))")
-    d.add_argument("--seed", type=_seed_arg, default=0, help="random weights' seed (named shapes; >= 0)")
     d.add_argument("--json", metavar="STATS.json", help="write the per-step statistics as JSON ('-': stdout)")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
-    d.add_argument("--allow-nonfinite", action="store_true",
-                   help="load a model directory whose weights hold NaN or infinity (refused by default)")
-    add_config_option(d)
     add_engine_option(d)
 
 
 def _cmd_dump(args) -> int:
-    from .llm import SHAPES, Decoder
-
-    kw = dict(precision=args.precision, capacity=args.capacity)
-    if args.config is not None:
-        kw["config"] = args.config
-    path = Path(args.model)
     try:
-        if path.is_dir():
-            try:
-                model = Decoder.from_pretrained(path, **kw)
-            except ImportError as e:        # safetensors is not installed
-                raise CliError(str(e)) from None
-        elif args.model in SHAPES:
-            model = Decoder.random(args.model, seed=args.seed, **kw)
-        else:
-            raise CliError(f"--model {args.model!r} is neither a directory nor a known shape "
-                           f"({', '.join(SHAPES)})")
-        text = model.compile().dump(args.stage)
+        text = _load_model(args).compile().dump(args.stage)
     except ValueError as e:
         raise CliError(str(e)) from None
     print(text, end="")
@@ -628,14 +622,8 @@ def _dump_command(sub) -> None:
                     "graph (operations, shapes, dtypes), fused (which operations run as one kernel), placed "
                     "(each tensor's MEM slices, addresses and hemisphere), scheduled (each kernel's cycles, "
                     "instructions and units), emitted (instructions per queue), or all (Compiled.dump).")
-    d.add_argument("--model", required=True, metavar="NAME_OR_PATH",
-                   help="shape name (tiny, tiny-moe, tiny-gpt2, gpt2, ...) or model directory")
+    _model_options(d)
     d.add_argument("--stage", choices=STAGES + ("all",), default="scheduled", help="stage (default scheduled)")
-    d.add_argument("--precision", choices=("fp16", "int8"), default="fp16", help="weights (default fp16)")
-    d.add_argument("--capacity", type=int, default=None, metavar="N",
-                   help="KV cache positions (default: min(max_positions, 128))")
-    d.add_argument("--seed", type=int, default=0, help="random weights' seed (named shapes)")
-    add_config_option(d)
 
 
 # ---------------------------------------------------------------------------------------
