@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .. import dtypes as dt
 from .. import isa
 from ..errors import CompileError
-from .kernels import SEARCH, Ctx, E, Expr, Used, _collides, _layout, _staged, _topo, _vxm_args
+from .kernels import SEARCH, Ctx, E, Expr, Used, _collides, _layout, _staged, _topo, _vxm_args, earliest
 from .memory import VT
 from .schedule import Plan
 
@@ -296,18 +296,6 @@ def _chain_plan(ctx: Ctx, rp: _RowPlan, root: Expr, ch, r: int, a: int) -> Optio
     return _Producer("mov", (isa.LATCH_BASE + x[0],), x[1], [x])
 
 
-def _earliest(ctx: Ctx, ch, r: int, start: int) -> int:
-    """The first start cycle at which every operand of row r's expression has been written."""
-    lo = start
-    for tc, node in ch.reads:
-        vt, idx = node.source()
-        vin = idx(r)
-        for p in range(vt.planes):
-            g, _ = vt.loc(vin, p)
-            lo = max(lo, int(vt.ready[vin]) + ctx.cfg.mem_read_delay + abs(ctx.vx - ctx.slice_pos[g]) - tc)
-    return lo
-
-
 def _sets(ctx: Ctx, geo: _Geometry, alus: Sequence[int], rows: int, n_stage: int):
     """ALU sets (rows take them in turn, so consecutive rows overlap) and the radix plan: two
     sets when several rows fit in half the ALUs each, else one."""
@@ -352,7 +340,7 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
         s = sets[r % len(sets)]
         fin, rest = s[:FIN], s[FIN:]
         root, ch = _row_chain(ctx, row_expr(r), r, rest)
-        lo = max(_earliest(ctx, ch, r, start), began[r % len(sets)] + 1)
+        lo = max(earliest(ctx, ch, r, start), began[r % len(sets)] + 1)
         for a in range(lo, lo + SEARCH):
             rp = _RowPlan(ctx, geo, radices, op, d, fin, rest)
             prod = _chain_plan(ctx, rp, root, ch, r, a)

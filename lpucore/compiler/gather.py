@@ -161,8 +161,8 @@ def _or_into(c, terms: List[Expr], out: VT, v: int) -> int:
         if len(terms) < 3:
             raise
     halves = []
-    for part in (terms[:len(terms) // 2], terms[len(terms) // 2:]):
-        tmp = c.new_vt(f"_gor{id(part)}", d, (1, out.cols if out.chunks == 1 else c.L))
+    for half, part in enumerate((terms[:len(terms) // 2], terms[len(terms) // 2:])):
+        tmp = c.new_vt(f"_gor{out.name}.{v}.{len(terms)}.{half}", d, (1, out.cols if out.chunks == 1 else c.L))
         _or_into(c, part, tmp, 0)
         halves.append(tmp)
     last = _or_into(c, [Expr.input(h, _fixed(0)) for h in halves], out, v)

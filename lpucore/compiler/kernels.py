@@ -433,12 +433,15 @@ def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -
             out[v] = plain
             continue
         if alts is None:
-            alts = []
+            # the plain expression as soon as possible (its reads where ALAP had not moved them
+            # together), then the staggered and staged ones, whose reads are kept apart by their
+            # operations' earliest cycles (laid out as soon as possible: ALAP would gather them again)
+            alts = [_layout(root, cfg, alus)]
             for make in (_staggered, _staged):
                 r = make(root)
                 n = len([x for x in _topo(r) if x.op != "in"])
                 if n <= len(alus):
-                    alt = _layout(r, cfg, alus, alap=True)
+                    alt = _layout(r, cfg, alus)
                     alt.root = r
                     alts.append(alt)
         ch = next((c for c in alts if not _collides(c, v)), None)
@@ -447,6 +450,19 @@ def _chains(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]) -
                              f"{len(alus)} ALUs")
         out[v] = ch
     return out
+
+
+def earliest(ctx: Ctx, ch: _Chain, v: int, start: int) -> int:
+    """The first start cycle (>= start) at which every operand of the chain for vector v has been
+    written, its reads arriving at the VXM."""
+    lo = start
+    for tc, node in ch.reads:
+        vt, idx = node.source()
+        vin = idx(v)
+        for p in range(vt.planes):
+            g, _ = vt.loc(vin, p)
+            lo = max(lo, int(vt.ready[vin]) + ctx.cfg.mem_read_delay + abs(ctx.vx - ctx.slice_pos[g]) - tc)
+    return lo
 
 
 def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] = None,
@@ -466,14 +482,7 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
         ch = chains[v]
         a = anchor[set_of[v]]
         root_v = ch.root if ch.root is not None else root
-        # earliest anchor from data readiness
-        lo = start
-        for tc, node in ch.reads:
-            vt, idx = node.source()
-            vin = idx(v)
-            for p in range(vt.planes):
-                g, _ = vt.loc(vin, p)
-                lo = max(lo, int(vt.ready[vin]) + cfg.mem_read_delay + abs(pos - ctx.slice_pos[g]) - tc)
+        lo = earliest(ctx, ch, v, start)
         # ... and from the output's space: reused space is writable only after its last reader
         for p in range(out.planes):
             g, _ = out.loc(v, p)
