@@ -427,6 +427,24 @@ class Graph:
             raise GraphError(f"gather: table must be 2-d [rows, dim], got {list(table.shape)}")
         return self._node("gather", [table, indices], indices.shape + table.shape[1:], table.dtype)
 
+    def scatter(self, x, indices, rows) -> Tensor:
+        """x with row ``indices[i]`` replaced by ``rows[i]`` (x ``[R, D]``, indices int32 ``[n]``,
+        rows ``[n, D]`` of x's dtype): a write at positions known only at run time (a KV cache's new
+        row). An index outside ``0..R-1`` writes nothing; when two indices are equal the later row
+        wins. Lowered to MEM ``Scatter``; when x is a state read only here and the result is
+        assigned back to it, the rows are written in place (nothing else of x moves)."""
+        x = self._t("scatter", x)
+        indices = self._t("scatter", indices)
+        rows = self._t("scatter", rows)
+        if indices.dtype.name != "int32" or indices.ndim != 1:
+            raise GraphError(f"scatter: indices must be int32 [n], got {indices.dtype.name}{list(indices.shape)}")
+        if x.ndim != 2:
+            raise GraphError(f"scatter: x must be 2-d [rows, dim], got {list(x.shape)}")
+        if rows.shape != (indices.shape[0], x.shape[1]) or rows.dtype != x.dtype:
+            raise GraphError(f"scatter: rows must be {x.dtype.name}{[indices.shape[0], x.shape[1]]}, "
+                             f"got {rows.dtype.name}{list(rows.shape)}")
+        return self._node("scatter", [x, indices, rows], x.shape, x.dtype)
+
     def rope(self, x, positions, base: float = 10000.0) -> Tensor:
         """Rotary position embedding, Llama form, over the last axis (the head dimension,
         even): pairs (i, i + d/2) rotate by angle positions[t] * base**(-2i/d).  x is

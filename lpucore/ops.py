@@ -92,6 +92,8 @@ matmul = _make("matmul", 2, "a @ b on the MXM (int8 -> int32, float16 -> float16
 transpose = _make("transpose", 1, "Transpose (axes=) on the chip.")
 reshape = _make("reshape", 1, "reshape(x, shape=) on the chip.")
 gather = _make("gather", 2, "table[indices] (an embedding lookup) on the chip.")
+scatter = _make("scatter", 3, "x with rows[i] written at row indices[i] (out-of-range indices write nothing; "
+                "the later of equal indices wins) on the chip.")
 rope = _make("rope", 2, "Rotary position embedding rope(x, positions, base=) on the chip.")
 quantize = _make("quantize", 1, "int8 quantisation quantize(x, scale=, zero_point=, axis=) on the chip.")
 dequantize = _make("dequantize", 1, "dequantize(q, scale=, zero_point=, axis=, dtype=) on the chip.")

@@ -211,6 +211,13 @@ def test_gpt2_small_int8_on_one_chip_matches_the_reference():
     st = res.stats
     assert st.step_cycles == st.predicted_cycles and st.sram_bytes <= ChipConfig.groqchip1().sram_bytes
     assert st.weight_bytes > 160e6 and st.by_part["head"] > 0
+    # runtime addressing: embeddings read by MEM Gather, the KV cache written by MEM Scatter in place
+    # (no one-hot blend of the cache, no one-hot product streaming a table through the MXM)
+    c = dec.compile()
+    ops = {m: sum(i.op.mnemonic == m for lst in c.program.queues.values() for i in lst) for m in ("Gather", "Scatter")}
+    assert ops["Gather"] > 0 and 0 < ops["Scatter"] <= 12 * 2 * 2 * 3 * 8, ops
+    assert len(c.row_parts) == 2 and "iota_rows" not in c.constants
+    assert not [k for k in c.kernels if k[0] in ("assign", "copy")]
 
 
 @pytest.mark.parametrize("name, precision, chips", [("tiny", "fp16", 2), ("tiny-gpt2", "int8", 3),

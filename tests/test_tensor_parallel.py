@@ -151,12 +151,14 @@ def test_llm_step_heads_split_matches_one_chip(precision):
     graph, sc, one = llm(precision)
     system = llm_system()
     states = ("k0", "v0", "k1", "v1")
-    # caches [S, Hkv * hd]: split by cache rows or by heads, whichever crosses the links least
+    # caches [S, Hkv * hd]: kept whole (each chip scatters the new rows into its copy), split by cache
+    # rows or by heads, whichever crosses the links least
     axis = sc.state_axes["k0"]
-    assert axis in (0, 1) and sc.state_axes == {n: axis for n in states}
+    assert axis in (None, 0, 1) and sc.state_axes == {n: axis for n in states}
     for n in states:
         full = list(graph.states[n].shape)
-        full[axis] //= 2
+        if axis is not None:
+            full[axis] //= 2
         assert all(p.states[n][0] == tuple(full) for p in sc.parts)
     # same graph structure on both chips, the same tables, different weight slices
     g0, g1 = sc.partition.graphs
@@ -187,6 +189,17 @@ def test_llm_step_heads_split_matches_one_chip(precision):
             assert np.array_equal(sc.read_state(system, n), one.read_state(chip, n)), (pos, n)
         assert np.abs(sc.read_state(system, "k1")[pos]).max() > 0          # the step wrote cache row pos
     assert len(cycles) == 1                                    # every step takes the same cycles
+    if precision == "fp16":
+        # caches split by heads: each chip scatters its columns of the new rows into its part
+        by_heads = compile_system(graph, system, state_axes={n: 1 for n in states}, min_cols=1)
+        by_heads.load(system)
+        for tok, pos in [(3, 0), (7, 1)]:
+            inp = {"tok": np.array([tok], np.int32), "pos": np.array([pos], np.int32)}
+            chip.reset(clear_memory=False)
+            one.write_inputs(chip, inp)
+            chip.run()
+            out, st = by_heads.run(inp, system=system)
+            np.testing.assert_allclose(out["logits"], one.read_outputs(chip)["logits"], rtol=0, atol=1e-3)
 
 
 def test_compiles_are_deterministic():

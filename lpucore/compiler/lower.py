@@ -24,7 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import dump, fuse, loaded, registry
+from . import dump, fuse, loaded, registry, scatter
 from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
@@ -281,13 +281,16 @@ class Compiler:
         self.hem ^= 1
         return self.hem
 
-    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None, strict=False) -> VT:
-        """Place a tensor (see memory.place); ``strict``: in hemisphere ``hem`` or nowhere."""
+    def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None, strict=False,
+               pow2=False, spare=0) -> VT:
+        """Place a tensor (see memory.place); ``strict``: in hemisphere ``hem`` or nowhere; ``pow2``:
+        striped over a power of two of slices with ``spare`` addresses after each stripe (a target of MEM
+        ``Scatter``)."""
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
-            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare)
         except CompileError:
             # no room where the producer would like it: the space reserved for the output
             if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
@@ -302,16 +305,16 @@ class Compiler:
             self.tables.append((name, vt))
         return vt
 
-    def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False) -> VT:
+    def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False, pow2=False, spare=0) -> VT:
         """Place a tensor away from the slices in avoid if there is room, else anywhere."""
         try:
             return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
-                         avoid=tuple(avoid), stripes=stripes, strict=strict)
+                         avoid=tuple(avoid), stripes=stripes, strict=strict, pow2=pow2, spare=spare)
         except CompileError:
             if not avoid:
                 raise
             return place(self.mem, name, d, rows, c, self.L, hem if strict else self.hem, kind=kind,
-                         stripes=stripes, strict=strict)
+                         stripes=stripes, strict=strict, pow2=pow2, spare=spare)
 
     def place_gather_tables(self) -> None:
         """Constants read only as gathered tables, by few indices, kept for MEM Gather
@@ -478,8 +481,10 @@ class Compiler:
         for name, t in g.inputs.items():
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
         for name, t in g.states.items():
-            # placed like an input; its initial value is written with the constants
-            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state")
+            # placed like an input; its initial value is written with the constants (a state written
+            # in place by MEM Scatter on a power of two of stripes: compiler.scatter)
+            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state", pow2=scatter.in_place(g, t.id),
+                                         spare=int(scatter.in_place(g, t.id)))
             arr = g.state_init[t.id]
             self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
         self.place_gather_tables()
@@ -545,7 +550,7 @@ class Compiler:
         # state := value, after every read of the state in this run
         for sid, v in g.assigns.items():
             st = self.vts[sid]
-            if v.id == sid:
+            if v.id == sid or self.vts.get(v.id) is st:       # unchanged, or written in place (scatter)
                 continue
             done = int(st.last_read.max()) + 1 if len(st.last_read) else 0
             st.after = [[max(a, done) for a in plane] for plane in st.after]

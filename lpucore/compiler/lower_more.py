@@ -150,9 +150,7 @@ def gather(c, table, idx, t, name, kind):
         out = c.new_vt(name, t.dtype, t.shape, kind=kind)
         c.vts[t.id] = out
         bc = _index_in_every_lane(c, idx, t)
-        last = gather_rows(c, placed, bc, n, out, t.id)
-        release(c.mem, bc)
-        return last
+        return gather_rows(c, placed, bc, n, out, t.id)
     if table.dtype.name not in ("int8", "float16"):
         raise CompileError(f"gather: tables of {table.dtype.name} are not supported (int8, float16)")
     d = table.dtype
@@ -187,12 +185,18 @@ def gather(c, table, idx, t, name, kind):
 
 
 
-def _index_in_every_lane(c, idx, t):
-    """int32 [n, 1]: index i in every lane of vector i (a lane sum of the index masked to its lane)."""
+def _index_in_every_lane(c, idx, t=None):
+    """int32 [n, 1]: index i in every lane of vector i (a lane sum of the index masked to its lane).
+    Made once per index tensor and kept (a few vectors): a decode step's position addresses the
+    position embedding or rotary tables and every KV cache write."""
     from .allreduce import allreduce_kernel
+    made = c.__dict__.setdefault("lane_index", {})
+    if idx.id in made:
+        return made[idx.id]
     n = idx.size
     iv = c.plain(idx)
-    bc = c.new_vt(f"_gi{t.id}", I32, (n, 1), avoid=c.slices_of(iv))
+    bc = c.new_vt(f"_gi{idx.id}", I32, (n, 1), avoid=c.slices_of(iv))
+    made[idx.id] = bc
 
     def row(r):
         busy = c.slices_of(iv)
@@ -217,7 +221,6 @@ def _onehot(c, idx, V, d, t):
         bits = E("and", I32, eq, Expr.const(I32, one_bits))
         return E("cvt", {1: I8, 2: dt.INT16}[d.nbytes], bits, **{})
     c.map_into(oh, lambda: _as(onehot(), d))
-    release(c.mem, bc)
     return oh
 
 def _as(e, d):

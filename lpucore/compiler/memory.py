@@ -123,6 +123,7 @@ class VT:
     ready: np.ndarray = field(init=False)        # per vector: cycle from which reads see it
     last_read: np.ndarray = field(init=False)    # per vector: last cycle it is read
     consumers: int = 0               # kernels still to read it
+    spare: int = 0                   # addresses kept after each stripe's vectors (a scatter's sink)
 
     def __post_init__(self) -> None:
         n = self.rows * self.chunks
@@ -217,9 +218,13 @@ class RowView(VT):
 
 
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
-          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False) -> VT:
+          stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False,
+          pow2: bool = False, spare: int = 0) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
-    in hemisphere `hem` (the other one if this one is full, unless ``strict``).
+    in hemisphere `hem` (the other one if this one is full, unless ``strict``); ``pow2``: a
+    power of two of stripes (a row's stripe and address are then a mask and a shift of its
+    index, which the VXM computes for a MEM ``Scatter``); ``spare`` addresses more after each
+    stripe's vectors (a scatter's sink: :mod:`lpucore.compiler.scatter`).
 
     Tensors the host writes before the run (constants, inputs, states) only get space no
     temporary ever uses: a constant placed during lowering (a mask, a ones matrix) in the
@@ -236,7 +241,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
 
     def room(h: int) -> int:
         """Stripes this hemisphere can give (slices with room that are not to be avoided)."""
-        per = -(-rows // want) * chunks
+        per = -(-rows // want) * chunks + spare
         ok = [g for g in (cfg.slice_id(h, s) for s in range(n_sl)) if g not in avoid and avail(g) >= per]
         return min(want, len(ok) // planes)
     # the asked hemisphere, unless the other gives more stripes (slices the tensor's operands do not hold)
@@ -245,7 +250,9 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
         # big for that many slices' addresses is spread over more
         most = max(want, min(rows * chunks, n_sl // planes))
         for n in list(range(want, 0, -1)) + list(range(want + 1, most + 1)):
-            per = -(-rows // n) * chunks
+            if pow2 and n & (n - 1):
+                continue
+            per = -(-rows // n) * chunks + spare
             # slices of this hemisphere with room, least used first, round robin
             cands = [cfg.slice_id(h, s) for s in range(n_sl)]
             cands = [g for g in cands if g not in avoid and avail(g) >= per]
@@ -284,7 +291,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
             mem.rr[h] += planes * n
             for g in chosen:
                 mem.live[g] += 1
-            return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind)
+            return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind, spare=spare)
     need = rows * chunks * planes * lanes
     free = sum((mem.available_fresh if fresh else mem.available)(g) for g in range(cfg.mem_slices)) * lanes
     raise CompileError(f"tensor {name!r} ({dtype.name}, {rows} x {cols}) needs {need:,} bytes of MEM in "
@@ -295,7 +302,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
 def release(mem: Memory, vt: VT) -> None:
     """Hand a dead tensor's space back, writable after its last read."""
     n = vt.stripes
-    per = -(-vt.rows // n) * vt.chunks
+    per = -(-vt.rows // n) * vt.chunks + vt.spare
     last = max(int(vt.last_read.max()) if len(vt.last_read) else -1, int(vt.ready.max()) if len(vt.ready) else 0)
     for p in range(vt.planes):
         for i in range(n):

@@ -35,7 +35,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..errors import CompileError
 from ..graph import Graph, Node, Tensor
-from . import lower_more
+from . import lower_more, scatter
 from .kernels import E, Expr, cvt
 
 F32 = dt.FLOAT32
@@ -226,6 +226,10 @@ def _gather(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str)
     return lower_more.gather(c, ins[0], ins[1], t, name, kind)
 
 
+def _scatter(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    return scatter.scatter(c, ins[0], ins[1], ins[2], t, name, kind)
+
+
 def _rope(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
     return lower_more.rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"])
 
@@ -259,5 +263,7 @@ register(OpSpec("slice", "layout", lower=_layout(_slice_map)))
 register(OpSpec("concat", "layout", lower=_concat))
 # table[indices]: one-hot rows times the table on the MXM, whose weights the table is
 register(OpSpec("gather", "gather", lower=_gather, weight_input=0))
+# x with rows written at run-time row indices: MEM Scatter (in place into a state assigned the result)
+register(OpSpec("scatter", "scatter", lower=_scatter))
 register(OpSpec("rope", "rope", lower=_rope))
 _register_all(("allgather", "allreduce"), "collective", collective=True)

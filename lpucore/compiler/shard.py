@@ -19,6 +19,7 @@ Megatron-LM's, derived from the shapes alone (so all P graphs have the same stru
 * ``reshape`` keeps a split when the parts stay contiguous (``[1, H * d]`` split along
   its last axis is ``[1, H, d]`` split by heads); ``transpose`` moves it; reductions,
   ``softmax``, the norms and ``rope`` keep splits of axes they do not work along.
+* ``scatter`` into a tensor split by columns writes each rank's columns of the new rows.
 * Anything else gathers its operands first.
 * A state (``Graph.state``, for example a KV cache) is split along the axis that makes
   the fewest bytes cross the links, found by trying each candidate axis.
@@ -266,6 +267,10 @@ class _Builder:
         if op == "gather":
             s1, ix1 = self.spec(ins[1].id), self.idx(ins[1].id)
             return out.gather(self.full(x0.id), self.local(ins[1].id)), s1, ix1
+        if op == "scatter":
+            if s == 1:          # x split by columns: each rank writes its columns of the rows
+                return out.scatter(self.local(x0.id), self.full(ins[1].id), self.split(ins[2].id, 1, ix)), s, ix
+            return out.scatter(self.full(x0.id), self.full(ins[1].id), self.full(ins[2].id)), None
         if op == "rope":
             if s is not None and s < x0.ndim - 2:
                 return out.rope(self.local(x0.id), self.full(ins[1].id), base=n.attrs["base"]), s, ix

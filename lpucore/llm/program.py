@@ -10,9 +10,9 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
 * Residual stream, norms, softmax and the final logits in float32; every matmul multiplies float16 operands on
   the MXM with float32 accumulators (``out_dtype="float32"``).
 * Keys and values are cached as ``K_l, V_l [S, Hkv * hd]`` float16, one row per position (the precision of
-  an fp16 cache). Writing position ``p`` is arithmetic, not addressing (the program is static):
-  ``K := K * (1 - onehot_p) + k * onehot_p`` with ``onehot_p = 1 - min(|iota - p|, 1)`` built on the VXM, one
-  0/1 value per row (exact: every product is by 0 or 1).
+  an fp16 cache). The new key and value rows are written at position ``p`` by :meth:`Graph.scatter`: MEM
+  ``Scatter`` with addresses computed on the chip from ``p``, in place (no other row of the cache moves;
+  :mod:`lpucore.compiler.scatter`). Rows whole vectors is why the cache is kept by position, not transposed.
 * Attention has no lane moves and no reduction across lanes. The scores ``q . K[s]`` of every head are
   the exact float32 products ``q * K`` (float16 times float16), split exactly into float16 ``hi + lo`` and
   summed over each head's ``hd`` lanes by one MXM product with a constant 0/1 matrix; the softmax runs across
@@ -247,13 +247,13 @@ class StepBuilder:
         g, cfg, S = self.g, self.cfg, self.S
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G, D = H // Hkv, Hkv * hd
-        keep, put, mask, seg2, seg_t = att[2:]
+        mask, seg2, seg_t = att[2:]
         self.part("kv")
         K = g.state(f"k{i - self.first}", (S, D), "float16")
         V = g.state(f"v{i - self.first}", (S, D), "float16")
-        # row p of the cache := the new row (exact: each product is by 0 or 1, each sum has one nonzero term)
-        K_new = g.add(g.mul(K, keep), g.mul(self.f16(g.reshape(k, (1, D))), put))      # [S, D]
-        V_new = g.add(g.mul(V, keep), g.mul(self.f16(g.reshape(v, (1, D))), put))
+        # row p of the cache := the new row, written in place by MEM Scatter
+        K_new = g.scatter(K, att[0], self.f16(g.reshape(k, (1, D))))                      # [S, D]
+        V_new = g.scatter(V, att[0], self.f16(g.reshape(v, (1, D))))
         g.assign(K, K_new)
         g.assign(V, V_new)
         self.part("attn")
@@ -298,17 +298,12 @@ class StepBuilder:
         return np.array([(i % Hkv) * G + i // Hkv for i in range(H)], dtype=np.int64)
 
     def _attention_constants(self, posf: Tensor):
-        """(keep, put, mask, seg2, seg_t) shared by every layer's attention: ``keep`` / ``put`` float16
-        ``[S, D]`` (0 / 1 on cache row ``pos``), ``mask`` float32 ``[S, Hkv]`` (``MASK`` on rows after
-        ``pos``), ``seg2`` ranges ``(a, b, seg[a:b])`` of the float16 ``[D, Hkv]`` lane-to-head matrix (for
-        :meth:`_head_sums`), ``seg_t`` float16
-        ``[Hkv, D]`` (head to its lanes)."""
+        """(mask, seg2, seg_t) shared by every layer's attention: ``mask`` float32 ``[S, Hkv]`` (``MASK`` on
+        rows after ``pos``), ``seg2`` ranges ``(a, b, seg[a:b])`` of the float16 ``[D, Hkv]`` lane-to-head
+        matrix (for :meth:`_head_sums`), ``seg_t`` float16 ``[Hkv, D]`` (head to its lanes)."""
         g, cfg, S = self.g, self.cfg, self.S
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         D = Hkv * hd
-        iota = g.constant("iota_rows", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), D, axis=1))
-        oh = g.sub(1.0, g.minimum(g.abs(g.sub(iota, posf)), 1.0))                        # [S, D]: 1 on row pos
-        keep, put = self.f16(g.sub(1.0, oh)), self.f16(oh)
         iota_h = g.constant("iota_rows_h", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), Hkv, axis=1))
         mask = g.mul(g.minimum(g.maximum(g.sub(iota_h, posf), 0.0), 1.0), MASK)           # [S, Hkv]
         seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
@@ -319,7 +314,7 @@ class StepBuilder:
         seg2 = [(a, b, g.constant(f"head_sum{a}", np.ascontiguousarray(seg[a:b])))
                 for a, b in zip(cuts, cuts[1:])]
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
-        return keep, put, mask, seg2, seg_t
+        return mask, seg2, seg_t
 
     # ---- the model -------------------------------------------------------------------------------
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:

@@ -1,0 +1,193 @@
+"""Row writes at run-time positions by MEM ``Scatter`` (``Graph.scatter``: a KV cache's new row).
+
+A static program cannot name the address of a row chosen at run time, but a slice's ``Scatter``
+writes, per superlane, to the address held in lane 0 of that superlane of a map stream group
+(int16). The target is striped over ``ns`` slices per byte plane, ``ns`` a power of two
+(:func:`lpucore.compiler.memory.place` with ``pow2``): vector ``(r, c)`` of plane ``b`` lies in
+stripe ``s = (r + c) & (ns - 1)`` at ``base[b][s] + (r >> log2 ns) * C + c``. So for each index and
+each (plane, chunk, stripe) the VXM computes one address:
+
+* the row's address in that stripe's slice when the row's chunk lies there,
+* else the slice's *sink*, an address of its own that no tensor uses (one per slice, taken once),
+
+and every (plane, chunk, stripe) slice issues one ``Scatter`` of the new row's chunk: exactly one
+stripe per chunk and plane writes the row, the others write their sinks. An index outside
+``0..R-1`` hits no stripe, so it writes nothing. Equal indices: a slice issues its scatters in index
+order, so the later row lands last.
+
+In place: when ``x`` is a state read only by the scatter and the scatter's result is assigned back
+to it (:func:`in_place`), the rows are written into the state itself; otherwise ``x`` is copied
+into a new tensor first. Every vector of the result counts as written when the last scatter lands
+(which row changed is known only at run time).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from .. import dtypes as dt
+from ..errors import CompileError
+from ..graph import Graph, Tensor
+from .kernels import E, Expr, Plan, _find, cvt, map_kernel
+from .lower_more import _index_in_every_lane
+from .memory import VT, release
+
+I16, I32 = dt.INT16, dt.INT32
+
+
+def in_place(g: Graph, sid: int) -> bool:
+    """State ``sid`` is read only by one scatter whose result is assigned back to it."""
+    users = [n for n in g.nodes if sid in n.inputs]
+    value = g.assigns.get(sid)
+    return (len(users) == 1 and users[0].op == "scatter" and users[0].inputs[0] == sid
+            and sid not in users[0].inputs[1:] and value is not None and value.id == users[0].output
+            and value.id not in {t.id for t in g.outputs.values()})
+
+
+def _per(vt: VT) -> int:
+    """Addresses of one stripe's vectors: its sink is the next one (``spare``)."""
+    return -(-vt.rows // vt.stripes) * vt.chunks
+
+
+def _offsets(c, idx: Tensor, out: VT) -> VT:
+    """int16 ``[n * C * ns, 1]`` (in every lane): row ``i * C * ns + ch * ns + s`` is the offset from
+    stripe s's base of index i's chunk ch when it lies in stripe s, else the sink's offset. It
+    depends on the index and the target's shape and stripes only, so it is computed once for
+    every target alike (kept for them)."""
+    ns, C, R, n = out.stripes, out.chunks, out.rows, idx.size
+    key = (idx.id, ns, C, R)
+    made: Dict[tuple, VT] = c.__dict__.setdefault("scatter_offsets", {})
+    if key in made:
+        return made[key]
+    M, shift, per = C * ns, ns.bit_length() - 1, _per(out)
+    bc = _index_in_every_lane(c, idx)
+    consts: List[VT] = []
+    for what, col in (("ch", [m // ns for m in range(M)]), ("s", [m % ns for m in range(M)])):
+        name = f"_sx{what}{M}.{idx.id}"
+        vt = c.new_vt(name, I32, (M, c.L), kind="const", avoid=c.slices_of(bc, *consts))
+        c.constants[name] = np.repeat(np.array(col, dtype=np.int32).reshape(M, 1), c.L, axis=1)
+        vt.bcast = True
+        consts.append(vt)
+    ch_vt, s_vt = consts
+
+    def root() -> Expr:
+        i = Expr.input(bc, lambda v: v // M)
+        ch = Expr.input(ch_vt, lambda v: v % M)
+        inside = E("and", I32, E("ge", I32, i, Expr.const(I32, 0)), E("lt", I32, i, Expr.const(I32, R)))
+        here = E("eq", I32, E("and", I32, E("add", I32, i, ch), Expr.const(I32, ns - 1)),
+                 Expr.input(s_vt, lambda v: v % M))
+        off = E("add", I32, ch, E("mul", I32, E("shr", I32, i, Expr.const(I32, shift)), Expr.const(I32, C)))
+        sink = Expr.const(I32, per)
+        # the sink, or the row's offset where the row lies in this stripe: sink ^ ((off ^ sink) & hit)
+        return cvt(E("xor", I32, sink, E("and", I32, E("xor", I32, off, sink), E("and", I32, inside, here))), I16)
+    offs = c.new_vt(f"_soff{M}.{idx.id}", I16, (n * M, 1), avoid=c.slices_of(bc, *consts))
+    offs.bcast = True
+    c.map_into(offs, root)
+    made[key] = offs
+    return offs
+
+
+def _maps(c, out: VT, idx: Tensor, t_id: int, avoid) -> VT:
+    """int16 ``[n * G, 1]`` (in every lane), in the hemisphere out is not in and off the slices in
+    avoid (the new rows': a map and a row read for one scatter pass the target at the same time):
+    row ``i * G + j`` is the address index i's row takes in the slice of (plane, chunk, stripe)
+    ``j``: the offset plus that stripe's base."""
+    ns, C, P, n = out.stripes, out.chunks, out.planes, idx.size
+    M, G = C * ns, P * C * ns
+    offs = _offsets(c, idx, out)
+    name = f"_sxbase{t_id}"
+    base = c.new_vt(name, I16, (G, c.L), kind="const", avoid=c.slices_of(offs))
+    col = [out.bases[j // M][j % ns] for j in range(G)]
+    c.constants[name] = np.repeat(np.array(col, dtype=np.int16).reshape(G, 1), c.L, axis=1)
+    base.bcast = True
+    maps = c.new_vt(f"_smap{t_id}", I16, (n * G, 1), hem=1 - out.hem, avoid=avoid, strict=True, stripes=4)
+    maps.bcast = True
+    c.map_into(maps, lambda: E("add", I16, Expr.input(offs, lambda v: v // G * M + v % G % M),
+                               Expr.input(base, lambda v: v % G)))
+    return maps
+
+
+def _one(c, out: VT, g: int, src: VT, v: int, b: int, maps: VT, mrow: int, lo: int) -> int:
+    """Scatter plane b of src's vector v in slice g, the address in maps' row mrow, at the first
+    cycle from lo that fits; returns the issue cycle."""
+    ctx, cfg = c.ctx, c.cfg
+    pos = ctx.slice_pos[g]
+
+    def build(T: int) -> Optional[Plan]:
+        plan, used = Plan(), {}     # type: Plan, dict
+        if not ctx._queues_free([(g, 0)], [T], used):
+            return None
+        used[("q", g, T)] = 1
+        b_map = ctx.read_group(plan, maps, mrow, pos, T, used)
+        if b_map is None:
+            return None
+        b_src = ctx.read_group(plan, src, v, pos, T, used)
+        if b_src is None:
+            return None
+        plan.issues.append((ctx.mem_q[g], T, "Scatter", (b_src + b, b_map)))
+        # the address is known only at run time: keep both banks from reads in the landing cycle
+        land = T + cfg.mem_write_delay
+        plan.writes += [(g, land, 0), (g, land, 1)]
+        return plan
+    T = _find(ctx, lo, build, f"a MEM scatter into {out.name}")
+    maps.last_read[mrow] = max(int(maps.last_read[mrow]), T)
+    src.last_read[v] = max(int(src.last_read[v]), T)
+    return T
+
+
+def _source(c, rows: Tensor, hem: int, avoid=()) -> VT:
+    """The new rows in hemisphere hem (a stream carries them to the target's slices), on slices
+    not in avoid (a map and a row read for one scatter pass the target at the same time, so they
+    cannot come from one slice): rows' own placement when it is so, else a copy."""
+    src = c.plain(rows)
+    if src.hem == hem and not c.slices_of(src) & set(avoid):
+        return src
+    out = c.new_vt(f"_ssrc{rows.id}_{len(avoid)}", rows.dtype, rows.shape, hem=hem, strict=True,
+                   avoid=tuple(avoid) + tuple(c.slices_of(src)), stripes=2)
+    if c.slices_of(out) & set(avoid):
+        raise CompileError(f"scatter: no room for the rows of {rows} apart from the addresses' slices")
+    map_kernel(c.ctx, E("mov", rows.dtype, Expr.input(src, lambda v: v)), out)
+    return out
+
+
+def scatter(c, x: Tensor, idx: Tensor, rows: Tensor, t: Tensor, name: str, kind: str) -> int:
+    """t := x with rows written at the row indices idx (module docstring); returns the cycle the
+    last write lands."""
+    cfg = c.cfg
+    placed = c.vts.get(x.id)
+    if kind == "temp" and in_place(c.g, x.id) and placed.spare and not placed.stripes & (placed.stripes - 1):
+        out = c.vts[x.id]
+        start = 0
+    else:
+        out = c.new_vt(name, t.dtype, t.shape, kind=kind, pow2=True, spare=1)
+        start = map_kernel(c.ctx, E("mov", t.dtype, c.operand(x, t.shape)), out) + 1
+    c.vts[t.id] = out
+    n = idx.size
+    src = _source(c, rows, 1 - out.hem)
+    copies = [src] if src is not c.vts.get(rows.id) else []
+    maps = _maps(c, out, idx, t.id, c.slices_of(src))
+    if c.slices_of(src) & c.slices_of(maps):
+        src = _source(c, rows, 1 - out.hem, tuple(c.slices_of(maps)))
+        copies.append(src)
+    ns, C, P = out.stripes, out.chunks, out.planes
+    G = P * C * ns
+    last: Dict[int, int] = {}           # slice -> its last scatter's issue cycle (index order)
+    lands = np.full((C, ns), start, dtype=np.int64)     # (chunk, stripe) -> its last scatter's landing
+    for i in range(n):
+        for j in range(G):
+            b, ch, s = j // (C * ns), (j // ns) % C, j % ns
+            g = out.slices[b][s]
+            lo = max(int(maps.ready[i * G + j]), int(src.ready[i * C + ch])) + cfg.mem_read_delay
+            lo = max(lo, out.after[b][s] - cfg.mem_write_delay, start - cfg.mem_write_delay, last.get(g, -1) + 1)
+            last[g] = _one(c, out, g, src, i * C + ch, b, maps, i * G + j, lo)
+            lands[ch, s] = max(lands[ch, s], last[g] + cfg.mem_write_delay)
+    # vector (r, ch) is written (if at all) by the scatters of its chunk in its stripe (r + ch) % ns
+    r, ch = np.divmod(np.arange(out.nvec), C)
+    out.ready[:] = np.maximum(out.ready, lands[ch, (r + ch) % ns])
+    land = int(lands.max())
+    release(c.mem, maps)
+    for vt in copies:
+        release(c.mem, vt)
+    return land
