@@ -471,8 +471,10 @@ class _Builder:
             if not tiles:
                 continue
             Cp = chip.read_tensor(name)
+            # consecutive rows (as the generator assigns them): a slice, a plain copy; else an index
+            at = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
             for ti, tile in enumerate(tiles):
                 c0 = tile * L
                 w = min(L, self.N - c0)
-                C[np.asarray(rows), c0:c0 + w] = Cp[ti, :, :w]
+                C[at, c0:c0 + w] = Cp[ti, :, :w]
         return C
