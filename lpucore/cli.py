@@ -606,6 +606,7 @@ def _decode_command(sub) -> None:
 
 
 def _cmd_dump(args) -> int:
+    os.environ["LPUCORE_CACHE"] = "0"      # dump reads the compiler's record, which a cached program lacks
     try:
         text = _load_model(args).compile().dump(args.stage)
     except ValueError as e:

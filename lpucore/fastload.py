@@ -134,23 +134,23 @@ def first_bad(cfg: ChipConfig, code: npt.NDArray[np.int32], qstart: npt.NDArray[
     return r
 
 
-def pack(lists: List[List[Any]]) -> Optional[Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]]:
+def pack(lists: List[List[Any]], instruction: type) -> Optional[Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]]:
     """:meth:`lpucore.Program.lower`'s packed form of per-queue instruction lists, or None (no
-    compiled loader, or an entry the Python path must look at)."""
+    compiled loader, or an entry the Python path must look at: anything but an ``instruction``,
+    the :class:`lpucore.program.Instruction` class, of a table Op with plain int operands)."""
     mod = _loader()
     if mod is None:
         return None
-    from .program import Instruction
-    res: Optional[Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]] = mod.pack(lists, OP_INDEX, Instruction)
+    res: Optional[Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]] = mod.pack(lists, OP_INDEX, instruction)
     return res
 
 
-def unpack(code: npt.NDArray[np.int32], start: int, count: int) -> Optional[List[Any]]:
-    """Instructions of rows start..start+count-1 of a checked code table (every opcode known and
-    every unused field zero), or None without the compiled loader."""
+def unpack(code: npt.NDArray[np.int32], start: int, count: int, instruction: type) -> Optional[List[Any]]:
+    """``instruction`` objects (the :class:`lpucore.program.Instruction` class) of rows
+    start..start+count-1 of a checked code table (every opcode known and every unused field
+    zero), or None without the compiled loader."""
     mod = _loader()
     if mod is None:
         return None
-    from .program import Instruction
-    out: List[Any] = mod.unpack(code, start, count, OPS_BY_OPCODE, NFIELDS_BY_OPCODE, Instruction)
+    out: List[Any] = mod.unpack(code, start, count, OPS_BY_OPCODE, NFIELDS_BY_OPCODE, instruction)
     return out

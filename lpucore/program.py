@@ -275,7 +275,7 @@ class Program:
         for q, name_ in enumerate(lazy.names):
             a, b = int(lazy.qstart[q]), int(lazy.qstart[q + 1])
             if b > a:
-                lst = fastload.unpack(lazy.code, a, b - a)
+                lst = fastload.unpack(lazy.code, a, b - a, Instruction)
                 assert lst is not None            # a lazy program exists only with the compiled loader
                 queues[name_] = lst
         self.__dict__["queues"] = queues
@@ -383,7 +383,7 @@ class Program:
         index = self.config.queue_index          # canonical names only
         if not all(type(q) is str and q in index for q in self.queues):
             return False
-        packed = fastload.pack(self.queue_lists())
+        packed = fastload.pack(self.queue_lists(), Instruction)
         if packed is None or fastload.first_bad(self.config, *packed) != -1:
             return False
         self.__dict__["_packed"] = packed        # for the lower() that Chip.load calls next
@@ -437,7 +437,7 @@ class Program:
             mine: Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] = packed
             return mine                          # packed by validate, and unchanged since: the caller's now
         lists = self.queue_lists()
-        packed = fastload.pack(lists)
+        packed = fastload.pack(lists, Instruction)
         if packed is not None:
             return packed
         n = sum(len(lst) for lst in lists)
@@ -553,7 +553,7 @@ class Program:
             return True
         start = 0                              # queues out of order, or a fault for validate to name
         for qname, count in queues:
-            lst = fastload.unpack(code, start, count)
+            lst = fastload.unpack(code, start, count, Instruction)
             assert lst is not None
             self.queues[qname] = lst
             start += count

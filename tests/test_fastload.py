@@ -47,7 +47,7 @@ def _slow_verdict(p: Program, qstart: np.ndarray) -> int:
 
 
 def _fast_verdict(p: Program) -> Tuple[int, np.ndarray]:
-    packed = fastload.pack(p.queue_lists())
+    packed = fastload.pack(p.queue_lists(), Instruction)
     assert packed is not None
     code, qstart = packed
     r = fastload.first_bad(p.config, code, qstart)
@@ -140,7 +140,7 @@ def test_odd_entries_take_the_python_path():
     for entry in odd:
         q = Program(CFG)
         q.queues["MEM.W0"] = [entry]
-        assert fastload.pack(q.queue_lists()) is None
+        assert fastload.pack(q.queue_lists(), Instruction) is None
     ok = Program(CFG)
     ok.queues["MEM.W0"] = [Instruction(read.op, (np.int64(3), 0))]
     ok.validate()                                   # a NumPy integer is legal: the Python path says so
