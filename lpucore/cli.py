@@ -60,7 +60,8 @@ from .program import MAGIC, Program
 
 PROG = "lpucore"
 BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py", "decode": "bench_decode.py",
-              "system": "bench_system.py", "llm-system": "bench_llm_system.py", "llm-predict": "bench_llm_predict.py"}
+              "system": "bench_system.py", "llm-system": "bench_llm_system.py", "llm-predict": "bench_llm_predict.py",
+              "load": "bench_load.py"}
 BINARY_SUFFIXES = (".lpup", ".lpu")
 
 

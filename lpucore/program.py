@@ -518,7 +518,10 @@ class Program:
             prog._slow_fill(code, queues)
         for t in tensors:
             info = TensorInfo.from_json(t)
-            prog.add_tensor(info.name, info.dtype, info.shape, info.planes)
+            prog.add_tensor(info.name, info.dtype, info.shape, info.planes)      # each entry checked here
+        if prog._lazy is not None:
+            prog._checked = prog._state()      # code table and tensor table both checked just now
+            return prog
         return prog.validate()
 
     def _fast_fill(self, code: npt.NDArray[np.int32], queues: List[Tuple[str, int]]) -> bool:
