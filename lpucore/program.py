@@ -525,41 +525,25 @@ class Program:
         return prog.validate()
 
     def _fast_fill(self, code: npt.NDArray[np.int32], queues: List[Tuple[str, int]]) -> bool:
-        """Fill the queues from a program file's code table with the compiled loader, if every
-        opcode is known, every unused field zero and every queue name canonical and listed once;
-        False (nothing filled) otherwise, or without the loader."""
+        """Keep a program file's code table as the program's instructions (lists built on first
+        access) if the compiled loader finds every queue name canonical, listed once and in order,
+        and every row legal (known opcode, unused fields zero, operands valid); False (nothing
+        done) otherwise, or without the loader: the Python path then names the fault."""
         from . import fastload
         index = self.config.queue_index
         names = [q for q, _ in queues]
         if not all(q in index for q in names) or len(set(names)) != len(names) or fastload.checker(self.config) is None:
             return False
-        if len(code):
-            ops = code[:, 0]
-            if int(ops.min()) < 0 or int(ops.max()) > 255:
-                return False
-            nf = np.asarray(fastload.NFIELDS_BY_OPCODE, dtype=np.int64)
-            known = np.asarray([op is not None for op in fastload.OPS_BY_OPCODE])
-            if not known[ops].all():
-                return False
-            unused = np.arange(isa.NFIELDS)[None, :] >= nf[ops][:, None]
-            if np.any(code[:, 1:][unused]):
-                return False
         code = np.ascontiguousarray(code, dtype=np.int32)
         order = [index[q] for q in names]
         qstart = np.zeros(len(self.config.queues) + 1, dtype=np.int64)
         for q, (_, count) in zip(order, queues):
             qstart[q + 1] = count
         np.cumsum(qstart, out=qstart)
-        if order == sorted(order) and fastload.first_bad(self.config, code, qstart) == -1:
-            del self.queues                    # built from the checked table on first access
-            self._lazy = _Lazy(code, qstart, [q.name for q in self.config.queues])
-            return True
-        start = 0                              # queues out of order, or a fault for validate to name
-        for qname, count in queues:
-            lst = fastload.unpack(code, start, count, Instruction)
-            assert lst is not None
-            self.queues[qname] = lst
-            start += count
+        if order != sorted(order) or fastload.first_bad(self.config, code, qstart) != -1:
+            return False                       # queues out of order, or a fault for the Python path to name
+        del self.queues                        # built from the checked table on first access
+        self._lazy = _Lazy(code, qstart, [q.name for q in self.config.queues])
         return True
 
     def _slow_fill(self, code: npt.NDArray[np.int32], queues: List[Tuple[str, int]]) -> None:

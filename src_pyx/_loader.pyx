@@ -166,8 +166,9 @@ cdef bint _row_bad(const Tables* t, int k, const int64_t* a) noexcept nogil:
 
 cdef int64_t _first_bad(const Tables* t, const int32_t* code, const int64_t* qstart, const int32_t* qk,
                         int64_t nq) noexcept nogil:
-    """The row of the first instruction the Python validator would reject (queue by queue), or
-    -1 when every row passes.  A row's opcode must be known (the caller checks)."""
+    """The row of the first instruction the Python validator (or the program file parser: an
+    unknown opcode, a non-zero unused field) would reject, queue by queue, or -1 when every row
+    passes."""
     cdef int64_t q, j, row
     cdef int k, pk
     cdef int64_t a[NF]
@@ -183,6 +184,9 @@ cdef int64_t _first_bad(const Tables* t, const int32_t* code, const int64_t* qst
                 return row
             if not t.is_icu[k] and t.qkind[k] != qk[q]:
                 return row
+            for j in range(t.nf[k], NF):          # a file's unused fields must be zero (packed lists' are)
+                if p[1 + j] != 0:
+                    return row
             for j in range(NF):
                 a[j] = p[1 + j]
             if _row_bad(t, k, a):
