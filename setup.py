@@ -63,5 +63,9 @@ ext = Extension(
     depends=[str(p.relative_to(HERE)) for p in SRC.iterdir() if p.suffix in (".pxi", ".pxd", ".h")],
 )
 
+# program loading at C speed (lpucore.fastload): no engine internals, so a module of its own
+loader = Extension("lpucore._loader", sources=[str((SRC / "_loader.pyx").relative_to(HERE))],
+                   extra_compile_args=cflags)
+
 # HERE: the module lpucore._engine finds its declarations, lpucore/_engine.pxd, by qualified name
-setup(ext_modules=cythonize([ext], compiler_directives=directives, include_path=[str(SRC), str(HERE)]))
+setup(ext_modules=cythonize([ext, loader], compiler_directives=directives, include_path=[str(SRC), str(HERE)]))

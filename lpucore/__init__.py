@@ -9,8 +9,9 @@ The public API::
     Snapshot              a chip's whole state (Chip.snapshot / Chip.restore, save / load)
     System                chips joined by C2C links (node, rack, dragonfly, any wiring), run in lockstep
     LpuError and subclasses ConfigError, ProgramError, TensorError, ScheduleError,
-    EngineUnavailableError, CompileError, SnapshotError, ModelError
+    EngineUnavailableError, CompileError, SnapshotError, ModelError, CompiledFileError
     Graph, compile, execute   tensor graphs compiled to scheduled programs
+    Compiled.save, load_compiled   compiled programs on disk (and the compile cache, lpucore.compiler.store)
     lpucore.ops           NumPy-like operations run on the chip
     lpucore.compiler      scheduled programs (gemm_program, matmul)
     lpucore.matmul        the MXM's numerics contract
@@ -20,11 +21,12 @@ The public API::
 from . import ops
 from .asm import assemble, disassemble
 from .chip import Chip, RunStats
-from .compiler.api import compile
+from .compiler.api import compile, load_compiled
 from .compiler.lower import Compiled, execute
 from .config import ChipConfig
 from .engine import ENGINES
 from .errors import (
+    CompiledFileError,
     CompileError,
     ConfigError,
     EngineUnavailableError,
@@ -53,4 +55,5 @@ def get_include() -> str:
 __all__ = ["ChipConfig", "Program", "Instruction", "assemble", "disassemble", "Chip", "RunStats", "Snapshot",
            "System", "SystemStats", "ENGINES", "LpuError", "ConfigError", "ProgramError", "TensorError",
            "ScheduleError", "EngineUnavailableError", "CompileError", "SnapshotError", "ModelError", "Graph",
-           "GraphError", "Tensor", "Compiled", "compile", "execute", "ops", "get_include", "__version__"]
+           "GraphError", "Tensor", "Compiled", "compile", "execute", "load_compiled", "CompiledFileError", "ops",
+           "get_include", "__version__"]

@@ -5,10 +5,12 @@ from .asm import disassemble as disassemble
 from .chip import Chip as Chip
 from .chip import RunStats as RunStats
 from .compiler.api import compile as compile
+from .compiler.api import load_compiled as load_compiled
 from .compiler.lower import Compiled as Compiled
 from .compiler.lower import execute as execute
 from .config import ChipConfig as ChipConfig
 from .engine import ENGINES as ENGINES
+from .errors import CompiledFileError as CompiledFileError
 from .errors import CompileError as CompileError
 from .errors import ConfigError as ConfigError
 from .errors import EngineUnavailableError as EngineUnavailableError

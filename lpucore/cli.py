@@ -60,7 +60,8 @@ from .program import MAGIC, Program
 
 PROG = "lpucore"
 BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py", "decode": "bench_decode.py",
-              "system": "bench_system.py", "llm-system": "bench_llm_system.py", "llm-predict": "bench_llm_predict.py"}
+              "system": "bench_system.py", "llm-system": "bench_llm_system.py", "llm-predict": "bench_llm_predict.py",
+              "load": "bench_load.py"}
 BINARY_SUFFIXES = (".lpup", ".lpu")
 
 
@@ -606,6 +607,7 @@ def _decode_command(sub) -> None:
 
 
 def _cmd_dump(args) -> int:
+    os.environ["LPUCORE_CACHE"] = "0"      # dump reads the compiler's record, which a cached program lacks
     try:
         text = _load_model(args).compile().dump(args.stage)
     except ValueError as e:

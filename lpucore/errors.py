@@ -93,6 +93,12 @@ class ScheduleError(LpuError):
         return (self.kind, self.cycle, self.unit, self.stream, self.bank, self.link)
 
 
+class CompiledFileError(LpuError, ValueError):
+    """A compiled program file (Compiled.save, the compile cache) cannot be read: not such a file,
+    an unsupported format version, a checksum mismatch, or a field, program or constant that is
+    off. The compile cache compiles again instead."""
+
+
 class SnapshotError(LpuError, ValueError):
     """A chip snapshot cannot be taken, read or restored: a corrupt or foreign file, an
     unsupported format version, or a snapshot of another configuration, engine or program."""

@@ -211,14 +211,36 @@ def _extent_plane(name: str, pi: int, plane, nvec: int, cfg: ChipConfig) -> Tupl
     return tuple(exts)
 
 
+def plane_locations(info: TensorInfo, plane: int, lanes: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(slice array, address array), int64, of every vector of one byte plane in order: what
+    :meth:`TensorInfo.locations` lists, computed with NumPy (for bulk copies and checks)."""
+    p = info.planes[plane]
+    if isinstance(p, Stripes):
+        ch = info.chunks(lanes)
+        r, c = np.divmod(np.arange(info.rows * ch, dtype=np.int64), ch)
+        parts = np.asarray(p.parts, dtype=np.int64).reshape(len(p.parts), 2)
+        k = (r + c) % len(p.parts)
+        return parts[k, 0], parts[k, 1] + (r // len(p.parts)) * ch + c
+    counts = np.asarray([e.count for e in p], dtype=np.int64)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    step = np.arange(int(counts.sum()), dtype=np.int64) - first
+    return (np.repeat(np.asarray([e.slice for e in p], dtype=np.int64), counts),
+            np.repeat(np.asarray([e.address for e in p], dtype=np.int64), counts) + step)
+
+
 def _check_disjoint(info: TensorInfo, cfg: ChipConfig) -> None:
-    """Check that no two vectors of a tensor share a MEM address."""
-    seen = set()
-    for pi in range(info.dtype.nbytes):
-        for loc in info.locations(pi, cfg.lanes):
-            if loc in seen:
-                raise ProgramError(f"tensor {info.name!r}: two vectors share {cfg.slice_name(loc[0])}:{loc[1]:#x}")
-            seen.add(loc)
+    """Check that no two vectors of a tensor share a MEM address (the error names the first
+    vector, plane by plane, whose address an earlier one took)."""
+    locs = [plane_locations(info, pi, cfg.lanes) for pi in range(info.dtype.nbytes)]
+    key = np.concatenate([g * cfg.addresses_per_slice + a for g, a in locs])
+    _, first = np.unique(key, return_index=True)
+    if len(first) == len(key):
+        return
+    seen = np.zeros(len(key), dtype=bool)
+    seen[first] = True
+    i = int(np.argmin(seen))                 # the first vector that is not its address's first
+    g, a = divmod(int(key[i]), cfg.addresses_per_slice)
+    raise ProgramError(f"tensor {info.name!r}: two vectors share {cfg.slice_name(g)}:{a:#x}")
 
 
 def make_tensor(name: str, dtype, shape: Sequence[int], planes, cfg: ChipConfig) -> TensorInfo:

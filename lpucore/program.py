@@ -235,6 +235,15 @@ def _read_meta(raw: bytes) -> Tuple[ChipConfig, List[Tuple[str, int]], List[Any]
     return cfg, queues, tensors
 
 
+class _Lazy:
+    """A checked code table standing in for a program's instruction lists (see Program._lazy)."""
+
+    __slots__ = ("code", "qstart", "names")
+
+    def __init__(self, code: npt.NDArray[np.int32], qstart: npt.NDArray[np.int64], names: List[str]) -> None:
+        self.code, self.qstart, self.names = code, qstart, names
+
+
 class Program:
     """A complete program for one chip: per-queue instruction lists and a tensor table.
 
@@ -251,7 +260,26 @@ class Program:
         self.queues: Dict[str, List[Instruction]] = {}
         self.tensors: Dict[str, TensorInfo] = {}
         # the state validate last passed (see validate): a program is checked once until it changes
-        self._checked: Optional[Tuple[ChipConfig, Dict[str, Tuple[Instruction, ...]], Dict[str, TensorInfo]]] = None
+        self._checked: Optional[Tuple[ChipConfig, Any, Dict[str, TensorInfo]]] = None
+        # a program read from a file whose instructions are not needed yet: its checked code table
+        # (rows in queue-number order, Program.lower's form); the lists are built on first access
+        self._lazy: Optional[_Lazy] = None
+
+    def __getattr__(self, name: str) -> Any:
+        """``queues`` of a program read from a file, built from its code table on first access."""
+        lazy = self.__dict__.get("_lazy")
+        if name != "queues" or lazy is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        from . import fastload
+        queues: Dict[str, List[Instruction]] = {}
+        for q, name_ in enumerate(lazy.names):
+            a, b = int(lazy.qstart[q]), int(lazy.qstart[q + 1])
+            if b > a:
+                lst = fastload.unpack(lazy.code, a, b - a, Instruction)
+                assert lst is not None            # a lazy program exists only with the compiled loader
+                queues[name_] = lst
+        self.__dict__["queues"] = queues
+        return queues
 
     # ---- building ---------------------------------------------------------------------
     def add(self, queue: str, mnemonic: str, *args: Operand, check: bool = True, **kwargs: Operand) -> Instruction:
@@ -335,6 +363,34 @@ class Program:
         if checked is not None and checked == self._state():
             return self
         self._checked = None
+        self.__dict__.pop("_packed", None)
+        if not self._fast_check():
+            self._slow_check()
+        for name, t in self.tensors.items():
+            if not isinstance(t, TensorInfo) or t.name != name:
+                raise ProgramError(f"tensor table entry {name!r} is malformed")
+            make_tensor(t.name, t.dtype, t.shape, t.planes, self.config)
+        self._checked = self._state()
+        return self
+
+    def _fast_check(self) -> bool:
+        """True if the compiled loader (:mod:`lpucore.fastload`) finds every queue name canonical and
+        every instruction legal; False if it finds a fault or is not built (the Python validator
+        then runs and raises the exact error)."""
+        from . import fastload
+        if self.__dict__.get("_lazy") is not None and "queues" not in self.__dict__:
+            return True                          # read from a file, its code table checked then
+        index = self.config.queue_index          # canonical names only
+        if not all(type(q) is str and q in index for q in self.queues):
+            return False
+        packed = fastload.pack(self.queue_lists(), Instruction)
+        if packed is None or fastload.first_bad(self.config, *packed) != -1:
+            return False
+        self.__dict__["_packed"] = packed        # for the lower() that Chip.load calls next
+        return True
+
+    def _slow_check(self) -> None:
+        """The Python validator: raises a ProgramError for the first fault, queue by queue."""
         legal: _Legal = set()
         for qname, lst in self.queues.items():
             try:
@@ -346,16 +402,13 @@ class Program:
                                    queue=qname)
             for i, ins in enumerate(lst):
                 self._check_one(qname, lst, i, ins, legal)
-        for name, t in self.tensors.items():
-            if not isinstance(t, TensorInfo) or t.name != name:
-                raise ProgramError(f"tensor table entry {name!r} is malformed")
-            make_tensor(t.name, t.dtype, t.shape, t.planes, self.config)
-        self._checked = self._state()
-        return self
 
-    def _state(self) -> Tuple[ChipConfig, Dict[str, Tuple[Instruction, ...]], Dict[str, TensorInfo]]:
+    def _state(self) -> Tuple[ChipConfig, Any, Dict[str, TensorInfo]]:
         """What validate checks, as immutable values (Instructions and TensorInfos are frozen;
         tuples of them compare by identity first, so comparing an unchanged program is cheap)."""
+        lazy = self.__dict__.get("_lazy")
+        if lazy is not None and "queues" not in self.__dict__:
+            return (self.config, lazy, dict(self.tensors))        # the lists not built: unchanged
         return (self.config, {q: tuple(lst) for q, lst in self.queues.items()}, dict(self.tensors))
 
     def _mark_checked(self) -> None:
@@ -375,7 +428,18 @@ class Program:
     def lower(self) -> Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]]:
         """Packed form for the fast engine: int32 code[n, 1 + NFIELDS] (opcode, fields)
         and int64 qstart[nqueues + 1] (queue q holds rows qstart[q]:qstart[q+1])."""
+        from . import fastload
+        lazy = self.__dict__.get("_lazy")
+        if lazy is not None and "queues" not in self.__dict__:
+            return lazy.code.copy(), lazy.qstart.copy()
+        packed = self.__dict__.pop("_packed", None)
+        if packed is not None and self._checked is not None and self._checked == self._state():
+            mine: Tuple[npt.NDArray[np.int32], npt.NDArray[np.int64]] = packed
+            return mine                          # packed by validate, and unchanged since: the caller's now
         lists = self.queue_lists()
+        packed = fastload.pack(lists, Instruction)
+        if packed is not None:
+            return packed
         n = sum(len(lst) for lst in lists)
         qstart = np.zeros(len(lists) + 1, dtype=np.int64)
         pad = (0,) * isa.NFIELDS
@@ -450,6 +514,43 @@ class Program:
         code = np.frombuffer(data, dtype="<i4", count=n * (1 + isa.NFIELDS),
                              offset=end_meta + 4).reshape(n, 1 + isa.NFIELDS)
         prog = cls(cfg)
+        if not prog._fast_fill(code, queues):
+            prog._slow_fill(code, queues)
+        for t in tensors:
+            info = TensorInfo.from_json(t)
+            prog.add_tensor(info.name, info.dtype, info.shape, info.planes)      # each entry checked here
+        if prog._lazy is not None:
+            prog._checked = prog._state()      # code table and tensor table both checked just now
+            return prog
+        return prog.validate()
+
+    def _fast_fill(self, code: npt.NDArray[np.int32], queues: List[Tuple[str, int]]) -> bool:
+        """Keep a program file's code table as the program's instructions (lists built on first
+        access) if the compiled loader finds every queue name canonical, listed once and in order,
+        and every row legal (known opcode, unused fields zero, operands valid); False (nothing
+        done) otherwise, or without the loader: the Python path then names the fault."""
+        from . import fastload
+        index = self.config.queue_index
+        names = [q for q, _ in queues]
+        if not all(q in index for q in names) or len(set(names)) != len(names) or fastload.checker(self.config) is None:
+            return False
+        code = np.ascontiguousarray(code, dtype=np.int32)
+        order = [index[q] for q in names]
+        qstart = np.zeros(len(self.config.queues) + 1, dtype=np.int64)
+        for q, (_, count) in zip(order, queues):
+            qstart[q + 1] = count
+        np.cumsum(qstart, out=qstart)
+        if order != sorted(order) or fastload.first_bad(self.config, code, qstart) != -1:
+            return False                       # queues out of order, or a fault for the Python path to name
+        del self.queues                        # built from the checked table on first access
+        self._lazy = _Lazy(code, qstart, [q.name for q in self.config.queues])
+        return True
+
+    def _slow_fill(self, code: npt.NDArray[np.int32], queues: List[Tuple[str, int]]) -> None:
+        """Fill the queues from a program file's code table row by row (ProgramError for an unknown
+        queue or opcode, or a non-zero unused field)."""
+        cfg = self.config
+        prog = self
         r = 0
         for qname, count in queues:
             try:
@@ -468,10 +569,6 @@ class Program:
                 if any(int(x) != 0 for x in row[1 + len(op.fields):]):
                     raise ProgramError(f"{op.mnemonic}: unused operand fields must be zero", queue=qname, index=i)
                 lst.append(Instruction(op, tuple(int(x) for x in row[1: 1 + len(op.fields)])))
-        for t in tensors:
-            info = TensorInfo.from_json(t)
-            prog.add_tensor(info.name, info.dtype, info.shape, info.planes)
-        return prog.validate()
 
     def save(self, path: Union[str, os.PathLike[str]]) -> None:
         """Write the binary program file."""

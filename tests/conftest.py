@@ -12,6 +12,11 @@ settings.register_profile("ci", max_examples=150, deadline=None, derandomize=Tru
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
+# The compile cache (lpucore.compiler.store) is off for the suite: tests never write into the user's
+# cache, and every test compiles afresh; tests/test_store.py turns it on in a temporary directory.
+os.environ["LPUCORE_CACHE"] = "0"
+os.environ.pop("LPUCORE_CACHE_DIR", None)
+
 ENGINES = ["reference", "fast"]
 
 

@@ -6,14 +6,41 @@ another's caller.
 
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional, Union
 
 from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError
-from .lower import Compiler
+from . import store
+from .lower import Compiled, Compiler
 from .stages import compile_pipeline
 from .tensor_parallel import compile_system, tensor_parallel_fits
+
+
+def load_compiled(path: Union[str, "os.PathLike[str]"]) -> Compiled:
+    """Read a compiled program written by :meth:`Compiled.save`: every part is checked like any
+    untrusted file (:mod:`lpucore.compiler.store`); CompiledFileError if anything is off."""
+    return Compiled(**store.read_fields(path))
+
+
+def compiled_from_bytes(data: bytes, sources: Optional[str] = None) -> Compiled:
+    """A Compiled from a compiled program file's bytes (:func:`lpucore.compiler.store.fields`)."""
+    return Compiled(**store.fields(data, sources))
+
+
+def cached_compile(graph: Graph, cfg: ChipConfig, build: Callable[[], Compiled]) -> Compiled:
+    """``build()``'s result, read from the compile cache when its entry for (graph, configuration,
+    lpucore sources) loads, else built and kept there (:mod:`lpucore.compiler.store`)."""
+    path = store.cache_path(graph, cfg)
+    if path is None:
+        return build()
+    hit = store.read_entry(path)
+    if hit is not None:
+        return Compiled(**hit)
+    c = build()
+    store.write_entry(c, path)
+    return c
 
 
 def compile(graph: Graph, config: Optional[ChipConfig] = None, system=None, chips=None, state_axes=None,
@@ -48,4 +75,5 @@ def compile(graph: Graph, config: Optional[ChipConfig] = None, system=None, chip
             return compile_pipeline(graph, system, chips=chips)
         return compile_system(graph, system, chips=chips, state_axes=state_axes)
     cfg = config if config is not None else ChipConfig.groqchip1()
-    return Compiler(graph, cfg).run()
+    # one chip: through the compile cache (lpucore.compiler.store; LPUCORE_CACHE=0 turns it off)
+    return cached_compile(graph, cfg, lambda: Compiler(graph, cfg).run())

@@ -421,47 +421,80 @@ class _Builder:
     def _pack_all(self, packers, A, B):
         A, B = self._check_inputs(A, B)
         out = {}
+        memo: Dict[int, np.ndarray] = {}        # B's padded rows, shared by this call's packers
         for f in packers:
-            out.update(f(A, B))
+            out.update(f(A, B, memo))
         return out
 
     def _pack_a(self, name, rows):
-        def f(A, B):
+        def f(A, B, memo):
             Kp = self.nK * self.Kc
             Ap = np.zeros((len(rows), Kp), dtype=A.dtype)
             Ap[:, : self.K] = A[rows]
             return {name: np.ascontiguousarray(Ap.reshape(len(rows), self.nK, self.Kc).transpose(1, 0, 2))}
         return f
 
-    def _weight_rows(self, B, tile, kc):
-        """Byte-rows [R, L] of the weight buffer for column tile t, K-chunk kc."""
-        L = self.L
-        blk = np.zeros((self.Kc, L), dtype=B.dtype)
-        k0 = kc * self.Kc
-        c0 = tile * L
-        part = B[k0:k0 + self.Kc, c0:c0 + L]
-        blk[: part.shape[0], : part.shape[1]] = part
-        if not self.fp16:
-            return blk.view(np.uint8)
-        bits = blk.view(np.uint16)
-        rows = np.empty((self.R, L), dtype=np.uint8)
-        rows[0::2] = (bits & 0xFF).astype(np.uint8)
-        rows[1::2] = (bits >> 8).astype(np.uint8)
-        return rows
-
     def _pack_b(self, name, tiles, per_slice):
         ws = self.ws
 
-        def f(A, B):
+        if not self.fp16:                                   # int8: one gather of B's rows, by an index made once
+            idx = self._b_rows_index(tiles, per_slice)
+
+            def f8(A, B, memo):
+                ntiles = -(-self.N // self.L)                # every column tile: one padded copy per call
+                if ntiles not in memo:
+                    memo[ntiles] = self._b_rows(B, ntiles)
+                rows = memo[ntiles]
+                return {name: np.take(rows, idx, axis=0).reshape(ws, len(tiles) * self.nK, per_slice, self.L)}
+            return f8
+
+        def f(A, B, memo):
             out = np.zeros((ws, len(tiles) * self.nK, per_slice, self.L), dtype=np.uint8)
-            for ti, tile in enumerate(tiles):
-                for kc in range(self.nK):
-                    rows = self._weight_rows(B, tile, kc)
-                    for j in range(ws):
-                        mine = rows[j::ws]
-                        out[j, ti * self.nK + kc, : len(mine)] = mine
+            rows = self._all_weight_rows(B, tiles)          # [tiles, nK, R, L]
+            for j in range(ws):                             # byte-row r goes to slice r % ws, row r // ws
+                mine = rows[:, :, j::ws]
+                out[j, :, : mine.shape[2]] = mine.reshape(-1, mine.shape[2], self.L)
             return {name: out.view(np.int8)}
         return f
+
+    def _b_rows(self, B, ntiles):
+        """int8 B zero-padded to [nK * Kc, ntiles * L], as rows of L bytes, plus one zero row last."""
+        L, Kc, nK = self.L, self.Kc, self.nK
+        rows = np.zeros((nK * Kc * ntiles + 1, L), dtype=np.int8)
+        grid = rows[:-1].reshape(nK * Kc, ntiles * L)
+        part = B[:, : ntiles * L]
+        grid[: part.shape[0], : part.shape[1]] = part
+        return rows
+
+    def _b_rows_index(self, tiles, per_slice):
+        """For int8 weights: the row of :meth:`_b_rows` each vector of a B tensor holds, in its order
+        [slice j, tile, K-chunk, row i]: weight row j + i * ws of the chunk (the zero row past it)."""
+        Kc, nK, ws = self.Kc, self.nK, self.ws
+        ntiles = -(-self.N // self.L)
+        k_in = np.arange(ws)[:, None] + np.arange(per_slice)[None, :] * ws             # [j, i]
+        tile = np.asarray(list(tiles), dtype=np.int64)[None, :, None, None]
+        kc = np.arange(nK)[None, None, :, None]
+        rows = (kc * Kc + k_in[:, None, None, :]) * ntiles + tile                     # [j, tile, kc, i]
+        return np.where(k_in[:, None, None, :] < Kc, rows, nK * Kc * ntiles).reshape(-1)
+
+    def _all_weight_rows(self, B, tiles):
+        """The weight-buffer byte-rows of every (column tile, K-chunk), uint8 [len(tiles), nK, R, L]
+        (zero padding past K and N): int8 weight row k is byte-row k; float16 weight row k is
+        byte-rows 2k (low bytes) and 2k + 1 (high bytes)."""
+        L, Kc, nK = self.L, self.Kc, self.nK
+        Bp = np.zeros((nK * Kc, (max(tiles) + 1) * L), dtype=B.dtype)
+        part = B[:, : Bp.shape[1]]
+        Bp[: part.shape[0], : part.shape[1]] = part
+        t = list(tiles)
+        pick = slice(t[0], t[-1] + 1) if t == list(range(t[0], t[-1] + 1)) else t     # a view when consecutive
+        blk = Bp.reshape(nK, Kc, -1, L)[:, :, pick].transpose(2, 0, 1, 3)   # [tiles, nK, Kc, L]
+        if not self.fp16:
+            return blk.view(np.uint8)                       # a strided view: the caller copies once
+        bits = blk.view(np.uint16)
+        rows = np.empty((len(tiles), nK, self.R, L), dtype=np.uint8)
+        rows[:, :, 0::2] = (bits & 0xFF).astype(np.uint8)
+        rows[:, :, 1::2] = (bits >> 8).astype(np.uint8)
+        return rows
 
     def _unpack_all(self, unpackers, chip):
         out_np = dt.get(self.out).numpy
@@ -471,8 +504,10 @@ class _Builder:
             if not tiles:
                 continue
             Cp = chip.read_tensor(name)
+            # consecutive rows (as the generator assigns them): a slice, a plain copy; else an index
+            at = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
             for ti, tile in enumerate(tiles):
                 c0 = tile * L
                 w = min(L, self.N - c0)
-                C[np.asarray(rows), c0:c0 + w] = Cp[ti, :, :w]
+                C[at, c0:c0 + w] = Cp[ti, :, :w]
         return C

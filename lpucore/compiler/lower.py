@@ -89,6 +89,12 @@ class Compiled:
         (:mod:`lpucore.compiler.dump`)."""
         return dump.dump(self, stage)
 
+    def save(self, path) -> None:
+        """Write this compiled program (program, constants, tensor maps) to one file; read it back
+        with :func:`lpucore.load_compiled` (:mod:`lpucore.compiler.store`)."""
+        from .store import save
+        save(self, path)
+
     def bounds(self) -> Bounds:
         """Lower bounds on this graph's cycles (weight streams, SRAM, compute, critical path;
         :mod:`lpucore.compiler.bounds`) and the schedule efficiency of this program against them."""

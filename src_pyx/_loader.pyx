@@ -1,0 +1,436 @@
+# cython: language_level=3
+"""Program loading at C speed (lpucore._loader): pack Instruction lists into the engine's code
+table, check a code table against the ISA tables, and build Instruction lists from a code table.
+
+Nothing here raises a user-facing error: every function answers "fine" or "not fine" (or None:
+"cannot say, use the Python path"), and lpucore.program then runs its Python validator, which
+raises the exact ProgramError of today's checks.  The tables come from lpucore.fastload, which
+derives them from the ISA table and the chip configuration.
+"""
+
+from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
+from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+DEF NF = 8          # isa.NFIELDS (lpucore.fastload checks it)
+DEF MAXOPS = 64     # entries of the per-op tables (lpucore.fastload checks len(isa.TABLE) fits)
+
+# field kinds (fastload.K_*)
+DEF K_RANGE = 0
+DEF K_SRC = 1
+DEF K_NONE_OK = 2
+# extra rules (fastload.R_*)
+DEF R_NONE = 0
+DEF R_LW = 1
+DEF R_ABC = 2
+DEF R_ACC = 3
+DEF R_PERMUTE = 4
+DEF R_ROTATE = 5
+DEF R_TRANSPOSE = 6
+DEF R_VXM = 7
+DEF R_MAP = 8
+DEF R_REPEAT = 9
+# VXM field roles
+DEF V_NONE = 0
+DEF V_SRC = 1
+DEF V_DST = 2
+
+
+cdef struct Tables:
+    int32_t opk[256]            # opcode -> op index, -1 unknown
+    int32_t nf[MAXOPS]
+    int64_t lo[MAXOPS][NF]
+    int64_t hi[MAXOPS][NF]
+    int8_t fkind[MAXOPS][NF]
+    int8_t vrole[MAXOPS][NF]
+    int32_t qkind[MAXOPS]       # queue kind code of the op, -1: any queue (ICU)
+    int32_t dtype_f[MAXOPS]     # field index of "dtype", -1 none
+    int32_t dmask[MAXOPS]       # accepted dtype codes as bits, 0: no restriction
+    int32_t rule[MAXOPS]
+    int32_t fa[MAXOPS][4]       # field indices the rule reads
+    int32_t vto[MAXOPS]         # VXM cvt: field index of "to", -1
+    int32_t vout[MAXOPS]        # VXM: fixed output element bytes (requant: 1), 0: from the dtypes
+    int32_t strided[MAXOPS]     # bit j: field j is strided
+    int32_t is_icu[MAXOPS]
+    int32_t dbytes[8]           # dtype code -> bytes
+    int32_t ndtypes
+    int64_t streams             # streams per chip (both directions)
+    int64_t S                   # streams per direction
+    int64_t latch_base
+    int64_t alus
+    int64_t mxm_size
+    int64_t lps                 # lanes per superlane
+
+
+cdef void _fill(Tables* t, dict d) except *:
+    cdef int k, j
+    for j in range(256):
+        t.opk[j] = d["opk"][j]
+    nops = len(d["nf"])
+    for k in range(nops):
+        t.nf[k] = d["nf"][k]
+        t.qkind[k] = d["qkind"][k]
+        t.dtype_f[k] = d["dtype_f"][k]
+        t.dmask[k] = d["dmask"][k]
+        t.rule[k] = d["rule"][k]
+        t.vto[k] = d["vto"][k]
+        t.vout[k] = d["vout"][k]
+        t.strided[k] = d["strided"][k]
+        t.is_icu[k] = d["is_icu"][k]
+        for j in range(NF):
+            t.lo[k][j] = d["lo"][k][j]
+            t.hi[k][j] = d["hi"][k][j]
+            t.fkind[k][j] = d["fkind"][k][j]
+            t.vrole[k][j] = d["vrole"][k][j]
+        for j in range(4):
+            t.fa[k][j] = d["fa"][k][j]
+    t.ndtypes = len(d["dbytes"])
+    for j in range(t.ndtypes):
+        t.dbytes[j] = d["dbytes"][j]
+    t.streams = d["streams"]
+    t.S = d["S"]
+    t.latch_base = d["latch_base"]
+    t.alus = d["alus"]
+    t.mxm_size = d["mxm_size"]
+    t.lps = d["lps"]
+
+
+cdef inline bint _group_bad(const Tables* t, int64_t v, int64_t width, bint aligned) noexcept nogil:
+    """_check_stream_groups' group(): the stream group v..v+width-1 leaves its direction (or is
+    misaligned).  v is a legal stream (0..streams-1), so v % S is the C remainder."""
+    cdef int64_t local = v % t.S
+    if aligned and local % width:
+        return True
+    return local + width > t.S
+
+
+cdef bint _row_bad(const Tables* t, int k, const int64_t* a) noexcept nogil:
+    """check_instruction(...) is not None for op k with operands a[0..nf-1]."""
+    cdef int j, n = t.nf[k]
+    cdef int64_t v, w, src_w, out_w
+    for j in range(n):
+        v = a[j]
+        if t.fkind[k][j] == K_SRC:
+            if not ((0 <= v < t.streams) or (t.latch_base <= v < t.latch_base + t.alus)):
+                return True
+        elif t.fkind[k][j] == K_NONE_OK and v == -1:
+            pass
+        elif v < t.lo[k][j] or v > t.hi[k][j]:
+            return True
+    if t.dmask[k] and t.dtype_f[k] >= 0:
+        if not (t.dmask[k] >> a[t.dtype_f[k]]) & 1:
+            return True
+    cdef int r = t.rule[k]
+    if r == R_NONE or r == R_REPEAT:
+        return False
+    if r == R_LW:          # fa: src, n, row
+        if a[t.fa[k][2]] + a[t.fa[k][1]] > t.mxm_size:
+            return True
+        return _group_bad(t, a[t.fa[k][0]], a[t.fa[k][1]], False)
+    if r == R_ABC:         # fa: dtype, src
+        return _group_bad(t, a[t.fa[k][1]], t.dbytes[a[t.fa[k][0]]], True)
+    if r == R_ACC:         # fa: dst
+        return _group_bad(t, a[t.fa[k][0]], 4, True)
+    if r == R_PERMUTE:     # fa: map
+        return _group_bad(t, a[t.fa[k][0]], 2, True)
+    if r == R_ROTATE:      # fa: dst, src, n
+        return (_group_bad(t, a[t.fa[k][1]], a[t.fa[k][2]], False)
+                or _group_bad(t, a[t.fa[k][0]], a[t.fa[k][2]] * a[t.fa[k][2]], False))
+    if r == R_TRANSPOSE:   # fa: dst, src
+        return _group_bad(t, a[t.fa[k][1]], t.lps, False) or _group_bad(t, a[t.fa[k][0]], t.lps, False)
+    if r == R_MAP:         # fa: map
+        return (a[t.fa[k][0]] % t.S) % 2 != 0
+    # R_VXM: every stream operand's group is aligned to its element's bytes
+    src_w = t.dbytes[a[t.dtype_f[k]]] if t.dtype_f[k] >= 0 else 4
+    if t.vout[k]:
+        out_w = t.vout[k]
+    elif t.vto[k] >= 0:
+        out_w = t.dbytes[a[t.vto[k]]]
+    else:
+        out_w = src_w
+    for j in range(n):
+        if t.vrole[k][j] == V_NONE:
+            continue
+        v = a[j]
+        if v == -1 or v >= t.latch_base:
+            continue
+        w = src_w if t.vrole[k][j] == V_SRC else out_w
+        if (v % t.S) % w:
+            return True
+    return False
+
+
+cdef int64_t _first_bad(const Tables* t, const int32_t* code, const int64_t* qstart, const int32_t* qk,
+                        int64_t nq) noexcept nogil:
+    """The row of the first instruction the Python validator (or the program file parser: an
+    unknown opcode, a non-zero unused field) would reject, queue by queue, or -1 when every row
+    passes."""
+    cdef int64_t q, j, row
+    cdef int k, pk
+    cdef int64_t a[NF]
+    cdef int64_t last[NF]
+    cdef int64_t n, stride
+    cdef const int32_t* p
+    cdef const int32_t* pp
+    for q in range(nq):
+        for row in range(qstart[q], qstart[q + 1]):
+            p = code + row * (1 + NF)
+            k = t.opk[p[0] & 255] if 0 <= p[0] < 256 else -1
+            if k < 0:
+                return row
+            if not t.is_icu[k] and t.qkind[k] != qk[q]:
+                return row
+            for j in range(t.nf[k], NF):          # a file's unused fields must be zero (packed lists' are)
+                if p[1 + j] != 0:
+                    return row
+            for j in range(NF):
+                a[j] = p[1 + j]
+            if _row_bad(t, k, a):
+                return row
+            if t.rule[k] != R_REPEAT:
+                continue
+            if row == qstart[q]:
+                return row
+            pp = p - (1 + NF)          # the previous row, in the same queue
+            pk = t.opk[pp[0] & 255]
+            if t.is_icu[pk]:
+                return row
+            n = a[t.fa[k][0]]
+            stride = a[t.fa[k][1]]
+            if stride == 0:
+                continue
+            if t.strided[pk] == 0:
+                return row
+            for j in range(NF):
+                last[j] = pp[1 + j]
+                if (t.strided[pk] >> j) & 1:
+                    last[j] += n * stride
+            if _row_bad(t, pk, last):
+                return row
+    return -1
+
+
+cdef class Checker:
+    """The ISA tables for one chip configuration (built by lpucore.fastload.checker)."""
+
+    cdef Tables t
+
+    def __init__(self, dict tables):
+        _fill(&self.t, tables)
+
+    def first_bad(self, const int32_t[:, ::1] code, const int64_t[::1] qstart, const int32_t[::1] qkind):
+        """Row of the first instruction the Python validator rejects, or -1 (queue q holds rows
+        qstart[q]:qstart[q+1]; qkind[q]: its queue-kind code)."""
+        cdef int64_t nq = qkind.shape[0], q
+        if code.shape[1] != 1 + NF or qstart.shape[0] != nq + 1:
+            raise ValueError("code table of the wrong shape")
+        if qstart[0] != 0 or qstart[nq] != code.shape[0]:
+            raise ValueError("qstart does not cover the code table")
+        for q in range(nq):
+            if qstart[q] > qstart[q + 1]:
+                raise ValueError("qstart is not ascending")
+        if code.shape[0] == 0:
+            return -1
+        with nogil:
+            r = _first_bad(&self.t, &code[0, 0], &qstart[0], &qkind[0], nq)
+        return r
+
+
+def pack(list lists, dict op_index, object instruction_type):
+    """Instruction lists (one per queue, by queue number) -> (code int32[n, 1 + NF], qstart
+    int64[len(lists) + 1]), or None when an entry is anything but an Instruction of a known Op
+    (op_index: id(op) -> (opcode, number of fields)) with a tuple of exactly that many plain ints
+    in int32: the caller then takes the Python path, which says what is wrong."""
+    cdef Py_ssize_t n = 0, i, j, k, m, nargs
+    cdef list lst
+    for obj in lists:
+        if type(obj) is not list:
+            return None
+        n += len(<list>obj)
+    code_a = np.zeros((n, 1 + NF), dtype=np.int32)
+    qstart_a = np.zeros(len(lists) + 1, dtype=np.int64)
+    cdef int32_t[:, ::1] code = code_a
+    cdef int64_t[::1] qstart = qstart_a
+    cdef Py_ssize_t row = 0
+    cdef object last_op = None
+    cdef int32_t opcode = 0
+    cdef Py_ssize_t nf = 0
+    cdef object ins, op, args
+    cdef PyObject* v
+    cdef long long x
+    for i in range(len(lists)):
+        qstart[i] = row
+        lst = lists[i]
+        m = len(lst)
+        for j in range(m):
+            ins = lst[j]
+            if type(ins) is not instruction_type:
+                return None
+            op = ins.op
+            if op is not last_op:
+                hit = op_index.get(id(op))
+                if hit is None:
+                    return None
+                opcode, nf = hit
+                last_op = op
+            args = ins.args
+            if not PyTuple_CheckExact(args):
+                return None
+            nargs = PyTuple_GET_SIZE(args)
+            if nargs != nf:
+                return None
+            code[row, 0] = opcode
+            for k in range(nargs):
+                v = PyTuple_GET_ITEM(args, k)
+                if not PyLong_CheckExact(<object>v):
+                    return None
+                try:
+                    x = PyLong_AsLongLong(<object>v)
+                except OverflowError:
+                    return None
+                if x < -2147483648 or x > 2147483647:
+                    return None
+                code[row, 1 + k] = <int32_t>x
+            row += 1
+    qstart[len(lists)] = row
+    return code_a, qstart_a
+
+
+def unpack(const int32_t[:, ::1] code, Py_ssize_t start, Py_ssize_t count, list ops, list nfs,
+           object instruction_type):
+    """Instructions of rows start..start+count-1 (ops[opcode] / nfs[opcode]: the Op and its field
+    count; every opcode known, unused fields zero: the caller checked).  Rows equal to an earlier
+    row share its (immutable) Instruction."""
+    cdef Py_ssize_t r, k, nf
+    cdef const int32_t* p
+    cdef list out = [None] * count
+    cdef dict seen = {}
+    new = object.__new__
+    setattr_ = object.__setattr__
+    for r in range(count):
+        p = &code[start + r, 0]
+        nf = nfs[p[0]]
+        args = tuple([p[1 + k] for k in range(nf)])
+        key = (p[0], args)
+        ins = seen.get(key)
+        if ins is None:
+            ins = new(instruction_type)
+            setattr_(ins, "op", ops[p[0]])
+            setattr_(ins, "args", args)
+            seen[key] = ins
+        out[r] = ins
+    return out
+
+
+# ---- tensors: byte planes <-> host arrays, in bulk ----------------------------------------------------
+cdef inline bint _rows_ok(const int64_t[:, ::1] idx, int64_t nrows) noexcept nogil:
+    cdef Py_ssize_t p, v
+    for p in range(idx.shape[0]):
+        for v in range(idx.shape[1]):
+            if idx[p, v] < 0 or idx[p, v] >= nrows:
+                return False
+    return True
+
+
+cdef inline Py_ssize_t _place(Py_ssize_t v, Py_ssize_t ch, Py_ssize_t cols, Py_ssize_t L,
+                              Py_ssize_t* n) noexcept nogil:
+    """Vector v = row * ch + chunk of a tensor of ``cols`` columns: its first element's index in
+    the host array, and (in n) how many of its lanes hold elements (the rest is padding)."""
+    cdef Py_ssize_t r = v // ch, c = v % ch
+    n[0] = min(L, cols - c * L)
+    return r * cols + c * L
+
+
+def gather_planes(const uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, uint8_t[::1] out, Py_ssize_t cols):
+    """Read a tensor's byte planes from SRAM into a host array: vector v (row v // chunks, chunk
+    v % chunks, chunks = ceil(cols / lanes)) of byte plane p is SRAM row idx[p, v] (sram:
+    [slices * addresses, lanes]); ``out`` holds rows * cols elements of nbytes = idx.shape[0]
+    bytes each, little-endian, row-major (a vector's padding lanes are not read).  False (nothing
+    read) if an index is outside SRAM."""
+    cdef Py_ssize_t nb = idx.shape[0], nvec = idx.shape[1], L = sram.shape[1], v, ln, n, e
+    cdef Py_ssize_t ch = (cols + L - 1) // L if cols > 0 else 1
+    cdef const uint8_t* s0
+    cdef const uint8_t* s1
+    cdef const uint8_t* s2
+    cdef const uint8_t* s3
+    cdef uint16_t* o16
+    cdef uint32_t* o32
+    if nb not in (1, 2, 4) or cols < 1 or nvec % ch or out.shape[0] != (nvec // ch) * cols * nb:
+        raise ValueError("gather_planes: sizes do not match")
+    if nvec == 0:
+        return True
+    if not _rows_ok(idx, sram.shape[0]):
+        return False
+    with nogil:
+        for v in range(nvec):
+            e = _place(v, ch, cols, L, &n)
+            if nb == 1:
+                memcpy(&out[e], &sram[idx[0, v], 0], n)
+            elif nb == 2:
+                s0 = &sram[idx[0, v], 0]
+                s1 = &sram[idx[1, v], 0]
+                o16 = <uint16_t*>&out[e * 2]
+                for ln in range(n):
+                    o16[ln] = s0[ln] | (<uint16_t>s1[ln] << 8)
+            else:
+                s0 = &sram[idx[0, v], 0]
+                s1 = &sram[idx[1, v], 0]
+                s2 = &sram[idx[2, v], 0]
+                s3 = &sram[idx[3, v], 0]
+                o32 = <uint32_t*>&out[e * 4]
+                for ln in range(n):
+                    o32[ln] = (s0[ln] | (<uint32_t>s1[ln] << 8) | (<uint32_t>s2[ln] << 16)
+                               | (<uint32_t>s3[ln] << 24))
+    return True
+
+
+def scatter_planes(uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, const uint8_t[::1] src, Py_ssize_t cols):
+    """The inverse of gather_planes: split a host array's elements (little-endian, nbytes =
+    idx.shape[0] each, rows * cols of them, row-major) into byte planes and write vector v of
+    plane p to SRAM row idx[p, v], its padding lanes zero.  False (nothing written) if an index is
+    outside SRAM."""
+    cdef Py_ssize_t nb = idx.shape[0], nvec = idx.shape[1], L = sram.shape[1], v, ln, n, e, p
+    cdef Py_ssize_t ch = (cols + L - 1) // L if cols > 0 else 1
+    cdef uint8_t* d0
+    cdef uint8_t* d1
+    cdef uint8_t* d2
+    cdef uint8_t* d3
+    cdef const uint16_t* i16
+    cdef const uint32_t* i32
+    if nb not in (1, 2, 4) or cols < 1 or nvec % ch or src.shape[0] != (nvec // ch) * cols * nb:
+        raise ValueError("scatter_planes: sizes do not match")
+    if nvec == 0:
+        return True
+    if not _rows_ok(idx, sram.shape[0]):
+        return False
+    with nogil:
+        for v in range(nvec):
+            e = _place(v, ch, cols, L, &n)
+            if n < L:
+                for p in range(nb):
+                    memset(&sram[idx[p, v], n], 0, L - n)
+            if nb == 1:
+                memcpy(&sram[idx[0, v], 0], &src[e], n)
+            elif nb == 2:
+                d0 = &sram[idx[0, v], 0]
+                d1 = &sram[idx[1, v], 0]
+                i16 = <const uint16_t*>&src[e * 2]
+                for ln in range(n):
+                    d0[ln] = <uint8_t>i16[ln]
+                    d1[ln] = <uint8_t>(i16[ln] >> 8)
+            else:
+                d0 = &sram[idx[0, v], 0]
+                d1 = &sram[idx[1, v], 0]
+                d2 = &sram[idx[2, v], 0]
+                d3 = &sram[idx[3, v], 0]
+                i32 = <const uint32_t*>&src[e * 4]
+                for ln in range(n):
+                    d0[ln] = <uint8_t>i32[ln]
+                    d1[ln] = <uint8_t>(i32[ln] >> 8)
+                    d2[ln] = <uint8_t>(i32[ln] >> 16)
+                    d3[ln] = <uint8_t>(i32[ln] >> 24)
+    return True
