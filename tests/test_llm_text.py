@@ -10,60 +10,30 @@ import numpy as np
 import pytest
 from helpers import one_error_line
 
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 pytest.importorskip("jinja2")
 pytest.importorskip("safetensors")
 
 from lpucore import LpuError, ModelError  # noqa: E402
 from lpucore.cli import main  # noqa: E402
-from lpucore.llm import Decoder, ModelConfig, random_weights, save_pretrained  # noqa: E402
+from lpucore.llm import Decoder  # noqa: E402
 from lpucore.llm import text as text_mod  # noqa: E402
 from lpucore.llm.reference import choose_token  # noqa: E402
 from lpucore.llm.sampling import SamplingError, SamplingParams  # noqa: E402
 from lpucore.llm.text import TextError, TextStream, load_text  # noqa: E402
+from lpucore.testing.text import TEMPLATE, write_text_model  # noqa: E402
 
 VOCAB = 300
 CAPACITY = 64
 FAST = 5.0          # seconds: every refusal, and a runaway template, ends well within this
-CORPUS = ["hello world", "the cat sat on the mat", "héllo wörld", "a b c d e f g"] * 10
-# trim_blocks drops the newline after a block tag, lstrip_blocks the indentation before one
-TEMPLATE = """{{ bos_token }}{% for message in messages %}
-  {% if message['role'] == 'system' %}
-<<SYS>>{{ message['content'] }}<</SYS>>
-  {% else %}
-[{{ message['role'] }}] {{ message['content'] }}{{ eos_token }}
-  {% endif %}
-{% endfor %}
-{% if add_generation_prompt %}
-[assistant]
-{% endif %}"""
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "héllo"}]
-RENDERED = "<s><<SYS>>be brief<</SYS>>\n[user] héllo</s>\n[assistant]\n"       # computed by hand
-
-
-def byte_level_tokenizer():
-    """A byte-level BPE (GPT-2's scheme) of 289 tokens: <s>, </s>, the 256 bytes and 31 merges. Characters
-    outside the corpus (日, 🙂) are several byte tokens each, so their UTF-8 is split across tokens."""
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-    tk = tokenizers.Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(CORPUS, trainer)
-    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return tk
+# TEMPLATE rendered by hand: trim_blocks drops the newline after each {% ... %}, lstrip_blocks the indentation
+# before it, so only the text lines' own newlines remain
+RENDERED = "<s><<SYS>>be brief<</SYS>>\n[user] héllo</s>\n[assistant]\n"
 
 
 def write_model(d, template=TEMPLATE, **config):
-    cfg = ModelConfig("tiny-text", "llama", vocab_size=VOCAB, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2,
-                      d_ff=128, max_positions=64)
-    save_pretrained(d, cfg, random_weights(cfg, 1))
-    byte_level_tokenizer().save(str(d / "tokenizer.json"))
-    tc = {"bos_token": "<s>", "eos_token": {"content": "</s>", "special": True}, "chat_template": template}
-    tc.update(config)
-    (d / "tokenizer_config.json").write_text(json.dumps(tc))
-    return d
+    return write_text_model(d, template=template, vocab_size=VOCAB, **config)
 
 
 @pytest.fixture(scope="module")
