@@ -16,7 +16,7 @@ pytest.importorskip("safetensors")
 
 from lpucore import LpuError, ModelError  # noqa: E402
 from lpucore.cli import main  # noqa: E402
-from lpucore.llm import Decoder  # noqa: E402
+from lpucore.llm import Continuation, Decoder  # noqa: E402
 from lpucore.llm import text as text_mod  # noqa: E402
 from lpucore.llm.reference import choose_token  # noqa: E402
 from lpucore.llm.sampling import SamplingError, SamplingParams  # noqa: E402
@@ -240,6 +240,33 @@ def test_generate_resolves_its_sampling_arguments():
             SamplingParams.resolve(**kw)
 
 
+def test_continuations_of_a_batch_are_independent(models):
+    """Interleaved sequences (as a batch steps them) choose what each chooses alone, and finish on their own."""
+    tk = models().tokenizer
+    rows = np.random.default_rng(0).normal(size=(12, VOCAB)).astype(np.float32)
+    rows[:, 1] = -10.0                                         # no EOS until row 9
+    rows[9, 1] = 100.0
+
+    def run(seeds, n):
+        cs = [Continuation([0, 5], n, SamplingParams(temperature=1.0, seed=sd), tokenizer=tk, eos_ids=[1])
+              for sd in seeds]
+        for row in rows:
+            for c in cs:
+                if not c.finished:
+                    c.step(row)
+        for c in cs:
+            c.close()
+        return cs
+    a, b = run([1, 2], 20)
+    assert a.tokens == run([1], 20)[0].tokens and b.tokens == run([2], 20)[0].tokens != a.tokens
+    assert a.finish_reason == b.finish_reason == "eos" and len(a.tokens) == 10 and a.tokens[-1] == 1
+    short = run([1], 4)[0]
+    assert short.finish_reason == "length" and short.tokens == a.tokens[:4]
+    assert Continuation([0], 0, SamplingParams()).finished
+    with pytest.raises(TextError, match="need a tokenizer"):
+        Continuation([0], 4, SamplingParams(), stop=["x"])
+
+
 def test_models_without_a_tokenizer_say_so():
     m = Decoder.random("tiny", capacity=8)
     for call in (lambda: m.generate("hello"), lambda: m.chat([{"role": "user", "content": "x"}]),
@@ -344,6 +371,12 @@ def test_bad_files_beside_the_tokenizer(copy, name, content, fragments):
      "{% endfor %}", ("longer than",)),
     ("{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}", ("an output",)),
     ("{{ 'x' * 10**10 }}", ("a repetition",)),
+    ("{% set l = ['x' * 1000000] * 1000 %}{{ l|tojson }}", ("a repetition",)),
+    ("{% set s = 'x' * 1000000 %}{{ s|replace('x', s) }}", ("a replacement",)),
+    ("{% set s = 'x' * 1000000 %}{{ s.replace('x', s) }}", ("a replacement",)),
+    ("{% set s = '\\n' * 1000000 %}{{ s|indent(1000000) }}", ("an indentation",)),
+    ("{% set s = '\\t' * 1000000 %}{{ s.expandtabs(1000000) }}", ("an indentation",)),
+    ("{{ lipsum(1000000) }}", ("failed", "lipsum")),
     ("{{ 'x' * 2**40 }}", ("a repetition",)),
     ("{{ 7 ** 99999999 }}", ("a power",)),
     ("{{ 'x'|center(10**9) }}", ("a filter argument",)),
@@ -354,8 +387,9 @@ def test_bad_files_beside_the_tokenizer(copy, name, content, fragments):
      ("a concatenation",)),
     ("{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s + ns.s %}{% endfor %}",
      ("a concatenation",)),
-    ("{% set l = ['x' * 1000000] * 1000 %}{{ l|join }}", ("a join",)),
-    ("{% set l = ['x' * 1000000] * 1000 %}{{ ''.join(l) }}", ("a join",)),
+    ("{% set l = ['x' * 1000000, 'y' * 1000000] %}{{ l|join }}", ("a join",)),
+    ("{% set l = ['x' * 1000000, 'y' * 1000000] %}{{ ''.join(l) }}", ("a join",)),
+    ("{% set l = ['x' * 1000000, 'y' * 1000000] %}{{ l }}", ("an output",)),
     ("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", ("RecursionError",)),
     ("{{ ''.__class__.__mro__[1].__subclasses__() }}", ("failed",)),
     ("{{ cycler.__init__.__globals__.os.system('true') }}", ("failed",)),

@@ -18,6 +18,8 @@
                                         from the chip's logits, no chip cycles (sampling.py)
     Tokenizer, TextStream               a directory's tokenizer and chat template; one sequence's tokens as
                                         text, streamed (text.py)
+    Continuation                        one sequence's host side: sampler, text stream, EOS and stop strings
+                                        (continuation.py; one per sequence of a batch)
     PipelineDecoder                     a Decoder's model as pipeline stages over chips of an lpucore.System,
                                         cut by SRAM bytes, big blocks in shards, one compile per distinct
                                         stage (pipeline.py)
@@ -29,6 +31,7 @@ models are checked against.
 """
 
 from ..errors import ModelError
+from .continuation import Continuation
 from .decoder import Decoder, DecodeStats, GenerateResult, ModelDoesNotFit, StepStats
 from .pipeline import PipelineDecoder
 from .predict import Prediction, predict
@@ -50,4 +53,4 @@ __all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "RandomWei
            "load_config", "save_pretrained", "ModelError", "quantize_int8", "dequantize_int8", "Reference",
            "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder",
            "predict", "Prediction", "SamplingParams", "Sampler", "SamplingError", "Tokenizer", "TextStream",
-           "TextError"]
+           "TextError", "Continuation"]

@@ -30,11 +30,12 @@ import numpy as np
 
 from ..config import ChipConfig
 from ..errors import LpuError, ModelDoesNotFit, ModelError
+from .continuation import Continuation
 from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference
 from .sampling import SamplingError, SamplingParams
 from .shapes import ModelConfig, model_config
-from .text import TextError, TextStream, Tokenizer, load_text
+from .text import TextError, Tokenizer, check_stop, load_text
 from .weights import RandomWeights, load_config, load_pretrained
 
 if TYPE_CHECKING:
@@ -164,12 +165,6 @@ class GenerateResult:
     prompt_ids: Optional[np.ndarray] = None
     prompt_text: Optional[str] = None
     stop_string: Optional[str] = None
-
-
-def _emit(piece: str, on_text) -> str:
-    if piece and on_text is not None:
-        on_text(piece)
-    return piece
 
 
 def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[Dict[str, int], Dict[str, int]]:
@@ -418,39 +413,32 @@ class Decoder:
             sampling = SamplingParams.resolve(greedy, temperature, top_k, top_p, seed)
         elif greedy is not None or temperature is not None or top_k != 0 or top_p != 1.0:
             raise SamplingError("give sampling=SamplingParams(...) or greedy/temperature/top_k/top_p, not both")
-        stream = self._text_stream(ids, stop, on_text)
-        eos = frozenset() if ignore_eos else (frozenset([int(eos_id)]) if eos_id is not None else self.eos_ids)
+        if self.tokenizer is None and (check_stop(stop) or on_text is not None):
+            self._tokenizer()               # raises: stop strings and text need a tokenizer
+        eos = () if ignore_eos else ([int(eos_id)] if eos_id is not None else self.eos_ids)
         self._check_lengths(ids, max_new_tokens)
+        seq = Continuation(ids.tolist(), max_new_tokens, sampling, tokenizer=self.tokenizer, stop=stop,
+                           eos_ids=eos, on_text=on_text)
         compiled = self.compile()
         self.reset()
-        sampler = sampling.sampler()
         steps: List[StepStats] = []
-        tokens, logits = [], []
         t_start = time.perf_counter()
         row, last = None, None
         for tok in ids:
             row, last = self._timed_step(tok, "prefill", steps)
         assert row is not None and last is not None      # the prompt is not empty
-        finish = "length"
-        for i in range(max_new_tokens):
-            tok = sampler.choose(row)
-            tokens.append(tok)
-            logits.append(row)
+        while not seq.finished:
+            tok = seq.step(row)
             if on_token is not None:
                 on_token(tok, steps[-1])
-            finish = "eos" if tok in eos else self._push_text(stream, tok, on_text)
-            if finish != "length" or i == max_new_tokens - 1:
-                break
-            row, last = self._timed_step(tok, "decode", steps)
-        text = None
-        if stream is not None:
-            _emit(stream.close(), on_text)
-            text = stream.text
-        stats = self._decode_stats(compiled, steps, last, len(ids), len(tokens), time.perf_counter() - t_start)
-        out_logits = np.stack(logits) if logits else np.zeros((0, self.cfg.vocab_size), np.float32)
-        return GenerateResult(np.asarray(tokens, dtype=np.int64), out_logits, stats, text=text, finish_reason=finish,
-                              prompt_ids=ids, prompt_text=prompt_text,
-                              stop_string=None if stream is None else stream.stop_string)
+            if not seq.finished:
+                row, last = self._timed_step(tok, "decode", steps)
+        seq.close()
+        stats = self._decode_stats(compiled, steps, last, len(ids), len(seq.tokens), time.perf_counter() - t_start)
+        logits = np.stack(seq.logits) if seq.logits else np.zeros((0, self.cfg.vocab_size), np.float32)
+        return GenerateResult(np.asarray(seq.tokens, dtype=np.int64), logits, stats, text=seq.text,
+                              finish_reason=seq.finish_reason or "length", prompt_ids=ids, prompt_text=prompt_text,
+                              stop_string=seq.stop_string)
 
     def chat(self, messages: Sequence[Mapping[str, object]], max_new_tokens: int = 32, *,
              add_generation_prompt: bool = True, template_vars: Optional[Mapping[str, object]] = None,
@@ -482,6 +470,8 @@ class Decoder:
         if isinstance(prompt, str):
             text = prompt
             prompt = self._tokenizer().encode(prompt)
+            if not prompt:
+                raise TextError(f"the prompt {text!r} encodes to no tokens"[:300])
         ids = np.asarray(prompt)
         if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
             raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of integers (or text), got {prompt!r}"
@@ -500,22 +490,6 @@ class Decoder:
         if need > self.capacity:
             raise ValueError(f"{ids.size} prompt tokens + {max_new_tokens} new tokens need {need} cache "
                              f"positions; this decoder has {self.capacity} (Decoder(capacity=...))")
-
-    def _text_stream(self, ids: np.ndarray, stop, on_text) -> Optional[TextStream]:
-        """The sequence's TextStream (None without a tokenizer; stop strings and on_text then need one)."""
-        if self.tokenizer is None:
-            if stop or on_text is not None:
-                self._tokenizer()           # raises: stop strings and text need a tokenizer
-            return None
-        return self.tokenizer.stream(ids.tolist(), stop if stop is not None else ())
-
-    @staticmethod
-    def _push_text(stream: Optional[TextStream], tok: int, on_text) -> str:
-        """Feed ``tok`` to the text stream; "stop" if its text reached a stop string, else "length"."""
-        if stream is None:
-            return "length"
-        _emit(stream.push(tok), on_text)
-        return "stop" if stream.stopped else "length"
 
     def _timed_step(self, tok, phase: str, steps: List[StepStats]):
         """:meth:`step` with its StepStats appended to ``steps``: (logits, RunStats)."""

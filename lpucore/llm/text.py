@@ -272,39 +272,76 @@ def _check_format(fmt: str) -> None:
             raise TemplateLimit(f"a format width or precision of {m.group()[:20]}")
 
 
+def _weight(x, depth: int = 0) -> int:
+    """About how many characters ``x`` prints as: a string's length, a list's items' (stops past the bound)."""
+    if isinstance(x, str):
+        return len(x)
+    if isinstance(x, (list, tuple, dict)) and depth < 32:
+        total = len(x)
+        for item in (x.items() if isinstance(x, dict) else x):
+            total += _weight(item, depth + 1)
+            if total > MAX_TEMPLATE_CHARS:
+                break
+        return total
+    return 1
+
+
 def _check_binop(op: str, a, b) -> None:
     """Bound the size of ``a op b`` before computing it."""
     seq = (str, list, tuple)
     if op == "*":
         for x, n in ((a, b), (b, a)):
             if isinstance(x, seq) and isinstance(n, int):
-                _check_size(len(x) * max(n, 0), "a repetition")
+                _check_size(_weight(x) * max(n, 0), "a repetition")
     elif op == "+" and isinstance(a, seq) and isinstance(b, seq):
-        _check_size(len(a) + len(b), "a concatenation")
+        _check_size(_weight(a) + _weight(b), "a concatenation")
     elif op == "**" and isinstance(a, int) and isinstance(b, int) and abs(a) > 1 and b > 0:
         _check_size(int(b * math.log2(abs(a)) / 8), "a power (bytes)")
     elif op == "%" and isinstance(a, str):
         _check_format(a)
 
 
+def _check_growth(name: str, s, args: Sequence[Any]) -> Tuple[Any, List[Any]]:
+    """Bound what string operation ``name`` (a filter, ``do_...``, or a ``str`` method of ``s``) makes;
+    returns ``(s, args)``, with the iterable to join read into a list (so that it is read once)."""
+    a = list(args)
+    if name in ("format", "format_map", "do_format") and isinstance(s, str):
+        _check_format(s)
+    elif name == "join" and a:                  # sep.join(items)
+        a[0] = list(a[0])
+        _check_size(_weight(a[0]) + len(s) * len(a[0]), "a join")
+    elif name == "do_join":                     # items|join(sep)
+        s = list(s)
+        _check_size(_weight(s) + len(str(a[0] if a else "")) * len(s), "a join")
+    elif name in ("replace", "do_replace") and isinstance(s, str) and len(a) >= 2:
+        old, new = str(a[0]), str(a[1])
+        _check_size(len(s) + (len(s) // max(len(old), 1) + 1) * len(new), "a replacement")
+    elif name in ("do_indent", "expandtabs") and isinstance(s, str) and a:
+        width = a[0] if isinstance(a[0], int) else len(str(a[0]))
+        _check_size(len(s) + (s.count("\n") + s.count("\t") + 1) * width, "an indentation")
+    return s, a
+
+
 def _checked_filter(f):
-    """Filter ``f`` with its integer arguments bounded (``center(10**9)``) and ``join`` pre-sized."""
+    """Filter ``f`` with its integer arguments bounded (``center(10**9)``) and its growth checked."""
     import functools
+
+    skip = 1 if getattr(f, "jinja_pass_arg", None) is not None else 0     # the context it takes first
 
     @functools.wraps(f)
     def g(*args, **kwargs):
-        for v in list(args) + list(kwargs.values()):
+        for v in list(args[skip:]) + list(kwargs.values()):
             if isinstance(v, int) and not isinstance(v, bool):
                 _check_size(abs(v), "a filter argument")
-            elif isinstance(v, str) and f.__name__ == "do_format":
-                _check_format(v)
+        if len(args) > skip:
+            value, rest = _check_growth(f.__name__, args[skip], args[skip + 1:])
+            args = args[:skip] + (value,) + tuple(rest)
         return f(*args, **kwargs)
     return g
 
 
 def _environment():
     """Hugging Face's chat-template environment, with the bounds above."""
-    import functools
     from datetime import datetime
 
     import jinja2
@@ -341,12 +378,8 @@ def _environment():
                 if isinstance(v, int) and not isinstance(v, bool):
                     _check_size(abs(v), "a call argument")
             owner = getattr(__obj, "__self__", None)
-            if isinstance(owner, str) and getattr(__obj, "__name__", "") in ("format", "format_map"):
-                _check_format(owner)
-            if isinstance(owner, str) and getattr(__obj, "__name__", "") == "join" and args:
-                items = list(args[0])
-                _check_size(sum(len(str(x)) for x in items) + len(owner) * len(items), "a join")
-                args = (items,) + args[1:]
+            if isinstance(owner, str):
+                args = tuple(_check_growth(getattr(__obj, "__name__", ""), owner, args)[1])
             return super().call(__context, __obj, *args, **kwargs)
 
         def wrap_str_format(self, value):           # ``'...'.format``, bound at attribute access (jinja2 3.1.5)
@@ -369,16 +402,9 @@ def _environment():
 
     env = Env(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters = {k: _checked_filter(f) for k, f in env.filters.items()}
-    join = env.filters["join"]
-
-    @functools.wraps(join)
-    def sized_join(eval_ctx, value, d="", attribute=None):
-        items = list(value)
-        _check_size(sum(len(str(x)) for x in items) + len(str(d)) * len(items), "a join")
-        return join(eval_ctx, items, d, attribute)
-    env.filters["join"] = sized_join
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    env.globals.pop("lipsum", None)             # lipsum(10**6) would run unbounded outside the template's lines
     return env
 
 
@@ -490,7 +516,7 @@ class TextStream:
         if not self.stopped and self.read < len(self.ids):
             before = self.tokenizer.decode(self.ids[self.prefix:self.read])
             now = self.tokenizer.decode(self.ids[self.prefix:])
-            self._add(now[len(before):] if now.startswith(before) else now)
+            self._add(now[len(before):])
             self.read = len(self.ids)
         return self._release(final=True)
 
