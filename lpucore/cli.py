@@ -562,24 +562,24 @@ def _sampling(args):
 
 
 def _decode_prompt(args, model):
-    """The prompt the decode command's options give: (token ids, chat messages or None, what they are)."""
+    """The prompt the decode command's options give: (token ids, what they are)."""
     option = "--prompt" if args.prompt is not None else "--chat" if args.chat is not None else "--stop"
     if model.tokenizer is None and (args.prompt is not None or args.chat is not None or args.stop):
         raise CliError(f"{option} needs a model with a tokenizer; {model.cfg.name} has none ({model.no_text})")
     if args.chat is not None:
-        messages = [{"role": "user", "content": args.chat}]
-        rendered = model.tokenizer.apply_chat_template(messages)
-        return model.tokenizer.encode(rendered, add_special_tokens=False), messages, "the rendered chat"
+        # as Decoder.chat: the template writes the special tokens
+        rendered = model.tokenizer.apply_chat_template([{"role": "user", "content": args.chat}])
+        return model.tokenizer.encode(rendered, add_special_tokens=False), "the rendered chat"
     if args.prompt is not None:
-        return model.tokenizer.encode(args.prompt), None, "the prompt text"
-    return (args.prompt_ids or [1]), None, "the prompt ids"
+        return model.tokenizer.encode(args.prompt), "the prompt text"
+    return (args.prompt_ids or [1]), "the prompt ids"
 
 
 def _cmd_decode(args) -> int:
     sampling = _sampling(args)
     try:
         model = _load_model(args, engine=args.engine)
-        ids, messages, what = _decode_prompt(args, model)
+        ids, what = _decode_prompt(args, model)
         out = sys.stdout
         print(f"{model}: compiling the step program ...", file=out, flush=True)
         compiled = model.compile()
@@ -604,8 +604,7 @@ def _cmd_decode(args) -> int:
             print(piece, end="", file=out, flush=True)
         kw = dict(on_token=on_token, on_text=on_text if text else None, sampling=sampling, stop=args.stop or None,
                   ignore_eos=args.ignore_eos)
-        res = (model.chat(messages, args.tokens, **kw) if messages is not None
-               else model.generate(ids, max_new_tokens=args.tokens, **kw))
+        res = model.generate(ids, max_new_tokens=args.tokens, **kw)
         if bar is not None:
             bar.close()
     except ValueError as e:

@@ -4,6 +4,7 @@ tokens, seeded sampling on both engines, hostile tokenizer files and templates."
 
 import json
 import shutil
+import sys
 import time
 
 import numpy as np
@@ -417,6 +418,26 @@ def test_no_tokenizer_json_means_ids_only(copy):
     m = Decoder.from_pretrained(copy, capacity=8)
     with pytest.raises(ModelError, match="no tokenizer.json"):
         m.generate("hello")
+
+
+def test_template_file_missing_template_and_missing_packages(copy, monkeypatch):
+    tc = json.loads((copy / "tokenizer_config.json").read_text())
+    del tc["chat_template"]
+    (copy / "tokenizer_config.json").write_text(json.dumps(tc))
+    tk, _, _ = load_text(copy, VOCAB)
+    with pytest.raises(TextError, match="no chat template"):
+        tk.apply_chat_template(CHAT)
+    (copy / "chat_template.jinja").write_text(TEMPLATE)          # newer directories keep it apart
+    tk, _, _ = load_text(copy, VOCAB)
+    assert tk.apply_chat_template(CHAT) == RENDERED
+    monkeypatch.setitem(sys.modules, "jinja2", None)             # import jinja2 now fails
+    tk, _, _ = load_text(copy, VOCAB)
+    assert tk.encode("hello")                                    # text works, the template says what it needs
+    with pytest.raises(TextError, match=r"needs jinja2: pip install 'lpucore\[text\]'"):
+        tk.apply_chat_template(CHAT)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    tk, eos, why = load_text(copy, VOCAB)
+    assert tk is None and "needs the tokenizers package" in why
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -204,7 +204,12 @@ class Tokenizer:
             if self.eos_token_id is None:
                 raise ModelError(f"{eos!r} is not a token of {TOKENIZER_FILE}", path=config_path, field="eos_token")
         self.chat_template = template
-        self._template = None if template is None else ChatTemplate(template, config_path)
+        self._template: Optional[ChatTemplate] = None
+        if template is not None:
+            try:
+                self._template = ChatTemplate(template, config_path)      # compiled now: errors at load
+            except ImportError:
+                pass                     # no jinja2: apply_chat_template says so
 
     @property
     def vocab_size(self) -> int:
@@ -225,6 +230,8 @@ class Tokenizer:
         """The chat rendered as text by the model's template (as transformers' ``apply_chat_template(...,
         tokenize=False)`` renders it: ``messages``, ``add_generation_prompt``, the special tokens
         ``bos_token``, ``eos_token``, ... and ``kwargs`` are the template's variables)."""
+        if self._template is None and self.chat_template is not None:
+            raise TextError(f"rendering the chat template needs jinja2: {TEXT_EXTRA}")
         if self._template is None:
             raise TextError(f"this model's tokenizer has no chat template ({self.config_path.name} has no "
                             f"'chat_template' and there is no {CHAT_TEMPLATE_FILE})")
@@ -239,7 +246,7 @@ class Tokenizer:
         return TextStream(self, prompt_ids, stop)
 
     def __repr__(self):
-        return f"Tokenizer(vocab_size={self.vocab_size}, chat_template={self._template is not None})"
+        return f"Tokenizer(vocab_size={self.vocab_size}, chat_template={self.chat_template is not None})"
 
 
 def check_messages(messages) -> None:
