@@ -22,7 +22,7 @@ from lpucore.llm import text as text_mod  # noqa: E402
 from lpucore.llm.reference import choose_token  # noqa: E402
 from lpucore.llm.sampling import SamplingError, SamplingParams  # noqa: E402
 from lpucore.llm.text import TextError, TextStream, load_text  # noqa: E402
-from lpucore.testing.text import TEMPLATE, write_text_model  # noqa: E402
+from lpucore.testing.text import TEMPLATE, llama_style_tokenizer, write_text_model  # noqa: E402
 
 VOCAB = 300
 CAPACITY = 64
@@ -105,6 +105,22 @@ def test_multibyte_characters_split_across_tokens_stream_whole(models):
     assert "".join(pieces) == stream.text == text
     assert not any("\ufffd" in p for p in pieces)
     assert pieces[0] == "" and pieces[1] == "" and pieces[2] == "日"      # 日 is three byte tokens
+
+
+@pytest.mark.parametrize("prompt,new", [("the", " cat 日本 é the cat"), ("", "the cat 日 x"), ("日", "本 the")])
+def test_streaming_with_a_llama_style_tokenizer(tmp_path, prompt, new):
+    """Llama's decoder strips the first space of every decode and spells other characters as byte tokens:
+    decoded one at a time, " cat" would lose its space and 日 would be three U+FFFD."""
+    tk = text_mod.Tokenizer(llama_style_tokenizer(), {}, tmp_path / "tokenizer_config.json", None)
+    ids = tk.encode(prompt + new)
+    head = tk.encode(prompt)
+    n = len(head) if prompt else 1
+    assert ids[:n] == head[:n]
+    stream = TextStream(tk, ids[:n])
+    pieces = [stream.push(t) for t in ids[n:]] + [stream.close()]
+    assert "".join(pieces) == stream.text == tk.decode(ids)[len(tk.decode(ids[:n])):] == new
+    assert not any("\ufffd" in p for p in pieces)
+    assert [tk.decode([t]) for t in ids[n:]] != [p for p in pieces if p]          # one at a time would differ
 
 
 def test_stop_strings_are_held_back_and_cut(models):

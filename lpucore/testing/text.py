@@ -43,6 +43,31 @@ def byte_level_tokenizer(vocab_size: int = 300, corpus: Sequence[str] = CORPUS):
     return tk
 
 
+def llama_style_tokenizer():
+    """A hand-made tokenizer laid out as Llama-2's ``tokenizer.json`` is (a ``tokenizers.Tokenizer``): BPE over
+    ``▁`` and a-z with byte fallback (``<0xE6>`` ...) for everything else, a normaliser that turns spaces into
+    ``▁`` and prepends one, and a decoder that turns them back and strips the first space of every decode.
+    ``<unk>`` 0, ``<s>`` 1 (added before every encoded text), ``</s>`` 2; 291 tokens."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{i:02X}>": 3 + i for i in range(256)})
+    for c in ["\u2581"] + list(string.ascii_lowercase):
+        vocab[c] = len(vocab)
+    merges = [("\u2581", "t"), ("h", "e"), ("\u2581t", "he"), ("\u2581", "c"), ("a", "t")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tk
+
+
 def write_text_model(path: Union[str, pathlib.Path], seed: int = 1, template: Optional[str] = TEMPLATE,
                      vocab_size: int = 300, **tokenizer_config) -> pathlib.Path:
     """Write a tiny llama (2 layers, d_model 64, 64 positions, random weights from ``seed``) with
@@ -61,4 +86,4 @@ def write_text_model(path: Union[str, pathlib.Path], seed: int = 1, template: Op
     return d
 
 
-__all__ = ["byte_level_tokenizer", "write_text_model", "TEMPLATE"]
+__all__ = ["byte_level_tokenizer", "llama_style_tokenizer", "write_text_model", "TEMPLATE"]
