@@ -427,6 +427,18 @@ def test_hostile_templates_are_stopped(tmp_path, monkeypatch, template, fragment
         assert f in str(e.value), (f, str(e.value))
 
 
+def test_a_tokenizer_failing_at_work_is_a_model_error(tmp_path):
+    class Failing:
+        def encode(self, *a, **k):
+            raise Exception("a panic in Rust")
+        decode = encode
+
+    tk = text_mod.Tokenizer(Failing(), {}, tmp_path / "tokenizer_config.json", None)
+    for call in (lambda: tk.encode("x"), lambda: tk.decode([1])):
+        with pytest.raises(ModelError, match=r"tokenizer.json: the tokenizer failed to (en|de)code: .*a panic"):
+            call()
+
+
 def test_no_tokenizer_json_means_ids_only(copy):
     (copy / "tokenizer.json").unlink()
     tk, eos, why = load_text(copy, VOCAB)

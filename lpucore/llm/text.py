@@ -220,10 +220,20 @@ class Tokenizer:
         ``add_special_tokens=False``)."""
         if not isinstance(text, str):
             raise TextError(f"text must be a str, not {type(text).__name__}")
-        return list(self.tk.encode(text, add_special_tokens=add_special_tokens).ids)
+        return list(self._run("encode", self.tk.encode, text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return str(self.tk.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+        return str(self._run("decode", self.tk.decode, [int(i) for i in ids], skip_special_tokens=skip_special_tokens))
+
+    def _run(self, what: str, f, *args, **kwargs):
+        """``f(*args, **kwargs)``; a failure of the tokenizer (a Rust panic too) becomes a ModelError."""
+        try:
+            return f(*args, **kwargs)
+        except BaseException as e:
+            if not isinstance(e, Exception) and type(e).__name__ != "PanicException":
+                raise
+            raise ModelError(f"the tokenizer failed to {what}: {type(e).__name__}: {str(e)[:300]}",
+                             path=self.config_path.parent / TOKENIZER_FILE) from None
 
     def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
                             **kwargs) -> str:
