@@ -552,14 +552,40 @@ def _model_options(d) -> None:
     add_config_option(d)
 
 
+def _sampling(args):
+    """The decode command's SamplingParams (a usage error if out of range)."""
+    from .llm.sampling import SamplingError, SamplingParams
+
+    try:
+        return SamplingParams(args.temperature, args.top_k, args.top_p, args.sample_seed)
+    except SamplingError as e:
+        raise UsageError(f"decode: {e}") from None
+
+
+def _decode_prompt(args, model):
+    """The prompt the decode command's options give: (token ids, what they are)."""
+    option = "--prompt" if args.prompt is not None else "--chat" if args.chat is not None else "--stop"
+    if model.tokenizer is None and (args.prompt is not None or args.chat is not None or args.stop):
+        raise CliError(f"{option} needs a model with a tokenizer; {model.cfg.name} has none ({model.no_text})")
+    if args.chat is not None:
+        # as Decoder.chat: the template writes the special tokens
+        rendered = model.tokenizer.apply_chat_template([{"role": "user", "content": args.chat}])
+        return model.tokenizer.encode(rendered, add_special_tokens=False), "the rendered chat"
+    if args.prompt is not None:
+        return model.tokenizer.encode(args.prompt), "the prompt text"
+    return (args.prompt_ids or [1]), "the prompt ids"
+
+
 def _cmd_decode(args) -> int:
+    sampling = _sampling(args)
     try:
         model = _load_model(args, engine=args.engine)
+        ids, what = _decode_prompt(args, model)
         out = sys.stdout
         print(f"{model}: compiling the step program ...", file=out, flush=True)
         compiled = model.compile()
         print(f"compiled in {model.compile_seconds:.1f} s: {compiled.expected_cycles:,} cycles per step; "
-              f"prefill {len(args.prompt_ids)} tokens, then decode", file=out, flush=True)
+              f"prefill {len(ids)} tokens ({what}), then decode", file=out, flush=True)
         bar = None
         if args.tokens >= 64 and not args.quiet:
             try:
@@ -567,20 +593,26 @@ def _cmd_decode(args) -> int:
                 bar = tqdm(total=args.tokens, unit="tok", file=sys.stderr, leave=False)
             except ImportError:
                 bar = None
+        text = model.tokenizer is not None and not args.quiet
 
         def on_token(tok, step):
             if bar is not None:
                 bar.update(1)
-            if not args.quiet:
+            if not args.quiet and not text:
                 print(tok, end=" ", file=out, flush=True)
-        res = model.generate(args.prompt_ids, max_new_tokens=args.tokens, on_token=on_token)
+
+        def on_text(piece):
+            print(piece, end="", file=out, flush=True)
+        kw = dict(on_token=on_token, on_text=on_text if text else None, sampling=sampling, stop=args.stop or None,
+                  ignore_eos=args.ignore_eos)
+        res = model.generate(ids, max_new_tokens=args.tokens, **kw)
         if bar is not None:
             bar.close()
     except ValueError as e:
         raise CliError(str(e)) from None
     if not args.quiet:
         print(file=out)
-    print(f"tokens: {','.join(str(t) for t in res.tokens.tolist())}", file=out)
+    print(f"tokens: {','.join(str(t) for t in res.tokens.tolist())} (finished: {res.finish_reason})", file=out)
     print(res.stats.table(), file=out)
     if args.json:
         if args.json == "-":
@@ -594,13 +626,29 @@ def _cmd_decode(args) -> int:
 def _decode_command(sub) -> None:
     d = add_command(sub, "decode", _cmd_decode, "generate tokens with a language model on the simulated chip",
                     "Compile one decode step of MODEL (a named shape with random weights, or a Hugging Face "
-                    "directory of config.json + *.safetensors) for the chip, prefill --prompt-ids, decode "
-                    "--tokens greedy tokens (printed as they come), and print the timing table: cycles and "
-                    "latency per step, time to first token, tokens/s per user, MXM utilisation, SRAM, and "
-                    "where the cycles went.")
+                    "directory of config.json + *.safetensors, with tokenizer.json for text) for the chip, "
+                    "prefill the prompt (--prompt-ids, or --prompt / --chat text with a tokenizer), decode up to "
+                    "--tokens tokens (greedy unless --temperature > 0; sampled on the host, costing no chip "
+                    "cycles), print them as they come (text with a tokenizer), and print the timing table: cycles "
+                    "and latency per step, time to first token, tokens/s per user, MXM utilisation, SRAM, and "
+                    "where the cycles went. Decoding stops at the model's end-of-sequence token or a --stop "
+                    "string.")
     _model_options(d)
-    d.add_argument("--prompt-ids", type=_ids_arg, default=[1], metavar="1,2,3", help="prompt token ids")
+    prompt = d.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt-ids", type=_ids_arg, default=None, metavar="1,2,3",
+                        help="prompt token ids (default: 1)")
+    prompt.add_argument("--prompt", metavar="TEXT", help="prompt text (a model directory with a tokenizer)")
+    prompt.add_argument("--chat", metavar="TEXT", help="a user message, rendered by the model's chat template")
     d.add_argument("--tokens", type=int, default=32, metavar="N", help="new tokens to generate (default 32)")
+    d.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature (default 0: greedy)")
+    d.add_argument("--top-k", type=int, default=0, metavar="K", help="sample from the K most likely tokens (0: all)")
+    d.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="sample from the most likely tokens whose probabilities sum to P (default 1: all)")
+    d.add_argument("--sample-seed", type=_seed_arg, default=0, metavar="N",
+                   help="the sampling's random seed (default 0; --seed is the random weights')")
+    d.add_argument("--stop", action="append", metavar="TEXT", help="stop when the text holds TEXT (repeatable)")
+    d.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence token")
     d.add_argument("--json", metavar="STATS.json", help="write the per-step statistics as JSON ('-': stdout)")
     d.add_argument("-q", "--quiet", action="store_true", help="print only the summary")
     add_engine_option(d)

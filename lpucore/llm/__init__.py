@@ -12,6 +12,14 @@
     Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
     Decoder                             the same models compiled onto the simulated chip, token by token, with
                                         weights and KV cache resident in SRAM (decoder.py, program.py)
+    Decoder.generate / Decoder.chat     token ids or text in (text and chat with a model directory's
+                                        tokenizer.json, ``pip install lpucore[text]``); GenerateResult out
+    SamplingParams, Sampler             greedy, or seeded sampling with temperature, top_k, top_p: on the host,
+                                        from the chip's logits, no chip cycles (sampling.py)
+    Tokenizer, TextStream               a directory's tokenizer and chat template; one sequence's tokens as
+                                        text, streamed (text.py)
+    Continuation                        one sequence's host side: sampler, text stream, EOS and stop strings
+                                        (continuation.py; one per sequence of a batch)
     PipelineDecoder                     a Decoder's model as pipeline stages over chips of an lpucore.System,
                                         cut by SRAM bytes, big blocks in shards, one compile per distinct
                                         stage (pipeline.py)
@@ -23,11 +31,14 @@ models are checked against.
 """
 
 from ..errors import ModelError
+from .continuation import Continuation
 from .decoder import Decoder, DecodeStats, GenerateResult, ModelDoesNotFit, StepStats
 from .pipeline import PipelineDecoder
 from .predict import Prediction, predict
 from .reference import Reference
+from .sampling import Sampler, SamplingError, SamplingParams
 from .shapes import SHAPES, ModelConfig, model_config
+from .text import TextError, TextStream, Tokenizer
 from .weights import (
     RandomWeights,
     dequantize_int8,
@@ -41,4 +52,5 @@ from .weights import (
 __all__ = ["ModelConfig", "SHAPES", "model_config", "random_weights", "RandomWeights", "load_pretrained",
            "load_config", "save_pretrained", "ModelError", "quantize_int8", "dequantize_int8", "Reference",
            "Decoder", "DecodeStats", "GenerateResult", "StepStats", "ModelDoesNotFit", "PipelineDecoder",
-           "predict", "Prediction"]
+           "predict", "Prediction", "SamplingParams", "Sampler", "SamplingError", "Tokenizer", "TextStream",
+           "TextError", "Continuation"]

@@ -24,15 +24,18 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..config import ChipConfig
-from ..errors import LpuError, ModelDoesNotFit
+from ..errors import LpuError, ModelDoesNotFit, ModelError
+from .continuation import Continuation
 from .program import DEFAULT_BLOCK, build_step
-from .reference import Reference, choose_token
+from .reference import Reference
+from .sampling import SamplingError, SamplingParams
 from .shapes import ModelConfig, model_config
+from .text import TextError, Tokenizer, check_stop, load_text
 from .weights import RandomWeights, load_config, load_pretrained
 
 if TYPE_CHECKING:
@@ -145,9 +148,23 @@ class DecodeStats:
 
 @dataclass
 class GenerateResult:
+    """What :meth:`Decoder.generate` and :meth:`Decoder.chat` return.
+
+    ``tokens`` and ``logits`` as always (for id prompts too); ``text`` the new tokens' text when the model has
+    a tokenizer (None otherwise): what ``on_text`` streamed, the EOS token left out, cut before a stop string.
+    ``finish_reason`` is ``"length"`` (``max_new_tokens`` reached), ``"eos"`` (an end-of-sequence token, the
+    last of ``tokens``) or ``"stop"`` (``stop_string`` appeared in the text; the token that completed it is the
+    last of ``tokens``). ``prompt_ids`` are the ids prefilled; ``prompt_text`` the text prompt or rendered chat.
+    """
+
     tokens: np.ndarray          # int64 [n] new tokens
     logits: np.ndarray          # float32 [n, vocab]: logits[i] are those token i was chosen from
     stats: DecodeStats
+    text: Optional[str] = None
+    finish_reason: str = "length"
+    prompt_ids: Optional[np.ndarray] = None
+    prompt_text: Optional[str] = None
+    stop_string: Optional[str] = None
 
 
 def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[Dict[str, int], Dict[str, int]]:
@@ -190,7 +207,17 @@ class Decoder:
     of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
     layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`).
     Compilation happens on first use (:meth:`compile`).
+
+    Text: :attr:`tokenizer` (a :class:`~lpucore.llm.text.Tokenizer`) is the model directory's, read by
+    :meth:`from_pretrained`; a named shape with random weights has none and takes token ids only
+    (:attr:`no_text` says why there is no tokenizer). :attr:`eos_ids` are the end-of-sequence token ids
+    :meth:`generate` stops at (the directory's ``config.json``, ``generation_config.json`` and tokenizer;
+    none for a named shape).
     """
+
+    tokenizer: Optional[Tokenizer] = None
+    eos_ids: FrozenSet[int] = frozenset()
+    no_text = "it is a named shape with random weights, which has no tokenizer: give token ids"
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str = "fp16",
                  config: Optional[ChipConfig] = None, capacity: Optional[int] = None, engine: str = "fast",
@@ -229,7 +256,9 @@ class Decoder:
     @classmethod
     def from_pretrained(cls, path, precision: str = "fp16", *, allow_nonfinite: bool = False,
                         max_bytes: Optional[int] = None, **kw) -> "Decoder":
-        """A Hugging Face directory (``config.json`` + ``*.safetensors``; needs ``lpucore[llm]``).
+        """A Hugging Face directory (``config.json`` + ``*.safetensors``; needs ``lpucore[llm]``), with its
+        tokenizer, chat template and end-of-sequence ids when it has ``tokenizer.json`` (+ ``tokenizer_config.json``;
+        needs ``lpucore[text]``, else the model takes token ids only, :mod:`lpucore.llm.text`).
 
         The directory is untrusted: a malformed, oversized or escaping file raises
         :class:`~lpucore.errors.ModelError` naming it (see :func:`~lpucore.llm.load_pretrained`, which takes
@@ -237,8 +266,13 @@ class Decoder:
         weight is read."""
         cfg = load_config(path)
         cls.chips_needed(cfg, precision, kw.get("config"), kw.get("capacity"), kw.get("chips", 1))
+        tokenizer, eos_ids, no_text = load_text(path, cfg.vocab_size)
         cfg, weights = load_pretrained(path, allow_nonfinite=allow_nonfinite, max_bytes=max_bytes)
-        return cls(cfg, weights, precision, **kw)
+        model = cls(cfg, weights, precision, **kw)
+        model.tokenizer, model.eos_ids = tokenizer, eos_ids
+        if no_text is not None:
+            model.no_text = no_text
+        return model
 
     # ---- sizes -----------------------------------------------------------------------------------------
     @staticmethod
@@ -352,77 +386,136 @@ class Decoder:
         self.position += 1
         return compiled.read_outputs(chip)["logits"].reshape(-1).astype(np.float32), stats
 
-    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int = 32, greedy: bool = True,
-                 temperature: float = 1.0, seed: Optional[int] = 0, eos_id: Optional[int] = None,
-                 on_token: Optional[Callable[[int, StepStats], None]] = None) -> GenerateResult:
-        """Prefill ``prompt_ids`` (a new sequence), then generate up to ``max_new_tokens`` tokens.
+    def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 32, greedy: Optional[bool] = None,
+                 temperature: Optional[float] = None, seed: Optional[int] = 0, eos_id: Optional[int] = None,
+                 on_token: Optional[Callable[[int, StepStats], None]] = None, *, top_k: int = 0, top_p: float = 1.0,
+                 stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False,
+                 on_text: Optional[Callable[[str], None]] = None,
+                 sampling: Optional[SamplingParams] = None) -> GenerateResult:
+        """Prefill ``prompt`` (a new sequence), then generate up to ``max_new_tokens`` tokens.
 
-        Token choice as :meth:`Reference.generate` (greedy argmax, lowest id on ties; or sampling with
-        ``np.random.default_rng(seed)``). ``on_token(token, step_stats)`` is called as each new token is chosen.
+        ``prompt`` is token ids, or text when the model has a tokenizer (:attr:`tokenizer`, read by
+        :meth:`from_pretrained`; encoded with its special tokens, e.g. a BOS); text given to a model without
+        one raises :class:`~lpucore.errors.ModelError`. The result (:class:`GenerateResult`) has the new ids,
+        the logits each was chosen from and the chip's statistics, and with a tokenizer also the new text.
+
+        Token choice (:mod:`lpucore.llm.sampling`, on the host from the chip's logits: no chip cycles): greedy
+        by default (argmax, lowest id on ties); ``temperature`` > 0 (or ``greedy=False``, temperature 1) samples
+        with ``top_k`` / ``top_p`` from ``np.random.default_rng(seed)``; or ``sampling`` (a
+        :class:`SamplingParams`) says it all. Generation stops after an end-of-sequence token (``eos_id``, else
+        the model's :attr:`eos_ids`; never with ``ignore_eos``), included in ``tokens`` but not in the text, or
+        when the text holds one of the ``stop`` strings (the text ends before it; needs a tokenizer).
+        ``on_token(token, step_stats)`` is called as each new token is chosen, ``on_text(piece)`` with each
+        piece of new text as it can be shown (the pieces add up to ``result.text``).
         """
-        prompt = np.asarray(prompt_ids)
-        if prompt.ndim != 1 or prompt.size == 0 or not np.issubdtype(prompt.dtype, np.integer):
-            raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of integers, got {prompt_ids!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, not {max_new_tokens}")
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, not {temperature}")
-        bad = (prompt < 0) | (prompt >= self.cfg.vocab_size)
-        if bad.any():
-            raise ValueError(f"token id {int(prompt[bad][0])} out of range: {self.cfg.name} has vocab_size "
-                             f"{self.cfg.vocab_size}")
-        need = prompt.size + max(max_new_tokens - 1, 0)
-        if need > self.capacity:
-            raise ValueError(f"{prompt.size} prompt tokens + {max_new_tokens} new tokens need {need} cache "
-                             f"positions; this decoder has {self.capacity} (Decoder(capacity=...))")
+        ids, prompt_text = self._prompt_ids(prompt)
+        if sampling is None:
+            sampling = SamplingParams.resolve(greedy, temperature, top_k, top_p, seed)
+        elif greedy is not None or temperature is not None or top_k != 0 or top_p != 1.0:
+            raise SamplingError("give sampling=SamplingParams(...) or greedy/temperature/top_k/top_p, not both")
+        if self.tokenizer is None and (check_stop(stop) or on_text is not None):
+            self._tokenizer()               # raises: stop strings and text need a tokenizer
+        eos = () if ignore_eos else ([int(eos_id)] if eos_id is not None else self.eos_ids)
+        self._check_lengths(ids, max_new_tokens)
+        seq = Continuation(ids.tolist(), max_new_tokens, sampling, tokenizer=self.tokenizer, stop=stop,
+                           eos_ids=eos, on_text=on_text)
         compiled = self.compile()
         self.reset()
-        rng = np.random.default_rng(seed)
         steps: List[StepStats] = []
-        tokens, logits = [], []
         t_start = time.perf_counter()
-        last_stats = None
-
-        def run(tok, phase):
-            nonlocal last_stats
-            t0 = time.perf_counter()
-            pos = self.position
-            row, st = self.step(int(tok))
-            last_stats = st
-            steps.append(StepStats(len(steps), phase, pos, int(tok), st.cycles, st.seconds, st.mxm_utilisation,
-                                   st.macs, time.perf_counter() - t0))
-            return row
-
-        row = None
-        for tok in prompt:
-            row = run(tok, "prefill")
-        assert row is not None and last_stats is not None      # the prompt is not empty
-        for i in range(max_new_tokens):
-            tok = choose_token(row, greedy, temperature, rng)
-            tokens.append(tok)
-            logits.append(row)
+        row, last = None, None
+        for tok in ids:
+            row, last = self._timed_step(tok, "prefill", steps)
+        assert row is not None and last is not None      # the prompt is not empty
+        while not seq.finished:
+            tok = seq.step(row)
             if on_token is not None:
                 on_token(tok, steps[-1])
-            if (eos_id is not None and tok == eos_id) or i == max_new_tokens - 1:
-                break
-            row = run(tok, "decode")
-        wall = time.perf_counter() - t_start
+            if not seq.finished:
+                row, last = self._timed_step(tok, "decode", steps)
+        seq.close()
+        stats = self._decode_stats(compiled, steps, last, len(ids), len(seq.tokens), time.perf_counter() - t_start)
+        logits = np.stack(seq.logits) if seq.logits else np.zeros((0, self.cfg.vocab_size), np.float32)
+        return GenerateResult(np.asarray(seq.tokens, dtype=np.int64), logits, stats, text=seq.text,
+                              finish_reason=seq.finish_reason or "length", prompt_ids=ids, prompt_text=prompt_text,
+                              stop_string=seq.stop_string)
+
+    def chat(self, messages: Sequence[Mapping[str, object]], max_new_tokens: int = 32, *,
+             add_generation_prompt: bool = True, template_vars: Optional[Mapping[str, object]] = None,
+             **kw) -> GenerateResult:
+        """Generate the reply to ``messages`` (``[{"role": "user", "content": "..."}, ...]``): the model's chat
+        template renders them (as transformers' ``apply_chat_template`` does, :meth:`Tokenizer.apply_chat_template`;
+        ``template_vars`` are further template variables), the text is encoded without adding special tokens (the
+        template has them), and :meth:`generate` (``kw``: its sampling, stop and callback arguments) continues it.
+        ``result.prompt_text`` is the rendered chat."""
+        tk = self._tokenizer()
+        rendered = tk.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                          **dict(template_vars or {}))
+        ids = tk.encode(rendered, add_special_tokens=False)
+        if not ids:
+            raise TextError("the chat template rendered no tokens")
+        res = self.generate(ids, max_new_tokens, **kw)
+        res.prompt_text = rendered
+        return res
+
+    # ---- generate's parts -------------------------------------------------------------------------------
+    def _tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise ModelError(f"{self.cfg.name} cannot take or give text: {self.no_text}")
+        return self.tokenizer
+
+    def _prompt_ids(self, prompt) -> Tuple[np.ndarray, Optional[str]]:
+        """(prompt token ids, the prompt's text or None), checked."""
+        text = None
+        if isinstance(prompt, str):
+            text = prompt
+            prompt = self._tokenizer().encode(prompt)
+            if not prompt:
+                raise TextError(f"the prompt {text!r} encodes to no tokens"[:300])
+        ids = np.asarray(prompt)
+        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of integers (or text), got {prompt!r}"
+                             [:300])
+        bad = (ids < 0) | (ids >= self.cfg.vocab_size)
+        if bad.any():
+            raise ValueError(f"token id {int(ids[bad][0])} out of range: {self.cfg.name} has vocab_size "
+                             f"{self.cfg.vocab_size}")
+        return ids.astype(np.int64), text
+
+    def _check_lengths(self, ids: np.ndarray, max_new_tokens: int) -> None:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
+                or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
+        need = ids.size + max(max_new_tokens - 1, 0)
+        if need > self.capacity:
+            raise ValueError(f"{ids.size} prompt tokens + {max_new_tokens} new tokens need {need} cache "
+                             f"positions; this decoder has {self.capacity} (Decoder(capacity=...))")
+
+    def _timed_step(self, tok, phase: str, steps: List[StepStats]):
+        """:meth:`step` with its StepStats appended to ``steps``: (logits, RunStats)."""
+        t0 = time.perf_counter()
+        pos = self.position
+        row, st = self.step(int(tok))
+        steps.append(StepStats(len(steps), phase, pos, int(tok), st.cycles, st.seconds, st.mxm_utilisation,
+                               st.macs, time.perf_counter() - t0))
+        return row, st
+
+    def _decode_stats(self, compiled: Compiled, steps: List[StepStats], last, prompt_tokens: int, new_tokens: int,
+                      wall: float) -> DecodeStats:
         cfg = self.chip_config
         step_cycles = steps[-1].cycles
         prefill = [s for s in steps if s.phase == "prefill"]
-        by_unit = {u: int(v.get("busy_cycles", 0)) for u, v in last_stats.by_unit.items()}
+        by_unit = {u: int(v.get("busy_cycles", 0)) for u, v in last.by_unit.items()}
         w, kv = self.memory_bytes(self.cfg, self.precision, self.capacity)
-        stats = DecodeStats(
+        return DecodeStats(
             model=self.cfg.name, precision=self.precision, chip=cfg.name, clock_hz=cfg.clock_hz,
-            capacity=self.capacity, prompt_tokens=int(prompt.size), new_tokens=len(tokens),
+            capacity=self.capacity, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
             step_cycles=step_cycles, predicted_cycles=compiled.expected_cycles,
             ttft_seconds=sum(s.seconds for s in prefill), tokens_per_second=cfg.clock_hz / step_cycles,
             mxm_utilisation=steps[-1].mxm_utilisation, sram_bytes=compiled.memory_bytes,
             sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv, by_unit=by_unit,
             by_part=dict(self.by_part), by_op=dict(self.by_op), compile_seconds=self.compile_seconds,
             wall_seconds=wall, steps=steps, bounds=compiled.bounds().as_dict())
-        out_logits = np.stack(logits) if logits else np.zeros((0, self.cfg.vocab_size), np.float32)
-        return GenerateResult(np.asarray(tokens, dtype=np.int64), out_logits, stats)
 
     def reference(self) -> Reference:
         """A fresh NumPy :class:`Reference` of the same model, weights and precision (sharing this
