@@ -13,7 +13,8 @@ cdef extern from "lpu_kernels.h" nogil:
     void lpu_acc_i32(uint32_t* acc, const float* res, int L, int add)
     void lpu_acc_f32(uint32_t* acc, const float* res, int L, int add)
     void lpu_stage_f16(const uint8_t* lo, const uint8_t* hi, int L, float* x)
-    void lpu_mxm_i8_row(const uint8_t* xb, const int8_t* w, int K, int L, int32_t* acc)
+    void lpu_mxm_i8_transpose(const int8_t* w, int K, int L, int16_t* wt)
+    void lpu_mxm_i8_dot(const uint8_t* xb, const int16_t* wt, int K, int L, int16_t* x16, float* out)
     int lpu_vnni_available()
     int64_t lpu_vnni_packed_bytes(int K, int L)
     int lpu_vnni_blocks(int L)
@@ -65,7 +66,7 @@ cdef extern from "lpu_jobs.h" nogil:
 DEF HELPER_ROWS = 16
 
 # s.simd: which kernels multiply MXM batches (FastEngine.mxm_kernel, in MXM_KERNELS' order)
-DEF KERNEL_PORTABLE = 0     # small batches by plain C (lpu_mxm_i8_row...), the rest by NumPy's BLAS
+DEF KERNEL_PORTABLE = 0     # small batches by plain C (lpu_mxm_i8_dot...), the rest by NumPy's BLAS
 DEF KERNEL_AVX512 = 1       # int8 and fp32-mode fp16 batches of any size by the AVX-512 kernels
 DEF KERNEL_AVX2 = 2         # int8 batches of any size by the AVX2 kernel; fp16 as portable
 MXM_KERNELS = ("portable", "avx512", "avx2")
@@ -392,6 +393,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
     cdef int64_t RL2 = <int64_t>L * L
     cdef int64_t e, a
     cdef int32_t* si = s.mx_si
+    cdef int16_t* wt = <int16_t*>(s.mx_wp + p * s.mx_wpstride)
     cdef double* sd = s.mx_sd
     cdef double* ab = s.mx_sd + L
     cdef double* wd = s.mx_wd + <int64_t>p * K * L
@@ -434,6 +436,10 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
             s.mx_wchk[p] = s.mx_ver[p]
         if s.mx_wbad[p]:
             return 1
+    if dtc == DT_INT8 and s.mx_wpver[p] != s.mx_ver[p]:
+        # the weights transposed to int16 (portable kernel; in mx_wp, as no other kernel runs)
+        lpu_mxm_i8_transpose(<int8_t*>arr, L, L, wt)
+        s.mx_wpver[p] = s.mx_ver[p]
     # make room: products that have landed by now go into the accumulators first
     mxm_apply(s, p, s.t)
     for i in range(n):
@@ -442,10 +448,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
         e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
         res = s.mx_bres + e * L
         if dtc == DT_INT8:
-            memset(si, 0, L * sizeof(int32_t))
-            lpu_mxm_i8_row(mx_xrow(s, p, i), <int8_t*>arr, L, L, si)
-            for c in range(L):
-                res[c] = <float>si[c]
+            lpu_mxm_i8_dot(mx_xrow(s, p, i), wt, L, L, <int16_t*>si, res)
         else:
             memset(sd, 0, 2 * L * sizeof(double))
             if s.mx_wconv[p]:

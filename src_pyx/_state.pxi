@@ -148,7 +148,7 @@ cdef struct State:
     int64_t* mx_rseq     # [NP * NR] last helper job reading each ring buffer (submission number, -1: none)
     int64_t* mx_sseq     # [NP * NS] last helper job reading each weight slot
     int simd             # the MXM kernel (KERNEL_* in _mxm.pxi): 0 portable, 1 AVX-512, 2 AVX2
-    int8_t* mx_wp        # [NP * packed bytes] installed int8 weights in the VNNI or AVX2 kernel's layout (cache)
+    int8_t* mx_wp        # [NP * packed bytes] installed int8 weights in the running kernel's layout (cache)
     int32_t* mx_wcorr    # [NP * 64 * blocks] 128 x their column sums
     int64_t* mx_wpver    # [NP] install version mx_wp holds, -1: none
     int64_t mx_wpstride  # bytes of mx_wp per plane

@@ -25,18 +25,44 @@
 #  define LPU_CLONES_512
 #endif
 
-/* acc[c] += sum over k < K of x[k] * w[k * L + c] (c < L): int8 activations staged as
- * offset bytes (xb[k] = x[k] + 128, i.e. x ^ 0x80), int8 weights, exact in int32
- * (|sum| <= 320 * 128 * 128 < 2^31).  The portable kernel. */
-LPU_CLONES static void lpu_mxm_i8_row(const uint8_t *xb, const int8_t *w, int K, int L, int32_t *acc)
+/* The portable int8 kernel: out[c] = sum over k < K of x[k] * w[k * L + c] (c < L) with
+ * int8 activations staged as offset bytes (xb[k] = x[k] + 128, i.e. x ^ 0x80) and the
+ * weights transposed to int16 once per install (wt[c * K + k] = w[k * L + c]), exact in
+ * int32 (|sum| <= K 2^14 < 2^31), as floats like the other kernels.  Plain C written as dot
+ * products of int16 over k, two columns at a time, the form compilers vectorise best:
+ * GCC turns it into pmaddwd with SSE2 (and vpmaddwd in the AVX2 clone), as it would into
+ * widening multiply-adds on other architectures (measured on one Zen 4 core: 28 GMAC/s
+ * with SSE2, 38 with AVX2, against 10 and 21 for the column-by-column form). */
+static void lpu_mxm_i8_transpose(const int8_t *w, int K, int L, int16_t *wt)
 {
-    for (int k = 0; k < K; k++) {
-        int32_t xk = (int32_t)xb[k] - 128;
-        if (xk == 0)
-            continue;
-        const int8_t *wr = w + (int64_t)k * L;
+    for (int k = 0; k < K; k++)
         for (int c = 0; c < L; c++)
-            acc[c] += xk * (int32_t)wr[c];
+            wt[(int64_t)c * K + k] = w[(int64_t)k * L + c];
+}
+
+/* x16: K int16 of scratch. */
+LPU_CLONES static void lpu_mxm_i8_dot(const uint8_t *restrict xb, const int16_t *restrict wt, int K, int L,
+                                      int16_t *restrict x16, float *restrict out)
+{
+    for (int k = 0; k < K; k++)
+        x16[k] = (int16_t)((int)xb[k] - 128);
+    int c = 0;
+    for (; c + 1 < L; c += 2) {
+        const int16_t *restrict w0 = wt + (int64_t)c * K, *restrict w1 = w0 + K;
+        int32_t s0 = 0, s1 = 0;
+        for (int k = 0; k < K; k++) {
+            s0 += (int32_t)x16[k] * (int32_t)w0[k];
+            s1 += (int32_t)x16[k] * (int32_t)w1[k];
+        }
+        out[c] = (float)s0;
+        out[c + 1] = (float)s1;
+    }
+    if (c < L) {
+        const int16_t *restrict w0 = wt + (int64_t)c * K;
+        int32_t s0 = 0;
+        for (int k = 0; k < K; k++)
+            s0 += (int32_t)x16[k] * (int32_t)w0[k];
+        out[c] = (float)s0;
     }
 }
 
