@@ -222,7 +222,10 @@ static int64_t lpu_pool_submit(lpu_pool *P, lpu_job *j)
     return j->seq;
 }
 
-/* Return once job k's submission seq is done (a recycled job means it is). */
+/* Return once job k's submission seq is done (a recycled job means it is).  While the
+ * helper runs it, this thread runs the oldest queued job, if any, rather than sleep: when
+ * products are slower than the loop (the AVX2 kernel), the loop waits for the job the
+ * helper took, and the jobs queued behind it would otherwise wait for one thread. */
 static void lpu_pool_wait(lpu_pool *P, int k, int64_t seq)
 {
     lpu_job *j = &P->jobs[k];
@@ -230,8 +233,9 @@ static void lpu_pool_wait(lpu_pool *P, int k, int64_t seq)
         return;
     pthread_mutex_lock(&P->mu);
     while (j->seq == seq && j->state != LPU_JOB_DONE) {
-        if (j->state == LPU_JOB_QUEUED)
-            lpu_pool_run_here(P, j);
+        lpu_job *o = j->state == LPU_JOB_QUEUED ? j : lpu_pool_next(P);
+        if (o != NULL)
+            lpu_pool_run_here(P, o);
         else
             pthread_cond_wait(&P->cv_done, &P->mu);
     }
