@@ -14,13 +14,21 @@ the output; best of --reps; goals: at most 1.5x the run for (a) and (b) fp32, 3x
 same operands (already converted; best of --reps) and the ratio lpucore / NumPy.  Last
 line: one JSON object.
 
-    python bench/bench_gemm.py [--only a,b,c] [--reps 3]
+    python bench/bench_gemm.py [--only a,b,c] [--reps 3] [--kernel avx512|avx2|portable]
+
+--kernel forces the fast engine's MXM kernel (mxm_kernel; default: the fastest the host runs)
+and adds, for each int8 shape, the forced kernel's run against NumPy's float32 matmul in a
+child process started with OPENBLAS_CORETYPE=Haswell (OpenBLAS's AVX2 kernels, what a host
+without AVX-512 runs; OpenBLAS reads the variable when it loads, hence the child).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -53,7 +61,7 @@ def gemm_bounds(M, K, N, dtype, out, cfg, cycles):
     return graph_bounds(g, cfg, cycles)
 
 
-def bench(key, fp16_mxm="exact", reps=3):
+def bench(key, fp16_mxm="exact", reps=3, kernel=None):
     M, K, N, dtype = SHAPES[key]
     cfg = ChipConfig.groqchip1()
     rng = np.random.default_rng(0)
@@ -67,6 +75,8 @@ def bench(key, fp16_mxm="exact", reps=3):
     g = gemm_program(M, K, N, dtype)
     t_build = time.perf_counter() - t0
     chip = Chip(cfg, fp16_mxm=fp16_mxm)
+    if kernel:
+        chip.set_engine_options(mxm_kernel=kernel)
     t0 = time.perf_counter()
     chip.load(g.program)
     packed = g.pack(A, B)
@@ -141,11 +151,69 @@ def bench(key, fp16_mxm="exact", reps=3):
     return r
 
 
+def int8_operands(key):
+    """Shape ``key``'s int8 operands, as bench() draws them (numpy_time converts them to float32)."""
+    M, K, N, _ = SHAPES[key]
+    rng = np.random.default_rng(0)
+    A = rng.integers(-128, 128, (M, K)).astype(np.int8)
+    B = rng.integers(-128, 128, (K, N)).astype(np.int8)
+    return A, B
+
+
+def haswell_numpy(key, reps):
+    """NumPy's float32 matmul of shape ``key`` in a child process with OpenBLAS held to its
+    Haswell (AVX2) kernels: {"numpy_s": best of reps, "coretype": what OpenBLAS says it runs}."""
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_L2_SIZE"}
+    env["OPENBLAS_CORETYPE"] = "Haswell"
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--numpy-child", key, "--reps", str(reps)],
+                       env=env, capture_output=True, text=True, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def openblas_coretype():
+    """The kernel family OpenBLAS runs (openblas_get_corename through ctypes), or "unknown"."""
+    import ctypes
+    import glob
+    libs = glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "scipy_openblas*", "lib", "*.so*"))
+    libs += glob.glob(os.path.join(os.path.dirname(np.__file__), "..", "numpy.libs", "*openblas*.so*"))
+    for lib in libs:
+        try:
+            dll = ctypes.CDLL(lib)
+        except OSError:
+            continue
+        for fn in ("scipy_openblas_get_corename64_", "openblas_get_corename64_", "openblas_get_corename"):
+            f = getattr(dll, fn, None)
+            if f is not None:
+                f.restype = ctypes.c_char_p
+                return f().decode()
+    return "unknown"
+
+
+def forced_kernel_section(key, r, reps):
+    """The forced kernel's run (r: bench()'s result) against NumPy float32 held to AVX2 kernels."""
+    hw = haswell_numpy(key, reps)
+    M, K, N = r["shape"]
+    macs = M * K * N
+    ratio = hw["numpy_s"] / r["run_s"]
+    print(f"    forced MXM kernel {r['mxm_kernel']}: run {r['run_s']:.3f} s ({macs / r['run_s'] / 1e9:.1f} GMAC/s) vs "
+          f"NumPy float32 with OPENBLAS_CORETYPE=Haswell (child process, OpenBLAS core {hw['coretype']}) "
+          f"{hw['numpy_s']:.4f} s ({macs / hw['numpy_s'] / 1e9:.1f} GMAC/s): ratio {ratio:.2f}")
+    return {"kernel": r["mxm_kernel"], "run_s": r["run_s"], "numpy_haswell_s": hw["numpy_s"],
+            "numpy_haswell_coretype": hw["coretype"], "ratio_vs_numpy_haswell": ratio}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="a,b,c")
     ap.add_argument("--reps", type=int, default=3, help="warm runs of lpucore and of NumPy; each reports its best")
+    ap.add_argument("--kernel", choices=("avx512", "avx2", "portable"), default=None,
+                    help="force the MXM kernel; int8 shapes then also report it against NumPy held to AVX2 (Haswell)")
+    ap.add_argument("--numpy-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.numpy_child:
+        A, B = int8_operands(args.numpy_child)
+        print(json.dumps({"numpy_s": numpy_time(A, B, args.reps), "coretype": openblas_coretype()}))
+        return
     cfg = ChipConfig.groqchip1()
     print(f"chip {cfg.name} (config digest {cfg.digest()})")
     out = {"lpucore": lpucore.__version__, "config": cfg.name, "config_digest": cfg.digest(), "results": {}}
@@ -154,7 +222,9 @@ def main(argv=None):
             for mode in ("exact", "fp32"):
                 out["results"][f"{key}_{mode}"] = bench(key, mode, args.reps)
         else:
-            out["results"][key] = bench(key, reps=args.reps)
+            out["results"][key] = bench(key, reps=args.reps, kernel=args.kernel)
+            if args.kernel:
+                out["results"][key]["forced_kernel"] = forced_kernel_section(key, out["results"][key], args.reps)
     print(json.dumps(out))
 
 

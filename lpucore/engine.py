@@ -119,6 +119,19 @@ def _fast_module() -> Any:
     return _engine
 
 
+# the fast engine's MXM kernels (Chip.set_engine_options(mxm_kernel=...); $LPUCORE_MXM_KERNEL sets a new
+# engine's): a new engine takes the first of these its host runs, unless the variable says otherwise
+MXM_KERNELS: Tuple[str, ...] = ("avx512", "avx2", "portable")
+MXM_KERNEL_ENV = "LPUCORE_MXM_KERNEL"
+
+
 def avx512_available() -> bool:
     """True if this host can run the fast engine's AVX-512 MXM kernels (``mxm_kernel="avx512"``)."""
     return bool(_fast_module().FastEngine.avx512_available())
+
+
+def mxm_kernels_available() -> Tuple[str, ...]:
+    """The fast engine's MXM kernels this host can run, fastest first (a subset of :data:`MXM_KERNELS`;
+    ``"portable"`` always)."""
+    have = set(_fast_module().FastEngine.mxm_kernels_available())
+    return tuple(k for k in MXM_KERNELS if k in have)

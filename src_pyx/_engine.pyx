@@ -291,26 +291,28 @@ cdef class FastEngine:
 
     @property
     def mxm_kernel(self):
-        """How MXM batches are multiplied: ``"avx512"`` (the default where the host has
-        AVX-512 with VNNI and VBMI: int8 batches and, with ``fp16_mxm="fp32"``, float16
-        batches of any size inside the cycle loop, by the kernels of lpu_kernels.h) or
-        ``"portable"`` (batches of at most ``small_rows`` rows by plain C kernels, the rest
-        by NumPy's BLAS).  int8 and exact float16 give the same bits either way;
-        ``fp16_mxm="fp32"`` sums are within the same bound but may differ in their last bits."""
-        return "avx512" if self.s.simd else "portable"
+        """How MXM batches are multiplied (:data:`MXM_KERNELS`): ``"avx512"`` (the default where
+        the host has AVX-512 with VNNI and VBMI: int8 batches and, with ``fp16_mxm="fp32"``,
+        float16 batches of any size inside the cycle loop, by the kernels of lpu_kernels.h),
+        ``"avx2"`` (the default where the host has AVX2 but not those: int8 batches of any size
+        by the AVX2 kernel, float16 as ``"portable"``) or ``"portable"`` (batches of at most
+        ``small_rows`` rows by plain C kernels, the rest by NumPy's BLAS).  The environment
+        variable ``LPUCORE_MXM_KERNEL`` sets a new engine's kernel.  int8 and exact float16
+        give the same bits either way; ``fp16_mxm="fp32"`` sums are within the same bound but
+        may differ in their last bits."""
+        return MXM_KERNELS[self.s.simd]
 
     @mxm_kernel.setter
     def mxm_kernel(self, kind):
-        if kind not in ("avx512", "portable"):
-            raise _errors.LpuError(f"mxm_kernel must be 'avx512' or 'portable', got {kind!r}")
-        if kind == "avx512" and not lpu_vnni_available():
-            raise _errors.LpuError("mxm_kernel='avx512' needs a host with AVX-512 VNNI and VBMI; this one lacks them")
-        self.s.simd = 1 if kind == "avx512" else 0
+        k = check_kernel(kind, "mxm_kernel")
+        if k != self.s.simd:
+            self._mxm.drop_caches()          # the packed weights' layout is the kernel's
+        self.s.simd = k
 
     @property
     def helper_threads(self):
         """Threads beside the cycle loop that multiply big MXM batches (``mxm_kernel="avx512"``
-        batches of at least 16 rows) while the loop goes on: 1 (the default on a host with
+        or ``"avx2"`` batches of at least 16 rows) while the loop goes on: 1 (the default on a host with
         more than one core) or 0.  Results, cycles and statistics do not depend on it."""
         return self.s.helper
 
@@ -334,6 +336,11 @@ cdef class FastEngine:
     def avx512_available():
         """True if this host can run the AVX-512 MXM kernels."""
         return bool(lpu_vnni_available())
+
+    @staticmethod
+    def mxm_kernels_available():
+        """The MXM kernels this host can run, fastest first."""
+        return available_kernels()
 
     @property
     def cycle(self):

@@ -13,7 +13,8 @@ cdef extern from "lpu_kernels.h" nogil:
     void lpu_acc_i32(uint32_t* acc, const float* res, int L, int add)
     void lpu_acc_f32(uint32_t* acc, const float* res, int L, int add)
     void lpu_stage_f16(const uint8_t* lo, const uint8_t* hi, int L, float* x)
-    void lpu_mxm_i8_row(const uint8_t* xb, const int8_t* w, int K, int L, int32_t* acc)
+    void lpu_mxm_i8_transpose(const int8_t* w, int K, int L, int16_t* wt)
+    void lpu_mxm_i8_dot(const uint8_t* xb, const int16_t* wt, int K, int L, int16_t* x16, float* out)
     int lpu_vnni_available()
     int64_t lpu_vnni_packed_bytes(int K, int L)
     int lpu_vnni_blocks(int L)
@@ -22,6 +23,12 @@ cdef extern from "lpu_kernels.h" nogil:
                        int K, int L, float* const* orow)
     int lpu_f16w_to_f32(const uint8_t* arr, int L, float* wf, int* kmax, int* cmax)
     int lpu_f32_special(const float* x, int64_t xs, int n, int K)
+    int lpu_avx2_available()
+    int64_t lpu_avx2_packed_bytes(int K, int L)
+    int64_t lpu_avx2_scratch_ints(int K)
+    void lpu_avx2_pack(const int8_t* w, int K, int L, int16_t* wp)
+    void lpu_avx2_rows(const uint8_t* xb, int64_t xs, int nrows, const int16_t* wp, int K, int L,
+                       float* const* orow, int32_t* xp)
     void lpu_f32_rows(const float* x, int64_t xs, int nrows, const float* wf, int K, int L, int ncols,
                       float* const* orow)
     int lpu_mxm_f16_weights(const uint8_t* arr, int L, const float* h2f, double* wd)
@@ -34,6 +41,7 @@ cdef extern from "lpu_kernels.h" nogil:
 cdef extern from "lpu_jobs.h" nogil:
     int LPU_JOB_I8
     int LPU_JOB_F32
+    int LPU_JOB_I8_AVX2
     ctypedef struct lpu_job:
         int kind, n, L, kk, cc
         float** orow
@@ -57,13 +65,42 @@ cdef extern from "lpu_jobs.h" nogil:
 # to multiply than to hand over).
 DEF HELPER_ROWS = 16
 
+# s.simd: which kernels multiply MXM batches (FastEngine.mxm_kernel, in MXM_KERNELS' order)
+DEF KERNEL_PORTABLE = 0     # small batches by plain C (lpu_mxm_i8_dot...), the rest by NumPy's BLAS
+DEF KERNEL_AVX512 = 1       # int8 and fp32-mode fp16 batches of any size by the AVX-512 kernels
+DEF KERNEL_AVX2 = 2         # int8 batches of any size by the AVX2 kernel; fp16 as portable
+MXM_KERNELS = ("portable", "avx512", "avx2")
+
+
+cdef int64_t packed_bytes(int L) noexcept nogil:
+    """Bytes of int8 weights in the VNNI or the AVX2 kernel's layout, whichever is larger."""
+    cdef int64_t a = lpu_vnni_packed_bytes(L, L)
+    cdef int64_t b = lpu_avx2_packed_bytes(L, L)
+    return a if a > b else b
+
+
+# test hook (_hide_mxm_kernels): kernels this engine pretends the host cannot run, a bit each
+cdef int _hidden_kernels = 0
+
+
+cdef int kernel_available(int kernel) noexcept nogil:
+    if (_hidden_kernels >> kernel) & 1:
+        return 0
+    if kernel == KERNEL_AVX512:
+        return lpu_vnni_available()
+    if kernel == KERNEL_AVX2:
+        return lpu_avx2_available()
+    return 1
+
 
 cdef inline int pool_start(State* s) noexcept nogil:
     """0 if the helper thread runs (started now if need be), 1 to compute here."""
     cdef int L = s.L
-    cdef int64_t wb = lpu_vnni_packed_bytes(L, L)
+    cdef int64_t wb = packed_bytes(L)
     cdef int64_t fb = <int64_t>(L // 2) * 64 * lpu_vnni_blocks(L) * 4
-    return lpu_pool_start(<lpu_pool*>s.jobs, wb if wb > fb else fb, 64 * lpu_vnni_blocks(L))
+    cdef int64_t cb = 64 * lpu_vnni_blocks(L)
+    cdef int64_t xb = lpu_avx2_scratch_ints(L)
+    return lpu_pool_start(<lpu_pool*>s.jobs, wb if wb > fb else fb, cb if cb > xb else xb)
 
 
 cdef inline void pool_hand_over(State* s, int p, int kind, const uint8_t* x, int64_t row_bytes,
@@ -273,6 +310,34 @@ cdef int mxm_multiply_vnni(State* s, int p) noexcept nogil:
     return 0
 
 
+cdef int mxm_multiply_avx2(State* s, int p) noexcept nogil:
+    """Plane p's int8 batch, any size, by the AVX2 kernel (lpu_kernels.h): the exact int32
+    sums the other paths give.  Returns 0, or 1 as mxm_multiply_vnni."""
+    cdef int n = s.mx_an[p]
+    cdef int L = s.L
+    cdef int i, k, m
+    cdef int16_t* wp = <int16_t*>(s.mx_wp + p * s.mx_wpstride)
+    cdef float* orow[6]
+    mxm_apply(s, p, s.t)
+    if n + s.mx_bn[p] > s.BB:
+        return 1
+    if s.helper and n >= HELPER_ROWS and pool_start(s) == 0:
+        pool_hand_over(s, p, LPU_JOB_I8_AVX2, mx_xrow(s, p, 0), L, n, DT_INT8)
+        return 0
+    if s.mx_wpver[p] != s.mx_ver[p]:
+        lpu_avx2_pack(<int8_t*>mx_slot(s, p, s.mx_arr_slot[p]), L, L, wp)
+        s.mx_wpver[p] = s.mx_ver[p]
+    i = 0
+    while i < n:
+        m = n - i if n - i < 6 else 6       # LPU_AVX2_ROWS
+        for k in range(m):
+            orow[k] = fifo_row(s, p, i + k)
+        lpu_avx2_rows(mx_xrow(s, p, i), L, m, wp, L, L, orow, s.mx_si)
+        i += m
+    mxm_commit(s, p, n, DT_INT8)
+    return 0
+
+
 cdef int mxm_multiply_f32(State* s, int p) noexcept nogil:
     """Plane p's float16 batch, any size, in fp16_mxm="fp32" mode by the AVX-512 kernel
     (lpu_kernels.h): products summed in float32, k ascending.  Rows and columns of the
@@ -328,6 +393,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
     cdef int64_t RL2 = <int64_t>L * L
     cdef int64_t e, a
     cdef int32_t* si = s.mx_si
+    cdef int16_t* wt = <int16_t*>(s.mx_wp + p * s.mx_wpstride)
     cdef double* sd = s.mx_sd
     cdef double* ab = s.mx_sd + L
     cdef double* wd = s.mx_wd + <int64_t>p * K * L
@@ -339,9 +405,11 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
     cdef uint8_t* arr = mx_slot(s, p, s.mx_arr_slot[p])
     if n == 0:
         return 0
-    if dtc == DT_INT8 and s.simd:
+    if dtc == DT_INT8 and s.simd == KERNEL_AVX512:
         return mxm_multiply_vnni(s, p)
-    if dtc != DT_INT8 and not s.fp16_exact and s.simd:
+    if dtc == DT_INT8 and s.simd == KERNEL_AVX2:
+        return mxm_multiply_avx2(s, p)
+    if dtc != DT_INT8 and not s.fp16_exact and s.simd == KERNEL_AVX512:
         return mxm_multiply_f32(s, p)
     if n > s.small_rows or n + s.mx_bn[p] > s.BB:
         return 1
@@ -368,6 +436,10 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
             s.mx_wchk[p] = s.mx_ver[p]
         if s.mx_wbad[p]:
             return 1
+    if dtc == DT_INT8 and s.mx_wpver[p] != s.mx_ver[p]:
+        # the weights transposed to int16 (portable kernel; in mx_wp, as no other kernel runs)
+        lpu_mxm_i8_transpose(<int8_t*>arr, L, L, wt)
+        s.mx_wpver[p] = s.mx_ver[p]
     # make room: products that have landed by now go into the accumulators first
     mxm_apply(s, p, s.t)
     for i in range(n):
@@ -376,10 +448,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
         e = p * s.BB + (s.mx_bhead[p] + s.mx_bn[p] + i) % s.BB
         res = s.mx_bres + e * L
         if dtc == DT_INT8:
-            memset(si, 0, L * sizeof(int32_t))
-            lpu_mxm_i8_row(mx_xrow(s, p, i), <int8_t*>arr, L, L, si)
-            for c in range(L):
-                res[c] = <float>si[c]
+            lpu_mxm_i8_dot(mx_xrow(s, p, i), wt, L, L, <int16_t*>si, res)
         else:
             memset(sd, 0, 2 * L * sizeof(double))
             if s.mx_wconv[p]:
@@ -472,7 +541,7 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                 v[i] = lo[i] ^ 0x80
         else:
             xa = mx_axrow(s, p, s.mx_an[p])
-            if s.simd:
+            if s.simd == KERNEL_AVX512:
                 lpu_stage_f16(lo, hi, s.L, xa)
             else:
                 for i in range(s.L // 2):
@@ -526,6 +595,47 @@ _MXM_SAVED = ("mx_slots", "mx_buf_slot", "mx_row_src", "mx_arr_slot", "mx_inst_s
               "mx_inst_T", "mx_inst_dt", "mx_acc", "mx_ax", "mx_xb", "mx_xbuf", "mx_aacc", "mx_aadd", "mx_aland",
               "mx_an", "mx_bres", "mx_bacc", "mx_badd", "mx_bland", "mx_bdt", "mx_bhead", "mx_bn",
               "mx_busy_until", "mx_macs", "mx_busy", "mx_peak")
+
+
+KERNEL_ENV = "LPUCORE_MXM_KERNEL"
+
+
+def default_kernel():
+    """The kernel a new engine starts with: ``$LPUCORE_MXM_KERNEL`` if set (one of
+    MXM_KERNELS; LpuError if the host cannot run it), else the fastest the host runs."""
+    name = _os.environ.get(KERNEL_ENV, "").strip()
+    if name:
+        return check_kernel(name, f"${KERNEL_ENV}")
+    return MXM_KERNELS.index(available_kernels()[0])
+
+
+def check_kernel(name, what):
+    """The code of MXM kernel ``name``; LpuError if unknown or if this host cannot run it."""
+    if name not in MXM_KERNELS:
+        raise _errors.LpuError(f"{what} must be one of 'avx512', 'avx2', 'portable', got {name!r}")
+    k = MXM_KERNELS.index(name)
+    if not kernel_available(k):
+        need = "AVX-512 with VNNI and VBMI" if k == KERNEL_AVX512 else "AVX2"
+        raise _errors.LpuError(f"{what}={name!r} needs a host with {need}; this one lacks it "
+                               f"(kernels it runs: {', '.join(available_kernels())})")
+    return k
+
+
+def available_kernels():
+    """The kernels this host runs, fastest first."""
+    return tuple(n for n in ("avx512", "avx2", "portable") if kernel_available(MXM_KERNELS.index(n)))
+
+
+def _hide_mxm_kernels(names):
+    """Tests only: from now on, engines behave as if the host could not run the kernels
+    ``names`` (default choice, $LPUCORE_MXM_KERNEL and mxm_kernel checks); () undoes it."""
+    global _hidden_kernels
+    mask = 0
+    for n in names:
+        if n == "portable":
+            raise ValueError("the portable kernel runs everywhere")
+        mask |= 1 << MXM_KERNELS.index(n)
+    _hidden_kernels = mask
 
 
 cdef class MxmUnit(Unit):
@@ -588,9 +698,9 @@ cdef class MxmUnit(Unit):
         a["mx_wbad"] = np.zeros(NP, dtype=np.uint8)
         a["mx_wconv"] = np.zeros(NP, dtype=np.uint8)
         a["mx_wd"] = np.zeros(NP * (L // 2) * L, dtype=np.float64)
-        a["mx_si"] = np.zeros(L, dtype=np.int32)
+        a["mx_si"] = np.zeros(max(L, lpu_avx2_scratch_ints(L)), dtype=np.int32)
         a["mx_sd"] = np.zeros(2 * L, dtype=np.float64)
-        s.mx_wpstride = lpu_vnni_packed_bytes(L, L)
+        s.mx_wpstride = packed_bytes(L)
         a["mx_wp"] = np.zeros(NP * s.mx_wpstride, dtype=np.int8)
         a["mx_wcorr"] = np.zeros(NP * 64 * lpu_vnni_blocks(L), dtype=np.int32)
         a["mx_wf"] = np.zeros(NP * (L // 2) * 64 * lpu_vnni_blocks(L), dtype=np.float32)
@@ -599,7 +709,7 @@ cdef class MxmUnit(Unit):
         a["mx_sseq"] = np.full(NP * s.NS, -1, dtype=np.int64)
         a["mx_bjob"] = np.full(NP * s.BB, -1, dtype=np.int32)
         a["mx_bseq"] = np.zeros(NP * s.BB, dtype=np.int64)
-        s.simd = lpu_vnni_available()
+        s.simd = default_kernel()
         s.small_rows = SMALL_ROWS
         s.jobs = malloc(sizeof(lpu_pool))
         if s.jobs == NULL or lpu_pool_init(<lpu_pool*>s.jobs, HELPER_JOBS, s.BMAX):

@@ -141,14 +141,14 @@ cdef struct State:
     uint8_t* mx_wbad     # [NP] 1 if those weights hold an inf or a NaN
     uint8_t* mx_wconv    # [NP] 1 if mx_wd holds them as float64
     double* mx_wd        # [NP * L/2 * L] fp16 weights as float64 (cache)
-    int32_t* mx_si       # [L] scratch: int8 dot products
+    int32_t* mx_si       # [max(L, AVX2 scratch)] scratch: int8 dot products, the AVX2 kernel's activations
     double* mx_sd        # [2 * L] scratch: fp16 dot products and their sums of |products|
     uint8_t* mx_xb       # [NP * NR * (BMAX + 8) * L + 4] batched int8 activations as offset bytes (x ^ 0x80)
     int32_t* mx_xbuf     # [NP] the ring buffer (of mx_ax and mx_xb) the plane's batch is staged in
     int64_t* mx_rseq     # [NP * NR] last helper job reading each ring buffer (submission number, -1: none)
     int64_t* mx_sseq     # [NP * NS] last helper job reading each weight slot
-    int simd             # 1: int8 and fp32-mode fp16 batches of any size are multiplied here (AVX-512)
-    int8_t* mx_wp        # [NP * packed bytes] installed int8 weights in the VNNI kernel's layout (cache)
+    int simd             # the MXM kernel (KERNEL_* in _mxm.pxi): 0 portable, 1 AVX-512, 2 AVX2
+    int8_t* mx_wp        # [NP * packed bytes] installed int8 weights in the running kernel's layout (cache)
     int32_t* mx_wcorr    # [NP * 64 * blocks] 128 x their column sums
     int64_t* mx_wpver    # [NP] install version mx_wp holds, -1: none
     int64_t mx_wpstride  # bytes of mx_wp per plane

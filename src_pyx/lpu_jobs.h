@@ -26,6 +26,7 @@
 
 #define LPU_JOB_I8 0       /* int8 rows by the VNNI kernel */
 #define LPU_JOB_F32 1      /* fp32-mode float16 rows by the float32 kernel */
+#define LPU_JOB_I8_AVX2 2  /* int8 rows by the AVX2 kernel */
 
 #define LPU_JOB_FREE 0
 #define LPU_JOB_QUEUED 1
@@ -39,7 +40,7 @@ typedef struct {
     const uint8_t *x;      /* activations (a ring buffer): n rows of L offset bytes or L floats */
     const uint8_t *wsrc;   /* the installed weight slot: L rows of L bytes */
     void *w;               /* the weights in the kernel's layout (the job's own) */
-    int32_t *corr;         /* int8: 128 x column sums */
+    int32_t *corr;         /* int8 (VNNI): 128 x column sums; int8 (AVX2): the kernel's scratch */
     int state;             /* LPU_JOB_*, read and written with atomics */
 } lpu_job;
 
@@ -59,6 +60,14 @@ typedef struct {
 static void lpu_job_run(lpu_job *j)
 {
     int L = j->L, K = L / 2;
+    if (j->kind == LPU_JOB_I8_AVX2) {
+        lpu_avx2_pack((const int8_t *)j->wsrc, L, L, (int16_t *)j->w);
+        for (int i = 0; i < j->n; i += LPU_AVX2_ROWS) {
+            int m = j->n - i < LPU_AVX2_ROWS ? j->n - i : LPU_AVX2_ROWS;
+            lpu_avx2_rows(j->x + (int64_t)i * L, L, m, (const int16_t *)j->w, L, L, j->orow + i, j->corr);
+        }
+        return;
+    }
     if (j->kind == LPU_JOB_I8) {
         lpu_vnni_pack((const int8_t *)j->wsrc, L, L, (int8_t *)j->w, j->corr);
     } else {
@@ -213,7 +222,10 @@ static int64_t lpu_pool_submit(lpu_pool *P, lpu_job *j)
     return j->seq;
 }
 
-/* Return once job k's submission seq is done (a recycled job means it is). */
+/* Return once job k's submission seq is done (a recycled job means it is).  While the
+ * helper runs it, this thread runs the oldest queued job, if any, rather than sleep: when
+ * products are slower than the loop (the AVX2 kernel), the loop waits for the job the
+ * helper took, and the jobs queued behind it would otherwise wait for one thread. */
 static void lpu_pool_wait(lpu_pool *P, int k, int64_t seq)
 {
     lpu_job *j = &P->jobs[k];
@@ -221,8 +233,9 @@ static void lpu_pool_wait(lpu_pool *P, int k, int64_t seq)
         return;
     pthread_mutex_lock(&P->mu);
     while (j->seq == seq && j->state != LPU_JOB_DONE) {
-        if (j->state == LPU_JOB_QUEUED)
-            lpu_pool_run_here(P, j);
+        lpu_job *o = j->state == LPU_JOB_QUEUED ? j : lpu_pool_next(P);
+        if (o != NULL)
+            lpu_pool_run_here(P, o);
         else
             pthread_cond_wait(&P->cv_done, &P->mu);
     }

@@ -208,12 +208,13 @@ def test_fp16_fast_mode_bound_over_special_values(kernel, case):
     assert (err <= bound[finite]).all()
 
 
-def _helper_runs(dtype, helper, M=48, K=150, N=70, delay_us=0):
+def _helper_runs(dtype, helper, M=48, K=150, N=70, delay_us=0, kernel="avx512"):
     from lpucore import Chip
     A, B = operands(M, K, N, dtype, seed=7)
     out = "int32" if dtype == "int8" else "float32"
     g = gemm_program(M, K, N, dtype, out, config=SMALL)
     chip = Chip(SMALL, fp16_mxm="fp32")
+    chip.set_engine_options(mxm_kernel=kernel)
     chip.set_engine_options(small_rows=0)
     chip.set_engine_options(helper_threads=helper)
     chip.set_engine_options(helper_delay_us=delay_us)
@@ -221,19 +222,19 @@ def _helper_runs(dtype, helper, M=48, K=150, N=70, delay_us=0):
     return C, st_.to_dict(), chip.host_time["mxm_helper_batches"], A, B
 
 
-@pytest.mark.parametrize("dtype", ["int8", "float16"])
+@pytest.mark.parametrize("dtype,kernel", [("int8", "avx512"), ("float16", "avx512"), ("int8", "avx2")])
 @pytest.mark.parametrize("shape,delay_us", [((48, 150, 70), 0), ((40, 320, 256), 0), ((40, 320, 256), 2000)])
-def test_helper_thread_changes_nothing_but_who_multiplies(dtype, shape, delay_us):
-    """Big MXM batches go to the helper thread (AVX-512 kernels only): results, cycles
-    and statistics are those of the same run with helper_threads=0.  The second shape
-    installs many weight sets back to back, so LW rewrites slots and batches reuse
-    staging buffers that jobs read moments before; with a slow helper (delay_us), a
-    loop that did not wait for them would corrupt the jobs' inputs."""
-    from lpucore.engine import avx512_available
-    if not avx512_available():
-        pytest.skip("the helper thread takes AVX-512 batches only; host has no AVX-512 VNNI")
-    C0, s0, h0, A, B = _helper_runs(dtype, 0, *shape)
-    C1, s1, h1, _, _ = _helper_runs(dtype, 1, *shape, delay_us=delay_us)
+def test_helper_thread_changes_nothing_but_who_multiplies(dtype, kernel, shape, delay_us):
+    """Big MXM batches go to the helper thread (AVX-512 kernels, and the AVX2 kernel's
+    int8): results, cycles and statistics are those of the same run with helper_threads=0.
+    The second shape installs many weight sets back to back, so LW rewrites slots and
+    batches reuse staging buffers that jobs read moments before; with a slow helper
+    (delay_us), a loop that did not wait for them would corrupt the jobs' inputs."""
+    from lpucore.engine import mxm_kernels_available
+    if kernel not in mxm_kernels_available():
+        pytest.skip(f"the host cannot run mxm_kernel={kernel!r}")
+    C0, s0, h0, A, B = _helper_runs(dtype, 0, *shape, kernel=kernel)
+    C1, s1, h1, _, _ = _helper_runs(dtype, 1, *shape, delay_us=delay_us, kernel=kernel)
     assert h0 == 0 and h1 > 0
     assert s0 == s1
     assert np.array_equal(C0.view(np.uint32), C1.view(np.uint32))
@@ -250,9 +251,9 @@ def test_helper_thread_survives_a_fork():
     import multiprocessing as mp
     import sys
 
-    from lpucore.engine import avx512_available
-    if not avx512_available() or sys.platform != "linux":
-        pytest.skip("needs AVX-512 VNNI and fork")
+    from lpucore.engine import mxm_kernels_available
+    if mxm_kernels_available()[0] == "portable" or sys.platform != "linux":
+        pytest.skip("needs the AVX-512 or AVX2 kernels (the helper thread) and fork")
     from lpucore import Chip
     A, B = operands(48, 150, 70, "int8", seed=7)
     g = gemm_program(48, 150, 70, "int8", "int32", config=SMALL)

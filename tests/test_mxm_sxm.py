@@ -12,7 +12,7 @@ import pytest
 from helpers import TINY, make_chip, run, schedule_error, timed
 
 from lpucore import Chip, ChipConfig, LpuError, assemble, matmul
-from lpucore.engine import avx512_available
+from lpucore.engine import avx512_available, mxm_kernels_available
 
 L = TINY.lanes
 POS = {f"W{i}": TINY.mem_position(0, i) for i in range(4)} | {f"E{i}": TINY.mem_position(1, i) for i in range(4)}
@@ -259,25 +259,26 @@ def test_fp16_in_loop_kernels_match_the_host_path_and_the_reference(case):
         assert np.array_equal(got, want.view(np.uint32)), case
 
 
-INT8_KERNELS = [("avx512", 32), ("portable", 32), ("portable", 0)]
+INT8_KERNELS = [("avx512", 32), ("avx2", 32), ("portable", 32), ("portable", 0)]
 
 
 @pytest.mark.parametrize("rows", [3, 13])
 def test_int8_in_loop_kernels_match_the_host_path(rows):
-    """int8 batches go to the VNNI kernel (any size, where the host has it), to the
-    portable C kernel (small batches) or to the host's BLAS: the same exact sums.
-    13 rows: three full groups of the VNNI kernel's 4 rows and a remainder."""
+    """int8 batches go to the VNNI or the AVX2 kernel (any size, where the host has it), to
+    the portable C kernel (small batches) or to the host's BLAS: the same exact sums.
+    13 rows: three full groups of the VNNI kernel's 4 rows (two of the AVX2 kernel's 6) and
+    a remainder."""
     text, mem, W, X, _ = int8_setup(rows=rows)
     want = X.astype(np.int64) @ W.astype(np.int64)
     for kernel, small in INT8_KERNELS:
-        if kernel == "avx512" and not avx512_available():
+        if kernel not in mxm_kernels_available():
             continue
         chip = make_chip("fast", text, mem=mem)
         chip.set_engine_options(mxm_kernel=kernel)
         chip.set_engine_options(small_rows=small)
         chip.run()
         assert np.array_equal(read_int32(chip, rows), want), (kernel, small)
-        assert (chip.host_time["mxm_small_batches"] > 0) == (kernel == "avx512" or small > 0)
+        assert (chip.host_time["mxm_small_batches"] > 0) == (kernel != "portable" or small > 0)
         assert (chip.host_time["mxm_batches"] > 0) == (kernel == "portable" and small == 0)
     with pytest.raises(LpuError, match="small_rows"):
         chip.set_engine_options(small_rows=-1)
@@ -291,7 +292,7 @@ def test_mxm_kernel_avx512_is_refused_where_the_host_lacks_it():
         chip.set_engine_options(mxm_kernel="avx512")
         assert chip.engine_options()["mxm_kernel"] == "avx512"
     else:
-        assert chip.engine_options()["mxm_kernel"] == "portable"
+        assert chip.engine_options()["mxm_kernel"] == mxm_kernels_available()[0]
         with pytest.raises(LpuError, match="AVX-512"):
             chip.set_engine_options(mxm_kernel="avx512")
 
