@@ -119,13 +119,13 @@ def _maps(c, table: GatherTable, bc: VT, n: int, t_id: int) -> List[VT]:
     return out
 
 
-def _piece(c, m: Member, p: int, maps: VT, mrow: int, pieces: VT, v: int, lo: int) -> int:
-    """Gather byte plane p of member m's row (address in row mrow of maps) into vector v of
-    pieces, at the first cycle from lo that fits; returns the landing cycle."""
-    ctx, cfg = c.ctx, c.cfg
-    g = m.vt.slices[p][0]
+def addressed(c, g: int, maps: VT, mrow: int, lo: int, io, what: str) -> int:
+    """Issue one MEM ``Gather`` or ``Scatter`` in slice g, its addresses in row mrow of maps, at
+    the first cycle T from lo that fits: ``io(plan, used, T)`` plans the instruction's other
+    stream and returns ``(mnemonic, data stream, cycle of its MEM access)``, or None. The address
+    is known only at run time, so the access keeps both banks. Returns T."""
+    ctx = c.ctx
     pos = ctx.slice_pos[g]
-    holder: List[int] = []
 
     def build(T: int) -> Optional[Plan]:
         plan, used = Plan(), {}     # type: Plan, dict
@@ -135,16 +135,32 @@ def _piece(c, m: Member, p: int, maps: VT, mrow: int, pieces: VT, v: int, lo: in
         b_map = ctx.read_group(plan, maps, mrow, pos, T, used)
         if b_map is None:
             return None
-        wr = ctx.write_group(plan, pieces, v, pos, T + cfg.mem_read_delay, used, planes=[p])
+        got = io(plan, used, T)
+        if got is None:
+            return None
+        mnemonic, data, at = got
+        plan.issues.append((ctx.mem_q[g], T, mnemonic, (data, b_map)))
+        (plan.reads if mnemonic == "Gather" else plan.writes).extend([(g, at, 0), (g, at, 1)])
+        return plan
+    T = _find(ctx, lo, build, what)
+    maps.last_read[mrow] = max(int(maps.last_read[mrow]), T)
+    return T
+
+
+def _piece(c, m: Member, p: int, maps: VT, mrow: int, pieces: VT, v: int, lo: int) -> int:
+    """Gather byte plane p of member m's row (address in row mrow of maps) into vector v of
+    pieces, at the first cycle from lo that fits; returns the landing cycle."""
+    g = m.vt.slices[p][0]
+    pos = c.ctx.slice_pos[g]
+    holder: List[int] = []
+
+    def io(plan: Plan, used: dict, T: int):
+        wr = c.ctx.write_group(plan, pieces, v, pos, T + c.cfg.mem_read_delay, used, planes=[p])
         if wr is None:
             return None
-        plan.issues.append((ctx.mem_q[g], T, "Gather", (wr[0], b_map)))
-        # the address is known only at run time: keep both banks from writes in this cycle
-        plan.reads += [(g, T, 0), (g, T, 1)]
         holder[:] = [wr[1]]
-        return plan
-    T = _find(ctx, lo, build, f"a MEM gather from {m.vt.name}")
-    maps.last_read[mrow] = max(int(maps.last_read[mrow]), T)
+        return "Gather", wr[0], T
+    addressed(c, g, maps, mrow, lo, io, f"a MEM gather from {m.vt.name}")
     return holder[0]
 
 

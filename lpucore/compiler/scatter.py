@@ -23,14 +23,15 @@ into a new tensor first. Every vector of the result counts as written when the l
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
 from .. import dtypes as dt
 from ..errors import CompileError
 from ..graph import Graph, Tensor
-from .kernels import E, Expr, Plan, _find, cvt, map_kernel
+from .gather import addressed
+from .kernels import E, Expr, Plan, cvt, map_kernel
 from .lower_more import _index_in_every_lane
 from .memory import VT, release
 
@@ -112,27 +113,12 @@ def _maps(c, out: VT, idx: Tensor, t_id: int, avoid) -> VT:
 def _one(c, out: VT, g: int, src: VT, v: int, b: int, maps: VT, mrow: int, lo: int) -> int:
     """Scatter plane b of src's vector v in slice g, the address in maps' row mrow, at the first
     cycle from lo that fits; returns the issue cycle."""
-    ctx, cfg = c.ctx, c.cfg
-    pos = ctx.slice_pos[g]
+    pos = c.ctx.slice_pos[g]
 
-    def build(T: int) -> Optional[Plan]:
-        plan, used = Plan(), {}     # type: Plan, dict
-        if not ctx._queues_free([(g, 0)], [T], used):
-            return None
-        used[("q", g, T)] = 1
-        b_map = ctx.read_group(plan, maps, mrow, pos, T, used)
-        if b_map is None:
-            return None
-        b_src = ctx.read_group(plan, src, v, pos, T, used)
-        if b_src is None:
-            return None
-        plan.issues.append((ctx.mem_q[g], T, "Scatter", (b_src + b, b_map)))
-        # the address is known only at run time: keep both banks from reads in the landing cycle
-        land = T + cfg.mem_write_delay
-        plan.writes += [(g, land, 0), (g, land, 1)]
-        return plan
-    T = _find(ctx, lo, build, f"a MEM scatter into {out.name}")
-    maps.last_read[mrow] = max(int(maps.last_read[mrow]), T)
+    def io(plan: Plan, used: dict, T: int):
+        b_src = c.ctx.read_group(plan, src, v, pos, T, used)
+        return None if b_src is None else ("Scatter", b_src + b, T + c.cfg.mem_write_delay)
+    T = addressed(c, g, maps, mrow, lo, io, f"a MEM scatter into {out.name}")
     src.last_read[v] = max(int(src.last_read[v]), T)
     return T
 
