@@ -164,6 +164,28 @@ class _OutOfStreams(Exception):
     pass
 
 
+@dataclass
+class _Half:
+    """One hemisphere's share of a GEMM: its rows and column tiles, slices, runs and streams."""
+
+    h: int
+    rows: List[int]
+    pairs: List[List[int]]                     # column tiles, P at a time (one per plane)
+    blocks: List[Tuple[int, int]]              # (first row, rows) per row block
+    wsl: List[List[int]]                       # weight slices per plane
+    cnt: List[int]                             # byte-rows each weight slice feeds
+    per_plane_tiles: List[List[int]]
+    act_runs: Dict[Tuple[int, int], Tuple[Tuple[int, ...], int]]        # (chunk, block) -> (slices, address)
+    out_runs: Dict[Tuple[int, int, int], Tuple[Tuple[int, ...], int]]   # (plane, tile, block) -> (slices, address)
+    s_act: int
+    s_w: List[int]
+    s_out: List[int]
+    s_post: List[int]
+    alus: List[int]
+    xm: int                                    # the MXM's position (MEM slice units)
+    pos: Callable[[int], int]                  # slot -> position of this hemisphere's slices
+
+
 class _Builder:
     def __init__(self, cfg, M, K, N, dtype, out, requant, planes, ws):
         self.cfg, self.M, self.K, self.N = cfg, M, K, N
@@ -228,184 +250,195 @@ class _Builder:
 
     # ---- the build ---------------------------------------------------------------------------
     def build(self) -> GemmProgram:
-        cfg, L, S = self.cfg, self.L, self.cfg.streams_per_direction
-        em = Emitter(cfg)
-        work = self.split()
+        """Allocate, schedule and emit both hemispheres' halves, then describe the tensors."""
+        cfg = self.cfg
+        self.em = Emitter(cfg)
+        self.tensors: List[Tuple[str, str, tuple, list]] = []      # (name, dtype, shape, planes of runs)
+        self.packers: List[Any] = []
+        self.unpackers: List[Any] = []
         free = [list(range(cfg.mem_slices_per_hemisphere)) for _ in range(2)]
-        tensors: List[Tuple[str, str, tuple, list]] = []           # (name, dtype, shape, planes of runs)
-        packers = []
-        unpackers = []
-        d_read = cfg.mem_read_delay
-        d_iw, d_mxm, d_acc = cfg.mxm_install_delay, cfg.mxm_delay, cfg.mxm_acc_delay
-        d_conv = cfg.vxm_convert_delay
-        xv = cfg.vxm_position
-        ws, P, a = self.ws, self.P_used, self.a
-        plan = {"planes_per_hemisphere": P, "weight_streams_per_plane": ws, "row_block": self.Mb,
-                "k_chunks": self.nK, "column_tiles": self.nT, "hemispheres": []}
         post_alloc: List[Optional[List[_Alloc]]] = [None, None]    # results of hemisphere h land in 1 - h
-        for h in range(2):
-            rows, tiles = work[h]
+        plan: Dict[str, Any] = {"planes_per_hemisphere": self.P_used, "weight_streams_per_plane": self.ws,
+                                "row_block": self.Mb, "k_chunks": self.nK, "column_tiles": self.nT,
+                                "hemispheres": []}
+        for h, (rows, tiles) in enumerate(self.split()):
             if not rows or not tiles:
                 plan["hemispheres"].append({"rows": 0, "tiles": 0})
                 continue
-            Rh = len(rows)
-            pairs = [tiles[i:i + P] for i in range(0, len(tiles), P)]
-            blocks = [(b, min(self.Mb, Rh - b)) for b in range(0, Rh, self.Mb)]
-            xm = cfg.mxm_position(h)
-            din = self.inward(h)
-            dout = 1 - din
-            pos = functools.partial(cfg.mem_position, h)                       # slot -> position
-            # ---- slices: weights first (P * ws distinct slices, read in the same cycles) --------
-            if len(free[h]) < P * ws:
-                raise _OutOfSlices("not enough MEM slices for the weight streams")
-            wsl = [[free[h].pop(0) for _ in range(ws)] for _ in range(P)]
-            cnt = [len(range(j, self.R, ws)) for j in range(ws)]              # byte-rows slice j feeds
-            per_plane_tiles = [[pr[p] for pr in pairs if p < len(pr)] for p in range(P)]
-            for p in range(P):
-                need = len(per_plane_tiles[p]) * self.nK * cnt[0]
-                if need > cfg.addresses_per_slice:
-                    raise _OutOfSlices(f"the weights of one plane need {need} vectors in each of its weight "
-                                       f"slices, which hold {cfg.addresses_per_slice}")
-            # activation runs: one per (chunk, block), a slices (byte planes) per group
-            act = _Alloc(free[h], a, cfg.addresses_per_slice)
-            act_runs = {}
-            for kc in range(self.nK):
-                for b, nb in blocks:
-                    act_runs[(kc, b)] = act.take(nb)
-            # result runs: one per (plane, tile, block)
-            if self.post:
-                outs = post_alloc[1 - h]
-                if outs is None:
-                    outs = post_alloc[1 - h] = [_Alloc(free[1 - h], self.pw, cfg.addresses_per_slice)
-                                                for _ in range(P)]
-            else:
-                outs = [_Alloc(free[h], self.out_planes, cfg.addresses_per_slice) for _ in range(P)]
-            out_runs = {}
-            for p in range(P):
-                for t in per_plane_tiles[p]:
-                    for b, nb in blocks:
-                        out_runs[(p, t, b)] = outs[p].take(nb)
-            # ---- streams ----------------------------------------------------------------------
-            s_act = self.stream(din, 0)
-            s_w = [self.stream(din, a + p * ws) for p in range(P)]
-            s_out = [self.stream(dout, 4 * p) for p in range(P)]
-            s_post = [self.stream(dout, S - P * self.pw + p * self.pw) for p in range(P)]
-            alus = [h * P + p for p in range(P)]
-            # ---- schedule -------------------------------------------------------------------------
-            hop_w = [[self.hop(pos(s), xm) for s in wsl[p]] for p in range(P)]
-            t_min = d_read + max(self.hop(pos(s), xm) for s in range(cfg.mem_slices_per_hemisphere))
-            steps = [(j, b, nb, kc) for j in range(len(pairs)) for (b, nb) in blocks for kc in range(self.nK)]
-            prev = None
-            acc_q_free = 0
-            bank_free = [0, 0]         # first cycle an ABC may land in each accumulator half
-            gblock = 0
-            half = cfg.mxm_accumulators // 2
-            dname = "float16" if self.fp16 else "int8"
-            for _si, (j, b, nb, kc) in enumerate(steps):
-                if prev is None:
-                    W = t_min
-                else:
-                    pT, pnb, pI = prev
-                    W = max(pI + 1, pT + (pnb - 1) * self.r + 1 - d_iw - self.Lw)
-                t_iw = W + self.Lw
-                E = t_iw + d_iw
-                T = max(E, t_min)
-                if prev is not None:
-                    T = max(T, prev[0] + prev[1] * self.r)
-                bank = gblock % 2
-                if kc == 0:
-                    T = max(T, bank_free[bank] - d_mxm)
-                # weights: LW runs on each plane's LW queue, reads from its weight slices
-                for p, tile in enumerate(pairs[j]):
-                    q = f"MXM.{cfg.plane_name(h * cfg.mxm_planes_per_hemisphere + p)}"
-                    full, rem = divmod(self.R, ws)
-                    em.at(q + ".LW", W, "LW", s_w[p], ws, 0, repeat=(full - 1, 1, ws) if full > 1 else None)
-                    if rem:
-                        em.at(q + ".LW", W + full, "LW", s_w[p], rem, full * ws)
-                    em.at(q + ".LW", t_iw, "IW", dname)
-                    ti = per_plane_tiles[p].index(tile) * self.nK + kc
-                    for jj, sl in enumerate(wsl[p]):
-                        em.at(f"MEM.{HEMISPHERES[h]}{sl}", W - d_read - hop_w[p][jj], "Read", ti * cnt[0],
-                              s_w[p] + jj, repeat=(cnt[jj] - 1, 1, 1) if cnt[jj] > 1 else None)
-                    em.at(q + ".ABC", T, "ABC", dname, s_act, bank * half, 1 if kc else 0,
-                          repeat=(nb - 1, self.r, 1) if nb > 1 else None)
-                # activations: one run per step from the (chunk, block) group
-                grp, addr = act_runs[(kc, b)]
-                for i, sl in enumerate(grp):
-                    em.at(f"MEM.{HEMISPHERES[h]}{sl}", T - d_read - self.hop(pos(sl), xm), "Read", addr, s_act + i,
-                          repeat=(nb - 1, self.r, 1) if nb > 1 else None)
-                prev = (T, nb, t_iw)
-                if kc == self.nK - 1:
-                    # the block is complete: stream its accumulators out
-                    C = max(T + (nb - 1) * self.r + d_mxm, acc_q_free)
-                    acc_q_free = C + nb
-                    bank_free[bank] = C + nb
-                    for p, tile in enumerate(pairs[j]):
-                        q = f"MXM.{cfg.plane_name(h * cfg.mxm_planes_per_hemisphere + p)}"
-                        em.at(q + ".ACC", C, "ACC", bank * half, s_out[p], repeat=(nb - 1, 1, 1) if nb > 1 else None)
-                        grp, addr = out_runs[(p, tile, b)]
-                        if not self.post:
-                            for i, sl in enumerate(grp):
-                                em.at(f"MEM.{HEMISPHERES[h]}{sl}", C + d_acc + self.hop(pos(sl), xm), "Write",
-                                      addr, s_out[p] + i, repeat=(nb - 1, 1, 1) if nb > 1 else None)
-                        else:
-                            V = C + d_acc + self.hop(xv, xm)
-                            alu = f"VXM.{alus[p]}"
-                            if self.out == "int8":
-                                mult, shift, zp = self.requant
-                                em.at(alu, V, "requant", s_post[p], s_out[p], mult, shift, zp,
-                                      repeat=(nb - 1, 1, 0) if nb > 1 else None)
-                            else:
-                                em.at(alu, V, "cvt", "float32", "float16", s_post[p], s_out[p],
-                                      repeat=(nb - 1, 1, 0) if nb > 1 else None)
-                            for i, sl in enumerate(grp):
-                                xs = cfg.mem_position(1 - h, sl)
-                                em.at(f"MEM.{HEMISPHERES[1 - h]}{sl}", V + d_conv + self.hop(xs, xv), "Write",
-                                      addr, s_post[p] + i, repeat=(nb - 1, 1, 1) if nb > 1 else None)
-                    gblock += 1
-            # ---- tensors: packed layouts and their extents ----------------------------------------
-            hem = HEMISPHERES[h]
-            a_name = f"A_{hem}"
-            a_dtype = "float16" if self.fp16 else "int8"
-            # A_h: [nK, Rh, Kc]; chunk kc of rows in block b at act_runs[(kc, b)]
-            a_planes: List[List[Extent]] = [[] for _ in range(a)]
-            for kc in range(self.nK):
-                for b, nb in blocks:
-                    grp, addr = act_runs[(kc, b)]
-                    for i in range(a):
-                        a_planes[i].append(Extent(cfg.slice_id(h, grp[i]), addr, nb))
-            tensors.append((a_name, a_dtype, (self.nK, Rh, self.Kc), a_planes))
-            packers.append(self._pack_a(a_name, rows))
-            for p in range(P):
-                if not per_plane_tiles[p]:
-                    continue
-                b_name = f"B_{hem}{p}"
-                nt = len(per_plane_tiles[p]) * self.nK
-                planes = [[Extent(cfg.slice_id(h, sl), 0, nt * cnt[0]) for sl in wsl[p]]]
-                # one byte plane; vector order (slice j, tile-chunk, row-in-slice)
-                tensors.append((b_name, "int8", (ws, nt, cnt[0], L), planes))
-                packers.append(self._pack_b(b_name, per_plane_tiles[p], cnt[0]))
-                c_name = f"C_{hem}{p}"
-                out_d = dt.get(self.out)
-                ohem = 1 - h if self.post else h
-                c_planes: List[List[Extent]] = [[] for _ in range(out_d.nbytes)]
-                for t in per_plane_tiles[p]:
-                    for b, nb in blocks:
-                        grp, addr = out_runs[(p, t, b)]
-                        for i in range(out_d.nbytes):
-                            c_planes[i].append(Extent(cfg.slice_id(ohem, grp[i]), addr, nb))
-                tensors.append((c_name, self.out, (len(per_plane_tiles[p]), Rh, L), c_planes))
-                unpackers.append((c_name, rows, per_plane_tiles[p]))
-            plan["hemispheres"].append({"rows": Rh, "tiles": len(tiles), "pairs": len(pairs), "blocks": len(blocks),
+            hs = self._layout(h, rows, tiles, free, post_alloc)
+            self._schedule(hs)
+            self._describe(hs)
+            plan["hemispheres"].append({"rows": len(rows), "tiles": len(tiles), "pairs": len(hs.pairs),
+                                        "blocks": len(hs.blocks),
                                         "slices_used": cfg.mem_slices_per_hemisphere - len(free[h])})
-        prog = em.program()
-        for name, dname, shape, planes in tensors:
+        prog = self.em.program()
+        for name, dname, shape, planes in self.tensors:
             prog.add_tensor(name, dname, shape, [[(e.slice, e.address, e.count) for e in pl] for pl in planes])
         prog.validate()
         g = GemmProgram(prog, self.M, self.K, self.N, self.dtype, self.out, expected_cycles(prog), plan)
+        packers, unpackers = self.packers, self.unpackers
         g._tensors["pack"] = lambda A, B: self._pack_all(packers, A, B)
         g._tensors["unpack"] = lambda chip: self._unpack_all(unpackers, chip)
         return g
+
+    def _layout(self, h: int, rows: List[int], tiles: List[int], free: List[List[int]],
+                post_alloc: List[Optional[List[_Alloc]]]) -> "_Half":
+        """Hemisphere h's slices (weights first: P x ws distinct slices read in the same cycles),
+        its activation and result runs, and its streams."""
+        cfg, P, ws, a = self.cfg, self.P_used, self.ws, self.a
+        Rh = len(rows)
+        pairs = [tiles[i:i + P] for i in range(0, len(tiles), P)]
+        blocks = [(b, min(self.Mb, Rh - b)) for b in range(0, Rh, self.Mb)]
+        if len(free[h]) < P * ws:
+            raise _OutOfSlices("not enough MEM slices for the weight streams")
+        wsl = [[free[h].pop(0) for _ in range(ws)] for _ in range(P)]
+        cnt = [len(range(j, self.R, ws)) for j in range(ws)]              # byte-rows slice j feeds
+        per_plane_tiles = [[pr[p] for pr in pairs if p < len(pr)] for p in range(P)]
+        for p in range(P):
+            need = len(per_plane_tiles[p]) * self.nK * cnt[0]
+            if need > cfg.addresses_per_slice:
+                raise _OutOfSlices(f"the weights of one plane need {need} vectors in each of its weight "
+                                   f"slices, which hold {cfg.addresses_per_slice}")
+        # activation runs: one per (chunk, block), a slices (byte planes) per group
+        act = _Alloc(free[h], a, cfg.addresses_per_slice)
+        act_runs = {(kc, b): act.take(nb) for kc in range(self.nK) for b, nb in blocks}
+        # result runs: one per (plane, tile, block)
+        if self.post:
+            outs = post_alloc[1 - h]
+            if outs is None:
+                outs = post_alloc[1 - h] = [_Alloc(free[1 - h], self.pw, cfg.addresses_per_slice)
+                                            for _ in range(P)]
+        else:
+            outs = [_Alloc(free[h], self.out_planes, cfg.addresses_per_slice) for _ in range(P)]
+        out_runs = {(p, t, b): outs[p].take(nb) for p in range(P) for t in per_plane_tiles[p] for b, nb in blocks}
+        din = self.inward(h)
+        S = cfg.streams_per_direction
+        return _Half(h=h, rows=rows, pairs=pairs, blocks=blocks, wsl=wsl, cnt=cnt,
+                     per_plane_tiles=per_plane_tiles, act_runs=act_runs, out_runs=out_runs,
+                     s_act=self.stream(din, 0), s_w=[self.stream(din, a + p * ws) for p in range(P)],
+                     s_out=[self.stream(1 - din, 4 * p) for p in range(P)],
+                     s_post=[self.stream(1 - din, S - P * self.pw + p * self.pw) for p in range(P)],
+                     alus=[h * P + p for p in range(P)], xm=cfg.mxm_position(h),
+                     pos=functools.partial(cfg.mem_position, h))
+
+    def _schedule(self, hs: "_Half") -> None:
+        """Emit hemisphere hs's steps (column-tile pair, row block, K chunk) as early as the weight
+        buffers, the accumulator halves and the drain queue allow (cycles)."""
+        cfg = self.cfg
+        d_read, d_iw, d_mxm = cfg.mem_read_delay, cfg.mxm_install_delay, cfg.mxm_delay
+        t_min = d_read + max(self.hop(hs.pos(s), hs.xm) for s in range(cfg.mem_slices_per_hemisphere))
+        steps = [(j, b, nb, kc) for j in range(len(hs.pairs)) for (b, nb) in hs.blocks for kc in range(self.nK)]
+        prev = None
+        acc_q_free = 0
+        bank_free = [0, 0]         # first cycle an ABC may land in each accumulator half
+        gblock = 0
+        for j, b, nb, kc in steps:
+            if prev is None:
+                W = t_min
+            else:
+                pT, pnb, pI = prev
+                W = max(pI + 1, pT + (pnb - 1) * self.r + 1 - d_iw - self.Lw)
+            t_iw = W + self.Lw
+            T = max(t_iw + d_iw, t_min)
+            if prev is not None:
+                T = max(T, prev[0] + prev[1] * self.r)
+            bank = gblock % 2
+            if kc == 0:
+                T = max(T, bank_free[bank] - d_mxm)
+            self._emit_weights(hs, j, kc, W, t_iw, T, bank, nb)
+            # activations: one run per step from the (chunk, block) group
+            grp, addr = hs.act_runs[(kc, b)]
+            for i, sl in enumerate(grp):
+                self.em.at(f"MEM.{HEMISPHERES[hs.h]}{sl}", T - d_read - self.hop(hs.pos(sl), hs.xm), "Read", addr,
+                           hs.s_act + i, repeat=(nb - 1, self.r, 1) if nb > 1 else None)
+            prev = (T, nb, t_iw)
+            if kc == self.nK - 1:
+                # the block is complete: stream its accumulators out
+                C = max(T + (nb - 1) * self.r + d_mxm, acc_q_free)
+                acc_q_free = bank_free[bank] = C + nb
+                self._emit_drain(hs, j, b, nb, C, bank)
+                gblock += 1
+
+    def _emit_weights(self, hs: "_Half", j: int, kc: int, W: int, t_iw: int, T: int, bank: int, nb: int) -> None:
+        """Pair j's K chunk kc: LW from each plane's weight slices from cycle W, IW at t_iw, and the
+        block's ABCs from T into accumulator half ``bank``."""
+        cfg, em, h, ws = self.cfg, self.em, hs.h, self.ws
+        dname = "float16" if self.fp16 else "int8"
+        full, rem = divmod(self.R, ws)
+        for p, tile in enumerate(hs.pairs[j]):
+            q = f"MXM.{cfg.plane_name(h * cfg.mxm_planes_per_hemisphere + p)}"
+            em.at(q + ".LW", W, "LW", hs.s_w[p], ws, 0, repeat=(full - 1, 1, ws) if full > 1 else None)
+            if rem:
+                em.at(q + ".LW", W + full, "LW", hs.s_w[p], rem, full * ws)
+            em.at(q + ".LW", t_iw, "IW", dname)
+            ti = hs.per_plane_tiles[p].index(tile) * self.nK + kc
+            for jj, sl in enumerate(hs.wsl[p]):
+                em.at(f"MEM.{HEMISPHERES[h]}{sl}", W - cfg.mem_read_delay - self.hop(hs.pos(sl), hs.xm), "Read",
+                      ti * hs.cnt[0], hs.s_w[p] + jj, repeat=(hs.cnt[jj] - 1, 1, 1) if hs.cnt[jj] > 1 else None)
+            em.at(q + ".ABC", T, "ABC", dname, hs.s_act, bank * (cfg.mxm_accumulators // 2), 1 if kc else 0,
+                  repeat=(nb - 1, self.r, 1) if nb > 1 else None)
+
+    def _emit_drain(self, hs: "_Half", j: int, b: int, nb: int, C: int, bank: int) -> None:
+        """Block b of pair j leaves its accumulators from cycle C: written to MEM as int32/float32,
+        or requantised / converted on the VXM and written to the other hemisphere."""
+        cfg, em, h = self.cfg, self.em, hs.h
+        d_acc, xv = cfg.mxm_acc_delay, cfg.vxm_position
+        rep = (nb - 1, 1, 1) if nb > 1 else None
+        for p, tile in enumerate(hs.pairs[j]):
+            q = f"MXM.{cfg.plane_name(h * cfg.mxm_planes_per_hemisphere + p)}"
+            em.at(q + ".ACC", C, "ACC", bank * (cfg.mxm_accumulators // 2), hs.s_out[p], repeat=rep)
+            grp, addr = hs.out_runs[(p, tile, b)]
+            if not self.post:
+                for i, sl in enumerate(grp):
+                    em.at(f"MEM.{HEMISPHERES[h]}{sl}", C + d_acc + self.hop(hs.pos(sl), hs.xm), "Write",
+                          addr, hs.s_out[p] + i, repeat=rep)
+                continue
+            V = C + d_acc + self.hop(xv, hs.xm)
+            alu, vrep = f"VXM.{hs.alus[p]}", (nb - 1, 1, 0) if nb > 1 else None
+            if self.out == "int8":
+                mult, shift, zp = self.requant
+                em.at(alu, V, "requant", hs.s_post[p], hs.s_out[p], mult, shift, zp, repeat=vrep)
+            else:
+                em.at(alu, V, "cvt", "float32", "float16", hs.s_post[p], hs.s_out[p], repeat=vrep)
+            for i, sl in enumerate(grp):
+                xs = cfg.mem_position(1 - h, sl)
+                em.at(f"MEM.{HEMISPHERES[1 - h]}{sl}", V + cfg.vxm_convert_delay + self.hop(xs, xv), "Write",
+                      addr, hs.s_post[p] + i, repeat=rep)
+
+    def _describe(self, hs: "_Half") -> None:
+        """The packed tensors of hemisphere hs: A_h [nK, Rh, Kc] (chunk kc of block b at
+        act_runs[(kc, b)]), each plane's weights B_hp and results C_hp, with their packers."""
+        cfg, h, a = self.cfg, hs.h, self.a
+        hem = HEMISPHERES[h]
+        a_name = f"A_{hem}"
+        a_planes: List[List[Extent]] = [[] for _ in range(a)]
+        for kc in range(self.nK):
+            for b, nb in hs.blocks:
+                grp, addr = hs.act_runs[(kc, b)]
+                for i in range(a):
+                    a_planes[i].append(Extent(cfg.slice_id(h, grp[i]), addr, nb))
+        self.tensors.append((a_name, "float16" if self.fp16 else "int8", (self.nK, len(hs.rows), self.Kc), a_planes))
+        self.packers.append(self._pack_a(a_name, hs.rows))
+        out_d = dt.get(self.out)
+        ohem = 1 - h if self.post else h
+        for p in range(self.P_used):
+            tiles = hs.per_plane_tiles[p]
+            if not tiles:
+                continue
+            b_name, c_name = f"B_{hem}{p}", f"C_{hem}{p}"
+            nt = len(tiles) * self.nK
+            planes = [[Extent(cfg.slice_id(h, sl), 0, nt * hs.cnt[0]) for sl in hs.wsl[p]]]
+            # one byte plane; vector order (slice j, tile-chunk, row-in-slice)
+            self.tensors.append((b_name, "int8", (self.ws, nt, hs.cnt[0], self.L), planes))
+            self.packers.append(self._pack_b(b_name, tiles, hs.cnt[0]))
+            c_planes: List[List[Extent]] = [[] for _ in range(out_d.nbytes)]
+            for t in tiles:
+                for b, nb in hs.blocks:
+                    grp, addr = hs.out_runs[(p, t, b)]
+                    for i in range(out_d.nbytes):
+                        c_planes[i].append(Extent(cfg.slice_id(ohem, grp[i]), addr, nb))
+            self.tensors.append((c_name, self.out, (len(tiles), len(hs.rows), self.L), c_planes))
+            self.unpackers.append((c_name, hs.rows, tiles))
 
     # ---- host-side layouts ----------------------------------------------------------------------------
     def _check_inputs(self, A, B):

@@ -564,6 +564,125 @@ class Piece:
     dst_lane: int
 
 
+def _shift_piece(ctx: Ctx, plan: Plan, used: Used, pc: Piece, t: int, hem: int, sxq: List[str],
+                 w: int) -> Optional[int]:
+    """Read piece pc to hemisphere hem's SXM and Shift it to its lanes (one Shift per byte plane,
+    on any SXM queue free then) so that it reaches the VXM at cycle t; the shifted stream group
+    (w byte planes), or None when no read, stream, queue or shifter is free."""
+    cfg, sched = ctx.cfg, ctx.sched
+    d_sxm = cfg.sxm_delay
+    sx = cfg.sxm_position(hem)
+    ts = t - d_sxm - abs(ctx.vx - sx)
+    b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
+    if b is None:
+        return None
+    back = ctx.dir_to(sx, ctx.vx)
+    kb = ts + d_sxm - ctx.xloc(back, sx)
+    bo = ctx.free_group(back, w, kb, [(ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))] * w, used)
+    if bo is None:
+        return None
+    # any SXM queue of the hemisphere free at ts (committed work and this plan)
+    free_q = [q for q in sxq if sched.queue_free(q, ts) and ("q", q, ts) not in used][:w]
+    if len(free_q) < w or sched.sxm_use.get((ts, hem, "shifters"), 0) + w + sum(
+            1 for c_, h_, r_ in plan.sxm if (c_, h_, r_) == (ts, hem, "shifters")) > cfg.sxm_shifters:
+        return None
+    for p in range(w):
+        used[("q", free_q[p], ts)] = 1
+        plan.issues.append((free_q[p], ts, "Shift", (bo + p, b + p, pc.dst_lane - pc.src_lane)))
+        plan.sxm.append((ts, hem, "shifters"))
+        plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
+        used[(bo + p, kb)] = 1
+    return bo
+
+
+def _place_piece(ctx: Ctx, plan: Plan, used: Used, pc: Piece, t: int, sxqs: Dict[int, List[str]],
+                 mask_of: Callable[[int, int], Union[VT, List[VT]]], w: int) -> Optional[Tuple[int, int]]:
+    """Plan one piece's read (and shift) and its mask so that both reach the VXM at cycle t.
+    Returns (piece stream, mask stream) or None."""
+    if pc.dst_lane == pc.src_lane:
+        # straight from MEM to the VXM at cycle t
+        b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
+        if b is None:
+            return None
+        piece_src = b
+    else:
+        hem = 0 if ctx.slice_pos[pc.src.loc(pc.src_v, 0)[0]] < ctx.vx else 1
+        bo = _shift_piece(ctx, plan, used, pc, t, hem, sxqs[hem], w)
+        if bo is None:
+            return None
+        piece_src = bo
+    # mask the piece to its lanes (the mask arrives on a stream too)
+    masks = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
+    for mvt in (masks if isinstance(masks, (list, tuple)) else [masks]):
+        bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
+        if bm is not None:
+            return piece_src, bm
+    return None
+
+
+PlacePiece = Callable[[Plan, Used, Piece, int], Optional[Tuple[int, int]]]
+
+
+def _chain_pieces(plan: Plan, used: Used, pieces: List[Piece], t: int, alus: Tuple[int, int, int],
+                  d: dt.DType, d_alu: int, place: PlacePiece) -> Optional[Tuple[Tuple[int, int], int]]:
+    """Mask each piece on ALU alus[2] from cycle t and OR it into the two accumulators alus[0:2]
+    in turn.  Returns ((accumulator, landing cycle), pieces) or None when a piece finds no room."""
+    m_alu = alus[2]
+    acc: Optional[Tuple[int, int]] = None       # (alu, landing)
+    k = 0
+    for pc in pieces:
+        # a piece whose read collides with this plan's own reads slips a cycle or two
+        got = None
+        for _slip in range(PIECE_SLIP):
+            mark, saved = plan.mark(), dict(used)
+            got = place(plan, used, pc, t)
+            if got is not None:
+                break
+            plan.rollback(mark)
+            used.clear()
+            used.update(saved)
+            t += 1
+        if got is None:
+            return None
+        piece_src, bm = got
+        plan.issues.append((f"VXM.{m_alu}", t, "and", (d.code, isa.NONE, piece_src, bm)))
+        plan.lands.append((m_alu, t + d_alu))
+        tm = t + d_alu
+        t_or = tm
+        dst_alu = alus[k % 2]
+        if acc is None:
+            # the next masked piece would overwrite m_alu: copy into an accumulator
+            plan.issues.append((f"VXM.{dst_alu}", tm, "mov", (d.code, isa.NONE, isa.LATCH_BASE + m_alu)))
+            plan.lands.append((dst_alu, tm + d_alu))
+            acc = (dst_alu, tm + d_alu)
+        else:
+            t_or = max(tm, acc[1])
+            plan.issues.append((f"VXM.{dst_alu}", t_or, "or", (d.code, isa.NONE, isa.LATCH_BASE + acc[0],
+                                                            isa.LATCH_BASE + m_alu)))
+            plan.lands.append((dst_alu, t_or + d_alu))
+            if t_or > acc[1]:
+                plan.holds.append((acc[0], acc[1], t_or))
+            if t_or > tm:
+                plan.holds.append((m_alu, tm, t_or))
+            acc = (dst_alu, t_or + d_alu)
+        k += 1
+        # the next masked piece may land in m_alu only after this one was taken
+        t = max(t + 1, (t_or if k > 1 else tm) + 1 - d_alu)
+    assert acc is not None              # pieces is not empty
+    return acc, k
+
+
+def _earliest_piece_cycle(ctx: Ctx, pieces: List[Piece], start: int, w: int) -> int:
+    """No piece can reach the VXM before its source vector is ready and has travelled there (the
+    k-th piece arrives k cycles after the first at the earliest): the first piece's cycle."""
+    lo = start
+    for k, pc in enumerate(pieces):
+        dist = min(abs(ctx.vx - ctx.slice_pos[pc.src.loc(pc.src_v, p)[0]]) for p in range(w))
+        extra = 0 if pc.dst_lane == pc.src_lane else ctx.cfg.sxm_delay
+        lo = max(lo, int(pc.src.ready[pc.src_v]) + ctx.cfg.mem_read_delay + dist + extra - k)
+    return lo
+
+
 def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]],
                     mask_of: Callable[[int, int], Union[VT, List[VT]]], start: int = 0) -> int:
     """Build every vector of `out` from pieces: each piece is read from MEM, shifted to
@@ -571,61 +690,15 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]],
     or down), masked to its lanes on the VXM and or-ed into the vector being built in an
     ALU latch; the finished vector is written to MEM.  mask_of(a, b) is a constant vector
     whose lanes [a, b) are all-ones (out.planes bytes wide), or a list of copies of it
-    in different slices, tried in turn."""
+    in different slices, tried in turn.  Returns the cycle the last vector lands."""
     cfg, sched = ctx.cfg, ctx.sched
     d = out.dtype
-    w = d.nbytes
-    d_alu, d_sxm, d_read = cfg.vxm_alu_delay, cfg.sxm_delay, cfg.mem_read_delay
     nalu = cfg.vxm_alus_per_lane
     last = 0
-    a0 = start
     sxqs = {h: [q.name for q in cfg.queues if q.unit == "SXM" and q.hemisphere == h] for h in (0, 1)}
 
-    def place(plan, used, pc, t):
-        """Plan one piece's read (and shift) and its mask so that both reach the VXM
-        at cycle t.  Returns (piece stream, mask stream) or None."""
-        shift = pc.dst_lane - pc.src_lane
-        src_g = [pc.src.loc(pc.src_v, p)[0] for p in range(w)]
-        hem = 0 if ctx.slice_pos[src_g[0]] < ctx.vx else 1
-        if shift == 0:
-            # straight from MEM to the VXM at cycle t
-            b = ctx.read_group(plan, pc.src, pc.src_v, ctx.vx, t, used)
-            if b is None:
-                return None
-            piece_src = b
-        else:
-            sx = cfg.sxm_position(hem)
-            sxq = sxqs[hem]
-            ts = t - d_sxm - abs(ctx.vx - sx)
-            b = ctx.read_group(plan, pc.src, pc.src_v, sx, ts, used)
-            if b is None:
-                return None
-            back = ctx.dir_to(sx, ctx.vx)
-            kb = ts + d_sxm - ctx.xloc(back, sx)
-            bo = ctx.free_group(back, w, kb, [(ctx.xloc(back, sx), ctx.xloc(back, ctx.vx))] * w, used)
-            if bo is None:
-                return None
-            # any SXM queue of the hemisphere free at ts (committed work and this plan)
-            free_q = [q for q in sxq if sched.queue_free(q, ts) and ("q", q, ts) not in used][:w]
-            if len(free_q) < w or sched.sxm_use.get((ts, hem, "shifters"), 0) + w + sum(
-                    1 for c_, h_, r_ in plan.sxm if (c_, h_, r_) == (ts, hem, "shifters")) > cfg.sxm_shifters:
-                return None
-            for p in range(w):
-                used[("q", free_q[p], ts)] = 1
-                plan.issues.append((free_q[p], ts, "Shift", (bo + p, b + p, shift)))
-                plan.sxm.append((ts, hem, "shifters"))
-                plan.spans.append((bo + p, kb, ctx.xloc(back, sx), ctx.xloc(back, ctx.vx)))
-                used[(bo + p, kb)] = 1
-            piece_src = bo
-        # mask the piece to its lanes (the mask arrives on a stream too)
-        masks = mask_of(pc.dst_lane, pc.dst_lane + pc.n)
-        for mvt in (masks if isinstance(masks, (list, tuple)) else [masks]):
-            bm = ctx.read_group(plan, mvt, 0, ctx.vx, t, used)
-            if bm is not None:
-                break
-        else:
-            return None
-        return piece_src, bm
+    def place(plan: Plan, used: Used, pc: Piece, t: int) -> Optional[Tuple[int, int]]:
+        return _place_piece(ctx, plan, used, pc, t, sxqs, mask_of, d.nbytes)
 
     busy_from: Dict[int, int] = {}
     for v in range(out.nvec):
@@ -635,81 +708,30 @@ def lanemove_kernel(ctx: Ctx, out: VT, pieces_of: Callable[[int], List[Piece]],
         # three ALUs per vector (two accumulate alternately, one masks pieces), rotating over
         # disjoint triples so that consecutive vectors can be built at the same time
         base = 3 * (v % max(1, nalu // 3))
-        acc_alus = (base, base + 1)
-        m_alu = (base + 2) % nalu
-        # no piece can reach the VXM before its source vector is ready and has travelled
-        # there (the k-th piece arrives k cycles after the first at the earliest)
-        lo = a0
-        for k, pc in enumerate(pieces):
-            dist = min(abs(ctx.vx - ctx.slice_pos[pc.src.loc(pc.src_v, p)[0]]) for p in range(w))
-            extra = 0 if pc.dst_lane == pc.src_lane else d_sxm
-            lo = max(lo, int(pc.src.ready[pc.src_v]) + d_read + dist + extra - k)
+        alus = (base, base + 1, (base + 2) % nalu)
         # the triple's ALUs stay busy about one cycle per piece of its previous vector:
         # starting the search there saves compile time (not a correctness bound)
-        a = max(lo, busy_from.get(base, 0))
+        a = max(_earliest_piece_cycle(ctx, pieces, start, d.nbytes), busy_from.get(base, 0))
         for _tries in range(SEARCH):
             plan = Plan()
             used: Used = {}
-            ok = True
-            t = a
-            acc: Optional[Tuple[int, int]] = None       # (alu, landing)
-            k = 0
-            for pc in pieces:
-                # a piece whose read collides with this plan's own reads slips a cycle or two
-                got = None
-                for _slip in range(PIECE_SLIP):
-                    mark, saved = plan.mark(), dict(used)
-                    got = place(plan, used, pc, t)
-                    if got is not None:
-                        break
-                    plan.rollback(mark)
-                    used.clear()
-                    used.update(saved)
-                    t += 1
-                if got is None:
-                    ok = False
+            chained = _chain_pieces(plan, used, pieces, a, alus, d, cfg.vxm_alu_delay, place)
+            wr = None if chained is None else ctx.write_group(plan, out, v, ctx.vx, chained[0][1] + cfg.vxm_alu_delay,
+                                                               used)
+            if chained is not None and wr is not None:
+                (acc_alu, acc_t), k = chained
+                dst, landing = wr
+                fin = alus[k % 2]
+                plan.issues.append((f"VXM.{fin}", acc_t, "mov", (d.code, dst, isa.LATCH_BASE + acc_alu)))
+                plan.lands.append((fin, acc_t + cfg.vxm_alu_delay))
+                if sched.fits(plan):
+                    sched.commit(plan)
+                    out.ready[v] = max(out.ready[v], landing)
+                    for pc in pieces:
+                        pc.src.last_read[pc.src_v] = max(pc.src.last_read[pc.src_v], acc_t)
+                    last = max(last, landing)
+                    busy_from[base] = a + len(pieces)
                     break
-                piece_src, bm = got
-                plan.issues.append((f"VXM.{m_alu}", t, "and", (d.code, isa.NONE, piece_src, bm)))
-                plan.lands.append((m_alu, t + d_alu))
-                tm = t + d_alu
-                t_or = tm
-                if acc is None:
-                    # the next masked piece would overwrite m_alu: copy into an accumulator
-                    dst_alu = acc_alus[k % 2]
-                    plan.issues.append((f"VXM.{dst_alu}", tm, "mov", (d.code, isa.NONE, isa.LATCH_BASE + m_alu)))
-                    plan.lands.append((dst_alu, tm + d_alu))
-                    acc = (dst_alu, tm + d_alu)
-                else:
-                    dst_alu = acc_alus[k % 2]
-                    t_or = max(tm, acc[1])
-                    plan.issues.append((f"VXM.{dst_alu}", t_or, "or", (d.code, isa.NONE, isa.LATCH_BASE + acc[0],
-                                                                    isa.LATCH_BASE + m_alu)))
-                    plan.lands.append((dst_alu, t_or + d_alu))
-                    if t_or > acc[1]:
-                        plan.holds.append((acc[0], acc[1], t_or))
-                    if t_or > tm:
-                        plan.holds.append((m_alu, tm, t_or))
-                    acc = (dst_alu, t_or + d_alu)
-                k += 1
-                # the next masked piece may land in m_alu only after this one was taken
-                t = max(t + 1, (t_or if k > 1 else tm) + 1 - d_alu)
-            if ok:
-                assert acc is not None              # pieces is not empty
-                wr = ctx.write_group(plan, out, v, ctx.vx, acc[1] + d_alu, used)
-                if wr is not None:
-                    dst, landing = wr
-                    fin = acc_alus[k % 2]
-                    plan.issues.append((f"VXM.{fin}", acc[1], "mov", (d.code, dst, isa.LATCH_BASE + acc[0])))
-                    plan.lands.append((fin, acc[1] + d_alu))
-                    if sched.fits(plan):
-                        sched.commit(plan)
-                        out.ready[v] = max(out.ready[v], landing)
-                        for pc in pieces:
-                            pc.src.last_read[pc.src_v] = max(pc.src.last_read[pc.src_v], acc[1])
-                        last = max(last, landing)
-                        busy_from[base] = a + len(pieces)
-                        break
             a += 1
         else:
             raise CompileError(f"no room found to schedule a lane move writing {out.name}")

@@ -476,49 +476,11 @@ class Compiler:
         registry.check_graph(g)
         self.defer = fuse.deferrable(g) if self.fuse else set()
         log = dump.KernelLog(self.sched.events, self.record.kernels, lambda q: self.cfg.queue(q).unit)
-        for n in g.nodes:
-            for i in n.inputs:
-                self.uses[i] = self.uses.get(i, 0) + 1
-        for t in g.outputs.values():
-            self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
-        for v in g.assigns.values():
-            self.uses[v.id] = self.uses.get(v.id, 0) + 10 ** 9
+        self.count_uses()
         self.row_views = self.concat_parts()
-        for name, t in g.inputs.items():
-            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
-        for name, t in g.states.items():
-            # placed like an input; its initial value is written with the constants (a state written
-            # in place by MEM Scatter on a power of two of stripes: compiler.scatter)
-            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state", pow2=scatter.in_place(g, t.id),
-                                         spare=int(scatter.in_place(g, t.id)))
-            arr = g.state_init[t.id]
-            self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
+        self.place_inputs_and_states()
         self.place_gather_tables()
-        weight_ids = {_weight_of(n) for n in g.nodes}
-        for tid, arr in g.constants.items():
-            if tid in self.vts:
-                continue
-            t = g.tensors[tid]
-            # a one-element constant read only by elementwise operations becomes an
-            # immediate of the VXM instead of a vector in MEM
-            if (arr.size == 1 and self.uses.get(tid, 0) < 10 ** 9
-                    and all(registry.spec(n.op).scalar_operands for n in g.nodes if tid in n.inputs)):
-                self.scalars[tid] = arr.reshape(()).item()
-                continue
-            name = g.constant_names.get(tid) or f"_c{tid}"
-            if (arr.ndim >= 2 and arr.shape[-1] == 1 and arr.size <= self.cfg.addresses_per_slice
-                    and all(registry.spec(n.op).scalar_operands for n in g.nodes if tid in n.inputs)):
-                # one value per row, read only elementwise: written with the value in every lane
-                # (what broadcast_lanes would compute on the chip with a lane reduction per row)
-                vt = self.const_vt(name, np.repeat(arr.reshape(-1, 1), self.L, axis=1))
-                vt.bcast = True
-                self.vts[tid] = vt
-                continue
-            # weights of a matmul (or a gathered table: weights of a one-hot product) get more stripes: an
-            # LW cycle loads one row per stripe
-            weights = tid in weight_ids
-            arr2 = arr.reshape(_rows(arr.shape), _cols(arr.shape))
-            self.vts[tid] = self.weight_vt(name, arr2) if weights else self.const_vt(name, arr2)
+        self.place_constants()
         self.place_outputs()
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
@@ -539,7 +501,67 @@ class Compiler:
             log.stop(n.op, name, last)
             self.kernels.append((n.op, name, last))
             self.consume(n)
-        # graph outputs that are inputs or constants, and a tensor's second output name: copy them
+        self.copy_outputs(log)
+        self.assign_states(log)
+        self.finish_record()
+        self.result = self.finish_program()
+
+    def count_uses(self) -> None:
+        """Readers per tensor; graph outputs and assigned values count as always in use."""
+        g = self.g
+        for n in g.nodes:
+            for i in n.inputs:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        for t in g.outputs.values():
+            self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
+        for v in g.assigns.values():
+            self.uses[v.id] = self.uses.get(v.id, 0) + 10 ** 9
+
+    def place_inputs_and_states(self) -> None:
+        """MEM places for the graph's inputs and states (a state's initial value is written with the
+        constants; a state written in place by MEM Scatter is striped over a power of two of slices:
+        :mod:`lpucore.compiler.scatter`)."""
+        g = self.g
+        for name, t in g.inputs.items():
+            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
+        for name, t in g.states.items():
+            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state", pow2=scatter.in_place(g, t.id),
+                                         spare=int(scatter.in_place(g, t.id)))
+            arr = g.state_init[t.id]
+            self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
+
+    def place_constants(self) -> None:
+        """Constants: VXM immediates (one value read only elementwise), per-row values written in
+        every lane, matmul weights striped for LW, the rest as plain vectors."""
+        g = self.g
+        weight_ids = {_weight_of(n) for n in g.nodes}
+        for tid, arr in g.constants.items():
+            if tid in self.vts:
+                continue
+            # a one-element constant read only by elementwise operations becomes an
+            # immediate of the VXM instead of a vector in MEM
+            if (arr.size == 1 and self.uses.get(tid, 0) < 10 ** 9
+                    and all(registry.spec(n.op).scalar_operands for n in g.nodes if tid in n.inputs)):
+                self.scalars[tid] = arr.reshape(()).item()
+                continue
+            name = g.constant_names.get(tid) or f"_c{tid}"
+            if (arr.ndim >= 2 and arr.shape[-1] == 1 and arr.size <= self.cfg.addresses_per_slice
+                    and all(registry.spec(n.op).scalar_operands for n in g.nodes if tid in n.inputs)):
+                # one value per row, read only elementwise: written with the value in every lane
+                # (what broadcast_lanes would compute on the chip with a lane reduction per row)
+                vt = self.const_vt(name, np.repeat(arr.reshape(-1, 1), self.L, axis=1))
+                vt.bcast = True
+                self.vts[tid] = vt
+                continue
+            # weights of a matmul (or a gathered table: weights of a one-hot product) get more stripes: an
+            # LW cycle loads one row per stripe
+            weights = tid in weight_ids
+            arr2 = arr.reshape(_rows(arr.shape), _cols(arr.shape))
+            self.vts[tid] = self.weight_vt(name, arr2) if weights else self.const_vt(name, arr2)
+
+    def copy_outputs(self, log: dump.KernelLog) -> None:
+        """Graph outputs that are inputs or constants, and a tensor's second output name: copies."""
+        g = self.g
         for name, t in g.outputs.items():
             if t.id in self.vts and self.vts[t.id].kind == "output" and self.vts[t.id].name == name:
                 continue
@@ -553,7 +575,10 @@ class Compiler:
             log.stop("copy", name, last)
             if t.id not in self.vts or self.vts[t.id].kind != "output":
                 self.vts[t.id] = out
-        # state := value, after every read of the state in this run
+
+    def assign_states(self, log: dump.KernelLog) -> None:
+        """state := value, after every read of the state in this run."""
+        g = self.g
         for sid, v in g.assigns.items():
             st = self.vts[sid]
             if v.id == sid or self.vts.get(v.id) is st:       # unchanged, or written in place (scatter)
@@ -569,18 +594,21 @@ class Compiler:
                     src = self.plain(v)
                 last = map_kernel(self.ctx, E("mov", st.dtype, Expr.input(src, lambda i: i)), st)
             log.stop("assign", st.name, last)
-        self.finish_record()
+
+    def finish_program(self) -> Compiled:
+        """Emit the schedule, describe the tensors and check the program."""
+        g = self.g
         prog = Program(self.cfg)
         self.sched.emit(prog)
         for name, vt in self.tables:
             prog.add_tensor(name, vt.dtype, (vt.rows, vt.cols), vt.extents())
         prog.validate()
         cycles = expected_cycles(prog)
-        self.result = Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
-                               {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
-                               cycles, self.mem.peak_bytes(), self.kernels,
-                               {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                               graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts, self.record)
+        return Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
+                        {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
+                        cycles, self.mem.peak_bytes(), self.kernels,
+                        {n: (t.shape, t.dtype) for n, t in g.states.items()},
+                        graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts, self.record)
 
     def finish_record(self) -> None:
         """Note the fusion and placement decisions in :attr:`record` (for :meth:`Compiled.dump`)."""

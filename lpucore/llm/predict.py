@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..config import ChipConfig
 from .decoder import LOGIT_TOLERANCE, Decoder
-from .pipeline import PipelineDecoder, plan_stages
+from .pipeline import STAGE_FILL, PipelineDecoder, plan_stages
 from .shapes import ModelConfig, model_config
 from .weights import RandomWeights
 
@@ -255,46 +255,30 @@ def _handover_cycles(chip: ChipConfig, d: int) -> int:
     return hand_over(c, "x_out", c, "x_in", 0, 0)[2] - 2 * c.expected_cycles
 
 
-def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipeline: Optional[Prediction] = None,
-                            capacity: int = 32, config: Optional[ChipConfig] = None, seed: int = 0,
-                            positions: int = 2, engine: str = "fast", progress=None,
-                            min_cols: Optional[int] = None, split_layer: Optional[bool] = None
-                            ) -> TensorParallelPrediction:
-    """Simulate layer 1 of ``name`` split over ``group`` chips wired pairwise
-    (``lpucore.compile(graph, system=...)``: Megatron-style splits, scheduled all-reduces),
-    check its output against the reference's residual stream at ``positions`` positions, and
-    derive the whole model's decode step as n_layers x that layer + hand-overs between groups
-    + the embedding and head of ``pipeline`` (a :func:`predict` result; made if not given).
-    ``min_cols``: see :func:`~lpucore.compiler.tensor_parallel.compile_system` (small models).
-    ``split_layer``: the attention and the MLP on a group each (None: only if the layer's part
-    does not fit a chip)."""
+def _compile_layer(part: ModelConfig, ref: Any, precision: str, capacity: int, group: int, chip: ChipConfig,
+                   engine: str, min_cols: Optional[int], split_layer: Optional[bool]
+                   ) -> Tuple[List[Tuple[Any, Any, bool]], List[str], float]:
+    """Layer 1 of ``part`` compiled over ``group`` chips wired pairwise: the whole layer on one
+    group if its part fits a chip, else its attention and its MLP on a group each.  Returns the
+    pieces (compiled, system, reads a position), their labels and the compile time (seconds)."""
     import time
 
     from ..compiler.tensor_parallel import compile_system
     from ..errors import CompileError
     from ..system import System
-    from .pipeline import STAGE_FILL
     from .program import build_step, model_units
-    from .reference import Reference
-    cfg = model_config(name) if isinstance(name, str) else name
-    chip = config if config is not None else ChipConfig.groqchip1()
-    if pipeline is None:
-        pipeline = predict(cfg, precision, capacity=capacity, config=chip, seed=seed, engine=engine, progress=progress)
-    part = truncated(cfg, 2)
-    ref = Reference(part, RandomWeights(part, seed), precision)
     units = model_units(part)
     u0, u1 = units.index(("attn", 1)), units.index(("mlp", 1)) + 1
     wires = [(a, (b - a) % group - 1, b, (a - b) % group - 1) for a in range(group) for b in range(a + 1, group)]
 
-    def compile_pieces(pieces):
+    def compile_pieces(spans):
         out = []
-        for lo, hi in pieces:
+        for lo, hi in spans:
             graph, _ = build_step(part, ref.w, ref.quantized, precision, capacity, units=(lo, hi))
             system = System(group, topology=wires, config=chip, engine=engine)
             out.append((compile_system(graph, system, min_cols=min_cols), system, "pos" in graph.inputs))
         return out
     t0 = time.perf_counter()
-    # the whole layer on one group if its part fits a chip, else its attention and its MLP on a group each
     try:
         if split_layer:
             raise CompileError("split_layer: does not fit (asked)")
@@ -305,8 +289,14 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
             raise
         pieces = compile_pieces([(u0, u0 + 1), (u0 + 1, u1)])
         labels = ["attention", "MLP"]
-    compile_seconds = time.perf_counter() - t0
-    # the reference's residual stream before and after layer 1, token by token
+    return pieces, labels, time.perf_counter() - t0
+
+
+def _run_layer(ref: Any, pieces: List[Tuple[Any, Any, bool]], positions: int) -> Tuple[float, List[float], float]:
+    """Run the compiled layer on the reference's residual stream before layer 1, token by token;
+    returns the largest difference from the reference's stream after it, the host seconds per
+    position and the documented bound."""
+    import time
     ref.hidden = []
     ref.prefill(list(range(1, positions + 1)))
     x_in, x_ref = ref.hidden[1], ref.hidden[2]
@@ -322,7 +312,32 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
             x = out["x_out"]
         walls.append(time.perf_counter() - t)
         err = max(err, float(np.max(np.abs(x[0] - x_ref[p]))))
-    bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(x_ref))))
+    return err, walls, LOGIT_TOLERANCE * (1 + float(np.max(np.abs(x_ref))))
+
+
+def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipeline: Optional[Prediction] = None,
+                            capacity: int = 32, config: Optional[ChipConfig] = None, seed: int = 0,
+                            positions: int = 2, engine: str = "fast", progress=None,
+                            min_cols: Optional[int] = None, split_layer: Optional[bool] = None
+                            ) -> TensorParallelPrediction:
+    """Simulate layer 1 of ``name`` split over ``group`` chips wired pairwise
+    (``lpucore.compile(graph, system=...)``: Megatron-style splits, scheduled all-reduces),
+    check its output against the reference's residual stream at ``positions`` positions, and
+    derive the whole model's decode step as n_layers x that layer + hand-overs between groups
+    + the embedding and head of ``pipeline`` (a :func:`predict` result; made if not given).
+    ``min_cols``: see :func:`~lpucore.compiler.tensor_parallel.compile_system` (small models).
+    ``split_layer``: the attention and the MLP on a group each (None: only if the layer's part
+    does not fit a chip)."""
+    from .reference import Reference
+    cfg = model_config(name) if isinstance(name, str) else name
+    chip = config if config is not None else ChipConfig.groqchip1()
+    if pipeline is None:
+        pipeline = predict(cfg, precision, capacity=capacity, config=chip, seed=seed, engine=engine, progress=progress)
+    part = truncated(cfg, 2)
+    ref = Reference(part, RandomWeights(part, seed), precision)
+    pieces, labels, compile_seconds = _compile_layer(part, ref, precision, capacity, group, chip, engine,
+                                                     min_cols, split_layer)
+    err, walls, bound = _run_layer(ref, pieces, positions)
     handover = _handover_cycles(chip, cfg.d_model)
     parts = {label: int(sc.expected_cycles) for label, (sc, _, _) in zip(labels, pieces)}
     layer = sum(parts.values()) + (len(pieces) - 1) * handover

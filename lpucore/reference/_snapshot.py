@@ -38,11 +38,21 @@ def _stack(lst: Sequence[npt.ArrayLike], shape: Sequence[int], dtype: npt.DTypeL
 
 
 def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArray[Any]]]:
-    cfg = eng.cfg
-    L, SL = cfg.lanes, cfg.superlanes
-    R = cfg.mxm_size
+    """The engine's state: scalars (cycle counters) and, unit by unit, flat arrays."""
     a: Dict[str, npt.NDArray[Any]] = {}
-    # queues
+    _icu_arrays(eng, a)
+    _stream_mem_latch_arrays(eng, a)
+    _mxm_arrays(eng, a)
+    a["sx_use"] = _rows([(int(c), int(h), isa.SXM_RESOURCES.index(r), int(n))
+                         for (c, h, r), n in eng.sxm.use.items()], 4)
+    _link_arrays(eng, a)
+    scalars = {"t": int(eng.t), "cycle": int(eng.cycle), "last_effect": int(eng.last_effect),
+               "done": bool(eng.done), "mx_peak": int(eng.mxm.peak)}
+    return scalars, a
+
+
+def _icu_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+    """Each queue's position, Repeat and Sync state (:data:`_Q`), Notifies, counters."""
     q = np.zeros((len(eng.queues), len(_Q)), dtype=np.int64)
     for i, qs in enumerate(eng.queues):
         rep = -1
@@ -55,7 +65,11 @@ def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArr
     a["notifies"] = np.array(eng.notifies, dtype=np.int64)
     for k in ("issued", "icu", "bytes_read", "bytes_written"):
         a["stats_" + k] = getattr(eng, "stats_" + k).copy()
-    # streams
+
+
+def _stream_mem_latch_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+    """Stream registers, SRAM and ALU latches, with their pending writes in issue order."""
+    L, SL = eng.cfg.lanes, eng.cfg.superlanes
     st = eng.streams
     a["st_data"], a["st_valid"] = st.data.copy(), st.valid.copy()
     meta: List[Tuple[int, ...]]
@@ -65,7 +79,6 @@ def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArr
             meta.append((int(c), int(dr), int(pos), int(s), int(w)))
             vecs.append(vec)
     a["st_pmeta"], a["st_pvec"] = _rows(meta, 5), _stack(vecs, (L,), np.uint8)
-    # MEM
     m = eng.mem
     a["sram"] = m.sram.copy()
     meta, addrs, data = [], [], []
@@ -77,7 +90,6 @@ def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArr
     a["mem_pmeta"], a["mem_paddr"], a["mem_pdata"] = _rows(meta, 2), _stack(addrs, (SL,), np.int64), \
         _stack(data, (L,), np.uint8)
     a["mem_banks"] = _rows([(int(g), int(b)) for g, bs in m.banks_written.items() for b in sorted(bs)], 2)
-    # VXM latches
     lt = eng.latches
     a["lt_bits"], a["lt_valid"] = lt.bits.copy(), lt.valid.copy()
     meta, bits = [], []
@@ -86,7 +98,12 @@ def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArr
             meta.append((int(c), int(alu)))
             bits.append(b)
     a["lt_pmeta"], a["lt_pbits"] = _rows(meta, 2), _stack(bits, (L,), np.uint32)
-    # MXM
+
+
+def _mxm_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+    """The MXM planes: buffers, installed weights, accumulators, pending installs and products."""
+    L, R = eng.cfg.lanes, eng.cfg.mxm_size
+    meta: List[Tuple[int, ...]]
     mx = eng.mxm
     a["mx_buffer"] = np.stack([p.buffer for p in mx.planes])
     a["mx_array"] = np.stack([p.array if p.array is not None else np.zeros((R, L), np.uint8) for p in mx.planes])
@@ -107,19 +124,17 @@ def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArr
     a["mx_pmeta"], a["mx_pres"] = _rows(meta, 5), _stack(res, (L,), np.uint32)
     a["mx_macs"], a["mx_busy"] = mx.macs.copy(), mx.busy.copy()
     a["mx_macs_in_cycle"] = _rows([(int(c), int(n)) for c, n in mx.macs_in_cycle.items()], 2)
-    # SXM
-    a["sx_use"] = _rows([(int(c), int(h), isa.SXM_RESOURCES.index(r), int(n))
-                         for (c, h, r), n in eng.sxm.use.items()], 4)
-    # C2C links
+
+
+def _link_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+    """The C2C links' state and the vectors in flight."""
+    L = eng.cfg.lanes
     lk = eng.links
     a["lk_state"] = np.array([lk.busy_until, lk.ready, lk.sent.tolist(), lk.received.tolist()], dtype=np.int64)
     a["lk_imeta"] = _rows([(k, int(arr)) for k, ib in enumerate(lk.inbox) for arr, _ in ib], 2)
     a["lk_ivec"] = _stack([v for ib in lk.inbox for _, v in ib], (L,), np.uint8)
     a["lk_ometa"] = _rows([(int(k), int(c), int(arr)) for k, c, arr, _ in lk.outbox], 3)
     a["lk_ovec"] = _stack([v for _, _, _, v in lk.outbox], (L,), np.uint8)
-    scalars = {"t": int(eng.t), "cycle": int(eng.cycle), "last_effect": int(eng.last_effect),
-               "done": bool(eng.done), "mx_peak": int(mx.peak)}
-    return scalars, a
 
 
 def _check(arrays: Mapping[str, npt.NDArray[Any]], name: str, shape: Optional[Sequence[int]],
@@ -187,82 +202,105 @@ def _check_queues(eng: ReferenceEngine, q: npt.NDArray[Any], n_notify: int) -> N
             check_equal(nm % (1, "next issue cycle (nothing left to issue)"), nx, -1, "-1: none")
 
 
-def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
-    """Replace the engine's state (the program must already be loaded)."""
+_STATS = ("issued", "icu", "bytes_read", "bytes_written")
+# arrays of metadata rows: name -> columns
+_META = {"st_pmeta": 5, "mem_pmeta": 2, "lt_pmeta": 2, "mx_imeta": 3, "mx_pmeta": 5, "mx_macs_in_cycle": 2,
+         "sx_use": 4, "mem_banks": 2}
+
+
+def _read_arrays(eng: ReferenceEngine, arrays: Mapping[str, npt.NDArray[Any]]) -> Dict[str, npt.NDArray[Any]]:
+    """Every array of a snapshot, checked for presence, dtype and shape against this chip."""
     cfg = eng.cfg
     L, SL, R, NP = cfg.lanes, cfg.superlanes, cfg.mxm_size, cfg.mxm_planes
     nq, ns = len(cfg.queues), cfg.mem_slices
+    fixed: List[Tuple[str, Optional[Sequence[int]], npt.DTypeLike]] = [
+        ("queues", (nq, len(_Q)), np.int64), ("sram", eng.mem.sram.shape, np.uint8),
+        ("st_data", eng.streams.data.shape, np.uint8), ("st_valid", eng.streams.valid.shape, bool),
+        ("lt_bits", eng.latches.bits.shape, np.uint32), ("lt_valid", eng.latches.valid.shape, bool)]
+    fixed += [("stats_" + k, (nq if k in ("issued", "icu") else ns,), np.int64) for k in _STATS]
+    fixed += [("mx_buffer", (NP, R, L), np.uint8), ("mx_array", (NP, R, L), np.uint8),
+              ("mx_array_dt", (NP,), np.int64), ("mx_acc", (NP, cfg.mxm_accumulators, L), np.uint32),
+              ("mx_busy_until", (NP,), np.int64), ("mx_macs", (NP,), np.int64), ("mx_busy", (NP,), np.int64),
+              ("notifies", None, np.int64)]
+    v = {name: _check(arrays, name, shape, dtype) for name, shape, dtype in fixed}
+    if v["notifies"].ndim != 1:
+        raise SnapshotError(f"snapshot array 'notifies' has shape {list(v['notifies'].shape)}, expected [n]")
+    v.update({name: _rows_of(arrays, name, width) for name, width in _META.items()})
+    for name, meta, shape, dtype in (("st_pvec", "st_pmeta", (L,), np.uint8),
+                                     ("mem_paddr", "mem_pmeta", (SL,), np.int64),
+                                     ("mem_pdata", "mem_pmeta", (L,), np.uint8),
+                                     ("lt_pbits", "lt_pmeta", (L,), np.uint32),
+                                     ("mx_ibytes", "mx_imeta", (R, L), np.uint8),
+                                     ("mx_pres", "mx_pmeta", (L,), np.uint32)):
+        v[name] = _check(arrays, name, (len(v[meta]),) + shape, dtype)
+    v["lk_state"] = _check(arrays, "lk_state", (4, cfg.c2c_links), np.int64)
+    v["lk_imeta"], v["lk_ometa"] = _rows_of(arrays, "lk_imeta", 2), _rows_of(arrays, "lk_ometa", 3)
+    v["lk_ivec"] = _check(arrays, "lk_ivec", (len(v["lk_imeta"]), L), np.uint8)
+    v["lk_ovec"] = _check(arrays, "lk_ovec", (len(v["lk_ometa"]), L), np.uint8)
+    return v
+
+
+def _check_values(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Every value the engine will index with (cycles, slices, planes, queues, links) in range."""
+    cfg = eng.cfg
+    nq, ns = len(cfg.queues), cfg.mem_slices
+    check_range("array 'notifies'", v["notifies"], 0, LIM)
+    _check_queues(eng, v["queues"], len(v["notifies"]))
+    for k in _STATS:
+        check_range(f"array 'stats_{k}'", v["stats_" + k], 0, LIM)
+    P, S, NQ, NACC, NP = cfg.positions, cfg.streams_per_direction, nq, cfg.mxm_accumulators, cfg.mxm_planes
+    _check_cols("st_pmeta", v["st_pmeta"], ("cycle", 0, LIM), ("direction", 0, 1), ("position", 0, P - 1),
+                ("stream", 0, S - 1), ("writer queue", 0, NQ - 1))
+    _check_cols("mem_pmeta", v["mem_pmeta"], ("cycle", 0, LIM), ("slice", 0, ns - 1))
+    check_range("array 'mem_paddr' (pending write address)", v["mem_paddr"], 0, cfg.addresses_per_slice - 1)
+    _check_cols("mem_banks", v["mem_banks"], ("slice", 0, ns - 1), ("bank", 0, cfg.banks_per_slice - 1))
+    _check_cols("lt_pmeta", v["lt_pmeta"], ("cycle", 0, LIM), ("ALU", 0, cfg.vxm_alus_per_lane - 1))
+    dts = (dt.get("int8").code, dt.get("float16").code)
+    check_range("array 'mx_array_dt' (installed dtype code, -1: none)", v["mx_array_dt"], -1, -1, also=dts)
+    _check_cols("mx_imeta", v["mx_imeta"], ("plane", 0, NP - 1), ("cycle", 0, LIM),
+                ("dtype code", dts[0], dts[0], dts))
+    _check_cols("mx_pmeta", v["mx_pmeta"], ("cycle", 0, LIM), ("plane", 0, NP - 1), ("accumulator", 0, NACC - 1),
+                ("add flag", 0, 1), ("dtype code", dts[0], dts[0], dts))
+    _check_cols("mx_macs_in_cycle", v["mx_macs_in_cycle"], ("cycle", 0, LIM), ("MACs", 0, LIM))
+    for k in ("mx_busy_until", "mx_macs", "mx_busy"):
+        check_range(f"array {k!r}", v[k], 0, LIM)
+    _check_cols("sx_use", v["sx_use"], ("cycle", 0, LIM), ("hemisphere", 0, 1),
+                ("resource", 0, len(isa.SXM_RESOURCES) - 1), ("units in use", 0, 2 ** 31 - 1))
+    lk_state = v["lk_state"]
+    check_range("array 'lk_state'[0] (link busy until)", lk_state[0], 0, LIM)
+    check_range("array 'lk_state'[1] (link ready, -1: never deskewed)", lk_state[1], -1, LIM)
+    check_range("array 'lk_state'[2:] (vectors sent, received)", lk_state[2:], 0, LIM)
+    _check_cols("lk_imeta", v["lk_imeta"], ("link", 0, cfg.c2c_links - 1), ("arrival cycle", 0, LIM))
+    _check_cols("lk_ometa", v["lk_ometa"], ("link", 0, cfg.c2c_links - 1), ("send cycle", 0, LIM),
+                ("arrival cycle", 0, LIM))
+
+
+def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Replace the engine's state (the program must already be loaded): every array and scalar is
+    checked before anything changes, then each unit takes back its part."""
     try:
-        q = _check(arrays, "queues", (nq, len(_Q)), np.int64)
-        sram = _check(arrays, "sram", eng.mem.sram.shape, np.uint8)
-        st_data = _check(arrays, "st_data", eng.streams.data.shape, np.uint8)
-        st_valid = _check(arrays, "st_valid", eng.streams.valid.shape, bool)
-        lt_bits = _check(arrays, "lt_bits", eng.latches.bits.shape, np.uint32)
-        lt_valid = _check(arrays, "lt_valid", eng.latches.valid.shape, bool)
-        stats = {k: _check(arrays, "stats_" + k, (nq if k in ("issued", "icu") else ns,), np.int64)
-                 for k in ("issued", "icu", "bytes_read", "bytes_written")}
-        mx_buffer = _check(arrays, "mx_buffer", (NP, R, L), np.uint8)
-        mx_array = _check(arrays, "mx_array", (NP, R, L), np.uint8)
-        mx_array_dt = _check(arrays, "mx_array_dt", (NP,), np.int64)
-        mx_acc = _check(arrays, "mx_acc", (NP, cfg.mxm_accumulators, L), np.uint32)
-        mx_busy_until = _check(arrays, "mx_busy_until", (NP,), np.int64)
-        mx_macs = _check(arrays, "mx_macs", (NP,), np.int64)
-        mx_busy = _check(arrays, "mx_busy", (NP,), np.int64)
-        notifies = _check(arrays, "notifies", None, np.int64)
-        if notifies.ndim != 1:
-            raise SnapshotError(f"snapshot array 'notifies' has shape {list(notifies.shape)}, expected [n]")
-        st_pmeta, mem_pmeta = _rows_of(arrays, "st_pmeta", 5), _rows_of(arrays, "mem_pmeta", 2)
-        lt_pmeta, mx_imeta = _rows_of(arrays, "lt_pmeta", 2), _rows_of(arrays, "mx_imeta", 3)
-        mx_pmeta, mic = _rows_of(arrays, "mx_pmeta", 5), _rows_of(arrays, "mx_macs_in_cycle", 2)
-        sx_use, mem_banks = _rows_of(arrays, "sx_use", 4), _rows_of(arrays, "mem_banks", 2)
-        st_pvec = _check(arrays, "st_pvec", (len(st_pmeta), L), np.uint8)
-        mem_paddr = _check(arrays, "mem_paddr", (len(mem_pmeta), SL), np.int64)
-        mem_pdata = _check(arrays, "mem_pdata", (len(mem_pmeta), L), np.uint8)
-        lt_pbits = _check(arrays, "lt_pbits", (len(lt_pmeta), L), np.uint32)
-        mx_ibytes = _check(arrays, "mx_ibytes", (len(mx_imeta), R, L), np.uint8)
-        mx_pres = _check(arrays, "mx_pres", (len(mx_pmeta), L), np.uint32)
-        lk_state = _check(arrays, "lk_state", (4, cfg.c2c_links), np.int64)
-        lk_imeta, lk_ometa = _rows_of(arrays, "lk_imeta", 2), _rows_of(arrays, "lk_ometa", 3)
-        lk_ivec = _check(arrays, "lk_ivec", (len(lk_imeta), L), np.uint8)
-        lk_ovec = _check(arrays, "lk_ovec", (len(lk_ometa), L), np.uint8)
+        v = _read_arrays(eng, arrays)
         t, cycle, last_effect = int(scalars["t"]), int(scalars["cycle"]), int(scalars["last_effect"])
         done, peak = bool(scalars["done"]), int(scalars["mx_peak"])
         _check_scalars(t, cycle, last_effect, int(scalars["done"]), peak)
-        check_range("array 'notifies'", notifies, 0, LIM)
-        _check_queues(eng, q, len(notifies))
-        for k, v in stats.items():
-            check_range(f"array 'stats_{k}'", v, 0, LIM)
-        P, S, NQ, NACC = cfg.positions, cfg.streams_per_direction, nq, cfg.mxm_accumulators
-        _check_cols("st_pmeta", st_pmeta, ("cycle", 0, LIM), ("direction", 0, 1), ("position", 0, P - 1),
-                    ("stream", 0, S - 1), ("writer queue", 0, NQ - 1))
-        _check_cols("mem_pmeta", mem_pmeta, ("cycle", 0, LIM), ("slice", 0, ns - 1))
-        check_range("array 'mem_paddr' (pending write address)", mem_paddr, 0, cfg.addresses_per_slice - 1)
-        _check_cols("mem_banks", mem_banks, ("slice", 0, ns - 1), ("bank", 0, cfg.banks_per_slice - 1))
-        _check_cols("lt_pmeta", lt_pmeta, ("cycle", 0, LIM), ("ALU", 0, cfg.vxm_alus_per_lane - 1))
-        dts = (dt.get("int8").code, dt.get("float16").code)
-        check_range("array 'mx_array_dt' (installed dtype code, -1: none)", mx_array_dt, -1, -1, also=dts)
-        _check_cols("mx_imeta", mx_imeta, ("plane", 0, NP - 1), ("cycle", 0, LIM), ("dtype code", dts[0], dts[0], dts))
-        _check_cols("mx_pmeta", mx_pmeta, ("cycle", 0, LIM), ("plane", 0, NP - 1), ("accumulator", 0, NACC - 1),
-                    ("add flag", 0, 1), ("dtype code", dts[0], dts[0], dts))
-        _check_cols("mx_macs_in_cycle", mic, ("cycle", 0, LIM), ("MACs", 0, LIM))
-        for k, v in (("mx_busy_until", mx_busy_until), ("mx_macs", mx_macs), ("mx_busy", mx_busy)):
-            check_range(f"array {k!r}", v, 0, LIM)
-        _check_cols("sx_use", sx_use, ("cycle", 0, LIM), ("hemisphere", 0, 1),
-                    ("resource", 0, len(isa.SXM_RESOURCES) - 1), ("units in use", 0, 2 ** 31 - 1))
-        check_range("array 'lk_state'[0] (link busy until)", lk_state[0], 0, LIM)
-        check_range("array 'lk_state'[1] (link ready, -1: never deskewed)", lk_state[1], -1, LIM)
-        check_range("array 'lk_state'[2:] (vectors sent, received)", lk_state[2:], 0, LIM)
-        _check_cols("lk_imeta", lk_imeta, ("link", 0, cfg.c2c_links - 1), ("arrival cycle", 0, LIM))
-        _check_cols("lk_ometa", lk_ometa, ("link", 0, cfg.c2c_links - 1), ("send cycle", 0, LIM),
-                    ("arrival cycle", 0, LIM))
+        _check_values(eng, v)
     except SnapshotError:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise SnapshotError(f"snapshot state is incomplete or malformed: {type(e).__name__}: {e}") from None
-
     eng._restart()
+    _restore_icu(eng, v)
+    eng.t, eng.cycle, eng.last_effect, eng.done, eng.error = t, cycle, last_effect, done, None
+    _restore_streams_mem_latches(eng, v)
+    _restore_mxm(eng, v, peak)
+    eng.sxm.use = {(c, h, isa.SXM_RESOURCES[r]): n for c, h, r, n in v["sx_use"].tolist()}
+    _restore_links(eng, v)
+
+
+def _restore_icu(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+    """The instruction queues, pending Notifies and per-queue / per-slice counters."""
     eng.queues = []
-    for info, row in zip(cfg.queues, q):
+    for info, row in zip(eng.cfg.queues, v["queues"]):
         qs = QueueState(info, eng._lists[info.index])
         pc, nx, rep, rl, rk, rd, rs, syncs, wait, sc = (int(x) for x in row)
         qs.pc, qs.next = pc, (INF if nx < 0 else nx)
@@ -270,53 +308,63 @@ def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[
         qs.rep_left, qs.rep_k, qs.rep_d, qs.rep_stride = rl, rk, rd, rs
         qs.syncs, qs.wait_for, qs.sync_cycle = syncs, (None if wait < 0 else wait), sc
         eng.queues.append(qs)
-    eng.notifies = [int(x) for x in notifies]
-    eng.t, eng.cycle, eng.last_effect, eng.done, eng.error = t, cycle, last_effect, done, None
-    for k, v in stats.items():
-        setattr(eng, "stats_" + k, v.copy())
+    eng.notifies = [int(x) for x in v["notifies"]]
+    for k in _STATS:
+        setattr(eng, "stats_" + k, v["stats_" + k].copy())
+
+
+def _restore_streams_mem_latches(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+    """Stream registers, SRAM and the VXM's ALU latches, with their pending writes."""
     st = eng.streams
-    st.data[...] = st_data
-    st.valid[...] = st_valid
+    st.data[...] = v["st_data"]
+    st.valid[...] = v["st_valid"]
     st.pending = {}
-    for (c, d, pos, s, w), vec in zip(st_pmeta.tolist(), st_pvec):
+    for (c, d, pos, s, w), vec in zip(v["st_pmeta"].tolist(), v["st_pvec"]):
         st.pending.setdefault(c, []).append((d, pos, s, w, vec.copy()))
     m = eng.mem
-    m.sram[...] = sram
+    m.sram[...] = v["sram"]
     m.pending = {}
-    for (c, g), ad, vec in zip(mem_pmeta.tolist(), mem_paddr, mem_pdata):
+    for (c, g), ad, vec in zip(v["mem_pmeta"].tolist(), v["mem_paddr"], v["mem_pdata"]):
         m.pending.setdefault(c, []).append((g, [int(x) for x in ad], vec.copy()))
     m.banks_written = {}
-    for g, b in mem_banks.tolist():
+    for g, b in v["mem_banks"].tolist():
         m.banks_written.setdefault(g, set()).add(b)
     lt = eng.latches
-    lt.bits[...] = lt_bits
-    lt.valid[...] = lt_valid
+    lt.bits[...] = v["lt_bits"]
+    lt.valid[...] = v["lt_valid"]
     lt.pending = {}
-    for (c, alu), b in zip(lt_pmeta.tolist(), lt_pbits):
+    for (c, alu), b in zip(v["lt_pmeta"].tolist(), v["lt_pbits"]):
         lt.pending.setdefault(c, []).append((alu, b.copy()))
+
+
+def _restore_mxm(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]], peak: int) -> None:
+    """The MXM planes' buffers, installed weights, accumulators, pending installs and products."""
     mx = eng.mxm
     for i, p in enumerate(mx.planes):
-        p.buffer[...] = mx_buffer[i]
-        code = int(mx_array_dt[i])
-        p.array, p.dtype = (None, None) if code < 0 else (mx_array[i].copy(), dt.get(code))
-        p.acc[...] = mx_acc[i]
-        p.busy_until = int(mx_busy_until[i])
+        p.buffer[...] = v["mx_buffer"][i]
+        code = int(v["mx_array_dt"][i])
+        p.array, p.dtype = (None, None) if code < 0 else (v["mx_array"][i].copy(), dt.get(code))
+        p.acc[...] = v["mx_acc"][i]
+        p.busy_until = int(v["mx_busy_until"][i])
         p.installs = []
-    for (i, c, code), b in zip(mx_imeta.tolist(), mx_ibytes):
+    for (i, c, code), b in zip(v["mx_imeta"].tolist(), v["mx_ibytes"]):
         mx.planes[i].installs.append((c, b.copy(), dt.get(code)))
     mx.pending = {}
-    for (c, p, acc, add, code), r in zip(mx_pmeta.tolist(), mx_pres):
-        mx.pending.setdefault(c, []).append((p, acc, add, dt.get(code), r.copy()))
-    mx.macs, mx.busy = mx_macs.copy(), mx_busy.copy()
-    mx.macs_in_cycle = {c: n for c, n in mic.tolist()}
+    for (c, p_, acc, add, code), r in zip(v["mx_pmeta"].tolist(), v["mx_pres"]):
+        mx.pending.setdefault(c, []).append((p_, acc, add, dt.get(code), r.copy()))
+    mx.macs, mx.busy = v["mx_macs"].copy(), v["mx_busy"].copy()
+    mx.macs_in_cycle = {c: n for c, n in v["mx_macs_in_cycle"].tolist()}
     mx.peak = peak
-    eng.sxm.use = {(c, h, isa.SXM_RESOURCES[r]): n for c, h, r, n in sx_use.tolist()}
-    lk = eng.links
+
+
+def _restore_links(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+    """The C2C links' state and the vectors in flight."""
+    cfg, lk, lk_state = eng.cfg, eng.links, v["lk_state"]
     lk.reset()
     lk.busy_until, lk.ready = lk_state[0].tolist(), lk_state[1].tolist()
     lk.sent, lk.received = lk_state[2].copy(), lk_state[3].copy()
-    for (k, arr), v in zip(lk_imeta.tolist(), lk_ivec):
+    for (k, arr), vec in zip(v["lk_imeta"].tolist(), v["lk_ivec"]):
         if not 0 <= k < cfg.c2c_links:
             raise SnapshotError(f"snapshot inbox entry names link {k}")
-        lk.inbox[k].append((arr, v.copy()))
-    lk.outbox = [(k, c, arr, v.copy()) for (k, c, arr), v in zip(lk_ometa.tolist(), lk_ovec)]
+        lk.inbox[k].append((arr, vec.copy()))
+    lk.outbox = [(k, c, arr, vec.copy()) for (k, c, arr), vec in zip(v["lk_ometa"].tolist(), v["lk_ovec"])]
