@@ -56,8 +56,15 @@ _Legal = Set[Tuple[int, Tuple[int, ...]]]
 class Instruction:
     """One encoded instruction: an ISA table entry and its operand values."""
 
+    # no per-instance dict: a compiled decode step holds a million of these, and the loader reads
+    # both fields of each (Python 3.9 has no dataclass(slots=True))
+    __slots__ = ("op", "args")
     op: isa.Op
     args: Tuple[int, ...]
+
+    def __reduce__(self) -> Tuple[Any, Tuple[isa.Op, Tuple[int, ...]]]:
+        # frozen with slots: pickle and copy rebuild through __init__, not by setting attributes
+        return (Instruction, (self.op, self.args))
 
     def __getitem__(self, name: str) -> int:
         return self.args[self.op.field_index(name)]
