@@ -20,9 +20,9 @@ from .config import ChipConfig
 
 # marker name -> (page, relative to the checkout's root; the function that writes its body)
 SECTIONS: Dict[str, Tuple[str, Callable[[], str]]] = {
-    "isa": ("README.md", isa.reference_markdown),
-    "config": ("README.md", ChipConfig.describe),
-    "bounds": ("README.md", latency_markdown),
+    "isa": ("docs/reference/isa.md", isa.reference_markdown),
+    "config": ("docs/reference/chip-parameters.md", ChipConfig.describe),
+    "bounds": ("docs/guide/compiler.md", latency_markdown),
 }
 
 

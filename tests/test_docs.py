@@ -49,3 +49,10 @@ def test_every_python_block_is_found_and_skips_say_why():
 def test_readme_has_the_two_commands():
     text = (ROOT / "README.md").read_text()
     assert 'pip install -e ".[test]"' in text and "python -m pytest" in text
+
+
+def test_readme_links_into_the_docs_resolve():
+    """README is not built by Sphinx (which checks the guide's links): its relative links are checked here."""
+    links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / "README.md").read_text())
+    local = [x for x in links if "://" not in x]
+    assert local and all((ROOT / x).exists() for x in local), [x for x in local if not (ROOT / x).exists()]
