@@ -3,7 +3,7 @@
     python examples/mlp.py [--config groqchip1|small|tiny] [--engine fast|reference]
 
 y = gelu(x @ W1 + b1) @ W2 + b2 with float16 weights and activations; the MXM
-multiplies float16 exactly and accumulates in float32 (see README, "MXM numerics"),
+multiplies float16 exactly and accumulates in float32 (see docs/guide/mxm-sxm-gemm.md),
 the VXM does the bias and GELU in float32 and rounds to float16 once per operation.
 """
 

@@ -296,7 +296,7 @@ class Chip:
         self._eng.set_state(snap.scalars, arrays)
 
     def counters(self) -> Dict[str, npt.NDArray[np.int64]]:
-        """The engine's raw statistics, name -> int64 array (copies; :meth:`stats` summarises them):
+        """The engine's raw statistics, name -> int64 array (copies; ``stats()`` summarises them):
         ``issued`` and ``icu`` per queue, ``bytes_read`` and ``bytes_written`` per MEM slice,
         ``mxm_macs`` and ``mxm_busy`` (cycles) per MXM plane, ``mxm_peak_macs`` ([1]: the most MACs
         started in one cycle), ``c2c_sent`` and ``c2c_received`` (vectors) per link."""

@@ -62,7 +62,7 @@ but the address space must still be reservable in one piece."""
 
 MAX_CHIP_MEMORY = 4 << 30
 """Default limit on the host memory one :class:`~lpucore.Chip` commits when it is built
-(:meth:`ChipConfig.host_memory`): 4 GiB, about 130 times a GroqChip's (about 30 MiB besides its
+(:meth:`lpucore.ChipConfig.host_memory`): 4 GiB, about 130 times a GroqChip's (about 30 MiB besides its
 SRAM).  Raise it with the environment variable ``LPUCORE_MAX_CHIP_MEMORY`` (bytes, or a number
 with a K/M/G/T suffix: powers of 1,024; ``0`` or ``none``: no limit) or ``Chip(max_memory=...)``."""
 
@@ -345,7 +345,7 @@ class ChipConfig:
 
     def check_host_memory(self, limit: Optional[int] = None) -> int:
         """Raise ConfigError if a Chip of this configuration would commit more host memory than
-        ``limit`` bytes (None: ``LPUCORE_MAX_CHIP_MEMORY`` or :data:`MAX_CHIP_MEMORY`; 0: no limit).
+        ``limit`` bytes (None: ``LPUCORE_MAX_CHIP_MEMORY`` or :data:`~lpucore.config.MAX_CHIP_MEMORY`; 0: no limit).
         Returns the estimate (:meth:`host_memory`, summed)."""
         parts = self.host_memory()
         total = sum(parts.values())
@@ -586,7 +586,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(ChipConfig)}
 def memory_limit() -> int:
     """The host-memory limit per chip in bytes (0: none): ``LPUCORE_MAX_CHIP_MEMORY`` if set
     (bytes, or with a K/M/G/T suffix in powers of 1,024; ``0`` or ``none``: no limit), else
-    :data:`MAX_CHIP_MEMORY`."""
+    :data:`~lpucore.config.MAX_CHIP_MEMORY`."""
     text = os.environ.get(MEMORY_ENV)
     if text is None or not text.strip():
         return MAX_CHIP_MEMORY

@@ -12,7 +12,7 @@ Two engines simulate the same machine bit for bit and cycle for cycle:
 specification) and ``"fast"`` (lpucore._engine.FastEngine, Cython).  Both satisfy
 :class:`Engine`; ``Chip`` talks to them only through it and never asks which one it has.
 Cycles are chip cycles, addresses count vectors, a vector is ``lanes`` bytes, slices are
-global MEM slice ids (:meth:`ChipConfig.slice_id`).
+global MEM slice ids (:meth:`lpucore.ChipConfig.slice_id`).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Engine(Protocol):
 
 
 def make_engine(name: str, config: ChipConfig, fp16_mxm: str = "exact") -> Engine:
-    """Instantiate an engine by name (:data:`ENGINES`).  The fast engine never falls back silently:
+    """Instantiate an engine by name (:data:`lpucore.ENGINES`).  The fast engine never falls back silently:
     EngineUnavailableError if it is not built; LpuError for an unknown name or an fp16_mxm mode the
     engine lacks."""
     if name == "reference":

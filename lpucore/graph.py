@@ -498,7 +498,7 @@ class Graph:
 
     # ---- between chips ----------------------------------------------------------------------------------
     def allgather(self, x, group: int) -> Tensor:
-        """[group, *x.shape]: block r is x as chip r of the group computed it.  For graphs
+        """``[group, *x.shape]``: block r is x as chip r of the group computed it.  For graphs
         that one program per chip of a group runs (as the tensor-parallel partitioner
         makes them); such a graph compiles only for a system."""
         x = self._t("allgather", x)

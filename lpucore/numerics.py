@@ -17,8 +17,8 @@ step for step, so the two are bit-identical.  Rules:
   move raw bits untouched.
 * Transcendental functions are fixed sequences of float32 operations
   (:func:`exp_f32`, :func:`tanh_f32`, :func:`sigmoid_f32`); their accuracy
-  against float64 is measured by ``tests/test_numerics.py`` and listed in the
-  README.
+  against float64 is measured by ``tests/test_numerics.py`` and listed in
+  docs/guide/numerics.md.
 """
 
 from __future__ import annotations

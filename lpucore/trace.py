@@ -71,7 +71,7 @@ class Recorder:
         self.records = 0
 
     def record(self, chip, max_cycles: Optional[int] = None, until: Optional[int] = None):
-        """Run ``chip`` like :meth:`Chip.run`, tracing the window; returns the run's stats."""
+        """Run ``chip`` like :meth:`lpucore.Chip.run`, tracing the window; returns the run's stats."""
         cfg, prog = chip.config, chip.program
         stop = _stop(chip, max_cycles, until)
         names = [q.name for q in cfg.queues]

@@ -139,7 +139,7 @@ def test_bad_field_in_assembly(case):
 
 
 def test_describe_shows_ranges():
-    """describe() (the README's table) shows every field's range."""
+    """describe() (the table of docs/reference/chip-parameters.md) shows every field's range."""
     text = ChipConfig.describe()
     assert "| range |" in text
     for f in dataclasses.fields(ChipConfig):

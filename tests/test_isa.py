@@ -94,9 +94,17 @@ def test_engine_codes_match_python_definitions():
     assert kinds <= set(errors.ENGINE_ERRORS)
 
 
-def test_readme_generated_sections_are_current():
-    text = (ROOT / "README.md").read_text()
-    assert _docs.render(text) == text, "README.md is stale: run `python -m lpucore._docs`"
+def test_generated_doc_sections_are_current():
+    """The ISA reference, the chip-parameter table and the bounds table in the docs are the tables'."""
+    assert _docs.stale() == [], "stale documentation pages: run `python -m lpucore._docs`"
+
+
+def test_a_changed_table_makes_its_page_stale(monkeypatch):
+    for name, (page, fn) in list(_docs.SECTIONS.items()):
+        monkeypatch.setitem(_docs.SECTIONS, name, (page, lambda fn=fn: fn() + "\n| a new row |"))
+        assert _docs.stale() == [ROOT / page], name
+        monkeypatch.setitem(_docs.SECTIONS, name, (page, fn))
+    assert _docs.main(["--check"]) == 0
 
 
 def test_compiled_engine_is_built_from_these_sources():

@@ -1,4 +1,4 @@
-"""Tests and the README use the public API only: a Chip's engine is ``chip.engine`` (an
+"""Tests, the README and the docs use the public API only: a Chip's engine is ``chip.engine`` (an
 ``lpucore.engine.Engine``), its memory ``chip.memory()``, its statistics ``chip.counters()``.
 Reaching into private attributes of chips, engines, caches or decoders again fails here, so
 that the engines' insides can change without rewriting the tests."""
@@ -26,7 +26,8 @@ PRIVATE = [
 
 
 def _sources():
-    for p in sorted((ROOT / "tests").glob("*.py")) + [ROOT / "README.md"]:
+    docs = sorted(p for p in (ROOT / "docs").rglob("*.md") if "_build" not in p.parts)
+    for p in sorted((ROOT / "tests").glob("*.py")) + [ROOT / "README.md"] + docs:
         if p.name != Path(__file__).name:
             yield p
 

@@ -6,7 +6,7 @@ worse lowering cannot raise its own bound. ``Compiled.bounds()`` returns them wi
 cycles; the schedule efficiency is the largest bound over the achieved cycles (1.0: the program is
 as fast as the chip allows for this graph, by this measure).
 
-The four bounds (cycles; README "Schedule bounds" has the same formulas, generated from here):
+The four bounds (cycles; docs/guide/compiler.md, "Schedule bounds", has the same formulas, generated from here):
 
 * weight streams: bytes of every matmul's second operand (the one a plane installs as weights)
   over ``mxm_planes x mxm_lw_streams x lanes`` bytes a cycle (the engine's LW rate);
@@ -172,7 +172,7 @@ def graph_bounds(g: Graph, cfg: ChipConfig, cycles: int) -> Bounds:
 
 
 def latency_markdown() -> str:
-    """The latency table for README (generated: tests fail when README differs)."""
+    """The latency table of docs/guide/compiler.md (generated: tests fail when the page differs)."""
     rows = ["| graph operation | latency on a dependent chain (ChipConfig delays) | VXM ops per element |",
             "| --- | --- | --- |"]
     for op, names in LATENCY.items():

@@ -1,4 +1,4 @@
-"""Reference decoder-only LLMs in plain NumPy: the ground truth for models compiled onto the simulated chip.
+"""Reference decoder-only LLMs in plain NumPy: the ground truth for models compiled onto the simulated chip::
 
     ModelConfig, SHAPES, model_config   shapes of the llama, mixtral and gpt2 families (named: gpt2, llama2-7b,
                                         llama3-8b, mixtral-8x7b, ..., and tiny test models)

@@ -343,7 +343,7 @@ class Decoder:
 
     # ---- compile and run -------------------------------------------------------------------------------
     def compile(self) -> Compiled:
-        """Build and compile the step program (once); returns the :class:`~lpucore.compiler.Compiled`."""
+        """Build and compile the step program (once); returns the :class:`~lpucore.Compiled`."""
         if self.chips > 1:
             raise LpuError(f"this Decoder spans {self.chips} chips: run it through decoder.pipeline")
         if self.compiled is None:

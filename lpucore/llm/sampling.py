@@ -60,12 +60,14 @@ def _integer(name: str, v, lo: int, hi: int) -> int:
 class SamplingParams:
     """How tokens are chosen; validated when made (:class:`SamplingError` naming the parameter).
 
-    ``temperature``  0 (the default) is greedy: the argmax, lowest id on ties. Above 0, tokens are drawn from
-                     ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``. Finite, >= 0.
-    ``top_k``        keep the ``top_k`` most likely tokens (0: all). ``top_k=1`` is greedy.
-    ``top_p``        nucleus sampling: keep the fewest most likely tokens whose probabilities (after
-                     ``top_k``) sum to at least ``top_p`` (always at least one token). 0 < top_p <= 1.
-    ``seed``         the random stream's seed (an int >= 0), or None for fresh entropy (not reproducible).
+    Fields::
+
+        ``temperature``  0 (the default) is greedy: the argmax, lowest id on ties. Above 0, tokens are drawn from
+                         ``softmax(logits / temperature)`` restricted by ``top_k`` and ``top_p``. Finite, >= 0.
+        ``top_k``        keep the ``top_k`` most likely tokens (0: all). ``top_k=1`` is greedy.
+        ``top_p``        nucleus sampling: keep the fewest most likely tokens whose probabilities (after
+                         ``top_k``) sum to at least ``top_p`` (always at least one token). 0 < top_p <= 1.
+        ``seed``         the random stream's seed (an int >= 0), or None for fresh entropy (not reproducible).
     """
 
     temperature: float = 0.0

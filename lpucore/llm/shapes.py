@@ -47,26 +47,26 @@ _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
 class ModelConfig:
     """The shape of one decoder-only model.
 
-    Fields (units in brackets):
+    Fields (units in brackets)::
 
-    ``name``            registry or checkpoint name (free text).
-    ``family``          ``"llama"``, ``"mixtral"`` or ``"gpt2"``.
-    ``vocab_size``      number of token ids [tokens]; valid ids are ``0 .. vocab_size - 1``.
-    ``d_model``         width of the residual stream [features].
-    ``n_layers``        number of decoder blocks.
-    ``n_heads``         number of query heads.
-    ``d_ff``            hidden width of one MLP (of one expert for mixtral) [features].
-    ``max_positions``   longest sequence the model accepts [tokens]; positions are ``0 .. max_positions - 1``.
-    ``n_kv_heads``      number of key/value heads (grouped-query attention); ``None`` means ``n_heads`` (MHA).
-                        Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``.
-    ``head_dim``        width of one head [features]; ``None`` means ``d_model // n_heads``.
-    ``norm_eps``        epsilon added to the mean square (RMSNorm) or variance (LayerNorm) [dimensionless].
-    ``rope_theta``      rotary base: pair ``i`` turns by ``position * rope_theta ** (-2 i / head_dim)`` radians.
-                        Llama/mixtral only; ``None`` means 10000. Must be ``None`` for gpt2.
-    ``n_experts``       experts per MoE layer (mixtral); 0 for the other families.
-    ``top_k``           experts each token is routed to (mixtral); 0 for the other families.
-    ``tie_embeddings``  the output head reuses the token embedding ``[vocab, d_model]``; ``None`` means
-                        True for gpt2 and False otherwise.
+        ``name``            registry or checkpoint name (free text).
+        ``family``          ``"llama"``, ``"mixtral"`` or ``"gpt2"``.
+        ``vocab_size``      number of token ids [tokens]; valid ids are ``0 .. vocab_size - 1``.
+        ``d_model``         width of the residual stream [features].
+        ``n_layers``        number of decoder blocks.
+        ``n_heads``         number of query heads.
+        ``d_ff``            hidden width of one MLP (of one expert for mixtral) [features].
+        ``max_positions``   longest sequence the model accepts [tokens]; positions are ``0 .. max_positions - 1``.
+        ``n_kv_heads``      number of key/value heads (grouped-query attention); ``None`` means ``n_heads`` (MHA).
+                            Query head ``h`` reads kv head ``h // (n_heads // n_kv_heads)``.
+        ``head_dim``        width of one head [features]; ``None`` means ``d_model // n_heads``.
+        ``norm_eps``        epsilon added to the mean square (RMSNorm) or variance (LayerNorm) [dimensionless].
+        ``rope_theta``      rotary base: pair ``i`` turns by ``position * rope_theta ** (-2 i / head_dim)`` radians.
+                            Llama/mixtral only; ``None`` means 10000. Must be ``None`` for gpt2.
+        ``n_experts``       experts per MoE layer (mixtral); 0 for the other families.
+        ``top_k``           experts each token is routed to (mixtral); 0 for the other families.
+        ``tie_embeddings``  the output head reuses the token embedding ``[vocab, d_model]``; ``None`` means
+                            True for gpt2 and False otherwise.
     """
 
     # The attributes hold the resolved values: the constructor's ``None`` for n_kv_heads, head_dim and
