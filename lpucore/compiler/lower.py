@@ -24,7 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import dump, fuse, loaded, registry, scatter
+from . import conv, dump, fuse, loaded, registry, scatter
 from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
@@ -245,6 +245,8 @@ class Compiler:
     recv_after: List[int]                   # last receive cycle of each slot
 
     def __init__(self, graph: Graph, cfg: ChipConfig):
+        self.source = graph                       # as given (its bounds); self.g: images rewritten
+        graph = conv.rewrite(graph)
         self.g = graph
         self.cfg = cfg
         self.sched = Scheduler(cfg)
@@ -580,7 +582,7 @@ class Compiler:
                                {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
                                cycles, self.mem.peak_bytes(), self.kernels,
                                {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                               graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts, self.record)
+                               graph_bounds(self.source, self.cfg, cycles), self.tiles, self.row_parts, self.record)
 
     def finish_record(self) -> None:
         """Note the fusion and placement decisions in :attr:`record` (for :meth:`Compiled.dump`)."""
