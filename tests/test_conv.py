@@ -103,7 +103,7 @@ def test_batch_norm_folded_into_the_convolution_and_on_the_vxm():
     g.output("raw", y2)                               # y2 feeds two consumers: not folded
     g.output("vxm", g.batch_norm(y2, *stats, eps=1e-3))
     g.output("direct", g.batch_norm(x, *[s[:3] for s in stats]))
-    h = conv.rewrite(g)
+    h, _ = conv.rewrite(g)
     assert [n.op for n in h.nodes].count("matmul") == 2
     out = run(g, {"x": X})
     raw = convref.conv2d(X, W, None, 1, 1)
@@ -122,9 +122,34 @@ def test_channel_last_images_stay_channel_last_between_layers():
     w = g.constant("w", np.ones((4, 4, 3, 3), F16))
     y = g.relu(g.conv2d(x, w, padding=1)) + g.constant("b", np.ones((4, 1, 1), F16))
     g.output("y", g.conv2d(y, g.constant("w2", np.ones((4, 4, 1, 1), F16))))
-    ops = [n.op for n in conv.rewrite(g).nodes]
+    ops = [n.op for n in conv.rewrite(g)[0].nodes]
     # one window from the NCHW input, none for the 1x1 convolution, one transpose back at the output
     assert ops.count("window") == 1 and ops.count("transpose") == 1 and ops.count("matmul") == 2
+
+
+def test_image_inputs_are_written_channel_last(tmp_path):
+    rng = np.random.default_rng(8)
+    X, W = rand(rng, (2, 3, 5, 4), "int8"), rand(rng, (4, 3, 3, 3), "int8")
+    g = Graph("inp")
+    x = g.input("x", X.shape, "int8")
+    g.output("y", g.conv2d(x, g.constant("w", W), padding=1))
+    v = g.input("v", X.shape, "int8")                  # also read by a non-image operation: stays NCHW
+    g.output("m", g.max_pool2d(v, 2))
+    g.output("n", g.neg(v))
+    h, axes = conv.rewrite(g)
+    assert axes == {"x": (0, 2, 3, 1)} and h.inputs["x"].shape == (2 * 5 * 4, 3)
+    assert [n.attrs["kind"] for n in h.nodes if n.op == "window"] == ["rows", "nchw"]
+    c = lpucore.compile(g, SMALL)
+    assert c.inputs["x"][0] == X.shape and c.input_axes == {"x": (0, 2, 3, 1)}
+    c.save(tmp_path / "c.lpuc")
+    again = lpucore.load_compiled(tmp_path / "c.lpuc")
+    assert again.input_axes == c.input_axes
+    for prog in (c, again):
+        out, _ = lpucore.execute(prog, {"x": X, "v": X}, engine="fast")
+        assert (out["y"] == convref.conv2d(X, W, None, 1, 1)).all()
+        assert (out["m"] == convref.max_pool2d(X, 2)).all() and (out["n"] == -X).all()
+    with pytest.raises(GraphError, match="must be int8"):
+        lpucore.execute(c, {"x": X[:1], "v": X})
 
 
 def test_ops_front_end_and_bounds():
@@ -270,7 +295,8 @@ def test_tiny_resnet_float16():
     gops = {"relu": g.relu, "add": g.add, "max_pool2d": g.max_pool2d, "global_avg_pool2d": g.global_avg_pool2d,
             "flatten": g.flatten, "matmul": lambda a, w: g.matmul(a, g.constant(None, w))}
     g.output("logits", forward(GraphNet(g), g.input("x", X.shape, "float16"), P, gops))
-    assert [n.op for n in conv.rewrite(g).nodes].count("window") == 7     # 6 convs (the 1x1 has stride 2) and the pool
+    # 6 convs (the 1x1 one has stride 2) and the pool
+    assert [n.op for n in conv.rewrite(g)[0].nodes].count("window") == 7
     out = run(g, {"x": X})["logits"]
     nops = {"relu": lambda a: np.maximum(a, F16(0)), "add": lambda a, b: (a + b).astype(F16),
             "max_pool2d": convref.max_pool2d, "global_avg_pool2d": convref.global_avg_pool2d,

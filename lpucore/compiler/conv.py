@@ -11,7 +11,9 @@ compiler already lowers plus one internal layout operation, ``window``:
   operands are such images, per-channel vectors (``[C, 1, 1]``) or scalars (``relu``, a residual
   ``add``, ``cast``, ``quantize`` / ``dequantize`` per tensor, ...) stay channel-last; any other
   consumer gets the NCHW tensor back by a transpose (one lane-move relayout, at the boundary only).
-  An NCHW image from the host (a graph input) is read straight by the first layer's windows.
+  An NCHW graph input read only by image operations is written by the host channel-last (NHWC:
+  a fixed permutation of its bytes, ``Compiled.input_axes``); another one is read straight by
+  the first layer's windows (moving one lane per piece: slow).
 * **Windows formed on the chip, taps and channels packed.**  ``window`` is a layout operation
   (:func:`window_map`, lowered by :func:`lpucore.compiler.lower_more.relayout`): row p of its
   output is, for each tap (kh, kw) in turn, the C channels of the pixel that output position p
@@ -81,12 +83,13 @@ def window_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.nd
     return which, np.where(pad, np.broadcast_to(c, elem.shape), elem).ravel().astype(np.int64)
 
 
-def rewrite(g: Graph) -> Graph:
-    """g itself when it has no image operation, else an equivalent graph of operations the compiler
-    lowers (module docstring)."""
+def rewrite(g: Graph) -> Tuple[Graph, Dict[str, Tuple[int, ...]]]:
+    """(g itself, {}) when g has no image operation, else an equivalent graph of operations the
+    compiler lowers (module docstring) and the inputs the host writes permuted (name -> axes)."""
     if not any(n.op in IMAGE_OPS for n in g.nodes):
-        return g
-    return _Rewriter(g).run()
+        return g, {}
+    r = _Rewriter(g)
+    return r.run(), r.input_axes
 
 
 class _Rewriter:
@@ -104,11 +107,25 @@ class _Rewriter:
         for t in list(g.outputs.values()) + list(g.assigns.values()):
             self.uses[t.id] = self.uses.get(t.id, 0) + 2
         self.folds = {g.producer[n.inputs[0]].output: n for n in g.nodes if self._foldable(n)}
+        self.input_axes: Dict[str, Tuple[int, ...]] = {}
+
+    def _image_input(self, t: Tensor) -> bool:
+        """t is an NCHW graph input read only as the image of image operations (not flatten): the
+        host writes it channel-last (NHWC, a fixed permutation of its bytes) instead of NCHW."""
+        readers = [n for n in self.g.nodes if t.id in n.inputs]
+        return (t.ndim == 4 and self.uses.get(t.id, 0) == len(readers) > 0
+                and all(n.op in IMAGE_OPS and n.op != "flatten" and n.inputs.count(t.id) == 1
+                        and n.inputs[0] == t.id for n in readers))
 
     def run(self) -> Graph:
         g, h = self.g, self.h
         for name, t in g.inputs.items():
-            self.plain_of[t.id] = h.input(name, t.shape, t.dtype)
+            if self._image_input(t):
+                N, C, H, W = t.shape
+                self.cl[t.id] = (h.input(name, (N * H * W, C), t.dtype), t.shape)
+                self.input_axes[name] = (0, 2, 3, 1)
+            else:
+                self.plain_of[t.id] = h.input(name, t.shape, t.dtype)
         for name, t in g.states.items():
             self.plain_of[t.id] = h.state(name, t.shape, t.dtype, init=g.state_init[t.id])
         for n in g.nodes:
