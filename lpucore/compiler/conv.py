@@ -152,7 +152,10 @@ class _Rewriter:
             got = self.h.constant(self.g.constant_names.get(tid), arr)
         else:
             x, (N, C, H, W) = self.cl[tid]
-            got = self.h.transpose(self.h.reshape(x, (N, H, W, C)), (0, 3, 1, 2))
+            if H * W == 1:                        # [N, C, 1, 1]: the same elements in the same order
+                got = self.h.reshape(x, (N, C, H, W))
+            else:
+                got = self.h.transpose(self.h.reshape(x, (N, H, W, C)), (0, 3, 1, 2))
         self.plain_of[tid] = got
         return got
 
@@ -221,7 +224,12 @@ class _Rewriter:
     def _global_avg_pool2d(self, n: Node, t: Tensor) -> None:
         N, C, H, W = self.g.tensors[n.inputs[0]].shape
         x = self.channel_last(n.inputs[0])
-        rows = x if H * W == 1 else self.h.mean(self.h.reshape(x, (N, H * W, C)), axis=-2)
+        if H * W == 1:
+            rows = x
+        elif N == 1:                              # the rows are the one image's: no reshape (a copy)
+            rows = self.h.mean(x, axis=-2, keepdims=True)
+        else:
+            rows = self.h.mean(self.h.reshape(x, (N, H * W, C)), axis=-2)
         self.cl[t.id] = (rows, t.shape)
 
     def _batch_norm(self, n: Node, t: Tensor) -> None:
