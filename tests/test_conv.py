@@ -227,8 +227,11 @@ def test_conv2d_random_geometries(geo):
     x = g.input("x", X.shape, dtype)
     kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"], groups=geo["groups"])
     g.output("y", g.conv2d(x, g.constant("w", Wt), None if B is None else g.constant("b", B), **kw))
-    if dtype == "float16":
-        g.output("p", g.max_pool2d(x, geo["k"], geo["stride"], (geo["k"][0] // 2, geo["k"][1] // 2), geo["dilation"]))
+    k = geo["k"]
+    pp = (min(geo["padding"][0], k[0] // 2), min(geo["padding"][1], k[1] // 2))      # a pool pads at most k / 2
+    pool = dtype == "float16" and min(convref.out_size(geo["H"], geo["W"], k, geo["stride"], pp, geo["dilation"])) >= 1
+    if pool:
+        g.output("p", g.max_pool2d(x, k, geo["stride"], pp, geo["dilation"]))
     out = run(g, {"x": X})
     ref = convref.conv2d(X, Wt, B, geo["stride"], geo["padding"], geo["dilation"], geo["groups"])
     if dtype == "int8":
@@ -236,8 +239,8 @@ def test_conv2d_random_geometries(geo):
     else:
         close16(out["y"], ref, convref.conv2d_bound(X, Wt, ref, geo["stride"], geo["padding"], geo["dilation"],
                                                     geo["groups"]))
-        k = geo["k"]
-        assert (out["p"] == convref.max_pool2d(X, k, geo["stride"], (k[0] // 2, k[1] // 2), geo["dilation"])).all()
+    if pool:
+        assert (out["p"] == convref.max_pool2d(X, k, geo["stride"], pp, geo["dilation"])).all()
 
 
 # ---- a tiny ResNet end to end ---------------------------------------------------------------------------
