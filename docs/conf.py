@@ -76,6 +76,7 @@ nitpick_ignore = [
     ("py:func", "plan_stages"),
     ("py:meth", "to_json"),
     ("py:mod", "lpucore.compiler.bounds"),
+    ("py:mod", "lpucore.compiler.conv"),
     ("py:mod", "lpucore.compiler.dump"),
     ("py:mod", "lpucore.compiler.emit"),
     ("py:mod", "lpucore.compiler.gemm"),

@@ -460,6 +460,129 @@ class Graph:
                              f"{positions.dtype.name}{list(positions.shape)}")
         return self._node("rope", [x, positions], x.shape, x.dtype, base=float(base))
 
+    # ---- convolution and pooling (NCHW, PyTorch conventions; lowered by compiler.conv) -------------------
+    def _image(self, op, x) -> Tensor:
+        x = self._t(op, x)
+        if x.ndim != 4:
+            raise GraphError(f"{op}: x must be a 4-d NCHW tensor [N, C, H, W], got {list(x.shape)}")
+        return x
+
+    def conv2d(self, x, w, bias=None, stride=1, padding=0, dilation=1, groups: int = 1) -> Tensor:
+        """2-d convolution (PyTorch ``conv2d``): x [N, C_in, H, W], w [C_out, C_in / groups, kH, kW]
+        (a constant: its values are packed at compile time), bias [C_out] or None; stride,
+        padding (zeros) and dilation an int or an (h, w) pair.  int8 x int8 gives int32
+        (the MXM's accumulators; bias then int32), float16 gives float16.  Lowered as matrix
+        products over windows gathered on the chip (:mod:`lpucore.compiler.conv`)."""
+        x = self._image("conv2d", x)
+        w = self._t("conv2d", w)
+        if w.ndim != 4 or w.id not in self.constants:
+            raise GraphError(f"conv2d: w must be a 4-d constant [C_out, C_in / groups, kH, kW], got {w}")
+        if x.dtype != w.dtype or x.dtype.name not in ("int8", "float16"):
+            raise GraphError(f"conv2d: x and w must both be int8 or both float16, got {x.dtype.name} "
+                             f"and {w.dtype.name}")
+        groups = int(groups)
+        N, C, H, W = x.shape
+        Co, Cg, kh, kw = w.shape
+        if groups < 1 or C % groups or Co % groups or Cg * groups != C:
+            raise GraphError(f"conv2d: groups={groups} does not fit C_in={C}, C_out={Co} and w {list(w.shape)}")
+        geo = self._geometry("conv2d", x, (kh, kw), stride, padding, dilation)
+        od = dt.INT32 if x.dtype.name == "int8" else x.dtype
+        ins = [x, w]
+        if bias is not None:
+            b = self._t("conv2d", bias)
+            if b.shape != (Co,) or b.dtype != od:
+                raise GraphError(f"conv2d: bias must be {od.name}[{Co}], got {b.dtype.name}{list(b.shape)}")
+            ins.append(b)
+        return self._node("conv2d", ins, (N, Co) + geo["out"], od, groups=groups, **geo["attrs"])
+
+    def _geometry(self, op, x, kernel, stride, padding, dilation, ceil: bool = False) -> Dict[str, Any]:
+        """Check a window's geometry (ints or (h, w) pairs): {"attrs": node attributes, "out": (Ho, Wo)}."""
+        def pair(name, v, lo):
+            p = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
+            if len(p) != 2 or not all(isinstance(a, (int, np.integer)) and a >= lo for a in p):
+                raise GraphError(f"{op}: {name} must be an int >= {lo} or a pair of them, got {v!r}")
+            return tuple(int(a) for a in p)
+        k, s = pair("kernel_size", kernel, 1), pair("stride", stride, 1)
+        p, d = pair("padding", padding, 0), pair("dilation", dilation, 1)
+        H, W = x.shape[2:]
+        out = tuple((n + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i, n in enumerate((H, W)))
+        if min(out) < 1:
+            raise GraphError(f"{op}: a {k[0]}x{k[1]} window (dilation {d}, padding {p}) does not fit "
+                             f"a {H}x{W} image")
+        return {"attrs": {"kernel": k, "stride": s, "padding": p, "dilation": d}, "out": out}
+
+    def max_pool2d(self, x, kernel_size, stride=None, padding=0, dilation=1) -> Tensor:
+        """Max pooling (PyTorch ``max_pool2d``, floor mode; stride defaults to the kernel size;
+        padding at most half the kernel, pads never win)."""
+        x = self._image("max_pool2d", x)
+        geo = self._geometry("max_pool2d", x, kernel_size, kernel_size if stride is None else stride,
+                             padding, dilation)
+        k, p = geo["attrs"]["kernel"], geo["attrs"]["padding"]
+        if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+            raise GraphError(f"max_pool2d: padding {p} must be at most half the kernel {k}")
+        return self._node("max_pool2d", [x], x.shape[:2] + geo["out"], x.dtype, **geo["attrs"])
+
+    def avg_pool2d(self, x, kernel_size, stride=None, padding=0, count_include_pad: bool = True) -> Tensor:
+        """Average pooling (PyTorch ``avg_pool2d``, floor mode, float tensors); pads count as zeros
+        unless ``count_include_pad=False``."""
+        x = self._image("avg_pool2d", x)
+        if not x.dtype.is_float:
+            raise GraphError(f"avg_pool2d: needs a float tensor, got {x.dtype.name}")
+        geo = self._geometry("avg_pool2d", x, kernel_size, kernel_size if stride is None else stride, padding, 1)
+        k, p = geo["attrs"]["kernel"], geo["attrs"]["padding"]
+        if p[0] > k[0] // 2 or p[1] > k[1] // 2:
+            raise GraphError(f"avg_pool2d: padding {p} must be at most half the kernel {k}")
+        return self._node("avg_pool2d", [x], x.shape[:2] + geo["out"], x.dtype,
+                          count_include_pad=bool(count_include_pad), **geo["attrs"])
+
+    def global_avg_pool2d(self, x) -> Tensor:
+        """The mean over H and W of a float NCHW tensor: [N, C, 1, 1] (``adaptive_avg_pool2d(x, 1)``)."""
+        x = self._image("global_avg_pool2d", x)
+        if not x.dtype.is_float:
+            raise GraphError(f"global_avg_pool2d: needs a float tensor, got {x.dtype.name}")
+        return self._node("global_avg_pool2d", [x], x.shape[:2] + (1, 1), x.dtype)
+
+    def batch_norm(self, x, mean, var, gamma=None, beta=None, eps: float = 1e-5) -> Tensor:
+        """Batch normalisation in inference form over the channels of a float NCHW tensor:
+        (x - mean) / sqrt(var + eps) * gamma + beta, each [C].  Folded into the preceding
+        convolution when it can be, else applied on the VXM (:mod:`lpucore.compiler.conv`)."""
+        x = self._image("batch_norm", x)
+        if not x.dtype.is_float:
+            raise GraphError(f"batch_norm: needs a float tensor, got {x.dtype.name}")
+        C = x.shape[1]
+        ones, zeros = np.ones(C, x.dtype.numpy), np.zeros(C, x.dtype.numpy)
+        ins = [x]
+        for name, v in (("mean", mean), ("var", var), ("gamma", ones if gamma is None else gamma),
+                        ("beta", zeros if beta is None else beta)):
+            t = self._t("batch_norm", v, like=x)
+            if t.shape != (C,) or t.dtype != x.dtype:
+                raise GraphError(f"batch_norm: {name} must be {x.dtype.name}[{C}], got {t.dtype.name}{list(t.shape)}")
+            ins.append(t)
+        if not float(eps) > 0:
+            raise GraphError(f"batch_norm: eps must be positive, got {eps}")
+        return self._node("batch_norm", ins, x.shape, x.dtype, eps=float(eps))
+
+    def flatten(self, x, start_dim: int = 1, end_dim: int = -1) -> Tensor:
+        """x with axes start_dim..end_dim merged into one (PyTorch ``flatten``; default: all but the first)."""
+        x = self._t("flatten", x)
+        nd = max(x.ndim, 1)
+        a, b = int(start_dim) % nd, int(end_dim) % nd
+        if not (-nd <= start_dim < nd and -nd <= end_dim < nd) or a > b:
+            raise GraphError(f"flatten: dims {start_dim}..{end_dim} are not a range of a {x.ndim}-d tensor")
+        shape = x.shape[:a] + (int(np.prod(x.shape[a:b + 1])),) + x.shape[b + 1:]
+        return self._node("flatten", [x], shape, x.dtype)
+
+    def _window(self, x, fill, kind: str, apart: bool = False, **attrs) -> Tensor:
+        """Internal (made by :mod:`lpucore.compiler.conv`): the windows of a channel-last image x
+        [N*H*W, C] (``kind="rows"``) or an NCHW one (``"nchw"``): [positions, taps * C] (tap-major),
+        or [positions, taps, C] with ``apart``; pads read from fill [1, C]
+        (:func:`lpucore.convref.window_rows`)."""
+        N, C, H, W = attrs["image"]
+        Ho, Wo = attrs["out"]
+        T = attrs["kernel"][0] * attrs["kernel"][1]
+        shape = (N * Ho * Wo, T, C) if apart else (N * Ho * Wo, T * C)
+        return self._node("window", [x, fill], shape, x.dtype, kind=kind, **attrs)
+
     # ---- quantisation ------------------------------------------------------------------------------------
     def quantize(self, x, scale, zero_point=0, axis: Optional[int] = None) -> Tensor:
         """int8 q = clip(round_half_even(x / scale) + zero_point, -128, 127); per tensor

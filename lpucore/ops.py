@@ -121,3 +121,67 @@ def concat(arrays, axis=0, **kw):
 def slice(x, key, **kw):                  # the Graph method's name
     """x[key] (basic indexing, step 1) on the chip."""
     return _run("slice", [x], {"key": key}, kw.get("config"), kw.get("engine", "fast"), kw.get("stats", False))
+
+
+def _run_image(op: str, x, consts, attrs, kw):
+    """Run image operation ``op`` on x with the arrays ``consts`` as graph constants (a convolution's
+    weights must be: they are packed at compile time); cached by the constants' bytes too."""
+    import hashlib
+
+    from .compiler.api import compile
+    from .compiler.lower import execute
+    cfg = kw.pop("config", None) or ChipConfig.groqchip1()
+    engine, stats = kw.pop("engine", "fast"), kw.pop("stats", False)
+    if kw:
+        raise GraphError(f"{op}: unexpected arguments {sorted(kw)}")
+    x = np.asarray(x)
+    consts = [None if a is None else np.asarray(a) for a in consts]
+    sig = tuple(None if a is None else (a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest()) for a in consts)
+    key = (op, (x.shape, x.dtype.str), sig, tuple(sorted((k, repr(v)) for k, v in attrs.items())), cfg)
+    compiled = _CACHE.get(key)
+    if compiled is None:
+        g = Graph(op)
+        args = [None if a is None else g.constant(None, a) for a in consts]
+        g.output("y", getattr(g, op)(g.input("x0", x.shape, x.dtype), *args, **attrs))
+        compiled = compile(g, cfg)
+        _CACHE[key] = compiled
+    out, st = execute(compiled, {"x0": x}, engine=engine)
+    return (out["y"], st) if stats else out["y"]
+
+
+def conv2d(x, w, bias=None, stride=1, padding=0, dilation=1, groups=1, **kw):
+    """PyTorch conv2d of NCHW x by weights w [C_out, C_in / groups, kH, kW] on the chip (int8 ->
+    int32, float16 -> float16); w and bias are compiled in as constants."""
+    return _run_image("conv2d", x, [w, bias], dict(stride=stride, padding=padding, dilation=dilation,
+                                                   groups=groups), kw)
+
+
+def max_pool2d(x, kernel_size, stride=None, padding=0, dilation=1, **kw):
+    """PyTorch max_pool2d of NCHW x on the chip."""
+    return _run_image("max_pool2d", x, [], dict(kernel_size=kernel_size, stride=stride, padding=padding,
+                                                dilation=dilation), kw)
+
+
+def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True, **kw):
+    """PyTorch avg_pool2d of float NCHW x on the chip."""
+    return _run_image("avg_pool2d", x, [], dict(kernel_size=kernel_size, stride=stride, padding=padding,
+                                                count_include_pad=count_include_pad), kw)
+
+
+def global_avg_pool2d(x, **kw):
+    """The mean over H and W of float NCHW x, [N, C, 1, 1], on the chip."""
+    return _run_image("global_avg_pool2d", x, [], {}, kw)
+
+
+def batch_norm(x, mean, var, gamma=None, beta=None, eps=1e-5, **kw):
+    """Inference batch normalisation of float NCHW x over its channels on the chip."""
+    C = np.asarray(x).shape[1]
+    d = np.asarray(x).dtype
+    gamma = np.ones(C, d) if gamma is None else gamma
+    beta = np.zeros(C, d) if beta is None else beta
+    return _run_image("batch_norm", x, [mean, var, gamma, beta], dict(eps=eps), kw)
+
+
+def flatten(x, start_dim=1, end_dim=-1, **kw):
+    """x with axes start_dim..end_dim merged (PyTorch flatten) on the chip."""
+    return _run_image("flatten", x, [], dict(start_dim=start_dim, end_dim=end_dim), kw)

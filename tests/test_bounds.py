@@ -53,7 +53,7 @@ def test_every_graph_operation_has_a_latency_and_a_vxm_cost():
     assert latency("softmax", GROQ) == 2 * (GROQ.sxm_delay + GROQ.vxm_alu_delay) + GROQ.vxm_alu_delay \
         + 2 * GROQ.vxm_transcendental_delay
     with pytest.raises(KeyError, match="no latency"):
-        latency("conv2d", GROQ)
+        latency("conv3d", GROQ)
 
 
 def _graphs():

@@ -8,11 +8,11 @@ as fast as the chip allows for this graph, by this measure).
 
 The four bounds (cycles; docs/guide/compiler.md, "Schedule bounds", has the same formulas, generated from here):
 
-* weight streams: bytes of every matmul's second operand (the one a plane installs as weights)
+* weight streams: bytes of every matmul's second operand (the one a plane installs as weights) and conv2d's weights
   over ``mxm_planes x mxm_lw_streams x lanes`` bytes a cycle (the engine's LW rate);
 * SRAM: bytes the graph must read (inputs, constants, states) and write (outputs, state updates)
   over ``mem_slices x lanes`` bytes a cycle (each slice's queue issues one Read or Write a cycle);
-* compute: matmul MACs over the MXM's peak (int8: ``mxm_planes x mxm_size^2`` a cycle; float16:
+* compute: matmul and conv2d MACs over the MXM's peak (int8: ``mxm_planes x mxm_size^2`` a cycle; float16:
   ``mxm_planes x (mxm_size / 2) x mxm_size / mxm_fp16_interval``), and elementwise work (ALU
   operations per element, table ``VXM_OPS``) over ``vxm_alus_per_lane x lanes`` a cycle;
 * critical path: the longest chain of dependent operations, each costed by ``LATENCY`` (written in
@@ -52,6 +52,10 @@ LATENCY: Dict[str, Tuple[str, ...]] = {
     "gather": ("mem_read_delay",), "scatter": ("mem_write_delay",),
     "reshape": (), "transpose": (), "concat": (), "slice": (),
     "allgather": ("c2c_latency",), "allreduce": ("c2c_latency",),
+    # images (lpucore.compiler.conv): a convolution is a product; a pool a reduction across rows; a
+    # batch normalisation may be folded into its convolution, a flatten or a window into addressing
+    "conv2d": (_M, _ACC), "max_pool2d": (_A,), "avg_pool2d": (_A, _A), "global_avg_pool2d": (_A, _A),
+    "batch_norm": (), "flatten": (), "window": (),
 }
 
 # VXM ALU operations per output element (per input element for reductions and row operations): the
@@ -63,8 +67,11 @@ VXM_OPS: Dict[str, int] = {
     "sum@rows": 1, "max@rows": 1, "mean@rows": 1, "softmax": 4, "layernorm": 5, "rmsnorm": 3, "rope": 2,
     "matmul": 0, "gather": 0, "scatter": 0, "reshape": 0, "transpose": 0, "concat": 0, "slice": 0,
     "allgather": 0, "allreduce": 1,
+    "conv2d": 0, "max_pool2d": 1, "avg_pool2d": 1, "global_avg_pool2d": 1, "batch_norm": 0, "flatten": 0,
+    "window": 0,
 }
-_PER_INPUT = ("sum", "max", "mean", "sum@rows", "max@rows", "mean@rows")          # counted per input element
+# counted per input element
+_PER_INPUT = ("sum", "max", "mean", "sum@rows", "max@rows", "mean@rows", "global_avg_pool2d")
 
 
 def op_key(n) -> str:
@@ -147,10 +154,11 @@ def graph_bounds(g: Graph, cfg: ChipConfig, cycles: int) -> Bounds:
     for n in g.nodes:
         out = g.tensors[n.output]
         ins: Sequence[Tensor] = [g.tensors[i] for i in n.inputs]
-        if n.op == "matmul":
-            a, b = ins
+        if n.op in ("matmul", "conv2d"):
+            a, b = ins[:2]
             weight_bytes += _bytes(b)
-            macs = int(math.prod(out.shape)) * a.shape[-1]
+            # a convolution's output element takes C_in / groups x kH x kW products
+            macs = int(math.prod(out.shape)) * (int(math.prod(b.shape[1:])) if n.op == "conv2d" else a.shape[-1])
             if a.dtype.name == "int8":
                 macs8 += macs
             else:

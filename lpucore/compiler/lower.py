@@ -24,7 +24,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import dump, fuse, loaded, registry, scatter
+from . import conv, dump, fuse, loaded, registry, scatter
 from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
@@ -75,6 +75,9 @@ class Compiled:
     row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = field(default_factory=dict)
     # what each compiler stage decided, for dump() (None: not made by the compiler)
     record: Optional[dump.Record] = field(default=None, repr=False, compare=False)
+    # an input the host writes permuted: its axes in the order the program holds them (an NCHW image
+    # read only by image operations is written channel-last, NHWC: lpucore.compiler.conv)
+    input_axes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
 
     @property
     def config(self) -> ChipConfig:
@@ -137,6 +140,11 @@ class Compiled:
             a = np.asarray(inputs[name])
             if a.shape != shape or a.dtype != d.numpy:
                 raise GraphError(f"execute: input {name!r} must be {d.name}{list(shape)}, got {a.dtype}{list(a.shape)}")
+            axes = self.input_axes.get(name)
+            if axes is not None:
+                a = np.transpose(a, axes)
+                chip.write_tensor(name, np.ascontiguousarray(a).reshape(-1, a.shape[-1]))
+                continue
             chip.write_tensor(name, a.reshape(_rows(shape), _cols(shape)))
 
     def read_state(self, chip, name: str) -> np.ndarray:
@@ -245,6 +253,8 @@ class Compiler:
     recv_after: List[int]                   # last receive cycle of each slot
 
     def __init__(self, graph: Graph, cfg: ChipConfig):
+        self.source = graph                       # as given (its bounds); self.g: images rewritten
+        graph, self.input_axes = conv.rewrite(graph)
         self.g = graph
         self.cfg = cfg
         self.sched = Scheduler(cfg)
@@ -604,11 +614,12 @@ class Compiler:
             prog.add_tensor(name, vt.dtype, (vt.rows, vt.cols), vt.extents())
         prog.validate()
         cycles = expected_cycles(prog)
-        return Compiled(prog, g.name, {n: (t.shape, t.dtype) for n, t in g.inputs.items()},
+        return Compiled(prog, g.name, {n: (self.source.inputs[n].shape, t.dtype) for n, t in g.inputs.items()},
                         {n: (t.shape, t.dtype) for n, t in g.outputs.items()}, self.constants,
                         cycles, self.mem.peak_bytes(), self.kernels,
                         {n: (t.shape, t.dtype) for n, t in g.states.items()},
-                        graph_bounds(g, self.cfg, cycles), self.tiles, self.row_parts, self.record)
+                        graph_bounds(self.source, self.cfg, cycles), self.tiles, self.row_parts, self.record,
+                        dict(self.input_axes))
 
     def finish_record(self) -> None:
         """Note the fusion and placement decisions in :attr:`record` (for :meth:`Compiled.dump`)."""

@@ -35,7 +35,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..errors import CompileError
 from ..graph import Graph, Node, Tensor
-from . import lower_more, scatter
+from . import conv, lower_more, scatter
 from .kernels import E, Expr, cvt
 
 F32 = dt.FLOAT32
@@ -234,6 +234,10 @@ def _rope(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -
     return lower_more.rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"])
 
 
+def _rewritten(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    raise CompileError(f"internal: {n.op} reached lowering (lpucore.compiler.conv.rewrite replaces it)")
+
+
 def _register_all(names: Sequence[str], kind: str, **props: Any) -> None:
     for name in names:
         register(OpSpec(name, kind, **props))
@@ -267,3 +271,7 @@ register(OpSpec("gather", "gather", lower=_gather, weight_input=0))
 register(OpSpec("scatter", "scatter", lower=_scatter))
 register(OpSpec("rope", "rope", lower=_rope))
 _register_all(("allgather", "allreduce"), "collective", collective=True)
+# NCHW images: rewritten before lowering into windows, matmuls and reductions (lpucore.compiler.conv)
+_register_all(conv.IMAGE_OPS, "image", lower=_rewritten)
+# the windows of an image (taps x channels packed along a row): a layout move
+register(OpSpec("window", "layout", lower=_layout(conv.window_map)))

@@ -100,6 +100,7 @@ def to_bytes(c: "Compiled") -> bytes:
             "tiles": {n: [[m, [int(x) for x in cols]] for m, cols in members] for n, members in c.tiles.items()},
             "row_parts": {n: [[m, *map(int, rc)] for m, *rc in parts] for n, parts in c.row_parts.items()},
             "constants": [[name, dt.get(a.dtype).name, list(a.shape)] for name, a in consts],
+            "input_axes": {n: list(axes) for n, axes in c.input_axes.items()},
             "lpucore_sources": sources_hash()}
     mj = json.dumps(meta, sort_keys=True).encode()
     prog = c.program.to_bytes()
@@ -303,8 +304,27 @@ def fields(data: bytes, sources: Optional[str] = None) -> Dict[str, Any]:
         raise _bad(f"its program: {e}") from None
     misc = _misc(meta)
     consts = _constants(meta, prog, blob)
-    return dict(program=prog, inputs=_io(meta, "inputs", prog), outputs=_io(meta, "outputs", prog),
-                states=_io(meta, "states", prog), constants=consts, **misc, **_tiles(meta, prog, consts))
+    inputs = _io(meta, "inputs", prog)
+    return dict(program=prog, inputs=inputs, outputs=_io(meta, "outputs", prog),
+                states=_io(meta, "states", prog), constants=consts, **misc, **_tiles(meta, prog, consts),
+                input_axes=_input_axes(meta, inputs, prog))
+
+
+def _input_axes(meta: Dict[str, Any], inputs, prog: Program) -> Dict[str, Tuple[int, ...]]:
+    """Inputs written permuted: each a permutation of an input's axes, its last axis the program
+    tensor's columns."""
+    m = meta.get("input_axes", {})
+    if not isinstance(m, dict):
+        raise _bad("input_axes must be an object")
+    out: Dict[str, Tuple[int, ...]] = {}
+    for name, axes in m.items():
+        if name not in inputs or not isinstance(axes, list) or not all(type(a) is int for a in axes):
+            raise _bad(f"input_axes[{name!r:.40}] must be a list of axes of an input")
+        shape = inputs[name][0]
+        if sorted(axes) != list(range(len(shape))) or prog.tensors[name].shape[-1] != shape[axes[-1]]:
+            raise _bad(f"input_axes[{name!r:.40}] is not a permutation of the input's axes ending in its columns")
+        out[name] = tuple(axes)
+    return out
 
 
 def read_fields(path: PathLike) -> Dict[str, Any]:

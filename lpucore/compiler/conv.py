@@ -1,0 +1,292 @@
+"""Convolution and pooling: how the compiler lowers ``conv2d``, ``max_pool2d``, ``avg_pool2d``,
+``global_avg_pool2d``, ``batch_norm`` and ``flatten`` (NCHW graph operations, PyTorch conventions).
+
+Before lowering, :func:`rewrite` turns a graph holding any of them into one of operations the
+compiler already lowers plus one internal layout operation, ``window``:
+
+* **Channel-last activations.**  An image produced by a convolution or a pool is kept
+  channel-last, as a 2-d tensor ``[N*H*W, C]`` (one row per pixel, its channels across the
+  lanes), never as NCHW: the MXM's results come out that way (a row per output position, a lane
+  per output channel), and a window tap is then a choice of rows.  Elementwise operations whose
+  operands are such images, per-channel vectors (``[C, 1, 1]``) or scalars (``relu``, a residual
+  ``add``, ``cast``, ``quantize`` / ``dequantize`` per tensor, ...) stay channel-last; any other
+  consumer gets the NCHW tensor back by a transpose (one lane-move relayout, at the boundary only).
+  An NCHW graph input read only by image operations is written by the host channel-last (NHWC:
+  a fixed permutation of its bytes, ``Compiled.input_axes``); another one is read straight by
+  the first layer's windows (moving one lane per piece: slow).
+* **Windows formed on the chip, taps and channels packed.**  ``window`` is a layout operation
+  (:func:`window_map`, lowered by :func:`lpucore.compiler.lower_more.relayout`): row p of its
+  output is, for each tap (kh, kw) in turn, the C channels of the pixel that output position p
+  reads (:func:`lpucore.convref.window_rows`, addresses fixed at compile time), or the fill
+  vector for a pad.  The taps sit side by side along the row, so K = kH*kW*C is packed densely
+  into the MXM's rows whatever C is: the 3-channel first layer's 7x7 window is one K chunk of 147
+  rows, a 64-channel 3x3 one 576 rows (2 chunks of 320 at int8), not 49 or 9 chunks.  A whole
+  vector that only moves (C a multiple of the lanes) is copied by the VXM; pieces of vectors
+  change lanes through SXM shifts (``lanemove_kernel``).
+* **Convolution** = ``window`` then one ``matmul`` by the constant weight matrix
+  ``[kH*kW*C_in, C_out]`` (:func:`lpucore.convref.weight_matrix`; groups as a block-diagonal
+  matrix, zeros elsewhere), then the bias (``add``, fused into the results' map kernel).  A 1x1
+  stride-1 unpadded convolution of a channel-last image is the matmul alone (no window).  int8
+  gives int32 accumulators; requantisation is the graph's own ``cast`` / ``mul`` / ``quantize``,
+  fused on the VXM.
+* **Pools**: ``window`` with the taps apart (``[P, taps, C]``) and a reduction across rows (one
+  map kernel: ``max``, ``mean``, or a float32 sum times a per-position reciprocal when pads do
+  not count); pads are -inf (the dtype's least integer) for max, zero otherwise.  Global average
+  pooling is ``mean`` across the rows of each image.
+* **Batch normalisation** (inference) is folded into the preceding float convolution when that
+  convolution's output feeds only it and its statistics are constants (weights and bias scaled
+  at compile time: no cycles); otherwise it is ``x * scale + shift`` in float32 on the VXM.
+* ``flatten`` of a globally pooled image is the channel-last tensor itself ([N, C]); otherwise a
+  reshape of the NCHW tensor.
+
+**Cost.**  A convolution's window costs one MEM write per output vector (P * ceil(kH*kW*C / lanes)
+of them) plus, when C is not a multiple of the lanes, an SXM shift per piece (about kH*kW pieces a
+row); the product costs one ABC per output row and K chunk (fp16: every
+``mxm_fp16_interval`` cycles) and one weight load per K chunk and column tile.  The window is a
+copy of the activation kH*kW times over (at most: strides shrink it); the next lever is to feed
+the matmul's activation stream straight from the taps' rows at their compile-time addresses
+(``MatMul.a_row`` made per K chunk) when C fills whole vectors, so that 3x3 layers of 256+
+channels read each input row nine times from MEM instead of copying it, and to keep groups apart
+instead of block-diagonal weights (depthwise convolutions).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import convref
+from .. import dtypes as dt
+from ..graph import BINARY, UNARY_ANY, UNARY_FLOAT, Graph, Node, Tensor
+
+IMAGE_OPS = ("conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "batch_norm", "flatten")
+_ELEMENTWISE = set(BINARY) | set(UNARY_FLOAT) | set(UNARY_ANY) | {"cast", "gelu", "quantize", "dequantize"}
+Dims = Tuple[int, ...]
+
+
+def window_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """The element map of a ``window`` node (registry's ElementMap): for every flat output element,
+    (0, element of the image) or (1, channel of the fill vector) for a pad."""
+    a = n.attrs
+    N, C, H, W = a["image"]
+    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])   # [P, T]
+    c = np.arange(C)
+    r = rows[:, :, None]
+    if a["kind"] == "rows":
+        elem = r * C + c
+    else:                                         # NCHW: pixel (n, h, w) of channel c
+        nn, hw = np.divmod(np.maximum(r, 0), H * W)
+        elem = (nn * C + c) * (H * W) + hw
+    pad = np.broadcast_to(r < 0, elem.shape)
+    which = pad.astype(np.int64).ravel()
+    return which, np.where(pad, np.broadcast_to(c, elem.shape), elem).ravel().astype(np.int64)
+
+
+def rewrite(g: Graph) -> Tuple[Graph, Dict[str, Tuple[int, ...]]]:
+    """(g itself, {}) when g has no image operation, else an equivalent graph of operations the
+    compiler lowers (module docstring) and the inputs the host writes permuted (name -> axes)."""
+    if not any(n.op in IMAGE_OPS for n in g.nodes):
+        return g, {}
+    r = _Rewriter(g)
+    return r.run(), r.input_axes
+
+
+class _Rewriter:
+    """Builds the rewritten graph h from g, node by node (module docstring)."""
+
+    def __init__(self, g: Graph):
+        self.g = g
+        self.h = Graph(g.name)
+        self.plain_of: Dict[int, Tensor] = {}          # g tensor -> h tensor of the same shape
+        self.cl: Dict[int, Tuple[Tensor, Dims]] = {}   # g NCHW tensor -> h [N*H*W, C] and its dims
+        self.uses: Dict[int, int] = {}
+        for n in g.nodes:
+            for i in n.inputs:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        for t in list(g.outputs.values()) + list(g.assigns.values()):
+            self.uses[t.id] = self.uses.get(t.id, 0) + 2
+        self.folds = {g.producer[n.inputs[0]].output: n for n in g.nodes if self._foldable(n)}
+        self.input_axes: Dict[str, Tuple[int, ...]] = {}
+
+    def _image_input(self, t: Tensor) -> bool:
+        """t is an NCHW graph input read only as the image of image operations (not flatten): the
+        host writes it channel-last (NHWC, a fixed permutation of its bytes) instead of NCHW."""
+        readers = [n for n in self.g.nodes if t.id in n.inputs]
+        return (t.ndim == 4 and self.uses.get(t.id, 0) == len(readers) > 0
+                and all(n.op in IMAGE_OPS and n.op != "flatten" and n.inputs.count(t.id) == 1
+                        and n.inputs[0] == t.id for n in readers))
+
+    def run(self) -> Graph:
+        g, h = self.g, self.h
+        for name, t in g.inputs.items():
+            if self._image_input(t):
+                N, C, H, W = t.shape
+                self.cl[t.id] = (h.input(name, (N * H * W, C), t.dtype), t.shape)
+                self.input_axes[name] = (0, 2, 3, 1)
+            else:
+                self.plain_of[t.id] = h.input(name, t.shape, t.dtype)
+        for name, t in g.states.items():
+            self.plain_of[t.id] = h.state(name, t.shape, t.dtype, init=g.state_init[t.id])
+        for n in g.nodes:
+            t = g.tensors[n.output]
+            if n.op in IMAGE_OPS:
+                getattr(self, "_" + n.op)(n, t)
+            elif not self._elementwise(n, t):
+                ins = [self.plain(i) for i in n.inputs]
+                self.plain_of[t.id] = h._node(n.op, ins, t.shape, t.dtype, **n.attrs)
+        for name, t in g.outputs.items():
+            h.output(name, self.plain(t.id))
+        for sid, v in g.assigns.items():
+            h.assign(self.plain(sid), self.plain(v.id))
+        return h
+
+    # ---- tensors of h --------------------------------------------------------------------------------
+    def plain(self, tid: int) -> Tensor:
+        """The h tensor of g's tensor tid in g's shape (an NCHW image transposed back if need be)."""
+        got = self.plain_of.get(tid)
+        if got is not None:
+            return got
+        if tid in self.g.constants:
+            arr = self.g.constants[tid]
+            got = self.h.constant(self.g.constant_names.get(tid), arr)
+        else:
+            x, (N, C, H, W) = self.cl[tid]
+            if H * W == 1:                        # [N, C, 1, 1]: the same elements in the same order
+                got = self.h.reshape(x, (N, C, H, W))
+            else:
+                got = self.h.transpose(self.h.reshape(x, (N, H, W, C)), (0, 3, 1, 2))
+        self.plain_of[tid] = got
+        return got
+
+    def const(self, arr: np.ndarray) -> Tensor:
+        return self.h.constant(None, np.ascontiguousarray(arr))
+
+    def windows(self, tid: int, n: Node, fill, apart: bool) -> Tensor:
+        """The ``window`` of g's NCHW image tid for node n's geometry (the image itself for a 1x1
+        stride-1 unpadded window of a channel-last image)."""
+        x = self.g.tensors[tid]
+        a = n.attrs
+        one = a["kernel"] == (1, 1) and a["stride"] == (1, 1) and a["padding"] == (0, 0)
+        if one and tid in self.cl and not apart:
+            return self.cl[tid][0]
+        src, kind = (self.cl[tid][0], "rows") if tid in self.cl else (self.plain(tid), "nchw")
+        fillc = self.const(np.full((1, x.shape[1]), fill, dtype=x.dtype.numpy))
+        out = self.g.tensors[n.output].shape[2:]
+        return self.h._window(src, fillc, kind, apart=apart, image=x.shape, out=out,
+                              kernel=a["kernel"], stride=a["stride"], padding=a["padding"],
+                              dilation=a.get("dilation", (1, 1)))
+
+    def channel_last(self, tid: int) -> Tensor:
+        """g's NCHW image tid as [N*H*W, C] (made by a 1x1 window from NCHW when it is not yet)."""
+        if tid not in self.cl:
+            N, C, H, W = self.g.tensors[tid].shape
+            zero = self.const(np.zeros((1, C), self.g.tensors[tid].dtype.numpy))
+            x = self.h._window(self.plain(tid), zero, "nchw", image=(N, C, H, W), out=(H, W), kernel=(1, 1),
+                               stride=(1, 1), padding=(0, 0), dilation=(1, 1))
+            self.cl[tid] = (x, (N, C, H, W))
+        return self.cl[tid][0]
+
+    # ---- the image operations ------------------------------------------------------------------------
+    def _conv2d(self, n: Node, t: Tensor) -> None:
+        g, h = self.g, self.h
+        w = g.constants[n.inputs[1]]
+        m = convref.weight_matrix(w, n.attrs["groups"])
+        bias: Optional[Tensor] = self.plain(n.inputs[2]) if len(n.inputs) > 2 else None
+        bn = self.folds.get(t.id)
+        if bn is not None:
+            scale, shift = convref.bn_affine(*[g.constants[i] for i in bn.inputs[1:]], eps=bn.attrs["eps"])
+            m = (m.astype(np.float64) * scale).astype(w.dtype)
+            b = g.constants[n.inputs[2]].astype(np.float64) if bias is not None else 0.0
+            bias = self.const((b * scale + shift).astype(t.dtype.numpy))
+        y = h.matmul(self.windows(n.inputs[0], n, 0, apart=False), self.const(m))
+        if bias is not None:
+            y = h.add(y, bias)
+        self.cl[(bn.output if bn is not None else t.id)] = (y, t.shape)
+
+    def _max_pool2d(self, n: Node, t: Tensor) -> None:
+        lo = -np.inf if t.dtype.is_float else np.iinfo(t.dtype.numpy).min
+        self.cl[t.id] = (self.h.max(self.windows(n.inputs[0], n, lo, apart=True), axis=-2), t.shape)
+
+    def _avg_pool2d(self, n: Node, t: Tensor) -> None:
+        h = self.h
+        win = self.windows(n.inputs[0], n, 0, apart=True)
+        if n.attrs["count_include_pad"]:
+            y = h.mean(win, axis=-2)
+        else:
+            N, C, H, W = self.g.tensors[n.inputs[0]].shape
+            a = n.attrs
+            cnt = (convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], 1) >= 0).sum(axis=1)
+            recip = (1.0 / cnt.astype(np.float32)).reshape(-1, 1).astype(np.float32)
+            y = h.cast(h.mul(h.sum(h.cast(win, "float32"), axis=-2), self.const(recip)), t.dtype)
+        self.cl[t.id] = (y, t.shape)
+
+    def _global_avg_pool2d(self, n: Node, t: Tensor) -> None:
+        N, C, H, W = self.g.tensors[n.inputs[0]].shape
+        x = self.channel_last(n.inputs[0])
+        if H * W == 1:
+            rows = x
+        elif N == 1:                              # the rows are the one image's: no reshape (a copy)
+            rows = self.h.mean(x, axis=-2, keepdims=True)
+        else:
+            rows = self.h.mean(self.h.reshape(x, (N, H * W, C)), axis=-2)
+        self.cl[t.id] = (rows, t.shape)
+
+    def _batch_norm(self, n: Node, t: Tensor) -> None:
+        if t.id in self.cl:                       # folded into the convolution before it
+            return
+        h, f32 = self.h, dt.FLOAT32
+        x = self.channel_last(n.inputs[0])
+        if all(i in self.g.constants for i in n.inputs[1:]):
+            scale, shift = convref.bn_affine(*[self.g.constants[i] for i in n.inputs[1:]],
+                                             eps=n.attrs["eps"])
+            s, b = self.const(scale.astype(np.float32)), self.const(shift.astype(np.float32))
+        else:
+            mean, var, gamma, beta = [h.cast(self.plain(i), f32) for i in n.inputs[1:]]
+            s = h.mul(gamma, h.rsqrt(h.add(var, n.attrs["eps"])))
+            b = h.sub(beta, h.mul(mean, s))
+        y = h.cast(h.add(h.mul(h.cast(x, f32), s), b), t.dtype)
+        self.cl[t.id] = (y, t.shape)
+
+    def _flatten(self, n: Node, t: Tensor) -> None:
+        src = self.g.tensors[n.inputs[0]]
+        x = self.cl.get(src.id)
+        if x is not None and x[0].shape == t.shape:
+            self.plain_of[t.id] = x[0]            # [N, C, 1, 1] flattened: the channel-last rows
+        else:
+            self.plain_of[t.id] = self.h.reshape(self.plain(src.id), t.shape)
+
+    # ---- folding and elementwise operations on channel-last images ------------------------------------
+    def _foldable(self, n: Node) -> bool:
+        """n is a batch_norm with constant statistics right after a float conv2d that feeds only it."""
+        if n.op != "batch_norm" or not all(i in self.g.constants for i in n.inputs[1:]):
+            return False
+        p = self.g.producer.get(n.inputs[0])
+        return (p is not None and p.op == "conv2d" and self.g.tensors[p.output].dtype.is_float
+                and self.uses.get(p.output, 0) == 1 and (len(p.inputs) < 3 or p.inputs[2] in self.g.constants))
+
+    def _elementwise(self, n: Node, t: Tensor) -> bool:
+        """Lower n on channel-last images when it is elementwise over one (module docstring); False if not."""
+        if n.op not in _ELEMENTWISE or n.attrs.get("axis") is not None or t.ndim != 4:
+            return False
+        imgs = [self.cl[i] for i in n.inputs if i in self.cl]
+        if not imgs or any(d != t.shape for _, d in imgs):
+            return False
+        ins = []
+        for i in n.inputs:
+            if i in self.cl:
+                ins.append(self.cl[i][0])
+                continue
+            s = (1,) * (4 - len(self.g.tensors[i].shape)) + self.g.tensors[i].shape
+            if s[0] != 1 or s[2:] != (1, 1) or len(self.g.tensors[i].shape) > 4:
+                return False
+            if self.g.tensors[i].shape == ():
+                ins.append(self.plain(i))
+            elif i in self.g.constants:
+                arr = self.g.constants[i]
+                ins.append(self.const(arr.reshape(s[1]) if s[1] > 1 else arr.reshape(())))
+            else:
+                ins.append(self.h.reshape(self.plain(i), (s[1],)))
+        N, C, H, W = t.shape
+        self.cl[t.id] = (self.h._node(n.op, ins, (N * H * W, C), t.dtype, **n.attrs), t.shape)
+        return True
