@@ -166,6 +166,18 @@ def lower_collective(comps, reqs) -> List[int]:
     if P - 1 > cfg.sxm_queues_per_hemisphere:
         raise CompileError(f"{op}: a group of {P} chips sends on {P - 1} links at once, but a hemisphere "
                            f"has {cfg.sxm_queues_per_hemisphere} SXM queues")
+    srcs, stacks = _collective_operands(comps, reqs)
+    last = _exchange(comps, srcs, stacks, op)
+    for i, (c, (_n, t, name, kind), src, stack) in enumerate(zip(comps, reqs, srcs, stacks)):
+        last[i] = max(last[i], _combine(c, i, P, op, t, name, kind, src, stack))
+    return last
+
+
+def _collective_operands(comps, reqs):
+    """Each chip's operand (plain in MEM) and the stack of P blocks it receives into (the
+    allgather's result itself, or an all-reduce's scratch)."""
+    P = len(comps)
+    op = reqs[0][0].op
     srcs, stacks = [], []
     for c, (n, t, name, kind) in zip(comps, reqs):
         if n.attrs["group"] != P:
@@ -182,8 +194,16 @@ def lower_collective(comps, reqs) -> List[int]:
         stacks.append(stack)
         if c.link_ready is None:
             c.link_ready = _deskew(c)
+    return srcs, stacks
+
+
+def _exchange(comps, srcs, stacks, op: str) -> List[int]:
+    """Every chip sends each byte plane of each vector to its P - 1 peers in the same cycle
+    (one send per c2c_send_interval) and receives theirs into its stack; returns each chip's
+    last landing cycle."""
+    P = len(comps)
+    cfg: ChipConfig = comps[0].cfg
     nvec, w = srcs[0].nvec, srcs[0].planes
-    iv, lat = cfg.c2c_send_interval, cfg.c2c_latency
     s = max(max(c.link_ready, c.link_free) for c in comps)
     last = [0] * P
     for v in range(nvec):
@@ -192,50 +212,56 @@ def lower_collective(comps, reqs) -> List[int]:
                 g, _ = src.loc(v, p)
                 hops = abs(cfg.sxm_position(g // cfg.mem_slices_per_hemisphere) - c.ctx.slice_pos[g])
                 s = max(s, int(src.ready[v]) + cfg.mem_read_delay + hops)
-            for _ in range(SEARCH):
-                plans = []
-                for c, src in zip(comps, srcs):
-                    pl = _send_plan(c, src, v, p, s)
-                    if pl is None:
-                        break
-                    plans.append(pl)
-                if len(plans) == P:
-                    break
-                s += 1
-            else:
-                raise CompileError(f"{op}: no cycle found in which every chip of the group can send")
+            s, plans = _send_cycle(comps, srcs, v, p, s, op)
             for c, src, pl in zip(comps, srcs, plans):
                 c.sched.commit(pl)
                 src.last_read[v] = max(int(src.last_read[v]), s)
             for i, (c, stack) in enumerate(zip(comps, stacks)):
                 for o in range(P - 1):
-                    peer = (i - 1 - o) % P
-                    u = peer * nvec + v
-                    r, land = _receive(c, stack, u, p, c.recv_links[o], max(s + lat, c.recv_after[o] + 1))
+                    u = ((i - 1 - o) % P) * nvec + v          # the block of peer (i - 1 - o) mod P
+                    r, land = _receive(c, stack, u, p, c.recv_links[o],
+                                       max(s + cfg.c2c_latency, c.recv_after[o] + 1))
                     c.recv_after[o] = r
                     stack.ready[u] = max(int(stack.ready[u]), land)
                     last[i] = max(last[i], land)
-            s += iv
+            s += cfg.c2c_send_interval
     for c in comps:
         c.link_free = s
-    for i, (c, (_n, t, name, kind), src, stack) in enumerate(zip(comps, reqs, srcs, stacks)):
-        d = src.dtype
-        if op == "allgather":
-            # the chip's own block: a VXM copy
-            own = map_kernel(c.ctx, E("mov", d, Expr.input(src, _plus(-i * nvec))), stack,
-                             vectors=range(i * nvec, (i + 1) * nvec))
-            last[i] = max(last[i], own)
-        else:
-            def build(i=i, src=src, stack=stack, d=d):
-                terms = [Expr.input(src, lambda u: u) if r == i else
-                         Expr.input(stack, _plus(r * nvec)) for r in range(P)]
-                acc = terms[0]
-                for term in terms[1:]:
-                    acc = E("add", d, acc, term)
-                return acc
-            last[i] = max(last[i], c.map_op(t, name, kind, build))
-            release(c.mem, stack)
     return last
+
+
+def _send_cycle(comps, srcs, v: int, p: int, s: int, op: str):
+    """The first cycle from s in which every chip can send plane p of vector v, with the plans."""
+    for _ in range(SEARCH):
+        plans = []
+        for c, src in zip(comps, srcs):
+            pl = _send_plan(c, src, v, p, s)
+            if pl is None:
+                break
+            plans.append(pl)
+        if len(plans) == len(comps):
+            return s, plans
+        s += 1
+    raise CompileError(f"{op}: no cycle found in which every chip of the group can send")
+
+
+def _combine(c, i: int, P: int, op: str, t, name: str, kind: str, src, stack) -> int:
+    """Chip i's result: for an allgather its own block copied into the stack; for an allreduce
+    the sum of its operand and the P - 1 received blocks (the stack is then freed)."""
+    nvec, d = src.nvec, src.dtype
+    if op == "allgather":
+        return map_kernel(c.ctx, E("mov", d, Expr.input(src, _plus(-i * nvec))), stack,
+                          vectors=range(i * nvec, (i + 1) * nvec))
+
+    def build():
+        terms = [Expr.input(src, lambda u: u) if r == i else Expr.input(stack, _plus(r * nvec)) for r in range(P)]
+        acc = terms[0]
+        for term in terms[1:]:
+            acc = E("add", d, acc, term)
+        return acc
+    landed = c.map_op(t, name, kind, build)
+    release(c.mem, stack)
+    return landed
 
 
 def compile_group(graphs, cfg: ChipConfig, links: List[Tuple[list, list]]):

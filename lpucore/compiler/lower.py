@@ -14,6 +14,7 @@ needs it plain.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -240,6 +241,22 @@ def _placed_as(vt) -> List[VT]:
 def _f32(value: float) -> Expr:
     """A float32 constant operand."""
     return Expr.const(F32, value)
+
+
+def _same(e: Expr) -> Expr:
+    return e
+
+
+def _replaced(n: Expr, sub: Expr, rep: Expr, memo: Dict[int, Expr]) -> Expr:
+    """Expression n with the subexpression ``sub`` replaced by ``rep`` (shared nodes stay shared:
+    ``memo`` maps a node's id to its copy)."""
+    if n is sub:
+        return rep
+    if id(n) in memo:
+        return memo[id(n)]
+    c = Expr(n.op, n.dtype, tuple(_replaced(a, sub, rep, memo) for a in n.args), dict(n.imm), n.src, n.min_t)
+    memo[id(n)] = c
+    return c
 
 
 class Compiler:
@@ -755,18 +772,7 @@ class Compiler:
             if not cand:
                 raise CompileError(f"an elementwise expression needs more than {budget} ALUs at one step")
             sub, tmp = self._materialise(sorted(cand, key=lambda n: -sizes[id(n)]), out)
-            rep = Expr.input(tmp, lambda v: v)
-            memo: Dict[int, Expr] = {}
-
-            def swap(n):
-                if n is sub:
-                    return rep
-                if id(n) in memo:
-                    return memo[id(n)]
-                c = Expr(n.op, n.dtype, tuple(swap(a) for a in n.args), dict(n.imm), n.src, n.min_t)
-                memo[id(n)] = c
-                return c
-            root = swap(root)
+            root = _replaced(root, sub, Expr.input(tmp, lambda v: v), {})
 
     def _materialise(self, cands: List[Expr], out: VT) -> Tuple[Expr, VT]:
         """Evaluate the first of ``cands`` (largest first) whose operand reads can be staged into a
@@ -790,7 +796,7 @@ class Compiler:
             while True:
                 fitted = self.fit(root, out, budget)
                 try:
-                    return self._map_into(out, lambda: fitted, alus)
+                    return self._map_into(out, functools.partial(_same, fitted), alus)
                 except NeedsSplit:
                     # colliding operand reads need ALUs for staging: split further
                     if budget <= 2:

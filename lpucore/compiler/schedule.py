@@ -124,7 +124,7 @@ class Scheduler:
                 return False
         return True
 
-    def fits(self, plan: Plan) -> bool:
+    def fits(self, plan: Plan) -> bool:  # noqa: C901 - every rule inlined: called ~10^5 times a compile
         # queue_free and span_free inlined: the compiler calls this hundreds of thousands of times
         busy = self.busy
         seen_q: Set[Tuple[str, int]] = set()

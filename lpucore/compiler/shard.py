@@ -230,31 +230,9 @@ class _Builder:
         if op == "matmul":
             return self.matmul(ins[0], ins[1], t)
         if op in ("sum", "max", "mean", "softmax", "layernorm", "rmsnorm"):
-            rows = n.attrs.get("axis", -1) == -2            # a reduction across rows (sum / max / mean)
-            red = x0.ndim - (2 if rows else 1)              # the axis worked along
-            if s == red:
-                x, s, ix = self.full(x0.id), None, None
-            else:
-                x = self.local(x0.id)
-                if rows and s is not None and s > red and not n.attrs["keepdims"]:
-                    s -= 1                                  # the lanes axis moves up one
-            if op == "softmax":
-                return out.softmax(x), s, ix
-            if op == "layernorm":
-                return out.layernorm(x, self.full(ins[1].id), self.full(ins[2].id), eps=n.attrs["eps"]), s, ix
-            if op == "rmsnorm":
-                return out.rmsnorm(x, self.full(ins[1].id), eps=n.attrs["eps"]), s, ix
-            return getattr(out, op)(x, axis=-2 if rows else -1, keepdims=n.attrs["keepdims"]), s, ix
+            return self.reduction(n, ins, s, ix)
         if op in ("quantize", "dequantize"):
-            x = self.local(x0.id)
-            axis = n.attrs["axis"]
-            arr = g.constants[ins[1].id]
-            if axis is not None and s == x0.ndim - 1:
-                arr = arr[self.mine(arr.shape[-1], ix)]
-            scale: Union[np.ndarray, float] = float(arr.reshape(())) if axis is None else arr
-            if op == "quantize":
-                return out.quantize(x, scale, n.attrs["zero_point"], axis=axis), s, ix
-            return out.dequantize(x, scale, n.attrs["zero_point"], axis=axis, dtype=t.dtype.name), s, ix
+            return self.quantization(n, ins, t, s, ix)
         if op == "reshape":
             return self.reshape(x0, t)
         if op == "transpose":
@@ -264,6 +242,46 @@ class _Builder:
             return self.concat(ins, n.attrs["axis"])
         if op == "slice":
             return self.slice(x0, n, t)
+        if op in ("gather", "scatter", "rope"):
+            return self.addressed(n, ins, s, ix)
+        raise CompileError(f"tensor parallelism: no rule for {op}")
+
+    def reduction(self, n, ins: List[Tensor], s, ix):
+        """Reductions and norms along the lanes (or across rows): an operand split along the axis
+        worked along is gathered whole first; otherwise each rank reduces its own part."""
+        out, op, x0 = self.out, n.op, ins[0]
+        rows = n.attrs.get("axis", -1) == -2            # a reduction across rows (sum / max / mean)
+        red = x0.ndim - (2 if rows else 1)              # the axis worked along
+        if s == red:
+            x, s, ix = self.full(x0.id), None, None
+        else:
+            x = self.local(x0.id)
+            if rows and s is not None and s > red and not n.attrs["keepdims"]:
+                s -= 1                                  # the lanes axis moves up one
+        if op == "softmax":
+            return out.softmax(x), s, ix
+        if op == "layernorm":
+            return out.layernorm(x, self.full(ins[1].id), self.full(ins[2].id), eps=n.attrs["eps"]), s, ix
+        if op == "rmsnorm":
+            return out.rmsnorm(x, self.full(ins[1].id), eps=n.attrs["eps"]), s, ix
+        return getattr(out, op)(x, axis=-2 if rows else -1, keepdims=n.attrs["keepdims"]), s, ix
+
+    def quantization(self, n, ins: List[Tensor], t: Tensor, s, ix):
+        """quantize / dequantize: per-channel scales along a split last axis are this rank's part."""
+        g, out, op, x0 = self.g, self.out, n.op, ins[0]
+        x = self.local(x0.id)
+        axis = n.attrs["axis"]
+        arr = g.constants[ins[1].id]
+        if axis is not None and s == x0.ndim - 1:
+            arr = arr[self.mine(arr.shape[-1], ix)]
+        scale: Union[np.ndarray, float] = float(arr.reshape(())) if axis is None else arr
+        if op == "quantize":
+            return out.quantize(x, scale, n.attrs["zero_point"], axis=axis), s, ix
+        return out.dequantize(x, scale, n.attrs["zero_point"], axis=axis, dtype=t.dtype.name), s, ix
+
+    def addressed(self, n, ins: List[Tensor], s, ix):
+        """gather, scatter and rope: the indices whole; a table or state split by columns keeps its split."""
+        out, op, x0 = self.out, n.op, ins[0]
         if op == "gather":
             s1, ix1 = self.spec(ins[1].id), self.idx(ins[1].id)
             return out.gather(self.full(x0.id), self.local(ins[1].id)), s1, ix1
@@ -271,11 +289,9 @@ class _Builder:
             if s == 1:          # x split by columns: each rank writes its columns of the rows
                 return out.scatter(self.local(x0.id), self.full(ins[1].id), self.split(ins[2].id, 1, ix)), s, ix
             return out.scatter(self.full(x0.id), self.full(ins[1].id), self.full(ins[2].id)), None
-        if op == "rope":
-            if s is not None and s < x0.ndim - 2:
-                return out.rope(self.local(x0.id), self.full(ins[1].id), base=n.attrs["base"]), s, ix
-            return out.rope(self.full(x0.id), self.full(ins[1].id), base=n.attrs["base"]), None
-        raise CompileError(f"tensor parallelism: no rule for {op}")
+        if s is not None and s < x0.ndim - 2:
+            return out.rope(self.local(x0.id), self.full(ins[1].id), base=n.attrs["base"]), s, ix
+        return out.rope(self.full(x0.id), self.full(ins[1].id), base=n.attrs["base"]), None
 
     def aligned(self, xs, K: int, no: int, idx: Idx) -> List[Tensor]:
         """Operands of an op whose output (``no`` axes) is split along K with ``idx``: split
