@@ -176,16 +176,24 @@ class Ctx:
     def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
-        spec = self._spec(vt, v, pos, None, False)
+        return self.read_spec(plan, self._spec(vt, v, pos, None, False), v, T, used)
+
+    def read_spec(self, plan: Plan, spec: tuple, v: int, T: int, used: Used) -> Optional[int]:
+        """:meth:`read_group` with the group's :meth:`_spec` (vector v of its tensor) found already."""
         if spec[1] is None:
             return None
-        _, ok, locs, qs, gs, offs, _, d, xs, banks, omin = spec
+        vt, ok, locs, qs, gs, offs, _, d, xs, banks, omin = spec
         t0 = T + omin                       # the earliest issue of the planes
-        if t0 < vt.ready[v] or t0 < 0:
+        if t0 < vt.ready[v] or t0 < 0 or not ok:
             return None
         t_iss = [T + o for o in offs]
-        if not ok or not self._mem_free(qs, gs, t_iss, used):
-            return None
+        busy = self.sched.busy
+        for q, g, t in zip(qs, gs, t_iss):  # each slice's queue free (see _mem_free)
+            if ("q", g, t) in used:
+                return None
+            qb = busy.get(q)
+            if qb is not None and t < len(qb.bits) and qb.bits[t]:
+                return None
         k = T - xs[0][1]
         b = self.free_group(d, len(offs), k, xs, used)
         if b is None:
@@ -549,8 +557,9 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
         a = max(a, lo)
         # the operands' tensors and vectors do not change from one cycle tried to the next
         reads_v = [(tc, id(node), vt, idx(v)) for tc, node in ch.reads for vt, idx in (node.source(),)]
+        specs = [ctx._spec(vt, vin, pos, None, False) for _, _, vt, vin in reads_v]
         for _tries in range(SEARCH):
-            landing = _map_try(ctx, ch, root_v, reads_v, out, v, a)
+            landing = _map_try(ctx, ch, root_v, reads_v, specs, out, v, a)
             if landing is not None:
                 out.ready[v] = max(out.ready[v], landing)
                 for tc, _, vt, vin in reads_v:
@@ -564,16 +573,17 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
     return last
 
 
-def _map_try(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, out: VT, v: int, a: int) -> Optional[int]:
+def _map_try(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int, a: int) -> Optional[int]:
     """Place map_kernel's vector v with its chain's first issue at cycle a, if the reads
-    ``reads_v`` (relative cycle, id of the input node, tensor, vector), the write and the VXM
-    operations all fit then; returns the landing cycle of the write, or None."""
+    ``reads_v`` (relative cycle, id of the input node, tensor, vector; ``specs``: their
+    :meth:`Ctx._spec`), the write and the VXM operations all fit then; returns the landing
+    cycle of the write, or None."""
     plan = Plan()
     used: Used = {}
     srcs: Dict[Tuple[int, int], int] = {}
     pos = ctx.vx
-    for tc, nid, vt, vin in reads_v:
-        b = ctx.read_group(plan, vt, vin, pos, a + tc, used)
+    for (tc, nid, _, vin), spec in zip(reads_v, specs):
+        b = ctx.read_spec(plan, spec, vin, a + tc, used)
         if b is None:
             return None
         srcs[(tc, nid)] = b
