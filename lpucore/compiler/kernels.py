@@ -173,6 +173,14 @@ class Ctx:
         return (vt, not never, locs, [self.mem_q[g] for g in gs], gs, offs, pl, d, xs,
                 [self.bank(a) for _, a in locs], min(offs))
 
+    def ready_at(self, vt: VT, v: int, pos: int) -> int:
+        """The first cycle T at which :meth:`read_group` ``(vt, v, pos, T)`` passes its readiness
+        check (its reads issue at or after vector v is ready, and at or after cycle 0)."""
+        spec = self._spec(vt, v, pos, None, False)
+        if spec[1] is None:
+            return 0
+        return max(int(vt.ready[v]), 0) - spec[10]
+
     def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
@@ -1109,6 +1117,10 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank
         lo_t = max(E_, st.abc_next)
         if i == 0 and kc == 0:
             lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
+        # a try whose read of the row would issue before the row is ready fails first thing, leaving
+        # no trace: start after them (compile time; the same cycle is found)
+        lag = cfg.sxm_delay + abs(run.sx - xm) if shift else 0
+        lo_t = max(lo_t, ctx.ready_at(mm.A, av, run.sx if shift else xm) + lag)
 
         def build_a(T, av=av, shift=shift, i=i):
             plan, used = Plan(), {}
