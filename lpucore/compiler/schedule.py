@@ -20,7 +20,7 @@ from typing import Dict, List, Set, Tuple
 from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError, ProgramError
-from ..program import make_instruction
+from ..program import Instruction, make_instruction
 
 
 def op_of(mnemonic: str, unit: str) -> isa.Op:
@@ -217,6 +217,9 @@ class Scheduler:
         Repeat."""
         cfg = self.cfg
         A = cfg.addresses_per_slice
+        # (unit, mnemonic, operands) -> instruction: instructions are immutable and a program repeats
+        # many (NOPs, a kernel's per-vector ops), so each distinct one is built once
+        made: Dict[Tuple[str, str, tuple], Instruction] = {}
         for q, evs in self.events.items():
             evs.sort(key=lambda e: e[0])
             qi = cfg.queue(q)
@@ -225,11 +228,15 @@ class Scheduler:
             def put(mn, *args, qi=qi, lst=lst):
                 # Program.add(check=False) without its per-call queue lookup; the program is
                 # validated as a whole afterwards
-                try:
-                    lst.append(make_instruction(cfg, mn, *args, unit=qi.unit))
-                except ProgramError as e:          # as Program.add words it
-                    msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
-                    raise ProgramError(msg, queue=qi.name, index=len(lst), field=e.field) from None
+                key = (qi.unit, mn, args)
+                ins = made.get(key)
+                if ins is None:
+                    try:
+                        ins = made[key] = make_instruction(cfg, mn, *args, unit=qi.unit)
+                    except ProgramError as e:          # as Program.add words it
+                        msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
+                        raise ProgramError(msg, queue=qi.name, index=len(lst), field=e.field) from None
+                lst.append(ins)
 
             t = 0
             i = 0
