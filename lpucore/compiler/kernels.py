@@ -39,6 +39,14 @@ PIECE_SLIP = 4            # cycles one lane-move piece may slip when it collides
 Used = Dict[tuple, int]
 
 
+def _overlaps(ivs: Sequence[Tuple[int, int]], x0: int, x1: int) -> bool:
+    """Whether any span (a, e) of ivs meets x0..x1 (positions, inclusive)."""
+    for a, e in ivs:
+        if e >= x0 and a <= x1:
+            return True
+    return False
+
+
 class Ctx:
     """Scheduler plus geometry helpers shared by the kernels."""
 
@@ -51,6 +59,7 @@ class Ctx:
         self.rot = [0, 0]
         self.mem_q = {cfg.slice_id(q.hemisphere, q.slot): q.name for q in cfg.queues if q.unit == "MEM"}
         self.slice_pos = {g: cfg.mem_position(*divmod(g, cfg.mem_slices_per_hemisphere)) for g in self.mem_q}
+        self._specs: Dict[tuple, tuple] = {}     # see _spec
 
     def xloc(self, d: int, pos: int) -> int:
         return pos if d == 0 else self._last - pos
@@ -92,7 +101,7 @@ class Ctx:
                 if used is not None and key in used:
                     break
                 ivs = diag.get(key)
-                if ivs is not None and any(not (e < x0 or a > x1) for a, e in ivs):
+                if ivs is not None and _overlaps(ivs, x0, x1):
                     break
             else:
                 return b
@@ -109,32 +118,101 @@ class Ctx:
             seen.add((g, t))
         return True
 
+    def _mem_free(self, qs: Sequence[str], gs: Sequence[int], t_iss: Sequence[int], used: Used) -> bool:
+        """:meth:`_queues_free` for planes on distinct slices at cycles >= 0 (what a group spec
+        guarantees), without building the locations again."""
+        busy = self.sched.busy
+        for q, g, t in zip(qs, gs, t_iss):
+            if ("q", g, t) in used:
+                return False
+            qb = busy.get(q)
+            if qb is not None and t < len(qb.bits) and qb.bits[t]:
+                return False
+        return True
+
+    def _spec(self, vt: VT, v: int, pos: int, planes: Optional[Sequence[int]], write: bool):
+        """What a read (``write``: a write) of vector v's planes (``planes``; None: all) at position pos
+        needs that does not depend on the cycle tried: (vt, whether the planes' slices differ, locs,
+        queues, slices, cycle offsets from T to each issue, planes, direction, xs = (x0, x1) per plane,
+        banks, lowest offset), or (vt, None) if it never fits. Kept per tensor, vector and position,
+        because kernels try one group at many cycles in turn (vt in the entry guards against a reused id)."""
+        key = (id(vt), v, pos, write, None if planes is None else tuple(planes))
+        got = self._specs.get(key)
+        if got is not None and got[0] is vt:
+            return got
+        spec = self._make_spec(vt, v, pos, planes, write)
+        if len(self._specs) > 200_000:       # bound the memory; entries are cheap to rebuild
+            self._specs.clear()
+        self._specs[key] = spec
+        return spec
+
+    def _make_spec(self, vt: VT, v: int, pos: int, planes: Optional[Sequence[int]], write: bool):
+        cfg = self.cfg
+        pl = list(range(vt.planes)) if planes is None else list(planes)
+        locs = [vt.loc(v, p) for p in pl]
+        gs = [g for g, _ in locs]
+        sp = [self.slice_pos[g] for g in gs]
+        if write:
+            if any(s == pos for s in sp):
+                return (vt, None)
+            d = self.dir_to(pos, sp[0])
+            if any(self.dir_to(pos, s) != d for s in sp):
+                return (vt, None)
+            offs = [abs(s - pos) for s in sp]                          # issue = T + off
+            xs = [(self.xloc(d, pos), self.xloc(d, s)) for s in sp]
+        else:
+            d = self.dir_to(sp[0], pos)
+            if any(self.dir_to(s, pos) != d for s in sp):
+                return (vt, None)
+            offs = [-(cfg.mem_read_delay + abs(pos - s)) for s in sp]   # issue = T + off
+            xs = [(self.xloc(d, s), self.xloc(d, pos)) for s in sp]
+        # two planes in one slice issue in one cycle on one queue: never
+        never = len(set(gs)) < len(gs)
+        # readiness and write-after cycles are read at each try: they change (a state's write-after
+        # when it is assigned)
+        return (vt, not never, locs, [self.mem_q[g] for g in gs], gs, offs, pl, d, xs,
+                [self.bank(a) for _, a in locs], min(offs))
+
+    def ready_at(self, vt: VT, v: int, pos: int) -> int:
+        """The first cycle T at which :meth:`read_group` ``(vt, v, pos, T)`` passes its readiness
+        check (its reads issue at or after vector v is ready, and at or after cycle 0)."""
+        spec = self._spec(vt, v, pos, None, False)
+        if spec[1] is None:
+            return 0
+        return max(int(vt.ready[v]), 0) - spec[10]
+
     def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
-        cfg = self.cfg
-        w = vt.planes
-        locs = [vt.loc(v, p) for p in range(w)]
-        sp = [self.slice_pos[g] for g, _ in locs]
-        d = self.dir_to(sp[0], pos)
-        if any(self.dir_to(s, pos) != d for s in sp):
+        return self.read_spec(plan, self._spec(vt, v, pos, None, False), v, T, used)
+
+    def read_spec(self, plan: Plan, spec: tuple, v: int, T: int, used: Used) -> Optional[int]:
+        """:meth:`read_group` with the group's :meth:`_spec` (vector v of its tensor) found already."""
+        if spec[1] is None:
             return None
-        t_iss = [T - cfg.mem_read_delay - abs(pos - s) for s in sp]
-        if any(t < int(vt.ready[v]) or t < 0 for t in t_iss):
+        vt, ok, locs, qs, gs, offs, _, d, xs, banks, omin = spec
+        t0 = T + omin                       # the earliest issue of the planes
+        if t0 < vt.ready[v] or t0 < 0 or not ok:
             return None
-        if not self._queues_free(locs, t_iss, used):
-            return None
-        k, x1 = T - self.xloc(d, pos), self.xloc(d, pos)
-        xs = [(self.xloc(d, s), x1) for s in sp]
-        b = self.free_group(d, w, k, xs, used)
+        t_iss = [T + o for o in offs]
+        busy = self.sched.busy
+        for q, g, t in zip(qs, gs, t_iss):  # each slice's queue free (see _mem_free)
+            if ("q", g, t) in used:
+                return None
+            qb = busy.get(q)
+            if qb is not None and t < len(qb.bits) and qb.bits[t]:
+                return None
+        k = T - xs[0][1]
+        b = self.free_group(d, len(offs), k, xs, used)
         if b is None:
             return None
-        for p in range(w):
-            g, a = locs[p]
-            plan.issues.append((self.mem_q[g], t_iss[p], "Read", (a, b + p)))
-            plan.reads.append((g, t_iss[p], self.bank(a)))
+        issues, reads = plan.issues, plan.reads
+        for p in range(len(offs)):
+            t = t_iss[p]
+            issues.append((qs[p], t, "Read", (locs[p][1], b + p)))
+            reads.append((gs[p], t, banks[p]))
             used[(b + p, k)] = 1
-            used[("q", g, t_iss[p])] = 1
+            used[("q", gs[p], t)] = 1
         plan.spans.extend((b + p, k, x0, x1) for p, (x0, x1) in enumerate(xs))
         return b
 
@@ -142,35 +220,31 @@ class Ctx:
                     planes: Optional[Sequence[int]] = None) -> Optional[Tuple[int, int]]:
         """Plan writes of vector v of vt from a stream group leaving position pos at cycle T.
         Returns (base stream, landing cycle of the last plane) or None."""
-        cfg = self.cfg
-        planes = list(range(vt.planes)) if planes is None else list(planes)
-        w = len(planes)
-        locs = [vt.loc(v, p) for p in planes]
-        sp = [self.slice_pos[g] for g, _ in locs]
-        if any(s == pos for s in sp):
+        spec = self._spec(vt, v, pos, planes, True)
+        if spec[1] is None:
             return None
-        d = self.dir_to(pos, sp[0])
-        if any(self.dir_to(pos, s) != d for s in sp):
+        _, ok, locs, qs, gs, offs, pl, d, xs, banks, omin = spec
+        wd = self.cfg.mem_write_delay
+        t_iss = [T + o for o in offs]
+        for t, p in zip(t_iss, pl):
+            if t + wd < vt.write_after(v, p):
+                return None
+        if not ok or T + omin < 0 or not self._mem_free(qs, gs, t_iss, used):
             return None
-        t_iss = [T + abs(s - pos) for s in sp]
-        lands = [t + cfg.mem_write_delay for t in t_iss]
-        if any(land < vt.write_after(v, p) for land, p in zip(lands, planes)):
-            return None
-        if not self._queues_free(locs, t_iss, used):
-            return None
-        k, x0 = T - self.xloc(d, pos), self.xloc(d, pos)
-        xs = [(x0, self.xloc(d, s)) for s in sp]
+        w = len(offs)
+        k = T - xs[0][0]
         b = self.free_group(d, 4 if w == 4 else w, k, xs, used)
         if b is None:
             return None
+        issues, writes = plan.issues, plan.writes
         for i in range(w):
-            g, a = locs[i]
-            plan.issues.append((self.mem_q[g], t_iss[i], "Write", (a, b + i)))
-            plan.writes.append((g, lands[i], self.bank(a)))
+            t = t_iss[i]
+            issues.append((qs[i], t, "Write", (locs[i][1], b + i)))
+            writes.append((gs[i], t + wd, banks[i]))
             used[(b + i, k)] = 1
-            used[("q", g, t_iss[i])] = 1
+            used[("q", gs[i], t)] = 1
         plan.spans.extend((b + i, k, xa, xb) for i, (xa, xb) in enumerate(xs))
-        return b, max(lands)
+        return b, max(t_iss) + wd
 
 
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +543,7 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
                alus: Optional[Sequence[int]] = None, start: int = 0) -> int:
     """Evaluate `root` for every vector of `out` (or the given ones).  Returns the last
     landing cycle."""
-    cfg, sched = ctx.cfg, ctx.sched
+    cfg = ctx.cfg
     if root.op == "in":
         root = E("mov", root.dtype, root)
     alus = list(alus if alus is not None else range(cfg.vxm_alus_per_lane))
@@ -489,42 +563,53 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
             lo = max(lo, out.write_after(v, p) - ch.land[id(root_v)] - abs(pos - ctx.slice_pos[g])
                      - cfg.mem_write_delay)
         a = max(a, lo)
+        # the operands' tensors and vectors do not change from one cycle tried to the next
+        reads_v = [(tc, id(node), vt, idx(v)) for tc, node in ch.reads for vt, idx in (node.source(),)]
+        specs = [ctx._spec(vt, vin, pos, None, False) for _, _, vt, vin in reads_v]
         for _tries in range(SEARCH):
-            plan = Plan()
-            used: Used = {}
-            srcs: Dict[Tuple[int, int], int] = {}
-            ok = True
-            for tc, node in ch.reads:
-                vt, idx = node.source()
-                b = ctx.read_group(plan, vt, idx(v), pos, a + tc, used)
-                if b is None:
-                    ok = False
-                    break
-                srcs[(tc, id(node))] = b
-            wr = ctx.write_group(plan, out, v, pos, a + ch.land[id(root_v)], used) if ok else None
-            if wr is not None:
-                dst, landing = wr
-                for n in ch.nodes:
-                    q = f"VXM.{ch.alu[id(n)]}"
-                    n_dst = dst if n is root_v else isa.NONE
-                    plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, n_dst, ch.alu, ch.t)))
-                    plan.lands.append((ch.alu[id(n)], a + ch.land[id(n)]))
-                    if ch.last_use[id(n)] > ch.land[id(n)]:
-                        plan.holds.append((ch.alu[id(n)], a + ch.land[id(n)], a + ch.last_use[id(n)]))
-                if sched.fits(plan):
-                    sched.commit(plan)
-                    out.ready[v] = max(out.ready[v], landing)
-                    for tc, node in ch.reads:
-                        vt, idx = node.source()
-                        vin = idx(v)
-                        vt.last_read[vin] = max(vt.last_read[vin], a + tc)
-                    last = max(last, landing)
-                    break
+            landing = _map_try(ctx, ch, root_v, reads_v, specs, out, v, a)
+            if landing is not None:
+                out.ready[v] = max(out.ready[v], landing)
+                for tc, _, vt, vin in reads_v:
+                    vt.last_read[vin] = max(vt.last_read[vin], a + tc)
+                last = max(last, landing)
+                break
             a += 1
         else:
             raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
         anchor[set_of[v]] = a
     return last
+
+
+def _map_try(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int, a: int) -> Optional[int]:
+    """Place map_kernel's vector v with its chain's first issue at cycle a, if the reads
+    ``reads_v`` (relative cycle, id of the input node, tensor, vector; ``specs``: their
+    :meth:`Ctx._spec`), the write and the VXM operations all fit then; returns the landing
+    cycle of the write, or None."""
+    plan = Plan()
+    used: Used = {}
+    srcs: Dict[Tuple[int, int], int] = {}
+    pos = ctx.vx
+    for (tc, nid, _, vin), spec in zip(reads_v, specs):
+        b = ctx.read_spec(plan, spec, vin, a + tc, used)
+        if b is None:
+            return None
+        srcs[(tc, nid)] = b
+    wr = ctx.write_group(plan, out, v, pos, a + ch.land[id(root_v)], used)
+    if wr is None:
+        return None
+    dst, landing = wr
+    for n in ch.nodes:
+        q = f"VXM.{ch.alu[id(n)]}"
+        n_dst = dst if n is root_v else isa.NONE
+        plan.issues.append((q, a + ch.t[id(n)], n.op, _vxm_args(n, srcs, n_dst, ch.alu, ch.t)))
+        plan.lands.append((ch.alu[id(n)], a + ch.land[id(n)]))
+        if ch.last_use[id(n)] > ch.land[id(n)]:
+            plan.holds.append((ch.alu[id(n)], a + ch.land[id(n)], a + ch.last_use[id(n)]))
+    if not ctx.sched.fits(plan):
+        return None
+    ctx.sched.commit(plan)
+    return landing
 
 
 def _alu_sets(ctx: Ctx, root: Expr, vectors: Sequence[int], alus: Sequence[int]):
@@ -1032,6 +1117,10 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank
         lo_t = max(E_, st.abc_next)
         if i == 0 and kc == 0:
             lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
+        # a try whose read of the row would issue before the row is ready fails first thing, leaving
+        # no trace: start after them (compile time; the same cycle is found)
+        lag = cfg.sxm_delay + abs(run.sx - xm) if shift else 0
+        lo_t = max(lo_t, ctx.ready_at(mm.A, av, run.sx if shift else xm) + lag)
 
         def build_a(T, av=av, shift=shift, i=i):
             plan, used = Plan(), {}

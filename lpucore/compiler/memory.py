@@ -16,7 +16,7 @@ read: a new tensor's writes there must land no earlier (the scheduler enforces i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -37,6 +37,9 @@ class Memory:
         self.live = np.zeros(cfg.mem_slices, dtype=np.int64)
         self.peak = 0
         self.rr = [0, 0]          # round-robin start per hemisphere
+        # (slice, fresh) -> longest(): placement asks every slice for it for every tensor, the free
+        # lists change only by take and give (which drop the slice's entries)
+        self._longest: Dict[Tuple[int, bool], int] = {}
 
     def available(self, g: int) -> int:
         return sum(e - s for s, e, _ in self.free[g])
@@ -46,6 +49,12 @@ class Memory:
 
     def longest(self, g: int, fresh: bool = False) -> int:
         """The longest run of consecutive free addresses of slice g (``fresh``: never used in the run)."""
+        got = self._longest.get((g, fresh))
+        if got is None:
+            got = self._longest[(g, fresh)] = self._find_longest(g, fresh)
+        return got
+
+    def _find_longest(self, g: int, fresh: bool) -> int:
         best = run = 0
         end = -1
         for s, e, t in self.free[g]:
@@ -84,6 +93,7 @@ class Memory:
         s = fr[i][0]
         rest = [(s + n, fr[j][1], fr[j][2])] if s + n < fr[j][1] else []
         self.free[g] = fr[:i] + rest + fr[j + 1:]
+        self._forget(g)
         self.used[g] += n
         self.peak = max(self.peak, int(self.used.sum()))
         return s, t
@@ -99,7 +109,13 @@ class Memory:
             else:
                 merged.append((s, e, t))
         self.free[g] = merged
+        self._forget(g)
         self.used[g] -= n
+
+    def _forget(self, g: int) -> None:
+        """Slice g's free list changed: its longest runs are found again when asked."""
+        self._longest.pop((g, False), None)
+        self._longest.pop((g, True), None)
 
     def peak_bytes(self) -> int:
         return self.peak * self.cfg.lanes

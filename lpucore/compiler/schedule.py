@@ -20,7 +20,7 @@ from typing import Dict, List, Set, Tuple
 from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError, ProgramError
-from ..program import make_instruction
+from ..program import Instruction, make_instruction
 
 
 def op_of(mnemonic: str, unit: str) -> isa.Op:
@@ -190,25 +190,47 @@ class Scheduler:
     def commit(self, plan: Plan) -> None:
         cfg = self.cfg
         delays = self._delays
+        busy, events = self.busy, self.events
+        last = self.last
+        # get, then create: setdefault(q, _Busy()) would allocate a bitmap for every issue
         for q, c, mn, args in plan.issues:
-            self.busy.setdefault(q, _Busy()).set(c)
-            self.events.setdefault(q, []).append((c, mn, args))
+            qb = busy.get(q)
+            if qb is None:
+                qb = busy[q] = _Busy()
+                events[q] = []
+            qb.set(c)
+            events[q].append((c, mn, args))
             dly = delays.get((q, mn))
             if dly is None:
                 dly = delays[(q, mn)] = op_of(mn, cfg.queue(q).unit).delay(cfg)
-            self.last = max(self.last, c + dly)
+            if c + dly > last:
+                last = c + dly
+        self.last = last
+        diag = self.diag
         for v, k, x0, x1 in plan.spans:
-            self.diag.setdefault((v, k), []).append((x0, x1))
+            ivs = diag.get((v, k))
+            if ivs is None:
+                diag[(v, k)] = [(x0, x1)]
+            else:
+                ivs.append((x0, x1))
         for g, c, bank in plan.reads:
             self.bank_rd[(g, c)] = self.bank_rd.get((g, c), 0) | (1 << bank)
         for g, c, bank in plan.writes:
             self.bank_wr[(g, c)] = self.bank_wr.get((g, c), 0) | (1 << bank)
         for alu, T in plan.lands:
-            self.landed.setdefault(alu, _Busy()).set(T)
+            self._bitmap(self.landed, alu).set(T)
         for alu, lo, hi in plan.holds:
-            self.held.setdefault(alu, _Busy()).fill(lo + 1, hi + 1)
+            self._bitmap(self.held, alu).fill(lo + 1, hi + 1)
         for c, hem, res in plan.sxm:
             self.sxm_use[(c, hem, res)] = self.sxm_use.get((c, hem, res), 0) + 1
+
+    @staticmethod
+    def _bitmap(table: Dict[int, _Busy], alu: int) -> _Busy:
+        """ALU alu's bitmap in ``table`` (landed or held), created empty when first used."""
+        b = table.get(alu)
+        if b is None:
+            b = table[alu] = _Busy()
+        return b
 
     # ---- emission ------------------------------------------------------------------------------------
     def emit(self, program) -> None:
@@ -217,6 +239,9 @@ class Scheduler:
         Repeat."""
         cfg = self.cfg
         A = cfg.addresses_per_slice
+        # (unit, mnemonic, operands) -> instruction: instructions are immutable and a program repeats
+        # many (NOPs, a kernel's per-vector ops), so each distinct one is built once
+        made: Dict[Tuple[str, str, tuple], Instruction] = {}
         for q, evs in self.events.items():
             evs.sort(key=lambda e: e[0])
             qi = cfg.queue(q)
@@ -225,11 +250,15 @@ class Scheduler:
             def put(mn, *args, qi=qi, lst=lst):
                 # Program.add(check=False) without its per-call queue lookup; the program is
                 # validated as a whole afterwards
-                try:
-                    lst.append(make_instruction(cfg, mn, *args, unit=qi.unit))
-                except ProgramError as e:          # as Program.add words it
-                    msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
-                    raise ProgramError(msg, queue=qi.name, index=len(lst), field=e.field) from None
+                key = (qi.unit, mn, args)
+                ins = made.get(key)
+                if ins is None:
+                    try:
+                        ins = made[key] = make_instruction(cfg, mn, *args, unit=qi.unit)
+                    except ProgramError as e:          # as Program.add words it
+                        msg = str(e).split(": ", 1)[1] if e.field is not None else str(e)
+                        raise ProgramError(msg, queue=qi.name, index=len(lst), field=e.field) from None
+                lst.append(ins)
 
             t = 0
             i = 0
