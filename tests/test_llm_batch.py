@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from lpucore.llm import Decoder, ModelDoesNotFit
+from lpucore.llm import Decoder, ModelConfig, ModelDoesNotFit
 from lpucore.llm.batch import BatchResult, BatchStats
 from lpucore.llm.decoder import LOGIT_TOLERANCE
 
@@ -15,11 +15,17 @@ SEED = 1
 _cache = {}
 
 
+# a llama with one query head per kv head (as Llama-2-7B): its batch keeps the B caches as one state
+TINY_MHA = ModelConfig("tiny-mha", "llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                       d_ff=128, max_positions=128, rope_theta=10000.0)
+
+
 def decoder(name, precision, engine="fast"):
     """One decoder per model, precision and engine for the module (compiling takes seconds)."""
     key = (name, precision, engine)
     if key not in _cache:
-        _cache[key] = Decoder.random(name, seed=SEED, precision=precision, capacity=CAPACITY, engine=engine)
+        cfg = TINY_MHA if name == "tiny-mha" else name
+        _cache[key] = Decoder.random(cfg, seed=SEED, precision=precision, capacity=CAPACITY, engine=engine)
     return _cache[key]
 
 
@@ -31,7 +37,8 @@ def check_close(logits, ref_logits):
         assert err <= bound, f"step {i}: logits differ by {err} > {bound}"
 
 
-@pytest.mark.parametrize("name,precision", [("tiny", "fp16"), ("tiny-gpt2", "int8"), ("tiny-moe", "int8")])
+@pytest.mark.parametrize("name,precision", [("tiny", "fp16"), ("tiny-gpt2", "int8"), ("tiny-moe", "int8"),
+                                            ("tiny-mha", "int8")])
 def test_each_sequence_as_if_decoded_alone(name, precision):
     dec = decoder(name, precision)
     res = dec.generate(PROMPTS, max_new_tokens=NEW)
@@ -41,8 +48,7 @@ def test_each_sequence_as_if_decoded_alone(name, precision):
         tokens, ref_logits = dec.reference().generate(prompt, NEW)
         np.testing.assert_array_equal(r.tokens, alone.tokens)
         np.testing.assert_array_equal(r.tokens, tokens)
-        # row for row the single-sequence arithmetic
-        np.testing.assert_array_equal(r.logits, alone.logits)
+        check_close(r.logits, alone.logits)
         check_close(r.logits, ref_logits)
         assert r.finish_reason == "length" and list(r.prompt_ids) == prompt
         assert [s.phase for s in r.stats.steps] == ["prefill"] * len(prompt) + ["decode"] * (NEW - 1)
@@ -55,6 +61,23 @@ def test_each_sequence_as_if_decoded_alone(name, precision):
     assert [s.prefill + s.decode + s.idle for s in st.steps] == [3] * len(st.steps)
     assert sum(s.new_tokens for s in st.steps) == 3 * NEW
     assert st.steps[0].prefill == 3 and st.steps[-1].idle == 2 and st.steps[-1].decode == 1
+
+
+def test_one_cache_state_per_layer_when_heads_are_not_grouped():
+    """G == 1 (GPT-2, Llama-2-7B): the B caches are one [B * capacity, D] state per layer, and sequence
+    b's keys are its rows b * capacity + position; G > 1: a state per sequence."""
+    dec = decoder("tiny-gpt2", "int8")
+    dec.generate(PROMPTS, max_new_tokens=2)
+    prog = dec.batch_program(3)
+    k = prog.compiled.read_state(prog.chip, "k0")
+    assert k.shape == (3 * CAPACITY, dec.cfg.d_model)
+    ref = dec.reference()
+    ref.prefill(PROMPTS[2][:4])
+    rows = k[2 * CAPACITY:2 * CAPACITY + 4].reshape(4, dec.cfg.n_heads, dec.cfg.head_dim).transpose(1, 0, 2)
+    np.testing.assert_allclose(rows.astype(np.float32), ref.cache.keys(0)[:, :4], rtol=0.02, atol=0.02)
+    g = decoder("tiny", "fp16")
+    g.generate(PROMPTS, max_new_tokens=1)
+    assert g.batch_program(3).compiled.read_state(g.batch_program(3).chip, "k1_b2").shape == (CAPACITY, 32)
 
 
 def test_sequences_finish_on_their_own_at_eos():

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..errors import LpuError, ModelDoesNotFit
+from ..errors import CompileError, LpuError, ModelDoesNotFit
 from .continuation import Continuation
 
 if TYPE_CHECKING:
@@ -222,7 +222,17 @@ class BatchProgram:
             t0 = time.perf_counter()
             graph, self.spans = build_step(dec.cfg, dec.ref.w, dec.ref.quantized, dec.precision, dec.capacity,
                                            dec.block, batch=batch)
-            self.compiled = lpucore.compile(graph, dec.chip_config)
+            try:
+                self.compiled = lpucore.compile(graph, dec.chip_config)
+            except CompileError as e:
+                if "does not fit" not in str(e):
+                    raise
+                w, kv = dec.memory_bytes(dec.cfg, dec.precision, dec.capacity)
+                raise ModelDoesNotFit(
+                    f"the step program of {batch} sequences of {dec.cfg.name} ({dec.precision}) does not fit one "
+                    f"{dec.chip_config.name}: weights and {batch} KV caches take {(w + batch * kv) / 1e6:,.1f} MB, "
+                    f"and its temporaries the rest, so it needs at least 2 chips (batches over pipeline stages "
+                    f"are not built; fewer sequences or a smaller capacity fit one): {e}") from None
             self.compile_seconds = time.perf_counter() - t0
         self.by_part, self.by_op = _breakdown(self.compiled, self.spans)
         if like is None and batch == 1:

@@ -485,6 +485,10 @@ class Decoder:
             self._batches[batch] = BatchProgram(self, batch, like)
         return self._batches[batch]
 
+    def drop_batch_program(self, batch: int) -> None:
+        """Forget the program of ``batch`` sequences and its chip (host memory); made again when needed."""
+        self._batches.pop(batch, None)
+
     def _generate_batch(self, prompts, max_new_tokens, greedy, temperature, seed, eos_id, on_token, *, top_k,
                         top_p, stop, ignore_eos, on_text, sampling):
         """:meth:`generate` of a list of prompts (see there); a :class:`~lpucore.llm.batch.BatchResult`."""

@@ -99,6 +99,7 @@ class StepBuilder:
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
         self._digit_col: Optional[Tensor] = None                # _digit_weights()
         self._iota_h: Optional[Tensor] = None                   # _mask()
+        self._rows: Dict[tuple, Tensor] = {}                    # _row_pos()
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
@@ -345,6 +346,44 @@ class StepBuilder:
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
         return seg2, seg_t
 
+    def _stacked_attention(self, pos: Tensor):
+        """A batch's attention constants when the B caches are one state (``G == 1``, :meth:`stacked_attention`):
+        ``(pos, rows, mask, seg2, seg_t)`` with ``rows`` int32 ``[B]`` the cache rows ``b * S + pos[b]`` and
+        ``mask`` float32 ``[B, S, Hkv]`` (``MASK`` after each sequence's position)."""
+        g, S, B = self.g, self.S, self.B
+        posf = g.cast(pos, "float32")
+        base = g.constant("batch_rows", (np.arange(B, dtype=F32) * S))
+        rows = g.cast(g.add(posf, base), "int32")                          # exact: integers below 2^24
+        mask = self._mask(g.reshape(posf, (B, 1, 1)))                      # [B, S, Hkv]
+        return (pos, rows, mask) + self._head_constants()
+
+    def stacked_attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, att) -> Tensor:
+        """Layer ``i``'s attention for a batch with one query head per kv head: ``q, k, v`` float32
+        ``[B, D]`` -> float16 ``[B, D]``. The B caches are one state ``[B * S, D]`` per layer (sequence
+        ``b``'s rows ``b * S ..``): the B new rows are written by one MEM Scatter at ``b * S + pos[b]``,
+        and every operation of :meth:`attention` runs once over ``[B, S, D]`` (B times the vectors, the
+        same number of kernels: one chain of kernels for the whole batch, not B)."""
+        g, cfg, S, B = self.g, self.cfg, self.S, self.B
+        hd, D = cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        rows, mask, seg2, seg_t = att[1:]
+        self.part("kv")
+        K = g.state(f"k{i - self.first}", (B * S, D), "float16")
+        V = g.state(f"v{i - self.first}", (B * S, D), "float16")
+        K_new = g.scatter(K, rows, self.f16(k))
+        V_new = g.scatter(V, rows, self.f16(v))
+        g.assign(K, K_new)
+        g.assign(V, V_new)
+        self.part("attn")
+        prod = g.mul(g.cast(self.f16(g.reshape(q, (B, 1, D))), "float32"),
+                     g.cast(g.reshape(K_new, (B, S, D)), "float32"))                     # [B, S, D]
+        hi = self.f16(prod)
+        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
+        sc = g.add(g.mul(self._head_sums([hi, lo], seg2), float(1.0 / math.sqrt(hd))), mask)   # [B, S, Hkv]
+        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
+        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
+        pe = g.matmul(p, seg_t, out_dtype="float32")                                      # [B, S, D]
+        return self.f16(g.sum(g.mul(pe, g.cast(g.reshape(V_new, (B, S, D)), "float32")), axis=-2))
+
     def _batch_attention(self, pos: Tensor):
         """Per sequence ``b`` of a batch: ``(pos_b, posf_b, mask_b, seg2, seg_t)`` as :meth:`_attention_constants`
         gives for one sequence (the head matrices shared), ``pos_b`` int32 ``[1]`` sliced from ``pos [B]``."""
@@ -381,7 +420,7 @@ class StepBuilder:
         if "attn" in kinds and B > 1:
             assert pos is not None
             self.part("kv")
-            att = self._batch_attention(pos)
+            att = self._batch_attention(pos) if cfg.n_heads != cfg.n_kv_heads else self._stacked_attention(pos)
         elif "attn" in kinds:
             self.part("kv")
             posf = g.cast(pos, "float32")
@@ -446,7 +485,13 @@ class StepBuilder:
         self.part("attn")
         if self.B > 1:
             qa, ka, va = (self.linear(h, p + f"self_attn.{n}_proj.weight", True) for n in "qkv")
-            a = self.g.concat([self._llama_row_attn(i, b, qa, ka, va, att[b]) for b in range(self.B)], axis=0)
+            if isinstance(att, tuple):      # one cache state: each row rotated by its position, then stacked
+                qr, kr = ([g.reshape(g.rope(self._heads(self._row(t, b), n), self._row_pos(att[0], b),
+                                            base=cfg.rope_theta), (1, n * cfg.head_dim)) for b in range(self.B)]
+                          for t, n in ((qa, cfg.n_heads), (ka, cfg.n_kv_heads)))
+                a = self.stacked_attention(i, g.concat(qr, axis=0), g.concat(kr, axis=0), va, att)
+            else:
+                a = g.concat([self._llama_row_attn(i, b, qa, ka, va, att[b]) for b in range(self.B)], axis=0)
             return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
         q = g.rope(self._heads(self.linear(h, p + "self_attn.q_proj.weight", True), cfg.n_heads), pos,
                    base=cfg.rope_theta)
@@ -455,6 +500,13 @@ class StepBuilder:
         v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
         a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
+
+    def _row_pos(self, pos: Tensor, b: int) -> Tensor:
+        """Sequence ``b``'s position, int32 ``[1]`` (sliced once, kept for every layer)."""
+        key = ("pos", b)
+        if key not in self._rows:
+            self._rows[key] = self.g.slice(pos, (slice(b, b + 1),))
+        return self._rows[key]
 
     def _row(self, x: Tensor, b: int) -> Tensor:
         """Row ``b`` of ``x [B, N]`` as ``[1, N]`` (sequence ``b`` of a batch)."""
@@ -568,7 +620,10 @@ class StepBuilder:
         h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
         self.part("attn")
         qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
-        if self.B > 1:      # each sequence's row over its own cache
+        if self.B > 1 and isinstance(att, tuple):       # the B caches as one state
+            qs, ks, vs = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
+            a = self.stacked_attention(i, qs, ks, vs, att)
+        elif self.B > 1:      # each sequence's row over its own cache
             rows = [[g.slice(qkv, (slice(b, b + 1), slice(j * d, (j + 1) * d))) for j in range(3)]
                     for b in range(self.B)]
             a = g.concat([self.attention(i, q, k, v, att[b], row=b) for b, (q, k, v) in enumerate(rows)], axis=0)
