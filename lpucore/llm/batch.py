@@ -207,8 +207,8 @@ class BatchProgram:
         import lpucore
 
         from ..chip import Chip
-        from .decoder import _breakdown
         from .program import build_step
+        from .steps import _breakdown
         batch_fit(dec, batch)
         self.batch: int = batch
         if like is None and batch == 1:     # the single-sequence program and chip
@@ -273,7 +273,7 @@ def run_batch(dec: "Decoder", prog: BatchProgram, rows: List[_Row], on_token=Non
     last new token at its own position (a finished row a dummy token at position 0); the logits of a row's
     last prompt token and of its new tokens go to its continuation. Returns (BatchStepStats list, last
     RunStats, wall seconds)."""
-    from .decoder import StepStats
+    from .steps import StepStats
     B = len(rows)
     steps: List[BatchStepStats] = []
     t_start = time.perf_counter()
