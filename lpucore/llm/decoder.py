@@ -24,7 +24,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple, Union, overload
 
 import numpy as np
 
@@ -35,30 +35,17 @@ from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference
 from .sampling import SamplingError, SamplingParams
 from .shapes import ModelConfig, model_config
+from .steps import StepStats, _breakdown
 from .text import TextError, Tokenizer, check_stop, load_text
 from .weights import RandomWeights, load_config, load_pretrained
 
 if TYPE_CHECKING:
     from ..compiler.lower import Compiled
+    from .batch import BatchProgram, BatchResult
 
 PRECISIONS = ("fp16", "int8")
 LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
 MAX_CAPACITY = 2048        # rotary tables of the compiler cover positions 0..2047
-
-
-@dataclass
-class StepStats:
-    """One step: the token fed in at ``position``; ``cycles`` of the chip, ``seconds`` at its clock."""
-
-    index: int
-    phase: str                  # "prefill" or "decode"
-    position: int
-    token: int
-    cycles: int
-    seconds: float
-    mxm_utilisation: float      # fraction of MXM plane-cycles busy
-    macs: int
-    wall_seconds: float         # host time to simulate the step
 
 
 @dataclass
@@ -167,34 +154,11 @@ class GenerateResult:
     stop_string: Optional[str] = None
 
 
-def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[Dict[str, int], Dict[str, int]]:
-    """Cycles of one step attributed to model parts and graph operations.
-
-    A kernel's share is how far it pushes the latest result-landing cycle beyond every earlier kernel's
-    (kernels overlap, so a kernel hidden under an earlier one costs nothing); what follows the last kernel
-    (the cache write-back and the pipeline drain) goes to ``kv`` / ``writeback``. An operation fused into
-    its consumer (landing cycle None, :mod:`lpucore.compiler.fuse`) has no kernel: the consumer's op
-    and part get its cycles."""
-    label_of: Dict[int, str] = {}
-    for label, a, b in spans:
-        for i in range(a, b):
-            label_of[i] = label
-    by_part: Dict[str, int] = {}
-    by_op: Dict[str, int] = {}
-    front = 0
-    for i, (op, _name, last) in enumerate(compiled.kernels):
-        if last is None or last <= front:
-            continue
-        d = int(last - front)
-        front = int(last)
-        lab = label_of.get(i, "other")
-        by_part[lab] = by_part.get(lab, 0) + d
-        by_op[op] = by_op.get(op, 0) + d
-    rest = int(compiled.expected_cycles - front)
-    if rest > 0:
-        by_part["kv"] = by_part.get("kv", 0) + rest
-        by_op["writeback"] = by_op.get("writeback", 0) + rest
-    return by_part, by_op
+def _is_batch(prompt) -> bool:
+    """Whether ``prompt`` is a list of prompts (texts, id lists or arrays) rather than one prompt."""
+    if isinstance(prompt, (str, np.ndarray)) or not isinstance(prompt, (list, tuple)) or not prompt:
+        return False
+    return all(isinstance(p, (str, list, tuple, np.ndarray)) for p in prompt)
 
 
 class Decoder:
@@ -241,6 +205,7 @@ class Decoder:
         self.compiled: Optional[Compiled] = None
         self.compile_seconds = 0.0
         self._chip = None
+        self._batches: Dict[int, "BatchProgram"] = {}     # batch size -> its step program (batch_program)
         self.position = 0
 
     # ---- construction --------------------------------------------------------------------------------
@@ -386,12 +351,28 @@ class Decoder:
         self.position += 1
         return compiled.read_outputs(chip)["logits"].reshape(-1).astype(np.float32), stats
 
+    @overload
     def generate(self, prompt: Union[str, Sequence[int]], max_new_tokens: int = 32, greedy: Optional[bool] = None,
                  temperature: Optional[float] = None, seed: Optional[int] = 0, eos_id: Optional[int] = None,
                  on_token: Optional[Callable[[int, StepStats], None]] = None, *, top_k: int = 0, top_p: float = 1.0,
                  stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False,
                  on_text: Optional[Callable[[str], None]] = None,
-                 sampling: Optional[SamplingParams] = None) -> GenerateResult:
+                 sampling: Optional[SamplingParams] = None) -> GenerateResult: ...
+
+    @overload
+    def generate(self, prompt: List[Union[str, Sequence[int], np.ndarray]], max_new_tokens: int = 32,
+                 greedy: Optional[bool] = None, temperature: Optional[float] = None, seed: Optional[int] = 0,
+                 eos_id: Optional[int] = None, on_token: Optional[Callable[[int, int, StepStats], None]] = None, *,
+                 top_k: int = 0, top_p: float = 1.0, stop: Union[str, Sequence[str], None] = None,
+                 ignore_eos: bool = False, on_text: None = None,
+                 sampling: Optional[SamplingParams] = None) -> "BatchResult": ...
+
+    def generate(self, prompt, max_new_tokens: int = 32, greedy: Optional[bool] = None,
+                 temperature: Optional[float] = None, seed: Optional[int] = 0, eos_id: Optional[int] = None,
+                 on_token: Optional[Callable] = None, *, top_k: int = 0, top_p: float = 1.0,
+                 stop: Union[str, Sequence[str], None] = None, ignore_eos: bool = False,
+                 on_text: Optional[Callable[[str], None]] = None,
+                 sampling: Optional[SamplingParams] = None):
         """Prefill ``prompt`` (a new sequence), then generate up to ``max_new_tokens`` tokens.
 
         ``prompt`` is token ids, or text when the model has a tokenizer (:attr:`tokenizer`, read by
@@ -407,7 +388,18 @@ class Decoder:
         when the text holds one of the ``stop`` strings (the text ends before it; needs a tokenizer).
         ``on_token(token, step_stats)`` is called as each new token is chosen, ``on_text(piece)`` with each
         piece of new text as it can be shown (the pieces add up to ``result.text``).
+
+        A list of prompts (lists of ids, arrays or texts) is a batch (:mod:`lpucore.llm.batch`): the B
+        sequences share one step program of B rows, each with its own KV cache, position, sampler and stop
+        conditions, and the result is a :class:`~lpucore.llm.batch.BatchResult` (a sequence of
+        :class:`GenerateResult`, and ``.stats`` the batch's :class:`~lpucore.llm.batch.BatchStats`);
+        ``on_token(row, token, step_stats)`` and ``on_text`` is not taken. Raises
+        :class:`ModelDoesNotFit` (how many chips it needs) when the weights and B caches do not fit one chip.
         """
+        if _is_batch(prompt):
+            return self._generate_batch(prompt, max_new_tokens, greedy, temperature, seed, eos_id, on_token,
+                                        top_k=top_k, top_p=top_p, stop=stop, ignore_eos=ignore_eos,
+                                        on_text=on_text, sampling=sampling)
         ids, prompt_text = self._prompt_ids(prompt)
         if sampling is None:
             sampling = SamplingParams.resolve(greedy, temperature, top_k, top_p, seed)
@@ -439,6 +431,82 @@ class Decoder:
         return GenerateResult(np.asarray(seq.tokens, dtype=np.int64), logits, stats, text=seq.text,
                               finish_reason=seq.finish_reason or "length", prompt_ids=ids, prompt_text=prompt_text,
                               stop_string=seq.stop_string)
+
+    def batch_program(self, batch: int, like=None) -> "BatchProgram":
+        """The compiled and loaded step program of ``batch`` sequences (:class:`~lpucore.llm.batch.BatchProgram`,
+        made on first use and kept; ``like``: reuse that program's compilation). ``batch`` 1 builds the
+        single-sequence graph (the same program as :meth:`compile`'s) on a chip of its own."""
+        from .batch import BatchProgram
+        if batch not in self._batches:
+            self._batches[batch] = BatchProgram(self, batch, like)
+        return self._batches[batch]
+
+    def drop_batch_program(self, batch: int) -> None:
+        """Forget the program of ``batch`` sequences and its chip (host memory); made again when needed."""
+        self._batches.pop(batch, None)
+
+    def _generate_batch(self, prompts, max_new_tokens, greedy, temperature, seed, eos_id, on_token, *, top_k,
+                        top_p, stop, ignore_eos, on_text, sampling):
+        """:meth:`generate` of a list of prompts (see there); a :class:`~lpucore.llm.batch.BatchResult`."""
+        from .batch import BatchResult, _Row, batch_fit, run_batch
+        if on_text is not None:
+            raise ValueError("on_text streams one sequence: a batch's texts are in its results")
+        if sampling is None:
+            sampling = SamplingParams.resolve(greedy, temperature, top_k, top_p, seed)
+        elif greedy is not None or temperature is not None or top_k != 0 or top_p != 1.0:
+            raise SamplingError("give sampling=SamplingParams(...) or greedy/temperature/top_k/top_p, not both")
+        if self.tokenizer is None and check_stop(stop):
+            self._tokenizer()
+        eos = () if ignore_eos else ([int(eos_id)] if eos_id is not None else self.eos_ids)
+        parsed = [self._prompt_ids(p) for p in prompts]
+        for ids, _ in parsed:
+            self._check_lengths(ids, max_new_tokens)
+        batch_fit(self, len(parsed))
+        rows = [_Row(ids, Continuation(ids.tolist(), max_new_tokens, sampling, tokenizer=self.tokenizer, stop=stop,
+                                       eos_ids=eos)) for ids, _ in parsed]
+        prog = self.batch_program(len(rows))
+        steps, last, wall = run_batch(self, prog, rows, on_token)
+        stats = self._batch_stats(prog, rows, steps, last, wall)
+        results = []
+        for r, (ids, text) in zip(rows, parsed):
+            r.seq.close()
+            seq = r.seq
+            logits = np.stack(seq.logits) if seq.logits else np.zeros((0, self.cfg.vocab_size), np.float32)
+            st = self._row_stats(prog, stats, r.steps, len(ids), len(seq.tokens))
+            results.append(GenerateResult(np.asarray(seq.tokens, dtype=np.int64), logits, st, text=seq.text,
+                                          finish_reason=seq.finish_reason or "length", prompt_ids=ids,
+                                          prompt_text=text, stop_string=seq.stop_string))
+        return BatchResult(results, stats)
+
+    def _batch_stats(self, prog, rows, steps, last, wall):
+        """The :class:`~lpucore.llm.batch.BatchStats` of a batched run."""
+        from .batch import BatchStats
+        cfg, compiled = self.chip_config, prog.compiled
+        w, kv = self.memory_bytes(self.cfg, self.precision, self.capacity)
+        by_unit = {} if last is None else {u: int(v.get("busy_cycles", 0)) for u, v in last.by_unit.items()}
+        return BatchStats(
+            model=self.cfg.name, precision=self.precision, chip=cfg.name, clock_hz=cfg.clock_hz, batch=prog.batch,
+            capacity=self.capacity, prompt_tokens=[len(r.ids) for r in rows],
+            new_tokens=[len(r.seq.tokens) for r in rows],
+            step_cycles=last.cycles if last is not None else compiled.expected_cycles,
+            predicted_cycles=compiled.expected_cycles,
+            mxm_utilisation=last.mxm_utilisation if last is not None else 0.0, sram_bytes=compiled.memory_bytes,
+            sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv * prog.batch, by_unit=by_unit,
+            by_part=dict(prog.by_part), by_op=dict(prog.by_op), compile_seconds=prog.compile_seconds,
+            wall_seconds=wall, steps=steps)
+
+    def _row_stats(self, prog, bs, steps: List[StepStats], prompt_tokens: int, new_tokens: int) -> DecodeStats:
+        """One sequence's :class:`DecodeStats` in a batch: its own steps, the batch's program figures."""
+        return DecodeStats(
+            model=bs.model, precision=bs.precision, chip=bs.chip, clock_hz=bs.clock_hz, capacity=bs.capacity,
+            prompt_tokens=prompt_tokens, new_tokens=new_tokens, step_cycles=bs.step_cycles,
+            predicted_cycles=bs.predicted_cycles,
+            ttft_seconds=sum(s.seconds for s in steps if s.phase == "prefill"),
+            tokens_per_second=bs.tokens_per_second_per_user, mxm_utilisation=bs.mxm_utilisation,
+            sram_bytes=bs.sram_bytes, sram_capacity=bs.sram_capacity, weight_bytes=bs.weight_bytes,
+            kv_cache_bytes=bs.kv_cache_bytes // bs.batch, by_unit=dict(bs.by_unit), by_part=dict(bs.by_part),
+            by_op=dict(bs.by_op), compile_seconds=bs.compile_seconds, wall_seconds=bs.wall_seconds, steps=steps,
+            bounds=prog.compiled.bounds().as_dict())
 
     def chat(self, messages: Sequence[Mapping[str, object]], max_new_tokens: int = 32, *,
              add_generation_prompt: bool = True, template_vars: Optional[Mapping[str, object]] = None,

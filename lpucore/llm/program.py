@@ -63,8 +63,13 @@ class StepBuilder:
     def __init__(self, cfg: ModelConfig, w: Mapping[str, np.ndarray],
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
                  capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
-                 units: Optional[Tuple[int, int]] = None, shards: int = 1, table_shards: int = 1):
+                 units: Optional[Tuple[int, int]] = None, shards: int = 1, table_shards: int = 1,
+                 batch: int = 1):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
+        # B sequences per step (module docstring, "Batches"): B activation rows, a KV cache per sequence
+        self.B = int(batch)
+        if self.B < 1:
+            raise ValueError(f"batch must be >= 1, not {batch}")
         # a pipeline stage: the model units [u0, u1) of model_units(cfg) (or the layers [a, b) with the
         # embedding before layer 0 and the head after the last); a stage that starts with the embedding
         # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
@@ -78,6 +83,8 @@ class StepBuilder:
         if not 0 <= u0 < u1 <= len(all_units):
             raise ValueError(f"units must be a range inside 0..{len(all_units)}, got {units}")
         self.units = all_units[u0:u1]
+        if self.B > 1 and any(len(u) == 4 for u in self.units):
+            raise ValueError("a batched step does not hold sharded units (MLP, embedding or head shards)")
         idx = [u[1] for u in self.units if u[1] is not None]
         # constants and states of layer i are named by i - first: stages with the same units relative to
         # their first layer build the same graph, so one compiled program serves all of them
@@ -91,6 +98,8 @@ class StepBuilder:
         self.S, self.block = capacity, block
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
         self._digit_col: Optional[Tensor] = None                # _digit_weights()
+        self._iota_h: Optional[Tensor] = None                   # _mask()
+        self._rows: Dict[tuple, Tensor] = {}                    # _row_pos()
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
         self.g = Graph(f"{cfg.name}-step")
         self.spans: List[Tuple[str, int, int]] = []
@@ -126,7 +135,7 @@ class StepBuilder:
 
     def linear(self, x16: Tensor, name: str, transpose: bool, bias: Optional[str] = None,
                rows: Optional[Tuple[int, int]] = None, cols: Optional[Tuple[int, int]] = None) -> Tensor:
-        """``x16 [1, K] float16 @ W`` as float32 ``[1, N]``. ``transpose``: ``W`` is stored ``[N, K]``
+        """``x16 [B, K] float16 @ W`` as float32 ``[B, N]``. ``transpose``: ``W`` is stored ``[N, K]``
         (Hugging Face Linear), else ``[K, N]`` (GPT-2 Conv1D). ``rows`` / ``cols``: only that range of
         ``W``'s ``K`` / ``N`` (a shard of an MLP)."""
         g = self.g
@@ -141,10 +150,12 @@ class StepBuilder:
             outs = []
             for c0 in range(0, qk.shape[1], self.block):
                 c1 = min(c0 + self.block, qk.shape[1])
-                p = g.cast(g.matmul(digits, g.constant(f"{key}_q{c0}", qk[:, c0:c1])), "float32")  # [2, n]
+                p = g.cast(g.matmul(digits, g.constant(f"{key}_q{c0}", qk[:, c0:c1])), "float32")  # [2B, n]
+                if self.B > 1:      # rows h_0, l_0, h_1, l_1, ...: each sequence's pair as [B, 2, n]
+                    p = g.reshape(p, (self.B, 2, c1 - c0))
                 # 128 p_h + p_l as a weighted sum across the two rows: one fused kernel with
                 # the scales below, no row slices (exact: products by 128 and 1, one addition)
-                y = g.sum(g.mul(p, self._digit_weights()), axis=-2, keepdims=True)
+                y = g.sum(g.mul(p, self._digit_weights()), axis=-2, keepdims=self.B == 1)
                 y = g.mul(y, g.constant(f"{key}_s{c0}", (scale[c0:c1] / np.float32(DIGIT * DIGIT_MAX))
                                         .astype(F32).reshape(1, -1)))
                 # undo the activation's scale block by block: the products' elementwise chain
@@ -179,19 +190,24 @@ class StepBuilder:
         return np.ascontiguousarray(w)
 
     def digits(self, x16: Tensor):
-        """float16 ``[1, K]`` -> (int8 ``[2, K]`` rows ``h, l``, float32 ``[1, 1]`` max|x|) with
+        """float16 ``[B, K]`` -> (int8 ``[2B, K]`` rows ``h, l`` of each row, float32 ``[B, 1]`` max|x|) with
         ``x = max|x| / (DIGIT * DIGIT_MAX) * (DIGIT * h + l)`` up to half a unit of ``l`` (module docstring).
         One pair per activation tensor (q, k and v share theirs)."""
         if x16.id in self._digits:
             return self._digits[x16.id]
         g = self.g
         x = g.cast(x16, "float32")
-        m = g.maximum(g.max(g.abs(x), keepdims=True), 1e-30)                      # [1, 1]
+        m = g.maximum(g.max(g.abs(x), keepdims=True), 1e-30)                      # [B, 1]
         u = g.div(g.mul(x, float(DIGIT * DIGIT_MAX)), m)                           # |u| <= 16256
         h = g.cast(g.mul(u, 1.0 / DIGIT), "int32")                                 # round half to even
         hf = g.cast(h, "float32")
         lo = g.cast(g.sub(u, g.mul(hf, float(DIGIT))), "int8")                    # |l| <= 64
-        d = g.concat([g.cast(h, "int8"), lo], axis=0)
+        if self.B == 1:
+            d = g.concat([g.cast(h, "int8"), lo], axis=0)
+        else:               # [B, K] each -> rows h_0, l_0, h_1, l_1, ... ([2B, K]): a sequence's pair adjacent
+            K = x16.shape[-1]
+            d = g.reshape(g.concat([g.reshape(g.cast(h, "int8"), (self.B, 1, K)), g.reshape(lo, (self.B, 1, K))],
+                                   axis=1), (2 * self.B, K))
         self._digits[x16.id] = (d, m)
         return d, m
 
@@ -218,6 +234,8 @@ class StepBuilder:
             # none, so a 0 scale, when tok is outside a shard's rows)
             V = qw.shape[0]
             tokf = g.cast(tok, "float32") if tokf is None else tokf
+            if self.B > 1:          # one token per row: [B, 1] against the [1, V] lane numbers
+                tokf = g.reshape(tokf, (self.B, 1))
             iota = g.constant(key + "_iota", np.arange(V, dtype=F32).reshape(1, V))
             onehot = g.sub(1.0, g.minimum(g.abs(g.sub(iota, tokf)), 1.0))
             s = g.sum(g.mul(onehot, g.constant(key + "_rscale", scale.astype(F32).reshape(1, V))), keepdims=True)
@@ -238,9 +256,10 @@ class StepBuilder:
         return g.concat([g.gather(g.constant(f"{key}{c0}", np.ascontiguousarray(table[:, c0:c0 + self.block])), tok)
                          for c0 in range(0, d, self.block)], axis=-1)
 
-    def attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, att) -> Tensor:
+    def attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, att, row: Optional[int] = None) -> Tensor:
         """``q`` (``H * hd`` values: ``[1, H * hd]`` or ``[H, 1, hd]``; heads in :meth:`head_order`), ``k, v``
         (``Hkv * hd`` values) float32 -> attention output float16 ``[1, H * hd]`` (heads in the same order).
+        ``row``: the sequence of a batch (its own cache states ``k<i>_b<row>``); None for one sequence.
 
         Everything is elementwise over whole vectors or a product with a constant on the MXM (module
         docstring): no lane moves and no reductions across lanes."""
@@ -249,8 +268,9 @@ class StepBuilder:
         G, D = H // Hkv, Hkv * hd
         mask, seg2, seg_t = att[2:]
         self.part("kv")
-        K = g.state(f"k{i - self.first}", (S, D), "float16")
-        V = g.state(f"v{i - self.first}", (S, D), "float16")
+        tag = "" if row is None else f"_b{row}"           # a batch's sequence ``row`` has caches of its own
+        K = g.state(f"k{i - self.first}{tag}", (S, D), "float16")
+        V = g.state(f"v{i - self.first}{tag}", (S, D), "float16")
         # row p of the cache := the new row, written in place by MEM Scatter
         K_new = g.scatter(K, att[0], self.f16(g.reshape(k, (1, D))))                      # [S, D]
         V_new = g.scatter(V, att[0], self.f16(g.reshape(v, (1, D))))
@@ -301,11 +321,21 @@ class StepBuilder:
         """(mask, seg2, seg_t) shared by every layer's attention: ``mask`` float32 ``[S, Hkv]`` (``MASK`` on
         rows after ``pos``), ``seg2`` ranges ``(a, b, seg[a:b])`` of the float16 ``[D, Hkv]`` lane-to-head
         matrix (for :meth:`_head_sums`), ``seg_t`` float16 ``[Hkv, D]`` (head to its lanes)."""
-        g, cfg, S = self.g, self.cfg, self.S
+        mask = self._mask(posf)
+        return (mask,) + self._head_constants()
+
+    def _mask(self, posf: Tensor) -> Tensor:
+        """float32 ``[S, Hkv]``: 0 on the cache rows up to position ``posf`` (float32 ``[1]``), ``MASK`` after."""
+        g, S, Hkv = self.g, self.S, self.cfg.n_kv_heads
+        if self._iota_h is None:
+            self._iota_h = g.constant("iota_rows_h", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), Hkv, axis=1))
+        return g.mul(g.minimum(g.maximum(g.sub(self._iota_h, posf), 0.0), 1.0), MASK)
+
+    def _head_constants(self):
+        """(seg2, seg_t): the lane-to-head matrix's ranges and its transpose (:meth:`_attention_constants`)."""
+        g, cfg = self.g, self.cfg
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         D = Hkv * hd
-        iota_h = g.constant("iota_rows_h", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), Hkv, axis=1))
-        mask = g.mul(g.minimum(g.maximum(g.sub(iota_h, posf), 0.0), 1.0), MASK)           # [S, Hkv]
         seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
         # one product over all of D per part (hi and lo on two planes): cutting D into ranges of whole
         # vectors for four planes costs a copy of each range, more than the planes save (GPT-2-small,
@@ -314,7 +344,57 @@ class StepBuilder:
         seg2 = [(a, b, g.constant(f"head_sum{a}", np.ascontiguousarray(seg[a:b])))
                 for a, b in zip(cuts, cuts[1:])]
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
-        return mask, seg2, seg_t
+        return seg2, seg_t
+
+    def _stacked_attention(self, pos: Tensor):
+        """A batch's attention constants when the B caches are one state (``G == 1``, :meth:`stacked_attention`):
+        ``(pos, rows, mask, seg2, seg_t)`` with ``rows`` int32 ``[B]`` the cache rows ``b * S + pos[b]`` and
+        ``mask`` float32 ``[B, S, Hkv]`` (``MASK`` after each sequence's position)."""
+        g, S, B = self.g, self.S, self.B
+        posf = g.cast(pos, "float32")
+        base = g.constant("batch_rows", (np.arange(B, dtype=F32) * S))
+        rows = g.cast(g.add(posf, base), "int32")                          # exact: integers below 2^24
+        mask = self._mask(g.reshape(posf, (B, 1, 1)))                      # [B, S, Hkv]
+        return (pos, rows, mask) + self._head_constants()
+
+    def stacked_attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, att) -> Tensor:
+        """Layer ``i``'s attention for a batch with one query head per kv head: ``q, k, v`` float32
+        ``[B, D]`` -> float16 ``[B, D]``. The B caches are one state ``[B * S, D]`` per layer (sequence
+        ``b``'s rows ``b * S ..``): the B new rows are written by one MEM Scatter at ``b * S + pos[b]``,
+        and every operation of :meth:`attention` runs once over ``[B, S, D]`` (B times the vectors, the
+        same number of kernels: one chain of kernels for the whole batch, not B)."""
+        g, cfg, S, B = self.g, self.cfg, self.S, self.B
+        hd, D = cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        rows, mask, seg2, seg_t = att[1:]
+        self.part("kv")
+        K = g.state(f"k{i - self.first}", (B * S, D), "float16")
+        V = g.state(f"v{i - self.first}", (B * S, D), "float16")
+        K_new = g.scatter(K, rows, self.f16(k))
+        V_new = g.scatter(V, rows, self.f16(v))
+        g.assign(K, K_new)
+        g.assign(V, V_new)
+        self.part("attn")
+        prod = g.mul(g.cast(self.f16(g.reshape(q, (B, 1, D))), "float32"),
+                     g.cast(g.reshape(K_new, (B, S, D)), "float32"))                     # [B, S, D]
+        hi = self.f16(prod)
+        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
+        sc = g.add(g.mul(self._head_sums([hi, lo], seg2), float(1.0 / math.sqrt(hd))), mask)   # [B, S, Hkv]
+        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
+        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
+        pe = g.matmul(p, seg_t, out_dtype="float32")                                      # [B, S, D]
+        return self.f16(g.sum(g.mul(pe, g.cast(g.reshape(V_new, (B, S, D)), "float32")), axis=-2))
+
+    def _batch_attention(self, pos: Tensor):
+        """Per sequence ``b`` of a batch: ``(pos_b, posf_b, mask_b, seg2, seg_t)`` as :meth:`_attention_constants`
+        gives for one sequence (the head matrices shared), ``pos_b`` int32 ``[1]`` sliced from ``pos [B]``."""
+        g = self.g
+        rows = []
+        for b in range(self.B):
+            pb = g.slice(pos, (slice(b, b + 1),))
+            pf = g.cast(pb, "float32")
+            rows.append((pb, pf, self._mask(pf)))
+        heads = self._head_constants()
+        return [r + heads for r in rows]
 
     # ---- the model -------------------------------------------------------------------------------
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
@@ -322,8 +402,9 @@ class StepBuilder:
         kinds = [u[0] for u in self.units]
         self.part("inputs")
         gpt2 = cfg.family == "gpt2"
-        tok = g.input("tok", (1,), "int32") if "embed" in kinds else None
-        pos = g.input("pos", (1,), "int32") if "attn" in kinds or (gpt2 and tok is not None) else None
+        B = self.B
+        tok = g.input("tok", (B,), "int32") if "embed" in kinds else None
+        pos = g.input("pos", (B,), "int32") if "attn" in kinds or (gpt2 and tok is not None) else None
         # a stage that starts inside a sharded MLP takes (x, the partial sum) as rows of one tensor;
         # one that starts inside a sharded embedding, the partial row
         u0 = self.units[0]
@@ -334,9 +415,13 @@ class StepBuilder:
             xa = g.input("x_in", (2, cfg.d_model), "float32")
             x, acc = g.slice(xa, (slice(0, 1), slice(None))), g.slice(xa, (slice(1, 2), slice(None)))
         else:
-            x = g.input("x_in", (1, cfg.d_model), "float32")
+            x = g.input("x_in", (B, cfg.d_model), "float32")
         att = None
-        if "attn" in kinds:
+        if "attn" in kinds and B > 1:
+            assert pos is not None
+            self.part("kv")
+            att = self._batch_attention(pos) if cfg.n_heads != cfg.n_kv_heads else self._stacked_attention(pos)
+        elif "attn" in kinds:
             self.part("kv")
             posf = g.cast(pos, "float32")
             att = (pos, posf) + self._attention_constants(posf)
@@ -398,6 +483,16 @@ class StepBuilder:
         self.part("norm")
         h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
         self.part("attn")
+        if self.B > 1:
+            qa, ka, va = (self.linear(h, p + f"self_attn.{n}_proj.weight", True) for n in "qkv")
+            if isinstance(att, tuple):      # one cache state: each row rotated by its position, then stacked
+                qr, kr = ([g.reshape(g.rope(self._heads(self._row(t, b), n), self._row_pos(att[0], b),
+                                            base=cfg.rope_theta), (1, n * cfg.head_dim)) for b in range(self.B)]
+                          for t, n in ((qa, cfg.n_heads), (ka, cfg.n_kv_heads)))
+                a = self.stacked_attention(i, g.concat(qr, axis=0), g.concat(kr, axis=0), va, att)
+            else:
+                a = g.concat([self._llama_row_attn(i, b, qa, ka, va, att[b]) for b in range(self.B)], axis=0)
+            return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
         q = g.rope(self._heads(self.linear(h, p + "self_attn.q_proj.weight", True), cfg.n_heads), pos,
                    base=cfg.rope_theta)
         k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True), cfg.n_kv_heads), pos,
@@ -405,6 +500,26 @@ class StepBuilder:
         v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
         a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
+
+    def _row_pos(self, pos: Tensor, b: int) -> Tensor:
+        """Sequence ``b``'s position, int32 ``[1]`` (sliced once, kept for every layer)."""
+        key = ("pos", b)
+        if key not in self._rows:
+            self._rows[key] = self.g.slice(pos, (slice(b, b + 1),))
+        return self._rows[key]
+
+    def _row(self, x: Tensor, b: int) -> Tensor:
+        """Row ``b`` of ``x [B, N]`` as ``[1, N]`` (sequence ``b`` of a batch)."""
+        return self.g.slice(x, (slice(b, b + 1), slice(None)))
+
+    def _llama_row_attn(self, i: int, b: int, qa: Tensor, ka: Tensor, va: Tensor, att) -> Tensor:
+        """Sequence ``b``'s attention in layer ``i`` of a batch: its rows of the q, k, v projections
+        (float32 ``[B, .]``) rotated by its position, over its own cache; float16 ``[1, H * hd]``."""
+        g, cfg = self.g, self.cfg
+        assert cfg.rope_theta is not None
+        q = g.rope(self._heads(self._row(qa, b), cfg.n_heads), att[0], base=cfg.rope_theta)
+        k = g.rope(self._heads(self._row(ka, b), cfg.n_kv_heads), att[0], base=cfg.rope_theta)
+        return self.attention(i, q, k, self._heads(self._row(va, b), cfg.n_kv_heads), att, row=b)
 
     def _llama_mlp(self, i: int, x: Tensor) -> Tensor:
         g, cfg = self.g, self.cfg
@@ -505,8 +620,16 @@ class StepBuilder:
         h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
         self.part("attn")
         qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
-        q, k, v = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
-        a = self.attention(i, q, k, v, att)
+        if self.B > 1 and isinstance(att, tuple):       # the B caches as one state
+            qs, ks, vs = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
+            a = self.stacked_attention(i, qs, ks, vs, att)
+        elif self.B > 1:      # each sequence's row over its own cache
+            rows = [[g.slice(qkv, (slice(b, b + 1), slice(j * d, (j + 1) * d))) for j in range(3)]
+                    for b in range(self.B)]
+            a = g.concat([self.attention(i, q, k, v, att[b], row=b) for b, (q, k, v) in enumerate(rows)], axis=0)
+        else:
+            q, k, v = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
+            a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
 
     def _gpt2_mlp(self, i: int, x: Tensor) -> Tensor:
@@ -567,7 +690,8 @@ def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
 
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
                layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None,
-               shards: int = 1, table_shards: int = 1):
+               shards: int = 1, table_shards: int = 1, batch: int = 1):
     """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
-    of :func:`model_units` with ``shards``) and its part spans (module docstring)."""
-    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards, table_shards).build()
+    of :func:`model_units` with ``shards``) for ``batch`` sequences, and its part spans (module docstring)."""
+    return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards, table_shards,
+                       batch).build()

@@ -1,0 +1,150 @@
+"""Batched decode (lpucore.llm.batch): B sequences in one step program, each as if decoded alone."""
+
+import numpy as np
+import pytest
+
+from lpucore.llm import Decoder, ModelConfig, ModelDoesNotFit
+from lpucore.llm.batch import BatchResult, BatchStats
+from lpucore.llm.decoder import LOGIT_TOLERANCE
+
+PROMPTS = [[200, 3, 7], [5], [9, 8, 7, 6, 5]]     # different lengths: rows prefill while others decode
+NEW = 6
+CAPACITY = 12
+SEED = 1
+
+_cache = {}
+
+
+# a llama with one query head per kv head (as Llama-2-7B): its batch keeps the B caches as one state
+TINY_MHA = ModelConfig("tiny-mha", "llama", vocab_size=256, d_model=64, n_layers=2, n_heads=4, n_kv_heads=4,
+                       d_ff=128, max_positions=128, rope_theta=10000.0)
+
+
+def decoder(name, precision, engine="fast"):
+    """One decoder per model, precision and engine for the module (compiling takes seconds)."""
+    key = (name, precision, engine)
+    if key not in _cache:
+        cfg = TINY_MHA if name == "tiny-mha" else name
+        _cache[key] = Decoder.random(cfg, seed=SEED, precision=precision, capacity=CAPACITY, engine=engine)
+    return _cache[key]
+
+
+def check_close(logits, ref_logits):
+    assert logits.shape == ref_logits.shape
+    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+        err = float(np.max(np.abs(a - b)))
+        bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(b))))
+        assert err <= bound, f"step {i}: logits differ by {err} > {bound}"
+
+
+@pytest.mark.parametrize("name,precision", [("tiny", "fp16"), ("tiny-gpt2", "int8"), ("tiny-moe", "int8"),
+                                            ("tiny-mha", "int8")])
+def test_each_sequence_as_if_decoded_alone(name, precision):
+    dec = decoder(name, precision)
+    res = dec.generate(PROMPTS, max_new_tokens=NEW)
+    assert isinstance(res, BatchResult) and len(res) == len(PROMPTS) and isinstance(res.stats, BatchStats)
+    for prompt, r in zip(PROMPTS, res):
+        alone = dec.generate(prompt, max_new_tokens=NEW)
+        tokens, ref_logits = dec.reference().generate(prompt, NEW)
+        np.testing.assert_array_equal(r.tokens, alone.tokens)
+        np.testing.assert_array_equal(r.tokens, tokens)
+        check_close(r.logits, alone.logits)
+        check_close(r.logits, ref_logits)
+        assert r.finish_reason == "length" and list(r.prompt_ids) == prompt
+        assert [s.phase for s in r.stats.steps] == ["prefill"] * len(prompt) + ["decode"] * (NEW - 1)
+        assert [s.position for s in r.stats.steps] == list(range(len(prompt) + NEW - 1))
+    st = res.stats
+    assert {s.cycles for s in st.steps} == {st.step_cycles} and st.step_cycles == st.predicted_cycles
+    # the longest prompt decides the number of steps; shorter rows finish first and then idle
+    assert len(st.steps) == max(len(p) for p in PROMPTS) + NEW - 1
+    assert st.new_tokens == [NEW] * 3 and st.prompt_tokens == [len(p) for p in PROMPTS]
+    assert [s.prefill + s.decode + s.idle for s in st.steps] == [3] * len(st.steps)
+    assert sum(s.new_tokens for s in st.steps) == 3 * NEW
+    assert st.steps[0].prefill == 3 and st.steps[-1].idle == 2 and st.steps[-1].decode == 1
+
+
+def test_one_cache_state_per_layer_when_heads_are_not_grouped():
+    """G == 1 (GPT-2, Llama-2-7B): the B caches are one [B * capacity, D] state per layer, and sequence
+    b's keys are its rows b * capacity + position; G > 1: a state per sequence."""
+    dec = decoder("tiny-gpt2", "int8")
+    dec.generate(PROMPTS, max_new_tokens=2)
+    prog = dec.batch_program(3)
+    k = prog.compiled.read_state(prog.chip, "k0")
+    assert k.shape == (3 * CAPACITY, dec.cfg.d_model)
+    ref = dec.reference()
+    ref.prefill(PROMPTS[2][:4])
+    rows = k[2 * CAPACITY:2 * CAPACITY + 4].reshape(4, dec.cfg.n_heads, dec.cfg.head_dim).transpose(1, 0, 2)
+    np.testing.assert_allclose(rows.astype(np.float32), ref.cache.keys(0)[:, :4], rtol=0.02, atol=0.02)
+    g = decoder("tiny", "fp16")
+    g.generate(PROMPTS, max_new_tokens=1)
+    assert g.batch_program(3).compiled.read_state(g.batch_program(3).chip, "k1_b2").shape == (CAPACITY, 32)
+
+
+def test_sequences_finish_on_their_own_at_eos():
+    dec = decoder("tiny", "fp16")
+    alone = [dec.generate(p, max_new_tokens=NEW).tokens for p in PROMPTS]
+    eos = int(alone[1][2])          # the third new token of the second sequence ends it
+    res = dec.generate(PROMPTS, max_new_tokens=NEW, eos_id=eos)
+    for prompt, r in zip(PROMPTS, res):
+        want = dec.generate(prompt, max_new_tokens=NEW, eos_id=eos)
+        np.testing.assert_array_equal(r.tokens, want.tokens)
+        assert r.finish_reason == want.finish_reason
+    assert res[1].finish_reason == "eos" and len(res[1].tokens) <= 3
+    assert res.stats.new_tokens == [len(r.tokens) for r in res]
+
+
+def test_reference_engine_gives_identical_steps():
+    fast = decoder("tiny-gpt2", "int8")
+    slow = Decoder.random("tiny-gpt2", seed=SEED, precision="int8", capacity=CAPACITY, engine="reference")
+    slow.batch_program(2, like=fast.batch_program(2))       # the same program, only the engine differs
+    a = fast.generate(PROMPTS[:2], max_new_tokens=2)
+    b = slow.generate(PROMPTS[:2], max_new_tokens=2)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x.logits, y.logits)
+    assert [s.cycles for s in a.stats.steps] == [s.cycles for s in b.stats.steps]
+    assert a.stats.mxm_utilisation == b.stats.mxm_utilisation
+
+
+def test_batch_of_one_is_the_single_sequence_program():
+    dec = decoder("tiny", "fp16")
+    res = dec.generate([PROMPTS[0]], max_new_tokens=3)
+    assert dec.batch_program(1).compiled is dec.compile()
+    np.testing.assert_array_equal(res[0].tokens, dec.generate(PROMPTS[0], max_new_tokens=3).tokens)
+
+
+def test_stats_table_and_rates():
+    dec = decoder("tiny", "fp16")
+    seen = []
+    res = dec.generate(PROMPTS, max_new_tokens=3, on_token=lambda *a: seen.append(a))
+    st = res.stats
+    assert sorted((b, t) for b, t, _ in seen) == sorted((b, t) for b, r in enumerate(res) for t in r.tokens.tolist())
+    single = dec.generate(PROMPTS[0], max_new_tokens=1).stats
+    assert st.tokens_per_second_per_user == pytest.approx(st.clock_hz / st.step_cycles)
+    assert st.peak_tokens_per_second == pytest.approx(3 * st.tokens_per_second_per_user)
+    # three rows cost less than three single steps: the weights stream once
+    assert single.step_cycles < st.step_cycles < 3 * single.step_cycles
+    assert st.peak_tokens_per_second > single.tokens_per_second
+    assert 0 < st.mxm_utilisation < 1 and st.sram_bytes <= st.sram_capacity
+    assert st.kv_cache_bytes == 3 * dec.cfg.kv_cache_bytes(CAPACITY)
+    text = st.table()
+    for key in ("tokens/s per user", "tokens/s aggregate", "MXM utilisation", "SRAM in use", f"{st.step_cycles:,}"):
+        assert key in text
+    assert len(text.splitlines()) > len(st.steps)
+    assert st.to_dict()["peak_tokens_per_second"] == st.peak_tokens_per_second
+    assert res[0].stats.step_cycles == st.step_cycles and res[0].stats.prompt_tokens == len(PROMPTS[0])
+
+
+def test_a_batch_that_does_not_fit_says_how_many_chips():
+    dec = Decoder.random("gpt2", precision="int8", capacity=32)
+    with pytest.raises(ModelDoesNotFit, match=r"64 sequences of gpt2 \(int8\) need .* at least 2 chips.*at most \d+"):
+        dec.generate([[1]] * 64, max_new_tokens=1)
+
+
+def test_bad_batches():
+    dec = decoder("tiny", "fp16")
+    with pytest.raises(ValueError, match="out of range"):
+        dec.generate([[1], [300]], max_new_tokens=1)
+    with pytest.raises(ValueError, match="cache"):
+        dec.generate([[1], list(range(12))], max_new_tokens=2)
+    with pytest.raises(ValueError, match="on_text"):
+        dec.generate([[1], [2]], max_new_tokens=1, on_text=print)
