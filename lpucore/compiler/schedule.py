@@ -110,22 +110,13 @@ class Scheduler:
         """Direction-local coordinate of a position for stream v (values move to larger x)."""
         return pos if v < self.S else self.P - 1 - pos
 
-    def stream_dir(self, v: int) -> int:
-        return 0 if v < self.S else 1
-
     # ---- checks -----------------------------------------------------------------------------------
     def queue_free(self, q: str, c: int) -> bool:
         b = self.busy.get(q)
         return c >= 0 and (b is None or not b.get(c))
 
-    def span_free(self, v: int, k: int, x0: int, x1: int) -> bool:
-        for a, b in self.diag.get((v, k), ()):
-            if not (b < x0 or a > x1):
-                return False
-        return True
-
     def fits(self, plan: Plan) -> bool:  # noqa: C901 - every rule inlined: called ~10^5 times a compile
-        # queue_free and span_free inlined: the compiler calls this hundreds of thousands of times
+        # queue_free and the stream-span check inlined: the compiler calls this hundreds of thousands of times
         busy = self.busy
         seen_q: Set[Tuple[str, int]] = set()
         for q, c, _, _ in plan.issues:
