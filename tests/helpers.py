@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from lpucore import Chip, ChipConfig, ScheduleError, assemble
+from lpucore.llm.decoder import LOGIT_TOLERANCE
 
 TINY = ChipConfig.tiny()
 
@@ -54,3 +55,12 @@ def one_error_line(capsys, *fragments):
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     return lines[0]
+
+
+def check_close(logits, ref_logits):
+    """Logits of each step within the decoders' documented bound of the reference's."""
+    assert logits.shape == ref_logits.shape
+    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+        err = float(np.max(np.abs(a - b)))
+        bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(b))))
+        assert err <= bound, f"step {i}: logits differ by {err} > {bound}"

@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
+from helpers import check_close
 
 from lpucore.llm import Decoder, ModelConfig, ModelDoesNotFit
 from lpucore.llm.batch import BatchResult, BatchStats
-from lpucore.llm.decoder import LOGIT_TOLERANCE
 
 PROMPTS = [[200, 3, 7], [5], [9, 8, 7, 6, 5]]     # different lengths: rows prefill while others decode
 NEW = 6
@@ -27,14 +27,6 @@ def decoder(name, precision, engine="fast"):
         cfg = TINY_MHA if name == "tiny-mha" else name
         _cache[key] = Decoder.random(cfg, seed=SEED, precision=precision, capacity=CAPACITY, engine=engine)
     return _cache[key]
-
-
-def check_close(logits, ref_logits):
-    assert logits.shape == ref_logits.shape
-    for i, (a, b) in enumerate(zip(logits, ref_logits)):
-        err = float(np.max(np.abs(a - b)))
-        bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(b))))
-        assert err <= bound, f"step {i}: logits differ by {err} > {bound}"
 
 
 @pytest.mark.parametrize("name,precision", [("tiny", "fp16"), ("tiny-gpt2", "int8"), ("tiny-moe", "int8"),

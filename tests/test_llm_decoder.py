@@ -5,10 +5,10 @@ import math
 
 import numpy as np
 import pytest
+from helpers import check_close
 
 from lpucore import ChipConfig
 from lpucore.llm import Decoder, ModelDoesNotFit, model_config
-from lpucore.llm.decoder import LOGIT_TOLERANCE
 
 # Greedy tokens can only be compared where the reference's best two logits are further apart than the chip's
 # error (float16 activations against the reference's float32). Random 256-token models have near ties (margins
@@ -29,14 +29,6 @@ def decoder(name, precision):
     if key not in _cache:
         _cache[key] = Decoder.random(name, seed=SEED, precision=precision, capacity=CAPACITY)
     return _cache[key]
-
-
-def check_close(logits, ref_logits):
-    assert logits.shape == ref_logits.shape
-    for i, (a, b) in enumerate(zip(logits, ref_logits)):
-        err = float(np.max(np.abs(a - b)))
-        bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(b))))
-        assert err <= bound, f"step {i}: logits differ by {err} > {bound}"
 
 
 @pytest.mark.parametrize("name,precision", MODELS)
