@@ -41,7 +41,7 @@ import struct
 import tempfile
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 
@@ -50,8 +50,39 @@ from ..errors import CompiledFileError, LpuError
 from ..program import Program
 from .bounds import Bounds
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .lower import Compiled
+IoMap = Dict[str, Tuple[Tuple[int, ...], dt.DType]]
+
+
+class Compiled(Protocol):
+    """What this module reads of a :class:`~lpucore.compiler.Compiled` to save it (a protocol, so
+    that this module, which ``Compiled.save`` imports, does not import the compiler back)."""
+
+    @property
+    def program(self) -> Program: ...
+    @property
+    def graph_name(self) -> str: ...
+    @property
+    def inputs(self) -> IoMap: ...
+    @property
+    def outputs(self) -> IoMap: ...
+    @property
+    def states(self) -> IoMap: ...
+    @property
+    def constants(self) -> Dict[str, np.ndarray]: ...
+    @property
+    def expected_cycles(self) -> int: ...
+    @property
+    def memory_bytes(self) -> int: ...
+    @property
+    def kernels(self) -> List[Tuple[str, str, Optional[int]]]: ...
+    @property
+    def graph_bounds(self) -> Optional[Bounds]: ...
+    @property
+    def tiles(self) -> Dict[str, List[Tuple[str, np.ndarray]]]: ...
+    @property
+    def row_parts(self) -> Dict[str, List[Tuple[str, int, int, int, int]]]: ...
+    @property
+    def input_axes(self) -> Dict[str, Tuple[int, ...]]: ...
 
 MAGIC = b"LPUC"
 VERSION = 1
@@ -88,7 +119,7 @@ def _io_map(m: Dict[str, Tuple[Tuple[int, ...], dt.DType]]) -> Dict[str, Any]:
     return {name: [list(shape), d.name] for name, (shape, d) in m.items()}
 
 
-def to_bytes(c: "Compiled") -> bytes:
+def to_bytes(c: Compiled) -> bytes:
     """A compiled program as one file's bytes (see the module docstring)."""
     consts = [(name, np.ascontiguousarray(a)) for name, a in c.constants.items()]
     gb = c.graph_bounds
@@ -112,7 +143,7 @@ def to_bytes(c: "Compiled") -> bytes:
     return b"".join(parts) + struct.pack("<I", crc & 0xFFFFFFFF)
 
 
-def save(c: "Compiled", path: PathLike) -> None:
+def save(c: Compiled, path: PathLike) -> None:
     """Write a compiled program to ``path`` (atomically: a temporary file renamed into place)."""
     data = to_bytes(c)
     path = Path(path)
@@ -378,7 +409,7 @@ def read_entry(path: Path) -> Optional[Dict[str, Any]]:
         return None
 
 
-def write_entry(c: "Compiled", path: Path) -> None:
+def write_entry(c: Compiled, path: Path) -> None:
     """Keep a compiled program in the cache (a failed write only loses the entry)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,18 +24,18 @@ Checks run in the order skew, busy, stream read (Send) and skew, arrival
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Deque, List, Tuple
+from typing import TYPE_CHECKING, Deque, List, Protocol, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import errors
 from ..errors import LpuError
+from ._streams import Core
 
 if TYPE_CHECKING:
     from ..config import ChipConfig, QueueInfo
     from ..program import Instruction
-    from .engine import ReferenceEngine
 
 # a vector sent: (link, send cycle, arrival cycle, bytes)
 Sent = Tuple[int, int, int, npt.NDArray[np.uint8]]
@@ -77,13 +77,13 @@ class Links:
         return out
 
 
-def _check_ready(eng: ReferenceEngine, q: QueueInfo, link: int, c: int) -> None:
+def _check_ready(eng: Machine, q: QueueInfo, link: int, c: int) -> None:
     r = eng.links.ready[link]
     if r < 0 or c < r:
         raise errors.link_error(eng.cfg, c, q.index, link, "skew", r)
 
 
-def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
+def execute(eng: Machine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg, lk = eng.cfg, eng.links
     name = ins.op.mnemonic
     link = args[0]
@@ -109,3 +109,10 @@ def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[in
     eng.streams.schedule(T, args[1], q.position, q.index, vec)
     eng.effect(T)
     lk.received[link] += 1
+
+
+class Machine(Core, Protocol):
+    """What C2C uses of the engine: the common part and its own state."""
+
+    @property
+    def links(self) -> Links: ...

@@ -9,12 +9,14 @@ after the last copy.  The k-th ``Sync`` of a queue parks it until
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Protocol, Tuple
+
+import numpy as np
+import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from ..config import QueueInfo
+    from ..config import ChipConfig, QueueInfo
     from ..program import Instruction
-    from .engine import ReferenceEngine
 
 INF = float("inf")
 
@@ -48,7 +50,7 @@ def strided_args(ins: Instruction, k: int, stride: int) -> Tuple[int, ...]:
     return tuple(v + k * stride if f.strided else v for f, v in zip(ins.op.fields, ins.args))
 
 
-def issue(eng: ReferenceEngine, qs: QueueState, c: int) -> None:
+def issue(eng: Machine, qs: QueueState, c: int) -> None:
     """Issue the queue's next instruction (or repetition) in cycle c."""
     if qs.rep_left:
         assert qs.rep_ins is not None     # a Repeat sets rep_ins with rep_left
@@ -91,3 +93,20 @@ def issue(eng: ReferenceEngine, qs: QueueState, c: int) -> None:
         eng.set_next(qs, c + qs.rep_d)
     else:
         eng.set_next(qs, c + 1)
+
+
+class Machine(Protocol):
+    """What the instruction queues use of the engine: their states, the Notify log, the issue
+    counters, and the engine's execute (which hands an instruction to its unit)."""
+
+    @property
+    def cfg(self) -> ChipConfig: ...
+    @property
+    def queues(self) -> List[QueueState]: ...
+    @property
+    def notifies(self) -> List[int]: ...
+    @property
+    def stats_icu(self) -> npt.NDArray[np.int64]: ...
+
+    def execute(self, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None: ...
+    def set_next(self, qs: QueueState, t: int) -> None: ...

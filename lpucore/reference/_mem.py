@@ -8,17 +8,17 @@ access and a write access of one slice in one cycle must use different banks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Protocol, Sequence, Set, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import errors
+from ._streams import Core
 
 if TYPE_CHECKING:
     from ..config import ChipConfig, QueueInfo
     from ..program import Instruction
-    from .engine import ReferenceEngine
 
 
 class Mem:
@@ -75,7 +75,7 @@ class Mem:
         return min(self.pending) if self.pending else None
 
 
-def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
+def execute(eng: Machine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     """Issue one MEM instruction of queue q at cycle c (args: fields after Repeat strides)."""
     cfg, mem, st = eng.cfg, eng.mem, eng.streams
     g = cfg.slice_id(q.hemisphere, q.slot)
@@ -107,3 +107,14 @@ def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[in
         mem.schedule_write(c + cfg.mem_write_delay, g, addrs, vec)
         eng.effect(c + cfg.mem_write_delay)
         eng.stats_bytes_written[g] += cfg.lanes
+
+
+class Machine(Core, Protocol):
+    """What MEM uses of the engine: the common part and its own state."""
+
+    @property
+    def mem(self) -> Mem: ...
+    @property
+    def stats_bytes_read(self) -> npt.NDArray[np.int64]: ...
+    @property
+    def stats_bytes_written(self) -> npt.NDArray[np.int64]: ...

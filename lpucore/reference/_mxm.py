@@ -9,18 +9,18 @@ accumulator on four streams.  Arithmetic: :mod:`lpucore.matmul`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Tuple, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import dtypes as dt
 from .. import errors, matmul, numerics
+from ._streams import Core
 
 if TYPE_CHECKING:
     from ..config import ChipConfig, QueueInfo
     from ..program import Instruction
-    from .engine import ReferenceEngine
 
 
 class Plane:
@@ -69,7 +69,7 @@ class Mxm:
             _, pl.array, pl.dtype = pl.installs.pop(0)
 
 
-def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
+def execute(eng: Machine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg, st, mx = eng.cfg, eng.streams, eng.mxm
     pl = mx.planes[q.slot]
     name = ins.op.mnemonic
@@ -121,3 +121,10 @@ def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[in
         for i, plane in enumerate(numerics.bits_to_planes(bits, dt.INT32)):
             st.schedule(T, dst + i, q.position, q.index, plane)
         eng.effect(T)
+
+
+class Machine(Core, Protocol):
+    """What the MXM uses of the engine: the common part and its own state."""
+
+    @property
+    def mxm(self) -> Mxm: ...

@@ -8,7 +8,7 @@ one that was saved.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -18,10 +18,18 @@ from .. import isa
 from ..errors import SnapshotError
 from ..snapshot import CYCLE_LIMIT as LIM
 from ..snapshot import check_equal, check_range
+from ._c2c import Links
 from ._icu import INF, QueueState
+from ._mem import Mem
+from ._mxm import Mxm
+from ._streams import StreamFile
+from ._sxm import Sxm
+from ._vxm import Latches
 
 if TYPE_CHECKING:
-    from .engine import ReferenceEngine
+    from ..config import ChipConfig
+    from ..errors import ScheduleError
+    from ..program import Instruction
 
 # QueueState fields saved per queue, in this order (None / INF saved as -1)
 _Q = ("pc", "next", "rep", "rep_left", "rep_k", "rep_d", "rep_stride", "syncs", "wait_for", "sync_cycle")
@@ -37,7 +45,7 @@ def _stack(lst: Sequence[npt.ArrayLike], shape: Sequence[int], dtype: npt.DTypeL
     return np.stack([np.asarray(v, dtype=dtype) for v in lst])
 
 
-def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArray[Any]]]:
+def get_state(eng: Machine) -> Tuple[Dict[str, int], Dict[str, npt.NDArray[Any]]]:
     """The engine's state: scalars (cycle counters) and, unit by unit, flat arrays."""
     a: Dict[str, npt.NDArray[Any]] = {}
     _icu_arrays(eng, a)
@@ -51,7 +59,7 @@ def get_state(eng: ReferenceEngine) -> Tuple[Dict[str, int], Dict[str, npt.NDArr
     return scalars, a
 
 
-def _icu_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+def _icu_arrays(eng: Machine, a: Dict[str, npt.NDArray[Any]]) -> None:
     """Each queue's position, Repeat and Sync state (:data:`_Q`), Notifies, counters."""
     q = np.zeros((len(eng.queues), len(_Q)), dtype=np.int64)
     for i, qs in enumerate(eng.queues):
@@ -67,7 +75,7 @@ def _icu_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
         a["stats_" + k] = getattr(eng, "stats_" + k).copy()
 
 
-def _stream_mem_latch_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+def _stream_mem_latch_arrays(eng: Machine, a: Dict[str, npt.NDArray[Any]]) -> None:
     """Stream registers, SRAM and ALU latches, with their pending writes in issue order."""
     L, SL = eng.cfg.lanes, eng.cfg.superlanes
     st = eng.streams
@@ -100,7 +108,7 @@ def _stream_mem_latch_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]
     a["lt_pmeta"], a["lt_pbits"] = _rows(meta, 2), _stack(bits, (L,), np.uint32)
 
 
-def _mxm_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+def _mxm_arrays(eng: Machine, a: Dict[str, npt.NDArray[Any]]) -> None:
     """The MXM planes: buffers, installed weights, accumulators, pending installs and products."""
     L, R = eng.cfg.lanes, eng.cfg.mxm_size
     meta: List[Tuple[int, ...]]
@@ -126,7 +134,7 @@ def _mxm_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
     a["mx_macs_in_cycle"] = _rows([(int(c), int(n)) for c, n in mx.macs_in_cycle.items()], 2)
 
 
-def _link_arrays(eng: ReferenceEngine, a: Dict[str, npt.NDArray[Any]]) -> None:
+def _link_arrays(eng: Machine, a: Dict[str, npt.NDArray[Any]]) -> None:
     """The C2C links' state and the vectors in flight."""
     L = eng.cfg.lanes
     lk = eng.links
@@ -170,7 +178,7 @@ def _check_cols(name: str, rows: npt.NDArray[Any], *cols: Tuple[Any, ...]) -> No
         check_range(f"array {name!r}[%s, {i}] ({what})", rows[:, i], lo, hi, also=tuple(also[0]) if also else ())
 
 
-def _check_queues(eng: ReferenceEngine, q: npt.NDArray[Any], n_notify: int) -> None:
+def _check_queues(eng: Machine, q: npt.NDArray[Any], n_notify: int) -> None:
     """Each queue's position, Repeat and Sync state against its instructions."""
     for i, (row, lst) in enumerate(zip(q, eng._lists)):
         pc, nx, rep, rl, rk, rd, rs, syncs, wait, sc = (int(x) for x in row)
@@ -208,7 +216,7 @@ _META = {"st_pmeta": 5, "mem_pmeta": 2, "lt_pmeta": 2, "mx_imeta": 3, "mx_pmeta"
          "sx_use": 4, "mem_banks": 2}
 
 
-def _read_arrays(eng: ReferenceEngine, arrays: Mapping[str, npt.NDArray[Any]]) -> Dict[str, npt.NDArray[Any]]:
+def _read_arrays(eng: Machine, arrays: Mapping[str, npt.NDArray[Any]]) -> Dict[str, npt.NDArray[Any]]:
     """Every array of a snapshot, checked for presence, dtype and shape against this chip."""
     cfg = eng.cfg
     L, SL, R, NP = cfg.lanes, cfg.superlanes, cfg.mxm_size, cfg.mxm_planes
@@ -240,7 +248,7 @@ def _read_arrays(eng: ReferenceEngine, arrays: Mapping[str, npt.NDArray[Any]]) -
     return v
 
 
-def _check_values(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+def _check_values(eng: Machine, v: Mapping[str, npt.NDArray[Any]]) -> None:
     """Every value the engine will index with (cycles, slices, planes, queues, links) in range."""
     cfg = eng.cfg
     nq, ns = len(cfg.queues), cfg.mem_slices
@@ -275,7 +283,7 @@ def _check_values(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> No
                 ("arrival cycle", 0, LIM))
 
 
-def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
+def set_state(eng: Machine, scalars: Mapping[str, int], arrays: Mapping[str, npt.NDArray[Any]]) -> None:
     """Replace the engine's state (the program must already be loaded): every array and scalar is
     checked before anything changes, then each unit takes back its part."""
     try:
@@ -297,7 +305,7 @@ def set_state(eng: ReferenceEngine, scalars: Mapping[str, int], arrays: Mapping[
     _restore_links(eng, v)
 
 
-def _restore_icu(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+def _restore_icu(eng: Machine, v: Mapping[str, npt.NDArray[Any]]) -> None:
     """The instruction queues, pending Notifies and per-queue / per-slice counters."""
     eng.queues = []
     for info, row in zip(eng.cfg.queues, v["queues"]):
@@ -313,7 +321,7 @@ def _restore_icu(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> Non
         setattr(eng, "stats_" + k, v["stats_" + k].copy())
 
 
-def _restore_streams_mem_latches(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+def _restore_streams_mem_latches(eng: Machine, v: Mapping[str, npt.NDArray[Any]]) -> None:
     """Stream registers, SRAM and the VXM's ALU latches, with their pending writes."""
     st = eng.streams
     st.data[...] = v["st_data"]
@@ -337,7 +345,7 @@ def _restore_streams_mem_latches(eng: ReferenceEngine, v: Mapping[str, npt.NDArr
         lt.pending.setdefault(c, []).append((alu, b.copy()))
 
 
-def _restore_mxm(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]], peak: int) -> None:
+def _restore_mxm(eng: Machine, v: Mapping[str, npt.NDArray[Any]], peak: int) -> None:
     """The MXM planes' buffers, installed weights, accumulators, pending installs and products."""
     mx = eng.mxm
     for i, p in enumerate(mx.planes):
@@ -357,7 +365,7 @@ def _restore_mxm(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]], peak: 
     mx.peak = peak
 
 
-def _restore_links(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> None:
+def _restore_links(eng: Machine, v: Mapping[str, npt.NDArray[Any]]) -> None:
     """The C2C links' state and the vectors in flight."""
     cfg, lk, lk_state = eng.cfg, eng.links, v["lk_state"]
     lk.reset()
@@ -368,3 +376,26 @@ def _restore_links(eng: ReferenceEngine, v: Mapping[str, npt.NDArray[Any]]) -> N
             raise SnapshotError(f"snapshot inbox entry names link {k}")
         lk.inbox[k].append((arr, vec.copy()))
     lk.outbox = [(k, c, arr, vec.copy()) for (k, c, arr), vec in zip(v["lk_ometa"].tolist(), v["lk_ovec"])]
+
+
+class Machine(Protocol):
+    """The whole engine state a snapshot saves and restores: every unit's, the queues' and the
+    run's (a protocol, so that this module does not import the engine that imports it)."""
+
+    cfg: ChipConfig
+    streams: StreamFile
+    mem: Mem
+    latches: Latches
+    mxm: Mxm
+    sxm: Sxm
+    links: Links
+    queues: List[QueueState]
+    notifies: List[int]
+    t: int
+    cycle: int
+    last_effect: int
+    done: bool
+    error: Optional[ScheduleError]
+    _lists: List[List[Instruction]]
+
+    def _restart(self) -> None: ...

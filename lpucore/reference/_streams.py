@@ -8,7 +8,7 @@ this cycle read the registers at their positions, then everything moves one hop.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -78,3 +78,17 @@ class StreamFile:
 
     def next_event(self) -> Optional[int]:
         return min(self.pending) if self.pending else None
+
+
+class Core(Protocol):
+    """What every unit uses of the engine that drives it: the chip's configuration, the stream
+    file, and the last cycle with an effect. Each unit module extends it with its own state (a
+    protocol, so that the units never import the engine that imports them)."""
+
+    @property
+    def cfg(self) -> ChipConfig: ...
+    @property
+    def streams(self) -> StreamFile: ...
+
+    def effect(self, cycle: int) -> None:
+        """Note that something happens at ``cycle`` (the run is not over before it)."""

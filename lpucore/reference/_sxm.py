@@ -4,17 +4,17 @@ can use at most ``sxm_<resource>`` units of each kind."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Tuple
+from typing import TYPE_CHECKING, Dict, List, Protocol, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import errors
+from ._streams import Core
 
 if TYPE_CHECKING:
     from ..config import ChipConfig, QueueInfo
     from ..program import Instruction
-    from .engine import ReferenceEngine
 
 
 class Sxm:
@@ -26,7 +26,7 @@ class Sxm:
         self.use = {}
 
 
-def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
+def execute(eng: Machine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg, st = eng.cfg, eng.streams
     op = ins.op
     key = (c, q.hemisphere, op.resource)
@@ -79,3 +79,10 @@ def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[in
     for v, vec in outs:
         st.schedule(T, v, q.position, q.index, vec)
     eng.effect(T)
+
+
+class Machine(Core, Protocol):
+    """What the SXM uses of the engine: the common part and its own state."""
+
+    @property
+    def sxm(self) -> Sxm: ...

@@ -8,18 +8,18 @@ stream group at the VXM's position.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Set, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .. import dtypes as dt
 from .. import errors, isa, numerics
+from ._streams import Core
 
 if TYPE_CHECKING:
     from ..config import ChipConfig, QueueInfo
     from ..program import Instruction
-    from .engine import ReferenceEngine
 
 
 class Latches:
@@ -49,7 +49,7 @@ class Latches:
         return min(self.pending) if self.pending else None
 
 
-def _operand(eng: ReferenceEngine, q: QueueInfo, c: int, v: int, d: dt.DType) -> npt.NDArray[np.uint32]:
+def _operand(eng: Machine, q: QueueInfo, c: int, v: int, d: dt.DType) -> npt.NDArray[np.uint32]:
     """Raw bits of one src operand (a stream group of d's width, or a latch)."""
     if v >= isa.LATCH_BASE:
         k = v - isa.LATCH_BASE
@@ -61,7 +61,7 @@ def _operand(eng: ReferenceEngine, q: QueueInfo, c: int, v: int, d: dt.DType) ->
     return numerics.planes_to_bits(planes, d)
 
 
-def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
+def execute(eng: Machine, q: QueueInfo, ins: Instruction, args: Tuple[int, ...], c: int) -> None:
     cfg = eng.cfg
     op = ins.op
     a = dict(zip((f.name for f in op.fields), args))
@@ -90,3 +90,10 @@ def execute(eng: ReferenceEngine, q: QueueInfo, ins: Instruction, args: Tuple[in
         for i, plane in enumerate(numerics.bits_to_planes(res, out_d)):
             eng.streams.schedule(t, dst + i, q.position, q.index, plane)
     eng.effect(t)
+
+
+class Machine(Core, Protocol):
+    """What the VXM uses of the engine: the common part and its own state."""
+
+    @property
+    def latches(self) -> Latches: ...
