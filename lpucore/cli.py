@@ -62,7 +62,7 @@ from .program import MAGIC, Program
 PROG = "lpucore"
 BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py", "decode": "bench_decode.py",
               "system": "bench_system.py", "llm-system": "bench_llm_system.py", "llm-predict": "bench_llm_predict.py",
-              "load": "bench_load.py"}
+              "load": "bench_load.py", "serve": "bench_serve.py"}
 BINARY_SUFFIXES = (".lpup", ".lpu")
 
 

@@ -344,6 +344,17 @@ class Handler(BaseHTTPRequestHandler):
         else:
             self._send_json(404, ApiError(404, f"no route {path}", None, "not_found").body())
 
+    def _not_allowed(self):
+        try:
+            if self.headers.get("Content-Length") is not None:
+                self._body()
+        except ApiError:
+            pass                        # close_connection is set: the unread body goes with the connection
+        self._send_json(405, ApiError(405, f"{self.command} is not served: GET /v1/models, POST "
+                                           f"{' or '.join(ROUTES)}", None, "method_not_allowed").body())
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
     def do_POST(self):
         path = self._path()
         self._streaming = False
@@ -480,6 +491,7 @@ class Server(ThreadingHTTPServer):
     """The HTTP server of an :class:`Api` (one thread per connection)."""
 
     daemon_threads = True
+    request_queue_size = 128        # connections waiting to be accepted: many clients may arrive at once
 
     def __init__(self, api: Api, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
         self.api, self.verbose = api, verbose
@@ -511,4 +523,4 @@ def serve(model: "Decoder", name: str, host: str = "127.0.0.1", port: int = 8000
         engine.stop()
 
 
-__all__ = ["Api", "ApiError", "Server", "serve"]
+__all__ = ["Api", "ApiError", "Params", "Server", "Handler", "serve"]

@@ -14,11 +14,11 @@ tokens are those of decoding it alone (greedy: identical; sampled: its own seede
 starts at position 0 of its row's cache; the step program masks attention by position, so what the row's
 previous request left in the cache is never read. A free row runs a dummy token (id 0 at position 0).
 
-The simulated clock (:attr:`Engine.cycles`) is the sum of the steps' chip cycles; it stands still while the
+The simulated clock (``Engine.cycles``) is the sum of the steps' chip cycles; it stands still while the
 batch is empty. A request's simulated arrival is the clock when it is submitted (a step then running ends
 before the request joins: the queueing a real server would have), and its figures count from there: the time
 to first token is the end of the step that chose its first token, less its arrival. Wall time on the host
-plays no part in these figures; :attr:`Request.host_seconds` is the host's own work for the request
+plays no part in these figures; ``Request.host_seconds`` is the host's own work for the request
 (sampling, text, and what the caller adds), the simulation of the chip's steps left out.
 """
 
@@ -47,8 +47,8 @@ class ServeError(LpuError):
 
 
 class Request:
-    """One sequence submitted to an :class:`Engine`: its prompt, its :class:`Continuation`, its events and its
-    simulated times (in cycles of the engine's clock; :meth:`figures` in seconds).
+    """One sequence submitted to an :class:`Engine`: its prompt, its :class:`~lpucore.llm.Continuation`, its
+    events and its simulated times (in cycles of the engine's clock; :meth:`figures` in seconds).
 
     Events (:meth:`events`, in order): ``("token", (token_id, text_piece))`` for each new token (the piece is
     the text the token lets through, perhaps empty; without a tokenizer, None), then ``("done", text_rest)``
