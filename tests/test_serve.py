@@ -246,3 +246,44 @@ def test_a_named_shape_takes_token_ids(tmp_path):
         assert np.isfinite(s.get("/health")["simulated_clock_s"])
     finally:
         s.close()
+
+
+def test_a_failed_step_fails_its_requests_and_the_server_goes_on():
+    """In process: a step that raises gives its requests a 500 (a streamed one, an error event), and the
+    next request is served as if nothing happened; a stopped engine fails what it still holds."""
+    from lpucore import LpuError
+    from lpucore.llm.sampling import SamplingParams
+    from lpucore.llm.serve import Engine, ServeError
+    from lpucore.server import Api, Server
+
+    model = Decoder.random("tiny", capacity=16, config=CHIP)
+    with pytest.raises(ValueError, match="max_batch"):
+        Engine(model, 0)
+    engine = Engine(model, 1).start()
+    server = Server(Api(engine, "tiny"), port=0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = openai.OpenAI(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    step = engine.prog.step
+
+    def broken(tokens, positions):
+        raise LpuError("an injected failure")
+    try:
+        engine.prog.step = broken
+        with pytest.raises(openai.InternalServerError) as e:
+            client.completions.create(model="tiny", prompt=[1, 2], max_tokens=2)
+        assert e.value.body["code"] == "generation_failed" and "injected" in e.value.body["message"]
+        with pytest.raises(openai.APIError, match="injected"):
+            list(client.completions.create(model="tiny", prompt=[1, 2], max_tokens=2, stream=True))
+        engine.prog.step = step
+        r = client.completions.create(model="tiny", prompt=[1, 2], max_tokens=3, temperature=0)
+        assert r.choices[0].model_extra["token_ids"] == reference_tokens(model, [1, 2], 3)
+    finally:
+        server.shutdown()
+        server.server_close()
+    engine.stop()
+    idle = Engine(model, 1)         # never started (the same compiled program): stop() fails what it holds
+    req = idle.submit([1], 2, SamplingParams())
+    idle.stop()
+    assert [k for k, _ in req.events(timeout=10)] == ["error"] and isinstance(req.error, ServeError)
+    with pytest.raises(ServeError, match="stopped"):
+        idle.submit([1], 2, SamplingParams())
