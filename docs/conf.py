@@ -40,6 +40,7 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 nitpicky = True
 nitpick_ignore_regex = [
     ("py:class", r"(np|numpy|numpy\.typing|npt|os|pathlib|collections\.abc|typing|typing_extensions)\..*"),
+    ("py:class", r"(queue|http\.server)\..*"),
     ("py:class", r"(NDArray|ArrayLike|DTypeLike|PathLike|Path|Iterable|Iterator|Sequence|Mapping|Callable)"),
     ("py:class", r"hypothesis\..*"),
 ]

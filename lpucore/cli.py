@@ -12,6 +12,7 @@ Commands::
     decode MODEL ...                                     generate tokens with lpucore.llm.Decoder
     dump --model MODEL [--stage STAGE] ...               a model's step program after a compiler stage
     relay [--topology node|rack|dragonfly] [--mpi] ...   pass vectors through every chip of a System
+    serve --model MODEL [--port 8000] [--max-batch 8]   an OpenAI-compatible HTTP server (lpucore.server)
 
 Every user mistake (a missing file, a bad option, a tensor of the wrong dtype,
 a malformed model directory, any :class:`~lpucore.LpuError`, an ``OSError``
@@ -61,7 +62,7 @@ from .program import MAGIC, Program
 PROG = "lpucore"
 BENCHMARKS = {"engine": "bench_engine.py", "gemm": "bench_gemm.py", "decode": "bench_decode.py",
               "system": "bench_system.py", "llm-system": "bench_llm_system.py", "llm-predict": "bench_llm_predict.py",
-              "load": "bench_load.py"}
+              "load": "bench_load.py", "serve": "bench_serve.py"}
 BINARY_SUFFIXES = (".lpup", ".lpu")
 
 
@@ -677,6 +678,45 @@ def _dump_command(sub) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------
+def _cmd_serve(args) -> int:
+    from .server import serve
+
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"serve: --port must be 0..65535, not {args.port}")
+    if args.max_batch < 1:
+        raise UsageError(f"serve: --max-batch must be >= 1, not {args.max_batch}")
+    try:
+        model = _load_model(args, engine=args.engine)
+        print(f"{model}: compiling the step program of {args.max_batch} rows ...", flush=True)
+        serve(model, args.name or args.model, args.host, args.port, args.max_batch, verbose=args.verbose)
+    except ValueError as e:
+        raise CliError(str(e)) from None
+    except KeyboardInterrupt:           # the usual way to stop a server: not an error
+        print("lpucore serve: stopped", flush=True)
+    return 0
+
+
+def _serve_command(sub) -> None:
+    d = add_command(sub, "serve", _cmd_serve, "serve a language model over HTTP with OpenAI's API",
+                    "Compile the step program of --max-batch sequences of MODEL (as 'decode' does) and answer "
+                    "OpenAI requests (GET /v1/models, POST /v1/completions and /v1/chat/completions, streamed or "
+                    "not) until interrupted, batching the requests of every client as they arrive (a new one joins "
+                    "at the next step). Each response's usage gives the simulated time to first token, time per "
+                    "output token and tokens/s: what the chip would deliver, not the host's time. The URL is "
+                    "printed once the server listens.")
+    _model_options(d)
+    d.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    d.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: a free one, printed)")
+    d.add_argument("--max-batch", type=int, default=8, metavar="B",
+                   help="sequences decoded together in one step program (default 8)")
+    d.add_argument("--name", default=None, help="the model id clients give (default: --model as given)")
+    d.add_argument("--verbose", action="store_true", help="log every request on stderr")
+    add_engine_option(d)
+
+
+# ---------------------------------------------------------------------------------------
 # the parser: one registration function per command, listed in COMMANDS
 # ---------------------------------------------------------------------------------------
 def add_command(sub, name: str, handler: Callable[[argparse.Namespace], int], help: str,
@@ -826,7 +866,7 @@ def _relay_command(sub) -> None:
 
 # Each entry adds one subcommand to the parser, in this order.
 COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command,
-                                  _decode_command, _dump_command, _relay_command)
+                                  _decode_command, _dump_command, _relay_command, _serve_command)
 
 
 def build_parser() -> argparse.ArgumentParser:
