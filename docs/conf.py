@@ -56,6 +56,7 @@ nitpick_ignore = [
     ("py:attr", "tokenizer"),
     ("py:attr", "stats"),
     ("py:class", "_Row"),
+    ("py:class", "lpucore.llm.batch._Row"),
     ("py:data", "lpucore.llm.decoder.LOGIT_TOLERANCE"),
     ("py:func", "lpucore.llm.program.build_step"),
     ("py:class", "lpucore.compiler.bounds.Bounds"),

@@ -1,7 +1,7 @@
-"""lpucore's modules import downward only: no import cycle, counting imports inside functions.
-
-Imports under ``if TYPE_CHECKING:`` are left out: they exist for the type checker only and never
-run (the reference engine's units name ReferenceEngine that way in their annotations).
+"""lpucore's modules import downward only: no import cycle, counting imports inside functions
+and those under ``if TYPE_CHECKING:`` (which never run, but still tie two modules together: a
+module that needs a type from one that imports it declares a Protocol of what it uses instead,
+as the reference engine's units and ``compiler.store`` do).
 """
 
 import ast
@@ -20,13 +20,9 @@ def _modules():
     return out
 
 
-def _runtime_imports(tree):
-    """Import nodes anywhere in the module (functions included) outside ``if TYPE_CHECKING:``."""
-    skip = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skip.update(id(n) for stmt in node.body for n in ast.walk(stmt))
-    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom)) and id(n) not in skip]
+def _imports(tree):
+    """Import nodes anywhere in the module: functions and ``if TYPE_CHECKING:`` blocks included."""
+    return [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
 
 
 def _edges(mods):
@@ -34,7 +30,7 @@ def _edges(mods):
     graph = {m: set() for m in mods}
     for m, path in mods.items():
         base = m if path.name == "__init__.py" else m.rsplit(".", 1)[0]
-        for node in _runtime_imports(ast.parse(path.read_text())):
+        for node in _imports(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             else:
@@ -89,4 +85,4 @@ def test_no_import_cycles_inside_lpucore():
 def test_the_cycle_check_finds_a_cycle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     tree = ast.parse("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import x\ndef f():\n    import y\n")
-    assert [a.name for n in _runtime_imports(tree) if isinstance(n, ast.Import) for a in n.names] == ["y"]
+    assert sorted(a.name for n in _imports(tree) if isinstance(n, ast.Import) for a in n.names) == ["x", "y"]

@@ -29,15 +29,45 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 
 from ..errors import CompileError, LpuError, ModelDoesNotFit
 from .continuation import Continuation
+from .steps import GenerateResult
 
 if TYPE_CHECKING:
-    from .decoder import Decoder, GenerateResult
+    from ..chip import Chip
+    from ..compiler.lower import Compiled
+    from ..config import ChipConfig
+    from .reference import Reference
+    from .shapes import ModelConfig
+
+
+class DecoderLike(Protocol):
+    """What a batch uses of a :class:`~lpucore.llm.Decoder`: its model, chip and step program (a protocol,
+    so that this module, which the decoder imports, does not import it back)."""
+
+    cfg: ModelConfig
+    precision: str
+    chip_config: ChipConfig
+    capacity: int
+    chips: int
+    engine: str
+    fp16_mxm: str
+    block: int
+    ref: Reference
+    spans: List[Tuple[str, int, int]]
+    compile_seconds: float
+
+    @property
+    def chip(self) -> Chip: ...
+
+    def compile(self) -> Compiled: ...
+
+    @staticmethod
+    def memory_bytes(cfg: ModelConfig, precision: str, capacity: int) -> Tuple[int, int]: ...
 
 
 @dataclass
@@ -171,7 +201,7 @@ class BatchResult(Sequence):
         return f"BatchResult({len(self)} sequences, {sum(self.stats.new_tokens)} new tokens)"
 
 
-def batch_fit(dec: "Decoder", batch: int) -> None:
+def batch_fit(dec: DecoderLike, batch: int) -> None:
     """Raise :class:`~lpucore.errors.ModelDoesNotFit` unless the weights and ``batch`` KV caches of
     ``dec.capacity`` positions fit one chip's SRAM, saying how many chips they need and how many sequences
     would fit; :class:`~lpucore.errors.LpuError` for a decoder spread over several chips."""
@@ -203,7 +233,7 @@ class BatchProgram:
     ``like``: another decoder's program of the same model and batch, whose compiled program is reused (no
     compile; e.g. the same program on the other engine)."""
 
-    def __init__(self, dec: "Decoder", batch: int, like: Optional["BatchProgram"] = None):
+    def __init__(self, dec: DecoderLike, batch: int, like: Optional["BatchProgram"] = None):
         import lpucore
 
         from ..chip import Chip
@@ -268,7 +298,7 @@ class _Row:
         return "prefill" if self.fed < len(self.ids) else "decode"
 
 
-def run_batch(dec: "Decoder", prog: BatchProgram, rows: List[_Row], on_token=None):
+def run_batch(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], on_token=None):
     """Step ``prog`` until every row has finished: per step, each row feeds its next prompt token or its
     last new token at its own position (a finished row a dummy token at position 0); the logits of a row's
     last prompt token and of its new tokens go to its continuation. Returns (BatchStepStats list, last

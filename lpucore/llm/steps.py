@@ -1,10 +1,13 @@
-"""One step's figures and the attribution of a step program's cycles to model parts (shared by
-:mod:`lpucore.llm.decoder` and :mod:`lpucore.llm.batch`)."""
+"""One step's figures, a decode's statistics and result, and the attribution of a step program's
+cycles to model parts (shared by :mod:`lpucore.llm.decoder` and :mod:`lpucore.llm.batch`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Tuple
+import json
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+
+import numpy as np
 
 if TYPE_CHECKING:
     from ..compiler.lower import Compiled
@@ -54,3 +57,109 @@ def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[D
         by_part["kv"] = by_part.get("kv", 0) + rest
         by_op["writeback"] = by_op.get("writeback", 0) + rest
     return by_part, by_op
+
+
+@dataclass
+class DecodeStats:
+    """Figures of one :meth:`Decoder.generate` (simulated time at ``clock_hz``; SRAM in bytes)."""
+
+    model: str
+    precision: str
+    chip: str
+    clock_hz: float
+    capacity: int               # KV cache positions (tokens)
+    prompt_tokens: int
+    new_tokens: int
+    step_cycles: int            # cycles of one step (every step runs the same static program)
+    predicted_cycles: int       # the compiler's prediction of step_cycles
+    ttft_seconds: float         # time to first token: every prefill step
+    tokens_per_second: float    # per user, decode steps
+    mxm_utilisation: float
+    sram_bytes: int             # SRAM the step program uses (weights, cache, temporaries)
+    sram_capacity: int
+    weight_bytes: int
+    kv_cache_bytes: int
+    by_unit: Dict[str, int]     # busy cycles of one step per functional unit
+    by_part: Dict[str, int]     # cycles of one step attributed to model parts (embed, attn, kv, mlp, head, ...)
+    by_op: Dict[str, int]       # ... and to graph operations (matmul, cast, softmax, ...)
+    compile_seconds: float
+    wall_seconds: float
+    steps: List[StepStats] = field(default_factory=list)
+    bounds: Dict[str, float] = field(default_factory=dict)   # lower bounds of one step (cycles, by name)
+
+    @property
+    def schedule_efficiency(self) -> float:
+        """The largest bound over the step's cycles (lpucore.compiler.bounds); 0 without bounds."""
+        return max(self.bounds.values()) / self.step_cycles if self.bounds and self.step_cycles else 0.0
+
+    @property
+    def step_seconds(self) -> float:
+        return self.step_cycles / self.clock_hz
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["step_seconds"] = self.step_seconds
+        return d
+
+    def to_json(self, path=None) -> str:
+        text = json.dumps(self.to_dict(), indent=1)
+        if path is not None:
+            with open(path, "w") as f:
+                f.write(text + "\n")
+        return text
+
+    def _bound_line(self) -> str:
+        """The largest lower bound of a step, which it is, and the schedule efficiency."""
+        if not self.bounds:
+            return ""
+        name = max(self.bounds, key=lambda k: self.bounds[k])
+        others = ", ".join(f"{k} {v:,.0f}" for k, v in self.bounds.items() if k != name)
+        return (f"{self.bounds[name]:,.0f} cycles ({name}); schedule efficiency "
+                f"{100 * self.schedule_efficiency:.1f} % (other bounds: {others})")
+
+    def table(self) -> str:
+        """A readable summary."""
+        us = 1e6
+        rows = [
+            ("model", f"{self.model} ({self.precision}) on one {self.chip} at {self.clock_hz / 1e6:.0f} MHz"),
+            ("tokens", f"{self.prompt_tokens} prompt + {self.new_tokens} new; KV cache {self.capacity} positions"),
+            ("cycles per step", f"{self.step_cycles:,} (compiler predicted {self.predicted_cycles:,})"),
+            ("schedule bound", self._bound_line()),
+            ("latency per step", f"{self.step_seconds * us:.2f} us"),
+            ("time to first token", f"{self.ttft_seconds * us:.2f} us ({self.prompt_tokens} prefill steps)"),
+            ("tokens/s per user", f"{self.tokens_per_second:,.0f}"),
+            ("MXM utilisation", f"{100 * self.mxm_utilisation:.1f} %"),
+            ("SRAM in use", f"{self.sram_bytes / 1e6:.1f} MB of {self.sram_capacity / 1e6:.1f} MB "
+                            f"(weights {self.weight_bytes / 1e6:.1f} MB, KV cache {self.kv_cache_bytes / 1e6:.2f} MB)"),
+            ("host", f"compile {self.compile_seconds:.1f} s, simulate {self.wall_seconds:.2f} s "
+                     f"({self.wall_seconds / max(1, len(self.steps)) * 1e3:.1f} ms per step)"),
+        ]
+        w = max(len(k) for k, _ in rows)
+        out = [f"{k:<{w}}  {v}" for k, v in rows if v]
+        for title, d in (("cycles by part", self.by_part), ("cycles by operation", self.by_op),
+                         ("busy cycles by unit", self.by_unit)):
+            total = sum(d.values()) or 1
+            items = sorted(d.items(), key=lambda kv: -kv[1])
+            out.append(f"{title}: " + ", ".join(f"{k} {v:,} ({100 * v / total:.0f} %)" for k, v in items if v))
+        return "\n".join(out)
+
+
+@dataclass
+class GenerateResult:
+    """What :meth:`Decoder.generate` and :meth:`Decoder.chat` return.
+
+    ``tokens`` and ``logits`` as always (for id prompts too); ``text`` the new tokens' text when the model has
+    a tokenizer (None otherwise): what ``on_text`` streamed, the EOS token left out, cut before a stop string.
+    ``finish_reason`` is ``"length"`` (``max_new_tokens`` reached), ``"eos"`` (an end-of-sequence token, the
+    last of ``tokens``) or ``"stop"`` (``stop_string`` appeared in the text; the token that completed it is the
+    last of ``tokens``). ``prompt_ids`` are the ids prefilled; ``prompt_text`` the text prompt or rendered chat.
+    """
+
+    tokens: np.ndarray          # int64 [n] new tokens
+    logits: np.ndarray          # float32 [n, vocab]: logits[i] are those token i was chosen from
+    stats: DecodeStats
+    text: Optional[str] = None
+    finish_reason: str = "length"
+    prompt_ids: Optional[np.ndarray] = None
+    prompt_text: Optional[str] = None
+    stop_string: Optional[str] = None
