@@ -8,11 +8,13 @@ raises the exact ProgramError of today's checks.  The tables come from lpucore.f
 derives them from the ISA table and the chip configuration.
 """
 
-from cpython.long cimport PyLong_AsLongLong, PyLong_CheckExact
+from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE
 from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
 from libc.string cimport memcpy, memset
+
+from types import MemberDescriptorType
 
 import numpy as np
 
@@ -240,13 +242,81 @@ cdef class Checker:
         return r
 
 
+cdef extern from "structmember.h":
+    ctypedef struct PyMemberDef:
+        int type
+        Py_ssize_t offset
+
+cdef extern from "Python.h":
+    ctypedef struct PyMemberDescrObject:
+        PyMemberDef* d_member
+    ctypedef struct PyTypeObject
+    PyTypeObject* Py_TYPE(PyObject*)
+    PyObject* PyList_GET_ITEM(object, Py_ssize_t)
+    long long PyLong_AsLongLongAndOverflow(PyObject*, int*) except? -1
+
+DEF T_OBJECT_EX = 16    # structmember.h: an object slot, AttributeError when unset
+DEF OPHASH = 256        # entries of pack's op table (power of two, > 2 x MAXOPS)
+
+
+cdef Py_ssize_t _slot_offset(object cls, str name):
+    """Byte offset of ``cls``'s own ``__slots__`` entry ``name`` in its instances, or -1 when it is
+    not a plain object slot of ``cls`` itself (then pack reads the attribute the slow way)."""
+    d = cls.__dict__.get(name)
+    if type(d) is not MemberDescriptorType:
+        return -1
+    cdef PyMemberDef* m = (<PyMemberDescrObject*><PyObject*>d).d_member
+    if m == NULL or m.type != T_OBJECT_EX or m.offset <= 0:
+        return -1
+    return m.offset
+
+
+cdef struct OpHash:
+    size_t key[OPHASH]      # id of a table Op (0: empty)
+    int32_t opcode[OPHASH]
+    int32_t nf[OPHASH]
+
+
+cdef bint _op_hash(OpHash* h, dict op_index):
+    """Fill ``h`` from op_index (id(op) -> (opcode, nf)), open addressing; False if it cannot."""
+    cdef size_t k, slot
+    memset(h, 0, sizeof(OpHash))
+    if len(op_index) * 2 > OPHASH:
+        return False
+    for key, (opcode, nf) in op_index.items():
+        k = <size_t>key
+        slot = (k >> 4) & (OPHASH - 1)
+        while h.key[slot] != 0:
+            slot = (slot + 1) & (OPHASH - 1)
+        h.key[slot], h.opcode[slot], h.nf[slot] = k, opcode, nf
+    return True
+
+
+cdef inline Py_ssize_t _op_find(const OpHash* h, size_t k) noexcept nogil:
+    """Slot of op id ``k`` in ``h``, or -1."""
+    cdef size_t slot = (k >> 4) & (OPHASH - 1)
+    while h.key[slot] != 0:
+        if h.key[slot] == k:
+            return <Py_ssize_t>slot
+        slot = (slot + 1) & (OPHASH - 1)
+    return -1
+
+
 def pack(list lists, dict op_index, object instruction_type):
     """Instruction lists (one per queue, by queue number) -> (code int32[n, 1 + NF], qstart
     int64[len(lists) + 1]), or None when an entry is anything but an Instruction of a known Op
     (op_index: id(op) -> (opcode, number of fields)) with a tuple of exactly that many plain ints
-    in int32: the caller then takes the Python path, which says what is wrong."""
-    cdef Py_ssize_t n = 0, i, j, k, m, nargs
-    cdef list lst
+    in int32: the caller then takes the Python path, which says what is wrong.
+
+    The loop reads each instruction's ``op`` and ``args`` at their slot offsets (the type is
+    checked to be exactly ``instruction_type``, whose slots fix the layout) and finds the op in a
+    small table keyed by its id: no attribute lookup or dictionary probe per instruction."""
+    cdef Py_ssize_t n = 0, i, j, k, m, nargs, slot
+    cdef OpHash ops
+    cdef Py_ssize_t off_op = _slot_offset(instruction_type, "op")
+    cdef Py_ssize_t off_args = _slot_offset(instruction_type, "args")
+    if off_op < 0 or off_args < 0 or not _op_hash(&ops, op_index):
+        return None                  # not the Instruction layout pack knows: the Python path
     for obj in lists:
         if type(obj) is not list:
             return None
@@ -256,43 +326,45 @@ def pack(list lists, dict op_index, object instruction_type):
     cdef int32_t[:, ::1] code = code_a
     cdef int64_t[::1] qstart = qstart_a
     cdef Py_ssize_t row = 0
-    cdef object last_op = None
+    cdef PyTypeObject* itype = <PyTypeObject*><PyObject*>instruction_type
+    cdef PyObject* ins
+    cdef PyObject* op
+    cdef PyObject* args
+    cdef PyObject* last_op = NULL
+    cdef PyObject* v
     cdef int32_t opcode = 0
     cdef Py_ssize_t nf = 0
-    cdef object ins, op, args
-    cdef PyObject* v
     cdef long long x
+    cdef int overflow
     for i in range(len(lists)):
         qstart[i] = row
         lst = lists[i]
-        m = len(lst)
+        m = len(<list>lst)
         for j in range(m):
-            ins = lst[j]
-            if type(ins) is not instruction_type:
+            ins = PyList_GET_ITEM(lst, j)
+            if Py_TYPE(ins) != itype:
                 return None
-            op = ins.op
-            if op is not last_op:
-                hit = op_index.get(id(op))
-                if hit is None:
+            op = (<PyObject**>((<char*>ins) + off_op))[0]
+            args = (<PyObject**>((<char*>ins) + off_args))[0]
+            if op == NULL or args == NULL:
+                return None
+            if op != last_op:
+                slot = _op_find(&ops, <size_t>op)
+                if slot < 0:
                     return None
-                opcode, nf = hit
-                last_op = op
-            args = ins.args
-            if not PyTuple_CheckExact(args):
+                opcode, nf, last_op = ops.opcode[slot], ops.nf[slot], op
+            if not PyTuple_CheckExact(<object>args):
                 return None
-            nargs = PyTuple_GET_SIZE(args)
+            nargs = PyTuple_GET_SIZE(<object>args)
             if nargs != nf:
                 return None
             code[row, 0] = opcode
             for k in range(nargs):
-                v = PyTuple_GET_ITEM(args, k)
+                v = PyTuple_GET_ITEM(<object>args, k)
                 if not PyLong_CheckExact(<object>v):
                     return None
-                try:
-                    x = PyLong_AsLongLong(<object>v)
-                except OverflowError:
-                    return None
-                if x < -2147483648 or x > 2147483647:
+                x = PyLong_AsLongLongAndOverflow(v, &overflow)
+                if overflow or x < -2147483648 or x > 2147483647:
                     return None
                 code[row, 1 + k] = <int32_t>x
             row += 1

@@ -9,6 +9,7 @@ opcode or neighbour mutated towards the edges of its range (a few thousand cases
 
 from __future__ import annotations
 
+import copy
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -129,6 +130,12 @@ def test_every_op_at_its_edges(cfg):
                 assert _fast_verdict(p)[0] == _slow_verdict(p, qstart), (op.mnemonic, args)
 
 
+class _SubInstruction(Instruction):
+    """An Instruction subclass: its layout is not the one the packer reads."""
+
+    __slots__ = ()
+
+
 def test_odd_entries_take_the_python_path():
     """Anything but a plain Instruction with plain int operands: the compiled loader declines
     (None), and validate gives the Python validator's verdict."""
@@ -136,11 +143,14 @@ def test_odd_entries_take_the_python_path():
     p.add("MEM.W0", "Read", 3, "E0")
     read = p.queues["MEM.W0"][0]
     odd: List[Optional[object]] = [Instruction(read.op, (np.int64(3), 0)), Instruction(read.op, (True, 0)),
-                                   Instruction(read.op, (3,)), Instruction(read.op, (2 ** 40, 0)), "Read 3, E0"]
+                                   Instruction(read.op, (3,)), Instruction(read.op, (2 ** 40, 0)), "Read 3, E0",
+                                   Instruction(read.op, (2 ** 70, 0)), Instruction(read.op, (-2 ** 70, 0)),
+                                   Instruction(copy.deepcopy(read.op), (3, 0)), _SubInstruction(read.op, (3, 0))]
     for entry in odd:
         q = Program(CFG)
         q.queues["MEM.W0"] = [entry]
         assert fastload.pack(q.queue_lists(), Instruction) is None
+    assert fastload.pack(p.queue_lists(), Instruction) is not None     # a plain one stays on the fast path
     ok = Program(CFG)
     ok.queues["MEM.W0"] = [Instruction(read.op, (np.int64(3), 0))]
     ok.validate()                                   # a NumPy integer is legal: the Python path says so
