@@ -160,12 +160,12 @@ def _striped_plane(name: str, pi: int, plane, probe: TensorInfo, cfg: ChipConfig
     if not st.parts:
         raise ProgramError(f"tensor {name!r}: byte plane {pi} has no stripe")
     parts = []
+    n_addr = st.span(probe.rows, probe.chunks(cfg.lanes))
     for g, b in st.parts:
         g = _slice_number(name, g, cfg)
         g, b = int(g), int(b)
         if not 0 <= g < cfg.mem_slices:
             raise ProgramError(f"tensor {name!r}: slice {g} out of range 0..{cfg.mem_slices - 1}")
-        n_addr = st.span(probe.rows, probe.chunks(cfg.lanes))
         if b < 0 or b + n_addr > cfg.addresses_per_slice:
             raise ProgramError(f"tensor {name!r}: stripe {cfg.slice_name(g)}:{b}+{n_addr} does not fit "
                                f"a slice of {cfg.addresses_per_slice} addresses")
@@ -236,16 +236,18 @@ def _runs_disjoint(info: TensorInfo, cfg: ChipConfig) -> bool:
     starts: List[int] = []
     ends: List[int] = []
     A = cfg.addresses_per_slice
+    rows, chunks = info.rows, info.chunks(cfg.lanes)
     for p in info.planes:
         if isinstance(p, Stripes):
-            n = p.span(info.rows, info.chunks(cfg.lanes))
+            n = p.span(rows, chunks)
             starts.extend(g * A + b for g, b in p.parts)
             ends.extend(g * A + b + n for g, b in p.parts)
         else:
             starts.extend(e.slice * A + e.address for e in p)
             ends.extend(e.slice * A + e.address + e.count for e in p)
-    if len(starts) < 2:
-        return True
+    if len(starts) < 64:                     # few runs (most tensors): a Python sort is quicker
+        runs = sorted(zip(starts, ends))
+        return all(a[1] <= b[0] for a, b in zip(runs, runs[1:]))
     order = np.argsort(np.asarray(starts, dtype=np.int64), kind="stable")
     lo, hi = np.asarray(starts, dtype=np.int64)[order], np.asarray(ends, dtype=np.int64)[order]
     return bool(np.all(hi[:-1] <= lo[1:]))
