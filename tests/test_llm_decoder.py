@@ -166,6 +166,23 @@ def test_bad_construction(kwargs, match):
         Decoder.random("tiny", **kwargs)
 
 
+def test_capacity_limits_and_rotary_tables():
+    """The capacity goes up to the model's max_positions and MAX_CAPACITY (no longer the 2,048 rows of a fixed
+    rotary table): the step program's rotary tables have exactly ``capacity`` rows."""
+    import dataclasses
+
+    from lpucore.llm.decoder import MAX_CAPACITY
+    assert MAX_CAPACITY >= 4096
+    long = dataclasses.replace(model_config("tiny"), max_positions=MAX_CAPACITY + 1)
+    assert Decoder.random(long, capacity=4096).capacity == 4096
+    assert Decoder.random(long, capacity=MAX_CAPACITY).capacity == MAX_CAPACITY
+    with pytest.raises(ValueError, match=f"MAX_CAPACITY {MAX_CAPACITY}"):
+        Decoder.random(long, capacity=MAX_CAPACITY + 1)
+    dec = decoder("tiny", "int8")
+    tables = {k: v.shape for k, v in dec.compile().constants.items() if k.startswith(("_rcos", "_rsin"))}
+    assert sorted(tables.values()) == [(CAPACITY, dec.cfg.head_dim)] * 2
+
+
 @pytest.mark.parametrize("prompt,n,match", [
     ([], 3, "non-empty"),
     ([1, 300], 3, "out of range"),

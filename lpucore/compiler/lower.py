@@ -300,7 +300,6 @@ class Compiler:
         self.temps: List[VT] = []
         self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
         self._scratch = 0                          # ids of compiler-made tensors: -1, -2, ...
-        self.rope_positions = 2048                 # rows of the rotary tables (positions 0..2047)
         self.L = cfg.lanes
         self.n_alu = cfg.vxm_alus_per_lane
 

@@ -43,7 +43,10 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp16", "int8")
 LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
-MAX_CAPACITY = 2048        # rotary tables of the compiler cover positions 0..2047
+#: largest KV cache (positions) a decoder takes: Mixtral's max_positions, the largest of the named shapes.
+#: The rotary tables are sized to the capacity (Graph.rope's max_positions), so this is no compiler limit;
+#: what a model fits at a capacity is SRAM's say (ModelDoesNotFit, or the compiler's "does not fit")
+MAX_CAPACITY = 32768
 
 
 def _is_batch(prompt) -> bool:
@@ -58,7 +61,8 @@ class Decoder:
 
     ``cfg`` and ``weights`` (Hugging Face names, see :func:`random_weights`); ``precision`` ``"fp16"`` or
     ``"int8"`` (per-output-channel int8 weights, float16 activations); ``config`` the chip (GroqChip by
-    default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most 2048);
+    default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most the model's
+    ``max_positions`` and :data:`MAX_CAPACITY`, 32,768);
     ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
     of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
     layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`).
@@ -86,7 +90,8 @@ class Decoder:
         cap = min(cfg.max_positions, 128) if capacity is None else int(capacity)
         if not 1 <= cap <= min(cfg.max_positions, MAX_CAPACITY):
             raise ValueError(f"capacity must be 1..{min(cfg.max_positions, MAX_CAPACITY)} tokens "
-                             f"({cfg.name}'s max_positions, and the rotary tables' 2048), not {capacity}")
+                             f"({cfg.name}'s max_positions {cfg.max_positions}, and MAX_CAPACITY {MAX_CAPACITY}), "
+                             f"not {capacity}")
         self.capacity = cap
         self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
         self.comm = comm
