@@ -271,6 +271,31 @@ def test_shared_stage_programs_keep_each_chips_weights():
     assert not np.array_equal(a, b)
 
 
+def test_stage_planner_counts_the_attention_temporaries():
+    """An attention block's temporaries grow with the cache as its cache does: Llama-2-7B int8 plans at 2,048
+    positions (its attention block compiles at 213 MB of a GroqChip's 231 MB) but not at 4,096; a stage of
+    several layers needs the largest block's temporaries, not their sum."""
+    from lpucore.llm.pipeline import ATTENTION_ROWS, STAGE_FILL, attention_bytes, plan_stages, unit_bytes, unit_temps
+    chip = ChipConfig.groqchip1()
+    cfg = model_config("llama2-7b")
+    att = attention_bytes(cfg, 2048)
+    assert att == int(ATTENTION_ROWS * 2048 * 4160 * 4)      # one query head per kv head; 4096 lanes in 13 vectors
+    assert unit_temps(cfg, 2048)[1:3] == [att, 0]
+    assert unit_bytes(cfg, "int8", 2048)[1] + att <= STAGE_FILL * chip.sram_bytes
+    assert len(plan_stages(cfg, "int8", 2048, chip)) == 66
+    with pytest.raises(ModelDoesNotFit, match=r"attention temporaries at 4096 positions"):
+        plan_stages(cfg, "int8", 4096, chip)
+    tiny = model_config("tiny")
+    sizes, temps = unit_bytes(tiny, "int8", 128), unit_temps(tiny, 128)
+    assert temps.count(max(temps)) == tiny.n_layers and max(temps) == attention_bytes(tiny, 128)
+    assert plan_stages(tiny, "int8", 128, chip) == [(0, len(sizes))]
+    # two stages: the cut is where the larger stage (sizes plus its one largest temporary) is smallest
+    cut = plan_stages(tiny, "int8", 128, chip, chips=2)
+    cost = [sum(sizes[a:b]) + max(temps[a:b]) for a, b in cut]
+    assert len(cut) == 2 and max(cost) == min(max(sum(sizes[:k]) + max(temps[:k]), sum(sizes[k:]) + max(temps[k:]))
+                                               for k in range(1, len(sizes)))
+
+
 def test_decoders_over_several_chips_check_the_fit():
     from lpucore import LpuError
     from lpucore.llm import PipelineDecoder
