@@ -183,6 +183,52 @@ def test_capacity_limits_and_rotary_tables():
     assert sorted(tables.values()) == [(CAPACITY, dec.cfg.head_dim)] * 2
 
 
+def test_cache_buckets_run_the_smallest_program_and_give_the_same_tokens():
+    """Decoder(buckets=...): one step program per cache size, the weights and the KV cache at the same
+    addresses in all (the smaller cache is the first rows of the larger), so a sequence grows from one
+    to the next with no copy; each step runs the smallest bucket holding its position, and the logits are
+    bit for bit those of the single-capacity decoder (masked rows add exact zeros)."""
+    import dataclasses
+
+    from lpucore import CompileError, Graph
+    from lpucore.compiler.api import compile_sharing
+    from lpucore.llm.decoder import cache_buckets
+    whole = decoder("tiny", "fp16").generate(PROMPT, max_new_tokens=NEW)
+    dec = Decoder.random("tiny", seed=SEED, precision="fp16", capacity=CAPACITY, buckets=(8,))
+    res = dec.generate(PROMPT, max_new_tokens=NEW)
+    np.testing.assert_array_equal(res.tokens, whole.tokens)
+    np.testing.assert_array_equal(res.logits, whole.logits)
+    st = res.stats
+    assert [s.bucket for s in st.steps] == [8] * 8 + [CAPACITY] * (len(st.steps) - 8)
+    small = dec.bucket_programs[8]
+    assert st.bucket_cycles == {8: small.expected_cycles, CAPACITY: dec.compiled.expected_cycles}
+    assert {s.cycles for s in st.steps if s.bucket == 8} == {small.expected_cycles}
+    assert small.expected_cycles < st.step_cycles == dec.compiled.expected_cycles
+    assert "cache buckets" in st.table()
+    # the weights and the caches are shared; only the small program's masks and rotary tables are its own
+    assert set(small.states) <= small.shared and set(dec.compiled.states) == set(small.states)
+    private = small.private_constants()
+    assert private and not any(n.startswith("model_") for n in private)
+    assert any(small.constants[n].shape[0] == 8 for n in private)                # its 8-row rotary tables
+    # a new sequence starts again in the small bucket (its own constants written back)
+    res2 = dec.generate([5, 9], max_new_tokens=10)
+    tokens, logits = dec.reference().generate([5, 9], 10)
+    np.testing.assert_array_equal(res2.tokens, tokens)
+    check_close(res2.logits, logits)
+    assert [s.bucket for s in res2.stats.steps] == [8] * 8 + [CAPACITY] * 3
+    assert cache_buckets("auto", 2048) == [128, 512, 2048] and cache_buckets("auto", 100) == [100]
+    assert cache_buckets(None, 64) == [64] and cache_buckets([16, 64, 16], 64) == [16, 64]
+    for bad in ("all", [0], [65], [2.5], [True]):
+        with pytest.raises(ValueError, match="buckets"):
+            cache_buckets(bad, 64)
+    with pytest.raises(ValueError, match="one chip"):
+        Decoder.random("tiny", seed=0, capacity=8, chips=2, buckets=(4,))
+    g = Graph("other")
+    g.output("y", g.add(g.input("x", (1, 4), "float32"), 1.0))
+    with pytest.raises(CompileError, match="no placements"):       # e.g. read from the compile cache
+        compile_sharing(g, dataclasses.replace(dec.compiled, layout={}))
+
+
 @pytest.mark.parametrize("prompt,n,match", [
     ([], 3, "non-empty"),
     ([1, 300], 3, "out of range"),
