@@ -87,8 +87,8 @@ class Compiled:
 
     def private_constants(self) -> List[str]:
         """The constants (names of :attr:`constants`) this program does not share with the one it was
-        compiled against (:func:`compile_sharing`): what the host writes when it loads this program into
-        a chip that holds the other's; every constant for a program that shares nothing."""
+        compiled against (``lpucore.compiler.api.compile_sharing``): what the host writes when it loads
+        this program into a chip that holds the other's; every constant for a program sharing nothing."""
         def members(name: str) -> List[str]:
             if name in self.tiles:
                 return [m for m, _ in self.tiles[name]]

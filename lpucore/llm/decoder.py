@@ -82,7 +82,9 @@ class Decoder:
     ``cfg`` and ``weights`` (Hugging Face names, see :func:`random_weights`); ``precision`` ``"fp16"`` or
     ``"int8"`` (per-output-channel int8 weights, float16 activations); ``config`` the chip (GroqChip by
     default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most the model's
-    ``max_positions`` and :data:`MAX_CAPACITY`, 32,768);
+    ``max_positions`` and ``MAX_CAPACITY``, 32,768); ``buckets``: cache sizes to compile a step
+    program each for (``"auto"``: powers of 4 from 128; ``lpucore.llm.decoder.cache_buckets``), each
+    step running the smallest that holds its position, sharing the weights and cache in SRAM (one chip);
     ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
     of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
     layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`).
