@@ -75,7 +75,7 @@ def run_model(name, a, out, lines):
           f"{p.wall_seconds_per_step:.1f} s per simulated step)\n", flush=True)
     out[name + f" pipeline {pipe_cap}"] = p.to_dict()
     if pipe_cap == cap:
-        lines.append(_summary(name, "pipeline", p, p.chips, -(-p.chips // NODE)))
+        lines.append(_summary(name, "pipeline", p, p.chips, p.nodes))
     if a.tensor_parallel:
         t0 = time.perf_counter()
         tp = predict_tensor_parallel(name, a.precision, group=a.tensor_parallel, pipeline=p, capacity=cap)

@@ -96,6 +96,11 @@ class Prediction(_Model):
     published: Dict[str, str] = field(default_factory=dict)
 
     @property
+    def nodes(self) -> int:
+        """GroqNodes (8 chips each) the pipeline's chips fill."""
+        return -(-self.chips // 8)
+
+    @property
     def schedule_efficiency(self) -> float:
         """The derived bound over the derived step (lpucore.compiler.bounds; 1.0: every chip's program
         as fast as its graph allows, and no hand-over time)."""
@@ -123,8 +128,9 @@ class Prediction(_Model):
              us(self.after_cycles)),
             ("step (derived)", f"{us(self.step_cycles)} = simulated step + {self.n_layers - self.simulated_layers} "
                                f"x layer 1"),
-            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f} ({self.tokens_per_second / self.chips:.2f} "
-                                            f"per chip)"),
+            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f} "
+                                            f"({self.tokens_per_second / (8 * self.nodes):.2f} per chip of "
+                                            f"{self.nodes} 8-chip nodes)"),
             ("schedule bound (derived)", f"{us(self.bound_cycles)}: efficiency {100 * self.schedule_efficiency:.1f} %"),
         ]
         return _table(rows, self.published)
