@@ -1,8 +1,9 @@
-"""Decode-speed predictions for models bigger than this machine holds: Llama-2-70B and Mixtral-8x7B
-(int8, random weights) on GroqChips, beside the published figures.
+"""Decode-speed predictions at full context for models bigger than this machine holds: Llama-2-7B at
+2,048 positions, Llama-2-70B and Mixtral-8x7B at 4,096 (int8, random weights, batch 1) on GroqChips,
+beside Groq's published figures.
 
-    python bench/bench_llm_predict.py [--models llama2-70b,mixtral-8x7b] [--layers 2] [--capacity 32]
-                                      [--tensor-parallel 8]
+    python bench/bench_llm_predict.py [--models llama2-7b,llama2-70b,mixtral-8x7b] [--layers 2]
+                                      [--capacity full|N] [--outside-capacity 32] [--tensor-parallel 8]
 
 For each model, :func:`lpucore.llm.predict` simulates the embedding, the first ``--layers`` layers
 and the head as pipeline stages over as many chips as they take (MLPs or experts, and the
@@ -12,9 +13,18 @@ from layer 1's simulated cycles (every later layer runs the same programs over t
 hand-over). Then :func:`lpucore.llm.predict.predict_tensor_parallel` compiles layer 1 split over a
 GroqNode's 8 chips (``lpucore.compile(graph, system=...)``: Megatron-style splits, all-reduces
 scheduled over the links), checks its output against the reference's residual stream, and derives
-the step with every layer so split (``--tensor-parallel 0`` skips it). Prints each model's tables
-(simulated and derived figures labelled) and the published figures; the last line is one JSON
-object.
+the step with every layer so split (``--tensor-parallel 0`` skips it).
+
+``--capacity full`` (the default) is each model's context of the issue: 2,048 positions for
+Llama-2-7B, 4,096 for the others. A model whose attention block does not fit one chip at that
+capacity (:func:`lpucore.llm.pipeline.plan_stages` says so: Llama-2-70B and Mixtral at 4,096) has
+no pipeline prediction there; its pipeline runs at ``--outside-capacity`` positions for the
+tensor-parallel step's embedding and head only (they read no cache), and is printed so labelled.
+
+Prints each model's tables (simulated and derived figures labelled), then one summary line per
+prediction: chips (whole 8-chip nodes), cycles per token, tokens/s per user and per chip, the
+schedule bound (each chip's largest ``compiled.bounds()``, derived as the step is) and its
+efficiency, and Groq's figure. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -23,35 +33,78 @@ import argparse
 import json
 import time
 
-from lpucore.llm.predict import predict, predict_tensor_parallel
+from lpucore import ChipConfig
+from lpucore.errors import ModelDoesNotFit
+from lpucore.llm import model_config
+from lpucore.llm.pipeline import plan_stages
+from lpucore.llm.predict import PUBLISHED, predict, predict_tensor_parallel
+
+#: the context each model is predicted at by default (the issue's)
+FULL = {"llama2-7b": 2048, "llama2-70b": 4096, "mixtral-8x7b": 4096}
+NODE = 8                    # chips per GroqNode
+
+
+def _log(t0):
+    return lambda m: print(f"  [{time.perf_counter() - t0:5.0f} s] {m}", flush=True) if "compiled" in m else None
+
+
+def _summary(name, kind, p, chips, nodes) -> str:
+    """One line: the figures the issue asks for, beside Groq's."""
+    per_chip = p.tokens_per_second / (nodes * NODE)
+    groq = "; ".join(f"{k}: {v}" for k, v in PUBLISHED.get(name, {}).items()) or "-"
+    return (f"{name:13s} {p.capacity:5d}  {kind:16s} {chips:4d} ({nodes:3d} nodes) {p.step_cycles:>12,} "
+            f"{p.tokens_per_second:9,.0f} {per_chip:8.2f} {p.bound_cycles:>11,} {100 * p.schedule_efficiency:5.1f} %  "
+            f"{groq}")
+
+
+def run_model(name, a, out, lines):
+    """Pipeline and tensor-parallel predictions of ``name`` at its capacity; appends to ``out`` and ``lines``."""
+    cap = FULL.get(name, 2048) if a.capacity == "full" else int(a.capacity)
+    chip = ChipConfig.groqchip1()
+    try:
+        plan_stages(model_config(name), a.precision, cap, chip)
+        pipe_cap = cap
+    except ModelDoesNotFit as e:
+        pipe_cap = a.outside_capacity
+        print(f"{name} at {cap} positions as pipeline stages: {e}\n  -> pipeline at {pipe_cap} positions, for the "
+              f"tensor-parallel step's embedding and head only\n", flush=True)
+    t0 = time.perf_counter()
+    p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0))
+    print(p.table(), flush=True)
+    print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {p.compile_seconds:.0f} s, "
+          f"{p.wall_seconds_per_step:.1f} s per simulated step)\n", flush=True)
+    out[name + f" pipeline {pipe_cap}"] = p.to_dict()
+    if pipe_cap == cap:
+        lines.append(_summary(name, "pipeline", p, p.chips, p.nodes))
+    if a.tensor_parallel:
+        t0 = time.perf_counter()
+        tp = predict_tensor_parallel(name, a.precision, group=a.tensor_parallel, pipeline=p, capacity=cap)
+        print(tp.table(), flush=True)
+        print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {tp.compile_seconds:.0f} s, "
+              f"{tp.wall_seconds_per_layer:.1f} s per simulated layer)\n", flush=True)
+        out[name + f" tensor-parallel {cap}"] = tp.to_dict()
+        lines.append(_summary(name, f"tensor par. {tp.group}", tp, tp.chips + tp.outside_chips, tp.nodes))
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="llama2-70b,mixtral-8x7b")
+    ap.add_argument("--models", default="llama2-7b,llama2-70b,mixtral-8x7b")
     ap.add_argument("--precision", default="int8", choices=("fp16", "int8"))
     ap.add_argument("--layers", type=int, default=2, help="layers simulated (at least 2)")
-    ap.add_argument("--capacity", type=int, default=32, help="KV cache positions")
+    ap.add_argument("--capacity", default="full", help="KV cache positions, or 'full' (2,048 for 7B, else 4,096)")
+    ap.add_argument("--outside-capacity", type=int, default=32,
+                    help="the pipeline's cache when the attention does not fit a chip at --capacity")
     ap.add_argument("--tensor-parallel", type=int, default=8, help="chips per tensor-parallel group (0: skip)")
     a = ap.parse_args(argv)
-    out = {}
+    if a.capacity != "full" and not a.capacity.isdigit():
+        ap.error(f"--capacity must be 'full' or a number of positions, not {a.capacity!r}")
+    out: dict = {}
+    lines: list = []
     for name in a.models.split(","):
-        t0 = time.perf_counter()
-        p = predict(name, a.precision, layers=a.layers, capacity=a.capacity,
-                    progress=lambda m, t0=t0: print(f"  [{time.perf_counter() - t0:5.0f} s] {m}", flush=True)
-                    if "compiled" in m else None)
-        print(p.table(), flush=True)
-        print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {p.compile_seconds:.0f} s, "
-              f"{p.wall_seconds_per_step:.1f} s per simulated step)\n", flush=True)
-        out[name] = p.to_dict()
-        if a.tensor_parallel:
-            t0 = time.perf_counter()
-            tp = predict_tensor_parallel(name, a.precision, group=a.tensor_parallel, pipeline=p,
-                                         capacity=a.capacity)
-            print(tp.table(), flush=True)
-            print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {tp.compile_seconds:.0f} s, "
-                  f"{tp.wall_seconds_per_layer:.1f} s per simulated layer)\n", flush=True)
-            out[name + " tensor-parallel"] = tp.to_dict()
+        run_model(name, a, out, lines)
+    print(f"{'model':13s} {'cache':>5s}  {'system':16s} {'chips':>15s} {'cycles/token':>12s} {'tok/s/user':>9s} "
+          f"{'per chip':>8s} {'bound':>11s} {'eff.':>7s}  Groq (tokens/s per user)")
+    print("\n".join(lines))
     print(json.dumps(out))
 
 

@@ -20,7 +20,9 @@ GB); its tokens and cycles must equal the single-process ones.
 
 Prints the plan, the simulated cycles and tokens/s per user, the wall seconds per simulated token
 (one process, MPI), the ratios to the reference and to the matmul floor (goal: at most 3x the
-reference), the token agreement and the logit error. The last line is one JSON object.
+reference), the token agreement and the logit error, the schedule bound (each chip's largest
+``compiled.bounds()``, summed: at batch 1 the chips work one after another) and its efficiency,
+tokens/s per chip (of whole 8-chip nodes) and Groq's published figure. The last line is one JSON object.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import numpy as np
 
 from lpucore.llm import Decoder, model_config
 from lpucore.llm.decoder import LOGIT_TOLERANCE
+from lpucore.llm.predict import PUBLISHED
 
 PROMPT = [1, 2]
 
@@ -68,6 +71,8 @@ def decode(a, comm=None, log=print, before=None):
                      wall_first_step=float(walls[0]), walls=[float(w) for w in walls], setup_seconds=setup,
                      compile_seconds=pd.compile_seconds, load_seconds=pd.load_seconds,
                      predicted_cycles=int(pd.step_cycles), chips=pd.n_chips,
+                     # at batch 1 the chips work one after another: their programs' largest bounds add up
+                     bound_cycles=int(sum(max(pd.compiled[s].bounds().as_dict().values()) for s in pd.signatures)),
                      stage_cycles=pd.stage_cycles, link_bytes=int(sum(s.c2c_bytes for s in stats[-1:])))
 
 
@@ -168,7 +173,9 @@ def main(argv=None):
     clock = 900e6
     out = dict(model=a.model, precision=a.precision, capacity=a.capacity, chips=one["chips"],
                step_cycles=one["cycles"][-1], predicted_cycles=one["predicted_cycles"],
-               tokens_per_s_per_user=clock / one["cycles"][-1],
+               tokens_per_s_per_user=clock / one["cycles"][-1], bound_cycles=one["bound_cycles"],
+               schedule_efficiency=one["bound_cycles"] / one["cycles"][-1], nodes=-(-one["chips"] // 8),
+               tokens_per_s_per_chip=clock / one["cycles"][-1] / (8 * -(-one["chips"] // 8)),
                wall_s_per_token_1proc=one["wall_per_step"], wall_s_first_step_1proc=one["wall_first_step"],
                reference_s_per_token=ref_per_step,
                matmul_floor_s_per_token=floor,
@@ -187,7 +194,11 @@ def main(argv=None):
     rows = [
         ("system", f"{out['chips']} x groqchip1 as pipeline stages ({a.model}, {a.precision}, cache {a.capacity})"),
         ("cycles per token", f"{out['step_cycles']:,} (predicted {out['predicted_cycles']:,})"),
-        ("tokens/s per user", f"{out['tokens_per_s_per_user']:,.0f} at 900 MHz"),
+        ("tokens/s per user", f"{out['tokens_per_s_per_user']:,.0f} at 900 MHz; "
+                              f"{out['tokens_per_s_per_chip']:.2f} per chip of {out['nodes']} 8-chip nodes"),
+        ("schedule bound", f"{out['bound_cycles']:,} cycles (the chips' largest bounds, summed): efficiency "
+                           f"{100 * out['schedule_efficiency']:.1f} %"),
+        ("published", "; ".join(f"{k}: {v} tokens/s" for k, v in PUBLISHED.get(a.model, {}).items()) or "-"),
         ("host s per token, 1 process", f"{out['wall_s_per_token_1proc']:.2f}"),
         ("NumPy reference s per token", f"{ref_per_step:.2f} (float32 matvecs alone: {floor:.2f})"),
         ("ratio to reference / floor", f"{out['ratio_to_reference_1proc']:.2f} / "

@@ -74,6 +74,9 @@ class Node:
     output: int
 
 
+#: largest rotary table Graph.rope builds (rows): 65,536 rows take two tables of 65,536 MEM vectors
+#: (40 MB of a GroqChip's 230 MB at a head of up to 320 values), more than any model here needs
+MAX_ROPE_POSITIONS = 65536
 UNARY_FLOAT = ("exp", "tanh", "sigmoid", "sqrt", "rsqrt", "silu", "gelu")
 UNARY_ANY = ("neg", "relu", "abs")
 BINARY = ("add", "sub", "mul", "div", "maximum", "minimum")
@@ -445,12 +448,20 @@ class Graph:
                              f"got {rows.dtype.name}{list(rows.shape)}")
         return self._node("scatter", [x, indices, rows], x.shape, x.dtype)
 
-    def rope(self, x, positions, base: float = 10000.0) -> Tensor:
+    def rope(self, x, positions, base: float = 10000.0, max_positions: int = 2048) -> Tensor:
         """Rotary position embedding, Llama form, over the last axis (the head dimension,
         even): pairs (i, i + d/2) rotate by angle positions[t] * base**(-2i/d).  x is
-        [..., T, d]; positions is int32 [T]."""
+        [..., T, d]; positions is int32 [T], each in ``0..max_positions - 1``: the compiler
+        keeps cos and sin tables of ``max_positions`` float16 rows of ``d`` values in SRAM
+        (2 x 2 bytes x rows x d rounded up to whole vectors; a position outside the tables
+        rotates ``x`` to 0), and a lookup costs one MXM product over those rows, so size it
+        to the positions the program needs (a decoder: its cache capacity)."""
         x = self._t("rope", x)
         positions = self._t("rope", positions)
+        if isinstance(max_positions, bool) or not isinstance(max_positions, (int, np.integer)) \
+                or not 1 <= max_positions <= MAX_ROPE_POSITIONS:
+            raise GraphError(f"rope: max_positions must be an integer 1..{MAX_ROPE_POSITIONS}, "
+                             f"not {max_positions!r}")
         if not x.dtype.is_float:
             raise GraphError(f"rope: needs a float tensor, got {x.dtype.name}")
         if x.ndim < 2 or x.shape[-1] % 2:
@@ -458,7 +469,8 @@ class Graph:
         if positions.dtype.name != "int32" or positions.shape != (x.shape[-2],):
             raise GraphError(f"rope: positions must be int32 [{x.shape[-2]}], got "
                              f"{positions.dtype.name}{list(positions.shape)}")
-        return self._node("rope", [x, positions], x.shape, x.dtype, base=float(base))
+        return self._node("rope", [x, positions], x.shape, x.dtype, base=float(base),
+                          max_positions=int(max_positions))
 
     # ---- convolution and pooling (NCHW, PyTorch conventions; lowered by compiler.conv) -------------------
     def _image(self, op, x) -> Tensor:

@@ -261,6 +261,30 @@ def test_layout_ops_are_exact(R, C, seed):
     assert np.array_equal(out["c0"], np.concatenate([X, X], 0))
 
 
+def test_rope_tables_sized_by_max_positions():
+    """Graph.rope's tables have max_positions rows (not a fixed 2,048): positions up to 4,095 rotate
+    as NumPy does, and a small table is small."""
+    g = Graph()
+    x = g.input("x", (2, 4, 16), "float16")
+    p = g.input("p", (4,), "int32")
+    g.output("y", g.rope(x, p, max_positions=4096))
+    X = values((2, 4, 16), np.float16, 5)
+    P = np.array([0, 2047, 2048, 4095], np.int32)
+    out, c = run_graph(g, {"x": X, "p": P})
+    inv = 10000.0 ** (-np.arange(8) * 2 / 16)
+    ang = P[:, None] * inv[None]
+    x1, x2 = X[..., :8].astype(np.float64), X[..., 8:].astype(np.float64)
+    ref = np.concatenate([x1 * np.cos(ang) - x2 * np.sin(ang), x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
+    assert np.abs(out["y"] - ref).max() <= 4e-3 * np.abs(X).max()
+    assert sorted(v.shape for k, v in c.constants.items() if k.startswith(("_rcos", "_rsin"))) == [(4096, 16)] * 2
+    g2 = Graph()
+    g2.output("y", g2.rope(g2.input("x", (1, 1, 16), "float16"), g2.input("p", (1,), "int32"), max_positions=8))
+    assert {v.shape for k, v in lpucore.compile(g2, SMALL).constants.items() if k.startswith("_rcos")} == {(8, 16)}
+    for j, bad in enumerate((0, 1 << 17, 2.5, True)):
+        with pytest.raises(GraphError, match="max_positions"):
+            g2.rope(g2.input(f"x{j}", (1, 1, 16), "float16"), g2.input(f"p{j}", (1,), "int32"), max_positions=bad)
+
+
 @settings(max_examples=few(3))
 @given(st.integers(1, 6), st.integers(2, 130), st.sampled_from([8, 16, 34]), st.integers(1, 3), st.integers(1, 70),
        st.sampled_from(["int8", "float16"]), st.integers(0, 99))

@@ -166,6 +166,69 @@ def test_bad_construction(kwargs, match):
         Decoder.random("tiny", **kwargs)
 
 
+def test_capacity_limits_and_rotary_tables():
+    """The capacity goes up to the model's max_positions and MAX_CAPACITY (no longer the 2,048 rows of a fixed
+    rotary table): the step program's rotary tables have exactly ``capacity`` rows."""
+    import dataclasses
+
+    from lpucore.llm.decoder import MAX_CAPACITY
+    assert MAX_CAPACITY >= 4096
+    long = dataclasses.replace(model_config("tiny"), max_positions=MAX_CAPACITY + 1)
+    assert Decoder.random(long, capacity=4096).capacity == 4096
+    assert Decoder.random(long, capacity=MAX_CAPACITY).capacity == MAX_CAPACITY
+    with pytest.raises(ValueError, match=f"MAX_CAPACITY {MAX_CAPACITY}"):
+        Decoder.random(long, capacity=MAX_CAPACITY + 1)
+    dec = decoder("tiny", "int8")
+    tables = {k: v.shape for k, v in dec.compile().constants.items() if k.startswith(("_rcos", "_rsin"))}
+    assert sorted(tables.values()) == [(CAPACITY, dec.cfg.head_dim)] * 2
+
+
+def test_cache_buckets_run_the_smallest_program_and_give_the_same_tokens():
+    """Decoder(buckets=...): one step program per cache size, the weights and the KV cache at the same
+    addresses in all (the smaller cache is the first rows of the larger), so a sequence grows from one
+    to the next with no copy; each step runs the smallest bucket holding its position, and the logits are
+    bit for bit those of the single-capacity decoder (masked rows add exact zeros)."""
+    import dataclasses
+
+    from lpucore import CompileError, Graph
+    from lpucore.compiler.api import compile_sharing
+    from lpucore.llm.decoder import cache_buckets
+    whole = decoder("tiny", "fp16").generate(PROMPT, max_new_tokens=NEW)
+    dec = Decoder.random("tiny", seed=SEED, precision="fp16", capacity=CAPACITY, buckets=(8,))
+    res = dec.generate(PROMPT, max_new_tokens=NEW)
+    np.testing.assert_array_equal(res.tokens, whole.tokens)
+    np.testing.assert_array_equal(res.logits, whole.logits)
+    st = res.stats
+    assert [s.bucket for s in st.steps] == [8] * 8 + [CAPACITY] * (len(st.steps) - 8)
+    small = dec.bucket_programs[8]
+    assert st.bucket_cycles == {8: small.expected_cycles, CAPACITY: dec.compiled.expected_cycles}
+    assert {s.cycles for s in st.steps if s.bucket == 8} == {small.expected_cycles}
+    assert small.expected_cycles < st.step_cycles == dec.compiled.expected_cycles
+    assert "cache buckets" in st.table()
+    # the weights and the caches are shared; only the small program's masks and rotary tables are its own
+    assert set(small.states) <= small.shared and set(dec.compiled.states) == set(small.states)
+    private = small.private_constants()
+    assert private and not any(n.startswith("model_") for n in private)
+    assert any(small.constants[n].shape[0] == 8 for n in private)                # its 8-row rotary tables
+    # a new sequence starts again in the small bucket (its own constants written back)
+    res2 = dec.generate([5, 9], max_new_tokens=10)
+    tokens, logits = dec.reference().generate([5, 9], 10)
+    np.testing.assert_array_equal(res2.tokens, tokens)
+    check_close(res2.logits, logits)
+    assert [s.bucket for s in res2.stats.steps] == [8] * 8 + [CAPACITY] * 3
+    assert cache_buckets("auto", 2048) == [128, 512, 2048] and cache_buckets("auto", 100) == [100]
+    assert cache_buckets(None, 64) == [64] and cache_buckets([16, 64, 16], 64) == [16, 64]
+    for bad in ("all", [0], [65], [2.5], [True]):
+        with pytest.raises(ValueError, match="buckets"):
+            cache_buckets(bad, 64)
+    with pytest.raises(ValueError, match="one chip"):
+        Decoder.random("tiny", seed=0, capacity=8, chips=2, buckets=(4,))
+    g = Graph("other")
+    g.output("y", g.add(g.input("x", (1, 4), "float32"), 1.0))
+    with pytest.raises(CompileError, match="no placements"):       # e.g. read from the compile cache
+        compile_sharing(g, dataclasses.replace(dec.compiled, layout={}))
+
+
 @pytest.mark.parametrize("prompt,n,match", [
     ([], 3, "non-empty"),
     ([1, 300], 3, "out of range"),
@@ -252,6 +315,31 @@ def test_shared_stage_programs_keep_each_chips_weights():
     pd.reset()
     b, _ = pd.step(5)
     assert not np.array_equal(a, b)
+
+
+def test_stage_planner_counts_the_attention_temporaries():
+    """An attention block's temporaries grow with the cache as its cache does: Llama-2-7B int8 plans at 2,048
+    positions (its attention block compiles at 213 MB of a GroqChip's 231 MB) but not at 4,096; a stage of
+    several layers needs the largest block's temporaries, not their sum."""
+    from lpucore.llm.pipeline import ATTENTION_ROWS, STAGE_FILL, attention_bytes, plan_stages, unit_bytes, unit_temps
+    chip = ChipConfig.groqchip1()
+    cfg = model_config("llama2-7b")
+    att = attention_bytes(cfg, 2048)
+    assert att == int(ATTENTION_ROWS * 2048 * 4160 * 4)      # one query head per kv head; 4096 lanes in 13 vectors
+    assert unit_temps(cfg, 2048)[1:3] == [att, 0]
+    assert unit_bytes(cfg, "int8", 2048)[1] + att <= STAGE_FILL * chip.sram_bytes
+    assert len(plan_stages(cfg, "int8", 2048, chip)) == 66
+    with pytest.raises(ModelDoesNotFit, match=r"attention temporaries at 4096 positions"):
+        plan_stages(cfg, "int8", 4096, chip)
+    tiny = model_config("tiny")
+    sizes, temps = unit_bytes(tiny, "int8", 128), unit_temps(tiny, 128)
+    assert temps.count(max(temps)) == tiny.n_layers and max(temps) == attention_bytes(tiny, 128)
+    assert plan_stages(tiny, "int8", 128, chip) == [(0, len(sizes))]
+    # two stages: the cut is where the larger stage (sizes plus its one largest temporary) is smallest
+    cut = plan_stages(tiny, "int8", 128, chip, chips=2)
+    cost = [sum(sizes[a:b]) + max(temps[a:b]) for a, b in cut]
+    assert len(cut) == 2 and max(cost) == min(max(sum(sizes[:k]) + max(temps[:k]), sum(sizes[k:]) + max(temps[k:]))
+                                               for k in range(1, len(sizes)))
 
 
 def test_decoders_over_several_chips_check_the_fit():

@@ -24,6 +24,10 @@ def test_derived_step_equals_the_whole_model_simulated():
     assert p.tokens_per_second == pytest.approx(900e6 / p.step_cycles)
     assert p.layer_cycles == sum(p.layer_parts.values()) + p.handover_cycles
     assert "derived" in p.table() and "identical to the reference" in p.table()
+    # the schedule bound is derived the same way, from each chip's largest bound: the whole model's chips' sum
+    assert p.bound_cycles == p.simulated_bound_cycles + 2 * p.layer_bound_cycles
+    assert p.bound_cycles == sum(max(whole.compiled[s].bounds().as_dict().values()) for s in whole.signatures)
+    assert 0 < p.schedule_efficiency <= 1 and "efficiency" in p.table() and p.nodes == 2   # 10 chips
 
 
 def test_truncated_models_keep_the_full_models_tensors():
@@ -72,3 +76,13 @@ def test_tensor_parallel_prediction_repeats_a_layer_that_is_identical_by_constru
     assert split.max_error <= split.error_bound
     assert split.layer_cycles == sum(split.layer_parts.values()) + split.handover_cycles
     assert split.step_cycles == 4 * split.layer_cycles + 3 * split.handover_cycles + split.outside_cycles
+    outside_bound = pipe.simulated_bound_cycles - 2 * pipe.layer_bound_cycles
+    for t in (tp, split):
+        assert t.bound_cycles == 4 * t.layer_bound_cycles + outside_bound and 0 < t.schedule_efficiency <= 1
+        assert t.outside_chips == pipe.simulated_chips - 2 * pipe.layer_chips == 2
+        assert t.nodes == -(-(t.chips + 2) // 2) and t.outside_capacity == 8
+    # a longer cache than the pipeline's (whose embedding and head read none): the layer's attention grows
+    long = predict_tensor_parallel(cfg, "fp16", group=2, pipeline=pipe, capacity=24, config=chip, positions=2,
+                                   min_cols=1)
+    assert long.capacity == 24 and long.outside_capacity == 8 and "8-position cache" in long.table()
+    assert long.layer_cycles > tp.layer_cycles and long.max_error <= long.error_bound

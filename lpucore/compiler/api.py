@@ -77,3 +77,22 @@ def compile(graph: Graph, config: Optional[ChipConfig] = None, system=None, chip
     cfg = config if config is not None else ChipConfig.groqchip1()
     # one chip: through the compile cache (lpucore.compiler.store; LPUCORE_CACHE=0 turns it off)
     return cached_compile(graph, cfg, lambda: Compiler(graph, cfg).run())
+
+
+def compile_sharing(graph: Graph, base: Compiled) -> Compiled:
+    """Compile ``graph`` for ``base``'s chip so that both programs can be loaded into one chip in turn
+    with their common constants and states written once: each constant or state of ``graph`` named as
+    one of ``base``'s, of the same dtype and width (and rows, or fewer rows for a state written by MEM
+    Scatter, which then holds ``base``'s first rows), is placed at ``base``'s addresses, and nothing
+    else of the program touches any address ``base`` keeps a constant or state at.
+    :meth:`Compiled.private_constants` are what the host writes when it switches to this program.
+    ``base`` must come from this process's compiler (not the compile cache). Not cached."""
+    if not isinstance(graph, Graph):
+        raise GraphError("compile_sharing expects an lpucore.Graph")
+    if not base.layout:
+        raise CompileError("compile_sharing: the base program has no placements to share (compiled in this "
+                           "process, with LPUCORE_CACHE=0 or by compile_sharing?)")
+    c = Compiler(graph, base.config)
+    c.share(base)
+    return c.run()
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Callable, Dict, FrozenSet, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 
@@ -79,6 +79,21 @@ class Compiled:
     # an input the host writes permuted: its axes in the order the program holds them (an NCHW image
     # read only by image operations is written channel-last, NHWC: lpucore.compiler.conv)
     input_axes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    # where each constant and state lives (tensor-table name -> VT), for a program compiled to share them
+    # (compile_sharing); not saved with the program
+    layout: Dict[str, VT] = field(default_factory=dict, repr=False, compare=False)
+    # tensor-table entries at another program's addresses, holding its values (compile_sharing)
+    shared: FrozenSet[str] = field(default_factory=frozenset, compare=False)
+
+    def private_constants(self) -> List[str]:
+        """The constants (names of :attr:`constants`) this program does not share with the one it was
+        compiled against (``lpucore.compiler.api.compile_sharing``): what the host writes when it loads
+        this program into a chip that holds the other's; every constant for a program sharing nothing."""
+        def members(name: str) -> List[str]:
+            if name in self.tiles:
+                return [m for m, _ in self.tiles[name]]
+            return [m[0] for m in self.row_parts[name]] if name in self.row_parts else [name]
+        return [n for n in self.constants if not all(m in self.shared for m in members(n))]
 
     @property
     def config(self) -> ChipConfig:
@@ -287,6 +302,8 @@ class Compiler:
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
         self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
+        self.pinned: Dict[str, VT] = {}            # another program's constants and states (share)
+        self.shared: Set[str] = set()              # ... this program placed at their addresses
         self.uses: Dict[int, int] = {}
         # fusion (lpucore.compiler.fuse): tensors not written to MEM, and the builders of
         # those whose consumer is still to be lowered
@@ -300,7 +317,6 @@ class Compiler:
         self.temps: List[VT] = []
         self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
         self._scratch = 0                          # ids of compiler-made tensors: -1, -2, ...
-        self.rope_positions = 2048                 # rows of the rotary tables (positions 0..2047)
         self.L = cfg.lanes
         self.n_alu = cfg.vxm_alus_per_lane
 
@@ -321,6 +337,12 @@ class Compiler:
         ``Scatter``)."""
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
+        if name in self.pinned and kind in ("const", "state"):
+            vt = self._pinned_vt(name, d, rows, c, kind, pow2, spare)
+            if vt is not None:
+                self.placed.append(vt)
+                self.tables.append((name, vt))
+                return vt
         reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
             vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare)
@@ -337,6 +359,34 @@ class Compiler:
         if kind in ("input", "const", "output", "state"):
             self.tables.append((name, vt))
         return vt
+
+    def share(self, base: Compiled) -> None:
+        """Before :meth:`run`: keep every address ``base`` holds a constant or state at out of this program's
+        reach, and place this program's constant or state of the same name, dtype and width at the same
+        addresses (a state of fewer rows, striped over a power of two of slices, as the first rows of
+        ``base``'s: row r of either lies at the same address). Both programs can then be loaded into one
+        chip in turn, the shared tensors written once (:func:`compile_sharing`)."""
+        for name, vt in base.layout.items():
+            per = -(-vt.rows // vt.stripes) * vt.chunks + vt.spare
+            for p in range(vt.planes):
+                for g, a in zip(vt.slices[p], vt.bases[p]):
+                    self.mem.reserve(g, a, per)
+            self.pinned[name] = vt
+
+    def _pinned_vt(self, name, d, rows, c, kind, pow2, spare) -> Optional[VT]:
+        """``name`` at the addresses of :attr:`pinned`'s tensor of that name, or None when it differs (then it
+        is placed as any tensor is, in space the other program does not hold)."""
+        pv = self.pinned[name]
+        if (pv.dtype, pv.cols, pv.kind, pv.spare) != (d, c, kind, spare):
+            return None
+        # fewer rows: only a scatter target's (a power of two of stripes: row r's address does not
+        # depend on the row count; its sink then lies in the other's later rows, which are written
+        # before they are read)
+        if rows != pv.rows and not (pow2 and rows < pv.rows and pv.stripes & (pv.stripes - 1) == 0):
+            return None
+        self.shared.add(name)
+        return VT(name, d, rows, c, pv.chunks, pv.hem, pv.slices, pv.bases,
+                  [[0] * len(b) for b in pv.bases], kind, spare=spare)
 
     def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False, pow2=False, spare=0) -> VT:
         """Place a tensor away from the slices in avoid if there is room, else anywhere."""
@@ -636,7 +686,8 @@ class Compiler:
                         cycles, self.mem.peak_bytes(), self.kernels,
                         {n: (t.shape, t.dtype) for n, t in g.states.items()},
                         graph_bounds(self.source, self.cfg, cycles), self.tiles, self.row_parts, self.record,
-                        dict(self.input_axes))
+                        dict(self.input_axes),
+                        {n: vt for n, vt in self.tables if vt.kind in ("const", "state")}, frozenset(self.shared))
 
     def finish_record(self) -> None:
         """Note the fusion and placement decisions in :attr:`record` (for :meth:`Compiled.dump`)."""

@@ -229,13 +229,14 @@ def _as(e, d):
     return e
 
 
-def rope(c, x, pos, t, name, kind, base):
+def rope(c, x, pos, t, name, kind, base, positions):
     """Llama rotary embedding: y = x * cos + rotate_half(x) * sin_signed, the cos / sin rows
-    gathered by position from tables built at compile time (max position: the table size)."""
+    gathered by position from tables of ``positions`` rows built at compile time (the node's
+    ``max_positions``: the tables' SRAM and the lookup's MXM product grow with it)."""
     from ..graph import Tensor
     d = x.shape[-1]
     T = x.shape[-2]
-    P = c.rope_positions
+    P = int(positions)
     half = d // 2
     inv = base ** (-np.arange(half, dtype=np.float64) * 2 / d)
     ang = np.arange(P, dtype=np.float64)[:, None] * inv[None, :]

@@ -98,6 +98,19 @@ class Memory:
         self.peak = max(self.peak, int(self.used.sum()))
         return s, t
 
+    def reserve(self, g: int, addr: int, n: int) -> None:
+        """Take addresses ``[addr, addr + n)`` of slice g, which must be free and never used (a tensor
+        another program keeps there: :meth:`Compiler.share <lpucore.compiler.lower.Compiler.share>`)."""
+        fr = self.free[g]
+        for i, (s, e, t) in enumerate(fr):
+            if s <= addr and addr + n <= e and t == 0:
+                self.free[g] = fr[:i] + [r for r in ((s, addr, 0), (addr + n, e, 0)) if r[1] > r[0]] + fr[i + 1:]
+                self._forget(g)
+                self.used[g] += n
+                self.peak = max(self.peak, int(self.used.sum()))
+                return
+        raise CompileError(f"internal: addresses {addr}..{addr + n - 1} of slice {g} are not free to reserve")
+
     def give(self, g: int, addr: int, n: int, after: int) -> None:
         """Return addresses, writable again from cycle `after` on."""
         self.free[g].append((addr, addr + n, after))

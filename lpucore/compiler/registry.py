@@ -231,7 +231,7 @@ def _scatter(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str
 
 
 def _rope(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
-    return lower_more.rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"])
+    return lower_more.rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"], n.attrs["max_positions"])
 
 
 def _rewritten(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:

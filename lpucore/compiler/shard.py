@@ -290,8 +290,10 @@ class _Builder:
                 return out.scatter(self.local(x0.id), self.full(ins[1].id), self.split(ins[2].id, 1, ix)), s, ix
             return out.scatter(self.full(x0.id), self.full(ins[1].id), self.full(ins[2].id)), None
         if s is not None and s < x0.ndim - 2:
-            return out.rope(self.local(x0.id), self.full(ins[1].id), base=n.attrs["base"]), s, ix
-        return out.rope(self.full(x0.id), self.full(ins[1].id), base=n.attrs["base"]), None
+            return out.rope(self.local(x0.id), self.full(ins[1].id), base=n.attrs["base"],
+                            max_positions=n.attrs["max_positions"]), s, ix
+        return out.rope(self.full(x0.id), self.full(ins[1].id), base=n.attrs["base"],
+                        max_positions=n.attrs["max_positions"]), None
 
     def aligned(self, xs, K: int, no: int, idx: Idx) -> List[Tensor]:
         """Operands of an op whose output (``no`` axes) is split along K with ``idx``: split

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, List, Mapping, Opti
 import numpy as np
 
 from ..config import ChipConfig
-from ..errors import LpuError, ModelDoesNotFit, ModelError
+from ..errors import CompileError, LpuError, ModelDoesNotFit, ModelError
 from .continuation import Continuation
 from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference
@@ -43,7 +43,30 @@ if TYPE_CHECKING:
 
 PRECISIONS = ("fp16", "int8")
 LOGIT_TOLERANCE = 0.002    # documented bound (module docstring), relative to 1 + max |logit|
-MAX_CAPACITY = 2048        # rotary tables of the compiler cover positions 0..2047
+#: largest KV cache (positions) a decoder takes: Mixtral's max_positions, the largest of the named shapes.
+#: The rotary tables are sized to the capacity (Graph.rope's max_positions), so this is no compiler limit;
+#: what a model fits at a capacity is SRAM's say (ModelDoesNotFit, or the compiler's "does not fit")
+MAX_CAPACITY = 32768
+
+
+def cache_buckets(buckets: Union[None, str, Sequence[int]], capacity: int) -> List[int]:
+    """The cache capacities a :class:`Decoder` compiles a step program for, ascending, ``capacity`` last:
+    ``None`` just ``capacity``; ``"auto"`` powers of 4 from 128 below it (128, 512, 2,048...); or the
+    given capacities (each 1..capacity)."""
+    if buckets is None:
+        return [capacity]
+    if isinstance(buckets, str):
+        if buckets != "auto":
+            raise ValueError(f"buckets must be 'auto', None or a sequence of capacities, not {buckets!r}")
+        out, b = [], 128
+        while b < capacity:
+            out.append(b)
+            b *= 4
+        return out + [capacity]
+    got = list(buckets)
+    if not all(isinstance(b, (int, np.integer)) and not isinstance(b, bool) and 1 <= b <= capacity for b in got):
+        raise ValueError(f"buckets must be capacities 1..{capacity} (the decoder's capacity), not {buckets!r}")
+    return sorted({int(b) for b in got} | {capacity})
 
 
 def _is_batch(prompt) -> bool:
@@ -58,7 +81,10 @@ class Decoder:
 
     ``cfg`` and ``weights`` (Hugging Face names, see :func:`random_weights`); ``precision`` ``"fp16"`` or
     ``"int8"`` (per-output-channel int8 weights, float16 activations); ``config`` the chip (GroqChip by
-    default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most 2048);
+    default); ``capacity`` the KV cache size in tokens (default ``min(max_positions, 128)``; at most the model's
+    ``max_positions`` and ``MAX_CAPACITY``, 32,768); ``buckets``: cache sizes to compile a step
+    program each for (``"auto"``: powers of 4 from 128; ``lpucore.llm.decoder.cache_buckets``), each
+    step running the smallest that holds its position, sharing the weights and cache in SRAM (one chip);
     ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
     of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
     layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`).
@@ -77,7 +103,8 @@ class Decoder:
 
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str = "fp16",
                  config: Optional[ChipConfig] = None, capacity: Optional[int] = None, engine: str = "fast",
-                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, chips: Union[int, str] = 1, comm=None):
+                 fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, chips: Union[int, str] = 1, comm=None,
+                 buckets: Union[None, str, Sequence[int]] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
@@ -86,11 +113,18 @@ class Decoder:
         cap = min(cfg.max_positions, 128) if capacity is None else int(capacity)
         if not 1 <= cap <= min(cfg.max_positions, MAX_CAPACITY):
             raise ValueError(f"capacity must be 1..{min(cfg.max_positions, MAX_CAPACITY)} tokens "
-                             f"({cfg.name}'s max_positions, and the rotary tables' 2048), not {capacity}")
+                             f"({cfg.name}'s max_positions {cfg.max_positions}, and MAX_CAPACITY {MAX_CAPACITY}), "
+                             f"not {capacity}")
         self.capacity = cap
         self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
         self.comm = comm
         self.chips = self.chips_needed(cfg, precision, self.chip_config, cap, chips)
+        self.buckets = cache_buckets(buckets, cap)
+        if len(self.buckets) > 1 and self.chips > 1:
+            raise ValueError("cache buckets are for a decoder on one chip (chips=1)")
+        self.bucket_programs: Dict[int, Compiled] = {}     # smaller buckets' step programs (compile)
+        self._loaded = cap                                 # the bucket whose program the chip has loaded
+        self.last_bucket = cap
         self._pipeline = None
         self._weights = weights
         self.ref = Reference(cfg, weights, precision)      # the rounded / quantised weights both use
@@ -205,13 +239,32 @@ class Decoder:
             raise LpuError(f"this Decoder spans {self.chips} chips: run it through decoder.pipeline")
         if self.compiled is None:
             import lpucore
+
+            from ..compiler.api import compile_sharing
+            from ..compiler.lower import Compiler
             t0 = time.perf_counter()
             graph, self.spans = build_step(self.cfg, self.ref.w, self.ref.quantized, self.precision,
                                            self.capacity, self.block)
-            self.compiled = lpucore.compile(graph, self.chip_config)
+            if len(self.buckets) == 1:
+                self.compiled = lpucore.compile(graph, self.chip_config)
+            else:       # the full cache's program, then each smaller bucket's at its addresses
+                self.compiled = Compiler(graph, self.chip_config).run()
+                for b in self.buckets[:-1]:
+                    small, _ = build_step(self.cfg, self.ref.w, self.ref.quantized, self.precision, b, self.block)
+                    self.bucket_programs[b] = prog = compile_sharing(small, self.compiled)
+                    lost = sorted(set(prog.states) - prog.shared)
+                    if lost:
+                        raise CompileError(f"the {b}-position program could not keep its KV cache {lost[:3]} "
+                                           f"at the {self.capacity}-position program's addresses")
             self.compile_seconds = time.perf_counter() - t0
             self.by_part, self.by_op = _breakdown(self.compiled, self.spans)
         return self.compiled
+
+    def program_for(self, position: int) -> Tuple[int, Compiled]:
+        """(bucket, step program) of a step at ``position``: the smallest bucket holding position + 1."""
+        compiled = self.compile()
+        b = next(b for b in self.buckets if b > position)
+        return b, (compiled if b == self.capacity else self.bucket_programs[b])
 
     @property
     def chip(self):
@@ -234,7 +287,17 @@ class Decoder:
             raise ValueError(f"token id {token} out of range: {self.cfg.name} has vocab_size {self.cfg.vocab_size}")
         if self.position >= self.capacity:
             raise ValueError(f"the KV cache is full: {self.capacity} positions (Decoder(capacity=...))")
-        chip, compiled = self.chip, self.compile()        # compiled and loaded on first use
+        chip = self.chip                                   # compiled and loaded on first use
+        bucket, compiled = self.program_for(self.position)
+        if bucket != self._loaded:
+            # the weights and the cache are where both programs keep them; the smaller program's own
+            # constants (its rotary tables, masks) may have been overwritten by the other's temporaries
+            chip.load(compiled.program)
+            if bucket != self.capacity:
+                for name in compiled.private_constants():
+                    compiled.write_constant(chip, name, compiled.constants[name])
+            self._loaded = bucket
+        self.last_bucket = bucket
         chip.reset(clear_memory=False)
         compiled.write_inputs(chip, {"tok": np.array([token], np.int32), "pos": np.array([self.position], np.int32)})
         stats = chip.run()
@@ -457,7 +520,7 @@ class Decoder:
         pos = self.position
         row, st = self.step(int(tok))
         steps.append(StepStats(len(steps), phase, pos, int(tok), st.cycles, st.seconds, st.mxm_utilisation,
-                               st.macs, time.perf_counter() - t0))
+                               st.macs, time.perf_counter() - t0, self.last_bucket))
         return row, st
 
     def _decode_stats(self, compiled: Compiled, steps: List[StepStats], last, prompt_tokens: int, new_tokens: int,
@@ -475,7 +538,9 @@ class Decoder:
             mxm_utilisation=steps[-1].mxm_utilisation, sram_bytes=compiled.memory_bytes,
             sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv, by_unit=by_unit,
             by_part=dict(self.by_part), by_op=dict(self.by_op), compile_seconds=self.compile_seconds,
-            wall_seconds=wall, steps=steps, bounds=compiled.bounds().as_dict())
+            wall_seconds=wall, steps=steps, bounds=compiled.bounds().as_dict(),
+            bucket_cycles={b: (self.bucket_programs[b] if b != self.capacity else compiled).expected_cycles
+                           for b in self.buckets})
 
     def reference(self) -> Reference:
         """A fresh NumPy :class:`Reference` of the same model, weights and precision (sharing this

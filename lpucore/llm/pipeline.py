@@ -124,13 +124,41 @@ def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int 
     return out
 
 
-def _greedy(sizes: Sequence[int], cap: float) -> List[Tuple[int, int]]:
-    groups, start, total = [], 0, 0
-    for u, b in enumerate(sizes):
-        if u > start and total + b > cap:
+#: float32 ``[G, S, Hkv * head_dim]`` tensors an attention block's step keeps live besides its cache
+#: (``G`` query heads per kv head, ``S`` cache positions): the products ``q * K``, their float16 halves,
+#: the probabilities spread over the lanes... Measured: a Llama-2-7B int8 attention block compiled
+#: at 512 and 2,048 positions peaks at 43.3 and 84.2 MB above its unit_bytes, 26.6 kB more per
+#: position, 1.63 such rows (16 kB each); the constant rest (30 MB) is what STAGE_FILL leaves over
+#: (so that block at 2,048 positions plans at 182 MB of the 185 MB a stage may fill, and compiles at 213 MB)
+ATTENTION_ROWS = 1.6
+
+
+def attention_bytes(cfg, capacity: int, lanes: int = 320) -> int:
+    """SRAM bytes an attention block's step needs for its temporaries at ``capacity`` positions (freed when
+    the block ends, so a stage needs the largest of its blocks', not their sum): :data:`ATTENTION_ROWS`
+    float32 ``[G, S, Hkv * head_dim]`` tensors, rows padded to whole vectors."""
+    G = cfg.n_heads // cfg.n_kv_heads
+    return int(ATTENTION_ROWS * G * _padded(capacity, cfg.n_kv_heads * cfg.head_dim, 4, lanes))
+
+
+def unit_temps(cfg, capacity: int, lanes: int = 320, shards: int = 1, table_shards: int = 1) -> List[int]:
+    """Per unit of :func:`model_units`, the temporaries it needs beyond :data:`STAGE_FILL`'s margin while
+    it runs: :func:`attention_bytes` for an attention block, 0 for the others."""
+    att = attention_bytes(cfg, capacity, lanes)
+    return [att if u[0] == "attn" else 0 for u in model_units(cfg, shards, table_shards)]
+
+
+def _greedy(sizes: Sequence[int], cap: float, temps: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
+    """Consecutive groups of units, each holding its units' ``sizes`` plus the largest of their ``temps``
+    within ``cap`` bytes (a unit that alone exceeds it is a group of its own)."""
+    temps = temps if temps is not None else [0] * len(sizes)
+    groups, start, total, peak = [], 0, 0, 0
+    for u, (b, t) in enumerate(zip(sizes, temps)):
+        if u > start and total + b + max(peak, t) > cap:
             groups.append((start, u))
-            start, total = u, 0
+            start, total, peak = u, 0, 0
         total += b
+        peak = max(peak, t)
     groups.append((start, len(sizes)))
     return groups
 
@@ -168,24 +196,30 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
     :func:`mlp_shards`), one per chip.
 
     ``chips=None``: as few stages as hold at most ``fill`` x the chip's SRAM each (cut greedily in
-    unit order). ``chips=N``: exactly N stages, as even in bytes as contiguous cuts allow. Raises
+    unit order). ``chips=N``: exactly N stages, as even in bytes as contiguous cuts allow. A stage's bytes
+    are its units' :func:`unit_bytes` plus the largest of their :func:`unit_temps` (an attention block's
+    temporaries grow with the cache, as its cache does). Raises
     :class:`~lpucore.llm.ModelDoesNotFit` (saying how many chips it takes) when a stage overflows."""
     if shards is None:
         shards = mlp_shards(cfg, precision, capacity, chip, block, fill)
     if tables is None:
         tables = table_shards(cfg, precision, capacity, chip, block, fill)
     sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards, tables)
+    temps = unit_temps(cfg, capacity, chip.lanes, shards, tables)
     cap = fill * chip.sram_bytes
-    least = len(_greedy(sizes, cap))
-    if max(sizes) > cap:
-        u = int(np.argmax(sizes))
+    least = len(_greedy(sizes, cap, temps))
+    whole = [b + t for b, t in zip(sizes, temps)]
+    if max(whole) > cap:
+        u = int(np.argmax(whole))
         raise ModelDoesNotFit(
             f"{cfg.name} ({precision}): unit {model_units(cfg, shards, tables)[u][:2]} alone needs "
-            f"{sizes[u] / 1e6:,.1f} MB "
-            f"of SRAM, more than a stage may fill on one {chip.name} ({fill:.0%} of {chip.sram_bytes / 1e6:,.1f} MB); "
+            f"{whole[u] / 1e6:,.1f} MB of SRAM (" + (f"{sizes[u] / 1e6:,.1f} MB of weights and KV cache, "
+                                                     f"{temps[u] / 1e6:,.1f} MB of attention temporaries at "
+                                                     f"{capacity} positions" if temps[u] else "weights") +
+            f"), more than a stage may fill on one {chip.name} ({fill:.0%} of {chip.sram_bytes / 1e6:,.1f} MB); "
             f"it needs tensor parallelism, which lpucore.llm does not do yet")
     if chips is None:
-        return _greedy(sizes, cap)
+        return _greedy(sizes, cap, temps)
     n = int(chips)
     if not 1 <= n <= len(sizes):
         raise ValueError(f"{cfg.name} has {len(sizes)} units (embedding, attention and MLP blocks, head): "
@@ -195,14 +229,14 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
             f"{cfg.name} ({precision}) with a {capacity}-token KV cache needs {least} x {chip.name} as pipeline "
             f"stages of at most {fill:.0%} of a chip's SRAM ({sum(sizes) / 1e6:,.1f} MB in all), not {n} "
             f"(Decoder(..., chips={least}) or chips='auto')")
-    lo, hi = max(sizes), sum(sizes)          # the smallest largest-stage size that n cuts achieve
+    lo, hi = max(whole), sum(sizes) + max(temps)     # the smallest largest-stage size that n cuts achieve
     while lo < hi:
         mid = (lo + hi) // 2
-        if len(_greedy(sizes, mid)) <= n:
+        if len(_greedy(sizes, mid, temps)) <= n:
             hi = mid
         else:
             lo = mid + 1
-    groups = _greedy(sizes, lo)
+    groups = _greedy(sizes, lo, temps)
     while len(groups) < n:                   # fewer stages than chips: split the biggest splittable one
         k = max((k for k, (a, b) in enumerate(groups) if b - a > 1), key=lambda k: sum(sizes[slice(*groups[k])]))
         a, b = groups[k]

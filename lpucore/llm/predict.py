@@ -84,6 +84,10 @@ class Prediction(_Model):
     handover_cycles: int                # simulated: of layer_cycles, spent on hand-overs between chips
     step_cycles: int                    # derived: the whole model's step
     tokens_per_second: float            # derived, per user
+    layer_chips: int                    # simulated: chips of layer 1 (every layer takes as many)
+    simulated_bound_cycles: int         # the simulated chips' schedule bounds (the largest of each), summed
+    layer_bound_cycles: int             # ... of layer 1's chips
+    bound_cycles: int                   # derived as step_cycles is: a lower bound of the step without hand-overs
     tokens_match_reference: bool
     max_logit_error: float
     logit_bound: float
@@ -91,8 +95,21 @@ class Prediction(_Model):
     wall_seconds_per_step: float
     published: Dict[str, str] = field(default_factory=dict)
 
+    @property
+    def nodes(self) -> int:
+        """GroqNodes (8 chips each) the pipeline's chips fill."""
+        return -(-self.chips // 8)
+
+    @property
+    def schedule_efficiency(self) -> float:
+        """The derived bound over the derived step (lpucore.compiler.bounds; 1.0: every chip's program
+        as fast as its graph allows, and no hand-over time)."""
+        return self.bound_cycles / self.step_cycles
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["schedule_efficiency"] = self.schedule_efficiency
+        return d
 
     def table(self) -> str:
         us = _cycles(self.clock_hz)
@@ -111,7 +128,10 @@ class Prediction(_Model):
              us(self.after_cycles)),
             ("step (derived)", f"{us(self.step_cycles)} = simulated step + {self.n_layers - self.simulated_layers} "
                                f"x layer 1"),
-            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
+            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f} "
+                                            f"({self.tokens_per_second / (8 * self.nodes):.2f} per chip of "
+                                            f"{self.nodes} 8-chip nodes)"),
+            ("schedule bound (derived)", f"{us(self.bound_cycles)}: efficiency {100 * self.schedule_efficiency:.1f} %"),
         ]
         return _table(rows, self.published)
 
@@ -166,6 +186,9 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     if full_chips != pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1):
         raise AssertionError(f"{cfg.name}: the whole model's stages are not the simulated ones with layer 1's repeated")
     cost = [own[k] + handover[k] for k in range(pd.n_chips)]
+    # each chip's largest schedule bound; at batch 1 the chips work one after another, so they add up
+    chip_bound = [max(pd.compiled[s].bounds().as_dict().values()) for s in pd.signatures]
+    layer_bound = sum(chip_bound[k] for k in l1)
     layer = sum(cost[k] for k in l1)
     parts: Dict[str, int] = {}
     for k in l1:
@@ -180,7 +203,9 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
         simulated_step_cycles=int(pd.step_cycles), layer_cycles=int(layer),
         before_cycles=int(sum(cost[:l1[0]])), after_cycles=int(sum(cost[l1[-1] + 1:])),
         layer_parts=parts, handover_cycles=int(sum(handover[k] for k in l1)), step_cycles=full,
-        tokens_per_second=chip.clock_hz / full,
+        tokens_per_second=chip.clock_hz / full, layer_chips=len(l1), simulated_bound_cycles=int(sum(chip_bound)),
+        layer_bound_cycles=int(layer_bound),
+        bound_cycles=int(sum(chip_bound) + (cfg.n_layers - part.n_layers) * layer_bound),
         tokens_match_reference=bool(np.array_equal(tokens, ref_tokens)), max_logit_error=err, logit_bound=bound,
         compile_seconds=pd.compile_seconds, wall_seconds_per_step=float(np.mean(walls)),
         published=dict(PUBLISHED.get(cfg.name, {})))
@@ -201,8 +226,12 @@ class TensorParallelPrediction(_Model):
     groups: int                         # derived: groups for all layers
     handover_cycles: int                # simulated: the residual [1, d_model] float32 from group to group
     outside_cycles: int                 # from the pipeline prediction: embedding, head and their hand-overs
+    outside_capacity: int               # the pipeline prediction's cache (the embedding and head read none)
+    outside_chips: int                  # from the pipeline prediction: the embedding's and head's chips
     step_cycles: int                    # derived
     tokens_per_second: float            # derived, per user
+    layer_bound_cycles: int             # layer 1's schedule bound: its fullest chip's largest, per group
+    bound_cycles: int                   # derived as step_cycles is, without hand-overs
     positions: int                      # layer 1 checked at positions 0..positions-1
     max_error: float                    # layer 1's output against the reference's residual stream
     error_bound: float
@@ -212,12 +241,21 @@ class TensorParallelPrediction(_Model):
 
     @property
     def chips(self) -> int:
-        """Chips of the layers' groups (the embedding and head take a few more)."""
+        """Chips of the layers' groups (the embedding and head take :attr:`outside_chips` more)."""
         return self.groups * self.group
+
+    @property
+    def nodes(self) -> int:
+        """Nodes of ``group`` chips for the layers, the embedding and the head."""
+        return -(-(self.chips + self.outside_chips) // self.group)
+
+    @property
+    def schedule_efficiency(self) -> float:
+        return self.bound_cycles / self.step_cycles
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["chips"] = self.chips
+        d.update(chips=self.chips, nodes=self.nodes, schedule_efficiency=self.schedule_efficiency)
         return d
 
     def table(self) -> str:
@@ -232,13 +270,19 @@ class TensorParallelPrediction(_Model):
                           f"{self.chip_bytes / 1e6:,.1f} MB; output vs reference at {self.positions} positions: "
                           f"max error {self.max_error:.2g} (bound {self.error_bound:.2g})"),
             ("  hand-over between groups", us(self.handover_cycles)),
-            ("  embedding and head (pipeline prediction)", us(self.outside_cycles)),
+            ("  embedding and head (pipeline prediction)", us(self.outside_cycles) + (
+                f" (pipeline at a {self.outside_capacity}-position cache: they read none)"
+                if self.outside_capacity != self.capacity else "")),
             ("system (derived)", (f"{self.layers_per_group} layer(s) per group" if self.layers_per_group else
                                   f"{len(self.layer_parts)} groups per layer") +
-             f", {self.groups} groups = {self.chips} chips for the layers"),
+             f", {self.groups} groups = {self.chips} chips for the layers, {self.outside_chips} for the embedding "
+             f"and head: {self.nodes} nodes of {self.group} ({self.nodes * self.group} chips)"),
             ("step (derived)", f"{us(self.step_cycles)} = {self.n_layers} x layer + hand-overs between groups "
                                "+ embedding and head"),
-            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f}"),
+            ("tokens/s per user (derived)", f"{self.tokens_per_second:,.0f} "
+                                            f"({self.tokens_per_second / (self.nodes * self.group):.2f} per chip)"),
+            ("schedule bound (derived)", f"{us(self.bound_cycles)} (layer {self.layer_bound_cycles:,}): "
+                                         f"efficiency {100 * self.schedule_efficiency:.1f} %"),
         ]
         return _table(rows, self.published)
 
@@ -327,7 +371,8 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
     + the embedding and head of ``pipeline`` (a :func:`predict` result; made if not given).
     ``min_cols``: see :func:`~lpucore.compiler.tensor_parallel.compile_system` (small models).
     ``split_layer``: the attention and the MLP on a group each (None: only if the layer's part
-    does not fit a chip)."""
+    does not fit a chip). ``pipeline`` may be at a smaller cache than ``capacity`` (a model whose
+    attention block does not fit one chip at ``capacity``): its embedding and head read no cache."""
     from .reference import Reference
     cfg = model_config(name) if isinstance(name, str) else name
     chip = config if config is not None else ChipConfig.groqchip1()
@@ -351,14 +396,20 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
         between = cfg.n_layers - 1                  # the in-layer hand-overs are in ``layer``
     outside = max(0, pipeline.simulated_step_cycles - pipeline.simulated_layers * pipeline.layer_cycles)
     step = cfg.n_layers * layer + between * handover + outside
+    # a group's chips run side by side: the layer is bounded by its fullest chip's largest bound
+    layer_bound = sum(max(max(c.bounds().as_dict().values()) for c in sc.parts) for sc, _, _ in pieces)
+    outside_bound = max(0, pipeline.simulated_bound_cycles - pipeline.simulated_layers * pipeline.layer_bound_cycles)
     return TensorParallelPrediction(
         model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=capacity,
         n_layers=cfg.n_layers, group=group, layer_cycles=int(layer), layer_parts=parts,
         collectives=sum(len(sc.partition.collectives) for sc, _, _ in pieces),
         link_bytes=sum(int(sc.link_bytes) for sc, _, _ in pieces), chip_bytes=int(per_chip),
         layers_per_group=per_group, groups=groups,
-        handover_cycles=int(handover), outside_cycles=int(outside), step_cycles=int(step),
-        tokens_per_second=chip.clock_hz / step, positions=positions, max_error=err, error_bound=bound,
+        handover_cycles=int(handover), outside_cycles=int(outside), outside_capacity=pipeline.capacity,
+        outside_chips=pipeline.simulated_chips - pipeline.simulated_layers * pipeline.layer_chips,
+        step_cycles=int(step), tokens_per_second=chip.clock_hz / step, layer_bound_cycles=int(layer_bound),
+        bound_cycles=int(cfg.n_layers * layer_bound + outside_bound), positions=positions, max_error=err,
+        error_bound=bound,
         compile_seconds=compile_seconds, wall_seconds_per_layer=float(np.mean(walls)),
         published=dict(PUBLISHED.get(cfg.name, {})))
 

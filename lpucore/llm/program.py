@@ -487,16 +487,17 @@ class StepBuilder:
             qa, ka, va = (self.linear(h, p + f"self_attn.{n}_proj.weight", True) for n in "qkv")
             if isinstance(att, tuple):      # one cache state: each row rotated by its position, then stacked
                 qr, kr = ([g.reshape(g.rope(self._heads(self._row(t, b), n), self._row_pos(att[0], b),
-                                            base=cfg.rope_theta), (1, n * cfg.head_dim)) for b in range(self.B)]
+                                            base=cfg.rope_theta, max_positions=self.S), (1, n * cfg.head_dim))
+                           for b in range(self.B)]
                           for t, n in ((qa, cfg.n_heads), (ka, cfg.n_kv_heads)))
                 a = self.stacked_attention(i, g.concat(qr, axis=0), g.concat(kr, axis=0), va, att)
             else:
                 a = g.concat([self._llama_row_attn(i, b, qa, ka, va, att[b]) for b in range(self.B)], axis=0)
             return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
         q = g.rope(self._heads(self.linear(h, p + "self_attn.q_proj.weight", True), cfg.n_heads), pos,
-                   base=cfg.rope_theta)
+                   base=cfg.rope_theta, max_positions=self.S)
         k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True), cfg.n_kv_heads), pos,
-                   base=cfg.rope_theta)
+                   base=cfg.rope_theta, max_positions=self.S)
         v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
         a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
@@ -517,8 +518,10 @@ class StepBuilder:
         (float32 ``[B, .]``) rotated by its position, over its own cache; float16 ``[1, H * hd]``."""
         g, cfg = self.g, self.cfg
         assert cfg.rope_theta is not None
-        q = g.rope(self._heads(self._row(qa, b), cfg.n_heads), att[0], base=cfg.rope_theta)
-        k = g.rope(self._heads(self._row(ka, b), cfg.n_kv_heads), att[0], base=cfg.rope_theta)
+        q = g.rope(self._heads(self._row(qa, b), cfg.n_heads), att[0], base=cfg.rope_theta,
+                   max_positions=self.S)
+        k = g.rope(self._heads(self._row(ka, b), cfg.n_kv_heads), att[0], base=cfg.rope_theta,
+                   max_positions=self.S)
         return self.attention(i, q, k, self._heads(self._row(va, b), cfg.n_kv_heads), att, row=b)
 
     def _llama_mlp(self, i: int, x: Tensor) -> Tensor:

@@ -26,6 +26,7 @@ class StepStats:
     mxm_utilisation: float      # fraction of MXM plane-cycles busy
     macs: int
     wall_seconds: float         # host time to simulate the step
+    bucket: int = 0             # the cache capacity of the step program that ran (Decoder buckets)
 
 
 
@@ -86,6 +87,7 @@ class DecodeStats:
     wall_seconds: float
     steps: List[StepStats] = field(default_factory=list)
     bounds: Dict[str, float] = field(default_factory=dict)   # lower bounds of one step (cycles, by name)
+    bucket_cycles: Dict[int, int] = field(default_factory=dict)  # cache bucket -> cycles of its step program
 
     @property
     def schedule_efficiency(self) -> float:
@@ -124,6 +126,8 @@ class DecodeStats:
             ("model", f"{self.model} ({self.precision}) on one {self.chip} at {self.clock_hz / 1e6:.0f} MHz"),
             ("tokens", f"{self.prompt_tokens} prompt + {self.new_tokens} new; KV cache {self.capacity} positions"),
             ("cycles per step", f"{self.step_cycles:,} (compiler predicted {self.predicted_cycles:,})"),
+            ("cache buckets", ", ".join(f"{b} positions {c:,} cycles" for b, c in self.bucket_cycles.items())
+             + " (a step runs the smallest holding its position)" if len(self.bucket_cycles) > 1 else ""),
             ("schedule bound", self._bound_line()),
             ("latency per step", f"{self.step_seconds * us:.2f} us"),
             ("time to first token", f"{self.ttft_seconds * us:.2f} us ({self.prompt_tokens} prefill steps)"),
