@@ -1,7 +1,7 @@
 """ResNet-50 benchmark: int8, batch 1, one simulated GroqChip, against the NumPy reference and the paper.
 
     python bench/bench_resnet50.py [--image-size 224] [--precision int8] [--images 2] [--no-stream]
-                                   [--chip groqchip1] [--model resnet50] [--json OUT.json]
+                                   [--chip groqchip1] [--model resnet50] [--stem s2d|direct] [--json OUT.json]
 
 Builds torchvision's ResNet-50 (v1.5: the bottleneck's stride on its 3x3 convolution; seeded random
 weights with measured batch-norm statistics, lpucore.vision), calibrates its int8 activation scales,
@@ -35,6 +35,8 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=2, help="random images to run and check (default 2)")
     ap.add_argument("--no-stream", action="store_true", help="skip the two-image (back-to-back) program")
     ap.add_argument("--chip", default="groqchip1", choices=ChipConfig.PRESETS)
+    ap.add_argument("--stem", default="s2d", choices=("s2d", "direct"),
+                    help="s2d (default): the host writes the image space-to-depth; direct: the 7x7 window on the chip")
     ap.add_argument("--json", metavar="OUT.json")
     a = ap.parse_args(argv)
     if a.image_size < 8 or a.images < 1:
@@ -42,14 +44,14 @@ def main(argv=None):
     cfg = ChipConfig.named(a.chip)
 
     t0 = time.perf_counter()
-    model = vision.resnet(a.model, precision=a.precision, seed=0, config=cfg)
+    model = vision.resnet(a.model, precision=a.precision, seed=0, config=cfg, stem=a.stem)
     t1 = time.perf_counter()
     model.scales(a.image_size)
     t2 = time.perf_counter()
     model.compile(a.image_size)
     t3 = time.perf_counter()
-    print(f"{a.model} {a.precision} {a.image_size} x {a.image_size} on {cfg.name}: weights {t1 - t0:.1f} s, "
-          f"calibration {t2 - t1:.1f} s, compile {t3 - t2:.1f} s", flush=True)
+    print(f"{a.model} {a.precision} {a.image_size} x {a.image_size} on {cfg.name}, stem {a.stem}: "
+          f"weights {t1 - t0:.1f} s, calibration {t2 - t1:.1f} s, compile {t3 - t2:.1f} s", flush=True)
     rng = np.random.default_rng(100)
     images = [rng.standard_normal((1, 3, a.image_size, a.image_size)).astype(np.float32) for _ in range(a.images)]
     stats, same_top, exact, max_diff, walls, ref_walls = None, 0, 0, 0.0, [], []
@@ -75,7 +77,7 @@ def main(argv=None):
           f"{np.mean(ref_walls):.2f} s per image")
     print(f"check: top-1 equal to the NumPy reference on {same_top}/{len(images)} random images; logits bit for bit "
           f"on {exact}/{len(images)} (max |diff| {max_diff:.3g})")
-    out = {"model": a.model, "precision": a.precision, "image_size": a.image_size, "chip": cfg.name,
+    out = {"model": a.model, "precision": a.precision, "image_size": a.image_size, "chip": cfg.name, "stem": a.stem,
            "cycles": stats.cycles, "latency_us": stats.seconds * 1e6, "images_per_second": stats.images_per_second,
            "stream_images_per_second": stats.stream_images_per_second, "stream_cycles": stats.stream_cycles,
            "mxm_utilisation": stats.mxm_utilisation, "schedule_efficiency": stats.schedule_efficiency,

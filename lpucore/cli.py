@@ -682,7 +682,7 @@ def _cmd_vision(args) -> int:
     from . import vision
 
     cfg = args.chip if args.chip is not None else ChipConfig.groqchip1()
-    model = vision.resnet(args.model, precision=args.precision, seed=args.seed, config=cfg)
+    model = vision.resnet(args.model, precision=args.precision, seed=args.seed, config=cfg, stem=args.stem)
     image = np.random.default_rng(args.seed + 3).standard_normal((1, 3, args.image_size, args.image_size))
     print(f"{args.model} ({args.precision}, v1.5, random weights seed {args.seed}): compiling for "
           f"{args.image_size} x {args.image_size} on {cfg.name} ...", flush=True)
@@ -729,6 +729,8 @@ def _vision_command(sub) -> None:
     v.add_argument("--chip", type=_config_arg, metavar="NAME",
                    help=f"chip configuration ({', '.join(ChipConfig.PRESETS)}; default groqchip1)")
     v.add_argument("--seed", type=_seed_arg, default=0, help="random weights' seed (default 0)")
+    v.add_argument("--stem", choices=("s2d", "direct"), default="s2d",
+                   help="s2d (default): the host writes the image space-to-depth; direct: the 7x7 window on the chip")
     v.add_argument("--stream", action="store_true",
                    help="also compile two images as one program and report back-to-back images/s")
     v.add_argument("--json", metavar="STATS.json", help="write the figures as JSON ('-': stdout)")

@@ -6,9 +6,9 @@ logits; torchvision's names and shapes; bad weights and images raise ModelError 
 import numpy as np
 import pytest
 
-from lpucore import ChipConfig, LpuError, vision
+from lpucore import ChipConfig, LpuError, convref, vision
 from lpucore.cli import main
-from lpucore.vision.arch import ResNetSpec
+from lpucore.vision.arch import ResNetSpec, space_to_depth, stem_weights_s2d
 
 SMALL = ChipConfig.small()
 TINY = dict(layers=(1, 1), width=8, num_classes=10, config=SMALL)
@@ -95,6 +95,21 @@ def test_torchvision_names_shapes_and_sizes():
     assert sh["fc.weight"] == (1000, 2048) and "layer1.0.downsample.0.weight" in sh
 
 
+@pytest.mark.parametrize("size", [16, 15, 9])
+def test_space_to_depth_stem_is_the_same_convolution(basic8, size):
+    """The host's space-to-depth image and the 4x4 weights give the 7x7 stride-2 stem's int32 sums
+    exactly; the whole int8 network's reference logits are the same bit for bit either way."""
+    rng = np.random.default_rng(size)
+    x = rng.integers(-128, 128, (1, 3, size, size + 1)).astype(np.int8)
+    w = rng.integers(-127, 128, (4, 3, 7, 7)).astype(np.int8)
+    direct = convref.conv2d(x, w, None, 2, 3)
+    assert np.array_equal(convref.conv2d(space_to_depth(x), stem_weights_s2d(w), None, 1, 0), direct)
+    d = vision.ResNet(basic8.spec, basic8.weights, config=SMALL, stem="direct")
+    img = image(4, size)
+    assert d.reference(img).tobytes() == basic8.reference(img).tobytes()
+    assert d.chip_input(img).shape == (1, 3, size, size) and basic8.chip_input(img).shape[1] == 12
+
+
 def test_given_weights_are_checked(basic8):
     spec, w = basic8.spec, dict(basic8.weights)
     again = vision.ResNet(spec, {**w, "bn1.num_batches_tracked": np.array(3)}, config=SMALL)
@@ -116,6 +131,7 @@ def test_given_weights_are_checked(basic8):
 def test_bad_arguments():
     for call, words in ((lambda: vision.resnet("resnet51"), "unknown model"),
                         (lambda: vision.resnet50(precision="int4"), "precision"),
+                        (lambda: vision.resnet50(stem="s4d"), "stem"),
                         (lambda: vision.resnet("t", block="dense", layers=(1,)), "block"),
                         (lambda: vision.resnet("t", block="basic", layers=()), "layers")):
         with pytest.raises(vision.ModelError, match=words):

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
+
 from ..errors import ModelError
 
 
@@ -61,6 +63,12 @@ class ResNetSpec:
     def stem(self) -> ConvBN:
         """7x7 stride-2 convolution of the 3-channel image (then ReLU and a 3x3 stride-2 max pool)."""
         return ConvBN("conv1", "bn1", 3, self.width, 7, 2, 3)
+
+    @property
+    def stem_s2d(self) -> ConvBN:
+        """The stem on the host's space-to-depth image (:func:`space_to_depth`): a 4x4 stride-1
+        unpadded convolution of 12 channels, the same sums (:func:`stem_weights_s2d`)."""
+        return ConvBN("conv1", "bn1", 12, self.width, 4, 1, 0)
 
     @property
     def features(self) -> int:
@@ -130,3 +138,28 @@ def _out(n: int, k: int, s: int, p: int) -> int:
 
 ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)),
          "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
+
+
+def space_to_depth(x: np.ndarray) -> np.ndarray:
+    """The image [N, 3, H, W] as the stem's space-to-depth input [N, 12, H2, W2]: padded with zeros
+    (3 before, enough after) to 2 x (ceil(H / 2) + 3) pixels, then each 2 x 2 block of pixels made 12
+    channels (channel c * 4 + 2 * row + column): a fixed permutation of its values and the zero pads,
+    done by the host, so that the 7x7 stride-2 window of 3 channels (49 three-lane pieces per output
+    position on the chip) becomes a 4x4 stride-1 window of 12 (16 twelve-lane pieces)."""
+    N, C, H, W = x.shape
+    ho, wo = (H + 1) // 2, (W + 1) // 2
+    xp = np.zeros((N, C, 2 * (ho + 3), 2 * (wo + 3)), x.dtype)
+    xp[:, :, 3:3 + H, 3:3 + W] = x
+    b = xp.reshape(N, C, ho + 3, 2, wo + 3, 2).transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(b.reshape(N, C * 4, ho + 3, wo + 3))
+
+
+def stem_weights_s2d(w: np.ndarray) -> np.ndarray:
+    """The 7x7 stride-2 stem's weights [C_out, 3, 7, 7] as the 4x4 weights [C_out, 12, 4, 4] of the
+    same convolution over :func:`space_to_depth`'s image: tap 2a + r of the 7 (r = 0, 1; tap 7 a zero)
+    is block tap a of channel c * 4 + 2 * r_h + r_w. Same dtype; the values are moved, not changed."""
+    Co, C = w.shape[:2]
+    wp = np.zeros((Co, C, 8, 8), w.dtype)
+    wp[:, :, :7, :7] = w
+    b = wp.reshape(Co, C, 4, 2, 4, 2).transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(b.reshape(Co, C * 4, 4, 4))

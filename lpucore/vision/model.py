@@ -15,10 +15,11 @@ from ..compiler.lower import Compiled, execute
 from ..config import ChipConfig
 from ..errors import LpuError, ModelError
 from ..graph import Graph
-from .arch import ARCHS, ResNetSpec
+from .arch import ARCHS, ResNetSpec, space_to_depth
 from .nets import F32, F16Params, FloatNet, GraphF16, GraphInt8, Int8Params, NumpyF16, NumpyInt8, forward
 
 PRECISIONS = ("int8", "fp16")
+STEMS = ("s2d", "direct")
 CALIBRATION = 4                # int8 activation scales: max |x| / 127 over this many seeded images
 STAT_IMAGES, STAT_SIZE = 4, 64  # random weights: running statistics measured on these images
 MIN_SIZE = 8
@@ -193,12 +194,20 @@ class ResNet:
     size run, seed + 2), int32 sums, requantisation in float32 on the VXM, the classifier int8 too:
     float32 logits, equal bit for bit to :meth:`reference`. "fp16": float16 weights (batch norm
     folded on the host) and activations, float32 sums: float16 logits within :meth:`reference`'s
-    bound. The host quantises (int8) or rounds (fp16) the float32 image; that is not chip time."""
+    bound. The host quantises (int8) or rounds (fp16) the float32 image; that is not chip time.
+
+    ``stem`` "s2d" (default): the host writes the image space-to-depth (padded, 2 x 2 pixel blocks as
+    12 channels: :func:`~lpucore.vision.arch.space_to_depth`) and the stem is the equivalent 4x4
+    stride-1 convolution of 12 channels (the same int32 sums); "direct": the 7x7 stride-2 window of
+    the 3-channel image is formed on the chip."""
 
     def __init__(self, spec: ResNetSpec, weights: Optional[Mapping[str, Any]] = None, precision: str = "int8",
-                 seed: int = 0, config: Optional[ChipConfig] = None):
+                 seed: int = 0, config: Optional[ChipConfig] = None, stem: str = "s2d"):
         if precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if stem not in STEMS:
+            raise ModelError(f"stem must be one of {', '.join(STEMS)}, not {stem!r}")
+        self.s2d = stem == "s2d"
         if config is not None and not isinstance(config, ChipConfig):
             raise ModelError(f"config must be a ChipConfig, not {type(config).__name__}")
         self.spec, self.precision, self.seed = spec, precision, int(seed)
@@ -209,7 +218,7 @@ class ResNet:
         self._tapped: Dict[int, Compiled] = {}
         self._f16: Optional[F16Params] = None
         if precision == "fp16":
-            self._f16 = F16Params(spec, self.weights)
+            self._f16 = F16Params(spec, self.weights, self.s2d)
             bad = self._f16.finite()
             if bad is not None:
                 raise ModelError("overflows float16 once its batch normalisation is folded in", field=bad)
@@ -243,11 +252,14 @@ class ResNet:
         return self._scales[image_size]
 
     def chip_input(self, images: Any) -> np.ndarray:
-        """What the host writes: the image quantised to int8 with scale "x" (int8) or rounded to float16."""
+        """What the host writes: the image quantised to int8 with scale "x" (int8) or rounded to float16,
+        space-to-depth for the "s2d" stem."""
         x = self.check_images(images)
-        if self.precision == "fp16":
-            return x.astype(np.float16)
-        return NumpyInt8.quantize(x, self.scales(x.shape[2])["x"])
+        q = x.astype(np.float16) if self.precision == "fp16" else NumpyInt8.quantize(x, self.scales(x.shape[2])["x"])
+        return space_to_depth(q) if self.s2d else q
+
+    def _params(self, size: int) -> Int8Params:
+        return Int8Params(self.spec, self.weights, self.scales(size), self.s2d)
 
     # ---- the graph, the program and the reference ----------------------------------------------------
     def graph(self, image_size: int, images: int = 1, taps: bool = False) -> Tuple[Graph, List[Tuple[str, int]]]:
@@ -256,13 +268,13 @@ class ResNet:
         ``taps`` (fp16): every convolution's output is an output too, "tap_<name with _ for .>"."""
         d = "float16" if self.precision == "fp16" else "int8"
         g = Graph(f"{self.spec.name}-{self.precision}-{image_size}" + (f"x{images}" if images > 1 else ""))
-        ops = (GraphF16(g, self._f16, taps) if self._f16 is not None
-               else GraphInt8(g, Int8Params(self.spec, self.weights, self.scales(image_size))))
+        ops = GraphF16(g, self._f16, taps) if self._f16 is not None else GraphInt8(g, self._params(image_size))
         marks: List[Tuple[str, int]] = []
+        shape = self.chip_input(np.zeros((1, 3, image_size, image_size), np.float32)).shape
         for i in range(images):
-            x = g.input(f"x{i}", (1, 3, image_size, image_size), d)
+            x = g.input(f"x{i}", shape, d)
             first: Any = x if self._f16 is not None else (x, self.scales(image_size)["x"])
-            g.output(f"logits{i}", forward(self.spec, ops, first))
+            g.output(f"logits{i}", forward(self.spec, ops, first, self.s2d))
             marks += [(name if images == 1 else f"{i}:{name}", n) for name, n in ops.marks]
             ops.marks = []
         return g, marks
@@ -280,11 +292,11 @@ class ResNet:
     def reference(self, images: Any) -> np.ndarray:
         """The NumPy reference's logits [1, classes] on the same quantised weights and input (float32;
         int8: what the chip gives bit for bit; fp16: float16 values, see :meth:`layer_errors`)."""
-        x = self.chip_input(images)
+        x, size = self.chip_input(images), self.check_images(images).shape[2]
         if self._f16 is not None:
-            return forward(self.spec, NumpyF16(self._f16), x).astype(np.float32)
-        p = Int8Params(self.spec, self.weights, self.scales(x.shape[2]))
-        return forward(self.spec, NumpyInt8(p), (x, p.s["x"]))
+            return forward(self.spec, NumpyF16(self._f16), x, self.s2d).astype(np.float32)
+        p = self._params(size)
+        return forward(self.spec, NumpyInt8(p), (x, p.s["x"]), self.s2d)
 
     def layer_errors(self, images: Any, engine: str = "fast") -> Dict[str, float]:
         """fp16: run the program with every convolution's output tapped (a graph output) and check each
@@ -293,25 +305,24 @@ class ResNet:
         <= 1: within the bound). A float16 network's error is checked layer by layer because a
         worst-case bound carried through ~50 layers grows by the weights' absolute sums at each and
         says nothing. int8: {"logits": 0.0} when the chip equals :meth:`reference` bit for bit, else inf."""
-        x = self.chip_input(images)
+        x, size = self.chip_input(images), self.check_images(images).shape[2]
         if self._f16 is None:
             y, _ = self.run(images, engine=engine)
             return {"logits": 0.0 if y.tobytes() == self.reference(images).tobytes() else float("inf")}
-        if x.shape[2] not in self._tapped:
-            self._tapped[x.shape[2]] = compile_graph(self.graph(x.shape[2], taps=True)[0], self.config)
-        out, _ = execute(self._tapped[x.shape[2]], {"x0": x}, engine=engine)
+        if size not in self._tapped:
+            self._tapped[size] = compile_graph(self.graph(size, taps=True)[0], self.config)
+        out, _ = execute(self._tapped[size], {"x0": x}, engine=engine)
         names = {"tap_" + c.conv.replace(".", "_"): c.conv for c in self.spec.convs()}
         chip = {names.get(k, "logits"): v for k, v in out.items()}
         net = NumpyF16(self._f16, chip)
-        forward(self.spec, net, x)
+        forward(self.spec, net, x, self.s2d)
         return net.worst
 
     # ---- running ------------------------------------------------------------------------------------
     def run(self, images: Any, engine: str = "fast", stream: bool = False) -> Tuple[np.ndarray, VisionStats]:
         """Logits [1, classes] (float32) of one image on the simulated chip, and its figures. With
         ``stream``, also the back-to-back figure (:meth:`stream`: compiles and runs the two-image program)."""
-        x = self.chip_input(images)
-        size = x.shape[2]
+        x, size = self.chip_input(images), self.check_images(images).shape[2]
         c = self.compile(size)
         _, compile_s, labels = self._compiled[(size, 1)]
         t0 = time.perf_counter()
@@ -351,7 +362,8 @@ class ResNet:
 
 def resnet(name: str = "resnet50", weights: Optional[Mapping[str, Any]] = None, precision: str = "int8",
            seed: int = 0, config: Optional[ChipConfig] = None, *, block: Optional[str] = None,
-           layers: Optional[Tuple[int, ...]] = None, width: int = 64, num_classes: int = 1000) -> ResNet:
+           layers: Optional[Tuple[int, ...]] = None, width: int = 64, num_classes: int = 1000,
+           stem: str = "s2d") -> ResNet:
     """A ResNet by name (``ARCHS``: resnet18, resnet34, resnet50, resnet101) or, with ``block`` and
     ``layers``, any torchvision-shaped one (tests: ``block="basic", layers=(1, 1), width=8``)."""
     if block is None or layers is None:
@@ -359,16 +371,16 @@ def resnet(name: str = "resnet50", weights: Optional[Mapping[str, Any]] = None, 
             raise ModelError(f"unknown model {name!r}; known: {', '.join(ARCHS)} (or give block and layers)")
         block, layers = ARCHS[name]
     spec = ResNetSpec(name, block, tuple(int(n) for n in layers), int(width), int(num_classes))
-    return ResNet(spec, weights, precision, seed, config)
+    return ResNet(spec, weights, precision, seed, config, stem)
 
 
 def resnet50(weights: Optional[Mapping[str, Any]] = None, precision: str = "int8", seed: int = 0,
-             config: Optional[ChipConfig] = None) -> ResNet:
+             config: Optional[ChipConfig] = None, stem: str = "s2d") -> ResNet:
     """torchvision's ResNet-50 (v1.5: the bottleneck's stride on its 3x3 convolution), 1,000 classes."""
-    return resnet("resnet50", weights, precision, seed, config)
+    return resnet("resnet50", weights, precision, seed, config, stem=stem)
 
 
 def resnet18(weights: Optional[Mapping[str, Any]] = None, precision: str = "int8", seed: int = 0,
-             config: Optional[ChipConfig] = None) -> ResNet:
+             config: Optional[ChipConfig] = None, stem: str = "s2d") -> ResNet:
     """torchvision's ResNet-18 (basic blocks), 1,000 classes."""
-    return resnet("resnet18", weights, precision, seed, config)
+    return resnet("resnet18", weights, precision, seed, config, stem=stem)

@@ -18,18 +18,19 @@ import numpy as np
 
 from .. import convref
 from ..graph import Graph
-from .arch import ConvBN, ResNetSpec
+from .arch import ConvBN, ResNetSpec, stem_weights_s2d
 
 F16, F32 = np.float16, np.float32
 EPS = 1e-5                     # torchvision's BatchNorm2d eps
 U16 = 2.0 ** -10               # a float16 rounding (relative), with margin
 
 
-def forward(spec: ResNetSpec, ops: Any, x: Any) -> Any:
+def forward(spec: ResNetSpec, ops: Any, x: Any, s2d: bool = False) -> Any:
     """The network: stem convolution, ReLU, 3x3/2 max pool, the residual blocks (the last
     convolution of a block adds the shortcut before its ReLU), then ``ops.head`` (global average
-    pool and the linear layer). ``ops.mark(name)`` closes each part (for the cycle attribution)."""
-    x = ops.pool(ops.conv(x, spec.stem, True))
+    pool and the linear layer). ``ops.mark(name)`` closes each part (for the cycle attribution).
+    ``s2d``: x is the space-to-depth image and the stem its 4x4 form (:func:`~lpucore.vision.arch.space_to_depth`)."""
+    x = ops.pool(ops.conv(x, spec.stem_s2d if s2d else spec.stem, True))
     ops.mark("conv1")
     for b in spec.blocks():
         short = x if b.down is None else ops.conv(x, b.down, False)
@@ -112,7 +113,7 @@ class Int8Params:
     compute with the same numbers: per conv, int8 weights (per-output-channel scale max |w| / 127 of
     the folded weights), the float32 multiplier ``s_in * s_w`` and shift; the classifier likewise."""
 
-    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], scales: Dict[str, float]):
+    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], scales: Dict[str, float], s2d: bool = False):
         self.s = scales
         self.conv: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         sin = {spec.stem.conv: scales["x"]}
@@ -128,6 +129,9 @@ class Int8Params:
             wf, shift = folded(w, c)
             wq, ws = _per_channel(wf.reshape(len(wf), -1))
             self.conv[c.conv] = (wq.reshape(wf.shape), (sin[c.conv] * ws).astype(F32), shift.astype(F32))
+        if s2d:
+            wq, m, shift = self.conv[spec.stem.conv]
+            self.conv[spec.stem.conv] = (stem_weights_s2d(wq), m, shift)
         self.last = prev
         fq, fs = _per_channel(w["fc.weight"].astype(np.float64))
         self.fc_w = np.ascontiguousarray(fq.T)                              # [features, classes]
@@ -214,12 +218,15 @@ class F16Params:
     (what the compiler would fold from float16 statistics, but from the float32 ones), the
     classifier's transposed weights and bias in float16."""
 
-    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray]):
+    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], s2d: bool = False):
         self.conv: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         for c in spec.convs():
             wf, shift = folded(w, c)
             with np.errstate(over="ignore"):          # an overflow is reported by finite()
                 self.conv[c.conv] = (wf.astype(F16), shift.astype(F16))
+        if s2d:
+            wf16, b16 = self.conv[spec.stem.conv]
+            self.conv[spec.stem.conv] = (stem_weights_s2d(wf16), b16)
         with np.errstate(over="ignore"):
             self.fc_w = np.ascontiguousarray(w["fc.weight"].T).astype(F16)
             self.fc_b = w["fc.bias"].astype(F16)
