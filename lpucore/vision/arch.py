@@ -66,8 +66,9 @@ class ResNetSpec:
 
     @property
     def stem_s2d(self) -> ConvBN:
-        """The stem on the host's space-to-depth image (:func:`space_to_depth`): a 4x4 stride-1
-        unpadded convolution of 12 channels, the same sums (:func:`stem_weights_s2d`)."""
+        """The stem on the host's space-to-depth image (:func:`~lpucore.vision.arch.space_to_depth`): a
+        4x4 stride-1 unpadded convolution of 12 channels, the same sums
+        (:func:`~lpucore.vision.arch.stem_weights_s2d`)."""
         return ConvBN("conv1", "bn1", 12, self.width, 4, 1, 0)
 
     @property
@@ -156,8 +157,9 @@ def space_to_depth(x: np.ndarray) -> np.ndarray:
 
 def stem_weights_s2d(w: np.ndarray) -> np.ndarray:
     """The 7x7 stride-2 stem's weights [C_out, 3, 7, 7] as the 4x4 weights [C_out, 12, 4, 4] of the
-    same convolution over :func:`space_to_depth`'s image: tap 2a + r of the 7 (r = 0, 1; tap 7 a zero)
-    is block tap a of channel c * 4 + 2 * r_h + r_w. Same dtype; the values are moved, not changed."""
+    same convolution over :func:`~lpucore.vision.arch.space_to_depth`'s image: tap 2a + r of the 7
+    (r = 0, 1; tap 7 a zero) is block tap a of channel c * 4 + 2 * r_h + r_w. Same dtype; the values
+    are moved, not changed."""
     Co, C = w.shape[:2]
     wp = np.zeros((Co, C, 8, 8), w.dtype)
     wp[:, :, :7, :7] = w

@@ -190,7 +190,7 @@ class ResNet:
     """A ResNet (``spec``) with its weights, compiled for one chip on first use per image size.
 
     ``precision`` "int8": per-output-channel int8 weights of the batch-norm-folded convolutions,
-    per-tensor int8 activations (scales max |x| / 127 over CALIBRATION standard-normal images of the
+    per-tensor int8 activations (scales ``max |x| / 127`` over CALIBRATION standard-normal images of the
     size run, seed + 2), int32 sums, requantisation in float32 on the VXM, the classifier int8 too:
     float32 logits, equal bit for bit to :meth:`reference`. "fp16": float16 weights (batch norm
     folded on the host) and activations, float32 sums: float16 logits within :meth:`reference`'s
@@ -264,7 +264,7 @@ class ResNet:
     # ---- the graph, the program and the reference ----------------------------------------------------
     def graph(self, image_size: int, images: int = 1, taps: bool = False) -> Tuple[Graph, List[Tuple[str, int]]]:
         """The graph of ``images`` independent images (inputs x0, x1, ..., outputs logits0, ...; image
-        i's operations after image i-1's, weights shared) and the parts' node counts (:func:`forward`);
+        i's operations after image i-1's, weights shared) and the parts' node counts (``nets.forward``);
         ``taps`` (fp16): every convolution's output is an output too, "tap_<name with _ for .>"."""
         d = "float16" if self.precision == "fp16" else "int8"
         g = Graph(f"{self.spec.name}-{self.precision}-{image_size}" + (f"x{images}" if images > 1 else ""))
@@ -301,7 +301,7 @@ class ResNet:
     def layer_errors(self, images: Any, engine: str = "fast") -> Dict[str, float]:
         """fp16: run the program with every convolution's output tapped (a graph output) and check each
         layer against the reference computed from the chip's own input to it: {convolution name or
-        "logits": largest |chip - reference| / documented bound} (:class:`~lpucore.vision.nets.NumpyF16`;
+        "logits": largest ``|chip - reference| / bound``} (``lpucore.vision.nets.NumpyF16`` states the bound;
         <= 1: within the bound). A float16 network's error is checked layer by layer because a
         worst-case bound carried through ~50 layers grows by the weights' absolute sums at each and
         says nothing. int8: {"logits": 0.0} when the chip equals :meth:`reference` bit for bit, else inf."""
