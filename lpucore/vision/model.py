@@ -216,6 +216,7 @@ class ResNet:
         self._scales: Dict[int, Dict[str, float]] = {}
         self._compiled: Dict[Tuple[int, int], Tuple[Compiled, float, List[str]]] = {}
         self._tapped: Dict[int, Compiled] = {}
+        self._int8: Dict[int, Int8Params] = {}
         self._f16: Optional[F16Params] = None
         if precision == "fp16":
             self._f16 = F16Params(spec, self.weights, self.s2d)
@@ -259,7 +260,10 @@ class ResNet:
         return space_to_depth(q) if self.s2d else q
 
     def _params(self, size: int) -> Int8Params:
-        return Int8Params(self.spec, self.weights, self.scales(size), self.s2d)
+        """The int8 constants for images of ``size`` pixels (made once per size: they fold every layer)."""
+        if size not in self._int8:
+            self._int8[size] = Int8Params(self.spec, self.weights, self.scales(size), self.s2d)
+        return self._int8[size]
 
     # ---- the graph, the program and the reference ----------------------------------------------------
     def graph(self, image_size: int, images: int = 1, taps: bool = False) -> Tuple[Graph, List[Tuple[str, int]]]:
