@@ -153,3 +153,14 @@ def test_cli_errors(capsys):
     assert main(["vision", "--model", "resnet18", "--chip", "small", "--image-size", "8"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and all(e.startswith("lpucore: error:") for e in err) and "does not fit" in err[-1]
+
+
+def test_cli_runs_resnet18_on_the_groqchip(capsys, tmp_path):
+    """The real ResNet-18 (11.7 M weights) on the GroqChip at 8 x 8 pixels: top-1 and logits as the reference's."""
+    out = tmp_path / "stats.json"
+    assert main(["vision", "--model", "resnet18", "--image-size", "8", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "logits bit for bit" in text and "cycles by part" in text and "layer4.1" in text
+    import json
+    d = json.loads(out.read_text())
+    assert d["model"] == "resnet18" and d["image_size"] == 8 and d["cycles"] == d["predicted_cycles"] > 0
