@@ -13,6 +13,8 @@ Commands::
     dump --model MODEL [--stage STAGE] ...               a model's step program after a compiler stage
     relay [--topology node|rack|dragonfly] [--mpi] ...   pass vectors through every chip of a System
     serve --model MODEL [--port 8000] [--max-batch 8]   an OpenAI-compatible HTTP server (lpucore.server)
+    vision [--model resnet50] [--precision int8|fp16] [--image-size N] [--chip NAME]
+                                                         one random image through a ResNet
 
 Every user mistake (a missing file, a bad option, a tensor of the wrong dtype,
 a malformed model directory, any :class:`~lpucore.LpuError`, an ``OSError``
@@ -677,6 +679,65 @@ def _dump_command(sub) -> None:
     d.add_argument("--stage", choices=STAGES + ("all",), default="scheduled", help="stage (default scheduled)")
 
 
+def _cmd_vision(args) -> int:
+    from . import vision
+
+    cfg = args.chip if args.chip is not None else ChipConfig.groqchip1()
+    model = vision.resnet(args.model, precision=args.precision, seed=args.seed, config=cfg, stem=args.stem)
+    image = np.random.default_rng(args.seed + 3).standard_normal((1, 3, args.image_size, args.image_size))
+    print(f"{args.model} ({args.precision}, v1.5, random weights seed {args.seed}): compiling for "
+          f"{args.image_size} x {args.image_size} on {cfg.name} ...", flush=True)
+    logits, stats = model.run(image.astype(np.float32), engine=args.engine, stream=args.stream)
+    ref = model.reference(image.astype(np.float32))
+    top, ref_top = int(np.argmax(logits)), int(np.argmax(ref))
+    same = "bit for bit" if logits.tobytes() == ref.tobytes() else f"max |diff| {np.abs(logits - ref).max():.3g}"
+    print(f"top-1 class {top} (NumPy reference: {ref_top}; logits {same})")
+    print(stats.table())
+    if args.json:
+        text = json.dumps(stats.to_dict(), indent=1)
+        if args.json == "-":
+            print(text)
+        else:
+            _check_writable(args.json)
+            with open(args.json, "w") as f:
+                f.write(text + "\n")
+    return 0
+
+
+def _image_size_arg(text: str) -> int:
+    try:
+        n = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 8 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"must be in 8..1024 pixels, got {n}")
+    return n
+
+
+def _vision_command(sub) -> None:
+    from .vision import ARCHS
+
+    v = add_command(sub, "vision", _cmd_vision, "classify one random image with a ResNet on the simulated chip",
+                    "Build MODEL (torchvision's ResNet, v1.5, seeded random weights with measured batch-norm "
+                    "statistics; int8 calibrated on seeded random images), compile it for one image of "
+                    "--image-size pixels on the chip, run one random image and print its top-1 class beside "
+                    "the NumPy reference's, and the table: cycles, latency, images/s, schedule bound and "
+                    "efficiency, MXM utilisation, SRAM, cycles by part and by operation (lpucore.vision).")
+    v.add_argument("--model", choices=tuple(ARCHS), default="resnet50", help="architecture (default resnet50)")
+    v.add_argument("--precision", choices=("int8", "fp16"), default="int8", help="default int8")
+    v.add_argument("--image-size", type=_image_size_arg, default=224, metavar="N",
+                   help="N x N pixels (default 224)")
+    v.add_argument("--chip", type=_config_arg, metavar="NAME",
+                   help=f"chip configuration ({', '.join(ChipConfig.PRESETS)}; default groqchip1)")
+    v.add_argument("--seed", type=_seed_arg, default=0, help="random weights' seed (default 0)")
+    v.add_argument("--stem", choices=("s2d", "direct"), default="s2d",
+                   help="s2d (default): the host writes the image space-to-depth; direct: the 7x7 window on the chip")
+    v.add_argument("--stream", action="store_true",
+                   help="also compile two images as one program and report back-to-back images/s")
+    v.add_argument("--json", metavar="STATS.json", help="write the figures as JSON ('-': stdout)")
+    add_engine_option(v)
+
+
 # ---------------------------------------------------------------------------------------
 # serve
 # ---------------------------------------------------------------------------------------
@@ -866,7 +927,8 @@ def _relay_command(sub) -> None:
 
 # Each entry adds one subcommand to the parser, in this order.
 COMMANDS: Tuple[Callable, ...] = (_asm_command, _disasm_command, _run_command, _info_command, _bench_command,
-                                  _decode_command, _dump_command, _relay_command, _serve_command)
+                                  _decode_command, _dump_command, _relay_command, _serve_command,
+                                  _vision_command)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,17 @@ def rewrite(g: Graph) -> Tuple[Graph, Dict[str, Tuple[int, ...]]]:
     return r.run(), r.input_axes
 
 
+def rewrite_origins(g: Graph) -> List[int]:
+    """For each node of :func:`rewrite`'s graph, the index of the node of g it was made for (-1: made
+    for a graph output, a transpose back to NCHW): how a compiled program's kernels, which follow
+    the rewritten graph's nodes, are attributed to the parts of g (``lpucore.vision``)."""
+    if not any(n.op in IMAGE_OPS for n in g.nodes):
+        return list(range(len(g.nodes)))
+    r = _Rewriter(g)
+    r.run()
+    return r.origin
+
+
 class _Rewriter:
     """Builds the rewritten graph h from g, node by node (module docstring)."""
 
@@ -108,6 +119,7 @@ class _Rewriter:
             self.uses[t.id] = self.uses.get(t.id, 0) + 2
         self.folds = {g.producer[n.inputs[0]].output: n for n in g.nodes if self._foldable(n)}
         self.input_axes: Dict[str, Tuple[int, ...]] = {}
+        self.origin: List[int] = []                    # h node -> index of the g node it was made for
 
     def _image_input(self, t: Tensor) -> bool:
         """t is an NCHW graph input read only as the image of image operations (not flatten): the
@@ -128,17 +140,19 @@ class _Rewriter:
                 self.plain_of[t.id] = h.input(name, t.shape, t.dtype)
         for name, t in g.states.items():
             self.plain_of[t.id] = h.state(name, t.shape, t.dtype, init=g.state_init[t.id])
-        for n in g.nodes:
+        for k, n in enumerate(g.nodes):
             t = g.tensors[n.output]
             if n.op in IMAGE_OPS:
                 getattr(self, "_" + n.op)(n, t)
             elif not self._elementwise(n, t):
                 ins = [self.plain(i) for i in n.inputs]
                 self.plain_of[t.id] = h._node(n.op, ins, t.shape, t.dtype, **n.attrs)
+            self.origin += [k] * (len(h.nodes) - len(self.origin))
         for name, t in g.outputs.items():
             h.output(name, self.plain(t.id))
         for sid, v in g.assigns.items():
             h.assign(self.plain(sid), self.plain(v.id))
+        self.origin += [-1] * (len(h.nodes) - len(self.origin))
         return h
 
     # ---- tensors of h --------------------------------------------------------------------------------

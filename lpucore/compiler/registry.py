@@ -249,8 +249,8 @@ _register_all(("neg", "abs", "relu", "exp", "tanh", "sigmoid", "sqrt", "rsqrt"),
               scalar_operands=True)
 register(OpSpec("silu", "elementwise", build=_silu, scalar_operands=True))
 register(OpSpec("cast", "elementwise", build=_cast, scalar_operands=True))
-register(OpSpec("quantize", "elementwise", build=_quantize))
-register(OpSpec("dequantize", "elementwise", build=_dequantize))
+register(OpSpec("quantize", "elementwise", build=_quantize, scalar_operands=True))
+register(OpSpec("dequantize", "elementwise", build=_dequantize, scalar_operands=True))
 # gelu's tanh form is one map kernel; its erf form takes two
 register(OpSpec("gelu", "elementwise", build=_gelu_tanh, lower=_gelu, scalar_operands=True,
                 map_if=lambda n: n.attrs.get("approximate") == "tanh"))
