@@ -14,7 +14,9 @@ import time
 
 import numpy as np
 
+from lpucore import ChipConfig
 from lpucore.llm import Decoder
+from lpucore.llm.prefill import cache_copy_seconds
 
 
 def ttft(dec: Decoder, prompt):
@@ -51,6 +53,9 @@ def main(argv):
                   + ", ".join(f"{k} {v:,.0f}" for k, v in b.items()))
         print(f"  decode step: {st.step_cycles:,} cycles, MXM utilisation {100 * st.mxm_utilisation:.1f} %")
     a, b = out["chunked"], out["token by token"]
+    kv = a.stats.kv_cache_bytes * n // a.stats.capacity
+    print(f"the prompt's cache rows, {kv:,} bytes, over a GroqChip's chip-to-chip links: "
+          f"{cache_copy_seconds(kv, ChipConfig.groqchip1()) * 1e6:.1f} us")
     same = np.array_equal(a.tokens, b.tokens) and np.array_equal(a.logits, b.logits)
     print(f"same first token and logits: {same}; speed-up of the simulated time to first token "
           f"{b.stats.ttft_cycles / a.stats.ttft_cycles:.2f}x")

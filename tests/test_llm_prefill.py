@@ -19,6 +19,13 @@ MODELS = [(n, p) for n in ("tiny", "tiny-moe", "tiny-gpt2") for p in ("fp16", "i
 _cache = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _free_decoders():
+    """Two chips per decoder: let them go with the module."""
+    yield
+    _cache.clear()
+
+
 def decoder(name, precision):
     """One decoder per model and precision for the module (compiling takes seconds)."""
     key = (name, precision)

@@ -472,7 +472,7 @@ class Decoder:
 
     def prefill_program(self) -> Optional[ChunkProgram]:
         """The prompt-chunk program (:class:`~lpucore.llm.prefill.ChunkProgram`, compiled and loaded on first
-        use, of :attr:`prefill_chunk` positions or fewer when that does not fit); None for ``prefill_chunk=1``
+        use, of ``prefill_chunk`` positions or fewer when that does not fit); None for ``prefill_chunk=1``
         or when not even 2 positions fit."""
         if self.prefill_chunk == 1:
             return None

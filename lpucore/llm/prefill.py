@@ -1,15 +1,17 @@
 """Prefill as matrix products: a prompt runs as chunks of P positions, one program run per chunk.
 
 A chunk is the step program of P rows sharing ONE KV cache (:func:`~lpucore.llm.program.build_step` with
-``batch=P, shared_cache=True``, :meth:`~lpucore.llm.program.StepBuilder.chunk_attention`): every matmul streams
+``batch=P, shared_cache=True``, ``StepBuilder.chunk_attention``): every matmul streams
 the P activation rows through one load of its weights, the P new key and value rows go into the cache by one MEM
 Scatter at their positions, and each row attends over the whole cache masked after its own position, which makes
 attention causal within the chunk and over the cache before it. Its output is the last row's logits only (the
 next token needs nothing else). The last chunk of a prompt that is not a multiple of P is padded with copies of
 the prompt's last token at its last position: they write the same key and value rows at the same position (the
 scatter's later-of-equal-indices rule changes nothing) and compute the same row, so the chunk's last row is always
-the prompt's last token. Every row's arithmetic is the single-token step's, so chunked prefill gives the
-token-by-token cache and logits bit for bit (``tests/test_llm_prefill.py``).
+the prompt's last token. Every row's arithmetic is the single-token step's: chunked prefill gives the
+token-by-token cache and logits bit for bit on the tiny models (``tests/test_llm_prefill.py``), and on
+GPT-2-small with more than one layer logits within :data:`~lpucore.llm.decoder.LOGIT_TOLERANCE` of them
+(docs/guide/language-models.md, "Prefill").
 
 Where the two programs meet: the chunk program is compiled and loaded into a chip of its own (as a batch's step
 program is, :class:`~lpucore.llm.batch.BatchProgram`); after the prompt's last chunk the host copies the cache
@@ -101,9 +103,9 @@ def chunks(ids: np.ndarray, rows: int) -> List[Tuple[np.ndarray, np.ndarray, int
 
 
 def run_prefill(prog: ChunkProgram, ids: np.ndarray, steps: List[StepStats]):
-    """Prefill ``ids`` chunk by chunk on ``prog``'s chip, one :class:`StepStats` per chunk appended to ``steps``
-    (``position`` / ``token``: the chunk's first; ``tokens``: its prompt tokens). Returns (the logits of the
-    prompt's last token, the last RunStats)."""
+    """Prefill ``ids`` chunk by chunk on ``prog``'s chip, one :class:`~lpucore.llm.StepStats` per chunk
+    appended to ``steps`` (``position`` / ``token``: the chunk's first; ``tokens``: its prompt tokens).
+    Returns (the logits of the prompt's last token, the last RunStats)."""
     row, st = None, None
     for tok, pos, real in chunks(ids, prog.rows):
         t0 = time.perf_counter()

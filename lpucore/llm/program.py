@@ -40,7 +40,8 @@ sequence and share its cache, the single-sequence states ``k<l>``, ``v<l>`` (:me
 the B new key and value rows are scattered at their positions before attention reads the cache, and each query
 row is masked after its own position, so attention is causal within the chunk and over the cache before it with
 nothing else; llama rows are rotated by one rope over ``[heads, B, hd]`` (the B positions made ready once), and the
-head takes the last row only (logits ``[1, vocab]``). Every row's arithmetic is the single-token step's.
+head takes the last row only (logits ``[1, vocab]``). Every row's arithmetic is the single-token step's
+(bit for bit on the tiny models; :mod:`lpucore.llm.prefill`).
 
 :func:`build_step` returns the graph and a list of ``(label, first node, end node)`` spans naming the model part
 each graph node belongs to (``embed``, ``attn``, ``kv``, ``mlp``, ``head``...) for the per-operation breakdown.
