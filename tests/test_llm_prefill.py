@@ -117,3 +117,29 @@ def test_bad_chunk_sizes(chunk):
 def test_default_chunk_is_capped_by_the_capacity():
     assert Decoder.random("tiny", capacity=CAPACITY).prefill_chunk == CAPACITY
     assert Decoder.random("tiny", capacity=100).prefill_chunk == 16
+
+
+def test_a_chunk_that_does_not_fit_is_halved(monkeypatch):
+    """chunk_program retries with half the rows while the compiler says the program does not fit; with none
+    left the decoder prefills token by token."""
+    from lpucore.errors import CompileError
+    from lpucore.llm import prefill
+    tried = []
+
+    class Fake:
+        def __init__(self, dec, rows):
+            tried.append(rows)
+            if rows > 2:
+                raise CompileError("tensor 'x' needs 9 bytes: the graph does not fit on this chip")
+            self.rows = rows
+
+    monkeypatch.setattr(prefill, "ChunkProgram", Fake)
+    assert prefill.chunk_program(None, 16).rows == 2 and tried == [16, 8, 4, 2]
+    monkeypatch.setattr(Fake, "__init__", lambda self, dec, rows: (_ for _ in ()).throw(CompileError("does not fit")))
+    monkeypatch.setattr("lpucore.llm.decoder.chunk_program", prefill.chunk_program)
+    dec = Decoder.random("tiny", capacity=CAPACITY, prefill_chunk=8)
+    assert dec.prefill_program() is None and dec.prefill_chunk == 1
+    # another compile error is not swallowed
+    monkeypatch.setattr(Fake, "__init__", lambda self, dec, rows: (_ for _ in ()).throw(CompileError("bad graph")))
+    with pytest.raises(CompileError, match="bad graph"):
+        prefill.chunk_program(None, 4)
