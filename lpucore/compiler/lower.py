@@ -559,6 +559,7 @@ class Compiler:
         self.place_gather_tables()
         self.place_constants()
         self.place_outputs()
+        scatter.reserve(self)       # constants lowering would make, while no temporary has taken their space
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
             t = g.tensors[n.output]

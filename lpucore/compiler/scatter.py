@@ -47,12 +47,49 @@ def in_place(g: Graph, sid: int) -> bool:
             and value.id not in {t.id for t in g.outputs.values()})
 
 
+def _column(c, name: str, col, dtype, avoid=()) -> VT:
+    """The constant ``name``: value ``col[r]`` in every lane of row r (kept: :func:`reserve` may have made it)."""
+    made: Dict[str, VT] = c.__dict__.setdefault("scatter_consts", {})
+    if name not in made:
+        vt = c.new_vt(name, dtype, (len(col), c.L), kind="const", avoid=avoid)
+        c.constants[name] = np.repeat(np.array(col, dtype=dtype.numpy).reshape(-1, 1), c.L, axis=1)
+        vt.bcast = True
+        made[name] = vt
+    return made[name]
+
+
+def _consts(c, out: VT, idx_id: int, t_id: int, avoid=()) -> List[VT]:
+    """The constants of a scatter into ``out`` by index tensor ``idx_id`` (node output ``t_id``): the
+    chunk and stripe numbers of its (chunk, stripe) rows, and the bases of its (plane, chunk, stripe)
+    slices."""
+    ns, C = out.stripes, out.chunks
+    M, G = C * ns, out.planes * C * ns
+    ch = _column(c, f"_sxch{M}s{ns}.{idx_id}", [m // ns for m in range(M)], I32, avoid)
+    st = _column(c, f"_sxs{M}s{ns}.{idx_id}", [m % ns for m in range(M)], I32, tuple(avoid) + tuple(c.slices_of(ch)))
+    base = _column(c, f"_sxbase{t_id}", [out.bases[j // M][j % ns] for j in range(G)], I16)
+    return [ch, st, base]
+
+
+def reserve(c) -> None:
+    """Place the constants of every in-place scatter before anything is lowered. A constant is written
+    when the program loads, so it only gets space no temporary ever uses, and lowering uses that space
+    up: a prompt chunk's wide temporaries (GPT-2-small's ``[32, 50257]`` embedding one-hots) left none
+    for its first scatter's bases. An in-place target is a state, placed first, so its bases are known."""
+    g = c.g
+    for n in g.nodes:
+        if n.op != "scatter" or not in_place(g, n.inputs[0]):
+            continue
+        out = c.vts.get(n.inputs[0])
+        if out is not None and out.spare and not out.stripes & (out.stripes - 1):
+            _consts(c, out, n.inputs[1], n.output)
+
+
 def _per(vt: VT) -> int:
     """Addresses of one stripe's vectors: its sink is the next one (``spare``)."""
     return -(-vt.rows // vt.stripes) * vt.chunks
 
 
-def _offsets(c, idx: Tensor, out: VT) -> VT:
+def _offsets(c, idx: Tensor, out: VT, t_id: int) -> VT:
     """int16 ``[n * C * ns, 1]`` (in every lane): row ``i * C * ns + ch * ns + s`` is the offset from
     stripe s's base of index i's chunk ch when it lies in stripe s, else the sink's offset. It
     depends on the index and the target's shape and stripes only, so it is computed once for
@@ -64,14 +101,7 @@ def _offsets(c, idx: Tensor, out: VT) -> VT:
         return made[key]
     M, shift, per = C * ns, ns.bit_length() - 1, _per(out)
     bc = _index_in_every_lane(c, idx)
-    consts: List[VT] = []
-    for what, col in (("ch", [m // ns for m in range(M)]), ("s", [m % ns for m in range(M)])):
-        name = f"_sx{what}{M}.{idx.id}"
-        vt = c.new_vt(name, I32, (M, c.L), kind="const", avoid=c.slices_of(bc, *consts))
-        c.constants[name] = np.repeat(np.array(col, dtype=np.int32).reshape(M, 1), c.L, axis=1)
-        vt.bcast = True
-        consts.append(vt)
-    ch_vt, s_vt = consts
+    ch_vt, s_vt = _consts(c, out, idx.id, t_id, c.slices_of(bc))[:2]
 
     def root() -> Expr:
         i = Expr.input(bc, lambda v: v // M)
@@ -83,7 +113,7 @@ def _offsets(c, idx: Tensor, out: VT) -> VT:
         sink = Expr.const(I32, per)
         # the sink, or the row's offset where the row lies in this stripe: sink ^ ((off ^ sink) & hit)
         return cvt(E("xor", I32, sink, E("and", I32, E("xor", I32, off, sink), E("and", I32, inside, here))), I16)
-    offs = c.new_vt(f"_soff{M}.{idx.id}", I16, (n * M, 1), avoid=c.slices_of(bc, *consts))
+    offs = c.new_vt(f"_soff{M}.{idx.id}", I16, (n * M, 1), avoid=c.slices_of(bc, ch_vt, s_vt))
     offs.bcast = True
     c.map_into(offs, root)
     made[key] = offs
@@ -97,12 +127,8 @@ def _maps(c, out: VT, idx: Tensor, t_id: int, avoid) -> VT:
     ``j``: the offset plus that stripe's base."""
     ns, C, P, n = out.stripes, out.chunks, out.planes, idx.size
     M, G = C * ns, P * C * ns
-    offs = _offsets(c, idx, out)
-    name = f"_sxbase{t_id}"
-    base = c.new_vt(name, I16, (G, c.L), kind="const", avoid=c.slices_of(offs))
-    col = [out.bases[j // M][j % ns] for j in range(G)]
-    c.constants[name] = np.repeat(np.array(col, dtype=np.int16).reshape(G, 1), c.L, axis=1)
-    base.bcast = True
+    offs = _offsets(c, idx, out, t_id)
+    base = _consts(c, out, idx.id, t_id, c.slices_of(offs))[2]
     maps = c.new_vt(f"_smap{t_id}", I16, (n * G, 1), hem=1 - out.hem, avoid=avoid, strict=True, stripes=4)
     maps.bcast = True
     c.map_into(maps, lambda: E("add", I16, Expr.input(offs, lambda v: v // G * M + v % G % M),

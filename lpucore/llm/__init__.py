@@ -12,6 +12,8 @@
     Reference                           prefill / decode / generate over a KV cache (float32 arithmetic)
     Decoder                             the same models compiled onto the simulated chip, token by token, with
                                         weights and KV cache resident in SRAM (decoder.py, program.py)
+    prefill.ChunkProgram                a prompt prefilled in chunks of positions, one program run per chunk,
+                                        the rows as matrix products (prefill.py; Decoder(prefill_chunk=N))
     Decoder.generate / Decoder.chat     token ids or text in (text and chat with a model directory's
                                         tokenizer.json, ``pip install lpucore[text]``); GenerateResult out
     SamplingParams, Sampler             greedy, or seeded sampling with temperature, top_k, top_p: on the host,

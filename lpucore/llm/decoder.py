@@ -7,7 +7,9 @@
 
 A :class:`Decoder` compiles one *step program* (see :mod:`lpucore.llm.program`) the first time it is needed,
 loads it into a :class:`~lpucore.Chip` once (weights and the KV cache then stay in SRAM), and runs it once per
-token: each prompt token is one prefill step, each new token one decode step. The program is static, so every
+new token (a decode step). A prompt of at least ``prefill_chunk`` tokens is prefilled in chunks of that many
+positions by a second program (:mod:`lpucore.llm.prefill`: one run per chunk, its rows as matrix products);
+a shorter one runs one step per token. The program is static, so every
 step takes the same number of cycles (attention always spans the whole cache capacity, masked); the figures are
 those of the cycle-level run, not estimates.
 
@@ -29,6 +31,7 @@ import numpy as np
 from ..config import ChipConfig
 from ..errors import CompileError, LpuError, ModelDoesNotFit, ModelError
 from .continuation import Continuation
+from .prefill import DEFAULT_CHUNK, ChunkProgram, chunk_program, copy_cache, run_prefill
 from .program import DEFAULT_BLOCK, build_step
 from .reference import Reference
 from .sampling import SamplingError, SamplingParams
@@ -87,8 +90,9 @@ class Decoder:
     step running the smallest that holds its position, sharing the weights and cache in SRAM (one chip);
     ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
     of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
-    layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`).
-    Compilation happens on first use (:meth:`compile`).
+    layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`);
+    ``prefill_chunk`` the prompt positions per prefill chunk (default 16, at most ``capacity``; 1: token by
+    token; :mod:`lpucore.llm.prefill`). Compilation happens on first use (:meth:`compile`).
 
     Text: :attr:`tokenizer` (a :class:`~lpucore.llm.text.Tokenizer`) is the model directory's, read by
     :meth:`from_pretrained`; a named shape with random weights has none and takes token ids only
@@ -104,7 +108,7 @@ class Decoder:
     def __init__(self, cfg: ModelConfig, weights: Mapping[str, np.ndarray], precision: str = "fp16",
                  config: Optional[ChipConfig] = None, capacity: Optional[int] = None, engine: str = "fast",
                  fp16_mxm: str = "exact", block: int = DEFAULT_BLOCK, chips: Union[int, str] = 1, comm=None,
-                 buckets: Union[None, str, Sequence[int]] = None):
+                 buckets: Union[None, str, Sequence[int]] = None, prefill_chunk: Optional[int] = None):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.cfg = cfg
@@ -133,6 +137,9 @@ class Decoder:
         self._chip = None
         self._batches: Dict[int, "BatchProgram"] = {}     # batch size -> its step program (batch_program)
         self.position = 0
+        self.prefill_chunk = self._chunk_size(prefill_chunk, cap)
+        self._prefill: Optional[ChunkProgram] = None       # the chunk program (prefill_program)
+        self._chunked: Optional[ChunkProgram] = None       # ... if the last generate's prefill ran on it
 
     # ---- construction --------------------------------------------------------------------------------
     @classmethod
@@ -367,13 +374,12 @@ class Decoder:
         seq = Continuation(ids.tolist(), max_new_tokens, sampling, tokenizer=self.tokenizer, stop=stop,
                            eos_ids=eos, on_text=on_text)
         compiled = self.compile()
+        if len(ids) >= self.prefill_chunk > 1:
+            self.prefill_program()          # compiled and loaded before the clock starts, as the step program
         self.reset()
         steps: List[StepStats] = []
         t_start = time.perf_counter()
-        row, last = None, None
-        for tok in ids:
-            row, last = self._timed_step(tok, "prefill", steps)
-        assert row is not None and last is not None      # the prompt is not empty
+        row, last = self._prefill_prompt(ids, steps)
         while not seq.finished:
             tok = seq.step(row)
             if on_token is not None:
@@ -457,6 +463,7 @@ class Decoder:
             prompt_tokens=prompt_tokens, new_tokens=new_tokens, step_cycles=bs.step_cycles,
             predicted_cycles=bs.predicted_cycles,
             ttft_seconds=sum(s.seconds for s in steps if s.phase == "prefill"),
+            ttft_cycles=sum(s.cycles for s in steps if s.phase == "prefill"),
             tokens_per_second=bs.tokens_per_second_per_user, mxm_utilisation=bs.mxm_utilisation,
             sram_bytes=bs.sram_bytes, sram_capacity=bs.sram_capacity, weight_bytes=bs.weight_bytes,
             kv_cache_bytes=bs.kv_cache_bytes // bs.batch, by_unit=dict(bs.by_unit), by_part=dict(bs.by_part),
@@ -514,6 +521,49 @@ class Decoder:
             raise ValueError(f"{ids.size} prompt tokens + {max_new_tokens} new tokens need {need} cache "
                              f"positions; this decoder has {self.capacity} (Decoder(capacity=...))")
 
+    @staticmethod
+    def _chunk_size(chunk: Optional[int], capacity: int) -> int:
+        """``prefill_chunk`` checked: prompt positions per chunk, :data:`~lpucore.llm.prefill.DEFAULT_CHUNK`
+        by default, at most the cache capacity."""
+        if chunk is None:
+            return min(DEFAULT_CHUNK, capacity)
+        if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or not 1 <= chunk <= capacity:
+            raise ValueError(f"prefill_chunk must be 1..{capacity} prompt positions (the cache capacity; 1: "
+                             f"token by token), not {chunk!r}")
+        return int(chunk)
+
+    def prefill_program(self) -> Optional[ChunkProgram]:
+        """The prompt-chunk program (:class:`~lpucore.llm.prefill.ChunkProgram`, compiled and loaded on first
+        use, of ``prefill_chunk`` positions or fewer when that does not fit); None for ``prefill_chunk=1``
+        or when not even 2 positions fit."""
+        if self.prefill_chunk == 1:
+            return None
+        if self._prefill is None or self._prefill.rows > self.prefill_chunk:
+            self._prefill = chunk_program(self, self.prefill_chunk)
+            if self._prefill is None:       # nothing fits: token by token from now on
+                self.prefill_chunk = 1
+        return self._prefill
+
+    def _prefill_prompt(self, ids: np.ndarray, steps: List[StepStats]):
+        """Feed the prompt ``ids`` from position 0 (the :class:`StepStats` appended to ``steps``): in chunks
+        (:mod:`lpucore.llm.prefill`) when it fills at least one and the chunk program's predicted cycles for it
+        are fewer than a step per token, else token by token (a shorter prompt would need a chunk program of
+        fewer rows: another compile). Returns (logits of the last token, RunStats)."""
+        compiled = self.compile()
+        prog = self.prefill_program() if len(ids) >= self.prefill_chunk > 1 else None
+        self._chunked = None
+        if prog is not None and -(-len(ids) // prog.rows) * prog.cycles < len(ids) * compiled.expected_cycles:
+            row, last = run_prefill(prog, ids, steps)
+            copy_cache(prog, compiled, self.chip)     # the decode chip takes the prefilled cache
+            self.position = len(ids)
+            self._chunked = prog
+            return row, last
+        row, last = None, None
+        for tok in ids:
+            row, last = self._timed_step(tok, "prefill", steps)
+        assert row is not None and last is not None      # the prompt is not empty
+        return row, last
+
     def _timed_step(self, tok, phase: str, steps: List[StepStats]):
         """:meth:`step` with its StepStats appended to ``steps``: (logits, RunStats)."""
         t0 = time.perf_counter()
@@ -526,8 +576,12 @@ class Decoder:
     def _decode_stats(self, compiled: Compiled, steps: List[StepStats], last, prompt_tokens: int, new_tokens: int,
                       wall: float) -> DecodeStats:
         cfg = self.chip_config
-        step_cycles = steps[-1].cycles
         prefill = [s for s in steps if s.phase == "prefill"]
+        # the step program's figures from its last run (a decode step, or a token-by-token prefill step)
+        prog = self._chunked
+        one = [s for s in steps if s.phase == "decode" or prog is None]
+        chunked = prefill if prog is not None else []
+        step_cycles = one[-1].cycles if one else compiled.expected_cycles
         by_unit = {u: int(v.get("busy_cycles", 0)) for u, v in last.by_unit.items()}
         w, kv = self.memory_bytes(self.cfg, self.precision, self.capacity)
         return DecodeStats(
@@ -535,10 +589,16 @@ class Decoder:
             capacity=self.capacity, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
             step_cycles=step_cycles, predicted_cycles=compiled.expected_cycles,
             ttft_seconds=sum(s.seconds for s in prefill), tokens_per_second=cfg.clock_hz / step_cycles,
-            mxm_utilisation=steps[-1].mxm_utilisation, sram_bytes=compiled.memory_bytes,
+            mxm_utilisation=one[-1].mxm_utilisation if one else 0.0, sram_bytes=compiled.memory_bytes,
             sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv, by_unit=by_unit,
-            by_part=dict(self.by_part), by_op=dict(self.by_op), compile_seconds=self.compile_seconds,
+            by_part=dict(self.by_part), by_op=dict(self.by_op),
+            compile_seconds=self.compile_seconds + (prog.compile_seconds if prog is not None else 0.0),
             wall_seconds=wall, steps=steps, bounds=compiled.bounds().as_dict(),
+            prefill_chunk=prog.rows if prog is not None else 1, ttft_cycles=sum(s.cycles for s in prefill),
+            chunk_cycles=chunked[-1].cycles if chunked else 0,
+            chunk_predicted_cycles=prog.cycles if prog is not None else 0,
+            chunk_mxm_utilisation=chunked[-1].mxm_utilisation if chunked else 0.0,
+            chunk_bounds=prog.compiled.bounds().as_dict() if prog is not None else {},
             bucket_cycles={b: (self.bucket_programs[b] if b != self.capacity else compiled).expected_cycles
                            for b in self.buckets})
 

@@ -3,7 +3,8 @@
 The step program takes one token and its position and returns the logits of the next token; weights are
 constants (written into SRAM once, when the program loads) and the KV cache is a set of graph *states*, so they
 stay resident from step to step and a step moves 8 bytes in (token id and position, int32) and the logits out.
-The same compiled program serves every step of every sequence (prefill is one step per prompt token).
+The same compiled program serves every step of every sequence. A prompt chunk (``batch=P, shared_cache=True``,
+"Prefill" below) is the same graph over P positions of one sequence.
 
 Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`` = query heads per kv head):
 
@@ -33,6 +34,14 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   float32. The digits of an activation are computed once for every weight it meets (q, k and v share them).
 * Token embeddings are looked up on the chip by :meth:`Graph.gather` (a one-hot row times the table on the
   MXM). GPT-2's tied head in int8 keeps a second, transposed int8 copy of the table for the logits matmul.
+
+Prefill (:mod:`lpucore.llm.prefill`): with ``shared_cache`` the ``B`` rows are consecutive positions of ONE
+sequence and share its cache, the single-sequence states ``k<l>``, ``v<l>`` (:meth:`StepBuilder.chunk_attention`):
+the B new key and value rows are scattered at their positions before attention reads the cache, and each query
+row is masked after its own position, so attention is causal within the chunk and over the cache before it with
+nothing else; llama rows are rotated by one rope over ``[heads, B, hd]`` (the B positions made ready once), and the
+head takes the last row only (logits ``[1, vocab]``). Every row's arithmetic is the single-token step's
+(bit for bit on the tiny models; :mod:`lpucore.llm.prefill`).
 
 :func:`build_step` returns the graph and a list of ``(label, first node, end node)`` spans naming the model part
 each graph node belongs to (``embed``, ``attn``, ``kv``, ``mlp``, ``head``...) for the per-operation breakdown.
@@ -64,12 +73,16 @@ class StepBuilder:
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
                  capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
                  units: Optional[Tuple[int, int]] = None, shards: int = 1, table_shards: int = 1,
-                 batch: int = 1):
+                 batch: int = 1, shared_cache: bool = False):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
-        # B sequences per step (module docstring, "Batches"): B activation rows, a KV cache per sequence
+        # B sequences per step (module docstring, "Batches"): B activation rows, a KV cache per sequence;
+        # shared_cache: the B rows are B positions of one sequence, one cache (a prompt chunk, "Prefill")
         self.B = int(batch)
         if self.B < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
+        self.shared = bool(shared_cache) and self.B > 1
+        if self.shared and (layers is not None or units is not None or shards > 1 or table_shards > 1):
+            raise ValueError("a prompt chunk (shared_cache) is built for the whole model on one chip")
         # a pipeline stage: the model units [u0, u1) of model_units(cfg) (or the layers [a, b) with the
         # embedding before layer 0 and the head after the last); a stage that starts with the embedding
         # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
@@ -142,6 +155,7 @@ class StepBuilder:
         rs = slice(*rows) if rows is not None else slice(None)
         cs = slice(*cols) if cols is not None else slice(None)
         key = self.key(name) + ("_T" if transpose else "")
+        rows_in = x16.shape[0]     # B, or 1 where a prompt chunk's head takes its last row only
         if name in self.q:
             qw, scale, _ = self.q[name]
             qk = self._head_permuted(name, (qw.T if transpose else qw)[rs, cs])      # [K, N] int8
@@ -151,11 +165,11 @@ class StepBuilder:
             for c0 in range(0, qk.shape[1], self.block):
                 c1 = min(c0 + self.block, qk.shape[1])
                 p = g.cast(g.matmul(digits, g.constant(f"{key}_q{c0}", qk[:, c0:c1])), "float32")  # [2B, n]
-                if self.B > 1:      # rows h_0, l_0, h_1, l_1, ...: each sequence's pair as [B, 2, n]
-                    p = g.reshape(p, (self.B, 2, c1 - c0))
+                if rows_in > 1:     # rows h_0, l_0, h_1, l_1, ...: each sequence's pair as [B, 2, n]
+                    p = g.reshape(p, (rows_in, 2, c1 - c0))
                 # 128 p_h + p_l as a weighted sum across the two rows: one fused kernel with
                 # the scales below, no row slices (exact: products by 128 and 1, one addition)
-                y = g.sum(g.mul(p, self._digit_weights()), axis=-2, keepdims=self.B == 1)
+                y = g.sum(g.mul(p, self._digit_weights()), axis=-2, keepdims=rows_in == 1)
                 y = g.mul(y, g.constant(f"{key}_s{c0}", (scale[c0:c1] / np.float32(DIGIT * DIGIT_MAX))
                                         .astype(F32).reshape(1, -1)))
                 # undo the activation's scale block by block: the products' elementwise chain
@@ -202,12 +216,13 @@ class StepBuilder:
         h = g.cast(g.mul(u, 1.0 / DIGIT), "int32")                                 # round half to even
         hf = g.cast(h, "float32")
         lo = g.cast(g.sub(u, g.mul(hf, float(DIGIT))), "int8")                    # |l| <= 64
-        if self.B == 1:
+        B = x16.shape[0]
+        if B == 1:
             d = g.concat([g.cast(h, "int8"), lo], axis=0)
         else:               # [B, K] each -> rows h_0, l_0, h_1, l_1, ... ([2B, K]): a sequence's pair adjacent
             K = x16.shape[-1]
-            d = g.reshape(g.concat([g.reshape(g.cast(h, "int8"), (self.B, 1, K)), g.reshape(lo, (self.B, 1, K))],
-                                   axis=1), (2 * self.B, K))
+            d = g.reshape(g.concat([g.reshape(g.cast(h, "int8"), (B, 1, K)), g.reshape(lo, (B, 1, K))],
+                                   axis=1), (2 * B, K))
         self._digits[x16.id] = (d, m)
         return d, m
 
@@ -384,6 +399,49 @@ class StepBuilder:
         pe = g.matmul(p, seg_t, out_dtype="float32")                                      # [B, S, D]
         return self.f16(g.sum(g.mul(pe, g.cast(g.reshape(V_new, (B, S, D)), "float32")), axis=-2))
 
+    def _chunk_attention(self, pos: Tensor):
+        """A prompt chunk's attention constants (:meth:`chunk_attention`): ``(pos, mask, seg2, seg_t)`` with
+        ``mask`` float32 ``[B * G, S, Hkv]``, ``MASK`` after the position of each query row (row ``b * G + j``:
+        query head ``j`` of the chunk's row ``b``, at ``pos[b]``)."""
+        g, B = self.g, self.B
+        G = self.cfg.n_heads // self.cfg.n_kv_heads
+        posf = g.reshape(g.cast(pos, "float32"), (B, 1))
+        if G > 1:           # each row's position once per query head of a group
+            posf = g.mul(posf, g.constant("chunk_heads", np.ones((1, G), F32)))
+        return (pos, self._mask(g.reshape(posf, (B * G, 1, 1)))) + self._head_constants()
+
+    def chunk_attention(self, i: int, q: Tensor, k: Tensor, v: Tensor, att) -> Tensor:
+        """Layer ``i``'s attention for a prompt chunk: ``B`` positions of one sequence (``q`` float32
+        ``[B, H * hd]``, heads in :meth:`head_order`; ``k, v`` ``[B, Hkv * hd]``) -> float16 ``[B, H * hd]``.
+
+        The B new rows go into the one cache (the single-sequence state ``k<i>``, ``v<i>``) by one MEM
+        Scatter at their positions, before anything reads it; every query row then attends over the whole
+        cache with the mask "position <= its own", so causality within the chunk needs nothing more: a row
+        sees the rows before it in the chunk (just written) and never those after (masked). Each query row's
+        arithmetic is :meth:`attention`'s, so the chunk gives the token-by-token results row for row."""
+        g, cfg, S, B = self.g, self.cfg, self.S, self.B
+        H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        G, D = H // Hkv, Hkv * hd
+        pos, mask, seg2, seg_t = att
+        self.part("kv")
+        K = g.state(f"k{i - self.first}", (S, D), "float16")
+        V = g.state(f"v{i - self.first}", (S, D), "float16")
+        K_new = g.scatter(K, pos, self.f16(k))
+        V_new = g.scatter(V, pos, self.f16(v))
+        g.assign(K, K_new)
+        g.assign(V, V_new)
+        self.part("attn")
+        q16 = self.f16(g.reshape(q, (B * G, 1, D)))
+        prod = g.mul(g.cast(q16, "float32"), g.cast(K_new, "float32"))                     # [B G, S, D]
+        hi = self.f16(prod)
+        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
+        sc = g.add(g.mul(self._head_sums([hi, lo], seg2), float(1.0 / math.sqrt(hd))), mask)   # [B G, S, Hkv]
+        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
+        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
+        pe = g.matmul(p, seg_t, out_dtype="float32")                                       # [B G, S, D]
+        o = g.sum(g.mul(pe, g.cast(V_new, "float32")), axis=-2)                           # [B G, D]
+        return self.f16(g.reshape(o, (B, H * hd)))
+
     def _batch_attention(self, pos: Tensor):
         """Per sequence ``b`` of a batch: ``(pos_b, posf_b, mask_b, seg2, seg_t)`` as :meth:`_attention_constants`
         gives for one sequence (the head matrices shared), ``pos_b`` int32 ``[1]`` sliced from ``pos [B]``."""
@@ -417,7 +475,11 @@ class StepBuilder:
         else:
             x = g.input("x_in", (B, cfg.d_model), "float32")
         att = None
-        if "attn" in kinds and B > 1:
+        if "attn" in kinds and self.shared:
+            assert pos is not None
+            self.part("kv")
+            att = self._chunk_attention(pos)
+        elif "attn" in kinds and B > 1:
             assert pos is not None
             self.part("kv")
             att = self._batch_attention(pos) if cfg.n_heads != cfg.n_kv_heads else self._stacked_attention(pos)
@@ -457,6 +519,8 @@ class StepBuilder:
                 x = (self._gpt2_mlp if gpt2 else self._llama_mlp)(i, x)
                 self.probes[f"x{i}"] = x
             else:
+                if self.shared:     # a prompt chunk: the next token needs the last row's logits only
+                    x = g.slice(x, (slice(B - 1, B), slice(None)))
                 x = (self._gpt2_head if gpt2 else self._llama_head)(x)
         assert x is not None        # a stage has at least one unit
         if acc is not None:         # the stage ends inside a sharded MLP
@@ -485,7 +549,10 @@ class StepBuilder:
         self.part("attn")
         if self.B > 1:
             qa, ka, va = (self.linear(h, p + f"self_attn.{n}_proj.weight", True) for n in "qkv")
-            if isinstance(att, tuple):      # one cache state: each row rotated by its position, then stacked
+            if self.shared:     # a prompt chunk: every row rotated at once (positions [B], one index broadcast)
+                qr1, kr1 = (self._rope_rows(t, n, att[0]) for t, n in ((qa, cfg.n_heads), (ka, cfg.n_kv_heads)))
+                a = self.chunk_attention(i, qr1, kr1, va, att)
+            elif isinstance(att, tuple):    # one cache state: each row rotated by its position, then stacked
                 qr, kr = ([g.reshape(g.rope(self._heads(self._row(t, b), n), self._row_pos(att[0], b),
                                             base=cfg.rope_theta, max_positions=self.S), (1, n * cfg.head_dim))
                            for b in range(self.B)]
@@ -501,6 +568,16 @@ class StepBuilder:
         v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True), cfg.n_kv_heads)
         a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
+
+    def _rope_rows(self, x: Tensor, n: int, pos: Tensor) -> Tensor:
+        """``x [B, n * hd]`` (B rows, n heads) with row ``b`` rotated by position ``pos[b]``: one rope over
+        ``[n, B, hd]`` (heads first, so that the rows are rope's positions axis), whose positions are made
+        ready for the tables once for all rows; the same arithmetic as one rope per row."""
+        g, cfg, B = self.g, self.cfg, self.B
+        assert cfg.rope_theta is not None
+        xt = g.transpose(g.reshape(x, (B, n, cfg.head_dim)), (1, 0, 2))
+        r = g.rope(xt, pos, base=cfg.rope_theta)
+        return g.reshape(g.transpose(r, (1, 0, 2)), (B, n * cfg.head_dim))
 
     def _row_pos(self, pos: Tensor, b: int) -> Tensor:
         """Sequence ``b``'s position, int32 ``[1]`` (sliced once, kept for every layer)."""
@@ -623,9 +700,9 @@ class StepBuilder:
         h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
         self.part("attn")
         qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
-        if self.B > 1 and isinstance(att, tuple):       # the B caches as one state
+        if self.B > 1 and isinstance(att, tuple):       # the B caches as one state, or a prompt chunk's one
             qs, ks, vs = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
-            a = self.stacked_attention(i, qs, ks, vs, att)
+            a = (self.chunk_attention if self.shared else self.stacked_attention)(i, qs, ks, vs, att)
         elif self.B > 1:      # each sequence's row over its own cache
             rows = [[g.slice(qkv, (slice(b, b + 1), slice(j * d, (j + 1) * d))) for j in range(3)]
                     for b in range(self.B)]
@@ -693,8 +770,10 @@ def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
 
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
                layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None,
-               shards: int = 1, table_shards: int = 1, batch: int = 1):
+               shards: int = 1, table_shards: int = 1, batch: int = 1, shared_cache: bool = False):
     """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
-    of :func:`model_units` with ``shards``) for ``batch`` sequences, and its part spans (module docstring)."""
+    of :func:`model_units` with ``shards``) for ``batch`` sequences, and its part spans (module docstring).
+    ``shared_cache``: the ``batch`` rows are consecutive positions of one sequence sharing its cache, a
+    prompt chunk (module docstring, "Prefill"); its ``logits`` are the last row's, ``[1, vocab]``."""
     return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards, table_shards,
-                       batch).build()
+                       batch, shared_cache).build()

@@ -27,6 +27,7 @@ class StepStats:
     macs: int
     wall_seconds: float         # host time to simulate the step
     bucket: int = 0             # the cache capacity of the step program that ran (Decoder buckets)
+    tokens: int = 1             # prompt tokens fed (a prefill chunk feeds several, lpucore.llm.prefill)
 
 
 
@@ -88,6 +89,14 @@ class DecodeStats:
     steps: List[StepStats] = field(default_factory=list)
     bounds: Dict[str, float] = field(default_factory=dict)   # lower bounds of one step (cycles, by name)
     bucket_cycles: Dict[int, int] = field(default_factory=dict)  # cache bucket -> cycles of its step program
+    # prefill (lpucore.llm.prefill): prompt positions per prefill step (1: token by token), and the simulated
+    # time to first token in cycles (every prefill step's, as ttft_seconds); a chunk program's figures
+    prefill_chunk: int = 1
+    ttft_cycles: int = 0
+    chunk_cycles: int = 0               # cycles of one chunk (0: no chunk program ran)
+    chunk_predicted_cycles: int = 0     # the compiler's prediction of chunk_cycles
+    chunk_mxm_utilisation: float = 0.0
+    chunk_bounds: Dict[str, float] = field(default_factory=dict)   # lower bounds of one chunk (cycles)
 
     @property
     def schedule_efficiency(self) -> float:
@@ -98,9 +107,15 @@ class DecodeStats:
     def step_seconds(self) -> float:
         return self.step_cycles / self.clock_hz
 
+    @property
+    def prefill_cycles_per_token(self) -> float:
+        """Simulated cycles of prefill per prompt token (the time to first token over the prompt's length)."""
+        return self.ttft_cycles / self.prompt_tokens if self.prompt_tokens else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["step_seconds"] = self.step_seconds
+        d["prefill_cycles_per_token"] = self.prefill_cycles_per_token
         return d
 
     def to_json(self, path=None) -> str:
@@ -119,6 +134,21 @@ class DecodeStats:
         return (f"{self.bounds[name]:,.0f} cycles ({name}); schedule efficiency "
                 f"{100 * self.schedule_efficiency:.1f} % (other bounds: {others})")
 
+    def _chunk_bound(self) -> str:
+        """The largest lower bound of a prefill chunk and which it is."""
+        b = self.chunk_bounds
+        if not b:
+            return ""
+        name = max(b, key=lambda k: b[k])
+        return f"; bound {b[name]:,.0f} cycles ({name})"
+
+    def _prefill_line(self) -> str:
+        """How the prompt was prefilled: token by token or in chunks, and its cycles per token."""
+        n = sum(1 for s in self.steps if s.phase == "prefill")
+        how = (f"{n} prefill steps" if self.prefill_chunk == 1 else
+               f"{n} chunk{'s' * (n != 1)} of {self.prefill_chunk} positions")
+        return f"{how}, {self.prefill_cycles_per_token:,.0f} cycles per prompt token"
+
     def table(self) -> str:
         """A readable summary."""
         us = 1e6
@@ -130,7 +160,11 @@ class DecodeStats:
              + " (a step runs the smallest holding its position)" if len(self.bucket_cycles) > 1 else ""),
             ("schedule bound", self._bound_line()),
             ("latency per step", f"{self.step_seconds * us:.2f} us"),
-            ("time to first token", f"{self.ttft_seconds * us:.2f} us ({self.prompt_tokens} prefill steps)"),
+            ("time to first token", f"{self.ttft_seconds * us:.2f} us, {self.ttft_cycles:,} cycles "
+                                    f"({self._prefill_line()})"),
+            ("prefill chunk", "" if not self.chunk_cycles else
+             f"{self.chunk_cycles:,} cycles (compiler predicted {self.chunk_predicted_cycles:,}), MXM utilisation "
+             f"{100 * self.chunk_mxm_utilisation:.1f} %" + self._chunk_bound()),
             ("tokens/s per user", f"{self.tokens_per_second:,.0f}"),
             ("MXM utilisation", f"{100 * self.mxm_utilisation:.1f} %"),
             ("SRAM in use", f"{self.sram_bytes / 1e6:.1f} MB of {self.sram_capacity / 1e6:.1f} MB "
