@@ -659,3 +659,46 @@ def test_a_state_scattered_and_assigned_is_written_in_place_run_after_run():
                 ref[p] = row[0]
             assert np.array_equal(chip.read_tensor("k").view(np.uint16), ref.view(np.uint16)), (eng, p)
             assert np.allclose(out["s"], ref.astype(np.float32).sum(0), rtol=1e-3, atol=1e-2)
+
+
+def test_scatter_constants_placed_before_lowering(monkeypatch):
+    """A graph with in-place scatters that does not fit is compiled once more with the scatters' constants
+    placed before anything is lowered (lpucore.compiler.scatter.reserve); that program writes the same rows."""
+    from lpucore.compiler import api
+    from lpucore.compiler.lower import Compiler
+    S, D = 33, 700
+    init = values((S, D), np.float16, 3)
+    g = Graph()
+    K = g.state("k", (S, D), "float16", init=init)
+    Kn = g.scatter(K, g.input("p", (2,), "int32"), g.input("row", (2, D), "float16"))
+    g.assign(K, Kn)
+    g.output("s", g.sum(g.cast(Kn, "float32"), axis=-2))
+    run, tried = Compiler.run, []
+
+    def run_or_not_fit(self):
+        tried.append(self.reserve_scatter)
+        if not self.reserve_scatter:
+            raise CompileError("tensor 't' needs 9 bytes: the graph does not fit on this chip")
+        return run(self)
+    monkeypatch.setattr(Compiler, "run", run_or_not_fit)
+    from lpucore.compiler import scatter
+    reserve, reserved = scatter.reserve, []
+
+    def reserve_and_note(comp):
+        reserve(comp)
+        reserved.append(sorted(comp.scatter_consts))
+    monkeypatch.setattr(scatter, "reserve", reserve_and_note)
+    c = api.compile_one(g, SMALL)
+    assert tried == [False, True] and len(reserved) == 1
+    assert [n[:4] for n in reserved[0]] == ["_sxb", "_sxc", "_sxs"] and set(reserved[0]) <= set(c.constants)
+    chip = lpucore.Chip(SMALL)
+    c.load(chip)
+    rows = values((2, D), np.float16, 11)
+    _, st_ = lpucore.execute(c, {"p": np.array([4, 40], np.int32), "row": rows}, chip=chip)
+    ref = init.copy()
+    ref[4] = rows[0]
+    assert st_.cycles == c.expected_cycles
+    assert np.array_equal(chip.read_tensor("k").view(np.uint16), ref.view(np.uint16))
+    monkeypatch.setattr(Compiler, "run", lambda self: (_ for _ in ()).throw(CompileError("bad graph")))
+    with pytest.raises(CompileError, match="bad graph"):     # another error is not retried
+        api.compile_one(g, SMALL)

@@ -76,7 +76,7 @@ def compile(graph: Graph, config: Optional[ChipConfig] = None, system=None, chip
         return compile_system(graph, system, chips=chips, state_axes=state_axes)
     cfg = config if config is not None else ChipConfig.groqchip1()
     # one chip: through the compile cache (lpucore.compiler.store; LPUCORE_CACHE=0 turns it off)
-    return cached_compile(graph, cfg, lambda: Compiler(graph, cfg).run())
+    return cached_compile(graph, cfg, lambda: compile_one(graph, cfg))
 
 
 def compile_sharing(graph: Graph, base: Compiled) -> Compiled:
@@ -96,3 +96,17 @@ def compile_sharing(graph: Graph, base: Compiled) -> Compiled:
     c.share(base)
     return c.run()
 
+
+def compile_one(graph: Graph, cfg: ChipConfig) -> Compiled:
+    """One chip's program. A graph with in-place scatters that does not fit is compiled once more with
+    their constants placed before lowering (:func:`lpucore.compiler.scatter.reserve`: lowering's
+    temporaries can take all the space a constant may use); only then, so that the programs that fit
+    keep their placement."""
+    try:
+        return Compiler(graph, cfg).run()
+    except CompileError as e:
+        if "does not fit" not in str(e) or not any(n.op == "scatter" for n in graph.nodes):
+            raise
+    c = Compiler(graph, cfg)
+    c.reserve_scatter = True
+    return c.run()

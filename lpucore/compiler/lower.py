@@ -317,6 +317,7 @@ class Compiler:
         self.temps: List[VT] = []
         self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
         self._scratch = 0                          # ids of compiler-made tensors: -1, -2, ...
+        self.reserve_scatter = False               # place scatter constants before lowering (api.compile)
         self.L = cfg.lanes
         self.n_alu = cfg.vxm_alus_per_lane
 
@@ -559,7 +560,8 @@ class Compiler:
         self.place_gather_tables()
         self.place_constants()
         self.place_outputs()
-        scatter.reserve(self)       # constants lowering would make, while no temporary has taken their space
+        if self.reserve_scatter:    # constants lowering would make, while no temporary has taken their space
+            scatter.reserve(self)
         out_names = {t.id: name for name, t in g.outputs.items()}
         for n in g.nodes:
             t = g.tensors[n.output]

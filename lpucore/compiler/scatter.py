@@ -58,30 +58,36 @@ def _column(c, name: str, col, dtype, avoid=()) -> VT:
     return made[name]
 
 
-def _consts(c, out: VT, idx_id: int, t_id: int, avoid=()) -> List[VT]:
-    """The constants of a scatter into ``out`` by index tensor ``idx_id`` (node output ``t_id``): the
-    chunk and stripe numbers of its (chunk, stripe) rows, and the bases of its (plane, chunk, stripe)
-    slices."""
+def _stripe_consts(c, out: VT, idx_id: int, avoid=()) -> List[VT]:
+    """The chunk and stripe numbers of the (chunk, stripe) rows of a scatter into ``out`` by index tensor
+    ``idx_id`` (:func:`_offsets`)."""
     ns, C = out.stripes, out.chunks
-    M, G = C * ns, out.planes * C * ns
+    M = C * ns
     ch = _column(c, f"_sxch{M}s{ns}.{idx_id}", [m // ns for m in range(M)], I32, avoid)
     st = _column(c, f"_sxs{M}s{ns}.{idx_id}", [m % ns for m in range(M)], I32, tuple(avoid) + tuple(c.slices_of(ch)))
-    base = _column(c, f"_sxbase{t_id}", [out.bases[j // M][j % ns] for j in range(G)], I16)
-    return [ch, st, base]
+    return [ch, st]
+
+
+def _base_const(c, out: VT, t_id: int, avoid=()) -> VT:
+    """The bases of the (plane, chunk, stripe) slices of ``out`` for the scatter whose output is ``t_id``."""
+    ns, M = out.stripes, out.chunks * out.stripes
+    return _column(c, f"_sxbase{t_id}", [out.bases[j // M][j % ns] for j in range(out.planes * M)], I16, avoid)
 
 
 def reserve(c) -> None:
     """Place the constants of every in-place scatter before anything is lowered. A constant is written
     when the program loads, so it only gets space no temporary ever uses, and lowering uses that space
-    up: a prompt chunk's wide temporaries (GPT-2-small's ``[32, 50257]`` embedding one-hots) left none
-    for its first scatter's bases. An in-place target is a state, placed first, so its bases are known."""
+    up: the wide temporaries of a prompt chunk of 32 rows of GPT-2-small left none for its first
+    scatter's bases (:func:`lpucore.compiler.api.compile_one` calls for this only when a graph does
+    not fit otherwise). An in-place target is a state, placed first, so its bases are known."""
     g = c.g
     for n in g.nodes:
         if n.op != "scatter" or not in_place(g, n.inputs[0]):
             continue
         out = c.vts.get(n.inputs[0])
         if out is not None and out.spare and not out.stripes & (out.stripes - 1):
-            _consts(c, out, n.inputs[1], n.output)
+            _stripe_consts(c, out, n.inputs[1])
+            _base_const(c, out, n.output)
 
 
 def _per(vt: VT) -> int:
@@ -89,7 +95,7 @@ def _per(vt: VT) -> int:
     return -(-vt.rows // vt.stripes) * vt.chunks
 
 
-def _offsets(c, idx: Tensor, out: VT, t_id: int) -> VT:
+def _offsets(c, idx: Tensor, out: VT) -> VT:
     """int16 ``[n * C * ns, 1]`` (in every lane): row ``i * C * ns + ch * ns + s`` is the offset from
     stripe s's base of index i's chunk ch when it lies in stripe s, else the sink's offset. It
     depends on the index and the target's shape and stripes only, so it is computed once for
@@ -101,7 +107,7 @@ def _offsets(c, idx: Tensor, out: VT, t_id: int) -> VT:
         return made[key]
     M, shift, per = C * ns, ns.bit_length() - 1, _per(out)
     bc = _index_in_every_lane(c, idx)
-    ch_vt, s_vt = _consts(c, out, idx.id, t_id, c.slices_of(bc))[:2]
+    ch_vt, s_vt = _stripe_consts(c, out, idx.id, c.slices_of(bc))
 
     def root() -> Expr:
         i = Expr.input(bc, lambda v: v // M)
@@ -127,8 +133,8 @@ def _maps(c, out: VT, idx: Tensor, t_id: int, avoid) -> VT:
     ``j``: the offset plus that stripe's base."""
     ns, C, P, n = out.stripes, out.chunks, out.planes, idx.size
     M, G = C * ns, P * C * ns
-    offs = _offsets(c, idx, out, t_id)
-    base = _consts(c, out, idx.id, t_id, c.slices_of(offs))[2]
+    offs = _offsets(c, idx, out)
+    base = _base_const(c, out, t_id, c.slices_of(offs))
     maps = c.new_vt(f"_smap{t_id}", I16, (n * G, 1), hem=1 - out.hem, avoid=avoid, strict=True, stripes=4)
     maps.bcast = True
     c.map_into(maps, lambda: E("add", I16, Expr.input(offs, lambda v: v // G * M + v % G % M),
