@@ -278,3 +278,27 @@ def _emitted(compiled: Any, rec: Optional[Record], excerpt: int = 3) -> str:
         head = "; ".join(ins.text(cfg) for ins in lst[:excerpt]) + ("; ..." if n > excerpt else "")
         out.append(f"{name:10s} {unit:4s} {n:8d} {nops:7d} {reps:7d}  {head}")
     return "\n".join(out) + "\n"
+
+
+def kernel_cycles(kernels: Sequence[Tuple[str, str, Optional[int]]], total: int, label: Callable[[int], str],
+                  tail: Tuple[str, str]) -> Tuple[Dict[str, int], Dict[str, int]]:
+    """Cycles of a program (``total``, its expected cycles) attributed to parts (``label(i)`` of kernel i)
+    and operations, from ``Compiled.kernels`` ((op, output, last landing cycle or None) in order): a
+    kernel's share is how far it pushes the latest landing cycle beyond every earlier kernel's (a kernel
+    hidden under earlier ones costs nothing; a fused one, landing None, has no kernel and its consumer
+    gets its cycles); what follows the last kernel goes to ``tail`` (part, operation)."""
+    by_part: Dict[str, int] = {}
+    by_op: Dict[str, int] = {}
+    front = 0
+    for i, (op, _name, last) in enumerate(kernels):
+        if last is None or last <= front:
+            continue
+        d, front = int(last - front), int(last)
+        lab = label(i)
+        by_part[lab] = by_part.get(lab, 0) + d
+        by_op[op] = by_op.get(op, 0) + d
+    rest = int(total - front)
+    if rest > 0:
+        by_part[tail[0]] = by_part.get(tail[0], 0) + rest
+        by_op[tail[1]] = by_op.get(tail[1], 0) + rest
+    return by_part, by_op

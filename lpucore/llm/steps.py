@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from ..compiler.dump import kernel_cycles
+
 if TYPE_CHECKING:
     from ..compiler.lower import Compiled
 
@@ -43,22 +45,8 @@ def _breakdown(compiled: Compiled, spans: List[Tuple[str, int, int]]) -> Tuple[D
     for label, a, b in spans:
         for i in range(a, b):
             label_of[i] = label
-    by_part: Dict[str, int] = {}
-    by_op: Dict[str, int] = {}
-    front = 0
-    for i, (op, _name, last) in enumerate(compiled.kernels):
-        if last is None or last <= front:
-            continue
-        d = int(last - front)
-        front = int(last)
-        lab = label_of.get(i, "other")
-        by_part[lab] = by_part.get(lab, 0) + d
-        by_op[op] = by_op.get(op, 0) + d
-    rest = int(compiled.expected_cycles - front)
-    if rest > 0:
-        by_part["kv"] = by_part.get("kv", 0) + rest
-        by_op["writeback"] = by_op.get("writeback", 0) + rest
-    return by_part, by_op
+    return kernel_cycles(compiled.kernels, compiled.expected_cycles, lambda i: label_of.get(i, "other"),
+                         ("kv", "writeback"))
 
 
 @dataclass

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..compiler import conv as conv_rewrite
 from ..compiler.api import compile as compile_graph
+from ..compiler.dump import kernel_cycles
 from ..compiler.lower import Compiled, execute
 from ..config import ChipConfig
 from ..errors import LpuError, ModelError
@@ -159,21 +160,8 @@ def breakdown(compiled: Compiled, labels: List[str]) -> Tuple[Dict[str, int], Di
     a kernel's share is how far it pushes the latest result-landing cycle beyond every earlier
     kernel's (a kernel hidden under earlier ones costs nothing; a fused one has no kernel and its
     consumer gets its cycles); what follows the last kernel (output copies, the drain) is ``output``."""
-    by_part: Dict[str, int] = {}
-    by_op: Dict[str, int] = {}
-    front = 0
-    for i, (op, _name, last) in enumerate(compiled.kernels):
-        if last is None or last <= front:
-            continue
-        d, front = int(last - front), int(last)
-        lab = labels[i] if i < len(labels) else "output"
-        by_part[lab] = by_part.get(lab, 0) + d
-        by_op[op] = by_op.get(op, 0) + d
-    rest = int(compiled.expected_cycles - front)
-    if rest > 0:
-        by_part["output"] = by_part.get("output", 0) + rest
-        by_op["output"] = by_op.get("output", 0) + rest
-    return by_part, by_op
+    return kernel_cycles(compiled.kernels, compiled.expected_cycles,
+                         lambda i: labels[i] if i < len(labels) else "output", ("output", "output"))
 
 
 def kernel_labels(g: Graph, marks: List[Tuple[str, int]]) -> List[str]:

@@ -67,8 +67,17 @@ class Marks:
         self.marks: List[Tuple[str, int]] = []
         self._graph = g
 
+        self.consts: Dict[str, Any] = {}
+
     def mark(self, name: str) -> None:
         self.marks.append((name, len(self._graph.nodes) if self._graph is not None else 0))
+
+    def const(self, key: str, arr: np.ndarray):
+        """One graph constant per array, however many images read it (graph networks only)."""
+        if key not in self.consts:
+            assert self._graph is not None, "const() builds a graph constant"
+            self.consts[key] = self._graph.constant(None, arr)
+        return self.consts[key]
 
 
 class FloatNet(Marks):
@@ -154,13 +163,6 @@ class GraphInt8(Marks):
     def __init__(self, g: Graph, p: Int8Params):
         super().__init__(g)
         self.g, self.p = g, p
-        self.consts: Dict[str, Any] = {}
-
-    def const(self, key: str, arr: np.ndarray):
-        """One graph constant per array, however many images read it."""
-        if key not in self.consts:
-            self.consts[key] = self.g.constant(None, arr)
-        return self.consts[key]
 
     def conv(self, x, c: ConvBN, relu: bool, res=None):
         g, (q, _sin) = self.g, x
@@ -245,13 +247,6 @@ class GraphF16(Marks):
     def __init__(self, g: Graph, p: F16Params, taps: bool = False):
         super().__init__(g)
         self.g, self.p, self.taps = g, p, taps
-        self.consts: Dict[str, Any] = {}
-
-    def const(self, key: str, arr: np.ndarray):
-        """One graph constant per array, however many images read it."""
-        if key not in self.consts:
-            self.consts[key] = self.g.constant(None, arr)
-        return self.consts[key]
 
     def conv(self, x, c: ConvBN, relu: bool, res=None):
         g = self.g
