@@ -11,8 +11,9 @@ MACs / (cycles x 409,600)), host MACs per second of ``chip.run()`` (the simulati
 the best of --reps warm runs after a first that maps the SRAM pages) and, the headline, end
 to end with the program cached (packing and writing the inputs, the run, reading and unpacking
 the output; best of --reps; goals: at most 1.5x the run for (a) and (b) fp32, 3x for (c)), NumPy's float32 matmul of the
-same operands (already converted; best of --reps) and the ratio lpucore / NumPy.  Last
-line: one JSON object.
+same operands (already converted; best of --reps) and the ratio lpucore / NumPy; then the same product
+through ``lpucore.compile`` (cycles, schedule efficiency, compile time: the one GEMM path the compiler
+issue asks for).  Last line: one JSON object.
 
     python bench/bench_gemm.py [--only a,b,c] [--reps 3] [--kernel avx512|avx2|portable]
 
@@ -151,6 +152,38 @@ def bench(key, fp16_mxm="exact", reps=3, kernel=None):
     return r
 
 
+def compiled_section(key):
+    """The same product through ``lpucore.compile`` (the path ``lpucore.ops.matmul`` takes; a decode
+    GEMV's weights as a constant, as a model's are): its cycles on the fast engine (= predicted),
+    bound and schedule efficiency, compile time, correctness. Printed beside the generator's."""
+    M, K, N, dtype = SHAPES[key]
+    cfg = ChipConfig.groqchip1()
+    A, B = int8_operands(key) if dtype == "int8" else fp16_operands(key)
+    g = Graph(f"gemm-{key}")
+    a = g.input("a", (M, K), dtype)
+    b = g.constant("b", B) if M == 1 else g.input("b", (K, N), dtype)
+    g.output("c", g.matmul(a, b, out_dtype="int32" if dtype == "int8" else "float32"))
+    t0 = time.perf_counter()
+    c = lpucore.compile(g, cfg)
+    t_compile = time.perf_counter() - t0
+    out, st = lpucore.execute(c, {"a": A} if M == 1 else {"a": A, "b": B})
+    ref = A.astype(np.float64) @ B.astype(np.float64)
+    ok = bool(np.array_equal(out["c"], ref) if dtype == "int8" else np.allclose(out["c"], ref, rtol=1e-4, atol=1e-3))
+    b_ = c.bounds()
+    print(f"    one GEMM path: lpucore.compile of the same product: {st.cycles:,} cycles (predicted "
+          f"{c.expected_cycles:,}), schedule efficiency {b_.efficiency:.1%} of {b_.bound:,.0f} ({b_.binding}); "
+          f"compile {t_compile:.1f} s; correct: {ok}")
+    return {"cycles": st.cycles, "predicted_cycles": c.expected_cycles, "schedule_efficiency": b_.efficiency,
+            "compile_s": t_compile, "correct": ok}
+
+
+def fp16_operands(key):
+    """Shape ``key``'s float16 operands, as bench() draws them."""
+    M, K, N, _ = SHAPES[key]
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((M, K)).astype(np.float16), rng.standard_normal((K, N)).astype(np.float16)
+
+
 def int8_operands(key):
     """Shape ``key``'s int8 operands, as bench() draws them (numpy_time converts them to float32)."""
     M, K, N, _ = SHAPES[key]
@@ -221,8 +254,10 @@ def main(argv=None):
         if SHAPES[key][3] == "float16":
             for mode in ("exact", "fp32"):
                 out["results"][f"{key}_{mode}"] = bench(key, mode, args.reps)
+            out["results"][f"{key}_exact"]["compiled"] = compiled_section(key)
         else:
             out["results"][key] = bench(key, reps=args.reps, kernel=args.kernel)
+            out["results"][key]["compiled"] = compiled_section(key)
             if args.kernel:
                 out["results"][key]["forced_kernel"] = forced_kernel_section(key, out["results"][key], args.reps)
     print(json.dumps(out))

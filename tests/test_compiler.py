@@ -230,6 +230,33 @@ def test_matmul(M, K, N, dtype, seed):
         assert (np.abs(out["y"] - ref) <= bound).all() and np.array_equal(out["y"], out["z"])
 
 
+@pytest.mark.parametrize("cfg, M, K, N", [(SMALL, 1, 1000, 300), (SMALL, 2, 2000, 430), (SMALL, 1, 130, 300),
+                                           (GROQ, 1, 4096, 1920), (GROQ, 2, 3000, 1600)])
+def test_gemv_last_tiles_split_over_the_planes(cfg, M, K, N, monkeypatch):
+    """A GEMV whose column tiles do not fill the last round of planes shares those tiles' rows (by
+    chunks of K) over every plane and adds the partial sums: exact, predicted cycles = measured, and
+    sooner than one plane taking each tile (where lower_more.k_split chooses it)."""
+    from lpucore.compiler import lower_more
+    g = Graph()
+    a = g.input("a", (M, K), "int8")
+    B = values((K, N), np.int8, 7)
+    g.output("y", g.matmul(a, g.constant("w", B), out_dtype="int32"))
+    A = values((M, K), np.int8, 8)
+    out, c = run_graph(g, {"a": A}, cfg, engines=("fast", "reference") if cfg is SMALL else ("fast",))
+    assert np.array_equal(out["y"], (A.astype(np.int64) @ B.astype(np.int64)).astype(np.int32))
+    split = lower_more.k_split(cfg, M, K, N)
+    assert (split is not None) == ("w" in c.row_parts)
+    if split is None:
+        return
+    # every row of every split tile in exactly one part
+    for nt in {p[1] for p in split}:
+        rows = sorted((r0, r1) for _, r0, r1, c0, _ in c.row_parts["w"] if c0 == nt * cfg.lanes)
+        assert rows[0][0] == 0 and rows[-1][1] == K and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    monkeypatch.setattr(lower_more, "k_split", lambda *args: None)
+    whole = lpucore.compile(g, cfg)
+    assert "w" not in whole.row_parts and c.expected_cycles < whole.expected_cycles
+
+
 def test_batched_matmul_and_vector_operands():
     g = Graph()
     a = g.input("a", (2, 3, 40), "float16")

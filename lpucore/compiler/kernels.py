@@ -993,7 +993,11 @@ class _Geo:
         # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
         # streams less one, which activations use
         P = len(planes)
-        share = ctx.S // cfg.mxm_planes_per_hemisphere - SPARE if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
+        half = ctx.S // cfg.mxm_planes_per_hemisphere
+        # a GEMV's few activation rows (fewer than the cycles a spare stream would add to every load)
+        # rather take a stream from a load now and then: one cycle each
+        spare = SPARE if mm.M > -(-cfg.mxm_size // max(1, half - SPARE)) - -(-cfg.mxm_size // half) else 0
+        share = half - spare if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
         self.ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if self.fp16 else 1)))
         self.Lw = -(-cfg.mxm_size // self.ws)                       # LW cycles of one weight load
         self.Mb = max(1, min(cfg.mxm_accumulators // 2, 256))       # rows of a block (accumulator half)
@@ -1054,13 +1058,16 @@ def _free(planes_state, p: int) -> int:
     return max(st.abc_next, st.lw_free) if st is not None else 0
 
 
-def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state) -> List[Tuple[int, List[_Run]]]:
+def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state,
+           tiles: Optional[Sequence[int]] = None) -> List[Tuple[int, List[_Run]]]:
     """The product's work as (column tile, runs): tiles go to the planes in turn, each plane all of a
     tile's rows; with at most one tile per hemisphere and rows enough, a tile goes to both planes of a
     hemisphere, which load its weights together (the same streams in the same cycles: one read feeds
     both) and take half of its rows each (attention's head sums: 32 rows, one tile)."""
     cfg, M = ctx.cfg, geo.mm.M
     per = cfg.mxm_planes_per_hemisphere
+    if tiles is not None:
+        return [(nt, [_Run(ctx, planes[j % len(planes)], planes_state, 0, M)]) for j, nt in enumerate(tiles)]
     if geo.nT <= cfg.hemispheres and 2 <= M <= geo.Mb and per > 1 and len(planes) >= geo.nT * per:
         hems: List[int] = []
         for p in planes:                     # hemispheres in the order their planes come free
@@ -1106,16 +1113,18 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     return lw.end + d_iw
 
 
-def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank: int, E_: int) -> None:
-    """One ABC per row b0..b1-1 of chunk kc on run's plane, from cycle E_ (the weights in effect); a
-    float16 odd chunk is the upper half of a vector, shifted down by the SXM on its way."""
+def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank: int, E_: int,
+                 first: bool) -> None:
+    """One ABC per row b0..b1-1 of chunk kc on run's plane, from cycle E_ (the weights in effect); the
+    ``first`` chunk replaces the accumulator, the others add to it; a float16 odd chunk is the upper half
+    of a vector, shifted down by the SXM on its way."""
     cfg, mm, st = ctx.cfg, geo.mm, run.st
     L, fp16, xm, din = cfg.lanes, geo.fp16, run.xm, run.din
     for i in range(b1 - b0):
         av = mm.a_row(b0 + i) * mm.A.chunks + (kc // 2 if fp16 else kc)
         shift = fp16 and kc % 2 == 1
         lo_t = max(E_, st.abc_next)
-        if i == 0 and kc == 0:
+        if i == 0 and first:
             lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
         # a try whose read of the row would issue before the row is ready fails first thing, leaving
         # no trace: start after them (compile time; the same cycle is found)
@@ -1142,7 +1151,7 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank
                     plan.issues.append((run.sxq[q % len(run.sxq)], ts, "Shift", (src + q, b + q, -(L // 2))))
                     plan.sxm.append((ts, run.hem, "shifters"))
                     plan.spans.append((src + q, kb) + span)
-            plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 1 if kc else 0)))
+            plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 0 if first else 1)))
             return plan
         T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}")
         mm.A.last_read[av] = max(mm.A.last_read[av], T)
@@ -1204,22 +1213,26 @@ def _results(ctx: Ctx, geo: _Geo, run: _Run, nt: int, b0: int, b1: int, bank: in
 
 
 def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
-                  planes: Sequence[int], start: int = 0) -> int:
+                  planes: Sequence[int], start: int = 0, tiles: Optional[Sequence[int]] = None,
+                  chunks: Optional[Tuple[int, int]] = None) -> int:
     """Schedule one product on the given MXM planes (see :func:`_units`): per row block (an
-    accumulator half), per chunk of K, a weight load then the rows' products; then the results."""
+    accumulator half), per chunk of K, a weight load then the rows' products; then the results.
+    ``tiles`` (column tiles, default all, taking the planes in turn) and ``chunks`` (chunks k0..k1-1 of K,
+    default all) restrict it to a part: a partial product over some of K (``lower_more._split_matmul``)."""
     geo = _Geo(ctx, mm, planes)
+    k0, k1 = chunks if chunks is not None else (0, geo.nK)
     last = 0
-    for nt, runs in _units(ctx, geo, planes, planes_state):
+    for nt, runs in _units(ctx, geo, planes, planes_state, tiles):
         for off in range(0, max(r.r1 - r.r0 for r in runs), geo.Mb):
             blocks = [(r, r.r0 + off, min(r.r1, r.r0 + off + geo.Mb)) for r in runs if r.r0 + off < r.r1]
             banks = []
             for r, _, _ in blocks:
                 banks.append(r.st.blocks % 2)
                 r.st.blocks += 1
-            for kc in range(geo.nK):
+            for kc in range(k0, k1):
                 E_ = _load(ctx, geo, [b[0] for b in blocks], nt, kc, start)
                 for (r, b0, b1), bank in zip(blocks, banks):
-                    _activations(ctx, geo, r, kc, b0, b1, bank, E_)
+                    _activations(ctx, geo, r, kc, b0, b1, bank, E_, kc == k0)
             for (r, b0, b1), bank in zip(blocks, banks):
                 last = max(last, _results(ctx, geo, r, nt, b0, b1, bank))
     return last

@@ -25,7 +25,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import conv, dump, fuse, loaded, registry, scatter
+from . import conv, dump, fuse, loaded, lower_more, registry, scatter
 from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
@@ -90,9 +90,8 @@ class Compiled:
         compiled against (``lpucore.compiler.api.compile_sharing``): what the host writes when it loads
         this program into a chip that holds the other's; every constant for a program sharing nothing."""
         def members(name: str) -> List[str]:
-            if name in self.tiles:
-                return [m for m, _ in self.tiles[name]]
-            return [m[0] for m in self.row_parts[name]] if name in self.row_parts else [name]
+            held = [m for m, _ in self.tiles.get(name, ())] + [m[0] for m in self.row_parts.get(name, ())]
+            return held or [name]
         return [n for n in self.constants if not all(m in self.shared for m in members(n))]
 
     @property
@@ -136,15 +135,12 @@ class Compiled:
         if arr.size != int(np.prod(shape)) and arr.size == shape[0]:
             arr = np.repeat(arr.reshape(-1, 1), shape[1], axis=1)
         arr = arr.reshape(shape)
-        if name in self.row_parts:
-            for member, r0, r1, c0, c1 in self.row_parts[name]:
-                chip.write_tensor(member, np.ascontiguousarray(arr[r0:r1, c0:c1]))
-            return
-        if name not in self.tiles:
-            chip.write_tensor(name, arr)
-            return
-        for member, cols in self.tiles[name]:
+        for member, r0, r1, c0, c1 in self.row_parts.get(name, ()):
+            chip.write_tensor(member, np.ascontiguousarray(arr[r0:r1, c0:c1]))
+        for member, cols in self.tiles.get(name, ()):
             chip.write_tensor(member, np.ascontiguousarray(arr[:, cols]))
+        if name not in self.tiles and name not in self.row_parts:
+            chip.write_tensor(name, arr)
 
     def write_inputs(self, chip, inputs: Dict[str, np.ndarray], provided=()) -> None:
         """Write the inputs into the chip; ``provided``: inputs something else writes (a
@@ -429,27 +425,39 @@ class Compiler:
         self.constants[name] = np.ascontiguousarray(arr2d)
         return vt
 
-    def weight_vt(self, name: str, arr2d: np.ndarray) -> VT:
+    def weight_vt(self, name: str, arr2d: np.ndarray, split: Optional[List[Tuple[int, int, int, int]]] = None) -> VT:
         """A constant the MXM loads as weights: one row per slice in each LW cycle (int8: 16 slices;
         float16: 8 slices of two byte planes), and with several column tiles, one member tensor per
-        MXM plane (:class:`~lpucore.compiler.memory.TiledVT`: the planes load in parallel)."""
+        MXM plane (:class:`~lpucore.compiler.memory.TiledVT`: the planes load in parallel). ``split``
+        (``lower_more.weight_split``: (plane slot j, column tile, first chunk, end chunk)) keeps the last tiles
+        as runs of rows instead, run j beside member j (``row_parts``: the tensor table has them)."""
         d = dt.get(arr2d.dtype)
         lw = self.cfg.mxm_lw_streams
         stripes = max(1, lw // d.nbytes) if d.nbytes <= 2 else lw
-        tiles = -(-arr2d.shape[1] // self.L)
-        G = min(self.cfg.mxm_planes, tiles)
-        if G == 1:
+        K, N = arr2d.shape
+        tiles = -(-N // self.L)
+        whole = tiles - len({nt for _, nt, _, _ in split or ()})
+        G = min(self.cfg.mxm_planes, whole)
+        if G == 1 and not split:
             return self.const_vt(name, arr2d, stripes=stripes)
         members, parts = [], []
         for j in range(G):
-            cols = np.concatenate([np.arange(c * self.L, min((c + 1) * self.L, arr2d.shape[1]))
-                                   for c in range(j, tiles, G)])
-            members.append(self.new_vt(f"{name}@{j}", d, (arr2d.shape[0], len(cols)), kind="const",
-                                       stripes=stripes))
+            cols = np.concatenate([np.arange(c * self.L, min((c + 1) * self.L, N)) for c in range(j, whole, G)])
+            members.append(self.new_vt(f"{name}@{j}", d, (K, len(cols)), kind="const", stripes=stripes))
             parts.append((f"{name}@{j}", cols))
         self.constants[name] = np.ascontiguousarray(arr2d)
         self.tiles[name] = parts
-        return TiledVT(name, members, arr2d.shape[1], self.L)
+        runs: List[Tuple[int, int, int, VT, int]] = []
+        for j, nt, k0, k1 in split or ():
+            r0, r1, c0, c1 = k0 * self.L, min(k1 * self.L, K), nt * self.L, min((nt + 1) * self.L, N)
+            # beside member j, clear of the slices the other planes read at the same time
+            others = self.slices_of(*[m for i, m in enumerate(members) if i != j % G],
+                                    *[pv for _, _, _, pv, i in runs if i != j])
+            pv = self.new_vt(f"{name}@k{nt}.{k0}", d, (r1 - r0, c1 - c0), kind="const", stripes=stripes,
+                             hem=members[j % G].hem, avoid=others)
+            runs.append((nt, r0, r1, pv, j))
+            self.row_parts.setdefault(name, []).append((pv.name, r0, r1, c0, c1))
+        return TiledVT(name, members, N, self.L, runs)
 
     def mask(self, n: int, w: int) -> VT:
         """A constant vector whose first n lanes are all-ones bytes in each of w planes."""
@@ -637,7 +645,8 @@ class Compiler:
             # LW cycle loads one row per stripe
             weights = tid in weight_ids
             arr2 = arr.reshape(_rows(arr.shape), _cols(arr.shape))
-            self.vts[tid] = self.weight_vt(name, arr2) if weights else self.const_vt(name, arr2)
+            self.vts[tid] = (self.weight_vt(name, arr2, lower_more.weight_split(self, g, tid)) if weights
+                             else self.const_vt(name, arr2))
 
     def copy_outputs(self, log: dump.KernelLog) -> None:
         """Graph outputs that are inputs or constants, and a tensor's second output name: copies."""

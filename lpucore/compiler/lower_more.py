@@ -3,7 +3,7 @@ lowers which operation: :mod:`lpucore.compiler.registry`)."""
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -47,6 +47,8 @@ def matmul(c, a, b, t, name, kind):
     out_shape = batch + (M, N)
     out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
+    if getattr(B, "parts", None) and len(ia) == 1:
+        return _split_matmul(c, A, B, out, (M, K, N), t.id)
     last = 0
     for i in range(len(ia)):
         mm = MatMul(A, B, out, M, K, N,
@@ -54,6 +56,102 @@ def matmul(c, a, b, t, name, kind):
                     b_row=lambda k, o=int(ib[i]) * K: o + k,
                     o_row=lambda m, o=i * M: o + m)
         last = max(last, matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B)))
+    return last
+
+
+def _combine_cycles(cfg) -> int:
+    """About what adding a split tile's partial sums costs after its last product (cycles): the partial
+    sums go to MEM and come back to the VXM (a write and a read, each up to the chip's half-width away),
+    one ALU add, and the sum's write."""
+    far = max(abs(cfg.vxm_position - cfg.sxm_position(h)) for h in range(2))
+    return 2 * cfg.mem_write_delay + cfg.mem_read_delay + cfg.vxm_alu_delay + 3 * far
+
+
+def k_split(cfg, M: int, K: int, N: int) -> Optional[List[Tuple[int, int, int, int]]]:
+    """How to share an int8 product's last column tiles over the MXM planes when they are fewer than the
+    planes (a GEMV's 13 tiles on 4 planes: one plane would load a 13th tile's 13 chunks while three
+    wait): their (tile, chunk of K) weight loads in order, cut into one run per plane of near-equal
+    length, as parts (plane slot j, column tile, first chunk, end chunk), each tile on ``P / R`` planes
+    (``R`` split tiles dividing the ``P`` planes). None when the busiest plane
+    would not save at least twice :func:`_combine_cycles` of weight loads (each ``mxm_size /
+    mxm_lw_streams`` LW cycles and an IW), when the rows fill more than one accumulator block, or with
+    fewer tiles than planes (no whole round)."""
+    L, P = cfg.lanes, cfg.mxm_planes
+    nT, nK = -(-N // L), -(-K // L)
+    R = nT % P
+    # (P % R: each split tile on P / R planes of its own; runs crossing into a second tile measured
+    # slower than no split)
+    if P < 2 or nT < P or R == 0 or P % R or M > min(cfg.mxm_accumulators // 2, 256):
+        return None
+    load = -(-cfg.mxm_size // cfg.mxm_lw_streams) + 1
+    if (nK - -(-R * nK // P)) * load < 2 * _combine_cycles(cfg):
+        return None
+    seq = [(nt, kc) for nt in range(nT - R, nT) for kc in range(nK)]
+    parts: List[Tuple[int, int, int, int]] = []
+    i = 0
+    for j in range(P):
+        seg = seq[i:i + R * nK // P + (1 if j < R * nK % P else 0)]
+        i += len(seg)
+        for nt in sorted({tile for tile, _ in seg}):
+            ks = [kc for tile, kc in seg if tile == nt]
+            parts.append((j, nt, ks[0], ks[-1] + 1))
+    return parts
+
+
+def weight_split(c, g, tid: int) -> Optional[List[Tuple[int, int, int, int]]]:
+    """:func:`k_split` for weight constant ``tid`` when every product loading it is int8 x int8 -> int32
+    with one batch and splits the same way (int32 partial sums add exactly, in any order); else None."""
+    splits = set()
+    for n in g.nodes:
+        if tid not in n.inputs:
+            continue
+        if n.op != "matmul" or n.inputs[1] != tid or n.inputs[0] == tid:
+            return None
+        a, b, out = g.tensors[n.inputs[0]], g.tensors[tid], g.tensors[n.output]
+        if (a.dtype, b.dtype, out.dtype) != (I8, I8, I32) or b.ndim != 2 or int(np.prod(a.shape[:-2])) != 1:
+            return None
+        M = a.shape[-2] if a.ndim > 1 else 1
+        parts = k_split(c.cfg, M, b.shape[0], b.shape[1])
+        if parts is None:
+            return None
+        splits.add(tuple(parts))
+    return list(splits.pop()) if len(splits) == 1 else None
+
+
+def _same_row(i: int) -> int:
+    return i
+
+
+def _split_matmul(c, A, B, out, dims: Tuple[int, int, int], tid: int) -> int:
+    """A product whose weights keep their last column tiles as runs of rows (:func:`weight_split`,
+    :class:`~lpucore.compiler.memory.TiledVT` parts): first each run on the plane of its slot into a
+    temporary of one column tile, then the whole tiles on the planes in turn, while the VXM adds each
+    split tile's partial sums into ``out`` (in the shadow of the whole tiles). Returns the last landing
+    cycle."""
+    M, K, N = dims
+    order = _planes_for(c, B)
+    temps: dict = {}
+    C = out.chunks
+
+    def row_of(v: int) -> int:          # out's vector v (row m, tile nt) -> a one-tile temporary's vector m
+        return v // C
+
+    def offset(r0: int):
+        return lambda k: k - r0
+    for nt, r0, r1, pv, j in B.parts:
+        tmp = c.new_vt(f"_ks{tid}_{nt}_{r0}", I32, (M, pv.cols), avoid=c.slices_of(A, B))
+        temps.setdefault(nt, []).append(tmp)
+        part = MatMul(A, pv, tmp, M, K, pv.cols, a_row=_same_row, b_row=offset(r0), o_row=_same_row)
+        matmul_kernel(c.ctx, part, c.planes, [order[j]], tiles=[0], chunks=(r0 // c.L, -(-r1 // c.L)))
+    whole = MatMul(A, B, out, M, K, N, a_row=_same_row, b_row=_same_row, o_row=_same_row)
+    last = matmul_kernel(c.ctx, whole, c.planes, order, tiles=range(B.whole))
+    for nt, tmps in temps.items():
+        root = Expr.input(tmps[0], row_of)
+        for tmp in tmps[1:]:
+            root = E("add", I32, root, Expr.input(tmp, row_of))
+        last = max(last, map_kernel(c.ctx, root, out, vectors=[m * C + nt for m in range(M)]))
+        for tmp in tmps:
+            release(c.mem, tmp)
     return last
 
 

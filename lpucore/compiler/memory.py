@@ -16,7 +16,7 @@ read: a new tensor's writes there must land no earlier (the scheduler enforces i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -194,20 +194,32 @@ class TiledVT(VT):
     column tiles ``c`` with ``c % groups == g`` on its own slices. The MXM planes take a product's tiles
     in turn, so each plane loads weights from its own slices and all planes load in the same cycles
     (one tensor's slices give one weight row each a cycle, shared by every plane reading them).
-    Reads go through :meth:`loc` as for any tensor; the program's tensor table has the members."""
+    A GEMV's last tiles, fewer than the planes, may instead be kept as ``parts`` (column tile, first row,
+    end row, tensor, plane slot j: beside member j): runs of rows each plane loads for its share of K
+    (``lower_more._split_matmul``); the members then hold the tiles before them. Reads go through
+    :meth:`loc` as for any tensor; the program's tensor table has the members and parts."""
 
-    def __init__(self, name: str, members: List[VT], cols: int, lanes: int):
+    def __init__(self, name: str, members: List[VT], cols: int, lanes: int,
+                 parts: Sequence[Tuple[int, int, int, VT, int]] = ()):
         m0 = members[0]
         planes = range(m0.dtype.nbytes)
+        held = list(members) + [pv for _, _, _, pv, _ in parts]
         super().__init__(name, m0.dtype, m0.rows, cols, -(-cols // lanes), m0.hem,
-                         [[g for m in members for g in m.slices[p]] for p in planes],
-                         [[b for m in members for b in m.bases[p]] for p in planes],
-                         [[a for m in members for a in m.after[p]] for p in planes], kind="const")
+                         [[g for m in held for g in m.slices[p]] for p in planes],
+                         [[b for m in held for b in m.bases[p]] for p in planes],
+                         [[a for m in held for a in m.after[p]] for p in planes], kind="const")
         self.members = members
+        self.parts = list(parts)
+        self.whole = self.chunks - len({nt for nt, _, _, _, _ in self.parts})    # tiles the members hold
         self._ns = m0.stripes                  # rows a plane can load in one cycle come from one member
 
     def _member(self, v: int) -> Tuple[VT, int]:
         r, c = divmod(v, self.chunks)
+        if c >= self.whole:
+            for nt, r0, r1, pv, _ in self.parts:
+                if nt == c and r0 <= r < r1:
+                    return pv, r - r0
+            raise CompileError(f"internal: row {r} of tile {c} of {self.name!r} is in no part")
         m = self.members[c % len(self.members)]
         return m, r * m.chunks + c // len(self.members)
 
