@@ -257,6 +257,29 @@ def test_gemv_last_tiles_split_over_the_planes(cfg, M, K, N, monkeypatch):
     assert "w" not in whole.row_parts and c.expected_cycles < whole.expected_cycles
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_one_tile_product_rows_over_every_plane(dtype):
+    """A product of one column tile with more rows than a pair of planes holds in its accumulator blocks
+    (a long cache's attention head sums) gives every plane a quarter of the rows: exact like any product,
+    predicted cycles = measured on both engines, each plane issuing products."""
+    M, K, N = 5 * SMALL.mxm_accumulators // 2 * SMALL.mxm_planes_per_hemisphere // 2, 150, 40
+    g = Graph()
+    a = g.input("a", (M, K), dtype)
+    B = values((K, N), dtype, 3, 0.5)
+    g.output("y", g.matmul(a, g.constant("w", B)))
+    A = values((M, K), dtype, 4, 0.5)
+    out, c = run_graph(g, {"a": A})
+    ref = A.astype(np.float64) @ B.astype(np.float64)
+    if dtype == "int8":
+        assert np.array_equal(out["y"], ref.astype(np.int32))
+    else:
+        absref = np.abs(A.astype(np.float64)) @ np.abs(B.astype(np.float64))
+        bound = (K / 32 + 1) * 2.0 ** -24 * absref + np.spacing(np.abs(ref).astype(np.float16))
+        assert (np.abs(out["y"] - ref) <= bound).all()
+    busy = [q for q, ins in c.program.queues.items() if q.endswith(".ABC") and any(i.op.mnemonic == "ABC" for i in ins)]
+    assert len(busy) == SMALL.mxm_planes, busy
+
+
 def test_batched_matmul_and_vector_operands():
     g = Graph()
     a = g.input("a", (2, 3, 40), "float16")

@@ -1039,17 +1039,31 @@ class _Run:
         self.lw_bases = [home] + [b for b in range(self.din * ctx.S, (self.din + 1) * ctx.S) if b != home]
 
 
-def _pairs_finish_first(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per: int) -> bool:
-    """Whether the tiles end sooner on plane pairs (half the rows each) than one plane each, by an
-    estimate: a plane is free from its last product or load; then per chunk of K, the longer of a
-    weight load and its rows' products (the next load overlaps them)."""
-    def run(p_free: int, rows: int) -> int:
-        return p_free + geo.nK * max(geo.Lw + 1, rows * geo.r)
+def _share(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per: int) -> int:
+    """Planes sharing each column tile's rows, by an estimate of when the tiles end: 1 (a tile per plane),
+    ``per`` (a tile per hemisphere, its planes loading the weights together) or, for a single tile, every
+    plane of ``hems`` (each hemisphere's planes loading together). A plane is free from its last product
+    or load; then per block of rows (an accumulator half) and chunk of K, the longer of a weight load and
+    the block's products (the next load overlaps them)."""
+
+    def run(p_free: int, rows: int, hems_loading: int = 1) -> int:
+        # hemispheres loading one tile read the same slices, so their loads take turns
+        blocks, block = -(-rows // geo.Mb), min(rows, geo.Mb)
+        return p_free + blocks * geo.nK * max(hems_loading * (geo.Lw + 1), block * geo.r)
+
+    def plane_set(h: int) -> List[int]:
+        return [p for p in planes if p // per == h][:per]
     M = geo.mm.M
-    single = max(run(_free(planes_state, p), M) for p in list(planes)[:geo.nT])
-    paired = max(run(max(_free(planes_state, p) for p in planes if p // per == h), -(-M // per))
-                 for h in hems[:geo.nT])
-    return paired < single
+    options = [(max(run(_free(planes_state, p), M) for p in list(planes)[:geo.nT]), 1)]
+    if len(hems) >= geo.nT:
+        options.append((max(run(max(_free(planes_state, p) for p in plane_set(h)), -(-M // per))
+                            for h in hems[:geo.nT]), per))
+    # every plane on one tile only past a pair's accumulator blocks (thousands of rows): below that the
+    # rows' producers, not the planes, set the pace, and the hemispheres' loads taking turns cost more
+    if geo.nT == 1 and len(hems) > 1 and M > per * geo.Mb:
+        every = [p for h in hems for p in plane_set(h)]
+        options.append((run(max(_free(planes_state, p) for p in every), -(-M // len(every)), len(hems)), len(every)))
+    return min(options)[1]
 
 
 def _free(planes_state, p: int) -> int:
@@ -1061,27 +1075,27 @@ def _free(planes_state, p: int) -> int:
 def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state,
            tiles: Optional[Sequence[int]] = None) -> List[Tuple[int, List[_Run]]]:
     """The product's work as (column tile, runs): tiles go to the planes in turn, each plane all of a
-    tile's rows; with at most one tile per hemisphere and rows enough, a tile goes to both planes of a
-    hemisphere, which load its weights together (the same streams in the same cycles: one read feeds
-    both) and take half of its rows each (attention's head sums: 32 rows, one tile)."""
+    tile's rows; with fewer tiles than planes and rows enough (:func:`_share`), a tile goes to both planes
+    of a hemisphere, which load its weights together (the same streams in the same cycles: one read
+    feeds both) and take half of its rows each (attention's head sums: one tile), or a single tile to
+    every plane, a quarter of its rows each (a long cache's head sums: thousands of rows)."""
     cfg, M = ctx.cfg, geo.mm.M
     per = cfg.mxm_planes_per_hemisphere
     if tiles is not None:
         return [(nt, [_Run(ctx, planes[j % len(planes)], planes_state, 0, M)]) for j, nt in enumerate(tiles)]
-    if geo.nT <= cfg.hemispheres and 2 <= M <= geo.Mb and per > 1 and len(planes) >= geo.nT * per:
+    if geo.nT <= cfg.hemispheres and M >= 2 and per > 1 and len(planes) >= geo.nT * per:
         hems: List[int] = []
         for p in planes:                     # hemispheres in the order their planes come free
             if p // per not in hems and sum(1 for q in planes if q // per == p // per) >= per:
                 hems.append(p // per)
         # the pairs free first, the weights' own hemisphere on a tie (its rows need not cross the chip)
         hems.sort(key=lambda h: (max(_free(planes_state, p) for p in planes if p // per == h), h != geo.mm.B.hem))
-        if len(hems) >= geo.nT and _pairs_finish_first(geo, planes, planes_state, hems, per):
-            units = []
-            for nt in range(geo.nT):
-                mine = [p for p in planes if p // per == hems[nt]][:per]
-                units.append((nt, [_Run(ctx, p, planes_state, M * j // per, M * (j + 1) // per)
-                                   for j, p in enumerate(mine)]))
-            return units
+        k = _share(geo, planes, planes_state, hems, per) if hems else 1
+        if k > 1:
+            sets = [[p for p in planes if p // per == h][:per] for h in hems]
+            mine = [sets[nt] for nt in range(geo.nT)] if k == per else [[p for s in sets for p in s]]
+            return [(nt, [_Run(ctx, p, planes_state, M * j // k, M * (j + 1) // k) for j, p in enumerate(ps)])
+                    for nt, ps in enumerate(mine)]
     # tile by tile (tile nt on plane nt mod P): the planes take turns at the weights' slices and
     # streams, instead of the first plane taking every early slot and the last one the leftovers
     return [(nt, [_Run(ctx, planes[nt % len(planes)], planes_state, 0, M)]) for nt in range(geo.nT)]
@@ -1229,10 +1243,15 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
             for r, _, _ in blocks:
                 banks.append(r.st.blocks % 2)
                 r.st.blocks += 1
+            # a hemisphere's planes load together (one read feeds them); each hemisphere loads apart
+            by_hem: Dict[int, list] = {}
+            for item in zip(blocks, banks):
+                by_hem.setdefault(item[0][0].hem, []).append(item)
             for kc in range(k0, k1):
-                E_ = _load(ctx, geo, [b[0] for b in blocks], nt, kc, start)
-                for (r, b0, b1), bank in zip(blocks, banks):
-                    _activations(ctx, geo, r, kc, b0, b1, bank, E_, kc == k0)
+                for group in by_hem.values():
+                    E_ = _load(ctx, geo, [r for (r, _, _), _ in group], nt, kc, start)
+                    for (r, b0, b1), bank in group:
+                        _activations(ctx, geo, r, kc, b0, b1, bank, E_, kc == k0)
             for (r, b0, b1), bank in zip(blocks, banks):
                 last = max(last, _results(ctx, geo, r, nt, b0, b1, bank))
     return last
