@@ -694,36 +694,23 @@ class StepBuilder:
 
     def _gpt2_attn(self, i: int, x: Tensor, att) -> Tensor:
         g, cfg = self.g, self.cfg
+        d = cfg.d_model
         p = f"h.{i}."
         self.part("norm")
         h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
         self.part("attn")
-        q, k, v = self._gpt2_qkv(h, p + "attn.c_attn.")
+        qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
         if self.B > 1 and isinstance(att, tuple):       # the B caches as one state, or a prompt chunk's one
-            a = (self.chunk_attention if self.shared else self.stacked_attention)(i, q, k, v, att)
+            qs, ks, vs = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
+            a = (self.chunk_attention if self.shared else self.stacked_attention)(i, qs, ks, vs, att)
         elif self.B > 1:      # each sequence's row over its own cache
-            rows = [[g.slice(x, (slice(b, b + 1), slice(None))) for x in (q, k, v)] for b in range(self.B)]
-            a = g.concat([self.attention(i, qb, kb, vb, att[b], row=b) for b, (qb, kb, vb) in enumerate(rows)],
-                         axis=0)
+            rows = [[g.slice(qkv, (slice(b, b + 1), slice(j * d, (j + 1) * d))) for j in range(3)]
+                    for b in range(self.B)]
+            a = g.concat([self.attention(i, q, k, v, att[b], row=b) for b, (q, k, v) in enumerate(rows)], axis=0)
         else:
+            q, k, v = (g.slice(qkv, (slice(None), slice(j * d, (j + 1) * d))) for j in range(3))
             a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
-
-    def _gpt2_qkv(self, h: Tensor, p: str) -> List[Tensor]:
-        """q, k, v float32 ``[B, d]`` of ``c_attn`` (``[d, 3d]`` weights, ``[3d]`` bias) as three products of
-        ``[d, d]`` column ranges (constants ``..._q``, ``_k``, ``_v``) sharing one pair of activation digits:
-        each result starts at lane 0 (one ``[d, 3d]`` product's k and v would start at lane ``d`` mod 320,
-        and a lane move costs more than the products' one more column tile); k first, as the cache update
-        needs it first. The same int32 products and scales: the same bits as the one product."""
-        g, d = self.g, self.cfg.d_model
-        out: Dict[int, Tensor] = {}
-        for j, tag in ((1, "_k"), (0, "_q"), (2, "_v")):
-            self._suffix = tag
-            y = self.linear(h, p + "weight", False, cols=(j * d, (j + 1) * d))
-            bias = np.asarray(self.w[p + "bias"], dtype=F32)[j * d:(j + 1) * d]
-            out[j] = g.add(y, g.constant(self.key(p + "bias"), np.ascontiguousarray(bias)))
-        self._suffix = ""
-        return [out[0], out[1], out[2]]
 
     def _gpt2_mlp(self, i: int, x: Tensor) -> Tensor:
         g, cfg = self.g, self.cfg
