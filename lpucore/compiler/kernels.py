@@ -1098,7 +1098,25 @@ def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state,
                     for nt, ps in enumerate(mine)]
     # tile by tile (tile nt on plane nt mod P): the planes take turns at the weights' slices and
     # streams, instead of the first plane taking every early slot and the last one the leftovers
-    return [(nt, [_Run(ctx, planes[nt % len(planes)], planes_state, 0, M)]) for nt in range(geo.nT)]
+    P = len(planes)
+    units = [(nt, [_Run(ctx, planes[nt % P], planes_state, 0, M)]) for nt in range(geo.nT)]
+    R = geo.nT % P
+    if R and geo.nT > P and P % R == 0 and _rows_split_pays(geo, P // R, per):
+        # the last round's R tiles, fewer than the planes: each tile's rows shared by P / R planes
+        k = P // R
+        units[geo.nT - R:] = [(nt, [_Run(ctx, planes[(i * k + j) % P], planes_state, M * j // k, M * (j + 1) // k)
+                                    for j in range(k)]) for i, nt in enumerate(range(geo.nT - R, geo.nT))]
+    return units
+
+
+def _rows_split_pays(geo: _Geo, k: int, per: int) -> bool:
+    """Whether a tile's rows shared by k planes end sooner than on one plane (the estimate of
+    :func:`_share`, the planes taken as free together: a GEMM's last round, after whole rounds)."""
+    def run(rows: int, hems_loading: int) -> int:
+        blocks, block = -(-rows // geo.Mb), min(rows, geo.Mb)
+        return blocks * geo.nK * max(hems_loading * (geo.Lw + 1), block * geo.r)
+    M = geo.mm.M
+    return k > 1 and run(-(-M // k), -(-k // per)) < run(M, 1)
 
 
 def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: int) -> int:
