@@ -532,14 +532,31 @@ class Decoder:
                              f"token by token), not {chunk!r}")
         return int(chunk)
 
+    def _sharing_base(self) -> Compiled:
+        """The step program with its placements (what :func:`~lpucore.compiler.api.compile_sharing` places a
+        second program against). One read from the compile cache has none: it is compiled again here (the
+        same program, so the chip holding it keeps it)."""
+        compiled = self.compile()
+        if not compiled.layout:
+            from ..compiler.api import compile_one
+            graph, _ = build_step(self.cfg, self.ref.w, self.ref.quantized, self.precision, self.capacity,
+                                  self.block)
+            self.compiled = compile_one(graph, self.chip_config)
+            if self._chip is not None and self._loaded == self.capacity:
+                self._chip.load(self.compiled.program)
+            return self.compiled
+        return compiled
+
     def prefill_program(self) -> Optional[ChunkProgram]:
-        """The prompt-chunk program (:class:`~lpucore.llm.prefill.ChunkProgram`, compiled and loaded on first
-        use, of ``prefill_chunk`` positions or fewer when that does not fit); None for ``prefill_chunk=1``
-        or when not even 2 positions fit."""
+        """The prompt-chunk program (:class:`~lpucore.llm.prefill.ChunkProgram`, compiled on first use, of
+        ``prefill_chunk`` positions or fewer when that does not fit), sharing the step program's chip, weights
+        and cache (``route`` "one chip"), or on a chip of its own when that does not fit; None for
+        ``prefill_chunk=1`` or when not even 2 positions fit."""
         if self.prefill_chunk == 1:
             return None
         if self._prefill is None or self._prefill.rows > self.prefill_chunk:
-            self._prefill = chunk_program(self, self.prefill_chunk)
+            base = self._sharing_base()
+            self._prefill = chunk_program(self, self.prefill_chunk, base, self.chip)
             if self._prefill is None:       # nothing fits: token by token from now on
                 self.prefill_chunk = 1
         return self._prefill
@@ -554,7 +571,10 @@ class Decoder:
         self._chunked = None
         if prog is not None and -(-len(ids) // prog.rows) * prog.cycles < len(ids) * compiled.expected_cycles:
             row, last = run_prefill(prog, ids, steps)
-            copy_cache(prog, compiled, self.chip)     # the decode chip takes the prefilled cache
+            if prog.shared:     # the cache is written in place; the next step loads its program back
+                self._loaded = 0
+            else:               # the decode chip takes the prefilled cache
+                copy_cache(prog, compiled, self.chip)
             self.position = len(ids)
             self._chunked = prog
             return row, last
@@ -599,6 +619,7 @@ class Decoder:
             chunk_predicted_cycles=prog.cycles if prog is not None else 0,
             chunk_mxm_utilisation=chunked[-1].mxm_utilisation if chunked else 0.0,
             chunk_bounds=prog.compiled.bounds().as_dict() if prog is not None else {},
+            prefill_route=prog.route if prog is not None else "",
             bucket_cycles={b: (self.bucket_programs[b] if b != self.capacity else compiled).expected_cycles
                            for b in self.buckets})
 
@@ -608,5 +629,7 @@ class Decoder:
         return Reference(self.cfg, self.ref.w, self.precision)
 
     def __repr__(self):
+        # the prefill route once the chunk program is made (lpucore.llm.prefill: one chip, or own chip + copy)
+        route = f", prefill_chunk={self._prefill.rows} ({self._prefill.route})" if self._prefill is not None else ""
         return (f"Decoder({self.cfg.name!r}, precision={self.precision!r}, chip={self.chip_config.name!r}, "
-                f"capacity={self.capacity})")
+                f"capacity={self.capacity}{route})")
