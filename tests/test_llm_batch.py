@@ -182,3 +182,25 @@ def test_one_stacked_cache_state_prefills_token_by_token():
     res = dec.generate([[200, 3, 7, 11, 5], [5, 6]], max_new_tokens=2)
     assert res.stats.prefill_chunk == 1 and dec.batch_program(2).chunks == {0: None}
     assert res.stats.ttft_cycles == [5 * res.stats.step_cycles, 2 * res.stats.step_cycles]
+
+
+def test_the_server_engine_prefills_admitted_prompts_in_chunks():
+    """lpucore.llm.serve.Engine: an admitted prompt that fills a chunk is prefilled by its row's chunk program
+    before the next step; its tokens are those of decoding it alone and its simulated time to first token is
+    its chunks' cycles; a short prompt still goes token by token."""
+    from lpucore.llm.sampling import SamplingParams
+    from lpucore.llm.serve import Engine
+    dec = Decoder.random("tiny", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=4)
+    engine = Engine(dec, 2).start()
+    try:
+        long = engine.submit([200, 3, 7, 11, 5, 9, 1], 3, SamplingParams())
+        toks = [d[0] for k, d in long.events(timeout=300) if k == "token"]
+        short = engine.submit([5, 6], 2, SamplingParams())
+        list(short.events(timeout=300))
+    finally:
+        engine.stop()
+    chunk = engine.prog.chunks[0]
+    assert chunk.shared and chunk.chip is engine.prog.chip and engine.chunks == 2
+    assert toks == dec.generate([200, 3, 7, 11, 5, 9, 1], max_new_tokens=3).tokens.tolist()
+    assert long.first - long.arrival == 2 * chunk.cycles
+    assert short.first - short.arrival == 2 * engine.prog.compiled.expected_cycles
