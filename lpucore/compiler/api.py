@@ -100,14 +100,28 @@ def compile_sharing(graph: Graph, base: Compiled) -> Compiled:
                            "process, with LPUCORE_CACHE=0 or by compile_sharing?)")
     exclude: frozenset = frozenset()
     for _ in range(3):          # the same graph lowers to the same constants: one more pass settles it
-        c = Compiler(graph, base.config)
-        c.share(base, exclude)
-        out = c.run()
+        out = _compile_shared(graph, base, exclude)
         clash = _value_clashes(out, base)
         if not clash:
             return out
         exclude |= clash
     raise CompileError(f"compile_sharing: constants {sorted(clash)[:3]} keep clashing with the base program's")
+
+
+def _compile_shared(graph: Graph, base: Compiled, exclude: frozenset) -> Compiled:
+    """One compile of ``graph`` placed around ``base`` (:meth:`Compiler.share`); as :func:`compile_one`, a graph
+    with in-place scatters that does not fit is compiled once more with their constants placed first."""
+    c = Compiler(graph, base.config)
+    c.share(base, exclude)
+    try:
+        return c.run()
+    except CompileError as e:
+        if "does not fit" not in str(e) or not any(n.op == "scatter" for n in graph.nodes):
+            raise
+    c = Compiler(graph, base.config)
+    c.share(base, exclude)
+    c.reserve_scatter = True
+    return c.run()
 
 
 def _value_clashes(c: Compiled, base: Compiled) -> frozenset:

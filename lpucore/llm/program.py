@@ -81,8 +81,9 @@ class StepBuilder:
         if self.B < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
         self.shared = bool(shared_cache) and self.B > 1
-        if self.shared and (layers is not None or units is not None or shards > 1 or table_shards > 1):
-            raise ValueError("a prompt chunk (shared_cache) is built for the whole model on one chip")
+        if self.shared and (shards > 1 or table_shards > 1):
+            # a chunk of some units (layers) is for lpucore.llm.predict's prefill layer; sharded units take one row
+            raise ValueError("a prompt chunk (shared_cache) holds no sharded units (MLP, embedding or head shards)")
         # a chunk of a batch's sequence ``cache_row``: its cache states are that row's, k<i>_b<row>
         # (lpucore.llm.batch, "Prefill"), so the chunk program can share them with the batch's step program
         self.cache_tag = "" if cache_row is None else f"_b{int(cache_row)}"
