@@ -8,7 +8,8 @@
 A :class:`Decoder` compiles one *step program* (see :mod:`lpucore.llm.program`) the first time it is needed,
 loads it into a :class:`~lpucore.Chip` once (weights and the KV cache then stay in SRAM), and runs it once per
 new token (a decode step). A prompt of at least ``prefill_chunk`` tokens is prefilled in chunks of that many
-positions by a second program (:mod:`lpucore.llm.prefill`: one run per chunk, its rows as matrix products);
+positions by a second program on the same chip (:mod:`lpucore.llm.prefill`: one run per chunk, its rows as
+matrix products, the cache written in place);
 a shorter one runs one step per token. The program is static, so every
 step takes the same number of cycles (attention always spans the whole cache capacity, masked); the figures are
 those of the cycle-level run, not estimates.
