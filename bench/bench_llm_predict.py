@@ -68,6 +68,8 @@ def run_model(name, a, out, lines, ttft):
         pipe_cap = a.outside_capacity
         print(f"{name} at {cap} positions as pipeline stages: {e}\n  -> pipeline at {pipe_cap} positions, for the "
               f"tensor-parallel step's embedding and head only\n", flush=True)
+    if a.prefill_only:
+        return _prefill(name, a, None, out, ttft)
     t0 = time.perf_counter()
     p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0))
     print(p.table(), flush=True)
@@ -85,16 +87,24 @@ def run_model(name, a, out, lines, ttft):
         out[name + f" tensor-parallel {cap}"] = tp.to_dict()
         lines.append(_summary(name, f"tensor par. {tp.group}", tp, tp.chips + tp.outside_chips, tp.nodes))
     if a.prefill and name in PUBLISHED_TTFT:
-        t0 = time.perf_counter()
-        pf = predict_prefill(name, a.precision, group=a.prefill_group, chunk=a.prefill, prompt_tokens=a.prompt,
-                             pipeline=p)
-        print(pf.table(), flush=True)
-        print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {pf.compile_seconds:.0f} s, "
-              f"{pf.wall_seconds:.1f} s to simulate the chunk layer)\n", flush=True)
-        out[name + f" prefill {a.prompt}"] = pf.to_dict()
-        groq = "; ".join(f"{k}: {v}" for k, v in PUBLISHED_TTFT[name].items())
-        ttft.append(f"{name:13s} {a.prompt:6d} {pf.chunk:5d} {pf.chips:5d} {pf.ttft_cycles:>12,} "
-                    f"{pf.ttft_seconds:9.4f} {pf.bound_ttft_cycles / pf.clock_hz:9.4f}  {groq}")
+        _prefill(name, a, p, out, ttft)
+
+
+def _prefill(name, a, p, out, ttft):
+    """The time-to-first-token prediction of ``name`` (``p``: its pipeline prediction, or None with
+    ``--outside``); appends to ``out`` and ``ttft``."""
+    t0 = time.perf_counter()
+    at = tuple(int(c) for c in a.prefill_at.split(",")) if a.prefill_at else None
+    outside = tuple(int(c) for c in a.outside.split(",")) if a.outside else None
+    pf = predict_prefill(name, a.precision, group=a.prefill_group, chunk=a.prefill, prompt_tokens=a.prompt,
+                         pipeline=p, measured_at=at, outside=outside)
+    print(pf.table(), flush=True)
+    print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {pf.compile_seconds:.0f} s, "
+          f"{pf.wall_seconds:.1f} s to simulate the chunk layer)\n", flush=True)
+    out[name + f" prefill {a.prompt}"] = pf.to_dict()
+    groq = "; ".join(f"{k}: {v}" for k, v in PUBLISHED_TTFT.get(name, {}).items()) or "-"
+    ttft.append(f"{name:13s} {a.prompt:6d} {pf.chunk:5d} {pf.chips:5d} {pf.ttft_cycles:>12,} "
+                f"{pf.ttft_seconds:9.4f} {pf.bound_ttft_cycles / pf.clock_hz:9.4f}  {groq}")
 
 
 def main(argv=None):
@@ -110,6 +120,11 @@ def main(argv=None):
                     help="prompt rows per chunk for the time-to-first-token prediction (0: skip)")
     ap.add_argument("--prefill-group", type=int, default=8, help="chips per group of the prefill prediction")
     ap.add_argument("--prompt", type=int, default=550, help="prompt tokens of the time-to-first-token prediction")
+    ap.add_argument("--prefill-at", default="", help="S1,S2: simulate the chunk layer at these caches and "
+                    "extrapolate linearly to the prompt's (a full-cache 70B chunk layer compiles slowly)")
+    ap.add_argument("--prefill-only", action="store_true", help="only the time-to-first-token prediction")
+    ap.add_argument("--outside", default="", help="CYCLES,CHIPS of the embedding and head, from a pipeline "
+                    "prediction's table (its simulated step less its layers), instead of running it")
     a = ap.parse_args(argv)
     if a.capacity != "full" and not a.capacity.isdigit():
         ap.error(f"--capacity must be 'full' or a number of positions, not {a.capacity!r}")

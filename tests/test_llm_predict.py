@@ -108,5 +108,11 @@ def test_prefill_prediction_streams_the_chunks_through_the_groups():
     assert 0 < pf.bound_ttft_cycles < pf.ttft_cycles and "= fill + (3 - 1) x stage" in pf.table()
     # a chunk's hand-over carries its 4 rows: more than one row's
     assert pf.handover_cycles > _handover_cycles(chip, cfg.d_model)
+    # measured at two caches and extrapolated linearly: at one of them, exactly the simulated layer
+    lin = predict_prefill(cfg, "fp16", group=2, chunk=4, prompt_tokens=10, config=chip, min_cols=1,
+                          measured_at=(8, 12), outside=(pf.outside_cycles, pf.outside_chips))
+    assert lin.chunk_layer_cycles == pf.chunk_layer_cycles and lin.ttft_cycles == pf.ttft_cycles
+    assert lin.measured_cycles[12] == pf.chunk_layer_cycles > lin.measured_cycles[8]
+    assert "extrapolated linearly to 12" in lin.table() and lin.max_error <= lin.error_bound
     with pytest.raises(ValueError, match="does not hold"):
         predict_prefill(cfg, "fp16", chunk=4, prompt_tokens=10, capacity=8, pipeline=pipe, config=chip)

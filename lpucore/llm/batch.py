@@ -29,51 +29,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import CompileError, LpuError, ModelDoesNotFit
 from .continuation import Continuation
-from .prefill import ChunkProgram, chunk_program, copy_cache, run_prefill
+from .prefill import DecoderLike
 from .steps import GenerateResult
 
 if TYPE_CHECKING:
-    from ..chip import Chip
-    from ..compiler.lower import Compiled
-    from ..config import ChipConfig
-    from .reference import Reference
-    from .shapes import ModelConfig
-
-
-class DecoderLike(Protocol):
-    """What a batch uses of a :class:`~lpucore.llm.Decoder`: its model, chip and step program (a protocol,
-    so that this module, which the decoder imports, does not import it back)."""
-
-    cfg: ModelConfig
-    precision: str
-    chip_config: ChipConfig
-    capacity: int
-    chips: int
-    engine: str
-    fp16_mxm: str
-    block: int
-    ref: Reference
-    spans: List[Tuple[str, int, int]]
-    compile_seconds: float
-    prefill_chunk: int
-
-    @property
-    def chip(self) -> Chip: ...
-
-    def compile(self) -> Compiled: ...
-
-    def _sharing_base(self) -> Compiled: ...
-
-    def prefill_program(self) -> Optional[ChunkProgram]: ...
-
-    @staticmethod
-    def memory_bytes(cfg: ModelConfig, precision: str, capacity: int) -> Tuple[int, int]: ...
+    from .prefill import ChunkProgram
 
 
 @dataclass
@@ -301,6 +267,7 @@ class BatchProgram:
         states (``build_step(..., cache_row=row)``), on this chip. None when prefill runs token by token:
         ``prefill_chunk`` 1, no chunk fits, or the rows' caches are one stacked state (one query head per kv
         head, module docstring), which a chunk program cannot address by row."""
+        from .prefill import chunk_program  # prefill's types name this module's: imported when used
         if dec.prefill_chunk == 1:
             return None
         if row not in self.chunks:
@@ -318,10 +285,13 @@ class BatchProgram:
         :meth:`Decoder._prefill_prompt <lpucore.llm.Decoder>`); one StepStats per chunk appended to ``steps``.
         Returns (the prompt's last logits, the chunk program), or None (then the row prefills token by token in
         the batch's steps)."""
-        if dec.prefill_chunk == 1 or len(ids) < dec.prefill_chunk:
+        from .prefill import copy_cache, run_prefill
+        known = self.chunks.get(row)        # a program made already may have fewer rows than asked (halved)
+        if dec.prefill_chunk == 1 or len(ids) < (known.rows if known is not None else dec.prefill_chunk):
             return None
         prog = self.chunk_program(dec, row)
-        if prog is None or -(-len(ids) // prog.rows) * prog.cycles >= len(ids) * self.compiled.expected_cycles:
+        if prog is None or len(ids) < prog.rows or \
+                -(-len(ids) // prog.rows) * prog.cycles >= len(ids) * self.compiled.expected_cycles:
             return None
         logits, _ = run_prefill(prog, ids, steps)
         if not prog.shared:     # the own-chip route: the row's cache states (same names) into this chip

@@ -448,6 +448,9 @@ class PrefillPrediction(_Model):
     error_bound: float
     compile_seconds: float
     wall_seconds: float                 # host seconds to simulate the chunk layer once
+    # measured_at: the layer's simulated cycles (its pieces, without hand-overs) at each smaller cache, from
+    # which chunk_layer_cycles is extrapolated linearly to ``capacity``; empty: simulated at ``capacity``
+    measured_cycles: Dict[int, int] = field(default_factory=dict)
     published: Dict[str, str] = field(default_factory=dict)
 
     @property
@@ -472,6 +475,9 @@ class PrefillPrediction(_Model):
                           + ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items()) + f"); fullest chip "
                           f"{self.chip_bytes / 1e6:,.1f} MB; output rows vs reference: max error "
                           f"{self.max_error:.2g} (bound {self.error_bound:.2g})"),
+            ("  measured at smaller caches", ", ".join(f"{c} positions {v:,} cycles" for c, v in
+                                                       self.measured_cycles.items()) +
+             f"; extrapolated linearly to {self.capacity}" if self.measured_cycles else "simulated at the cache"),
             ("  hand-over of a chunk between groups", us(self.handover_cycles)),
             ("  embedding and head (decode pipeline, assumed)", us(self.outside_cycles)),
             ("system (derived)", f"{self.groups} groups of {self.group} for {self.n_layers} layers + "
@@ -509,22 +515,39 @@ def _run_chunk_layer(ref: Any, pieces: List[Tuple[Any, Any, bool]], chunk: int) 
     return err, wall, LOGIT_TOLERANCE * (1 + float(np.max(np.abs(x_ref))))
 
 
+def _chunk_layer(part: ModelConfig, ref: Any, precision: str, capacity: int, group: int, chip: ChipConfig,
+                 engine: str, min_cols: Optional[int], split_layer: Optional[bool], chunk: int) -> Dict[str, Any]:
+    """Layer 1 of ``part`` for one chunk over a cache of ``capacity`` positions, compiled over ``group`` chips,
+    run and checked (:func:`_run_chunk_layer`): its figures."""
+    pieces, labels, compile_seconds = _compile_layer(part, ref, precision, capacity, group, chip, engine, min_cols,
+                                                     split_layer, chunk=chunk)
+    err, wall, bound = _run_chunk_layer(ref, pieces, chunk)
+    return dict(parts={label: int(sc.expected_cycles) for label, (sc, _, _) in zip(labels, pieces)},
+                bound=sum(max(max(c.bounds().as_dict().values()) for c in sc.parts) for sc, _, _ in pieces),
+                per_chip=max(max(sc.memory_bytes) for sc, _, _ in pieces), err=err, wall=wall, error_bound=bound,
+                compile_seconds=compile_seconds)
+
+
 def predict_prefill(name, precision: str = "int8", group: int = 8, chunk: int = 16, prompt_tokens: int = 550,
                     capacity: Optional[int] = None, pipeline: Optional[Prediction] = None,
                     config: Optional[ChipConfig] = None, seed: int = 0, engine: str = "fast",
-                    min_cols: Optional[int] = None, split_layer: Optional[bool] = None) -> PrefillPrediction:
+                    min_cols: Optional[int] = None, split_layer: Optional[bool] = None,
+                    measured_at: Optional[Tuple[int, int]] = None,
+                    outside: Optional[Tuple[int, int]] = None) -> PrefillPrediction:
     """Simulate layer 1 of ``name`` for one prompt chunk of ``chunk`` rows (the chunk program's layer:
     ``build_step(..., batch=chunk, shared_cache=True)``, a cache of ``capacity`` positions, default the
     prompt rounded up to whole chunks) split over ``group`` chips wired pairwise, check its rows against the
-    reference, and derive the time to first token of ``prompt_tokens`` (module docstring of
-    :mod:`lpucore.llm.prefill`; docs/guide/language-models.md, "Prefill").
+    reference, and derive the time to first token of ``prompt_tokens`` (docs/guide/language-models.md).
 
     Assumptions, stated: every layer's chunk takes layer 1's cycles (the same program); the groups form a
     pipeline, one group per :attr:`layers_per_group` layers, and the chunks stream through it: a group
     takes chunk k + 1 as soon as it has handed chunk k on, so the first token comes after the first
     chunk's pass through every stage (fill) plus one slowest stage per further chunk. The embedding and
     the head are ``pipeline``'s (a :func:`predict` result, made at a 32-position cache if not given; one
-    row, not a chunk's: their share is small and the chunk's rows add little to a gather)."""
+    row, not a chunk's), or ``outside`` = (their cycles, their chips) taken from such a result.
+    ``measured_at`` = (S1, S2): the layer is simulated at those smaller caches instead (a big model's chunk
+    layer at the full cache compiles too slowly here) and its cycles and bound are extrapolated linearly
+    in the capacity (attention spans the whole cache, masked: its work grows linearly with it)."""
     from .reference import Reference
     cfg = model_config(name) if isinstance(name, str) else name
     chip = config if config is not None else ChipConfig.groqchip1()
@@ -534,37 +557,44 @@ def predict_prefill(name, precision: str = "int8", group: int = 8, chunk: int = 
     cap = int(capacity) if capacity is not None else min(cfg.max_positions, n_chunks * chunk)
     if cap < prompt_tokens:
         raise ValueError(f"a cache of {cap} positions does not hold a {prompt_tokens}-token prompt")
-    if pipeline is None:
-        pipeline = predict(cfg, precision, capacity=32, config=chip, seed=seed, engine=engine)
+    if outside is None:
+        pipeline = pipeline if pipeline is not None else predict(cfg, precision, capacity=32, config=chip, seed=seed,
+                                                                 engine=engine)
+        outside = (max(0, pipeline.simulated_step_cycles - pipeline.simulated_layers * pipeline.layer_cycles),
+                   pipeline.simulated_chips - pipeline.simulated_layers * pipeline.layer_chips)
     part = truncated(cfg, 2)
     ref = Reference(part, RandomWeights(part, seed), precision)
-    pieces, labels, compile_seconds = _compile_layer(part, ref, precision, cap, group, chip, engine, min_cols,
-                                                     split_layer, chunk=chunk)
-    err, wall, bound = _run_chunk_layer(ref, pieces, chunk)
+    caps = [cap] if measured_at is None else [int(c) for c in measured_at]
+    runs = {c: _chunk_layer(part, ref, precision, c, group, chip, engine, min_cols, split_layer, chunk) for c in caps}
+    last = runs[caps[-1]]
+    if measured_at is None:
+        parts, layer_bound = last["parts"], last["bound"]
+    else:       # linear in the capacity through the two measured points
+        (s1, r1), (s2, r2) = runs.items()
+        parts = {k: int(round(r1["parts"][k] + (r2["parts"][k] - r1["parts"][k]) * (cap - s1) / (s2 - s1)))
+                 for k in r2["parts"]}
+        layer_bound = r1["bound"] + (r2["bound"] - r1["bound"]) * (cap - s1) / (s2 - s1)
     handover = _handover_cycles(chip, cfg.d_model, chunk)
-    parts = {label: int(sc.expected_cycles) for label, (sc, _, _) in zip(labels, pieces)}
-    layer = sum(parts.values()) + (len(pieces) - 1) * handover
-    per_chip = max(max(sc.memory_bytes) for sc, _, _ in pieces)
-    per_group = max(1, int(STAGE_FILL * chip.sram_bytes // per_chip)) if len(pieces) == 1 else 0
-    groups = -(-cfg.n_layers // per_group) if per_group else cfg.n_layers * len(pieces)
-    outside = max(0, pipeline.simulated_step_cycles - pipeline.simulated_layers * pipeline.layer_cycles)
+    layer = sum(parts.values()) + (len(parts) - 1) * handover
+    per_group = max(1, int(STAGE_FILL * chip.sram_bytes // last["per_chip"])) if len(parts) == 1 else 0
+    groups = -(-cfg.n_layers // per_group) if per_group else cfg.n_layers * len(parts)
     # a stage: its layers' chunk (or one piece of a split layer) and handing the chunk on
     stage = (per_group * layer if per_group else max(parts.values())) + handover
-    fill = cfg.n_layers * layer + (groups - 1) * handover + outside
-    layer_bound = sum(max(max(c.bounds().as_dict().values()) for c in sc.parts) for sc, _, _ in pieces)
-    stage_bound = per_group * layer_bound if per_group else layer_bound / len(pieces)
+    fill = cfg.n_layers * layer + (groups - 1) * handover + outside[0]
+    stage_bound = per_group * layer_bound if per_group else layer_bound / len(parts)
     return PrefillPrediction(
         model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=cap,
         n_layers=cfg.n_layers, group=group, chunk=chunk, prompt_tokens=prompt_tokens, chunks=n_chunks,
         chunk_layer_cycles=int(layer), layer_parts=parts, layers_per_group=per_group, groups=groups,
-        handover_cycles=int(handover), outside_cycles=int(outside),
-        outside_chips=pipeline.simulated_chips - pipeline.simulated_layers * pipeline.layer_chips,
+        handover_cycles=int(handover), outside_cycles=int(outside[0]), outside_chips=int(outside[1]),
         stage_cycles=int(stage), fill_cycles=int(fill), ttft_cycles=int(fill + (n_chunks - 1) * stage),
         chunk_layer_bound_cycles=int(layer_bound),
         bound_ttft_cycles=int(cfg.n_layers * layer_bound + (n_chunks - 1) * stage_bound),
-        chip_bytes=int(per_chip), max_error=err, error_bound=bound, compile_seconds=compile_seconds,
-        wall_seconds=wall, published=dict(PUBLISHED_TTFT.get(cfg.name, {})))
-
+        chip_bytes=int(last["per_chip"]), max_error=max(r["err"] for r in runs.values()),
+        error_bound=min(r["error_bound"] for r in runs.values()),
+        compile_seconds=sum(r["compile_seconds"] for r in runs.values()), wall_seconds=last["wall"],
+        measured_cycles={c: sum(r["parts"].values()) for c, r in runs.items()} if measured_at else {},
+        published=dict(PUBLISHED_TTFT.get(cfg.name, {})))
 
 __all__ = ["Prediction", "predict", "truncated", "PUBLISHED", "TensorParallelPrediction", "predict_tensor_parallel",
            "PrefillPrediction", "predict_prefill", "PUBLISHED_TTFT"]

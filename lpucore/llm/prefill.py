@@ -36,7 +36,7 @@ program), since a program's addresses are fixed at compile time and the compiler
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Protocol, Tuple
 
 import numpy as np
 
@@ -44,9 +44,43 @@ from ..errors import CompileError, LpuError
 from .steps import StepStats
 
 if TYPE_CHECKING:
-    from .batch import DecoderLike
+    from ..chip import Chip
+    from ..compiler.lower import Compiled
+    from ..config import ChipConfig
+    from .reference import Reference
+    from .shapes import ModelConfig
 
 DEFAULT_CHUNK = 16          # prompt positions per chunk program run (capped by the cache capacity)
+
+
+class DecoderLike(Protocol):
+    """What a batch and a chunk program use of a :class:`~lpucore.llm.Decoder`: its model, chip and step
+    program (a protocol, so that this module, which the decoder imports, does not import it back)."""
+
+    cfg: ModelConfig
+    precision: str
+    chip_config: ChipConfig
+    capacity: int
+    chips: int
+    engine: str
+    fp16_mxm: str
+    block: int
+    ref: Reference
+    spans: List[Tuple[str, int, int]]
+    compile_seconds: float
+    prefill_chunk: int
+
+    @property
+    def chip(self) -> Chip: ...
+
+    def compile(self) -> Compiled: ...
+
+    def _sharing_base(self) -> Compiled: ...
+
+    def prefill_program(self) -> Optional[ChunkProgram]: ...
+
+    @staticmethod
+    def memory_bytes(cfg: ModelConfig, precision: str, capacity: int) -> Tuple[int, int]: ...
 
 
 ONE_CHIP = "one chip"                   # ChunkProgram.route: sharing the decode program's chip and cache

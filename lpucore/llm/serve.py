@@ -118,6 +118,8 @@ class Engine:
             raise ValueError(f"max_batch must be an integer >= 1, not {max_batch!r}")
         self.model = model
         self.prog = model.batch_program(max_batch)
+        # every row's prompt-chunk program compiled now, before serving: no request waits for a compile
+        self.chunk_programs = [c for c in (self.prog.chunk_program(model, b) for b in range(max_batch)) if c]
         self.max_batch = max_batch
         self.clock_hz = float(model.chip_config.clock_hz)
         self.cycles = 0                     # the simulated clock: every step's chip cycles
