@@ -356,7 +356,7 @@ def _prefill_chunks(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], step
 
 
 def run_batch(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], on_token=None):
-    """Prefill the rows whose prompts fill a chunk by their chunk programs (:func:`_prefill_chunks`), then step
+    """Prefill the rows whose prompts fill a chunk by their chunk programs (``_prefill_chunks``), then step
     ``prog`` until every row has finished: per step, each row feeds its next prompt token or its last new token
     at its own position (a finished row a dummy token at position 0); the logits of a row's last prompt token
     and of its new tokens go to its continuation. Each row's ``first_cycles`` is the simulated clock when its

@@ -14,11 +14,11 @@ GPT-2-small with more than one layer logits within :data:`~lpucore.llm.decoder.L
 (docs/guide/language-models.md, "Prefill").
 
 Where the two programs meet: one chip. The chunk program is compiled against the decode program
-(:func:`~lpucore.compiler.api.compile_sharing`): its weights, other shared constants and the cache states
+(``lpucore.compiler.api.compile_sharing``): its weights, other shared constants and the cache states
 (``k<l>``, ``v<l>``: the same names and shapes) are placed at the decode program's addresses, and nothing else of
 it touches an address the decode program keeps a constant or state at. Both programs are then loaded into the
 decoder's chip in turn: entering the chunk program loads its instructions and writes only its private constants
-(its masks, rotary tables and scatter bases, :meth:`~lpucore.compiler.lower.Compiled.private_constants`: the
+(its masks, rotary tables and scatter bases, ``Compiled.private_constants()``: the
 decode program's temporaries may have overwritten them), the chunks write the cache in place, and the next decode
 step loads the decode program back (its constants were never touched). No copy, no second chip, the weights in
 SRAM once. Only when that shared placement does not fit (the chunk's temporaries need room the decode program's
@@ -124,7 +124,7 @@ class ChunkProgram:
 
     @property
     def route(self) -> str:
-        """:data:`ONE_CHIP` (the decode program's chip, cache written in place) or :data:`OWN_CHIP`."""
+        """``ONE_CHIP`` (the decode program's chip, cache written in place) or ``OWN_CHIP``."""
         return ONE_CHIP if self.shared else OWN_CHIP
 
     @property
@@ -202,7 +202,7 @@ def run_prefill(prog: ChunkProgram, ids: np.ndarray, steps: List[StepStats]):
 
 def copy_cache(prog: ChunkProgram, compiled, chip) -> None:
     """Copy the KV cache states from the chunk program's own chip into ``chip`` running ``compiled`` (the
-    decode step program: the same state names and shapes); the :data:`OWN_CHIP` route only."""
+    decode step program: the same state names and shapes); the ``OWN_CHIP`` route only."""
     for name, (shape, _d) in prog.compiled.states.items():
         if compiled.states.get(name, (None,))[0] != shape:
             raise LpuError(f"the decode program has no cache state {name}{list(shape)} to take the prefill's")
