@@ -37,7 +37,7 @@ from lpucore import ChipConfig
 from lpucore.errors import ModelDoesNotFit
 from lpucore.llm import model_config
 from lpucore.llm.pipeline import plan_stages
-from lpucore.llm.predict import PUBLISHED, predict, predict_tensor_parallel
+from lpucore.llm.predict import PUBLISHED, PUBLISHED_TTFT, predict, predict_prefill, predict_tensor_parallel
 
 #: the context each model is predicted at by default (the issue's)
 FULL = {"llama2-7b": 2048, "llama2-70b": 4096, "mixtral-8x7b": 4096}
@@ -57,7 +57,7 @@ def _summary(name, kind, p, chips, nodes) -> str:
             f"{groq}")
 
 
-def run_model(name, a, out, lines):
+def run_model(name, a, out, lines, ttft):
     """Pipeline and tensor-parallel predictions of ``name`` at its capacity; appends to ``out`` and ``lines``."""
     cap = FULL.get(name, 2048) if a.capacity == "full" else int(a.capacity)
     chip = ChipConfig.groqchip1()
@@ -68,6 +68,8 @@ def run_model(name, a, out, lines):
         pipe_cap = a.outside_capacity
         print(f"{name} at {cap} positions as pipeline stages: {e}\n  -> pipeline at {pipe_cap} positions, for the "
               f"tensor-parallel step's embedding and head only\n", flush=True)
+    if a.prefill_only:
+        return _prefill(name, a, None, out, ttft)
     t0 = time.perf_counter()
     p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0))
     print(p.table(), flush=True)
@@ -84,6 +86,25 @@ def run_model(name, a, out, lines):
               f"{tp.wall_seconds_per_layer:.1f} s per simulated layer)\n", flush=True)
         out[name + f" tensor-parallel {cap}"] = tp.to_dict()
         lines.append(_summary(name, f"tensor par. {tp.group}", tp, tp.chips + tp.outside_chips, tp.nodes))
+    if a.prefill and name in PUBLISHED_TTFT:
+        _prefill(name, a, p, out, ttft)
+
+
+def _prefill(name, a, p, out, ttft):
+    """The time-to-first-token prediction of ``name`` (``p``: its pipeline prediction, or None with
+    ``--outside``); appends to ``out`` and ``ttft``."""
+    t0 = time.perf_counter()
+    at = tuple(int(c) for c in a.prefill_at.split(",")) if a.prefill_at else None
+    outside = tuple(int(c) for c in a.outside.split(",")) if a.outside else None
+    pf = predict_prefill(name, a.precision, group=a.prefill_group, chunk=a.prefill, prompt_tokens=a.prompt,
+                         pipeline=p, measured_at=at, outside=outside)
+    print(pf.table(), flush=True)
+    print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {pf.compile_seconds:.0f} s, "
+          f"{pf.wall_seconds:.1f} s to simulate the chunk layer)\n", flush=True)
+    out[name + f" prefill {a.prompt}"] = pf.to_dict()
+    groq = "; ".join(f"{k}: {v}" for k, v in PUBLISHED_TTFT.get(name, {}).items()) or "-"
+    ttft.append(f"{name:13s} {a.prompt:6d} {pf.chunk:5d} {pf.chips:5d} {pf.ttft_cycles:>12,} "
+                f"{pf.ttft_seconds:9.4f} {pf.bound_ttft_cycles / pf.clock_hz:9.4f}  {groq}")
 
 
 def main(argv=None):
@@ -95,16 +116,30 @@ def main(argv=None):
     ap.add_argument("--outside-capacity", type=int, default=32,
                     help="the pipeline's cache when the attention does not fit a chip at --capacity")
     ap.add_argument("--tensor-parallel", type=int, default=8, help="chips per tensor-parallel group (0: skip)")
+    ap.add_argument("--prefill", type=int, default=16,
+                    help="prompt rows per chunk for the time-to-first-token prediction (0: skip)")
+    ap.add_argument("--prefill-group", type=int, default=8, help="chips per group of the prefill prediction")
+    ap.add_argument("--prompt", type=int, default=550, help="prompt tokens of the time-to-first-token prediction")
+    ap.add_argument("--prefill-at", default="", help="S1,S2: simulate the chunk layer at these caches and "
+                    "extrapolate linearly to the prompt's (a full-cache 70B chunk layer compiles slowly)")
+    ap.add_argument("--prefill-only", action="store_true", help="only the time-to-first-token prediction")
+    ap.add_argument("--outside", default="", help="CYCLES,CHIPS of the embedding and head, from a pipeline "
+                    "prediction's table (its simulated step less its layers), instead of running it")
     a = ap.parse_args(argv)
     if a.capacity != "full" and not a.capacity.isdigit():
         ap.error(f"--capacity must be 'full' or a number of positions, not {a.capacity!r}")
     out: dict = {}
     lines: list = []
+    ttft: list = []
     for name in a.models.split(","):
-        run_model(name, a, out, lines)
+        run_model(name, a, out, lines, ttft)
     print(f"{'model':13s} {'cache':>5s}  {'system':16s} {'chips':>15s} {'cycles/token':>12s} {'tok/s/user':>9s} "
           f"{'per chip':>8s} {'bound':>11s} {'eff.':>7s}  Groq (tokens/s per user)")
     print("\n".join(lines))
+    if ttft:
+        print(f"{'model':13s} {'prompt':>6s} {'chunk':>5s} {'chips':>5s} {'TTFT cycles':>12s} {'TTFT s':>9s} "
+              f"{'bound s':>9s}  published")
+        print("\n".join(ttft))
     print(json.dumps(out))
 
 

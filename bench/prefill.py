@@ -6,7 +6,8 @@
 Defaults: GPT-2-small in int8 on one GroqChip, a 32-token prompt, chunks of 16 positions (32 rows' attention
 temporaries do not fit beside the weights), a 32-position KV cache. Each decoder
 generates once to compile and load its programs, then once more, measured: simulated time to first token
-(cycles at the chip's clock) and host time of that prefill (the simulation, and for chunks the cache copy).
+(cycles at the chip's clock) and host time of that prefill (the simulation; the chunk program shares the
+decode program's chip, or on the own-chip fallback route the host also copies the cache).
 """
 
 import sys
@@ -42,7 +43,8 @@ def main(argv):
         res, host, first = ttft(dec, prompt)
         st = res.stats
         out[label] = res
-        print(f"{label}: prefill_chunk {st.prefill_chunk}; time to first token {st.ttft_seconds * 1e6:,.1f} us "
+        print(f"{label}: prefill_chunk {st.prefill_chunk} ({st.prefill_route or 'step program'}); "
+              f"time to first token {st.ttft_seconds * 1e6:,.1f} us "
               f"simulated ({st.ttft_cycles:,} cycles, {st.prefill_cycles_per_token:,.0f} per prompt token); "
               f"host {host:.2f} s (first call, with compiling and loading: {first:.1f} s)")
         if st.prefill_chunk > 1:

@@ -513,8 +513,11 @@ def serve(model: "Decoder", name: str, host: str = "127.0.0.1", port: int = 8000
     engine = Engine(model, max_batch)
     server = Server(Api(engine, name), host, port, verbose)
     engine.start()
+    progs = engine.chunk_programs
+    chunks = (f", prompt chunks of {progs[0].rows} rows: " + " / ".join(f"{c.cycles:,}" for c in progs)
+              + " cycles by row" if progs else "")
     print(f"lpucore serve: {name} ({model.precision}, {max_batch} rows of {model.capacity} positions, step "
-          f"{engine.prog.compiled.expected_cycles:,} cycles on {model.chip_config.name}) at {server.url}",
+          f"{engine.prog.compiled.expected_cycles:,} cycles{chunks} on {model.chip_config.name}) at {server.url}",
           file=out, flush=True)
     try:
         server.serve_forever()

@@ -140,3 +140,67 @@ def test_bad_batches():
         dec.generate([[1], list(range(12))], max_new_tokens=2)
     with pytest.raises(ValueError, match="on_text"):
         dec.generate([[1], [2]], max_new_tokens=1, on_text=print)
+
+
+def test_long_prompts_are_prefilled_in_chunks_into_their_rows():
+    """A batch's rows whose prompts fill a chunk are prefilled by a chunk program of their own row's cache
+    (compiled against the batch's program, on its chip), one row after the other, before the batch steps;
+    the others prefill token by token in the steps. Every row's tokens and logits are those of the same batch
+    token by token, bit for bit, and a chunked row's those of decoding it alone."""
+    prompts = [[200, 3, 7, 11, 5, 9, 1], [5, 6], [9, 8, 7, 6, 5]]      # 2 chunks of 4, token by token, 2 chunks
+    dec = Decoder.random("tiny", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=4)
+    res = dec.generate(prompts, max_new_tokens=3)
+    prog = dec.batch_program(3)
+    st = res.stats
+    assert st.prefill_chunk == 4 and st.prefill_route == "one chip" and sorted(prog.chunks) == [0, 2]
+    assert all(c.chip is prog.chip and c.shared for c in prog.chunks.values())
+    assert st.chunk_cycles == st.chunk_predicted_cycles and st.step_cycles == st.predicted_cycles
+    assert [s.chunk_tokens for s in st.steps[:4]] == [4, 3, 4, 1] and not any(s.chunk_tokens for s in st.steps[4:])
+    # each row's chunk program is placed on its own (cycles may differ a little), each as predicted
+    c0, c2, s = prog.chunks[0].cycles, prog.chunks[2].cycles, st.step_cycles
+    assert [x.cycles for x in st.steps[:4]] == [c0, c0, c2, c2] and st.chunk_cycles == c0
+    # the clock: row 0's first token after its 2 chunks, row 2's after all 4, row 1's after 2 more steps
+    assert st.ttft_cycles == [2 * c0, 2 * c0 + 2 * c2 + 2 * s, 2 * c0 + 2 * c2] == [r.stats.ttft_cycles for r in res]
+    assert [r.stats.prefill_route for r in res] == ["one chip", "", "one chip"]
+    assert [s.tokens for s in res[0].stats.steps] == [4, 3, 1, 1]
+    assert "prompt chunks of 4 positions, one chip" in st.table()
+    for b in (0, 2):
+        alone = dec.generate(prompts[b], max_new_tokens=3)
+        np.testing.assert_array_equal(res[b].logits, alone.logits)
+    dec.prefill_chunk = 1
+    one = dec.generate(prompts, max_new_tokens=3)
+    assert one.stats.prefill_chunk == 1 and one.stats.ttft_cycles == [7 * s, 2 * s, 5 * s]
+    for a, b in zip(res, one):
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+        np.testing.assert_array_equal(a.logits, b.logits)
+
+
+def test_one_stacked_cache_state_prefills_token_by_token():
+    """G == 1: the rows' caches are one stacked state, which a chunk program cannot address by row: the batch
+    prefills token by token (documented limitation)."""
+    dec = Decoder.random("tiny-gpt2", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=4)
+    res = dec.generate([[200, 3, 7, 11, 5], [5, 6]], max_new_tokens=2)
+    assert res.stats.prefill_chunk == 1 and dec.batch_program(2).chunks == {0: None}
+    assert res.stats.ttft_cycles == [5 * res.stats.step_cycles, 2 * res.stats.step_cycles]
+
+
+def test_the_server_engine_prefills_admitted_prompts_in_chunks():
+    """lpucore.llm.serve.Engine: an admitted prompt that fills a chunk is prefilled by its row's chunk program
+    before the next step; its tokens are those of decoding it alone and its simulated time to first token is
+    its chunks' cycles; a short prompt still goes token by token."""
+    from lpucore.llm.sampling import SamplingParams
+    from lpucore.llm.serve import Engine
+    dec = Decoder.random("tiny", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=4)
+    engine = Engine(dec, 2).start()
+    try:
+        long = engine.submit([200, 3, 7, 11, 5, 9, 1], 3, SamplingParams())
+        toks = [d[0] for k, d in long.events(timeout=300) if k == "token"]
+        short = engine.submit([5, 6], 2, SamplingParams())
+        list(short.events(timeout=300))
+    finally:
+        engine.stop()
+    chunk = engine.prog.chunks[0]
+    assert chunk.shared and chunk.chip is engine.prog.chip and engine.chunks == 2
+    assert toks == dec.generate([200, 3, 7, 11, 5, 9, 1], max_new_tokens=3).tokens.tolist()
+    assert long.first - long.arrival == 2 * chunk.cycles
+    assert short.first - short.arrival == 2 * engine.prog.compiled.expected_cycles

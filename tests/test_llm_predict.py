@@ -86,3 +86,33 @@ def test_tensor_parallel_prediction_repeats_a_layer_that_is_identical_by_constru
                                    min_cols=1)
     assert long.capacity == 24 and long.outside_capacity == 8 and "8-position cache" in long.table()
     assert long.layer_cycles > tp.layer_cycles and long.max_error <= long.error_bound
+
+
+def test_prefill_prediction_streams_the_chunks_through_the_groups():
+    """predict_prefill: layer 1 for one prompt chunk simulated over a group (its rows checked against the
+    reference's residual stream, its cycles as predicted), and the time to first token derived as the first
+    chunk's pass through every group plus one slowest stage per further chunk."""
+    from lpucore import ChipConfig
+    from lpucore.llm.predict import _handover_cycles, predict_prefill
+    chip = ChipConfig.small()
+    cfg = dataclasses.replace(model_config("tiny"), n_layers=4, name="tiny4")
+    pipe = predict(cfg, "fp16", capacity=8, config=chip, unit_per_chip=True)
+    pf = predict_prefill(cfg, "fp16", group=2, chunk=4, prompt_tokens=10, pipeline=pipe, config=chip, min_cols=1)
+    assert pf.max_error <= pf.error_bound and pf.chunks == 3 and pf.capacity == 12
+    assert pf.chunk_layer_cycles == sum(pf.layer_parts.values()) and list(pf.layer_parts) == ["attention + MLP"]
+    assert pf.groups == -(-4 // pf.layers_per_group) and pf.chips == 2 * pf.groups + 2
+    assert pf.outside_cycles == pipe.simulated_step_cycles - 2 * pipe.layer_cycles > 0
+    assert pf.stage_cycles == pf.layers_per_group * pf.chunk_layer_cycles + pf.handover_cycles
+    assert pf.fill_cycles == 4 * pf.chunk_layer_cycles + (pf.groups - 1) * pf.handover_cycles + pf.outside_cycles
+    assert pf.ttft_cycles == pf.fill_cycles + 2 * pf.stage_cycles and pf.ttft_seconds == pf.ttft_cycles / 900e6
+    assert 0 < pf.bound_ttft_cycles < pf.ttft_cycles and "= fill + (3 - 1) x stage" in pf.table()
+    # a chunk's hand-over carries its 4 rows: more than one row's
+    assert pf.handover_cycles > _handover_cycles(chip, cfg.d_model)
+    # measured at two caches and extrapolated linearly: at one of them, exactly the simulated layer
+    lin = predict_prefill(cfg, "fp16", group=2, chunk=4, prompt_tokens=10, config=chip, min_cols=1,
+                          measured_at=(8, 12), outside=(pf.outside_cycles, pf.outside_chips))
+    assert lin.chunk_layer_cycles == pf.chunk_layer_cycles and lin.ttft_cycles == pf.ttft_cycles
+    assert lin.measured_cycles[12] == pf.chunk_layer_cycles > lin.measured_cycles[8]
+    assert "extrapolated linearly to 12" in lin.table() and lin.max_error <= lin.error_bound
+    with pytest.raises(ValueError, match="does not hold"):
+        predict_prefill(cfg, "fp16", chunk=4, prompt_tokens=10, capacity=8, pipeline=pipe, config=chip)

@@ -59,6 +59,9 @@ def test_chunks_give_the_token_by_token_bits(name, precision):
     assert st.step_cycles == st.predicted_cycles and st.step_cycles < st.chunk_cycles
     assert 0 < st.chunk_mxm_utilisation < 1 and max(st.chunk_bounds.values()) <= st.chunk_cycles
     assert "2 chunks of 4 positions" in st.table()
+    # one chip: the chunk program shares the decode chip, its weights and its cache (no copy)
+    assert st.prefill_route == "one chip" and dec.prefill_program().chip is dec.chip
+    assert "one chip" in st.table() and "prefill_chunk=4 (one chip)" in repr(dec)
 
     dec.prefill_chunk = 1           # the same decoder, token by token
     try:
@@ -120,26 +123,98 @@ def test_default_chunk_is_capped_by_the_capacity():
 
 
 def test_a_chunk_that_does_not_fit_is_halved(monkeypatch):
-    """chunk_program retries with half the rows while the compiler says the program does not fit; with none
-    left the decoder prefills token by token."""
+    """chunk_program retries with half the rows while the compiler says the program does not fit, first
+    sharing the decode program's chip, then on a chip of its own; with none left the decoder prefills token by
+    token."""
     from lpucore.errors import CompileError
     from lpucore.llm import prefill
     tried = []
 
     class Fake:
-        def __init__(self, dec, rows):
-            tried.append(rows)
-            if rows > 2:
+        def __init__(self, dec, rows, base=None, chip=None, cache_row=None):
+            tried.append((rows, base is not None))
+            if rows > 2 or base is not None:
                 raise CompileError("tensor 'x' needs 9 bytes: the graph does not fit on this chip")
             self.rows = rows
 
     monkeypatch.setattr(prefill, "ChunkProgram", Fake)
-    assert prefill.chunk_program(None, 16).rows == 2 and tried == [16, 8, 4, 2]
-    monkeypatch.setattr(Fake, "__init__", lambda self, dec, rows: (_ for _ in ()).throw(CompileError("does not fit")))
+    assert prefill.chunk_program(None, 16).rows == 2 and tried == [(16, False), (8, False), (4, False), (2, False)]
+    tried.clear()
+    assert prefill.chunk_program(None, 8, base="decode program").rows == 2
+    assert tried == [(8, True), (4, True), (2, True), (8, False), (4, False), (2, False)]
+    monkeypatch.setattr(Fake, "__init__", lambda self, dec, rows, *a, **k: (_ for _ in ()).throw(
+        CompileError("does not fit")))
     monkeypatch.setattr("lpucore.llm.decoder.chunk_program", prefill.chunk_program)
     dec = Decoder.random("tiny", capacity=CAPACITY, prefill_chunk=8)
     assert dec.prefill_program() is None and dec.prefill_chunk == 1
     # another compile error is not swallowed
-    monkeypatch.setattr(Fake, "__init__", lambda self, dec, rows: (_ for _ in ()).throw(CompileError("bad graph")))
+    monkeypatch.setattr(Fake, "__init__", lambda self, dec, rows, *a, **k: (_ for _ in ()).throw(
+        CompileError("bad graph")))
     with pytest.raises(CompileError, match="bad graph"):
         prefill.chunk_program(None, 4)
+
+
+def test_own_chip_route_when_sharing_does_not_fit(monkeypatch):
+    """When the chunk program does not fit beside the decode program's constants and cache, it runs on a chip
+    of its own and the cache is copied: the same tokens and logits as the one-chip route, bit for bit."""
+    from lpucore.errors import CompileError
+    shared = decoder("tiny", "int8").generate(PROMPT, max_new_tokens=NEW)
+
+    def no_room(graph, base):
+        raise CompileError("tensor 'x' needs 9 bytes: the graph does not fit on this chip")
+    monkeypatch.setattr("lpucore.compiler.api.compile_sharing", no_room)
+    dec = Decoder.random("tiny", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=CHUNK)
+    own = dec.generate(PROMPT, max_new_tokens=NEW)
+    assert own.stats.prefill_route == "own chip + copy" and dec.prefill_program().chip is not dec.chip
+    assert shared.stats.prefill_route == "one chip" and "own chip + copy" in repr(dec)
+    np.testing.assert_array_equal(own.tokens, shared.tokens)
+    np.testing.assert_array_equal(own.logits, shared.logits)
+    # each placement its own static program: measured == predicted on either route
+    for st in (own.stats, shared.stats):
+        assert st.ttft_cycles == 2 * st.chunk_cycles == 2 * st.chunk_predicted_cycles
+
+
+def test_one_chip_prefill_on_the_reference_engine():
+    """The one-chip route on a reference-engine decoder: the fast engine's tokens, logits and cycles."""
+    fast = decoder("tiny-gpt2", "int8").generate(PROMPT, max_new_tokens=NEW)
+    dec = Decoder.random("tiny-gpt2", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=CHUNK,
+                         engine="reference")
+    ref = dec.generate(PROMPT, max_new_tokens=NEW)
+    assert ref.stats.prefill_route == "one chip"
+    np.testing.assert_array_equal(ref.tokens, fast.tokens)
+    np.testing.assert_array_equal(ref.logits, fast.logits)
+    assert [s.cycles for s in ref.stats.steps] == [s.cycles for s in fast.stats.steps]
+
+
+def test_bucketed_decoder_prefills_in_chunks():
+    """Cache buckets and the chunk program on one chip: the chunks fill the full cache in place, then each
+    step runs its bucket's program (whose private constants are written again after the chunks); the tokens,
+    logits and cache are those of the same decoder token by token."""
+    dec = Decoder.random("tiny", seed=SEED, precision="int8", capacity=16, prefill_chunk=CHUNK, buckets=[8])
+    res = dec.generate(PROMPT, max_new_tokens=NEW)
+    chunked_cache = cache(dec)
+    assert res.stats.prefill_route == "one chip" and res.stats.prefill_chunk == CHUNK
+    assert [s.bucket for s in res.stats.steps if s.phase == "decode"] == [8, 16]
+    assert all(s.cycles == res.stats.bucket_cycles[s.bucket] for s in res.stats.steps if s.phase == "decode")
+    dec.prefill_chunk = 1
+    one = dec.generate(PROMPT, max_new_tokens=NEW)
+    np.testing.assert_array_equal(one.tokens, res.tokens)
+    np.testing.assert_array_equal(one.logits, res.logits)
+    for a, b in zip(cache(dec), chunked_cache):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_decode_program_from_the_compile_cache_is_placed_again(monkeypatch, tmp_path):
+    """A step program read from the compile cache has no placements to share: the decoder compiles it again
+    (the same program) before compiling the chunk program against it, and prefills on one chip."""
+    monkeypatch.setenv("LPUCORE_CACHE", "1")
+    monkeypatch.setenv("LPUCORE_CACHE_DIR", str(tmp_path))
+    Decoder.random("tiny-gpt2", seed=SEED, precision="int8", capacity=CAPACITY).compile()   # fills the cache
+    dec = Decoder.random("tiny-gpt2", seed=SEED, precision="int8", capacity=CAPACITY, prefill_chunk=CHUNK)
+    cached = dec.compile()
+    assert not cached.layout
+    res = dec.generate(PROMPT, max_new_tokens=NEW)
+    assert dec.compiled is not cached and dec.compiled.layout and res.stats.prefill_route == "one chip"
+    assert dec.compiled.expected_cycles == cached.expected_cycles == res.stats.step_cycles
+    want = decoder("tiny-gpt2", "int8").generate(PROMPT, max_new_tokens=NEW)
+    np.testing.assert_array_equal(res.logits, want.logits)

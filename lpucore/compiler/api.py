@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from typing import Callable, Optional, Union
 
+import numpy as np
+
 from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError
@@ -86,15 +88,56 @@ def compile_sharing(graph: Graph, base: Compiled) -> Compiled:
     Scatter, which then holds ``base``'s first rows), is placed at ``base``'s addresses, and nothing
     else of the program touches any address ``base`` keeps a constant or state at.
     :meth:`Compiled.private_constants` are what the host writes when it switches to this program.
-    ``base`` must come from this process's compiler (not the compile cache). Not cached."""
+    ``base`` must come from this process's compiler (not the compile cache). Not cached.
+
+    A name is no proof of the same values: the compiler names its own constants (masks, scatter bases) by
+    node number, and two graphs' numbers can meet on different values. A constant placed at ``base``'s
+    addresses holding other values than ``base``'s is compiled again away from them (it is then private)."""
     if not isinstance(graph, Graph):
         raise GraphError("compile_sharing expects an lpucore.Graph")
     if not base.layout:
         raise CompileError("compile_sharing: the base program has no placements to share (compiled in this "
                            "process, with LPUCORE_CACHE=0 or by compile_sharing?)")
+    exclude: frozenset = frozenset()
+    for _ in range(3):          # the same graph lowers to the same constants: one more pass settles it
+        out = _compile_shared(graph, base, exclude)
+        clash = _value_clashes(out, base)
+        if not clash:
+            return out
+        exclude |= clash
+    raise CompileError(f"compile_sharing: constants {sorted(clash)[:3]} keep clashing with the base program's")
+
+
+def _compile_shared(graph: Graph, base: Compiled, exclude: frozenset) -> Compiled:
+    """One compile of ``graph`` placed around ``base`` (:meth:`Compiler.share`); as :func:`compile_one`, a graph
+    with in-place scatters that does not fit is compiled once more with their constants placed first."""
     c = Compiler(graph, base.config)
-    c.share(base)
+    c.share(base, exclude)
+    try:
+        return c.run()
+    except CompileError as e:
+        if "does not fit" not in str(e) or not any(n.op == "scatter" for n in graph.nodes):
+            raise
+    c = Compiler(graph, base.config)
+    c.share(base, exclude)
+    c.reserve_scatter = True
     return c.run()
+
+
+def _value_clashes(c: Compiled, base: Compiled) -> frozenset:
+    """Tensor-table names ``c`` placed at ``base``'s addresses for a constant whose values differ from the
+    one ``base`` keeps there."""
+    out = set()
+    for name, arr in c.constants.items():
+        shared = [m for m in c.members(name) if m in c.shared]
+        if not shared or name in c.states:      # a state's values are the program's to write, not the host's
+            continue
+        other = base.constants.get(name)
+        same = (other is not None and c.members(name) == base.members(name) and other.dtype == arr.dtype
+                and other.shape == arr.shape and np.array_equal(other, arr))
+        if not same:
+            out.update(shared)
+    return frozenset(out)
 
 
 def compile_one(graph: Graph, cfg: ChipConfig) -> Compiled:

@@ -85,14 +85,16 @@ class Compiled:
     # tensor-table entries at another program's addresses, holding its values (compile_sharing)
     shared: FrozenSet[str] = field(default_factory=frozenset, compare=False)
 
+    def members(self, name: str) -> List[str]:
+        """The tensor-table names constant ``name`` is held as (its tiles and row parts, else itself)."""
+        held = [m for m, _ in self.tiles.get(name, ())] + [m[0] for m in self.row_parts.get(name, ())]
+        return held or [name]
+
     def private_constants(self) -> List[str]:
         """The constants (names of :attr:`constants`) this program does not share with the one it was
         compiled against (``lpucore.compiler.api.compile_sharing``): what the host writes when it loads
         this program into a chip that holds the other's; every constant for a program sharing nothing."""
-        def members(name: str) -> List[str]:
-            held = [m for m, _ in self.tiles.get(name, ())] + [m[0] for m in self.row_parts.get(name, ())]
-            return held or [name]
-        return [n for n in self.constants if not all(m in self.shared for m in members(n))]
+        return [n for n in self.constants if not all(m in self.shared for m in self.members(n))]
 
     @property
     def config(self) -> ChipConfig:
@@ -357,18 +359,20 @@ class Compiler:
             self.tables.append((name, vt))
         return vt
 
-    def share(self, base: Compiled) -> None:
+    def share(self, base: Compiled, exclude: FrozenSet[str] = frozenset()) -> None:
         """Before :meth:`run`: keep every address ``base`` holds a constant or state at out of this program's
         reach, and place this program's constant or state of the same name, dtype and width at the same
         addresses (a state of fewer rows, striped over a power of two of slices, as the first rows of
         ``base``'s: row r of either lies at the same address). Both programs can then be loaded into one
-        chip in turn, the shared tensors written once (:func:`compile_sharing`)."""
+        chip in turn, the shared tensors written once (:func:`compile_sharing`). The names in ``exclude`` are
+        kept out of reach but not shared (a constant of the same name holding other values)."""
         for name, vt in base.layout.items():
             per = -(-vt.rows // vt.stripes) * vt.chunks + vt.spare
             for p in range(vt.planes):
                 for g, a in zip(vt.slices[p], vt.bases[p]):
                     self.mem.reserve(g, a, per)
-            self.pinned[name] = vt
+            if name not in exclude:
+                self.pinned[name] = vt
 
     def _pinned_vt(self, name, d, rows, c, kind, pow2, spare) -> Optional[VT]:
         """``name`` at the addresses of :attr:`pinned`'s tensor of that name, or None when it differs (then it

@@ -29,45 +29,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Dict, List, Optional, Protocol, Sequence, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ..errors import CompileError, LpuError, ModelDoesNotFit
 from .continuation import Continuation
+from .prefill import DecoderLike
 from .steps import GenerateResult
 
 if TYPE_CHECKING:
-    from ..chip import Chip
-    from ..compiler.lower import Compiled
-    from ..config import ChipConfig
-    from .reference import Reference
-    from .shapes import ModelConfig
-
-
-class DecoderLike(Protocol):
-    """What a batch uses of a :class:`~lpucore.llm.Decoder`: its model, chip and step program (a protocol,
-    so that this module, which the decoder imports, does not import it back)."""
-
-    cfg: ModelConfig
-    precision: str
-    chip_config: ChipConfig
-    capacity: int
-    chips: int
-    engine: str
-    fp16_mxm: str
-    block: int
-    ref: Reference
-    spans: List[Tuple[str, int, int]]
-    compile_seconds: float
-
-    @property
-    def chip(self) -> Chip: ...
-
-    def compile(self) -> Compiled: ...
-
-    @staticmethod
-    def memory_bytes(cfg: ModelConfig, precision: str, capacity: int) -> Tuple[int, int]: ...
+    from .prefill import ChunkProgram
 
 
 @dataclass
@@ -85,6 +57,7 @@ class BatchStepStats:
     mxm_utilisation: float      # fraction of MXM plane-cycles busy
     macs: int
     wall_seconds: float         # host time to simulate the step
+    chunk_tokens: int = 0       # a prompt chunk of one row (lpucore.llm.prefill): its prompt tokens; 0 a step
 
     @property
     def tokens_per_second(self) -> float:
@@ -118,6 +91,14 @@ class BatchStats:
     compile_seconds: float
     wall_seconds: float
     steps: List[BatchStepStats] = field(default_factory=list)
+    # chunked prefill (module docstring, "Prefill"): the rows per chunk (1: every row token by token), where the
+    # chunk programs ran, one chunk's cycles (and the compiler's prediction), and each row's simulated time to
+    # first token (cycles from the batch's start to the end of the run that chose its first token)
+    prefill_chunk: int = 1
+    prefill_route: str = ""
+    chunk_cycles: int = 0
+    chunk_predicted_cycles: int = 0
+    ttft_cycles: List[int] = field(default_factory=list)
 
     @property
     def step_seconds(self) -> float:
@@ -157,6 +138,10 @@ class BatchStats:
             ("tokens/s per user", f"{self.tokens_per_second_per_user:,.0f}"),
             ("tokens/s aggregate", f"{self.peak_tokens_per_second:,.0f} with all {self.batch} rows decoding; "
                                    f"{self.tokens_per_second:,.0f} over this run ({len(self.steps)} steps)"),
+            ("time to first token", ", ".join(f"{c / self.clock_hz * us:.2f}" for c in self.ttft_cycles)
+             + " us by row" + ("" if self.prefill_chunk == 1 else
+                               f" (prompt chunks of {self.prefill_chunk} positions, {self.prefill_route}: "
+                               f"{self.chunk_cycles:,} cycles each, predicted {self.chunk_predicted_cycles:,})")),
             ("MXM utilisation", f"{100 * self.mxm_utilisation:.1f} %"),
             ("SRAM in use", f"{self.sram_bytes / 1e6:.1f} MB of {self.sram_capacity / 1e6:.1f} MB "
                             f"(weights {self.weight_bytes / 1e6:.1f} MB, "
@@ -237,12 +222,17 @@ class BatchProgram:
         import lpucore
 
         from ..chip import Chip
+        from ..compiler.api import compile_one
         from .program import build_step
         from .steps import _breakdown
         batch_fit(dec, batch)
+        self.chunks: Dict[int, Optional[ChunkProgram]] = {}     # row -> its chunk program (chunk_program)
         self.batch: int = batch
+        # the chunk programs are compiled against this program (compile_sharing), which needs its placements:
+        # a program read from the compile cache has none
+        chunked = dec.prefill_chunk > 1
         if like is None and batch == 1:     # the single-sequence program and chip
-            self.compiled = dec.compile()
+            self.compiled = dec._sharing_base() if chunked else dec.compile()
             self.spans, self.compile_seconds = dec.spans, dec.compile_seconds
         elif like is not None:
             if like.batch != batch:
@@ -253,7 +243,7 @@ class BatchProgram:
             graph, self.spans = build_step(dec.cfg, dec.ref.w, dec.ref.quantized, dec.precision, dec.capacity,
                                            dec.block, batch=batch)
             try:
-                self.compiled = lpucore.compile(graph, dec.chip_config)
+                self.compiled = (compile_one if chunked else lpucore.compile)(graph, dec.chip_config)
             except CompileError as e:
                 if "does not fit" not in str(e):
                     raise
@@ -271,8 +261,48 @@ class BatchProgram:
             self.chip = Chip(dec.chip_config, engine=dec.engine, fp16_mxm=dec.fp16_mxm)
             self.compiled.load(self.chip)
 
+    def chunk_program(self, dec: DecoderLike, row: int) -> Optional[ChunkProgram]:
+        """The prompt-chunk program filling row ``row``'s cache (:mod:`lpucore.llm.prefill`; made on first use and
+        kept): for one sequence the decoder's own; else compiled against this program with that row's cache
+        states (``build_step(..., cache_row=row)``), on this chip. None when prefill runs token by token:
+        ``prefill_chunk`` 1, no chunk fits, or the rows' caches are one stacked state (one query head per kv
+        head, module docstring), which a chunk program cannot address by row."""
+        from .prefill import chunk_program  # prefill's types name this module's: imported when used
+        if dec.prefill_chunk == 1:
+            return None
+        if row not in self.chunks:
+            if self.chip is dec.chip:
+                self.chunks[row] = dec.prefill_program()
+            elif f"k0_b{row}" not in self.compiled.states:
+                self.chunks[row] = None
+            else:
+                self.chunks[row] = chunk_program(dec, dec.prefill_chunk, self.compiled, self.chip, row)
+        return self.chunks[row]
+
+    def prefill_row(self, dec: DecoderLike, row: int, ids: np.ndarray, steps: list):
+        """Prefill the prompt ``ids`` into row ``row``'s cache by its chunk program, when it has one, the prompt
+        fills a chunk and the chunks are predicted faster than a step per token (as one sequence's,
+        :meth:`Decoder._prefill_prompt <lpucore.llm.Decoder>`); one StepStats per chunk appended to ``steps``.
+        Returns (the prompt's last logits, the chunk program), or None (then the row prefills token by token in
+        the batch's steps)."""
+        from .prefill import copy_cache, run_prefill
+        known = self.chunks.get(row)        # a program made already may have fewer rows than asked (halved)
+        if dec.prefill_chunk == 1 or len(ids) < (known.rows if known is not None else dec.prefill_chunk):
+            return None
+        prog = self.chunk_program(dec, row)
+        if prog is None or len(ids) < prog.rows or \
+                -(-len(ids) // prog.rows) * prog.cycles >= len(ids) * self.compiled.expected_cycles:
+            return None
+        logits, _ = run_prefill(prog, ids, steps)
+        if not prog.shared:     # the own-chip route: the row's cache states (same names) into this chip
+            copy_cache(prog, self.compiled, self.chip)
+        return logits, prog
+
     def step(self, tokens: np.ndarray, positions: np.ndarray):
         """One step: ``tokens``, ``positions`` int ``[B]`` -> (logits float32 ``[B, vocab]``, RunStats)."""
+        if self.chip.program is not self.compiled.program:
+            # a chunk program ran on this chip: its constants never touched this program's
+            self.chip.load(self.compiled.program)
         self.chip.reset(clear_memory=False)
         self.compiled.write_inputs(self.chip, {"tok": np.asarray(tokens, np.int32),
                                                "pos": np.asarray(positions, np.int32)})
@@ -290,6 +320,8 @@ class _Row:
         self.fed = 0            # tokens fed so far (= the position of the next one)
         self.next = int(ids[0])
         self.steps: list = []   # its StepStats
+        self.first_cycles: Optional[int] = None     # the batch's simulated clock when its first token was chosen
+        self.chunk: Optional[ChunkProgram] = None   # the chunk program that prefilled it (None: token by token)
 
     @property
     def phase(self) -> str:
@@ -298,15 +330,42 @@ class _Row:
         return "prefill" if self.fed < len(self.ids) else "decode"
 
 
+def _prefill_chunks(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], steps: List[BatchStepStats],
+                    on_token) -> int:
+    """Before the batch's steps: each live row whose prompt its chunk program takes is prefilled by it, one
+    row after the other (:meth:`BatchProgram.prefill_row`), and chooses its first token. Returns the simulated
+    clock after them (cycles)."""
+    clock = 0
+    for b, r in enumerate(rows):
+        if r.seq.finished:
+            continue
+        got = prog.prefill_row(dec, b, r.ids, r.steps)
+        if got is None:
+            continue
+        logits, r.chunk = got
+        for s in r.steps:
+            clock += s.cycles
+            steps.append(BatchStepStats(len(steps), 1, 0, len(rows) - 1, 0, s.cycles, s.seconds, s.mxm_utilisation,
+                                        s.macs, s.wall_seconds, chunk_tokens=s.tokens))
+        steps[-1].new_tokens = 1
+        r.fed, r.first_cycles = len(r.ids), clock
+        r.next = r.seq.step(logits)
+        if on_token is not None:
+            on_token(b, r.next, r.steps[-1])
+    return clock
+
+
 def run_batch(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], on_token=None):
-    """Step ``prog`` until every row has finished: per step, each row feeds its next prompt token or its
-    last new token at its own position (a finished row a dummy token at position 0); the logits of a row's
-    last prompt token and of its new tokens go to its continuation. Returns (BatchStepStats list, last
-    RunStats, wall seconds)."""
+    """Prefill the rows whose prompts fill a chunk by their chunk programs (``_prefill_chunks``), then step
+    ``prog`` until every row has finished: per step, each row feeds its next prompt token or its last new token
+    at its own position (a finished row a dummy token at position 0); the logits of a row's last prompt token
+    and of its new tokens go to its continuation. Each row's ``first_cycles`` is the simulated clock when its
+    first token was chosen. Returns (BatchStepStats list, last RunStats of a step, wall seconds)."""
     from .steps import StepStats
     B = len(rows)
     steps: List[BatchStepStats] = []
     t_start = time.perf_counter()
+    clock = _prefill_chunks(dec, prog, rows, steps, on_token)
     last = None
     while not all(r.seq.finished for r in rows):
         phases = [r.phase for r in rows]
@@ -316,6 +375,7 @@ def run_batch(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], on_token=N
         t0 = time.perf_counter()
         logits, last = prog.step(toks, pos)
         wall = time.perf_counter() - t0
+        clock += last.cycles
         new = 0
         for b, (r, ph) in enumerate(zip(rows, phases)):
             if ph == "idle":
@@ -327,6 +387,8 @@ def run_batch(dec: DecoderLike, prog: BatchProgram, rows: List[_Row], on_token=N
                 r.next = int(r.ids[r.fed])
                 continue
             r.next = r.seq.step(logits[b])
+            if r.first_cycles is None:
+                r.first_cycles = clock
             new += 1
             if on_token is not None:
                 on_token(b, r.next, r.steps[-1])

@@ -8,7 +8,8 @@
 A :class:`Decoder` compiles one *step program* (see :mod:`lpucore.llm.program`) the first time it is needed,
 loads it into a :class:`~lpucore.Chip` once (weights and the KV cache then stay in SRAM), and runs it once per
 new token (a decode step). A prompt of at least ``prefill_chunk`` tokens is prefilled in chunks of that many
-positions by a second program (:mod:`lpucore.llm.prefill`: one run per chunk, its rows as matrix products);
+positions by a second program on the same chip (:mod:`lpucore.llm.prefill`: one run per chunk, its rows as
+matrix products, the cache written in place);
 a shorter one runs one step per token. The program is static, so every
 step takes the same number of cycles (attention always spans the whole cache capacity, masked); the figures are
 those of the cycle-level run, not estimates.
@@ -296,9 +297,10 @@ class Decoder:
             raise ValueError(f"the KV cache is full: {self.capacity} positions (Decoder(capacity=...))")
         chip = self.chip                                   # compiled and loaded on first use
         bucket, compiled = self.program_for(self.position)
-        if bucket != self._loaded:
+        if bucket != self._loaded or chip.program is not compiled.program:
             # the weights and the cache are where both programs keep them; the smaller program's own
-            # constants (its rotary tables, masks) may have been overwritten by the other's temporaries
+            # constants (its rotary tables, masks) may have been overwritten by the other's temporaries (or a
+            # chunk program's, lpucore.llm.prefill, which leaves the full program's constants alone)
             chip.load(compiled.program)
             if bucket != self.capacity:
                 for name in compiled.private_constants():
@@ -433,7 +435,7 @@ class Decoder:
             r.seq.close()
             seq = r.seq
             logits = np.stack(seq.logits) if seq.logits else np.zeros((0, self.cfg.vocab_size), np.float32)
-            st = self._row_stats(prog, stats, r.steps, len(ids), len(seq.tokens))
+            st = self._row_stats(prog, stats, r, len(seq.tokens))
             results.append(GenerateResult(np.asarray(seq.tokens, dtype=np.int64), logits, st, text=seq.text,
                                           finish_reason=seq.finish_reason or "length", prompt_ids=ids,
                                           prompt_text=text, stop_string=seq.stop_string))
@@ -445,6 +447,8 @@ class Decoder:
         cfg, compiled = self.chip_config, prog.compiled
         w, kv = self.memory_bytes(self.cfg, self.precision, self.capacity)
         by_unit = {} if last is None else {u: int(v.get("busy_cycles", 0)) for u, v in last.by_unit.items()}
+        chunk = next((r.chunk for r in rows if r.chunk is not None), None)     # the rows' chunk programs
+        made = {id(c): c for c in prog.chunks.values() if c is not None}
         return BatchStats(
             model=self.cfg.name, precision=self.precision, chip=cfg.name, clock_hz=cfg.clock_hz, batch=prog.batch,
             capacity=self.capacity, prompt_tokens=[len(r.ids) for r in rows],
@@ -453,22 +457,32 @@ class Decoder:
             predicted_cycles=compiled.expected_cycles,
             mxm_utilisation=last.mxm_utilisation if last is not None else 0.0, sram_bytes=compiled.memory_bytes,
             sram_capacity=cfg.sram_bytes, weight_bytes=w, kv_cache_bytes=kv * prog.batch, by_unit=by_unit,
-            by_part=dict(prog.by_part), by_op=dict(prog.by_op), compile_seconds=prog.compile_seconds,
-            wall_seconds=wall, steps=steps)
+            by_part=dict(prog.by_part), by_op=dict(prog.by_op), wall_seconds=wall, steps=steps,
+            compile_seconds=prog.compile_seconds + sum(c.compile_seconds for c in made.values()),
+            prefill_chunk=chunk.rows if chunk is not None else 1, prefill_route=chunk.route if chunk else "",
+            chunk_cycles=next((s.cycles for s in steps if s.chunk_tokens), 0),
+            chunk_predicted_cycles=chunk.cycles if chunk is not None else 0,
+            ttft_cycles=[r.first_cycles or 0 for r in rows])
 
-    def _row_stats(self, prog, bs, steps: List[StepStats], prompt_tokens: int, new_tokens: int) -> DecodeStats:
-        """One sequence's :class:`DecodeStats` in a batch: its own steps, the batch's program figures."""
+    def _row_stats(self, prog, bs, r, new_tokens: int) -> DecodeStats:
+        """One sequence's :class:`DecodeStats` in a batch (``r`` its :class:`~lpucore.llm.batch._Row`): its own
+        steps, the batch's program figures, its time to first token on the batch's clock (rows prefilled by
+        chunks before it count)."""
+        chunk = r.chunk         # the chunk program that prefilled it, or None: token by token
+        ttft = r.first_cycles or 0
         return DecodeStats(
             model=bs.model, precision=bs.precision, chip=bs.chip, clock_hz=bs.clock_hz, capacity=bs.capacity,
-            prompt_tokens=prompt_tokens, new_tokens=new_tokens, step_cycles=bs.step_cycles,
-            predicted_cycles=bs.predicted_cycles,
-            ttft_seconds=sum(s.seconds for s in steps if s.phase == "prefill"),
-            ttft_cycles=sum(s.cycles for s in steps if s.phase == "prefill"),
+            prompt_tokens=len(r.ids), new_tokens=new_tokens, step_cycles=bs.step_cycles,
+            predicted_cycles=bs.predicted_cycles, ttft_seconds=ttft / bs.clock_hz, ttft_cycles=ttft,
             tokens_per_second=bs.tokens_per_second_per_user, mxm_utilisation=bs.mxm_utilisation,
             sram_bytes=bs.sram_bytes, sram_capacity=bs.sram_capacity, weight_bytes=bs.weight_bytes,
             kv_cache_bytes=bs.kv_cache_bytes // bs.batch, by_unit=dict(bs.by_unit), by_part=dict(bs.by_part),
-            by_op=dict(bs.by_op), compile_seconds=bs.compile_seconds, wall_seconds=bs.wall_seconds, steps=steps,
-            bounds=prog.compiled.bounds().as_dict())
+            by_op=dict(bs.by_op), compile_seconds=bs.compile_seconds, wall_seconds=bs.wall_seconds, steps=r.steps,
+            bounds=prog.compiled.bounds().as_dict(), prefill_chunk=chunk.rows if chunk else 1,
+            prefill_route=chunk.route if chunk else "", chunk_cycles=r.steps[0].cycles if chunk else 0,
+            chunk_predicted_cycles=chunk.cycles if chunk else 0,
+            chunk_mxm_utilisation=r.steps[0].mxm_utilisation if chunk else 0.0,
+            chunk_bounds=chunk.compiled.bounds().as_dict() if chunk else {})
 
     def chat(self, messages: Sequence[Mapping[str, object]], max_new_tokens: int = 32, *,
              add_generation_prompt: bool = True, template_vars: Optional[Mapping[str, object]] = None,
@@ -532,14 +546,31 @@ class Decoder:
                              f"token by token), not {chunk!r}")
         return int(chunk)
 
+    def _sharing_base(self) -> Compiled:
+        """The step program with its placements (what :func:`~lpucore.compiler.api.compile_sharing` places a
+        second program against). One read from the compile cache has none: it is compiled again here (the
+        same program, so the chip holding it keeps it)."""
+        compiled = self.compile()
+        if not compiled.layout:
+            from ..compiler.api import compile_one
+            graph, _ = build_step(self.cfg, self.ref.w, self.ref.quantized, self.precision, self.capacity,
+                                  self.block)
+            self.compiled = compile_one(graph, self.chip_config)
+            if self._chip is not None and self._loaded == self.capacity:
+                self._chip.load(self.compiled.program)
+            return self.compiled
+        return compiled
+
     def prefill_program(self) -> Optional[ChunkProgram]:
-        """The prompt-chunk program (:class:`~lpucore.llm.prefill.ChunkProgram`, compiled and loaded on first
-        use, of ``prefill_chunk`` positions or fewer when that does not fit); None for ``prefill_chunk=1``
-        or when not even 2 positions fit."""
+        """The prompt-chunk program (:class:`~lpucore.llm.prefill.ChunkProgram`, compiled on first use, of
+        ``prefill_chunk`` positions or fewer when that does not fit), sharing the step program's chip, weights
+        and cache (``route`` "one chip"), or on a chip of its own when that does not fit; None for
+        ``prefill_chunk=1`` or when not even 2 positions fit."""
         if self.prefill_chunk == 1:
             return None
         if self._prefill is None or self._prefill.rows > self.prefill_chunk:
-            self._prefill = chunk_program(self, self.prefill_chunk)
+            base = self._sharing_base()
+            self._prefill = chunk_program(self, self.prefill_chunk, base, self.chip)
             if self._prefill is None:       # nothing fits: token by token from now on
                 self.prefill_chunk = 1
         return self._prefill
@@ -554,7 +585,10 @@ class Decoder:
         self._chunked = None
         if prog is not None and -(-len(ids) // prog.rows) * prog.cycles < len(ids) * compiled.expected_cycles:
             row, last = run_prefill(prog, ids, steps)
-            copy_cache(prog, compiled, self.chip)     # the decode chip takes the prefilled cache
+            if prog.shared:     # the cache is written in place; the next step loads its program back
+                self._loaded = 0
+            else:               # the decode chip takes the prefilled cache
+                copy_cache(prog, compiled, self.chip)
             self.position = len(ids)
             self._chunked = prog
             return row, last
@@ -599,6 +633,7 @@ class Decoder:
             chunk_predicted_cycles=prog.cycles if prog is not None else 0,
             chunk_mxm_utilisation=chunked[-1].mxm_utilisation if chunked else 0.0,
             chunk_bounds=prog.compiled.bounds().as_dict() if prog is not None else {},
+            prefill_route=prog.route if prog is not None else "",
             bucket_cycles={b: (self.bucket_programs[b] if b != self.capacity else compiled).expected_cycles
                            for b in self.buckets})
 
@@ -608,5 +643,7 @@ class Decoder:
         return Reference(self.cfg, self.ref.w, self.precision)
 
     def __repr__(self):
+        # the prefill route once the chunk program is made (lpucore.llm.prefill: one chip, or own chip + copy)
+        route = f", prefill_chunk={self._prefill.rows} ({self._prefill.route})" if self._prefill is not None else ""
         return (f"Decoder({self.cfg.name!r}, precision={self.precision!r}, chip={self.chip_config.name!r}, "
-                f"capacity={self.capacity})")
+                f"capacity={self.capacity}{route})")

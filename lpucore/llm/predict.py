@@ -287,23 +287,24 @@ class TensorParallelPrediction(_Model):
         return _table(rows, self.published)
 
 
-def _handover_cycles(chip: ChipConfig, d: int) -> int:
-    """Cycles :func:`~lpucore.compiler.pipeline.hand_over` adds to move a [1, d] float32 over one link."""
+def _handover_cycles(chip: ChipConfig, d: int, rows: int = 1) -> int:
+    """Cycles :func:`~lpucore.compiler.pipeline.hand_over` adds to move a [rows, d] float32 over one link."""
     import lpucore
 
     from ..compiler.pipeline import hand_over
     from ..graph import Graph
     g = Graph("residual")
-    g.output("x_out", g.add(g.input("x_in", (1, d), "float32"), 0.0))
+    g.output("x_out", g.add(g.input("x_in", (rows, d), "float32"), 0.0))
     c = lpucore.compile(g, chip)
     return hand_over(c, "x_out", c, "x_in", 0, 0)[2] - 2 * c.expected_cycles
 
 
 def _compile_layer(part: ModelConfig, ref: Any, precision: str, capacity: int, group: int, chip: ChipConfig,
-                   engine: str, min_cols: Optional[int], split_layer: Optional[bool]
+                   engine: str, min_cols: Optional[int], split_layer: Optional[bool], chunk: int = 1
                    ) -> Tuple[List[Tuple[Any, Any, bool]], List[str], float]:
     """Layer 1 of ``part`` compiled over ``group`` chips wired pairwise: the whole layer on one
-    group if its part fits a chip, else its attention and its MLP on a group each.  Returns the
+    group if its part fits a chip, else its attention and its MLP on a group each; ``chunk`` > 1: for a
+    prompt chunk of that many rows sharing one cache (:mod:`lpucore.llm.prefill`).  Returns the
     pieces (compiled, system, reads a position), their labels and the compile time (seconds)."""
     import time
 
@@ -318,7 +319,8 @@ def _compile_layer(part: ModelConfig, ref: Any, precision: str, capacity: int, g
     def compile_pieces(spans):
         out = []
         for lo, hi in spans:
-            graph, _ = build_step(part, ref.w, ref.quantized, precision, capacity, units=(lo, hi))
+            graph, _ = build_step(part, ref.w, ref.quantized, precision, capacity, units=(lo, hi), batch=chunk,
+                                  shared_cache=chunk > 1)
             system = System(group, topology=wires, config=chip, engine=engine)
             out.append((compile_system(graph, system, min_cols=min_cols), system, "pos" in graph.inputs))
         return out
@@ -413,5 +415,186 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
         compile_seconds=compile_seconds, wall_seconds_per_layer=float(np.mean(walls)),
         published=dict(PUBLISHED.get(cfg.name, {})))
 
+#: published times to first token (seconds), ../shared/TSP.md section 8 and issue 26
+PUBLISHED_TTFT = {
+    "llama2-70b": {"LLMPerf, Jan 2024: median, prompts of about 550 tokens": "0.22 s"},
+}
 
-__all__ = ["Prediction", "predict", "truncated", "PUBLISHED", "TensorParallelPrediction", "predict_tensor_parallel"]
+
+@dataclass
+class PrefillPrediction(_Model):
+    """Time to first token of a prompt prefilled in chunks of ``chunk`` rows through tensor-parallel groups
+    of ``group`` chips, one group per ``layers_per_group`` layers, from layer 1's chunk simulated on a group
+    (cycles at the chip's clock)."""
+
+    group: int
+    chunk: int                          # prompt positions per chunk (rows of the chunk program)
+    prompt_tokens: int
+    chunks: int                         # ceil(prompt_tokens / chunk)
+    chunk_layer_cycles: int             # simulated: layer 1 for one chunk on its group(s) (= every layer)
+    layer_parts: Dict[str, int]         # simulated: per group of the layer
+    layers_per_group: int               # derived: layers a group holds at STAGE_FILL (0: a layer takes 2 groups)
+    groups: int                         # derived: groups for all layers
+    handover_cycles: int                # simulated: a chunk's residual [chunk, d_model] float32, group to group
+    outside_cycles: int                 # from the pipeline prediction: embedding and head (one row), assumed
+    outside_chips: int
+    stage_cycles: int                   # derived: the slowest stage's time per chunk
+    fill_cycles: int                    # derived: the first chunk through every stage
+    ttft_cycles: int                    # derived: fill + (chunks - 1) x stage
+    chunk_layer_bound_cycles: int       # layer 1's chunk bound: its fullest chip's largest, per group
+    bound_ttft_cycles: int              # derived as ttft_cycles is, from the bounds, without hand-overs
+    chip_bytes: int                     # simulated: SRAM of the fullest chip of the chunk layer
+    max_error: float                    # the chunk's output rows against the reference's residual stream
+    error_bound: float
+    compile_seconds: float
+    wall_seconds: float                 # host seconds to simulate the chunk layer once
+    # measured_at: the layer's simulated cycles (its pieces, without hand-overs) at each smaller cache, from
+    # which chunk_layer_cycles is extrapolated linearly to ``capacity``; empty: simulated at ``capacity``
+    measured_cycles: Dict[int, int] = field(default_factory=dict)
+    published: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ttft_seconds(self) -> float:
+        return self.ttft_cycles / self.clock_hz
+
+    @property
+    def chips(self) -> int:
+        return self.groups * self.group + self.outside_chips
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d.update(ttft_seconds=self.ttft_seconds, chips=self.chips)
+        return d
+
+    def table(self) -> str:
+        us = _cycles(self.clock_hz)
+        rows = [
+            ("model", _model_line(self) + f", prompt chunks of {self.chunk} rows over groups of {self.group}"),
+            ("simulated", f"layer 1, one chunk of {self.chunk} rows on {len(self.layer_parts)} group(s) of "
+                          f"{self.group} chips: {us(self.chunk_layer_cycles)} ("
+                          + ", ".join(f"{k} {v:,}" for k, v in self.layer_parts.items()) + f"); fullest chip "
+                          f"{self.chip_bytes / 1e6:,.1f} MB; output rows vs reference: max error "
+                          f"{self.max_error:.2g} (bound {self.error_bound:.2g})"),
+            ("  measured at smaller caches", ", ".join(f"{c} positions {v:,} cycles" for c, v in
+                                                       self.measured_cycles.items()) +
+             f"; extrapolated linearly to {self.capacity}" if self.measured_cycles else "simulated at the cache"),
+            ("  hand-over of a chunk between groups", us(self.handover_cycles)),
+            ("  embedding and head (decode pipeline, assumed)", us(self.outside_cycles)),
+            ("system (derived)", f"{self.groups} groups of {self.group} for {self.n_layers} layers + "
+                                 f"{self.outside_chips} chips: {self.chips} chips"),
+            ("per chunk, slowest stage (derived)", us(self.stage_cycles)),
+            ("first chunk through all stages (derived)", us(self.fill_cycles)),
+            ("time to first token (derived)", f"{us(self.ttft_cycles)} = fill + ({self.chunks} - 1) x stage, "
+                                              f"for {self.prompt_tokens} prompt tokens: "
+                                              f"{self.ttft_seconds:.4f} s"),
+            ("bound (derived)", us(self.bound_ttft_cycles)),
+        ]
+        w = max(len(k) for k, _ in rows)
+        return "\n".join([f"{k:<{w}}  {v}" for k, v in rows] + [f"published: {k}  {v}" for k, v in
+                                                                 self.published.items()])
+
+
+def _run_chunk_layer(ref: Any, pieces: List[Tuple[Any, Any, bool]], chunk: int) -> Tuple[float, float, float]:
+    """Run the compiled chunk layer on the reference's residual stream before layer 1 at positions
+    0..chunk-1 (the prompt's first chunk); returns the largest difference of its output rows from the
+    reference's stream after layer 1, the host seconds and the documented bound."""
+    import time
+    ref.hidden = []
+    ref.prefill(list(range(1, chunk + 1)))
+    x_in, x_ref = ref.hidden[1], ref.hidden[2]
+    t = time.perf_counter()
+    x = x_in[:chunk].astype(np.float32)
+    for sc, system, has_pos in pieces:
+        inputs = {"x_in": x, "pos": np.arange(chunk, dtype=np.int32)} if has_pos else {"x_in": x}
+        out, st = sc.run(inputs, system=system)
+        if st.cycles != sc.expected_cycles:
+            raise AssertionError(f"the chunk layer took {st.cycles} cycles; predicted {sc.expected_cycles}")
+        x = out["x_out"]
+    wall = time.perf_counter() - t
+    err = float(np.max(np.abs(x - x_ref[:chunk])))
+    return err, wall, LOGIT_TOLERANCE * (1 + float(np.max(np.abs(x_ref))))
+
+
+def _chunk_layer(part: ModelConfig, ref: Any, precision: str, capacity: int, group: int, chip: ChipConfig,
+                 engine: str, min_cols: Optional[int], split_layer: Optional[bool], chunk: int) -> Dict[str, Any]:
+    """Layer 1 of ``part`` for one chunk over a cache of ``capacity`` positions, compiled over ``group`` chips,
+    run and checked (:func:`_run_chunk_layer`): its figures."""
+    pieces, labels, compile_seconds = _compile_layer(part, ref, precision, capacity, group, chip, engine, min_cols,
+                                                     split_layer, chunk=chunk)
+    err, wall, bound = _run_chunk_layer(ref, pieces, chunk)
+    return dict(parts={label: int(sc.expected_cycles) for label, (sc, _, _) in zip(labels, pieces)},
+                bound=sum(max(max(c.bounds().as_dict().values()) for c in sc.parts) for sc, _, _ in pieces),
+                per_chip=max(max(sc.memory_bytes) for sc, _, _ in pieces), err=err, wall=wall, error_bound=bound,
+                compile_seconds=compile_seconds)
+
+
+def predict_prefill(name, precision: str = "int8", group: int = 8, chunk: int = 16, prompt_tokens: int = 550,
+                    capacity: Optional[int] = None, pipeline: Optional[Prediction] = None,
+                    config: Optional[ChipConfig] = None, seed: int = 0, engine: str = "fast",
+                    min_cols: Optional[int] = None, split_layer: Optional[bool] = None,
+                    measured_at: Optional[Tuple[int, int]] = None,
+                    outside: Optional[Tuple[int, int]] = None) -> PrefillPrediction:
+    """Simulate layer 1 of ``name`` for one prompt chunk of ``chunk`` rows (the chunk program's layer:
+    ``build_step(..., batch=chunk, shared_cache=True)``, a cache of ``capacity`` positions, default the
+    prompt rounded up to whole chunks) split over ``group`` chips wired pairwise, check its rows against the
+    reference, and derive the time to first token of ``prompt_tokens`` (docs/guide/language-models.md).
+
+    Assumptions, stated: every layer's chunk takes layer 1's cycles (the same program); the groups form a
+    pipeline, one group per :attr:`layers_per_group` layers, and the chunks stream through it: a group
+    takes chunk k + 1 as soon as it has handed chunk k on, so the first token comes after the first
+    chunk's pass through every stage (fill) plus one slowest stage per further chunk. The embedding and
+    the head are ``pipeline``'s (a :func:`predict` result, made at a 32-position cache if not given; one
+    row, not a chunk's), or ``outside`` = (their cycles, their chips) taken from such a result.
+    ``measured_at`` = (S1, S2): the layer is simulated at those smaller caches instead (a big model's chunk
+    layer at the full cache compiles too slowly here) and its cycles and bound are extrapolated linearly
+    in the capacity (attention spans the whole cache, masked: its work grows linearly with it)."""
+    from .reference import Reference
+    cfg = model_config(name) if isinstance(name, str) else name
+    chip = config if config is not None else ChipConfig.groqchip1()
+    if not 1 <= prompt_tokens <= cfg.max_positions or chunk < 2:
+        raise ValueError(f"prompt_tokens must be 1..{cfg.max_positions} and chunk at least 2")
+    n_chunks = -(-prompt_tokens // chunk)
+    cap = int(capacity) if capacity is not None else min(cfg.max_positions, n_chunks * chunk)
+    if cap < prompt_tokens:
+        raise ValueError(f"a cache of {cap} positions does not hold a {prompt_tokens}-token prompt")
+    if outside is None:
+        pipeline = pipeline if pipeline is not None else predict(cfg, precision, capacity=32, config=chip, seed=seed,
+                                                                 engine=engine)
+        outside = (max(0, pipeline.simulated_step_cycles - pipeline.simulated_layers * pipeline.layer_cycles),
+                   pipeline.simulated_chips - pipeline.simulated_layers * pipeline.layer_chips)
+    part = truncated(cfg, 2)
+    ref = Reference(part, RandomWeights(part, seed), precision)
+    caps = [cap] if measured_at is None else [int(c) for c in measured_at]
+    runs = {c: _chunk_layer(part, ref, precision, c, group, chip, engine, min_cols, split_layer, chunk) for c in caps}
+    last = runs[caps[-1]]
+    if measured_at is None:
+        parts, layer_bound = last["parts"], last["bound"]
+    else:       # linear in the capacity through the two measured points
+        (s1, r1), (s2, r2) = runs.items()
+        parts = {k: int(round(r1["parts"][k] + (r2["parts"][k] - r1["parts"][k]) * (cap - s1) / (s2 - s1)))
+                 for k in r2["parts"]}
+        layer_bound = r1["bound"] + (r2["bound"] - r1["bound"]) * (cap - s1) / (s2 - s1)
+    handover = _handover_cycles(chip, cfg.d_model, chunk)
+    layer = sum(parts.values()) + (len(parts) - 1) * handover
+    per_group = max(1, int(STAGE_FILL * chip.sram_bytes // last["per_chip"])) if len(parts) == 1 else 0
+    groups = -(-cfg.n_layers // per_group) if per_group else cfg.n_layers * len(parts)
+    # a stage: its layers' chunk (or one piece of a split layer) and handing the chunk on
+    stage = (per_group * layer if per_group else max(parts.values())) + handover
+    fill = cfg.n_layers * layer + (groups - 1) * handover + outside[0]
+    stage_bound = per_group * layer_bound if per_group else layer_bound / len(parts)
+    return PrefillPrediction(
+        model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=cap,
+        n_layers=cfg.n_layers, group=group, chunk=chunk, prompt_tokens=prompt_tokens, chunks=n_chunks,
+        chunk_layer_cycles=int(layer), layer_parts=parts, layers_per_group=per_group, groups=groups,
+        handover_cycles=int(handover), outside_cycles=int(outside[0]), outside_chips=int(outside[1]),
+        stage_cycles=int(stage), fill_cycles=int(fill), ttft_cycles=int(fill + (n_chunks - 1) * stage),
+        chunk_layer_bound_cycles=int(layer_bound),
+        bound_ttft_cycles=int(cfg.n_layers * layer_bound + (n_chunks - 1) * stage_bound),
+        chip_bytes=int(last["per_chip"]), max_error=max(r["err"] for r in runs.values()),
+        error_bound=min(r["error_bound"] for r in runs.values()),
+        compile_seconds=sum(r["compile_seconds"] for r in runs.values()), wall_seconds=last["wall"],
+        measured_cycles={c: sum(r["parts"].values()) for c, r in runs.items()} if measured_at else {},
+        published=dict(PUBLISHED_TTFT.get(cfg.name, {})))
+
+__all__ = ["Prediction", "predict", "truncated", "PUBLISHED", "TensorParallelPrediction", "predict_tensor_parallel",
+           "PrefillPrediction", "predict_prefill", "PUBLISHED_TTFT"]

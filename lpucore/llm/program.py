@@ -73,7 +73,7 @@ class StepBuilder:
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
                  capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
                  units: Optional[Tuple[int, int]] = None, shards: int = 1, table_shards: int = 1,
-                 batch: int = 1, shared_cache: bool = False):
+                 batch: int = 1, shared_cache: bool = False, cache_row: Optional[int] = None):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
         # B sequences per step (module docstring, "Batches"): B activation rows, a KV cache per sequence;
         # shared_cache: the B rows are B positions of one sequence, one cache (a prompt chunk, "Prefill")
@@ -81,8 +81,12 @@ class StepBuilder:
         if self.B < 1:
             raise ValueError(f"batch must be >= 1, not {batch}")
         self.shared = bool(shared_cache) and self.B > 1
-        if self.shared and (layers is not None or units is not None or shards > 1 or table_shards > 1):
-            raise ValueError("a prompt chunk (shared_cache) is built for the whole model on one chip")
+        if self.shared and (shards > 1 or table_shards > 1):
+            # a chunk of some units (layers) is for lpucore.llm.predict's prefill layer; sharded units take one row
+            raise ValueError("a prompt chunk (shared_cache) holds no sharded units (MLP, embedding or head shards)")
+        # a chunk of a batch's sequence ``cache_row``: its cache states are that row's, k<i>_b<row>
+        # (lpucore.llm.batch, "Prefill"), so the chunk program can share them with the batch's step program
+        self.cache_tag = "" if cache_row is None else f"_b{int(cache_row)}"
         # a pipeline stage: the model units [u0, u1) of model_units(cfg) (or the layers [a, b) with the
         # embedding before layer 0 and the head after the last); a stage that starts with the embedding
         # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
@@ -424,8 +428,8 @@ class StepBuilder:
         G, D = H // Hkv, Hkv * hd
         pos, mask, seg2, seg_t = att
         self.part("kv")
-        K = g.state(f"k{i - self.first}", (S, D), "float16")
-        V = g.state(f"v{i - self.first}", (S, D), "float16")
+        K = g.state(f"k{i - self.first}{self.cache_tag}", (S, D), "float16")
+        V = g.state(f"v{i - self.first}{self.cache_tag}", (S, D), "float16")
         K_new = g.scatter(K, pos, self.f16(k))
         V_new = g.scatter(V, pos, self.f16(v))
         g.assign(K, K_new)
@@ -770,10 +774,12 @@ def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
 
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
                layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None,
-               shards: int = 1, table_shards: int = 1, batch: int = 1, shared_cache: bool = False):
+               shards: int = 1, table_shards: int = 1, batch: int = 1, shared_cache: bool = False,
+               cache_row: Optional[int] = None):
     """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
     of :func:`model_units` with ``shards``) for ``batch`` sequences, and its part spans (module docstring).
     ``shared_cache``: the ``batch`` rows are consecutive positions of one sequence sharing its cache, a
-    prompt chunk (module docstring, "Prefill"); its ``logits`` are the last row's, ``[1, vocab]``."""
+    prompt chunk (module docstring, "Prefill"); its ``logits`` are the last row's, ``[1, vocab]``;
+    ``cache_row``: the chunk writes the cache of that row of a batch (states ``k<l>_b<row>``)."""
     return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards, table_shards,
-                       batch, shared_cache).build()
+                       batch, shared_cache, cache_row).build()

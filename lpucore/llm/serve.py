@@ -8,7 +8,9 @@
 
 One scheduler thread owns the chip and the :class:`~lpucore.llm.batch.BatchProgram` of ``max_batch`` rows.
 Before each step it admits the queued requests into the free rows (a row whose request has finished or was
-cancelled is free at once), then runs one step of the whole batch: each live row feeds its next prompt token
+cancelled is free at once), prefills each admitted prompt that fills a prompt chunk by its row's chunk program
+(:mod:`lpucore.llm.prefill`, on the same chip; the clock advances by every chunk, and the request chooses its
+first token from the chunk's logits), then runs one step of the whole batch: each live row feeds its next prompt token
 or its last new token at its own position, exactly as :func:`~lpucore.llm.batch.run_batch` does, so a request's
 tokens are those of decoding it alone (greedy: identical; sampled: its own seeded random stream). A new request
 starts at position 0 of its row's cache; the step program masks attention by position, so what the row's
@@ -116,10 +118,13 @@ class Engine:
             raise ValueError(f"max_batch must be an integer >= 1, not {max_batch!r}")
         self.model = model
         self.prog = model.batch_program(max_batch)
+        # every row's prompt-chunk program compiled now, before serving: no request waits for a compile
+        self.chunk_programs = [c for c in (self.prog.chunk_program(model, b) for b in range(max_batch)) if c]
         self.max_batch = max_batch
         self.clock_hz = float(model.chip_config.clock_hz)
         self.cycles = 0                     # the simulated clock: every step's chip cycles
         self.steps = 0
+        self.chunks = 0                     # prompt chunks run (lpucore.llm.prefill), in the clock too
         self.step_wall = 0.0                # host seconds simulating steps
         self.rows: List[Optional[Request]] = [None] * max_batch
         self._queue: Deque[Request] = collections.deque()
@@ -189,10 +194,10 @@ class Engine:
 
     def _run(self) -> None:
         while self._admit():
-            live = [r for r in self.rows if r is not None]
-            if not live:
-                continue
             try:
+                self._prefill_admitted()
+                if not any(r is not None for r in self.rows):
+                    continue
                 self._step()
             except Exception as e:          # a step or a sampling failed: fail its requests, keep serving
                 print(f"lpucore serve: a step failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -201,6 +206,31 @@ class Engine:
                     if r is not None and not r.done:
                         self._fail(r, err)
                     self.rows[b] = None
+
+    def _prefill_admitted(self) -> None:
+        """Rows admitted since the last step whose prompts fill a prompt chunk: each prefilled by its row's chunk
+        program (:meth:`~lpucore.llm.batch.BatchProgram.prefill_row`, compiled on the row's first such prompt,
+        on the batch's chip), one row after the other, the clock advancing by every chunk's cycles (the other
+        rows wait, as they would on the one chip); each then chooses its first token."""
+        for b, r in enumerate(self.rows):
+            if r is None or r.fed or r.done:
+                continue
+            steps: list = []
+            t0 = time.perf_counter()
+            got = self.prog.prefill_row(self.model, b, np.asarray(r.ids), steps)
+            self.step_wall += time.perf_counter() - t0
+            if got is None:         # a short prompt: token by token in the steps
+                continue
+            with self._cond:
+                self.cycles += sum(int(s.cycles) for s in steps)
+                self.chunks += len(steps)
+                now = self.cycles
+            r.fed = len(r.ids)
+            t1 = time.perf_counter()
+            self._advance(r, got[0], now)
+            r.host_seconds += time.perf_counter() - t1
+            if r.done:
+                self.rows[b] = None
 
     def _step(self) -> None:
         """One step of the batch: feed every live row, advance the clock, hand out the new tokens."""

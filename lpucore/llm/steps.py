@@ -85,6 +85,9 @@ class DecodeStats:
     chunk_predicted_cycles: int = 0     # the compiler's prediction of chunk_cycles
     chunk_mxm_utilisation: float = 0.0
     chunk_bounds: Dict[str, float] = field(default_factory=dict)   # lower bounds of one chunk (cycles)
+    # where the chunk program ran (lpucore.llm.prefill): "one chip" (the decode program's chip, cache written
+    # in place) or "own chip + copy" (the fallback when the shared placement does not fit); "" token by token
+    prefill_route: str = ""
 
     @property
     def schedule_efficiency(self) -> float:
@@ -152,7 +155,7 @@ class DecodeStats:
                                     f"({self._prefill_line()})"),
             ("prefill chunk", "" if not self.chunk_cycles else
              f"{self.chunk_cycles:,} cycles (compiler predicted {self.chunk_predicted_cycles:,}), MXM utilisation "
-             f"{100 * self.chunk_mxm_utilisation:.1f} %" + self._chunk_bound()),
+             f"{100 * self.chunk_mxm_utilisation:.1f} %" + self._chunk_bound() + f"; {self.prefill_route}"),
             ("tokens/s per user", f"{self.tokens_per_second:,.0f}"),
             ("MXM utilisation", f"{100 * self.mxm_utilisation:.1f} %"),
             ("SRAM in use", f"{self.sram_bytes / 1e6:.1f} MB of {self.sram_capacity / 1e6:.1f} MB "
