@@ -204,6 +204,7 @@ cdef class BulkUnit(Unit):
         for k in ("rd_row", "rd_nrd", "rd_run"):
             a[k] = np.zeros(n + 1, dtype=np.int32)
         a["rd_runlw"] = np.zeros(n + 1 + longest, dtype=np.int64)     # + scratch for plan_runs
+        a["rd_go"] = np.zeros((n + 1) * GO_W, dtype=np.int64)
         s.bulk_plan = 0
         s.bulk_rec = 0
         self._prog = lowered
@@ -221,6 +222,7 @@ cdef class BulkUnit(Unit):
         s.rd_safe = _p_i64(a["rd_safe"])
         s.rd_run = _p_i32(a["rd_run"])
         s.rd_runlw = _p_i64(a["rd_runlw"])
+        s.rd_go = _p_i64(a["rd_go"])
         s.pool_rid = _p_i64(a["pool_rid"])
         s.bk_lastlw = _p_i64(a["bk_lastlw"])
         s.bk_lastw = _p_i64(a["bk_lastw"])
@@ -274,6 +276,12 @@ cdef class BulkUnit(Unit):
         code, qstart = self._prog
         plan_runs(s, np.ascontiguousarray(code, dtype=np.int32), np.asarray(qstart, dtype=np.int64))
         a = self.a
+        n = a["rd_run"].shape[0]
+        go = a["rd_go"].reshape(n, GO_W)
+        for i, k in ((GO_RUN, "rd_run"), (GO_CYCLE, "rd_cycle"), (GO_LWC, "rd_lwc"), (GO_SRC, "rd_src"),
+                     (GO_ROW, "rd_row")):
+            go[:, i] = a[k]
+        go[:, GO_RUNLW] = a["rd_runlw"][:n]
         rd = a["rd_cycle"] >= 0
         lw = rd & (a["rd_lwc"] >= 0)
         self.report = {"reads": int(rd.sum()), "bulk": int(np.count_nonzero(a["rd_run"])),

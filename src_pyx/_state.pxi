@@ -28,6 +28,16 @@ cdef enum:
 
 cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
 
+cdef enum:
+    # the fields of a bulk-plan entry in rd_go (_bulk.pxi), one cache line's worth together
+    GO_RUN = 0        # rd_run
+    GO_CYCLE = 1      # rd_cycle
+    GO_RUNLW = 2      # rd_runlw
+    GO_LWC = 3        # rd_lwc
+    GO_SRC = 4        # rd_src
+    GO_ROW = 5        # rd_row
+    GO_W = 6
+
 
 cdef struct State:
     # geometry and timing
@@ -229,6 +239,7 @@ cdef struct State:
     int64_t* rd_safe     # first cycle from which issuing it early is safe (recording)
     int32_t* rd_run      # Reads of the bulk run starting here (0: none, -1: a later Read of a Repeat's run)
     int64_t* rd_runlw    # the last LW cycle of that run
+    int64_t* rd_go       # [entries * GO_W] what a bulk run reads of each entry, side by side (GO_*)
     int64_t* pool_rid    # [D * pool_w] plan entry of the Read whose vector a pool slot holds, -1: none
     int64_t* bk_lastlw   # [NP * L] last LW into each weight row (recording)
     int64_t* bk_lastw    # [NSL] last landing cycle of a write to each slice (recording)
