@@ -10,21 +10,22 @@
 #
 # The plan is recorded by the first whole run of a loaded program (from cycle 0, to its
 # end, without error): for every Read, the instructions that read its vector.  A Read
-# qualifies when exactly one LW reads its vector and nothing else does (no instruction on
-# any stream position), when no write lands in its slice from its cycle to that LW's (so
-# the SRAM row the LW copies is the one the Read saw, and no write can meet the Read in
-# a bank), and when no earlier LW into the same weight row comes after it (each row has
-# one pending SRAM source).  A run issued early at its first cycle c0 needs all of that
-# from c0 on.  Issue times do not depend on data (the queues' code fixes them, Sync and
-# Notify included; programs with chip-to-chip links are not recorded), so later runs of
-# the program issue every Read and LW in the cycles recorded; each run checks its first
-# Read's cycle anyway.  A run is issued in bulk only when its LWs come before the running
-# call's stop cycle (a run in pieces stays exact across a stop; a trace or a Watcher,
-# which step cycle by cycle, stays exact), and never from a restored snapshot until the
-# next restart.  What differs: the stream registers and the pool never hold the bulk
-# Reads' vectors, which nothing reads (the raw arrays of a snapshot show it; no result,
-# cycle, statistic or later behaviour does).  The engine option bulk_reads (and
-# $LPUCORE_BULK_READS=0 for a new engine's default) turns it off.
+# qualifies when one LW reads its vector (or two: planes at one position may load the same
+# rows) and nothing else does (no instruction on any stream position), when no write lands
+# in its slice from its cycle to its last LW's (so the SRAM row the LW copies is the one
+# the Read saw, and no write can meet the Read in a bank), and when no earlier LW into the
+# same weight row comes after it (each row has one pending SRAM source).  A run issued
+# early, at its first cycle c0, needs all of that from c0 on.  Issue times do not depend
+# on data (the queues' code fixes them, Sync and Notify included; programs with
+# chip-to-chip links are not recorded), so later runs of the program issue every Read and LW in
+# the cycles recorded; each run checks its first Read's cycle anyway.  A run is issued in
+# bulk only when its LWs come before the running call's stop cycle (a run in pieces stays
+# exact across a stop; a trace or a Watcher, which step cycle by cycle, stays exact), and
+# never from a restored snapshot until the next restart.  What differs: the stream
+# registers and the pool never hold the bulk Reads' vectors, which nothing reads (the raw
+# arrays of a snapshot show it; no result, cycle, statistic or later behaviour does).  The
+# engine option bulk_reads (and $LPUCORE_BULK_READS=0 for a new engine's default) turns it
+# off.
 
 BULK_ENV = "LPUCORE_BULK_READS"
 
@@ -51,19 +52,24 @@ cdef inline void rec_stream_read(State* s, uint8_t* v) noexcept nogil:
 
 
 cdef inline void rec_lw(State* s, int p, int row, uint8_t* v, int64_t c) noexcept nogil:
-    """Recording: plane p's LW copies the vector at v into weight row `row` in cycle c."""
+    """Recording: plane p's LW copies the vector at v into weight row `row` in cycle c (the
+    first or the second LW to take it: two planes at one position may load the same rows)."""
     cdef int r = p * s.L + row
     cdef int64_t e = s.pool_rid[(v - s.pool) // s.L]
     cdef int64_t safe
     if e >= 0:
-        if s.rd_lwc[e] != -1:
-            s.rd_lwc[e] = -2            # a second LW
-        else:
+        safe = s.bk_lastw[s.rd_src[e] // s.A]
+        if s.bk_lastlw[r] > safe:
+            safe = s.bk_lastlw[r]
+        if s.rd_lwc[e] == -1:
             s.rd_lwc[e] = c
             s.rd_row[e] = r
-            safe = s.bk_lastw[s.rd_src[e] // s.A]
-            if s.bk_lastlw[r] > safe:
-                safe = s.bk_lastlw[r]
+        elif s.rd_lwc[e] >= 0 and s.rd_lwc2[e] == -1:
+            s.rd_lwc2[e] = c
+            s.rd_row2[e] = r
+        else:
+            s.rd_lwc[e] = -2            # a third LW
+        if safe + 1 > s.rd_safe[e]:
             s.rd_safe[e] = safe + 1
     s.bk_lastlw[r] = c
 
@@ -117,6 +123,8 @@ cdef int plan_runs(State* s, const int32_t[:, ::1] code, const int64_t[::1] qsta
                 nxt = -1
                 continue
             ln, lw, safe = 1, s.rd_lwc[e], s.rd_safe[e]
+            if s.rd_lwc2[e] > lw:
+                lw = s.rd_lwc2[e]
             if nxt == e + 1 and s.rd_cycle[nxt] == s.rd_cycle[e] + 1 and nsafe <= s.rd_cycle[e]:
                 ln = nln + 1
                 if nlw > lw:
@@ -140,6 +148,8 @@ cdef void plan_group(State* s, int64_t e, int64_t n, int64_t d) noexcept nogil:
             return
         if s.rd_lwc[k] > lw:
             lw = s.rd_lwc[k]
+        if s.rd_lwc2[k] > lw:
+            lw = s.rd_lwc2[k]
     s.rd_run[e] = <int32_t>(n + 1)
     s.rd_runlw[e] = lw
     for k in range(e + 1, e + n + 1):
@@ -170,13 +180,26 @@ cdef class BulkUnit(Unit):
 
     cdef int alloc(self, State* s, object cfg, dict a) except -1:
         Unit.alloc(self, s, cfg, a)
-        a["pool_rid"] = np.full(s.D * s.pool_w, -1, dtype=np.int64)
-        a["bk_lastlw"] = np.full(s.NP * s.L, -1, dtype=np.int64)
-        a["bk_lastw"] = np.full(s.NSL, -1, dtype=np.int64)
-        a["mx_bulk_T"] = np.full(s.NP * s.L, -1, dtype=np.int64)
-        a["mx_bulk_src"] = np.zeros(s.NP * s.L, dtype=np.int64)
+        self.recording_arrays(s, False)
         self.layout(s, None)
         s.bulk_on = bulk_default()
+        return 0
+
+    cdef int recording_arrays(self, State* s, int on) except -1:
+        """The arrays only a recording uses, full size while it runs (and one entry otherwise,
+        so that a chip costs no more host memory than ChipConfig.host_memory says)."""
+        a = self.a
+        a["pool_rid"] = np.full(s.D * s.pool_w if on else 1, -1, dtype=np.int64)
+        a["bk_lastlw"] = np.full(s.NP * s.L if on else 1, -1, dtype=np.int64)
+        a["bk_lastw"] = np.full(s.NSL if on else 1, -1, dtype=np.int64)
+        return 0
+
+    cdef int marker_arrays(self, State* s, int on) except -1:
+        """The LW rows' SRAM sources, full size while a plan exists (LW reads them only in calls
+        that issue bulk runs)."""
+        a = self.a
+        a["mx_bulk_T"] = np.full(s.NP * s.L if on else 1, -1, dtype=np.int64)
+        a["mx_bulk_src"] = np.zeros(s.NP * s.L if on else 1, dtype=np.int64)
         return 0
 
     cdef int layout(self, State* s, object lowered) except -1:
@@ -199,13 +222,15 @@ cdef class BulkUnit(Unit):
                 longest = max(longest, hi - lo)
         a["rd_off"] = off
         n = int(off[s.NQ])
-        for k in ("rd_cycle", "rd_lwc", "rd_src", "rd_safe"):
+        for k in ("rd_cycle", "rd_lwc", "rd_lwc2", "rd_src", "rd_safe"):
             a[k] = np.full(n + 1, -1, dtype=np.int64)
-        for k in ("rd_row", "rd_nrd", "rd_run"):
+        for k in ("rd_row", "rd_row2", "rd_nrd", "rd_run"):
             a[k] = np.zeros(n + 1, dtype=np.int32)
         a["rd_runlw"] = np.zeros(n + 1 + longest, dtype=np.int64)     # + scratch for plan_runs
         a["rd_go"] = np.zeros((n + 1) * GO_W, dtype=np.int64)
+        self.marker_arrays(s, False)
         s.bulk_plan = 0
+        s.bulk_go = 0
         s.bulk_rec = 0
         self._prog = lowered
         self.tries = 0
@@ -218,6 +243,8 @@ cdef class BulkUnit(Unit):
         s.rd_src = _p_i64(a["rd_src"])
         s.rd_lwc = _p_i64(a["rd_lwc"])
         s.rd_row = _p_i32(a["rd_row"])
+        s.rd_lwc2 = _p_i64(a["rd_lwc2"])
+        s.rd_row2 = _p_i32(a["rd_row2"])
         s.rd_nrd = _p_i32(a["rd_nrd"])
         s.rd_safe = _p_i64(a["rd_safe"])
         s.rd_run = _p_i32(a["rd_run"])
@@ -258,10 +285,12 @@ cdef class BulkUnit(Unit):
         if np.isin(ops, (OP_SEND, OP_RECEIVE, OP_DESKEW)).any():
             return 0
         a = self.a
-        for k in ("rd_cycle", "rd_lwc", "rd_safe", "pool_rid", "bk_lastlw", "bk_lastw"):
+        for k in ("rd_cycle", "rd_lwc", "rd_lwc2", "rd_safe"):
             a[k][:] = -1
         for k in ("rd_nrd", "rd_run"):
             a[k][:] = 0
+        self.recording_arrays(s, True)
+        self.bind(s)
         s.bulk_rec = 1
         return 0
 
@@ -270,6 +299,8 @@ cdef class BulkUnit(Unit):
         if not s.bulk_rec:
             return 0
         s.bulk_rec = 0
+        self.recording_arrays(s, False)
+        self.bind(s)
         if rc != 0 or not s.done:
             self.tries += 1
             return 0
@@ -279,18 +310,22 @@ cdef class BulkUnit(Unit):
         n = a["rd_run"].shape[0]
         go = a["rd_go"].reshape(n, GO_W)
         for i, k in ((GO_RUN, "rd_run"), (GO_CYCLE, "rd_cycle"), (GO_LWC, "rd_lwc"), (GO_SRC, "rd_src"),
-                     (GO_ROW, "rd_row")):
+                     (GO_ROW, "rd_row"), (GO_LWC2, "rd_lwc2"), (GO_ROW2, "rd_row2")):
             go[:, i] = a[k]
         go[:, GO_RUNLW] = a["rd_runlw"][:n]
         rd = a["rd_cycle"] >= 0
         lw = rd & (a["rd_lwc"] >= 0)
         self.report = {"reads": int(rd.sum()), "bulk": int(np.count_nonzero(a["rd_run"])),
                        "read_by_others": int(np.count_nonzero(rd & (a["rd_nrd"] > 0))),
-                       "second_lw": int(np.count_nonzero(rd & (a["rd_lwc"] == -2))),
+                       "two_lws": int(np.count_nonzero((a["rd_run"] != 0) & (a["rd_lwc2"] >= 0))),
+                       "three_lws": int(np.count_nonzero(rd & (a["rd_lwc"] == -2))),
                        "unsafe": int(np.count_nonzero(lw & (a["rd_nrd"] == 0) & (a["rd_safe"] > a["rd_cycle"]))),
                        "no_lw": int(np.count_nonzero(rd & (a["rd_lwc"] == -1) & (a["rd_nrd"] == 0)))}
         s.bulk_plan = 1 if self.report["bulk"] else 0
-        if not s.bulk_plan:
+        if s.bulk_plan:
+            self.marker_arrays(s, True)
+            self.bind(s)
+        else:
             self.tries = 2          # nothing to issue in bulk: do not record again
         return 0
 

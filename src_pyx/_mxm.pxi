@@ -482,14 +482,15 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     if op == OP_LW:
         n = f[F_LW_N]
         # rows a Read already delivered for this LW (mx_bulk_T, _bulk.pxi) are in place
+        # (only calls that issue bulk runs have them; mx_bulk_T is full size then)
         bt = s.mx_bulk_T + p * s.L + f[F_LW_ROW]
         for i in range(n):
-            if bt[i] != c and stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
+            if not (s.bulk_go and bt[i] == c) and stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
                 set_error(s, ERR_EMPTY_READ, c, q, f[F_LW_SRC] + i, pos)
                 return 1
         b = s.mx_buf_slot[p]
         for i in range(n):
-            if bt[i] == c:
+            if s.bulk_go and bt[i] == c:
                 bulk_row(s, p, f[F_LW_ROW] + i, b, c)
                 continue
             v = stream_read(s, f[F_LW_SRC] + i, pos, c)

@@ -36,7 +36,9 @@ cdef enum:
     GO_LWC = 3        # rd_lwc
     GO_SRC = 4        # rd_src
     GO_ROW = 5        # rd_row
-    GO_W = 6
+    GO_LWC2 = 6       # rd_lwc2
+    GO_ROW2 = 7       # rd_row2
+    GO_W = 8
 
 
 cdef struct State:
@@ -233,8 +235,10 @@ cdef struct State:
     int64_t* rd_off      # [NQ + 1] each queue's first plan entry (entries: its functional issues, in order)
     int64_t* rd_cycle    # issue cycle of each Read (-1: no Read)
     int64_t* rd_src      # its row: slice * A + address
-    int64_t* rd_lwc      # cycle of the one LW taking its vector (-1: none, -2: a second one)
+    int64_t* rd_lwc      # cycle of the first LW taking its vector (-1: none, -2: a third one)
     int32_t* rd_row      # that LW's plane * L + weight row
+    int64_t* rd_lwc2     # cycle of a second LW taking it (another plane at the same position), -1: none
+    int32_t* rd_row2     # that LW's plane * L + weight row
     int32_t* rd_nrd      # reads of its vector by anything but that LW (recording)
     int64_t* rd_safe     # first cycle from which issuing it early is safe (recording)
     int32_t* rd_run      # Reads of the bulk run starting here (0: none, -1: a later Read of a Repeat's run)
