@@ -295,7 +295,9 @@ cdef class BulkUnit(Unit):
         return 0
 
     cdef int end(self, State* s, int rc) except -1:
-        """After the run: a finished recording becomes the plan."""
+        """After the run: a finished recording becomes the plan.  No bulk runs until the next
+        begin(): a host simulator that calls lpu_run_until itself, in pieces, runs exactly."""
+        s.bulk_go = 0
         if not s.bulk_rec:
             return 0
         s.bulk_rec = 0
