@@ -174,7 +174,9 @@ class Chip:
         ``helper_threads`` (0 or 1: a thread beside the cycle loop multiplies big MXM batches),
         ``small_rows`` (MXM batches of at most this many rows are multiplied inside the loop, the
         rest by NumPy), ``helper_delay_us`` (for tests: each helper job waits this long first, to
-        exercise interleavings). LpuError for an unknown option, a bad value, or the reference engine."""
+        exercise interleavings), ``bulk_reads`` (0 or 1: MEM Reads that only feed an LW copy their
+        weight row straight into the MXM's buffer, from the second whole run of a program on).
+        LpuError for an unknown option, a bad value, or the reference engine."""
         unknown = sorted(set(options) - set(ENGINE_OPTIONS))
         if unknown:
             raise LpuError(f"unknown engine option(s) {', '.join(unknown)}; options: {', '.join(ENGINE_OPTIONS)}")

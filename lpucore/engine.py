@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
 ENGINES: Tuple[str, ...] = ("fast", "reference")
 
 # the fast engine's host tuning options (Engine.options, Chip.set_engine_options)
-ENGINE_OPTIONS: Tuple[str, ...] = ("mxm_kernel", "helper_threads", "small_rows", "helper_delay_us")
+ENGINE_OPTIONS: Tuple[str, ...] = ("mxm_kernel", "helper_threads", "small_rows", "helper_delay_us", "bulk_reads")
 
 
 class Engine(Protocol):

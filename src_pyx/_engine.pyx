@@ -32,6 +32,7 @@ include "_build_hash.pxi"
 include "_isa_gen.pxi"
 include "_state.pxi"
 include "_numerics.pxi"
+include "_bulk.pxi"
 include "_streams.pxi"
 include "_mem.pxi"
 include "_vxm.pxi"
@@ -45,7 +46,7 @@ fill_h2f()
 _UNIT = {u: i for i, u in enumerate(_isa.UNITS)}
 
 # the host tuning options (Chip.set_engine_options): they move host time, never a result or a cycle
-OPTIONS = ("mxm_kernel", "helper_threads", "small_rows", "helper_delay_us")
+OPTIONS = ("mxm_kernel", "helper_threads", "small_rows", "helper_delay_us", "bulk_reads")
 
 
 cdef class FastEngine:
@@ -64,6 +65,7 @@ cdef class FastEngine:
     cdef readonly list units
     cdef MxmUnit _mxm
     cdef C2cUnit _c2c
+    cdef BulkUnit _bulk
     cdef public object _lowered
     cdef dict _wcache    # plane -> ((install version, dtype), weights as floats)
     cdef public str fp16_mxm
@@ -89,12 +91,14 @@ cdef class FastEngine:
         self.fp16_mxm = fp16_mxm
         self._wcache = {}
         self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0, "mxm_small_batches": 0,
-                          "mxm_helper_batches": 0}
+                          "mxm_helper_batches": 0, "bulk_reads": 0}
         self.program = None
         self._mxm = MxmUnit()
         self._c2c = C2cUnit()
-        # counters() keeps this order: ICU, MEM, MXM, C2C statistics
-        self.units = [IcuUnit(), MemUnit(), StreamsUnit(), VxmUnit(), self._mxm, SxmUnit(), self._c2c]
+        self._bulk = BulkUnit()
+        # counters() keeps this order: ICU, MEM, MXM, C2C statistics; the bulk plan is sized
+        # by the streams' pool and the MXM's planes, so it comes last
+        self.units = [IcuUnit(), MemUnit(), StreamsUnit(), VxmUnit(), self._mxm, SxmUnit(), self._c2c, self._bulk]
         set_geometry(&self.s, cfg)
         self.s.fp16_exact = 1 if fp16_mxm == "exact" else 0
         self.a = {}
@@ -153,6 +157,9 @@ cdef class FastEngine:
         h = self.host_time
         c0 = self.s.mx_cbatches
         hb0 = self.s.mx_hbatches
+        br0 = self.s.bulk_reads
+        rc = 1
+        self._bulk.begin(&self.s, u)
         # The loop's Python-side allocations are short-lived and acyclic; a collection
         # pass over a large loaded program's objects would cost more than the run.
         gc_on = _gc.isenabled()
@@ -160,10 +167,12 @@ cdef class FastEngine:
         try:
             rc = self._run_loop(u, idl, h)
         finally:
+            self._bulk.end(&self.s, rc)
             if gc_on:
                 _gc.enable()
             h["mxm_small_batches"] += self.s.mx_cbatches - c0
             h["mxm_helper_batches"] += self.s.mx_hbatches - hb0
+            h["bulk_reads"] += self.s.bulk_reads - br0
         if rc == 2:
             raise MemoryError("out of memory recording Notify history")
         if rc:
@@ -321,6 +330,30 @@ cdef class FastEngine:
         if n not in (0, 1):
             raise _errors.LpuError(f"helper_threads must be 0 or 1, got {n!r}")
         self.s.helper = int(n)
+
+    @property
+    def bulk_reads(self):
+        """1 (the default, unless ``$LPUCORE_BULK_READS`` is ``"0"``): MEM Reads whose vector only
+        one LW takes copy their row straight into that weight-buffer row (recorded by the first
+        whole run of a program; see _bulk.pxi); 0: every Read goes through its stream.  Results,
+        cycles and statistics do not depend on it."""
+        return self.s.bulk_on
+
+    @bulk_reads.setter
+    def bulk_reads(self, on):
+        if on not in (0, 1):
+            raise _errors.LpuError(f"bulk_reads must be 0 or 1 (or a bool), got {on!r}")
+        self.s.bulk_on = int(on)
+
+    def bulk_report(self):
+        """The last plan recording's Reads by outcome: all, delivered in bulk, read by another
+        instruction, unsafe (an IW or LW comes between Read and LW), read by no LW."""
+        return dict(self._bulk.report)
+
+    def bulk_planned(self):
+        """Reads per run of the loaded program that the bulk plan delivers (0 before the first
+        whole run of it records the plan, or if none qualifies)."""
+        return self._bulk.planned() if self.s.bulk_plan else 0
 
     @property
     def helper_delay_us(self):

@@ -20,6 +20,8 @@ cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:
 
 cdef inline int execute(State* s, int q, int op, int32_t* f, int64_t c) noexcept nogil:
     s.st_issued[q] += 1
+    if s.bulk_rec:
+        s.rec_op = op
     cdef int u = s.q_unit[q]
     if u == UNIT_MEM:
         return mem_exec(s, q, op, f, c)
@@ -53,6 +55,84 @@ cdef int push_notify(State* s, int64_t c) noexcept nogil:
     return 0
 
 
+cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogil:
+    """MEM queue q is at a Read row in cycle c: if the plan (_bulk.pxi) starts a run here whose
+    LWs all come before the call's stop, issue the run's m Reads at once (their counts, the
+    last one's fields and effect, the queue's next issue m cycles on), tell each LW row its
+    SRAM row, and return 1; else 0 (the Read issues exactly)."""
+    cdef int64_t e = s.rd_off[q] + s.st_issued[q]
+    cdef int64_t src
+    cdef int64_t* go
+    cdef int k
+    cdef int m, r, i
+    cdef int g = s.q_slice[q]
+    cdef uint8_t* ptr
+    if e >= s.rd_off[q + 1]:
+        return 0
+    go = s.rd_go + e * GO_W
+    # the queue's next Read looks here next: fetch its entry meanwhile
+    __builtin_prefetch(go + GO_W)
+    m = <int>go[GO_RUN]
+    if m <= 0 or go[GO_CYCLE] != c or go[GO_RUNLW] >= s.bulk_until:
+        return 0
+    __builtin_prefetch(go + m * GO_W)
+    # the queue's next row, m rows on (issue() fetches a few rows ahead of the ones it issues)
+    __builtin_prefetch(row + (m + 1) * (1 + NFIELDS))
+    for k in range(m):
+        r = <int>go[k * GO_W + GO_ROW]
+        src = go[k * GO_W + GO_SRC]
+        s.mx_bulk_T[r] = go[k * GO_W + GO_LWC]
+        s.mx_bulk_src[r] = src
+        if go[k * GO_W + GO_LWC2] >= 0:
+            r = <int>go[k * GO_W + GO_ROW2]
+            s.mx_bulk_T[r] = go[k * GO_W + GO_LWC2]
+            s.mx_bulk_src[r] = src
+        # the LW copies the row a few cycles on: start fetching it (a step's host time
+        # is 10% longer without)
+        ptr = s.sram + src * s.L
+        i = 0
+        while i < s.L:
+            __builtin_prefetch(ptr + i)
+            i += 64
+    s.st_issued[q] += m
+    s.st_bread[g] += <int64_t>m * s.L
+    s.bulk_reads += m
+    if s.qs[q * QW + Q_PC] + 1 < s.qs[q * QW + Q_END] and row[1 + NFIELDS] == OP_REPEAT:
+        bulk_repeat(s, q, row, c)
+        return 1
+    effect(s, c + m - 1 + s.d_read)
+    memcpy(s.qf + q * NFIELDS, row + (m - 1) * (1 + NFIELDS) + 1, NFIELDS * sizeof(int32_t))
+    s.qs[q * QW + Q_PC] += m
+    set_next(s, q, c + m)
+    return 1
+
+
+cdef inline void bulk_repeat(State* s, int q, int32_t* row, int64_t c) noexcept nogil:
+    """The queue state after a Read and its Repeat (n repetitions, d cycles apart) issued in
+    bulk from cycle c, as issue() leaves it after the last repetition."""
+    cdef int64_t* qp = s.qs + q * QW
+    cdef int32_t* rep = row + 1 + NFIELDS
+    cdef int64_t n = rep[1 + F_REPEAT_N]
+    cdef int64_t d = rep[1 + F_REPEAT_D]
+    cdef int64_t stride = rep[1 + F_REPEAT_STRIDE]
+    cdef int32_t* f = s.qf + q * NFIELDS
+    cdef int32_t m = s.strided[OP_READ]
+    cdef int i
+    memcpy(f, row + 1, NFIELDS * sizeof(int32_t))
+    for i in range(NFIELDS):
+        if (m >> i) & 1:
+            f[i] = <int32_t>(<uint32_t>f[i] + <uint32_t>(n * stride))     # n int32 additions, wrapping
+    s.st_icu[q] += 1
+    qp[Q_REPROW] = qp[Q_PC]
+    qp[Q_PC] += 2
+    qp[Q_REPLEFT] = 0
+    qp[Q_REPK] = n
+    qp[Q_REPD] = d
+    qp[Q_REPSTRIDE] = stride
+    effect(s, c + n * d + s.d_read)
+    set_next(s, q, c + n * d + 1 if n > 0 else c + d)
+
+
 cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
     cdef int64_t* qp = s.qs + q * QW
     # the operand fields of the queue's current instruction; a repetition only
@@ -78,6 +158,8 @@ cdef inline int issue(State* s, int q, int64_t c) noexcept nogil:
         set_next(s, q, c + qp[Q_REPD] if qp[Q_REPLEFT] > 0 else c + 1)
         return 0
     row = s.code + qp[Q_PC] * (1 + NFIELDS)
+    if s.bulk_go and row[0] == OP_READ and s.q_unit[q] == UNIT_MEM and bulk_run(s, q, row, c):
+        return 0
     qp[Q_PC] += 1
     # 144 queues walk their own stretches of a code array far larger than the host's
     # caches: fetch a few rows ahead, or every issue waits on DRAM

@@ -126,7 +126,10 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
                         set_error(s, ERR_BANK_CONFLICT, c, q, g, s.gaddr[k])
                         return 1
         mem_sync(s, g, c)
+        T = c + s.d_read
         slot = pool_index(s, q, 0, c)
+        if s.bulk_rec:
+            rec_pool(s, q, slot, op, <int64_t>g * s.A + s.gaddr[0], c)
         out = s.pool + slot * s.L
         if op == OP_READ:
             memcpy(out, s.sram + (<int64_t>g * s.A + s.gaddr[0]) * s.L, s.L)
@@ -134,7 +137,6 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         else:
             for k in range(s.SL):
                 memcpy(out + k * s.LPS, s.sram + (<int64_t>g * s.A + s.gaddr[k]) * s.L + k * s.LPS, s.LPS)
-        T = c + s.d_read
         stream_write(s, dst, pos, T, q, slot)
         effect(s, T)
         s.st_bread[g] += s.L
@@ -149,6 +151,8 @@ cdef inline int mem_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
         return 1
     mem_sync(s, g, c)
     T = c + s.d_write
+    if s.bulk_rec and T > s.bk_lastw[g]:
+        s.bk_lastw[g] = T
     e = g * s.RW + (T % s.RW)
     s.wr_tag[e] = T
     if op == OP_WRITE:

@@ -477,16 +477,25 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     cdef uint8_t* hi
     cdef uint32_t* acc
     cdef float* xa
+    cdef int64_t* bt
     mxm_install(s, p, c)
     if op == OP_LW:
         n = f[F_LW_N]
+        # rows a Read already delivered for this LW (mx_bulk_T, _bulk.pxi) are in place
+        # (only calls that issue bulk runs have them; mx_bulk_T is full size then)
+        bt = s.mx_bulk_T + p * s.L + f[F_LW_ROW]
         for i in range(n):
-            if stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
+            if not (s.bulk_go and bt[i] == c) and stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
                 set_error(s, ERR_EMPTY_READ, c, q, f[F_LW_SRC] + i, pos)
                 return 1
         b = s.mx_buf_slot[p]
         for i in range(n):
+            if s.bulk_go and bt[i] == c:
+                bulk_row(s, p, f[F_LW_ROW] + i, b, c)
+                continue
             v = stream_read(s, f[F_LW_SRC] + i, pos, c)
+            if s.bulk_rec:
+                rec_lw(s, p, f[F_LW_ROW] + i, v, c)
             memcpy(mx_slot(s, p, b) + <int64_t>(f[F_LW_ROW] + i) * s.L, v, s.L)
             s.mx_row_src[p * s.L + f[F_LW_ROW] + i] = b
         return 0

@@ -28,6 +28,18 @@ cdef enum:
 
 cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
 
+cdef enum:
+    # the fields of a bulk-plan entry in rd_go (_bulk.pxi), one cache line's worth together
+    GO_RUN = 0        # rd_run
+    GO_CYCLE = 1      # rd_cycle
+    GO_RUNLW = 2      # rd_runlw
+    GO_LWC = 3        # rd_lwc
+    GO_SRC = 4        # rd_src
+    GO_ROW = 5        # rd_row
+    GO_LWC2 = 6       # rd_lwc2
+    GO_ROW2 = 7       # rd_row2
+    GO_W = 8
+
 
 cdef struct State:
     # geometry and timing
@@ -211,6 +223,32 @@ cdef struct State:
     # errors
     int64_t err[8]
     int64_t perr[8]
+    # bulk weight loads (_bulk.pxi): the plan of Reads whose vector only an LW row takes
+    int bulk_on          # the engine option bulk_reads
+    int bulk_rec         # 1 while a run records the plan
+    int bulk_plan        # 1 when rd_run holds a recorded plan
+    int bulk_ok          # 0 from a restore to the next restart (the plan assumes the recorded timing)
+    int bulk_go          # bulk_on and bulk_plan and bulk_ok: the running call issues runs in bulk
+    int rec_op           # opcode being executed (recording only)
+    int64_t bulk_until   # the running call's stop cycle (INF: none): a run's LWs must come before it
+    int64_t bulk_reads   # Reads issued in bulk (host counter)
+    int64_t* rd_off      # [NQ + 1] each queue's first plan entry (entries: its functional issues, in order)
+    int64_t* rd_cycle    # issue cycle of each Read (-1: no Read)
+    int64_t* rd_src      # its row: slice * A + address
+    int64_t* rd_lwc      # cycle of the first LW taking its vector (-1: none, -2: a third one)
+    int32_t* rd_row      # that LW's plane * L + weight row
+    int64_t* rd_lwc2     # cycle of a second LW taking it (another plane at the same position), -1: none
+    int32_t* rd_row2     # that LW's plane * L + weight row
+    int32_t* rd_nrd      # reads of its vector by anything but that LW (recording)
+    int64_t* rd_safe     # first cycle from which issuing it early is safe (recording)
+    int32_t* rd_run      # Reads of the bulk run starting here (0: none, -1: a later Read of a Repeat's run)
+    int64_t* rd_runlw    # the last LW cycle of that run
+    int64_t* rd_go       # [entries * GO_W] what a bulk run reads of each entry, side by side (GO_*)
+    int64_t* pool_rid    # [D * pool_w] plan entry of the Read whose vector a pool slot holds, -1: none
+    int64_t* bk_lastlw   # [NP * L] last LW into each weight row (recording)
+    int64_t* bk_lastw    # [NSL] last landing cycle of a write to each slice (recording)
+    int64_t* mx_bulk_T   # [NP * L] cycle of the LW that takes a row from SRAM, -1: none
+    int64_t* mx_bulk_src  # [NP * L] that row: slice * A + address
     # statistics
     int64_t* st_issued
     int64_t* st_icu

@@ -27,9 +27,13 @@ cdef inline uint8_t* stream_read(State* s, int v, int pos, int64_t c) noexcept n
         return NULL
     cdef int64_t base = idx * s.P
     cdef int i
+    cdef uint8_t* vec
     for i in range(s.dg_n[idx] - 1, -1, -1):
         if s.sg_start[base + i] <= x:
-            return s.pool + <int64_t>s.sg_pool[base + i] * s.L
+            vec = s.pool + <int64_t>s.sg_pool[base + i] * s.L
+            if s.bulk_rec:
+                rec_stream_read(s, vec)
+            return vec
     return NULL
 
 

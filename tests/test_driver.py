@@ -216,9 +216,12 @@ def test_engine_options_are_public_and_checked(engine):
             chip.set_engine_options(small_rows=4)
         return
     opts = chip.engine_options()
-    assert set(opts) == {"mxm_kernel", "helper_threads", "small_rows", "helper_delay_us"}
-    chip.set_engine_options(small_rows=7, helper_threads=0)
+    assert set(opts) == {"mxm_kernel", "helper_threads", "small_rows", "helper_delay_us", "bulk_reads"}
+    chip.set_engine_options(small_rows=7, helper_threads=0, bulk_reads=False)
     assert chip.engine_options()["small_rows"] == 7 and chip.engine_options()["helper_threads"] == 0
-    assert {"loop_s", "mxm_batches"} <= set(chip.host_time)
+    assert chip.engine_options()["bulk_reads"] == 0
+    assert {"loop_s", "mxm_batches", "bulk_reads"} <= set(chip.host_time)
+    with pytest.raises(LpuError, match="bulk_reads must be 0 or 1"):
+        chip.set_engine_options(bulk_reads=2)
     with pytest.raises(LpuError, match="unknown engine option"):
         chip.set_engine_options(turbo=True)
