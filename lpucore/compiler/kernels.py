@@ -181,6 +181,28 @@ class Ctx:
             return 0
         return max(int(vt.ready[v]), 0) - spec[10]
 
+    def read_free_from(self, spec: tuple, v: int, T: int) -> Optional[int]:
+        """The first cycle T' >= T at which :meth:`read_spec` ``(plan, spec, v, T', {})`` passes its checks
+        that need no stream (vector v ready, the issues at or after cycle 0, each plane's slice queue free
+        of committed work), or None if the read never fits. A search may start there: every earlier try
+        fails at those checks, before anything of the try (the streams' rotation) changes."""
+        if spec[1] is None or not spec[1]:
+            return None
+        vt, qs, offs, omin = spec[0], spec[3], spec[5], spec[10]
+        T = max(T, max(int(vt.ready[v]), 0) - omin)
+        busy = self.sched.busy
+        bitmaps = [(b.bits, o) for b, o in ((busy.get(q), o) for q, o in zip(qs, offs)) if b is not None]
+        moved = True
+        while moved:           # each plane's next free cycle, until one T suits every plane
+            moved = False
+            for bits, o in bitmaps:
+                t = T + o
+                if t < len(bits) and bits[t]:
+                    f = bits.find(0, t)
+                    T = (len(bits) if f < 0 else f) - o
+                    moved = True
+        return T
+
     def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
@@ -566,19 +588,152 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
         # the operands' tensors and vectors do not change from one cycle tried to the next
         reads_v = [(tc, id(node), vt, idx(v)) for tc, node in ch.reads for vt, idx in (node.source(),)]
         specs = [ctx._spec(vt, vin, pos, None, False) for _, _, vt, vin in reads_v]
-        for _tries in range(SEARCH):
+        a, landing = _map_search(ctx, ch, root_v, reads_v, specs, out, v, a)
+        anchor[set_of[v]] = a
+        last = max(last, landing)
+    return last
+
+
+def _map_search(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int, a: int) -> Tuple[int, int]:
+    """Place map_kernel's vector v at the first anchor cycle >= a at which it fits (:func:`_map_try`),
+    looking at most SEARCH cycles ahead; returns that cycle and the write's landing cycle.
+
+    Trying a cycle costs a plan; most tries fail, and only at checks of committed work. So a cycle is
+    first looked at through :class:`_MapChecks`: when a check fails, the try's only lasting effect (the
+    stream rotation advanced by the stream groups it found before failing) is replayed without a plan,
+    and cycles at which the first read's slices are busy, where a try changes nothing, are skipped at
+    once (:meth:`Ctx.read_free_from`). The cycle found, and every choice on the way, are those of trying
+    each cycle in turn."""
+    end = a + SEARCH
+    chk = _MapChecks(ctx, ch, root_v, reads_v, specs, out, v)
+    tc0 = reads_v[0][0] if reads_v else 0
+    while a < end:
+        s = chk.first_failing(a)
+        if s == 0 and reads_v:
+            t = ctx.read_free_from(specs[0], reads_v[0][3], a + tc0)
+            if t is None:
+                break                           # the first read never fits
+            a = max(a + 1, t - tc0)
+            continue
+        if s < chk.n:
+            chk.replay(a, s)
+        else:
             landing = _map_try(ctx, ch, root_v, reads_v, specs, out, v, a)
             if landing is not None:
                 out.ready[v] = max(out.ready[v], landing)
                 for tc, _, vt, vin in reads_v:
                     vt.last_read[vin] = max(vt.last_read[vin], a + tc)
-                last = max(last, landing)
-                break
-            a += 1
+                return a, landing
+        a += 1
+    raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
+
+
+class _MapChecks:
+    """The checks of committed work a try of :func:`_map_try` makes, as stages in the try's own order:
+    each operand read (before it looks for streams: vector ready, issues at cycle >= 0, its slices'
+    queues free and not taken by an earlier read of the plan), the write (likewise, and the space
+    writable), then a part of the scheduler's final check (VXM queues free, ALU latches free, no read
+    meeting a committed write in its bank and the reverse). Built once per vector: nothing is committed
+    while its search runs, so every check is a function of the anchor cycle alone."""
+
+    def __init__(self, ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int):
+        sched = ctx.sched
+        self.ctx = ctx
+        busy = sched.busy
+        taken: Dict[Tuple[int, int], int] = {}     # (slice, cycle relative to the anchor) of earlier reads
+        # a stage: (lowest anchor, always fails, [(queue bitmap, issue cycle relative to the anchor)])
+        self.stages: List[Tuple[int, bool, list]] = []
+        self.groups: List[Tuple[int, int, int, list]] = []    # per read, then the write: (d, w, k offset, xs)
+        for (tc, _, _, vin), spec in zip(reads_v, specs):
+            if spec[1] is None:
+                self.stages.append((0, True, []))
+                continue
+            vt, ok, _, qs, gs, offs, _, d, xs, _, omin = spec
+            rel = [tc + o for o in offs]
+            bad = not ok or any((g, r) in taken for g, r in zip(gs, rel))
+            taken.update(((g, r), 1) for g, r in zip(gs, rel))
+            self.stages.append((max(int(vt.ready[vin]), 0) - omin - tc, bad, self._bitmaps(busy, qs, rel)))
+            self.groups.append((d, len(offs), tc - xs[0][1], xs))
+        land = ch.land[id(root_v)]
+        wspec = ctx._spec(out, v, ctx.vx, None, True)
+        if wspec[1] is None:
+            self.stages.append((0, True, []))
         else:
-            raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
-        anchor[set_of[v]] = a
-    return last
+            _, ok, _, qs, gs, offs, pl, d, xs, _, omin = wspec
+            wd = ctx.cfg.mem_write_delay
+            lo = max([-land - omin] + [out.write_after(v, p) - wd - o - land for o, p in zip(offs, pl)])
+            rel = [land + o for o in offs]
+            bad = not ok or any((g, r) in taken for g, r in zip(gs, rel))
+            self.stages.append((lo, bad, self._bitmaps(busy, qs, rel)))
+            self.groups.append((d, len(offs), land - xs[0][0], xs))
+        self.fin = self._final(ctx, ch, reads_v, specs, wspec, land)
+        self.n = len(self.stages) + 1
+
+    @staticmethod
+    def _bitmaps(busy, qs, rel) -> list:
+        """(bitmap, relative cycle) of each queue that has issued anything (the others are free)."""
+        return [(busy[q].bits, r) for q, r in zip(qs, rel) if q in busy]
+
+    @staticmethod
+    def _final(ctx: Ctx, ch: _Chain, reads_v, specs, wspec, land: int):
+        """What of :meth:`Scheduler.fits` the final stage checks: (lowest anchor, [(bitmap, relative
+        cycle)] of issues and landings that need a free cycle, [(bitmap, relative from, to)] of held
+        latches that need no landing, [(bank table, slice, relative cycle, bank bit)])."""
+        sched = ctx.sched
+        lo = 0
+        cells, spans, banks = [], [], []
+        for n in ch.nodes:
+            alu, t, ld = ch.alu[id(n)], ch.t[id(n)], ch.land[id(n)]
+            lo = max(lo, -t)
+            cells += [(m.bits, r) for m, r in ((sched.busy.get(f"VXM.{alu}"), t), (sched.landed.get(alu), ld),
+                                               (sched.held.get(alu), ld)) if m is not None]
+            lb = sched.landed.get(alu)
+            if ch.last_use[id(n)] > ld and lb is not None:
+                spans.append((lb.bits, ld + 1, ch.last_use[id(n)] + 1))
+        for (tc, _, _, _), spec in zip(reads_v, specs):
+            banks += [(sched.bank_wr, g, tc + o, 1 << bk) for g, o, bk in zip(spec[4], spec[5], spec[9])]
+        if wspec[1] is not None:
+            wd = ctx.cfg.mem_write_delay
+            banks += [(sched.bank_rd, g, land + o + wd, 1 << bk) for g, o, bk in zip(wspec[4], wspec[5], wspec[9])]
+        return lo, cells, spans, banks
+
+    def first_failing(self, a: int) -> int:
+        """The stage at which a try at anchor a fails (self.n - 1: the final one), or self.n if every
+        stage passes (the try may still fail: at streams, or at the scheduler's other checks)."""
+        for s, (lo, bad, maps) in enumerate(self.stages):
+            if bad or a < lo:
+                return s
+            for bits, r in maps:
+                t = a + r
+                if t < len(bits) and bits[t]:
+                    return s
+        lo, cells, spans, banks = self.fin
+        if a < lo:
+            return self.n - 1
+        for bits, r in cells:
+            t = a + r
+            if t < len(bits) and bits[t]:
+                return self.n - 1
+        for bits, r0, r1 in spans:
+            if bits.find(1, a + r0, a + r1) >= 0:
+                return self.n - 1
+        for table, g, r, bit in banks:
+            if table.get((g, a + r), 0) & bit:
+                return self.n - 1
+        return self.n
+
+    def replay(self, a: int, s: int) -> None:
+        """What a try at anchor a that fails at stage s leaves behind: the stream groups the reads before
+        it (and the write, when it is the final stage) look for, each advancing the rotation, in order,
+        until one finds none."""
+        used: Used = {}
+        for d, w, koff, xs in self.groups[:s]:
+            k = a + koff
+            b = self.ctx.free_group(d, w, k, xs, used)
+            if b is None:
+                return
+            for p in range(w):
+                used[(b + p, k)] = 1
 
 
 def _map_try(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int, a: int) -> Optional[int]:
