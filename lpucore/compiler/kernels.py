@@ -33,6 +33,9 @@ from .memory import VT
 from .schedule import Plan, Scheduler, op_of
 
 SEARCH = 200_000          # cycles a kernel may look ahead for room before giving up
+# whether searches skip, without a plan, the cycles at which a try fails at committed work (the same
+# programs either way, only sooner: tests compare the two)
+FAST_SEARCH = True
 PIECE_SLIP = 4            # cycles one lane-move piece may slip when it collides inside its plan
 
 # what a plan being built already takes: (stream, diagonal) and ("q", slice, cycle) -> 1
@@ -324,18 +327,28 @@ def cvt(x: Expr, to: dt.DType) -> Expr:
     return Expr("cvt", to, (x,), {"from": x.dtype.code})
 
 
-def _topo(root: Expr) -> List[Expr]:
-    order, seen = [], set()
-
-    def visit(n):
-        if id(n) in seen:
-            return
-        seen.add(id(n))
-        for a in n.args:
-            visit(a)
-        order.append(n)
-    visit(root)
-    return order
+def _topo(root: Expr) -> Sequence[Expr]:
+    """The expression's distinct nodes, each after its arguments (depth first, arguments in order).
+    Kept on the root (an expression is not changed once built, and the compiler asks for the order of
+    one expression many times), and found without recursion (no closure to leave as cyclic garbage)."""
+    got = root.__dict__.get("_order")
+    if got is not None and got[-1] is root:          # not a copy's (copy.copy would share the entry)
+        return got
+    order: List[Expr] = []
+    seen = {id(root)}
+    stack = [(root, iter(root.args))]
+    while stack:
+        n, it = stack[-1]
+        for a in it:
+            if id(a) not in seen:
+                seen.add(id(a))
+                stack.append((a, iter(a.args)))
+                break
+        else:
+            stack.pop()
+            order.append(n)
+    root.__dict__["_order"] = got = tuple(order)
+    return got
 
 
 @dataclass
@@ -605,17 +618,17 @@ def _map_search(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: 
     once (:meth:`Ctx.read_free_from`). The cycle found, and every choice on the way, are those of trying
     each cycle in turn."""
     end = a + SEARCH
-    chk = _MapChecks(ctx, ch, root_v, reads_v, specs, out, v)
+    chk = _MapChecks(ctx, ch, root_v, reads_v, specs, out, v) if FAST_SEARCH else None
     tc0 = reads_v[0][0] if reads_v else 0
     while a < end:
-        s = chk.first_failing(a)
+        s = chk.first_failing(a) if chk is not None else len(specs) + 2
         if s == 0 and reads_v:
             t = ctx.read_free_from(specs[0], reads_v[0][3], a + tc0)
             if t is None:
                 break                           # the first read never fits
             a = max(a + 1, t - tc0)
             continue
-        if s < chk.n:
+        if chk is not None and s < chk.n:
             chk.replay(a, s)
         else:
             landing = _map_try(ctx, ch, root_v, reads_v, specs, out, v, a)

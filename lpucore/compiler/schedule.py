@@ -14,8 +14,9 @@ this way passes the engines' schedule checks by construction.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
-from typing import Dict, List, Set, Tuple
+from typing import Callable, Dict, List, Set, Tuple
 
 from .. import isa
 from ..config import ChipConfig
@@ -29,6 +30,14 @@ def op_of(mnemonic: str, unit: str) -> isa.Op:
     if op is None:
         raise CompileError(f"internal: no {unit} instruction {mnemonic!r}")
     return op
+
+
+def _picker(idx: List[int]) -> Callable[[tuple], tuple]:
+    """A function taking a tuple to the tuple of its items at ``idx``."""
+    if not idx:
+        return lambda a: ()
+    get = operator.itemgetter(*idx)
+    return get if len(idx) > 1 else (lambda a: (get(a),))
 
 
 class _Busy:
@@ -189,7 +198,10 @@ class Scheduler:
             if qb is None:
                 qb = busy[q] = _Busy()
                 events[q] = []
-            qb.set(c)
+            if 0 <= c < len(qb.bits):           # _Busy.set without the call (the common case)
+                qb.bits[c] = 1
+            else:
+                qb.set(c)
             events[q].append((c, mn, args))
             dly = delays.get((q, mn))
             if dly is None:
@@ -204,10 +216,11 @@ class Scheduler:
                 diag[(v, k)] = [(x0, x1)]
             else:
                 ivs.append((x0, x1))
+        bank_rd, bank_wr = self.bank_rd, self.bank_wr
         for g, c, bank in plan.reads:
-            self.bank_rd[(g, c)] = self.bank_rd.get((g, c), 0) | (1 << bank)
+            bank_rd[(g, c)] = bank_rd.get((g, c), 0) | (1 << bank)
         for g, c, bank in plan.writes:
-            self.bank_wr[(g, c)] = self.bank_wr.get((g, c), 0) | (1 << bank)
+            bank_wr[(g, c)] = bank_wr.get((g, c), 0) | (1 << bank)
         for alu, T in plan.lands:
             self._bitmap(self.landed, alu).set(T)
         for alu, lo, hi in plan.holds:
@@ -255,7 +268,7 @@ class Scheduler:
             i = 0
             n_ev = len(evs)
             strided_of: Dict[str, List[int]] = {}
-            fixed_of: Dict[Tuple[str, int], List[int]] = {}
+            fixed_of: Dict[Tuple[str, int], Callable[[tuple], tuple]] = {}
             while i < n_ev:
                 c, mn, args = evs[i]
                 strided = strided_of.get(mn)
@@ -267,9 +280,9 @@ class Scheduler:
                 while j < n_ev and evs[j][1] == mn and strided:
                     a0, a1 = evs[j - 1][2], evs[j][2]
                     fixed = fixed_of.get((mn, len(a0)))
-                    if fixed is None:
-                        fixed = fixed_of[(mn, len(a0))] = [k for k in range(len(a0)) if k not in strided]
-                    if any(a0[k] != a1[k] for k in fixed):
+                    if fixed is None:       # the operands that must not change within a Repeat
+                        fixed = fixed_of[(mn, len(a0))] = _picker([k for k in range(len(a0)) if k not in strided])
+                    if fixed(a0) != fixed(a1):
                         break
                     if len(strided) == 1:
                         ds = a1[strided[0]] - a0[strided[0]]
