@@ -62,3 +62,21 @@ def test_fast_search_skips_tries(monkeypatch):
     monkeypatch.setattr(kernels, "FAST_SEARCH", False)
     compile_one(graph, SMALL)
     assert fast < len(calls) / 2, (fast, len(calls))
+
+
+def test_fast_search_over_chips_places_every_instruction_as_trying_each_cycle(monkeypatch):
+    """Tensor parallelism adds the collectives' searches (receiving a block from a link)."""
+    from lpucore import System
+    from lpucore.compiler.tensor_parallel import compile_system
+    from lpucore.llm import Decoder
+    from lpucore.llm.program import build_step
+    dec = Decoder.random("tiny", seed=1, precision="int8", config=SMALL, capacity=8)
+    graph, _ = build_step(dec.cfg, dec.ref.w, dec.ref.quantized, dec.precision, dec.capacity, dec.block)
+    system = System(2, topology=[(0, 0, 1, 0)], config=SMALL)
+    fast = compile_system(graph, system, min_cols=1)
+    monkeypatch.setattr(kernels, "FAST_SEARCH", False)
+    slow = compile_system(graph, system, min_cols=1)
+    assert len(fast.partition.collectives) > 0
+    for f, s in zip(fast.parts, slow.parts):
+        assert f.expected_cycles == s.expected_cycles
+        assert f.program.to_bytes() == s.program.to_bytes()

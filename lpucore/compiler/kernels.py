@@ -192,7 +192,24 @@ class Ctx:
         if spec[1] is None or not spec[1]:
             return None
         vt, qs, offs, omin = spec[0], spec[3], spec[5], spec[10]
-        T = max(T, max(int(vt.ready[v]), 0) - omin)
+        return self._queues_free_from(qs, offs, max(T, max(int(vt.ready[v]), 0) - omin))
+
+    def write_free_from(self, vt: VT, v: int, pos: int, T: int,
+                        planes: Optional[Sequence[int]] = None) -> Optional[int]:
+        """The first cycle T' >= T at which :meth:`write_group` ``(plan, vt, v, pos, T', {}, planes)`` passes
+        its checks that need no stream (the space writable, issues at or after cycle 0, each plane's
+        slice queue free of committed work), or None if the write never fits: as
+        :meth:`read_free_from`, every earlier try fails before changing anything."""
+        spec = self._spec(vt, v, pos, planes, True)
+        if spec[1] is None or not spec[1]:
+            return None
+        _, _, _, qs, _, offs, pl, _, _, _, omin = spec
+        wd = self.cfg.mem_write_delay
+        T = max([T, -omin] + [vt.write_after(v, p) - wd - o for o, p in zip(offs, pl)])
+        return self._queues_free_from(qs, offs, T)
+
+    def _queues_free_from(self, qs: Sequence[str], offs: Sequence[int], T: int) -> int:
+        """The first T' >= T at which every queue qs[i] is free of committed work at T' + offs[i]."""
         busy = self.sched.busy
         bitmaps = [(b.bits, o) for b, o in ((busy.get(q), o) for q, o in zip(qs, offs)) if b is not None]
         moved = True
@@ -1092,6 +1109,19 @@ class _LoadRows:
         self.end = T
         return plan
 
+    def first_readable(self, W: int) -> Optional[int]:
+        """The first cycle >= W at which :meth:`plan` gets past its first check (the first LW's rows
+        readable), or None if it never does; :meth:`plan` changes nothing, so the cycles between are
+        skipped (:func:`_find`)."""
+        if self.never:
+            return None
+        rows = self.rows[0]
+        lo = max([W] + [max(r.ready, 0) + r.lead for r in rows])
+        for t in range(lo, lo + SEARCH):
+            if self._readable(rows, t):
+                return t
+        return None
+
     def _readable(self, rows, T: int) -> bool:
         """Every row of an LW at cycle T can be read then: ready, its slice's queue free and no write
         landing in its bank in that cycle."""
@@ -1131,16 +1161,43 @@ class _LoadRows:
         return issues, reads, spans
 
 
-def _find(ctx: Ctx, lo: int, build, what: str) -> int:
-    """Earliest cycle >= lo at which build(t) gives a plan that fits; commits it."""
-    t = lo
-    for _ in range(SEARCH):
+def _find(ctx: Ctx, lo: int, build, what: str, skip: Optional[Callable[[int], Optional[int]]] = None) -> int:
+    """Earliest cycle >= lo (looking at most SEARCH cycles ahead) at which build(t) gives a plan that
+    fits; commits it. ``skip(t)``: the first cycle >= t at which build may give a plan, every try before
+    it failing before it changes anything (None: never), used when :data:`FAST_SEARCH` is on."""
+    t, end = lo, lo + SEARCH
+    while t < end:
+        if skip is not None and FAST_SEARCH:
+            nxt = skip(t)
+            if nxt is None or nxt >= end:
+                break
+            t = nxt
         plan = build(t)
         if plan is not None and ctx.sched.fits(plan):
             ctx.sched.commit(plan)
             return t
         t += 1
     raise CompileError(f"no room found to schedule {what}")
+
+
+def _read_skip(ctx: Ctx, vt: VT, v: int, pos: int, lag: int) -> Callable[[int], Optional[int]]:
+    """A :func:`_find` skip for plans whose first step is :meth:`Ctx.read_group` ``(vt, v, pos)`` at
+    cycle t - lag: the cycles at which that read fails at committed work pass without a plan."""
+    spec = ctx._spec(vt, v, pos, None, False)
+
+    def skip(t: int) -> Optional[int]:
+        got = ctx.read_free_from(spec, v, t - lag)
+        return None if got is None else got + lag
+    return skip
+
+
+def _write_skip(ctx: Ctx, vt: VT, v: int, pos: int, lag: int) -> Callable[[int], Optional[int]]:
+    """A :func:`_find` skip for plans whose first step is :meth:`Ctx.write_group` ``(vt, v, pos)`` at
+    cycle t + lag (see :func:`_read_skip`)."""
+    def skip(t: int) -> Optional[int]:
+        got = ctx.write_free_from(vt, v, pos, t + lag)
+        return None if got is None else got - lag
+    return skip
 
 
 SPARE = 1    # streams a plane leaves to activations while both planes of its hemisphere load
@@ -1264,7 +1321,7 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
             lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
     qs = [r.q_lw for r in runs]
     _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
-              f"an MXM weight load for {geo.mm.out.name}")
+          f"an MXM weight load for {geo.mm.out.name}", skip=lw.first_readable)
     for rows in lw.rows:
         for row in rows:
             if row.vt is not None:
@@ -1312,7 +1369,8 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank
                     plan.spans.append((src + q, kb) + span)
             plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 1 if kc else 0)))
             return plan
-        T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}")
+        T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}",
+                  skip=_read_skip(ctx, mm.A, av, run.sx if shift else xm, lag))
         mm.A.last_read[av] = max(mm.A.last_read[av], T)
         st.abc_next = T + geo.r
         st.abc_last = T
@@ -1363,7 +1421,9 @@ def _results(ctx: Ctx, geo: _Geo, run: _Run, nt: int, b0: int, b1: int, bank: in
         def build_kept(C, holder=holder, build_c=build_c):
             holder["plan"] = build_c(C)
             return holder["plan"]
-        C = _find(ctx, max(ready, st.acc_next), build_kept, f"an MXM result for {out.name}")
+        # an int32 / float32 result's plan starts with its write (a float16 one's with streams to the VXM)
+        skip = _write_skip(ctx, out, ov, xm, cfg.mxm_acc_delay) if out.planes == 4 else None
+        C = _find(ctx, max(ready, st.acc_next), build_kept, f"an MXM result for {out.name}", skip=skip)
         out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
         last = max(last, holder["plan"].landing)
         st.acc_next = C + 1
