@@ -40,7 +40,7 @@ from ..errors import CompileError
 from . import kernels
 from .kernels import SEARCH, E, Expr, Used, map_kernel
 from .memory import release
-from .schedule import Plan
+from .schedule import Plan, paced_gc
 
 
 def _plus(o: int) -> Callable[[int], int]:
@@ -274,6 +274,11 @@ def _combine(c, i: int, P: int, op: str, t, name: str, kind: str, src, stack) ->
 def compile_group(graphs, cfg: ChipConfig, links: List[Tuple[list, list]]):
     """Compile one graph per chip of a group together; returns their
     :class:`~lpucore.compiler.lower.Compiled` programs, rank by rank."""
+    with paced_gc():
+        return _compile_group(graphs, cfg, links)
+
+
+def _compile_group(graphs, cfg: ChipConfig, links: List[Tuple[list, list]]):
     from .lower import Compiler
     P = len(graphs)
     comps = []

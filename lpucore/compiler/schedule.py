@@ -14,14 +14,40 @@ this way passes the engines' schedule checks by construction.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import operator
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Set, Tuple
 
 from .. import isa
 from ..config import ChipConfig
 from ..errors import CompileError, ProgramError
 from ..program import Instruction, make_instruction
+
+# The collector's thresholds while a compile runs (young objects, then collections of the younger
+# generations between older ones). A compile keeps millions of small objects (the reservation table's
+# bitmaps' owners, events, the tensors' plans) alive and makes as many that die young: with Python's
+# defaults (700, 10, 10) it spends about a quarter of GPT-2-small's compile rescanning the long-lived ones
+# (11.2 s of CPU against 8.2 s with the collector off, 2026-12-06). A larger first threshold still frees
+# the cyclic garbage of the compiler's closures while it is young; the older generations are rescanned
+# 100 times less often.
+GC_PACE = (10_000, 100, 100)
+
+
+@contextlib.contextmanager
+def paced_gc() -> Iterator[None]:
+    """Run the body with the collector at :data:`GC_PACE` (unless it is already at least that patient,
+    e.g. in a nested compile), then restore its thresholds."""
+    old = gc.get_threshold()
+    if old[0] >= GC_PACE[0]:
+        yield
+        return
+    gc.set_threshold(*GC_PACE)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
 
 
 def op_of(mnemonic: str, unit: str) -> isa.Op:
