@@ -37,9 +37,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..config import ChipConfig
 from ..errors import CompileError
+from . import kernels
 from .kernels import SEARCH, E, Expr, Used, map_kernel
 from .memory import release
-from .schedule import Plan
+from .schedule import Plan, paced_gc
 
 
 def _plus(o: int) -> Callable[[int], int]:
@@ -143,7 +144,13 @@ def _receive(c, stack, u: int, p: int, link: int, r: int) -> Tuple[int, int]:
     g, _ = stack.loc(u, p)
     h = g // cfg.mem_slices_per_hemisphere
     pos = cfg.sxm_position(h)
-    for _ in range(SEARCH):
+    end = r + SEARCH
+    while r < end:
+        if kernels.FAST_SEARCH:     # the cycles at which the write fails at committed work: no plan (kernels._find)
+            got = c.ctx.write_free_from(stack, u, pos, r + cfg.c2c_receive_delay, [p])
+            if got is None:
+                break
+            r = max(r, got - cfg.c2c_receive_delay)
         plan = Plan()
         wr = c.ctx.write_group(plan, stack, u, pos, r + cfg.c2c_receive_delay, {}, planes=[p])
         if wr is not None:
@@ -267,6 +274,11 @@ def _combine(c, i: int, P: int, op: str, t, name: str, kind: str, src, stack) ->
 def compile_group(graphs, cfg: ChipConfig, links: List[Tuple[list, list]]):
     """Compile one graph per chip of a group together; returns their
     :class:`~lpucore.compiler.lower.Compiled` programs, rank by rank."""
+    with paced_gc():
+        return _compile_group(graphs, cfg, links)
+
+
+def _compile_group(graphs, cfg: ChipConfig, links: List[Tuple[list, list]]):
     from .lower import Compiler
     P = len(graphs)
     comps = []

@@ -58,6 +58,7 @@ def expected_cycles(program: Program) -> int:
     the last issue, landing value or bank write, plus the stagger."""
     cfg = program.config
     last = -1
+    delay: Dict[int, int] = {}          # id(op) -> its result delay: a program has few distinct ops
     for lst in program.queues.values():
         t = 0
         prev = None
@@ -75,10 +76,14 @@ def expected_cycles(program: Program) -> int:
                     raise CompileError("expected_cycles: a Repeat must follow a functional-unit instruction")
                 n, d = ins["n"], ins["d"]
                 issue = t - 1 + n * d                    # the last repetition
-                last = max(last, issue + prev.op.delay(cfg))
+                last = max(last, issue + delay[id(prev.op)])
                 t = issue + 1
                 continue
-            last = max(last, t + ins.op.delay(cfg))
+            dl = delay.get(id(ins.op))
+            if dl is None:
+                dl = delay[id(ins.op)] = ins.op.delay(cfg)
+            if t + dl > last:
+                last = t + dl
             prev = ins
             t += 1
         last = max(last, t - 1)

@@ -33,6 +33,9 @@ from .memory import VT
 from .schedule import Plan, Scheduler, op_of
 
 SEARCH = 200_000          # cycles a kernel may look ahead for room before giving up
+# whether searches skip, without a plan, the cycles at which a try fails at committed work (the same
+# programs either way, only sooner: tests compare the two)
+FAST_SEARCH = True
 PIECE_SLIP = 4            # cycles one lane-move piece may slip when it collides inside its plan
 
 # what a plan being built already takes: (stream, diagonal) and ("q", slice, cycle) -> 1
@@ -181,6 +184,45 @@ class Ctx:
             return 0
         return max(int(vt.ready[v]), 0) - spec[10]
 
+    def read_free_from(self, spec: tuple, v: int, T: int) -> Optional[int]:
+        """The first cycle T' >= T at which :meth:`read_spec` ``(plan, spec, v, T', {})`` passes its checks
+        that need no stream (vector v ready, the issues at or after cycle 0, each plane's slice queue free
+        of committed work), or None if the read never fits. A search may start there: every earlier try
+        fails at those checks, before anything of the try (the streams' rotation) changes."""
+        if spec[1] is None or not spec[1]:
+            return None
+        vt, qs, offs, omin = spec[0], spec[3], spec[5], spec[10]
+        return self._queues_free_from(qs, offs, max(T, max(int(vt.ready[v]), 0) - omin))
+
+    def write_free_from(self, vt: VT, v: int, pos: int, T: int,
+                        planes: Optional[Sequence[int]] = None) -> Optional[int]:
+        """The first cycle T' >= T at which :meth:`write_group` ``(plan, vt, v, pos, T', {}, planes)`` passes
+        its checks that need no stream (the space writable, issues at or after cycle 0, each plane's
+        slice queue free of committed work), or None if the write never fits: as
+        :meth:`read_free_from`, every earlier try fails before changing anything."""
+        spec = self._spec(vt, v, pos, planes, True)
+        if spec[1] is None or not spec[1]:
+            return None
+        _, _, _, qs, _, offs, pl, _, _, _, omin = spec
+        wd = self.cfg.mem_write_delay
+        T = max([T, -omin] + [vt.write_after(v, p) - wd - o for o, p in zip(offs, pl)])
+        return self._queues_free_from(qs, offs, T)
+
+    def _queues_free_from(self, qs: Sequence[str], offs: Sequence[int], T: int) -> int:
+        """The first T' >= T at which every queue qs[i] is free of committed work at T' + offs[i]."""
+        busy = self.sched.busy
+        bitmaps = [(b.bits, o) for b, o in ((busy.get(q), o) for q, o in zip(qs, offs)) if b is not None]
+        moved = True
+        while moved:           # each plane's next free cycle, until one T suits every plane
+            moved = False
+            for bits, o in bitmaps:
+                t = T + o
+                if t < len(bits) and bits[t]:
+                    f = bits.find(0, t)
+                    T = (len(bits) if f < 0 else f) - o
+                    moved = True
+        return T
+
     def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
         at cycle T on one stream group.  Returns the group's base stream, or None."""
@@ -302,18 +344,28 @@ def cvt(x: Expr, to: dt.DType) -> Expr:
     return Expr("cvt", to, (x,), {"from": x.dtype.code})
 
 
-def _topo(root: Expr) -> List[Expr]:
-    order, seen = [], set()
-
-    def visit(n):
-        if id(n) in seen:
-            return
-        seen.add(id(n))
-        for a in n.args:
-            visit(a)
-        order.append(n)
-    visit(root)
-    return order
+def _topo(root: Expr) -> Sequence[Expr]:
+    """The expression's distinct nodes, each after its arguments (depth first, arguments in order).
+    Kept on the root (an expression is not changed once built, and the compiler asks for the order of
+    one expression many times), and found without recursion (no closure to leave as cyclic garbage)."""
+    got = root.__dict__.get("_order")
+    if got is not None and got[-1] is root:          # not a copy's (copy.copy would share the entry)
+        return got
+    order: List[Expr] = []
+    seen = {id(root)}
+    stack = [(root, iter(root.args))]
+    while stack:
+        n, it = stack[-1]
+        for a in it:
+            if id(a) not in seen:
+                seen.add(id(a))
+                stack.append((a, iter(a.args)))
+                break
+        else:
+            stack.pop()
+            order.append(n)
+    root.__dict__["_order"] = got = tuple(order)
+    return got
 
 
 @dataclass
@@ -566,19 +618,152 @@ def map_kernel(ctx: Ctx, root: Expr, out: VT, vectors: Optional[Sequence[int]] =
         # the operands' tensors and vectors do not change from one cycle tried to the next
         reads_v = [(tc, id(node), vt, idx(v)) for tc, node in ch.reads for vt, idx in (node.source(),)]
         specs = [ctx._spec(vt, vin, pos, None, False) for _, _, vt, vin in reads_v]
-        for _tries in range(SEARCH):
+        a, landing = _map_search(ctx, ch, root_v, reads_v, specs, out, v, a)
+        anchor[set_of[v]] = a
+        last = max(last, landing)
+    return last
+
+
+def _map_search(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int, a: int) -> Tuple[int, int]:
+    """Place map_kernel's vector v at the first anchor cycle >= a at which it fits (:func:`_map_try`),
+    looking at most SEARCH cycles ahead; returns that cycle and the write's landing cycle.
+
+    Trying a cycle costs a plan; most tries fail, and only at checks of committed work. So a cycle is
+    first looked at through :class:`_MapChecks`: when a check fails, the try's only lasting effect (the
+    stream rotation advanced by the stream groups it found before failing) is replayed without a plan,
+    and cycles at which the first read's slices are busy, where a try changes nothing, are skipped at
+    once (:meth:`Ctx.read_free_from`). The cycle found, and every choice on the way, are those of trying
+    each cycle in turn."""
+    end = a + SEARCH
+    chk = _MapChecks(ctx, ch, root_v, reads_v, specs, out, v) if FAST_SEARCH else None
+    tc0 = reads_v[0][0] if reads_v else 0
+    while a < end:
+        s = chk.first_failing(a) if chk is not None else len(specs) + 2
+        if s == 0 and reads_v:
+            t = ctx.read_free_from(specs[0], reads_v[0][3], a + tc0)
+            if t is None:
+                break                           # the first read never fits
+            a = max(a + 1, t - tc0)
+            continue
+        if chk is not None and s < chk.n:
+            chk.replay(a, s)
+        else:
             landing = _map_try(ctx, ch, root_v, reads_v, specs, out, v, a)
             if landing is not None:
                 out.ready[v] = max(out.ready[v], landing)
                 for tc, _, vt, vin in reads_v:
                     vt.last_read[vin] = max(vt.last_read[vin], a + tc)
-                last = max(last, landing)
-                break
-            a += 1
+                return a, landing
+        a += 1
+    raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
+
+
+class _MapChecks:
+    """The checks of committed work a try of :func:`_map_try` makes, as stages in the try's own order:
+    each operand read (before it looks for streams: vector ready, issues at cycle >= 0, its slices'
+    queues free and not taken by an earlier read of the plan), the write (likewise, and the space
+    writable), then a part of the scheduler's final check (VXM queues free, ALU latches free, no read
+    meeting a committed write in its bank and the reverse). Built once per vector: nothing is committed
+    while its search runs, so every check is a function of the anchor cycle alone."""
+
+    def __init__(self, ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int):
+        sched = ctx.sched
+        self.ctx = ctx
+        busy = sched.busy
+        taken: Dict[Tuple[int, int], int] = {}     # (slice, cycle relative to the anchor) of earlier reads
+        # a stage: (lowest anchor, always fails, [(queue bitmap, issue cycle relative to the anchor)])
+        self.stages: List[Tuple[int, bool, list]] = []
+        self.groups: List[Tuple[int, int, int, list]] = []    # per read, then the write: (d, w, k offset, xs)
+        for (tc, _, _, vin), spec in zip(reads_v, specs):
+            if spec[1] is None:
+                self.stages.append((0, True, []))
+                continue
+            vt, ok, _, qs, gs, offs, _, d, xs, _, omin = spec
+            rel = [tc + o for o in offs]
+            bad = not ok or any((g, r) in taken for g, r in zip(gs, rel))
+            taken.update(((g, r), 1) for g, r in zip(gs, rel))
+            self.stages.append((max(int(vt.ready[vin]), 0) - omin - tc, bad, self._bitmaps(busy, qs, rel)))
+            self.groups.append((d, len(offs), tc - xs[0][1], xs))
+        land = ch.land[id(root_v)]
+        wspec = ctx._spec(out, v, ctx.vx, None, True)
+        if wspec[1] is None:
+            self.stages.append((0, True, []))
         else:
-            raise CompileError(f"no room found to schedule an elementwise kernel writing {out.name}")
-        anchor[set_of[v]] = a
-    return last
+            _, ok, _, qs, gs, offs, pl, d, xs, _, omin = wspec
+            wd = ctx.cfg.mem_write_delay
+            lo = max([-land - omin] + [out.write_after(v, p) - wd - o - land for o, p in zip(offs, pl)])
+            rel = [land + o for o in offs]
+            bad = not ok or any((g, r) in taken for g, r in zip(gs, rel))
+            self.stages.append((lo, bad, self._bitmaps(busy, qs, rel)))
+            self.groups.append((d, len(offs), land - xs[0][0], xs))
+        self.fin = self._final(ctx, ch, reads_v, specs, wspec, land)
+        self.n = len(self.stages) + 1
+
+    @staticmethod
+    def _bitmaps(busy, qs, rel) -> list:
+        """(bitmap, relative cycle) of each queue that has issued anything (the others are free)."""
+        return [(busy[q].bits, r) for q, r in zip(qs, rel) if q in busy]
+
+    @staticmethod
+    def _final(ctx: Ctx, ch: _Chain, reads_v, specs, wspec, land: int):
+        """What of :meth:`Scheduler.fits` the final stage checks: (lowest anchor, [(bitmap, relative
+        cycle)] of issues and landings that need a free cycle, [(bitmap, relative from, to)] of held
+        latches that need no landing, [(bank table, slice, relative cycle, bank bit)])."""
+        sched = ctx.sched
+        lo = 0
+        cells, spans, banks = [], [], []
+        for n in ch.nodes:
+            alu, t, ld = ch.alu[id(n)], ch.t[id(n)], ch.land[id(n)]
+            lo = max(lo, -t)
+            cells += [(m.bits, r) for m, r in ((sched.busy.get(f"VXM.{alu}"), t), (sched.landed.get(alu), ld),
+                                               (sched.held.get(alu), ld)) if m is not None]
+            lb = sched.landed.get(alu)
+            if ch.last_use[id(n)] > ld and lb is not None:
+                spans.append((lb.bits, ld + 1, ch.last_use[id(n)] + 1))
+        for (tc, _, _, _), spec in zip(reads_v, specs):
+            banks += [(sched.bank_wr, g, tc + o, 1 << bk) for g, o, bk in zip(spec[4], spec[5], spec[9])]
+        if wspec[1] is not None:
+            wd = ctx.cfg.mem_write_delay
+            banks += [(sched.bank_rd, g, land + o + wd, 1 << bk) for g, o, bk in zip(wspec[4], wspec[5], wspec[9])]
+        return lo, cells, spans, banks
+
+    def first_failing(self, a: int) -> int:
+        """The stage at which a try at anchor a fails (self.n - 1: the final one), or self.n if every
+        stage passes (the try may still fail: at streams, or at the scheduler's other checks)."""
+        for s, (lo, bad, maps) in enumerate(self.stages):
+            if bad or a < lo:
+                return s
+            for bits, r in maps:
+                t = a + r
+                if t < len(bits) and bits[t]:
+                    return s
+        lo, cells, spans, banks = self.fin
+        if a < lo:
+            return self.n - 1
+        for bits, r in cells:
+            t = a + r
+            if t < len(bits) and bits[t]:
+                return self.n - 1
+        for bits, r0, r1 in spans:
+            if bits.find(1, a + r0, a + r1) >= 0:
+                return self.n - 1
+        for table, g, r, bit in banks:
+            if table.get((g, a + r), 0) & bit:
+                return self.n - 1
+        return self.n
+
+    def replay(self, a: int, s: int) -> None:
+        """What a try at anchor a that fails at stage s leaves behind: the stream groups the reads before
+        it (and the write, when it is the final stage) look for, each advancing the rotation, in order,
+        until one finds none."""
+        used: Used = {}
+        for d, w, koff, xs in self.groups[:s]:
+            k = a + koff
+            b = self.ctx.free_group(d, w, k, xs, used)
+            if b is None:
+                return
+            for p in range(w):
+                used[(b + p, k)] = 1
 
 
 def _map_try(ctx: Ctx, ch: _Chain, root_v: Expr, reads_v, specs, out: VT, v: int, a: int) -> Optional[int]:
@@ -924,6 +1109,19 @@ class _LoadRows:
         self.end = T
         return plan
 
+    def first_readable(self, W: int) -> Optional[int]:
+        """The first cycle >= W at which :meth:`plan` gets past its first check (the first LW's rows
+        readable), or None if it never does; :meth:`plan` changes nothing, so the cycles between are
+        skipped (:func:`_find`)."""
+        if self.never:
+            return None
+        rows = self.rows[0]
+        lo = max([W] + [max(r.ready, 0) + r.lead for r in rows])
+        for t in range(lo, lo + SEARCH):
+            if self._readable(rows, t):
+                return t
+        return None
+
     def _readable(self, rows, T: int) -> bool:
         """Every row of an LW at cycle T can be read then: ready, its slice's queue free and no write
         landing in its bank in that cycle."""
@@ -963,16 +1161,43 @@ class _LoadRows:
         return issues, reads, spans
 
 
-def _find(ctx: Ctx, lo: int, build, what: str) -> int:
-    """Earliest cycle >= lo at which build(t) gives a plan that fits; commits it."""
-    t = lo
-    for _ in range(SEARCH):
+def _find(ctx: Ctx, lo: int, build, what: str, skip: Optional[Callable[[int], Optional[int]]] = None) -> int:
+    """Earliest cycle >= lo (looking at most SEARCH cycles ahead) at which build(t) gives a plan that
+    fits; commits it. ``skip(t)``: the first cycle >= t at which build may give a plan, every try before
+    it failing before it changes anything (None: never), used when :data:`FAST_SEARCH` is on."""
+    t, end = lo, lo + SEARCH
+    while t < end:
+        if skip is not None and FAST_SEARCH:
+            nxt = skip(t)
+            if nxt is None or nxt >= end:
+                break
+            t = nxt
         plan = build(t)
         if plan is not None and ctx.sched.fits(plan):
             ctx.sched.commit(plan)
             return t
         t += 1
     raise CompileError(f"no room found to schedule {what}")
+
+
+def _read_skip(ctx: Ctx, vt: VT, v: int, pos: int, lag: int) -> Callable[[int], Optional[int]]:
+    """A :func:`_find` skip for plans whose first step is :meth:`Ctx.read_group` ``(vt, v, pos)`` at
+    cycle t - lag: the cycles at which that read fails at committed work pass without a plan."""
+    spec = ctx._spec(vt, v, pos, None, False)
+
+    def skip(t: int) -> Optional[int]:
+        got = ctx.read_free_from(spec, v, t - lag)
+        return None if got is None else got + lag
+    return skip
+
+
+def _write_skip(ctx: Ctx, vt: VT, v: int, pos: int, lag: int) -> Callable[[int], Optional[int]]:
+    """A :func:`_find` skip for plans whose first step is :meth:`Ctx.write_group` ``(vt, v, pos)`` at
+    cycle t + lag (see :func:`_read_skip`)."""
+    def skip(t: int) -> Optional[int]:
+        got = ctx.write_free_from(vt, v, pos, t + lag)
+        return None if got is None else got - lag
+    return skip
 
 
 SPARE = 1    # streams a plane leaves to activations while both planes of its hemisphere load
@@ -1135,7 +1360,7 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
             lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
     qs = [r.q_lw for r in runs]
     _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
-              f"an MXM weight load for {geo.mm.out.name}")
+          f"an MXM weight load for {geo.mm.out.name}", skip=lw.first_readable)
     for rows in lw.rows:
         for row in rows:
             if row.vt is not None:
@@ -1185,7 +1410,8 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank
                     plan.spans.append((src + q, kb) + span)
             plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 0 if first else 1)))
             return plan
-        T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}")
+        T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}",
+                  skip=_read_skip(ctx, mm.A, av, run.sx if shift else xm, lag))
         mm.A.last_read[av] = max(mm.A.last_read[av], T)
         st.abc_next = T + geo.r
         st.abc_last = T
@@ -1236,7 +1462,9 @@ def _results(ctx: Ctx, geo: _Geo, run: _Run, nt: int, b0: int, b1: int, bank: in
         def build_kept(C, holder=holder, build_c=build_c):
             holder["plan"] = build_c(C)
             return holder["plan"]
-        C = _find(ctx, max(ready, st.acc_next), build_kept, f"an MXM result for {out.name}")
+        # an int32 / float32 result's plan starts with its write (a float16 one's with streams to the VXM)
+        skip = _write_skip(ctx, out, ov, xm, cfg.mxm_acc_delay) if out.planes == 4 else None
+        C = _find(ctx, max(ready, st.acc_next), build_kept, f"an MXM result for {out.name}", skip=skip)
         out.ready[ov] = max(out.ready[ov], holder["plan"].landing)
         last = max(last, holder["plan"].landing)
         st.acc_next = C + 1

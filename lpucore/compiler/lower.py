@@ -42,7 +42,7 @@ from .kernels import (
     map_kernel,
 )
 from .memory import VT, Memory, RowView, TiledVT, place, release
-from .schedule import Scheduler
+from .schedule import Scheduler, paced_gc
 
 F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
 SQRT_2_OVER_PI = 0.7978845608028654
@@ -550,10 +550,10 @@ class Compiler:
     # ---- compile -------------------------------------------------------------------------------------
     def run(self) -> Compiled:
         """Compile the whole graph (one chip: a collective operation is an error)."""
-        steps = self.steps()
-        for n, _t, _name, _kind in steps:
-            raise CompileError(f"{n.op}: a collective operation needs a system of chips "
-                               "(lpucore.compile(graph, system=...))")
+        with paced_gc():
+            for n, _t, _name, _kind in self.steps():
+                raise CompileError(f"{n.op}: a collective operation needs a system of chips "
+                                   "(lpucore.compile(graph, system=...))")
         return self.result
 
     def steps(self):
