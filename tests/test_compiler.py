@@ -242,6 +242,19 @@ def test_matmul(M, K, N, dtype, seed):
         assert (np.abs(out["y"] - ref) <= bound).all() and np.array_equal(out["y"], out["z"])
 
 
+def int8_weight_product(cfg, M, K, N, seed):
+    """y = a @ w, int8 [M, K] input by a constant int8 [K, N] weight: run (both engines on the small
+    geometry, the fast one on the GroqChip) and checked exact; returns (graph, compiled)."""
+    g = Graph()
+    a = g.input("a", (M, K), "int8")
+    B = values((K, N), np.int8, seed)
+    g.output("y", g.matmul(a, g.constant("w", B), out_dtype="int32"))
+    A = values((M, K), np.int8, seed + 1)
+    out, c = run_graph(g, {"a": A}, cfg, engines=("fast", "reference") if cfg is SMALL else ("fast",))
+    assert_product(out["y"], A, B, "int8")
+    return g, c
+
+
 @pytest.mark.parametrize("cfg, M, K, N", [(SMALL, 1, 1000, 300), (SMALL, 2, 2000, 430), (SMALL, 1, 130, 300),
                                            (GROQ, 1, 4096, 1920), (GROQ, 2, 3000, 1600)])
 def test_gemv_last_tiles_split_over_the_planes(cfg, M, K, N, monkeypatch):
@@ -249,13 +262,7 @@ def test_gemv_last_tiles_split_over_the_planes(cfg, M, K, N, monkeypatch):
     chunks of K) over every plane and adds the partial sums: exact, predicted cycles = measured, and
     sooner than one plane taking each tile (where lower_more.k_split chooses it)."""
     from lpucore.compiler import lower_more
-    g = Graph()
-    a = g.input("a", (M, K), "int8")
-    B = values((K, N), np.int8, 7)
-    g.output("y", g.matmul(a, g.constant("w", B), out_dtype="int32"))
-    A = values((M, K), np.int8, 8)
-    out, c = run_graph(g, {"a": A}, cfg, engines=("fast", "reference") if cfg is SMALL else ("fast",))
-    assert np.array_equal(out["y"], (A.astype(np.int64) @ B.astype(np.int64)).astype(np.int32))
+    g, c = int8_weight_product(cfg, M, K, N, 7)
     split = lower_more.k_split(cfg, M, K, N)
     assert (split is not None) == ("w" in c.row_parts)
     if split is None:
@@ -293,14 +300,7 @@ def test_gemm_last_round_rows_over_every_plane(cfg, M, K, monkeypatch):
     rows): exact, predicted cycles = measured, and on the GroqChip sooner than one plane taking the fifth
     tile (the small geometry's streams make it slower there: the estimate does not model them)."""
     from lpucore.compiler import kernels
-    N = 5 * cfg.lanes - 20
-    g = Graph()
-    a = g.input("a", (M, K), "int8")
-    B = values((K, N), np.int8, 5)
-    g.output("y", g.matmul(a, g.constant("w", B), out_dtype="int32"))
-    A = values((M, K), np.int8, 6)
-    out, c = run_graph(g, {"a": A}, cfg, engines=("fast", "reference") if cfg is SMALL else ("fast",))
-    assert np.array_equal(out["y"], (A.astype(np.int64) @ B.astype(np.int64)).astype(np.int32))
+    g, c = int8_weight_product(cfg, M, K, 5 * cfg.lanes - 20, 5)
     if cfg is GROQ:
         monkeypatch.setattr(kernels, "_rows_split_pays", lambda *args: False)
         assert c.expected_cycles < lpucore.compile(g, cfg).expected_cycles

@@ -1269,12 +1269,10 @@ def _share(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per:
     ``per`` (a tile per hemisphere, its planes loading the weights together) or, for a single tile, every
     plane of ``hems`` (each hemisphere's planes loading together). A plane is free from its last product
     or load; then per block of rows (an accumulator half) and chunk of K, the longer of a weight load and
-    the block's products (the next load overlaps them)."""
+    the block's products (the next load overlaps them: :func:`_tile_cycles`)."""
 
     def run(p_free: int, rows: int, hems_loading: int = 1) -> int:
-        # hemispheres loading one tile read the same slices, so their loads take turns
-        blocks, block = -(-rows // geo.Mb), min(rows, geo.Mb)
-        return p_free + blocks * geo.nK * max(hems_loading * (geo.Lw + 1), block * geo.r)
+        return p_free + _tile_cycles(geo, rows, hems_loading)
 
     def plane_set(h: int) -> List[int]:
         return [p for p in planes if p // per == h][:per]
@@ -1334,14 +1332,19 @@ def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state,
     return units
 
 
+def _tile_cycles(geo: _Geo, rows: int, hems_loading: int = 1) -> int:
+    """Estimated cycles of one plane's part of a tile (``rows`` rows): per block of rows (an accumulator
+    half) and chunk of K, the longer of a weight load and the block's products. Hemispheres loading one
+    tile read the same slices, so their loads take turns (``hems_loading``)."""
+    blocks, block = -(-rows // geo.Mb), min(rows, geo.Mb)
+    return blocks * geo.nK * max(hems_loading * (geo.Lw + 1), block * geo.r)
+
+
 def _rows_split_pays(geo: _Geo, k: int, per: int) -> bool:
     """Whether a tile's rows shared by k planes end sooner than on one plane (the estimate of
     :func:`_share`, the planes taken as free together: a GEMM's last round, after whole rounds)."""
-    def run(rows: int, hems_loading: int) -> int:
-        blocks, block = -(-rows // geo.Mb), min(rows, geo.Mb)
-        return blocks * geo.nK * max(hems_loading * (geo.Lw + 1), block * geo.r)
     M = geo.mm.M
-    return k > 1 and run(-(-M // k), -(-k // per)) < run(M, 1)
+    return k > 1 and _tile_cycles(geo, -(-M // k), -(-k // per)) < _tile_cycles(geo, M)
 
 
 def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: int) -> int:
