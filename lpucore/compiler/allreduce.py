@@ -297,22 +297,71 @@ def _chain_plan(ctx: Ctx, rp: _RowPlan, root: Expr, ch, r: int, a: int) -> Optio
 
 
 def _sets(ctx: Ctx, geo: _Geometry, alus: Sequence[int], rows: int, n_stage: int):
-    """ALU sets (rows take them in turn, so consecutive rows overlap) and the radix plan: two
-    sets when several rows fit in half the ALUs each, else one."""
-    L = ctx.cfg.lanes
-    for nsets in ((2, 1) if rows > 1 else (1,)):
-        size = len(alus) // nsets
-        try:
-            if n_stage > size - FIN:
-                raise CompileError(f"a lane reduction's row expression of {n_stage} operations needs more than the "
-                                   f"{size - FIN} ALUs left to it")
-            radices = radix_plan(L, geo, size)
-        except CompileError:
-            if nsets == 1:
-                raise
-            continue
-        return [list(alus[i * size:(i + 1) * size]) for i in range(nsets)], radices
-    raise AssertionError("unreachable")
+    """ALU sets (rows take them in turn, so consecutive rows overlap) and the radix plan. The plan is
+    the whole set's for any number of rows: each lane adds in an order set by the radices (every lane
+    holds its own float sum), so a row reduced alone and the same row among others must take the same
+    radices for a batch's or a prompt chunk's rows to give a single row's bits. Several rows alternate
+    between the set taken from either end (a trip holds only some of the ALUs, so two rows from
+    opposite ends overlap)."""
+    if n_stage > len(alus) - FIN:
+        raise CompileError(f"a lane reduction's row expression of {n_stage} operations needs more than the "
+                           f"{len(alus) - FIN} ALUs left to it")
+    radices = radix_plan(ctx.cfg.lanes, geo, len(alus))
+    sets = [list(alus), list(reversed(alus))] if rows > 1 else [list(alus)]
+    return sets, radices
+
+
+def _first_fit(ctx: Ctx, geo: _Geometry, radices: Sequence[int], op: str, out: VT, r: int, s: Sequence[int],
+               root: Expr, ch, lo: int) -> Optional[Tuple[int, "_RowPlan", int]]:
+    """The first start cycle from ``lo`` (within SEARCH) at which row r's reduction on ALU set s fits the
+    reservation table: (landing cycle, its plan, start cycle), not committed; None if none fits."""
+    fin, rest = s[:FIN], s[FIN:]
+    d = out.dtype
+    for a in range(lo, lo + SEARCH):
+        rp = _RowPlan(ctx, geo, radices, op, d, fin, rest)
+        prod = _chain_plan(ctx, rp, root, ch, r, a)
+        n = 1
+        for k in radices:
+            if prod is None:
+                break
+            prod = rp.trip(prod, k, n)
+            n *= k
+        landing = rp.finish(prod, out, r) if prod is not None else None
+        if landing is not None and ctx.sched.fits(rp.plan):
+            return landing, rp, a
+    return None
+
+
+def _commit(ctx: Ctx, found: Tuple[int, "_RowPlan", int], out: VT, r: int, ch) -> int:
+    """Commit a :func:`_first_fit` result for row r; returns its landing cycle."""
+    landing, rp, a = found
+    ctx.sched.commit(rp.plan)
+    out.ready[r] = max(out.ready[r], landing)
+    for tc, node in ch.reads:
+        vt, idx = node.source()
+        vt.last_read[idx(r)] = max(vt.last_read[idx(r)], a + tc)
+    return landing
+
+
+def _one_row(ctx: Ctx, geo: _Geometry, expr: Expr, out: VT, op: str,
+             whole: Tuple[Sequence[int], List[int]], start: int) -> int:
+    """One row's reduction on the ALU set taken from either end, whichever lands first: a trip holds
+    only some of the ALUs, so a reduction taking them from the other end can run beside another one
+    (a norm's max beside its sum). The radices stay those of the whole set: a row's lanes add in the
+    same order whichever end it takes (each lane holds its own float sum, :func:`radix_plan`; a
+    program's results must not depend on what ran beside a reduction)."""
+    alus, radices = whole
+    best = None
+    for s in (list(alus), list(reversed(alus))):
+        root, ch = _row_chain(ctx, expr, 0, s[FIN:])
+        found = _first_fit(ctx, geo, radices, op, out, 0, s, root, ch, earliest(ctx, ch, 0, start))
+        if found is not None and (best is None or found[0] < best[0][0]):
+            best = (found, ch)
+    if best is None:
+        raise CompileError(f"no room found to schedule a lane reduction writing {out.name}")
+    landing = _commit(ctx, best[0], out, 0, best[1])
+    out.bcast = True
+    return landing
 
 
 def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str, alus: Sequence[int],
@@ -331,36 +380,22 @@ def allreduce_kernel(ctx: Ctx, row_expr: Callable[[int], Expr], out: VT, op: str
     def stage_size(r: int) -> int:
         root = row_expr(r)
         return len([n for n in _topo(_staged(root)) if n.op != "in"]) if root.op != "in" else 1
-    sets, radices = _sets(ctx, geo, alus, out.rows, max(stage_size(0), stage_size(out.rows - 1)))
+    n_stage = max(stage_size(0), stage_size(out.rows - 1))
+    sets, radices = _sets(ctx, geo, alus, out.rows, n_stage)
+    if out.rows == 1:
+        return _one_row(ctx, geo, row_expr(0), out, op, (sets[0], radices), start)
     last = 0
     # the cycle the last row on each ALU set started: a row taking the set after it starts later (its
     # trips would meet the earlier row's at every cycle before; searching them again costs O(rows^2))
     began = [start - 1] * len(sets)
     for r in range(out.rows):
         s = sets[r % len(sets)]
-        fin, rest = s[:FIN], s[FIN:]
-        root, ch = _row_chain(ctx, row_expr(r), r, rest)
+        root, ch = _row_chain(ctx, row_expr(r), r, s[FIN:])
         lo = max(earliest(ctx, ch, r, start), began[r % len(sets)] + 1)
-        for a in range(lo, lo + SEARCH):
-            rp = _RowPlan(ctx, geo, radices, op, d, fin, rest)
-            prod = _chain_plan(ctx, rp, root, ch, r, a)
-            n = 1
-            for k in radices:
-                if prod is None:
-                    break
-                prod = rp.trip(prod, k, n)
-                n *= k
-            landing = rp.finish(prod, out, r) if prod is not None else None
-            if landing is not None and ctx.sched.fits(rp.plan):
-                ctx.sched.commit(rp.plan)
-                out.ready[r] = max(out.ready[r], landing)
-                for tc, node in ch.reads:
-                    vt, idx = node.source()
-                    vt.last_read[idx(r)] = max(vt.last_read[idx(r)], a + tc)
-                last = max(last, landing)
-                began[r % len(sets)] = a
-                break
-        else:
+        found = _first_fit(ctx, geo, radices, op, out, r, s, root, ch, lo)
+        if found is None:
             raise CompileError(f"no room found to schedule a lane reduction writing {out.name}")
+        last = max(last, _commit(ctx, found, out, r, ch))
+        began[r % len(sets)] = found[2]
     out.bcast = True
     return last

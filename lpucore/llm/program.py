@@ -60,6 +60,8 @@ from ..graph import Graph, Tensor
 from .shapes import ModelConfig
 
 F16, F32 = np.float16, np.float32
+F16_MAX = 65504.0   # the largest finite float16
+GELU_MIN = 0.1701   # above -min gelu (0.16997 in its erf form, 0.17004 in its tanh form)
 MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
 DEFAULT_BLOCK = 65536      # int8 weights: columns per constant (a model's head is one product, its tiles on all planes)
 DIGIT, DIGIT_MAX = 128, 127  # int8 activation digits: x ~ max|x| / 16256 * (128 h + l)
@@ -114,6 +116,7 @@ class StepBuilder:
                 self._shard0.setdefault(u[1] if u[0] == "mlp" else u[0], u[2])
         self.S, self.block = capacity, block
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
+        self._bound: Dict[int, Tensor] = {}                     # activation id -> bound of max|x| (norm())
         self._digit_col: Optional[Tensor] = None                # _digit_weights()
         self._iota_h: Optional[Tensor] = None                   # _mask()
         self._rows: Dict[tuple, Tensor] = {}                    # _row_pos()
@@ -215,7 +218,8 @@ class StepBuilder:
             return self._digits[x16.id]
         g = self.g
         x = g.cast(x16, "float32")
-        m = g.maximum(g.max(g.abs(x), keepdims=True), 1e-30)                      # [B, 1]
+        top = self._bound[x16.id] if x16.id in self._bound else g.max(g.abs(x), keepdims=True)
+        m = g.maximum(top, 1e-30)                                                  # [B, 1]
         u = g.div(g.mul(x, float(DIGIT * DIGIT_MAX)), m)                           # |u| <= 16256
         h = g.cast(g.mul(u, 1.0 / DIGIT), "int32")                                 # round half to even
         hf = g.cast(h, "float32")
@@ -232,6 +236,48 @@ class StepBuilder:
 
     def f16(self, x: Tensor) -> Tensor:
         return self.g.cast(x, "float16")
+
+    def norm(self, x: Tensor, weight: str, bias: Optional[str]) -> Tensor:
+        """LayerNorm (``bias`` given) or RMSNorm of the float32 residual ``x [B, d]``, as float16 ``h``.
+
+        In int8 the norm is built from its parts so that ``h``'s digit scale (:meth:`digits`) needs no lane
+        all-reduce of its own after the norm (about 300 cycles each on a GPT-2-small layer's critical path):
+        with ``mu = mean(x)`` (LayerNorm; 0 for RMSNorm), ``c = x - mu``, ``r = rsqrt(mean(c^2) + eps)``,
+        weight ``w`` and bias ``b``, ``h = c w r + b``, so ``max|h| <= r (max|x w| + |mu| max|w|) + max|b|``,
+        where ``max|x w|`` is reduced beside ``sum(x)`` (two all-reduces side by side,
+        :func:`~lpucore.compiler.allreduce.allreduce_kernel`) and the rest is known with ``r``. The bound is
+        ``max|h|`` itself for RMSNorm (and for LayerNorm with ``b = 0`` and a mean of 0); a bound above
+        ``max|h|`` costs ``h``'s 15-bit code one bit per factor of two. It is raised by 2^-8 and rounded to
+        float16, so that it is the same in every lane (``r`` differs between lanes by an ulp: each lane adds
+        the squares in its own order) and covers ``h``'s float16 rounding. In float16 the graph's norm op."""
+        g, eps = self.g, self.cfg.norm_eps
+        w = self.vec(weight)
+        if self.precision != "int8":
+            if bias is None:
+                return self.f16(g.rmsnorm(x, w, eps=eps))
+            return self.f16(g.layernorm(x, w, self.vec(bias), eps=eps))
+        inv_d = 1.0 / x.shape[-1]
+        if bias is None:
+            c, top = x, g.max(g.abs(g.mul(x, w)), keepdims=True)
+        else:
+            mean = g.mul(g.sum(x, keepdims=True), inv_d)
+            top = g.max(g.abs(g.mul(x, w)), keepdims=True)
+            c = g.sub(x, mean)
+            top = g.add(top, g.mul(g.abs(mean), float(np.max(np.abs(self.w[weight])))))
+        r = g.rsqrt(g.add(g.mul(g.sum(g.mul(c, c), keepdims=True), inv_d), eps))
+        top = g.mul(top, r)
+        y = g.mul(g.mul(c, w), r)
+        if bias is not None:
+            y = g.add(y, self.vec(bias))
+            top = g.add(top, float(np.max(np.abs(self.w[bias]))))
+        h = self.f16(y)
+        # every lane holds its own float32 sum of squares (a lane all-reduce adds in a lane-dependent order),
+        # so r and the bound differ between lanes by an ulp; the bound, a little raised and rounded to
+        # float16 (at most the largest float16, which bounds h too), is the same in every lane whatever
+        # order the chip's sums took (a batch's rows and a single row's, bit for bit)
+        top = g.minimum(g.mul(top, 1.0 + 2.0 ** -8), F16_MAX)
+        self._bound[h.id] = g.cast(self.f16(top), "float32")
+        return h
 
     def embed(self, tok: Tensor, table: str, rows: Optional[Tuple[int, int]] = None) -> Tensor:
         """Row ``tok`` of the embedding table, float32 ``[1, d]``. ``rows``: only that range of the
@@ -285,7 +331,7 @@ class StepBuilder:
         g, cfg, S = self.g, self.cfg, self.S
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G, D = H // Hkv, Hkv * hd
-        mask, seg2, seg_t = att[2:]
+        mask, segs, seg_t = att[2:]
         self.part("kv")
         tag = "" if row is None else f"_b{row}"           # a batch's sequence ``row`` has caches of its own
         K = g.state(f"k{i - self.first}{tag}", (S, D), "float16")
@@ -298,12 +344,7 @@ class StepBuilder:
         self.part("attn")
         # scores[j, s, h] = q_jh . K[s, h]: exact float32 products, split exactly into float16 hi + lo, and
         # summed over each head's lanes by the MXM (a constant 0/1 matrix)
-        q16 = self.f16(g.reshape(q, (G, 1, D)))
-        prod = g.mul(g.cast(q16, "float32"), g.cast(K_new, "float32"))                     # [G, S, D]
-        hi = self.f16(prod)
-        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
-        s = self._head_sums([hi, lo], seg2)                                                # [G, S, Hkv]
-        s = g.add(g.mul(s, float(1.0 / math.sqrt(hd))), mask)
+        s = self._scores(self.f16(g.reshape(q, (G, 1, D))), K_new, segs, mask)               # [G, S, Hkv]
         # softmax over the cache rows: row reductions are elementwise over vectors
         e = g.exp(g.sub(s, g.max(s, axis=-2, keepdims=True)))
         p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
@@ -312,20 +353,22 @@ class StepBuilder:
         o = g.sum(g.mul(pe, g.cast(V_new, "float32")), axis=-2)                           # [G, D]
         return self.f16(g.reshape(o, (1, H * hd)))
 
-    def _head_sums(self, parts: List[Tensor], segs) -> Tensor:
-        """``sum_p parts[p] @ seg`` float32 (``parts [G, S, D]`` float16; ``segs``: ``(a, b, seg[a:b])`` for
-        whole-vector ranges of ``D``), as one product per part and range, which the MXM planes run side
-        by side, added on the VXM: one product over all of ``D`` would stream its rows through one plane."""
+    def _scores(self, q16: Tensor, keys: Tensor, segs, mask: Tensor) -> Tensor:
+        """Attention scores float32 ``[..., S, Hkv]``: ``q16 [..., 1, D]`` float16 against the cached ``keys
+        [..., S, D]`` float16, scaled by ``1 / sqrt(hd)``, plus the additive ``mask``. The exact float32
+        products ``q * K`` split exactly into float16 ``hi + lo``, each summed over each head's lanes by an
+        MXM product with the lane-to-head matrix (``segs``: one constant per part, so the two products take
+        two planes and run side by side), added on the VXM. The graph spells the products once per use, so
+        that each fuses into the kernel computing ``hi`` or ``lo`` from the cache and the query directly
+        (no float32 product tensor written to MEM and read back: about 120 cycles of a GPT-2-small layer)."""
         g = self.g
-        D = parts[0].shape[-1]
-        total = None
-        for x in parts:
-            for a, b, seg in segs:
-                xs = x if (a, b) == (0, D) else g.slice(x, tuple([slice(None)] * (x.ndim - 1) + [slice(a, b)]))
-                y = g.matmul(xs, seg, out_dtype="float32")
-                total = y if total is None else g.add(total, y)
-        assert total is not None
-        return total
+
+        def prod() -> Tensor:
+            return g.mul(g.cast(q16, "float32"), g.cast(keys, "float32"))
+        hi = self.f16(prod())
+        lo = self.f16(g.sub(prod(), g.cast(self.f16(prod()), "float32")))
+        s = g.add(g.matmul(hi, segs[0], out_dtype="float32"), g.matmul(lo, segs[1], out_dtype="float32"))
+        return g.add(g.mul(s, float(1.0 / math.sqrt(self.cfg.head_dim))), mask)
 
     def head_order(self) -> np.ndarray:
         """The query heads in the order the step computes them: for ``G`` query heads per kv head, the
@@ -337,9 +380,9 @@ class StepBuilder:
         return np.array([(i % Hkv) * G + i // Hkv for i in range(H)], dtype=np.int64)
 
     def _attention_constants(self, posf: Tensor):
-        """(mask, seg2, seg_t) shared by every layer's attention: ``mask`` float32 ``[S, Hkv]`` (``MASK`` on
-        rows after ``pos``), ``seg2`` ranges ``(a, b, seg[a:b])`` of the float16 ``[D, Hkv]`` lane-to-head
-        matrix (for :meth:`_head_sums`), ``seg_t`` float16 ``[Hkv, D]`` (head to its lanes)."""
+        """(mask, segs, seg_t) shared by every layer's attention: ``mask`` float32 ``[S, Hkv]`` (``MASK`` on
+        rows after ``pos``), ``segs`` the float16 ``[D, Hkv]`` lane-to-head
+        matrix as two constants (for :meth:`_scores`), ``seg_t`` float16 ``[Hkv, D]`` (head to its lanes)."""
         mask = self._mask(posf)
         return (mask,) + self._head_constants()
 
@@ -351,23 +394,18 @@ class StepBuilder:
         return g.mul(g.minimum(g.maximum(g.sub(self._iota_h, posf), 0.0), 1.0), MASK)
 
     def _head_constants(self):
-        """(seg2, seg_t): the lane-to-head matrix's ranges and its transpose (:meth:`_attention_constants`)."""
+        """(segs, seg_t): the lane-to-head matrix (twice) and its transpose (:meth:`_attention_constants`)."""
         g, cfg = self.g, self.cfg
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         D = Hkv * hd
         seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-        # one product over all of D per part (hi and lo on two planes): cutting D into ranges of whole
-        # vectors for four planes costs a copy of each range, more than the planes save (GPT-2-small,
-        # one layer: 6,838 cycles with two ranges, 6,711 with one)
-        cuts = [0, D]
-        seg2 = [(a, b, g.constant(f"head_sum{a}", np.ascontiguousarray(seg[a:b])))
-                for a, b in zip(cuts, cuts[1:])]
+        segs = [g.constant(f"head_sum_{part}", seg) for part in ("hi", "lo")]
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
-        return seg2, seg_t
+        return segs, seg_t
 
     def _stacked_attention(self, pos: Tensor):
         """A batch's attention constants when the B caches are one state (``G == 1``, :meth:`stacked_attention`):
-        ``(pos, rows, mask, seg2, seg_t)`` with ``rows`` int32 ``[B]`` the cache rows ``b * S + pos[b]`` and
+        ``(pos, rows, mask, segs, seg_t)`` with ``rows`` int32 ``[B]`` the cache rows ``b * S + pos[b]`` and
         ``mask`` float32 ``[B, S, Hkv]`` (``MASK`` after each sequence's position)."""
         g, S, B = self.g, self.S, self.B
         posf = g.cast(pos, "float32")
@@ -383,8 +421,8 @@ class StepBuilder:
         and every operation of :meth:`attention` runs once over ``[B, S, D]`` (B times the vectors, the
         same number of kernels: one chain of kernels for the whole batch, not B)."""
         g, cfg, S, B = self.g, self.cfg, self.S, self.B
-        hd, D = cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        rows, mask, seg2, seg_t = att[1:]
+        D = cfg.n_kv_heads * cfg.head_dim
+        rows, mask, segs, seg_t = att[1:]
         self.part("kv")
         K = g.state(f"k{i - self.first}", (B * S, D), "float16")
         V = g.state(f"v{i - self.first}", (B * S, D), "float16")
@@ -393,18 +431,14 @@ class StepBuilder:
         g.assign(K, K_new)
         g.assign(V, V_new)
         self.part("attn")
-        prod = g.mul(g.cast(self.f16(g.reshape(q, (B, 1, D))), "float32"),
-                     g.cast(g.reshape(K_new, (B, S, D)), "float32"))                     # [B, S, D]
-        hi = self.f16(prod)
-        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
-        sc = g.add(g.mul(self._head_sums([hi, lo], seg2), float(1.0 / math.sqrt(hd))), mask)   # [B, S, Hkv]
+        sc = self._scores(self.f16(g.reshape(q, (B, 1, D))), g.reshape(K_new, (B, S, D)), segs, mask)  # [B, S, Hkv]
         e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
         p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
         pe = g.matmul(p, seg_t, out_dtype="float32")                                      # [B, S, D]
         return self.f16(g.sum(g.mul(pe, g.cast(g.reshape(V_new, (B, S, D)), "float32")), axis=-2))
 
     def _chunk_attention(self, pos: Tensor):
-        """A prompt chunk's attention constants (:meth:`chunk_attention`): ``(pos, mask, seg2, seg_t)`` with
+        """A prompt chunk's attention constants (:meth:`chunk_attention`): ``(pos, mask, segs, seg_t)`` with
         ``mask`` float32 ``[B * G, S, Hkv]``, ``MASK`` after the position of each query row (row ``b * G + j``:
         query head ``j`` of the chunk's row ``b``, at ``pos[b]``)."""
         g, B = self.g, self.B
@@ -426,7 +460,7 @@ class StepBuilder:
         g, cfg, S, B = self.g, self.cfg, self.S, self.B
         H, Hkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         G, D = H // Hkv, Hkv * hd
-        pos, mask, seg2, seg_t = att
+        pos, mask, segs, seg_t = att
         self.part("kv")
         K = g.state(f"k{i - self.first}{self.cache_tag}", (S, D), "float16")
         V = g.state(f"v{i - self.first}{self.cache_tag}", (S, D), "float16")
@@ -435,11 +469,7 @@ class StepBuilder:
         g.assign(K, K_new)
         g.assign(V, V_new)
         self.part("attn")
-        q16 = self.f16(g.reshape(q, (B * G, 1, D)))
-        prod = g.mul(g.cast(q16, "float32"), g.cast(K_new, "float32"))                     # [B G, S, D]
-        hi = self.f16(prod)
-        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
-        sc = g.add(g.mul(self._head_sums([hi, lo], seg2), float(1.0 / math.sqrt(hd))), mask)   # [B G, S, Hkv]
+        sc = self._scores(self.f16(g.reshape(q, (B * G, 1, D))), K_new, segs, mask)          # [B G, S, Hkv]
         e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
         p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
         pe = g.matmul(p, seg_t, out_dtype="float32")                                       # [B G, S, D]
@@ -447,7 +477,7 @@ class StepBuilder:
         return self.f16(g.reshape(o, (B, H * hd)))
 
     def _batch_attention(self, pos: Tensor):
-        """Per sequence ``b`` of a batch: ``(pos_b, posf_b, mask_b, seg2, seg_t)`` as :meth:`_attention_constants`
+        """Per sequence ``b`` of a batch: ``(pos_b, posf_b, mask_b, segs, seg_t)`` as :meth:`_attention_constants`
         gives for one sequence (the head matrices shared), ``pos_b`` int32 ``[1]`` sliced from ``pos [B]``."""
         g = self.g
         rows = []
@@ -549,7 +579,7 @@ class StepBuilder:
         p = f"model.layers.{i}."
         assert cfg.rope_theta is not None       # llama and mixtral always have a rotary base
         self.part("norm")
-        h = self.f16(g.rmsnorm(x, self.vec(p + "input_layernorm.weight"), eps=cfg.norm_eps))
+        h = self.norm(x, p + "input_layernorm.weight", None)
         self.part("attn")
         if self.B > 1:
             qa, ka, va = (self.linear(h, p + f"self_attn.{n}_proj.weight", True) for n in "qkv")
@@ -609,7 +639,7 @@ class StepBuilder:
         g, cfg = self.g, self.cfg
         p = f"model.layers.{i}."
         self.part("norm")
-        h = self.f16(g.rmsnorm(x, self.vec(p + "post_attention_layernorm.weight"), eps=cfg.norm_eps))
+        h = self.norm(x, p + "post_attention_layernorm.weight", None)
         if cfg.family == "mixtral":
             self.part("moe")
             return g.add(x, self._moe(h, p + "block_sparse_moe."))
@@ -620,7 +650,7 @@ class StepBuilder:
     def _llama_head(self, x: Tensor, vocab: Optional[Tuple[int, int]] = None) -> Tensor:
         """Final norm and head; ``vocab``: only the logits of that range of tokens (a shard)."""
         self.part("norm")
-        h = self.f16(self.g.rmsnorm(x, self.vec("model.norm.weight"), eps=self.cfg.norm_eps))
+        h = self.norm(x, "model.norm.weight", None)
         self.part("head")
         return self.linear(h, self.cfg.head_name, True, cols=vocab)
 
@@ -639,7 +669,7 @@ class StepBuilder:
         lo, hi = shard_range(cfg, j, t)
         self._suffix = f"_s{j - self._shard0[i]}"
         self.part("norm")
-        h = self.f16(g.rmsnorm(x, self.vec(p + "post_attention_layernorm.weight"), eps=cfg.norm_eps))
+        h = self.norm(x, p + "post_attention_layernorm.weight", None)
         if cfg.family == "mixtral":
             self.part("moe")
             y = self._moe(h, p + "block_sparse_moe.", experts=(lo, hi))
@@ -701,7 +731,7 @@ class StepBuilder:
         d = cfg.d_model
         p = f"h.{i}."
         self.part("norm")
-        h = self.f16(g.layernorm(x, self.vec(p + "ln_1.weight"), self.vec(p + "ln_1.bias"), eps=cfg.norm_eps))
+        h = self.norm(x, p + "ln_1.weight", p + "ln_1.bias")
         self.part("attn")
         qkv = self.linear(h, p + "attn.c_attn.weight", False, p + "attn.c_attn.bias")
         if self.B > 1 and isinstance(att, tuple):       # the B caches as one state, or a prompt chunk's one
@@ -717,18 +747,23 @@ class StepBuilder:
         return g.add(x, self.linear(a, p + "attn.c_proj.weight", False, p + "attn.c_proj.bias"))
 
     def _gpt2_mlp(self, i: int, x: Tensor) -> Tensor:
-        g, cfg = self.g, self.cfg
+        g = self.g
         p = f"h.{i}."
         self.part("norm")
-        h = self.f16(g.layernorm(x, self.vec(p + "ln_2.weight"), self.vec(p + "ln_2.bias"), eps=cfg.norm_eps))
+        h = self.norm(x, p + "ln_2.weight", p + "ln_2.bias")
         self.part("mlp")
-        h = g.gelu(self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias"))
-        return g.add(x, self.linear(self.f16(h), p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
+        z = self.linear(h, p + "mlp.c_fc.weight", False, p + "mlp.c_fc.bias")
+        h16 = self.f16(g.gelu(z))
+        if self.precision == "int8":
+            # gelu(z) <= z above 0 and -GELU_MIN < gelu(z) < 0 below: max|gelu(z)| <= max(max z, GELU_MIN),
+            # reduced from z beside gelu itself, not after it (the digit scale, :meth:`norm`)
+            self._bound[h16.id] = g.maximum(g.max(z, keepdims=True), GELU_MIN)
+        return g.add(x, self.linear(h16, p + "mlp.c_proj.weight", False, p + "mlp.c_proj.bias"))
 
     def _gpt2_head(self, x: Tensor) -> Tensor:
-        g, cfg = self.g, self.cfg
+        cfg = self.cfg
         self.part("norm")
-        h = self.f16(g.layernorm(x, self.vec("ln_f.weight"), self.vec("ln_f.bias"), eps=cfg.norm_eps))
+        h = self.norm(x, "ln_f.weight", "ln_f.bias")
         self.part("head")
         return self.linear(h, cfg.head_name, True)
 
