@@ -32,6 +32,11 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   (finer than float16's 11 bits for every element above ``m / 16``). One int8 matmul of the ``[2, K]`` digit
   rows gives exact int32 products; the VXM combines them, ``(128 p_h + p_l) * scale * m / 16256``, in
   float32. The digits of an activation are computed once for every weight it meets (q, k and v share them).
+  ``m`` may be any bound of ``max|x|`` the same in every lane (the code keeps its range; a bound twice too big
+  costs one bit): a norm's output takes one computed beside the norm's own reductions
+  (:meth:`StepBuilder.norm`), GPT-2's MLP activation ``max(max z, 0.1701)`` from the product ``z`` before
+  its gelu, so neither waits for a lane all-reduce of its own; the attention output and the SwiGLU product
+  measure ``max|x|``.
 * Token embeddings are looked up on the chip by :meth:`Graph.gather` (a one-hot row times the table on the
   MXM). GPT-2's tied head in int8 keeps a second, transposed int8 copy of the table for the logits matmul.
 
