@@ -17,7 +17,8 @@ from lpucore.llm import Decoder, ModelDoesNotFit, model_config
 PROMPT = [200, 3, 7]
 NEW = 32
 CAPACITY = len(PROMPT) + NEW          # positions used: prompt + NEW - 1; one spare
-SEED = 1        # weights whose greedy choices have no near ties (test_generate_matches_reference checks it)
+SEED = 3        # weights whose greedy choices have no near ties (test_generate_matches_reference checks it; seed 1
+                # came within 1.5 times the logit error of a tie in tiny-moe int8, step 22, once attention divided last)
 MODELS = [(n, p) for n in ("tiny", "tiny-moe", "tiny-gpt2") for p in ("fp16", "int8")]
 
 _cache = {}
@@ -290,8 +291,12 @@ def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
     assert np.array_equal(tokens, res.tokens)
     assert np.array_equal(logits.view(np.uint32), res.logits.view(np.uint32))
     assert all(s.cycles == pd.step_cycles for s in stats) and len(stats) == 4
-    # the hand-over costs the deskew, the link latency and the residual stream's vectors
-    assert pd.step_cycles > res.stats.step_cycles + dec.chip_config.c2c_latency
+    # the hand-over costs the deskew, the link latency and the residual stream's vectors: each stage ends
+    # more than the link's latency after the one before it (a stage's own program may schedule better than
+    # the same units in the one-chip program, so the one-chip step is no lower bound)
+    ends = pd.stage_cycles
+    assert len(ends) == chips and ends[-1] == pd.step_cycles
+    assert all(b > a + dec.chip_config.c2c_latency for a, b in zip(ends, ends[1:]))
     assert all(sum(s.link_vectors.values()) > 0 for s in stats)
     assert [a for a, _ in pd.stages] == [0] + [b for _, b in pd.stages[:-1]] and pd.stages[-1][1] == 6
     assert len(pd.compiled) == len(set(pd.signatures)) == (4 if chips == 6 else chips)

@@ -16,10 +16,12 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   :mod:`lpucore.compiler.scatter`). Rows whole vectors is why the cache is kept by position, not transposed.
 * Attention has no lane moves and no reduction across lanes. The scores ``q . K[s]`` of every head are
   the exact float32 products ``q * K`` (float16 times float16), split exactly into float16 ``hi + lo`` and
-  summed over each head's ``hd`` lanes by one MXM product with a constant 0/1 matrix; the softmax runs across
-  the cache rows (``axis=-2``: elementwise over vectors); the probabilities, rounded to float16, are spread
-  over their head's lanes by another constant product (exact) and the output is ``sum_s p[s] * V[s]``
-  across rows in float32. With ``G > 1`` query heads per kv head the query heads are computed in
+  summed over each head's ``hd`` lanes by MXM products with a constant 0/1 matrix (one per part, side by side);
+  the softmax runs across the cache rows (``axis=-2``: elementwise over vectors); the weights
+  ``e = exp(s - max s)``, rounded to float16, are spread over their head's lanes by another constant
+  product (exact), the output is ``sum_s e[s] * V[s]`` across rows in float32, divided last by
+  ``sum_s e[s]`` (spread the same way), so that the sum of the weights runs beside the weighted sum
+  (:meth:`StepBuilder._mix`). With ``G > 1`` query heads per kv head the query heads are computed in
   :meth:`StepBuilder.head_order` (the q and o projections' weights permuted to match), so that query row
   ``j`` lines up with the cache's heads lane for lane.
 * Attention runs over all ``S`` cache columns with an additive mask of ``-1e9`` on the columns after ``p``
@@ -351,12 +353,25 @@ class StepBuilder:
         # summed over each head's lanes by the MXM (a constant 0/1 matrix)
         s = self._scores(self.f16(g.reshape(q, (G, 1, D))), K_new, segs, mask)               # [G, S, Hkv]
         # softmax over the cache rows: row reductions are elementwise over vectors
-        e = g.exp(g.sub(s, g.max(s, axis=-2, keepdims=True)))
-        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
-        # each head's probabilities spread over its lanes (exact), times V, summed over the rows
-        pe = g.matmul(p, seg_t, out_dtype="float32")                                       # [G, S, D]
-        o = g.sum(g.mul(pe, g.cast(V_new, "float32")), axis=-2)                           # [G, D]
+        o = self._mix(s, V_new, seg_t)                                                      # [G, 1, D]
         return self.f16(g.reshape(o, (1, H * hd)))
+
+    def _mix(self, scores: Tensor, values: Tensor, seg_t: Tensor) -> Tensor:
+        """Attention output float32 ``[..., 1, D]``: the softmax over the cache rows of ``scores [..., S, Hkv]``
+        (row reductions: elementwise over vectors) weighting the cached ``values [..., S, D]`` float16.
+        The weights ``e = exp(s - max s)`` (in ``(0, 1]``), rounded to float16, are spread over their head's
+        lanes by a product with ``seg_t`` (exact), times ``V``, summed over the rows; the sum is divided by
+        ``sum e`` last, spread the same way (its float16 ``hi + lo``, exact to 2^-22), so that the division
+        and the sum of ``e`` run beside the weighted sum instead of before it."""
+        g = self.g
+        e = g.exp(g.sub(scores, g.max(scores, axis=-2, keepdims=True)))
+        pe = g.matmul(self.f16(e), seg_t, out_dtype="float32")                              # [..., S, D]
+        total = g.sum(e, axis=-2, keepdims=True)                                            # [..., 1, Hkv]
+        hi = self.f16(total)
+        lo = self.f16(g.sub(total, g.cast(hi, "float32")))
+        spread = g.add(g.matmul(hi, seg_t, out_dtype="float32"), g.matmul(lo, seg_t, out_dtype="float32"))
+        num = g.sum(g.mul(pe, g.cast(values, "float32")), axis=-2, keepdims=True)           # [..., 1, D]
+        return g.div(num, spread)
 
     def _scores(self, q16: Tensor, keys: Tensor, segs, mask: Tensor) -> Tensor:
         """Attention scores float32 ``[..., S, Hkv]``: ``q16 [..., 1, D]`` float16 against the cached ``keys
@@ -437,10 +452,7 @@ class StepBuilder:
         g.assign(V, V_new)
         self.part("attn")
         sc = self._scores(self.f16(g.reshape(q, (B, 1, D))), g.reshape(K_new, (B, S, D)), segs, mask)  # [B, S, Hkv]
-        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
-        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
-        pe = g.matmul(p, seg_t, out_dtype="float32")                                      # [B, S, D]
-        return self.f16(g.sum(g.mul(pe, g.cast(g.reshape(V_new, (B, S, D)), "float32")), axis=-2))
+        return self.f16(g.reshape(self._mix(sc, g.reshape(V_new, (B, S, D)), seg_t), (B, D)))
 
     def _chunk_attention(self, pos: Tensor):
         """A prompt chunk's attention constants (:meth:`chunk_attention`): ``(pos, mask, segs, seg_t)`` with
@@ -475,10 +487,7 @@ class StepBuilder:
         g.assign(V, V_new)
         self.part("attn")
         sc = self._scores(self.f16(g.reshape(q, (B * G, 1, D))), K_new, segs, mask)          # [B G, S, Hkv]
-        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
-        p = self.f16(g.div(e, g.sum(e, axis=-2, keepdims=True)))
-        pe = g.matmul(p, seg_t, out_dtype="float32")                                       # [B G, S, D]
-        o = g.sum(g.mul(pe, g.cast(V_new, "float32")), axis=-2)                           # [B G, D]
+        o = self._mix(sc, V_new, seg_t)                                                     # [B G, 1, D]
         return self.f16(g.reshape(o, (B, H * hd)))
 
     def _batch_attention(self, pos: Tensor):
