@@ -303,6 +303,7 @@ class Compiler:
         self.pinned: Dict[str, VT] = {}            # another program's constants and states (share)
         self.shared: Set[str] = set()              # ... this program placed at their addresses
         self.uses: Dict[int, int] = {}
+        self.aliases: Dict[int, int] = {}     # tensor -> the tensor whose placement it shares (alias)
         # fusion (lpucore.compiler.fuse): tensors not written to MEM, and the builders of
         # those whose consumer is still to be lowered
         self.fuse = fuse.ENABLED
@@ -743,12 +744,25 @@ class Compiler:
                 views.update(parts)
         return views
 
+    def alias(self, t: Tensor, x: Tensor) -> int:
+        """t is x's placement under another shape (the same rows: a reshape keeping the last axis):
+        x's space lives until t's readers are done too. Returns the cycle t is ready."""
+        base = self.aliases.get(x.id, x.id)
+        self.vts[t.id] = self.vts[x.id]
+        self.aliases[t.id] = base
+        self.uses[base] = self.uses.get(base, 0) + self.uses.get(t.id, 0)
+        return int(self.vts[x.id].ready.max())
+
     def consume(self, n) -> None:
         """Count n's reads of its inputs done: a temporary nobody will read again gives its
         space back.  A deferred input was read by inlining its expression, so its own inputs
-        are read now, by n's kernels: their counts drop here, not when it was deferred."""
+        are read now, by n's kernels: their counts drop here, not when it was deferred. A read of
+        an alias (:meth:`alias`) counts as a read of the tensor whose space it shares."""
         for i in set(n.inputs):
             self.uses[i] -= n.inputs.count(i)
+            if i in self.aliases:
+                i, count = self.aliases[i], n.inputs.count(i)
+                self.uses[i] -= count
             if self.uses[i] > 0:
                 continue
             if i in self.deferred:

@@ -214,6 +214,19 @@ def _layout(elements: ElementMap) -> LowerFn:
     return lower
 
 
+def _reshape(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    """A reshape that keeps the last axis keeps every row's vectors where they are (a tensor's rows are
+    its leading axes flattened, row-major): the output is the input's placement under another shape
+    (:meth:`Compiler.alias <lpucore.compiler.lower.Compiler.alias>`), no instruction. Any other reshape
+    (or one into a graph output's own placement, or of a value broadcast over the lanes) moves data."""
+    x = ins[0]
+    if kind == "temp" and t.id not in c.vts and x.shape[-1:] == t.shape[-1:] and x.dtype == t.dtype:
+        c.place_deferred(x)
+        if x.id in c.vts and not c.vts[x.id].bcast:
+            return c.alias(t, x)
+    return _layout(_reshape_map)(c, n, ins, t, name, kind)
+
+
 def _concat(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
     """A concatenation: nothing to do when its parts' producers wrote it in place
     (:meth:`Compiler.concat_parts <lpucore.compiler.lower.Compiler.concat_parts>`), else a layout move."""
@@ -261,7 +274,7 @@ register(OpSpec("softmax", "softmax", lower=_softmax))
 register(OpSpec("layernorm", "norm", lower=_layernorm))
 register(OpSpec("rmsnorm", "norm", lower=_rmsnorm))
 register(OpSpec("matmul", "matmul", lower=_matmul, weight_input=1))
-register(OpSpec("reshape", "layout", lower=_layout(_reshape_map)))
+register(OpSpec("reshape", "layout", lower=_reshape))
 register(OpSpec("transpose", "layout", lower=_layout(_transpose_map)))
 register(OpSpec("slice", "layout", lower=_layout(_slice_map)))
 register(OpSpec("concat", "layout", lower=_concat))

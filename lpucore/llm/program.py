@@ -16,7 +16,12 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   :mod:`lpucore.compiler.scatter`). Rows whole vectors is why the cache is kept by position, not transposed.
 * Attention has no lane moves and no reduction across lanes. The scores ``q . K[s]`` of every head are
   the exact float32 products ``q * K`` (float16 times float16), split exactly into float16 ``hi + lo`` and
-  summed over each head's ``hd`` lanes by MXM products with a constant 0/1 matrix (one per part, side by side);
+  summed over each head's ``hd`` lanes by MXM products with a constant 0/1 matrix (one per part, side by side).
+  That is three VXM passes and two MXM products over the whole cache; for a cache longer than ``KEY_BLOCK``
+  positions (:func:`query_weights`) the query is made MXM weights instead (``W[d, h] = q[d]`` on head ``h``'s
+  lanes, built in ``KEY_BLOCK`` rows per block of lanes whatever the cache, :meth:`StepBuilder._query_weights`)
+  and the scores are one product ``K @ W`` (exact float16 products, float32 sums: not the same rounding as
+  the short-cache path, so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits);
   the softmax runs across the cache rows (``axis=-2``: elementwise over vectors); the weights
   ``e = exp(s - max s)``, rounded to float16, are spread over their head's lanes by another constant
   product (exact), the output is ``sum_s e[s] * V[s]`` across rows in float32, divided last by
@@ -70,6 +75,15 @@ F16, F32 = np.float16, np.float32
 F16_MAX = 65504.0   # the largest finite float16
 GELU_MIN = 0.1701   # above -min gelu (0.16997 in its erf form, 0.17004 in its tanh form)
 MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
+KEY_BLOCK = 320      # lanes per block of a query made MXM weights (the GroqChip's lanes; StepBuilder._query_weights)
+
+
+def query_weights(capacity: int) -> bool:
+    """Whether a step over a cache of ``capacity`` positions multiplies the cached keys by its queries made
+    MXM weights (:meth:`StepBuilder._query_weights`: ``KEY_BLOCK`` rows of work per block of lanes, once)
+    rather than by elementwise products over the whole cache (``capacity`` rows per block, three VXM
+    passes and two MXM products): the former when the cache has more rows than a block."""
+    return capacity > KEY_BLOCK
 DEFAULT_BLOCK = 65536      # int8 weights: columns per constant (a model's head is one product, its tiles on all planes)
 DIGIT, DIGIT_MAX = 128, 127  # int8 activation digits: x ~ max|x| / 16256 * (128 h + l)
 _Q_PROJ, _O_PROJ = "self_attn.q_proj.weight", "self_attn.o_proj.weight"     # weights with permuted heads
@@ -122,6 +136,7 @@ class StepBuilder:
             if len(u) == 4:
                 self._shard0.setdefault(u[1] if u[0] == "mlp" else u[0], u[2])
         self.S, self.block = capacity, block
+        self._key_consts: Dict[str, Tensor] = {}     # constants of _query_weights, shared by every layer
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
         self._bound: Dict[int, Tensor] = {}                     # activation id -> bound of max|x| (norm())
         self._digit_col: Optional[Tensor] = None                # _digit_weights()
@@ -365,7 +380,8 @@ class StepBuilder:
         and the sum of ``e`` run beside the weighted sum instead of before it."""
         g = self.g
         e = g.exp(g.sub(scores, g.max(scores, axis=-2, keepdims=True)))
-        pe = g.matmul(self.f16(e), seg_t, out_dtype="float32")                              # [..., S, D]
+        # float16 out is exact (one product e * 1 per output) and halves the largest temporary
+        pe = g.cast(g.matmul(self.f16(e), seg_t, out_dtype="float16"), "float32")           # [..., S, D]
         total = g.sum(e, axis=-2, keepdims=True)                                            # [..., 1, Hkv]
         hi = self.f16(total)
         lo = self.f16(g.sub(total, g.cast(hi, "float32")))
@@ -382,11 +398,39 @@ class StepBuilder:
         graph holds the work once, so the bounds count it once; spelling it per use would let ``hi`` and
         ``lo`` fuse it, about 45 cycles of a GPT-2-small layer, for three times the VXM work at long caches)."""
         g = self.g
-        prod = g.mul(g.cast(q16, "float32"), g.cast(keys, "float32"))
-        hi = self.f16(prod)
-        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
-        s = g.add(g.matmul(hi, segs[0], out_dtype="float32"), g.matmul(lo, segs[1], out_dtype="float32"))
+        if query_weights(self.S):
+            s = g.matmul(keys, self._query_weights(q16), out_dtype="float32")
+        else:
+            prod = g.mul(g.cast(q16, "float32"), g.cast(keys, "float32"))
+            hi = self.f16(prod)
+            lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
+            s = g.add(g.matmul(hi, segs[0], out_dtype="float32"), g.matmul(lo, segs[1], out_dtype="float32"))
         return g.add(g.mul(s, float(1.0 / math.sqrt(self.cfg.head_dim))), mask)
+
+    def _query_weights(self, q16: Tensor) -> Tensor:
+        """float16 ``[..., D, Hkv]``: each query row ``q16 [..., 1, D]`` as MXM weights, ``W[d, h] = q[d]``
+        when lane ``d`` belongs to head ``h``, else 0, so that ``keys @ W`` is every head's scores (exact
+        float16 products, float32 sums). Made with no lane moves: for each block of ``KEY_BLOCK`` lanes,
+        the block broadcast over as many rows times the identity is ``diag(q_block)``, and its product with
+        the block's rows of the lane-to-head matrix puts ``q[d]`` on row ``d``, in its head's lane (exact:
+        one non-zero product per output). The work is ``KEY_BLOCK`` rows per block whatever the cache, so
+        :func:`query_weights` takes this path for caches longer than a block."""
+        g, cfg = self.g, self.cfg
+        Hkv, hd = cfg.n_kv_heads, cfg.head_dim
+        D = Hkv * hd
+        lead = tuple(slice(0, n) for n in q16.shape[:-1])
+        blocks = []
+        for c0 in range(0, D, KEY_BLOCK):
+            w = min(KEY_BLOCK, D - c0)
+            qc = g.slice(q16, lead + (slice(c0, c0 + w),)) if w < D else q16
+            if f"eye{w}" not in self._key_consts:
+                self._key_consts[f"eye{w}"] = g.constant(f"query_eye_{w}", np.eye(w, dtype=F16))
+            seg = (np.arange(c0, c0 + w).reshape(w, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
+            if f"seg{c0}" not in self._key_consts:
+                self._key_consts[f"seg{c0}"] = g.constant(f"query_heads_{c0}", seg)
+            diag = g.mul(qc, self._key_consts[f"eye{w}"])                                  # [..., w, w]
+            blocks.append(g.matmul(diag, self._key_consts[f"seg{c0}"], out_dtype="float16"))  # [..., w, Hkv]
+        return blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=-2)
 
     def head_order(self) -> np.ndarray:
         """The query heads in the order the step computes them: for ``G`` query heads per kv head, the
@@ -417,7 +461,7 @@ class StepBuilder:
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         D = Hkv * hd
         seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-        segs = [g.constant(f"head_sum_{part}", seg) for part in ("hi", "lo")]
+        segs = [] if query_weights(self.S) else [g.constant(f"head_sum_{part}", seg) for part in ("hi", "lo")]
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
         return segs, seg_t
 

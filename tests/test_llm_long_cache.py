@@ -1,0 +1,67 @@
+"""Caches longer than a block of lanes: the scores take the queries as MXM weights
+(lpucore.llm.program.query_weights), with the same guarantees as the short-cache path: tokens and logits
+against the reference, prompt chunks and batches bit for bit the token-by-token, one-sequence steps."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from helpers import check_close
+
+from lpucore import compile, execute
+from lpucore.llm import Decoder, model_config
+from lpucore.llm.program import KEY_BLOCK, StepBuilder, query_weights
+
+CAPACITY = KEY_BLOCK + 16
+PROMPT = [200, 3, 7, 11, 5]
+NEW = 4
+
+
+def long_config(name):
+    """A tiny model whose positions reach past one block of lanes."""
+    return dataclasses.replace(model_config(name), max_positions=2 * KEY_BLOCK)
+
+
+def test_the_path_is_chosen_by_the_cache_length():
+    assert query_weights(CAPACITY) and not query_weights(KEY_BLOCK) and not query_weights(32)
+
+
+@pytest.mark.parametrize("hd,Hkv,rows", [(16, 2, 1), (64, 6, 3), (128, 4, 2)])
+def test_query_weights_against_numpy(hd, Hkv, rows):
+    """W[d, h] = q[d] on head h's lanes (D across several blocks, partial last block), exact."""
+    cfg = dataclasses.replace(model_config("tiny"), n_heads=Hkv, n_kv_heads=Hkv, head_dim=hd, d_model=Hkv * hd)
+    b = StepBuilder(cfg, {}, {}, "fp16", CAPACITY)
+    D = Hkv * hd
+    q = b.g.input("q", (rows, 1, D), "float16")
+    b.g.output("w", b._query_weights(q))
+    qv = np.random.default_rng(hd).standard_normal((rows, 1, D)).astype(np.float16)
+    got = execute(compile(b.g), {"q": qv})[0]["w"]
+    seg = np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)
+    want = np.where(seg[None], qv.reshape(rows, D, 1), 0).astype(np.float16)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("name,precision,route", [("tiny", "fp16", "chunks"), ("tiny-gpt2", "int8", "batch")])
+def test_long_cache_decodes_like_the_reference_and_chunks_and_batches_give_its_bits(name, precision, route,
+                                                                                    monkeypatch):
+    cfg = long_config(name)
+    dec = Decoder.random(cfg, seed=1, precision=precision, capacity=CAPACITY, prefill_chunk=4)
+    res = dec.generate(PROMPT, max_new_tokens=NEW)
+    tokens, ref_logits = dec.reference().generate(PROMPT, NEW)
+    np.testing.assert_array_equal(res.tokens, tokens)
+    check_close(res.logits, ref_logits)
+    assert res.stats.step_cycles == res.stats.predicted_cycles
+    if route == "chunks":
+        # chunks are used whatever their predicted cycles (here: the bits are what is tested)
+        monkeypatch.setattr(type(dec.prefill_program()), "cycles", property(lambda self: 1))
+        chunked = dec.generate(PROMPT, max_new_tokens=NEW)
+        assert chunked.stats.prefill_chunk == 4
+        np.testing.assert_array_equal(chunked.logits, res.logits)
+    else:
+        # a batch (one stacked cache state: G == 1): each sequence's bits as if decoded alone
+        prompts = [PROMPT, [9, 4]]
+        batch = dec.generate(prompts, max_new_tokens=NEW)
+        for p, r in zip(prompts, batch):
+            alone = res if p == PROMPT else dec.generate(p, max_new_tokens=NEW)
+            np.testing.assert_array_equal(r.tokens, alone.tokens)
+            np.testing.assert_array_equal(r.logits, alone.logits)
