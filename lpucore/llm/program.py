@@ -366,10 +366,67 @@ class StepBuilder:
         self.part("attn")
         # scores[j, s, h] = q_jh . K[s, h]: exact float32 products, split exactly into float16 hi + lo, and
         # summed over each head's lanes by the MXM (a constant 0/1 matrix)
-        s = self._scores(self.f16(g.reshape(q, (G, 1, D))), K_new, segs, mask)               # [G, S, Hkv]
+        q16 = self.f16(g.reshape(q, (G, 1, D)))
+        if G > 1 and query_weights(S):       # the G query heads of a kv head side by side: K streams once
+            return self.f16(g.reshape(self._grouped(q16, K_new, V_new, att[1], seg_t), (1, H * hd)))
+        s = self._scores(q16, K_new, segs, mask)                                            # [G, S, Hkv]
         # softmax over the cache rows: row reductions are elementwise over vectors
         o = self._mix(s, V_new, seg_t)                                                      # [G, 1, D]
         return self.f16(g.reshape(o, (1, H * hd)))
+
+    def _grouped(self, q16: Tensor, keys: Tensor, values: Tensor, posf: Tensor, seg_t: Tensor) -> Tensor:
+        """One sequence's attention for ``G > 1`` query heads per kv head over a long cache: float32
+        ``[G, D]``. The G query rows become one weight matrix ``[D, G * Hkv]`` (row j's heads in lane group
+        j), so the keys stream through the MXM once, not G times; the softmax runs over the rows of the
+        ``[S, G * Hkv]`` scores, and group j's weights are spread over the lanes by a product with the
+        lane-to-head matrix placed at group j's rows. Every score, weight and sum is the one
+        :meth:`_scores` and :meth:`_mix` compute for that query row (the same products and sums in the
+        same order), so a prompt chunk, which takes the rows one by one, gives the same bits."""
+        g, cfg, S = self.g, self.cfg, self.S
+        Hkv, hd = cfg.n_kv_heads, cfg.head_dim
+        G, D, N = q16.shape[0], Hkv * hd, q16.shape[0] * Hkv
+        heads = np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)
+        blocks = []
+        for c0 in range(0, D, KEY_BLOCK):
+            w = min(KEY_BLOCK, D - c0)
+            eye = self._key_const(f"query_eye_{w}", np.eye(w, dtype=F16))
+            parts = []
+            for j in range(G):
+                qj = g.reshape(g.slice(q16, (slice(j, j + 1), slice(0, 1), slice(c0, c0 + w))), (1, w))
+                seg = np.zeros((w, N), F16)
+                seg[:, j * Hkv:(j + 1) * Hkv] = heads[c0:c0 + w]
+                parts.append(g.matmul(g.mul(qj, eye), self._key_const(f"query_group_{j}_{c0}", seg),
+                                      out_dtype="float16"))                                 # [w, N]
+            acc = parts[0]
+            for p in parts[1:]:
+                acc = g.add(acc, p)                  # exact: one non-zero per output
+            blocks.append(acc)
+        W = blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=0)                    # [D, N]
+        sc = g.mul(g.matmul(keys, W, out_dtype="float32"), float(1.0 / math.sqrt(hd)))     # [S, N]
+        if "iota_rows_n" not in self._key_consts:
+            self._key_consts["iota_rows_n"] = g.constant(
+                "iota_rows_n", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), N, axis=1))
+        sc = g.add(sc, g.mul(g.minimum(g.maximum(g.sub(self._key_consts["iota_rows_n"], posf), 0.0), 1.0), MASK))
+        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
+        total = g.sum(e, axis=-2, keepdims=True)                                            # [1, N]
+        hi = self.f16(total)
+        lo = self.f16(g.sub(total, g.cast(hi, "float32")))
+        e16, v32 = self.f16(e), g.cast(values, "float32")
+        rows = []
+        for j in range(G):
+            st = np.zeros((N, D), F16)
+            st[j * Hkv:(j + 1) * Hkv] = heads.T
+            spread_t = self._key_const(f"group_spread_{j}", st)
+            pe = g.cast(g.matmul(e16, spread_t, out_dtype="float16"), "float32")             # [S, D]
+            spread = g.add(g.matmul(hi, spread_t, out_dtype="float32"), g.matmul(lo, spread_t, out_dtype="float32"))
+            rows.append(g.div(g.sum(g.mul(pe, v32), axis=-2, keepdims=True), spread))      # [1, D]
+        return g.concat(rows, axis=0)
+
+    def _key_const(self, name: str, arr: np.ndarray) -> Tensor:
+        """The graph constant ``name`` (made once, shared by every layer)."""
+        if name not in self._key_consts:
+            self._key_consts[name] = self.g.constant(name, arr)
+        return self._key_consts[name]
 
     def _mix(self, scores: Tensor, values: Tensor, seg_t: Tensor) -> Tensor:
         """Attention output float32 ``[..., 1, D]``: the softmax over the cache rows of ``scores [..., S, Hkv]``
@@ -423,13 +480,9 @@ class StepBuilder:
         for c0 in range(0, D, KEY_BLOCK):
             w = min(KEY_BLOCK, D - c0)
             qc = g.slice(q16, lead + (slice(c0, c0 + w),)) if w < D else q16
-            if f"eye{w}" not in self._key_consts:
-                self._key_consts[f"eye{w}"] = g.constant(f"query_eye_{w}", np.eye(w, dtype=F16))
             seg = (np.arange(c0, c0 + w).reshape(w, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-            if f"seg{c0}" not in self._key_consts:
-                self._key_consts[f"seg{c0}"] = g.constant(f"query_heads_{c0}", seg)
-            diag = g.mul(qc, self._key_consts[f"eye{w}"])                                  # [..., w, w]
-            blocks.append(g.matmul(diag, self._key_consts[f"seg{c0}"], out_dtype="float16"))  # [..., w, Hkv]
+            diag = g.mul(qc, self._key_const(f"query_eye_{w}", np.eye(w, dtype=F16)))       # [..., w, w]
+            blocks.append(g.matmul(diag, self._key_const(f"query_heads_{c0}", seg), out_dtype="float16"))
         return blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=-2)
 
     def head_order(self) -> np.ndarray:
