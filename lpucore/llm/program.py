@@ -21,7 +21,9 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   positions (:func:`query_weights`) the query is made MXM weights instead (``W[d, h] = q[d]`` on head ``h``'s
   lanes, built in ``KEY_BLOCK`` rows per block of lanes whatever the cache, :meth:`StepBuilder._query_weights`)
   and the scores are one product ``K @ W`` (exact float16 products, float32 sums: not the same rounding as
-  the short-cache path, so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits);
+  the short-cache path, so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits); with
+  ``G > 1`` query heads per kv head one sequence's G query rows are one weight matrix ``[D, G * Hkv]``, so the
+  keys stream through the MXM once (:meth:`StepBuilder._grouped`, bit for bit the row-by-row arithmetic);
   the softmax runs across the cache rows (``axis=-2``: elementwise over vectors); the weights
   ``e = exp(s - max s)``, rounded to float16, are spread over their head's lanes by another constant
   product (exact), the output is ``sum_s e[s] * V[s]`` across rows in float32, divided last by
