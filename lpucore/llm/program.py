@@ -142,7 +142,6 @@ class StepBuilder:
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
         self._bound: Dict[int, Tensor] = {}                     # activation id -> bound of max|x| (norm())
         self._digit_col: Optional[Tensor] = None                # _digit_weights()
-        self._iota_h: Optional[Tensor] = None                   # _mask()
         self._rows: Dict[tuple, Tensor] = {}                    # _row_pos()
         self.probes: Dict[str, Tensor] = {}     # intermediate values by name (residual stream per layer)
         self.g = Graph(f"{cfg.name}-step")
@@ -384,31 +383,26 @@ class StepBuilder:
         lane-to-head matrix placed at group j's rows. Every score, weight and sum is the one
         :meth:`_scores` and :meth:`_mix` compute for that query row (the same products and sums in the
         same order), so a prompt chunk, which takes the rows one by one, gives the same bits."""
-        g, cfg, S = self.g, self.cfg, self.S
+        g, cfg = self.g, self.cfg
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         G, D, N = q16.shape[0], Hkv * hd, q16.shape[0] * Hkv
         heads = np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)
         blocks = []
         for c0 in range(0, D, KEY_BLOCK):
             w = min(KEY_BLOCK, D - c0)
-            eye = self._key_const(f"query_eye_{w}", np.eye(w, dtype=F16))
             parts = []
             for j in range(G):
                 qj = g.reshape(g.slice(q16, (slice(j, j + 1), slice(0, 1), slice(c0, c0 + w))), (1, w))
                 seg = np.zeros((w, N), F16)
                 seg[:, j * Hkv:(j + 1) * Hkv] = heads[c0:c0 + w]
-                parts.append(g.matmul(g.mul(qj, eye), self._key_const(f"query_group_{j}_{c0}", seg),
-                                      out_dtype="float16"))                                 # [w, N]
+                parts.append(self._on_rows(qj, f"query_group_{j}_{c0}", seg))            # [w, N]
             acc = parts[0]
             for p in parts[1:]:
                 acc = g.add(acc, p)                  # exact: one non-zero per output
             blocks.append(acc)
         W = blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=0)                    # [D, N]
         sc = g.mul(g.matmul(keys, W, out_dtype="float32"), float(1.0 / math.sqrt(hd)))     # [S, N]
-        if "iota_rows_n" not in self._key_consts:
-            self._key_consts["iota_rows_n"] = g.constant(
-                "iota_rows_n", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), N, axis=1))
-        sc = g.add(sc, g.mul(g.minimum(g.maximum(g.sub(self._key_consts["iota_rows_n"], posf), 0.0), 1.0), MASK))
+        sc = g.add(sc, self._mask(posf, N))
         e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
         total = g.sum(e, axis=-2, keepdims=True)                                            # [1, N]
         hi = self.f16(total)
@@ -483,9 +477,17 @@ class StepBuilder:
             w = min(KEY_BLOCK, D - c0)
             qc = g.slice(q16, lead + (slice(c0, c0 + w),)) if w < D else q16
             seg = (np.arange(c0, c0 + w).reshape(w, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-            diag = g.mul(qc, self._key_const(f"query_eye_{w}", np.eye(w, dtype=F16)))       # [..., w, w]
-            blocks.append(g.matmul(diag, self._key_const(f"query_heads_{c0}", seg), out_dtype="float16"))
+            blocks.append(self._on_rows(qc, f"query_heads_{c0}", seg))                     # [..., w, Hkv]
         return blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=-2)
+
+    def _on_rows(self, qc: Tensor, name: str, lanes: np.ndarray) -> Tensor:
+        """float16 ``[..., w, N]``: lane ``d`` of the row block ``qc [..., 1, w]`` moved to row ``d``, in the
+        lanes row ``d`` of the constant ``lanes [w, N]`` (0/1) selects: ``diag(qc) @ lanes`` with
+        ``diag(qc)`` the block broadcast over ``w`` rows times the identity (no lane moves; exact, one
+        non-zero product per output)."""
+        w = qc.shape[-1]
+        diag = self.g.mul(qc, self._key_const(f"query_eye_{w}", np.eye(w, dtype=F16)))     # [..., w, w]
+        return self.g.matmul(diag, self._key_const(name, lanes), out_dtype="float16")
 
     def head_order(self) -> np.ndarray:
         """The query heads in the order the step computes them: for ``G`` query heads per kv head, the
@@ -503,12 +505,14 @@ class StepBuilder:
         mask = self._mask(posf)
         return (mask,) + self._head_constants()
 
-    def _mask(self, posf: Tensor) -> Tensor:
-        """float32 ``[S, Hkv]``: 0 on the cache rows up to position ``posf`` (float32 ``[1]``), ``MASK`` after."""
-        g, S, Hkv = self.g, self.S, self.cfg.n_kv_heads
-        if self._iota_h is None:
-            self._iota_h = g.constant("iota_rows_h", np.repeat(np.arange(S, dtype=F32).reshape(S, 1), Hkv, axis=1))
-        return g.mul(g.minimum(g.maximum(g.sub(self._iota_h, posf), 0.0), 1.0), MASK)
+    def _mask(self, posf: Tensor, lanes: Optional[int] = None) -> Tensor:
+        """float32 ``[S, lanes]`` (``Hkv`` lanes by default): 0 on the cache rows up to position ``posf``
+        (float32 ``[1]``), ``MASK`` after."""
+        g, S = self.g, self.S
+        n = self.cfg.n_kv_heads if lanes is None else lanes
+        iota = self._key_const("iota_rows_h" if lanes is None else f"iota_rows_{n}",
+                               np.repeat(np.arange(S, dtype=F32).reshape(S, 1), n, axis=1))
+        return g.mul(g.minimum(g.maximum(g.sub(iota, posf), 0.0), 1.0), MASK)
 
     def _head_constants(self):
         """(segs, seg_t): the lane-to-head matrix (twice) and its transpose (:meth:`_attention_constants`)."""
