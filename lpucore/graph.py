@@ -448,6 +448,41 @@ class Graph:
                              f"got {rows.dtype.name}{list(rows.shape)}")
         return self._node("scatter", [x, indices, rows], x.shape, x.dtype)
 
+    def _blocks(self, op: str, x, blocks) -> Tuple[Tensor, Tensor]:
+        x = self._t(op, x)
+        blocks = self._t(op, blocks)
+        if blocks.dtype.name != "int32" or blocks.ndim != 1:
+            raise GraphError(f"{op}: blocks must be int32 [m], got {blocks.dtype.name}{list(blocks.shape)}")
+        if x.ndim != 2:
+            raise GraphError(f"{op}: x must be 2-d [rows, dim], got {list(x.shape)}")
+        return x, blocks
+
+    def gather_blocks(self, x, blocks, n: int) -> Tensor:
+        """Rows ``k * n .. k * n + n - 1`` of ``x [R, D]`` for every block index ``k`` in ``blocks`` (int32
+        ``[m]``, known only at run time), one block per leading index: ``[m, n, D]``. ``R`` must be a multiple
+        of ``n``; a block outside ``0 .. R / n - 1`` reads zeros. Lowered to one MEM ``Gather`` per vector and
+        byte plane (:mod:`lpucore.compiler.blocks`)."""
+        x, blocks = self._blocks("gather_blocks", x, blocks)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or x.shape[0] % n:
+            raise GraphError(f"gather_blocks: n must be a positive divisor of {x.shape[0]} rows, got {n!r}")
+        return self._node("gather_blocks", [x, blocks], (blocks.shape[0], int(n), x.shape[1]), x.dtype)
+
+    def scatter_blocks(self, x, blocks, rows) -> Tensor:
+        """``x [R, D]`` with block ``blocks[i]`` (rows ``k * n .. k * n + n - 1``) replaced by rows
+        ``i * n .. i * n + n - 1`` of ``rows`` (``[m * n, D]``, or ``[m, n, D]``); ``blocks`` int32 ``[m]``
+        known only at run time. A block outside ``0 .. R / n - 1`` writes nothing; of equal blocks the later
+        wins. Lowered to one MEM ``Scatter`` per vector and byte plane; a state read only here (and by the
+        :meth:`gather_blocks` the rows are made from) and assigned the result is written in place."""
+        x, blocks = self._blocks("scatter_blocks", x, blocks)
+        rows = self._t("scatter_blocks", rows)
+        m = blocks.shape[0]
+        total = rows.size // rows.shape[-1] if rows.ndim and rows.shape[-1] else 0
+        if rows.ndim not in (2, 3) or (rows.ndim == 3 and rows.shape[0] != m) or rows.shape[-1] != x.shape[1] \
+                or rows.dtype != x.dtype or m == 0 or total == 0 or total % m or x.shape[0] % (total // m):
+            raise GraphError(f"scatter_blocks: rows must be {x.dtype.name}[m * n, {x.shape[1]}] for m = {m} blocks "
+                             f"of n rows dividing {x.shape[0]}, got {rows.dtype.name}{list(rows.shape)}")
+        return self._node("scatter_blocks", [x, blocks, rows], x.shape, x.dtype)
+
     def rope(self, x, positions, base: float = 10000.0, max_positions: int = 2048) -> Tensor:
         """Rotary position embedding, Llama form, over the last axis (the head dimension,
         even): pairs (i, i + d/2) rotate by angle positions[t] * base**(-2i/d).  x is

@@ -94,6 +94,10 @@ reshape = _make("reshape", 1, "reshape(x, shape=) on the chip.")
 gather = _make("gather", 2, "table[indices] (an embedding lookup) on the chip.")
 scatter = _make("scatter", 3, "x with rows[i] written at row indices[i] (out-of-range indices write nothing; "
                 "the later of equal indices wins) on the chip.")
+gather_blocks = _make("gather_blocks", 2, "Rows k * n .. k * n + n - 1 of x for each run-time block k "
+                      "(gather_blocks(x, blocks, n=); out-of-range blocks read zeros) on the chip.")
+scatter_blocks = _make("scatter_blocks", 3, "x with its blocks[i] of n = len(rows) / len(blocks) rows replaced "
+                       "(out-of-range blocks write nothing; the later of equal blocks wins) on the chip.")
 rope = _make("rope", 2, "Rotary position embedding rope(x, positions, base=) on the chip.")
 quantize = _make("quantize", 1, "int8 quantisation quantize(x, scale=, zero_point=, axis=) on the chip.")
 dequantize = _make("dequantize", 1, "dequantize(q, scale=, zero_point=, axis=, dtype=) on the chip.")

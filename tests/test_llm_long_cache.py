@@ -1,6 +1,6 @@
-"""Caches longer than a block of lanes: the scores take the queries as MXM weights
-(lpucore.llm.program.query_weights), with the same guarantees as the short-cache path: tokens and logits
-against the reference, prompt chunks and batches bit for bit the token-by-token, one-sequence steps."""
+"""Caches longer than a tile of positions: keys kept in tiles with the positions on the lanes
+(lpucore.llm.program.tiled_cache, lpucore.llm.tiled), with the same guarantees as the short-cache path:
+tokens and logits against the reference, prompt chunks and batches bit for bit the token-by-token."""
 
 import dataclasses
 
@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 from helpers import check_close
 
-from lpucore import compile, execute
 from lpucore.llm import Decoder, model_config
-from lpucore.llm.program import KEY_BLOCK, StepBuilder, query_weights
+from lpucore.llm.program import KEY_BLOCK, tiled_cache
 
 CAPACITY = KEY_BLOCK + 16
 PROMPT = [200, 3, 7, 11, 5]
@@ -23,22 +22,7 @@ def long_config(name):
 
 
 def test_the_path_is_chosen_by_the_cache_length():
-    assert query_weights(CAPACITY) and not query_weights(KEY_BLOCK) and not query_weights(32)
-
-
-@pytest.mark.parametrize("hd,Hkv,rows", [(16, 2, 1), (64, 6, 3), (128, 4, 2)])
-def test_query_weights_against_numpy(hd, Hkv, rows):
-    """W[d, h] = q[d] on head h's lanes (D across several blocks, partial last block), exact."""
-    cfg = dataclasses.replace(model_config("tiny"), n_heads=Hkv, n_kv_heads=Hkv, head_dim=hd, d_model=Hkv * hd)
-    b = StepBuilder(cfg, {}, {}, "fp16", CAPACITY)
-    D = Hkv * hd
-    q = b.g.input("q", (rows, 1, D), "float16")
-    b.g.output("w", b._query_weights(q))
-    qv = np.random.default_rng(hd).standard_normal((rows, 1, D)).astype(np.float16)
-    got = execute(compile(b.g), {"q": qv})[0]["w"]
-    seg = np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)
-    want = np.where(seg[None], qv.reshape(rows, D, 1), 0).astype(np.float16)
-    np.testing.assert_array_equal(got, want)
+    assert tiled_cache(CAPACITY) and not tiled_cache(KEY_BLOCK) and not tiled_cache(32)
 
 
 @pytest.mark.parametrize("name,precision,route", [("tiny", "fp16", "chunks"), ("tiny-gpt2", "int8", "batch")])

@@ -50,6 +50,7 @@ LATENCY: Dict[str, Tuple[str, ...]] = {
     "matmul": (_M, _ACC),
     "rope": (_A, _A),
     "gather": ("mem_read_delay",), "scatter": ("mem_write_delay",),
+    "gather_blocks": ("mem_read_delay",), "scatter_blocks": ("mem_write_delay",),
     "reshape": (), "transpose": (), "concat": (), "slice": (),
     "allgather": ("c2c_latency",), "allreduce": ("c2c_latency",),
     # images (lpucore.compiler.conv): a convolution is a product; a pool a reduction across rows; a
@@ -65,7 +66,8 @@ VXM_OPS: Dict[str, int] = {
     "exp": 1, "tanh": 1, "sigmoid": 1, "sqrt": 1, "rsqrt": 1, "silu": 2, "gelu": 3,
     "cast": 1, "quantize": 2, "dequantize": 2, "sum": 1, "max": 1, "mean": 1,
     "sum@rows": 1, "max@rows": 1, "mean@rows": 1, "softmax": 4, "layernorm": 5, "rmsnorm": 3, "rope": 2,
-    "matmul": 0, "gather": 0, "scatter": 0, "reshape": 0, "transpose": 0, "concat": 0, "slice": 0,
+    "matmul": 0, "gather": 0, "scatter": 0, "gather_blocks": 0, "scatter_blocks": 0,
+    "reshape": 0, "transpose": 0, "concat": 0, "slice": 0,
     "allgather": 0, "allreduce": 1,
     "conv2d": 0, "max_pool2d": 1, "avg_pool2d": 1, "global_avg_pool2d": 1, "batch_norm": 0, "flatten": 0,
     "window": 0,

@@ -331,10 +331,10 @@ class Compiler:
         return self.hem
 
     def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None, strict=False,
-               pow2=False, spare=0) -> VT:
+               pow2=False, spare=0, stripe_divides=0) -> VT:
         """Place a tensor (see memory.place); ``strict``: in hemisphere ``hem`` or nowhere; ``pow2``:
         striped over a power of two of slices with ``spare`` addresses after each stripe (a target of MEM
-        ``Scatter``)."""
+        ``Scatter``), dividing ``stripe_divides`` when given (blocks of rows: :mod:`.blocks`)."""
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         if name in self.pinned and kind in ("const", "state"):
@@ -345,7 +345,7 @@ class Compiler:
                 return vt
         reserved = self.out_vts.pop(name, None) if kind == "output" else None
         try:
-            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare, stripe_divides)
         except CompileError:
             # no room where the producer would like it: the space reserved for the output
             if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
@@ -390,16 +390,18 @@ class Compiler:
         return VT(name, d, rows, c, pv.chunks, pv.hem, pv.slices, pv.bases,
                   [[0] * len(b) for b in pv.bases], kind, spare=spare)
 
-    def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False, pow2=False, spare=0) -> VT:
+    def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False, pow2=False, spare=0,
+               stripe_divides=0) -> VT:
         """Place a tensor away from the slices in avoid if there is room, else anywhere."""
         try:
             return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
-                         avoid=tuple(avoid), stripes=stripes, strict=strict, pow2=pow2, spare=spare)
+                         avoid=tuple(avoid), stripes=stripes, strict=strict, pow2=pow2, spare=spare,
+                         stripe_divides=stripe_divides)
         except CompileError:
             if not avoid:
                 raise
             return place(self.mem, name, d, rows, c, self.L, hem if strict else self.hem, kind=kind,
-                         stripes=stripes, strict=strict, pow2=pow2, spare=spare)
+                         stripes=stripes, strict=strict, pow2=pow2, spare=spare, stripe_divides=stripe_divides)
 
     def place_gather_tables(self) -> None:
         """Constants read only as gathered tables, by few indices, kept for MEM Gather
@@ -618,8 +620,11 @@ class Compiler:
         for name, t in g.inputs.items():
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="input")
         for name, t in g.states.items():
-            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state", pow2=scatter.in_place(g, t.id),
-                                         spare=int(scatter.in_place(g, t.id)))
+            here = scatter.in_place(g, t.id)
+            # a cache the MXM loads as weights (lpucore.llm.tiled): a slice per LW stream, as weight_vt's
+            stripes = self.cfg.mxm_lw_streams if here and scatter.read_as_weights(g, t.id) else 8
+            self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state", pow2=here, spare=int(here),
+                                         stripe_divides=scatter.block_rows(g, t.id) if here else 0, stripes=stripes)
             arr = g.state_init[t.id]
             self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
 
@@ -720,14 +725,18 @@ class Compiler:
         self.placed = []
 
     def concat_parts(self) -> Dict[int, Tuple[Tensor, int]]:
-        """Parts of concatenations of whole rows (2-d, axis 0) that their elementwise producers write in
-        place, in the concatenation's tensor: part id -> (concatenation, its first row). Only when every
-        part qualifies: made by an elementwise kernel, read by nothing else, not deferred, not an output."""
+        """Parts of concatenations of whole rows (along an axis every axis before which has size 1, not the
+        last: each part is a run of the result's rows) that their producers, elementwise kernels or matmuls,
+        write in place, in the concatenation's tensor: part id -> (concatenation, its first row). Only when
+        every part qualifies: made so, read by nothing else, not deferred, not an output."""
         g = self.g
         views: Dict[int, Tuple[Tensor, int]] = {}
         for n in g.nodes:
             t = g.tensors[n.output]
-            if n.op != "concat" or t.ndim != 2 or n.attrs["axis"] not in (0, -2) or len(set(n.inputs)) != len(n.inputs):
+            if n.op != "concat" or t.ndim < 2 or len(set(n.inputs)) != len(n.inputs):
+                continue
+            ax = n.attrs["axis"] % t.ndim
+            if ax == t.ndim - 1 or any(d != 1 for d in t.shape[:ax]):
                 continue
             if self.uses.get(t.id, 0) >= 10 ** 9 or t.id in self.defer:
                 continue
@@ -736,13 +745,23 @@ class Compiler:
                 x = g.tensors[i]
                 p = g.producer.get(i)
                 if (p is None or self.uses.get(i) != 1 or i in self.defer or x.dtype != t.dtype
-                        or self.builder(p, x) is None):
+                        or (p.op != "matmul" and self.builder(p, x) is None)):
                     break
                 parts[i] = (t, first)
-                first += x.shape[0]
+                first += _rows(x.shape)
             else:
                 views.update(parts)
         return views
+
+    def part_vt(self, t: Tensor, avoid=()) -> Optional[VT]:
+        """t's rows of the concatenation it is a part of (:meth:`concat_parts`), placed with its first part;
+        None when t is not such a part."""
+        if t.id not in self.row_views:
+            return None
+        whole, first = self.row_views[t.id]
+        if whole.id not in self.vts:
+            self.vts[whole.id] = self.new_vt(f"_t{whole.id}", whole.dtype, whole.shape, avoid=avoid)
+        return RowView(self.vts[whole.id], first, _rows(t.shape))
 
     def alias(self, t: Tensor, x: Tensor) -> int:
         """t is x's placement under another shape (the same rows: a reshape keeping the last axis):
@@ -812,11 +831,7 @@ class Compiler:
         """A map kernel writing t; the last chunk of each row is masked to keep padding zero."""
         if out is None and t.id in self.row_views:
             # a part of a concatenation of rows: written in place, in the concatenation's tensor
-            whole, first = self.row_views[t.id]
-            if whole.id not in self.vts:
-                self.vts[whole.id] = self.new_vt(f"_t{whole.id}", whole.dtype, whole.shape,
-                                                 avoid=self.inputs_of(build()))
-            out = RowView(self.vts[whole.id], first, _rows(t.shape))
+            out = self.part_vt(t, self.inputs_of(build()))
         if out is None:
             out = self.new_vt(name, t.dtype, t.shape, kind=kind, avoid=self.inputs_of(build()))
             # an elementwise function of values held in every lane is held in every lane

@@ -45,7 +45,9 @@ def matmul(c, a, b, t, name, kind):
         release(c.mem, prod)
         return last
     out_shape = batch + (M, N)
-    out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
+    out = c.part_vt(t, c.slices_of(A, B)) if kind == "temp" else None     # a part of a concatenation of rows
+    if out is None:
+        out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
     if getattr(B, "parts", None) and len(ia) == 1:
         return _split_matmul(c, A, B, out, (M, K, N), t.id)

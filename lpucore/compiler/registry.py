@@ -35,7 +35,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..errors import CompileError
 from ..graph import Graph, Node, Tensor
-from . import conv, lower_more, scatter
+from . import blocks, conv, lower_more, scatter
 from .kernels import E, Expr, cvt
 
 F32 = dt.FLOAT32
@@ -251,6 +251,14 @@ def _scatter(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str
     return scatter.scatter(c, ins[0], ins[1], ins[2], t, name, kind)
 
 
+def _gather_blocks(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    return blocks.gather_blocks(c, ins[0], ins[1], t, name, kind)
+
+
+def _scatter_blocks(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    return blocks.scatter_blocks(c, ins[0], ins[1], ins[2], t, name, kind)
+
+
 def _rope(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
     return lower_more.rope(c, ins[0], ins[1], t, name, kind, n.attrs["base"], n.attrs["max_positions"])
 
@@ -290,6 +298,9 @@ register(OpSpec("concat", "layout", lower=_concat))
 register(OpSpec("gather", "gather", lower=_gather, weight_input=0))
 # x with rows written at run-time row indices: MEM Scatter (in place into a state assigned the result)
 register(OpSpec("scatter", "scatter", lower=_scatter))
+# blocks of rows at a run-time block index: one MEM Gather / Scatter per vector (lpucore.compiler.blocks)
+register(OpSpec("gather_blocks", "gather", lower=_gather_blocks))
+register(OpSpec("scatter_blocks", "scatter", lower=_scatter_blocks))
 register(OpSpec("rope", "rope", lower=_rope))
 _register_all(("allgather", "allreduce"), "collective", collective=True)
 # NCHW images: rewritten before lowering into windows, matmuls and reductions (lpucore.compiler.conv)

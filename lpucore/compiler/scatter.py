@@ -39,12 +39,66 @@ I16, I32 = dt.INT16, dt.INT32
 
 
 def in_place(g: Graph, sid: int) -> bool:
-    """State ``sid`` is read only by one scatter whose result is assigned back to it."""
+    """State ``sid`` is read by one scatter (``scatter`` or ``scatter_blocks``) whose result is assigned back
+    to it, and otherwise only by ``gather_blocks`` whose outputs the written rows are made from (so
+    every such read comes before the writes: :mod:`lpucore.compiler.blocks`)."""
     users = [n for n in g.nodes if sid in n.inputs]
     value = g.assigns.get(sid)
-    return (len(users) == 1 and users[0].op == "scatter" and users[0].inputs[0] == sid
-            and sid not in users[0].inputs[1:] and value is not None and value.id == users[0].output
-            and value.id not in {t.id for t in g.outputs.values()})
+    writes = [n for n in users if n.op in ("scatter", "scatter_blocks")]
+    if len(writes) != 1 or value is None:
+        return False
+    w = writes[0]
+    if w.inputs[0] != sid or sid in w.inputs[1:] or value.id != w.output \
+            or value.id in {t.id for t in g.outputs.values()}:
+        return False
+    reads = [n for n in users if n is not w]
+    if reads and (w.op != "scatter_blocks" or any(n.op != "gather_blocks" or n.inputs[0] != sid
+                                                  or sid in n.inputs[1:] for n in reads)):
+        return False
+    made_from = _ancestors(g, w.inputs[2])
+    return all(n.output in made_from for n in reads)
+
+
+def _ancestors(g: Graph, tid: int) -> set:
+    """The tensors ``tid`` is computed from (itself included)."""
+    producer = {n.output: n for n in g.nodes}
+    seen, todo = set(), [tid]
+    while todo:
+        t = todo.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        if t in producer:
+            todo.extend(producer[t].inputs)
+    return seen
+
+
+def read_as_weights(g: Graph, sid: int) -> bool:
+    """State ``sid``'s written value (its scatter's result, or a reshape of it) is a matmul's weights."""
+    value = g.assigns.get(sid)
+    if value is None:
+        return False
+    seen, todo = set(), [value.id]
+    while todo:
+        tid = todo.pop()
+        seen.add(tid)
+        for n in g.nodes:
+            if tid in n.inputs:
+                if n.op == "matmul" and n.inputs[1] == tid:
+                    return True
+                if n.op == "reshape" and n.output not in seen:
+                    todo.append(n.output)
+    return False
+
+
+def block_rows(g: Graph, sid: int) -> int:
+    """The rows of a block of state ``sid``'s ``scatter_blocks`` (0 when it has none): its stripes must
+    divide it (:mod:`lpucore.compiler.blocks`)."""
+    for n in g.nodes:
+        if n.op == "scatter_blocks" and n.inputs[0] == sid:
+            rows = g.tensors[n.inputs[2]]
+            return rows.size // rows.shape[-1] // g.tensors[n.inputs[1]].size
+    return 0
 
 
 def _column(c, name: str, col, dtype, avoid=()) -> VT:

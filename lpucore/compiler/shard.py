@@ -19,7 +19,8 @@ Megatron-LM's, derived from the shapes alone (so all P graphs have the same stru
 * ``reshape`` keeps a split when the parts stay contiguous (``[1, H * d]`` split along
   its last axis is ``[1, H, d]`` split by heads); ``transpose`` moves it; reductions,
   ``softmax``, the norms and ``rope`` keep splits of axes they do not work along.
-* ``scatter`` into a tensor split by columns writes each rank's columns of the new rows.
+* ``scatter`` into a tensor split by columns writes each rank's columns of the new rows;
+  ``gather_blocks`` and ``scatter_blocks`` work on whole tensors (every rank the same blocks).
 * Anything else gathers its operands first.
 * A state (``Graph.state``, for example a KV cache) is split along the axis that makes
   the fewest bytes cross the links, found by trying each candidate axis.
@@ -244,6 +245,10 @@ class _Builder:
             return self.slice(x0, n, t)
         if op in ("gather", "scatter", "rope"):
             return self.addressed(n, ins, s, ix)
+        if op == "gather_blocks":       # blocks at run-time indices: the rows whole on every rank
+            return out.gather_blocks(self.full(x0.id), self.full(ins[1].id), t.shape[1]), None
+        if op == "scatter_blocks":
+            return out.scatter_blocks(self.full(x0.id), self.full(ins[1].id), self.full(ins[2].id)), None
         raise CompileError(f"tensor parallelism: no rule for {op}")
 
     def reduction(self, n, ins: List[Tensor], s, ix):

@@ -11,26 +11,24 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
 * Residual stream, norms, softmax and the final logits in float32; every matmul multiplies float16 operands on
   the MXM with float32 accumulators (``out_dtype="float32"``).
 * Keys and values are cached as ``K_l, V_l [S, Hkv * hd]`` float16, one row per position (the precision of
-  an fp16 cache). The new key and value rows are written at position ``p`` by :meth:`Graph.scatter`: MEM
-  ``Scatter`` with addresses computed on the chip from ``p``, in place (no other row of the cache moves;
-  :mod:`lpucore.compiler.scatter`). Rows whole vectors is why the cache is kept by position, not transposed.
-* Attention has no lane moves and no reduction across lanes. The scores ``q . K[s]`` of every head are
-  the exact float32 products ``q * K`` (float16 times float16), split exactly into float16 ``hi + lo`` and
-  summed over each head's ``hd`` lanes by MXM products with a constant 0/1 matrix (one per part, side by side).
-  That is three VXM passes and two MXM products over the whole cache; for a cache longer than ``KEY_BLOCK``
-  positions (:func:`query_weights`) the query is made MXM weights instead (``W[d, h] = q[d]`` on head ``h``'s
-  lanes, built in ``KEY_BLOCK`` rows per block of lanes whatever the cache, :meth:`StepBuilder._query_weights`)
-  and the scores are one product ``K @ W`` (exact float16 products, float32 sums: not the same rounding as
-  the short-cache path, so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits); with
-  ``G > 1`` query heads per kv head one sequence's G query rows are one weight matrix ``[D, G * Hkv]``, so the
-  keys stream through the MXM once (:meth:`StepBuilder._grouped`, bit for bit the row-by-row arithmetic);
-  the softmax runs across the cache rows (``axis=-2``: elementwise over vectors); the weights
-  ``e = exp(s - max s)``, rounded to float16, are spread over their head's lanes by another constant
-  product (exact), the output is ``sum_s e[s] * V[s]`` across rows in float32, divided last by
-  ``sum_s e[s]`` (spread the same way), so that the sum of the weights runs beside the weighted sum
-  (:meth:`StepBuilder._mix`). With ``G > 1`` query heads per kv head the query heads are computed in
-  :meth:`StepBuilder.head_order` (the q and o projections' weights permuted to match), so that query row
-  ``j`` lines up with the cache's heads lane for lane.
+  an fp16 cache), for caches of at most ``KEY_BLOCK`` positions: the new key and value rows are written at
+  position ``p`` by :meth:`Graph.scatter` (MEM ``Scatter`` with addresses computed on the chip from ``p``, in
+  place: :mod:`lpucore.compiler.scatter`). The scores ``q . K[s]`` of every head are the exact float32
+  products ``q * K`` (float16 times float16), split exactly into float16 ``hi + lo`` and summed over each
+  head's ``hd`` lanes by MXM products with a constant 0/1 matrix (one per part, side by side): three VXM
+  passes and two MXM products over the whole cache; the softmax runs across the cache rows (``axis=-2``:
+  elementwise over vectors); the weights ``e = exp(s - max s)``, rounded to float16, are spread over their
+  head's lanes by another constant product (exact), the output is ``sum_s e[s] * V[s]`` across rows in
+  float32, divided last by ``sum_s e[s]`` (spread the same way), so that the sum of the weights runs beside
+  the weighted sum (:meth:`StepBuilder._mix`). With ``G > 1`` query heads per kv head the query heads are
+  computed in :meth:`StepBuilder.head_order` (the q and o projections' weights permuted to match), so that
+  query row ``j`` lines up with the cache's heads lane for lane.
+* Longer caches (:func:`tiled_cache`) keep the keys with their positions on the lanes, in tiles of
+  ``KEY_BLOCK`` positions, and both products run on the MXM with the cache as weights (:mod:`lpucore.llm.tiled`:
+  the scores ``Q' @ K_tile``, the output ``P @ V``); a new key is one lane of ``Hkv * hd`` vectors, written by
+  reading its tile at the run-time tile index, blending the column in and writing the tile back
+  (:meth:`Graph.gather_blocks`, :meth:`Graph.scatter_blocks`). Not the same rounding as the short-cache path,
+  so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits.
 * Attention runs over all ``S`` cache columns with an additive mask of ``-1e9`` on the columns after ``p``
   (``exp`` of it is exactly 0), so every step costs the same cycles whatever ``p`` is.
 * ``precision="int8"``: each matmul weight is stored as int8 with one float32 scale per output channel (the
@@ -71,20 +69,22 @@ from typing import Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from ..graph import Graph, Tensor
+from . import tiled
 from .shapes import ModelConfig
 
 F16, F32 = np.float16, np.float32
 F16_MAX = 65504.0   # the largest finite float16
 GELU_MIN = 0.1701   # above -min gelu (0.16997 in its erf form, 0.17004 in its tanh form)
-MASK = -1e9          # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
-KEY_BLOCK = 320      # lanes per block of a query made MXM weights (the GroqChip's lanes; StepBuilder._query_weights)
+MASK = tiled.MASK    # additive attention mask of future cache columns: exp(MASK - max) == 0 exactly
+KEY_BLOCK = tiled.TILE     # cache positions per key tile (lpucore.llm.tiled)
 
 
-def query_weights(capacity: int) -> bool:
-    """Whether a step over a cache of ``capacity`` positions multiplies the cached keys by its queries made
-    MXM weights (:meth:`StepBuilder._query_weights`: ``KEY_BLOCK`` rows of work per block of lanes, once)
-    rather than by elementwise products over the whole cache (``capacity`` rows per block, three VXM
-    passes and two MXM products): the former when the cache has more rows than a block."""
+def tiled_cache(capacity: int) -> bool:
+    """Whether a step over a cache of ``capacity`` positions keeps its keys in tiles with the positions on
+    the lanes (:mod:`lpucore.llm.tiled`: both attention products on the MXM with the cache as weights, a
+    key written as one lane of ``Hkv * hd`` vectors) rather than one row per position (elementwise
+    products over the whole cache, ``capacity`` rows per block: three VXM passes and two MXM products):
+    the former when the cache has more positions than a tile."""
     return capacity > KEY_BLOCK
 DEFAULT_BLOCK = 65536      # int8 weights: columns per constant (a model's head is one product, its tiles on all planes)
 DIGIT, DIGIT_MAX = 128, 127  # int8 activation digits: x ~ max|x| / 16256 * (128 h + l)
@@ -138,7 +138,10 @@ class StepBuilder:
             if len(u) == 4:
                 self._shard0.setdefault(u[1] if u[0] == "mlp" else u[0], u[2])
         self.S, self.block = capacity, block
-        self._key_consts: Dict[str, Tensor] = {}     # constants of _query_weights, shared by every layer
+        # keys with their positions on the lanes (lpucore.llm.tiled): long caches, but for a batch's caches
+        # stacked in one state (stacked_attention), which keep one row per position
+        self.tiled = tiled_cache(capacity)
+        self._key_consts: Dict[str, Tensor] = {}     # attention constants, shared by every layer
         self._digits: Dict[int, Tuple[Tensor, Tensor]] = {}     # activation id -> digits()
         self._bound: Dict[int, Tensor] = {}                     # activation id -> bound of max|x| (norm())
         self._digit_col: Optional[Tensor] = None                # _digit_weights()
@@ -357,6 +360,9 @@ class StepBuilder:
         mask, segs, seg_t = att[2:]
         self.part("kv")
         tag = "" if row is None else f"_b{row}"           # a batch's sequence ``row`` has caches of its own
+        if self.tiled:
+            o = self._tiled(i, tag, g.reshape(q, (G, 1, D)), g.reshape(k, (1, D)), g.reshape(v, (1, D)), mask, seg_t)
+            return self.f16(g.reshape(o, (1, H * hd)))
         K = g.state(f"k{i - self.first}{tag}", (S, D), "float16")
         V = g.state(f"v{i - self.first}{tag}", (S, D), "float16")
         # row p of the cache := the new row, written in place by MEM Scatter
@@ -368,55 +374,29 @@ class StepBuilder:
         # scores[j, s, h] = q_jh . K[s, h]: exact float32 products, split exactly into float16 hi + lo, and
         # summed over each head's lanes by the MXM (a constant 0/1 matrix)
         q16 = self.f16(g.reshape(q, (G, 1, D)))
-        if G > 1 and query_weights(S):       # the G query heads of a kv head side by side: K streams once
-            return self.f16(g.reshape(self._grouped(q16, K_new, V_new, att[1], seg_t), (1, H * hd)))
         s = self._scores(q16, K_new, segs, mask)                                            # [G, S, Hkv]
         # softmax over the cache rows: row reductions are elementwise over vectors
         o = self._mix(s, V_new, seg_t)                                                      # [G, 1, D]
         return self.f16(g.reshape(o, (1, H * hd)))
 
-    def _grouped(self, q16: Tensor, keys: Tensor, values: Tensor, posf: Tensor, seg_t: Tensor) -> Tensor:
-        """One sequence's attention for ``G > 1`` query heads per kv head over a long cache: float32
-        ``[G, D]``. The G query rows become one weight matrix ``[D, G * Hkv]`` (row j's heads in lane group
-        j), so the keys stream through the MXM once, not G times; the softmax runs over the rows of the
-        ``[S, G * Hkv]`` scores, and group j's weights are spread over the lanes by a product with the
-        lane-to-head matrix placed at group j's rows. Every score, weight and sum is the one
-        :meth:`_scores` and :meth:`_mix` compute for that query row (the same products and sums in the
-        same order), so a prompt chunk, which takes the rows one by one, gives the same bits."""
+    def _tiled(self, i: int, tag: str, q: Tensor, k: Tensor, v: Tensor, tl: "tiled.Tiles", seg_t: Tensor) -> Tensor:
+        """Attention over the tiled cache of layer ``i`` (:mod:`lpucore.llm.tiled`): query rows ``q [R, 1, D]``,
+        new keys and values ``k, v [B, D]`` (float32) -> float32 ``[R, 1, D]``."""
         g, cfg = self.g, self.cfg
-        Hkv, hd = cfg.n_kv_heads, cfg.head_dim
-        G, D, N = q16.shape[0], Hkv * hd, q16.shape[0] * Hkv
-        heads = np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)
-        blocks = []
-        for c0 in range(0, D, KEY_BLOCK):
-            w = min(KEY_BLOCK, D - c0)
-            parts = []
-            for j in range(G):
-                qj = g.reshape(g.slice(q16, (slice(j, j + 1), slice(0, 1), slice(c0, c0 + w))), (1, w))
-                seg = np.zeros((w, N), F16)
-                seg[:, j * Hkv:(j + 1) * Hkv] = heads[c0:c0 + w]
-                parts.append(self._on_rows(qj, f"query_group_{j}_{c0}", seg))            # [w, N]
-            acc = parts[0]
-            for p in parts[1:]:
-                acc = g.add(acc, p)                  # exact: one non-zero per output
-            blocks.append(acc)
-        W = blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=0)                    # [D, N]
-        sc = g.mul(g.matmul(keys, W, out_dtype="float32"), float(1.0 / math.sqrt(hd)))     # [S, N]
-        sc = g.add(sc, self._mask(posf, N))
-        e = g.exp(g.sub(sc, g.max(sc, axis=-2, keepdims=True)))
-        total = g.sum(e, axis=-2, keepdims=True)                                            # [1, N]
-        hi = self.f16(total)
-        lo = self.f16(g.sub(total, g.cast(hi, "float32")))
-        e16, v32 = self.f16(e), g.cast(values, "float32")
-        rows = []
-        for j in range(G):
-            st = np.zeros((N, D), F16)
-            st[j * Hkv:(j + 1) * Hkv] = heads.T
-            spread_t = self._key_const(f"group_spread_{j}", st)
-            pe = g.cast(g.matmul(e16, spread_t, out_dtype="float16"), "float32")             # [S, D]
-            spread = g.add(g.matmul(hi, spread_t, out_dtype="float32"), g.matmul(lo, spread_t, out_dtype="float32"))
-            rows.append(g.div(g.sum(g.mul(pe, v32), axis=-2, keepdims=True), spread))      # [1, D]
-        return g.concat(rows, axis=0)
+        D = cfg.n_kv_heads * cfg.head_dim
+        T = tiled.tiles_of(self.S) * tl.seqs
+        K = g.state(f"k{i - self.first}{tag}", (T * D, tiled.TILE), "float16")
+        V = g.state(f"v{i - self.first}{tag}", (T * tiled.TILE, D), "float16")
+        K_new = tiled.write_keys(g, self._key_consts, K, self.f16(k), tl)
+        V_new = g.scatter(V, tl.pos, self.f16(v))
+        g.assign(K, K_new)
+        g.assign(V, V_new)
+        self.part("attn")
+        return tiled.scores_and_mix(g, self._key_consts, self.f16(q), K_new, V_new, seg_t, tl, cfg.head_dim)
+
+    def _tiles(self, pos: Tensor, posf: Tensor, stacked: bool = False) -> "tiled.Tiles":
+        D = self.cfg.n_kv_heads * self.cfg.head_dim
+        return tiled.tile_values(self.g, self._key_consts, pos, posf, self.S, D, stacked)
 
     def _key_const(self, name: str, arr: np.ndarray) -> Tensor:
         """The graph constant ``name`` (made once, shared by every layer)."""
@@ -451,43 +431,11 @@ class StepBuilder:
         graph holds the work once, so the bounds count it once; spelling it per use would let ``hi`` and
         ``lo`` fuse it, about 45 cycles of a GPT-2-small layer, for three times the VXM work at long caches)."""
         g = self.g
-        if query_weights(self.S):
-            s = g.matmul(keys, self._query_weights(q16), out_dtype="float32")
-        else:
-            prod = g.mul(g.cast(q16, "float32"), g.cast(keys, "float32"))
-            hi = self.f16(prod)
-            lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
-            s = g.add(g.matmul(hi, segs[0], out_dtype="float32"), g.matmul(lo, segs[1], out_dtype="float32"))
+        prod = g.mul(g.cast(q16, "float32"), g.cast(keys, "float32"))
+        hi = self.f16(prod)
+        lo = self.f16(g.sub(prod, g.cast(hi, "float32")))
+        s = g.add(g.matmul(hi, segs[0], out_dtype="float32"), g.matmul(lo, segs[1], out_dtype="float32"))
         return g.add(g.mul(s, float(1.0 / math.sqrt(self.cfg.head_dim))), mask)
-
-    def _query_weights(self, q16: Tensor) -> Tensor:
-        """float16 ``[..., D, Hkv]``: each query row ``q16 [..., 1, D]`` as MXM weights, ``W[d, h] = q[d]``
-        when lane ``d`` belongs to head ``h``, else 0, so that ``keys @ W`` is every head's scores (exact
-        float16 products, float32 sums). Made with no lane moves: for each block of ``KEY_BLOCK`` lanes,
-        the block broadcast over as many rows times the identity is ``diag(q_block)``, and its product with
-        the block's rows of the lane-to-head matrix puts ``q[d]`` on row ``d``, in its head's lane (exact:
-        one non-zero product per output). The work is ``KEY_BLOCK`` rows per block whatever the cache, so
-        :func:`query_weights` takes this path for caches longer than a block."""
-        g, cfg = self.g, self.cfg
-        Hkv, hd = cfg.n_kv_heads, cfg.head_dim
-        D = Hkv * hd
-        lead = tuple(slice(0, n) for n in q16.shape[:-1])
-        blocks = []
-        for c0 in range(0, D, KEY_BLOCK):
-            w = min(KEY_BLOCK, D - c0)
-            qc = g.slice(q16, lead + (slice(c0, c0 + w),)) if w < D else q16
-            seg = (np.arange(c0, c0 + w).reshape(w, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-            blocks.append(self._on_rows(qc, f"query_heads_{c0}", seg))                     # [..., w, Hkv]
-        return blocks[0] if len(blocks) == 1 else g.concat(blocks, axis=-2)
-
-    def _on_rows(self, qc: Tensor, name: str, lanes: np.ndarray) -> Tensor:
-        """float16 ``[..., w, N]``: lane ``d`` of the row block ``qc [..., 1, w]`` moved to row ``d``, in the
-        lanes row ``d`` of the constant ``lanes [w, N]`` (0/1) selects: ``diag(qc) @ lanes`` with
-        ``diag(qc)`` the block broadcast over ``w`` rows times the identity (no lane moves; exact, one
-        non-zero product per output)."""
-        w = qc.shape[-1]
-        diag = self.g.mul(qc, self._key_const(f"query_eye_{w}", np.eye(w, dtype=F16)))     # [..., w, w]
-        return self.g.matmul(diag, self._key_const(name, lanes), out_dtype="float16")
 
     def head_order(self) -> np.ndarray:
         """The query heads in the order the step computes them: for ``G`` query heads per kv head, the
@@ -498,11 +446,12 @@ class StepBuilder:
         G = H // Hkv
         return np.array([(i % Hkv) * G + i // Hkv for i in range(H)], dtype=np.int64)
 
-    def _attention_constants(self, posf: Tensor):
+    def _attention_constants(self, pos: Tensor, posf: Tensor):
         """(mask, segs, seg_t) shared by every layer's attention: ``mask`` float32 ``[S, Hkv]`` (``MASK`` on
-        rows after ``pos``), ``segs`` the float16 ``[D, Hkv]`` lane-to-head
-        matrix as two constants (for :meth:`_scores`), ``seg_t`` float16 ``[Hkv, D]`` (head to its lanes)."""
-        mask = self._mask(posf)
+        rows after ``pos``; for a tiled cache its :class:`~lpucore.llm.tiled.Tiles` instead), ``segs`` the
+        float16 ``[D, Hkv]`` lane-to-head matrix as two constants (for :meth:`_scores`), ``seg_t`` float16
+        ``[Hkv, D]`` (head to its lanes)."""
+        mask = self._tiles(pos, posf) if self.tiled else self._mask(posf)
         return (mask,) + self._head_constants()
 
     def _mask(self, posf: Tensor, lanes: Optional[int] = None) -> Tensor:
@@ -520,7 +469,7 @@ class StepBuilder:
         Hkv, hd = cfg.n_kv_heads, cfg.head_dim
         D = Hkv * hd
         seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv).reshape(1, Hkv)).astype(F16)
-        segs = [] if query_weights(self.S) else [g.constant(f"head_sum_{part}", seg) for part in ("hi", "lo")]
+        segs = [] if tiled_cache(self.S) else [g.constant(f"head_sum_{part}", seg) for part in ("hi", "lo")]
         seg_t = g.constant("head_spread", np.ascontiguousarray(seg.T))
         return segs, seg_t
 
@@ -530,6 +479,8 @@ class StepBuilder:
         ``mask`` float32 ``[B, S, Hkv]`` (``MASK`` after each sequence's position)."""
         g, S, B = self.g, self.S, self.B
         posf = g.cast(pos, "float32")
+        if self.tiled:
+            return (pos, None, self._tiles(pos, posf, stacked=True)) + self._head_constants()
         base = g.constant("batch_rows", (np.arange(B, dtype=F32) * S))
         rows = g.cast(g.add(posf, base), "int32")                          # exact: integers below 2^24
         mask = self._mask(g.reshape(posf, (B, 1, 1)))                      # [B, S, Hkv]
@@ -545,6 +496,8 @@ class StepBuilder:
         D = cfg.n_kv_heads * cfg.head_dim
         rows, mask, segs, seg_t = att[1:]
         self.part("kv")
+        if self.tiled:
+            return self.f16(g.reshape(self._tiled(i, "", g.reshape(q, (B, 1, D)), k, v, mask, seg_t), (B, D)))
         K = g.state(f"k{i - self.first}", (B * S, D), "float16")
         V = g.state(f"v{i - self.first}", (B * S, D), "float16")
         K_new = g.scatter(K, rows, self.f16(k))
@@ -561,6 +514,8 @@ class StepBuilder:
         query head ``j`` of the chunk's row ``b``, at ``pos[b]``)."""
         g, B = self.g, self.B
         G = self.cfg.n_heads // self.cfg.n_kv_heads
+        if self.tiled:
+            return (pos, self._tiles(pos, g.cast(pos, "float32"))) + self._head_constants()
         posf = g.reshape(g.cast(pos, "float32"), (B, 1))
         if G > 1:           # each row's position once per query head of a group
             posf = g.mul(posf, g.constant("chunk_heads", np.ones((1, G), F32)))
@@ -580,6 +535,9 @@ class StepBuilder:
         G, D = H // Hkv, Hkv * hd
         pos, mask, segs, seg_t = att
         self.part("kv")
+        if self.tiled:
+            o = self._tiled(i, self.cache_tag, g.reshape(q, (B * G, 1, D)), k, v, mask, seg_t)
+            return self.f16(g.reshape(o, (B, H * hd)))
         K = g.state(f"k{i - self.first}{self.cache_tag}", (S, D), "float16")
         V = g.state(f"v{i - self.first}{self.cache_tag}", (S, D), "float16")
         K_new = g.scatter(K, pos, self.f16(k))
@@ -599,7 +557,7 @@ class StepBuilder:
         for b in range(self.B):
             pb = g.slice(pos, (slice(b, b + 1),))
             pf = g.cast(pb, "float32")
-            rows.append((pb, pf, self._mask(pf)))
+            rows.append((pb, pf, self._tiles(pb, pf) if self.tiled else self._mask(pf)))
         heads = self._head_constants()
         return [r + heads for r in rows]
 
@@ -633,9 +591,10 @@ class StepBuilder:
             self.part("kv")
             att = self._batch_attention(pos) if cfg.n_heads != cfg.n_kv_heads else self._stacked_attention(pos)
         elif "attn" in kinds:
+            assert pos is not None
             self.part("kv")
             posf = g.cast(pos, "float32")
-            att = (pos, posf) + self._attention_constants(posf)
+            att = (pos, posf) + self._attention_constants(pos, posf)
         logits = []
         for u in self.units:
             kind, i = u[0], u[1]
