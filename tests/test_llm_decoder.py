@@ -323,19 +323,32 @@ def test_shared_stage_programs_keep_each_chips_weights():
 
 
 def test_stage_planner_counts_the_attention_temporaries():
-    """An attention block's temporaries grow with the cache as its cache does: Llama-2-7B int8 plans at 2,048
-    positions (its attention block compiles at 213 MB of a GroqChip's 231 MB) but not at 4,096; a stage of
-    several layers needs the largest block's temporaries, not their sum."""
-    from lpucore.llm.pipeline import ATTENTION_ROWS, STAGE_FILL, attention_bytes, plan_stages, unit_bytes, unit_temps
+    """An attention block's temporaries and cache grow with the capacity: Llama-2-7B int8 plans at 2,048 and
+    4,096 positions (a tiled cache: its attention block compiles at 119 MB at 2,048) but not at 8,192; a
+    stage of several layers needs the largest block's temporaries, not their sum."""
+    from lpucore.llm.pipeline import (
+        ATTENTION_SCORE_ROWS,
+        ATTENTION_TILES,
+        STAGE_FILL,
+        attention_bytes,
+        cache_bytes,
+        plan_stages,
+        unit_bytes,
+        unit_temps,
+    )
     chip = ChipConfig.groqchip1()
     cfg = model_config("llama2-7b")
     att = attention_bytes(cfg, 2048)
-    assert att == int(ATTENTION_ROWS * 2048 * 4160 * 4)      # one query head per kv head; 4096 lanes in 13 vectors
+    # float16 [4096, 320] key tiles and float32 [32 heads, 7 tiles of 320] score rows
+    assert att == int(ATTENTION_TILES * 4096 * 320 * 2 + ATTENTION_SCORE_ROWS * 32 * 2240 * 4)
+    # 7 key tiles [4096, 320] and 13 x 7 value column tiles [320, 320], float16
+    assert cache_bytes(cfg, 2048) == 7 * 4096 * 320 * 2 + 13 * 7 * 320 * 320 * 2
+    assert cache_bytes(cfg, 320) == 2 * 320 * 4160 * 2                  # one row per position up to a tile
     assert unit_temps(cfg, 2048)[1:3] == [att, 0]
     assert unit_bytes(cfg, "int8", 2048)[1] + att <= STAGE_FILL * chip.sram_bytes
-    assert len(plan_stages(cfg, "int8", 2048, chip)) == 66
-    with pytest.raises(ModelDoesNotFit, match=r"attention temporaries at 4096 positions"):
-        plan_stages(cfg, "int8", 4096, chip)
+    assert len(plan_stages(cfg, "int8", 2048, chip)) == len(plan_stages(cfg, "int8", 4096, chip)) == 66
+    with pytest.raises(ModelDoesNotFit, match=r"attention temporaries at 8192 positions"):
+        plan_stages(cfg, "int8", 8192, chip)
     tiny = model_config("tiny")
     sizes, temps = unit_bytes(tiny, "int8", 128), unit_temps(tiny, 128)
     assert temps.count(max(temps)) == tiny.n_layers and max(temps) == attention_bytes(tiny, 128)

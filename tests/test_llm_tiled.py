@@ -46,29 +46,37 @@ def test_new_keys_land_in_their_tile_column_in_place(B, steps):
 
 
 def test_attention_over_tiles_against_numpy():
-    """Two query heads per kv head, two kv heads, a position in the second tile: the output is the float64
-    softmax-weighted sum within float16 rounding of the weights."""
+    """Two query heads per kv head, two kv heads, a position in the second tile: the cache's positions
+    before it and the step's own key and value (whatever the cache holds at the position), against the
+    float64 softmax-weighted sum, within float16 rounding of the weights."""
     Hkv, hd, G = 2, 16, 2
     D = Hkv * hd
     r = np.random.default_rng(3)
     Kc = r.standard_normal((T * D, TILE)).astype(np.float16)
     Vc = r.standard_normal((T * TILE, D)).astype(np.float16)
     q = r.standard_normal((G, 1, D)).astype(np.float16)
+    k, v = r.standard_normal((2, 1, D)).astype(np.float16)
     p = 400
     g = Graph()
     consts = {}
     pos = g.input("pos", (1,), "int32")
     tl = tiled.tile_values(g, consts, pos, g.cast(pos, "float32"), T * TILE, D)
-    seg = (np.arange(D).reshape(D, 1) // hd == np.arange(Hkv)).astype(np.float16).T
-    o = tiled.scores_and_mix(g, consts, g.input("q", q.shape, "float16"), g.constant("K", Kc), g.constant("V", Vc),
-                             g.constant("seg", np.ascontiguousarray(seg)), tl, hd)
+    # the value cache as column tiles (tiled.write_values): tile c of position p at row c * T * TILE + p
+    nC = tiled.value_tiles(D)
+    Vt = np.zeros((nC, T * TILE, nC * TILE), np.float16)
+    Vt[:, :, :D] = Vc
+    Vt = np.ascontiguousarray(np.stack([Vt[c, :, c * TILE:(c + 1) * TILE] for c in range(nC)]).reshape(-1, TILE))
+    o = tiled.scores_and_mix(g, consts, g.input("q", q.shape, "float16"), g.input("k", k.shape, "float16"),
+                             g.input("v", v.shape, "float16"), g.constant("K", Kc), g.constant("V", Vt), Hkv, tl)
     g.output("o", o)
-    got = lpucore.execute(lpucore.compile(g), {"pos": np.array([p], np.int32), "q": q})[0]["o"]
+    got = lpucore.execute(lpucore.compile(g), {"pos": np.array([p], np.int32), "q": q, "k": k, "v": v})[0]["o"]
     keys = Kc.astype(np.float64).reshape(T, D, TILE).transpose(0, 2, 1).reshape(T * TILE, D)[:p + 1]
+    values = Vc.astype(np.float64)[:p + 1]
+    keys[p], values[p] = k[0], v[0]
     for j in range(G):
         for h in range(Hkv):
             lanes = slice(h * hd, (h + 1) * hd)
             s = keys[:, lanes] @ q[j, 0, lanes].astype(np.float64) / np.sqrt(hd)
             w = np.exp(s - s.max())
-            want = (w / w.sum()) @ Vc[:p + 1, lanes].astype(np.float64)
+            want = (w / w.sum()) @ values[:, lanes]
             np.testing.assert_allclose(got[j, 0, lanes], want, atol=2e-3, rtol=0)

@@ -221,14 +221,13 @@ def _reshape(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str
     (or one into a graph output's own placement, or of a value broadcast over the lanes) moves data."""
     x = ins[0]
     made = c.g.producer.get(x.id)
-    # Not when the input is an elementwise kernel's output or a reader of the output is fused into its own
-    # reader (c.defer): aliasing an attention output read by such a fused chain miscompiled GPT-2-small
-    # (the same wrong logits on both engines) once its digit bound was made earlier in the graph; not yet
-    # understood, so those reshapes still copy (tests/test_compiler_alias.py)
+    # Not when the input is an elementwise kernel's output: aliasing an attention output (read by a fused
+    # chain) miscompiled GPT-2-small (the same wrong logits on both engines) once its digit bound was made
+    # earlier in the graph; not yet understood, so those reshapes still copy (tests/test_compiler_alias.py).
+    # Fused readers of other reshapes are fine (GPT-2-small: the same tokens and cycles with them aliased).
     elementwise = made is not None and c.builder(made, x) is not None
-    fused_reader = any(m.output in c.defer for m in c.g.nodes if t.id in m.inputs)
     if kind == "temp" and t.id not in c.vts and x.shape[-1:] == t.shape[-1:] and x.dtype == t.dtype \
-            and not elementwise and not fused_reader:
+            and not elementwise:
         c.place_deferred(x)
         if x.id in c.vts and not c.vts[x.id].bcast:
             return c.alias(t, x)

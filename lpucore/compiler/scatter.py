@@ -39,9 +39,10 @@ I16, I32 = dt.INT16, dt.INT32
 
 
 def in_place(g: Graph, sid: int) -> bool:
-    """State ``sid`` is read by one scatter (``scatter`` or ``scatter_blocks``) whose result is assigned back
-    to it, and otherwise only by ``gather_blocks`` whose outputs the written rows are made from (so
-    every such read comes before the writes: :mod:`lpucore.compiler.blocks`)."""
+    """State ``sid`` is written by one scatter (``scatter`` or ``scatter_blocks``) whose result is assigned
+    back to it, and otherwise read only by ``gather_blocks`` whose outputs the written rows are made from
+    or by matmuls (directly or through reshapes) placed before the write in the graph: every such read is
+    lowered before the write, which waits for it (:func:`scatter`, :mod:`lpucore.compiler.blocks`)."""
     users = [n for n in g.nodes if sid in n.inputs]
     value = g.assigns.get(sid)
     writes = [n for n in users if n.op in ("scatter", "scatter_blocks")]
@@ -51,12 +52,29 @@ def in_place(g: Graph, sid: int) -> bool:
     if w.inputs[0] != sid or sid in w.inputs[1:] or value.id != w.output \
             or value.id in {t.id for t in g.outputs.values()}:
         return False
-    reads = [n for n in users if n is not w]
-    if reads and (w.op != "scatter_blocks" or any(n.op != "gather_blocks" or n.inputs[0] != sid
-                                                  or sid in n.inputs[1:] for n in reads)):
-        return False
     made_from = _ancestors(g, w.inputs[2])
-    return all(n.output in made_from for n in reads)
+    before = g.nodes.index(w)
+    for n in users:
+        if n is w:
+            continue
+        if n.op == "gather_blocks" and w.op == "scatter_blocks" and n.inputs[0] == sid and sid not in n.inputs[1:] \
+                and n.output in made_from:
+            continue
+        if not _read_before(g, n, before):
+            return False
+    return True
+
+
+def _read_before(g: Graph, n, before: int) -> bool:
+    """Node ``n`` reads a tensor only as a matmul or through reshapes into matmuls, all of them among the
+    graph's first ``before`` nodes (lowered in that order, never fused)."""
+    if g.nodes.index(n) >= before:
+        return False
+    if n.op == "matmul":
+        return True
+    if n.op != "reshape":
+        return False
+    return all(_read_before(g, m, before) for m in g.nodes if n.output in m.inputs)
 
 
 def _ancestors(g: Graph, tid: int) -> set:
@@ -74,11 +92,12 @@ def _ancestors(g: Graph, tid: int) -> set:
 
 
 def read_as_weights(g: Graph, sid: int) -> bool:
-    """State ``sid``'s written value (its scatter's result, or a reshape of it) is a matmul's weights."""
+    """State ``sid`` or its written value (its scatter's result), or a reshape of either, is a matmul's
+    weights."""
     value = g.assigns.get(sid)
     if value is None:
         return False
-    seen, todo = set(), [value.id]
+    seen, todo = set(), [sid, value.id]
     while todo:
         tid = todo.pop()
         seen.add(tid)
@@ -236,6 +255,8 @@ def scatter(c, x: Tensor, idx: Tensor, rows: Tensor, t: Tensor, name: str, kind:
         out = c.new_vt(name, t.dtype, t.shape, kind=kind, pow2=True, spare=1)
         start = map_kernel(c.ctx, E("mov", t.dtype, c.operand(x, t.shape)), out) + 1
     c.vts[t.id] = out
+    # after every read of the old value (in place: matmuls placed before the write, in_place)
+    start = max(start, int(out.last_read.max()) + 1 if out.nvec else 0)
     n = idx.size
     src = _source(c, rows, 1 - out.hem)
     copies = [src] if src is not c.vts.get(rows.id) else []

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -50,11 +50,11 @@ class Tiles:
     them with ``Br`` consecutive positions (``Br = 1``: a decode step; more: a prompt chunk), or ``Sq`` of one
     row each whose caches are stacked in one state (sequence ``s``'s tiles ``s * T ..``)."""
 
-    pos: Tensor                 # int32 [Sq * Br] the rows' value-cache rows (positions, plus s * T * TILE stacked)
+    pos: Tensor                 # int32 [Sq * Br * nC] the value-cache rows of each row's column tiles (write_values)
     blocks: Tensor              # int32 [m] the key tiles written (one per stacked sequence; one or two for a chunk)
     keep: Tensor                # float16 [m, 1, TILE]: 0 on the lanes the step writes in block j, else 1
     spread: Dict[int, Tensor]   # w -> float16: one-hot rows repeated over w rows ([m, Br * w, TILE])
-    mask: Tensor                # float32 [Sq, T, Br, 1, TILE]: MASK after each row's position, else 0
+    mask: Tensor                # float32 [Sq, T, Br, 1, TILE]: MASK from each row's position on, else 0
     seqs: int = 1
 
 
@@ -95,14 +95,14 @@ def tile_values(g: Graph, consts: Dict[str, Tensor], pos: Tensor, posf: Tensor, 
         offs = _const(g, consts, f"tile_seqs_{B}", np.arange(B, dtype=F32) * T)
         blocks = g.cast(g.add(tile_f, offs), "int32")
         starts = [g.reshape(tile_f, (B, 1))]                                     # each row's tile, [B, 1]
-        rows = g.cast(g.add(posf, g.mul(offs, float(TILE))), "int32")          # value rows s * T * TILE + p
+        base = g.add(posf, g.mul(offs, float(TILE * value_tiles(D))))         # s * nC * T * TILE + p
     else:
         first = _tile_of(g, g.slice(posf, (slice(0, 1),)) if B > 1 else posf)                       # [1]
         m = 1 if B == 1 else 2
         blocks = g.cast(g.add(first, _const(g, consts, "tile_steps_2", np.arange(2, dtype=F32))), "int32") \
             if m > 1 else g.cast(first, "int32")
         starts = [g.add(first, float(j)) for j in range(m)]
-        rows = pos
+        base = posf
     last = _last_of_equal(g, consts, posf, rows_pos) if Br > 1 else None
     hits = []
     for start in starts:
@@ -121,8 +121,17 @@ def tile_values(g: Graph, consts: Dict[str, Tensor], pos: Tensor, posf: Tensor, 
         ones = _const(g, consts, f"tile_rows_{w}", np.ones((1, w, TILE), F16))
         spread[w] = g.reshape(g.mul(g.reshape(oh, (m * Br, 1, TILE)), ones), (m, Br * w, TILE))
     iota = _const(g, consts, "tile_positions", np.arange(T * TILE, dtype=F32).reshape(1, T, 1, 1, TILE))
-    after = g.minimum(g.maximum(g.sub(iota, g.reshape(posf, (Sq, 1, Br, 1, 1))), 0.0), 1.0)
+    # the row's own position too: its key and value come from the step's rows (scores_and_mix)
+    after = g.minimum(g.maximum(g.add(g.sub(iota, g.reshape(posf, (Sq, 1, Br, 1, 1))), 1.0), 0.0), 1.0)
+    nC = value_tiles(D)
+    cols = _const(g, consts, f"tile_value_rows_{nC}_{T}", (np.arange(nC, dtype=F32) * T * TILE).reshape(1, nC))
+    rows = g.reshape(g.cast(g.add(g.reshape(base, (B, 1)), cols), "int32"), (B * nC,))             # (b, c)
     return Tiles(rows, blocks, keep16, spread, g.mul(after, MASK), Sq)
+
+
+def value_tiles(D: int) -> int:
+    """Column tiles of ``TILE`` lanes of a value row of ``D`` lanes (the value cache keeps each apart)."""
+    return -(-int(D) // TILE)
 
 
 def key_widths(D: int) -> List[int]:
@@ -155,33 +164,108 @@ def _key_columns(g: Graph, consts: Dict[str, Tensor], k16: Tensor, tl: Tiles) ->
 def write_keys(g: Graph, consts: Dict[str, Tensor], K: Tensor, k16: Tensor, tl: Tiles) -> Tensor:
     """The key tiles ``K [T * D, TILE]`` with the new keys ``k16 [B, D]`` written at their positions: the
     tiles read, the new columns blended in (exact: ``old * keep + new``, one of the two 0), written back."""
-    D = k16.shape[1]
-    old = g.gather_blocks(K, tl.blocks, D)                                                         # [m, D, TILE]
+    old = g.gather_blocks(K, tl.blocks, k16.shape[1])                                              # [m, D, TILE]
     return g.scatter_blocks(K, tl.blocks, g.add(g.mul(old, tl.keep), _key_columns(g, consts, k16, tl)))
 
 
-def scores_and_mix(g: Graph, consts: Dict[str, Tensor], q16: Tensor, K: Tensor, V: Tensor, seg_t: Tensor, tl: Tiles,
-                   hd: int) -> Tensor:
+def write_values(g: Graph, consts: Dict[str, Tensor], V: Tensor, v16: Tensor, tl: Tiles) -> Tensor:
+    """The value cache ``V [Sq * nC * T * TILE, TILE]`` (column tile ``c`` of position ``p`` of sequence ``s`` at
+    row ``(s * nC + c) * T * TILE + p``) with the rows ``v16 [B, D]`` written at their positions: one row per
+    column tile, by MEM Scatter."""
+    B, D = v16.shape
+    nC = value_tiles(D)
+    if nC * TILE > D:
+        v16 = g.concat([v16, _const(g, consts, f"tile_pad_{B}_{nC * TILE - D}",
+                                    np.zeros((B, nC * TILE - D), F16))], axis=-1)
+    return g.scatter(V, tl.pos, g.reshape(v16, (B * nC, TILE)))
+
+
+def _windows(Hkv: int, hd: int, nC: int) -> Tuple[int, List[int]]:
+    """(Hc, first heads): each value column tile's lanes lie in the ``Hc`` heads from its first head."""
+    spans = [((c * TILE) // hd, min(Hkv - 1, (c * TILE + TILE - 1) // hd)) for c in range(nC)]
+    Hc = max(b - a + 1 for a, b in spans)
+    return Hc, [min(a, Hkv - Hc) for a, _ in spans]
+
+
+def scores_and_mix(g: Graph, consts: Dict[str, Tensor], q16: Tensor, k16: Tensor, v16: Tensor, K: Tensor, V: Tensor,
+                   Hkv: int, tl: Tiles) -> Tensor:
     """Attention output float32 ``[R, 1, D]`` for the query rows ``q16 [R, 1, D]`` (float16; ``R = Sq * Br * G``,
-    row ``(s * Br + b) * G + j``) over the key tiles ``K [Sq * T * D, TILE]`` and values ``V [Sq * T * TILE, D]``
-    (module docstring); ``seg_t`` float16 ``[Hkv, D]`` the head-to-lanes matrix."""
+    row ``(s * Br + b) * G + j``) over the key tiles ``K [Sq * T * D, TILE]`` and the value column tiles ``V``
+    (:func:`write_values`) at the positions before each row's own, and the row's own key and value (``k16,
+    v16 [Sq * Br, D]``), so that a step reads the cache before it writes the new key and value (module
+    docstring); ``Hkv`` heads of ``D / Hkv`` lanes."""
     R, D = q16.shape[0], q16.shape[-1]
-    Hkv = seg_t.shape[0]
+    hd = D // Hkv
     Sq, T, Br = tl.seqs, tl.mask.shape[1], tl.mask.shape[2]
-    N = R // (Sq * Br) * Hkv
-    rows = [g.mul(g.reshape(g.slice(q16, (slice(r, r + 1), slice(None), slice(None))), (1, D)), seg_t)
-            for r in range(R)] if R > 1 else [g.mul(g.reshape(q16, (1, D)), seg_t)]
-    Qp = rows[0] if R == 1 else g.concat(rows, axis=0)                                              # [R Hkv, D]
-    if Sq > 1:
-        Qp = g.reshape(Qp, (Sq, 1, Br * N, D))
-    sc = g.matmul(Qp, g.reshape(K, (Sq, T, D, TILE)), out_dtype="float32")                    # [Sq, T, Br N, TILE]
-    sc = g.add(g.mul(g.reshape(sc, (Sq, T, Br, N, TILE)), float(1.0 / math.sqrt(hd))), tl.mask)
-    st = g.transpose(sc, (0, 2, 3, 1, 4))                                                     # [Sq, Br, N, T, TILE]
-    mx = g.max(g.max(st, axis=-2, keepdims=True), axis=-1, keepdims=True)
-    e = g.exp(g.sub(st, mx))
-    total = g.sum(g.sum(e, axis=-2, keepdims=True), axis=-1, keepdims=True)
-    P = g.reshape(g.cast(g.div(e, total), "float16"), (Sq, Br * N, T * TILE))
-    out = g.matmul(P, g.reshape(V, (Sq, T * TILE, D)), out_dtype="float32")                        # [Sq, Br N, D]
-    if "tile_heads" not in consts:
-        consts["tile_heads"] = g.cast(seg_t, "float32")
-    return g.sum(g.mul(g.reshape(out, (R, Hkv, D)), consts["tile_heads"]), axis=-2, keepdims=True)   # [R, 1, D]
+    G = R // (Sq * Br)
+    st, own = _scores(g, consts, q16, k16, K, Hkv, tl)          # [Sq, Br, Hkv, G, T, TILE], [.., 1, TILE]
+    # softmax over the tiles' positions (rows of tiles, then lanes) and the own key (in every lane of own)
+    mx = g.max(g.maximum(g.max(st, axis=-2, keepdims=True), own), axis=-1, keepdims=True)
+    e, e_own = g.exp(g.sub(st, mx)), g.exp(g.sub(own, mx))
+    lane0 = _const(g, consts, "tile_lane0", (np.arange(TILE) == 0).astype(F32).reshape(1, TILE))
+    total = g.sum(g.add(g.sum(e, axis=-2, keepdims=True), g.mul(e_own, lane0)), axis=-1, keepdims=True)
+    P = g.reshape(g.cast(g.div(e, total), "float16"), (Sq, Br, Hkv, G, T * TILE))
+    out = _mix(g, consts, P, V, D, Hkv)                                                             # [R, 1, D]
+    # the own value: each head's weight spread over its lanes (a product with the head-to-lanes matrix)
+    w_own = g.reshape(g.transpose(g.div(e_own, total), (0, 1, 3, 2, 4, 5)), (Sq, Br, G, Hkv, TILE))
+    heads = _const(g, consts, f"tile_head_lanes_{Hkv}", np.eye(Hkv, TILE, dtype=F32))
+    at_h = g.slice(g.sum(g.mul(w_own, heads), axis=-2, keepdims=True),
+                   (slice(None),) * 4 + (slice(0, Hkv),))                                   # [Sq, Br, G, 1, Hkv]
+    seg_t = _const(g, consts, f"tile_spread_{Hkv}_{hd}", np.repeat(np.eye(Hkv, dtype=F16), hd, axis=1))
+    spread = g.matmul(g.cast(g.reshape(at_h, (R, 1, Hkv)), "float16"), seg_t, out_dtype="float32")  # [R, 1, D]
+    mine = g.mul(g.reshape(spread, (Sq * Br, G, 1, D)), g.cast(g.reshape(v16, (Sq * Br, 1, 1, D)), "float32"))
+    return g.add(out, g.reshape(mine, (R, 1, D)))
+
+
+def _mix(g: Graph, consts: Dict[str, Tensor], P: Tensor, V: Tensor, D: int, Hkv: int) -> Tensor:
+    """float32 ``[R, 1, D]``: the weights ``P [Sq, Br, Hkv, G, S']`` times the value column tiles: per column
+    tile, only the rows of the ``Hc`` heads its lanes lie in (one batched product, the tiles as weights), each
+    row's head's lanes kept (a 0/1 mask and a sum over the heads)."""
+    Sq, Br, _, G, Sp = P.shape
+    hd, nC = D // Hkv, value_tiles(D)
+    Hc, firsts = _windows(Hkv, hd, nC)
+    parts = [g.reshape(g.slice(P, (slice(None), slice(None), slice(h0, h0 + Hc))), (Sq, 1, Br * Hc * G, Sp))
+             for h0 in firsts]
+    A = parts[0] if nC == 1 else g.concat(parts, axis=1)                                 # [Sq, nC, Br Hc G, S']
+    out = g.matmul(A, g.reshape(V, (Sq, nC, Sp, TILE)), out_dtype="float32")          # [Sq, nC, Br Hc G, TILE]
+    lanes = np.arange(nC * TILE).reshape(nC, 1, TILE)
+    sel = (lanes // hd == np.array(firsts).reshape(nC, 1, 1) + np.arange(Hc).reshape(1, Hc, 1)) & (lanes < D)
+    mask = _const(g, consts, f"tile_value_heads_{D}_{Hkv}", sel.astype(F32).reshape(1, nC, 1, Hc, 1, TILE))
+    picked = g.transpose(g.mul(g.reshape(out, (Sq, nC, Br, Hc, G, TILE)), mask), (0, 2, 4, 1, 3, 5))
+    rows = g.reshape(g.sum(picked, axis=-2), (Sq * Br * G, nC * TILE))                             # [Sq Br G, nC TILE]
+    if nC * TILE > D:
+        rows = g.slice(rows, (slice(None), slice(0, D)))
+    return g.reshape(rows, (Sq * Br * G, 1, D))
+
+
+def _per_head(g: Graph, x: Tensor, Sq: int, n: int, Hkv: int) -> Tensor:
+    """``x [Sq * n, D]`` (rows (s, i), lanes (h, d)) as ``[Sq, Hkv, n, hd]`` (each head's lanes a row)."""
+    hd = x.shape[-1] // Hkv
+    return g.transpose(g.reshape(x, (Sq, n, Hkv, hd)), (0, 2, 1, 3))
+
+
+def _scores(g: Graph, consts: Dict[str, Tensor], q16: Tensor, k16: Tensor, K: Tensor, Hkv: int, tl: Tiles
+            ) -> Tuple[Tensor, Tensor]:
+    """The scaled scores of :func:`scores_and_mix`, head by head (each head's query rows against its own
+    ``hd`` rows of a key tile: one batched product): over the tiles, masked from each row's own position on
+    (``[Sq, Br, Hkv, G, T, TILE]``), and against the row's own key, in every lane (``[Sq, Br, Hkv, G, 1,
+    TILE]``): the exact float32 products ``q * k``, split into float16 ``hi + lo`` and summed by the MXM."""
+    R, D = q16.shape[0], q16.shape[-1]
+    hd = D // Hkv
+    Sq, T, Br = tl.seqs, tl.mask.shape[1], tl.mask.shape[2]
+    G = R // (Sq * Br)
+    scale = float(1.0 / math.sqrt(hd))
+    qh = _per_head(g, g.reshape(q16, (R, D)), Sq, Br * G, Hkv)                                    # [Sq, Hkv, Br G, hd]
+    sc = g.matmul(g.reshape(qh, (Sq, 1, Hkv, Br * G, hd)), g.reshape(K, (Sq, T, Hkv, hd, TILE)),
+                  out_dtype="float32")                                                  # [Sq, T, Hkv, Br G, TILE]
+    sc = g.add(g.mul(g.reshape(sc, (Sq, T, Hkv, Br, G, TILE)), scale), g.reshape(tl.mask, (Sq, T, 1, Br, 1, TILE)))
+    st = g.transpose(sc, (0, 3, 2, 4, 1, 5))                                            # [Sq, Br, Hkv, G, T, TILE]
+    kh = _per_head(g, k16, Sq, Br, Hkv)                                                             # [Sq, Hkv, Br, hd]
+    prod = g.mul(g.cast(g.reshape(qh, (Sq, Hkv, Br, G, hd)), "float32"),
+                 g.cast(g.reshape(kh, (Sq, Hkv, Br, 1, hd)), "float32"))                            # exact
+    hi = g.cast(prod, "float16")
+    lo = g.cast(g.sub(prod, g.cast(hi, "float32")), "float16")
+    ones = _const(g, consts, f"tile_sum_{hd}", np.ones((hd, TILE), F16))
+    own = g.add(g.matmul(hi, ones, out_dtype="float32"), g.matmul(lo, ones, out_dtype="float32"))
+    own = g.transpose(g.mul(own, scale), (0, 2, 1, 3, 4))                                   # [Sq, Br, Hkv, G, TILE]
+    return st, g.reshape(own, (Sq, Br, Hkv, G, 1, TILE))
