@@ -391,8 +391,9 @@ class StepBuilder:
 
         One row per sequence: the cache is read before the new key and value are written (the row's own come
         from ``k, v``), so the writes are off attention's path, and made last (:meth:`finish`: the compiler
-        schedules in graph order, so attention's kernels come first; made right after the scores, their
-        kernels delayed the softmax's: 31,169 and 35,266 cycles against 28,921 on the 7B attention chip).
+        schedules in graph order, so attention's kernels come first; the new keys' columns made right after
+        the scores, their kernels delayed the softmax's: 31,169 to 35,266 cycles against 28,921 on the 7B
+        attention chip, however the work was split).
         A prompt chunk's rows see each other's: its writes come first."""
         g, cfg = self.g, self.cfg
         D = cfg.n_kv_heads * cfg.head_dim
@@ -400,20 +401,20 @@ class StepBuilder:
         K = g.state(f"k{i - self.first}{tag}", (T * D, tiled.TILE), "float16")
         V = g.state(f"v{i - self.first}{tag}", (tiled.value_tiles(D) * T * tiled.TILE, tiled.TILE), "float16")
         k16, v16 = self.f16(k), self.f16(v)
+        consts = self._key_consts
 
         def write():
-            K_new = tiled.write_keys(g, self._key_consts, K, k16, tl)
-            V_new = tiled.write_values(g, self._key_consts, V, v16, tl)
+            K_new = tiled.write_keys(g, consts, K, k16, tl)
+            V_new = tiled.write_values(g, consts, V, v16, tl)
             g.assign(K, K_new)
             g.assign(V, V_new)
             return K_new, V_new
-
         if k.shape[0] > 1 and tl.seqs == 1:
             keys, values = write()
             self.part("attn")
-            return tiled.scores_and_mix(g, self._key_consts, self.f16(q), k16, v16, keys, values, cfg.n_kv_heads, tl)
+            return tiled.scores_and_mix(g, consts, self.f16(q), k16, v16, keys, values, cfg.n_kv_heads, tl)
         self.part("attn")
-        o = tiled.scores_and_mix(g, self._key_consts, self.f16(q), k16, v16, K, V, cfg.n_kv_heads, tl)
+        o = tiled.scores_and_mix(g, consts, self.f16(q), k16, v16, K, V, cfg.n_kv_heads, tl)
         self._late.append(write)
         return o
 
