@@ -329,6 +329,51 @@ def test_allgather_errors():
         allgather_programs(CFG16, 2, [(0, 0, 1, 0)], TINY.addresses_per_slice)
 
 
+def test_an_early_hand_over_leaves_when_the_output_is_written(engine):
+    """hand_over(early=True): the output leaves as soon as it is written, in idle cycles of the first
+    chip's queues, while the first chip's later work (a state written in place, which no output
+    reads) runs on: the second chip gets the same bits and finishes sooner, the first chip's state is
+    written as when it runs alone, and each chip takes the cycles predicted."""
+    from lpucore.compiler.emit import expected_cycles
+    from lpucore.compiler.pipeline import hand_over
+    cfg = lpucore.ChipConfig.small()
+    r = np.random.default_rng(1)
+    w1 = (r.standard_normal((64, 96)) * 0.1).astype(np.float16)
+    w2 = (r.standard_normal((96, 64)) * 0.1).astype(np.float16)
+    x = r.standard_normal((1, 64)).astype(np.float16)
+    g1 = lpucore.Graph("stage0")
+    xin = g1.input("x", (1, 64), "float16")
+    g1.output("h", g1.relu(xin @ g1.constant("w1", w1)))
+    S = g1.state("s", (64, 200), "float16")
+    big = g1.mul(g1.matmul(g1.reshape(g1.cast(g1.transpose(g1.cast(xin, "float32"), (1, 0)), "float16"), (64, 1)),
+                           g1.constant("ones", np.ones((1, 200), np.float16))), S)
+    g1.assign(S, g1.scatter(S, g1.constant("row", np.array([3], np.int32)), g1.slice(big, (slice(0, 1), slice(None)))))
+    g2 = lpucore.Graph("stage1")
+    g2.output("y", g2.input("h", (1, 96), "float16") @ g2.constant("w2", w2))
+    c1, c2 = lpucore.compile(g1, cfg), lpucore.compile(g2, cfg)
+    o1, _ = lpucore.execute(c1, {"x": x}, engine=engine)
+    o2, _ = lpucore.execute(c2, {"h": o1["h"]}, engine=engine)
+    late = [(n, last) for _, n, last in c1.kernels if last is not None]
+    assert max(last for n, last in late if n == "h") < c1.expected_cycles
+    info = {}
+    pa, pb, end = hand_over(c1, "h", c2, "h", 3, 5, early=True, info=info)
+    _, _, end_after = hand_over(c1, "h", c2, "h", 3, 5)
+    assert info["send"] < c1.expected_cycles and end < end_after
+    s = System(2, [(0, 3, 1, 5)], config=cfg, engine=engine)
+    for chip, prog, comp in ((s.chips[0], pa, c1), (s.chips[1], pb, c2)):
+        chip.load(prog)
+        for name, a in comp.constants.items():
+            comp.write_constant(chip, name, a)
+    c1.write_inputs(s.chips[0], {"x": x})
+    st = s.run()
+    assert np.array_equal(s.chips[1].read_tensor("y").reshape(1, 64).view(np.uint16), o2["y"].view(np.uint16))
+    assert [c.cycles for c in st.chips] == [expected_cycles(pa), end]
+    alone = lpucore.Chip(cfg, engine=engine)
+    c1.load(alone)
+    lpucore.execute(c1, {"x": x}, chip=alone)
+    assert np.array_equal(s.chips[0].read_tensor("s").view(np.uint16), alone.read_tensor("s").view(np.uint16))
+
+
 def test_pipeline_stages_on_two_chips_match_one_chip(engine):
     """A compiled graph's output handed over a link to the next stage's input (hand_over):
     the second chip's result is bit-identical to running the stages one after the other on

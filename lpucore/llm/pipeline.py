@@ -20,9 +20,11 @@ MLP into ranges of hidden features, a mixture of experts into ranges of experts 
 travels with the residual as ``[2, d]``), the embedding table and the head into ranges of tokens.
 
 The residual stream (float32 ``[1, d_model]``) goes from stage to stage over one C2C link (chip
-k's link 0 to chip k+1's link 1), scheduled by :func:`lpucore.compiler.pipeline.hand_over`, so a
-step's cycles are the stages' cycles plus the transfers, known before the run. Every stage keeps
-the KV cache of its own attention blocks.
+k's link 0 to chip k+1's link 1), scheduled by :func:`lpucore.compiler.pipeline.hand_over` as soon as
+the residual is written (``early``: a stage's KV cache write, which nothing of the step waits for, runs
+on while the next stages work), so a step's cycles are each stage's cycles until its residual leaves
+plus the transfers, and the last stage's, known before the run. Every stage keeps the KV cache of its
+own attention blocks.
 """
 
 from __future__ import annotations
@@ -334,6 +336,8 @@ class PipelineDecoder:
         self.system: Optional[System] = None
         self.step_cycles: Optional[int] = None
         self.stage_cycles: List[int] = []            # when each chip's stage program ends, in a step
+        self.stage_starts: List[int] = []            # when each chip's program starts (its input arrived)
+        self.stage_sends: List[int] = []             # when each chip's output starts to leave (the last: its end)
         self.compile_seconds = 0.0
         self.load_seconds = 0.0
         self.position = 0
@@ -367,6 +371,7 @@ class PipelineDecoder:
             return self.compiled
         import lpucore
 
+        from ..compiler.emit import expected_cycles
         from ..compiler.pipeline import hand_over
         from ..system import System
         d = self.decoder
@@ -388,15 +393,21 @@ class PipelineDecoder:
         s = System(self.n_chips, [(k, 0, k + 1, 1) for k in range(self.n_chips - 1)], config=d.chip_config,
                    engine=d.engine, fp16_mxm=d.fp16_mxm, comm=self.comm)
         cur = self.compiled[self.signatures[0]]
-        self.stage_cycles = []
+        self.stage_cycles, self.stage_starts, self.stage_sends = [], [0], []
         for k in range(self.n_chips):
             if k + 1 < self.n_chips:
                 nxt = self.compiled[self.signatures[k + 1]]
-                prog, pb, end = hand_over(cur, "x_out", nxt, "x_in", 0, 1)
-                self.stage_cycles.append(cur.expected_cycles)
+                # the residual leaves as soon as it is written: a stage's KV cache write runs on meanwhile
+                info: Dict[str, int] = {}
+                prog, pb, end = hand_over(cur, "x_out", nxt, "x_in", 0, 1, early=True, info=info,
+                                          start=self.stage_starts[k])
+                self.stage_cycles.append(max(cur.expected_cycles, expected_cycles(prog)))
+                self.stage_sends.append(info["send"])
+                self.stage_starts.append(end - nxt.expected_cycles)
             else:
                 prog = cur.program
                 self.stage_cycles.append(cur.expected_cycles)
+                self.stage_sends.append(cur.expected_cycles)
             chip = s.chips[k]
             if chip is not None:
                 self._load_chip(k, chip, prog, names)
@@ -406,7 +417,7 @@ class PipelineDecoder:
                     progress(f"loaded chip {k + 1} of {self.n_chips}")
             if k + 1 < self.n_chips:
                 cur = dataclasses.replace(nxt, program=pb, expected_cycles=end)
-        self.step_cycles = cur.expected_cycles
+        self.step_cycles = max(self.stage_cycles)
         self.load_seconds = time.perf_counter() - t1
         self.system = s
         return self.compiled

@@ -171,10 +171,11 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     ref_tokens, ref_logits = dec.reference().generate(list(prompt), new_tokens)
     err = float(np.max(np.abs(logits - ref_logits)))
     bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(ref_logits))))
-    # per chip: its stage program's own cycles, and the hand-over before it
-    ends = pd.stage_cycles
-    own = [pd.compiled[s].expected_cycles for s in pd.signatures]
-    handover = [0] + [ends[k] - own[k] - ends[k - 1] for k in range(1, pd.n_chips)]
+    # per chip: its cycles until its output leaves (the residual goes on as soon as it is written; a KV cache
+    # write runs on meanwhile), and the hand-over before it
+    starts, sends = pd.stage_starts, pd.stage_sends
+    own = [sends[k] - starts[k] for k in range(pd.n_chips)]
+    handover = [0] + [starts[k] - sends[k - 1] for k in range(1, pd.n_chips)]
 
     # layer 1's chips: they hold units of layer 1 only, and every later layer's would be the same
     l1 = [k for k, (a, b) in enumerate(pd.stages) if all(u[1] == 1 for u in pd.units[a:b])]
