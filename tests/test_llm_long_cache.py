@@ -49,3 +49,25 @@ def test_long_cache_decodes_like_the_reference_and_chunks_and_batches_give_its_b
             alone = res if p == PROMPT else dec.generate(p, max_new_tokens=NEW)
             np.testing.assert_array_equal(r.tokens, alone.tokens)
             np.testing.assert_array_equal(r.logits, alone.logits)
+
+
+def test_pipeline_stages_hand_over_before_their_cache_writes():
+    """Over a tiled cache an attention stage writes its new key and value last, and its residual leaves as
+    soon as it is written (lpucore.compiler.pipeline.hand_over, early), whatever comes after it: every
+    unit on a chip of its own gives the single chip's bits, in the predicted cycles. (The tiny model's
+    writes fit before its residual; on Llama-2-7B's attention chip they run about 10,000 cycles past it.)"""
+    from lpucore.llm import PipelineDecoder
+    cfg = long_config("tiny")
+    dec = Decoder.random(cfg, seed=1, precision="fp16", capacity=CAPACITY, prefill_chunk=1)
+    res = dec.generate(PROMPT[:2], max_new_tokens=2)
+    pd = PipelineDecoder(dec, 6)
+    tokens, logits, stats = pd.generate(PROMPT[:2], 2)
+    np.testing.assert_array_equal(tokens, res.tokens)
+    np.testing.assert_array_equal(logits.view(np.uint32), res.logits.view(np.uint32))
+    assert all(s.cycles == pd.step_cycles for s in stats)
+    attn = [k for k, (a, _) in enumerate(pd.stages) if pd.units[a][0] == "attn"]
+    for k in attn:
+        c = pd.compiled[pd.signatures[k]]
+        written = max(last for _, name, last in c.kernels if name == "x_out" and last is not None)
+        assert pd.stage_sends[k] == pd.stage_starts[k] + written + 1
+    assert attn and pd.step_cycles == max(pd.stage_cycles)
