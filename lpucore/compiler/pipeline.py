@@ -60,7 +60,7 @@ def _early(first, out_name: str, vectors, start: int, last_late: int
 
     def free(q: str, c: int) -> bool:
         if q not in taken:
-            taken[q] = _busy(queues.get(q, []))[0]
+            taken[q] = _busy(queues.get(q, []), cfg)[0]
         return c not in taken[q]
     T0 = ready
     while not free("SXM.W0", T0):
@@ -124,7 +124,9 @@ def _trajectories(program: Program, t_min: int) -> Dict[int, List[Tuple[int, int
                 # a result lands on its stream the op's delay after the issue; an operand is read at the issue
                 result = f.kind == "dst" or f.name == "dst"
                 late = lag if result else 0
-                for r in range(v, min(v + widths[0 if result else 1], (v // S + 1) * S)):
+                # a Gather's or Scatter's addresses are an int16 group: two registers
+                width = 2 if f.name == "map" else widths[0 if result else 1]
+                for r in range(v, min(v + width, (v // S + 1) * S)):
                     lst_r = out.setdefault(r, [])
                     for c in times:
                         lst_r.append((pos - c - late if r < S else pos + c + late, c + late))
@@ -172,20 +174,29 @@ def _clear_stream(cfg, uses: Dict[int, List[Tuple[int, int]]], h: int, s: int, h
     return None
 
 
-def _busy(lst) -> Tuple[Set[int], int]:
-    """The cycles a queue issues at (a Repeat's whole span counts as busy) and its end (:func:`queue_end`)."""
+def _busy(lst, cfg=None) -> Tuple[Set[int], int]:
+    """The cycles a queue cannot take one more instruction at, and its end (:func:`queue_end`): the cycles
+    it issues at (a Repeat's whole span counts) and, given ``cfg``, for a MEM queue the cycles its writes
+    land in its slice (a read then would meet a write in a bank)."""
     busy: Set[int] = set()
-    t = 0
+    t, prev = 0, None
     for ins in lst:
         m = ins.op.mnemonic
         if m == "NOP":
             t += ins.args[0]
-        elif m == "Repeat":
-            busy.update(range(t, t + ins.args[0] * ins.args[1]))
-            t += ins.args[0] * ins.args[1]
+            continue
+        if m == "Repeat":
+            n, d = ins.args[0], ins.args[1]
+            busy.update(range(t, t + n * d))
+            issues = [t - 1 + d * (j + 1) for j in range(n)]
+            t += n * d
+            named = prev
         else:
             busy.add(t)
+            issues, named, prev = [t], ins, ins
             t += 1
+        if cfg is not None and named is not None and named.op.mnemonic in ("Write", "Scatter"):
+            busy.update(c + named.op.delay(cfg) for c in issues)
     return busy, t
 
 
