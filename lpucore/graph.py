@@ -461,7 +461,7 @@ class Graph:
         """Rows ``k * n .. k * n + n - 1`` of ``x [R, D]`` for every block index ``k`` in ``blocks`` (int32
         ``[m]``, known only at run time), one block per leading index: ``[m, n, D]``. ``R`` must be a multiple
         of ``n``; a block outside ``0 .. R / n - 1`` reads zeros. Lowered to one MEM ``Gather`` per vector and
-        byte plane (:mod:`lpucore.compiler.blocks`)."""
+        byte plane (``lpucore.compiler.blocks``)."""
         x, blocks = self._blocks("gather_blocks", x, blocks)
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 or x.shape[0] % n:
             raise GraphError(f"gather_blocks: n must be a positive divisor of {x.shape[0]} rows, got {n!r}")

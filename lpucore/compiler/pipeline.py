@@ -10,8 +10,10 @@ its own schedule, and therefore its results and its cycle count, are unchanged. 
 tensors must have the same dtype and shape; their vectors map one to one (a tensor's vector
 order depends only on its shape and dtype).  The returned cycle is when the second chip
 finishes: the first program's cycles + the transfer + the second program's cycles. With ``early``
-the transfer starts as soon as the output is written, in idle cycles of the first program's queues,
-on a stream it names no more, so the first chip's later work overlaps the second chip's.
+the transfer starts as soon as the output is written: each vector is read and sent in idle cycles of
+the first program's queues (never in a cycle a write lands in its slice), on a stream register whose
+trajectory (the line a value follows, one position a cycle) no other value of the first program
+touches, so the first chip's later work overlaps the second chip's.
 """
 
 from __future__ import annotations
@@ -92,10 +94,11 @@ CLEAR = 8
 
 
 def _trajectories(program: Program, t_min: int) -> Dict[int, List[Tuple[int, int]]]:
-    """Per stream register (encoded; a named stream counts with the three after it, the widest group),
-    the sorted (trajectory, cycle) of every instruction naming it from cycle ``t_min`` on: a value moves one
-    position per cycle, so east-flowing values keep ``position - cycle`` and west-flowing ``position + cycle``
-    along their way (a Repeat counts at each repetition)."""
+    """Per stream register (encoded; a named stream counts with the registers of its group, :func:`_widths`),
+    the sorted (trajectory, cycle) of every instruction touching it from cycle ``t_min`` on (a result when it
+    lands, an operand when it is read): a value moves one position per cycle, so east-flowing values keep
+    ``position - cycle`` and west-flowing ``position + cycle`` along their way (a Repeat counts at each
+    repetition)."""
     cfg = program.config
     S = cfg.streams_per_direction
     out: Dict[int, List[Tuple[int, int]]] = {}

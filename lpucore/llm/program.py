@@ -24,11 +24,12 @@ Layout and arithmetic (``S`` = cache capacity in tokens, ``hd`` = head_dim, ``G`
   computed in :meth:`StepBuilder.head_order` (the q and o projections' weights permuted to match), so that
   query row ``j`` lines up with the cache's heads lane for lane.
 * Longer caches (:func:`tiled_cache`) keep the keys with their positions on the lanes, in tiles of
-  ``KEY_BLOCK`` positions, and both products run on the MXM with the cache as weights (:mod:`lpucore.llm.tiled`:
-  the scores ``Q' @ K_tile``, the output ``P @ V``); a new key is one lane of ``Hkv * hd`` vectors, written by
-  reading its tile at the run-time tile index, blending the column in and writing the tile back
-  (:meth:`Graph.gather_blocks`, :meth:`Graph.scatter_blocks`). Not the same rounding as the short-cache path,
-  so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits.
+  ``KEY_BLOCK`` positions, and the values as column tiles, and both products run on the MXM with the cache
+  as weights, head by head (:mod:`lpucore.llm.tiled`); a step reads the cache before it writes (its own
+  key and value come from its rows) and the writes come last in the graph; a new key is one lane of
+  ``Hkv * hd`` vectors, written by reading its tile at the run-time tile index, blending the column in and
+  writing the tile back (:meth:`Graph.gather_blocks`, :meth:`Graph.scatter_blocks`). Not the same rounding
+  as the short-cache path, so cache buckets on both sides of ``KEY_BLOCK`` agree in tokens, not in bits.
 * Attention runs over all ``S`` cache columns with an additive mask of ``-1e9`` on the columns after ``p``
   (``exp`` of it is exactly 0), so every step costs the same cycles whatever ``p`` is.
 * ``precision="int8"``: each matmul weight is stored as int8 with one float32 scale per output channel (the

@@ -1,18 +1,23 @@
-"""Attention over a long KV cache whose keys are kept with their positions on the lanes.
+"""Attention over a long KV cache kept in tiles, with the positions on the lanes.
 
-For a cache of ``S > TILE`` positions the step program (:mod:`lpucore.llm.program`) keeps the keys of layer
-``l`` as ``T = ceil(S / TILE)`` tiles of ``[D, TILE]`` float16 (``D = Hkv * hd``): the state ``k<l> [T * D,
-TILE]``, tile ``t`` rows ``t * D .. t * D + D - 1``, ``K[t * D + d, c] = key of position t * TILE + c, lane d``.
-The values stay one row per position, ``v<l> [T * TILE, D]`` (rows past ``S`` are never written). Both are
-then MXM weights in the orientation the two products need, and the host never sees the difference:
+For a cache of ``S > TILE`` positions the step program (:mod:`lpucore.llm.program`) keeps layer ``l``'s keys
+as ``T = ceil(S / TILE)`` tiles of ``[D, TILE]`` float16 (``D = Hkv * hd``): the state ``k<l> [T * D, TILE]``,
+``K[t * D + d, c]`` = lane ``d`` of the key of position ``t * TILE + c``; and its values as column tiles:
+``v<l> [nC * T * TILE, TILE]``, row ``c * T * TILE + p`` = lanes ``c * TILE ..`` of the value of position
+``p`` (``nC = ceil(D / TILE)``; rows past ``S`` are never written). Both products then take the cache as MXM
+weights, head by head, and the host never sees the difference:
 
-* scores: ``Q' @ K_t`` for every tile ``t`` (one batched product, the keys streamed through the MXM once),
-  where ``Q' [G * Hkv, D]`` holds query row ``j`` on head ``h``'s lanes in row ``j * Hkv + h`` (the query
-  times the 0/1 lane-to-head matrix: exact) -> ``[T, G * Hkv, TILE]``, every head's score at every
-  position, float32 sums of exact float16 products;
-* softmax across the positions (rows of tiles, then lanes), weights ``p = e / sum e`` rounded to float16;
-* output: ``P @ V`` (the values as weights) -> ``[G * Hkv, D]``, of which row ``j * Hkv + h`` is kept on
-  head ``h``'s lanes (a 0/1 mask and a sum over rows: exact).
+* scores: each head's query rows against its own ``hd`` rows of every key tile (one batched product
+  ``[Hkv, G, hd] @ [T, Hkv, hd, TILE]``): every head's score at every position, float32 sums of exact
+  float16 products, masked from the row's own position on;
+* the row's own key: the exact float32 products ``q * k`` split into float16 ``hi + lo`` and summed by the
+  MXM (a ones matrix), so the step reads the cache *before* it writes the new key and value;
+* softmax across the positions (rows of tiles, then lanes) and the own score, weights ``p = e / sum e``
+  rounded to float16;
+* output: per value column tile, only the rows of the 2-3 heads its lanes hold against the tile (one
+  batched product), each row's head's lanes kept (a 0/1 mask and a sum over the heads: exact), plus
+  the own value weighted (the weight spread over its head's lanes by a product with the head-to-lanes
+  matrix, exact).
 
 Writing a new key is writing one lane (its position's) of ``D`` vectors: the tile's rows are read by
 :meth:`Graph.gather_blocks` at the run-time tile index, blended with the new column and written back by
@@ -20,8 +25,10 @@ Writing a new key is writing one lane (its position's) of ``D`` vectors: the til
 column ``C[d, c] = k[d]`` at the position's lane is built with no lane move: per block of ``w`` key lanes,
 the key row times a repeated identity is ``diag(k)`` (B of them side by side for a prompt chunk's B rows),
 and its product with the position's one-hot row repeated over ``w`` rows puts ``k[d]`` on row ``d`` at its
-lane (exact: one non-zero product per output). A prompt chunk's B positions span at most two tiles, so a
-chunk reads and writes two.
+lane (exact: one non-zero product per output); of equal positions the later row wins. A value is one row
+per column tile, written by :meth:`Graph.scatter`. A prompt chunk's B positions span at most two tiles,
+so a chunk reads and writes two, before its attention (its rows see each other's keys); stacked
+sequences (a batch's caches in one state) write one tile each.
 """
 
 from __future__ import annotations
