@@ -317,6 +317,7 @@ class Compiler:
         self.planes: Dict[int, _PlaneState] = {}  # MXM plane -> its scheduling state
         self._scratch = 0                          # ids of compiler-made tensors: -1, -2, ...
         self.reserve_scatter = False               # place scatter constants before lowering (api.compile)
+        self.written_in_place: Set[int] = set()    # slices of states written in place (outputs keep off them)
         self.L = cfg.lanes
         self.n_alu = cfg.vxm_alus_per_lane
 
@@ -344,6 +345,10 @@ class Compiler:
                 self.tables.append((name, vt))
                 return vt
         reserved = self.out_vts.pop(name, None) if kind == "output" else None
+        if kind == "output":
+            # off the slices of caches written in place: their writes may run after the output is done, and
+            # a pipeline stage hands its output over as soon as it is written (compiler.pipeline.hand_over)
+            avoid = tuple(avoid) + tuple(self.written_in_place)
         try:
             vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare, stripe_divides)
         except CompileError:
@@ -625,6 +630,8 @@ class Compiler:
             stripes = self.cfg.mxm_lw_streams if here and scatter.read_as_weights(g, t.id) else 8
             self.vts[t.id] = self.new_vt(name, t.dtype, t.shape, kind="state", pow2=here, spare=int(here),
                                          stripe_divides=scatter.block_rows(g, t.id) if here else 0, stripes=stripes)
+            if here:
+                self.written_in_place |= self.slices_of(self.vts[t.id])
             arr = g.state_init[t.id]
             self.constants[name] = np.ascontiguousarray(arr.reshape(_rows(arr.shape), _cols(arr.shape)))
 
