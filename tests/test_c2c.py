@@ -374,6 +374,53 @@ def test_an_early_hand_over_leaves_when_the_output_is_written(engine):
     assert np.array_equal(s.chips[0].read_tensor("s").view(np.uint16), alone.read_tensor("s").view(np.uint16))
 
 
+def test_an_early_hand_over_weaves_through_a_busy_tail(engine):
+    """The output handed over while the first chip writes a tiled KV cache (lpucore.llm.tiled: MEM Gather and
+    Scatter on every stripe, VXM blends, MXM products, after the output in graph order): the hand-over's
+    reads and sends find idle queue cycles and free stream trajectories among them, the second chip gets
+    the first chip's output bit for bit and the first chip's cache is what it writes alone, both engines,
+    in the predicted cycles."""
+    from lpucore.compiler.emit import expected_cycles
+    from lpucore.compiler.pipeline import hand_over
+    from lpucore.llm import tiled
+    cfg = lpucore.ChipConfig.groqchip1()       # the small chip has too few slices for the cache's stripes
+    r = np.random.default_rng(2)
+    D, T = 64, 2
+    w1 = (r.standard_normal((64, 96)) * 0.1).astype(np.float16)
+    x = r.standard_normal((1, 64)).astype(np.float16)
+    g1 = lpucore.Graph("stage0")
+    xin = g1.input("x", (1, 64), "float16")
+    g1.output("h", g1.relu(xin @ g1.constant("w1", w1)))
+    pos = g1.input("pos", (1,), "int32")
+    K = g1.state("k", (T * D, tiled.TILE), "float16",
+                 init=r.standard_normal((T * D, tiled.TILE)).astype(np.float16))
+    consts = {}
+    tl = tiled.tile_values(g1, consts, pos, g1.cast(pos, "float32"), T * tiled.TILE, D)
+    g1.assign(K, tiled.write_keys(g1, consts, K, xin, tl))
+    g2 = lpucore.Graph("stage1")
+    g2.output("y", g2.mul(g2.input("h", (1, 96), "float16"), 2.0))
+    c1, c2 = lpucore.compile(g1, cfg), lpucore.compile(g2, cfg)
+    info = {}
+    pa, pb, end = hand_over(c1, "h", c2, "h", 3, 5, early=True, info=info)
+    assert info["send"] < c1.expected_cycles
+    inputs = {"x": x, "pos": np.array([400], np.int32)}
+    o1, _ = lpucore.execute(c1, inputs, engine=engine)
+    alone = lpucore.Chip(cfg, engine=engine)
+    c1.load(alone)
+    lpucore.execute(c1, inputs, chip=alone)
+    s = System(2, [(0, 3, 1, 5)], config=cfg, engine=engine)
+    for chip, prog, comp in ((s.chips[0], pa, c1), (s.chips[1], pb, c2)):
+        chip.load(prog)
+        for name, a in comp.constants.items():
+            comp.write_constant(chip, name, a)
+    c1.write_inputs(s.chips[0], inputs)
+    st = s.run()
+    assert [c.cycles for c in st.chips] == [expected_cycles(pa), end]
+    want = (o1["h"].astype(np.float32) * 2).astype(np.float16)
+    assert np.array_equal(s.chips[1].read_tensor("y").reshape(1, 96).view(np.uint16), want.view(np.uint16))
+    assert np.array_equal(s.chips[0].read_tensor("k").view(np.uint16), alone.read_tensor("k").view(np.uint16))
+
+
 def test_pipeline_stages_on_two_chips_match_one_chip(engine):
     """A compiled graph's output handed over a link to the next stage's input (hand_over):
     the second chip's result is bit-identical to running the stages one after the other on
