@@ -329,6 +329,18 @@ def test_allgather_errors():
         allgather_programs(CFG16, 2, [(0, 0, 1, 0)], TINY.addresses_per_slice)
 
 
+def _run_two_chips(cfg, engine, first, second, inputs):
+    """(system, stats): chips 0 and 1 wired link 3 to link 5, each (program, its Compiled) loaded with its
+    constants, ``inputs`` written into chip 0, run."""
+    s = System(2, [(0, 3, 1, 5)], config=cfg, engine=engine)
+    for chip, (prog, comp) in zip(s.chips, (first, second)):
+        chip.load(prog)
+        for name, a in comp.constants.items():
+            comp.write_constant(chip, name, a)
+    first[1].write_inputs(s.chips[0], inputs)
+    return s, s.run()
+
+
 def test_an_early_hand_over_leaves_when_the_output_is_written(engine):
     """hand_over(early=True): the output leaves as soon as it is written, in idle cycles of the first
     chip's queues, while the first chip's later work (a state written in place, which no output
@@ -359,13 +371,7 @@ def test_an_early_hand_over_leaves_when_the_output_is_written(engine):
     pa, pb, end = hand_over(c1, "h", c2, "h", 3, 5, early=True, info=info)
     _, _, end_after = hand_over(c1, "h", c2, "h", 3, 5)
     assert info["send"] < c1.expected_cycles and end < end_after
-    s = System(2, [(0, 3, 1, 5)], config=cfg, engine=engine)
-    for chip, prog, comp in ((s.chips[0], pa, c1), (s.chips[1], pb, c2)):
-        chip.load(prog)
-        for name, a in comp.constants.items():
-            comp.write_constant(chip, name, a)
-    c1.write_inputs(s.chips[0], {"x": x})
-    st = s.run()
+    s, st = _run_two_chips(cfg, engine, (pa, c1), (pb, c2), {"x": x})
     assert np.array_equal(s.chips[1].read_tensor("y").reshape(1, 64).view(np.uint16), o2["y"].view(np.uint16))
     assert [c.cycles for c in st.chips] == [expected_cycles(pa), end]
     alone = lpucore.Chip(cfg, engine=engine)
@@ -408,13 +414,7 @@ def test_an_early_hand_over_weaves_through_a_busy_tail(engine):
     alone = lpucore.Chip(cfg, engine=engine)
     c1.load(alone)
     lpucore.execute(c1, inputs, chip=alone)
-    s = System(2, [(0, 3, 1, 5)], config=cfg, engine=engine)
-    for chip, prog, comp in ((s.chips[0], pa, c1), (s.chips[1], pb, c2)):
-        chip.load(prog)
-        for name, a in comp.constants.items():
-            comp.write_constant(chip, name, a)
-    c1.write_inputs(s.chips[0], inputs)
-    st = s.run()
+    s, st = _run_two_chips(cfg, engine, (pa, c1), (pb, c2), inputs)
     assert [c.cycles for c in st.chips] == [expected_cycles(pa), end]
     want = (o1["h"].astype(np.float32) * 2).astype(np.float16)
     assert np.array_equal(s.chips[1].read_tensor("y").reshape(1, 96).view(np.uint16), want.view(np.uint16))

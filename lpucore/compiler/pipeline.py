@@ -62,7 +62,7 @@ def _early(first, out_name: str, vectors, start: int, last_late: int
 
     def free(q: str, c: int) -> bool:
         if q not in taken:
-            taken[q] = _busy(queues.get(q, []), cfg)[0]
+            taken[q] = _busy(queues.get(q, []), cfg)
         return c not in taken[q]
     T0 = ready
     while not free("SXM.W0", T0):
@@ -104,20 +104,7 @@ def _trajectories(program: Program, t_min: int) -> Dict[int, List[Tuple[int, int
     out: Dict[int, List[Tuple[int, int]]] = {}
     for name, lst in program.queues.items():
         pos = cfg.queue(name).position
-        t, prev = 0, None
-        for ins in lst:
-            m = ins.op.mnemonic
-            if m == "NOP":
-                t += ins.args[0]
-                continue
-            if m == "Repeat":
-                n, d = ins.args[0], ins.args[1]
-                times = [t - 1 + d * (j + 1) for j in range(n)]
-                named = prev
-                t += n * d
-            else:
-                times, named, prev = [t], ins, ins
-                t += 1
+        for _, times, named in _issues(lst):
             if named is None or times[-1] < t_min:
                 continue
             widths, lag = _widths(named), named.op.delay(cfg)
@@ -177,30 +164,34 @@ def _clear_stream(cfg, uses: Dict[int, List[Tuple[int, int]]], h: int, s: int, h
     return None
 
 
-def _busy(lst, cfg=None) -> Tuple[Set[int], int]:
-    """The cycles a queue cannot take one more instruction at, and its end (:func:`queue_end`): the cycles
-    it issues at (a Repeat's whole span counts) and, given ``cfg``, for a MEM queue the cycles its writes
-    land in its slice (a read then would meet a write in a bank)."""
-    busy: Set[int] = set()
+def _issues(lst):
+    """For each instruction of a queue but NOPs: (the cycles it occupies the queue, the cycles it issues the
+    functional instruction at, that instruction). A Repeat occupies its whole span and issues the previous
+    instruction at each repetition (None when nothing precedes it)."""
     t, prev = 0, None
     for ins in lst:
         m = ins.op.mnemonic
         if m == "NOP":
             t += ins.args[0]
-            continue
-        if m == "Repeat":
+        elif m == "Repeat":
             n, d = ins.args[0], ins.args[1]
-            busy.update(range(t, t + n * d))
-            issues = [t - 1 + d * (j + 1) for j in range(n)]
+            yield range(t, t + n * d), [t - 1 + d * (j + 1) for j in range(n)], prev
             t += n * d
-            named = prev
         else:
-            busy.add(t)
-            issues, named, prev = [t], ins, ins
+            yield range(t, t + 1), [t], ins
+            prev = ins
             t += 1
-        if cfg is not None and named is not None and named.op.mnemonic in ("Write", "Scatter"):
+
+
+def _busy(lst, cfg) -> Set[int]:
+    """The cycles a queue cannot take one more instruction at: the cycles it occupies (:func:`_issues`) and,
+    for a MEM queue, the cycles its writes land in its slice (a read then would meet a write in a bank)."""
+    busy: Set[int] = set()
+    for span, issues, named in _issues(lst):
+        busy.update(span)
+        if named is not None and named.op.mnemonic in ("Write", "Scatter"):
             busy.update(c + named.op.delay(cfg) for c in issues)
-    return busy, t
+    return busy
 
 
 def _merge(cfg, name: str, orig: list, events: List[Tuple[int, str, tuple]], start: int) -> Optional[list]:
