@@ -7,7 +7,9 @@ beside Groq's published figures.
 
 For each model, :func:`lpucore.llm.predict` simulates the embedding, the first ``--layers`` layers
 and the head as pipeline stages over as many chips as they take (MLPs or experts, and the
-embedding table and head, cut into shards where one does not fit a chip), checks the tokens and
+embedding table and head, cut into shards where one does not fit a chip; Mixtral's experts, and a
+block no chip holds whole, side by side: an attention block cut by kv heads, its shards and the
+MLP's each on a chip of their own, ``--in-a-row`` for Mixtral's experts one after another), checks the tokens and
 logits against the NumPy reference of that truncated model, and derives the whole model's step
 from layer 1's simulated cycles (every later layer runs the same programs over the same
 hand-over). Then :func:`lpucore.llm.predict.predict_tensor_parallel` compiles layer 1 split over a
@@ -17,7 +19,7 @@ the step with every layer so split (``--tensor-parallel 0`` skips it).
 
 ``--capacity full`` (the default) is each model's context of the issue: 2,048 positions for
 Llama-2-7B, 4,096 for the others. A model whose attention block does not fit one chip at that
-capacity (:func:`lpucore.llm.pipeline.plan_stages` says so: Llama-2-70B and Mixtral at 4,096) has
+capacity, even cut by kv heads (:func:`lpucore.llm.pipeline.plan_auto` says so), has
 no pipeline prediction there; its pipeline runs at ``--outside-capacity`` positions for the
 tensor-parallel step's embedding and head only (they read no cache), and is printed so labelled.
 
@@ -36,7 +38,7 @@ import time
 from lpucore import ChipConfig
 from lpucore.errors import ModelDoesNotFit
 from lpucore.llm import model_config
-from lpucore.llm.pipeline import plan_stages
+from lpucore.llm.pipeline import plan_auto
 from lpucore.llm.predict import PUBLISHED, PUBLISHED_TTFT, predict, predict_prefill, predict_tensor_parallel
 
 #: the context each model is predicted at by default (the issue's)
@@ -52,7 +54,7 @@ def _summary(name, kind, p, chips, nodes) -> str:
     """One line: the figures the issue asks for, beside Groq's."""
     per_chip = p.tokens_per_second / (nodes * NODE)
     groq = "; ".join(f"{k}: {v}" for k, v in PUBLISHED.get(name, {}).items()) or "-"
-    return (f"{name:13s} {p.capacity:5d}  {kind:16s} {chips:4d} ({nodes:3d} nodes) {p.step_cycles:>12,} "
+    return (f"{name:13s} {p.capacity:5d}  {kind:17s} {chips:4d} ({nodes:3d} nodes) {p.step_cycles:>12,} "
             f"{p.tokens_per_second:9,.0f} {per_chip:8.2f} {p.bound_cycles:>11,} {100 * p.schedule_efficiency:5.1f} %  "
             f"{groq}")
 
@@ -62,7 +64,7 @@ def run_model(name, a, out, lines, ttft):
     cap = FULL.get(name, 2048) if a.capacity == "full" else int(a.capacity)
     chip = ChipConfig.groqchip1()
     try:
-        plan_stages(model_config(name), a.precision, cap, chip)
+        plan_auto(model_config(name), a.precision, cap, chip)
         pipe_cap = cap
     except ModelDoesNotFit as e:
         pipe_cap = a.outside_capacity
@@ -71,13 +73,14 @@ def run_model(name, a, out, lines, ttft):
     if a.prefill_only:
         return _prefill(name, a, None, out, ttft)
     t0 = time.perf_counter()
-    p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0))
+    p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0),
+                parallel_shards=False if a.in_a_row else None)
     print(p.table(), flush=True)
     print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {p.compile_seconds:.0f} s, "
           f"{p.wall_seconds_per_step:.1f} s per simulated step)\n", flush=True)
     out[name + f" pipeline {pipe_cap}"] = p.to_dict()
     if pipe_cap == cap:
-        lines.append(_summary(name, "pipeline", p, p.chips, p.nodes))
+        lines.append(_summary(name, "pipe side by side" if p.parallel_shards else "pipeline", p, p.chips, p.nodes))
     if a.tensor_parallel:
         t0 = time.perf_counter()
         tp = predict_tensor_parallel(name, a.precision, group=a.tensor_parallel, pipeline=p, capacity=cap)
@@ -123,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--prefill-at", default="", help="S1,S2: simulate the chunk layer at these caches and "
                     "extrapolate linearly to the prompt's (a full-cache 70B chunk layer compiles slowly)")
     ap.add_argument("--prefill-only", action="store_true", help="only the time-to-first-token prediction")
+    ap.add_argument("--in-a-row", action="store_true", help="the shards of a block (Mixtral's experts) one "
+                    "after another, each adding its part, rather than side by side")
     ap.add_argument("--outside", default="", help="CYCLES,CHIPS of the embedding and head, from a pipeline "
                     "prediction's table (its simulated step less its layers), instead of running it")
     a = ap.parse_args(argv)
@@ -133,7 +138,7 @@ def main(argv=None):
     ttft: list = []
     for name in a.models.split(","):
         run_model(name, a, out, lines, ttft)
-    print(f"{'model':13s} {'cache':>5s}  {'system':16s} {'chips':>15s} {'cycles/token':>12s} {'tok/s/user':>9s} "
+    print(f"{'model':13s} {'cache':>5s}  {'system':17s} {'chips':>15s} {'cycles/token':>12s} {'tok/s/user':>9s} "
           f"{'per chip':>8s} {'bound':>11s} {'eff.':>7s}  Groq (tokens/s per user)")
     print("\n".join(lines))
     if ttft:

@@ -1,5 +1,6 @@
 """Decoder: models compiled onto the simulated chip against the NumPy reference (lpucore.llm.Reference)."""
 
+import dataclasses
 import json
 import math
 
@@ -363,7 +364,7 @@ def test_stage_planner_counts_the_attention_temporaries():
 def test_decoders_over_several_chips_check_the_fit():
     from lpucore import LpuError
     from lpucore.llm import PipelineDecoder
-    from lpucore.llm.pipeline import STAGE_FILL, plan_stages, unit_bytes
+    from lpucore.llm.pipeline import STAGE_FILL, plan_auto, plan_stages, unit_bytes
     chip = ChipConfig.groqchip1()
     cfg = model_config("llama2-7b")
     sizes = unit_bytes(cfg, "int8", 128)
@@ -382,10 +383,14 @@ def test_decoders_over_several_chips_check_the_fit():
     with pytest.raises(ValueError, match="positive number of chips or 'auto'"):
         Decoder.chips_needed(cfg, "int8", None, 128, chips="many")
     # a 70B layer's MLP (705 MB in int8) is cut into 4 shards, its 262 MB embedding table and head
-    # into 2 each; its attention block in fp16 (302 MB) cannot be cut: that would need tensor parallelism
-    assert Decoder.chips_needed(model_config("llama2-70b"), "int8", None, 32, chips="auto") == 404
+    # into 2 each; its attention block in fp16 (302 MB) no chip holds whole: in a row it does not fit...
+    cfg70 = model_config("llama2-70b")
+    assert Decoder.chips_needed(cfg70, "int8", None, 32, chips="auto") == 404
     with pytest.raises(ModelDoesNotFit, match=r"unit \('attn', 0\) alone.*tensor parallelism"):
-        Decoder.random("llama2-70b", precision="fp16", chips="auto")
+        plan_stages(cfg70, "fp16", 32, ChipConfig.groqchip1())
+    # ... so "auto" cuts it by kv heads, side by side (and the MLP's shards beside each other too)
+    stages, side = plan_auto(cfg70, "fp16", 32, ChipConfig.groqchip1())
+    assert side and Decoder.chips_needed(cfg70, "fp16", None, 32, chips="auto") == len(stages) == 886
     dec = Decoder.random("tiny", seed=0, precision="fp16", capacity=8, chips=2)
     assert isinstance(dec.pipeline, PipelineDecoder) and dec.pipeline is dec.pipeline
     assert dec.pipeline.stages[0][0] == 0 and dec.pipeline.stages[-1][1] == 6 and len(dec.pipeline.stages) == 2
@@ -433,3 +438,33 @@ def test_stages_share_a_program_only_with_the_same_graph():
     assert graph_structure(stage(1, w1)) == graph_structure(stage(1, w1))
     assert graph_structure(stage(1, w1)) != graph_structure(stage(2, w1))
     assert graph_structure(stage(1, w1)) == graph_structure(stage(1, w2))     # named constants: values may differ
+
+
+@pytest.mark.parametrize("name, precision", [("tiny", "int8"), ("tiny-moe", "fp16")])
+def test_attention_and_mlp_shards_side_by_side(name, precision):
+    """parallel_shards: a layer's attention cut by kv heads and its MLP (or experts) cut into shards, every
+    shard on a chip of its own, the shards of a group side by side: each group's chips take the residual
+    (the parts of the group before them, summed in shard order) and send their parts on; the reference's
+    tokens, logits within the bound, the predicted cycles, one program per kind of shard."""
+    from lpucore.llm import PipelineDecoder
+    dec = Decoder.random(name, seed=0, precision=precision, capacity=8)
+    pd = PipelineDecoder(dec, None, shards=2, parallel_shards=True, attn=2)
+    assert pd.describe()[1:3] == ["chip 1: attn 0 shard 1/2", "chip 2: attn 0 shard 2/2"] and pd.n_chips == 10
+    # the MLP shards of layer 0 take the residual and both attention shards' parts
+    assert pd.sources[3] == pd.sources[4] == [(1, "x_in"), (2, "y_in1")]
+    assert pd.sources[9] == [(7, "x_in"), (8, "y_in1")]
+    tokens, logits, stats = pd.generate([5, 7], 3)
+    ref_tokens, ref_logits = dec.reference().generate([5, 7], 3)
+    assert np.array_equal(tokens, ref_tokens)
+    check_close(logits, ref_logits)
+    assert all(s.cycles == pd.step_cycles for s in stats)
+    assert len(pd.compiled) == 8          # a group's first shard and the others; after the embedding or a group
+    with pytest.raises(ValueError, match="divide the 2 kv heads"):
+        PipelineDecoder(dec, None, shards=2, parallel_shards=True, attn=3)
+    from lpucore.llm.pipeline import plan_stages
+    with pytest.raises(ValueError, match="side by side only"):
+        plan_stages(dec.cfg, precision, 8, dec.chip_config, None, shards=2, attn=2)
+    few = dataclasses.replace(ChipConfig.groqchip1(), c2c_links=6)
+    with pytest.raises(ValueError, match="chip 5 would need 8 C2C links, more than the 6"):
+        PipelineDecoder(Decoder.random("tiny-moe", seed=0, precision=precision, capacity=8, config=few), None,
+                        shards=4, parallel_shards=True)

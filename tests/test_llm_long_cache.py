@@ -71,3 +71,17 @@ def test_pipeline_stages_hand_over_before_their_cache_writes():
         written = max(last for _, name, last in c.kernels if name == "x_out" and last is not None)
         assert pd.stage_sends[k] == pd.stage_starts[k] + written + 1
     assert attn and pd.step_cycles == max(pd.stage_cycles)
+
+
+def test_attention_shards_side_by_side_over_a_tiled_cache():
+    """Attention cut by kv heads (each shard its heads' key tiles and value column tiles, on a chip of its own)
+    and experts side by side: the reference's tokens, logits within the bound, the predicted cycles."""
+    from lpucore.llm import PipelineDecoder
+    dec = Decoder.random(long_config("tiny-moe"), seed=2, precision="int8", capacity=CAPACITY)
+    pd = PipelineDecoder(dec, None, shards=2, parallel_shards=True, attn=2)
+    assert pd.attn == 2 and pd.n_chips == 10
+    tokens, logits, stats = pd.generate(PROMPT[:3], NEW)
+    ref_tokens, ref_logits = dec.reference().generate(PROMPT[:3], NEW)
+    np.testing.assert_array_equal(tokens, ref_tokens)
+    check_close(logits, ref_logits)
+    assert all(s.cycles == pd.step_cycles for s in stats)

@@ -116,3 +116,30 @@ def test_prefill_prediction_streams_the_chunks_through_the_groups():
     assert "extrapolated linearly to 12" in lin.table() and lin.max_error <= lin.error_bound
     with pytest.raises(ValueError, match="does not hold"):
         predict_prefill(cfg, "fp16", chunk=4, prompt_tokens=10, capacity=8, pipeline=pipe, config=chip)
+
+
+def test_experts_side_by_side_derive_the_step_of_the_whole_model():
+    """A mixture of experts whose experts run side by side, each on a chip of its own (the residual fanned
+    out to them, their parts summed by the next chip in the order a row of shards adds them): the tokens and
+    logits of the experts in a row, bit for bit, fewer cycles, and the derived step equal to the whole
+    model simulated; the bound counts the chips side by side once (the slowest)."""
+    cfg = dataclasses.replace(model_config("tiny-moe"), n_layers=4, name="tiny-moe4")
+    p = predict(cfg, "int8", layers=2, capacity=8, shards=4, parallel_shards=True)
+    assert p.parallel_shards and p.tokens_match_reference and p.max_logit_error <= p.logit_bound
+    assert p.simulated_chips == 11 and p.chips == 21 and p.layer_chips == 5
+    assert "experts (4 side by side)" in p.layer_parts and "side by side" in p.table()
+    assert p.layer_cycles == sum(p.layer_parts.values()) + p.handover_cycles
+    dec = Decoder(cfg, RandomWeights(cfg, 0), "int8", capacity=8)
+    whole = PipelineDecoder(dec, None, shards=4, parallel_shards=True)
+    tokens, logits, stats = whole.generate([1, 2], 2)
+    assert whole.n_chips == 21 and whole.step_cycles == p.step_cycles
+    assert all(st.cycles == whole.step_cycles for st in stats)
+    row = PipelineDecoder(dec, 13, shards=4)
+    tokens_row, logits_row, _ = row.generate([1, 2], 2)
+    assert (tokens == tokens_row).all() and (logits == logits_row).all()
+    assert whole.step_cycles < row.step_cycles
+    assert p.bound_cycles < sum(max(whole.compiled[s].bounds().as_dict().values()) for s in whole.signatures)
+    # each chip's links: the attention chip between two layers takes 4 parts in and sends 4 copies out
+    assert max(sum(k in (w[0], w[2]) for w in whole.wires) for k in range(21)) == 8
+    with pytest.raises(ValueError, match="side by side takes 21 chips"):
+        PipelineDecoder(dec, 13, shards=4, parallel_shards=True)

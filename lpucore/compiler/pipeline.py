@@ -19,7 +19,7 @@ touches, so the first chip's later work overlaps the second chip's.
 from __future__ import annotations
 
 import bisect
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from ..errors import CompileError
 from ..program import Program
@@ -41,14 +41,16 @@ def queue_end(lst) -> int:
     return t
 
 
-def _early(first, out_name: str, vectors, start: int, last_late: int
-           ) -> Optional[Tuple[int, List[int], List[int]]]:
-    """(Deskew cycle, each vector's Send cycle, each vector's stream) of a hand-over from when ``out_name`` is
-    written (:func:`hand_over`, ``early``; ``vectors``: each vector's (hemisphere, MEM queue, hops to the
-    SXM)): vector by vector, the first Send cycle, at least ``c2c_send_interval`` after the previous one,
-    at which its Read and its Send fall in idle cycles of chip A's queues, on a stream register no value of
-    chip A uses on the vector's trajectory (:func:`_trajectories`). None when ``first`` has no record of
-    that write, or the last Send would not come before ``last_late`` (the hand-over after the program)."""
+def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last_late: int
+           ) -> Optional[Tuple[List[int], List[List[int]], List[List[int]]]]:
+    """(each link's Deskew cycle, per link each vector's Send cycle, per link each vector's stream) of a
+    hand-over from when ``out_name`` is written (:func:`hand_over`, ``early``; ``vectors``: each vector's
+    (hemisphere, MEM queue, hops to the SXM); every vector goes over each of ``links``): vector by vector
+    and link by link, the first Send cycle, at least ``c2c_send_interval`` after that link's previous one,
+    at which its Read and its Send fall in idle cycles of chip A's queues, on a stream register no value
+    of chip A (nor an earlier vector of this hand-over) uses on the vector's trajectory
+    (:func:`_trajectories`). None when ``first`` has no record of that write, or the last Send would not
+    come before ``last_late`` (the hand-over after the program)."""
     landed = [last for _, name, last in first.kernels if name == out_name and last is not None]
     if not landed:
         return None
@@ -64,29 +66,41 @@ def _early(first, out_name: str, vectors, start: int, last_late: int
         if q not in taken:
             taken[q] = _busy(queues.get(q, []), cfg)
         return c not in taken[q]
-    T0 = ready
-    while not free("SXM.W0", T0):
-        T0 += 1
-    s = T0 + cfg.c2c_deskew_delay + cfg.mem_read_delay + max(hops for _, _, hops in vectors)
-    times: List[int] = []
-    streams: List[int] = []
+    deskews: List[int] = []
+    T = ready
+    for _ in links:
+        while not free("SXM.W0", T):
+            T += 1
+        deskews.append(T)
+        taken["SXM.W0"].add(T)
+    to_sxm = cfg.mem_read_delay + max(hops for _, _, hops in vectors)
+    nxt = [d + cfg.c2c_deskew_delay + to_sxm for d in deskews]
+    times: List[List[int]] = [[] for _ in links]
+    streams: List[List[int]] = [[] for _ in links]
+    S = cfg.streams_per_direction
     for h, q, hops in vectors:
         send_q = f"SXM.{'WE'[h]}1"
-        while True:
-            if s >= last_late:
-                return None
-            c = s - cfg.mem_read_delay - hops
-            i = _clear_stream(cfg, uses, h, s, hops) if free(q, c) and free(send_q, s) else None
-            if i is not None:
-                break
-            s += 1
-        taken[q].add(c)
-        taken[send_q].add(s)
-        times.append(s)
-        streams.append(i)
-        s += cfg.c2c_send_interval
-    taken["SXM.W0"].add(T0)
-    return T0, times, streams
+        for j in range(len(links)):
+            s = nxt[j]
+            while True:
+                if s >= last_late:
+                    return None
+                c = s - cfg.mem_read_delay - hops
+                i = _clear_stream(cfg, uses, h, s, hops) if free(q, c) and free(send_q, s) else None
+                if i is not None:
+                    break
+                s += 1
+            taken[q].add(c)
+            taken[send_q].add(s)
+            # this vector's own trajectory, for the next ones: touched where it is read, sent and leaves
+            r = S + i if h == 0 else i
+            traj = cfg.sxm_position(h) + s if r >= S else cfg.sxm_position(h) - s
+            for cyc in (c, s, s + cfg.positions):
+                bisect.insort(uses.setdefault(r, []), (traj, cyc))
+            times[j].append(s)
+            streams[j].append(i)
+            nxt[j] = s + cfg.c2c_send_interval
+    return deskews, times, streams
 
 
 #: cycles either side of a value's trajectory kept clear of other values on its stream register
@@ -270,6 +284,112 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
     return out
 
 
+def _side(cfg, g: int) -> Tuple[int, str, int]:
+    """(hemisphere, MEM queue, hops to that hemisphere's SXM) of MEM slice ``g`` (numbered over both)."""
+    n_sl = cfg.mem_slices_per_hemisphere
+    h, slot = g // n_sl, g % n_sl
+    return h, f"MEM.{'WE'[h]}{slot}", abs(cfg.mem_position(h, slot) - cfg.sxm_position(h))
+
+
+def _locations(tensor, lanes: int) -> list:
+    """(slice, address) of each vector of ``tensor``, byte plane by byte plane: the order vectors go over a link."""
+    out = []
+    for b in range(len(tensor.planes)):
+        out += list(tensor.locations(b, lanes))
+    return out
+
+
+def _tensor(compiled, name: str, which: str):
+    t = compiled.program.tensors.get(name)
+    if t is None:
+        raise CompileError(f"hand_over: no tensor {name!r} in the {which} program")
+    return t
+
+
+def check_pair(first, out_name: str, second, in_name: str) -> None:
+    """Raise :class:`~lpucore.CompileError` unless ``out_name`` of ``first`` can go into ``in_name`` of
+    ``second``: the same chip configuration, dtype, shape and byte planes (vectors then map one to one)."""
+    if second.config != first.config:
+        raise CompileError("hand_over: both programs must be for the same chip configuration")
+    ta, tb = _tensor(first, out_name, "first"), _tensor(second, in_name, "second")
+    if ta.dtype != tb.dtype or tuple(ta.shape) != tuple(tb.shape) or len(ta.planes) != len(tb.planes):
+        raise CompileError(f"hand_over: {out_name} is {ta.dtype.name}{list(ta.shape)} but {in_name} is "
+                           f"{tb.dtype.name}{list(tb.shape)}")
+
+
+def plan_sends(first, out_name: str, links: Sequence[int], early: bool = False, start: int = 0
+               ) -> Tuple[Dict[str, list], List[List[int]], int]:
+    """(events for chip A's queues, per link the cycle each vector of ``out_name`` is sent, the cycle the
+    hand-over starts) of sending ``first``'s output over each of ``links`` (each link its own copy): after
+    the program's last cycle, or with ``early`` as soon as the output is written (:func:`hand_over`).
+    Put the events in with ``_with(program, {}, 0, events)``."""
+    cfg = first.config
+    if not links or len(set(links)) != len(links):
+        raise CompileError(f"hand_over: links must be distinct and at least one, not {list(links)}")
+    locs = _locations(_tensor(first, out_name, "first"), cfg.lanes)
+    vectors = [_side(cfg, g) for g, _ in locs]
+    t_free = max((queue_end(v) for v in first.program.queues.values()), default=0)
+    T0 = max(first.expected_cycles, t_free)
+    to_sxm = cfg.mem_read_delay + max(hops for _, _, hops in vectors)
+    iv = cfg.c2c_send_interval
+    if len(links) > iv:
+        raise CompileError(f"hand_over: at most {iv} links at once (one Send per cycle), not {len(links)}")
+    # after the program: link j's vector v at s0 + v * interval + j, each on stream 1 of its hemisphere
+    deskews = [T0 + j for j in range(len(links))]
+    s0 = T0 + len(links) - 1 + cfg.c2c_deskew_delay + to_sxm
+    times = [[s0 + v * iv + j for v in range(len(vectors))] for j in range(len(links))]
+    streams = [[1] * len(vectors) for _ in links]
+    if early:
+        found = _early(first, out_name, vectors, links, start, max(t[-1] for t in times))
+        if found is not None:
+            deskews, times, streams = found
+    tail: Dict[str, list] = {"SXM.W0": [(d, "Deskew", (link,)) for d, link in zip(deskews, links)]}
+    for link, ts, sts in zip(links, times, streams):
+        for (h, q, hops), (_, addr), s, i in zip(vectors, locs, ts, sts):
+            st = f"{'WE'[h]}{i}"
+            tail.setdefault(q, []).append((s - cfg.mem_read_delay - hops, "Read", (addr, st)))
+            tail.setdefault(f"SXM.{'WE'[h]}1", []).append((s, "Send", (link, st)))
+    return tail, times, min(deskews)
+
+
+def plan_receives(second, incoming: Sequence[Tuple[str, int, Sequence[int]]]
+                  ) -> Tuple[Dict[str, list], int]:
+    """(events for chip B's queues before its program, the cycle its program starts at) of receiving, for
+    each ``(in_name, link, send cycles)`` of ``incoming``, the vectors sent at those cycles (by
+    :func:`plan_sends`, in :func:`_locations` order) over ``link`` into ``in_name``. Each vector is taken at
+    the first cycle after its arrival when its Receive and its Write find their queues free (a link's
+    vectors wait in its inbox, in order), so several links may feed one chip."""
+    cfg = second.config
+    lat = cfg.c2c_latency
+    head: Dict[str, list] = {"SXM.W0": [(j, "Deskew", (link,)) for j, (_, link, _) in enumerate(incoming)]}
+    arrivals = []
+    for j, (in_name, link, times) in enumerate(incoming):
+        locs = _locations(_tensor(second, in_name, "second"), cfg.lanes)
+        if len(locs) != len(times):
+            raise CompileError(f"hand_over: {len(times)} vectors sent for {in_name!r}, which has {len(locs)}")
+        ready = j + cfg.c2c_deskew_delay
+        arrivals += [(max(t + lat, ready), link, g, a) for t, (g, a) in zip(times, locs)]
+    arrivals.sort()
+    busy: Dict[str, Set[int]] = {}
+    last: Dict[int, int] = {}
+    end_writes = 0
+    for arrive, link, gb, ab in arrivals:
+        h, q, hops = _side(cfg, gb)
+        rq = f"SXM.{'WE'[h]}0"
+        r = max(arrive, last.get(link, -1) + 1)
+        while r in busy.setdefault(rq, set()) or r + cfg.c2c_receive_delay + hops in busy.setdefault(q, set()):
+            r += 1
+        w = r + cfg.c2c_receive_delay + hops
+        busy[rq].add(r)
+        busy[q].add(w)
+        last[link] = r
+        st = "E2" if h == 0 else "W2"
+        head.setdefault(rq, []).append((r, "Receive", (link, st)))
+        head.setdefault(q, []).append((w, "Write", (ab, st)))
+        end_writes = max(end_writes, w + cfg.mem_write_delay)
+    return head, end_writes + 1
+
+
 def hand_over(first, out_name: str, second, in_name: str, link_first: int, link_second: int,
               early: bool = False, info: Optional[Dict[str, int]] = None, start: int = 0
               ) -> Tuple[Program, Program, int]:
@@ -284,53 +404,12 @@ def hand_over(first, out_name: str, second, in_name: str, link_first: int, link_
     (:func:`lpucore.compiler.emit.expected_cycles` of its program). ``start``: the cycle ``first``'s own
     schedule begins at in its program (a program already shifted by an earlier hand-over; its kernels'
     cycles count from there). ``info`` (a dict) receives ``"send"``, the cycle the hand-over starts on
-    chip A."""
-    cfg = first.config
-    if second.config != cfg:
-        raise CompileError("hand_over: both programs must be for the same chip configuration")
-    ta, tb = first.program.tensors.get(out_name), second.program.tensors.get(in_name)
-    if ta is None or tb is None:
-        raise CompileError(f"hand_over: no tensor {out_name!r} in the first program or {in_name!r} in the second")
-    if ta.dtype != tb.dtype or tuple(ta.shape) != tuple(tb.shape) or len(ta.planes) != len(tb.planes):
-        raise CompileError(f"hand_over: {out_name} is {ta.dtype.name}{list(ta.shape)} but {in_name} is "
-                           f"{tb.dtype.name}{list(tb.shape)}")
-    L, n_sl = cfg.lanes, cfg.mem_slices_per_hemisphere
-    pairs = []
-    for b in range(len(ta.planes)):
-        pairs += list(zip(ta.locations(b, L), tb.locations(b, L)))
-    iv, lat = cfg.c2c_send_interval, cfg.c2c_latency
-
-    def side(g):
-        h, slot = g // n_sl, g % n_sl
-        return h, f"MEM.{'WE'[h]}{slot}", abs(cfg.mem_position(h, slot) - cfg.sxm_position(h))
-
-    t_free = max((queue_end(v) for v in first.program.queues.values()), default=0)
-    T0 = max(first.expected_cycles, t_free)
-    to_sxm = cfg.mem_read_delay + max(side(g)[2] for (g, _), _ in pairs)
-    vectors = [side(ga) for (ga, _), _ in pairs]
-    s0 = T0 + cfg.c2c_deskew_delay + to_sxm
-    times, streams = [s0 + k * iv for k in range(len(pairs))], [1] * len(pairs)
-    if early:
-        found = _early(first, out_name, vectors, start, times[-1])
-        if found is not None:
-            T0, times, streams = found
-    tail: Dict[str, list] = {"SXM.W0": [(T0, "Deskew", (link_first,))]}
-    for ((_, aa), _), (h, q, hops), s, i in zip(pairs, vectors, times, streams):
-        st = f"{'WE'[h]}{i}"
-        tail.setdefault(q, []).append((s - cfg.mem_read_delay - hops, "Read", (aa, st)))
-        tail.setdefault(f"SXM.{'WE'[h]}1", []).append((s, "Send", (link_first, st)))
+    chip A. Several links out of one chip or into one: :func:`plan_sends` and :func:`plan_receives`."""
+    check_pair(first, out_name, second, in_name)
+    tail, times, t0 = plan_sends(first, out_name, [link_first], early, start)
+    head, shift = plan_receives(second, [(in_name, link_second, times[0])])
     if info is not None:
-        info["send"] = T0
-    head: Dict[str, list] = {"SXM.W0": [(0, "Deskew", (link_second,))]}
-    end_writes = 0
-    for (_, (gb, ab)), s in zip(pairs, times):
-        r = s + lat
-        h, q, hops = side(gb)
-        head.setdefault(f"SXM.{'WE'[h]}0", []).append((r, "Receive", (link_second, "E2" if h == 0 else "W2")))
-        w = r + cfg.c2c_receive_delay + hops
-        head.setdefault(q, []).append((w, "Write", (ab, "E2" if h == 0 else "W2")))
-        end_writes = max(end_writes, w + cfg.mem_write_delay)
-    shift = end_writes + 1
+        info["send"] = t0
     prog_a = _with(first.program, {}, 0, tail)
     prog_b = _with(second.program, head, shift, {})
     return prog_a, prog_b, shift + second.expected_cycles

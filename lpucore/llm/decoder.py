@@ -124,6 +124,11 @@ class Decoder:
         self.engine, self.fp16_mxm, self.block = engine, fp16_mxm, block
         self.comm = comm
         self.chips = self.chips_needed(cfg, precision, self.chip_config, cap, chips)
+        # chips="auto" for a model with a block no chip holds whole: its shards side by side (PipelineDecoder)
+        self.side_by_side = False
+        if chips == "auto" and self.chips > 1:
+            from .pipeline import plan_auto
+            self.side_by_side = plan_auto(cfg, precision, cap, self.chip_config)[1]
         self.buckets = cache_buckets(buckets, cap)
         if len(self.buckets) > 1 and self.chips > 1:
             raise ValueError("cache buckets are for a decoder on one chip (chips=1)")
@@ -192,7 +197,7 @@ class Decoder:
         :class:`ModelConfig`) needs at ``precision`` with a KV cache of ``capacity`` positions:
         ``chips`` itself if they suffice, or the fewest for ``chips="auto"``. Raises
         :class:`ModelDoesNotFit` saying how many it takes (ValueError for a bad precision)."""
-        from .pipeline import plan_stages
+        from .pipeline import plan_auto, plan_stages
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         chip = config if config is not None else ChipConfig.groqchip1()
@@ -200,7 +205,7 @@ class Decoder:
         w, kv = cls.memory_bytes(cfg, precision, cap)
         need = w + kv
         if chips == "auto":
-            return 1 if need <= chip.sram_bytes else len(plan_stages(cfg, precision, cap, chip))
+            return 1 if need <= chip.sram_bytes else len(plan_auto(cfg, precision, cap, chip)[0])
         if isinstance(chips, bool) or not isinstance(chips, (int, np.integer)) or chips < 1:
             raise ValueError(f"chips must be a positive number of chips or 'auto', not {chips!r}")
         chips = int(chips)
@@ -233,7 +238,7 @@ class Decoder:
             raise LpuError("this Decoder runs on one chip: Decoder(..., chips=N) makes a pipeline")
         if self._pipeline is None:
             from .pipeline import PipelineDecoder
-            self._pipeline = PipelineDecoder(self, self.chips, comm=self.comm)
+            self._pipeline = PipelineDecoder(self, self.chips, comm=self.comm, parallel_shards=self.side_by_side)
         return self._pipeline
 
     @property

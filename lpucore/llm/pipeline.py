@@ -19,8 +19,17 @@ Blocks bigger than a stage are cut into shards (:func:`mlp_shards`, :func:`table
 MLP into ranges of hidden features, a mixture of experts into ranges of experts (the partial sum
 travels with the residual as ``[2, d]``), the embedding table and the head into ranges of tokens.
 
-The residual stream (float32 ``[1, d_model]``) goes from stage to stage over one C2C link (chip
-k's link 0 to chip k+1's link 1), scheduled by :func:`lpucore.compiler.pipeline.hand_over` as soon as
+With ``parallel_shards`` the shards of a block run *side by side* instead, each on a chip of its own: a
+layer's attention cut by kv heads (:func:`attn_shards`: each shard its heads' q, k, v columns, o rows and
+KV cache) and its MLP or experts. Each chip of a group takes the residual from the chip (or the group)
+before it, over a link of its own, and sends its part on; shard 0 sends the residual with its part. A
+chip after a group adds the parts in shard order (:func:`~lpucore.llm.program.build_step`), so with
+experts side by side the bits are those of the experts in a row. A layer then costs its slowest shard of
+each group, not their sum; a chip between two groups of t shards uses 2t links (at most ``c2c_links``).
+
+The residual stream (float32 ``[1, d_model]``) goes from stage to stage over a C2C link (each chip's
+links numbered in turn, :attr:`PipelineDecoder.wires`), scheduled by
+:func:`lpucore.compiler.pipeline.plan_sends` and :func:`~lpucore.compiler.pipeline.plan_receives` as soon as
 the residual is written (``early``: a stage's KV cache write, which nothing of the step waits for, runs
 on while the next stages work), so a step's cycles are each stage's cycles until its residual leaves
 plus the transfers, and the last stage's, known before the run. Every stage keeps the KV cache of its
@@ -37,7 +46,7 @@ import numpy as np
 
 from ..errors import CompileError, LpuError, ModelDoesNotFit
 from . import tiled
-from .program import build_step, model_units, shard_range, tiled_cache
+from .program import attn_shard_config, build_step, group_start, model_units, shard_range, side_by_side, tiled_cache
 from .reference import choose_token
 
 if TYPE_CHECKING:
@@ -66,7 +75,7 @@ def cache_bytes(cfg, capacity: int, lanes: int = 320) -> int:
 
 
 def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int = 2560, shards: int = 1,
-               table_shards: int = 1) -> List[int]:
+               table_shards: int = 1, attn_shards: int = 1) -> List[int]:
     """SRAM bytes each unit of :func:`model_units` keeps resident: its weights as the step program
     stores them (int8 blocks of ``block`` columns with float32 scales, or float16; float32 norm
     vectors; rows padded to whole vectors) and, for an attention block, its KV cache."""
@@ -106,9 +115,17 @@ def unit_bytes(cfg, precision: str, capacity: int, lanes: int = 320, block: int 
 
     S = capacity
     out = []
-    for u in model_units(cfg, shards, table_shards):
+    for u in model_units(cfg, shards, table_shards, attn_shards):
         kind, i = u[0], u[1]
-        if len(u) == 4 and kind == "embed":
+        if len(u) == 4 and kind == "attn":       # its kv heads' and their query heads' rows and columns
+            v = attn_shard_config(cfg, u[3])
+            qd, kd = v.n_heads * v.head_dim, v.n_kv_heads * v.head_dim
+            p = f"model.layers.{i}.self_attn."
+            b = vec(f"model.layers.{i}.input_layernorm.weight") + cache_bytes(v, S, lanes)
+            b += matrix(p + "q_proj.weight", True, cols=(u[2] * qd, (u[2] + 1) * qd))
+            b += sum(matrix(p + f"{n}_proj.weight", True, cols=(u[2] * kd, (u[2] + 1) * kd)) for n in "kv")
+            b += matrix(p + "o_proj.weight", True, rows=(u[2] * qd, (u[2] + 1) * qd))
+        elif len(u) == 4 and kind == "embed":
             b = table(cfg.embedding_name, shard_range(cfg, u[2], u[3], kind))
         elif len(u) == 4 and kind == "head":
             b = vec("model.norm.weight") + matrix(cfg.head_name, True, cols=shard_range(cfg, u[2], u[3], kind))
@@ -166,11 +183,12 @@ def attention_bytes(cfg, capacity: int, lanes: int = 320) -> int:
     return int(ATTENTION_ROWS * G * _padded(capacity, D, 4, lanes))
 
 
-def unit_temps(cfg, capacity: int, lanes: int = 320, shards: int = 1, table_shards: int = 1) -> List[int]:
+def unit_temps(cfg, capacity: int, lanes: int = 320, shards: int = 1, table_shards: int = 1,
+               attn_shards: int = 1) -> List[int]:
     """Per unit of :func:`model_units`, the temporaries it needs beyond :data:`STAGE_FILL`'s margin while
-    it runs: :func:`attention_bytes` for an attention block, 0 for the others."""
-    att = attention_bytes(cfg, capacity, lanes)
-    return [att if u[0] == "attn" else 0 for u in model_units(cfg, shards, table_shards)]
+    it runs: :func:`attention_bytes` for an attention block (or shard), 0 for the others."""
+    att = attention_bytes(attn_shard_config(cfg, attn_shards) if attn_shards > 1 else cfg, capacity, lanes)
+    return [att if u[0] == "attn" else 0 for u in model_units(cfg, shards, table_shards, attn_shards)]
 
 
 def _greedy(sizes: Sequence[int], cap: float, temps: Optional[Sequence[int]] = None) -> List[Tuple[int, int]]:
@@ -208,6 +226,22 @@ def mlp_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill
     return limit
 
 
+def attn_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
+    """How many attention shards (ranges of kv heads, side by side) each attention block is cut into so that
+    one fits a stage with its cache and temporaries: 1 when it fits whole, else the fewest dividing the kv
+    heads that fit (the most, the kv heads, if none does)."""
+    cap = fill * chip.sram_bytes
+    if cfg.family == "gpt2":
+        return 1
+    for t in (t for t in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % t == 0):
+        units = model_units(cfg, 1, 1, t)
+        whole = [b + m for u, b, m in zip(units, unit_bytes(cfg, precision, capacity, chip.lanes, block, 1, 1, t),
+                                          unit_temps(cfg, capacity, chip.lanes, 1, 1, t)) if u[0] == "attn"]
+        if max(whole) <= cap:
+            return t
+    return cfg.n_kv_heads
+
+
 def table_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL) -> int:
     """How many ranges of tokens the embedding table and the head are cut into (1 when both fit a stage;
     Llama-2-70B's 32000 x 8192 int8 table is 262 MB)."""
@@ -216,33 +250,42 @@ def table_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fi
 
 def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] = None, block: int = 2560,
                 fill: float = STAGE_FILL, shards: Optional[int] = None,
-                tables: Optional[int] = None) -> List[Tuple[int, int]]:
+                tables: Optional[int] = None, parallel_shards: bool = False,
+                attn: int = 1) -> List[Tuple[int, int]]:
     """Unit ranges ``[(u0, u1), ...]`` of :func:`model_units` with ``shards`` (default
     :func:`mlp_shards`), one per chip.
 
     ``chips=None``: as few stages as hold at most ``fill`` x the chip's SRAM each (cut greedily in
     unit order). ``chips=N``: exactly N stages, as even in bytes as contiguous cuts allow. A stage's bytes
     are its units' :func:`unit_bytes` plus the largest of their :func:`unit_temps` (an attention block's
-    temporaries grow with the cache, as its cache does). Raises
+    temporaries grow with the cache, as its cache does). ``parallel_shards`` (``chips=None`` only): every
+    MLP shard (and each of ``attn`` attention shards) a stage of its own, the shards of a layer side by side
+    (:class:`PipelineDecoder`). Raises
     :class:`~lpucore.llm.ModelDoesNotFit` (saying how many chips it takes) when a stage overflows."""
     if shards is None:
         shards = mlp_shards(cfg, precision, capacity, chip, block, fill)
     if tables is None:
         tables = table_shards(cfg, precision, capacity, chip, block, fill)
-    sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards, tables)
-    temps = unit_temps(cfg, capacity, chip.lanes, shards, tables)
+    if attn > 1 and not parallel_shards:
+        raise ValueError("attention shards run side by side only (parallel_shards=True)")
+    sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards, tables, attn)
+    temps = unit_temps(cfg, capacity, chip.lanes, shards, tables, attn)
     cap = fill * chip.sram_bytes
     least = len(_greedy(sizes, cap, temps))
     whole = [b + t for b, t in zip(sizes, temps)]
     if max(whole) > cap:
         u = int(np.argmax(whole))
         raise ModelDoesNotFit(
-            f"{cfg.name} ({precision}): unit {model_units(cfg, shards, tables)[u][:2]} alone needs "
+            f"{cfg.name} ({precision}): unit {model_units(cfg, shards, tables, attn)[u][:2]} alone needs "
             f"{whole[u] / 1e6:,.1f} MB of SRAM (" + (f"{sizes[u] / 1e6:,.1f} MB of weights and KV cache, "
                                                      f"{temps[u] / 1e6:,.1f} MB of attention temporaries at "
                                                      f"{capacity} positions" if temps[u] else "weights") +
             f"), more than a stage may fill on one {chip.name} ({fill:.0%} of {chip.sram_bytes / 1e6:,.1f} MB); "
-            f"it needs tensor parallelism, which lpucore.llm does not do yet")
+            f"it needs tensor parallelism (attention shards side by side: PipelineDecoder(parallel_shards=True))")
+    if parallel_shards and (shards > 1 or attn > 1):
+        if chips is not None:
+            raise ValueError("parallel_shards plans its own stages: give chips=None")
+        return _alone(model_units(cfg, shards, tables, attn), sizes, cap, temps)
     if chips is None:
         return _greedy(sizes, cap, temps)
     n = int(chips)
@@ -270,18 +313,55 @@ def plan_stages(cfg, precision: str, capacity: int, chip, chips: Optional[int] =
     return groups
 
 
-def stage_signature(cfg, units: Tuple[int, int], shards: int = 1, tables: int = 1) -> tuple:
+def plan_auto(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL
+              ) -> Tuple[List[Tuple[int, int]], bool]:
+    """(stages, side by side) of ``chips="auto"``: :func:`plan_stages` in a row when every unit fits a stage,
+    else with the shards side by side (an attention block cut by kv heads, :func:`attn_shards`); raises the
+    row plan's :class:`~lpucore.llm.ModelDoesNotFit` when neither fits."""
+    try:
+        return plan_stages(cfg, precision, capacity, chip, None, block, fill), False
+    except ModelDoesNotFit as e:
+        if cfg.family == "gpt2":
+            raise
+        attn = attn_shards(cfg, precision, capacity, chip, block, fill)
+        try:
+            return plan_stages(cfg, precision, capacity, chip, None, block, fill, parallel_shards=True, attn=attn), True
+        except ModelDoesNotFit:
+            raise e from None
+
+
+def _alone(units, sizes, cap, temps) -> List[Tuple[int, int]]:
+    """:func:`_greedy`'s stages with every attention or MLP shard unit of ``units`` a stage of its own."""
+    groups: List[Tuple[int, int]] = []
+    a = 0
+    for u, unit in enumerate(list(units) + [("end", None)]):
+        if unit[0] == "end" or side_by_side(unit):
+            if u > a:
+                groups += [(a + x, a + y) for x, y in _greedy(sizes[a:u], cap, temps[a:u])]
+            if unit[0] != "end":
+                groups.append((u, u + 1))
+            a = u + 1
+    return groups
+
+
+def stage_signature(cfg, units: Tuple[int, int], shards: int = 1, tables: int = 1, parallel: bool = False,
+                    attn: int = 1) -> tuple:
     """What a stage's graph depends on besides the weights: its units, layers counted from its first
     (and for an MLP shard: whether it is its layer's first or last, and its size)."""
-    us = model_units(cfg, shards, tables)[units[0]:units[1]]
+    every = model_units(cfg, shards, tables, attn)
+    us = every[units[0]:units[1]]
     first = next((u[1] for u in us if u[1] is not None), 0)
     out = []
     for u in us:
         sig: tuple = (u[0], None if u[1] is None else u[1] - first)
         if len(u) == 4:
             lo, hi = shard_range(cfg, u[2], u[3], u[0])
-            sig += (u[2] == 0, u[2] == u[3] - 1, hi - lo)
+            # side by side, only shard 0 differs (it sends the residual with its part)
+            sig += (u[2] == 0, False if parallel else u[2] == u[3] - 1, hi - lo)
         out.append(sig)
+    a = group_start(every, units[0]) if parallel else 0
+    if a > 0 and side_by_side(every[a - 1]):
+        out.append(("after shards", every[a - 1][3]))         # it takes their parts
     return tuple(out)
 
 
@@ -314,24 +394,40 @@ class PipelineDecoder:
     """``decoder``'s model (a :class:`~lpucore.llm.Decoder`, used for its weights, precision,
     chip configuration, capacity and engine) over ``chips`` chips (``None``: as few as it fits on,
     :func:`plan_stages`). ``comm``: an MPI communicator, to spread the chips over processes
-    (:class:`lpucore.System`); every process then calls the same methods and gets the same results."""
+    (:class:`lpucore.System`); every process then calls the same methods and gets the same results.
+    ``shards`` / ``tables``: MLP and table shards (default: as few as fit a chip); ``parallel_shards``: the
+    MLP shards and ``attn`` attention shards (default: as few as fit, :func:`attn_shards`) of a layer side
+    by side (module docstring; the chips are then as many as that plan takes)."""
 
     def __init__(self, decoder, chips: Optional[int] = None, comm=None, fill: float = STAGE_FILL,
-                 shards: Optional[int] = None, tables: Optional[int] = None):
+                 shards: Optional[int] = None, tables: Optional[int] = None, parallel_shards: bool = False,
+                 attn: Optional[int] = None):
         self.decoder = decoder
         d = decoder
         self.shards = mlp_shards(d.cfg, d.precision, d.capacity, d.chip_config, d.block, fill) if shards is None \
             else int(shards)
         self.tables = table_shards(d.cfg, d.precision, d.capacity, d.chip_config, d.block, fill) if tables is None \
             else int(tables)
-        self.stages: List[Tuple[int, int]] = plan_stages(d.cfg, d.precision, d.capacity, d.chip_config, chips,
-                                                         d.block, fill, self.shards, self.tables)
+        # the shards of a layer's MLP (Mixtral: its experts) and of its attention (ranges of kv heads) side
+        # by side on chips of their own
+        self.attn = 1 if not parallel_shards else int(attn) if attn is not None else \
+            attn_shards(d.cfg, d.precision, d.capacity, d.chip_config, d.block, fill)
+        self.parallel = bool(parallel_shards) and (self.shards > 1 or self.attn > 1)
+        self.stages: List[Tuple[int, int]] = plan_stages(d.cfg, d.precision, d.capacity, d.chip_config,
+                                                         None if self.parallel else chips, d.block, fill,
+                                                         self.shards, self.tables, self.parallel, self.attn)
         if len(self.stages) < 2:
             raise ValueError(f"{decoder.cfg.name} fits one chip: use the Decoder itself (chips=1)")
+        if self.parallel and chips is not None and int(chips) != len(self.stages):
+            raise ValueError(f"{decoder.cfg.name} with its MLP shards side by side takes {len(self.stages)} chips, "
+                             f"not {chips}")
         self.n_chips = len(self.stages)
         self.comm = comm
-        self.units = model_units(decoder.cfg, self.shards, self.tables)
-        self.signatures = [stage_signature(decoder.cfg, s, self.shards, self.tables) for s in self.stages]
+        self.units = model_units(decoder.cfg, self.shards, self.tables, self.attn)
+        self.signatures = [stage_signature(decoder.cfg, s, self.shards, self.tables, self.parallel, self.attn)
+                           for s in self.stages]
+        self.sources = self._sources()
+        self.wires = self._wires(d.chip_config.c2c_links)
         self.compiled: Dict[tuple, Compiled] = {}    # signature -> Compiled (one per distinct stage)
         self.system: Optional[System] = None
         self.step_cycles: Optional[int] = None
@@ -346,6 +442,38 @@ class PipelineDecoder:
         return (f"PipelineDecoder({self.decoder.cfg.name!r}, {self.n_chips} chips x {self.decoder.chip_config.name}, "
                 f"{len(set(self.signatures))} distinct stages)")
 
+    def _sources(self) -> List[List[Tuple[int, str]]]:
+        """Per chip, the (chip, input name) its inputs come from: the chip before it; with shards side by
+        side, a shard's from the chip before its layer's shards, and the stage after them from each shard
+        (shard 0 into ``x_in``, shard j into ``y_in<j>``; :func:`~lpucore.llm.program.build_step`)."""
+        chip_of = {u: k for k, (a, b) in enumerate(self.stages) for u in range(a, b)}
+        out: List[List[Tuple[int, str]]] = [[]]
+        for k in range(1, self.n_chips):
+            # the unit before this stage's (or before its group of shards side by side)
+            before = (group_start(self.units, self.stages[k][0]) if self.parallel else self.stages[k][0]) - 1
+            prev = self.units[before]
+            if self.parallel and side_by_side(prev):
+                first = group_start(self.units, before)
+                out.append([(chip_of[first + j], "x_in" if j == 0 else f"y_in{j}") for j in range(prev[3])])
+            else:
+                out.append([(chip_of[before], "x_in")])
+        return out
+
+    def _wires(self, links: int) -> List[Tuple[int, int, int, int]]:
+        """(chip, link, chip, link) of every hand-over of :meth:`_sources`, each chip's links numbered in turn."""
+        used = [0] * self.n_chips
+        wires = []
+        for k, srcs in enumerate(self.sources):
+            for src, _ in srcs:
+                wires.append((src, used[src], k, used[k]))
+                used[src] += 1
+                used[k] += 1
+        if max(used) > links:
+            k = int(np.argmax(used))
+            raise ValueError(f"{self.decoder.cfg.name}: chip {k} would need {used[k]} C2C links, more than the "
+                             f"{links} of a {self.decoder.chip_config.name}")
+        return wires
+
     def describe(self) -> List[str]:
         """One line per chip: its units."""
         out = []
@@ -359,7 +487,8 @@ class PipelineDecoder:
     def _graph(self, k: int):
         d = self.decoder
         g, _ = build_step(d.cfg, d.ref.w, d.ref.quantized, d.precision, d.capacity, d.block, units=self.stages[k],
-                          shards=self.shards, table_shards=self.tables)
+                          shards=self.shards, table_shards=self.tables, parallel_shards=self.parallel,
+                          attn_shards=self.attn)
         return g
 
     def compile(self, progress=None, release_weights: Optional[bool] = None):
@@ -372,7 +501,7 @@ class PipelineDecoder:
         import lpucore
 
         from ..compiler.emit import expected_cycles
-        from ..compiler.pipeline import hand_over
+        from ..compiler.pipeline import _with, check_pair, plan_receives, plan_sends
         from ..system import System
         d = self.decoder
         t0 = time.perf_counter()
@@ -390,24 +519,34 @@ class PipelineDecoder:
                              f"in {time.perf_counter() - t0:.0f} s")
         self.compile_seconds = time.perf_counter() - t0
         t1 = time.perf_counter()
-        s = System(self.n_chips, [(k, 0, k + 1, 1) for k in range(self.n_chips - 1)], config=d.chip_config,
-                   engine=d.engine, fp16_mxm=d.fp16_mxm, comm=self.comm)
-        cur = self.compiled[self.signatures[0]]
-        self.stage_cycles, self.stage_starts, self.stage_sends = [], [0], []
+        s = System(self.n_chips, self.wires, config=d.chip_config, engine=d.engine, fp16_mxm=d.fp16_mxm,
+                   comm=self.comm)
+        self.stage_cycles, self.stage_starts, self.stage_sends = [], [], []
+        sent: Dict[Tuple[int, int], List[int]] = {}       # (from chip, to chip) -> each vector's Send cycle
         for k in range(self.n_chips):
-            if k + 1 < self.n_chips:
-                nxt = self.compiled[self.signatures[k + 1]]
-                # the residual leaves as soon as it is written: a stage's KV cache write runs on meanwhile
-                info: Dict[str, int] = {}
-                prog, pb, end = hand_over(cur, "x_out", nxt, "x_in", 0, 1, early=True, info=info,
-                                          start=self.stage_starts[k])
-                self.stage_cycles.append(max(cur.expected_cycles, expected_cycles(prog)))
-                self.stage_sends.append(info["send"])
-                self.stage_starts.append(end - nxt.expected_cycles)
+            comp = self.compiled[self.signatures[k]]
+            ins = [w for w in self.wires if w[2] == k]
+            outs = [w for w in self.wires if w[0] == k]
+            incoming = []
+            for (src, name), w in zip(self.sources[k], ins):
+                check_pair(self.compiled[self.signatures[src]], "x_out", comp, name)
+                incoming.append((name, w[3], sent[(src, k)]))
+            shift = 0
+            if incoming:     # the program starts once its inputs are in
+                head, shift = plan_receives(comp, incoming)
+                comp = dataclasses.replace(comp, program=_with(comp.program, head, shift, {}),
+                                           expected_cycles=shift + comp.expected_cycles)
+            self.stage_starts.append(shift)
+            prog = comp.program
+            if outs:         # the residual leaves as soon as it is written: a KV cache write runs on meanwhile
+                tail, times, first_send = plan_sends(comp, "x_out", [w[1] for w in outs], early=True, start=shift)
+                prog = _with(prog, {}, 0, tail)
+                for w, ts in zip(outs, times):
+                    sent[(k, w[2])] = ts
+                self.stage_sends.append(first_send)
             else:
-                prog = cur.program
-                self.stage_cycles.append(cur.expected_cycles)
-                self.stage_sends.append(cur.expected_cycles)
+                self.stage_sends.append(comp.expected_cycles)
+            self.stage_cycles.append(max(comp.expected_cycles, expected_cycles(prog)))
             chip = s.chips[k]
             if chip is not None:
                 self._load_chip(k, chip, prog, names)
@@ -415,8 +554,6 @@ class PipelineDecoder:
                     self._release(k)
                 if progress:
                     progress(f"loaded chip {k + 1} of {self.n_chips}")
-            if k + 1 < self.n_chips:
-                cur = dataclasses.replace(nxt, program=pb, expected_cycles=end)
         self.step_cycles = max(self.stage_cycles)
         self.load_seconds = time.perf_counter() - t1
         self.system = s
@@ -529,5 +666,5 @@ class PipelineDecoder:
         return np.array(tokens, dtype=np.int64), np.stack(logits), stats
 
 
-__all__ = ["PipelineDecoder", "plan_stages", "mlp_shards", "table_shards", "unit_bytes", "stage_signature",
-           "STAGE_FILL"]
+__all__ = ["PipelineDecoder", "plan_stages", "plan_auto", "mlp_shards", "table_shards", "attn_shards", "unit_bytes",
+           "stage_signature", "STAGE_FILL"]

@@ -87,6 +87,7 @@ class Prediction(_Model):
     layer_chips: int                    # simulated: chips of layer 1 (every layer takes as many)
     simulated_bound_cycles: int         # the simulated chips' schedule bounds (the largest of each), summed
     layer_bound_cycles: int             # ... of layer 1's chips
+    parallel_shards: bool               # MLP shards (experts) side by side on chips of their own, else in a row
     bound_cycles: int                   # derived as step_cycles is: a lower bound of the step without hand-overs
     tokens_match_reference: bool
     max_logit_error: float
@@ -115,8 +116,9 @@ class Prediction(_Model):
         us = _cycles(self.clock_hz)
         rows = [
             ("model", _model_line(self)),
-            ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs in {self.mlp_shards} shards, "
-                                 f"embedding and head in {self.table_shards})"),
+            ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs in {self.mlp_shards} shards"
+                                 + (" side by side" if self.parallel_shards and self.mlp_shards > 1 else "")
+                                 + f", embedding and head in {self.table_shards})"),
             ("simulated", f"embedding + {self.simulated_layers} layers + head on {self.simulated_chips} chips: "
                           f"{us(self.simulated_step_cycles)} per step; tokens "
                           f"{'identical to' if self.tokens_match_reference else 'DIFFERENT from'} the reference, "
@@ -136,6 +138,22 @@ class Prediction(_Model):
         return _table(rows, self.published)
 
 
+def _levels(sources) -> List[int]:
+    """Each chip's hand-overs from the first chip (a :class:`~lpucore.llm.PipelineDecoder`'s ``sources``)."""
+    level: List[int] = []
+    for srcs in sources:
+        level.append(1 + max((level[k] for k, _ in srcs), default=-1))
+    return level
+
+
+def _path(bounds, level, chips) -> int:
+    """The sum over levels of the largest bound of ``chips`` at each level: chips at one level work at once."""
+    top: Dict[int, int] = {}
+    for k in chips:
+        top[level[k]] = max(top.get(level[k], 0), bounds[k])
+    return sum(top.values())
+
+
 def truncated(cfg: ModelConfig, layers: int) -> ModelConfig:
     """``cfg`` with only its first ``layers`` layers (same name stem, so the same random tensors)."""
     if not 1 <= layers <= cfg.n_layers:
@@ -145,11 +163,17 @@ def truncated(cfg: ModelConfig, layers: int) -> ModelConfig:
 
 def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
             config: Optional[ChipConfig] = None, seed: int = 0, prompt=(1, 2), new_tokens: int = 2,
-            engine: str = "fast", unit_per_chip: bool = False, progress=None) -> Prediction:
+            engine: str = "fast", unit_per_chip: bool = False, progress=None,
+            parallel_shards: Optional[bool] = None, shards: Optional[int] = None,
+            attn: Optional[int] = None) -> Prediction:
     """Simulate ``name``'s first ``layers`` (at least 2) layers with its embedding and head, check them
     against the reference, and derive the whole model's decode step (module docstring).
     ``unit_per_chip``: every unit on a chip of its own, even if several would fit one (small models,
-    tests); by default the stages are :func:`~lpucore.llm.pipeline.plan_stages`'s."""
+    tests); by default the stages are :func:`~lpucore.llm.pipeline.plan_stages`'s. ``parallel_shards``: a
+    layer's MLP shards side by side, each on a chip of its own (:class:`~lpucore.llm.PipelineDecoder`);
+    ``None``: for a mixture of experts cut into shards (Mixtral's experts) or a model with a block no chip
+    holds whole (:func:`~lpucore.llm.pipeline.plan_auto`), else in a row. ``shards`` MLP
+    shards and ``attn`` attention shards per layer side by side (default: as few as fit a chip)."""
     cfg = model_config(name) if isinstance(name, str) else name
     if layers < 2:
         raise ValueError("predict needs at least 2 simulated layers (layer 1 is the one every later layer repeats)")
@@ -160,6 +184,9 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
                   engine=engine, chips="auto")
     if unit_per_chip:
         pd = PipelineDecoder(dec, len(PipelineDecoder(dec, 2).units))
+    elif parallel_shards or (parallel_shards is None and dec.chips > 1 and (cfg.family == "mixtral" or
+                                                                             dec.side_by_side)):
+        pd = PipelineDecoder(dec, None, shards=shards, parallel_shards=True, attn=attn)
     elif dec.chips == 1:
         raise ValueError(f"{part.name} fits one chip: run the Decoder itself (or unit_per_chip=True)")
     else:
@@ -172,41 +199,50 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     err = float(np.max(np.abs(logits - ref_logits)))
     bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(ref_logits))))
     # per chip: its cycles until its output leaves (the residual goes on as soon as it is written; a KV cache
-    # write runs on meanwhile), and the hand-over before it
+    # write runs on meanwhile); chips side by side (a layer's experts) count once, by the slowest
     starts, sends = pd.stage_starts, pd.stage_sends
     own = [sends[k] - starts[k] for k in range(pd.n_chips)]
-    handover = [0] + [starts[k] - sends[k - 1] for k in range(1, pd.n_chips)]
 
     # layer 1's chips: they hold units of layer 1 only, and every later layer's would be the same
     l1 = [k for k, (a, b) in enumerate(pd.stages) if all(u[1] == 1 for u in pd.units[a:b])]
-    if not l1 or l1 != list(range(l1[0], l1[-1] + 1)) or any(
+    if not l1 or l1 != list(range(l1[0], l1[-1] + 1)) or l1[-1] + 1 >= pd.n_chips or any(
             any(u[1] == 1 for u in pd.units[slice(*pd.stages[k])]) for k in range(pd.n_chips) if k not in l1):
         raise ValueError(f"{cfg.name}: layer 1 does not have chips of its own; predict needs them")
-    full_chips = len(plan_stages(cfg, precision, capacity, chip, None, dec.block)) if not unit_per_chip else \
-        pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1)
+    full_chips = pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1) if unit_per_chip else \
+        len(plan_stages(cfg, precision, capacity, chip, None, dec.block, shards=pd.shards, tables=pd.tables,
+                        parallel_shards=pd.parallel, attn=pd.attn))
     if full_chips != pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1):
         raise AssertionError(f"{cfg.name}: the whole model's stages are not the simulated ones with layer 1's repeated")
-    cost = [own[k] + handover[k] for k in range(pd.n_chips)]
-    # each chip's largest schedule bound; at batch 1 the chips work one after another, so they add up
+    # each chip's largest schedule bound; at batch 1 the chips work one after another (those side by side at
+    # once), so the bounds of the chips of each level (hand-overs from the embedding) add up
     chip_bound = [max(pd.compiled[s].bounds().as_dict().values()) for s in pd.signatures]
-    layer_bound = sum(chip_bound[k] for k in l1)
-    layer = sum(cost[k] for k in l1)
+    level = _levels(pd.sources)
+    layer_bound = _path(chip_bound, level, l1)
+    # layer 1 repeats: from its first chip's start to the start of the chip after it, as for every later layer
+    after = l1[-1] + 1
+    layer = starts[after] - starts[l1[0]]
     parts: Dict[str, int] = {}
     for k in l1:
         u = pd.units[pd.stages[k][0]]
-        label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
-        parts[label] = parts.get(label, 0) + own[k]
+        if pd.parallel and len(u) == 4 and u[0] in ("attn", "mlp"):
+            what = "attention shards" if u[0] == "attn" else "experts" if cfg.family == "mixtral" else "MLP shards"
+            label = f"{what} ({u[3]} side by side)"
+            parts[label] = max(parts.get(label, 0), own[k])
+        else:
+            label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
+            parts[label] = parts.get(label, 0) + own[k]
     full = int(pd.step_cycles + (cfg.n_layers - part.n_layers) * layer)
+    simulated_bound = _path(chip_bound, level, range(pd.n_chips))
     return Prediction(
         model=cfg.name, precision=precision, chip=chip.name, clock_hz=chip.clock_hz, capacity=capacity,
         n_layers=cfg.n_layers, chips=full_chips,
         mlp_shards=pd.shards, table_shards=pd.tables, simulated_layers=part.n_layers, simulated_chips=pd.n_chips,
         simulated_step_cycles=int(pd.step_cycles), layer_cycles=int(layer),
-        before_cycles=int(sum(cost[:l1[0]])), after_cycles=int(sum(cost[l1[-1] + 1:])),
-        layer_parts=parts, handover_cycles=int(sum(handover[k] for k in l1)), step_cycles=full,
-        tokens_per_second=chip.clock_hz / full, layer_chips=len(l1), simulated_bound_cycles=int(sum(chip_bound)),
-        layer_bound_cycles=int(layer_bound),
-        bound_cycles=int(sum(chip_bound) + (cfg.n_layers - part.n_layers) * layer_bound),
+        before_cycles=int(starts[l1[0]]), after_cycles=int(pd.step_cycles - starts[after]),
+        layer_parts=parts, handover_cycles=int(layer - sum(parts.values())), step_cycles=full,
+        tokens_per_second=chip.clock_hz / full, layer_chips=len(l1), simulated_bound_cycles=int(simulated_bound),
+        layer_bound_cycles=int(layer_bound), parallel_shards=pd.parallel,
+        bound_cycles=int(simulated_bound + (cfg.n_layers - part.n_layers) * layer_bound),
         tokens_match_reference=bool(np.array_equal(tokens, ref_tokens)), max_logit_error=err, logit_bound=bound,
         compile_seconds=pd.compile_seconds, wall_seconds_per_step=float(np.mean(walls)),
         published=dict(PUBLISHED.get(cfg.name, {})))

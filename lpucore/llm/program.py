@@ -56,6 +56,12 @@ nothing else; llama rows are rotated by one rope over ``[heads, B, hd]`` (the B 
 head takes the last row only (logits ``[1, vocab]``). Every row's arithmetic is the single-token step's
 (bit for bit on the tiny models; :mod:`lpucore.llm.prefill`).
 
+Shards side by side (``parallel_shards``, :class:`lpucore.llm.PipelineDecoder`): a layer's MLP shards (for
+Mixtral its experts) are stages of their own that run at once, each from the residual ``x_in`` ``[1, d]``:
+shard 0 sends ``[x; y_0]`` (``[2, d]``), shard ``j > 0`` its part ``y_j`` alone, and the stage after them takes
+``x_in`` ``[2, d]`` and ``y_in<j>`` and adds ``x + (((y_0 + y_1) + y_2) + ...)``, the order the shards in a
+row add them, so both give the same bits.
+
 :func:`build_step` returns the graph and a list of ``(label, first node, end node)`` spans naming the model part
 each graph node belongs to (``embed``, ``attn``, ``kv``, ``mlp``, ``head``...) for the per-operation breakdown.
 :attr:`StepBuilder.probes` names the residual stream after each layer (``x0``, ``x1``, ...): adding them as graph
@@ -64,6 +70,7 @@ outputs lets a debugging session compare every layer with the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Dict, List, Mapping, Optional, Tuple, Union
 
@@ -99,7 +106,8 @@ class StepBuilder:
                  quantized: Mapping[str, Tuple[np.ndarray, np.ndarray, int]], precision: str,
                  capacity: int, block: int = DEFAULT_BLOCK, layers: Optional[Tuple[int, int]] = None,
                  units: Optional[Tuple[int, int]] = None, shards: int = 1, table_shards: int = 1,
-                 batch: int = 1, shared_cache: bool = False, cache_row: Optional[int] = None):
+                 batch: int = 1, shared_cache: bool = False, cache_row: Optional[int] = None,
+                 parallel_shards: bool = False, attn_shards: int = 1):
         self.cfg, self.w, self.q, self.precision = cfg, w, quantized, precision
         # B sequences per step (module docstring, "Batches"): B activation rows, a KV cache per sequence;
         # shared_cache: the B rows are B positions of one sequence, one cache (a prompt chunk, "Prefill")
@@ -117,7 +125,7 @@ class StepBuilder:
         # embedding before layer 0 and the head after the last); a stage that starts with the embedding
         # takes "tok", the others the residual stream "x_in" (float32 [1, d]); one that ends with the head
         # emits "logits", the others "x_out"
-        all_units = model_units(cfg, shards, table_shards)
+        all_units = model_units(cfg, shards, table_shards, attn_shards)
         if units is not None and layers is not None:
             raise ValueError("give layers or units, not both")
         if units is None:
@@ -126,6 +134,23 @@ class StepBuilder:
         if not 0 <= u0 < u1 <= len(all_units):
             raise ValueError(f"units must be a range inside 0..{len(all_units)}, got {units}")
         self.units = all_units[u0:u1]
+        # parallel_shards: a layer's attention or MLP shards run side by side on chips of their own (module
+        # docstring, "Shards side by side"); ``self.fan_in``: the parts of the group before this stage's
+        self.parallel = bool(parallel_shards) and (shards > 1 or attn_shards > 1)
+        if attn_shards > 1 and not self.parallel:
+            raise ValueError("attention shards run side by side only (parallel_shards=True)")
+        self.fan_in = 0
+        if self.parallel:
+            if any(side_by_side(u) for u in self.units) and len(self.units) > 1:
+                raise ValueError("with parallel_shards a shard is a stage of its own")
+            a = group_start(all_units, u0)
+            if a > 0 and side_by_side(all_units[a - 1]):
+                self.fan_in = all_units[a - 1][3]
+        if self.units[0][0] == "attn" and len(self.units[0]) == 4:
+            # an attention shard is the attention of its kv heads (and their query heads) alone
+            t = self.units[0][3]
+            self.full_cfg = cfg
+            cfg = self.cfg = attn_shard_config(cfg, t)
         if self.B > 1 and any(len(u) == 4 for u in self.units):
             raise ValueError("a batched step does not hold sharded units (MLP, embedding or head shards)")
         idx = [u[1] for u in self.units if u[1] is not None]
@@ -587,6 +612,25 @@ class StepBuilder:
         return [r + heads for r in rows]
 
     # ---- the model -------------------------------------------------------------------------------
+    def _stage_input(self) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+        """(the residual x, the partial sum of a sharded MLP or None) the stage starts from: None for a stage
+        that starts with the embedding; after a group of shards side by side, shard 0's ``x_in`` (x and its
+        part, ``[2, d]``) plus the other shards' ``y_in<j>``; inside a row of MLP shards, (x, the partial sum)
+        as the two rows of ``x_in``; else ``x_in`` ``[B, d]``."""
+        g, d = self.g, self.cfg.d_model
+        u0 = self.units[0]
+        if u0[0] == "embed" and (len(u0) == 2 or u0[2] == 0):
+            return None, None
+        if self.fan_in or (u0[0] == "mlp" and len(u0) == 4 and u0[2] > 0 and not self.parallel):
+            xa = g.input("x_in", (2, d), "float32")
+            x, acc = g.slice(xa, (slice(0, 1), slice(None))), g.slice(xa, (slice(1, 2), slice(None)))
+            if not self.fan_in:
+                return x, acc
+            for j in range(1, self.fan_in):
+                acc = g.add(acc, g.input(f"y_in{j}", (1, d), "float32"))
+            return g.add(x, acc), None
+        return g.input("x_in", (self.B, d), "float32"), None
+
     def build(self) -> Tuple[Graph, List[Tuple[str, int, int]]]:
         g, cfg = self.g, self.cfg
         kinds = [u[0] for u in self.units]
@@ -595,17 +639,7 @@ class StepBuilder:
         B = self.B
         tok = g.input("tok", (B,), "int32") if "embed" in kinds else None
         pos = g.input("pos", (B,), "int32") if "attn" in kinds or (gpt2 and tok is not None) else None
-        # a stage that starts inside a sharded MLP takes (x, the partial sum) as rows of one tensor;
-        # one that starts inside a sharded embedding, the partial row
-        u0 = self.units[0]
-        acc = None
-        if u0[0] == "embed" and (len(u0) == 2 or u0[2] == 0):
-            x = None
-        elif u0[0] == "mlp" and len(u0) == 4 and u0[2] > 0:
-            xa = g.input("x_in", (2, cfg.d_model), "float32")
-            x, acc = g.slice(xa, (slice(0, 1), slice(None))), g.slice(xa, (slice(1, 2), slice(None)))
-        else:
-            x = g.input("x_in", (B, cfg.d_model), "float32")
+        x, acc = self._stage_input()
         att = None
         if "attn" in kinds and self.shared:
             assert pos is not None
@@ -642,6 +676,9 @@ class StepBuilder:
                 self._suffix = f"_s{u[2] - self._shard0['head']}"
                 logits.append(self._llama_head(x, shard_range(cfg, u[2], u[3], "head")))
                 self._suffix = ""
+            elif len(u) == 4 and self.parallel:      # its part; shard 0 sends x with it
+                y = self._attn_part(i, u[2], u[3], x, att) if kind == "attn" else self._shard_part(i, u[2], u[3], x)
+                x = g.concat([x, y], axis=0) if u[2] == 0 else y
             elif len(u) == 4:
                 x, acc = self._mlp_shard(i, u[2], u[3], x, acc)
                 if u[2] == u[3] - 1:
@@ -702,6 +739,24 @@ class StepBuilder:
         a = self.attention(i, q, k, v, att)
         return g.add(x, self.linear(a, p + "self_attn.o_proj.weight", True))
 
+    def _attn_part(self, i: int, j: int, t: int, x: Tensor, att) -> Tensor:
+        """Attention shard ``j`` of ``t`` of layer ``i`` (its ``n_kv_heads / t`` kv heads and their query heads;
+        ``self.cfg`` is :func:`attn_shard_config`'s): its part of the o projection's output, ``[1, d]``."""
+        g, cfg = self.g, self.cfg
+        p = f"model.layers.{i}."
+        assert cfg.rope_theta is not None       # llama and mixtral always have a rotary base
+        qd, kd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        qr, kr = (j * qd, (j + 1) * qd), (j * kd, (j + 1) * kd)
+        self.part("norm")
+        h = self.norm(x, p + "input_layernorm.weight", None)
+        self.part("attn")
+        q = g.rope(self._heads(self.linear(h, p + _Q_PROJ, True, cols=qr), cfg.n_heads), att[0],
+                   base=cfg.rope_theta, max_positions=self.S)
+        k = g.rope(self._heads(self.linear(h, p + "self_attn.k_proj.weight", True, cols=kr), cfg.n_kv_heads),
+                   att[0], base=cfg.rope_theta, max_positions=self.S)
+        v = self._heads(self.linear(h, p + "self_attn.v_proj.weight", True, cols=kr), cfg.n_kv_heads)
+        return self.linear(self.attention(i, q, k, v, att), p + _O_PROJ, True, rows=qr)
+
     def _rope_rows(self, x: Tensor, n: int, pos: Tensor) -> Tensor:
         """``x [B, n * hd]`` (B rows, n heads) with row ``b`` rotated by position ``pos[b]``: one rope over
         ``[n, B, hd]`` (heads first, so that the rows are rope's positions axis), whose positions are made
@@ -760,16 +815,23 @@ class StepBuilder:
         return self.linear(self.f16(a), down, True, rows=ff)
 
     def _mlp_shard(self, i: int, j: int, t: int, x: Tensor, acc: Optional[Tensor]):
-        """Shard ``j`` of ``t`` of layer ``i``'s MLP (a range of its hidden features) or mixture of
-        experts (a range of its experts, :func:`shard_range`): adds its part to the partial sum ``acc``;
-        the last shard adds the sum to the residual. Returns (x, acc or None)."""
-        g, cfg = self.g, self.cfg
+        """Shard ``j`` of ``t`` of layer ``i``'s MLP or mixture of experts (:meth:`_shard_part`): adds its
+        part to the partial sum ``acc``; the last shard adds the sum to the residual. Returns (x, acc or None)."""
+        y = self._shard_part(i, j, t, x)
+        acc = y if acc is None else self.g.add(acc, y)
+        if j == t - 1:
+            return self.g.add(x, acc), None
+        return x, acc
+
+    def _shard_part(self, i: int, j: int, t: int, x: Tensor) -> Tensor:
+        """Shard ``j`` of ``t`` of layer ``i``'s MLP (a range of its hidden features) or mixture of experts
+        (a range of its experts, :func:`shard_range`): its part of the block's output, ``[1, d]``."""
         p = f"model.layers.{i}."
-        lo, hi = shard_range(cfg, j, t)
+        lo, hi = shard_range(self.cfg, j, t)
         self._suffix = f"_s{j - self._shard0[i]}"
         self.part("norm")
         h = self.norm(x, p + "post_attention_layernorm.weight", None)
-        if cfg.family == "mixtral":
+        if self.cfg.family == "mixtral":
             self.part("moe")
             y = self._moe(h, p + "block_sparse_moe.", experts=(lo, hi))
         else:
@@ -777,10 +839,7 @@ class StepBuilder:
             y = self._swiglu(h, p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight",
                              ff=(lo, hi))
         self._suffix = ""
-        acc = y if acc is None else g.add(acc, y)
-        if j == t - 1:
-            return g.add(x, acc), None
-        return x, acc
+        return y
 
     def _moe(self, h: Tensor, p: str, experts: Optional[Tuple[int, int]] = None) -> Tensor:
         """Router softmax, top-k by repeated arg-max (ties to the lower expert), renormalised gates; every
@@ -867,7 +926,25 @@ class StepBuilder:
         return self.linear(h, cfg.head_name, True)
 
 
-def model_units(cfg: ModelConfig, shards: int = 1, table_shards: int = 1) -> List[tuple]:
+def side_by_side(unit: tuple) -> bool:
+    """Whether ``unit`` is an attention or MLP shard, which run side by side with ``parallel_shards``."""
+    return len(unit) == 4 and unit[0] in ("attn", "mlp")
+
+
+def group_start(units: List[tuple], a: int) -> int:
+    """The index of the first shard of unit ``a``'s group of shards (``a`` itself for other units)."""
+    return a - units[a][2] if side_by_side(units[a]) else a
+
+
+def attn_shard_config(cfg: ModelConfig, t: int) -> ModelConfig:
+    """``cfg`` as one of ``t`` attention shards sees it: ``n_kv_heads / t`` kv heads and their query heads."""
+    if cfg.n_kv_heads % t:
+        raise ValueError(f"{cfg.name}: {t} attention shards do not divide its {cfg.n_kv_heads} kv heads")
+    return dataclasses.replace(cfg, n_heads=cfg.n_heads // t, n_kv_heads=cfg.n_kv_heads // t,
+                               name=f"{cfg.name}/attn{t}")
+
+
+def model_units(cfg: ModelConfig, shards: int = 1, table_shards: int = 1, attn_shards: int = 1) -> List[tuple]:
     """The model as a sequence of units a pipeline may cut between: the embedding, then per layer its
     attention block and its MLP (or mixture-of-experts) block, each with its norm and residual add, then
     the final norm and head: ``[("embed", None), ("attn", 0), ("mlp", 0), ..., ("head", None)]``.
@@ -882,18 +959,21 @@ def model_units(cfg: ModelConfig, shards: int = 1, table_shards: int = 1) -> Lis
     limit = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
     if not 1 <= shards <= limit:
         raise ValueError(f"shards must be 1..{limit}, not {shards}")
+    if attn_shards < 1 or cfg.n_kv_heads % attn_shards or (attn_shards > 1 and cfg.family == "gpt2"):
+        raise ValueError(f"attn_shards must divide the {cfg.n_kv_heads} kv heads (llama, mixtral), not {attn_shards}")
     T = table_shards
     out: List[tuple] = [("embed", None)] if T == 1 else [("embed", None, j, T) for j in range(T)]
     for i in range(cfg.n_layers):
-        out.append(("attn", i))
+        out += [("attn", i)] if attn_shards == 1 else [("attn", i, j, attn_shards) for j in range(attn_shards)]
         out += [("mlp", i)] if shards == 1 else [("mlp", i, j, shards) for j in range(shards)]
     return out + ([("head", None)] if T == 1 else [("head", None, j, T) for j in range(T)])
 
 
 def shard_range(cfg: ModelConfig, j: int, t: int, kind: str = "mlp") -> Tuple[int, int]:
     """The hidden features (llama) or experts (mixtral) ``[lo, hi)`` of MLP shard ``j`` of ``t``; for
-    ``kind`` "embed" or "head", the tokens."""
-    n = cfg.vocab_size if kind in ("embed", "head") else cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+    ``kind`` "embed" or "head", the tokens; for "attn", the kv heads."""
+    n = cfg.vocab_size if kind in ("embed", "head") else cfg.n_kv_heads if kind == "attn" else \
+        cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
     return (j * n) // t, ((j + 1) * n) // t
 
 
@@ -909,11 +989,13 @@ def layer_units(cfg: ModelConfig, layers: Tuple[int, int]) -> Tuple[int, int]:
 def build_step(cfg: ModelConfig, w, quantized, precision: str, capacity: int, block: int = DEFAULT_BLOCK,
                layers: Optional[Tuple[int, int]] = None, units: Optional[Tuple[int, int]] = None,
                shards: int = 1, table_shards: int = 1, batch: int = 1, shared_cache: bool = False,
-               cache_row: Optional[int] = None):
+               cache_row: Optional[int] = None, parallel_shards: bool = False, attn_shards: int = 1):
     """The step graph of ``cfg`` (or of the pipeline stage holding ``layers``, or the units ``[u0, u1)``
     of :func:`model_units` with ``shards``) for ``batch`` sequences, and its part spans (module docstring).
     ``shared_cache``: the ``batch`` rows are consecutive positions of one sequence sharing its cache, a
     prompt chunk (module docstring, "Prefill"); its ``logits`` are the last row's, ``[1, vocab]``;
-    ``cache_row``: the chunk writes the cache of that row of a batch (states ``k<l>_b<row>``)."""
+    ``cache_row``: the chunk writes the cache of that row of a batch (states ``k<l>_b<row>``);
+    ``parallel_shards``: a layer's MLP shards (and its ``attn_shards`` attention shards) are stages side by
+    side (module docstring)."""
     return StepBuilder(cfg, w, quantized, precision, capacity, block, layers, units, shards, table_shards,
-                       batch, shared_cache, cache_row).build()
+                       batch, shared_cache, cache_row, parallel_shards, attn_shards).build()
