@@ -32,11 +32,12 @@ efficiency, and Groq's figure. The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
 from lpucore import ChipConfig
-from lpucore.errors import ModelDoesNotFit
+from lpucore.errors import LpuError, ModelDoesNotFit
 from lpucore.llm import model_config
 from lpucore.llm.pipeline import plan_auto
 from lpucore.llm.predict import PUBLISHED, PUBLISHED_TTFT, predict, predict_prefill, predict_tensor_parallel
@@ -48,6 +49,19 @@ NODE = 8                    # chips per GroqNode
 
 def _log(t0):
     return lambda m: print(f"  [{time.perf_counter() - t0:5.0f} s] {m}", flush=True) if "compiled" in m else None
+
+
+def _chip(params) -> ChipConfig:
+    """The GroqChip with ``NAME=VALUE`` parameters changed (integers or floats, as the field is)."""
+    base = ChipConfig.groqchip1()
+    changes = {}
+    for item in params:
+        name, _, value = item.partition("=")
+        if not hasattr(base, name) or not value:
+            raise ValueError(f"--chip-param wants NAME=VALUE with a ChipConfig field, not {item!r}")
+        changes[name] = type(getattr(base, name))(float(value)) if isinstance(getattr(base, name), (int, float)) \
+            else value
+    return dataclasses.replace(base, **changes) if changes else base
 
 
 def _summary(name, kind, p, chips, nodes) -> str:
@@ -62,7 +76,7 @@ def _summary(name, kind, p, chips, nodes) -> str:
 def run_model(name, a, out, lines, ttft):
     """Pipeline and tensor-parallel predictions of ``name`` at its capacity; appends to ``out`` and ``lines``."""
     cap = FULL.get(name, 2048) if a.capacity == "full" else int(a.capacity)
-    chip = ChipConfig.groqchip1()
+    chip = a.chip
     try:
         plan_auto(model_config(name), a.precision, cap, chip)
         pipe_cap = cap
@@ -73,8 +87,8 @@ def run_model(name, a, out, lines, ttft):
     if a.prefill_only:
         return _prefill(name, a, None, out, ttft)
     t0 = time.perf_counter()
-    p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0),
-                parallel_shards=False if a.in_a_row else None)
+    p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0), config=chip,
+                parallel_shards=False if a.in_a_row else None, prompt_tokens=a.prompt)
     print(p.table(), flush=True)
     print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {p.compile_seconds:.0f} s, "
           f"{p.wall_seconds_per_step:.1f} s per simulated step)\n", flush=True)
@@ -83,7 +97,8 @@ def run_model(name, a, out, lines, ttft):
         lines.append(_summary(name, "pipe side by side" if p.parallel_shards else "pipeline", p, p.chips, p.nodes))
     if a.tensor_parallel:
         t0 = time.perf_counter()
-        tp = predict_tensor_parallel(name, a.precision, group=a.tensor_parallel, pipeline=p, capacity=cap)
+        tp = predict_tensor_parallel(name, a.precision, group=a.tensor_parallel, pipeline=p, capacity=cap,
+                                     config=chip)
         print(tp.table(), flush=True)
         print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {tp.compile_seconds:.0f} s, "
               f"{tp.wall_seconds_per_layer:.1f} s per simulated layer)\n", flush=True)
@@ -126,11 +141,19 @@ def main(argv=None):
     ap.add_argument("--prefill-at", default="", help="S1,S2: simulate the chunk layer at these caches and "
                     "extrapolate linearly to the prompt's (a full-cache 70B chunk layer compiles slowly)")
     ap.add_argument("--prefill-only", action="store_true", help="only the time-to-first-token prediction")
+    ap.add_argument("--chip-param", action="append", default=[], metavar="NAME=VALUE",
+                    help="a GroqChip parameter changed (repeatable), for a sensitivity line: c2c_latency=1000")
     ap.add_argument("--in-a-row", action="store_true", help="the shards of a block (Mixtral's experts) one "
                     "after another, each adding its part, rather than side by side")
     ap.add_argument("--outside", default="", help="CYCLES,CHIPS of the embedding and head, from a pipeline "
                     "prediction's table (its simulated step less its layers), instead of running it")
     a = ap.parse_args(argv)
+    try:
+        a.chip = _chip(a.chip_param)
+    except (ValueError, LpuError) as e:
+        ap.error(str(e))
+    if a.chip_param:
+        print(f"GroqChip with {', '.join(a.chip_param)} (a sensitivity run)\n", flush=True)
     if a.capacity != "full" and not a.capacity.isdigit():
         ap.error(f"--capacity must be 'full' or a number of positions, not {a.capacity!r}")
     out: dict = {}

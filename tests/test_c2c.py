@@ -452,3 +452,60 @@ def test_pipeline_stages_on_two_chips_match_one_chip(engine):
                                                     * len(pa.tensors["h"].planes)}
     with pytest.raises(lpucore.CompileError, match="is float16"):
         hand_over(c1, "h", c1, "x", 0, 0)
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_a_fan_out_and_a_fan_in_over_several_links(engine, early):
+    """plan_sends puts one copy of an output on each of several links (early: in idle cycles while the chip
+    still works; else after its program), plan_receives takes vectors from several links into one chip,
+    each Receive and Write at the first free cycles after its vector arrives: three chips get the first
+    chip's output, a fifth adds their results, bit for bit, in the predicted cycles, both engines."""
+    from lpucore.compiler.emit import expected_cycles
+    from lpucore.compiler.pipeline import _with, check_pair, plan_receives, plan_sends
+    cfg = lpucore.ChipConfig.small()
+    r = np.random.default_rng(3)
+    w1 = (r.standard_normal((64, 96)) * 0.1).astype(np.float16)
+    x = r.standard_normal((1, 64)).astype(np.float16)
+    g1 = lpucore.Graph("first")
+    xin = g1.input("x", (1, 64), "float16")
+    h = g1.relu(xin @ g1.constant("w1", w1))
+    g1.output("h", h)
+    S = g1.state("s", (8, 96), "float16")
+    g1.assign(S, g1.add(S, g1.mul(h, 3.0)))           # work after the output, which nothing reads
+    g2 = lpucore.Graph("middle")
+    g2.output("y", g2.mul(g2.input("h", (1, 96), "float16"), g2.constant("c", np.full((1, 96), 2, np.float16))))
+    g3 = lpucore.Graph("last")
+    a, b, c = (g3.input(n, (1, 96), "float16") for n in "abc")
+    g3.output("z", g3.add(g3.add(a, b), c))
+    c1, c2, c3 = (lpucore.compile(g, cfg) for g in (g1, g2, g3))
+    wires = [(0, 0, 1, 0), (0, 1, 2, 0), (0, 2, 3, 0), (1, 1, 4, 0), (2, 1, 4, 1), (3, 1, 4, 2)]
+    tail, times, first = plan_sends(c1, "h", [0, 1, 2], early=early)
+    assert (first < c1.expected_cycles) == early and len(times) == 3
+    progs, sent = [_with(c1.program, {}, 0, tail)], []
+    for k in (1, 2, 3):
+        check_pair(c1, "h", c2, "h")
+        head, shift = plan_receives(c2, [("h", 0, times[k - 1])])
+        pk = _with(c2.program, head, shift, {})
+        mid = dataclasses.replace(c2, program=pk, expected_cycles=shift + c2.expected_cycles)
+        t_k, ts, _ = plan_sends(mid, "y", [1], early=early, start=shift)
+        progs.append(_with(pk, {}, 0, t_k))
+        sent.append(ts[0])
+    head, shift = plan_receives(c3, [(n, j, ts) for j, (n, ts) in enumerate(zip("abc", sent))])
+    progs.append(_with(c3.program, head, shift, {}))
+    s = System(5, wires, config=cfg, engine=engine)
+    consts = [c1, c2, c2, c2, c3]
+    for k, (chip, prog, comp) in enumerate(zip(s.chips, progs, consts)):
+        chip.load(prog)
+        for name, arr in comp.constants.items():
+            comp.write_constant(chip, name, arr * (k if name == "c" else 1))
+    c1.write_inputs(s.chips[0], {"x": x})
+    st = s.run()
+    o1, _ = lpucore.execute(c1, {"x": x}, engine=engine)
+    want = sum(o1["h"].astype(np.float16) * np.float16(2 * k) for k in (1, 2, 3)).astype(np.float16)
+    got = s.chips[4].read_tensor("z").reshape(1, 96)
+    assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
+    assert [ch.cycles for ch in st.chips] == [expected_cycles(p) for p in progs]
+    with pytest.raises(lpucore.CompileError, match="distinct"):
+        plan_sends(c1, "h", [0, 0])
+    with pytest.raises(lpucore.CompileError, match="2 vectors sent for 'a'"):
+        plan_receives(c3, [("a", 0, [5, 6])])

@@ -141,5 +141,9 @@ def test_experts_side_by_side_derive_the_step_of_the_whole_model():
     assert p.bound_cycles < sum(max(whole.compiled[s].bounds().as_dict().values()) for s in whole.signatures)
     # each chip's links: the attention chip between two layers takes 4 parts in and sends 4 copies out
     assert max(sum(k in (w[0], w[2]) for w in whole.wires) for k in range(21)) == 8
+    # a prompt streamed token by token: each token at most the busiest chip's time per token after the last
+    busy = max(c - r for c, r in zip(whole.stage_cycles, whole.stage_receives))
+    assert p.stream_interval_cycles == busy and p.ttft_cycles == p.step_cycles + 549 * busy
+    assert 0 < busy < p.step_cycles and "time to first token, 550-token prompt" in p.table()
     with pytest.raises(ValueError, match="side by side takes 21 chips"):
         PipelineDecoder(dec, 13, shards=4, parallel_shards=True)

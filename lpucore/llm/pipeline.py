@@ -434,6 +434,7 @@ class PipelineDecoder:
         self.stage_cycles: List[int] = []            # when each chip's stage program ends, in a step
         self.stage_starts: List[int] = []            # when each chip's program starts (its input arrived)
         self.stage_sends: List[int] = []             # when each chip's output starts to leave (the last: its end)
+        self.stage_receives: List[int] = []          # when each chip takes its first input vector (chip 0: 0)
         self.compile_seconds = 0.0
         self.load_seconds = 0.0
         self.position = 0
@@ -521,7 +522,7 @@ class PipelineDecoder:
         t1 = time.perf_counter()
         s = System(self.n_chips, self.wires, config=d.chip_config, engine=d.engine, fp16_mxm=d.fp16_mxm,
                    comm=self.comm)
-        self.stage_cycles, self.stage_starts, self.stage_sends = [], [], []
+        self.stage_cycles, self.stage_starts, self.stage_sends, self.stage_receives = [], [], [], []
         sent: Dict[Tuple[int, int], List[int]] = {}       # (from chip, to chip) -> each vector's Send cycle
         for k in range(self.n_chips):
             comp = self.compiled[self.signatures[k]]
@@ -531,12 +532,14 @@ class PipelineDecoder:
             for (src, name), w in zip(self.sources[k], ins):
                 check_pair(self.compiled[self.signatures[src]], "x_out", comp, name)
                 incoming.append((name, w[3], sent[(src, k)]))
-            shift = 0
+            shift, first = 0, 0
             if incoming:     # the program starts once its inputs are in
                 head, shift = plan_receives(comp, incoming)
+                first = min(c for events in head.values() for c, mn, _ in events if mn == "Receive")
                 comp = dataclasses.replace(comp, program=_with(comp.program, head, shift, {}),
                                            expected_cycles=shift + comp.expected_cycles)
             self.stage_starts.append(shift)
+            self.stage_receives.append(first)
             prog = comp.program
             if outs:         # the residual leaves as soon as it is written: a KV cache write runs on meanwhile
                 tail, times, first_send = plan_sends(comp, "x_out", [w[1] for w in outs], early=True, start=shift)

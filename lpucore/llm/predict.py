@@ -40,6 +40,12 @@ PUBLISHED = {
 }
 
 
+#: published times to first token (seconds), ../shared/TSP.md section 8 and issue 26
+PUBLISHED_TTFT = {
+    "llama2-70b": {"LLMPerf, Jan 2024: median, prompts of about 550 tokens": "0.22 s"},
+}
+
+
 def _cycles(clock_hz: float):
     return lambda n: f"{n:,} cycles ({n / clock_hz * 1e6:,.1f} us)"
 
@@ -88,6 +94,11 @@ class Prediction(_Model):
     simulated_bound_cycles: int         # the simulated chips' schedule bounds (the largest of each), summed
     layer_bound_cycles: int             # ... of layer 1's chips
     parallel_shards: bool               # MLP shards (experts) side by side on chips of their own, else in a row
+    attn_shards: int                    # attention blocks cut by kv heads (side by side), 1: whole
+    # simulated: the most cycles a chip is busy with one token, from its first input vector to its program's end
+    # (its cache write included): streamed through the stages, a prompt's tokens follow one another at this rate
+    stream_interval_cycles: int
+    prompt_tokens: int                  # of the time-to-first-token line
     bound_cycles: int                   # derived as step_cycles is: a lower bound of the step without hand-overs
     tokens_match_reference: bool
     max_logit_error: float
@@ -107,9 +118,17 @@ class Prediction(_Model):
         as fast as its graph allows, and no hand-over time)."""
         return self.bound_cycles / self.step_cycles
 
+    @property
+    def ttft_cycles(self) -> int:
+        """Derived time to first token of a ``prompt_tokens`` prompt streamed token by token through the
+        stages (each chip takes the next token once its program for the last has ended and its input is in;
+        the first token is through after a step, each later one at most an interval after the one before)."""
+        return self.step_cycles + (self.prompt_tokens - 1) * self.stream_interval_cycles
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["schedule_efficiency"] = self.schedule_efficiency
+        d["ttft_cycles"] = self.ttft_cycles
         return d
 
     def table(self) -> str:
@@ -117,7 +136,8 @@ class Prediction(_Model):
         rows = [
             ("model", _model_line(self)),
             ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs in {self.mlp_shards} shards"
-                                 + (" side by side" if self.parallel_shards and self.mlp_shards > 1 else "")
+                                 + (f", attention in {self.attn_shards}" if self.attn_shards > 1 else "")
+                                 + (" side by side" if self.parallel_shards else "")
                                  + f", embedding and head in {self.table_shards})"),
             ("simulated", f"embedding + {self.simulated_layers} layers + head on {self.simulated_chips} chips: "
                           f"{us(self.simulated_step_cycles)} per step; tokens "
@@ -134,8 +154,12 @@ class Prediction(_Model):
                                             f"({self.tokens_per_second / (8 * self.nodes):.2f} per chip of "
                                             f"{self.nodes} 8-chip nodes)"),
             ("schedule bound (derived)", f"{us(self.bound_cycles)}: efficiency {100 * self.schedule_efficiency:.1f} %"),
+            (f"time to first token, {self.prompt_tokens}-token prompt (derived)",
+             f"{self.ttft_cycles / self.clock_hz:.4f} s: the prompt streamed token by token, "
+             f"{self.stream_interval_cycles:,} cycles apart (the busiest chip's time per token)"),
         ]
-        return _table(rows, self.published)
+        return _table(rows, dict(self.published, **{f"{k} (time to first token)": v for k, v in
+                                                    PUBLISHED_TTFT.get(self.model, {}).items()}))
 
 
 def _levels(sources) -> List[int]:
@@ -165,7 +189,7 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
             config: Optional[ChipConfig] = None, seed: int = 0, prompt=(1, 2), new_tokens: int = 2,
             engine: str = "fast", unit_per_chip: bool = False, progress=None,
             parallel_shards: Optional[bool] = None, shards: Optional[int] = None,
-            attn: Optional[int] = None) -> Prediction:
+            attn: Optional[int] = None, prompt_tokens: int = 550) -> Prediction:
     """Simulate ``name``'s first ``layers`` (at least 2) layers with its embedding and head, check them
     against the reference, and derive the whole model's decode step (module docstring).
     ``unit_per_chip``: every unit on a chip of its own, even if several would fit one (small models,
@@ -173,7 +197,8 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     layer's MLP shards side by side, each on a chip of its own (:class:`~lpucore.llm.PipelineDecoder`);
     ``None``: for a mixture of experts cut into shards (Mixtral's experts) or a model with a block no chip
     holds whole (:func:`~lpucore.llm.pipeline.plan_auto`), else in a row. ``shards`` MLP
-    shards and ``attn`` attention shards per layer side by side (default: as few as fit a chip)."""
+    shards and ``attn`` attention shards per layer side by side (default: as few as fit a chip).
+    ``prompt_tokens``: the prompt of the derived time to first token (:attr:`Prediction.ttft_cycles`)."""
     cfg = model_config(name) if isinstance(name, str) else name
     if layers < 2:
         raise ValueError("predict needs at least 2 simulated layers (layer 1 is the one every later layer repeats)")
@@ -241,7 +266,9 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
         before_cycles=int(starts[l1[0]]), after_cycles=int(pd.step_cycles - starts[after]),
         layer_parts=parts, handover_cycles=int(layer - sum(parts.values())), step_cycles=full,
         tokens_per_second=chip.clock_hz / full, layer_chips=len(l1), simulated_bound_cycles=int(simulated_bound),
-        layer_bound_cycles=int(layer_bound), parallel_shards=pd.parallel,
+        layer_bound_cycles=int(layer_bound), parallel_shards=pd.parallel, attn_shards=pd.attn,
+        stream_interval_cycles=int(max(c - r for c, r in zip(pd.stage_cycles, pd.stage_receives))),
+        prompt_tokens=int(prompt_tokens),
         bound_cycles=int(simulated_bound + (cfg.n_layers - part.n_layers) * layer_bound),
         tokens_match_reference=bool(np.array_equal(tokens, ref_tokens)), max_logit_error=err, logit_bound=bound,
         compile_seconds=pd.compile_seconds, wall_seconds_per_step=float(np.mean(walls)),
@@ -452,10 +479,6 @@ def predict_tensor_parallel(name, precision: str = "int8", group: int = 8, pipel
         compile_seconds=compile_seconds, wall_seconds_per_layer=float(np.mean(walls)),
         published=dict(PUBLISHED.get(cfg.name, {})))
 
-#: published times to first token (seconds), ../shared/TSP.md section 8 and issue 26
-PUBLISHED_TTFT = {
-    "llama2-70b": {"LLMPerf, Jan 2024: median, prompts of about 550 tokens": "0.22 s"},
-}
 
 
 @dataclass

@@ -1,0 +1,106 @@
+"""How much a decode prediction depends on each GroqChip parameter that is an estimate: the prediction of
+:func:`lpucore.llm.predict` (as ``bench/bench_llm_predict.py`` makes it) at half and at double each
+parameter whose documented source says "estimate" (:class:`lpucore.ChipConfig`), beside the prediction at
+the documented value.
+
+    python bench/bench_llm_sensitivity.py [--model mixtral-8x7b] [--capacity 4096] [--params c2c_latency,...]
+                                          [--out sensitivity.jsonl]
+
+Every prediction recompiles the model's stages for the changed chip (a few minutes each at full size), so
+a run over all sixteen estimates takes hours: results go to ``--out`` one JSON line each as they are made,
+and a rerun skips the ones already there (run it in the background, with a timeout, and come back). A value
+that would leave the parameter's documented range (half of 1 hop) is reported as such, not run.
+Nothing here is tuned: the point is to show how far each unknown could move the figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+
+from lpucore import ChipConfig
+from lpucore.llm.predict import predict
+
+FULL = {"llama2-7b": 2048}
+
+
+def estimates():
+    """(name, documented value, source, lo, hi) of every ChipConfig field whose source is an estimate."""
+    base = ChipConfig.groqchip1()
+    out = []
+    for f in dataclasses.fields(ChipConfig):
+        src = str(f.metadata.get("source", "")) if f.metadata else ""
+        if "estimate" in src.lower():
+            out.append((f.name, getattr(base, f.name), src, f.metadata.get("lo"), f.metadata.get("hi")))
+    return out
+
+
+def _scaled(value, factor, lo, hi):
+    """``value * factor`` as the field's type, or None outside [lo, hi] or equal to ``value``."""
+    v = type(value)(value * factor) if isinstance(value, float) else int(round(value * factor))
+    if v == value or (lo is not None and v < lo) or (hi is not None and v > hi):
+        return None
+    return v
+
+
+def _done(path):
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return {(r["model"], r["capacity"], r["param"], r["value"]): r for r in rows}
+
+
+def _run(model, capacity, param, value, out, done):
+    key = (model, capacity, param, value)
+    if key in done:
+        return done[key]
+    chip = ChipConfig.groqchip1() if param is None else dataclasses.replace(ChipConfig.groqchip1(), **{param: value})
+    t0 = time.perf_counter()
+    p = predict(model, "int8", capacity=capacity, config=chip)
+    row = dict(model=model, capacity=capacity, param=param, value=value, chips=p.chips, step_cycles=p.step_cycles,
+               tokens_per_second=p.tokens_per_second, tokens_match_reference=p.tokens_match_reference,
+               host_seconds=time.perf_counter() - t0)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    done[key] = row
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="mixtral-8x7b")
+    ap.add_argument("--capacity", type=int, default=None, help="KV cache positions (default: 2,048 for 7B, else 4,096)")
+    ap.add_argument("--params", default="", help="comma-separated fields (default: every estimate)")
+    ap.add_argument("--out", default="sensitivity.jsonl")
+    a = ap.parse_args(argv)
+    cap = a.capacity if a.capacity is not None else FULL.get(a.model, 4096)
+    params = estimates()
+    if a.params:
+        want = a.params.split(",")
+        unknown = sorted(set(want) - {p[0] for p in params})
+        if unknown:
+            ap.error(f"not estimates of ChipConfig: {', '.join(unknown)}")
+        params = [p for p in params if p[0] in want]
+    done = _done(a.out)
+    base = _run(a.model, cap, None, None, a.out, done)
+    print(f"{a.model} int8, {cap} positions: {base['tokens_per_second']:,.0f} tokens/s per user at the documented "
+          f"values ({base['chips']} chips)", flush=True)
+    print(f"{'parameter':26s} {'value':>8s} {'half':>14s} {'double':>14s}  source", flush=True)
+    for name, value, src, lo, hi in params:
+        cells = []
+        for factor in (0.5, 2.0):
+            v = _scaled(value, factor, lo, hi)
+            if v is None:
+                cells.append("out of range")
+                continue
+            r = _run(a.model, cap, name, v, a.out, done)
+            cells.append(f"{v}: {r['tokens_per_second']:,.0f}" + ("" if r["tokens_match_reference"] else " (!)"))
+        print(f"{name:26s} {value!s:>8s} {cells[0]:>14s} {cells[1]:>14s}  {src}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
