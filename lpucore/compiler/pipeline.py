@@ -41,24 +41,59 @@ def queue_end(lst) -> int:
     return t
 
 
-def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last_late: int
-           ) -> Optional[Tuple[List[int], List[List[int]], List[List[int]]]]:
+def _written(program: Program, places: Sequence[Tuple[str, int]]) -> Dict[Tuple[str, int], int]:
+    """For each (MEM queue, address) of ``places``, the first cycle a Read there sees the last value a Write
+    of ``program`` puts there (the cycle after it lands); places no Write names are left out."""
+    cfg = program.config
+    want: Dict[str, Set[int]] = {}
+    for q, a in places:
+        want.setdefault(q, set()).add(a)
+    out: Dict[Tuple[str, int], int] = {}
+    for q, addrs in want.items():
+        t, prev = 0, None
+        for ins in program.queues.get(q, []):
+            m = ins.op.mnemonic
+            if m == "NOP":
+                t += ins.args[0]
+                continue
+            if m == "Repeat":
+                n, d, stride = ins.args[0], ins.args[1], ins.args[2]
+                if prev is not None and prev.op.mnemonic == "Write":
+                    for j in range(n):
+                        a = prev.args[0] + stride * (j + 1)
+                        if a in addrs:
+                            out[(q, a)] = t - 1 + d * (j + 1) + prev.op.delay(cfg) + 1
+                t += n * d
+                continue
+            if m == "Write" and ins.args[0] in addrs:
+                out[(q, ins.args[0])] = t + ins.op.delay(cfg) + 1
+            prev = ins
+            t += 1
+    return out
+
+
+def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last_late: int,
+           places: Sequence[int]) -> Optional[Tuple[List[int], List[List[int]], List[List[int]], int]]:
     """(each link's Deskew cycle, per link each vector's Send cycle, per link each vector's stream) of a
     hand-over from when ``out_name`` is written (:func:`hand_over`, ``early``; ``vectors``: each vector's
     (hemisphere, MEM queue, hops to the SXM); every vector goes over each of ``links``): vector by vector
     and link by link, the first Send cycle, at least ``c2c_send_interval`` after that link's previous one,
     at which its Read and its Send fall in idle cycles of chip A's queues, on a stream register no value
     of chip A (nor an earlier vector of this hand-over) uses on the vector's trajectory
-    (:func:`_trajectories`). None when ``first`` has no record of that write, or the last Send would not
-    come before ``last_late`` (the hand-over after the program)."""
+    (:func:`_trajectories`); each vector once its last Write has landed (``places``: each vector's address,
+    for :func:`_written`), so the vectors written first go first. The fourth item is the cycle the whole
+    output is written. None when ``first`` has no record of that write, or the last Send would not come
+    before ``last_late`` (the hand-over after the program)."""
     landed = [last for _, name, last in first.kernels if name == out_name and last is not None]
     if not landed:
         return None
     cfg = first.config
-    ready = start + max(landed) + 1
-    if ready >= last_late:
+    done = start + max(landed) + 1
+    if done >= last_late:
         return None
-    uses = _trajectories(first.program, ready - cfg.positions)
+    seen = _written(first.program, [(q, a) for (_, q, _), a in zip(vectors, places)])
+    ready = [min(done, seen.get((q, a), done)) for (_, q, _), a in zip(vectors, places)]
+    uses = _trajectories(first.program, min(ready) - cfg.positions)
     queues = first.program.queues
     taken: Dict[str, Set[int]] = {}
 
@@ -67,7 +102,7 @@ def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last
             taken[q] = _busy(queues.get(q, []), cfg)
         return c not in taken[q]
     deskews: List[int] = []
-    T = ready
+    T = min(ready)
     for _ in links:
         while not free("SXM.W0", T):
             T += 1
@@ -75,13 +110,14 @@ def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last
         taken["SXM.W0"].add(T)
     to_sxm = cfg.mem_read_delay + max(hops for _, _, hops in vectors)
     nxt = [d + cfg.c2c_deskew_delay + to_sxm for d in deskews]
-    times: List[List[int]] = [[] for _ in links]
-    streams: List[List[int]] = [[] for _ in links]
+    times: List[List[int]] = [[0] * len(vectors) for _ in links]
+    streams: List[List[int]] = [[0] * len(vectors) for _ in links]
     S = cfg.streams_per_direction
-    for h, q, hops in vectors:
+    for v in sorted(range(len(vectors)), key=lambda v: ready[v]):
+        h, q, hops = vectors[v]
         send_q = f"SXM.{'WE'[h]}1"
         for j in range(len(links)):
-            s = nxt[j]
+            s = max(nxt[j], ready[v] + cfg.mem_read_delay + hops)
             while True:
                 if s >= last_late:
                     return None
@@ -97,10 +133,10 @@ def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last
             traj = cfg.sxm_position(h) + s if r >= S else cfg.sxm_position(h) - s
             for cyc in (c, s, s + cfg.positions):
                 bisect.insort(uses.setdefault(r, []), (traj, cyc))
-            times[j].append(s)
-            streams[j].append(i)
+            times[j][v] = s
+            streams[j][v] = i
             nxt[j] = s + cfg.c2c_send_interval
-    return deskews, times, streams
+    return deskews, times, streams, done
 
 
 #: cycles either side of a value's trajectory kept clear of other values on its stream register
@@ -320,8 +356,8 @@ def check_pair(first, out_name: str, second, in_name: str) -> None:
 def plan_sends(first, out_name: str, links: Sequence[int], early: bool = False, start: int = 0
                ) -> Tuple[Dict[str, list], List[List[int]], int]:
     """(events for chip A's queues, per link the cycle each vector of ``out_name`` is sent, the cycle the
-    hand-over starts) of sending ``first``'s output over each of ``links`` (each link its own copy): after
-    the program's last cycle, or with ``early`` as soon as the output is written (:func:`hand_over`).
+    output is complete) of sending ``first``'s output over each of ``links`` (each link its own copy): after
+    the program's last cycle, or with ``early`` each vector as soon as it is written (:func:`hand_over`).
     Put the events in with ``_with(program, {}, 0, events)``."""
     cfg = first.config
     if not links or len(set(links)) != len(links):
@@ -339,17 +375,18 @@ def plan_sends(first, out_name: str, links: Sequence[int], early: bool = False, 
     s0 = T0 + len(links) - 1 + cfg.c2c_deskew_delay + to_sxm
     times = [[s0 + v * iv + j for v in range(len(vectors))] for j in range(len(links))]
     streams = [[1] * len(vectors) for _ in links]
+    written = T0
     if early:
-        found = _early(first, out_name, vectors, links, start, max(t[-1] for t in times))
+        found = _early(first, out_name, vectors, links, start, max(t[-1] for t in times), [a for _, a in locs])
         if found is not None:
-            deskews, times, streams = found
+            deskews, times, streams, written = found
     tail: Dict[str, list] = {"SXM.W0": [(d, "Deskew", (link,)) for d, link in zip(deskews, links)]}
     for link, ts, sts in zip(links, times, streams):
         for (h, q, hops), (_, addr), s, i in zip(vectors, locs, ts, sts):
             st = f"{'WE'[h]}{i}"
             tail.setdefault(q, []).append((s - cfg.mem_read_delay - hops, "Read", (addr, st)))
             tail.setdefault(f"SXM.{'WE'[h]}1", []).append((s, "Send", (link, st)))
-    return tail, times, min(deskews)
+    return tail, times, written
 
 
 def plan_receives(second, incoming: Sequence[Tuple[str, int, Sequence[int]]]
@@ -403,8 +440,9 @@ def hand_over(first, out_name: str, second, in_name: str, link_first: int, link_
     while chip B works; chip A's program may then end after the returned cycle
     (:func:`lpucore.compiler.emit.expected_cycles` of its program). ``start``: the cycle ``first``'s own
     schedule begins at in its program (a program already shifted by an earlier hand-over; its kernels'
-    cycles count from there). ``info`` (a dict) receives ``"send"``, the cycle the hand-over starts on
-    chip A. Several links out of one chip or into one: :func:`plan_sends` and :func:`plan_receives`."""
+    cycles count from there). ``info`` (a dict) receives ``"send"``, the cycle the output is complete on
+    chip A (early: vectors written before then may already have left). Several links out of one chip or
+    into one: :func:`plan_sends` and :func:`plan_receives`."""
     check_pair(first, out_name, second, in_name)
     tail, times, t0 = plan_sends(first, out_name, [link_first], early, start)
     head, shift = plan_receives(second, [(in_name, link_second, times[0])])

@@ -435,6 +435,7 @@ class PipelineDecoder:
         self.stage_starts: List[int] = []            # when each chip's program starts (its input arrived)
         self.stage_sends: List[int] = []             # when each chip's output starts to leave (the last: its end)
         self.stage_receives: List[int] = []          # when each chip takes its first input vector (chip 0: 0)
+        self.sent: Dict[Tuple[int, int], List[int]] = {}   # (from chip, to chip): each vector's Send cycle
         self.compile_seconds = 0.0
         self.load_seconds = 0.0
         self.position = 0
@@ -523,7 +524,8 @@ class PipelineDecoder:
         s = System(self.n_chips, self.wires, config=d.chip_config, engine=d.engine, fp16_mxm=d.fp16_mxm,
                    comm=self.comm)
         self.stage_cycles, self.stage_starts, self.stage_sends, self.stage_receives = [], [], [], []
-        sent: Dict[Tuple[int, int], List[int]] = {}       # (from chip, to chip) -> each vector's Send cycle
+        sent: Dict[Tuple[int, int], List[int]] = {}      # (from chip, to chip) -> each vector's Send cycle
+        self.sent = sent
         for k in range(self.n_chips):
             comp = self.compiled[self.signatures[k]]
             ins = [w for w in self.wires if w[2] == k]
