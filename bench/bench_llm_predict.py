@@ -39,12 +39,15 @@ import time
 from lpucore import ChipConfig
 from lpucore.errors import LpuError, ModelDoesNotFit
 from lpucore.llm import model_config
-from lpucore.llm.pipeline import plan_auto
+from lpucore.llm.pipeline import plan_auto, plan_within
 from lpucore.llm.predict import PUBLISHED, PUBLISHED_TTFT, predict, predict_prefill, predict_tensor_parallel
 
 #: the context each model is predicted at by default (the issue's)
 FULL = {"llama2-7b": 2048, "llama2-70b": 4096, "mixtral-8x7b": 4096}
 NODE = 8                    # chips per GroqNode
+#: chips a model may take: Groq's count for Llama-2-70B (about 576, TSP.md section 8; issue 26: "on at most
+#: 576 GroqChips, as Groq"); the others on the fewest chips that hold them
+BUDGET = {"llama2-70b": 576}
 
 
 def _log(t0):
@@ -87,8 +90,15 @@ def run_model(name, a, out, lines, ttft):
     if a.prefill_only:
         return _prefill(name, a, None, out, ttft)
     t0 = time.perf_counter()
+    budget = a.max_chips if a.max_chips is not None else BUDGET.get(name, 0)
+    cut: dict = {}
+    if budget and not a.in_a_row:       # the chips Groq used: shards side by side as fast as they allow
+        shards, attn = plan_within(model_config(name), a.precision, pipe_cap, chip, budget)
+        cut = dict(shards=shards, attn=attn, parallel_shards=True)
+        print(f"{name}: at most {budget} chips: MLPs in {shards} shards, attention in {attn}, side by side\n",
+              flush=True)
     p = predict(name, a.precision, layers=a.layers, capacity=pipe_cap, progress=_log(t0), config=chip,
-                parallel_shards=False if a.in_a_row else None, prompt_tokens=a.prompt)
+                prompt_tokens=a.prompt, **(cut or dict(parallel_shards=False if a.in_a_row else None)))
     print(p.table(), flush=True)
     print(f"  (host: {time.perf_counter() - t0:.0f} s in all, compile {p.compile_seconds:.0f} s, "
           f"{p.wall_seconds_per_step:.1f} s per simulated step)\n", flush=True)
@@ -143,6 +153,8 @@ def main(argv=None):
     ap.add_argument("--prefill-only", action="store_true", help="only the time-to-first-token prediction")
     ap.add_argument("--chip-param", action="append", default=[], metavar="NAME=VALUE",
                     help="a GroqChip parameter changed (repeatable), for a sensitivity line: c2c_latency=1000")
+    ap.add_argument("--max-chips", type=int, default=None, help="chips the shards side by side may take "
+                    "(default: 576 for Llama-2-70B, Groq's count; else 0, the fewest that hold the model)")
     ap.add_argument("--in-a-row", action="store_true", help="the shards of a block (Mixtral's experts) one "
                     "after another, each adding its part, rather than side by side")
     ap.add_argument("--outside", default="", help="CYCLES,CHIPS of the embedding and head, from a pipeline "

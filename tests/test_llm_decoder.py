@@ -468,3 +468,17 @@ def test_attention_and_mlp_shards_side_by_side(name, precision):
     with pytest.raises(ValueError, match="chip 5 would need 8 C2C links, more than the 6"):
         PipelineDecoder(Decoder.random("tiny-moe", seed=0, precision=precision, capacity=8, config=few), None,
                         shards=4, parallel_shards=True)
+
+
+def test_shards_within_a_chip_budget():
+    """plan_within: of the cuts side by side that fit at most N chips, the one with the smallest biggest shard
+    (Llama-2-70B at 4,096 positions on Groq's 576 chips: attention in 2, MLPs in 5, 564 chips; 7 per layer)."""
+    from lpucore.llm.pipeline import plan_stages, plan_within
+    chip = ChipConfig.groqchip1()
+    cfg = model_config("llama2-70b")
+    assert plan_within(cfg, "int8", 4096, chip, 576) == (5, 2)
+    assert len(plan_stages(cfg, "int8", 4096, chip, shards=5, parallel_shards=True, attn=2)) == 564
+    assert plan_within(cfg, "int8", 4096, chip, 500) == (4, 2)          # 484 chips
+    assert plan_within(model_config("llama2-7b"), "int8", 2048, chip, 66) == (1, 1)
+    with pytest.raises(ModelDoesNotFit, match="does not fit 400 x groqchip1.*the fewest it takes: 484"):
+        plan_within(cfg, "int8", 4096, chip, 400)

@@ -94,12 +94,30 @@ def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last
     seen = _written(first.program, [(q, a) for (_, q, _), a in zip(vectors, places)])
     ready = [min(done, seen.get((q, a), done)) for (_, q, _), a in zip(vectors, places)]
     uses = _trajectories(first.program, min(ready) - cfg.positions)
+    busy: Dict[str, Set[int]] = {}
+    best = None
+    # each vector once it is written, or all once the whole output is (in their order): the vectors read
+    # early meet the program's own traffic, which may delay the last one; keep whichever ends first
+    for when in ([done] * len(vectors), ready) if min(ready) < done else ([done] * len(vectors),):
+        found = _place(first, vectors, links, when, last_late, {r: list(u) for r, u in uses.items()}, busy)
+        if found is not None and (best is None or max(map(max, found[1])) < max(map(max, best[1]))):
+            best = found
+    return None if best is None else best + (done,)
+
+
+def _place(first, vectors, links, ready, last_late, uses, busy
+           ) -> Optional[Tuple[List[int], List[List[int]], List[List[int]]]]:
+    """:func:`_early`'s Deskews, Send cycles and streams with vector ``v`` read no sooner than ``ready[v]``
+    (``uses``: :func:`_trajectories`, extended here; ``busy``: each queue's :func:`_busy`, filled here)."""
+    cfg = first.config
     queues = first.program.queues
     taken: Dict[str, Set[int]] = {}
 
     def free(q: str, c: int) -> bool:
         if q not in taken:
-            taken[q] = _busy(queues.get(q, []), cfg)
+            if q not in busy:
+                busy[q] = _busy(queues.get(q, []), cfg)
+            taken[q] = set(busy[q])
         return c not in taken[q]
     deskews: List[int] = []
     T = min(ready)
@@ -136,7 +154,7 @@ def _early(first, out_name: str, vectors, links: Sequence[int], start: int, last
             times[j][v] = s
             streams[j][v] = i
             nxt[j] = s + cfg.c2c_send_interval
-    return deskews, times, streams, done
+    return deskews, times, streams
 
 
 #: cycles either side of a value's trajectory kept clear of other values on its stream register

@@ -330,6 +330,43 @@ def plan_auto(cfg, precision: str, capacity: int, chip, block: int = 2560, fill:
             raise e from None
 
 
+def plan_within(cfg, precision: str, capacity: int, chip, max_chips: int, block: int = 2560,
+                fill: float = STAGE_FILL) -> Tuple[int, int]:
+    """(MLP shards, attention shards) side by side for at most ``max_chips`` chips: of the cuts that fit (each
+    shard a stage, :func:`plan_stages` with ``parallel_shards``), the one whose biggest shard (weights, cache
+    and temporaries) is smallest, fewer chips on ties: at batch 1 a layer takes about as long as its biggest
+    shard streams its weights. Raises :class:`~lpucore.llm.ModelDoesNotFit` when none fits the budget."""
+    cap = fill * chip.sram_bytes
+    limit = cfg.n_experts if cfg.family == "mixtral" else cfg.d_ff
+    best: Optional[Tuple[int, int, int, int]] = None
+    fewest = None
+    for a in (t for t in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % t == 0):
+        for m in range(1, limit + 1):
+            sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, m, 1, a)
+            temps = unit_temps(cfg, capacity, chip.lanes, m, 1, a)
+            units = model_units(cfg, m, 1, a)
+            attn = max(b + t for u, b, t in zip(units, sizes, temps) if u[0] == "attn")
+            biggest = max(b + t for u, b, t in zip(units, sizes, temps) if u[0] in ("attn", "mlp"))
+            if attn > cap:
+                break                   # this cut of the attention does not fit, whatever the MLP's
+            if biggest > cap:
+                continue
+            try:
+                n = len(plan_stages(cfg, precision, capacity, chip, None, block, fill, m, None, m > 1 or a > 1, a))
+            except ModelDoesNotFit:
+                continue
+            fewest = n if fewest is None else min(fewest, n)
+            if n > max_chips:
+                break                   # more MLP shards only take more chips
+            if best is None or (biggest, n) < (best[0], best[1]):
+                best = (biggest, n, m, a)
+    if best is None:
+        raise ModelDoesNotFit(f"{cfg.name} ({precision}) at {capacity} positions does not fit {max_chips} x "
+                              f"{chip.name} with its shards side by side" +
+                              (f" (the fewest it takes: {fewest})" if fewest is not None else ""))
+    return best[2], best[3]
+
+
 def _alone(units, sizes, cap, temps) -> List[Tuple[int, int]]:
     """:func:`_greedy`'s stages with every attention or MLP shard unit of ``units`` a stage of its own."""
     groups: List[Tuple[int, int]] = []
@@ -671,5 +708,5 @@ class PipelineDecoder:
         return np.array(tokens, dtype=np.int64), np.stack(logits), stats
 
 
-__all__ = ["PipelineDecoder", "plan_stages", "plan_auto", "mlp_shards", "table_shards", "attn_shards", "unit_bytes",
-           "stage_signature", "STAGE_FILL"]
+__all__ = ["PipelineDecoder", "plan_stages", "plan_auto", "plan_within", "mlp_shards", "table_shards",
+           "attn_shards", "unit_bytes", "stage_signature", "STAGE_FILL"]
