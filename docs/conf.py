@@ -78,6 +78,8 @@ nitpick_ignore = [
     ("py:func", "host_memory_bytes"),
     ("py:func", "lpucore.layout.make_tensor"),
     ("py:func", "lpucore.llm.pipeline.plan_stages"),
+    ("py:func", "lpucore.llm.pipeline.plan_auto"),
+    ("py:func", "attn_shards"),
     ("py:func", "normalize_weights"),
     ("py:func", "plan_stages"),
     ("py:meth", "to_json"),

@@ -187,6 +187,40 @@ def truncated(cfg: ModelConfig, layers: int) -> ModelConfig:
     return dataclasses.replace(cfg, n_layers=int(layers), name=f"{cfg.name}[:{layers}]")
 
 
+def _layer1_chips(pd, cfg) -> List[int]:
+    """The chips of layer 1: they hold units of layer 1 only, and every later layer's would be the same."""
+    l1 = [k for k, (a, b) in enumerate(pd.stages) if all(u[1] == 1 for u in pd.units[a:b])]
+    if not l1 or l1 != list(range(l1[0], l1[-1] + 1)) or l1[-1] + 1 >= pd.n_chips or any(
+            any(u[1] == 1 for u in pd.units[slice(*pd.stages[k])]) for k in range(pd.n_chips) if k not in l1):
+        raise ValueError(f"{cfg.name}: layer 1 does not have chips of its own; predict needs them")
+    return l1
+
+
+def _layer_cycles(pd, cfg, l1: List[int]) -> Tuple[int, Dict[str, int]]:
+    """(cycles of layer 1, its chips' cycles by kind until their output is written; chips side by side
+    counted once, by the slowest). Layer 1 lasts from its first chip's start to the start layer 2's first
+    chip would have, receiving what layer 1's last chips send as layer 1's first chip received layer 0's
+    (the chip after layer 1 here may take it in other cycles: the head's input lies elsewhere), as every
+    later layer does."""
+    starts, sends = pd.stage_starts, pd.stage_sends
+    after = l1[-1] + 1
+    ins = [w for w in pd.wires if w[2] == after]
+    incoming = [(name, w[3], pd.sent[(src, after)]) for (src, name), w in zip(pd.sources[after], ins)]
+    layer = plan_receives(pd.compiled[pd.signatures[l1[0]]], incoming)[1] - starts[l1[0]]
+    parts: Dict[str, int] = {}
+    for k in l1:
+        u = pd.units[pd.stages[k][0]]
+        own = sends[k] - starts[k]
+        if pd.parallel and len(u) == 4 and u[0] in ("attn", "mlp"):
+            what = "attention shards" if u[0] == "attn" else "experts" if cfg.family == "mixtral" else "MLP shards"
+            label = f"{what} ({u[3]} side by side)"
+            parts[label] = max(parts.get(label, 0), own)
+        else:
+            label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
+            parts[label] = parts.get(label, 0) + own
+    return layer, parts
+
+
 def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
             config: Optional[ChipConfig] = None, seed: int = 0, prompt=(1, 2), new_tokens: int = 2,
             engine: str = "fast", unit_per_chip: bool = False, progress=None,
@@ -231,16 +265,7 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
         err = float(np.max(np.abs(logits - ref_logits)))
         bound = LOGIT_TOLERANCE * (1 + float(np.max(np.abs(ref_logits))))
         match = bool(np.array_equal(tokens, ref_tokens))
-    # per chip: its cycles until its output leaves (the residual goes on as soon as it is written; a KV cache
-    # write runs on meanwhile); chips side by side (a layer's experts) count once, by the slowest
-    starts, sends = pd.stage_starts, pd.stage_sends
-    own = [sends[k] - starts[k] for k in range(pd.n_chips)]
-
-    # layer 1's chips: they hold units of layer 1 only, and every later layer's would be the same
-    l1 = [k for k, (a, b) in enumerate(pd.stages) if all(u[1] == 1 for u in pd.units[a:b])]
-    if not l1 or l1 != list(range(l1[0], l1[-1] + 1)) or l1[-1] + 1 >= pd.n_chips or any(
-            any(u[1] == 1 for u in pd.units[slice(*pd.stages[k])]) for k in range(pd.n_chips) if k not in l1):
-        raise ValueError(f"{cfg.name}: layer 1 does not have chips of its own; predict needs them")
+    l1 = _layer1_chips(pd, cfg)
     full_chips = pd.n_chips + (cfg.n_layers - part.n_layers) * len(l1) if unit_per_chip else \
         len(plan_stages(cfg, precision, capacity, chip, None, dec.block, shards=pd.shards, tables=pd.tables,
                         parallel_shards=pd.parallel, attn=pd.attn))
@@ -251,23 +276,8 @@ def predict(name, precision: str = "int8", layers: int = 2, capacity: int = 32,
     chip_bound = [max(pd.compiled[s].bounds().as_dict().values()) for s in pd.signatures]
     level = _levels(pd.sources)
     layer_bound = _path(chip_bound, level, l1)
-    # layer 1 repeats: from its first chip's start to the start layer 2's first chip would have, receiving what
-    # layer 1's last chips send as layer 1's first chip received layer 0's (the chip after layer 1 here may
-    # take it in other cycles: the head's input lies elsewhere), as every later layer does
-    after = l1[-1] + 1
-    ins = [w for w in pd.wires if w[2] == after]
-    incoming = [(name, w[3], pd.sent[(src, after)]) for (src, name), w in zip(pd.sources[after], ins)]
-    layer = plan_receives(pd.compiled[pd.signatures[l1[0]]], incoming)[1] - starts[l1[0]]
-    parts: Dict[str, int] = {}
-    for k in l1:
-        u = pd.units[pd.stages[k][0]]
-        if pd.parallel and len(u) == 4 and u[0] in ("attn", "mlp"):
-            what = "attention shards" if u[0] == "attn" else "experts" if cfg.family == "mixtral" else "MLP shards"
-            label = f"{what} ({u[3]} side by side)"
-            parts[label] = max(parts.get(label, 0), own[k])
-        else:
-            label = u[0] + (f" shard {u[2] + 1}/{u[3]}" if len(u) == 4 else "")
-            parts[label] = parts.get(label, 0) + own[k]
+    layer, parts = _layer_cycles(pd, cfg, l1)
+    starts = pd.stage_starts
     full = int(pd.step_cycles + (cfg.n_layers - part.n_layers) * layer)
     simulated_bound = _path(chip_bound, level, range(pd.n_chips))
     return Prediction(
