@@ -1,7 +1,7 @@
 """How much a decode prediction depends on each GroqChip parameter that is an estimate: the prediction of
 :func:`lpucore.llm.predict` (as ``bench/bench_llm_predict.py`` makes it) at half and at double each
 parameter whose documented source says "estimate" (:class:`lpucore.ChipConfig`), beside the prediction at
-the documented value.
+the documented value (on the chips ``bench_llm_predict.py`` uses: within ``BUDGET`` for Llama-2-70B).
 
     python bench/bench_llm_sensitivity.py [--model mixtral-8x7b] [--capacity 4096] [--params c2c_latency,...]
                                           [--out sensitivity.jsonl]
@@ -21,21 +21,30 @@ import json
 import os
 import time
 
+from bench_llm_predict import BUDGET
+
 from lpucore import ChipConfig
+from lpucore.llm import model_config
+from lpucore.llm.pipeline import plan_within
 from lpucore.llm.predict import predict
 
 FULL = {"llama2-7b": 2048}
 
 
+#: run first (a run is minutes): the chip-to-chip link, which every hand-over crosses, then the MXM and memory
+FIRST = ("c2c_latency", "c2c_deskew_delay", "mxm_accumulators", "mem_read_delay", "mem_write_delay", "sxm_delay")
+
+
 def estimates():
-    """(name, documented value, source, lo, hi) of every ChipConfig field whose source is an estimate."""
+    """(name, documented value, source, lo, hi) of every ChipConfig field whose source is an estimate,
+    :data:`FIRST` first."""
     base = ChipConfig.groqchip1()
     out = []
     for f in dataclasses.fields(ChipConfig):
         src = str(f.metadata.get("source", "")) if f.metadata else ""
         if "estimate" in src.lower():
             out.append((f.name, getattr(base, f.name), src, f.metadata.get("lo"), f.metadata.get("hi")))
-    return out
+    return sorted(out, key=lambda e: FIRST.index(e[0]) if e[0] in FIRST else len(FIRST))
 
 
 def _scaled(value, factor, lo, hi):
@@ -62,8 +71,12 @@ def _run(model, capacity, param, value, out, done):
     t0 = time.perf_counter()
     # the documented chip's run checks the tokens; a changed one only moves cycles (values do not depend on
     # timing: a schedule error would stop the run), so it runs one step, unchecked
+    cut: dict = {}
+    if model in BUDGET:          # the cut bench_llm_predict.py makes: within Groq's chip count
+        shards, attn = plan_within(model_config(model), "int8", capacity, ChipConfig.groqchip1(), BUDGET[model])
+        cut = dict(shards=shards, attn=attn, parallel_shards=True)
     p = predict(model, "int8", capacity=capacity, config=chip, reference=param is None,
-                prompt=(1, 2) if param is None else (1,), new_tokens=2 if param is None else 1)
+                prompt=(1, 2) if param is None else (1,), new_tokens=2 if param is None else 1, **cut)
     row = dict(model=model, capacity=capacity, param=param, value=value, chips=p.chips, step_cycles=p.step_cycles,
                tokens_per_second=p.tokens_per_second, tokens_match_reference=p.tokens_match_reference,
                host_seconds=time.perf_counter() - t0)
@@ -79,6 +92,7 @@ def main(argv=None):
     ap.add_argument("--capacity", type=int, default=None, help="KV cache positions (default: 2,048 for 7B, else 4,096)")
     ap.add_argument("--params", default="", help="comma-separated fields (default: every estimate)")
     ap.add_argument("--out", default="sensitivity.jsonl")
+    ap.add_argument("--table-only", action="store_true", help="print what --out holds, run nothing")
     a = ap.parse_args(argv)
     cap = a.capacity if a.capacity is not None else FULL.get(a.model, 4096)
     params = estimates()
@@ -89,6 +103,8 @@ def main(argv=None):
             ap.error(f"not estimates of ChipConfig: {', '.join(unknown)}")
         params = [p for p in params if p[0] in want]
     done = _done(a.out)
+    if a.table_only and (a.model, cap, None, None) not in done:
+        ap.error(f"{a.out} holds no prediction of {a.model} at {cap} positions")
     base = _run(a.model, cap, None, None, a.out, done)
     print(f"{a.model} int8, {cap} positions: {base['tokens_per_second']:,.0f} tokens/s per user at the documented "
           f"values ({base['chips']} chips)", flush=True)
@@ -100,8 +116,13 @@ def main(argv=None):
             if v is None:
                 cells.append("out of range")
                 continue
+            key = (a.model, cap, name, v)
+            if a.table_only and key not in done:
+                cells.append(f"{v}: not run")
+                continue
             r = _run(a.model, cap, name, v, a.out, done)
-            cells.append(f"{v}: {r['tokens_per_second']:,.0f}" + ("" if r["tokens_match_reference"] else " (!)"))
+            cells.append(f"{v}: {r['tokens_per_second']:,.0f}" + (" (!)" if r["tokens_match_reference"] is False
+                                                                   else ""))
         print(f"{name:26s} {value!s:>8s} {cells[0]:>14s} {cells[1]:>14s}  {src}", flush=True)
 
 
