@@ -136,10 +136,11 @@ class Prediction(_Model):
         us = _cycles(self.clock_hz)
         rows = [
             ("model", _model_line(self)),
-            ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs in {self.mlp_shards} shards"
+            ("system (derived)", f"{self.chips} chips as pipeline stages (MLPs "
+                                 + (f"in {self.mlp_shards} shards" if self.mlp_shards > 1 else "whole")
                                  + (f", attention in {self.attn_shards}" if self.attn_shards > 1 else "")
                                  + (" side by side" if self.parallel_shards else "")
-                                 + f", embedding and head in {self.table_shards})"),
+                                 + (f", embedding and head in {self.table_shards})" if self.table_shards > 1 else ")")),
             ("simulated", f"embedding + {self.simulated_layers} layers + head on {self.simulated_chips} chips: "
                           f"{us(self.simulated_step_cycles)} per step; tokens "
                           + {True: "identical to", False: "DIFFERENT from", None: "not checked against"}[
