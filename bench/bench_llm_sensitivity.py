@@ -9,7 +9,8 @@ the documented value (on the chips ``bench_llm_predict.py`` uses: within ``BUDGE
 Every prediction recompiles the model's stages for the changed chip (a few minutes each at full size), so
 a run over all sixteen estimates takes hours: results go to ``--out`` one JSON line each as they are made,
 and a rerun skips the ones already there (run it in the background, with a timeout, and come back). A value
-that would leave the parameter's documented range (half of 1 hop) is reported as such, not run.
+that would leave the parameter's documented range (half of 1 hop) is reported as such, not run; one the
+compiler cannot schedule for ("no compile") is recorded with its error.
 Nothing here is tuned: the point is to show how far each unknown could move the figure.
 """
 
@@ -23,7 +24,7 @@ import time
 
 from bench_llm_predict import BUDGET
 
-from lpucore import ChipConfig
+from lpucore import ChipConfig, LpuError
 from lpucore.llm import model_config
 from lpucore.llm.pipeline import plan_within
 from lpucore.llm.predict import predict
@@ -75,11 +76,17 @@ def _run(model, capacity, param, value, out, done):
     if model in BUDGET:          # the cut bench_llm_predict.py makes: within Groq's chip count
         shards, attn = plan_within(model_config(model), "int8", capacity, ChipConfig.groqchip1(), BUDGET[model])
         cut = dict(shards=shards, attn=attn, parallel_shards=True)
-    p = predict(model, "int8", capacity=capacity, config=chip, reference=param is None,
-                prompt=(1, 2) if param is None else (1,), new_tokens=2 if param is None else 1, **cut)
-    row = dict(model=model, capacity=capacity, param=param, value=value, chips=p.chips, step_cycles=p.step_cycles,
-               tokens_per_second=p.tokens_per_second, tokens_match_reference=p.tokens_match_reference,
-               host_seconds=time.perf_counter() - t0)
+    try:
+        p = predict(model, "int8", capacity=capacity, config=chip, reference=param is None,
+                    prompt=(1, 2) if param is None else (1,), new_tokens=2 if param is None else 1, **cut)
+    except LpuError as e:       # a chip the compiler cannot schedule for (a finding, recorded as such)
+        if param is None:
+            raise
+        row = dict(model=model, capacity=capacity, param=param, value=value, error=f"{type(e).__name__}: {e}")
+    else:
+        row = dict(model=model, capacity=capacity, param=param, value=value, chips=p.chips,
+                   step_cycles=p.step_cycles, tokens_per_second=p.tokens_per_second,
+                   tokens_match_reference=p.tokens_match_reference, host_seconds=time.perf_counter() - t0)
     with open(out, "a") as f:
         f.write(json.dumps(row) + "\n")
     done[key] = row
@@ -121,6 +128,9 @@ def main(argv=None):
                 cells.append(f"{v}: not run")
                 continue
             r = _run(a.model, cap, name, v, a.out, done)
+            if "error" in r:
+                cells.append(f"{v}: no compile")
+                continue
             cells.append(f"{v}: {r['tokens_per_second']:,.0f}" + (" (!)" if r["tokens_match_reference"] is False
                                                                    else ""))
         print(f"{name:26s} {value!s:>8s} {cells[0]:>14s} {cells[1]:>14s}  {src}", flush=True)
