@@ -92,7 +92,7 @@ class Decoder:
     ``engine`` ``"fast"`` or ``"reference"``; ``fp16_mxm`` as for :class:`~lpucore.Chip`; ``block`` the columns
     of an int8 weight kept as one constant (:mod:`lpucore.llm.program`); ``chips`` > 1 splits the model by
     layers over that many chips (:attr:`pipeline`, a :class:`~lpucore.llm.PipelineDecoder`; ``"auto"``: as
-    few as hold it, its shards side by side when a block fits no chip whole, :attr:`side_by_side`);
+    few as hold it, its shards side by side when a block fits no chip whole: ``side_by_side``);
     ``prefill_chunk`` the prompt positions per prefill chunk (default 16, at most ``capacity``; 1: token by
     token; :mod:`lpucore.llm.prefill`). Compilation happens on first use (:meth:`compile`).
 
