@@ -60,7 +60,9 @@ Shards side by side (``parallel_shards``, :class:`lpucore.llm.PipelineDecoder`):
 Mixtral its experts) are stages of their own that run at once, each from the residual ``x_in`` ``[1, d]``:
 shard 0 sends ``[x; y_0]`` (``[2, d]``), shard ``j > 0`` its part ``y_j`` alone, and the stage after them takes
 ``x_in`` ``[2, d]`` and ``y_in<j>`` and adds ``x + (((y_0 + y_1) + y_2) + ...)``, the order the shards in a
-row add them, so both give the same bits.
+row add them, so both give the same bits. An attention shard (``attn_shards``) is the attention of its
+``n_kv_heads / t`` kv heads and their query heads (:func:`attn_shard_config`: its q, k, v columns, its KV
+cache, its o projection rows); its part is its rows' share of the o projection.
 
 :func:`build_step` returns the graph and a list of ``(label, first node, end node)`` spans naming the model part
 each graph node belongs to (``embed``, ``attn``, ``kv``, ``mlp``, ``head``...) for the per-operation breakdown.
@@ -148,9 +150,7 @@ class StepBuilder:
                 self.fan_in = all_units[a - 1][3]
         if self.units[0][0] == "attn" and len(self.units[0]) == 4:
             # an attention shard is the attention of its kv heads (and their query heads) alone
-            t = self.units[0][3]
-            self.full_cfg = cfg
-            cfg = self.cfg = attn_shard_config(cfg, t)
+            cfg = self.cfg = attn_shard_config(cfg, self.units[0][3])
         if self.B > 1 and any(len(u) == 4 for u in self.units):
             raise ValueError("a batched step does not hold sharded units (MLP, embedding or head shards)")
         idx = [u[1] for u in self.units if u[1] is not None]
