@@ -206,6 +206,16 @@ def _greedy(sizes: Sequence[int], cap: float, temps: Optional[Sequence[int]] = N
     return groups
 
 
+def _peak(cfg, precision: str, capacity: int, chip, block: int, shards: int, tables: int, attn: int,
+          kinds: Sequence[str]) -> int:
+    """The most SRAM (bytes: :func:`unit_bytes` plus :func:`unit_temps`) one unit of the given ``kinds``
+    needs when the MLPs are cut in ``shards``, the tables in ``tables`` and the attention blocks in ``attn``."""
+    units = model_units(cfg, shards, tables, attn)
+    sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, shards, tables, attn)
+    temps = unit_temps(cfg, capacity, chip.lanes, shards, tables, attn)
+    return max(b + t for u, b, t in zip(units, sizes, temps) if u[0] in kinds)
+
+
 def mlp_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill: float = STAGE_FILL,
                kinds=("mlp",)) -> int:
     """How many shards each MLP (or mixture of experts) is cut into so that one fits a stage: 1 when
@@ -218,9 +228,7 @@ def mlp_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fill
         return 1
     t = 1
     while t <= limit:
-        sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, 1 if tables else t, t if tables else 1)
-        if max(b for u, b in zip(model_units(cfg, 1 if tables else t, t if tables else 1), sizes)
-               if u[0] in kinds) <= cap:
+        if _peak(cfg, precision, capacity, chip, block, 1 if tables else t, t if tables else 1, 1, kinds) <= cap:
             return t
         t += 1
     return limit
@@ -234,10 +242,7 @@ def attn_shards(cfg, precision: str, capacity: int, chip, block: int = 2560, fil
     if cfg.family == "gpt2":
         return 1
     for t in (t for t in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % t == 0):
-        units = model_units(cfg, 1, 1, t)
-        whole = [b + m for u, b, m in zip(units, unit_bytes(cfg, precision, capacity, chip.lanes, block, 1, 1, t),
-                                          unit_temps(cfg, capacity, chip.lanes, 1, 1, t)) if u[0] == "attn"]
-        if max(whole) <= cap:
+        if _peak(cfg, precision, capacity, chip, block, 1, 1, t, ("attn",)) <= cap:
             return t
     return cfg.n_kv_heads
 
@@ -342,11 +347,8 @@ def plan_within(cfg, precision: str, capacity: int, chip, max_chips: int, block:
     fewest = None
     for a in (t for t in range(1, cfg.n_kv_heads + 1) if cfg.n_kv_heads % t == 0):
         for m in range(1, limit + 1):
-            sizes = unit_bytes(cfg, precision, capacity, chip.lanes, block, m, 1, a)
-            temps = unit_temps(cfg, capacity, chip.lanes, m, 1, a)
-            units = model_units(cfg, m, 1, a)
-            attn = max(b + t for u, b, t in zip(units, sizes, temps) if u[0] == "attn")
-            biggest = max(b + t for u, b, t in zip(units, sizes, temps) if u[0] in ("attn", "mlp"))
+            attn = _peak(cfg, precision, capacity, chip, block, m, 1, a, ("attn",))
+            biggest = max(attn, _peak(cfg, precision, capacity, chip, block, m, 1, a, ("mlp",)))
             if attn > cap:
                 break                   # this cut of the attention does not fit, whatever the MLP's
             if biggest > cap:
