@@ -25,7 +25,7 @@ from ..config import ChipConfig
 from ..errors import CompileError
 from ..graph import Graph, GraphError, Tensor
 from ..program import Program
-from . import conv, dump, fuse, loaded, lower_more, registry, scatter
+from . import conv, dump, elementwise, fuse, loaded, lower_more, registry, scatter
 from .allreduce import allreduce_kernel
 from .bounds import Bounds, graph_bounds
 from .emit import expected_cycles
@@ -298,6 +298,7 @@ class Compiler:
         self.tiles: Dict[str, List[Tuple[str, np.ndarray]]] = {}    # tiled weight -> its members' columns
         self.row_parts: Dict[str, List[Tuple[str, int, int, int, int]]] = {}     # gathered table -> members
         self.masks: Dict[Tuple[Union[int, str], ...], VT] = {}
+        self.replicas: Dict[Tuple[str, int], VT] = {}      # (one-row constant, ALU set) -> its copy (elementwise)
         self.span_masks: Dict[Tuple[int, int, int], List[VT]] = {}
         self.rope_tables: Dict[Tuple[int, int, float], Tuple[Tensor, Tensor]] = {}   # cos, sin by (rows, d, base)
         self.pinned: Dict[str, VT] = {}            # another program's constants and states (share)
@@ -914,8 +915,8 @@ class Compiler:
     def _map_into(self, out: VT, build: Callable[[], Expr], alus: Optional[Sequence[int]] = None) -> int:
         C = out.chunks
         rem = out.cols % self.L
-        if rem == 0 or out.bcast:
-            return map_kernel(self.ctx, build(), out, alus=alus)
+        if rem == 0 or out.bcast or elementwise.pads_stay_zero(build(), out.cols, self.L):
+            return elementwise.map_sets(self, out, build(), alus)
         full = [v for v in range(out.nvec) if v % C != C - 1]
         tail = [v for v in range(out.nvec) if v % C == C - 1]
         last = 0

@@ -226,8 +226,11 @@ def relayout(c, out, srcs, src_of):
             vs = [v for v, _ in pairs]
             root = E("mov", out.dtype, Expr.input(src, lambda v, mp=mp: mp[v]))
             rem = out.cols % L
-            full = [v for v in vs if not rem or v % C != C - 1]
-            tail = [v for v in vs if rem and v % C == C - 1]
+            # a row's last vector keeps zero past its columns: copied from a source vector that does too
+            # (the last of a row as wide), or masked
+            kept = not src.bcast and src.cols % L == rem
+            full = [v for v in vs if not rem or v % C != C - 1 or (kept and mp[v] % src.chunks == src.chunks - 1)]
+            tail = [v for v in vs if rem and v % C == C - 1 and not (kept and mp[v] % src.chunks == src.chunks - 1)]
             if full:
                 last = max(last, map_kernel(c.ctx, root, out, vectors=full))
             if tail:

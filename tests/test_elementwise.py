@@ -1,0 +1,112 @@
+"""Elementwise kernels over many vectors (lpucore.compiler.elementwise): no lane mask where the padding
+lanes stay zero anyway, and each ALU set reading its own copy of the per-channel constants."""
+
+import numpy as np
+import pytest
+
+import lpucore
+from lpucore import ChipConfig, Graph
+from lpucore.compiler import elementwise
+from lpucore.compiler.kernels import E, Expr
+from lpucore.compiler.memory import VT
+from lpucore.dtypes import get as dtype
+
+GROQ = ChipConfig.groqchip1()
+F32, I32 = dtype("float32"), dtype("int32")
+
+
+def _vt(cols, d=F32, bcast=False):
+    vt = VT("t", d, 4, cols, 1, 0, [[0]] * d.nbytes, [[1]] * d.nbytes, [[0]] * d.nbytes)
+    vt.bcast = bcast
+    return vt
+
+
+def _in(vt):
+    return Expr.input(vt, lambda v: v)
+
+
+@pytest.mark.parametrize("expr, zero", [
+    # a requantisation of zero-padded int32 sums by zero-padded per-channel vectors: +0 in the pads
+    (lambda a, m: E("cvt", dtype("int8"), E("div", F32, E("relu", F32, E("add", F32, E("mul", F32, E(
+        "cvt", F32, _in(a)), _in(m)), _in(m))), Expr.const(F32, 0.05))), True),
+    (lambda a, m: E("add", F32, _in(m), Expr.const(F32, 1.0)), False),           # 1 in the pads
+    (lambda a, m: E("add", F32, _in(m), Expr.const(F32, 0.0)), True),
+    (lambda a, m: E("mul", F32, _in(m), Expr.const(F32, -2.0)), False),          # -0
+    (lambda a, m: E("mul", F32, _in(m), Expr.const(F32, 2.0)), True),
+    (lambda a, m: E("mul", I32, _in(a), Expr.const(I32, -3)), True),             # integers: 0
+    (lambda a, m: E("div", F32, _in(m), _in(m)), False),                          # 0 / 0
+    (lambda a, m: E("exp", F32, _in(m)), False),                                  # 1
+    (lambda a, m: E("neg", F32, _in(m)), False),                                  # -0
+    (lambda a, m: E("max", F32, _in(m), Expr.const(F32, float("nan"))), False),
+    (lambda a, m: E("add", F32, _in(m), _in(_vt(1, bcast=True))), False),        # a value in every lane
+    (lambda a, m: E("add", F32, _in(m), _in(_vt(128))), False),                  # other columns
+])
+def test_which_expressions_keep_the_padding_lanes_zero(expr, zero):
+    a, m = _vt(64, I32), _vt(64)
+    assert elementwise.pads_stay_zero(expr(a, m), 64, 320) is zero
+
+
+def _requant_graph(P, C, seed=0, summed=0):
+    """int32 sums [P, C] requantised per channel (scale, shift), ReLU'd and quantised; ``summed``: the sums
+    of that many first rows of the result too (lane reductions, which read the padding lanes)."""
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(0.001, 0.01, C).astype(np.float32)
+    sh = rng.normal(0, 0.1, C).astype(np.float32)
+    g = Graph("requant")
+    a = g.input("a", (P, C), "int32")
+    q = g.quantize(g.relu(g.add(g.mul(g.cast(a, "float32"), m), sh)), 0.05)
+    g.output("q", q)
+    if summed:
+        g.output("s", g.sum(g.cast(g.slice(q, (slice(0, summed), slice(0, C))), "float32"), axis=-1, keepdims=True))
+    return g, m, sh
+
+
+def _reference(a, m, sh):
+    y = np.maximum(a.astype(np.float32) * m + sh, np.float32(0))
+    q = np.clip(np.rint(y / np.float32(0.05)), -128, 127).astype(np.int8)
+    return q, q.astype(np.float32).sum(axis=-1, keepdims=True)
+
+
+def _run(c, inputs, engine):
+    chip = lpucore.Chip(c.config, engine=engine)
+    c.load(chip)
+    c.write_inputs(chip, inputs)
+    assert chip.run().cycles == c.expected_cycles
+    return c.read_outputs(chip)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_a_requantisation_runs_two_vectors_a_cycle_without_a_mask(engine):
+    P, C = 256, 64
+    g, m, sh = _requant_graph(P, C)
+    c = lpucore.compile(g, GROQ)
+    a = np.random.default_rng(1).integers(-5000, 5000, (P, C), dtype=np.int32)
+    q, s = _reference(a, m, sh)
+    assert np.array_equal(_run(c, {"a": a}, engine)["q"], q)
+    assert not [n for n in c.constants if n.startswith("_mask")]       # no lane mask
+    copies = [members for name, members in c.tiles.items() if any("~" in mm for mm, _ in members)]
+    assert len(copies) == 2                             # scale and shift, each with a copy per ALU set
+    # two sets of ALUs side by side: well under one vector a cycle (one set took P + 24 cycles)
+    assert c.expected_cycles < 0.75 * P
+    # the padding lanes the requantisation left are zero: the sums of its rows across the lanes
+    g, m, sh = _requant_graph(P, C, summed=8)
+    c = lpucore.compile(g, GROQ)
+    assert np.array_equal(_run(c, {"a": a}, engine)["s"], s[:8])
+
+
+def test_writing_a_replicated_constant_writes_its_copies():
+    P, C = 64, 64
+    g, m, sh = _requant_graph(P, C)
+    c = lpucore.compile(g, GROQ)
+    name = next(n for n, members in c.tiles.items() if any("~" in mm for mm, _ in members)
+                and np.array_equal(c.constants[n].ravel(), m))
+    assert len(c.members(name)) >= 2
+    a = np.random.default_rng(2).integers(-5000, 5000, (P, C), dtype=np.int32)
+    m2 = (m * 1.5).astype(np.float32)
+    chip = lpucore.Chip(c.config)
+    c.load(chip)
+    c.write_constant(chip, name, m2.reshape(1, -1))
+    c.write_inputs(chip, {"a": a})
+    chip.run()
+    q, _ = _reference(a, m2, sh)
+    assert np.array_equal(c.read_outputs(chip)["q"], q)  # every ALU set read the new scale
