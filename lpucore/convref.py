@@ -145,3 +145,11 @@ def flatten(x: np.ndarray, start_dim: int = 1, end_dim: int = -1) -> np.ndarray:
     a, b = start_dim % nd, end_dim % nd
     shape: Sequence[int] = x.shape[:a] + (int(np.prod(x.shape[a:b + 1])),) + x.shape[b + 1:]
     return x.reshape(shape)
+
+
+def depth_to_space(x: np.ndarray, block: int) -> np.ndarray:
+    """ONNX DepthToSpace, mode "DCR": [N, C * r * r, H, W] -> [N, C, H * r, W * r]."""
+    N, C, H, W = x.shape
+    r = int(block)
+    y = x.reshape(N, r, r, C // (r * r), H, W).transpose(0, 3, 4, 1, 5, 2)
+    return np.ascontiguousarray(y.reshape(N, C // (r * r), H * r, W * r))

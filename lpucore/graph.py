@@ -609,6 +609,19 @@ class Graph:
             raise GraphError(f"batch_norm: eps must be positive, got {eps}")
         return self._node("batch_norm", ins, x.shape, x.dtype, eps=float(eps))
 
+    def depth_to_space(self, x, block: int) -> Tensor:
+        """Blocks of channels to blocks of pixels (ONNX ``DepthToSpace``, mode "DCR"; TensorFlow's
+        ``depth_to_space``): NCHW [N, C * r * r, H, W] -> [N, C, H * r, W * r] with
+        ``out[n, c, h * r + i, w * r + j] = x[n, (i * r + j) * C + c, h, w]`` (r = ``block``)."""
+        x = self._image("depth_to_space", x)
+        r = block
+        if not isinstance(r, (int, np.integer)) or isinstance(r, bool) or r < 1:
+            raise GraphError(f"depth_to_space: block must be an int >= 1, got {block!r}")
+        N, C, H, W = x.shape
+        if C % (r * r):
+            raise GraphError(f"depth_to_space: {C} channels are not a multiple of block x block = {r * r}")
+        return self._node("depth_to_space", [x], (N, C // (r * r), H * r, W * r), x.dtype, block=int(r))
+
     def flatten(self, x, start_dim: int = 1, end_dim: int = -1) -> Tensor:
         """x with axes start_dim..end_dim merged into one (PyTorch ``flatten``; default: all but the first)."""
         x = self._t("flatten", x)
@@ -629,6 +642,13 @@ class Graph:
         T = attrs["kernel"][0] * attrs["kernel"][1]
         shape = (N * Ho * Wo, T, C) if apart else (N * Ho * Wo, T * C)
         return self._node("window", [x, fill], shape, x.dtype, kind=kind, **attrs)
+
+    def _d2s(self, x, image, block: int) -> Tensor:
+        """Internal (made by :mod:`lpucore.compiler.conv`): ``depth_to_space`` of a channel-last image x
+        [N*H*W, C*r*r] of NCHW shape ``image``: [N*(H*r)*(W*r), C]."""
+        N, Cr, H, W = image
+        r = int(block)
+        return self._node("d2s", [x], (N * H * r * W * r, Cr // (r * r)), x.dtype, image=tuple(image), block=r)
 
     # ---- quantisation ------------------------------------------------------------------------------------
     def quantize(self, x, scale, zero_point=0, axis: Optional[int] = None) -> Tensor:

@@ -186,6 +186,11 @@ def batch_norm(x, mean, var, gamma=None, beta=None, eps=1e-5, **kw):
     return _run_image("batch_norm", x, [mean, var, gamma, beta], dict(eps=eps), kw)
 
 
+def depth_to_space(x, block, **kw):
+    """ONNX DepthToSpace (mode "DCR") of NCHW x on the chip: [N, C * r * r, H, W] -> [N, C, H * r, W * r]."""
+    return _run_image("depth_to_space", x, [], dict(block=block), kw)
+
+
 def flatten(x, start_dim=1, end_dim=-1, **kw):
     """x with axes start_dim..end_dim merged (PyTorch flatten) on the chip."""
     return _run_image("flatten", x, [], dict(start_dim=start_dim, end_dim=end_dim), kw)

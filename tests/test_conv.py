@@ -173,6 +173,30 @@ def test_ops_front_end_and_bounds():
     assert b.weight_stream > 0
 
 
+def test_depth_to_space_of_an_input_and_of_a_convolution():
+    """ONNX DepthToSpace ("DCR") of an NCHW input and of a convolution's channel-last output (then
+    pooled: the stem of lpucore.vision's "s2d4" form), against convref and its definition."""
+    rng = np.random.default_rng(5)
+    X = rand(rng, (2, 18, 3, 2), "int8")
+    Xc = rand(rng, (1, 3, 6, 5), "int8")
+    Wc = rand(rng, (12, 3, 3, 3), "int8")
+    g = Graph("d2s")
+    x, xc = g.input("x", X.shape, "int8"), g.input("xc", Xc.shape, "int8")
+    g.output("a", g.depth_to_space(x, 3))
+    y = g.depth_to_space(g.conv2d(xc, g.constant("w", Wc), padding=1), 2)
+    g.output("b", y)
+    g.output("p", g.max_pool2d(y, 3, 2, 1))
+    out = run(g, {"x": X, "xc": Xc})
+    ref = np.zeros((2, 2, 9, 6), np.int8)
+    for i in range(3):
+        for j in range(3):
+            ref[:, :, i::3, j::3] = X[:, (i * 3 + j) * 2:(i * 3 + j + 1) * 2]
+    assert (convref.depth_to_space(X, 3) == ref).all() and (out["a"] == ref).all()
+    yr = convref.depth_to_space(convref.conv2d(Xc, Wc, None, 1, 1), 2)
+    assert (out["b"] == yr).all()
+    assert (out["p"] == convref.max_pool2d(yr, 3, 2, 1)).all()
+
+
 def test_argument_checks():
     g = Graph("bad")
     x = g.input("x", (1, 4, 5, 5), "float16")
@@ -190,7 +214,9 @@ def test_argument_checks():
             (lambda: g.global_avg_pool2d(g.input("j", (1, 4, 5, 5), "int8")), "float tensor"),
             (lambda: g.batch_norm(x, np.zeros(3, F16), np.ones(4, F16)), "mean must be"),
             (lambda: g.batch_norm(x, np.zeros(4, F16), np.ones(4, F16), eps=0), "eps"),
-            (lambda: g.flatten(x, 2, 1), "not a range")):
+            (lambda: g.flatten(x, 2, 1), "not a range"),
+            (lambda: g.depth_to_space(x, 0), "block must be"),
+            (lambda: g.depth_to_space(x, 3), "not a multiple")):
         with pytest.raises(GraphError, match=words):
             call()
 

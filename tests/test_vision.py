@@ -8,7 +8,7 @@ import pytest
 
 from lpucore import ChipConfig, LpuError, convref, vision
 from lpucore.cli import main
-from lpucore.vision.arch import ResNetSpec, space_to_depth, stem_weights_s2d
+from lpucore.vision.arch import ResNetSpec, space_to_depth, space_to_depth4, stem_weights_s2d, stem_weights_s2d4
 
 SMALL = ChipConfig.small()
 TINY = dict(layers=(1, 1), width=8, num_classes=10, config=SMALL)
@@ -126,6 +126,26 @@ def test_given_weights_are_checked(basic8):
             vision.ResNet(spec, weights, config=SMALL)
     with pytest.raises(vision.ModelError, match="overflows float16"):
         vision.ResNet(spec, {**w, "bn1.weight": np.full(8, 1e6, np.float32)}, precision="fp16", config=SMALL)
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_the_s2d4_stem_gives_the_same_network(basic8, engine):
+    """4 x 4 space-to-depth: the 3x3 stem's 2 x 2 pixel blocks, put in place by depth_to_space, are the
+    7x7 stride-2 stem's int32 sums exactly; the int8 network on the chip equals the reference bit for
+    bit, and that reference equals the other stems'; a side not a multiple of 4 is refused."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(-128, 128, (1, 3, 12, 16)).astype(np.int8)
+    w = rng.integers(-127, 128, (4, 3, 7, 7)).astype(np.int8)
+    y = convref.conv2d(space_to_depth4(x), stem_weights_s2d4(w), None, 1, 0)
+    assert np.array_equal(convref.depth_to_space(y, 2), convref.conv2d(x, w, None, 2, 3))
+    m = vision.ResNet(basic8.spec, basic8.weights, config=SMALL, stem="s2d4")
+    img = image(5)
+    logits, st = m.run(img, engine=engine)
+    assert logits.tobytes() == m.reference(img).tobytes() == basic8.reference(img).tobytes()
+    assert st.cycles == st.predicted_cycles and "d2s" in st.by_op
+    assert m.chip_input(img).shape == (1, 48, 6, 6)
+    with pytest.raises(vision.ModelError, match="multiples of 4"):
+        m.run(image(5, 18))
 
 
 def test_bad_arguments():

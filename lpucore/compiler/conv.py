@@ -38,6 +38,9 @@ compiler already lowers plus one internal layout operation, ``window``:
   at compile time: no cycles); otherwise it is ``x * scale + shift`` in float32 on the VXM.
 * ``flatten`` of a globally pooled image is the channel-last tensor itself ([N, C]); otherwise a
   reshape of the NCHW tensor.
+* ``depth_to_space`` (ONNX "DCR") of a channel-last image is the internal layout operation ``d2s``
+  (:func:`d2s_map`): output row (n, h r + i, w r + j) is lanes ``(i r + j) C .. + C`` of input row
+  (n, h, w), a piece moved by the SXM (or a copy for i = j = 0).
 
 **Cost.**  A convolution's window costs one MEM write per output vector (P * ceil(kH*kW*C / lanes)
 of them) plus, when C is not a multiple of the lanes, an SXM shift per piece (about kH*kW pieces a
@@ -60,7 +63,7 @@ from .. import convref
 from .. import dtypes as dt
 from ..graph import BINARY, UNARY_ANY, UNARY_FLOAT, Graph, Node, Tensor
 
-IMAGE_OPS = ("conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "batch_norm", "flatten")
+IMAGE_OPS = ("conv2d", "max_pool2d", "avg_pool2d", "global_avg_pool2d", "batch_norm", "flatten", "depth_to_space")
 _ELEMENTWISE = set(BINARY) | set(UNARY_FLOAT) | set(UNARY_ANY) | {"cast", "gelu", "quantize", "dequantize"}
 Dims = Tuple[int, ...]
 
@@ -81,6 +84,18 @@ def window_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.nd
     pad = np.broadcast_to(r < 0, elem.shape)
     which = pad.astype(np.int64).ravel()
     return which, np.where(pad, np.broadcast_to(c, elem.shape), elem).ravel().astype(np.int64)
+
+
+def d2s_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
+    """The element map of a ``d2s`` node (``depth_to_space`` of a channel-last image [N*H*W, C*r*r] into
+    [N*(H*r)*(W*r), C]): for every flat output element, (0, element of the input)."""
+    N, Cr, H, W = n.attrs["image"]
+    r = n.attrs["block"]
+    C = Cr // (r * r)
+    nn, y, x, c = np.meshgrid(np.arange(N), np.arange(H * r), np.arange(W * r), np.arange(C), indexing="ij")
+    row = (nn * H + y // r) * W + x // r
+    elem = row * Cr + ((y % r) * r + x % r) * C + c
+    return np.zeros(elem.size, dtype=np.int64), elem.ravel().astype(np.int64)
 
 
 def rewrite(g: Graph) -> Tuple[Graph, Dict[str, Tuple[int, ...]]]:
@@ -261,6 +276,10 @@ class _Rewriter:
             b = h.sub(beta, h.mul(mean, s))
         y = h.cast(h.add(h.mul(h.cast(x, f32), s), b), t.dtype)
         self.cl[t.id] = (y, t.shape)
+
+    def _depth_to_space(self, n: Node, t: Tensor) -> None:
+        x = self.channel_last(n.inputs[0])
+        self.cl[t.id] = (self.h._d2s(x, self.g.tensors[n.inputs[0]].shape, n.attrs["block"]), t.shape)
 
     def _flatten(self, n: Node, t: Tensor) -> None:
         src = self.g.tensors[n.inputs[0]]

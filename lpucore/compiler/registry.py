@@ -306,3 +306,4 @@ _register_all(("allgather", "allreduce"), "collective", collective=True)
 _register_all(conv.IMAGE_OPS, "image", lower=_rewritten)
 # the windows of an image (taps x channels packed along a row): a layout move
 register(OpSpec("window", "layout", lower=_layout(conv.window_map)))
+register(OpSpec("d2s", "layout", lower=_layout(conv.d2s_map)))

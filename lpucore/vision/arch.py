@@ -72,6 +72,14 @@ class ResNetSpec:
         return ConvBN("conv1", "bn1", 12, self.width, 4, 1, 0)
 
     @property
+    def stem_s2d4(self) -> ConvBN:
+        """The stem on the host's 4 x 4 space-to-depth image (:func:`~lpucore.vision.arch.space_to_depth4`):
+        a 3x3 stride-1 unpadded convolution of 48 channels giving the stem's output as 2 x 2 pixel blocks,
+        4 x ``width`` channels (:func:`~lpucore.vision.arch.stem_weights_s2d4`), put in place by
+        ``depth_to_space``: the same sums, a quarter of the positions."""
+        return ConvBN("conv1", "bn1", 48, 4 * self.width, 3, 1, 0)
+
+    @property
     def features(self) -> int:
         """Channels into the classifier."""
         return self.width * 2 ** (len(self.layers) - 1) * self.expansion
@@ -165,3 +173,39 @@ def stem_weights_s2d(w: np.ndarray) -> np.ndarray:
     wp[:, :, :7, :7] = w
     b = wp.reshape(Co, C, 4, 2, 4, 2).transpose(0, 1, 3, 5, 2, 4)
     return np.ascontiguousarray(b.reshape(Co, C * 4, 4, 4))
+
+
+def space_to_depth4(x: np.ndarray) -> np.ndarray:
+    """The image [N, 3, H, W] (H and W multiples of 4) as the "s2d4" stem's input [N, 48, H / 4 + 2,
+    W / 4 + 2]: padded with zeros (3 before, 5 after), then each 4 x 4 block of pixels made 48 channels
+    (channel c * 16 + 4 * row + column): a fixed permutation of its values and the zero pads, done by the
+    host, so that the stem's output block (a, b) of 2 x 2 pixels reads the 3 x 3 blocks from (a, b)."""
+    N, C, H, W = x.shape
+    if H % 4 or W % 4:
+        raise ModelError(f"the s2d4 stem needs an image whose sides are multiples of 4, got {H} x {W}")
+    xp = np.zeros((N, C, H + 8, W + 8), x.dtype)
+    xp[:, :, 3:3 + H, 3:3 + W] = x
+    b = xp.reshape(N, C, H // 4 + 2, 4, W // 4 + 2, 4).transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(b.reshape(N, C * 16, H // 4 + 2, W // 4 + 2))
+
+
+def stem_weights_s2d4(w: np.ndarray) -> np.ndarray:
+    """The 7x7 stride-2 stem's weights [C_out, 3, 7, 7] as the 3x3 weights [4 C_out, 48, 3, 3] over
+    :func:`space_to_depth4`'s image, output channel (2 i + j) C_out + o being output pixel (2a + i, 2b + j)
+    of block (a, b) (``depth_to_space`` order): tap (bh, bw) of input channel c * 16 + 4 u + v is the
+    7x7 tap (4 bh + u - 2 i, 4 bw + v - 2 j), or zero outside it. Same dtype; values moved, not changed."""
+    Co, C = w.shape[:2]
+    out = np.zeros((4, Co, C, 4, 4, 3, 3), w.dtype)        # [phase, o, c, u, v, bh, bw]
+    for i in range(2):
+        for j in range(2):
+            for bh in range(3):
+                for u in range(4):
+                    kh = 4 * bh + u - 2 * i
+                    if not 0 <= kh < 7:
+                        continue
+                    for bw in range(3):
+                        for v in range(4):
+                            kw = 4 * bw + v - 2 * j
+                            if 0 <= kw < 7:
+                                out[2 * i + j, :, :, u, v, bh, bw] = w[:, :, kh, kw]
+    return np.ascontiguousarray(out.reshape(4 * Co, C * 16, 3, 3))

@@ -16,11 +16,11 @@ from ..compiler.lower import Compiled, execute
 from ..config import ChipConfig
 from ..errors import LpuError, ModelError
 from ..graph import Graph
-from .arch import ARCHS, ResNetSpec, space_to_depth
+from .arch import ARCHS, ResNetSpec, space_to_depth, space_to_depth4
 from .nets import F32, F16Params, FloatNet, GraphF16, GraphInt8, Int8Params, NumpyF16, NumpyInt8, forward
 
 PRECISIONS = ("int8", "fp16")
-STEMS = ("s2d", "direct")
+STEMS = ("s2d", "s2d4", "direct")
 CALIBRATION = 4                # int8 activation scales: max |x| / 127 over this many seeded images
 STAT_IMAGES, STAT_SIZE = 4, 64  # random weights: running statistics measured on these images
 MIN_SIZE = 8
@@ -186,8 +186,11 @@ class ResNet:
 
     ``stem`` "s2d" (default): the host writes the image space-to-depth (padded, 2 x 2 pixel blocks as
     12 channels: :func:`~lpucore.vision.arch.space_to_depth`) and the stem is the equivalent 4x4
-    stride-1 convolution of 12 channels (the same int32 sums); "direct": the 7x7 stride-2 window of
-    the 3-channel image is formed on the chip."""
+    stride-1 convolution of 12 channels (the same int32 sums); "s2d4" (sides multiples of 4): 4 x 4 pixel
+    blocks as 48 channels (:func:`~lpucore.vision.arch.space_to_depth4`), a 3x3 convolution giving 2 x 2
+    output pixels a position (a quarter of the positions, windows of 9 pieces of 48 channels instead of 16
+    of 12), then ``depth_to_space``; "direct": the 7x7 stride-2 window of the 3-channel image is formed on
+    the chip."""
 
     def __init__(self, spec: ResNetSpec, weights: Optional[Mapping[str, Any]] = None, precision: str = "int8",
                  seed: int = 0, config: Optional[ChipConfig] = None, stem: str = "s2d"):
@@ -195,7 +198,7 @@ class ResNet:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if stem not in STEMS:
             raise ModelError(f"stem must be one of {', '.join(STEMS)}, not {stem!r}")
-        self.s2d = stem == "s2d"
+        self.stem = stem
         if config is not None and not isinstance(config, ChipConfig):
             raise ModelError(f"config must be a ChipConfig, not {type(config).__name__}")
         self.spec, self.precision, self.seed = spec, precision, int(seed)
@@ -207,7 +210,7 @@ class ResNet:
         self._int8: Dict[int, Int8Params] = {}
         self._f16: Optional[F16Params] = None
         if precision == "fp16":
-            self._f16 = F16Params(spec, self.weights, self.s2d)
+            self._f16 = F16Params(spec, self.weights, self.stem)
             bad = self._f16.finite()
             if bad is not None:
                 raise ModelError("overflows float16 once its batch normalisation is folded in", field=bad)
@@ -242,15 +245,15 @@ class ResNet:
 
     def chip_input(self, images: Any) -> np.ndarray:
         """What the host writes: the image quantised to int8 with scale "x" (int8) or rounded to float16,
-        space-to-depth for the "s2d" stem."""
+        space-to-depth for the "s2d" and "s2d4" stems."""
         x = self.check_images(images)
         q = x.astype(np.float16) if self.precision == "fp16" else NumpyInt8.quantize(x, self.scales(x.shape[2])["x"])
-        return space_to_depth(q) if self.s2d else q
+        return space_to_depth(q) if self.stem == "s2d" else space_to_depth4(q) if self.stem == "s2d4" else q
 
     def _params(self, size: int) -> Int8Params:
         """The int8 constants for images of ``size`` pixels (made once per size: they fold every layer)."""
         if size not in self._int8:
-            self._int8[size] = Int8Params(self.spec, self.weights, self.scales(size), self.s2d)
+            self._int8[size] = Int8Params(self.spec, self.weights, self.scales(size), self.stem)
         return self._int8[size]
 
     # ---- the graph, the program and the reference ----------------------------------------------------
@@ -266,7 +269,7 @@ class ResNet:
         for i in range(images):
             x = g.input(f"x{i}", shape, d)
             first: Any = x if self._f16 is not None else (x, self.scales(image_size)["x"])
-            g.output(f"logits{i}", forward(self.spec, ops, first, self.s2d))
+            g.output(f"logits{i}", forward(self.spec, ops, first, self.stem))
             marks += [(name if images == 1 else f"{i}:{name}", n) for name, n in ops.marks]
             ops.marks = []
         return g, marks
@@ -286,9 +289,9 @@ class ResNet:
         int8: what the chip gives bit for bit; fp16: float16 values, see :meth:`layer_errors`)."""
         x, size = self.chip_input(images), self.check_images(images).shape[2]
         if self._f16 is not None:
-            return forward(self.spec, NumpyF16(self._f16), x, self.s2d).astype(np.float32)
+            return forward(self.spec, NumpyF16(self._f16), x, self.stem).astype(np.float32)
         p = self._params(size)
-        return forward(self.spec, NumpyInt8(p), (x, p.s["x"]), self.s2d)
+        return forward(self.spec, NumpyInt8(p), (x, p.s["x"]), self.stem)
 
     def layer_errors(self, images: Any, engine: str = "fast") -> Dict[str, float]:
         """fp16: run the program with every convolution's output tapped (a graph output) and check each
@@ -307,7 +310,7 @@ class ResNet:
         names = {"tap_" + c.conv.replace(".", "_"): c.conv for c in self.spec.convs()}
         chip = {names.get(k, "logits"): v for k, v in out.items()}
         net = NumpyF16(self._f16, chip)
-        forward(self.spec, net, x, self.s2d)
+        forward(self.spec, net, x, self.stem)
         return net.worst
 
     # ---- running ------------------------------------------------------------------------------------

@@ -18,19 +18,22 @@ import numpy as np
 
 from .. import convref
 from ..graph import Graph
-from .arch import ConvBN, ResNetSpec, stem_weights_s2d
+from .arch import ConvBN, ResNetSpec, stem_weights_s2d, stem_weights_s2d4
 
 F16, F32 = np.float16, np.float32
 EPS = 1e-5                     # torchvision's BatchNorm2d eps
 U16 = 2.0 ** -10               # a float16 rounding (relative), with margin
 
 
-def forward(spec: ResNetSpec, ops: Any, x: Any, s2d: bool = False) -> Any:
+def forward(spec: ResNetSpec, ops: Any, x: Any, stem: str = "direct") -> Any:
     """The network: stem convolution, ReLU, 3x3/2 max pool, the residual blocks (the last
     convolution of a block adds the shortcut before its ReLU), then ``ops.head`` (global average
     pool and the linear layer). ``ops.mark(name)`` closes each part (for the cycle attribution).
-    ``s2d``: x is the space-to-depth image and the stem its 4x4 form (:func:`~lpucore.vision.arch.space_to_depth`)."""
-    x = ops.pool(ops.conv(x, spec.stem_s2d if s2d else spec.stem, True))
+    ``stem`` "s2d": x is the space-to-depth image and the stem its 4x4 form
+    (:func:`~lpucore.vision.arch.space_to_depth`); "s2d4": x is the 4 x 4 space-to-depth image, the stem
+    its 3x3 form giving 2 x 2 pixel blocks, then ``ops.d2s`` (:func:`~lpucore.vision.arch.space_to_depth4`)."""
+    y = ops.conv(x, {"direct": spec.stem, "s2d": spec.stem_s2d, "s2d4": spec.stem_s2d4}[stem], True)
+    x = ops.pool(ops.d2s(y) if stem == "s2d4" else y)
     ops.mark("conv1")
     for b in spec.blocks():
         short = x if b.down is None else ops.conv(x, b.down, False)
@@ -122,7 +125,7 @@ class Int8Params:
     compute with the same numbers: per conv, int8 weights (per-output-channel scale max |w| / 127 of
     the folded weights), the float32 multiplier ``s_in * s_w`` and shift; the classifier likewise."""
 
-    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], scales: Dict[str, float], s2d: bool = False):
+    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], scales: Dict[str, float], stem: str = "direct"):
         self.s = scales
         self.conv: Dict[str, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         sin = {spec.stem.conv: scales["x"]}
@@ -138,9 +141,11 @@ class Int8Params:
             wf, shift = folded(w, c)
             wq, ws = _per_channel(wf.reshape(len(wf), -1))
             self.conv[c.conv] = (wq.reshape(wf.shape), (sin[c.conv] * ws).astype(F32), shift.astype(F32))
-        if s2d:
-            wq, m, shift = self.conv[spec.stem.conv]
+        wq, m, shift = self.conv[spec.stem.conv]
+        if stem == "s2d":
             self.conv[spec.stem.conv] = (stem_weights_s2d(wq), m, shift)
+        elif stem == "s2d4":                  # four output pixels a position: the channels' constants 4 times
+            self.conv[spec.stem.conv] = (stem_weights_s2d4(wq), np.tile(m, 4), np.tile(shift, 4))
         self.last = prev
         fq, fs = _per_channel(w["fc.weight"].astype(np.float64))
         self.fc_w = np.ascontiguousarray(fq.T)                              # [features, classes]
@@ -177,6 +182,9 @@ class GraphInt8(Marks):
     def pool(self, x):
         return self.g.max_pool2d(x[0], 3, 2, 1), x[1]
 
+    def d2s(self, x):
+        return self.g.depth_to_space(x[0], 2), x[1]
+
     def head(self, x):
         g, p = self.g, self.p
         f = g.flatten(g.global_avg_pool2d(g.cast(x[0], "float32")))   # mean of the q values: exact sums
@@ -208,6 +216,9 @@ class NumpyInt8(Marks):
     def pool(self, x):
         return convref.max_pool2d(x[0], 3, 2, 1), x[1]
 
+    def d2s(self, x):
+        return convref.depth_to_space(x[0], 2), x[1]
+
     def head(self, x):
         p = self.p
         f = convref.global_avg_pool2d(x[0].astype(F32)).reshape(1, -1)
@@ -220,15 +231,17 @@ class F16Params:
     (what the compiler would fold from float16 statistics, but from the float32 ones), the
     classifier's transposed weights and bias in float16."""
 
-    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], s2d: bool = False):
+    def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], stem: str = "direct"):
         self.conv: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
         for c in spec.convs():
             wf, shift = folded(w, c)
             with np.errstate(over="ignore"):          # an overflow is reported by finite()
                 self.conv[c.conv] = (wf.astype(F16), shift.astype(F16))
-        if s2d:
-            wf16, b16 = self.conv[spec.stem.conv]
+        wf16, b16 = self.conv[spec.stem.conv]
+        if stem == "s2d":
             self.conv[spec.stem.conv] = (stem_weights_s2d(wf16), b16)
+        elif stem == "s2d4":
+            self.conv[spec.stem.conv] = (stem_weights_s2d4(wf16), np.tile(b16, 4))
         with np.errstate(over="ignore"):
             self.fc_w = np.ascontiguousarray(w["fc.weight"].T).astype(F16)
             self.fc_b = w["fc.bias"].astype(F16)
@@ -261,6 +274,9 @@ class GraphF16(Marks):
 
     def pool(self, x):
         return self.g.max_pool2d(x, 3, 2, 1)
+
+    def d2s(self, x):
+        return self.g.depth_to_space(x, 2)
 
     def head(self, x):
         g = self.g
@@ -304,6 +320,9 @@ class NumpyF16(Marks):
 
     def pool(self, x):
         return convref.max_pool2d(x, 3, 2, 1)           # exact: the chip's is the same
+
+    def d2s(self, x):
+        return convref.depth_to_space(x, 2)             # exact: values moved
 
     def head(self, x):
         p = self.p
