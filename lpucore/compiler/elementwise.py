@@ -79,14 +79,16 @@ def pads_stay_zero(root: Expr, cols: int, lanes: int) -> bool:
 
 
 def _hot(root: Expr, out: VT, constants: Dict[str, np.ndarray]) -> Dict[int, VT]:
-    """The one-row constants ``root`` reads for every vector of a many-row ``out``, by id."""
+    """The one-row constants ``root`` reads for every row of a many-row ``out`` (each of their vectors
+    read at least :data:`MIN_VECTORS_PER_SET` times: a copy is worth its space), by id."""
     if out.rows < 2:
         return {}
     found: Dict[int, VT] = {}
     for n in _topo(root):
         if n.op == "in":
             vt = n.source()[0]
-            if vt.kind == "const" and vt.rows == 1 and vt.name in constants and not isinstance(vt, TiledVT):
+            if (vt.kind == "const" and vt.rows == 1 and vt.nvec * MIN_VECTORS_PER_SET <= out.nvec
+                    and vt.name in constants and not isinstance(vt, TiledVT)):
                 found[id(vt)] = vt
     return found
 
