@@ -269,6 +269,31 @@ def test_conv2d_random_geometries(geo):
         assert (out["p"] == convref.max_pool2d(X, k, geo["stride"], pp, geo["dilation"])).all()
 
 
+@settings(max_examples=few(4))
+@given(st.integers(1, 3), st.integers(1, 5), st.integers(1, 4), st.integers(1, 4), st.integers(1, 2),
+       st.sampled_from(["int8", "float16"]), st.booleans(), st.integers(0, 2 ** 16))
+def test_depth_to_space_random_shapes(r, c, H, W, N, dtype, conv_first, seed):
+    """depth_to_space of an NCHW input or of a convolution's channel-last output, both engines."""
+    rng = np.random.default_rng(seed)
+    g = Graph("d2s")
+    if conv_first:
+        X = rand(rng, (N, 2, H, W), dtype)
+        Wt = rand(rng, (c * r * r, 2, 1, 1), dtype)
+        x = g.conv2d(g.input("x", X.shape, dtype), g.constant("w", Wt))
+        src = convref.conv2d(X, Wt, None, 1, 0)
+    else:
+        X = rand(rng, (N, c * r * r, H, W), dtype)
+        x = g.input("x", X.shape, dtype)
+        src = X
+    g.output("y", g.depth_to_space(x, r))
+    out = run(g, {"x": X})
+    if conv_first and dtype == "float16":      # the product's rounding: compare its values moved
+        ref = convref.depth_to_space(src, r)
+        close16(out["y"], ref, convref.depth_to_space(convref.conv2d_bound(X, Wt, src, 1, 0), r))
+    else:
+        assert (out["y"] == convref.depth_to_space(src, r)).all()
+
+
 # ---- a tiny ResNet end to end ---------------------------------------------------------------------------
 C0, C1, HW, CLASSES = 8, 16, 8, 10
 

@@ -1264,28 +1264,41 @@ class _Run:
         self.lw_bases = [home] + [b for b in range(self.din * ctx.S, (self.din + 1) * ctx.S) if b != home]
 
 
+def _arrivals(geo: _Geo) -> List[int]:
+    """Per row of the product, the cycle its first chunk of activations is ready in MEM."""
+    mm = geo.mm
+    return [int(mm.A.ready[mm.a_row(m) * mm.A.chunks]) for m in range(mm.M)]
+
+
 def _share(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per: int) -> int:
     """Planes sharing each column tile's rows, by an estimate of when the tiles end: 1 (a tile per plane),
     ``per`` (a tile per hemisphere, its planes loading the weights together) or, for a single tile, every
     plane of ``hems`` (each hemisphere's planes loading together). A plane is free from its last product
     or load; then per block of rows (an accumulator half) and chunk of K, the longer of a weight load and
-    the block's products (the next load overlaps them: :func:`_tile_cycles`)."""
+    the block's products (the next load overlaps them: :func:`_tile_cycles`), and no sooner than its rows'
+    products can follow their activations as they arrive (a producer faster than one plane's row a cycle
+    is what sharing the rows pays for)."""
+    arr = _arrivals(geo)
 
-    def run(p_free: int, rows: int, hems_loading: int = 1) -> int:
-        return p_free + _tile_cycles(geo, rows, hems_loading)
+    def run(p_free: int, r0: int, r1: int, hems_loading: int = 1) -> int:
+        t = p_free
+        for m in range(r0, r1):                  # the first chunk's products, each after its row arrives
+            t = max(t, arr[m]) + geo.r
+        return max(p_free + _tile_cycles(geo, r1 - r0, hems_loading), t + (geo.nK - 1) * (r1 - r0) * geo.r)
 
     def plane_set(h: int) -> List[int]:
         return [p for p in planes if p // per == h][:per]
     M = geo.mm.M
-    options = [(max(run(_free(planes_state, p), M) for p in list(planes)[:geo.nT]), 1)]
+    options = [(max(run(_free(planes_state, p), 0, M) for p in list(planes)[:geo.nT]), 1)]
     if len(hems) >= geo.nT:
-        options.append((max(run(max(_free(planes_state, p) for p in plane_set(h)), -(-M // per))
-                            for h in hems[:geo.nT]), per))
+        options.append((max(run(max(_free(planes_state, p) for p in plane_set(h)), M * j // per, M * (j + 1) // per)
+                            for h in hems[:geo.nT] for j in range(per)), per))
     # every plane on one tile only past a pair's accumulator blocks (thousands of rows): below that the
     # rows' producers, not the planes, set the pace, and the hemispheres' loads taking turns cost more
     if geo.nT == 1 and len(hems) > 1 and M > per * geo.Mb:
         every = [p for h in hems for p in plane_set(h)]
-        options.append((run(max(_free(planes_state, p) for p in every), -(-M // len(every)), len(hems)), len(every)))
+        k, free = len(every), max(_free(planes_state, p) for p in every)
+        options.append((max(run(free, M * j // k, M * (j + 1) // k, len(hems)) for j in range(k)), k))
     return min(options)[1]
 
 
