@@ -1,7 +1,7 @@
 """ResNet-50 benchmark: int8, batch 1, one simulated GroqChip, against the NumPy reference and the paper.
 
     python bench/bench_resnet50.py [--image-size 224] [--precision int8] [--images 2] [--no-stream]
-                                   [--chip groqchip1] [--model resnet50] [--stem s2d|s2d4|direct] [--json OUT.json]
+                                   [--chip groqchip1] [--model resnet50] [--stem auto|s2d|s2d4|direct] [--json OUT.json]
 
 Builds torchvision's ResNet-50 (v1.5: the bottleneck's stride on its 3x3 convolution; seeded random
 weights with measured batch-norm statistics, lpucore.vision), calibrates its int8 activation scales,
@@ -35,9 +35,10 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=2, help="random images to run and check (default 2)")
     ap.add_argument("--no-stream", action="store_true", help="skip the two-image (back-to-back) program")
     ap.add_argument("--chip", default="groqchip1", choices=ChipConfig.PRESETS)
-    ap.add_argument("--stem", default="s2d", choices=("s2d", "s2d4", "direct"),
-                    help="s2d (default): the host writes the image space-to-depth (2 x 2 blocks); s2d4: 4 x 4 "
-                         "blocks, the stem giving 2 x 2 output pixels a position; direct: the 7x7 window on the chip")
+    ap.add_argument("--stem", default="auto", choices=("auto", "s2d", "s2d4", "direct"),
+                    help="auto (default): s2d4 when 4 divides the image size, else s2d; s2d: the host writes the "
+                         "image space-to-depth (2 x 2 blocks); s2d4: 4 x 4 blocks, the stem giving 2 x 2 output "
+                         "pixels a position; direct: the 7x7 window on the chip")
     ap.add_argument("--json", metavar="OUT.json")
     a = ap.parse_args(argv)
     if a.image_size < 8 or a.images < 1:

@@ -730,9 +730,10 @@ def _vision_command(sub) -> None:
     v.add_argument("--chip", type=_config_arg, metavar="NAME",
                    help=f"chip configuration ({', '.join(ChipConfig.PRESETS)}; default groqchip1)")
     v.add_argument("--seed", type=_seed_arg, default=0, help="random weights' seed (default 0)")
-    v.add_argument("--stem", choices=("s2d", "s2d4", "direct"), default="s2d",
-                   help="s2d (default): the host writes the image space-to-depth (2 x 2 blocks); s2d4: 4 x 4 "
-                        "blocks, the stem giving 2 x 2 output pixels a position; direct: the 7x7 window on the chip")
+    v.add_argument("--stem", choices=("auto", "s2d", "s2d4", "direct"), default="auto",
+                   help="auto (default): s2d4 when 4 divides the image size, else s2d; s2d: the host writes the "
+                        "image space-to-depth (2 x 2 blocks); s2d4: 4 x 4 blocks, the stem giving 2 x 2 output "
+                        "pixels a position; direct: the 7x7 window on the chip")
     v.add_argument("--stream", action="store_true",
                    help="also compile two images as one program and report back-to-back images/s")
     v.add_argument("--json", metavar="STATS.json", help="write the figures as JSON ('-': stdout)")

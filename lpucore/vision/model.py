@@ -20,7 +20,7 @@ from .arch import ARCHS, ResNetSpec, space_to_depth, space_to_depth4
 from .nets import F32, F16Params, FloatNet, GraphF16, GraphInt8, Int8Params, NumpyF16, NumpyInt8, forward
 
 PRECISIONS = ("int8", "fp16")
-STEMS = ("s2d", "s2d4", "direct")
+STEMS = ("auto", "s2d", "s2d4", "direct")
 CALIBRATION = 4                # int8 activation scales: max |x| / 127 over this many seeded images
 STAT_IMAGES, STAT_SIZE = 4, 64  # random weights: running statistics measured on these images
 MIN_SIZE = 8
@@ -184,7 +184,8 @@ class ResNet:
     folded on the host) and activations, float32 sums: float16 logits within :meth:`reference`'s
     bound. The host quantises (int8) or rounds (fp16) the float32 image; that is not chip time.
 
-    ``stem`` "s2d" (default): the host writes the image space-to-depth (padded, 2 x 2 pixel blocks as
+    ``stem`` "auto" (default): "s2d4" for images whose sides are multiples of 4, else "s2d". "s2d": the host
+    writes the image space-to-depth (padded, 2 x 2 pixel blocks as
     12 channels: :func:`~lpucore.vision.arch.space_to_depth`) and the stem is the equivalent 4x4
     stride-1 convolution of 12 channels (the same int32 sums); "s2d4" (sides multiples of 4): 4 x 4 pixel
     blocks as 48 channels (:func:`~lpucore.vision.arch.space_to_depth4`), a 3x3 convolution giving 2 x 2
@@ -193,7 +194,7 @@ class ResNet:
     the chip."""
 
     def __init__(self, spec: ResNetSpec, weights: Optional[Mapping[str, Any]] = None, precision: str = "int8",
-                 seed: int = 0, config: Optional[ChipConfig] = None, stem: str = "s2d"):
+                 seed: int = 0, config: Optional[ChipConfig] = None, stem: str = "auto"):
         if precision not in PRECISIONS:
             raise ModelError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
         if stem not in STEMS:
@@ -208,9 +209,10 @@ class ResNet:
         self._compiled: Dict[Tuple[int, int], Tuple[Compiled, float, List[str]]] = {}
         self._tapped: Dict[int, Compiled] = {}
         self._int8: Dict[int, Int8Params] = {}
-        self._f16: Optional[F16Params] = None
+        self._f16: Optional[F16Params] = None               # fp16: the folded parameters (direct stem)
+        self._f16_by: Dict[str, F16Params] = {}              # ... with the weights of each stem used
         if precision == "fp16":
-            self._f16 = F16Params(spec, self.weights, self.stem)
+            self._f16 = F16Params(spec, self.weights)
             bad = self._f16.finite()
             if bad is not None:
                 raise ModelError("overflows float16 once its batch normalisation is folded in", field=bad)
@@ -243,17 +245,30 @@ class ResNet:
             self._scales[image_size] = {k: float(F32(max(v, 1e-30) / 127)) for k, v in net.amax.items()}
         return self._scales[image_size]
 
+    def stem_for(self, size: int) -> str:
+        """The stem an image of ``size`` pixels a side runs with ("auto": "s2d4" when 4 divides it, else "s2d")."""
+        if self.stem != "auto":
+            return self.stem
+        return "s2d4" if size % 4 == 0 else "s2d"
+
+    def _f16_for(self, size: int) -> F16Params:
+        stem = self.stem_for(size)
+        if stem not in self._f16_by:
+            self._f16_by[stem] = F16Params(self.spec, self.weights, stem)
+        return self._f16_by[stem]
+
     def chip_input(self, images: Any) -> np.ndarray:
         """What the host writes: the image quantised to int8 with scale "x" (int8) or rounded to float16,
         space-to-depth for the "s2d" and "s2d4" stems."""
         x = self.check_images(images)
         q = x.astype(np.float16) if self.precision == "fp16" else NumpyInt8.quantize(x, self.scales(x.shape[2])["x"])
-        return space_to_depth(q) if self.stem == "s2d" else space_to_depth4(q) if self.stem == "s2d4" else q
+        stem = self.stem_for(x.shape[2])
+        return space_to_depth(q) if stem == "s2d" else space_to_depth4(q) if stem == "s2d4" else q
 
     def _params(self, size: int) -> Int8Params:
         """The int8 constants for images of ``size`` pixels (made once per size: they fold every layer)."""
         if size not in self._int8:
-            self._int8[size] = Int8Params(self.spec, self.weights, self.scales(size), self.stem)
+            self._int8[size] = Int8Params(self.spec, self.weights, self.scales(size), self.stem_for(size))
         return self._int8[size]
 
     # ---- the graph, the program and the reference ----------------------------------------------------
@@ -263,13 +278,14 @@ class ResNet:
         ``taps`` (fp16): every convolution's output is an output too, "tap_<name with _ for .>"."""
         d = "float16" if self.precision == "fp16" else "int8"
         g = Graph(f"{self.spec.name}-{self.precision}-{image_size}" + (f"x{images}" if images > 1 else ""))
-        ops = GraphF16(g, self._f16, taps) if self._f16 is not None else GraphInt8(g, self._params(image_size))
+        ops = (GraphF16(g, self._f16_for(image_size), taps) if self._f16 is not None
+               else GraphInt8(g, self._params(image_size)))
         marks: List[Tuple[str, int]] = []
         shape = self.chip_input(np.zeros((1, 3, image_size, image_size), np.float32)).shape
         for i in range(images):
             x = g.input(f"x{i}", shape, d)
             first: Any = x if self._f16 is not None else (x, self.scales(image_size)["x"])
-            g.output(f"logits{i}", forward(self.spec, ops, first, self.stem))
+            g.output(f"logits{i}", forward(self.spec, ops, first, self.stem_for(image_size)))
             marks += [(name if images == 1 else f"{i}:{name}", n) for name, n in ops.marks]
             ops.marks = []
         return g, marks
@@ -289,9 +305,9 @@ class ResNet:
         int8: what the chip gives bit for bit; fp16: float16 values, see :meth:`layer_errors`)."""
         x, size = self.chip_input(images), self.check_images(images).shape[2]
         if self._f16 is not None:
-            return forward(self.spec, NumpyF16(self._f16), x, self.stem).astype(np.float32)
+            return forward(self.spec, NumpyF16(self._f16_for(size)), x, self.stem_for(size)).astype(np.float32)
         p = self._params(size)
-        return forward(self.spec, NumpyInt8(p), (x, p.s["x"]), self.stem)
+        return forward(self.spec, NumpyInt8(p), (x, p.s["x"]), self.stem_for(size))
 
     def layer_errors(self, images: Any, engine: str = "fast") -> Dict[str, float]:
         """fp16: run the program with every convolution's output tapped (a graph output) and check each
@@ -309,8 +325,8 @@ class ResNet:
         out, _ = execute(self._tapped[size], {"x0": x}, engine=engine)
         names = {"tap_" + c.conv.replace(".", "_"): c.conv for c in self.spec.convs()}
         chip = {names.get(k, "logits"): v for k, v in out.items()}
-        net = NumpyF16(self._f16, chip)
-        forward(self.spec, net, x, self.stem)
+        net = NumpyF16(self._f16_for(size), chip)
+        forward(self.spec, net, x, self.stem_for(size))
         return net.worst
 
     # ---- running ------------------------------------------------------------------------------------
@@ -358,7 +374,7 @@ class ResNet:
 def resnet(name: str = "resnet50", weights: Optional[Mapping[str, Any]] = None, precision: str = "int8",
            seed: int = 0, config: Optional[ChipConfig] = None, *, block: Optional[str] = None,
            layers: Optional[Tuple[int, ...]] = None, width: int = 64, num_classes: int = 1000,
-           stem: str = "s2d") -> ResNet:
+           stem: str = "auto") -> ResNet:
     """A ResNet by name (``ARCHS``: resnet18, resnet34, resnet50, resnet101) or, with ``block`` and
     ``layers``, any torchvision-shaped one (tests: ``block="basic", layers=(1, 1), width=8``)."""
     if block is None or layers is None:
@@ -370,12 +386,12 @@ def resnet(name: str = "resnet50", weights: Optional[Mapping[str, Any]] = None, 
 
 
 def resnet50(weights: Optional[Mapping[str, Any]] = None, precision: str = "int8", seed: int = 0,
-             config: Optional[ChipConfig] = None, stem: str = "s2d") -> ResNet:
+             config: Optional[ChipConfig] = None, stem: str = "auto") -> ResNet:
     """torchvision's ResNet-50 (v1.5: the bottleneck's stride on its 3x3 convolution), 1,000 classes."""
     return resnet("resnet50", weights, precision, seed, config, stem=stem)
 
 
 def resnet18(weights: Optional[Mapping[str, Any]] = None, precision: str = "int8", seed: int = 0,
-             config: Optional[ChipConfig] = None, stem: str = "s2d") -> ResNet:
+             config: Optional[ChipConfig] = None, stem: str = "auto") -> ResNet:
     """torchvision's ResNet-18 (basic blocks), 1,000 classes."""
     return resnet("resnet18", weights, precision, seed, config, stem=stem)
