@@ -1,8 +1,12 @@
 """Elementwise kernels over many vectors (lpucore.compiler.elementwise): no lane mask where the padding
 lanes stay zero anyway, and each ALU set reading its own copy of the per-channel constants."""
 
+import os
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lpucore
 from lpucore import ChipConfig, Graph
@@ -12,6 +16,11 @@ from lpucore.compiler.memory import VT
 from lpucore.dtypes import get as dtype
 
 GROQ = ChipConfig.groqchip1()
+
+
+def few(n: int) -> int:
+    """Examples per property: the `ci` profile runs four times as many."""
+    return 4 * n if os.environ.get("HYPOTHESIS_PROFILE") == "ci" else n
 F32, I32 = dtype("float32"), dtype("int32")
 
 
@@ -110,3 +119,46 @@ def test_writing_a_replicated_constant_writes_its_copies():
     chip.run()
     q, _ = _reference(a, m2, sh)
     assert np.array_equal(c.read_outputs(chip)["q"], q)  # every ALU set read the new scale
+
+
+def _pads(chip, c, name):
+    """The bytes past each row's columns in the last vector of every row of output ``name`` (all planes)."""
+    t = c.program.tensors[name]
+    L = c.config.lanes
+    rem, ch = t.cols % L, t.chunks(L)
+    mem = chip.memory()
+    got = [mem[g, a, rem:] for p in range(t.dtype.nbytes)
+           for v, (g, a) in enumerate(t.locations(p, L)) if v % ch == ch - 1]
+    return np.concatenate(got) if got else np.zeros(0, np.uint8)
+
+
+@settings(max_examples=few(6), deadline=None)
+@given(st.integers(2, 40), st.sampled_from([64, 100, 250, 330]), st.integers(0, 2 ** 16),
+       st.sampled_from(["requant", "affine", "copy", "plus one"]))
+def test_padding_lanes_stay_zero_without_masks(rows, C, seed, kind):
+    """The convention the masks were dropped for (lower.py: lanes past a row's columns are zero), read
+    back from SRAM after a run: outputs of unmasked kernels (requantisation, a per-channel affine map with
+    a ReLU, a copy of rows) hold zeros there, and so does a kernel that needs its mask (x + 1), on both
+    engines."""
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(0.001, 0.01, C).astype(np.float32)
+    g = Graph("pads")
+    a = g.input("a", (rows, C), "int32")
+    y = g.cast(a, "float32")
+    if kind == "requant":
+        out = g.quantize(g.relu(g.add(g.mul(y, m), m)), 0.05)
+    elif kind == "affine":
+        out = g.relu(g.mul(y, m))
+    elif kind == "copy":
+        out = g.slice(g.cast(g.mul(y, m), "float16"), (slice(1, rows), slice(0, C)))
+    else:
+        out = g.add(y, 1.0)
+    g.output("y", out)
+    c = lpucore.compile(g, GROQ)
+    x = rng.integers(-5000, 5000, (rows, C), dtype=np.int32)
+    for engine in ("fast", "reference"):
+        chip = lpucore.Chip(c.config, engine=engine)
+        c.load(chip)
+        c.write_inputs(chip, {"a": x})
+        chip.run()
+        assert not _pads(chip, c, "y").any(), (engine, kind)
