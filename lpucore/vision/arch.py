@@ -149,6 +149,14 @@ ARCHS = {"resnet18": ("basic", (2, 2, 2, 2)), "resnet34": ("basic", (3, 4, 6, 3)
          "resnet50": ("bottleneck", (3, 4, 6, 3)), "resnet101": ("bottleneck", (3, 4, 23, 3))}
 
 
+def _to_depth(x: np.ndarray, r: int) -> np.ndarray:
+    """[N, C, H, W] (H, W multiples of r) with each r x r block of pixels made C * r * r channels, channel
+    c * r * r + r * row + column (the stems' space-to-depth, for images and for weights alike)."""
+    N, C, H, W = x.shape
+    b = x.reshape(N, C, H // r, r, W // r, r).transpose(0, 1, 3, 5, 2, 4)
+    return np.ascontiguousarray(b.reshape(N, C * r * r, H // r, W // r))
+
+
 def space_to_depth(x: np.ndarray) -> np.ndarray:
     """The image [N, 3, H, W] as the stem's space-to-depth input [N, 12, H2, W2]: padded with zeros
     (3 before, enough after) to 2 x (ceil(H / 2) + 3) pixels, then each 2 x 2 block of pixels made 12
@@ -159,8 +167,7 @@ def space_to_depth(x: np.ndarray) -> np.ndarray:
     ho, wo = (H + 1) // 2, (W + 1) // 2
     xp = np.zeros((N, C, 2 * (ho + 3), 2 * (wo + 3)), x.dtype)
     xp[:, :, 3:3 + H, 3:3 + W] = x
-    b = xp.reshape(N, C, ho + 3, 2, wo + 3, 2).transpose(0, 1, 3, 5, 2, 4)
-    return np.ascontiguousarray(b.reshape(N, C * 4, ho + 3, wo + 3))
+    return _to_depth(xp, 2)
 
 
 def stem_weights_s2d(w: np.ndarray) -> np.ndarray:
@@ -171,8 +178,7 @@ def stem_weights_s2d(w: np.ndarray) -> np.ndarray:
     Co, C = w.shape[:2]
     wp = np.zeros((Co, C, 8, 8), w.dtype)
     wp[:, :, :7, :7] = w
-    b = wp.reshape(Co, C, 4, 2, 4, 2).transpose(0, 1, 3, 5, 2, 4)
-    return np.ascontiguousarray(b.reshape(Co, C * 4, 4, 4))
+    return _to_depth(wp, 2)
 
 
 def space_to_depth4(x: np.ndarray) -> np.ndarray:
@@ -185,8 +191,7 @@ def space_to_depth4(x: np.ndarray) -> np.ndarray:
         raise ModelError(f"the s2d4 stem needs an image whose sides are multiples of 4, got {H} x {W}")
     xp = np.zeros((N, C, H + 8, W + 8), x.dtype)
     xp[:, :, 3:3 + H, 3:3 + W] = x
-    b = xp.reshape(N, C, H // 4 + 2, 4, W // 4 + 2, 4).transpose(0, 1, 3, 5, 2, 4)
-    return np.ascontiguousarray(b.reshape(N, C * 16, H // 4 + 2, W // 4 + 2))
+    return _to_depth(xp, 4)
 
 
 def stem_weights_s2d4(w: np.ndarray) -> np.ndarray:

@@ -209,11 +209,10 @@ class ResNet:
         self._compiled: Dict[Tuple[int, int], Tuple[Compiled, float, List[str]]] = {}
         self._tapped: Dict[int, Compiled] = {}
         self._int8: Dict[int, Int8Params] = {}
-        self._f16: Optional[F16Params] = None               # fp16: the folded parameters (direct stem)
-        self._f16_by: Dict[str, F16Params] = {}              # ... with the weights of each stem used
+        self._f16_by: Dict[str, F16Params] = {}              # fp16: the folded parameters of each stem used
         if precision == "fp16":
-            self._f16 = F16Params(spec, self.weights)
-            bad = self._f16.finite()
+            self._f16_by["direct"] = F16Params(spec, self.weights)
+            bad = self._f16_by["direct"].finite()
             if bad is not None:
                 raise ModelError("overflows float16 once its batch normalisation is folded in", field=bad)
 
@@ -278,13 +277,13 @@ class ResNet:
         ``taps`` (fp16): every convolution's output is an output too, "tap_<name with _ for .>"."""
         d = "float16" if self.precision == "fp16" else "int8"
         g = Graph(f"{self.spec.name}-{self.precision}-{image_size}" + (f"x{images}" if images > 1 else ""))
-        ops = (GraphF16(g, self._f16_for(image_size), taps) if self._f16 is not None
+        ops = (GraphF16(g, self._f16_for(image_size), taps) if self.precision == "fp16"
                else GraphInt8(g, self._params(image_size)))
         marks: List[Tuple[str, int]] = []
         shape = self.chip_input(np.zeros((1, 3, image_size, image_size), np.float32)).shape
         for i in range(images):
             x = g.input(f"x{i}", shape, d)
-            first: Any = x if self._f16 is not None else (x, self.scales(image_size)["x"])
+            first: Any = x if self.precision == "fp16" else (x, self.scales(image_size)["x"])
             g.output(f"logits{i}", forward(self.spec, ops, first, self.stem_for(image_size)))
             marks += [(name if images == 1 else f"{i}:{name}", n) for name, n in ops.marks]
             ops.marks = []
@@ -304,7 +303,7 @@ class ResNet:
         """The NumPy reference's logits [1, classes] on the same quantised weights and input (float32;
         int8: what the chip gives bit for bit; fp16: float16 values, see :meth:`layer_errors`)."""
         x, size = self.chip_input(images), self.check_images(images).shape[2]
-        if self._f16 is not None:
+        if self.precision == "fp16":
             return forward(self.spec, NumpyF16(self._f16_for(size)), x, self.stem_for(size)).astype(np.float32)
         p = self._params(size)
         return forward(self.spec, NumpyInt8(p), (x, p.s["x"]), self.stem_for(size))
@@ -317,7 +316,7 @@ class ResNet:
         worst-case bound carried through ~50 layers grows by the weights' absolute sums at each and
         says nothing. int8: {"logits": 0.0} when the chip equals :meth:`reference` bit for bit, else inf."""
         x, size = self.chip_input(images), self.check_images(images).shape[2]
-        if self._f16 is None:
+        if self.precision != "fp16":
             y, _ = self.run(images, engine=engine)
             return {"logits": 0.0 if y.tobytes() == self.reference(images).tobytes() else float("inf")}
         if size not in self._tapped:

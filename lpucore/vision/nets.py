@@ -47,6 +47,17 @@ def forward(spec: ResNetSpec, ops: Any, x: Any, stem: str = "direct") -> Any:
     return out
 
 
+def stem_form(stem: str, w: np.ndarray, *per_channel: np.ndarray) -> tuple:
+    """The stem convolution's weights ``w`` [C_out, 3, 7, 7] and per-output-channel constants as ``stem``
+    uses them: the same for "direct", the weights moved for "s2d", and for "s2d4" the weights moved and each
+    constant repeated four times (four output pixels a position)."""
+    if stem == "s2d":
+        return (stem_weights_s2d(w), *per_channel)
+    if stem == "s2d4":
+        return (stem_weights_s2d4(w), *(np.tile(v, 4) for v in per_channel))
+    return (w, *per_channel)
+
+
 def conv_f32(x: np.ndarray, w: np.ndarray, stride: int, padding: int) -> np.ndarray:
     """float32 convolution in NumPy (the windows of :mod:`lpucore.convref` times the weight matrix)."""
     win = convref.windows(x.astype(F32), w.shape[2:], stride, padding, 1)
@@ -141,11 +152,7 @@ class Int8Params:
             wf, shift = folded(w, c)
             wq, ws = _per_channel(wf.reshape(len(wf), -1))
             self.conv[c.conv] = (wq.reshape(wf.shape), (sin[c.conv] * ws).astype(F32), shift.astype(F32))
-        wq, m, shift = self.conv[spec.stem.conv]
-        if stem == "s2d":
-            self.conv[spec.stem.conv] = (stem_weights_s2d(wq), m, shift)
-        elif stem == "s2d4":                  # four output pixels a position: the channels' constants 4 times
-            self.conv[spec.stem.conv] = (stem_weights_s2d4(wq), np.tile(m, 4), np.tile(shift, 4))
+        self.conv[spec.stem.conv] = stem_form(stem, *self.conv[spec.stem.conv])
         self.last = prev
         fq, fs = _per_channel(w["fc.weight"].astype(np.float64))
         self.fc_w = np.ascontiguousarray(fq.T)                              # [features, classes]
@@ -237,11 +244,7 @@ class F16Params:
             wf, shift = folded(w, c)
             with np.errstate(over="ignore"):          # an overflow is reported by finite()
                 self.conv[c.conv] = (wf.astype(F16), shift.astype(F16))
-        wf16, b16 = self.conv[spec.stem.conv]
-        if stem == "s2d":
-            self.conv[spec.stem.conv] = (stem_weights_s2d(wf16), b16)
-        elif stem == "s2d4":
-            self.conv[spec.stem.conv] = (stem_weights_s2d4(wf16), np.tile(b16, 4))
+        self.conv[spec.stem.conv] = stem_form(stem, *self.conv[spec.stem.conv])
         with np.errstate(over="ignore"):
             self.fc_w = np.ascontiguousarray(w["fc.weight"].T).astype(F16)
             self.fc_b = w["fc.bias"].astype(F16)
