@@ -643,6 +643,15 @@ class Graph:
         shape = (N * Ho * Wo, T, C) if apart else (N * Ho * Wo, T * C)
         return self._node("window", [x, fill], shape, x.dtype, kind=kind, **attrs)
 
+    def _conv_taps(self, x, w, **attrs) -> Tensor:
+        """Internal (made by :mod:`lpucore.compiler.conv`): a convolution of the channel-last image x
+        [N*H*W, C] (NCHW shape ``attrs["image"]``) by the weight matrix w [taps * C, C_out] with no
+        window: [N*Ho*Wo, C_out], int32 (int8 operands) or float16, each tap's rows read from x."""
+        N, C, H, W = attrs["image"]
+        Ho, Wo = attrs["out"]
+        od = "int32" if x.dtype.name == "int8" else "float16"
+        return self._node("conv_taps", [x, w], (N * Ho * Wo, w.shape[1]), dt.get(od), **attrs)
+
     def _d2s(self, x, image, block: int) -> Tensor:
         """Internal (made by :mod:`lpucore.compiler.conv`): ``depth_to_space`` of a channel-last image x
         [N*H*W, C*r*r] of NCHW shape ``image``: [N*(H*r)*(W*r), C]."""

@@ -104,7 +104,7 @@ def test_batch_norm_folded_into_the_convolution_and_on_the_vxm():
     g.output("vxm", g.batch_norm(y2, *stats, eps=1e-3))
     g.output("direct", g.batch_norm(x, *[s[:3] for s in stats]))
     h, _ = conv.rewrite(g)
-    assert [n.op for n in h.nodes].count("matmul") == 2
+    assert [n.op for n in h.nodes].count("conv_taps") == 2      # no window: the taps read x's rows
     out = run(g, {"x": X})
     raw = convref.conv2d(X, W, None, 1, 1)
     close16(out["raw"], raw, convref.conv2d_bound(X, W, raw, 1, 1))
@@ -123,8 +123,10 @@ def test_channel_last_images_stay_channel_last_between_layers():
     y = g.relu(g.conv2d(x, w, padding=1)) + g.constant("b", np.ones((4, 1, 1), F16))
     g.output("y", g.conv2d(y, g.constant("w2", np.ones((4, 4, 1, 1), F16))))
     ops = [n.op for n in conv.rewrite(g)[0].nodes]
-    # one window from the NCHW input, none for the 1x1 convolution, one transpose back at the output
-    assert ops.count("window") == 1 and ops.count("transpose") == 1 and ops.count("matmul") == 2
+    # the input written channel-last, read by the taps (no window), a plain product for the 1x1
+    # convolution, one transpose back at the output
+    assert ops.count("window") == 0 and ops.count("transpose") == 1
+    assert ops.count("conv_taps") == 1 and ops.count("matmul") == 1
 
 
 def test_image_inputs_are_written_channel_last(tmp_path):
@@ -138,7 +140,9 @@ def test_image_inputs_are_written_channel_last(tmp_path):
     g.output("n", g.neg(v))
     h, axes = conv.rewrite(g)
     assert axes == {"x": (0, 2, 3, 1)} and h.inputs["x"].shape == (2 * 5 * 4, 3)
-    assert [n.attrs["kind"] for n in h.nodes if n.op == "window"] == ["rows", "nchw"]
+    # x's convolution reads its taps from the channel-last rows; v's pool forms a window from NCHW
+    assert [n.op for n in h.nodes].count("conv_taps") == 1
+    assert [n.attrs["kind"] for n in h.nodes if n.op == "window"] == ["nchw"]
     c = lpucore.compile(g, SMALL)
     assert c.inputs["x"][0] == X.shape and c.input_axes == {"x": (0, 2, 3, 1)}
     c.save(tmp_path / "c.lpuc")
@@ -219,6 +223,37 @@ def test_argument_checks():
             (lambda: g.depth_to_space(x, 3), "not a multiple")):
         with pytest.raises(GraphError, match=words):
             call()
+
+
+@pytest.mark.parametrize("dtype,cin,stride", [("int8", 70, 1), ("int8", 130, 2), ("float16", 40, 1),
+                                              ("float16", 70, 2)])
+def test_windowless_convolution_of_taps_wider_than_a_chunk(dtype, cin, stride):
+    """conv_taps with several K chunks a tap (SMALL: 64 lanes; float16 chunks of 32 rows, the odd ones
+    the upper half of a vector shifted down), pads skipped, stride 2: equal to NumPy on both engines."""
+    rng = np.random.default_rng(cin + stride)
+    X = rand(rng, (1, cin, 5, 6), dtype)
+    Wt = rand(rng, (3, cin, 3, 3), dtype)
+    g = Graph("taps")
+    g.output("y", g.conv2d(g.input("x", X.shape, dtype), g.constant("w", Wt), stride=stride, padding=1))
+    assert [n.op for n in conv.rewrite(g)[0].nodes].count("conv_taps") == 1
+    out = run(g, {"x": X})["y"]
+    ref = convref.conv2d(X, Wt, None, stride, 1)
+    if dtype == "int8":
+        assert (out == ref).all()
+    else:
+        close16(out, ref, convref.conv2d_bound(X, Wt, ref, stride, 1))
+
+
+def test_an_output_position_of_pads_alone_takes_a_window():
+    """A position whose taps are all pads has no product to set its accumulator: that convolution
+    forms a window (its pads the zero vector) instead of reading taps."""
+    X = np.arange(8, dtype=np.int8).reshape(1, 2, 2, 2)
+    Wt = np.ones((1, 2, 1, 1), np.int8)
+    g = Graph("pads")
+    g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
+    ops = [n.op for n in conv.rewrite(g)[0].nodes]
+    assert "conv_taps" not in ops and "window" in ops
+    assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
 
 
 # ---- hypothesis: geometries ----------------------------------------------------------------------------
@@ -350,8 +385,9 @@ def test_tiny_resnet_float16():
     gops = {"relu": g.relu, "add": g.add, "max_pool2d": g.max_pool2d, "global_avg_pool2d": g.global_avg_pool2d,
             "flatten": g.flatten, "matmul": lambda a, w: g.matmul(a, g.constant(None, w))}
     g.output("logits", forward(GraphNet(g), g.input("x", X.shape, "float16"), P, gops))
-    # 6 convs (the 1x1 one has stride 2) and the pool
-    assert [n.op for n in conv.rewrite(g)[0].nodes].count("window") == 7
+    # 6 convs read their taps straight from the images' rows (the 1x1 one has stride 2); the pool a window
+    ops = [n.op for n in conv.rewrite(g)[0].nodes]
+    assert ops.count("conv_taps") == 6 and ops.count("window") == 1
     out = run(g, {"x": X})["logits"]
     nops = {"relu": lambda a: np.maximum(a, F16(0)), "add": lambda a, b: (a + b).astype(F16),
             "max_pool2d": convref.max_pool2d, "global_avg_pool2d": convref.global_avg_pool2d,

@@ -57,6 +57,7 @@ LATENCY: Dict[str, Tuple[str, ...]] = {
     # batch normalisation may be folded into its convolution, a flatten or a window into addressing
     "conv2d": (_M, _ACC), "max_pool2d": (_A,), "avg_pool2d": (_A, _A), "global_avg_pool2d": (_A, _A),
     "batch_norm": (), "flatten": (), "window": (), "depth_to_space": (), "d2s": (),
+    "conv_taps": (_M, _ACC),
 }
 
 # VXM ALU operations per output element (per input element for reductions and row operations): the
@@ -70,7 +71,7 @@ VXM_OPS: Dict[str, int] = {
     "reshape": 0, "transpose": 0, "concat": 0, "slice": 0,
     "allgather": 0, "allreduce": 1,
     "conv2d": 0, "max_pool2d": 1, "avg_pool2d": 1, "global_avg_pool2d": 1, "batch_norm": 0, "flatten": 0,
-    "window": 0, "depth_to_space": 0, "d2s": 0,
+    "window": 0, "depth_to_space": 0, "d2s": 0, "conv_taps": 0,
 }
 # counted per input element
 _PER_INPUT = ("sum", "max", "mean", "sum@rows", "max@rows", "mean@rows", "global_avg_pool2d")

@@ -1025,6 +1025,19 @@ class MatMul:
     a_row: Callable[[int], int]
     b_row: Callable[[int], int]
     o_row: Callable[[int], int]
+    taps: Optional["Taps"] = None
+
+
+@dataclass
+class Taps:
+    """A convolution's product read straight from its image's rows (no window): K is ``T`` taps of
+    ``C`` channels each (B's rows tap-major, :func:`lpucore.convref.weight_matrix`), and tap t of
+    output row m is A's row ``rows[m, t]``, or a pad (-1) whose products are skipped (zero). Each tap
+    takes whole K chunks of its own (a chunk never holds two taps: they sit on the same lanes of
+    different rows), the chunk's rows past C loading zeros."""
+
+    rows: np.ndarray       # int64 [M, T]
+    C: int
 
 
 class _PlaneState:
@@ -1212,7 +1225,9 @@ class _Geo:
         self.fp16 = mm.A.dtype == dt.FLOAT16
         self.Kc = cfg.lanes // 2 if self.fp16 else cfg.lanes
         self.r = cfg.mxm_fp16_interval if self.fp16 else 1          # cycles between a plane's ABCs
-        self.nK = -(-mm.K // self.Kc)
+        # K chunks of a tap (windowless convolution: each tap its own chunks) and in all
+        self.cpt = -(-mm.taps.C // self.Kc) if mm.taps is not None else 0
+        self.nK = mm.taps.rows.shape[1] * self.cpt if mm.taps is not None else -(-mm.K // self.Kc)
         self.nT = -(-mm.N // cfg.lanes)
         # rows loaded in one cycle must come from different slices: at most one per stripe; when two
         # planes of a hemisphere load in the same cycles, each keeps to its share of the direction's
@@ -1233,13 +1248,41 @@ class _Geo:
         """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; past the
         last row, (tensor, vector, plane, "zero"): the zero row at address 0 of that vector's slice."""
         mm = self.mm
+        tap, kc = divmod(kc, self.cpt) if mm.taps is not None else (0, kc)
         if self.fp16:
             k, pl = kc * self.Kc + j // 2, j % 2
         else:
             k, pl = kc * self.Kc + j, 0
+        if mm.taps is not None:
+            # past the tap's channels: a zero row, in the slice of the row it would be (next tap's
+            # or past the end), keeping an LW cycle's rows on distinct stripes
+            past = k >= mm.taps.C
+            k += tap * mm.taps.C
+            if past:
+                return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl, "zero"
         if k >= mm.K:
             return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl, "zero"
         return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl
+
+    def a_vec(self, m: int, kc: int) -> Optional[Tuple[int, bool]]:
+        """(A's vector, shifted down by half the lanes) feeding output row m's products for chunk kc of
+        K, or None when there are none (a windowless convolution's pad tap)."""
+        mm = self.mm
+        if mm.taps is not None:
+            tap, kc = divmod(kc, self.cpt)
+            row = int(mm.taps.rows[m, tap])
+            if row < 0:
+                return None
+        else:
+            row = mm.a_row(m)
+        return row * mm.A.chunks + (kc // 2 if self.fp16 else kc), self.fp16 and kc % 2 == 1
+
+    def first_chunk(self, m: int, k0: int) -> int:
+        """The first chunk (from k0) with products for output row m: it replaces the accumulator."""
+        if self.mm.taps is None:
+            return k0
+        taps = np.flatnonzero(self.mm.taps.rows[m] >= 0)
+        return int(taps[0]) * self.cpt if len(taps) else self.nK
 
 
 class _Run:
@@ -1267,6 +1310,9 @@ class _Run:
 def _arrivals(geo: _Geo) -> List[int]:
     """Per row of the product, the cycle its first chunk of activations is ready in MEM."""
     mm = geo.mm
+    if mm.taps is not None:                  # every tap's row
+        rows = mm.taps.rows
+        return [max(int(mm.A.ready[r * mm.A.chunks]) for r in rows[m] if r >= 0) for m in range(mm.M)]
     return [int(mm.A.ready[mm.a_row(m) * mm.A.chunks]) for m in range(mm.M)]
 
 
@@ -1294,8 +1340,9 @@ def _share(geo: _Geo, planes: Sequence[int], planes_state, hems: List[int], per:
         options.append((max(run(max(_free(planes_state, p) for p in plane_set(h)), M * j // per, M * (j + 1) // per)
                             for h in hems[:geo.nT] for j in range(per)), per))
     # every plane on one tile only past a pair's accumulator blocks (thousands of rows): below that the
-    # rows' producers, not the planes, set the pace, and the hemispheres' loads taking turns cost more
-    if geo.nT == 1 and len(hems) > 1 and M > per * geo.Mb:
+    # rows' producers, not the planes, set the pace, and the hemispheres' loads taking turns cost more;
+    # but a windowless convolution's products are its taps' (nine a row for 3x3): the planes' pace
+    if geo.nT == 1 and len(hems) > 1 and (M > per * geo.Mb or geo.mm.taps is not None):
         every = [p for h in hems for p in plane_set(h)]
         k, free = len(every), max(_free(planes_state, p) for p in every)
         options.append((max(run(free, M * j // k, M * (j + 1) // k, len(hems)) for j in range(k)), k))
@@ -1386,25 +1433,28 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     return lw.end + d_iw
 
 
-def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, b0: int, b1: int, bank: int, E_: int,
-                 first: bool) -> None:
-    """One ABC per row b0..b1-1 of chunk kc on run's plane, from cycle E_ (the weights in effect); the
-    ``first`` chunk replaces the accumulator, the others add to it; a float16 odd chunk is the upper half
-    of a vector, shifted down by the SXM on its way."""
+def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, rows: Sequence[Tuple[int, bool]], b0: int,
+                 bank: int, E_: int, fresh: bool) -> None:
+    """One ABC per row (m, first) of ``rows`` (rows of the block starting at b0) for chunk kc on run's
+    plane, from cycle E_ (the weights in effect); a row's ``first`` chunk replaces its accumulator, the
+    others add to it; a float16 odd chunk is the upper half of a vector, shifted down by the SXM on its
+    way. ``fresh``: these are the block's first products, which wait for its accumulator half."""
     cfg, mm, st = ctx.cfg, geo.mm, run.st
-    L, fp16, xm, din = cfg.lanes, geo.fp16, run.xm, run.din
-    for i in range(b1 - b0):
-        av = mm.a_row(b0 + i) * mm.A.chunks + (kc // 2 if fp16 else kc)
-        shift = fp16 and kc % 2 == 1
+    L, xm, din = cfg.lanes, run.xm, run.din
+    for j, (m, first) in enumerate(rows):
+        i = m - b0
+        got = geo.a_vec(m, kc)
+        assert got is not None
+        av, shift = got
         lo_t = max(E_, st.abc_next)
-        if i == 0 and first:
+        if j == 0 and fresh:
             lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
         # a try whose read of the row would issue before the row is ready fails first thing, leaving
         # no trace: start after them (compile time; the same cycle is found)
         lag = cfg.sxm_delay + abs(run.sx - xm) if shift else 0
         lo_t = max(lo_t, ctx.ready_at(mm.A, av, run.sx if shift else xm) + lag)
 
-        def build_a(T, av=av, shift=shift, i=i):
+        def build_a(T, av=av, shift=shift, i=i, first=first):
             plan, used = Plan(), {}
             if not shift:
                 src = ctx.read_group(plan, mm.A, av, xm, T, used)
@@ -1509,11 +1559,19 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
             by_hem: Dict[int, list] = {}
             for item in zip(blocks, banks):
                 by_hem.setdefault(item[0][0].hem, []).append(item)
+            firsts = {m: geo.first_chunk(m, k0) for r, b0, b1 in blocks for m in range(b0, b1)}
+            fresh = {r.p: True for r, _, _ in blocks}
             for kc in range(k0, k1):
                 for group in by_hem.values():
+                    rows = {r.p: [(m, firsts[m] == kc) for m in range(b0, b1) if geo.a_vec(m, kc) is not None]
+                            for (r, b0, b1), _ in group}
+                    if not any(rows.values()):        # every row's tap a pad: no products, no load
+                        continue
                     E_ = _load(ctx, geo, [r for (r, _, _), _ in group], nt, kc, start)
-                    for (r, b0, b1), bank in group:
-                        _activations(ctx, geo, r, kc, b0, b1, bank, E_, kc == k0)
+                    for (r, b0, _), bank in group:
+                        if rows[r.p]:
+                            _activations(ctx, geo, r, kc, rows[r.p], b0, bank, E_, fresh[r.p])
+                            fresh[r.p] = False
             for (r, b0, b1), bank in zip(blocks, banks):
                 last = max(last, _results(ctx, geo, r, nt, b0, b1, bank))
     return last

@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import dtypes as dt
 from ..errors import CompileError
-from .kernels import E, Expr, MatMul, Piece, cvt, lanemove_kernel, map_kernel, matmul_kernel
+from .kernels import E, Expr, MatMul, Piece, Taps, cvt, lanemove_kernel, map_kernel, matmul_kernel
 from .memory import release
 
 F32, F16, I8, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT32
@@ -59,6 +59,23 @@ def matmul(c, a, b, t, name, kind):
                     o_row=lambda m, o=i * M: o + m)
         last = max(last, matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B)))
     return last
+
+
+def conv_taps(c, x, w, t, name, kind, n):
+    """A ``conv_taps`` node (:mod:`lpucore.compiler.conv`): the product of a channel-last image x
+    [N*H*W, C] by the weight matrix w [taps * C, C_out], each output row's taps read straight from x's
+    rows (:class:`~lpucore.compiler.kernels.Taps`; pads skipped). Returns the last landing cycle."""
+    from .. import convref
+    A, B = c.plain(x), c.plain(w)
+    a = n.attrs
+    N, C, H, W = a["image"]
+    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])
+    M, K, Nc = t.shape[0], w.shape[0], w.shape[1]
+    out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(A, B))
+    c.vts[t.id] = out
+    mm = MatMul(A, B, out, M, K, Nc, a_row=_same_row, b_row=_same_row, o_row=_same_row,
+                taps=Taps(rows=rows, C=C))
+    return matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B))
 
 
 def _combine_cycles(cfg) -> int:

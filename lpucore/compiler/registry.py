@@ -174,6 +174,10 @@ def _matmul(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str)
     return lower_more.matmul(c, ins[0], ins[1], t, name, kind)
 
 
+def _conv_taps(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str) -> int:
+    return lower_more.conv_taps(c, ins[0], ins[1], t, name, kind, n)
+
+
 # a layout operation's element map: (node, inputs, output) -> (which input, flat element of it) for
 # every flat element of the output (row-major)
 ElementMap = Callable[[Node, List[Tensor], Tensor], Tuple[np.ndarray, np.ndarray]]
@@ -307,3 +311,4 @@ _register_all(conv.IMAGE_OPS, "image", lower=_rewritten)
 # the windows of an image (taps x channels packed along a row): a layout move
 register(OpSpec("window", "layout", lower=_layout(conv.window_map)))
 register(OpSpec("d2s", "layout", lower=_layout(conv.d2s_map)))
+register(OpSpec("conv_taps", "matmul", lower=_conv_taps, weight_input=1))
