@@ -256,6 +256,21 @@ def test_an_output_position_of_pads_alone_takes_a_window():
     assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
 
 
+def test_a_max_pools_image_is_striped_so_its_taps_are_on_distinct_slices():
+    g = Graph("pool")
+    x = g.input("x", (1, 64, 112, 112), "int8")
+    g.output("y", g.max_pool2d(x, 3, 2, 1))
+    h, _ = conv.rewrite(g)
+    (win,) = [n for n in h.nodes if n.op == "window"]
+    assert win.attrs["pads"] == "repeat"
+    ns = conv.window_stripes(win, 44)
+    assert ns == 12                           # 112 = 0 mod 8: eight stripes put the nine taps on three slices
+    rows = convref.window_rows(1, 112, 112, 3, 2, 1, 1)
+    inner = rows[(rows >= 0).all(axis=1)]
+    assert max(np.bincount(r % ns).max() for r in inner) == 1
+    assert max(np.bincount(r % 8).max() for r in inner) == 3
+
+
 # ---- hypothesis: geometries ----------------------------------------------------------------------------
 @st.composite
 def geometries(draw):

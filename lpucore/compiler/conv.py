@@ -43,7 +43,13 @@ compiler already lowers plus one internal layout operation, ``window``:
   requantisation is the graph's own ``cast`` / ``mul`` / ``quantize``, fused on the VXM.
 * **Pools**: ``window`` with the taps apart (``[P, taps, C]``) and a reduction across rows (one
   map kernel: ``max``, ``mean``, or a float32 sum times a per-position reciprocal when pads do
-  not count); pads are -inf (the dtype's least integer) for max, zero otherwise.  Global average
+  not count); pads are -inf (the dtype's least integer) for max, zero otherwise.  A max pool of a
+  channel-last image forms no window: its ``window`` (``pads="repeat"``) is a map of reads of the
+  image's rows, fused into the max, a pad reading the position's first pixel again (it could not
+  win the max), and the image is striped over as many slices as spread the taps of two
+  neighbouring positions over distinct ones (:func:`window_stripes`: a slice reads one vector a
+  cycle; the stem's 112-pixel-wide image over the default 8 stripes put its 9 taps on 3 slices).
+  At 224 x 224 this took ResNet-50 from 168,470 cycles to 157,785 (stem and pool 34,682 -> 20,293). Global average
   pooling is ``mean`` across the rows of each image.
 * **Batch normalisation** (inference) is folded into the preceding float convolution when that
   convolution's output feeds only it and its statistics are constants (weights and bias scaled
@@ -94,6 +100,43 @@ def window_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.nd
     pad = np.broadcast_to(r < 0, elem.shape)
     which = pad.astype(np.int64).ravel()
     return which, np.where(pad, np.broadcast_to(c, elem.shape), elem).ravel().astype(np.int64)
+
+
+def repeat_vectors(n: Node, lanes: int) -> np.ndarray:
+    """For a ``window`` node with ``pads="repeat"`` (a max pool's taps of a channel-last image, read by
+    the max alone): the image's vector each vector of the window [P, taps, C] is, a pad repeating the
+    position's first tap with a pixel (max(a, a) = a, and a pad of the dtype's least value or -inf
+    never wins the max, so the pool's result is the same)."""
+    a = n.attrs
+    N, C, H, W = a["image"]
+    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])   # [P, T]
+    first = rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)]
+    rows = np.where(rows >= 0, rows, first[:, None])
+    cv = -(-C // lanes)
+    return (rows.reshape(-1, 1) * cv + np.arange(cv)).ravel()
+
+
+def window_stripes(n: Node, most: int, sample: int = 64) -> int:
+    """Slices to stripe the image of a ``pads="repeat"`` window over (the image's row r, chunk c lies in
+    stripe (r + c) mod stripes), so that a max reading all its taps at once finds them on distinct
+    slices (a slice reads one vector a cycle): the fewest stripes from the taps' count up to ``most``
+    that least crowd one slice over two consecutive output positions (two ALU sets side by side),
+    judged on ``sample`` positions whose taps are all pixels. 9 taps' rows of a 112-pixel-wide image
+    over 8 stripes share 3 slices (112 = 0 mod 8); over 12 they take 9."""
+    a = n.attrs
+    N, C, H, W = a["image"]
+    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])
+    inner = rows[(rows >= 0).all(axis=1)]
+    T = rows.shape[1]
+    if len(inner) < 2 or T >= most:
+        return most
+    step = max(1, (len(inner) - 1) // sample)
+    # output vector (p, chunk c) reads chunk c of each tap's row: stripes (row + c) mod ns, as crowded as c = 0
+    pairs = [inner[i:i + 2].ravel() for i in range(0, len(inner) - 1, step)]
+
+    def crowd(ns: int) -> int:
+        return max(int(np.bincount(p % ns, minlength=ns).max()) for p in pairs)
+    return min(range(T, most + 1), key=lambda ns: (crowd(ns), ns))
 
 
 def d2s_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
@@ -201,9 +244,10 @@ class _Rewriter:
     def const(self, arr: np.ndarray) -> Tensor:
         return self.h.constant(None, np.ascontiguousarray(arr))
 
-    def windows(self, tid: int, n: Node, fill, apart: bool) -> Tensor:
+    def windows(self, tid: int, n: Node, fill, apart: bool, pads: str = "fill") -> Tensor:
         """The ``window`` of g's NCHW image tid for node n's geometry (the image itself for a 1x1
-        stride-1 unpadded window of a channel-last image)."""
+        stride-1 unpadded window of a channel-last image); ``pads="repeat"``: a max's window, its
+        pads repeating a tap (:func:`repeat_vectors`)."""
         x = self.g.tensors[tid]
         a = n.attrs
         one = a["kernel"] == (1, 1) and a["stride"] == (1, 1) and a["padding"] == (0, 0)
@@ -212,7 +256,8 @@ class _Rewriter:
         src, kind = (self.cl[tid][0], "rows") if tid in self.cl else (self.plain(tid), "nchw")
         fillc = self.const(np.full((1, x.shape[1]), fill, dtype=x.dtype.numpy))
         out = self.g.tensors[n.output].shape[2:]
-        return self.h._window(src, fillc, kind, apart=apart, image=x.shape, out=out,
+        extra = {"pads": pads} if pads != "fill" else {}
+        return self.h._window(src, fillc, kind, apart=apart, image=x.shape, out=out, **extra,
                               kernel=a["kernel"], stride=a["stride"], padding=a["padding"],
                               dilation=a.get("dilation", (1, 1)))
 
@@ -255,16 +300,22 @@ class _Rewriter:
         rather than from a window."""
         a = n.attrs
         one = a["kernel"] == (1, 1) and a["stride"] == (1, 1) and a["padding"] == (0, 0)
-        if n.inputs[0] not in self.cl or one:
-            return False
-        N, C, H, W = self.g.tensors[n.inputs[0]].shape
-        rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a.get("dilation", (1, 1)))
         # an output position whose taps are all pads would have no product to set its accumulator
-        return bool((rows >= 0).any(axis=1).all())
+        return n.inputs[0] in self.cl and not one and self._whole_taps(n)
 
     def _max_pool2d(self, n: Node, t: Tensor) -> None:
         lo = -np.inf if t.dtype.is_float else np.iinfo(t.dtype.numpy).min
-        self.cl[t.id] = (self.h.max(self.windows(n.inputs[0], n, lo, apart=True), axis=-2), t.shape)
+        # the max reads the image's rows itself (the window a map of its reads, fused into it)
+        repeat = n.inputs[0] in self.cl and self._whole_taps(n)
+        win = self.windows(n.inputs[0], n, lo, apart=True, pads="repeat" if repeat else "fill")
+        self.cl[t.id] = (self.h.max(win, axis=-2), t.shape)
+
+    def _whole_taps(self, n: Node) -> bool:
+        """Every output position of window node n's geometry reads at least one pixel."""
+        a = n.attrs
+        N, C, H, W = self.g.tensors[n.inputs[0]].shape
+        rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a.get("dilation", (1, 1)))
+        return bool((rows >= 0).any(axis=1).all())
 
     def _avg_pool2d(self, n: Node, t: Tensor) -> None:
         h = self.h

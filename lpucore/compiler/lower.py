@@ -310,6 +310,7 @@ class Compiler:
         self.fuse = fuse.ENABLED
         self.defer: Set[int] = set()
         self.deferred: Dict[int, Callable[[], Expr]] = {}
+        self.stripe_hints: Dict[str, int] = {}     # tensor name -> stripes (image_stripes)
         self.kernels: List[Tuple[str, str, Optional[int]]] = []
         self.placed: List[VT] = []                # every tensor placed, in order (for dump)
         self.record = dump.Record(dump.GraphRecord.of(graph))
@@ -339,6 +340,7 @@ class Compiler:
         ``Scatter``), dividing ``stripe_divides`` when given (blocks of rows: :mod:`.blocks`)."""
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
+        stripes = self.stripe_hints.get(name, stripes)
         if name in self.pinned and kind in ("const", "state"):
             vt = self._pinned_vt(name, d, rows, c, kind, pow2, spare)
             if vt is not None:
@@ -584,6 +586,7 @@ class Compiler:
         if self.reserve_scatter:    # constants lowering would make, while no temporary has taken their space
             scatter.reserve(self)
         out_names = {t.id: name for name, t in g.outputs.items()}
+        self.stripe_hints = self.image_stripes(out_names)
         for n in g.nodes:
             t = g.tensors[n.output]
             kind = "output" if n.output in out_names else "temp"
@@ -606,6 +609,17 @@ class Compiler:
         self.assign_states(log)
         self.finish_record()
         self.result = self.finish_program()
+
+    def image_stripes(self, out_names: Dict[int, str]) -> Dict[str, int]:
+        """Stripes for the images max pools read all taps of at once (:func:`.conv.window_stripes`),
+        by the name :meth:`new_vt` places them under."""
+        most = self.cfg.mem_slices_per_hemisphere
+        hints: Dict[str, int] = {}
+        for n in self.g.nodes:
+            if n.op == "window" and n.attrs.get("pads") == "repeat":
+                x = self.g.tensors[n.inputs[0]]
+                hints[out_names.get(x.id, f"_t{x.id}")] = conv.window_stripes(n, most // x.dtype.nbytes)
+        return hints
 
     def count_uses(self) -> None:
         """Readers per tensor; graph outputs and assigned values count as always in use."""
@@ -1216,6 +1230,14 @@ class Compiler:
         self.vts[t.id] = out
         release(self.mem, red)
         return last
+
+    def gathered(self, x: Tensor, vec_of: np.ndarray) -> Expr:
+        """An expression whose output vector v is x's vector ``vec_of[v]`` (a deferred x inlined)."""
+        def of(v: int) -> int:
+            return int(vec_of[v])
+        if x.id in self.deferred:
+            return _remap(self.deferred[x.id](), of)
+        return Expr.input(self.vt(x), of)
 
     def rows_builder(self, op: str, x: Tensor, t: Tensor) -> Callable[[], Expr]:
         """sum / max / mean across rows (axis -2): each output vector is a balanced tree of VXM

@@ -137,6 +137,13 @@ def _rows(c: Any, n: Node, ins: List[Tensor], t: Tensor) -> Callable[[], Expr]:
     return c.rows_builder(n.op, ins[0], t)
 
 
+def _window_reads(c: Any, n: Node, ins: List[Tensor], t: Tensor) -> Callable[[], Expr]:
+    """A max pool's window of a channel-last image as reads of the image's rows
+    (:func:`lpucore.compiler.conv.repeat_vectors`): no copy, inlined into the max."""
+    vec_of = conv.repeat_vectors(n, c.L)
+    return lambda: c.gathered(ins[0], vec_of)
+
+
 def _gelu_tanh(c: Any, n: Node, ins: List[Tensor], t: Tensor) -> Callable[[], Expr]:
     return lambda: c.gelu_tanh(ins[0], t)
 
@@ -309,6 +316,7 @@ _register_all(("allgather", "allreduce"), "collective", collective=True)
 # NCHW images: rewritten before lowering into windows, matmuls and reductions (lpucore.compiler.conv)
 _register_all(conv.IMAGE_OPS, "image", lower=_rewritten)
 # the windows of an image (taps x channels packed along a row): a layout move
-register(OpSpec("window", "layout", lower=_layout(conv.window_map)))
+register(OpSpec("window", "layout", lower=_layout(conv.window_map), build=_window_reads,
+                map_if=lambda n: n.attrs.get("pads") == "repeat"))
 register(OpSpec("d2s", "layout", lower=_layout(conv.d2s_map)))
 register(OpSpec("conv_taps", "matmul", lower=_conv_taps, weight_input=1))
