@@ -244,6 +244,21 @@ def test_windowless_convolution_of_taps_wider_than_a_chunk(dtype, cin, stride):
         close16(out, ref, convref.conv2d_bound(X, Wt, ref, stride, 1))
 
 
+def test_windowless_convolution_deals_its_row_blocks_over_the_planes():
+    """Rows enough for several accumulator blocks a plane (SMALL: 32-row blocks, 4 planes): the blocks
+    dealt in turn (kernels._dealt), each plane's results right on both engines."""
+    from lpucore.compiler.kernels import _dealt
+    assert _dealt(320, 32, 4, 1) == [(32, 64), (160, 192), (288, 320)]
+    assert _dealt(30, 32, 4, 3) == [(24, 30)]                 # fewer rows than blocks: M / k each
+    dealt = [b for j in range(4) for b in _dealt(1000, 32, 4, j)]
+    assert sorted(dealt)[0][0] == 0 and sum(b1 - b0 for b0, b1 in dealt) == 1000
+    rng = np.random.default_rng(3)
+    X, Wt = rand(rng, (1, 8, 16, 20), "int8"), rand(rng, (6, 8, 3, 3), "int8")
+    g = Graph("dealt")
+    g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
+    assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
+
+
 def test_an_output_position_of_pads_alone_takes_a_window():
     """A position whose taps are all pads has no product to set its accumulator: that convolution
     forms a window (its pads the zero vector) instead of reading taps."""

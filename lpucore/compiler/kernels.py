@@ -1288,9 +1288,11 @@ class _Geo:
 class _Run:
     """One plane's part of a product: its state, queues and positions, and rows [r0, r1) of tiles."""
 
-    def __init__(self, ctx: Ctx, p: int, planes_state: Dict[int, _PlaneState], r0: int, r1: int):
+    def __init__(self, ctx: Ctx, p: int, planes_state: Dict[int, _PlaneState], r0: int, r1: int,
+                 blocks: Optional[List[Tuple[int, int]]] = None):
         cfg = ctx.cfg
         self.p, self.r0, self.r1 = p, r0, r1
+        self.blocks = blocks          # its row blocks [b0, b1) when not r0.. in blocks of Mb rows
         self.st = planes_state.setdefault(p, _PlaneState())
         name = cfg.plane_name(p)
         self.hem = p // cfg.mxm_planes_per_hemisphere
@@ -1377,6 +1379,11 @@ def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state,
         if k > 1:
             sets = [[p for p in planes if p // per == h][:per] for h in hems]
             mine = [sets[nt] for nt in range(geo.nT)] if k == per else [[p for s in sets for p in s]]
+            if geo.mm.taps is not None:
+                # a convolution's rows arrive over its producer's whole run: the planes take the
+                # accumulator blocks in turn, so all of them work as the rows come in
+                return [(nt, [_Run(ctx, p, planes_state, 0, M, blocks=_dealt(M, geo.Mb, k, j))
+                              for j, p in enumerate(ps)]) for nt, ps in enumerate(mine)]
             return [(nt, [_Run(ctx, p, planes_state, M * j // k, M * (j + 1) // k) for j, p in enumerate(ps)])
                     for nt, ps in enumerate(mine)]
     # tile by tile (tile nt on plane nt mod P): the planes take turns at the weights' slices and
@@ -1390,6 +1397,13 @@ def _units(ctx: Ctx, geo: _Geo, planes: Sequence[int], planes_state,
         units[geo.nT - R:] = [(nt, [_Run(ctx, planes[(i * k + j) % P], planes_state, M * j // k, M * (j + 1) // k)
                                     for j in range(k)]) for i, nt in enumerate(range(geo.nT - R, geo.nT))]
     return units
+
+
+def _dealt(M: int, Mb: int, k: int, j: int) -> List[Tuple[int, int]]:
+    """Row blocks [b0, b1) of Mb rows (of M) dealt to the j-th of k planes in turn: blocks j, j + k, ...
+    cut so that every plane has rows (M / k rows a block at most when M < k Mb)."""
+    Mb = min(Mb, -(-M // k))
+    return [(b0, min(M, b0 + Mb)) for b0 in range(j * Mb, M, k * Mb)]
 
 
 def _tile_cycles(geo: _Geo, rows: int, hems_loading: int = 1) -> int:
@@ -1549,8 +1563,10 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
     k0, k1 = chunks if chunks is not None else (0, geo.nK)
     last = 0
     for nt, runs in _units(ctx, geo, planes, planes_state, tiles):
-        for off in range(0, max(r.r1 - r.r0 for r in runs), geo.Mb):
-            blocks = [(r, r.r0 + off, min(r.r1, r.r0 + off + geo.Mb)) for r in runs if r.r0 + off < r.r1]
+        dealt = {r.p: r.blocks if r.blocks is not None else
+                 [(b0, min(r.r1, b0 + geo.Mb)) for b0 in range(r.r0, r.r1, geo.Mb)] for r in runs}
+        for step in range(max(len(d) for d in dealt.values())):
+            blocks = [(r, *dealt[r.p][step]) for r in runs if step < len(dealt[r.p])]
             banks = []
             for r, _, _ in blocks:
                 banks.append(r.st.blocks % 2)
