@@ -259,6 +259,39 @@ def test_windowless_convolution_deals_its_row_blocks_over_the_planes():
     assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
 
 
+def _lw_cycles_per_install(compiled, queue):
+    """LW cycles before each IW of an MXM plane's LW queue (a Repeat of an LW counts its repeats)."""
+    groups, n, last = [], 0, None
+    for ins in compiled.program.queues[queue]:
+        op = ins.op.mnemonic
+        if op == "LW":
+            n += 1
+        elif op == "Repeat" and last == "LW":
+            n += int(ins.text(SMALL).split()[1].rstrip(","))
+        elif op == "IW":
+            groups.append(n)
+            n = 0
+        if op != "Repeat":
+            last = op
+    return groups
+
+
+def test_windowless_convolution_loads_only_the_weights_past_its_first_load():
+    """Every tap's chunk has its weights in the same first rows and zeros after them: a plane's first
+    load of the program fills the whole buffer (another program may have left weights in it), the next
+    ones only the 8 rows of weights (IW installs a copy; the buffer keeps its zeros). Both engines agree
+    with NumPy (test_windowless_convolution_deals_its_row_blocks_over_the_planes runs the same shapes)."""
+    rng = np.random.default_rng(3)
+    X, Wt = rand(rng, (1, 8, 16, 20), "int8"), rand(rng, (6, 8, 3, 3), "int8")
+    g = Graph("partial")
+    g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
+    c = lpucore.compile(g, SMALL)
+    for q in ("MXM.W0.LW", "MXM.E1.LW"):
+        groups = _lw_cycles_per_install(c, q)
+        assert groups[0] == SMALL.mxm_size // SMALL.mxm_lw_streams          # 64 rows, 8 a cycle
+        assert len(groups) > 9 and set(groups[1:]) == {1}                  # 8 rows: one LW cycle
+
+
 def test_an_output_position_of_pads_alone_takes_a_window():
     """A position whose taps are all pads has no product to set its accumulator: that convolution
     forms a window (its pads the zero vector) instead of reading taps."""

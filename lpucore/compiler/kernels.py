@@ -1048,6 +1048,9 @@ class _PlaneState:
         self.acc_next = 0         # first cycle for the next ACC
         self.half_free = [0, 0]   # first cycle an ABC product may land in each accumulator half
         self.blocks = 0
+        # the weight buffer's byte-rows from this one on hold zeros (None: unknown, as at the program's
+        # start, when another program may have left weights there)
+        self.zero_from: Optional[int] = None
 
 
 class _LoadRow:
@@ -1264,6 +1267,15 @@ class _Geo:
             return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl, "zero"
         return mm.B, mm.b_row(k) * mm.B.chunks + nt, pl
 
+    def valid_rows(self, kc: int) -> int:
+        """Weight-buffer byte-rows of chunk kc that hold weights (the rest load zeros)."""
+        mm = self.mm
+        if mm.taps is not None:
+            n = min(self.Kc, mm.taps.C - (kc % self.cpt) * self.Kc)
+        else:
+            n = min(self.Kc, mm.K - kc * self.Kc)
+        return 2 * n if self.fp16 else n
+
     def a_vec(self, m: int, kc: int) -> Optional[Tuple[int, bool]]:
         """(A's vector, shifted down by half the lanes) feeding output row m's products for chunk kc of
         K, or None when there are none (a windowless convolution's pad tap)."""
@@ -1426,10 +1438,18 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     reads feed them all) and install it (IW timed to take effect after each plane's last product with
     the weights it has); returns the cycle the new weights take effect."""
     cfg = ctx.cfg
-    d_iw, Lw, ws = cfg.mxm_install_delay, geo.Lw, geo.ws
+    d_iw, ws = cfg.mxm_install_delay, geo.ws
+    valid = geo.valid_rows(kc)
+    size = cfg.mxm_size
+    if geo.mm.taps is not None:
+        # a convolution's taps fill the same first rows of every chunk: the buffer keeps its rows between
+        # loads (IW installs a copy), so past the rows the last load left zero only the weights are loaded
+        zero = [r.st.zero_from for r in runs]
+        size = max(valid, max(size if z is None else z for z in zero))
+    Lw = -(-size // ws)
     lead = runs[0]
     lo_w = max([start] + [max(r.st.lw_free, r.st.abc_last + 1 - d_iw - Lw) for r in runs])
-    lw = _LoadRows(ctx, [[geo.wrow(kc, nt, i * ws + j) for j in range(min(ws, cfg.mxm_size - i * ws))]
+    lw = _LoadRows(ctx, [[geo.wrow(kc, nt, i * ws + j) for j in range(min(ws, size - i * ws))]
                          for i in range(Lw)], lead.xm, lead.din)
     # no row can be read before it is ready (or before cycle 0)
     for i, rows in enumerate(lw.rows):
@@ -1444,6 +1464,7 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
                 row.vt.last_read[row.v] = max(row.vt.last_read[row.v], lw.end)
     for r in runs:
         r.st.lw_free = lw.end + 1
+        r.st.zero_from = valid          # rows from valid on: loaded zeros, or zero before and not loaded
     return lw.end + d_iw
 
 
