@@ -7,6 +7,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .. import convref
 from .. import dtypes as dt
 from ..errors import CompileError
 from .kernels import E, Expr, MatMul, Piece, Taps, cvt, lanemove_kernel, map_kernel, matmul_kernel
@@ -65,7 +66,6 @@ def conv_taps(c, x, w, t, name, kind, n):
     """A ``conv_taps`` node (:mod:`lpucore.compiler.conv`): the product of a channel-last image x
     [N*H*W, C] by the weight matrix w [taps * C, C_out], each output row's taps read straight from x's
     rows (:class:`~lpucore.compiler.kernels.Taps`; pads skipped). Returns the last landing cycle."""
-    from .. import convref
     A, B = c.plain(x), c.plain(w)
     a = n.attrs
     N, C, H, W = a["image"]
