@@ -3,6 +3,8 @@ channels, 16 x 16 images, the small chip) in int8 equals its NumPy reference bit
 within the documented bound layer by layer; two images overlapped in one program give each image's own
 logits; torchvision's names and shapes; bad weights and images raise ModelError naming the fault."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -64,6 +66,10 @@ def test_int8_bottleneck_v15_and_a_stream_of_two_images(bottleneck8):
     # overlapped, two images take less than two runs (and at least one); each image's logits are its own
     assert st.cycles < st.stream_cycles < 2 * st.cycles
     assert st.stream_images_per_second > st.images_per_second
+    assert "back to back" in st.table() and "repeated" not in st.table()
+    # an overlapped program slower than two runs of the one-image program says so
+    slow = dataclasses.replace(st, stream_cycles=3 * st.cycles)
+    assert "the one-image program repeated is the faster stream" in slow.table()
     from lpucore import execute
     c2 = m.compile(16, 2)
     xs = [image(5), image(6)]

@@ -132,6 +132,17 @@ class VisionStats:
                  stream_images_per_second=self.stream_images_per_second, schedule_efficiency=self.schedule_efficiency)
         return d
 
+    def _stream_row(self) -> str:
+        """The back-to-back figure, and a note when the overlapped program is slower than running the
+        one-image program again and again (the greedy schedule can make it so: docs/guide/vision.md)."""
+        if not self.stream_cycles:
+            return ""
+        row = (f"{self.stream_images_per_second:,.0f} images/s back to back ({self.stream_images} images overlapped "
+               f"in {self.stream_cycles:,} cycles)")
+        if self.stream_images_per_second < self.images_per_second:
+            row += "; fewer than one at a time: the one-image program repeated is the faster stream"
+        return row
+
     def table(self) -> str:
         """A readable summary, then the cycles by part and by operation."""
         binding = max(self.bounds, key=lambda k: self.bounds[k]) if self.bounds else "-"
@@ -139,8 +150,7 @@ class VisionStats:
                           f"one {self.chip} at {self.clock_hz / 1e6:.0f} MHz"),
                 ("cycles", f"{self.cycles:,} (compiler predicted {self.predicted_cycles:,})"),
                 ("latency", f"{self.seconds * 1e6:,.1f} us ({self.images_per_second:,.0f} images/s one at a time)"),
-                ("stream", (f"{self.stream_images_per_second:,.0f} images/s back to back ({self.stream_images} "
-                            f"images overlapped in {self.stream_cycles:,} cycles)") if self.stream_cycles else ""),
+                ("stream", self._stream_row()),
                 ("schedule bound", f"{self.bound:,.0f} cycles ({binding}); efficiency "
                                    f"{100 * self.schedule_efficiency:.2f} %"),
                 ("MXM", f"{self.macs:,} MACs; planes busy {100 * self.mxm_utilisation:.2f} % of plane-cycles"),
