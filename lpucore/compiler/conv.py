@@ -84,12 +84,23 @@ _ELEMENTWISE = set(BINARY) | set(UNARY_FLOAT) | set(UNARY_ANY) | {"cast", "gelu"
 Dims = Tuple[int, ...]
 
 
+def tap_rows(n: Node) -> np.ndarray:
+    """int64 [positions, taps]: the image row each tap of a ``window`` or ``conv_taps`` node reads, -1
+    for a pad (:func:`lpucore.convref.window_rows` of the node's geometry attributes)."""
+    return _rows_of(n.attrs)
+
+
+def _rows_of(a: Dict) -> np.ndarray:
+    N, C, H, W = a["image"]
+    return convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])
+
+
 def window_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarray]:
     """The element map of a ``window`` node (registry's ElementMap): for every flat output element,
     (0, element of the image) or (1, channel of the fill vector) for a pad."""
     a = n.attrs
     N, C, H, W = a["image"]
-    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])   # [P, T]
+    rows = tap_rows(n)                            # [P, T]
     c = np.arange(C)
     r = rows[:, :, None]
     if a["kind"] == "rows":
@@ -107,9 +118,8 @@ def repeat_vectors(n: Node, lanes: int) -> np.ndarray:
     the max alone): the image's vector each vector of the window [P, taps, C] is, a pad repeating the
     position's first tap with a pixel (max(a, a) = a, and a pad of the dtype's least value or -inf
     never wins the max, so the pool's result is the same)."""
-    a = n.attrs
-    N, C, H, W = a["image"]
-    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])   # [P, T]
+    C = n.attrs["image"][1]
+    rows = tap_rows(n)                            # [P, T]
     first = rows[np.arange(len(rows)), np.argmax(rows >= 0, axis=1)]
     rows = np.where(rows >= 0, rows, first[:, None])
     cv = -(-C // lanes)
@@ -123,9 +133,7 @@ def window_stripes(n: Node, most: int, sample: int = 64) -> int:
     that least crowd one slice over two consecutive output positions (two ALU sets side by side),
     judged on ``sample`` positions whose taps are all pixels. 9 taps' rows of a 112-pixel-wide image
     over 8 stripes share 3 slices (112 = 0 mod 8); over 12 they take 9."""
-    a = n.attrs
-    N, C, H, W = a["image"]
-    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])
+    rows = tap_rows(n)
     inner = rows[(rows >= 0).all(axis=1)]
     T = rows.shape[1]
     if len(inner) < 2 or T >= most:
@@ -255,11 +263,15 @@ class _Rewriter:
             return self.cl[tid][0]
         src, kind = (self.cl[tid][0], "rows") if tid in self.cl else (self.plain(tid), "nchw")
         fillc = self.const(np.full((1, x.shape[1]), fill, dtype=x.dtype.numpy))
-        out = self.g.tensors[n.output].shape[2:]
         extra = {"pads": pads} if pads != "fill" else {}
-        return self.h._window(src, fillc, kind, apart=apart, image=x.shape, out=out, **extra,
-                              kernel=a["kernel"], stride=a["stride"], padding=a["padding"],
-                              dilation=a.get("dilation", (1, 1)))
+        return self.h._window(src, fillc, kind, apart=apart, **extra, **self.geometry(n))
+
+    def geometry(self, n: Node) -> Dict:
+        """The window attributes of image operation n: its image's NCHW shape, output (Ho, Wo), kernel,
+        stride, padding and dilation."""
+        a = n.attrs
+        return dict(image=self.g.tensors[n.inputs[0]].shape, out=self.g.tensors[n.output].shape[2:],
+                    kernel=a["kernel"], stride=a["stride"], padding=a["padding"], dilation=a.get("dilation", (1, 1)))
 
     def channel_last(self, tid: int) -> Tensor:
         """g's NCHW image tid as [N*H*W, C] (made by a 1x1 window from NCHW when it is not yet)."""
@@ -284,11 +296,7 @@ class _Rewriter:
             b = g.constants[n.inputs[2]].astype(np.float64) if bias is not None else 0.0
             bias = self.const((b * scale + shift).astype(t.dtype.numpy))
         if self._taps(n):
-            x = self.g.tensors[n.inputs[0]]
-            a = n.attrs
-            y = h._conv_taps(self.cl[n.inputs[0]][0], self.const(m), image=x.shape, out=t.shape[2:],
-                             kernel=a["kernel"], stride=a["stride"], padding=a["padding"],
-                             dilation=a.get("dilation", (1, 1)))
+            y = h._conv_taps(self.cl[n.inputs[0]][0], self.const(m), **self.geometry(n))
         else:
             y = h.matmul(self.windows(n.inputs[0], n, 0, apart=False), self.const(m))
         if bias is not None:
@@ -301,21 +309,18 @@ class _Rewriter:
         a = n.attrs
         one = a["kernel"] == (1, 1) and a["stride"] == (1, 1) and a["padding"] == (0, 0)
         # an output position whose taps are all pads would have no product to set its accumulator
-        return n.inputs[0] in self.cl and not one and self._whole_taps(n)
+        return not one and self._reads_rows(n)
 
     def _max_pool2d(self, n: Node, t: Tensor) -> None:
         lo = -np.inf if t.dtype.is_float else np.iinfo(t.dtype.numpy).min
         # the max reads the image's rows itself (the window a map of its reads, fused into it)
-        repeat = n.inputs[0] in self.cl and self._whole_taps(n)
-        win = self.windows(n.inputs[0], n, lo, apart=True, pads="repeat" if repeat else "fill")
+        win = self.windows(n.inputs[0], n, lo, apart=True, pads="repeat" if self._reads_rows(n) else "fill")
         self.cl[t.id] = (self.h.max(win, axis=-2), t.shape)
 
-    def _whole_taps(self, n: Node) -> bool:
-        """Every output position of window node n's geometry reads at least one pixel."""
-        a = n.attrs
-        N, C, H, W = self.g.tensors[n.inputs[0]].shape
-        rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a.get("dilation", (1, 1)))
-        return bool((rows >= 0).any(axis=1).all())
+    def _reads_rows(self, n: Node) -> bool:
+        """Image operation n's image is channel-last and every output position of its geometry reads at
+        least one pixel: its taps can be read from the image's rows."""
+        return n.inputs[0] in self.cl and bool((_rows_of(self.geometry(n)) >= 0).any(axis=1).all())
 
     def _avg_pool2d(self, n: Node, t: Tensor) -> None:
         h = self.h

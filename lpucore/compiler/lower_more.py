@@ -7,9 +7,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from .. import convref
 from .. import dtypes as dt
 from ..errors import CompileError
+from . import conv
 from .kernels import E, Expr, MatMul, Piece, Taps, cvt, lanemove_kernel, map_kernel, matmul_kernel
 from .memory import release
 
@@ -67,14 +67,12 @@ def conv_taps(c, x, w, t, name, kind, n):
     [N*H*W, C] by the weight matrix w [taps * C, C_out], each output row's taps read straight from x's
     rows (:class:`~lpucore.compiler.kernels.Taps`; pads skipped). Returns the last landing cycle."""
     A, B = c.plain(x), c.plain(w)
-    a = n.attrs
-    N, C, H, W = a["image"]
-    rows = convref.window_rows(N, H, W, a["kernel"], a["stride"], a["padding"], a["dilation"])
+    C = n.attrs["image"][1]
     M, K, Nc = t.shape[0], w.shape[0], w.shape[1]
     out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
     mm = MatMul(A, B, out, M, K, Nc, a_row=_same_row, b_row=_same_row, o_row=_same_row,
-                taps=Taps(rows=rows, C=C))
+                taps=Taps(rows=conv.tap_rows(n), C=C))
     return matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B))
 
 
