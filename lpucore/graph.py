@@ -646,11 +646,14 @@ class Graph:
     def _conv_taps(self, x, w, **attrs) -> Tensor:
         """Internal (made by :mod:`lpucore.compiler.conv`): a convolution of the channel-last image x
         [N*H*W, C] (NCHW shape ``attrs["image"]``) by the weight matrix w [taps * C, C_out] with no
-        window: [N*Ho*Wo, C_out], int32 (int8 operands) or float16, each tap's rows read from x."""
+        window: [N*Ho*Wo, C_out], int32 (int8 operands) or float16, each tap's rows read from x. With
+        ``pack=(Pi, Po)``, x is [N*H*W / Pi, Pi * C] (Pi pixels a row) and the result [N*Ho*Wo / Po,
+        w.shape[1]] (:func:`lpucore.compiler.conv.packed_groups`)."""
         N, C, H, W = attrs["image"]
         Ho, Wo = attrs["out"]
+        Po = attrs["pack"][1] if "pack" in attrs else 1
         od = "int32" if x.dtype.name == "int8" else "float16"
-        return self._node("conv_taps", [x, w], (N * Ho * Wo, w.shape[1]), dt.get(od), **attrs)
+        return self._node("conv_taps", [x, w], (N * Ho * Wo // Po, w.shape[1]), dt.get(od), **attrs)
 
     def _d2s(self, x, image, block: int) -> Tensor:
         """Internal (made by :mod:`lpucore.compiler.conv`): ``depth_to_space`` of a channel-last image x

@@ -103,7 +103,7 @@ def test_batch_norm_folded_into_the_convolution_and_on_the_vxm():
     g.output("raw", y2)                               # y2 feeds two consumers: not folded
     g.output("vxm", g.batch_norm(y2, *stats, eps=1e-3))
     g.output("direct", g.batch_norm(x, *[s[:3] for s in stats]))
-    h, _ = conv.rewrite(g)
+    h, _ = conv.rewrite(g, SMALL.lanes)
     assert [n.op for n in h.nodes].count("conv_taps") == 2      # no window: the taps read x's rows
     out = run(g, {"x": X})
     raw = convref.conv2d(X, W, None, 1, 1)
@@ -122,11 +122,16 @@ def test_channel_last_images_stay_channel_last_between_layers():
     w = g.constant("w", np.ones((4, 4, 3, 3), F16))
     y = g.relu(g.conv2d(x, w, padding=1)) + g.constant("b", np.ones((4, 1, 1), F16))
     g.output("y", g.conv2d(y, g.constant("w2", np.ones((4, 4, 1, 1), F16))))
-    ops = [n.op for n in conv.rewrite(g)[0].nodes]
-    # the input written channel-last, read by the taps (no window), a plain product for the 1x1
-    # convolution, one transpose back at the output
+    h = conv.rewrite(g, SMALL.lanes)[0]
+    ops = [n.op for n in h.nodes]
+    # the input written channel-last, read by the taps (no window); the 3x3 convolution's output, read
+    # only by the 1x1 one through elementwise operations, packed six pixels (24 of the 64 lanes) a row,
+    # which the 1x1 convolution reads back into one pixel a row; one transpose back at the output
     assert ops.count("window") == 0 and ops.count("transpose") == 1
-    assert ops.count("conv_taps") == 1 and ops.count("matmul") == 1
+    assert ops.count("conv_taps") == 2 and ops.count("matmul") == 0
+    taps = [n for n in h.nodes if n.op == "conv_taps"]
+    assert [n.attrs.get("pack") for n in taps] == [(1, 6), (6, 1)]
+    assert h.tensors[taps[0].output].shape == (6, 24) and h.tensors[taps[1].output].shape == (36, 4)
 
 
 def test_image_inputs_are_written_channel_last(tmp_path):
@@ -138,7 +143,7 @@ def test_image_inputs_are_written_channel_last(tmp_path):
     v = g.input("v", X.shape, "int8")                  # also read by a non-image operation: stays NCHW
     g.output("m", g.max_pool2d(v, 2))
     g.output("n", g.neg(v))
-    h, axes = conv.rewrite(g)
+    h, axes = conv.rewrite(g, SMALL.lanes)
     assert axes == {"x": (0, 2, 3, 1)} and h.inputs["x"].shape == (2 * 5 * 4, 3)
     # x's convolution reads its taps from the channel-last rows; v's pool forms a window from NCHW
     assert [n.op for n in h.nodes].count("conv_taps") == 1
@@ -235,7 +240,7 @@ def test_windowless_convolution_of_taps_wider_than_a_chunk(dtype, cin, stride):
     Wt = rand(rng, (3, cin, 3, 3), dtype)
     g = Graph("taps")
     g.output("y", g.conv2d(g.input("x", X.shape, dtype), g.constant("w", Wt), stride=stride, padding=1))
-    assert [n.op for n in conv.rewrite(g)[0].nodes].count("conv_taps") == 1
+    assert [n.op for n in conv.rewrite(g, SMALL.lanes)[0].nodes].count("conv_taps") == 1
     out = run(g, {"x": X})["y"]
     ref = convref.conv2d(X, Wt, None, stride, 1)
     if dtype == "int8":
@@ -299,7 +304,7 @@ def test_an_output_position_of_pads_alone_takes_a_window():
     Wt = np.ones((1, 2, 1, 1), np.int8)
     g = Graph("pads")
     g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
-    ops = [n.op for n in conv.rewrite(g)[0].nodes]
+    ops = [n.op for n in conv.rewrite(g, SMALL.lanes)[0].nodes]
     assert "conv_taps" not in ops and "window" in ops
     assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
 
@@ -308,7 +313,7 @@ def test_a_max_pools_image_is_striped_so_its_taps_are_on_distinct_slices():
     g = Graph("pool")
     x = g.input("x", (1, 64, 112, 112), "int8")
     g.output("y", g.max_pool2d(x, 3, 2, 1))
-    h, _ = conv.rewrite(g)
+    h, _ = conv.rewrite(g, SMALL.lanes)
     (win,) = [n for n in h.nodes if n.op == "window"]
     assert win.attrs["pads"] == "repeat"
     ns = conv.window_stripes(win, 44)
@@ -365,6 +370,29 @@ def test_conv2d_random_geometries(geo):
                                                     geo["groups"]))
     if pool:
         assert (out["p"] == convref.max_pool2d(X, k, geo["stride"], pp, geo["dilation"])).all()
+
+
+@settings(max_examples=few(6))
+@given(geometries(), st.integers(1, 12), st.sampled_from([1, 3]))
+def test_packed_images_between_convolutions_random_geometries(geo, cmid, k1):
+    """A convolution whose output only another convolution reads (through a requantisation) packs
+    several pixels a row; the second reads the packed rows (:func:`conv.packed_groups`) whatever its
+    geometry: int8 exact against NumPy on both engines."""
+    rng = np.random.default_rng(geo["seed"])
+    N, cin, H, W = geo["N"], geo["cin"], geo["H"], geo["W"]
+    X = rand(rng, (N, cin, H, W), "int8")
+    W1 = rand(rng, (cmid, cin, k1, k1), "int8")
+    W2 = rand(rng, (geo["cout"], cmid, *geo["k"]), "int8")
+    g = Graph("packed")
+    acc = g.conv2d(g.input("x", X.shape, "int8"), g.constant("w1", W1), padding=k1 // 2)
+    m = (rng.uniform(0.5, 2.0, cmid) / 2 ** 12).astype(np.float32)
+    q = g.quantize(g.mul(g.cast(acc, "float32"), m.reshape(-1, 1, 1)), 0.5)
+    kw = dict(stride=geo["stride"], padding=geo["padding"], dilation=geo["dilation"])
+    g.output("y", g.conv2d(q, g.constant("w2", W2), **kw))
+    out = run(g, {"x": X})
+    a = convref.conv2d(X, W1, None, 1, k1 // 2).astype(np.float32) * m.reshape(1, -1, 1, 1)
+    qr = np.clip(np.rint(a / np.float32(0.5)), -128, 127).astype(np.int8)
+    assert (out["y"] == convref.conv2d(qr, W2, None, **kw)).all()
 
 
 @settings(max_examples=few(4))
@@ -449,7 +477,7 @@ def test_tiny_resnet_float16():
             "flatten": g.flatten, "matmul": lambda a, w: g.matmul(a, g.constant(None, w))}
     g.output("logits", forward(GraphNet(g), g.input("x", X.shape, "float16"), P, gops))
     # 6 convs read their taps straight from the images' rows (the 1x1 one has stride 2); the pool a window
-    ops = [n.op for n in conv.rewrite(g)[0].nodes]
+    ops = [n.op for n in conv.rewrite(g, SMALL.lanes)[0].nodes]
     assert ops.count("conv_taps") == 6 and ops.count("window") == 1
     out = run(g, {"x": X})["logits"]
     nops = {"relu": lambda a: np.maximum(a, F16(0)), "add": lambda a, b: (a + b).astype(F16),

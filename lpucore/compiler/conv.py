@@ -71,6 +71,7 @@ block-diagonal weights (depthwise convolutions).
 
 from __future__ import annotations
 
+import math
 from typing import Dict, List, Optional, Tuple
 
 import numpy as np
@@ -86,8 +87,74 @@ Dims = Tuple[int, ...]
 
 def tap_rows(n: Node) -> np.ndarray:
     """int64 [positions, taps]: the image row each tap of a ``window`` or ``conv_taps`` node reads, -1
-    for a pad (:func:`lpucore.convref.window_rows` of the node's geometry attributes)."""
+    for a pad (:func:`lpucore.convref.window_rows` of the node's geometry attributes); for a packed
+    ``conv_taps`` (attribute ``pack``), [output vectors, groups] (:func:`packed_groups`)."""
+    if "pack" in n.attrs:
+        return packed_groups(n.attrs)[0]
     return _rows_of(n.attrs)
+
+
+def packed_groups(a: Dict) -> Tuple[np.ndarray, List[List[Tuple[int, int, int]]]]:
+    """A convolution between packed channel-last images (module docstring, "Pixels packed"): with
+    ``pack=(Pi, Po)``, a vector (row) of the input holds Pi consecutive pixels of one image row, C
+    channels each, and one of the output Po positions. Returns (rows, parts): rows int64 [output
+    vectors, groups], the input vector each group of taps reads for each output vector (-1: none,
+    a pad or another phase's group), and per group its parts (tap, input slot, output slot): the
+    weights of tap t's C rows go to the group's rows si*C.. and columns so*C_out...
+
+    A group is (phase q, kernel row ky, input vector offset d): output vector j's slots read input
+    pixels j*Po*sx + so*sx + kx*dx - px, so when Po*sx is a multiple of Pi the input vectors lie at
+    fixed offsets d from j*Po*sx/Pi (one phase); otherwise the offsets repeat with the phase
+    q = j mod Q, Q = Pi / gcd(Po*sx, Pi), and each phase has groups of its own. A pixel outside
+    the image lies in a vector outside it (W is a multiple of Pi), so a group is all pixels or a pad."""
+    N, C, H, W = a["image"]
+    Ho, Wo = a["out"]
+    (kh, kw), (sy, sx), (py, px), (dy, dx) = a["kernel"], a["stride"], a["padding"], a["dilation"]
+    Pi, Po = a["pack"]
+    Wi, Wj = W // Pi, Wo // Po                    # vectors an image row, input and output
+    Q = phases(a)
+    keys: Dict[Tuple[int, int, int], List[Tuple[int, int, int]]] = {}
+    for q in range(Q):
+        base = (q * Po * sx) // Pi
+        for ky in range(kh):
+            for kx in range(kw):
+                for so in range(Po):
+                    xi = q * Po * sx + so * sx + kx * dx - px
+                    keys.setdefault((q, ky, xi // Pi - base), []).append((ky * kw + kx, xi % Pi, so))
+    groups = sorted(keys)
+    j = np.arange(Wj)
+    yo = np.arange(Ho)
+    rows = np.full((N, Ho, Wj, len(groups)), -1, dtype=np.int64)
+    for g, (q, ky, d) in enumerate(groups):
+        yi = yo * sy + ky * dy - py                                   # [Ho]
+        v = (j * Po * sx) // Pi + d                                   # [Wj]
+        ok = ((yi >= 0) & (yi < H))[:, None] & ((v >= 0) & (v < Wi) & (j % Q == q))[None, :]
+        r = yi[:, None] * Wi + v[None, :]
+        for n in range(N):
+            rows[n, :, :, g] = np.where(ok, r + n * H * Wi, -1)
+    return rows.reshape(N * Ho * Wj, len(groups)), [keys[k] for k in groups]
+
+
+def phases(a: Dict) -> int:
+    """Phases of a ``conv_taps`` node's output vectors (:func:`packed_groups`; 1 when not packed)."""
+    if "pack" not in a:
+        return 1
+    Pi, Po = a["pack"]
+    return Pi // math.gcd(Po * a["stride"][1], Pi)
+
+
+def packed_weights(a: Dict, m: np.ndarray, C: int) -> np.ndarray:
+    """The weight matrix [groups * Pi * C, Po * C_out] of a packed ``conv_taps`` (attribute ``pack``)
+    from the convolution's matrix m [taps * C, C_out] (:func:`lpucore.convref.weight_matrix`): group
+    g's rows are its parts' taps at their input slots, in their output slots' columns, zero elsewhere."""
+    Pi, Po = a["pack"]
+    Co = m.shape[1]
+    parts = packed_groups(a)[1]
+    out = np.zeros((len(parts), Pi * C, Po * Co), dtype=m.dtype)
+    for g, ps in enumerate(parts):
+        for t, si, so in ps:
+            out[g, si * C:(si + 1) * C, so * Co:(so + 1) * Co] = m[t * C:(t + 1) * C]
+    return out.reshape(len(parts) * Pi * C, Po * Co)
 
 
 def _rows_of(a: Dict) -> np.ndarray:
@@ -159,22 +226,24 @@ def d2s_map(n: Node, ins: List[Tensor], t: Tensor) -> Tuple[np.ndarray, np.ndarr
     return np.zeros(elem.size, dtype=np.int64), elem.ravel().astype(np.int64)
 
 
-def rewrite(g: Graph) -> Tuple[Graph, Dict[str, Tuple[int, ...]]]:
+def rewrite(g: Graph, lanes: int) -> Tuple[Graph, Dict[str, Tuple[int, ...]]]:
     """(g itself, {}) when g has no image operation, else an equivalent graph of operations the
-    compiler lowers (module docstring) and the inputs the host writes permuted (name -> axes)."""
+    compiler lowers (module docstring) and the inputs the host writes permuted (name -> axes).
+    ``lanes``: the chip's vector width (``ChipConfig.lanes``), which sets how many pixels a packed
+    image's vector holds."""
     if not any(n.op in IMAGE_OPS for n in g.nodes):
         return g, {}
-    r = _Rewriter(g)
+    r = _Rewriter(g, lanes)
     return r.run(), r.input_axes
 
 
-def rewrite_origins(g: Graph) -> List[int]:
+def rewrite_origins(g: Graph, lanes: int) -> List[int]:
     """For each node of :func:`rewrite`'s graph, the index of the node of g it was made for (-1: made
     for a graph output, a transpose back to NCHW): how a compiled program's kernels, which follow
     the rewritten graph's nodes, are attributed to the parts of g (``lpucore.vision``)."""
     if not any(n.op in IMAGE_OPS for n in g.nodes):
         return list(range(len(g.nodes)))
-    r = _Rewriter(g)
+    r = _Rewriter(g, lanes)
     r.run()
     return r.origin
 
@@ -182,11 +251,13 @@ def rewrite_origins(g: Graph) -> List[int]:
 class _Rewriter:
     """Builds the rewritten graph h from g, node by node (module docstring)."""
 
-    def __init__(self, g: Graph):
-        self.g = g
+    def __init__(self, g: Graph, lanes: int):
+        self.g, self.lanes = g, lanes
         self.h = Graph(g.name)
         self.plain_of: Dict[int, Tensor] = {}          # g tensor -> h tensor of the same shape
-        self.cl: Dict[int, Tuple[Tensor, Dims]] = {}   # g NCHW tensor -> h [N*H*W, C] and its dims
+        # g NCHW tensor -> h [N*H*W / P, P * C] (P pixels a row: packed when P > 1) and its NCHW dims
+        self.cl: Dict[int, Tuple[Tensor, Dims]] = {}
+        self.packable: Dict[int, bool] = {}
         self.uses: Dict[int, int] = {}
         for n in g.nodes:
             for i in n.inputs:
@@ -194,6 +265,10 @@ class _Rewriter:
         for t in list(g.outputs.values()) + list(g.assigns.values()):
             self.uses[t.id] = self.uses.get(t.id, 0) + 2
         self.folds = {g.producer[n.inputs[0]].output: n for n in g.nodes if self._foldable(n)}
+        self.readers: Dict[int, List[Node]] = {}
+        for n in g.nodes:
+            for i in set(n.inputs):
+                self.readers.setdefault(i, []).append(n)
         self.input_axes: Dict[str, Tuple[int, ...]] = {}
         self.origin: List[int] = []                    # h node -> index of the g node it was made for
 
@@ -260,8 +335,8 @@ class _Rewriter:
         a = n.attrs
         one = a["kernel"] == (1, 1) and a["stride"] == (1, 1) and a["padding"] == (0, 0)
         if one and tid in self.cl and not apart:
-            return self.cl[tid][0]
-        src, kind = (self.cl[tid][0], "rows") if tid in self.cl else (self.plain(tid), "nchw")
+            return self.channel_last(tid)
+        src, kind = (self.channel_last(tid), "rows") if tid in self.cl else (self.plain(tid), "nchw")
         fillc = self.const(np.full((1, x.shape[1]), fill, dtype=x.dtype.numpy))
         extra = {"pads": pads} if pads != "fill" else {}
         return self.h._window(src, fillc, kind, apart=apart, **extra, **self.geometry(n))
@@ -273,8 +348,17 @@ class _Rewriter:
         return dict(image=self.g.tensors[n.inputs[0]].shape, out=self.g.tensors[n.output].shape[2:],
                     kernel=a["kernel"], stride=a["stride"], padding=a["padding"], dilation=a.get("dilation", (1, 1)))
 
+    def pack(self, tid: int) -> int:
+        """Pixels a row of channel-last image tid (1: one pixel a row)."""
+        x, dims = self.cl[tid]
+        return x.shape[1] // dims[1]
+
     def channel_last(self, tid: int) -> Tensor:
-        """g's NCHW image tid as [N*H*W, C] (made by a 1x1 window from NCHW when it is not yet)."""
+        """g's NCHW image tid as [N*H*W, C] (made by a 1x1 window from NCHW when it is not yet; a packed
+        image reshaped, which moves lanes: the rewriter packs only images that convolutions read)."""
+        if tid in self.cl and self.pack(tid) > 1:
+            x, (N, C, H, W) = self.cl[tid]
+            return self.h.reshape(x, (N * H * W, C))
         if tid not in self.cl:
             N, C, H, W = self.g.tensors[tid].shape
             zero = self.const(np.zeros((1, C), self.g.tensors[tid].dtype.numpy))
@@ -290,18 +374,74 @@ class _Rewriter:
         m = convref.weight_matrix(w, n.attrs["groups"])
         bias: Optional[Tensor] = self.plain(n.inputs[2]) if len(n.inputs) > 2 else None
         bn = self.folds.get(t.id)
+        key = bn.output if bn is not None else t.id
         if bn is not None:
             scale, shift = convref.bn_affine(*[g.constants[i] for i in bn.inputs[1:]], eps=bn.attrs["eps"])
             m = (m.astype(np.float64) * scale).astype(w.dtype)
             b = g.constants[n.inputs[2]].astype(np.float64) if bias is not None else 0.0
             bias = self.const((b * scale + shift).astype(t.dtype.numpy))
-        if self._taps(n):
+        pi = self.pack(n.inputs[0]) if n.inputs[0] in self.cl else 1
+        po = self._out_pack(n, key)
+        if pi > 1 or po > 1:
+            y = self._packed_conv(n, m, pi, po)
+            if bias is not None and po > 1:       # a constant (_out_pack): one copy a pixel of the row
+                bias = self.const(np.tile(self.h.constants[bias.id], po))
+        elif self._taps(n):
             y = h._conv_taps(self.cl[n.inputs[0]][0], self.const(m), **self.geometry(n))
         else:
             y = h.matmul(self.windows(n.inputs[0], n, 0, apart=False), self.const(m))
         if bias is not None:
             y = h.add(y, bias)
-        self.cl[(bn.output if bn is not None else t.id)] = (y, t.shape)
+        self.cl[key] = (y, t.shape)
+
+    def _out_pack(self, n: Node, key: int) -> int:
+        """Pixels a row of convolution n's output (g tensor ``key``, after a folded batch norm): the most
+        that fit the lanes and divide the output's width, when n reads its taps from a channel-last
+        image's rows, its bias is a constant and only such convolutions read the output (through
+        elementwise operations with constant operands: :meth:`_packs`); else 1."""
+        Co, Wo = self.g.tensors[n.output].shape[1], self.g.tensors[n.output].shape[3]
+        if (not self._reads_rows(n) or (len(n.inputs) > 2 and n.inputs[2] not in self.g.constants)
+                or not self._packs(key)):
+            return 1
+        return max([p for p in range(1, Wo + 1) if Wo % p == 0 and p * Co <= self.lanes], default=1)
+
+    def _packs(self, tid: int) -> bool:
+        """g's image tid may be packed: it is read only by convolutions (as their image, every output
+        position reading a pixel) and by elementwise operations whose other operands are constants
+        (per-channel or scalar) and whose results may be packed in turn."""
+        if tid not in self.packable:
+            readers = self.readers.get(tid, [])
+            ok = bool(readers) and self.uses.get(tid, 0) == sum(n.inputs.count(tid) for n in readers)
+            for n in readers:
+                ok = ok and n.inputs.count(tid) == 1 and n.inputs[0] == tid and (
+                    (n.op == "conv2d" and bool((_rows_of(self.geometry(n)) >= 0).any(axis=1).all()))
+                    or (self._per_channel_map(n, tid) and self._packs(n.output)))
+            self.packable[tid] = ok
+        return self.packable[tid]
+
+    def _per_channel_map(self, n: Node, tid: int) -> bool:
+        """n is elementwise over image tid with constant per-channel or scalar other operands."""
+        t = self.g.tensors[n.output]
+        if n.op not in _ELEMENTWISE or n.attrs.get("axis") is not None or t.shape != self.g.tensors[tid].shape:
+            return False
+        for i in n.inputs[1:]:
+            s = self.g.tensors[i].shape
+            s4 = (1,) * (4 - len(s)) + s
+            if i not in self.g.constants or len(s) > 4 or s4[0] != 1 or s4[2:] != (1, 1):
+                return False
+        return True
+
+    def _packed_conv(self, n: Node, m: np.ndarray, pi: int, po: int) -> Tensor:
+        """Convolution n (weight matrix m) of an image of pi pixels a row into one of po
+        (:func:`packed_groups`): a plain product by the packed weights when it is one group reading
+        the same row (a 1x1 convolution keeping the pixels a row), else ``conv_taps``."""
+        a = dict(self.geometry(n), pack=(pi, po))
+        rows, _ = packed_groups(a)
+        wm = self.const(packed_weights(a, m, self.g.tensors[n.inputs[0]].shape[1]))
+        x = self.cl[n.inputs[0]][0]
+        if rows.shape[1] == 1 and bool((rows[:, 0] == np.arange(len(rows))).all()):
+            return self.h.matmul(x, wm)
+        return self.h._conv_taps(x, wm, **a)
 
     def _taps(self, n: Node) -> bool:
         """Convolution n reads its taps straight from its channel-last image's rows (``conv_taps``)
@@ -406,5 +546,11 @@ class _Rewriter:
             else:
                 ins.append(self.h.reshape(self.plain(i), (s[1],)))
         N, C, H, W = t.shape
-        self.cl[t.id] = (self.h._node(n.op, ins, (N * H * W, C), t.dtype, **n.attrs), t.shape)
+        P = imgs[0][0].shape[1] // imgs[0][1][1]
+        if P > 1:                                 # packed (_packs): one copy of a per-channel constant a pixel
+            if len(imgs) > 1 or any(i not in self.cl and i not in self.g.constants for i in n.inputs):
+                return False
+            ins = [self.const(np.tile(self.h.constants[x.id], P)) if i not in self.cl and x.shape == (C,) and C > 1
+                   else x for i, x in zip(n.inputs, ins)]
+        self.cl[t.id] = (self.h._node(n.op, ins, (N * H * W // P, C * P), t.dtype, **n.attrs), t.shape)
         return True

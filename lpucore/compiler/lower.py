@@ -284,7 +284,7 @@ class Compiler:
 
     def __init__(self, graph: Graph, cfg: ChipConfig):
         self.source = graph                       # as given (its bounds); self.g: images rewritten
-        graph, self.input_axes = conv.rewrite(graph)
+        graph, self.input_axes = conv.rewrite(graph, cfg.lanes)
         self.g = graph
         self.cfg = cfg
         self.sched = Scheduler(cfg)

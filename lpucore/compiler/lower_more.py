@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import dtypes as dt
 from ..errors import CompileError
-from . import conv
+from . import conv, kernels
 from .kernels import E, Expr, MatMul, Piece, Taps, cvt, lanemove_kernel, map_kernel, matmul_kernel
 from .memory import release
 
@@ -67,13 +67,32 @@ def conv_taps(c, x, w, t, name, kind, n):
     [N*H*W, C] by the weight matrix w [taps * C, C_out], each output row's taps read straight from x's
     rows (:class:`~lpucore.compiler.kernels.Taps`; pads skipped). Returns the last landing cycle."""
     A, B = c.plain(x), c.plain(w)
-    C = n.attrs["image"][1]
     M, K, Nc = t.shape[0], w.shape[0], w.shape[1]
     out = c.new_vt(name, t.dtype, t.shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
-    mm = MatMul(A, B, out, M, K, Nc, a_row=_same_row, b_row=_same_row, o_row=_same_row,
-                taps=Taps(rows=conv.tap_rows(n), C=C))
+    rows = conv.tap_rows(n)
+    order = _phase_order(rows, conv.phases(n.attrs))
+    o_row = _same_row if order is None else (lambda m: int(order[m]))
+    if order is not None:
+        rows = rows[order]
+    # a tap's K rows: the lanes of a row of x (Pi pixels' channels when packed)
+    mm = MatMul(A, B, out, M, K, Nc, a_row=_same_row, b_row=_same_row, o_row=o_row,
+                taps=Taps(rows=rows, C=x.shape[1]))
     return matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B))
+
+
+def _phase_order(rows: np.ndarray, phases: int) -> Optional[np.ndarray]:
+    """For a packed image's convolution into fewer pixels a row with ``phases`` > 1 (each output row's
+    groups of taps are its phase's, :func:`conv.packed_groups`), the order of the output rows that puts
+    rows of one phase together block by block (by their first input row, DEAL_ROWS at a time, then
+    the set of groups they read), so that a dealt block of rows loads one phase's weights, not every
+    phase's; else None (rows in order)."""
+    if phases < 2:
+        return None
+    valid = rows >= 0
+    _, pattern = np.unique(valid, axis=0, return_inverse=True)
+    src = rows[np.arange(len(rows)), np.argmax(valid, axis=1)]
+    return np.lexsort((np.arange(len(rows)), pattern.ravel(), src // kernels.DEAL_ROWS))
 
 
 def _combine_cycles(cfg) -> int:

@@ -174,14 +174,14 @@ def breakdown(compiled: Compiled, labels: List[str]) -> Tuple[Dict[str, int], Di
                          lambda i: labels[i] if i < len(labels) else "output", ("output", "output"))
 
 
-def kernel_labels(g: Graph, marks: List[Tuple[str, int]]) -> List[str]:
+def kernel_labels(g: Graph, marks: List[Tuple[str, int]], lanes: int) -> List[str]:
     """The part of each node of the rewritten graph (its kernel), from the parts' node counts in g."""
     part_of: List[str] = []
     start = 0
     for name, end in marks:
         part_of += [name] * (end - start)
         start = end
-    return [part_of[k] if 0 <= k < len(part_of) else "output" for k in conv_rewrite.rewrite_origins(g)]
+    return [part_of[k] if 0 <= k < len(part_of) else "output" for k in conv_rewrite.rewrite_origins(g, lanes)]
 
 
 class ResNet:
@@ -306,7 +306,7 @@ class ResNet:
             t0 = time.perf_counter()
             g, marks = self.graph(*key)
             c = compile_graph(g, self.config)
-            self._compiled[key] = (c, time.perf_counter() - t0, kernel_labels(g, marks))
+            self._compiled[key] = (c, time.perf_counter() - t0, kernel_labels(g, marks, self.config.lanes))
         return self._compiled[key][0]
 
     def reference(self, images: Any) -> np.ndarray:
