@@ -124,13 +124,14 @@ def test_channel_last_images_stay_channel_last_between_layers():
     g.output("y", g.conv2d(y, g.constant("w2", np.ones((4, 4, 1, 1), F16))))
     h = conv.rewrite(g, SMALL.lanes)[0]
     ops = [n.op for n in h.nodes]
-    # the input written channel-last, read by the taps (no window); the 3x3 convolution's output, read
-    # only by the 1x1 one through elementwise operations, packed six pixels (24 of the 64 lanes) a row,
-    # which the 1x1 convolution reads back into one pixel a row; one transpose back at the output
+    # the input written channel-last (six pixels, 24 of the 64 lanes, a row: the same bytes), read by
+    # the taps (no window); the 3x3 convolution's output, read only by the 1x1 one through elementwise
+    # operations, packed six pixels a row too, which the 1x1 convolution reads back into one pixel a
+    # row; one transpose back at the output
     assert ops.count("window") == 0 and ops.count("transpose") == 1
     assert ops.count("conv_taps") == 2 and ops.count("matmul") == 0
     taps = [n for n in h.nodes if n.op == "conv_taps"]
-    assert [n.attrs.get("pack") for n in taps] == [(1, 6), (6, 1)]
+    assert h.inputs["x"].shape == (6, 24) and [n.attrs.get("pack") for n in taps] == [(6, 6), (6, 1)]
     assert h.tensors[taps[0].output].shape == (6, 24) and h.tensors[taps[1].output].shape == (36, 4)
 
 
@@ -144,7 +145,8 @@ def test_image_inputs_are_written_channel_last(tmp_path):
     g.output("m", g.max_pool2d(v, 2))
     g.output("n", g.neg(v))
     h, axes = conv.rewrite(g, SMALL.lanes)
-    assert axes == {"x": (0, 2, 3, 1)} and h.inputs["x"].shape == (2 * 5 * 4, 3)
+    # channel-last, a row of the image (4 pixels of 3 channels) a row of the program's tensor
+    assert axes == {"x": (0, 2, 3, 1)} and h.inputs["x"].shape == (2 * 5, 4 * 3)
     # x's convolution reads its taps from the channel-last rows; v's pool forms a window from NCHW
     assert [n.op for n in h.nodes].count("conv_taps") == 1
     assert [n.attrs["kind"] for n in h.nodes if n.op == "window"] == ["nchw"]
@@ -258,7 +260,7 @@ def test_windowless_convolution_deals_its_row_blocks_over_the_planes():
     dealt = [b for j in range(4) for b in _dealt(1000, 32, 4, j)]
     assert sorted(dealt)[0][0] == 0 and sum(b1 - b0 for b0, b1 in dealt) == 1000
     rng = np.random.default_rng(3)
-    X, Wt = rand(rng, (1, 8, 16, 20), "int8"), rand(rng, (6, 8, 3, 3), "int8")
+    X, Wt = rand(rng, (1, 40, 16, 20), "int8"), rand(rng, (6, 40, 3, 3), "int8")    # 40 channels: not packed
     g = Graph("dealt")
     g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
     assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
@@ -284,17 +286,17 @@ def _lw_cycles_per_install(compiled, queue):
 def test_windowless_convolution_loads_only_the_weights_past_its_first_load():
     """Every tap's chunk has its weights in the same first rows and zeros after them: a plane's first
     load of the program fills the whole buffer (another program may have left weights in it), the next
-    ones only the 8 rows of weights (IW installs a copy; the buffer keeps its zeros). Both engines agree
+    ones only the 40 rows of weights (IW installs a copy; the buffer keeps its zeros). Both engines agree
     with NumPy (test_windowless_convolution_deals_its_row_blocks_over_the_planes runs the same shapes)."""
     rng = np.random.default_rng(3)
-    X, Wt = rand(rng, (1, 8, 16, 20), "int8"), rand(rng, (6, 8, 3, 3), "int8")
+    X, Wt = rand(rng, (1, 40, 16, 20), "int8"), rand(rng, (6, 40, 3, 3), "int8")    # 40 channels: not packed
     g = Graph("partial")
     g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
     c = lpucore.compile(g, SMALL)
     for q in ("MXM.W0.LW", "MXM.E1.LW"):
         groups = _lw_cycles_per_install(c, q)
         assert groups[0] == SMALL.mxm_size // SMALL.mxm_lw_streams          # 64 rows, 8 a cycle
-        assert len(groups) > 9 and set(groups[1:]) == {1}                  # 8 rows: one LW cycle
+        assert len(groups) > 9 and set(groups[1:]) == {5}                  # 40 rows: five LW cycles
 
 
 def test_an_output_position_of_pads_alone_takes_a_window():

@@ -302,7 +302,8 @@ class _Rewriter:
         for name, t in g.inputs.items():
             if self._image_input(t):
                 N, C, H, W = t.shape
-                self.cl[t.id] = (h.input(name, (N * H * W, C), t.dtype), t.shape)
+                P = self._fit(C, W) if self._packs(t.id) else 1       # the same bytes, P pixels a row
+                self.cl[t.id] = (h.input(name, (N * H * W // P, C * P), t.dtype), t.shape)
                 self.input_axes[name] = (0, 2, 3, 1)
             else:
                 self.plain_of[t.id] = h.input(name, t.shape, t.dtype)
@@ -420,7 +421,12 @@ class _Rewriter:
         if (not self._reads_rows(n) or (len(n.inputs) > 2 and n.inputs[2] not in self.g.constants)
                 or not self._packs(key)):
             return 1
-        return max([p for p in range(1, Wo + 1) if Wo % p == 0 and p * Co <= self.lanes], default=1)
+        return self._fit(Co, Wo)
+
+    def _fit(self, C: int, W: int) -> int:
+        """Pixels of C channels a packed row of an image W pixels wide: the most that fit the lanes and
+        divide W (a row of the image is then whole vectors)."""
+        return max([p for p in range(1, W + 1) if W % p == 0 and p * C <= self.lanes], default=1)
 
     def _packs(self, tid: int) -> bool:
         """g's image tid may be packed: it is read only by convolutions (as their image, every output

@@ -156,8 +156,9 @@ class Compiled:
                 raise GraphError(f"execute: input {name!r} must be {d.name}{list(shape)}, got {a.dtype}{list(a.shape)}")
             axes = self.input_axes.get(name)
             if axes is not None:
-                a = np.transpose(a, axes)
-                chip.write_tensor(name, np.ascontiguousarray(a).reshape(-1, a.shape[-1]))
+                # the program's rows: one pixel's channels, or several pixels' (packed a row)
+                cols = self.program.tensors[name].shape[1]
+                chip.write_tensor(name, np.ascontiguousarray(np.transpose(a, axes)).reshape(-1, cols))
                 continue
             chip.write_tensor(name, a.reshape(_rows(shape), _cols(shape)))
 
@@ -311,6 +312,7 @@ class Compiler:
         self.defer: Set[int] = set()
         self.deferred: Dict[int, Callable[[], Expr]] = {}
         self.stripe_hints: Dict[str, int] = {}     # tensor name -> stripes (image_stripes)
+        self.clear_hints: Dict[str, Set[int]] = {}  # tensor name -> slices to keep off (weights_clear)
         self.kernels: List[Tuple[str, str, Optional[int]]] = []
         self.placed: List[VT] = []                # every tensor placed, in order (for dump)
         self.record = dump.Record(dump.GraphRecord.of(graph))
@@ -341,6 +343,7 @@ class Compiler:
         rows = _rows(shape)
         c = _cols(shape) if cols is None else cols
         stripes = self.stripe_hints.get(name, stripes)
+        avoid = tuple(avoid) + tuple(sorted(self.clear_hints.get(name, ())))
         if name in self.pinned and kind in ("const", "state"):
             vt = self._pinned_vt(name, d, rows, c, kind, pow2, spare)
             if vt is not None:
@@ -587,6 +590,7 @@ class Compiler:
             scatter.reserve(self)
         out_names = {t.id: name for name, t in g.outputs.items()}
         self.stripe_hints = self.image_stripes(out_names)
+        self.clear_hints = self.weights_clear(out_names)
         for n in g.nodes:
             t = g.tensors[n.output]
             kind = "output" if n.output in out_names else "temp"
@@ -619,6 +623,22 @@ class Compiler:
             if n.op == "window" and n.attrs.get("pads") == "repeat":
                 x = self.g.tensors[n.inputs[0]]
                 hints[out_names.get(x.id, f"_t{x.id}")] = conv.window_stripes(n, most // x.dtype.nbytes)
+        return hints
+
+    def weights_clear(self, out_names: Dict[int, str]) -> Dict[str, Set[int]]:
+        """Slices the image a convolution reads its taps from keeps off (by the name :meth:`new_vt` places
+        it under): its weights'. A weight load reads a row from each of the weights' slices every cycle
+        while the other planes' products read the image's rows; an image on one of those slices makes
+        the load wait for a cycle that slice is not read (a gap in the products), so each tap's load came
+        after the block's products instead of beside them."""
+        hints: Dict[str, Set[int]] = {}
+        for n in self.g.nodes:
+            x, w = n.inputs[0], n.inputs[-1]
+            if n.op != "conv_taps" or w not in self.vts or x not in self.g.producer:
+                continue
+            vt = self.vts[w]
+            held = vt.members if isinstance(vt, TiledVT) else [vt]
+            hints.setdefault(out_names.get(x, f"_t{x}"), set()).update(self.slices_of(*held))
         return hints
 
     def count_uses(self) -> None:

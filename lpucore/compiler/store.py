@@ -342,8 +342,9 @@ def fields(data: bytes, sources: Optional[str] = None) -> Dict[str, Any]:
 
 
 def _input_axes(meta: Dict[str, Any], inputs, prog: Program) -> Dict[str, Tuple[int, ...]]:
-    """Inputs written permuted: each a permutation of an input's axes, its last axis the program
-    tensor's columns."""
+    """Inputs written permuted: each a permutation of an input's axes, the program tensor's columns a
+    whole number of runs of its last axis (one pixel's channels, or several: pixels packed a row) and
+    its elements the input's."""
     m = meta.get("input_axes", {})
     if not isinstance(m, dict):
         raise _bad("input_axes must be an object")
@@ -352,7 +353,10 @@ def _input_axes(meta: Dict[str, Any], inputs, prog: Program) -> Dict[str, Tuple[
         if name not in inputs or not isinstance(axes, list) or not all(type(a) is int for a in axes):
             raise _bad(f"input_axes[{name!r:.40}] must be a list of axes of an input")
         shape = inputs[name][0]
-        if sorted(axes) != list(range(len(shape))) or prog.tensors[name].shape[-1] != shape[axes[-1]]:
+        rows, cols = prog.tensors[name].shape
+        # the program's columns: the last permuted axis, or several of its runs (pixels packed a row)
+        if (sorted(axes) != list(range(len(shape))) or shape[axes[-1]] == 0 or cols % shape[axes[-1]]
+                or rows * cols != int(np.prod(shape))):
             raise _bad(f"input_axes[{name!r:.40}] is not a permutation of the input's axes ending in its columns")
         out[name] = tuple(axes)
     return out
