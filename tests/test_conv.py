@@ -576,3 +576,25 @@ def test_tiny_resnet_int8():
     feat_ref = convref.global_avg_pool2d((ref.astype(np.float32) * np.float32(s["b2"])).astype(F16)).reshape(1, -1)
     logits = feat_ref.astype(np.float32) @ P["fc"].astype(np.float32)
     assert np.abs(out["logits"].astype(np.float32) - logits).max() <= 0.01 * np.abs(logits).max() + 0.01
+
+
+def test_a_convolutions_image_is_placed_off_its_weights_slices():
+    """The image a convolution's taps read, made by a kernel, keeps off the slices of the weights the
+    planes load beside those reads (Compiler.weights_clear): a weight load reads one row of each of
+    them a cycle, and an image row on one of them would make the load wait for a gap in the products."""
+    from lpucore.compiler.lower import Compiler
+    rng = np.random.default_rng(11)
+    g = Graph("clear")
+    acc = g.conv2d(g.input("x", (1, 8, 12, 12), "int8"), g.constant("w1", rand(rng, (16, 8, 3, 3), "int8")), padding=1)
+    q = g.quantize(g.mul(g.cast(acc, "float32"), np.float32(2 ** -10)), 0.5)
+    g.output("y", g.conv2d(q, g.constant("w2", rand(rng, (8, 16, 3, 3), "int8")), padding=1))
+    c = Compiler(g, SMALL)
+    c.run()
+    checked = 0
+    for n in c.g.nodes:
+        if n.op == "conv_taps" and n.inputs[0] in c.g.producer:
+            weights = c.slices_of(c.vts[n.inputs[1]])
+            assert weights <= c.clear_hints[f"_t{n.inputs[0]}"]
+            assert not c.slices_of(c.vts[n.inputs[0]]) & weights
+            checked += 1
+    assert checked == 1

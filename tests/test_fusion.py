@@ -228,3 +228,46 @@ def test_one_value_per_row_held_in_every_lane_is_recomputed_by_its_consumers(mon
     assert fused.expected_cycles < plain.expected_cycles
     m = np.maximum(np.abs(x).max(-1, keepdims=True), np.float32(1e-3))
     assert np.array_equal(out["y1"], x / m) and np.array_equal(out["y2"], (x + np.float32(1)) * m)
+
+
+def residual_graph():
+    """Two products of one input joined by one elementwise kernel (a residual block's last
+    requantisation and its downsample shortcut): each product's int32 results requantised, the later
+    one's by per-channel constants. Returns the graph, the shortcut and the later product."""
+    rng = np.random.default_rng(5)
+    g = Graph("residual")
+    x = g.input("x", (96, 16), "int8")            # 96 vectors: more than a hemisphere's 44 slices
+    a = g.matmul(x, g.constant("wa", rng.integers(-9, 9, (16, 8)).astype(np.int8)))
+    b = g.matmul(x, g.constant("wb", rng.integers(-9, 9, (16, 8)).astype(np.int8)))
+    short = g.quantize(g.add(g.mul(g.cast(a, "float32"), 0.5), 1.0), 2.0)
+    m = g.constant("m", rng.uniform(0.1, 0.3, 8).astype(np.float32))
+    y = g.add(g.mul(g.cast(b, "float32"), m), g.dequantize(short, 2.0, dtype="float32"))
+    g.output("y", g.quantize(g.relu(y), 1.5))
+    return g, short, b
+
+
+def test_a_kernel_inlines_the_results_of_one_product_the_earlier_cut_where_smallest(monkeypatch):
+    """The later product's chain is inlined into the kernel joining the two; the earlier product's
+    is cut at its int8 quantize (not the float32 dequantize after it) and runs as its own kernel."""
+    g, short, _ = residual_graph()
+    d = fuse.deferrable(g)
+    chain = [n.output for n in g.nodes if n.op in ("cast", "mul", "add", "dequantize", "relu")]
+    assert short.id not in d and all(t in d for t in chain)
+    fused, plain = compile_both(lambda: residual_graph()[0], GROQ, monkeypatch)
+    x = np.random.default_rng(6).integers(-128, 128, (96, 16)).astype(np.int8)
+    same_bits(run_all(fused, {"x": x}), run_all(plain, {"x": x}))
+
+
+def test_an_elementwise_kernels_operands_are_placed_on_distinct_slices():
+    """A tensor an elementwise kernel reads beside others already placed (the joining kernel reads the
+    later product's results, the shortcut and the per-channel constant of every vector) is placed off
+    their slices (Compiler.co_slices): its kernel reads a vector's operands in one cycle. The
+    shortcut's kernel comes after the later product here, so the shortcut keeps off the product."""
+    from lpucore.compiler.lower import Compiler
+    g, short, b = residual_graph()
+    c = Compiler(g, GROQ)
+    c.run()
+    m = next(t for t, name in g.constant_names.items() if name == "m")
+    co = c.slices_of(c.vts[b.id], c.vts[m])
+    assert co <= c.clear_hints[f"_t{short.id}"]
+    assert not c.slices_of(c.vts[short.id]) & co

@@ -23,7 +23,7 @@ import numpy as np
 from .. import dtypes as dt
 from ..config import ChipConfig
 from ..errors import CompileError
-from ..graph import Graph, GraphError, Tensor
+from ..graph import Graph, GraphError, Node, Tensor
 from ..program import Program
 from . import conv, dump, elementwise, fuse, loaded, lower_more, registry, scatter
 from .allreduce import allreduce_kernel
@@ -313,6 +313,7 @@ class Compiler:
         self.deferred: Dict[int, Callable[[], Expr]] = {}
         self.stripe_hints: Dict[str, int] = {}     # tensor name -> stripes (image_stripes)
         self.clear_hints: Dict[str, Set[int]] = {}  # tensor name -> slices to keep off (weights_clear)
+        self.readers: Dict[int, List[Node]] = {}   # tensor id -> the nodes reading it (count_uses)
         self.kernels: List[Tuple[str, str, Optional[int]]] = []
         self.placed: List[VT] = []                # every tensor placed, in order (for dump)
         self.record = dump.Record(dump.GraphRecord.of(graph))
@@ -602,6 +603,11 @@ class Compiler:
                 self.record.kernels.append(dump.KernelRow(n.op, name, None, None, {}))
                 continue
             log.start()
+            co = self.co_slices(n.output) if self.many_vectors(t) else set()
+            # off at most a hemisphere's worth of slices: more crowds the rest (on the small chip a
+            # later tensor that must sit in one hemisphere then found no room)
+            if 0 < len(co) <= self.cfg.mem_slices_per_hemisphere:
+                self.clear_hints[name] = self.clear_hints.get(name, set()) | co
             if registry.spec(n.op).collective:
                 last = yield n, t, name, kind
             else:
@@ -641,12 +647,48 @@ class Compiler:
             hints.setdefault(out_names.get(x, f"_t{x}"), set()).update(self.slices_of(*held))
         return hints
 
+    def many_vectors(self, t: Tensor) -> bool:
+        """t has at least as many vectors as a hemisphere has slices: a kernel over it runs long enough
+        for its operands' slices to matter (:meth:`co_slices`; a collision staggers about a cycle a
+        vector), where keeping a few vectors off other tensors' slices gains a few cycles and narrows
+        where they can go (on a small chip, crowding a later tensor that must sit in one hemisphere)."""
+        return _rows(t.shape) * -(-_cols(t.shape) // self.L) >= self.cfg.mem_slices_per_hemisphere
+
+    def co_slices(self, tid: int) -> Set[int]:
+        """Slices of the placed tensors that the elementwise kernels reading tid (through deferred
+        results) read beside it: tid kept off them, such a kernel reads its operands' vectors in one
+        cycle instead of staggering its chain around a slice that holds two of them (a slice reads one
+        vector a cycle); a residual block's requantisation reads the product, the shortcut and the
+        per-channel constants of every vector."""
+        g = self.g
+        roots: List[Node] = []
+        stack, seen = [tid], {tid}
+        while stack:
+            for n in self.readers.get(stack.pop(), ()):
+                if n.output in self.defer:
+                    if n.output not in seen:
+                        seen.add(n.output)
+                        stack.append(n.output)
+                elif fuse.is_elementwise(n):
+                    roots.append(n)
+        leaves: Set[int] = set()
+        while roots:
+            n = roots.pop()
+            for i in n.inputs:
+                if i in self.defer and i in g.producer:
+                    roots.append(g.producer[i])
+                elif i != tid and i in self.vts and i not in self.scalars:
+                    leaves.add(i)
+        return self.slices_of(*[self.vts[i] for i in sorted(leaves)])
+
     def count_uses(self) -> None:
         """Readers per tensor; graph outputs and assigned values count as always in use."""
         g = self.g
         for n in g.nodes:
             for i in n.inputs:
                 self.uses[i] = self.uses.get(i, 0) + 1
+            for i in set(n.inputs):
+                self.readers.setdefault(i, []).append(n)
         for t in g.outputs.values():
             self.uses[t.id] = self.uses.get(t.id, 0) + 10 ** 9
         for v in g.assigns.values():
