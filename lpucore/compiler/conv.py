@@ -79,11 +79,11 @@ compiler already lowers plus one internal layout operation, ``window``:
 cycles; a windowless convolution's chunks are per tap, pads skipped) and one weight load per K
 chunk and column tile.  A window costs one MEM write per output vector (P * ceil(kH*kW*C / lanes)
 of them) plus, when C is not a multiple of the lanes, an SXM shift per piece (about kH*kW pieces a
-row).  A packed convolution costs one ABC per output vector and group (pads skipped).  Not done:
-packing the input image (the host's bytes are the same; the program's input would be declared
-packed), a max pool or a residual ``add`` of packed images (their images stay one pixel a row:
-256 channels and more fill most of a vector anyway), and keeping groups apart instead of
-block-diagonal weights (depthwise convolutions).
+row).  A packed convolution costs one ABC per output vector and group (pads skipped).  An input
+image read only by convolutions is packed too: the host writes the same bytes (``input_axes``), the
+program's tensor holding several pixels a row.  Not done: a max pool or a residual ``add`` of
+packed images (their images stay one pixel a row: 256 channels and more fill most of a vector
+anyway), and keeping groups apart instead of block-diagonal weights (depthwise convolutions).
 """
 
 from __future__ import annotations
