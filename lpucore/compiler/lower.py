@@ -642,9 +642,7 @@ class Compiler:
             x, w = n.inputs[0], n.inputs[-1]
             if n.op != "conv_taps" or w not in self.vts or x not in self.g.producer:
                 continue
-            vt = self.vts[w]
-            held = vt.members if isinstance(vt, TiledVT) else [vt]
-            hints.setdefault(out_names.get(x, f"_t{x}"), set()).update(self.slices_of(*held))
+            hints.setdefault(out_names.get(x, f"_t{x}"), set()).update(self.slices_of(self.vts[w]))
         return hints
 
     def many_vectors(self, t: Tensor) -> bool:
