@@ -1088,11 +1088,13 @@ class _LoadRows:
         self.slack = len(self.rows)       # cycles a load may wait in all between its LWs
         self.end = 0
 
-    def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int) -> Optional[Plan]:
+    def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int,
+             iw_from: int = 0) -> Optional[Plan]:
         """The load's plan with its first LW at cycle W and each next one at the first later cycle its
         rows can be read (the LWs of a load need not be back to back: a row whose slice is busy waits a
         cycle, at most ``SLACK`` cycles in all), each on the first group of streams in ``lw_bases`` it fits
-        on, then the IW; or None. Every queue of ``q_lws`` (planes at one position) takes the same rows
+        on, then the IW (no sooner than ``iw_from``: the planes' last product with the weights they have
+        comes first); or None. Every queue of ``q_lws`` (planes at one position) takes the same rows
         from the same streams: one read feeds them all. :attr:`end` is the IW's cycle."""
         if self.never or not self._readable(self.rows[0], W):
             return None
@@ -1121,6 +1123,7 @@ class _LoadRows:
             plan.spans += got[2]
             plan.issues += [(q, T, "LW", (cand, n, i * ws)) for q in q_lws]
             T += 1
+        T = max(T, iw_from)
         plan.issues += [(q, T, "IW", (code,)) for q in q_lws]
         self.end = T
         return plan
@@ -1456,7 +1459,10 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
         size = max(valid, max(size if z is None else z for z in zero))
     Lw = -(-size // ws)
     lead = runs[0]
-    lo_w = max([start] + [max(r.st.lw_free, r.st.abc_last + 1 - d_iw - Lw) for r in runs])
+    # the LWs as soon as the buffer is free; the IW once every plane's last product with the weights it
+    # has is issued (d_iw before the new ones take effect)
+    lo_w = max([start] + [r.st.lw_free for r in runs])
+    iw_from = max(r.st.abc_last + 1 - d_iw for r in runs)
     lw = _LoadRows(ctx, [[geo.wrow(kc, nt, i * ws + j) for j in range(min(ws, size - i * ws))]
                          for i in range(Lw)], lead.xm, lead.din)
     # no row can be read before it is ready (or before cycle 0)
@@ -1464,7 +1470,7 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
         for row in rows:
             lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
     qs = [r.q_lw for r in runs]
-    _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code),
+    _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code, iw_from),
           f"an MXM weight load for {geo.mm.out.name}", skip=lw.first_readable)
     for rows in lw.rows:
         for row in rows:
