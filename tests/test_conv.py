@@ -163,6 +163,35 @@ def test_image_inputs_are_written_channel_last(tmp_path):
         lpucore.execute(c, {"x": X[:1], "v": X})
 
 
+def test_a_saved_programs_packed_input_axes_are_checked():
+    """A program whose input image is packed (4 pixels of 3 channels a row of its tensor) keeps the
+    host's permutation in its file; an edited one whose last axis does not divide the tensor's
+    columns, or that is no permutation, is a CompiledFileError, never a foreign exception."""
+    import json
+    import struct
+    import zlib
+
+    from lpucore import CompiledFileError
+    from lpucore.compiler import store
+    from lpucore.compiler.api import compiled_from_bytes
+    rng = np.random.default_rng(8)
+    g = Graph("inp")
+    g.output("y", g.conv2d(g.input("x", (2, 3, 5, 4), "int8"), g.constant("w", rand(rng, (4, 3, 3, 3), "int8")),
+                           padding=1))
+    c = lpucore.compile(g, SMALL)
+    assert c.program.tensors["x"].shape == (10, 12)
+    data = store.to_bytes(c)
+    mlen = struct.unpack_from("<I", data, 8)[0]
+    for axes in ([0, 3, 1, 2], [0, 2, 3, 3]):            # ends in H = 5 (12 columns); not a permutation
+        meta = json.loads(data[12:12 + mlen])
+        meta["input_axes"] = {"x": axes}
+        mj = json.dumps(meta).encode()
+        b = bytearray(data[:8] + struct.pack("<I", len(mj)) + mj + data[12 + mlen:])
+        b[-4:] = struct.pack("<I", zlib.crc32(bytes(b[:-4])) & 0xFFFFFFFF)
+        with pytest.raises(CompiledFileError, match="input_axes"):
+            compiled_from_bytes(bytes(b))
+
+
 def test_ops_front_end_and_bounds():
     rng = np.random.default_rng(4)
     X, W = rand(rng, (1, 3, 5, 5), "int8"), rand(rng, (4, 3, 3, 3), "int8")
