@@ -160,13 +160,16 @@ def phases(a: Dict) -> int:
     return Pi // math.gcd(Po * a["stride"][1], Pi)
 
 
-def packed_weights(a: Dict, m: np.ndarray, C: int) -> np.ndarray:
+def packed_weights(a: Dict, m: np.ndarray, C: int,
+                   parts: Optional[List[List[Tuple[int, int, int]]]] = None) -> np.ndarray:
     """The weight matrix [groups * Pi * C, Po * C_out] of a packed ``conv_taps`` (attribute ``pack``)
     from the convolution's matrix m [taps * C, C_out] (:func:`lpucore.convref.weight_matrix`): group
-    g's rows are its parts' taps at their input slots, in their output slots' columns, zero elsewhere."""
+    g's rows are its parts' taps at their input slots, in their output slots' columns, zero elsewhere
+    (``parts``: :func:`packed_groups`' second result, when already at hand)."""
     Pi, Po = a["pack"]
     Co = m.shape[1]
-    parts = packed_groups(a)[1]
+    if parts is None:
+        parts = packed_groups(a)[1]
     out = np.zeros((len(parts), Pi * C, Po * Co), dtype=m.dtype)
     for g, ps in enumerate(parts):
         for t, si, so in ps:
@@ -276,16 +279,15 @@ class _Rewriter:
         self.cl: Dict[int, Tuple[Tensor, Dims]] = {}
         self.packable: Dict[int, bool] = {}
         self.uses: Dict[int, int] = {}
+        self.readers: Dict[int, List[Node]] = {}
         for n in g.nodes:
             for i in n.inputs:
                 self.uses[i] = self.uses.get(i, 0) + 1
+            for i in set(n.inputs):
+                self.readers.setdefault(i, []).append(n)
         for t in list(g.outputs.values()) + list(g.assigns.values()):
             self.uses[t.id] = self.uses.get(t.id, 0) + 2
         self.folds = {g.producer[n.inputs[0]].output: n for n in g.nodes if self._foldable(n)}
-        self.readers: Dict[int, List[Node]] = {}
-        for n in g.nodes:
-            for i in set(n.inputs):
-                self.readers.setdefault(i, []).append(n)
         self.input_axes: Dict[str, Tuple[int, ...]] = {}
         self.origin: List[int] = []                    # h node -> index of the g node it was made for
 
@@ -437,7 +439,7 @@ class _Rewriter:
             ok = bool(readers) and self.uses.get(tid, 0) == sum(n.inputs.count(tid) for n in readers)
             for n in readers:
                 ok = ok and n.inputs.count(tid) == 1 and n.inputs[0] == tid and (
-                    (n.op == "conv2d" and bool((_rows_of(self.geometry(n)) >= 0).any(axis=1).all()))
+                    (n.op == "conv2d" and self._every_position_reads(n))
                     or (self._per_channel_map(n, tid) and self._packs(n.output)))
             self.packable[tid] = ok
         return self.packable[tid]
@@ -459,8 +461,8 @@ class _Rewriter:
         (:func:`packed_groups`): a plain product by the packed weights when it is one group reading
         the same row (a 1x1 convolution keeping the pixels a row), else ``conv_taps``."""
         a = dict(self.geometry(n), pack=(pi, po))
-        rows, _ = packed_groups(a)
-        wm = self.const(packed_weights(a, m, self.g.tensors[n.inputs[0]].shape[1]))
+        rows, parts = packed_groups(a)
+        wm = self.const(packed_weights(a, m, self.g.tensors[n.inputs[0]].shape[1], parts))
         x = self.cl[n.inputs[0]][0]
         if rows.shape[1] == 1 and bool((rows[:, 0] == np.arange(len(rows))).all()):
             return self.h.matmul(x, wm)
@@ -483,7 +485,11 @@ class _Rewriter:
     def _reads_rows(self, n: Node) -> bool:
         """Image operation n's image is channel-last and every output position of its geometry reads at
         least one pixel: its taps can be read from the image's rows."""
-        return n.inputs[0] in self.cl and bool((_rows_of(self.geometry(n)) >= 0).any(axis=1).all())
+        return n.inputs[0] in self.cl and self._every_position_reads(n)
+
+    def _every_position_reads(self, n: Node) -> bool:
+        """Every output position of image operation n's geometry reads at least one pixel."""
+        return bool((_rows_of(self.geometry(n)) >= 0).any(axis=1).all())
 
     def _avg_pool2d(self, n: Node, t: Tensor) -> None:
         h = self.h
@@ -569,7 +575,7 @@ class _Rewriter:
             else:
                 ins.append(self.h.reshape(self.plain(i), (s[1],)))
         N, C, H, W = t.shape
-        P = imgs[0][0].shape[1] // imgs[0][1][1]
+        P = self.pack(next(i for i in n.inputs if i in self.cl))
         if P > 1:                                 # packed (_packs): one copy of a per-channel constant a pixel
             if len(imgs) > 1 or any(i not in self.cl and i not in self.g.constants for i in n.inputs):
                 return False

@@ -163,41 +163,36 @@ def _one_product_each(g: Graph, out: Set[int]) -> None:
     index = {n.output: k for k, n in enumerate(g.nodes)}
     memo: Dict[int, Set[int]] = {}
 
-    def products(tid: int) -> Set[int]:
-        """Products whose results the deferred result tid inlines (their nodes' indices)."""
-        if tid not in memo:
-            got: Set[int] = set()
-            for i in g.producer[tid].inputs:
-                p = g.producer.get(i)
-                if i in out:
-                    got |= products(i)
-                elif p is not None and p.op in ("matmul", "conv_taps"):
-                    got.add(index[i])
-            memo[tid] = got
-        return memo[tid]
+    def reach(inputs: List[int]) -> Set[int]:
+        """Products (their nodes' indices) whose results these inputs are or inline."""
+        got: Set[int] = set()
+        for i in set(inputs):
+            p = g.producer.get(i)
+            if i in out:
+                if i not in memo:
+                    memo[i] = reach(g.producer[i].inputs)
+                got |= memo[i]
+            elif p is not None and registry.spec(p.op).kind == "matmul":
+                got.add(index[i])
+        return got
 
     for n in g.nodes:
         if n.output in out or not is_elementwise(n):
             continue
         while True:
             memo.clear()
-            inlined = _inlined(g, n, out)
-            reach = set().union(*[products(i) for i in inlined]) if inlined else set()
-            for i in n.inputs:
-                p = g.producer.get(i)
-                if i not in out and p is not None and p.op in ("matmul", "conv_taps"):
-                    reach.add(index[i])
-            if len(reach) < 2:
+            products = reach(n.inputs)
+            if len(products) < 2:
                 break
-            last = max(reach)
-            cuts = [i for i in inlined if products(i) and last not in products(i)]
+            inlined = inlined_by(g, n, out)
+            cuts = [i for i in inlined if memo.get(i) and max(products) not in memo[i]]
             if not cuts:            # the earlier products read straight from MEM: nothing inlined to cut
                 break
             out.discard(min(cuts, key=lambda i: (g.tensors[i].dtype.nbytes, -index[i])))
 
 
-def _inlined(g: Graph, n: Node, out: Set[int]) -> List[int]:
-    """The deferred results node n's kernel inlines (with theirs in turn)."""
+def inlined_by(g: Graph, n: Node, out: Set[int]) -> List[int]:
+    """The deferred results (ids in ``out``) node n's kernel inlines, with theirs in turn."""
     got: List[int] = []
     stack = [i for i in set(n.inputs) if i in out]
     while stack:

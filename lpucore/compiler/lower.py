@@ -670,13 +670,10 @@ class Compiler:
                 elif fuse.is_elementwise(n):
                     roots.append(n)
         leaves: Set[int] = set()
-        while roots:
-            n = roots.pop()
-            for i in n.inputs:
-                if i in self.defer and i in g.producer:
-                    roots.append(g.producer[i])
-                elif i != tid and i in self.vts and i not in self.scalars:
-                    leaves.add(i)
+        for r in roots:
+            for n in [r] + [g.producer[i] for i in fuse.inlined_by(g, r, self.defer)]:
+                leaves.update(i for i in n.inputs if i not in self.defer)
+        leaves = {i for i in leaves if i != tid and i in self.vts and i not in self.scalars}
         return self.slices_of(*[self.vts[i] for i in sorted(leaves)])
 
     def count_uses(self) -> None:
