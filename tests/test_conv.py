@@ -67,6 +67,19 @@ def test_conv2d_with_bias_stride_padding_groups(dtype):
         close16(y, ref, convref.conv2d_bound(X, W, ref, (2, 1), (1, 0), 1, 2))
 
 
+@pytest.mark.parametrize("size", [6, 8, 19])
+def test_an_int32_nchw_output_wider_than_a_few_pixels(size):
+    """The NCHW output of a convolution (int32: four byte planes a vector) is a lane move of its channel-last
+    pixels; on the small chip its pixels and masks share four slices, and the pieces' reads collided at every
+    slip they were allowed (sizes 6-8, 10-12, 14-19 and 21-23 found no room at all)."""
+    rng = np.random.default_rng(size)
+    X, W = rand(rng, (1, 4, size, size), "int8"), rand(rng, (8, 4, 3, 3), "int8")
+    g = Graph("conv")
+    g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", W), padding=1))
+    y = run(g, {"x": X})["y"]
+    assert y.dtype == np.int32 and (y == convref.conv2d(X, W, None, 1, 1, 1, 1)).all()
+
+
 def test_pools_flatten_and_global_average():
     rng = np.random.default_rng(2)
     X = rand(rng, (2, 4, 6, 5), "float16")

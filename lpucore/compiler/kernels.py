@@ -36,7 +36,12 @@ SEARCH = 200_000          # cycles a kernel may look ahead for room before givin
 # whether searches skip, without a plan, the cycles at which a try fails at committed work (the same
 # programs either way, only sooner: tests compare the two)
 FAST_SEARCH = True
-PIECE_SLIP = 4            # cycles one lane-move piece may slip when it collides inside its plan
+# cycles one lane-move piece may slip when it collides inside its plan, per byte plane of its vector
+# (at least 4): a w-byte vector's planes are read in w consecutive cycles, and a piece read through an
+# SXM and one read straight to the VXM (or a mask) from the same slices collide at up to w consecutive
+# slips (the small chip's int32 NCHW output of a convolution, pixels and masks on the same four slices,
+# found no room at all with 4)
+PIECE_SLIP = 2
 
 # what a plan being built already takes: (stream, diagonal) and ("q", slice, cycle) -> 1
 Used = Dict[tuple, int]
@@ -903,7 +908,7 @@ def _chain_pieces(plan: Plan, used: Used, pieces: List[Piece], t: int, alus: Tup
     for pc in pieces:
         # a piece whose read collides with this plan's own reads slips a cycle or two
         got = None
-        for _slip in range(PIECE_SLIP):
+        for _slip in range(max(4, PIECE_SLIP * d.nbytes)):
             mark, saved = plan.mark(), dict(used)
             got = place(plan, used, pc, t)
             if got is not None:
