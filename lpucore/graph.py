@@ -723,14 +723,20 @@ class Graph:
         return self.tensors[tid]
 
     def signature(self) -> tuple:
-        """A hashable description (ops, shapes, dtypes, attributes, constant values' hash)."""
+        """A hashable description (ops, shapes, dtypes, attributes, constant values' and states' initial
+        values' hashes). Each operation counts with its output's shape and dtype: a reshape's target shape
+        and a cast's dtype are nowhere else (without them, or without a state's initial value, two such
+        graphs shared a compile-cache entry and got each other's program)."""
         import hashlib
         parts: List[tuple] = [("in", n, t.shape, t.dtype.name) for n, t in self.inputs.items()]
         for tid, a in sorted(self.constants.items()):
             parts.append(("const", tid, a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest()))
         for n in self.nodes:
-            parts.append((n.op, tuple(n.inputs), n.output, tuple(sorted((k, repr(v)) for k, v in n.attrs.items()))))
+            t = self.tensors[n.output]
+            parts.append((n.op, tuple(n.inputs), n.output, tuple(t.shape), t.dtype.name,
+                          tuple(sorted((k, repr(v)) for k, v in n.attrs.items()))))
         parts += [("out", n, t.id) for n, t in self.outputs.items()]
-        parts += [("state", n, t.shape, t.dtype.name) for n, t in self.states.items()]
+        parts += [("state", n, t.shape, t.dtype.name, hashlib.sha1(self.state_init[t.id].tobytes()).hexdigest())
+                  for n, t in self.states.items()]
         parts += [("assign", s, v.id) for s, v in self.assigns.items()]
         return tuple(parts)

@@ -154,6 +154,29 @@ def test_the_cache_skips_the_second_compile(cache, engine):
     assert len(runs) == 3 and len(list(where.glob("*.lpuc"))) == 3
 
 
+def test_graphs_differing_only_in_an_outputs_shape_or_dtype_or_a_states_init_are_other_entries(cache):
+    """A reshape's target shape and a cast's dtype live on the output tensor only, a state's initial value
+    beside the graph's constants: two graphs differing there once shared a cache entry, and the second got
+    the first one's program (wrong shapes, values, initial state)."""
+    where, runs = cache
+    xv = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
+    for shape, dtype in [((3, 1, 64), "float32"), ((1, 3, 64), "float32"), ((1, 3, 64), "float16")]:
+        g = Graph("reshaped")
+        e = g.mul(g.input("x", (3, 64), "float32"), 2.0)
+        g.output("o", g.cast(g.add(g.reshape(e, shape), 1.0), dtype))
+        out, _ = lpucore.execute(lpucore.compile(g, CFG), {"x": xv})
+        np.testing.assert_array_equal(out["o"], (xv * np.float32(2) + np.float32(1)).reshape(shape).astype(dtype))
+    assert len(runs) == 3 and len(list(where.glob("*.lpuc"))) == 3
+    for init in (0, 7):                                   # a state's initial value: another entry too
+        g = Graph("counter")
+        s = g.state("n", (1, 64), "float32", init=np.full((1, 64), init, np.float32))
+        g.assign(s, g.add(s, 1.0))
+        g.output("o", g.add(s, 0.0))
+        out, _ = lpucore.execute(lpucore.compile(g, CFG), {})
+        assert (out["o"] == init).all()
+    assert len(runs) == 5
+
+
 def test_corrupted_and_stale_entries_are_rebuilt(cache, monkeypatch):
     where, runs = cache
     lpucore.compile(_graph(), CFG)
