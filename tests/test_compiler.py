@@ -3,6 +3,7 @@ predicted cycle count equal to the measured one.  Accuracy bounds are those in
 README.md ("Compiler: operations and their accuracy")."""
 
 import os
+import re
 
 import numpy as np
 import pytest
@@ -772,3 +773,19 @@ def test_scatter_constants_placed_before_lowering(monkeypatch):
     monkeypatch.setattr(Compiler, "run", lambda self: (_ for _ in ()).throw(CompileError("bad graph")))
     with pytest.raises(CompileError, match="bad graph"):     # another error is not retried
         api.compile_one(g, SMALL)
+
+
+def test_a_tensor_without_room_says_when_the_free_space_is_in_pieces():
+    """More bytes free than a tensor needs, but not as consecutive addresses in enough slices of one
+    hemisphere: the error says so (it named only the free bytes, which read as a contradiction)."""
+    g = Graph("t")
+    x = g.input("x", (1, 3, 36, 36), "int8")
+    w = g.constant("w", np.random.default_rng(0).integers(-128, 128, (65, 3, 3, 3)).astype(np.int8))
+    g.output("y", g.conv2d(x, w, g.constant("b", np.zeros(65, np.int32)), padding=1))
+    with pytest.raises(CompileError, match=r"needs ([\d,]+) bytes.*; ([\d,]+) bytes are free .*, but in pieces: "
+                                           r".* consecutive free addresses in each of \d+ slices of one hemisphere"
+                                           r".*: the graph does not fit on this chip") as e:
+        lpucore.compile(g, ChipConfig.small())
+    need, free = (int(v.replace(",", "")) for v in re.search(r"needs ([\d,]+) bytes.*; ([\d,]+) bytes are free",
+                                                             str(e.value)).groups())
+    assert free > need

@@ -339,11 +339,28 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
             for g in chosen:
                 mem.live[g] += 1
             return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind, spare=spare)
+    raise _no_room(mem, name, dtype, rows, cols, lanes, spare, fresh, avoid)
+
+
+def _no_room(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, spare: int,
+             fresh: bool, avoid: Tuple[int, ...]) -> CompileError:
+    """The error of a tensor :func:`place` found no room for: what it needs, what is free, and, when
+    that is more, why it still does not fit (a stripe needs consecutive addresses in one slice)."""
+    cfg = mem.cfg
+    chunks, planes = -(-cols // lanes), dtype.nbytes
     need = rows * chunks * planes * lanes
     free = sum((mem.available_fresh if fresh else mem.available)(g) for g in range(cfg.mem_slices)) * lanes
-    raise CompileError(f"tensor {name!r} ({dtype.name}, {rows} x {cols}) needs {need:,} bytes of MEM in "
-                       f"{planes} x stripes of consecutive addresses; {free:,} bytes are free "
-                       f"(of {cfg.sram_bytes:,}): the graph does not fit on this chip")
+    msg = (f"tensor {name!r} ({dtype.name}, {rows} x {cols}) needs {need:,} bytes of MEM in "
+           f"{planes} x stripes of consecutive addresses; {free:,} bytes are free (of {cfg.sram_bytes:,})")
+    if free >= need:
+        n = max(1, min(rows * chunks, cfg.mem_slices_per_hemisphere // planes))
+        per = -(-rows // n) * chunks + spare
+        most = max(sum(1 for i in range(cfg.mem_slices_per_hemisphere) if cfg.slice_id(h, i) not in avoid
+                       and mem.longest(cfg.slice_id(h, i), fresh) >= per) for h in range(cfg.hemispheres))
+        msg += (f", but in pieces: spread over the most stripes it needs {per:,} consecutive free addresses in "
+                f"each of {planes * n} slices of one hemisphere{' other than its operands' if avoid else ''}, "
+                f"and {most} have that many")
+    return CompileError(msg + ": the graph does not fit on this chip")
 
 
 def release(mem: Memory, vt: VT) -> None:
