@@ -723,20 +723,24 @@ class Graph:
         return self.tensors[tid]
 
     def signature(self) -> tuple:
-        """A hashable description (ops, shapes, dtypes, attributes, constant values' and states' initial
-        values' hashes). Each operation counts with its output's shape and dtype: a reshape's target shape
-        and a cast's dtype are nowhere else (without them, or without a state's initial value, two such
-        graphs shared a compile-cache entry and got each other's program)."""
+        """A hashable description of everything a compiled program depends on: the graph's name, its
+        inputs and states (with their tensor ids, which the operations refer to, and the states' initial
+        values' hash), its constants (name, shape, dtype, values' hash), every operation with its output's
+        shape and dtype (a reshape's target shape and a product's or cast's dtype are nowhere else) and
+        attributes, its outputs and state updates. Two graphs with one signature compile to one program
+        (the compile cache's key, :func:`lpucore.compiler.store.cache_key`)."""
         import hashlib
-        parts: List[tuple] = [("in", n, t.shape, t.dtype.name) for n, t in self.inputs.items()]
+        parts: List[tuple] = [("graph", self.name)]
+        parts += [("in", n, t.id, t.shape, t.dtype.name) for n, t in self.inputs.items()]
         for tid, a in sorted(self.constants.items()):
-            parts.append(("const", tid, a.shape, a.dtype.str, hashlib.sha1(a.tobytes()).hexdigest()))
+            parts.append(("const", tid, self.constant_names.get(tid), a.shape, a.dtype.str,
+                          hashlib.sha1(a.tobytes()).hexdigest()))
         for n in self.nodes:
             t = self.tensors[n.output]
             parts.append((n.op, tuple(n.inputs), n.output, tuple(t.shape), t.dtype.name,
                           tuple(sorted((k, repr(v)) for k, v in n.attrs.items()))))
         parts += [("out", n, t.id) for n, t in self.outputs.items()]
-        parts += [("state", n, t.shape, t.dtype.name, hashlib.sha1(self.state_init[t.id].tobytes()).hexdigest())
+        parts += [("state", n, t.id, t.shape, t.dtype.name, hashlib.sha1(self.state_init[t.id].tobytes()).hexdigest())
                   for n, t in self.states.items()]
         parts += [("assign", s, v.id) for s, v in self.assigns.items()]
         return tuple(parts)

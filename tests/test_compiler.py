@@ -789,3 +789,9 @@ def test_a_tensor_without_room_says_when_the_free_space_is_in_pieces():
     need, free = (int(v.replace(",", "")) for v in re.search(r"needs ([\d,]+) bytes.*; ([\d,]+) bytes are free",
                                                              str(e.value)).groups())
     assert free > need
+    g = Graph("t")                             # more than a hemisphere holds, less than the chip
+    x = g.input("x", (16369, 64), "int8")
+    g.output("y", g.add(x, x))
+    with pytest.raises(CompileError, match=r"bytes are free .*, but a tensor lives in one hemisphere and either "
+                                           r"has at most [\d,]+: the graph does not fit"):
+        lpucore.compile(g, ChipConfig.small())

@@ -177,6 +177,33 @@ def test_graphs_differing_only_in_an_outputs_shape_or_dtype_or_a_states_init_are
     assert len(runs) == 5
 
 
+def test_graphs_differing_in_which_tensor_an_id_is_or_a_constants_name_are_other_entries(cache):
+    """An input made before a state or after it takes the other's id (operations refer to ids), and a
+    program's constants are kept by name: graphs differing only there shared an entry too."""
+    where, runs = cache
+    one = np.ones((4, 32), np.float16)
+    zeros = np.zeros((4, 32), np.float16)
+    g1 = Graph("a")
+    x = g1.input("x", (4, 32))
+    s = g1.state("s", (4, 32), init=one)
+    g1.output("y", g1.sub(x, s))
+    g2 = Graph("a")
+    s = g2.state("s", (4, 32), init=one)
+    x = g2.input("x", (4, 32))
+    g2.output("y", g2.sub(s, x))
+    assert g1.signature() != g2.signature()
+    assert (lpucore.execute(lpucore.compile(g1, CFG), {"x": zeros})[0]["y"] == -1).all()
+    assert (lpucore.execute(lpucore.compile(g2, CFG), {"x": zeros})[0]["y"] == 1).all()
+    names = []
+    for name in ("w", "v", None):
+        g = Graph("b")
+        g.output("y", g.add(g.input("x", (4, 32)), g.constant(name, one)))
+        c = lpucore.compile(g, CFG)
+        names.append(sorted(c.constants))
+    assert names[0] == ["w"] and names[1] == ["v"] and names[2] not in (["w"], ["v"])
+    assert len(runs) == 5 and len(list(where.glob("*.lpuc"))) == 5
+
+
 def test_corrupted_and_stale_entries_are_rebuilt(cache, monkeypatch):
     where, runs = cache
     lpucore.compile(_graph(), CFG)

@@ -39,8 +39,8 @@ FAST_SEARCH = True
 # cycles one lane-move piece may slip when it collides inside its plan, per byte plane of its vector
 # (at least 4): a w-byte vector's planes are read in w consecutive cycles, and a piece read through an
 # SXM and one read straight to the VXM (or a mask) from the same slices collide at up to w consecutive
-# slips (the small chip's int32 NCHW output of a convolution, pixels and masks on the same four slices,
-# found no room at all with 4)
+# slips, the piece before it as many again (the small chip's int32 NCHW output of a convolution, pixels
+# and masks on the same four slices, found no room at all with 4; 6 was enough there, 8 is twice w)
 PIECE_SLIP = 2
 
 # what a plan being built already takes: (stream, diagonal) and ("q", slice, cycle) -> 1

@@ -339,27 +339,35 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
             for g in chosen:
                 mem.live[g] += 1
             return VT(name, dtype, rows, cols, chunks, h, slices, bases, after, kind, spare=spare)
-    raise _no_room(mem, name, dtype, rows, cols, lanes, spare, fresh, avoid)
+    raise _no_room(mem, name, dtype, rows, cols, lanes, spare, fresh, avoid, (hem,) if strict else (0, 1))
 
 
 def _no_room(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, spare: int,
-             fresh: bool, avoid: Tuple[int, ...]) -> CompileError:
-    """The error of a tensor :func:`place` found no room for: what it needs, what is free, and, when
-    that is more, why it still does not fit (a stripe needs consecutive addresses in one slice)."""
+             fresh: bool, avoid: Tuple[int, ...], hems: Tuple[int, ...]) -> CompileError:
+    """The error of a tensor :func:`place` found no room for in hemispheres ``hems``: what it needs, what
+    is free, and why when more is free than it needs: more than a hemisphere's free space, or (a stripe
+    needs consecutive addresses in one slice) too few slices with a long enough run."""
     cfg = mem.cfg
     chunks, planes = -(-cols // lanes), dtype.nbytes
     need = rows * chunks * planes * lanes
-    free = sum((mem.available_fresh if fresh else mem.available)(g) for g in range(cfg.mem_slices)) * lanes
+    avail = mem.available_fresh if fresh else mem.available
+    free = sum(avail(g) for g in range(cfg.mem_slices)) * lanes
     msg = (f"tensor {name!r} ({dtype.name}, {rows} x {cols}) needs {need:,} bytes of MEM in "
            f"{planes} x stripes of consecutive addresses; {free:,} bytes are free (of {cfg.sram_bytes:,})")
-    if free >= need:
-        n = max(1, min(rows * chunks, cfg.mem_slices_per_hemisphere // planes))
+    n_sl = cfg.mem_slices_per_hemisphere
+    hem_free = max(sum(avail(cfg.slice_id(h, i)) for i in range(n_sl)) for h in hems) * lanes
+    if free >= need and hem_free < need:
+        which = "its" if len(hems) == 1 else "either"
+        msg += f", but a tensor lives in one hemisphere and {which} has at most {hem_free:,}"
+    elif free >= need:
+        n = max(1, min(rows * chunks, n_sl // planes))
         per = -(-rows // n) * chunks + spare
-        most = max(sum(1 for i in range(cfg.mem_slices_per_hemisphere) if cfg.slice_id(h, i) not in avoid
-                       and mem.longest(cfg.slice_id(h, i), fresh) >= per) for h in range(cfg.hemispheres))
-        msg += (f", but in pieces: spread over the most stripes it needs {per:,} consecutive free addresses in "
-                f"each of {planes * n} slices of one hemisphere{' other than its operands' if avoid else ''}, "
-                f"and {most} have that many")
+        most = max(sum(1 for i in range(n_sl) if cfg.slice_id(h, i) not in avoid
+                       and mem.longest(cfg.slice_id(h, i), fresh) >= per) for h in hems)
+        if most < planes * n:
+            msg += (f", but in pieces: spread over the most stripes it needs {per:,} consecutive free addresses "
+                    f"in each of {planes * n} slices of one hemisphere{' other than its operands' if avoid else ''}, "
+                    f"and {most} have that many")
     return CompileError(msg + ": the graph does not fit on this chip")
 
 

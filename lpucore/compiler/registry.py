@@ -231,11 +231,10 @@ def _reshape(c: Any, n: Node, ins: List[Tensor], t: Tensor, name: str, kind: str
     (:meth:`Compiler.alias <lpucore.compiler.lower.Compiler.alias>`), no instruction. Any other reshape
     (or one into a graph output's own placement, or of a value broadcast over the lanes) moves data."""
     x = ins[0]
-    # An elementwise kernel's output aliases too. Until 2026-12-07 it was copied: aliasing an attention
-    # output had given GPT-2-small wrong logits (the same on both engines), never explained; then the
-    # compile cache was found to give two graphs differing only in a reshape's target shape or a cast's
-    # dtype one entry (Graph.signature left the outputs' shapes and dtypes out), which shows exactly so,
-    # and with it fixed the aliasing passes a fuzz of 450 such graphs, the LLM tests and GPT-2-small.
+    # An elementwise kernel's output aliases too (it was once copied after a GPT-2-small miscompile seen
+    # with aliasing and never reproduced; a compile-cache entry shared by graphs differing in a reshape's
+    # shape would show the same, and that bug was found later). Checked: tests/test_compiler_alias.py,
+    # 450 fuzzed graphs of reshaped elementwise outputs, the LLM tests and GPT-2-small's tokens and logits.
     if kind == "temp" and t.id not in c.vts and x.shape[-1:] == t.shape[-1:] and x.dtype == t.dtype:
         c.place_deferred(x)
         if x.id in c.vts and not c.vts[x.id].bcast:

@@ -385,7 +385,8 @@ def cache_dir() -> Optional[Path]:
 
 def cache_key(graph: Any, config: Any) -> str:
     """The cache entry's name: a hash of the format, the lpucore sources, the chip configuration
-    and the graph's signature (operations, shapes, dtypes, attributes, constants' hashes)."""
+    and the graph's signature (:meth:`Graph.signature <lpucore.graph.Graph.signature>`: names, ids,
+    operations with their outputs' shapes and dtypes, attributes, constants' and states' values' hashes)."""
     h = hashlib.sha256()
     h.update(repr((VERSION, sources_hash(), json.dumps(config.to_dict(), sort_keys=True))).encode())
     h.update(repr(graph.signature()).encode())
