@@ -728,7 +728,7 @@ class Graph:
         values' hash), its constants (name, shape, dtype, values' hash), every operation with its output's
         shape and dtype (a reshape's target shape and a product's or cast's dtype are nowhere else) and
         attributes, its outputs and state updates. Two graphs with one signature compile to one program
-        (the compile cache's key, :func:`lpucore.compiler.store.cache_key`)."""
+        (the compile cache's key, ``lpucore.compiler.store.cache_key``)."""
         import hashlib
         parts: List[tuple] = [("graph", self.name)]
         parts += [("in", n, t.id, t.shape, t.dtype.name) for n, t in self.inputs.items()]
