@@ -41,7 +41,7 @@ from .kernels import (
     lanemove_kernel,
     map_kernel,
 )
-from .memory import VT, Memory, RowView, TiledVT, place, release
+from .memory import VT, Memory, RowView, TiledVT, place, release, stripe_length
 from .schedule import Scheduler, paced_gc
 
 F32, F16, I8, I16, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT16, dt.INT32
@@ -380,7 +380,7 @@ class Compiler:
         chip in turn, the shared tensors written once (:func:`compile_sharing`). The names in ``exclude`` are
         kept out of reach but not shared (a constant of the same name holding other values)."""
         for name, vt in base.layout.items():
-            per = -(-vt.rows // vt.stripes) * vt.chunks + vt.spare
+            per = stripe_length(vt.rows, vt.stripes, vt.chunks, vt.spare)
             for p in range(vt.planes):
                 for g, a in zip(vt.slices[p], vt.bases[p]):
                     self.mem.reserve(g, a, per)

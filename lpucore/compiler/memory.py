@@ -265,6 +265,12 @@ def _stripe_counts(want: int, most: int, pow2: bool, divides: int) -> List[int]:
             if not (pow2 and n & (n - 1)) and not (divides and divides % n)]
 
 
+def stripe_length(rows: int, stripes: int, chunks: int, spare: int = 0) -> int:
+    """Addresses one stripe of a tensor takes: its share of the rows, each ``chunks`` vectors, and
+    ``spare`` more (a scatter's sink)."""
+    return -(-rows // stripes) * chunks + spare
+
+
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
           stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False,
           pow2: bool = False, spare: int = 0, stripe_divides: int = 0) -> VT:
@@ -290,7 +296,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
 
     def room(h: int) -> int:
         """Stripes this hemisphere can give (slices with room that are not to be avoided)."""
-        per = -(-rows // want) * chunks + spare
+        per = stripe_length(rows, want, chunks, spare)
         ok = [g for g in (cfg.slice_id(h, s) for s in range(n_sl)) if g not in avoid and avail(g) >= per]
         return min(want, len(ok) // planes)
     # the asked hemisphere, unless the other gives more stripes (slices the tensor's operands do not hold)
@@ -299,7 +305,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
         # big for that many slices' addresses is spread over more
         most = max(want, min(rows * chunks, n_sl // planes))
         for n in _stripe_counts(want, most, pow2, stripe_divides):
-            per = -(-rows // n) * chunks + spare
+            per = stripe_length(rows, n, chunks, spare)
             # slices of this hemisphere with room, least used first, round robin
             cands = [cfg.slice_id(h, s) for s in range(n_sl)]
             cands = [g for g in cands if g not in avoid and avail(g) >= per]
@@ -361,7 +367,7 @@ def _no_room(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lane
         msg += f", but a tensor lives in one hemisphere and {which} has at most {hem_free:,}"
     elif free >= need:
         n = max(1, min(rows * chunks, n_sl // planes))
-        per = -(-rows // n) * chunks + spare
+        per = stripe_length(rows, n, chunks, spare)
         most = max(sum(1 for i in range(n_sl) if cfg.slice_id(h, i) not in avoid
                        and mem.longest(cfg.slice_id(h, i), fresh) >= per) for h in hems)
         if most < planes * n:
@@ -374,7 +380,7 @@ def _no_room(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lane
 def release(mem: Memory, vt: VT) -> None:
     """Hand a dead tensor's space back, writable after its last read."""
     n = vt.stripes
-    per = -(-vt.rows // n) * vt.chunks + vt.spare
+    per = stripe_length(vt.rows, n, vt.chunks, vt.spare)
     last = max(int(vt.last_read.max()) if len(vt.last_read) else -1, int(vt.ready.max()) if len(vt.ready) else 0)
     for p in range(vt.planes):
         for i in range(n):
