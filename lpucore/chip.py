@@ -186,7 +186,9 @@ class Chip:
     def host_time(self) -> Dict[str, float]:
         """The fast engine's host counters: wall seconds in the cycle loop (``loop_s``) and in MXM
         products (``mxm_products_s``), MXM batches by path (``mxm_batches``, ``mxm_small_batches``,
-        ``mxm_helper_batches``); ``{}`` on the reference engine."""
+        ``mxm_helper_batches``), MEM Reads issued in bulk (``bulk_reads``) and the weight rows those
+        named while an earlier LW into the row was still to come (``bulk_shared``); ``{}`` on the
+        reference engine."""
         return dict(self._eng.host_time)
 
     def reset(self, clear_memory: bool = True) -> None:

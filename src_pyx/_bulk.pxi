@@ -14,8 +14,12 @@
 # rows) and nothing else does (no instruction on any stream position), when no write lands
 # in its slice from its cycle to its last LW's (so the SRAM row the LW copies is the one
 # the Read saw, and no write can meet the Read in a bank), and when no earlier LW into the
-# same weight row comes after it (each row has one pending SRAM source).  A run issued
-# early, at its first cycle c0, needs all of that from c0 on.  Issue times do not depend
+# same weight row comes after it.  A run issued early, at its first cycle c0, names its LW
+# rows' SRAM rows then: each weight row holds up to BULK_K such pending names (a row is
+# reloaded a few cycles after an install), so at most BULK_K - 1 earlier LWs into its rows
+# may come after c0 (of the names pending at any time, the one with the latest LW counts
+# all the others among those).  The SRAM condition holds from each Read's own cycle (the row
+# its LW copies is the one that Read saw, whenever the run was issued).  Issue times do not depend
 # on data (the queues' code fixes them, Sync and Notify included; programs with
 # chip-to-chip links are not recorded), so later runs of the program issue every Read and LW in
 # the cycles recorded; each run checks its first Read's cycle anyway.  A run is issued in
@@ -28,6 +32,8 @@
 # off.
 
 BULK_ENV = "LPUCORE_BULK_READS"
+cdef enum:
+    BULK_K = 2          # pending SRAM names per weight row (mx_bulk_T)
 
 
 cdef inline void rec_pool(State* s, int q, int64_t slot, int op, int64_t src, int64_t c) noexcept nogil:
@@ -56,11 +62,10 @@ cdef inline void rec_lw(State* s, int p, int row, uint8_t* v, int64_t c) noexcep
     first or the second LW to take it: two planes at one position may load the same rows)."""
     cdef int r = p * s.L + row
     cdef int64_t e = s.pool_rid[(v - s.pool) // s.L]
-    cdef int64_t safe
+    cdef int64_t w
+    cdef int64_t* last = s.bk_lastlw + <int64_t>r * BULK_K
+    cdef int j
     if e >= 0:
-        safe = s.bk_lastw[s.rd_src[e] // s.A]
-        if s.bk_lastlw[r] > safe:
-            safe = s.bk_lastlw[r]
         if s.rd_lwc[e] == -1:
             s.rd_lwc[e] = c
             s.rd_row[e] = r
@@ -69,20 +74,58 @@ cdef inline void rec_lw(State* s, int p, int row, uint8_t* v, int64_t c) noexcep
             s.rd_row2[e] = r
         else:
             s.rd_lwc[e] = -2            # a third LW
-        if safe + 1 > s.rd_safe[e]:
-            s.rd_safe[e] = safe + 1
-    s.bk_lastlw[r] = c
+        # the last write into the Read's slice by now: after the Read, the row may differ
+        w = s.bk_lastw[s.rd_src[e] // s.A]
+        if w + 1 > s.rd_safe[e]:
+            s.rd_safe[e] = w + 1
+        # the BULK_K-th last LW into the row: a run names its SRAM row after it
+        if last[BULK_K - 1] + 1 > s.rd_lwsafe[e]:
+            s.rd_lwsafe[e] = last[BULK_K - 1] + 1
+    for j in range(BULK_K - 1, 0, -1):
+        last[j] = last[j - 1]
+    last[0] = c
 
 
-cdef inline void bulk_row(State* s, int p, int row, int b, int64_t c) noexcept nogil:
+cdef inline void bulk_name(State* s, int r, int64_t T, int64_t src) noexcept nogil:
+    """A bulk run: weight row r's LW in cycle T takes SRAM row src (a free name of the row's
+    BULK_K; the plan leaves one free)."""
+    cdef int64_t i = <int64_t>r * BULK_K
+    cdef int j
+    cdef int free = BULK_K - 1
+    cdef int held = 0
+    for j in range(BULK_K - 1, -1, -1):
+        if s.mx_bulk_T[i + j] >= 0:
+            held += 1
+        else:
+            free = j
+    if held:
+        s.bulk_shared += 1
+    s.mx_bulk_T[i + free] = T
+    s.mx_bulk_src[i + free] = src
+
+
+cdef inline int64_t bulk_named(State* s, int r, int64_t c) noexcept nogil:
+    """The name of weight row r for an LW in cycle c (an index into mx_bulk_T), -1: none (the
+    LW reads its stream).  Only in calls that issue bulk runs (mx_bulk_T is full size then)."""
+    cdef int64_t i = <int64_t>r * BULK_K
+    cdef int j
+    if not s.bulk_go:
+        return -1
+    for j in range(BULK_K):
+        if s.mx_bulk_T[i + j] == c:
+            return i + j
+    return -1
+
+
+cdef inline void bulk_row(State* s, int p, int row, int b, int64_t name, int64_t c) noexcept nogil:
     """Plane p's LW in cycle c takes weight row `row` from the SRAM row a bulk Read named
-    (into buffer slot b): the writes that landed by now first, as the Read saw them."""
-    cdef int r = p * s.L + row
-    cdef int64_t src = s.mx_bulk_src[r]
+    (`name`, from bulk_named; into buffer slot b): the writes that landed by now first, as the
+    Read saw them."""
+    cdef int64_t src = s.mx_bulk_src[name]
     mem_sync(s, <int>(src // s.A), c)
     memcpy(s.mx_slots + ((<int64_t>p * s.NS + b) * s.L + row) * s.L, s.sram + src * s.L, s.L)
-    s.mx_row_src[r] = b
-    s.mx_bulk_T[r] = -1
+    s.mx_row_src[p * s.L + row] = b
+    s.mx_bulk_T[name] = -1
 
 
 def bulk_default():
@@ -119,10 +162,10 @@ cdef int plan_runs(State* s, const int32_t[:, ::1] code, const int64_t[::1] qsta
                 nxt = -1            # a Repeat's group stands alone
                 continue
             if (code[row, 0] != OP_READ or s.rd_cycle[e] < 0 or s.rd_lwc[e] < 0 or s.rd_nrd[e] != 0
-                    or s.rd_safe[e] > s.rd_cycle[e]):
+                    or s.rd_safe[e] > s.rd_cycle[e] or s.rd_lwsafe[e] > s.rd_cycle[e]):
                 nxt = -1
                 continue
-            ln, lw, safe = 1, s.rd_lwc[e], s.rd_safe[e]
+            ln, lw, safe = 1, s.rd_lwc[e], s.rd_lwsafe[e]
             if s.rd_lwc2[e] > lw:
                 lw = s.rd_lwc2[e]
             if nxt == e + 1 and s.rd_cycle[nxt] == s.rd_cycle[e] + 1 and nsafe <= s.rd_cycle[e]:
@@ -139,12 +182,13 @@ cdef int plan_runs(State* s, const int32_t[:, ::1] code, const int64_t[::1] qsta
 
 cdef void plan_group(State* s, int64_t e, int64_t n, int64_t d) noexcept nogil:
     """A Read repeated n times, d cycles apart (entries e .. e + n): one bulk run if every
-    repetition qualifies from the first one's cycle on."""
+    repetition qualifies (its SRAM row unchanged from its own cycle to its LWs) and no earlier
+    LW into its rows comes after the first one's cycle, when the run names their SRAM rows."""
     cdef int64_t k, lw = -1
     cdef int64_t c0 = s.rd_cycle[e]
     for k in range(e, e + n + 1):
         if (s.rd_cycle[k] != c0 + (k - e) * d or c0 < 0 or s.rd_lwc[k] < 0 or s.rd_nrd[k] != 0
-                or s.rd_safe[k] > c0):
+                or s.rd_safe[k] > s.rd_cycle[k] or s.rd_lwsafe[k] > c0):
             return
         if s.rd_lwc[k] > lw:
             lw = s.rd_lwc[k]
@@ -190,7 +234,7 @@ cdef class BulkUnit(Unit):
         so that a chip costs no more host memory than ChipConfig.host_memory says)."""
         a = self.a
         a["pool_rid"] = np.full(s.D * s.pool_w if on else 1, -1, dtype=np.int64)
-        a["bk_lastlw"] = np.full(s.NP * s.L if on else 1, -1, dtype=np.int64)
+        a["bk_lastlw"] = np.full(s.NP * s.L * BULK_K if on else 1, -1, dtype=np.int64)
         a["bk_lastw"] = np.full(s.NSL if on else 1, -1, dtype=np.int64)
         return 0
 
@@ -198,8 +242,8 @@ cdef class BulkUnit(Unit):
         """The LW rows' SRAM sources, full size while a plan exists (LW reads them only in calls
         that issue bulk runs)."""
         a = self.a
-        a["mx_bulk_T"] = np.full(s.NP * s.L if on else 1, -1, dtype=np.int64)
-        a["mx_bulk_src"] = np.zeros(s.NP * s.L if on else 1, dtype=np.int64)
+        a["mx_bulk_T"] = np.full(s.NP * s.L * BULK_K if on else 1, -1, dtype=np.int64)
+        a["mx_bulk_src"] = np.zeros(s.NP * s.L * BULK_K if on else 1, dtype=np.int64)
         return 0
 
     cdef int layout(self, State* s, object lowered) except -1:
@@ -222,7 +266,7 @@ cdef class BulkUnit(Unit):
                 longest = max(longest, hi - lo)
         a["rd_off"] = off
         n = int(off[s.NQ])
-        for k in ("rd_cycle", "rd_lwc", "rd_lwc2", "rd_src", "rd_safe"):
+        for k in ("rd_cycle", "rd_lwc", "rd_lwc2", "rd_src", "rd_safe", "rd_lwsafe"):
             a[k] = np.full(n + 1, -1, dtype=np.int64)
         for k in ("rd_row", "rd_row2", "rd_nrd", "rd_run"):
             a[k] = np.zeros(n + 1, dtype=np.int32)
@@ -247,6 +291,7 @@ cdef class BulkUnit(Unit):
         s.rd_row2 = _p_i32(a["rd_row2"])
         s.rd_nrd = _p_i32(a["rd_nrd"])
         s.rd_safe = _p_i64(a["rd_safe"])
+        s.rd_lwsafe = _p_i64(a["rd_lwsafe"])
         s.rd_run = _p_i32(a["rd_run"])
         s.rd_runlw = _p_i64(a["rd_runlw"])
         s.rd_go = _p_i64(a["rd_go"])
@@ -285,7 +330,7 @@ cdef class BulkUnit(Unit):
         if np.isin(ops, (OP_SEND, OP_RECEIVE, OP_DESKEW)).any():
             return 0
         a = self.a
-        for k in ("rd_cycle", "rd_lwc", "rd_lwc2", "rd_safe"):
+        for k in ("rd_cycle", "rd_lwc", "rd_lwc2", "rd_safe", "rd_lwsafe"):
             a[k][:] = -1
         for k in ("rd_nrd", "rd_run"):
             a[k][:] = 0
@@ -317,11 +362,12 @@ cdef class BulkUnit(Unit):
         go[:, GO_RUNLW] = a["rd_runlw"][:n]
         rd = a["rd_cycle"] >= 0
         lw = rd & (a["rd_lwc"] >= 0)
+        late = (a["rd_safe"] > a["rd_cycle"]) | (a["rd_lwsafe"] > a["rd_cycle"])
         self.report = {"reads": int(rd.sum()), "bulk": int(np.count_nonzero(a["rd_run"])),
                        "read_by_others": int(np.count_nonzero(rd & (a["rd_nrd"] > 0))),
                        "two_lws": int(np.count_nonzero((a["rd_run"] != 0) & (a["rd_lwc2"] >= 0))),
                        "three_lws": int(np.count_nonzero(rd & (a["rd_lwc"] == -2))),
-                       "unsafe": int(np.count_nonzero(lw & (a["rd_nrd"] == 0) & (a["rd_safe"] > a["rd_cycle"]))),
+                       "unsafe": int(np.count_nonzero(lw & (a["rd_nrd"] == 0) & late)),
                        "no_lw": int(np.count_nonzero(rd & (a["rd_lwc"] == -1) & (a["rd_nrd"] == 0)))}
         s.bulk_plan = 1 if self.report["bulk"] else 0
         if s.bulk_plan:

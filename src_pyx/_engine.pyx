@@ -91,7 +91,7 @@ cdef class FastEngine:
         self.fp16_mxm = fp16_mxm
         self._wcache = {}
         self.host_time = {"loop_s": 0.0, "mxm_products_s": 0.0, "mxm_batches": 0, "mxm_small_batches": 0,
-                          "mxm_helper_batches": 0, "bulk_reads": 0}
+                          "mxm_helper_batches": 0, "bulk_reads": 0, "bulk_shared": 0}
         self.program = None
         self._mxm = MxmUnit()
         self._c2c = C2cUnit()
@@ -158,6 +158,7 @@ cdef class FastEngine:
         c0 = self.s.mx_cbatches
         hb0 = self.s.mx_hbatches
         br0 = self.s.bulk_reads
+        bs0 = self.s.bulk_shared
         rc = 1
         self._bulk.begin(&self.s, u)
         # The loop's Python-side allocations are short-lived and acyclic; a collection
@@ -173,6 +174,7 @@ cdef class FastEngine:
             h["mxm_small_batches"] += self.s.mx_cbatches - c0
             h["mxm_helper_batches"] += self.s.mx_hbatches - hb0
             h["bulk_reads"] += self.s.bulk_reads - br0
+            h["bulk_shared"] += self.s.bulk_shared - bs0
         if rc == 2:
             raise MemoryError("out of memory recording Notify history")
         if rc:

@@ -79,14 +79,10 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
     # the queue's next row, m rows on (issue() fetches a few rows ahead of the ones it issues)
     __builtin_prefetch(row + (m + 1) * (1 + NFIELDS))
     for k in range(m):
-        r = <int>go[k * GO_W + GO_ROW]
         src = go[k * GO_W + GO_SRC]
-        s.mx_bulk_T[r] = go[k * GO_W + GO_LWC]
-        s.mx_bulk_src[r] = src
+        bulk_name(s, <int>go[k * GO_W + GO_ROW], go[k * GO_W + GO_LWC], src)
         if go[k * GO_W + GO_LWC2] >= 0:
-            r = <int>go[k * GO_W + GO_ROW2]
-            s.mx_bulk_T[r] = go[k * GO_W + GO_LWC2]
-            s.mx_bulk_src[r] = src
+            bulk_name(s, <int>go[k * GO_W + GO_ROW2], go[k * GO_W + GO_LWC2], src)
         # the LW copies the row a few cycles on: start fetching it (a step's host time
         # is 10% longer without)
         ptr = s.sram + src * s.L

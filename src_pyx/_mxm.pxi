@@ -35,6 +35,7 @@ cdef extern from "lpu_kernels.h" nogil:
     void lpu_mxm_f64_row(const float* x, const double* wd, int K, int L, double* s, double* ab)
     void lpu_mxm_f16_row(const float* x, const uint8_t* arr, int L, const float* h2f, double* s, double* ab)
     int lpu_mxm_f16_special(const uint8_t* arr, int L)
+    int lpu_mxm_f16_fused(const float* x, const uint8_t* arr, int L, double* sd, double* ab)
     int lpu_mxm_f16_snap(const float* x, const uint8_t* arr, int L, int c, double s, double b, float* out)
 
 
@@ -425,8 +426,9 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
                 if xa[k] != 0.0:
                     nnz += 1
         # dense batches convert the weights to float64 once per install (cached);
-        # sparse ones (one-hot rows) read the few weight rows they touch directly
-        if s.mx_wchk[p] != s.mx_ver[p] or (nnz > K and not s.mx_wconv[p]):
+        # sparse ones (one-hot rows) read the few weight rows they touch directly;
+        # with AVX-512 every row reads the byte planes itself (lpu_mxm_f16_fused)
+        if s.simd != KERNEL_AVX512 and (s.mx_wchk[p] != s.mx_ver[p] or (nnz > K and not s.mx_wconv[p])):
             if nnz > K:
                 s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_weights(arr, L, _H2F, wd)
                 s.mx_wconv[p] = 1
@@ -434,7 +436,7 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
                 s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_special(arr, L)
                 s.mx_wconv[p] = 0
             s.mx_wchk[p] = s.mx_ver[p]
-        if s.mx_wbad[p]:
+        if s.simd != KERNEL_AVX512 and s.mx_wbad[p]:
             return 1
     if dtc == DT_INT8 and s.mx_wpver[p] != s.mx_ver[p]:
         # the weights transposed to int16 (portable kernel; in mx_wp, as no other kernel runs)
@@ -450,10 +452,14 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
         if dtc == DT_INT8:
             lpu_mxm_i8_dot(mx_xrow(s, p, i), wt, L, L, <int16_t*>si, res)
         else:
-            memset(sd, 0, 2 * L * sizeof(double))
-            if s.mx_wconv[p]:
+            if s.simd == KERNEL_AVX512:
+                if lpu_mxm_f16_fused(xa, arr, L, sd, ab):
+                    return 1          # an infinity or a NaN weight: nothing committed yet
+            elif s.mx_wconv[p]:
+                memset(sd, 0, 2 * L * sizeof(double))
                 lpu_mxm_f64_row(xa, wd, K, L, sd, ab)
             else:
+                memset(sd, 0, 2 * L * sizeof(double))
                 lpu_mxm_f16_row(xa, arr, L, _H2F, sd, ab)
             for c in range(L):
                 sv = sd[c]
@@ -477,21 +483,21 @@ cdef inline int mxm_exec(State* s, int q, int op, int32_t* f, int64_t c) noexcep
     cdef uint8_t* hi
     cdef uint32_t* acc
     cdef float* xa
-    cdef int64_t* bt
+    cdef int64_t name
     mxm_install(s, p, c)
     if op == OP_LW:
         n = f[F_LW_N]
-        # rows a Read already delivered for this LW (mx_bulk_T, _bulk.pxi) are in place
-        # (only calls that issue bulk runs have them; mx_bulk_T is full size then)
-        bt = s.mx_bulk_T + p * s.L + f[F_LW_ROW]
+        # rows a bulk Read named for this LW (_bulk.pxi) come from SRAM, not the stream
         for i in range(n):
-            if not (s.bulk_go and bt[i] == c) and stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL:
+            if (bulk_named(s, p * s.L + f[F_LW_ROW] + i, c) < 0
+                    and stream_read(s, f[F_LW_SRC] + i, pos, c) == NULL):
                 set_error(s, ERR_EMPTY_READ, c, q, f[F_LW_SRC] + i, pos)
                 return 1
         b = s.mx_buf_slot[p]
         for i in range(n):
-            if s.bulk_go and bt[i] == c:
-                bulk_row(s, p, f[F_LW_ROW] + i, b, c)
+            name = bulk_named(s, p * s.L + f[F_LW_ROW] + i, c)
+            if name >= 0:
+                bulk_row(s, p, f[F_LW_ROW] + i, b, name, c)
                 continue
             v = stream_read(s, f[F_LW_SRC] + i, pos, c)
             if s.bulk_rec:

@@ -232,6 +232,7 @@ cdef struct State:
     int rec_op           # opcode being executed (recording only)
     int64_t bulk_until   # the running call's stop cycle (INF: none): a run's LWs must come before it
     int64_t bulk_reads   # Reads issued in bulk (host counter)
+    int64_t bulk_shared  # LW rows a bulk run named while the row held another name (host counter)
     int64_t* rd_off      # [NQ + 1] each queue's first plan entry (entries: its functional issues, in order)
     int64_t* rd_cycle    # issue cycle of each Read (-1: no Read)
     int64_t* rd_src      # its row: slice * A + address
@@ -240,15 +241,16 @@ cdef struct State:
     int64_t* rd_lwc2     # cycle of a second LW taking it (another plane at the same position), -1: none
     int32_t* rd_row2     # that LW's plane * L + weight row
     int32_t* rd_nrd      # reads of its vector by anything but that LW (recording)
-    int64_t* rd_safe     # first cycle from which issuing it early is safe (recording)
+    int64_t* rd_safe     # first cycle its SRAM row stays as read until its LWs (recording)
+    int64_t* rd_lwsafe   # first cycle its rows' markers may be set: after all but BULK_K - 1 earlier LWs (recording)
     int32_t* rd_run      # Reads of the bulk run starting here (0: none, -1: a later Read of a Repeat's run)
     int64_t* rd_runlw    # the last LW cycle of that run
     int64_t* rd_go       # [entries * GO_W] what a bulk run reads of each entry, side by side (GO_*)
     int64_t* pool_rid    # [D * pool_w] plan entry of the Read whose vector a pool slot holds, -1: none
-    int64_t* bk_lastlw   # [NP * L] last LW into each weight row (recording)
+    int64_t* bk_lastlw   # [NP * L * BULK_K] last BULK_K LWs into each weight row, latest first (recording)
     int64_t* bk_lastw    # [NSL] last landing cycle of a write to each slice (recording)
-    int64_t* mx_bulk_T   # [NP * L] cycle of the LW that takes a row from SRAM, -1: none
-    int64_t* mx_bulk_src  # [NP * L] that row: slice * A + address
+    int64_t* mx_bulk_T   # [NP * L * BULK_K] cycles of the LWs that take a row from SRAM, -1: none
+    int64_t* mx_bulk_src  # [NP * L * BULK_K] their rows: slice * A + address
     # statistics
     int64_t* st_issued
     int64_t* st_icu

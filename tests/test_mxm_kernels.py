@@ -124,6 +124,44 @@ def test_float16_batches_under_every_kernel_match_the_reference_engine(kernel):
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+def f16_operands(kind, M, K, N, r):
+    """float16 operands of the in-loop exact path's hard cases: dense, one-hot rows (the sparse
+    path), zeros of both signs, sums that cancel to (nearly) nothing, an infinite weight."""
+    A = (r.standard_normal((M, K)) * 2).astype(np.float16)
+    B = (r.standard_normal((K, N)) * 2).astype(np.float16)
+    if kind == "one_hot":
+        A[:] = 0
+        A[np.arange(M), r.integers(0, K, M)] = r.standard_normal(M).astype(np.float16)
+        A[1] = -0.0
+    elif kind == "cancel":
+        B[1] = B[0]
+        A[:, 1] = -A[:, 0]
+        A[:, 2:] = np.float16(2.0 ** -14)          # the rest far below the cancelled pair's rounding
+    elif kind == "inf":
+        B[3, 2] = np.inf
+    return A, B
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["dense", "one_hot", "cancel", "inf"])
+@pytest.mark.parametrize("lanes", [None, (3, 6), (1, 10)])
+def test_small_float16_batches_under_every_kernel_match_the_reference_engine(kernel, kind, lanes):
+    """Batches of a few rows are multiplied in the cycle loop (AVX-512: the weights read from the byte
+    planes row by row; otherwise converted once per install): the reference engine's bits either way,
+    also on lane counts that leave a partial block of 16 columns."""
+    cfg = SMALL if lanes is None else odd_config(*lanes)
+    r = np.random.default_rng(11)
+    M, K, N = 3, min(100, cfg.lanes // 2), min(70, cfg.lanes)
+    A, B = f16_operands(kind, M, K, N, r)
+    g = gemm_program(M, K, N, "float16", "float32", config=cfg)
+    want, st_ref = g.run(A, B, engine="reference")
+    chip = forced(kernel)("fast", cfg)
+    got, st_fast = g.run(A, B, chip=chip)
+    assert st_ref.to_dict() == st_fast.to_dict()
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert chip.host_time["mxm_small_batches"] > 0 or kind == "inf"
+
+
 def test_switching_kernels_on_a_loaded_chip_changes_nothing():
     """The kernels keep installed weights packed in their own layouts: a switch between runs
     (same chip, same program) must not reuse the other kernel's packing."""
