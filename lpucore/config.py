@@ -334,7 +334,7 @@ class ChipConfig:
                      + NACC * L * 4                                              # accumulators
                      + NR * BMAX * L * 5 + BB * L * 4 + BB * 32 + BMAX * 16       # staging
                      + RI * 16 + 128 * (L // 64 + 1) + L * 4)
-        mxm = NP * per_plane
+        mxm = NP * per_plane + 8 * L * 8            # + float16 sums of four rows (scratch)
         RW = self.mem_write_delay + 1
         RL = max(self.vxm_alu_delay, self.vxm_convert_delay, self.vxm_transcendental_delay) + 1
         mem = (self.mem_slices * (RW * (9 + 4 * self.superlanes + L) + 16)

@@ -536,6 +536,18 @@ cdef int64_t lpu_issued(lpu_handle h, int queue) noexcept nogil:
     return s.st_issued[queue]
 
 
+# ---- test hooks: the ICU's scan for due queues (tests/test_icu_scan.py) ---------------------
+def _next_due(qn, int q0, int64_t c, int64_t nmin, int variant):
+    """(the first queue q >= q0 whose next issue is c, len(qn) if none; nmin lowered to the least
+    next issue passed over) by scan variant 0 (scalar), 1 (AVX2) or 2 (AVX-512); None if this
+    host cannot run the variant."""
+    cdef int64_t[::1] v = np.ascontiguousarray(qn, dtype=np.int64)
+    if v.shape[0] == 0 or not 0 <= q0 <= v.shape[0]:
+        raise ValueError("qn must be a non-empty array and 0 <= q0 <= len(qn)")
+    cdef int q = lpu_next_due_variant(variant, &v[0], q0, v.shape[0], c, &nmin)
+    return None if q < 0 else (q, nmin)
+
+
 # ---- test hooks: the C numerics on whole arrays, for tests/test_numerics.py --------------------
 def _c_f32_to_f16(x):
     """float32 array -> uint16 binary16 bits, as the fast engine rounds them."""

@@ -8,6 +8,7 @@ cdef extern from *:
 
 cdef extern from "lpu_icu.h" nogil:
     int lpu_next_due(const int64_t* qn, int q0, int nq, int64_t c, int64_t* nmin)
+    int lpu_next_due_variant(int variant, const int64_t* qn, int q0, int nq, int64_t c, int64_t* nmin)
 
 cdef inline void set_next(State* s, int q, int64_t T) noexcept nogil:
     cdef int64_t* qp = s.qs + q * QW

@@ -35,7 +35,7 @@ cdef extern from "lpu_kernels.h" nogil:
     void lpu_mxm_f64_row(const float* x, const double* wd, int K, int L, double* s, double* ab)
     void lpu_mxm_f16_row(const float* x, const uint8_t* arr, int L, const float* h2f, double* s, double* ab)
     int lpu_mxm_f16_special(const uint8_t* arr, int L)
-    int lpu_mxm_f16_fused(const float* x, const uint8_t* arr, int L, double* sd, double* ab)
+    int lpu_mxm_f16_fused(const float* x, int64_t xs, int nrows, const uint8_t* arr, int L, double* out)
     int lpu_mxm_f16_snap(const float* x, const uint8_t* arr, int L, int c, double s, double b, float* out)
 
 
@@ -453,8 +453,11 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
             lpu_mxm_i8_dot(mx_xrow(s, p, i), wt, L, L, <int16_t*>si, res)
         else:
             if s.simd == KERNEL_AVX512:
-                if lpu_mxm_f16_fused(xa, arr, L, sd, ab):
+                # four rows at a time (the batch's rows are L floats apart), row i's sums at i % 4
+                if i % 4 == 0 and lpu_mxm_f16_fused(xa, L, min(4, n - i), arr, L, s.mx_sd):
                     return 1          # an infinity or a NaN weight: nothing committed yet
+                sd = s.mx_sd + (i % 4) * 2 * L
+                ab = sd + L
             elif s.mx_wconv[p]:
                 memset(sd, 0, 2 * L * sizeof(double))
                 lpu_mxm_f64_row(xa, wd, K, L, sd, ab)
@@ -714,7 +717,7 @@ cdef class MxmUnit(Unit):
         a["mx_wconv"] = np.zeros(NP, dtype=np.uint8)
         a["mx_wd"] = np.zeros(NP * (L // 2) * L, dtype=np.float64)
         a["mx_si"] = np.zeros(max(L, lpu_avx2_scratch_ints(L)), dtype=np.int32)
-        a["mx_sd"] = np.zeros(2 * L, dtype=np.float64)
+        a["mx_sd"] = np.zeros(8 * L, dtype=np.float64)
         s.mx_wpstride = packed_bytes(L)
         a["mx_wp"] = np.zeros(NP * s.mx_wpstride, dtype=np.int8)
         a["mx_wcorr"] = np.zeros(NP * 64 * lpu_vnni_blocks(L), dtype=np.int32)

@@ -154,7 +154,7 @@ cdef struct State:
     uint8_t* mx_wconv    # [NP] 1 if mx_wd holds them as float64
     double* mx_wd        # [NP * L/2 * L] fp16 weights as float64 (cache)
     int32_t* mx_si       # [max(L, AVX2 scratch)] scratch: int8 dot products, the AVX2 kernel's activations
-    double* mx_sd        # [2 * L] scratch: fp16 dot products and their sums of |products|
+    double* mx_sd        # [4 * 2 * L] scratch: fp16 dot products and their sums of |products| (four rows)
     uint8_t* mx_xb       # [NP * NR * (BMAX + 8) * L + 4] batched int8 activations as offset bytes (x ^ 0x80)
     int32_t* mx_xbuf     # [NP] the ring buffer (of mx_ax and mx_xb) the plane's batch is staged in
     int64_t* mx_rseq     # [NP * NR] last helper job reading each ring buffer (submission number, -1: none)

@@ -49,7 +49,23 @@ __attribute__((target("avx2"))) static int lpu_next_due_avx2(const int64_t *qn, 
     return lpu_next_due_scalar(qn, q, nq, c, nmin);
 }
 
-static int lpu_icu_has_avx2 = -1;
+/* The same with eight lanes a group, where AVX-512 runs (a GroqChip has 144 queues: 18
+ * groups a pass instead of 36). */
+__attribute__((target("avx512f"))) static int lpu_next_due_avx512(const int64_t *qn, int q, int nq, int64_t c,
+                                                                 int64_t *nmin)
+{
+    __m512i cv = _mm512_set1_epi64(c), mv = _mm512_set1_epi64(*nmin);
+    for (; q + 8 <= nq; q += 8) {
+        __m512i v = _mm512_loadu_si512((const void *)(qn + q));
+        if (_mm512_cmpeq_epi64_mask(v, cv))
+            break;
+        mv = _mm512_min_epi64(mv, v);
+    }
+    *nmin = _mm512_reduce_min_epi64(mv);
+    return lpu_next_due_scalar(qn, q, nq, c, nmin);
+}
+
+static int lpu_icu_has_avx2 = -1;      /* 2: AVX-512F, 1: AVX2, 0: neither */
 #else
 #define LPU_ICU_AVX2 0
 #endif
@@ -61,12 +77,31 @@ static inline int lpu_next_due(const int64_t *qn, int q0, int nq, int64_t c, int
 #if LPU_ICU_AVX2
     if (__builtin_expect(lpu_icu_has_avx2 < 0, 0)) {
         __builtin_cpu_init();
-        lpu_icu_has_avx2 = __builtin_cpu_supports("avx2") ? 1 : 0;
+        lpu_icu_has_avx2 = __builtin_cpu_supports("avx512f") ? 2 : __builtin_cpu_supports("avx2") ? 1 : 0;
     }
+    if (lpu_icu_has_avx2 == 2)
+        return lpu_next_due_avx512(qn, q0, nq, c, nmin);
     if (lpu_icu_has_avx2)
         return lpu_next_due_avx2(qn, q0, nq, c, nmin);
 #endif
     return lpu_next_due_scalar(qn, q0, nq, c, nmin);
+}
+
+
+/* The scan by one variant (0 scalar, 1 AVX2, 2 AVX-512), for the tests; -1 if the host or the
+ * build cannot run it. */
+static inline int lpu_next_due_variant(int variant, const int64_t *qn, int q0, int nq, int64_t c, int64_t *nmin)
+{
+    if (variant == 0)
+        return lpu_next_due_scalar(qn, q0, nq, c, nmin);
+#if LPU_ICU_AVX2
+    __builtin_cpu_init();
+    if (variant == 1 && __builtin_cpu_supports("avx2"))
+        return lpu_next_due_avx2(qn, q0, nq, c, nmin);
+    if (variant == 2 && __builtin_cpu_supports("avx512f"))
+        return lpu_next_due_avx512(qn, q0, nq, c, nmin);
+#endif
+    return -1;
 }
 
 #endif

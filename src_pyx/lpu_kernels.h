@@ -349,60 +349,59 @@ LPU_VNNI static void lpu_stage_f16(const uint8_t *lo, const uint8_t *hi, int L, 
     memset(x + K, 0, (size_t)(L - K) * sizeof(float));
 }
 
-/* Exact-mode float16 products of one activation row, reading the weights straight from
- * the byte planes (low bytes in row 2k, high bytes in row 2k + 1, K = L / 2 rows):
- * sd[c] = the sum over k < K of x[k] w(k, c) and ab[c] = the sum of |x[k] w(k, c)|, in
- * float64, k ascending from zero, rows with x[k] == 0 skipped: the sums lpu_mxm_f64_row
- * forms, bit for bit (each product of two binary16 values is exact in float64, so a fused
- * multiply-add rounds as its add alone).  The sums stay in registers and the weights are
- * read once, never stored as float64 (a decode step multiplies each attention install by
- * one row).  Returns 1 if any weight is an infinity or
- * a NaN (sd and ab are then unspecified). */
-LPU_VNNI static int lpu_mxm_f16_fused(const float *x, const uint8_t *arr, int L, double *sd, double *ab)
+/* Exact-mode float16 products of up to four activation rows (row r at x + r * xs), reading
+ * the weights straight from the byte planes (low bytes in row 2k, high bytes in row 2k + 1,
+ * K = L / 2 rows): out[2 r L + c] = the sum over k < K of x_r[k] w(k, c) and
+ * out[2 r L + L + c] = the sum of |x_r[k] w(k, c)|, in float64, k ascending from zero: the
+ * sums lpu_mxm_f64_row forms, bit for bit.  Each product of two binary16 values is exact in
+ * float64, so a fused multiply-add rounds as its add alone; a zero product (a zero weight or
+ * activation) leaves a sum as it was, since a sum that starts at +0 is never -0 (so skipping
+ * zero weights or rows changes nothing).  Sixteen columns at a time with the rows' sums in
+ * registers; each weight is converted once for the rows, never stored as float64.  Returns 1
+ * if any weight is an infinity or a NaN (out is then unspecified). */
+LPU_VNNI static int lpu_mxm_f16_fused(const float *x, int64_t xs, int nrows, const uint8_t *arr, int L,
+                                      double *out)
 {
     int K = L / 2;
     const __m256i expo = _mm256_set1_epi16(0x7C00);
     __m256i bad = _mm256_setzero_si256();
-    /* 64 columns at a time: sixteen independent sums, so the multiply-adds of one k do not
-     * wait on each other's latency (each column's sum still takes its k in order) */
-    for (int c0 = 0; c0 < L; c0 += 64) {
+    for (int c = 0; c < L; c += 16) {
+        int nc = L - c;
+        __mmask16 m = nc >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << nc) - 1u);
         __m512d acc[16];
-        __mmask16 m[4];
-        for (int b = 0; b < 4; b++) {
-            int nc = L - c0 - 16 * b;
-            m[b] = nc >= 16 ? (__mmask16)0xFFFF : nc <= 0 ? (__mmask16)0 : (__mmask16)((1u << nc) - 1u);
-        }
         for (int i = 0; i < 16; i++)
             acc[i] = _mm512_setzero_pd();
         for (int k = 0; k < K; k++) {
-            const uint8_t *lo = arr + (int64_t)(2 * k) * L + c0;
-            __m256i h16[4];
+            const uint8_t *lo = arr + (int64_t)(2 * k) * L + c;
+            __m256i w16 = _mm256_or_si256(_mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, lo + L)), 8),
+                                          _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m, lo)));
+            bad = _mm256_or_si256(bad, _mm256_cmpeq_epi16(_mm256_and_si256(w16, expo), expo));
+            if (_mm256_testz_si256(w16, w16))
+                continue;                   /* sixteen +0 weights (a -0 is not skipped: harmless) */
+            __m512 w = _mm512_cvtph_ps(w16);
+            __m512d w0 = _mm512_cvtps_pd(_mm512_castps512_ps256(w));
+            __m512d w1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
+            __m512d aw0 = _mm512_abs_pd(w0), aw1 = _mm512_abs_pd(w1);
 #pragma GCC unroll 4
-            for (int b = 0; b < 4; b++) {
-                h16[b] = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m[b], lo + L + 16 * b)), 8);
-                bad = _mm256_or_si256(bad, _mm256_cmpeq_epi16(_mm256_and_si256(h16[b], expo), expo));
-            }
-            if (x[k] == 0.0f)
-                continue;
-            __m512d xv = _mm512_set1_pd((double)x[k]), xa = _mm512_set1_pd(fabs((double)x[k]));
-#pragma GCC unroll 4
-            for (int b = 0; b < 4; b++) {
-                __m256i w16 = _mm256_or_si256(h16[b], _mm256_cvtepu8_epi16(_mm_maskz_loadu_epi8(m[b], lo + 16 * b)));
-                __m512 w = _mm512_cvtph_ps(w16);
-                __m512d w0 = _mm512_cvtps_pd(_mm512_castps512_ps256(w));
-                __m512d w1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w), 1)));
-                acc[4 * b] = _mm512_fmadd_pd(xv, w0, acc[4 * b]);
-                acc[4 * b + 1] = _mm512_fmadd_pd(xv, w1, acc[4 * b + 1]);
-                acc[4 * b + 2] = _mm512_fmadd_pd(xa, _mm512_abs_pd(w0), acc[4 * b + 2]);
-                acc[4 * b + 3] = _mm512_fmadd_pd(xa, _mm512_abs_pd(w1), acc[4 * b + 3]);
+            for (int r = 0; r < 4; r++) {
+                if (r >= nrows)
+                    break;
+                float xk = x[r * xs + k];
+                if (xk == 0.0f)
+                    continue;
+                __m512d xv = _mm512_set1_pd((double)xk), xa = _mm512_set1_pd(fabs((double)xk));
+                acc[4 * r] = _mm512_fmadd_pd(xv, w0, acc[4 * r]);
+                acc[4 * r + 1] = _mm512_fmadd_pd(xv, w1, acc[4 * r + 1]);
+                acc[4 * r + 2] = _mm512_fmadd_pd(xa, aw0, acc[4 * r + 2]);
+                acc[4 * r + 3] = _mm512_fmadd_pd(xa, aw1, acc[4 * r + 3]);
             }
         }
-        for (int b = 0; b < 4; b++) {
-            int c = c0 + 16 * b;
-            _mm512_mask_storeu_pd(sd + c, (__mmask8)(m[b] & 0xFF), acc[4 * b]);
-            _mm512_mask_storeu_pd(sd + c + 8, (__mmask8)(m[b] >> 8), acc[4 * b + 1]);
-            _mm512_mask_storeu_pd(ab + c, (__mmask8)(m[b] & 0xFF), acc[4 * b + 2]);
-            _mm512_mask_storeu_pd(ab + c + 8, (__mmask8)(m[b] >> 8), acc[4 * b + 3]);
+        for (int r = 0; r < nrows && r < 4; r++) {
+            double *sd = out + (int64_t)(2 * r) * L + c, *ab = sd + L;
+            _mm512_mask_storeu_pd(sd, (__mmask8)(m & 0xFF), acc[4 * r]);
+            _mm512_mask_storeu_pd(sd + 8, (__mmask8)(m >> 8), acc[4 * r + 1]);
+            _mm512_mask_storeu_pd(ab, (__mmask8)(m & 0xFF), acc[4 * r + 2]);
+            _mm512_mask_storeu_pd(ab + 8, (__mmask8)(m >> 8), acc[4 * r + 3]);
         }
     }
     return !_mm256_testz_si256(bad, bad);
@@ -529,8 +528,8 @@ static int lpu_f16w_to_f32(const uint8_t *arr, int L, float *wf, int *kmax, int 
 { (void)arr; (void)L; (void)wf; *kmax = 0; *cmax = 0; return 1; }
 static int lpu_f32_special(const float *x, int64_t xs, int n, int K) { (void)x; (void)xs; (void)n; (void)K; return 1; }
 static void lpu_stage_f16(const uint8_t *lo, const uint8_t *hi, int L, float *x) { (void)lo; (void)hi; (void)L; (void)x; }
-static int lpu_mxm_f16_fused(const float *x, const uint8_t *arr, int L, double *sd, double *ab)
-{ (void)x; (void)arr; (void)L; (void)sd; (void)ab; return 1; }
+static int lpu_mxm_f16_fused(const float *x, int64_t xs, int nrows, const uint8_t *arr, int L, double *out)
+{ (void)x; (void)xs; (void)nrows; (void)arr; (void)L; (void)out; return 1; }
 static void lpu_f32_rows(const float *x, int64_t xs, int nrows, const float *wf, int K, int L, int ncols,
                          float *const *orow)
 { (void)x; (void)xs; (void)nrows; (void)wf; (void)K; (void)L; (void)ncols; (void)orow; }
