@@ -271,7 +271,8 @@ cdef class BulkUnit(Unit):
         for k in ("rd_row", "rd_row2", "rd_nrd", "rd_run"):
             a[k] = np.zeros(n + 1, dtype=np.int32)
         a["rd_runlw"] = np.zeros(n + 1 + longest, dtype=np.int64)     # + scratch for plan_runs
-        a["rd_go"] = np.zeros((n + 1) * GO_W, dtype=np.int64)
+        a["rd_gohead"] = np.zeros((n + 1) * GH_W, dtype=np.int64)
+        a["rd_gomem"] = np.zeros((n + 1) * GM_W, dtype=np.int32)
         self.marker_arrays(s, False)
         s.bulk_plan = 0
         s.bulk_go = 0
@@ -294,7 +295,8 @@ cdef class BulkUnit(Unit):
         s.rd_lwsafe = _p_i64(a["rd_lwsafe"])
         s.rd_run = _p_i32(a["rd_run"])
         s.rd_runlw = _p_i64(a["rd_runlw"])
-        s.rd_go = _p_i64(a["rd_go"])
+        s.rd_gohead = _p_i64(a["rd_gohead"])
+        s.rd_gomem = _p_i32(a["rd_gomem"])
         s.pool_rid = _p_i64(a["pool_rid"])
         s.bk_lastlw = _p_i64(a["bk_lastlw"])
         s.bk_lastw = _p_i64(a["bk_lastw"])
@@ -355,11 +357,7 @@ cdef class BulkUnit(Unit):
         plan_runs(s, np.ascontiguousarray(code, dtype=np.int32), np.asarray(qstart, dtype=np.int64))
         a = self.a
         n = a["rd_run"].shape[0]
-        go = a["rd_go"].reshape(n, GO_W)
-        for i, k in ((GO_RUN, "rd_run"), (GO_CYCLE, "rd_cycle"), (GO_LWC, "rd_lwc"), (GO_SRC, "rd_src"),
-                     (GO_ROW, "rd_row"), (GO_LWC2, "rd_lwc2"), (GO_ROW2, "rd_row2")):
-            go[:, i] = a[k]
-        go[:, GO_RUNLW] = a["rd_runlw"][:n]
+        fits = self.pack_plan(n)
         rd = a["rd_cycle"] >= 0
         lw = rd & (a["rd_lwc"] >= 0)
         late = (a["rd_safe"] > a["rd_cycle"]) | (a["rd_lwsafe"] > a["rd_cycle"])
@@ -369,13 +367,36 @@ cdef class BulkUnit(Unit):
                        "three_lws": int(np.count_nonzero(rd & (a["rd_lwc"] == -2))),
                        "unsafe": int(np.count_nonzero(lw & (a["rd_nrd"] == 0) & late)),
                        "no_lw": int(np.count_nonzero(rd & (a["rd_lwc"] == -1) & (a["rd_nrd"] == 0)))}
-        s.bulk_plan = 1 if self.report["bulk"] else 0
+        s.bulk_plan = 1 if self.report["bulk"] and fits else 0
         if s.bulk_plan:
             self.marker_arrays(s, True)
             self.bind(s)
         else:
             self.tries = 2          # nothing to issue in bulk: do not record again
         return 0
+
+    cdef bint pack_plan(self, int64_t n) except -1:
+        """The plan's entries as bulk_run reads them (rd_gohead, rd_gomem); False if a planned Read's
+        SRAM row or LW distance does not fit in 32 bits (then nothing is issued in bulk)."""
+        a = self.a
+        head = a["rd_gohead"].reshape(n, GH_W)
+        head[:, GH_RUN] = a["rd_run"]
+        head[:, GH_CYCLE] = a["rd_cycle"]
+        head[:, GH_RUNLW] = a["rd_runlw"][:n]
+        planned = a["rd_run"] != 0
+        dlw = np.where(planned, a["rd_lwc"] - a["rd_cycle"], 0)
+        dlw2 = np.where(planned & (a["rd_lwc2"] >= 0), a["rd_lwc2"] - a["rd_cycle"], -1)
+        src = np.where(planned, a["rd_src"], 0)
+        big = 1 << 31
+        if n and (dlw.max() >= big or dlw2.max() >= big or src.max() >= big):
+            return False
+        mem = a["rd_gomem"].reshape(n, GM_W)
+        mem[:, GM_SRC] = src
+        mem[:, GM_ROW] = a["rd_row"]
+        mem[:, GM_DLW] = dlw
+        mem[:, GM_ROW2] = a["rd_row2"]
+        mem[:, GM_DLW2] = dlw2
+        return True
 
     def planned(self):
         """Reads of the loaded program that can be issued in bulk (0: no plan)."""

@@ -62,28 +62,35 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
     last one's fields and effect, the queue's next issue m cycles on), tell each LW row its
     SRAM row, and return 1; else 0 (the Read issues exactly)."""
     cdef int64_t e = s.rd_off[q] + s.st_issued[q]
-    cdef int64_t src
-    cdef int64_t* go
+    cdef int64_t src, own, step
+    cdef int64_t* head
+    cdef int32_t* mem
     cdef int k
-    cdef int m, r, i
+    cdef int m, i
     cdef int g = s.q_slice[q]
+    cdef bint group
     cdef uint8_t* ptr
     if e >= s.rd_off[q + 1]:
         return 0
-    go = s.rd_go + e * GO_W
+    head = s.rd_gohead + e * GH_W
+    mem = s.rd_gomem + e * GM_W
     # the queue's next Read looks here next: fetch its entry meanwhile
-    __builtin_prefetch(go + GO_W)
-    m = <int>go[GO_RUN]
-    if m <= 0 or go[GO_CYCLE] != c or go[GO_RUNLW] >= s.bulk_until:
+    __builtin_prefetch(head + GH_W)
+    m = <int>head[GH_RUN]
+    if m <= 0 or head[GH_CYCLE] != c or head[GH_RUNLW] >= s.bulk_until:
         return 0
-    __builtin_prefetch(go + m * GO_W)
+    __builtin_prefetch(head + m * GH_W)
     # the queue's next row, m rows on (issue() fetches a few rows ahead of the ones it issues)
     __builtin_prefetch(row + (m + 1) * (1 + NFIELDS))
+    # the Reads' own cycles: a Repeat's d apart, a run of Read rows one apart (as planned)
+    group = s.qs[q * QW + Q_PC] + 1 < s.qs[q * QW + Q_END] and row[1 + NFIELDS] == OP_REPEAT
+    step = row[1 + NFIELDS + 1 + F_REPEAT_D] if group else 1
+    own = c
     for k in range(m):
-        src = go[k * GO_W + GO_SRC]
-        bulk_name(s, <int>go[k * GO_W + GO_ROW], go[k * GO_W + GO_LWC], src)
-        if go[k * GO_W + GO_LWC2] >= 0:
-            bulk_name(s, <int>go[k * GO_W + GO_ROW2], go[k * GO_W + GO_LWC2], src)
+        src = mem[GM_SRC]
+        bulk_name(s, mem[GM_ROW], own + mem[GM_DLW], src)
+        if mem[GM_DLW2] >= 0:
+            bulk_name(s, mem[GM_ROW2], own + mem[GM_DLW2], src)
         # the LW copies the row a few cycles on: start fetching it (a step's host time
         # is 10% longer without)
         ptr = s.sram + src * s.L
@@ -91,10 +98,12 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
         while i < s.L:
             __builtin_prefetch(ptr + i)
             i += 64
+        mem += GM_W
+        own += step
     s.st_issued[q] += m
     s.st_bread[g] += <int64_t>m * s.L
     s.bulk_reads += m
-    if s.qs[q * QW + Q_PC] + 1 < s.qs[q * QW + Q_END] and row[1 + NFIELDS] == OP_REPEAT:
+    if group:
         bulk_repeat(s, q, row, c)
         return 1
     effect(s, c + m - 1 + s.d_read)

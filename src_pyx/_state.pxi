@@ -29,16 +29,18 @@ cdef enum:
 cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
 
 cdef enum:
-    # the fields of a bulk-plan entry in rd_go (_bulk.pxi), one cache line's worth together
-    GO_RUN = 0        # rd_run
-    GO_CYCLE = 1      # rd_cycle
-    GO_RUNLW = 2      # rd_runlw
-    GO_LWC = 3        # rd_lwc
-    GO_SRC = 4        # rd_src
-    GO_ROW = 5        # rd_row
-    GO_LWC2 = 6       # rd_lwc2
-    GO_ROW2 = 7       # rd_row2
-    GO_W = 8
+    # what a bulk run reads of a plan entry (_bulk.pxi): where a run starts, in rd_gohead (int64)
+    GH_RUN = 0        # rd_run
+    GH_CYCLE = 1      # rd_cycle
+    GH_RUNLW = 2      # rd_runlw
+    GH_W = 3
+    # and of each of its Reads, in rd_gomem (int32: 20 bytes an entry, the plan's bulk of memory)
+    GM_SRC = 0        # rd_src
+    GM_ROW = 1        # rd_row
+    GM_DLW = 2        # rd_lwc - rd_cycle: its LW's cycle after its own
+    GM_ROW2 = 3       # rd_row2
+    GM_DLW2 = 4       # rd_lwc2 - rd_cycle, -1: no second LW
+    GM_W = 5
 
 
 cdef struct State:
@@ -245,7 +247,8 @@ cdef struct State:
     int64_t* rd_lwsafe   # first cycle its rows' markers may be set: after all but BULK_K - 1 earlier LWs (recording)
     int32_t* rd_run      # Reads of the bulk run starting here (0: none, -1: a later Read of a Repeat's run)
     int64_t* rd_runlw    # the last LW cycle of that run
-    int64_t* rd_go       # [entries * GO_W] what a bulk run reads of each entry, side by side (GO_*)
+    int64_t* rd_gohead   # [entries * GH_W] where a bulk run starts (GH_*)
+    int32_t* rd_gomem    # [entries * GM_W] what a bulk run reads of each of its Reads (GM_*)
     int64_t* pool_rid    # [D * pool_w] plan entry of the Read whose vector a pool slot holds, -1: none
     int64_t* bk_lastlw   # [NP * L * BULK_K] last BULK_K LWs into each weight row, latest first (recording)
     int64_t* bk_lastw    # [NSL] last landing cycle of a write to each slice (recording)
