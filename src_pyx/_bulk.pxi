@@ -200,6 +200,49 @@ cdef void plan_group(State* s, int64_t e, int64_t n, int64_t d) noexcept nogil:
         s.rd_run[k] = -1            # in the group: issued with it, never a start
 
 
+REPORT_KEYS = ("reads", "bulk", "read_by_others", "two_lws", "three_lws", "unsafe", "no_lw")
+cdef enum:
+    REP_N = 7
+
+
+cdef bint pack_plan(State* s, int64_t n, int64_t* counts) noexcept nogil:
+    """The planned Reads as bulk_run reads them (rd_gomem), and the recording's Reads by outcome
+    (counts, in REPORT_KEYS order); False if a planned Read's SRAM row or LW distance does not fit
+    in 32 bits (then nothing is issued in bulk).  One pass, no temporaries, and no more fresh
+    memory than rd_gomem: a first run's end is mostly the host's page faults."""
+    cdef int64_t e, dlw, dlw2
+    cdef int64_t big = <int64_t>1 << 31
+    cdef bint fits = True
+    cdef bint rd
+    cdef int32_t* mem
+    for e in range(REP_N):
+        counts[e] = 0
+    for e in range(n):
+        mem = s.rd_gomem + e * GM_W
+        rd = s.rd_cycle[e] >= 0
+        counts[0] += rd
+        if s.rd_run[e] != 0:
+            dlw = s.rd_lwc[e] - s.rd_cycle[e]
+            dlw2 = s.rd_lwc2[e] - s.rd_cycle[e] if s.rd_lwc2[e] >= 0 else -1
+            if dlw >= big or dlw2 >= big or s.rd_src[e] >= big:
+                fits = False
+            mem[GM_SRC] = <int32_t>s.rd_src[e]
+            mem[GM_ROW] = s.rd_row[e]
+            mem[GM_DLW] = <int32_t>dlw
+            mem[GM_ROW2] = s.rd_row2[e]
+            mem[GM_DLW2] = <int32_t>dlw2
+            counts[1] += 1
+            counts[3] += s.rd_lwc2[e] >= 0
+        if not rd:
+            continue
+        counts[2] += s.rd_nrd[e] > 0
+        counts[4] += s.rd_lwc[e] == -2
+        counts[5] += (s.rd_lwc[e] >= 0 and s.rd_nrd[e] == 0
+                      and (s.rd_safe[e] > s.rd_cycle[e] or s.rd_lwsafe[e] > s.rd_cycle[e]))
+        counts[6] += s.rd_lwc[e] == -1 and s.rd_nrd[e] == 0
+    return fits
+
+
 cdef inline void code_ord_store(State* s, int64_t i, int64_t v) noexcept nogil:
     s.rd_runlw[s.rd_off[s.NQ] + i] = v          # scratch past the entries (see BulkUnit.layout)
 
@@ -271,7 +314,6 @@ cdef class BulkUnit(Unit):
         for k in ("rd_row", "rd_row2", "rd_nrd", "rd_run"):
             a[k] = np.zeros(n + 1, dtype=np.int32)
         a["rd_runlw"] = np.zeros(n + 1 + longest, dtype=np.int64)     # + scratch for plan_runs
-        a["rd_gohead"] = np.zeros((n + 1) * GH_W, dtype=np.int64)
         a["rd_gomem"] = np.zeros((n + 1) * GM_W, dtype=np.int32)
         self.marker_arrays(s, False)
         s.bulk_plan = 0
@@ -295,7 +337,6 @@ cdef class BulkUnit(Unit):
         s.rd_lwsafe = _p_i64(a["rd_lwsafe"])
         s.rd_run = _p_i32(a["rd_run"])
         s.rd_runlw = _p_i64(a["rd_runlw"])
-        s.rd_gohead = _p_i64(a["rd_gohead"])
         s.rd_gomem = _p_i32(a["rd_gomem"])
         s.pool_rid = _p_i64(a["pool_rid"])
         s.bk_lastlw = _p_i64(a["bk_lastlw"])
@@ -344,6 +385,7 @@ cdef class BulkUnit(Unit):
     cdef int end(self, State* s, int rc) except -1:
         """After the run: a finished recording becomes the plan.  No bulk runs until the next
         begin(): a host simulator that calls lpu_run_until itself, in pieces, runs exactly."""
+        cdef int64_t counts[REP_N]
         s.bulk_go = 0
         if not s.bulk_rec:
             return 0
@@ -357,16 +399,8 @@ cdef class BulkUnit(Unit):
         plan_runs(s, np.ascontiguousarray(code, dtype=np.int32), np.asarray(qstart, dtype=np.int64))
         a = self.a
         n = a["rd_run"].shape[0]
-        fits = self.pack_plan(n)
-        rd = a["rd_cycle"] >= 0
-        lw = rd & (a["rd_lwc"] >= 0)
-        late = (a["rd_safe"] > a["rd_cycle"]) | (a["rd_lwsafe"] > a["rd_cycle"])
-        self.report = {"reads": int(rd.sum()), "bulk": int(np.count_nonzero(a["rd_run"])),
-                       "read_by_others": int(np.count_nonzero(rd & (a["rd_nrd"] > 0))),
-                       "two_lws": int(np.count_nonzero((a["rd_run"] != 0) & (a["rd_lwc2"] >= 0))),
-                       "three_lws": int(np.count_nonzero(rd & (a["rd_lwc"] == -2))),
-                       "unsafe": int(np.count_nonzero(lw & (a["rd_nrd"] == 0) & late)),
-                       "no_lw": int(np.count_nonzero(rd & (a["rd_lwc"] == -1) & (a["rd_nrd"] == 0)))}
+        fits = pack_plan(s, n, counts)
+        self.report = {k: int(counts[i]) for i, k in enumerate(REPORT_KEYS)}
         s.bulk_plan = 1 if self.report["bulk"] and fits else 0
         if s.bulk_plan:
             self.marker_arrays(s, True)
@@ -374,29 +408,6 @@ cdef class BulkUnit(Unit):
         else:
             self.tries = 2          # nothing to issue in bulk: do not record again
         return 0
-
-    cdef bint pack_plan(self, int64_t n) except -1:
-        """The plan's entries as bulk_run reads them (rd_gohead, rd_gomem); False if a planned Read's
-        SRAM row or LW distance does not fit in 32 bits (then nothing is issued in bulk)."""
-        a = self.a
-        head = a["rd_gohead"].reshape(n, GH_W)
-        head[:, GH_RUN] = a["rd_run"]
-        head[:, GH_CYCLE] = a["rd_cycle"]
-        head[:, GH_RUNLW] = a["rd_runlw"][:n]
-        planned = a["rd_run"] != 0
-        dlw = np.where(planned, a["rd_lwc"] - a["rd_cycle"], 0)
-        dlw2 = np.where(planned & (a["rd_lwc2"] >= 0), a["rd_lwc2"] - a["rd_cycle"], -1)
-        src = np.where(planned, a["rd_src"], 0)
-        big = 1 << 31
-        if n and (dlw.max() >= big or dlw2.max() >= big or src.max() >= big):
-            return False
-        mem = a["rd_gomem"].reshape(n, GM_W)
-        mem[:, GM_SRC] = src
-        mem[:, GM_ROW] = a["rd_row"]
-        mem[:, GM_DLW] = dlw
-        mem[:, GM_ROW2] = a["rd_row2"]
-        mem[:, GM_DLW2] = dlw2
-        return True
 
     def planned(self):
         """Reads of the loaded program that can be issued in bulk (0: no plan)."""

@@ -63,7 +63,6 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
     SRAM row, and return 1; else 0 (the Read issues exactly)."""
     cdef int64_t e = s.rd_off[q] + s.st_issued[q]
     cdef int64_t src, own, step
-    cdef int64_t* head
     cdef int32_t* mem
     cdef int k
     cdef int m, i
@@ -72,14 +71,16 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
     cdef uint8_t* ptr
     if e >= s.rd_off[q + 1]:
         return 0
-    head = s.rd_gohead + e * GH_W
     mem = s.rd_gomem + e * GM_W
     # the queue's next Read looks here next: fetch its entry meanwhile
-    __builtin_prefetch(head + GH_W)
-    m = <int>head[GH_RUN]
-    if m <= 0 or head[GH_CYCLE] != c or head[GH_RUNLW] >= s.bulk_until:
+    __builtin_prefetch(s.rd_run + e + 1)
+    __builtin_prefetch(s.rd_cycle + e + 1)
+    m = s.rd_run[e]
+    if m <= 0 or s.rd_cycle[e] != c or s.rd_runlw[e] >= s.bulk_until:
         return 0
-    __builtin_prefetch(head + m * GH_W)
+    __builtin_prefetch(s.rd_run + e + m)
+    __builtin_prefetch(s.rd_cycle + e + m)
+    __builtin_prefetch(s.rd_runlw + e + m)
     # the queue's next row, m rows on (issue() fetches a few rows ahead of the ones it issues)
     __builtin_prefetch(row + (m + 1) * (1 + NFIELDS))
     # the Reads' own cycles: a Repeat's d apart, a run of Read rows one apart (as planned)

@@ -29,12 +29,8 @@ cdef enum:
 cdef int64_t INF = 0x7FFFFFFFFFFFFFFF
 
 cdef enum:
-    # what a bulk run reads of a plan entry (_bulk.pxi): where a run starts, in rd_gohead (int64)
-    GH_RUN = 0        # rd_run
-    GH_CYCLE = 1      # rd_cycle
-    GH_RUNLW = 2      # rd_runlw
-    GH_W = 3
-    # and of each of its Reads, in rd_gomem (int32: 20 bytes an entry, the plan's bulk of memory)
+    # what a bulk run reads of each of its Reads (_bulk.pxi), in rd_gomem (int32, 20 bytes an
+    # entry; where a run starts, it reads rd_run, rd_cycle and rd_runlw)
     GM_SRC = 0        # rd_src
     GM_ROW = 1        # rd_row
     GM_DLW = 2        # rd_lwc - rd_cycle: its LW's cycle after its own
@@ -247,7 +243,6 @@ cdef struct State:
     int64_t* rd_lwsafe   # first cycle its rows' markers may be set: after all but BULK_K - 1 earlier LWs (recording)
     int32_t* rd_run      # Reads of the bulk run starting here (0: none, -1: a later Read of a Repeat's run)
     int64_t* rd_runlw    # the last LW cycle of that run
-    int64_t* rd_gohead   # [entries * GH_W] where a bulk run starts (GH_*)
     int32_t* rd_gomem    # [entries * GM_W] what a bulk run reads of each of its Reads (GM_*)
     int64_t* pool_rid    # [D * pool_w] plan entry of the Read whose vector a pool slot holds, -1: none
     int64_t* bk_lastlw   # [NP * L * BULK_K] last BULK_K LWs into each weight row, latest first (recording)
