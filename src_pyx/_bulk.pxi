@@ -117,6 +117,29 @@ cdef inline int64_t bulk_named(State* s, int r, int64_t c) noexcept nogil:
     return -1
 
 
+cdef void bulk_unwind(State* s, int64_t ce, int qe) noexcept nogil:
+    """An error stopped the run in cycle ce, raised by queue qe's issue (-1: before any queue
+    issued in ce): the Reads of bulk runs that the exact path had not issued by then (later
+    cycles; in ce, queues after qe) are taken out of the statistics again.  Issue times do not
+    depend on data, but errors can (a Gather's or Scatter's addresses come from SRAM), and a
+    run counted all its Reads when it started.  (The queue's position stays where the run left
+    it: a snapshot of a chip stopped by an error may show it ahead.)"""
+    cdef int q, k, late
+    cdef int64_t* fly
+    for q in range(s.NQ):
+        fly = s.bk_fly + q * 3
+        if fly[1] <= 0:
+            continue
+        late = 0
+        for k in range(fly[1]):
+            if fly[0] + k * fly[2] > ce or (fly[0] + k * fly[2] == ce and q > qe):
+                late += 1
+        s.st_issued[q] -= late
+        s.st_bread[s.q_slice[q]] -= <int64_t>late * s.L
+        s.bulk_reads -= late
+        fly[1] = 0
+
+
 cdef inline void bulk_row(State* s, int p, int row, int b, int64_t name, int64_t c) noexcept nogil:
     """Plane p's LW in cycle c takes weight row `row` from the SRAM row a bulk Read named
     (`name`, from bulk_named; into buffer slot b): the writes that landed by now first, as the
@@ -285,6 +308,7 @@ cdef class BulkUnit(Unit):
         """The LW rows' SRAM sources, full size while a plan exists (LW reads them only in calls
         that issue bulk runs)."""
         a = self.a
+        a["bk_fly"] = np.zeros(s.NQ * 3, dtype=np.int64)
         a["mx_bulk_T"] = np.full(s.NP * s.L * BULK_K if on else 1, -1, dtype=np.int64)
         a["mx_bulk_src"] = np.zeros(s.NP * s.L * BULK_K if on else 1, dtype=np.int64)
         return 0
@@ -343,6 +367,7 @@ cdef class BulkUnit(Unit):
         s.bk_lastw = _p_i64(a["bk_lastw"])
         s.mx_bulk_T = _p_i64(a["mx_bulk_T"])
         s.mx_bulk_src = _p_i64(a["mx_bulk_src"])
+        s.bk_fly = _p_i64(a["bk_fly"])
         return 0
 
     cdef int restart(self, State* s, object lowered) except -1:
@@ -350,12 +375,14 @@ cdef class BulkUnit(Unit):
             self.layout(s, lowered)
             self.bind(s)
         self.a["mx_bulk_T"][:] = -1
+        self.a["bk_fly"][:] = 0
         s.bulk_ok = 1
         s.bulk_rec = 0
         return 0
 
     cdef int restore(self, State* s, dict sc, dict arrays) except -1:
         self.a["mx_bulk_T"][:] = -1
+        self.a["bk_fly"][:] = 0
         s.bulk_ok = 0
         s.bulk_rec = 0
         return 0

@@ -104,6 +104,9 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
     s.st_issued[q] += m
     s.st_bread[g] += <int64_t>m * s.L
     s.bulk_reads += m
+    s.bk_fly[q * 3] = c
+    s.bk_fly[q * 3 + 1] = m
+    s.bk_fly[q * 3 + 2] = step
     if group:
         bulk_repeat(s, q, row, c)
         return 1
@@ -286,6 +289,8 @@ cdef int run_loop(State* s, int64_t until, int idle) noexcept nogil:
             for q in range(8):
                 s.err[q] = s.perr[q]
             mem_flush(s, c)
+            if s.bulk_go:
+                bulk_unwind(s, c, -1)
             return 1
         # issue, and find the next cycle with work in the same pass
         nmin = INF
@@ -302,6 +307,8 @@ cdef int run_loop(State* s, int64_t until, int idle) noexcept nogil:
             if rc:
                 # leave SRAM as the reference engine does: writes landing by c applied
                 mem_flush(s, c)
+                if s.bulk_go:
+                    bulk_unwind(s, c, q)
                 return rc
             if s.qn[q] < nmin:
                 nmin = s.qn[q]
