@@ -116,12 +116,20 @@ def test_float16_batches_under_every_kernel_match_the_reference_engine(kernel):
     M, K, N = 24, 100, 70
     A = (r.standard_normal((M, K)) * 2).astype(np.float16)
     B = (r.standard_normal((K, N)) * 2).astype(np.float16)
-    g = gemm_program(M, K, N, "float16", "float32", config=SMALL)
+    f16_matches_the_reference_engine(A, B, kernel, SMALL)
+
+
+def f16_matches_the_reference_engine(A, B, kernel, cfg):
+    """A float16 GEMM of A and B with float32 results on the reference engine and on the fast one with
+    `kernel` forced: the same bits and statistics.  Returns the fast chip."""
+    (M, K), N = A.shape, B.shape[1]
+    g = gemm_program(M, K, N, "float16", "float32", config=cfg)
     want, st_ref = g.run(A, B, engine="reference")
-    chip = forced(kernel)("fast", SMALL)
+    chip = forced(kernel)("fast", cfg)
     got, st_fast = g.run(A, B, chip=chip)
     assert st_ref.to_dict() == st_fast.to_dict()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    return chip
 
 
 def f16_operands(kind, M, K, N, r):
@@ -147,18 +155,12 @@ def f16_operands(kind, M, K, N, r):
 @pytest.mark.parametrize("lanes", [None, (3, 6), (1, 10)])
 def test_small_float16_batches_under_every_kernel_match_the_reference_engine(kernel, kind, lanes):
     """Batches of a few rows are multiplied in the cycle loop (AVX-512: the weights read from the byte
-    planes row by row; otherwise converted once per install): the reference engine's bits either way,
-    also on lane counts that leave a partial block of 16 columns."""
+    planes, four rows a pass; otherwise converted once per install): the reference engine's bits either
+    way, also on lane counts that leave a partial block of 16 columns."""
     cfg = SMALL if lanes is None else odd_config(*lanes)
     r = np.random.default_rng(11)
-    M, K, N = 3, min(100, cfg.lanes // 2), min(70, cfg.lanes)
-    A, B = f16_operands(kind, M, K, N, r)
-    g = gemm_program(M, K, N, "float16", "float32", config=cfg)
-    want, st_ref = g.run(A, B, engine="reference")
-    chip = forced(kernel)("fast", cfg)
-    got, st_fast = g.run(A, B, chip=chip)
-    assert st_ref.to_dict() == st_fast.to_dict()
-    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    A, B = f16_operands(kind, 3, min(100, cfg.lanes // 2), min(70, cfg.lanes), r)
+    chip = f16_matches_the_reference_engine(A, B, kernel, cfg)
     assert chip.host_time["mxm_small_batches"] > 0 or kind == "inf"
 
 
