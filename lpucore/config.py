@@ -339,7 +339,7 @@ class ChipConfig:
         RL = max(self.vxm_alu_delay, self.vxm_convert_delay, self.vxm_transcendental_delay) + 1
         mem = (self.mem_slices * (RW * (9 + 4 * self.superlanes + L) + 16)
                + self.vxm_alus_per_lane * (L * 4 + RL * (8 + 4 * L) + 1))
-        queues = NQ * (1024 + 24)                   # engine rows and Python objects (QueueInfo, QueueState), bulk runs
+        queues = NQ * (1024 + 8)                    # engine rows and Python objects (QueueInfo, QueueState), bulk runs
         c2c = self.c2c_links * (16 * (L + 8) + 64) + 64 * (L + 24)
         return {"streams": streams, "mxm": mxm, "mem": mem, "queues": queues, "c2c": c2c}
 

@@ -122,22 +122,30 @@ cdef void bulk_unwind(State* s, int64_t ce, int qe) noexcept nogil:
     issued in ce): the Reads of bulk runs that the exact path had not issued by then (later
     cycles; in ce, queues after qe) are taken out of the statistics again.  Issue times do not
     depend on data, but errors can (a Gather's or Scatter's addresses come from SRAM), and a
-    run counted all its Reads when it started.  (The queue's position stays where the run left
-    it: a snapshot of a chip stopped by an error may show it ahead.)"""
-    cdef int q, k, late
-    cdef int64_t* fly
+    run counted all its Reads when it started.  Each queue's last run is its plan entry in
+    bk_fly; its Reads' cycles are the recorded ones.  (The queue's position stays where the
+    run left it: a snapshot of a chip stopped by an error may show it ahead.)"""
+    cdef int q, late
+    cdef int64_t e, k
     for q in range(s.NQ):
-        fly = s.bk_fly + q * 3
-        if fly[1] <= 0:
+        e = s.bk_fly[q]
+        if e < 0:
             continue
         late = 0
-        for k in range(fly[1]):
-            if fly[0] + k * fly[2] > ce or (fly[0] + k * fly[2] == ce and q > qe):
+        for k in range(e, e + s.rd_run[e]):
+            if s.rd_cycle[k] > ce or (s.rd_cycle[k] == ce and q > qe):
                 late += 1
         s.st_issued[q] -= late
         s.st_bread[s.q_slice[q]] -= <int64_t>late * s.L
         s.bulk_reads -= late
-        fly[1] = 0
+        s.bk_fly[q] = -1
+
+
+cdef inline bint read_late(State* s, int64_t e, int64_t c0) noexcept nogil:
+    """Recording: Read e cannot be issued in a run starting in cycle c0: a write lands in its
+    slice between its own cycle and its LW's, or more than BULK_K - 1 earlier LWs into its
+    rows come after c0."""
+    return s.rd_safe[e] > s.rd_cycle[e] or s.rd_lwsafe[e] > c0
 
 
 cdef inline void bulk_row(State* s, int p, int row, int b, int64_t name, int64_t c) noexcept nogil:
@@ -185,7 +193,7 @@ cdef int plan_runs(State* s, const int32_t[:, ::1] code, const int64_t[::1] qsta
                 nxt = -1            # a Repeat's group stands alone
                 continue
             if (code[row, 0] != OP_READ or s.rd_cycle[e] < 0 or s.rd_lwc[e] < 0 or s.rd_nrd[e] != 0
-                    or s.rd_safe[e] > s.rd_cycle[e] or s.rd_lwsafe[e] > s.rd_cycle[e]):
+                    or read_late(s, e, s.rd_cycle[e])):
                 nxt = -1
                 continue
             ln, lw, safe = 1, s.rd_lwc[e], s.rd_lwsafe[e]
@@ -211,7 +219,7 @@ cdef void plan_group(State* s, int64_t e, int64_t n, int64_t d) noexcept nogil:
     cdef int64_t c0 = s.rd_cycle[e]
     for k in range(e, e + n + 1):
         if (s.rd_cycle[k] != c0 + (k - e) * d or c0 < 0 or s.rd_lwc[k] < 0 or s.rd_nrd[k] != 0
-                or s.rd_safe[k] > s.rd_cycle[k] or s.rd_lwsafe[k] > c0):
+                or read_late(s, k, c0)):
             return
         if s.rd_lwc[k] > lw:
             lw = s.rd_lwc[k]
@@ -260,8 +268,7 @@ cdef bint pack_plan(State* s, int64_t n, int64_t* counts) noexcept nogil:
             continue
         counts[2] += s.rd_nrd[e] > 0
         counts[4] += s.rd_lwc[e] == -2
-        counts[5] += (s.rd_lwc[e] >= 0 and s.rd_nrd[e] == 0
-                      and (s.rd_safe[e] > s.rd_cycle[e] or s.rd_lwsafe[e] > s.rd_cycle[e]))
+        counts[5] += s.rd_lwc[e] >= 0 and s.rd_nrd[e] == 0 and read_late(s, e, s.rd_cycle[e])
         counts[6] += s.rd_lwc[e] == -1 and s.rd_nrd[e] == 0
     return fits
 
@@ -308,7 +315,7 @@ cdef class BulkUnit(Unit):
         """The LW rows' SRAM sources, full size while a plan exists (LW reads them only in calls
         that issue bulk runs)."""
         a = self.a
-        a["bk_fly"] = np.zeros(s.NQ * 3, dtype=np.int64)
+        a["bk_fly"] = np.full(s.NQ, -1, dtype=np.int64)
         a["mx_bulk_T"] = np.full(s.NP * s.L * BULK_K if on else 1, -1, dtype=np.int64)
         a["mx_bulk_src"] = np.zeros(s.NP * s.L * BULK_K if on else 1, dtype=np.int64)
         return 0
@@ -375,14 +382,14 @@ cdef class BulkUnit(Unit):
             self.layout(s, lowered)
             self.bind(s)
         self.a["mx_bulk_T"][:] = -1
-        self.a["bk_fly"][:] = 0
+        self.a["bk_fly"][:] = -1
         s.bulk_ok = 1
         s.bulk_rec = 0
         return 0
 
     cdef int restore(self, State* s, dict sc, dict arrays) except -1:
         self.a["mx_bulk_T"][:] = -1
-        self.a["bk_fly"][:] = 0
+        self.a["bk_fly"][:] = -1
         s.bulk_ok = 0
         s.bulk_rec = 0
         return 0

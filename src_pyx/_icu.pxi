@@ -104,9 +104,7 @@ cdef inline int bulk_run(State* s, int q, int32_t* row, int64_t c) noexcept nogi
     s.st_issued[q] += m
     s.st_bread[g] += <int64_t>m * s.L
     s.bulk_reads += m
-    s.bk_fly[q * 3] = c
-    s.bk_fly[q * 3 + 1] = m
-    s.bk_fly[q * 3 + 2] = step
+    s.bk_fly[q] = e
     if group:
         bulk_repeat(s, q, row, c)
         return 1

@@ -428,16 +428,17 @@ cdef inline int mxm_multiply_small(State* s, int p) noexcept nogil:
         # dense batches convert the weights to float64 once per install (cached);
         # sparse ones (one-hot rows) read the few weight rows they touch directly;
         # with AVX-512 every row reads the byte planes itself (lpu_mxm_f16_fused)
-        if s.simd != KERNEL_AVX512 and (s.mx_wchk[p] != s.mx_ver[p] or (nnz > K and not s.mx_wconv[p])):
-            if nnz > K:
-                s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_weights(arr, L, _H2F, wd)
-                s.mx_wconv[p] = 1
-            else:
-                s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_special(arr, L)
-                s.mx_wconv[p] = 0
-            s.mx_wchk[p] = s.mx_ver[p]
-        if s.simd != KERNEL_AVX512 and s.mx_wbad[p]:
-            return 1
+        if s.simd != KERNEL_AVX512:
+            if s.mx_wchk[p] != s.mx_ver[p] or (nnz > K and not s.mx_wconv[p]):
+                if nnz > K:
+                    s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_weights(arr, L, _H2F, wd)
+                    s.mx_wconv[p] = 1
+                else:
+                    s.mx_wbad[p] = <uint8_t>lpu_mxm_f16_special(arr, L)
+                    s.mx_wconv[p] = 0
+                s.mx_wchk[p] = s.mx_ver[p]
+            if s.mx_wbad[p]:
+                return 1
     if dtc == DT_INT8 and s.mx_wpver[p] != s.mx_ver[p]:
         # the weights transposed to int16 (portable kernel; in mx_wp, as no other kernel runs)
         lpu_mxm_i8_transpose(<int8_t*>arr, L, L, wt)

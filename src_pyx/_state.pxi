@@ -249,7 +249,7 @@ cdef struct State:
     int64_t* bk_lastw    # [NSL] last landing cycle of a write to each slice (recording)
     int64_t* mx_bulk_T   # [NP * L * BULK_K] cycles of the LWs that take a row from SRAM, -1: none
     int64_t* mx_bulk_src  # [NP * L * BULK_K] their rows: slice * A + address
-    int64_t* bk_fly      # [NQ * 3] each MEM queue's last bulk run: first cycle, Reads, cycles apart
+    int64_t* bk_fly      # [NQ] each MEM queue's last bulk run: its first plan entry, -1: none
     # statistics
     int64_t* st_issued
     int64_t* st_icu
