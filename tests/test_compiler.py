@@ -560,6 +560,59 @@ def test_weights_are_tiled_one_member_per_plane():
     assert all(not (a & b) for i, a in enumerate(slices) for b in slices[i + 1:])     # each on its own slices
 
 
+def test_the_largest_weights_are_placed_first_each_member_on_full_stripes():
+    """Matmul weights are placed before the other constants, the largest first: a product's members
+    then find slices of their own (the planes load them in the same cycles) before smaller tensors
+    fragment the space; on a slice two weights share, the larger lies below. A tiled weight's stripes
+    (the rows one LW cycle takes) are those of its narrowest piece."""
+    rng = np.random.default_rng(0)
+    g = Graph()
+    x = g.input("x", (2, 128), "int8")
+    small = [g.constant(f"w{i}", rng.integers(-5, 5, (128, 16 * SMALL.lanes)).astype(np.int8)) for i in range(8)]
+    big = g.constant("big", rng.integers(-5, 5, (128, 64 * SMALL.lanes)).astype(np.int8))
+    for i, w in enumerate(small + [big]):
+        g.output(f"y{i}", g.matmul(x, w))
+    c = lpucore.compile(g, SMALL)
+    tensors = c.program.tensors
+
+    def stripes(name):
+        return dict(tensors[name].locations(0, SMALL.lanes))       # slice -> first address of its stripe
+    big_members = [stripes(m) for m, _ in c.tiles["big"]]
+    assert all(len(m) == SMALL.mxm_lw_streams for m in big_members)
+    assert all(not (set(a) & set(b)) for i, a in enumerate(big_members) for b in big_members[i + 1:])
+    lowest = {s: a for m in big_members for s, a in m.items()}
+    for i in range(8):
+        for m, _ in c.tiles[f"w{i}"]:
+            assert all(a > lowest[s] for s, a in stripes(m).items() if s in lowest)
+
+
+def test_a_tiled_weight_loads_as_many_rows_a_cycle_as_its_narrowest_piece_has_stripes():
+    from lpucore import dtypes as dt
+    from lpucore.compiler.memory import VT, TiledVT
+
+    def vt(name, n):
+        return VT(name, dt.get("int8"), 64, 64, 1, 0, [list(range(n))], [[1] * n], [[0] * n], kind="const")
+    tiled = TiledVT("w", [vt("w@0", 8), vt("w@1", 8)], 3 * 64, 64, [(2, 0, 64, vt("w@k2.0", 5), 0)])
+    assert tiled.stripes == 5
+
+
+def test_a_last_partial_chunk_loaded_after_another_skips_the_buffers_zero_rows():
+    """An int8 product whose K ends in a partial chunk: a plane's weight buffer keeps the zeros a
+    partial chunk's load put past its rows, so the next tile on that plane takes its partial chunk
+    first and loads only its rows (3 LW cycles for 20 rows at 8 a cycle, not 8); integer sums do not
+    depend on the order. Both engines give NumPy's product in the predicted cycles."""
+    from test_conv import _lw_cycles_per_install
+    K, N = 2 * SMALL.lanes + 20, 12 * SMALL.lanes
+    X, W = values((2, K), np.int8, 5), values((K, N), np.int8, 6)
+    g = Graph("gemv")
+    g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
+    out, c = run_graph(g, {"x": X})
+    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
+    full, short = SMALL.mxm_size // SMALL.mxm_lw_streams, -(-20 // SMALL.mxm_lw_streams)
+    for q in ("MXM.W0.LW", "MXM.E1.LW"):
+        assert _lw_cycles_per_install(c, q)[:6] == [full, full, full, short, full, full]
+
+
 @pytest.mark.parametrize("superlanes", [3, 5, 7])
 def test_lane_reductions_over_any_lane_count_are_exact(superlanes):
     """The all-reduce's radices multiply to exactly the lane count (48, 80 and 112 lanes: radices

@@ -1254,6 +1254,7 @@ class _Geo:
         self.Mb = max(1, min(cfg.mxm_accumulators // 2, 256))       # rows of a block (accumulator half)
         self.half = cfg.mxm_accumulators // 2
         self.code = dt.get("float16" if self.fp16 else "int8").code
+        self.size = cfg.mxm_size                                   # byte-rows of a weight buffer
 
     def wrow(self, kc: int, nt: int, j: int):
         """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; past the
@@ -1449,6 +1450,22 @@ def _rows_split_pays(geo: _Geo, k: int, per: int) -> bool:
     return k > 1 and _tile_cycles(geo, -(-M // k), -(-k // per)) < _tile_cycles(geo, M)
 
 
+def _chunk_order(geo: _Geo, runs: Sequence[_Run], k0: int, k1: int) -> List[int]:
+    """The order in which the runs' planes take chunks k0..k1-1 of K: in turn, but a last chunk with fewer
+    rows than the buffer first when every plane's buffer is zero past them (the previous load was such a
+    chunk): its load then skips the zero rows (:func:`_load`), and the next tile's last chunk, after this
+    tile's full ones, loads them. Integer sums do not depend on the order; a convolution's taps keep
+    theirs (the first chunk with products replaces the accumulator)."""
+    order = list(range(k0, k1))
+    last = k1 - 1
+    if geo.mm.taps is not None or geo.fp16 or k1 != geo.nK or len(order) < 2:
+        return order
+    valid = geo.valid_rows(last)
+    if valid < geo.size and all(r.st.zero_from is not None and r.st.zero_from <= valid for r in runs):
+        return [last] + order[:-1]
+    return order
+
+
 def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: int) -> int:
     """Load chunk kc of tile nt into the weight buffers of the runs' planes (one hemisphere: the same
     reads feed them all) and install it (IW timed to take effect after each plane's last product with
@@ -1456,12 +1473,10 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     cfg = ctx.cfg
     d_iw, ws = cfg.mxm_install_delay, geo.ws
     valid = geo.valid_rows(kc)
-    size = cfg.mxm_size
-    if geo.mm.taps is not None:
-        # a convolution's taps fill the same first rows of every chunk: the buffer keeps its rows between
-        # loads (IW installs a copy), so past the rows the last load left zero only the weights are loaded
-        zero = [r.st.zero_from for r in runs]
-        size = max(valid, max(size if z is None else z for z in zero))
+    # the buffer keeps its rows between loads (IW installs a copy), so past the rows the last load left
+    # zero only the weights are loaded (a convolution's taps fill the same first rows of every chunk; a
+    # product's last, partial chunk of K loaded right after another's)
+    size = max(valid, max(cfg.mxm_size if r.st.zero_from is None else r.st.zero_from for r in runs))
     Lw = -(-size // ws)
     lead = runs[0]
     # the LWs as soon as the buffer is free; the IW once every plane's last product with the weights it
@@ -1615,9 +1630,10 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
             by_hem: Dict[int, list] = {}
             for item in zip(blocks, banks):
                 by_hem.setdefault(item[0][0].hem, []).append(item)
-            firsts = {m: geo.first_chunk(m, k0) for r, b0, b1 in blocks for m in range(b0, b1)}
+            order = _chunk_order(geo, [r for r, _, _ in blocks], k0, k1)
+            firsts = {m: geo.first_chunk(m, order[0]) for r, b0, b1 in blocks for m in range(b0, b1)}
             fresh = {r.p: True for r, _, _ in blocks}
-            for kc in range(k0, k1):
+            for kc in order:
                 for group in by_hem.values():
                     rows = {r.p: [(m, firsts[m] == kc) for m in range(b0, b1) if geo.a_vec(m, kc) is not None]
                             for (r, b0, b1), _ in group}

@@ -337,7 +337,7 @@ class Compiler:
         return self.hem
 
     def new_vt(self, name, d, shape, kind="temp", cols=None, avoid=(), stripes=8, hem=None, strict=False,
-               pow2=False, spare=0, stripe_divides=0) -> VT:
+               pow2=False, spare=0, stripe_divides=0, min_stripes=1) -> VT:
         """Place a tensor (see memory.place); ``strict``: in hemisphere ``hem`` or nowhere; ``pow2``:
         striped over a power of two of slices with ``spare`` addresses after each stripe (a target of MEM
         ``Scatter``), dividing ``stripe_divides`` when given (blocks of rows: :mod:`.blocks`)."""
@@ -357,7 +357,8 @@ class Compiler:
             # a pipeline stage hands its output over as soon as it is written (compiler.pipeline.hand_over)
             avoid = tuple(avoid) + tuple(self.written_in_place)
         try:
-            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare, stripe_divides)
+            vt = self._place(name, d, rows, c, kind, avoid, stripes, hem, strict, pow2, spare, stripe_divides,
+                             min_stripes)
         except CompileError:
             # no room where the producer would like it: the space reserved for the output
             if reserved is None or (reserved.dtype, reserved.rows, reserved.cols) != (d, rows, c):
@@ -403,17 +404,18 @@ class Compiler:
                   [[0] * len(b) for b in pv.bases], kind, spare=spare)
 
     def _place(self, name, d, rows, c, kind, avoid, stripes, hem, strict=False, pow2=False, spare=0,
-               stripe_divides=0) -> VT:
+               stripe_divides=0, min_stripes=1) -> VT:
         """Place a tensor away from the slices in avoid if there is room, else anywhere."""
         try:
             return place(self.mem, name, d, rows, c, self.L, self.next_hem() if hem is None else hem, kind=kind,
                          avoid=tuple(avoid), stripes=stripes, strict=strict, pow2=pow2, spare=spare,
-                         stripe_divides=stripe_divides)
+                         stripe_divides=stripe_divides, min_stripes=min_stripes)
         except CompileError:
             if not avoid:
                 raise
             return place(self.mem, name, d, rows, c, self.L, hem if strict else self.hem, kind=kind,
-                         stripes=stripes, strict=strict, pow2=pow2, spare=spare, stripe_divides=stripe_divides)
+                         stripes=stripes, strict=strict, pow2=pow2, spare=spare, stripe_divides=stripe_divides,
+                         min_stripes=min_stripes)
 
     def place_gather_tables(self) -> None:
         """Constants read only as gathered tables, by few indices, kept for MEM Gather
@@ -444,6 +446,18 @@ class Compiler:
         self.constants[name] = np.ascontiguousarray(arr2d)
         return vt
 
+    def _weight_piece(self, name: str, d: dt.DType, shape: Tuple[int, int], stripes: int, hem: int,
+                      avoid: Set[int]) -> VT:
+        """A piece of a weight one plane loads (a tiled weight's member or a run of rows): in hemisphere
+        ``hem`` on all ``stripes`` slices (the rows of one LW cycle), clear of ``avoid`` (the slices the
+        other planes load from at the same time: two stripes on one slice share its one read a cycle);
+        where that finds no room, on the avoided slices too, and failing that as any tensor is placed."""
+        try:
+            return self.new_vt(name, d, shape, kind="const", stripes=stripes, hem=hem, strict=True, avoid=avoid,
+                               min_stripes=stripes)
+        except CompileError:
+            return self.new_vt(name, d, shape, kind="const", stripes=stripes, hem=hem)
+
     def weight_vt(self, name: str, arr2d: np.ndarray, split: Optional[List[Tuple[int, int, int, int]]] = None) -> VT:
         """A constant the MXM loads as weights: one row per slice in each LW cycle (int8: 16 slices;
         float16: 8 slices of two byte planes), and with several column tiles, one member tensor per
@@ -459,10 +473,12 @@ class Compiler:
         G = min(self.cfg.mxm_planes, whole)
         if G == 1 and not split:
             return self.const_vt(name, arr2d, stripes=stripes)
-        members, parts = [], []
+        members: List[VT] = []
+        parts = []
         for j in range(G):
             cols = np.concatenate([np.arange(c * self.L, min((c + 1) * self.L, N)) for c in range(j, whole, G)])
-            members.append(self.new_vt(f"{name}@{j}", d, (K, len(cols)), kind="const", stripes=stripes))
+            members.append(self._weight_piece(f"{name}@{j}", d, (K, len(cols)), stripes, self.next_hem(),
+                                              self.slices_of(*members)))
             parts.append((f"{name}@{j}", cols))
         self.constants[name] = np.ascontiguousarray(arr2d)
         self.tiles[name] = parts
@@ -472,8 +488,8 @@ class Compiler:
             # beside member j, clear of the slices the other planes read at the same time
             others = self.slices_of(*[m for i, m in enumerate(members) if i != j % G],
                                     *[pv for _, _, _, pv, i in runs if i != j])
-            pv = self.new_vt(f"{name}@k{nt}.{k0}", d, (r1 - r0, c1 - c0), kind="const", stripes=stripes,
-                             hem=members[j % G].hem, avoid=others)
+            pv = self._weight_piece(f"{name}@k{nt}.{k0}", d, (r1 - r0, c1 - c0), stripes, members[j % G].hem,
+                                    others)
             runs.append((nt, r0, r1, pv, j))
             self.row_parts.setdefault(name, []).append((pv.name, r0, r1, c0, c1))
         return TiledVT(name, members, N, self.L, runs)
@@ -712,7 +728,12 @@ class Compiler:
         every lane, matmul weights striped for LW, the rest as plain vectors."""
         g = self.g
         weight_ids = {_weight_of(n) for n in g.nodes}
-        for tid, arr in g.constants.items():
+        # matmul weights first, the largest first: each plane's share of a product's weights wants slices
+        # of its own (two stripes on a slice share its one read a cycle), which the space left by many
+        # smaller tensors seldom has for the largest ones (a model's head)
+        order = sorted(g.constants.items(),
+                       key=lambda kv: (kv[0] not in weight_ids, -kv[1].nbytes if kv[0] in weight_ids else 0))
+        for tid, arr in order:
             if tid in self.vts:
                 continue
             # a one-element constant read only by elementwise operations becomes an

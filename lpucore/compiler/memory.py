@@ -211,7 +211,9 @@ class TiledVT(VT):
         self.members = members
         self.parts = list(parts)
         self.whole = self.chunks - len({nt for nt, _, _, _, _ in self.parts})    # tiles the members hold
-        self._ns = m0.stripes                  # rows a plane can load in one cycle come from one member
+        # rows a plane loads in one cycle come from one member or part: on distinct slices only as many
+        # as the fewest stripes of them
+        self._ns = min(m.stripes for m in held)
 
     def _member(self, v: int) -> Tuple[VT, int]:
         r, c = divmod(v, self.chunks)
@@ -258,10 +260,10 @@ class RowView(VT):
         raise CompileError(f"internal: {self.name!r} is part of another tensor")
 
 
-def _stripe_counts(want: int, most: int, pow2: bool, divides: int) -> List[int]:
-    """The stripe counts :func:`place` tries, in order: ``want`` and fewer, then more up to ``most``; powers of
-    two only with ``pow2``, divisors of ``divides`` only when it is given."""
-    return [n for n in list(range(want, 0, -1)) + list(range(want + 1, most + 1))
+def _stripe_counts(want: int, most: int, pow2: bool, divides: int, least: int = 1) -> List[int]:
+    """The stripe counts :func:`place` tries, in order: ``want`` and fewer down to ``least``, then more up to
+    ``most``; powers of two only with ``pow2``, divisors of ``divides`` only when it is given."""
+    return [n for n in list(range(want, max(1, least) - 1, -1)) + list(range(want + 1, most + 1))
             if not (pow2 and n & (n - 1)) and not (divides and divides % n)]
 
 
@@ -273,13 +275,15 @@ def stripe_length(rows: int, stripes: int, chunks: int, spare: int = 0) -> int:
 
 def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: int, hem: int,
           stripes: int = 8, kind: str = "temp", avoid: Tuple[int, ...] = (), strict: bool = False,
-          pow2: bool = False, spare: int = 0, stripe_divides: int = 0) -> VT:
+          pow2: bool = False, spare: int = 0, stripe_divides: int = 0, min_stripes: int = 1) -> VT:
     """Allocate a tensor: rows striped over up to `stripes` slices per plane, all planes
     in hemisphere `hem` (the other one if this one is full, unless ``strict``); ``pow2``: a
     power of two of stripes (a row's stripe and address are then a mask and a shift of its
     index, which the VXM computes for a MEM ``Scatter``); ``spare`` addresses more after each
     stripe's vectors (a scatter's sink: :mod:`lpucore.compiler.scatter`); ``stripe_divides``: a
-    number of stripes dividing it (blocks of that many rows: :mod:`lpucore.compiler.blocks`).
+    number of stripes dividing it (blocks of that many rows: :mod:`lpucore.compiler.blocks`);
+    ``min_stripes``: never fewer stripes than that (an MXM weight load's rows of one cycle on distinct
+    slices).
 
     Tensors the host writes before the run (constants, inputs, states) only get space no
     temporary ever uses: a constant placed during lowering (a mask, a ones matrix) in the
@@ -304,7 +308,7 @@ def place(mem: Memory, name: str, dtype: dt.DType, rows: int, cols: int, lanes: 
         # fewer stripes first (as asked, or fewer if the slices are crowded); a tensor too
         # big for that many slices' addresses is spread over more
         most = max(want, min(rows * chunks, n_sl // planes))
-        for n in _stripe_counts(want, most, pow2, stripe_divides):
+        for n in _stripe_counts(want, most, pow2, stripe_divides, min(want, min_stripes)):
             per = stripe_length(rows, n, chunks, spare)
             # slices of this hemisphere with room, least used first, round robin
             cands = [cfg.slice_id(h, s) for s in range(n_sl)]
