@@ -465,12 +465,18 @@ class Chip:
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 self._eng.write_mem(g, addr, planes[p, start:start + n])
 
-    def read_tensor(self, name: str) -> npt.NDArray[Any]:
-        """Read a tensor from MEM through the tensor table."""
+    def read_tensor(self, name: str, out: Optional[npt.NDArray[Any]] = None) -> npt.NDArray[Any]:
+        """Read a tensor from MEM through the tensor table; into ``out`` (a writable C-contiguous array of
+        the tensor's shape and dtype, returned) instead of a new array when given: a caller reading the
+        same tensor run after run keeps one buffer (a fresh one costs its pages' first touch, about a
+        third of the copy)."""
         t = self._tensor(name)
+        if out is not None:
+            _check_out(t, out)
         idx = self._vector_rows(t)
         if idx is not None:
-            out: npt.NDArray[Any] = np.empty(t.shape, dtype=t.dtype.numpy)
+            if out is None:
+                out = np.empty(t.shape, dtype=t.dtype.numpy)
             from . import fastload
             if not fastload._loader().gather_planes(self._sram_rows(), idx, out.reshape(-1).view(np.uint8), t.cols):
                 raise TensorError(f"tensor {name!r} lies outside SRAM")  # pragma: no cover - checked at load
@@ -484,13 +490,28 @@ class Chip:
                 continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 planes[p, start:start + n] = self._eng.read_mem(g, addr, n)
-        return t.from_planes(planes, self.config.lanes)
+        got = t.from_planes(planes, self.config.lanes)
+        if out is None:
+            return got
+        out[...] = got
+        return out
 
     def memory(self) -> npt.NDArray[np.uint8]:
         """A copy of the whole SRAM, uint8 [slices, addresses, lanes] (slices are global ids,
         :meth:`ChipConfig.slice_id`): for comparing chips and engines."""
         out: npt.NDArray[np.uint8] = self._eng.sram().copy()
         return out
+
+
+def _check_out(t: TensorInfo, out: Any) -> None:
+    """``read_tensor``'s ``out``: a writable C-contiguous NumPy array of exactly the tensor's shape and dtype."""
+    if not isinstance(out, np.ndarray):
+        raise TensorError(f"read_tensor({t.name!r}, out=...) takes a NumPy array, got {type(out).__name__}")
+    if out.shape != tuple(t.shape) or out.dtype != t.dtype.numpy:
+        raise TensorError(f"read_tensor({t.name!r}, out=...) needs {t.dtype.name}{list(t.shape)}, "
+                          f"got {out.dtype}{list(out.shape)}")
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise TensorError(f"read_tensor({t.name!r}, out=...) needs a writable C-contiguous array")
 
 
 def _stripe_locations(t: TensorInfo, plane: int,

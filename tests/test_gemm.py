@@ -90,6 +90,46 @@ def test_int8_exact_at_the_extremes_and_multiple_tiles():
     assert np.array_equal(C, (A.astype(np.int64) @ B.astype(np.int64)).astype(np.int32))
 
 
+@pytest.mark.parametrize("dtype", ["int8", "float16"])
+def test_staged_writes_and_buffered_reads_give_each_calls_product(dtype):
+    """GemmProgram.write packs into staging buffers it keeps (their padding written once, zero), so a
+    second product with other operands, of other values, is exact too; pack() still returns new arrays;
+    unpack reads through kept buffers into a new C each call."""
+    from lpucore import Chip
+    M, K, N = 5, 2 * SMALL.lanes + 9, 3 * SMALL.lanes + 7           # partial K chunk and column tile
+    g = gemm_program(M, K, N, dtype, config=SMALL)
+    chip = Chip(SMALL)
+    chip.load(g.program)
+    results = []
+    for seed in (1, 2):
+        A, B = operands(M, K, N, dtype, seed)
+        chip.reset(clear_memory=False)
+        g.write(chip, A, B)
+        chip.run()
+        C = g.unpack(chip)
+        assert same(C, reference(A, B, g.out, SMALL))
+        results.append(C)
+    assert results[0] is not results[1] and not np.array_equal(results[0], results[1])
+    packed = g.pack(*operands(M, K, N, dtype, 3))
+    assert all(arr is not buf for arr in packed.values() for buf in g._staging.values())
+
+
+def test_read_tensor_into_a_buffer_checks_it():
+    from lpucore import Chip, Program, TensorError
+    prog = Program(SMALL)
+    prog.add_tensor("t", "int32", (2, 70), [[(0, 1, 4)], [(1, 1, 4)], [(2, 1, 4)], [(3, 1, 4)]])
+    chip = Chip(SMALL)
+    chip.load(prog)
+    x = np.arange(140, dtype=np.int32).reshape(2, 70)
+    chip.write_tensor("t", x)
+    buf = np.empty((2, 70), np.int32)
+    assert chip.read_tensor("t", out=buf) is buf and np.array_equal(buf, x)
+    for bad in (np.empty((2, 71), np.int32), np.empty((2, 70), np.int64), np.empty((70, 2), np.int32).T,
+                [[0] * 70] * 2):
+        with pytest.raises(TensorError, match="out="):
+            chip.read_tensor("t", out=bad)
+
+
 def test_fp16_fast_mode_within_its_bound():
     A, B = operands(20, 600, 330, "float16", 4)
     g = gemm_program(20, 600, 330, "float16", "float32")

@@ -88,6 +88,8 @@ class GemmProgram:
     expected_cycles: int
     plan: Dict[str, Any]
     _tensors: Dict[str, Callable[..., Any]] = field(repr=False, default_factory=dict)
+    # host staging buffers of write() and unpack(), by name: packed inputs, padded weight rows, read results
+    _staging: Dict[str, np.ndarray] = field(repr=False, default_factory=dict)
 
     @property
     def useful_macs(self) -> int:
@@ -98,8 +100,15 @@ class GemmProgram:
         return self._tensors["pack"](A, B)
 
     def unpack(self, chip) -> np.ndarray:
-        """Read C [M, N] back from a chip that ran the program."""
+        """Read C [M, N] back from a chip that ran the program (a new array)."""
         return self._tensors["unpack"](chip)
+
+    def write(self, chip, A: np.ndarray, B: np.ndarray) -> None:
+        """Pack A [M, K] and B [K, N] and write them to a chip that loaded the program, through host
+        staging buffers this program keeps between calls (what :meth:`pack` returns are new arrays; a
+        repeated product then touches no new pages: about 20 ms of GEMM (a)'s 26 MB)."""
+        for name, arr in self._tensors["pack"](A, B, self._staging).items():
+            chip.write_tensor(name, arr)
 
     def run(self, A, B, engine: str = "fast", chip=None, fp16_mxm: str = "exact"):
         """Load, write A and B, run, and return (C, RunStats)."""
@@ -277,8 +286,8 @@ class _Builder:
         prog.validate()
         g = GemmProgram(prog, self.M, self.K, self.N, self.dtype, self.out, expected_cycles(prog), plan)
         packers, unpackers = self.packers, self.unpackers
-        g._tensors["pack"] = lambda A, B: self._pack_all(packers, A, B)
-        g._tensors["unpack"] = lambda chip: self._unpack_all(unpackers, chip)
+        g._tensors["pack"] = lambda A, B, staging=None: self._pack_all(packers, A, B, staging)
+        g._tensors["unpack"] = lambda chip: self._unpack_all(unpackers, chip, g._staging)
         return g
 
     def _layout(self, h: int, rows: List[int], tiles: List[int], free: List[List[int]],
@@ -451,20 +460,39 @@ class _Builder:
             raise CompileError(f"gemm was built for {self.dtype} operands, got {A.dtype} and {B.dtype}")
         return A, B
 
-    def _pack_all(self, packers, A, B):
+    def _pack_all(self, packers, A, B, staging=None):
+        """{tensor name: packed array}; into the buffers of ``staging`` (name -> array, filled on first
+        use: their padding is written once and stays zero) when given, else new arrays."""
         A, B = self._check_inputs(A, B)
         out = {}
-        memo: Dict[int, np.ndarray] = {}        # B's padded rows, shared by this call's packers
+        memo: Dict[Any, np.ndarray] = {}        # B's padded rows, shared by this call's packers
         for f in packers:
-            out.update(f(A, B, memo))
+            out.update(f(A, B, memo, staging))
         return out
 
+    @staticmethod
+    def _buffer(staging, key, shape, dtype) -> np.ndarray:
+        """A zeroed array, or ``staging``'s buffer ``key`` (made zeroed on first use)."""
+        if staging is None:
+            return np.zeros(shape, dtype)
+        buf = staging.get(key)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = staging[key] = np.zeros(shape, dtype)
+        return buf
+
     def _pack_a(self, name, rows):
-        def f(A, B, memo):
-            Kp = self.nK * self.Kc
-            Ap = np.zeros((len(rows), Kp), dtype=A.dtype)
-            Ap[:, : self.K] = A[rows]
-            return {name: np.ascontiguousarray(Ap.reshape(len(rows), self.nK, self.Kc).transpose(1, 0, 2))}
+        at = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
+
+        def f(A, B, memo, staging=None):
+            out = self._buffer(staging, name, (self.nK, len(rows), self.Kc), A.dtype)
+            full, rest = divmod(self.K, self.Kc)
+            src = A[at]
+            # chunk kc of row r is A's columns kc * Kc.. (one strided copy of the whole chunks; the last
+            # chunk's columns past K stay zero)
+            out[:full] = src[:, : full * self.Kc].reshape(len(rows), full, self.Kc).transpose(1, 0, 2)
+            if rest:
+                out[full, :, :rest] = src[:, full * self.Kc:]
+            return {name: out}
         return f
 
     def _pack_b(self, name, tiles, per_slice):
@@ -473,15 +501,17 @@ class _Builder:
         if not self.fp16:                                   # int8: one gather of B's rows, by an index made once
             idx = self._b_rows_index(tiles, per_slice)
 
-            def f8(A, B, memo):
+            def f8(A, B, memo, staging=None):
                 ntiles = -(-self.N // self.L)                # every column tile: one padded copy per call
                 if ntiles not in memo:
-                    memo[ntiles] = self._b_rows(B, ntiles)
-                rows = memo[ntiles]
-                return {name: np.take(rows, idx, axis=0).reshape(ws, len(tiles) * self.nK, per_slice, self.L)}
+                    memo[ntiles] = self._b_rows(B, ntiles, self._buffer(
+                        staging, "_b_rows", (self.nK * self.Kc * ntiles + 1, self.L), np.int8))
+                out = self._buffer(staging, name, (ws, len(tiles) * self.nK, per_slice, self.L), np.int8)
+                np.take(memo[ntiles], idx, axis=0, out=out.reshape(-1, self.L))
+                return {name: out}
             return f8
 
-        def f(A, B, memo):
+        def f(A, B, memo, staging=None):
             out = np.zeros((ws, len(tiles) * self.nK, per_slice, self.L), dtype=np.uint8)
             rows = self._all_weight_rows(B, tiles)          # [tiles, nK, R, L]
             for j in range(ws):                             # byte-row r goes to slice r % ws, row r // ws
@@ -490,10 +520,10 @@ class _Builder:
             return {name: out.view(np.int8)}
         return f
 
-    def _b_rows(self, B, ntiles):
-        """int8 B zero-padded to [nK * Kc, ntiles * L], as rows of L bytes, plus one zero row last."""
+    def _b_rows(self, B, ntiles, rows):
+        """int8 B zero-padded to [nK * Kc, ntiles * L], as rows of L bytes, plus one zero row last, in
+        ``rows`` (zero past B's part: only B's part is written)."""
         L, Kc, nK = self.L, self.Kc, self.nK
-        rows = np.zeros((nK * Kc * ntiles + 1, L), dtype=np.int8)
         grid = rows[:-1].reshape(nK * Kc, ntiles * L)
         part = B[:, : ntiles * L]
         grid[: part.shape[0], : part.shape[1]] = part
@@ -529,14 +559,15 @@ class _Builder:
         rows[:, :, 1::2] = (bits >> 8).astype(np.uint8)
         return rows
 
-    def _unpack_all(self, unpackers, chip):
+    def _unpack_all(self, unpackers, chip, staging):
         out_np = dt.get(self.out).numpy
         C = np.zeros((self.M, self.N), dtype=out_np)
         L = self.L
         for name, rows, tiles in unpackers:
             if not tiles:
                 continue
-            Cp = chip.read_tensor(name)
+            shape = (len(tiles), len(rows), L)
+            Cp = chip.read_tensor(name, out=self._buffer(staging, name, shape, out_np))
             # consecutive rows (as the generator assigns them): a slice, a plain copy; else an index
             at = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
             for ti, tile in enumerate(tiles):
