@@ -507,7 +507,9 @@ class _Builder:
                     memo[ntiles] = self._b_rows(B, ntiles, self._buffer(
                         staging, "_b_rows", (self.nK * self.Kc * ntiles + 1, self.L), np.int8))
                 out = self._buffer(staging, name, (ws, len(tiles) * self.nK, per_slice, self.L), np.int8)
-                np.take(memo[ntiles], idx, axis=0, out=out.reshape(-1, self.L))
+                # (mode "clip": an out= take with the default "raise" is buffered, twice the copy; the
+                # index is built in range)
+                np.take(memo[ntiles], idx, axis=0, out=out.reshape(-1, self.L), mode="clip")
                 return {name: out}
             return f8
 
