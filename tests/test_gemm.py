@@ -106,12 +106,40 @@ def test_staged_writes_and_buffered_reads_give_each_calls_product(dtype):
         chip.reset(clear_memory=False)
         g.write(chip, A, B)
         chip.run()
-        C = g.unpack(chip)
-        assert same(C, reference(A, B, g.out, SMALL))
+        C = g.read(chip)
+        assert same(C, reference(A, B, g.out, SMALL)) and np.array_equal(C, g.unpack(chip))
         results.append(C)
     assert results[0] is not results[1] and not np.array_equal(results[0], results[1])
     packed = g.pack(*operands(M, K, N, dtype, 3))
     assert all(arr is not buf for arr in packed.values() for buf in g._staging.values())
+
+
+def test_staged_writes_and_reads_from_two_threads_take_turns():
+    """Two chips sharing one GemmProgram in two threads: write and read hold its lock, so neither thread
+    sees the other's operands or results in the shared buffers."""
+    import threading
+
+    from lpucore import Chip
+    M, K, N = 4, SMALL.lanes + 3, 2 * SMALL.lanes
+    g = gemm_program(M, K, N, "int8", config=SMALL)
+    bad = []
+
+    def work(seed):
+        chip = Chip(SMALL)
+        chip.load(g.program)
+        for i in range(6):
+            A, B = operands(M, K, N, "int8", 10 * seed + i)
+            chip.reset(clear_memory=False)
+            g.write(chip, A, B)
+            chip.run()
+            if not same(g.read(chip), reference(A, B, g.out, SMALL)):
+                bad.append((seed, i))
+    threads = [threading.Thread(target=work, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert bad == []
 
 
 def test_read_tensor_into_a_buffer_checks_it():

@@ -33,6 +33,7 @@ Tensors are stored in packed layouts (``GemmProgram.pack`` / ``unpack`` convert)
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -90,6 +91,7 @@ class GemmProgram:
     _tensors: Dict[str, Callable[..., Any]] = field(repr=False, default_factory=dict)
     # host staging buffers of write() and unpack(), by name: packed inputs, padded weight rows, read results
     _staging: Dict[str, np.ndarray] = field(repr=False, default_factory=dict)
+    _lock: threading.Lock = field(repr=False, default_factory=threading.Lock)
 
     @property
     def useful_macs(self) -> int:
@@ -100,15 +102,23 @@ class GemmProgram:
         return self._tensors["pack"](A, B)
 
     def unpack(self, chip) -> np.ndarray:
-        """Read C [M, N] back from a chip that ran the program (a new array)."""
-        return self._tensors["unpack"](chip)
+        """Read C [M, N] back from a chip that ran the program (a new array; no buffer kept)."""
+        return self._tensors["unpack"](chip, None)
 
     def write(self, chip, A: np.ndarray, B: np.ndarray) -> None:
         """Pack A [M, K] and B [K, N] and write them to a chip that loaded the program, through host
         staging buffers this program keeps between calls (what :meth:`pack` returns are new arrays; a
-        repeated product then touches no new pages: about 20 ms of GEMM (a)'s 26 MB)."""
-        for name, arr in self._tensors["pack"](A, B, self._staging).items():
-            chip.write_tensor(name, arr)
+        repeated product then touches no new pages: about 20 ms of GEMM (a)'s 26 MB). Calls from
+        several threads (chips sharing this program) take turns."""
+        with self._lock:
+            for name, arr in self._tensors["pack"](A, B, self._staging).items():
+                chip.write_tensor(name, arr)
+
+    def read(self, chip) -> np.ndarray:
+        """:meth:`unpack` through read buffers this program keeps (C is still a new array); calls from
+        several threads take turns."""
+        with self._lock:
+            return self._tensors["unpack"](chip, self._staging)
 
     def run(self, A, B, engine: str = "fast", chip=None, fp16_mxm: str = "exact"):
         """Load, write A and B, run, and return (C, RunStats)."""
@@ -287,7 +297,7 @@ class _Builder:
         g = GemmProgram(prog, self.M, self.K, self.N, self.dtype, self.out, expected_cycles(prog), plan)
         packers, unpackers = self.packers, self.unpackers
         g._tensors["pack"] = lambda A, B, staging=None: self._pack_all(packers, A, B, staging)
-        g._tensors["unpack"] = lambda chip: self._unpack_all(unpackers, chip, g._staging)
+        g._tensors["unpack"] = lambda chip, staging: self._unpack_all(unpackers, chip, staging)
         return g
 
     def _layout(self, h: int, rows: List[int], tiles: List[int], free: List[List[int]],
@@ -500,6 +510,8 @@ class _Builder:
 
         if not self.fp16:                                   # int8: one gather of B's rows, by an index made once
             idx = self._b_rows_index(tiles, per_slice)
+            if idx.min() < 0 or idx.max() > self.nK * self.Kc * -(-self.N // self.L):   # taken with mode "clip"
+                raise CompileError(f"internal: {name}'s weight rows index past the padded rows")
 
             def f8(A, B, memo, staging=None):
                 ntiles = -(-self.N // self.L)                # every column tile: one padded copy per call

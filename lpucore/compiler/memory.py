@@ -211,9 +211,9 @@ class TiledVT(VT):
         self.members = members
         self.parts = list(parts)
         self.whole = self.chunks - len({nt for nt, _, _, _, _ in self.parts})    # tiles the members hold
-        # rows a plane loads in one cycle come from one member or part: on distinct slices only as many
-        # as the fewest stripes of them
-        self._ns = min(m.stripes for m in held)
+        # rows a plane loads in one cycle for the whole tiles come from one member: on distinct slices only
+        # as many as the fewest stripes of them (a part is loaded as a tensor of its own)
+        self._ns = min(m.stripes for m in members)
 
     def _member(self, v: int) -> Tuple[VT, int]:
         r, c = divmod(v, self.chunks)
