@@ -402,6 +402,22 @@ def test_gather_rope_cast_quantize(n_idx, vocab, head, heads, cols, table_dtype,
     assert np.array_equal(out["q1"], np.clip(np.rint(F / s1), -128, 127).astype(np.int8))
 
 
+def test_quantize_without_zero_point_rounds_saturates_and_zeroes_nan_in_one_conversion():
+    """quantize / dequantize without a zero point take one VXM cvt each way (float32 -> int8 directly,
+    int8 -> float32 directly): the same bits as through int32, on both engines."""
+    F = np.array([[np.nan, np.inf, -np.inf, 1e30, -1e30, 2.5, -2.5, 3.5, 127.5, -128.5, -0.0, 0.49]], np.float32)
+    g = Graph()
+    q = g.quantize(g.input("f", F.shape, "float32"), np.float32(1.0))
+    g.output("q", q)
+    g.output("dq", g.dequantize(q, np.float32(0.5), dtype="float32"))
+    out, c = run_graph(g, {"f": F})
+    cvts = sum(1 for q_, ins in c.program.queues.items() if q_.startswith("VXM") for i in ins if i.op.mnemonic == "cvt")
+    assert cvts == 2                                                  # one vector each way
+    want = np.array([[0, 127, -128, 127, -128, 2, -2, 4, 127, -128, 0, 0]], np.int8)
+    assert np.array_equal(out["q"], want)
+    assert np.array_equal(out["dq"], want.astype(np.float32) * np.float32(0.5))
+
+
 def test_groqchip_geometry_non_multiples_and_single_rows():
     g = Graph()
     x = g.input("x", (1, 700), "float16")
