@@ -629,6 +629,26 @@ def test_a_last_partial_chunk_loaded_after_another_skips_the_buffers_zero_rows()
         assert _lw_cycles_per_install(c, q)[:6] == [full, full, full, short, full, full]
 
 
+def test_a_product_over_many_tiles_masks_its_last_chunk_and_loads_only_its_rows():
+    """An int8 product of two rows over many column tiles (4 a plane or more) whose K ends in a partial
+    chunk zeroes that chunk's activation lanes past K once (a VXM and), so every tile's load of the chunk
+    takes its 20 rows only (3 LW cycles at 8 a cycle), stale weights past them meeting zero lanes; both
+    engines give NumPy's product in the predicted cycles."""
+    from test_conv import _lw_cycles_per_install
+
+    from lpucore.compiler.lower_more import MASK_TILES_PER_PLANE
+    K, N = 2 * SMALL.lanes + 20, MASK_TILES_PER_PLANE * SMALL.mxm_planes * SMALL.lanes
+    X, W = values((2, K), np.int8, 7), values((K, N), np.int8, 8)
+    g = Graph("gemv")
+    g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
+    out, c = run_graph(g, {"x": X})
+    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
+    full, short = SMALL.mxm_size // SMALL.mxm_lw_streams, -(-20 // SMALL.mxm_lw_streams)
+    for q in ("MXM.W0.LW", "MXM.E1.LW"):
+        groups = _lw_cycles_per_install(c, q)
+        assert groups[2::3] == [short] * (len(groups) // 3) and set(groups[0::3] + groups[1::3]) == {full}
+
+
 @pytest.mark.parametrize("superlanes", [3, 5, 7])
 def test_lane_reductions_over_any_lane_count_are_exact(superlanes):
     """The all-reduce's radices multiply to exactly the lane count (48, 80 and 112 lanes: radices

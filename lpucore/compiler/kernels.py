@@ -1031,6 +1031,10 @@ class MatMul:
     b_row: Callable[[int], int]
     o_row: Callable[[int], int]
     taps: Optional["Taps"] = None
+    # int8: A's last chunk of K with its lanes past K zero, vector m for output row m (lower_more.masked_last):
+    # that chunk's products read it, so its weight loads skip the buffer's rows past K, whatever they hold
+    # (a stale weight times a zero activation adds nothing to an integer sum)
+    A_last: Optional[VT] = None
 
 
 @dataclass
@@ -1255,6 +1259,7 @@ class _Geo:
         self.half = cfg.mxm_accumulators // 2
         self.code = dt.get("float16" if self.fp16 else "int8").code
         self.size = cfg.mxm_size                                   # byte-rows of a weight buffer
+        self.masked = mm.A_last is not None and not self.fp16 and mm.taps is None
 
     def wrow(self, kc: int, nt: int, j: int):
         """(tensor, vector, plane) holding weight-buffer byte-row j for chunk kc, tile nt; past the
@@ -1285,10 +1290,13 @@ class _Geo:
             n = min(self.Kc, mm.K - kc * self.Kc)
         return 2 * n if self.fp16 else n
 
-    def a_vec(self, m: int, kc: int) -> Optional[Tuple[int, bool]]:
-        """(A's vector, shifted down by half the lanes) feeding output row m's products for chunk kc of
-        K, or None when there are none (a windowless convolution's pad tap)."""
+    def a_vec(self, m: int, kc: int) -> Optional[Tuple[VT, int, bool]]:
+        """(tensor, its vector, shifted down by half the lanes) feeding output row m's products for chunk
+        kc of K, or None when there are none (a windowless convolution's pad tap)."""
         mm = self.mm
+        if self.masked and kc == self.nK - 1:
+            assert mm.A_last is not None
+            return mm.A_last, m, False
         if mm.taps is not None:
             tap, kc = divmod(kc, self.cpt)
             row = int(mm.taps.rows[m, tap])
@@ -1296,7 +1304,7 @@ class _Geo:
                 return None
         else:
             row = mm.a_row(m)
-        return row * mm.A.chunks + (kc // 2 if self.fp16 else kc), self.fp16 and kc % 2 == 1
+        return mm.A, row * mm.A.chunks + (kc // 2 if self.fp16 else kc), self.fp16 and kc % 2 == 1
 
     def first_chunk(self, m: int, k0: int) -> int:
         """The first chunk (from k0) with products for output row m: it replaces the accumulator."""
@@ -1458,7 +1466,7 @@ def _chunk_order(geo: _Geo, runs: Sequence[_Run], k0: int, k1: int) -> List[int]
     theirs (the first chunk with products replaces the accumulator)."""
     order = list(range(k0, k1))
     last = k1 - 1
-    if geo.mm.taps is not None or geo.fp16 or k1 != geo.nK or len(order) < 2:
+    if geo.mm.taps is not None or geo.fp16 or geo.masked or k1 != geo.nK or len(order) < 2:
         return order
     valid = geo.valid_rows(last)
     if valid < geo.size and all(r.st.zero_from is not None and r.st.zero_from <= valid for r in runs):
@@ -1477,6 +1485,12 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     # zero only the weights are loaded (a convolution's taps fill the same first rows of every chunk; a
     # product's last, partial chunk of K loaded right after another's)
     size = max(valid, max(cfg.mxm_size if r.st.zero_from is None else r.st.zero_from for r in runs))
+    masked = geo.masked and kc == geo.nK - 1
+    if masked:
+        size = valid                    # the rows past K meet zero activation lanes
+    # rows from valid on after the load: zeros loaded, or zero before and not loaded (None: unknown)
+    zero_after = [valid if not masked or (r.st.zero_from is not None and r.st.zero_from <= valid) else None
+                  for r in runs]
     Lw = -(-size // ws)
     lead = runs[0]
     # the LWs as soon as the buffer is free; the IW once every plane's last product with the weights it
@@ -1496,9 +1510,9 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
         for row in rows:
             if row.vt is not None:
                 row.vt.last_read[row.v] = max(row.vt.last_read[row.v], lw.end)
-    for r in runs:
+    for r, z in zip(runs, zero_after):
         r.st.lw_free = lw.end + 1
-        r.st.zero_from = valid          # rows from valid on: loaded zeros, or zero before and not loaded
+        r.st.zero_from = z
     return lw.end + d_iw
 
 
@@ -1514,24 +1528,24 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, rows: Sequence[Tuple[i
         i = m - b0
         got = geo.a_vec(m, kc)
         assert got is not None
-        av, shift = got
+        A, av, shift = got
         lo_t = max(E_, st.abc_next)
         if j == 0 and fresh:
             lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
         # a try whose read of the row would issue before the row is ready fails first thing, leaving
         # no trace: start after them (compile time; the same cycle is found)
         lag = cfg.sxm_delay + abs(run.sx - xm) if shift else 0
-        lo_t = max(lo_t, ctx.ready_at(mm.A, av, run.sx if shift else xm) + lag)
+        lo_t = max(lo_t, ctx.ready_at(A, av, run.sx if shift else xm) + lag)
 
-        def build_a(T, av=av, shift=shift, i=i, first=first):
+        def build_a(T, A=A, av=av, shift=shift, i=i, first=first):
             plan, used = Plan(), {}
             if not shift:
-                src = ctx.read_group(plan, mm.A, av, xm, T, used)
+                src = ctx.read_group(plan, A, av, xm, T, used)
                 if src is None:
                     return None
             else:
                 ts = T - cfg.sxm_delay - abs(run.sx - xm)
-                b = ctx.read_group(plan, mm.A, av, run.sx, ts, used)
+                b = ctx.read_group(plan, A, av, run.sx, ts, used)
                 if b is None:
                     return None
                 kb = ts + cfg.sxm_delay - ctx.xloc(din, run.sx)
@@ -1546,8 +1560,8 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, rows: Sequence[Tuple[i
             plan.issues.append((run.q_abc, T, "ABC", (geo.code, src, bank * geo.half + i, 0 if first else 1)))
             return plan
         T = _find(ctx, lo_t, build_a, f"an MXM activation for {mm.out.name}",
-                  skip=_read_skip(ctx, mm.A, av, run.sx if shift else xm, lag))
-        mm.A.last_read[av] = max(mm.A.last_read[av], T)
+                  skip=_read_skip(ctx, A, av, run.sx if shift else xm, lag))
+        A.last_read[av] = max(A.last_read[av], T)
         st.abc_next = T + geo.r
         st.abc_last = T
 

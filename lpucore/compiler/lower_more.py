@@ -11,7 +11,7 @@ from .. import dtypes as dt
 from ..errors import CompileError
 from . import conv, kernels
 from .kernels import E, Expr, MatMul, Piece, Taps, cvt, lanemove_kernel, map_kernel, matmul_kernel
-from .memory import release
+from .memory import VT, release
 
 F32, F16, I8, I32 = dt.FLOAT32, dt.FLOAT16, dt.INT8, dt.INT32
 
@@ -50,16 +50,46 @@ def matmul(c, a, b, t, name, kind):
     if out is None:
         out = c.new_vt(name, t.dtype, out_shape, kind=kind, avoid=c.slices_of(A, B))
     c.vts[t.id] = out
+    a_last = masked_last(c, A, B, (M, K, N), t.id) if len(ia) == 1 else None
     if getattr(B, "parts", None) and len(ia) == 1:
-        return _split_matmul(c, A, B, out, (M, K, N), t.id)
-    last = 0
-    for i in range(len(ia)):
-        mm = MatMul(A, B, out, M, K, N,
-                    a_row=lambda m, o=int(ia[i]) * M: o + m,
-                    b_row=lambda k, o=int(ib[i]) * K: o + k,
-                    o_row=lambda m, o=i * M: o + m)
-        last = max(last, matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B)))
+        last = _split_matmul(c, A, B, out, (M, K, N), t.id, a_last)
+    else:
+        last = 0
+        for i in range(len(ia)):
+            mm = MatMul(A, B, out, M, K, N,
+                        a_row=lambda m, o=int(ia[i]) * M: o + m,
+                        b_row=lambda k, o=int(ib[i]) * K: o + k,
+                        o_row=lambda m, o=i * M: o + m, A_last=a_last)
+            last = max(last, matmul_kernel(c.ctx, mm, c.planes, _planes_for(c, B)))
+    if a_last is not None:
+        release(c.mem, a_last)
     return last
+
+
+# column tiles per MXM plane from which an int8 product of few rows masks its last partial chunk of K: the
+# masking kernel delays the product's first use of that chunk by a MEM round trip, which pays only where the
+# weight loads dominate (GPT-2-small's step: 43,801 cycles unmasked, 43,564 masking the head's 158 tiles
+# alone (4 a plane or more), 43,687 masking the 8-10-tile q/k/v and MLP products too (2 a plane))
+MASK_TILES_PER_PLANE = 4
+
+
+def masked_last(c, A: VT, B: VT, dims: Tuple[int, int, int], tid: int) -> Optional[VT]:
+    """For an int8 product of few rows (at most an accumulator block) by constant weights whose K ends in a
+    partial chunk, over many column tiles (:data:`MASK_TILES_PER_PLANE` a plane or more): A's last chunk
+    with its lanes past K zeroed (one VXM ``and`` a row, :class:`~lpucore.compiler.kernels.MatMul`'s
+    ``A_last``), so that every tile's load of that chunk takes only its rows (K = 768: 8 LW cycles of 20)
+    instead of zeros past them every other tile; else None."""
+    M, K, N = dims
+    L = c.L
+    rest = K % L
+    if (A.dtype != I8 or B.kind != "const" or not rest or K < L or M > c.cfg.mxm_accumulators // 2
+            or -(-N // L) < MASK_TILES_PER_PLANE * c.cfg.mxm_planes):
+        return None
+    last = -(-K // L) - 1
+    pad = c.new_vt(f"_al{tid}", I8, (M, L), avoid=c.slices_of(A, B))
+    map_kernel(c.ctx, E("and", I8, Expr.input(A, lambda v: v * A.chunks + last),
+                        Expr.input(c.mask(rest, 1), lambda v: 0)), pad)
+    return pad
 
 
 def conv_taps(c, x, w, t, name, kind, n):
@@ -158,7 +188,7 @@ def _same_row(i: int) -> int:
     return i
 
 
-def _split_matmul(c, A, B, out, dims: Tuple[int, int, int], tid: int) -> int:
+def _split_matmul(c, A, B, out, dims: Tuple[int, int, int], tid: int, a_last: Optional[VT] = None) -> int:
     """A product whose weights keep their last column tiles as runs of rows (:func:`weight_split`,
     :class:`~lpucore.compiler.memory.TiledVT` parts): first each run on the plane of its slot into a
     temporary of one column tile, then the whole tiles on the planes in turn, while the VXM adds each
@@ -177,9 +207,9 @@ def _split_matmul(c, A, B, out, dims: Tuple[int, int, int], tid: int) -> int:
     for nt, r0, r1, pv, j in B.parts:
         tmp = c.new_vt(f"_ks{tid}_{nt}_{r0}", I32, (M, pv.cols), avoid=c.slices_of(A, B))
         temps.setdefault(nt, []).append(tmp)
-        part = MatMul(A, pv, tmp, M, K, pv.cols, a_row=_same_row, b_row=offset(r0), o_row=_same_row)
+        part = MatMul(A, pv, tmp, M, K, pv.cols, a_row=_same_row, b_row=offset(r0), o_row=_same_row, A_last=a_last)
         matmul_kernel(c.ctx, part, c.planes, [order[j]], tiles=[0], chunks=(r0 // c.L, -(-r1 // c.L)))
-    whole = MatMul(A, B, out, M, K, N, a_row=_same_row, b_row=_same_row, o_row=_same_row)
+    whole = MatMul(A, B, out, M, K, N, a_row=_same_row, b_row=_same_row, o_row=_same_row, A_last=a_last)
     last = matmul_kernel(c.ctx, whole, c.planes, order, tiles=range(B.whole))
     for nt, tmps in temps.items():
         root = Expr.input(tmps[0], row_of)
