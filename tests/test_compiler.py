@@ -612,21 +612,29 @@ def test_a_tiled_weight_loads_as_many_rows_a_cycle_as_its_narrowest_piece_has_st
     assert tiled.stripes == 6           # the whole tiles' members; a part loads as a tensor of its own
 
 
+def _gemv_lw_groups(tiles, seed):
+    """An int8 product of two rows, K two chunks and 20 rows, over ``tiles`` column tiles on the small
+    chip, checked against NumPy on both engines: the LW cycles of each weight load of planes W0 and E1."""
+    from test_conv import _lw_cycles_per_install
+    K, N = 2 * SMALL.lanes + 20, tiles * SMALL.lanes
+    X, W = values((2, K), np.int8, seed), values((K, N), np.int8, seed + 1)
+    g = Graph("gemv")
+    g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
+    out, c = run_graph(g, {"x": X})
+    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
+    return [_lw_cycles_per_install(c, q) for q in ("MXM.W0.LW", "MXM.E1.LW")]
+
+
+FULL_LW, SHORT_LW = SMALL.mxm_size // SMALL.mxm_lw_streams, -(-20 // SMALL.mxm_lw_streams)   # 8 and 3
+
+
 def test_a_last_partial_chunk_loaded_after_another_skips_the_buffers_zero_rows():
     """An int8 product whose K ends in a partial chunk: a plane's weight buffer keeps the zeros a
     partial chunk's load put past its rows, so the next tile on that plane takes its partial chunk
     first and loads only its rows (3 LW cycles for 20 rows at 8 a cycle, not 8); integer sums do not
     depend on the order. Both engines give NumPy's product in the predicted cycles."""
-    from test_conv import _lw_cycles_per_install
-    K, N = 2 * SMALL.lanes + 20, 12 * SMALL.lanes
-    X, W = values((2, K), np.int8, 5), values((K, N), np.int8, 6)
-    g = Graph("gemv")
-    g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
-    out, c = run_graph(g, {"x": X})
-    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
-    full, short = SMALL.mxm_size // SMALL.mxm_lw_streams, -(-20 // SMALL.mxm_lw_streams)
-    for q in ("MXM.W0.LW", "MXM.E1.LW"):
-        assert _lw_cycles_per_install(c, q)[:6] == [full, full, full, short, full, full]
+    for groups in _gemv_lw_groups(12, 5):
+        assert groups[:6] == [FULL_LW, FULL_LW, FULL_LW, SHORT_LW, FULL_LW, FULL_LW]
 
 
 def test_a_product_over_many_tiles_masks_its_last_chunk_and_loads_only_its_rows():
@@ -634,19 +642,9 @@ def test_a_product_over_many_tiles_masks_its_last_chunk_and_loads_only_its_rows(
     chunk zeroes that chunk's activation lanes past K once (a VXM and), so every tile's load of the chunk
     takes its 20 rows only (3 LW cycles at 8 a cycle), stale weights past them meeting zero lanes; both
     engines give NumPy's product in the predicted cycles."""
-    from test_conv import _lw_cycles_per_install
-
     from lpucore.compiler.lower_more import MASK_TILES_PER_PLANE
-    K, N = 2 * SMALL.lanes + 20, MASK_TILES_PER_PLANE * SMALL.mxm_planes * SMALL.lanes
-    X, W = values((2, K), np.int8, 7), values((K, N), np.int8, 8)
-    g = Graph("gemv")
-    g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
-    out, c = run_graph(g, {"x": X})
-    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
-    full, short = SMALL.mxm_size // SMALL.mxm_lw_streams, -(-20 // SMALL.mxm_lw_streams)
-    for q in ("MXM.W0.LW", "MXM.E1.LW"):
-        groups = _lw_cycles_per_install(c, q)
-        assert groups[2::3] == [short] * (len(groups) // 3) and set(groups[0::3] + groups[1::3]) == {full}
+    for groups in _gemv_lw_groups(MASK_TILES_PER_PLANE * SMALL.mxm_planes, 7):
+        assert groups[2::3] == [SHORT_LW] * (len(groups) // 3) and set(groups[0::3] + groups[1::3]) == {FULL_LW}
 
 
 @pytest.mark.parametrize("superlanes", [3, 5, 7])
