@@ -76,6 +76,12 @@ class _OutOfSlices(Exception):
     pass
 
 
+def _row_index(rows):
+    """Host rows as an index: consecutive rows (as the generator assigns them) a slice, so that the copy
+    is a plain one; else an array."""
+    return slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
+
+
 @dataclass
 class GemmProgram:
     """A scheduled GEMM: the program, how to pack its inputs and unpack its output."""
@@ -481,17 +487,18 @@ class _Builder:
         return out
 
     @staticmethod
-    def _buffer(staging, key, shape, dtype) -> np.ndarray:
-        """A zeroed array, or ``staging``'s buffer ``key`` (made zeroed on first use)."""
+    def _buffer(staging, key, shape, dtype, zero: bool = True) -> np.ndarray:
+        """A new array (zeroed unless ``zero`` is False: every element is about to be written), or
+        ``staging``'s buffer ``key`` (made zeroed on first use)."""
         if staging is None:
-            return np.zeros(shape, dtype)
+            return np.zeros(shape, dtype) if zero else np.empty(shape, dtype)
         buf = staging.get(key)
         if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
             buf = staging[key] = np.zeros(shape, dtype)
         return buf
 
     def _pack_a(self, name, rows):
-        at = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
+        at = _row_index(rows)
 
         def f(A, B, memo, staging=None):
             out = self._buffer(staging, name, (self.nK, len(rows), self.Kc), A.dtype)
@@ -518,7 +525,7 @@ class _Builder:
                 if ntiles not in memo:
                     memo[ntiles] = self._b_rows(B, ntiles, self._buffer(
                         staging, "_b_rows", (self.nK * self.Kc * ntiles + 1, self.L), np.int8))
-                out = self._buffer(staging, name, (ws, len(tiles) * self.nK, per_slice, self.L), np.int8)
+                out = self._buffer(staging, name, (ws, len(tiles) * self.nK, per_slice, self.L), np.int8, zero=False)
                 # (mode "clip": an out= take with the default "raise" is buffered, twice the copy; the
                 # index is built in range)
                 np.take(memo[ntiles], idx, axis=0, out=out.reshape(-1, self.L), mode="clip")
@@ -581,9 +588,8 @@ class _Builder:
             if not tiles:
                 continue
             shape = (len(tiles), len(rows), L)
-            Cp = chip.read_tensor(name, out=self._buffer(staging, name, shape, out_np))
-            # consecutive rows (as the generator assigns them): a slice, a plain copy; else an index
-            at = slice(rows[0], rows[-1] + 1) if list(rows) == list(range(rows[0], rows[-1] + 1)) else np.asarray(rows)
+            Cp = chip.read_tensor(name, out=None if staging is None else self._buffer(staging, name, shape, out_np))
+            at = _row_index(rows)
             for ti, tile in enumerate(tiles):
                 c0 = tile * L
                 w = min(L, self.N - c0)

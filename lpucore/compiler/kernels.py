@@ -1484,10 +1484,10 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     # the buffer keeps its rows between loads (IW installs a copy), so past the rows the last load left
     # zero only the weights are loaded (a convolution's taps fill the same first rows of every chunk; a
     # product's last, partial chunk of K loaded right after another's)
-    size = max(valid, max(cfg.mxm_size if r.st.zero_from is None else r.st.zero_from for r in runs))
+    # (a masked last chunk: the rows past K meet zero activation lanes, whatever they hold)
     masked = geo.masked and kc == geo.nK - 1
-    if masked:
-        size = valid                    # the rows past K meet zero activation lanes
+    size = valid if masked else max(valid, max(cfg.mxm_size if r.st.zero_from is None else r.st.zero_from
+                                               for r in runs))
     # rows from valid on after the load: zeros loaded, or zero before and not loaded (None: unknown)
     zero_after = [valid if not masked or (r.st.zero_from is not None and r.st.zero_from <= valid) else None
                   for r in runs]
