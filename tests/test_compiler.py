@@ -614,33 +614,35 @@ def test_a_tiled_weight_loads_as_many_rows_a_cycle_as_its_narrowest_piece_has_st
 
 def _gemv_lw_groups(tiles, seed):
     """An int8 product of two rows, K two chunks and 20 rows, over ``tiles`` column tiles on the small
-    chip, checked against NumPy on both engines: the LW cycles of each weight load of planes W0 and E1."""
-    from test_conv import _lw_cycles_per_install
+    chip, checked against NumPy on both engines: the rows each weight load of planes W0 and E1 takes."""
+    from test_conv import _lw_rows_per_install
     K, N = 2 * SMALL.lanes + 20, tiles * SMALL.lanes
     X, W = values((2, K), np.int8, seed), values((K, N), np.int8, seed + 1)
     g = Graph("gemv")
     g.output("y", g.matmul(g.input("x", (2, K), "int8"), g.constant("w", W)))
     out, c = run_graph(g, {"x": X})
     assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
-    return [_lw_cycles_per_install(c, q) for q in ("MXM.W0.LW", "MXM.E1.LW")]
+    return [_lw_rows_per_install(c, q) for q in ("MXM.W0.LW", "MXM.E1.LW")]
 
 
-FULL_LW, SHORT_LW = SMALL.mxm_size // SMALL.mxm_lw_streams, -(-20 // SMALL.mxm_lw_streams)   # 8 and 3
+FULL_LW, SHORT_LW = SMALL.mxm_size, 20        # rows loaded: the whole buffer, or the partial chunk's
 
 
 def test_a_last_partial_chunk_loaded_after_another_skips_the_buffers_zero_rows():
     """An int8 product whose K ends in a partial chunk: a plane's weight buffer keeps the zeros a
     partial chunk's load put past its rows, so the next tile on that plane takes its partial chunk
-    first and loads only its rows (3 LW cycles for 20 rows at 8 a cycle, not 8); integer sums do not
-    depend on the order. Both engines give NumPy's product in the predicted cycles."""
-    for groups in _gemv_lw_groups(12, 5):
+    first and loads only its rows (20 rows, not 64); integer sums do not
+    depend on the order. Both engines give NumPy's product in the predicted cycles. (Fewer tiles than
+    would mask the last chunk.)"""
+    from lpucore.compiler.lower_more import MASK_TILES_PER_PLANE
+    for groups in _gemv_lw_groups((MASK_TILES_PER_PLANE - 1) * SMALL.mxm_planes, 5):
         assert groups[:6] == [FULL_LW, FULL_LW, FULL_LW, SHORT_LW, FULL_LW, FULL_LW]
 
 
 def test_a_product_over_many_tiles_masks_its_last_chunk_and_loads_only_its_rows():
     """An int8 product of two rows over many column tiles (4 a plane or more) whose K ends in a partial
     chunk zeroes that chunk's activation lanes past K once (a VXM and), so every tile's load of the chunk
-    takes its 20 rows only (3 LW cycles at 8 a cycle), stale weights past them meeting zero lanes; both
+    takes its 20 rows only, stale weights past them meeting zero lanes; both
     engines give NumPy's product in the predicted cycles."""
     from lpucore.compiler.lower_more import MASK_TILES_PER_PLANE
     for groups in _gemv_lw_groups(MASK_TILES_PER_PLANE * SMALL.mxm_planes, 7):
@@ -882,3 +884,48 @@ def test_a_tensor_without_room_says_when_the_free_space_is_in_pieces():
     with pytest.raises(CompileError, match=r"bytes are free .*, but a tensor lives in one hemisphere and either "
                                            r"has at most [\d,]+: the graph does not fit"):
         lpucore.compile(g, ChipConfig.small())
+
+
+def _issues(compiled, queue):
+    """(cycle, instruction) of each issue on ``queue`` (a Repeat's repeats as its instruction's)."""
+    out, t, prev = [], 0, None
+    for ins in compiled.program.queues[queue]:
+        op = ins.op.mnemonic
+        if op == "NOP":
+            t += ins["n"]
+        elif op == "Repeat":
+            out += [(t - 1 + k * ins["d"], prev) for k in range(1, ins["n"] + 1)]
+            t = out[-1][0] + 1
+        else:
+            out.append((t, ins))
+            prev, t = ins, t + 1
+    return out
+
+
+def test_a_gemv_loads_its_weights_back_to_back():
+    """A GEMV's one activation row a chunk takes no stream of its own: its product issues at the cycle of
+    its plane's next weight install, on one of that plane's streams (free then; the weights in effect are
+    still its own), and an LW cycle some of whose streams or slices are taken loads the rows that fit
+    rather than none. So on the GroqChip nearly every load past each plane's first runs its 20 LW cycles
+    back to back, 16 rows each, and installs the next cycle (before: one cycle lost to each product);
+    every load takes the whole buffer; both engines give NumPy's product in the predicted cycles."""
+    K, N = 4 * GROQ.lanes, 8 * GROQ.lanes
+    X, W = values((1, K), np.int8, 11), values((K, N), np.int8, 12)
+    g = Graph("gemv")
+    g.output("y", g.matmul(g.input("x", (1, K), "int8"), g.constant("w", W)))
+    out, c = run_graph(g, {"x": X}, cfg=GROQ)
+    assert np.array_equal(out["y"], X.astype(np.int32) @ W.astype(np.int32))
+    full = GROQ.mxm_size // GROQ.mxm_lw_streams
+    back_to_back, later = 0, 0
+    for plane in range(GROQ.mxm_planes):
+        loads, lws = [], []
+        for t, ins in _issues(c, f"MXM.{GROQ.plane_name(plane)}.LW"):
+            if ins.op.mnemonic == "LW":
+                lws.append((t, ins["n"]))
+            else:
+                loads.append((lws, t))
+                lws = []
+        assert len(loads) == 8 and all(sum(n for _, n in lws) == GROQ.mxm_size for lws, _ in loads)
+        later += len(loads) - 1
+        back_to_back += sum(lws == [(t, GROQ.mxm_lw_streams) for t in range(iw - full, iw)] for lws, iw in loads[1:])
+    assert back_to_back >= 0.8 * later, (back_to_back, later)

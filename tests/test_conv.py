@@ -308,20 +308,22 @@ def test_windowless_convolution_deals_its_row_blocks_over_the_planes():
     assert (run(g, {"x": X})["y"] == convref.conv2d(X, Wt, None, 1, 1)).all()
 
 
-def _lw_cycles_per_install(compiled, queue):
-    """LW cycles before each IW of an MXM plane's LW queue (a Repeat of an LW counts its repeats)."""
+def _lw_rows_per_install(compiled, queue):
+    """Weight-buffer rows loaded before each IW of an MXM plane's LW queue (each LW's n rows; a Repeat
+    of an LW counts its repeats)."""
     groups, n, last = [], 0, None
     for ins in compiled.program.queues[queue]:
         op = ins.op.mnemonic
         if op == "LW":
-            n += 1
-        elif op == "Repeat" and last == "LW":
-            n += int(ins.text(SMALL).split()[1].rstrip(","))
+            n += ins["n"]
+            last = ins
+        elif op == "Repeat" and last is not None:
+            n += ins["n"] * last["n"]
         elif op == "IW":
             groups.append(n)
             n = 0
-        if op != "Repeat":
-            last = op
+        if op not in ("LW", "Repeat"):
+            last = None
     return groups
 
 
@@ -336,9 +338,9 @@ def test_windowless_convolution_loads_only_the_weights_past_its_first_load():
     g.output("y", g.conv2d(g.input("x", X.shape, "int8"), g.constant("w", Wt), padding=1))
     c = lpucore.compile(g, SMALL)
     for q in ("MXM.W0.LW", "MXM.E1.LW"):
-        groups = _lw_cycles_per_install(c, q)
-        assert groups[0] == SMALL.mxm_size // SMALL.mxm_lw_streams          # 64 rows, 8 a cycle
-        assert len(groups) > 9 and set(groups[1:]) == {5}                  # 40 rows: five LW cycles
+        groups = _lw_rows_per_install(c, q)
+        assert groups[0] == SMALL.mxm_size                                  # 64 rows
+        assert len(groups) > 9 and set(groups[1:]) == {40}                 # the 40 rows of weights
 
 
 def test_an_output_position_of_pads_alone_takes_a_window():

@@ -91,29 +91,34 @@ class Ctx:
                 yield b
 
     def free_group(self, d: int, w: int, k: int, xs: Sequence[Tuple[int, int]], used: Optional[Used] = None,
-                   avoid: Sequence[int] = ()) -> Optional[int]:
-        """The first of :meth:`streams` ``(d, w, avoid)`` (advancing the rotation as it does) whose
-        streams base + p, p < len(xs), are free on diagonal k over ``xs[p] = (x0, x1)`` and not taken
-        by the plan being built (``used``); None if there is none."""
+                   avoid: Sequence[int] = (), prefer: Sequence[int] = ()) -> Optional[int]:
+        """The first of ``prefer`` (bases in direction d), then of :meth:`streams` ``(d, w, avoid)``
+        (advancing the rotation as it does), whose streams base + p, p < len(xs), are free on diagonal k
+        over ``xs[p] = (x0, x1)`` and not taken by the plan being built (``used``); None if there is none."""
+        for b in prefer:
+            if b not in avoid and self._group_free(b, k, xs, used):
+                return b
         S = self.S
         n = S // w
         start = self.rot[d] % n
         self.rot[d] += 1
-        diag = self.sched.diag
         for i in range(n):
             b = d * S + ((start + i) % n) * w
-            if b in avoid:
-                continue
-            for p, (x0, x1) in enumerate(xs):
-                key = (b + p, k)
-                if used is not None and key in used:
-                    break
-                ivs = diag.get(key)
-                if ivs is not None and _overlaps(ivs, x0, x1):
-                    break
-            else:
+            if b not in avoid and self._group_free(b, k, xs, used):
                 return b
         return None
+
+    def _group_free(self, b: int, k: int, xs: Sequence[Tuple[int, int]], used: Optional[Used]) -> bool:
+        """Streams b + p are free on diagonal k over ``xs[p]`` and not in ``used``."""
+        diag = self.sched.diag
+        for p, (x0, x1) in enumerate(xs):
+            key = (b + p, k)
+            if used is not None and key in used:
+                return False
+            ivs = diag.get(key)
+            if ivs is not None and _overlaps(ivs, x0, x1):
+                return False
+        return True
 
     # ---- MEM reads and writes as parts of a plan ---------------------------------------------------
     def _queues_free(self, locs, t_iss, used: Used) -> bool:
@@ -228,12 +233,15 @@ class Ctx:
                     moved = True
         return T
 
-    def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used) -> Optional[int]:
+    def read_group(self, plan: Plan, vt: VT, v: int, pos: int, T: int, used: Used,
+                   prefer: Sequence[int] = ()) -> Optional[int]:
         """Plan reads of every byte plane of vector v of vt so that they pass position pos
-        at cycle T on one stream group.  Returns the group's base stream, or None."""
-        return self.read_spec(plan, self._spec(vt, v, pos, None, False), v, T, used)
+        at cycle T on one stream group (the first of ``prefer`` that is free, if any).  Returns the
+        group's base stream, or None."""
+        return self.read_spec(plan, self._spec(vt, v, pos, None, False), v, T, used, prefer)
 
-    def read_spec(self, plan: Plan, spec: tuple, v: int, T: int, used: Used) -> Optional[int]:
+    def read_spec(self, plan: Plan, spec: tuple, v: int, T: int, used: Used,
+                  prefer: Sequence[int] = ()) -> Optional[int]:
         """:meth:`read_group` with the group's :meth:`_spec` (vector v of its tensor) found already."""
         if spec[1] is None:
             return None
@@ -250,7 +258,7 @@ class Ctx:
             if qb is not None and t < len(qb.bits) and qb.bits[t]:
                 return None
         k = T - xs[0][1]
-        b = self.free_group(d, len(offs), k, xs, used)
+        b = self.free_group(d, len(offs), k, xs, used, prefer=prefer)
         if b is None:
             return None
         issues, reads = plan.issues, plan.reads
@@ -1084,45 +1092,43 @@ class _LoadRow:
 
 
 class _LoadRows:
-    """The rows of one MXM weight load (per LW cycle), and :meth:`plan`, which places them at a start
-    cycle (padding rows past the weights' last row read address 0 of their slice). The rows' slices,
-    addresses and readiness do not depend on the cycle tried, so they are found once per load."""
+    """The rows of one MXM weight load, and :meth:`plan`, which places them at a start cycle (padding
+    rows past the weights' last row read address 0 of their slice). The rows' slices, addresses and
+    readiness do not depend on the cycle tried, so they are found once per load. :attr:`rows` groups
+    them ``ws`` to an LW cycle, as a load with every stream free takes them."""
 
-    def __init__(self, ctx: Ctx, srcs, xm: int, din: int):
-        self.ctx, self.din = ctx, din
-        self.rows = [[_LoadRow(ctx, s[0], s[1], s[2], xm, din, zero=len(s) > 3) for s in rs] for rs in srcs]
+    def __init__(self, ctx: Ctx, srcs, xm: int, din: int, ws: int):
+        self.ctx, self.din, self.ws = ctx, din, ws
+        self.flat = [_LoadRow(ctx, s[0], s[1], s[2], xm, din, zero=len(s) > 3) for s in srcs]
+        self.rows = [self.flat[i:i + ws] for i in range(0, len(self.flat), ws)]
         # a row travelling away from the plane never fits
-        self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for rs in self.rows for r in rs)
+        self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for r in self.flat)
         self.x1 = ctx.xloc(din, xm)
         self.slack = len(self.rows)       # cycles a load may wait in all between its LWs
         self.end = 0
 
     def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int,
              iw_from: int = 0) -> Optional[Plan]:
-        """The load's plan with its first LW at cycle W and each next one at the first later cycle its
-        rows can be read (the LWs of a load need not be back to back: a row whose slice is busy waits a
-        cycle, at most ``SLACK`` cycles in all), each on the first group of streams in ``lw_bases`` it fits
-        on, then the IW (no sooner than ``iw_from``: the planes' last product with the weights they have
-        comes first); or None. Every queue of ``q_lws`` (planes at one position) takes the same rows
-        from the same streams: one read feeds them all. :attr:`end` is the IW's cycle."""
+        """The load's plan with its first LW (``ws`` rows) at cycle W and each next one at the next cycle
+        some of the following rows can be read and put on streams: as many of them (up to ``ws``, in
+        order, on distinct slices) as fit on one run of free streams starting at a base of ``lw_bases``
+        (a stream an activation took, or a busy slice, costs the rows it holds up rather than the
+        cycle), waiting at most ``slack`` cycles in all; then the IW (no sooner than ``iw_from``: the
+        planes' last product with the weights they have comes first); or None. Every queue of
+        ``q_lws`` (planes at one position) takes the same rows from the same streams: one read feeds
+        them all. :attr:`end` is the IW's cycle."""
         if self.never or not self._readable(self.rows[0], W):
             return None
-        S, din = self.ctx.S, self.din
+        S, din, flat = self.ctx.S, self.din, self.flat
         plan = Plan()
-        T = W
-        for i, rows in enumerate(self.rows):
-            n = len(rows)
+        T, pos, i = W, 0, 0
+        while pos < len(flat):
+            want = min(ws, len(flat) - pos)
             while True:
                 if T - W - i > self.slack:
                     return None
-                got = None
-                if self._readable(rows, T):
-                    for cand in lw_bases:
-                        if cand - din * S + n <= S:
-                            got = self._on(rows, cand, T)
-                            if got is not None:
-                                break
-                if got is not None:
+                n, cand, got = self._most(flat, pos, want, lw_bases, T, S, din)
+                if n == want or (n and i):
                     break
                 if i == 0:
                     return None
@@ -1130,12 +1136,43 @@ class _LoadRows:
             plan.issues += got[0]
             plan.reads += got[1]
             plan.spans += got[2]
-            plan.issues += [(q, T, "LW", (cand, n, i * ws)) for q in q_lws]
+            plan.issues += [(q, T, "LW", (cand, n, pos)) for q in q_lws]
+            pos += n
+            i += 1
             T += 1
         T = max(T, iw_from)
         plan.issues += [(q, T, "IW", (code,)) for q in q_lws]
         self.end = T
         return plan
+
+    def _most(self, flat, pos: int, want: int, lw_bases: Sequence[int], T: int, S: int, din: int):
+        """(n, base, (issues, reads, spans)): the most of rows pos..pos+want-1 (a prefix, on distinct
+        slices, each readable at cycle T) that one run of free streams from a base of ``lw_bases``
+        takes at the plane at cycle T; n is 0 if none."""
+        rows = self._readable_prefix(flat[pos:pos + want], T)
+        best: Tuple[int, int, tuple] = (0, 0, ())
+        if not rows:
+            return best
+        for cand in lw_bases:
+            room = S - (cand - din * S)
+            if room <= best[0]:
+                continue
+            got = self._on(rows[:room], cand, T)
+            if got[0] > best[0]:
+                best = got[0], cand, got[1:]
+                if best[0] == len(rows):
+                    break
+        return best
+
+    def _readable_prefix(self, rows, T: int) -> list:
+        """The longest prefix of ``rows`` on distinct slices whose every row can be read for an LW at
+        cycle T (see :meth:`_readable`)."""
+        seen = set()
+        for j, r in enumerate(rows):
+            if r.g in seen or not self._readable((r,), T):
+                return rows[:j]
+            seen.add(r.g)
+        return rows
 
     def first_readable(self, W: int) -> Optional[int]:
         """The first cycle >= W at which :meth:`plan` gets past its first check (the first LW's rows
@@ -1167,8 +1204,8 @@ class _LoadRows:
         return True
 
     def _on(self, rows, base: int, T: int):
-        """The reads putting ``rows`` on streams base.. at the plane at cycle T: (issues, reads, spans),
-        or None if one does not fit."""
+        """(n, issues, reads, spans): the reads putting the first n of ``rows`` on streams base.. at the
+        plane at cycle T, n as many as fit (0: none)."""
         diag = self.ctx.sched.diag
         x1 = self.x1
         k = T - x1
@@ -1177,16 +1214,15 @@ class _LoadRows:
         spans: List[Tuple[int, int, int, int]] = []
         for j, r in enumerate(rows):
             stream = base + j
-            ivs = diag.get((stream, k), ())
             x0 = r.x0
-            for a, b in ivs:
+            for a, b in diag.get((stream, k), ()):
                 if not (b < x0 or a > x1):
-                    return None
+                    return j, issues, reads, spans
             tr = T - r.lead
             issues.append((r.q, tr, "Read", (r.addr, stream)))
             reads.append((r.g, tr, r.bank))
             spans.append((stream, k, x0, x1))
-        return issues, reads, spans
+        return len(rows), issues, reads, spans
 
 
 def _find(ctx: Ctx, lo: int, build, what: str, skip: Optional[Callable[[int], Optional[int]]] = None) -> int:
@@ -1253,6 +1289,8 @@ class _Geo:
         # rather take a stream from a load now and then: one cycle each
         spare = SPARE if mm.M > -(-cfg.mxm_size // max(1, half - SPARE)) - -(-cfg.mxm_size // half) else 0
         share = half - spare if min(self.nT, P) > cfg.hemispheres else ctx.S // 2
+        # a GEMV's products wait for the plane's next install (_next_install), on its own streams
+        self.gemv = not spare and not self.fp16
         self.ws = max(1, min(cfg.mxm_lw_streams, share, mm.B.stripes * (2 if self.fp16 else 1)))
         self.Lw = -(-cfg.mxm_size // self.ws)                       # LW cycles of one weight load
         self.Mb = max(1, min(cfg.mxm_accumulators // 2, 256))       # rows of a block (accumulator half)
@@ -1491,14 +1529,12 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     # rows from valid on after the load: zeros loaded, or zero before and not loaded (None: unknown)
     zero_after = [valid if not masked or (r.st.zero_from is not None and r.st.zero_from <= valid) else None
                   for r in runs]
-    Lw = -(-size // ws)
     lead = runs[0]
     # the LWs as soon as the buffer is free; the IW once every plane's last product with the weights it
     # has is issued (d_iw before the new ones take effect)
     lo_w = max([start] + [r.st.lw_free for r in runs])
     iw_from = max(r.st.abc_last + 1 - d_iw for r in runs)
-    lw = _LoadRows(ctx, [[geo.wrow(kc, nt, i * ws + j) for j in range(min(ws, size - i * ws))]
-                         for i in range(Lw)], lead.xm, lead.din)
+    lw = _LoadRows(ctx, [geo.wrow(kc, nt, j) for j in range(size)], lead.xm, lead.din, ws)
     # no row can be read before it is ready (or before cycle 0)
     for i, rows in enumerate(lw.rows):
         for row in rows:
@@ -1516,20 +1552,39 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
     return lw.end + d_iw
 
 
+def _next_install(ctx: Ctx, geo: _Geo, E_: int, rows: Optional[int]) -> int:
+    """The earliest cycle the IW of the plane's next load (of ``rows`` rows at least; None: no next load
+    in this product) can issue, its LWs following this load's IW (in effect at E_) without a break;
+    0 when a product's rows rather go first.
+
+    A GEMV's few activation rows take no spare stream (:class:`_Geo`): issued as soon as their weights
+    are in effect, each takes a stream from the plane's next load, which then needs one more LW cycle
+    (320 rows are 20 full cycles of 16). At the next load's IW the plane's streams are free, and an ABC
+    then still uses the weights in effect (the new ones take effect ``mxm_install_delay`` later); only
+    the product's last loads' products end it, and they are not delayed."""
+    if rows is None or not geo.gemv:
+        return 0
+    return E_ - ctx.cfg.mxm_install_delay + 1 + -(-rows // geo.ws)
+
+
 def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, rows: Sequence[Tuple[int, bool]], b0: int,
-                 bank: int, E_: int, fresh: bool) -> None:
+                 bank: int, E_: int, fresh: bool, after: int = 0) -> None:
     """One ABC per row (m, first) of ``rows`` (rows of the block starting at b0) for chunk kc on run's
     plane, from cycle E_ (the weights in effect); a row's ``first`` chunk replaces its accumulator, the
     others add to it; a float16 odd chunk is the upper half of a vector, shifted down by the SXM on its
-    way. ``fresh``: these are the block's first products, which wait for its accumulator half."""
+    way. ``fresh``: these are the block's first products, which wait for its accumulator half. ``after``:
+    the first row's product not before that cycle (:func:`_next_install`)."""
     cfg, mm, st = ctx.cfg, geo.mm, run.st
     L, xm, din = cfg.lanes, run.xm, run.din
+    # at the next install the plane's own streams are free, and the next load's LW cycles (placed
+    # after) may then use the others: the last of its home group first (an LW takes a run of streams)
+    prefer = range(run.lw_bases[0] + geo.ws - 1, run.lw_bases[0] - 1, -1) if geo.gemv else ()
     for j, (m, first) in enumerate(rows):
         i = m - b0
         got = geo.a_vec(m, kc)
         assert got is not None
         A, av, shift = got
-        lo_t = max(E_, st.abc_next)
+        lo_t = max(E_, st.abc_next, after)
         if j == 0 and fresh:
             lo_t = max(lo_t, st.half_free[bank] - cfg.mxm_delay)
         # a try whose read of the row would issue before the row is ready fails first thing, leaving
@@ -1540,7 +1595,7 @@ def _activations(ctx: Ctx, geo: _Geo, run: _Run, kc: int, rows: Sequence[Tuple[i
         def build_a(T, A=A, av=av, shift=shift, i=i, first=first):
             plan, used = Plan(), {}
             if not shift:
-                src = ctx.read_group(plan, A, av, xm, T, used)
+                src = ctx.read_group(plan, A, av, xm, T, used, prefer)
                 if src is None:
                     return None
             else:
@@ -1631,7 +1686,11 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
     geo = _Geo(ctx, mm, planes)
     k0, k1 = chunks if chunks is not None else (0, geo.nK)
     last = 0
-    for nt, runs in _units(ctx, geo, planes, planes_state, tiles):
+    units = _units(ctx, geo, planes, planes_state, tiles)
+    # the planes with work in a later unit (their next load: at least a partial chunk's rows)
+    later = [{r.p for _, runs in units[u + 1:] for r in runs} for u in range(len(units))]
+    least = min(geo.valid_rows(k0), geo.valid_rows(k1 - 1))
+    for u, (nt, runs) in enumerate(units):
         dealt = {r.p: r.blocks if r.blocks is not None else
                  [(b0, min(r.r1, b0 + geo.Mb)) for b0 in range(r.r0, r.r1, geo.Mb)] for r in runs}
         for step in range(max(len(d) for d in dealt.values())):
@@ -1647,7 +1706,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
             order = _chunk_order(geo, [r for r, _, _ in blocks], k0, k1)
             firsts = {m: geo.first_chunk(m, order[0]) for r, b0, b1 in blocks for m in range(b0, b1)}
             fresh = {r.p: True for r, _, _ in blocks}
-            for kc in order:
+            for i, kc in enumerate(order):
                 for group in by_hem.values():
                     rows = {r.p: [(m, firsts[m] == kc) for m in range(b0, b1) if geo.a_vec(m, kc) is not None]
                             for (r, b0, b1), _ in group}
@@ -1656,7 +1715,10 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
                     E_ = _load(ctx, geo, [r for (r, _, _), _ in group], nt, kc, start)
                     for (r, b0, _), bank in group:
                         if rows[r.p]:
-                            _activations(ctx, geo, r, kc, rows[r.p], b0, bank, E_, fresh[r.p])
+                            more = step + 1 < len(dealt[r.p]) or r.p in later[u]
+                            nxt = geo.valid_rows(order[i + 1]) if i + 1 < len(order) else least if more else None
+                            _activations(ctx, geo, r, kc, rows[r.p], b0, bank, E_, fresh[r.p],
+                                         _next_install(ctx, geo, E_, nxt))
                             fresh[r.p] = False
             for (r, b0, b1), bank in zip(blocks, banks):
                 last = max(last, _results(ctx, geo, r, nt, b0, b1, bank))

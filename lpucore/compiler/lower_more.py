@@ -69,8 +69,9 @@ def matmul(c, a, b, t, name, kind):
 # column tiles per MXM plane from which an int8 product of few rows masks its last partial chunk of K: the
 # masking kernel delays the product's first use of that chunk by a MEM round trip, which pays only where the
 # weight loads dominate (GPT-2-small's step: 43,801 cycles unmasked, 43,564 masking the head's 158 tiles
-# alone (4 a plane or more), 43,687 masking the 8-10-tile q/k/v and MLP products too (2 a plane))
-MASK_TILES_PER_PLANE = 4
+# alone (4 a plane or more), 43,687 masking the 8-10-tile q/k/v and MLP products too (2 to 2.5 a plane);
+# bench_gemm's GEMV (c), 13 tiles (3.25 a plane): 1,009 cycles unmasked, 1,003 masked)
+MASK_TILES_PER_PLANE = 3
 
 
 def masked_last(c, A: VT, B: VT, dims: Tuple[int, int, int], tid: int) -> Optional[VT]:
