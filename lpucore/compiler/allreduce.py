@@ -314,10 +314,21 @@ def _sets(ctx: Ctx, geo: _Geometry, alus: Sequence[int], rows: int, n_stage: int
 def _first_fit(ctx: Ctx, geo: _Geometry, radices: Sequence[int], op: str, out: VT, r: int, s: Sequence[int],
                root: Expr, ch, lo: int) -> Optional[Tuple[int, "_RowPlan", int]]:
     """The first start cycle from ``lo`` (within SEARCH) at which row r's reduction on ALU set s fits the
-    reservation table: (landing cycle, its plan, start cycle), not committed; None if none fits."""
+    reservation table: (landing cycle, its plan, start cycle), not committed; None if none fits.
+
+    Every issue and landing of the plan is at a fixed offset from the start cycle (only its streams
+    depend on what is free), so the queues and latches a try has met are checked first at each later
+    start: a start they refuse is passed without building the plan (compile time; the same cycle is
+    found)."""
     fin, rest = s[:FIN], s[FIN:]
     d = out.dtype
-    for a in range(lo, lo + SEARCH):
+    need: _Need = ([], [], [])
+    a = lo
+    while a < lo + SEARCH:
+        nxt = _next_free(ctx, need, a)
+        if nxt != a:
+            a = nxt
+            continue
         rp = _RowPlan(ctx, geo, radices, op, d, fin, rest)
         prod = _chain_plan(ctx, rp, root, ch, r, a)
         n = 1
@@ -329,7 +340,50 @@ def _first_fit(ctx: Ctx, geo: _Geometry, radices: Sequence[int], op: str, out: V
         landing = rp.finish(prod, out, r) if prod is not None else None
         if landing is not None and ctx.sched.fits(rp.plan):
             return landing, rp, a
+        if len(rp.plan.issues) > len(need[0]):
+            need = ([(q, t - a) for q, t, _, _ in rp.plan.issues if not q.startswith("MEM")],
+                    [(alu, t - a) for alu, t in rp.plan.lands],
+                    [(alu, t0 - a, t1 - a) for alu, t0, t1 in rp.plan.holds])
+        a += 1
     return None
+
+
+# what a reduction's plan from a start cycle needs whatever streams it takes, as offsets from the start:
+# VXM and SXM queues' issue cycles, ALU latches' landings, ALU latches held (from, to]
+_Need = Tuple[List[Tuple[str, int]], List[Tuple[int, int]], List[Tuple[int, int, int]]]
+
+
+def _next_free(ctx: Ctx, need: _Need, a: int) -> int:
+    """The first start from a at which what ``need`` holds is free: its queues free at start + offset,
+    no result landing or held in its latches' landing cycles, none landing in its held latches. Every
+    start skipped fails on one of them (:func:`_first_fit`)."""
+    sched = ctx.sched
+    busy, landed, held = sched.busy, sched.landed, sched.held
+    moved = True
+    while moved:
+        moved = False
+        for q, off in need[0]:
+            b = busy.get(q)
+            if b is not None and b.get(a + off):
+                a = _clear_from(b.bits, a + off) - off
+                moved = True
+        for alu, off in need[1]:
+            for b in (landed.get(alu), held.get(alu)):
+                if b is not None and b.get(a + off):
+                    a = _clear_from(b.bits, a + off) - off
+                    moved = True
+        for alu, lo, hi in need[2]:
+            b = landed.get(alu)
+            while b is not None and b.any_in(a + lo + 1, a + hi + 1):
+                a += 1
+                moved = True
+    return a
+
+
+def _clear_from(bits: bytearray, c: int) -> int:
+    """The first cycle from c that is not in the set ``bits``."""
+    got = bits.find(0, c)
+    return got if got >= 0 else len(bits)
 
 
 def _commit(ctx: Ctx, found: Tuple[int, "_RowPlan", int], out: VT, r: int, ch) -> int:
