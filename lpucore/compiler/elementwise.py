@@ -131,10 +131,17 @@ def map_sets(c: Any, out: VT, root: Expr, alus: Optional[Sequence[int]] = None) 
     if not hot:
         return map_kernel(c.ctx, root, out, alus=alus)
     per = len(al) // k
+    # each copy off the slices of the kernel's other operands and of the copies made before it: a set
+    # reads its copies of two constants in one cycle (a slice reads one vector a cycle)
     near = [out] + [n.source()[0] for n in _topo(root) if n.op == "in"]
     sets: List[tuple] = []
     for j in range(k):
-        rj = root if j == 0 else swap_sources(root, {i: replica(c, vt, j, near) for i, vt in hot.items()})
+        swap: Dict[int, VT] = {}
+        for i, vt in hot.items():
+            if j:
+                swap[i] = replica(c, vt, j, near)
+                near.append(swap[i])
+        rj = swap_sources(root, swap) if swap else root
         sets.append((rj, list(range(j, out.nvec, k)), al[j * per:(j + 1) * per]))
     try:
         for rj, vs, a in sets:
