@@ -1412,7 +1412,9 @@ class Compiler:
         """int8 round(x / scale) + zp. Without a zero point one ``cvt`` float32 -> int8 (round half to even,
         NaN to 0, saturate: the bits of going through int32, whose range holds int8's, in one VXM operation
         instead of two; a residual block's requantisation is bound by its VXM operations)."""
-        q = E("div", F32, self.operand(x, t.shape, F32), self.operand(scale, t.shape, F32))
+        q = self.operand(x, t.shape, F32)
+        if self.scalars.get(scale.id) != 1.0:          # x / 1 is x, bit for bit (a requantisation's
+            q = E("div", F32, q, self.operand(scale, t.shape, F32))    # scale folded into its multiplier)
         if not zp:
             return cvt(q, I8)
         return cvt(E("add", I32, cvt(q, I32), Expr.const(I32, zp)), I8)

@@ -134,7 +134,9 @@ class FloatNet(Marks):
 class Int8Params:
     """The int8 network's constants, shared by :class:`GraphInt8` and :class:`NumpyInt8` so that both
     compute with the same numbers: per conv, int8 weights (per-output-channel scale max |w| / 127 of
-    the folded weights), the float32 multiplier ``s_in * s_w`` and shift; the classifier likewise."""
+    the folded weights), the float32 multiplier ``s_in * s_w / s_out`` and shift ``shift / s_out``
+    (computed in float64: the output's scale folded in, so that requantising is a ``cvt`` of the
+    result, as a fixed-point requantisation multiplies by one combined scale); the classifier likewise."""
 
     def __init__(self, spec: ResNetSpec, w: Dict[str, np.ndarray], scales: Dict[str, float], stem: str = "direct"):
         self.s = scales
@@ -151,7 +153,9 @@ class Int8Params:
         for c in spec.convs():
             wf, shift = folded(w, c)
             wq, ws = _per_channel(wf.reshape(len(wf), -1))
-            self.conv[c.conv] = (wq.reshape(wf.shape), (sin[c.conv] * ws).astype(F32), shift.astype(F32))
+            sout = np.float64(scales[c.conv])
+            self.conv[c.conv] = (wq.reshape(wf.shape), (sin[c.conv] * ws / sout).astype(F32),
+                                 (shift / sout).astype(F32))
         self.conv[spec.stem.conv] = stem_form(stem, *self.conv[spec.stem.conv])
         self.last = prev
         fq, fs = _per_channel(w["fc.weight"].astype(np.float64))
@@ -168,9 +172,17 @@ def _per_channel(w: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.int8), s
 
 
+def residual_ratio(res_scale: float, out_scale: float, channels: int) -> np.ndarray:
+    """A shortcut's int8 values' scale over the block output's, per channel (float32; computed in float64):
+    the shortcut added as ``q_res * ratio`` to a sum already in units of the output's scale."""
+    return np.full(channels, np.float64(res_scale) / np.float64(out_scale), dtype=F32)
+
+
 class GraphInt8(Marks):
-    """The int8 network on a Graph: int8 convolutions (int32 sums), requantised in float32 on the VXM
-    (``cast``, ``mul``, ``add``, shortcut ``dequantize``, ``relu``, ``quantize``: one fused kernel)."""
+    """The int8 network on a Graph: int8 convolutions (int32 sums), requantised in float32 on the VXM in
+    one fused kernel: ``cast``, ``mul`` and ``add`` per channel (the output's scale folded in, Int8Params),
+    a shortcut's ``cast`` and ``mul`` by its scale ratio, ``relu``, ``quantize`` with scale 1 (a lone
+    ``cvt``): 8 VXM operations at a block's end, so that two ALU sets take two rows a cycle."""
 
     def __init__(self, g: Graph, p: Int8Params):
         super().__init__(g)
@@ -181,10 +193,11 @@ class GraphInt8(Marks):
         wq, m, shift = self.p.conv[c.conv]
         acc = g.conv2d(q, self.const(c.conv, wq), stride=c.stride, padding=c.padding)
         y = g.add(g.mul(g.cast(acc, "float32"), m.reshape(-1, 1, 1)), shift.reshape(-1, 1, 1))
-        if res is not None:
-            y = g.add(y, g.dequantize(res[0], res[1], dtype="float32"))
         sout = self.p.s[c.conv]
-        return g.quantize(g.relu(y) if relu else y, sout), sout
+        if res is not None:
+            ratio = residual_ratio(res[1], sout, len(m))
+            y = g.add(y, g.mul(g.cast(res[0], "float32"), ratio.reshape(-1, 1, 1)))
+        return g.quantize(g.relu(y) if relu else y, 1.0), sout
 
     def pool(self, x):
         return self.g.max_pool2d(x[0], 3, 2, 1), x[1]
@@ -215,10 +228,11 @@ class NumpyInt8(Marks):
         (q, _sin), (wq, m, shift) = x, self.p.conv[c.conv]
         acc = convref.conv2d(q, wq, None, c.stride, c.padding).astype(F32)
         y = acc * m.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
+        sout = self.p.s[c.conv]
         if res is not None:
-            y = y + res[0].astype(F32) * F32(res[1])
+            y = y + res[0].astype(F32) * residual_ratio(res[1], sout, len(m)).reshape(1, -1, 1, 1)
         y = np.maximum(y, F32(0)) if relu else y
-        return self.quantize(y, self.p.s[c.conv]), self.p.s[c.conv]
+        return self.quantize(y, 1.0), sout
 
     def pool(self, x):
         return convref.max_pool2d(x[0], 3, 2, 1), x[1]
