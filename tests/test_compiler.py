@@ -640,9 +640,9 @@ def test_a_last_partial_chunk_loaded_after_another_skips_the_buffers_zero_rows()
 
 
 def test_a_product_over_many_tiles_masks_its_last_chunk_and_loads_only_its_rows():
-    """An int8 product of two rows over many column tiles (4 a plane or more) whose K ends in a partial
-    chunk zeroes that chunk's activation lanes past K once (a VXM and), so every tile's load of the chunk
-    takes its 20 rows only, stale weights past them meeting zero lanes; both
+    """An int8 product of two rows over many column tiles (MASK_TILES_PER_PLANE a plane or more) whose K
+    ends in a partial chunk zeroes that chunk's activation lanes past K once (a VXM and), so every tile's
+    load of the chunk takes its 20 rows only, stale weights past them meeting zero lanes; both
     engines give NumPy's product in the predicted cycles."""
     from lpucore.compiler.lower_more import MASK_TILES_PER_PLANE
     for groups in _gemv_lw_groups(MASK_TILES_PER_PLANE * SMALL.mxm_planes, 7):

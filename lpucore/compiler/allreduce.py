@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from .. import dtypes as dt
 from .. import isa
 from ..errors import CompileError
+from . import kernels
 from .kernels import SEARCH, Ctx, E, Expr, Used, _collides, _layout, _staged, _topo, _vxm_args, earliest
 from .memory import VT
 from .schedule import Plan
@@ -316,19 +317,24 @@ def _first_fit(ctx: Ctx, geo: _Geometry, radices: Sequence[int], op: str, out: V
     """The first start cycle from ``lo`` (within SEARCH) at which row r's reduction on ALU set s fits the
     reservation table: (landing cycle, its plan, start cycle), not committed; None if none fits.
 
-    Every issue and landing of the plan is at a fixed offset from the start cycle (only its streams
-    depend on what is free), so the queues and latches a try has met are checked first at each later
-    start: a start they refuse is passed without building the plan (compile time; the same cycle is
-    found)."""
+    A try that fails leaves no trace (the stream groups' rotation it advanced is put back). Every issue,
+    landing and hold of the plan is at a fixed offset from the start (only its streams depend on what
+    is free), so with :data:`~lpucore.compiler.kernels.FAST_SEARCH` the queues and latches the furthest
+    try so far has met are checked first at each later start, and a start they refuse is passed
+    without building the plan (compile time; the same start and streams are found)."""
     fin, rest = s[:FIN], s[FIN:]
     d = out.dtype
     need: _Need = ([], [], [])
+    built = 0                              # issues of the furthest try (need holds its offsets)
+    rot = list(ctx.rot)
     a = lo
     while a < lo + SEARCH:
-        nxt = _next_free(ctx, need, a)
-        if nxt != a:
-            a = nxt
-            continue
+        if kernels.FAST_SEARCH:
+            nxt = _next_free(ctx, need, a)
+            if nxt != a:
+                a = nxt
+                continue
+        ctx.rot[:] = rot
         rp = _RowPlan(ctx, geo, radices, op, d, fin, rest)
         prod = _chain_plan(ctx, rp, root, ch, r, a)
         n = 1
@@ -340,11 +346,13 @@ def _first_fit(ctx: Ctx, geo: _Geometry, radices: Sequence[int], op: str, out: V
         landing = rp.finish(prod, out, r) if prod is not None else None
         if landing is not None and ctx.sched.fits(rp.plan):
             return landing, rp, a
-        if len(rp.plan.issues) > len(need[0]):
+        if len(rp.plan.issues) > built:
+            built = len(rp.plan.issues)
             need = ([(q, t - a) for q, t, _, _ in rp.plan.issues if not q.startswith("MEM")],
                     [(alu, t - a) for alu, t in rp.plan.lands],
                     [(alu, t0 - a, t1 - a) for alu, t0, t1 in rp.plan.holds])
         a += 1
+    ctx.rot[:] = rot
     return None
 
 

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ..errors import CompileError
 from .kernels import MAX_ALU_SETS, E, Expr, NeedsSplit, _chains, _topo, map_kernel
 from .memory import VT, TiledVT
 
@@ -133,13 +134,17 @@ def map_sets(c: Any, out: VT, root: Expr, alus: Optional[Sequence[int]] = None) 
     per = len(al) // k
     # each copy off the slices of the kernel's other operands and of the copies made before it: a set
     # reads its copies of two constants in one cycle (a slice reads one vector a cycle)
-    near = [out] + [n.source()[0] for n in _topo(root) if n.op == "in"]
+    base = [out] + [n.source()[0] for n in _topo(root) if n.op == "in"]
+    near = list(base)
     sets: List[tuple] = []
     for j in range(k):
         swap: Dict[int, VT] = {}
         for i, vt in hot.items():
             if j:
-                swap[i] = replica(c, vt, j, near)
+                try:
+                    swap[i] = replica(c, vt, j, near)
+                except CompileError:                  # crowded: off the copies of the same constant only
+                    swap[i] = replica(c, vt, j, near[:len(base)])
                 near.append(swap[i])
         rj = swap_sources(root, swap) if swap else root
         sets.append((rj, list(range(j, out.nvec, k)), al[j * per:(j + 1) * per]))

@@ -95,10 +95,10 @@ class Ctx:
         """The first of ``prefer`` (bases in direction d), then of :meth:`streams` ``(d, w, avoid)``
         (advancing the rotation as it does), whose streams base + p, p < len(xs), are free on diagonal k
         over ``xs[p] = (x0, x1)`` and not taken by the plan being built (``used``); None if there is none."""
-        for b in prefer:
-            if b not in avoid and self._group_free(b, k, xs, used):
-                return b
         S = self.S
+        for b in prefer:
+            if b // S == d and b % S + w <= S and b not in avoid and self._group_free(b, k, xs, used):
+                return b
         n = S // w
         start = self.rot[d] % n
         self.rot[d] += 1
@@ -1104,7 +1104,7 @@ class _LoadRows:
         # a row travelling away from the plane never fits
         self.never = any(ctx.dir_to(ctx.slice_pos[r.g], xm) != din for r in self.flat)
         self.x1 = ctx.xloc(din, xm)
-        self.slack = len(self.rows)       # cycles a load may wait in all between its LWs
+        self.slack = len(self.rows)       # cycles a load may lose in all between its LWs
         self.end = 0
 
     def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int,
@@ -1113,10 +1113,10 @@ class _LoadRows:
         some of the following rows can be read and put on streams: as many of them (up to ``ws``, in
         order, on distinct slices) as fit on one run of free streams starting at a base of ``lw_bases``
         (a stream an activation took, or a busy slice, costs the rows it holds up rather than the
-        cycle), waiting at most ``slack`` cycles in all; then the IW (no sooner than ``iw_from``: the
-        planes' last product with the weights they have comes first); or None. Every queue of
-        ``q_lws`` (planes at one position) takes the same rows from the same streams: one read feeds
-        them all. :attr:`end` is the IW's cycle."""
+        cycle), losing at most ``slack`` cycles in all to waits and short cycles; then the IW (no
+        sooner than ``iw_from``: the planes' last product with the weights they have comes first); or
+        None. Every queue of ``q_lws`` (planes at one position) takes the same rows from the same
+        streams: one read feeds them all. :attr:`end` is the IW's cycle."""
         if self.never or not self._readable(self.rows[0], W):
             return None
         S, din, flat = self.ctx.S, self.din, self.flat
@@ -1125,7 +1125,8 @@ class _LoadRows:
         while pos < len(flat):
             want = min(ws, len(flat) - pos)
             while True:
-                if T - W - i > self.slack:
+                # cycles lost so far (waited, or taking fewer rows than a cycle holds), at most slack
+                if T - W - -(-pos // ws) > self.slack:
                     return None
                 n, cand, got = self._most(flat, pos, want, lw_bases, T, S, din)
                 if n == want or (n and i):
