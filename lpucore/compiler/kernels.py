@@ -1107,7 +1107,7 @@ class _LoadRows:
         self.slack = len(self.rows)       # cycles a load may lose in all between its LWs
         self.end = 0
 
-    def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], ws: int, code: int,
+    def plan(self, W: int, lw_bases: Sequence[int], q_lws: Sequence[str], code: int,
              iw_from: int = 0) -> Optional[Plan]:
         """The load's plan with its first LW (``ws`` rows) at cycle W and each next one at the next cycle
         some of the following rows can be read and put on streams: as many of them (up to ``ws``, in
@@ -1119,7 +1119,7 @@ class _LoadRows:
         streams: one read feeds them all. :attr:`end` is the IW's cycle."""
         if self.never or not self._readable(self.rows[0], W):
             return None
-        S, din, flat = self.ctx.S, self.din, self.flat
+        S, din, flat, ws = self.ctx.S, self.din, self.flat, self.ws
         plan = Plan()
         T, pos, i = W, 0, 0
         while pos < len(flat):
@@ -1541,7 +1541,7 @@ def _load(ctx: Ctx, geo: _Geo, runs: Sequence[_Run], nt: int, kc: int, start: in
         for row in rows:
             lo_w = max(lo_w, max(row.ready, 0) + row.lead - i)
     qs = [r.q_lw for r in runs]
-    _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, ws, geo.code, iw_from),
+    _find(ctx, lo_w, lambda W: lw.plan(W, lead.lw_bases, qs, geo.code, iw_from),
           f"an MXM weight load for {geo.mm.out.name}", skip=lw.first_readable)
     for rows in lw.rows:
         for row in rows:
@@ -1688,8 +1688,8 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
     k0, k1 = chunks if chunks is not None else (0, geo.nK)
     last = 0
     units = _units(ctx, geo, planes, planes_state, tiles)
-    # the planes with work in a later unit (their next load: at least a partial chunk's rows)
-    later = [{r.p for _, runs in units[u + 1:] for r in runs} for u in range(len(units))]
+    # each plane's last unit (in an earlier one, its next load takes at least a partial chunk's rows)
+    last_unit = {r.p: u for u, (_, runs) in enumerate(units) for r in runs}
     least = min(geo.valid_rows(k0), geo.valid_rows(k1 - 1))
     for u, (nt, runs) in enumerate(units):
         dealt = {r.p: r.blocks if r.blocks is not None else
@@ -1716,7 +1716,7 @@ def matmul_kernel(ctx: Ctx, mm: MatMul, planes_state: Dict[int, _PlaneState],
                     E_ = _load(ctx, geo, [r for (r, _, _), _ in group], nt, kc, start)
                     for (r, b0, _), bank in group:
                         if rows[r.p]:
-                            more = step + 1 < len(dealt[r.p]) or r.p in later[u]
+                            more = step + 1 < len(dealt[r.p]) or last_unit[r.p] > u
                             nxt = geo.valid_rows(order[i + 1]) if i + 1 < len(order) else least if more else None
                             _activations(ctx, geo, r, kc, rows[r.p], b0, bank, E_, fresh[r.p],
                                          _next_install(ctx, geo, E_, nxt))
