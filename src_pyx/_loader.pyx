@@ -8,10 +8,11 @@ raises the exact ProgramError of today's checks.  The tables come from lpucore.f
 derives them from the ISA table and the chip configuration.
 """
 
+cimport cython
 from cpython.long cimport PyLong_CheckExact
 from cpython.object cimport PyObject
 from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE
-from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t
+from libc.stdint cimport int8_t, int32_t, int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 from types import MemberDescriptorType
@@ -460,37 +461,49 @@ def gather_planes(const uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, uint8_t
     return True
 
 
-def scatter_planes(uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, const uint8_t[::1] src, Py_ssize_t cols):
+def scatter_planes(uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, const uint8_t[:, :] src, Py_ssize_t cols,
+                   const int64_t[::1] chunk_col):
     """The inverse of gather_planes: split a host array's elements (little-endian, nbytes =
-    idx.shape[0] each, rows * cols of them, row-major) into byte planes and write vector v of
-    plane p to SRAM row idx[p, v], its padding lanes zero.  False (nothing written) if an index is
-    outside SRAM."""
-    cdef Py_ssize_t nb = idx.shape[0], nvec = idx.shape[1], L = sram.shape[1], v, ln, n, e, p
+    idx.shape[0] each) into byte planes and write vector v (row v // chunks, chunk v % chunks) of
+    plane p to SRAM row idx[p, v], its padding lanes zero.  ``src`` holds the tensor's rows, one a
+    row of bytes (any row stride: a column slice of a wider array is read in place), and chunk c of
+    every row starts at element ``chunk_col[c]`` of its row (c * lanes for the row as it is; other
+    columns gather whole lane runs of a wider array, a tiled weight's member).  False (nothing
+    written) if an index is outside SRAM."""
+    cdef Py_ssize_t nb = idx.shape[0], nvec = idx.shape[1], L = sram.shape[1], v, ln, n, p, r, c
     cdef Py_ssize_t ch = (cols + L - 1) // L if cols > 0 else 1
     cdef uint8_t* d0
     cdef uint8_t* d1
     cdef uint8_t* d2
     cdef uint8_t* d3
+    cdef const uint8_t* s8
     cdef const uint16_t* i16
     cdef const uint32_t* i32
-    if nb not in (1, 2, 4) or cols < 1 or nvec % ch or src.shape[0] != (nvec // ch) * cols * nb:
+    if nb not in (1, 2, 4) or cols < 1 or nvec % ch or src.shape[0] != nvec // ch or chunk_col.shape[0] != ch:
         raise ValueError("scatter_planes: sizes do not match")
+    if src.shape[1] > 1 and src.strides[1] != 1:
+        raise ValueError("scatter_planes: a row's bytes must be contiguous")
+    for c in range(ch):
+        if chunk_col[c] < 0 or (chunk_col[c] + min(L, cols - c * L)) * nb > src.shape[1]:
+            raise ValueError("scatter_planes: a chunk's columns lie outside the rows")
     if nvec == 0:
         return True
     if not _rows_ok(idx, sram.shape[0]):
         return False
     with nogil:
         for v in range(nvec):
-            e = _place(v, ch, cols, L, &n)
+            r, c = v // ch, v % ch
+            n = min(L, cols - c * L)
+            s8 = &src[r, chunk_col[c] * nb]
             if n < L:
                 for p in range(nb):
                     memset(&sram[idx[p, v], n], 0, L - n)
             if nb == 1:
-                memcpy(&sram[idx[0, v], 0], &src[e], n)
+                memcpy(&sram[idx[0, v], 0], s8, n)
             elif nb == 2:
                 d0 = &sram[idx[0, v], 0]
                 d1 = &sram[idx[1, v], 0]
-                i16 = <const uint16_t*>&src[e * 2]
+                i16 = <const uint16_t*>s8
                 for ln in range(n):
                     d0[ln] = <uint8_t>i16[ln]
                     d1[ln] = <uint8_t>(i16[ln] >> 8)
@@ -499,10 +512,37 @@ def scatter_planes(uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, const uint8_
                 d1 = &sram[idx[1, v], 0]
                 d2 = &sram[idx[2, v], 0]
                 d3 = &sram[idx[3, v], 0]
-                i32 = <const uint32_t*>&src[e * 4]
+                i32 = <const uint32_t*>s8
                 for ln in range(n):
                     d0[ln] = <uint8_t>i32[ln]
                     d1[ln] = <uint8_t>(i32[ln] >> 8)
                     d2[ln] = <uint8_t>(i32[ln] >> 16)
                     d3[ln] = <uint8_t>(i32[ln] >> 24)
     return True
+
+
+cdef inline uint64_t _mix64(uint64_t z) noexcept nogil:
+    """splitmix64's finaliser (Steele, Lea and Flood 2014): a bijection of 64-bit words."""
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
+    return z ^ (z >> 31)
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def random_codes(uint64_t key, int8_t[::1] out):
+    """Fill ``out`` with int8 codes in [-127, 127]: word i = mix64(key + i * 0x9E3779B97F4A7C15)
+    gives elements 8i..8i+7, its bytes b from the least significant, each code (b * 255 >> 8) - 127
+    (lpucore.llm.weights._codes is the same in NumPy: the two must agree byte for byte)."""
+    cdef Py_ssize_t n = out.shape[0], i, j, words = n // 8
+    cdef uint64_t z
+    cdef int8_t* o = &out[0] if n > 0 else NULL
+    with nogil:
+        for i in range(words):
+            z = _mix64(key + <uint64_t>i * 0x9E3779B97F4A7C15ULL)
+            for j in range(8):
+                o[8 * i + j] = <int8_t>(<int32_t>(((z >> (8 * j)) & 0xFF) * 255 >> 8) - 127)
+        if n > 8 * words:
+            z = _mix64(key + <uint64_t>words * 0x9E3779B97F4A7C15ULL)
+            for j in range(n - 8 * words):
+                o[8 * words + j] = <int8_t>(<int32_t>(((z >> (8 * j)) & 0xFF) * 255 >> 8) - 127)

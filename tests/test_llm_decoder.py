@@ -18,8 +18,8 @@ from lpucore.llm import Decoder, ModelDoesNotFit, model_config
 PROMPT = [200, 3, 7]
 NEW = 32
 CAPACITY = len(PROMPT) + NEW          # positions used: prompt + NEW - 1; one spare
-SEED = 3        # weights whose greedy choices have no near ties (test_generate_matches_reference checks it; seed 1
-                # came within 1.5 times the logit error of a tie in tiny-moe int8, step 22, once attention divided last)
+SEED = 4        # weights whose greedy choices have no near ties (test_generate_matches_reference checks it): the
+                # closest top-two gap over the six models is 11.5 times the logit error (seeds 1-3: 5.9, 7.9, 0.2)
 MODELS = [(n, p) for n in ("tiny", "tiny-moe", "tiny-gpt2") for p in ("fp16", "int8")]
 
 _cache = {}
@@ -258,7 +258,8 @@ def test_int8_weights_in_column_blocks():
 def test_gpt2_small_int8_on_one_chip_matches_the_reference():
     """GPT-2-small-shaped random weights (124M parameters, int8: 219 MB of the GroqChip's 231 MB with the program's
     temporaries) for 32 greedy tokens. About two minutes, most of it compiling."""
-    dec = Decoder.random("gpt2", seed=0, precision="int8", capacity=33)
+    # seed 2: the closest top-two gap is 14.7 times the logit error (seeds 0 and 1 come within 0.2 of a tie)
+    dec = Decoder.random("gpt2", seed=2, precision="int8", capacity=33)
     res = dec.generate([1], max_new_tokens=NEW)
     tokens, ref_logits = dec.reference().generate([1], NEW)
     top2 = np.sort(ref_logits, axis=1)[:, -2:]
@@ -297,6 +298,10 @@ def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
     # the same units in the one-chip program, so the one-chip step is no lower bound)
     ends = pd.stage_cycles
     assert len(ends) == chips and ends[-1] == pd.step_cycles
+    # each stage's cycles, found from its hand-over's events, are its whole program's expected cycles
+    from lpucore.compiler.emit import expected_cycles
+    assert ends == [max(expected_cycles(c.program), shift + pd.compiled[sig].expected_cycles)
+                    for c, sig, shift in zip(pd.system.chips, pd.signatures, pd.stage_starts)]
     assert all(b > a + dec.chip_config.c2c_latency for a, b in zip(ends, ends[1:]))
     assert all(sum(s.link_vectors.values()) > 0 for s in stats)
     assert [a for a, _ in pd.stages] == [0] + [b for _, b in pd.stages[:-1]] and pd.stages[-1][1] == 6

@@ -22,6 +22,7 @@ from lpucore.llm import (
     save_pretrained,
 )
 from lpucore.llm.reference import apply_rope, rms_norm, rope_cos_sin
+from lpucore.llm.weights import RandomWeights
 
 TINY = ["tiny", "tiny-moe", "tiny-gpt2"]
 PROMPT = np.array([3, 141, 59, 26, 53, 58, 97, 93, 238, 46, 26, 43], dtype=np.int64)
@@ -213,12 +214,49 @@ def test_sampling_is_seeded_and_eos_stops(models):
     assert len(stop) == list(greedy).index(greedy[3]) + 1 and lg.shape[0] == len(stop)
 
 
+def test_random_weights_are_exact_in_int8(models):
+    """Random 2-D weights are int8 codes times a power of two a channel: quantising their float16
+    values gives the codes and scales back (what lets ``Reference`` take them without quantising)."""
+    for cfg, w in models.values():
+        store = RandomWeights(cfg, 1)
+        for name, axis in cfg.int8_tensors().items():
+            q, scale = quantize_int8(w[name].astype(np.float32), axis)
+            q2, scale2 = store.int8(name, axis)
+            np.testing.assert_array_equal(q, q2)
+            np.testing.assert_array_equal(scale, scale2)
+            assert len(np.unique(scale)) > 1 and np.abs(q).max() == 127
+        assert store.int8(cfg.embedding_name, 1) is None         # channels along another axis: quantise
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 4099])
+def test_random_codes_compiled_and_numpy_agree(monkeypatch, n):
+    from lpucore.llm.weights import _codes
+    fast = _codes(0x1234_5678_9ABC_DEF1, n)
+    monkeypatch.setenv("LPUCORE_FAST_LOAD", "0")
+    slow = _codes(0x1234_5678_9ABC_DEF1, n)
+    np.testing.assert_array_equal(fast, slow)
+    assert fast.dtype == np.int8 and (n < 4000 or (fast.min() == -127 and fast.max() == 127))
+
+
+def _gaussian(cfg, w, seed=5):
+    """``w`` plus float16 noise of the weights' own size: values int8 cannot hold exactly (random weights
+    themselves are exact in int8), the kind a checkpoint has."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, a in w.items():
+        a = a.astype(np.float32)
+        out[name] = (a + rng.standard_normal(a.shape, dtype=np.float32) * a.std()).astype(np.float16) \
+            if name in cfg.int8_tensors() else a.astype(np.float16)
+    return out
+
+
 # Per-channel int8 rounds each weight by at most scale/2 = max|row|/254 (about 0.5% RMS of a Gaussian row); over
 # two layers that gives ~1.5% RMS logit error on these models (measured 1.1-1.6%). Tolerance: 5% RMS, 10% of the
 # largest logit anywhere, and the same argmax at >= 80% of positions.
 @pytest.mark.parametrize("name", TINY)
 def test_int8_close_to_fp16(models, name):
     cfg, w = models[name]
+    w = _gaussian(cfg, w)
     ref = Reference(cfg, w).prefill(PROMPT)
     m8 = Reference(cfg, w, precision="int8")
     q8 = m8.prefill(PROMPT)
@@ -367,7 +405,8 @@ def test_quantize_int8_by_hand():
 
 def test_reference_does_not_use_the_compiler():
     """The reference's modules import only each other (and NumPy / the standard library / safetensors, and
-    lpucore.errors for ModelError: exception classes only), so the models the compiled decoder is checked
+    lpucore.errors for ModelError: exception classes only, and lpucore._loader's random_codes, which makes the
+    random weights' codes and has a NumPy twin), so the models the compiled decoder is checked
     against share no code with the compiler."""
     import ast
 
@@ -376,8 +415,8 @@ def test_reference_does_not_use_the_compiler():
     for f in (here / n for n in ("reference.py", "shapes.py", "weights.py")):
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom):
-                if node.level == 2 and node.module == "errors":
-                    continue
+                if node.level == 2 and node.module in ("errors", "_loader"):
+                    continue           # the compiled loader's random_codes: the random weights' bytes
                 assert node.level in (0, 1) and not (node.module or "").startswith("lpucore"), (f.name, node.module)
             elif isinstance(node, ast.Import):
                 assert not any(a.name.startswith("lpucore") for a in node.names), f.name

@@ -195,6 +195,9 @@ class WeightStore(Mapping):
     def _prepare(self, name: str) -> Optional[np.ndarray]:
         """The float32 weight (eager) or its compact form (lazy: fp16, or int8 via :attr:`_q`, then None)."""
         assert self.source is not None       # only an eager store drops it, having prepared every tensor
+        if self._made_int8(name):
+            q, scale, axis = self._q[name]
+            return dequantize_int8(q, scale, axis) if self.eager else None
         a = np.asarray(self.source[name])
         if tuple(a.shape) != self.shapes[name]:
             raise ValueError(f"{self.cfg.name}: tensor {name!r} has shape {tuple(a.shape)}, expected "
@@ -210,6 +213,18 @@ class WeightStore(Mapping):
             self._q[name] = (q, scale, self.int8[name])
             return dequantize_int8(q, scale, self.int8[name]) if self.eager else None
         return a.astype(F32) if self.eager or self.precision == "fp32" else a
+
+    def _made_int8(self, name: str) -> bool:
+        """Whether the source made int8 tensor ``name``'s quantised form itself (random weights:
+        ``source.int8``, what quantising its float16 values gives, without making them), now in :attr:`_q`."""
+        make = getattr(self.source, "int8", None)
+        if name not in self.int8 or self.precision != "int8" or not callable(make):
+            return False
+        got = make(name, self.int8[name])
+        if got is None:
+            return False
+        self._q[name] = (got[0], got[1], self.int8[name])
+        return True
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self._kept:
@@ -267,8 +282,8 @@ class _Quantized(Mapping):
         st = self.store
         if name not in st.int8:
             raise KeyError(name)
-        if name not in st._q:
-            st[name]
+        if name not in st._q:        # prepared (quantised) only: expanding it to float32 here is waste
+            st._kept[name] = st._prepare(name)
         return st._q[name]
 
     def __contains__(self, name):

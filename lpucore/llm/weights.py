@@ -108,6 +108,82 @@ def check_weights(cfg: ModelConfig, weights: Mapping[str, np.ndarray]) -> None:
 
 # ---------------------------------------------------------------------- random weights
 
+CODE_STD = math.sqrt((255 ** 2 - 1) / 12)
+"""Standard deviation of a random int8 code (uniform on the 255 values -127..127): about 73.6."""
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _codes(key: int, n: int) -> np.ndarray:
+    """``n`` int8 codes in [-127, 127] from the 64-bit ``key``: word i = mix64(key + i * golden) (splitmix64's
+    finaliser) gives elements 8i..8i+7 from its least significant byte up, each byte b the code
+    ``(b * 255 >> 8) - 127`` (one value of the 255 has two bytes). The compiled loader fills them at
+    memory speed (``lpucore._loader.random_codes``); this NumPy path gives the same bytes."""
+    out = np.empty(n, dtype=np.int8)
+    if os.environ.get("LPUCORE_FAST_LOAD", "1") != "0":      # as lpucore.fastload: 0 runs the NumPy path
+        try:
+            from .._loader import random_codes
+        except ImportError:                                   # not built: the NumPy path
+            pass
+        else:
+            random_codes(np.uint64(key), out)
+            return out
+    lut = (((np.arange(256) * 255) >> 8) - 127).astype(np.int8)
+    step = 1 << 20                        # words a chunk: bounds the temporaries
+    for w0 in range(0, (n + 7) // 8, step):
+        z = np.arange(w0, min(w0 + step, (n + 7) // 8), dtype=np.uint64) * _GOLDEN + np.uint64(key)
+        z ^= z >> np.uint64(30)
+        z *= np.uint64(0xBF58476D1CE4E5B9)
+        z ^= z >> np.uint64(27)
+        z *= np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+        b = z.astype("<u8").view(np.uint8)[: n - 8 * w0]
+        out[8 * w0: 8 * w0 + b.size] = lut[b]
+    return out
+
+
+def _std(cfg: ModelConfig, name: str, shape: Tuple[int, ...]) -> float:
+    """The standard deviation a random 2-D tensor aims at (:func:`random_weights`)."""
+    if name == cfg.embedding_name:
+        return 1 / math.sqrt(cfg.d_model) if cfg.tie_embeddings else 1.0
+    if name == "wpe.weight":
+        return 1.0
+    return 1 / math.sqrt(shape[0] if cfg.family == "gpt2" else shape[1])
+
+
+def random_int8(cfg: ModelConfig, name: str, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, int]:
+    """``(q int8, scale float32 [channels], axis)`` of the 2-D random tensor ``name``: the tensor is
+    ``q * scale`` along the output-channel ``axis`` (:meth:`ModelConfig.int8_tensors`, 0 for the
+    others), exactly, and :func:`quantize_int8` of it (at float16 or float32) gives back ``q`` and
+    ``scale``: every scale is a power of two and every channel holds a code of magnitude 127.
+
+    Codes are uniform (:func:`_codes`, keyed by the tensor's generator); each channel's scale is
+    ``2**-k`` or ``2**-(k+1)`` (drawn per channel, so a kernel that mixed up channels would be seen), ``k``
+    the integer nearest to what gives the tensor the standard deviation of :func:`random_weights`. A
+    Linear weight ``[out, in]``'s codes are made ``[in, out]`` in memory (``q`` is a transposed view):
+    the layout the chip's weight rows take, so loading needs no transpose."""
+    shape = tuple(cfg.tensor_shapes()[name])
+    if len(shape) != 2:
+        raise ValueError(f"random_int8: {name!r} is not a 2-D tensor")
+    axis = cfg.int8_tensors().get(name, 0)
+    rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
+    key = int(rng.integers(0, 1 << 63)) * 2 + 1
+    ch, fan = shape[axis], shape[1 - axis]
+    rows_major = axis == 0 and name not in (cfg.embedding_name, "wpe.weight")   # embeddings: rows read whole
+    q = _codes(key, ch * fan).reshape((fan, ch) if rows_major else shape)
+    if rows_major:
+        q = q.T                                           # [out, in], a view of the [in, out] codes
+    top = rng.integers(0, fan, size=ch)                   # one code of magnitude 127 per channel
+    sign = np.where(rng.integers(0, 2, size=ch) == 1, 127, -127).astype(np.int8)
+    if axis == 0:
+        q[np.arange(ch), top] = sign
+    else:
+        q[top, np.arange(ch)] = sign
+    # E[scale^2] over the two exponents is 0.625 * 4**-k: k makes CODE_STD * scale the target std
+    k = round(math.log2(CODE_STD * math.sqrt(0.625) / _std(cfg, name, shape)))
+    scale = np.ldexp(np.float32(1.0), -(k + rng.integers(0, 2, size=ch))).astype(np.float32)
+    return q, scale, axis
+
+
 def random_tensor(cfg: ModelConfig, name: str, seed: int = 0, dtype=np.float16) -> np.ndarray:
     """Tensor ``name`` of the deterministic random weight set of ``cfg`` (see :func:`random_weights`).
 
@@ -115,22 +191,13 @@ def random_tensor(cfg: ModelConfig, name: str, seed: int = 0, dtype=np.float16) 
     70B model) can be made without the others, in any order, with the values :func:`random_weights` gives.
     """
     shape = cfg.tensor_shapes()[name]
+    if len(shape) == 2:
+        q, scale, axis = random_int8(cfg, name, seed)
+        w = q.astype(np.float32) * (scale[:, None] if axis == 0 else scale[None, :])    # exact
+        return np.ascontiguousarray(w.astype(dtype))
     rng = np.random.default_rng([int(seed), zlib.crc32(name.encode())])
-    d = cfg.d_model
-    if len(shape) == 1:
-        is_gain = name.endswith("weight")
-        w = (1.0 if is_gain else 0.0) + 0.1 * rng.standard_normal(shape, dtype=np.float32)
-    elif name == cfg.embedding_name:
-        w = rng.standard_normal(shape, dtype=np.float32) * np.float32(1 / math.sqrt(d) if cfg.tie_embeddings
-                                                                      else 1.0)
-    elif name == "wpe.weight":
-        # Unit positions: with a tied head and small token embeddings a random gpt2 otherwise echoes its
-        # last token forever; position-dependent hidden states keep greedy decoding varied.
-        w = rng.standard_normal(shape, dtype=np.float32)
-    else:
-        fan_in = shape[0] if cfg.family == "gpt2" else shape[1]
-        w = rng.standard_normal(shape, dtype=np.float32)
-        w *= np.float32(1 / math.sqrt(fan_in))
+    is_gain = name.endswith("weight")
+    w = (1.0 if is_gain else 0.0) + 0.1 * rng.standard_normal(shape, dtype=np.float32)
     return w.astype(dtype)
 
 
@@ -148,6 +215,14 @@ class RandomWeights(Mapping):
             raise KeyError(name)
         return random_tensor(self.cfg, name, self.seed, self.dtype)
 
+    def int8(self, name: str, axis: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
+        """``quantize_int8(self[name] as float32, axis)`` without making the float tensor: ``(q, scale)``
+        (:func:`random_int8`), or None when ``name`` is not 2-D or its channels are not along ``axis``."""
+        if len(self._shapes.get(name, ())) != 2 or self.cfg.int8_tensors().get(name, 0) != axis:
+            return None
+        q, scale, _ = random_int8(self.cfg, name, self.seed)
+        return q, scale
+
     def __contains__(self, name) -> bool:      # without making the tensor
         return name in self._shapes
 
@@ -164,10 +239,13 @@ class RandomWeights(Mapping):
 def random_weights(cfg: ModelConfig, seed: int = 0, dtype=np.float16) -> Weights:
     """A deterministic random weight set for ``cfg`` whose activations stay O(1).
 
-    Matmul weights are ``normal / sqrt(fan_in)`` so each projection preserves the scale of its input. Token
-    embeddings are ``normal`` (llama: RMSNorm rescales them anyway), or ``normal / sqrt(d_model)`` when tied so
-    the tied head also gives O(1) logits. gpt2's learned positions are ``normal``. Norm gains are
-    ``1 + 0.1 normal`` and biases ``0.1 normal`` (not exactly 1 and 0, so a reference that ignored them would be
+    Every 2-D tensor is int8 codes times a power of two per output channel (:func:`random_int8`: uniform
+    codes, made at memory speed, so a 7B model's weights take seconds, and int8 quantisation gives them back
+    exactly), with the standard deviation, within a factor of about 1.4, of: ``1 / sqrt(fan_in)`` for matmul
+    weights, so each projection about preserves the scale of its input; ``1`` for token embeddings (llama:
+    RMSNorm rescales them anyway), or ``1 / sqrt(d_model)`` when tied so the tied head also gives O(1)
+    logits; ``1`` for gpt2's learned positions. Norm gains are ``1 + 0.1 normal`` and biases ``0.1 normal``
+    (not exactly 1 and 0, so a reference that ignored them would be
     caught). Arrays are allocated per tensor: fine for the tiny shapes, ``parameter_count() * itemsize`` bytes
     for a real one (:class:`RandomWeights` makes the same tensors on demand instead).
     """
