@@ -441,20 +441,29 @@ class Chip:
             raise LpuError("the engine's SRAM is not one contiguous array")  # pragma: no cover
         return sram.reshape(-1, self.config.lanes)
 
-    def write_tensor(self, name: str, array: npt.NDArray[Any]) -> None:
+    def write_tensor(self, name: str, array: npt.NDArray[Any], columns: Optional[npt.ArrayLike] = None) -> None:
         """Place a host array into MEM through the tensor table (dtype and shape must match exactly).
+        ``columns``: write ``array[:, columns]`` instead (``array`` 2-D, as many rows as the tensor):
+        with the compiled copies, read in place when every lane chunk's columns are consecutive (a
+        tiled weight's member, a run of 320-column tiles of the whole weight), else copied first.
 
         With the compiled bulk copies (``lpucore._loader``) every vector of every byte plane is
         split from the host elements and copied into SRAM in one C pass (GB/s); else NumPy does
         it plane by plane."""
         t = self._tensor(name)
-        a = check_array(t, array)
         idx = self._vector_rows(t)
+        if columns is not None:
+            rows, chunk_col = self._column_source(t, array, columns)        # checked on either path
+            if rows is None or chunk_col is None or idx is None:
+                self.write_tensor(name, np.ascontiguousarray(np.asarray(array)[:, np.asarray(columns)]))
+            else:
+                self._scatter(t, idx, rows, chunk_col)
+            return
+        a = check_array(t, array)
         if idx is not None:
-            src = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-            from . import fastload
-            if not fastload._loader().scatter_planes(self._sram_rows(), idx, src, t.cols):
-                raise TensorError(f"tensor {name!r} lies outside SRAM")  # pragma: no cover - checked at load
+            rows = a if a.ndim == 2 and a.shape[1] == t.cols and a.strides[1] == a.itemsize \
+                else np.ascontiguousarray(a).reshape(-1, t.cols)
+            self._scatter(t, idx, rows, np.arange(0, t.cols, self.config.lanes, dtype=np.int64))
             return
         planes = t.to_planes(a, self.config.lanes)
         for p in range(t.dtype.nbytes):
@@ -464,6 +473,36 @@ class Chip:
                 continue
             for start, g, addr, n in _runs(t, p, self.config.lanes):
                 self._eng.write_mem(g, addr, planes[p, start:start + n])
+
+    def _scatter(self, t: TensorInfo, idx: npt.NDArray[np.int64], rows: npt.NDArray[Any],
+                 chunk_col: npt.NDArray[np.int64]) -> None:
+        """The compiled bulk copy of ``rows`` (the tensor's rows, any row stride) into SRAM."""
+        from . import fastload
+        if not fastload._loader().scatter_planes(self._sram_rows(), idx, rows.view(np.uint8), t.cols, chunk_col):
+            raise TensorError(f"tensor {t.name!r} lies outside SRAM")  # pragma: no cover - checked at load
+
+    def _column_source(self, t: TensorInfo, array: npt.ArrayLike, columns: npt.ArrayLike
+                       ) -> Tuple[Optional[npt.NDArray[Any]], Optional[npt.NDArray[np.int64]]]:
+        """(``array`` as rows to read in place, each lane chunk's first column) for
+        ``write_tensor(t, array, columns)``, or (None, None) when it must be copied first (a chunk's
+        columns not consecutive, rows not contiguous). Raises TensorError for a dtype or shape the
+        tensor cannot take."""
+        a = np.asarray(array)
+        cols = np.asarray(columns)
+        if a.dtype != t.dtype.numpy:
+            raise TensorError(f"tensor {t.name!r} is {t.dtype.name}, got an array of {a.dtype}")
+        if a.ndim != 2 or len(t.shape) != 2 or a.shape[0] != t.shape[0] or cols.shape != (t.cols,) \
+                or cols.dtype.kind not in "iu":
+            raise TensorError(f"tensor {t.name!r} has shape {t.shape}: columns must pick {t.cols} integer columns "
+                              f"of a 2-D array of {t.shape[0] if t.shape else 0} rows, not {cols.shape} of {a.shape}")
+        if cols.size and (cols.min() < 0 or cols.max() >= a.shape[1]):
+            raise TensorError(f"tensor {t.name!r}: a column lies outside the array's {a.shape[1]}")
+        L = self.config.lanes
+        first = cols[::L].astype(np.int64)
+        runs = cols.astype(np.int64) - np.repeat(first, L)[:cols.size] == np.arange(cols.size) % L
+        if not runs.all() or a.strides[1] != a.itemsize:
+            return None, None
+        return a, np.ascontiguousarray(first)
 
     def read_tensor(self, name: str, out: Optional[npt.NDArray[Any]] = None) -> npt.NDArray[Any]:
         """Read a tensor from MEM through the tensor table; into ``out`` (a writable C-contiguous array of

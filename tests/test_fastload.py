@@ -220,3 +220,49 @@ def test_bulk_tensor_copies_match_the_plane_by_plane_path(engine, monkeypatch):
             assert got.view(np.uint8).tobytes() == a.view(np.uint8).tobytes(), name
         mems.append(chip.memory())
     assert np.array_equal(mems[0], mems[1])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_write_tensor_columns_match_a_copy(fast, monkeypatch):
+    """write_tensor(name, wide, columns) leaves the SRAM that writing the copy wide[:, columns] does:
+    lane chunks of consecutive columns (a tiled weight's member, read in place), scattered columns
+    (copied first) and a strided view of rows; bad columns raise TensorError."""
+    from lpucore import Chip, TensorError
+    if not fast:
+        monkeypatch.setenv("LPUCORE_FAST_LOAD", "0")
+    cfg = ChipConfig.tiny()
+    L = cfg.lanes
+    prog = _tensor_program(cfg)
+    r = np.random.default_rng(5)
+    for name, t in prog.tensors.items():
+        if len(t.shape) != 2:
+            continue
+        rows, cols = t.shape
+        width = 4 * cols + 7
+        bits = r.integers(0, 256, rows * width * t.dtype.nbytes, dtype=np.uint8)
+        wide = bits.view(t.dtype.numpy).reshape(rows, width)
+        starts = r.permutation(width - L)[:-(-cols // L)]
+        tiled = np.concatenate([np.arange(s, s + min(L, cols - i * L)) for i, s in enumerate(starts)])
+        for columns in (tiled, r.permutation(width)[:cols], np.arange(cols)):
+            for src in (wide, wide[:, ::-1][:, ::-1], np.asfortranarray(wide)):
+                a, b = Chip(cfg), Chip(cfg)
+                a.load(prog)
+                b.load(prog)
+                a.write_tensor(name, src, columns=columns)
+                b.write_tensor(name, np.ascontiguousarray(wide[:, columns]))
+                assert np.array_equal(a.memory(), b.memory()), name
+        a, b = Chip(cfg), Chip(cfg)           # rows with a stride: a slice of columns, read in place
+        a.load(prog)
+        b.load(prog)
+        a.write_tensor(name, wide[:, 5:5 + cols])
+        b.write_tensor(name, np.ascontiguousarray(wide[:, 5:5 + cols]))
+        assert np.array_equal(a.memory(), b.memory()), name
+        chip = Chip(cfg)
+        chip.load(prog)
+        for bad in (np.arange(cols) + width, np.arange(cols - 1), np.arange(cols, dtype=float)):
+            with pytest.raises(TensorError):
+                chip.write_tensor(name, wide, columns=bad)
+        with pytest.raises(TensorError):
+            chip.write_tensor(name, wide.astype(np.float64), columns=np.arange(cols))
+        with pytest.raises(TensorError):
+            chip.write_tensor(name, wide[:-1], columns=np.arange(cols))

@@ -138,9 +138,9 @@ class Compiled:
             arr = np.repeat(arr.reshape(-1, 1), shape[1], axis=1)
         arr = arr.reshape(shape)
         for member, r0, r1, c0, c1 in self.row_parts.get(name, ()):
-            chip.write_tensor(member, np.ascontiguousarray(arr[r0:r1, c0:c1]))
+            chip.write_tensor(member, arr[r0:r1, c0:c1])           # a strided view: read in place
         for member, cols in self.tiles.get(name, ()):
-            chip.write_tensor(member, np.ascontiguousarray(arr[:, cols]))
+            chip.write_tensor(member, arr, columns=cols)       # its tiles read in place
         if name not in self.tiles and name not in self.row_parts:
             chip.write_tensor(name, arr)
 

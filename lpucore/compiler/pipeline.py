@@ -21,6 +21,7 @@ from __future__ import annotations
 import bisect
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from .. import isa
 from ..errors import CompileError
 from ..program import Program
 
@@ -281,6 +282,10 @@ def _merge(cfg, name: str, orig: list, events: List[Tuple[int, str, tuple]], sta
             t += n
             continue
         end = t + n
+        if k == len(evs) or evs[k][0] >= end:         # no event inside: the NOP as it is (immutable, shared)
+            out.append(ins)
+            t = end
+            continue
         while k < len(evs) and evs[k][0] < end:      # events inside this NOP: split it
             c, mn, args = evs[k]
             if c > t:
@@ -336,6 +341,23 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
         out.queues[name] = scratch.queues.get(name, []) + rest
     out._mark_checked()
     return out
+
+
+def events_end(cfg, events: Dict[str, List[Tuple[int, str, tuple]]]) -> int:
+    """What ``events`` (queue -> (cycle, mnemonic, operands), as :func:`_with` takes them) add to
+    :func:`~lpucore.compiler.emit.expected_cycles` of a program they are put in: their last result
+    (issue cycle plus the op's delay) plus the stagger, 0 for none. The program with them then
+    expects ``max(its own expected cycles shifted, events_end(head), events_end(tail))``: their NOPs
+    only fill the cycles between (a 7B stage's millions of instructions need not be walked again)."""
+    last = -1
+    for qname, evs in events.items():
+        kind = cfg.queue(qname).kind
+        for c, mn, _ in evs:
+            op = isa.lookup(mn, kind)
+            if op is None:
+                raise CompileError(f"hand_over: no {mn} instruction for queue {qname}")
+            last = max(last, c + op.delay(cfg))
+    return last + cfg.stagger if last >= 0 else 0
 
 
 def _side(cfg, g: int) -> Tuple[int, str, int]:

@@ -541,8 +541,7 @@ class PipelineDecoder:
             return self.compiled
         import lpucore
 
-        from ..compiler.emit import expected_cycles
-        from ..compiler.pipeline import _with, check_pair, plan_receives, plan_sends
+        from ..compiler.pipeline import _with, check_pair, events_end, plan_receives, plan_sends
         from ..system import System
         d = self.decoder
         t0 = time.perf_counter()
@@ -578,19 +577,21 @@ class PipelineDecoder:
                 head, shift = plan_receives(comp, incoming)
                 first = min(c for events in head.values() for c, mn, _ in events if mn == "Receive")
                 comp = dataclasses.replace(comp, program=_with(comp.program, head, shift, {}),
-                                           expected_cycles=shift + comp.expected_cycles)
+                                           expected_cycles=max(shift + comp.expected_cycles,
+                                                               events_end(d.chip_config, head)))
             self.stage_starts.append(shift)
             self.stage_receives.append(first)
-            prog = comp.program
+            prog, ends = comp.program, comp.expected_cycles
             if outs:         # the residual leaves as soon as it is written: a KV cache write runs on meanwhile
                 tail, times, first_send = plan_sends(comp, "x_out", [w[1] for w in outs], early=True, start=shift)
                 prog = _with(prog, {}, 0, tail)
+                ends = max(ends, events_end(d.chip_config, tail))
                 for w, ts in zip(outs, times):
                     sent[(k, w[2])] = ts
                 self.stage_sends.append(first_send)
             else:
                 self.stage_sends.append(comp.expected_cycles)
-            self.stage_cycles.append(max(comp.expected_cycles, expected_cycles(prog)))
+            self.stage_cycles.append(ends)        # = max(comp's, emit.expected_cycles(prog)), from the events
             chip = s.chips[k]
             if chip is not None:
                 self._load_chip(k, chip, prog, names)
