@@ -129,3 +129,18 @@ def test_errors():
     assert pc.chips == [0, 2, 1, 3]
     with pytest.raises(CompileError, match="state_axes"):
         lpucore.compile(g, system=ring, strategy="pipeline", state_axes={"k": 0})
+
+
+def test_issues_from_a_cycle_skip_only_what_ends_before_it():
+    """The hand-over's scan of a queue from cycle t_min (counted past cheaply) yields what the whole
+    scan yields for the instructions whose last issue is at t_min or later, NOPs and Repeats included."""
+    from lpucore.compiler.pipeline import _issues
+    compiled = lpucore.compile(mlp_chain(), SMALL)
+    queues = [q for q in compiled.program.queues.values() if len(q) > 3]
+    assert any(ins.op.mnemonic == "Repeat" for q in queues for ins in q)
+    for lst in queues:
+        whole = [(list(span), times, named) for span, times, named in _issues(lst)]
+        end = max(times[-1] for _, times, _ in whole) if whole else 0
+        for t_min in (0, 1, 5, end // 3, end // 2, end, end + 1):
+            got = [(list(span), times, named) for span, times, named in _issues(lst, t_min)]
+            assert got == [w for w in whole if w[1][-1] >= t_min]

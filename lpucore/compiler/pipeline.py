@@ -19,6 +19,7 @@ touches, so the first chip's later work overlaps the second chip's.
 from __future__ import annotations
 
 import bisect
+import itertools
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from .. import isa
@@ -173,7 +174,7 @@ def _trajectories(program: Program, t_min: int) -> Dict[int, List[Tuple[int, int
     out: Dict[int, List[Tuple[int, int]]] = {}
     for name, lst in program.queues.items():
         pos = cfg.queue(name).position
-        for _, times, named in _issues(lst):
+        for _, times, named in _issues(lst, t_min):
             if named is None or times[-1] < t_min:
                 continue
             widths, lag = _widths(named), named.op.delay(cfg)
@@ -233,12 +234,22 @@ def _clear_stream(cfg, uses: Dict[int, List[Tuple[int, int]]], h: int, s: int, h
     return None
 
 
-def _issues(lst):
+def _issues(lst, t_min: int = 0):
     """For each instruction of a queue but NOPs: (the cycles it occupies the queue, the cycles it issues the
     functional instruction at, that instruction). A Repeat occupies its whole span and issues the previous
-    instruction at each repetition (None when nothing precedes it)."""
-    t, prev = 0, None
-    for ins in lst:
+    instruction at each repetition (None when nothing precedes it). ``t_min``: leave out the instructions
+    whose last issue comes before it (counted past cheaply: a 7B stage's queues run to a million)."""
+    t, prev, i = 0, None, 0
+    while i < len(lst) and t_min > t:
+        ins = lst[i]
+        m = ins.op.mnemonic
+        span = ins.args[0] if m == "NOP" else ins.args[0] * ins.args[1] if m == "Repeat" else 1
+        if t + span > t_min:              # its last issue, t + span - 1, may come at t_min or later
+            break
+        if m != "NOP" and m != "Repeat":
+            prev = ins
+        t, i = t + span, i + 1
+    for ins in itertools.islice(lst, i, None):
         m = ins.op.mnemonic
         if m == "NOP":
             t += ins.args[0]
@@ -266,6 +277,8 @@ def _busy(lst, cfg) -> Set[int]:
 def _merge(cfg, name: str, orig: list, events: List[Tuple[int, str, tuple]], start: int) -> Optional[list]:
     """The instruction list ``orig`` (issuing from cycle ``start``) with ``events`` (absolute cycles) put in
     its idle cycles (splitting NOPs) or after its end; None when an event falls on a cycle it issues at."""
+    if not events:
+        return list(orig)
     scratch = Program(cfg)
     out: list = []
     evs = sorted(events)

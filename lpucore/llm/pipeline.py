@@ -541,7 +541,7 @@ class PipelineDecoder:
             return self.compiled
         import lpucore
 
-        from ..compiler.pipeline import _with, check_pair, events_end, plan_receives, plan_sends
+        from ..compiler.pipeline import check_pair
         from ..system import System
         d = self.decoder
         t0 = time.perf_counter()
@@ -572,26 +572,13 @@ class PipelineDecoder:
             for (src, name), w in zip(self.sources[k], ins):
                 check_pair(self.compiled[self.signatures[src]], "x_out", comp, name)
                 incoming.append((name, w[3], sent[(src, k)]))
-            shift, first = 0, 0
-            if incoming:     # the program starts once its inputs are in
-                head, shift = plan_receives(comp, incoming)
-                first = min(c for events in head.values() for c, mn, _ in events if mn == "Receive")
-                comp = dataclasses.replace(comp, program=_with(comp.program, head, shift, {}),
-                                           expected_cycles=max(shift + comp.expected_cycles,
-                                                               events_end(d.chip_config, head)))
+            prog, ends, shift, first, times, first_send = self._chip_program(comp, incoming, [w[1] for w in outs])
             self.stage_starts.append(shift)
             self.stage_receives.append(first)
-            prog, ends = comp.program, comp.expected_cycles
-            if outs:         # the residual leaves as soon as it is written: a KV cache write runs on meanwhile
-                tail, times, first_send = plan_sends(comp, "x_out", [w[1] for w in outs], early=True, start=shift)
-                prog = _with(prog, {}, 0, tail)
-                ends = max(ends, events_end(d.chip_config, tail))
-                for w, ts in zip(outs, times):
-                    sent[(k, w[2])] = ts
-                self.stage_sends.append(first_send)
-            else:
-                self.stage_sends.append(comp.expected_cycles)
-            self.stage_cycles.append(ends)        # = max(comp's, emit.expected_cycles(prog)), from the events
+            for w, ts in zip(outs, times):
+                sent[(k, w[2])] = ts
+            self.stage_sends.append(first_send)
+            self.stage_cycles.append(ends)
             chip = s.chips[k]
             if chip is not None:
                 self._load_chip(k, chip, prog, names)
@@ -603,6 +590,27 @@ class PipelineDecoder:
         self.load_seconds = time.perf_counter() - t1
         self.system = s
         return self.compiled
+
+    def _chip_program(self, comp, incoming, links):
+        """(program, expected cycles, start shift, first Receive, per link the Send cycles of each vector,
+        the cycle the output is complete) of a chip running ``comp`` that receives ``incoming`` ((input
+        name, link, send cycles) each) and sends its residual over ``links``."""
+        from ..compiler.pipeline import _with, events_end, plan_receives, plan_sends
+        cfg = self.decoder.chip_config
+        shift, first = 0, 0
+        if incoming:     # the program starts once its inputs are in
+            head, shift = plan_receives(comp, incoming)
+            first = min(c for events in head.values() for c, mn, _ in events if mn == "Receive")
+            comp = dataclasses.replace(comp, program=_with(comp.program, head, shift, {}),
+                                       expected_cycles=max(shift + comp.expected_cycles, events_end(cfg, head)))
+        prog, ends = comp.program, comp.expected_cycles
+        if not links:
+            return prog, ends, shift, first, [], comp.expected_cycles
+        # the residual leaves as soon as it is written: a KV cache write runs on meanwhile
+        tail, times, first_send = plan_sends(comp, "x_out", links, early=True, start=shift)
+        prog = _with(prog, {}, 0, tail)
+        # = max(comp's, emit.expected_cycles(prog)), from the events (not walking the program again)
+        return prog, max(ends, events_end(cfg, tail)), shift, first, times, first_send
 
     def _load_chip(self, k, chip, prog, names) -> None:
         """Chip k: its program (built from validated parts: the compiled stage and the hand-over's
