@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import check_close
 
-from lpucore import ChipConfig
+from lpucore import ChipConfig, TensorError
 from lpucore.llm import Decoder, ModelDoesNotFit, model_config
 
 # Greedy tokens can only be compared where the reference's best two logits are further apart than the chip's
@@ -308,6 +308,23 @@ def test_pipeline_over_chips_gives_the_single_chip_bits(name, precision, chips):
     assert len(pd.compiled) == len(set(pd.signatures)) == (4 if chips == 6 else chips)
     with pytest.raises(ValueError, match="1..6 chips"):
         PipelineDecoder(dec, 7)
+
+
+def test_a_failed_constant_write_stops_the_load(monkeypatch):
+    """A chip's constants are written on the loader's thread: an error there reaches compile()."""
+    from lpucore.llm import PipelineDecoder
+    from lpucore.llm.pipeline import PipelineDecoder as P
+    written = []
+
+    def write(self, k, chip, writes):
+        if k == 2:
+            raise TensorError("chip 2's weights do not fit")
+        written.append(k)
+    monkeypatch.setattr(P, "_write_constants", write)
+    pd = PipelineDecoder(Decoder.random("tiny", seed=0, precision="fp16", capacity=8), 6)
+    with pytest.raises(TensorError, match="chip 2"):
+        pd.compile()
+    assert written == [0, 1] and pd.system is None
 
 
 def test_shared_stage_programs_keep_each_chips_weights():

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -564,32 +565,48 @@ class PipelineDecoder:
         self.stage_cycles, self.stage_starts, self.stage_sends, self.stage_receives = [], [], [], []
         sent: Dict[Tuple[int, int], List[int]] = {}      # (from chip, to chip) -> each vector's Send cycle
         self.sent = sent
-        for k in range(self.n_chips):
-            comp = self.compiled[self.signatures[k]]
-            ins = [w for w in self.wires if w[2] == k]
-            outs = [w for w in self.wires if w[0] == k]
-            incoming = []
-            for (src, name), w in zip(self.sources[k], ins):
-                check_pair(self.compiled[self.signatures[src]], "x_out", comp, name)
-                incoming.append((name, w[3], sent[(src, k)]))
-            prog, ends, shift, first, times, first_send = self._chip_program(comp, incoming, [w[1] for w in outs])
-            self.stage_starts.append(shift)
-            self.stage_receives.append(first)
-            for w, ts in zip(outs, times):
-                sent[(k, w[2])] = ts
-            self.stage_sends.append(first_send)
-            self.stage_cycles.append(ends)
-            chip = s.chips[k]
-            if chip is not None:
-                self._load_chip(k, chip, prog, names)
-                if release_weights or (release_weights is None and self.comm is not None):
-                    self._release(k)
-                if progress:
-                    progress(f"loaded chip {k + 1} of {self.n_chips}")
+        release = release_weights or (release_weights is None and self.comm is not None)
+        # each chip's constants are written on a thread while the next chip's program and weights are
+        # made (the same bytes land either way); one chip at a time in flight
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lpucore-load") as writer:
+            pending: List[Tuple[int, Future]] = []
+            for k in range(self.n_chips):
+                comp = self.compiled[self.signatures[k]]
+                ins = [w for w in self.wires if w[2] == k]
+                outs = [w for w in self.wires if w[0] == k]
+                incoming = []
+                for (src, name), w in zip(self.sources[k], ins):
+                    check_pair(self.compiled[self.signatures[src]], "x_out", comp, name)
+                    incoming.append((name, w[3], sent[(src, k)]))
+                prog, ends, shift, first, times, first_send = self._chip_program(comp, incoming,
+                                                                                 [w[1] for w in outs])
+                self.stage_starts.append(shift)
+                self.stage_receives.append(first)
+                for w, ts in zip(outs, times):
+                    sent[(k, w[2])] = ts
+                self.stage_sends.append(first_send)
+                self.stage_cycles.append(ends)
+                chip = s.chips[k]
+                if chip is not None:
+                    writes = self._load_chip(k, chip, prog, names)
+                    self._finish(pending, release, progress)     # the chip before: written, weights released
+                    pending.append((k, writer.submit(self._write_constants, k, chip, writes)))
+            self._finish(pending, release, progress)
         self.step_cycles = max(self.stage_cycles)
         self.load_seconds = time.perf_counter() - t1
         self.system = s
         return self.compiled
+
+    def _finish(self, pending: List[Tuple[int, Future]], release: bool, progress) -> None:
+        """Wait for the chips' constant writes in ``pending`` (raising what they raised), then drop their
+        weights from the host's copy (``release``) and report them loaded."""
+        while pending:
+            k, fut = pending.pop()
+            fut.result()
+            if release:
+                self._release(k)
+            if progress:
+                progress(f"loaded chip {k + 1} of {self.n_chips}")
 
     def _chip_program(self, comp, incoming, links):
         """(program, expected cycles, start shift, first Receive, per link the Send cycles of each vector,
@@ -612,10 +629,11 @@ class PipelineDecoder:
         # = max(comp's, emit.expected_cycles(prog)), from the events (not walking the program again)
         return prog, max(ends, events_end(cfg, tail)), shift, first, times, first_send
 
-    def _load_chip(self, k, chip, prog, names) -> None:
+    def _load_chip(self, k, chip, prog, names) -> List[Tuple[str, np.ndarray]]:
         """Chip k: its program (built from validated parts: the compiled stage and the hand-over's
-        instructions, each checked as it was added) and its constants: the compiled stage's, with
-        this stage's own weights in place of those it was compiled with."""
+        instructions, each checked as it was added), and the constants to write into it (returned:
+        :meth:`_write_constants` writes them): the compiled stage's, with this stage's own weights in
+        place of those it was compiled with."""
         sig = self.signatures[k]
         comp = self.compiled[sig]
         chip.load(prog)
@@ -629,15 +647,21 @@ class PipelineDecoder:
         if graph_structure(g) != self._structure[sig]:
             raise CompileError(f"pipeline: chip {k}'s stage is not the graph of the stage compiled for it "
                                f"({sig[:3]}...): it cannot share that program")
-        for name, arr in comp.constants.items():
-            if name not in own:
-                comp.write_constant(chip, name, arr)
+        writes = [(name, arr) for name, arr in comp.constants.items() if name not in own]
         for name, arr in own.items():
             if name in comp.constants:
-                comp.write_constant(chip, name, arr)
+                writes.append((name, arr))
             elif not np.array_equal(arr, compiled_with[name]):
                 raise CompileError(f"pipeline: constant {name!r} of chip {k} was folded into the shared "
                                    f"program with another value; this stage cannot share it")
+        return writes
+
+    def _write_constants(self, k: int, chip, writes: List[Tuple[str, np.ndarray]]) -> None:
+        """Write chip k's constants (:meth:`_load_chip`). It runs on a thread of its own while the next
+        chip is prepared: the copies into SRAM (mostly first touches of its pages) release the GIL."""
+        comp = self.compiled[self.signatures[k]]
+        for name, arr in writes:
+            comp.write_constant(chip, name, arr)
 
     def _release(self, k: int) -> None:
         store, cfg = self.decoder.ref.w, self.decoder.cfg
