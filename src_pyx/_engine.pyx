@@ -18,7 +18,6 @@ from libc.stdlib cimport malloc, realloc, free
 from time import perf_counter as _perf_counter
 
 import gc as _gc
-import mmap as _mmap
 import os as _os
 
 import numpy as np

@@ -483,8 +483,8 @@ def scatter_planes(uint8_t[:, ::1] sram, const int64_t[:, ::1] idx, const uint8_
         raise ValueError("scatter_planes: sizes do not match")
     if src.shape[1] > 1 and src.strides[1] != 1:
         raise ValueError("scatter_planes: a row's bytes must be contiguous")
-    for c in range(ch):
-        if chunk_col[c] < 0 or (chunk_col[c] + min(L, cols - c * L)) * nb > src.shape[1]:
+    for c in range(ch):            # compared without a product that could overflow
+        if chunk_col[c] < 0 or chunk_col[c] > src.shape[1] // nb - min(L, cols - c * L):
             raise ValueError("scatter_planes: a chunk's columns lie outside the rows")
     if nvec == 0:
         return True

@@ -7,21 +7,6 @@ cdef extern from *:
     void __builtin_prefetch(const void* p) noexcept nogil
 
 
-def _zeroed_pages(Py_ssize_t nbytes):
-    """A zeroed uint8 array of nbytes for a chip's SRAM, its pages mapped when first written, and
-    small pages (madvise MADV_NOHUGEPAGE where the host has it): a huge page's first write may stall
-    on the kernel compacting memory, which made loading a 66-chip model's weights 4x slower (0.6-0.9 s
-    against 0.2 s a chip for 100 MB of rows, measured once memory had been used). np.zeros elsewhere."""
-    if nbytes < (1 << 22) or not hasattr(_mmap, "MADV_NOHUGEPAGE"):
-        return np.zeros(nbytes, dtype=np.uint8)
-    try:
-        m = _mmap.mmap(-1, nbytes)
-        m.madvise(_mmap.MADV_NOHUGEPAGE)
-    except (OSError, ValueError):          # pragma: no cover - a host without anonymous maps
-        return np.zeros(nbytes, dtype=np.uint8)
-    return np.frombuffer(m, dtype=np.uint8)
-
-
 cdef inline void prefetch_next_read(State* s, int q, int g, int32_t addr) noexcept nogil:
     """Start fetching the SRAM row queue q's next Read will copy: weight streaming
     reads each row once per run, so without this every Read waits on host DRAM."""
@@ -199,7 +184,7 @@ cdef class MemUnit(Unit):
         s.d_write = cfg.mem_write_delay
         # a write lands d_write cycles after its issue: one ring entry per cycle in flight
         s.RW = cfg.mem_write_delay + 1
-        a["sram"] = _zeroed_pages(s.NSL * s.A * s.L)
+        a["sram"] = np.zeros(s.NSL * s.A * s.L, dtype=np.uint8)
         a["wr_tag"] = np.empty(s.NSL * s.RW, dtype=np.int64)
         a["wr_addr"] = np.zeros(s.NSL * s.RW * s.SL, dtype=np.int32)
         a["wr_data"] = np.zeros(s.NSL * s.RW * s.L, dtype=np.uint8)

@@ -266,3 +266,16 @@ def test_write_tensor_columns_match_a_copy(fast, monkeypatch):
             chip.write_tensor(name, wide.astype(np.float64), columns=np.arange(cols))
         with pytest.raises(TensorError):
             chip.write_tensor(name, wide[:-1], columns=np.arange(cols))
+
+
+def test_scatter_planes_refuses_columns_past_the_rows():
+    """The compiled scatter checks each chunk's first column against the rows' bytes without a product
+    that could overflow (a chunk starting at 2**62 - 1 of 4-byte elements wrapped to a negative size)."""
+    from lpucore import _loader
+    sram = np.zeros((10, 320), np.uint8)
+    src = np.zeros((1, 1280), np.uint8)
+    idx = np.zeros((4, 1), np.int64)
+    for bad in (2 ** 62 - 1, 2 ** 63 - 1, 1, -1):
+        with pytest.raises(ValueError, match="outside the rows"):
+            _loader.scatter_planes(sram, idx, src, 320, np.array([bad], np.int64))
+    assert _loader.scatter_planes(sram, idx, src, 320, np.array([0], np.int64))
