@@ -357,7 +357,7 @@ def _with(program: Program, head: Dict[str, List[Tuple[int, str, tuple]]], shift
 
 
 def events_end(cfg, events: Dict[str, List[Tuple[int, str, tuple]]]) -> int:
-    """What ``events`` (queue -> (cycle, mnemonic, operands), as :func:`_with` takes them) add to
+    """What ``events`` (queue -> (cycle, mnemonic, operands), as ``_with`` takes them) add to
     :func:`~lpucore.compiler.emit.expected_cycles` of a program they are put in: their last result
     (issue cycle plus the op's delay) plus the stagger, 0 for none. The program with them then
     expects ``max(its own expected cycles shifted, events_end(head), events_end(tail))``: their NOPs

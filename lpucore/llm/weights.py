@@ -156,7 +156,7 @@ def random_int8(cfg: ModelConfig, name: str, seed: int = 0) -> Tuple[np.ndarray,
     others), exactly, and :func:`quantize_int8` of it (at float16 or float32) gives back ``q`` and
     ``scale``: every scale is a power of two and every channel holds a code of magnitude 127.
 
-    Codes are uniform (:func:`_codes`, keyed by the tensor's generator); each channel's scale is
+    Codes are uniform (``_codes``, keyed by the tensor's generator); each channel's scale is
     ``2**-k`` or ``2**-(k+1)`` (drawn per channel, so a kernel that mixed up channels would be seen), ``k``
     the integer nearest to what gives the tensor the standard deviation of :func:`random_weights`. A
     Linear weight ``[out, in]``'s codes are made ``[in, out]`` in memory (``q`` is a transposed view):
@@ -217,7 +217,7 @@ class RandomWeights(Mapping):
 
     def int8(self, name: str, axis: int) -> Optional[Tuple[np.ndarray, np.ndarray]]:
         """``quantize_int8(self[name] as float32, axis)`` without making the float tensor: ``(q, scale)``
-        (:func:`random_int8`), or None when ``name`` is not 2-D or its channels are not along ``axis``."""
+        (``random_int8``), or None when ``name`` is not 2-D or its channels are not along ``axis``."""
         if len(self._shapes.get(name, ())) != 2 or self.cfg.int8_tensors().get(name, 0) != axis:
             return None
         q, scale, _ = random_int8(self.cfg, name, self.seed)
@@ -239,7 +239,7 @@ class RandomWeights(Mapping):
 def random_weights(cfg: ModelConfig, seed: int = 0, dtype=np.float16) -> Weights:
     """A deterministic random weight set for ``cfg`` whose activations stay O(1).
 
-    Every 2-D tensor is int8 codes times a power of two per output channel (:func:`random_int8`: uniform
+    Every 2-D tensor is int8 codes times a power of two per output channel (``random_int8``: uniform
     codes, made at memory speed, so a 7B model's weights take seconds, and int8 quantisation gives them back
     exactly), with the standard deviation, within a factor of about 1.4, of: ``1 / sqrt(fan_in)`` for matmul
     weights, so each projection about preserves the scale of its input; ``1`` for token embeddings (llama:
